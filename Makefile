@@ -1,0 +1,43 @@
+# Two entry points (see README): `make demo` and `make test`. Both create and use .venv here.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8501
+HOST ?= localhost
+
+.PHONY: demo precompute serve test install install-dev bench report clean-venv
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Stamps re-run the install only when the requirement files change.
+$(VENV)/.runtime-installed: requirements.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.runtime-installed
+install-dev: $(VENV)/.dev-installed
+
+## make demo: install, precompute the embedded demo (cached after the first run), open the dashboard.
+demo: install
+	$(PY) -m convergence_core precompute --preset demo
+	@echo "Dashboard: http://$(HOST):$(PORT)"
+	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.address $(HOST) --server.headless true
+
+## make test: install runtime + test tools, run the whole suite.
+test: install-dev
+	$(PY) -m pytest
+
+bench: install-dev
+	$(PY) benchmarks/bench_numerics.py
+	$(PY) benchmarks/bench_precompute.py
+	$(PY) benchmarks/bench_dashboard.py
+
+report: install
+	$(PY) -m convergence_core report --preset demo --out report/
