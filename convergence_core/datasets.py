@@ -1,0 +1,675 @@
+"""Datasets of paired stimuli: one image and one or more captions per stimulus, in a fixed order.
+
+A :class:`Dataset` is a root folder plus a stimulus table. Every loader returns the same shape:
+
+* ``stimuli`` DataFrame, one row per stimulus, in the dataset's order:
+  ``id`` (str, unique), ``image`` (str, path relative to ``root``, always inside it),
+  ``captions`` (list[str], at least one entry once checked), optional ``label`` (str).
+* ``source``: a JSON-able dict saying how it was loaded (``kind``, ``path``, ``options``).
+
+Loaders
+-------
+``load_coco``      COCO captions format: ``captions.json`` + image folder (ordered by image id).
+``load_table``     a CSV / JSONL / parquet table with an ``image`` column and either
+                   ``captions`` (a list; in CSV, or as a string anywhere, ``|``-separated) or
+                   ``caption`` (one caption per row; rows sharing an id/image are merged, captions
+                   kept in row order), plus optional ``id`` and ``label`` columns.
+``load_labelled``  ImageNet-sample style ``labels.csv`` (image, wnid, label); caption from a template.
+``load_hf``        a Hugging Face ``datasets`` source; images are written as files into the cache.
+``load_dataset``   dispatches on ``kind`` or detects it from ``spec``.
+
+Captions are stripped of surrounding whitespace and blank entries are removed; a stimulus left
+with no caption is reported by :func:`check_dataset` as "empty caption".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .images import image_problem
+from .settings import cache_root
+
+__all__ = [
+    "Dataset",
+    "DatasetUnavailableError",
+    "check_dataset",
+    "dataset_fingerprint",
+    "load_coco",
+    "load_dataset",
+    "load_hf",
+    "load_labelled",
+    "load_table",
+    "safe_relative_path",
+]
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+CAPTION_SEPARATOR = "|"
+#: how many bad items a check_dataset error message lists before summarising
+_MAX_LISTED = 20
+
+
+class DatasetUnavailableError(ValueError):
+    """A remote dataset cannot be reached (offline) and no local copy was given."""
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Ordered stimuli (image + captions) under one root folder.
+
+    Attributes:
+        name: short display name.
+        root: absolute folder; every ``stimuli.image`` is relative to it and stays inside it.
+        stimuli: DataFrame with columns ``id``, ``image``, ``captions`` and optionally ``label``.
+        source: how the dataset was loaded: ``{"kind", "path", "options"}`` (JSON-able).
+    """
+
+    name: str
+    root: Path
+    stimuli: pd.DataFrame
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).resolve())
+        _validate_stimuli(self.stimuli, self.root)
+
+    def __len__(self) -> int:
+        return len(self.stimuli)
+
+    def image_path(self, row: int) -> Path:
+        """Absolute path of the image of stimulus ``row`` (0-based position)."""
+        return self.root / self.stimuli["image"].iat[int(row)]
+
+    def image_paths(self) -> list[Path]:
+        """Absolute image paths of all stimuli, in order."""
+        return [self.root / rel for rel in self.stimuli["image"]]
+
+    def first_captions(self) -> list[str]:
+        """The first caption of every stimulus, in order ("" where a stimulus has none)."""
+        return [caps[0] if len(caps) else "" for caps in self.stimuli["captions"]]
+
+    def with_stimuli(self, stimuli: pd.DataFrame) -> Dataset:
+        """A copy with another stimulus table (same root, name and source); index is reset."""
+        return Dataset(self.name, self.root, stimuli.reset_index(drop=True), dict(self.source))
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def safe_relative_path(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> str:
+    """``path`` (relative to ``root``, or absolute inside it) as a normalised POSIX relative path.
+
+    The check is lexical (``..`` components are resolved without following symlinks), so a
+    dataset may legitimately hold symlinked images.
+
+    Raises:
+        ValueError: the path is empty, or escapes ``root`` (``../`` or an absolute path outside).
+    """
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(
+            f"empty image path in dataset under {root}; every stimulus needs an image file"
+        )
+    root_abs = os.path.normpath(os.path.abspath(os.fspath(root)))
+    joined = os.path.normpath(os.path.join(root_abs, text))
+    if os.path.commonpath([root_abs, joined]) != root_abs or joined == root_abs:
+        raise ValueError(
+            f"image path {text!r} points outside the dataset root {root_abs}; image paths must "
+            "be relative to the root (no '../', no absolute path elsewhere): move the images "
+            "under the root or load the dataset with a root that contains them"
+        )
+    return Path(os.path.relpath(joined, root_abs)).as_posix()
+
+
+def _clean_captions(value: Any, *, split: bool = False) -> list[str]:
+    """Normalise a caption cell to a list of non-blank, stripped strings.
+
+    A string is one caption, or with ``split=True`` several joined by ``|``.
+    """
+    if value is None:
+        return []
+    if isinstance(value, float) and value != value:  # NaN from pandas
+        return []
+    if isinstance(value, str):
+        parts = value.split(CAPTION_SEPARATOR) if split else [value]
+    elif isinstance(value, Iterable):
+        parts = [str(v) for v in value if v is not None]
+    else:
+        parts = [str(value)]
+    return [p.strip() for p in parts if p is not None and p.strip()]
+
+
+def _validate_stimuli(stimuli: pd.DataFrame, root: Path) -> None:
+    if not isinstance(stimuli, pd.DataFrame):
+        raise ValueError(f"stimuli must be a pandas DataFrame, got {type(stimuli).__name__}")
+    missing = [c for c in ("id", "image", "captions") if c not in stimuli.columns]
+    if missing:
+        raise ValueError(
+            f"stimulus table lacks column(s) {missing}; it needs id, image and captions"
+        )
+    ids = stimuli["id"]
+    if not all(isinstance(i, str) and i for i in ids):
+        raise ValueError("stimulus ids must be non-empty strings; convert them with str()")
+    duplicated = ids[ids.duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(
+            f"stimulus ids must be unique; duplicated: {duplicated[:10]}"
+            f"{' ...' if len(duplicated) > 10 else ''}; give each row its own id"
+        )
+    for rel in stimuli["image"]:
+        if safe_relative_path(root, rel) != rel:
+            raise ValueError(
+                f"image path {rel!r} is not a normalised path relative to {root}; "
+                "build the table with a loader (load_dataset) or safe_relative_path()"
+            )
+    for caps in stimuli["captions"]:
+        if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+            raise ValueError("every captions cell must be a list of strings")
+
+
+def _make_stimuli(
+    ids: list[str], images: list[str], captions: list[list[str]], labels: list[str] | None
+) -> pd.DataFrame:
+    data: dict[str, Any] = {"id": ids, "image": images, "captions": captions}
+    if labels is not None:
+        data["label"] = labels
+    frame = pd.DataFrame(data)
+    frame["id"] = frame["id"].astype(object)
+    frame["image"] = frame["image"].astype(object)
+    return frame
+
+
+def _existing_dir(root: str | os.PathLike[str], what: str) -> Path:
+    path = Path(root).expanduser().resolve()
+    if not path.is_dir():
+        raise ValueError(f"{what} root {path} is not a folder; pass the folder holding the data")
+    return path
+
+
+def _within(root: Path, name: str | os.PathLike[str], what: str) -> Path:
+    """A file named relative to ``root`` (or absolute anywhere) that must exist."""
+    path = Path(name).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise ValueError(f"{what} file {path} does not exist; check the path or the dataset root")
+    return path
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def load_coco(
+    root: str | os.PathLike[str],
+    captions_file: str = "captions.json",
+    images_dir: str = "images",
+    *,
+    name: str | None = None,
+) -> Dataset:
+    """Load a COCO captions-format dataset: ``<root>/<captions_file>`` + ``<root>/<images_dir>/``.
+
+    Stimuli are ordered by COCO image id; ``id`` is the image id as a string; ``captions`` are
+    all annotations of the image in annotation-id order. Images without any annotation are kept
+    (they fail :func:`check_dataset` as "empty caption").
+    """
+    root_path = _existing_dir(root, "COCO dataset")
+    ann_path = _within(root_path, captions_file, "COCO captions")
+    try:
+        data = json.loads(ann_path.read_text(encoding="utf-8"))
+        images = data["images"]
+        annotations = data["annotations"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{ann_path} is not a COCO captions file ({type(exc).__name__}: {exc}); it must be "
+            'JSON with "images" [{id, file_name}] and "annotations" [{image_id, caption}]'
+        ) from None
+    by_image: dict[int, list[tuple[int, str]]] = {}
+    for position, ann in enumerate(annotations):
+        by_image.setdefault(ann["image_id"], []).append((ann.get("id", position), ann["caption"]))
+    ordered = sorted(images, key=lambda im: im["id"])
+    ids, rels, caps = [], [], []
+    for image in ordered:
+        ids.append(str(image["id"]))
+        rels.append(safe_relative_path(root_path, Path(images_dir) / image["file_name"]))
+        anns = sorted(by_image.get(image["id"], []), key=lambda pair: pair[0])
+        caps.append(_clean_captions([caption for _, caption in anns]))
+    return Dataset(
+        name=name or root_path.name,
+        root=root_path,
+        stimuli=_make_stimuli(ids, rels, caps, None),
+        source={
+            "kind": "coco",
+            "path": str(root_path),
+            "options": {"captions_file": str(captions_file), "images_dir": str(images_dir)},
+        },
+    )
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+        if suffix == ".parquet":
+            return pd.read_parquet(path, engine="pyarrow")
+    except Exception as exc:  # pandas/pyarrow raise many types for malformed files
+        raise ValueError(f"cannot read table {path} ({type(exc).__name__}: {exc})") from None
+    raise ValueError(
+        f"table {path} has an unsupported suffix {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}"
+    )
+
+
+def load_table(
+    root: str | os.PathLike[str],
+    table: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+) -> Dataset:
+    """Load a stimulus table (CSV, JSONL or parquet) whose image paths are relative to ``root``.
+
+    Columns: ``image`` (required); ``captions`` (a list, or a ``|``-separated string) or
+    ``caption`` (one caption per row); optional ``id`` (default: the image path) and ``label``.
+    With ``caption``, rows sharing the same id (or image, when there is no id column) are merged
+    into one stimulus whose captions keep row order. Stimuli keep the table's order (first
+    appearance).
+    """
+    root_path = _existing_dir(root, "table dataset")
+    table_path = _within(root_path, table, "stimulus table")
+    frame = _read_table(table_path)
+    columns = set(frame.columns)
+    if "image" not in columns:
+        raise ValueError(
+            f"table {table_path} has no 'image' column (columns: {sorted(columns)}); "
+            "add one holding each image's path relative to the dataset root"
+        )
+    if "captions" in columns:
+        caption_col = "captions"
+    elif "caption" in columns:
+        caption_col = "caption"
+    else:
+        raise ValueError(
+            f"table {table_path} has neither a 'captions' nor a 'caption' column "
+            f"(columns: {sorted(columns)}); add one"
+        )
+    has_id, has_label = "id" in columns, "label" in columns
+    order: list[str] = []
+    rows: dict[str, dict[str, Any]] = {}
+    for record in frame.to_dict("records"):
+        rel = safe_relative_path(root_path, str(record["image"]))
+        key = str(record["id"]) if has_id else rel
+        caps = _clean_captions(record[caption_col], split=caption_col == "captions")
+        if key in rows:
+            if caption_col == "captions" or rows[key]["image"] != rel:
+                raise ValueError(
+                    f"table {table_path} has id {key!r} on more than one row; ids must be unique "
+                    "(with a 'caption' column, rows of one stimulus must share id and image)"
+                )
+            rows[key]["captions"].extend(caps)
+            continue
+        order.append(key)
+        rows[key] = {"image": rel, "captions": caps}
+        if has_label:
+            rows[key]["label"] = "" if record["label"] is None else str(record["label"])
+    stimuli = _make_stimuli(
+        order,
+        [rows[k]["image"] for k in order],
+        [rows[k]["captions"] for k in order],
+        [rows[k]["label"] for k in order] if has_label else None,
+    )
+    return Dataset(
+        name=name or table_path.stem,
+        root=root_path,
+        stimuli=stimuli,
+        source={"kind": "table", "path": str(root_path), "options": {"table": str(table_path)}},
+    )
+
+
+def load_labelled(
+    root: str | os.PathLike[str],
+    labels_csv: str = "labels.csv",
+    template: str = "a photo of a {label}",
+    *,
+    name: str | None = None,
+) -> Dataset:
+    """Load an ImageNet-sample style folder: ``labels.csv`` with columns image, label (and wnid).
+
+    Each stimulus gets one caption, ``template.format(label=label)``; ``id`` is the image file
+    name without suffix, ``label`` is kept as a column.
+    """
+    root_path = _existing_dir(root, "labelled dataset")
+    csv_path = _within(root_path, labels_csv, "labels")
+    if "{label}" not in template:
+        raise ValueError(
+            f"caption template {template!r} lacks the '{{label}}' placeholder; "
+            "e.g. 'a photo of a {label}'"
+        )
+    try:
+        template.format(label="x")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(
+            f"caption template {template!r} is invalid ({exc}); use only the {{label}} "
+            "placeholder and double any other braces"
+        ) from None
+    frame = _read_table(csv_path)
+    if not {"image", "label"} <= set(frame.columns):
+        raise ValueError(
+            f"{csv_path} needs columns 'image' and 'label' (has {list(frame.columns)})"
+        )
+    rels = [safe_relative_path(root_path, str(p)) for p in frame["image"]]
+    stems = [Path(r).stem for r in rels]
+    ids = stems if len(set(stems)) == len(stems) else rels
+    labels = [str(v) for v in frame["label"]]
+    caps = [_clean_captions([template.format(label=lab)]) if lab.strip() else [] for lab in labels]
+    return Dataset(
+        name=name or root_path.name,
+        root=root_path,
+        stimuli=_make_stimuli(ids, rels, caps, labels),
+        source={
+            "kind": "labelled",
+            "path": str(root_path),
+            "options": {"labels_csv": str(labels_csv), "template": template},
+        },
+    )
+
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _hf_offline_message(name: str, subset: str | None, exc: BaseException) -> str:
+    cause = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot load the Hugging Face dataset {name!r}"
+        f"{f' (subset {subset!r})' if subset else ''}: {cause}. Either run once with network "
+        "access (it is then cached under HF_DATASETS_CACHE / cache_dir), or point at a local copy: "
+        "load_dataset('hf:/path/to/folder') where the folder was written by "
+        "datasets.Dataset.save_to_disk() or holds the dataset's parquet files "
+        "(e.g. for the paper's WIT-1024 set: on a machine with network, "
+        "datasets.load_dataset('minhuh/prh', revision='wit_1024', split='train')"
+        ".save_to_disk('wit_1024') and copy that folder here)"
+    )
+
+
+def _hf_image_bytes(value: Any) -> tuple[bytes, str]:
+    """(encoded bytes, suffix) of one HF image cell: a PIL image or {"bytes", "path"} dict."""
+    from PIL import Image
+
+    if isinstance(value, Mapping):
+        raw = value.get("bytes")
+        if raw:
+            suffix = Path(value.get("path") or "").suffix.lower() or ".jpg"
+            return bytes(raw), suffix
+        if value.get("path") and Path(value["path"]).is_file():
+            path = Path(value["path"])
+            return path.read_bytes(), path.suffix.lower() or ".jpg"
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        fmt = (value.format or "PNG").upper()
+        fmt = fmt if fmt in {"JPEG", "PNG", "WEBP", "GIF", "BMP"} else "PNG"
+        image = value if fmt != "JPEG" or value.mode in ("RGB", "L") else value.convert("RGB")
+        image.save(buffer, format=fmt)
+        return buffer.getvalue(), "." + ("jpg" if fmt == "JPEG" else fmt.lower())
+    raise ValueError(
+        f"image cell of type {type(value).__name__} is not an image; pick the image column with "
+        "image_column=..."
+    )
+
+
+def load_hf(
+    name: str,
+    subset: str | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    caption_column: str = "text",
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    revision: str | None = None,
+    id_column: str | None = None,
+    label_column: str | None = None,
+    limit: int | None = None,
+) -> Dataset:
+    """Load a Hugging Face ``datasets`` source and materialise its images as files.
+
+    ``name`` is a hub id (``"minhuh/prh"``) or a local folder (written by ``save_to_disk`` or
+    holding data files such as parquet). ``subset`` is the config name, ``revision`` a hub
+    branch/tag (the paper's WIT-1024 set is ``minhuh/prh`` at ``revision="wit_1024"``).
+    Images are written once to ``<cache_dir or cache_root()>/datasets/<name>/images/<row>.<ext>``
+    (atomic writes; existing files are kept), which becomes the dataset root. ``caption_column``
+    cells may be a string or a list of strings. ``limit`` keeps the first ``limit`` rows.
+
+    Raises:
+        DatasetUnavailableError: offline / not found, with how to point at a local copy.
+    """
+    import datasets as hf_datasets
+
+    from .cache import write_bytes
+
+    local = Path(name).expanduser()
+    try:
+        saved_to_disk = local.is_dir() and any(
+            (local / marker).is_file() for marker in ("dataset_dict.json", "state.json")
+        )
+        if saved_to_disk:
+            loaded = hf_datasets.load_from_disk(str(local))
+            if isinstance(loaded, hf_datasets.DatasetDict):
+                loaded = loaded[split]
+        else:
+            loaded = hf_datasets.load_dataset(
+                str(local) if local.is_dir() else name,
+                subset,
+                split=split,
+                revision=revision,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+            )
+    except (ConnectionError, OSError, FileNotFoundError, ValueError) as exc:
+        raise DatasetUnavailableError(_hf_offline_message(name, subset, exc)) from None
+    except Exception as exc:  # datasets wraps hub failures in its own exception types
+        if type(exc).__module__.startswith(("datasets", "huggingface_hub", "requests", "httpx")):
+            raise DatasetUnavailableError(_hf_offline_message(name, subset, exc)) from None
+        raise
+    columns = set(loaded.column_names)
+    for column, what in ((image_column, "image_column"), (caption_column, "caption_column")):
+        if column not in columns:
+            raise ValueError(
+                f"dataset {name!r} has no column {column!r} (columns: {sorted(columns)}); "
+                f"pass {what}=<one of them>"
+            )
+    if limit is not None:
+        loaded = loaded.select(range(min(int(limit), len(loaded))))
+    if isinstance(loaded.features.get(image_column), hf_datasets.Image):
+        loaded = loaded.cast_column(image_column, hf_datasets.Image(decode=False))
+    safe = _UNSAFE_NAME.sub("_", f"{name}-{subset or ''}-{revision or ''}-{split}").strip("_.")
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    root = (root / "datasets" / safe).resolve()
+    ids, rels, caps, labels = [], [], [], []
+    width = max(5, len(str(len(loaded))))
+    for row, record in enumerate(loaded):
+        data, suffix = _hf_image_bytes(record[image_column])
+        rel = f"images/{row:0{width}d}{suffix}"
+        target = root / rel
+        if not target.is_file():
+            write_bytes(target, data)
+        ids.append(str(record[id_column]) if id_column else str(row))
+        rels.append(rel)
+        caps.append(_clean_captions(record[caption_column]))
+        if label_column:
+            labels.append(str(record[label_column]))
+    return Dataset(
+        name=Path(name).name if local.is_dir() else name,
+        root=root,
+        stimuli=_make_stimuli(ids, rels, caps, labels if label_column else None),
+        source={
+            "kind": "hf",
+            "path": str(name),
+            "options": {
+                "subset": subset,
+                "revision": revision,
+                "split": split,
+                "image_column": image_column,
+                "caption_column": caption_column,
+                "limit": limit,
+            },
+        },
+    )
+
+
+_LOADERS: dict[str, Callable[..., Dataset]] = {
+    "coco": load_coco,
+    "table": load_table,
+    "labelled": load_labelled,
+    "hf": load_hf,
+}
+
+
+def _detect_kind(spec: str) -> tuple[str, str]:
+    if spec.startswith("hf:"):
+        return "hf", spec[3:]
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / "captions.json").is_file():
+            return "coco", spec
+        if (path / "labels.csv").is_file():
+            return "labelled", spec
+        raise ValueError(
+            f"cannot tell the kind of dataset in {path}: it has neither captions.json (COCO) nor "
+            "labels.csv (labelled); pass kind='coco'|'table'|'labelled'|'hf' and its options"
+        )
+    if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+        return "table", spec
+    raise ValueError(
+        f"dataset {spec!r} is neither a folder, a table file ({', '.join(TABLE_SUFFIXES)}) "
+        "nor 'hf:<name>'; check the path"
+    )
+
+
+def load_dataset(
+    spec: str | os.PathLike[str] | Mapping[str, Any], kind: str | None = None, **options: Any
+) -> Dataset:
+    """Load a dataset from a path, ``"hf:<name>"`` or a config mapping.
+
+    Kinds: ``coco`` (folder with captions.json), ``labelled`` (folder with labels.csv), ``table``
+    (a .csv/.jsonl/.parquet file; its folder is the root unless ``root=`` is given), ``hf``
+    (``hf:<hub id or local folder>``). ``kind=None`` detects it. ``options`` go to the loader.
+    A mapping spec is ``{"kind": ..., "path": ..., **options}`` (e.g. from a config file).
+    """
+    if isinstance(spec, Mapping):
+        options = {**{k: v for k, v in spec.items() if k not in ("kind", "path")}, **options}
+        kind = kind or spec.get("kind")
+        if "path" not in spec:
+            raise ValueError("a dataset config mapping needs a 'path' (folder, table or hf:<name>)")
+        spec = spec["path"]
+    spec = os.fspath(spec)
+    if kind is None:
+        kind, target = _detect_kind(spec)
+    else:
+        target = spec[3:] if spec.startswith("hf:") else spec
+    if kind not in _LOADERS:
+        raise ValueError(f"unknown dataset kind {kind!r}; use one of {sorted(_LOADERS)}")
+    try:
+        if kind == "table":
+            table = Path(target).expanduser()
+            root = options.pop("root", None) or table.parent
+            return load_table(root, table, **options)
+        return _LOADERS[kind](target, **options)
+    except TypeError as exc:
+        if "argument" not in str(exc):
+            raise
+        raise ValueError(
+            f"bad option for a {kind!r} dataset ({exc}); see help(convergence_core.datasets."
+            f"{_LOADERS[kind].__name__})"
+        ) from None
+
+
+# --------------------------------------------------------------------------- checks, fingerprint
+
+
+def check_dataset(
+    dataset: Dataset, *, drop_bad: bool = False, workers: int | None = None
+) -> tuple[Dataset, list[dict[str, str]]]:
+    """Find stimuli with a missing/corrupt image or no caption; raise, or drop them.
+
+    Each image is checked with PIL ``verify()`` and a full decode (threads: ``workers``,
+    default min(4, cpu count)).
+
+    Returns:
+        ``(dataset, dropped)`` where ``dropped`` lists ``{"id", "image", "reason"}`` in stimulus
+        order; with no problems it is ``(dataset, [])`` (the same object).
+
+    Raises:
+        ValueError: there are bad stimuli and ``drop_bad`` is False (lists the first 20 and the
+        count), or every stimulus is bad.
+    """
+    stimuli = dataset.stimuli
+    n_workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        image_problems = list(pool.map(image_problem, dataset.image_paths()))
+    bad: list[dict[str, str]] = []
+    for (sid, rel, caps), problem in zip(
+        stimuli[["id", "image", "captions"]].itertuples(index=False), image_problems
+    ):
+        reasons = [f"image {problem}"] if problem else []
+        if not caps:
+            reasons.append("empty caption")
+        if reasons:
+            bad.append({"id": sid, "image": rel, "reason": "; ".join(reasons)})
+    if not bad:
+        return dataset, []
+    if not drop_bad:
+        listed = "\n".join(f"  {b['id']} ({b['image']}): {b['reason']}" for b in bad[:_MAX_LISTED])
+        more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        raise ValueError(
+            f"{len(bad)} of {len(stimuli)} stimuli in dataset {dataset.name!r} are unusable:\n"
+            f"{listed}{more}\nfix or remove them, or drop them explicitly "
+            "(check_dataset(..., drop_bad=True) / precompute --drop-bad)"
+        )
+    if len(bad) == len(stimuli):
+        raise ValueError(
+            f"every stimulus of dataset {dataset.name!r} is unusable (first: {bad[0]['reason']}); "
+            "check the dataset root and image paths"
+        )
+    bad_ids = {b["id"] for b in bad}
+    kept = stimuli[~stimuli["id"].isin(bad_ids)]
+    return dataset.with_stimuli(kept), bad
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """sha256 hex over every stimulus in order: id, image file bytes, captions and label.
+
+    Changing an image's bytes, a caption, the order or the set of stimuli changes it; moving the
+    dataset folder does not. Fields are length-prefixed so no two datasets collide by concatenation.
+    """
+    digest = hashlib.sha256(b"convergence-dataset-v1\0")
+
+    def put(data: bytes) -> None:
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+
+    labels = dataset.stimuli["label"] if "label" in dataset.stimuli.columns else None
+    for row, (sid, rel, caps) in enumerate(
+        dataset.stimuli[["id", "image", "captions"]].itertuples(index=False)
+    ):
+        put(sid.encode("utf-8"))
+        file_hash = hashlib.sha256()
+        try:
+            with open(dataset.root / rel, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    file_hash.update(block)
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read image {rel!r} of stimulus {sid!r} to fingerprint the dataset "
+                f"({exc.strerror or exc}); run check_dataset() first"
+            ) from None
+        put(file_hash.digest())
+        put(json.dumps(list(caps), ensure_ascii=False).encode("utf-8"))
+        put(b"" if labels is None else str(labels.iat[row]).encode("utf-8"))
+    return digest.hexdigest()
