@@ -1,0 +1,273 @@
+"""Safe cache I/O: atomic writes, pickle-free readers and the on-disk layout of one run.
+
+Every writer here first writes ``<name>.tmp-<pid>`` next to the target and then ``os.replace``s it,
+so a reader (or a resumed precompute) never sees half a file: a crash mid-write leaves the previous
+version of the file (or no file) plus, at worst, a stray ``*.tmp-<pid>`` that the next write of the
+same file replaces. Readers never unpickle: ``.npy`` files are read with ``allow_pickle=False`` and a
+file that would need pickle raises :class:`PickleRefusedError`.
+
+:class:`RunLayout` is the single place that knows where each file of a run lives (see
+docs/ARCHITECTURE.md, "Cache layout"); ``precompute.py`` writes through it and ``run.py`` reads
+through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "CacheFormatError",
+    "PickleRefusedError",
+    "RunLayout",
+    "atomic_path",
+    "clean_temp_files",
+    "model_key",
+    "read_json",
+    "read_npy",
+    "read_parquet",
+    "write_bytes",
+    "write_json",
+    "write_npy",
+    "write_parquet",
+]
+
+#: Suffix of temporary files: ``<final name>.tmp-<pid>``.
+TEMP_MARKER = ".tmp-"
+
+
+class CacheFormatError(ValueError):
+    """A cached file is missing, unreadable or not in the expected format."""
+
+
+class PickleRefusedError(CacheFormatError):
+    """A cached ``.npy`` holds Python objects, which could only be read by unpickling it."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    The caller writes the complete file to the yielded path. If the ``with`` block raises, the
+    temporary file is removed and ``path`` is left exactly as it was (old content or absent).
+    Parent folders are created.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}{TEMP_MARKER}{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def clean_temp_files(folder: str | os.PathLike[str]) -> int:
+    """Delete leftover ``*.tmp-<pid>`` files (from a killed process) under ``folder``; return how many."""
+    count = 0
+    for tmp in Path(folder).rglob(f"*{TEMP_MARKER}*"):
+        if tmp.is_file():
+            tmp.unlink()
+            count += 1
+    return count
+
+
+def _fsync_and_close(handle: Any) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; return the path."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        _fsync_and_close(handle)
+    return Path(path)
+
+
+def write_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
+    """Write a numeric array as ``.npy`` atomically (never pickled); return the path.
+
+    Raises ValueError for object arrays, which ``.npy`` could only store by pickling.
+    """
+    array = np.asarray(array)
+    if array.dtype.hasobject:
+        raise ValueError(
+            f"cannot cache an object array at {path}: it would need pickle; "
+            "convert it to a numeric dtype (e.g. np.asarray(x, dtype=np.float32)) first"
+        )
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        _fsync_and_close(handle)
+    return Path(path)
+
+
+def read_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> np.ndarray:
+    """Read a ``.npy`` file without ever unpickling; ``mmap=True`` maps it read-only.
+
+    Raises:
+        CacheFormatError: the file is missing or not a valid ``.npy`` file.
+        PickleRefusedError: the file holds Python objects (a pickle), which is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CacheFormatError(
+            f"cached array {path} is missing; rerun `python -m convergence_core precompute` "
+            "for this run to recreate it"
+        )
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as exc:
+        message = str(exc).lower()
+        if "pickle" in message or "object" in message:
+            raise PickleRefusedError(
+                f"refusing to load {path}: it holds Python objects and could only be read by "
+                "unpickling, which can run arbitrary code; delete the file and rerun "
+                "`python -m convergence_core precompute` to write it as a numeric array"
+            ) from exc
+        raise CacheFormatError(
+            f"cannot read cached array {path} ({exc}); delete it and rerun precompute"
+        ) from exc
+    except (OSError, EOFError) as exc:
+        raise CacheFormatError(
+            f"cannot read cached array {path} ({exc}); delete it and rerun precompute"
+        ) from exc
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as pretty, key-sorted UTF-8 JSON atomically; return the path."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    return write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file; CacheFormatError (with the fix) when missing or malformed."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CacheFormatError(
+            f"{path} is missing; rerun `python -m convergence_core precompute` for this run"
+        ) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CacheFormatError(
+            f"{path} is not valid JSON ({exc}); delete it and rerun precompute"
+        ) from exc
+
+
+def write_parquet(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
+    """Write a DataFrame as parquet (pyarrow, no index) atomically; return the path."""
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, engine="pyarrow", index=False)
+    return Path(path)
+
+
+def read_parquet(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a parquet file; CacheFormatError (with the fix) when missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheFormatError(
+            f"{path} is missing; rerun `python -m convergence_core precompute` for this run"
+        )
+    try:
+        return pd.read_parquet(path, engine="pyarrow")
+    except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
+        raise CacheFormatError(
+            f"cannot read {path} ({exc}); delete it and rerun precompute"
+        ) from exc
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def model_key(name: str) -> str:
+    """File-system-safe, collision-free folder/file name for a model or layer name.
+
+    Names made only of ``[A-Za-z0-9._-]`` (and not starting with a dot) are kept as they are;
+    any other name gets its unsafe runs replaced by ``_`` plus an 8-hex hash of the original, so
+    two different names never share a key. E.g. ``"org/model"`` -> ``"org_model-1a2b3c4d"``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model/layer name must be a non-empty string, got {name!r}")
+    safe = _UNSAFE.sub("_", name).lstrip(".")
+    if safe == name:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
+    return f"{safe or 'x'}-{digest}"
+
+
+class RunLayout:
+    """Paths of every file in one run folder (see docs/ARCHITECTURE.md, "Cache layout").
+
+    Model and layer arguments are *keys* (from :func:`model_key`), not display names.
+    """
+
+    GPA_ARRAYS = ("residuals", "consensus", "loss_history", "aligned")
+    PCA_ARRAYS = ("scores", "components", "explained_variance", "explained_variance_ratio", "mean")
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def stimuli(self) -> Path:
+        return self.root / "stimuli.parquet"
+
+    def embeddings_dir(self, model: str) -> Path:
+        return self.root / "embeddings" / model
+
+    def embedding(self, model: str, layer: str) -> Path:
+        return self.embeddings_dir(model) / f"{layer}.npy"
+
+    def grams_dir(self, model: str) -> Path:
+        return self.root / "grams" / model
+
+    def gram(self, model: str, layer: str) -> Path:
+        return self.grams_dir(model) / f"{layer}.npy"
+
+    @property
+    def gpa_dir(self) -> Path:
+        return self.root / "gpa"
+
+    def gpa_array(self, name: str) -> Path:
+        return self.gpa_dir / f"{name}.npy"
+
+    @property
+    def gpa_json(self) -> Path:
+        return self.gpa_dir / "gpa.json"
+
+    @property
+    def dispersion(self) -> Path:
+        return self.root / "dispersion.parquet"
+
+    @property
+    def pca_dir(self) -> Path:
+        return self.root / "pca"
+
+    def pca_array(self, name: str) -> Path:
+        return self.pca_dir / f"{name}.npy"
+
+    @property
+    def thumbnails_dir(self) -> Path:
+        return self.root / "thumbnails"
+
+    def thumbnail(self, row: int) -> Path:
+        return self.thumbnails_dir / f"{int(row)}.jpg"
+
+    @property
+    def umap(self) -> Path:
+        return self.root / "umap.npy"
