@@ -41,6 +41,8 @@ __all__ = [
     "write_parquet",
 ]
 
+_NPY_MAGIC = b"\x93NUMPY"
+_PICKLE_PROTOCOL_OPCODE = b"\x80"
 #: Suffix of temporary files: ``<final name>.tmp-<pid>``.
 TEMP_MARKER = ".tmp-"
 
@@ -125,6 +127,18 @@ def read_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> np.ndarray:
         raise CacheFormatError(
             f"cached array {path} is missing; rerun `python -m convergence_core precompute` "
             "for this run to recreate it"
+        )
+    with open(path, "rb") as handle:
+        magic = handle.read(len(_NPY_MAGIC))
+    if magic != _NPY_MAGIC:
+        if magic[:1] == _PICKLE_PROTOCOL_OPCODE:
+            raise PickleRefusedError(
+                f"refusing to load {path}: it is a pickle, not a .npy file, and unpickling can run "
+                "arbitrary code; delete it and rerun `python -m convergence_core precompute`"
+            )
+        raise CacheFormatError(
+            f"{path} is not a .npy file (it does not start with the numpy header); delete it and "
+            "rerun `python -m convergence_core precompute`"
         )
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)

@@ -1,0 +1,163 @@
+"""cache.py: atomic writes leave no half files, readers never unpickle."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from convergence_core.cache import (
+    CacheFormatError,
+    PickleRefusedError,
+    atomic_path,
+    clean_temp_files,
+    model_key,
+    read_json,
+    read_npy,
+    read_parquet,
+    write_bytes,
+    write_json,
+    write_npy,
+    write_parquet,
+)
+
+
+def _no_temp_files(folder) -> bool:
+    return not [p for p in folder.rglob("*") if ".tmp-" in p.name]
+
+
+def test_npy_round_trip_and_mmap_is_read_only(tmp_path):
+    array = np.random.default_rng(0).standard_normal((7, 3)).astype(np.float32)
+    path = write_npy(tmp_path / "sub" / "x.npy", array)
+    assert path == tmp_path / "sub" / "x.npy"
+    np.testing.assert_array_equal(read_npy(path), array)
+    mapped = read_npy(path, mmap=True)
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, array)
+    with pytest.raises(ValueError):
+        mapped[0, 0] = 1.0
+    assert _no_temp_files(tmp_path)
+
+
+def test_npy_name_is_kept_exactly(tmp_path):
+    # np.save appends ".npy" to names without it; the atomic writer must not.
+    write_npy(tmp_path / "grams", np.zeros(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grams"]
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_object_npy_is_refused_not_unpickled(tmp_path, mmap):
+    path = tmp_path / "evil.npy"
+    np.save(path, np.array([{"payload": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(PickleRefusedError, match="unpickling") as info:
+        read_npy(path, mmap=mmap)
+    assert "rerun" in str(info.value)  # names the fix
+    assert isinstance(info.value, ValueError)
+
+
+def test_object_arrays_are_never_written(tmp_path):
+    with pytest.raises(ValueError, match="pickle"):
+        write_npy(tmp_path / "o.npy", np.array(["a", 1], dtype=object))
+    assert not list(tmp_path.iterdir())
+
+
+def test_failure_mid_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "x.npy"
+    write_npy(path, np.arange(3.0))
+    with pytest.raises(RuntimeError, match="disk died"):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(b"half a fi")
+            raise RuntimeError("disk died")
+    np.testing.assert_array_equal(read_npy(path), np.arange(3.0))
+    assert _no_temp_files(tmp_path)
+
+
+def test_failure_inside_numpy_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.npy"
+    write_npy(path, np.arange(3.0))
+
+    def broken_save(handle, array, allow_pickle):
+        handle.write(b"\x93NUMPY partial")
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(np, "save", broken_save)
+    with pytest.raises(OSError, match="no space"):
+        write_npy(path, np.arange(10.0))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(read_npy(path), np.arange(3.0))
+    assert _no_temp_files(tmp_path)
+
+
+def test_writer_replaces_existing_file(tmp_path):
+    path = tmp_path / "m.json"
+    write_json(path, {"a": 1})
+    write_json(path, {"a": 2, "b": [1.5, "é"]})
+    assert read_json(path) == {"a": 2, "b": [1.5, "é"]}
+    assert json.loads(path.read_text(encoding="utf-8"))["b"][1] == "é"
+
+
+def test_json_refuses_nan(tmp_path):
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "m.json", {"x": float("nan")})
+    assert _no_temp_files(tmp_path)
+
+
+def test_parquet_round_trip_keeps_caption_lists(tmp_path):
+    frame = pd.DataFrame({"id": ["a", "b"], "captions": [["x", "y"], []], "v": [1.0, 2.0]})
+    write_parquet(tmp_path / "t.parquet", frame)
+    back = read_parquet(tmp_path / "t.parquet")
+    assert back["id"].tolist() == ["a", "b"]
+    assert [list(c) for c in back["captions"]] == [["x", "y"], []]
+
+
+def test_missing_and_corrupt_files_raise_with_fix(tmp_path):
+    with pytest.raises(CacheFormatError, match="precompute"):
+        read_npy(tmp_path / "absent.npy")
+    with pytest.raises(CacheFormatError, match="precompute"):
+        read_json(tmp_path / "absent.json")
+    with pytest.raises(CacheFormatError, match="precompute"):
+        read_parquet(tmp_path / "absent.parquet")
+    write_bytes(tmp_path / "bad.npy", b"not numpy at all")
+    with pytest.raises(CacheFormatError, match="not a .npy file"):
+        read_npy(tmp_path / "bad.npy")
+    write_bytes(tmp_path / "bad.json", b"{oops")
+    with pytest.raises(CacheFormatError, match="not valid JSON"):
+        read_json(tmp_path / "bad.json")
+
+
+def test_clean_temp_files_removes_only_temp_files(tmp_path):
+    (tmp_path / "keep.npy").write_bytes(b"x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / f"x.npy.tmp-{os.getpid()}").write_bytes(b"x")
+    assert clean_temp_files(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["d", "keep.npy"]
+
+
+@pytest.mark.parametrize(
+    "name", ["efficientnet-lite0", "blocks.10", "org/model", "a b", "../x", ".hidden", "ü", "a/b", "a_b"]
+)
+def test_model_key_is_safe(name):
+    key = model_key(name)
+    assert key and "/" not in key and not key.startswith(".")
+    assert all(c.isalnum() or c in "._-" for c in key) and key.isascii()
+
+
+def test_model_key_keeps_safe_names_and_separates_unsafe_ones():
+    assert model_key("efficientnet-lite0") == "efficientnet-lite0"
+    assert model_key("blocks.10") == "blocks.10"
+    names = ["a/b", "a_b", "a b", "a:b", "a//b"]
+    assert len({model_key(n) for n in names}) == len(names)
+    with pytest.raises(ValueError, match="non-empty"):
+        model_key("")
+
+
+def test_raw_pickle_file_is_refused(tmp_path):
+    import pickle
+
+    path = tmp_path / "x.npy"
+    path.write_bytes(pickle.dumps({"a": np.arange(3)}))
+    with pytest.raises(PickleRefusedError, match="pickle"):
+        read_npy(path)
