@@ -1,0 +1,267 @@
+"""write_run_from_embeddings -> load_run round trips, lazy loading, bad inputs, pickle refusal."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from convergence_core.cache import CacheFormatError, PickleRefusedError, RunLayout, read_json, write_json
+from convergence_core.precompute import write_run_from_embeddings
+from convergence_core.run import Run, list_runs, load_run
+from tests.fixtures_runs import make_synthetic_run, synthetic_embeddings
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Run:
+    return make_synthetic_run(tmp_path_factory.mktemp("runs"), n=40)
+
+
+def _stimuli(n: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "id": [f"s{i}" for i in range(n)],
+            "image": [f"img/{i}.jpg" for i in range(n)],
+            "captions": [[f"caption {i}", "second"] for i in range(n)],
+            "label": [f"label{i % 3}" for i in range(n)],
+        }
+    )
+
+
+def _slow_prepare_features(x: np.ndarray, q: float = 0.95) -> np.ndarray:
+    """Independent reference: clip |x| at its q-quantile, then L2-normalise each row."""
+    cap = np.quantile(np.abs(x), q)
+    out = np.empty_like(x, dtype=np.float64)
+    for i, row in enumerate(x):
+        clipped = np.array([min(max(v, -cap), cap) for v in row], dtype=np.float64)
+        out[i] = clipped / np.sqrt(sum(v * v for v in clipped))
+    return out
+
+
+def test_round_trip_keeps_every_array_and_table(tmp_path):
+    n = 30
+    embeddings, _ = synthetic_embeddings(n, seed=3)
+    run = write_run_from_embeddings(
+        tmp_path / "r",
+        _stimuli(n),
+        embeddings,
+        vision_models=["vision-a", "vision-b", "vision-c"],
+        language_models=["language-a", "language-b"],
+        gpa_layers={"vision-b": "stage1"},
+        thumbnails=False,
+        settings={"k": 10},
+    )
+    again = load_run(tmp_path / "r")
+    for loaded in (run, again):
+        assert loaded.n_stimuli == n
+        assert loaded.stimuli["id"].tolist() == [f"s{i}" for i in range(n)]
+        assert loaded.stimuli["captions"].iloc[4] == ["caption 4", "second"]
+        assert loaded.stimuli["label"].iloc[4] == "label1"
+        assert loaded.vision_models == ["vision-a", "vision-b", "vision-c"]
+        assert loaded.language_models == ["language-a", "language-b"]
+        assert loaded.models == [*loaded.vision_models, *loaded.language_models]
+        for model, layers in embeddings.items():
+            assert loaded.layers(model) == list(layers)
+            assert set(loaded.embeddings[model]) == set(layers)
+            for layer, array in layers.items():
+                np.testing.assert_array_equal(loaded.embeddings[model][layer], array)
+        assert loaded.manifest["settings"] == {"k": 10}
+    # default layer = first given, except the GPA layer of a vision model
+    assert run.default_layer("vision-a") == "stage1"
+    assert run.default_layer("vision-b") == "stage1"
+    assert run.default_layer("language-a") == "layer0"
+    assert run.gpa.models == ("vision-a", "vision-b", "vision-c")
+    assert run.gpa.layers == ("stage1", "stage1", "stage1")
+    assert run.images_root is None and run.image_path(0) is None and run.thumbnail_path(0) is None
+
+
+def test_grams_match_independent_reference(small_run):
+    for model in ("vision-a", "language-b"):
+        layer = small_run.layers(model)[-1]
+        x = np.asarray(small_run.embeddings[model][layer], dtype=np.float64)
+        features = _slow_prepare_features(x)
+        gram = small_run.gram(model, layer)
+        assert gram.shape == (40, 40) and gram.dtype == np.float32
+        np.testing.assert_allclose(gram, features @ features.T, atol=1e-6)
+        np.testing.assert_allclose(np.diag(gram), 1.0, atol=1e-6)
+
+
+def test_gpa_and_dispersion_are_consistent(small_run):
+    from convergence_core.dispersion import dispersion_scores, residual_pca
+    from convergence_core.procrustes import generalized_procrustes
+
+    gpa = small_run.gpa
+    m = small_run.n_stimuli
+    assert gpa.residuals.shape == (m, 3) and gpa.residuals.dtype == np.float64
+    assert len(gpa.aligned) == 3 and gpa.aligned[0].shape == gpa.consensus.shape
+    # the stored residuals are the distances between aligned models and consensus
+    for i, aligned in enumerate(gpa.aligned):
+        distances = np.linalg.norm(np.asarray(aligned, np.float64) - gpa.consensus, axis=1)
+        np.testing.assert_allclose(distances, gpa.residuals[:, i], rtol=1e-5, atol=1e-7)
+    # recomputing GPA from the run's own embeddings reproduces it
+    fresh = generalized_procrustes(
+        [np.asarray(small_run.embeddings[mo][la], np.float64) for mo, la in zip(gpa.models, gpa.layers)]
+    )
+    np.testing.assert_allclose(fresh.residuals, gpa.residuals, atol=1e-9)
+    table = small_run.dispersion
+    assert table.columns.tolist()[:5] == ["id", "mean", "pc1", "rank_mean", "rank_pc1"]
+    assert table["id"].tolist() == small_run.stimuli["id"].tolist()
+    np.testing.assert_allclose(table["mean"], dispersion_scores(gpa.residuals, method="mean"))
+    np.testing.assert_allclose(table["pc1"], dispersion_scores(gpa.residuals, method="pc1"))
+    for score in ("mean", "pc1"):
+        ranks = table[f"rank_{score}"].to_numpy()
+        assert sorted(ranks) == list(range(m))
+        order = table[score].to_numpy()[np.argsort(ranks)]
+        assert np.all(np.diff(order) >= 0)  # rank 0 = lowest dispersion
+    pca = residual_pca(gpa.residuals)
+    np.testing.assert_allclose(small_run.pca.components, pca.components)
+    np.testing.assert_allclose(small_run.pca.explained_variance_ratio, pca.explained_variance_ratio)
+
+
+def test_dispersion_recovers_planted_noise(tmp_path):
+    run = make_synthetic_run(tmp_path, n=120, thumbnails=False, seed=1)
+    planted = run.stimuli["planted_noise"].to_numpy()
+    for score in ("mean", "pc1"):
+        rho = pd.Series(run.dispersion[score].to_numpy()).corr(pd.Series(planted), method="spearman")
+        assert rho > 0.8, (score, rho)
+
+
+def test_images_and_thumbnails(small_run):
+    from PIL import Image
+
+    for row in (0, 39):
+        image = small_run.image_path(row)
+        assert image.is_file() and image.is_relative_to(small_run.images_root)
+        thumb = small_run.thumbnail_path(row)
+        with Image.open(thumb) as im, Image.open(image) as full:
+            assert max(im.size) == min(256, max(full.size))
+    for bad in (-1, 40, 1.5, True):
+        with pytest.raises(ValueError, match="row"):
+            small_run.image_path(bad)
+
+
+def test_embeddings_are_lazy_memory_maps(small_run):
+    array = small_run.embeddings["vision-a"]["stage2"]
+    assert isinstance(array, np.memmap)
+    assert small_run.embeddings["vision-a"]["stage2"] is array  # mapped once, then kept
+    assert isinstance(small_run.gram("vision-a", "stage2"), np.memmap)
+
+
+def test_unknown_model_and_layer_name_the_choices(small_run):
+    with pytest.raises(ValueError, match="choose one of"):
+        small_run.layers("nope")
+    with pytest.raises(ValueError, match="vision-a"):
+        small_run.embeddings["nope"]
+    with pytest.raises(ValueError, match="stage2"):
+        small_run.gram("vision-a", "layer9")
+
+
+def test_list_runs_newest_first(tmp_path):
+    make_synthetic_run(tmp_path, n=10, thumbnails=False, name="older")
+    manifest = read_json(tmp_path / "older" / "manifest.json")
+    manifest["updated"] = "2000-01-01T00:00:00+00:00"
+    write_json(tmp_path / "older" / "manifest.json", manifest)
+    make_synthetic_run(tmp_path, n=12, thumbnails=False, name="newer")
+    (tmp_path / "not-a-run").mkdir()
+    runs = list_runs(tmp_path)
+    assert [r.name for r in runs] == ["newer", "older"]
+    name, path, summary = runs[0]
+    assert path == tmp_path / "newer" and summary["n_stimuli"] == 12 and summary["complete"]
+    assert list_runs(tmp_path / "absent") == []
+
+
+def test_load_run_by_name_under_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    make_synthetic_run(tmp_path / "runs", n=8, thumbnails=False, name="named")
+    assert load_run("named").n_stimuli == 8
+    with pytest.raises(FileNotFoundError, match="named"):
+        load_run("other")
+
+
+def test_pickled_npy_in_a_run_is_refused(tmp_path):
+    run = make_synthetic_run(tmp_path, n=10, thumbnails=False)
+    target = run.layout.embedding("vision-a", "stage1")
+    np.save(target, np.array([{"evil": 1}] * 10, dtype=object), allow_pickle=True)
+    reopened = load_run(run.path)
+    with pytest.raises(PickleRefusedError, match="unpickling"):
+        reopened.embeddings["vision-a"]["stage1"]
+    np.save(RunLayout(run.path).gpa_array("residuals"), np.array([None], dtype=object), allow_pickle=True)
+    with pytest.raises(PickleRefusedError):
+        reopened.gpa
+
+
+def test_incomplete_or_foreign_folders_are_refused(tmp_path):
+    run = make_synthetic_run(tmp_path, n=10, thumbnails=False)
+    manifest = read_json(run.layout.manifest)
+    manifest["complete"] = False
+    write_json(run.layout.manifest, manifest)
+    with pytest.raises(CacheFormatError, match="resume"):
+        load_run(run.path)
+    manifest["complete"], manifest["format"] = True, 99
+    write_json(run.layout.manifest, manifest)
+    with pytest.raises(CacheFormatError, match="format"):
+        load_run(run.path)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CacheFormatError, match="manifest"):
+        load_run(tmp_path / "plain")
+
+
+def test_rewrite_replaces_a_run_but_never_a_foreign_folder(tmp_path):
+    make_synthetic_run(tmp_path, n=10, thumbnails=False, name="r")
+    (tmp_path / "r" / "umap.npy").write_bytes(b"stale")
+    make_synthetic_run(tmp_path, n=12, thumbnails=False, name="r")
+    assert not (tmp_path / "r" / "umap.npy").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    embeddings, _ = synthetic_embeddings(5)
+    with pytest.raises(ValueError, match="not a run"):
+        write_run_from_embeddings(
+            foreign, _stimuli(5), embeddings, vision_models=["vision-a", "vision-b", "vision-c"],
+            language_models=["language-a", "language-b"], thumbnails=False,
+        )
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def _write(tmp_path, embeddings, stimuli=None, **kwargs):
+    n = len(next(iter(next(iter(embeddings.values())).values())))
+    options = dict(
+        vision_models=["vision-a", "vision-b", "vision-c"],
+        language_models=["language-a", "language-b"],
+        thumbnails=False,
+    )
+    options.update(kwargs)
+    return write_run_from_embeddings(tmp_path / "bad", _stimuli(n) if stimuli is None else stimuli, embeddings, **options)
+
+
+def test_bad_inputs_raise_with_the_fix(tmp_path):
+    embeddings, _ = synthetic_embeddings(8)
+    short = {m: dict(layers) for m, layers in embeddings.items()}
+    short["vision-b"]["stage1"] = short["vision-b"]["stage1"][:7]
+    with pytest.raises(ValueError, match="7 rows but there are 8 stimuli"):
+        _write(tmp_path, short)
+    nan = {m: dict(layers) for m, layers in embeddings.items()}
+    nan["language-a"]["layer2"] = nan["language-a"]["layer2"].copy()
+    nan["language-a"]["layer2"][3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"NaN.*first rows \[3\]"):
+        _write(tmp_path, nan)
+    with pytest.raises(ValueError, match="no embeddings for listed model"):
+        _write(tmp_path, embeddings, vision_models=["vision-a", "vision-b", "vision-c", "vision-z"])
+    with pytest.raises(ValueError, match="neither vision_models nor language_models"):
+        _write(tmp_path, embeddings, language_models=["language-a"])
+    with pytest.raises(ValueError, match="at least 2 vision models"):
+        _write(tmp_path, {k: embeddings[k] for k in ("vision-a", "language-a")},
+               vision_models=["vision-a"], language_models=["language-a"])
+    with pytest.raises(ValueError, match="not a layer"):
+        _write(tmp_path, embeddings, gpa_layers={"vision-a": "layer0"})
+    with pytest.raises(ValueError, match="not a vision model"):
+        _write(tmp_path, embeddings, gpa_layers={"language-a": "layer0"})
+    duplicate = _stimuli(8)
+    duplicate.loc[5, "id"] = "s1"
+    with pytest.raises(ValueError, match="unique"):
+        _write(tmp_path, embeddings, stimuli=duplicate)
+    with pytest.raises(ValueError, match="captions"):
+        _write(tmp_path, embeddings, stimuli=_stimuli(8).drop(columns="captions"))
+    with pytest.raises(ValueError, match="images_root"):
+        _write(tmp_path, embeddings, thumbnails=True)
+    assert not (tmp_path / "bad").exists()  # nothing written before the inputs are checked
