@@ -1,0 +1,156 @@
+"""Statistics used by the paper's analyses: permutation test of two stimulus sets, percentile
+intervals, paired tests across model pairs, correlation with a least-squares fit line.
+
+Everything here is model-agnostic: a "statistic" is any function of an index array returning a
+float (in the analyses, CKNNA of one vision × language pair on those stimuli).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+#: Relative tolerance under which a permuted difference counts as "as extreme as" the observed one;
+#: it keeps the identity permutation (an exact tie) counted despite floating-point rounding.
+_TIE_TOLERANCE = 1e-12
+
+
+@dataclass(frozen=True)
+class PermutationResult:
+    """Outcome of :func:`permutation_test_two_sets`.
+
+    ``observed`` is statistic(first) - statistic(second); ``null`` (n_permutations,) holds the
+    same difference for each relabelling; p-values use the +1 correction
+    ``(1 + #{as extreme}) / (n_permutations + 1)`` so they are never 0.
+    """
+
+    observed: float
+    p_value_two_sided: float
+    p_value_first_greater: float
+    null: np.ndarray
+    n_permutations: int
+
+
+def permutation_test_two_sets(
+    statistic: Callable[[np.ndarray], float],
+    first: np.ndarray,
+    second: np.ndarray,
+    *,
+    n_permutations: int,
+    rng: np.random.Generator,
+) -> PermutationResult:
+    """Permutation test of statistic(first) - statistic(second) by shuffling set labels.
+
+    ``first`` and ``second`` are disjoint integer index arrays of the same length s; each
+    permutation shuffles the 2·s pooled indices and splits them into two sets of s again.
+    """
+    first = np.asarray(first, dtype=np.intp)
+    second = np.asarray(second, dtype=np.intp)
+    if first.shape != second.shape or first.ndim != 1:
+        raise ValueError(
+            f"the two sets must be 1-D index arrays of equal length, got shapes {first.shape} and "
+            f"{second.shape}; pass sets of the same size"
+        )
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}; use e.g. 1000")
+    size = first.shape[0]
+    pool = np.concatenate([first, second])
+    observed = float(statistic(first)) - float(statistic(second))
+    null = np.empty(n_permutations, dtype=np.float64)
+    for b in range(n_permutations):
+        shuffled = pool[rng.permutation(pool.shape[0])]
+        null[b] = float(statistic(shuffled[:size])) - float(statistic(shuffled[size:]))
+    tolerance = _TIE_TOLERANCE * max(1.0, abs(observed))
+    as_extreme_two_sided = int(np.count_nonzero(np.abs(null) >= abs(observed) - tolerance))
+    as_extreme_greater = int(np.count_nonzero(null >= observed - tolerance))
+    return PermutationResult(
+        observed=observed,
+        p_value_two_sided=(1 + as_extreme_two_sided) / (n_permutations + 1),
+        p_value_first_greater=(1 + as_extreme_greater) / (n_permutations + 1),
+        null=null,
+        n_permutations=n_permutations,
+    )
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Central percentile interval of ``values`` (e.g. 2.5th and 97.5th percentiles for 0.95)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("cannot take a percentile interval of no values; draw at least one set")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}; use e.g. 0.95")
+    tail = 100.0 * (1.0 - level) / 2.0
+    lower, upper = np.percentile(values, [tail, 100.0 - tail])
+    return float(lower), float(upper)
+
+
+def paired_difference_tests(first: np.ndarray, second: np.ndarray) -> pd.DataFrame:
+    """Wilcoxon signed-rank and paired t tests of first vs second across pairs (two-sided).
+
+    Returns one row per test: ``test``, ``statistic``, ``p_value``, ``n_pairs``,
+    ``mean_difference`` (mean of first - second). With fewer than 2 pairs, or when every
+    difference is zero, the statistic and p-value are NaN (no test is possible).
+    """
+    first = np.asarray(first, dtype=np.float64)
+    second = np.asarray(second, dtype=np.float64)
+    if first.shape != second.shape or first.ndim != 1:
+        raise ValueError(
+            f"paired values must be 1-D arrays of equal length, got {first.shape} and {second.shape}"
+        )
+    differences = first - second
+    n_pairs = differences.shape[0]
+    mean_difference = float(differences.mean()) if n_pairs else float("nan")
+    rows = []
+    testable = n_pairs >= 2 and np.any(differences != 0)
+    for name, test in (("wilcoxon_signed_rank", sps.wilcoxon), ("paired_t", sps.ttest_rel)):
+        statistic = p_value = float("nan")
+        if testable:
+            result = test(first, second) if name == "paired_t" else test(differences)
+            statistic, p_value = float(result.statistic), float(result.pvalue)
+        rows.append(
+            {
+                "test": name,
+                "statistic": statistic,
+                "p_value": p_value,
+                "n_pairs": n_pairs,
+                "mean_difference": mean_difference,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def correlation_with_fit(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Pearson r and Spearman ρ (two-sided p-values) of y on x, and the least-squares line.
+
+    Returns ``pearson_r``, ``pearson_p_value``, ``spearman_rho``, ``spearman_p_value``,
+    ``fit_slope``, ``fit_intercept`` (y ≈ slope·x + intercept) and ``n_stimuli``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.shape[0] < 3:
+        raise ValueError(
+            f"correlation needs two 1-D arrays of equal length >= 3, got {x.shape} and {y.shape}"
+        )
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        nan = float("nan")
+        pearson = spearman = (nan, nan)
+        slope, intercept = nan, float(y.mean())
+    else:
+        pearson_result = sps.pearsonr(x, y)
+        spearman_result = sps.spearmanr(x, y)
+        pearson = (float(pearson_result.statistic), float(pearson_result.pvalue))
+        spearman = (float(spearman_result.statistic), float(spearman_result.pvalue))
+        slope, intercept = (float(v) for v in np.polyfit(x, y, deg=1))
+    return {
+        "pearson_r": pearson[0],
+        "pearson_p_value": pearson[1],
+        "spearman_rho": spearman[0],
+        "spearman_p_value": spearman[1],
+        "fit_slope": slope,
+        "fit_intercept": intercept,
+        "n_stimuli": int(x.shape[0]),
+    }
