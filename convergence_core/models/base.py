@@ -1,0 +1,130 @@
+"""The Encoder interface shared by every model, and the vision-model plumbing.
+
+An :class:`Encoder` turns a batch of stimuli (PIL images for vision, strings for language) into one
+float32 array per layer: ``encode(batch) -> {layer: (B, d) float32}``. Encoders run in ``eval()``
+mode under ``torch.inference_mode``; the same input gives the same output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Encoder", "VisionEncoder", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device, checking that CUDA/MPS is actually present when asked for."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r} ({exc}); use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available; use device='cpu'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for but MPS is not available; use device='cpu'")
+    return dev
+
+
+class Encoder(ABC):
+    """A loaded model that maps a batch of stimuli to per-layer embeddings.
+
+    Attributes:
+        name: the registry name it was loaded under.
+        modality: ``"vision"`` or ``"language"``.
+        layers: layer names, input side first; every ``encode`` result has exactly these keys.
+        default_layer: the layer used when none is chosen (one of ``layers``).
+        weights_id: sha256 hex identifying the weights (changes iff the weights change).
+        device: the torch device the forward pass runs on.
+    """
+
+    modality: str
+
+    def __init__(
+        self,
+        name: str,
+        layers: Sequence[str],
+        default_layer: str,
+        weights_id: str,
+        device: torch.device,
+    ) -> None:
+        self.name = name
+        self.layers = list(layers)
+        if default_layer not in self.layers:
+            raise ValueError(f"default layer {default_layer!r} is not one of {self.layers}")
+        self.default_layer = default_layer
+        self.weights_id = weights_id
+        self.device = device
+
+    @abstractmethod
+    def encode(self, batch: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Embed a batch: ``{layer: (len(batch), d_layer) float32}`` for every layer in ``layers``."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, modality={self.modality!r}, "
+            f"layers={len(self.layers)}, default_layer={self.default_layer!r}, device={self.device})"
+        )
+
+
+class VisionEncoder(Encoder):
+    """An image model: a preprocessing transform (PIL -> (3, H, W) tensor) and a feature function.
+
+    ``features(x)`` takes the stacked (B, 3, H, W) batch and returns ``{layer: (B, d) tensor}``.
+    On CUDA with ``half=True`` the forward runs under float16 autocast; outputs are always
+    returned as float32.
+    """
+
+    modality = "vision"
+
+    def __init__(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        transform: Callable[[Any], torch.Tensor],
+        features: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        layers: Sequence[str],
+        default_layer: str,
+        weights_id: str,
+        device: torch.device,
+        *,
+        half: bool = False,
+    ) -> None:
+        super().__init__(name, layers, default_layer, weights_id, device)
+        self.module = module.eval().to(device)
+        self.transform = transform
+        self._features = features
+        self.half = bool(half) and device.type == "cuda"
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        """Stack the transformed images into a (B, 3, H, W) float32 tensor on CPU."""
+        if len(images) == 0:
+            raise ValueError("cannot encode an empty batch; pass at least one image")
+        return torch.stack([self.transform(image) for image in images])
+
+    def encode(self, batch: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Embed PIL images (any mode is converted to RGB): ``{layer: (B, d) float32}``."""
+        images = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in batch]
+        return self.encode_tensor(self.preprocess(images))
+
+    def encode_tensor(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+        """Embed an already preprocessed (B, 3, H, W) batch: ``{layer: (B, d) float32}``."""
+        autocast = (
+            torch.autocast(device_type="cuda", dtype=torch.float16)
+            if self.half
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            feats = self._features(x.to(self.device, non_blocking=True))
+        missing = set(self.layers) - set(feats)
+        if missing:
+            raise RuntimeError(f"{self.name}: feature function did not return layers {sorted(missing)}")
+        return {
+            layer: feats[layer].detach().float().cpu().numpy().astype(np.float32, copy=False)
+            for layer in self.layers
+        }

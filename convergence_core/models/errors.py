@@ -1,0 +1,41 @@
+"""Errors raised while resolving or loading a model."""
+
+from __future__ import annotations
+
+__all__ = ["UnknownModelError", "WeightsUnavailableError"]
+
+
+class UnknownModelError(ValueError):
+    """A model name is neither registered nor a recognisable timm / Hugging Face id."""
+
+
+class WeightsUnavailableError(ValueError):
+    """A model's weights are not on this machine and cannot be downloaded (e.g. offline)."""
+
+    def __init__(self, model: str, cause: str, *, kind: str) -> None:
+        self.model = model
+        self.cause = cause
+        if kind == "timm":
+            local = (
+                f"load_encoder({model!r}, weights='/path/to/checkpoint.safetensors') (timm's "
+                "pretrained_cfg_overlay=dict(file=...))"
+            )
+        elif kind == "hf":
+            local = (
+                f"load_encoder({model!r}, weights='/path/to/model-folder') or the folder path as "
+                "the model name (a folder written by save_pretrained)"
+            )
+        else:
+            local = f"load_encoder({model!r}, weights='/path/to/weights-file')"
+        super().__init__(
+            f"weights for model {model!r} are not available here ({cause}). Supply them in one "
+            f"of three ways: (1) hub access: run once with network so they are downloaded and "
+            f"cached (unset HF_HUB_OFFLINE); (2) a local path: {local}; (3) an existing Hugging "
+            "Face cache: set HF_HOME (or HF_HUB_CACHE) to a cache folder that already holds them"
+        )
+
+
+def short_cause(exc: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), with its type."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__

