@@ -1,0 +1,104 @@
+"""What every dashboard page does first and last: pick the run, restore the view, write the URL.
+
+A page script is::
+
+    context = page.open_page("Stimuli")      # stops the page with a message if there is no run
+    ...                                       # widgets bound to context.view via state.bind_widget
+    page.close_page(context)                  # writes the view to the URL (shareable link)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import streamlit as st
+from streamlit.errors import StreamlitAPIException
+
+from ..run import Run, RunInfo
+from . import data, state
+
+
+@dataclass
+class PageContext:
+    """The run a page shows and this session's view of it."""
+
+    run: Run
+    info: RunInfo
+    view: state.View
+
+    @property
+    def n_stimuli(self) -> int:
+        return self.run.n_stimuli
+
+
+def no_run_message() -> str:
+    """What to tell a user who has no cached run yet, with the commands that make one."""
+    return (
+        "No cached run yet under "
+        f"{data.settings.runs_root()}. Make the demo run with `{data.MAKE_RUN_COMMAND}` "
+        f"(or `{data.MAKE_RUN_PYTHON}`), or point CONVERGENCE_CACHE at a cache that has runs, "
+        "then reload this page."
+    )
+
+
+def open_page(title: str, icon: str = "🔬") -> PageContext:
+    """Set up a page: title, run picker (sidebar), view from URL/session; stop if there is no run."""
+    st.set_page_config(page_title=f"{title} · Convergence Explorer", page_icon=icon, layout="wide")
+    runs = data.available_runs()
+    names = [info.name for info in runs]
+    view, warnings = state.init_view(st.session_state, st.query_params.to_dict(), names)
+    for warning in warnings:
+        st.warning(warning)
+    if not runs:
+        st.title(title)
+        st.error(no_run_message())
+        st.stop()
+    if view.run is None:
+        view.run = data.default_run_name(runs)
+    with st.sidebar:
+        state.bind_widget(
+            st.session_state, view, "run",
+            lambda key: st.selectbox(
+                "Run", names, key=key,
+                help="Cached runs under $CONVERGENCE_CACHE/runs; the default is the newest demo run.",
+            ),
+            coerce=lambda value: value if value in names else data.default_run_name(runs),
+        )
+    info = runs[names.index(view.run)]
+    try:
+        run = data.open_run(info.path)
+    except (OSError, ValueError) as exc:
+        st.title(title)
+        st.error(f"Run {info.name!r} cannot be opened: {exc}")
+        st.stop()
+    if view.size is not None and view.size > run.n_stimuli // 2:
+        st.warning(
+            f"Subset size {view.size} is more than half of the run's {run.n_stimuli} stimuli "
+            f"(low and high sets would overlap); using {state.default_subset_size(run.n_stimuli)}."
+        )
+        view.size = None
+    st.title(title)
+    return PageContext(run=run, info=info, view=view)
+
+
+def close_page(context: PageContext) -> None:
+    """Write the view to the URL so the address bar is a link to this exact view."""
+    state.write_query_params(st.query_params, context.view)
+
+
+def page_links(context: PageContext) -> None:
+    """Links to the other pages carrying the current view in their URL."""
+    params = context.view.to_query_params()
+    cells = st.columns(4)
+    targets = [
+        ("pages/1_Stimuli.py", "Stimuli gallery", "🖼️"),
+        ("pages/2_Residual_space.py", "Residual space", "🧭"),
+        ("pages/3_Alignment_lab.py", "Alignment lab", "⚖️"),
+        ("pages/4_Paper_analyses.py", "Paper analyses", "📄"),
+    ]
+    for cell, (target, label, icon) in zip(cells, targets, strict=True):
+        with cell:
+            try:
+                st.page_link(target, label=label, icon=icon, query_params=params)
+            except StreamlitAPIException:  # the page file is not there (yet)
+                st.caption(f"{label} (page not installed)")

@@ -1,0 +1,219 @@
+"""Plotly figures of the dashboard. Pure functions: data in, ``go.Figure`` out (no Streamlit).
+
+Every figure has a title and axis titles with units. Text that comes from the data set (captions,
+ids) is HTML-escaped before it reaches Plotly, whose hover labels interpret a subset of HTML.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+RESIDUAL_AXIS = "residual (Procrustes distance, unit Frobenius-normalised embedding)"
+SCORE_AXIS = {
+    "mean": "mean residual across vision models (Procrustes distance)",
+    "pc1": "PC1 score of the residuals (Procrustes distance)",
+}
+SCORE_NAME = {"mean": "mean residual", "pc1": "PC1 score"}
+SET_COLOURS = {
+    "low": "#1f77b4",
+    "random": "#7f7f7f",
+    "high": "#d62728",
+    "selection": "#2ca02c",
+    "pasted": "#9467bd",
+}
+HOVER_CAPTION_CHARS = 80
+
+
+def safe_hover_text(text: str, limit: int = HOVER_CAPTION_CHARS) -> str:
+    """``text`` truncated to ``limit`` characters and HTML-escaped for a Plotly hover label."""
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return html.escape(text, quote=True)
+
+
+def dispersion_histograms(mean: np.ndarray, pc1: np.ndarray, pearson: float, spearman: float) -> go.Figure:
+    """Side-by-side histograms of the two dispersion scores (m,) each, with their correlation."""
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("Mean residual", "PC1 score"))
+    figure.add_trace(go.Histogram(x=mean, nbinsx=40, name="mean", marker_color="#1f77b4"), row=1, col=1)
+    figure.add_trace(go.Histogram(x=pc1, nbinsx=40, name="PC1", marker_color="#ff7f0e"), row=1, col=2)
+    figure.update_xaxes(title_text=SCORE_AXIS["mean"], row=1, col=1)
+    figure.update_xaxes(title_text=SCORE_AXIS["pc1"], row=1, col=2)
+    figure.update_yaxes(title_text="stimuli (count)", row=1, col=1)
+    figure.update_yaxes(title_text="stimuli (count)", row=1, col=2)
+    figure.update_layout(
+        title_text=(
+            f"Dispersion of {len(mean)} stimuli — the two scores correlate: "
+            f"Pearson r = {pearson:.3f}, Spearman ρ = {spearman:.3f}"
+        ),
+        showlegend=False,
+        bargap=0.05,
+        height=360,
+        margin={"t": 80},
+    )
+    return figure
+
+
+def residual_bars(models: Sequence[str], residuals: np.ndarray, typical: np.ndarray, stimulus: str) -> go.Figure:
+    """Bar per vision model of one stimulus's residual (M,), with each model's median (M,) as a marker."""
+    figure = go.Figure()
+    figure.add_trace(go.Bar(x=list(models), y=residuals, name="this stimulus", marker_color="#1f77b4"))
+    figure.add_trace(
+        go.Scatter(
+            x=list(models), y=typical, mode="markers", name="median over all stimuli",
+            marker={"symbol": "line-ew-open", "size": 28, "color": "#222", "line": {"width": 3}},
+        )
+    )
+    figure.update_layout(
+        title_text=f"Residual per vision model — stimulus {safe_hover_text(stimulus, 60)}",
+        xaxis_title="vision model",
+        yaxis_title=RESIDUAL_AXIS,
+        height=360,
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return figure
+
+
+def residual_scatter(
+    x: np.ndarray,
+    y: np.ndarray,
+    colour: np.ndarray,
+    *,
+    ids: Sequence[str],
+    captions: Sequence[str],
+    mean: np.ndarray,
+    pc1: np.ndarray,
+    colour_title: str,
+    x_title: str,
+    y_title: str,
+    title: str,
+    selected: Sequence[int] = (),
+) -> go.Figure:
+    """WebGL scatter of all stimuli; ``customdata`` is each point's stimulus row (for selections).
+
+    Hover shows id, caption (escaped, truncated) and both dispersion scores; the current selection
+    is drawn as open circles on top.
+    """
+    rows = np.arange(len(x))
+    hover = [
+        f"id {safe_hover_text(i, 40)}<br>{safe_hover_text(c)}<br>mean residual {m:.4f} · PC1 {p:.4f}"
+        for i, c, m, p in zip(ids, captions, mean, pc1, strict=True)
+    ]
+    figure = go.Figure()
+    figure.add_trace(
+        go.Scattergl(
+            x=x, y=y, mode="markers", customdata=rows, text=hover, name="stimuli",
+            hovertemplate="%{text}<extra></extra>",
+            marker={
+                "color": colour, "colorscale": "Viridis", "size": 7, "opacity": 0.85,
+                "colorbar": {"title": {"text": colour_title}},
+            },
+        )
+    )
+    if len(selected):
+        chosen = np.asarray(selected, dtype=int)
+        figure.add_trace(
+            go.Scattergl(
+                x=np.asarray(x)[chosen], y=np.asarray(y)[chosen], mode="markers", name="current selection",
+                hoverinfo="skip",
+                marker={"size": 12, "color": "rgba(0,0,0,0)", "line": {"color": "#d62728", "width": 2}},
+            )
+        )
+    figure.update_layout(
+        title_text=title, xaxis_title=x_title, yaxis_title=y_title, height=560, dragmode="lasso",
+        legend={"orientation": "h", "y": -0.15},
+    )
+    return figure
+
+
+def explained_variance_bars(ratio: np.ndarray) -> go.Figure:
+    """Bar per principal component of the residuals: share of variance explained (M,)."""
+    labels = [f"PC{i + 1}" for i in range(len(ratio))]
+    figure = go.Figure(go.Bar(x=labels, y=100.0 * np.asarray(ratio), marker_color="#1f77b4"))
+    figure.update_layout(
+        title_text="Variance of the residuals explained per principal component",
+        xaxis_title="principal component of the residual matrix R",
+        yaxis_title="variance explained (%)",
+        height=340,
+    )
+    return figure
+
+
+def loadings_bars(components: np.ndarray, models: Sequence[str], n_components: int = 2) -> go.Figure:
+    """Per-model loadings (rows of ``components`` (M, M)) of the first ``n_components`` PCs."""
+    figure = go.Figure()
+    for index in range(min(n_components, components.shape[0])):
+        figure.add_trace(go.Bar(x=list(models), y=components[index], name=f"PC{index + 1}"))
+    figure.update_layout(
+        title_text="Per-model loadings of the residual principal components",
+        xaxis_title="vision model",
+        yaxis_title="loading (unit-norm component weight)",
+        barmode="group",
+        height=340,
+    )
+    return figure
+
+
+def alignment_bars(sets: pd.DataFrame, baseline: pd.DataFrame | None, metric: str = "cknna") -> go.Figure:
+    """Fig. 2-style bars: one panel per vision model, language models on x, one bar per set.
+
+    ``sets`` has one row per pair × set (``lab.set_table``); ``baseline`` (``lab.baseline_table``)
+    adds a "random" bar per pair at the random-subset mean with its 95% interval as error bars.
+    ``metric`` is ``"cknna"`` or ``"mutual_knn"``.
+    """
+    metric_title = {"cknna": "CKNNA (unitless)", "mutual_knn": "mutual k-NN overlap (fraction of k)"}[metric]
+    visions = list(dict.fromkeys(sets["vision_model"]))
+    figure = make_subplots(
+        rows=1, cols=len(visions), shared_yaxes=True,
+        subplot_titles=[safe_hover_text(v, 40) for v in visions],
+    )
+    set_names = list(dict.fromkeys(sets["set"]))
+    order = [name for name in ("low", "random", "high") if name in set_names or name == "random"]
+    order += [name for name in set_names if name not in order]
+    for column, vision in enumerate(visions, start=1):
+        panel = sets[sets["vision_model"] == vision]
+        for name in order:
+            if name == "random":
+                if baseline is None or baseline.empty:
+                    continue
+                rows = baseline[baseline["vision_model"] == vision]
+                mean = rows[f"{metric}_random_mean"].to_numpy()
+                error = {
+                    "type": "data", "symmetric": False,
+                    "array": rows[f"{metric}_random_upper_95"].to_numpy() - mean,
+                    "arrayminus": mean - rows[f"{metric}_random_lower_95"].to_numpy(),
+                }
+                figure.add_trace(
+                    go.Bar(
+                        x=rows["language_model"], y=mean, error_y=error,
+                        name=f"random (mean, 95% of {int(rows['n_random'].iloc[0])} sets)",
+                        marker_color=SET_COLOURS["random"], legendgroup="random", showlegend=column == 1,
+                    ),
+                    row=1, col=column,
+                )
+                continue
+            rows = panel[panel["set"] == name]
+            if rows.empty:
+                continue
+            figure.add_trace(
+                go.Bar(
+                    x=rows["language_model"], y=rows[metric],
+                    name=f"{name} ({int(rows['set_size'].iloc[0])} stimuli)",
+                    marker_color=SET_COLOURS.get(name, "#17becf"), legendgroup=name, showlegend=column == 1,
+                ),
+                row=1, col=column,
+            )
+        figure.update_xaxes(title_text="language model", row=1, col=column)
+    figure.update_yaxes(title_text=metric_title, row=1, col=1)
+    k = int(sets["k"].iloc[0]) if not sets.empty else 0
+    figure.update_layout(
+        title_text=f"Vision–language alignment per set (k = {k}); error bars: 95% of random sets",
+        barmode="group", height=420, legend={"orientation": "h", "y": -0.25},
+    )
+    return figure

@@ -1,0 +1,101 @@
+"""Turning chart selections, uploaded files and pasted text into stimulus rows, and back into CSV.
+
+Pure functions (no Streamlit): rows are 0-based positions in the run's stimulus order.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+#: Largest import accepted (bytes); an id list of a few thousand stimuli is far below this.
+MAX_IMPORT_BYTES = 5_000_000
+
+
+def rows_from_chart_selection(selection: Mapping[str, Any] | None, n_stimuli: int) -> list[int]:
+    """Stimulus rows of the points in a ``st.plotly_chart(on_select=...)`` selection.
+
+    Each point's ``customdata`` holds its stimulus row (the scatter plots in ``plots.py`` set it);
+    points without it fall back to ``point_index``. Rows outside ``[0, n_stimuli)`` are ignored.
+    Returns sorted unique rows (empty for no selection).
+    """
+    if not selection:
+        return []
+    rows: set[int] = set()
+    for point in selection.get("points", []) or []:
+        custom = point.get("customdata")
+        if isinstance(custom, (list, tuple)):
+            custom = custom[0] if custom else None
+        value = custom if custom is not None else point.get("point_index")
+        try:
+            row = int(value)
+        except (TypeError, ValueError):
+            continue
+        if 0 <= row < n_stimuli:
+            rows.add(row)
+    return sorted(rows)
+
+
+def selection_csv(ids: Sequence[str], captions: Sequence[Sequence[str]]) -> bytes:
+    """CSV (UTF-8) with columns ``id, captions`` (an image's captions joined by `` | ``)."""
+    if len(ids) != len(captions):
+        raise ValueError(
+            f"got {len(ids)} ids but {len(captions)} caption lists; pass one caption list per id"
+        )
+    frame = pd.DataFrame(
+        {"id": [str(i) for i in ids], "captions": [" | ".join(map(str, c)) for c in captions]}
+    )
+    return frame.to_csv(index=False).encode("utf-8")
+
+
+def parse_id_list(data: bytes | str) -> list[str]:
+    """Stimulus ids from an uploaded file or pasted text, in order, without duplicates.
+
+    Accepts a CSV with an ``id`` column (e.g. a file written by :func:`selection_csv`), or plain
+    ids separated by newlines, commas, semicolons, tabs or spaces. Blank entries are skipped.
+
+    Raises:
+        ValueError: the data is larger than ``MAX_IMPORT_BYTES`` or not UTF-8 text.
+    """
+    if isinstance(data, bytes):
+        if len(data) > MAX_IMPORT_BYTES:
+            raise ValueError(
+                f"the id list is {len(data):,} bytes, more than the {MAX_IMPORT_BYTES:,} accepted; "
+                "upload a CSV with only an 'id' column"
+            )
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                "the id list is not UTF-8 text; save it as a UTF-8 CSV with an 'id' column"
+            ) from exc
+    else:
+        text = data
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    header = [cell.strip().lower() for cell in next(csv.reader([first]), [])]
+    if "id" in header:
+        reader = csv.DictReader(io.StringIO(text))
+        column = next(name for name in reader.fieldnames or [] if name.strip().lower() == "id")
+        ids = [(record.get(column) or "").strip() for record in reader]
+    else:
+        ids = [token.strip() for token in re.split(r"[\s,;]+", text)]
+    return list(dict.fromkeys(i for i in ids if i))
+
+
+def match_ids(ids: Sequence[str], known_ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Rows of ``ids`` in the run (in the given order) and the ids that the run does not have.
+
+    Returns:
+        ``(rows, unknown)``: ``rows`` int64 (n_found,), ``unknown`` the ids not in ``known_ids``.
+    """
+    position = {str(identifier): row for row, identifier in enumerate(known_ids)}
+    rows = [position[i] for i in ids if i in position]
+    unknown = [i for i in ids if i not in position]
+    return np.asarray(rows, dtype=np.int64), unknown

@@ -1,0 +1,245 @@
+"""Shareable view state (URL query parameters) and per-session selections for the dashboard.
+
+Two kinds of state live here:
+
+* the *view*: run, selection source, score, k, subset size and gallery page. It is read from the
+  URL once per browser session (so a shared link reopens the same view), kept in
+  ``st.session_state`` while the user moves between pages, and written back to ``st.query_params``
+  after every rerun. Invalid URL values fall back to defaults with a warning, never a crash.
+* the *current selection*: stimulus ids picked on the Residual-space page (box/lasso) or imported
+  from a file, used by the Stimuli and Alignment-lab pages. It lives in ``st.session_state`` only,
+  so two browser sessions never see each other's selections.
+
+The parsing functions are pure (no Streamlit) so they can be tested directly; the ``bind_*``
+helpers take the Streamlit module's session state and query params.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Dispersion scores a stimulus can be ranked by (see dispersion.dispersion_scores).
+SCORES: tuple[str, ...] = ("mean", "pc1")
+#: Where the Alignment lab's subset comes from.
+SOURCES: tuple[str, ...] = ("low", "high", "random", "selection", "pasted")
+#: Query-parameter names, in the order they are written to the URL.
+PARAM_NAMES: tuple[str, ...] = ("run", "source", "score", "k", "size", "page")
+
+DEFAULT_SOURCE = "low"
+DEFAULT_SCORE = "mean"
+DEFAULT_K = 10
+MIN_K = 2
+MIN_SUBSET_SIZE = 4
+
+VIEW_KEY = "convergence_view"
+SELECTION_KEY = "convergence_selection"
+WIDGET_PREFIX = "w_"
+
+
+def default_subset_size(n_stimuli: int) -> int:
+    """Default size of the low/high/random subsets: a quarter of the stimuli (at least 4, at most n)."""
+    return max(min(MIN_SUBSET_SIZE, n_stimuli), min(n_stimuli, round(n_stimuli / 4)))
+
+
+@dataclass
+class View:
+    """The shareable part of what the user is looking at (one per browser session)."""
+
+    run: str | None = None
+    source: str = DEFAULT_SOURCE
+    score: str = DEFAULT_SCORE
+    k: int = DEFAULT_K
+    size: int | None = None  # None: default_subset_size(n) of the chosen run
+    page: int = 1
+
+    def to_query_params(self) -> dict[str, str]:
+        """The view as URL query parameters (values that are unset are left out)."""
+        params = {
+            "run": self.run,
+            "source": self.source,
+            "score": self.score,
+            "k": str(self.k),
+            "size": None if self.size is None else str(self.size),
+            "page": str(self.page),
+        }
+        return {name: value for name, value in params.items() if value is not None}
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """A user-supplied value made safe to quote inside a Markdown message (st.warning renders
+    Markdown): only letters, digits, space and ``._-`` are kept (others become ``?``), truncated."""
+    kept = re.sub(r"[^A-Za-z0-9 ._-]", "?", str(text))
+    return kept if len(kept) <= limit else kept[: limit - 1] + "…"
+
+
+def _last(value: str | Sequence[str]) -> str:
+    """A query parameter's value; repeated keys keep the last occurrence (like st.query_params)."""
+    if isinstance(value, str):
+        return value
+    return str(value[-1]) if len(value) else ""
+
+
+def _parse_int(name: str, text: str, low: int, warnings: list[str]) -> int | None:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        warnings.append(f"URL parameter {name}='{shown(text)}' is not a whole number; using the default.")
+        return None
+    if value < low:
+        warnings.append(f"URL parameter {name}={value} must be at least {low}; using the default.")
+        return None
+    return value
+
+
+def parse_query_params(
+    params: Mapping[str, str | Sequence[str]], run_names: Sequence[str]
+) -> tuple[View, list[str]]:
+    """Read a :class:`View` from URL query parameters.
+
+    Args:
+        params: query parameters as given by ``st.query_params.to_dict()`` (or a repeated-key list).
+        run_names: names of the cached runs; ``run`` must be one of them.
+
+    Returns:
+        ``(view, warnings)``: every invalid or unknown value is replaced by its default and
+        explained in one warning sentence (naming the parameter and the accepted values).
+        Parameters that are not part of the view are ignored.
+    """
+    view = View()
+    warnings: list[str] = []
+    values = {name: _last(params[name]) for name in PARAM_NAMES if name in params}
+
+    if "run" in values:
+        if values["run"] in run_names:
+            view.run = values["run"]
+        else:
+            known = ", ".join(shown(name) for name in run_names) if run_names else "none yet"
+            warnings.append(
+                f"URL parameter run='{shown(values['run'])}' is not a cached run (cached: {known}); "
+                "showing the default run."
+            )
+    if "source" in values:
+        if values["source"] in SOURCES:
+            view.source = values["source"]
+        else:
+            warnings.append(
+                f"URL parameter source='{shown(values['source'])}' is not one of {', '.join(SOURCES)}; "
+                f"using {DEFAULT_SOURCE!r}."
+            )
+    if "score" in values:
+        if values["score"] in SCORES:
+            view.score = values["score"]
+        else:
+            warnings.append(
+                f"URL parameter score='{shown(values['score'])}' is not one of {', '.join(SCORES)}; "
+                f"using {DEFAULT_SCORE!r}."
+            )
+    if "k" in values:
+        k = _parse_int("k", values["k"], MIN_K, warnings)
+        if k is not None:
+            view.k = k
+    if "size" in values:
+        size = _parse_int("size", values["size"], MIN_SUBSET_SIZE, warnings)
+        if size is not None:
+            view.size = size
+    if "page" in values:
+        page = _parse_int("page", values["page"], 1, warnings)
+        if page is not None:
+            view.page = page
+    return view, warnings
+
+
+@dataclass
+class Selection:
+    """The current selection of one browser session: stimulus ids of one run, and where it came from."""
+
+    run: str
+    ids: tuple[str, ...]
+    origin: str = ""
+    #: signature of the chart event that produced it, so a rerun does not re-apply the same event
+    event_signature: tuple[int, ...] = field(default=())
+
+
+def init_view(
+    session_state: MutableMapping[str, Any],
+    query_params: Mapping[str, str | Sequence[str]],
+    run_names: Sequence[str],
+) -> tuple[View, list[str]]:
+    """The session's view; parsed from the URL on the session's first rerun, then kept in the session.
+
+    Returns ``(view, warnings)``; warnings are only non-empty on the first rerun of a session.
+    The returned ``View`` belongs to this session (mutating it is how widgets update it).
+    """
+    view = session_state.get(VIEW_KEY)
+    if isinstance(view, View):
+        if view.run is not None and view.run not in run_names:
+            view.run = None
+        return view, []
+    view, warnings = parse_query_params(query_params, run_names)
+    session_state[VIEW_KEY] = view
+    return view, warnings
+
+
+def bind_widget(
+    session_state: MutableMapping[str, Any],
+    view: View,
+    name: str,
+    make_widget: Callable[[str], Any],
+    coerce: Callable[[Any], Any] = lambda value: value,
+) -> Any:
+    """Create a widget whose value is the view's field ``name`` and store its new value back.
+
+    ``make_widget(key)`` must create the widget with that key and return its value. The widget's
+    session value is initialised from the view (and passed through ``coerce`` first, e.g. to clamp
+    k into the slider's current range) so the widget starts from the URL and survives page
+    switches, where Streamlit drops the state of widgets that were not shown.
+    """
+    key = WIDGET_PREFIX + name
+    current = session_state.get(key, getattr(view, name))
+    fixed = coerce(current)
+    if key not in session_state or fixed != current:
+        session_state[key] = fixed
+    value = make_widget(key)
+    setattr(view, name, value)
+    return value
+
+
+def write_query_params(query_params: MutableMapping[str, Any], view: View) -> None:
+    """Write the view to the URL, touching only the keys that changed (avoids needless reruns)."""
+    wanted = view.to_query_params()
+    for name in PARAM_NAMES:
+        if name in wanted:
+            if query_params.get(name) != wanted[name]:
+                query_params[name] = wanted[name]
+        elif name in query_params:
+            del query_params[name]
+
+
+def get_selection(session_state: Mapping[str, Any], run: str) -> Selection | None:
+    """The session's current selection for ``run`` (None if empty or made on another run)."""
+    selection = session_state.get(SELECTION_KEY)
+    if isinstance(selection, Selection) and selection.run == run and selection.ids:
+        return selection
+    return None
+
+
+def set_selection(
+    session_state: MutableMapping[str, Any],
+    run: str,
+    ids: Sequence[str],
+    origin: str,
+    event_signature: tuple[int, ...] = (),
+) -> Selection:
+    """Replace the session's current selection (ids keep the given order, duplicates dropped)."""
+    unique = tuple(dict.fromkeys(str(i) for i in ids))
+    selection = Selection(run=run, ids=unique, origin=origin, event_signature=event_signature)
+    session_state[SELECTION_KEY] = selection
+    return selection
+
+
+def clear_selection(session_state: MutableMapping[str, Any]) -> None:
+    """Forget the session's current selection."""
+    session_state.pop(SELECTION_KEY, None)

@@ -1,0 +1,85 @@
+"""Streamlit building blocks shared by the pages: caption text, stimulus cards and galleries.
+
+Captions and ids come from the web. They are only ever shown with ``st.text`` (or inside a
+dataframe), which renders plain text: never Markdown, never HTML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import streamlit as st
+
+from ..run import Run
+
+#: Session key of the stimulus id shown in the Stimuli page's detail view.
+INSPECT_KEY = "w_inspect"
+
+
+def show_captions(captions: Sequence[str], *, first_only: bool = False) -> None:
+    """Captions as plain text, one per line (``first_only``: the first and a count of the rest)."""
+    if not captions:
+        st.text("(no caption)")
+        return
+    if first_only:
+        more = f"  (+{len(captions) - 1} more)" if len(captions) > 1 else ""
+        st.text(f"“{captions[0]}”{more}")
+        return
+    for caption in captions:
+        st.text(f"• {caption}")
+
+
+def _inspect(identifier: str) -> None:
+    st.session_state[INSPECT_KEY] = identifier
+
+
+def stimulus_card(
+    run: Run, row: int, label: str, *, key: str, all_captions: bool = True, inspect: bool = True
+) -> None:
+    """Thumbnail, a one-line label, the captions and (``inspect``) an "Inspect" button for one stimulus.
+
+    ``all_captions``: the first caption plus an expander with all of them; else only the first.
+    """
+    thumbnail = run.thumbnail_path(row)
+    if thumbnail is not None:
+        st.image(str(thumbnail), width="stretch")
+    else:
+        st.text("(no thumbnail in this run)")
+    identifier = str(run.stimuli["id"].iloc[row])
+    st.text(label)
+    captions = list(run.stimuli["captions"].iloc[row]) if "captions" in run.stimuli else []
+    if all_captions and len(captions) > 1:
+        show_captions(captions[:1])
+        with st.expander(f"all {len(captions)} captions"):
+            show_captions(captions)
+    else:
+        show_captions(captions, first_only=True)
+    if inspect:
+        st.button("Inspect", key=f"{key}-inspect-{row}", on_click=_inspect, args=(identifier,))
+
+
+def gallery(
+    run: Run, rows: Sequence[int], labels: Sequence[str], *, key: str, columns: int = 4,
+    all_captions: bool = True, inspect: bool = True,
+) -> None:
+    """A grid of :func:`stimulus_card` s, ``columns`` per line, in the given order."""
+    if not len(rows):
+        st.info("No stimuli to show.")
+        return
+    for start in range(0, len(rows), columns):
+        cells = st.columns(columns)
+        for cell, row, label in zip(cells, rows[start : start + columns], labels[start : start + columns]):
+            with cell:
+                stimulus_card(
+                    run, int(row), label, key=key, all_captions=all_captions, inspect=inspect
+                )
+
+
+def captions_frame(run: Run, rows: Sequence[int]) -> pd.DataFrame:
+    """``id`` and ``caption`` (first caption) of ``rows``: for st.dataframe, which shows plain text."""
+    stimuli = run.stimuli.iloc[list(rows)]
+    captions = stimuli["captions"] if "captions" in stimuli else [[] for _ in range(len(stimuli))]
+    return pd.DataFrame(
+        {"id": stimuli["id"].astype(str).to_numpy(), "caption": [c[0] if len(c) else "" for c in captions]}
+    )

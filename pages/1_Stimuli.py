@@ -1,0 +1,156 @@
+"""Stimuli: a ranked gallery (lowest vs highest dispersion), caption filter, and one stimulus in detail."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from convergence_core.dashboard import data, lab, page, plots, state, widgets
+
+PER_SIDE = 8  # stimuli per side and page
+GALLERY_COLUMNS = 4
+
+context = page.open_page("Stimuli", icon="🖼️")
+run, view = context.run, context.view
+stimuli, dispersion = run.stimuli, run.dispersion
+ids = stimuli["id"].astype(str).to_numpy()
+n = run.n_stimuli
+
+controls = st.columns([1, 2, 1])
+with controls[0]:
+    score = state.bind_widget(
+        st.session_state, view, "score",
+        lambda key: st.radio(
+            "Rank by", state.SCORES, key=key, horizontal=True,
+            format_func=lambda s: plots.SCORE_NAME[s],
+            help="mean: average residual across vision models; PC1: score on the first principal "
+            "component of the residuals (the paper's two dispersion measures).",
+        ),
+    )
+with controls[1]:
+    query = st.text_input(
+        "Filter by caption text", key="w_caption_filter",
+        placeholder="e.g. dog, kitchen, surf…", help="Case-insensitive; matches any caption or the id.",
+    )
+selection = state.get_selection(st.session_state, run.name)
+with controls[2]:
+    only_selection = st.toggle(
+        "Only the current selection",
+        key="w_only_selection", disabled=selection is None,
+        help="Make a selection on the Residual space page (box/lasso) or import one there.",
+    )
+
+rank = dispersion[f"rank_{score}"].to_numpy()
+values = dispersion[score].to_numpy(dtype=np.float64)
+ascending = np.argsort(rank, kind="stable")
+keep = np.ones(n, dtype=bool)
+if query.strip():
+    needle = query.strip().lower()
+    captions_text = stimuli["captions"].map(lambda caps: " \n ".join(caps).lower())
+    keep &= captions_text.str.contains(needle, regex=False).to_numpy() | np.char.find(
+        np.char.lower(ids.astype(str)), needle
+    ) >= 0
+if only_selection and selection is not None:
+    chosen = np.zeros(n, dtype=bool)
+    chosen[[i for i, identifier in enumerate(ids) if identifier in set(selection.ids)]] = True
+    keep &= chosen
+ranked = ascending[keep[ascending]]
+n_pages = max(1, math.ceil(len(ranked) / PER_SIDE))
+st.text(f"{len(ranked)} of {n} stimuli shown, {PER_SIDE} per side and page, {n_pages} pages.")
+
+page_number = state.bind_widget(
+    st.session_state, view, "page",
+    lambda key: st.number_input(
+        "Page", min_value=1, max_value=n_pages, step=1, key=key,
+        help="Each page shows the next stimuli from both ends of the ranking.",
+    ),
+    coerce=lambda value: min(max(1, int(value)), n_pages),
+)
+
+
+def _label(row: int) -> str:
+    return f"#{int(rank[row]) + 1} of {n} · id {ids[row]} · {plots.SCORE_NAME[score]} {values[row]:.4f}"
+
+
+start = (page_number - 1) * PER_SIDE
+low_rows = ranked[start : start + PER_SIDE]
+high_rows = ranked[::-1][start : start + PER_SIDE]
+if len(ranked) == 0:
+    st.info("No stimulus matches the filter; clear the caption filter to see all.")
+else:
+    low_side, high_side = st.columns(2, gap="large")
+    with low_side:
+        st.subheader("Lowest dispersion (models agree)")
+        widgets.gallery(run, low_rows, [_label(r) for r in low_rows], key="low", columns=GALLERY_COLUMNS)
+    with high_side:
+        st.subheader("Highest dispersion (models disagree)")
+        widgets.gallery(run, high_rows, [_label(r) for r in high_rows], key="high", columns=GALLERY_COLUMNS)
+
+st.divider()
+st.header("Stimulus in detail")
+inspect_options = [str(ids[r]) for r in ascending]
+detail_id = st.selectbox(
+    f"Stimulus (ordered by {plots.SCORE_NAME[score]}, lowest first; or press Inspect under an image)",
+    inspect_options, key=widgets.INSPECT_KEY,
+    format_func=lambda identifier: identifier,
+)
+row = int(np.flatnonzero(ids == detail_id)[0])
+captions = list(stimuli["captions"].iloc[row])
+
+picture, facts = st.columns([1, 2])
+with picture:
+    image = run.thumbnail_path(row)
+    if image is not None:
+        st.image(str(image), width="stretch")
+    st.text(f"id {detail_id}")
+    widgets.show_captions(captions)
+with facts:
+    ranks = st.columns(2)
+    ranks[0].metric("Rank by mean residual", f"{int(dispersion['rank_mean'].iloc[row]) + 1} / {n}",
+                    help="1 = lowest dispersion (most agreement among the vision models)")
+    ranks[1].metric("Rank by PC1 score", f"{int(dispersion['rank_pc1'].iloc[row]) + 1} / {n}",
+                    help="1 = lowest dispersion along the first principal component of the residuals")
+    residuals = np.asarray(run.gpa.residuals, dtype=np.float64)
+    st.plotly_chart(
+        plots.residual_bars(run.gpa.models, residuals[row], np.median(residuals, axis=0), detail_id),
+        key="residual-bars",
+    )
+
+st.subheader("Nearest neighbours")
+st.caption(
+    "Most similar stimuli under each model: largest inner product of the prepared features "
+    "(the cached Gram matrix). Vision models at their GPA layer, language models at their best layer."
+)
+count = st.slider("Neighbours per model", 3, min(20, n - 1), min(5, n - 1), key="w_neighbour_count")
+try:
+    best_layers = data.best_language_layers(str(run.path), data.manifest_stamp(run.path))
+except ValueError as exc:
+    st.warning(f"Best language layers unavailable ({exc}); using each language model's default layer.")
+    best_layers = {}
+model_layers = [*zip(run.gpa.models, run.gpa.layers, strict=True)] + [
+    (model, best_layers.get(model, run.default_layer(model))) for model in run.language_models
+]
+tabs = st.tabs([f"{model} ({'vision' if i < len(run.gpa.models) else 'language'})"
+                for i, (model, _) in enumerate(model_layers)])
+for tab, (model, layer) in zip(tabs, model_layers, strict=True):
+    with tab:
+        gram = run.gram(model, layer)
+        neighbour_rows, similarity = lab.nearest_neighbours(gram, row, count)
+        table = widgets.captions_frame(run, neighbour_rows)
+        table.insert(0, "neighbour", np.arange(1, len(neighbour_rows) + 1))
+        table.insert(2, "similarity", similarity)
+        table[f"rank ({plots.SCORE_NAME[score]})"] = rank[neighbour_rows] + 1
+        st.text(f"layer {layer}")
+        thumbs = st.columns(min(len(neighbour_rows), 10))
+        for cell, neighbour in zip(thumbs, neighbour_rows[:10], strict=False):
+            path = run.thumbnail_path(int(neighbour))
+            with cell:
+                if path is not None:
+                    st.image(str(path), width="stretch")
+                st.text(str(ids[neighbour]))
+        st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
+
+page.close_page(context)
