@@ -14,7 +14,10 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+import time
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -23,16 +26,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .settings import cache_root as default_cache_root
 from .cache import (
+    CacheFormatError,
     RunLayout,
+    clean_temp_files,
     model_key,
+    read_json,
+    read_npy,
     write_json,
     write_npy,
     write_parquet,
 )
 from .run import MANIFEST_FORMAT, Run, load_run
 
-__all__ = ["write_run_from_embeddings"]
+__all__ = [
+    "PrecomputeConfig",
+    "ProgressEvent",
+    "default_run_name",
+    "precompute",
+    "write_run_from_embeddings",
+]
 
 #: Longest side of gallery thumbnails, in pixels.
 THUMBNAIL_SIZE = 256
@@ -492,3 +506,479 @@ def _check_layer_choice(
             f"{argument}[{model!r}] = {layer!r} is not a layer of {model!r}; use one of "
             f"{list(arrays[model])}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline: dataset -> embeddings -> grams -> GPA -> dispersion/PCA -> thumbnails
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """Everything that decides what a run contains.
+
+    Attributes:
+        dataset: a dataset spec for ``load_dataset``: a folder / table path, ``"hf:<name>"``, or a
+            mapping ``{"kind", "path", **options}``.
+        vision_models / language_models: registry names (``models.get_spec``).
+        layers: ``"all"`` (every layer of every model), ``"default"`` (only each model's default
+            layer), or ``{model: [layer, ...]}`` (models not named get all their layers).
+        gpa_layers: ``{vision model: layer}`` entering GPA (always extracted, whatever
+            ``layers`` says); default: the model's default layer.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
+        batch_size: stimuli per forward pass.
+        caption_mode: ``"first"`` (embed each stimulus's first caption) or ``"mean"`` (embed
+            every caption and average the embeddings per stimulus, float64); see
+            ``extract.captions_for_language``.
+        drop_bad: drop stimuli with a missing/corrupt image or no caption (recorded in the
+            manifest) instead of stopping with the list of them.
+        run_name: folder name under ``<cache>/runs/``; default ``<dataset>-<config hash>``.
+        cache_root: cache folder; default ``settings.cache_root()``.
+        weights: ``{model: local weights path}`` for models whose weights are not installed.
+        thumbnails: write gallery thumbnails.
+    """
+
+    dataset: Any
+    vision_models: tuple[str, ...]
+    language_models: tuple[str, ...] = ()
+    layers: Any = "all"
+    gpa_layers: Mapping[str, str] | None = None
+    device: str = "cpu"
+    batch_size: int = 32
+    caption_mode: str = "first"
+    drop_bad: bool = False
+    run_name: str | None = None
+    cache_root: str | None = None
+    weights: Mapping[str, str] | None = None
+    thumbnails: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vision_models", _name_tuple(self.vision_models, "vision_models"))
+        object.__setattr__(
+            self, "language_models", _name_tuple(self.language_models, "language_models")
+        )
+        if isinstance(self.dataset, os.PathLike):
+            object.__setattr__(self, "dataset", os.fspath(self.dataset))
+        if isinstance(self.cache_root, os.PathLike):
+            object.__setattr__(self, "cache_root", os.fspath(self.cache_root))
+        if not self.dataset:
+            raise ValueError("no dataset given; pass dataset=<folder, table file or hf:name>")
+        from .extract import CAPTION_MODES
+
+        if self.caption_mode not in CAPTION_MODES:
+            raise ValueError(
+                f"unknown caption_mode {self.caption_mode!r}; use one of {list(CAPTION_MODES)}"
+            )
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if isinstance(self.layers, str):
+            if self.layers not in ("all", "default"):
+                raise ValueError(
+                    f"layers={self.layers!r} is not understood; use 'all', 'default' or "
+                    "{model: [layer, ...]}"
+                )
+        elif isinstance(self.layers, Mapping):
+            listed = {*self.vision_models, *self.language_models}
+            for model, chosen in self.layers.items():
+                if model not in listed:
+                    raise ValueError(
+                        f"layers names {model!r}, which is not among the models {sorted(listed)}"
+                    )
+                if isinstance(chosen, str) or not chosen:
+                    raise ValueError(f"layers[{model!r}] must be a non-empty list of layer names")
+            object.__setattr__(
+                self, "layers", {m: [str(x) for x in chosen] for m, chosen in self.layers.items()}
+            )
+        else:
+            raise ValueError("layers must be 'all', 'default' or a {model: [layer, ...]} mapping")
+        for model in self.gpa_layers or {}:
+            if model not in self.vision_models:
+                raise ValueError(
+                    f"gpa_layers names {model!r}, which is not a vision model; use one of "
+                    f"{list(self.vision_models)}"
+                )
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> PrecomputeConfig:
+        """Build from a dict (e.g. a parsed config file); unknown keys raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(mapping) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        if "dataset" not in mapping or "vision_models" not in mapping:
+            raise ValueError("a precompute config needs at least 'dataset' and 'vision_models'")
+        return cls(**dict(mapping))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> PrecomputeConfig:
+        """Read a JSON (``.json``) or TOML (``.toml``) config file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist; pass a .json or .toml file")
+        text = path.read_text(encoding="utf-8")
+        try:
+            if path.suffix.lower() == ".toml":
+                data = tomllib.loads(text)
+            elif path.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                raise ValueError(f"config file {path} must end in .json or .toml")
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"cannot parse config file {path}: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise ValueError(f"config file {path} must hold a table/object of settings")
+        return cls.from_mapping(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (recorded in the manifest)."""
+        return json.loads(json.dumps(asdict(self), default=str))
+
+    def layers_for(self, model: str) -> str | list[str]:
+        """``"all"``, ``"default"`` or the list of layers chosen for ``model``."""
+        if isinstance(self.layers, Mapping):
+            return list(self.layers.get(model, "all")) if model in self.layers else "all"
+        return self.layers
+
+
+def _name_tuple(names: Any, what: str) -> tuple[str, ...]:
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    names = tuple(str(n).strip() for n in names)
+    if len(set(names)) != len(names):
+        raise ValueError(f"{what} lists a model twice: {list(names)}; list each model once")
+    return names
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """What the pipeline is doing: ``step`` ("dataset", "extract", "gpa", "dispersion",
+    "thumbnails", "done"), the ``model`` being extracted (else None), ``done`` of ``total`` items
+    (stimuli or captions), and ``skipped`` when the step was cached and is not recomputed."""
+
+    step: str
+    model: str | None
+    done: int
+    total: int
+    skipped: bool = False
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+def default_run_name(config: PrecomputeConfig, dataset_name: str) -> str:
+    """``<dataset>-<12 hex>``: a hash of everything in the config that changes the results."""
+    relevant = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in ("run_name", "cache_root", "batch_size", "thumbnails")
+    }
+    safe = model_key(dataset_name.replace(" ", "-"))
+    return f"{safe}-{fingerprint(relevant)[:12]}"
+
+
+def _resolve_config(config: Any, options: Mapping[str, Any]) -> PrecomputeConfig:
+    if config is None:
+        return PrecomputeConfig.from_mapping(options)
+    if isinstance(config, PrecomputeConfig):
+        base = config
+    elif isinstance(config, Mapping):
+        base = PrecomputeConfig.from_mapping(config)
+    elif isinstance(config, (str, os.PathLike)):
+        base = PrecomputeConfig.from_file(config)
+    else:
+        raise ValueError(
+            f"config must be a PrecomputeConfig, a mapping or a .json/.toml path, got "
+            f"{type(config).__name__}"
+        )
+    if options:
+        return PrecomputeConfig.from_mapping({**asdict(base), **options})
+    return base
+
+
+def _check_model_names(config: PrecomputeConfig) -> None:
+    """Fail before any heavy work: unknown names, or a model listed under the wrong modality."""
+    from . import models
+
+    if len(config.vision_models) < 2:
+        raise ValueError(
+            f"GPA needs at least 2 vision models, got {list(config.vision_models)}; add vision models"
+        )
+    both = sorted(set(config.vision_models) & set(config.language_models))
+    if both:
+        raise ValueError(f"models {both} are listed as both vision and language models; pick one")
+    for expected, names in (("vision", config.vision_models), ("language", config.language_models)):
+        for name in names:
+            spec = models.get_spec(name)
+            modality = getattr(spec, "modality", expected)
+            if modality != expected:
+                raise ValueError(
+                    f"{name!r} is a {modality} model but was listed as a {expected} model; move "
+                    f"it to the {modality} models"
+                )
+
+
+def _choose_layers(config: PrecomputeConfig, encoder: Any) -> list[str]:
+    """Layers to keep, in network order: the configured ones plus a vision model's GPA layer."""
+    wanted = config.layers_for(encoder.name)
+    if wanted == "all":
+        chosen = set(encoder.layers)
+    elif wanted == "default":
+        chosen = {encoder.default_layer}
+    else:
+        chosen = set(wanted)
+    gpa_layer = (config.gpa_layers or {}).get(encoder.name)
+    if gpa_layer is not None:
+        chosen.add(gpa_layer)
+    unknown = sorted(chosen - set(encoder.layers))
+    if unknown:
+        raise ValueError(
+            f"layer(s) {unknown} are not layers of {encoder.name!r}; choose from {encoder.layers}"
+        )
+    return [layer for layer in encoder.layers if layer in chosen]
+
+
+def _files_present(layout: RunLayout, entry: Mapping[str, Any]) -> bool:
+    return all(
+        layout.embedding(entry["key"], key).is_file() and layout.gram(entry["key"], key).is_file()
+        for key in entry["layer_keys"].values()
+    )
+
+
+def precompute(
+    config: PrecomputeConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    **options: Any,
+) -> Run:
+    """Run (or resume) the pipeline and return the finished run, loaded.
+
+    ``config`` is a :class:`PrecomputeConfig`, a mapping of its fields, or a .json/.toml file;
+    keyword ``options`` (the same field names: ``dataset``, ``vision_models``, ``language_models``,
+    ``layers``, ``device``, ``batch_size``, ``caption_mode``, ``drop_bad``, ``run_name``,
+    ``cache_root``, ...) override it or, without ``config``, make it.
+
+    Steps, each recorded in the manifest with the fingerprint of its inputs when it finishes and
+    skipped on a rerun whose inputs are unchanged: load + check the dataset -> fingerprint it ->
+    per model: load, extract every chosen layer, write embeddings and Gram matrices -> GPA on the
+    vision models' GPA layers -> dispersion + residual PCA -> thumbnails. An interrupted run
+    therefore resumes after its last finished step.
+
+    Stale files are never reused: a model step's fingerprint covers the dataset fingerprint, the
+    model name, its layers, the caption mode (language), the device type and any weights path;
+    GPA's covers the content hashes of its input arrays. A changed dataset (bytes, captions,
+    order, dropped items) resets the whole run folder; a model no longer in the config is removed
+    from it. Without ``run_name`` the folder is named from a hash of the config, so different
+    configs never share a folder. The weights are identified by name here (their sha256
+    ``weights_id`` is recorded after extraction): after replacing a model's weights under the same
+    name, delete the run or use a new ``run_name``.
+
+    ``progress(event: ProgressEvent)`` is called as work advances; an exception it raises aborts
+    the run, which a later call resumes.
+    """
+    from . import models
+    from .datasets import check_dataset, dataset_fingerprint, load_dataset
+    from .extract import extract_caption_embeddings, extract_embeddings
+
+    cfg = _resolve_config(config, options)
+    notify = progress or (lambda event: None)
+    started = time.perf_counter()
+    _check_model_names(cfg)
+    notify(ProgressEvent("dataset", None, 0, 1))
+    dataset = load_dataset(cfg.dataset)
+    dataset, dropped = check_dataset(dataset, drop_bad=cfg.drop_bad)
+    data_fingerprint = dataset_fingerprint(dataset)
+    stimuli = _normalise_stimuli(dataset.stimuli)
+    n = len(stimuli)
+    notify(ProgressEvent("dataset", None, 1, 1))
+
+    name = cfg.run_name or default_run_name(cfg, dataset.name)
+    cache = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
+    path = cache / "runs" / model_key(name)
+    layout = RunLayout(path)
+    manifest = _open_manifest(layout, name)
+    stimuli_inputs = fingerprint(data_fingerprint, dropped)
+    if not manifest.step_done("stimuli", stimuli_inputs):
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        manifest = _Manifest(layout, _empty_manifest(name))
+        write_parquet(layout.stimuli, stimuli)
+        manifest.data["n_stimuli"] = n
+        manifest.data["dataset"] = {
+            "name": dataset.name,
+            "fingerprint": data_fingerprint,
+            "images_root": str(Path(dataset.root).resolve()),
+            "source": dataset.source,
+            "dropped": dropped,
+        }
+        manifest.finish_step("stimuli", stimuli_inputs)
+    data = manifest.data
+    data.update(
+        complete=False,
+        vision_models=list(cfg.vision_models),
+        language_models=list(cfg.language_models),
+        settings=cfg.to_dict(),
+        versions=library_versions(),
+    )
+    _forget_dropped_models(manifest, [*cfg.vision_models, *cfg.language_models])
+    manifest.save()
+
+    device_kind = str(cfg.device).split(":")[0]
+    for model in [*cfg.vision_models, *cfg.language_models]:
+        modality = "vision" if model in cfg.vision_models else "language"
+        weights = (cfg.weights or {}).get(model)
+        spec = models.get_spec(model)
+        inputs = fingerprint(
+            "extract", data_fingerprint, model, spec.source, modality, cfg.layers_for(model),
+            (cfg.gpa_layers or {}).get(model),
+            cfg.caption_mode if modality == "language" else None, device_kind,
+            os.fspath(weights) if weights else None,
+        )
+        step = f"extract:{model}"
+        entry = data["models"].get(model)
+        if manifest.step_done(step, inputs) and entry and _files_present(layout, entry):
+            notify(ProgressEvent("extract", model, n, n, skipped=True))
+            continue
+        manifest.forget_step(step)
+        load_started = time.perf_counter()
+        encoder = models.load_encoder(model, device=cfg.device, weights=weights)
+        load_seconds = time.perf_counter() - load_started
+        layers = _choose_layers(cfg, encoder)
+        default = encoder.default_layer if encoder.default_layer in layers else layers[-1]
+        weights_id = encoder.weights_id
+        total = n if modality == "vision" or cfg.caption_mode == "first" else int(
+            sum(len(c) for c in stimuli["captions"])
+        )
+
+        def report(done: int, _total: int, _model: str = model) -> None:
+            notify(ProgressEvent("extract", _model, int(done), int(_total)))
+
+        extract_started = time.perf_counter()
+        if modality == "vision":
+            raw = extract_embeddings(
+                encoder,
+                [Path(dataset.root) / rel for rel in stimuli["image"]],
+                batch_size=cfg.batch_size,
+                progress=report,
+                layers=layers,
+            )
+        else:
+            raw = extract_caption_embeddings(
+                encoder,
+                stimuli,
+                mode=cfg.caption_mode,
+                batch_size=cfg.batch_size,
+                progress=report,
+                layers=layers,
+            )
+        extract_seconds = time.perf_counter() - extract_started
+        del encoder
+        arrays = {layer: _check_array(np.asarray(raw[layer]), model, layer, n) for layer in layers}
+        del raw
+        hashes = _write_layer_arrays(
+            layout, model_key(model), {layer: model_key(layer) for layer in arrays}, arrays
+        )
+        data["models"][model] = _model_entry(
+            model, modality, arrays, default, hashes,
+            weights_id=weights_id,
+            items=total,
+            load_seconds=round(load_seconds, 3),
+            extract_seconds=round(extract_seconds, 3),
+            items_per_second=round(total / extract_seconds, 2) if extract_seconds > 0 else None,
+        )
+        manifest.finish_step(step, inputs)
+        notify(ProgressEvent("extract", model, total, total))
+
+    gpa_models = list(cfg.vision_models)
+    gpa_layers = [_gpa_layer(cfg, data["models"][m], m) for m in gpa_models]
+    for model, layer in zip(gpa_models, gpa_layers):
+        data["models"][model]["default_layer"] = layer
+    gpa_inputs = fingerprint(
+        "gpa", [data["models"][m]["sha256"][la] for m, la in zip(gpa_models, gpa_layers)],
+        gpa_models, gpa_layers, GPA_TOL, GPA_MAX_ITER,
+    )
+    data["gpa"] = {"models": gpa_models, "layers": gpa_layers}
+    if manifest.step_done("gpa", gpa_inputs) and layout.gpa_json.is_file():
+        notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
+    else:
+        manifest.forget_step("gpa")
+        notify(ProgressEvent("gpa", None, 0, 1))
+        arrays_in = [
+            read_npy(layout.embedding(data["models"][m]["key"], data["models"][m]["layer_keys"][la]))
+            for m, la in zip(gpa_models, gpa_layers)
+        ]
+        result = _write_gpa(
+            layout, arrays_in, gpa_models, gpa_layers, tol=GPA_TOL, max_iter=GPA_MAX_ITER
+        )
+        manifest.finish_step(
+            "gpa", gpa_inputs, n_iter=int(result.n_iter), converged=bool(result.converged)
+        )
+        notify(ProgressEvent("gpa", None, 1, 1))
+
+    if manifest.step_done("dispersion", gpa_inputs) and layout.dispersion.is_file():
+        notify(ProgressEvent("dispersion", None, 1, 1, skipped=True))
+    else:
+        manifest.forget_step("dispersion")
+        _write_dispersion(layout, stimuli["id"].tolist(), read_npy(layout.gpa_array("residuals")))
+        manifest.finish_step("dispersion", gpa_inputs)
+        notify(ProgressEvent("dispersion", None, 1, 1))
+
+    thumbs_inputs = fingerprint("thumbnails", data_fingerprint, THUMBNAIL_SIZE)
+    if not cfg.thumbnails:
+        manifest.forget_step("thumbnails")
+        shutil.rmtree(layout.thumbnails_dir, ignore_errors=True)
+    elif manifest.step_done("thumbnails", thumbs_inputs):
+        notify(ProgressEvent("thumbnails", None, n, n, skipped=True))
+    else:
+        _write_thumbnails(
+            layout, stimuli, Path(dataset.root),
+            progress=lambda done: notify(ProgressEvent("thumbnails", None, done, n)),
+        )
+        manifest.finish_step("thumbnails", thumbs_inputs)
+
+    data["complete"] = True
+    data["seconds_last_call"] = round(time.perf_counter() - started, 3)
+    manifest.save()
+    notify(ProgressEvent("done", None, 1, 1))
+    return load_run(path)
+
+
+#: GPA settings used by the pipeline (recorded in gpa/gpa.json).
+GPA_TOL = 1e-10
+GPA_MAX_ITER = 1000
+
+
+def _gpa_layer(config: PrecomputeConfig, entry: Mapping[str, Any], model: str) -> str:
+    chosen = (config.gpa_layers or {}).get(model)
+    if chosen is None:
+        return str(entry["default_layer"])
+    if chosen not in entry["layers"]:
+        raise ValueError(
+            f"gpa_layers[{model!r}] = {chosen!r} was not extracted; choose one of {entry['layers']} "
+            "or add it to layers"
+        )
+    return chosen
+
+
+def _open_manifest(layout: RunLayout, name: str) -> _Manifest:
+    """The existing manifest (to resume), or a fresh one when there is none or it is unreadable."""
+    if layout.root.exists():
+        clean_temp_files(layout.root)
+    if layout.manifest.is_file():
+        try:
+            existing = read_json(layout.manifest)
+        except CacheFormatError:
+            existing = None
+        if isinstance(existing, dict) and existing.get("format") == MANIFEST_FORMAT:
+            existing.setdefault("steps", {})
+            existing.setdefault("models", {})
+            return _Manifest(layout, existing)
+    return _Manifest(layout, _empty_manifest(name))
+
+
+def _forget_dropped_models(manifest: _Manifest, wanted: Sequence[str]) -> None:
+    """Remove models (files, entries and steps) that are no longer in the config."""
+    data = manifest.data
+    for model in [m for m in data["models"] if m not in wanted]:
+        key = data["models"].pop(model)["key"]
+        shutil.rmtree(manifest.layout.embeddings_dir(key), ignore_errors=True)
+        shutil.rmtree(manifest.layout.grams_dir(key), ignore_errors=True)
+        data["steps"].pop(f"extract:{model}", None)

@@ -1,0 +1,301 @@
+"""The resumable pipeline, on a few real coco-mini images and fast deterministic fake encoders.
+
+The fake encoders are registered in the model registry for the duration of a test (monkeypatch),
+so the pipeline runs its real code path: registry lookup, load_encoder, extract_embeddings, the
+cache writers. Each load is counted, so resuming is checked by what is *not* re-extracted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convergence_core import settings
+from convergence_core.cache import read_json
+from convergence_core.precompute import PrecomputeConfig, ProgressEvent, default_run_name, precompute
+from convergence_core.run import load_run
+
+torch = pytest.importorskip("torch")
+from convergence_core.models import registry  # noqa: E402
+from convergence_core.models.base import Encoder  # noqa: E402
+
+VISION = ("fake-vision-a", "fake-vision-b", "fake-vision-c")
+LANGUAGE = ("fake-language-a",)
+
+
+class FakeEncoder(Encoder):
+    """Deterministic features: vision from an 8x8 grey thumbnail, language from letter counts.
+
+    Each layer is a fixed random projection (seeded by model and layer name) of those raw
+    features, so different models agree up to a linear map plus nonlinearity.
+    """
+
+    def __init__(self, name: str, modality: str) -> None:
+        self.modality = modality
+        layers = ["early", "middle", "late"]
+        super().__init__(name, layers, "middle", weights_id=f"sha-{name}", device=torch.device("cpu"))
+        self._projections = {
+            layer: np.random.default_rng(abs(hash((name, layer))) % 2**32).standard_normal(
+                (64 if modality == "vision" else 26, 6 + 2 * i)
+            )
+            for i, layer in enumerate(layers)
+        }
+
+    def _raw(self, item) -> np.ndarray:
+        if self.modality == "vision":
+            grey = np.asarray(item.convert("L").resize((8, 8)), dtype=np.float64) / 255.0
+            return grey.ravel()
+        text = item.lower()
+        return np.array([text.count(chr(ord("a") + i)) for i in range(26)], dtype=np.float64)
+
+    def encode(self, batch: Sequence) -> dict[str, np.ndarray]:
+        raw = np.stack([self._raw(item) for item in batch])
+        return {
+            layer: np.tanh(raw @ proj / 4.0).astype(np.float32)
+            for layer, proj in self._projections.items()
+        }
+
+
+@pytest.fixture
+def loads(monkeypatch) -> Counter:
+    """Register the fake models; return a Counter of encoder loads per model name."""
+    counter: Counter = Counter()
+
+    def loader(spec, device, dtype, weights):
+        counter[spec.name] += 1
+        return FakeEncoder(spec.name, spec.modality)
+
+    for name, modality in [*((v, "vision") for v in VISION), *((x, "language") for x in LANGUAGE)]:
+        spec = registry.ModelSpec(name, modality, "fake", "test double", "middle", name, loader)
+        monkeypatch.setitem(registry._REGISTRY, name, spec)
+    return counter
+
+
+@pytest.fixture
+def tiny_coco(tmp_path) -> Path:
+    """A COCO-format copy of the first 6 coco-mini images (copied at test time, never committed)."""
+    source = settings.demo_data_root()
+    data = json.loads((source / "captions.json").read_text(encoding="utf-8"))
+    images = sorted(data["images"], key=lambda im: im["id"])[:6]
+    ids = {im["id"] for im in images}
+    root = tmp_path / "tiny-coco"
+    (root / "images").mkdir(parents=True)
+    for image in images:
+        shutil.copy(source / "images" / image["file_name"], root / "images" / image["file_name"])
+    subset = {
+        "images": images,
+        "annotations": [a for a in data["annotations"] if a["image_id"] in ids],
+    }
+    (root / "captions.json").write_text(json.dumps(subset), encoding="utf-8")
+    return root
+
+
+def _options(tiny_coco: Path, tmp_path: Path, **extra) -> dict:
+    return {
+        "dataset": str(tiny_coco),
+        "vision_models": list(VISION),
+        "language_models": list(LANGUAGE),
+        "run_name": "tiny",
+        "cache_root": str(tmp_path / "cache"),
+        "batch_size": 4,
+        **extra,
+    }
+
+
+def _arrays(run) -> dict[tuple[str, str], np.ndarray]:
+    out = {}
+    for model in run.models:
+        for layer in run.layers(model):
+            out[(model, layer)] = np.array(run.embeddings[model][layer])
+            out[("gram", model, layer)] = np.array(run.gram(model, layer))
+    out[("gpa",)] = np.array(run.gpa.residuals)
+    out[("dispersion",)] = run.dispersion[["mean", "pc1"]].to_numpy()
+    return out
+
+
+def test_full_run_writes_every_part(tiny_coco, tmp_path, loads):
+    events: list[ProgressEvent] = []
+    run = precompute(progress=events.append, **_options(tiny_coco, tmp_path))
+    assert run.path == tmp_path / "cache" / "runs" / "tiny"
+    assert run.n_stimuli == 6 and run.vision_models == list(VISION)
+    assert run.layers("fake-vision-a") == ["early", "middle", "late"]
+    assert run.gpa.layers == ("middle",) * 3 and run.default_layer("fake-vision-b") == "middle"
+    assert run.embeddings["fake-language-a"]["late"].shape == (6, 10)
+    for row in range(6):
+        assert run.thumbnail_path(row) is not None and run.image_path(row).is_file()
+    assert loads == Counter({name: 1 for name in (*VISION, *LANGUAGE)})
+    manifest = run.manifest
+    assert manifest["complete"] and manifest["dataset"]["dropped"] == []
+    assert len(manifest["dataset"]["fingerprint"]) == 64
+    assert manifest["models"]["fake-vision-a"]["weights_id"] == "sha-fake-vision-a"
+    assert manifest["versions"]["numpy"] == np.__version__
+    assert manifest["settings"]["caption_mode"] == "first"
+    assert set(manifest["steps"]) == {
+        "stimuli", "gpa", "dispersion", "thumbnails", *(f"extract:{m}" for m in (*VISION, *LANGUAGE))
+    }
+    steps = [e.step for e in events]
+    assert steps[0] == "dataset" and steps[-1] == "done"
+    assert any(e.step == "extract" and e.model == "fake-language-a" and e.done == 6 for e in events)
+    assert not list(run.path.rglob("*.tmp-*"))
+
+
+def test_rerun_recomputes_nothing(tiny_coco, tmp_path, loads):
+    first = precompute(**_options(tiny_coco, tmp_path))
+    before = _arrays(first)
+    mtimes = {p: p.stat().st_mtime_ns for p in first.path.rglob("*.npy")}
+    events: list[ProgressEvent] = []
+    second = precompute(progress=events.append, **_options(tiny_coco, tmp_path))
+    assert loads == Counter({name: 1 for name in (*VISION, *LANGUAGE)})  # no second load
+    assert {p: p.stat().st_mtime_ns for p in second.path.rglob("*.npy")} == mtimes
+    assert all(e.skipped for e in events if e.step in ("extract", "gpa", "dispersion", "thumbnails"))
+    after = _arrays(second)
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value)
+
+
+def test_interrupted_run_resumes_and_equals_a_clean_run(tiny_coco, tmp_path, loads):
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_first_model(event: ProgressEvent) -> None:
+        if event.step == "extract" and event.model == VISION[1] and event.done > 0:
+            raise Crash("power cut")
+
+    with pytest.raises(Crash):
+        precompute(progress=crash_after_first_model, **_options(tiny_coco, tmp_path))
+    path = tmp_path / "cache" / "runs" / "tiny"
+    manifest = read_json(path / "manifest.json")
+    assert not manifest["complete"]
+    assert f"extract:{VISION[0]}" in manifest["steps"]
+    assert f"extract:{VISION[1]}" not in manifest["steps"]
+    with pytest.raises(ValueError, match="incomplete"):
+        load_run(path)
+
+    resumed = precompute(**_options(tiny_coco, tmp_path))
+    assert loads[VISION[0]] == 1  # finished before the crash: not extracted again
+    assert loads[VISION[1]] == 2  # crashed mid-extraction: redone
+    assert loads[VISION[2]] == 1 and loads[LANGUAGE[0]] == 1
+
+    clean = precompute(**_options(tiny_coco, tmp_path, run_name="clean"))
+    got, expected = _arrays(resumed), _arrays(clean)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=str(key))
+    assert resumed.stimuli.equals(clean.stimuli)
+
+
+def test_changed_inputs_are_not_served_stale(tiny_coco, tmp_path, loads):
+    base = _options(tiny_coco, tmp_path)
+    precompute(**base)
+    # fewer layers for one model: only that model is re-extracted, its old layer files vanish
+    run = precompute(**{**base, "layers": {"fake-vision-b": ["middle"]}})
+    assert loads["fake-vision-b"] == 2 and loads["fake-vision-a"] == 1
+    assert run.layers("fake-vision-b") == ["middle"]
+    assert sorted(p.name for p in (run.path / "embeddings" / "fake-vision-b").iterdir()) == ["middle.npy"]
+    # a different caption mode re-extracts only the language model
+    precompute(**{**base, "caption_mode": "mean"})
+    assert loads["fake-language-a"] == 2 and loads["fake-vision-a"] == 1
+    # a model removed from the config disappears from the run
+    run = precompute(**{**base, "vision_models": list(VISION[:2])})
+    assert run.vision_models == list(VISION[:2]) and "fake-vision-c" not in run.manifest["models"]
+    assert not (run.path / "embeddings" / "fake-vision-c").exists()
+    assert run.gpa.models == VISION[:2]
+    # changed dataset bytes: everything is recomputed
+    image = sorted((tiny_coco / "images").iterdir())[0]
+    from PIL import Image
+
+    with Image.open(image) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    counts = dict(loads)
+    run = precompute(**base)
+    assert all(loads[m] == counts[m] + 1 for m in (*VISION, *LANGUAGE))
+    assert len(run.vision_models) == 3
+
+
+def test_default_run_name_hashes_the_config(tiny_coco, tmp_path, loads):
+    options = _options(tiny_coco, tmp_path)
+    del options["run_name"]
+    a = PrecomputeConfig.from_mapping(options)
+    b = PrecomputeConfig.from_mapping({**options, "caption_mode": "mean"})
+    c = PrecomputeConfig.from_mapping({**options, "batch_size": 2})
+    assert default_run_name(a, "coco") != default_run_name(b, "coco")
+    assert default_run_name(a, "coco") == default_run_name(c, "coco")  # batching changes nothing
+    run = precompute(a)
+    assert run.path.name == default_run_name(a, "tiny-coco")
+
+
+def test_caption_mode_mean_averages_caption_embeddings(tiny_coco, tmp_path, loads):
+    run = precompute(**_options(tiny_coco, tmp_path, caption_mode="mean", thumbnails=False))
+    encoder = FakeEncoder("fake-language-a", "language")
+    captions = run.stimuli["captions"].iloc[2]
+    expected = np.mean([encoder.encode([c])["late"][0].astype(np.float64) for c in captions], axis=0)
+    np.testing.assert_allclose(run.embeddings["fake-language-a"]["late"][2], expected, rtol=1e-6)
+    assert run.thumbnail_path(0) is None
+
+
+def test_bad_images_stop_or_are_dropped_and_recorded(tiny_coco, tmp_path, loads):
+    broken = sorted((tiny_coco / "images").iterdir())[3]
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="drop"):
+        precompute(**_options(tiny_coco, tmp_path))
+    assert sum(loads.values()) == 0  # stopped before loading any model
+    run = precompute(**_options(tiny_coco, tmp_path, drop_bad=True))
+    assert run.n_stimuli == 5
+    dropped = run.manifest["dataset"]["dropped"]
+    assert [d["image"] for d in dropped] == [f"images/{broken.name}"]
+    assert all(run.embeddings[m]["late"].shape[0] == 5 for m in run.models)
+
+
+def test_config_errors_name_the_fix(tiny_coco, tmp_path, loads):
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        precompute(**_options(tiny_coco, tmp_path, vision_models=[*VISION, "no-such-model"]))
+    with pytest.raises(ValueError, match="is a language model but was listed as a vision"):
+        precompute(**_options(tiny_coco, tmp_path, vision_models=[*VISION, LANGUAGE[0]], language_models=[]))
+    with pytest.raises(ValueError, match="at least 2 vision models"):
+        precompute(**_options(tiny_coco, tmp_path, vision_models=VISION[:1]))
+    with pytest.raises(ValueError, match="caption_mode"):
+        precompute(**_options(tiny_coco, tmp_path, caption_mode="all"))
+    with pytest.raises(ValueError, match="unknown config key"):
+        precompute(**_options(tiny_coco, tmp_path, colour="blue"))
+    with pytest.raises(ValueError, match="not layers of 'fake-vision-a'"):
+        precompute(**_options(tiny_coco, tmp_path, layers={"fake-vision-a": ["nope"]}))
+    with pytest.raises(ValueError, match=r"\['nope'\] are not layers"):
+        precompute(**_options(tiny_coco, tmp_path, gpa_layers={"fake-vision-b": "nope"}))
+    # each layer error surfaced right after loading the model concerned
+    assert loads == Counter({"fake-vision-a": 2, "fake-vision-b": 1})
+
+
+def test_gpa_layer_is_extracted_even_with_default_layers(tiny_coco, tmp_path, loads):
+    run = precompute(**_options(tiny_coco, tmp_path, layers="default", gpa_layers={VISION[1]: "late"}))
+    assert run.layers(VISION[0]) == ["middle"]
+    assert run.layers(VISION[1]) == ["middle", "late"]
+    assert run.gpa.layers == ("middle", "late", "middle")
+    assert run.default_layer(VISION[1]) == "late"
+
+
+def test_config_files_json_and_toml(tiny_coco, tmp_path, loads):
+    options = _options(tiny_coco, tmp_path, layers="default")
+    (tmp_path / "c.json").write_text(json.dumps(options), encoding="utf-8")
+    toml_lines = [
+        f'dataset = "{tiny_coco}"',
+        f"vision_models = {json.dumps(list(VISION))}",
+        f"language_models = {json.dumps(list(LANGUAGE))}",
+        'layers = "default"',
+        'run_name = "tiny"',
+        f'cache_root = "{tmp_path / "cache"}"',
+    ]
+    (tmp_path / "c.toml").write_text("\n".join(toml_lines), encoding="utf-8")
+    from_json = PrecomputeConfig.from_file(tmp_path / "c.json")
+    from_toml = PrecomputeConfig.from_file(tmp_path / "c.toml")
+    assert from_json.vision_models == from_toml.vision_models == VISION
+    run = precompute(tmp_path / "c.toml")
+    assert run.layers("fake-vision-a") == ["middle"]
+    (tmp_path / "c.yaml").write_text("x: 1", encoding="utf-8")
+    with pytest.raises(ValueError, match=".json or .toml"):
+        PrecomputeConfig.from_file(tmp_path / "c.yaml")
