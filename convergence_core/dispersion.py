@@ -1,0 +1,105 @@
+"""Per-stimulus dispersion from the GPA residual matrix (paper 000, §2.2).
+
+Two summaries of the residual matrix R (m stimuli × M models):
+
+* ``"mean"``: the mean residual of each stimulus across models;
+* ``"pc1"``: the stimulus' score on the first principal component of R (centered over stimuli), its
+  sign chosen so that it correlates positively with the mean residual (high = more dispersed).
+
+:func:`residual_pca` exposes the whole PCA (scores, per-model loadings, explained variance) for the
+dashboard's PCA view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .validation import check_features
+
+METHODS = ("mean", "pc1")
+
+
+@dataclass(frozen=True)
+class ResidualPCA:
+    """PCA of the residual matrix R (m, M), centered over stimuli.
+
+    Attributes:
+        scores: (m, M) float64, scores[j, c] = (R_j − mean) · components[c].
+        components: (M, M) float64, row c = principal axis c = per-model loadings, unit norm.
+        explained_variance: (M,) variance of each score column (denominator m − 1), descending.
+        explained_variance_ratio: (M,) explained_variance / its sum (all zeros if R is constant).
+        mean: (M,) the per-model mean residual that was subtracted.
+
+    Signs: PC1 is oriented so its scores correlate positively with the mean residual per stimulus;
+    every other component so that its largest-magnitude loading is positive.
+    """
+
+    scores: np.ndarray
+    components: np.ndarray
+    explained_variance: np.ndarray
+    explained_variance_ratio: np.ndarray
+    mean: np.ndarray
+
+
+def _check_residuals(residuals: object) -> np.ndarray:
+    return check_features(residuals, "residuals (stimuli × models)", min_rows=2)
+
+
+def residual_pca(residuals: np.ndarray) -> ResidualPCA:
+    """Principal components of the residual matrix.
+
+    Args:
+        residuals: (m, M) residual matrix, m ≥ 2 stimuli (rows) × M models (columns).
+
+    Returns:
+        :class:`ResidualPCA` with M components (all of them, in order of decreasing variance).
+    """
+    R = _check_residuals(residuals)
+    m, n_models = R.shape
+    mean = R.mean(axis=0)
+    centered = R - mean
+    _, singular_values, components = np.linalg.svd(centered, full_matrices=False)
+    # svd gives min(m, M) components; pad with zero-variance orthonormal directions when m < M.
+    if components.shape[0] < n_models:
+        q, _ = np.linalg.qr(np.vstack([components, np.eye(n_models)]).T)
+        components = q[:, :n_models].T
+        singular_values = np.concatenate([singular_values, np.zeros(n_models - singular_values.size)])
+    # deterministic signs: largest-magnitude loading positive; then PC1 by the mean residual.
+    largest = np.argmax(np.abs(components), axis=1)
+    signs = np.sign(components[np.arange(n_models), largest])
+    signs[signs == 0] = 1.0
+    components = components * signs[:, None]
+    scores = centered @ components.T
+    mean_residual = R.mean(axis=1)
+    if np.dot(scores[:, 0], mean_residual - mean_residual.mean()) < 0:
+        components[0] = -components[0]
+        scores[:, 0] = -scores[:, 0]
+    explained_variance = singular_values**2 / (m - 1)
+    total = explained_variance.sum()
+    ratio = explained_variance / total if total > 0 else np.zeros_like(explained_variance)
+    return ResidualPCA(
+        scores=scores,
+        components=components,
+        explained_variance=explained_variance,
+        explained_variance_ratio=ratio,
+        mean=mean,
+    )
+
+
+def dispersion_scores(residuals: np.ndarray, method: str = "mean") -> np.ndarray:
+    """One dispersion score per stimulus (higher = the models disagree more about it).
+
+    Args:
+        residuals: (m, M) residual matrix (stimuli × models), e.g. ``GPAResult.residuals``.
+        method: ``"mean"`` (mean residual across models) or ``"pc1"`` (PC1 score, see module doc).
+
+    Returns:
+        (m,) float64.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown dispersion method {method!r}; use one of {list(METHODS)}.")
+    if method == "mean":
+        return _check_residuals(residuals).mean(axis=1)
+    return residual_pca(residuals).scores[:, 0].copy()

@@ -1,0 +1,214 @@
+"""Input checks shared by every numerics module.
+
+Every check raises ``ValueError`` whose message says what is wrong *and* how to fix it, and returns
+the input converted to the form the numerics expect (float64 2-D arrays, a plain ``int`` k), so
+callers can write ``X = check_features(X, "X")`` and carry on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _label(index: int, names: Sequence[str] | None) -> str:
+    if names is not None and index < len(names):
+        return f"model {index} ({names[index]!r})"
+    return f"model {index}"
+
+
+def _count_non_finite(array: np.ndarray) -> tuple[int, int]:
+    """(number of NaN, number of ±Inf) in ``array``."""
+    n_nan = int(np.count_nonzero(np.isnan(array)))
+    n_inf = int(np.count_nonzero(np.isinf(array)))
+    return n_nan, n_inf
+
+
+def _as_float_matrix(value: object, what: str) -> np.ndarray:
+    """``value`` as a 2-D float64 array (no copy when it already is one)."""
+    try:
+        array = np.asarray(value)
+    except Exception as exc:  # ragged nested lists and the like
+        raise ValueError(
+            f"{what} could not be read as a numeric array ({exc}); pass a 2-D numpy array "
+            "of shape (n_stimuli, n_features)."
+        ) from exc
+    if array.dtype == object or not (
+        np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
+    ):
+        raise ValueError(
+            f"{what} has dtype {array.dtype}, not a number type; pass a numeric 2-D array "
+            "of shape (n_stimuli, n_features)."
+        )
+    if np.iscomplexobj(array):
+        raise ValueError(f"{what} is complex; pass real-valued features (e.g. np.real(X) if that is meant).")
+    if array.ndim != 2:
+        hint = (
+            " Reshape a single vector with X.reshape(-1, 1), or flatten extra axes with "
+            "X.reshape(len(X), -1)."
+        )
+        raise ValueError(
+            f"{what} must be 2-D (n_stimuli, n_features) but has shape {array.shape}.{hint}"
+        )
+    return np.asarray(array, dtype=np.float64)
+
+
+def check_features(X: object, name: str = "X", *, min_rows: int = 1) -> np.ndarray:
+    """Validate one feature matrix.
+
+    Args:
+        X: array-like of shape (n, d), one row per stimulus.
+        name: what to call it in error messages.
+        min_rows: the smallest n the caller can work with.
+
+    Returns:
+        ``X`` as a float64 array of shape (n, d).
+
+    Raises:
+        ValueError: not 2-D, not numeric, too few rows, no columns, or NaN/Inf anywhere.
+    """
+    array = _as_float_matrix(X, name)
+    n, d = array.shape
+    if n < min_rows:
+        raise ValueError(
+            f"{name} has {n} rows (stimuli) but at least {min_rows} are needed; "
+            "pass more stimuli."
+        )
+    if d < 1:
+        raise ValueError(f"{name} has no feature columns (shape {array.shape}); pass at least one feature.")
+    n_nan, n_inf = _count_non_finite(array)
+    if n_nan or n_inf:
+        bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
+        raise ValueError(
+            f"{name} contains {n_nan} NaN and {n_inf} Inf values in {bad_rows.size} rows "
+            f"(first rows: {bad_rows[:5].tolist()}); drop those stimuli or re-extract the features."
+        )
+    return array
+
+
+def check_pair(X: object, Y: object, *, min_rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Validate two feature matrices whose rows are paired (row i of X and Y = stimulus i).
+
+    Returns:
+        (X, Y) as float64 arrays of shapes (n, d_x) and (n, d_y).
+
+    Raises:
+        ValueError: either is invalid (see :func:`check_features`) or their row counts differ.
+    """
+    X = check_features(X, "X", min_rows=min_rows)
+    Y = check_features(Y, "Y", min_rows=min_rows)
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(
+            f"X has {X.shape[0]} rows but Y has {Y.shape[0]}; the rows must be the same stimuli "
+            "in the same order, so select the same stimuli from both."
+        )
+    return X, Y
+
+
+def check_embedding_set(
+    embeddings: Sequence[object], names: Sequence[str] | None = None
+) -> list[np.ndarray]:
+    """Validate the embeddings of several models for the same stimuli (the input of GPA).
+
+    Args:
+        embeddings: M arrays of shape (m, d_i): same m stimuli in the same order; d_i may differ.
+        names: optional model names used in error messages.
+
+    Returns:
+        The M arrays as float64, shapes unchanged.
+
+    Raises:
+        ValueError: fewer than 2 models, an array not 2-D, different m across models, m < 3,
+            an empty feature axis, or NaN/Inf (naming the model and counting them).
+    """
+    if isinstance(embeddings, np.ndarray) and embeddings.ndim == 3:
+        embeddings = list(embeddings)
+    if isinstance(embeddings, np.ndarray) or not isinstance(embeddings, Sequence):
+        raise ValueError(
+            "embeddings must be a list of M arrays of shape (m, d_i), one per model; "
+            f"got {type(embeddings).__name__}. Wrap a single model's array in a list together "
+            "with the other models'."
+        )
+    if len(embeddings) < 2:
+        raise ValueError(
+            f"Generalized Procrustes needs at least 2 models but got {len(embeddings)}; "
+            "pass the embeddings of two or more models for the same stimuli."
+        )
+    if names is not None and len(names) not in (0, len(embeddings)):
+        raise ValueError(
+            f"got {len(names)} model names for {len(embeddings)} embedding arrays; "
+            "pass one name per array (or none)."
+        )
+    arrays = [_as_float_matrix(x, _label(i, names)) for i, x in enumerate(embeddings)]
+    n_rows = [a.shape[0] for a in arrays]
+    if len(set(n_rows)) != 1:
+        listing = ", ".join(f"{_label(i, names)}: {n}" for i, n in enumerate(n_rows))
+        raise ValueError(
+            f"all models must embed the same stimuli, but the numbers of rows differ ({listing}); "
+            "select the same stimuli, in the same order, from every model."
+        )
+    m = n_rows[0]
+    if m < 3:
+        raise ValueError(
+            f"only {m} stimuli; Procrustes residuals need at least 3 stimuli (after centering "
+            "fewer carry no shape); pass more stimuli."
+        )
+    for i, a in enumerate(arrays):
+        if a.shape[1] < 1:
+            raise ValueError(f"{_label(i, names)} has no feature columns; drop it or re-extract it.")
+        n_nan, n_inf = _count_non_finite(a)
+        if n_nan or n_inf:
+            bad_rows = np.flatnonzero(~np.isfinite(a).all(axis=1))
+            raise ValueError(
+                f"{_label(i, names)} contains {n_nan} NaN and {n_inf} Inf values in "
+                f"{bad_rows.size} stimuli (first rows: {bad_rows[:5].tolist()}); drop those "
+                "stimuli from every model or re-extract this model's embeddings."
+            )
+    return arrays
+
+
+def check_k(k: object, n: int, minimum: int = 1) -> int:
+    """Validate a neighbour count k for n stimuli: ``minimum <= k <= n - 1``.
+
+    The upper bound is n - 1 because a stimulus is never its own neighbour.
+
+    Returns:
+        k as a Python int.
+    """
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise ValueError(f"k must be an integer number of neighbours, got {k!r}; pass e.g. k=10.")
+    k = int(k)
+    if n - 1 < minimum:
+        raise ValueError(
+            f"{n} stimuli are too few for k >= {minimum} nearest neighbours (each stimulus needs "
+            f"{minimum} others); use at least {minimum + 1} stimuli."
+        )
+    if k < minimum or k > n - 1:
+        raise ValueError(
+            f"k={k} is out of range for {n} stimuli: it must satisfy {minimum} <= k <= {n - 1} "
+            f"(n - 1, since a stimulus is not its own neighbour); pass a k in that range."
+        )
+    return k
+
+
+def check_min_stimuli(n: int, minimum: int, what: str) -> None:
+    """Raise if ``n < minimum`` stimuli, explaining that ``what`` needs ``minimum``."""
+    if n < minimum:
+        raise ValueError(f"{what} needs at least {minimum} stimuli but got {n}; pass more stimuli.")
+
+
+def check_square(G: object, name: str) -> np.ndarray:
+    """Validate an (n, n) kernel / Gram matrix; returns it as an array (dtype kept, no copy)."""
+    try:
+        array = np.asarray(G)
+    except Exception as exc:
+        raise ValueError(f"{name} could not be read as an array ({exc}); pass an (n, n) numpy array.") from exc
+    if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} has dtype {array.dtype}; pass a real-valued (n, n) Gram matrix.")
+    if array.ndim != 2 or array.shape[0] != array.shape[1]:
+        raise ValueError(
+            f"{name} must be a square (n, n) Gram matrix but has shape {array.shape}; "
+            "build it as F @ F.T from features F of shape (n, d)."
+        )
+    return array
