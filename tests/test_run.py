@@ -29,8 +29,16 @@ def _stimuli(n: int) -> pd.DataFrame:
 
 
 def _slow_prepare_features(x: np.ndarray, q: float = 0.95) -> np.ndarray:
-    """Independent reference: clip |x| at its q-quantile, then L2-normalise each row."""
-    cap = np.quantile(np.abs(x), q)
+    """Independent reference of the Platonic-representation recipe: clip every entry at the mean
+    over rows of each row's q-quantile of |x| (linear interpolation), then L2-normalise rows."""
+    per_row = []
+    for row in np.abs(x):
+        ordered = sorted(row)
+        position = q * (len(ordered) - 1)
+        low = int(np.floor(position))
+        high = min(low + 1, len(ordered) - 1)
+        per_row.append(ordered[low] + (position - low) * (ordered[high] - ordered[low]))
+    cap = sum(per_row) / len(per_row)
     out = np.empty_like(x, dtype=np.float64)
     for i, row in enumerate(x):
         clipped = np.array([min(max(v, -cap), cap) for v in row], dtype=np.float64)
