@@ -1,0 +1,74 @@
+"""Shared pytest fixtures: paths of the real data sets and tiny image folders made in tmp_path."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convergence_core.settings import demo_data_root, imagenet_samples_root
+
+
+@pytest.fixture(scope="session")
+def coco_mini_root() -> Path:
+    """The embedded COCO-format demo set (239 images, 5 captions each)."""
+    return demo_data_root()
+
+
+@pytest.fixture(scope="session")
+def imagenet_root() -> Path:
+    """The labelled ImageNet sample set (1,000 images, labels.csv)."""
+    return imagenet_samples_root()
+
+
+def _write_image(path: Path, seed: int, size: tuple[int, int] = (48, 32), mode: str = "RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, "RGB").convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def write_image() -> Callable[..., Path]:
+    """``write_image(path, seed, size=(48, 32), mode="RGB") -> path``: a small random image file
+    (format from the suffix), distinct for distinct seeds."""
+    return _write_image
+
+
+@pytest.fixture
+def make_images(tmp_path: Path) -> Callable[..., list[Path]]:
+    """``make_images(n, folder="images", suffix=".png") -> paths`` of n distinct random images."""
+
+    def make(n: int, folder: str = "images", suffix: str = ".png") -> list[Path]:
+        return [_write_image(tmp_path / folder / f"img{i:03d}{suffix}", seed=i) for i in range(n)]
+
+    return make
+
+
+@pytest.fixture
+def make_coco_folder(tmp_path: Path) -> Callable[..., Path]:
+    """``make_coco_folder(captions_per_image)`` -> a COCO-format folder in tmp_path.
+
+    ``captions_per_image`` is a list (one entry per image) of caption lists. Image ids are given
+    in reverse order in the JSON so loaders must sort them.
+    """
+
+    def make(captions_per_image: Sequence[Sequence[str]], name: str = "coco") -> Path:
+        root = tmp_path / name
+        images, annotations = [], []
+        for i, caps in enumerate(captions_per_image):
+            file_name = f"{i:012d}.png"
+            _write_image(root / "images" / file_name, seed=100 + i)
+            images.append({"id": i + 1, "file_name": file_name})
+            for j, cap in enumerate(caps):
+                annotations.append({"image_id": i + 1, "id": 1000 * (i + 1) + j, "caption": cap})
+        data = {"images": images[::-1], "annotations": annotations[::-1]}
+        (root / "captions.json").write_text(json.dumps(data), encoding="utf-8")
+        return root
+
+    return make

@@ -1,0 +1,338 @@
+"""Dataset loaders (COCO, table, labelled, HF), path safety, checks and fingerprints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from convergence_core.datasets import (
+    Dataset,
+    DatasetUnavailableError,
+    check_dataset,
+    dataset_fingerprint,
+    load_coco,
+    load_dataset,
+    load_hf,
+    load_labelled,
+    load_table,
+    safe_relative_path,
+)
+from convergence_core.images import ImageFileError, make_thumbnail, open_rgb
+
+# --------------------------------------------------------------------------- real files
+
+
+def test_coco_mini_real(coco_mini_root: Path) -> None:
+    ds = load_dataset(coco_mini_root)
+    assert ds.source["kind"] == "coco"
+    raw = json.loads((coco_mini_root / "captions.json").read_text(encoding="utf-8"))
+    assert len(ds) == len(raw["images"]) == 239
+    # independent reference: ids sorted numerically, captions grouped per image
+    expected_ids = sorted(im["id"] for im in raw["images"])
+    assert ds.stimuli["id"].tolist() == [str(i) for i in expected_ids]
+    n_captions = sum(len(c) for c in ds.stimuli["captions"])
+    assert n_captions == len(raw["annotations"]) == 1195
+    first = expected_ids[0]
+    expected_first = [a["caption"].strip() for a in sorted(
+        (a for a in raw["annotations"] if a["image_id"] == first), key=lambda a: a["id"])]
+    assert ds.stimuli["captions"].iat[0] == expected_first
+    assert all(ds.image_path(i).is_file() for i in range(len(ds)))
+    checked, dropped = check_dataset(ds)
+    assert dropped == [] and checked is ds
+
+
+def test_imagenet_labelled_real(imagenet_root: Path) -> None:
+    ds = load_dataset(imagenet_root)
+    table = pd.read_csv(imagenet_root / "labels.csv")
+    assert ds.source["kind"] == "labelled"
+    assert len(ds) == len(table) == 1000
+    assert ds.stimuli["label"].tolist() == table["label"].tolist()
+    assert ds.stimuli["captions"].iat[0] == [f"a photo of a {table['label'].iat[0]}"]
+    assert ds.stimuli["id"].is_unique
+    custom = load_labelled(imagenet_root, template="an image of {label}.")
+    assert custom.stimuli["captions"].iat[1] == [f"an image of {table['label'].iat[1]}."]
+
+
+def test_fingerprint_stable_and_sensitive(coco_mini_root: Path) -> None:
+    ds = load_dataset(coco_mini_root)
+    head = ds.with_stimuli(ds.stimuli.iloc[:10])
+    fp = dataset_fingerprint(head)
+    assert fp == dataset_fingerprint(load_dataset(coco_mini_root).with_stimuli(ds.stimuli.iloc[:10]))
+    assert len(fp) == 64
+    reordered = head.with_stimuli(head.stimuli.iloc[::-1])
+    assert dataset_fingerprint(reordered) != fp
+    edited = head.stimuli.copy()
+    edited.at[0, "captions"] = ["something else"]
+    assert dataset_fingerprint(head.with_stimuli(edited)) != fp
+
+
+def test_fingerprint_sees_image_bytes(make_coco_folder, write_image) -> None:
+    root = make_coco_folder([["a"], ["b"]])
+    before = dataset_fingerprint(load_coco(root))
+    write_image(root / "images" / f"{0:012d}.png", seed=999)
+    assert dataset_fingerprint(load_coco(root)) != before
+
+
+# --------------------------------------------------------------------------- tmp files
+
+
+def test_coco_tmp_sorted_and_grouped(make_coco_folder) -> None:
+    root = make_coco_folder([["one a", " one b "], ["two"], ["three", "  "]])
+    ds = load_dataset(root)
+    assert ds.stimuli["id"].tolist() == ["1", "2", "3"]
+    assert ds.stimuli["captions"].tolist() == [["one a", "one b"], ["two"], ["three"]]
+    assert ds.stimuli["image"].iat[0] == f"images/{0:012d}.png"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_table_formats(tmp_path: Path, make_images, fmt: str) -> None:
+    paths = make_images(3)
+    rels = [p.relative_to(tmp_path).as_posix() for p in paths]
+    caps = [["a red ball", "a toy"], ["a cat"], ["x | y"]]
+    if fmt == "csv":
+        frame = pd.DataFrame({"image": rels, "captions": ["|".join(c) for c in caps[:2]] + ["x"],
+                              "label": ["l0", "l1", "l2"]})
+        frame.to_csv(tmp_path / "t.csv", index=False)
+        expected = [["a red ball", "a toy"], ["a cat"], ["x"]]
+    else:
+        frame = pd.DataFrame({"id": ["s0", "s1", "s2"], "image": rels, "captions": caps,
+                              "label": ["l0", "l1", "l2"]})
+        if fmt == "jsonl":
+            frame.to_json(tmp_path / "t.jsonl", orient="records", lines=True)
+        else:
+            frame.to_parquet(tmp_path / "t.parquet", index=False)
+        expected = [["a red ball", "a toy"], ["a cat"], ["x | y"]]
+    ds = load_dataset(tmp_path / f"t.{fmt}")
+    assert ds.source["kind"] == "table"
+    assert ds.stimuli["image"].tolist() == rels
+    assert [list(c) for c in ds.stimuli["captions"]] == expected
+    assert ds.stimuli["label"].tolist() == ["l0", "l1", "l2"]
+    assert ds.stimuli["id"].tolist() == (rels if fmt == "csv" else ["s0", "s1", "s2"])
+    assert check_dataset(ds)[1] == []
+
+
+def test_table_caption_rows_merge(tmp_path: Path, make_images) -> None:
+    paths = make_images(2)
+    rels = [p.relative_to(tmp_path).as_posix() for p in paths]
+    pd.DataFrame({"image": [rels[1], rels[0], rels[1]], "caption": ["b1", "a1|x", "b2"]}).to_csv(
+        tmp_path / "long.csv", index=False
+    )
+    ds = load_table(tmp_path, "long.csv")
+    assert ds.stimuli["image"].tolist() == [rels[1], rels[0]]
+    assert ds.stimuli["captions"].tolist() == [["b1", "b2"], ["a1|x"]]
+
+
+def test_table_missing_columns(tmp_path: Path) -> None:
+    pd.DataFrame({"img": ["a.png"], "caption": ["x"]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match="'image' column"):
+        load_dataset(tmp_path / "t.csv")
+    pd.DataFrame({"image": ["a.png"], "text": ["x"]}).to_csv(tmp_path / "u.csv", index=False)
+    with pytest.raises(ValueError, match="'captions' nor a 'caption'"):
+        load_dataset(tmp_path / "u.csv")
+
+
+def test_duplicate_ids_rejected(tmp_path: Path, make_images) -> None:
+    paths = make_images(2)
+    rels = [p.relative_to(tmp_path).as_posix() for p in paths]
+    pd.DataFrame({"id": ["same", "same"], "image": rels, "captions": ["a", "b"]}).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    with pytest.raises(ValueError, match="more than one row"):
+        load_dataset(tmp_path / "t.csv")
+
+
+# --------------------------------------------------------------------------- path safety
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "images/../../outside.png", "/etc/passwd"])
+def test_paths_escaping_root_rejected(tmp_path: Path, bad: str) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    with pytest.raises(ValueError, match="outside the dataset root"):
+        safe_relative_path(root, bad)
+    pd.DataFrame({"image": [bad], "caption": ["x"]}).to_csv(root / "t.csv", index=False)
+    with pytest.raises(ValueError, match="outside the dataset root"):
+        load_dataset(root / "t.csv")
+
+
+def test_paths_inside_root_normalised(tmp_path: Path) -> None:
+    assert safe_relative_path(tmp_path, "a/./b/../c.png") == "a/c.png"
+    assert safe_relative_path(tmp_path, tmp_path / "x" / "y.png") == "x/y.png"
+    with pytest.raises(ValueError, match="empty image path"):
+        safe_relative_path(tmp_path, "  ")
+
+
+def test_dataset_rejects_unnormalised_table(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"id": ["a"], "image": ["../x.png"], "captions": [["c"]]})
+    with pytest.raises(ValueError, match="outside the dataset root"):
+        Dataset("d", tmp_path, frame)
+
+
+def test_coco_escaping_file_name(make_coco_folder) -> None:
+    root = make_coco_folder([["a"]])
+    data = json.loads((root / "captions.json").read_text())
+    data["images"][0]["file_name"] = "../../secret.png"
+    (root / "captions.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="outside the dataset root"):
+        load_coco(root)
+
+
+# --------------------------------------------------------------------------- bad stimuli
+
+
+def _bad_folder(make_coco_folder) -> Path:
+    root = make_coco_folder([["fine"], ["corrupt image"], ["missing image"], [], ["fine too"]])
+    (root / "images" / f"{1:012d}.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    (root / "images" / f"{2:012d}.png").unlink()
+    return root
+
+
+def test_check_dataset_raises_with_list(make_coco_folder) -> None:
+    ds = load_coco(_bad_folder(make_coco_folder))
+    with pytest.raises(ValueError) as info:
+        check_dataset(ds)
+    message = str(info.value)
+    assert "3 of 5 stimuli" in message
+    assert "2 (" in message and "corrupt" in message
+    assert "3 (" in message and "missing" in message
+    assert "4 (" in message and "empty caption" in message
+    assert "drop_bad=True" in message
+
+
+def test_check_dataset_drop_bad(make_coco_folder) -> None:
+    ds = load_coco(_bad_folder(make_coco_folder))
+    kept, dropped = check_dataset(ds, drop_bad=True)
+    assert kept.stimuli["id"].tolist() == ["1", "5"]
+    assert kept.stimuli.index.tolist() == [0, 1]
+    assert [d["id"] for d in dropped] == ["2", "3", "4"]
+    assert dropped[1]["reason"] == "image missing"
+    assert dropped[2]["reason"] == "empty caption"
+    assert dropped[0]["image"] == f"images/{1:012d}.png"
+
+
+def test_truncated_image_caught(make_coco_folder, write_image) -> None:
+    root = make_coco_folder([["a"], ["b"]])
+    path = root / "images" / f"{0:012d}.png"
+    write_image(path.with_suffix(".jpg"), seed=3, size=(200, 200))
+    data = path.with_suffix(".jpg").read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # valid header, truncated pixel data
+    with pytest.raises(ValueError, match="corrupt"):
+        check_dataset(load_coco(root))
+
+
+def test_check_many_bad_lists_twenty(tmp_path: Path) -> None:
+    pd.DataFrame({"image": [f"m{i}.png" for i in range(25)], "caption": ["x"] * 25}).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    with pytest.raises(ValueError) as info:
+        check_dataset(load_dataset(tmp_path / "t.csv"))
+    assert "and 5 more" in str(info.value)
+    with pytest.raises(ValueError, match="every stimulus"):
+        check_dataset(load_dataset(tmp_path / "t.csv"), drop_bad=True)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_detect_kind_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot tell the kind"):
+        load_dataset(tmp_path)
+    with pytest.raises(ValueError, match="neither a folder"):
+        load_dataset(tmp_path / "nothing.txt")
+    with pytest.raises(ValueError, match="unknown dataset kind"):
+        load_dataset(tmp_path, kind="zip")
+
+
+def test_mapping_spec_and_bad_option(imagenet_root: Path) -> None:
+    ds = load_dataset({"kind": "labelled", "path": str(imagenet_root), "template": "{label}"})
+    assert ds.stimuli["captions"].iat[0] == [ds.stimuli["label"].iat[0]]
+    with pytest.raises(ValueError, match="bad option"):
+        load_dataset(imagenet_root, kind="labelled", colour="red")
+    with pytest.raises(ValueError, match="placeholder"):
+        load_labelled(imagenet_root, template="a photo")
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def test_hf_local_copy_materialises_images(tmp_path: Path, monkeypatch) -> None:
+    import datasets as hf
+
+    _force_offline(monkeypatch)
+    images = [Image.new("RGB", (8 + i, 6), (i * 40, 10, 200)) for i in range(3)]
+    local = hf.Dataset.from_dict(
+        {"image": images, "text": ["first", "second", "third"]},
+        features=hf.Features({"image": hf.Image(), "text": hf.Value("string")}),
+    )
+    local.save_to_disk(str(tmp_path / "saved"))
+    ds = load_dataset(f"hf:{tmp_path / 'saved'}", cache_dir=tmp_path / "cache")
+    assert ds.source["kind"] == "hf"
+    assert ds.stimuli["captions"].tolist() == [["first"], ["second"], ["third"]]
+    assert ds.root == (tmp_path / "cache" / "datasets").resolve() / ds.root.name
+    for i in range(3):
+        assert open_rgb(ds.image_path(i)).size == (8 + i, 6)
+    assert check_dataset(ds)[1] == []
+    # parquet data files through datasets.load_dataset, list-valued captions
+    (tmp_path / "pq").mkdir()
+    hf.Dataset.from_dict(
+        {"image": images[:2], "caps": [["a", "b"], ["c"]]},
+        features=hf.Features({"image": hf.Image(), "caps": hf.Sequence(hf.Value("string"))}),
+    ).to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    ds2 = load_hf(str(tmp_path / "pq"), caption_column="caps", cache_dir=tmp_path / "cache2")
+    assert ds2.stimuli["captions"].tolist() == [["a", "b"], ["c"]]
+    with pytest.raises(ValueError, match="caption_column"):
+        load_hf(str(tmp_path / "pq"), caption_column="text", cache_dir=tmp_path / "cache3")
+
+
+def _force_offline(monkeypatch) -> None:
+    """Offline mode for hub clients already imported (they read the env vars at import time)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
+
+def test_hf_offline_message(tmp_path: Path, monkeypatch) -> None:
+    _force_offline(monkeypatch)
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset("hf:minhuh/prh", revision="wit_1024", cache_dir=tmp_path / "c")
+    message = str(info.value)
+    assert "minhuh/prh" in message and "hf:/path/to/folder" in message
+    assert "save_to_disk" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_open_rgb_and_thumbnail(tmp_path: Path, write_image) -> None:
+    src = write_image(tmp_path / "grey.png", seed=1, size=(600, 300), mode="L")
+    image = open_rgb(src)
+    assert image.mode == "RGB" and image.size == (600, 300)
+    out = make_thumbnail(src, tmp_path / "thumbs" / "0.jpg", max_side=256)
+    with Image.open(out) as thumb:
+        assert thumb.format == "JPEG" and thumb.size == (256, 128)
+    assert not [p for p in (tmp_path / "thumbs").iterdir() if ".tmp-" in p.name]
+    small = write_image(tmp_path / "small.png", seed=2, size=(20, 10))
+    with Image.open(make_thumbnail(small, tmp_path / "s.jpg")) as thumb:
+        assert thumb.size == (20, 10)
+
+
+def test_open_rgb_errors(tmp_path: Path) -> None:
+    with pytest.raises(ImageFileError, match="does not exist"):
+        open_rgb(tmp_path / "none.png")
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    with pytest.raises(ImageFileError, match="cannot be decoded"):
+        open_rgb(tmp_path / "bad.jpg")
+    with pytest.raises(ValueError, match="max_side"):
+        make_thumbnail(tmp_path / "bad.jpg", tmp_path / "t.jpg", max_side=0)
+    assert not os.path.exists(tmp_path / "t.jpg")
