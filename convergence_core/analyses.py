@@ -1,0 +1,475 @@
+"""The paper's analyses on any precomputed run, each returning a tidy pandas DataFrame.
+
+- :func:`layer_sweep`: CKNNA of each vision model (at its GPA layer) with every layer of every
+  language model, on the full stimulus set.
+- :func:`best_language_layers`: per language model, the layer with the highest mean CKNNA with the
+  vision models on the full set (the paper's §2.4 choice).
+- :func:`dispersion_set_alignment` (Fig. 2): CKNNA on the low-, high- and random-dispersion sets,
+  a permutation test of low vs high per pair; :func:`paired_set_tests` tests across pairs and
+  :func:`effect_verdict` states in one line how often low > random > high holds.
+- :func:`drop_fraction_alignment` (Fig. S1): CKNNA on the full set, without the q highest- and
+  without the q lowest-dispersion stimuli.
+- :func:`leave_one_model_out` (Fig. S2): partial dispersion vs the held-out model's deviation,
+  per stimulus; :func:`leave_one_model_out_statistics` gives Pearson r, Spearman ρ and the fit line.
+
+CKNNA is always computed from the run's cached Gram matrices (``run.gram``) with
+``neighbours.cknna_from_gram``, so a subset costs milliseconds. Column names are full words;
+CKNNA values are unitless.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from .neighbours import cknna_from_gram
+from .procrustes import generalized_procrustes, preprocess_embeddings, procrustes_align
+from .stats import (
+    correlation_with_fit,
+    paired_difference_tests,
+    percentile_interval,
+    permutation_test_two_sets,
+)
+from .subsets import drop_fraction, select_stimuli
+
+if TYPE_CHECKING:
+    from .run import Run
+
+DispersionScore = Literal["mean", "pc1"]
+_SCORES: tuple[str, ...] = ("mean", "pc1")
+
+#: Default number of label shuffles in the low-vs-high permutation test (p-value floor 1/1001).
+DEFAULT_N_PERMUTATIONS = 1000
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs shared by every analysis
+
+
+def vision_layers(run: Run) -> list[tuple[str, str]]:
+    """(vision model, layer) pairs in the order GPA used them; at least two, else ValueError."""
+    models, layers = tuple(run.gpa.models), tuple(run.gpa.layers)
+    if len(models) != len(layers) or not models:
+        raise ValueError(
+            f"run {run.path} does not record which layer of each vision model entered GPA "
+            f"(gpa.json models={models!r}, layers={layers!r}); re-run precompute to rewrite gpa.json"
+        )
+    if len(models) < 2:
+        raise ValueError(
+            f"run {run.path} has a single vision model ({models[0]}); dispersion and these analyses "
+            "need at least 2 vision models (3 for leave-one-model-out): precompute the run with "
+            "more vision models"
+        )
+    return list(zip(models, layers, strict=True))
+
+
+def _language_models(run: Run) -> list[str]:
+    models = list(run.language_models)
+    if not models:
+        raise ValueError(
+            f"run {run.path} has no language model; precompute it with at least one language model"
+        )
+    return models
+
+
+def _n_stimuli(run: Run) -> int:
+    return int(run.gpa.residuals.shape[0])
+
+
+def _check_k(k: int, set_size: int, what: str) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+        raise ValueError(f"k must be an integer >= 2 (CKNNA needs 2 neighbours), got {k!r}; use e.g. k=10")
+    if k >= set_size:
+        raise ValueError(
+            f"k={k} is too large for {what} of {set_size} stimuli: CKNNA needs k < set size; "
+            f"use k <= {set_size - 1} or a larger set"
+        )
+
+
+def _dispersion_scores(run: Run, score: str) -> np.ndarray:
+    if score not in _SCORES:
+        raise ValueError(f"unknown dispersion score {score!r}; use one of {list(_SCORES)}")
+    return run.dispersion[score].to_numpy(dtype=np.float64)
+
+
+class _Grams:
+    """Loads each (model, layer) Gram matrix once per analysis call."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self._cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def __call__(self, model: str, layer: str) -> np.ndarray:
+        key = (model, layer)
+        if key not in self._cache:
+            self._cache[key] = np.asarray(self._run.gram(model, layer))
+        return self._cache[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# layer sweep and best layers
+
+
+def layer_sweep(run: Run, *, k: int = 10) -> pd.DataFrame:
+    """CKNNA (full set) of each vision model's GPA layer against every layer of each language model.
+
+    Returns one row per vision model × language model × language layer with columns
+    ``vision_model``, ``vision_layer``, ``language_model``, ``language_layer``,
+    ``language_layer_index`` (position in ``run.layers(language_model)``), ``k``, ``cknna``.
+    """
+    pairs = vision_layers(run)
+    languages = _language_models(run)
+    _check_k(k, _n_stimuli(run), "the full set")
+    grams = _Grams(run)
+    rows = []
+    for language in languages:
+        for layer_index, language_layer in enumerate(run.layers(language)):
+            language_gram = grams(language, language_layer)
+            for vision, vision_layer in pairs:
+                rows.append(
+                    {
+                        "vision_model": vision,
+                        "vision_layer": vision_layer,
+                        "language_model": language,
+                        "language_layer": language_layer,
+                        "language_layer_index": layer_index,
+                        "k": int(k),
+                        "cknna": float(cknna_from_gram(grams(vision, vision_layer), language_gram, k=k)),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def best_language_layers(run: Run, *, k: int = 10, sweep: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per language model, the layer whose mean CKNNA with the vision models (full set) is highest.
+
+    ``sweep`` may pass a :func:`layer_sweep` table already computed with the same ``k``. Ties go to
+    the shallower layer. Returns one row per language model: ``language_model``,
+    ``language_layer``, ``language_layer_index``, ``mean_cknna``, ``n_vision_models``, ``k``.
+    """
+    if sweep is None:
+        sweep = layer_sweep(run, k=k)
+    elif not (sweep["k"] == k).all():
+        raise ValueError(f"the layer sweep passed was computed with another k; pass one with k={k}")
+    means = (
+        sweep.groupby(["language_model", "language_layer_index", "language_layer"], sort=False)
+        .agg(mean_cknna=("cknna", "mean"), n_vision_models=("vision_model", "nunique"))
+        .reset_index()
+    )
+    rows = []
+    for language in dict.fromkeys(means["language_model"]):
+        layers = means[means["language_model"] == language].sort_values("language_layer_index")
+        best = layers.iloc[int(np.argmax(layers["mean_cknna"].to_numpy()))]
+        rows.append(
+            {
+                "language_model": language,
+                "language_layer": best["language_layer"],
+                "language_layer_index": int(best["language_layer_index"]),
+                "mean_cknna": float(best["mean_cknna"]),
+                "n_vision_models": int(best["n_vision_models"]),
+                "k": int(k),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _pairs_with_best_layers(
+    run: Run, k: int, best_layers: pd.DataFrame | None
+) -> list[tuple[str, str, str, str]]:
+    """(vision model, vision layer, language model, language layer) for every pair."""
+    if best_layers is None:
+        best_layers = best_language_layers(run, k=k)
+    chosen = dict(zip(best_layers["language_model"], best_layers["language_layer"], strict=True))
+    missing = [m for m in _language_models(run) if m not in chosen]
+    if missing:
+        raise ValueError(f"best_layers has no row for language models {missing}; recompute it")
+    return [
+        (vision, vision_layer, language, chosen[language])
+        for language in _language_models(run)
+        for vision, vision_layer in vision_layers(run)
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. 2: low / high / random dispersion sets
+
+
+def dispersion_set_alignment(
+    run: Run,
+    *,
+    size: int,
+    k: int = 10,
+    score: DispersionScore = "mean",
+    n_random: int = 200,
+    seed: int = 0,
+    n_permutations: int = DEFAULT_N_PERMUTATIONS,
+    best_layers: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Fig. 2: CKNNA of every vision × language pair on the low-, high- and random-dispersion sets.
+
+    The low (high) set holds the ``size`` stimuli with the lowest (highest) dispersion ``score``;
+    the ``n_random`` random sets are drawn without replacement, the same draws for every pair.
+    Each language model is used at its best layer (:func:`best_language_layers`, on the full set;
+    ``best_layers`` may pass that table). Per pair, a permutation test shuffles the low/high labels
+    of the 2·size stimuli ``n_permutations`` times and recomputes CKNNA(low) - CKNNA(high);
+    p-values use the +1 correction, (1 + #{as extreme}) / (n_permutations + 1).
+
+    Returns one row per pair with columns ``vision_model``, ``vision_layer``, ``language_model``,
+    ``language_layer``, ``score``, ``set_size``, ``k``, ``cknna_low_dispersion``,
+    ``cknna_random_mean``, ``cknna_random_lower_95`` / ``cknna_random_upper_95`` (2.5th / 97.5th
+    percentiles), ``cknna_high_dispersion``, ``low_minus_high``, ``low_high_ratio`` (NaN when
+    CKNNA(high) <= 0, where a ratio means nothing), ``permutation_p_value_two_sided``,
+    ``permutation_p_value_low_greater``, ``n_random``, ``n_permutations``, ``seed``.
+    """
+    vision_layers(run)  # a run with a single vision model fails here, before anything else
+    n = _n_stimuli(run)
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"set size must be a positive integer, got {size!r}; use e.g. size={n // 4}")
+    if 2 * size > n:
+        raise ValueError(
+            f"set size {size} is larger than half the {n} stimuli, so the low- and high-dispersion "
+            f"sets would overlap; use size <= {n // 2}"
+        )
+    _check_k(k, size, "sets")
+    if n_random < 1:
+        raise ValueError(f"n_random must be >= 1, got {n_random}; use e.g. n_random=200")
+    scores = _dispersion_scores(run, score)
+    pairs = _pairs_with_best_layers(run, k, best_layers)
+
+    low = np.asarray(select_stimuli(scores, "low", size), dtype=np.intp)
+    high = np.asarray(select_stimuli(scores, "high", size), dtype=np.intp)
+    random_seed, permutation_seed = np.random.SeedSequence(seed).spawn(2)
+    random_rng = np.random.default_rng(random_seed)
+    random_sets = [
+        np.asarray(select_stimuli(scores, "random", size, rng=random_rng), dtype=np.intp)
+        for _ in range(n_random)
+    ]
+
+    grams = _Grams(run)
+    rows = []
+    for vision, vision_layer, language, language_layer in pairs:
+        vision_gram, language_gram = grams(vision, vision_layer), grams(language, language_layer)
+
+        def pair_cknna(subset: np.ndarray) -> float:
+            return float(cknna_from_gram(vision_gram, language_gram, k=k, subset=subset))
+
+        random_values = np.array([pair_cknna(s) for s in random_sets], dtype=np.float64)
+        lower, upper = percentile_interval(random_values, 0.95)
+        test = permutation_test_two_sets(
+            pair_cknna,
+            low,
+            high,
+            n_permutations=n_permutations,
+            # the same shuffles for every pair, so pairs are tested alike
+            rng=np.random.default_rng(permutation_seed),
+        )
+        low_value, high_value = pair_cknna(low), pair_cknna(high)
+        rows.append(
+            {
+                "vision_model": vision,
+                "vision_layer": vision_layer,
+                "language_model": language,
+                "language_layer": language_layer,
+                "score": score,
+                "set_size": int(size),
+                "k": int(k),
+                "cknna_low_dispersion": low_value,
+                "cknna_random_mean": float(random_values.mean()),
+                "cknna_random_lower_95": lower,
+                "cknna_random_upper_95": upper,
+                "cknna_high_dispersion": high_value,
+                "low_minus_high": low_value - high_value,
+                "low_high_ratio": low_value / high_value if high_value > 0 else float("nan"),
+                "permutation_p_value_two_sided": test.p_value_two_sided,
+                "permutation_p_value_low_greater": test.p_value_first_greater,
+                "n_random": int(n_random),
+                "n_permutations": int(n_permutations),
+                "seed": int(seed),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def paired_set_tests(table: pd.DataFrame) -> pd.DataFrame:
+    """Across pairs, Wilcoxon signed-rank and paired t tests of CKNNA(low) vs CKNNA(high).
+
+    ``table`` is a :func:`dispersion_set_alignment` result (one score). Returns one row per test:
+    ``test``, ``statistic``, ``p_value`` (two-sided), ``n_pairs``, ``mean_difference`` (low - high).
+    """
+    return paired_difference_tests(
+        table["cknna_low_dispersion"].to_numpy(), table["cknna_high_dispersion"].to_numpy()
+    )
+
+
+def effect_verdict(table: pd.DataFrame) -> str:
+    """One sentence, computed from a :func:`dispersion_set_alignment` table, on the paper's effect.
+
+    Counts the pairs where low > random mean > high, those where low > high, and among those the
+    ones whose two-sided permutation p-value is below 0.05.
+    """
+    if table.empty:
+        raise ValueError("the table has no pairs; run dispersion_set_alignment on a run with models")
+    low = table["cknna_low_dispersion"].to_numpy()
+    random_mean = table["cknna_random_mean"].to_numpy()
+    high = table["cknna_high_dispersion"].to_numpy()
+    ordered = int(np.count_nonzero((low > random_mean) & (random_mean > high)))
+    low_above_high = low > high
+    significant = int(np.count_nonzero(low_above_high & (table["permutation_p_value_two_sided"] < 0.05)))
+    n_pairs = len(table)
+    scores = ", ".join(sorted(set(map(str, table["score"]))))
+    return (
+        f"low > random > high ({scores} dispersion, {int(table['set_size'].iloc[0])} stimuli per set) "
+        f"holds for {ordered} of {n_pairs} vision × language pairs; low > high for "
+        f"{int(np.count_nonzero(low_above_high))} of {n_pairs} ({significant} with permutation p < 0.05)."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. S1: drop the q highest / lowest dispersion stimuli
+
+
+def drop_fraction_alignment(
+    run: Run,
+    *,
+    q: float = 0.25,
+    k: int = 10,
+    score: DispersionScore = "mean",
+    best_layers: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Fig. S1: CKNNA per pair on the full set, without the q highest and without the q lowest.
+
+    Returns one row per pair × condition (``full``, ``drop_high``, ``drop_low``) with columns
+    ``vision_model``, ``vision_layer``, ``language_model``, ``language_layer``, ``condition``,
+    ``fraction_dropped``, ``score``, ``n_stimuli`` (stimuli kept), ``k``, ``cknna``.
+    """
+    vision_layers(run)
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q is the fraction of stimuli to drop and must lie in (0, 1), got {q}; use e.g. 0.25")
+    n = _n_stimuli(run)
+    scores = _dispersion_scores(run, score)
+    pairs = _pairs_with_best_layers(run, k, best_layers)
+    conditions = {
+        "full": np.arange(n),
+        "drop_high": np.asarray(drop_fraction(scores, q, "high"), dtype=np.intp),
+        "drop_low": np.asarray(drop_fraction(scores, q, "low"), dtype=np.intp),
+    }
+    for name, kept in conditions.items():
+        _check_k(k, kept.shape[0], f"the {name} set")
+    grams = _Grams(run)
+    rows = []
+    for vision, vision_layer, language, language_layer in pairs:
+        vision_gram, language_gram = grams(vision, vision_layer), grams(language, language_layer)
+        for name, kept in conditions.items():
+            subset = None if name == "full" else kept
+            rows.append(
+                {
+                    "vision_model": vision,
+                    "vision_layer": vision_layer,
+                    "language_model": language,
+                    "language_layer": language_layer,
+                    "condition": name,
+                    "fraction_dropped": 0.0 if name == "full" else float(q),
+                    "score": score,
+                    "n_stimuli": int(kept.shape[0]),
+                    "k": int(k),
+                    "cknna": float(cknna_from_gram(vision_gram, language_gram, k=k, subset=subset)),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. S2: leave one vision model out
+
+
+def held_out_deviation(held_out: np.ndarray, consensus: np.ndarray) -> np.ndarray:
+    """Per-stimulus distance of a held-out embedding from a GPA consensus it did not enter.
+
+    ``held_out`` (m, d_h) is preprocessed exactly as GPA preprocesses its inputs (centred over
+    stimuli, unit Frobenius norm); it and ``consensus`` (m, d_c) are zero-padded to
+    max(d_h, d_c); the held-out model is then rotated (orthogonal Procrustes, reflections
+    allowed) onto the consensus. Returns (m,) float64 Euclidean distances, in the same units as
+    the GPA residuals.
+    """
+    consensus = np.asarray(consensus, dtype=np.float64)
+    held_out = np.asarray(held_out, dtype=np.float64)
+    if held_out.ndim != 2 or consensus.ndim != 2 or held_out.shape[0] != consensus.shape[0]:
+        raise ValueError(
+            f"the held-out embedding has shape {held_out.shape} and the consensus {consensus.shape}; "
+            "pass (m, d) arrays of the same m stimuli in the same order"
+        )
+    # preprocess as GPA does; the consensus rides along only to set the padded width (its own
+    # preprocessed copy is discarded: it is the target as GPA returned it)
+    prepared = preprocess_embeddings([held_out, consensus], models=("held-out model", "consensus"))[0]
+    width = prepared.shape[1]
+    target = np.pad(consensus, ((0, 0), (0, width - consensus.shape[1])))
+    aligned, _ = procrustes_align(prepared, target)
+    return np.linalg.norm(np.asarray(aligned, dtype=np.float64) - target, axis=1)
+
+
+def leave_one_model_out(run: Run) -> pd.DataFrame:
+    """Fig. S2: for each vision model, partial dispersion of the others vs its own deviation.
+
+    For each held-out vision model, GPA is rerun on the other vision models (same layers); the
+    partial dispersion of a stimulus is its mean residual across them; the held-out model's
+    deviation is :func:`held_out_deviation` from the partial consensus. Needs >= 3 vision models.
+
+    Returns one row per held-out model × stimulus: ``held_out_model``, ``held_out_layer``,
+    ``stimulus`` (row index), ``id``, ``partial_dispersion``, ``deviation`` (both in residual
+    units: Euclidean distance between unit-Frobenius-norm configurations).
+    """
+    pairs = vision_layers(run)
+    if len(pairs) < 3:
+        raise ValueError(
+            f"leave-one-model-out needs at least 3 vision models (GPA on the others needs 2), the run "
+            f"has {len(pairs)}: precompute the run with more vision models"
+        )
+    embeddings = {
+        model: np.asarray(run.embeddings[model][layer], dtype=np.float64) for model, layer in pairs
+    }
+    ids = run.stimuli["id"].astype(str).to_numpy()
+    tables = []
+    for held_model, held_layer in pairs:
+        others = [(m, layer) for m, layer in pairs if m != held_model]
+        partial = generalized_procrustes(
+            [embeddings[m] for m, _ in others],
+            models=tuple(m for m, _ in others),
+            layers=tuple(layer for _, layer in others),
+        )
+        tables.append(
+            pd.DataFrame(
+                {
+                    "held_out_model": held_model,
+                    "held_out_layer": held_layer,
+                    "stimulus": np.arange(ids.shape[0]),
+                    "id": ids,
+                    "partial_dispersion": np.asarray(partial.residuals, dtype=np.float64).mean(axis=1),
+                    "deviation": held_out_deviation(embeddings[held_model], partial.consensus),
+                }
+            )
+        )
+    return pd.concat(tables, ignore_index=True)
+
+
+def leave_one_model_out_statistics(points: pd.DataFrame) -> pd.DataFrame:
+    """Per held-out model: Pearson r and Spearman ρ of deviation on partial dispersion, fit line.
+
+    ``points`` is a :func:`leave_one_model_out` table. Returns one row per held-out model with
+    ``held_out_model``, ``held_out_layer``, ``pearson_r``, ``pearson_p_value``, ``spearman_rho``,
+    ``spearman_p_value`` (two-sided), ``fit_slope``, ``fit_intercept`` (deviation ≈ slope ·
+    partial dispersion + intercept), ``n_stimuli``.
+    """
+    rows = []
+    for (model, layer), group in points.groupby(["held_out_model", "held_out_layer"], sort=False):
+        rows.append(
+            {
+                "held_out_model": model,
+                "held_out_layer": layer,
+                **correlation_with_fit(
+                    group["partial_dispersion"].to_numpy(), group["deviation"].to_numpy()
+                ),
+            }
+        )
+    return pd.DataFrame(rows)

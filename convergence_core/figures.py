@@ -1,0 +1,161 @@
+"""PNG figures of the paper's analyses (matplotlib, Agg backend; no display needed).
+
+Each function takes the tidy table of one analysis (see :mod:`convergence_core.analyses`), draws
+one figure with a panel per vision model (or held-out / language model) and writes it atomically
+to ``path``. CKNNA is unitless; dispersion and deviation are Euclidean distances between
+unit-Frobenius-norm configurations ("residual units").
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .cache import write_bytes  # noqa: E402
+
+_SET_COLOURS = {"low": "#2b8cbe", "random": "#969696", "high": "#e34a33"}
+_CONDITION_COLOURS = {"drop_high": "#2b8cbe", "full": "#969696", "drop_low": "#fd8d3c"}
+_CONDITION_LABELS = {
+    "drop_high": "drop high-dispersion",
+    "full": "full set",
+    "drop_low": "drop low-dispersion",
+}
+
+
+def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return write_bytes(path, buffer.getvalue())
+
+
+def _panels(n: int, width: float = 4.2, height: float = 3.6) -> tuple[Figure, list[plt.Axes]]:
+    figure, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return figure, list(axes[0])
+
+
+def _cknna_label(k: int) -> str:
+    return f"CKNNA (k = {k}, unitless)"
+
+
+def dispersion_sets_figure(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Fig. 2: per vision model, grouped bars (low, random mean with 95% interval, high) per
+    language model. ``table`` is one :func:`~convergence_core.analyses.dispersion_set_alignment`
+    result (a single score)."""
+    visions = list(dict.fromkeys(table["vision_model"]))
+    languages = list(dict.fromkeys(table["language_model"]))
+    figure, axes = _panels(len(visions), width=max(4.2, 1.6 * len(languages) + 1.5))
+    bar_width = 0.26
+    x = np.arange(len(languages))
+    for axis, vision in zip(axes, visions, strict=True):
+        rows = table[table["vision_model"] == vision].set_index("language_model").loc[languages]
+        random_mean = rows["cknna_random_mean"].to_numpy()
+        interval = np.vstack(
+            [random_mean - rows["cknna_random_lower_95"], rows["cknna_random_upper_95"] - random_mean]
+        )
+        axis.bar(x - bar_width, rows["cknna_low_dispersion"], bar_width, label="low dispersion",
+                 color=_SET_COLOURS["low"])
+        axis.bar(x, random_mean, bar_width, yerr=interval, capsize=3,
+                 label="random (mean, 95% interval)", color=_SET_COLOURS["random"])
+        axis.bar(x + bar_width, rows["cknna_high_dispersion"], bar_width, label="high dispersion",
+                 color=_SET_COLOURS["high"])
+        axis.set_xticks(x, [f"{m}\n({layer})" for m, layer in zip(languages, rows["language_layer"], strict=True)],
+                        fontsize=8)
+        axis.set_title(f"{vision} ({rows['vision_layer'].iloc[0]})", fontsize=9)
+        axis.set_xlabel("language model (layer used)")
+        axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
+        axis.axhline(0.0, color="black", linewidth=0.5)
+    axes[0].legend(fontsize=7)
+    figure.suptitle(
+        f"Fig. 2: CKNNA on {int(table['set_size'].iloc[0])}-stimulus sets selected by "
+        f"{table['score'].iloc[0]} dispersion",
+        fontsize=10,
+    )
+    return _save(figure, path)
+
+
+def drop_fraction_figure(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Fig. S1: per vision model, bars (drop high, full, drop low) per language model."""
+    visions = list(dict.fromkeys(table["vision_model"]))
+    languages = list(dict.fromkeys(table["language_model"]))
+    conditions = ["drop_high", "full", "drop_low"]
+    figure, axes = _panels(len(visions), width=max(4.2, 1.6 * len(languages) + 1.5))
+    bar_width = 0.26
+    x = np.arange(len(languages))
+    fraction = float(table.loc[table["condition"] != "full", "fraction_dropped"].iloc[0])
+    for axis, vision in zip(axes, visions, strict=True):
+        rows = table[table["vision_model"] == vision]
+        for offset, condition in zip((-bar_width, 0.0, bar_width), conditions, strict=True):
+            values = rows[rows["condition"] == condition].set_index("language_model").loc[languages]
+            axis.bar(x + offset, values["cknna"], bar_width, color=_CONDITION_COLOURS[condition],
+                     label=f"{_CONDITION_LABELS[condition]} (n = {int(values['n_stimuli'].iloc[0])})")
+        axis.set_xticks(x, languages, fontsize=8)
+        axis.set_title(f"{vision} ({rows['vision_layer'].iloc[0]})", fontsize=9)
+        axis.set_xlabel("language model")
+        axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
+        axis.axhline(0.0, color="black", linewidth=0.5)
+    axes[0].legend(fontsize=7)
+    figure.suptitle(f"Fig. S1: dropping {fraction:.0%} of stimuli by dispersion", fontsize=10)
+    return _save(figure, path)
+
+
+def leave_one_out_figure(
+    points: pd.DataFrame, statistics: pd.DataFrame, path: str | os.PathLike[str]
+) -> Path:
+    """Fig. S2: per held-out vision model, deviation vs partial dispersion with the fit line."""
+    models = list(dict.fromkeys(points["held_out_model"]))
+    figure, axes = _panels(len(models))
+    for axis, model in zip(axes, models, strict=True):
+        group = points[points["held_out_model"] == model]
+        stats = statistics[statistics["held_out_model"] == model].iloc[0]
+        x = group["partial_dispersion"].to_numpy()
+        axis.scatter(x, group["deviation"], s=8, alpha=0.6, color="#636363")
+        if np.isfinite(stats["fit_slope"]):
+            line_x = np.array([x.min(), x.max()])
+            axis.plot(line_x, stats["fit_slope"] * line_x + stats["fit_intercept"], color="red",
+                      linewidth=1.5, label="least-squares fit")
+            axis.legend(fontsize=7, loc="upper left")
+        axis.set_title(
+            f"held out: {model}\nr = {stats['pearson_r']:.2f} (p = {stats['pearson_p_value']:.2g}), "
+            f"ρ = {stats['spearman_rho']:.2f} (p = {stats['spearman_p_value']:.2g})",
+            fontsize=9,
+        )
+        axis.set_xlabel("partial dispersion (mean residual of the others, residual units)")
+        axis.set_ylabel("held-out deviation (residual units)")
+    figure.suptitle("Fig. S2: partial dispersion predicts the held-out model's deviation", fontsize=10)
+    return _save(figure, path)
+
+
+def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Layer sweep heat map: per language model, rows = vision models, columns = language layers."""
+    languages = list(dict.fromkeys(sweep["language_model"]))
+    widths = [max(3.0, 0.45 * sweep[sweep["language_model"] == m]["language_layer_index"].nunique())
+              for m in languages]
+    figure, axes = plt.subplots(1, len(languages), figsize=(sum(widths) + 2.5, 3.4), squeeze=False,
+                                gridspec_kw={"width_ratios": widths})
+    vmin, vmax = float(sweep["cknna"].min()), float(sweep["cknna"].max())
+    image = None
+    for axis, language in zip(axes[0], languages, strict=True):
+        grid = sweep[sweep["language_model"] == language].pivot_table(
+            index="vision_model", columns="language_layer_index", values="cknna", sort=False
+        )
+        image = axis.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+        axis.set_xticks(np.arange(grid.shape[1]), [str(c) for c in grid.columns], fontsize=7)
+        axis.set_yticks(np.arange(grid.shape[0]), list(grid.index), fontsize=8)
+        axis.set_xlabel(f"{language} layer (block index, 0 = shallowest)")
+        axis.set_title(language, fontsize=9)
+    axes[0][0].set_ylabel("vision model (GPA layer)")
+    colourbar = figure.colorbar(image, ax=list(axes[0]))
+    colourbar.set_label(_cknna_label(int(sweep["k"].iloc[0])))
+    figure.suptitle("Layer sweep: CKNNA on the full set", fontsize=10)
+    return _save(figure, path)

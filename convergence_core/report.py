@@ -1,0 +1,219 @@
+"""`python -m convergence_core report <run> --out report/`: the paper's analyses on one run.
+
+Writes to ``--out``: every analysis table as CSV and JSON (records; NaN as null), the PNG figures
+(Fig. 2 per dispersion score, Fig. S1, Fig. S2, the layer-sweep heat map), ``summary.csv`` /
+``summary.json`` / ``summary.txt`` (per pair: low, random mean [95% interval], high, low/high
+ratio, permutation p) and ``report.json`` (parameters, verdicts, file list). Prints the summary
+table and one verdict line per dispersion score, computed from the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import analyses, figures
+from .cache import write_bytes, write_json
+from .run import Run, load_run
+
+#: Name of the demo run under ``settings.runs_root()`` (made by ``precompute --preset demo``).
+DEMO_RUN = "demo"
+
+#: Columns of the summary table, in print order.
+SUMMARY_COLUMNS = [
+    "score",
+    "vision_model",
+    "language_model",
+    "language_layer",
+    "cknna_low_dispersion",
+    "cknna_random_mean",
+    "cknna_random_lower_95",
+    "cknna_random_upper_95",
+    "cknna_high_dispersion",
+    "low_high_ratio",
+    "permutation_p_value_two_sided",
+]
+
+
+def default_set_size(n_stimuli: int, k: int) -> int:
+    """A quarter of the stimuli (the paper used sets of a few hundred of 1,024), at least k + 1."""
+    return max(n_stimuli // 4, k + 1)
+
+
+def _write_table(frame: pd.DataFrame, out: Path, stem: str) -> list[str]:
+    csv_path = write_bytes(out / f"{stem}.csv", frame.to_csv(index=False).encode("utf-8"))
+    json_text = frame.to_json(orient="records", indent=2, force_ascii=False)
+    json_path = write_bytes(out / f"{stem}.json", (json_text + "\n").encode("utf-8"))
+    return [csv_path.name, json_path.name]
+
+
+def summary_table(set_tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """The summary rows (one per score × pair) from :func:`analyses.dispersion_set_alignment` tables."""
+    return pd.concat([table[SUMMARY_COLUMNS] for table in set_tables], ignore_index=True)
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """Fixed-width text of the summary: low, random mean [95% interval], high, ratio, p."""
+    shown = pd.DataFrame(
+        {
+            "score": summary["score"],
+            "vision": summary["vision_model"],
+            "language (layer)": [
+                f"{m} ({layer})" for m, layer in zip(summary["language_model"], summary["language_layer"], strict=True)
+            ],
+            "low": summary["cknna_low_dispersion"].map("{:.4f}".format),
+            "random mean [95% interval]": [
+                f"{m:.4f} [{lo:.4f}, {hi:.4f}]"
+                for m, lo, hi in zip(
+                    summary["cknna_random_mean"],
+                    summary["cknna_random_lower_95"],
+                    summary["cknna_random_upper_95"],
+                    strict=True,
+                )
+            ],
+            "high": summary["cknna_high_dispersion"].map("{:.4f}".format),
+            "low/high": summary["low_high_ratio"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.2f}"),
+            "p (perm.)": summary["permutation_p_value_two_sided"].map("{:.4f}".format),
+        }
+    )
+    return shown.to_string(index=False)
+
+
+def write_report(
+    run: Run,
+    out: str | os.PathLike[str],
+    *,
+    size: int | None = None,
+    k: int = 10,
+    scores: Sequence[str] = ("mean", "pc1"),
+    n_random: int = 200,
+    n_permutations: int = analyses.DEFAULT_N_PERMUTATIONS,
+    q: float = 0.25,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run every analysis on ``run`` and write tables, figures and the summary to ``out``.
+
+    Returns the content of ``report.json``: ``run``, ``parameters``, ``best_language_layers``,
+    ``verdicts`` (score -> sentence), ``paired_tests``, ``notes`` and ``files``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = int(run.gpa.residuals.shape[0])
+    size = default_set_size(n, k) if size is None else size
+    files: list[str] = []
+    notes: list[str] = []
+
+    sweep = analyses.layer_sweep(run, k=k)
+    best = analyses.best_language_layers(run, k=k, sweep=sweep)
+    files += _write_table(sweep, out, "layer_sweep")
+    files += _write_table(best, out, "best_language_layers")
+    files.append(figures.layer_sweep_figure(sweep, out / "layer_sweep.png").name)
+
+    set_tables, paired, verdicts = [], [], {}
+    for score in scores:
+        table = analyses.dispersion_set_alignment(
+            run, size=size, k=k, score=score, n_random=n_random, seed=seed,
+            n_permutations=n_permutations, best_layers=best,
+        )
+        set_tables.append(table)
+        files += _write_table(table, out, f"dispersion_sets_{score}")
+        files.append(figures.dispersion_sets_figure(table, out / f"fig2_dispersion_sets_{score}.png").name)
+        paired.append(analyses.paired_set_tests(table).assign(score=score))
+        verdicts[score] = analyses.effect_verdict(table)
+    paired_tests = pd.concat(paired, ignore_index=True)
+    files += _write_table(paired_tests, out, "paired_tests")
+
+    dropped = analyses.drop_fraction_alignment(run, q=q, k=k, best_layers=best)
+    files += _write_table(dropped, out, "drop_fraction")
+    files.append(figures.drop_fraction_figure(dropped, out / "figS1_drop_fraction.png").name)
+
+    if len(run.gpa.models) >= 3:
+        points = analyses.leave_one_model_out(run)
+        statistics = analyses.leave_one_model_out_statistics(points)
+        files += _write_table(points, out, "leave_one_model_out_points")
+        files += _write_table(statistics, out, "leave_one_model_out_statistics")
+        files.append(
+            figures.leave_one_out_figure(points, statistics, out / "figS2_leave_one_model_out.png").name
+        )
+    else:
+        notes.append(
+            f"leave-one-model-out skipped: it needs at least 3 vision models, the run has "
+            f"{len(run.gpa.models)}"
+        )
+
+    summary = summary_table(set_tables)
+    files += _write_table(summary, out, "summary")
+    text = format_summary(summary) + "\n\n" + "\n".join(verdicts.values()) + "\n"
+    files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
+
+    report = {
+        "run": {"name": run.name, "path": str(run.path), "n_stimuli": n},
+        "parameters": {
+            "set_size": size, "k": k, "scores": list(scores), "n_random": n_random,
+            "n_permutations": n_permutations, "fraction_dropped": q, "seed": seed,
+        },
+        "best_language_layers": dict(zip(best["language_model"], best["language_layer"], strict=True)),
+        "verdicts": verdicts,
+        "paired_tests": paired_tests.astype(object).where(paired_tests.notna(), None).to_dict("records"),
+        "notes": notes,
+        "files": sorted([*files, "report.json"]),
+    }
+    write_json(out / "report.json", report)
+    return report
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m convergence_core report",
+        description="Reproduce the paper's analyses (Fig. 2, S1, S2, layer sweep) on a precomputed run.",
+    )
+    parser.add_argument("run", nargs="?", help="run folder, or a run name under the cache's runs/")
+    parser.add_argument("--preset", choices=["demo"], help="use the demo run (cache/runs/demo)")
+    parser.add_argument("--out", required=True, help="folder for tables, figures and the summary")
+    parser.add_argument("--size", type=int, default=None,
+                        help="stimuli per low/high/random set (default: a quarter of the stimuli)")
+    parser.add_argument("--k", type=int, default=10, help="CKNNA neighbours (default 10)")
+    parser.add_argument("--scores", nargs="+", choices=["mean", "pc1"], default=["mean", "pc1"],
+                        help="dispersion scores that select the sets (default: both)")
+    parser.add_argument("--n-random", type=int, default=200, help="random sets drawn (default 200)")
+    parser.add_argument("--n-permutations", type=int, default=analyses.DEFAULT_N_PERMUTATIONS,
+                        help=f"label shuffles per permutation test (default {analyses.DEFAULT_N_PERMUTATIONS})")
+    parser.add_argument("--q", type=float, default=0.25, help="fraction dropped in Fig. S1 (default 0.25)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random sets and shuffles")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.run is None) == (args.preset is None):
+        parser.error("give either a run (folder or name) or --preset demo, not both")
+    try:
+        run = load_run(DEMO_RUN if args.preset == "demo" else args.run)
+        report = write_report(
+            run, args.out, size=args.size, k=args.k, scores=args.scores, n_random=args.n_random,
+            n_permutations=args.n_permutations, q=args.q, seed=args.seed,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    print(f"Run {report['run']['name']!r}: {report['run']['n_stimuli']} stimuli; "
+          f"set size {report['parameters']['set_size']}, k = {report['parameters']['k']}; "
+          f"language layers used: {report['best_language_layers']}")
+    print((out / "summary.txt").read_text(encoding="utf-8"), end="")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {len(report['files'])} files to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,344 @@
+"""The paper's analyses on runs with planted answers, against slow references and invariances."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from convergence_core import analyses
+from convergence_core.alignment import cknna, prepare_features
+from convergence_core.procrustes import generalized_procrustes
+from convergence_core.stats import (
+    correlation_with_fit,
+    paired_difference_tests,
+    percentile_interval,
+    permutation_test_two_sets,
+)
+from tests.planted_runs import PLANTED_BEST_LAYER, make_planted_run, make_rotation_run
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory):
+    return make_planted_run(tmp_path_factory.mktemp("analyses") / "planted")
+
+
+@pytest.fixture(scope="module")
+def sweep(planted):
+    return analyses.layer_sweep(planted, k=5)
+
+
+@pytest.fixture(scope="module")
+def fig2(planted, sweep):
+    best = analyses.best_language_layers(planted, k=5, sweep=sweep)
+    return analyses.dispersion_set_alignment(
+        planted, size=20, k=5, n_random=60, n_permutations=300, seed=3, best_layers=best
+    )
+
+
+def _features(run, model: str, layer: str) -> np.ndarray:
+    return prepare_features(np.asarray(run.embeddings[model][layer], dtype=np.float64))
+
+
+# --- layer sweep and best layer -------------------------------------------------------------
+
+
+def test_layer_sweep_matches_cknna_on_features(planted, sweep):
+    assert len(sweep) == 3 * (4 + 1)  # 3 vision models × (4 + 1 language layers)
+    for row in sweep.sample(5, random_state=0).itertuples():
+        expected = cknna(
+            _features(planted, row.vision_model, row.vision_layer),
+            _features(planted, row.language_model, row.language_layer),
+            k=5,
+        )
+        assert row.cknna == pytest.approx(expected, abs=1e-5)
+
+
+def test_best_layer_is_the_planted_one(planted, sweep):
+    best = analyses.best_language_layers(planted, k=5, sweep=sweep).set_index("language_model")
+    assert best.loc["planted", "language_layer"] == PLANTED_BEST_LAYER
+    assert best.loc["planted", "language_layer_index"] == 2
+    assert best.loc["independent", "language_layer"] == "final"
+    # the reported mean is the mean over vision models of the sweep at that layer
+    chosen = sweep[(sweep.language_model == "planted") & (sweep.language_layer == PLANTED_BEST_LAYER)]
+    assert best.loc["planted", "mean_cknna"] == pytest.approx(chosen["cknna"].mean())
+    assert best.loc["planted", "n_vision_models"] == 3
+
+
+def test_best_layers_without_a_sweep_agree(planted, sweep):
+    pd.testing.assert_frame_equal(
+        analyses.best_language_layers(planted, k=5),
+        analyses.best_language_layers(planted, k=5, sweep=sweep),
+    )
+    with pytest.raises(ValueError, match="another k"):
+        analyses.best_language_layers(planted, k=7, sweep=sweep)
+
+
+# --- Fig. 2 ----------------------------------------------------------------------------------
+
+
+def test_planted_language_model_prefers_low_dispersion(fig2):
+    planted_rows = fig2[fig2.language_model == "planted"]
+    assert len(planted_rows) == 3
+    assert (planted_rows.language_layer == PLANTED_BEST_LAYER).all()
+    assert (planted_rows.cknna_low_dispersion > planted_rows.cknna_random_mean).all()
+    assert (planted_rows.cknna_random_mean > planted_rows.cknna_high_dispersion).all()
+    assert (planted_rows.permutation_p_value_two_sided < 0.01).all()
+    assert (planted_rows.permutation_p_value_low_greater < 0.01).all()
+    assert (planted_rows.low_high_ratio > 1).all()
+
+
+def test_independent_language_model_shows_no_effect(fig2):
+    rows = fig2[fig2.language_model == "independent"]
+    assert (rows.permutation_p_value_two_sided > 0.01).all()
+    # its CKNNA hovers around chance on every set
+    assert rows[["cknna_low_dispersion", "cknna_high_dispersion"]].abs().to_numpy().max() < 0.35
+
+
+def test_set_values_match_slow_reference(planted, fig2):
+    scores = planted.dispersion["mean"].to_numpy()
+    order = np.argsort(scores, kind="stable")
+    low, high = order[:20], order[-20:]
+    row = fig2[(fig2.vision_model == "vision1") & (fig2.language_model == "planted")].iloc[0]
+    vision = _features(planted, "vision1", "final")
+    language = _features(planted, "planted", PLANTED_BEST_LAYER)
+    assert row.cknna_low_dispersion == pytest.approx(cknna(vision[low], language[low], k=5), abs=1e-5)
+    assert row.cknna_high_dispersion == pytest.approx(cknna(vision[high], language[high], k=5), abs=1e-5)
+    assert row.low_minus_high == pytest.approx(row.cknna_low_dispersion - row.cknna_high_dispersion)
+    assert row.cknna_random_lower_95 <= row.cknna_random_mean <= row.cknna_random_upper_95
+
+
+def test_fig2_is_reproducible_and_seeded(planted, fig2):
+    best = analyses.best_language_layers(planted, k=5)
+    kwargs = dict(size=20, k=5, n_random=60, n_permutations=300, best_layers=best)
+    again = analyses.dispersion_set_alignment(planted, seed=3, **kwargs)
+    pd.testing.assert_frame_equal(again, fig2)
+    other = analyses.dispersion_set_alignment(planted, seed=4, **kwargs)
+    assert not np.allclose(other.cknna_random_mean, fig2.cknna_random_mean)
+    # the low / high sets do not depend on the seed
+    np.testing.assert_allclose(other.cknna_low_dispersion, fig2.cknna_low_dispersion)
+
+
+def test_pc1_selection_runs_and_reports_its_score(planted):
+    table = analyses.dispersion_set_alignment(planted, size=20, k=5, score="pc1", n_random=10, n_permutations=20)
+    assert set(table.score) == {"pc1"}
+    planted_rows = table[table.language_model == "planted"]
+    assert (planted_rows.cknna_low_dispersion > planted_rows.cknna_high_dispersion).all()
+
+
+def test_paired_tests_and_verdict_are_computed_from_the_table(fig2):
+    paired = analyses.paired_set_tests(fig2).set_index("test")
+    differences = fig2.cknna_low_dispersion - fig2.cknna_high_dispersion
+    assert paired.loc["paired_t", "p_value"] == pytest.approx(
+        sps.ttest_1samp(differences, 0.0).pvalue
+    )
+    assert paired.loc["wilcoxon_signed_rank", "n_pairs"] == 6
+    verdict = analyses.effect_verdict(fig2)
+    ordered = int(((fig2.cknna_low_dispersion > fig2.cknna_random_mean)
+                   & (fig2.cknna_random_mean > fig2.cknna_high_dispersion)).sum())
+    assert f"holds for {ordered} of 6 " in verdict
+    planted = fig2[fig2.language_model == "planted"]
+    assert "holds for 3 of 3 " in analyses.effect_verdict(planted)
+    assert "low > high for 3 of 3 (3 with permutation p < 0.05)" in analyses.effect_verdict(planted)
+    flipped = planted.assign(
+        cknna_low_dispersion=planted.cknna_high_dispersion,
+        cknna_high_dispersion=planted.cknna_low_dispersion,
+    )
+    assert "holds for 0 of 3 " in analyses.effect_verdict(flipped)
+    assert "low > high for 0 of 3 (0 with" in analyses.effect_verdict(flipped)
+
+
+# --- Fig. S1 ---------------------------------------------------------------------------------
+
+
+def test_drop_high_beats_full_beats_drop_low(planted):
+    table = analyses.drop_fraction_alignment(planted, q=0.25, k=5)
+    assert len(table) == 6 * 3
+    wide = table[table.language_model == "planted"].pivot_table(
+        index="vision_model", columns="condition", values="cknna"
+    )
+    assert (wide["drop_high"] > wide["full"]).all()
+    assert (wide["full"] > wide["drop_low"]).all()
+    kept = table.drop_duplicates("condition").set_index("condition")["n_stimuli"]
+    assert kept.to_dict() == {"full": 80, "drop_high": 60, "drop_low": 60}
+
+
+def test_drop_fraction_matches_slow_reference(planted):
+    table = analyses.drop_fraction_alignment(planted, q=0.25, k=5)
+    order = np.argsort(planted.dispersion["mean"].to_numpy(), kind="stable")
+    kept = np.sort(order[:60])  # drop the 20 highest
+    row = table[(table.vision_model == "vision0") & (table.language_model == "planted")
+                & (table.condition == "drop_high")].iloc[0]
+    expected = cknna(
+        _features(planted, "vision0", "final")[kept],
+        _features(planted, "planted", PLANTED_BEST_LAYER)[kept],
+        k=5,
+    )
+    assert row.cknna == pytest.approx(expected, abs=1e-5)
+
+
+# --- Fig. S2 ---------------------------------------------------------------------------------
+
+
+def test_rotated_copy_deviates_exactly_like_its_original(tmp_path):
+    """Theory: a held-out model that is an exact rotation R of a model A still in the partial GPA
+    preprocesses to A's configuration times R, and Procrustes undoes R, so its deviation from the
+    partial consensus equals A's GPA residual there, stimulus by stimulus; hence r equals
+    corr(mean partial residual, A's residual)."""
+    run, _ = make_rotation_run(tmp_path / "rotation")
+    points = analyses.leave_one_model_out(run)
+    assert len(points) == 4 * run.n_stimuli
+    held = points[points.held_out_model == "copy"]
+    embeddings = [np.asarray(run.embeddings[m]["final"], dtype=np.float64)
+                  for m in ("vision0", "vision1", "vision2")]
+    partial = generalized_procrustes(embeddings)
+    residual_of_original = np.asarray(partial.residuals)[:, 0]
+    np.testing.assert_allclose(held.deviation.to_numpy(), residual_of_original, atol=1e-5)
+    np.testing.assert_allclose(
+        held.partial_dispersion.to_numpy(), np.asarray(partial.residuals).mean(axis=1), atol=1e-9
+    )
+    statistics = analyses.leave_one_model_out_statistics(points).set_index("held_out_model")
+    expected_r = np.corrcoef(np.asarray(partial.residuals).mean(axis=1), residual_of_original)[0, 1]
+    assert statistics.loc["copy", "pearson_r"] == pytest.approx(expected_r, abs=1e-4)
+    # and symmetrically for the original held out, with the copy in the partial GPA
+    original = points[points.held_out_model == "vision0"]
+    others = [np.asarray(run.embeddings[m]["final"], dtype=np.float64) for m in ("vision1", "vision2", "copy")]
+    np.testing.assert_allclose(
+        original.deviation.to_numpy(), np.asarray(generalized_procrustes(others).residuals)[:, 2], atol=1e-5
+    )
+
+
+def test_partial_dispersion_predicts_held_out_deviation(planted):
+    points = analyses.leave_one_model_out(planted)
+    statistics = analyses.leave_one_model_out_statistics(points)
+    assert list(statistics.held_out_model) == ["vision0", "vision1", "vision2"]
+    # the planted noise is shared by all models, so the correlation must be strongly positive
+    assert (statistics.pearson_r > 0.5).all()
+    assert (statistics.spearman_p_value < 1e-3).all()
+    assert (points.deviation >= 0).all()
+
+
+# --- stats helpers against slow references ---------------------------------------------------
+
+
+def test_permutation_p_value_matches_exact_enumeration():
+    values = np.array([3.1, 2.7, 2.9, 3.4, 1.0, 1.4, 2.8, 0.9])
+    first, second = np.arange(4), np.arange(4, 8)
+
+    def statistic(indices):
+        return values[indices].mean()
+
+    observed = statistic(first) - statistic(second)
+    exact = []
+    for chosen in itertools.combinations(range(8), 4):
+        rest = [i for i in range(8) if i not in chosen]
+        exact.append(statistic(np.array(chosen)) - statistic(np.array(rest)))
+    exact = np.array(exact)
+    exact_two_sided = np.mean(np.abs(exact) >= abs(observed) - 1e-12)
+    exact_greater = np.mean(exact >= observed - 1e-12)
+    result = permutation_test_two_sets(
+        statistic, first, second, n_permutations=4000, rng=np.random.default_rng(0)
+    )
+    assert result.observed == pytest.approx(observed)
+    assert result.p_value_two_sided == pytest.approx(exact_two_sided, abs=0.015)
+    assert result.p_value_first_greater == pytest.approx(exact_greater, abs=0.015)
+    assert result.p_value_two_sided > 0  # the +1 correction
+
+
+def test_permutation_p_values_are_roughly_uniform_under_the_null():
+    rng = np.random.default_rng(5)
+    p_values = []
+    for _ in range(200):
+        values = rng.standard_normal(20)
+        result = permutation_test_two_sets(
+            lambda idx: values[idx].mean(), np.arange(10), np.arange(10, 20),
+            n_permutations=99, rng=rng,
+        )
+        p_values.append(result.p_value_two_sided)
+    p_values = np.array(p_values)
+    assert 0.02 <= np.mean(p_values <= 0.1) <= 0.2
+    assert 0.4 <= np.median(p_values) <= 0.6
+
+
+def test_percentile_interval_and_correlation_against_numpy():
+    rng = np.random.default_rng(2)
+    values = rng.standard_normal(1000)
+    lower, upper = percentile_interval(values)
+    assert np.mean(values < lower) == pytest.approx(0.025, abs=0.002)
+    assert np.mean(values > upper) == pytest.approx(0.025, abs=0.002)
+    x = rng.standard_normal(50)
+    y = 2.0 * x + 0.5 + 0.3 * rng.standard_normal(50)
+    fit = correlation_with_fit(x, y)
+    assert fit["pearson_r"] == pytest.approx(np.corrcoef(x, y)[0, 1])
+    slope = np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2)
+    assert fit["fit_slope"] == pytest.approx(slope)
+    assert fit["fit_intercept"] == pytest.approx(y.mean() - slope * x.mean())
+    ranks_r = np.corrcoef(sps.rankdata(x), sps.rankdata(y))[0, 1]
+    assert fit["spearman_rho"] == pytest.approx(ranks_r)
+
+
+def test_paired_tests_without_differences_give_nan():
+    same = np.array([0.1, 0.2, 0.3])
+    table = paired_difference_tests(same, same)
+    assert table.p_value.isna().all()
+    assert (table.mean_difference == 0).all()
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_set_size_larger_than_half_is_refused(planted):
+    with pytest.raises(ValueError, match=r"larger than half.*use size <= 40"):
+        analyses.dispersion_set_alignment(planted, size=41, n_random=2, n_permutations=2)
+
+
+def test_k_too_large_for_a_set_is_refused(planted):
+    with pytest.raises(ValueError, match=r"k=10 is too large.*use k <= 7"):
+        analyses.dispersion_set_alignment(planted, size=8, k=10, n_random=2, n_permutations=2)
+    with pytest.raises(ValueError, match="too large"):
+        analyses.drop_fraction_alignment(planted, q=0.9, k=10)
+    with pytest.raises(ValueError, match="too large"):
+        analyses.layer_sweep(planted, k=80)
+
+
+def test_other_bad_parameters_are_refused(planted):
+    with pytest.raises(ValueError, match="unknown dispersion score"):
+        analyses.dispersion_set_alignment(planted, size=10, k=5, score="median", n_random=2)
+    with pytest.raises(ValueError, match=r"must lie in \(0, 1\)"):
+        analyses.drop_fraction_alignment(planted, q=1.5)
+    with pytest.raises(ValueError, match="positive integer"):
+        analyses.dispersion_set_alignment(planted, size=0)
+
+
+def _single_vision_run():
+    residuals = np.zeros((30, 1))
+    return SimpleNamespace(
+        path="single",
+        gpa=SimpleNamespace(models=("only",), layers=("final",), residuals=residuals),
+        language_models=["text"],
+    )
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda run: analyses.dispersion_set_alignment(run, size=10),
+        lambda run: analyses.drop_fraction_alignment(run),
+        lambda run: analyses.layer_sweep(run),
+        lambda run: analyses.best_language_layers(run),
+        lambda run: analyses.leave_one_model_out(run),
+    ],
+)
+def test_a_single_vision_model_is_refused(call):
+    with pytest.raises(ValueError, match="single vision model.*precompute the run with more vision models"):
+        call(_single_vision_run())
+
+
+def test_leave_one_out_needs_three_vision_models(tmp_path):
+    run = make_planted_run(tmp_path / "two", n=30, n_vision=2)
+    with pytest.raises(ValueError, match="at least 3 vision models"):
+        analyses.leave_one_model_out(run)
