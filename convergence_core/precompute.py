@@ -885,7 +885,6 @@ def precompute(
             items_per_second=round(total / extract_seconds, 2) if extract_seconds > 0 else None,
         )
         manifest.finish_step(step, inputs)
-        notify(ProgressEvent("extract", model, total, total))
 
     gpa_models = list(cfg.vision_models)
     gpa_layers = [_gpa_layer(cfg, data["models"][m], m) for m in gpa_models]

@@ -1,0 +1,121 @@
+"""`python -m convergence_core`: help, runs, errors, and a real precompute of a few coco-mini images."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convergence_core import settings
+from convergence_core.cli import main
+from tests.fixtures_runs import make_synthetic_run
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _main(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_help_reads_well_from_a_real_process():
+    result = subprocess.run(
+        [sys.executable, "-m", "convergence_core", "--help"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    for word in ("precompute", "runs", "report", "GPA"):
+        assert word in result.stdout
+
+
+def test_precompute_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["precompute", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--dataset", "--vision", "--language", "--layers", "--device", "--batch-size",
+                 "--caption-mode", "--drop-bad", "--run-name", "--cache", "--preset", "demo"):
+        assert flag in text
+
+
+def test_no_command_prints_help():
+    code, out, _ = _main()
+    assert code == 2 and "precompute" in out
+
+
+def test_runs_lists_cached_runs(tmp_path):
+    code, out, _ = _main("runs", "--cache", str(tmp_path))
+    assert code == 0 and "no cached runs" in out
+    make_synthetic_run(tmp_path / "runs", n=8, thumbnails=False, name="alpha")
+    code, out, _ = _main("runs", "--cache", str(tmp_path))
+    assert code == 0
+    header, row = out.strip().splitlines()
+    assert header.split()[:4] == ["name", "status", "n", "vision"]
+    assert row.split()[:3] == ["alpha", "complete", "8"]
+    code, out, _ = _main("runs", "--cache", str(tmp_path), "--json")
+    listed = json.loads(out)
+    assert [r["name"] for r in listed] == ["alpha"] and listed[0]["n_stimuli"] == 8
+
+
+def test_user_errors_are_one_line_with_the_fix(tmp_path):
+    code, _, err = _main("precompute", "--cache", str(tmp_path))
+    assert code == 2 and err.startswith("error: nothing to precompute") and "--preset demo" in err
+    code, _, err = _main(
+        "precompute", "--dataset", str(tmp_path / "absent"), "--vision", "efficientnet-lite0,nope",
+        "--cache", str(tmp_path),
+    )
+    assert code == 2 and "unknown model 'nope'" in err and "Traceback" not in err
+    code, _, err = _main("precompute", "--preset", "demo", "--layers", "lite0", "--cache", str(tmp_path))
+    assert code == 2 and "MODEL=VALUE" in err
+
+
+def test_report_is_delegated(monkeypatch):
+    import convergence_core.report as report
+
+    seen = []
+    monkeypatch.setattr(report, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["report", "demo", "--out", "x"]) == 0
+    assert seen == [["demo", "--out", "x"]]
+
+
+@pytest.mark.slow
+def test_precompute_real_models_on_six_images(tmp_path, monkeypatch):
+    """EfficientNet-Lite0/1 (GPA needs two vision models) + MiniLM on 6 coco-mini images."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    source = settings.demo_data_root()
+    data = json.loads((source / "captions.json").read_text(encoding="utf-8"))
+    images = sorted(data["images"], key=lambda im: im["id"])[:6]
+    root = tmp_path / "six"
+    (root / "images").mkdir(parents=True)
+    for image in images:
+        shutil.copy(source / "images" / image["file_name"], root / "images")
+    ids = {im["id"] for im in images}
+    data = {"images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+    (root / "captions.json").write_text(json.dumps(data), encoding="utf-8")
+    argv = [
+        "precompute", "--dataset", str(root), "--vision", "efficientnet-lite0,efficientnet-lite1",
+        "--language", "minilm", "--layers", "default", "--batch-size", "4", "--run-name", "six",
+        "--cache", str(tmp_path / "cache"),
+    ]
+    code, out, err = _main(*argv)
+    assert code == 0, err
+    run_path = tmp_path / "cache" / "runs" / "six"
+    assert out.startswith(f"run {run_path}: 6 stimuli; vision efficientnet-lite0, efficientnet-lite1")
+    assert "GPA" in out and "iterations" in out and out.count("\n") == 1
+    assert "efficientnet-lite0" in err  # the progress bar
+    from convergence_core import load_run
+
+    run = load_run(run_path)
+    assert run.layers("efficientnet-lite0") == ["pre_logits"]
+    assert run.embeddings["efficientnet-lite1"]["pre_logits"].shape == (6, 1280)
+    assert run.embeddings["minilm"][run.default_layer("minilm")].shape == (6, 384)
+    assert run.manifest["models"]["minilm"]["weights_id"]
+    code, out, err = _main(*argv)  # everything cached now
+    assert code == 0 and err.count("cached") >= 4
