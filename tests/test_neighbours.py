@@ -1,0 +1,114 @@
+"""CKNNA / mutual k-NN from cached Gram matrices equal the feature-based metrics on the subset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convergence_core.alignment import cknna, mutual_knn, prepare_features
+from convergence_core.neighbours import cknna_from_gram, mutual_knn_from_gram, top_k_neighbours
+
+
+def features(seed: int, n: int = 150, dx: int = 20, dy: int = 12):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, dx))
+    Y = X @ rng.standard_normal((dx, dy)) + rng.standard_normal((n, dy))
+    return prepare_features(X), prepare_features(Y)
+
+
+def slow_top_k(G: np.ndarray, k: int) -> list[set[int]]:
+    out = []
+    for i, row in enumerate(G):
+        order = [j for j in np.argsort(-row, kind="stable") if j != i]
+        out.append(set(int(j) for j in order[:k]))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 10, 149])
+def test_top_k_neighbours_matches_sorting(k: int) -> None:
+    X, _ = features(k)
+    G = X @ X.T
+    got = [set(row.tolist()) for row in top_k_neighbours(G, k)]
+    assert got == slow_top_k(G, k)
+
+
+def test_top_k_neighbours_excludes_self_even_when_self_is_not_largest() -> None:
+    # unnormalised features: a row's own inner product need not be its largest
+    X = np.array([[1.0], [2.0], [3.0], [-1.0]])
+    G = X @ X.T
+    assert [set(r.tolist()) for r in top_k_neighbours(G, 2)] == slow_top_k(G, 2)
+    # subset values [-1, 1, 2]; positions within the subset are returned
+    assert [set(r.tolist()) for r in top_k_neighbours(G, 1, subset=[3, 0, 1])] == [{1}, {2}, {1}]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    size=st.integers(4, 150),
+    k_fraction=st.floats(0.0, 1.0),
+)
+def test_subset_from_gram_equals_features_on_subset(seed: int, size: int, k_fraction: float) -> None:
+    X, Y = features(seed % 1000)
+    rng = np.random.default_rng(seed)
+    subset = rng.choice(X.shape[0], size=size, replace=False)
+    k = 2 + int(k_fraction * (size - 3))
+    K, L = X @ X.T, Y @ Y.T
+    assert cknna_from_gram(K, L, k, subset) == pytest.approx(cknna(X[subset], Y[subset], k), abs=1e-9)
+    assert mutual_knn_from_gram(K, L, k, subset) == pytest.approx(
+        mutual_knn(X[subset], Y[subset], k), abs=1e-12
+    )
+
+
+def test_full_set_and_float32_grams() -> None:
+    X, Y = features(11)
+    K, L = X @ X.T, Y @ Y.T
+    assert cknna_from_gram(K, L, 10) == pytest.approx(cknna(X, Y, 10), abs=1e-9)
+    # float32 caches: same neighbours on continuous data, values to float32 accuracy
+    K32, L32 = K.astype(np.float32), L.astype(np.float32)
+    assert cknna_from_gram(K32, L32, 10) == pytest.approx(cknna(X, Y, 10), abs=1e-6)
+    subset = np.arange(0, 150, 3)
+    assert cknna_from_gram(K32, L32, 5, subset) == pytest.approx(cknna(X[subset], Y[subset], 5), abs=1e-6)
+
+
+def test_subset_order_does_not_matter() -> None:
+    X, Y = features(12)
+    K, L = X @ X.T, Y @ Y.T
+    subset = np.array([5, 90, 3, 41, 7, 66, 12, 100, 33, 21])
+    shuffled = subset[::-1].copy()
+    assert cknna_from_gram(K, L, 3, subset) == pytest.approx(cknna_from_gram(K, L, 3, shuffled), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"subset": []}, "empty"),
+        ({"subset": [1, 2, 2, 3, 4]}, "more than once"),
+        ({"subset": [0, 1, 2, 150]}, "outside 0..149"),
+        ({"subset": [0, 1, 2, -1]}, "negative indexing"),
+        ({"subset": np.array([0.0, 1.0, 2.0, 3.0])}, "must be integers"),
+        ({"subset": np.ones(150, dtype=bool)}, "boolean mask"),
+        ({"subset": [0, 1, 2]}, "at least 4 stimuli"),
+        ({"k": 1}, "2 <= k"),
+        ({"k": 150}, "out of range"),
+    ],
+)
+def test_bad_input_is_explained(kwargs: dict, message: str) -> None:
+    X, Y = features(13)
+    with pytest.raises(ValueError, match=message):
+        cknna_from_gram(X @ X.T, Y @ Y.T, **{"k": 2, **kwargs})
+
+
+def test_bad_grams_are_explained() -> None:
+    X, Y = features(14)
+    K, L = X @ X.T, Y @ Y.T
+    with pytest.raises(ValueError, match="square"):
+        cknna_from_gram(X, L)
+    with pytest.raises(ValueError, match="same stimuli"):
+        cknna_from_gram(K, L[:-1, :-1])
+    K[3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        mutual_knn_from_gram(K, L, 3)
+    # a NaN outside the chosen subset is not touched
+    assert np.isfinite(mutual_knn_from_gram(K, L, 3, subset=np.arange(5, 40)))

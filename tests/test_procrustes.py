@@ -1,0 +1,192 @@
+"""Generalized Procrustes: agreement with a slow full-dimensional reference loop, invariances,
+monotone convergence and the errors for bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convergence_core.procrustes import (
+    GPAResult,
+    generalized_procrustes,
+    preprocess_embeddings,
+    procrustes_align,
+)
+
+TIGHT = 1e-15  # run to (near) machine precision so different frames reach the same fixed point
+# Near the optimum the loss is quadratic in the configuration, so a loss converged to ~1e-15 pins
+# the configuration only to ~sqrt(1e-15): runs started from different frames agree to this.
+DIFFERENT_START_ATOL = 1e-7
+
+
+def reference_gpa(embeddings, tol=1e-10, max_iter=1000):
+    """Plain GPA as the paper describes it, in the full padded d-dimensional space."""
+    d = max(x.shape[1] for x in embeddings)
+    configs = []
+    for x in embeddings:
+        x = np.asarray(x, dtype=np.float64)
+        x = x - x.mean(axis=0)
+        x = x / np.sqrt(np.sum(x**2))
+        configs.append(np.hstack([x, np.zeros((x.shape[0], d - x.shape[1]))]))
+    consensus = sum(configs) / len(configs)
+    aligned = configs
+    losses = [sum(np.sum((a - consensus) ** 2) for a in aligned)]
+    for _ in range(max_iter):
+        aligned = []
+        for n in configs:
+            u, _, vt = np.linalg.svd(n.T @ consensus)
+            aligned.append(n @ (u @ vt))
+        consensus = sum(aligned) / len(aligned)
+        losses.append(sum(np.sum((a - consensus) ** 2) for a in aligned))
+        if losses[-2] - losses[-1] < tol:
+            break
+    residuals = np.array([[np.linalg.norm(a[j] - consensus[j]) for a in aligned] for j in range(len(consensus))])
+    return residuals, np.array(losses)
+
+
+def shared_structure(rng, m=40, dims=(6, 9, 7), noise=0.3, latent=5):
+    base = rng.standard_normal((m, latent))
+    return [base @ rng.standard_normal((latent, d)) + noise * rng.standard_normal((m, d)) for d in dims]
+
+
+def random_orthogonal(rng, d):
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    return q * np.sign(np.diag(r))
+
+
+@pytest.mark.parametrize(
+    ("m", "dims"),
+    [(40, (6, 9, 7)), (12, (30, 25, 40, 20)), (25, (25, 3)), (8, (5, 5))],
+    ids=["m>d", "m<d", "m=d mixed", "small"],
+)
+def test_matches_reference_gpa(m, dims) -> None:
+    embeddings = shared_structure(np.random.default_rng(m), m=m, dims=dims, latent=min(4, *dims))
+    result = generalized_procrustes(embeddings)
+    ref_residuals, ref_losses = reference_gpa(embeddings)
+    # same iterates as the full-space loop, not merely the same fixed point
+    assert result.n_iter == len(ref_losses) - 1
+    np.testing.assert_allclose(result.loss_history, ref_losses, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(result.residuals, ref_residuals, atol=1e-8)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), m=st.integers(3, 30), n_models=st.integers(2, 4))
+def test_matches_reference_gpa_property(seed, m, n_models) -> None:
+    rng = np.random.default_rng(seed)
+    dims = tuple(int(d) for d in rng.integers(1, 12, size=n_models))
+    embeddings = [rng.standard_normal((m, d)) for d in dims]
+    result = generalized_procrustes(embeddings, tol=TIGHT, max_iter=3000)
+    ref_residuals, _ = reference_gpa(embeddings, tol=TIGHT, max_iter=3000)
+    np.testing.assert_allclose(result.residuals, ref_residuals, atol=1e-8)
+
+
+def test_result_is_consistent() -> None:
+    embeddings = shared_structure(np.random.default_rng(1))
+    r = generalized_procrustes(embeddings, models=("a", "b", "c"), layers=("x", "y", "z"))
+    assert isinstance(r, GPAResult)
+    m, d = 40, 9
+    assert r.residuals.shape == (m, 3) and r.residuals.dtype == np.float64
+    assert r.consensus.shape == (m, d) and len(r.aligned) == 3
+    assert all(a.shape == (m, d) for a in r.aligned)
+    assert r.loss_history.shape == (r.n_iter + 1,)
+    assert r.converged and r.models == ("a", "b", "c") and r.layers == ("x", "y", "z")
+    np.testing.assert_allclose(r.consensus, np.mean(r.aligned, axis=0), atol=1e-14)
+    # residuals are the row distances, and their squares sum to the final loss
+    np.testing.assert_allclose(r.residuals[:, 1], np.linalg.norm(r.aligned[1] - r.consensus, axis=1))
+    assert np.sum(r.residuals**2) == pytest.approx(r.loss_history[-1], rel=1e-12)
+    # each aligned configuration is an isometric copy of the preprocessed input
+    for a, n in zip(r.aligned, preprocess_embeddings(embeddings)):
+        np.testing.assert_allclose(a @ a.T, n @ n.T, atol=1e-12)
+    # monotone convergence
+    assert np.all(np.diff(r.loss_history) <= 1e-15)
+    assert r.loss_history[-2] - r.loss_history[-1] < 1e-10
+
+
+def test_invariances() -> None:
+    rng = np.random.default_rng(2)
+    embeddings = shared_structure(rng)
+    base = generalized_procrustes(embeddings, tol=TIGHT).residuals
+    rotated = [embeddings[0] @ random_orthogonal(rng, 6), embeddings[1], embeddings[2]]
+    reflected = [embeddings[0], -embeddings[1], embeddings[2]]
+    permuted = [embeddings[0], embeddings[1][:, rng.permutation(9)], embeddings[2]]
+    scaled = [embeddings[0] * 1e3, embeddings[1], embeddings[2] * 0.01 + 5.0]  # scale and shift
+    for variant in (rotated, reflected, permuted, scaled):
+        residuals = generalized_procrustes(variant, tol=TIGHT).residuals
+        np.testing.assert_allclose(residuals, base, atol=DIFFERENT_START_ATOL)
+    # permuting the stimuli permutes the residual rows
+    order = rng.permutation(40)
+    shuffled = generalized_procrustes([e[order] for e in embeddings], tol=TIGHT).residuals
+    np.testing.assert_allclose(shuffled, base[order], atol=DIFFERENT_START_ATOL)
+
+
+def test_identical_models_have_zero_residuals() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((30, 8))
+    r = generalized_procrustes([x, x @ random_orthogonal(rng, 8), 2.0 * x])
+    np.testing.assert_allclose(r.residuals, 0.0, atol=1e-12)
+    assert r.loss_history[-1] == pytest.approx(0.0, abs=1e-20)
+
+
+def test_procrustes_align_recovers_rotation() -> None:
+    rng = np.random.default_rng(4)
+    source = rng.standard_normal((20, 5))
+    R = random_orthogonal(rng, 5)
+    aligned, rotation = procrustes_align(source, source @ R)
+    np.testing.assert_allclose(rotation, R, atol=1e-12)
+    np.testing.assert_allclose(aligned, source @ R, atol=1e-12)
+    with pytest.raises(ValueError, match="Zero-pad"):
+        procrustes_align(source, source[:, :4])
+
+
+def test_preprocess_embeddings() -> None:
+    rng = np.random.default_rng(5)
+    out = preprocess_embeddings([rng.standard_normal((10, 3)) + 7.0, rng.standard_normal((10, 5))])
+    assert [o.shape for o in out] == [(10, 5), (10, 5)]
+    for o in out:
+        np.testing.assert_allclose(o.mean(axis=0), 0.0, atol=1e-15)
+        assert np.linalg.norm(o) == pytest.approx(1.0)
+    assert np.all(out[0][:, 3:] == 0.0)
+
+
+@pytest.mark.parametrize(
+    ("embeddings", "message"),
+    [
+        ([np.ones((5, 3))], "at least 2 models"),
+        (np.ones((5, 3)), "list of M arrays"),
+        ([np.ones((5, 3)), np.ones((6, 3))], r"model 0: 5, model 1: 6"),
+        ([np.ones((2, 3)), np.ones((2, 3))], "at least 3 stimuli"),
+        ([np.ones(5), np.ones((5, 3))], "must be 2-D"),
+        ([np.ones((5, 3)), np.ones((5, 3))], "zero variance"),
+    ],
+)
+def test_bad_input_is_explained(embeddings, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        generalized_procrustes(embeddings)
+
+
+def test_non_finite_names_the_model_and_counts() -> None:
+    rng = np.random.default_rng(6)
+    a, b = rng.standard_normal((6, 3)), rng.standard_normal((6, 4))
+    b[1, 2] = np.nan
+    b[4, 0] = np.nan
+    b[4, 1] = -np.inf
+    with pytest.raises(ValueError, match=r"model 1 \('dino'\) contains 2 NaN and 1 Inf values in 2 stimuli"):
+        generalized_procrustes([a, b], models=("mae", "dino"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"tol": -1.0}, "tol"), ({"max_iter": 0}, "max_iter"), ({"models": ("a",)}, "one name per array")],
+)
+def test_bad_options_are_explained(kwargs, message) -> None:
+    rng = np.random.default_rng(7)
+    with pytest.raises(ValueError, match=message):
+        generalized_procrustes([rng.standard_normal((6, 3)), rng.standard_normal((6, 3))], **kwargs)
+
+
+def test_max_iter_reached_is_reported() -> None:
+    embeddings = shared_structure(np.random.default_rng(8), noise=2.0)
+    r = generalized_procrustes(embeddings, max_iter=1, tol=0.0)
+    assert r.n_iter == 1 and not r.converged and r.loss_history.shape == (2,)
