@@ -49,14 +49,12 @@ ascending = np.argsort(rank, kind="stable")
 keep = np.ones(n, dtype=bool)
 if query.strip():
     needle = query.strip().lower()
-    captions_text = stimuli["captions"].map(lambda caps: " \n ".join(caps).lower())
-    keep &= captions_text.str.contains(needle, regex=False).to_numpy() | np.char.find(
-        np.char.lower(ids.astype(str)), needle
-    ) >= 0
+    in_captions = stimuli["captions"].map(lambda caps: any(needle in c.lower() for c in caps)).to_numpy(bool)
+    in_id = np.array([needle in identifier.lower() for identifier in ids], dtype=bool)
+    keep &= in_captions | in_id
 if only_selection and selection is not None:
-    chosen = np.zeros(n, dtype=bool)
-    chosen[[i for i, identifier in enumerate(ids) if identifier in set(selection.ids)]] = True
-    keep &= chosen
+    chosen_ids = set(selection.ids)
+    keep &= np.array([identifier in chosen_ids for identifier in ids], dtype=bool)
 ranked = ascending[keep[ascending]]
 n_pages = max(1, math.ceil(len(ranked) / PER_SIDE))
 st.text(f"{len(ranked)} of {n} stimuli shown, {PER_SIDE} per side and page, {n_pages} pages.")

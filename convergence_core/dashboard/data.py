@@ -131,6 +131,7 @@ def compute_umap(residuals: np.ndarray, random_state: int = UMAP_RANDOM_STATE) -
         n_components=2,
         n_neighbors=min(UMAP_NEIGHBOURS, max(2, m - 1)),
         random_state=random_state,
+        n_jobs=1,  # a fixed random_state forces one thread anyway; saying so silences umap's warning
         init="spectral" if m > 10 else "random",
     )
     return np.asarray(reducer.fit_transform(np.asarray(residuals, dtype=np.float64)), dtype=np.float64)

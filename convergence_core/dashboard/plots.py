@@ -121,6 +121,7 @@ def residual_scatter(
         figure.add_trace(
             go.Scattergl(
                 x=np.asarray(x)[chosen], y=np.asarray(y)[chosen], mode="markers", name="current selection",
+                customdata=chosen,  # a box/lasso over these points must select the same stimuli
                 hoverinfo="skip",
                 marker={"size": 12, "color": "rgba(0,0,0,0)", "line": {"color": "#d62728", "width": 2}},
             )

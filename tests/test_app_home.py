@@ -1,0 +1,187 @@
+"""Home page (app.py) with AppTest against runs built in the test, and the URL-state helpers."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from convergence_core.dashboard import data, state
+from convergence_core.run import RunInfo
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache with two runs: "demo" (60 stimuli) and the newer "other" (40 stimuli)."""
+    from tests.fixtures_runs import make_synthetic_run
+
+    cache = tmp_path_factory.mktemp("cache")
+    make_synthetic_run(cache / "runs", n=60, name="demo")
+    time.sleep(0.01)
+    make_synthetic_run(cache / "runs", n=40, name="other", seed=1)
+    return cache
+
+
+@pytest.fixture
+def synthetic_cache(_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(_cache_dir))
+    return _cache_dir
+
+
+def _app() -> AppTest:
+    return AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+
+
+def _metric(at: AppTest, label: str) -> str:
+    for metric in at.metric:
+        if metric.label == label:
+            return metric.value
+    raise AssertionError(f"no metric {label!r}; metrics: {[m.label for m in at.metric]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# pure URL state
+
+
+def test_parse_query_params_reads_valid_values() -> None:
+    view, warnings = state.parse_query_params(
+        {"run": "demo", "source": "high", "score": "pc1", "k": "7", "size": "30", "page": "3"},
+        ["demo", "other"],
+    )
+    assert warnings == []
+    assert (view.run, view.source, view.score, view.k, view.size, view.page) == ("demo", "high", "pc1", 7, 30, 3)
+    assert state.parse_query_params(view.to_query_params(), ["demo"])[0] == view
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "default", "word"),
+    [
+        ({"score": "median"}, "score", "mean", "score"),
+        ({"source": "<b>x</b>"}, "source", "low", "source"),
+        ({"k": "ten"}, "k", 10, "whole number"),
+        ({"k": "1"}, "k", 10, "at least 2"),
+        ({"size": "-4"}, "size", None, "at least 4"),
+        ({"page": "0"}, "page", 1, "at least 1"),
+        ({"run": "nope"}, "run", None, "not a cached run"),
+    ],
+)
+def test_parse_query_params_falls_back_with_a_warning(params, field, default, word) -> None:
+    view, warnings = state.parse_query_params(params, ["demo"])
+    assert getattr(view, field) == default
+    assert len(warnings) == 1 and word in warnings[0]
+
+
+def test_warnings_never_echo_markdown_or_html_from_the_url() -> None:
+    _, warnings = state.parse_query_params({"score": "![x](http://evil/t.png)<script>"}, [])
+    assert "![x]" not in warnings[0] and "<script>" not in warnings[0] and "(http" not in warnings[0]
+
+
+def test_repeated_query_keys_use_the_last_value() -> None:
+    view, _ = state.parse_query_params({"k": ["3", "12"]}, [])
+    assert view.k == 12
+
+
+def test_default_run_prefers_newest_demo_then_newest() -> None:
+    def info(name: str) -> RunInfo:
+        return RunInfo(name, Path(name), {})
+
+    assert data.default_run_name([info("new"), info("demo-2"), info("demo")]) == "demo-2"
+    assert data.default_run_name([info("new"), info("old")]) == "new"
+    assert data.default_run_name([info("demonstration"), info("old")]) == "demonstration"
+    assert data.default_run_name([]) is None
+
+
+def test_default_subset_size() -> None:
+    assert state.default_subset_size(239) == 60
+    assert state.default_subset_size(60) == 15
+    assert state.default_subset_size(10) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+
+def test_no_run_says_how_to_make_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "empty-cache"))
+    at = _app().run(timeout=TIMEOUT)
+    assert not at.exception
+    message = " ".join(e.value for e in at.error)
+    assert "No cached run" in message
+    assert "make demo" in message and "python -m convergence_core precompute --preset demo" in message
+
+
+def test_home_cards_histogram_and_previews(synthetic_cache: Path) -> None:
+    from convergence_core.run import load_run
+
+    run = load_run(synthetic_cache / "runs" / "demo")
+    at = _app().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert _metric(at, "Stimuli") == str(run.n_stimuli)
+    assert _metric(at, "Vision models") == "3"
+    assert _metric(at, "Language models") == "2"
+    assert _metric(at, "GPA iterations") == str(run.gpa.n_iter)
+    assert _metric(at, "GPA final loss") == f"{float(run.gpa.loss_history[-1]):.6f}"
+    models = at.dataframe[0].value
+    assert list(models["model"]) == run.models
+    # 5 lowest and 5 highest dispersion thumbnails, in rank order
+    assert len(at.image) == 10
+    labels = [t.value for t in at.text if t.value.startswith("rank ")]
+    order = np.argsort(run.dispersion["rank_mean"].to_numpy())
+    expected_low = [f"rank {i + 1} · {run.stimuli['id'].iloc[r]}" for i, r in enumerate(order[:5])]
+    assert labels[:5] == expected_low
+    # the histogram title reports the correlation of the two scores, computed independently
+    mean, pc1 = run.dispersion["mean"].to_numpy(), run.dispersion["pc1"].to_numpy()
+    r = np.corrcoef(mean, pc1)[0, 1]
+    chart = at.get("plotly_chart")[0].proto.spec
+    assert f"Pearson r = {r:.3f}" in chart
+
+
+def test_home_defaults_to_the_demo_run_and_can_switch(synthetic_cache: Path) -> None:
+    at = _app().run(timeout=TIMEOUT)
+    run_box = at.sidebar.selectbox[0]
+    assert run_box.value == "demo"
+    assert set(run_box.options) == {"demo", "other"}
+    assert at.query_params["run"] == "demo"
+    run_box.set_value("other").run(timeout=TIMEOUT)
+    assert not at.exception
+    assert _metric(at, "Stimuli") == "40"
+    assert at.query_params["run"] == "other"
+
+
+def test_query_params_start_the_view(synthetic_cache: Path) -> None:
+    at = _app()
+    at.query_params["run"] = "other"
+    at.query_params["score"] = "pc1"
+    at.run(timeout=TIMEOUT)
+    assert at.sidebar.selectbox[0].value == "other"
+    assert any("PC1 score" in s.value for s in at.subheader)
+    assert not at.warning
+
+
+def test_invalid_query_params_warn_and_fall_back(synthetic_cache: Path) -> None:
+    at = _app()
+    at.query_params["run"] = "missing"
+    at.query_params["k"] = "many"
+    at.run(timeout=TIMEOUT)
+    assert not at.exception
+    warnings = " ".join(w.value for w in at.warning)
+    assert "not a cached run" in warnings and "whole number" in warnings
+    assert at.sidebar.selectbox[0].value == "demo"
+    assert at.query_params["k"] == "10"
+
+
+def test_cached_run_is_reloaded_when_its_manifest_changes(synthetic_cache: Path) -> None:
+    path = synthetic_cache / "runs" / "demo"
+    first = data.open_run(path)
+    assert data.open_run(path) is first
+    manifest = path / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns + 10_000_000
+    os.utime(manifest, ns=(stamp, stamp))
+    assert data.open_run(path) is not first

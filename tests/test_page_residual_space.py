@@ -1,0 +1,221 @@
+"""Residual-space page (pages/2_Residual_space.py), chart-selection parsing and selection import/export."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from convergence_core.dashboard import data, selection_io, state
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 60
+PAGE = "pages/2_Residual_space.py"
+
+
+@pytest.fixture(scope="module")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures_runs import make_synthetic_run
+
+    cache = tmp_path_factory.mktemp("cache")
+    make_synthetic_run(cache / "runs", n=50, name="demo")
+    return cache
+
+
+@pytest.fixture
+def run(_cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    from convergence_core.run import load_run
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(_cache_dir))
+    return load_run(_cache_dir / "runs" / "demo")
+
+
+def _page() -> AppTest:
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT).run(timeout=TIMEOUT)
+    at.switch_page(PAGE).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    return at
+
+
+def _figure(at: AppTest, title_part: str) -> dict:
+    for chart in at.get("plotly_chart"):
+        figure = json.loads(chart.proto.spec)
+        if title_part in json.dumps(figure["layout"].get("title", "")):
+            return figure
+    raise AssertionError(f"no chart titled with {title_part!r}")
+
+
+def _array(value) -> np.ndarray:
+    """A Plotly JSON array: a plain list or a typed array ``{"dtype": ..., "bdata": base64}``."""
+    if isinstance(value, dict) and "bdata" in value:
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        return flat.reshape(value["shape"]) if "shape" in value else flat
+    return np.asarray(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure helpers
+
+
+def test_rows_from_chart_selection_uses_customdata_and_ignores_junk() -> None:
+    selection = {
+        "points": [
+            {"point_index": 0, "customdata": 7},
+            {"point_index": 1, "customdata": [3]},
+            {"point_index": 4},  # no customdata: its index
+            {"point_index": 2, "customdata": 99},  # out of range
+            {"customdata": "x"},
+            {"point_index": 1, "customdata": [3]},  # duplicate
+        ]
+    }
+    assert selection_io.rows_from_chart_selection(selection, 10) == [3, 4, 7]
+    assert selection_io.rows_from_chart_selection(None, 10) == []
+    assert selection_io.rows_from_chart_selection({"points": []}, 10) == []
+
+
+def test_selection_csv_round_trips_through_import() -> None:
+    ids = ["a1", "b,2", 'q"3']
+    captions = [["first", "second"], ["<b>x</b>"], []]
+    csv_bytes = selection_io.selection_csv(ids, captions)
+    assert selection_io.parse_id_list(csv_bytes) == ids
+    rows, unknown = selection_io.match_ids(selection_io.parse_id_list(csv_bytes), ["q\"3", "zz", "a1"])
+    assert list(rows) == [2, 0] and unknown == ["b,2"]
+
+
+def test_parse_id_list_accepts_plain_lists_and_refuses_binary() -> None:
+    assert selection_io.parse_id_list("12, 15;\n15\t7  \n\n") == ["12", "15", "7"]
+    assert selection_io.parse_id_list(b"\xef\xbb\xbfID,caption\n5,cat\n6,dog\n") == ["5", "6"]
+    with pytest.raises(ValueError, match="UTF-8"):
+        selection_io.parse_id_list(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match="accepted"):
+        selection_io.parse_id_list(b"1\n" * (selection_io.MAX_IMPORT_BYTES // 2 + 1))
+
+
+def test_match_ids_keeps_order_and_reports_unknown() -> None:
+    rows, unknown = selection_io.match_ids(["c", "x", "a"], ["a", "b", "c"])
+    assert list(rows) == [2, 0] and unknown == ["x"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+
+def test_scatter_is_webgl_coloured_by_dispersion_with_hover(run) -> None:
+    at = _page()
+    figure = _figure(at, "PCA of the GPA residuals")
+    points = figure["data"][0]
+    assert points["type"] == "scattergl"
+    np.testing.assert_allclose(_array(points["x"]), np.asarray(run.pca.scores)[:, 0], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(_array(points["marker"]["color"]), run.dispersion["mean"], rtol=1e-6)
+    assert list(_array(points["customdata"])) == list(range(run.n_stimuli))
+    assert "mean residual" in points["marker"]["colorbar"]["title"]["text"]
+    assert f"id {run.stimuli['id'].iloc[0]}" in points["text"][0]
+    assert figure["layout"]["xaxis"]["title"]["text"].startswith("PC1 of residuals")
+    explained = _figure(at, "Variance of the residuals")
+    np.testing.assert_allclose(_array(explained["data"][0]["y"]), 100 * np.asarray(run.pca.explained_variance_ratio))
+    loadings = _figure(at, "loadings")
+    np.testing.assert_allclose(_array(loadings["data"][0]["y"]), np.asarray(run.pca.components)[0])
+
+    at.radio(key="w_score").set_value("pc1").run(timeout=TIMEOUT)
+    figure = _figure(at, "PCA of the GPA residuals")
+    np.testing.assert_allclose(_array(figure["data"][0]["marker"]["color"]), run.dispersion["pc1"], rtol=1e-6)
+
+
+def test_hover_text_is_escaped(run) -> None:
+    from convergence_core.dashboard import plots
+
+    assert plots.safe_hover_text("<script>alert(1)</script>") == "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert plots.safe_hover_text("x" * 200).endswith("…") and len(plots.safe_hover_text("x" * 200)) == 80
+
+
+def test_empty_selection_says_what_to_do(run) -> None:
+    at = _page()
+    assert any("Empty selection" in i.value for i in at.info)
+    assert not at.get("download_button")
+
+
+def test_selection_shows_gallery_export_and_overlay(run) -> None:
+    at = _page()
+    ids = list(run.stimuli["id"].iloc[[4, 9, 11]])
+    state.set_selection(at.session_state, "demo", ids, origin="test")
+    at.run(timeout=TIMEOUT)
+    assert any(t.value.startswith("3 stimuli selected") for t in at.text)
+    gallery_ids = [t.value.split(" · ")[0][3:] for t in at.text if t.value.startswith("id ") and " · rank " in t.value]
+    assert gallery_ids == ids
+    overlay = _figure(at, "PCA of the GPA residuals")["data"][1]
+    assert list(_array(overlay["customdata"])) == [4, 9, 11]
+    download = at.get("download_button")[0]
+    assert "Export selection" in download.proto.label
+
+    at.button(key="clear-selection").click().run(timeout=TIMEOUT)
+    assert state.get_selection(at.session_state, "demo") is None
+
+
+def test_import_sets_selection_and_reports_unknown_ids(run) -> None:
+    at = _page()
+    known = list(run.stimuli["id"].iloc[[2, 3]])
+    content = ("id\n" + "\n".join([known[0], "no-such-id", known[1]])).encode()
+    at.file_uploader(key="w_import").upload("ids.csv", content, "text/csv")
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert any("1 id(s)" in w.value for w in at.warning)
+    assert any(t.value == "no-such-id" for t in at.text)
+    selection = state.get_selection(at.session_state, "demo")
+    assert selection is not None and list(selection.ids) == known
+
+
+def test_import_of_only_unknown_ids_is_an_error(run) -> None:
+    at = _page()
+    at.file_uploader(key="w_import").upload("ids.txt", b"nope1\nnope2\n", "text/plain")
+    at.run(timeout=TIMEOUT)
+    assert any("Empty selection" in e.value for e in at.error)
+    assert state.get_selection(at.session_state, "demo") is None
+
+
+def test_two_sessions_do_not_share_selections(run) -> None:
+    first, second = _page(), _page()
+    state.set_selection(first.session_state, "demo", list(run.stimuli["id"].iloc[:5]), origin="test")
+    first.run(timeout=TIMEOUT)
+    second.run(timeout=TIMEOUT)
+    assert state.get_selection(first.session_state, "demo") is not None
+    assert state.get_selection(second.session_state, "demo") is None
+    assert any("Empty selection" in i.value for i in second.info)
+
+
+def test_umap_is_computed_once_and_cached_atomically(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+
+    def fake_umap(residuals: np.ndarray, random_state: int = 0) -> np.ndarray:
+        calls.append(residuals.shape)
+        return np.column_stack([residuals[:, 0], residuals[:, 1]])
+
+    monkeypatch.setattr(data, "compute_umap", fake_umap)
+    data.umap_coordinates.clear()
+    umap_file = run.path / "umap.npy"
+    umap_file.unlink(missing_ok=True)
+    at = _page()
+    at.radio(key="w_projection").set_value("UMAP").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    figure = _figure(at, "UMAP of the GPA residuals")
+    np.testing.assert_allclose(_array(figure["data"][0]["x"]), np.asarray(run.gpa.residuals)[:, 0], rtol=1e-6)
+    assert calls == [(run.n_stimuli, 3)]
+    assert umap_file.is_file() and not list(run.path.glob("umap.npy.tmp-*"))
+    data.umap_coordinates.clear()  # a new server process reads the file instead of recomputing
+    np.testing.assert_allclose(data.umap_coordinates(str(run.path), data.manifest_stamp(run.path))[:, 1],
+                               np.asarray(run.gpa.residuals)[:, 1])
+    assert len(calls) == 1
+    umap_file.unlink()
+    data.umap_coordinates.clear()
+
+
+def test_real_umap_is_deterministic() -> None:
+    pytest.importorskip("umap")
+    rng = np.random.default_rng(0)
+    residuals = rng.random((40, 3))
+    first = data.compute_umap(residuals)
+    assert first.shape == (40, 2) and np.isfinite(first).all()
+    np.testing.assert_allclose(data.compute_umap(residuals), first)

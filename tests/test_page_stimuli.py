@@ -1,0 +1,190 @@
+"""Stimuli page (pages/1_Stimuli.py) with AppTest against runs built in the test."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from convergence_core import settings
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 60
+PAGE = "pages/1_Stimuli.py"
+EVIL = "<script>alert(1)</script> **bold** [link](http://example.com) :red[x]"
+LABEL = re.compile(r"^#(\d+) of (\d+) · id (\S+) · ")
+
+
+@pytest.fixture(scope="module")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run "demo" of 40 coco-mini stimuli whose first caption of stimulus 3 is hostile."""
+    from convergence_core.datasets import load_coco
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import synthetic_embeddings
+
+    n = 40
+    cache = tmp_path_factory.mktemp("cache")
+    dataset = load_coco(settings.demo_data_root())
+    stimuli = dataset.stimuli.iloc[:n].reset_index(drop=True).copy()
+    captions = [list(c) for c in stimuli["captions"]]
+    captions[3] = [EVIL, *captions[3][1:]]
+    stimuli["captions"] = captions
+    embeddings, _ = synthetic_embeddings(n)
+    write_run_from_embeddings(
+        cache / "runs" / "demo", stimuli, embeddings,
+        vision_models=["vision-a", "vision-b", "vision-c"], language_models=["language-a", "language-b"],
+        default_layers={"vision-a": "stage2", "vision-b": "stage2", "vision-c": "stage2"},
+        images_root=dataset.root, thumbnails=True, dataset_name="hostile captions",
+    )
+    return cache
+
+
+@pytest.fixture
+def run(_cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    from convergence_core.run import load_run
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(_cache_dir))
+    return load_run(_cache_dir / "runs" / "demo")
+
+
+def _page(query: dict[str, str] | None = None) -> AppTest:
+    """The Stimuli page in a fresh session opened with the URL query ``query``."""
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+    for name, value in (query or {}).items():
+        at.query_params[name] = value
+    at.run(timeout=TIMEOUT)  # the session starts on Home (AppTest needs a first run to switch)
+    at.switch_page(PAGE).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    return at
+
+
+def _gallery_ids(at: AppTest) -> list[str]:
+    return [LABEL.match(t.value).group(3) for t in at.text if LABEL.match(t.value)]
+
+
+def _widget(widgets, label_start: str):
+    return next(w for w in widgets if w.label.startswith(label_start))
+
+
+def _expected(run, score: str, rows_per_side: int, page: int) -> tuple[list[str], list[str]]:
+    order = np.argsort(run.dispersion[f"rank_{score}"].to_numpy(), kind="stable")
+    ids = run.stimuli["id"].to_numpy()
+    start = (page - 1) * rows_per_side
+    return list(ids[order][start : start + rows_per_side]), list(ids[order[::-1]][start : start + rows_per_side])
+
+
+def test_gallery_ranks_lowest_and_highest_side_by_side(run) -> None:
+    at = _page()
+    low, high = _expected(run, "mean", 8, 1)
+    assert _gallery_ids(at) == low + high
+    assert len(at.image) >= 16  # thumbnails of both sides (+ the detail view and neighbours)
+
+
+def test_paging_and_score_change_the_shown_ids(run) -> None:
+    at = _page()
+    first = _gallery_ids(at)
+    _widget(at.number_input, "Page").set_value(2).run(timeout=TIMEOUT)
+    second = _gallery_ids(at)
+    assert second == sum(_expected(run, "mean", 8, 2), [])
+    assert not set(second[:8]) & set(first[:8])
+    assert at.query_params["page"] == "2"
+
+    _widget(at.radio, "Rank by").set_value("pc1").run(timeout=TIMEOUT)
+    assert _gallery_ids(at) == sum(_expected(run, "pc1", 8, 2), [])
+    assert at.query_params["score"] == "pc1"
+
+
+def test_query_params_start_the_widgets(run) -> None:
+    at = _page({"score": "pc1", "page": "3"})
+    assert _widget(at.radio, "Rank by").value == "pc1"
+    assert _widget(at.number_input, "Page").value == 3
+    assert _gallery_ids(at) == sum(_expected(run, "pc1", 8, 3), [])
+
+
+def test_page_beyond_the_last_is_clamped_and_bad_page_warns(run) -> None:
+    at = _page({"page": "99"})
+    assert _widget(at.number_input, "Page").value == 5  # 40 stimuli, 8 per side
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+    at.query_params["page"] = "first"
+    at.run(timeout=TIMEOUT)  # the session's first page reads the URL and warns
+    assert any("page='first' is not a whole number" in w.value for w in at.warning)
+    at.switch_page(PAGE).run(timeout=TIMEOUT)
+    assert _widget(at.number_input, "Page").value == 1
+
+
+def test_caption_filter_keeps_only_matching_stimuli(run) -> None:
+    at = _page()
+    word = "dog"
+    matching = {
+        i for i, caps in zip(run.stimuli["id"], run.stimuli["captions"]) if any(word in c.lower() for c in caps)
+    }
+    assert 0 < len(matching) < 16, "pick a filter word that matches a handful of the 40 stimuli"
+    _widget(at.text_input, "Filter by caption").set_value("DOG").run(timeout=TIMEOUT)
+    shown = _gallery_ids(at)
+    assert set(shown) == matching
+    assert any(t.value.startswith(f"{len(matching)} of 40 stimuli shown") for t in at.text)
+
+    _widget(at.text_input, "Filter by caption").set_value("zzzz-no-such-caption").run(timeout=TIMEOUT)
+    assert _gallery_ids(at) == []
+    assert any("No stimulus matches" in i.value for i in at.info)
+
+
+def test_hostile_caption_is_shown_verbatim_as_plain_text(run) -> None:
+    at = _page()
+    target = str(run.stimuli["id"].iloc[3])
+    at.selectbox(key="w_inspect").set_value(target).run(timeout=TIMEOUT)
+    texts = [t.value for t in at.text]
+    assert f"• {EVIL}" in texts
+    rendered_as_markdown = [
+        e for e in [*at.markdown, *at.caption, *at.info, *at.warning, *at.error, *at.subheader, *at.header]
+        if "alert(1)" in e.value
+    ]
+    assert rendered_as_markdown == []
+    assert not at.html
+
+
+def test_inspect_button_shows_ranks_residuals_and_neighbours(run) -> None:
+    at = _page()
+    high_ids = _gallery_ids(at)[8:]
+    target = high_ids[0]  # the highest-dispersion stimulus
+    row = int(np.flatnonzero(run.stimuli["id"].to_numpy() == target)[0])
+    buttons = [b for b in at.button if b.label == "Inspect"]
+    buttons[8].click().run(timeout=TIMEOUT)
+    assert at.selectbox(key="w_inspect").value == target
+    metrics = {m.label: m.value for m in at.metric}
+    n = run.n_stimuli
+    assert metrics["Rank by mean residual"] == f"{n} / {n}"
+    assert metrics["Rank by PC1 score"] == f"{int(run.dispersion['rank_pc1'].iloc[row]) + 1} / {n}"
+    bars = next(c for c in at.get("plotly_chart") if "Residual per vision model" in c.proto.spec)
+    assert "Procrustes distance, unit Frobenius-normalised embedding" in bars.proto.spec
+
+    # nearest neighbours of the first model: independent brute force over the Gram row
+    tables = [d.value for d in at.dataframe]
+    model, layer = run.gpa.models[0], run.gpa.layers[0]
+    gram = np.asarray(run.gram(model, layer), dtype=np.float64)
+    brute = sorted((j for j in range(n) if j != row), key=lambda j: (-gram[row, j], j))[:5]
+    assert list(tables[0]["id"]) == list(run.stimuli["id"].iloc[brute])
+    np.testing.assert_allclose(tables[0]["similarity"], gram[row, brute])
+    assert len(tables) == len(run.models)  # every vision and language model has a table
+
+
+def test_neighbour_count_slider_changes_the_tables(run) -> None:
+    at = _page()
+    at.slider(key="w_neighbour_count").set_value(9).run(timeout=TIMEOUT)
+    assert all(len(d.value) == 9 for d in at.dataframe)
+
+
+def test_only_selection_toggle_restricts_the_gallery(run) -> None:
+    from convergence_core.dashboard import state
+
+    at = _page()
+    chosen = list(run.stimuli["id"].iloc[[1, 5, 7]])
+    assert at.toggle(key="w_only_selection").disabled  # nothing selected yet
+    state.set_selection(at.session_state, "demo", chosen, origin="test")
+    at.run(timeout=TIMEOUT)
+    at.toggle(key="w_only_selection").set_value(True).run(timeout=TIMEOUT)
+    shown = _gallery_ids(at)
+    assert set(shown) == set(chosen)
