@@ -51,6 +51,11 @@ def encoder_from_timm_model(
 
     model = model.eval()
     data_config = resolve_data_config({}, model=model)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None and not getattr(model.patch_embed, "dynamic_img_size", False):
+        # a ViT with a fixed grid only accepts its own input size (which may differ from the
+        # pretrained config when the model was created with img_size=...)
+        data_config["input_size"] = (3, *tuple(img_size))
     transform = create_transform(**data_config, is_training=False)
     weights_id = weights_id or state_dict_sha256(model)
 

