@@ -1,0 +1,134 @@
+"""Batched extraction: order, batch-size invariance, progress, caption policies, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from convergence_core.datasets import load_dataset
+from convergence_core.extract import (
+    captions_for_language,
+    extract_caption_embeddings,
+    extract_embeddings,
+)
+from convergence_core.images import ImageFileError, open_rgb
+from convergence_core.models.base import Encoder
+from convergence_core.models.timm_vit import encoder_from_timm_model
+
+
+class HashTextEncoder(Encoder):
+    """A deterministic fake language model: each text maps to fixed pseudo-random vectors."""
+
+    modality = "language"
+
+    def __init__(self) -> None:
+        super().__init__("hash-text", ["a", "b"], "b", "0" * 64, torch.device("cpu"))
+        self.batch_sizes: list[int] = []
+
+    @staticmethod
+    def vector(text: str, layer: str, dim: int) -> np.ndarray:
+        seed = int(hashlib.sha256(f"{layer}|{text}".encode()).hexdigest()[:8], 16)
+        return np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+
+    def encode(self, batch: Sequence[str]) -> dict[str, np.ndarray]:
+        self.batch_sizes.append(len(batch))
+        return {
+            "a": np.stack([self.vector(t, "a", 3) for t in batch]),
+            "b": np.stack([self.vector(t, "b", 5) for t in batch]),
+        }
+
+
+TEXTS = [f"caption number {i}" for i in range(11)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 11, 64])
+def test_order_and_batch_size_invariance(batch_size: int) -> None:
+    encoder = HashTextEncoder()
+    out = extract_embeddings(encoder, TEXTS, batch_size=batch_size)
+    expected_b = np.stack([HashTextEncoder.vector(t, "b", 5) for t in TEXTS])
+    np.testing.assert_array_equal(out["b"], expected_b)
+    assert out["a"].shape == (11, 3) and out["a"].dtype == np.float32
+    assert encoder.batch_sizes == [min(batch_size, 11 - s) for s in range(0, 11, batch_size)]
+
+
+def test_progress_and_layer_selection() -> None:
+    calls: list[tuple[int, int]] = []
+    out = extract_embeddings(
+        HashTextEncoder(), TEXTS, batch_size=4, progress=lambda d, t: calls.append((d, t)),
+        layers=["a"],
+    )
+    assert list(out) == ["a"]
+    assert calls == [(0, 11), (4, 11), (8, 11), (11, 11)]
+
+
+def test_bad_arguments() -> None:
+    encoder = HashTextEncoder()
+    with pytest.raises(ValueError, match="no items"):
+        extract_embeddings(encoder, [])
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size"):
+            extract_embeddings(encoder, TEXTS, batch_size=bad)
+    with pytest.raises(ValueError, match="no layer"):
+        extract_embeddings(encoder, TEXTS, layers=["zzz"])
+    with pytest.raises(ValueError, match="needs strings"):
+        extract_embeddings(encoder, ["ok", 3])
+
+
+def _stimuli() -> pd.DataFrame:
+    return pd.DataFrame({
+        "id": ["s0", "s1", "s2"],
+        "image": ["a.png", "b.png", "c.png"],
+        "captions": [["first of zero", "second of zero"], ["only one"], ["x", "y", "z"]],
+    })
+
+
+def test_captions_for_language_modes() -> None:
+    texts, owner = captions_for_language(_stimuli(), "first")
+    assert texts == ["first of zero", "only one", "x"] and owner.tolist() == [0, 1, 2]
+    texts, owner = captions_for_language(_stimuli(), "mean")
+    assert texts == ["first of zero", "second of zero", "only one", "x", "y", "z"]
+    assert owner.tolist() == [0, 0, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="caption mode"):
+        captions_for_language(_stimuli(), "all")
+    empty = _stimuli()
+    empty.at[1, "captions"] = ["  "]
+    with pytest.raises(ValueError, match="'s1' has no caption"):
+        captions_for_language(empty)
+
+
+def test_caption_mean_is_average_of_caption_embeddings() -> None:
+    stimuli = _stimuli()
+    out = extract_caption_embeddings(HashTextEncoder(), stimuli, mode="mean", batch_size=2)
+    for row, caps in enumerate(stimuli["captions"]):
+        expected = np.mean([HashTextEncoder.vector(c, "b", 5).astype(np.float64) for c in caps], axis=0)
+        np.testing.assert_allclose(out["b"][row], expected, rtol=1e-6)
+    first = extract_caption_embeddings(HashTextEncoder(), stimuli, mode="first")
+    np.testing.assert_array_equal(first["a"][1], HashTextEncoder.vector("only one", "a", 3))
+    assert out["a"].shape == first["a"].shape == (3, 3)
+
+
+def test_vision_extraction_on_image_paths(coco_mini_root: Path) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32,
+                              patch_size=8, embed_dim=24, num_heads=2)
+    encoder = encoder_from_timm_model("tiny", model, device=torch.device("cpu"))
+    paths = load_dataset(coco_mini_root).image_paths()[:5]
+    by_two = extract_embeddings(encoder, paths, batch_size=2)
+    by_five = extract_embeddings(encoder, [str(p) for p in paths], batch_size=5)
+    singles = [encoder.encode([open_rgb(p)]) for p in paths]
+    for layer in encoder.layers:
+        assert by_two[layer].shape == (5, 24)
+        np.testing.assert_allclose(by_two[layer], by_five[layer], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            by_two[layer], np.concatenate([s[layer] for s in singles]), rtol=1e-5, atol=1e-5
+        )
+    with pytest.raises(ImageFileError, match="does not exist"):
+        extract_embeddings(encoder, [paths[0], coco_mini_root / "images" / "missing.jpg"])
