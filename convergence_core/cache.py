@@ -29,12 +29,14 @@ __all__ = [
     "CacheFormatError",
     "PickleRefusedError",
     "RunLayout",
+    "RunLockedError",
     "atomic_path",
     "clean_temp_files",
     "model_key",
     "read_json",
     "read_npy",
     "read_parquet",
+    "run_lock",
     "write_bytes",
     "write_json",
     "write_npy",
@@ -53,6 +55,58 @@ class CacheFormatError(ValueError):
 
 class PickleRefusedError(CacheFormatError):
     """A cached ``.npy`` holds Python objects, which could only be read by unpickling it."""
+
+
+class RunLockedError(ValueError):
+    """Another live process is writing the same run folder."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_folder: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the lock file ``.<run>.lock`` next to ``run_folder`` while writing the run.
+
+    The file holds our pid. A lock left by a process that no longer exists (killed mid-run) is
+    taken over. Raises :class:`RunLockedError` when another live process holds it.
+    """
+    folder = Path(run_folder)
+    lock = folder.with_name(f".{folder.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _pid_alive(holder):
+                raise RunLockedError(
+                    f"another precompute (pid {holder}) is writing {folder}; wait for it to "
+                    f"finish, or delete {lock} if that process is not a precompute"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        break
+    else:
+        raise RunLockedError(f"cannot take the lock {lock}; delete it and retry")
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
 
 
 @contextlib.contextmanager

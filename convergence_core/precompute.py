@@ -34,6 +34,7 @@ from .cache import (
     model_key,
     read_json,
     read_npy,
+    run_lock,
     write_json,
     write_npy,
     write_parquet,
@@ -463,6 +464,7 @@ def write_run_from_embeddings(
             "dropped": [],
         },
     )
+    manifest.save()  # first, so a crash leaves a recognisable (incomplete) run folder
     write_parquet(layout.stimuli, frame)
     manifest.finish_step("stimuli", fingerprint(frame["id"].tolist()))
     for model in [*vision, *language]:
@@ -792,152 +794,152 @@ def precompute(
     name = cfg.run_name or default_run_name(cfg, dataset.name)
     cache = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
     path = cache / "runs" / model_key(name)
-    layout = RunLayout(path)
-    manifest = _open_manifest(layout, name)
-    stimuli_inputs = fingerprint(data_fingerprint, dropped)
-    if not manifest.step_done("stimuli", stimuli_inputs):
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        manifest = _Manifest(layout, _empty_manifest(name))
-        write_parquet(layout.stimuli, stimuli)
-        manifest.data["n_stimuli"] = n
-        manifest.data["dataset"] = {
-            "name": dataset.name,
-            "fingerprint": data_fingerprint,
-            "images_root": str(Path(dataset.root).resolve()),
-            "source": dataset.source,
-            "dropped": dropped,
-        }
-        manifest.finish_step("stimuli", stimuli_inputs)
-    data = manifest.data
-    data.update(
-        complete=False,
-        vision_models=list(cfg.vision_models),
-        language_models=list(cfg.language_models),
-        settings=cfg.to_dict(),
-        versions=library_versions(),
-    )
-    _forget_dropped_models(manifest, [*cfg.vision_models, *cfg.language_models])
-    manifest.save()
-
-    device_kind = str(cfg.device).split(":")[0]
-    for model in [*cfg.vision_models, *cfg.language_models]:
-        modality = "vision" if model in cfg.vision_models else "language"
-        weights = (cfg.weights or {}).get(model)
-        spec = models.get_spec(model)
-        inputs = fingerprint(
-            "extract", data_fingerprint, model, spec.source, modality, cfg.layers_for(model),
-            (cfg.gpa_layers or {}).get(model),
-            cfg.caption_mode if modality == "language" else None, device_kind,
-            os.fspath(weights) if weights else None,
+    with run_lock(path):
+        layout = RunLayout(path)
+        manifest = _open_manifest(layout, name)
+        stimuli_inputs = fingerprint(data_fingerprint, dropped)
+        if not manifest.step_done("stimuli", stimuli_inputs):
+            _prepare_run_folder(path)
+            manifest = _Manifest(layout, _empty_manifest(name))
+            manifest.save()  # first, so a crash leaves a recognisable (incomplete) run folder
+            write_parquet(layout.stimuli, stimuli)
+            manifest.data["n_stimuli"] = n
+            manifest.data["dataset"] = {
+                "name": dataset.name,
+                "fingerprint": data_fingerprint,
+                "images_root": str(Path(dataset.root).resolve()),
+                "source": dataset.source,
+                "dropped": dropped,
+            }
+            manifest.finish_step("stimuli", stimuli_inputs)
+        data = manifest.data
+        data.update(
+            complete=False,
+            vision_models=list(cfg.vision_models),
+            language_models=list(cfg.language_models),
+            settings=cfg.to_dict(),
+            versions=library_versions(),
         )
-        step = f"extract:{model}"
-        entry = data["models"].get(model)
-        if manifest.step_done(step, inputs) and entry and _files_present(layout, entry):
-            notify(ProgressEvent("extract", model, n, n, skipped=True))
-            continue
-        manifest.forget_step(step)
-        load_started = time.perf_counter()
-        encoder = models.load_encoder(model, device=cfg.device, weights=weights)
-        load_seconds = time.perf_counter() - load_started
-        layers = _choose_layers(cfg, encoder)
-        default = encoder.default_layer if encoder.default_layer in layers else layers[-1]
-        weights_id = encoder.weights_id
-        total = n if modality == "vision" or cfg.caption_mode == "first" else int(
-            sum(len(c) for c in stimuli["captions"])
-        )
+        _forget_dropped_models(manifest, [*cfg.vision_models, *cfg.language_models])
+        manifest.save()
 
-        def report(done: int, _total: int, _model: str = model) -> None:
-            notify(ProgressEvent("extract", _model, int(done), int(_total)))
-
-        extract_started = time.perf_counter()
-        if modality == "vision":
-            raw = extract_embeddings(
-                encoder,
-                [Path(dataset.root) / rel for rel in stimuli["image"]],
-                batch_size=cfg.batch_size,
-                progress=report,
-                layers=layers,
+        device_kind = str(cfg.device).split(":")[0]
+        for model in [*cfg.vision_models, *cfg.language_models]:
+            modality = "vision" if model in cfg.vision_models else "language"
+            weights = (cfg.weights or {}).get(model)
+            spec = models.get_spec(model)
+            inputs = fingerprint(
+                "extract", data_fingerprint, model, spec.source, modality, cfg.layers_for(model),
+                (cfg.gpa_layers or {}).get(model),
+                cfg.caption_mode if modality == "language" else None, device_kind,
+                os.fspath(weights) if weights else None,
             )
+            step = f"extract:{model}"
+            entry = data["models"].get(model)
+            if manifest.step_done(step, inputs) and entry and _files_present(layout, entry):
+                notify(ProgressEvent("extract", model, n, n, skipped=True))
+                continue
+            manifest.forget_step(step)
+            load_started = time.perf_counter()
+            encoder = models.load_encoder(model, device=cfg.device, weights=weights)
+            load_seconds = time.perf_counter() - load_started
+            layers = _choose_layers(cfg, encoder)
+            default = encoder.default_layer if encoder.default_layer in layers else layers[-1]
+            weights_id = encoder.weights_id
+            total = n if modality == "vision" or cfg.caption_mode == "first" else int(
+                sum(len(c) for c in stimuli["captions"])
+            )
+
+            def report(done: int, _total: int, _model: str = model) -> None:
+                notify(ProgressEvent("extract", _model, int(done), int(_total)))
+
+            extract_started = time.perf_counter()
+            if modality == "vision":
+                raw = extract_embeddings(
+                    encoder,
+                    [Path(dataset.root) / rel for rel in stimuli["image"]],
+                    batch_size=cfg.batch_size,
+                    progress=report,
+                    layers=layers,
+                )
+            else:
+                raw = extract_caption_embeddings(
+                    encoder,
+                    stimuli,
+                    mode=cfg.caption_mode,
+                    batch_size=cfg.batch_size,
+                    progress=report,
+                    layers=layers,
+                )
+            extract_seconds = time.perf_counter() - extract_started
+            del encoder
+            arrays = {layer: _check_array(np.asarray(raw[layer]), model, layer, n) for layer in layers}
+            del raw
+            hashes = _write_layer_arrays(
+                layout, model_key(model), {layer: model_key(layer) for layer in arrays}, arrays
+            )
+            data["models"][model] = _model_entry(
+                model, modality, arrays, default, hashes,
+                weights_id=weights_id,
+                items=total,
+                load_seconds=round(load_seconds, 3),
+                extract_seconds=round(extract_seconds, 3),
+                items_per_second=round(total / extract_seconds, 2) if extract_seconds > 0 else None,
+            )
+            manifest.finish_step(step, inputs)
+
+        gpa_models = list(cfg.vision_models)
+        gpa_layers = [_gpa_layer(cfg, data["models"][m], m) for m in gpa_models]
+        for model, layer in zip(gpa_models, gpa_layers):
+            data["models"][model]["default_layer"] = layer
+        gpa_inputs = fingerprint(
+            "gpa", [data["models"][m]["sha256"][la] for m, la in zip(gpa_models, gpa_layers)],
+            gpa_models, gpa_layers, GPA_TOL, GPA_MAX_ITER,
+        )
+        data["gpa"] = {"models": gpa_models, "layers": gpa_layers}
+        if manifest.step_done("gpa", gpa_inputs) and layout.gpa_json.is_file():
+            notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
         else:
-            raw = extract_caption_embeddings(
-                encoder,
-                stimuli,
-                mode=cfg.caption_mode,
-                batch_size=cfg.batch_size,
-                progress=report,
-                layers=layers,
+            manifest.forget_step("gpa")
+            notify(ProgressEvent("gpa", None, 0, 1))
+            arrays_in = [
+                read_npy(layout.embedding(data["models"][m]["key"], data["models"][m]["layer_keys"][la]))
+                for m, la in zip(gpa_models, gpa_layers)
+            ]
+            result = _write_gpa(
+                layout, arrays_in, gpa_models, gpa_layers, tol=GPA_TOL, max_iter=GPA_MAX_ITER
             )
-        extract_seconds = time.perf_counter() - extract_started
-        del encoder
-        arrays = {layer: _check_array(np.asarray(raw[layer]), model, layer, n) for layer in layers}
-        del raw
-        hashes = _write_layer_arrays(
-            layout, model_key(model), {layer: model_key(layer) for layer in arrays}, arrays
-        )
-        data["models"][model] = _model_entry(
-            model, modality, arrays, default, hashes,
-            weights_id=weights_id,
-            items=total,
-            load_seconds=round(load_seconds, 3),
-            extract_seconds=round(extract_seconds, 3),
-            items_per_second=round(total / extract_seconds, 2) if extract_seconds > 0 else None,
-        )
-        manifest.finish_step(step, inputs)
+            manifest.finish_step(
+                "gpa", gpa_inputs, n_iter=int(result.n_iter), converged=bool(result.converged)
+            )
+            notify(ProgressEvent("gpa", None, 1, 1))
 
-    gpa_models = list(cfg.vision_models)
-    gpa_layers = [_gpa_layer(cfg, data["models"][m], m) for m in gpa_models]
-    for model, layer in zip(gpa_models, gpa_layers):
-        data["models"][model]["default_layer"] = layer
-    gpa_inputs = fingerprint(
-        "gpa", [data["models"][m]["sha256"][la] for m, la in zip(gpa_models, gpa_layers)],
-        gpa_models, gpa_layers, GPA_TOL, GPA_MAX_ITER,
-    )
-    data["gpa"] = {"models": gpa_models, "layers": gpa_layers}
-    if manifest.step_done("gpa", gpa_inputs) and layout.gpa_json.is_file():
-        notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
-    else:
-        manifest.forget_step("gpa")
-        notify(ProgressEvent("gpa", None, 0, 1))
-        arrays_in = [
-            read_npy(layout.embedding(data["models"][m]["key"], data["models"][m]["layer_keys"][la]))
-            for m, la in zip(gpa_models, gpa_layers)
-        ]
-        result = _write_gpa(
-            layout, arrays_in, gpa_models, gpa_layers, tol=GPA_TOL, max_iter=GPA_MAX_ITER
-        )
-        manifest.finish_step(
-            "gpa", gpa_inputs, n_iter=int(result.n_iter), converged=bool(result.converged)
-        )
-        notify(ProgressEvent("gpa", None, 1, 1))
+        if manifest.step_done("dispersion", gpa_inputs) and layout.dispersion.is_file():
+            notify(ProgressEvent("dispersion", None, 1, 1, skipped=True))
+        else:
+            manifest.forget_step("dispersion")
+            _write_dispersion(layout, stimuli["id"].tolist(), read_npy(layout.gpa_array("residuals")))
+            manifest.finish_step("dispersion", gpa_inputs)
+            notify(ProgressEvent("dispersion", None, 1, 1))
 
-    if manifest.step_done("dispersion", gpa_inputs) and layout.dispersion.is_file():
-        notify(ProgressEvent("dispersion", None, 1, 1, skipped=True))
-    else:
-        manifest.forget_step("dispersion")
-        _write_dispersion(layout, stimuli["id"].tolist(), read_npy(layout.gpa_array("residuals")))
-        manifest.finish_step("dispersion", gpa_inputs)
-        notify(ProgressEvent("dispersion", None, 1, 1))
+        thumbs_inputs = fingerprint("thumbnails", data_fingerprint, THUMBNAIL_SIZE)
+        if not cfg.thumbnails:
+            manifest.forget_step("thumbnails")
+            shutil.rmtree(layout.thumbnails_dir, ignore_errors=True)
+        elif manifest.step_done("thumbnails", thumbs_inputs):
+            notify(ProgressEvent("thumbnails", None, n, n, skipped=True))
+        else:
+            _write_thumbnails(
+                layout, stimuli, Path(dataset.root),
+                progress=lambda done: notify(ProgressEvent("thumbnails", None, done, n)),
+            )
+            manifest.finish_step("thumbnails", thumbs_inputs)
 
-    thumbs_inputs = fingerprint("thumbnails", data_fingerprint, THUMBNAIL_SIZE)
-    if not cfg.thumbnails:
-        manifest.forget_step("thumbnails")
-        shutil.rmtree(layout.thumbnails_dir, ignore_errors=True)
-    elif manifest.step_done("thumbnails", thumbs_inputs):
-        notify(ProgressEvent("thumbnails", None, n, n, skipped=True))
-    else:
-        _write_thumbnails(
-            layout, stimuli, Path(dataset.root),
-            progress=lambda done: notify(ProgressEvent("thumbnails", None, done, n)),
-        )
-        manifest.finish_step("thumbnails", thumbs_inputs)
-
-    data["complete"] = True
-    data["seconds_last_call"] = round(time.perf_counter() - started, 3)
-    manifest.save()
-    notify(ProgressEvent("done", None, 1, 1))
-    return load_run(path)
+        data["complete"] = True
+        data["seconds_last_call"] = round(time.perf_counter() - started, 3)
+        manifest.save()
+        notify(ProgressEvent("done", None, 1, 1))
+        return load_run(path)
 
 
 #: GPA settings used by the pipeline (recorded in gpa/gpa.json).

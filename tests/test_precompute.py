@@ -8,7 +8,10 @@ cache writers. Each load is counted, so resuming is checked by what is *not* re-
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,9 +20,9 @@ import numpy as np
 import pytest
 
 from convergence_core import settings
-from convergence_core.cache import read_json
+from convergence_core.cache import RunLockedError, read_json, run_lock
 from convergence_core.precompute import PrecomputeConfig, ProgressEvent, default_run_name, precompute
-from convergence_core.run import load_run
+from convergence_core.run import list_runs, load_run
 
 torch = pytest.importorskip("torch")
 from convergence_core.models import registry  # noqa: E402
@@ -299,3 +302,33 @@ def test_config_files_json_and_toml(tiny_coco, tmp_path, loads):
     (tmp_path / "c.yaml").write_text("x: 1", encoding="utf-8")
     with pytest.raises(ValueError, match=".json or .toml"):
         PrecomputeConfig.from_file(tmp_path / "c.yaml")
+
+
+def test_a_live_writer_locks_the_run(tiny_coco, tmp_path, loads):
+
+    run_path = tmp_path / "cache" / "runs" / "tiny"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = run_path.with_name(".tiny.lock")
+        lock.parent.mkdir(parents=True)
+        lock.write_text(str(sleeper.pid))
+        with pytest.raises(RunLockedError, match=f"pid {sleeper.pid}"):
+            precompute(**_options(tiny_coco, tmp_path))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the holder is gone: its stale lock is taken over and released afterwards
+    run = precompute(**_options(tiny_coco, tmp_path))
+    assert run.n_stimuli == 6 and not lock.exists()
+    with run_lock(run_path):
+        assert lock.read_text() == str(os.getpid())
+    assert [r.name for r in list_runs(tmp_path / "cache" / "runs")] == ["tiny"]  # lock not listed
+
+
+def test_a_foreign_folder_with_the_run_name_is_never_deleted(tiny_coco, tmp_path, loads):
+    folder = tmp_path / "cache" / "runs" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a run"):
+        precompute(**_options(tiny_coco, tmp_path))
+    assert (folder / "notes.txt").read_text() == "mine"
