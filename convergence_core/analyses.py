@@ -384,14 +384,23 @@ def drop_fraction_alignment(
 # Fig. S2: leave one vision model out
 
 
+def _row_space_coordinates(configuration: np.ndarray) -> np.ndarray:
+    """(m, min(m, d)) coordinates Z of the rows of ``configuration`` (m, d) in an orthonormal basis
+    V of its row space (configuration = Z Vᵀ), so every distance between rows is kept."""
+    return np.linalg.qr(configuration.T, mode="r").T
+
+
 def held_out_deviation(held_out: np.ndarray, consensus: np.ndarray) -> np.ndarray:
     """Per-stimulus distance of a held-out embedding from a GPA consensus it did not enter.
 
     ``held_out`` (m, d_h) is preprocessed exactly as GPA preprocesses its inputs (centred over
-    stimuli, unit Frobenius norm); it and ``consensus`` (m, d_c) are zero-padded to
-    max(d_h, d_c); the held-out model is then rotated (orthogonal Procrustes, reflections
-    allowed) onto the consensus. Returns (m,) float64 Euclidean distances, in the same units as
-    the GPA residuals.
+    stimuli, zero-padded to max(d_h, d_c), unit Frobenius norm), then rotated (orthogonal
+    Procrustes, reflections allowed) onto ``consensus`` (m, d_c) zero-padded to the same width.
+    Returns (m,) float64 Euclidean distances, in the same units as the GPA residuals.
+
+    Both configurations are first written in an orthonormal basis of their own row space (at most
+    m columns); Procrustes optimises over every orthogonal map, so this changes no distance and
+    turns a (d × d) SVD into an (m × m) one when d > m.
     """
     consensus = np.asarray(consensus, dtype=np.float64)
     held_out = np.asarray(held_out, dtype=np.float64)
@@ -401,11 +410,13 @@ def held_out_deviation(held_out: np.ndarray, consensus: np.ndarray) -> np.ndarra
             "pass (m, d) arrays of the same m stimuli in the same order"
         )
     # preprocess as GPA does; the consensus rides along only to set the padded width (its own
-    # preprocessed copy is discarded: it is the target as GPA returned it)
+    # preprocessed copy is discarded: the target is the consensus as GPA returned it)
     prepared = preprocess_embeddings([held_out, consensus], models=("held-out model", "consensus"))[0]
-    width = prepared.shape[1]
-    target = np.pad(consensus, ((0, 0), (0, width - consensus.shape[1])))
-    aligned, _ = procrustes_align(prepared, target)
+    source, target = _row_space_coordinates(prepared), _row_space_coordinates(consensus)
+    width = max(source.shape[1], target.shape[1])
+    source = np.pad(source, ((0, 0), (0, width - source.shape[1])))
+    target = np.pad(target, ((0, 0), (0, width - target.shape[1])))
+    aligned, _ = procrustes_align(source, target)
     return np.linalg.norm(np.asarray(aligned, dtype=np.float64) - target, axis=1)
 
 

@@ -20,10 +20,8 @@ import pandas as pd
 
 from . import analyses, figures
 from .cache import write_bytes, write_json
+from .presets import PRESETS, preset_config
 from .run import Run, load_run
-
-#: Name of the demo run under ``settings.runs_root()`` (made by ``precompute --preset demo``).
-DEMO_RUN = "demo"
 
 #: Columns of the summary table, in print order.
 SUMMARY_COLUMNS = [
@@ -174,7 +172,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Reproduce the paper's analyses (Fig. 2, S1, S2, layer sweep) on a precomputed run.",
     )
     parser.add_argument("run", nargs="?", help="run folder, or a run name under the cache's runs/")
-    parser.add_argument("--preset", choices=["demo"], help="use the demo run (cache/runs/demo)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="use the run that `precompute --preset NAME` made (e.g. demo: cache/runs/demo)")
     parser.add_argument("--out", required=True, help="folder for tables, figures and the summary")
     parser.add_argument("--size", type=int, default=None,
                         help="stimuli per low/high/random set (default: a quarter of the stimuli)")
@@ -194,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if (args.run is None) == (args.preset is None):
-        parser.error("give either a run (folder or name) or --preset demo, not both")
+        parser.error("give either a run (folder or name) or --preset NAME, not both")
     try:
-        run = load_run(DEMO_RUN if args.preset == "demo" else args.run)
+        run = load_run(preset_config(args.preset)["run_name"] if args.preset else args.run)
         report = write_report(
             run, args.out, size=args.size, k=args.k, scores=args.scores, n_random=args.n_random,
             n_permutations=args.n_permutations, q=args.q, seed=args.seed,

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as sps
+from scipy.linalg import orthogonal_procrustes
 
 from convergence_core import analyses
 from convergence_core.alignment import cknna, prepare_features
@@ -210,6 +211,24 @@ def test_rotated_copy_deviates_exactly_like_its_original(tmp_path):
     np.testing.assert_allclose(
         original.deviation.to_numpy(), np.asarray(generalized_procrustes(others).residuals)[:, 2], atol=1e-5
     )
+
+
+@pytest.mark.parametrize("held_width, consensus_width", [(50, 40), (12, 40), (20, 8)])
+def test_held_out_deviation_matches_full_width_procrustes(held_width, consensus_width):
+    """Slow reference: pad both to the common width and solve the full orthogonal Procrustes
+    problem with scipy, no change of basis."""
+    rng = np.random.default_rng(held_width)
+    m = 30
+    held = rng.standard_normal((m, held_width)) + 3.0
+    consensus = rng.standard_normal((m, consensus_width))
+    consensus -= consensus.mean(axis=0)
+    width = max(held_width, consensus_width)
+    prepared = held - held.mean(axis=0)
+    prepared = np.pad(prepared / np.linalg.norm(prepared), ((0, 0), (0, width - held_width)))
+    target = np.pad(consensus, ((0, 0), (0, width - consensus_width)))
+    rotation, _ = orthogonal_procrustes(prepared, target)
+    expected = np.linalg.norm(prepared @ rotation - target, axis=1)
+    np.testing.assert_allclose(analyses.held_out_deviation(held, consensus), expected, atol=1e-10)
 
 
 def test_partial_dispersion_predicts_held_out_deviation(planted):
