@@ -32,7 +32,8 @@ if not run.language_models:
 # models and layers
 gpa_layers = dict(zip(run.gpa.models, run.gpa.layers, strict=True))
 for key, options in (("w_vision", run.gpa.models), ("w_language", run.language_models)):
-    if key in st.session_state:  # a choice made on another run keeps only models this run has
+    if key in st.session_state and set(st.session_state[key]) - set(options):
+        # a choice made on another run: keep the models this run has, else start from all
         kept = [m for m in st.session_state[key] if m in options]
         if kept:
             st.session_state[key] = kept

@@ -135,7 +135,7 @@ def test_hover_text_is_escaped(run) -> None:
 def test_empty_selection_says_what_to_do(run) -> None:
     at = _page()
     assert any("Empty selection" in i.value for i in at.info)
-    assert not at.get("download_button")
+    assert not at.download_button
 
 
 def test_selection_shows_gallery_export_and_overlay(run) -> None:
@@ -148,7 +148,7 @@ def test_selection_shows_gallery_export_and_overlay(run) -> None:
     assert gallery_ids == ids
     overlay = _figure(at, "PCA of the GPA residuals")["data"][1]
     assert list(_array(overlay["customdata"])) == [4, 9, 11]
-    download = at.get("download_button")[0]
+    download = at.download_button[0]
     assert "Export selection" in download.proto.label
 
     at.button(key="clear-selection").click().run(timeout=TIMEOUT)

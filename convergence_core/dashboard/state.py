@@ -198,10 +198,9 @@ def bind_widget(
     switches, where Streamlit drops the state of widgets that were not shown.
     """
     key = WIDGET_PREFIX + name
-    current = session_state.get(key, getattr(view, name))
-    fixed = coerce(current)
-    if key not in session_state or fixed != current:
-        session_state[key] = fixed
+    # Set on every rerun, not only the first: a page switch can give the widget a new identity,
+    # and Streamlit would then start it from its default instead of the session's value.
+    session_state[key] = coerce(session_state.get(key, getattr(view, name)))
     value = make_widget(key)
     setattr(view, name, value)
     return value

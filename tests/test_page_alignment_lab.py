@@ -1,0 +1,289 @@
+"""Alignment lab (pages/3_Alignment_lab.py) and its batched CKNNA engine (dashboard/lab.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from convergence_core.dashboard import lab, state
+from convergence_core.neighbours import cknna_from_gram, mutual_knn_from_gram
+from convergence_core.subsets import select_stimuli
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 60
+PAGE = "pages/3_Alignment_lab.py"
+
+
+@pytest.fixture(scope="module")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures_runs import make_synthetic_run
+
+    cache = tmp_path_factory.mktemp("cache")
+    make_synthetic_run(cache / "runs", n=60, name="demo")
+    make_synthetic_run(cache / "runs", n=30, name="vision-only", language_models=(), thumbnails=False)
+    return cache
+
+
+@pytest.fixture
+def run(_cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    from convergence_core.run import load_run
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(_cache_dir))
+    return load_run(_cache_dir / "runs" / "demo")
+
+
+def _page(query: dict[str, str] | None = None) -> AppTest:
+    """The lab in a fresh session opened with the URL query ``query`` (first run on Home)."""
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+    for name, value in (query or {}).items():
+        at.query_params[name] = value
+    at.run(timeout=TIMEOUT)
+    at.switch_page(PAGE).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    return at
+
+
+def _results(at: AppTest) -> pd.DataFrame:
+    """The "All results" table (the same DataFrame the CSV download is written from)."""
+    assert at.download_button, f"no results; errors: {[e.value for e in at.error]}"
+    download = at.download_button[0]
+    table = at.dataframe[-1].value
+    assert "Download results" in download.proto.label
+    return table
+
+
+def _grams(run) -> dict[tuple[str, str], np.ndarray]:
+    return {
+        (model, layer): np.asarray(run.gram(model, layer), dtype=np.float64)
+        for model in run.models for layer in run.layers(model)
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the batched engine against the one-subset reference (neighbours.cknna_from_gram)
+
+
+@pytest.mark.parametrize(("s", "k"), [(12, 3), (25, 10), (40, 39)])
+def test_subset_alignment_matches_the_reference_per_subset(run, s: int, k: int) -> None:
+    grams = _grams(run)
+    pairs = [
+        lab.Pair("vision-a", "stage2", "language-a", "layer2"),
+        lab.Pair("vision-c", "stage1", "language-b", "layer0"),
+    ]
+    rng = np.random.default_rng(s)
+    subsets = np.stack([rng.choice(run.n_stimuli, s, replace=False) for _ in range(7)])
+    values = lab.subset_alignment(grams, pairs, subsets, k)
+    for pair in pairs:
+        kx, ky = grams[(pair.vision_model, pair.vision_layer)], grams[(pair.language_model, pair.language_layer)]
+        expected_cknna = [cknna_from_gram(kx, ky, k=k, subset=subset) for subset in subsets]
+        expected_mknn = [mutual_knn_from_gram(kx, ky, k=k, subset=subset) for subset in subsets]
+        np.testing.assert_allclose(values[pair][0], expected_cknna, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(values[pair][1], expected_mknn, rtol=1e-12)
+
+
+def test_subset_alignment_is_invariant_to_order_within_a_subset(run) -> None:
+    grams = _grams(run)
+    pair = lab.Pair("vision-b", "stage2", "language-a", "layer2")
+    subset = np.arange(5, 35)
+    shuffled = np.random.default_rng(1).permutation(subset)
+    values = lab.subset_alignment(grams, [pair], np.stack([subset, shuffled]), 5)[pair]
+    assert values[0][0] == pytest.approx(values[0][1], rel=1e-10)
+    assert values[1][0] == pytest.approx(values[1][1], rel=1e-12)
+
+
+def test_a_model_aligned_with_itself_scores_one(run) -> None:
+    grams = _grams(run)
+    grams[("copy", "stage2")] = grams[("vision-a", "stage2")]
+    pair = lab.Pair("vision-a", "stage2", "copy", "stage2")
+    cknna, mknn = lab.subset_alignment(grams, [pair], np.arange(40)[None], 8)[pair]
+    # just below 1: the reference adds 1e-6 to the denominator
+    assert 0.999 < cknna[0] < 1.0 and mknn[0] == pytest.approx(1.0)
+
+
+def test_chunking_does_not_change_results(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    grams = _grams(run)
+    pair = lab.Pair("vision-a", "stage2", "language-b", "layer2")
+    subsets = np.stack([np.random.default_rng(i).choice(60, 20, replace=False) for i in range(9)])
+    whole = lab.subset_alignment(grams, [pair], subsets, 4)[pair][0]
+    monkeypatch.setattr(lab, "_CHUNK_ELEMENTS", 20 * 20 * 2)  # chunks of 2 subsets
+    np.testing.assert_array_equal(lab.subset_alignment(grams, [pair], subsets, 4)[pair][0], whole)
+
+
+def test_baseline_and_permutation_match_the_paper_analysis(run) -> None:
+    """Same draws, same shuffles: the lab reproduces analyses.dispersion_set_alignment exactly."""
+    from convergence_core.analyses import best_language_layers, dispersion_set_alignment
+
+    size, k, seed = 15, 5, 3
+    best = best_language_layers(run, k=10)
+    reference = dispersion_set_alignment(
+        run, size=size, k=k, score="pc1", n_random=40, seed=seed, n_permutations=30, best_layers=best
+    )
+    layers = dict(zip(best["language_model"], best["language_layer"], strict=True))
+    pairs = [
+        lab.Pair(v, vl, lm, layers[lm])
+        for v, vl, lm in zip(reference["vision_model"], reference["vision_layer"], reference["language_model"], strict=True)
+    ]
+    scores = run.dispersion["pc1"].to_numpy()
+    grams = _grams(run)
+    baseline = lab.baseline_table(grams, pairs, scores, size, k, n_random=40, seed=seed)
+    low, high = select_stimuli(scores, "low", size), select_stimuli(scores, "high", size)
+    test = lab.low_high_permutation_table(grams, pairs, low, high, k, n_permutations=30, seed=seed)
+    for column in ("cknna_random_mean", "cknna_random_lower_95", "cknna_random_upper_95"):
+        np.testing.assert_allclose(baseline[column], reference[column], rtol=1e-9)
+    np.testing.assert_allclose(test["low_minus_high"], reference["low_minus_high"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(test["permutation_p_value_two_sided"], reference["permutation_p_value_two_sided"])
+    np.testing.assert_allclose(test["permutation_p_value_low_greater"], reference["permutation_p_value_low_greater"])
+
+
+def test_permutation_p_values_by_hand() -> None:
+    null = np.array([-0.3, -0.1, 0.0, 0.1, 0.2, 0.5])
+    assert lab.permutation_p_values(0.2, null) == pytest.approx(((1 + 3) / 7, (1 + 2) / 7))
+    assert lab.permutation_p_values(10.0, null) == pytest.approx((1 / 7, 1 / 7))
+
+
+def test_k_and_subset_errors_are_in_words(run) -> None:
+    with pytest.raises(ValueError, match="too large .* use k <= 9"):
+        lab.check_subset_for_k(10, 10, "the low set")
+    with pytest.raises(ValueError, match="at least 4"):
+        lab.check_subset_for_k(3, 2, "the current selection")
+    with pytest.raises(ValueError, match=r"\(B, s\)"):
+        lab.subset_alignment(_grams(run), [], np.arange(5), 2)
+
+
+def test_nearest_neighbours_by_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((30, 6))
+    gram = features @ features.T
+    rows, similarity = lab.nearest_neighbours(gram, 4, 6)
+    expected = sorted((j for j in range(30) if j != 4), key=lambda j: -gram[4, j])[:6]
+    assert list(rows) == expected
+    np.testing.assert_allclose(similarity, gram[4, expected])
+    assert 4 not in lab.nearest_neighbours(gram, 4, 100)[0] and len(lab.nearest_neighbours(gram, 4, 100)[0]) == 29
+
+
+# ---------------------------------------------------------------------------------------------
+# the page
+
+
+def test_default_view_shows_low_high_random_per_pair(run) -> None:
+    at = _page()
+    table = _results(at)
+    assert set(table["set"]) == {"low", "high"}
+    assert len(table) == 2 * 3 * 2  # sets × vision models × language models
+    assert set(table["set_size"]) == {15} and set(table["k"]) == {10}
+    assert table["cknna_random_lower_95"].le(table["cknna_random_mean"]).all()
+    assert table["permutation_p_value_two_sided"].between(0, 1).all()
+    # low/high numbers equal the reference on the sets chosen by the numerics module
+    scores = run.dispersion["mean"].to_numpy()
+    row = table[(table["set"] == "high") & (table["vision_model"] == "vision-b")].iloc[0]
+    expected = cknna_from_gram(
+        run.gram("vision-b", row["vision_layer"]), run.gram(row["language_model"], row["language_layer"]),
+        k=10, subset=select_stimuli(scores, "high", 15),
+    )
+    assert row["cknna"] == pytest.approx(expected, rel=1e-9)
+    assert at.query_params["k"] == "10" and at.query_params["size"] == "15"
+
+
+def test_changing_k_changes_the_cknna_table(run) -> None:
+    at = _page()
+    before = _results(at)
+    at.slider(key="w_k").set_value(4).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    after = _results(at)
+    assert set(after["k"]) == {4}
+    assert not np.allclose(before["cknna"], after["cknna"])
+    assert at.query_params["k"] == "4"
+
+
+def test_high_and_low_sets_differ_and_follow_the_score(run) -> None:
+    at = _page()
+    table = _results(at)
+    low = table[table["set"] == "low"]["cknna"].to_numpy()
+    high = table[table["set"] == "high"]["cknna"].to_numpy()
+    assert not np.allclose(low, high)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["CKNNA, low dispersion (mean over pairs)"] == f"{low.mean():.4f}"
+
+    at.radio(key="w_source").set_value("high").run(timeout=TIMEOUT)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["CKNNA, high dispersion (mean over pairs)"] == f"{high.mean():.4f}"
+
+    at.radio(key="w_score").set_value("pc1").run(timeout=TIMEOUT)
+    by_pc1 = _results(at)
+    assert set(by_pc1["score"]) == {"pc1"}
+    assert at.query_params["score"] == "pc1" and at.query_params["source"] == "high"
+
+
+def test_query_params_start_the_widgets(run) -> None:
+    at = _page({"k": "5", "size": "20", "score": "pc1", "source": "random"})
+    assert at.slider(key="w_k").value == 5
+    assert at.number_input(key="w_size").value == 20
+    assert at.radio(key="w_score").value == "pc1"
+    assert at.radio(key="w_source").value == "random"
+    table = _results(at)
+    assert set(table["set_size"]) == {20} and set(table["k"]) == {5}
+
+
+def test_k_too_large_for_the_sets_is_clamped_with_a_warning(run) -> None:
+    at = _page({"k": "50", "size": "12"})
+    assert at.slider(key="w_k").value == 11
+    assert any("k=50 is too large for sets of 12 stimuli" in w.value for w in at.warning)
+
+
+def test_empty_selection_is_an_error_in_words(run) -> None:
+    at = _page({"source": "selection"})
+    assert any("Empty selection" in e.value for e in at.error)
+    assert set(_results(at)["set"]) == {"low", "high"}  # the rest of the page still works
+
+
+def test_current_selection_is_used_and_bounds_k(run) -> None:
+    at = _page()
+    rows = [0, 3, 5, 8, 13, 21, 34]
+    state.set_selection(at.session_state, "demo", list(run.stimuli["id"].iloc[rows]), origin="test")
+    at.radio(key="w_source").set_value("selection").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    table = _results(at)
+    chosen = table[table["set"] == "selection"]
+    assert len(chosen) == 6 and set(chosen["set_size"]) == {7}
+    assert at.slider(key="w_k").value == 6  # k < 7
+    row = chosen.iloc[0]
+    expected = cknna_from_gram(
+        run.gram(row["vision_model"], row["vision_layer"]), run.gram(row["language_model"], row["language_layer"]),
+        k=6, subset=np.array(rows),
+    )
+    assert row["cknna"] == pytest.approx(expected, rel=1e-9)
+    # its random baseline has its own size
+    assert chosen["cknna_random_mean"].notna().all()
+
+
+def test_pasted_ids_unknown_and_too_few(run) -> None:
+    at = _page({"source": "pasted"})
+    assert any("Empty selection" in e.value for e in at.error)
+    ids = list(run.stimuli["id"].iloc[:3])
+    at.text_area(key="w_pasted_ids").set_value("\n".join([*ids, "ghost"])).run(timeout=TIMEOUT)
+    assert any("1 pasted id(s)" in w.value for w in at.warning)
+    assert any(t.value == "ghost" for t in at.text)
+    assert any("has 3 stimuli" in e.value and "at least 4" in e.value for e in at.error)
+    more = list(run.stimuli["id"].iloc[:9])
+    at.text_area(key="w_pasted_ids").set_value(", ".join(more)).run(timeout=TIMEOUT)
+    assert set(_results(at)["set"]) == {"low", "high", "pasted"}
+
+
+def test_layer_choice_changes_the_pair(run) -> None:
+    at = _page()
+    at.selectbox(key="w_layer_language-a").set_value("layer0").run(timeout=TIMEOUT)
+    table = _results(at)
+    assert set(table.loc[table["language_model"] == "language-a", "language_layer"]) == {"layer0"}
+
+
+def test_no_model_chosen_and_run_without_language_models(run) -> None:
+    at = _page()
+    at.multiselect(key="w_language").set_value([]).run(timeout=TIMEOUT)
+    assert any("No language model chosen" in e.value for e in at.error)
+
+    at = _page({"run": "vision-only"})
+    assert any("has no language model" in e.value for e in at.error)
