@@ -40,7 +40,7 @@ def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
 
 
 def _panels(n: int, width: float = 4.2, height: float = 3.6) -> tuple[Figure, list[plt.Axes]]:
-    figure, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    figure, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False, layout="constrained")
     return figure, list(axes[0])
 
 
@@ -114,7 +114,7 @@ def leave_one_out_figure(
 ) -> Path:
     """Fig. S2: per held-out vision model, deviation vs partial dispersion with the fit line."""
     models = list(dict.fromkeys(points["held_out_model"]))
-    figure, axes = _panels(len(models))
+    figure, axes = _panels(len(models), width=4.8, height=4.0)
     for axis, model in zip(axes, models, strict=True):
         group = points[points["held_out_model"] == model]
         stats = statistics[statistics["held_out_model"] == model].iloc[0]
@@ -130,9 +130,13 @@ def leave_one_out_figure(
             f"ρ = {stats['spearman_rho']:.2f} (p = {stats['spearman_p_value']:.2g})",
             fontsize=9,
         )
-        axis.set_xlabel("partial dispersion (mean residual of the others, residual units)")
-        axis.set_ylabel("held-out deviation (residual units)")
-    figure.suptitle("Fig. S2: partial dispersion predicts the held-out model's deviation", fontsize=10)
+        axis.set_xlabel("partial dispersion (residual units)")
+    axes[0].set_ylabel("held-out deviation (residual units)")
+    figure.suptitle(
+        "Fig. S2: mean residual of the other vision models (partial dispersion) vs the held-out "
+        "model's deviation from their consensus",
+        fontsize=10,
+    )
     return _save(figure, path)
 
 
@@ -141,8 +145,8 @@ def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
     languages = list(dict.fromkeys(sweep["language_model"]))
     widths = [max(3.0, 0.45 * sweep[sweep["language_model"] == m]["language_layer_index"].nunique())
               for m in languages]
-    figure, axes = plt.subplots(1, len(languages), figsize=(sum(widths) + 2.5, 3.4), squeeze=False,
-                                gridspec_kw={"width_ratios": widths})
+    figure, axes = plt.subplots(1, len(languages), figsize=(sum(widths) + 3.0, 3.6), squeeze=False,
+                                sharey=True, layout="constrained", gridspec_kw={"width_ratios": widths})
     vmin, vmax = float(sweep["cknna"].min()), float(sweep["cknna"].max())
     image = None
     for axis, language in zip(axes[0], languages, strict=True):
@@ -152,7 +156,7 @@ def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
         image = axis.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
         axis.set_xticks(np.arange(grid.shape[1]), [str(c) for c in grid.columns], fontsize=7)
         axis.set_yticks(np.arange(grid.shape[0]), list(grid.index), fontsize=8)
-        axis.set_xlabel(f"{language} layer (block index, 0 = shallowest)")
+        axis.set_xlabel("layer (block index, 0 = shallowest)")
         axis.set_title(language, fontsize=9)
     axes[0][0].set_ylabel("vision model (GPA layer)")
     colourbar = figure.colorbar(image, ax=list(axes[0]))
