@@ -17,7 +17,9 @@ where HSIC_u is the unbiased estimator (Song et al. 2012, eq. 5) with zeroed dia
     HSIC_u(A, B) = [ Σ A∘Bᵀ + ΣA·ΣB / ((n−1)(n−2)) − 2 Σ(A B) / (n−2) ] / (n(n−3)).
 
 The masked kernels are sparse (≤ n·k entries) and not symmetric, so each term is a sum over the
-mask entries: Σ A∘Bᵀ pairs entry (i, j) with (j, i); Σ(A B) = (column sums of A)·(row sums of B).
+mask entries: Σ A∘Bᵀ pairs entry (i, j) with (j, i) when both are mask entries (looked up in a
+one-byte-per-entry membership array); Σ(A B) = (column sums of A)·(row sums of B).
+Cost: gathering the (s, s) sub-Grams and one O(s²) selection per row set; the rest is O(s·k).
 Everything is accumulated in float64, whatever the Gram dtype.
 """
 
@@ -34,7 +36,7 @@ CKNNA_EPSILON = 1e-6
 
 def _sub_gram(G: np.ndarray, subset: np.ndarray | None) -> np.ndarray:
     """The (s, s) sub-matrix of G for the subset (G itself when subset is None), finite-checked."""
-    sub = G if subset is None else G[np.ix_(subset, subset)]
+    sub = G if subset is None else G.take(subset, axis=0).take(subset, axis=1)
     if not np.isfinite(sub).all():
         raise ValueError(
             "the Gram matrix contains NaN or Inf entries for the chosen stimuli; recompute it from "
@@ -77,25 +79,41 @@ def top_k_neighbours(G: np.ndarray, k: int = 10, subset: object = None) -> np.nd
     return _top_k_excluding_self(sub, k).astype(np.int64)
 
 
-def _mask_keys(neighbours: np.ndarray) -> np.ndarray:
-    """Sorted flat keys i·n + j of the mask entries (row i, neighbour j)."""
+def _flat_keys(neighbours: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mask entries of a neighbour table: (rows, cols, flat keys rows·n + cols), each (n·k,)."""
     n, k = neighbours.shape
-    keys = np.arange(n, dtype=np.int64).repeat(k) * n + neighbours.ravel()
-    keys.sort()
-    return keys
+    rows = np.arange(n, dtype=np.int64).repeat(k)
+    cols = neighbours.ravel().astype(np.int64)
+    return rows, cols, rows * n + cols
 
 
-def _masked_hsic(keys: np.ndarray, K: np.ndarray, L: np.ndarray) -> float:
-    """Unbiased HSIC of (M∘K, M∘L) for the 0/1 mask M given by its sorted flat keys (no diagonal)."""
+def _membership(keys: np.ndarray, n: int) -> np.ndarray:
+    """Flat boolean (n·n,) array, True at the given keys (a 0/1 mask, one byte per entry)."""
+    member = np.zeros(n * n, dtype=bool)
+    member[keys] = True
+    return member
+
+
+def _masked_hsic(
+    rows: np.ndarray,
+    cols: np.ndarray,
+    transpose_in_mask: np.ndarray,
+    K: np.ndarray,
+    L: np.ndarray,
+) -> float:
+    """Unbiased HSIC of (M∘K, M∘L) for a 0/1 mask M without diagonal entries.
+
+    Args:
+        rows, cols: the mask entries (i, j).
+        transpose_in_mask: for each entry, whether (j, i) is also a mask entry.
+        K, L: (n, n) kernels.
+    """
     n = K.shape[0]
-    rows, cols = np.divmod(keys, n)
     a = K[rows, cols].astype(np.float64)
     b = L[rows, cols].astype(np.float64)
-    # Σ_ij A_ij B_ji: entry (i, j) pairs with (j, i) when that is also a mask entry.
-    transposed = cols * n + rows
-    position = np.minimum(np.searchsorted(keys, transposed), keys.size - 1)
-    paired = keys[position] == transposed
-    trace_term = float(np.dot(a[paired], b[position[paired]]))
+    # Σ_ij A_ij B_ji: entry (i, j) pairs with L[j, i] when (j, i) is also a mask entry.
+    b_transposed = L[cols[transpose_in_mask], rows[transpose_in_mask]].astype(np.float64)
+    trace_term = float(np.dot(a[transpose_in_mask], b_transposed))
     sum_a = float(a.sum())
     sum_b = float(b.sum())
     col_sums_a = np.bincount(cols, weights=a, minlength=n)
@@ -107,12 +125,20 @@ def _masked_hsic(keys: np.ndarray, K: np.ndarray, L: np.ndarray) -> float:
 
 def _cknna_from_subgrams(K: np.ndarray, L: np.ndarray, k: int) -> float:
     """CKNNA of two (s, s) Gram matrices (already validated, s ≥ 4, 2 ≤ k ≤ s − 1)."""
-    keys_k = _mask_keys(_top_k_excluding_self(K, k))
-    keys_l = _mask_keys(_top_k_excluding_self(L, k))
-    mutual = np.intersect1d(keys_k, keys_l, assume_unique=True)
-    sim_kl = _masked_hsic(mutual, K, L)
-    sim_kk = _masked_hsic(keys_k, K, K)
-    sim_ll = _masked_hsic(keys_l, L, L)
+    s = K.shape[0]
+    rows, cols_k, keys_k = _flat_keys(_top_k_excluding_self(K, k))
+    _, cols_l, keys_l = _flat_keys(_top_k_excluding_self(L, k))
+    in_k = _membership(keys_k, s)
+    in_l = _membership(keys_l, s)
+    transposed_k = cols_k * s + rows
+    transposed_l = cols_l * s + rows
+    # mutual mask M = M_K ∘ M_L: the K-mask entries that are also L-mask entries
+    mutual = in_l[keys_k]
+    rows_m, cols_m = rows[mutual], cols_k[mutual]
+    transposed_m = transposed_k[mutual]
+    sim_kl = _masked_hsic(rows_m, cols_m, in_k[transposed_m] & in_l[transposed_m], K, L)
+    sim_kk = _masked_hsic(rows, cols_k, in_k[transposed_k], K, K)
+    sim_ll = _masked_hsic(rows, cols_l, in_l[transposed_l], L, L)
     product = sim_kk * sim_ll
     if product < 0:
         # the reference takes sqrt of a negative number here and returns NaN
@@ -122,9 +148,10 @@ def _cknna_from_subgrams(K: np.ndarray, L: np.ndarray, k: int) -> float:
 
 def _mutual_knn_from_subgrams(K: np.ndarray, L: np.ndarray, k: int) -> float:
     """Mean over stimuli of |knn_K(i) ∩ knn_L(i)| / k for two (s, s) Gram matrices."""
-    keys_k = _mask_keys(_top_k_excluding_self(K, k))
-    keys_l = _mask_keys(_top_k_excluding_self(L, k))
-    shared = np.intersect1d(keys_k, keys_l, assume_unique=True).size
+    s = K.shape[0]
+    _, _, keys_k = _flat_keys(_top_k_excluding_self(K, k))
+    _, _, keys_l = _flat_keys(_top_k_excluding_self(L, k))
+    shared = int(np.count_nonzero(_membership(keys_l, s)[keys_k]))
     return shared / keys_k.size
 
 
