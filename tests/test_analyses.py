@@ -96,8 +96,10 @@ def test_planted_language_model_prefers_low_dispersion(fig2):
 def test_independent_language_model_shows_no_effect(fig2):
     rows = fig2[fig2.language_model == "independent"]
     assert (rows.permutation_p_value_two_sided > 0.01).all()
-    # its CKNNA hovers around chance on every set
-    assert rows[["cknna_low_dispersion", "cknna_high_dispersion"]].abs().to_numpy().max() < 0.35
+    # its low - high gap is smaller than that of every planted pair (small sets give CKNNA a
+    # positive chance level, so the gap, not the level, is what must vanish)
+    planted_gap = fig2.loc[fig2.language_model == "planted", "low_minus_high"]
+    assert rows.low_minus_high.abs().max() < 0.5 * planted_gap.min()
 
 
 def test_set_values_match_slow_reference(planted, fig2):
