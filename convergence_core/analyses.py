@@ -238,6 +238,8 @@ def dispersion_set_alignment(
     scores = _dispersion_scores(run, score)
     pairs = _pairs_with_best_layers(run, k, best_layers)
 
+    # dashboard/lab.py reproduces these draws (seed -> SeedSequence.spawn(2): random sets, then one
+    # fresh generator per pair for the shuffles) so the Alignment lab agrees with this table
     low = np.asarray(select_stimuli(scores, "low", size), dtype=np.intp)
     high = np.asarray(select_stimuli(scores, "high", size), dtype=np.intp)
     random_seed, permutation_seed = np.random.SeedSequence(seed).spawn(2)

@@ -233,6 +233,24 @@ def test_held_out_deviation_matches_full_width_procrustes(held_width, consensus_
     np.testing.assert_allclose(analyses.held_out_deviation(held, consensus), expected, atol=1e-10)
 
 
+def test_held_out_deviation_ignores_shift_scale_rotation_and_padding():
+    rng = np.random.default_rng(9)
+    held = rng.standard_normal((25, 7))
+    consensus = rng.standard_normal((25, 10))
+    consensus -= consensus.mean(axis=0)
+    rotation, _ = np.linalg.qr(rng.standard_normal((7, 7)))
+    transformed = 4.0 * held @ rotation + rng.standard_normal(7)
+    padded = np.pad(held, ((0, 0), (0, 5)))
+    reference = analyses.held_out_deviation(held, consensus)
+    np.testing.assert_allclose(analyses.held_out_deviation(transformed, consensus), reference, atol=1e-10)
+    np.testing.assert_allclose(analyses.held_out_deviation(padded, consensus), reference, atol=1e-10)
+    # but it does see a change of the held-out geometry
+    warped = held * np.linspace(0.5, 2.0, 7)
+    assert not np.allclose(analyses.held_out_deviation(warped, consensus), reference, atol=1e-3)
+    with pytest.raises(ValueError, match="same m stimuli"):
+        analyses.held_out_deviation(held[:20], consensus)
+
+
 def test_partial_dispersion_predicts_held_out_deviation(planted):
     points = analyses.leave_one_model_out(planted)
     statistics = analyses.leave_one_model_out_statistics(points)
@@ -333,6 +351,8 @@ def test_other_bad_parameters_are_refused(planted):
         analyses.drop_fraction_alignment(planted, q=1.5)
     with pytest.raises(ValueError, match="positive integer"):
         analyses.dispersion_set_alignment(planted, size=0)
+    with pytest.raises(ValueError, match="k must be an integer >= 2"):
+        analyses.layer_sweep(planted, k=1)
 
 
 def _single_vision_run():
