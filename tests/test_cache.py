@@ -161,3 +161,16 @@ def test_raw_pickle_file_is_refused(tmp_path):
     path.write_bytes(pickle.dumps({"a": np.arange(3)}))
     with pytest.raises(PickleRefusedError, match="pickle"):
         read_npy(path)
+
+
+from hypothesis import given, settings as hypothesis_settings, strategies as st  # noqa: E402
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=40), st.text(min_size=1, max_size=40))
+def test_model_key_is_injective_and_safe_for_any_names(a, b):
+    key_a, key_b = model_key(a), model_key(b)
+    assert all(c.isascii() and (c.isalnum() or c in "._-") for c in key_a)
+    assert not key_a.startswith(".")
+    if a != b:
+        assert key_a != key_b

@@ -119,3 +119,30 @@ def test_precompute_real_models_on_six_images(tmp_path, monkeypatch):
     assert run.manifest["models"]["minilm"]["weights_id"]
     code, out, err = _main(*argv)  # everything cached now
     assert code == 0 and err.count("cached") >= 4
+
+
+def test_flags_override_a_config_file(tmp_path, monkeypatch):
+    import convergence_core.precompute as precompute_module
+
+    seen = {}
+
+    def fake_precompute(config, progress=None):
+        seen.update(config)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(precompute_module, "precompute", fake_precompute)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        'dataset = "data"\nvision_models = ["a", "b"]\nbatch_size = 8\ncaption_mode = "mean"\n',
+        encoding="utf-8",
+    )
+    code, _, err = _main(
+        "precompute", str(config), "--batch-size", "2", "--layers", "a=x,y", "--layers", "b=z",
+        "--gpa-layer", "a=y", "--weights", "a=/w/a.pth", "--drop-bad", "--no-thumbnails",
+    )
+    assert code == 2 and "stop here" in err
+    assert seen["batch_size"] == 2 and seen["caption_mode"] == "mean"
+    assert seen["layers"] == {"a": ["x", "y"], "b": ["z"]}
+    assert seen["gpa_layers"] == {"a": "y"} and seen["weights"] == {"a": "/w/a.pth"}
+    assert seen["drop_bad"] is True and seen["thumbnails"] is False
+    assert seen["vision_models"] == ["a", "b"] and seen["dataset"] == "data"

@@ -332,3 +332,26 @@ def test_a_foreign_folder_with_the_run_name_is_never_deleted(tiny_coco, tmp_path
     with pytest.raises(ValueError, match="not a run"):
         precompute(**_options(tiny_coco, tmp_path))
     assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_temp_files_of_a_killed_process_are_cleaned_on_resume(tiny_coco, tmp_path, loads):
+    run = precompute(**_options(tiny_coco, tmp_path))
+    stray = run.path / "embeddings" / "fake-vision-a" / "late.npy.tmp-99999"
+    stray.write_bytes(b"half")
+    precompute(**_options(tiny_coco, tmp_path))
+    assert not stray.exists()
+
+
+def test_presets_are_complete_configs(monkeypatch, tmp_path):
+    from convergence_core.presets import PRESETS, preset_config
+
+    monkeypatch.setenv("CONVERGENCE_DEMO_DATA", str(tmp_path / "elsewhere"))
+    demo = PrecomputeConfig.from_mapping(preset_config("demo"))
+    assert demo.dataset == str(tmp_path / "elsewhere")  # follows the setting
+    assert demo.vision_models == ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+    assert demo.language_models == ("minilm", "gemma-3-270m")
+    assert demo.run_name == "demo" and demo.caption_mode == "first"
+    assert PrecomputeConfig.from_mapping(preset_config("imagenet")).run_name == "imagenet"
+    assert set(PRESETS) >= {"demo", "imagenet"}
+    with pytest.raises(ValueError, match="choose one of"):
+        preset_config("nope")
