@@ -61,31 +61,99 @@ def check_subset_for_k(size: int, k: int, what: str) -> None:
         )
 
 
-def _stack(gram: np.ndarray, subsets: np.ndarray) -> np.ndarray:
-    """(B, s, s) float64: ``gram[subset][:, subset]`` for each row of ``subsets`` (B, s)."""
-    return np.asarray(gram[subsets[:, :, None], subsets[:, None, :]], dtype=np.float64)
+def _stack(gram: np.ndarray, flat_index: np.ndarray) -> np.ndarray:
+    """(B, s, s) float64 sub-Grams ``gram[subset][:, subset]``, the diagonal set to -inf.
+
+    ``flat_index`` (B, s, s) holds ``subset[i] * n + subset[j]`` (shared by every model).
+    The diagonal is -inf so a stimulus is never its own neighbour; it is never read otherwise.
+    """
+    blocks = np.take(np.asarray(gram, dtype=np.float64).ravel(), flat_index)
+    diagonal = np.arange(blocks.shape[-1])
+    blocks[:, diagonal, diagonal] = -np.inf
+    return blocks
 
 
 def _knn_mask(blocks: np.ndarray, k: int) -> np.ndarray:
-    """(B, s, s) bool: True at (b, i, j) when j is among the k most similar others of i in block b."""
-    n_blocks, s, _ = blocks.shape
-    work = -blocks  # argpartition picks the smallest, so negate similarities
-    diagonal = np.arange(s)
-    work[:, diagonal, diagonal] = np.inf  # never one's own neighbour
-    neighbours = np.argpartition(work, k - 1, axis=-1)[..., :k]
-    mask = np.zeros((n_blocks, s, s), dtype=bool)
-    np.put_along_axis(mask, neighbours, True, axis=-1)
+    """(B, s, s) bool: True at (b, i, j) when j is among the k most similar others of i in block b.
+
+    Fast path: compare with each row's k-th largest value (one ``np.partition``). A row with
+    exactly tied values at the threshold would get more than k neighbours; such blocks are redone
+    with ``argpartition``, which keeps exactly k (ties broken arbitrarily, as the reference does).
+    """
+    s = blocks.shape[-1]
+    threshold = np.partition(blocks, s - k, axis=-1)[..., s - k : s - k + 1]
+    mask = blocks >= threshold
+    tied = np.flatnonzero((mask.sum(axis=-1) != k).any(axis=-1))
+    if tied.size:
+        neighbours = np.argpartition(-blocks[tied], k - 1, axis=-1)[..., :k]
+        exact = np.zeros((tied.size, s, s), dtype=bool)
+        np.put_along_axis(exact, neighbours, True, axis=-1)
+        mask[tied] = exact
     return mask
 
 
-def _hsic_unbiased(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(B,) unbiased HSIC (Song et al. 2012) of stacked kernels with zero diagonals, float64."""
-    m = a.shape[-1]
-    trace_term = np.einsum("bij,bji->b", a, b)
-    sums_term = a.sum(axis=(1, 2)) * b.sum(axis=(1, 2)) / ((m - 1) * (m - 2))
-    # sum(A @ B) = sum_j colsum(A)_j * rowsum(B)_j
-    cross_term = 2.0 * np.einsum("bj,bj->b", a.sum(axis=1), b.sum(axis=2)) / (m - 2)
+def _hsic_unbiased_sparse(
+    n_blocks: int, s: int, position: np.ndarray, transposed: np.ndarray,
+    a: np.ndarray, b: np.ndarray, b_transposed: np.ndarray,
+) -> np.ndarray:
+    """(n_blocks,) unbiased HSIC (Song et al. 2012) of masked kernels A, B given by their entries.
+
+    A and B are (s, s) per block, zero outside a common support of off-diagonal entries, listed as
+    flat positions ``position`` = block·s² + i·s + j with ``transposed`` = block·s² + j·s + i.
+    ``a``, ``b`` are A_ij, B_ij there; ``b_transposed`` is B_ji (0 where (j, i) is not in the
+    support). Every sum is a float64 ``bincount``: O(entries), not O(s²) per block.
+
+        HSIC = [tr(A B) + ΣA·ΣB / ((m-1)(m-2)) - 2·Σ_j colsum(A)_j rowsum(B)_j / (m-2)] / (m(m-3))
+    """
+    m = s
+    block = position // (s * s)
+    trace_term = np.bincount(block, weights=a * b_transposed, minlength=n_blocks)
+    sums_term = (
+        np.bincount(block, weights=a, minlength=n_blocks)
+        * np.bincount(block, weights=b, minlength=n_blocks)
+        / ((m - 1) * (m - 2))
+    )
+    column_sums_a = np.bincount(transposed // s, weights=a, minlength=n_blocks * s)  # at block·s + j
+    row_sums_b = np.bincount(position // s, weights=b, minlength=n_blocks * s)  # at block·s + i
+    cross_term = 2.0 * (column_sums_a * row_sums_b).reshape(n_blocks, s).sum(axis=1) / (m - 2)
     return (trace_term + sums_term - cross_term) / (m * (m - 3))
+
+
+class _Side(NamedTuple):
+    """One model's k-NN graph on a chunk of subsets, as flat entry lists."""
+
+    values: np.ndarray  # (B·s·s,) sub-Gram entries, flat
+    mask: np.ndarray  # (B·s·s,) bool, flat: j among the k nearest of i
+    position: np.ndarray  # (E,) flat positions of the mask's True entries (E = B·s·k)
+    transposed: np.ndarray  # (E,) the (j, i) position of each entry
+    self_similarity: np.ndarray  # (B,) HSIC of the masked kernel with itself
+
+
+def _side(gram: np.ndarray, flat_index: np.ndarray, k: int) -> _Side:
+    n_blocks, s, _ = flat_index.shape
+    blocks = _stack(gram, flat_index)
+    mask = _knn_mask(blocks, k).ravel()
+    values = blocks.ravel()
+    position = np.flatnonzero(mask)
+    within = position % (s * s)
+    transposed = position - within + (within % s) * s + within // s
+    a = values[position]
+    a_transposed = np.where(mask[transposed], values[transposed], 0.0)
+    similarity = _hsic_unbiased_sparse(n_blocks, s, position, transposed, a, a, a_transposed)
+    return _Side(values, mask, position, transposed, similarity)
+
+
+def _pair_similarity(x: _Side, y: _Side, n_blocks: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """(HSIC of the mutual-neighbour kernels (B,), mutual neighbour count (B,))."""
+    mutual = y.mask[x.position]
+    position, transposed = x.position[mutual], x.transposed[mutual]
+    in_support_transposed = x.mask[transposed] & y.mask[transposed]
+    b_transposed = np.where(in_support_transposed, y.values[transposed], 0.0)
+    similarity = _hsic_unbiased_sparse(
+        n_blocks, s, position, transposed, x.values[position], y.values[position], b_transposed
+    )
+    counts = np.bincount(position // (s * s), minlength=n_blocks)
+    return similarity, counts
 
 
 def subset_alignment(
@@ -121,23 +189,21 @@ def subset_alignment(
         )
     )
     chunk = max(1, _CHUNK_ELEMENTS // (s * s))
+    n = next(iter(grams.values())).shape[0]
     for start in range(0, n_sets, chunk):
         block = subsets[start : start + chunk]
-        masked: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        for side in sides:
-            blocks = _stack(grams[side], block)
-            mask = _knn_mask(blocks, k)
-            self_similarity = _hsic_unbiased(mask * blocks, mask * blocks)
-            masked[side] = (blocks, mask, self_similarity)
+        stop = start + block.shape[0]
+        flat_index = block[:, :, None] * n + block[:, None, :]
+        graphs = {side: _side(grams[side], flat_index, k) for side in sides}
         for pair in pairs:
-            kx, mask_x, sim_xx = masked[(pair.vision_model, pair.vision_layer)]
-            ky, mask_y, sim_yy = masked[(pair.language_model, pair.language_layer)]
-            mutual = mask_x & mask_y
-            sim_xy = _hsic_unbiased(mutual * kx, mutual * ky)
+            x = graphs[(pair.vision_model, pair.vision_layer)]
+            y = graphs[(pair.language_model, pair.language_layer)]
+            similarity, counts = _pair_similarity(x, y, block.shape[0], s)
             cknna_values, mknn_values = results[pair]
-            stop = start + block.shape[0]
-            cknna_values[start:stop] = sim_xy / (np.sqrt(sim_xx * sim_yy) + _CKNNA_EPS)
-            mknn_values[start:stop] = mutual.sum(axis=(1, 2)) / (s * k)
+            cknna_values[start:stop] = similarity / (
+                np.sqrt(x.self_similarity * y.self_similarity) + _CKNNA_EPS
+            )
+            mknn_values[start:stop] = counts / (s * k)
     return results
 
 
