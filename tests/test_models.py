@@ -116,6 +116,20 @@ def test_timm_pretrained_offline_gives_one_message() -> None:
     assert "pretrained_cfg_overlay" in str(info.value)
 
 
+@pytest.mark.parametrize("name", ["vit_huge_patch14_224.mae", "vit_giant_patch14_dinov2.lvd142m",
+                                  "vit_huge_patch14_clip_224.laion2b"])
+def test_paper_vit_offline_fails_before_building(name: str, monkeypatch) -> None:
+    import timm
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the model was built although its weights are missing")
+
+    monkeypatch.setattr(timm, "create_model", must_not_build)
+    with pytest.raises(WeightsUnavailableError) as info:
+        load_encoder(name)
+    _assert_weights_message(info.value, name)
+
+
 def test_hf_offline_gives_one_message() -> None:
     with pytest.raises(WeightsUnavailableError) as info:
         load_encoder("hf:someone/not-a-cached-model")
@@ -319,6 +333,8 @@ def test_minilm_real() -> None:
     encoder = load_encoder("minilm")
     assert encoder.layers == [f"layer_{i:02d}" for i in range(7)]
     assert encoder.default_layer == "layer_06"
+    weights_file = Path(get_model_path()) / "model.safetensors"
+    assert encoder.weights_id == hashlib.sha256(weights_file.read_bytes()).hexdigest()
     captions = ["A dog runs across a grassy field.", "A puppy running on the grass.",
                 "A plate of pasta with tomato sauce.", "Two men play tennis."]
     out = encoder.encode(captions)

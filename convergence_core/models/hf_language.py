@@ -117,13 +117,20 @@ class LanguageEncoder(Encoder):
 
 
 def _weights_id_for(source: str, model: torch.nn.Module) -> str:
+    """sha256 of the weight files (memoised per file) when they can be located on disk: a local
+    folder, or the hub cache snapshot of a hub id; otherwise of the loaded state dict."""
     path = Path(source).expanduser()
-    if path.is_dir():
+    if not path.is_dir():
         try:
-            return files_sha256([path])
-        except ValueError:
-            pass
-    return state_dict_sha256(model)
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # not a hub id, or not cached as a snapshot: hash the tensors instead
+            return state_dict_sha256(model)
+    try:
+        return files_sha256([path])
+    except ValueError:
+        return state_dict_sha256(model)
 
 
 def load_hf_language(

@@ -98,6 +98,47 @@ def encoder_from_timm_model(
     )
 
 
+def _hub_filenames(filename: str | None) -> list[str]:
+    """The files timm tries on the hub for ``hf_hub_filename``, safetensors first."""
+    filename = filename or "pytorch_model.bin"
+    if filename.endswith(".safetensors"):
+        return [filename]
+    if filename == "pytorch_model.bin":
+        return ["model.safetensors", filename]
+    if filename == "open_clip_pytorch_model.bin":
+        return ["open_clip_model.safetensors", filename]
+    return [filename[: -len(".bin")] + ".safetensors", filename] if filename.endswith(".bin") else [
+        filename
+    ]
+
+
+def _fetch_hub_weights(name: str, timm_name: str) -> None:
+    """Get the hub weights into the HF cache *before* building the model, so a missing file fails
+    in a second rather than after allocating a billion-parameter model. Models whose weights are
+    not on the hub (URL-only) are left to timm."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(timm_name)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not hub_id:
+        return
+    repo_id, _, revision = hub_id.partition("@")
+    last: BaseException | None = None
+    for filename in _hub_filenames(getattr(cfg, "hf_hub_filename", None)):
+        try:
+            hf_hub_download(repo_id, filename, revision=revision or None)
+            return
+        except LocalEntryNotFoundError as exc:  # offline and not cached (a subclass of the next)
+            raise WeightsUnavailableError(name, short_cause(exc), kind="timm") from None
+        except EntryNotFoundError as exc:  # the repo has no file of this name: try the next
+            last = exc
+        except Exception as exc:  # offline, unreachable, gated, not cached: all the same to users
+            raise WeightsUnavailableError(name, short_cause(exc), kind="timm") from None
+    raise WeightsUnavailableError(name, short_cause(last) if last else "no weight file", kind="timm")
+
+
 def load_timm_encoder(
     name: str,
     timm_name: str,
@@ -124,6 +165,8 @@ def load_timm_encoder(
         if not os.path.isfile(path):
             raise ValueError(f"weights file {path} for {name!r} does not exist; check the path")
         kwargs["pretrained_cfg_overlay"] = {"file": path}
+    else:
+        _fetch_hub_weights(name, timm_name)
     try:
         model = timm.create_model(timm_name, pretrained=True, **kwargs)
     except (TypeError, AttributeError, KeyError, NameError):
