@@ -56,6 +56,13 @@ def _leave_one_out(path: str, stamp: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     return points, analyses.leave_one_model_out_statistics(points)
 
 
+#: p-values span many decades: show them in scientific notation
+_P_VALUE_FORMAT = {
+    name: st.column_config.NumberColumn(format="%.2e")
+    for name in ("p_value", "pearson_p_value", "spearman_p_value",
+                 "permutation_p_value_two_sided", "permutation_p_value_low_greater")
+}
+
 runs = data.available_runs()
 if not runs:
     st.info(f"No precomputed run yet. Make the demo run with `{data.MAKE_RUN_COMMAND}` "
@@ -126,13 +133,13 @@ with fig2_tab:
     st.subheader("Low vs random vs high dispersion")
     st.text(analyses.effect_verdict(sets))
     st.plotly_chart(paper_plots.dispersion_sets_bars(sets), width="stretch")
-    st.dataframe(sets, hide_index=True, width="stretch")
+    st.dataframe(sets, hide_index=True, width="stretch", column_config=_P_VALUE_FORMAT)
     st.caption(
         f"Permutation test per pair: the low/high labels of the {2 * int(size)} stimuli shuffled "
         f"{int(n_permutations)} times; p = (1 + #as extreme) / ({int(n_permutations)} + 1). "
         "Across pairs: Wilcoxon signed-rank and paired t tests of low vs high (two-sided)."
     )
-    st.dataframe(analyses.paired_set_tests(sets), hide_index=True)
+    st.dataframe(analyses.paired_set_tests(sets), hide_index=True, column_config=_P_VALUE_FORMAT)
 
 with s1_tab:
     q = st.slider("Fraction dropped", min_value=0.05, max_value=0.5, value=0.25, step=0.05)
@@ -143,7 +150,7 @@ with s1_tab:
     else:
         st.plotly_chart(paper_plots.drop_fraction_bars(dropped), width="stretch")
         wide = dropped.pivot_table(index=["vision_model", "language_model"], columns="condition",
-                                   values="cknna", sort=False).reset_index()
+                                   values="cknna", sort=False)[["drop_high", "full", "drop_low"]].reset_index()
         st.dataframe(wide, hide_index=True, width="stretch")
 
 with s2_tab:
@@ -153,7 +160,10 @@ with s2_tab:
     else:
         points, statistics = _leave_one_out(str(path), stamp)
         st.plotly_chart(paper_plots.leave_one_out_scatter(points, statistics), width="stretch")
-        st.dataframe(statistics, hide_index=True, width="stretch")
+        st.caption(f"Residual units: {paper_plots.RESIDUAL_UNITS}. Partial dispersion: mean residual "
+                   "of GPA rerun without the held-out model; deviation: the held-out model's distance "
+                   "from that consensus after orthogonal Procrustes.")
+        st.dataframe(statistics, hide_index=True, width="stretch", column_config=_P_VALUE_FORMAT)
 
 with sweep_tab:
     st.plotly_chart(paper_plots.layer_sweep_heatmap(sweep), width="stretch")

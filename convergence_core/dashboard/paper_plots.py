@@ -18,7 +18,8 @@ _CONDITIONS = {
     "full": ("full set", "#7f7f7f"),
     "drop_low": ("drop low-dispersion", "#ff7f0e"),
 }
-RESIDUAL_UNITS = "Procrustes distance, unit Frobenius-normalised embedding"
+#: What "residual units" means on the Fig. S2 axes (shown in the page's caption).
+RESIDUAL_UNITS = "Procrustes distance between unit-Frobenius-norm embeddings"
 
 
 def _cknna_title(k: int) -> str:
@@ -130,8 +131,8 @@ def leave_one_out_scatter(points: pd.DataFrame, statistics: pd.DataFrame) -> go.
                            line={"color": "red"}, showlegend=column == 1),
                 row=1, col=column,
             )
-        figure.update_xaxes(title_text=f"partial dispersion ({RESIDUAL_UNITS})", row=1, col=column)
-    figure.update_yaxes(title_text=f"held-out deviation ({RESIDUAL_UNITS})", row=1, col=1)
+        figure.update_xaxes(title_text="partial dispersion (residual units)", row=1, col=column)
+    figure.update_yaxes(title_text="held-out deviation (residual units)", row=1, col=1)
     figure.update_layout(
         title_text="Fig. S2: dispersion of the other vision models vs the held-out model's deviation",
         height=420, legend={"orientation": "h", "y": -0.3},
@@ -159,7 +160,9 @@ def layer_sweep_heatmap(sweep: pd.DataFrame) -> go.Figure:
                        hovertemplate="layer %{x}<br>%{y}<br>CKNNA %{z:.4f}<extra></extra>"),
             row=1, col=column,
         )
-        figure.update_xaxes(title_text="layer (block index, 0 = shallowest)", row=1, col=column)
+        figure.update_xaxes(title_text="layer (block index, 0 = shallowest)", tickmode="array",
+                            tickvals=[int(c) for c in grid.columns], row=1, col=column)
+        figure.update_yaxes(autorange="reversed", row=1, col=column)
     figure.update_yaxes(title_text="vision model (GPA layer)", row=1, col=1)
     figure.update_layout(title_text="Layer sweep: CKNNA on the full set", height=360)
     return figure
