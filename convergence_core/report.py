@@ -195,7 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     if (args.run is None) == (args.preset is None):
         parser.error("give either a run (folder or name) or --preset NAME, not both")
     try:
-        run = load_run(preset_config(args.preset)["run_name"] if args.preset else args.run)
+        if args.preset:
+            name = preset_config(args.preset)["run_name"]
+            try:
+                run = load_run(name)
+            except FileNotFoundError as missing:
+                raise FileNotFoundError(
+                    f"the {args.preset} run {name!r} is not cached yet; make it with "
+                    f"`python -m convergence_core precompute --preset {args.preset}` ({missing})"
+                ) from missing
+        else:
+            run = load_run(args.run)
         report = write_report(
             run, args.out, size=args.size, k=args.k, scores=args.scores, n_random=args.n_random,
             n_permutations=args.n_permutations, q=args.q, seed=args.seed,

@@ -86,11 +86,14 @@ def test_preset_demo_reads_the_demo_run_and_prints_the_summary(planted_run_path,
     assert not (tmp_path / "dispersion_sets_pc1.csv").exists()
 
 
-def test_bad_input_gives_a_clear_error(planted_run_path, tmp_path, capsys):
+def test_bad_input_gives_a_clear_error(planted_run_path, tmp_path, monkeypatch, capsys):
     run = str(planted_run_path / "runs" / "demo")
     assert report.main([run, "--out", str(tmp_path), "--size", "60", "--n-random", "2"]) == 2
     assert "larger than half" in capsys.readouterr().err
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "no run folder" in capsys.readouterr().err
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "empty-cache"))
+    assert report.main(["--preset", "demo", "--out", str(tmp_path)]) == 2
+    assert "precompute --preset demo" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         report.main([run, "--preset", "demo", "--out", str(tmp_path)])
