@@ -38,19 +38,27 @@ def demo_shaped_run(path: Path, seed: int = 0) -> Run:
     noise = rng.uniform(0.1, 1.5, N_STIMULI)[:, None]
 
     def view(width: int) -> np.ndarray:
-        return (latent @ rng.standard_normal((32, width)) + noise * rng.standard_normal((N_STIMULI, width)))
+        return latent @ rng.standard_normal((32, width)) + noise * rng.standard_normal(
+            (N_STIMULI, width)
+        )
 
     embeddings = {f"vision{i}": {"features": view(1280)} for i in range(3)}
     embeddings["minilm-like"] = {f"layer{j}": view(384) for j in range(7)}
     embeddings["gemma-like"] = {f"layer{j}": view(640) for j in range(19)}
-    stimuli = pd.DataFrame({
-        "id": [f"s{i}" for i in range(N_STIMULI)],
-        "image": [f"{i}.jpg" for i in range(N_STIMULI)],
-        "captions": [[f"caption {i}"] for i in range(N_STIMULI)],
-    })
+    stimuli = pd.DataFrame(
+        {
+            "id": [f"s{i}" for i in range(N_STIMULI)],
+            "image": [f"{i}.jpg" for i in range(N_STIMULI)],
+            "captions": [[f"caption {i}"] for i in range(N_STIMULI)],
+        }
+    )
     return write_run_from_embeddings(
-        path, stimuli, embeddings, vision_models=["vision0", "vision1", "vision2"],
-        language_models=["minilm-like", "gemma-like"], thumbnails=False,
+        path,
+        stimuli,
+        embeddings,
+        vision_models=["vision0", "vision1", "vision2"],
+        language_models=["minilm-like", "gemma-like"],
+        thumbnails=False,
     )
 
 
@@ -71,7 +79,9 @@ def bench(run: Run, label: str, repeats: int, out: Path) -> list[dict[str, objec
         f"dispersion_set_alignment (size={size}, n_random=200, n_permutations=1000)": lambda: (
             analyses.dispersion_set_alignment(run, size=size, best_layers=best)
         ),
-        "drop_fraction_alignment (q=0.25)": lambda: analyses.drop_fraction_alignment(run, best_layers=best),
+        "drop_fraction_alignment (q=0.25)": lambda: analyses.drop_fraction_alignment(
+            run, best_layers=best
+        ),
         "leave_one_model_out": lambda: analyses.leave_one_model_out(run),
         "full report (both scores, figures)": lambda: report.write_report(run, out),
     }
@@ -85,7 +95,9 @@ def bench(run: Run, label: str, repeats: int, out: Path) -> list[dict[str, objec
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per analysis")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="best of this many runs per analysis"
+    )
     args = parser.parse_args()
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:

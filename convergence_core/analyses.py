@@ -10,7 +10,8 @@
 - :func:`drop_fraction_alignment` (Fig. S1): CKNNA on the full set, without the q highest- and
   without the q lowest-dispersion stimuli.
 - :func:`leave_one_model_out` (Fig. S2): partial dispersion vs the held-out model's deviation,
-  per stimulus; :func:`leave_one_model_out_statistics` gives Pearson r, Spearman ρ and the fit line.
+  per stimulus; :func:`leave_one_model_out_statistics` gives Pearson r, Spearman ρ and the fit
+  line.
 
 CKNNA is always computed from the run's cached Gram matrices (``run.gram``) with
 ``neighbours.cknna_from_gram``, so a subset costs milliseconds. Column names are full words;
@@ -19,6 +20,7 @@ CKNNA values are unitless.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -54,11 +56,13 @@ def vision_layers(run: Run) -> list[tuple[str, str]]:
     if len(models) != len(layers) or not models:
         raise ValueError(
             f"run {run.path} does not record which layer of each vision model entered GPA "
-            f"(gpa.json models={models!r}, layers={layers!r}); re-run precompute to rewrite gpa.json"
+            f"(gpa.json models={models!r}, layers={layers!r}); re-run precompute to rewrite "
+            "gpa.json"
         )
     if len(models) < 2:
         raise ValueError(
-            f"run {run.path} has a single vision model ({models[0]}); dispersion and these analyses "
+            f"run {run.path} has a single vision model ({models[0]}); dispersion and these "
+            "analyses "
             "need at least 2 vision models (3 for leave-one-model-out): precompute the run with "
             "more vision models"
         )
@@ -80,7 +84,9 @@ def _n_stimuli(run: Run) -> int:
 
 def _check_k(k: int, set_size: int, what: str) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
-        raise ValueError(f"k must be an integer >= 2 (CKNNA needs 2 neighbours), got {k!r}; use e.g. k=10")
+        raise ValueError(
+            f"k must be an integer >= 2 (CKNNA needs 2 neighbours), got {k!r}; use e.g. k=10"
+        )
     if k >= set_size:
         raise ValueError(
             f"k={k} is too large for {what} of {set_size} stimuli: CKNNA needs k < set size; "
@@ -136,13 +142,17 @@ def layer_sweep(run: Run, *, k: int = 10) -> pd.DataFrame:
                         "language_layer": language_layer,
                         "language_layer_index": layer_index,
                         "k": int(k),
-                        "cknna": float(cknna_from_gram(grams(vision, vision_layer), language_gram, k=k)),
+                        "cknna": float(
+                            cknna_from_gram(grams(vision, vision_layer), language_gram, k=k)
+                        ),
                     }
                 )
     return pd.DataFrame(rows)
 
 
-def best_language_layers(run: Run, *, k: int = 10, sweep: pd.DataFrame | None = None) -> pd.DataFrame:
+def best_language_layers(
+    run: Run, *, k: int = 10, sweep: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Per language model, the layer whose mean CKNNA with the vision models (full set) is highest.
 
     ``sweep`` may pass a :func:`layer_sweep` table already computed with the same ``k``. Ties go to
@@ -196,6 +206,12 @@ def _pairs_with_best_layers(
 # Fig. 2: low / high / random dispersion sets
 
 
+def _subset_cknna(
+    vision_gram: np.ndarray, language_gram: np.ndarray, k: int, subset: np.ndarray
+) -> float:
+    return float(cknna_from_gram(vision_gram, language_gram, k=k, subset=subset))
+
+
 def dispersion_set_alignment(
     run: Run,
     *,
@@ -226,7 +242,9 @@ def dispersion_set_alignment(
     vision_layers(run)  # a run with a single vision model fails here, before anything else
     n = _n_stimuli(run)
     if not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"set size must be a positive integer, got {size!r}; use e.g. size={n // 4}")
+        raise ValueError(
+            f"set size must be a positive integer, got {size!r}; use e.g. size={n // 4}"
+        )
     if 2 * size > n:
         raise ValueError(
             f"set size {size} is larger than half the {n} stimuli, so the low- and high-dispersion "
@@ -254,8 +272,7 @@ def dispersion_set_alignment(
     for vision, vision_layer, language, language_layer in pairs:
         vision_gram, language_gram = grams(vision, vision_layer), grams(language, language_layer)
 
-        def pair_cknna(subset: np.ndarray) -> float:
-            return float(cknna_from_gram(vision_gram, language_gram, k=k, subset=subset))
+        pair_cknna = partial(_subset_cknna, vision_gram, language_gram, k)
 
         random_values = np.array([pair_cknna(s) for s in random_sets], dtype=np.float64)
         lower, upper = percentile_interval(random_values, 0.95)
@@ -312,19 +329,25 @@ def effect_verdict(table: pd.DataFrame) -> str:
     ones whose two-sided permutation p-value is below 0.05.
     """
     if table.empty:
-        raise ValueError("the table has no pairs; run dispersion_set_alignment on a run with models")
+        raise ValueError(
+            "the table has no pairs; run dispersion_set_alignment on a run with models"
+        )
     low = table["cknna_low_dispersion"].to_numpy()
     random_mean = table["cknna_random_mean"].to_numpy()
     high = table["cknna_high_dispersion"].to_numpy()
     ordered = int(np.count_nonzero((low > random_mean) & (random_mean > high)))
     low_above_high = low > high
-    significant = int(np.count_nonzero(low_above_high & (table["permutation_p_value_two_sided"] < 0.05)))
+    significant = int(
+        np.count_nonzero(low_above_high & (table["permutation_p_value_two_sided"] < 0.05))
+    )
     n_pairs = len(table)
     scores = ", ".join(sorted(set(map(str, table["score"]))))
     return (
-        f"low > random > high ({scores} dispersion, {int(table['set_size'].iloc[0])} stimuli per set) "
+        f"low > random > high ({scores} dispersion, {int(table['set_size'].iloc[0])} stimuli per "
+        "set) "
         f"holds for {ordered} of {n_pairs} vision × language pairs; low > high for "
-        f"{int(np.count_nonzero(low_above_high))} of {n_pairs} ({significant} with permutation p < 0.05)."
+        f"{int(np.count_nonzero(low_above_high))} of {n_pairs} ({significant} with permutation "
+        "p < 0.05)."
     )
 
 
@@ -348,7 +371,9 @@ def drop_fraction_alignment(
     """
     vision_layers(run)
     if not 0.0 < q < 1.0:
-        raise ValueError(f"q is the fraction of stimuli to drop and must lie in (0, 1), got {q}; use e.g. 0.25")
+        raise ValueError(
+            f"q is the fraction of stimuli to drop and must lie in (0, 1), got {q}; use e.g. 0.25"
+        )
     n = _n_stimuli(run)
     scores = _dispersion_scores(run, score)
     pairs = _pairs_with_best_layers(run, k, best_layers)
@@ -408,12 +433,15 @@ def held_out_deviation(held_out: np.ndarray, consensus: np.ndarray) -> np.ndarra
     held_out = np.asarray(held_out, dtype=np.float64)
     if held_out.ndim != 2 or consensus.ndim != 2 or held_out.shape[0] != consensus.shape[0]:
         raise ValueError(
-            f"the held-out embedding has shape {held_out.shape} and the consensus {consensus.shape}; "
+            f"the held-out embedding has shape {held_out.shape} and the consensus "
+            f"{consensus.shape}; "
             "pass (m, d) arrays of the same m stimuli in the same order"
         )
     # preprocess as GPA does; the consensus rides along only to set the padded width (its own
     # preprocessed copy is discarded: the target is the consensus as GPA returned it)
-    prepared = preprocess_embeddings([held_out, consensus], models=("held-out model", "consensus"))[0]
+    prepared = preprocess_embeddings([held_out, consensus], models=("held-out model", "consensus"))[
+        0
+    ]
     source, target = _row_space_coordinates(prepared), _row_space_coordinates(consensus)
     width = max(source.shape[1], target.shape[1])
     source = np.pad(source, ((0, 0), (0, width - source.shape[1])))
@@ -436,7 +464,8 @@ def leave_one_model_out(run: Run) -> pd.DataFrame:
     pairs = vision_layers(run)
     if len(pairs) < 3:
         raise ValueError(
-            f"leave-one-model-out needs at least 3 vision models (GPA on the others needs 2), the run "
+            "leave-one-model-out needs at least 3 vision models (GPA on the others needs 2), the "
+            "run "
             f"has {len(pairs)}: precompute the run with more vision models"
         )
     embeddings = {
@@ -458,7 +487,9 @@ def leave_one_model_out(run: Run) -> pd.DataFrame:
                     "held_out_layer": held_layer,
                     "stimulus": np.arange(ids.shape[0]),
                     "id": ids,
-                    "partial_dispersion": np.asarray(partial.residuals, dtype=np.float64).mean(axis=1),
+                    "partial_dispersion": np.asarray(partial.residuals, dtype=np.float64).mean(
+                        axis=1
+                    ),
                     "deviation": held_out_deviation(embeddings[held_model], partial.consensus),
                 }
             )

@@ -40,7 +40,9 @@ def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
 
 
 def _panels(n: int, width: float = 4.2, height: float = 3.6) -> tuple[Figure, list[plt.Axes]]:
-    figure, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False, layout="constrained")
+    figure, axes = plt.subplots(
+        1, n, figsize=(width * n, height), squeeze=False, layout="constrained"
+    )
     return figure, list(axes[0])
 
 
@@ -61,16 +63,39 @@ def dispersion_sets_figure(table: pd.DataFrame, path: str | os.PathLike[str]) ->
         rows = table[table["vision_model"] == vision].set_index("language_model").loc[languages]
         random_mean = rows["cknna_random_mean"].to_numpy()
         interval = np.vstack(
-            [random_mean - rows["cknna_random_lower_95"], rows["cknna_random_upper_95"] - random_mean]
+            [
+                random_mean - rows["cknna_random_lower_95"],
+                rows["cknna_random_upper_95"] - random_mean,
+            ]
         )
-        axis.bar(x - bar_width, rows["cknna_low_dispersion"], bar_width, label="low dispersion",
-                 color=_SET_COLOURS["low"])
-        axis.bar(x, random_mean, bar_width, yerr=interval, capsize=3,
-                 label="random (mean, 95% interval)", color=_SET_COLOURS["random"])
-        axis.bar(x + bar_width, rows["cknna_high_dispersion"], bar_width, label="high dispersion",
-                 color=_SET_COLOURS["high"])
-        axis.set_xticks(x, [f"{m}\n({layer})" for m, layer in zip(languages, rows["language_layer"], strict=True)],
-                        fontsize=8)
+        axis.bar(
+            x - bar_width,
+            rows["cknna_low_dispersion"],
+            bar_width,
+            label="low dispersion",
+            color=_SET_COLOURS["low"],
+        )
+        axis.bar(
+            x,
+            random_mean,
+            bar_width,
+            yerr=interval,
+            capsize=3,
+            label="random (mean, 95% interval)",
+            color=_SET_COLOURS["random"],
+        )
+        axis.bar(
+            x + bar_width,
+            rows["cknna_high_dispersion"],
+            bar_width,
+            label="high dispersion",
+            color=_SET_COLOURS["high"],
+        )
+        axis.set_xticks(
+            x,
+            [f"{m}\n({layer})" for m, layer in zip(languages, rows["language_layer"], strict=True)],
+            fontsize=8,
+        )
         axis.set_title(f"{vision} ({rows['vision_layer'].iloc[0]})", fontsize=9)
         axis.set_xlabel("language model (layer used)")
         axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
@@ -97,8 +122,13 @@ def drop_fraction_figure(table: pd.DataFrame, path: str | os.PathLike[str]) -> P
         rows = table[table["vision_model"] == vision]
         for offset, condition in zip((-bar_width, 0.0, bar_width), conditions, strict=True):
             values = rows[rows["condition"] == condition].set_index("language_model").loc[languages]
-            axis.bar(x + offset, values["cknna"], bar_width, color=_CONDITION_COLOURS[condition],
-                     label=f"{_CONDITION_LABELS[condition]} (n = {int(values['n_stimuli'].iloc[0])})")
+            axis.bar(
+                x + offset,
+                values["cknna"],
+                bar_width,
+                color=_CONDITION_COLOURS[condition],
+                label=f"{_CONDITION_LABELS[condition]} (n = {int(values['n_stimuli'].iloc[0])})",
+            )
         axis.set_xticks(x, languages, fontsize=8)
         axis.set_title(f"{vision} ({rows['vision_layer'].iloc[0]})", fontsize=9)
         axis.set_xlabel("language model")
@@ -122,11 +152,17 @@ def leave_one_out_figure(
         axis.scatter(x, group["deviation"], s=8, alpha=0.6, color="#636363")
         if np.isfinite(stats["fit_slope"]):
             line_x = np.array([x.min(), x.max()])
-            axis.plot(line_x, stats["fit_slope"] * line_x + stats["fit_intercept"], color="red",
-                      linewidth=1.5, label="least-squares fit")
+            axis.plot(
+                line_x,
+                stats["fit_slope"] * line_x + stats["fit_intercept"],
+                color="red",
+                linewidth=1.5,
+                label="least-squares fit",
+            )
             axis.legend(fontsize=7, loc="upper left")
         axis.set_title(
-            f"held out: {model}\nr = {stats['pearson_r']:.2f} (p = {stats['pearson_p_value']:.2g}), "
+            f"held out: {model}\n"
+            f"r = {stats['pearson_r']:.2f} (p = {stats['pearson_p_value']:.2g}), "
             f"ρ = {stats['spearman_rho']:.2f} (p = {stats['spearman_p_value']:.2g})",
             fontsize=9,
         )
@@ -143,10 +179,19 @@ def leave_one_out_figure(
 def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Layer sweep heat map: per language model, rows = vision models, columns = language layers."""
     languages = list(dict.fromkeys(sweep["language_model"]))
-    widths = [max(3.0, 0.45 * sweep[sweep["language_model"] == m]["language_layer_index"].nunique())
-              for m in languages]
-    figure, axes = plt.subplots(1, len(languages), figsize=(sum(widths) + 3.0, 3.6), squeeze=False,
-                                sharey=True, layout="constrained", gridspec_kw={"width_ratios": widths})
+    widths = [
+        max(3.0, 0.45 * sweep[sweep["language_model"] == m]["language_layer_index"].nunique())
+        for m in languages
+    ]
+    figure, axes = plt.subplots(
+        1,
+        len(languages),
+        figsize=(sum(widths) + 3.0, 3.6),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+        gridspec_kw={"width_ratios": widths},
+    )
     vmin, vmax = float(sweep["cknna"].min()), float(sweep["cknna"].max())
     image = None
     for axis, language in zip(axes[0], languages, strict=True):

@@ -52,7 +52,7 @@ def _write_table(frame: pd.DataFrame, out: Path, stem: str) -> list[str]:
 
 
 def summary_table(set_tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """The summary rows (one per score × pair) from :func:`analyses.dispersion_set_alignment` tables."""
+    """Summary rows (one per score × pair) from :func:`analyses.dispersion_set_alignment` tables."""
     return pd.concat([table[SUMMARY_COLUMNS] for table in set_tables], ignore_index=True)
 
 
@@ -63,7 +63,10 @@ def format_summary(summary: pd.DataFrame) -> str:
             "score": summary["score"],
             "vision": summary["vision_model"],
             "language (layer)": [
-                f"{m} ({layer})" for m, layer in zip(summary["language_model"], summary["language_layer"], strict=True)
+                f"{m} ({layer})"
+                for m, layer in zip(
+                    summary["language_model"], summary["language_layer"], strict=True
+                )
             ],
             "low": summary["cknna_low_dispersion"].map("{:.4f}".format),
             "random mean [95% interval]": [
@@ -76,7 +79,9 @@ def format_summary(summary: pd.DataFrame) -> str:
                 )
             ],
             "high": summary["cknna_high_dispersion"].map("{:.4f}".format),
-            "low/high": summary["low_high_ratio"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.2f}"),
+            "low/high": summary["low_high_ratio"].map(
+                lambda v: "n/a" if pd.isna(v) else f"{v:.2f}"
+            ),
             "p (perm.)": summary["permutation_p_value_two_sided"].map("{:.4f}".format),
         }
     )
@@ -116,12 +121,20 @@ def write_report(
     set_tables, paired, verdicts = [], [], {}
     for score in scores:
         table = analyses.dispersion_set_alignment(
-            run, size=size, k=k, score=score, n_random=n_random, seed=seed,
-            n_permutations=n_permutations, best_layers=best,
+            run,
+            size=size,
+            k=k,
+            score=score,
+            n_random=n_random,
+            seed=seed,
+            n_permutations=n_permutations,
+            best_layers=best,
         )
         set_tables.append(table)
         files += _write_table(table, out, f"dispersion_sets_{score}")
-        files.append(figures.dispersion_sets_figure(table, out / f"fig2_dispersion_sets_{score}.png").name)
+        files.append(
+            figures.dispersion_sets_figure(table, out / f"fig2_dispersion_sets_{score}.png").name
+        )
         paired.append(analyses.paired_set_tests(table).assign(score=score))
         verdicts[score] = analyses.effect_verdict(table)
     paired_tests = pd.concat(paired, ignore_index=True)
@@ -137,7 +150,9 @@ def write_report(
         files += _write_table(points, out, "leave_one_model_out_points")
         files += _write_table(statistics, out, "leave_one_model_out_statistics")
         files.append(
-            figures.leave_one_out_figure(points, statistics, out / "figS2_leave_one_model_out.png").name
+            figures.leave_one_out_figure(
+                points, statistics, out / "figS2_leave_one_model_out.png"
+            ).name
         )
     else:
         notes.append(
@@ -153,12 +168,21 @@ def write_report(
     report = {
         "run": {"name": run.name, "path": str(run.path), "n_stimuli": n},
         "parameters": {
-            "set_size": size, "k": k, "scores": list(scores), "n_random": n_random,
-            "n_permutations": n_permutations, "fraction_dropped": q, "seed": seed,
+            "set_size": size,
+            "k": k,
+            "scores": list(scores),
+            "n_random": n_random,
+            "n_permutations": n_permutations,
+            "fraction_dropped": q,
+            "seed": seed,
         },
-        "best_language_layers": dict(zip(best["language_model"], best["language_layer"], strict=True)),
+        "best_language_layers": dict(
+            zip(best["language_model"], best["language_layer"], strict=True)
+        ),
         "verdicts": verdicts,
-        "paired_tests": paired_tests.astype(object).where(paired_tests.notna(), None).to_dict("records"),
+        "paired_tests": paired_tests.astype(object)
+        .where(paired_tests.notna(), None)
+        .to_dict("records"),
         "notes": notes,
         "files": sorted([*files, "report.json"]),
     }
@@ -169,21 +193,41 @@ def write_report(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m convergence_core report",
-        description="Reproduce the paper's analyses (Fig. 2, S1, S2, layer sweep) on a precomputed run.",
+        description=(
+            "Reproduce the paper's analyses (Fig. 2, S1, S2, layer sweep) on a precomputed run."
+        ),
     )
     parser.add_argument("run", nargs="?", help="run folder, or a run name under the cache's runs/")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="use the run that `precompute --preset NAME` made (e.g. demo: cache/runs/demo)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="use the run that `precompute --preset NAME` made (e.g. demo: cache/runs/demo)",
+    )
     parser.add_argument("--out", required=True, help="folder for tables, figures and the summary")
-    parser.add_argument("--size", type=int, default=None,
-                        help="stimuli per low/high/random set (default: a quarter of the stimuli)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="stimuli per low/high/random set (default: a quarter of the stimuli)",
+    )
     parser.add_argument("--k", type=int, default=10, help="CKNNA neighbours (default 10)")
-    parser.add_argument("--scores", nargs="+", choices=["mean", "pc1"], default=["mean", "pc1"],
-                        help="dispersion scores that select the sets (default: both)")
+    parser.add_argument(
+        "--scores",
+        nargs="+",
+        choices=["mean", "pc1"],
+        default=["mean", "pc1"],
+        help="dispersion scores that select the sets (default: both)",
+    )
     parser.add_argument("--n-random", type=int, default=200, help="random sets drawn (default 200)")
-    parser.add_argument("--n-permutations", type=int, default=analyses.DEFAULT_N_PERMUTATIONS,
-                        help=f"label shuffles per permutation test (default {analyses.DEFAULT_N_PERMUTATIONS})")
-    parser.add_argument("--q", type=float, default=0.25, help="fraction dropped in Fig. S1 (default 0.25)")
+    parser.add_argument(
+        "--n-permutations",
+        type=int,
+        default=analyses.DEFAULT_N_PERMUTATIONS,
+        help=f"label shuffles per permutation test (default {analyses.DEFAULT_N_PERMUTATIONS})",
+    )
+    parser.add_argument(
+        "--q", type=float, default=0.25, help="fraction dropped in Fig. S1 (default 0.25)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random sets and shuffles")
     return parser
 
@@ -207,16 +251,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run = load_run(args.run)
         report = write_report(
-            run, args.out, size=args.size, k=args.k, scores=args.scores, n_random=args.n_random,
-            n_permutations=args.n_permutations, q=args.q, seed=args.seed,
+            run,
+            args.out,
+            size=args.size,
+            k=args.k,
+            scores=args.scores,
+            n_random=args.n_random,
+            n_permutations=args.n_permutations,
+            q=args.q,
+            seed=args.seed,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    print(f"Run {report['run']['name']!r}: {report['run']['n_stimuli']} stimuli; "
-          f"set size {report['parameters']['set_size']}, k = {report['parameters']['k']}; "
-          f"language layers used: {report['best_language_layers']}")
+    print(
+        f"Run {report['run']['name']!r}: {report['run']['n_stimuli']} stimuli; "
+        f"set size {report['parameters']['set_size']}, k = {report['parameters']['k']}; "
+        f"language layers used: {report['best_language_layers']}"
+    )
     print((out / "summary.txt").read_text(encoding="utf-8"), end="")
     for note in report["notes"]:
         print(f"note: {note}")

@@ -7,8 +7,8 @@ float (in the analyses, CKNNA of one vision × language pair on those stimuli).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -99,7 +99,8 @@ def paired_difference_tests(first: np.ndarray, second: np.ndarray) -> pd.DataFra
     second = np.asarray(second, dtype=np.float64)
     if first.shape != second.shape or first.ndim != 1:
         raise ValueError(
-            f"paired values must be 1-D arrays of equal length, got {first.shape} and {second.shape}"
+            "paired values must be 1-D arrays of equal length, got "
+            f"{first.shape} and {second.shape}"
         )
     differences = first - second
     n_pairs = differences.shape[0]

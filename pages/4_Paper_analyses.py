@@ -33,13 +33,28 @@ def _best_layers(path: str, stamp: int, k: int) -> pd.DataFrame:
     return analyses.best_language_layers(run, k=k, sweep=_layer_sweep(path, stamp, k))
 
 
-@st.cache_data(show_spinner="Computing the low / random / high sets and permutation tests…", max_entries=64)
+@st.cache_data(
+    show_spinner="Computing the low / random / high sets and permutation tests…", max_entries=64
+)
 def _dispersion_sets(
-    path: str, stamp: int, size: int, k: int, score: str, n_random: int, n_permutations: int, seed: int
+    path: str,
+    stamp: int,
+    size: int,
+    k: int,
+    score: str,
+    n_random: int,
+    n_permutations: int,
+    seed: int,
 ) -> pd.DataFrame:
     return analyses.dispersion_set_alignment(
-        data.open_run(Path(path)), size=size, k=k, score=score, n_random=n_random, seed=seed,
-        n_permutations=n_permutations, best_layers=_best_layers(path, stamp, k),
+        data.open_run(Path(path)),
+        size=size,
+        k=k,
+        score=score,
+        n_random=n_random,
+        seed=seed,
+        n_permutations=n_permutations,
+        best_layers=_best_layers(path, stamp, k),
     )
 
 
@@ -59,14 +74,21 @@ def _leave_one_out(path: str, stamp: int) -> tuple[pd.DataFrame, pd.DataFrame]:
 #: p-values span many decades: show them in scientific notation
 _P_VALUE_FORMAT = {
     name: st.column_config.NumberColumn(format="%.2e")
-    for name in ("p_value", "pearson_p_value", "spearman_p_value",
-                 "permutation_p_value_two_sided", "permutation_p_value_low_greater")
+    for name in (
+        "p_value",
+        "pearson_p_value",
+        "spearman_p_value",
+        "permutation_p_value_two_sided",
+        "permutation_p_value_low_greater",
+    )
 }
 
 runs = data.available_runs()
 if not runs:
-    st.info(f"No precomputed run yet. Make the demo run with `{data.MAKE_RUN_COMMAND}` "
-            f"(or `{data.MAKE_RUN_PYTHON}`), then reload this page.")
+    st.info(
+        f"No precomputed run yet. Make the demo run with `{data.MAKE_RUN_COMMAND}` "
+        f"(or `{data.MAKE_RUN_PYTHON}`), then reload this page."
+    )
     st.stop()
 paths = {info.name: info.path for info in runs}
 view, warnings = state.init_view(st.session_state, st.query_params.to_dict(), list(paths))
@@ -77,7 +99,9 @@ if view.run is None:
 
 with st.sidebar:
     run_name = state.bind_widget(
-        st.session_state, view, "run",
+        st.session_state,
+        view,
+        "run",
         lambda key: st.selectbox("Run", list(paths), key=key),
         coerce=lambda name: name if name in paths else data.default_run_name(runs),
     )
@@ -87,46 +111,79 @@ stamp = data.manifest_stamp(path)
 n = run.n_stimuli
 max_size = n // 2
 if max_size < state.MIN_SUBSET_SIZE:
-    st.error(f"Run {run_name!r} has {n} stimuli; these analyses need at least "
-             f"{2 * state.MIN_SUBSET_SIZE}. Pick a larger run.")
+    st.error(
+        f"Run {run_name!r} has {n} stimuli; these analyses need at least "
+        f"{2 * state.MIN_SUBSET_SIZE}. Pick a larger run."
+    )
     st.stop()
 
 with st.sidebar:
     score = state.bind_widget(
-        st.session_state, view, "score",
-        lambda key: st.radio("Dispersion score", state.SCORES, key=key,
-                             help="mean residual rank, or score on the residuals' first principal component"),
+        st.session_state,
+        view,
+        "score",
+        lambda key: st.radio(
+            "Dispersion score",
+            state.SCORES,
+            key=key,
+            help="mean residual rank, or score on the residuals' first principal component",
+        ),
         coerce=lambda value: value if value in state.SCORES else state.DEFAULT_SCORE,
     )
     size = state.bind_widget(
-        st.session_state, view, "size",
-        lambda key: st.number_input("Set size (stimuli)", min_value=state.MIN_SUBSET_SIZE, max_value=max_size, step=1, key=key,
-                                    help=f"stimuli in each of the low / high / random sets (at most {max_size})"),
-        coerce=lambda value: min(max(state.MIN_SUBSET_SIZE, int(value or state.default_subset_size(n))), max_size),
+        st.session_state,
+        view,
+        "size",
+        lambda key: st.number_input(
+            "Set size (stimuli)",
+            min_value=state.MIN_SUBSET_SIZE,
+            max_value=max_size,
+            step=1,
+            key=key,
+            help=f"stimuli in each of the low / high / random sets (at most {max_size})",
+        ),
+        coerce=lambda value: min(
+            max(state.MIN_SUBSET_SIZE, int(value or state.default_subset_size(n))), max_size
+        ),
     )
     k = state.bind_widget(
-        st.session_state, view, "k",
-        lambda key: st.number_input("k (CKNNA neighbours)", min_value=state.MIN_K, max_value=int(size) - 1,
-                                    step=1, key=key),
+        st.session_state,
+        view,
+        "k",
+        lambda key: st.number_input(
+            "k (CKNNA neighbours)", min_value=state.MIN_K, max_value=int(size) - 1, step=1, key=key
+        ),
         coerce=lambda value: min(max(state.MIN_K, int(value)), int(size) - 1),
     )
     with st.expander("Statistics"):
         n_random = st.number_input("random sets", min_value=10, max_value=2000, value=200, step=10)
-        n_permutations = st.number_input("permutations per pair", min_value=50, max_value=5000,
-                                         value=analyses.DEFAULT_N_PERMUTATIONS, step=50)
+        n_permutations = st.number_input(
+            "permutations per pair",
+            min_value=50,
+            max_value=5000,
+            value=analyses.DEFAULT_N_PERMUTATIONS,
+            step=50,
+        )
         seed = st.number_input("seed", min_value=0, value=0, step=1)
 state.write_query_params(st.query_params, view)
 
 try:
     sweep = _layer_sweep(str(path), stamp, int(k))
     best = _best_layers(str(path), stamp, int(k))
-    sets = _dispersion_sets(str(path), stamp, int(size), int(k), score, int(n_random), int(n_permutations), int(seed))
+    sets = _dispersion_sets(
+        str(path), stamp, int(size), int(k), score, int(n_random), int(n_permutations), int(seed)
+    )
 except ValueError as error:
     st.error(str(error))
     st.stop()
 
 fig2_tab, s1_tab, s2_tab, sweep_tab = st.tabs(
-    ["Fig. 2: dispersion sets", "Fig. S1: drop a fraction", "Fig. S2: leave one model out", "Layer sweep"]
+    [
+        "Fig. 2: dispersion sets",
+        "Fig. S1: drop a fraction",
+        "Fig. S2: leave one model out",
+        "Layer sweep",
+    ]
 )
 
 with fig2_tab:
@@ -149,24 +206,34 @@ with s1_tab:
         st.error(str(error))
     else:
         st.plotly_chart(paper_plots.drop_fraction_bars(dropped), width="stretch")
-        wide = dropped.pivot_table(index=["vision_model", "language_model"], columns="condition",
-                                   values="cknna", sort=False)[["drop_high", "full", "drop_low"]].reset_index()
+        wide = dropped.pivot_table(
+            index=["vision_model", "language_model"],
+            columns="condition",
+            values="cknna",
+            sort=False,
+        )[["drop_high", "full", "drop_low"]].reset_index()
         st.dataframe(wide, hide_index=True, width="stretch")
 
 with s2_tab:
     if len(run.gpa.models) < 3:
-        st.info(f"Leave-one-model-out needs at least 3 vision models; run {run_name!r} has "
-                f"{len(run.gpa.models)}.")
+        st.info(
+            f"Leave-one-model-out needs at least 3 vision models; run {run_name!r} has "
+            f"{len(run.gpa.models)}."
+        )
     else:
         points, statistics = _leave_one_out(str(path), stamp)
         st.plotly_chart(paper_plots.leave_one_out_scatter(points, statistics), width="stretch")
-        st.caption(f"Residual units: {paper_plots.RESIDUAL_UNITS}. Partial dispersion: mean residual "
-                   "of GPA rerun without the held-out model; deviation: the held-out model's distance "
-                   "from that consensus after orthogonal Procrustes.")
+        st.caption(
+            f"Residual units: {paper_plots.RESIDUAL_UNITS}. Partial dispersion: mean residual "
+            "of GPA rerun without the held-out model; deviation: the held-out model's distance "
+            "from that consensus after orthogonal Procrustes."
+        )
         st.dataframe(statistics, hide_index=True, width="stretch", column_config=_P_VALUE_FORMAT)
 
 with sweep_tab:
     st.plotly_chart(paper_plots.layer_sweep_heatmap(sweep), width="stretch")
-    st.caption("Layer used for each language model (highest mean CKNNA with the vision models, full set):")
+    st.caption(
+        "Layer used for each language model (highest mean CKNNA with the vision models, full set):"
+    )
     st.dataframe(best, hide_index=True)
     st.dataframe(sweep, hide_index=True, width="stretch")

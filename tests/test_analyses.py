@@ -65,7 +65,9 @@ def test_best_layer_is_the_planted_one(planted, sweep):
     assert best.loc["planted", "language_layer_index"] == 2
     assert best.loc["independent", "language_layer"] == "final"
     # the reported mean is the mean over vision models of the sweep at that layer
-    chosen = sweep[(sweep.language_model == "planted") & (sweep.language_layer == PLANTED_BEST_LAYER)]
+    chosen = sweep[
+        (sweep.language_model == "planted") & (sweep.language_layer == PLANTED_BEST_LAYER)
+    ]
     assert best.loc["planted", "mean_cknna"] == pytest.approx(chosen["cknna"].mean())
     assert best.loc["planted", "n_vision_models"] == 3
 
@@ -109,8 +111,12 @@ def test_set_values_match_slow_reference(planted, fig2):
     row = fig2[(fig2.vision_model == "vision1") & (fig2.language_model == "planted")].iloc[0]
     vision = _features(planted, "vision1", "final")
     language = _features(planted, "planted", PLANTED_BEST_LAYER)
-    assert row.cknna_low_dispersion == pytest.approx(cknna(vision[low], language[low], k=5), abs=1e-5)
-    assert row.cknna_high_dispersion == pytest.approx(cknna(vision[high], language[high], k=5), abs=1e-5)
+    assert row.cknna_low_dispersion == pytest.approx(
+        cknna(vision[low], language[low], k=5), abs=1e-5
+    )
+    assert row.cknna_high_dispersion == pytest.approx(
+        cknna(vision[high], language[high], k=5), abs=1e-5
+    )
     assert row.low_minus_high == pytest.approx(row.cknna_low_dispersion - row.cknna_high_dispersion)
     assert row.cknna_random_lower_95 <= row.cknna_random_mean <= row.cknna_random_upper_95
 
@@ -127,7 +133,9 @@ def test_fig2_is_reproducible_and_seeded(planted, fig2):
 
 
 def test_pc1_selection_runs_and_reports_its_score(planted):
-    table = analyses.dispersion_set_alignment(planted, size=20, k=5, score="pc1", n_random=10, n_permutations=20)
+    table = analyses.dispersion_set_alignment(
+        planted, size=20, k=5, score="pc1", n_random=10, n_permutations=20
+    )
     assert set(table.score) == {"pc1"}
     planted_rows = table[table.language_model == "planted"]
     assert (planted_rows.cknna_low_dispersion > planted_rows.cknna_high_dispersion).all()
@@ -141,8 +149,12 @@ def test_paired_tests_and_verdict_are_computed_from_the_table(fig2):
     )
     assert paired.loc["wilcoxon_signed_rank", "n_pairs"] == 6
     verdict = analyses.effect_verdict(fig2)
-    ordered = int(((fig2.cknna_low_dispersion > fig2.cknna_random_mean)
-                   & (fig2.cknna_random_mean > fig2.cknna_high_dispersion)).sum())
+    ordered = int(
+        (
+            (fig2.cknna_low_dispersion > fig2.cknna_random_mean)
+            & (fig2.cknna_random_mean > fig2.cknna_high_dispersion)
+        ).sum()
+    )
     assert f"holds for {ordered} of 6 " in verdict
     planted = fig2[fig2.language_model == "planted"]
     assert "holds for 3 of 3 " in analyses.effect_verdict(planted)
@@ -174,8 +186,11 @@ def test_drop_fraction_matches_slow_reference(planted):
     table = analyses.drop_fraction_alignment(planted, q=0.25, k=5)
     order = np.argsort(planted.dispersion["mean"].to_numpy(), kind="stable")
     kept = np.sort(order[:60])  # drop the 20 highest
-    row = table[(table.vision_model == "vision0") & (table.language_model == "planted")
-                & (table.condition == "drop_high")].iloc[0]
+    row = table[
+        (table.vision_model == "vision0")
+        & (table.language_model == "planted")
+        & (table.condition == "drop_high")
+    ].iloc[0]
     expected = cknna(
         _features(planted, "vision0", "final")[kept],
         _features(planted, "planted", PLANTED_BEST_LAYER)[kept],
@@ -196,8 +211,10 @@ def test_rotated_copy_deviates_exactly_like_its_original(tmp_path):
     points = analyses.leave_one_model_out(run)
     assert len(points) == 4 * run.n_stimuli
     held = points[points.held_out_model == "copy"]
-    embeddings = [np.asarray(run.embeddings[m]["final"], dtype=np.float64)
-                  for m in ("vision0", "vision1", "vision2")]
+    embeddings = [
+        np.asarray(run.embeddings[m]["final"], dtype=np.float64)
+        for m in ("vision0", "vision1", "vision2")
+    ]
     partial = generalized_procrustes(embeddings)
     residual_of_original = np.asarray(partial.residuals)[:, 0]
     np.testing.assert_allclose(held.deviation.to_numpy(), residual_of_original, atol=1e-5)
@@ -209,9 +226,14 @@ def test_rotated_copy_deviates_exactly_like_its_original(tmp_path):
     assert statistics.loc["copy", "pearson_r"] == pytest.approx(expected_r, abs=1e-4)
     # and symmetrically for the original held out, with the copy in the partial GPA
     original = points[points.held_out_model == "vision0"]
-    others = [np.asarray(run.embeddings[m]["final"], dtype=np.float64) for m in ("vision1", "vision2", "copy")]
+    others = [
+        np.asarray(run.embeddings[m]["final"], dtype=np.float64)
+        for m in ("vision1", "vision2", "copy")
+    ]
     np.testing.assert_allclose(
-        original.deviation.to_numpy(), np.asarray(generalized_procrustes(others).residuals)[:, 2], atol=1e-5
+        original.deviation.to_numpy(),
+        np.asarray(generalized_procrustes(others).residuals)[:, 2],
+        atol=1e-5,
     )
 
 
@@ -242,8 +264,12 @@ def test_held_out_deviation_ignores_shift_scale_rotation_and_padding():
     transformed = 4.0 * held @ rotation + rng.standard_normal(7)
     padded = np.pad(held, ((0, 0), (0, 5)))
     reference = analyses.held_out_deviation(held, consensus)
-    np.testing.assert_allclose(analyses.held_out_deviation(transformed, consensus), reference, atol=1e-10)
-    np.testing.assert_allclose(analyses.held_out_deviation(padded, consensus), reference, atol=1e-10)
+    np.testing.assert_allclose(
+        analyses.held_out_deviation(transformed, consensus), reference, atol=1e-10
+    )
+    np.testing.assert_allclose(
+        analyses.held_out_deviation(padded, consensus), reference, atol=1e-10
+    )
     # but it does see a change of the held-out geometry
     warped = held * np.linspace(0.5, 2.0, 7)
     assert not np.allclose(analyses.held_out_deviation(warped, consensus), reference, atol=1e-3)
@@ -294,8 +320,11 @@ def test_permutation_p_values_are_roughly_uniform_under_the_null():
     for _ in range(200):
         values = rng.standard_normal(20)
         result = permutation_test_two_sets(
-            lambda idx: values[idx].mean(), np.arange(10), np.arange(10, 20),
-            n_permutations=99, rng=rng,
+            lambda idx, values=values: values[idx].mean(),
+            np.arange(10),
+            np.arange(10, 20),
+            n_permutations=99,
+            rng=rng,
         )
         p_values.append(result.p_value_two_sided)
     p_values = np.array(p_values)
@@ -375,7 +404,9 @@ def _single_vision_run():
     ],
 )
 def test_a_single_vision_model_is_refused(call):
-    with pytest.raises(ValueError, match="single vision model.*precompute the run with more vision models"):
+    with pytest.raises(
+        ValueError, match="single vision model.*precompute the run with more vision models"
+    ):
         call(_single_vision_run())
 
 

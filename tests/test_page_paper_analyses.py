@@ -34,7 +34,10 @@ def _widget(at: AppTest, label: str):
 def test_page_shows_every_analysis_and_reacts_to_size_and_k(monkeypatch, cache_root):
     at = _page(monkeypatch, cache_root)
     assert [tab.label for tab in at.tabs] == [
-        "Fig. 2: dispersion sets", "Fig. S1: drop a fraction", "Fig. S2: leave one model out", "Layer sweep",
+        "Fig. 2: dispersion sets",
+        "Fig. S1: drop a fraction",
+        "Fig. S2: leave one model out",
+        "Layer sweep",
     ]
     assert len(at.get("plotly_chart")) == 4
     first = at.dataframe[0].value

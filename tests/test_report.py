@@ -31,13 +31,25 @@ def test_report_writes_tables_figures_and_summary(written):
     status, out = written
     assert status == 0
     expected = {
-        "layer_sweep.csv", "layer_sweep.json", "layer_sweep.png",
-        "best_language_layers.csv", "best_language_layers.json",
-        "dispersion_sets_mean.csv", "dispersion_sets_pc1.json",
-        "fig2_dispersion_sets_mean.png", "fig2_dispersion_sets_pc1.png",
-        "paired_tests.csv", "drop_fraction.csv", "figS1_drop_fraction.png",
-        "leave_one_model_out_points.csv", "leave_one_model_out_statistics.json",
-        "figS2_leave_one_model_out.png", "summary.csv", "summary.json", "summary.txt", "report.json",
+        "layer_sweep.csv",
+        "layer_sweep.json",
+        "layer_sweep.png",
+        "best_language_layers.csv",
+        "best_language_layers.json",
+        "dispersion_sets_mean.csv",
+        "dispersion_sets_pc1.json",
+        "fig2_dispersion_sets_mean.png",
+        "fig2_dispersion_sets_pc1.png",
+        "paired_tests.csv",
+        "drop_fraction.csv",
+        "figS1_drop_fraction.png",
+        "leave_one_model_out_points.csv",
+        "leave_one_model_out_statistics.json",
+        "figS2_leave_one_model_out.png",
+        "summary.csv",
+        "summary.json",
+        "summary.txt",
+        "report.json",
     }
     assert expected <= {p.name for p in out.iterdir()}
     for png in out.glob("*.png"):
@@ -53,7 +65,9 @@ def test_summary_parses_and_matches_the_tables(written):
     records = json.loads((out / "summary.json").read_text())
     assert len(records) == len(summary)
     mean_table = pd.read_csv(out / "dispersion_sets_mean.csv")
-    merged = summary[summary.score == "mean"].merge(mean_table, on=["vision_model", "language_model"])
+    merged = summary[summary.score == "mean"].merge(
+        mean_table, on=["vision_model", "language_model"]
+    )
     pd.testing.assert_series_equal(
         merged.cknna_low_dispersion_x, merged.cknna_low_dispersion_y, check_names=False
     )
@@ -69,15 +83,21 @@ def test_report_json_verdicts_come_from_the_numbers(written):
     summary = pd.read_csv(out / "summary.csv")
     for score, verdict in meta["verdicts"].items():
         rows = summary[summary.score == score]
-        ordered = int(((rows.cknna_low_dispersion > rows.cknna_random_mean)
-                       & (rows.cknna_random_mean > rows.cknna_high_dispersion)).sum())
+        ordered = int(
+            (
+                (rows.cknna_low_dispersion > rows.cknna_random_mean)
+                & (rows.cknna_random_mean > rows.cknna_high_dispersion)
+            ).sum()
+        )
         assert f"holds for {ordered} of {len(rows)} " in verdict
     text = (out / "summary.txt").read_text()
     assert all(verdict in text for verdict in meta["verdicts"].values())
     assert set(meta["files"]) <= {p.name for p in out.iterdir()}
 
 
-def test_preset_demo_reads_the_demo_run_and_prints_the_summary(planted_run_path, tmp_path, monkeypatch, capsys):
+def test_preset_demo_reads_the_demo_run_and_prints_the_summary(
+    planted_run_path, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("CONVERGENCE_CACHE", str(planted_run_path))
     status = report.main(["--preset", "demo", "--out", str(tmp_path), "--scores", "mean", *FAST])
     printed = capsys.readouterr().out

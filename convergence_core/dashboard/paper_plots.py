@@ -34,10 +34,13 @@ def _language_labels(rows: pd.DataFrame) -> list[str]:
 
 
 def dispersion_sets_bars(table: pd.DataFrame) -> go.Figure:
-    """Fig. 2: per vision model, low / random (mean, 95% interval) / high CKNNA per language model."""
+    """Fig. 2: per vision model, low / random (mean, 95% interval) / high CKNNA per language
+    model."""
     visions = list(dict.fromkeys(table["vision_model"]))
     figure = make_subplots(
-        rows=1, cols=len(visions), shared_yaxes=True,
+        rows=1,
+        cols=len(visions),
+        shared_yaxes=True,
         subplot_titles=[safe_hover_text(v, 40) for v in visions],
     )
     for column, vision in enumerate(visions, start=1):
@@ -47,9 +50,12 @@ def dispersion_sets_bars(table: pd.DataFrame) -> go.Figure:
         bars = [
             ("low dispersion", rows["cknna_low_dispersion"], SET_COLOURS["low"], None),
             (
-                f"random (mean, 95% of {int(rows['n_random'].iloc[0])} sets)", mean, SET_COLOURS["random"],
+                f"random (mean, 95% of {int(rows['n_random'].iloc[0])} sets)",
+                mean,
+                SET_COLOURS["random"],
                 {
-                    "type": "data", "symmetric": False,
+                    "type": "data",
+                    "symmetric": False,
                     "array": rows["cknna_random_upper_95"].to_numpy() - mean,
                     "arrayminus": mean - rows["cknna_random_lower_95"].to_numpy(),
                 },
@@ -58,9 +64,17 @@ def dispersion_sets_bars(table: pd.DataFrame) -> go.Figure:
         ]
         for name, values, colour, error in bars:
             figure.add_trace(
-                go.Bar(x=labels, y=values, name=name, marker_color=colour, error_y=error,
-                       legendgroup=name, showlegend=column == 1),
-                row=1, col=column,
+                go.Bar(
+                    x=labels,
+                    y=values,
+                    name=name,
+                    marker_color=colour,
+                    error_y=error,
+                    legendgroup=name,
+                    showlegend=column == 1,
+                ),
+                row=1,
+                col=column,
             )
         figure.update_xaxes(title_text="language model (layer used)", row=1, col=column)
     figure.update_yaxes(title_text=_cknna_title(int(table["k"].iloc[0])), row=1, col=1)
@@ -69,16 +83,21 @@ def dispersion_sets_bars(table: pd.DataFrame) -> go.Figure:
             f"Fig. 2: CKNNA on {int(table['set_size'].iloc[0])}-stimulus sets selected by "
             f"{table['score'].iloc[0]} dispersion"
         ),
-        barmode="group", height=420, legend={"orientation": "h", "y": -0.3},
+        barmode="group",
+        height=420,
+        legend={"orientation": "h", "y": -0.3},
     )
     return figure
 
 
 def drop_fraction_bars(table: pd.DataFrame) -> go.Figure:
-    """Fig. S1: per vision model, CKNNA without the highest / on all / without the lowest stimuli."""
+    """Fig. S1: per vision model, CKNNA without the highest / on all / without the lowest
+    stimuli."""
     visions = list(dict.fromkeys(table["vision_model"]))
     figure = make_subplots(
-        rows=1, cols=len(visions), shared_yaxes=True,
+        rows=1,
+        cols=len(visions),
+        shared_yaxes=True,
         subplot_titles=[safe_hover_text(v, 40) for v in visions],
     )
     for column, vision in enumerate(visions, start=1):
@@ -86,29 +105,39 @@ def drop_fraction_bars(table: pd.DataFrame) -> go.Figure:
         for condition, (label, colour) in _CONDITIONS.items():
             rows = panel[panel["condition"] == condition]
             figure.add_trace(
-                go.Bar(x=_language_labels(rows), y=rows["cknna"], marker_color=colour,
-                       name=f"{label} ({int(rows['n_stimuli'].iloc[0])} stimuli)",
-                       legendgroup=condition, showlegend=column == 1),
-                row=1, col=column,
+                go.Bar(
+                    x=_language_labels(rows),
+                    y=rows["cknna"],
+                    marker_color=colour,
+                    name=f"{label} ({int(rows['n_stimuli'].iloc[0])} stimuli)",
+                    legendgroup=condition,
+                    showlegend=column == 1,
+                ),
+                row=1,
+                col=column,
             )
         figure.update_xaxes(title_text="language model (layer used)", row=1, col=column)
     figure.update_yaxes(title_text=_cknna_title(int(table["k"].iloc[0])), row=1, col=1)
     fraction = float(table.loc[table["condition"] != "full", "fraction_dropped"].iloc[0])
     figure.update_layout(
         title_text=f"Fig. S1: dropping {fraction:.0%} of the stimuli by dispersion",
-        barmode="group", height=420, legend={"orientation": "h", "y": -0.3},
+        barmode="group",
+        height=420,
+        legend={"orientation": "h", "y": -0.3},
     )
     return figure
 
 
 def leave_one_out_scatter(points: pd.DataFrame, statistics: pd.DataFrame) -> go.Figure:
-    """Fig. S2: per held-out model, its deviation vs the others' partial dispersion, with fit line."""
+    """Fig. S2: per held-out model, its deviation vs the others' partial dispersion, with the
+    fit line."""
     models = list(dict.fromkeys(points["held_out_model"]))
     stats = statistics.set_index("held_out_model")
     titles = [
         safe_hover_text(
             f"{m}: r = {stats.loc[m, 'pearson_r']:.2f}, ρ = {stats.loc[m, 'spearman_rho']:.2f} "
-            f"(p = {stats.loc[m, 'spearman_p_value']:.2g})", 80,
+            f"(p = {stats.loc[m, 'spearman_p_value']:.2g})",
+            80,
         )
         for m in models
     ]
@@ -117,34 +146,54 @@ def leave_one_out_scatter(points: pd.DataFrame, statistics: pd.DataFrame) -> go.
         group = points[points["held_out_model"] == model]
         x = group["partial_dispersion"].to_numpy()
         figure.add_trace(
-            go.Scatter(x=x, y=group["deviation"], mode="markers", marker={"size": 5, "opacity": 0.6,
-                       "color": "#636363"}, name="stimulus", text=[safe_hover_text(i) for i in group["id"]],
-                       hovertemplate="%{text}<br>partial dispersion %{x:.4f}<br>deviation %{y:.4f}",
-                       showlegend=column == 1),
-            row=1, col=column,
+            go.Scatter(
+                x=x,
+                y=group["deviation"],
+                mode="markers",
+                marker={"size": 5, "opacity": 0.6, "color": "#636363"},
+                name="stimulus",
+                text=[safe_hover_text(i) for i in group["id"]],
+                hovertemplate="%{text}<br>partial dispersion %{x:.4f}<br>deviation %{y:.4f}",
+                showlegend=column == 1,
+            ),
+            row=1,
+            col=column,
         )
         slope, intercept = stats.loc[model, "fit_slope"], stats.loc[model, "fit_intercept"]
         if np.isfinite(slope):
             line_x = np.array([x.min(), x.max()])
             figure.add_trace(
-                go.Scatter(x=line_x, y=slope * line_x + intercept, mode="lines", name="least-squares fit",
-                           line={"color": "red"}, showlegend=column == 1),
-                row=1, col=column,
+                go.Scatter(
+                    x=line_x,
+                    y=slope * line_x + intercept,
+                    mode="lines",
+                    name="least-squares fit",
+                    line={"color": "red"},
+                    showlegend=column == 1,
+                ),
+                row=1,
+                col=column,
             )
         figure.update_xaxes(title_text="partial dispersion (residual units)", row=1, col=column)
     figure.update_yaxes(title_text="held-out deviation (residual units)", row=1, col=1)
     figure.update_layout(
-        title_text="Fig. S2: dispersion of the other vision models vs the held-out model's deviation",
-        height=420, legend={"orientation": "h", "y": -0.3},
+        title_text=(
+            "Fig. S2: dispersion of the other vision models vs the held-out model's deviation"
+        ),
+        height=420,
+        legend={"orientation": "h", "y": -0.3},
     )
     return figure
 
 
 def layer_sweep_heatmap(sweep: pd.DataFrame) -> go.Figure:
-    """Layer sweep: per language model, CKNNA of each vision model (rows) with each layer (columns)."""
+    """Layer sweep: per language model, CKNNA of each vision model (rows) with each layer
+    (columns)."""
     languages = list(dict.fromkeys(sweep["language_model"]))
     figure = make_subplots(
-        rows=1, cols=len(languages), subplot_titles=[safe_hover_text(m, 40) for m in languages],
+        rows=1,
+        cols=len(languages),
+        subplot_titles=[safe_hover_text(m, 40) for m in languages],
         horizontal_spacing=0.08,
     )
     low, high = float(sweep["cknna"].min()), float(sweep["cknna"].max())
@@ -153,15 +202,27 @@ def layer_sweep_heatmap(sweep: pd.DataFrame) -> go.Figure:
             index="vision_model", columns="language_layer_index", values="cknna", sort=False
         )
         figure.add_trace(
-            go.Heatmap(z=grid.to_numpy(), x=[int(c) for c in grid.columns],
-                       y=[safe_hover_text(v, 40) for v in grid.index], zmin=low, zmax=high,
-                       colorscale="Viridis", showscale=column == len(languages),
-                       colorbar={"title": {"text": _cknna_title(int(sweep["k"].iloc[0]))}},
-                       hovertemplate="layer %{x}<br>%{y}<br>CKNNA %{z:.4f}<extra></extra>"),
-            row=1, col=column,
+            go.Heatmap(
+                z=grid.to_numpy(),
+                x=[int(c) for c in grid.columns],
+                y=[safe_hover_text(v, 40) for v in grid.index],
+                zmin=low,
+                zmax=high,
+                colorscale="Viridis",
+                showscale=column == len(languages),
+                colorbar={"title": {"text": _cknna_title(int(sweep["k"].iloc[0]))}},
+                hovertemplate="layer %{x}<br>%{y}<br>CKNNA %{z:.4f}<extra></extra>",
+            ),
+            row=1,
+            col=column,
         )
-        figure.update_xaxes(title_text="layer (block index, 0 = shallowest)", tickmode="array",
-                            tickvals=[int(c) for c in grid.columns], row=1, col=column)
+        figure.update_xaxes(
+            title_text="layer (block index, 0 = shallowest)",
+            tickmode="array",
+            tickvals=[int(c) for c in grid.columns],
+            row=1,
+            col=column,
+        )
         figure.update_yaxes(autorange="reversed", row=1, col=column)
     figure.update_yaxes(title_text="vision model (GPA layer)", row=1, col=1)
     figure.update_layout(title_text="Layer sweep: CKNNA on the full set", height=360)
