@@ -23,8 +23,9 @@ st.text(
 
 dataset = run.manifest.get("dataset", {}) or {}
 gpa = run.gpa
+st.text(f"Dataset: {dataset.get('name') or 'unnamed'} · run {run.name} · {run.path}")
 cards = st.columns(4)
-cards[0].metric("Dataset", str(dataset.get("name") or "unnamed"))
+cards[0].metric("Layers cached", sum(len(run.layers(model)) for model in run.models))
 cards[1].metric("Stimuli", f"{run.n_stimuli:,}")
 cards[2].metric("Vision models", len(run.vision_models))
 cards[3].metric("Language models", len(run.language_models))
@@ -44,7 +45,7 @@ models_table = pd.DataFrame(
             "model": model,
             "modality": run.modality(model),
             "layers": len(run.layers(model)),
-            "layer used": gpa_layers.get(model, run.default_layer(model)),
+            "GPA / default layer": gpa_layers.get(model, run.default_layer(model)),
             "role": "GPA (dispersion)" if model in gpa_layers else "alignment (CKNNA)",
         }
         for model in run.models

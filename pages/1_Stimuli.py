@@ -10,8 +10,9 @@ import streamlit as st
 
 from convergence_core.dashboard import data, lab, page, plots, state, widgets
 
-PER_SIDE = 8  # stimuli per side and page
-GALLERY_COLUMNS = 4
+PER_SIDE = 6  # stimuli per side and page
+GALLERY_COLUMNS = 3
+NEIGHBOUR_THUMBNAILS = 5  # per model; the table lists all requested neighbours
 
 context = page.open_page("Stimuli", icon="🖼️")
 run, view = context.run, context.view
@@ -70,7 +71,7 @@ page_number = state.bind_widget(
 
 
 def _label(row: int) -> str:
-    return f"#{int(rank[row]) + 1} of {n} · id {ids[row]} · {plots.SCORE_NAME[score]} {values[row]:.4f}"
+    return f"#{int(rank[row]) + 1} of {n} · id {ids[row]}\n{plots.SCORE_NAME[score]} {values[row]:.4f}"
 
 
 start = (page_number - 1) * PER_SIDE
@@ -142,8 +143,8 @@ for tab, (model, layer) in zip(tabs, model_layers, strict=True):
         table.insert(2, "similarity", similarity)
         table[f"rank ({plots.SCORE_NAME[score]})"] = rank[neighbour_rows] + 1
         st.text(f"layer {layer}")
-        thumbs = st.columns(min(len(neighbour_rows), 10))
-        for cell, neighbour in zip(thumbs, neighbour_rows[:10], strict=False):
+        thumbs = st.columns(NEIGHBOUR_THUMBNAILS)
+        for cell, neighbour in zip(thumbs, neighbour_rows[:NEIGHBOUR_THUMBNAILS], strict=False):
             path = run.thumbnail_path(int(neighbour))
             with cell:
                 if path is not None:

@@ -40,7 +40,7 @@ mean = dispersion["mean"].to_numpy(dtype=np.float64)
 pc1 = dispersion["pc1"].to_numpy(dtype=np.float64)
 common = {
     "ids": ids, "captions": first_captions, "mean": mean, "pc1": pc1,
-    "colour_title": plots.SCORE_AXIS[score], "selected": selected_rows,
+    "colour_title": plots.COLOUR_TITLE[score], "selected": selected_rows,
 }
 if projection == "PCA":
     ratio = np.asarray(pca.explained_variance_ratio, dtype=np.float64)

@@ -14,8 +14,9 @@ from convergence_core import settings
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
 PAGE = "pages/1_Stimuli.py"
+PER_SIDE = 6  # stimuli per side and gallery page, as on the page
 EVIL = "<script>alert(1)</script> **bold** [link](http://example.com) :red[x]"
-LABEL = re.compile(r"^#(\d+) of (\d+) · id (\S+) · ")
+LABEL = re.compile(r"^#(\d+) of (\d+) · id (\S+)\n")
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +79,9 @@ def _expected(run, score: str, rows_per_side: int, page: int) -> tuple[list[str]
 
 def test_gallery_ranks_lowest_and_highest_side_by_side(run) -> None:
     at = _page()
-    low, high = _expected(run, "mean", 8, 1)
+    low, high = _expected(run, "mean", PER_SIDE, 1)
     assert _gallery_ids(at) == low + high
-    assert len(at.image) >= 16  # thumbnails of both sides (+ the detail view and neighbours)
+    assert len(at.image) >= 2 * PER_SIDE  # thumbnails of both sides (+ the detail view and neighbours)
 
 
 def test_paging_and_score_change_the_shown_ids(run) -> None:
@@ -88,12 +89,12 @@ def test_paging_and_score_change_the_shown_ids(run) -> None:
     first = _gallery_ids(at)
     _widget(at.number_input, "Page").set_value(2).run(timeout=TIMEOUT)
     second = _gallery_ids(at)
-    assert second == sum(_expected(run, "mean", 8, 2), [])
-    assert not set(second[:8]) & set(first[:8])
+    assert second == sum(_expected(run, "mean", PER_SIDE, 2), [])
+    assert not set(second[:PER_SIDE]) & set(first[:PER_SIDE])
     assert at.query_params["page"] == "2"
 
     _widget(at.radio, "Rank by").set_value("pc1").run(timeout=TIMEOUT)
-    assert _gallery_ids(at) == sum(_expected(run, "pc1", 8, 2), [])
+    assert _gallery_ids(at) == sum(_expected(run, "pc1", PER_SIDE, 2), [])
     assert at.query_params["score"] == "pc1"
 
 
@@ -101,12 +102,12 @@ def test_query_params_start_the_widgets(run) -> None:
     at = _page({"score": "pc1", "page": "3"})
     assert _widget(at.radio, "Rank by").value == "pc1"
     assert _widget(at.number_input, "Page").value == 3
-    assert _gallery_ids(at) == sum(_expected(run, "pc1", 8, 3), [])
+    assert _gallery_ids(at) == sum(_expected(run, "pc1", PER_SIDE, 3), [])
 
 
 def test_page_beyond_the_last_is_clamped_and_bad_page_warns(run) -> None:
     at = _page({"page": "99"})
-    assert _widget(at.number_input, "Page").value == 5  # 40 stimuli, 8 per side
+    assert _widget(at.number_input, "Page").value == 7  # 40 stimuli, 6 per side
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
     at.query_params["page"] = "first"
     at.run(timeout=TIMEOUT)  # the session's first page reads the URL and warns
@@ -121,7 +122,7 @@ def test_caption_filter_keeps_only_matching_stimuli(run) -> None:
     matching = {
         i for i, caps in zip(run.stimuli["id"], run.stimuli["captions"]) if any(word in c.lower() for c in caps)
     }
-    assert 0 < len(matching) < 16, "pick a filter word that matches a handful of the 40 stimuli"
+    assert 0 < len(matching) <= 2 * PER_SIDE, "pick a filter word that matches a handful of the 40 stimuli"
     _widget(at.text_input, "Filter by caption").set_value("DOG").run(timeout=TIMEOUT)
     shown = _gallery_ids(at)
     assert set(shown) == matching
@@ -148,11 +149,11 @@ def test_hostile_caption_is_shown_verbatim_as_plain_text(run) -> None:
 
 def test_inspect_button_shows_ranks_residuals_and_neighbours(run) -> None:
     at = _page()
-    high_ids = _gallery_ids(at)[8:]
+    high_ids = _gallery_ids(at)[PER_SIDE:]
     target = high_ids[0]  # the highest-dispersion stimulus
     row = int(np.flatnonzero(run.stimuli["id"].to_numpy() == target)[0])
     buttons = [b for b in at.button if b.label == "Inspect"]
-    buttons[8].click().run(timeout=TIMEOUT)
+    buttons[PER_SIDE].click().run(timeout=TIMEOUT)
     assert at.selectbox(key="w_inspect").value == target
     metrics = {m.label: m.value for m in at.metric}
     n = run.n_stimuli

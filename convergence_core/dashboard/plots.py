@@ -20,6 +20,11 @@ SCORE_AXIS = {
     "pc1": "PC1 score of the residuals (Procrustes distance)",
 }
 SCORE_NAME = {"mean": "mean residual", "pc1": "PC1 score"}
+#: Colour-bar titles: short lines, so the title does not run over the plot
+COLOUR_TITLE = {
+    "mean": "mean residual<br>(Procrustes distance)",
+    "pc1": "PC1 score<br>(Procrustes distance)",
+}
 SET_COLOURS = {
     "low": "#1f77b4",
     "random": "#7f7f7f",
@@ -112,7 +117,7 @@ def residual_scatter(
             hovertemplate="%{text}<extra></extra>",
             marker={
                 "color": colour, "colorscale": "Viridis", "size": 7, "opacity": 0.85,
-                "colorbar": {"title": {"text": colour_title}},
+                "colorbar": {"title": {"text": colour_title, "side": "right"}},
             },
         )
     )
