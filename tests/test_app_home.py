@@ -185,3 +185,45 @@ def test_cached_run_is_reloaded_when_its_manifest_changes(synthetic_cache: Path)
     stamp = manifest.stat().st_mtime_ns + 10_000_000
     os.utime(manifest, ns=(stamp, stamp))
     assert data.open_run(path) is not first
+
+
+MY_PAGES = ("pages/1_Stimuli.py", "pages/2_Residual_space.py", "pages/3_Alignment_lab.py")
+
+
+def test_pages_never_load_a_model_run_gpa_or_mutate_the_shared_run(
+    synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import convergence_core.models.registry as registry
+    import convergence_core.procrustes as procrustes
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a dashboard page must not load a model or run GPA on a rerun")
+
+    monkeypatch.setattr(procrustes, "generalized_procrustes", forbidden)
+    monkeypatch.setattr(registry, "load_encoder", forbidden)
+    shared = data.open_run(synthetic_cache / "runs" / "demo")
+    stimuli, dispersion = shared.stimuli.copy(deep=True), shared.dispersion.copy(deep=True)
+    residuals = np.array(shared.gpa.residuals, copy=True)
+
+    at = _app().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    for page in MY_PAGES:
+        at.switch_page(page).run(timeout=TIMEOUT)
+        assert not at.exception, (page, at.exception)
+    assert data.open_run(synthetic_cache / "runs" / "demo") is shared
+    assert shared.stimuli.equals(stimuli) and shared.dispersion.equals(dispersion)
+    np.testing.assert_array_equal(shared.gpa.residuals, residuals)
+
+
+def test_view_survives_page_switches(synthetic_cache: Path) -> None:
+    at = _app()
+    at.query_params["score"] = "pc1"
+    at.query_params["k"] = "6"
+    at.run(timeout=TIMEOUT)
+    at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
+    assert at.radio(key="w_score").value == "pc1"
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    assert at.radio(key="w_score").value == "pc1" and at.slider(key="w_k").value == 6
+    at.slider(key="w_k").set_value(4).run(timeout=TIMEOUT)
+    at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
+    assert at.query_params["k"] == "4" and at.query_params["score"] == "pc1"
