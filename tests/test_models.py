@@ -247,6 +247,16 @@ def test_efficientnet_lite0_real(coco_images: list[Path], imagenet_root: Path) -
         head = model._fc(torch.from_numpy(out["pre_logits"]))
     np.testing.assert_allclose(out["pre_logits"], reference.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(head.numpy(), logits.numpy(), rtol=1e-4, atol=1e-3)
+    # the forward pass runs in CPU-sized chunks; chunking does not change the result
+    from convergence_core.models.efficientnet_lite import CPU_FORWARD_BATCH
+
+    assert encoder.cpu_forward_batch == CPU_FORWARD_BATCH
+    encoder.cpu_forward_batch = 3
+    chunked = encoder.encode_tensor(x)
+    encoder.cpu_forward_batch = None
+    whole = encoder.encode_tensor(x)
+    for layer in encoder.layers:
+        np.testing.assert_allclose(chunked[layer], whole[layer], rtol=1e-4, atol=1e-5)
     # the preprocessing is right: ImageNet samples are mostly classified correctly
     table = pd.read_csv(imagenet_root / "labels.csv")
     wnids = sorted(table["wnid"])
