@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
-from scipy import stats
 
 from convergence_core.dashboard import page, plots, widgets
 
@@ -57,8 +56,9 @@ st.dataframe(models_table, hide_index=True, width="stretch")
 st.subheader("Dispersion")
 mean = run.dispersion["mean"].to_numpy(dtype=np.float64)
 pc1 = run.dispersion["pc1"].to_numpy(dtype=np.float64)
-pearson = float(stats.pearsonr(mean, pc1).statistic) if len(mean) > 2 else float("nan")
-spearman = float(stats.spearmanr(mean, pc1).statistic) if len(mean) > 2 else float("nan")
+# Spearman's rho is Pearson's r of the ranks (the run stores both scores' ranks; no ties)
+pearson = float(np.corrcoef(mean, pc1)[0, 1])
+spearman = float(np.corrcoef(run.dispersion["rank_mean"], run.dispersion["rank_pc1"])[0, 1])
 st.plotly_chart(plots.dispersion_histograms(mean, pc1, pearson, spearman), key="home-histogram")
 
 score = view.score

@@ -17,10 +17,14 @@ import argparse
 import json
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +73,73 @@ def _check(at: AppTest) -> AppTest:
     return at
 
 
+_FRESH = """
+import sys, time
+sys.path.insert(0, {root!r})
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file({app!r}, default_timeout=300)
+start = time.perf_counter()
+at.run(timeout=300)
+assert not at.exception, at.exception
+print(time.perf_counter() - start)
+"""
+
+
+def _fresh_process_first_run(cache: Path) -> float:
+    code = _FRESH.format(root=str(ROOT), app=str(ROOT / "app.py"))
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "CONVERGENCE_CACHE": str(cache)},
+        capture_output=True, text=True, timeout=TIMEOUT, check=True,
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def _browser_timings(cache: Path) -> dict[str, float]:
+    """Seconds from navigation until the page's script has finished, per page, in Chromium."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        return {}
+    from playwright.sync_api import sync_playwright
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+         "--server.headless", "true"],
+        cwd=ROOT, env={**os.environ, "CONVERGENCE_CACHE": str(cache)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    timings: dict[str, float] = {}
+    try:
+        base = f"http://localhost:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{base}/_stcore/health", timeout=2) as reply:
+                    if reply.read().strip() == b"ok":
+                        break
+            except OSError:
+                time.sleep(0.5)
+        done = "() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === 'notRunning'"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            for label, path in (("home, first visit after server up", ""), ("home, second visit", ""),
+                                ("stimuli page", "Stimuli"), ("residual space page", "Residual_space"),
+                                ("alignment lab page", "Alignment_lab")):
+                start = time.perf_counter()
+                page.goto(f"{base}/{path}")
+                page.wait_for_selector("h1", timeout=120_000)
+                page.wait_for_function(done, timeout=120_000)
+                timings[label] = time.perf_counter() - start
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -80,7 +151,10 @@ def main() -> None:
         rows.append({"measure": name, "seconds": round(seconds, 4), "target_s": target,
                      "ok": None if target is None else seconds <= target, "note": note})
 
-    # 1. first page of a cached run in a fresh server process: empty Streamlit caches
+    # 1. first page of a cached run in a fresh process (a just-started server): the app's own
+    # imports (plotly, scipy, the run) are paid here, as by the first visitor
+    record("home, fresh process (first script run)", _fresh_process_first_run(run_path.parent.parent),
+           TARGET_FIRST_PAGE_S, "AppTest in a new Python process; streamlit itself already imported")
     st.cache_resource.clear()
     st.cache_data.clear()
     home = _page("app.py")
@@ -137,8 +211,14 @@ def main() -> None:
     record("lab page rerun after changing the focus set", statistics.median(source_times), TARGET_UPDATE_S,
            "median; baseline cached")
 
+    # 4. a real browser against a real server (what a user sees), when Chromium is installed
+    for name, seconds in _browser_timings(run_path.parent.parent).items():
+        record(f"browser: {name}", seconds, TARGET_FIRST_PAGE_S,
+               "goto until the script has finished (Chromium, headless; includes rendering)")
+
     width = max(len(str(r["measure"])) for r in rows)
     print(f"run: {run_kind} ({run.n_stimuli} stimuli) at {run_path}")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other jobs slow every number)")
     print(f"{'measure':<{width}}  seconds  target  ok")
     for r in rows:
         target = "" if r["target_s"] is None else f"{r['target_s']:.3f}"
@@ -147,7 +227,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "run": run_kind, "n_stimuli": run.n_stimuli, "pairs": len(pairs), "set_size": size,
-        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "platform": platform.platform(), "load_average_1min": os.getloadavg()[0]},
         "results": rows,
     }, indent=2) + "\n")
     print(f"wrote {out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -139,8 +140,11 @@ def test_home_cards_histogram_and_previews(synthetic_cache: Path) -> None:
     # the histogram title reports the correlation of the two scores, computed independently
     mean, pc1 = run.dispersion["mean"].to_numpy(), run.dispersion["pc1"].to_numpy()
     r = np.corrcoef(mean, pc1)[0, 1]
-    chart = at.get("plotly_chart")[0].proto.spec
+    chart = json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["title"]["text"]
     assert f"Pearson r = {r:.3f}" in chart
+    from scipy.stats import spearmanr
+
+    assert f"Spearman ρ = {spearmanr(mean, pc1).statistic:.3f}" in chart
 
 
 def test_home_defaults_to_the_demo_run_and_can_switch(synthetic_cache: Path) -> None:

@@ -24,7 +24,6 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from ..stats import percentile_interval
 from ..subsets import select_stimuli
 
 #: Upper bound on elements of one stacked (chunk, s, s) array, to bound memory (~32 MB float64).
@@ -256,6 +255,8 @@ def baseline_table(
     ``cknna_random_lower_95``, ``cknna_random_upper_95``, ``mutual_knn_random_mean``,
     ``mutual_knn_random_lower_95``, ``mutual_knn_random_upper_95``.
     """
+    from ..stats import percentile_interval  # here: scipy's import would slow every page's first run
+
     if n_random < 1:
         raise ValueError(f"n_random must be >= 1, got {n_random}; use e.g. 200")
     values = subset_alignment(grams, pairs, random_subsets(scores, size, n_random, seed), k)
