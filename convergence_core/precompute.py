@@ -188,7 +188,7 @@ class PrecomputeConfig:
     def layers_for(self, model: str) -> str | list[str]:
         """``"all"``, ``"default"`` or the list of layers chosen for ``model``."""
         if isinstance(self.layers, Mapping):
-            return list(self.layers.get(model, "all")) if model in self.layers else "all"
+            return list(self.layers[model]) if model in self.layers else "all"
         return self.layers
 
 
