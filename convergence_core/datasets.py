@@ -577,7 +577,7 @@ def load_dataset(
         raise ValueError(f"unknown dataset kind {kind!r}; use one of {sorted(_LOADERS)}")
     try:
         if kind == "table":
-            table = Path(target).expanduser()
+            table = Path(target).expanduser().resolve()
             root = options.pop("root", None) or table.parent
             return load_table(root, table, **options)
         return _LOADERS[kind](target, **options)

@@ -116,6 +116,18 @@ def test_table_formats(tmp_path: Path, make_images, fmt: str) -> None:
     assert check_dataset(ds)[1] == []
 
 
+def test_table_relative_spec_and_explicit_root(tmp_path: Path, make_images, monkeypatch) -> None:
+    paths = make_images(2)
+    (tmp_path / "meta").mkdir()
+    pd.DataFrame({"image": [p.relative_to(tmp_path).as_posix() for p in paths],
+                  "caption": ["a", "b"]}).to_csv(tmp_path / "meta" / "t.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    ds = load_dataset("meta/t.csv", root=".")
+    assert ds.root == tmp_path.resolve() and check_dataset(ds)[1] == []
+    with pytest.raises(ValueError, match="unusable"):  # images are not under meta/
+        check_dataset(load_dataset("meta/t.csv"))
+
+
 def test_table_caption_rows_merge(tmp_path: Path, make_images) -> None:
     paths = make_images(2)
     rels = [p.relative_to(tmp_path).as_posix() for p in paths]
