@@ -407,8 +407,15 @@ def _hf_image_bytes(value: Any) -> tuple[bytes, str]:
     if isinstance(value, Mapping):
         raw = value.get("bytes")
         if raw:
-            suffix = Path(value.get("path") or "").suffix.lower() or ".jpg"
-            return bytes(raw), suffix
+            try:
+                with Image.open(io.BytesIO(raw)) as probe:
+                    detected = (probe.format or "").lower()
+            except Exception:  # undecodable bytes are kept as they are; check_dataset reports them
+                detected = ""
+            suffix = {"jpeg": ".jpg", "": Path(value.get("path") or "x.img").suffix}.get(
+                detected, f".{detected}"
+            )
+            return bytes(raw), suffix.lower() or ".img"
         if value.get("path") and Path(value["path"]).is_file():
             path = Path(value["path"])
             return path.read_bytes(), path.suffix.lower() or ".jpg"
@@ -443,8 +450,9 @@ def load_hf(
     ``name`` is a hub id (``"minhuh/prh"``) or a local folder (written by ``save_to_disk`` or
     holding data files such as parquet). ``subset`` is the config name, ``revision`` a hub
     branch/tag (the paper's WIT-1024 set is ``minhuh/prh`` at ``revision="wit_1024"``).
-    Images are written once to ``<cache_dir or cache_root()>/datasets/<name>/images/<row>.<ext>``
-    (atomic writes; existing files are kept), which becomes the dataset root. ``caption_column``
+    Images are written to ``<cache_dir or cache_root()>/datasets/<name>/images/<row>.<ext>``
+    (atomic writes; a file already holding the same bytes is left alone; the suffix follows the
+    decoded format), which becomes the dataset root. ``caption_column``
     cells may be a string or a list of strings. ``limit`` keeps the first ``limit`` rows.
 
     Raises:
@@ -497,7 +505,7 @@ def load_hf(
         data, suffix = _hf_image_bytes(record[image_column])
         rel = f"images/{row:0{width}d}{suffix}"
         target = root / rel
-        if not target.is_file():
+        if not target.is_file() or target.read_bytes() != data:  # never keep a stale image
             write_bytes(target, data)
         ids.append(str(record[id_column]) if id_column else str(row))
         rels.append(rel)

@@ -288,6 +288,16 @@ def test_hf_local_copy_materialises_images(tmp_path: Path, monkeypatch) -> None:
     assert ds.root == (tmp_path / "cache" / "datasets").resolve() / ds.root.name
     for i in range(3):
         assert open_rgb(ds.image_path(i)).size == (8 + i, 6)
+        assert ds.stimuli["image"].iat[i].endswith(".png")  # PIL images are stored as PNG
+    # loading again with other images under the same name replaces the files
+    hf.Dataset.from_dict(
+        {"image": images[::-1], "text": ["first", "second", "third"]},
+        features=hf.Features({"image": hf.Image(), "text": hf.Value("string")}),
+    ).save_to_disk(str(tmp_path / "saved2"))
+    (tmp_path / "saved").rename(tmp_path / "old")
+    (tmp_path / "saved2").rename(tmp_path / "saved")
+    again = load_dataset(f"hf:{tmp_path / 'saved'}", cache_dir=tmp_path / "cache")
+    assert again.root == ds.root and open_rgb(again.image_path(0)).size == (10, 6)
     assert check_dataset(ds)[1] == []
     # parquet data files through datasets.load_dataset, list-valued captions
     (tmp_path / "pq").mkdir()
