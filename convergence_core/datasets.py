@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -138,7 +139,7 @@ def _clean_captions(value: Any, *, split: bool = False) -> list[str]:
     """
     if value is None:
         return []
-    if isinstance(value, float) and value != value:  # NaN from pandas
+    if isinstance(value, float) and math.isnan(value):  # a missing cell read by pandas
         return []
     if isinstance(value, str):
         parts = value.split(CAPTION_SEPARATOR) if split else [value]
@@ -580,7 +581,7 @@ def load_dataset(
     if kind is None:
         kind, target = _detect_kind(spec)
     else:
-        target = spec[3:] if spec.startswith("hf:") else spec
+        target = spec.removeprefix("hf:")
     if kind not in _LOADERS:
         raise ValueError(f"unknown dataset kind {kind!r}; use one of {sorted(_LOADERS)}")
     try:

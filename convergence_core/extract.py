@@ -16,7 +16,12 @@ import pandas as pd
 from .images import open_rgb
 from .models.base import Encoder
 
-__all__ = ["CAPTION_MODES", "captions_for_language", "extract_embeddings", "extract_caption_embeddings"]
+__all__ = [
+    "CAPTION_MODES",
+    "captions_for_language",
+    "extract_caption_embeddings",
+    "extract_embeddings",
+]
 
 #: how a stimulus with several captions becomes one language embedding
 CAPTION_MODES = ("first", "mean")
@@ -26,9 +31,7 @@ Progress = Callable[[int, int], None]
 
 def _load_items(encoder: Encoder, chunk: Sequence[Any]) -> list[Any]:
     if encoder.modality == "vision":
-        return [
-            open_rgb(item) if isinstance(item, str | os.PathLike) else item for item in chunk
-        ]
+        return [open_rgb(item) if isinstance(item, str | os.PathLike) else item for item in chunk]
     for item in chunk:
         if not isinstance(item, str):
             raise ValueError(

@@ -25,7 +25,9 @@ def imagenet_root() -> Path:
     return imagenet_samples_root()
 
 
-def _write_image(path: Path, seed: int, size: tuple[int, int] = (48, 32), mode: str = "RGB") -> Path:
+def _write_image(
+    path: Path, seed: int, size: tuple[int, int] = (48, 32), mode: str = "RGB"
+) -> Path:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)

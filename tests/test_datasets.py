@@ -38,8 +38,12 @@ def test_coco_mini_real(coco_mini_root: Path) -> None:
     n_captions = sum(len(c) for c in ds.stimuli["captions"])
     assert n_captions == len(raw["annotations"]) == 1195
     first = expected_ids[0]
-    expected_first = [a["caption"].strip() for a in sorted(
-        (a for a in raw["annotations"] if a["image_id"] == first), key=lambda a: a["id"])]
+    expected_first = [
+        a["caption"].strip()
+        for a in sorted(
+            (a for a in raw["annotations"] if a["image_id"] == first), key=lambda a: a["id"]
+        )
+    ]
     assert ds.stimuli["captions"].iat[0] == expected_first
     assert all(ds.image_path(i).is_file() for i in range(len(ds)))
     checked, dropped = check_dataset(ds)
@@ -62,7 +66,9 @@ def test_fingerprint_stable_and_sensitive(coco_mini_root: Path) -> None:
     ds = load_dataset(coco_mini_root)
     head = ds.with_stimuli(ds.stimuli.iloc[:10])
     fp = dataset_fingerprint(head)
-    assert fp == dataset_fingerprint(load_dataset(coco_mini_root).with_stimuli(ds.stimuli.iloc[:10]))
+    assert fp == dataset_fingerprint(
+        load_dataset(coco_mini_root).with_stimuli(ds.stimuli.iloc[:10])
+    )
     assert len(fp) == 64
     reordered = head.with_stimuli(head.stimuli.iloc[::-1])
     assert dataset_fingerprint(reordered) != fp
@@ -95,13 +101,19 @@ def test_table_formats(tmp_path: Path, make_images, fmt: str) -> None:
     rels = [p.relative_to(tmp_path).as_posix() for p in paths]
     caps = [["a red ball", "a toy"], ["a cat"], ["x | y"]]
     if fmt == "csv":
-        frame = pd.DataFrame({"image": rels, "captions": ["|".join(c) for c in caps[:2]] + ["x"],
-                              "label": ["l0", "l1", "l2"]})
+        frame = pd.DataFrame(
+            {
+                "image": rels,
+                "captions": ["|".join(c) for c in caps[:2]] + ["x"],
+                "label": ["l0", "l1", "l2"],
+            }
+        )
         frame.to_csv(tmp_path / "t.csv", index=False)
         expected = [["a red ball", "a toy"], ["a cat"], ["x"]]
     else:
-        frame = pd.DataFrame({"id": ["s0", "s1", "s2"], "image": rels, "captions": caps,
-                              "label": ["l0", "l1", "l2"]})
+        frame = pd.DataFrame(
+            {"id": ["s0", "s1", "s2"], "image": rels, "captions": caps, "label": ["l0", "l1", "l2"]}
+        )
         if fmt == "jsonl":
             frame.to_json(tmp_path / "t.jsonl", orient="records", lines=True)
         else:
@@ -119,8 +131,9 @@ def test_table_formats(tmp_path: Path, make_images, fmt: str) -> None:
 def test_table_relative_spec_and_explicit_root(tmp_path: Path, make_images, monkeypatch) -> None:
     paths = make_images(2)
     (tmp_path / "meta").mkdir()
-    pd.DataFrame({"image": [p.relative_to(tmp_path).as_posix() for p in paths],
-                  "caption": ["a", "b"]}).to_csv(tmp_path / "meta" / "t.csv", index=False)
+    pd.DataFrame(
+        {"image": [p.relative_to(tmp_path).as_posix() for p in paths], "caption": ["a", "b"]}
+    ).to_csv(tmp_path / "meta" / "t.csv", index=False)
     monkeypatch.chdir(tmp_path)
     ds = load_dataset("meta/t.csv", root=".")
     assert ds.root == tmp_path.resolve() and check_dataset(ds)[1] == []

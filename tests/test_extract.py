@@ -60,7 +60,10 @@ def test_order_and_batch_size_invariance(batch_size: int) -> None:
 def test_progress_and_layer_selection() -> None:
     calls: list[tuple[int, int]] = []
     out = extract_embeddings(
-        HashTextEncoder(), TEXTS, batch_size=4, progress=lambda d, t: calls.append((d, t)),
+        HashTextEncoder(),
+        TEXTS,
+        batch_size=4,
+        progress=lambda d, t: calls.append((d, t)),
         layers=["a"],
     )
     assert list(out) == ["a"]
@@ -81,11 +84,13 @@ def test_bad_arguments() -> None:
 
 
 def _stimuli() -> pd.DataFrame:
-    return pd.DataFrame({
-        "id": ["s0", "s1", "s2"],
-        "image": ["a.png", "b.png", "c.png"],
-        "captions": [["first of zero", "second of zero"], ["only one"], ["x", "y", "z"]],
-    })
+    return pd.DataFrame(
+        {
+            "id": ["s0", "s1", "s2"],
+            "image": ["a.png", "b.png", "c.png"],
+            "captions": [["first of zero", "second of zero"], ["only one"], ["x", "y", "z"]],
+        }
+    )
 
 
 def test_captions_for_language_modes() -> None:
@@ -106,7 +111,9 @@ def test_caption_mean_is_average_of_caption_embeddings() -> None:
     stimuli = _stimuli()
     out = extract_caption_embeddings(HashTextEncoder(), stimuli, mode="mean", batch_size=2)
     for row, caps in enumerate(stimuli["captions"]):
-        expected = np.mean([HashTextEncoder.vector(c, "b", 5).astype(np.float64) for c in caps], axis=0)
+        expected = np.mean(
+            [HashTextEncoder.vector(c, "b", 5).astype(np.float64) for c in caps], axis=0
+        )
         np.testing.assert_allclose(out["b"][row], expected, rtol=1e-6)
     first = extract_caption_embeddings(HashTextEncoder(), stimuli, mode="first")
     np.testing.assert_array_equal(first["a"][1], HashTextEncoder.vector("only one", "a", 3))
@@ -117,8 +124,15 @@ def test_vision_extraction_on_image_paths(coco_mini_root: Path) -> None:
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32,
-                              patch_size=8, embed_dim=24, num_heads=2)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        depth=2,
+        img_size=32,
+        patch_size=8,
+        embed_dim=24,
+        num_heads=2,
+    )
     encoder = encoder_from_timm_model("tiny", model, device=torch.device("cpu"))
     paths = load_dataset(coco_mini_root).image_paths()[:5]
     by_two = extract_embeddings(encoder, paths, batch_size=2)

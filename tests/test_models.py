@@ -13,9 +13,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from convergence_core.datasets import load_dataset  # noqa: E402
-from convergence_core.images import open_rgb  # noqa: E402
-from convergence_core.models import (  # noqa: E402
+from convergence_core.datasets import load_dataset
+from convergence_core.images import open_rgb
+from convergence_core.models import (
     LanguageEncoder,
     UnknownModelError,
     WeightsUnavailableError,
@@ -23,10 +23,10 @@ from convergence_core.models import (  # noqa: E402
     list_models,
     load_encoder,
 )
-from convergence_core.models.base import resolve_device  # noqa: E402
-from convergence_core.models.hf_language import prepare_tokenizer  # noqa: E402
-from convergence_core.models.timm_vit import encoder_from_timm_model  # noqa: E402
-from convergence_core.settings import cache_root  # noqa: E402
+from convergence_core.models.base import resolve_device
+from convergence_core.models.hf_language import prepare_tokenizer
+from convergence_core.models.timm_vit import encoder_from_timm_model
+from convergence_core.settings import cache_root
 
 CPU = torch.device("cpu")
 
@@ -59,11 +59,20 @@ def minilm_tokenizer():
 
 def test_registry_names_and_specs() -> None:
     names = list_models()
-    for name in ("vit_huge_patch14_224.mae", "vit_giant_patch14_dinov2.lvd142m",
-                 "vit_huge_patch14_clip_224.laion2b", "vit_huge_patch14_clip_224.laion2b_ft_in12k",
-                 "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2",
-                 "minilm", "gemma-3-270m", "bigscience/bloom-560m", "openlm-research/open_llama_7b",
-                 "huggyllama/llama-7b"):
+    for name in (
+        "vit_huge_patch14_224.mae",
+        "vit_giant_patch14_dinov2.lvd142m",
+        "vit_huge_patch14_clip_224.laion2b",
+        "vit_huge_patch14_clip_224.laion2b_ft_in12k",
+        "efficientnet-lite0",
+        "efficientnet-lite1",
+        "efficientnet-lite2",
+        "minilm",
+        "gemma-3-270m",
+        "bigscience/bloom-560m",
+        "openlm-research/open_llama_7b",
+        "huggyllama/llama-7b",
+    ):
         assert name in names
     assert get_spec("vit_huge_patch14_224.mae").default_layer == "block_30"
     assert get_spec("vit_giant_patch14_dinov2.lvd142m").default_layer == "block_38"
@@ -116,8 +125,14 @@ def test_timm_pretrained_offline_gives_one_message() -> None:
     assert "pretrained_cfg_overlay" in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["vit_huge_patch14_224.mae", "vit_giant_patch14_dinov2.lvd142m",
-                                  "vit_huge_patch14_clip_224.laion2b"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "vit_huge_patch14_224.mae",
+        "vit_giant_patch14_dinov2.lvd142m",
+        "vit_huge_patch14_clip_224.laion2b",
+    ],
+)
 def test_paper_vit_offline_fails_before_building(name: str, monkeypatch) -> None:
     import timm
 
@@ -150,8 +165,8 @@ def _tiny_vit(**kwargs):
     import timm
 
     torch.manual_seed(0)
-    options = dict(pretrained=False, depth=3, img_size=32, patch_size=8, embed_dim=48, num_heads=3)
-    options.update(kwargs)
+    options = {"pretrained": False, "depth": 3, "img_size": 32, "patch_size": 8, "embed_dim": 48}
+    options.update(num_heads=3, **kwargs)
     return timm.create_model("vit_tiny_patch16_224", **options).eval()
 
 
@@ -168,8 +183,12 @@ def test_tiny_vit_cls_per_block(coco_images: list[Path]) -> None:
     with torch.no_grad():
         # reference 1: the final norm of the last block's CLS is forward_features' token 0
         final = model.forward_features(x)[:, 0]
-        np.testing.assert_allclose(model.norm(torch.from_numpy(out["block_02"])).numpy(),
-                                   final.numpy(), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            model.norm(torch.from_numpy(out["block_02"])).numpy(),
+            final.numpy(),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         # reference 2: run the blocks by hand
         h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
         for i, block in enumerate(model.blocks):
@@ -205,9 +224,8 @@ def test_weights_id_tracks_weights() -> None:
 
 def test_timm_local_checkpoint(tmp_path: Path, coco_images: list[Path]) -> None:
     """A local weights file (pretrained_cfg_overlay) is loaded, and hashed by its bytes."""
-    from safetensors.torch import save_file
-
     import timm
+    from safetensors.torch import save_file
 
     reference = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
     path = tmp_path / "vit_tiny.safetensors"
@@ -235,8 +253,16 @@ def test_efficientnet_lite0_real(coco_images: list[Path], imagenet_root: Path) -
     assert encoder.weights_id == hashlib.sha256(weights_file.read_bytes()).hexdigest()
     images = [open_rgb(p) for p in coco_images]
     out = encoder.encode(images)
-    dims = {"stage_0": 16, "stage_1": 24, "stage_2": 40, "stage_3": 80, "stage_4": 112,
-            "stage_5": 192, "stage_6": 320, "pre_logits": 1280}
+    dims = {
+        "stage_0": 16,
+        "stage_1": 24,
+        "stage_2": 40,
+        "stage_3": 80,
+        "stage_4": 112,
+        "stage_5": 192,
+        "stage_6": 320,
+        "pre_logits": 1280,
+    }
     assert {k: v.shape for k, v in out.items()} == {k: (4, d) for k, d in dims.items()}
     x = encoder.preprocess(images)
     assert x.shape == (4, 3, 224, 224)
@@ -283,17 +309,29 @@ def _tiny_language_model(kind: str) -> torch.nn.Module:
     import transformers as tf
 
     torch.manual_seed(0)
-    common = dict(vocab_size=30522)
+    common = {"vocab_size": 30522}
     if kind == "bert":
-        config = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                               intermediate_size=64, max_position_embeddings=128, **common)
+        config = tf.BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **common,
+        )
         return tf.BertModel(config)
     if kind == "gpt2":
         config = tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, **common)
         return tf.GPT2Model(config)
-    config = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=128, **common)
+    config = tf.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        **common,
+    )
     return tf.LlamaModel(config)
 
 
@@ -335,7 +373,9 @@ def test_decoder_without_pad_token_gets_one(minilm_tokenizer) -> None:
     tokenizer.padding_side = "left"
     prepare_tokenizer(tokenizer)
     assert tokenizer.pad_token == "[SEP]" and tokenizer.padding_side == "right"
-    encoder = LanguageEncoder("tiny-gpt2", _tiny_language_model("gpt2").eval(), tokenizer, device=CPU)
+    encoder = LanguageEncoder(
+        "tiny-gpt2", _tiny_language_model("gpt2").eval(), tokenizer, device=CPU
+    )
     out = encoder.encode(["one", "two words here"])
     alone = encoder.encode(["one"])
     np.testing.assert_allclose(out["layer_03"][0], alone["layer_03"][0], rtol=1e-4, atol=1e-5)
@@ -353,8 +393,12 @@ def test_minilm_real() -> None:
     assert encoder.default_layer == "layer_06"
     weights_file = Path(get_model_path()) / "model.safetensors"
     assert encoder.weights_id == hashlib.sha256(weights_file.read_bytes()).hexdigest()
-    captions = ["A dog runs across a grassy field.", "A puppy running on the grass.",
-                "A plate of pasta with tomato sauce.", "Two men play tennis."]
+    captions = [
+        "A dog runs across a grassy field.",
+        "A puppy running on the grass.",
+        "A plate of pasta with tomato sauce.",
+        "Two men play tennis.",
+    ]
     out = encoder.encode(captions)
     assert all(v.shape == (4, 384) for v in out.values())
     tokenizer = AutoTokenizer.from_pretrained(get_model_path())
@@ -378,8 +422,11 @@ def test_gemma_real_converted_once() -> None:
     assert encoder.weights_id == (
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
     )
-    captions = ["A cat sleeping on a sofa.", "A red double-decker bus on a city street at night.",
-                "Pizza."]
+    captions = [
+        "A cat sleeping on a sofa.",
+        "A red double-decker bus on a city street at night.",
+        "Pizza.",
+    ]
     out = encoder.encode(captions)
     assert all(v.shape == (3, 640) and np.isfinite(v).all() for v in out.values())
     alone = encoder.encode(captions[2:])

@@ -148,6 +148,14 @@ def load_efficientnet_lite(
         ]
     )
     return VisionEncoder(
-        name, model, transform, features, [*stage_names, "pre_logits"], "pre_logits",
-        files_sha256([path]), device, half=half, cpu_forward_batch=CPU_FORWARD_BATCH,
+        name,
+        model,
+        transform,
+        features,
+        [*stage_names, "pre_logits"],
+        "pre_logits",
+        files_sha256([path]),
+        device,
+        half=half,
+        cpu_forward_batch=CPU_FORWARD_BATCH,
     )

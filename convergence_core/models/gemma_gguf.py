@@ -67,7 +67,9 @@ def ensure_gemma_converted() -> Path:
         out = work / "model"
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-        write_json(out / _ID_FILE, {"gguf_sha256": package.EXPECTED_SHA256, "source": package.MODEL_NAME})
+        write_json(
+            out / _ID_FILE, {"gguf_sha256": package.EXPECTED_SHA256, "source": package.MODEL_NAME}
+        )
         folder.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(out, folder)
@@ -80,7 +82,9 @@ def ensure_gemma_converted() -> Path:
     return folder
 
 
-def load_gemma(name: str, *, device: torch.device, dtype: torch.dtype | None = None) -> LanguageEncoder:
+def load_gemma(
+    name: str, *, device: torch.device, dtype: torch.dtype | None = None
+) -> LanguageEncoder:
     """Load Gemma-3-270M (converting the GGUF on first use) as a :class:`LanguageEncoder`."""
     from transformers import AutoModel, AutoTokenizer
 

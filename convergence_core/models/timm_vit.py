@@ -33,8 +33,10 @@ def vit_default_layer(depth: int) -> str:
 
 def _is_vit(model: torch.nn.Module) -> bool:
     blocks = getattr(model, "blocks", None)
-    return isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList) and len(blocks) > 0 and (
-        hasattr(model, "num_prefix_tokens")
+    return (
+        isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList)
+        and len(blocks) > 0
+        and (hasattr(model, "num_prefix_tokens"))
     )
 
 
@@ -65,8 +67,15 @@ def encoder_from_timm_model(
             return {"pre_logits": model.forward_head(model.forward_features(x), pre_logits=True)}
 
         return VisionEncoder(
-            name, model, transform, pooled_features, ["pre_logits"], "pre_logits", weights_id,
-            device, half=half,
+            name,
+            model,
+            transform,
+            pooled_features,
+            ["pre_logits"],
+            "pre_logits",
+            weights_id,
+            device,
+            half=half,
         )
 
     blocks = model.blocks
@@ -93,8 +102,15 @@ def encoder_from_timm_model(
         return captured
 
     return VisionEncoder(
-        name, model, transform, block_features, layers, vit_default_layer(len(blocks)), weights_id,
-        device, half=half,
+        name,
+        model,
+        transform,
+        block_features,
+        layers,
+        vit_default_layer(len(blocks)),
+        weights_id,
+        device,
+        half=half,
     )
 
 
@@ -107,9 +123,11 @@ def _hub_filenames(filename: str | None) -> list[str]:
         return ["model.safetensors", filename]
     if filename == "open_clip_pytorch_model.bin":
         return ["open_clip_model.safetensors", filename]
-    return [filename[: -len(".bin")] + ".safetensors", filename] if filename.endswith(".bin") else [
-        filename
-    ]
+    return (
+        [filename[: -len(".bin")] + ".safetensors", filename]
+        if filename.endswith(".bin")
+        else [filename]
+    )
 
 
 def _fetch_hub_weights(name: str, timm_name: str) -> None:
@@ -136,7 +154,9 @@ def _fetch_hub_weights(name: str, timm_name: str) -> None:
             last = exc
         except Exception as exc:  # offline, unreachable, gated, not cached: all the same to users
             raise WeightsUnavailableError(name, short_cause(exc), kind="timm") from None
-    raise WeightsUnavailableError(name, short_cause(last) if last else "no weight file", kind="timm")
+    raise WeightsUnavailableError(
+        name, short_cause(last) if last else "no weight file", kind="timm"
+    )
 
 
 def load_timm_encoder(
