@@ -37,7 +37,7 @@ import streamlit as st  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from convergence_core import settings  # noqa: E402
-from convergence_core.dashboard import data, lab  # noqa: E402
+from convergence_core.dashboard import data, lab, state  # noqa: E402
 from convergence_core.subsets import select_stimuli  # noqa: E402
 
 TARGET_FIRST_PAGE_S = 2.0
@@ -179,7 +179,7 @@ def main() -> None:
         for v, layer in zip(run.gpa.models, run.gpa.layers, strict=True) for language in run.language_models
     )
     grams = data.grams_for(run, pairs)
-    size = max(4, round(run.n_stimuli / 4))
+    size = state.default_subset_size(run.n_stimuli)
     low, high = select_stimuli(scores, "low", size), select_stimuli(scores, "high", size)
 
     def compute(k: int) -> None:

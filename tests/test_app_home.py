@@ -100,7 +100,7 @@ def test_default_run_prefers_newest_demo_then_newest() -> None:
 
 
 def test_default_subset_size() -> None:
-    assert state.default_subset_size(239) == 60
+    assert state.default_subset_size(239) == 59
     assert state.default_subset_size(60) == 15
     assert state.default_subset_size(10) == 4
 
@@ -197,13 +197,16 @@ MY_PAGES = ("pages/1_Stimuli.py", "pages/2_Residual_space.py", "pages/3_Alignmen
 def test_pages_never_load_a_model_run_gpa_or_mutate_the_shared_run(
     synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # imported before patching: a module importing the name while it is patched would keep the fake
+    import convergence_core.analyses as analyses
     import convergence_core.models.registry as registry
     import convergence_core.procrustes as procrustes
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a dashboard page must not load a model or run GPA on a rerun")
 
-    monkeypatch.setattr(procrustes, "generalized_procrustes", forbidden)
+    for module in (procrustes, analyses):
+        monkeypatch.setattr(module, "generalized_procrustes", forbidden)
     monkeypatch.setattr(registry, "load_encoder", forbidden)
     shared = data.open_run(synthetic_cache / "runs" / "demo")
     stimuli, dispersion = shared.stimuli.copy(deep=True), shared.dispersion.copy(deep=True)

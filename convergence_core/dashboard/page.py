@@ -26,10 +26,6 @@ class PageContext:
     info: RunInfo
     view: state.View
 
-    @property
-    def n_stimuli(self) -> int:
-        return self.run.n_stimuli
-
 
 def no_run_message() -> str:
     """What to tell a user who has no cached run yet, with the commands that make one."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 #: Dispersion scores a stimulus can be ranked by (see dispersion.dispersion_scores).
@@ -40,8 +40,9 @@ WIDGET_PREFIX = "w_"
 
 
 def default_subset_size(n_stimuli: int) -> int:
-    """Default size of the low/high/random subsets: a quarter of the stimuli (at least 4, at most n)."""
-    return max(min(MIN_SUBSET_SIZE, n_stimuli), min(n_stimuli, round(n_stimuli / 4)))
+    """Default size of the low/high/random subsets: a quarter of the stimuli, ``n // 4`` as in the
+    report (at least 4, at most n)."""
+    return max(min(MIN_SUBSET_SIZE, n_stimuli), n_stimuli // 4)
 
 
 @dataclass
@@ -159,8 +160,6 @@ class Selection:
     run: str
     ids: tuple[str, ...]
     origin: str = ""
-    #: signature of the chart event that produced it, so a rerun does not re-apply the same event
-    event_signature: tuple[int, ...] = field(default=())
 
 
 def init_view(
@@ -230,11 +229,10 @@ def set_selection(
     run: str,
     ids: Sequence[str],
     origin: str,
-    event_signature: tuple[int, ...] = (),
 ) -> Selection:
     """Replace the session's current selection (ids keep the given order, duplicates dropped)."""
     unique = tuple(dict.fromkeys(str(i) for i in ids))
-    selection = Selection(run=run, ids=unique, origin=origin, event_signature=event_signature)
+    selection = Selection(run=run, ids=unique, origin=origin)
     session_state[SELECTION_KEY] = selection
     return selection
 
