@@ -18,7 +18,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,37 +72,70 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock_holder(lock: Path) -> int | None:
+    """The pid written in ``lock``, or None while it is empty (being written) or unreadable."""
+    try:
+        text = lock.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _remove_stale_lock(lock: Path, stale_pid: int) -> None:
+    """Remove ``lock`` if it still names ``stale_pid`` (never a lock another process just took)."""
+    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+    try:
+        os.replace(lock, aside)
+    except FileNotFoundError:
+        return
+    if _lock_holder(aside) == stale_pid:
+        aside.unlink()
+    else:  # someone replaced the stale lock in between: give theirs back
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, lock)
+        aside.unlink()
+
+
 @contextlib.contextmanager
-def run_lock(run_folder: str | os.PathLike[str]) -> Iterator[Path]:
+def run_lock(
+    run_folder: str | os.PathLike[str],
+    *,
+    wait_seconds: float = 0.0,
+    poll_seconds: float = 0.5,
+    on_wait: Callable[[int | None], None] | None = None,
+) -> Iterator[Path]:
     """Hold the lock file ``.<run>.lock`` next to ``run_folder`` while writing the run.
 
-    The file holds our pid. A lock left by a process that no longer exists (killed mid-run) is
-    taken over. Raises :class:`RunLockedError` when another live process holds it.
+    The file holds our pid. A lock whose process no longer exists (killed mid-run) is taken
+    over. While another live process holds it, wait up to ``wait_seconds`` (calling
+    ``on_wait(holder_pid)`` once), then raise :class:`RunLockedError`.
     """
     folder = Path(run_folder)
     lock = folder.with_name(f".{folder.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
+    deadline = time.monotonic() + max(0.0, wait_seconds)
+    told = False
+    while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                holder = 0
-            if holder and holder != os.getpid() and _pid_alive(holder):
+            holder = _lock_holder(lock)
+            if holder is not None and not _pid_alive(holder):
+                _remove_stale_lock(lock, holder)
+                continue
+            if time.monotonic() >= deadline:
                 raise RunLockedError(
                     f"another precompute (pid {holder}) is writing {folder}; wait for it to "
                     f"finish, or delete {lock} if that process is not a precompute"
                 ) from None
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
+            if on_wait is not None and not told:
+                on_wait(holder)
+                told = True
+            time.sleep(poll_seconds)
             continue
         with os.fdopen(fd, "w") as handle:
             handle.write(str(os.getpid()))
         break
-    else:
-        raise RunLockedError(f"cannot take the lock {lock}; delete it and retry")
     try:
         yield lock
     finally:

@@ -187,7 +187,9 @@ class _ProgressBars:
     def __call__(self, event: Any) -> None:
         from tqdm import tqdm
 
-        if event.step == "extract":
+        if event.step == "waiting":
+            print("  waiting for another precompute of this run to finish ...", file=self.stream)
+        elif event.step == "extract":
             if event.skipped:
                 self._close()
                 print(f"  {event.model}: cached", file=self.stream)

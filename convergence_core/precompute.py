@@ -203,8 +203,8 @@ def _name_tuple(names: Any, what: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """What the pipeline is doing: ``step`` ("dataset", "extract", "gpa", "dispersion",
-    "thumbnails", "done"), the ``model`` being extracted (else None), ``done`` of ``total`` items
+    """What the pipeline is doing: ``step`` ("dataset", "waiting" (for another process writing
+    the same run), "extract", "gpa", "dispersion", "thumbnails", "done"), the ``model`` being extracted (else None), ``done`` of ``total`` items
     (stimuli or captions), and ``skipped`` when the step was cached and is not recomputed."""
 
     step: str
@@ -300,6 +300,7 @@ def precompute(
     config: PrecomputeConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     *,
     progress: ProgressCallback | None = None,
+    lock_wait_seconds: float = 3600.0,
     **options: Any,
 ) -> Run:
     """Run (or resume) the pipeline and return the finished run, loaded.
@@ -326,6 +327,10 @@ def precompute(
 
     ``progress(event: ProgressEvent)`` is called as work advances; an exception it raises aborts
     the run, which a later call resumes.
+
+    While another process is writing the same run (its lock file ``.<run>.lock`` names a live
+    pid), wait up to ``lock_wait_seconds`` (a ``"waiting"`` event is sent), then continue, reusing
+    what it finished; after that, raise ``cache.RunLockedError``.
     """
     from . import models
     from .datasets import check_dataset, dataset_fingerprint, load_dataset
@@ -346,7 +351,11 @@ def precompute(
     name = cfg.run_name or default_run_name(cfg, dataset.name)
     cache = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
     path = cache / "runs" / model_key(name)
-    with run_lock(path):
+    with run_lock(
+        path,
+        wait_seconds=lock_wait_seconds,
+        on_wait=lambda pid: notify(ProgressEvent("waiting", None, 0, 1)),
+    ):
         layout = RunLayout(path)
         manifest = _open_manifest(layout, name)
         stimuli_inputs = fingerprint(data_fingerprint, dropped)

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -312,8 +313,11 @@ def test_a_live_writer_locks_the_run(tiny_coco, tmp_path, loads):
         lock = run_path.with_name(".tiny.lock")
         lock.parent.mkdir(parents=True)
         lock.write_text(str(sleeper.pid))
+        events: list[ProgressEvent] = []
         with pytest.raises(RunLockedError, match=f"pid {sleeper.pid}"):
-            precompute(**_options(tiny_coco, tmp_path))
+            precompute(progress=events.append, lock_wait_seconds=0.6, **_options(tiny_coco, tmp_path))
+        assert [e.step for e in events].count("waiting") == 1
+        assert sum(loads.values()) == 0
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -355,3 +359,22 @@ def test_presets_are_complete_configs(monkeypatch, tmp_path):
     assert set(PRESETS) >= {"demo", "imagenet"}
     with pytest.raises(ValueError, match="choose one of"):
         preset_config("nope")
+
+
+def test_a_second_writer_waits_for_the_first_then_reuses_its_work(tiny_coco, tmp_path, loads):
+    run_path = tmp_path / "cache" / "runs" / "tiny"
+    lock = run_path.with_name(".tiny.lock")
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    reaper = threading.Thread(target=holder.wait)  # a dead, reaped process, as after a kill
+    reaper.start()
+    try:
+        lock.write_text(str(holder.pid))
+        # the holder exits (without removing its lock, like a killed process): the waiter
+        # notices the dead pid and takes over
+        events: list[ProgressEvent] = []
+        run = precompute(progress=events.append, lock_wait_seconds=30, **_options(tiny_coco, tmp_path))
+    finally:
+        holder.kill()
+        reaper.join()
+    assert "waiting" in [e.step for e in events] and run.n_stimuli == 6 and not lock.exists()
