@@ -132,24 +132,31 @@ except ValueError as exc:
 model_layers = [*zip(run.gpa.models, run.gpa.layers, strict=True)] + [
     (model, best_layers.get(model, run.default_layer(model))) for model in run.language_models
 ]
-tabs = st.tabs([f"{model} ({'vision' if i < len(run.gpa.models) else 'language'})"
-                for i, (model, _) in enumerate(model_layers)])
-for tab, (model, layer) in zip(tabs, model_layers, strict=True):
-    with tab:
-        gram = run.gram(model, layer)
-        neighbour_rows, similarity = lab.nearest_neighbours(gram, row, count)
-        table = widgets.captions_frame(run, neighbour_rows)
-        table.insert(0, "neighbour", np.arange(1, len(neighbour_rows) + 1))
-        table.insert(2, "similarity", similarity)
-        table[f"rank ({plots.SCORE_NAME[score]})"] = rank[neighbour_rows] + 1
-        st.text(f"layer {layer}")
-        thumbs = st.columns(NEIGHBOUR_THUMBNAILS)
-        for cell, neighbour in zip(thumbs, neighbour_rows[:NEIGHBOUR_THUMBNAILS], strict=False):
-            path = run.thumbnail_path(int(neighbour))
-            with cell:
-                if path is not None:
-                    st.image(str(path), width="stretch")
-                st.text(str(ids[neighbour]))
-        st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
+neighbours = {
+    model: (layer, *lab.nearest_neighbours(run.gram(model, layer), row, count)) for model, layer in model_layers
+}
+overview = pd.DataFrame({"neighbour": np.arange(1, count + 1)})
+for model, (layer, neighbour_rows, similarity) in neighbours.items():
+    overview[f"{model} ({layer})"] = [f"{ids[r]} · {s:.3f}" for r, s in zip(neighbour_rows, similarity, strict=True)]
+st.text("Neighbour ids and similarities in every model (same id in several columns: the models agree):")
+st.dataframe(overview, hide_index=True, width="stretch")
+
+shown_model = st.radio(
+    "Neighbours in detail for", [model for model, _ in model_layers], key="w_neighbour_model", horizontal=True,
+    format_func=lambda m: f"{m} ({run.modality(m)})",
+)
+layer, neighbour_rows, similarity = neighbours[shown_model]
+thumbs = st.columns(NEIGHBOUR_THUMBNAILS)
+for cell, neighbour in zip(thumbs, neighbour_rows[:NEIGHBOUR_THUMBNAILS], strict=False):
+    path = run.thumbnail_path(int(neighbour))
+    with cell:
+        if path is not None:
+            st.image(str(path), width="stretch")
+        st.text(str(ids[neighbour]))
+detail = widgets.captions_frame(run, neighbour_rows)
+detail.insert(0, "neighbour", np.arange(1, len(neighbour_rows) + 1))
+detail.insert(2, "similarity", similarity)
+detail[f"rank ({plots.SCORE_NAME[score]})"] = rank[neighbour_rows] + 1
+st.dataframe(detail, hide_index=True, width="stretch")
 
 page.close_page(context)

@@ -162,20 +162,35 @@ def test_inspect_button_shows_ranks_residuals_and_neighbours(run) -> None:
     bars = next(c for c in at.get("plotly_chart") if "Residual per vision model" in c.proto.spec)
     assert "Procrustes distance, unit Frobenius-normalised embedding" in bars.proto.spec
 
-    # nearest neighbours of the first model: independent brute force over the Gram row
-    tables = [d.value for d in at.dataframe]
+    # nearest neighbours: independent brute force over each model's Gram row
+    def brute(model: str, layer: str) -> tuple[list[str], np.ndarray]:
+        gram = np.asarray(run.gram(model, layer), dtype=np.float64)
+        order = sorted((j for j in range(n) if j != row), key=lambda j: (-gram[row, j], j))[:5]
+        return list(run.stimuli["id"].iloc[order]), gram[row, order]
+
+    overview, detail = at.dataframe[-2].value, at.dataframe[-1].value
+    assert len(overview.columns) == 1 + len(run.models)  # every vision and language model
     model, layer = run.gpa.models[0], run.gpa.layers[0]
-    gram = np.asarray(run.gram(model, layer), dtype=np.float64)
-    brute = sorted((j for j in range(n) if j != row), key=lambda j: (-gram[row, j], j))[:5]
-    assert list(tables[0]["id"]) == list(run.stimuli["id"].iloc[brute])
-    np.testing.assert_allclose(tables[0]["similarity"], gram[row, brute])
-    assert len(tables) == len(run.models)  # every vision and language model has a table
+    expected_ids, expected_similarity = brute(model, layer)
+    assert list(detail["id"]) == expected_ids
+    np.testing.assert_allclose(detail["similarity"], expected_similarity)
+    assert [cell.split(" · ")[0] for cell in overview[f"{model} ({layer})"]] == expected_ids
+
+    language = run.language_models[1]
+    at.radio(key="w_neighbour_model").set_value(language).run(timeout=TIMEOUT)
+    language_column = next(c for c in at.dataframe[-2].value.columns if c.startswith(language))
+    language_layer = language_column[len(language) + 2 : -1]
+    from convergence_core.analyses import best_language_layers
+
+    best = best_language_layers(run, k=10)
+    assert language_layer == dict(zip(best["language_model"], best["language_layer"], strict=True))[language]
+    assert list(at.dataframe[-1].value["id"]) == brute(language, language_layer)[0]
 
 
 def test_neighbour_count_slider_changes_the_tables(run) -> None:
     at = _page()
     at.slider(key="w_neighbour_count").set_value(9).run(timeout=TIMEOUT)
-    assert all(len(d.value) == 9 for d in at.dataframe)
+    assert len(at.dataframe[-2].value) == 9 and len(at.dataframe[-1].value) == 9
 
 
 def test_only_selection_toggle_restricts_the_gallery(run) -> None:
