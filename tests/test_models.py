@@ -151,6 +151,15 @@ def test_hf_offline_gives_one_message() -> None:
     _assert_weights_message(info.value, "hf:someone/not-a-cached-model")
 
 
+def test_incomplete_model_folder(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(WeightsUnavailableError, match="lacks config.json or weight files"):
+        load_encoder(f"hf:{tmp_path / 'model'}")
+    with pytest.raises(WeightsUnavailableError, match="lacks config.json or weight files"):
+        load_encoder("minilm", weights=tmp_path / "model")
+
+
 def test_missing_local_weights(tmp_path: Path) -> None:
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
         load_encoder("efficientnet-lite0", weights=tmp_path / "nope.pth")

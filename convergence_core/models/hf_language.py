@@ -154,10 +154,20 @@ def load_hf_language(
             f"weights for {name!r} must be a model folder (written by save_pretrained); "
             f"{location} is not a folder"
         )
+    folder = Path(location).expanduser()
+    if folder.is_dir():
+        has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+        if not (folder / "config.json").is_file() or not has_weights:
+            raise WeightsUnavailableError(
+                name,
+                f"folder {folder} lacks config.json or weight files (*.safetensors / *.bin); it "
+                "must be a model folder written by save_pretrained, tokenizer files included",
+                kind="hf",
+            )
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModel.from_pretrained(location, dtype=dtype or torch.float32)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # not cached and the hub unreachable, or no such repo or folder
         raise WeightsUnavailableError(name, short_cause(exc), kind="hf") from None
     except Exception as exc:  # hub client errors (httpx, huggingface_hub) when offline
         if type(exc).__module__.split(".")[0] in ("huggingface_hub", "httpx", "requests"):
