@@ -46,6 +46,12 @@ def _panels(n: int, width: float = 4.2, height: float = 3.6) -> tuple[Figure, li
     return figure, list(axes[0])
 
 
+def _legend_below(figure: Figure, axis: plt.Axes) -> None:
+    """One legend for the figure, under the panels, where it cannot hide a bar."""
+    handles, labels = axis.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
+
+
 def _cknna_label(k: int) -> str:
     return f"CKNNA (k = {k}, unitless)"
 
@@ -100,7 +106,7 @@ def dispersion_sets_figure(table: pd.DataFrame, path: str | os.PathLike[str]) ->
         axis.set_xlabel("language model (layer used)")
         axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
         axis.axhline(0.0, color="black", linewidth=0.5)
-    axes[0].legend(fontsize=7)
+    _legend_below(figure, axes[0])
     figure.suptitle(
         f"Fig. 2: CKNNA on {int(table['set_size'].iloc[0])}-stimulus sets selected by "
         f"{table['score'].iloc[0]} dispersion",
@@ -134,7 +140,7 @@ def drop_fraction_figure(table: pd.DataFrame, path: str | os.PathLike[str]) -> P
         axis.set_xlabel("language model")
         axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
         axis.axhline(0.0, color="black", linewidth=0.5)
-    axes[0].legend(fontsize=7)
+    _legend_below(figure, axes[0])
     figure.suptitle(f"Fig. S1: dropping {fraction:.0%} of stimuli by dispersion", fontsize=10)
     return _save(figure, path)
 
