@@ -216,10 +216,20 @@ class _ProgressBars:
         self.bar, self.model = None, None
 
 
+def _silence_library_progress_bars() -> None:
+    """transformers draws its own "Loading weights" bar per model; ours (one per model) suffice."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_progress_bar()
+
+
 def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .precompute import precompute
 
     config = _config_from_args(args)
+    _silence_library_progress_bars()
     started = time.perf_counter()
     bars = None if args.quiet else _ProgressBars(err)
     try:
