@@ -163,19 +163,51 @@ with row2[3]:
     seed = st.number_input("Seed", 0, 2**31 - 1, 0, step=1, key="w_seed")
 
 # ---------------------------------------------------------------------------------------------
-# numbers
+# the bars first (set CKNNA + random baseline), then the permutation test and the full table:
+# Streamlit sends elements as they are made, so new bars appear before the slower test finishes
 grams = data.grams_for(run, pairs)
 set_values = lab.set_table(grams, pairs, sets, k)
 baselines = {
     set_size: data.random_baseline(path, stamp, pairs, score, set_size, k, int(n_random), int(seed))
     for set_size in sorted({len(rows) for rows in sets.values()})
 }
+baseline_main = baselines[size]
+random_mean = float(baseline_main["cknna_random_mean"].mean())
+focus = source if source in sets else ("random" if source == "random" else None)
+if focus == "random":
+    focus_value = random_mean
+elif focus is not None:
+    focus_value = float(set_values.loc[set_values["set"] == focus, "cknna"].mean())
+else:
+    focus_value = float("nan")
+summary = st.columns(4)
+summary[0].metric(
+    f"Focus: {SET_LABEL[source]}", "—" if np.isnan(focus_value) else f"{focus_value:.4f}",
+    delta=None if np.isnan(focus_value) or focus == "random" else f"{focus_value - random_mean:+.4f} vs random",
+    help="CKNNA of the focus set, mean over the vision × language pairs shown.",
+)
+summary[1].metric("CKNNA, low dispersion", f"{set_values.loc[set_values['set'] == 'low', 'cknna'].mean():.4f}")
+summary[2].metric("CKNNA, random (mean)", f"{random_mean:.4f}")
+summary[3].metric("CKNNA, high dispersion", f"{set_values.loc[set_values['set'] == 'high', 'cknna'].mean():.4f}")
+
+metric = st.radio("Bars show", ("cknna", "mutual_knn"), horizontal=True, key="w_metric",
+                  format_func=lambda m: {"cknna": "CKNNA", "mutual_knn": "mutual k-NN"}[m])
+st.plotly_chart(plots.alignment_bars(set_values, baseline_main, metric), key="alignment-bars")
+
+st.subheader("Low vs high: permutation test per pair")
+st.caption(
+    f"CKNNA(low) − CKNNA(high) against {int(n_permutations)} random relabellings of the {2 * size} "
+    "low and high stimuli; p-values with the +1 correction (smallest possible: "
+    f"{1 / (int(n_permutations) + 1):.4f})."
+)
 permutation = data.low_high_permutation(
     path, stamp, pairs, tuple(map(int, sets["low"])), tuple(map(int, sets["high"])), k,
     int(n_permutations), int(seed),
 )
+st.dataframe(permutation, hide_index=True, width="stretch")
+
 pair_columns = ["vision_model", "vision_layer", "language_model", "language_layer"]
-random_columns = [f"{metric}_random_{part}" for metric in ("cknna", "mutual_knn") for part in ("mean", "lower_95", "upper_95")]
+random_columns = [f"{m}_random_{part}" for m in ("cknna", "mutual_knn") for part in ("mean", "lower_95", "upper_95")]
 table = pd.concat(
     [
         set_values[set_values["set_size"] == set_size].merge(
@@ -190,41 +222,8 @@ table["n_random"] = int(n_random)
 table["n_permutations"] = int(n_permutations)
 table["seed"] = int(seed)
 table = table.sort_values(["vision_model", "language_model", "set"], kind="stable").reset_index(drop=True)
-
-# ---------------------------------------------------------------------------------------------
-# display
-focus = source if source in sets else ("random" if source == "random" else None)
-baseline_main = baselines[size]
-if focus == "random":
-    focus_value = float(baseline_main["cknna_random_mean"].mean())
-elif focus is not None:
-    focus_value = float(table.loc[table["set"] == focus, "cknna"].mean())
-else:
-    focus_value = float("nan")
-summary = st.columns(4)
-random_mean = float(baseline_main["cknna_random_mean"].mean())
-summary[0].metric(
-    f"Focus: {SET_LABEL[source]}", "—" if np.isnan(focus_value) else f"{focus_value:.4f}",
-    delta=None if np.isnan(focus_value) or focus == "random" else f"{focus_value - random_mean:+.4f} vs random",
-    help="CKNNA of the focus set, mean over the vision × language pairs shown.",
-)
-summary[1].metric("CKNNA, low dispersion", f"{table.loc[table['set'] == 'low', 'cknna'].mean():.4f}")
-summary[2].metric("CKNNA, random (mean)", f"{random_mean:.4f}")
-summary[3].metric("CKNNA, high dispersion", f"{table.loc[table['set'] == 'high', 'cknna'].mean():.4f}")
-
-metric = st.radio("Bars show", ("cknna", "mutual_knn"), horizontal=True, key="w_metric",
-                  format_func=lambda m: {"cknna": "CKNNA", "mutual_knn": "mutual k-NN"}[m])
-st.plotly_chart(plots.alignment_bars(set_values, baseline_main, metric), key="alignment-bars")
-
-st.subheader("Low vs high: permutation test per pair")
-st.caption(
-    f"CKNNA(low) − CKNNA(high) against {int(n_permutations)} random relabellings of the {2 * size} "
-    "low and high stimuli; p-values with the +1 correction (smallest possible: "
-    f"{1 / (int(n_permutations) + 1):.4f})."
-)
-st.dataframe(permutation, hide_index=True, width="stretch")
-
 st.subheader("All results")
+st.caption("One row per vision × language pair and set; random columns: random sets of the same size.")
 st.dataframe(table, hide_index=True, width="stretch")
 st.download_button(
     "Download results (CSV)", table.to_csv(index=False).encode("utf-8"),
