@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from convergence_core.datasets import load_dataset
 from convergence_core.images import open_rgb
