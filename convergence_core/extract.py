@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .images import open_rgb
-from .models.base import Encoder
+from .models.base import Encoder, VisionEncoder
 
 __all__ = [
     "CAPTION_MODES",
@@ -73,24 +74,56 @@ def extract_embeddings(
         raise ValueError(
             f"model {encoder.name!r} has no layer(s) {unknown}; its layers are {encoder.layers}"
         )
+    if isinstance(encoder, VisionEncoder):
+        # decode + resize on a helper thread (PIL releases the GIL) while the model runs
+        def prepare(chunk: Sequence[Any]) -> Any:
+            return encoder.preprocess([im.convert("RGB") for im in _load_items(encoder, chunk)])
+
+        run: Callable[[Any], dict[str, np.ndarray]] = encoder.encode_tensor
+    else:
+
+        def prepare(chunk: Sequence[Any]) -> Any:
+            return _load_items(encoder, chunk)
+
+        run = encoder.encode
+    starts = list(range(0, total, batch_size))
     outputs: dict[str, np.ndarray] = {}
     if progress is not None:
         progress(0, total)
-    for start in range(0, total, batch_size):
-        chunk = items[start : start + batch_size]
-        batch = encoder.encode(_load_items(encoder, chunk))
-        for layer in keep:
-            values = np.asarray(batch[layer], dtype=np.float32)
-            if values.ndim != 2 or values.shape[0] != len(chunk):
-                raise RuntimeError(
-                    f"{encoder.name}: layer {layer} gave shape {values.shape} for {len(chunk)} items"
-                )
-            if layer not in outputs:
-                outputs[layer] = np.empty((total, values.shape[1]), dtype=np.float32)
-            outputs[layer][start : start + len(chunk)] = values
-        if progress is not None:
-            progress(min(start + batch_size, total), total)
+    with ThreadPoolExecutor(max_workers=1) as loader:
+        pending = loader.submit(prepare, items[0:batch_size])
+        for position, start in enumerate(starts):
+            prepared = pending.result()
+            if position + 1 < len(starts):
+                nxt = starts[position + 1]
+                pending = loader.submit(prepare, items[nxt : nxt + batch_size])
+            _store(
+                encoder, run(prepared), keep, outputs, start, min(batch_size, total - start), total
+            )
+            if progress is not None:
+                progress(min(start + batch_size, total), total)
     return outputs
+
+
+def _store(
+    encoder: Encoder,
+    batch: dict[str, np.ndarray],
+    keep: Sequence[str],
+    outputs: dict[str, np.ndarray],
+    start: int,
+    count: int,
+    total: int,
+) -> None:
+    """Copy one batch's rows ``start:start+count`` into the (total, d) output arrays."""
+    for layer in keep:
+        values = np.asarray(batch[layer], dtype=np.float32)
+        if values.ndim != 2 or values.shape[0] != count:
+            raise RuntimeError(
+                f"{encoder.name}: layer {layer} gave shape {values.shape} for {count} items"
+            )
+        if layer not in outputs:
+            outputs[layer] = np.empty((total, values.shape[1]), dtype=np.float32)
+        outputs[layer][start : start + count] = values
 
 
 def captions_for_language(
