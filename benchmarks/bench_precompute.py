@@ -46,7 +46,11 @@ def _precompute_process(cache: Path) -> tuple[float, str]:
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "convergence_core", "precompute", "--preset", "demo", "--quiet"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
     seconds = time.perf_counter() - started
     if result.returncode != 0:
@@ -105,7 +109,9 @@ def _throughput(cache: Path, n_items: int, repeats: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--naive-items", type=int, default=48, help="items in the throughput test")
-    parser.add_argument("--repeats", type=int, default=3, help="timings per throughput cell (best kept)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timings per throughput cell (best kept)"
+    )
     parser.add_argument("--cache", help="use this (empty or absent) folder instead of a temp one")
     args = parser.parse_args()
 
@@ -135,24 +141,39 @@ def main() -> None:
             shutil.rmtree(cache, ignore_errors=True)
 
     load_after = os.getloadavg()
-    print(f"demo precompute (239 COCO images, 3 vision + 2 language models), {os.cpu_count()} CPUs, "
-          f"load average {load_before[0]:.1f} before / {load_after[0]:.1f} after (shared machine)")
-    print(f"  cold (empty cache, incl. Gemma conversion): {cold_s:7.1f} s   target <= {COLD_TARGET_S:.0f} s"
-          f"   {'OK' if cold_s <= COLD_TARGET_S else 'OVER'}")
-    print(f"  warm (everything cached):                   {warm_s:7.1f} s   target <= {WARM_TARGET_S:.0f} s"
-          f"   {'OK' if warm_s <= WARM_TARGET_S else 'OVER'}")
+    print(
+        f"demo precompute (239 COCO images, 3 vision + 2 language models), {os.cpu_count()} CPUs, "
+        f"load average {load_before[0]:.1f} before / {load_after[0]:.1f} after (shared machine)"
+    )
+    print(
+        f"  cold (empty cache, incl. Gemma conversion): {cold_s:7.1f} s   target <= {COLD_TARGET_S:.0f} s"
+        f"   {'OK' if cold_s <= COLD_TARGET_S else 'OVER'}"
+    )
+    print(
+        f"  warm (everything cached):                   {warm_s:7.1f} s   target <= {WARM_TARGET_S:.0f} s"
+        f"   {'OK' if warm_s <= WARM_TARGET_S else 'OVER'}"
+    )
     print(f"  {summary}")
     print()
-    print(f"{'model':<20} {'items':>6} {'layers':>6} {'load s':>8} {'extract s':>10} {'items/s':>9}")
+    print(
+        f"{'model':<20} {'items':>6} {'layers':>6} {'load s':>8} {'extract s':>10} {'items/s':>9}"
+    )
     for row in per_model:
-        print(f"{row['model']:<20} {row['items']:>6} {row['layers']:>6} {row['load_s']:>8.1f} "
-              f"{row['extract_s']:>10.1f} {row['items_per_s']:>9.1f}")
+        print(
+            f"{row['model']:<20} {row['items']:>6} {row['layers']:>6} {row['load_s']:>8.1f} "
+            f"{row['extract_s']:>10.1f} {row['items_per_s']:>9.1f}"
+        )
     print("  (gemma-3-270m load_s includes the one-time GGUF -> safetensors conversion)")
     print()
-    print(f"{'extraction':<20} {'unit':<9} {'n':>4} {'batched/s':>10} {'naive/s':>9} {'speedup':>8} {'max|diff|':>10}")
+    print(
+        f"{'extraction':<20} {'unit':<9} {'n':>4} {'batched/s':>10} {'naive/s':>9} "
+        f"{'speedup':>8} {'max|diff|':>10}"
+    )
     for row in throughput:
-        print(f"{row['model']:<20} {row['unit']:<9} {row['items']:>4} {row['batched_per_s']:>10.1f} "
-              f"{row['naive_per_s']:>9.1f} {row['speedup']:>7.2f}x {row['max_abs_difference']:>10.2e}")
+        print(
+            f"{row['model']:<20} {row['unit']:<9} {row['items']:>4} {row['batched_per_s']:>10.1f} "
+            f"{row['naive_per_s']:>9.1f} {row['speedup']:>7.2f}x {row['max_abs_difference']:>10.2e}"
+        )
 
     results = {
         "machine": {

@@ -164,7 +164,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def clean_temp_files(folder: str | os.PathLike[str]) -> int:
-    """Delete leftover ``*.tmp-<pid>`` files (from a killed process) under ``folder``; return how many."""
+    """Delete leftover ``*.tmp-<pid>`` files (of a killed process) under ``folder``; count them."""
     count = 0
     for tmp in Path(folder).rglob(f"*{TEMP_MARKER}*"):
         if tmp.is_file():

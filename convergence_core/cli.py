@@ -77,43 +77,57 @@ def _precompute_parser(sub: Any) -> None:
     )
     parser.add_argument("config", nargs="?", help="a .json or .toml config file")
     parser.add_argument(
-        "--preset", choices=sorted(PRESETS),
+        "--preset",
+        choices=sorted(PRESETS),
         help="a named config: demo (coco-mini x EfficientNet-Lite0/1/2 x MiniLM + Gemma-3-270M) "
         "or imagenet (the 1,000 ImageNet samples x the same models)",
     )
     parser.add_argument(
-        "--dataset", help="dataset folder (COCO captions.json or labels.csv), table file, or hf:NAME"
+        "--dataset",
+        help="dataset folder (COCO captions.json or labels.csv), table file, or hf:NAME",
     )
     parser.add_argument("--vision", help="vision models, comma-separated (at least 2)")
     parser.add_argument("--language", help="language models, comma-separated")
     parser.add_argument(
-        "--layers", action="append", metavar="SPEC",
+        "--layers",
+        action="append",
+        metavar="SPEC",
         help="'all' (default), 'default' (each model's default layer only), or MODEL=L1,L2 "
         "(repeatable; models not named keep all layers)",
     )
     parser.add_argument(
-        "--gpa-layer", action="append", metavar="MODEL=LAYER",
+        "--gpa-layer",
+        action="append",
+        metavar="MODEL=LAYER",
         help="layer of a vision model entering GPA (default: its default layer); repeatable",
     )
     parser.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, help="stimuli per forward pass (default 32)")
     parser.add_argument(
-        "--caption-mode", choices=["first", "mean"],
+        "--caption-mode",
+        choices=["first", "mean"],
         help="embed each stimulus's first caption (default) or the mean over all its captions",
     )
     parser.add_argument(
-        "--drop-bad", action="store_true", default=None,
+        "--drop-bad",
+        action="store_true",
+        default=None,
         help="drop stimuli with a missing/corrupt image or no caption (recorded in the manifest) "
         "instead of stopping with their list",
     )
     parser.add_argument("--run-name", help="folder name under CACHE/runs (default: a config hash)")
     parser.add_argument("--cache", help="cache folder (default $CONVERGENCE_CACHE or ./cache)")
     parser.add_argument(
-        "--weights", action="append", metavar="MODEL=PATH",
+        "--weights",
+        action="append",
+        metavar="MODEL=PATH",
         help="local weights for a model whose weights are not installed; repeatable",
     )
     parser.add_argument(
-        "--no-thumbnails", dest="thumbnails", action="store_false", default=None,
+        "--no-thumbnails",
+        dest="thumbnails",
+        action="store_false",
+        default=None,
         help="skip the gallery thumbnails",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only the summary")
@@ -198,8 +212,12 @@ class _ProgressBars:
                 self._close()
                 self.model = event.model
                 self.bar = tqdm(
-                    total=event.total, desc=f"  {event.model}", unit="item", file=self.stream,
-                    leave=True, dynamic_ncols=True,
+                    total=event.total,
+                    desc=f"  {event.model}",
+                    unit="item",
+                    file=self.stream,
+                    leave=True,
+                    dynamic_ncols=True,
                 )
             self.bar.n = event.done
             self.bar.refresh()
@@ -254,12 +272,17 @@ def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
     runs = list_runs(root)
     if args.json:
         print(
-            json.dumps([{"name": r.name, "path": str(r.path), **r.summary} for r in runs], indent=2),
+            json.dumps(
+                [{"name": r.name, "path": str(r.path), **r.summary} for r in runs], indent=2
+            ),
             file=out,
         )
         return 0
     if not runs:
-        print("no cached runs; make one with `python -m convergence_core precompute --preset demo`", file=out)
+        print(
+            "no cached runs; make one with `python -m convergence_core precompute --preset demo`",
+            file=out,
+        )
         return 0
     rows = [
         (
@@ -276,11 +299,16 @@ def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
     header = ("name", "status", "n", "vision", "language", "updated", "path")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip(), file=out)
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(),
+            file=out,
+        )
     return 0
 
 
-def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     """Entry point of ``python -m convergence_core``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     out = out or sys.stdout

@@ -1,4 +1,6 @@
-"""The resumable precompute pipeline: dataset -> embeddings -> grams -> GPA -> dispersion -> thumbnails.
+"""The resumable precompute pipeline.
+
+dataset -> embeddings -> Gram matrices -> GPA -> dispersion + PCA -> thumbnails.
 
 Configure it with :class:`PrecomputeConfig` (or a .json/.toml file, or keyword options) and call
 :func:`precompute`. Each step is recorded in the run's manifest with the fingerprint of its
@@ -121,7 +123,11 @@ class PrecomputeConfig:
             raise ValueError(
                 f"unknown caption_mode {self.caption_mode!r}; use one of {list(CAPTION_MODES)}"
             )
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or self.batch_size < 1
+        ):
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if isinstance(self.layers, str):
             if self.layers not in ("all", "default"):
@@ -203,9 +209,13 @@ def _name_tuple(names: Any, what: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """What the pipeline is doing: ``step`` ("dataset", "waiting" (for another process writing
-    the same run), "extract", "gpa", "dispersion", "thumbnails", "done"), the ``model`` being extracted (else None), ``done`` of ``total`` items
-    (stimuli or captions), and ``skipped`` when the step was cached and is not recomputed."""
+    """What the pipeline is doing, sent to the ``progress`` callback.
+
+    ``step``: "dataset", "waiting" (for another process writing the same run), "extract",
+    "gpa", "dispersion", "thumbnails" or "done"; ``model``: the model being extracted (else
+    None); ``done`` of ``total`` items (stimuli or captions); ``skipped``: the step was cached
+    and is not recomputed.
+    """
 
     step: str
     model: str | None
@@ -253,7 +263,8 @@ def _check_model_names(config: PrecomputeConfig) -> None:
 
     if len(config.vision_models) < 2:
         raise ValueError(
-            f"GPA needs at least 2 vision models, got {list(config.vision_models)}; add vision models"
+            f"GPA needs at least 2 vision models, got {list(config.vision_models)}; "
+            "add vision models"
         )
     both = sorted(set(config.vision_models) & set(config.language_models))
     if both:
@@ -332,20 +343,15 @@ def precompute(
     pid), wait up to ``lock_wait_seconds`` (a ``"waiting"`` event is sent), then continue, reusing
     what it finished; after that, raise ``cache.RunLockedError``.
     """
-    from . import models
     from .datasets import check_dataset, dataset_fingerprint, load_dataset
-    from .extract import extract_caption_embeddings, extract_embeddings
 
     cfg = _resolve_config(config, options)
     notify = progress or (lambda event: None)
     started = time.perf_counter()
     _check_model_names(cfg)
     notify(ProgressEvent("dataset", None, 0, 1))
-    dataset = load_dataset(cfg.dataset)
-    dataset, dropped = check_dataset(dataset, drop_bad=cfg.drop_bad)
+    dataset, dropped = check_dataset(load_dataset(cfg.dataset), drop_bad=cfg.drop_bad)
     data_fingerprint = dataset_fingerprint(dataset)
-    stimuli = normalise_stimuli(dataset.stimuli)
-    n = len(stimuli)
     notify(ProgressEvent("dataset", None, 1, 1))
 
     name = cfg.run_name or default_run_name(cfg, dataset.name)
@@ -356,151 +362,220 @@ def precompute(
         wait_seconds=lock_wait_seconds,
         on_wait=lambda pid: notify(ProgressEvent("waiting", None, 0, 1)),
     ):
-        layout = RunLayout(path)
-        manifest = _open_manifest(layout, name)
+        pipeline = _Pipeline(cfg, dataset, data_fingerprint, dropped, path, name, notify)
+        for model in [*cfg.vision_models, *cfg.language_models]:
+            pipeline.extract(model)
+        gpa_inputs = pipeline.gpa()
+        pipeline.dispersion(gpa_inputs)
+        pipeline.thumbnails()
+        pipeline.finish(time.perf_counter() - started)
+    notify(ProgressEvent("done", None, 1, 1))
+    return load_run(path)
+
+
+class _Pipeline:
+    """The steps of one precompute on one run folder (the caller holds the run's lock).
+
+    Opening it reuses the folder's manifest when its stimuli step matches the dataset (else the
+    folder is reset); each step method skips its work when the manifest records it done with
+    the same input fingerprint and its files are present.
+    """
+
+    def __init__(
+        self,
+        cfg: PrecomputeConfig,
+        dataset: Any,
+        data_fingerprint: str,
+        dropped: list[dict[str, str]],
+        path: Path,
+        name: str,
+        notify: ProgressCallback,
+    ) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+        self.data_fingerprint = data_fingerprint
+        self.stimuli = normalise_stimuli(dataset.stimuli)
+        self.n = len(self.stimuli)
+        self.layout = RunLayout(path)
+        self.notify = notify
+        self.manifest = _open_manifest(self.layout, name)
         stimuli_inputs = fingerprint(data_fingerprint, dropped)
-        if not manifest.step_done("stimuli", stimuli_inputs):
+        if not self.manifest.step_done("stimuli", stimuli_inputs):
             prepare_run_folder(path)
-            manifest = RunManifest(layout, empty_manifest(name))
-            manifest.save()  # first, so a crash leaves a recognisable (incomplete) run folder
-            write_parquet(layout.stimuli, stimuli)
-            manifest.data["n_stimuli"] = n
-            manifest.data["dataset"] = {
+            self.manifest = RunManifest(self.layout, empty_manifest(name))
+            self.manifest.save()  # first, so a crash leaves a recognisable (incomplete) run folder
+            write_parquet(self.layout.stimuli, self.stimuli)
+            self.manifest.data["n_stimuli"] = self.n
+            self.manifest.data["dataset"] = {
                 "name": dataset.name,
                 "fingerprint": data_fingerprint,
                 "images_root": str(Path(dataset.root).resolve()),
                 "source": dataset.source,
                 "dropped": dropped,
             }
-            manifest.finish_step("stimuli", stimuli_inputs)
-        data = manifest.data
-        data.update(
+            self.manifest.finish_step("stimuli", stimuli_inputs)
+        self.data = self.manifest.data
+        self.data.update(
             complete=False,
             vision_models=list(cfg.vision_models),
             language_models=list(cfg.language_models),
             settings=cfg.to_dict(),
             versions=library_versions(),
         )
-        _forget_dropped_models(manifest, [*cfg.vision_models, *cfg.language_models])
-        manifest.save()
+        _forget_dropped_models(self.manifest, [*cfg.vision_models, *cfg.language_models])
+        self.manifest.save()
 
-        device_kind = str(cfg.device).split(":")[0]
-        for model in [*cfg.vision_models, *cfg.language_models]:
-            modality = "vision" if model in cfg.vision_models else "language"
-            weights = (cfg.weights or {}).get(model)
-            spec = models.get_spec(model)
-            inputs = fingerprint(
-                "extract", data_fingerprint, model, spec.source, modality, cfg.layers_for(model),
-                (cfg.gpa_layers or {}).get(model),
-                cfg.caption_mode if modality == "language" else None, device_kind,
-                os.fspath(weights) if weights else None,
-            )
-            step = f"extract:{model}"
-            entry = data["models"].get(model)
-            if manifest.step_done(step, inputs) and entry and _files_present(layout, entry):
-                notify(ProgressEvent("extract", model, n, n, skipped=True))
-                continue
-            manifest.forget_step(step)
-            load_started = time.perf_counter()
-            encoder = models.load_encoder(model, device=cfg.device, weights=weights)
-            load_seconds = time.perf_counter() - load_started
-            layers = _choose_layers(cfg, encoder)
-            default = encoder.default_layer if encoder.default_layer in layers else layers[-1]
-            weights_id = encoder.weights_id
-            total = n if modality == "vision" or cfg.caption_mode == "first" else int(
-                sum(len(c) for c in stimuli["captions"])
-            )
+    def _extract_inputs(self, model: str, modality: str) -> str:
+        from . import models
 
-            def report(done: int, _total: int, _model: str = model) -> None:
-                notify(ProgressEvent("extract", _model, int(done), int(_total)))
-
-            extract_started = time.perf_counter()
-            if modality == "vision":
-                raw = extract_embeddings(
-                    encoder,
-                    [Path(dataset.root) / rel for rel in stimuli["image"]],
-                    batch_size=cfg.batch_size,
-                    progress=report,
-                    layers=layers,
-                )
-            else:
-                raw = extract_caption_embeddings(
-                    encoder,
-                    stimuli,
-                    mode=cfg.caption_mode,
-                    batch_size=cfg.batch_size,
-                    progress=report,
-                    layers=layers,
-                )
-            extract_seconds = time.perf_counter() - extract_started
-            del encoder
-            arrays = {layer: check_embedding_array(np.asarray(raw[layer]), model, layer, n) for layer in layers}
-            del raw
-            hashes = write_model_arrays(
-                layout, model_key(model), {layer: model_key(layer) for layer in arrays}, arrays
-            )
-            data["models"][model] = model_entry(
-                model, modality, arrays, default, hashes,
-                weights_id=weights_id,
-                items=total,
-                load_seconds=round(load_seconds, 3),
-                extract_seconds=round(extract_seconds, 3),
-                items_per_second=round(total / extract_seconds, 2) if extract_seconds > 0 else None,
-            )
-            manifest.finish_step(step, inputs)
-
-        gpa_models = list(cfg.vision_models)
-        gpa_layers = [_gpa_layer(cfg, data["models"][m], m) for m in gpa_models]
-        for model, layer in zip(gpa_models, gpa_layers):
-            data["models"][model]["default_layer"] = layer
-        gpa_inputs = fingerprint(
-            "gpa", [data["models"][m]["sha256"][la] for m, la in zip(gpa_models, gpa_layers)],
-            gpa_models, gpa_layers, GPA_TOL, GPA_MAX_ITER,
+        weights = (self.cfg.weights or {}).get(model)
+        return fingerprint(
+            "extract",
+            self.data_fingerprint,
+            model,
+            models.get_spec(model).source,
+            modality,
+            self.cfg.layers_for(model),
+            (self.cfg.gpa_layers or {}).get(model),
+            self.cfg.caption_mode if modality == "language" else None,
+            str(self.cfg.device).split(":")[0],
+            os.fspath(weights) if weights else None,
         )
-        data["gpa"] = {"models": gpa_models, "layers": gpa_layers}
-        if manifest.step_done("gpa", gpa_inputs) and layout.gpa_json.is_file():
-            notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
-        else:
-            manifest.forget_step("gpa")
-            notify(ProgressEvent("gpa", None, 0, 1))
-            arrays_in = [
-                read_npy(layout.embedding(data["models"][m]["key"], data["models"][m]["layer_keys"][la]))
-                for m, la in zip(gpa_models, gpa_layers)
-            ]
-            result = write_gpa(
-                layout, arrays_in, gpa_models, gpa_layers, tol=GPA_TOL, max_iter=GPA_MAX_ITER
-            )
-            manifest.finish_step(
-                "gpa", gpa_inputs, n_iter=int(result.n_iter), converged=bool(result.converged)
-            )
-            notify(ProgressEvent("gpa", None, 1, 1))
 
-        if manifest.step_done("dispersion", gpa_inputs) and layout.dispersion.is_file():
-            notify(ProgressEvent("dispersion", None, 1, 1, skipped=True))
-        else:
-            manifest.forget_step("dispersion")
-            write_dispersion(layout, stimuli["id"].tolist(), read_npy(layout.gpa_array("residuals")))
-            manifest.finish_step("dispersion", gpa_inputs)
-            notify(ProgressEvent("dispersion", None, 1, 1))
+    def extract(self, model: str) -> None:
+        """Load ``model``, embed every stimulus, write its embeddings and Gram matrices."""
+        from . import models
+        from .extract import extract_caption_embeddings, extract_embeddings
 
-        thumbs_inputs = fingerprint("thumbnails", data_fingerprint, THUMBNAIL_SIZE)
-        if not cfg.thumbnails:
-            manifest.forget_step("thumbnails")
-            shutil.rmtree(layout.thumbnails_dir, ignore_errors=True)
-        elif manifest.step_done("thumbnails", thumbs_inputs):
-            notify(ProgressEvent("thumbnails", None, n, n, skipped=True))
+        cfg, n = self.cfg, self.n
+        modality = "vision" if model in cfg.vision_models else "language"
+        step, inputs = f"extract:{model}", self._extract_inputs(model, modality)
+        entry = self.data["models"].get(model)
+        if self.manifest.step_done(step, inputs) and entry and _files_present(self.layout, entry):
+            self.notify(ProgressEvent("extract", model, n, n, skipped=True))
+            return
+        self.manifest.forget_step(step)
+        load_started = time.perf_counter()
+        encoder = models.load_encoder(
+            model, device=cfg.device, weights=(cfg.weights or {}).get(model)
+        )
+        load_seconds = time.perf_counter() - load_started
+        layers = _choose_layers(cfg, encoder)
+        default = encoder.default_layer if encoder.default_layer in layers else layers[-1]
+        weights_id = encoder.weights_id
+
+        def report(done: int, total: int) -> None:
+            self.notify(ProgressEvent("extract", model, int(done), int(total)))
+
+        extract_started = time.perf_counter()
+        if modality == "vision":
+            images = [Path(self.dataset.root) / rel for rel in self.stimuli["image"]]
+            raw = extract_embeddings(
+                encoder, images, batch_size=cfg.batch_size, progress=report, layers=layers
+            )
+            items = n
+        else:
+            raw = extract_caption_embeddings(
+                encoder,
+                self.stimuli,
+                mode=cfg.caption_mode,
+                batch_size=cfg.batch_size,
+                progress=report,
+                layers=layers,
+            )
+            items = n if cfg.caption_mode == "first" else sum(map(len, self.stimuli["captions"]))
+        extract_seconds = time.perf_counter() - extract_started
+        del encoder
+        arrays = {
+            layer: check_embedding_array(np.asarray(raw[layer]), model, layer, n)
+            for layer in layers
+        }
+        hashes = write_model_arrays(
+            self.layout, model_key(model), {layer: model_key(layer) for layer in arrays}, arrays
+        )
+        self.data["models"][model] = model_entry(
+            model,
+            modality,
+            arrays,
+            default,
+            hashes,
+            weights_id=weights_id,
+            items=int(items),
+            load_seconds=round(load_seconds, 3),
+            extract_seconds=round(extract_seconds, 3),
+            items_per_second=round(items / extract_seconds, 2) if extract_seconds > 0 else None,
+        )
+        self.manifest.finish_step(step, inputs)
+
+    def gpa(self) -> str:
+        """GPA on the vision models' GPA layers; returns the step's input fingerprint."""
+        models_in = list(self.cfg.vision_models)
+        entries = [self.data["models"][m] for m in models_in]
+        layers_in = [
+            _gpa_layer(self.cfg, entry, m) for entry, m in zip(entries, models_in, strict=True)
+        ]
+        for entry, layer in zip(entries, layers_in, strict=True):
+            entry["default_layer"] = layer
+        inputs = fingerprint(
+            "gpa",
+            [entry["sha256"][layer] for entry, layer in zip(entries, layers_in, strict=True)],
+            models_in,
+            layers_in,
+            GPA_TOL,
+            GPA_MAX_ITER,
+        )
+        self.data["gpa"] = {"models": models_in, "layers": layers_in}
+        if self.manifest.step_done("gpa", inputs) and self.layout.gpa_json.is_file():
+            self.notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
+            return inputs
+        self.manifest.forget_step("gpa")
+        self.notify(ProgressEvent("gpa", None, 0, 1))
+        arrays = [
+            read_npy(self.layout.embedding(entry["key"], entry["layer_keys"][layer]))
+            for entry, layer in zip(entries, layers_in, strict=True)
+        ]
+        result = write_gpa(
+            self.layout, arrays, models_in, layers_in, tol=GPA_TOL, max_iter=GPA_MAX_ITER
+        )
+        self.manifest.finish_step(
+            "gpa", inputs, n_iter=int(result.n_iter), converged=bool(result.converged)
+        )
+        self.notify(ProgressEvent("gpa", None, 1, 1))
+        return inputs
+
+    def dispersion(self, gpa_inputs: str) -> None:
+        """dispersion.parquet and pca/ from the GPA residuals."""
+        if self.manifest.step_done("dispersion", gpa_inputs) and self.layout.dispersion.is_file():
+            self.notify(ProgressEvent("dispersion", None, 1, 1, skipped=True))
+            return
+        self.manifest.forget_step("dispersion")
+        residuals = read_npy(self.layout.gpa_array("residuals"))
+        write_dispersion(self.layout, self.stimuli["id"].tolist(), residuals)
+        self.manifest.finish_step("dispersion", gpa_inputs)
+        self.notify(ProgressEvent("dispersion", None, 1, 1))
+
+    def thumbnails(self) -> None:
+        """Gallery thumbnails (or remove them when the config turns them off)."""
+        inputs = fingerprint("thumbnails", self.data_fingerprint, THUMBNAIL_SIZE)
+        if not self.cfg.thumbnails:
+            self.manifest.forget_step("thumbnails")
+            shutil.rmtree(self.layout.thumbnails_dir, ignore_errors=True)
+        elif self.manifest.step_done("thumbnails", inputs):
+            self.notify(ProgressEvent("thumbnails", None, self.n, self.n, skipped=True))
         else:
             write_thumbnails(
-                layout, stimuli, Path(dataset.root),
-                progress=lambda done: notify(ProgressEvent("thumbnails", None, done, n)),
+                self.layout,
+                self.stimuli,
+                Path(self.dataset.root),
+                progress=lambda done: self.notify(ProgressEvent("thumbnails", None, done, self.n)),
             )
-            manifest.finish_step("thumbnails", thumbs_inputs)
+            self.manifest.finish_step("thumbnails", inputs)
 
-        data["complete"] = True
-        data["seconds_last_call"] = round(time.perf_counter() - started, 3)
-        manifest.save()
-        notify(ProgressEvent("done", None, 1, 1))
-        return load_run(path)
+    def finish(self, seconds: float) -> None:
+        """Mark the run complete."""
+        self.data["complete"] = True
+        self.data["seconds_last_call"] = round(seconds, 3)
+        self.manifest.save()
 
 
 def _gpa_layer(config: PrecomputeConfig, entry: Mapping[str, Any], model: str) -> str:
@@ -509,8 +584,8 @@ def _gpa_layer(config: PrecomputeConfig, entry: Mapping[str, Any], model: str) -
         return str(entry["default_layer"])
     if chosen not in entry["layers"]:
         raise ValueError(
-            f"gpa_layers[{model!r}] = {chosen!r} was not extracted; choose one of {entry['layers']} "
-            "or add it to layers"
+            f"gpa_layers[{model!r}] = {chosen!r} was not extracted; choose one of "
+            f"{entry['layers']} or add it to layers"
         )
     return chosen
 

@@ -27,7 +27,7 @@ MANIFEST_FORMAT = 1
 
 
 class _LayerArrays(Mapping[str, np.ndarray]):
-    """``{layer: (n, d) float32 array}`` for one model; each array is memory-mapped on first access."""
+    """``{layer: (n, d) float32 array}`` for one model; arrays are memory-mapped on first access."""
 
     def __init__(self, run: Run, model: str) -> None:
         self._run = run
@@ -75,7 +75,8 @@ class Run:
 
     Attributes:
         path: the run folder.
-        manifest: the parsed ``manifest.json`` (dataset fingerprint, models, settings, versions, steps).
+        manifest: the parsed ``manifest.json`` (dataset fingerprint, models, settings,
+            versions, steps).
         stimuli: DataFrame, one row per stimulus in run order: ``id`` (str), ``image`` (str, relative
             to :attr:`images_root`), ``captions`` (list[str]), optional ``label`` and other columns.
         embeddings: ``embeddings[model][layer]`` -> read-only (n, d) float32 memory map.
@@ -268,7 +269,9 @@ class Run:
 def _read_stimuli(layout: RunLayout) -> pd.DataFrame:
     frame = read_parquet(layout.stimuli)
     if "id" not in frame.columns:
-        raise CacheFormatError(f"{layout.stimuli} has no 'id' column; delete the run and rerun precompute")
+        raise CacheFormatError(
+            f"{layout.stimuli} has no 'id' column; delete the run and rerun precompute"
+        )
     frame["id"] = frame["id"].astype(str)
     if "captions" in frame.columns:
         frame["captions"] = [

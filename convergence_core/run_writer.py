@@ -142,7 +142,8 @@ def normalise_stimuli(stimuli: pd.DataFrame) -> pd.DataFrame:
         )
     if len(stimuli) < 3:
         raise ValueError(
-            f"a run needs at least 3 stimuli (GPA residuals and k-NN need several), got {len(stimuli)}"
+            "a run needs at least 3 stimuli (GPA residuals and k-NN need several), got "
+            f"{len(stimuli)}"
         )
     frame = stimuli.reset_index(drop=True).copy()
     frame["id"] = frame["id"].astype(str)
@@ -183,9 +184,7 @@ def _check_embeddings(
     if both:
         raise ValueError(f"models {both} are listed as both vision and language models; pick one")
     if len(vision) < 2:
-        raise ValueError(
-            f"GPA needs at least 2 vision models, got {vision}; add vision models"
-        )
+        raise ValueError(f"GPA needs at least 2 vision models, got {vision}; add vision models")
     listed = set(vision) | set(language)
     unknown = sorted(set(embeddings) - listed)
     absent = [name for name in [*vision, *language] if name not in embeddings]
@@ -207,7 +206,9 @@ def _check_embeddings(
             )
         checked[model] = {}
         for layer, array in layers.items():
-            checked[model][str(layer)] = check_embedding_array(np.asarray(array), model, str(layer), n)
+            checked[model][str(layer)] = check_embedding_array(
+                np.asarray(array), model, str(layer), n
+            )
     return checked
 
 

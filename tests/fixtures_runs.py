@@ -61,11 +61,12 @@ def synthetic_embeddings(
       the models agree up to rotation except for per-stimulus noise, and a stimulus's GPA
       residuals (mean and PC1 dispersion) grow with ``noise_j``;
       layer ``stage1`` = ``stage2`` plus extra isotropic noise (0.8 per entry), a worse layer;
-    * language model l, layer t of ``n_language_layers`` (``layer0`` ..): ``(a_t z + noise_j e + (1 - a_t) g) P``
-      with ``a_t`` peaking at layer ``n_language_layers // 2`` (a_t = 1 there, 0.2 at the ends)
-      and ``g`` independent normal: so vision-language CKNNA peaks at the middle layer and is
-      higher on low-dispersion stimuli (the paper's effect). The default language layer is the
-      last one.
+    * language model l, layer t of ``n_language_layers`` (``layer0`` ..):
+      ``(a_t z + noise_j e + (1 - a_t) g) P`` with ``a_t`` peaking at layer
+      ``n_language_layers // 2`` (a_t = 1 there, 0.2 at the ends), ``e`` fresh standard normal
+      (scaled by the same per-stimulus ``noise_j``) and ``g`` independent normal: so
+      vision-language CKNNA peaks at the middle layer and is higher on low-dispersion stimuli
+      (the paper's effect). The default language layer is the last one.
     """
     if n_language_layers < 1:
         raise ValueError("n_language_layers must be at least 1")

@@ -8,6 +8,9 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from convergence_core.cache import (
     CacheFormatError,
@@ -137,7 +140,8 @@ def test_clean_temp_files_removes_only_temp_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["efficientnet-lite0", "blocks.10", "org/model", "a b", "../x", ".hidden", "ü", "a/b", "a_b"]
+    "name",
+    ["efficientnet-lite0", "blocks.10", "org/model", "a b", "../x", ".hidden", "ü", "a/b", "a_b"],
 )
 def test_model_key_is_safe(name):
     key = model_key(name)
@@ -161,9 +165,6 @@ def test_raw_pickle_file_is_refused(tmp_path):
     path.write_bytes(pickle.dumps({"a": np.arange(3)}))
     with pytest.raises(PickleRefusedError, match="pickle"):
         read_npy(path)
-
-
-from hypothesis import given, settings as hypothesis_settings, strategies as st  # noqa: E402
 
 
 @hypothesis_settings(max_examples=300, deadline=None)

@@ -1,4 +1,4 @@
-"""`python -m convergence_core`: help, runs, errors, and a real precompute of a few coco-mini images."""
+"""`python -m convergence_core`: help, runs, errors, and a real precompute of 6 coco-mini images."""
 
 from __future__ import annotations
 
@@ -27,7 +27,10 @@ def _main(*argv: str) -> tuple[int, str, str]:
 def test_help_reads_well_from_a_real_process():
     result = subprocess.run(
         [sys.executable, "-m", "convergence_core", "--help"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     for word in ("precompute", "runs", "report", "GPA"):
@@ -39,8 +42,20 @@ def test_precompute_help_lists_every_flag(capsys):
         main(["precompute", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--dataset", "--vision", "--language", "--layers", "--device", "--batch-size",
-                 "--caption-mode", "--drop-bad", "--run-name", "--cache", "--preset", "demo"):
+    for flag in (
+        "--dataset",
+        "--vision",
+        "--language",
+        "--layers",
+        "--device",
+        "--batch-size",
+        "--caption-mode",
+        "--drop-bad",
+        "--run-name",
+        "--cache",
+        "--preset",
+        "demo",
+    ):
         assert flag in text
 
 
@@ -67,11 +82,18 @@ def test_user_errors_are_one_line_with_the_fix(tmp_path):
     code, _, err = _main("precompute", "--cache", str(tmp_path))
     assert code == 2 and err.startswith("error: nothing to precompute") and "--preset demo" in err
     code, _, err = _main(
-        "precompute", "--dataset", str(tmp_path / "absent"), "--vision", "efficientnet-lite0,nope",
-        "--cache", str(tmp_path),
+        "precompute",
+        "--dataset",
+        str(tmp_path / "absent"),
+        "--vision",
+        "efficientnet-lite0,nope",
+        "--cache",
+        str(tmp_path),
     )
     assert code == 2 and "unknown model 'nope'" in err and "Traceback" not in err
-    code, _, err = _main("precompute", "--preset", "demo", "--layers", "lite0", "--cache", str(tmp_path))
+    code, _, err = _main(
+        "precompute", "--preset", "demo", "--layers", "lite0", "--cache", str(tmp_path)
+    )
     assert code == 2 and "MODEL=VALUE" in err
 
 
@@ -97,17 +119,34 @@ def test_precompute_real_models_on_six_images(tmp_path, monkeypatch):
     for image in images:
         shutil.copy(source / "images" / image["file_name"], root / "images")
     ids = {im["id"] for im in images}
-    data = {"images": images, "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+    data = {
+        "images": images,
+        "annotations": [a for a in data["annotations"] if a["image_id"] in ids],
+    }
     (root / "captions.json").write_text(json.dumps(data), encoding="utf-8")
     argv = [
-        "precompute", "--dataset", str(root), "--vision", "efficientnet-lite0,efficientnet-lite1",
-        "--language", "minilm", "--layers", "default", "--batch-size", "4", "--run-name", "six",
-        "--cache", str(tmp_path / "cache"),
+        "precompute",
+        "--dataset",
+        str(root),
+        "--vision",
+        "efficientnet-lite0,efficientnet-lite1",
+        "--language",
+        "minilm",
+        "--layers",
+        "default",
+        "--batch-size",
+        "4",
+        "--run-name",
+        "six",
+        "--cache",
+        str(tmp_path / "cache"),
     ]
     code, out, err = _main(*argv)
     assert code == 0, err
     run_path = tmp_path / "cache" / "runs" / "six"
-    assert out.startswith(f"run {run_path}: 6 stimuli; vision efficientnet-lite0, efficientnet-lite1")
+    assert out.startswith(
+        f"run {run_path}: 6 stimuli; vision efficientnet-lite0, efficientnet-lite1"
+    )
     assert "GPA" in out and "iterations" in out and out.count("\n") == 1
     assert "efficientnet-lite0" in err  # the progress bar
     from convergence_core import load_run
@@ -137,8 +176,20 @@ def test_flags_override_a_config_file(tmp_path, monkeypatch):
         encoding="utf-8",
     )
     code, _, err = _main(
-        "precompute", str(config), "--batch-size", "2", "--layers", "a=x,y", "--layers", "b=z",
-        "--gpa-layer", "a=y", "--weights", "a=/w/a.pth", "--drop-bad", "--no-thumbnails",
+        "precompute",
+        str(config),
+        "--batch-size",
+        "2",
+        "--layers",
+        "a=x,y",
+        "--layers",
+        "b=z",
+        "--gpa-layer",
+        "a=y",
+        "--weights",
+        "a=/w/a.pth",
+        "--drop-bad",
+        "--no-thumbnails",
     )
     assert code == 2 and "stop here" in err
     assert seen["batch_size"] == 2 and seen["caption_mode"] == "mean"

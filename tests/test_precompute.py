@@ -22,7 +22,12 @@ import pytest
 
 from convergence_core import settings
 from convergence_core.cache import RunLockedError, read_json, run_lock
-from convergence_core.precompute import PrecomputeConfig, ProgressEvent, default_run_name, precompute
+from convergence_core.precompute import (
+    PrecomputeConfig,
+    ProgressEvent,
+    default_run_name,
+    precompute,
+)
 from convergence_core.run import list_runs, load_run
 
 torch = pytest.importorskip("torch")
@@ -43,7 +48,9 @@ class FakeEncoder(Encoder):
     def __init__(self, name: str, modality: str) -> None:
         self.modality = modality
         layers = ["early", "middle", "late"]
-        super().__init__(name, layers, "middle", weights_id=f"sha-{name}", device=torch.device("cpu"))
+        super().__init__(
+            name, layers, "middle", weights_id=f"sha-{name}", device=torch.device("cpu")
+        )
         self._projections = {
             layer: np.random.default_rng(abs(hash((name, layer))) % 2**32).standard_normal(
                 (64 if modality == "vision" else 26, 6 + 2 * i)
@@ -141,7 +148,11 @@ def test_full_run_writes_every_part(tiny_coco, tmp_path, loads):
     assert manifest["versions"]["numpy"] == np.__version__
     assert manifest["settings"]["caption_mode"] == "first"
     assert set(manifest["steps"]) == {
-        "stimuli", "gpa", "dispersion", "thumbnails", *(f"extract:{m}" for m in (*VISION, *LANGUAGE))
+        "stimuli",
+        "gpa",
+        "dispersion",
+        "thumbnails",
+        *(f"extract:{m}" for m in (*VISION, *LANGUAGE)),
     }
     steps = [e.step for e in events]
     assert steps[0] == "dataset" and steps[-1] == "done"
@@ -157,7 +168,9 @@ def test_rerun_recomputes_nothing(tiny_coco, tmp_path, loads):
     second = precompute(progress=events.append, **_options(tiny_coco, tmp_path))
     assert loads == Counter({name: 1 for name in (*VISION, *LANGUAGE)})  # no second load
     assert {p: p.stat().st_mtime_ns for p in second.path.rglob("*.npy")} == mtimes
-    assert all(e.skipped for e in events if e.step in ("extract", "gpa", "dispersion", "thumbnails"))
+    assert all(
+        e.skipped for e in events if e.step in ("extract", "gpa", "dispersion", "thumbnails")
+    )
     after = _arrays(second)
     for key, value in before.items():
         np.testing.assert_array_equal(after[key], value)
@@ -201,7 +214,9 @@ def test_changed_inputs_are_not_served_stale(tiny_coco, tmp_path, loads):
     run = precompute(**{**base, "layers": {"fake-vision-b": ["middle"]}})
     assert loads["fake-vision-b"] == 2 and loads["fake-vision-a"] == 1
     assert run.layers("fake-vision-b") == ["middle"]
-    assert sorted(p.name for p in (run.path / "embeddings" / "fake-vision-b").iterdir()) == ["middle.npy"]
+    assert sorted(p.name for p in (run.path / "embeddings" / "fake-vision-b").iterdir()) == [
+        "middle.npy"
+    ]
     # a different caption mode re-extracts only the language model
     precompute(**{**base, "caption_mode": "mean"})
     assert loads["fake-language-a"] == 2 and loads["fake-vision-a"] == 1
@@ -238,7 +253,9 @@ def test_caption_mode_mean_averages_caption_embeddings(tiny_coco, tmp_path, load
     run = precompute(**_options(tiny_coco, tmp_path, caption_mode="mean", thumbnails=False))
     encoder = FakeEncoder("fake-language-a", "language")
     captions = run.stimuli["captions"].iloc[2]
-    expected = np.mean([encoder.encode([c])["late"][0].astype(np.float64) for c in captions], axis=0)
+    expected = np.mean(
+        [encoder.encode([c])["late"][0].astype(np.float64) for c in captions], axis=0
+    )
     np.testing.assert_allclose(run.embeddings["fake-language-a"]["late"][2], expected, rtol=1e-6)
     assert run.thumbnail_path(0) is None
 
@@ -260,7 +277,11 @@ def test_config_errors_name_the_fix(tiny_coco, tmp_path, loads):
     with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
         precompute(**_options(tiny_coco, tmp_path, vision_models=[*VISION, "no-such-model"]))
     with pytest.raises(ValueError, match="is a language model but was listed as a vision"):
-        precompute(**_options(tiny_coco, tmp_path, vision_models=[*VISION, LANGUAGE[0]], language_models=[]))
+        precompute(
+            **_options(
+                tiny_coco, tmp_path, vision_models=[*VISION, LANGUAGE[0]], language_models=[]
+            )
+        )
     with pytest.raises(ValueError, match="at least 2 vision models"):
         precompute(**_options(tiny_coco, tmp_path, vision_models=VISION[:1]))
     with pytest.raises(ValueError, match="caption_mode"):
@@ -276,7 +297,9 @@ def test_config_errors_name_the_fix(tiny_coco, tmp_path, loads):
 
 
 def test_gpa_layer_is_extracted_even_with_default_layers(tiny_coco, tmp_path, loads):
-    run = precompute(**_options(tiny_coco, tmp_path, layers="default", gpa_layers={VISION[1]: "late"}))
+    run = precompute(
+        **_options(tiny_coco, tmp_path, layers="default", gpa_layers={VISION[1]: "late"})
+    )
     assert run.layers(VISION[0]) == ["middle"]
     assert run.layers(VISION[1]) == ["middle", "late"]
     assert run.gpa.layers == ("middle", "late", "middle")
@@ -315,7 +338,9 @@ def test_a_live_writer_locks_the_run(tiny_coco, tmp_path, loads):
         lock.write_text(str(sleeper.pid))
         events: list[ProgressEvent] = []
         with pytest.raises(RunLockedError, match=f"pid {sleeper.pid}"):
-            precompute(progress=events.append, lock_wait_seconds=0.6, **_options(tiny_coco, tmp_path))
+            precompute(
+                progress=events.append, lock_wait_seconds=0.6, **_options(tiny_coco, tmp_path)
+            )
         assert [e.step for e in events].count("waiting") == 1
         assert sum(loads.values()) == 0
     finally:
@@ -373,7 +398,9 @@ def test_a_second_writer_waits_for_the_first_then_reuses_its_work(tiny_coco, tmp
         # the holder exits (without removing its lock, like a killed process): the waiter
         # notices the dead pid and takes over
         events: list[ProgressEvent] = []
-        run = precompute(progress=events.append, lock_wait_seconds=30, **_options(tiny_coco, tmp_path))
+        run = precompute(
+            progress=events.append, lock_wait_seconds=30, **_options(tiny_coco, tmp_path)
+        )
     finally:
         holder.kill()
         reaper.join()

@@ -6,7 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from convergence_core.cache import CacheFormatError, PickleRefusedError, RunLayout, read_json, write_json
+from convergence_core.cache import (
+    CacheFormatError,
+    PickleRefusedError,
+    RunLayout,
+    read_json,
+    write_json,
+)
 from convergence_core.precompute import write_run_from_embeddings
 from convergence_core.run import Run, list_runs, load_run
 from tests.fixtures_runs import make_synthetic_run, synthetic_embeddings
@@ -108,7 +114,10 @@ def test_gpa_and_dispersion_are_consistent(small_run):
         np.testing.assert_allclose(distances, gpa.residuals[:, i], rtol=1e-5, atol=1e-7)
     # recomputing GPA from the run's own embeddings reproduces it
     fresh = generalized_procrustes(
-        [np.asarray(small_run.embeddings[mo][la], np.float64) for mo, la in zip(gpa.models, gpa.layers)]
+        [
+            np.asarray(small_run.embeddings[mo][la], np.float64)
+            for mo, la in zip(gpa.models, gpa.layers, strict=True)
+        ]
     )
     np.testing.assert_allclose(fresh.residuals, gpa.residuals, atol=1e-9)
     table = small_run.dispersion
@@ -130,7 +139,9 @@ def test_dispersion_recovers_planted_noise(tmp_path):
     run = make_synthetic_run(tmp_path, n=120, thumbnails=False, seed=1)
     planted = run.stimuli["planted_noise"].to_numpy()
     for score in ("mean", "pc1"):
-        rho = pd.Series(run.dispersion[score].to_numpy()).corr(pd.Series(planted), method="spearman")
+        rho = pd.Series(run.dispersion[score].to_numpy()).corr(
+            pd.Series(planted), method="spearman"
+        )
         assert rho > 0.8, (score, rho)
 
 
@@ -193,9 +204,13 @@ def test_pickled_npy_in_a_run_is_refused(tmp_path):
     reopened = load_run(run.path)
     with pytest.raises(PickleRefusedError, match="unpickling"):
         reopened.embeddings["vision-a"]["stage1"]
-    np.save(RunLayout(run.path).gpa_array("residuals"), np.array([None], dtype=object), allow_pickle=True)
+    np.save(
+        RunLayout(run.path).gpa_array("residuals"),
+        np.array([None], dtype=object),
+        allow_pickle=True,
+    )
     with pytest.raises(PickleRefusedError):
-        reopened.gpa
+        _ = reopened.gpa
 
 
 def test_incomplete_or_foreign_folders_are_refused(tmp_path):
@@ -225,8 +240,12 @@ def test_rewrite_replaces_a_run_but_never_a_foreign_folder(tmp_path):
     embeddings, _ = synthetic_embeddings(5)
     with pytest.raises(ValueError, match="not a run"):
         write_run_from_embeddings(
-            foreign, _stimuli(5), embeddings, vision_models=["vision-a", "vision-b", "vision-c"],
-            language_models=["language-a", "language-b"], thumbnails=False,
+            foreign,
+            _stimuli(5),
+            embeddings,
+            vision_models=["vision-a", "vision-b", "vision-c"],
+            language_models=["language-a", "language-b"],
+            thumbnails=False,
         )
     assert (foreign / "thesis.tex").read_text() == "precious"
 
@@ -239,7 +258,9 @@ def _write(tmp_path, embeddings, stimuli=None, **kwargs):
         thumbnails=False,
     )
     options.update(kwargs)
-    return write_run_from_embeddings(tmp_path / "bad", _stimuli(n) if stimuli is None else stimuli, embeddings, **options)
+    return write_run_from_embeddings(
+        tmp_path / "bad", _stimuli(n) if stimuli is None else stimuli, embeddings, **options
+    )
 
 
 def test_bad_inputs_raise_with_the_fix(tmp_path):
@@ -258,8 +279,12 @@ def test_bad_inputs_raise_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="neither vision_models nor language_models"):
         _write(tmp_path, embeddings, language_models=["language-a"])
     with pytest.raises(ValueError, match="at least 2 vision models"):
-        _write(tmp_path, {k: embeddings[k] for k in ("vision-a", "language-a")},
-               vision_models=["vision-a"], language_models=["language-a"])
+        _write(
+            tmp_path,
+            {k: embeddings[k] for k in ("vision-a", "language-a")},
+            vision_models=["vision-a"],
+            language_models=["language-a"],
+        )
     with pytest.raises(ValueError, match="not a layer"):
         _write(tmp_path, embeddings, gpa_layers={"vision-a": "layer0"})
     with pytest.raises(ValueError, match="not a vision model"):
