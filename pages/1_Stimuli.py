@@ -91,6 +91,7 @@ else:
 st.divider()
 st.header("Stimulus in detail")
 inspect_options = [str(ids[r]) for r in ascending]
+state.drop_stale_choice(st.session_state, widgets.INSPECT_KEY, inspect_options)
 detail_id = st.selectbox(
     f"Stimulus (ordered by {plots.SCORE_NAME[score]}, lowest first; or press Inspect under an image)",
     inspect_options, key=widgets.INSPECT_KEY,
@@ -141,6 +142,7 @@ for model, (layer, neighbour_rows, similarity) in neighbours.items():
 st.text("Neighbour ids and similarities in every model (same id in several columns: the models agree):")
 st.dataframe(overview, hide_index=True, width="stretch")
 
+state.drop_stale_choice(st.session_state, "w_neighbour_model", [model for model, _ in model_layers])
 shown_model = st.radio(
     "Neighbours in detail for", [model for model, _ in model_layers], key="w_neighbour_model", horizontal=True,
     format_func=lambda m: f"{m} ({run.modality(m)})",

@@ -59,8 +59,7 @@ with st.sidebar.expander("Layers", expanded=False):
     for model in [*visions, *languages]:
         automatic = gpa_layers.get(model) or best_layers.get(model) or run.default_layer(model)
         word = "GPA layer" if model in gpa_layers else "best layer"
-        if st.session_state.get(f"w_layer_{model}", BEST) not in (BEST, *run.layers(model)):
-            del st.session_state[f"w_layer_{model}"]
+        state.drop_stale_choice(st.session_state, f"w_layer_{model}", [BEST, *run.layers(model)])
         chosen = st.selectbox(
             model, [BEST, *run.layers(model)], key=f"w_layer_{model}",
             format_func=lambda layer, w=word, a=automatic: f"{w} ({a})" if layer == BEST else layer,

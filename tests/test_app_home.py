@@ -20,13 +20,16 @@ TIMEOUT = 60
 
 @pytest.fixture(scope="module")
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache with two runs: "demo" (60 stimuli) and the newer "other" (40 stimuli)."""
+    """A cache with two runs: "demo" (60 stimuli) and the newer "other" (40 stimuli, other models)."""
     from tests.fixtures_runs import make_synthetic_run
 
     cache = tmp_path_factory.mktemp("cache")
     make_synthetic_run(cache / "runs", n=60, name="demo")
     time.sleep(0.01)
-    make_synthetic_run(cache / "runs", n=40, name="other", seed=1)
+    make_synthetic_run(
+        cache / "runs", n=40, name="other", seed=1,
+        vision_models=("vision-x", "vision-y", "vision-z"), language_models=("language-z",), n_language_layers=3,
+    )
     return cache
 
 
@@ -234,3 +237,31 @@ def test_view_survives_page_switches(synthetic_cache: Path) -> None:
     at.slider(key="w_k").set_value(4).run(timeout=TIMEOUT)
     at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
     assert at.query_params["k"] == "4" and at.query_params["score"] == "pc1"
+
+
+def test_switching_runs_keeps_every_page_working(synthetic_cache: Path) -> None:
+    """Choices tied to one run (inspected stimulus, models, layers) must not break another run."""
+    from convergence_core.run import load_run
+
+    other_ids = set(load_run(synthetic_cache / "runs" / "other").stimuli["id"])
+    at = _app().run(timeout=TIMEOUT)
+    at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
+    inspected = next(i for i in at.selectbox(key="w_inspect").options if i not in other_ids)
+    at.selectbox(key="w_inspect").set_value(inspected).run(timeout=TIMEOUT)
+    at.radio(key="w_neighbour_model").set_value("language-b").run(timeout=TIMEOUT)
+    at.sidebar.selectbox[0].set_value("other").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert at.selectbox(key="w_inspect").value in other_ids
+    assert at.radio(key="w_neighbour_model").value == "vision-x"
+
+    at.sidebar.selectbox[0].set_value("demo").run(timeout=TIMEOUT)
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    at.multiselect(key="w_vision").set_value(["vision-b"]).run(timeout=TIMEOUT)
+    at.selectbox(key="w_layer_language-a").set_value("layer0").run(timeout=TIMEOUT)
+    at.sidebar.selectbox[0].set_value("other").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    table = at.dataframe[-1].value
+    assert set(table["vision_model"]) == {"vision-x", "vision-y", "vision-z"}  # back to all models
+    assert set(table["language_model"]) == {"language-z"}
+    assert set(table["set_size"]) == {15}  # the size chosen on demo is still valid for 40 stimuli
+

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
+from .. import settings
 from ..run import Run, RunInfo
 from . import data, state
 
@@ -31,7 +32,7 @@ def no_run_message() -> str:
     """What to tell a user who has no cached run yet, with the commands that make one."""
     return (
         "No cached run yet under "
-        f"{data.settings.runs_root()}. Make the demo run with `{data.MAKE_RUN_COMMAND}` "
+        f"{settings.runs_root()}. Make the demo run with `{data.MAKE_RUN_COMMAND}` "
         f"(or `{data.MAKE_RUN_PYTHON}`), or point CONVERGENCE_CACHE at a cache that has runs, "
         "then reload this page."
     )

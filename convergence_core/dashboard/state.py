@@ -205,6 +205,13 @@ def bind_widget(
     return value
 
 
+def drop_stale_choice(session_state: MutableMapping[str, Any], key: str, options: Sequence[Any]) -> None:
+    """Forget a widget's session value that is not among its current ``options`` (e.g. a stimulus
+    or model of the previously chosen run), so the widget starts from its default instead of failing."""
+    if key in session_state and session_state[key] not in options:
+        del session_state[key]
+
+
 def write_query_params(query_params: MutableMapping[str, Any], view: View) -> None:
     """Write the view to the URL, touching only the keys that changed (avoids needless reruns)."""
     wanted = view.to_query_params()
