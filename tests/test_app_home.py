@@ -265,3 +265,15 @@ def test_switching_runs_keeps_every_page_working(synthetic_cache: Path) -> None:
     assert set(table["language_model"]) == {"language-z"}
     assert set(table["set_size"]) == {15}  # the size chosen on demo is still valid for 40 stimuli
 
+
+
+def test_home_links_to_every_page_with_the_view_in_the_url(synthetic_cache: Path) -> None:
+    at = _app()
+    at.query_params["score"] = "pc1"
+    at.run(timeout=TIMEOUT)
+    links = at.get("page_link")
+    assert [link.proto.label for link in links] == [
+        "Stimuli gallery", "Residual space", "Alignment lab", "Paper analyses"
+    ]
+    for link in links:
+        assert "run=demo" in link.proto.query_string and "score=pc1" in link.proto.query_string
