@@ -33,9 +33,14 @@ gpa_cards = st.columns(4)
 gpa_cards[0].metric("GPA iterations", int(gpa.n_iter))
 gpa_cards[1].metric("GPA converged", "yes" if gpa.converged else "NO")
 gpa_cards[2].metric("GPA final loss", f"{float(gpa.loss_history[-1]):.6f}")
-gpa_cards[3].metric("Residual PC1 explains", f"{100 * float(run.pca.explained_variance_ratio[0]):.1f} %")
+gpa_cards[3].metric(
+    "Residual PC1 explains", f"{100 * float(run.pca.explained_variance_ratio[0]):.1f} %"
+)
 if not gpa.converged:
-    st.warning("GPA did not converge for this run: residuals may not be final. Re-run precompute with a larger max_iter.")
+    st.warning(
+        "GPA did not converge for this run: residuals may not be final. "
+        "Re-run precompute with a larger max_iter."
+    )
 
 gpa_layers = dict(zip(gpa.models, gpa.layers, strict=True))
 models_table = pd.DataFrame(
@@ -70,15 +75,25 @@ with low_column:
     st.subheader(f"Lowest dispersion ({plots.SCORE_NAME[score]})")
     rows = order[:preview]
     widgets.gallery(
-        run, rows, [f"rank {int(rank[r]) + 1} · {run.stimuli['id'].iloc[r]}" for r in rows],
-        key="home-low", columns=preview, all_captions=False, inspect=False,
+        run,
+        rows,
+        [f"rank {int(rank[r]) + 1} · {run.stimuli['id'].iloc[r]}" for r in rows],
+        key="home-low",
+        columns=preview,
+        all_captions=False,
+        inspect=False,
     )
 with high_column:
     st.subheader(f"Highest dispersion ({plots.SCORE_NAME[score]})")
     rows = order[::-1][:preview]
     widgets.gallery(
-        run, rows, [f"rank {int(rank[r]) + 1} · {run.stimuli['id'].iloc[r]}" for r in rows],
-        key="home-high", columns=preview, all_captions=False, inspect=False,
+        run,
+        rows,
+        [f"rank {int(rank[r]) + 1} · {run.stimuli['id'].iloc[r]}" for r in rows],
+        key="home-high",
+        columns=preview,
+        all_captions=False,
+        inspect=False,
     )
 
 st.subheader("Explore")

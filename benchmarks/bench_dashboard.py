@@ -1,4 +1,4 @@
-"""Time the dashboard: first page of a cached run, and new CKNNA bars after changing k or the subset.
+"""Time the dashboard: first page of a cached run, and new CKNNA bars after changing k or subset.
 
 Uses the real demo run (``<cache>/runs/demo``) when it is cached, else a synthetic run of 239
 coco-mini stimuli with thumbnails (the demo's size). Pages are driven with Streamlit's AppTest,
@@ -64,7 +64,8 @@ def _timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _page(path: str) -> AppTest:
+def _home() -> AppTest:
+    """A new browser session on the app's entry page (pages are reached with switch_page)."""
     return AppTest.from_file(str(ROOT / "app.py"), default_timeout=TIMEOUT)
 
 
@@ -89,8 +90,12 @@ print(time.perf_counter() - start)
 def _fresh_process_first_run(cache: Path) -> float:
     code = _FRESH.format(root=str(ROOT), app=str(ROOT / "app.py"))
     done = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "CONVERGENCE_CACHE": str(cache)},
-        capture_output=True, text=True, timeout=TIMEOUT, check=True,
+        [sys.executable, "-c", code],
+        env={**os.environ, "CONVERGENCE_CACHE": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
     )
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -106,10 +111,22 @@ def _browser_timings(cache: Path) -> dict[str, float]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-         "--server.headless", "true"],
-        cwd=ROOT, env={**os.environ, "CONVERGENCE_CACHE": str(cache)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(ROOT / "app.py"),
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "CONVERGENCE_CACHE": str(cache)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     timings: dict[str, float] = {}
     try:
@@ -122,13 +139,22 @@ def _browser_timings(cache: Path) -> dict[str, float]:
                         break
             except OSError:
                 time.sleep(0.5)
-        done = "() => document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state') === 'notRunning'"
+        done = (
+            "() => document.querySelector('[data-testid=\"stApp\"]')"
+            "?.getAttribute('data-test-script-state') === 'notRunning'"
+        )
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"])
+            browser = p.chromium.launch(
+                executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"]
+            )
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            for label, path in (("home, first visit after server up", ""), ("home, second visit", ""),
-                                ("stimuli page", "Stimuli"), ("residual space page", "Residual_space"),
-                                ("alignment lab page", "Alignment_lab")):
+            for label, path in (
+                ("home, first visit after server up", ""),
+                ("home, second visit", ""),
+                ("stimuli page", "Stimuli"),
+                ("residual space page", "Residual_space"),
+                ("alignment lab page", "Alignment_lab"),
+            ):
                 start = time.perf_counter()
                 page.goto(f"{base}/{path}")
                 page.wait_for_selector("h1", timeout=120_000)
@@ -149,35 +175,61 @@ def main() -> None:
     rows: list[dict[str, object]] = []
 
     def record(name: str, seconds: float, target: float | None, note: str) -> None:
-        rows.append({"measure": name, "seconds": round(seconds, 4), "target_s": target,
-                     "ok": None if target is None else seconds <= target, "note": note})
+        rows.append(
+            {
+                "measure": name,
+                "seconds": round(seconds, 4),
+                "target_s": target,
+                "ok": None if target is None else seconds <= target,
+                "note": note,
+            }
+        )
 
     # 1. first page of a cached run in a fresh process (a just-started server): the app's own
     # imports (plotly, scipy, the run) are paid here, as by the first visitor
-    record("home, fresh process (first script run)", _fresh_process_first_run(run_path.parent.parent),
-           TARGET_FIRST_PAGE_S, "AppTest in a new Python process; streamlit itself already imported")
+    record(
+        "home, fresh process (first script run)",
+        _fresh_process_first_run(run_path.parent.parent),
+        TARGET_FIRST_PAGE_S,
+        "AppTest in a new Python process; streamlit itself already imported",
+    )
     st.cache_resource.clear()
     st.cache_data.clear()
-    home = _page("app.py")
-    record("home, first session (cold caches)", _timed(lambda: _check(home.run(timeout=TIMEOUT))),
-           TARGET_FIRST_PAGE_S, "opens the run, histogram, 10 thumbnails; includes first imports")
-    warm = [_timed(lambda: _check(_page("app.py").run(timeout=TIMEOUT))) for _ in range(args.repeats)]
-    record("home, new session (warm caches)", statistics.median(warm), TARGET_FIRST_PAGE_S, "median")
+    home = _home()
+    record(
+        "home, first session (cold caches)",
+        _timed(lambda: _check(home.run(timeout=TIMEOUT))),
+        TARGET_FIRST_PAGE_S,
+        "opens the run, histogram, 10 thumbnails; includes first imports",
+    )
+    warm = [
+        _timed(lambda: _check(_home().run(timeout=TIMEOUT))) for _ in range(args.repeats)
+    ]
+    record(
+        "home, new session (warm caches)", statistics.median(warm), TARGET_FIRST_PAGE_S, "median"
+    )
 
     for page in ("pages/1_Stimuli.py", "pages/2_Residual_space.py", "pages/3_Alignment_lab.py"):
-        at = _page("app.py")
+        at = _home()
         _check(at.run(timeout=TIMEOUT))
         at.switch_page(page)
-        record(f"{page}, first visit", _timed(lambda: _check(at.run(timeout=TIMEOUT))), TARGET_FIRST_PAGE_S,
-               "first visit in the process: includes best layers, baseline, permutations" if "Alignment" in page else "")
+        record(
+            f"{page}, first visit",
+            _timed(lambda at=at: _check(at.run(timeout=TIMEOUT))),
+            TARGET_FIRST_PAGE_S,
+            "first visit in the process: includes best layers, baseline, permutations"
+            if "Alignment" in page
+            else "",
+        )
 
-    # 2. the lab's numbers alone (what a change of k recomputes), 6 pairs, 200 random sets, 200 permutations
+    # 2. the lab's numbers alone (what a change of k recomputes): 200 random sets, 200 permutations
     run = data.open_run(run_path)
     scores = run.dispersion["mean"].to_numpy(dtype=np.float64)
     best = data.best_language_layers(str(run.path), data.manifest_stamp(run.path))
     pairs = tuple(
         lab.Pair(v, layer, language, best[language])
-        for v, layer in zip(run.gpa.models, run.gpa.layers, strict=True) for language in run.language_models
+        for v, layer in zip(run.gpa.models, run.gpa.layers, strict=True)
+        for language in run.language_models
     )
     grams = data.grams_for(run, pairs)
     size = state.default_subset_size(run.n_stimuli)
@@ -193,14 +245,22 @@ def main() -> None:
 
     bars(10)  # warm numpy and plotly
     times = [_timed(lambda k=k: bars(k)) for k in range(5, 5 + args.repeats)]
-    record(f"new CKNNA bars for a new k ({len(pairs)} pairs, size {size})", statistics.median(times),
-           TARGET_UPDATE_S, "set CKNNA + 200 random sets + figure, median")
+    record(
+        f"new CKNNA bars for a new k ({len(pairs)} pairs, size {size})",
+        statistics.median(times),
+        TARGET_UPDATE_S,
+        "set CKNNA + 200 random sets + figure, median",
+    )
     times = [_timed(lambda k=k: permutation(k)) for k in range(5, 5 + args.repeats)]
-    record("low-vs-high permutation test for a new k", statistics.median(times), None,
-           "200 shuffles = 400 subsets; streamed after the bars")
+    record(
+        "low-vs-high permutation test for a new k",
+        statistics.median(times),
+        None,
+        "200 shuffles = 400 subsets; streamed after the bars",
+    )
 
     # 3. the lab page: change k / subset size / focus set and rerun (AppTest overhead included)
-    at = _page("app.py")
+    at = _home()
     _check(at.run(timeout=TIMEOUT))
     at.switch_page("pages/3_Alignment_lab.py")
     _check(at.run(timeout=TIMEOUT))
@@ -212,33 +272,65 @@ def main() -> None:
         size_times.append(_timed(lambda: _check(at.run(timeout=TIMEOUT))))
         at.radio(key="w_source").set_value("high" if step % 2 == 0 else "low")
         source_times.append(_timed(lambda: _check(at.run(timeout=TIMEOUT))))
-    record("lab page, whole rerun after changing k", statistics.median(k_times), None,
-           "median, uncached k; bars are sent before the permutation test and tables")
-    record("lab page, whole rerun after changing set size", statistics.median(size_times), None,
-           "median, uncached size")
-    record("lab page rerun after changing the focus set", statistics.median(source_times), TARGET_UPDATE_S,
-           "median; baseline cached")
+    record(
+        "lab page, whole rerun after changing k",
+        statistics.median(k_times),
+        None,
+        "median, uncached k; bars are sent before the permutation test and tables",
+    )
+    record(
+        "lab page, whole rerun after changing set size",
+        statistics.median(size_times),
+        None,
+        "median, uncached size",
+    )
+    record(
+        "lab page rerun after changing the focus set",
+        statistics.median(source_times),
+        TARGET_UPDATE_S,
+        "median; baseline cached",
+    )
 
     # 4. a real browser against a real server (what a user sees), when Chromium is installed
     for name, seconds in _browser_timings(run_path.parent.parent).items():
-        record(f"browser: {name}", seconds, TARGET_FIRST_PAGE_S,
-               "goto until the script has finished (Chromium, headless; includes rendering)")
+        record(
+            f"browser: {name}",
+            seconds,
+            TARGET_FIRST_PAGE_S,
+            "goto until the script has finished (Chromium, headless; includes rendering)",
+        )
 
     width = max(len(str(r["measure"])) for r in rows)
     print(f"run: {run_kind} ({run.n_stimuli} stimuli) at {run_path}")
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other jobs slow every number)")
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
+        "(other jobs slow every number)"
+    )
     print(f"{'measure':<{width}}  seconds  target  ok")
     for r in rows:
         target = "" if r["target_s"] is None else f"{r['target_s']:.3f}"
         print(f"{r['measure']:<{width}}  {r['seconds']:7.3f}  {target:>6}  {r['ok']}")
     out = ROOT / "benchmarks" / "results" / "dashboard.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "run": run_kind, "n_stimuli": run.n_stimuli, "pairs": len(pairs), "set_size": size,
-        "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(),
-                    "platform": platform.platform(), "load_average_1min": os.getloadavg()[0]},
-        "results": rows,
-    }, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "run": run_kind,
+                "n_stimuli": run.n_stimuli,
+                "pairs": len(pairs),
+                "set_size": size,
+                "machine": {
+                    "python": platform.python_version(),
+                    "cpu_count": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "load_average_1min": os.getloadavg()[0],
+                },
+                "results": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

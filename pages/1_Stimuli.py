@@ -1,4 +1,4 @@
-"""Stimuli: a ranked gallery (lowest vs highest dispersion), caption filter, and one stimulus in detail."""
+"""Stimuli: ranked gallery (lowest vs highest dispersion), caption filter, a stimulus in detail."""
 
 from __future__ import annotations
 
@@ -23,9 +23,14 @@ n = run.n_stimuli
 controls = st.columns([1, 2, 1])
 with controls[0]:
     score = state.bind_widget(
-        st.session_state, view, "score",
+        st.session_state,
+        view,
+        "score",
         lambda key: st.radio(
-            "Rank by", state.SCORES, key=key, horizontal=True,
+            "Rank by",
+            state.SCORES,
+            key=key,
+            horizontal=True,
             format_func=lambda s: plots.SCORE_NAME[s],
             help="mean: average residual across vision models; PC1: score on the first principal "
             "component of the residuals (the paper's two dispersion measures).",
@@ -33,14 +38,17 @@ with controls[0]:
     )
 with controls[1]:
     query = st.text_input(
-        "Filter by caption text", key="w_caption_filter",
-        placeholder="e.g. dog, kitchen, surf…", help="Case-insensitive; matches any caption or the id.",
+        "Filter by caption text",
+        key="w_caption_filter",
+        placeholder="e.g. dog, kitchen, surf…",
+        help="Case-insensitive; matches any caption or the id.",
     )
 selection = state.get_selection(st.session_state, run.name)
 with controls[2]:
     only_selection = st.toggle(
         "Only the current selection",
-        key="w_only_selection", disabled=selection is None,
+        key="w_only_selection",
+        disabled=selection is None,
         help="Make a selection on the Residual space page (box/lasso) or import one there.",
     )
 
@@ -50,7 +58,9 @@ ascending = np.argsort(rank, kind="stable")
 keep = np.ones(n, dtype=bool)
 if query.strip():
     needle = query.strip().lower()
-    in_captions = stimuli["captions"].map(lambda caps: any(needle in c.lower() for c in caps)).to_numpy(bool)
+    in_captions = (
+        stimuli["captions"].map(lambda caps: any(needle in c.lower() for c in caps)).to_numpy(bool)
+    )
     in_id = np.array([needle in identifier.lower() for identifier in ids], dtype=bool)
     keep &= in_captions | in_id
 if only_selection and selection is not None:
@@ -61,9 +71,15 @@ n_pages = max(1, math.ceil(len(ranked) / PER_SIDE))
 st.text(f"{len(ranked)} of {n} stimuli shown, {PER_SIDE} per side and page, {n_pages} pages.")
 
 page_number = state.bind_widget(
-    st.session_state, view, "page",
+    st.session_state,
+    view,
+    "page",
     lambda key: st.number_input(
-        "Page", min_value=1, max_value=n_pages, step=1, key=key,
+        "Page",
+        min_value=1,
+        max_value=n_pages,
+        step=1,
+        key=key,
         help="Each page shows the next stimuli from both ends of the ranking.",
     ),
     coerce=lambda value: min(max(1, int(value)), n_pages),
@@ -71,7 +87,9 @@ page_number = state.bind_widget(
 
 
 def _label(row: int) -> str:
-    return f"#{int(rank[row]) + 1} of {n} · id {ids[row]}\n{plots.SCORE_NAME[score]} {values[row]:.4f}"
+    return (
+        f"#{int(rank[row]) + 1} of {n} · id {ids[row]}\n{plots.SCORE_NAME[score]} {values[row]:.4f}"
+    )
 
 
 start = (page_number - 1) * PER_SIDE
@@ -83,18 +101,23 @@ else:
     low_side, high_side = st.columns(2, gap="large")
     with low_side:
         st.subheader("Lowest dispersion (models agree)")
-        widgets.gallery(run, low_rows, [_label(r) for r in low_rows], key="low", columns=GALLERY_COLUMNS)
+        widgets.gallery(
+            run, low_rows, [_label(r) for r in low_rows], key="low", columns=GALLERY_COLUMNS
+        )
     with high_side:
         st.subheader("Highest dispersion (models disagree)")
-        widgets.gallery(run, high_rows, [_label(r) for r in high_rows], key="high", columns=GALLERY_COLUMNS)
+        widgets.gallery(
+            run, high_rows, [_label(r) for r in high_rows], key="high", columns=GALLERY_COLUMNS
+        )
 
 st.divider()
 st.header("Stimulus in detail")
 inspect_options = [str(ids[r]) for r in ascending]
 state.drop_stale_choice(st.session_state, widgets.INSPECT_KEY, inspect_options)
 detail_id = st.selectbox(
-    f"Stimulus (ordered by {plots.SCORE_NAME[score]}, lowest first; or press Inspect under an image)",
-    inspect_options, key=widgets.INSPECT_KEY,
+    f"Stimulus (by {plots.SCORE_NAME[score]}, lowest first; or press Inspect under an image)",
+    inspect_options,
+    key=widgets.INSPECT_KEY,
     format_func=lambda identifier: identifier,
 )
 row = int(np.flatnonzero(ids == detail_id)[0])
@@ -109,42 +132,61 @@ with picture:
     widgets.show_captions(captions)
 with facts:
     ranks = st.columns(2)
-    ranks[0].metric("Rank by mean residual", f"{int(dispersion['rank_mean'].iloc[row]) + 1} / {n}",
-                    help="1 = lowest dispersion (most agreement among the vision models)")
-    ranks[1].metric("Rank by PC1 score", f"{int(dispersion['rank_pc1'].iloc[row]) + 1} / {n}",
-                    help="1 = lowest dispersion along the first principal component of the residuals")
+    ranks[0].metric(
+        "Rank by mean residual",
+        f"{int(dispersion['rank_mean'].iloc[row]) + 1} / {n}",
+        help="1 = lowest dispersion (most agreement among the vision models)",
+    )
+    ranks[1].metric(
+        "Rank by PC1 score",
+        f"{int(dispersion['rank_pc1'].iloc[row]) + 1} / {n}",
+        help="1 = lowest dispersion along the first principal component of the residuals",
+    )
     residuals = np.asarray(run.gpa.residuals, dtype=np.float64)
     st.plotly_chart(
-        plots.residual_bars(run.gpa.models, residuals[row], np.median(residuals, axis=0), detail_id),
+        plots.residual_bars(
+            run.gpa.models, residuals[row], np.median(residuals, axis=0), detail_id
+        ),
         key="residual-bars",
     )
 
 st.subheader("Nearest neighbours")
 st.caption(
     "Most similar stimuli under each model: largest inner product of the prepared features "
-    "(the cached Gram matrix). Vision models at their GPA layer, language models at their best layer."
+    "(the cached Gram matrix). Vision models at their GPA layer, language models at their best "
+    "layer."
 )
 count = st.slider("Neighbours per model", 3, min(20, n - 1), min(5, n - 1), key="w_neighbour_count")
 try:
     best_layers = data.best_language_layers(str(run.path), data.manifest_stamp(run.path))
 except ValueError as exc:
-    st.warning(f"Best language layers unavailable ({exc}); using each language model's default layer.")
+    st.warning(
+        f"Best language layers unavailable ({exc}); using each language model's default layer."
+    )
     best_layers = {}
 model_layers = [*zip(run.gpa.models, run.gpa.layers, strict=True)] + [
     (model, best_layers.get(model, run.default_layer(model))) for model in run.language_models
 ]
 neighbours = {
-    model: (layer, *lab.nearest_neighbours(run.gram(model, layer), row, count)) for model, layer in model_layers
+    model: (layer, *lab.nearest_neighbours(run.gram(model, layer), row, count))
+    for model, layer in model_layers
 }
 overview = pd.DataFrame({"neighbour": np.arange(1, count + 1)})
 for model, (layer, neighbour_rows, similarity) in neighbours.items():
-    overview[f"{model} ({layer})"] = [f"{ids[r]} · {s:.3f}" for r, s in zip(neighbour_rows, similarity, strict=True)]
-st.text("Neighbour ids and similarities in every model (same id in several columns: the models agree):")
+    overview[f"{model} ({layer})"] = [
+        f"{ids[r]} · {s:.3f}" for r, s in zip(neighbour_rows, similarity, strict=True)
+    ]
+st.text(
+    "Neighbour ids and similarities in every model (same id in several columns: the models agree):"
+)
 st.dataframe(overview, hide_index=True, width="stretch")
 
 state.drop_stale_choice(st.session_state, "w_neighbour_model", [model for model, _ in model_layers])
 shown_model = st.radio(
-    "Neighbours in detail for", [model for model, _ in model_layers], key="w_neighbour_model", horizontal=True,
+    "Neighbours in detail for",
+    [model for model, _ in model_layers],
+    key="w_neighbour_model",
+    horizontal=True,
     format_func=lambda m: f"{m} ({run.modality(m)})",
 )
 layer, neighbour_rows, similarity = neighbours[shown_model]

@@ -1,4 +1,4 @@
-"""Residual space: PCA (or UMAP) of the GPA residuals; box/lasso selection; selection export/import."""
+"""Residual space: PCA (or UMAP) of the GPA residuals; box/lasso selection; export and import."""
 
 from __future__ import annotations
 
@@ -22,35 +22,55 @@ pca = run.pca
 controls = st.columns(2)
 with controls[0]:
     projection = st.radio(
-        "Projection", ("PCA", "UMAP"), key="w_projection", horizontal=True,
+        "Projection",
+        ("PCA", "UMAP"),
+        key="w_projection",
+        horizontal=True,
         help="PCA: PC1 vs PC2 of the residual matrix R (stimuli × vision models). "
         "UMAP (umap-learn, fixed seed) of R: computed once per run and cached.",
     )
 with controls[1]:
     score = state.bind_widget(
-        st.session_state, view, "score",
+        st.session_state,
+        view,
+        "score",
         lambda key: st.radio(
-            "Colour by", state.SCORES, key=key, horizontal=True, format_func=lambda s: plots.SCORE_NAME[s]
+            "Colour by",
+            state.SCORES,
+            key=key,
+            horizontal=True,
+            format_func=lambda s: plots.SCORE_NAME[s],
         ),
     )
 
 selection = state.get_selection(st.session_state, run.name)
-selected_rows = selection_io.match_ids(selection.ids, ids)[0] if selection else np.array([], dtype=int)
+selected_rows = (
+    selection_io.match_ids(selection.ids, ids)[0] if selection else np.array([], dtype=int)
+)
 mean = dispersion["mean"].to_numpy(dtype=np.float64)
 pc1 = dispersion["pc1"].to_numpy(dtype=np.float64)
 common = {
-    "ids": ids, "captions": first_captions, "mean": mean, "pc1": pc1,
-    "colour_title": plots.COLOUR_TITLE[score], "selected": selected_rows,
+    "ids": ids,
+    "captions": first_captions,
+    "mean": mean,
+    "pc1": pc1,
+    "colour_title": plots.COLOUR_TITLE[score],
+    "selected": selected_rows,
 }
 if projection == "PCA":
     ratio = np.asarray(pca.explained_variance_ratio, dtype=np.float64)
     scores = np.asarray(pca.scores, dtype=np.float64)
     second = scores[:, 1] if scores.shape[1] > 1 else np.zeros(n)
     figure = plots.residual_scatter(
-        scores[:, 0], second, dispersion[score].to_numpy(dtype=np.float64),
+        scores[:, 0],
+        second,
+        dispersion[score].to_numpy(dtype=np.float64),
         x_title=f"PC1 of residuals ({100 * ratio[0]:.1f} % of variance; Procrustes distance)",
-        y_title=(f"PC2 of residuals ({100 * ratio[1]:.1f} % of variance; Procrustes distance)"
-                 if len(ratio) > 1 else "PC2 (absent: one model)"),
+        y_title=(
+            f"PC2 of residuals ({100 * ratio[1]:.1f} % of variance; Procrustes distance)"
+            if len(ratio) > 1
+            else "PC2 (absent: one model)"
+        ),
         title=f"Residual space: {n} stimuli, PCA of the GPA residuals",
         **common,
     )
@@ -61,9 +81,15 @@ else:
         st.error(f"UMAP could not be computed for this run: {exc}. Use the PCA projection.")
         st.stop()
     figure = plots.residual_scatter(
-        coordinates[:, 0], coordinates[:, 1], dispersion[score].to_numpy(dtype=np.float64),
-        x_title="UMAP 1 (unitless)", y_title="UMAP 2 (unitless)",
-        title=f"Residual space: {n} stimuli, UMAP of the GPA residuals (random_state={data.UMAP_RANDOM_STATE})",
+        coordinates[:, 0],
+        coordinates[:, 1],
+        dispersion[score].to_numpy(dtype=np.float64),
+        x_title="UMAP 1 (unitless)",
+        y_title="UMAP 2 (unitless)",
+        title=(
+            f"Residual space: {n} stimuli, UMAP of the GPA residuals "
+            f"(random_state={data.UMAP_RANDOM_STATE})"
+        ),
         **common,
     )
 
@@ -76,14 +102,18 @@ if tuple(chart_rows) != st.session_state.get(LAST_CHART_ROWS, ()):
     st.session_state[LAST_CHART_ROWS] = tuple(chart_rows)
     if chart_rows:
         selection = state.set_selection(
-            st.session_state, run.name, [ids[r] for r in chart_rows], origin=f"{projection} {score} chart"
+            st.session_state,
+            run.name,
+            [ids[r] for r in chart_rows],
+            origin=f"{projection} {score} chart",
         )
         selected_rows = np.asarray(chart_rows, dtype=int)
 
 st.subheader("Import a selection")
 uploaded = st.file_uploader(
     "CSV with an 'id' column (e.g. an exported selection) or a text file of ids",
-    type=["csv", "txt"], key="w_import",
+    type=["csv", "txt"],
+    key="w_import",
 )
 if uploaded is not None and uploaded.file_id != st.session_state.get(LAST_IMPORT):
     st.session_state[LAST_IMPORT] = uploaded.file_id
@@ -97,7 +127,10 @@ if uploaded is not None and uploaded.file_id != st.session_state.get(LAST_IMPORT
             st.warning(f"{len(unknown)} id(s) in the file are not in this run and were skipped:")
             st.text(", ".join(unknown[:20]) + (" …" if len(unknown) > 20 else ""))
         if len(rows) == 0:
-            st.error("Empty selection: none of the ids in the file is in this run; the selection is unchanged.")
+            st.error(
+                "Empty selection: none of the ids in the file is in this run; "
+                "the selection is unchanged."
+            )
         else:
             selection = state.set_selection(
                 st.session_state, run.name, [ids[r] for r in rows], origin="an imported file"
@@ -109,9 +142,13 @@ if uploaded is not None and uploaded.file_id != st.session_state.get(LAST_IMPORT
 if projection == "PCA":
     bars = st.columns(2)
     with bars[0]:
-        st.plotly_chart(plots.explained_variance_bars(pca.explained_variance_ratio), key="explained")
+        st.plotly_chart(
+            plots.explained_variance_bars(pca.explained_variance_ratio), key="explained"
+        )
     with bars[1]:
-        st.plotly_chart(plots.loadings_bars(np.asarray(pca.components), run.gpa.models), key="loadings")
+        st.plotly_chart(
+            plots.loadings_bars(np.asarray(pca.components), run.gpa.models), key="loadings"
+        )
 
 st.header("Current selection")
 if selection is None:
@@ -129,7 +166,9 @@ else:
             selection_io.selection_csv(
                 list(selection.ids), [list(stimuli["captions"].iloc[r]) for r in selected_rows]
             ),
-            file_name=f"selection-{run.name}.csv", mime="text/csv", key="export-selection",
+            file_name=f"selection-{run.name}.csv",
+            mime="text/csv",
+            key="export-selection",
         )
     with buttons[1]:
         if st.button("Clear selection", key="clear-selection"):
@@ -140,8 +179,13 @@ else:
         st.text(f"Showing the first {len(shown)} of {len(selected_rows)}.")
     rank = dispersion[f"rank_{score}"].to_numpy()
     widgets.gallery(
-        run, shown, [f"id {ids[r]} · rank {int(rank[r]) + 1} by {plots.SCORE_NAME[score]}" for r in shown],
-        key="selection", columns=6, all_captions=False, inspect=False,
+        run,
+        shown,
+        [f"id {ids[r]} · rank {int(rank[r]) + 1} by {plots.SCORE_NAME[score]}" for r in shown],
+        key="selection",
+        columns=6,
+        all_captions=False,
+        inspect=False,
     )
 
 page.close_page(context)

@@ -1,4 +1,4 @@
-"""Alignment lab: live CKNNA / mutual k-NN of vision × language pairs on low, high, random and own sets."""
+"""Alignment lab: live CKNNA and mutual k-NN of vision × language pairs on chosen stimulus sets."""
 
 from __future__ import annotations
 
@@ -11,8 +11,11 @@ from convergence_core.subsets import select_stimuli
 
 BEST = "__best__"
 SET_LABEL = {
-    "low": "low dispersion", "high": "high dispersion", "random": "random",
-    "selection": "current selection", "pasted": "pasted ids",
+    "low": "low dispersion",
+    "high": "high dispersion",
+    "random": "random",
+    "selection": "current selection",
+    "pasted": "pasted ids",
 }
 
 context = page.open_page("Alignment lab", icon="⚖️")
@@ -41,8 +44,12 @@ for key, options in (("w_vision", run.gpa.models), ("w_language", run.language_m
             del st.session_state[key]
 with st.sidebar:
     st.header("Models")
-    visions = st.multiselect("Vision models", list(run.gpa.models), default=list(run.gpa.models), key="w_vision")
-    languages = st.multiselect("Language models", run.language_models, default=run.language_models, key="w_language")
+    visions = st.multiselect(
+        "Vision models", list(run.gpa.models), default=list(run.gpa.models), key="w_vision"
+    )
+    languages = st.multiselect(
+        "Language models", run.language_models, default=run.language_models, key="w_language"
+    )
 if not visions or not languages:
     missing = "vision" if not visions else "language"
     st.error(f"No {missing} model chosen: pick at least one {missing} model in the sidebar.")
@@ -51,7 +58,9 @@ if not visions or not languages:
 try:
     best_layers = data.best_language_layers(path, stamp)
 except ValueError as exc:
-    st.warning(f"Best language layers unavailable ({exc}); 'best layer' means the default layer here.")
+    st.warning(
+        f"Best language layers unavailable ({exc}); 'best layer' means the default layer here."
+    )
     best_layers = {}
 
 layer_choice: dict[str, str] = {}
@@ -61,43 +70,68 @@ with st.sidebar.expander("Layers", expanded=False):
         word = "GPA layer" if model in gpa_layers else "best layer"
         state.drop_stale_choice(st.session_state, f"w_layer_{model}", [BEST, *run.layers(model)])
         chosen = st.selectbox(
-            model, [BEST, *run.layers(model)], key=f"w_layer_{model}",
+            model,
+            [BEST, *run.layers(model)],
+            key=f"w_layer_{model}",
             format_func=lambda layer, w=word, a=automatic: f"{w} ({a})" if layer == BEST else layer,
         )
         layer_choice[model] = automatic if chosen == BEST else chosen
 pairs = tuple(
     lab.Pair(vision, layer_choice[vision], language, layer_choice[language])
-    for vision in visions for language in languages
+    for vision in visions
+    for language in languages
 )
 
 # ---------------------------------------------------------------------------------------------
 # sets and k
 max_size = n // 2
 if max_size < 4:
-    st.error(f"Run {context.info.name!r} has only {n} stimuli; low and high sets need at least 4 each (8 stimuli).")
+    st.error(
+        f"Run {context.info.name!r} has only {n} stimuli; low and high sets need at least 4 "
+        "each (8 stimuli)."
+    )
     st.stop()
 row1 = st.columns([1, 1, 2])
 with row1[0]:
     score = state.bind_widget(
-        st.session_state, view, "score",
-        lambda key: st.radio("Dispersion score", state.SCORES, key=key, format_func=lambda s: plots.SCORE_NAME[s]),
+        st.session_state,
+        view,
+        "score",
+        lambda key: st.radio(
+            "Dispersion score", state.SCORES, key=key, format_func=lambda s: plots.SCORE_NAME[s]
+        ),
     )
 with row1[1]:
     size = state.bind_widget(
-        st.session_state, view, "size",
+        st.session_state,
+        view,
+        "size",
         lambda key: st.number_input(
-            "Set size (low / high / random)", min_value=4, max_value=max_size, step=1, key=key,
-            help=f"Stimuli per set; at most half of the {n} stimuli so low and high do not overlap.",
+            "Set size (low / high / random)",
+            min_value=4,
+            max_value=max_size,
+            step=1,
+            key=key,
+            help=f"Stimuli per set; at most half of the {n} stimuli (low, high must not overlap).",
         ),
-        coerce=lambda value: state.default_subset_size(n) if value is None else min(max(4, int(value)), max_size),
+        coerce=lambda value: (
+            state.default_subset_size(n) if value is None else min(max(4, int(value)), max_size)
+        ),
     )
 with row1[2]:
     source = state.bind_widget(
-        st.session_state, view, "source",
+        st.session_state,
+        view,
+        "source",
         lambda key: st.radio(
-            "Focus set", state.SOURCES, key=key, horizontal=True, format_func=lambda s: SET_LABEL[s],
+            "Focus set",
+            state.SOURCES,
+            key=key,
+            horizontal=True,
+            format_func=lambda s: SET_LABEL[s],
             help="Low, high and random sets are always shown; the focus set is summarised on top. "
-            "'current selection' comes from the Residual space page, 'pasted ids' from the box below.",
+            "'current selection' comes from the Residual space page, 'pasted ids' from a box "
+            "below.",
         ),
     )
 
@@ -116,7 +150,9 @@ if source == "selection":
     else:
         sets["selection"] = selection_io.match_ids(selection.ids, ids)[0]
 elif source == "pasted":
-    pasted = st.text_area("Stimulus ids (one per line, or separated by commas or spaces)", key="w_pasted_ids")
+    pasted = st.text_area(
+        "Stimulus ids (one per line, or separated by commas or spaces)", key="w_pasted_ids"
+    )
     wanted = selection_io.parse_id_list(pasted)
     rows, unknown = selection_io.match_ids(wanted, ids)
     if unknown:
@@ -129,7 +165,8 @@ elif source == "pasted":
 for name in ("selection", "pasted"):
     if name in sets and len(sets[name]) < 4:
         st.error(
-            f"The {SET_LABEL[name]} has {len(sets[name])} stimuli; CKNNA needs at least 4 (and more than k). "
+            f"The {SET_LABEL[name]} has {len(sets[name])} stimuli; CKNNA needs at least 4 "
+            "(and more than k). "
             "Add stimuli or choose another focus set."
         )
         del sets[name]
@@ -140,9 +177,14 @@ requested_k = view.k
 row2 = st.columns([2, 1, 1, 1])
 with row2[0]:
     k = state.bind_widget(
-        st.session_state, view, "k",
+        st.session_state,
+        view,
+        "k",
         lambda key: st.slider(
-            "k (nearest neighbours)", min_value=state.MIN_K, max_value=max_k, key=key,
+            "k (nearest neighbours)",
+            min_value=state.MIN_K,
+            max_value=max_k,
+            key=key,
             help=f"2 … {max_k}: k must be smaller than the smallest set ({smallest} stimuli).",
         ),
         coerce=lambda value: min(max(state.MIN_K, int(value)), max_k),
@@ -153,11 +195,25 @@ if requested_k > max_k and k == max_k:
         f"stimuli as neighbours); using k={max_k}. Choose a larger set size for a larger k."
     )
 with row2[1]:
-    n_random = st.number_input("Random sets", 20, 2000, 200, step=20, key="w_n_random",
-                               help="Random subsets of the same size forming the baseline distribution.")
+    n_random = st.number_input(
+        "Random sets",
+        20,
+        2000,
+        200,
+        step=20,
+        key="w_n_random",
+        help="Random subsets of the same size forming the baseline distribution.",
+    )
 with row2[2]:
-    n_permutations = st.number_input("Permutations", 20, 5000, 200, step=20, key="w_n_permutations",
-                                     help="Label shuffles of low vs high for the permutation p-value.")
+    n_permutations = st.number_input(
+        "Permutations",
+        20,
+        5000,
+        200,
+        step=20,
+        key="w_n_permutations",
+        help="Label shuffles of low vs high for the permutation p-value.",
+    )
 with row2[3]:
     seed = st.number_input("Seed", 0, 2**31 - 1, 0, step=1, key="w_seed")
 
@@ -181,16 +237,28 @@ else:
     focus_value = float("nan")
 summary = st.columns(4)
 summary[0].metric(
-    f"Focus: {SET_LABEL[source]}", "—" if np.isnan(focus_value) else f"{focus_value:.4f}",
-    delta=None if np.isnan(focus_value) or focus == "random" else f"{focus_value - random_mean:+.4f} vs random",
+    f"Focus: {SET_LABEL[source]}",
+    "—" if np.isnan(focus_value) else f"{focus_value:.4f}",
+    delta=None
+    if np.isnan(focus_value) or focus == "random"
+    else f"{focus_value - random_mean:+.4f} vs random",
     help="CKNNA of the focus set, mean over the vision × language pairs shown.",
 )
-summary[1].metric("CKNNA, low dispersion", f"{set_values.loc[set_values['set'] == 'low', 'cknna'].mean():.4f}")
+summary[1].metric(
+    "CKNNA, low dispersion", f"{set_values.loc[set_values['set'] == 'low', 'cknna'].mean():.4f}"
+)
 summary[2].metric("CKNNA, random (mean)", f"{random_mean:.4f}")
-summary[3].metric("CKNNA, high dispersion", f"{set_values.loc[set_values['set'] == 'high', 'cknna'].mean():.4f}")
+summary[3].metric(
+    "CKNNA, high dispersion", f"{set_values.loc[set_values['set'] == 'high', 'cknna'].mean():.4f}"
+)
 
-metric = st.radio("Bars show", ("cknna", "mutual_knn"), horizontal=True, key="w_metric",
-                  format_func=lambda m: {"cknna": "CKNNA", "mutual_knn": "mutual k-NN"}[m])
+metric = st.radio(
+    "Bars show",
+    ("cknna", "mutual_knn"),
+    horizontal=True,
+    key="w_metric",
+    format_func=lambda m: {"cknna": "CKNNA", "mutual_knn": "mutual k-NN"}[m],
+)
 st.plotly_chart(plots.alignment_bars(set_values, baseline_main, metric), key="alignment-bars")
 
 st.subheader("Low vs high: permutation test per pair")
@@ -200,13 +268,23 @@ st.caption(
     f"{1 / (int(n_permutations) + 1):.4f})."
 )
 permutation = data.low_high_permutation(
-    path, stamp, pairs, tuple(map(int, sets["low"])), tuple(map(int, sets["high"])), k,
-    int(n_permutations), int(seed),
+    path,
+    stamp,
+    pairs,
+    tuple(map(int, sets["low"])),
+    tuple(map(int, sets["high"])),
+    k,
+    int(n_permutations),
+    int(seed),
 )
 st.dataframe(permutation, hide_index=True, width="stretch")
 
 pair_columns = ["vision_model", "vision_layer", "language_model", "language_layer"]
-random_columns = [f"{m}_random_{part}" for m in ("cknna", "mutual_knn") for part in ("mean", "lower_95", "upper_95")]
+random_columns = [
+    f"{m}_random_{part}"
+    for m in ("cknna", "mutual_knn")
+    for part in ("mean", "lower_95", "upper_95")
+]
 table = pd.concat(
     [
         set_values[set_values["set_size"] == set_size].merge(
@@ -220,13 +298,19 @@ table["score"] = score
 table["n_random"] = int(n_random)
 table["n_permutations"] = int(n_permutations)
 table["seed"] = int(seed)
-table = table.sort_values(["vision_model", "language_model", "set"], kind="stable").reset_index(drop=True)
+table = table.sort_values(["vision_model", "language_model", "set"], kind="stable").reset_index(
+    drop=True
+)
 st.subheader("All results")
-st.caption("One row per vision × language pair and set; random columns: random sets of the same size.")
+st.caption(
+    "One row per vision × language pair and set; random columns: random sets of the same size."
+)
 st.dataframe(table, hide_index=True, width="stretch")
 st.download_button(
-    "Download results (CSV)", table.to_csv(index=False).encode("utf-8"),
-    file_name=f"alignment-{context.info.name}-{score}-size{size}-k{k}.csv", mime="text/csv",
+    "Download results (CSV)",
+    table.to_csv(index=False).encode("utf-8"),
+    file_name=f"alignment-{context.info.name}-{score}-size{size}-k{k}.csv",
+    mime="text/csv",
     key="download-results",
 )
 

@@ -20,15 +20,20 @@ TIMEOUT = 60
 
 @pytest.fixture(scope="module")
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache with two runs: "demo" (60 stimuli) and the newer "other" (40 stimuli, other models)."""
+    """Two runs: "demo" (60 stimuli) and the newer "other" (40 stimuli, other models)."""
     from tests.fixtures_runs import make_synthetic_run
 
     cache = tmp_path_factory.mktemp("cache")
     make_synthetic_run(cache / "runs", n=60, name="demo")
     time.sleep(0.01)
     make_synthetic_run(
-        cache / "runs", n=40, name="other", seed=1,
-        vision_models=("vision-x", "vision-y", "vision-z"), language_models=("language-z",), n_language_layers=3,
+        cache / "runs",
+        n=40,
+        name="other",
+        seed=1,
+        vision_models=("vision-x", "vision-y", "vision-z"),
+        language_models=("language-z",),
+        n_language_layers=3,
     )
     return cache
 
@@ -60,7 +65,14 @@ def test_parse_query_params_reads_valid_values() -> None:
         ["demo", "other"],
     )
     assert warnings == []
-    assert (view.run, view.source, view.score, view.k, view.size, view.page) == ("demo", "high", "pc1", 7, 30, 3)
+    assert (view.run, view.source, view.score, view.k, view.size, view.page) == (
+        "demo",
+        "high",
+        "pc1",
+        7,
+        30,
+        3,
+    )
     assert state.parse_query_params(view.to_query_params(), ["demo"])[0] == view
 
 
@@ -84,7 +96,9 @@ def test_parse_query_params_falls_back_with_a_warning(params, field, default, wo
 
 def test_warnings_never_echo_markdown_or_html_from_the_url() -> None:
     _, warnings = state.parse_query_params({"score": "![x](http://evil/t.png)<script>"}, [])
-    assert "![x]" not in warnings[0] and "<script>" not in warnings[0] and "(http" not in warnings[0]
+    assert (
+        "![x]" not in warnings[0] and "<script>" not in warnings[0] and "(http" not in warnings[0]
+    )
 
 
 def test_repeated_query_keys_use_the_last_value() -> None:
@@ -118,7 +132,9 @@ def test_no_run_says_how_to_make_one(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not at.exception
     message = " ".join(e.value for e in at.error)
     assert "No cached run" in message
-    assert "make demo" in message and "python -m convergence_core precompute --preset demo" in message
+    assert (
+        "make demo" in message and "python -m convergence_core precompute --preset demo" in message
+    )
 
 
 def test_home_cards_histogram_and_previews(synthetic_cache: Path) -> None:
@@ -266,14 +282,16 @@ def test_switching_runs_keeps_every_page_working(synthetic_cache: Path) -> None:
     assert set(table["set_size"]) == {15}  # the size chosen on demo is still valid for 40 stimuli
 
 
-
 def test_home_links_to_every_page_with_the_view_in_the_url(synthetic_cache: Path) -> None:
     at = _app()
     at.query_params["score"] = "pc1"
     at.run(timeout=TIMEOUT)
     links = at.get("page_link")
     assert [link.proto.label for link in links] == [
-        "Stimuli gallery", "Residual space", "Alignment lab", "Paper analyses"
+        "Stimuli gallery",
+        "Residual space",
+        "Alignment lab",
+        "Paper analyses",
     ]
     for link in links:
         assert "run=demo" in link.proto.query_string and "score=pc1" in link.proto.query_string

@@ -24,7 +24,9 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     cache = tmp_path_factory.mktemp("cache")
     make_synthetic_run(cache / "runs", n=60, name="demo")
-    make_synthetic_run(cache / "runs", n=30, name="vision-only", language_models=(), thumbnails=False)
+    make_synthetic_run(
+        cache / "runs", n=30, name="vision-only", language_models=(), thumbnails=False
+    )
     return cache
 
 
@@ -59,7 +61,8 @@ def _results(at: AppTest) -> pd.DataFrame:
 def _grams(run) -> dict[tuple[str, str], np.ndarray]:
     return {
         (model, layer): np.asarray(run.gram(model, layer), dtype=np.float64)
-        for model in run.models for layer in run.layers(model)
+        for model in run.models
+        for layer in run.layers(model)
     }
 
 
@@ -78,7 +81,10 @@ def test_subset_alignment_matches_the_reference_per_subset(run, s: int, k: int) 
     subsets = np.stack([rng.choice(run.n_stimuli, s, replace=False) for _ in range(7)])
     values = lab.subset_alignment(grams, pairs, subsets, k)
     for pair in pairs:
-        kx, ky = grams[(pair.vision_model, pair.vision_layer)], grams[(pair.language_model, pair.language_layer)]
+        kx, ky = (
+            grams[(pair.vision_model, pair.vision_layer)],
+            grams[(pair.language_model, pair.language_layer)],
+        )
         expected_cknna = [cknna_from_gram(kx, ky, k=k, subset=subset) for subset in subsets]
         expected_mknn = [mutual_knn_from_gram(kx, ky, k=k, subset=subset) for subset in subsets]
         np.testing.assert_allclose(values[pair][0], expected_cknna, rtol=1e-9, atol=1e-12)
@@ -120,12 +126,24 @@ def test_baseline_and_permutation_match_the_paper_analysis(run) -> None:
     size, k, seed = 15, 5, 3
     best = best_language_layers(run, k=10)
     reference = dispersion_set_alignment(
-        run, size=size, k=k, score="pc1", n_random=40, seed=seed, n_permutations=30, best_layers=best
+        run,
+        size=size,
+        k=k,
+        score="pc1",
+        n_random=40,
+        seed=seed,
+        n_permutations=30,
+        best_layers=best,
     )
     layers = dict(zip(best["language_model"], best["language_layer"], strict=True))
     pairs = [
         lab.Pair(v, vl, lm, layers[lm])
-        for v, vl, lm in zip(reference["vision_model"], reference["vision_layer"], reference["language_model"], strict=True)
+        for v, vl, lm in zip(
+            reference["vision_model"],
+            reference["vision_layer"],
+            reference["language_model"],
+            strict=True,
+        )
     ]
     scores = run.dispersion["pc1"].to_numpy()
     grams = _grams(run)
@@ -134,9 +152,15 @@ def test_baseline_and_permutation_match_the_paper_analysis(run) -> None:
     test = lab.low_high_permutation_table(grams, pairs, low, high, k, n_permutations=30, seed=seed)
     for column in ("cknna_random_mean", "cknna_random_lower_95", "cknna_random_upper_95"):
         np.testing.assert_allclose(baseline[column], reference[column], rtol=1e-9)
-    np.testing.assert_allclose(test["low_minus_high"], reference["low_minus_high"], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(test["permutation_p_value_two_sided"], reference["permutation_p_value_two_sided"])
-    np.testing.assert_allclose(test["permutation_p_value_low_greater"], reference["permutation_p_value_low_greater"])
+    np.testing.assert_allclose(
+        test["low_minus_high"], reference["low_minus_high"], rtol=1e-9, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        test["permutation_p_value_two_sided"], reference["permutation_p_value_two_sided"]
+    )
+    np.testing.assert_allclose(
+        test["permutation_p_value_low_greater"], reference["permutation_p_value_low_greater"]
+    )
 
 
 def test_permutation_p_values_by_hand() -> None:
@@ -162,7 +186,10 @@ def test_nearest_neighbours_by_brute_force() -> None:
     expected = sorted((j for j in range(30) if j != 4), key=lambda j: -gram[4, j])[:6]
     assert list(rows) == expected
     np.testing.assert_allclose(similarity, gram[4, expected])
-    assert 4 not in lab.nearest_neighbours(gram, 4, 100)[0] and len(lab.nearest_neighbours(gram, 4, 100)[0]) == 29
+    assert (
+        4 not in lab.nearest_neighbours(gram, 4, 100)[0]
+        and len(lab.nearest_neighbours(gram, 4, 100)[0]) == 29
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +208,10 @@ def test_default_view_shows_low_high_random_per_pair(run) -> None:
     scores = run.dispersion["mean"].to_numpy()
     row = table[(table["set"] == "high") & (table["vision_model"] == "vision-b")].iloc[0]
     expected = cknna_from_gram(
-        run.gram("vision-b", row["vision_layer"]), run.gram(row["language_model"], row["language_layer"]),
-        k=10, subset=select_stimuli(scores, "high", 15),
+        run.gram("vision-b", row["vision_layer"]),
+        run.gram(row["language_model"], row["language_layer"]),
+        k=10,
+        subset=select_stimuli(scores, "high", 15),
     )
     assert row["cknna"] == pytest.approx(expected, rel=1e-9)
     assert at.query_params["k"] == "10" and at.query_params["size"] == "15"
@@ -206,7 +235,9 @@ def test_high_and_low_sets_differ_and_follow_the_score(run) -> None:
     high = table[table["set"] == "high"]["cknna"].to_numpy()
     assert not np.allclose(low, high)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Focus: low dispersion"] == f"{low.mean():.4f}" == metrics["CKNNA, low dispersion"]
+    assert (
+        metrics["Focus: low dispersion"] == f"{low.mean():.4f}" == metrics["CKNNA, low dispersion"]
+    )
 
     at.radio(key="w_source").set_value("high").run(timeout=TIMEOUT)
     metrics = {m.label: m.value for m in at.metric}
@@ -252,8 +283,10 @@ def test_current_selection_is_used_and_bounds_k(run) -> None:
     assert at.slider(key="w_k").value == 6  # k < 7
     row = chosen.iloc[0]
     expected = cknna_from_gram(
-        run.gram(row["vision_model"], row["vision_layer"]), run.gram(row["language_model"], row["language_layer"]),
-        k=6, subset=np.array(rows),
+        run.gram(row["vision_model"], row["vision_layer"]),
+        run.gram(row["language_model"], row["language_layer"]),
+        k=6,
+        subset=np.array(rows),
     )
     assert row["cknna"] == pytest.approx(expected, rel=1e-9)
     # its random baseline has its own size

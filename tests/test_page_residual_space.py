@@ -1,4 +1,4 @@
-"""Residual-space page (pages/2_Residual_space.py), chart-selection parsing and selection import/export."""
+"""Residual-space page (pages/2_Residual_space.py), chart selections, selection import/export."""
 
 from __future__ import annotations
 
@@ -82,7 +82,9 @@ def test_selection_csv_round_trips_through_import() -> None:
     captions = [["first", "second"], ["<b>x</b>"], []]
     csv_bytes = selection_io.selection_csv(ids, captions)
     assert selection_io.parse_id_list(csv_bytes) == ids
-    rows, unknown = selection_io.match_ids(selection_io.parse_id_list(csv_bytes), ["q\"3", "zz", "a1"])
+    rows, unknown = selection_io.match_ids(
+        selection_io.parse_id_list(csv_bytes), ['q"3', "zz", "a1"]
+    )
     assert list(rows) == [2, 0] and unknown == ["b,2"]
 
 
@@ -109,27 +111,39 @@ def test_scatter_is_webgl_coloured_by_dispersion_with_hover(run) -> None:
     figure = _figure(at, "PCA of the GPA residuals")
     points = figure["data"][0]
     assert points["type"] == "scattergl"
-    np.testing.assert_allclose(_array(points["x"]), np.asarray(run.pca.scores)[:, 0], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        _array(points["x"]), np.asarray(run.pca.scores)[:, 0], rtol=1e-6, atol=1e-9
+    )
     np.testing.assert_allclose(_array(points["marker"]["color"]), run.dispersion["mean"], rtol=1e-6)
     assert list(_array(points["customdata"])) == list(range(run.n_stimuli))
     assert "mean residual" in points["marker"]["colorbar"]["title"]["text"]
     assert f"id {run.stimuli['id'].iloc[0]}" in points["text"][0]
     assert figure["layout"]["xaxis"]["title"]["text"].startswith("PC1 of residuals")
     explained = _figure(at, "Variance of the residuals")
-    np.testing.assert_allclose(_array(explained["data"][0]["y"]), 100 * np.asarray(run.pca.explained_variance_ratio))
+    np.testing.assert_allclose(
+        _array(explained["data"][0]["y"]), 100 * np.asarray(run.pca.explained_variance_ratio)
+    )
     loadings = _figure(at, "loadings")
     np.testing.assert_allclose(_array(loadings["data"][0]["y"]), np.asarray(run.pca.components)[0])
 
     at.radio(key="w_score").set_value("pc1").run(timeout=TIMEOUT)
     figure = _figure(at, "PCA of the GPA residuals")
-    np.testing.assert_allclose(_array(figure["data"][0]["marker"]["color"]), run.dispersion["pc1"], rtol=1e-6)
+    np.testing.assert_allclose(
+        _array(figure["data"][0]["marker"]["color"]), run.dispersion["pc1"], rtol=1e-6
+    )
 
 
 def test_hover_text_is_escaped(run) -> None:
     from convergence_core.dashboard import plots
 
-    assert plots.safe_hover_text("<script>alert(1)</script>") == "&lt;script&gt;alert(1)&lt;/script&gt;"
-    assert plots.safe_hover_text("x" * 200).endswith("…") and len(plots.safe_hover_text("x" * 200)) == 80
+    assert (
+        plots.safe_hover_text("<script>alert(1)</script>")
+        == "&lt;script&gt;alert(1)&lt;/script&gt;"
+    )
+    assert (
+        plots.safe_hover_text("x" * 200).endswith("…")
+        and len(plots.safe_hover_text("x" * 200)) == 80
+    )
 
 
 def test_empty_selection_says_what_to_do(run) -> None:
@@ -144,7 +158,11 @@ def test_selection_shows_gallery_export_and_overlay(run) -> None:
     state.set_selection(at.session_state, "demo", ids, origin="test")
     at.run(timeout=TIMEOUT)
     assert any(t.value.startswith("3 stimuli selected") for t in at.text)
-    gallery_ids = [t.value.split(" · ")[0][3:] for t in at.text if t.value.startswith("id ") and " · rank " in t.value]
+    gallery_ids = [
+        t.value.split(" · ")[0][3:]
+        for t in at.text
+        if t.value.startswith("id ") and " · rank " in t.value
+    ]
     assert gallery_ids == ids
     overlay = _figure(at, "PCA of the GPA residuals")["data"][1]
     assert list(_array(overlay["customdata"])) == [4, 9, 11]
@@ -178,7 +196,9 @@ def test_import_of_only_unknown_ids_is_an_error(run) -> None:
 
 def test_two_sessions_do_not_share_selections(run) -> None:
     first, second = _page(), _page()
-    state.set_selection(first.session_state, "demo", list(run.stimuli["id"].iloc[:5]), origin="test")
+    state.set_selection(
+        first.session_state, "demo", list(run.stimuli["id"].iloc[:5]), origin="test"
+    )
     first.run(timeout=TIMEOUT)
     second.run(timeout=TIMEOUT)
     assert state.get_selection(first.session_state, "demo") is not None
@@ -201,12 +221,16 @@ def test_umap_is_computed_once_and_cached_atomically(run, monkeypatch: pytest.Mo
     at.radio(key="w_projection").set_value("UMAP").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     figure = _figure(at, "UMAP of the GPA residuals")
-    np.testing.assert_allclose(_array(figure["data"][0]["x"]), np.asarray(run.gpa.residuals)[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        _array(figure["data"][0]["x"]), np.asarray(run.gpa.residuals)[:, 0], rtol=1e-6
+    )
     assert calls == [(run.n_stimuli, 3)]
     assert umap_file.is_file() and not list(run.path.glob("umap.npy.tmp-*"))
     data.umap_coordinates.clear()  # a new server process reads the file instead of recomputing
-    np.testing.assert_allclose(data.umap_coordinates(str(run.path), data.manifest_stamp(run.path))[:, 1],
-                               np.asarray(run.gpa.residuals)[:, 1])
+    np.testing.assert_allclose(
+        data.umap_coordinates(str(run.path), data.manifest_stamp(run.path))[:, 1],
+        np.asarray(run.gpa.residuals)[:, 1],
+    )
     assert len(calls) == 1
     umap_file.unlink()
     data.umap_coordinates.clear()

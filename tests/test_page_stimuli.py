@@ -35,10 +35,15 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     stimuli["captions"] = captions
     embeddings, _ = synthetic_embeddings(n)
     write_run_from_embeddings(
-        cache / "runs" / "demo", stimuli, embeddings,
-        vision_models=["vision-a", "vision-b", "vision-c"], language_models=["language-a", "language-b"],
+        cache / "runs" / "demo",
+        stimuli,
+        embeddings,
+        vision_models=["vision-a", "vision-b", "vision-c"],
+        language_models=["language-a", "language-b"],
         default_layers={"vision-a": "stage2", "vision-b": "stage2", "vision-c": "stage2"},
-        images_root=dataset.root, thumbnails=True, dataset_name="hostile captions",
+        images_root=dataset.root,
+        thumbnails=True,
+        dataset_name="hostile captions",
     )
     return cache
 
@@ -74,14 +79,18 @@ def _expected(run, score: str, rows_per_side: int, page: int) -> tuple[list[str]
     order = np.argsort(run.dispersion[f"rank_{score}"].to_numpy(), kind="stable")
     ids = run.stimuli["id"].to_numpy()
     start = (page - 1) * rows_per_side
-    return list(ids[order][start : start + rows_per_side]), list(ids[order[::-1]][start : start + rows_per_side])
+    return list(ids[order][start : start + rows_per_side]), list(
+        ids[order[::-1]][start : start + rows_per_side]
+    )
 
 
 def test_gallery_ranks_lowest_and_highest_side_by_side(run) -> None:
     at = _page()
     low, high = _expected(run, "mean", PER_SIDE, 1)
     assert _gallery_ids(at) == low + high
-    assert len(at.image) >= 2 * PER_SIDE  # thumbnails of both sides (+ the detail view and neighbours)
+    assert (
+        len(at.image) >= 2 * PER_SIDE
+    )  # thumbnails of both sides (+ the detail view and neighbours)
 
 
 def test_paging_and_score_change_the_shown_ids(run) -> None:
@@ -120,15 +129,21 @@ def test_caption_filter_keeps_only_matching_stimuli(run) -> None:
     at = _page()
     word = "dog"
     matching = {
-        i for i, caps in zip(run.stimuli["id"], run.stimuli["captions"]) if any(word in c.lower() for c in caps)
+        i
+        for i, caps in zip(run.stimuli["id"], run.stimuli["captions"], strict=True)
+        if any(word in c.lower() for c in caps)
     }
-    assert 0 < len(matching) <= 2 * PER_SIDE, "pick a filter word that matches a handful of the 40 stimuli"
+    assert 0 < len(matching) <= 2 * PER_SIDE, (
+        "pick a filter word that matches a handful of the 40 stimuli"
+    )
     _widget(at.text_input, "Filter by caption").set_value("DOG").run(timeout=TIMEOUT)
     shown = _gallery_ids(at)
     assert set(shown) == matching
     assert any(t.value.startswith(f"{len(matching)} of 40 stimuli shown") for t in at.text)
 
-    _widget(at.text_input, "Filter by caption").set_value("zzzz-no-such-caption").run(timeout=TIMEOUT)
+    _widget(at.text_input, "Filter by caption").set_value("zzzz-no-such-caption").run(
+        timeout=TIMEOUT
+    )
     assert _gallery_ids(at) == []
     assert any("No stimulus matches" in i.value for i in at.info)
 
@@ -140,7 +155,16 @@ def test_hostile_caption_is_shown_verbatim_as_plain_text(run) -> None:
     texts = [t.value for t in at.text]
     assert f"• {EVIL}" in texts
     rendered_as_markdown = [
-        e for e in [*at.markdown, *at.caption, *at.info, *at.warning, *at.error, *at.subheader, *at.header]
+        e
+        for e in [
+            *at.markdown,
+            *at.caption,
+            *at.info,
+            *at.warning,
+            *at.error,
+            *at.subheader,
+            *at.header,
+        ]
         if "alert(1)" in e.value
     ]
     assert rendered_as_markdown == []
@@ -183,7 +207,10 @@ def test_inspect_button_shows_ranks_residuals_and_neighbours(run) -> None:
     from convergence_core.analyses import best_language_layers
 
     best = best_language_layers(run, k=10)
-    assert language_layer == dict(zip(best["language_model"], best["language_layer"], strict=True))[language]
+    assert (
+        language_layer
+        == dict(zip(best["language_model"], best["language_layer"], strict=True))[language]
+    )
     assert list(at.dataframe[-1].value["id"]) == brute(language, language_layer)[0]
 
 

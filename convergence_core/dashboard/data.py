@@ -77,7 +77,10 @@ def grams_for(run: Run, pairs: Sequence[lab.Pair]) -> dict[tuple[str, str], np.n
     sides = {
         side
         for pair in pairs
-        for side in ((pair.vision_model, pair.vision_layer), (pair.language_model, pair.language_layer))
+        for side in (
+            (pair.vision_model, pair.vision_layer),
+            (pair.language_model, pair.language_layer),
+        )
     }
     return {side: _gram64(str(run.path), stamp, *side) for side in sides}
 
@@ -93,7 +96,14 @@ def best_language_layers(path: str, stamp: int, k: int = 10) -> dict[str, str]:
 
 @st.cache_data(show_spinner="Drawing the random baseline…", max_entries=256)
 def random_baseline(
-    path: str, stamp: int, pairs: tuple[lab.Pair, ...], score: str, size: int, k: int, n_random: int, seed: int
+    path: str,
+    stamp: int,
+    pairs: tuple[lab.Pair, ...],
+    score: str,
+    size: int,
+    k: int,
+    n_random: int,
+    seed: int,
 ) -> pd.DataFrame:
     """:func:`lab.baseline_table` for a run, cached per (pairs, size, k, n_random, seed)."""
     run = _open_run(path, stamp)
@@ -117,8 +127,13 @@ def low_high_permutation(
     """:func:`lab.low_high_permutation_table` for a run, cached per (pairs, sets, k, seed)."""
     run = _open_run(path, stamp)
     return lab.low_high_permutation_table(
-        grams_for(run, pairs), pairs, np.array(low), np.array(high), k,
-        n_permutations=n_permutations, seed=seed,
+        grams_for(run, pairs),
+        pairs,
+        np.array(low),
+        np.array(high),
+        k,
+        n_permutations=n_permutations,
+        seed=seed,
     )
 
 
@@ -131,15 +146,17 @@ def compute_umap(residuals: np.ndarray, random_state: int = UMAP_RANDOM_STATE) -
         n_components=2,
         n_neighbors=min(UMAP_NEIGHBOURS, max(2, m - 1)),
         random_state=random_state,
-        n_jobs=1,  # a fixed random_state forces one thread anyway; saying so silences umap's warning
+        n_jobs=1,  # a fixed random_state forces one thread anyway; saying so silences a warning
         init="spectral" if m > 10 else "random",
     )
-    return np.asarray(reducer.fit_transform(np.asarray(residuals, dtype=np.float64)), dtype=np.float64)
+    return np.asarray(
+        reducer.fit_transform(np.asarray(residuals, dtype=np.float64)), dtype=np.float64
+    )
 
 
 @st.cache_data(show_spinner="Computing the UMAP view (once per run)…", max_entries=16)
 def umap_coordinates(path: str, stamp: int) -> np.ndarray:
-    """(m, 2) UMAP of the run's residuals; read from ``<run>/umap.npy`` or computed and written there."""
+    """(m, 2) UMAP of the run's residuals: from ``<run>/umap.npy``, else computed and written."""
     run = _open_run(path, stamp)
     m = run.gpa.residuals.shape[0]
     file = RunLayout(Path(path)).umap

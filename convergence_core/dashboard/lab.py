@@ -51,7 +51,8 @@ def check_subset_for_k(size: int, k: int, what: str) -> None:
     """ValueError in words when ``k`` neighbours cannot be taken inside a subset of ``size``."""
     if size < 4:
         raise ValueError(
-            f"{what} has {size} stimuli; CKNNA needs at least 4 (and more than k): choose more stimuli"
+            f"{what} has {size} stimuli; CKNNA needs at least 4 (and more than k): "
+            "choose more stimuli"
         )
     if not 1 <= k < size:
         raise ValueError(
@@ -92,8 +93,13 @@ def _knn_mask(blocks: np.ndarray, k: int) -> np.ndarray:
 
 
 def _hsic_unbiased_sparse(
-    n_blocks: int, s: int, position: np.ndarray, transposed: np.ndarray,
-    a: np.ndarray, b: np.ndarray, b_transposed: np.ndarray,
+    n_blocks: int,
+    s: int,
+    position: np.ndarray,
+    transposed: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    b_transposed: np.ndarray,
 ) -> np.ndarray:
     """(n_blocks,) unbiased HSIC (Song et al. 2012) of masked kernels A, B given by their entries.
 
@@ -112,7 +118,9 @@ def _hsic_unbiased_sparse(
         * np.bincount(block, weights=b, minlength=n_blocks)
         / ((m - 1) * (m - 2))
     )
-    column_sums_a = np.bincount(transposed // s, weights=a, minlength=n_blocks * s)  # at block·s + j
+    column_sums_a = np.bincount(
+        transposed // s, weights=a, minlength=n_blocks * s
+    )  # at block·s + j
     row_sums_b = np.bincount(position // s, weights=b, minlength=n_blocks * s)  # at block·s + i
     cross_term = 2.0 * (column_sums_a * row_sums_b).reshape(n_blocks, s).sum(axis=1) / (m - 2)
     return (trace_term + sums_term - cross_term) / (m * (m - 3))
@@ -184,7 +192,10 @@ def subset_alignment(
         dict.fromkeys(
             side
             for pair in pairs
-            for side in ((pair.vision_model, pair.vision_layer), (pair.language_model, pair.language_layer))
+            for side in (
+                (pair.vision_model, pair.vision_layer),
+                (pair.language_model, pair.language_layer),
+            )
         )
     )
     chunk = max(1, _CHUNK_ELEMENTS // (s * s))
@@ -207,15 +218,20 @@ def subset_alignment(
 
 
 def random_subsets(scores: np.ndarray, size: int, n_random: int, seed: int) -> np.ndarray:
-    """(n_random, size) random subsets, the same draws ``analyses.dispersion_set_alignment`` makes."""
+    """(n_random, size) random subsets: the draws ``analyses.dispersion_set_alignment`` makes."""
     random_seed, _ = np.random.SeedSequence(seed).spawn(2)
     rng = np.random.default_rng(random_seed)
     return np.stack(
-        [np.asarray(select_stimuli(scores, "random", size, rng=rng), dtype=np.intp) for _ in range(n_random)]
+        [
+            np.asarray(select_stimuli(scores, "random", size, rng=rng), dtype=np.intp)
+            for _ in range(n_random)
+        ]
     )
 
 
-def permuted_splits(low: np.ndarray, high: np.ndarray, n_permutations: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def permuted_splits(
+    low: np.ndarray, high: np.ndarray, n_permutations: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The relabelled (first, second) sets of the permutation test, each (n_permutations, s).
 
     The same shuffles as ``stats.permutation_test_two_sets`` with the generator
@@ -255,7 +271,9 @@ def baseline_table(
     ``cknna_random_lower_95``, ``cknna_random_upper_95``, ``mutual_knn_random_mean``,
     ``mutual_knn_random_lower_95``, ``mutual_knn_random_upper_95``.
     """
-    from ..stats import percentile_interval  # here: scipy's import would slow every page's first run
+    from ..stats import (
+        percentile_interval,
+    )  # here: scipy's import would slow every page's first run
 
     if n_random < 1:
         raise ValueError(f"n_random must be >= 1, got {n_random}; use e.g. 200")

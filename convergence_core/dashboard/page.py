@@ -39,7 +39,7 @@ def no_run_message() -> str:
 
 
 def open_page(title: str, icon: str = "🔬") -> PageContext:
-    """Set up a page: title, run picker (sidebar), view from URL/session; stop if there is no run."""
+    """Set up a page: title, run picker (sidebar), view from URL/session; stop if no run exists."""
     st.set_page_config(page_title=f"{title} · Convergence Explorer", page_icon=icon, layout="wide")
     runs = data.available_runs()
     names = [info.name for info in runs]
@@ -54,10 +54,14 @@ def open_page(title: str, icon: str = "🔬") -> PageContext:
         view.run = data.default_run_name(runs)
     with st.sidebar:
         state.bind_widget(
-            st.session_state, view, "run",
+            st.session_state,
+            view,
+            "run",
             lambda key: st.selectbox(
-                "Run", names, key=key,
-                help="Cached runs under $CONVERGENCE_CACHE/runs; the default is the newest demo run.",
+                "Run",
+                names,
+                key=key,
+                help="Cached runs under $CONVERGENCE_CACHE/runs; default: the newest demo run.",
             ),
             coerce=lambda value: value if value in names else data.default_run_name(runs),
         )

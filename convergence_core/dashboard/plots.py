@@ -43,11 +43,17 @@ def safe_hover_text(text: str, limit: int = HOVER_CAPTION_CHARS) -> str:
     return html.escape(text, quote=True)
 
 
-def dispersion_histograms(mean: np.ndarray, pc1: np.ndarray, pearson: float, spearman: float) -> go.Figure:
+def dispersion_histograms(
+    mean: np.ndarray, pc1: np.ndarray, pearson: float, spearman: float
+) -> go.Figure:
     """Side-by-side histograms of the two dispersion scores (m,) each, with their correlation."""
     figure = make_subplots(rows=1, cols=2, subplot_titles=("Mean residual", "PC1 score"))
-    figure.add_trace(go.Histogram(x=mean, nbinsx=40, name="mean", marker_color="#1f77b4"), row=1, col=1)
-    figure.add_trace(go.Histogram(x=pc1, nbinsx=40, name="PC1", marker_color="#ff7f0e"), row=1, col=2)
+    figure.add_trace(
+        go.Histogram(x=mean, nbinsx=40, name="mean", marker_color="#1f77b4"), row=1, col=1
+    )
+    figure.add_trace(
+        go.Histogram(x=pc1, nbinsx=40, name="PC1", marker_color="#ff7f0e"), row=1, col=2
+    )
     figure.update_xaxes(title_text=SCORE_AXIS["mean"], row=1, col=1)
     figure.update_xaxes(title_text=SCORE_AXIS["pc1"], row=1, col=2)
     figure.update_yaxes(title_text="stimuli (count)", row=1, col=1)
@@ -65,13 +71,20 @@ def dispersion_histograms(mean: np.ndarray, pc1: np.ndarray, pearson: float, spe
     return figure
 
 
-def residual_bars(models: Sequence[str], residuals: np.ndarray, typical: np.ndarray, stimulus: str) -> go.Figure:
-    """Bar per vision model of one stimulus's residual (M,), with each model's median (M,) as a marker."""
+def residual_bars(
+    models: Sequence[str], residuals: np.ndarray, typical: np.ndarray, stimulus: str
+) -> go.Figure:
+    """Bar per vision model of one stimulus's residual (M,); each model's median (M,) marked."""
     figure = go.Figure()
-    figure.add_trace(go.Bar(x=list(models), y=residuals, name="this stimulus", marker_color="#1f77b4"))
+    figure.add_trace(
+        go.Bar(x=list(models), y=residuals, name="this stimulus", marker_color="#1f77b4")
+    )
     figure.add_trace(
         go.Scatter(
-            x=list(models), y=typical, mode="markers", name="median over all stimuli",
+            x=list(models),
+            y=typical,
+            mode="markers",
+            name="median over all stimuli",
             marker={"symbol": "line-ew-open", "size": 28, "color": "#222", "line": {"width": 3}},
         )
     )
@@ -107,16 +120,25 @@ def residual_scatter(
     """
     rows = np.arange(len(x))
     hover = [
-        f"id {safe_hover_text(i, 40)}<br>{safe_hover_text(c)}<br>mean residual {m:.4f} · PC1 {p:.4f}"
+        f"id {safe_hover_text(i, 40)}<br>{safe_hover_text(c)}"
+        f"<br>mean residual {m:.4f} · PC1 {p:.4f}"
         for i, c, m, p in zip(ids, captions, mean, pc1, strict=True)
     ]
     figure = go.Figure()
     figure.add_trace(
         go.Scattergl(
-            x=x, y=y, mode="markers", customdata=rows, text=hover, name="stimuli",
+            x=x,
+            y=y,
+            mode="markers",
+            customdata=rows,
+            text=hover,
+            name="stimuli",
             hovertemplate="%{text}<extra></extra>",
             marker={
-                "color": colour, "colorscale": "Viridis", "size": 7, "opacity": 0.85,
+                "color": colour,
+                "colorscale": "Viridis",
+                "size": 7,
+                "opacity": 0.85,
                 "colorbar": {"title": {"text": colour_title, "side": "right"}},
             },
         )
@@ -125,14 +147,25 @@ def residual_scatter(
         chosen = np.asarray(selected, dtype=int)
         figure.add_trace(
             go.Scattergl(
-                x=np.asarray(x)[chosen], y=np.asarray(y)[chosen], mode="markers", name="current selection",
+                x=np.asarray(x)[chosen],
+                y=np.asarray(y)[chosen],
+                mode="markers",
+                name="current selection",
                 customdata=chosen,  # a box/lasso over these points must select the same stimuli
                 hoverinfo="skip",
-                marker={"size": 12, "color": "rgba(0,0,0,0)", "line": {"color": "#d62728", "width": 2}},
+                marker={
+                    "size": 12,
+                    "color": "rgba(0,0,0,0)",
+                    "line": {"color": "#d62728", "width": 2},
+                },
             )
         )
     figure.update_layout(
-        title_text=title, xaxis_title=x_title, yaxis_title=y_title, height=560, dragmode="lasso",
+        title_text=title,
+        xaxis_title=x_title,
+        yaxis_title=y_title,
+        height=560,
+        dragmode="lasso",
         legend={"orientation": "h", "y": -0.15},
     )
     return figure
@@ -151,7 +184,9 @@ def explained_variance_bars(ratio: np.ndarray) -> go.Figure:
     return figure
 
 
-def loadings_bars(components: np.ndarray, models: Sequence[str], n_components: int = 2) -> go.Figure:
+def loadings_bars(
+    components: np.ndarray, models: Sequence[str], n_components: int = 2
+) -> go.Figure:
     """Per-model loadings (rows of ``components`` (M, M)) of the first ``n_components`` PCs."""
     figure = go.Figure()
     for index in range(min(n_components, components.shape[0])):
@@ -166,17 +201,24 @@ def loadings_bars(components: np.ndarray, models: Sequence[str], n_components: i
     return figure
 
 
-def alignment_bars(sets: pd.DataFrame, baseline: pd.DataFrame | None, metric: str = "cknna") -> go.Figure:
+def alignment_bars(
+    sets: pd.DataFrame, baseline: pd.DataFrame | None, metric: str = "cknna"
+) -> go.Figure:
     """Fig. 2-style bars: one panel per vision model, language models on x, one bar per set.
 
     ``sets`` has one row per pair × set (``lab.set_table``); ``baseline`` (``lab.baseline_table``)
     adds a "random" bar per pair at the random-subset mean with its 95% interval as error bars.
     ``metric`` is ``"cknna"`` or ``"mutual_knn"``.
     """
-    metric_title = {"cknna": "CKNNA (unitless)", "mutual_knn": "mutual k-NN overlap (fraction of k)"}[metric]
+    metric_title = {
+        "cknna": "CKNNA (unitless)",
+        "mutual_knn": "mutual k-NN overlap (fraction of k)",
+    }[metric]
     visions = list(dict.fromkeys(sets["vision_model"]))
     figure = make_subplots(
-        rows=1, cols=len(visions), shared_yaxes=True,
+        rows=1,
+        cols=len(visions),
+        shared_yaxes=True,
         subplot_titles=[safe_hover_text(v, 40) for v in visions],
     )
     set_names = list(dict.fromkeys(sets["set"]))
@@ -191,17 +233,23 @@ def alignment_bars(sets: pd.DataFrame, baseline: pd.DataFrame | None, metric: st
                 rows = baseline[baseline["vision_model"] == vision]
                 mean = rows[f"{metric}_random_mean"].to_numpy()
                 error = {
-                    "type": "data", "symmetric": False,
+                    "type": "data",
+                    "symmetric": False,
                     "array": rows[f"{metric}_random_upper_95"].to_numpy() - mean,
                     "arrayminus": mean - rows[f"{metric}_random_lower_95"].to_numpy(),
                 }
                 figure.add_trace(
                     go.Bar(
-                        x=rows["language_model"], y=mean, error_y=error,
+                        x=rows["language_model"],
+                        y=mean,
+                        error_y=error,
                         name=f"random (mean, 95% of {int(rows['n_random'].iloc[0])} sets)",
-                        marker_color=SET_COLOURS["random"], legendgroup="random", showlegend=column == 1,
+                        marker_color=SET_COLOURS["random"],
+                        legendgroup="random",
+                        showlegend=column == 1,
                     ),
-                    row=1, col=column,
+                    row=1,
+                    col=column,
                 )
                 continue
             rows = panel[panel["set"] == name]
@@ -209,17 +257,23 @@ def alignment_bars(sets: pd.DataFrame, baseline: pd.DataFrame | None, metric: st
                 continue
             figure.add_trace(
                 go.Bar(
-                    x=rows["language_model"], y=rows[metric],
+                    x=rows["language_model"],
+                    y=rows[metric],
                     name=f"{name} ({int(rows['set_size'].iloc[0])} stimuli)",
-                    marker_color=SET_COLOURS.get(name, "#17becf"), legendgroup=name, showlegend=column == 1,
+                    marker_color=SET_COLOURS.get(name, "#17becf"),
+                    legendgroup=name,
+                    showlegend=column == 1,
                 ),
-                row=1, col=column,
+                row=1,
+                col=column,
             )
         figure.update_xaxes(title_text="language model", row=1, col=column)
     figure.update_yaxes(title_text=metric_title, row=1, col=1)
     k = int(sets["k"].iloc[0]) if not sets.empty else 0
     figure.update_layout(
         title_text=f"Vision–language alignment per set (k = {k}); error bars: 95% of random sets",
-        barmode="group", height=420, legend={"orientation": "h", "y": -0.25},
+        barmode="group",
+        height=420,
+        legend={"orientation": "h", "y": -0.25},
     )
     return figure

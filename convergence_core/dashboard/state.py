@@ -87,7 +87,9 @@ def _parse_int(name: str, text: str, low: int, warnings: list[str]) -> int | Non
     try:
         value = int(text.strip())
     except ValueError:
-        warnings.append(f"URL parameter {name}='{shown(text)}' is not a whole number; using the default.")
+        warnings.append(
+            f"URL parameter {name}='{shown(text)}' is not a whole number; using the default."
+        )
         return None
     if value < low:
         warnings.append(f"URL parameter {name}={value} must be at least {low}; using the default.")
@@ -119,7 +121,8 @@ def parse_query_params(
         else:
             known = ", ".join(shown(name) for name in run_names) if run_names else "none yet"
             warnings.append(
-                f"URL parameter run='{shown(values['run'])}' is not a cached run (cached: {known}); "
+                f"URL parameter run='{shown(values['run'])}' is not a cached run "
+                f"(cached: {known}); "
                 "showing the default run."
             )
     if "source" in values:
@@ -127,7 +130,8 @@ def parse_query_params(
             view.source = values["source"]
         else:
             warnings.append(
-                f"URL parameter source='{shown(values['source'])}' is not one of {', '.join(SOURCES)}; "
+                f"URL parameter source='{shown(values['source'])}' is not one of "
+                f"{', '.join(SOURCES)}; "
                 f"using {DEFAULT_SOURCE!r}."
             )
     if "score" in values:
@@ -135,7 +139,8 @@ def parse_query_params(
             view.score = values["score"]
         else:
             warnings.append(
-                f"URL parameter score='{shown(values['score'])}' is not one of {', '.join(SCORES)}; "
+                f"URL parameter score='{shown(values['score'])}' is not one of "
+                f"{', '.join(SCORES)}; "
                 f"using {DEFAULT_SCORE!r}."
             )
     if "k" in values:
@@ -155,7 +160,7 @@ def parse_query_params(
 
 @dataclass
 class Selection:
-    """The current selection of one browser session: stimulus ids of one run, and where it came from."""
+    """One browser session's current selection: stimulus ids of one run, and their origin."""
 
     run: str
     ids: tuple[str, ...]
@@ -167,7 +172,7 @@ def init_view(
     query_params: Mapping[str, str | Sequence[str]],
     run_names: Sequence[str],
 ) -> tuple[View, list[str]]:
-    """The session's view; parsed from the URL on the session's first rerun, then kept in the session.
+    """The session's view: parsed from the URL on the session's first rerun, then kept.
 
     Returns ``(view, warnings)``; warnings are only non-empty on the first rerun of a session.
     The returned ``View`` belongs to this session (mutating it is how widgets update it).
@@ -205,9 +210,11 @@ def bind_widget(
     return value
 
 
-def drop_stale_choice(session_state: MutableMapping[str, Any], key: str, options: Sequence[Any]) -> None:
+def drop_stale_choice(
+    session_state: MutableMapping[str, Any], key: str, options: Sequence[Any]
+) -> None:
     """Forget a widget's session value that is not among its current ``options`` (e.g. a stimulus
-    or model of the previously chosen run), so the widget starts from its default instead of failing."""
+    or model of the previously chosen run), so the widget starts from its default, not an error."""
     if key in session_state and session_state[key] not in options:
         del session_state[key]
 

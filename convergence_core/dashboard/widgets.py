@@ -37,7 +37,7 @@ def _inspect(identifier: str) -> None:
 def stimulus_card(
     run: Run, row: int, label: str, *, key: str, all_captions: bool = True, inspect: bool = True
 ) -> None:
-    """Thumbnail, a one-line label, the captions and (``inspect``) an "Inspect" button for one stimulus.
+    """Thumbnail, label, captions and (``inspect``) an "Inspect" button for one stimulus.
 
     ``all_captions``: the first caption plus an expander with all of them; else only the first.
     """
@@ -60,8 +60,14 @@ def stimulus_card(
 
 
 def gallery(
-    run: Run, rows: Sequence[int], labels: Sequence[str], *, key: str, columns: int = 4,
-    all_captions: bool = True, inspect: bool = True,
+    run: Run,
+    rows: Sequence[int],
+    labels: Sequence[str],
+    *,
+    key: str,
+    columns: int = 4,
+    all_captions: bool = True,
+    inspect: bool = True,
 ) -> None:
     """A grid of :func:`stimulus_card` s, ``columns`` per line, in the given order."""
     if not len(rows):
@@ -69,7 +75,9 @@ def gallery(
         return
     for start in range(0, len(rows), columns):
         cells = st.columns(columns)
-        for cell, row, label in zip(cells, rows[start : start + columns], labels[start : start + columns]):
+        for cell, row, label in zip(
+            cells, rows[start : start + columns], labels[start : start + columns], strict=False
+        ):  # the last line may have fewer stimuli than columns
             with cell:
                 stimulus_card(
                     run, int(row), label, key=key, all_captions=all_captions, inspect=inspect
@@ -77,9 +85,12 @@ def gallery(
 
 
 def captions_frame(run: Run, rows: Sequence[int]) -> pd.DataFrame:
-    """``id`` and ``caption`` (first caption) of ``rows``: for st.dataframe, which shows plain text."""
+    """``id`` and ``caption`` (the first) of ``rows``, for st.dataframe (which shows plain text)."""
     stimuli = run.stimuli.iloc[list(rows)]
     captions = stimuli["captions"] if "captions" in stimuli else [[] for _ in range(len(stimuli))]
     return pd.DataFrame(
-        {"id": stimuli["id"].astype(str).to_numpy(), "caption": [c[0] if len(c) else "" for c in captions]}
+        {
+            "id": stimuli["id"].astype(str).to_numpy(),
+            "caption": [c[0] if len(c) else "" for c in captions],
+        }
     )
