@@ -294,6 +294,15 @@ table = pd.concat(
     ]
 )
 table = table.merge(permutation.drop(columns=["n_permutations"]), on=pair_columns, how="left")
+# where each set falls in the distribution of random sets of its own size
+table["cknna_vs_random_95"] = np.select(
+    [
+        table["cknna"] > table["cknna_random_upper_95"],
+        table["cknna"] < table["cknna_random_lower_95"],
+    ],
+    ["above", "below"],
+    default="within",
+)
 table["score"] = score
 table["n_random"] = int(n_random)
 table["n_permutations"] = int(n_permutations)
