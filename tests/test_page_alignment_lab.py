@@ -209,9 +209,6 @@ def test_default_view_shows_low_high_random_per_pair(run) -> None:
     assert (table.loc[above, "cknna_vs_random_95"] == "above").all()
     assert (table.loc[below, "cknna_vs_random_95"] == "below").all()
     assert (table.loc[~above & ~below, "cknna_vs_random_95"] == "within").all()
-    assert set(table.loc[table["set"] == "low", "cknna_vs_random_95"]) == {
-        "above"
-    }  # planted effect
     # low/high numbers equal the reference on the sets chosen by the numerics module
     scores = run.dispersion["mean"].to_numpy()
     row = table[(table["set"] == "high") & (table["vision_model"] == "vision-b")].iloc[0]
