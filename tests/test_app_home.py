@@ -295,3 +295,15 @@ def test_home_links_to_every_page_with_the_view_in_the_url(synthetic_cache: Path
     ]
     for link in links:
         assert "run=demo" in link.proto.query_string and "score=pc1" in link.proto.query_string
+
+
+def test_damaged_run_is_an_error_in_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.fixtures_runs import make_synthetic_run
+
+    run = make_synthetic_run(tmp_path / "runs", n=20, name="demo", thumbnails=False)
+    (run.path / "dispersion.parquet").write_bytes(b"not a parquet file")
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = _app().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    message = " ".join(e.value for e in at.error)
+    assert "cannot be opened" in message and "rerun precompute" in message

@@ -68,6 +68,8 @@ def open_page(title: str, icon: str = "🔬") -> PageContext:
     info = runs[names.index(view.run)]
     try:
         run = data.open_run(info.path)
+        # read the lazily loaded results every page needs now, so a damaged run fails here, in words
+        run.gpa, run.dispersion, run.pca  # noqa: B018
     except (OSError, ValueError) as exc:
         st.title(title)
         st.error(f"Run {info.name!r} cannot be opened: {exc}")
