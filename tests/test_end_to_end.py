@@ -1,0 +1,200 @@
+"""End to end, as a user meets the product: the README's demo command on the real offline models,
+the paper's report on that run, and every page of the dashboard in a real headless Chromium.
+
+The demo run is precomputed once (about 3 minutes on 2 cores from an empty cache, seconds when cached)
+into the same cache `make demo` uses, so running the tests also prepares the demo.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from convergence_core import settings
+
+REPO = Path(__file__).resolve().parent.parent
+SCREENSHOT = REPO / "docs" / "dashboard.png"
+STIMULI_SCREENSHOT = REPO / "docs" / "stimuli.png"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+PAGES = ["", "Stimuli", "Residual_space", "Alignment_lab", "Paper_analyses"]
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "convergence_core", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run() -> Path:
+    """The real demo run (coco-mini × EfficientNet-Lite0/1/2 × MiniLM, Gemma-3-270M)."""
+    done = _cli("precompute", "--preset", "demo")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    path = settings.runs_root() / "demo"
+    assert (path / "manifest.json").is_file()
+    return path
+
+
+def test_demo_run_is_complete_and_cached(demo_run: Path) -> None:
+    from convergence_core import load_run
+
+    run = load_run(demo_run)
+    assert len(run.stimuli) == 239
+    assert set(run.vision_models) == {"efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"}
+    assert set(run.language_models) == {"minilm", "gemma-3-270m"}
+    assert run.gpa.residuals.shape == (239, 3)
+    assert np.isfinite(run.gpa.residuals).all() and run.gpa.converged
+
+    started = time.perf_counter()
+    again = _cli("precompute", "--preset", "demo")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert time.perf_counter() - started < 60, "a cached demo precompute must not recompute"
+
+
+def test_report_on_demo_run(demo_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    done = _cli("report", str(demo_run), "--out", str(out), timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "low" in done.stdout and "high" in done.stdout
+    assert list(out.glob("*.csv")) and list(out.glob("*.png"))
+    # keep a copy in the checkout (ignored by git) so CI's log and the README summary can be compared
+    (REPO / "report").mkdir(exist_ok=True)
+    (REPO / "report" / "summary.txt").write_text(done.stdout)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"`make demo` exited early with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=2) as r:
+                if r.read().decode().strip() == "ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"dashboard not healthy on port {port} after {timeout} s")
+
+
+def _wait_idle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until Streamlit has finished the script run (the status widget disappears)."""
+    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
+    page.wait_for_timeout(500)
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms
+    )
+    page.wait_for_timeout(300)
+
+
+def _metric(page, label: str) -> str:
+    """The value shown by the st.metric whose label is `label`."""
+    box = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
+    return box.locator('[data-testid="stMetricValue"]').inner_text()
+
+
+def _screenshot_is_meaningful(path: Path) -> None:
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    assert image.shape[0] >= 600 and image.shape[1] >= 1000, image.shape
+    assert image.std() > 10, "screenshot is nearly uniform: the page did not render"
+    dark = (image < 128).mean()
+    assert 0.005 < dark < 0.9, f"implausible share of dark pixels: {dark:.3f}"
+
+
+@pytest.mark.browser
+def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.fail("/usr/bin/chromium is missing: install Debian's chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    port = _free_port()
+    log = (tmp_path / "demo.log").open("w")
+    # The README's first command, exactly (cached run: it goes straight to serving).
+    proc = subprocess.Popen(
+        ["make", "demo", f"PORT={port}"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        _wait_healthy(port, proc)
+        assert f"http://localhost:{port}" in (tmp_path / "demo.log").read_text()
+        base = f"http://localhost:{port}"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            for name in PAGES:
+                page.goto(f"{base}/{name}")
+                _wait_idle(page)
+                assert page.locator('[data-testid="stException"]').count() == 0, (
+                    f"page /{name} shows an exception: "
+                    + page.locator('[data-testid="stException"]').first.inner_text()
+                )
+                assert "No cached run" not in page.inner_text("body")
+
+            # The alignment lab: move the k slider with the keyboard, as a user would, and see the
+            # CKNNA of the low-dispersion set change.
+            page.goto(f"{base}/Alignment_lab?k=10")
+            _wait_idle(page)
+            before = _metric(page, "CKNNA, low dispersion")
+            slider = (
+                page.locator('[data-testid="stSlider"]')
+                .filter(has_text="k (nearest neighbours)")
+                .locator('input[type="range"]')
+            )
+            assert slider.input_value() == "10"
+            slider.focus()
+            for _ in range(5):
+                page.keyboard.press("ArrowRight")
+            page.wait_for_url("**k=15**", timeout=30_000)  # the view lives in the URL
+            _wait_idle(page)
+            assert slider.input_value() == "15"
+            after = _metric(page, "CKNNA, low dispersion")
+            assert before != after, f"moving the k slider did not change CKNNA ({before} -> {after})"
+
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.goto(f"{base}/Stimuli")
+            _wait_idle(page)
+            page.wait_for_selector('[data-testid="stImage"] img', timeout=30_000)
+            page.screenshot(path=str(STIMULI_SCREENSHOT), full_page=False)
+            page.goto(f"{base}/")
+            _wait_idle(page)
+            page.screenshot(path=str(SCREENSHOT), full_page=False)
+            browser.close()
+        _screenshot_is_meaningful(STIMULI_SCREENSHOT)
+        _screenshot_is_meaningful(SCREENSHOT)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
