@@ -38,6 +38,7 @@ bench: install-dev
 	$(PY) benchmarks/bench_numerics.py
 	$(PY) benchmarks/bench_precompute.py
 	$(PY) benchmarks/bench_dashboard.py
+	$(PY) benchmarks/bench_analyses.py
 
 report: install
 	$(PY) -m convergence_core report --preset demo --out report/

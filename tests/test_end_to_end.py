@@ -7,7 +7,9 @@ into the same cache `make demo` uses, so running the tests also prepares the dem
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -73,15 +75,42 @@ def test_demo_run_is_complete_and_cached(demo_run: Path) -> None:
     assert time.perf_counter() - started < 60, "a cached demo precompute must not recompute"
 
 
-def test_report_on_demo_run(demo_run: Path, tmp_path: Path) -> None:
-    out = tmp_path / "report"
-    done = _cli("report", str(demo_run), "--out", str(out), timeout=600)
+def _readme() -> str:
+    return (REPO / "README.md").read_text()
+
+
+def test_report_on_demo_run_matches_the_readme(demo_run: Path) -> None:
+    """The README's report command, exactly; the README's table must be what it prints."""
+    out = REPO / "report"  # ignored by git; CI's copy of the report
+    done = _cli("report", "--preset", "demo", "--out", "report/", timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "low" in done.stdout and "high" in done.stdout
+    print(done.stdout)
     assert list(out.glob("*.csv")) and list(out.glob("*.png"))
-    # keep a copy in the checkout (ignored by git) so CI's log and the README summary can be compared
-    (REPO / "report").mkdir(exist_ok=True)
-    (REPO / "report" / "summary.txt").write_text(done.stdout)
+    summary = json.loads((out / "summary.json").read_text())
+    measured = {
+        (row["vision_model"], row["language_model"]): row
+        for row in summary
+        if row["score"] == "mean"
+    }
+    readme_rows = re.findall(
+        r"^\| (efficientnet-lite\d) \| ([\w.-]+) \(layer_\d+\) \| ([\d.]+) \| ([\d.]+) \[.*?\] \| ([\d.]+) \|",
+        _readme(),
+        flags=re.MULTILINE,
+    )
+    assert len(readme_rows) == len(measured) == 6
+    for vision, language, low, random_mean, high in readme_rows:
+        row = measured[(vision, language)]
+        for shown, key in ((low, "cknna_low_dispersion"), (random_mean, "cknna_random_mean"),
+                           (high, "cknna_high_dispersion")):
+            assert abs(float(shown) - row[key]) < 0.005, (vision, language, key, shown, row[key])
+
+
+def test_readme_python_example_runs(demo_run: Path) -> None:
+    block = re.search(r"```python\n(.*?)```", _readme(), flags=re.DOTALL)
+    assert block is not None
+    namespace: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["run"].path == demo_run
 
 
 def _free_port() -> int:
