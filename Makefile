@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8501
 HOST ?= localhost
 
-.PHONY: demo precompute serve test install install-dev bench report clean-venv
+.PHONY: demo test install install-dev bench report
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
