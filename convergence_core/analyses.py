@@ -14,25 +14,30 @@
   line.
 
 CKNNA is always computed from the run's cached Gram matrices (``run.gram``) with
-``neighbours.cknna_from_gram``, so a subset costs milliseconds. Column names are full words;
-CKNNA values are unitless.
+``neighbours.cknna_from_gram``, or ``neighbours.subset_alignment`` for many subsets at once, so a
+subset costs milliseconds. Column names are full words; CKNNA values are unitless.
+
+Fig. 2's random sets and label shuffles come from :func:`random_set_alignment` and
+:func:`low_high_permutation_tests`, which the dashboard's Alignment lab calls too: for the same
+seed the page and the report draw the same sets.
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from .neighbours import cknna_from_gram
+from .neighbours import cknna_from_gram, subset_alignment
 from .procrustes import generalized_procrustes, preprocess_embeddings, procrustes_align
 from .stats import (
+    PermutationResult,
     correlation_with_fit,
     paired_difference_tests,
     percentile_interval,
-    permutation_test_two_sets,
+    permutation_tests_two_sets,
 )
 from .subsets import drop_fraction, select_stimuli
 
@@ -44,6 +49,27 @@ _SCORES: tuple[str, ...] = ("mean", "pc1")
 
 #: Default number of label shuffles in the low-vs-high permutation test (p-value floor 1/1001).
 DEFAULT_N_PERMUTATIONS = 1000
+
+#: A model and layer: the key of one cached Gram matrix.
+GramKey = tuple[str, str]
+
+
+class Pair(NamedTuple):
+    """One vision × language comparison: a model and a layer on each side (hashable, a tuple)."""
+
+    vision_model: str
+    vision_layer: str
+    language_model: str
+    language_layer: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.vision_model} × {self.language_model}"
+
+    @property
+    def gram_keys(self) -> tuple[GramKey, GramKey]:
+        """((vision model, layer), (language model, layer)): the two Grams compared."""
+        return (self.vision_model, self.vision_layer), (self.language_model, self.language_layer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,18 +126,16 @@ def _dispersion_scores(run: Run, score: str) -> np.ndarray:
     return run.dispersion[score].to_numpy(dtype=np.float64)
 
 
-class _Grams:
-    """Loads each (model, layer) Gram matrix once per analysis call."""
+class _Grams(dict):
+    """``{(model, layer): Gram}`` of a run, each read on first use (once per analysis call)."""
 
     def __init__(self, run: Run) -> None:
+        super().__init__()
         self._run = run
-        self._cache: dict[tuple[str, str], np.ndarray] = {}
 
-    def __call__(self, model: str, layer: str) -> np.ndarray:
-        key = (model, layer)
-        if key not in self._cache:
-            self._cache[key] = np.asarray(self._run.gram(model, layer))
-        return self._cache[key]
+    def __missing__(self, key: GramKey) -> np.ndarray:
+        gram = self[key] = np.asarray(self._run.gram(*key))
+        return gram
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +156,7 @@ def layer_sweep(run: Run, *, k: int = 10) -> pd.DataFrame:
     rows = []
     for language in languages:
         for layer_index, language_layer in enumerate(run.layers(language)):
-            language_gram = grams(language, language_layer)
+            language_gram = grams[(language, language_layer)]
             for vision, vision_layer in pairs:
                 rows.append(
                     {
@@ -143,7 +167,7 @@ def layer_sweep(run: Run, *, k: int = 10) -> pd.DataFrame:
                         "language_layer_index": layer_index,
                         "k": int(k),
                         "cknna": float(
-                            cknna_from_gram(grams(vision, vision_layer), language_gram, k=k)
+                            cknna_from_gram(grams[(vision, vision_layer)], language_gram, k=k)
                         ),
                     }
                 )
@@ -185,10 +209,8 @@ def best_language_layers(
     return pd.DataFrame(rows)
 
 
-def _pairs_with_best_layers(
-    run: Run, k: int, best_layers: pd.DataFrame | None
-) -> list[tuple[str, str, str, str]]:
-    """(vision model, vision layer, language model, language layer) for every pair."""
+def _pairs_with_best_layers(run: Run, k: int, best_layers: pd.DataFrame | None) -> list[Pair]:
+    """Every vision model (at its GPA layer) × language model (at its best layer)."""
     if best_layers is None:
         best_layers = best_language_layers(run, k=k)
     chosen = dict(zip(best_layers["language_model"], best_layers["language_layer"], strict=True))
@@ -196,7 +218,7 @@ def _pairs_with_best_layers(
     if missing:
         raise ValueError(f"best_layers has no row for language models {missing}; recompute it")
     return [
-        (vision, vision_layer, language, chosen[language])
+        Pair(vision, vision_layer, language, chosen[language])
         for language in _language_models(run)
         for vision, vision_layer in vision_layers(run)
     ]
@@ -206,10 +228,62 @@ def _pairs_with_best_layers(
 # Fig. 2: low / high / random dispersion sets
 
 
-def _subset_cknna(
-    vision_gram: np.ndarray, language_gram: np.ndarray, k: int, subset: np.ndarray
-) -> float:
-    return float(cknna_from_gram(vision_gram, language_gram, k=k, subset=subset))
+def _set_draw_seeds(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    """Independent streams for Fig. 2's random sets and for its label shuffles, from one seed."""
+    random_seed, permutation_seed = np.random.SeedSequence(seed).spawn(2)
+    return random_seed, permutation_seed
+
+
+def random_sets(scores: np.ndarray, size: int, n_random: int, seed: int) -> np.ndarray:
+    """(n_random, size) int64: Fig. 2's random sets, each ``size`` stimuli without replacement."""
+    if n_random < 1:
+        raise ValueError(f"n_random must be >= 1, got {n_random}; use e.g. n_random=200")
+    rng = np.random.default_rng(_set_draw_seeds(seed)[0])
+    return np.stack([select_stimuli(scores, "random", size, rng=rng) for _ in range(n_random)])
+
+
+def random_set_alignment(
+    grams: Mapping[GramKey, np.ndarray],
+    pairs: Sequence[Pair],
+    scores: np.ndarray,
+    size: int,
+    k: int,
+    *,
+    n_random: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CKNNA and mutual k-NN of every pair on the :func:`random_sets` (the same sets for all).
+
+    ``grams`` maps (model, layer) to its (n, n) Gram; ``scores`` (n,) only sets n. Returns
+    ``(cknna, mutual_knn)``, each (len(pairs), n_random) float64.
+    """
+    sets = random_sets(scores, size, n_random, seed)
+    return subset_alignment(grams, [pair.gram_keys for pair in pairs], sets, k)
+
+
+def low_high_permutation_tests(
+    grams: Mapping[GramKey, np.ndarray],
+    pairs: Sequence[Pair],
+    low: np.ndarray,
+    high: np.ndarray,
+    k: int,
+    *,
+    n_permutations: int,
+    seed: int,
+) -> list[PermutationResult]:
+    """Per pair, the permutation test of CKNNA(low) - CKNNA(high), all pairs on the same shuffles.
+
+    The low/high labels of the 2·s stimuli are shuffled ``n_permutations`` times
+    (``stats.label_shuffles``); p-values use the +1 correction. One result per pair, in order.
+    """
+    keys = [pair.gram_keys for pair in pairs]
+    return permutation_tests_two_sets(
+        lambda sets: subset_alignment(grams, keys, sets, k)[0],
+        low,
+        high,
+        n_permutations=n_permutations,
+        rng=np.random.default_rng(_set_draw_seeds(seed)[1]),
+    )
 
 
 def dispersion_set_alignment(
@@ -251,51 +325,33 @@ def dispersion_set_alignment(
             f"sets would overlap; use size <= {n // 2}"
         )
     _check_k(k, size, "sets")
-    if n_random < 1:
-        raise ValueError(f"n_random must be >= 1, got {n_random}; use e.g. n_random=200")
     scores = _dispersion_scores(run, score)
     pairs = _pairs_with_best_layers(run, k, best_layers)
 
-    # dashboard/lab.py reproduces these draws (seed -> SeedSequence.spawn(2): random sets, then one
-    # fresh generator per pair for the shuffles) so the Alignment lab agrees with this table
-    low = np.asarray(select_stimuli(scores, "low", size), dtype=np.intp)
-    high = np.asarray(select_stimuli(scores, "high", size), dtype=np.intp)
-    random_seed, permutation_seed = np.random.SeedSequence(seed).spawn(2)
-    random_rng = np.random.default_rng(random_seed)
-    random_sets = [
-        np.asarray(select_stimuli(scores, "random", size, rng=random_rng), dtype=np.intp)
-        for _ in range(n_random)
-    ]
-
+    low = select_stimuli(scores, "low", size)
+    high = select_stimuli(scores, "high", size)
     grams = _Grams(run)
+    keys = [pair.gram_keys for pair in pairs]
+    low_values, high_values = subset_alignment(grams, keys, np.stack([low, high]), k)[0].T
+    random_values, _ = random_set_alignment(
+        grams, pairs, scores, size, k, n_random=n_random, seed=seed
+    )
+    tests = low_high_permutation_tests(
+        grams, pairs, low, high, k, n_permutations=n_permutations, seed=seed
+    )
     rows = []
-    for vision, vision_layer, language, language_layer in pairs:
-        vision_gram, language_gram = grams(vision, vision_layer), grams(language, language_layer)
-
-        pair_cknna = partial(_subset_cknna, vision_gram, language_gram, k)
-
-        random_values = np.array([pair_cknna(s) for s in random_sets], dtype=np.float64)
-        lower, upper = percentile_interval(random_values, 0.95)
-        test = permutation_test_two_sets(
-            pair_cknna,
-            low,
-            high,
-            n_permutations=n_permutations,
-            # the same shuffles for every pair, so pairs are tested alike
-            rng=np.random.default_rng(permutation_seed),
-        )
-        low_value, high_value = pair_cknna(low), pair_cknna(high)
+    for pair, low_value, high_value, random_row, test in zip(
+        pairs, low_values.tolist(), high_values.tolist(), random_values, tests, strict=True
+    ):
+        lower, upper = percentile_interval(random_row, 0.95)
         rows.append(
             {
-                "vision_model": vision,
-                "vision_layer": vision_layer,
-                "language_model": language,
-                "language_layer": language_layer,
+                **pair._asdict(),
                 "score": score,
                 "set_size": int(size),
                 "k": int(k),
                 "cknna_low_dispersion": low_value,
-                "cknna_random_mean": float(random_values.mean()),
+                "cknna_random_mean": float(random_row.mean()),
                 "cknna_random_lower_95": lower,
                 "cknna_random_upper_95": upper,
                 "cknna_high_dispersion": high_value,
@@ -386,16 +442,13 @@ def drop_fraction_alignment(
         _check_k(k, kept.shape[0], f"the {name} set")
     grams = _Grams(run)
     rows = []
-    for vision, vision_layer, language, language_layer in pairs:
-        vision_gram, language_gram = grams(vision, vision_layer), grams(language, language_layer)
+    for pair in pairs:
+        vision_gram, language_gram = (grams[key] for key in pair.gram_keys)
         for name, kept in conditions.items():
             subset = None if name == "full" else kept
             rows.append(
                 {
-                    "vision_model": vision,
-                    "vision_layer": vision_layer,
-                    "language_model": language,
-                    "language_layer": language_layer,
+                    **pair._asdict(),
                     "condition": name,
                     "fraction_dropped": 0.0 if name == "full" else float(q),
                     "score": score,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats as sps
 
 #: Relative tolerance under which a permuted difference counts as "as extreme as" the observed one;
 #: it keeps the identity permutation (an exact tie) counted despite floating-point rounding.
@@ -35,18 +34,14 @@ class PermutationResult:
     n_permutations: int
 
 
-def permutation_test_two_sets(
-    statistic: Callable[[np.ndarray], float],
-    first: np.ndarray,
-    second: np.ndarray,
-    *,
-    n_permutations: int,
-    rng: np.random.Generator,
-) -> PermutationResult:
-    """Permutation test of statistic(first) - statistic(second) by shuffling set labels.
+def label_shuffles(
+    first: np.ndarray, second: np.ndarray, n_permutations: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The relabelled sets of a two-set permutation test, each (n_permutations, s) intp.
 
-    ``first`` and ``second`` are disjoint integer index arrays of the same length s; each
-    permutation shuffles the 2·s pooled indices and splits them into two sets of s again.
+    ``first`` and ``second`` are disjoint 1-D index arrays of the same length s; each permutation
+    shuffles the 2·s pooled indices (one ``rng.permutation`` per relabelling, in order) and splits
+    them into two sets of s again.
     """
     first = np.asarray(first, dtype=np.intp)
     second = np.asarray(second, dtype=np.intp)
@@ -57,23 +52,74 @@ def permutation_test_two_sets(
         )
     if n_permutations < 1:
         raise ValueError(f"n_permutations must be >= 1, got {n_permutations}; use e.g. 1000")
-    size = first.shape[0]
     pool = np.concatenate([first, second])
-    observed = float(statistic(first)) - float(statistic(second))
-    null = np.empty(n_permutations, dtype=np.float64)
-    for b in range(n_permutations):
-        shuffled = pool[rng.permutation(pool.shape[0])]
-        null[b] = float(statistic(shuffled[:size])) - float(statistic(shuffled[size:]))
+    shuffled = np.stack([pool[rng.permutation(pool.shape[0])] for _ in range(n_permutations)])
+    return shuffled[:, : first.shape[0]], shuffled[:, first.shape[0] :]
+
+
+def permutation_p_values(observed: float, null: np.ndarray) -> tuple[float, float]:
+    """(two-sided, observed-greater) permutation p-values with the +1 correction.
+
+    A null value counts as "as extreme" within a relative tolerance of ``_TIE_TOLERANCE``.
+    """
+    null = np.asarray(null, dtype=np.float64)
     tolerance = _TIE_TOLERANCE * max(1.0, abs(observed))
     as_extreme_two_sided = int(np.count_nonzero(np.abs(null) >= abs(observed) - tolerance))
     as_extreme_greater = int(np.count_nonzero(null >= observed - tolerance))
-    return PermutationResult(
-        observed=observed,
-        p_value_two_sided=(1 + as_extreme_two_sided) / (n_permutations + 1),
-        p_value_first_greater=(1 + as_extreme_greater) / (n_permutations + 1),
-        null=null,
-        n_permutations=n_permutations,
+    return (
+        (1 + as_extreme_two_sided) / (null.shape[0] + 1),
+        (1 + as_extreme_greater) / (null.shape[0] + 1),
     )
+
+
+def permutation_tests_two_sets(
+    statistics: Callable[[np.ndarray], np.ndarray],
+    first: np.ndarray,
+    second: np.ndarray,
+    *,
+    n_permutations: int,
+    rng: np.random.Generator,
+) -> list[PermutationResult]:
+    """Permutation tests of P statistics at once, all on the same label shuffles.
+
+    ``statistics`` maps stacked index sets (B, s) to their values (P, B) (e.g. CKNNA of P model
+    pairs on each set, :func:`neighbours.subset_alignment`); it is called once, on the observed
+    sets and every relabelling (:func:`label_shuffles`). Returns one result per statistic.
+    """
+    shuffled_first, shuffled_second = label_shuffles(first, second, n_permutations, rng)
+    stacked = np.concatenate(
+        [np.asarray(first, dtype=np.intp)[None], np.asarray(second, dtype=np.intp)[None]]
+        + [shuffled_first, shuffled_second]
+    )
+    values = np.asarray(statistics(stacked), dtype=np.float64)
+    results = []
+    for row in values:
+        observed = float(row[0] - row[1])
+        null = row[2 : 2 + n_permutations] - row[2 + n_permutations :]
+        two_sided, greater = permutation_p_values(observed, null)
+        results.append(PermutationResult(observed, two_sided, greater, null, n_permutations))
+    return results
+
+
+def permutation_test_two_sets(
+    statistic: Callable[[np.ndarray], float],
+    first: np.ndarray,
+    second: np.ndarray,
+    *,
+    n_permutations: int,
+    rng: np.random.Generator,
+) -> PermutationResult:
+    """Permutation test of statistic(first) - statistic(second) by shuffling set labels.
+
+    :func:`permutation_tests_two_sets` for one statistic of one index array (s,) -> float.
+    """
+
+    def one_statistic(sets: np.ndarray) -> np.ndarray:
+        return np.array([[float(statistic(indices)) for indices in sets]])
+
+    return permutation_tests_two_sets(
+        one_statistic, first, second, n_permutations=n_permutations, rng=rng
+    )[0]
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -102,6 +148,10 @@ def paired_difference_tests(first: np.ndarray, second: np.ndarray) -> pd.DataFra
             "paired values must be 1-D arrays of equal length, got "
             f"{first.shape} and {second.shape}"
         )
+    # imported here: scipy.stats takes ~0.5 s to import, and every dashboard page imports this
+    # module (through dashboard/lab.py) without needing these tests
+    from scipy import stats as sps
+
     differences = first - second
     n_pairs = differences.shape[0]
     mean_difference = float(differences.mean()) if n_pairs else float("nan")
@@ -136,6 +186,8 @@ def correlation_with_fit(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
         raise ValueError(
             f"correlation needs two 1-D arrays of equal length >= 3, got {x.shape} and {y.shape}"
         )
+    from scipy import stats as sps  # here: see paired_difference_tests
+
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         nan = float("nan")
         pearson = spearman = (nan, nan)

@@ -18,6 +18,7 @@ from convergence_core.stats import (
     correlation_with_fit,
     paired_difference_tests,
     percentile_interval,
+    permutation_p_values,
     permutation_test_two_sets,
 )
 from tests.planted_runs import PLANTED_BEST_LAYER, make_planted_run, make_rotation_run
@@ -330,6 +331,12 @@ def test_permutation_p_values_are_roughly_uniform_under_the_null():
     p_values = np.array(p_values)
     assert 0.02 <= np.mean(p_values <= 0.1) <= 0.2
     assert 0.4 <= np.median(p_values) <= 0.6
+
+
+def test_permutation_p_values_by_hand():
+    null = np.array([-0.3, -0.1, 0.0, 0.1, 0.2, 0.5])
+    assert permutation_p_values(0.2, null) == pytest.approx(((1 + 3) / 7, (1 + 2) / 7))
+    assert permutation_p_values(10.0, null) == pytest.approx((1 / 7, 1 / 7))
 
 
 def test_percentile_interval_and_correlation_against_numpy():

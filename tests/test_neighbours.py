@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convergence_core.alignment import cknna, mutual_knn, prepare_features
-from convergence_core.neighbours import cknna_from_gram, mutual_knn_from_gram, top_k_neighbours
+from convergence_core import neighbours
+from convergence_core.neighbours import (
+    cknna_from_gram,
+    mutual_knn_from_gram,
+    subset_alignment,
+    top_k_neighbours,
+)
 
 
 def features(seed: int, n: int = 150, dx: int = 20, dy: int = 12):
@@ -114,3 +120,71 @@ def test_bad_grams_are_explained() -> None:
         mutual_knn_from_gram(K, L, 3)
     # a NaN outside the chosen subset is not touched
     assert np.isfinite(mutual_knn_from_gram(K, L, 3, subset=np.arange(5, 40)))
+
+
+# --- subset_alignment: many subsets and pairs at once, against the one-subset functions ---------
+
+
+def _batch_grams() -> dict[str, np.ndarray]:
+    """Four models' Grams on the same 60 stimuli (two related pairs, one unrelated model)."""
+    X, Y = features(20, n=60)
+    Z, W = features(21, n=60)
+    return {name: F @ F.T for name, F in (("x", X), ("y", Y), ("z", Z), ("w", W))}
+
+
+@pytest.mark.parametrize(("s", "k"), [(12, 3), (25, 10), (40, 39)])
+def test_subset_alignment_matches_the_one_subset_functions(s: int, k: int) -> None:
+    grams = _batch_grams()
+    pairs = [("x", "y"), ("z", "y"), ("w", "x")]
+    rng = np.random.default_rng(s)
+    subsets = np.stack([rng.choice(60, s, replace=False) for _ in range(7)])
+    cknna_values, mknn_values = subset_alignment(grams, pairs, subsets, k)
+    assert cknna_values.shape == mknn_values.shape == (3, 7)
+    for p, (x, y) in enumerate(pairs):
+        K, L = grams[x], grams[y]
+        expected_cknna = [cknna_from_gram(K, L, k=k, subset=subset) for subset in subsets]
+        expected_mknn = [mutual_knn_from_gram(K, L, k=k, subset=subset) for subset in subsets]
+        np.testing.assert_allclose(cknna_values[p], expected_cknna, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(mknn_values[p], expected_mknn, rtol=1e-12)
+
+
+def test_subset_alignment_on_float32_grams_matches_the_one_subset_functions() -> None:
+    grams = {name: gram.astype(np.float32) for name, gram in _batch_grams().items()}
+    subsets = np.stack([np.arange(0, 60, 2), np.arange(1, 60, 2)])
+    cknna_values, _ = subset_alignment(grams, [("x", "y")], subsets, 5)
+    expected = [cknna_from_gram(grams["x"], grams["y"], 5, subset) for subset in subsets]
+    np.testing.assert_allclose(cknna_values[0], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_subset_alignment_is_invariant_to_order_within_a_subset() -> None:
+    subset = np.arange(5, 35)
+    shuffled = np.random.default_rng(1).permutation(subset)
+    values = subset_alignment(_batch_grams(), [("x", "y")], np.stack([subset, shuffled]), 5)
+    cknna_values, mknn_values = values[0][0], values[1][0]
+    assert cknna_values[0] == pytest.approx(cknna_values[1], rel=1e-10)
+    assert mknn_values[0] == pytest.approx(mknn_values[1], rel=1e-12)
+
+
+def test_a_model_aligned_with_itself_scores_one() -> None:
+    grams = _batch_grams()
+    cknna_values, mknn_values = subset_alignment(grams, [("x", "x")], np.arange(40)[None], 8)
+    # just below 1: the reference adds 1e-6 to the denominator
+    assert 0.999 < cknna_values[0, 0] < 1.0 and mknn_values[0, 0] == pytest.approx(1.0)
+
+
+def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    grams = _batch_grams()
+    subsets = np.stack([np.random.default_rng(i).choice(60, 20, replace=False) for i in range(9)])
+    whole = subset_alignment(grams, [("x", "z")], subsets, 4)[0]
+    monkeypatch.setattr(neighbours, "_CHUNK_ELEMENTS", 20 * 20 * 2)  # chunks of 2 subsets
+    np.testing.assert_array_equal(subset_alignment(grams, [("x", "z")], subsets, 4)[0], whole)
+
+
+def test_subset_alignment_bad_input_is_explained() -> None:
+    grams = _batch_grams()
+    with pytest.raises(ValueError, match=r"\(B, s\)"):
+        subset_alignment(grams, [], np.arange(5), 2)
+    with pytest.raises(ValueError, match="at least 4"):
+        subset_alignment(grams, [("x", "y")], np.arange(3)[None], 2)
+    with pytest.raises(ValueError, match="out of range"):
+        subset_alignment(grams, [("x", "y")], np.arange(10)[None], 10)

@@ -1,4 +1,4 @@
-"""Alignment lab (pages/3_Alignment_lab.py) and its batched CKNNA engine (dashboard/lab.py)."""
+"""Alignment lab (pages/3_Alignment_lab.py) and its tables (dashboard/lab.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from convergence_core.dashboard import lab, state
-from convergence_core.neighbours import cknna_from_gram, mutual_knn_from_gram
+from convergence_core.neighbours import cknna_from_gram
 from convergence_core.subsets import select_stimuli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,56 +67,7 @@ def _grams(run) -> dict[tuple[str, str], np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------
-# the batched engine against the one-subset reference (neighbours.cknna_from_gram)
-
-
-@pytest.mark.parametrize(("s", "k"), [(12, 3), (25, 10), (40, 39)])
-def test_subset_alignment_matches_the_reference_per_subset(run, s: int, k: int) -> None:
-    grams = _grams(run)
-    pairs = [
-        lab.Pair("vision-a", "stage2", "language-a", "layer2"),
-        lab.Pair("vision-c", "stage1", "language-b", "layer0"),
-    ]
-    rng = np.random.default_rng(s)
-    subsets = np.stack([rng.choice(run.n_stimuli, s, replace=False) for _ in range(7)])
-    values = lab.subset_alignment(grams, pairs, subsets, k)
-    for pair in pairs:
-        kx, ky = (
-            grams[(pair.vision_model, pair.vision_layer)],
-            grams[(pair.language_model, pair.language_layer)],
-        )
-        expected_cknna = [cknna_from_gram(kx, ky, k=k, subset=subset) for subset in subsets]
-        expected_mknn = [mutual_knn_from_gram(kx, ky, k=k, subset=subset) for subset in subsets]
-        np.testing.assert_allclose(values[pair][0], expected_cknna, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(values[pair][1], expected_mknn, rtol=1e-12)
-
-
-def test_subset_alignment_is_invariant_to_order_within_a_subset(run) -> None:
-    grams = _grams(run)
-    pair = lab.Pair("vision-b", "stage2", "language-a", "layer2")
-    subset = np.arange(5, 35)
-    shuffled = np.random.default_rng(1).permutation(subset)
-    values = lab.subset_alignment(grams, [pair], np.stack([subset, shuffled]), 5)[pair]
-    assert values[0][0] == pytest.approx(values[0][1], rel=1e-10)
-    assert values[1][0] == pytest.approx(values[1][1], rel=1e-12)
-
-
-def test_a_model_aligned_with_itself_scores_one(run) -> None:
-    grams = _grams(run)
-    grams[("copy", "stage2")] = grams[("vision-a", "stage2")]
-    pair = lab.Pair("vision-a", "stage2", "copy", "stage2")
-    cknna, mknn = lab.subset_alignment(grams, [pair], np.arange(40)[None], 8)[pair]
-    # just below 1: the reference adds 1e-6 to the denominator
-    assert 0.999 < cknna[0] < 1.0 and mknn[0] == pytest.approx(1.0)
-
-
-def test_chunking_does_not_change_results(run, monkeypatch: pytest.MonkeyPatch) -> None:
-    grams = _grams(run)
-    pair = lab.Pair("vision-a", "stage2", "language-b", "layer2")
-    subsets = np.stack([np.random.default_rng(i).choice(60, 20, replace=False) for i in range(9)])
-    whole = lab.subset_alignment(grams, [pair], subsets, 4)[pair][0]
-    monkeypatch.setattr(lab, "_CHUNK_ELEMENTS", 20 * 20 * 2)  # chunks of 2 subsets
-    np.testing.assert_array_equal(lab.subset_alignment(grams, [pair], subsets, 4)[pair][0], whole)
+# the lab's tables (the batched engine itself is tested in test_neighbours.py)
 
 
 def test_baseline_and_permutation_match_the_paper_analysis(run) -> None:
@@ -163,19 +114,11 @@ def test_baseline_and_permutation_match_the_paper_analysis(run) -> None:
     )
 
 
-def test_permutation_p_values_by_hand() -> None:
-    null = np.array([-0.3, -0.1, 0.0, 0.1, 0.2, 0.5])
-    assert lab.permutation_p_values(0.2, null) == pytest.approx(((1 + 3) / 7, (1 + 2) / 7))
-    assert lab.permutation_p_values(10.0, null) == pytest.approx((1 / 7, 1 / 7))
-
-
 def test_k_and_subset_errors_are_in_words(run) -> None:
     with pytest.raises(ValueError, match="too large .* use k <= 9"):
         lab.check_subset_for_k(10, 10, "the low set")
     with pytest.raises(ValueError, match="at least 4"):
         lab.check_subset_for_k(3, 2, "the current selection")
-    with pytest.raises(ValueError, match=r"\(B, s\)"):
-        lab.subset_alignment(_grams(run), [], np.arange(5), 2)
 
 
 def test_nearest_neighbours_by_brute_force() -> None:
