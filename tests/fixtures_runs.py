@@ -1,8 +1,18 @@
 """Small runs with planted structure, for the tests of every page and analysis.
 
-``make_synthetic_run(tmp_path, n=60)`` writes a complete run folder with
+``make_synthetic_run(tmp_path, n=60, plant=...)`` writes a complete run folder with
 ``write_run_from_embeddings`` in well under a second (plus ~5 ms per thumbnail) and returns it
-loaded. Import it from any test::
+loaded. What is planted (the answer a test may rely on):
+
+* ``plant="layer_peak"`` (:func:`synthetic_embeddings`): vision models that agree up to rotation
+  except for a per-stimulus noise level (``stimuli.planted_noise``), language models whose CKNNA
+  with them peaks at the middle layer; for the pages.
+* ``plant="quiet_half"`` (:func:`quiet_half_embeddings`): a language model ``planted`` that agrees
+  with the vision consensus only on the quieter half of the stimuli, best at layer
+  ``PLANTED_BEST_LAYER``, and an ``independent`` one; for the paper's analyses.
+
+:func:`make_rotation_run` adds a vision model that is an exact rotation of another. Import from
+any test::
 
     from tests.fixtures_runs import make_synthetic_run
 """
@@ -10,7 +20,7 @@ loaded. Import it from any test::
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +31,14 @@ from convergence_core.datasets import load_coco
 from convergence_core.precompute import write_run_from_embeddings
 from convergence_core.run import Run
 
-__all__ = ["COCO_MINI_SIZE", "make_synthetic_run", "synthetic_embeddings"]
+__all__ = [
+    "COCO_MINI_SIZE",
+    "PLANTED_BEST_LAYER",
+    "make_rotation_run",
+    "make_synthetic_run",
+    "quiet_half_embeddings",
+    "synthetic_embeddings",
+]
 
 #: number of images in the embedded demo set (coco-mini)
 COCO_MINI_SIZE = 239
@@ -33,11 +50,25 @@ VISION_DIMS = (16, 20, 24)
 LANGUAGE_DIMS = (12, 14)
 LATENT_DIM = 8
 
+QUIET_HALF_LATENT_DIM = 6
+PLANTED_BEST_LAYER = "block2"
+_LAYER_MIX = {"block0": 0.0, "block1": 0.35, "block2": 1.0, "block3": 0.6}
+
 
 def _orthonormal_rows(rng: np.random.Generator, k: int, d: int) -> np.ndarray:
     """(k, d) matrix with orthonormal rows: an isometric embedding of R^k into R^d."""
     q, _ = np.linalg.qr(rng.standard_normal((d, k)))
     return q.T
+
+
+def _orthonormal_square_rows(rng: np.random.Generator, k: int, d: int) -> np.ndarray:
+    """(k, d) orthonormal rows: the first k rows of a random (d, d) orthogonal matrix.
+
+    (Draws d·d normals, unlike :func:`_orthonormal_rows`; the quiet-half run's numbers depend on
+    this stream.)
+    """
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return q[:k]
 
 
 def synthetic_embeddings(
@@ -95,58 +126,159 @@ def synthetic_embeddings(
     return embeddings, noise
 
 
-def make_synthetic_run(
-    tmp_path: str | os.PathLike[str],
-    n: int = 60,
-    *,
-    vision_models: Sequence[str] = VISION_MODELS,
-    language_models: Sequence[str] = LANGUAGE_MODELS,
-    n_language_layers: int = 4,
-    seed: int = 0,
-    thumbnails: bool = True,
-    name: str = "synthetic",
-) -> Run:
-    """Write and load a run of ``n`` stimuli under ``tmp_path/name``.
+def quiet_half_embeddings(
+    n: int = 80, *, n_vision: int = 3, seed: int = 0
+) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """Embeddings ``{model: {layer: (n, d)}}`` and the planted per-stimulus noise level (n,).
 
-    For ``n <= 239`` the stimuli are the first ``n`` real coco-mini images with their captions
-    (so ``image_path`` and, with ``thumbnails=True``, ``thumbnail_path`` point at real files);
-    for larger ``n`` the run has no images (``image_path`` returns None, no thumbnails).
-    ``stimuli`` gets an extra ``planted_noise`` column (see :func:`synthetic_embeddings`), so a
-    test can check that dispersion recovers it. Defaults: 3 vision models (layers ``stage1``,
-    ``stage2``; GPA on ``stage2``) and 2 language models with layers ``layer0..layer3``.
+    Every vision model ``vision<i>`` (one layer, ``final``) sees a shared latent ``Z`` (n, 6)
+    through its own random orthonormal map, plus isotropic noise scaled by the stimulus's noise
+    level (a permutation of 0.02 .. 1.2): the noisier a stimulus, the higher its dispersion.
+    Language model ``planted``: ``block2`` is ``Z`` through a random map with little noise on the
+    quieter half of the stimuli and much noise on the noisier half (it agrees with the vision
+    consensus on low-dispersion stimuli only); ``block0`` is pure noise; ``block1`` and ``block3``
+    mix ``block2`` with noise, so ``block2`` is the best layer. ``independent``: Gaussian noise.
     """
-    embeddings, noise = synthetic_embeddings(
-        n,
-        vision_models=vision_models,
-        language_models=language_models,
-        n_language_layers=n_language_layers,
-        seed=seed,
-    )
-    if n <= COCO_MINI_SIZE:
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((n, QUIET_HALF_LATENT_DIM))
+    noise_level = rng.permutation(np.linspace(0.02, 1.2, n))
+    embeddings: dict[str, dict[str, np.ndarray]] = {}
+    for i in range(n_vision):
+        width = 10 + 3 * i
+        mapped = latent @ _orthonormal_square_rows(rng, QUIET_HALF_LATENT_DIM, width)
+        noisy = mapped + noise_level[:, None] * rng.standard_normal((n, width))
+        embeddings[f"vision{i}"] = {"final": noisy}
+    quiet = noise_level <= np.median(noise_level)
+    language_noise = np.where(quiet, 0.05, 3.0)
+    width = 12
+    aligned = latent @ _orthonormal_square_rows(rng, QUIET_HALF_LATENT_DIM, width)
+    aligned = aligned + language_noise[:, None] * rng.standard_normal((n, width))
+    embeddings["planted"] = {
+        layer: mix * aligned + (1.0 - mix) * 2.0 * rng.standard_normal((n, width))
+        for layer, mix in _LAYER_MIX.items()
+    }
+    embeddings["independent"] = {"final": rng.standard_normal((n, 9))}
+    return embeddings, noise_level
+
+
+def _stimuli(n: int, images: bool) -> tuple[pd.DataFrame, Path | None]:
+    """The first n coco-mini stimuli and their image root, or (images=False or n > 239) a table
+    of n image-less stimuli and None."""
+    if images and n <= COCO_MINI_SIZE:
         dataset = load_coco(settings.demo_data_root())
-        stimuli = dataset.stimuli.iloc[:n].reset_index(drop=True).copy()
-        images_root: Path | None = dataset.root
-    else:
-        stimuli = pd.DataFrame(
-            {
-                "id": [f"s{i:05d}" for i in range(n)],
-                "image": [f"synthetic/{i:05d}.jpg" for i in range(n)],
-                "captions": [[f"synthetic stimulus {i}"] for i in range(n)],
-            }
-        )
-        images_root = None
+        return dataset.stimuli.iloc[:n].reset_index(drop=True).copy(), dataset.root
+    stimuli = pd.DataFrame(
+        {
+            "id": [f"s{i:05d}" for i in range(n)],
+            "image": [f"synthetic/{i:05d}.jpg" for i in range(n)],
+            "captions": [[f"synthetic stimulus {i}"] for i in range(n)],
+        }
+    )
+    return stimuli, None
+
+
+def _write(
+    path: Path,
+    embeddings: Mapping[str, Mapping[str, np.ndarray]],
+    noise: np.ndarray,
+    *,
+    vision_models: Sequence[str],
+    language_models: Sequence[str],
+    default_layers: Mapping[str, str] | None,
+    images: bool,
+    thumbnails: bool,
+    seed: int,
+) -> Run:
+    stimuli, images_root = _stimuli(noise.shape[0], images)
     stimuli["planted_noise"] = noise
-    defaults = {model: "stage2" for model in vision_models}
-    defaults.update({model: f"layer{n_language_layers - 1}" for model in language_models})
     return write_run_from_embeddings(
-        Path(tmp_path) / name,
+        path,
         stimuli,
         embeddings,
         vision_models=list(vision_models),
         language_models=list(language_models),
-        default_layers=defaults,
+        default_layers=default_layers,
         images_root=images_root,
         thumbnails=thumbnails and images_root is not None,
         dataset_name="coco-mini (synthetic embeddings)" if images_root else "synthetic",
         settings={"seed": seed, "synthetic": True},
     )
+
+
+def make_synthetic_run(
+    tmp_path: str | os.PathLike[str],
+    n: int = 60,
+    *,
+    plant: str = "layer_peak",
+    vision_models: Sequence[str] = VISION_MODELS,
+    language_models: Sequence[str] = LANGUAGE_MODELS,
+    n_language_layers: int = 4,
+    n_vision: int = 3,
+    seed: int = 0,
+    images: bool = True,
+    thumbnails: bool = True,
+    name: str = "synthetic",
+) -> Run:
+    """Write and load a run of ``n`` stimuli under ``tmp_path/name``.
+
+    ``plant`` picks the embeddings (module docstring): ``"layer_peak"`` uses ``vision_models``,
+    ``language_models`` and ``n_language_layers`` (defaults: 3 vision models with layers
+    ``stage1``, ``stage2``, GPA on ``stage2``; 2 language models with ``layer0..layer3``);
+    ``"quiet_half"`` uses ``n_vision`` (models ``vision0..``, language models ``planted`` and
+    ``independent``). With ``images`` and ``n <= 239`` the stimuli are the first ``n`` real
+    coco-mini images with their captions (so ``image_path`` and, with ``thumbnails=True``,
+    ``thumbnail_path`` point at real files); otherwise the run has no images. ``stimuli`` gets an
+    extra ``planted_noise`` column, so a test can check that dispersion recovers it.
+    """
+    if plant == "layer_peak":
+        embeddings, noise = synthetic_embeddings(
+            n,
+            vision_models=vision_models,
+            language_models=language_models,
+            n_language_layers=n_language_layers,
+            seed=seed,
+        )
+        defaults: dict[str, str] | None = {model: "stage2" for model in vision_models}
+        defaults.update({model: f"layer{n_language_layers - 1}" for model in language_models})
+    elif plant == "quiet_half":
+        embeddings, noise = quiet_half_embeddings(n, n_vision=n_vision, seed=seed)
+        vision_models = [f"vision{i}" for i in range(n_vision)]
+        language_models, defaults = ["planted", "independent"], None
+    else:
+        raise ValueError(f"unknown plant {plant!r}; use 'layer_peak' or 'quiet_half'")
+    return _write(
+        Path(tmp_path) / name,
+        embeddings,
+        noise,
+        vision_models=vision_models,
+        language_models=language_models,
+        default_layers=defaults,
+        images=images,
+        thumbnails=thumbnails,
+        seed=seed,
+    )
+
+
+def make_rotation_run(path: Path, n: int = 60, *, seed: int = 1) -> tuple[Run, np.ndarray]:
+    """A quiet-half run whose extra vision model ``copy`` is ``vision0`` times a random orthogonal
+    matrix. Returns the run (at ``path``; no images) and that matrix.
+
+    Vision models: vision0, vision1, vision2, copy.
+    """
+    embeddings, noise = quiet_half_embeddings(n, n_vision=3, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    base = embeddings["vision0"]["final"]
+    rotation, _ = np.linalg.qr(rng.standard_normal((base.shape[1], base.shape[1])))
+    embeddings["copy"] = {"final": base @ rotation}
+    run = _write(
+        Path(path),
+        embeddings,
+        noise,
+        vision_models=["vision0", "vision1", "vision2", "copy"],
+        language_models=["planted", "independent"],
+        default_layers=None,
+        images=False,
+        thumbnails=False,
+        seed=seed,
+    )
+    return run, rotation

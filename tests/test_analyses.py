@@ -21,12 +21,18 @@ from convergence_core.stats import (
     permutation_p_values,
     permutation_test_two_sets,
 )
-from tests.planted_runs import PLANTED_BEST_LAYER, make_planted_run, make_rotation_run
+from tests.fixtures_runs import PLANTED_BEST_LAYER, make_rotation_run, make_synthetic_run
+
+
+def _quiet_half_run(root, name: str, *, n: int, n_vision: int = 3):
+    return make_synthetic_run(
+        root, n, plant="quiet_half", n_vision=n_vision, name=name, images=False, thumbnails=False
+    )
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory):
-    return make_planted_run(tmp_path_factory.mktemp("analyses") / "planted")
+    return _quiet_half_run(tmp_path_factory.mktemp("analyses"), "planted", n=80)
 
 
 @pytest.fixture(scope="module")
@@ -418,6 +424,6 @@ def test_a_single_vision_model_is_refused(call):
 
 
 def test_leave_one_out_needs_three_vision_models(tmp_path):
-    run = make_planted_run(tmp_path / "two", n=30, n_vision=2)
+    run = _quiet_half_run(tmp_path, "two", n=30, n_vision=2)
     with pytest.raises(ValueError, match="at least 3 vision models"):
         analyses.leave_one_model_out(run)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.planted_runs import make_planted_run
+from tests.fixtures_runs import make_synthetic_run
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "4_Paper_analyses.py")
 
@@ -15,7 +15,9 @@ PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "4_Paper_analyses.
 @pytest.fixture(scope="module")
 def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("page_cache")
-    make_planted_run(root / "runs" / "demo", n=60)
+    make_synthetic_run(
+        root / "runs", 60, plant="quiet_half", name="demo", images=False, thumbnails=False
+    )
     return root
 
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from convergence_core import report
-from tests.planted_runs import make_planted_run
+from tests.fixtures_runs import make_synthetic_run
 
 FAST = ["--n-random", "20", "--n-permutations", "40", "--k", "5", "--size", "20"]
 
@@ -16,7 +16,9 @@ FAST = ["--n-random", "20", "--n-permutations", "40", "--k", "5", "--size", "20"
 @pytest.fixture(scope="module")
 def planted_run_path(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("report_cache")
-    make_planted_run(root / "runs" / "demo")
+    make_synthetic_run(
+        root / "runs", 80, plant="quiet_half", name="demo", images=False, thumbnails=False
+    )
     return root
 
 
