@@ -70,31 +70,19 @@ score = view.score
 rank = run.dispersion[f"rank_{score}"].to_numpy()
 order = np.argsort(rank, kind="stable")
 preview = 5
-low_column, high_column = st.columns(2)
-with low_column:
-    st.subheader(f"Lowest dispersion ({plots.SCORE_NAME[score]})")
-    rows = order[:preview]
-    widgets.gallery(
-        run,
-        rows,
-        [f"rank {int(rank[r]) + 1} · {run.stimuli['id'].iloc[r]}" for r in rows],
-        key="home-low",
-        columns=preview,
-        all_captions=False,
-        inspect=False,
-    )
-with high_column:
-    st.subheader(f"Highest dispersion ({plots.SCORE_NAME[score]})")
-    rows = order[::-1][:preview]
-    widgets.gallery(
-        run,
-        rows,
-        [f"rank {int(rank[r]) + 1} · {run.stimuli['id'].iloc[r]}" for r in rows],
-        key="home-high",
-        columns=preview,
-        all_captions=False,
-        inspect=False,
-    )
+sides = (("Lowest", "home-low", order[:preview]), ("Highest", "home-high", order[::-1][:preview]))
+for column, (extreme, key, rows) in zip(st.columns(2), sides, strict=True):
+    with column:
+        st.subheader(f"{extreme} dispersion ({plots.SCORE_NAME[score]})")
+        widgets.gallery(
+            run,
+            rows,
+            [f"rank {int(rank[r]) + 1} · {run.stimuli['id'].iloc[r]}" for r in rows],
+            key=key,
+            columns=preview,
+            all_captions=False,
+            inspect=False,
+        )
 
 st.subheader("Explore")
 page.page_links(context)

@@ -22,19 +22,11 @@ n = run.n_stimuli
 
 controls = st.columns([1, 2, 1])
 with controls[0]:
-    score = state.bind_widget(
-        st.session_state,
+    score = widgets.score_radio(
         view,
-        "score",
-        lambda key: st.radio(
-            "Rank by",
-            state.SCORES,
-            key=key,
-            horizontal=True,
-            format_func=lambda s: plots.SCORE_NAME[s],
-            help="mean: average residual across vision models; PC1: score on the first principal "
-            "component of the residuals (the paper's two dispersion measures).",
-        ),
+        "Rank by",
+        help="mean: average residual across vision models; PC1: score on the first principal "
+        "component of the residuals (the paper's two dispersion measures).",
     )
 with controls[1]:
     query = st.text_input(

@@ -30,18 +30,7 @@ with controls[0]:
         "UMAP (umap-learn, fixed seed) of R: computed once per run and cached.",
     )
 with controls[1]:
-    score = state.bind_widget(
-        st.session_state,
-        view,
-        "score",
-        lambda key: st.radio(
-            "Colour by",
-            state.SCORES,
-            key=key,
-            horizontal=True,
-            format_func=lambda s: plots.SCORE_NAME[s],
-        ),
-    )
+    score = widgets.score_radio(view, "Colour by")
 
 selection = state.get_selection(st.session_state, run.name)
 selected_rows = (

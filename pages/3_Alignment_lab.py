@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from convergence_core.dashboard import data, lab, page, plots, selection_io, state
+from convergence_core.dashboard import data, lab, page, plots, selection_io, state, widgets
 from convergence_core.subsets import select_stimuli
 
 BEST = "__best__"
@@ -93,14 +93,7 @@ if max_size < 4:
     st.stop()
 row1 = st.columns([1, 1, 2])
 with row1[0]:
-    score = state.bind_widget(
-        st.session_state,
-        view,
-        "score",
-        lambda key: st.radio(
-            "Dispersion score", state.SCORES, key=key, format_func=lambda s: plots.SCORE_NAME[s]
-        ),
-    )
+    score = widgets.score_radio(view, "Dispersion score", horizontal=False)
 with row1[1]:
     size = state.bind_widget(
         st.session_state,

@@ -1,4 +1,5 @@
-"""Streamlit building blocks shared by the pages: caption text, stimulus cards and galleries.
+"""Streamlit building blocks shared by the pages: caption text, stimulus cards, galleries and the
+dispersion-score choice.
 
 Captions and ids come from the web. They are only ever shown with ``st.text`` (or inside a
 dataframe), which renders plain text: never Markdown, never HTML.
@@ -12,9 +13,29 @@ import pandas as pd
 import streamlit as st
 
 from ..run import Run
+from . import plots, state
 
 #: Session key of the stimulus id shown in the Stimuli page's detail view.
 INSPECT_KEY = "w_inspect"
+
+
+def score_radio(
+    view: state.View, label: str, *, horizontal: bool = True, help: str | None = None
+) -> str:
+    """A radio of the dispersion scores (mean / PC1) bound to ``view.score`` (so to the URL)."""
+    return state.bind_widget(
+        st.session_state,
+        view,
+        "score",
+        lambda key: st.radio(
+            label,
+            state.SCORES,
+            key=key,
+            horizontal=horizontal,
+            format_func=lambda s: plots.SCORE_NAME[s],
+            help=help,
+        ),
+    )
 
 
 def show_captions(captions: Sequence[str], *, first_only: bool = False) -> None:
