@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .plots import SET_COLOURS, safe_hover_text
+from .plots import SET_COLOURS, random_baseline_bar, safe_hover_text, vision_model_panels
 
 _CONDITIONS = {
     "drop_high": ("drop high-dispersion", "#1f77b4"),
@@ -33,73 +33,47 @@ def _language_labels(rows: pd.DataFrame) -> list[str]:
     ]
 
 
+def _grouped_bars_layout(figure: go.Figure, title: str, k: int) -> go.Figure:
+    """CKNNA y title on the first panel, grouped bars, the legend under the panels."""
+    figure.update_yaxes(title_text=_cknna_title(k), row=1, col=1)
+    figure.update_layout(
+        title_text=title, barmode="group", height=420, legend={"orientation": "h", "y": -0.3}
+    )
+    return figure
+
+
 def dispersion_sets_bars(table: pd.DataFrame) -> go.Figure:
     """Fig. 2: per vision model, low / random (mean, 95% interval) / high CKNNA per language
     model."""
-    visions = list(dict.fromkeys(table["vision_model"]))
-    figure = make_subplots(
-        rows=1,
-        cols=len(visions),
-        shared_yaxes=True,
-        subplot_titles=[safe_hover_text(v, 40) for v in visions],
-    )
+    figure, visions = vision_model_panels(table)
     for column, vision in enumerate(visions, start=1):
         rows = table[table["vision_model"] == vision]
-        labels = _language_labels(rows)
-        mean = rows["cknna_random_mean"].to_numpy()
-        bars = [
-            ("low dispersion", rows["cknna_low_dispersion"], SET_COLOURS["low"], None),
-            (
-                f"random (mean, 95% of {int(rows['n_random'].iloc[0])} sets)",
-                mean,
-                SET_COLOURS["random"],
-                {
-                    "type": "data",
-                    "symmetric": False,
-                    "array": rows["cknna_random_upper_95"].to_numpy() - mean,
-                    "arrayminus": mean - rows["cknna_random_lower_95"].to_numpy(),
-                },
-            ),
-            ("high dispersion", rows["cknna_high_dispersion"], SET_COLOURS["high"], None),
-        ]
-        for name, values, colour, error in bars:
-            figure.add_trace(
-                go.Bar(
-                    x=labels,
-                    y=values,
-                    name=name,
-                    marker_color=colour,
-                    error_y=error,
-                    legendgroup=name,
-                    showlegend=column == 1,
-                ),
-                row=1,
-                col=column,
+        labels, first = _language_labels(rows), column == 1
+        low, high = (
+            go.Bar(
+                x=labels,
+                y=rows[f"cknna_{side}_dispersion"],
+                name=f"{side} dispersion",
+                marker_color=SET_COLOURS[side],
+                legendgroup=side,
+                showlegend=first,
             )
+            for side in ("low", "high")
+        )
+        for trace in (low, random_baseline_bar(rows, "cknna", labels, showlegend=first), high):
+            figure.add_trace(trace, row=1, col=column)
         figure.update_xaxes(title_text="language model (layer used)", row=1, col=column)
-    figure.update_yaxes(title_text=_cknna_title(int(table["k"].iloc[0])), row=1, col=1)
-    figure.update_layout(
-        title_text=(
-            f"Fig. 2: CKNNA on {int(table['set_size'].iloc[0])}-stimulus sets selected by "
-            f"{table['score'].iloc[0]} dispersion"
-        ),
-        barmode="group",
-        height=420,
-        legend={"orientation": "h", "y": -0.3},
+    title = (
+        f"Fig. 2: CKNNA on {int(table['set_size'].iloc[0])}-stimulus sets selected by "
+        f"{table['score'].iloc[0]} dispersion"
     )
-    return figure
+    return _grouped_bars_layout(figure, title, int(table["k"].iloc[0]))
 
 
 def drop_fraction_bars(table: pd.DataFrame) -> go.Figure:
     """Fig. S1: per vision model, CKNNA without the highest / on all / without the lowest
     stimuli."""
-    visions = list(dict.fromkeys(table["vision_model"]))
-    figure = make_subplots(
-        rows=1,
-        cols=len(visions),
-        shared_yaxes=True,
-        subplot_titles=[safe_hover_text(v, 40) for v in visions],
-    )
+    figure, visions = vision_model_panels(table)
     for column, vision in enumerate(visions, start=1):
         panel = table[table["vision_model"] == vision]
         for condition, (label, colour) in _CONDITIONS.items():
@@ -117,15 +91,9 @@ def drop_fraction_bars(table: pd.DataFrame) -> go.Figure:
                 col=column,
             )
         figure.update_xaxes(title_text="language model (layer used)", row=1, col=column)
-    figure.update_yaxes(title_text=_cknna_title(int(table["k"].iloc[0])), row=1, col=1)
     fraction = float(table.loc[table["condition"] != "full", "fraction_dropped"].iloc[0])
-    figure.update_layout(
-        title_text=f"Fig. S1: dropping {fraction:.0%} of the stimuli by dispersion",
-        barmode="group",
-        height=420,
-        legend={"orientation": "h", "y": -0.3},
-    )
-    return figure
+    title = f"Fig. S1: dropping {fraction:.0%} of the stimuli by dispersion"
+    return _grouped_bars_layout(figure, title, int(table["k"].iloc[0]))
 
 
 def leave_one_out_scatter(points: pd.DataFrame, statistics: pd.DataFrame) -> go.Figure:

@@ -43,6 +43,41 @@ def safe_hover_text(text: str, limit: int = HOVER_CAPTION_CHARS) -> str:
     return html.escape(text, quote=True)
 
 
+def vision_model_panels(table: pd.DataFrame) -> tuple[go.Figure, list[str]]:
+    """One panel per vision model of ``table`` (first-seen order), side by side with a shared y
+    axis, and those models."""
+    visions = list(dict.fromkeys(table["vision_model"]))
+    figure = make_subplots(
+        rows=1,
+        cols=len(visions),
+        shared_yaxes=True,
+        subplot_titles=[safe_hover_text(v, 40) for v in visions],
+    )
+    return figure, visions
+
+
+def random_baseline_bar(
+    rows: pd.DataFrame, metric: str, x: Sequence[str], *, showlegend: bool
+) -> go.Bar:
+    """The "random" bar of set-comparison figures: per row, the mean of ``<metric>_random_mean``
+    with error bars from ``<metric>_random_lower_95`` to ``<metric>_random_upper_95``."""
+    mean = rows[f"{metric}_random_mean"].to_numpy()
+    return go.Bar(
+        x=x,
+        y=mean,
+        error_y={
+            "type": "data",
+            "symmetric": False,
+            "array": rows[f"{metric}_random_upper_95"].to_numpy() - mean,
+            "arrayminus": mean - rows[f"{metric}_random_lower_95"].to_numpy(),
+        },
+        name=f"random (mean, 95% of {int(rows['n_random'].iloc[0])} sets)",
+        marker_color=SET_COLOURS["random"],
+        legendgroup="random",
+        showlegend=showlegend,
+    )
+
+
 def dispersion_histograms(
     mean: np.ndarray, pc1: np.ndarray, pearson: float, spearman: float
 ) -> go.Figure:
@@ -214,13 +249,7 @@ def alignment_bars(
         "cknna": "CKNNA (unitless)",
         "mutual_knn": "mutual k-NN overlap (fraction of k)",
     }[metric]
-    visions = list(dict.fromkeys(sets["vision_model"]))
-    figure = make_subplots(
-        rows=1,
-        cols=len(visions),
-        shared_yaxes=True,
-        subplot_titles=[safe_hover_text(v, 40) for v in visions],
-    )
+    figure, visions = vision_model_panels(sets)
     set_names = list(dict.fromkeys(sets["set"]))
     order = [name for name in ("low", "random", "high") if name in set_names or name == "random"]
     order += [name for name in set_names if name not in order]
@@ -231,22 +260,9 @@ def alignment_bars(
                 if baseline is None or baseline.empty:
                     continue
                 rows = baseline[baseline["vision_model"] == vision]
-                mean = rows[f"{metric}_random_mean"].to_numpy()
-                error = {
-                    "type": "data",
-                    "symmetric": False,
-                    "array": rows[f"{metric}_random_upper_95"].to_numpy() - mean,
-                    "arrayminus": mean - rows[f"{metric}_random_lower_95"].to_numpy(),
-                }
                 figure.add_trace(
-                    go.Bar(
-                        x=rows["language_model"],
-                        y=mean,
-                        error_y=error,
-                        name=f"random (mean, 95% of {int(rows['n_random'].iloc[0])} sets)",
-                        marker_color=SET_COLOURS["random"],
-                        legendgroup="random",
-                        showlegend=column == 1,
+                    random_baseline_bar(
+                        rows, metric, rows["language_model"], showlegend=column == 1
                     ),
                     row=1,
                     col=column,
