@@ -125,36 +125,24 @@ def parse_query_params(
                 f"(cached: {known}); "
                 "showing the default run."
             )
-    if "source" in values:
-        if values["source"] in SOURCES:
-            view.source = values["source"]
+    for name, choices, default in (
+        ("source", SOURCES, DEFAULT_SOURCE),
+        ("score", SCORES, DEFAULT_SCORE),
+    ):
+        if name not in values:
+            continue
+        if values[name] in choices:
+            setattr(view, name, values[name])
         else:
             warnings.append(
-                f"URL parameter source='{shown(values['source'])}' is not one of "
-                f"{', '.join(SOURCES)}; "
-                f"using {DEFAULT_SOURCE!r}."
+                f"URL parameter {name}='{shown(values[name])}' is not one of "
+                f"{', '.join(choices)}; using {default!r}."
             )
-    if "score" in values:
-        if values["score"] in SCORES:
-            view.score = values["score"]
-        else:
-            warnings.append(
-                f"URL parameter score='{shown(values['score'])}' is not one of "
-                f"{', '.join(SCORES)}; "
-                f"using {DEFAULT_SCORE!r}."
-            )
-    if "k" in values:
-        k = _parse_int("k", values["k"], MIN_K, warnings)
-        if k is not None:
-            view.k = k
-    if "size" in values:
-        size = _parse_int("size", values["size"], MIN_SUBSET_SIZE, warnings)
-        if size is not None:
-            view.size = size
-    if "page" in values:
-        page = _parse_int("page", values["page"], 1, warnings)
-        if page is not None:
-            view.page = page
+    for name, minimum in (("k", MIN_K), ("size", MIN_SUBSET_SIZE), ("page", 1)):
+        if name in values:
+            number = _parse_int(name, values[name], minimum, warnings)
+            if number is not None:
+                setattr(view, name, number)
     return view, warnings
 
 
