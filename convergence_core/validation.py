@@ -18,11 +18,17 @@ def _label(index: int, names: Sequence[str] | None) -> str:
     return f"model {index}"
 
 
-def _count_non_finite(array: np.ndarray) -> tuple[int, int]:
-    """(number of NaN, number of ±Inf) in ``array``."""
+def _check_finite(array: np.ndarray, what: str, rows: str, fix: str) -> None:
+    """ValueError counting the NaN and ±Inf values of the (n, d) ``array`` and the ``rows``
+    (e.g. "stimuli") that hold them, ending with ``fix``; nothing when all are finite."""
     n_nan = int(np.count_nonzero(np.isnan(array)))
     n_inf = int(np.count_nonzero(np.isinf(array)))
-    return n_nan, n_inf
+    if n_nan or n_inf:
+        bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
+        raise ValueError(
+            f"{what} contains {n_nan} NaN and {n_inf} Inf values in {bad_rows.size} {rows} "
+            f"(first rows: {bad_rows[:5].tolist()}); {fix}"
+        )
 
 
 def _as_float_matrix(value: object, what: str) -> np.ndarray:
@@ -77,13 +83,7 @@ def check_features(X: object, name: str = "X", *, min_rows: int = 1) -> np.ndarr
         )
     if d < 1:
         raise ValueError(f"{name} has no feature columns (shape {array.shape}); pass at least one feature.")
-    n_nan, n_inf = _count_non_finite(array)
-    if n_nan or n_inf:
-        bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
-        raise ValueError(
-            f"{name} contains {n_nan} NaN and {n_inf} Inf values in {bad_rows.size} rows "
-            f"(first rows: {bad_rows[:5].tolist()}); drop those stimuli or re-extract the features."
-        )
+    _check_finite(array, name, "rows", "drop those stimuli or re-extract the features.")
     return array
 
 
@@ -157,14 +157,12 @@ def check_embedding_set(
     for i, a in enumerate(arrays):
         if a.shape[1] < 1:
             raise ValueError(f"{_label(i, names)} has no feature columns; drop it or re-extract it.")
-        n_nan, n_inf = _count_non_finite(a)
-        if n_nan or n_inf:
-            bad_rows = np.flatnonzero(~np.isfinite(a).all(axis=1))
-            raise ValueError(
-                f"{_label(i, names)} contains {n_nan} NaN and {n_inf} Inf values in "
-                f"{bad_rows.size} stimuli (first rows: {bad_rows[:5].tolist()}); drop those "
-                "stimuli from every model or re-extract this model's embeddings."
-            )
+        _check_finite(
+            a,
+            _label(i, names),
+            "stimuli",
+            "drop those stimuli from every model or re-extract this model's embeddings.",
+        )
     return arrays
 
 
