@@ -74,3 +74,13 @@ def make_coco_folder(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+@pytest.fixture
+def run(_cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """For the dashboard page tests: the run "demo" in the test module's own ``_cache_dir``
+    fixture (a cache folder with ``runs/demo``), with CONVERGENCE_CACHE pointing at that cache."""
+    from convergence_core.run import load_run
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(_cache_dir))
+    return load_run(_cache_dir / "runs" / "demo")

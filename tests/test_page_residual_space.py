@@ -26,14 +26,6 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-@pytest.fixture
-def run(_cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    from convergence_core.run import load_run
-
-    monkeypatch.setenv("CONVERGENCE_CACHE", str(_cache_dir))
-    return load_run(_cache_dir / "runs" / "demo")
-
-
 def _page() -> AppTest:
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT).run(timeout=TIMEOUT)
     at.switch_page(PAGE).run(timeout=TIMEOUT)
