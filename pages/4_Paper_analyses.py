@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from convergence_core import analyses
-from convergence_core.dashboard import data, paper_plots, state
+from convergence_core.dashboard import data, page, paper_plots, state
 
 st.set_page_config(page_title="Paper analyses", layout="wide")
 st.title("Paper analyses")
@@ -85,10 +85,7 @@ _P_VALUE_FORMAT = {
 
 runs = data.available_runs()
 if not runs:
-    st.info(
-        f"No precomputed run yet. Make the demo run with `{data.MAKE_RUN_COMMAND}` "
-        f"(or `{data.MAKE_RUN_PYTHON}`), then reload this page."
-    )
+    st.info(page.no_run_message())
     st.stop()
 paths = {info.name: info.path for info in runs}
 view, warnings = state.init_view(st.session_state, st.query_params.to_dict(), list(paths))
