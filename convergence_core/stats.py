@@ -1,8 +1,8 @@
 """Statistics used by the paper's analyses: permutation test of two stimulus sets, percentile
 intervals, paired tests across model pairs, correlation with a least-squares fit line.
 
-Everything here is model-agnostic: a "statistic" is any function of an index array returning a
-float (in the analyses, CKNNA of one vision × language pair on those stimuli).
+Everything here is model-agnostic: a "statistic" is any function of stimulus index sets (in the
+analyses, CKNNA of each vision × language pair on those stimuli).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ _TIE_TOLERANCE = 1e-12
 
 @dataclass(frozen=True)
 class PermutationResult:
-    """Outcome of :func:`permutation_test_two_sets`.
+    """Outcome of one statistic's test in :func:`permutation_tests_two_sets`.
 
     ``observed`` is statistic(first) - statistic(second); ``null`` (n_permutations,) holds the
     same difference for each relabelling; p-values use the +1 correction
@@ -99,27 +99,6 @@ def permutation_tests_two_sets(
         two_sided, greater = permutation_p_values(observed, null)
         results.append(PermutationResult(observed, two_sided, greater, null, n_permutations))
     return results
-
-
-def permutation_test_two_sets(
-    statistic: Callable[[np.ndarray], float],
-    first: np.ndarray,
-    second: np.ndarray,
-    *,
-    n_permutations: int,
-    rng: np.random.Generator,
-) -> PermutationResult:
-    """Permutation test of statistic(first) - statistic(second) by shuffling set labels.
-
-    :func:`permutation_tests_two_sets` for one statistic of one index array (s,) -> float.
-    """
-
-    def one_statistic(sets: np.ndarray) -> np.ndarray:
-        return np.array([[float(statistic(indices)) for indices in sets]])
-
-    return permutation_tests_two_sets(
-        one_statistic, first, second, n_permutations=n_permutations, rng=rng
-    )[0]
 
 
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:

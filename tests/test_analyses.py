@@ -13,14 +13,16 @@ from scipy.linalg import orthogonal_procrustes
 
 from convergence_core import analyses
 from convergence_core.alignment import cknna, prepare_features
+from convergence_core.neighbours import cknna_from_gram
 from convergence_core.procrustes import generalized_procrustes
 from convergence_core.stats import (
     correlation_with_fit,
     paired_difference_tests,
     percentile_interval,
     permutation_p_values,
-    permutation_test_two_sets,
+    permutation_tests_two_sets,
 )
+from convergence_core.subsets import select_stimuli
 from tests.fixtures_runs import PLANTED_BEST_LAYER, make_rotation_run, make_synthetic_run
 
 
@@ -126,6 +128,49 @@ def test_set_values_match_slow_reference(planted, fig2):
     )
     assert row.low_minus_high == pytest.approx(row.cknna_low_dispersion - row.cknna_high_dispersion)
     assert row.cknna_random_lower_95 <= row.cknna_random_mean <= row.cknna_random_upper_95
+
+
+def test_random_sets_and_permutation_test_match_a_per_subset_reference(planted):
+    """Fig. 2's batched random baseline and permutation test against a loop over subsets with
+    neighbours.cknna_from_gram: seed -> SeedSequence.spawn(2) (random sets, then label shuffles,
+    one rng.permutation of the 2·s pooled stimuli per relabelling)."""
+    size, k, n_random, n_permutations, seed = 10, 4, 15, 25, 7
+    best = analyses.best_language_layers(planted, k=k)
+    table = analyses.dispersion_set_alignment(
+        planted,
+        size=size,
+        k=k,
+        n_random=n_random,
+        n_permutations=n_permutations,
+        seed=seed,
+        best_layers=best,
+    )
+    scores = planted.dispersion["mean"].to_numpy()
+    low, high = select_stimuli(scores, "low", size), select_stimuli(scores, "high", size)
+    random_seed, permutation_seed = np.random.SeedSequence(seed).spawn(2)
+    random_rng = np.random.default_rng(random_seed)
+    random_sets = [select_stimuli(scores, "random", size, rng=random_rng) for _ in range(n_random)]
+    permutation_rng = np.random.default_rng(permutation_seed)
+    pool = np.concatenate([low, high])
+    shuffles = [pool[permutation_rng.permutation(2 * size)] for _ in range(n_permutations)]
+    for row in table.itertuples():
+        K = np.asarray(planted.gram(row.vision_model, row.vision_layer))
+        L = np.asarray(planted.gram(row.language_model, row.language_layer))
+
+        def value(subset, K=K, L=L):
+            return cknna_from_gram(K, L, k=k, subset=subset)
+
+        random_values = np.array([value(subset) for subset in random_sets])
+        assert row.cknna_random_mean == pytest.approx(random_values.mean(), rel=1e-9)
+        assert row.cknna_random_lower_95 == pytest.approx(np.percentile(random_values, 2.5))
+        assert row.cknna_random_upper_95 == pytest.approx(np.percentile(random_values, 97.5))
+        observed = value(low) - value(high)
+        null = np.array([value(s[:size]) - value(s[size:]) for s in shuffles])
+        assert row.low_minus_high == pytest.approx(observed, rel=1e-9, abs=1e-12)
+        two_sided = (1 + np.sum(np.abs(null) >= abs(observed) - 1e-12)) / (n_permutations + 1)
+        greater = (1 + np.sum(null >= observed - 1e-12)) / (n_permutations + 1)
+        assert row.permutation_p_value_two_sided == pytest.approx(two_sided)
+        assert row.permutation_p_value_low_greater == pytest.approx(greater)
 
 
 def test_fig2_is_reproducible_and_seeded(planted, fig2):
@@ -302,7 +347,7 @@ def test_permutation_p_value_matches_exact_enumeration():
     first, second = np.arange(4), np.arange(4, 8)
 
     def statistic(indices):
-        return values[indices].mean()
+        return values[indices].mean(axis=-1)
 
     observed = statistic(first) - statistic(second)
     exact = []
@@ -312,8 +357,12 @@ def test_permutation_p_value_matches_exact_enumeration():
     exact = np.array(exact)
     exact_two_sided = np.mean(np.abs(exact) >= abs(observed) - 1e-12)
     exact_greater = np.mean(exact >= observed - 1e-12)
-    result = permutation_test_two_sets(
-        statistic, first, second, n_permutations=4000, rng=np.random.default_rng(0)
+    (result,) = permutation_tests_two_sets(
+        lambda sets: statistic(sets)[None],  # one statistic, (1, B)
+        first,
+        second,
+        n_permutations=4000,
+        rng=np.random.default_rng(0),
     )
     assert result.observed == pytest.approx(observed)
     assert result.p_value_two_sided == pytest.approx(exact_two_sided, abs=0.015)
@@ -326,8 +375,8 @@ def test_permutation_p_values_are_roughly_uniform_under_the_null():
     p_values = []
     for _ in range(200):
         values = rng.standard_normal(20)
-        result = permutation_test_two_sets(
-            lambda idx, values=values: values[idx].mean(),
+        (result,) = permutation_tests_two_sets(
+            lambda sets, values=values: values[sets].mean(axis=1)[None],
             np.arange(10),
             np.arange(10, 20),
             n_permutations=99,
