@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .neighbours import CKNNA_EPSILON, _cknna_from_subgrams, _mutual_knn_from_subgrams
+from .neighbours import _cknna_from_subgrams, _mutual_knn_from_subgrams
 from .validation import check_features, check_k, check_min_stimuli, check_pair, check_square
 
 #: added to the CKA denominators, as in the reference implementation

@@ -253,36 +253,30 @@ def alignment_bars(
     set_names = list(dict.fromkeys(sets["set"]))
     order = [name for name in ("low", "random", "high") if name in set_names or name == "random"]
     order += [name for name in set_names if name not in order]
+    has_baseline = baseline is not None and not baseline.empty
     for column, vision in enumerate(visions, start=1):
         panel = sets[sets["vision_model"] == vision]
         for name in order:
             if name == "random":
-                if baseline is None or baseline.empty:
+                if not has_baseline:
                     continue
                 rows = baseline[baseline["vision_model"] == vision]
-                figure.add_trace(
-                    random_baseline_bar(
-                        rows, metric, rows["language_model"], showlegend=column == 1
-                    ),
-                    row=1,
-                    col=column,
+                trace = random_baseline_bar(
+                    rows, metric, rows["language_model"], showlegend=column == 1
                 )
-                continue
-            rows = panel[panel["set"] == name]
-            if rows.empty:
-                continue
-            figure.add_trace(
-                go.Bar(
+            else:
+                rows = panel[panel["set"] == name]
+                if rows.empty:
+                    continue
+                trace = go.Bar(
                     x=rows["language_model"],
                     y=rows[metric],
                     name=f"{name} ({int(rows['set_size'].iloc[0])} stimuli)",
                     marker_color=SET_COLOURS.get(name, "#17becf"),
                     legendgroup=name,
                     showlegend=column == 1,
-                ),
-                row=1,
-                col=column,
-            )
+                )
+            figure.add_trace(trace, row=1, col=column)
         figure.update_xaxes(title_text="language model", row=1, col=column)
     figure.update_yaxes(title_text=metric_title, row=1, col=1)
     k = int(sets["k"].iloc[0]) if not sets.empty else 0
