@@ -4,14 +4,18 @@
    Representation code, transcribed to numpy float64) vs ``cknna_from_gram`` on a subset of cached
    float32 Gram matrices, for subsets of n = 1024, 2048, 4096 stimuli.
 2. GPA: the plain loop (SVD of the d×d matrix N_iᵀ C per model per iteration, d = 1536) vs
-   ``generalized_procrustes`` (reduced rank-r coordinates) on 4 models × 1024 stimuli × dims
-   (1280, 1536, 1280, 1280) to Δloss < 1e-10.
+   ``generalized_procrustes`` (centered rank-r coordinates, eigh-based Procrustes step with SVD
+   fallback; the same iterates) on 4 models × 1024 stimuli × dims (1280, 1536, 1280, 1280) to
+   Δloss < 1e-10. Reported: iterations, time, speed-up, how many steps took the eigh route, the
+   work of each (flop counts from Golub & Van Loan for the decompositions), the load average.
 
 The data are synthetic (a shared latent structure with a decaying spectrum, model-specific maps and
 noise), because the timings depend only on the shapes. Each timing is the minimum over repeats.
 
-Usage: .venv/bin/python benchmarks/bench_numerics.py [--quick] [--threads N]
-Writes benchmarks/results/numerics.json.
+Usage: .venv/bin/python benchmarks/bench_numerics.py [--quick] [--threads N] [--out NAME]
+Writes benchmarks/results/NAME (default numerics.json). Run it once with OPENBLAS_NUM_THREADS=1
+(--out numerics_blas1.json) and once with the default threads: on a shared 2-core machine
+multithreaded LAPACK can be much slower than single-threaded.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from convergence_core.alignment import prepare_features  # noqa: E402
 from convergence_core.neighbours import cknna_from_gram  # noqa: E402
+import convergence_core.procrustes as procrustes  # noqa: E402
 from convergence_core.procrustes import generalized_procrustes  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "numerics.json"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:
@@ -141,36 +146,62 @@ def plain_gpa(embeddings: list[np.ndarray], tol: float = 1e-10, max_iter: int = 
     return residuals, len(losses) - 1
 
 
+def count_routes(run):
+    """Run ``run()`` while counting the Procrustes steps that took the eigh / SVD route."""
+    counts = {"eigh": 0, "svd": 0}
+    original = procrustes._aligned_coordinates
+
+    def counting(z, c, **kwargs):
+        aligned, used_eigh = original(z, c, **kwargs)
+        counts["eigh" if used_eigh else "svd"] += 1
+        return aligned, used_eigh
+
+    procrustes._aligned_coordinates = counting
+    try:
+        value = run()
+    finally:
+        procrustes._aligned_coordinates = original
+    return value, counts
+
+
 def bench_gpa(m: int, dims: tuple[int, ...], repeats: int) -> dict:
     embeddings = synthetic_embeddings(m, dims)
+    load_before = os.getloadavg()
     t_plain, (res_plain, it_plain) = best_time(lambda: plain_gpa(embeddings), 1)
     t_fast, result = best_time(lambda: generalized_procrustes(embeddings), repeats)
+    load_after = os.getloadavg()
+    _, routes = count_routes(lambda: generalized_procrustes(embeddings, max_iter=2))
     d, n_models = max(dims), len(dims)
-    p = min(m, d)
-    # Work per model per iteration. Plain: products N_iᵀC and N_i(UVᵀ) (2·d·m·d flops each), UVᵀ
-    # (2·d³) and the SVD of a (d, d) matrix. Fast: three (m, p)·(p, p)-sized products (2·m·p² each)
-    # and the SVD of a (p, p) matrix. The SVDs dominate, so the practical limit is LAPACK's SVD
-    # speed: time one SVD of each size and compare the runs with "iterations × M × t_svd".
+    n = m - 1  # centered coordinates
+    r, p = min(n, min(dims)), min(n, d)
+    # Work per model per iteration (flops). Plain: N_iᵀC and N_i(UVᵀ) (2·m·d² each), UVᵀ (2·d³),
+    # SVD of (d, d) with both factors (≈ 21·d³, Golub & Van Loan). Fast (eigh route): A = Zᵀc
+    # (2·n·r·p), A Aᵀ and G = W Λ^{-1/2} Wᵀ (syrk, r²·p + r³), eigh of (r, r) with eigenvectors
+    # (≈ 9·r³), Z G (2·n·r²), (Z G) A (2·n·r·p). r is the smallest model's width (a lower bound).
+    plain_flop = it_plain * n_models * (2 * 2 * m * d * d + 2 * d**3 + 21 * d**3)
+    fast_flop = result.n_iter * n_models * (2 * 2 * n * r * p + r * r * p + r**3 + 9 * r**3 + 2 * n * r * r)
     rng = np.random.default_rng(2)
     t_svd_d, _ = best_time(lambda: np.linalg.svd(rng.standard_normal((d, d))), 1)
-    t_svd_p, _ = best_time(lambda: np.linalg.svd(rng.standard_normal((p, p))), 1)
-    plain_matmul = it_plain * n_models * (2 * 2 * d * m * d + 2 * d**3)
-    fast_matmul = result.n_iter * n_models * 3 * 2 * m * p * p
+    sym = rng.standard_normal((p, p))
+    t_eigh_p, _ = best_time(lambda: procrustes.eigh(sym + sym.T), 1)
     return {
         "m": m,
         "dims": list(dims),
+        "tol": 1e-10,
         "plain_s": t_plain,
         "plain_iterations": it_plain,
         "fast_s": t_fast,
         "fast_iterations": result.n_iter,
+        "fast_steps_eigh_route_first_2_iterations": routes["eigh"],
+        "fast_steps_svd_route_first_2_iterations": routes["svd"],
         "speedup": t_plain / t_fast,
         "max_abs_residual_difference": float(np.abs(res_plain - result.residuals).max()),
+        "plain_gflop": plain_flop / 1e9,
+        "fast_gflop": fast_flop / 1e9,
         "svd_d_s": t_svd_d,
-        "svd_p_s": t_svd_p,
-        "plain_matmul_gflop": plain_matmul / 1e9,
-        "fast_matmul_gflop": fast_matmul / 1e9,
-        "plain_svd_floor_s": it_plain * n_models * t_svd_d,
-        "fast_svd_floor_s": result.n_iter * n_models * t_svd_p,
+        "eigh_p_s": t_eigh_p,
+        "load_average_before": list(load_before),
+        "load_average_after": list(load_after),
     }
 
 
@@ -185,6 +216,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller problems (a smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: as configured)")
+    parser.add_argument("--out", default="numerics.json", help="file name in benchmarks/results/")
     args = parser.parse_args()
     sizes = [256, 512] if args.quick else [1024, 2048, 4096]
     gpa_shape = (256, (320, 384, 320, 320)) if args.quick else (1024, (1280, 1536, 1280, 1280))
@@ -201,28 +233,31 @@ def main() -> None:
         rate = r["fast_bytes_moved"] / r["gram_subset_s"] / 1e9
         print(f"{r['n']:>6} {r['dense_reference_s']:>10.3f} {1e3 * r['gram_subset_s']:>12.2f} "
               f"{r['speedup']:>9.1f} {r['abs_difference']:>9.1e} {rate:>12.2f}")
-    print(f"\nGPA, {len(gpa['dims'])} models × {gpa['m']} stimuli × dims {tuple(gpa['dims'])}, Δloss < 1e-10")
-    print(f"{'method':>8} {'iterations':>10} {'time (s)':>9} {'SVD size':>9} {'1 SVD (s)':>10} "
-          f"{'SVD floor (s)':>14} {'matmul GFLOP':>13} {'at peak (s)':>12}")
-    for name, size in (("plain", max(gpa["dims"])), ("fast", min(gpa["m"], max(gpa["dims"])))):
-        svd_key = "svd_d_s" if name == "plain" else "svd_p_s"
-        matmul = gpa[f"{name}_matmul_gflop"]
-        print(f"{name:>8} {gpa[f'{name}_iterations']:>10} {gpa[f'{name}_s']:>9.2f} {size:>9} "
-              f"{gpa[svd_key]:>10.3f} {gpa[f'{name}_svd_floor_s']:>14.2f} {matmul:>13.0f} {matmul / peak:>12.2f}")
-    print(f"speed-up {gpa['speedup']:.1f}×; max |Δ residual| {gpa['max_abs_residual_difference']:.1e}")
+    print(f"\nGPA, {len(gpa['dims'])} models × {gpa['m']} stimuli × dims {tuple(gpa['dims'])}, Δloss < 1e-10; "
+          f"load average {gpa['load_average_before'][0]:.2f} → {gpa['load_average_after'][0]:.2f}")
+    print(f"{'method':>8} {'iterations':>10} {'time (s)':>9} {'GFLOP':>7} {'GFLOP/s':>8}")
+    for name in ("plain", "fast"):
+        gflop, seconds = gpa[f"{name}_gflop"], gpa[f"{name}_s"]
+        print(f"{name:>8} {gpa[f'{name}_iterations']:>10} {seconds:>9.2f} {gflop:>7.0f} {gflop / seconds:>8.1f}")
+    print(f"speed-up {gpa['speedup']:.1f}×; max |Δ residual| {gpa['max_abs_residual_difference']:.1e}; "
+          f"steps by eigh / SVD (first 2 iterations): {gpa['fast_steps_eigh_route_first_2_iterations']} / "
+          f"{gpa['fast_steps_svd_route_first_2_iterations']}; one SVD ({max(gpa['dims'])}²) "
+          f"{gpa['svd_d_s']:.2f} s, one eigh ({min(gpa['m'] - 1, max(gpa['dims']))}²) {gpa['eigh_p_s']:.2f} s")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    results = RESULTS_DIR / args.out
+    results.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "blas": blas,
-                    "matmul_peak_gflop_per_s": peak, "load_average": os.getloadavg()},
+                    "matmul_peak_gflop_per_s": peak, "load_average": os.getloadavg(),
+                    "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
         "quick": args.quick,
         "cknna": cknna_rows,
         "gpa": gpa,
     }
-    tmp = RESULTS.with_name(f"{RESULTS.name}.tmp-{os.getpid()}")
+    tmp = results.with_name(f"{results.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, RESULTS)
-    print(f"\nwrote {RESULTS}")
+    os.replace(tmp, results)
+    print(f"\nwrote {results}")
 
 
 if __name__ == "__main__":

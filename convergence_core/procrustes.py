@@ -39,7 +39,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.linalg import blas, eigh
 
 from .validation import check_embedding_set, check_features
 
@@ -161,11 +160,12 @@ def _aligned_coordinates(z: np.ndarray, c: np.ndarray, *, allow_eigh: bool = Tru
     a = z.T @ c
     if not allow_eigh:
         return z @ _polar_rows(a), False
-    gram = blas.dsyrk(1.0, a)  # upper triangle of a aᵀ (r, r)
-    lam, w = eigh(gram, lower=False, overwrite_a=True, check_finite=False)
+    # numpy only (it computes x @ x.T with a symmetric rank-k update): interleaving scipy's own
+    # BLAS/LAPACK with numpy's makes the two thread pools compete and was 2-3× slower here.
+    lam, w = np.linalg.eigh(a @ a.T)
     if lam[0] > 0.0:
-        g = blas.dsyrk(1.0, w / np.sqrt(np.sqrt(lam)))  # upper triangle of W Λ^{-1/2} Wᵀ
-        g += np.triu(g, 1).T
+        scaled = w / np.sqrt(np.sqrt(lam))
+        g = scaled @ scaled.T  # W Λ^{-1/2} Wᵀ
         zg = z @ g
         # G = (a aᵀ)^{-1/2} is computed from a aᵀ with a backward error δ of size ~ε·λ_max; to
         # first order it moves (z G) a by at most ||z W Λ^{-1/2}|| · |δ| / sqrt(λ_min).
