@@ -15,14 +15,6 @@ import streamlit as st
 from convergence_core import analyses
 from convergence_core.dashboard import data, page, paper_plots, state
 
-st.set_page_config(page_title="Paper analyses", layout="wide")
-st.title("Paper analyses")
-st.caption(
-    "Does low intra-modal dispersion (vision models agree) go with higher vision–language "
-    "alignment? Fig. 2, S1 and S2 of the paper, recomputed on this run."
-)
-
-
 @st.cache_data(show_spinner="Sweeping language layers…", max_entries=32)
 def _layer_sweep(path: str, stamp: int, k: int) -> pd.DataFrame:
     return analyses.layer_sweep(data.open_run(Path(path)), k=k)
@@ -83,27 +75,13 @@ _P_VALUE_FORMAT = {
     )
 }
 
-runs = data.available_runs()
-if not runs:
-    st.info(page.no_run_message())
-    st.stop()
-paths = {info.name: info.path for info in runs}
-view, warnings = state.init_view(st.session_state, st.query_params.to_dict(), list(paths))
-for warning in warnings:
-    st.warning(warning)
-if view.run is None:
-    view.run = data.default_run_name(runs)
-
-with st.sidebar:
-    run_name = state.bind_widget(
-        st.session_state,
-        view,
-        "run",
-        lambda key: st.selectbox("Run", list(paths), key=key),
-        coerce=lambda name: name if name in paths else data.default_run_name(runs),
-    )
-path = paths[run_name]
-run = data.open_run(path)
+context = page.open_page("Paper analyses", icon="📄")
+st.caption(
+    "Does low intra-modal dispersion (vision models agree) go with higher vision–language "
+    "alignment? Fig. 2, S1 and S2 of the paper, recomputed on this run."
+)
+run, view = context.run, context.view
+run_name, path = context.info.name, context.info.path
 stamp = data.manifest_stamp(path)
 n = run.n_stimuli
 max_size = n // 2
@@ -162,7 +140,7 @@ with st.sidebar:
             step=50,
         )
         seed = st.number_input("seed", min_value=0, value=0, step=1)
-state.write_query_params(st.query_params, view)
+page.close_page(context)
 
 try:
     sweep = _layer_sweep(str(path), stamp, int(k))

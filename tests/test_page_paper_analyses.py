@@ -67,4 +67,4 @@ def test_page_without_runs_says_how_to_make_one(monkeypatch, tmp_path):
     at = AppTest.from_file(PAGE, default_timeout=60)
     at.run(timeout=60)
     assert not at.exception
-    assert "make demo" in at.info[0].value
+    assert "make demo" in at.error[0].value
