@@ -23,7 +23,7 @@ Fast path (same iterates as the plain d×d loop, not an approximation):
 * Procrustes step without an SVD. With A_i = Z_iᵀ c (r_i, p) of full row rank, the orthogonal polar
   factor is T_i = (A_i A_iᵀ)^{-1/2} A_i, so the aligned coordinates are Z_i T_i = (Z_i G_i) A_i with
   G_i = W Λ^{-1/2} Wᵀ from the symmetric eigendecomposition A_i A_iᵀ = W Λ Wᵀ (r_i × r_i). An
-  eigendecomposition plus matrix products is several times cheaper than an SVD (LAPACK's SVD is
+  eigendecomposition is 2-3× cheaper than an SVD of the same size here (LAPACK's SVD is
   bound by matrix-vector work). Squaring A_i squares its condition number, so the result is kept
   only when a first-order estimate of its error in the aligned coordinates,
   ``ε·λ_max·||Z_i W Λ^{-1/2}||_F / sqrt(λ_min)``, is below ``_EIGH_POLAR_MAX_ERROR``; otherwise (rank
