@@ -26,8 +26,8 @@ Fast path (same iterates as the plain d×d loop, not an approximation):
   eigendecomposition is 2-3× cheaper than an SVD of the same size here (LAPACK's SVD is
   bound by matrix-vector work). Squaring A_i squares its condition number, so the result is kept
   only when a first-order estimate of its error in the aligned coordinates,
-  ``ε·λ_max·||Z_i W Λ^{-1/2}||_F / sqrt(λ_min)``, is below ``_EIGH_POLAR_MAX_ERROR``; otherwise (rank
-  deficiency, ill conditioning) the step falls back to the SVD of A_i, as the plain loop does.
+  ``ε·λ_max·||Z_i W Λ^{-1/2}||_F / sqrt(λ_min)``, is below ``_EIGH_POLAR_MAX_ERROR``; otherwise
+  (rank deficiency, ill conditioning) the step falls back to the SVD of A_i, as the plain loop does.
   Tolerances below ``_EIGH_POLAR_MIN_TOL`` (loss to machine precision) use the SVD for every step.
 The returned consensus / aligned configurations are E c and E Z_i T_i, zero-padded to d columns (the
 frame of a GPA consensus is arbitrary).
@@ -146,7 +146,9 @@ _EIGH_POLAR_MAX_ERROR = 1e-7
 _EIGH_POLAR_MIN_TOL = 1e-12
 
 
-def _aligned_coordinates(z: np.ndarray, c: np.ndarray, *, allow_eigh: bool = True) -> tuple[np.ndarray, bool]:
+def _aligned_coordinates(
+    z: np.ndarray, c: np.ndarray, *, allow_eigh: bool = True
+) -> tuple[np.ndarray, bool]:
     """z @ polar(zᵀ c): coordinates (n, p) of the configuration z rotated onto c.
 
     Args:

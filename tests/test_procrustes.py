@@ -203,7 +203,7 @@ def test_max_iter_reached_is_reported() -> None:
     assert r.n_iter == 1 and not r.converged and r.loss_history.shape == (2,)
 
 
-# --- the fast path's building blocks ----------------------------------------------------------------
+# --- the fast path's building blocks -------------------------------------------------------------
 def svd_aligned(z, c):
     """Independent reference for the Procrustes step: z @ (P Qᵀ) from the SVD zᵀ c = P S Qᵀ."""
     p, _, qt = np.linalg.svd(z.T @ c, full_matrices=False)
@@ -216,10 +216,12 @@ def with_singular_values(rng, n, r, singular_values):
     return (u * singular_values) @ random_orthogonal(rng, r)
 
 
-@pytest.mark.parametrize(("n", "r", "p"), [(60, 20, 35), (50, 49, 49), (40, 7, 39)], ids=["r<p", "r=p", "narrow"])
-@pytest.mark.parametrize("condition", [1.0, 1e2, 1e4, 1e6], ids=["cond1", "cond1e2", "cond1e4", "cond1e6"])
+@pytest.mark.parametrize(
+    ("n", "r", "p"), [(60, 20, 35), (50, 49, 49), (40, 7, 39)], ids=["r<p", "r=p", "narrow"]
+)
+@pytest.mark.parametrize("condition", [1.0, 1e2, 1e4, 1e6], ids=lambda c: f"cond{c:.0e}")
 def test_eigh_polar_matches_svd_on_ill_conditioned_models(n, r, p, condition) -> None:
-    """A GPA-like step: c holds this model's aligned copy plus another model; z is ill-conditioned."""
+    """A GPA-like step: c holds this model's aligned copy and another model; z is ill-conditioned."""
     rng = np.random.default_rng(r)
     z = with_singular_values(rng, n, r, np.geomspace(1.0, 1.0 / condition, r))
     own = z @ np.linalg.qr(rng.standard_normal((p, r)))[0].T  # an isometric copy of z in p dims
@@ -264,23 +266,11 @@ def test_centered_basis_is_orthonormal() -> None:
     np.testing.assert_allclose(_from_centered_basis(y, u), x, atol=1e-14)
 
 
-@pytest.mark.parametrize(("m", "dims", "rank"), [(20, (10, 12, 6), 3), (8, (15, 20), 5)], ids=["d<m", "d>m"])
-def test_matches_reference_gpa_on_rank_deficient_models(m, dims, rank) -> None:
-    """Models whose embeddings have rank < min(m - 1, d_i) go through the SVD fallback."""
-    rng = np.random.default_rng(14)
-    base = rng.standard_normal((m, rank))
-    embeddings = [base @ rng.standard_normal((rank, d)) + 0.1 * rng.standard_normal((m, rank)) @ rng.standard_normal((rank, d)) for d in dims]
-    result = generalized_procrustes(embeddings)
-    ref_residuals, ref_losses = reference_gpa(embeddings)
-    assert result.n_iter == len(ref_losses) - 1
-    np.testing.assert_allclose(result.loss_history, ref_losses, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(result.residuals, ref_residuals, atol=1e-8)
-
-
-def test_gpa_takes_the_eigh_route_unless_tol_is_tiny(monkeypatch) -> None:
+def record_routes(monkeypatch) -> list[bool]:
+    """Patch the GPA step to record, per call, whether it took the eigh route."""
     import convergence_core.procrustes as procrustes
 
-    routes = []
+    routes: list[bool] = []
 
     def recording(z, c, **kwargs):
         aligned, used_eigh = _aligned_coordinates(z, c, **kwargs)
@@ -288,6 +278,30 @@ def test_gpa_takes_the_eigh_route_unless_tol_is_tiny(monkeypatch) -> None:
         return aligned, used_eigh
 
     monkeypatch.setattr(procrustes, "_aligned_coordinates", recording)
+    return routes
+
+
+@pytest.mark.parametrize(
+    ("m", "dims", "rank"), [(20, (10, 12, 6), 3), (8, (15, 20), 5)], ids=["d<m", "d>m"]
+)
+def test_matches_reference_gpa_on_rank_deficient_models(monkeypatch, m, dims, rank) -> None:
+    """Embeddings of rank < min(m - 1, d_i) must go through the SVD fallback and still agree."""
+    routes = record_routes(monkeypatch)
+    rng = np.random.default_rng(14)
+    base = rng.standard_normal((m, rank))
+    embeddings = [
+        (base + 0.1 * rng.standard_normal((m, rank))) @ rng.standard_normal((rank, d)) for d in dims
+    ]
+    result = generalized_procrustes(embeddings)
+    assert routes and not any(routes)
+    ref_residuals, ref_losses = reference_gpa(embeddings)
+    assert result.n_iter == len(ref_losses) - 1
+    np.testing.assert_allclose(result.loss_history, ref_losses, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(result.residuals, ref_residuals, atol=1e-8)
+
+
+def test_gpa_takes_the_eigh_route_unless_tol_is_tiny(monkeypatch) -> None:
+    routes = record_routes(monkeypatch)
     embeddings = shared_structure(np.random.default_rng(15), m=50, dims=(20, 30, 25), noise=0.5)
     generalized_procrustes(embeddings)
     assert routes and all(routes)
