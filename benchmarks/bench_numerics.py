@@ -1,8 +1,10 @@
 """Speed of the numerics hot paths, each next to the plain method it replaces.
 
 1. CKNNA: dense reference (n×n masks and an n×n matrix product per HSIC, as in the Platonic
-   Representation code, transcribed to numpy float64) vs ``cknna_from_gram`` on a subset of cached
-   float32 Gram matrices, for subsets of n = 1024, 2048, 4096 stimuli.
+   Representation code, transcribed to numpy float64) vs ``cknna_from_gram`` on cached float32
+   Gram matrices of n = 1024, 2048, 4096 stimuli, the subset being the full set and a random half:
+   the Gram path (gathers the s×s sub-Grams) and the ranking path (``rankings=``, reads only the
+   neighbour entries; the one-off ``NeighbourRanking.from_gram`` of both Grams is its own column).
 2. GPA: the plain loop (SVD of the d×d matrix N_iᵀ C per model per iteration, d = 1536) vs
    ``generalized_procrustes`` (centered rank-r coordinates, eigh-based Procrustes step with SVD
    fallback; the same iterates) on 4 models × 1024 stimuli × dims (1280, 1536, 1280, 1280) to
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from convergence_core.alignment import prepare_features  # noqa: E402
-from convergence_core.neighbours import cknna_from_gram  # noqa: E402
+from convergence_core.neighbours import NeighbourRanking, cknna_from_gram  # noqa: E402
 import convergence_core.procrustes as procrustes  # noqa: E402
 from convergence_core.procrustes import generalized_procrustes  # noqa: E402
 
@@ -81,33 +83,57 @@ def dense_reference_cknna(X: np.ndarray, Y: np.ndarray, k: int) -> float:
 
 
 def bench_cknna(sizes: list[int], k: int, repeats: int) -> list[dict]:
+    """Per n: Grams of n stimuli; the full set and a random (unsorted) half as the subset."""
     rng = np.random.default_rng(0)
     n_total, dx, dy = max(sizes), 768, 512
     X = rng.standard_normal((n_total, dx))
     Y = prepare_features(X[:, :dy] + rng.standard_normal((n_total, dy)))
     X = prepare_features(X)
-    K = (X @ X.T).astype(np.float32)  # the cached Gram matrices are float32
-    L = (Y @ Y.T).astype(np.float32)
     rows = []
     for n in sizes:
-        subset = np.sort(rng.choice(n_total, size=n, replace=False))
-        t_dense, dense = best_time(lambda: dense_reference_cknna(X[subset], Y[subset], k), 1 if n > 2048 else repeats)
-        t_fast, fast = best_time(lambda: cknna_from_gram(K, L, k, subset), max(repeats, 5))
-        rows.append(
-            {
-                "n": n,
-                "k": k,
-                "dense_reference_s": t_dense,
-                "gram_subset_s": t_fast,
-                "speedup": t_dense / t_fast,
-                "abs_difference": abs(dense - fast),
-                # work of the fast path: gather 2 sub-Grams (s² float32 each, read + write) and
-                # 2 row-wise selections over s² entries; the HSIC terms touch ~3·s·k entries.
-                "fast_bytes_moved": 2 * (n * n * 4 * 2) + 2 * n * n * 4,
-                "dense_flops": 3 * 2 * n**3,
-            }
+        K = (X[:n] @ X[:n].T).astype(np.float32)  # the cached Gram matrices are float32
+        L = (Y[:n] @ Y[:n].T).astype(np.float32)
+        t_build, rankings = best_time(
+            lambda: (NeighbourRanking.from_gram(K), NeighbourRanking.from_gram(L)), 1
         )
+        for subset in (np.arange(n), rng.choice(n, size=n // 2, replace=False)):
+            s = subset.size
+            t_dense, dense = best_time(
+                lambda: dense_reference_cknna(X[subset], Y[subset], k), 1 if s > 2048 else repeats
+            )
+            t_gram, gram = best_time(lambda: cknna_from_gram(K, L, k, subset), 1 if s > 2048 else 5)
+            t_ranked, ranked = best_time(
+                lambda: cknna_from_gram(K, L, k, subset, rankings=rankings), max(repeats, 5)
+            )
+            rows.append(
+                {
+                    "n": n,
+                    "subset_size": s,
+                    "k": k,
+                    "dense_reference_s": t_dense,
+                    "gram_subset_s": t_gram,
+                    "ranking_subset_s": t_ranked,
+                    "ranking_build_s": t_build,  # both rankings, once per pair of Grams
+                    "speedup_gram": t_dense / t_gram,
+                    "speedup_ranking": t_dense / t_ranked,
+                    "abs_difference_gram": abs(dense - gram),
+                    "abs_difference_ranking": abs(dense - ranked),
+                    "ranking_equals_gram": abs(ranked - gram) <= 1e-12,
+                }
+            )
     return rows
+
+
+def print_cknna(rows: list[dict]) -> None:
+    print(f"\nCKNNA, k={rows[0]['k']}: dense reference vs Gram-subset path vs ranking path "
+          f"(float32 Grams of n stimuli); load average {os.getloadavg()[0]:.2f}")
+    print(f"{'n':>5} {'s':>5} {'dense (s)':>9} {'Gram (ms)':>9} {'×':>6} {'ranked (ms)':>11} {'×':>6} "
+          f"{'build (s)':>9} {'|diff|':>8}")
+    for r in rows:
+        print(f"{r['n']:>5} {r['subset_size']:>5} {r['dense_reference_s']:>9.3f} "
+              f"{1e3 * r['gram_subset_s']:>9.2f} {r['speedup_gram']:>6.1f} "
+              f"{1e3 * r['ranking_subset_s']:>11.2f} {r['speedup_ranking']:>6.0f} "
+              f"{r['ranking_build_s']:>9.2f} {r['abs_difference_ranking']:>8.1e}")
 
 
 # --- GPA ----------------------------------------------------------------------------------------
@@ -230,12 +256,7 @@ def main() -> None:
         gpa = bench_gpa(*gpa_shape, repeats=1)
 
     print(f"BLAS {blas}; cores {os.cpu_count()}; measured float64 matmul peak {peak:.1f} GFLOP/s")
-    print("\nCKNNA, k=10: dense reference vs Gram-subset (float32 Grams of 4096 stimuli)")
-    print(f"{'n':>6} {'dense (s)':>10} {'subset (ms)':>12} {'speed-up':>9} {'|diff|':>9} {'subset GB/s':>12}")
-    for r in cknna_rows:
-        rate = r["fast_bytes_moved"] / r["gram_subset_s"] / 1e9
-        print(f"{r['n']:>6} {r['dense_reference_s']:>10.3f} {1e3 * r['gram_subset_s']:>12.2f} "
-              f"{r['speedup']:>9.1f} {r['abs_difference']:>9.1e} {rate:>12.2f}")
+    print_cknna(cknna_rows)
     dims = tuple(gpa["dims"])
     print(f"\nGPA, {len(dims)} models × {gpa['m']} stimuli × dims {dims}, Δloss < 1e-10; "
           f"load average {gpa['load_average_before'][0]:.2f} → {gpa['load_average_after'][0]:.2f}")

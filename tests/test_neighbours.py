@@ -188,3 +188,103 @@ def test_subset_alignment_bad_input_is_explained() -> None:
         subset_alignment(grams, [("x", "y")], np.arange(3)[None], 2)
     with pytest.raises(ValueError, match="out of range"):
         subset_alignment(grams, [("x", "y")], np.arange(10)[None], 10)
+
+
+# --- NeighbourRanking: the same numbers from a per-row ranking of the full set -------------------
+
+
+def _rankings(K: np.ndarray, L: np.ndarray):
+    return neighbours.NeighbourRanking.from_gram(K), neighbours.NeighbourRanking.from_gram(L)
+
+
+def test_ranking_is_a_stable_sort_of_each_row_without_self() -> None:
+    X, _ = features(30, n=40)
+    G = np.round(X @ X.T, 1)  # rounded: many exact ties
+    order = neighbours.NeighbourRanking.from_gram(G).order
+    assert order.shape == (40, 39)
+    for i in range(40):
+        expected = [j for j in np.argsort(-G[i], kind="stable") if j != i]
+        assert order[i].tolist() == expected
+
+
+@pytest.mark.parametrize("k", [2, 5, 10, 30])
+@pytest.mark.parametrize("size", [4, 9, 37, 100, 150])
+def test_ranking_path_equals_gram_path_and_features(k: int, size: int) -> None:
+    k = min(k, size - 1)  # at most s - 1 neighbours
+    X, Y = features(size * 100 + k)
+    K, L = X @ X.T, Y @ Y.T
+    rankings = _rankings(K, L)
+    rng = np.random.default_rng(k)
+    subset = rng.choice(150, size=size, replace=False)  # unsorted
+    expected = cknna(X[subset], Y[subset], k)
+    gram_path = cknna_from_gram(K, L, k, subset)
+    ranked = cknna_from_gram(K, L, k, subset, rankings=rankings)
+    assert gram_path == pytest.approx(expected, abs=1e-9, nan_ok=True)
+    assert ranked == pytest.approx(gram_path, abs=1e-9, nan_ok=True)
+    assert mutual_knn_from_gram(K, L, k, subset, rankings=rankings) == pytest.approx(
+        mutual_knn(X[subset], Y[subset], k), abs=1e-12
+    )
+
+
+def test_ranking_path_on_the_full_set_and_float32_grams() -> None:
+    X, Y = features(31)
+    K32, L32 = (X @ X.T).astype(np.float32), (Y @ Y.T).astype(np.float32)
+    rankings = _rankings(K32, L32)
+    for k in (3, 10, 49):
+        for subset in (None, np.arange(150)[::-1], np.arange(0, 150, 3)):
+            assert cknna_from_gram(K32, L32, k, subset, rankings=rankings) == pytest.approx(
+                cknna_from_gram(K32, L32, k, subset), abs=1e-9
+            )
+            assert mutual_knn_from_gram(K32, L32, k, subset, rankings=rankings) == pytest.approx(
+                mutual_knn_from_gram(K32, L32, k, subset), abs=1e-12
+            )
+
+
+def test_ranking_path_widens_for_clustered_subsets() -> None:
+    # two far-apart clusters; the subset is mostly from cluster 0 and a few of cluster 1, whose
+    # in-subset neighbours lie far down their rankings (past the first prefix)
+    rng = np.random.default_rng(32)
+    centres = np.repeat([[0.0] * 8, [5.0] * 8], 100, axis=0)
+    X = centres + rng.standard_normal((200, 8))
+    Y = X + 0.5 * rng.standard_normal((200, 8))
+    K, L = X @ X.T, Y @ Y.T
+    subset = np.concatenate([np.arange(100), [150, 170, 190]])
+    rankings = _rankings(K, L)
+    for k in (2, 5, 20):
+        assert cknna_from_gram(K, L, k, subset, rankings=rankings) == pytest.approx(
+            cknna(X[subset], Y[subset], k), abs=1e-9
+        )
+
+
+def test_exact_ties_give_the_same_answer_on_both_paths() -> None:
+    # duplicated stimuli: rows with exactly equal inner products; ties go to the lower index
+    X, Y = features(33, n=50)
+    X, Y = np.concatenate([X, X[:20]]), np.concatenate([Y, Y[:20]])
+    K, L = X @ X.T, Y @ Y.T
+    rankings = _rankings(K, L)
+    rng = np.random.default_rng(0)
+    for k in (2, 4, 8):
+        for subset in (None, rng.permutation(70)[:40], np.array([0, 50, 1, 51, 2, 52, 3, 53, 10])):
+            for metric in (cknna_from_gram, mutual_knn_from_gram):
+                assert metric(K, L, k, subset, rankings=rankings) == pytest.approx(
+                    metric(K, L, k, subset), abs=1e-9, nan_ok=True
+                )
+    # the Gram path's neighbours follow the rule too (of tied columns, the lower index)
+    for k in (1, 3, 7):
+        assert [set(row.tolist()) for row in top_k_neighbours(K, k)] == slow_top_k(K, k)
+
+
+def test_bad_rankings_are_explained() -> None:
+    X, Y = features(34)
+    K, L = X @ X.T, Y @ Y.T
+    with pytest.raises(ValueError, match="pair"):
+        cknna_from_gram(K, L, 3, rankings=neighbours.NeighbourRanking.from_gram(K))
+    small = neighbours.NeighbourRanking.from_gram(K[:10, :10])
+    with pytest.raises(ValueError, match="cover 10"):
+        cknna_from_gram(K, L, 3, rankings=(small, small))
+    bad = K.copy()
+    bad[3, 4] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        neighbours.NeighbourRanking.from_gram(bad)
+    with pytest.raises(ValueError, match=r"\(n, n - 1\)"):
+        neighbours.NeighbourRanking(np.zeros((4, 4), dtype=np.int16))
