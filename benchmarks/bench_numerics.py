@@ -241,6 +241,15 @@ def peak_gflops(n: int = 1024, repeats: int = 3) -> float:
     return 2 * n**3 / t / 1e9
 
 
+def _plain(value: object) -> object:
+    """JSON fallback for numpy scalars and arrays (np.bool_, np.float64, ...)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller problems (a smoke run)")
@@ -283,7 +292,7 @@ def main() -> None:
         "gpa": gpa,
     }
     tmp = results.with_name(f"{results.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(json.dumps(payload, indent=2, default=_plain))
     os.replace(tmp, results)
     print(f"\nwrote {results}")
 

@@ -1,0 +1,30 @@
+"""The benchmark scripts run (smoke test on small problems): a benchmark that cannot run measures
+nothing. Timings are not asserted here; they are read from the printed table and the JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_numerics_benchmark_runs_and_writes_json() -> None:
+    out = "numerics-smoke-test.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_numerics.py", "--quick", "--out", out],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = REPO / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    assert payload["quick"] is True
+    assert {row["n"] for row in payload["cknna"]} == {256, 512}
+    for row in payload["cknna"]:
+        # both fast paths agree with the dense reference
+        assert row["abs_difference_gram"] < 1e-6 and row["abs_difference_ranking"] < 1e-6
+    assert payload["gpa"]["max_abs_residual_difference"] < 1e-8
+    assert "speed-up" in done.stdout
