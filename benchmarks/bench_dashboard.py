@@ -38,7 +38,7 @@ import streamlit as st  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from convergence_core import settings  # noqa: E402
-from convergence_core.dashboard import data, lab, plots, state  # noqa: E402
+from convergence_core.dashboard import data, headless, lab, plots, state  # noqa: E402
 from convergence_core.subsets import select_stimuli  # noqa: E402
 
 TARGET_FIRST_PAGE_S = 2.0
@@ -100,23 +100,9 @@ def _fresh_process_first_run(cache: Path) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-#: headless Chromium on a closed network: without the background-networking flags it keeps
-#: opening connections that are refused, which slows every page (see the README of the machine)
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
-
-
 def _browser_timings(cache: Path) -> dict[str, float]:
     """Seconds from navigation until the page's script has finished, per page, in Chromium."""
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
+    if not headless.CHROMIUM.exists():
         return {}
     from playwright.sync_api import sync_playwright
 
@@ -152,14 +138,8 @@ def _browser_timings(cache: Path) -> dict[str, float]:
                         break
             except OSError:
                 time.sleep(0.5)
-        done = (
-            "() => document.querySelector('[data-testid=\"stApp\"]')"
-            "?.getAttribute('data-test-script-state') === 'notRunning'"
-        )
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=str(chromium), args=CHROMIUM_ARGS
-            )
+            browser = headless.launch_chromium(p)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             for label, path in (
                 ("home, first visit after server up", ""),
@@ -171,7 +151,7 @@ def _browser_timings(cache: Path) -> dict[str, float]:
                 start = time.perf_counter()
                 page.goto(f"{base}/{path}")
                 page.wait_for_selector("h1", timeout=120_000)
-                page.wait_for_function(done, timeout=120_000)
+                page.wait_for_function(headless.SCRIPT_FINISHED, timeout=120_000)
                 timings[label] = time.perf_counter() - start
             browser.close()
     finally:

@@ -22,20 +22,11 @@ import numpy as np
 import pytest
 
 from convergence_core import settings
+from convergence_core.dashboard.headless import CHROMIUM, SCRIPT_FINISHED, launch_chromium
 
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO / "docs" / "dashboard.png"
 STIMULI_SCREENSHOT = REPO / "docs" / "stimuli.png"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 PAGES = ["", "Stimuli", "Residual_space", "Alignment_lab", "Paper_analyses"]
 
 pytestmark = pytest.mark.slow
@@ -135,12 +126,10 @@ def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 240) -> No
 
 
 def _wait_idle(page, timeout_ms: int = 60_000) -> None:
-    """Wait until Streamlit has finished the script run (the status widget disappears)."""
+    """Wait until Streamlit has finished the page's script run (and has had time to paint)."""
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
-    page.wait_for_timeout(500)
-    page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms
-    )
+    page.wait_for_timeout(300)  # a rerun triggered by a widget starts asynchronously
+    page.wait_for_function(SCRIPT_FINISHED, timeout=timeout_ms)
     page.wait_for_timeout(300)
 
 
@@ -178,7 +167,7 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
         assert f"http://localhost:{port}" in (tmp_path / "demo.log").read_text()
         base = f"http://localhost:{port}"
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            browser = launch_chromium(p)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             for name in PAGES:
                 page.goto(f"{base}/{name}")
