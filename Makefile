@@ -28,7 +28,7 @@ install-dev: $(VENV)/.dev-installed
 demo: install
 	$(PY) -m convergence_core precompute --preset demo
 	@echo "Dashboard: http://$(HOST):$(PORT)"
-	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.address $(HOST) --server.headless true
+	$(PY) -m convergence_core.dashboard.serve --server.port $(PORT) --server.address $(HOST) --server.headless true
 
 ## make test: install runtime + test tools, run the whole suite.
 test: install-dev

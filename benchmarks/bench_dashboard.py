@@ -113,9 +113,7 @@ def _browser_timings(cache: Path) -> dict[str, float]:
         [
             sys.executable,
             "-m",
-            "streamlit",
-            "run",
-            str(ROOT / "app.py"),
+            "convergence_core.dashboard.serve",  # what `make demo` runs
             "--server.port",
             str(port),
             "--server.headless",
