@@ -33,6 +33,7 @@ from .cache import (
     run_lock,
     write_parquet,
 )
+from .procrustes import GPA_ALGORITHM
 from .run import MANIFEST_FORMAT, Run, load_run
 from .run_writer import (
     THUMBNAIL_SIZE,
@@ -523,6 +524,7 @@ class _Pipeline:
             layers_in,
             GPA_TOL,
             GPA_MAX_ITER,
+            GPA_ALGORITHM,  # a new iteration scheme recomputes stored results
         )
         self.data["gpa"] = {"models": models_in, "layers": layers_in}
         if self.manifest.step_done("gpa", inputs) and self.layout.gpa_json.is_file():

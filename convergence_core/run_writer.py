@@ -286,7 +286,7 @@ def write_gpa(
     max_iter: int,
 ) -> Any:
     """Run GPA on float64 copies of ``arrays`` and write gpa/; return the GPAResult."""
-    from .procrustes import generalized_procrustes
+    from .procrustes import GPA_ALGORITHM, generalized_procrustes
 
     result = generalized_procrustes(
         [np.asarray(a, dtype=np.float64) for a in arrays],
@@ -308,6 +308,7 @@ def write_gpa(
             "layers": list(layers),
             "tol": tol,
             "max_iter": max_iter,
+            "algorithm": GPA_ALGORITHM,
         },
     )
     return result
