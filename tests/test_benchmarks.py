@@ -26,5 +26,10 @@ def test_numerics_benchmark_runs_and_writes_json() -> None:
     for row in payload["cknna"]:
         # both fast paths agree with the dense reference
         assert row["abs_difference_gram"] < 1e-6 and row["abs_difference_ranking"] < 1e-6
-    assert payload["gpa"]["max_abs_residual_difference"] < 1e-8
+    gpa = payload["gpa"]
+    # both GPA loops stop near the same optimum (at tol 1e-10 the residuals are pinned to ~1e-8)
+    assert gpa["max_abs_residual_difference"] < 1e-7
+    for name in ("plain", "fast"):
+        assert -1e-13 <= gpa[f"{name}_loss_above_optimum"] < 1e-10
+        assert gpa[f"{name}_max_abs_residual_from_optimum"] < 1e-7
     assert "speed-up" in done.stdout
