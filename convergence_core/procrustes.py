@@ -16,7 +16,10 @@ Iterations (:data:`GPA_ALGORITHM`):
    the textbook step: every model rotated onto the unaligned mean C_0, which never increases the loss.
 2. Block updates (ten Berge 1977): each model in turn (same order) rotated onto the sum of the
    *other* models' current configurations. With the others fixed this rotation minimises the loss
-   exactly, so the loss never increases.
+   exactly, so the loss never increases. At convergence each model is also the Procrustes rotation
+   onto the mean of all aligned configurations (if N_iᵀ S_{≠i} = H T_i with H symmetric positive
+   semidefinite, then N_iᵀ (N_i T_i + S_{≠i}) = (N_iᵀ N_i + H) T_i has the same polar factor T_i):
+   the paper's fixed point.
 
 The plain loop of the paper (every model rotated onto the previous mean, all at once) converges to
 a stationary point of the same loss. Where the optimum is unique both reach it; the block updates

@@ -176,6 +176,20 @@ def test_rerun_recomputes_nothing(tiny_coco, tmp_path, loads):
         np.testing.assert_array_equal(after[key], value)
 
 
+def test_new_gpa_algorithm_recomputes_gpa_only(tiny_coco, tmp_path, loads, monkeypatch):
+    import convergence_core.precompute as pipeline
+
+    first = precompute(**_options(tiny_coco, tmp_path))
+    gpa_json = first.path / "gpa" / "gpa.json"
+    assert read_json(gpa_json)["algorithm"] == pipeline.GPA_ALGORITHM
+    monkeypatch.setattr(pipeline, "GPA_ALGORITHM", "some-other-scheme/2")
+    events: list[ProgressEvent] = []
+    precompute(progress=events.append, **_options(tiny_coco, tmp_path))
+    assert loads == Counter({name: 1 for name in (*VISION, *LANGUAGE)})  # nothing re-extracted
+    redone = {e.step for e in events if e.step in ("gpa", "dispersion") and not e.skipped}
+    assert redone == {"gpa", "dispersion"}
+
+
 def test_interrupted_run_resumes_and_equals_a_clean_run(tiny_coco, tmp_path, loads):
     class Crash(RuntimeError):
         pass

@@ -226,6 +226,9 @@ def test_result_is_consistent() -> None:
     # each aligned configuration is an isometric copy of the preprocessed input
     for a, n in zip(r.aligned, preprocess_embeddings(embeddings)):
         np.testing.assert_allclose(a @ a.T, n @ n.T, atol=1e-12)
+    # the spec's fixed point: each aligned model is its own Procrustes rotation onto the consensus
+    for a in r.aligned:
+        np.testing.assert_allclose(rotated_onto(a, r.consensus), a, atol=1e-6)
     # monotone convergence
     assert np.all(np.diff(r.loss_history) <= 1e-15)
     assert r.loss_history[-2] - r.loss_history[-1] < 1e-10
