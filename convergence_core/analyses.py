@@ -40,6 +40,7 @@ from .stats import (
     permutation_tests_two_sets,
 )
 from .subsets import drop_fraction, select_stimuli
+from .validation import check_k
 
 if TYPE_CHECKING:
     from .run import Run
@@ -108,18 +109,6 @@ def _n_stimuli(run: Run) -> int:
     return int(run.gpa.residuals.shape[0])
 
 
-def _check_k(k: int, set_size: int, what: str) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
-        raise ValueError(
-            f"k must be an integer >= 2 (CKNNA needs 2 neighbours), got {k!r}; use e.g. k=10"
-        )
-    if k >= set_size:
-        raise ValueError(
-            f"k={k} is too large for {what} of {set_size} stimuli: CKNNA needs k < set size; "
-            f"use k <= {set_size - 1} or a larger set"
-        )
-
-
 def _dispersion_scores(run: Run, score: str) -> np.ndarray:
     if score not in _SCORES:
         raise ValueError(f"unknown dispersion score {score!r}; use one of {list(_SCORES)}")
@@ -151,7 +140,7 @@ def layer_sweep(run: Run, *, k: int = 10) -> pd.DataFrame:
     """
     pairs = vision_layers(run)
     languages = _language_models(run)
-    _check_k(k, _n_stimuli(run), "the full set")
+    check_k(k, _n_stimuli(run), 2, what="the full set")
     grams = _Grams(run)
     rows = []
     for language in languages:
@@ -324,7 +313,7 @@ def dispersion_set_alignment(
             f"set size {size} is larger than half the {n} stimuli, so the low- and high-dispersion "
             f"sets would overlap; use size <= {n // 2}"
         )
-    _check_k(k, size, "sets")
+    check_k(k, size, 2, what="sets")
     scores = _dispersion_scores(run, score)
     pairs = _pairs_with_best_layers(run, k, best_layers)
 
@@ -439,7 +428,7 @@ def drop_fraction_alignment(
         "drop_low": np.asarray(drop_fraction(scores, q, "low"), dtype=np.intp),
     }
     for name, kept in conditions.items():
-        _check_k(k, kept.shape[0], f"the {name} set")
+        check_k(k, kept.shape[0], 2, what=f"the {name} set")
     grams = _Grams(run)
     rows = []
     for pair in pairs:

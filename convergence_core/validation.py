@@ -166,10 +166,17 @@ def check_embedding_set(
     return arrays
 
 
-def check_k(k: object, n: int, minimum: int = 1) -> int:
-    """Validate a neighbour count k for n stimuli: ``minimum <= k <= n - 1``.
+def check_k(k: object, n: int, minimum: int = 1, *, what: str = "the set") -> int:
+    """Validate a neighbour count k for a set of n stimuli: ``minimum <= k <= n - 1``.
 
-    The upper bound is n - 1 because a stimulus is never its own neighbour.
+    The upper bound is n - 1 because a stimulus is never its own neighbour. The one k check of the
+    package (metrics, Gram paths, analyses and the Alignment lab), so every error reads alike.
+
+    Args:
+        k: the neighbour count to check.
+        n: stimuli in the set the neighbours are taken from.
+        minimum: the smallest k the measure accepts (CKNNA: 2, mutual k-NN: 1).
+        what: the set, as the message should name it (e.g. ``"the low set"``).
 
     Returns:
         k as a Python int.
@@ -179,13 +186,18 @@ def check_k(k: object, n: int, minimum: int = 1) -> int:
     k = int(k)
     if n - 1 < minimum:
         raise ValueError(
-            f"{n} stimuli are too few for k >= {minimum} nearest neighbours (each stimulus needs "
-            f"{minimum} others); use at least {minimum + 1} stimuli."
+            f"{what} has {n} stimuli, too few for k >= {minimum} nearest neighbours (each stimulus "
+            f"needs {minimum} others); use at least {minimum + 1} stimuli."
         )
-    if k < minimum or k > n - 1:
+    if k < minimum:
         raise ValueError(
-            f"k={k} is out of range for {n} stimuli: it must satisfy {minimum} <= k <= {n - 1} "
-            f"(n - 1, since a stimulus is not its own neighbour); pass a k in that range."
+            f"k={k} is too small: it must satisfy {minimum} <= k <= {n - 1} for {what} of {n} "
+            f"stimuli; pass k >= {minimum}."
+        )
+    if k > n - 1:
+        raise ValueError(
+            f"k={k} is too large for {what} of {n} stimuli: each stimulus needs k other stimuli as "
+            f"neighbours, so {minimum} <= k <= {n - 1}; use k <= {n - 1} or a larger set."
         )
     return k
 

@@ -181,7 +181,7 @@ def test_prepare_features_clips_at_mean_row_quantile_and_normalises() -> None:
     ("call", "message"),
     [
         (lambda X, Y: cknna(X, Y, 1), "2 <= k"),
-        (lambda X, Y: cknna(X, Y, 30), "k=30 is out of range"),
+        (lambda X, Y: cknna(X, Y, 30), "k=30 is too large"),
         (lambda X, Y: cknna(X[:3], Y[:3], 2), "at least 4 stimuli"),
         (lambda X, Y: mutual_knn(X, Y, 0), "1 <= k"),
         (lambda X, Y: mutual_knn(X, Y, 2.0), "integer"),

@@ -442,7 +442,7 @@ def test_other_bad_parameters_are_refused(planted):
         analyses.drop_fraction_alignment(planted, q=1.5)
     with pytest.raises(ValueError, match="positive integer"):
         analyses.dispersion_set_alignment(planted, size=0)
-    with pytest.raises(ValueError, match="k must be an integer >= 2"):
+    with pytest.raises(ValueError, match="k=1 is too small: it must satisfy 2 <= k"):
         analyses.layer_sweep(planted, k=1)
 
 

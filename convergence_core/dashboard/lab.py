@@ -21,6 +21,7 @@ import pandas as pd
 from ..analyses import GramKey, Pair, low_high_permutation_tests, random_set_alignment
 from ..neighbours import subset_alignment
 from ..stats import percentile_interval
+from ..validation import check_k, check_min_stimuli
 
 __all__ = [
     "Pair",
@@ -33,17 +34,10 @@ __all__ = [
 
 
 def check_subset_for_k(size: int, k: int, what: str) -> None:
-    """ValueError in words when ``k`` neighbours cannot be taken inside a subset of ``size``."""
-    if size < 4:
-        raise ValueError(
-            f"{what} has {size} stimuli; CKNNA needs at least 4 (and more than k): "
-            "choose more stimuli"
-        )
-    if not 1 <= k < size:
-        raise ValueError(
-            f"k={k} is too large for {what} of {size} stimuli: each stimulus needs k other stimuli "
-            f"as neighbours; use k <= {size - 1} or a larger set"
-        )
+    """ValueError in words when ``k`` neighbours cannot be taken inside a subset of ``size``
+    (CKNNA's unbiased HSIC needs at least 4 stimuli; k as ``validation.check_k`` words it)."""
+    check_min_stimuli(size, 4, f"CKNNA on {what}")
+    check_k(k, size, 1, what=what)
 
 
 def baseline_table(
