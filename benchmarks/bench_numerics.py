@@ -18,6 +18,7 @@ The data are synthetic (a shared latent structure with a decaying spectrum, mode
 noise), because the timings depend only on the shapes. Each timing is the minimum over repeats.
 
 Usage: .venv/bin/python benchmarks/bench_numerics.py [--quick] [--threads N] [--out NAME]
+           [--gpa-stimuli M] [--gpa-dims D1,D2,...]
 Writes benchmarks/results/NAME (default numerics.json). Run it once with OPENBLAS_NUM_THREADS=1
 (--out numerics_blas1.json) and once with the default threads: on a shared 2-core machine
 multithreaded LAPACK can be much slower than single-threaded.
@@ -175,14 +176,29 @@ def plain_gpa(embeddings: list[np.ndarray], tol: float = 1e-10, max_iter: int = 
     return residuals, len(losses) - 1, losses[-1]
 
 
+def step_flops(n: int, r: int, p: int, eigh_route: bool) -> float:
+    """Flops of one Procrustes step of ``generalized_procrustes`` on z (n, r) and a target (n, p).
+
+    Both routes: A = zᵀc (2·n·r·p) and the aligned coordinates (2·n·r·p). Eigh route: A Aᵀ (r²·p),
+    syevd with eigenvectors (≈ 4·r³), z W (2·n·r²), Wᵀ A (2·r²·p). SVD route: gesdd of (r, p) with
+    thin factors (≈ 4·r²·p + 8·r³) and P Qᵀ (2·r²·p).
+    """
+    both = 2 * 2 * n * r * p
+    if eigh_route:
+        return both + r * r * p + 4 * r**3 + 2 * n * r * r + 2 * r * r * p
+    return both + 4 * r * r * p + 8 * r**3 + 2 * r * r * p
+
+
 def count_routes(run):
-    """Run ``run()`` while counting the Procrustes steps that took the eigh / SVD route."""
-    counts = {"eigh": 0, "svd": 0}
+    """Run ``run()`` while counting the Procrustes steps that took the eigh / SVD route and adding
+    up their flops (:func:`step_flops`, with each step's own shapes)."""
+    counts = {"eigh": 0, "svd": 0, "flops": 0.0}
     original = procrustes._aligned_coordinates
 
     def counting(z, c, **kwargs):
         aligned, used_eigh = original(z, c, **kwargs)
         counts["eigh" if used_eigh else "svd"] += 1
+        counts["flops"] += step_flops(z.shape[0], z.shape[1], c.shape[1], used_eigh)
         return aligned, used_eigh
 
     procrustes._aligned_coordinates = counting
@@ -202,18 +218,16 @@ def bench_gpa(m: int, dims: tuple[int, ...], repeats: int) -> dict:
     _, routes = count_routes(lambda: generalized_procrustes(embeddings))
     optimum = generalized_procrustes(embeddings, tol=1e-13)
     d, n_models = max(dims), len(dims)
-    n = m - 1  # centered coordinates
-    r, p = min(n, min(dims)), min(n, d)
+    p = min(m - 1, d)
     # Work (flops; decompositions with LAPACK's usual leading terms: gesdd of an (n, n) matrix with
-    # both factors ≈ 8·n³ (bidiagonalisation 8/3·n³, forming U and V, divide and conquer), syevd
-    # with eigenvectors ≈ 4·n³). Plain, per model per iteration: N_iᵀC and N_i(UVᵀ) (2·m·d² each),
-    # UVᵀ (2·d³), SVD (d, d). Fast, per Procrustes step (eigh route): A = Zᵀc (2·n·r·p), A Aᵀ (r²·p),
-    # eigh (r, r), Z W (2·n·r²), Wᵀ A (2·r²·p), (Z W) rows (2·n·r·p); r is the smallest model's
-    # width (a lower bound). The start takes M − 1 steps, every later iteration M.
+    # both factors ≈ 8·n³ (bidiagonalisation 8/3·n³, forming U and V, divide and conquer)). Plain,
+    # per model per iteration: N_iᵀC and N_i(UVᵀ) (2·m·d² each), UVᵀ (2·d³), SVD (d, d). Fast: the
+    # sum of step_flops over the steps of the run (the start takes M − 1, every later iteration M)
+    # plus the one-off Householder QR of each (d_i, m − 1) model (2·b²·(a − b/3), a ≥ b its sides).
     plain_flop = it_plain * n_models * (2 * 2 * m * d * d + 2 * d**3 + 8 * d**3)
-    fast_step = 2 * n * r * p + r * r * p + 4 * r**3 + 2 * n * r * r + 2 * r * r * p + 2 * n * r * p
     fast_steps = routes["eigh"] + routes["svd"]
-    fast_flop = fast_steps * fast_step
+    sides = [sorted((di, m - 1)) for di in dims]
+    fast_flop = routes["flops"] + sum(2 * b * b * (a - b / 3) for b, a in sides)
     rng = np.random.default_rng(2)
     t_svd_d, _ = best_time(lambda: np.linalg.svd(rng.standard_normal((d, d))), 1)
     sym = rng.standard_normal((p, p))
@@ -268,9 +282,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller problems (a smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: as configured)")
     parser.add_argument("--out", default="numerics.json", help="file name in benchmarks/results/")
+    parser.add_argument("--gpa-stimuli", type=int, default=None,
+                        help="GPA problem: stimuli (default 1024, --quick 256)")
+    parser.add_argument("--gpa-dims", default=None,
+                        help="GPA problem: comma-separated model widths "
+                             "(default 1280,1536,1280,1280; --quick 320,384,320,320)")
     args = parser.parse_args()
     sizes = [256, 512] if args.quick else [1024, 2048, 4096]
-    gpa_shape = (256, (320, 384, 320, 320)) if args.quick else (1024, (1280, 1536, 1280, 1280))
+    gpa_m, gpa_dims = (256, (320, 384, 320, 320)) if args.quick else (1024, (1280, 1536, 1280, 1280))
+    if args.gpa_dims:
+        gpa_dims = tuple(int(d) for d in args.gpa_dims.split(","))
+    gpa_shape = (args.gpa_stimuli or gpa_m, gpa_dims)
     with threadpool_limits(args.threads):
         blas = [(i.get("internal_api"), i.get("num_threads")) for i in threadpool_info()]
         peak = peak_gflops()
