@@ -1,4 +1,4 @@
-"""Home page (app.py's default page, pages/0_Home.py) with AppTest against runs built in the test, and the URL-state helpers."""
+"""Home page (app.py) with AppTest against runs built in the test, and the URL-state helpers."""
 
 from __future__ import annotations
 

@@ -23,7 +23,6 @@ import pytest
 
 from convergence_core import settings
 from convergence_core.dashboard.headless import CHROMIUM, SCRIPT_FINISHED, launch_chromium
-from convergence_core.dashboard.page import PAGES as MENU
 
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO / "docs" / "dashboard.png"
@@ -206,12 +205,6 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
             page.screenshot(path=str(STIMULI_SCREENSHOT), full_page=False)
             page.goto(f"{base}/")
             _wait_idle(page)
-            # the sidebar menu names every page as PAGES does, Home first (not the script's name)
-            menu = page.locator('[data-testid="stSidebarNav"] [data-testid="stSidebarNavLink"]')
-            labels = menu.all_inner_texts()
-            assert len(labels) == len(MENU), labels
-            for label, entry in zip(labels, MENU, strict=True):
-                assert entry.title in label, (entry.title, labels)
             page.screenshot(path=str(SCREENSHOT), full_page=False)
             browser.close()
         _screenshot_is_meaningful(STIMULI_SCREENSHOT)

@@ -10,7 +10,6 @@ A page script is::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
@@ -90,51 +89,19 @@ def close_page(context: PageContext) -> None:
     state.write_query_params(st.query_params, context.view)
 
 
-class DashboardPage(NamedTuple):
-    """One page of the app: its script (relative to ``app.py``), its name in the navigation menu
-    (the URL path comes from the file name: ``pages/1_Stimuli.py`` is ``/Stimuli``), its icon (a
-    Material Symbol: Streamlit ships the font, so it renders where no emoji font is installed) and
-    the label of the Home page's link to it."""
-
-    path: str
-    title: str
-    icon: str
-    link_label: str
-
-
-#: The app's pages in menu order; the first is the default page (at the app's root URL).
-PAGES = (
-    DashboardPage("pages/0_Home.py", "Home", ":material/home:", "Home"),
-    DashboardPage("pages/1_Stimuli.py", "Stimuli", ":material/photo_library:", "Stimuli gallery"),
-    DashboardPage(
-        "pages/2_Residual_space.py", "Residual space", ":material/scatter_plot:", "Residual space"
-    ),
-    DashboardPage("pages/3_Alignment_lab.py", "Alignment lab", ":material/balance:", "Alignment lab"),
-    DashboardPage(
-        "pages/4_Paper_analyses.py", "Paper analyses", ":material/description:", "Paper analyses"
-    ),
-)
-
-
-def navigation() -> None:
-    """Build the navigation menu from :data:`PAGES` and run the page the URL asks for."""
-    st.navigation(
-        [
-            st.Page(p.path, title=p.title, icon=p.icon, default=index == 0)
-            for index, p in enumerate(PAGES)
-        ]
-    ).run()
-
-
 def page_links(context: PageContext) -> None:
-    """Links from Home to the other pages, carrying the current view in their URL."""
+    """Links to the other pages carrying the current view in their URL."""
     params = context.view.to_query_params()
-    targets = PAGES[1:]
-    for cell, target in zip(st.columns(len(targets)), targets, strict=True):
+    cells = st.columns(4)
+    targets = [
+        ("pages/1_Stimuli.py", "Stimuli gallery", "🖼️"),
+        ("pages/2_Residual_space.py", "Residual space", "🧭"),
+        ("pages/3_Alignment_lab.py", "Alignment lab", "⚖️"),
+        ("pages/4_Paper_analyses.py", "Paper analyses", "📄"),
+    ]
+    for cell, (target, label, icon) in zip(cells, targets, strict=True):
         with cell:
             try:
-                st.page_link(
-                    target.path, label=target.link_label, icon=target.icon, query_params=params
-                )
+                st.page_link(target, label=label, icon=icon, query_params=params)
             except StreamlitAPIException:  # the page file is not there (yet)
-                st.caption(f"{target.link_label} (page not installed)")
+                st.caption(f"{label} (page not installed)")
