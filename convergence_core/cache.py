@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "RunLayout",
     "RunLockedError",
     "atomic_path",
+    "check_key",
     "clean_temp_files",
     "model_key",
     "read_json",
@@ -291,28 +293,52 @@ def read_parquet(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+#: What a key may look like: one path component of safe characters, not starting with a dot (so
+#: never ``.``, ``..`` or hidden), at most 120 characters (:func:`model_key` keeps to this).
+_SAFE_KEY = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,119}")
+_MAX_KEPT_NAME = 100
 
 
 def model_key(name: str) -> str:
     """File-system-safe, collision-free folder/file name for a model or layer name.
 
     Names made only of ``[A-Za-z0-9._-]`` (and not starting with a dot) are kept as they are;
-    any other name gets its unsafe runs replaced by ``_`` plus an 8-hex hash of the original, so
-    two different names never share a key. E.g. ``"org/model"`` -> ``"org_model-1a2b3c4d"``.
+    any other name (or one longer than 100 characters) gets its unsafe runs replaced by ``_``, is
+    cut to 100 characters and gets an 8-hex hash of the original, so two different names never
+    share a key. E.g. ``"org/model"`` -> ``"org_model-1a2b3c4d"``. Every key passes
+    :func:`check_key`.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model/layer name must be a non-empty string, got {name!r}")
     safe = _UNSAFE.sub("_", name).lstrip(".")
-    if safe == name:
+    if safe == name and len(name) <= _MAX_KEPT_NAME:
         return name
     digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
-    return f"{safe or 'x'}-{digest}"
+    return f"{safe[:_MAX_KEPT_NAME] or 'x'}-{digest}"
+
+
+def check_key(key: object, what: str = "key") -> str:
+    """``key`` if it is a safe file name as :func:`model_key` makes them, else CacheFormatError.
+
+    Keys are read from a run's manifest, which may come from someone else (a shared cache, a
+    downloaded run): a key such as ``"../../x"`` or ``"/home"`` must never become a path.
+    """
+    if not isinstance(key, str) or not _SAFE_KEY.fullmatch(key):
+        raise CacheFormatError(
+            f"the run's manifest names the {what} {str(key)[:80]!r}, which is not a file name this "
+            "program writes (letters, digits, '.', '_', '-', not starting with '.'); the manifest "
+            "was altered or damaged: delete the run folder and rerun precompute"
+        )
+    return key
 
 
 class RunLayout:
     """Paths of every file in one run folder (see docs/ARCHITECTURE.md, "Cache layout").
 
-    Model and layer arguments are *keys* (from :func:`model_key`), not display names.
+    Model and layer arguments are *keys* (from :func:`model_key`), not display names; each is
+    checked with :func:`check_key` before it becomes a path, and every path handed out is checked
+    to stay inside the run folder once symbolic links are resolved (CacheFormatError otherwise),
+    so a tampered run folder can never make a reader or writer touch anything outside it.
     """
 
     GPA_ARRAYS = ("residuals", "consensus", "loss_history", "aligned")
@@ -320,56 +346,80 @@ class RunLayout:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._resolved_root = self.root.resolve()
+
+    def inside(self, path: Path) -> Path:
+        """``path`` (under :attr:`root`) if it resolves inside the run folder, else CacheFormatError."""
+        if not path.resolve().is_relative_to(self._resolved_root):
+            raise CacheFormatError(
+                f"{path} leads outside the run folder {self.root} (through a symbolic link); the "
+                "run folder was altered: delete it and rerun precompute"
+            )
+        return path
+
+    def _file(self, *parts: str) -> Path:
+        return self.inside(self.root.joinpath(*parts))
+
+    def remove_tree(self, path: Path) -> None:
+        """Delete the folder ``path`` of this run (nothing happens if it is absent or leads out)."""
+        with contextlib.suppress(CacheFormatError):
+            target = self.inside(path)
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target, ignore_errors=True)
 
     @property
     def manifest(self) -> Path:
-        return self.root / "manifest.json"
+        return self._file("manifest.json")
 
     @property
     def stimuli(self) -> Path:
-        return self.root / "stimuli.parquet"
+        return self._file("stimuli.parquet")
 
     def embeddings_dir(self, model: str) -> Path:
-        return self.root / "embeddings" / model
+        return self._file("embeddings", check_key(model, "model key"))
 
     def embedding(self, model: str, layer: str) -> Path:
-        return self.embeddings_dir(model) / f"{layer}.npy"
+        return self._file(
+            "embeddings", check_key(model, "model key"), f"{check_key(layer, 'layer key')}.npy"
+        )
 
     def grams_dir(self, model: str) -> Path:
-        return self.root / "grams" / model
+        return self._file("grams", check_key(model, "model key"))
 
     def gram(self, model: str, layer: str) -> Path:
-        return self.grams_dir(model) / f"{layer}.npy"
+        return self._file(
+            "grams", check_key(model, "model key"), f"{check_key(layer, 'layer key')}.npy"
+        )
 
     @property
     def gpa_dir(self) -> Path:
-        return self.root / "gpa"
+        return self._file("gpa")
 
     def gpa_array(self, name: str) -> Path:
-        return self.gpa_dir / f"{name}.npy"
+        return self._file("gpa", f"{check_key(name, 'GPA array')}.npy")
 
     @property
     def gpa_json(self) -> Path:
-        return self.gpa_dir / "gpa.json"
+        return self._file("gpa", "gpa.json")
 
     @property
     def dispersion(self) -> Path:
-        return self.root / "dispersion.parquet"
+        return self._file("dispersion.parquet")
 
     @property
     def pca_dir(self) -> Path:
-        return self.root / "pca"
+        return self._file("pca")
 
     def pca_array(self, name: str) -> Path:
-        return self.pca_dir / f"{name}.npy"
+        return self._file("pca", f"{check_key(name, 'PCA array')}.npy")
 
     @property
     def thumbnails_dir(self) -> Path:
-        return self.root / "thumbnails"
+        return self._file("thumbnails")
 
     def thumbnail(self, row: int) -> Path:
-        return self.thumbnails_dir / f"{int(row)}.jpg"
+        return self._file("thumbnails", f"{int(row)}.jpg")
 
     @property
     def umap(self) -> Path:
-        return self.root / "umap.npy"
+        return self._file("umap.npy")

@@ -561,7 +561,7 @@ class _Pipeline:
         inputs = fingerprint("thumbnails", self.data_fingerprint, THUMBNAIL_SIZE)
         if not self.cfg.thumbnails:
             self.manifest.forget_step("thumbnails")
-            shutil.rmtree(self.layout.thumbnails_dir, ignore_errors=True)
+            self.layout.remove_tree(self.layout.thumbnails_dir)
         elif self.manifest.step_done("thumbnails", inputs):
             self.notify(ProgressEvent("thumbnails", None, self.n, self.n, skipped=True))
         else:
@@ -612,7 +612,12 @@ def _forget_dropped_models(manifest: RunManifest, wanted: Sequence[str]) -> None
     """Remove models (files, entries and steps) that are no longer in the config."""
     data = manifest.data
     for model in [m for m in data["models"] if m not in wanted]:
-        key = data["models"].pop(model)["key"]
-        shutil.rmtree(manifest.layout.embeddings_dir(key), ignore_errors=True)
-        shutil.rmtree(manifest.layout.grams_dir(key), ignore_errors=True)
+        entry = data["models"].pop(model)
         data["steps"].pop(f"extract:{model}", None)
+        key = entry.get("key") if isinstance(entry, Mapping) else None
+        try:
+            folders = (manifest.layout.embeddings_dir(key), manifest.layout.grams_dir(key))
+        except CacheFormatError:
+            continue  # a key that is not ours (tampered manifest): there is nothing of ours to delete
+        for folder in folders:
+            manifest.layout.remove_tree(folder)

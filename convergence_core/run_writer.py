@@ -243,8 +243,8 @@ def write_model_arrays(
     """Write one model's embeddings (float32) and Gram matrices; return ``{layer: sha256}``."""
     from .alignment import prepare_features
 
-    shutil.rmtree(layout.embeddings_dir(key), ignore_errors=True)
-    shutil.rmtree(layout.grams_dir(key), ignore_errors=True)
+    layout.remove_tree(layout.embeddings_dir(key))
+    layout.remove_tree(layout.grams_dir(key))
     hashes: dict[str, str] = {}
     for layer, array in arrays.items():
         array = np.ascontiguousarray(array, dtype=np.float32)
