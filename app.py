@@ -20,9 +20,9 @@ st.text(
     "vision models (dispersion) and how they modulate vision-language alignment (CKNNA)."
 )
 
-dataset = run.manifest.get("dataset", {}) or {}
+dataset = run.manifest.dataset
 gpa = run.gpa
-st.text(f"Dataset: {dataset.get('name') or 'unnamed'} · run {run.name} · {run.path}")
+st.text(f"Dataset: {dataset.name or 'unnamed'} · run {run.name} · {run.path}")
 cards = st.columns(4)
 cards[0].metric("Layers cached", sum(len(run.layers(model)) for model in run.models))
 cards[1].metric("Stimuli", f"{run.n_stimuli:,}")

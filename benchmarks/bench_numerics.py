@@ -1,11 +1,6 @@
-"""Speed of the numerics hot paths, each next to the plain method it replaces.
+"""Speed of the GPA hot path next to the plain method it replaces (CKNNA: bench_neighbours.py).
 
-1. CKNNA: dense reference (n×n masks and an n×n matrix product per HSIC, as in the Platonic
-   Representation code, transcribed to numpy float64) vs ``cknna_from_gram`` on cached float32
-   Gram matrices of n = 1024, 2048, 4096 stimuli, the subset being the full set and a random half:
-   the Gram path (gathers the s×s sub-Grams) and the ranking path (``rankings=``, reads only the
-   neighbour entries; the one-off ``NeighbourRanking.from_gram`` of both Grams is its own column).
-2. GPA: the paper's plain loop (every model rotated onto the previous mean: SVD of the d×d matrix
+GPA: the paper's plain loop (every model rotated onto the previous mean: SVD of the d×d matrix
    N_iᵀ C per model per iteration, d = 1536) vs ``generalized_procrustes`` (sequential start and
    block updates, in centered rank-r coordinates, eigh-based Procrustes step with SVD fallback) on
    4 models × 1024 stimuli × dims (1280, 1536, 1280, 1280) to Δloss < 1e-10. Both are compared
@@ -40,8 +35,6 @@ from threadpoolctl import threadpool_info, threadpool_limits
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from convergence_core.alignment import prepare_features  # noqa: E402
-from convergence_core.neighbours import NeighbourRanking, cknna_from_gram  # noqa: E402
 import convergence_core.procrustes as procrustes  # noqa: E402
 from convergence_core.procrustes import generalized_procrustes  # noqa: E402
 
@@ -55,89 +48,6 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
         value = fn()
         best = min(best, time.perf_counter() - start)
     return best, value
-
-
-# --- CKNNA --------------------------------------------------------------------------------------
-def dense_reference_cknna(X: np.ndarray, Y: np.ndarray, k: int) -> float:
-    """The Platonic Representation ``cknna`` with n×n masks, in numpy float64."""
-    K, L = X @ X.T, Y @ Y.T
-    n = K.shape[0]
-
-    def hsic_unbiased(A: np.ndarray, B: np.ndarray) -> float:
-        At, Bt = A.copy(), B.copy()
-        np.fill_diagonal(At, 0.0)
-        np.fill_diagonal(Bt, 0.0)
-        value = np.sum(At * Bt.T) + At.sum() * Bt.sum() / ((n - 1) * (n - 2)) - 2 * np.sum(At @ Bt) / (n - 2)
-        return value / (n * (n - 3))
-
-    def mask(G: np.ndarray) -> np.ndarray:
-        G_hat = G.copy()
-        np.fill_diagonal(G_hat, -np.inf)
-        top = np.argpartition(G_hat, n - k, axis=1)[:, n - k :]
-        out = np.zeros((n, n))
-        np.put_along_axis(out, top, 1.0, axis=1)
-        return out
-
-    mask_k, mask_l = mask(K), mask(L)
-    both = mask_k * mask_l
-    sim_kl = hsic_unbiased(both * K, both * L)
-    sim_kk = hsic_unbiased(mask_k * K, mask_k * K)
-    sim_ll = hsic_unbiased(mask_l * L, mask_l * L)
-    return sim_kl / (np.sqrt(sim_kk * sim_ll) + 1e-6)
-
-
-def bench_cknna(sizes: list[int], k: int, repeats: int) -> list[dict]:
-    """Per n: Grams of n stimuli; the full set and a random (unsorted) half as the subset."""
-    rng = np.random.default_rng(0)
-    n_total, dx, dy = max(sizes), 768, 512
-    X = rng.standard_normal((n_total, dx))
-    Y = prepare_features(X[:, :dy] + rng.standard_normal((n_total, dy)))
-    X = prepare_features(X)
-    rows = []
-    for n in sizes:
-        K = (X[:n] @ X[:n].T).astype(np.float32)  # the cached Gram matrices are float32
-        L = (Y[:n] @ Y[:n].T).astype(np.float32)
-        t_build, rankings = best_time(
-            lambda: (NeighbourRanking.from_gram(K), NeighbourRanking.from_gram(L)), 1
-        )
-        for subset in (np.arange(n), rng.choice(n, size=n // 2, replace=False)):
-            s = subset.size
-            t_dense, dense = best_time(
-                lambda: dense_reference_cknna(X[subset], Y[subset], k), 1 if s > 2048 else repeats
-            )
-            t_gram, gram = best_time(lambda: cknna_from_gram(K, L, k, subset), 1 if s > 2048 else 5)
-            t_ranked, ranked = best_time(
-                lambda: cknna_from_gram(K, L, k, subset, rankings=rankings), max(repeats, 5)
-            )
-            rows.append(
-                {
-                    "n": n,
-                    "subset_size": s,
-                    "k": k,
-                    "dense_reference_s": t_dense,
-                    "gram_subset_s": t_gram,
-                    "ranking_subset_s": t_ranked,
-                    "ranking_build_s": t_build,  # both rankings, once per pair of Grams
-                    "speedup_gram": t_dense / t_gram,
-                    "speedup_ranking": t_dense / t_ranked,
-                    "abs_difference_gram": abs(dense - gram),
-                    "abs_difference_ranking": abs(dense - ranked),
-                    "ranking_equals_gram": abs(ranked - gram) <= 1e-12,
-                }
-            )
-    return rows
-
-
-def print_cknna(rows: list[dict]) -> None:
-    print(f"\nCKNNA, k={rows[0]['k']}: dense reference vs Gram-subset path vs ranking path "
-          f"(float32 Grams of n stimuli); load average {os.getloadavg()[0]:.2f}")
-    print(f"{'n':>5} {'s':>5} {'dense (s)':>9} {'Gram (ms)':>9} {'×':>6} {'ranked (ms)':>11} {'×':>6} "
-          f"{'build (s)':>9} {'|diff|':>8}")
-    for r in rows:
-        print(f"{r['n']:>5} {r['subset_size']:>5} {r['dense_reference_s']:>9.3f} "
-              f"{1e3 * r['gram_subset_s']:>9.2f} {r['speedup_gram']:>6.1f} "
-              f"{1e3 * r['ranking_subset_s']:>11.2f} {r['speedup_ranking']:>6.0f} "
-              f"{r['ranking_build_s']:>9.2f} {r['abs_difference_ranking']:>8.1e}")
 
 
 # --- GPA ----------------------------------------------------------------------------------------
@@ -288,7 +198,6 @@ def main() -> None:
                         help="GPA problem: comma-separated model widths "
                              "(default 1280,1536,1280,1280; --quick 320,384,320,320)")
     args = parser.parse_args()
-    sizes = [256, 512] if args.quick else [1024, 2048, 4096]
     gpa_m, gpa_dims = (256, (320, 384, 320, 320)) if args.quick else (1024, (1280, 1536, 1280, 1280))
     if args.gpa_dims:
         gpa_dims = tuple(int(d) for d in args.gpa_dims.split(","))
@@ -296,11 +205,9 @@ def main() -> None:
     with threadpool_limits(args.threads):
         blas = [(i.get("internal_api"), i.get("num_threads")) for i in threadpool_info()]
         peak = peak_gflops()
-        cknna_rows = bench_cknna(sizes, k=10, repeats=3)
         gpa = bench_gpa(*gpa_shape, repeats=1)
 
     print(f"BLAS {blas}; cores {os.cpu_count()}; measured float64 matmul peak {peak:.1f} GFLOP/s")
-    print_cknna(cknna_rows)
     dims = tuple(gpa["dims"])
     print(f"\nGPA, {len(dims)} models × {gpa['m']} stimuli × dims {dims}, Δloss < 1e-10; "
           f"load average {gpa['load_average_before'][0]:.2f} → {gpa['load_average_after'][0]:.2f}")
@@ -326,7 +233,6 @@ def main() -> None:
                     "matmul_peak_gflop_per_s": peak, "load_average": os.getloadavg(),
                     "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
         "quick": args.quick,
-        "cknna": cknna_rows,
         "gpa": gpa,
     }
     tmp = results.with_name(f"{results.name}.tmp-{os.getpid()}")

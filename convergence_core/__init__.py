@@ -34,8 +34,10 @@ _PUBLIC: dict[str, str] = {
     "unbiased_cka": "alignment",
     "hsic_unbiased": "alignment",
     "prepare_features": "alignment",
-    "cknna_from_gram": "neighbours",
-    "mutual_knn_from_gram": "neighbours",
+    "NeighbourIndex": "neighbours",
+    "build_neighbour_lists": "neighbours",
+    "exact_top_k": "neighbours",
+    "subset_alignment": "neighbours",
     # data, models, cache
     "Dataset": "datasets",
     "load_dataset": "datasets",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .neighbours import _cknna_from_subgrams, _mutual_knn_from_subgrams
+from .neighbours import alignment_from_tables, clip_threshold, prepare_rows, tables_from_gram
 from .validation import check_features, check_k, check_min_stimuli, check_pair, check_square
 
 #: added to the CKA denominators, as in the reference implementation
@@ -92,22 +92,31 @@ def cknna(X: np.ndarray, Y: np.ndarray, k: int = 10) -> float:
     X, Y = check_pair(X, Y)
     check_min_stimuli(X.shape[0], 4, "CKNNA (unbiased HSIC)")
     k = check_k(k, X.shape[0], 2)
-    return _cknna_from_subgrams(_gram(X), _gram(Y), k)
+    cknna_value, _ = alignment_from_tables(tables_from_gram(_gram(X), k), tables_from_gram(_gram(Y), k))
+    return float(cknna_value[0])
 
 
 def mutual_knn(X: np.ndarray, Y: np.ndarray, k: int = 10) -> float:
     """Mean over stimuli of |knn_X(i) ∩ knn_Y(i)| / k, neighbours by inner product, self excluded."""
     X, Y = check_pair(X, Y)
     k = check_k(k, X.shape[0], 1)
-    return _mutual_knn_from_subgrams(_gram(X), _gram(Y), k)
+    s = X.shape[0]
+    if s < 4:  # too few stimuli for the HSIC terms; count shared neighbours directly
+        tx, ty = tables_from_gram(_gram(X), k), tables_from_gram(_gram(Y), k)
+        shared = sum(len(set(a) & set(b)) for a, b in zip(tx.positions[0], ty.positions[0]))
+        return shared / (s * k)
+    _, mutual = alignment_from_tables(tables_from_gram(_gram(X), k), tables_from_gram(_gram(Y), k))
+    return float(mutual[0])
 
 
 def prepare_features(X: np.ndarray, q: float = 0.95) -> np.ndarray:
     """Clip outlier activations and L2-normalise rows, as the Platonic Representation pipeline does.
 
     The clipping threshold is that code's default (``remove_outliers(exact=False)``): the q-quantile
-    of |X| in each row (linear interpolation), averaged over rows; every entry is clamped to
-    [−threshold, threshold]. q = 1 skips the clipping. Then each row is divided by its L2 norm.
+    of |X| in each row (linear interpolation), averaged over rows (``neighbours.clip_threshold``,
+    summed exactly); every entry is clamped to [−threshold, threshold]. q = 1 skips the clipping.
+    Then each row is divided by its L2 norm (``neighbours.prepare_rows``: a run stores only the
+    threshold and prepares rows on demand, with the same result).
 
     Args:
         X: (n, d) features.
@@ -117,21 +126,4 @@ def prepare_features(X: np.ndarray, q: float = 0.95) -> np.ndarray:
         (n, d) float64 with unit-norm rows.
     """
     X = check_features(X, "X")
-    if isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating)) or not 0 < q <= 1:
-        raise ValueError(f"q must be a quantile with 0 < q <= 1, got {q!r}; the paper uses 0.95.")
-    if q < 1:
-        threshold = float(np.quantile(np.abs(X), q, axis=1).mean())
-        if threshold == 0.0:
-            raise ValueError(
-                f"the {q}-quantile of |X| is 0 (the features are mostly zeros), so clipping would "
-                "erase them; pass q=1 to skip clipping or a higher q."
-            )
-        X = np.clip(X, -threshold, threshold)
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    zero_rows = np.flatnonzero(norms[:, 0] == 0)
-    if zero_rows.size:
-        raise ValueError(
-            f"{zero_rows.size} rows are all zeros (first: {zero_rows[:5].tolist()}) and cannot be "
-            "L2-normalised; drop those stimuli or re-extract their features."
-        )
-    return X / norms
+    return prepare_rows(X, clip_threshold(X, q))

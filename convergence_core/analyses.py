@@ -13,9 +13,12 @@
   per stimulus; :func:`leave_one_model_out_statistics` gives Pearson r, Spearman ρ and the fit
   line.
 
-CKNNA is always computed from the run's cached Gram matrices (``run.gram``) with
-``neighbours.cknna_from_gram``, or ``neighbours.subset_alignment`` for many subsets at once, so a
-subset costs milliseconds. Column names are full words; CKNNA values are unitless.
+CKNNA is always computed by the neighbour engine (``neighbours.subset_alignment`` over the run's
+``run.neighbours(model, layer)`` indexes: exact, from the stored neighbour lists), many subsets and
+pairs at once, so a subset costs milliseconds at any n. Column names are full words; CKNNA values
+are unitless. Above :data:`LAYER_SWEEP_MAX_STIMULI` stimuli the layer sweep (and so the choice of
+each language model's best layer) runs on a seeded random sample of that many stimuli, which its
+table says (``n_stimuli_used``, ``sample_seed``).
 
 Fig. 2's random sets and label shuffles come from :func:`random_set_alignment` and
 :func:`low_high_permutation_tests`, which the dashboard's Alignment lab calls too: for the same
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import numpy as np
 import pandas as pd
 
-from .neighbours import cknna_from_gram, subset_alignment
+from .neighbours import NeighbourIndex, subset_alignment
 from .procrustes import generalized_procrustes, preprocess_embeddings, procrustes_align
 from .stats import (
     PermutationResult,
@@ -51,8 +54,12 @@ _SCORES: tuple[str, ...] = ("mean", "pc1")
 #: Default number of label shuffles in the low-vs-high permutation test (p-value floor 1/1001).
 DEFAULT_N_PERMUTATIONS = 1000
 
-#: A model and layer: the key of one cached Gram matrix.
-GramKey = tuple[str, str]
+#: A model and layer: the key of one neighbour index (``run.neighbours(model, layer)``).
+LayerKey = tuple[str, str]
+
+#: Above this many stimuli, the layer sweep runs on a seeded random sample of this size.
+LAYER_SWEEP_MAX_STIMULI = 4096
+LAYER_SWEEP_SEED = 0
 
 
 class Pair(NamedTuple):
@@ -68,8 +75,8 @@ class Pair(NamedTuple):
         return f"{self.vision_model} × {self.language_model}"
 
     @property
-    def gram_keys(self) -> tuple[GramKey, GramKey]:
-        """((vision model, layer), (language model, layer)): the two Grams compared."""
+    def sides(self) -> tuple[LayerKey, LayerKey]:
+        """((vision model, layer), (language model, layer)): the two layers compared."""
         return (self.vision_model, self.vision_layer), (self.language_model, self.language_layer)
 
 
@@ -115,52 +122,69 @@ def _dispersion_scores(run: Run, score: str) -> np.ndarray:
     return run.dispersion[score].to_numpy(dtype=np.float64)
 
 
-class _Grams(dict):
-    """``{(model, layer): Gram}`` of a run, each read on first use (once per analysis call)."""
+def indexes_for(run: Run, pairs: Sequence[Pair]) -> dict[LayerKey, NeighbourIndex]:
+    """``{(model, layer): run.neighbours(model, layer)}`` for both sides of every pair."""
+    return {side: run.neighbours(*side) for pair in pairs for side in pair.sides}
 
-    def __init__(self, run: Run) -> None:
-        super().__init__()
-        self._run = run
 
-    def __missing__(self, key: GramKey) -> np.ndarray:
-        gram = self[key] = np.asarray(self._run.gram(*key))
-        return gram
+def _alignment(
+    indexes: Mapping[LayerKey, NeighbourIndex], pairs: Sequence[Pair], sets: np.ndarray, k: int
+):
+    return subset_alignment(indexes, [pair.sides for pair in pairs], sets, k)
 
 
 # ----------------------------------------------------------------------------------------------
 # layer sweep and best layers
 
 
-def layer_sweep(run: Run, *, k: int = 10) -> pd.DataFrame:
-    """CKNNA (full set) of each vision model's GPA layer against every layer of each language model.
+def sweep_sample(n: int, *, max_stimuli: int = LAYER_SWEEP_MAX_STIMULI,
+                 seed: int = LAYER_SWEEP_SEED) -> np.ndarray:
+    """Rows the layer sweep uses: all n, or a seeded random sample of ``max_stimuli`` (sorted)."""
+    if n <= max_stimuli:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_stimuli, replace=False))
 
-    Returns one row per vision model × language model × language layer with columns
-    ``vision_model``, ``vision_layer``, ``language_model``, ``language_layer``,
-    ``language_layer_index`` (position in ``run.layers(language_model)``), ``k``, ``cknna``.
+
+def layer_sweep(
+    run: Run, *, k: int = 10, max_stimuli: int = LAYER_SWEEP_MAX_STIMULI,
+    seed: int = LAYER_SWEEP_SEED,
+) -> pd.DataFrame:
+    """CKNNA of each vision model's GPA layer against every layer of each language model.
+
+    On the full set, or above ``max_stimuli`` stimuli on a seeded random sample of that many
+    (:func:`sweep_sample`). Returns one row per vision model × language model × language layer
+    with columns ``vision_model``, ``vision_layer``, ``language_model``, ``language_layer``,
+    ``language_layer_index`` (position in ``run.layers(language_model)``), ``k``, ``cknna``,
+    ``n_stimuli_used``, ``sample_seed`` (None when every stimulus was used).
     """
-    pairs = vision_layers(run)
+    vision = vision_layers(run)
     languages = _language_models(run)
-    check_k(k, _n_stimuli(run), 2, what="the full set")
-    grams = _Grams(run)
-    rows = []
-    for language in languages:
-        for layer_index, language_layer in enumerate(run.layers(language)):
-            language_gram = grams[(language, language_layer)]
-            for vision, vision_layer in pairs:
-                rows.append(
-                    {
-                        "vision_model": vision,
-                        "vision_layer": vision_layer,
-                        "language_model": language,
-                        "language_layer": language_layer,
-                        "language_layer_index": layer_index,
-                        "k": int(k),
-                        "cknna": float(
-                            cknna_from_gram(grams[(vision, vision_layer)], language_gram, k=k)
-                        ),
-                    }
-                )
-    return pd.DataFrame(rows)
+    rows_used = sweep_sample(_n_stimuli(run), max_stimuli=max_stimuli, seed=seed)
+    check_k(k, rows_used.size, 2, what="the full set")
+    sampled = rows_used.size < _n_stimuli(run)
+    pairs = [
+        Pair(vision_model, vision_layer, language, language_layer)
+        for language in languages
+        for language_layer in run.layers(language)
+        for vision_model, vision_layer in vision
+    ]
+    values = _alignment(indexes_for(run, pairs), pairs, rows_used[None, :], k).cknna[:, 0]
+    layer_index = {
+        (language, layer): i for language in languages for i, layer in enumerate(run.layers(language))
+    }
+    return pd.DataFrame(
+        [
+            {
+                **pair._asdict(),
+                "language_layer_index": layer_index[(pair.language_model, pair.language_layer)],
+                "k": int(k),
+                "cknna": float(value),
+                "n_stimuli_used": int(rows_used.size),
+                "sample_seed": int(seed) if sampled else None,
+            }
+            for pair, value in zip(pairs, values, strict=True)
+        ]
+    )
 
 
 def best_language_layers(
@@ -170,7 +194,8 @@ def best_language_layers(
 
     ``sweep`` may pass a :func:`layer_sweep` table already computed with the same ``k``. Ties go to
     the shallower layer. Returns one row per language model: ``language_model``,
-    ``language_layer``, ``language_layer_index``, ``mean_cknna``, ``n_vision_models``, ``k``.
+    ``language_layer``, ``language_layer_index``, ``mean_cknna``, ``n_vision_models``, ``k``,
+    ``n_stimuli_used`` and ``sample_seed`` (of the sweep's sample; None: every stimulus).
     """
     if sweep is None:
         sweep = layer_sweep(run, k=k)
@@ -178,7 +203,12 @@ def best_language_layers(
         raise ValueError(f"the layer sweep passed was computed with another k; pass one with k={k}")
     means = (
         sweep.groupby(["language_model", "language_layer_index", "language_layer"], sort=False)
-        .agg(mean_cknna=("cknna", "mean"), n_vision_models=("vision_model", "nunique"))
+        .agg(
+            mean_cknna=("cknna", "mean"),
+            n_vision_models=("vision_model", "nunique"),
+            n_stimuli_used=("n_stimuli_used", "first"),
+            sample_seed=("sample_seed", "first"),
+        )
         .reset_index()
     )
     rows = []
@@ -193,6 +223,8 @@ def best_language_layers(
                 "mean_cknna": float(best["mean_cknna"]),
                 "n_vision_models": int(best["n_vision_models"]),
                 "k": int(k),
+                "n_stimuli_used": int(best["n_stimuli_used"]),
+                "sample_seed": None if pd.isna(best["sample_seed"]) else int(best["sample_seed"]),
             }
         )
     return pd.DataFrame(rows)
@@ -232,7 +264,7 @@ def random_sets(scores: np.ndarray, size: int, n_random: int, seed: int) -> np.n
 
 
 def random_set_alignment(
-    grams: Mapping[GramKey, np.ndarray],
+    indexes: Mapping[LayerKey, NeighbourIndex],
     pairs: Sequence[Pair],
     scores: np.ndarray,
     size: int,
@@ -243,15 +275,15 @@ def random_set_alignment(
 ) -> tuple[np.ndarray, np.ndarray]:
     """CKNNA and mutual k-NN of every pair on the :func:`random_sets` (the same sets for all).
 
-    ``grams`` maps (model, layer) to its (n, n) Gram; ``scores`` (n,) only sets n. Returns
-    ``(cknna, mutual_knn)``, each (len(pairs), n_random) float64.
+    ``indexes`` maps (model, layer) to its neighbour index (:func:`indexes_for`); ``scores`` (n,)
+    only sets n. Returns ``(cknna, mutual_knn)``, each (len(pairs), n_random) float64.
     """
     sets = random_sets(scores, size, n_random, seed)
-    return subset_alignment(grams, [pair.gram_keys for pair in pairs], sets, k)
+    return tuple(_alignment(indexes, pairs, sets, k))
 
 
 def low_high_permutation_tests(
-    grams: Mapping[GramKey, np.ndarray],
+    indexes: Mapping[LayerKey, NeighbourIndex],
     pairs: Sequence[Pair],
     low: np.ndarray,
     high: np.ndarray,
@@ -265,9 +297,8 @@ def low_high_permutation_tests(
     The low/high labels of the 2·s stimuli are shuffled ``n_permutations`` times
     (``stats.label_shuffles``); p-values use the +1 correction. One result per pair, in order.
     """
-    keys = [pair.gram_keys for pair in pairs]
     return permutation_tests_two_sets(
-        lambda sets: subset_alignment(grams, keys, sets, k)[0],
+        lambda sets: _alignment(indexes, pairs, sets, k).cknna,
         low,
         high,
         n_permutations=n_permutations,
@@ -319,14 +350,13 @@ def dispersion_set_alignment(
 
     low = select_stimuli(scores, "low", size)
     high = select_stimuli(scores, "high", size)
-    grams = _Grams(run)
-    keys = [pair.gram_keys for pair in pairs]
-    low_values, high_values = subset_alignment(grams, keys, np.stack([low, high]), k)[0].T
+    indexes = indexes_for(run, pairs)
+    low_values, high_values = _alignment(indexes, pairs, np.stack([low, high]), k).cknna.T
     random_values, _ = random_set_alignment(
-        grams, pairs, scores, size, k, n_random=n_random, seed=seed
+        indexes, pairs, scores, size, k, n_random=n_random, seed=seed
     )
     tests = low_high_permutation_tests(
-        grams, pairs, low, high, k, n_permutations=n_permutations, seed=seed
+        indexes, pairs, low, high, k, n_permutations=n_permutations, seed=seed
     )
     rows = []
     for pair, low_value, high_value, random_row, test in zip(
@@ -429,12 +459,14 @@ def drop_fraction_alignment(
     }
     for name, kept in conditions.items():
         check_k(k, kept.shape[0], 2, what=f"the {name} set")
-    grams = _Grams(run)
+    indexes = indexes_for(run, pairs)
+    values = {
+        name: _alignment(indexes, pairs, kept[None, :], k).cknna[:, 0]
+        for name, kept in conditions.items()
+    }
     rows = []
-    for pair in pairs:
-        vision_gram, language_gram = (grams[key] for key in pair.gram_keys)
+    for p, pair in enumerate(pairs):
         for name, kept in conditions.items():
-            subset = None if name == "full" else kept
             rows.append(
                 {
                     **pair._asdict(),
@@ -443,7 +475,7 @@ def drop_fraction_alignment(
                     "score": score,
                     "n_stimuli": int(kept.shape[0]),
                     "k": int(k),
-                    "cknna": float(cknna_from_gram(vision_gram, language_gram, k=k, subset=subset)),
+                    "cknna": float(values[name][p]),
                 }
             )
     return pd.DataFrame(rows)

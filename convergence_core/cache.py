@@ -383,13 +383,25 @@ class RunLayout:
             "embeddings", check_key(model, "model key"), f"{check_key(layer, 'layer key')}.npy"
         )
 
-    def grams_dir(self, model: str) -> Path:
-        return self._file("grams", check_key(model, "model key"))
+    def neighbours_dir(self, model: str) -> Path:
+        return self._file("neighbours", check_key(model, "model key"))
 
-    def gram(self, model: str, layer: str) -> Path:
+    def neighbour_indices(self, model: str, layer: str) -> Path:
+        """(n, K) int32: each stimulus's K most similar others (see ``neighbours.NeighbourLists``)."""
         return self._file(
-            "grams", check_key(model, "model key"), f"{check_key(layer, 'layer key')}.npy"
+            "neighbours", check_key(model, "model key"), f"{check_key(layer, 'layer key')}.indices.npy"
         )
+
+    def neighbour_values(self, model: str, layer: str) -> Path:
+        """(n, K) float64: their inner products (prepared features), most similar first."""
+        return self._file(
+            "neighbours", check_key(model, "model key"), f"{check_key(layer, 'layer key')}.values.npy"
+        )
+
+    @property
+    def legacy_grams_dir(self) -> Path:
+        """``grams/`` of format-1 runs (dense Gram matrices), removed when a run is upgraded."""
+        return self._file("grams")
 
     @property
     def gpa_dir(self) -> Path:

@@ -265,6 +265,14 @@ def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _status(info: Any) -> str:
+    if info.damaged is not None:
+        return "damaged"
+    if info.summary["needs_upgrade"]:
+        return "needs upgrade (rerun its precompute)"
+    return "complete" if info.summary["complete"] else "incomplete"
+
+
 def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
     from .run import list_runs
 
@@ -273,7 +281,11 @@ def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         print(
             json.dumps(
-                [{"name": r.name, "path": str(r.path), **r.summary} for r in runs], indent=2
+                [
+                    {"name": r.name, "path": str(r.path), "damaged": r.damaged, **r.summary}
+                    for r in runs
+                ],
+                indent=2,
             ),
             file=out,
         )
@@ -287,11 +299,11 @@ def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
     rows = [
         (
             r.name,
-            "complete" if r.summary["complete"] else "incomplete",
-            str(r.summary["n_stimuli"]),
-            ",".join(r.summary["vision_models"]),
-            ",".join(r.summary["language_models"]) or "-",
-            r.summary["updated"] or "-",
+            _status(r),
+            str(r.summary.get("n_stimuli", "-")),
+            ",".join(r.summary.get("vision_models", [])) or "-",
+            ",".join(r.summary.get("language_models", [])) or "-",
+            r.summary.get("updated") or "-",
             str(r.path),
         )
         for r in runs
@@ -303,6 +315,9 @@ def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(),
             file=out,
         )
+    for info in runs:
+        if info.damaged is not None:
+            print(f"damaged run {info.name}: {info.damaged}", file=out)
     return 0
 
 

@@ -1,529 +1,764 @@
-"""k-nearest neighbours, mutual k-NN and CKNNA from (cached) Gram matrices, touching only the
-n·k neighbour entries.
+"""Exact nearest-neighbour lists of every stimulus, and CKNNA / mutual k-NN of any subset from them.
 
-Neighbours are by inner product: the k nearest neighbours of stimulus i are the k largest entries of
-row i of the Gram matrix G = F Fᵀ, excluding i itself (as in the Platonic Representation code, where
-the diagonal is set to −inf before ``topk``). Ties: among exactly equal inner products the lower
-stimulus index wins, in :func:`cknna_from_gram` / :func:`mutual_knn_from_gram` on both paths (the
-sub-Gram selection on the sorted subset, and :class:`NeighbourRanking`); the reference's choice
-(``torch.topk``) is unspecified, so results on data with exact ties may differ from it, and so may
-:func:`subset_alignment`'s (``argpartition``). Continuous features have no ties in practice.
+This is the engine behind every alignment number of a run, at any n (the paper's 1,000 stimuli up
+to 100,000), with no (n, n) array anywhere:
 
-CKNNA (Huh et al. 2024, appendix; ``cknna`` in minyoungg/platonic-rep metrics.py):
-with 0/1 masks M_K, M_L (row i has ones at i's k neighbours) and M = M_K ∘ M_L,
+* :class:`PreparedFeatures` — the rows of ``alignment.prepare_features(X)`` on demand, from the raw
+  (n, d) embeddings (a float32 memory map is fine) and the layer's clip threshold (one number,
+  :func:`clip_threshold`). A run stores the raw embeddings (GPA needs them) and the threshold, so
+  the prepared features cost no second copy on disk.
+* :func:`exact_top_k` — for some query rows, their k most similar candidate rows by inner product,
+  computed in row blocks: a float32 matrix product (torch, CPU or GPU) screens the candidates, every
+  candidate that could still be among the k is recomputed in float64, and the k are taken in the
+  order *value descending, then lower stimulus index* (the tie rule everywhere in this module).
+  Exact, not approximate: the screen keeps every candidate within twice a rigorous bound on the
+  float32 error (:func:`float32_error_bound`) of the k-th value.
+* :class:`NeighbourLists` — each stimulus's K most similar other stimuli (indices (n, K) and
+  float64 inner products (n, K), most similar first); built once per model × layer by
+  :func:`build_neighbour_lists` (K = :data:`DEFAULT_LIST_SIZE`, or n − 1 for small n).
+* :class:`NeighbourIndex` — features + lists of one model × layer. ``tables(subsets, k)`` gives,
+  for every member of every subset, its k nearest neighbours *within the subset* (positions in the
+  sorted subset, most similar first) and their inner products: the first k subset members along
+  the member's stored list, or — for a member whose list holds fewer than k of them (small or
+  clustered subsets) — an exact :func:`exact_top_k` against the subset's own features. So the
+  result equals the dense definition on ``features[subset]`` for every subset.
+* :func:`subset_alignment` — CKNNA and mutual k-NN of many pairs × many subsets from those tables.
+
+CKNNA (Huh et al. 2024, appendix; ``cknna`` in minyoungg/platonic-rep metrics.py): with 0/1 masks
+M_K, M_L (row i has ones at i's k neighbours) and M = M_K ∘ M_L,
 
     CKNNA = HSIC_u(M∘K, M∘L) / (sqrt(HSIC_u(M_K∘K, M_K∘K) · HSIC_u(M_L∘L, M_L∘L)) + 1e-6)
 
 where HSIC_u is the unbiased estimator (Song et al. 2012, eq. 5) with zeroed diagonals:
 
-    HSIC_u(A, B) = [ Σ A∘Bᵀ + ΣA·ΣB / ((n−1)(n−2)) − 2 Σ(A B) / (n−2) ] / (n(n−3)).
+    HSIC_u(A, B) = [ Σ A∘Bᵀ + ΣA·ΣB / ((s−1)(s−2)) − 2 Σ(A B) / (s−2) ] / (s(s−3)).
 
-The masked kernels are sparse (≤ n·k entries) and not symmetric, so each term is a sum over the
-mask entries: Σ A∘Bᵀ pairs entry (i, j) with (j, i) when both are mask entries (binary search in
-the sorted entry keys); Σ(A B) = (column sums of A)·(row sums of B).
-Cost: gathering the (s, s) sub-Grams and one O(s²) selection per row set, or, given precomputed
-:class:`NeighbourRanking` s, O(k·n) to find the neighbours; the rest is O(s·k log(s·k)).
-Everything is accumulated in float64, whatever the Gram dtype.
-
-:func:`subset_alignment` computes the same two numbers for many subsets and many model pairs at
-once (the random baselines and permutation tests of Fig. 2 and the Alignment lab): the subsets are
-stacked into a (B, s, s) array, each model's k-NN mask is found once and shared by every pair it
-is in, and every HSIC sum is one float64 ``bincount`` over all blocks.
+The masked kernels are sparse (s·k entries) and not symmetric; K and L themselves are symmetric
+(inner products), so every value the formula reads is in the two neighbour tables: A_ji = K_ij
+whenever (j, i) is also a mask entry. Each sum is a float64 ``bincount`` over the entries of all
+subsets at once. Cost per subset: O(s·w) to read list prefixes (w ≈ 2·k·n/s), O(s·k²) for the
+membership tests, plus the completions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping, Sequence
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from .subsets import check_indices
-from .validation import check_k, check_min_stimuli, check_square
+from .validation import check_k, check_min_stimuli
+
+__all__ = [
+    "CKNNA_EPSILON",
+    "DEFAULT_LIST_SIZE",
+    "NeighbourIndex",
+    "NeighbourLists",
+    "PreparedFeatures",
+    "SubsetAlignment",
+    "Tables",
+    "alignment_from_tables",
+    "build_neighbour_lists",
+    "check_subsets",
+    "clip_threshold",
+    "exact_top_k",
+    "float32_error_bound",
+    "list_size_for",
+    "prepare_rows",
+    "subset_alignment",
+    "tables_from_gram",
+]
 
 #: added to the CKNNA denominator, as in the reference implementation
 CKNNA_EPSILON = 1e-6
 
+#: Neighbours stored per stimulus (K). A uniformly random quarter of the stimuli holds a row's
+#: k = 10 within-subset neighbours among its first K = 128 global neighbours unless fewer than 10
+#: of those 128 fall in the subset: P(Binomial(128, 1/4) < 10) ≈ 3e-6 per row, so about one row in
+#: a 25,000-stimulus subset needs the exact completion from features.
+DEFAULT_LIST_SIZE = 128
 
-def _sub_gram(G: np.ndarray, subset: np.ndarray | None) -> np.ndarray:
-    """The (s, s) sub-matrix of G for the subset (G itself when subset is None), finite-checked."""
-    sub = G if subset is None else G.take(subset, axis=0).take(subset, axis=1)
-    if not np.isfinite(sub).all():
-        raise ValueError(
-            "the Gram matrix contains NaN or Inf entries for the chosen stimuli; recompute it from "
-            "finite features (check the embeddings for NaN)."
-        )
-    return sub
-
-
-def _top_k_excluding_self(G: np.ndarray, k: int) -> np.ndarray:
-    """(n, k) column indices of the k largest entries of each row of G, the diagonal excluded.
-
-    Takes the k + 1 largest entries of each row (argpartition, O(n²)), then drops the row's own
-    index if it is among them and otherwise the smallest of the k + 1. No copy of G is made.
-    Ties at the k-th value are broken by the lower column index (the rule of
-    :class:`NeighbourRanking`): rows with more than k entries ≥ their k-th value are redone with a
-    stable sort.
-    """
-    n = G.shape[0]
-    candidates = np.argpartition(G, n - k - 1, axis=1)[:, n - k - 1 :]
-    values = np.take_along_axis(G, candidates, axis=1).astype(np.float64)
-    values[candidates == np.arange(n)[:, None]] = -np.inf
-    drop = np.argmin(values, axis=1)
-    keep = np.ones(candidates.shape, dtype=bool)
-    keep[np.arange(n), drop] = False
-    top = candidates[keep].reshape(n, k)
-    threshold = values[keep].reshape(n, k).min(axis=1)
-    diagonal = np.diagonal(G).astype(np.float64)
-    at_least = np.count_nonzero(G >= threshold[:, None], axis=1) - (diagonal >= threshold)
-    for row in np.flatnonzero(at_least > k):
-        keys = -G[row].astype(np.float64)
-        keys[row] = np.inf
-        top[row] = np.argsort(keys, kind="stable")[:k]
-    return top
+#: Rows per block of the float32 screen: bounds the (block, n) similarity block in memory
+#: (~256 MB float32 at n = 100,000 for 640 rows).
+_BLOCK_ELEMENTS = 64_000_000
+#: Largest float64 copy of the candidates kept in memory by exact_top_k (2 GB: 100,000 × 1536 × 8 B
+#: is 1.2 GB); larger candidate sets are prepared again per block.
+_FLOAT64_CACHE_BYTES = 2_000_000_000
+#: Subsets up to this size complete their members' tables from the dense (s, s) float64 inner
+#: products of their features (O(s²·d), no float32 screen); larger ones use exact_top_k.
+_DENSE_SUBSET = 2048
+#: Entries compared at once in the batched table/HSIC code (bounds temporaries to ~100s of MB).
+_ENTRY_CHUNK = 4_000_000
 
 
-def top_k_neighbours(G: np.ndarray, k: int = 10, subset: object = None) -> np.ndarray:
-    """The k nearest neighbours (largest inner products, self excluded) of each stimulus.
+# ----------------------------------------------------------------------------------------------
+# prepared features
+
+
+def _row_quantiles(block: np.ndarray, q: float) -> np.ndarray:
+    return np.quantile(np.abs(np.asarray(block, dtype=np.float64)), q, axis=1)
+
+
+def clip_threshold(X: np.ndarray, q: float = 0.95, *, block_rows: int = 8192) -> float:
+    """The clip threshold of ``prepare_features``: the mean over rows of each row's q-quantile of |x|.
+
+    Computed in row blocks (X may be a memory map) and summed exactly (``math.fsum``), so the value
+    does not depend on the blocking. ``q = 1`` means no clipping (returns ``inf``).
 
     Args:
-        G: (n, n) Gram matrix F Fᵀ of the full stimulus set (any float dtype).
-        k: neighbours per stimulus, 1 ≤ k ≤ s − 1.
-        subset: optional indices into the n stimuli; neighbours are then searched within the subset.
+        X: (n, d) features, any float dtype.
+        q: quantile in (0, 1].
+    """
+    if isinstance(q, bool) or not isinstance(q, (int, float, np.integer, np.floating)) or not 0 < q <= 1:
+        raise ValueError(f"q must be a quantile with 0 < q <= 1, got {q!r}; the paper uses 0.95.")
+    if q >= 1:
+        return math.inf
+    n = X.shape[0]
+    parts: list[float] = []
+    for start in range(0, n, block_rows):
+        parts.extend(_row_quantiles(X[start : start + block_rows], q).tolist())
+    threshold = math.fsum(parts) / n
+    if threshold == 0.0:
+        raise ValueError(
+            f"the {q}-quantile of |X| is 0 (the features are mostly zeros), so clipping would "
+            "erase them; pass q=1 to skip clipping or a higher q."
+        )
+    return threshold
+
+
+def prepare_rows(rows: np.ndarray, threshold: float) -> np.ndarray:
+    """Rows of prepared features: clip to [−threshold, threshold], divide by the row's L2 norm.
+
+    Args:
+        rows: (r, d) raw features (any float dtype; computed in float64).
+        threshold: from :func:`clip_threshold` of the whole (n, d) array (``inf``: no clipping).
 
     Returns:
-        (s, k) int64 positions *within the subset* (within 0..n−1 when subset is None), unordered;
-        exact ties are broken by the lower position.
+        (r, d) float64 with unit-norm rows; ValueError for all-zero rows.
     """
-    G = check_square(G, "G")
-    idx = None if subset is None else check_indices(subset, G.shape[0])
-    sub = _sub_gram(G, idx)
-    k = check_k(k, sub.shape[0], 1)
-    return _top_k_excluding_self(sub, k).astype(np.int64)
+    out = np.asarray(rows, dtype=np.float64)
+    if math.isfinite(threshold):
+        out = np.clip(out, -threshold, threshold)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    zero = np.flatnonzero(norms[:, 0] == 0)
+    if zero.size:
+        raise ValueError(
+            f"{zero.size} rows are all zeros (first: {zero[:5].tolist()} of this block) and cannot "
+            "be L2-normalised; drop those stimuli or re-extract their features."
+        )
+    return out / norms
 
 
-class NeighbourRanking:
-    """Every stimulus's other stimuli, most similar first: the k-NN of any subset in O(k·n).
+class PreparedFeatures:
+    """``prepare_features(raw, q)`` row by row, without holding a float64 copy of all rows.
 
-    ``order[i]`` (n − 1 entries) lists j ≠ i by G[i, j] descending, exact ties by the lower index
-    (a stable sort of −G[i]). For a subset S the k nearest neighbours of i within S are the first
-    k members of S along ``order[i]``: the same neighbours as the sub-Gram selection
-    (:func:`top_k_neighbours` on the sorted subset), found by reading a prefix of ``order[i]``.
-
-    Build once per Gram (:meth:`from_gram`, an O(n² log n) sort) and pass it with that same Gram
-    to :func:`cknna_from_gram` / :func:`mutual_knn_from_gram` (``rankings=``).
+    Attributes:
+        raw: (n, d) raw features (a read-only float32 memory map in a run).
+        threshold: the clip threshold (:func:`clip_threshold`; ``inf`` = no clipping).
     """
 
-    def __init__(self, order: np.ndarray) -> None:
-        order = np.asarray(order)
-        n = order.shape[0]
-        if order.ndim != 2 or order.shape[1] != n - 1 or not np.issubdtype(order.dtype, np.integer):
+    def __init__(self, raw: np.ndarray, threshold: float) -> None:
+        if getattr(raw, "ndim", 0) != 2 or raw.shape[0] < 1 or raw.shape[1] < 1:
             raise ValueError(
-                f"a neighbour ranking is an integer (n, n - 1) array, got {order.dtype} "
-                f"{order.shape}; build it with NeighbourRanking.from_gram(G)."
+                f"features must be a 2-D (n_stimuli, dim) array, got shape {getattr(raw, 'shape', None)}"
             )
-        self.order = order
-        self.order.flags.writeable = False
+        if not (isinstance(threshold, (int, float, np.floating)) and threshold > 0):
+            raise ValueError(
+                f"the clip threshold must be a positive number, got {threshold!r}; compute it with "
+                "neighbours.clip_threshold(raw)"
+            )
+        self.raw = raw
+        self.threshold = float(threshold)
+
+    @classmethod
+    def from_raw(cls, raw: np.ndarray, q: float = 0.95) -> PreparedFeatures:
+        """Prepared features of ``raw`` with the threshold computed from it."""
+        return cls(raw, clip_threshold(raw, q))
 
     @property
     def n(self) -> int:
-        """Number of stimuli of the Gram the ranking was built from."""
-        return self.order.shape[0]
+        return int(self.raw.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.raw.shape[1])
+
+    def rows(self, index: np.ndarray | slice) -> np.ndarray:
+        """(r, d) float64 prepared rows at ``index`` (positions or a slice)."""
+        if isinstance(index, slice):
+            return prepare_rows(self.raw[index], self.threshold)
+        index = np.asarray(index, dtype=np.int64)
+        return prepare_rows(self.raw[index], self.threshold)
+
+    def all_rows(self) -> np.ndarray:
+        """(n, d) float64: every prepared row (small n only; large n works in blocks)."""
+        return self.rows(slice(None))
+
+
+# ----------------------------------------------------------------------------------------------
+# exact top-k by blocked float32 screening + float64 refinement
+
+
+def float32_error_bound(d: int) -> float:
+    """Bound on |float32 x̃·ỹ − x·y| for unit vectors x, y of dimension d.
+
+    Rounding each entry to float32 moves the product by at most 2u + u² (u = 2⁻²⁴, Σ|x_t y_t| ≤ 1),
+    and any float32 summation order of d products errs by at most γ_d = d·u / (1 − d·u) (Higham,
+    Accuracy and Stability of Numerical Algorithms, §3.1). Returned with a 10 % margin.
+    """
+    u = 2.0**-24
+    gamma = d * u / (1.0 - d * u)
+    return 1.1 * (gamma + 2.0 * u + u * u)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _device(device: str | None):
+    torch = _torch()
+    name = device or "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={name!r} was asked for but torch sees no CUDA GPU; use device='cpu'"
+            )
+        # exact screening needs IEEE float32 products (no TF32)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(name)
+
+
+def _float32_block(features: PreparedFeatures, index: np.ndarray, device) -> object:
+    torch = _torch()
+    block_rows = max(1, _BLOCK_ELEMENTS // (4 * max(features.d, 1)))
+    parts = [
+        torch.from_numpy(features.rows(index[start : start + block_rows]).astype(np.float32))
+        for start in range(0, index.size, block_rows)
+    ]
+    return torch.cat(parts).to(device) if parts else torch.empty((0, features.d))
+
+
+def _refine(
+    query_features: np.ndarray,
+    candidate_index: np.ndarray,
+    window: np.ndarray,
+    window_ok: np.ndarray,
+    features: PreparedFeatures,
+    candidate_features: np.ndarray | None,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact float64 values of each query's screened candidates; the k best by (value, index).
+
+    Args:
+        query_features: (b, d) float64 prepared rows of the queries.
+        candidate_index: (c,) global rows of the candidates (sorted).
+        window: (b, w) candidate positions (into ``candidate_index``); window_ok: (b, w) which
+            of them to consider (at least k per row).
+        features: all prepared features (to gather candidate rows from).
+        candidate_features: (c, d) float64 of all candidates when already at hand, else None.
+    """
+    b, w = window.shape
+    values = np.full((b, w), -np.inf)
+    rows_per_chunk = max(1, 2_000_000 // max(1, w * features.d))
+    for start in range(0, b, rows_per_chunk):
+        stop = min(b, start + rows_per_chunk)
+        positions = window[start:stop]
+        if candidate_features is not None:
+            gathered = candidate_features[positions]
+        else:
+            gathered = features.rows(candidate_index[positions.ravel()]).reshape(
+                stop - start, w, features.d
+            )
+        chunk = np.matmul(gathered, query_features[start:stop, :, None])[..., 0]
+        values[start:stop] = np.where(window_ok[start:stop], chunk, -np.inf)
+    global_index = candidate_index[window]
+    # value descending, then the lower stimulus index (np.lexsort: the last key is the primary one)
+    order = np.lexsort((global_index, -values), axis=-1)[:, :k]
+    return np.take_along_axis(global_index, order, axis=1), np.take_along_axis(values, order, axis=1)
+
+
+def _screen(sims, k: int, margin: int, threshold_width: float) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate windows of a (b, c) float32 similarity block (torch, own entries at -inf).
+
+    Returns ``(window (b, w) positions, window_ok (b, w))``: for each row every position whose
+    value is ≥ (its k-th largest − ``threshold_width``), found with ``torch.topk`` of ``margin``
+    entries, widened ×4 for rows whose margin does not reach below that bound.
+    """
+    torch = _torch()
+    b, c = sims.shape
+    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    todo = np.arange(b)
+    keep = margin
+    while todo.size:
+        keep = min(keep, c)
+        chosen = sims if todo.size == b else sims[torch.from_numpy(todo).to(sims.device)]
+        values32, positions = torch.topk(chosen, keep, dim=1, sorted=True)
+        values32 = values32.cpu().numpy().astype(np.float64)
+        positions = positions.cpu().numpy()
+        bound = values32[:, k - 1] - threshold_width
+        complete = (keep >= c) | (values32[:, -1] < bound)
+        inside = values32 >= bound[:, None]
+        for local in np.flatnonzero(complete):
+            found[int(todo[local])] = (positions[local], inside[local])
+        todo = todo[~complete]
+        keep *= 4
+    width = max(pos.size for pos, _ in found.values())
+    window = np.zeros((b, width), dtype=np.int64)
+    window_ok = np.zeros((b, width), dtype=bool)
+    for row, (pos, ok) in found.items():
+        window[row, : pos.size] = pos
+        window_ok[row, : pos.size] = ok
+    return window, window_ok
+
+
+def exact_top_k(
+    features: PreparedFeatures,
+    k: int,
+    *,
+    queries: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
+    device: str | None = None,
+    progress=None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query row's k most similar candidate rows (inner product of prepared features).
+
+    A row is never its own neighbour. Order: value descending, then lower stimulus index.
+
+    Args:
+        features: the prepared features of all n stimuli.
+        k: neighbours per query, 1 ≤ k ≤ (number of candidates other than the query).
+        queries: (q,) rows to find neighbours for (default: all n).
+        candidates: (c,) distinct rows to search among, ascending (default: all n).
+        device: ``"cpu"`` (default) or ``"cuda[:N]"`` for the float32 screen.
+        progress: optional ``progress(done_queries, total_queries)``.
+
+    Returns:
+        ``(indices (q, k) int64 global rows, values (q, k) float64 inner products)``.
+
+    Method: per block of query rows, S = Q₃₂ C₃₂ᵀ in float32 (torch), the top k + margin of each
+    row, and every candidate whose float32 value is ≥ (k-th float32 value − 2δ) recomputed in
+    float64 (δ = :func:`float32_error_bound`). Any true top-k candidate has a float32 value at
+    least the true k-th value − δ, and the float32 k-th value is at most the true one + δ, so no
+    true neighbour is lost; rows whose kept margin does not reach below that window are screened
+    again with a wider margin. Memory: the float32 candidates and one (block, c) float32 block.
+    """
+    torch = _torch()
+    n = features.n
+    query_rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
+    candidate_index = np.arange(n) if candidates is None else np.asarray(candidates, np.int64)
+    c = candidate_index.size
+    if query_rows.size == 0:
+        return np.empty((0, k), np.int64), np.empty((0, k))
+    # each query's own position among the candidates (excluded), -1 when it is not a candidate
+    at = np.minimum(np.searchsorted(candidate_index, query_rows), c - 1)
+    own = np.where(candidate_index[at] == query_rows, at, -1)
+    available = c - int((own >= 0).any())
+    if isinstance(k, bool) or not 1 <= int(k) <= available:
+        raise ValueError(
+            f"k = {k} neighbours were asked for among {c} candidates (the query itself excluded); "
+            f"use 1 <= k <= {available}"
+        )
+    k = int(k)
+    device_ = _device(device)
+    width = 2.0 * float32_error_bound(features.d)
+    candidates32 = _float32_block(features, candidate_index, device_)
+    # float64 candidates for the refinement, when they fit (else gathered per block)
+    candidates64 = features.rows(candidate_index) if c * features.d * 8 <= _FLOAT64_CACHE_BYTES else None
+    block = max(1, min(query_rows.size, _BLOCK_ELEMENTS // max(c, 1)))
+    margin = min(c, k + max(8, k // 2))
+    out_index = np.empty((query_rows.size, k), dtype=np.int64)
+    out_values = np.empty((query_rows.size, k))
+    for start in range(0, query_rows.size, block):
+        stop = min(query_rows.size, start + block)
+        q64 = features.rows(query_rows[start:stop])
+        with torch.no_grad():
+            sims = torch.from_numpy(q64.astype(np.float32)).to(device_) @ candidates32.T
+            mine = np.flatnonzero(own[start:stop] >= 0)
+            if mine.size:
+                sims[
+                    torch.from_numpy(mine).to(device_),
+                    torch.from_numpy(own[start:stop][mine]).to(device_),
+                ] = -math.inf
+            window, window_ok = _screen(sims, k, margin, width)
+            del sims
+        out_index[start:stop], out_values[start:stop] = _refine(
+            q64, candidate_index, window, window_ok, features, candidates64, k
+        )
+        if progress is not None:
+            progress(stop, query_rows.size)
+    return out_index, out_values
+
+
+# ----------------------------------------------------------------------------------------------
+# stored lists
+
+
+def list_size_for(n: int, requested: int = DEFAULT_LIST_SIZE) -> int:
+    """K actually stored for n stimuli: ``min(requested, n − 1)``."""
+    if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or requested < 1:
+        raise ValueError(
+            f"the neighbour list size K must be a positive integer, got {requested!r}; "
+            f"the default is {DEFAULT_LIST_SIZE}"
+        )
+    return int(min(requested, n - 1))
+
+
+@dataclass(frozen=True)
+class NeighbourLists:
+    """Each stimulus's K most similar other stimuli, most similar first (ties: lower index).
+
+    Attributes:
+        indices: (n, K) int32 stimulus rows.
+        values: (n, K) float64 inner products of prepared features, non-increasing along a row.
+    """
+
+    indices: np.ndarray
+    values: np.ndarray
+
+    def __post_init__(self) -> None:
+        i, v = self.indices, self.values
+        if i.ndim != 2 or v.shape != i.shape or not np.issubdtype(i.dtype, np.integer):
+            raise ValueError(
+                f"neighbour lists need integer indices and float values of the same (n, K) shape, "
+                f"got {i.dtype} {i.shape} and {v.dtype} {v.shape}; rebuild them with "
+                "build_neighbour_lists"
+            )
+
+    @property
+    def n(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def k_max(self) -> int:
+        """K: the most neighbours stored per stimulus."""
+        return int(self.indices.shape[1])
+
+
+def build_neighbour_lists(
+    features: PreparedFeatures,
+    list_size: int = DEFAULT_LIST_SIZE,
+    *,
+    device: str | None = None,
+    progress=None,
+) -> NeighbourLists:
+    """Exact K-nearest-neighbour lists of every stimulus (:func:`exact_top_k` over all rows).
+
+    K = ``min(list_size, n − 1)``. Memory: the float32 features, one (block, n) float32 block
+    (≤ 256 MB) and the (n, K) result; never an (n, n) array.
+    """
+    k = list_size_for(features.n, list_size)
+    if k < 1:
+        raise ValueError("neighbour lists need at least 2 stimuli")
+    index, values = exact_top_k(features, k, device=device, progress=progress)
+    return NeighbourLists(index.astype(np.int32), values)
+
+
+# ----------------------------------------------------------------------------------------------
+# within-subset neighbour tables
+
+
+class Tables(NamedTuple):
+    """Within-subset k-NN of B subsets of s stimuli, most similar first.
+
+    positions: (B, s, k) int64 positions within each sorted subset; values: (B, s, k) float64.
+    """
+
+    positions: np.ndarray
+    values: np.ndarray
+
+
+class NeighbourIndex:
+    """One model × layer of a run: prepared features and (optionally) stored neighbour lists.
+
+    Without lists (``lists=None``) every table is computed exactly from the features, which costs
+    O(s²·d) per subset: fine for small subsets, slow for large ones.
+    """
+
+    def __init__(self, features: PreparedFeatures, lists: NeighbourLists | None = None) -> None:
+        if lists is not None and lists.n != features.n:
+            raise ValueError(
+                f"the neighbour lists cover {lists.n} stimuli but the features {features.n}; "
+                "rebuild the lists from these features"
+            )
+        self.features = features
+        self.lists = lists
 
     @classmethod
-    def from_gram(cls, G: np.ndarray) -> NeighbourRanking:
-        """The ranking of an (n, n) Gram matrix (finite, any float dtype); int16 when n ≤ 32768."""
-        G = _sub_gram(check_square(G, "G"), None)
-        n = G.shape[0]
-        keys = np.negative(G)
-        np.fill_diagonal(keys, np.inf)  # self last, then cut off
-        order = np.argsort(keys, axis=1, kind="stable")[:, : n - 1]
-        return cls(order.astype(np.int16 if n <= 2**15 else np.int32))
+    def from_features(
+        cls, X: np.ndarray, *, list_size: int = DEFAULT_LIST_SIZE, q: float = 0.95
+    ) -> NeighbourIndex:
+        """Index of raw features X (n, d): threshold, prepared features and exact lists."""
+        features = PreparedFeatures.from_raw(X, q)
+        return cls(features, build_neighbour_lists(features, list_size))
 
-    def top_k(self, subset: np.ndarray, k: int) -> np.ndarray:
-        """(s, k) positions within ``subset`` (sorted, distinct) of each member's k neighbours.
+    @property
+    def n(self) -> int:
+        return self.features.n
 
-        Reads the first L ≈ 2·k·n/s entries of each member's order, keeps those in the subset and
-        widens L (×4) for the rows that found fewer than k.
+    @property
+    def k_max(self) -> int:
+        """K of the stored lists (0 without lists)."""
+        return 0 if self.lists is None else self.lists.k_max
+
+    def nearest(self, row: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``count`` stimuli most similar to ``row`` (itself excluded), most similar first.
+
+        Returns ``(rows (count,) int64, inner products (count,) float64)``; ties: lower row.
         """
-        n, s = self.n, subset.shape[0]
-        position = np.full(n, -1, dtype=np.int64)
-        position[subset] = np.arange(s)
-        out = np.empty((s, k), dtype=np.int64)
-        rows = np.arange(s)
-        width = min(n - 1, 2 * k * (n - 1) // (s - 1) + 8)
+        n = self.n
+        if isinstance(row, bool) or not 0 <= int(row) < n:
+            raise ValueError(f"row {row} is out of range for {n} stimuli; use 0..{n - 1}")
+        count = int(min(count, n - 1))
+        if self.lists is not None and count <= self.lists.k_max:
+            return (
+                self.lists.indices[row, :count].astype(np.int64),
+                np.asarray(self.lists.values[row, :count], dtype=np.float64),
+            )
+        index, values = exact_top_k(self.features, count, queries=np.array([int(row)]))
+        return index[0], values[0]
+
+    def tables(self, subsets: np.ndarray, k: int) -> Tables:
+        """Within-subset k-NN tables of B subsets, each (s,) sorted, distinct rows.
+
+        Each member's neighbours are the first k subset members along its stored list; members
+        whose list holds fewer than k of them are completed exactly from the features.
+        """
+        subsets = np.asarray(subsets, dtype=np.int64)
+        n_sets, s = subsets.shape
+        positions = np.empty((n_sets, s, k), dtype=np.int64)
+        values = np.empty((n_sets, s, k))
+        incomplete: list[tuple[int, np.ndarray]] = []
+        if self.lists is not None:
+            chunk = max(1, _ENTRY_CHUNK // max(1, s * min(self.k_max, 256)))
+            for start in range(0, n_sets, chunk):
+                block = subsets[start : start + chunk]
+                missing = self._tables_from_lists(block, k, positions[start : start + chunk],
+                                                  values[start : start + chunk])
+                incomplete.extend((start + b, rows) for b, rows in missing)
+        else:
+            incomplete = [(b, np.arange(s)) for b in range(n_sets)]
+        for b, rows in incomplete:
+            members = subsets[b]
+            if s <= _DENSE_SUBSET:
+                prepared = self.features.rows(members)
+                dense = tables_from_gram(prepared[rows] @ prepared.T, k, own=rows)
+                positions[b, rows], values[b, rows] = dense.positions[0], dense.values[0]
+            else:
+                index, vals = exact_top_k(
+                    self.features, k, queries=members[rows], candidates=members
+                )
+                positions[b, rows] = np.searchsorted(members, index)
+                values[b, rows] = vals
+        return Tables(positions, values)
+
+    def _tables_from_lists(
+        self, block: np.ndarray, k: int, positions: np.ndarray, values: np.ndarray
+    ) -> list[tuple[int, np.ndarray]]:
+        """Fill ``positions``/``values`` (B, s, k) from list prefixes; return incomplete rows."""
+        lists = self.lists
+        n_sets, s = block.shape
+        n = self.n
+        where = np.full((n_sets, n), -1, dtype=np.int32)
+        np.put_along_axis(where, block, np.arange(s, dtype=np.int32)[None, :], axis=1)
+        rows = np.arange(n_sets * s)
+        width = min(lists.k_max, 2 * k * (n - 1) // max(s - 1, 1) + 8)
+        flat_positions = positions.reshape(n_sets * s, k)
+        flat_values = values.reshape(n_sets * s, k)
+        global_rows = block.ravel()
+        set_of_row = rows // s
         while rows.size:
-            prefix = position[self.order[subset[rows], :width]]  # (r, width), -1 outside the subset
+            listed = lists.indices[global_rows[rows], :width]
+            prefix = where[set_of_row[rows][:, None], listed]  # (r, width), -1 outside the subset
             hits = prefix >= 0
-            found = np.cumsum(hits, axis=1)
+            found = np.cumsum(hits, axis=1, dtype=np.int32)
             complete = found[:, -1] >= k
             take = hits[complete] & (found[complete] <= k)
-            out[rows[complete]] = prefix[complete][take].reshape(-1, k)
+            done = rows[complete]
+            flat_positions[done] = prefix[complete][take].reshape(-1, k)
+            flat_values[done] = np.asarray(lists.values[global_rows[done], :width])[take].reshape(
+                -1, k
+            )
             rows = rows[~complete]
-            width = min(n - 1, 4 * width)
-        return out
+            if width >= lists.k_max:
+                break
+            width = min(lists.k_max, 4 * width)
+        missing: dict[int, list[int]] = {}
+        for row in rows.tolist():
+            missing.setdefault(row // s, []).append(row % s)
+        return [(b, np.asarray(r, dtype=np.int64)) for b, r in missing.items()]
 
 
-def _check_rankings(rankings: object, n: int) -> tuple[NeighbourRanking, NeighbourRanking]:
-    if (
-        not isinstance(rankings, tuple)
-        or len(rankings) != 2
-        or not all(isinstance(r, NeighbourRanking) for r in rankings)
-    ):
-        raise ValueError(
-            "rankings must be a pair (ranking of K, ranking of L) of NeighbourRanking; build each "
-            "with NeighbourRanking.from_gram on the same Gram matrix passed in."
-        )
-    if any(r.n != n for r in rankings):
-        raise ValueError(
-            f"the rankings cover {rankings[0].n} and {rankings[1].n} stimuli but the Grams {n}; "
-            "build them from these Gram matrices."
-        )
-    return rankings
+# ----------------------------------------------------------------------------------------------
+# CKNNA and mutual k-NN from tables
 
 
-def _sorted_keys(rows: np.ndarray, cols: np.ndarray, s: int) -> np.ndarray:
-    """Sorted flat keys rows·s + cols of a mask's entries."""
-    return np.sort(rows * s + cols)
-
-
-def _contains(sorted_keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Whether each query key is in ``sorted_keys`` (binary search)."""
-    at = np.searchsorted(sorted_keys, queries)
-    return sorted_keys[np.minimum(at, sorted_keys.size - 1)] == queries
-
-
-def _masked_hsic(
+def _hsic_terms(
+    n_sets: int,
     s: int,
     rows: np.ndarray,
     cols: np.ndarray,
     a: np.ndarray,
     b: np.ndarray,
-    b_transposed: np.ndarray,
-) -> float:
-    """Unbiased HSIC of (M∘K, M∘L) for a 0/1 mask M on s stimuli without diagonal entries.
-
-    Args:
-        rows, cols: the mask entries (i, j).
-        a, b: float64 K_ij and L_ij at the entries.
-        b_transposed: float64 L_ji where (j, i) is also a mask entry, else 0.
-    """
-    trace_term = float(np.dot(a, b_transposed))  # Σ_ij A_ij B_ji
-    sum_a = float(a.sum())
-    sum_b = float(b.sum())
-    col_sums_a = np.bincount(cols, weights=a, minlength=s)
-    row_sums_b = np.bincount(rows, weights=b, minlength=s)
-    product_term = float(np.dot(col_sums_a, row_sums_b))
-    value = trace_term + sum_a * sum_b / ((s - 1) * (s - 2)) - 2.0 * product_term / (s - 2)
-    return value / (s * (s - 3))
-
-
-def _cknna_from_neighbours(
-    top_k: np.ndarray, top_l: np.ndarray, K_at: Callable, L_at: Callable
-) -> float:
-    """CKNNA from the two (s, k) neighbour tables (positions within the subset).
-
-    ``K_at(i, j)`` / ``L_at(i, j)`` return the float64 kernel values at positions (i, j).
-    """
-    s, k = top_k.shape
-    rows = np.arange(s, dtype=np.int64).repeat(k)
-    cols_k, cols_l = top_k.ravel(), top_l.ravel()
-    keys_k, keys_l = _sorted_keys(rows, cols_k, s), _sorted_keys(rows, cols_l, s)
-    terms = []
-    for cols, keys, at in ((cols_k, keys_k, K_at), (cols_l, keys_l, L_at)):
-        values = at(rows, cols)
-        transposed_in = _contains(keys, cols * s + rows)
-        terms.append(
-            _masked_hsic(s, rows, cols, values, values, np.where(transposed_in, at(cols, rows), 0.0))
-        )
-    # mutual mask M = M_K ∘ M_L: the K-mask entries that are also L-mask entries
-    mutual = _contains(keys_l, rows * s + cols_k)
-    rows_m, cols_m = rows[mutual], cols_k[mutual]
-    transposed_m = cols_m * s + rows_m
-    transposed_in = _contains(keys_k, transposed_m) & _contains(keys_l, transposed_m)
-    sim_kl = _masked_hsic(
-        s, rows_m, cols_m, K_at(rows_m, cols_m), L_at(rows_m, cols_m),
-        np.where(transposed_in, L_at(cols_m, rows_m), 0.0),
-    )
-    product = terms[0] * terms[1]
-    if product < 0:
-        # the reference takes sqrt of a negative number here and returns NaN
-        return float("nan")
-    return sim_kl / (np.sqrt(product) + CKNNA_EPSILON)
-
-
-def _mutual_knn_from_neighbours(top_k: np.ndarray, top_l: np.ndarray) -> float:
-    """Mean over stimuli of |knn_K(i) ∩ knn_L(i)| / k from the two (s, k) neighbour tables."""
-    s, k = top_k.shape
-    rows = np.arange(s, dtype=np.int64).repeat(k)
-    shared = np.count_nonzero(
-        _contains(_sorted_keys(rows, top_l.ravel(), s), rows * s + top_k.ravel())
-    )
-    return int(shared) / (s * k)
-
-
-def _cknna_from_subgrams(K: np.ndarray, L: np.ndarray, k: int) -> float:
-    """CKNNA of two (s, s) Gram matrices (already validated, s ≥ 4, 2 ≤ k ≤ s − 1)."""
-    return _cknna_from_neighbours(
-        _top_k_excluding_self(K, k),
-        _top_k_excluding_self(L, k),
-        lambda i, j: K[i, j].astype(np.float64),
-        lambda i, j: L[i, j].astype(np.float64),
-    )
-
-
-def _mutual_knn_from_subgrams(K: np.ndarray, L: np.ndarray, k: int) -> float:
-    """Mean over stimuli of |knn_K(i) ∩ knn_L(i)| / k for two (s, s) Gram matrices."""
-    return _mutual_knn_from_neighbours(_top_k_excluding_self(K, k), _top_k_excluding_self(L, k))
-
-
-def _neighbour_tables(
-    K: object, L: object, k: int, subset: object, rankings: object, min_k: int
-) -> tuple[np.ndarray, np.ndarray, Callable, Callable]:
-    """Validated inputs → the two (s, k) neighbour tables and float64 value getters.
-
-    The subset is sorted first (the metrics do not depend on the order), so the sub-Gram tie rule
-    "lower position first" is "lower stimulus index first", the ranking's rule.
-    """
-    K = check_square(K, "K")
-    L = check_square(L, "L")
-    if K.shape != L.shape:
-        raise ValueError(
-            f"K has shape {K.shape} but L has {L.shape}; both Gram matrices must cover the same "
-            "stimuli in the same order."
-        )
-    n = K.shape[0]
-    idx = np.arange(n) if subset is None else np.sort(check_indices(subset, n))
-    s = idx.size
-    if min_k == 2:
-        check_min_stimuli(s, 4, "CKNNA (unbiased HSIC)")
-    k = check_k(k, s, min_k)
-    if rankings is None:
-        rows = None if subset is None else idx
-        K_sub, L_sub = _sub_gram(K, rows), _sub_gram(L, rows)
-        return (
-            _top_k_excluding_self(K_sub, k),
-            _top_k_excluding_self(L_sub, k),
-            lambda i, j: K_sub[i, j].astype(np.float64),
-            lambda i, j: L_sub[i, j].astype(np.float64),
-        )
-    rank_k, rank_l = _check_rankings(rankings, n)
-    top_k, top_l = rank_k.top_k(idx, k), rank_l.top_k(idx, k)
-
-    def getter(G: np.ndarray) -> Callable:
-        def at(i: np.ndarray, j: np.ndarray) -> np.ndarray:
-            values = G[idx[i], idx[j]].astype(np.float64)
-            if not np.isfinite(values).all():
-                _sub_gram(values, None)  # raises the NaN/Inf error
-            return values
-
-        return at
-
-    return top_k, top_l, getter(K), getter(L)
-
-
-def cknna_from_gram(
-    K: np.ndarray,
-    L: np.ndarray,
-    k: int = 10,
-    subset: object = None,
-    *,
-    rankings: tuple[NeighbourRanking, NeighbourRanking] | None = None,
-) -> float:
-    """CKNNA of a stimulus subset from the Gram matrices of the full set.
-
-    Equals ``alignment.cknna(F_x[subset], F_y[subset], k)`` for K = F_x F_xᵀ, L = F_y F_yᵀ.
-
-    Args:
-        K, L: (n, n) Gram matrices (float32 is fine; computed in float64).
-        k: neighbours per stimulus, 2 ≤ k ≤ s − 1 (s = subset size).
-        subset: indices into the n stimuli (None = all), any order; at least 4 (unbiased HSIC).
-        rankings: optional ``(NeighbourRanking.from_gram(K), NeighbourRanking.from_gram(L))``;
-            then only the O(k·n) neighbour entries are read instead of the (s, s) sub-Grams.
-            Same result (same neighbours, ties by the lower stimulus index).
-
-    Returns:
-        CKNNA as a float (NaN if a self-HSIC estimate is negative, as in the reference).
-    """
-    top_k, top_l, K_at, L_at = _neighbour_tables(K, L, k, subset, rankings, 2)
-    return _cknna_from_neighbours(top_k, top_l, K_at, L_at)
-
-
-def mutual_knn_from_gram(
-    K: np.ndarray,
-    L: np.ndarray,
-    k: int = 10,
-    subset: object = None,
-    *,
-    rankings: tuple[NeighbourRanking, NeighbourRanking] | None = None,
-) -> float:
-    """Mutual k-NN alignment of a stimulus subset from the Gram matrices of the full set.
-
-    Equals ``alignment.mutual_knn(F_x[subset], F_y[subset], k)``.
-
-    Args:
-        K, L: (n, n) Gram matrices.
-        k: neighbours per stimulus, 1 ≤ k ≤ s − 1.
-        subset: indices into the n stimuli (None = all).
-        rankings: optional precomputed rankings, as in :func:`cknna_from_gram`.
-
-    Returns:
-        Mean fraction of shared neighbours, in [0, 1].
-    """
-    top_k, top_l, _, _ = _neighbour_tables(K, L, k, subset, rankings, 1)
-    return _mutual_knn_from_neighbours(top_k, top_l)
-
-
-# ----------------------------------------------------------------------------------------------
-# many subsets at once
-
-#: Upper bound on elements of one stacked (chunk, s, s) array (~8 MB float64): bounds memory,
-#: and chunks that stay near the CPU caches ran Fig. 2 ~1.7x faster than 32 MB ones (239 stimuli).
-_CHUNK_ELEMENTS = 1_000_000
-
-
-def _stack(gram: np.ndarray, flat_index: np.ndarray) -> np.ndarray:
-    """(B, s, s) float64 sub-Grams ``gram[subset][:, subset]``, the diagonal set to -inf.
-
-    ``flat_index`` (B, s, s) holds ``subset[i] * n + subset[j]`` (shared by every model).
-    The diagonal is -inf so a stimulus is never its own neighbour; it is never read otherwise.
-    """
-    blocks = np.take(np.asarray(gram, dtype=np.float64).ravel(), flat_index)
-    diagonal = np.arange(blocks.shape[-1])
-    blocks[:, diagonal, diagonal] = -np.inf
-    return blocks
-
-
-def _knn_mask(blocks: np.ndarray, k: int) -> np.ndarray:
-    """(B, s, s) bool: True at (b, i, j) when j is among the k most similar others of i in block b.
-
-    Fast path: compare with each row's k-th largest value (one ``np.partition``). A row with
-    exactly tied values at the threshold would get more than k neighbours; such blocks are redone
-    with ``argpartition``, which keeps exactly k (ties broken arbitrarily, as the reference does).
-    """
-    s = blocks.shape[-1]
-    threshold = np.partition(blocks, s - k, axis=-1)[..., s - k : s - k + 1]
-    mask = blocks >= threshold
-    tied = np.flatnonzero((mask.sum(axis=-1) != k).any(axis=-1))
-    if tied.size:
-        neighbours = np.argpartition(-blocks[tied], k - 1, axis=-1)[..., :k]
-        exact = np.zeros((tied.size, s, s), dtype=bool)
-        np.put_along_axis(exact, neighbours, True, axis=-1)
-        mask[tied] = exact
-    return mask
-
-
-def _hsic_unbiased_blocks(
-    n_blocks: int,
-    s: int,
-    position: np.ndarray,
     transposed: np.ndarray,
-    a: np.ndarray,
-    b: np.ndarray,
-    b_transposed: np.ndarray,
 ) -> np.ndarray:
-    """(n_blocks,) unbiased HSIC of masked kernels A, B (s, s) per block, given by their entries.
+    """(n_sets,) unbiased HSIC of masked kernels A, B given by their common entries.
 
-    A and B are zero outside a common support of off-diagonal entries, listed as flat positions
-    ``position`` = block·s² + i·s + j with ``transposed`` = block·s² + j·s + i. ``a``, ``b`` are
-    A_ij, B_ij there; ``b_transposed`` is B_ji (0 where (j, i) is not in the support). The formula
-    is :func:`_masked_hsic`'s, each sum a float64 ``bincount`` over the blocks.
+    ``rows``/``cols``: flat ids set·s + i and set·s + j of each entry; ``a``, ``b``: A_ij, B_ij;
+    ``transposed``: whether (j, i) is an entry too (then B_ji = B_ij: the kernels are symmetric).
     """
-    block = position // (s * s)
-    trace_term = np.bincount(block, weights=a * b_transposed, minlength=n_blocks)
+    which = rows // s
+    trace_term = np.bincount(which, weights=a * b * transposed, minlength=n_sets)
     sums_term = (
-        np.bincount(block, weights=a, minlength=n_blocks)
-        * np.bincount(block, weights=b, minlength=n_blocks)
+        np.bincount(which, weights=a, minlength=n_sets)
+        * np.bincount(which, weights=b, minlength=n_sets)
         / ((s - 1) * (s - 2))
     )
-    column_sums_a = np.bincount(transposed // s, weights=a, minlength=n_blocks * s)  # block·s + j
-    row_sums_b = np.bincount(position // s, weights=b, minlength=n_blocks * s)  # block·s + i
-    cross_term = 2.0 * (column_sums_a * row_sums_b).reshape(n_blocks, s).sum(axis=1) / (s - 2)
+    column_sums_a = np.bincount(cols, weights=a, minlength=n_sets * s)
+    row_sums_b = np.bincount(rows, weights=b, minlength=n_sets * s)
+    cross_term = 2.0 * (column_sums_a * row_sums_b).reshape(n_sets, s).sum(axis=1) / (s - 2)
     return (trace_term + sums_term - cross_term) / (s * (s - 3))
 
 
-class _Graph(NamedTuple):
-    """One model's k-NN graph on a chunk of subsets, as flat entry lists."""
-
-    values: np.ndarray  # (B·s·s,) sub-Gram entries, flat
-    mask: np.ndarray  # (B·s·s,) bool, flat: j among the k nearest of i
-    position: np.ndarray  # (E,) flat positions of the mask's True entries (E = B·s·k)
-    transposed: np.ndarray  # (E,) the (j, i) position of each entry
-    self_similarity: np.ndarray  # (B,) HSIC of the masked kernel with itself
+class _SelfTerms(NamedTuple):
+    similarity: np.ndarray  # (B,) HSIC_u(M∘K, M∘K)
+    transposed: np.ndarray  # (E,) whether (j, i) is an entry of the same mask
 
 
-def _graph(gram: np.ndarray, flat_index: np.ndarray, k: int) -> _Graph:
-    n_blocks, s, _ = flat_index.shape
-    blocks = _stack(gram, flat_index)
-    mask = _knn_mask(blocks, k).ravel()
-    values = blocks.ravel()
-    position = np.flatnonzero(mask)
-    within = position % (s * s)
-    transposed = position - within + (within % s) * s + within // s
-    a = values[position]
-    a_transposed = np.where(mask[transposed], values[transposed], 0.0)
-    similarity = _hsic_unbiased_blocks(n_blocks, s, position, transposed, a, a, a_transposed)
-    return _Graph(values, mask, position, transposed, similarity)
+def _self_terms(tables: Tables) -> _SelfTerms:
+    n_sets, s, k = tables.positions.shape
+    rows = np.arange(n_sets * s).repeat(k)
+    cols = (rows // s) * s + tables.positions.ravel()
+    flat = tables.positions.reshape(n_sets * s, k)
+    transposed = (flat[cols] == (rows % s)[:, None]).any(axis=1)
+    a = tables.values.ravel()
+    return _SelfTerms(_hsic_terms(n_sets, s, rows, cols, a, a, transposed), transposed)
 
 
-def _pair_similarity(x: _Graph, y: _Graph, n_blocks: int, s: int) -> tuple[np.ndarray, np.ndarray]:
-    """(HSIC of the mutual-neighbour kernels (B,), mutual neighbour count (B,))."""
-    mutual = y.mask[x.position]
-    position, transposed = x.position[mutual], x.transposed[mutual]
-    in_support_transposed = x.mask[transposed] & y.mask[transposed]
-    b_transposed = np.where(in_support_transposed, y.values[transposed], 0.0)
-    similarity = _hsic_unbiased_blocks(
-        n_blocks, s, position, transposed, x.values[position], y.values[position], b_transposed
+def _pair_terms(x: Tables, y: Tables, x_self: _SelfTerms) -> tuple[np.ndarray, np.ndarray]:
+    """(HSIC_u of the mutual-neighbour kernels (B,), mutual neighbour counts (B,))."""
+    n_sets, s, k = x.positions.shape
+    rows = np.arange(n_sets * s).repeat(k)
+    j = x.positions.ravel()
+    y_flat = y.positions.reshape(n_sets * s, k)
+    match = y_flat[rows] == j[:, None]  # (E, k): where j sits in i's y-table
+    mutual = match.any(axis=1)
+    rows_m = rows[mutual]
+    cols_m = (rows_m // s) * s + j[mutual]
+    y_values = y.values.reshape(n_sets * s, k)[rows_m, np.argmax(match[mutual], axis=1)]
+    transposed = x_self.transposed[mutual] & (y_flat[cols_m] == (rows_m % s)[:, None]).any(axis=1)
+    similarity = _hsic_terms(
+        n_sets, s, rows_m, cols_m, x.values.ravel()[mutual], y_values, transposed
     )
-    counts = np.bincount(position // (s * s), minlength=n_blocks)
+    counts = np.bincount(rows_m // s, minlength=n_sets)
     return similarity, counts
 
 
+def tables_from_gram(G: np.ndarray, k: int, *, own: np.ndarray | None = None) -> Tables:
+    """(1, r, k) tables from dense inner products: the dense definition, for small sets.
+
+    Args:
+        G: (s, s) inner products of a set with itself, or (r, s) of r of its members (rows
+            ``own`` of the set) with the whole set.
+        own: (r,) position of each row's own stimulus among the s columns (default: the diagonal).
+
+    Row i's neighbours are a stable sort of −G[i] with its own column excluded (ties: lower index).
+    """
+    G = np.asarray(G, dtype=np.float64)
+    keys = np.negative(G)
+    own = np.arange(G.shape[0]) if own is None else np.asarray(own)
+    keys[np.arange(G.shape[0]), own] = np.inf
+    order = np.argsort(keys, axis=1, kind="stable")[:, :k]
+    return Tables(order[None], np.take_along_axis(G, order, axis=1)[None])
+
+
+def alignment_from_tables(
+    x: Tables, y: Tables, x_self: _SelfTerms | None = None, y_self: _SelfTerms | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(CKNNA (B,), mutual k-NN (B,)) of two models' tables on the same B subsets."""
+    n_sets, s, k = x.positions.shape
+    x_self = x_self or _self_terms(x)
+    y_self = y_self or _self_terms(y)
+    similarity, counts = _pair_terms(x, y, x_self)
+    product = x_self.similarity * y_self.similarity
+    # the reference takes sqrt of a negative estimate and returns NaN
+    root = np.sqrt(np.where(product < 0, np.nan, product))
+    return similarity / (root + CKNNA_EPSILON), counts / (s * k)
+
+
+class SubsetAlignment(NamedTuple):
+    """``cknna`` and ``mutual_knn``, each (len(pairs), B) float64 (CKNNA NaN where a self-HSIC
+    estimate is negative, as in the reference)."""
+
+    cknna: np.ndarray
+    mutual_knn: np.ndarray
+
+
+def check_subsets(subsets: object, n: int, k: int, *, min_k: int = 1) -> np.ndarray:
+    """(B, s) int64 with each row sorted; ValueError naming the fix for bad subsets or k."""
+    array = np.asarray(subsets)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape[0] == 0:
+        raise ValueError(
+            f"subsets must be a non-empty (B, s) array of row indices, got shape {array.shape}; "
+            "stack one row of indices per subset"
+        )
+    rows = [np.sort(check_indices(row, n)) for row in array]
+    out = np.stack(rows)
+    check_min_stimuli(out.shape[1], 4, "CKNNA (unbiased HSIC)")
+    check_k(k, out.shape[1], min_k)
+    return out
+
+
 def subset_alignment(
-    grams: Mapping[Hashable, np.ndarray],
+    indexes: Mapping[Hashable, NeighbourIndex],
     pairs: Sequence[tuple[Hashable, Hashable]],
     subsets: np.ndarray,
     k: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """CKNNA and mutual k-NN of every pair of Grams on every subset.
+) -> SubsetAlignment:
+    """CKNNA and mutual k-NN of every pair of indexes on every subset.
 
-    The numbers of :func:`cknna_from_gram` / :func:`mutual_knn_from_gram` on each subset (tested to
-    1e-9), computed for all subsets and pairs together.
+    Equal to ``alignment.cknna`` / ``alignment.mutual_knn`` on the prepared features of each subset
+    (the dense definition; tested to 1e-9), with ties to the lower stimulus index.
 
     Args:
-        grams: ``{key: (n, n) Gram}`` holding every key named in ``pairs`` (any float dtype).
-        pairs: ``(key of K, key of L)`` per comparison.
-        subsets: (B, s) int row indices; each row is one subset of distinct stimuli, s >= 4.
-        k: neighbours per stimulus, 1 <= k < s.
+        indexes: ``{key: NeighbourIndex}`` holding every key named in ``pairs`` (same n stimuli).
+        pairs: ``(key of X, key of Y)`` per comparison.
+        subsets: (B, s) or (s,) int rows; each row distinct stimuli, s ≥ 4 (any order).
+        k: neighbours per stimulus, 1 ≤ k < s (CKNNA needs k ≥ 2 to be meaningful).
 
     Returns:
-        ``(cknna, mutual_knn)``, each (len(pairs), B) float64, rows in the order of ``pairs``
-        (CKNNA is NaN where a self-HSIC estimate is negative, as in the reference).
+        :class:`SubsetAlignment` (cknna, mutual_knn), each (len(pairs), B).
     """
-    subsets = np.asarray(subsets, dtype=np.intp)
-    if subsets.ndim != 2 or subsets.shape[0] == 0:
+    keys = list(dict.fromkeys(key for pair in pairs for key in pair))
+    missing = [key for key in keys if key not in indexes]
+    if missing:
+        raise ValueError(f"no neighbour index for {missing}; pass one per key named in pairs")
+    sizes = {indexes[key].n for key in keys}
+    if len(sizes) > 1:
         raise ValueError(
-            f"subsets must be a non-empty (B, s) array of row indices, got shape {subsets.shape}; "
-            "stack one row of indices per subset"
+            f"the indexes cover different numbers of stimuli ({sorted(sizes)}); use indexes of "
+            "the same run"
         )
-    n_sets, s = subsets.shape
-    check_min_stimuli(s, 4, "CKNNA (unbiased HSIC)")
-    k = check_k(k, s, 1)
+    n = sizes.pop() if sizes else 0
+    sets = check_subsets(subsets, n, k)
+    n_sets, s = sets.shape
     cknna = np.empty((len(pairs), n_sets))
     mutual_knn = np.empty((len(pairs), n_sets))
-    keys = list(dict.fromkeys(key for pair in pairs for key in pair))
-    chunk = max(1, _CHUNK_ELEMENTS // (s * s))
-    n = np.shape(grams[keys[0]])[0] if keys else 0
+    chunk = max(1, _ENTRY_CHUNK // max(1, s * k * k))
     for start in range(0, n_sets, chunk):
-        block = subsets[start : start + chunk]
+        block = sets[start : start + chunk]
         stop = start + block.shape[0]
-        flat_index = block[:, :, None] * n + block[:, None, :]
-        graphs = {key: _graph(grams[key], flat_index, k) for key in keys}
+        tables = {key: indexes[key].tables(block, k) for key in keys}
+        selves = {key: _self_terms(tables[key]) for key in keys}
         for p, (x_key, y_key) in enumerate(pairs):
-            x, y = graphs[x_key], graphs[y_key]
-            similarity, counts = _pair_similarity(x, y, block.shape[0], s)
-            product = x.self_similarity * y.self_similarity
-            root = np.sqrt(np.where(product < 0, np.nan, product))
-            cknna[p, start:stop] = similarity / (root + CKNNA_EPSILON)
-            mutual_knn[p, start:stop] = counts / (s * k)
-    return cknna, mutual_knn
+            cknna[p, start:stop], mutual_knn[p, start:stop] = alignment_from_tables(
+                tables[x_key], tables[y_key], selves[x_key], selves[y_key]
+            )
+    return SubsetAlignment(cknna, mutual_knn)

@@ -1,6 +1,6 @@
 """The resumable precompute pipeline.
 
-dataset -> embeddings -> Gram matrices -> GPA -> dispersion + PCA -> thumbnails.
+dataset -> embeddings -> neighbour lists -> GPA -> dispersion + PCA -> thumbnails.
 
 Configure it with :class:`PrecomputeConfig` (or a .json/.toml file, or keyword options) and call
 :func:`precompute`. Each step is recorded in the run's manifest with the fingerprint of its
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -33,9 +32,12 @@ from .cache import (
     run_lock,
     write_parquet,
 )
+from .manifest import MANIFEST_FORMAT, DatasetInfo, GPARecord, ModelEntry, parse_manifest
+from .neighbours import DEFAULT_LIST_SIZE, clip_threshold, list_size_for
 from .procrustes import GPA_ALGORITHM
-from .run import MANIFEST_FORMAT, Run, load_run
+from .run import Run, load_run
 from .run_writer import (
+    NEIGHBOURS_ALGORITHM,
     THUMBNAIL_SIZE,
     RunManifest,
     check_embedding_array,
@@ -48,6 +50,7 @@ from .run_writer import (
     write_dispersion,
     write_gpa,
     write_model_arrays,
+    write_neighbour_lists,
     write_run_from_embeddings,
     write_thumbnails,
 )
@@ -91,6 +94,11 @@ class PrecomputeConfig:
         cache_root: cache folder; default ``settings.cache_root()``.
         weights: ``{model: local weights path}`` for models whose weights are not installed.
         thumbnails: write gallery thumbnails.
+        list_size: K, the exact nearest neighbours stored per stimulus and layer
+            (``neighbours.DEFAULT_LIST_SIZE``; n − 1 for small n).
+        neighbour_layers: ``"all"`` (lists for every stored layer) or ``"default"`` (only each
+            model's default / GPA layer; other layers are still exact, computed from their
+            features, which is slower for large subsets).
     """
 
     dataset: Any
@@ -106,6 +114,8 @@ class PrecomputeConfig:
     cache_root: str | None = None
     weights: Mapping[str, str] | None = None
     thumbnails: bool = True
+    list_size: int = DEFAULT_LIST_SIZE
+    neighbour_layers: str = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vision_models", _name_tuple(self.vision_models, "vision_models"))
@@ -150,6 +160,12 @@ class PrecomputeConfig:
             )
         else:
             raise ValueError("layers must be 'all', 'default' or a {model: [layer, ...]} mapping")
+        list_size_for(10**9, self.list_size)  # raises the explained error for a bad K
+        if self.neighbour_layers not in ("all", "default"):
+            raise ValueError(
+                f"neighbour_layers={self.neighbour_layers!r} is not understood; use 'all' or "
+                "'default'"
+            )
         for model in self.gpa_layers or {}:
             if model not in self.vision_models:
                 raise ValueError(
@@ -213,8 +229,8 @@ class ProgressEvent:
     """What the pipeline is doing, sent to the ``progress`` callback.
 
     ``step``: "dataset", "waiting" (for another process writing the same run), "extract",
-    "gpa", "dispersion", "thumbnails" or "done"; ``model``: the model being extracted (else
-    None); ``done`` of ``total`` items (stimuli or captions); ``skipped``: the step was cached
+    "neighbours", "gpa", "dispersion", "thumbnails" or "done"; ``model``: the model being
+    extracted or indexed (else None); ``done`` of ``total`` items (stimuli or captions); ``skipped``: the step was cached
     and is not recomputed.
     """
 
@@ -230,10 +246,14 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 def default_run_name(config: PrecomputeConfig, dataset_name: str) -> str:
     """``<dataset>-<12 hex>``: a hash of everything in the config that changes the results."""
+    # settings added later count only when changed from their default, so that existing runs
+    # keep their folder names
+    added_later = {"list_size": DEFAULT_LIST_SIZE, "neighbour_layers": "all"}
     relevant = {
         k: v
         for k, v in config.to_dict().items()
         if k not in ("run_name", "cache_root", "batch_size", "thumbnails")
+        and not (k in added_later and v == added_later[k])
     }
     safe = model_key(dataset_name.replace(" ", "-"))
     return f"{safe}-{fingerprint(relevant)[:12]}"
@@ -301,10 +321,9 @@ def _choose_layers(config: PrecomputeConfig, encoder: Any) -> list[str]:
     return [layer for layer in encoder.layers if layer in chosen]
 
 
-def _files_present(layout: RunLayout, entry: Mapping[str, Any]) -> bool:
-    return all(
-        layout.embedding(entry["key"], key).is_file() and layout.gram(entry["key"], key).is_file()
-        for key in entry["layer_keys"].values()
+def _files_present(layout: RunLayout, entry: ModelEntry) -> bool:
+    return set(entry.clip_thresholds) == set(entry.layers) and all(
+        layout.embedding(entry.key, key).is_file() for key in entry.layer_keys.values()
     )
 
 
@@ -366,6 +385,7 @@ def precompute(
         pipeline = _Pipeline(cfg, dataset, data_fingerprint, dropped, path, name, notify)
         for model in [*cfg.vision_models, *cfg.language_models]:
             pipeline.extract(model)
+            pipeline.neighbours(model)
         gpa_inputs = pipeline.gpa()
         pipeline.dispersion(gpa_inputs)
         pipeline.thumbnails()
@@ -406,23 +426,21 @@ class _Pipeline:
             self.manifest = RunManifest(self.layout, empty_manifest(name))
             self.manifest.save()  # first, so a crash leaves a recognisable (incomplete) run folder
             write_parquet(self.layout.stimuli, self.stimuli)
-            self.manifest.data["n_stimuli"] = self.n
-            self.manifest.data["dataset"] = {
-                "name": dataset.name,
-                "fingerprint": data_fingerprint,
-                "images_root": str(Path(dataset.root).resolve()),
-                "source": dataset.source,
-                "dropped": dropped,
-            }
+            self.manifest.data.n_stimuli = self.n
+            self.manifest.data.dataset = DatasetInfo(
+                name=dataset.name,
+                fingerprint=data_fingerprint,
+                images_root=str(Path(dataset.root).resolve()),
+                source=dataset.source,
+                dropped=dropped,
+            )
             self.manifest.finish_step("stimuli", stimuli_inputs)
         self.data = self.manifest.data
-        self.data.update(
-            complete=False,
-            vision_models=list(cfg.vision_models),
-            language_models=list(cfg.language_models),
-            settings=cfg.to_dict(),
-            versions=library_versions(),
-        )
+        self.data.complete = False
+        self.data.vision_models = list(cfg.vision_models)
+        self.data.language_models = list(cfg.language_models)
+        self.data.settings = cfg.to_dict()
+        self.data.versions = library_versions()
         _forget_dropped_models(self.manifest, [*cfg.vision_models, *cfg.language_models])
         self.manifest.save()
 
@@ -444,14 +462,14 @@ class _Pipeline:
         )
 
     def extract(self, model: str) -> None:
-        """Load ``model``, embed every stimulus, write its embeddings and Gram matrices."""
+        """Load ``model``, embed every stimulus, write its embeddings (and clip thresholds)."""
         from . import models
         from .extract import extract_caption_embeddings, extract_embeddings
 
         cfg, n = self.cfg, self.n
         modality = "vision" if model in cfg.vision_models else "language"
         step, inputs = f"extract:{model}", self._extract_inputs(model, modality)
-        entry = self.data["models"].get(model)
+        entry = self.data.models.get(model)
         if self.manifest.step_done(step, inputs) and entry and _files_present(self.layout, entry):
             self.notify(ProgressEvent("extract", model, n, n, skipped=True))
             return
@@ -491,49 +509,95 @@ class _Pipeline:
             layer: check_embedding_array(np.asarray(raw[layer]), model, layer, n)
             for layer in layers
         }
-        hashes = write_model_arrays(
+        hashes, thresholds = write_model_arrays(
             self.layout, model_key(model), {layer: model_key(layer) for layer in arrays}, arrays
         )
-        self.data["models"][model] = model_entry(
+        self.data.models[model] = model_entry(
             model,
             modality,
             arrays,
             default,
             hashes,
+            thresholds,
             weights_id=weights_id,
             items=int(items),
             load_seconds=round(load_seconds, 3),
             extract_seconds=round(extract_seconds, 3),
             items_per_second=round(items / extract_seconds, 2) if extract_seconds > 0 else None,
         )
+        for layer in layers:  # new embeddings: their lists are rebuilt
+            self.manifest.data.steps.pop(f"neighbours:{model}:{layer}", None)
         self.manifest.finish_step(step, inputs)
+
+    def neighbours(self, model: str) -> None:
+        """Exact top-K neighbour lists of the model's layers (all, or its default/GPA layer)."""
+        entry = self.data.models[model]
+        gpa_layer = (self.cfg.gpa_layers or {}).get(model)
+        if self.cfg.neighbour_layers == "all":
+            wanted = list(entry.layers)
+        else:
+            wanted = [entry.default_layer] + ([gpa_layer] if gpa_layer else [])
+        k = list_size_for(self.n, self.cfg.list_size)
+        done: list[str] = []
+        for layer in entry.layers:
+            step = f"neighbours:{model}:{layer}"
+            if layer not in wanted:
+                self.manifest.data.steps.pop(step, None)
+                continue
+            inputs = fingerprint("neighbours", entry.sha256[layer], k, NEIGHBOURS_ALGORITHM)
+            key = entry.layer_keys[layer]
+            present = (
+                self.layout.neighbour_indices(entry.key, key).is_file()
+                and self.layout.neighbour_values(entry.key, key).is_file()
+            )
+            if self.manifest.step_done(step, inputs) and present:
+                self.notify(ProgressEvent("neighbours", model, self.n, self.n, skipped=True))
+            else:
+                self.manifest.forget_step(step)
+                started = time.perf_counter()
+                write_neighbour_lists(
+                    self.layout,
+                    entry,
+                    layer,
+                    list_size=k,
+                    device=self.cfg.device,
+                    progress=lambda done_rows, total: self.notify(
+                        ProgressEvent("neighbours", model, int(done_rows), int(total))
+                    ),
+                )
+                self.manifest.finish_step(
+                    step, inputs, list_size=k, seconds=round(time.perf_counter() - started, 3)
+                )
+            done.append(layer)
+        entry.neighbour_layers = done
+        self.manifest.save()
 
     def gpa(self) -> str:
         """GPA on the vision models' GPA layers; returns the step's input fingerprint."""
         models_in = list(self.cfg.vision_models)
-        entries = [self.data["models"][m] for m in models_in]
+        entries = [self.data.models[m] for m in models_in]
         layers_in = [
             _gpa_layer(self.cfg, entry, m) for entry, m in zip(entries, models_in, strict=True)
         ]
         for entry, layer in zip(entries, layers_in, strict=True):
-            entry["default_layer"] = layer
+            entry.default_layer = layer
         inputs = fingerprint(
             "gpa",
-            [entry["sha256"][layer] for entry, layer in zip(entries, layers_in, strict=True)],
+            [entry.sha256[layer] for entry, layer in zip(entries, layers_in, strict=True)],
             models_in,
             layers_in,
             GPA_TOL,
             GPA_MAX_ITER,
             GPA_ALGORITHM,  # a new iteration scheme recomputes stored results
         )
-        self.data["gpa"] = {"models": models_in, "layers": layers_in}
+        self.data.gpa = GPARecord(models=models_in, layers=layers_in)
         if self.manifest.step_done("gpa", inputs) and self.layout.gpa_json.is_file():
             self.notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
             return inputs
         self.manifest.forget_step("gpa")
         self.notify(ProgressEvent("gpa", None, 0, 1))
         arrays = [
-            read_npy(self.layout.embedding(entry["key"], entry["layer_keys"][layer]))
+            read_npy(self.layout.embedding(entry.key, entry.layer_keys[layer]), mmap=True)
             for entry, layer in zip(entries, layers_in, strict=True)
         ]
         result = write_gpa(
@@ -575,49 +639,73 @@ class _Pipeline:
 
     def finish(self, seconds: float) -> None:
         """Mark the run complete."""
-        self.data["complete"] = True
-        self.data["seconds_last_call"] = round(seconds, 3)
+        self.data.complete = True
+        self.data.details["seconds_last_call"] = round(seconds, 3)
         self.manifest.save()
 
 
-def _gpa_layer(config: PrecomputeConfig, entry: Mapping[str, Any], model: str) -> str:
+def _gpa_layer(config: PrecomputeConfig, entry: ModelEntry, model: str) -> str:
     chosen = (config.gpa_layers or {}).get(model)
     if chosen is None:
-        return str(entry["default_layer"])
-    if chosen not in entry["layers"]:
+        return str(entry.default_layer)
+    if chosen not in entry.layers:
         raise ValueError(
             f"gpa_layers[{model!r}] = {chosen!r} was not extracted; choose one of "
-            f"{entry['layers']} or add it to layers"
+            f"{entry.layers} or add it to layers"
         )
     return chosen
 
 
 def _open_manifest(layout: RunLayout, name: str) -> RunManifest:
-    """The existing manifest (to resume), or a fresh one when there is none or it is unreadable."""
+    """The existing manifest (to resume), or a fresh one when there is none or it is unreadable.
+
+    A format-1 run (dense Gram matrices) is upgraded here: its Gram folder is removed and each
+    model's clip thresholds are computed from the stored embeddings, so its extraction steps are
+    kept and only the neighbour lists are built.
+    """
     if layout.root.exists():
         clean_temp_files(layout.root)
     if layout.manifest.is_file():
         try:
-            existing = read_json(layout.manifest)
+            existing = parse_manifest(read_json(layout.manifest), str(layout.manifest))
         except CacheFormatError:
             existing = None
-        if isinstance(existing, dict) and existing.get("format") == MANIFEST_FORMAT:
-            existing.setdefault("steps", {})
-            existing.setdefault("models", {})
+        if existing is not None and existing.needs_upgrade:
+            existing = _upgrade_format_1(layout, existing)
+        if existing is not None:
             return RunManifest(layout, existing)
     return RunManifest(layout, empty_manifest(name))
+
+
+def _upgrade_format_1(layout: RunLayout, manifest: Any) -> Any:
+    """Format 1 -> 2 in place: drop grams/, add clip thresholds; None when that fails."""
+    try:
+        for entry in manifest.models.values():
+            entry.clip_thresholds = {
+                layer: clip_threshold(read_npy(layout.embedding(entry.key, key), mmap=True))
+                for layer, key in entry.layer_keys.items()
+            }
+            entry.neighbour_layers = []
+    except (CacheFormatError, ValueError):
+        return None
+    layout.remove_tree(layout.legacy_grams_dir)
+    manifest.format = MANIFEST_FORMAT
+    manifest.complete = False
+    return manifest
 
 
 def _forget_dropped_models(manifest: RunManifest, wanted: Sequence[str]) -> None:
     """Remove models (files, entries and steps) that are no longer in the config."""
     data = manifest.data
-    for model in [m for m in data["models"] if m not in wanted]:
-        entry = data["models"].pop(model)
-        data["steps"].pop(f"extract:{model}", None)
-        key = entry.get("key") if isinstance(entry, Mapping) else None
-        try:
-            folders = (manifest.layout.embeddings_dir(key), manifest.layout.grams_dir(key))
-        except CacheFormatError:
-            continue  # a key that is not ours (tampered manifest): there is nothing of ours to delete
-        for folder in folders:
-            manifest.layout.remove_tree(folder)
+    for model in [m for m in data.models if m not in wanted]:
+        entry = data.models.pop(model)
+        for step in [s for s in data.steps if s == f"extract:{model}" or
+                     s.startswith(f"neighbours:{model}:")]:
+            data.steps.pop(step)
+        # the key was checked when the manifest was read (manifest.ModelEntry); a folder that
+        # leads out of the run (a planted symbolic link) is left alone
+        for folder in (manifest.layout.embeddings_dir, manifest.layout.neighbours_dir):
+            try:
+                manifest.layout.remove_tree(folder(entry.key))
+            except CacheFormatError:
+                continue

@@ -1,15 +1,19 @@
 """Read a precomputed run: everything a dashboard page or analysis needs, without loading a model.
 
-``load_run(path)`` reads the manifest and the stimulus table eagerly (both small) and everything
-else lazily: embeddings and Gram matrices are memory-mapped on first access, the GPA result, the
-dispersion table and the residual PCA are read on first access and then kept. Nothing is ever
-unpickled (see :mod:`convergence_core.cache`).
+``load_run(path)`` reads the manifest (checked against its schema, :mod:`.manifest`) and the
+stimulus table eagerly (both small) and everything else lazily: embeddings and neighbour lists are
+memory-mapped on first access, the GPA result, the dispersion table and the residual PCA are read on
+first access and then kept. Nothing is ever unpickled (see :mod:`convergence_core.cache`).
+
+Alignment of any subset goes through one entry point, :meth:`Run.alignment` (one number) or
+:meth:`Run.subset_alignment` (many pairs × many subsets), both exact at any n
+(:mod:`.neighbours`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,11 +23,12 @@ import pandas as pd
 
 from . import settings
 from .cache import CacheFormatError, RunLayout, read_json, read_npy, read_parquet
+from .manifest import MANIFEST_FORMAT, Manifest, ModelEntry, parse_manifest
 
 __all__ = ["MANIFEST_FORMAT", "Run", "RunInfo", "list_runs", "load_run"]
 
-#: Version of the manifest schema written by precompute.py; load_run refuses other versions.
-MANIFEST_FORMAT = 1
+#: Metrics :meth:`Run.alignment` computes from neighbour tables.
+ALIGNMENT_METRICS = ("cknna", "mutual_knn")
 
 
 class _LayerArrays(Mapping[str, np.ndarray]):
@@ -75,14 +80,14 @@ class Run:
 
     Attributes:
         path: the run folder.
-        manifest: the parsed ``manifest.json`` (dataset fingerprint, models, settings,
-            versions, steps).
+        manifest: the typed ``manifest.json`` (:class:`~convergence_core.manifest.Manifest`:
+            dataset, models, settings, versions, steps).
         stimuli: DataFrame, one row per stimulus in run order: ``id`` (str), ``image`` (str, relative
             to :attr:`images_root`), ``captions`` (list[str]), optional ``label`` and other columns.
         embeddings: ``embeddings[model][layer]`` -> read-only (n, d) float32 memory map.
     """
 
-    def __init__(self, path: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
+    def __init__(self, path: str | os.PathLike[str], manifest: Manifest) -> None:
         self.path = Path(path)
         self.layout = RunLayout(self.path)
         self.manifest = manifest
@@ -93,33 +98,33 @@ class Run:
                 f"{self.n_stimuli}; the run is inconsistent: delete {self.path} and rerun precompute"
             )
         self.embeddings: Mapping[str, Mapping[str, np.ndarray]] = _ModelEmbeddings(self)
-        self._grams: dict[tuple[str, str], np.ndarray] = {}
+        self._indexes: dict[tuple[str, str], Any] = {}
 
     # -- identity -----------------------------------------------------------------------------
     @property
     def name(self) -> str:
         """The run's name (its folder name when it was written)."""
-        return str(self.manifest.get("name", self.path.name))
+        return self.manifest.name or self.path.name
 
     @property
     def n_stimuli(self) -> int:
-        return int(self.manifest["n_stimuli"])
+        return int(self.manifest.n_stimuli)
 
     @property
     def models(self) -> list[str]:
-        """Every model in the run: vision models first, then language models."""
-        return [*self.vision_models, *self.language_models]
+        """Every model in the run: vision models first, then language models, then others."""
+        return self.manifest.model_names
 
     @property
     def vision_models(self) -> list[str]:
-        return list(self.manifest["vision_models"])
+        return list(self.manifest.vision_models)
 
     @property
     def language_models(self) -> list[str]:
-        return list(self.manifest["language_models"])
+        return list(self.manifest.language_models)
 
-    def _model_entry(self, model: str) -> dict[str, Any]:
-        entry = self.manifest["models"].get(model)
+    def _model_entry(self, model: str) -> ModelEntry:
+        entry = self.manifest.models.get(model)
         if entry is None:
             raise ValueError(
                 f"model {model!r} is not in run {self.name!r}; choose one of {self.models}"
@@ -128,51 +133,131 @@ class Run:
 
     def layers(self, model: str) -> list[str]:
         """Layer names of ``model``, in network order (shallow to deep)."""
-        return list(self._model_entry(model)["layers"])
+        return list(self._model_entry(model).layers)
 
     def default_layer(self, model: str) -> str:
         """The model's default layer (for a vision model: the layer that went into the GPA)."""
-        return str(self._model_entry(model)["default_layer"])
+        return str(self._model_entry(model).default_layer)
 
     def modality(self, model: str) -> str:
-        """``"vision"`` or ``"language"``."""
-        return str(self._model_entry(model)["modality"])
+        """``"vision"``, ``"language"``, ``"brain"`` or the name a user gave."""
+        return str(self._model_entry(model).modality)
 
     def _keys(self, model: str, layer: str) -> tuple[str, str]:
         entry = self._model_entry(model)
-        if layer not in entry["layer_keys"]:
+        if layer not in entry.layer_keys:
             raise ValueError(
                 f"layer {layer!r} is not a layer of {model!r} in run {self.name!r}; "
-                f"choose one of {entry['layers']}"
+                f"choose one of {entry.layers}"
             )
-        return entry["key"], entry["layer_keys"][layer]
+        return entry.key, entry.layer_keys[layer]
 
     def _read_model_array(self, kind: str, model: str, layer: str) -> np.ndarray:
         model_key, layer_key = self._keys(model, layer)
-        file = (self.layout.embedding if kind == "embedding" else self.layout.gram)(
-            model_key, layer_key
-        )
+        file = self.layout.embedding(model_key, layer_key)
         array = read_npy(file, mmap=True)
         n = self.n_stimuli
-        expected_ndim_ok = array.ndim == 2 and array.shape[0] == n
-        if kind == "gram":
-            expected_ndim_ok = expected_ndim_ok and array.shape[1] == n
-        if not expected_ndim_ok:
+        if array.ndim != 2 or array.shape[0] != n:
             raise CacheFormatError(
-                f"{file} has shape {array.shape}, expected ({n}, {'n' if kind == 'gram' else 'd'}) "
-                f"for {n} stimuli; delete {self.path} and rerun precompute"
+                f"{file} has shape {array.shape}, expected ({n}, d) for {n} stimuli; delete "
+                f"{self.path} and rerun precompute"
             )
         return array
 
-    def gram(self, model: str, layer: str) -> np.ndarray:
-        """(n, n) float32 Gram matrix ``F Fᵀ`` of ``F = prepare_features(embeddings[model][layer])``.
+    # -- neighbours and alignment -------------------------------------------------------------
+    def neighbours(self, model: str, layer: str) -> Any:
+        """The :class:`~convergence_core.neighbours.NeighbourIndex` of one model × layer.
 
-        Memory-mapped read-only on first access, then kept.
+        Its prepared features come from the stored embedding and clip threshold; its exact
+        neighbour lists (``.lists.indices`` (n, K) int32, ``.lists.values`` (n, K) float64, most
+        similar first) are memory-mapped when the run stores them for this layer (else ``lists``
+        is None and every table is computed from the features). Kept after the first call.
         """
+        from .neighbours import NeighbourIndex, NeighbourLists, PreparedFeatures
+
         key = (model, layer)
-        if key not in self._grams:
-            self._grams[key] = self._read_model_array("gram", model, layer)
-        return self._grams[key]
+        if key not in self._indexes:
+            entry = self._model_entry(model)
+            model_key, layer_key = self._keys(model, layer)
+            threshold = entry.clip_thresholds.get(layer)
+            if threshold is None:
+                raise CacheFormatError(
+                    f"run {self.name!r} records no clip threshold for {model!r} {layer!r}; rerun "
+                    "its precompute to repair the run"
+                )
+            features = PreparedFeatures(self.embeddings[model][layer], threshold)
+            lists = None
+            if layer in entry.neighbour_layers:
+                indices = read_npy(self.layout.neighbour_indices(model_key, layer_key), mmap=True)
+                values = read_npy(self.layout.neighbour_values(model_key, layer_key), mmap=True)
+                n = self.n_stimuli
+                if (
+                    indices.ndim != 2
+                    or indices.shape[0] != n
+                    or values.shape != indices.shape
+                    or not np.issubdtype(indices.dtype, np.integer)
+                    or values.dtype != np.float64
+                ):
+                    raise CacheFormatError(
+                        f"the neighbour lists of {model!r} {layer!r} in run {self.name!r} have "
+                        f"shapes {indices.shape} {indices.dtype} / {values.shape} {values.dtype}, "
+                        f"expected (n={n}, K) int32 / float64; rerun its precompute"
+                    )
+                lists = NeighbourLists(indices, values)
+            self._indexes[key] = NeighbourIndex(features, lists)
+        return self._indexes[key]
+
+    def subset_alignment(
+        self,
+        pairs: Sequence[tuple[str, str, str, str]],
+        subsets: object,
+        k: int = 10,
+    ) -> Any:
+        """CKNNA and mutual k-NN of many (model, layer, model, layer) pairs on many subsets.
+
+        Args:
+            pairs: ``(model_x, layer_x, model_y, layer_y)`` per comparison (e.g.
+                ``analyses.Pair``).
+            subsets: (B, s) or (s,) stimulus rows (each row distinct; any order).
+            k: neighbours per stimulus, k < s.
+
+        Returns:
+            ``neighbours.SubsetAlignment(cknna, mutual_knn)``, each (len(pairs), B) float64.
+        """
+        from .neighbours import subset_alignment
+
+        keyed = [((p[0], p[1]), (p[2], p[3])) for p in pairs]
+        indexes = {side: self.neighbours(*side) for pair in keyed for side in pair}
+        return subset_alignment(indexes, keyed, subsets, k)
+
+    def alignment(
+        self,
+        vision_model: str,
+        vision_layer: str,
+        language_model: str,
+        language_layer: str,
+        *,
+        subset: object = None,
+        k: int = 10,
+        metric: str = "cknna",
+    ) -> float:
+        """One alignment score of two model layers on a stimulus subset (None = all stimuli).
+
+        Exactly the dense definition on the subset's prepared features (``alignment.cknna`` /
+        ``alignment.mutual_knn``), at any n. ``metric``: one of :data:`ALIGNMENT_METRICS`.
+        """
+        if metric not in ALIGNMENT_METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {list(ALIGNMENT_METRICS)}")
+        rows = np.arange(self.n_stimuli) if subset is None else subset
+        result = self.subset_alignment(
+            [(vision_model, vision_layer, language_model, language_layer)], rows, k
+        )
+        return float(getattr(result, metric)[0, 0])
+
+    def nearest(self, model: str, layer: str, row: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``count`` stimuli most similar to ``row`` under one model × layer (itself excluded),
+        most similar first: ``(rows (count,), inner products (count,))``, ties to the lower row."""
+        return self.neighbours(model, layer).nearest(self._check_row(row), count)
 
     # -- GPA, dispersion, PCA -----------------------------------------------------------------
     @cached_property
@@ -223,7 +308,7 @@ class Run:
     @property
     def images_root(self) -> Path | None:
         """Folder that the ``image`` column is relative to, or None for a run without images."""
-        root = self.manifest.get("dataset", {}).get("images_root")
+        root = self.manifest.dataset.images_root
         return Path(root) if root else None
 
     def _check_row(self, row: int) -> int:
@@ -280,13 +365,18 @@ def _read_stimuli(layout: RunLayout) -> pd.DataFrame:
     return frame
 
 
+def _read_manifest(layout: RunLayout) -> Manifest:
+    return parse_manifest(read_json(layout.manifest), str(layout.manifest))
+
+
 def load_run(path: str | os.PathLike[str]) -> Run:
     """Open the run folder ``path`` (or a run name under ``settings.runs_root()``).
 
     Raises:
         FileNotFoundError: no run at ``path``.
-        CacheFormatError (a ValueError): the manifest is missing, of another format version, or the
-            run is incomplete (an interrupted precompute: rerun it to finish).
+        CacheFormatError (a ValueError): the manifest is missing, damaged (``ManifestError``
+            naming the field), of an older format (rerun its precompute to upgrade it), or the run
+            is incomplete (an interrupted precompute: rerun it to finish).
     """
     folder = Path(path)
     if not folder.exists() and not folder.is_absolute() and len(folder.parts) == 1:
@@ -294,7 +384,7 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         if candidate.exists():
             folder = candidate
     if not folder.is_dir():
-        known = [info.name for info in list_runs()]
+        known = [info.name for info in list_runs() if info.damaged is None]
         raise FileNotFoundError(
             f"no run folder at {folder}; precompute one with `python -m convergence_core precompute` "
             f"or pick a cached run: {known}"
@@ -305,15 +395,16 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             f"{folder} has no manifest.json, so it is not a run folder; point at a folder made by "
             "`python -m convergence_core precompute`"
         )
-    manifest = read_json(layout.manifest)
-    version = manifest.get("format") if isinstance(manifest, dict) else None
-    if version != MANIFEST_FORMAT:
+    manifest = _read_manifest(layout)
+    if manifest.needs_upgrade:
         raise CacheFormatError(
-            f"{layout.manifest} has format {version!r}, this version reads {MANIFEST_FORMAT}; "
-            "rerun precompute to rewrite the run"
+            f"run {folder.name!r} was written by an older version (manifest format "
+            f"{manifest.format}: dense Gram matrices); rerun the precompute that made it (e.g. "
+            "`python -m convergence_core precompute --preset demo` for the demo) to upgrade it in "
+            "place: its embeddings are kept and exact neighbour lists replace the Gram matrices"
         )
-    if not manifest.get("complete", False):
-        done = sorted(manifest.get("steps", {}))
+    if not manifest.complete:
+        done = sorted(manifest.steps)
         raise CacheFormatError(
             f"run {folder.name!r} is incomplete (steps finished: {done}); it was interrupted: rerun "
             "the same `python -m convergence_core precompute` command to resume it"
@@ -322,48 +413,56 @@ def load_run(path: str | os.PathLike[str]) -> Run:
 
 
 class RunInfo(NamedTuple):
-    """One cached run as listed by :func:`list_runs`."""
+    """One cached run as listed by :func:`list_runs`.
+
+    ``damaged`` is None for a readable run, else the reason it cannot be opened (its manifest
+    does not follow the schema); ``summary`` is then mostly empty.
+    """
 
     name: str
     path: Path
     summary: dict[str, Any]
+    damaged: str | None = None
 
 
-def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    dataset = manifest.get("dataset", {})
+def _summary(manifest: Manifest) -> dict[str, Any]:
     return {
-        "complete": bool(manifest.get("complete", False)),
-        "dataset": dataset.get("name"),
-        "n_stimuli": manifest.get("n_stimuli"),
-        "vision_models": manifest.get("vision_models", []),
-        "language_models": manifest.get("language_models", []),
-        "created": manifest.get("created"),
-        "updated": manifest.get("updated"),
-        "steps": sorted(manifest.get("steps", {})),
+        "complete": bool(manifest.complete) and not manifest.needs_upgrade,
+        "needs_upgrade": manifest.needs_upgrade,
+        "dataset": manifest.dataset.name,
+        "n_stimuli": manifest.n_stimuli,
+        "vision_models": list(manifest.vision_models),
+        "language_models": list(manifest.language_models),
+        "created": manifest.created,
+        "updated": manifest.updated,
+        "steps": sorted(manifest.steps),
     }
 
 
 def list_runs(root: str | os.PathLike[str] | None = None) -> list[RunInfo]:
     """Cached runs under ``root`` (default ``settings.runs_root()``), most recently updated first.
 
-    Each entry is ``(name, path, summary)``; ``summary`` holds ``complete``, ``dataset``,
-    ``n_stimuli``, ``vision_models``, ``language_models``, ``created``, ``updated`` (ISO 8601 UTC)
-    and ``steps``. Folders without a readable manifest are skipped.
+    Each entry is ``RunInfo(name, path, summary, damaged)``; ``summary`` holds ``complete``,
+    ``needs_upgrade``, ``dataset``, ``n_stimuli``, ``vision_models``, ``language_models``,
+    ``created``, ``updated`` (ISO 8601 UTC) and ``steps``. A folder whose manifest cannot be read
+    or does not follow the schema is listed last, with ``damaged`` giving the reason; folders
+    without a manifest are not runs and are skipped.
     """
     folder = Path(root) if root is not None else settings.runs_root()
     if not folder.is_dir():
         return []
     runs: list[RunInfo] = []
-    for child in folder.iterdir():
-        layout = RunLayout(child)
-        if not layout.manifest.is_file():
-            continue
+    damaged: list[RunInfo] = []
+    for child in sorted(folder.iterdir()):
         try:
-            manifest = read_json(layout.manifest)
-        except CacheFormatError:
-            continue
-        if not isinstance(manifest, dict):
+            layout = RunLayout(child)
+            if not layout.manifest.is_file():
+                continue
+            manifest = _read_manifest(layout)
+        except (CacheFormatError, OSError) as exc:
+            empty = {"complete": False, "needs_upgrade": False, "updated": "", "steps": []}
+            damaged.append(RunInfo(child.name, child, empty, str(exc)))
             continue
         runs.append(RunInfo(child.name, child, _summary(manifest)))
     runs.sort(key=lambda info: (info.summary["updated"] or "", info.name), reverse=True)
-    return runs
+    return runs + damaged

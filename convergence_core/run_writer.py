@@ -23,10 +23,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .cache import RunLayout, model_key, write_json, write_npy, write_parquet
-from .run import MANIFEST_FORMAT, Run, load_run
+from .cache import RunLayout, model_key, read_npy, write_json, write_npy, write_parquet
+from .manifest import MANIFEST_FORMAT, DatasetInfo, GPARecord, Manifest, ModelEntry, StepRecord
+from .neighbours import DEFAULT_LIST_SIZE
+from .run import Run, load_run
 
 __all__ = [
+    "NEIGHBOURS_ALGORITHM",
     "THUMBNAIL_SIZE",
     "RunManifest",
     "array_fingerprint",
@@ -40,12 +43,15 @@ __all__ = [
     "write_dispersion",
     "write_gpa",
     "write_model_arrays",
+    "write_neighbour_lists",
     "write_run_from_embeddings",
     "write_thumbnails",
 ]
 
 #: Longest side of gallery thumbnails, in pixels.
 THUMBNAIL_SIZE = 256
+#: Names the neighbour-list construction (part of the fingerprint of the stored lists).
+NEIGHBOURS_ALGORITHM = "exact-top-k/float32-screen+float64-refine/1"
 _VERSIONED_LIBRARIES = ("numpy", "torch", "timm", "transformers", "pandas", "pyarrow", "pillow")
 
 
@@ -82,46 +88,35 @@ def array_fingerprint(array: np.ndarray) -> str:
 # Manifest bookkeeping
 # ---------------------------------------------------------------------------------------------
 class RunManifest:
-    """The manifest being written; ``save()`` rewrites manifest.json atomically."""
+    """The manifest being written (a typed :class:`~convergence_core.manifest.Manifest`);
+    ``save()`` rewrites manifest.json atomically."""
 
-    def __init__(self, layout: RunLayout, data: dict[str, Any]) -> None:
+    def __init__(self, layout: RunLayout, manifest: Manifest) -> None:
         self.layout = layout
-        self.data = data
+        self.data = manifest
 
     def save(self) -> None:
-        self.data["updated"] = _now()
-        write_json(self.layout.manifest, self.data)
+        self.data.updated = _now()
+        write_json(self.layout.manifest, self.data.to_dict())
 
     def step_done(self, step: str, inputs: str) -> bool:
-        return self.data["steps"].get(step, {}).get("inputs") == inputs
+        record = self.data.steps.get(step)
+        return record is not None and record.inputs == inputs
 
     def finish_step(self, step: str, inputs: str, **details: Any) -> None:
-        self.data["steps"][step] = {"inputs": inputs, "done": _now(), **details}
+        self.data.steps[step] = StepRecord(inputs=inputs, done=_now(), details=details)
         self.save()
 
     def forget_step(self, step: str) -> None:
-        if self.data["steps"].pop(step, None) is not None:
+        if self.data.steps.pop(step, None) is not None:
             self.save()
 
 
-def empty_manifest(name: str) -> dict[str, Any]:
+def empty_manifest(name: str) -> Manifest:
     now = _now()
-    return {
-        "format": MANIFEST_FORMAT,
-        "name": name,
-        "created": now,
-        "updated": now,
-        "complete": False,
-        "n_stimuli": 0,
-        "dataset": {},
-        "models": {},
-        "vision_models": [],
-        "language_models": [],
-        "gpa": {},
-        "settings": {},
-        "versions": library_versions(),
-        "steps": {},
-    }
+    return Manifest(
+        name=name, created=now, updated=now, versions=library_versions(), format=MANIFEST_FORMAT
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,20 +234,49 @@ def check_embedding_array(array: np.ndarray, model: str, layer: str, n: int) -> 
 # ---------------------------------------------------------------------------------------------
 def write_model_arrays(
     layout: RunLayout, key: str, layer_keys: Mapping[str, str], arrays: Mapping[str, np.ndarray]
-) -> dict[str, str]:
-    """Write one model's embeddings (float32) and Gram matrices; return ``{layer: sha256}``."""
-    from .alignment import prepare_features
+) -> tuple[dict[str, str], dict[str, float]]:
+    """Write one model's embeddings (float32); return ``({layer: sha256}, {layer: clip threshold})``.
+
+    The clip threshold (``neighbours.clip_threshold``) is all that ``prepare_features`` needs
+    besides the embedding itself, so the prepared features are never stored twice.
+    """
+    from .neighbours import clip_threshold
 
     layout.remove_tree(layout.embeddings_dir(key))
-    layout.remove_tree(layout.grams_dir(key))
+    layout.remove_tree(layout.neighbours_dir(key))
     hashes: dict[str, str] = {}
+    thresholds: dict[str, float] = {}
     for layer, array in arrays.items():
         array = np.ascontiguousarray(array, dtype=np.float32)
         write_npy(layout.embedding(key, layer_keys[layer]), array)
         hashes[layer] = array_fingerprint(array)
-        features = np.asarray(prepare_features(array.astype(np.float64)), dtype=np.float64)
-        write_npy(layout.gram(key, layer_keys[layer]), (features @ features.T).astype(np.float32))
-    return hashes
+        thresholds[layer] = clip_threshold(array)
+    return hashes, thresholds
+
+
+def write_neighbour_lists(
+    layout: RunLayout,
+    entry: ModelEntry,
+    layer: str,
+    *,
+    list_size: int,
+    device: str | None = None,
+    progress: Any = None,
+) -> int:
+    """Build and write the exact neighbour lists of one stored layer; return K.
+
+    Reads the layer's embedding (memory-mapped) and clip threshold from ``entry``; writes
+    ``neighbours/<model>/<layer>.indices.npy`` (int32) and ``.values.npy`` (float64).
+    """
+    from .neighbours import PreparedFeatures, build_neighbour_lists
+
+    layer_key = entry.layer_keys[layer]
+    raw = read_npy(layout.embedding(entry.key, layer_key), mmap=True)
+    features = PreparedFeatures(raw, entry.clip_thresholds[layer])
+    lists = build_neighbour_lists(features, list_size, device=device, progress=progress)
+    write_npy(layout.neighbour_values(entry.key, layer_key), lists.values)
+    write_npy(layout.neighbour_indices(entry.key, layer_key), lists.indices)
+    return lists.k_max
 
 
 def model_entry(
@@ -261,19 +285,23 @@ def model_entry(
     arrays: Mapping[str, np.ndarray],
     default_layer: str,
     hashes: Mapping[str, str],
+    thresholds: Mapping[str, float],
     **extra: Any,
-) -> dict[str, Any]:
+) -> ModelEntry:
     layers = list(arrays)
-    return {
-        "key": model_key(name),
-        "modality": modality,
-        "layers": layers,
-        "layer_keys": {layer: model_key(layer) for layer in layers},
-        "default_layer": default_layer,
-        "dims": {layer: int(arrays[layer].shape[1]) for layer in layers},
-        "sha256": dict(hashes),
-        **extra,
-    }
+    weights_id = extra.pop("weights_id", None)
+    return ModelEntry(
+        key=model_key(name),
+        modality=modality,
+        layers=layers,
+        layer_keys={layer: model_key(layer) for layer in layers},
+        default_layer=default_layer,
+        dims={layer: int(arrays[layer].shape[1]) for layer in layers},
+        sha256=dict(hashes),
+        clip_thresholds=dict(thresholds),
+        weights_id=weights_id,
+        details=extra,
+    )
 
 
 def write_gpa(
@@ -396,6 +424,7 @@ def write_run_from_embeddings(
     settings: Mapping[str, Any] | None = None,
     gpa_tol: float = 1e-10,
     gpa_max_iter: int = 1000,
+    list_size: int = DEFAULT_LIST_SIZE,
 ) -> Run:
     """Write a complete run folder at ``path`` from in-memory embeddings and return it loaded.
 
@@ -414,10 +443,10 @@ def write_run_from_embeddings(
         thumbnails: write thumbnails/ (needs ``images_root``).
         dataset_name, dataset_fingerprint, settings: recorded in the manifest.
         gpa_tol, gpa_max_iter: passed to ``generalized_procrustes``.
+        list_size: K, the neighbours stored per stimulus (``neighbours.DEFAULT_LIST_SIZE``).
 
-    Gram matrices are ``prepare_features(X) @ prepare_features(X).T`` of the float32-stored
-    embeddings, and GPA runs on float64 copies of them, so everything is reproducible from the
-    run's own files. Raises ValueError (naming the fix) for inconsistent inputs.
+    Neighbour lists are built from ``prepare_features`` of the float32-stored embeddings, and GPA
+    runs on float64 copies of them, so everything is reproducible from the run's own files. Raises ValueError (naming the fix) for inconsistent inputs.
     """
     path = Path(path)
     frame = normalise_stimuli(stimuli)
@@ -448,18 +477,15 @@ def write_run_from_embeddings(
     layout = RunLayout(path)
     manifest = RunManifest(layout, empty_manifest(path.name))
     data = manifest.data
-    data.update(
-        n_stimuli=n,
-        vision_models=vision,
-        language_models=language,
-        settings=dict(settings or {}),
-        dataset={
-            "name": dataset_name,
-            "fingerprint": dataset_fingerprint,
-            "images_root": str(root) if root is not None else None,
-            "source": {"kind": "in-memory"},
-            "dropped": [],
-        },
+    data.n_stimuli = n
+    data.vision_models = vision
+    data.language_models = language
+    data.settings = dict(settings or {})
+    data.dataset = DatasetInfo(
+        name=dataset_name,
+        fingerprint=dataset_fingerprint,
+        images_root=str(root) if root is not None else None,
+        source={"kind": "in-memory"},
     )
     manifest.save()  # first, so a crash leaves a recognisable (incomplete) run folder
     write_parquet(layout.stimuli, frame)
@@ -467,12 +493,15 @@ def write_run_from_embeddings(
     for model in [*vision, *language]:
         entry_key = model_key(model)
         layer_keys = {layer: model_key(layer) for layer in arrays[model]}
-        hashes = write_model_arrays(layout, entry_key, layer_keys, arrays[model])
+        hashes, thresholds = write_model_arrays(layout, entry_key, layer_keys, arrays[model])
         modality = "vision" if model in vision else "language"
-        data["models"][model] = model_entry(
-            model, modality, arrays[model], defaults[model], hashes, weights_id=None
-        )
+        entry = model_entry(model, modality, arrays[model], defaults[model], hashes, thresholds)
+        data.models[model] = entry
         manifest.finish_step(f"extract:{model}", fingerprint(hashes))
+        for layer in entry.layers:
+            write_neighbour_lists(layout, entry, layer, list_size=list_size)
+            entry.neighbour_layers.append(layer)
+        manifest.finish_step(f"neighbours:{model}", fingerprint(hashes, list_size))
     gpa_layer_list = [gpa_choice[m] for m in vision]
     result = write_gpa(
         layout,
@@ -482,15 +511,15 @@ def write_run_from_embeddings(
         tol=gpa_tol,
         max_iter=gpa_max_iter,
     )
-    data["gpa"] = {"models": vision, "layers": gpa_layer_list}
-    gpa_inputs = fingerprint([data["models"][m]["sha256"][gpa_choice[m]] for m in vision])
+    data.gpa = GPARecord(models=vision, layers=gpa_layer_list)
+    gpa_inputs = fingerprint([data.models[m].sha256[gpa_choice[m]] for m in vision])
     manifest.finish_step("gpa", gpa_inputs, n_iter=int(result.n_iter))
     write_dispersion(layout, frame["id"].tolist(), np.asarray(result.residuals))
     manifest.finish_step("dispersion", gpa_inputs)
     if thumbnails and root is not None:
         write_thumbnails(layout, frame, root)
         manifest.finish_step("thumbnails", fingerprint(frame["image"].tolist()))
-    data["complete"] = True
+    data.complete = True
     manifest.save()
     return load_run(path)
 

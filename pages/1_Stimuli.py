@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from convergence_core.dashboard import data, lab, page, plots, state, widgets
+from convergence_core.dashboard import data, page, plots, state, widgets
 
 PER_SIDE = 6  # stimuli per side and page
 GALLERY_COLUMNS = 3
@@ -160,7 +160,7 @@ model_layers = [*zip(run.gpa.models, run.gpa.layers, strict=True)] + [
     (model, best_layers.get(model, run.default_layer(model))) for model in run.language_models
 ]
 neighbours = {
-    model: (layer, *lab.nearest_neighbours(run.gram(model, layer), row, count))
+    model: (layer, *run.nearest(model, layer, row, count))
     for model, layer in model_layers
 }
 overview = pd.DataFrame({"neighbour": np.arange(1, count + 1)})

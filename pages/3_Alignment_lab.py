@@ -213,8 +213,8 @@ with row2[3]:
 # ---------------------------------------------------------------------------------------------
 # the bars first (set CKNNA + random baseline), then the permutation test and the full table:
 # Streamlit sends elements as they are made, so new bars appear before the slower test finishes
-grams = data.grams_for(run, pairs)
-set_values = lab.set_table(grams, pairs, sets, k)
+indexes = data.indexes_for(run, pairs)
+set_values = lab.set_table(indexes, pairs, sets, k)
 baselines = {
     set_size: data.random_baseline(path, stamp, pairs, score, set_size, k, int(n_random), int(seed))
     for set_size in sorted({len(rows) for rows in sets.values()})

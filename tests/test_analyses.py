@@ -13,7 +13,6 @@ from scipy.linalg import orthogonal_procrustes
 
 from convergence_core import analyses
 from convergence_core.alignment import cknna, prepare_features
-from convergence_core.neighbours import cknna_from_gram
 from convergence_core.procrustes import generalized_procrustes
 from convergence_core.stats import (
     correlation_with_fit,
@@ -132,7 +131,7 @@ def test_set_values_match_slow_reference(planted, fig2):
 
 def test_random_sets_and_permutation_test_match_a_per_subset_reference(planted):
     """Fig. 2's batched random baseline and permutation test against a loop over subsets with
-    neighbours.cknna_from_gram: seed -> SeedSequence.spawn(2) (random sets, then label shuffles,
+    alignment.cknna on the subsets' features (the dense definition): seed -> SeedSequence.spawn(2) (random sets, then label shuffles,
     one rng.permutation of the 2·s pooled stimuli per relabelling)."""
     size, k, n_random, n_permutations, seed = 10, 4, 15, 25, 7
     best = analyses.best_language_layers(planted, k=k)
@@ -154,11 +153,12 @@ def test_random_sets_and_permutation_test_match_a_per_subset_reference(planted):
     pool = np.concatenate([low, high])
     shuffles = [pool[permutation_rng.permutation(2 * size)] for _ in range(n_permutations)]
     for row in table.itertuples():
-        K = np.asarray(planted.gram(row.vision_model, row.vision_layer))
-        L = np.asarray(planted.gram(row.language_model, row.language_layer))
+        X = _features(planted, row.vision_model, row.vision_layer)
+        Y = _features(planted, row.language_model, row.language_layer)
 
-        def value(subset, K=K, L=L):
-            return cknna_from_gram(K, L, k=k, subset=subset)
+        def value(subset, X=X, Y=Y):
+            subset = np.sort(subset)
+            return cknna(X[subset], Y[subset], k=k)
 
         random_values = np.array([value(subset) for subset in random_sets])
         assert row.cknna_random_mean == pytest.approx(random_values.mean(), rel=1e-9)

@@ -155,7 +155,7 @@ def test_precompute_real_models_on_six_images(tmp_path, monkeypatch):
     assert run.layers("efficientnet-lite0") == ["pre_logits"]
     assert run.embeddings["efficientnet-lite1"]["pre_logits"].shape == (6, 1280)
     assert run.embeddings["minilm"][run.default_layer("minilm")].shape == (6, 384)
-    assert run.manifest["models"]["minilm"]["weights_id"]
+    assert run.manifest.models["minilm"].weights_id
     code, out, err = _main(*argv)  # everything cached now
     assert code == 0 and err.count("cached") >= 4
 

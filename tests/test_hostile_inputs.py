@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from convergence_core.cache import CacheFormatError, RunLayout, check_key, model_key
-from convergence_core.run import load_run
+from convergence_core.run import list_runs, load_run
 from tests.fixtures_runs import make_synthetic_run
 
 ESCAPING_KEYS = ["../../../../outside", "/absolute/folder", "..", ".", ".hidden", "a/b", "", "a\\b"]
@@ -52,10 +52,11 @@ def test_run_layout_never_builds_a_path_from_an_unsafe_key(tmp_path, key):
     layout = RunLayout(tmp_path / "run")
     for build in (
         lambda: layout.embeddings_dir(key),
-        lambda: layout.grams_dir(key),
+        lambda: layout.neighbours_dir(key),
         lambda: layout.embedding(key, "layer"),
         lambda: layout.embedding("model", key),
-        lambda: layout.gram("model", key),
+        lambda: layout.neighbour_indices("model", key),
+        lambda: layout.neighbour_values(key, "layer"),
     ):
         with pytest.raises(CacheFormatError):
             build()
@@ -90,11 +91,10 @@ def test_load_run_refuses_a_key_that_leaves_the_run(tmp_path):
         manifest["models"]["vision-a"]["layer_keys"]["stage1"] = "../../../victim/stage1"
 
     _tamper(run.path, edit)
-    tampered = load_run(run.path)
     with pytest.raises(CacheFormatError, match="not a file name this program writes"):
-        tampered.embeddings["vision-a"]["stage1"]
-    with pytest.raises(CacheFormatError, match="not a file name this program writes"):
-        tampered.gram("vision-a", "stage1")
+        load_run(run.path)
+    info = {i.name: i for i in list_runs(run.path.parent)}[run.path.name]
+    assert info.damaged is not None and "not a file name" in info.damaged
 
 
 def test_a_symbolic_link_inside_the_run_is_not_followed_out(tmp_path):
@@ -109,11 +109,11 @@ def test_a_symbolic_link_inside_the_run_is_not_followed_out(tmp_path):
     # a whole folder linked out: nothing in it is removed when the model is dropped
     from convergence_core.precompute import _forget_dropped_models, _open_manifest
 
-    grams = run.layout.grams_dir("vision-a")
-    for child in grams.iterdir():
+    lists = run.layout.neighbours_dir("vision-a")
+    for child in lists.iterdir():
         child.unlink()
-    grams.rmdir()
-    grams.symlink_to(victim, target_is_directory=True)
+    lists.rmdir()
+    lists.symlink_to(victim, target_is_directory=True)
     manifest = _open_manifest(RunLayout(run.path), run.name)
     _forget_dropped_models(manifest, ["vision-b", "vision-c"])
     assert (victim / "precious.txt").is_file() and (victim / "stage1.npy").is_file()
@@ -131,3 +131,54 @@ def test_report_and_pages_open_no_file_outside_a_tampered_run(tmp_path):
     _tamper(run.path, edit)
     with pytest.raises(CacheFormatError, match="altered or damaged"):
         layer_sweep(load_run(run.path), k=3)
+
+
+# -- item 2: one bad manifest must not break the other runs -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m.update(dataset="oops"), "dataset"),
+        (lambda m: m.update(updated=5), "updated"),
+        (lambda m: m.update(models=[1, 2]), "models"),
+        (lambda m: m.update(n_stimuli="many"), "n_stimuli"),
+        (lambda m: m["models"]["vision-a"].update(layers="stage1"), "layers"),
+        (lambda m: m["models"]["vision-a"].update(dims={"stage1": "wide"}), "dims"),
+        (lambda m: m.update(complete="yes"), "complete"),
+        (lambda m: m.update(steps={"gpa": 3}), "gpa"),
+        (lambda m: m.update(format=99), "format"),
+    ],
+)
+def test_a_damaged_manifest_is_listed_with_its_reason_and_the_others_work(tmp_path, edit, field):
+    from convergence_core.cli import main
+
+    cache = tmp_path / "cache"
+    healthy = make_synthetic_run(cache / "runs", n=12, name="healthy")
+    bad = make_synthetic_run(cache / "runs", n=12, name="bad")
+    _tamper(bad.path, edit)
+    infos = {info.name: info for info in list_runs(cache / "runs")}
+    assert infos["healthy"].damaged is None and infos["healthy"].summary["complete"]
+    assert infos["bad"].damaged is not None and field in infos["bad"].damaged
+    assert not infos["bad"].summary["complete"]
+    assert load_run(healthy.path).n_stimuli == 12
+    with pytest.raises(CacheFormatError, match=field):
+        load_run(bad.path)
+    import io
+
+    out = io.StringIO()
+    assert main(["runs", "--cache", str(cache)], out=out) == 0
+    text = out.getvalue()
+    assert "healthy" in text and "damaged run bad:" in text
+
+
+def test_manifest_that_is_not_an_object_or_not_json(tmp_path):
+    cache = tmp_path / "cache"
+    make_synthetic_run(cache / "runs", n=12, name="healthy")
+    for name, text in (("list", "[1, 2]"), ("garbage", "{not json"), ("empty", "")):
+        folder = cache / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(text)
+    infos = {info.name: info for info in list_runs(cache / "runs")}
+    assert infos["healthy"].damaged is None
+    assert all(infos[name].damaged for name in ("list", "garbage", "empty"))

@@ -1,4 +1,10 @@
-"""CKNNA / mutual k-NN from cached Gram matrices equal the feature-based metrics on the subset."""
+"""The neighbour engine: exact lists, within-subset tables and subset CKNNA / mutual k-NN.
+
+Every number is checked against the dense definition written here from the formulas (a full
+inner-product matrix, a stable sort per row, the masked unbiased HSIC), on random, tiny, clustered
+and adversarial subsets, and against ``alignment.cknna`` / ``alignment.mutual_knn`` on the subset's
+features.
+"""
 
 from __future__ import annotations
 
@@ -7,284 +13,325 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convergence_core.alignment import cknna, mutual_knn, prepare_features
 from convergence_core import neighbours
+from convergence_core.alignment import cknna, mutual_knn, prepare_features
 from convergence_core.neighbours import (
-    cknna_from_gram,
-    mutual_knn_from_gram,
+    NeighbourIndex,
+    PreparedFeatures,
+    build_neighbour_lists,
+    clip_threshold,
+    exact_top_k,
+    float32_error_bound,
     subset_alignment,
-    top_k_neighbours,
 )
 
 
-def features(seed: int, n: int = 150, dx: int = 20, dy: int = 12):
+def _features(n: int, d: int = 12, seed: int = 0, latent: int = 4) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, dx))
-    Y = X @ rng.standard_normal((dx, dy)) + rng.standard_normal((n, dy))
-    return prepare_features(X), prepare_features(Y)
-
-
-def slow_top_k(G: np.ndarray, k: int) -> list[set[int]]:
-    out = []
-    for i, row in enumerate(G):
-        order = [j for j in np.argsort(-row, kind="stable") if j != i]
-        out.append(set(int(j) for j in order[:k]))
-    return out
-
-
-@pytest.mark.parametrize("k", [1, 2, 10, 149])
-def test_top_k_neighbours_matches_sorting(k: int) -> None:
-    X, _ = features(k)
-    G = X @ X.T
-    got = [set(row.tolist()) for row in top_k_neighbours(G, k)]
-    assert got == slow_top_k(G, k)
-
-
-def test_top_k_neighbours_excludes_self_even_when_self_is_not_largest() -> None:
-    # unnormalised features: a row's own inner product need not be its largest
-    X = np.array([[1.0], [2.0], [3.0], [-1.0]])
-    G = X @ X.T
-    assert [set(r.tolist()) for r in top_k_neighbours(G, 2)] == slow_top_k(G, 2)
-    # subset values [-1, 1, 2]; positions within the subset are returned
-    assert [set(r.tolist()) for r in top_k_neighbours(G, 1, subset=[3, 0, 1])] == [{1}, {2}, {1}]
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    seed=st.integers(0, 2**32 - 1),
-    size=st.integers(4, 150),
-    k_fraction=st.floats(0.0, 1.0),
-)
-def test_subset_from_gram_equals_features_on_subset(seed: int, size: int, k_fraction: float) -> None:
-    X, Y = features(seed % 1000)
-    rng = np.random.default_rng(seed)
-    subset = rng.choice(X.shape[0], size=size, replace=False)
-    k = 2 + int(k_fraction * (size - 3))
-    K, L = X @ X.T, Y @ Y.T
-    # NaN on both sides is agreement: a negative self-HSIC estimate (tiny subsets) gives NaN
-    expected = cknna(X[subset], Y[subset], k)
-    assert cknna_from_gram(K, L, k, subset) == pytest.approx(expected, abs=1e-9, nan_ok=True)
-    assert mutual_knn_from_gram(K, L, k, subset) == pytest.approx(
-        mutual_knn(X[subset], Y[subset], k), abs=1e-12
+    z = rng.standard_normal((n, latent))
+    return (z @ rng.standard_normal((latent, d)) + 0.5 * rng.standard_normal((n, d))).astype(
+        np.float32
     )
 
 
-def test_full_set_and_float32_grams() -> None:
-    X, Y = features(11)
-    K, L = X @ X.T, Y @ Y.T
-    assert cknna_from_gram(K, L, 10) == pytest.approx(cknna(X, Y, 10), abs=1e-9)
-    # float32 caches: same neighbours on continuous data, values to float32 accuracy
-    K32, L32 = K.astype(np.float32), L.astype(np.float32)
-    assert cknna_from_gram(K32, L32, 10) == pytest.approx(cknna(X, Y, 10), abs=1e-6)
-    subset = np.arange(0, 150, 3)
-    assert cknna_from_gram(K32, L32, 5, subset) == pytest.approx(cknna(X[subset], Y[subset], 5), abs=1e-6)
+def _dense_top_k(F: np.ndarray, k: int, queries=None, candidates=None):
+    """Reference: each query's k best candidates by a stable sort of −(F Fᵀ), self excluded."""
+    n = F.shape[0]
+    queries = np.arange(n) if queries is None else np.asarray(queries)
+    candidates = np.arange(n) if candidates is None else np.asarray(candidates)
+    G = F[queries] @ F[candidates].T
+    keys = -G
+    keys[queries[:, None] == candidates[None, :]] = np.inf
+    order = np.argsort(keys, axis=1, kind="stable")[:, :k]
+    return candidates[order], np.take_along_axis(G, order, axis=1)
 
 
-def test_subset_order_does_not_matter() -> None:
-    X, Y = features(12)
-    K, L = X @ X.T, Y @ Y.T
-    subset = np.array([5, 90, 3, 41, 7, 66, 12, 100, 33, 21])
-    shuffled = subset[::-1].copy()
-    assert cknna_from_gram(K, L, 3, subset) == pytest.approx(cknna_from_gram(K, L, 3, shuffled), abs=1e-12)
+def _dense_hsic(A: np.ndarray, B: np.ndarray) -> float:
+    n = A.shape[0]
+    A, B = A.copy(), B.copy()
+    np.fill_diagonal(A, 0.0)
+    np.fill_diagonal(B, 0.0)
+    value = (A * B.T).sum() + A.sum() * B.sum() / ((n - 1) * (n - 2))
+    value -= 2.0 * (A @ B).sum() / (n - 2)
+    return value / (n * (n - 3))
+
+
+def _dense_alignment(FX: np.ndarray, FY: np.ndarray, k: int) -> tuple[float, float]:
+    """CKNNA and mutual k-NN from the formulas, on full (s, s) matrices."""
+    s = FX.shape[0]
+    masks, kernels = [], []
+    for F in (FX, FY):
+        G = F @ F.T
+        top, _ = _dense_top_k(F, k)
+        mask = np.zeros((s, s))
+        mask[np.arange(s)[:, None], top] = 1.0
+        masks.append(mask)
+        kernels.append(G)
+    (mx, my), (K, L) = masks, kernels
+    mutual = mx * my
+    value = _dense_hsic(mutual * K, mutual * L) / (
+        np.sqrt(_dense_hsic(mx * K, mx * K) * _dense_hsic(my * L, my * L)) + 1e-6
+    )
+    return float(value), float(mutual.sum() / (s * k))
+
+
+# -- prepared features ---------------------------------------------------------------------------
+
+
+def test_prepared_rows_are_prepare_features_bit_for_bit():
+    X = _features(300, 20)
+    features = PreparedFeatures.from_raw(X)
+    assert np.array_equal(features.all_rows(), prepare_features(X))
+    rows = np.array([5, 0, 299, 17])
+    assert np.array_equal(features.rows(rows), prepare_features(X)[rows])
+    # blocking does not change the threshold (exact summation)
+    assert clip_threshold(X, block_rows=7) == clip_threshold(X, block_rows=1000)
+
+
+def test_float32_error_bound_holds_on_unit_vectors():
+    rng = np.random.default_rng(3)
+    for d in (8, 384, 1536):
+        x = rng.standard_normal((200, d))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        exact = x @ x[:50].T
+        approx = (x.astype(np.float32) @ x[:50].astype(np.float32).T).astype(np.float64)
+        assert np.abs(exact - approx).max() <= float32_error_bound(d)
+
+
+# -- exact top-k ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 59])
+def test_exact_top_k_equals_the_dense_sort(k):
+    X = _features(60, 16, seed=k)
+    F = prepare_features(X)
+    index, values = exact_top_k(PreparedFeatures.from_raw(X), k)
+    ref_index, ref_values = _dense_top_k(F, k)
+    assert np.array_equal(index, ref_index)
+    np.testing.assert_allclose(values, ref_values, rtol=0, atol=1e-14)
+
+
+def test_exact_top_k_on_query_and_candidate_subsets():
+    X = _features(80, 10, seed=1)
+    F = prepare_features(X)
+    rng = np.random.default_rng(0)
+    candidates = np.sort(rng.choice(80, 30, replace=False))
+    queries = np.concatenate([candidates[:5], np.setdiff1d(np.arange(80), candidates)[:5]])
+    index, values = exact_top_k(
+        PreparedFeatures.from_raw(X), 7, queries=queries, candidates=candidates
+    )
+    ref_index, ref_values = _dense_top_k(F, 7, queries, candidates)
+    assert np.array_equal(index, ref_index)
+    np.testing.assert_allclose(values, ref_values, atol=1e-14)
+
+
+def test_float32_screen_cannot_drop_neighbours_it_cannot_resolve():
+    """Inner products that differ by ~1e-12 (far below float32 resolution, far above float64
+    rounding): the float64 refinement must pick the dense float64 reference's neighbours."""
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal(64)
+    X = base[None, :] + 1e-5 * rng.standard_normal((200, 64))
+    F = X / np.linalg.norm(X, axis=1, keepdims=True)
+    G = F @ F.T
+    off = G[~np.eye(200, dtype=bool)]
+    assert np.ptp(off) < 1e-8  # every similarity within float32 rounding of the others
+    index, values = exact_top_k(PreparedFeatures(X, np.inf), 10)
+    ref_index, _ = _dense_top_k(F, 10)
+    rows = np.arange(200)[:, None]
+    # the same neighbours up to float64 rounding (two values equal in one computation may differ
+    # in the last bit in the other, which can swap exactly tied neighbours)
+    np.testing.assert_allclose(G[rows, index], G[rows, ref_index], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(values, G[rows, index], rtol=0, atol=1e-15)
+    assert (index == ref_index).all(axis=1).mean() > 0.95
+
+
+def test_exact_ties_go_to_the_lower_index():
+    X = _features(40, 6, seed=2).astype(np.float64)
+    X[[3, 17, 25]] = X[9]  # three duplicates of row 9: exactly tied similarities to everyone
+    index, _ = exact_top_k(PreparedFeatures(X, np.inf), 5)
+    # row 9's three nearest are its duplicates, in index order
+    assert index[9, :3].tolist() == [3, 17, 25]
+    # any other row ranks the duplicates of 9 (and 9 itself) consecutively, lower index first
+    for row in range(40):
+        listed = [j for j in index[row] if j in (3, 9, 17, 25)]
+        assert listed == sorted(listed)
+
+
+def test_exact_top_k_bad_k_is_explained():
+    features = PreparedFeatures.from_raw(_features(10))
+    with pytest.raises(ValueError, match="use 1 <= k <= 9"):
+        exact_top_k(features, 10)
+    with pytest.raises(ValueError, match="use 1 <= k"):
+        exact_top_k(features, 0)
+
+
+def test_lists_equal_the_dense_sort_and_are_capped_at_n_minus_1():
+    X = _features(50, 8, seed=4)
+    lists = build_neighbour_lists(PreparedFeatures.from_raw(X), list_size=128)
+    assert lists.k_max == 49 and lists.indices.dtype == np.int32
+    ref_index, ref_values = _dense_top_k(prepare_features(X), 49)
+    assert np.array_equal(lists.indices, ref_index)
+    np.testing.assert_allclose(lists.values, ref_values, atol=1e-14)
+    with pytest.raises(ValueError, match="positive integer"):
+        build_neighbour_lists(PreparedFeatures.from_raw(X), list_size=0)
+
+
+# -- within-subset tables -----------------------------------------------------------------------
+
+
+def _check_tables(index: NeighbourIndex, F: np.ndarray, subsets: np.ndarray, k: int) -> None:
+    tables = index.tables(np.sort(subsets, axis=1), k)
+    for b, subset in enumerate(np.sort(subsets, axis=1)):
+        ref_positions, ref_values = _dense_top_k(F[subset], k)
+        assert np.array_equal(tables.positions[b], ref_positions), b
+        np.testing.assert_allclose(tables.values[b], ref_values, atol=1e-14)
+
+
+@pytest.mark.parametrize("list_size", [3, 12, 128])
+def test_tables_equal_the_dense_sort_for_random_tiny_and_clustered_subsets(list_size):
+    X = _features(120, 10, seed=5)
+    F = prepare_features(X)
+    index = NeighbourIndex.from_features(X, list_size=list_size)
+    rng = np.random.default_rng(1)
+    random_sets = np.stack([rng.choice(120, 30, replace=False) for _ in range(6)])
+    _check_tables(index, F, random_sets, 5)
+    _check_tables(index, F, np.stack([rng.choice(120, 5, replace=False) for _ in range(4)]), 3)
+    # a clustered subset: row 0 and its 29 nearest neighbours
+    near, _ = _dense_top_k(F, 29, queries=[0])
+    _check_tables(index, F, np.concatenate([[0], near[0]])[None, :], 10)
+
+
+def test_tables_when_every_listed_neighbour_is_outside_the_subset():
+    """Adversarial: each member's stored neighbours are all outside the subset (completion)."""
+    X = _features(100, 8, seed=6)
+    F = prepare_features(X)
+    index = NeighbourIndex.from_features(X, list_size=4)
+    # greedily pick members none of whose 4 listed neighbours is picked
+    chosen: list[int] = []
+    blocked: set[int] = set()
+    for row in range(100):
+        listed = set(index.lists.indices[row].tolist())
+        if row not in blocked and not listed & set(chosen):
+            chosen.append(row)
+            blocked |= listed
+    subset = np.array(sorted(chosen))
+    assert subset.size >= 8
+    assert not np.isin(index.lists.indices[subset], subset).any()
+    _check_tables(index, F, subset[None, :], 3)
+
+
+def test_tables_without_lists_are_computed_from_features():
+    X = _features(40, 6, seed=8)
+    index = NeighbourIndex(PreparedFeatures.from_raw(X), None)
+    assert index.k_max == 0
+    _check_tables(index, prepare_features(X), np.arange(40)[None, :], 6)
+
+
+def test_nearest_uses_the_list_and_falls_back_to_features():
+    X = _features(70, 8, seed=9)
+    F = prepare_features(X)
+    index = NeighbourIndex.from_features(X, list_size=5)
+    ref_index, ref_values = _dense_top_k(F, 20, queries=[11])
+    rows, values = index.nearest(11, 5)
+    assert rows.tolist() == ref_index[0, :5].tolist()
+    rows, values = index.nearest(11, 20)  # more than the list holds: computed
+    assert rows.tolist() == ref_index[0].tolist()
+    np.testing.assert_allclose(values, ref_values[0], atol=1e-14)
+    with pytest.raises(ValueError, match="out of range"):
+        index.nearest(70, 3)
+
+
+# -- subset alignment ----------------------------------------------------------------------------
+
+
+def _indexes(n: int = 90, list_size: int = 128, seed: int = 0):
+    X = _features(n, 14, seed=seed)
+    Y = _features(n, 9, seed=seed + 100, latent=4) + 0.8 * X[:, :9]
+    return (
+        {"x": NeighbourIndex.from_features(X, list_size=list_size),
+         "y": NeighbourIndex.from_features(Y, list_size=list_size)},
+        prepare_features(X),
+        prepare_features(Y),
+    )
+
+
+@pytest.mark.parametrize("list_size", [4, 20, 128])
+@pytest.mark.parametrize(("s", "k"), [(4, 2), (9, 3), (30, 5), (90, 10), (45, 44)])
+def test_subset_alignment_equals_the_dense_definition(list_size, s, k):
+    indexes, FX, FY = _indexes(list_size=list_size)
+    rng = np.random.default_rng(s * 31 + k)
+    subsets = np.stack([rng.choice(90, s, replace=False) for _ in range(5)])
+    result = subset_alignment(indexes, [("x", "y"), ("y", "x"), ("x", "x")], subsets, k)
+    for b, subset in enumerate(subsets):
+        for p, (A, B) in enumerate(((FX, FY), (FY, FX), (FX, FX))):
+            ref_cknna, ref_mutual = _dense_alignment(A[subset], B[subset], k)
+            assert result.cknna[p, b] == pytest.approx(ref_cknna, abs=1e-9)
+            assert result.mutual_knn[p, b] == pytest.approx(ref_mutual, abs=1e-12)
+            if k >= 2:
+                assert result.cknna[p, b] == pytest.approx(cknna(A[subset], B[subset], k), abs=1e-9)
+            assert result.mutual_knn[p, b] == pytest.approx(mutual_knn(A[subset], B[subset], k))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), s=st.integers(6, 60), k_fraction=st.floats(0.05, 0.95))
+def test_subset_alignment_property(seed, s, k_fraction):
+    indexes, FX, FY = _indexes(n=60, list_size=8, seed=seed % 7)
+    rng = np.random.default_rng(seed)
+    subset = rng.choice(60, s, replace=False)
+    k = max(2, min(s - 1, int(k_fraction * s)))
+    result = subset_alignment(indexes, [("x", "y")], subset, k)
+    assert result.cknna[0, 0] == pytest.approx(cknna(FX[subset], FY[subset], k), abs=1e-9)
+    assert result.mutual_knn[0, 0] == pytest.approx(mutual_knn(FX[subset], FY[subset], k))
+
+
+def test_subset_order_and_chunking_do_not_matter(monkeypatch):
+    indexes, _, _ = _indexes()
+    rng = np.random.default_rng(2)
+    subsets = np.stack([rng.choice(90, 25, replace=False) for _ in range(7)])
+    base = subset_alignment(indexes, [("x", "y")], subsets, 4)
+    shuffled = subset_alignment(indexes, [("x", "y")], rng.permuted(subsets, axis=1), 4)
+    np.testing.assert_array_equal(base.cknna, shuffled.cknna)
+    monkeypatch.setattr(neighbours, "_ENTRY_CHUNK", 50)
+    chunked = subset_alignment(indexes, [("x", "y")], subsets, 4)
+    np.testing.assert_allclose(chunked.cknna, base.cknna, rtol=0, atol=1e-14)
+    np.testing.assert_array_equal(chunked.mutual_knn, base.mutual_knn)
+
+
+def test_a_model_with_itself_scores_one_and_a_rotation_too():
+    X = _features(80, 12, seed=3)
+    Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((12, 12)))
+    indexes = {
+        "x": NeighbourIndex(PreparedFeatures(X.astype(np.float64), np.inf),
+                            build_neighbour_lists(PreparedFeatures(X.astype(np.float64), np.inf))),
+        "rotated": NeighbourIndex.from_features(X.astype(np.float64) @ Q, q=1),
+    }
+    result = subset_alignment(indexes, [("x", "rotated"), ("x", "x")], np.arange(80), 10)
+    # 1 up to the reference's +1e-6 in the denominator (relative to HSIC values ~0.05 here)
+    np.testing.assert_allclose(result.cknna, 1.0, atol=1e-4)
+    assert result.cknna[0, 0] == pytest.approx(result.cknna[1, 0], abs=1e-12)
+    np.testing.assert_allclose(result.mutual_knn, 1.0)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("subsets", "k", "message"),
     [
-        ({"subset": []}, "empty"),
-        ({"subset": [1, 2, 2, 3, 4]}, "more than once"),
-        ({"subset": [0, 1, 2, 150]}, "outside 0..149"),
-        ({"subset": [0, 1, 2, -1]}, "negative indexing"),
-        ({"subset": np.array([0.0, 1.0, 2.0, 3.0])}, "must be integers"),
-        ({"subset": np.ones(150, dtype=bool)}, "boolean mask"),
-        ({"subset": [0, 1, 2]}, "at least 4 stimuli"),
-        ({"k": 1}, "2 <= k"),
-        ({"k": 150}, "k=150 is too large"),
+        (np.array([1, 2, 2, 3, 4]), 2, "more than once"),
+        (np.array([1, 2, 3]), 2, "at least 4"),
+        (np.arange(10), 10, "k"),
+        (np.array([1.5, 2, 3, 4]), 2, "integers"),
+        (np.array([0, 1, 2, 200]), 2, "outside"),
     ],
 )
-def test_bad_input_is_explained(kwargs: dict, message: str) -> None:
-    X, Y = features(13)
+def test_bad_subsets_are_explained(subsets, k, message):
+    indexes, _, _ = _indexes()
     with pytest.raises(ValueError, match=message):
-        cknna_from_gram(X @ X.T, Y @ Y.T, **{"k": 2, **kwargs})
+        subset_alignment(indexes, [("x", "y")], subsets, k)
 
 
-def test_bad_grams_are_explained() -> None:
-    X, Y = features(14)
-    K, L = X @ X.T, Y @ Y.T
-    with pytest.raises(ValueError, match="square"):
-        cknna_from_gram(X, L)
-    with pytest.raises(ValueError, match="same stimuli"):
-        cknna_from_gram(K, L[:-1, :-1])
-    K[3, 4] = np.nan
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        mutual_knn_from_gram(K, L, 3)
-    # a NaN outside the chosen subset is not touched
-    assert np.isfinite(mutual_knn_from_gram(K, L, 3, subset=np.arange(5, 40)))
-
-
-# --- subset_alignment: many subsets and pairs at once, against the one-subset functions ---------
-
-
-def _batch_grams() -> dict[str, np.ndarray]:
-    """Four models' Grams on the same 60 stimuli (two related pairs, one unrelated model)."""
-    X, Y = features(20, n=60)
-    Z, W = features(21, n=60)
-    return {name: F @ F.T for name, F in (("x", X), ("y", Y), ("z", Z), ("w", W))}
-
-
-@pytest.mark.parametrize(("s", "k"), [(12, 3), (25, 10), (40, 39)])
-def test_subset_alignment_matches_the_one_subset_functions(s: int, k: int) -> None:
-    grams = _batch_grams()
-    pairs = [("x", "y"), ("z", "y"), ("w", "x")]
-    rng = np.random.default_rng(s)
-    subsets = np.stack([rng.choice(60, s, replace=False) for _ in range(7)])
-    cknna_values, mknn_values = subset_alignment(grams, pairs, subsets, k)
-    assert cknna_values.shape == mknn_values.shape == (3, 7)
-    for p, (x, y) in enumerate(pairs):
-        K, L = grams[x], grams[y]
-        expected_cknna = [cknna_from_gram(K, L, k=k, subset=subset) for subset in subsets]
-        expected_mknn = [mutual_knn_from_gram(K, L, k=k, subset=subset) for subset in subsets]
-        np.testing.assert_allclose(cknna_values[p], expected_cknna, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(mknn_values[p], expected_mknn, rtol=1e-12)
-
-
-def test_subset_alignment_on_float32_grams_matches_the_one_subset_functions() -> None:
-    grams = {name: gram.astype(np.float32) for name, gram in _batch_grams().items()}
-    subsets = np.stack([np.arange(0, 60, 2), np.arange(1, 60, 2)])
-    cknna_values, _ = subset_alignment(grams, [("x", "y")], subsets, 5)
-    expected = [cknna_from_gram(grams["x"], grams["y"], 5, subset) for subset in subsets]
-    np.testing.assert_allclose(cknna_values[0], expected, rtol=1e-9, atol=1e-12)
-
-
-def test_subset_alignment_is_invariant_to_order_within_a_subset() -> None:
-    subset = np.arange(5, 35)
-    shuffled = np.random.default_rng(1).permutation(subset)
-    values = subset_alignment(_batch_grams(), [("x", "y")], np.stack([subset, shuffled]), 5)
-    cknna_values, mknn_values = values[0][0], values[1][0]
-    assert cknna_values[0] == pytest.approx(cknna_values[1], rel=1e-10)
-    assert mknn_values[0] == pytest.approx(mknn_values[1], rel=1e-12)
-
-
-def test_a_model_aligned_with_itself_scores_one() -> None:
-    grams = _batch_grams()
-    cknna_values, mknn_values = subset_alignment(grams, [("x", "x")], np.arange(40)[None], 8)
-    # just below 1: the reference adds 1e-6 to the denominator
-    assert 0.999 < cknna_values[0, 0] < 1.0 and mknn_values[0, 0] == pytest.approx(1.0)
-
-
-def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    grams = _batch_grams()
-    subsets = np.stack([np.random.default_rng(i).choice(60, 20, replace=False) for i in range(9)])
-    whole = subset_alignment(grams, [("x", "z")], subsets, 4)[0]
-    monkeypatch.setattr(neighbours, "_CHUNK_ELEMENTS", 20 * 20 * 2)  # chunks of 2 subsets
-    np.testing.assert_array_equal(subset_alignment(grams, [("x", "z")], subsets, 4)[0], whole)
-
-
-def test_subset_alignment_bad_input_is_explained() -> None:
-    grams = _batch_grams()
-    with pytest.raises(ValueError, match=r"\(B, s\)"):
-        subset_alignment(grams, [], np.arange(5), 2)
-    with pytest.raises(ValueError, match="at least 4"):
-        subset_alignment(grams, [("x", "y")], np.arange(3)[None], 2)
-    with pytest.raises(ValueError, match="k=10 is too large"):
-        subset_alignment(grams, [("x", "y")], np.arange(10)[None], 10)
-
-
-# --- NeighbourRanking: the same numbers from a per-row ranking of the full set -------------------
-
-
-def _rankings(K: np.ndarray, L: np.ndarray):
-    return neighbours.NeighbourRanking.from_gram(K), neighbours.NeighbourRanking.from_gram(L)
-
-
-def test_ranking_is_a_stable_sort_of_each_row_without_self() -> None:
-    X, _ = features(30, n=40)
-    G = np.round(X @ X.T, 1)  # rounded: many exact ties
-    order = neighbours.NeighbourRanking.from_gram(G).order
-    assert order.shape == (40, 39)
-    for i in range(40):
-        expected = [j for j in np.argsort(-G[i], kind="stable") if j != i]
-        assert order[i].tolist() == expected
-
-
-@pytest.mark.parametrize("k", [2, 5, 10, 30])
-@pytest.mark.parametrize("size", [4, 9, 37, 100, 150])
-def test_ranking_path_equals_gram_path_and_features(k: int, size: int) -> None:
-    k = min(k, size - 1)  # at most s - 1 neighbours
-    X, Y = features(size * 100 + k)
-    K, L = X @ X.T, Y @ Y.T
-    rankings = _rankings(K, L)
-    rng = np.random.default_rng(k)
-    subset = rng.choice(150, size=size, replace=False)  # unsorted
-    expected = cknna(X[subset], Y[subset], k)
-    gram_path = cknna_from_gram(K, L, k, subset)
-    ranked = cknna_from_gram(K, L, k, subset, rankings=rankings)
-    assert gram_path == pytest.approx(expected, abs=1e-9, nan_ok=True)
-    assert ranked == pytest.approx(gram_path, abs=1e-9, nan_ok=True)
-    assert mutual_knn_from_gram(K, L, k, subset, rankings=rankings) == pytest.approx(
-        mutual_knn(X[subset], Y[subset], k), abs=1e-12
-    )
-
-
-def test_ranking_path_on_the_full_set_and_float32_grams() -> None:
-    X, Y = features(31)
-    K32, L32 = (X @ X.T).astype(np.float32), (Y @ Y.T).astype(np.float32)
-    rankings = _rankings(K32, L32)
-    for k in (3, 10, 49):
-        for subset in (None, np.arange(150)[::-1], np.arange(0, 150, 3)):
-            assert cknna_from_gram(K32, L32, k, subset, rankings=rankings) == pytest.approx(
-                cknna_from_gram(K32, L32, k, subset), abs=1e-9
-            )
-            assert mutual_knn_from_gram(K32, L32, k, subset, rankings=rankings) == pytest.approx(
-                mutual_knn_from_gram(K32, L32, k, subset), abs=1e-12
-            )
-
-
-def test_ranking_path_widens_for_clustered_subsets() -> None:
-    # two far-apart clusters; the subset is mostly from cluster 0 and a few of cluster 1, whose
-    # in-subset neighbours lie far down their rankings (past the first prefix)
-    rng = np.random.default_rng(32)
-    centres = np.repeat([[0.0] * 8, [5.0] * 8], 100, axis=0)
-    X = centres + rng.standard_normal((200, 8))
-    Y = X + 0.5 * rng.standard_normal((200, 8))
-    K, L = X @ X.T, Y @ Y.T
-    subset = np.concatenate([np.arange(100), [150, 170, 190]])
-    rankings = _rankings(K, L)
-    for k in (2, 5, 20):
-        assert cknna_from_gram(K, L, k, subset, rankings=rankings) == pytest.approx(
-            cknna(X[subset], Y[subset], k), abs=1e-9
-        )
-
-
-def test_exact_ties_give_the_same_answer_on_both_paths() -> None:
-    # duplicated stimuli: rows with exactly equal inner products; ties go to the lower index
-    X, Y = features(33, n=50)
-    X, Y = np.concatenate([X, X[:20]]), np.concatenate([Y, Y[:20]])
-    K, L = X @ X.T, Y @ Y.T
-    rankings = _rankings(K, L)
-    rng = np.random.default_rng(0)
-    for k in (2, 4, 8):
-        for subset in (None, rng.permutation(70)[:40], np.array([0, 50, 1, 51, 2, 52, 3, 53, 10])):
-            for metric in (cknna_from_gram, mutual_knn_from_gram):
-                assert metric(K, L, k, subset, rankings=rankings) == pytest.approx(
-                    metric(K, L, k, subset), abs=1e-9, nan_ok=True
-                )
-    # the Gram path's neighbours follow the rule too (of tied columns, the lower index)
-    for k in (1, 3, 7):
-        assert [set(row.tolist()) for row in top_k_neighbours(K, k)] == slow_top_k(K, k)
-
-
-def test_bad_rankings_are_explained() -> None:
-    X, Y = features(34)
-    K, L = X @ X.T, Y @ Y.T
-    with pytest.raises(ValueError, match="pair"):
-        cknna_from_gram(K, L, 3, rankings=neighbours.NeighbourRanking.from_gram(K))
-    small = neighbours.NeighbourRanking.from_gram(K[:10, :10])
-    with pytest.raises(ValueError, match="cover 10"):
-        cknna_from_gram(K, L, 3, rankings=(small, small))
-    bad = K.copy()
-    bad[3, 4] = np.inf
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        neighbours.NeighbourRanking.from_gram(bad)
-    with pytest.raises(ValueError, match=r"\(n, n - 1\)"):
-        neighbours.NeighbourRanking(np.zeros((4, 4), dtype=np.int16))
+def test_unknown_or_mismatched_indexes_are_explained():
+    indexes, _, _ = _indexes()
+    with pytest.raises(ValueError, match="no neighbour index"):
+        subset_alignment(indexes, [("x", "z")], np.arange(10), 3)
+    other = NeighbourIndex.from_features(_features(50))
+    with pytest.raises(ValueError, match="different numbers of stimuli"):
+        subset_alignment({"x": indexes["x"], "o": other}, [("x", "o")], np.arange(10), 3)

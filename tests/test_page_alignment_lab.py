@@ -10,7 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from convergence_core.dashboard import lab, state
-from convergence_core.neighbours import cknna_from_gram
+from convergence_core.alignment import cknna, prepare_features
 from convergence_core.subsets import select_stimuli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,12 +50,12 @@ def _results(at: AppTest) -> pd.DataFrame:
     return table
 
 
-def _grams(run) -> dict[tuple[str, str], np.ndarray]:
-    return {
-        (model, layer): np.asarray(run.gram(model, layer), dtype=np.float64)
-        for model in run.models
-        for layer in run.layers(model)
-    }
+def _dense_cknna(run, vision: tuple[str, str], language: tuple[str, str], subset, k: int) -> float:
+    """The dense definition on the subset's prepared features (independent of the lab)."""
+    subset = np.sort(subset)
+    X = prepare_features(np.asarray(run.embeddings[vision[0]][vision[1]], dtype=np.float64))
+    Y = prepare_features(np.asarray(run.embeddings[language[0]][language[1]], dtype=np.float64))
+    return cknna(X[subset], Y[subset], k=k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,10 +89,12 @@ def test_baseline_and_permutation_match_the_paper_analysis(run) -> None:
         )
     ]
     scores = run.dispersion["pc1"].to_numpy()
-    grams = _grams(run)
-    baseline = lab.baseline_table(grams, pairs, scores, size, k, n_random=40, seed=seed)
+    indexes = {(m, layer): run.neighbours(m, layer) for m in run.models for layer in run.layers(m)}
+    baseline = lab.baseline_table(indexes, pairs, scores, size, k, n_random=40, seed=seed)
     low, high = select_stimuli(scores, "low", size), select_stimuli(scores, "high", size)
-    test = lab.low_high_permutation_table(grams, pairs, low, high, k, n_permutations=30, seed=seed)
+    test = lab.low_high_permutation_table(
+        indexes, pairs, low, high, k, n_permutations=30, seed=seed
+    )
     for column in ("cknna_random_mean", "cknna_random_lower_95", "cknna_random_upper_95"):
         np.testing.assert_allclose(baseline[column], reference[column], rtol=1e-9)
     np.testing.assert_allclose(
@@ -111,20 +113,6 @@ def test_k_and_subset_errors_are_in_words(run) -> None:
         lab.check_subset_for_k(10, 10, "the low set")
     with pytest.raises(ValueError, match="at least 4"):
         lab.check_subset_for_k(3, 2, "the current selection")
-
-
-def test_nearest_neighbours_by_brute_force() -> None:
-    rng = np.random.default_rng(0)
-    features = rng.standard_normal((30, 6))
-    gram = features @ features.T
-    rows, similarity = lab.nearest_neighbours(gram, 4, 6)
-    expected = sorted((j for j in range(30) if j != 4), key=lambda j: -gram[4, j])[:6]
-    assert list(rows) == expected
-    np.testing.assert_allclose(similarity, gram[4, expected])
-    assert (
-        4 not in lab.nearest_neighbours(gram, 4, 100)[0]
-        and len(lab.nearest_neighbours(gram, 4, 100)[0]) == 29
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,11 +135,12 @@ def test_default_view_shows_low_high_random_per_pair(run) -> None:
     # low/high numbers equal the reference on the sets chosen by the numerics module
     scores = run.dispersion["mean"].to_numpy()
     row = table[(table["set"] == "high") & (table["vision_model"] == "vision-b")].iloc[0]
-    expected = cknna_from_gram(
-        run.gram("vision-b", row["vision_layer"]),
-        run.gram(row["language_model"], row["language_layer"]),
-        k=10,
-        subset=select_stimuli(scores, "high", 15),
+    expected = _dense_cknna(
+        run,
+        ("vision-b", row["vision_layer"]),
+        (row["language_model"], row["language_layer"]),
+        select_stimuli(scores, "high", 15),
+        10,
     )
     assert row["cknna"] == pytest.approx(expected, rel=1e-9)
     assert at.query_params["k"] == "10" and at.query_params["size"] == "15"
@@ -222,11 +211,12 @@ def test_current_selection_is_used_and_bounds_k(run) -> None:
     assert len(chosen) == 6 and set(chosen["set_size"]) == {7}
     assert at.slider(key="w_k").value == 6  # k < 7
     row = chosen.iloc[0]
-    expected = cknna_from_gram(
-        run.gram(row["vision_model"], row["vision_layer"]),
-        run.gram(row["language_model"], row["language_layer"]),
-        k=6,
-        subset=np.array(rows),
+    expected = _dense_cknna(
+        run,
+        (row["vision_model"], row["vision_layer"]),
+        (row["language_model"], row["language_layer"]),
+        np.array(rows),
+        6,
     )
     assert row["cknna"] == pytest.approx(expected, rel=1e-9)
     # its random baseline has its own size

@@ -178,9 +178,12 @@ def test_inspect_button_shows_ranks_residuals_and_neighbours(run) -> None:
     bars = next(c for c in at.get("plotly_chart") if "Residual per vision model" in c.proto.spec)
     assert "Procrustes distance, unit Frobenius-normalised embedding" in bars.proto.spec
 
-    # nearest neighbours: independent brute force over each model's Gram row
+    # nearest neighbours: independent brute force over each model's prepared features
     def brute(model: str, layer: str) -> tuple[list[str], np.ndarray]:
-        gram = np.asarray(run.gram(model, layer), dtype=np.float64)
+        from convergence_core.alignment import prepare_features
+
+        features = prepare_features(np.asarray(run.embeddings[model][layer], dtype=np.float64))
+        gram = features @ features.T
         order = sorted((j for j in range(n) if j != row), key=lambda j: (-gram[row, j], j))[:5]
         return list(run.stimuli["id"].iloc[order]), gram[row, order]
 

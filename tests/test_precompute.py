@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from convergence_core import settings
-from convergence_core.cache import RunLockedError, read_json, run_lock
+from convergence_core.cache import RunLockedError, read_json, run_lock, write_json
 from convergence_core.precompute import (
     PrecomputeConfig,
     ProgressEvent,
@@ -124,7 +124,9 @@ def _arrays(run) -> dict[tuple[str, str], np.ndarray]:
     for model in run.models:
         for layer in run.layers(model):
             out[(model, layer)] = np.array(run.embeddings[model][layer])
-            out[("gram", model, layer)] = np.array(run.gram(model, layer))
+            lists = run.neighbours(model, layer).lists
+            out[("neighbours", model, layer)] = np.array(lists.indices)
+            out[("similarities", model, layer)] = np.array(lists.values)
     out[("gpa",)] = np.array(run.gpa.residuals)
     out[("dispersion",)] = run.dispersion[["mean", "pc1"]].to_numpy()
     return out
@@ -142,18 +144,25 @@ def test_full_run_writes_every_part(tiny_coco, tmp_path, loads):
         assert run.thumbnail_path(row) is not None and run.image_path(row).is_file()
     assert loads == Counter({name: 1 for name in (*VISION, *LANGUAGE)})
     manifest = run.manifest
-    assert manifest["complete"] and manifest["dataset"]["dropped"] == []
-    assert len(manifest["dataset"]["fingerprint"]) == 64
-    assert manifest["models"]["fake-vision-a"]["weights_id"] == "sha-fake-vision-a"
-    assert manifest["versions"]["numpy"] == np.__version__
-    assert manifest["settings"]["caption_mode"] == "first"
-    assert set(manifest["steps"]) == {
+    assert manifest.complete and manifest.dataset.dropped == []
+    assert len(manifest.dataset.fingerprint) == 64
+    assert manifest.models["fake-vision-a"].weights_id == "sha-fake-vision-a"
+    assert manifest.versions["numpy"] == np.__version__
+    assert manifest.settings["caption_mode"] == "first"
+    assert set(manifest.steps) == {
         "stimuli",
         "gpa",
         "dispersion",
         "thumbnails",
         *(f"extract:{m}" for m in (*VISION, *LANGUAGE)),
+        *(
+            f"neighbours:{m}:{layer}"
+            for m in (*VISION, *LANGUAGE)
+            for layer in run.layers(m)
+        ),
     }
+    # every layer has exact lists (K = n - 1 = 5 here)
+    assert all(run.neighbours(m, layer).k_max == 5 for m in run.models for layer in run.layers(m))
     steps = [e.step for e in events]
     assert steps[0] == "dataset" and steps[-1] == "done"
     assert any(e.step == "extract" and e.model == "fake-language-a" and e.done == 6 for e in events)
@@ -172,6 +181,40 @@ def test_rerun_recomputes_nothing(tiny_coco, tmp_path, loads):
         e.skipped for e in events if e.step in ("extract", "gpa", "dispersion", "thumbnails")
     )
     after = _arrays(second)
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value)
+
+
+def test_a_format_1_run_is_upgraded_in_place_without_re_extraction(tiny_coco, tmp_path, loads):
+    """Runs written before neighbour lists (dense grams/, manifest format 1) keep working: load_run
+    says to rerun the precompute, and that rerun keeps the embeddings and builds the lists."""
+    from convergence_core.run import list_runs
+
+    first = precompute(**_options(tiny_coco, tmp_path))
+    before = _arrays(first)
+    path = first.path
+    # turn it into what the previous version wrote
+    manifest = read_json(path / "manifest.json")
+    manifest["format"] = 1
+    for entry in manifest["models"].values():
+        entry.pop("clip_thresholds")
+        entry.pop("neighbour_layers")
+    manifest["steps"] = {k: v for k, v in manifest["steps"].items() if not k.startswith("neigh")}
+    write_json(path / "manifest.json", manifest)
+    shutil.rmtree(path / "neighbours")
+    (path / "grams" / "fake-vision-a").mkdir(parents=True)
+    np.save(path / "grams" / "fake-vision-a" / "middle.npy", np.eye(6, dtype=np.float32))
+    with pytest.raises(ValueError, match="older version.*rerun the precompute"):
+        load_run(path)
+    (info,) = list_runs(path.parent)
+    assert info.summary["needs_upgrade"] and not info.summary["complete"]
+    events: list[ProgressEvent] = []
+    upgraded = precompute(progress=events.append, **_options(tiny_coco, tmp_path))
+    assert loads == Counter({name: 1 for name in (*VISION, *LANGUAGE)})  # nothing re-extracted
+    assert not (path / "grams").exists()
+    assert upgraded.manifest.format == 2
+    assert {e.step for e in events if not e.skipped and e.step != "dataset"} >= {"neighbours"}
+    after = _arrays(upgraded)
     for key, value in before.items():
         np.testing.assert_array_equal(after[key], value)
 
@@ -236,7 +279,7 @@ def test_changed_inputs_are_not_served_stale(tiny_coco, tmp_path, loads):
     assert loads["fake-language-a"] == 2 and loads["fake-vision-a"] == 1
     # a model removed from the config disappears from the run
     run = precompute(**{**base, "vision_models": list(VISION[:2])})
-    assert run.vision_models == list(VISION[:2]) and "fake-vision-c" not in run.manifest["models"]
+    assert run.vision_models == list(VISION[:2]) and "fake-vision-c" not in run.manifest.models
     assert not (run.path / "embeddings" / "fake-vision-c").exists()
     assert run.gpa.models == VISION[:2]
     # changed dataset bytes: everything is recomputed
@@ -282,7 +325,7 @@ def test_bad_images_stop_or_are_dropped_and_recorded(tiny_coco, tmp_path, loads)
     assert sum(loads.values()) == 0  # stopped before loading any model
     run = precompute(**_options(tiny_coco, tmp_path, drop_bad=True))
     assert run.n_stimuli == 5
-    dropped = run.manifest["dataset"]["dropped"]
+    dropped = run.manifest.dataset.dropped
     assert [d["image"] for d in dropped] == [f"images/{broken.name}"]
     assert all(run.embeddings[m]["late"].shape[0] == 5 for m in run.models)
 

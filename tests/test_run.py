@@ -79,7 +79,7 @@ def test_round_trip_keeps_every_array_and_table(tmp_path):
             assert set(loaded.embeddings[model]) == set(layers)
             for layer, array in layers.items():
                 np.testing.assert_array_equal(loaded.embeddings[model][layer], array)
-        assert loaded.manifest["settings"] == {"k": 10}
+        assert loaded.manifest.settings == {"k": 10}
     # default layer = first given, except the GPA layer of a vision model
     assert run.default_layer("vision-a") == "stage1"
     assert run.default_layer("vision-b") == "stage1"
@@ -89,15 +89,49 @@ def test_round_trip_keeps_every_array_and_table(tmp_path):
     assert run.images_root is None and run.image_path(0) is None and run.thumbnail_path(0) is None
 
 
-def test_grams_match_independent_reference(small_run):
+def test_neighbour_lists_match_an_independent_reference(small_run):
+    """The stored lists are each row's most similar others under the prepared features,
+    recomputed here with a slow transcription of prepare_features."""
     for model in ("vision-a", "language-b"):
         layer = small_run.layers(model)[-1]
         x = np.asarray(small_run.embeddings[model][layer], dtype=np.float64)
         features = _slow_prepare_features(x)
-        gram = small_run.gram(model, layer)
-        assert gram.shape == (40, 40) and gram.dtype == np.float32
-        np.testing.assert_allclose(gram, features @ features.T, atol=1e-6)
-        np.testing.assert_allclose(np.diag(gram), 1.0, atol=1e-6)
+        index = small_run.neighbours(model, layer)
+        np.testing.assert_allclose(index.features.all_rows(), features, atol=1e-12)
+        gram = features @ features.T
+        np.fill_diagonal(gram, -np.inf)
+        expected = np.argsort(-gram, axis=1, kind="stable")[:, : index.k_max]
+        assert index.k_max == 39  # K = min(128, n - 1)
+        np.testing.assert_array_equal(index.lists.indices, expected)
+        np.testing.assert_allclose(
+            index.lists.values, np.take_along_axis(gram, expected, axis=1), atol=1e-12
+        )
+        assert index.lists.indices.dtype == np.int32 and index.lists.values.dtype == np.float64
+
+
+def test_run_alignment_equals_the_dense_definition(small_run):
+    from convergence_core.alignment import cknna, mutual_knn
+
+    rows = np.array([0, 3, 5, 8, 13, 21, 22, 30, 31, 34, 39])
+    vision, language = ("vision-a", "stage2"), ("language-b", "layer3")
+    X = _slow_prepare_features(np.asarray(small_run.embeddings[vision[0]][vision[1]], np.float64))
+    Y = _slow_prepare_features(
+        np.asarray(small_run.embeddings[language[0]][language[1]], np.float64)
+    )
+    value = small_run.alignment(*vision, *language, subset=rows, k=4)
+    assert value == pytest.approx(cknna(X[rows], Y[rows], k=4), abs=1e-9)
+    assert small_run.alignment(
+        *vision, *language, subset=rows, k=4, metric="mutual_knn"
+    ) == pytest.approx(mutual_knn(X[rows], Y[rows], k=4))
+    assert small_run.alignment(*vision, *language, k=10) == pytest.approx(cknna(X, Y, k=10), abs=1e-9)
+    with pytest.raises(ValueError, match="unknown metric"):
+        small_run.alignment(*vision, *language, k=4, metric="nope")
+    with pytest.raises(ValueError, match="more than once"):
+        small_run.alignment(*vision, *language, subset=[1, 1, 2, 3, 4], k=2)
+    nearest_rows, similarities = small_run.nearest("vision-a", "stage2", 7, 5)
+    gram = X @ X.T
+    gram[7, 7] = -np.inf
+    assert nearest_rows.tolist() == np.argsort(-gram[7], kind="stable")[:5].tolist()
 
 
 def test_gpa_and_dispersion_are_consistent(small_run):
@@ -163,7 +197,8 @@ def test_embeddings_are_lazy_memory_maps(small_run):
     array = small_run.embeddings["vision-a"]["stage2"]
     assert isinstance(array, np.memmap)
     assert small_run.embeddings["vision-a"]["stage2"] is array  # mapped once, then kept
-    assert isinstance(small_run.gram("vision-a", "stage2"), np.memmap)
+    lists = small_run.neighbours("vision-a", "stage2").lists
+    assert isinstance(lists.indices, np.memmap) and isinstance(lists.values, np.memmap)
 
 
 def test_unknown_model_and_layer_name_the_choices(small_run):
@@ -172,7 +207,7 @@ def test_unknown_model_and_layer_name_the_choices(small_run):
     with pytest.raises(ValueError, match="vision-a"):
         small_run.embeddings["nope"]
     with pytest.raises(ValueError, match="stage2"):
-        small_run.gram("vision-a", "layer9")
+        small_run.neighbours("vision-a", "layer9")
 
 
 def test_list_runs_newest_first(tmp_path):
@@ -184,7 +219,8 @@ def test_list_runs_newest_first(tmp_path):
     (tmp_path / "not-a-run").mkdir()
     runs = list_runs(tmp_path)
     assert [r.name for r in runs] == ["newer", "older"]
-    name, path, summary = runs[0]
+    name, path, summary, damaged = runs[0]
+    assert damaged is None
     assert path == tmp_path / "newer" and summary["n_stimuli"] == 12 and summary["complete"]
     assert list_runs(tmp_path / "absent") == []
 

@@ -4,7 +4,8 @@ Everything heavy is computed at most once per server process and shared across s
 
 * the :class:`~convergence_core.run.Run` (``st.cache_resource``, keyed by run folder and the
   manifest's modification time, so a re-precomputed run is reloaded);
-* float64 Gram matrices (``st.cache_resource``; returned read-only, never mutated);
+* the neighbour indexes of the run's layers (``run.neighbours``: memory-mapped features and exact
+  neighbour lists, kept by the shared Run);
 * best language layers, the random baseline and the permutation test of the Alignment lab, and the
   UMAP embedding (``st.cache_data``; UMAP is also written to ``<run>/umap.npy`` atomically).
 
@@ -64,25 +65,11 @@ def open_run(path: Path) -> Run:
     return _open_run(str(path), manifest_stamp(path))
 
 
-@st.cache_resource(show_spinner=False, max_entries=64)
-def _gram64(path: str, stamp: int, model: str, layer: str) -> np.ndarray:
-    gram = np.array(_open_run(path, stamp).gram(model, layer), dtype=np.float64)
-    gram.flags.writeable = False
-    return gram
+def indexes_for(run: Run, pairs: Sequence[lab.Pair]) -> dict[tuple[str, str], object]:
+    """The run's neighbour index of every model/layer in ``pairs`` (shared, read-only)."""
+    from ..analyses import indexes_for as compute
 
-
-def grams_for(run: Run, pairs: Sequence[lab.Pair]) -> dict[tuple[str, str], np.ndarray]:
-    """Read-only float64 Grams of every model/layer in ``pairs``, ``{(model, layer): (n, n)}``."""
-    stamp = manifest_stamp(run.path)
-    sides = {
-        side
-        for pair in pairs
-        for side in (
-            (pair.vision_model, pair.vision_layer),
-            (pair.language_model, pair.language_layer),
-        )
-    }
-    return {side: _gram64(str(run.path), stamp, *side) for side in sides}
+    return compute(run, pairs)
 
 
 @st.cache_data(show_spinner="Finding each language model's best layer…", max_entries=32)
@@ -109,7 +96,7 @@ def random_baseline(
     run = _open_run(path, stamp)
     scores = run.dispersion[score].to_numpy(dtype=np.float64)
     return lab.baseline_table(
-        grams_for(run, pairs), pairs, scores, size, k, n_random=n_random, seed=seed
+        indexes_for(run, pairs), pairs, scores, size, k, n_random=n_random, seed=seed
     )
 
 
@@ -127,7 +114,7 @@ def low_high_permutation(
     """:func:`lab.low_high_permutation_table` for a run, cached per (pairs, sets, k, seed)."""
     run = _open_run(path, stamp)
     return lab.low_high_permutation_table(
-        grams_for(run, pairs),
+        indexes_for(run, pairs),
         pairs,
         np.array(low),
         np.array(high),

@@ -7,8 +7,8 @@ on the chosen sets, on ``n_random`` random sets (the baseline distribution) and 
 and label shuffles are ``analyses.random_set_alignment`` / ``analyses.low_high_permutation_tests``,
 the functions the paper's Fig. 2 analysis calls: for the same seed the lab and the report agree.
 
-Shapes: ``n`` stimuli in the run, subsets of ``s`` stimuli; Grams are (n, n) inner products of
-prepared features (unitless).
+Shapes: ``n`` stimuli in the run, subsets of ``s`` stimuli; ``indexes`` maps (model, layer) to the
+run's neighbour index (``run.neighbours``: prepared features + exact neighbour lists).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..analyses import GramKey, Pair, low_high_permutation_tests, random_set_alignment
-from ..neighbours import subset_alignment
+from ..analyses import LayerKey, Pair, low_high_permutation_tests, random_set_alignment
+from ..neighbours import NeighbourIndex, subset_alignment
 from ..stats import percentile_interval
 from ..validation import check_k, check_min_stimuli
 
@@ -28,7 +28,6 @@ __all__ = [
     "baseline_table",
     "check_subset_for_k",
     "low_high_permutation_table",
-    "nearest_neighbours",
     "set_table",
 ]
 
@@ -41,7 +40,7 @@ def check_subset_for_k(size: int, k: int, what: str) -> None:
 
 
 def baseline_table(
-    grams: Mapping[GramKey, np.ndarray],
+    indexes: Mapping[LayerKey, NeighbourIndex],
     pairs: Sequence[Pair],
     scores: np.ndarray,
     size: int,
@@ -58,7 +57,7 @@ def baseline_table(
     ``mutual_knn_random_lower_95``, ``mutual_knn_random_upper_95``.
     """
     cknna, mutual_knn = random_set_alignment(
-        grams, pairs, scores, size, k, n_random=n_random, seed=seed
+        indexes, pairs, scores, size, k, n_random=n_random, seed=seed
     )
     rows = []
     for pair, cknna_values, mknn_values in zip(pairs, cknna, mutual_knn, strict=True):
@@ -73,7 +72,7 @@ def baseline_table(
 
 
 def low_high_permutation_table(
-    grams: Mapping[GramKey, np.ndarray],
+    indexes: Mapping[LayerKey, NeighbourIndex],
     pairs: Sequence[Pair],
     low: np.ndarray,
     high: np.ndarray,
@@ -88,7 +87,7 @@ def low_high_permutation_table(
     ``permutation_p_value_two_sided``, ``permutation_p_value_low_greater``, ``n_permutations``.
     """
     tests = low_high_permutation_tests(
-        grams, pairs, low, high, k, n_permutations=n_permutations, seed=seed
+        indexes, pairs, low, high, k, n_permutations=n_permutations, seed=seed
     )
     rows = [
         {
@@ -104,7 +103,7 @@ def low_high_permutation_table(
 
 
 def set_table(
-    grams: Mapping[GramKey, np.ndarray],
+    indexes: Mapping[LayerKey, NeighbourIndex],
     pairs: Sequence[Pair],
     sets: Mapping[str, np.ndarray],
     k: int,
@@ -119,7 +118,7 @@ def set_table(
         subset = np.asarray(rows_of_set, dtype=np.intp)
         check_subset_for_k(subset.shape[0], k, f"the {name} set")
         cknna, mutual_knn = subset_alignment(
-            grams, [pair.gram_keys for pair in pairs], subset[None, :], k
+            indexes, [pair.sides for pair in pairs], subset[None, :], k
         )
         for pair, cknna_values, mknn_values in zip(pairs, cknna, mutual_knn, strict=True):
             rows.append(
@@ -133,19 +132,3 @@ def set_table(
                 }
             )
     return pd.DataFrame(rows)
-
-
-def nearest_neighbours(gram: np.ndarray, row: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``count`` stimuli most similar to ``row`` under one model (inner product of prepared
-    features, i.e. the Gram row), most similar first, the stimulus itself excluded.
-
-    Returns ``(rows (count,), similarities (count,) float64)``; ties go to the lower row.
-    """
-    n = gram.shape[0]
-    if not 0 <= row < n:
-        raise ValueError(f"row {row} is out of range for {n} stimuli; use 0..{n - 1}")
-    count = min(count, n - 1)
-    similarities = np.asarray(gram[row], dtype=np.float64).copy()
-    similarities[row] = -np.inf
-    order = np.lexsort((np.arange(n), -similarities))[:count]
-    return order, similarities[order]
