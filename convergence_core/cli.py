@@ -45,6 +45,12 @@ Rerunning the same command reuses every finished step; an interrupted run resume
 """
 
 
+_CACHE_HELP = (
+    "cache folder (default $CONVERGENCE_CACHE, else cache/ in a checkout or "
+    "~/.cache/convergence-explorer when installed)"
+)
+
+
 def _split_names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -118,7 +124,7 @@ def _precompute_parser(sub: Any) -> None:
         "instead of stopping with their list",
     )
     parser.add_argument("--run-name", help="folder name under CACHE/runs (default: a config hash)")
-    parser.add_argument("--cache", help="cache folder (default $CONVERGENCE_CACHE or ./cache)")
+    parser.add_argument("--cache", help=_CACHE_HELP)
     parser.add_argument(
         "--weights",
         action="append",
@@ -146,7 +152,7 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
     runs = sub.add_parser(
         "runs", help="list the cached runs", description="List cached runs, newest first."
     )
-    runs.add_argument("--cache", help="cache folder (default $CONVERGENCE_CACHE or ./cache)")
+    runs.add_argument("--cache", help=_CACHE_HELP)
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser(
         "report",
@@ -354,7 +360,7 @@ def main(
     if argv and argv[0] == "serve":
         from .dashboard import serve
 
-        return int(serve.main(argv[1:]) or 0)
+        return int(serve.main(argv[1:], prog=f"{prog} serve") or 0)
     parser = _build_parser(prog)
     args = parser.parse_args(argv)
     if args.command is None:

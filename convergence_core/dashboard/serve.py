@@ -66,9 +66,9 @@ def app_path() -> Path:
     return app_folder() / "app.py"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="convergence serve",
+        prog=prog,
         description="Serve the Convergence Explorer dashboard on the cached runs.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -81,19 +81,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cache",
-        help="cache folder whose runs/ are shown (default $CONVERGENCE_CACHE; see README)",
+        help="cache folder whose runs/ are shown (default $CONVERGENCE_CACHE, else cache/ in a "
+        "checkout or ~/.cache/convergence-explorer when installed)",
     )
     return parser
 
 
-def streamlit_arguments(argv: list[str]) -> list[str]:
+def streamlit_arguments(argv: list[str], *, prog: str = "convergence serve") -> list[str]:
     """``argv`` of ``convergence serve`` -> the arguments after ``streamlit run APP``.
 
     Sets ``$CONVERGENCE_CACHE`` when ``--cache`` is given (the pages run in this process and read
     it at call time). ``--port``/``--host`` become ``--server.port``/``--server.address``; every
     other argument passes through unchanged, in order.
     """
-    ours, passthrough = _parser().parse_known_args(argv)
+    ours, passthrough = _parser(prog).parse_known_args(argv)
     if ours.cache is not None:
         cache = Path(ours.cache).expanduser().resolve()
         if cache.exists() and not cache.is_dir():
@@ -109,13 +110,13 @@ def streamlit_arguments(argv: list[str]) -> list[str]:
     return [*options, *passthrough]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "convergence serve") -> int:
     """Warm the imports, then run ``streamlit run APP ARGS`` (blocks while the server runs).
 
     Returns 2 (with one ``error:`` line) for bad options; otherwise Streamlit exits the process.
     """
     try:
-        options = streamlit_arguments(sys.argv[1:] if argv is None else list(argv))
+        options = streamlit_arguments(sys.argv[1:] if argv is None else list(argv), prog=prog)
         app = app_path()
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
