@@ -1,4 +1,5 @@
-"""Command line: ``python -m convergence_core precompute | runs | report``.
+"""Command line: ``convergence precompute | runs | report | serve`` (the console script of an
+installed package) or, the same, ``python -m convergence_core precompute | runs | report | serve``.
 
 User errors (bad flags, unknown models, bad data, missing weights) print one ``error:`` line with
 the fix and exit with status 2; they never show a stack trace.
@@ -16,7 +17,7 @@ from typing import Any, TextIO
 
 from .presets import PRESETS
 
-__all__ = ["main"]
+__all__ = ["console_main", "main"]
 
 DESCRIPTION = """\
 Convergence Explorer: where vision models agree stimulus by stimulus (GPA dispersion) and how
@@ -25,8 +26,9 @@ that changes vision-language alignment (CKNNA).
   precompute   extract embeddings and compute GPA, dispersion, Gram matrices into the cache
   runs         list the cached runs
   report       the paper's analyses on one run: tables, figures, summary
+  serve        the dashboard on the cached runs (http://localhost:8501)
 
-Run `python -m convergence_core COMMAND --help` for the options of a command.
+Run `{prog} COMMAND --help` for the options of a command.
 """
 
 PRECOMPUTE_EPILOG = """\
@@ -41,6 +43,12 @@ A config file (.json or .toml) holds the same settings by their long names with 
 drop_bad, run_name, cache_root, weights, thumbnails); flags given on the command line override it.
 Rerunning the same command reuses every finished step; an interrupted run resumes.
 """
+
+
+_CACHE_HELP = (
+    "cache folder (default $CONVERGENCE_CACHE, else cache/ in a checkout or "
+    "~/.cache/convergence-explorer when installed)"
+)
 
 
 def _split_names(text: str) -> list[str]:
@@ -116,7 +124,7 @@ def _precompute_parser(sub: Any) -> None:
         "instead of stopping with their list",
     )
     parser.add_argument("--run-name", help="folder name under CACHE/runs (default: a config hash)")
-    parser.add_argument("--cache", help="cache folder (default $CONVERGENCE_CACHE or ./cache)")
+    parser.add_argument("--cache", help=_CACHE_HELP)
     parser.add_argument(
         "--weights",
         action="append",
@@ -133,10 +141,10 @@ def _precompute_parser(sub: Any) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only the summary")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m convergence_core",
-        description=DESCRIPTION,
+        prog=prog,
+        description=DESCRIPTION.format(prog=prog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -144,11 +152,16 @@ def _build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser(
         "runs", help="list the cached runs", description="List cached runs, newest first."
     )
-    runs.add_argument("--cache", help="cache folder (default $CONVERGENCE_CACHE or ./cache)")
+    runs.add_argument("--cache", help=_CACHE_HELP)
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser(
         "report",
         help="the paper's analyses on one run (see `report --help`)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "serve",
+        help="serve the dashboard (see `serve --help`)",
         add_help=False,
     )
     return parser
@@ -182,12 +195,31 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "thumbnails": args.thumbnails,
     }
     config.update({key: value for key, value in flags.items() if value is not None})
+    if args.preset and args.dataset is None:
+        _check_preset_data(args.preset, config)
     if "dataset" not in config or "vision_models" not in config:
         raise ValueError(
             "nothing to precompute: give --preset demo, a config file, or at least --dataset and "
             "--vision (see `python -m convergence_core precompute --help`)"
         )
     return config
+
+
+#: preset -> the setting that moves its data set (see convergence_core.settings)
+_PRESET_DATA_SETTINGS = {"demo": "CONVERGENCE_DEMO_DATA", "imagenet": "CONVERGENCE_IMAGENET_DATA"}
+
+
+def _check_preset_data(preset: str, config: dict[str, Any]) -> None:
+    """A preset whose data set is not where the settings say: name the setting that moves it."""
+    folder = Path(str(config.get("dataset", "")))
+    variable = _PRESET_DATA_SETTINGS.get(preset)
+    if variable is None or folder.exists():
+        return
+    raise ValueError(
+        f"the {preset} preset's data set is not at {folder}; point ${variable} (or "
+        "$CONVERGENCE_DATA, the folder holding coco-mini/ and imagenet-samples/) at it, or give "
+        "--dataset PATH (see the README's 'Install' section)"
+    )
 
 
 class _ProgressBars:
@@ -322,9 +354,17 @@ def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def main(
-    argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: TextIO | None = None
+    argv: Sequence[str] | None = None,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    prog: str = "python -m convergence_core",
 ) -> int:
-    """Entry point of ``python -m convergence_core``; returns the exit status."""
+    """Entry point of ``python -m convergence_core``; returns the exit status.
+
+    ``prog`` is the command name shown in help and usage lines (``convergence`` for the console
+    script); the commands are the same.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     out = out or sys.stdout
     err = err or sys.stderr
@@ -332,7 +372,11 @@ def main(
         from . import report
 
         return int(report.main(argv[1:]) or 0)
-    parser = _build_parser()
+    if argv and argv[0] == "serve":
+        from .dashboard import serve
+
+        return int(serve.main(argv[1:], prog=f"{prog} serve") or 0)
+    parser = _build_parser(prog)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(out)
@@ -344,3 +388,8 @@ def main(
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=err)
         return 2
+
+
+def console_main() -> int:
+    """The ``convergence`` console script (``[project.scripts]`` in pyproject.toml)."""
+    return main(prog="convergence")

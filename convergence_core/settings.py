@@ -1,6 +1,26 @@
-"""Where things live: cache root and data sets, each overridable by an environment variable.
+"""Where things live: the cache and the data sets, each a setting with a default.
 
-Settings are read at call time (not import time) so tests and the CLI can change them.
+Every location is read at call time (not import time), so tests, the CLI (``--cache``) and
+``convergence serve --cache`` can change it through the environment:
+
+=============================  ==========================================================
+setting                        default
+=============================  ==========================================================
+``$CONVERGENCE_CACHE``         checkout: ``<repository>/cache``;
+                               installed: ``$XDG_CACHE_HOME/convergence-explorer``
+                               (``~/.cache/convergence-explorer``)
+``$CONVERGENCE_DATA``          checkout: ``<repository>/../shared/data``;
+                               installed: ``$XDG_DATA_HOME/convergence-explorer``
+                               (``~/.local/share/convergence-explorer``)
+``$CONVERGENCE_DEMO_DATA``     ``<CONVERGENCE_DATA>/coco-mini``
+``$CONVERGENCE_IMAGENET_DATA`` ``<CONVERGENCE_DATA>/imagenet-samples``
+=============================  ==========================================================
+
+"Checkout" means the package is imported from the repository (``make demo``, ``make test``, an
+editable install): :func:`checkout_root` finds ``app.py`` and ``pyproject.toml`` beside the
+package. An installed package (a wheel in site-packages) never writes or looks for data inside
+site-packages: its defaults are the per-user folders above. An empty variable counts as unset;
+``~`` is expanded.
 """
 
 from __future__ import annotations
@@ -8,29 +28,91 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-#: The repository root (the folder holding ``app.py``).
+__all__ = [
+    "APP_NAME",
+    "PROJECT_ROOT",
+    "cache_root",
+    "checkout_root",
+    "data_root",
+    "demo_data_root",
+    "imagenet_samples_root",
+    "runs_root",
+]
+
+#: the folder that holds the ``convergence_core`` package: the repository root in a checkout,
+#: site-packages when installed (then nothing is read or written here; see :func:`checkout_root`)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+#: the distribution's name, used for the per-user folders of an installed package
+APP_NAME = "convergence-explorer"
+
+
+def checkout_root() -> Path | None:
+    """The repository root if the package runs from a checkout, else None (an installed package).
+
+    A checkout is recognised by ``app.py`` and ``pyproject.toml`` beside the package folder; a
+    wheel ships ``app.py`` inside the package (``convergence_core/dashboard/streamlit_app/``),
+    never at the top of site-packages.
+    """
+    if (PROJECT_ROOT / "app.py").is_file() and (PROJECT_ROOT / "pyproject.toml").is_file():
+        return PROJECT_ROOT
+    return None
+
+
+def _from_env(name: str) -> Path | None:
+    value = os.environ.get(name, "").strip()
+    return Path(value).expanduser().resolve() if value else None
+
+
+def _user_folder(xdg_variable: str, fallback: str) -> Path:
+    """``$XDG_...`` (if set and absolute, as the XDG spec asks) or ``~/<fallback>``; + APP_NAME."""
+    base = os.environ.get(xdg_variable, "").strip()
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / fallback
+    return (root / APP_NAME).resolve()
 
 
 def cache_root() -> Path:
-    """Root of the cache: ``$CONVERGENCE_CACHE`` or ``<project>/cache``."""
-    return Path(os.environ.get("CONVERGENCE_CACHE", PROJECT_ROOT / "cache")).resolve()
+    """Root of the cache (runs, converted weights, downloaded data sets).
+
+    ``$CONVERGENCE_CACHE``, else ``<repository>/cache`` in a checkout, else
+    ``$XDG_CACHE_HOME/convergence-explorer`` (default ``~/.cache/convergence-explorer``).
+    """
+    configured = _from_env("CONVERGENCE_CACHE")
+    if configured is not None:
+        return configured
+    root = checkout_root()
+    if root is not None:
+        return (root / "cache").resolve()
+    return _user_folder("XDG_CACHE_HOME", ".cache")
 
 
 def runs_root() -> Path:
-    """Folder holding one sub-folder per precomputed run."""
+    """Folder holding one sub-folder per precomputed run: ``<cache_root()>/runs``."""
     return cache_root() / "runs"
 
 
-def _shared_data(name: str) -> Path:
-    return (PROJECT_ROOT.parent / "shared" / "data" / name).resolve()
+def data_root() -> Path:
+    """Folder holding the named data sets (``coco-mini``, ``imagenet-samples``).
+
+    ``$CONVERGENCE_DATA``, else ``<repository>/../shared/data`` in a checkout, else
+    ``$XDG_DATA_HOME/convergence-explorer`` (default ``~/.local/share/convergence-explorer``).
+    """
+    configured = _from_env("CONVERGENCE_DATA")
+    if configured is not None:
+        return configured
+    root = checkout_root()
+    if root is not None:
+        return (root.parent / "shared" / "data").resolve()
+    return _user_folder("XDG_DATA_HOME", ".local/share")
 
 
 def demo_data_root() -> Path:
-    """The embedded demo set (COCO format): ``$CONVERGENCE_DEMO_DATA`` or ``../shared/data/coco-mini``."""
-    return Path(os.environ.get("CONVERGENCE_DEMO_DATA", _shared_data("coco-mini"))).resolve()
+    """The embedded demo set (COCO format): ``$CONVERGENCE_DEMO_DATA`` or
+    ``<data_root()>/coco-mini``."""
+    return _from_env("CONVERGENCE_DEMO_DATA") or data_root() / "coco-mini"
 
 
 def imagenet_samples_root() -> Path:
-    """The labelled ImageNet sample set: ``$CONVERGENCE_IMAGENET_DATA`` or ``../shared/data/imagenet-samples``."""
-    return Path(os.environ.get("CONVERGENCE_IMAGENET_DATA", _shared_data("imagenet-samples"))).resolve()
+    """The labelled ImageNet sample set: ``$CONVERGENCE_IMAGENET_DATA`` or
+    ``<data_root()>/imagenet-samples``."""
+    return _from_env("CONVERGENCE_IMAGENET_DATA") or data_root() / "imagenet-samples"

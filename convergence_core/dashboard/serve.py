@@ -1,24 +1,127 @@
-"""Serve the dashboard with its heavy imports done before the first visitor arrives.
+"""Serve the dashboard (``convergence serve``), heavy imports done before the first visitor.
 
 ``streamlit run app.py`` imports pandas, pyarrow, Plotly and the run reader only when the first
 browser session runs a page, which adds about 0.4 s to the first page on 2 cores
 (benchmarks/bench_dashboard.py). This is the same ``streamlit run app.py`` through Streamlit's own
 command line, after those imports have been done in the server process::
 
+    convergence serve --port 8501 --cache ~/my-cache       # an installed package
+    python -m convergence_core serve --port 8501           # the same
     python -m convergence_core.dashboard.serve --server.port 8501 --server.address localhost
+
+Where the dashboard comes from (:func:`app_folder`): a wheel ships the repository's ``app.py``,
+``pages/`` and ``.streamlit/config.toml`` inside the package, in
+``convergence_core/dashboard/streamlit_app/`` (copied there by the build hook in ``setup.py``);
+in a checkout (``make demo``, an editable install) the repository root itself is served. Either
+way Streamlit finds the pages beside ``app.py`` and reads the ``.streamlit/config.toml`` beside it
+(listen on localhost only, no usage statistics), whatever the current folder is. Options given
+here or on the command line override that file.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from pathlib import Path
 
-#: the dashboard's entry page
-APP = Path(__file__).resolve().parents[2] / "app.py"
+from convergence_core import settings
+
+__all__ = ["PACKAGED_APP_FOLDER", "app_folder", "app_path", "main"]
+
+#: where a wheel carries the dashboard (app.py, pages/, .streamlit/config.toml)
+PACKAGED_APP_FOLDER = Path(__file__).resolve().parent / "streamlit_app"
+
+_EPILOG = """\
+Every other option is passed to `streamlit run` (e.g. --server.headless true,
+--server.maxUploadSize 5; `streamlit run --help` lists them).
+
+examples:
+  convergence serve                                  # http://localhost:8501
+  convergence serve --port 8502 --cache ~/runs-cache
+  convergence serve --host 0.0.0.0                   # a live demo: every machine on the network
+"""
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Warm the imports, then run ``streamlit run app.py ARGV`` (Streamlit's options)."""
+def app_folder() -> Path:
+    """The folder holding the dashboard's ``app.py``, ``pages/`` and ``.streamlit/``.
+
+    The copy inside an installed package, else the repository root of a checkout; a
+    FileNotFoundError saying how to reinstall when neither is there.
+    """
+    if (PACKAGED_APP_FOLDER / "app.py").is_file():
+        return PACKAGED_APP_FOLDER
+    root = settings.checkout_root()
+    if root is not None:
+        return root
+    raise FileNotFoundError(
+        f"the dashboard (app.py and pages/) is not in this installation ({PACKAGED_APP_FOLDER} "
+        "has no app.py) and the package does not run from a checkout; reinstall it from a wheel "
+        "built from the repository (`pip install .` or `pip wheel .`), which ships the dashboard"
+    )
+
+
+def app_path() -> Path:
+    """The dashboard's entry page, ``app_folder() / "app.py"``."""
+    return app_folder() / "app.py"
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve the Convergence Explorer dashboard on the cached runs.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # never mistake one of Streamlit's --server.* options for ours
+    )
+    parser.add_argument("--port", type=int, help="port to listen on (default 8501)")
+    parser.add_argument(
+        "--host",
+        help="address to listen on (default localhost: this machine only; 0.0.0.0: everyone)",
+    )
+    parser.add_argument(
+        "--cache",
+        help="cache folder whose runs/ are shown (default $CONVERGENCE_CACHE, else cache/ in a "
+        "checkout or ~/.cache/convergence-explorer when installed)",
+    )
+    return parser
+
+
+def streamlit_arguments(argv: list[str], *, prog: str = "convergence serve") -> list[str]:
+    """``argv`` of ``convergence serve`` -> the arguments after ``streamlit run APP``.
+
+    Sets ``$CONVERGENCE_CACHE`` when ``--cache`` is given (the pages run in this process and read
+    it at call time). ``--port``/``--host`` become ``--server.port``/``--server.address``; every
+    other argument passes through unchanged, in order.
+    """
+    ours, passthrough = _parser(prog).parse_known_args(argv)
+    if ours.cache is not None:
+        cache = Path(ours.cache).expanduser().resolve()
+        if cache.exists() and not cache.is_dir():
+            raise ValueError(f"--cache {ours.cache!r} is a file; give the cache folder")
+        os.environ["CONVERGENCE_CACHE"] = str(cache)
+    options: list[str] = []
+    if ours.port is not None:
+        if not 0 < ours.port < 65536:
+            raise ValueError(f"--port {ours.port} is not a TCP port; use 1..65535 (e.g. 8501)")
+        options += ["--server.port", str(ours.port)]
+    if ours.host is not None:
+        options += ["--server.address", ours.host]
+    return [*options, *passthrough]
+
+
+def main(argv: list[str] | None = None, *, prog: str = "convergence serve") -> int:
+    """Warm the imports, then run ``streamlit run APP ARGS`` (blocks while the server runs).
+
+    Returns 2 (with one ``error:`` line) for bad options; otherwise Streamlit exits the process.
+    """
+    try:
+        options = streamlit_arguments(sys.argv[1:] if argv is None else list(argv), prog=prog)
+        app = app_path()
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
     import pandas  # noqa: F401
     import plotly.graph_objects  # noqa: F401
     import pyarrow.parquet  # noqa: F401
@@ -27,10 +130,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from streamlit.web import cli
 
-    options = sys.argv[1:] if argv is None else argv
-    sys.argv = ["streamlit", "run", str(APP), *options]
+    sys.argv = ["streamlit", "run", str(app), *options]
     cli.main(prog_name="streamlit")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
