@@ -23,7 +23,7 @@ DESCRIPTION = """\
 Convergence Explorer: where vision models agree stimulus by stimulus (GPA dispersion) and how
 that changes vision-language alignment (CKNNA).
 
-  precompute   extract embeddings and compute GPA, dispersion, Gram matrices into the cache
+  precompute   extract (or read) representations; neighbour lists, GPA, dispersion into the cache
   runs         list the cached runs
   report       the paper's analyses on one run: tables, figures, summary
   serve        the dashboard on the cached runs (http://localhost:8501)
@@ -37,10 +37,15 @@ examples:
   python -m convergence_core precompute config.toml
   python -m convergence_core precompute --dataset ../shared/data/coco-mini \\
       --vision efficientnet-lite0,efficientnet-lite1 --language minilm --layers default
+  python -m convergence_core precompute --dataset my-set/ --vision efficientnet-lite0 \\
+      --features dinov2=feats/dinov2.npy --modality dinov2=vision \\
+      --features subj01:V1=fmri/subj01_V1.parquet --modality subj01=brain
 
 A config file (.json or .toml) holds the same settings by their long names with underscores
-(dataset, vision_models, language_models, layers, gpa_layers, device, batch_size, caption_mode,
-drop_bad, run_name, cache_root, weights, thumbnails); flags given on the command line override it.
+(dataset, vision_models, language_models, features, modalities, gpa_models, layers, gpa_layers,
+device, batch_size, caption_mode, drop_bad, run_name, cache_root, weights, thumbnails, list_size,
+neighbour_layers), or the models one by one as [[models]] tables (name, modality, and path +
+layer for features from a file); flags given on the command line override it.
 Rerunning the same command reuses every finished step; an interrupted run resumes.
 """
 
@@ -78,7 +83,7 @@ def _layers(values: Sequence[str] | None) -> str | dict[str, list[str]] | None:
 def _precompute_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "precompute",
-        help="extract embeddings and compute GPA, dispersion and Gram matrices into the cache",
+        help="extract (or read) representations; neighbour lists, GPA and dispersion into the cache",
         description="Run (or resume) the precompute pipeline and print a one-line summary.",
         epilog=PRECOMPUTE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -102,6 +107,30 @@ def _precompute_parser(sub: Any) -> None:
         metavar="SPEC",
         help="'all' (default), 'default' (each model's default layer only), or MODEL=L1,L2 "
         "(repeatable; models not named keep all layers)",
+    )
+    parser.add_argument(
+        "--features",
+        action="append",
+        metavar="NAME[:LAYER]=PATH",
+        help="a model whose representations you bring: an .npy (n, d) with its stimulus ids one "
+        "per line in PATH.ids.txt, or a .parquet with an 'id' column and one column per feature; "
+        "repeatable (several layers: NAME:LAYER=PATH); needs --modality",
+    )
+    parser.add_argument(
+        "--modality",
+        action="append",
+        metavar="NAME=MODALITY",
+        help="modality of a --features model: vision, language, brain or a name of your own; "
+        "vision models enter GPA",
+    )
+    parser.add_argument(
+        "--gpa-models",
+        help="models entering GPA, comma-separated (default: every vision model)",
+    )
+    parser.add_argument(
+        "--list-size",
+        type=int,
+        help="exact nearest neighbours stored per stimulus and layer (default 128)",
     )
     parser.add_argument(
         "--gpa-layer",
@@ -193,16 +222,43 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "cache_root": args.cache,
         "weights": _pairs(args.weights, "--weights") or None,
         "thumbnails": args.thumbnails,
+        "features": _features(args.features),
+        "modalities": _pairs(args.modality, "--modality") or None,
+        "gpa_models": _split_names(args.gpa_models) if args.gpa_models else None,
+        "list_size": args.list_size,
     }
     config.update({key: value for key, value in flags.items() if value is not None})
     if args.preset and args.dataset is None:
         _check_preset_data(args.preset, config)
-    if "dataset" not in config or "vision_models" not in config:
+    if "dataset" not in config or not (config.get("vision_models") or config.get("features")):
         raise ValueError(
             "nothing to precompute: give --preset demo, a config file, or at least --dataset and "
-            "--vision (see `python -m convergence_core precompute --help`)"
+            "--vision or --features (see `python -m convergence_core precompute --help`)"
         )
     return config
+
+
+def _features(values: Sequence[str] | None) -> dict[str, dict[str, str]] | None:
+    """``--features NAME=PATH`` / ``NAME:LAYER=PATH`` (repeatable) -> ``{name: {layer: path}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for key, path in _feature_items(values):
+        name, _, layer = key.partition(":")
+        layers = out.setdefault(name.strip(), {})
+        layer = layer.strip() or "features"
+        if layer in layers:
+            raise ValueError(f"--features gives layer {layer!r} of {name!r} twice; give it once")
+        layers[layer] = path
+    return out or None
+
+
+def _feature_items(values: Sequence[str] | None) -> list[tuple[str, str]]:
+    items = []
+    for value in values or []:
+        key, sep, path = value.partition("=")
+        if not sep or not key.strip() or not path.strip():
+            raise ValueError(f"--features expects NAME=PATH or NAME:LAYER=PATH, got {value!r}")
+        items.append((key.strip(), path.strip()))
+    return items
 
 
 #: preset -> the setting that moves its data set (see convergence_core.settings)
@@ -223,30 +279,35 @@ def _check_preset_data(preset: str, config: dict[str, Any]) -> None:
 
 
 class _ProgressBars:
-    """One tqdm bar per extracted model (stderr); cached steps print one line."""
+    """One tqdm bar per extracted or indexed model (stderr); cached steps print one line."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.bar: Any = None
-        self.model: str | None = None
+        self.key: tuple[str, str | None] | None = None
+        self.cached: set[tuple[str, str | None]] = set()
 
     def __call__(self, event: Any) -> None:
         from tqdm import tqdm
 
         if event.step == "waiting":
             print("  waiting for another precompute of this run to finish ...", file=self.stream)
-        elif event.step == "extract":
+        elif event.step in ("extract", "neighbours"):
+            label = event.model if event.step == "extract" else f"{event.model} neighbours"
+            key = (event.step, event.model)
             if event.skipped:
                 self._close()
-                print(f"  {event.model}: cached", file=self.stream)
+                if key not in self.cached:
+                    self.cached.add(key)
+                    print(f"  {label}: cached", file=self.stream)
                 return
-            if event.model != self.model:
+            if key != self.key or self.bar is None:
                 self._close()
-                self.model = event.model
+                self.key = key
                 self.bar = tqdm(
                     total=event.total,
-                    desc=f"  {event.model}",
-                    unit="item",
+                    desc=f"  {label}",
+                    unit="item" if event.step == "extract" else "row",
                     file=self.stream,
                     leave=True,
                     dynamic_ncols=True,
@@ -263,7 +324,7 @@ class _ProgressBars:
     def _close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.bar, self.model = None, None
+        self.bar, self.key = None, None
 
 
 def _silence_library_progress_bars() -> None:

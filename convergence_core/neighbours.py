@@ -535,7 +535,15 @@ class NeighbourIndex:
         values = np.empty((n_sets, s, k))
         incomplete: list[tuple[int, np.ndarray]] = []
         if self.lists is not None:
-            chunk = max(1, _ENTRY_CHUNK // max(1, s * min(self.k_max, 256)))
+            if k > self.k_max and s > _DENSE_SUBSET:
+                raise ValueError(
+                    f"k = {k} is more than the {self.k_max} neighbours stored per stimulus; on a "
+                    f"subset of {s} stimuli (> {_DENSE_SUBSET}) every neighbour would be "
+                    f"recomputed from the features: use k <= {self.k_max}, or rebuild the run's "
+                    "lists with a larger list size (precompute --list-size)"
+                )
+            chunk = max(1, min(_ENTRY_CHUNK // max(1, s * min(self.k_max, 256)),
+                               20_000_000 // max(self.n, 1)))
             for start in range(0, n_sets, chunk):
                 block = subsets[start : start + chunk]
                 missing = self._tables_from_lists(block, k, positions[start : start + chunk],
@@ -560,30 +568,40 @@ class NeighbourIndex:
     def _tables_from_lists(
         self, block: np.ndarray, k: int, positions: np.ndarray, values: np.ndarray
     ) -> list[tuple[int, np.ndarray]]:
-        """Fill ``positions``/``values`` (B, s, k) from list prefixes; return incomplete rows."""
+        """Fill ``positions``/``values`` (B, s, k) from list prefixes; return incomplete rows.
+
+        A member's k-th subset member sits at list position ~ k·n/s on average (a negative
+        binomial with success rate s/n), so the first pass reads that plus two standard
+        deviations; rows that found fewer than k read on (×4), up to the whole list.
+        """
         lists = self.lists
         n_sets, s = block.shape
         n = self.n
-        where = np.full((n_sets, n), -1, dtype=np.int32)
-        np.put_along_axis(where, block, np.arange(s, dtype=np.int32)[None, :], axis=1)
-        rows = np.arange(n_sets * s)
-        width = min(lists.k_max, 2 * k * (n - 1) // max(s - 1, 1) + 8)
+        where = np.full(n_sets * n, -1, dtype=np.int32)  # set·n + stimulus -> position, or -1
+        where[(np.arange(n_sets)[:, None] * n + block).ravel()] = np.tile(
+            np.arange(s, dtype=np.int32), n_sets
+        )
+        rate = (s - 1) / max(n - 1, 1)
+        mean = k / rate
+        width = min(lists.k_max, int(mean + 2.0 * np.sqrt(k * (1.0 - rate)) / rate) + 4)
         flat_positions = positions.reshape(n_sets * s, k)
         flat_values = values.reshape(n_sets * s, k)
         global_rows = block.ravel()
-        set_of_row = rows // s
+        offset = (np.arange(n_sets * s) // s) * n  # set·n of each member
+        rows = np.arange(n_sets * s)
         while rows.size:
             listed = lists.indices[global_rows[rows], :width]
-            prefix = where[set_of_row[rows][:, None], listed]  # (r, width), -1 outside the subset
+            prefix = where[offset[rows][:, None] + listed]  # (r, width), -1 outside the subset
             hits = prefix >= 0
-            found = np.cumsum(hits, axis=1, dtype=np.int32)
+            found = np.cumsum(hits, axis=1, dtype=np.int16 if width < 2**15 else np.int32)
             complete = found[:, -1] >= k
             take = hits[complete] & (found[complete] <= k)
             done = rows[complete]
-            flat_positions[done] = prefix[complete][take].reshape(-1, k)
-            flat_values[done] = np.asarray(lists.values[global_rows[done], :width])[take].reshape(
-                -1, k
-            )
+            line, column = np.nonzero(take)  # row-major: each member's k hits in list order
+            flat_positions[done] = prefix[complete][line, column].reshape(-1, k)
+            flat_values[done] = np.asarray(
+                lists.values[global_rows[done][line], column], dtype=np.float64
+            ).reshape(-1, k)
             rows = rows[~complete]
             if width >= lists.k_max:
                 break

@@ -51,7 +51,6 @@ from .run_writer import (
     write_gpa,
     write_model_arrays,
     write_neighbour_lists,
-    write_run_from_embeddings,
     write_thumbnails,
 )
 from .settings import cache_root as default_cache_root
@@ -78,11 +77,18 @@ class PrecomputeConfig:
     Attributes:
         dataset: a dataset spec for ``load_dataset``: a folder / table path, ``"hf:<name>"``, or a
             mapping ``{"kind", "path", **options}``.
-        vision_models / language_models: registry names (``models.get_spec``).
+        vision_models / language_models: registry names (``models.get_spec``) whose
+            representations are extracted here (encoders).
+        features: models whose representations a user brings as files, ``{model: path}`` or
+            ``{model: {layer: path}}`` (``.npy`` + ``.ids.txt``, or ``.parquet`` with an ``id``
+            column; see :mod:`.sources`); each needs a ``modalities`` entry.
+        modalities: ``{file model: "vision" | "language" | "brain" | any name}``.
+        gpa_models: the models that enter the intra-modal GPA (default: every vision model,
+            from encoders and files alike); at least 2.
         layers: ``"all"`` (every layer of every model), ``"default"`` (only each model's default
             layer), or ``{model: [layer, ...]}`` (models not named get all their layers).
-        gpa_layers: ``{vision model: layer}`` entering GPA (always extracted, whatever
-            ``layers`` says); default: the model's default layer.
+        gpa_layers: ``{GPA model: layer}`` entering GPA (always extracted, whatever ``layers``
+            says); default: the model's default layer.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
         batch_size: stimuli per forward pass.
         caption_mode: ``"first"`` (embed each stimulus's first caption) or ``"mean"`` (embed
@@ -102,8 +108,11 @@ class PrecomputeConfig:
     """
 
     dataset: Any
-    vision_models: tuple[str, ...]
+    vision_models: tuple[str, ...] = ()
     language_models: tuple[str, ...] = ()
+    features: Mapping[str, Any] | None = None
+    modalities: Mapping[str, str] | None = None
+    gpa_models: tuple[str, ...] | None = None
     layers: Any = "all"
     gpa_layers: Mapping[str, str] | None = None
     device: str = "cpu"
@@ -166,23 +175,101 @@ class PrecomputeConfig:
                 f"neighbour_layers={self.neighbour_layers!r} is not understood; use 'all' or "
                 "'default'"
             )
-        for model in self.gpa_layers or {}:
-            if model not in self.vision_models:
+        self._check_features()
+        gpa = self.gpa_model_names
+        if self.gpa_models is not None:
+            unknown = [m for m in gpa if m not in self.model_names]
+            if unknown:
                 raise ValueError(
-                    f"gpa_layers names {model!r}, which is not a vision model; use one of "
-                    f"{list(self.vision_models)}"
+                    f"gpa_models names {unknown}, which are not models of this run; use some of "
+                    f"{self.model_names}"
                 )
+        for model in self.gpa_layers or {}:
+            if model not in gpa:
+                raise ValueError(
+                    f"gpa_layers names {model!r}, which is not a model entering GPA; use one of "
+                    f"{gpa}"
+                )
+
+    def _check_features(self) -> None:
+        from .sources import check_modality
+
+        features: dict[str, dict[str, str]] = {}
+        for model, spec in (self.features or {}).items():
+            model = str(model)
+            if model in self.vision_models or model in self.language_models:
+                raise ValueError(
+                    f"model {model!r} is listed both as an encoder and with a feature file; keep "
+                    "one of the two"
+                )
+            if isinstance(spec, (str, os.PathLike)):
+                features[model] = {"features": os.fspath(spec)}
+            elif isinstance(spec, Mapping) and spec and all(
+                isinstance(v, (str, os.PathLike)) for v in spec.values()
+            ):
+                features[model] = {str(layer): os.fspath(v) for layer, v in spec.items()}
+            else:
+                raise ValueError(
+                    f"features[{model!r}] must be a file path or {{layer: path}}, got {spec!r}"
+                )
+        modalities = {str(m): v for m, v in (self.modalities or {}).items()}
+        for model in modalities:
+            if model not in features:
+                raise ValueError(
+                    f"modalities names {model!r}, which has no feature file; an encoder's modality "
+                    "comes from the model registry (list it under vision_models or "
+                    "language_models)"
+                )
+        for model in features:
+            if model not in modalities:
+                raise ValueError(
+                    f"say which modality the features of {model!r} are: --modality "
+                    f"{model}=vision|language|brain|<name> (or modalities = {{{model} = ...}})"
+                )
+            check_modality(modalities[model], model)
+        object.__setattr__(self, "features", features or None)
+        object.__setattr__(self, "modalities", modalities or None)
+        if self.gpa_models is not None:
+            object.__setattr__(self, "gpa_models", _name_tuple(self.gpa_models, "gpa_models"))
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every model: encoder vision models, encoder language models, then file models."""
+        return [*self.vision_models, *self.language_models, *(self.features or {})]
+
+    def modality_of(self, model: str) -> str:
+        if model in self.vision_models:
+            return "vision"
+        if model in self.language_models:
+            return "language"
+        return str((self.modalities or {})[model])
+
+    @property
+    def gpa_model_names(self) -> list[str]:
+        if self.gpa_models is not None:
+            return list(self.gpa_models)
+        return [m for m in self.model_names if self.modality_of(m) == "vision"]
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> PrecomputeConfig:
-        """Build from a dict (e.g. a parsed config file); unknown keys raise ValueError."""
+        """Build from a dict (e.g. a parsed config file); unknown keys raise ValueError.
+
+        A ``models`` list (``[[models]]`` tables in TOML) may describe the models one by one:
+        ``{name, modality?}`` for an encoder (its modality from the registry) or ``{name,
+        modality, path, layer?}`` / ``{name, modality, files = {layer = path}}`` for features
+        from files; it is folded into ``vision_models``, ``language_models``, ``features`` and
+        ``modalities``.
+        """
         known = {f.name for f in fields(cls)}
+        mapping = dict(mapping)
+        if "models" in mapping:
+            mapping = _fold_models_table(mapping)
         unknown = sorted(set(mapping) - known)
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        if "dataset" not in mapping or "vision_models" not in mapping:
-            raise ValueError("a precompute config needs at least 'dataset' and 'vision_models'")
-        return cls(**dict(mapping))
+        if "dataset" not in mapping:
+            raise ValueError("a precompute config needs at least 'dataset' and some models")
+        return cls(**mapping)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> PrecomputeConfig:
@@ -208,6 +295,17 @@ class PrecomputeConfig:
         """JSON-able form (recorded in the manifest)."""
         return json.loads(json.dumps(asdict(self), default=str))
 
+    def sources(self) -> list[Any]:
+        """The :mod:`.sources` of every model, in :attr:`model_names` order."""
+        from .sources import EncoderSource, FileSource
+
+        out: list[Any] = [EncoderSource(m, "vision") for m in self.vision_models]
+        out += [EncoderSource(m, "language") for m in self.language_models]
+        out += [
+            FileSource(m, self.modality_of(m), files) for m, files in (self.features or {}).items()
+        ]
+        return out
+
     def layers_for(self, model: str) -> str | list[str]:
         """``"all"``, ``"default"`` or the list of layers chosen for ``model``."""
         if isinstance(self.layers, Mapping):
@@ -215,9 +313,51 @@ class PrecomputeConfig:
         return self.layers
 
 
+def _fold_models_table(mapping: dict[str, Any]) -> dict[str, Any]:
+    """``models = [{name, modality?, path?/files?, layer?}, ...]`` -> the config's own keys."""
+    table = mapping.pop("models")
+    if not isinstance(table, list) or not all(isinstance(e, Mapping) for e in table):
+        raise ValueError("'models' must be a list of tables ([[models]] with name, modality, path)")
+    vision = list(_name_tuple(mapping.get("vision_models", ()), "vision_models"))
+    language = list(_name_tuple(mapping.get("language_models", ()), "language_models"))
+    features = dict(mapping.get("features") or {})
+    modalities = dict(mapping.get("modalities") or {})
+    for entry in table:
+        unknown = sorted(set(entry) - {"name", "modality", "path", "layer", "files"})
+        if unknown or "name" not in entry:
+            raise ValueError(
+                f"[[models]] entry {dict(entry)!r}: needs 'name', may have 'modality', 'path', "
+                f"'layer' or 'files'; unknown keys {unknown}"
+            )
+        name = str(entry["name"])
+        if "path" in entry or "files" in entry:
+            if "files" in entry:
+                features[name] = dict(entry["files"])
+            else:
+                features[name] = {str(entry.get("layer", "features")): entry["path"]}
+            if "modality" not in entry:
+                raise ValueError(
+                    f"[[models]] entry {name!r} reads features from a file: give its modality "
+                    "(vision, language, brain or a name)"
+                )
+            modalities[name] = entry["modality"]
+            continue
+        from . import models
+
+        modality = entry.get("modality") or models.get_spec(name).modality
+        (vision if modality == "vision" else language).append(name)
+    mapping.update(
+        vision_models=vision, language_models=language, features=features or None,
+        modalities=modalities or None,
+    )
+    return mapping
+
+
 def _name_tuple(names: Any, what: str) -> tuple[str, ...]:
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
+    if not isinstance(names, (list, tuple)):
+        raise ValueError(f"{what} must be a list of model names, got {names!r}")
     names = tuple(str(n).strip() for n in names)
     if len(set(names)) != len(names):
         raise ValueError(f"{what} lists a model twice: {list(names)}; list each model once")
@@ -230,8 +370,8 @@ class ProgressEvent:
 
     ``step``: "dataset", "waiting" (for another process writing the same run), "extract",
     "neighbours", "gpa", "dispersion", "thumbnails" or "done"; ``model``: the model being
-    extracted or indexed (else None); ``done`` of ``total`` items (stimuli or captions); ``skipped``: the step was cached
-    and is not recomputed.
+    extracted or indexed (else None); ``done`` of ``total`` items (stimuli, captions or rows);
+    ``skipped``: the step was cached and is not recomputed.
     """
 
     step: str
@@ -248,7 +388,13 @@ def default_run_name(config: PrecomputeConfig, dataset_name: str) -> str:
     """``<dataset>-<12 hex>``: a hash of everything in the config that changes the results."""
     # settings added later count only when changed from their default, so that existing runs
     # keep their folder names
-    added_later = {"list_size": DEFAULT_LIST_SIZE, "neighbour_layers": "all"}
+    added_later = {
+        "list_size": DEFAULT_LIST_SIZE,
+        "neighbour_layers": "all",
+        "features": None,
+        "modalities": None,
+        "gpa_models": None,
+    }
     relevant = {
         k: v
         for k, v in config.to_dict().items()
@@ -278,14 +424,16 @@ def _resolve_config(config: Any, options: Mapping[str, Any]) -> PrecomputeConfig
     return base
 
 
-def _check_model_names(config: PrecomputeConfig) -> None:
-    """Fail before any heavy work: unknown names, or a model listed under the wrong modality."""
+def _check_models(config: PrecomputeConfig) -> None:
+    """Fail before any heavy work: unknown names, a model under the wrong modality, too few
+    models for GPA, feature files that do not exist."""
     from . import models
 
-    if len(config.vision_models) < 2:
+    gpa = config.gpa_model_names
+    if len(gpa) < 2:
         raise ValueError(
-            f"GPA needs at least 2 vision models, got {list(config.vision_models)}; "
-            "add vision models"
+            f"GPA needs at least 2 vision models (or gpa_models), got {gpa}; add vision models "
+            "(encoders, or --features with --modality NAME=vision) or name gpa_models"
         )
     both = sorted(set(config.vision_models) & set(config.language_models))
     if both:
@@ -299,6 +447,7 @@ def _check_model_names(config: PrecomputeConfig) -> None:
                     f"{name!r} is a {modality} model but was listed as a {expected} model; move "
                     f"it to the {modality} models"
                 )
+    config.sources()  # file sources check that their files exist
 
 
 def _choose_layers(config: PrecomputeConfig, encoder: Any) -> list[str]:
@@ -327,6 +476,49 @@ def _files_present(layout: RunLayout, entry: ModelEntry) -> bool:
     )
 
 
+@dataclass
+class _Plan:
+    """What one pipeline run writes: the models' sources and every setting the steps use.
+
+    Made by :func:`precompute` from a :class:`PrecomputeConfig` and by
+    :func:`write_run_from_embeddings` from arrays; everything after that is shared.
+    """
+
+    sources: list[Any]
+    vision_models: list[str]
+    language_models: list[str]
+    gpa_models: list[str]
+    gpa_layers: dict[str, str]
+    default_layers: dict[str, str]
+    list_size: int
+    neighbour_layers: str
+    thumbnails: bool
+    gpa_tol: float
+    gpa_max_iter: int
+    device: str | None
+    settings: dict[str, Any]
+    config: PrecomputeConfig | None = None
+
+
+def _plan_from_config(cfg: PrecomputeConfig) -> _Plan:
+    return _Plan(
+        sources=cfg.sources(),
+        vision_models=[m for m in cfg.model_names if cfg.modality_of(m) == "vision"],
+        language_models=[m for m in cfg.model_names if cfg.modality_of(m) == "language"],
+        gpa_models=cfg.gpa_model_names,
+        gpa_layers=dict(cfg.gpa_layers or {}),
+        default_layers={},
+        list_size=cfg.list_size,
+        neighbour_layers=cfg.neighbour_layers,
+        thumbnails=cfg.thumbnails,
+        gpa_tol=GPA_TOL,
+        gpa_max_iter=GPA_MAX_ITER,
+        device=cfg.device,
+        settings=cfg.to_dict(),
+        config=cfg,
+    )
+
+
 def precompute(
     config: PrecomputeConfig | Mapping[str, Any] | str | os.PathLike[str] | None = None,
     *,
@@ -338,23 +530,23 @@ def precompute(
 
     ``config`` is a :class:`PrecomputeConfig`, a mapping of its fields, or a .json/.toml file;
     keyword ``options`` (the same field names: ``dataset``, ``vision_models``, ``language_models``,
-    ``layers``, ``device``, ``batch_size``, ``caption_mode``, ``drop_bad``, ``run_name``,
-    ``cache_root``, ...) override it or, without ``config``, make it.
+    ``features``, ``modalities``, ``layers``, ``device``, ``batch_size``, ``caption_mode``,
+    ``drop_bad``, ``run_name``, ``cache_root``, ...) override it or, without ``config``, make it.
 
     Steps, each recorded in the manifest with the fingerprint of its inputs when it finishes and
     skipped on a rerun whose inputs are unchanged: load + check the dataset -> fingerprint it ->
-    per model: load, extract every chosen layer, write embeddings and Gram matrices -> GPA on the
-    vision models' GPA layers -> dispersion + residual PCA -> thumbnails. An interrupted run
-    therefore resumes after its last finished step.
+    per model: its representations (extracted by an encoder, or read from files) -> its exact
+    neighbour lists -> GPA on the GPA models' layers -> dispersion + residual PCA -> thumbnails.
+    An interrupted run therefore resumes after its last finished step.
 
-    Stale files are never reused: a model step's fingerprint covers the dataset fingerprint, the
+    Stale files are never reused: an encoder's fingerprint covers the dataset fingerprint, the
     model name, its layers, the caption mode (language), the device type and any weights path;
-    GPA's covers the content hashes of its input arrays. A changed dataset (bytes, captions,
-    order, dropped items) resets the whole run folder; a model no longer in the config is removed
-    from it. Without ``run_name`` the folder is named from a hash of the config, so different
-    configs never share a folder. The weights are identified by name here (their sha256
-    ``weights_id`` is recorded after extraction): after replacing a model's weights under the same
-    name, delete the run or use a new ``run_name``.
+    a file model's covers the files' bytes; GPA's covers the content hashes of its input arrays.
+    A changed dataset (bytes, captions, order, dropped items) resets the whole run folder; a
+    model no longer in the config is removed from it. Without ``run_name`` the folder is named
+    from a hash of the config, so different configs never share a folder. Encoder weights are
+    identified by name here (their sha256 ``weights_id`` is recorded after extraction): after
+    replacing a model's weights under the same name, delete the run or use a new ``run_name``.
 
     ``progress(event: ProgressEvent)`` is called as work advances; an exception it raises aborts
     the run, which a later call resumes.
@@ -367,25 +559,203 @@ def precompute(
 
     cfg = _resolve_config(config, options)
     notify = progress or (lambda event: None)
-    started = time.perf_counter()
-    _check_model_names(cfg)
+    _check_models(cfg)
     notify(ProgressEvent("dataset", None, 0, 1))
     dataset, dropped = check_dataset(load_dataset(cfg.dataset), drop_bad=cfg.drop_bad)
     data_fingerprint = dataset_fingerprint(dataset)
     notify(ProgressEvent("dataset", None, 1, 1))
-
     name = cfg.run_name or default_run_name(cfg, dataset.name)
     cache = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
-    path = cache / "runs" / model_key(name)
+    info = DatasetInfo(
+        name=dataset.name,
+        fingerprint=data_fingerprint,
+        images_root=str(Path(dataset.root).resolve()),
+        source=dataset.source,
+        dropped=dropped,
+    )
+    return _execute(
+        _plan_from_config(cfg),
+        cache / "runs" / model_key(name),
+        name,
+        normalise_stimuli(dataset.stimuli),
+        info,
+        notify,
+        lock_wait_seconds=lock_wait_seconds,
+    )
+
+
+def write_run_from_embeddings(
+    path: str | os.PathLike[str],
+    stimuli: Any,
+    embeddings: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    vision_models: Sequence[str],
+    language_models: Sequence[str],
+    modalities: Mapping[str, str] | None = None,
+    gpa_models: Sequence[str] | None = None,
+    gpa_layers: Mapping[str, str] | None = None,
+    default_layers: Mapping[str, str] | None = None,
+    images_root: str | os.PathLike[str] | None = None,
+    thumbnails: bool = True,
+    dataset_name: str | None = None,
+    dataset_fingerprint: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    gpa_tol: float = GPA_TOL,
+    gpa_max_iter: int = GPA_MAX_ITER,
+    list_size: int = DEFAULT_LIST_SIZE,
+    neighbour_layers: str = "all",
+    progress: ProgressCallback | None = None,
+) -> Run:
+    """Write (or resume) a complete run folder at ``path`` from in-memory arrays; return it loaded.
+
+    The same pipeline as :func:`precompute`, with every model's representations given:
+
+    Args:
+        path: the run folder; created if needed. An existing run there is reused where its
+            steps' inputs match (else those steps are redone); a non-empty folder without
+            manifest.json is refused (ValueError).
+        stimuli: n rows in stimulus order with ``id`` (unique), ``image`` (path relative to
+            ``images_root``), ``captions`` (list[str]); other columns (e.g. ``label``) are kept.
+        embeddings: ``{model: {layer: (n, d) array}}``, layers in network order; stored float32
+            (memory maps are fine: a float32 map is written without a copy).
+        vision_models / language_models: the models on the two sides of the alignment analyses.
+        modalities: ``{model: modality}`` for any other model of ``embeddings`` (e.g. "brain").
+        gpa_models: the models entering GPA (default: the vision models); at least 2.
+        gpa_layers: ``{GPA model: layer}``; default: the model's default layer.
+        default_layers: ``{model: layer}``; default: the first layer given for the model.
+            A GPA model's default layer is its GPA layer unless both are given.
+        images_root: folder that ``stimuli.image`` is relative to; None = a run without images.
+        thumbnails: write thumbnails/ (needs ``images_root``).
+        dataset_name, dataset_fingerprint, settings: recorded in the manifest.
+        gpa_tol, gpa_max_iter: passed to ``generalized_procrustes``.
+        list_size, neighbour_layers: as in :class:`PrecomputeConfig`.
+        progress: as in :func:`precompute`.
+
+    Neighbour lists are built from ``prepare_features`` of the float32-stored embeddings, and GPA
+    runs on float64 copies of them, so everything is reproducible from the run's own files.
+    Raises ValueError (naming the fix) for inconsistent inputs.
+    """
+    from .sources import ArraySource
+
+    path = Path(path)
+    frame = normalise_stimuli(stimuli)
+    vision, language = list(vision_models), list(language_models)
+    extra = dict(modalities or {})
+    for kind, names in (("vision_models", vision), ("language_models", language)):
+        if len(set(names)) != len(names):
+            raise ValueError(f"{kind} lists a model twice: {names}; list each model once")
+    both = sorted(set(vision) & set(language))
+    if both:
+        raise ValueError(f"models {both} are listed as both vision and language models; pick one")
+    modality = {**{m: "vision" for m in vision}, **{m: "language" for m in language}}
+    clash = sorted(set(extra) & set(modality))
+    if clash:
+        raise ValueError(f"modalities names {clash}, which are already vision or language models")
+    modality.update(extra)
+    unknown = sorted(set(embeddings) - set(modality))
+    if unknown:
+        raise ValueError(
+            f"embeddings has model(s) {unknown} that are in neither vision_models nor "
+            "language_models; list them in one of the two (or give their modality) or drop them"
+        )
+    absent = [name for name in modality if name not in embeddings]
+    if absent:
+        raise ValueError(
+            f"no embeddings for listed model(s) {absent}; embeddings has {sorted(embeddings)}"
+        )
+    order = [*vision, *language, *extra]
+    for model in order:  # every array is checked before anything is written
+        layers = embeddings[model]
+        if not isinstance(layers, Mapping) or not layers:
+            raise ValueError(
+                f"embeddings[{model!r}] must be a non-empty dict {{layer name: (n, d) array}}"
+            )
+        for layer, array in layers.items():
+            check_embedding_array(array, model, str(layer), len(frame))
+    gpa = list(gpa_models) if gpa_models is not None else list(vision)
+    if len(gpa) < 2:
+        raise ValueError(f"GPA needs at least 2 vision models, got {gpa}; add vision models")
+    sources = [
+        ArraySource(m, modality[m], embeddings[m], (default_layers or {}).get(m)) for m in order
+    ]
+    for model, layer in {**(default_layers or {}), **(gpa_layers or {})}.items():
+        _check_layer_choice(embeddings, model, layer)
+    for model in gpa_layers or {}:
+        if model not in gpa:
+            raise ValueError(
+                f"gpa_layers names {model!r}, which is not a vision model; use one of {gpa}"
+            )
+    root = Path(images_root).resolve() if images_root is not None else None
+    if thumbnails and root is None:
+        raise ValueError("thumbnails=True needs images_root; pass images_root or thumbnails=False")
+    if root is not None and not root.is_dir():
+        raise ValueError(f"images_root {root} is not a folder; pass the folder holding the images")
+    plan = _Plan(
+        sources=sources,
+        vision_models=vision,
+        language_models=language,
+        gpa_models=gpa,
+        gpa_layers=dict(gpa_layers or {}),
+        default_layers=dict(default_layers or {}),
+        list_size=list_size_for(10**9, list_size),
+        neighbour_layers=neighbour_layers,
+        thumbnails=thumbnails,
+        gpa_tol=gpa_tol,
+        gpa_max_iter=gpa_max_iter,
+        device=None,
+        settings=dict(settings or {}),
+    )
+    data_fingerprint = dataset_fingerprint or fingerprint(
+        frame["id"].tolist(), frame["image"].tolist(), frame["captions"].tolist()
+    )
+    info = DatasetInfo(
+        name=dataset_name,
+        fingerprint=dataset_fingerprint,
+        images_root=str(root) if root is not None else None,
+        source={"kind": "in-memory"},
+    )
+    return _execute(
+        plan, path, path.name, frame, info, progress or (lambda event: None),
+        data_fingerprint=data_fingerprint,
+    )
+
+
+def _check_layer_choice(
+    arrays: Mapping[str, Mapping[str, np.ndarray]], model: str, layer: str
+) -> None:
+    if model not in arrays:
+        raise ValueError(f"a layer choice names unknown model {model!r}; use one of {sorted(arrays)}")
+    if layer not in arrays[model]:
+        raise ValueError(
+            f"layer {layer!r} chosen for {model!r} is not a layer of {model!r}; use one of "
+            f"{list(arrays[model])}"
+        )
+
+
+def _execute(
+    plan: _Plan,
+    path: Path,
+    name: str,
+    stimuli: Any,
+    info: DatasetInfo,
+    notify: ProgressCallback,
+    *,
+    lock_wait_seconds: float = 3600.0,
+    data_fingerprint: str | None = None,
+) -> Run:
+    """Every step of a plan on one run folder, under the run's lock; the finished run, loaded."""
+    started = time.perf_counter()
     with run_lock(
         path,
         wait_seconds=lock_wait_seconds,
         on_wait=lambda pid: notify(ProgressEvent("waiting", None, 0, 1)),
     ):
-        pipeline = _Pipeline(cfg, dataset, data_fingerprint, dropped, path, name, notify)
-        for model in [*cfg.vision_models, *cfg.language_models]:
-            pipeline.extract(model)
-            pipeline.neighbours(model)
+        pipeline = _Pipeline(
+            plan, stimuli, info, data_fingerprint or info.fingerprint or "", path, name, notify
+        )
+        for source in plan.sources:
+            pipeline.model(source)
+            pipeline.neighbours(source.name)
         gpa_inputs = pipeline.gpa()
         pipeline.dispersion(gpa_inputs)
         pipeline.thumbnails()
@@ -395,154 +765,116 @@ def precompute(
 
 
 class _Pipeline:
-    """The steps of one precompute on one run folder (the caller holds the run's lock).
+    """The steps of one plan on one run folder (the caller holds the run's lock).
 
-    Opening it reuses the folder's manifest when its stimuli step matches the dataset (else the
+    Opening it reuses the folder's manifest when its stimuli step matches the data (else the
     folder is reset); each step method skips its work when the manifest records it done with
-    the same input fingerprint and its files are present.
+    the same input fingerprint and its files are present. It is also the context the sources
+    read (:mod:`.sources`): ``config``, ``stimuli``, ``images_root``, ``data_fingerprint``,
+    ``fingerprint``, ``choose_layers``, ``progress_for``.
     """
+
+    fingerprint = staticmethod(fingerprint)
 
     def __init__(
         self,
-        cfg: PrecomputeConfig,
-        dataset: Any,
+        plan: _Plan,
+        stimuli: Any,
+        info: DatasetInfo,
         data_fingerprint: str,
-        dropped: list[dict[str, str]],
         path: Path,
         name: str,
         notify: ProgressCallback,
     ) -> None:
-        self.cfg = cfg
-        self.dataset = dataset
+        self.plan = plan
+        self.config = plan.config
+        self.stimuli = stimuli
+        self.n = len(stimuli)
+        self.images_root = Path(info.images_root) if info.images_root else None
         self.data_fingerprint = data_fingerprint
-        self.stimuli = normalise_stimuli(dataset.stimuli)
-        self.n = len(self.stimuli)
         self.layout = RunLayout(path)
         self.notify = notify
         self.manifest = _open_manifest(self.layout, name)
-        stimuli_inputs = fingerprint(data_fingerprint, dropped)
+        stimuli_inputs = fingerprint(data_fingerprint, info.dropped)
         if not self.manifest.step_done("stimuli", stimuli_inputs):
             prepare_run_folder(path)
             self.manifest = RunManifest(self.layout, empty_manifest(name))
             self.manifest.save()  # first, so a crash leaves a recognisable (incomplete) run folder
-            write_parquet(self.layout.stimuli, self.stimuli)
+            write_parquet(self.layout.stimuli, stimuli)
             self.manifest.data.n_stimuli = self.n
-            self.manifest.data.dataset = DatasetInfo(
-                name=dataset.name,
-                fingerprint=data_fingerprint,
-                images_root=str(Path(dataset.root).resolve()),
-                source=dataset.source,
-                dropped=dropped,
-            )
+            self.manifest.data.dataset = info
             self.manifest.finish_step("stimuli", stimuli_inputs)
         self.data = self.manifest.data
         self.data.complete = False
-        self.data.vision_models = list(cfg.vision_models)
-        self.data.language_models = list(cfg.language_models)
-        self.data.settings = cfg.to_dict()
+        self.data.vision_models = list(plan.vision_models)
+        self.data.language_models = list(plan.language_models)
+        self.data.settings = plan.settings
         self.data.versions = library_versions()
-        _forget_dropped_models(self.manifest, [*cfg.vision_models, *cfg.language_models])
+        _forget_dropped_models(self.manifest, [source.name for source in plan.sources])
         self.manifest.save()
 
-    def _extract_inputs(self, model: str, modality: str) -> str:
-        from . import models
+    # -- the context sources read ---------------------------------------------------------------
+    def choose_layers(self, encoder: Any) -> list[str]:
+        return _choose_layers(self.config, encoder)
 
-        weights = (self.cfg.weights or {}).get(model)
-        return fingerprint(
-            "extract",
-            self.data_fingerprint,
-            model,
-            models.get_spec(model).source,
-            modality,
-            self.cfg.layers_for(model),
-            (self.cfg.gpa_layers or {}).get(model),
-            self.cfg.caption_mode if modality == "language" else None,
-            str(self.cfg.device).split(":")[0],
-            os.fspath(weights) if weights else None,
-        )
-
-    def extract(self, model: str) -> None:
-        """Load ``model``, embed every stimulus, write its embeddings (and clip thresholds)."""
-        from . import models
-        from .extract import extract_caption_embeddings, extract_embeddings
-
-        cfg, n = self.cfg, self.n
-        modality = "vision" if model in cfg.vision_models else "language"
-        step, inputs = f"extract:{model}", self._extract_inputs(model, modality)
-        entry = self.data.models.get(model)
-        if self.manifest.step_done(step, inputs) and entry and _files_present(self.layout, entry):
-            self.notify(ProgressEvent("extract", model, n, n, skipped=True))
-            return
-        self.manifest.forget_step(step)
-        load_started = time.perf_counter()
-        encoder = models.load_encoder(
-            model, device=cfg.device, weights=(cfg.weights or {}).get(model)
-        )
-        load_seconds = time.perf_counter() - load_started
-        layers = _choose_layers(cfg, encoder)
-        default = encoder.default_layer if encoder.default_layer in layers else layers[-1]
-        weights_id = encoder.weights_id
-
+    def progress_for(self, model: str) -> Callable[[int, int], None]:
         def report(done: int, total: int) -> None:
             self.notify(ProgressEvent("extract", model, int(done), int(total)))
 
-        extract_started = time.perf_counter()
-        if modality == "vision":
-            images = [Path(self.dataset.root) / rel for rel in self.stimuli["image"]]
-            raw = extract_embeddings(
-                encoder, images, batch_size=cfg.batch_size, progress=report, layers=layers
-            )
-            items = n
-        else:
-            raw = extract_caption_embeddings(
-                encoder,
-                self.stimuli,
-                mode=cfg.caption_mode,
-                batch_size=cfg.batch_size,
-                progress=report,
-                layers=layers,
-            )
-            items = n if cfg.caption_mode == "first" else sum(map(len, self.stimuli["captions"]))
-        extract_seconds = time.perf_counter() - extract_started
-        del encoder
+        return report
+
+    # -- steps ------------------------------------------------------------------------------------
+    def model(self, source: Any) -> None:
+        """One model's representations (encoder, arrays or files): embeddings + clip thresholds."""
+        name, n = source.name, self.n
+        step, inputs = f"extract:{name}", source.inputs(self)
+        entry = self.data.models.get(name)
+        if (
+            self.manifest.step_done(step, inputs)
+            and entry is not None
+            and entry.modality == source.modality
+            and _files_present(self.layout, entry)
+        ):
+            self.notify(ProgressEvent("extract", name, n, n, skipped=True))
+            return
+        self.manifest.forget_step(step)
+        extracted = source.load(self)
         arrays = {
-            layer: check_embedding_array(np.asarray(raw[layer]), model, layer, n)
-            for layer in layers
+            layer: check_embedding_array(array, name, layer, n)
+            for layer, array in extracted.arrays.items()
         }
+        default = (
+            self.plan.default_layers.get(name)
+            or self.plan.gpa_layers.get(name)
+            or extracted.default_layer
+        )
         hashes, thresholds = write_model_arrays(
-            self.layout, model_key(model), {layer: model_key(layer) for layer in arrays}, arrays
+            self.layout, model_key(name), {layer: model_key(layer) for layer in arrays}, arrays
         )
-        self.data.models[model] = model_entry(
-            model,
-            modality,
-            arrays,
-            default,
-            hashes,
-            thresholds,
-            weights_id=weights_id,
-            items=int(items),
-            load_seconds=round(load_seconds, 3),
-            extract_seconds=round(extract_seconds, 3),
-            items_per_second=round(items / extract_seconds, 2) if extract_seconds > 0 else None,
+        details = {"source": source.kind, **extracted.details}
+        self.data.models[name] = model_entry(
+            name, source.modality, arrays, default, hashes, thresholds,
+            weights_id=extracted.weights_id, **details,
         )
-        for layer in layers:  # new embeddings: their lists are rebuilt
-            self.manifest.data.steps.pop(f"neighbours:{model}:{layer}", None)
+        for layer in arrays:  # new embeddings: their lists are rebuilt
+            self.data.steps.pop(f"neighbours:{name}:{layer}", None)
         self.manifest.finish_step(step, inputs)
+        self.notify(ProgressEvent("extract", name, n, n))
 
     def neighbours(self, model: str) -> None:
         """Exact top-K neighbour lists of the model's layers (all, or its default/GPA layer)."""
         entry = self.data.models[model]
-        gpa_layer = (self.cfg.gpa_layers or {}).get(model)
-        if self.cfg.neighbour_layers == "all":
+        gpa_layer = self.plan.gpa_layers.get(model)
+        if self.plan.neighbour_layers == "all":
             wanted = list(entry.layers)
         else:
             wanted = [entry.default_layer] + ([gpa_layer] if gpa_layer else [])
-        k = list_size_for(self.n, self.cfg.list_size)
+        k = list_size_for(self.n, self.plan.list_size)
         done: list[str] = []
         for layer in entry.layers:
             step = f"neighbours:{model}:{layer}"
             if layer not in wanted:
-                self.manifest.data.steps.pop(step, None)
+                self.data.steps.pop(step, None)
                 continue
             inputs = fingerprint("neighbours", entry.sha256[layer], k, NEIGHBOURS_ALGORITHM)
             key = entry.layer_keys[layer]
@@ -560,9 +892,9 @@ class _Pipeline:
                     entry,
                     layer,
                     list_size=k,
-                    device=self.cfg.device,
-                    progress=lambda done_rows, total: self.notify(
-                        ProgressEvent("neighbours", model, int(done_rows), int(total))
+                    device=self.plan.device,
+                    progress=lambda rows, total: self.notify(
+                        ProgressEvent("neighbours", model, int(rows), int(total))
                     ),
                 )
                 self.manifest.finish_step(
@@ -573,21 +905,20 @@ class _Pipeline:
         self.manifest.save()
 
     def gpa(self) -> str:
-        """GPA on the vision models' GPA layers; returns the step's input fingerprint."""
-        models_in = list(self.cfg.vision_models)
+        """GPA on the GPA models' layers; returns the step's input fingerprint."""
+        models_in = list(self.plan.gpa_models)
         entries = [self.data.models[m] for m in models_in]
-        layers_in = [
-            _gpa_layer(self.cfg, entry, m) for entry, m in zip(entries, models_in, strict=True)
-        ]
+        layers_in = [self._gpa_layer(entry, m) for entry, m in zip(entries, models_in, strict=True)]
         for entry, layer in zip(entries, layers_in, strict=True):
-            entry.default_layer = layer
+            if entry.modality == "vision":
+                entry.default_layer = layer  # a vision model's default layer is its GPA layer
         inputs = fingerprint(
             "gpa",
             [entry.sha256[layer] for entry, layer in zip(entries, layers_in, strict=True)],
             models_in,
             layers_in,
-            GPA_TOL,
-            GPA_MAX_ITER,
+            self.plan.gpa_tol,
+            self.plan.gpa_max_iter,
             GPA_ALGORITHM,  # a new iteration scheme recomputes stored results
         )
         self.data.gpa = GPARecord(models=models_in, layers=layers_in)
@@ -601,13 +932,29 @@ class _Pipeline:
             for entry, layer in zip(entries, layers_in, strict=True)
         ]
         result = write_gpa(
-            self.layout, arrays, models_in, layers_in, tol=GPA_TOL, max_iter=GPA_MAX_ITER
+            self.layout,
+            arrays,
+            models_in,
+            layers_in,
+            tol=self.plan.gpa_tol,
+            max_iter=self.plan.gpa_max_iter,
         )
         self.manifest.finish_step(
             "gpa", inputs, n_iter=int(result.n_iter), converged=bool(result.converged)
         )
         self.notify(ProgressEvent("gpa", None, 1, 1))
         return inputs
+
+    def _gpa_layer(self, entry: ModelEntry, model: str) -> str:
+        chosen = self.plan.gpa_layers.get(model)
+        if chosen is None:
+            return str(entry.default_layer)
+        if chosen not in entry.layers:
+            raise ValueError(
+                f"gpa_layers[{model!r}] = {chosen!r} was not extracted; choose one of "
+                f"{entry.layers} or add it to layers"
+            )
+        return chosen
 
     def dispersion(self, gpa_inputs: str) -> None:
         """dispersion.parquet and pca/ from the GPA residuals."""
@@ -621,9 +968,9 @@ class _Pipeline:
         self.notify(ProgressEvent("dispersion", None, 1, 1))
 
     def thumbnails(self) -> None:
-        """Gallery thumbnails (or remove them when the config turns them off)."""
+        """Gallery thumbnails (or remove them when turned off or there are no images)."""
         inputs = fingerprint("thumbnails", self.data_fingerprint, THUMBNAIL_SIZE)
-        if not self.cfg.thumbnails:
+        if not self.plan.thumbnails or self.images_root is None:
             self.manifest.forget_step("thumbnails")
             self.layout.remove_tree(self.layout.thumbnails_dir)
         elif self.manifest.step_done("thumbnails", inputs):
@@ -632,7 +979,7 @@ class _Pipeline:
             write_thumbnails(
                 self.layout,
                 self.stimuli,
-                Path(self.dataset.root),
+                self.images_root,
                 progress=lambda done: self.notify(ProgressEvent("thumbnails", None, done, self.n)),
             )
             self.manifest.finish_step("thumbnails", inputs)
@@ -642,18 +989,6 @@ class _Pipeline:
         self.data.complete = True
         self.data.details["seconds_last_call"] = round(seconds, 3)
         self.manifest.save()
-
-
-def _gpa_layer(config: PrecomputeConfig, entry: ModelEntry, model: str) -> str:
-    chosen = (config.gpa_layers or {}).get(model)
-    if chosen is None:
-        return str(entry.default_layer)
-    if chosen not in entry.layers:
-        raise ValueError(
-            f"gpa_layers[{model!r}] = {chosen!r} was not extracted; choose one of "
-            f"{entry.layers} or add it to layers"
-        )
-    return chosen
 
 
 def _open_manifest(layout: RunLayout, name: str) -> RunManifest:

@@ -3,9 +3,9 @@
 A run folder (layout in docs/ARCHITECTURE.md and :class:`convergence_core.cache.RunLayout`) is
 written step by step; each finished step is recorded in ``manifest.json`` under ``steps`` with the
 fingerprint of its inputs (:class:`RunManifest`), and the manifest is rewritten atomically after
-every step. The step writers here (embeddings + Gram matrices, GPA, dispersion + PCA,
-thumbnails) are shared by :func:`write_run_from_embeddings` (tests and analyses build small runs
-with it) and by the resumable pipeline in :mod:`convergence_core.precompute`.
+every step. The step writers here (embeddings + clip thresholds, neighbour lists, GPA,
+dispersion + PCA, thumbnails) are called by the one pipeline in :mod:`convergence_core.precompute`
+(``precompute`` from encoders or files, ``write_run_from_embeddings`` from arrays).
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ __all__ = [
     "write_gpa",
     "write_model_arrays",
     "write_neighbour_lists",
-    "write_run_from_embeddings",
     "write_thumbnails",
 ]
 
@@ -164,51 +163,11 @@ def _caption_list(value: Any, row: int) -> list[str]:
     )
 
 
-def _check_embeddings(
-    embeddings: Mapping[str, Mapping[str, np.ndarray]],
-    vision_models: Sequence[str],
-    language_models: Sequence[str],
-    n: int,
-) -> dict[str, dict[str, np.ndarray]]:
-    """Validate model lists and arrays; return ``{model: {layer: (n, d) float32}}``."""
-    vision, language = list(vision_models), list(language_models)
-    for kind, names in (("vision_models", vision), ("language_models", language)):
-        if len(set(names)) != len(names):
-            raise ValueError(f"{kind} lists a model twice: {names}; list each model once")
-    both = sorted(set(vision) & set(language))
-    if both:
-        raise ValueError(f"models {both} are listed as both vision and language models; pick one")
-    if len(vision) < 2:
-        raise ValueError(f"GPA needs at least 2 vision models, got {vision}; add vision models")
-    listed = set(vision) | set(language)
-    unknown = sorted(set(embeddings) - listed)
-    absent = [name for name in [*vision, *language] if name not in embeddings]
-    if unknown:
-        raise ValueError(
-            f"embeddings has model(s) {unknown} that are in neither vision_models nor "
-            "language_models; list them in one of the two or drop them"
-        )
-    if absent:
-        raise ValueError(
-            f"no embeddings for listed model(s) {absent}; embeddings has {sorted(embeddings)}"
-        )
-    checked: dict[str, dict[str, np.ndarray]] = {}
-    for model in [*vision, *language]:
-        layers = embeddings[model]
-        if not isinstance(layers, Mapping) or not layers:
-            raise ValueError(
-                f"embeddings[{model!r}] must be a non-empty dict {{layer name: (n, d) array}}"
-            )
-        checked[model] = {}
-        for layer, array in layers.items():
-            checked[model][str(layer)] = check_embedding_array(
-                np.asarray(array), model, str(layer), n
-            )
-    return checked
-
-
 def check_embedding_array(array: np.ndarray, model: str, layer: str, n: int) -> np.ndarray:
+    """``array`` as (n, d) float32 (no copy when it already is: a float32 memory map stays one),
+    checked in row blocks; ValueError naming the model, layer and fix otherwise."""
     where = f"embeddings[{model!r}][{layer!r}]"
+    array = np.asarray(array)
     if array.ndim != 2 or array.shape[1] < 1:
         raise ValueError(f"{where} must be a 2-D (n_stimuli, dim) array, got shape {array.shape}")
     if array.shape[0] != n:
@@ -218,8 +177,12 @@ def check_embedding_array(array: np.ndarray, model: str, layer: str, n: int) -> 
         )
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise ValueError(f"{where} must be real numbers, got dtype {array.dtype}")
-    array = array.astype(np.float32)
-    bad = ~np.isfinite(array).all(axis=1)
+    with np.errstate(over="ignore"):
+        array = np.asarray(array, dtype=np.float32)
+    block = max(1, 16_000_000 // array.shape[1])
+    bad = np.concatenate(
+        [~np.isfinite(array[i : i + block]).all(axis=1) for i in range(0, n, block)]
+    )
     if bad.any():
         rows = np.flatnonzero(bad)
         raise ValueError(
@@ -406,131 +369,3 @@ def prepare_run_folder(path: Path) -> None:
                 )
             shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
-
-
-def write_run_from_embeddings(
-    path: str | os.PathLike[str],
-    stimuli: pd.DataFrame,
-    embeddings: Mapping[str, Mapping[str, np.ndarray]],
-    *,
-    vision_models: Sequence[str],
-    language_models: Sequence[str],
-    gpa_layers: Mapping[str, str] | None = None,
-    default_layers: Mapping[str, str] | None = None,
-    images_root: str | os.PathLike[str] | None = None,
-    thumbnails: bool = True,
-    dataset_name: str | None = None,
-    dataset_fingerprint: str | None = None,
-    settings: Mapping[str, Any] | None = None,
-    gpa_tol: float = 1e-10,
-    gpa_max_iter: int = 1000,
-    list_size: int = DEFAULT_LIST_SIZE,
-) -> Run:
-    """Write a complete run folder at ``path`` from in-memory embeddings and return it loaded.
-
-    Args:
-        path: the run folder; created if needed. An existing *run* folder there is replaced; a
-            non-empty folder without manifest.json is refused (ValueError).
-        stimuli: n rows in stimulus order with ``id`` (unique), ``image`` (path relative to
-            ``images_root``), ``captions`` (list[str]); other columns (e.g. ``label``) are kept.
-        embeddings: ``{model: {layer: (n, d) array}}``, layers in network order; stored float32.
-        vision_models / language_models: every model of ``embeddings``, each in exactly one list;
-            at least 2 vision models (GPA needs them).
-        gpa_layers: ``{vision model: layer}`` entering GPA; default: the model's default layer.
-        default_layers: ``{model: layer}``; default: the first layer given for the model.
-            A vision model's default layer is its GPA layer unless both are given.
-        images_root: folder that ``stimuli.image`` is relative to; None = a run without images.
-        thumbnails: write thumbnails/ (needs ``images_root``).
-        dataset_name, dataset_fingerprint, settings: recorded in the manifest.
-        gpa_tol, gpa_max_iter: passed to ``generalized_procrustes``.
-        list_size: K, the neighbours stored per stimulus (``neighbours.DEFAULT_LIST_SIZE``).
-
-    Neighbour lists are built from ``prepare_features`` of the float32-stored embeddings, and GPA
-    runs on float64 copies of them, so everything is reproducible from the run's own files. Raises ValueError (naming the fix) for inconsistent inputs.
-    """
-    path = Path(path)
-    frame = normalise_stimuli(stimuli)
-    n = len(frame)
-    arrays = _check_embeddings(embeddings, vision_models, language_models, n)
-    vision, language = list(vision_models), list(language_models)
-    defaults = {model: next(iter(arrays[model])) for model in arrays}
-    for model, layer in (default_layers or {}).items():
-        _check_layer_choice(arrays, model, layer, "default_layers")
-        defaults[model] = layer
-    gpa_choice = {model: defaults[model] for model in vision}
-    for model, layer in (gpa_layers or {}).items():
-        if model not in vision:
-            raise ValueError(
-                f"gpa_layers names {model!r}, which is not a vision model; use one of {vision}"
-            )
-        _check_layer_choice(arrays, model, layer, "gpa_layers")
-        gpa_choice[model] = layer
-        if model not in (default_layers or {}):
-            defaults[model] = layer
-    root = Path(images_root).resolve() if images_root is not None else None
-    if thumbnails and root is None:
-        raise ValueError("thumbnails=True needs images_root; pass images_root or thumbnails=False")
-    if root is not None and not root.is_dir():
-        raise ValueError(f"images_root {root} is not a folder; pass the folder holding the images")
-
-    prepare_run_folder(path)
-    layout = RunLayout(path)
-    manifest = RunManifest(layout, empty_manifest(path.name))
-    data = manifest.data
-    data.n_stimuli = n
-    data.vision_models = vision
-    data.language_models = language
-    data.settings = dict(settings or {})
-    data.dataset = DatasetInfo(
-        name=dataset_name,
-        fingerprint=dataset_fingerprint,
-        images_root=str(root) if root is not None else None,
-        source={"kind": "in-memory"},
-    )
-    manifest.save()  # first, so a crash leaves a recognisable (incomplete) run folder
-    write_parquet(layout.stimuli, frame)
-    manifest.finish_step("stimuli", fingerprint(frame["id"].tolist()))
-    for model in [*vision, *language]:
-        entry_key = model_key(model)
-        layer_keys = {layer: model_key(layer) for layer in arrays[model]}
-        hashes, thresholds = write_model_arrays(layout, entry_key, layer_keys, arrays[model])
-        modality = "vision" if model in vision else "language"
-        entry = model_entry(model, modality, arrays[model], defaults[model], hashes, thresholds)
-        data.models[model] = entry
-        manifest.finish_step(f"extract:{model}", fingerprint(hashes))
-        for layer in entry.layers:
-            write_neighbour_lists(layout, entry, layer, list_size=list_size)
-            entry.neighbour_layers.append(layer)
-        manifest.finish_step(f"neighbours:{model}", fingerprint(hashes, list_size))
-    gpa_layer_list = [gpa_choice[m] for m in vision]
-    result = write_gpa(
-        layout,
-        [arrays[m][gpa_choice[m]] for m in vision],
-        vision,
-        gpa_layer_list,
-        tol=gpa_tol,
-        max_iter=gpa_max_iter,
-    )
-    data.gpa = GPARecord(models=vision, layers=gpa_layer_list)
-    gpa_inputs = fingerprint([data.models[m].sha256[gpa_choice[m]] for m in vision])
-    manifest.finish_step("gpa", gpa_inputs, n_iter=int(result.n_iter))
-    write_dispersion(layout, frame["id"].tolist(), np.asarray(result.residuals))
-    manifest.finish_step("dispersion", gpa_inputs)
-    if thumbnails and root is not None:
-        write_thumbnails(layout, frame, root)
-        manifest.finish_step("thumbnails", fingerprint(frame["image"].tolist()))
-    data.complete = True
-    manifest.save()
-    return load_run(path)
-
-
-def _check_layer_choice(
-    arrays: Mapping[str, Mapping[str, np.ndarray]], model: str, layer: str, argument: str
-) -> None:
-    if model not in arrays:
-        raise ValueError(f"{argument} names unknown model {model!r}; use one of {sorted(arrays)}")
-    if layer not in arrays[model]:
-        raise ValueError(
-            f"{argument}[{model!r}] = {layer!r} is not a layer of {model!r}; use one of "
-            f"{list(arrays[model])}"
-        )

@@ -1,0 +1,394 @@
+"""Where a model's representations come from: an encoder, arrays in memory, or files.
+
+Every model of a run has a *source*; the pipeline (:mod:`.precompute`) asks each source for
+``{layer: (n, d) array}`` in stimulus order and treats every model alike after that (stored
+embeddings, neighbour lists, GPA, dispersion). Three kinds:
+
+* :class:`EncoderSource` — a registry model (``models.get_spec``): images or captions are embedded
+  (``extract``), every chosen layer.
+* :class:`ArraySource` — arrays a caller already has (``write_run_from_embeddings``, notebooks).
+* :class:`FileSource` — one file per layer that a user brings: any model, or brain recordings
+  (stimuli × voxels per subject and region). Formats (:func:`read_feature_file`):
+
+  - ``.npy`` (n, d) numeric, with its stimulus ids one per line in ``<file>.ids.txt``;
+  - ``.parquet`` with an ``id`` column and one numeric column per feature.
+
+  Rows are matched to the data set by id; missing, extra or duplicated ids, NaN/Inf rows, wrong
+  shapes and non-numeric data raise :class:`FeatureFileError` naming the file and the fix.
+  Nothing is unpickled (``allow_pickle=False``).
+
+A source's ``inputs()`` is the fingerprint that decides whether its stored embeddings are stale.
+
+Modalities: ``vision`` and ``language`` are the two sides of the alignment analyses (vision models
+enter the intra-modal GPA by default); ``brain`` and any other name a user gives (letters, digits,
+``_``, ``-``) are kept as such and can enter cross-modal analyses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "ArraySource",
+    "EncoderSource",
+    "Extracted",
+    "FeatureFileError",
+    "FileSource",
+    "KNOWN_MODALITIES",
+    "check_modality",
+    "read_feature_file",
+]
+
+#: Modalities with a meaning in the analyses; any other safe name is accepted too.
+KNOWN_MODALITIES = ("vision", "language", "brain")
+_MODALITY = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,39}")
+#: Suffix of the id list that accompanies an ``.npy`` feature file.
+IDS_SUFFIX = ".ids.txt"
+
+
+class FeatureFileError(ValueError):
+    """A feature file cannot be used as it is (the message names the file and the fix)."""
+
+
+def check_modality(modality: object, model: str) -> str:
+    """``modality`` if it is a usable name (``vision``, ``language``, ``brain`` or another)."""
+    if not isinstance(modality, str) or not _MODALITY.fullmatch(modality):
+        raise ValueError(
+            f"modality {modality!r} of model {model!r} is not a usable name; use one of "
+            f"{list(KNOWN_MODALITIES)} or a name of letters, digits, '_' and '-' (e.g. 'ecog')"
+        )
+    return modality
+
+
+@dataclass
+class Extracted:
+    """What a source hands to the pipeline: ``{layer: (n, d) array}`` (layers shallow to deep),
+    the default layer, the weights' identity (encoders) and details for the manifest."""
+
+    arrays: dict[str, np.ndarray]
+    default_layer: str
+    weights_id: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _array_fingerprint(array: np.ndarray) -> str:
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+@dataclass
+class ArraySource:
+    """Representations given as arrays: ``{layer: (n, d)}`` in stimulus order, layers in order.
+
+    ``default_layer`` (default: the first layer) is the layer used when none is named.
+    """
+
+    name: str
+    modality: str
+    arrays: Mapping[str, np.ndarray]
+    default_layer: str | None = None
+    kind: str = "arrays"
+
+    def __post_init__(self) -> None:
+        check_modality(self.modality, self.name)
+        if not isinstance(self.arrays, Mapping) or not self.arrays:
+            raise ValueError(
+                f"embeddings[{self.name!r}] must be a non-empty dict {{layer name: (n, d) array}}"
+            )
+        if self.default_layer is not None and self.default_layer not in self.arrays:
+            raise ValueError(
+                f"default layer {self.default_layer!r} is not a layer of {self.name!r}; use one "
+                f"of {list(self.arrays)}"
+            )
+
+    @property
+    def layers(self) -> list[str]:
+        return [str(layer) for layer in self.arrays]
+
+    def inputs(self, context: Any) -> str:
+        return "arrays:" + ",".join(_array_fingerprint(np.asarray(a)) for a in self.arrays.values())
+
+    def load(self, context: Any) -> Extracted:
+        return Extracted(
+            {str(layer): np.asarray(a) for layer, a in self.arrays.items()},
+            self.default_layer or self.layers[0],
+        )
+
+
+@dataclass
+class FileSource:
+    """Representations read from files, one per layer: ``{layer: path}`` (see the module doc)."""
+
+    name: str
+    modality: str
+    files: Mapping[str, str | os.PathLike[str]]
+    default_layer: str | None = None
+    kind: str = "file"
+
+    def __post_init__(self) -> None:
+        check_modality(self.modality, self.name)
+        if not self.files:
+            raise ValueError(f"model {self.name!r} names no feature file; pass NAME=PATH")
+        self.files = {str(layer): Path(path).expanduser().resolve()
+                      for layer, path in self.files.items()}
+        for layer, path in self.files.items():
+            if not path.is_file():
+                raise FeatureFileError(
+                    f"feature file {path} (model {self.name!r}, layer {layer!r}) does not exist; "
+                    "pass the path of an .npy (with its .ids.txt) or a .parquet file"
+                )
+        if self.default_layer is not None and self.default_layer not in self.files:
+            raise ValueError(
+                f"default layer {self.default_layer!r} is not a layer of {self.name!r}; use one "
+                f"of {list(self.files)}"
+            )
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.files)
+
+    def inputs(self, context: Any) -> str:
+        parts = []
+        for layer, path in self.files.items():
+            ids = _ids_path(path)
+            parts.append(f"{layer}={_sha256_file(path)}:{_sha256_file(ids) if ids.is_file() else ''}")
+        return "file:" + ",".join(parts)
+
+    def load(self, context: Any) -> Extracted:
+        ids = list(context.stimuli["id"])
+        arrays = {
+            layer: read_feature_file(path, ids, model=self.name, layer=layer)
+            for layer, path in self.files.items()
+        }
+        return Extracted(
+            arrays,
+            self.default_layer or self.layers[0],
+            details={"files": {layer: str(path) for layer, path in self.files.items()}},
+        )
+
+
+@dataclass
+class EncoderSource:
+    """A registry model: every stimulus's image (vision) or caption(s) (language) is embedded."""
+
+    name: str
+    modality: str
+    kind: str = "encoder"
+
+    def __post_init__(self) -> None:
+        check_modality(self.modality, self.name)
+
+    def inputs(self, context: Any) -> str:
+        from . import models
+
+        cfg = context.config
+        weights = (cfg.weights or {}).get(self.name)
+        return context.fingerprint(
+            "extract",
+            context.data_fingerprint,
+            self.name,
+            models.get_spec(self.name).source,
+            self.modality,
+            cfg.layers_for(self.name),
+            (cfg.gpa_layers or {}).get(self.name),
+            cfg.caption_mode if self.modality == "language" else None,
+            str(cfg.device).split(":")[0],
+            os.fspath(weights) if weights else None,
+        )
+
+    def load(self, context: Any) -> Extracted:
+        import time
+
+        from . import models
+        from .extract import extract_caption_embeddings, extract_embeddings
+
+        cfg = context.config
+        if self.modality == "vision" and context.images_root is None:
+            raise ValueError(
+                f"vision model {self.name!r} needs images, but the data set has none; use a data "
+                "set with images or give this model's features as a file (--features)"
+            )
+        started = time.perf_counter()
+        encoder = models.load_encoder(
+            self.name, device=cfg.device, weights=(cfg.weights or {}).get(self.name)
+        )
+        load_seconds = time.perf_counter() - started
+        layers = context.choose_layers(encoder)
+        default = encoder.default_layer if encoder.default_layer in layers else layers[-1]
+        report: Callable[[int, int], None] = context.progress_for(self.name)
+        started = time.perf_counter()
+        n = len(context.stimuli)
+        if self.modality == "vision":
+            images = [Path(context.images_root) / rel for rel in context.stimuli["image"]]
+            raw = extract_embeddings(
+                encoder, images, batch_size=cfg.batch_size, progress=report, layers=layers
+            )
+            items = n
+        else:
+            raw = extract_caption_embeddings(
+                encoder,
+                context.stimuli,
+                mode=cfg.caption_mode,
+                batch_size=cfg.batch_size,
+                progress=report,
+                layers=layers,
+            )
+            items = n if cfg.caption_mode == "first" else sum(map(len, context.stimuli["captions"]))
+        seconds = time.perf_counter() - started
+        return Extracted(
+            {layer: np.asarray(raw[layer]) for layer in layers},
+            default,
+            weights_id=encoder.weights_id,
+            details={
+                "items": int(items),
+                "load_seconds": round(load_seconds, 3),
+                "extract_seconds": round(seconds, 3),
+                "items_per_second": round(items / seconds, 2) if seconds > 0 else None,
+            },
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# feature files
+
+
+def _ids_path(path: Path) -> Path:
+    return path.with_name(path.name + IDS_SUFFIX)
+
+
+def _read_ids(path: Path) -> list[str]:
+    ids_file = _ids_path(path)
+    if not ids_file.is_file():
+        raise FeatureFileError(
+            f"feature file {path} has no id list: write its rows' stimulus ids, one per line, to "
+            f"{ids_file} (or use a .parquet file with an 'id' column)"
+        )
+    try:
+        text = ids_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FeatureFileError(f"{ids_file} is not UTF-8 text ({exc}); write it as UTF-8") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _read_npy_features(path: Path) -> tuple[np.ndarray, list[str]]:
+    from .cache import CacheFormatError, read_npy
+
+    try:
+        array = read_npy(path, mmap=True)
+    except CacheFormatError as exc:
+        raise FeatureFileError(
+            f"feature file {path} cannot be read as a numeric .npy array ({exc}); save it with "
+            "np.save(path, features.astype(np.float32))"
+        ) from None
+    return array, _read_ids(path)
+
+
+def _read_parquet_features(path: Path) -> tuple[np.ndarray, list[str]]:
+    try:
+        frame = pd.read_parquet(path, engine="pyarrow")
+    except Exception as exc:  # pyarrow raises several types for bad files
+        raise FeatureFileError(f"feature file {path} is not a readable parquet file ({exc})") from None
+    if "id" not in frame.columns:
+        raise FeatureFileError(
+            f"feature file {path} has no 'id' column (columns: {list(frame.columns)[:8]}...); add "
+            "one holding each row's stimulus id"
+        )
+    ids = [str(i) for i in frame["id"]]
+    features = frame.drop(columns=["id"])
+    bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    if bad:
+        raise FeatureFileError(
+            f"feature file {path} has non-numeric feature column(s) {bad[:5]}; keep only 'id' and "
+            "one numeric column per feature"
+        )
+    return features.to_numpy(dtype=np.float32), ids
+
+
+def read_feature_file(
+    path: str | os.PathLike[str], ids: Sequence[str], *, model: str, layer: str
+) -> np.ndarray:
+    """The (n, d) float32 features of ``path``, rows in the order of ``ids`` (the data set's).
+
+    Raises:
+        FeatureFileError: unknown suffix, unreadable file, not 2-D or not numeric, an id list of
+            another length, duplicated ids, ids of the data set missing from the file or ids in
+            the file that the data set does not have, NaN/Inf rows — each naming the fix.
+    """
+    path = Path(path)
+    where = f"feature file {path} (model {model!r}, layer {layer!r})"
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array, file_ids = _read_npy_features(path)
+    elif suffix == ".parquet":
+        array, file_ids = _read_parquet_features(path)
+    else:
+        raise FeatureFileError(
+            f"{where} has suffix {suffix!r}; use .npy (with {path.name}{IDS_SUFFIX}) or .parquet"
+        )
+    if array.ndim != 2 or array.shape[1] < 1:
+        raise FeatureFileError(
+            f"{where} holds an array of shape {array.shape}; it must be 2-D (stimuli, features): "
+            "reshape with features.reshape(len(features), -1)"
+        )
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise FeatureFileError(f"{where} has dtype {array.dtype}; store real numbers (float32)")
+    if len(file_ids) != array.shape[0]:
+        raise FeatureFileError(
+            f"{where} has {array.shape[0]} rows but {len(file_ids)} ids; give exactly one id per "
+            "row, in row order"
+        )
+    position: dict[str, int] = {}
+    duplicated: list[str] = []
+    for row, sid in enumerate(file_ids):
+        if sid in position:
+            duplicated.append(sid)
+        position[sid] = row
+    if duplicated:
+        raise FeatureFileError(
+            f"{where} lists {len(duplicated)} id(s) twice (e.g. {duplicated[:5]}); keep one row "
+            "per stimulus (average repeated presentations first)"
+        )
+    missing = [sid for sid in ids if sid not in position]
+    if missing:
+        raise FeatureFileError(
+            f"{where} has no row for {len(missing)} of the data set's {len(ids)} stimuli (e.g. "
+            f"{missing[:5]}); add them, or restrict the data set to the stimuli the file covers"
+        )
+    known = set(ids)
+    extra = [sid for sid in file_ids if sid not in known]
+    if extra:
+        raise FeatureFileError(
+            f"{where} has {len(extra)} row(s) for ids the data set does not have (e.g. "
+            f"{extra[:5]}); drop those rows or use the data set they belong to"
+        )
+    order = np.fromiter((position[sid] for sid in ids), dtype=np.int64, count=len(ids))
+    in_order = bool(np.array_equal(order, np.arange(len(ids))))
+    out = np.asarray(array if in_order else array[order], dtype=np.float32)
+    finite = np.isfinite(out).all(axis=1)
+    if not finite.all():
+        bad_rows = np.flatnonzero(~finite)
+        raise FeatureFileError(
+            f"{where} has NaN/Inf in {bad_rows.size} row(s), e.g. stimuli "
+            f"{[ids[i] for i in bad_rows[:5]]}; fix those rows or drop those stimuli from the data "
+            "set"
+        )
+    return out
