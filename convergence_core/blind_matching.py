@@ -124,12 +124,20 @@ def blind_matching(
         )
     truth = np.arange(s) if truth is None else np.asarray(truth)
     if truth.shape != (s,) or not np.array_equal(np.sort(truth), np.arange(s)):
-        raise ValueError(f"truth must be a permutation of 0..{s - 1}: the caption row of each image.")
+        raise ValueError(
+            f"truth must be a permutation of 0..{s - 1}: the caption row of each image."
+        )
     Xs = stretch(X) if stretch_features else X
     Ys = stretch(Y) if stretch_features else Y
     if seeds is None:
-        if isinstance(n_seeds, bool) or not isinstance(n_seeds, (int, np.integer)) or not 0 <= n_seeds <= s - 2:
-            raise ValueError(f"n_seeds must be an integer in 0..{s - 2} (two or more left to match), got {n_seeds!r}.")
+        if (
+            isinstance(n_seeds, bool)
+            or not isinstance(n_seeds, (int, np.integer))
+            or not 0 <= n_seeds <= s - 2
+        ):
+            raise ValueError(
+                f"n_seeds must be an integer in 0..{s - 2} (two or more left to match), got {n_seeds!r}."
+            )
         seeds = (
             choose_seeds(Xs, int(n_seeds), how=seed_selection, seed=seed)
             if n_seeds
@@ -138,7 +146,9 @@ def blind_matching(
     else:
         seeds = np.unique(np.asarray(seeds, dtype=np.int64))
         if seeds.size > s - 2 or (seeds.size and (seeds.min() < 0 or seeds.max() >= s)):
-            raise ValueError(f"seeds must be distinct image rows in 0..{s - 1}, leaving two or more to match.")
+            raise ValueError(
+                f"seeds must be distinct image rows in 0..{s - 1}, leaving two or more to match."
+            )
     if isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer)) or n_init < 1:
         raise ValueError(f"n_init must be an integer >= 1, got {n_init!r}.")
     rng = np.random.default_rng(int(seed))

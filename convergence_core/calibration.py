@@ -40,13 +40,21 @@ def _rng(seed: object) -> np.random.Generator:
 
 
 def _check_count(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
     return int(value)
 
 
 def _check_level(level: object) -> float:
-    if isinstance(level, bool) or not isinstance(level, (int, float, np.floating)) or not 0 < level < 1:
+    if (
+        isinstance(level, bool)
+        or not isinstance(level, (int, float, np.floating))
+        or not 0 < level < 1
+    ):
         raise ValueError(f"level must lie in (0, 1), got {level!r}; use e.g. 0.95.")
     return float(level)
 
@@ -145,8 +153,17 @@ def shuffled_pairing_null(
     calibrated = observed - mean
     z = calibrated / sd if sd > 0 else float("nan")
     return CalibratedScore(
-        observed, mean, sd, lower, upper, calibrated, z, _p_values(observed, null)[0],
-        null.size, level, null,
+        observed,
+        mean,
+        sd,
+        lower,
+        upper,
+        calibrated,
+        z,
+        _p_values(observed, null)[0],
+        null.size,
+        level,
+        null,
     )
 
 
@@ -168,12 +185,14 @@ def local_density(neighbour_values: object, k: int = 10) -> np.ndarray:
         )
     k = _check_count(k, "k")
     if k > values.shape[1]:
-        raise ValueError(f"k={k} but only {values.shape[1]} neighbours per stimulus are given; pass k <= {values.shape[1]}.")
+        raise ValueError(
+            f"k={k} but only {values.shape[1]} neighbours per stimulus are given; pass k <= {values.shape[1]}."
+        )
     return values[:, :k].mean(axis=1)
 
 
 def typicality(densities: Sequence[object]) -> np.ndarray:
-    """(n,) mean over models of each model's z-scored :func:`local_density` (one array per model)."""
+    """(n,) mean over models of each model's z-scored :func:`local_density` (one array each)."""
     arrays = [np.asarray(d, dtype=np.float64) for d in densities]
     if not arrays or any(a.ndim != 1 or a.shape != arrays[0].shape for a in arrays):
         raise ValueError("pass one (n,) density array per model, all of the same length n.")
@@ -207,7 +226,9 @@ def _check_covariates(
     return chosen, covariate, labels, n
 
 
-def covariate_strata(covariate: object = None, labels: object = None, *, n_bins: int = 5) -> np.ndarray:
+def covariate_strata(
+    covariate: object = None, labels: object = None, *, n_bins: int = 5
+) -> np.ndarray:
     """(n,) int stratum of each stimulus: covariate quantile bin (over all n) × label."""
     n_bins = _check_count(n_bins, "n_bins")
     strata = np.zeros(np.size(covariate if covariate is not None else labels), dtype=np.int64)
@@ -281,7 +302,9 @@ def matched_random_sets(
             )
     elif method == "nearest":
         if covariate is None:
-            raise ValueError("method='nearest' matches on a covariate; pass covariate or use method='strata'.")
+            raise ValueError(
+                "method='nearest' matches on a covariate; pass covariate or use method='strata'."
+            )
         n_candidates = _check_count(n_candidates, "n_candidates")
         groups = labels if labels is not None else np.zeros(n, dtype=np.int64)
         # each chosen stimulus's candidates, nearest covariate first (stable: lower index on ties);
@@ -311,12 +334,17 @@ def matched_random_sets(
 
 
 def random_sets(n: int, size: int, n_sets: int = 200, *, seed: int = 0) -> np.ndarray:
-    """(n_sets, size) int64 unmatched random sets (without replacement within a set), rows sorted."""
+    """(n_sets, size) int64 unmatched random sets (distinct stimuli within a set), rows sorted."""
     n, size = _check_count(n, "n"), _check_count(size, "size")
     if size > n:
         raise ValueError(f"size={size} is larger than the {n} stimuli.")
     rng = _rng(seed)
-    return np.sort(np.stack([rng.choice(n, size, replace=False) for _ in range(_check_count(n_sets, "n_sets"))]), axis=1)
+    return np.sort(
+        np.stack(
+            [rng.choice(n, size, replace=False) for _ in range(_check_count(n_sets, "n_sets"))]
+        ),
+        axis=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -359,7 +387,15 @@ def compare_with_baseline(
     greater, less = _p_values(observed, baseline)
     lower, upper = _interval(baseline, level)
     return BaselineComparison(
-        observed, float(baseline.mean()), lower, upper, greater, less, baseline.size, level, baseline
+        observed,
+        float(baseline.mean()),
+        lower,
+        upper,
+        greater,
+        less,
+        baseline.size,
+        level,
+        baseline,
     )
 
 
@@ -401,11 +437,15 @@ def resampled_interval(
     rng = _rng(seed)
     estimate = float(statistic(np.arange(n)))
     if method == "bootstrap":
-        values = np.array([float(statistic(np.sort(rng.integers(0, n, n)))) for _ in range(n_resamples)])
+        values = np.array(
+            [float(statistic(np.sort(rng.integers(0, n, n)))) for _ in range(n_resamples)]
+        )
         lower, upper = _interval(values, level)
     elif method == "half":
         m = n // 2
-        values = np.array([float(statistic(np.sort(rng.choice(n, m, replace=False)))) for _ in range(n_resamples)])
+        values = np.array(
+            [float(statistic(np.sort(rng.choice(n, m, replace=False)))) for _ in range(n_resamples)]
+        )
         deviations = values - values.mean()
         low, high = _interval(deviations, level)
         lower, upper = estimate + low, estimate + high

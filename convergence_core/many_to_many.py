@@ -52,13 +52,17 @@ class AveragingEffect:
     level: float
 
 
-def _scorer(score: str | Callable[..., float], options: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray], float]:
+def _scorer(
+    score: str | Callable[..., float], options: dict[str, Any]
+) -> Callable[[np.ndarray, np.ndarray], float]:
     if isinstance(score, str):
         return lambda X, Y: measure(score, X, Y, **options)
     if not callable(score):
         raise ValueError(f"score must be a metric name or a callable score(X, Y), got {score!r}.")
     if options:
-        raise ValueError(f"options {sorted(options)} go with a metric name, not with a callable score.")
+        raise ValueError(
+            f"options {sorted(options)} go with a metric name, not with a callable score."
+        )
     return score
 
 
@@ -83,7 +87,7 @@ def _check_owners(owners: object, m: int, n: int | None) -> tuple[np.ndarray, in
 
 
 def caption_mean(captions: object, owners: object, n: int | None = None) -> np.ndarray:
-    """(n, d) float64: the mean of each image's caption features (owners[c] = image of caption c)."""
+    """(n, d) float64: the mean of each image's caption features (owners[c]: caption c's image)."""
     captions = check_features(captions, "captions")
     owners, n = _check_owners(owners, captions.shape[0], n)
     sums = np.zeros((n, captions.shape[1]))
@@ -147,8 +151,16 @@ def _effect(
         level=level,
     )
     return AveragingEffect(
-        comparison, one, averaged, averaged - one, interval.lower, interval.upper, X_one.shape[0],
-        method, interval.n_resamples, level,
+        comparison,
+        one,
+        averaged,
+        averaged - one,
+        interval.lower,
+        interval.upper,
+        X_one.shape[0],
+        method,
+        interval.n_resamples,
+        level,
     )
 
 
@@ -183,7 +195,9 @@ def caption_averaging_effect(
     mean = caption_mean(captions, owners, n)
     rows = np.arange(n) if rows is None else check_indices(rows, n)
     X = images[rows]
-    return _effect("captions", scorer, X, single[rows], X, mean[rows], method, n_resamples, seed, level)
+    return _effect(
+        "captions", scorer, X, single[rows], X, mean[rows], method, n_resamples, seed, level
+    )
 
 
 def class_averaging_effect(
@@ -219,8 +233,16 @@ def class_averaging_effect(
         )
     pick = _one_per_group(codes, classes.size, one, seed)
     return _effect(
-        "classes", scorer, images[pick], texts[pick], image_means, text_means, method, n_resamples,
-        seed, level,
+        "classes",
+        scorer,
+        images[pick],
+        texts[pick],
+        image_means,
+        text_means,
+        method,
+        n_resamples,
+        seed,
+        level,
     )
 
 
@@ -250,7 +272,9 @@ def caption_count_curve(
     most = int(per_image[rows].min())
     counts = list(range(1, most + 1)) if counts is None else [int(c) for c in counts]
     if not counts or min(counts) < 1 or max(counts) > most:
-        raise ValueError(f"counts must lie in 1..{most} (the fewest captions of an image in the set).")
+        raise ValueError(
+            f"counts must lie in 1..{most} (the fewest captions of an image in the set)."
+        )
     rng = np.random.default_rng(int(seed))
     order = np.argsort(owners, kind="stable")
     starts = np.concatenate([[0], np.cumsum(per_image)[:-1]])

@@ -40,8 +40,8 @@ when s·(d_x+d_y) exceeds d_x²+d_y²+d_x·d_y, and the (s, s) Grams otherwise (
 needs every pairwise distance: O(s²·d) time, formed in row blocks (O(block·s) memory).
 :func:`cka_from_kernels` takes precomputed (s, s) or (B, s, s) kernels (e.g. sub-Grams of a
 small run) for many sets at once. SVCCA standardises each feature, keeps the top ``cca_dim``
-left singular vectors (exact; the d×d route via ``eigh`` when s > d) and averages the canonical
-correlations of the two subspaces (the singular values of U_xᵀU_y).
+left singular vectors (exact, from ``eigh`` of the smaller of A Aᵀ and AᵀA) and averages the
+canonical correlations of the two subspaces (the singular values of U_xᵀU_y).
 
 HSIC formulas (one copy each, used by :mod:`.alignment` too): with Ã, B̃ the kernels with zeroed
 diagonals (Song et al. 2012, eq. 5),
@@ -160,16 +160,22 @@ def permute_table(table: object, permutation: object) -> np.ndarray:
             f"matching it; got {table.shape} and {permutation.shape}."
         )
     s = table.shape[-2]
-    if not np.array_equal(np.sort(permutation, axis=-1), np.broadcast_to(np.arange(s), permutation.shape)):
+    if not np.array_equal(
+        np.sort(permutation, axis=-1), np.broadcast_to(np.arange(s), permutation.shape)
+    ):
         raise ValueError("permutation must hold each position 0..s-1 exactly once (per set).")
     inverse = np.argsort(permutation, axis=-1)
     if table.ndim == 2:
         return inverse[table[permutation]]
     gathered = np.take_along_axis(table, permutation[:, :, None], axis=1)  # rows reordered
-    return np.take_along_axis(inverse, gathered.reshape(len(table), -1), axis=1).reshape(table.shape)
+    return np.take_along_axis(inverse, gathered.reshape(len(table), -1), axis=1).reshape(
+        table.shape
+    )
 
 
-def _check_tables(table_x: object, table_y: object, minimum_k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def _check_tables(
+    table_x: object, table_y: object, minimum_k: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """Validated tables as int64 (B, s, k) and whether the input was batched (3-D)."""
     arrays = []
     for name, table in (("table_x", table_x), ("table_y", table_y)):
@@ -193,12 +199,18 @@ def _check_tables(table_x: object, table_y: object, minimum_k: int) -> tuple[np.
     check_k(k, s, minimum_k)
     for name, table in (("table_x", tx), ("table_y", ty)):
         if table.min(initial=0) < 0 or table.max(initial=0) >= s:
-            raise ValueError(f"{name} holds positions outside 0..{s - 1}; positions are within the set.")
+            raise ValueError(
+                f"{name} holds positions outside 0..{s - 1}; positions are within the set."
+            )
         if np.any(table == np.arange(s)[:, None]):
-            raise ValueError(f"{name} lists a stimulus as its own neighbour; exclude self from the table.")
+            raise ValueError(
+                f"{name} lists a stimulus as its own neighbour; exclude self from the table."
+            )
         ordered = np.sort(table, axis=-1)
         if np.any(ordered[..., 1:] == ordered[..., :-1]):
-            raise ValueError(f"{name} repeats a neighbour within a row; each row needs k distinct others.")
+            raise ValueError(
+                f"{name} repeats a neighbour within a row; each row needs k distinct others."
+            )
     return tx, ty, batched
 
 
@@ -207,23 +219,25 @@ def _result(values: np.ndarray, batched: bool) -> float | np.ndarray:
 
 
 class _SortedEntries(NamedTuple):
-    """A (B, s, k) table's entries as sorted keys (global row)·s + column, with their values."""
+    """A (B, s, k) table's entries sorted within each row, as flat keys (global row)·s + column
+    (globally sorted, since rows come in order), with the columns and values in the same order."""
 
     keys: np.ndarray
+    columns: np.ndarray  # (B·s, k): each row's columns, ascending
     values: np.ndarray | None
 
     @classmethod
     def of(cls, table: np.ndarray, values: np.ndarray | None = None) -> _SortedEntries:
         B, s, k = table.shape
         order = np.argsort(table, axis=-1)
-        rows = np.arange(B * s, dtype=np.int64).reshape(B, s, 1)
-        keys = (rows * s + np.take_along_axis(table, order, axis=-1)).ravel()
+        columns = np.take_along_axis(table, order, axis=-1).reshape(B * s, k)
+        rows = np.arange(B * s, dtype=np.int64)[:, None]
         if values is not None:
             values = np.take_along_axis(values, order, axis=-1).ravel()
-        return cls(keys, values)
+        return cls((rows * s + columns).ravel(), columns, values)
 
     def find(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(whether each query key is an entry, its position in ``keys`` where it is)."""
+        """(whether each query key is an entry, its flat position where it is): binary search."""
         at = np.minimum(np.searchsorted(self.keys, queries), self.keys.size - 1)
         return self.keys[at] == queries, at
 
@@ -359,7 +373,9 @@ def _values_at(at: object, table: np.ndarray, batched: bool, name: str) -> np.nd
                 "the table entries (NeighbourTable.values) or a getter at(i, j)."
             )
     if not np.isfinite(values).all():
-        raise ValueError(f"{name} holds NaN or Inf kernel values; recompute them from finite features.")
+        raise ValueError(
+            f"{name} holds NaN or Inf kernel values; recompute them from finite features."
+        )
     return values
 
 
@@ -385,36 +401,45 @@ def cknna_from_tables(
     vy = _values_at(y_at, ty, batched, "y_at")
     x_entries, y_entries = _SortedEntries.of(tx, vx), _SortedEntries.of(ty, vy)
     size = B * s
+    # every entry e of either table, in the sorted order: global row r = b·s + i, column j
+    rows = np.repeat(np.arange(size, dtype=np.int64), k)
+    local = rows % s
+    x_columns = rows - local + x_entries.columns.ravel()  # global column b·s + j
+    y_columns = rows - local + y_entries.columns.ravel()
 
-    def hsic(rows, columns, local, a, b, b_transposed) -> np.ndarray:
+    def hsic(rows, columns, a, b, b_transposed) -> np.ndarray:
         blocks = rows // s
         trace = np.bincount(blocks, weights=a * b_transposed, minlength=B)
         sum_a = np.bincount(blocks, weights=a, minlength=B)
         sum_b = np.bincount(blocks, weights=b, minlength=B)
         cross = (
-            np.bincount(columns, weights=a, minlength=size) * np.bincount(rows, weights=b, minlength=size)
-        ).reshape(B, s).sum(axis=1)
+            (
+                np.bincount(columns, weights=a, minlength=size)
+                * np.bincount(rows, weights=b, minlength=size)
+            )
+            .reshape(B, s)
+            .sum(axis=1)
+        )
         return unbiased_hsic_from_sums(s, trace, sum_a, sum_b, cross)
 
-    self_terms = []
-    for table, values, entries in ((tx, vx, x_entries), (ty, vy, y_entries)):
-        rows, local, columns = _entry_coordinates(table)
-        found, at = entries.find(columns * s + local)
-        a = values.ravel()
-        self_terms.append(hsic(rows, columns, local, a, a, np.where(found, entries.values[at], 0.0)))
-    rows, local, columns = _entry_coordinates(tx)
-    mutual, at_y = y_entries.find(rows * s + tx.ravel())
-    rows, local, columns = rows[mutual], local[mutual], columns[mutual]
-    transposed = columns * s + local
-    in_x, _ = x_entries.find(transposed)
-    in_y, at_y_transposed = y_entries.find(transposed)
+    # reciprocal entries: is i among j's neighbours, and where (three look-ups in all)
+    x_back, x_back_at = x_entries.find(x_columns * s + local)
+    y_back, y_back_at = y_entries.find(y_columns * s + local)
+    a, b = x_entries.values, y_entries.values
+    self_terms = [
+        hsic(rows, x_columns, a, a, np.where(x_back, a[x_back_at], 0.0)),
+        hsic(rows, y_columns, b, b, np.where(y_back, b[y_back_at], 0.0)),
+    ]
+    # the mutual mask M_K ∘ M_L: X entries that are also Y entries (at y_at in Y's order)
+    mutual, y_at = y_entries.find(rows * s + x_entries.columns.ravel())
+    y_at = y_at[mutual]
+    both_back = x_back[mutual] & y_back[y_at]
     cross_term = hsic(
-        rows,
-        columns,
-        local,
-        vx.ravel()[mutual],
-        y_entries.values[at_y[mutual]],
-        np.where(in_x & in_y, y_entries.values[at_y_transposed], 0.0),
+        rows[mutual],
+        x_columns[mutual],
+        a[mutual],
+        b[y_at],
+        np.where(both_back, b[y_back_at[y_at]], 0.0),
     )
     values = normalised_alignment(cross_term, self_terms[0], self_terms[1])
     return _result(np.atleast_1d(values), batched)
@@ -422,7 +447,9 @@ def cknna_from_tables(
 
 # ----------------------------------------------------------------------------------------------
 # feature forms of the neighbour metrics
-def _tables(X: object, Y: object, k: object, minimum_k: int) -> tuple[NeighbourTable, NeighbourTable]:
+def _tables(
+    X: object, Y: object, k: object, minimum_k: int
+) -> tuple[NeighbourTable, NeighbourTable]:
     X, Y = check_pair(X, Y, min_rows=2)
     k = check_k(k, X.shape[0], minimum_k)
     return nearest_neighbours(X, k), nearest_neighbours(Y, k)
@@ -437,7 +464,7 @@ def cknna(X: object, Y: object, k: int = 10) -> float:
 
 
 def mutual_knn(X: object, Y: object, k: int = 10) -> float:
-    """Mean over stimuli of |knn_X(i) ∩ knn_Y(i)| / k, neighbours by inner product, self excluded."""
+    """Mean over stimuli of |knn_X(i) ∩ knn_Y(i)| / k; neighbours by inner product, not self."""
     tx, ty = _tables(X, Y, k, 1)
     return mutual_knn_from_tables(tx.indices, ty.indices)
 
@@ -497,7 +524,10 @@ def _off_diagonal_sums(
         stop = min(n, start + block)
         local = np.arange(stop - start)
         Kb, Lb = kernels(start, stop)
-        diagonal_k[start:stop], diagonal_l[start:stop] = Kb[local, start + local], Lb[local, start + local]
+        diagonal_k[start:stop], diagonal_l[start:stop] = (
+            Kb[local, start + local],
+            Lb[local, start + local],
+        )
         Kb[local, start + local] = 0.0
         Lb[local, start + local] = 0.0
         kl += float(np.sum(Kb * Lb))
@@ -559,7 +589,10 @@ def _cka_from_sums(sums: _KernelSums, unbiased: bool) -> float:
         else:  # the diagonals back in
             rows_a, rows_b = rows_a + diagonal_a, rows_b + diagonal_b
             hsic[key] = biased_hsic_from_sums(
-                n, product + float(diagonal_a @ diagonal_b), rows_a.sum(), rows_b.sum(),
+                n,
+                product + float(diagonal_a @ diagonal_b),
+                rows_a.sum(),
+                rows_b.sum(),
                 float(rows_a @ rows_b),
             )
     return normalised_alignment(hsic["kl"], hsic["kk"], hsic["ll"])
@@ -570,10 +603,14 @@ def _check_kernel(kernel: object, sigma: object) -> tuple[str, float]:
         kernel = "linear"
     if kernel not in ("linear", "rbf"):
         raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}.")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.integer, np.floating)) or not (
-        np.isfinite(sigma) and sigma > 0
+    if (
+        isinstance(sigma, bool)
+        or not isinstance(sigma, (int, float, np.integer, np.floating))
+        or not (np.isfinite(sigma) and sigma > 0)
     ):
-        raise ValueError(f"sigma (the RBF width) must be a positive number, got {sigma!r}; e.g. sigma=1.0.")
+        raise ValueError(
+            f"sigma (the RBF width) must be a positive number, got {sigma!r}; e.g. sigma=1.0."
+        )
     return str(kernel), float(sigma)
 
 
@@ -631,14 +668,21 @@ def cka_from_kernels(K: object, L: object, *, unbiased: bool = False) -> float |
             rows_a, rows_b = rows_a - diagonal_a, rows_b - diagonal_b
             hsic.append(
                 unbiased_hsic_from_sums(
-                    n, product - np.einsum("bi,bi->b", diagonal_a, diagonal_b), rows_a.sum(axis=1),
-                    rows_b.sum(axis=1), np.einsum("bi,bi->b", rows_a, rows_b),
+                    n,
+                    product - np.einsum("bi,bi->b", diagonal_a, diagonal_b),
+                    rows_a.sum(axis=1),
+                    rows_b.sum(axis=1),
+                    np.einsum("bi,bi->b", rows_a, rows_b),
                 )
             )
         else:
             hsic.append(
                 biased_hsic_from_sums(
-                    n, product, rows_a.sum(axis=1), rows_b.sum(axis=1), np.einsum("bi,bi->b", rows_a, rows_b)
+                    n,
+                    product,
+                    rows_a.sum(axis=1),
+                    rows_b.sum(axis=1),
+                    np.einsum("bi,bi->b", rows_a, rows_b),
                 )
             )
     return _result(np.atleast_1d(normalised_alignment(*hsic)), batched)
@@ -647,27 +691,32 @@ def cka_from_kernels(K: object, L: object, *, unbiased: bool = False) -> float |
 # ----------------------------------------------------------------------------------------------
 # SVCCA
 def _standardised(X: np.ndarray) -> np.ndarray:
-    """Center each feature and divide by its standard deviation (ddof=1) + 1e-8, as the reference."""
+    """Center each feature, divide by its standard deviation (ddof=1) + 1e-8, as the reference."""
     X = X - X.mean(axis=0)
     return X / (X.std(axis=0, ddof=1) + 1e-8)
 
 
 def _top_left_singular_vectors(A: np.ndarray, q: int, name: str) -> np.ndarray:
-    """(s, q) orthonormal top-q left singular vectors of A (s, d), exact."""
+    """(s, q) orthonormal top-q left singular vectors of A (s, d), exact (up to rounding).
+
+    From the eigendecomposition of the smaller Gram matrix: A Aᵀ (s ≤ d: its eigenvectors are U)
+    or AᵀA accumulated in row blocks (s > d: U = orthonormalised A V). Both are O(min(s, d)²·
+    max(s, d)), several times faster than an SVD of A, and never form an (s, s) matrix when s > d.
+    """
     s, d = A.shape
     if s <= d:
-        U, singular, _ = np.linalg.svd(A, full_matrices=False)
-        U = U[:, :q]
-    else:  # the d×d route: eigenvectors of AᵀA (accumulated in row blocks), then U = A V, QR
+        eigenvalues, U = np.linalg.eigh(A @ A.T)  # ascending
+        U = U[:, ::-1][:, :q]
+    else:
         gram = np.zeros((d, d))
         block = max(1, _BLOCK_ELEMENTS // d)
         for start in range(0, s, block):
             part = A[start : start + block]
             gram += part.T @ part
-        eigenvalues, V = np.linalg.eigh(gram)  # ascending
-        singular = np.sqrt(np.maximum(eigenvalues[::-1], 0.0))
+        eigenvalues, V = np.linalg.eigh(gram)
         U, _ = np.linalg.qr(A @ V[:, ::-1][:, :q])
-    # 1e-6: the eigh route resolves singular values only to ~sqrt(machine epsilon) of the largest
+    singular = np.sqrt(np.maximum(eigenvalues[::-1], 0.0))
+    # 1e-6: eigenvalues resolve singular values only to ~sqrt(machine epsilon) of the largest
     if singular[0] == 0 or singular[q - 1] <= 1e-6 * singular[0]:
         raise ValueError(
             f"{name} has fewer than cca_dim={q} independent directions (rank-deficient after "
@@ -681,13 +730,16 @@ def svcca(X: object, Y: object, *, cca_dim: int = 10) -> float:
 
     Each feature is centered and divided by its standard deviation (+1e-8); the subspaces are
     spanned by the exact top ``cca_dim`` left singular vectors U_x, U_y (orthonormal, centered), so
-    the canonical correlations are the singular values of U_xᵀU_y. 1 ≤ cca_dim ≤ min(s − 1, d_x, d_y).
+    the canonical correlations are the singular values of U_xᵀU_y.
+    1 ≤ cca_dim ≤ min(s − 1, d_x, d_y).
     """
     X, Y = check_pair(X, Y, min_rows=2)
     s = X.shape[0]
     limit = min(s - 1, X.shape[1], Y.shape[1])
-    if isinstance(cca_dim, (bool, np.bool_)) or not isinstance(cca_dim, (int, np.integer)) or not (
-        1 <= cca_dim <= limit
+    if (
+        isinstance(cca_dim, (bool, np.bool_))
+        or not isinstance(cca_dim, (int, np.integer))
+        or not (1 <= cca_dim <= limit)
     ):
         raise ValueError(
             f"cca_dim must be an integer with 1 <= cca_dim <= min(s - 1, d_x, d_y) = {limit}, got "
@@ -905,7 +957,9 @@ def _options(entry: Metric, options: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(entry.options))
     if unknown:
         takes = ", ".join(entry.options) or "no options"
-        raise ValueError(f"{entry.name} does not take {', '.join(map(repr, unknown))}; it takes {takes}.")
+        raise ValueError(
+            f"{entry.name} does not take {', '.join(map(repr, unknown))}; it takes {takes}."
+        )
     return {**entry.options, **options}
 
 
@@ -935,13 +989,19 @@ def measure_tables(
     entry = metric(name)
     given = dict(options)
     if entry.from_tables is None:
-        raise ValueError(f"{name} is a feature metric, not a function of neighbour tables; use measure().")
+        raise ValueError(
+            f"{name} is a feature metric, not a function of neighbour tables; use measure()."
+        )
     options = _options(entry, options)
     width = np.shape(table_x)[-1]
     if "k" in options and options.pop("k") != width and "k" in given:
-        raise ValueError(f"k={given['k']!r} but the tables list {width} neighbours; k is the tables' width.")
+        raise ValueError(
+            f"k={given['k']!r} but the tables list {width} neighbours; k is the tables' width."
+        )
     if entry.needs_kernel_values:
         if x_at is None or y_at is None:
-            raise ValueError(f"{name} needs the kernel values at the table entries: pass x_at and y_at.")
+            raise ValueError(
+                f"{name} needs the kernel values at the table entries: pass x_at and y_at."
+            )
         return entry.from_tables(table_x, table_y, x_at, y_at, **options)
     return entry.from_tables(table_x, table_y, **options)

@@ -153,7 +153,9 @@ def two_afc(
     def similarity(p: np.ndarray, y: np.ndarray) -> np.ndarray:
         """sim(p_a, y_b) for rows p (a, d) against y (a, b, d) or (b, d)."""
         if distance == "euclidean":
-            return -np.linalg.norm(p[:, None, :] - y if y.ndim == 3 else p[:, None, :] - y[None], axis=-1)
+            return -np.linalg.norm(
+                p[:, None, :] - y if y.ndim == 3 else p[:, None, :] - y[None], axis=-1
+            )
         return np.einsum("ad,abd->ab", p, y) if y.ndim == 3 else p @ y.T
 
     correct = 0.0
@@ -169,8 +171,14 @@ def two_afc(
             correct += float(np.sum((own > sims) & other) + 0.5 * (np.sum((own == sims) & other)))
             pairs += rows.size * (s - 1)
         return correct / pairs
-    if isinstance(n_foils, bool) or not isinstance(n_foils, (int, np.integer)) or not 1 <= n_foils <= s - 1:
-        raise ValueError(f"n_foils must be an integer in 1..{s - 1} (or None for all), got {n_foils!r}.")
+    if (
+        isinstance(n_foils, bool)
+        or not isinstance(n_foils, (int, np.integer))
+        or not 1 <= n_foils <= s - 1
+    ):
+        raise ValueError(
+            f"n_foils must be an integer in 1..{s - 1} (or None for all), got {n_foils!r}."
+        )
     rng = np.random.default_rng(int(seed))
     foils = np.empty((s, int(n_foils)), dtype=np.int64)
     for i in range(s):  # distinct j != i: draw from s - 1 values and skip i

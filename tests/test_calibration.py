@@ -49,16 +49,23 @@ def test_shuffled_null_of_unpaired_features_is_not_significant() -> None:
     X, _ = paired(rng)
     _, Y = paired(rng)  # independent of X
     score = lambda rx, ry: measure("cka", X[rx], Y[ry])  # noqa: E731
-    p_values = [shuffled_pairing_null(score, np.arange(120), n_shuffles=99, seed=s).p_value for s in range(5)]
+    p_values = [
+        shuffled_pairing_null(score, np.arange(120), n_shuffles=99, seed=s).p_value
+        for s in range(5)
+    ]
     assert min(p_values) > 0.01
-    assert shuffled_pairing_null(score, np.arange(120), n_shuffles=99, seed=0).null_lower < measure("cka", X, Y)
+    assert shuffled_pairing_null(score, np.arange(120), n_shuffles=99, seed=0).null_lower < measure(
+        "cka", X, Y
+    )
 
 
 def test_shuffled_null_batched_equals_one_call_per_set() -> None:
     rng = np.random.default_rng(3)
     a = rng.standard_normal(50)
     b = a + rng.standard_normal(50)
-    single = shuffled_pairing_null(lambda rx, ry: np.corrcoef(a[rx], b[ry])[0, 1], np.arange(50), n_shuffles=40, seed=4)
+    single = shuffled_pairing_null(
+        lambda rx, ry: np.corrcoef(a[rx], b[ry])[0, 1], np.arange(50), n_shuffles=40, seed=4
+    )
 
     def batched(rx, ry):
         ax, by = a[rx], b[ry]
@@ -101,7 +108,9 @@ def test_strata_sets_reproduce_the_chosen_profile() -> None:
     covariate = rng.standard_normal(400)
     labels = rng.integers(0, 3, 400)
     chosen = np.sort(np.argsort(covariate)[:100][::2])  # low-covariate stimuli
-    sets = matched_random_sets(chosen, covariate, labels, n_sets=30, method="strata", n_bins=4, seed=7)
+    sets = matched_random_sets(
+        chosen, covariate, labels, n_sets=30, method="strata", n_bins=4, seed=7
+    )
     assert sets.shape == (30, 50)
     strata = covariate_strata(covariate, labels, n_bins=4)
     want = np.bincount(strata[chosen], minlength=12)
@@ -109,14 +118,22 @@ def test_strata_sets_reproduce_the_chosen_profile() -> None:
         assert np.unique(row).size == 50
         np.testing.assert_array_equal(np.bincount(strata[row], minlength=12), want)
     np.testing.assert_array_equal(
-        sets, matched_random_sets(chosen, covariate, labels, n_sets=30, method="strata", n_bins=4, seed=7)
+        sets,
+        matched_random_sets(
+            chosen, covariate, labels, n_sets=30, method="strata", n_bins=4, seed=7
+        ),
     )
     excluded = matched_random_sets(chosen, covariate, n_sets=10, exclude_chosen=True, seed=1)
     assert not np.isin(excluded, chosen).any()
     # the chosen set is half the lowest quarter: without it, the lowest of 8 bins has 0 of 25 left
     with pytest.raises(ValueError, match="stratum 0 .* has 0 stimuli to draw from"):
         matched_random_sets(
-            np.argsort(covariate)[:60], covariate, n_sets=3, method="strata", n_bins=8, exclude_chosen=True
+            np.argsort(covariate)[:60],
+            covariate,
+            n_sets=3,
+            method="strata",
+            n_bins=8,
+            exclude_chosen=True,
         )
 
 
@@ -125,23 +142,33 @@ def test_nearest_sets_match_covariate_and_label() -> None:
     covariate = rng.standard_normal(500)
     labels = rng.integers(0, 4, 500)
     chosen = np.sort(np.argsort(covariate)[-60:])
-    sets = matched_random_sets(chosen, covariate, labels, n_sets=20, method="nearest", n_candidates=4, seed=9)
+    sets = matched_random_sets(
+        chosen, covariate, labels, n_sets=20, method="nearest", n_candidates=4, seed=9
+    )
     random = random_sets(500, 60, 20, seed=9)
     for row in sets:
         assert np.unique(row).size == 60
-        np.testing.assert_array_equal(np.bincount(labels[row], minlength=4), np.bincount(labels[chosen], minlength=4))
+        np.testing.assert_array_equal(
+            np.bincount(labels[row], minlength=4), np.bincount(labels[chosen], minlength=4)
+        )
     gap = np.abs(np.sort(covariate[sets], axis=1) - np.sort(covariate[chosen])).mean()
     random_gap = np.abs(np.sort(covariate[random], axis=1) - np.sort(covariate[chosen])).mean()
     assert gap < 0.15 < random_gap
 
 
-def matched_control(alignment: np.ndarray, chosen: np.ndarray, covariate, labels=None, method="strata"):
+def matched_control(
+    alignment: np.ndarray, chosen: np.ndarray, covariate, labels=None, method="strata"
+):
     score = lambda rows: float(alignment[rows].mean())  # noqa: E731
     # strata: 25 bins; with 10 the within-bin covariate gradient leaves a residual bias that a
     # covariate this predictive (80 % of the variance) detects (test_strata_balance_improves_...)
-    matched = matched_random_sets(chosen, covariate, labels, n_sets=200, method=method, n_bins=25, seed=11)
+    matched = matched_random_sets(
+        chosen, covariate, labels, n_sets=200, method=method, n_bins=25, seed=11
+    )
     unmatched = random_sets(alignment.size, chosen.size, 200, seed=11)
-    return compare_with_baseline(score, chosen, matched), compare_with_baseline(score, chosen, unmatched)
+    return compare_with_baseline(score, chosen, matched), compare_with_baseline(
+        score, chosen, unmatched
+    )
 
 
 WORLDS = range(5)  # independent worlds: a matched null should be "significant" in ~5 % of them
@@ -217,7 +244,13 @@ def test_resampled_interval_width_and_coverage_for_a_mean(method: str) -> None:
     n, covered, widths = 100, 0, []
     for _ in range(150):
         x = rng.standard_normal(n)
-        interval = resampled_interval(lambda rows: x[rows].mean(), n, method=method, n_resamples=200, seed=int(rng.integers(1e9)))
+        interval = resampled_interval(
+            lambda rows: x[rows].mean(),
+            n,
+            method=method,
+            n_resamples=200,
+            seed=int(rng.integers(1e9)),
+        )
         covered += interval.lower <= 0.0 <= interval.upper
         widths.append(interval.upper - interval.lower)
         assert interval.estimate == pytest.approx(x.mean())

@@ -52,9 +52,15 @@ def test_averaging_noisy_captions_improves_alignment(name: str) -> None:
     rng = np.random.default_rng(1)
     images, captions, owners = coco_like(rng, n=200)
     options = {"k": 5} if name == "mutual_knn" else {}
-    effect = caption_averaging_effect(name, images, captions, owners, n_resamples=200, seed=2, **options)
-    assert effect.one == pytest.approx(measure(name, images, single_caption(captions, owners), **options))
-    assert effect.averaged == pytest.approx(measure(name, images, caption_mean(captions, owners), **options))
+    effect = caption_averaging_effect(
+        name, images, captions, owners, n_resamples=200, seed=2, **options
+    )
+    assert effect.one == pytest.approx(
+        measure(name, images, single_caption(captions, owners), **options)
+    )
+    assert effect.averaged == pytest.approx(
+        measure(name, images, caption_mean(captions, owners), **options)
+    )
     assert effect.difference == pytest.approx(effect.averaged - effect.one)
     assert 0 < effect.lower < effect.difference < effect.upper
     assert effect.comparison == "captions" and effect.n_units == 200
@@ -72,8 +78,12 @@ def test_caption_effect_on_a_subset_and_with_a_callable() -> None:
     rng = np.random.default_rng(4)
     images, captions, owners = coco_like(rng)
     rows = np.arange(0, 80, 2)
-    effect = caption_averaging_effect(lambda X, Y: measure("cka", X, Y), images, captions, owners, rows, n_resamples=20)
-    assert effect.averaged == pytest.approx(measure("cka", images[rows], caption_mean(captions, owners)[rows]))
+    effect = caption_averaging_effect(
+        lambda X, Y: measure("cka", X, Y), images, captions, owners, rows, n_resamples=20
+    )
+    assert effect.averaged == pytest.approx(
+        measure("cka", images[rows], caption_mean(captions, owners)[rows])
+    )
     assert effect.n_units == 40
     with pytest.raises(ValueError, match="go with a metric name"):
         caption_averaging_effect(lambda X, Y: 0.0, images, captions, owners, k=5)
@@ -104,7 +114,9 @@ def test_caption_count_curve_rises_and_ends_at_the_mean() -> None:
     means = curve.groupby("n_captions").value.mean()
     assert means.is_monotonic_increasing
     np.testing.assert_allclose(
-        curve[curve.n_captions == 5].value, measure("cka", images, caption_mean(captions, owners)), rtol=1e-10
+        curve[curve.n_captions == 5].value,
+        measure("cka", images, caption_mean(captions, owners)),
+        rtol=1e-10,
     )
     with pytest.raises(ValueError, match="counts must lie in 1..5"):
         caption_count_curve("cka", images, captions, owners, counts=[6])

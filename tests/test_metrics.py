@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 import convergence_core
 from convergence_core import metrics
 from convergence_core.metrics import (
-    METRICS,
     cka_from_kernels,
     cknna_from_tables,
     measure,
@@ -93,7 +92,7 @@ def ref_cycle_knn(X: np.ndarray, Y: np.ndarray, k: int) -> float:
     return float(np.mean([any(i in tx[j] for j in ty[i]) for i in range(len(X))]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ref_lcs(a: tuple, b: tuple) -> int:
     """The recursive definition (memoised)."""
     if not a or not b:
@@ -108,7 +107,9 @@ def ref_levenshtein(a, b) -> int:
     for i in range(1, len(a) + 1):
         for j in range(1, len(b) + 1):
             table[i][j] = min(
-                table[i - 1][j] + 1, table[i][j - 1] + 1, table[i - 1][j - 1] + (a[i - 1] != b[j - 1])
+                table[i - 1][j] + 1,
+                table[i][j - 1] + 1,
+                table[i - 1][j - 1] + (a[i - 1] != b[j - 1]),
             )
     return table[-1][-1]
 
@@ -182,7 +183,13 @@ def random_orthogonal(rng, d):
 # --- registry -----------------------------------------------------------------------------------
 def test_registry_names_are_the_reference_names() -> None:
     assert metric_names() == [
-        "cknna", "mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cka", "unbiased_cka",
+        "cknna",
+        "mutual_knn",
+        "cycle_knn",
+        "lcs_knn",
+        "edit_distance_knn",
+        "cka",
+        "unbiased_cka",
         "svcca",
     ]
     for name in metric_names():
@@ -224,7 +231,9 @@ def test_nearest_neighbours_order_values_and_ties() -> None:
     table = nearest_neighbours(F, 6)
     np.testing.assert_array_equal(table.indices, ref_table(F, 6))
     G = F @ F.T
-    np.testing.assert_allclose(table.values, np.take_along_axis(G, table.indices, axis=1), rtol=1e-14)
+    np.testing.assert_allclose(
+        table.values, np.take_along_axis(G, table.indices, axis=1), rtol=1e-14
+    )
     # exact ties: integer features; the lower index must win, also across a row-block boundary
     F = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
     np.testing.assert_array_equal(nearest_neighbours(F, 3).indices, ref_table(F, 3))
@@ -296,7 +305,9 @@ def test_tables_batched_equal_one_at_a_time() -> None:
     assert one == pytest.approx(measure("cknna", X[sets[0]], Y[sets[0]], k=4), abs=1e-13)
     getter = lambda F: lambda b, i, j: np.einsum("ij,ij->i", F[sets[b, i]], F[sets[b, j]])  # noqa: E731
     np.testing.assert_allclose(
-        cknna_from_tables(tx, ty, getter(X), getter(Y)), measure_tables("cknna", tx, ty, vx, vy), atol=1e-13
+        cknna_from_tables(tx, ty, getter(X), getter(Y)),
+        measure_tables("cknna", tx, ty, vx, vy),
+        atol=1e-13,
     )
 
 
@@ -327,7 +338,9 @@ def test_permute_table_matches_recomputed_neighbours() -> None:
     Y = rng.standard_normal((25, 6))
     permutation = rng.permutation(25)
     table = nearest_neighbours(Y, 5).indices
-    np.testing.assert_array_equal(permute_table(table, permutation), nearest_neighbours(Y[permutation], 5).indices)
+    np.testing.assert_array_equal(
+        permute_table(table, permutation), nearest_neighbours(Y[permutation], 5).indices
+    )
     other = rng.permutation(25)
     batched = permute_table(np.stack([table, table]), np.stack([permutation, other]))
     np.testing.assert_array_equal(batched[1], nearest_neighbours(Y[other], 5).indices)
@@ -343,7 +356,9 @@ def test_cka_matches_dense_reference(unbiased: bool, kernel: str, sigma: float) 
     X = X + 2.0  # not centered: the linear path centers internally
     name = "unbiased_cka" if unbiased else "cka"
     expected = ref_cka(X, Y, kernel, sigma, unbiased)
-    assert measure(name, X, Y, kernel=kernel, sigma=sigma) == pytest.approx(expected, abs=1e-12, rel=1e-10)
+    assert measure(name, X, Y, kernel=kernel, sigma=sigma) == pytest.approx(
+        expected, abs=1e-12, rel=1e-10
+    )
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
@@ -374,7 +389,9 @@ def test_cka_from_kernels_batched() -> None:
     for unbiased, name in ((False, "cka"), (True, "unbiased_cka")):
         expected = [measure(name, X[s], Y[s]) for s in sets]
         np.testing.assert_allclose(cka_from_kernels(K, L, unbiased=unbiased), expected, rtol=1e-10)
-        assert cka_from_kernels(K[0], L[0], unbiased=unbiased) == pytest.approx(expected[0], rel=1e-10)
+        assert cka_from_kernels(K[0], L[0], unbiased=unbiased) == pytest.approx(
+            expected[0], rel=1e-10
+        )
     with pytest.raises(ValueError, match="square kernels"):
         cka_from_kernels(K[0], L[0][:, :3])
 
@@ -412,8 +429,14 @@ def transform(name: str, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     raise AssertionError(name)
 
 
-OPTIONS = {"cknna": {"k": 6}, "mutual_knn": {"k": 6}, "cycle_knn": {"k": 6}, "lcs_knn": {"k": 6},
-           "edit_distance_knn": {"k": 6}, "svcca": {"cca_dim": 4}}
+OPTIONS = {
+    "cknna": {"k": 6},
+    "mutual_knn": {"k": 6},
+    "cycle_knn": {"k": 6},
+    "lcs_knn": {"k": 6},
+    "edit_distance_knn": {"k": 6},
+    "svcca": {"cca_dim": 4},
+}
 
 
 @pytest.mark.parametrize("name", metric_names())

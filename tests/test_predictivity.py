@@ -1,5 +1,6 @@
 """Linear predictivity: a planted linear map is recovered, shuffled pairs score at chance, and each
-piece matches a brute-force reference (closed-form ridge, leave-one-out by refitting, 2AFC loops)."""
+piece matches a brute-force reference (closed-form ridge, leave-one-out by refitting, 2AFC
+loops)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,9 @@ def test_ridge_matches_closed_form_with_penalty_chosen_by_refitting_loo() -> Non
     for (train, test), alpha in zip(KFold(4, shuffle=True, random_state=5).split(X), chosen):
         errors = [loo_error(X[train], Y[train], a) for a in alphas]
         assert alpha == alphas[int(np.argmin(errors))]
-        np.testing.assert_allclose(P[test], ridge_fit_predict(X[train], Y[train], X[test], alpha), rtol=1e-8)
+        np.testing.assert_allclose(
+            P[test], ridge_fit_predict(X[train], Y[train], X[test], alpha), rtol=1e-8
+        )
 
 
 def test_scores_match_brute_force() -> None:
@@ -88,7 +91,9 @@ def test_scores_match_brute_force() -> None:
     Y = rng.standard_normal((30, 5))
     P = Y + rng.standard_normal((30, 5))
     assert pooled_r2(Y, P) == pytest.approx(1 - np.sum((Y - P) ** 2) / np.sum((Y - Y.mean(0)) ** 2))
-    assert mean_correlation(Y, P) == pytest.approx(np.mean([np.corrcoef(Y[:, j], P[:, j])[0, 1] for j in range(5)]))
+    assert mean_correlation(Y, P) == pytest.approx(
+        np.mean([np.corrcoef(Y[:, j], P[:, j])[0, 1] for j in range(5)])
+    )
     for distance, sim in (
         ("correlation", lambda a, b: np.corrcoef(a, b)[0, 1]),
         ("cosine", lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)),
@@ -96,11 +101,15 @@ def test_scores_match_brute_force() -> None:
     ):
         wins = [
             (sim(P[i], Y[i]) > sim(P[i], Y[j])) + 0.5 * (sim(P[i], Y[i]) == sim(P[i], Y[j]))
-            for i in range(30) for j in range(30) if j != i
+            for i in range(30)
+            for j in range(30)
+            if j != i
         ]
         assert two_afc(P, Y, distance=distance) == pytest.approx(np.mean(wins), abs=1e-12)
         # every other stimulus as a foil: the same pairs, drawn
-        assert two_afc(P, Y, distance=distance, n_foils=29) == pytest.approx(np.mean(wins), abs=1e-12)
+        assert two_afc(P, Y, distance=distance, n_foils=29) == pytest.approx(
+            np.mean(wins), abs=1e-12
+        )
     assert 0.4 < two_afc(P, Y, n_foils=5, seed=1) <= 1.0
 
 
@@ -114,7 +123,15 @@ def test_predictivity_table_is_long_and_has_both_directions() -> None:
     rng = np.random.default_rng(7)
     X, Y = planted(rng, n=60, dx=5, dy=4)
     table = predictivity_table(X, Y, n_folds=3)
-    assert list(table.columns) == ["source", "target", "metric", "value", "n_stimuli", "n_folds", "median_alpha"]
+    assert list(table.columns) == [
+        "source",
+        "target",
+        "metric",
+        "value",
+        "n_stimuli",
+        "n_folds",
+        "median_alpha",
+    ]
     assert set(zip(table.source, table.target)) == {("vision", "language"), ("language", "vision")}
     assert sorted(table.metric.unique()) == ["correlation", "r2", "two_afc"]
 
