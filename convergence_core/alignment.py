@@ -1,5 +1,6 @@
 """Representational alignment metrics on paired features (row i of X and Y = stimulus i).
 
+The formulas live in :mod:`.metrics` (the metric registry); these are the original entry points.
 All metrics use the features exactly as given (no normalisation inside); call
 :func:`prepare_features` first to reproduce the Platonic Representation pipeline. Kernels are inner
 products K = X Xᵀ, L = Y Yᵀ computed in float64. Definitions follow minyoungg/platonic-rep
@@ -15,23 +16,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .neighbours import alignment_from_tables, clip_threshold, prepare_rows, tables_from_gram
-from .validation import check_features, check_k, check_min_stimuli, check_pair, check_square
-
-#: added to the CKA denominators, as in the reference implementation
-CKA_EPSILON = 1e-6
-
-
-def _gram(X: np.ndarray) -> np.ndarray:
-    return X @ X.T
+from . import metrics as _metrics
+from .neighbours import clip_threshold, prepare_rows
+from .metrics import EPSILON as CKA_EPSILON  # noqa: F401  (kept for callers of the old name)
+from .validation import check_features, check_min_stimuli, check_square
 
 
 def hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
     """Unbiased HSIC estimator (Song et al. 2012, eq. 5) of two (n, n) kernels, n ≥ 4.
 
     With K̃, L̃ = K, L with zeroed diagonals:
-    [ Σ K̃∘L̃ᵀ + ΣK̃·ΣL̃ / ((n−1)(n−2)) − 2 Σ(K̃ L̃) / (n−2) ] / (n(n−3)).
-    The kernels need not be symmetric (the masked kernels of CKNNA are not).
+    [ Σ K̃∘L̃ᵀ + ΣK̃·ΣL̃ / ((n−1)(n−2)) − 2 Σ(K̃ L̃) / (n−2) ] / (n(n−3))
+    (:func:`.metrics.unbiased_hsic_from_sums`). The kernels need not be symmetric (the masked
+    kernels of CKNNA are not).
     """
     K = check_square(K, "K").astype(np.float64)
     L = check_square(L, "L").astype(np.float64)
@@ -45,68 +42,38 @@ def hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
     L_tilde = L.copy()
     np.fill_diagonal(K_tilde, 0.0)
     np.fill_diagonal(L_tilde, 0.0)
-    trace_term = np.sum(K_tilde * L_tilde.T)
-    product_term = np.dot(K_tilde.sum(axis=0), L_tilde.sum(axis=1))
-    value = (
-        trace_term
-        + K_tilde.sum() * L_tilde.sum() / ((n - 1) * (n - 2))
-        - 2.0 * product_term / (n - 2)
+    value = _metrics.unbiased_hsic_from_sums(
+        n,
+        np.sum(K_tilde * L_tilde.T),
+        K_tilde.sum(),
+        L_tilde.sum(),
+        np.dot(K_tilde.sum(axis=0), L_tilde.sum(axis=1)),
     )
-    return float(value / (n * (n - 3)))
-
-
-def _hsic_biased(K: np.ndarray, L: np.ndarray) -> float:
-    """trace(K H L H) with H = I − 11ᵀ/n (the biased HSIC of the original CKA)."""
-    K_centered = K - K.mean(axis=0, keepdims=True)
-    K_centered -= K_centered.mean(axis=1, keepdims=True)
-    return float(np.sum(K_centered * L.T))
-
-
-def _normalised(kl: float, kk: float, ll: float, epsilon: float) -> float:
-    product = kk * ll
-    if product < 0:
-        return float("nan")  # the reference takes sqrt of a negative number and returns NaN
-    return kl / (np.sqrt(product) + epsilon)
+    return float(value)
 
 
 def cka(X: np.ndarray, Y: np.ndarray) -> float:
-    """Linear CKA: HSIC(K, L) / (sqrt(HSIC(K, K) HSIC(L, L)) + 1e-6), biased HSIC, n ≥ 2."""
-    X, Y = check_pair(X, Y, min_rows=2)
-    K, L = _gram(X), _gram(Y)
-    return _normalised(_hsic_biased(K, L), _hsic_biased(K, K), _hsic_biased(L, L), CKA_EPSILON)
+    """Linear CKA: HSIC(K, L) / (sqrt(HSIC(K, K) HSIC(L, L)) + 1e-6), biased HSIC, n ≥ 2
+    (:func:`.metrics.cka`; also the RBF kernel there)."""
+    return _metrics.cka(X, Y)
 
 
 def unbiased_cka(X: np.ndarray, Y: np.ndarray) -> float:
     """Linear CKA with the unbiased HSIC estimator, n ≥ 4 (NaN if a self-HSIC estimate is < 0)."""
-    X, Y = check_pair(X, Y)
-    check_min_stimuli(X.shape[0], 4, "unbiased CKA")
-    K, L = _gram(X), _gram(Y)
-    return _normalised(hsic_unbiased(K, L), hsic_unbiased(K, K), hsic_unbiased(L, L), CKA_EPSILON)
+    return _metrics.unbiased_cka(X, Y)
 
 
 def cknna(X: np.ndarray, Y: np.ndarray, k: int = 10) -> float:
     """CKNNA of paired features X (n, d_x), Y (n, d_y); n ≥ 4, 2 ≤ k ≤ n − 1.
 
-    Neighbours by inner product, self excluded (see :mod:`.neighbours` for the formula and tie rule).
+    Neighbours by inner product, self excluded, ties to the lower index (:func:`.metrics.cknna`).
     """
-    X, Y = check_pair(X, Y)
-    check_min_stimuli(X.shape[0], 4, "CKNNA (unbiased HSIC)")
-    k = check_k(k, X.shape[0], 2)
-    cknna_value, _ = alignment_from_tables(tables_from_gram(_gram(X), k), tables_from_gram(_gram(Y), k))
-    return float(cknna_value[0])
+    return _metrics.cknna(X, Y, k)
 
 
 def mutual_knn(X: np.ndarray, Y: np.ndarray, k: int = 10) -> float:
     """Mean over stimuli of |knn_X(i) ∩ knn_Y(i)| / k, neighbours by inner product, self excluded."""
-    X, Y = check_pair(X, Y)
-    k = check_k(k, X.shape[0], 1)
-    s = X.shape[0]
-    if s < 4:  # too few stimuli for the HSIC terms; count shared neighbours directly
-        tx, ty = tables_from_gram(_gram(X), k), tables_from_gram(_gram(Y), k)
-        shared = sum(len(set(a) & set(b)) for a, b in zip(tx.positions[0], ty.positions[0]))
-        return shared / (s * k)
-    _, mutual = alignment_from_tables(tables_from_gram(_gram(X), k), tables_from_gram(_gram(Y), k))
-    return float(mutual[0])
+    return _metrics.mutual_knn(X, Y, k)
 
 
 def prepare_features(X: np.ndarray, q: float = 0.95) -> np.ndarray:

@@ -279,7 +279,8 @@ def random_set_alignment(
     only sets n. Returns ``(cknna, mutual_knn)``, each (len(pairs), n_random) float64.
     """
     sets = random_sets(scores, size, n_random, seed)
-    return tuple(_alignment(indexes, pairs, sets, k))
+    result = _alignment(indexes, pairs, sets, k)
+    return result.cknna, result.mutual_knn
 
 
 def low_high_permutation_tests(

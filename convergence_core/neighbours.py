@@ -1,4 +1,4 @@
-"""Exact nearest-neighbour lists of every stimulus, and CKNNA / mutual k-NN of any subset from them.
+"""Exact nearest-neighbour lists of every stimulus, and neighbour metrics of any subset from them.
 
 This is the engine behind every alignment number of a run, at any n (the paper's 1,000 stimuli up
 to 100,000), with no (n, n) array anywhere:
@@ -22,22 +22,13 @@ to 100,000), with no (n, n) array anywhere:
   the member's stored list, or — for a member whose list holds fewer than k of them (small or
   clustered subsets) — an exact :func:`exact_top_k` against the subset's own features. So the
   result equals the dense definition on ``features[subset]`` for every subset.
-* :func:`subset_alignment` — CKNNA and mutual k-NN of many pairs × many subsets from those tables.
+* :func:`subset_alignment` — any neighbour metric of the registry (:mod:`.metrics`: CKNNA, mutual
+  k-NN, cycle k-NN, LCS, edit distance) of many pairs × many subsets from those tables, every
+  subset of a chunk in one batched call of ``metrics.measure_tables``.
 
-CKNNA (Huh et al. 2024, appendix; ``cknna`` in minyoungg/platonic-rep metrics.py): with 0/1 masks
-M_K, M_L (row i has ones at i's k neighbours) and M = M_K ∘ M_L,
-
-    CKNNA = HSIC_u(M∘K, M∘L) / (sqrt(HSIC_u(M_K∘K, M_K∘K) · HSIC_u(M_L∘L, M_L∘L)) + 1e-6)
-
-where HSIC_u is the unbiased estimator (Song et al. 2012, eq. 5) with zeroed diagonals:
-
-    HSIC_u(A, B) = [ Σ A∘Bᵀ + ΣA·ΣB / ((s−1)(s−2)) − 2 Σ(A B) / (s−2) ] / (s(s−3)).
-
-The masked kernels are sparse (s·k entries) and not symmetric; K and L themselves are symmetric
-(inner products), so every value the formula reads is in the two neighbour tables: A_ji = K_ij
-whenever (j, i) is also a mask entry. Each sum is a float64 ``bincount`` over the entries of all
-subsets at once. Cost per subset: O(s·w) to read list prefixes (w ≈ 2·k·n/s), O(s·k²) for the
-membership tests, plus the completions.
+CKNNA needs kernel values besides the tables; K and L are symmetric (inner products), so every value
+it reads is in the two tables (A_ji = K_ij whenever (j, i) is also a mask entry). Cost per subset:
+O(s·w) to read list prefixes (w ≈ k·n/s), the metric's O(s·k log(s·k)), plus the completions.
 """
 
 from __future__ import annotations
@@ -53,27 +44,22 @@ from .subsets import check_indices
 from .validation import check_k, check_min_stimuli
 
 __all__ = [
-    "CKNNA_EPSILON",
     "DEFAULT_LIST_SIZE",
     "NeighbourIndex",
     "NeighbourLists",
     "PreparedFeatures",
     "SubsetAlignment",
     "Tables",
-    "alignment_from_tables",
     "build_neighbour_lists",
     "check_subsets",
+    "dense_tables",
     "clip_threshold",
     "exact_top_k",
     "float32_error_bound",
     "list_size_for",
     "prepare_rows",
     "subset_alignment",
-    "tables_from_gram",
 ]
-
-#: added to the CKNNA denominator, as in the reference implementation
-CKNNA_EPSILON = 1e-6
 
 #: Neighbours stored per stimulus (K). A uniformly random quarter of the stimuli holds a row's
 #: k = 10 within-subset neighbours among its first K = 128 global neighbours unless fewer than 10
@@ -555,7 +541,7 @@ class NeighbourIndex:
             members = subsets[b]
             if s <= _DENSE_SUBSET:
                 prepared = self.features.rows(members)
-                dense = tables_from_gram(prepared[rows] @ prepared.T, k, own=rows)
+                dense = dense_tables(prepared[rows] @ prepared.T, k, own=rows)
                 positions[b, rows], values[b, rows] = dense.positions[0], dense.values[0]
             else:
                 index, vals = exact_top_k(
@@ -613,72 +599,11 @@ class NeighbourIndex:
 
 
 # ----------------------------------------------------------------------------------------------
-# CKNNA and mutual k-NN from tables
+# metrics of many subsets from their tables
 
 
-def _hsic_terms(
-    n_sets: int,
-    s: int,
-    rows: np.ndarray,
-    cols: np.ndarray,
-    a: np.ndarray,
-    b: np.ndarray,
-    transposed: np.ndarray,
-) -> np.ndarray:
-    """(n_sets,) unbiased HSIC of masked kernels A, B given by their common entries.
-
-    ``rows``/``cols``: flat ids set·s + i and set·s + j of each entry; ``a``, ``b``: A_ij, B_ij;
-    ``transposed``: whether (j, i) is an entry too (then B_ji = B_ij: the kernels are symmetric).
-    """
-    which = rows // s
-    trace_term = np.bincount(which, weights=a * b * transposed, minlength=n_sets)
-    sums_term = (
-        np.bincount(which, weights=a, minlength=n_sets)
-        * np.bincount(which, weights=b, minlength=n_sets)
-        / ((s - 1) * (s - 2))
-    )
-    column_sums_a = np.bincount(cols, weights=a, minlength=n_sets * s)
-    row_sums_b = np.bincount(rows, weights=b, minlength=n_sets * s)
-    cross_term = 2.0 * (column_sums_a * row_sums_b).reshape(n_sets, s).sum(axis=1) / (s - 2)
-    return (trace_term + sums_term - cross_term) / (s * (s - 3))
-
-
-class _SelfTerms(NamedTuple):
-    similarity: np.ndarray  # (B,) HSIC_u(M∘K, M∘K)
-    transposed: np.ndarray  # (E,) whether (j, i) is an entry of the same mask
-
-
-def _self_terms(tables: Tables) -> _SelfTerms:
-    n_sets, s, k = tables.positions.shape
-    rows = np.arange(n_sets * s).repeat(k)
-    cols = (rows // s) * s + tables.positions.ravel()
-    flat = tables.positions.reshape(n_sets * s, k)
-    transposed = (flat[cols] == (rows % s)[:, None]).any(axis=1)
-    a = tables.values.ravel()
-    return _SelfTerms(_hsic_terms(n_sets, s, rows, cols, a, a, transposed), transposed)
-
-
-def _pair_terms(x: Tables, y: Tables, x_self: _SelfTerms) -> tuple[np.ndarray, np.ndarray]:
-    """(HSIC_u of the mutual-neighbour kernels (B,), mutual neighbour counts (B,))."""
-    n_sets, s, k = x.positions.shape
-    rows = np.arange(n_sets * s).repeat(k)
-    j = x.positions.ravel()
-    y_flat = y.positions.reshape(n_sets * s, k)
-    match = y_flat[rows] == j[:, None]  # (E, k): where j sits in i's y-table
-    mutual = match.any(axis=1)
-    rows_m = rows[mutual]
-    cols_m = (rows_m // s) * s + j[mutual]
-    y_values = y.values.reshape(n_sets * s, k)[rows_m, np.argmax(match[mutual], axis=1)]
-    transposed = x_self.transposed[mutual] & (y_flat[cols_m] == (rows_m % s)[:, None]).any(axis=1)
-    similarity = _hsic_terms(
-        n_sets, s, rows_m, cols_m, x.values.ravel()[mutual], y_values, transposed
-    )
-    counts = np.bincount(rows_m // s, minlength=n_sets)
-    return similarity, counts
-
-
-def tables_from_gram(G: np.ndarray, k: int, *, own: np.ndarray | None = None) -> Tables:
-    """(1, r, k) tables from dense inner products: the dense definition, for small sets.
+def dense_tables(G: np.ndarray, k: int, *, own: np.ndarray | None = None) -> Tables:
+    """(1, r, k) tables from dense inner products (small sets): the dense definition.
 
     Args:
         G: (s, s) inner products of a set with itself, or (r, s) of r of its members (rows
@@ -695,26 +620,14 @@ def tables_from_gram(G: np.ndarray, k: int, *, own: np.ndarray | None = None) ->
     return Tables(order[None], np.take_along_axis(G, order, axis=1)[None])
 
 
-def alignment_from_tables(
-    x: Tables, y: Tables, x_self: _SelfTerms | None = None, y_self: _SelfTerms | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(CKNNA (B,), mutual k-NN (B,)) of two models' tables on the same B subsets."""
-    n_sets, s, k = x.positions.shape
-    x_self = x_self or _self_terms(x)
-    y_self = y_self or _self_terms(y)
-    similarity, counts = _pair_terms(x, y, x_self)
-    product = x_self.similarity * y_self.similarity
-    # the reference takes sqrt of a negative estimate and returns NaN
-    root = np.sqrt(np.where(product < 0, np.nan, product))
-    return similarity / (root + CKNNA_EPSILON), counts / (s * k)
-
-
 class SubsetAlignment(NamedTuple):
-    """``cknna`` and ``mutual_knn``, each (len(pairs), B) float64 (CKNNA NaN where a self-HSIC
-    estimate is negative, as in the reference)."""
+    """``cknna`` and ``mutual_knn`` (each (len(pairs), B) float64; CKNNA NaN where a self-HSIC
+    estimate is negative, as in the reference) and ``values``: ``{metric: (len(pairs), B)}`` for
+    every neighbour metric asked for (``metrics.measure_tables`` names)."""
 
     cknna: np.ndarray
     mutual_knn: np.ndarray
+    values: dict[str, np.ndarray]
 
 
 def check_subsets(subsets: object, n: int, k: int, *, min_k: int = 1) -> np.ndarray:
@@ -739,21 +652,35 @@ def subset_alignment(
     pairs: Sequence[tuple[Hashable, Hashable]],
     subsets: np.ndarray,
     k: int,
+    *,
+    metrics: Sequence[str] = ("cknna", "mutual_knn"),
 ) -> SubsetAlignment:
-    """CKNNA and mutual k-NN of every pair of indexes on every subset.
+    """Neighbour metrics of every pair of indexes on every subset.
 
-    Equal to ``alignment.cknna`` / ``alignment.mutual_knn`` on the prepared features of each subset
-    (the dense definition; tested to 1e-9), with ties to the lower stimulus index.
+    Equal to the metric on the prepared features of each subset (the dense definition, e.g.
+    ``alignment.cknna``; tested to 1e-9), with ties to the lower stimulus index: each model's
+    within-subset tables come from its index (:meth:`NeighbourIndex.tables`), the numbers from the
+    metric registry (``metrics.measure_tables``), all subsets of a chunk in one batched call.
 
     Args:
         indexes: ``{key: NeighbourIndex}`` holding every key named in ``pairs`` (same n stimuli).
         pairs: ``(key of X, key of Y)`` per comparison.
         subsets: (B, s) or (s,) int rows; each row distinct stimuli, s ≥ 4 (any order).
-        k: neighbours per stimulus, 1 ≤ k < s (CKNNA needs k ≥ 2 to be meaningful).
+        k: neighbours per stimulus, 1 ≤ k < s (CKNNA needs k ≥ 2).
+        metrics: neighbour metrics to compute (``cknna`` and ``mutual_knn`` always are).
 
     Returns:
-        :class:`SubsetAlignment` (cknna, mutual_knn), each (len(pairs), B).
+        :class:`SubsetAlignment`.
     """
+    from . import metrics as registry
+
+    names = list(dict.fromkeys(["cknna", "mutual_knn", *metrics]))
+    for name in names:
+        if not registry.metric(name).neighbour_metric:
+            raise ValueError(
+                f"{name} is not a neighbour metric; compute it from the subset's features with "
+                "metrics.measure"
+            )
     keys = list(dict.fromkeys(key for pair in pairs for key in pair))
     missing = [key for key in keys if key not in indexes]
     if missing:
@@ -765,18 +692,18 @@ def subset_alignment(
             "the same run"
         )
     n = sizes.pop() if sizes else 0
-    sets = check_subsets(subsets, n, k)
+    sets = check_subsets(subsets, n, k, min_k=2 if "cknna" in names else 1)
     n_sets, s = sets.shape
-    cknna = np.empty((len(pairs), n_sets))
-    mutual_knn = np.empty((len(pairs), n_sets))
+    out = {name: np.empty((len(pairs), n_sets)) for name in names}
     chunk = max(1, _ENTRY_CHUNK // max(1, s * k * k))
     for start in range(0, n_sets, chunk):
         block = sets[start : start + chunk]
         stop = start + block.shape[0]
         tables = {key: indexes[key].tables(block, k) for key in keys}
-        selves = {key: _self_terms(tables[key]) for key in keys}
         for p, (x_key, y_key) in enumerate(pairs):
-            cknna[p, start:stop], mutual_knn[p, start:stop] = alignment_from_tables(
-                tables[x_key], tables[y_key], selves[x_key], selves[y_key]
-            )
-    return SubsetAlignment(cknna, mutual_knn)
+            x, y = tables[x_key], tables[y_key]
+            for name in names:
+                out[name][p, start:stop] = registry.measure_tables(
+                    name, x.positions, y.positions, x.values, y.values
+                )
+    return SubsetAlignment(out["cknna"], out["mutual_knn"], out)

@@ -27,8 +27,6 @@ from .manifest import MANIFEST_FORMAT, Manifest, ModelEntry, parse_manifest
 
 __all__ = ["MANIFEST_FORMAT", "Run", "RunInfo", "list_runs", "load_run"]
 
-#: Metrics :meth:`Run.alignment` computes from neighbour tables.
-ALIGNMENT_METRICS = ("cknna", "mutual_knn")
 
 
 class _LayerArrays(Mapping[str, np.ndarray]):
@@ -212,47 +210,66 @@ class Run:
         pairs: Sequence[tuple[str, str, str, str]],
         subsets: object,
         k: int = 10,
+        *,
+        metrics: Sequence[str] = ("cknna", "mutual_knn"),
     ) -> Any:
-        """CKNNA and mutual k-NN of many (model, layer, model, layer) pairs on many subsets.
+        """Neighbour metrics of many (model, layer, model, layer) pairs on many subsets.
 
         Args:
             pairs: ``(model_x, layer_x, model_y, layer_y)`` per comparison (e.g.
                 ``analyses.Pair``).
             subsets: (B, s) or (s,) stimulus rows (each row distinct; any order).
             k: neighbours per stimulus, k < s.
+            metrics: neighbour metrics of the registry (``metrics.metric_names()``).
 
         Returns:
-            ``neighbours.SubsetAlignment(cknna, mutual_knn)``, each (len(pairs), B) float64.
+            ``neighbours.SubsetAlignment(cknna, mutual_knn, values)``, each (len(pairs), B).
         """
         from .neighbours import subset_alignment
 
         keyed = [((p[0], p[1]), (p[2], p[3])) for p in pairs]
         indexes = {side: self.neighbours(*side) for pair in keyed for side in pair}
-        return subset_alignment(indexes, keyed, subsets, k)
+        return subset_alignment(indexes, keyed, subsets, k, metrics=metrics)
 
     def alignment(
         self,
-        vision_model: str,
-        vision_layer: str,
-        language_model: str,
-        language_layer: str,
+        model_x: str,
+        layer_x: str,
+        model_y: str,
+        layer_y: str,
         *,
         subset: object = None,
         k: int = 10,
         metric: str = "cknna",
+        **options: Any,
     ) -> float:
         """One alignment score of two model layers on a stimulus subset (None = all stimuli).
 
-        Exactly the dense definition on the subset's prepared features (``alignment.cknna`` /
-        ``alignment.mutual_knn``), at any n. ``metric``: one of :data:`ALIGNMENT_METRICS`.
+        Usually a vision and a language model (``run.alignment(vision, layer, language, layer,
+        subset=rows, k=10)``), but any two models of the run. Exactly the metric on the subset's
+        prepared features at any n: neighbour metrics (``cknna``, ``mutual_knn``, ``cycle_knn``,
+        ``lcs_knn``, ``edit_distance_knn``) from the stored neighbour lists, feature metrics
+        (``cka``, ``unbiased_cka``, ``svcca``; ``options`` such as ``kernel``, ``cca_dim``) from
+        the subset's prepared features. ``metrics.metric_names()`` lists them.
         """
-        if metric not in ALIGNMENT_METRICS:
-            raise ValueError(f"unknown metric {metric!r}; choose one of {list(ALIGNMENT_METRICS)}")
+        from . import metrics as registry
+
+        entry = registry.metric(metric)
         rows = np.arange(self.n_stimuli) if subset is None else subset
-        result = self.subset_alignment(
-            [(vision_model, vision_layer, language_model, language_layer)], rows, k
-        )
-        return float(getattr(result, metric)[0, 0])
+        pair = (model_x, layer_x, model_y, layer_y)
+        if entry.neighbour_metric:
+            if options:
+                raise ValueError(
+                    f"{metric} takes no options here besides k; got {sorted(options)}"
+                )
+            result = self.subset_alignment([pair], rows, k, metrics=[metric])
+            return float(result.values[metric][0, 0])
+        from .neighbours import check_subsets
+
+        chosen = check_subsets(rows, self.n_stimuli, 1)[0]
+        X = self.neighbours(model_x, layer_x).features.rows(chosen)
+        Y = self.neighbours(model_y, layer_y).features.rows(chosen)
+        return float(registry.measure(metric, X, Y, **options))
 
     def nearest(self, model: str, layer: str, row: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``count`` stimuli most similar to ``row`` under one model × layer (itself excluded),

@@ -272,6 +272,31 @@ def test_subset_alignment_equals_the_dense_definition(list_size, s, k):
             assert result.mutual_knn[p, b] == pytest.approx(mutual_knn(A[subset], B[subset], k))
 
 
+def test_every_neighbour_metric_of_the_registry_from_the_lists():
+    from convergence_core.metrics import METRICS, measure
+
+    indexes, FX, FY = _indexes(list_size=12)
+    rng = np.random.default_rng(4)
+    subsets = np.stack([np.sort(rng.choice(90, 30, replace=False)) for _ in range(3)])
+    names = [name for name, entry in METRICS.items() if entry.neighbour_metric]
+    assert {"cknna", "mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn"} <= set(names)
+    result = subset_alignment(indexes, [("x", "y")], subsets, 6, metrics=names)
+    for name in names:
+        for b, subset in enumerate(subsets):
+            assert result.values[name][0, b] == pytest.approx(
+                measure(name, FX[subset], FY[subset], k=6), abs=1e-9
+            ), name
+    with pytest.raises(ValueError, match="not a neighbour metric"):
+        subset_alignment(indexes, [("x", "y")], subsets, 6, metrics=["cka"])
+
+
+def test_k_beyond_the_lists_on_a_large_subset_is_refused_with_the_fix():
+    X = _features(3000, 6, seed=1)
+    index = NeighbourIndex.from_features(X, list_size=5)
+    with pytest.raises(ValueError, match="more than the 5 neighbours stored.*--list-size"):
+        index.tables(np.arange(3000)[None, :], 6)
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), s=st.integers(6, 60), k_fraction=st.floats(0.05, 0.95))
 def test_subset_alignment_property(seed, s, k_fraction):

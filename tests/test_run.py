@@ -124,6 +124,16 @@ def test_run_alignment_equals_the_dense_definition(small_run):
         *vision, *language, subset=rows, k=4, metric="mutual_knn"
     ) == pytest.approx(mutual_knn(X[rows], Y[rows], k=4))
     assert small_run.alignment(*vision, *language, k=10) == pytest.approx(cknna(X, Y, k=10), abs=1e-9)
+    from convergence_core.metrics import measure
+
+    for metric in ("cycle_knn", "lcs_knn", "edit_distance_knn"):
+        assert small_run.alignment(
+            *vision, *language, subset=rows, k=4, metric=metric
+        ) == pytest.approx(measure(metric, X[rows], Y[rows], k=4), abs=1e-12)
+    for metric, options in (("cka", {}), ("unbiased_cka", {}), ("cka", {"kernel": "rbf"})):
+        assert small_run.alignment(
+            *vision, *language, subset=rows, metric=metric, **options
+        ) == pytest.approx(measure(metric, X[rows], Y[rows], **options), abs=1e-12)
     with pytest.raises(ValueError, match="unknown metric"):
         small_run.alignment(*vision, *language, k=4, metric="nope")
     with pytest.raises(ValueError, match="more than once"):

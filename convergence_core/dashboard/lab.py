@@ -117,9 +117,8 @@ def set_table(
     for name, rows_of_set in sets.items():
         subset = np.asarray(rows_of_set, dtype=np.intp)
         check_subset_for_k(subset.shape[0], k, f"the {name} set")
-        cknna, mutual_knn = subset_alignment(
-            indexes, [pair.sides for pair in pairs], subset[None, :], k
-        )
+        result = subset_alignment(indexes, [pair.sides for pair in pairs], subset[None, :], k)
+        cknna, mutual_knn = result.cknna, result.mutual_knn
         for pair, cknna_values, mknn_values in zip(pairs, cknna, mutual_knn, strict=True):
             rows.append(
                 {

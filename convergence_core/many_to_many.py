@@ -1,0 +1,289 @@
+"""Many-to-many alignment (He, Trott & Khosla, paper 004): does averaging several captions of an
+image (or all images and captions of a class) align vision and language better than one-to-one
+pairs?
+
+* :func:`caption_averaging_effect` — images against one caption each (the first, or one drawn at
+  random) vs the mean of all their captions (COCO has five): the two scores, their difference
+  (averaged − one) and a resampling interval of the difference over images.
+* :func:`class_averaging_effect` — for labelled sets: one image–text pair per class vs the class
+  means of the images and of the texts, with the interval over classes.
+* :func:`caption_count_curve` — the score as 1, 2, … captions are averaged (the paper's Fig. 3A).
+
+Pure functions of feature arrays and index/label arrays. ``score`` is a metric name of the
+registry (:func:`.metrics.measure`, options as keywords, e.g. ``k=10``) or any callable
+``score(X, Y) -> float`` on paired rows. Intervals come from
+:func:`.calibration.resampled_interval`: by default half-samples of the images (or classes),
+which never repeat a row (repeats would be each other's nearest neighbours and inflate neighbour
+metrics); ``method="bootstrap"`` resamples with replacement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .calibration import resampled_interval
+from .metrics import measure
+from .subsets import check_indices
+from .validation import check_features
+
+
+@dataclass(frozen=True)
+class AveragingEffect:
+    """Alignment of one-to-one pairs vs averaged ones.
+
+    ``comparison`` is "captions" (units = images) or "classes" (units = classes); ``difference``
+    = ``averaged`` − ``one``; (``lower``, ``upper``) its ``level`` interval from ``method``.
+    """
+
+    comparison: str
+    one: float
+    averaged: float
+    difference: float
+    lower: float
+    upper: float
+    n_units: int
+    method: str
+    n_resamples: int
+    level: float
+
+
+def _scorer(
+    score: str | Callable[..., float], options: dict[str, Any]
+) -> Callable[[np.ndarray, np.ndarray], float]:
+    if isinstance(score, str):
+        return lambda X, Y: measure(score, X, Y, **options)
+    if not callable(score):
+        raise ValueError(f"score must be a metric name or a callable score(X, Y), got {score!r}.")
+    if options:
+        raise ValueError(
+            f"options {sorted(options)} go with a metric name, not with a callable score."
+        )
+    return score
+
+
+def _check_owners(owners: object, m: int, n: int | None) -> tuple[np.ndarray, int]:
+    owners = np.asarray(owners)
+    if owners.shape != (m,) or not np.issubdtype(owners.dtype, np.integer):
+        raise ValueError(
+            f"owners must be an integer array (m,) = ({m},) giving each caption's image row; got "
+            f"{owners.dtype} {owners.shape}."
+        )
+    n = int(owners.max(initial=-1)) + 1 if n is None else int(n)
+    if owners.size and (owners.min() < 0 or owners.max() >= n):
+        raise ValueError(f"owners must lie in 0..{n - 1} (image rows).")
+    counts = np.bincount(owners, minlength=n)
+    if np.any(counts == 0):
+        missing = np.flatnonzero(counts == 0)
+        raise ValueError(
+            f"{missing.size} images have no caption (first rows: {missing[:5].tolist()}); drop them or "
+            "pass their captions."
+        )
+    return owners.astype(np.int64), n
+
+
+def caption_mean(captions: object, owners: object, n: int | None = None) -> np.ndarray:
+    """(n, d) float64: the mean of each image's caption features (owners[c]: caption c's image)."""
+    captions = check_features(captions, "captions")
+    owners, n = _check_owners(owners, captions.shape[0], n)
+    sums = np.zeros((n, captions.shape[1]))
+    np.add.at(sums, owners, captions)
+    return sums / np.bincount(owners, minlength=n)[:, None]
+
+
+def _one_per_group(owners: np.ndarray, n: int, choice: str, seed: int) -> np.ndarray:
+    """(n,) the row of one member per group 0..n−1: its first row, or one drawn at random."""
+    if choice == "first":
+        order = np.argsort(owners, kind="stable")
+    elif choice == "random":
+        rng = np.random.default_rng(int(seed))
+        order = np.lexsort((rng.random(owners.size), owners))
+    else:
+        raise ValueError(f"choice must be 'first' or 'random', got {choice!r}.")
+    return order[np.searchsorted(owners[order], np.arange(n))]
+
+
+def single_caption(
+    captions: object, owners: object, n: int | None = None, *, choice: str = "first", seed: int = 0
+) -> np.ndarray:
+    """(n, d): one caption per image — its first (lowest caption row) or one drawn at random."""
+    captions = check_features(captions, "captions")
+    owners, n = _check_owners(owners, captions.shape[0], n)
+    return captions[_one_per_group(owners, n, choice, seed)]
+
+
+def class_means(features: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
+    """(classes (C,), means (C, d)): the mean feature vector of each class, classes sorted."""
+    features = check_features(features, "features")
+    labels = np.asarray(labels)
+    if labels.shape != (features.shape[0],):
+        raise ValueError(f"labels must be ({features.shape[0]},), one per row; got {labels.shape}.")
+    classes, codes = np.unique(labels, return_inverse=True)
+    sums = np.zeros((classes.size, features.shape[1]))
+    np.add.at(sums, codes, features)
+    return classes, sums / np.bincount(codes)[:, None]
+
+
+def _effect(
+    comparison: str,
+    scorer: Callable[[np.ndarray, np.ndarray], float],
+    X_one: np.ndarray,
+    Y_one: np.ndarray,
+    X_many: np.ndarray,
+    Y_many: np.ndarray,
+    method: str,
+    n_resamples: int,
+    seed: int,
+    level: float,
+) -> AveragingEffect:
+    one = float(scorer(X_one, Y_one))
+    averaged = float(scorer(X_many, Y_many))
+    interval = resampled_interval(
+        lambda r: scorer(X_many[r], Y_many[r]) - scorer(X_one[r], Y_one[r]),
+        X_one.shape[0],
+        method=method,
+        n_resamples=n_resamples,
+        seed=seed,
+        level=level,
+    )
+    return AveragingEffect(
+        comparison,
+        one,
+        averaged,
+        averaged - one,
+        interval.lower,
+        interval.upper,
+        X_one.shape[0],
+        method,
+        interval.n_resamples,
+        level,
+    )
+
+
+def caption_averaging_effect(
+    score: str | Callable[..., float],
+    images: object,
+    captions: object,
+    owners: object,
+    rows: object = None,
+    *,
+    one: str = "first",
+    method: str = "half",
+    n_resamples: int = 500,
+    seed: int = 0,
+    level: float = 0.95,
+    **options: Any,
+) -> AveragingEffect:
+    """Images vs one caption each, and vs the mean of their captions, on the given image rows.
+
+    Args:
+        score: metric name (options as keywords) or callable score(X, Y).
+        images: (n, d_x) image features.
+        captions: (m, d_y) caption features; ``owners`` (m,) the image row of each caption.
+        rows: image rows of the set (e.g. a dispersion set), or None for all.
+        one: "first" or "random" caption per image (seeded).
+        method, n_resamples, seed, level: the interval of the difference (over images).
+    """
+    scorer = _scorer(score, options)
+    images = check_features(images, "images")
+    n = images.shape[0]
+    single = single_caption(captions, owners, n, choice=one, seed=seed)
+    mean = caption_mean(captions, owners, n)
+    rows = np.arange(n) if rows is None else check_indices(rows, n)
+    X = images[rows]
+    return _effect(
+        "captions", scorer, X, single[rows], X, mean[rows], method, n_resamples, seed, level
+    )
+
+
+def class_averaging_effect(
+    score: str | Callable[..., float],
+    images: object,
+    texts: object,
+    labels: object,
+    *,
+    one: str = "first",
+    method: str = "half",
+    n_resamples: int = 500,
+    seed: int = 0,
+    level: float = 0.95,
+    **options: Any,
+) -> AveragingEffect:
+    """One image–text pair per class vs the class-mean image against the class-mean text.
+
+    ``images`` (n, d_x) and ``texts`` (n, d_y) are paired rows, ``labels`` (n,) their classes;
+    ``one`` picks each class's first row or a random one (seeded). The interval is over classes.
+    """
+    scorer = _scorer(score, options)
+    images = check_features(images, "images")
+    texts = check_features(texts, "texts")
+    if texts.shape[0] != images.shape[0]:
+        raise ValueError("images and texts must be paired rows of the same stimuli (same n).")
+    classes, image_means = class_means(images, labels)
+    _, text_means = class_means(texts, labels)
+    codes = np.searchsorted(classes, np.asarray(labels))
+    if np.bincount(codes).max() < 2:
+        raise ValueError(
+            "every class has a single member, so class means equal the instances; pass coarser "
+            "labels (e.g. superclasses) to average over."
+        )
+    pick = _one_per_group(codes, classes.size, one, seed)
+    return _effect(
+        "classes",
+        scorer,
+        images[pick],
+        texts[pick],
+        image_means,
+        text_means,
+        method,
+        n_resamples,
+        seed,
+        level,
+    )
+
+
+def caption_count_curve(
+    score: str | Callable[..., float],
+    images: object,
+    captions: object,
+    owners: object,
+    rows: object = None,
+    *,
+    counts: object = None,
+    n_draws: int = 5,
+    seed: int = 0,
+    **options: Any,
+) -> pd.DataFrame:
+    """The score as c = 1, 2, … captions (drawn at random per image) are averaged.
+
+    Returns a long table: ``n_captions``, ``draw``, ``value``. ``counts`` defaults to 1 … the
+    smallest number of captions any image has.
+    """
+    scorer = _scorer(score, options)
+    images = check_features(images, "images")
+    captions = check_features(captions, "captions")
+    owners, n = _check_owners(owners, captions.shape[0], images.shape[0])
+    rows = np.arange(n) if rows is None else check_indices(rows, n)
+    per_image = np.bincount(owners, minlength=n)
+    most = int(per_image[rows].min())
+    counts = list(range(1, most + 1)) if counts is None else [int(c) for c in counts]
+    if not counts or min(counts) < 1 or max(counts) > most:
+        raise ValueError(
+            f"counts must lie in 1..{most} (the fewest captions of an image in the set)."
+        )
+    rng = np.random.default_rng(int(seed))
+    order = np.argsort(owners, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(per_image)[:-1]])
+    records = []
+    for draw in range(int(n_draws)):
+        # one random order of each image's captions per draw; c captions = the first c of it
+        ranks = np.lexsort((rng.random(owners.size), owners[order]))
+        shuffled = order[ranks]
+        for c in counts:
+            Y = np.stack([captions[shuffled[starts[i] : starts[i] + c]].mean(axis=0) for i in rows])
+            records.append({"n_captions": c, "draw": draw, "value": float(scorer(images[rows], Y))})
+    return pd.DataFrame.from_records(records)

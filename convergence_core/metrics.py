@@ -1,0 +1,1007 @@
+"""The alignment metric registry: every representational-alignment metric once, by name.
+
+``measure(name, X, Y, **options) -> float`` computes a metric on paired features (row i of X and Y
+is stimulus i); ``metric_names()`` lists the names; ``metric(name)`` returns its typed entry
+(:class:`Metric`: the plain function, the options it takes, its range, its invariances, whether it
+is a neighbour metric and whether it is fast enough for the live Alignment lab).
+
+Names and numbers are those of minyoungg/platonic-rep ``metrics.py`` (``AlignmentMetrics``) on the
+same float64 inputs (tested to |Δ| ≤ 1e-6), with these documented differences:
+
+* ``lcs_knn`` returns the mean longest-common-subsequence length **divided by k** (in [0, 1], like
+  every other neighbour metric); ``normalise=False`` returns the reference's scale (mean length,
+  in [0, k]).
+* ``svcca`` uses an exact truncated SVD where the reference uses ``torch.svd_lowrank`` (randomized)
+  and sklearn's iterative CCA plus 1e-10 noise: they agree to ~1e-2 where the spectrum has a gap.
+* Neighbours: exact ties go to the lower index (the reference's ``argsort``/``topk`` leave them
+  unspecified); continuous features have no ties.
+* The kernel option is ``kernel="linear" | "rbf"`` (the reference's ``kernel_metric="ip"`` is
+  accepted as ``"linear"``) and ``sigma`` (the reference's ``rbf_sigma``); k is ``k`` (``topk``).
+
+Two forms, for the subset engine
+--------------------------------
+*Neighbour metrics* (cknna, mutual_knn, cycle_knn, lcs_knn, edit_distance_knn) are functions of the
+two neighbour tables of a set of s stimuli: ``table[i]`` lists the positions (0..s−1, within the
+set) of stimulus i's k most similar *other* stimuli by inner product, MOST SIMILAR FIRST, exact
+ties to the lower position (:func:`nearest_neighbours` builds one from features, blockwise). Order
+matters for lcs_knn and edit_distance_knn only. CKNNA also needs the kernel values at the table
+entries: ``x_at``/``y_at`` are either callables ``at(i, j)`` returning float64 inner products at
+arrays of positions (called only at table entries (i, table[i, m]); a batched call passes
+``at(b, i, j)``) or arrays of those values shaped like the tables (``NeighbourTable.values``). The
+kernels are inner products, hence symmetric: K[j, i] is read from row j's entry when i is in j's
+table. Every ``*_from_tables`` function accepts one set, tables (s, k), and returns a float, or B
+sets at once, tables (B, s, k), and returns (B,) float64 — the batched form is what makes 200
+random sets fast. Cost: O(B·s·k·log(B·s·k)) (lcs/edit: O(B·s·k²)); nothing (s, s) is formed.
+
+*Feature metrics* (cka, unbiased_cka, svcca) are functions of the set's (s, d_x), (s, d_y)
+features. Linear CKA (biased or unbiased HSIC) never forms an (s, s) matrix when that is the
+larger work: it uses ‖X̃ᵀỸ‖²_F of the centered features (O(s·d²), column blocks of ≤ 4M floats)
+when s·(d_x+d_y) exceeds d_x²+d_y²+d_x·d_y, and the (s, s) Grams otherwise (small s). RBF CKA
+needs every pairwise distance: O(s²·d) time, formed in row blocks (O(block·s) memory).
+:func:`cka_from_kernels` takes precomputed (s, s) or (B, s, s) kernels (e.g. sub-Grams of a
+small run) for many sets at once. SVCCA standardises each feature, keeps the top ``cca_dim``
+left singular vectors (exact, from ``eigh`` of the smaller of A Aᵀ and AᵀA) and averages the
+canonical correlations of the two subspaces (the singular values of U_xᵀU_y).
+
+HSIC formulas (one copy each, used by :mod:`.alignment` too): with Ã, B̃ the kernels with zeroed
+diagonals (Song et al. 2012, eq. 5),
+
+    HSIC_u(A, B) = [ Σ Ã∘B̃ᵀ + ΣÃ·ΣB̃ / ((n−1)(n−2)) − 2 Σ(Ã B̃) / (n−2) ] / (n(n−3)),
+    HSIC_b(A, B) = trace(A H B H) = Σ A∘B − (2/n) (A1)·(B1) + ΣA·ΣB / n²   (A, B symmetric),
+
+and every CKA-like score is HSIC(K, L) / (sqrt(HSIC(K, K)·HSIC(L, L)) + 1e-6) (NaN when the
+product is negative, as the reference's sqrt gives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .validation import check_features, check_k, check_min_stimuli, check_pair
+
+#: added to every CKA-like denominator, as in the reference implementation
+EPSILON = 1e-6
+
+#: elements of one temporary block (rows × stimuli, or feature × feature): ~32 MB float64
+_BLOCK_ELEMENTS = 4_000_000
+
+#: largest s for which linear CKA may form (s, s) Grams (when that is the cheaper route)
+_MAX_GRAM_STIMULI = 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# the HSIC formulas
+def unbiased_hsic_from_sums(
+    n: int, trace_term: Any, sum_a: Any, sum_b: Any, cross_term: Any
+) -> Any:
+    """The unbiased HSIC estimator from its four sums (scalars or arrays, elementwise), n ≥ 4.
+
+    ``trace_term`` = Σ Ã∘B̃ᵀ, ``sum_a`` = ΣÃ, ``sum_b`` = ΣB̃, ``cross_term`` = Σ(Ã B̃)
+    (= column sums of Ã · row sums of B̃), Ã, B̃ the kernels with zeroed diagonals.
+    """
+    value = trace_term + sum_a * sum_b / ((n - 1) * (n - 2)) - 2.0 * cross_term / (n - 2)
+    return value / (n * (n - 3))
+
+
+def biased_hsic_from_sums(n: int, trace_term: Any, sum_a: Any, sum_b: Any, cross_term: Any) -> Any:
+    """trace(A H B H) of symmetric (n, n) kernels from Σ A∘B, ΣA, ΣB and (A1)·(B1)."""
+    return trace_term - 2.0 * cross_term / n + sum_a * sum_b / (n * n)
+
+
+def normalised_alignment(kl: Any, kk: Any, ll: Any) -> Any:
+    """kl / (sqrt(kk·ll) + 1e-6); NaN where kk·ll < 0 (scalars or arrays)."""
+    product = np.asarray(kk * ll, dtype=np.float64)
+    root = np.sqrt(np.where(product < 0, np.nan, product))
+    value = kl / (root + EPSILON)
+    return float(value) if np.ndim(value) == 0 else value
+
+
+# ----------------------------------------------------------------------------------------------
+# neighbour tables
+class NeighbourTable(NamedTuple):
+    """Each stimulus's k most similar other stimuli by inner product, most similar first.
+
+    ``indices`` (s, k) int64 positions within the set (self excluded; exact ties: lower position
+    first); ``values`` (s, k) float64 inner products at those entries.
+    """
+
+    indices: np.ndarray
+    values: np.ndarray
+
+
+def nearest_neighbours(F: object, k: int = 10) -> NeighbourTable:
+    """The neighbour table of features F (s, d) by inner product, computed in row blocks.
+
+    Memory O(block·s) (blocks of ≤ 4M inner products), time O(s²·d). 1 ≤ k ≤ s − 1.
+    """
+    F = check_features(F, "F", min_rows=2)
+    s = F.shape[0]
+    k = check_k(k, s, 1)
+    indices = np.empty((s, k), dtype=np.int64)
+    values = np.empty((s, k), dtype=np.float64)
+    block = max(1, _BLOCK_ELEMENTS // s)
+    for start in range(0, s, block):
+        stop = min(s, start + block)
+        rows = np.arange(stop - start)
+        G = F[start:stop] @ F.T
+        G[rows, start + rows] = -np.inf
+        top = np.argpartition(-G, k - 1, axis=1)[:, :k]
+        top_values = np.take_along_axis(G, top, axis=1)
+        # rows with more entries >= their k-th value than k have a tie at the boundary: redo them
+        # with a stable sort so that the lower position wins
+        at_least = np.count_nonzero(G >= top_values.min(axis=1, keepdims=True), axis=1)
+        for row in np.flatnonzero(at_least > k):
+            top[row] = np.argsort(-G[row], kind="stable")[:k]
+            top_values[row] = G[row, top[row]]
+        order = np.lexsort((top, -top_values), axis=1)  # value descending, then position
+        indices[start:stop] = np.take_along_axis(top, order, axis=1)
+        values[start:stop] = np.take_along_axis(top_values, order, axis=1)
+    return NeighbourTable(indices, values)
+
+
+def permute_table(table: object, permutation: object) -> np.ndarray:
+    """The neighbour table of the same features with rows reordered: row p of the new set is row
+    ``permutation[p]`` of the old one (Y' = Y[permutation]).
+
+    ``table`` (s, k) or (B, s, k); ``permutation`` (s,) or (B, s). Entry m of new row p is the new
+    position of the old row's m-th neighbour (order kept). Used for shuffled-pairing nulls on
+    tables; exact ties may then break differently than a fresh :func:`nearest_neighbours` would.
+    """
+    table = np.asarray(table)
+    permutation = np.asarray(permutation, dtype=np.int64)
+    if table.ndim not in (2, 3) or permutation.shape != table.shape[:-1]:
+        raise ValueError(
+            f"permute_table needs a table (s, k) or (B, s, k) and a permutation (s,) or (B, s) "
+            f"matching it; got {table.shape} and {permutation.shape}."
+        )
+    s = table.shape[-2]
+    if not np.array_equal(
+        np.sort(permutation, axis=-1), np.broadcast_to(np.arange(s), permutation.shape)
+    ):
+        raise ValueError("permutation must hold each position 0..s-1 exactly once (per set).")
+    inverse = np.argsort(permutation, axis=-1)
+    if table.ndim == 2:
+        return inverse[table[permutation]]
+    gathered = np.take_along_axis(table, permutation[:, :, None], axis=1)  # rows reordered
+    return np.take_along_axis(inverse, gathered.reshape(len(table), -1), axis=1).reshape(
+        table.shape
+    )
+
+
+def _check_tables(
+    table_x: object, table_y: object, minimum_k: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Validated tables as int64 (B, s, k) and whether the input was batched (3-D)."""
+    arrays = []
+    for name, table in (("table_x", table_x), ("table_y", table_y)):
+        array = np.asarray(table)
+        if not np.issubdtype(array.dtype, np.integer) or array.ndim not in (2, 3):
+            raise ValueError(
+                f"{name} must be an integer neighbour table (s, k) or (B, s, k), got {array.dtype} "
+                f"{array.shape}; build it with nearest_neighbours(F, k).indices."
+            )
+        arrays.append(array.astype(np.int64, copy=False))
+    tx, ty = arrays
+    if tx.shape != ty.shape:
+        raise ValueError(
+            f"table_x has shape {tx.shape} but table_y {ty.shape}; both must list k neighbours of "
+            "the same s stimuli (same k in both)."
+        )
+    batched = tx.ndim == 3
+    if not batched:
+        tx, ty = tx[None], ty[None]
+    _, s, k = tx.shape
+    check_k(k, s, minimum_k)
+    for name, table in (("table_x", tx), ("table_y", ty)):
+        if table.min(initial=0) < 0 or table.max(initial=0) >= s:
+            raise ValueError(
+                f"{name} holds positions outside 0..{s - 1}; positions are within the set."
+            )
+        if np.any(table == np.arange(s)[:, None]):
+            raise ValueError(
+                f"{name} lists a stimulus as its own neighbour; exclude self from the table."
+            )
+        ordered = np.sort(table, axis=-1)
+        if np.any(ordered[..., 1:] == ordered[..., :-1]):
+            raise ValueError(
+                f"{name} repeats a neighbour within a row; each row needs k distinct others."
+            )
+    return tx, ty, batched
+
+
+def _result(values: np.ndarray, batched: bool) -> float | np.ndarray:
+    return values if batched else float(values[0])
+
+
+class _SortedEntries(NamedTuple):
+    """A (B, s, k) table's entries sorted within each row, as flat keys (global row)·s + column
+    (globally sorted, since rows come in order), with the columns and values in the same order."""
+
+    keys: np.ndarray
+    columns: np.ndarray  # (B·s, k): each row's columns, ascending
+    values: np.ndarray | None
+
+    @classmethod
+    def of(cls, table: np.ndarray, values: np.ndarray | None = None) -> _SortedEntries:
+        B, s, k = table.shape
+        order = np.argsort(table, axis=-1)
+        columns = np.take_along_axis(table, order, axis=-1).reshape(B * s, k)
+        rows = np.arange(B * s, dtype=np.int64)[:, None]
+        if values is not None:
+            values = np.take_along_axis(values, order, axis=-1).ravel()
+        return cls((rows * s + columns).ravel(), columns, values)
+
+    def find(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(whether each query key is an entry, its flat position where it is): binary search."""
+        at = np.minimum(np.searchsorted(self.keys, queries), self.keys.size - 1)
+        return self.keys[at] == queries, at
+
+
+def _entry_coordinates(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat (global row r = b·s + i, local row i, global column c = b·s + j) of every entry."""
+    B, s, k = table.shape
+    rows = np.repeat(np.arange(B * s, dtype=np.int64), k)
+    local = rows % s
+    return rows, local, rows - local + table.ravel()
+
+
+def knn_overlap_per_stimulus(table_x: object, table_y: object) -> np.ndarray:
+    """|knn_X(i) ∩ knn_Y(i)| / k for every stimulus: (s,) or (B, s) float64 (order ignored)."""
+    tx, ty, batched = _check_tables(table_x, table_y, 1)
+    B, s, k = tx.shape
+    rows, _, _ = _entry_coordinates(tx)
+    found, _ = _SortedEntries.of(ty).find(rows * s + tx.ravel())
+    overlap = found.reshape(B, s, k).sum(axis=-1) / k
+    return overlap if batched else overlap[0]
+
+
+def mutual_knn_from_tables(table_x: object, table_y: object) -> float | np.ndarray:
+    """Mutual k-NN: mean over stimuli of |knn_X(i) ∩ knn_Y(i)| / k (reference ``mutual_knn``)."""
+    overlap = knn_overlap_per_stimulus(table_x, table_y)
+    return float(overlap.mean()) if overlap.ndim == 1 else overlap.mean(axis=-1)
+
+
+def cycle_knn_from_tables(table_x: object, table_y: object) -> float | np.ndarray:
+    """Cycle k-NN: fraction of stimuli i found among the X-neighbours of some Y-neighbour of i.
+
+    The reference's ``compute_knn_accuracy(knn_A[knn_B])`` with A = X, B = Y; not symmetric.
+    """
+    tx, ty, batched = _check_tables(table_x, table_y, 1)
+    B, s, k = tx.shape
+    _, local, columns = _entry_coordinates(ty)  # (i, global j) for j among i's Y-neighbours
+    found, _ = _SortedEntries.of(tx).find(columns * s + local)  # is i among j's X-neighbours?
+    hit = found.reshape(B, s, k).any(axis=-1)
+    return _result(hit.mean(axis=-1), batched)
+
+
+def _row_chunks(rows: int, k: int) -> range:
+    return range(0, rows, max(1, _BLOCK_ELEMENTS // (k * k)))
+
+
+def _longest_common_subsequence(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """LCS length of each pair of rows of x, y (R, k): the classic DP, vectorised over rows."""
+    R, k = x.shape
+    out = np.empty(R, dtype=np.int64)
+    for start in _row_chunks(R, k):
+        stop = min(R, start + max(1, _BLOCK_ELEMENTS // (k * k)))
+        xs, ys = x[start:stop], y[start:stop]
+        equal = xs[:, :, None] == ys[:, None, :]
+        previous = np.zeros((stop - start, k + 1), dtype=np.int64)
+        for p in range(k):
+            current = np.zeros_like(previous)
+            for q in range(k):
+                current[:, q + 1] = np.where(
+                    equal[:, p, q],
+                    previous[:, q] + 1,
+                    np.maximum(previous[:, q + 1], current[:, q]),
+                )
+            previous = current
+        out[start:stop] = previous[:, k]
+    return out
+
+
+def _edit_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Levenshtein distance (insert, delete, substitute: cost 1) of each pair of rows of x, y."""
+    R, k = x.shape
+    out = np.empty(R, dtype=np.int64)
+    for start in _row_chunks(R, k):
+        stop = min(R, start + max(1, _BLOCK_ELEMENTS // (k * k)))
+        xs, ys = x[start:stop], y[start:stop]
+        equal = xs[:, :, None] == ys[:, None, :]
+        previous = np.broadcast_to(np.arange(k + 1, dtype=np.int64), (stop - start, k + 1)).copy()
+        for p in range(k):
+            current = np.empty_like(previous)
+            current[:, 0] = p + 1
+            for q in range(k):
+                current[:, q + 1] = np.where(
+                    equal[:, p, q],
+                    previous[:, q],
+                    1 + np.minimum(np.minimum(previous[:, q], previous[:, q + 1]), current[:, q]),
+                )
+            previous = current
+        out[start:stop] = previous[:, k]
+    return out
+
+
+def lcs_knn_from_tables(
+    table_x: object, table_y: object, *, normalise: bool = True
+) -> float | np.ndarray:
+    """Mean over stimuli of the longest common subsequence of the two ordered neighbour lists.
+
+    ``normalise=True`` (default) divides by k (range [0, 1]); ``False`` returns the reference
+    ``lcs_knn``'s scale (mean length, [0, k]).
+    """
+    tx, ty, batched = _check_tables(table_x, table_y, 1)
+    B, s, k = tx.shape
+    lengths = _longest_common_subsequence(tx.reshape(-1, k), ty.reshape(-1, k)).reshape(B, s)
+    mean = lengths.mean(axis=-1)
+    return _result(mean / k if normalise else mean, batched)
+
+
+def edit_distance_knn_from_tables(table_x: object, table_y: object) -> float | np.ndarray:
+    """1 − mean over stimuli of the edit (Levenshtein) distance of the ordered lists / k."""
+    tx, ty, batched = _check_tables(table_x, table_y, 1)
+    B, s, k = tx.shape
+    distances = _edit_distance(tx.reshape(-1, k), ty.reshape(-1, k)).reshape(B, s)
+    return _result(1.0 - distances.mean(axis=-1) / k, batched)
+
+
+def _values_at(at: object, table: np.ndarray, batched: bool, name: str) -> np.ndarray:
+    """Float64 kernel values at the (B, s, k) table entries from a getter or an array."""
+    if callable(at):
+        B, s, k = table.shape
+        rows = np.repeat(np.arange(s, dtype=np.int64), k)
+        if batched:
+            blocks = np.repeat(np.arange(B, dtype=np.int64), s * k)
+            values = at(blocks, np.tile(rows, B), table.ravel())
+        else:
+            values = at(rows, table[0].ravel())
+        values = np.asarray(values, dtype=np.float64).reshape(table.shape)
+    else:
+        values = np.asarray(at, dtype=np.float64)
+        if not batched:
+            values = values[None]
+        if values.shape != table.shape:
+            raise ValueError(
+                f"{name} has shape {values.shape[1:] if not batched else values.shape} but the "
+                f"table {table.shape[1:] if not batched else table.shape}; pass the kernel values at "
+                "the table entries (NeighbourTable.values) or a getter at(i, j)."
+            )
+    if not np.isfinite(values).all():
+        raise ValueError(
+            f"{name} holds NaN or Inf kernel values; recompute them from finite features."
+        )
+    return values
+
+
+def cknna_from_tables(
+    table_x: object, table_y: object, x_at: object, y_at: object
+) -> float | np.ndarray:
+    """CKNNA from the two neighbour tables and the kernel values at their entries.
+
+    With 0/1 masks M_K, M_L (row i has ones at table[i]) and M = M_K ∘ M_L:
+    HSIC_u(M∘K, M∘L) / (sqrt(HSIC_u(M_K∘K, M_K∘K)·HSIC_u(M_L∘L, M_L∘L)) + 1e-6), the
+    reference ``cknna`` (unbiased, distance-aware). s ≥ 4, 2 ≤ k ≤ s − 1. Not exactly symmetric in
+    (X, Y) (the masked kernels are not symmetric), as in the reference.
+
+    Args:
+        table_x, table_y: (s, k) or (B, s, k) neighbour tables.
+        x_at, y_at: getters ``at(i, j)`` (batched: ``at(b, i, j)``) of float64 inner products, or
+            arrays of the values at the table entries, shaped like the tables.
+    """
+    tx, ty, batched = _check_tables(table_x, table_y, 2)
+    B, s, k = tx.shape
+    check_min_stimuli(s, 4, "CKNNA (unbiased HSIC)")
+    vx = _values_at(x_at, tx, batched, "x_at")
+    vy = _values_at(y_at, ty, batched, "y_at")
+    x_entries, y_entries = _SortedEntries.of(tx, vx), _SortedEntries.of(ty, vy)
+    size = B * s
+    # every entry e of either table, in the sorted order: global row r = b·s + i, column j
+    rows = np.repeat(np.arange(size, dtype=np.int64), k)
+    local = rows % s
+    x_columns = rows - local + x_entries.columns.ravel()  # global column b·s + j
+    y_columns = rows - local + y_entries.columns.ravel()
+
+    def hsic(rows, columns, a, b, b_transposed) -> np.ndarray:
+        blocks = rows // s
+        trace = np.bincount(blocks, weights=a * b_transposed, minlength=B)
+        sum_a = np.bincount(blocks, weights=a, minlength=B)
+        sum_b = np.bincount(blocks, weights=b, minlength=B)
+        cross = (
+            (
+                np.bincount(columns, weights=a, minlength=size)
+                * np.bincount(rows, weights=b, minlength=size)
+            )
+            .reshape(B, s)
+            .sum(axis=1)
+        )
+        return unbiased_hsic_from_sums(s, trace, sum_a, sum_b, cross)
+
+    # reciprocal entries: is i among j's neighbours, and where (three look-ups in all)
+    x_back, x_back_at = x_entries.find(x_columns * s + local)
+    y_back, y_back_at = y_entries.find(y_columns * s + local)
+    a, b = x_entries.values, y_entries.values
+    self_terms = [
+        hsic(rows, x_columns, a, a, np.where(x_back, a[x_back_at], 0.0)),
+        hsic(rows, y_columns, b, b, np.where(y_back, b[y_back_at], 0.0)),
+    ]
+    # the mutual mask M_K ∘ M_L: X entries that are also Y entries (at y_at in Y's order)
+    mutual, y_at = y_entries.find(rows * s + x_entries.columns.ravel())
+    y_at = y_at[mutual]
+    both_back = x_back[mutual] & y_back[y_at]
+    cross_term = hsic(
+        rows[mutual],
+        x_columns[mutual],
+        a[mutual],
+        b[y_at],
+        np.where(both_back, b[y_back_at[y_at]], 0.0),
+    )
+    values = normalised_alignment(cross_term, self_terms[0], self_terms[1])
+    return _result(np.atleast_1d(values), batched)
+
+
+# ----------------------------------------------------------------------------------------------
+# feature forms of the neighbour metrics
+def _tables(
+    X: object, Y: object, k: object, minimum_k: int
+) -> tuple[NeighbourTable, NeighbourTable]:
+    X, Y = check_pair(X, Y, min_rows=2)
+    k = check_k(k, X.shape[0], minimum_k)
+    return nearest_neighbours(X, k), nearest_neighbours(Y, k)
+
+
+def cknna(X: object, Y: object, k: int = 10) -> float:
+    """CKNNA of paired features X (s, d_x), Y (s, d_y) by inner product; s ≥ 4, 2 ≤ k ≤ s − 1."""
+    X, Y = check_pair(X, Y)
+    check_min_stimuli(X.shape[0], 4, "CKNNA (unbiased HSIC)")
+    tx, ty = _tables(X, Y, k, 2)
+    return cknna_from_tables(tx.indices, ty.indices, tx.values, ty.values)
+
+
+def mutual_knn(X: object, Y: object, k: int = 10) -> float:
+    """Mean over stimuli of |knn_X(i) ∩ knn_Y(i)| / k; neighbours by inner product, not self."""
+    tx, ty = _tables(X, Y, k, 1)
+    return mutual_knn_from_tables(tx.indices, ty.indices)
+
+
+def cycle_knn(X: object, Y: object, k: int = 10) -> float:
+    """Fraction of stimuli that are among the X-neighbours of one of their own Y-neighbours."""
+    tx, ty = _tables(X, Y, k, 1)
+    return cycle_knn_from_tables(tx.indices, ty.indices)
+
+
+def lcs_knn(X: object, Y: object, k: int = 10, *, normalise: bool = True) -> float:
+    """Mean longest common subsequence of the ordered k-NN lists, / k unless ``normalise=False``."""
+    tx, ty = _tables(X, Y, k, 1)
+    return lcs_knn_from_tables(tx.indices, ty.indices, normalise=normalise)
+
+
+def edit_distance_knn(X: object, Y: object, k: int = 10) -> float:
+    """1 − mean edit distance of the ordered k-NN lists / k."""
+    tx, ty = _tables(X, Y, k, 1)
+    return edit_distance_knn_from_tables(tx.indices, ty.indices)
+
+
+# ----------------------------------------------------------------------------------------------
+# CKA
+class _KernelSums(NamedTuple):
+    """What every HSIC of two symmetric (n, n) kernels K, L needs, off the diagonal and on it.
+
+    Off-diagonal sums are accumulated directly where the kernel is formed (Gram route, RBF), so
+    the unbiased HSIC (which drops the diagonal) does not subtract a large diagonal from them.
+    """
+
+    n: int
+    kl: float  # Σ_{i≠j} K∘L
+    kk: float  # Σ_{i≠j} K∘K
+    ll: float  # Σ_{i≠j} L∘L
+    rows_k: np.ndarray  # off-diagonal row sums of K
+    rows_l: np.ndarray
+    diagonal_k: np.ndarray
+    diagonal_l: np.ndarray
+
+
+def _squared_cross_norm(A: np.ndarray, B: np.ndarray) -> float:
+    """‖AᵀB‖²_F in column blocks of B (never more than ~4M floats at once)."""
+    block = max(1, _BLOCK_ELEMENTS // A.shape[1])
+    return float(sum(np.sum((A.T @ B[:, j : j + block]) ** 2) for j in range(0, B.shape[1], block)))
+
+
+def _off_diagonal_sums(
+    n: int, kernels: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+) -> _KernelSums:
+    """Sums of two symmetric kernels formed in row blocks by ``kernels(start, stop)``."""
+    kl = kk = ll = 0.0
+    rows_k, rows_l = np.empty(n), np.empty(n)
+    diagonal_k, diagonal_l = np.empty(n), np.empty(n)
+    block = max(1, _BLOCK_ELEMENTS // n)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        local = np.arange(stop - start)
+        Kb, Lb = kernels(start, stop)
+        diagonal_k[start:stop], diagonal_l[start:stop] = (
+            Kb[local, start + local],
+            Lb[local, start + local],
+        )
+        Kb[local, start + local] = 0.0
+        Lb[local, start + local] = 0.0
+        kl += float(np.sum(Kb * Lb))
+        kk += float(np.sum(Kb * Kb))
+        ll += float(np.sum(Lb * Lb))
+        rows_k[start:stop], rows_l[start:stop] = Kb.sum(axis=1), Lb.sum(axis=1)
+    return _KernelSums(n, kl, kk, ll, rows_k, rows_l, diagonal_k, diagonal_l)
+
+
+def _linear_sums(X: np.ndarray, Y: np.ndarray) -> _KernelSums:
+    """Sums of the linear kernels of the *centered* features (HSIC is translation-invariant)."""
+    X = X - X.mean(axis=0)
+    Y = Y - Y.mean(axis=0)
+    s, dx = X.shape
+    dy = Y.shape[1]
+    if s <= _MAX_GRAM_STIMULI and s * (dx + dy) <= dx * dx + dy * dy + dx * dy:
+        return _off_diagonal_sums(s, lambda a, b: (X[a:b] @ X.T, Y[a:b] @ Y.T))
+    diagonal_k, diagonal_l = np.einsum("ij,ij->i", X, X), np.einsum("ij,ij->i", Y, Y)
+    return _KernelSums(
+        s,
+        _squared_cross_norm(X, Y) - float(diagonal_k @ diagonal_l),
+        _squared_cross_norm(X, X) - float(diagonal_k @ diagonal_k),
+        _squared_cross_norm(Y, Y) - float(diagonal_l @ diagonal_l),
+        X @ X.sum(axis=0) - diagonal_k,
+        Y @ Y.sum(axis=0) - diagonal_l,
+        diagonal_k,
+        diagonal_l,
+    )
+
+
+def _rbf_sums(X: np.ndarray, Y: np.ndarray, sigma: float) -> _KernelSums:
+    """Sums of K = exp(−‖x_i − x_j‖² / (2σ²)) (and L), formed in row blocks."""
+    X = X - X.mean(axis=0)  # distances unchanged; smaller norms, less rounding
+    Y = Y - Y.mean(axis=0)
+    norms_x, norms_y = np.einsum("ij,ij->i", X, X), np.einsum("ij,ij->i", Y, Y)
+
+    def kernel(F: np.ndarray, norms: np.ndarray, start: int, stop: int) -> np.ndarray:
+        squared = norms[start:stop, None] + norms[None, :] - 2.0 * (F[start:stop] @ F.T)
+        return np.exp(-np.maximum(squared, 0.0) / (2.0 * sigma * sigma))
+
+    return _off_diagonal_sums(
+        X.shape[0], lambda a, b: (kernel(X, norms_x, a, b), kernel(Y, norms_y, a, b))
+    )
+
+
+def _cka_from_sums(sums: _KernelSums, unbiased: bool) -> float:
+    n = sums.n
+    pairs = {
+        "kl": (sums.kl, sums.rows_k, sums.rows_l, sums.diagonal_k, sums.diagonal_l),
+        "kk": (sums.kk, sums.rows_k, sums.rows_k, sums.diagonal_k, sums.diagonal_k),
+        "ll": (sums.ll, sums.rows_l, sums.rows_l, sums.diagonal_l, sums.diagonal_l),
+    }
+    hsic = {}
+    for key, (product, rows_a, rows_b, diagonal_a, diagonal_b) in pairs.items():
+        if unbiased:
+            hsic[key] = unbiased_hsic_from_sums(
+                n, product, rows_a.sum(), rows_b.sum(), float(rows_a @ rows_b)
+            )
+        else:  # the diagonals back in
+            rows_a, rows_b = rows_a + diagonal_a, rows_b + diagonal_b
+            hsic[key] = biased_hsic_from_sums(
+                n,
+                product + float(diagonal_a @ diagonal_b),
+                rows_a.sum(),
+                rows_b.sum(),
+                float(rows_a @ rows_b),
+            )
+    return normalised_alignment(hsic["kl"], hsic["kk"], hsic["ll"])
+
+
+def _check_kernel(kernel: object, sigma: object) -> tuple[str, float]:
+    if kernel == "ip":
+        kernel = "linear"
+    if kernel not in ("linear", "rbf"):
+        raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}.")
+    if (
+        isinstance(sigma, bool)
+        or not isinstance(sigma, (int, float, np.integer, np.floating))
+        or not (np.isfinite(sigma) and sigma > 0)
+    ):
+        raise ValueError(
+            f"sigma (the RBF width) must be a positive number, got {sigma!r}; e.g. sigma=1.0."
+        )
+    return str(kernel), float(sigma)
+
+
+def cka(X: object, Y: object, *, kernel: str = "linear", sigma: float = 1.0) -> float:
+    """CKA with the biased HSIC trace(K H L H) (the original CKA), s ≥ 2.
+
+    ``kernel="linear"``: K = X Xᵀ (never formed when the feature route is cheaper);
+    ``kernel="rbf"``: K = exp(−‖x_i − x_j‖² / (2 sigma²)).
+    """
+    kernel, sigma = _check_kernel(kernel, sigma)
+    X, Y = check_pair(X, Y, min_rows=2)
+    sums = _linear_sums(X, Y) if kernel == "linear" else _rbf_sums(X, Y, sigma)
+    return _cka_from_sums(sums, unbiased=False)
+
+
+def unbiased_cka(X: object, Y: object, *, kernel: str = "linear", sigma: float = 1.0) -> float:
+    """CKA with the unbiased HSIC estimator, s ≥ 4 (NaN if a self-HSIC estimate is negative)."""
+    kernel, sigma = _check_kernel(kernel, sigma)
+    X, Y = check_pair(X, Y)
+    check_min_stimuli(X.shape[0], 4, "unbiased CKA")
+    sums = _linear_sums(X, Y) if kernel == "linear" else _rbf_sums(X, Y, sigma)
+    return _cka_from_sums(sums, unbiased=True)
+
+
+def cka_from_kernels(K: object, L: object, *, unbiased: bool = False) -> float | np.ndarray:
+    """CKA of precomputed symmetric kernels, (s, s) → float or (B, s, s) → (B,) float64.
+
+    For many small sets at once (e.g. sub-Grams of a run's features): O(B·s²).
+    """
+    K = np.asarray(K, dtype=np.float64)
+    L = np.asarray(L, dtype=np.float64)
+    if K.shape != L.shape or K.ndim not in (2, 3) or K.shape[-1] != K.shape[-2]:
+        raise ValueError(
+            f"K and L must be square kernels of the same stimuli, (s, s) or (B, s, s); got {K.shape} "
+            f"and {L.shape}."
+        )
+    if not (np.isfinite(K).all() and np.isfinite(L).all()):
+        raise ValueError("K or L contains NaN or Inf; recompute the kernels from finite features.")
+    batched = K.ndim == 3
+    if not batched:
+        K, L = K[None], L[None]
+    n = K.shape[-1]
+    check_min_stimuli(n, 4 if unbiased else 2, "unbiased CKA" if unbiased else "CKA")
+    diagonal_k = np.diagonal(K, axis1=1, axis2=2)
+    diagonal_l = np.diagonal(L, axis1=1, axis2=2)
+    rows_k, rows_l = K.sum(axis=2), L.sum(axis=2)
+    hsic = []
+    for A, B, rows_a, rows_b, diagonal_a, diagonal_b in (
+        (K, L, rows_k, rows_l, diagonal_k, diagonal_l),
+        (K, K, rows_k, rows_k, diagonal_k, diagonal_k),
+        (L, L, rows_l, rows_l, diagonal_l, diagonal_l),
+    ):
+        product = np.einsum("bij,bij->b", A, B)
+        if unbiased:
+            rows_a, rows_b = rows_a - diagonal_a, rows_b - diagonal_b
+            hsic.append(
+                unbiased_hsic_from_sums(
+                    n,
+                    product - np.einsum("bi,bi->b", diagonal_a, diagonal_b),
+                    rows_a.sum(axis=1),
+                    rows_b.sum(axis=1),
+                    np.einsum("bi,bi->b", rows_a, rows_b),
+                )
+            )
+        else:
+            hsic.append(
+                biased_hsic_from_sums(
+                    n,
+                    product,
+                    rows_a.sum(axis=1),
+                    rows_b.sum(axis=1),
+                    np.einsum("bi,bi->b", rows_a, rows_b),
+                )
+            )
+    return _result(np.atleast_1d(normalised_alignment(*hsic)), batched)
+
+
+# ----------------------------------------------------------------------------------------------
+# SVCCA
+def _standardised(X: np.ndarray) -> np.ndarray:
+    """Center each feature, divide by its standard deviation (ddof=1) + 1e-8, as the reference."""
+    X = X - X.mean(axis=0)
+    return X / (X.std(axis=0, ddof=1) + 1e-8)
+
+
+def _top_left_singular_vectors(A: np.ndarray, q: int, name: str) -> np.ndarray:
+    """(s, q) orthonormal top-q left singular vectors of A (s, d), exact (up to rounding).
+
+    From the eigendecomposition of the smaller Gram matrix: A Aᵀ (s ≤ d: its eigenvectors are U)
+    or AᵀA accumulated in row blocks (s > d: U = orthonormalised A V). Both are O(min(s, d)²·
+    max(s, d)), several times faster than an SVD of A, and never form an (s, s) matrix when s > d.
+    """
+    s, d = A.shape
+    if s <= d:
+        eigenvalues, U = np.linalg.eigh(A @ A.T)  # ascending
+        U = U[:, ::-1][:, :q]
+    else:
+        gram = np.zeros((d, d))
+        block = max(1, _BLOCK_ELEMENTS // d)
+        for start in range(0, s, block):
+            part = A[start : start + block]
+            gram += part.T @ part
+        eigenvalues, V = np.linalg.eigh(gram)
+        U, _ = np.linalg.qr(A @ V[:, ::-1][:, :q])
+    singular = np.sqrt(np.maximum(eigenvalues[::-1], 0.0))
+    # 1e-6: eigenvalues resolve singular values only to ~sqrt(machine epsilon) of the largest
+    if singular[0] == 0 or singular[q - 1] <= 1e-6 * singular[0]:
+        raise ValueError(
+            f"{name} has fewer than cca_dim={q} independent directions (rank-deficient after "
+            "standardising); pass a smaller cca_dim or features with more variation."
+        )
+    return U
+
+
+def svcca(X: object, Y: object, *, cca_dim: int = 10) -> float:
+    """SVCCA: mean canonical correlation of the top-``cca_dim`` SVD subspaces of X and Y.
+
+    Each feature is centered and divided by its standard deviation (+1e-8); the subspaces are
+    spanned by the exact top ``cca_dim`` left singular vectors U_x, U_y (orthonormal, centered), so
+    the canonical correlations are the singular values of U_xᵀU_y.
+    1 ≤ cca_dim ≤ min(s − 1, d_x, d_y).
+    """
+    X, Y = check_pair(X, Y, min_rows=2)
+    s = X.shape[0]
+    limit = min(s - 1, X.shape[1], Y.shape[1])
+    if (
+        isinstance(cca_dim, (bool, np.bool_))
+        or not isinstance(cca_dim, (int, np.integer))
+        or not (1 <= cca_dim <= limit)
+    ):
+        raise ValueError(
+            f"cca_dim must be an integer with 1 <= cca_dim <= min(s - 1, d_x, d_y) = {limit}, got "
+            f"{cca_dim!r}; the reference uses 10."
+        )
+    q = int(cca_dim)
+    U_x = _top_left_singular_vectors(_standardised(X), q, "X")
+    U_y = _top_left_singular_vectors(_standardised(Y), q, "Y")
+    correlations = np.linalg.svd(U_x.T @ U_y, compute_uv=False)
+    return float(np.mean(np.clip(correlations, 0.0, 1.0)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the registry
+ORTHOGONAL = "orthogonal transform"
+ISOTROPIC_SCALING = "isotropic scaling"
+STIMULUS_PERMUTATION = "stimulus permutation"
+TRANSLATION = "translation"
+FEATURE_SCALING = "per-feature scaling"
+
+#: every transform the registry states an invariance (or its absence) for
+TRANSFORMS = (ORTHOGONAL, ISOTROPIC_SCALING, STIMULUS_PERMUTATION, TRANSLATION, FEATURE_SCALING)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One alignment metric.
+
+    Attributes:
+        name: the registry name (the reference's name).
+        function: ``function(X, Y, **options) -> float`` on paired features (s, d_x), (s, d_y).
+        from_tables: neighbour metrics only: ``from_tables(table_x, table_y, [x_at, y_at,]
+            **options)`` on (s, k) or (B, s, k) tables (CKNNA also needs kernel values).
+        options: the options it takes and their defaults (``k``, ``cca_dim``, ``kernel``,
+            ``sigma``, ``normalise``).
+        value_range: (low, high) the values lie in (CKNNA and unbiased CKA can stray slightly).
+        invariances: the transforms of X (or Y) that leave the value unchanged, at the default
+            options (up to the 1e-6 in CKA-like denominators); each tested.
+        not_invariant: transforms that change it (tested too).
+        symmetric: measure(X, Y) == measure(Y, X).
+        neighbour_metric: a function of the neighbour tables only (plus kernel values).
+        needs_kernel_values: the table form needs ``x_at``/``y_at``.
+        live: fast enough for the live Alignment lab (200 random sets of the demo in ≤ 300 ms,
+            benchmarks/bench_metrics.py); otherwise it runs behind a button.
+        reference: how the value relates to minyoungg/platonic-rep's.
+        description: one line for tables and tooltips.
+    """
+
+    name: str
+    function: Callable[..., float]
+    from_tables: Callable[..., Any] | None
+    options: Mapping[str, Any]
+    value_range: tuple[float, float]
+    invariances: tuple[str, ...]
+    not_invariant: tuple[str, ...]
+    symmetric: bool
+    neighbour_metric: bool
+    needs_kernel_values: bool
+    live: bool
+    reference: str
+    description: str
+    notes: str = field(default="")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+
+_NEIGHBOUR_INVARIANCES = (ORTHOGONAL, ISOTROPIC_SCALING, STIMULUS_PERMUTATION)
+_NEIGHBOUR_VARIANCES = (TRANSLATION, FEATURE_SCALING)
+
+_ENTRIES = (
+    Metric(
+        name="cknna",
+        function=cknna,
+        from_tables=cknna_from_tables,
+        options={"k": 10},
+        value_range=(-1.0, 1.0),
+        invariances=_NEIGHBOUR_INVARIANCES,
+        not_invariant=_NEIGHBOUR_VARIANCES,
+        symmetric=False,
+        neighbour_metric=True,
+        needs_kernel_values=True,
+        live=True,
+        reference="equal (|Δ| ≤ 1e-6)",
+        description="centered kernel nearest-neighbour alignment (CKA on mutual k-NN entries)",
+        notes="not exactly symmetric: the masked kernels are asymmetric (as in the reference)",
+    ),
+    Metric(
+        name="mutual_knn",
+        function=mutual_knn,
+        from_tables=mutual_knn_from_tables,
+        options={"k": 10},
+        value_range=(0.0, 1.0),
+        invariances=_NEIGHBOUR_INVARIANCES,
+        not_invariant=_NEIGHBOUR_VARIANCES,
+        symmetric=True,
+        neighbour_metric=True,
+        needs_kernel_values=False,
+        live=True,
+        reference="equal",
+        description="mean fraction of shared k nearest neighbours",
+    ),
+    Metric(
+        name="cycle_knn",
+        function=cycle_knn,
+        from_tables=cycle_knn_from_tables,
+        options={"k": 10},
+        value_range=(0.0, 1.0),
+        invariances=_NEIGHBOUR_INVARIANCES,
+        not_invariant=_NEIGHBOUR_VARIANCES,
+        symmetric=False,
+        neighbour_metric=True,
+        needs_kernel_values=False,
+        live=True,
+        reference="equal",
+        description="fraction of stimuli reached back via a Y-neighbour's X-neighbours",
+    ),
+    Metric(
+        name="lcs_knn",
+        function=lcs_knn,
+        from_tables=lcs_knn_from_tables,
+        options={"k": 10, "normalise": True},
+        value_range=(0.0, 1.0),
+        invariances=_NEIGHBOUR_INVARIANCES,
+        not_invariant=_NEIGHBOUR_VARIANCES,
+        symmetric=True,
+        neighbour_metric=True,
+        needs_kernel_values=False,
+        live=True,
+        reference="reference / k (normalise=False: equal, range [0, k])",
+        description="mean longest common subsequence of the ordered k-NN lists, / k",
+    ),
+    Metric(
+        name="edit_distance_knn",
+        function=edit_distance_knn,
+        from_tables=edit_distance_knn_from_tables,
+        options={"k": 10},
+        value_range=(0.0, 1.0),
+        invariances=_NEIGHBOUR_INVARIANCES,
+        not_invariant=_NEIGHBOUR_VARIANCES,
+        symmetric=True,
+        neighbour_metric=True,
+        needs_kernel_values=False,
+        live=True,
+        reference="equal",
+        description="1 − mean edit distance of the ordered k-NN lists / k",
+    ),
+    Metric(
+        name="cka",
+        function=cka,
+        from_tables=None,
+        options={"kernel": "linear", "sigma": 1.0},
+        value_range=(0.0, 1.0),
+        invariances=(ORTHOGONAL, ISOTROPIC_SCALING, STIMULUS_PERMUTATION, TRANSLATION),
+        not_invariant=(FEATURE_SCALING,),
+        symmetric=True,
+        neighbour_metric=False,
+        needs_kernel_values=False,
+        live=True,
+        reference="equal (|Δ| ≤ 1e-6)",
+        description="centered kernel alignment, biased HSIC (linear or RBF kernel)",
+        notes="kernel='rbf' is not invariant to isotropic scaling (sigma is an absolute width)",
+    ),
+    Metric(
+        name="unbiased_cka",
+        function=unbiased_cka,
+        from_tables=None,
+        options={"kernel": "linear", "sigma": 1.0},
+        value_range=(-1.0, 1.0),
+        invariances=(ORTHOGONAL, ISOTROPIC_SCALING, STIMULUS_PERMUTATION, TRANSLATION),
+        not_invariant=(FEATURE_SCALING,),
+        symmetric=True,
+        neighbour_metric=False,
+        needs_kernel_values=False,
+        live=True,
+        reference="equal (|Δ| ≤ 1e-6)",
+        description="centered kernel alignment, unbiased HSIC (linear or RBF kernel)",
+        notes="kernel='rbf' is not invariant to isotropic scaling (sigma is an absolute width)",
+    ),
+    Metric(
+        name="svcca",
+        function=svcca,
+        from_tables=None,
+        options={"cca_dim": 10},
+        value_range=(0.0, 1.0),
+        invariances=(ISOTROPIC_SCALING, STIMULUS_PERMUTATION, TRANSLATION, FEATURE_SCALING),
+        not_invariant=(ORTHOGONAL,),
+        symmetric=True,
+        neighbour_metric=False,
+        needs_kernel_values=False,
+        live=False,
+        reference="within ~1e-2 (exact SVD; the reference's is randomized)",
+        description="mean canonical correlation of the top cca_dim SVD directions",
+        notes="standardises each feature first, so a rotation of the features changes it",
+    ),
+)
+
+METRICS: Mapping[str, Metric] = MappingProxyType({entry.name: entry for entry in _ENTRIES})
+
+
+def metric_names() -> list[str]:
+    """The registered metric names, in registry order."""
+    return list(METRICS)
+
+
+def metric(name: str) -> Metric:
+    """The registry entry of ``name``."""
+    entry = METRICS.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise ValueError(f"unknown metric {name!r}; known metrics: {', '.join(METRICS)}.")
+    return entry
+
+
+def _options(entry: Metric, options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        takes = ", ".join(entry.options) or "no options"
+        raise ValueError(
+            f"{entry.name} does not take {', '.join(map(repr, unknown))}; it takes {takes}."
+        )
+    return {**entry.options, **options}
+
+
+def measure(name: str, X: object, Y: object, **options: Any) -> float:
+    """The metric ``name`` of paired features X (s, d_x), Y (s, d_y), as a float.
+
+    Options (see :func:`metric` for each metric's): ``k`` (neighbour metrics, default 10),
+    ``kernel`` / ``sigma`` (cka, unbiased_cka), ``cca_dim`` (svcca), ``normalise`` (lcs_knn).
+    """
+    entry = metric(name)
+    return float(entry.function(X, Y, **_options(entry, options)))
+
+
+def measure_tables(
+    name: str,
+    table_x: object,
+    table_y: object,
+    x_at: object = None,
+    y_at: object = None,
+    **options: Any,
+) -> float | np.ndarray:
+    """A neighbour metric from neighbour tables (s, k) → float or (B, s, k) → (B,).
+
+    ``x_at``/``y_at`` (kernel values, see :func:`cknna_from_tables`) are required where the entry's
+    ``needs_kernel_values`` is set and ignored otherwise. k is the tables' width (not an option).
+    """
+    entry = metric(name)
+    given = dict(options)
+    if entry.from_tables is None:
+        raise ValueError(
+            f"{name} is a feature metric, not a function of neighbour tables; use measure()."
+        )
+    options = _options(entry, options)
+    width = np.shape(table_x)[-1]
+    if "k" in options and options.pop("k") != width and "k" in given:
+        raise ValueError(
+            f"k={given['k']!r} but the tables list {width} neighbours; k is the tables' width."
+        )
+    if entry.needs_kernel_values:
+        if x_at is None or y_at is None:
+            raise ValueError(
+                f"{name} needs the kernel values at the table entries: pass x_at and y_at."
+            )
+        return entry.from_tables(table_x, table_y, x_at, y_at, **options)
+    return entry.from_tables(table_x, table_y, **options)

@@ -1,0 +1,260 @@
+"""Linear predictivity (He, Trott & Khosla, paper 004): how well one modality's features predict
+the other's through a cross-validated ridge regression.
+
+For a set of s stimuli with source features X (s, d_x) and target features Y (s, d_y):
+
+1. Outer K-fold cross-validation (``n_folds``, shuffled with ``seed``). In each fold a ridge
+   regression with intercept is fitted on the training rows; its penalty is chosen by an inner
+   cross-validation on those rows only (scikit-learn ``RidgeCV``: efficient leave-one-out over
+   ``alphas``, by default 10^-8 … 10^8 in decades, the paper's grid; one penalty for all outputs).
+   Each held-out row is predicted by the model that did not see it.
+2. Scores of the held-out predictions P (s, d_y):
+   * ``r2``: pooled R² = 1 − Σ‖y_i − p_i‖² / Σ‖y_i − ȳ‖² (the fraction of the target's total
+     variance explained; ȳ the mean over all s rows). Can be negative (worse than the mean).
+   * ``correlation``: mean over target dimensions of Pearson r(P[:, j], Y[:, j]) (the paper's
+     score; dimensions constant in Y or P are skipped).
+   * ``two_afc``: pairwise two-alternative forced choice: over ordered pairs (i, j ≠ i), the
+     fraction with sim(p_i, y_i) > sim(p_i, y_j) (ties ½), sim = Pearson correlation across
+     dimensions by default ("cosine" or negative "euclidean" distance optional). Chance is ½.
+     Cost O(s²·d_y) in row blocks (O(block·s) memory); ``n_foils`` compares each i with that many
+     random j instead.
+
+Both directions (vision → language and back) come from :func:`predictivity_table`, long format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .subsets import check_indices
+from .validation import check_pair
+
+#: the paper's ridge penalties: 10^-8 … 10^8
+DEFAULT_ALPHAS = tuple(10.0**p for p in range(-8, 9))
+
+_BLOCK_ELEMENTS = 4_000_000
+_DISTANCES = ("correlation", "cosine", "euclidean")
+
+
+@dataclass(frozen=True)
+class Predictivity:
+    """Held-out scores of a ridge map from ``source`` to ``target`` features (see module doc).
+
+    ``alphas`` holds the penalty chosen in each outer fold.
+    """
+
+    source: str
+    target: str
+    r2: float
+    correlation: float
+    two_afc: float
+    alphas: tuple[float, ...]
+    n_stimuli: int
+    n_folds: int
+
+
+def _check_rows(rows: object, n: int) -> np.ndarray:
+    return np.arange(n) if rows is None else check_indices(rows, n)
+
+
+def _check_alphas(alphas: object) -> np.ndarray:
+    array = np.asarray(alphas, dtype=np.float64).ravel()
+    if array.size == 0 or not np.all(np.isfinite(array)) or np.any(array <= 0):
+        raise ValueError(f"alphas must be positive finite ridge penalties, got {alphas!r}.")
+    return array
+
+
+def cross_validated_predictions(
+    X: object,
+    Y: object,
+    *,
+    n_folds: int = 5,
+    alphas: object = DEFAULT_ALPHAS,
+    seed: int = 0,
+) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Held-out ridge predictions of Y (s, d_y) from X (s, d_x), and the penalty of each fold.
+
+    Each row is predicted by the fold model that did not train on it (see the module doc).
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold
+
+    X, Y = check_pair(X, Y)
+    s = X.shape[0]
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
+        raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}; the paper uses 5.")
+    if s < 2 * n_folds:
+        raise ValueError(
+            f"{s} stimuli are too few for {n_folds}-fold cross-validation (each training fold needs "
+            f"at least 2 rows for the inner leave-one-out); use at least {2 * n_folds} stimuli or "
+            "fewer folds."
+        )
+    alphas = _check_alphas(alphas)
+    predictions = np.empty_like(Y)
+    chosen = []
+    for train, test in KFold(n_folds, shuffle=True, random_state=int(seed)).split(X):
+        model = RidgeCV(alphas=alphas, fit_intercept=True).fit(X[train], Y[train])
+        predictions[test] = model.predict(X[test])
+        chosen.append(float(model.alpha_))
+    return predictions, tuple(chosen)
+
+
+def pooled_r2(Y: object, P: object) -> float:
+    """1 − Σ‖y_i − p_i‖² / Σ‖y_i − ȳ‖² of targets Y and predictions P (s, d)."""
+    Y, P = check_pair(Y, P)
+    total = float(np.sum((Y - Y.mean(axis=0)) ** 2))
+    if total == 0:
+        raise ValueError("Y is constant over the stimuli; R² is undefined.")
+    return 1.0 - float(np.sum((Y - P) ** 2)) / total
+
+
+def mean_correlation(Y: object, P: object) -> float:
+    """Mean over dimensions j of Pearson r(P[:, j], Y[:, j]); constant dimensions skipped."""
+    Y, P = check_pair(Y, P)
+    Yc, Pc = Y - Y.mean(axis=0), P - P.mean(axis=0)
+    norms = np.sqrt(np.sum(Yc**2, axis=0) * np.sum(Pc**2, axis=0))
+    varying = norms > 0
+    if not varying.any():
+        return float("nan")
+    return float(np.mean(np.sum(Yc * Pc, axis=0)[varying] / norms[varying]))
+
+
+def _prepared(A: np.ndarray, distance: str) -> np.ndarray:
+    if distance == "correlation":
+        A = A - A.mean(axis=1, keepdims=True)
+    if distance in ("correlation", "cosine"):
+        norms = np.linalg.norm(A, axis=1, keepdims=True)
+        return A / np.where(norms > 0, norms, 1.0)
+    return A
+
+
+def two_afc(
+    P: object,
+    Y: object,
+    *,
+    distance: str = "correlation",
+    n_foils: int | None = None,
+    seed: int = 0,
+) -> float:
+    """Pairwise 2AFC accuracy of predictions P (s, d) for targets Y (s, d) (see module doc).
+
+    ``n_foils=None`` compares every i with every j ≠ i (O(s²·d), row blocks); an integer compares
+    each i with that many distinct random j ≠ i (seeded).
+    """
+    P, Y = check_pair(P, Y, min_rows=2)
+    if distance not in _DISTANCES:
+        raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}.")
+    s = P.shape[0]
+    Pn, Yn = _prepared(P, distance), _prepared(Y, distance)
+
+    def similarity(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """sim(p_a, y_b) for rows p (a, d) against y (a, b, d) or (b, d)."""
+        if distance == "euclidean":
+            return -np.linalg.norm(
+                p[:, None, :] - y if y.ndim == 3 else p[:, None, :] - y[None], axis=-1
+            )
+        return np.einsum("ad,abd->ab", p, y) if y.ndim == 3 else p @ y.T
+
+    correct = 0.0
+    pairs = 0
+    if n_foils is None:
+        block = max(1, _BLOCK_ELEMENTS // (s * (P.shape[1] if distance == "euclidean" else 1)))
+        for start in range(0, s, block):
+            rows = np.arange(start, min(s, start + block))
+            sims = similarity(Pn[rows], Yn)
+            own = sims[np.arange(rows.size), rows][:, None]
+            other = np.ones(sims.shape, dtype=bool)
+            other[np.arange(rows.size), rows] = False
+            correct += float(np.sum((own > sims) & other) + 0.5 * (np.sum((own == sims) & other)))
+            pairs += rows.size * (s - 1)
+        return correct / pairs
+    if (
+        isinstance(n_foils, bool)
+        or not isinstance(n_foils, (int, np.integer))
+        or not 1 <= n_foils <= s - 1
+    ):
+        raise ValueError(
+            f"n_foils must be an integer in 1..{s - 1} (or None for all), got {n_foils!r}."
+        )
+    rng = np.random.default_rng(int(seed))
+    foils = np.empty((s, int(n_foils)), dtype=np.int64)
+    for i in range(s):  # distinct j != i: draw from s - 1 values and skip i
+        draw = rng.choice(s - 1, int(n_foils), replace=False)
+        foils[i] = draw + (draw >= i)
+    block = max(1, _BLOCK_ELEMENTS // (int(n_foils) * P.shape[1]))
+    for start in range(0, s, block):
+        rows = np.arange(start, min(s, start + block))
+        own = similarity(Pn[rows], Yn[rows][:, None, :])[:, 0][:, None]
+        sims = similarity(Pn[rows], Yn[foils[rows]])
+        correct += float(np.sum(own > sims) + 0.5 * np.sum(own == sims))
+    return correct / (s * int(n_foils))
+
+
+def linear_predictivity(
+    X: object,
+    Y: object,
+    rows: object = None,
+    *,
+    n_folds: int = 5,
+    alphas: object = DEFAULT_ALPHAS,
+    seed: int = 0,
+    distance: str = "correlation",
+    n_foils: int | None = None,
+    source: str = "X",
+    target: str = "Y",
+) -> Predictivity:
+    """Cross-validated ridge predictivity of Y from X on the given rows (all when None).
+
+    Args:
+        X, Y: (n, d_x), (n, d_y) paired features.
+        rows: stimulus indices of the set (e.g. a dispersion set), or None.
+        n_folds, alphas, seed: the outer folds, the inner-CV penalty grid and the fold seed.
+        distance, n_foils: of the 2AFC score (:func:`two_afc`).
+        source, target: names to carry in the result (e.g. "vision", "language").
+    """
+    X, Y = check_pair(X, Y)
+    rows = _check_rows(rows, X.shape[0])
+    Xs, Ys = X[rows], Y[rows]
+    P, chosen = cross_validated_predictions(Xs, Ys, n_folds=n_folds, alphas=alphas, seed=seed)
+    return Predictivity(
+        source=str(source),
+        target=str(target),
+        r2=pooled_r2(Ys, P),
+        correlation=mean_correlation(Ys, P),
+        two_afc=two_afc(P, Ys, distance=distance, n_foils=n_foils, seed=seed),
+        alphas=chosen,
+        n_stimuli=int(rows.size),
+        n_folds=int(n_folds),
+    )
+
+
+def predictivity_table(
+    vision: object, language: object, rows: object = None, **options: object
+) -> pd.DataFrame:
+    """Both directions as a long table: ``source``, ``target``, ``metric`` (r2, correlation,
+    two_afc), ``value``, ``n_stimuli``, ``n_folds``, ``median_alpha``.
+
+    ``options`` go to :func:`linear_predictivity`.
+    """
+    records = []
+    for source, target, X, Y in (
+        ("vision", "language", vision, language),
+        ("language", "vision", language, vision),
+    ):
+        result = linear_predictivity(X, Y, rows, source=source, target=target, **options)
+        for name in ("r2", "correlation", "two_afc"):
+            records.append(
+                {
+                    "source": source,
+                    "target": target,
+                    "metric": name,
+                    "value": getattr(result, name),
+                    "n_stimuli": result.n_stimuli,
+                    "n_folds": result.n_folds,
+                    "median_alpha": float(np.median(result.alphas)),
+                }
+            )
+    return pd.DataFrame.from_records(records)

@@ -1,0 +1,267 @@
+"""Calibrated scores (shuffled-pairing null), covariates, matched random baselines and resampling
+intervals: planted answers, and the matched-baseline control removing a planted confound but not a
+real effect."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convergence_core.calibration import (
+    compare_with_baseline,
+    covariate_strata,
+    local_density,
+    matched_random_sets,
+    random_sets,
+    resampled_interval,
+    shuffled_pairing_null,
+    typicality,
+)
+from convergence_core.metrics import measure, nearest_neighbours
+
+
+def paired(rng, n=120, d=10, noise=0.5):
+    Z = rng.standard_normal((n, d))
+    X = Z @ rng.standard_normal((d, 12)) + noise * rng.standard_normal((n, 12))
+    Y = Z @ rng.standard_normal((d, 8)) + noise * rng.standard_normal((n, 8))
+    return X, Y
+
+
+# --- shuffled-pairing null ------------------------------------------------------------------------
+def test_shuffled_null_of_paired_features_sits_at_chance_and_the_pairing_beats_it() -> None:
+    rng = np.random.default_rng(0)
+    X, Y = paired(rng)
+    rows = np.sort(rng.choice(120, 60, replace=False))
+    k = 5
+    score = lambda rx, ry: measure("mutual_knn", X[rx], Y[ry], k=k)  # noqa: E731
+    result = shuffled_pairing_null(score, rows, n=120, n_shuffles=300, seed=1)
+    # under a random pairing each of k neighbours is shared with probability k / (s - 1)
+    assert result.null_mean == pytest.approx(k / 59, abs=0.01)
+    assert result.null_lower < k / 59 < result.null_upper
+    assert result.observed > 0.25 and result.p_value == pytest.approx(1 / 301)
+    assert result.calibrated == pytest.approx(result.observed - result.null_mean)
+    assert result.z > 10
+    assert result.null.shape == (300,)
+
+
+def test_shuffled_null_of_unpaired_features_is_not_significant() -> None:
+    rng = np.random.default_rng(2)
+    X, _ = paired(rng)
+    _, Y = paired(rng)  # independent of X
+    score = lambda rx, ry: measure("cka", X[rx], Y[ry])  # noqa: E731
+    p_values = [
+        shuffled_pairing_null(score, np.arange(120), n_shuffles=99, seed=s).p_value
+        for s in range(5)
+    ]
+    assert min(p_values) > 0.01
+    assert shuffled_pairing_null(score, np.arange(120), n_shuffles=99, seed=0).null_lower < measure(
+        "cka", X, Y
+    )
+
+
+def test_shuffled_null_batched_equals_one_call_per_set() -> None:
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(50)
+    b = a + rng.standard_normal(50)
+    single = shuffled_pairing_null(
+        lambda rx, ry: np.corrcoef(a[rx], b[ry])[0, 1], np.arange(50), n_shuffles=40, seed=4
+    )
+
+    def batched(rx, ry):
+        ax, by = a[rx], b[ry]
+        ax = ax - ax.mean(1, keepdims=True)
+        by = by - by.mean(1, keepdims=True)
+        return (ax * by).sum(1) / np.sqrt((ax**2).sum(1) * (by**2).sum(1))
+
+    both = shuffled_pairing_null(batched, np.arange(50), n_shuffles=40, seed=4, batched=True)
+    np.testing.assert_allclose(both.null, single.null, rtol=1e-12)
+    assert both.observed == pytest.approx(single.observed)
+    with pytest.raises(ValueError, match="one value per set"):
+        shuffled_pairing_null(lambda rx, ry: np.zeros(3), np.arange(50), n_shuffles=5, batched=True)
+    with pytest.raises(ValueError, match="more than once"):
+        shuffled_pairing_null(batched, np.array([1, 1, 2, 3]), n_shuffles=5, batched=True)
+
+
+# --- covariates --------------------------------------------------------------------------------
+def test_local_density_and_typicality() -> None:
+    rng = np.random.default_rng(5)
+    F = rng.standard_normal((40, 6))
+    F /= np.linalg.norm(F, axis=1, keepdims=True)
+    G = F @ F.T
+    np.fill_diagonal(G, -np.inf)
+    expected = np.sort(G, axis=1)[:, ::-1][:, :4].mean(axis=1)
+    density = local_density(nearest_neighbours(F, 7).values, k=4)
+    np.testing.assert_allclose(density, expected, rtol=1e-12)
+    other = rng.standard_normal(40)
+    combined = typicality([density, other])
+    z = lambda v: (v - v.mean()) / v.std()  # noqa: E731
+    np.testing.assert_allclose(combined, (z(density) + z(other)) / 2)
+    with pytest.raises(ValueError, match="k=9 but only 7"):
+        local_density(nearest_neighbours(F, 7).values, k=9)
+    with pytest.raises(ValueError, match="same length"):
+        typicality([density, other[:10]])
+
+
+# --- matched random sets -------------------------------------------------------------------------
+def test_strata_sets_reproduce_the_chosen_profile() -> None:
+    rng = np.random.default_rng(6)
+    covariate = rng.standard_normal(400)
+    labels = rng.integers(0, 3, 400)
+    chosen = np.sort(np.argsort(covariate)[:100][::2])  # low-covariate stimuli
+    sets = matched_random_sets(
+        chosen, covariate, labels, n_sets=30, method="strata", n_bins=4, seed=7
+    )
+    assert sets.shape == (30, 50)
+    strata = covariate_strata(covariate, labels, n_bins=4)
+    want = np.bincount(strata[chosen], minlength=12)
+    for row in sets:
+        assert np.unique(row).size == 50
+        np.testing.assert_array_equal(np.bincount(strata[row], minlength=12), want)
+    np.testing.assert_array_equal(
+        sets,
+        matched_random_sets(
+            chosen, covariate, labels, n_sets=30, method="strata", n_bins=4, seed=7
+        ),
+    )
+    excluded = matched_random_sets(chosen, covariate, n_sets=10, exclude_chosen=True, seed=1)
+    assert not np.isin(excluded, chosen).any()
+    # the chosen set is half the lowest quarter: without it, the lowest of 8 bins has 0 of 25 left
+    with pytest.raises(ValueError, match="stratum 0 .* has 0 stimuli to draw from"):
+        matched_random_sets(
+            np.argsort(covariate)[:60],
+            covariate,
+            n_sets=3,
+            method="strata",
+            n_bins=8,
+            exclude_chosen=True,
+        )
+
+
+def test_nearest_sets_match_covariate_and_label() -> None:
+    rng = np.random.default_rng(8)
+    covariate = rng.standard_normal(500)
+    labels = rng.integers(0, 4, 500)
+    chosen = np.sort(np.argsort(covariate)[-60:])
+    sets = matched_random_sets(
+        chosen, covariate, labels, n_sets=20, method="nearest", n_candidates=4, seed=9
+    )
+    random = random_sets(500, 60, 20, seed=9)
+    for row in sets:
+        assert np.unique(row).size == 60
+        np.testing.assert_array_equal(
+            np.bincount(labels[row], minlength=4), np.bincount(labels[chosen], minlength=4)
+        )
+    gap = np.abs(np.sort(covariate[sets], axis=1) - np.sort(covariate[chosen])).mean()
+    random_gap = np.abs(np.sort(covariate[random], axis=1) - np.sort(covariate[chosen])).mean()
+    assert gap < 0.15 < random_gap
+
+
+def matched_control(
+    alignment: np.ndarray, chosen: np.ndarray, covariate, labels=None, method="strata"
+):
+    score = lambda rows: float(alignment[rows].mean())  # noqa: E731
+    # strata: 25 bins; with 10 the within-bin covariate gradient leaves a residual bias that a
+    # covariate this predictive (80 % of the variance) detects (test_strata_balance_improves_...)
+    matched = matched_random_sets(
+        chosen, covariate, labels, n_sets=200, method=method, n_bins=25, seed=11
+    )
+    unmatched = random_sets(alignment.size, chosen.size, 200, seed=11)
+    return compare_with_baseline(score, chosen, matched), compare_with_baseline(
+        score, chosen, unmatched
+    )
+
+
+WORLDS = range(5)  # independent worlds: a matched null should be "significant" in ~5 % of them
+
+
+@pytest.mark.parametrize("method", ["strata", "nearest"])
+def test_planted_covariate_effect_disappears_and_a_real_effect_survives(method: str) -> None:
+    """Dispersion d = −density + e. Confounded world: alignment = density + noise, so low-dispersion
+    sets look aligned only through density. Real world: alignment also rises as e falls."""
+    confounded_hits, real_hits, raw_hits = 0, 0, 0
+    for world in WORLDS:
+        rng = np.random.default_rng(world)
+        n = 1000
+        density = rng.standard_normal(n)
+        e = rng.standard_normal(n)
+        chosen = np.sort(np.argsort(-density + e)[:250])
+        noise = 0.5 * rng.standard_normal(n)
+        matched, unmatched = matched_control(density + noise, chosen, density, method=method)
+        raw_hits += unmatched.p_value_greater < 0.01  # raw: "low dispersion aligns more"
+        confounded_hits += matched.p_value_greater < 0.05
+        matched, _ = matched_control(density - 0.5 * e + noise, chosen, density, method=method)
+        real_hits += matched.p_value_greater < 0.01
+    assert raw_hits == len(WORLDS) and real_hits == len(WORLDS)
+    assert confounded_hits <= 1
+
+
+def test_planted_category_effect_disappears_under_category_matching() -> None:
+    confounded_hits, raw_hits = 0, 0
+    for world in WORLDS:
+        rng = np.random.default_rng(world)
+        n = 800
+        labels = rng.integers(0, 8, n)  # label 0 plays "dogs": a dense category, over-represented
+        alignment = (labels == 0) * 1.0 + 0.5 * rng.standard_normal(n)
+        chosen = np.sort(np.argsort(-1.5 * (labels == 0) + rng.standard_normal(n))[:200])
+        matched, unmatched = matched_control(alignment, chosen, None, labels)
+        raw_hits += unmatched.p_value_greater < 0.01
+        confounded_hits += matched.p_value_greater < 0.05
+    assert raw_hits == len(WORLDS) and confounded_hits <= 1
+
+
+def test_strata_balance_improves_with_bins_and_nearest_matching_balances() -> None:
+    rng = np.random.default_rng(0)
+    density = rng.standard_normal(1000)
+    chosen = np.sort(np.argsort(-density + rng.standard_normal(1000))[:250])
+
+    def imbalance(**options) -> float:
+        sets = matched_random_sets(chosen, density, n_sets=100, seed=1, **options)
+        return float(density[chosen].mean() - density[sets].mean())
+
+    raw = float(density[chosen].mean() - density.mean())
+    coarse, fine = imbalance(method="strata", n_bins=5), imbalance(method="strata", n_bins=25)
+    nearest = imbalance(method="nearest")
+    assert raw > 0.5
+    assert 0.03 < coarse < 0.15 * raw  # 5 bins keep ~9 % of the excess
+    assert abs(fine) < 0.02 and abs(nearest) < 0.02
+
+
+def test_matched_set_checks() -> None:
+    with pytest.raises(ValueError, match="covariate .*labels"):
+        matched_random_sets([0, 1], None, None)
+    with pytest.raises(ValueError, match="method must be"):
+        matched_random_sets([0, 1], np.arange(10.0), method="exact")
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        matched_random_sets([0, 1], np.arange(10.0), seed=0.5)
+    with pytest.raises(ValueError, match=r"\(B, s\) with s = 2"):
+        compare_with_baseline(lambda r: 0.0, [0, 1], np.zeros((3, 3), dtype=int))
+
+
+# --- resampling intervals -------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["half", "bootstrap"])
+def test_resampled_interval_width_and_coverage_for_a_mean(method: str) -> None:
+    rng = np.random.default_rng(13)
+    n, covered, widths = 100, 0, []
+    for _ in range(150):
+        x = rng.standard_normal(n)
+        interval = resampled_interval(
+            lambda rows: x[rows].mean(),
+            n,
+            method=method,
+            n_resamples=200,
+            seed=int(rng.integers(1e9)),
+        )
+        covered += interval.lower <= 0.0 <= interval.upper
+        widths.append(interval.upper - interval.lower)
+        assert interval.estimate == pytest.approx(x.mean())
+    assert 0.88 <= covered / 150 <= 0.99
+    assert np.mean(widths) == pytest.approx(2 * 1.96 / np.sqrt(n), rel=0.15)
+
+
+def test_half_sampling_never_repeats_a_stimulus() -> None:
+    seen = []
+    resampled_interval(lambda rows: seen.append(rows) or 0.0, 20, method="half", n_resamples=10)
+    assert all(np.unique(r).size == r.size for r in seen)
+    assert {r.size for r in seen[1:]} == {10}
+    with pytest.raises(ValueError, match="method must be"):
+        resampled_interval(lambda rows: 0.0, 20, method="jackknife")

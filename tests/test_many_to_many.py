@@ -1,0 +1,132 @@
+"""Many-to-many alignment: averaging helpers against loops, planted averaging gains with intervals
+that exclude 0, and no gain where averaging cannot help."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convergence_core.many_to_many import (
+    caption_averaging_effect,
+    caption_count_curve,
+    caption_mean,
+    class_averaging_effect,
+    class_means,
+    single_caption,
+)
+from convergence_core.metrics import measure
+
+
+def coco_like(rng, n=80, per_image=5, noise=1.5):
+    """Images carry a latent Z; each caption is Z plus its own noise (captions interleaved)."""
+    Z = rng.standard_normal((n, 6))
+    images = Z @ rng.standard_normal((6, 10)) + 0.3 * rng.standard_normal((n, 10))
+    owners = np.tile(np.arange(n), per_image)  # caption c belongs to image c % n
+    rng.shuffle(owners)
+    W = rng.standard_normal((6, 8))
+    captions = Z[owners] @ W + noise * rng.standard_normal((owners.size, 8))
+    unit = lambda F: F / np.linalg.norm(F, axis=1, keepdims=True)  # noqa: E731  (as prepare_features)
+    return unit(images), unit(captions), owners
+
+
+def test_caption_helpers_match_loops() -> None:
+    rng = np.random.default_rng(0)
+    _, captions, owners = coco_like(rng, n=10)
+    mean = caption_mean(captions, owners)
+    first = single_caption(captions, owners)
+    drawn = single_caption(captions, owners, choice="random", seed=3)
+    for i in range(10):
+        mine = np.flatnonzero(owners == i)
+        np.testing.assert_allclose(mean[i], captions[mine].mean(axis=0))
+        np.testing.assert_array_equal(first[i], captions[mine[0]])
+        assert any(np.array_equal(drawn[i], captions[c]) for c in mine)
+    assert not np.array_equal(drawn, first)
+    labels = np.array(["b", "a", "b", "c", "a"])
+    classes, means = class_means(np.arange(10.0).reshape(5, 2), labels)
+    assert classes.tolist() == ["a", "b", "c"]
+    np.testing.assert_allclose(means, [[5, 6], [2, 3], [6, 7]])
+
+
+@pytest.mark.parametrize("name", ["cka", "mutual_knn"])
+def test_averaging_noisy_captions_improves_alignment(name: str) -> None:
+    rng = np.random.default_rng(1)
+    images, captions, owners = coco_like(rng, n=200)
+    options = {"k": 5} if name == "mutual_knn" else {}
+    effect = caption_averaging_effect(
+        name, images, captions, owners, n_resamples=200, seed=2, **options
+    )
+    assert effect.one == pytest.approx(
+        measure(name, images, single_caption(captions, owners), **options)
+    )
+    assert effect.averaged == pytest.approx(
+        measure(name, images, caption_mean(captions, owners), **options)
+    )
+    assert effect.difference == pytest.approx(effect.averaged - effect.one)
+    assert 0 < effect.lower < effect.difference < effect.upper
+    assert effect.comparison == "captions" and effect.n_units == 200
+
+
+def test_identical_captions_give_no_gain() -> None:
+    rng = np.random.default_rng(3)
+    images, captions, owners = coco_like(rng)
+    captions = caption_mean(captions, owners)[owners]  # every caption of an image the same
+    effect = caption_averaging_effect("cknna", images, captions, owners, n_resamples=50, k=5)
+    assert effect.difference == 0.0 and effect.lower == 0.0 and effect.upper == 0.0
+
+
+def test_caption_effect_on_a_subset_and_with_a_callable() -> None:
+    rng = np.random.default_rng(4)
+    images, captions, owners = coco_like(rng)
+    rows = np.arange(0, 80, 2)
+    effect = caption_averaging_effect(
+        lambda X, Y: measure("cka", X, Y), images, captions, owners, rows, n_resamples=20
+    )
+    assert effect.averaged == pytest.approx(
+        measure("cka", images[rows], caption_mean(captions, owners)[rows])
+    )
+    assert effect.n_units == 40
+    with pytest.raises(ValueError, match="go with a metric name"):
+        caption_averaging_effect(lambda X, Y: 0.0, images, captions, owners, k=5)
+
+
+def test_class_averaging_planted_gain() -> None:
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((150, 6))
+    labels = np.repeat(np.arange(150), 4)
+    images = centres[labels] @ rng.standard_normal((6, 9)) + 2.0 * rng.standard_normal((600, 9))
+    texts = centres[labels] @ rng.standard_normal((6, 7)) + 2.0 * rng.standard_normal((600, 7))
+    effect = class_averaging_effect("cka", images, texts, labels, n_resamples=200)
+    _, image_means = class_means(images, labels)
+    _, text_means = class_means(texts, labels)
+    first = np.searchsorted(labels, np.arange(150))
+    assert effect.one == pytest.approx(measure("cka", images[first], texts[first]))
+    assert effect.averaged == pytest.approx(measure("cka", image_means, text_means))
+    assert effect.lower > 0 and effect.n_units == 150 and effect.comparison == "classes"
+    with pytest.raises(ValueError, match="single member"):
+        class_averaging_effect("cka", images, texts, np.arange(600))
+
+
+def test_caption_count_curve_rises_and_ends_at_the_mean() -> None:
+    rng = np.random.default_rng(6)
+    images, captions, owners = coco_like(rng)
+    curve = caption_count_curve("cka", images, captions, owners, n_draws=3, seed=1)
+    assert sorted(curve.n_captions.unique()) == [1, 2, 3, 4, 5]
+    means = curve.groupby("n_captions").value.mean()
+    assert means.is_monotonic_increasing
+    np.testing.assert_allclose(
+        curve[curve.n_captions == 5].value,
+        measure("cka", images, caption_mean(captions, owners)),
+        rtol=1e-10,
+    )
+    with pytest.raises(ValueError, match="counts must lie in 1..5"):
+        caption_count_curve("cka", images, captions, owners, counts=[6])
+
+
+def test_owner_checks() -> None:
+    captions = np.ones((4, 2))
+    with pytest.raises(ValueError, match="1 images have no caption"):
+        caption_mean(captions, np.array([0, 0, 2, 2]))
+    with pytest.raises(ValueError, match="integer array"):
+        caption_mean(captions, np.array([0.0, 1, 1, 0]))
+    with pytest.raises(ValueError, match="choice must be"):
+        single_caption(captions, np.array([0, 1, 1, 0]), choice="last")

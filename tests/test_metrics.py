@@ -1,0 +1,486 @@
+"""The metric registry against slow dense references written from the formulas, and against the
+invariances (and non-invariances) each entry claims.
+
+The references below are transcriptions of the definitions (Huh et al. 2024 and its code's
+metric definitions; Song et al. 2012 eq. 5; Kornblith et al. 2019; Raghu et al. 2017), written
+with explicit (n, n) masks, loops and matrix inverses, independent of the vectorised code.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import convergence_core
+from convergence_core import metrics
+from convergence_core.metrics import (
+    cka_from_kernels,
+    cknna_from_tables,
+    measure,
+    measure_tables,
+    metric,
+    metric_names,
+    nearest_neighbours,
+    permute_table,
+)
+
+
+# --- dense references ---------------------------------------------------------------------------
+def ref_table(F: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k largest inner products with others, descending, ties to the lower index."""
+    G = F @ F.T
+    table = []
+    for i in range(len(F)):
+        others = sorted((j for j in range(len(F)) if j != i), key=lambda j: (-G[i, j], j))
+        table.append(others[:k])
+    return np.array(table, dtype=np.int64)
+
+
+def ref_mask(F: np.ndarray, k: int) -> np.ndarray:
+    n = len(F)
+    mask = np.zeros((n, n))
+    for i, row in enumerate(ref_table(F, k)):
+        mask[i, row] = 1.0
+    return mask
+
+
+def ref_hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
+    n = K.shape[0]
+    Kt, Lt = K.copy(), L.copy()
+    np.fill_diagonal(Kt, 0.0)
+    np.fill_diagonal(Lt, 0.0)
+    ones = np.ones(n)
+    value = (
+        np.trace(Kt @ Lt)
+        + (ones @ Kt @ ones) * (ones @ Lt @ ones) / ((n - 1) * (n - 2))
+        - 2.0 * (ones @ Kt @ Lt @ ones) / (n - 2)
+    )
+    return value / (n * (n - 3))
+
+
+def ref_hsic_biased(K: np.ndarray, L: np.ndarray) -> float:
+    n = K.shape[0]
+    H = np.eye(n) - np.ones((n, n)) / n
+    return np.trace(K @ H @ L @ H)
+
+
+def ref_ratio(kl: float, kk: float, ll: float) -> float:
+    return kl / (np.sqrt(kk * ll) + 1e-6)
+
+
+def ref_cknna(X: np.ndarray, Y: np.ndarray, k: int) -> float:
+    K, L = X @ X.T, Y @ Y.T
+    MK, ML = ref_mask(X, k), ref_mask(Y, k)
+
+    def similarity(A, MA, B, MB):
+        M = MA * MB
+        return ref_hsic_unbiased(M * A, M * B)
+
+    return ref_ratio(similarity(K, MK, L, ML), similarity(K, MK, K, MK), similarity(L, ML, L, ML))
+
+
+def ref_mutual_knn(X: np.ndarray, Y: np.ndarray, k: int) -> float:
+    return float(np.mean((ref_mask(X, k) * ref_mask(Y, k)).sum(axis=1) / k))
+
+
+def ref_cycle_knn(X: np.ndarray, Y: np.ndarray, k: int) -> float:
+    tx, ty = ref_table(X, k), ref_table(Y, k)
+    return float(np.mean([any(i in tx[j] for j in ty[i]) for i in range(len(X))]))
+
+
+@functools.cache
+def ref_lcs(a: tuple, b: tuple) -> int:
+    """The recursive definition (memoised)."""
+    if not a or not b:
+        return 0
+    if a[-1] == b[-1]:
+        return ref_lcs(a[:-1], b[:-1]) + 1
+    return max(ref_lcs(a[:-1], b), ref_lcs(a, b[:-1]))
+
+
+def ref_levenshtein(a, b) -> int:
+    table = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            table[i][j] = min(
+                table[i - 1][j] + 1,
+                table[i][j - 1] + 1,
+                table[i - 1][j - 1] + (a[i - 1] != b[j - 1]),
+            )
+    return table[-1][-1]
+
+
+def ref_lcs_knn(X, Y, k):  # the reference's scale: mean length
+    tx, ty = ref_table(X, k), ref_table(Y, k)
+    return float(np.mean([ref_lcs(tuple(map(int, a)), tuple(map(int, b))) for a, b in zip(tx, ty)]))
+
+
+def ref_edit_distance_knn(X, Y, k):
+    tx, ty = ref_table(X, k), ref_table(Y, k)
+    return 1.0 - float(np.mean([ref_levenshtein(list(a), list(b)) for a, b in zip(tx, ty)])) / k
+
+
+def ref_rbf(F: np.ndarray, sigma: float) -> np.ndarray:
+    n = len(F)
+    K = np.empty((n, n))
+    for i in range(n):
+        for j in range(n):
+            K[i, j] = np.exp(-np.sum((F[i] - F[j]) ** 2) / (2 * sigma**2))
+    return K
+
+
+def ref_cka(X, Y, kernel="linear", sigma=1.0, unbiased=False):
+    K, L = (X @ X.T, Y @ Y.T) if kernel == "linear" else (ref_rbf(X, sigma), ref_rbf(Y, sigma))
+    hsic = ref_hsic_unbiased if unbiased else ref_hsic_biased
+    return ref_ratio(hsic(K, L), hsic(K, K), hsic(L, L))
+
+
+def inverse_sqrt(C: np.ndarray) -> np.ndarray:
+    w, V = np.linalg.eigh(C)
+    return V @ np.diag(w**-0.5) @ V.T
+
+
+def ref_svcca(X, Y, q):
+    """Standardise, project on the top-q principal directions, classical CCA from covariances."""
+
+    def reduced(F):
+        F = (F - F.mean(0)) / (F.std(0, ddof=1) + 1e-8)
+        _, _, Vt = np.linalg.svd(F, full_matrices=True)
+        return F @ Vt[:q].T
+
+    A, B = reduced(X), reduced(Y)
+    A, B = A - A.mean(0), B - B.mean(0)
+    Caa, Cbb, Cab = A.T @ A, B.T @ B, A.T @ B
+    rho = np.linalg.svd(inverse_sqrt(Caa) @ Cab @ inverse_sqrt(Cbb), compute_uv=False)
+    return float(np.mean(rho))
+
+
+REFERENCES = {
+    "cknna": lambda X, Y, k: ref_cknna(X, Y, k),
+    "mutual_knn": ref_mutual_knn,
+    "cycle_knn": ref_cycle_knn,
+    "lcs_knn": lambda X, Y, k: ref_lcs_knn(X, Y, k) / k,
+    "edit_distance_knn": ref_edit_distance_knn,
+}
+
+
+def paired(rng, n=40, dx=9, dy=7, noise=0.7, latent=5):
+    Z = rng.standard_normal((n, latent)) * np.linspace(2.0, 0.5, latent)
+    X = Z @ rng.standard_normal((latent, dx)) + noise * rng.standard_normal((n, dx))
+    Y = Z @ rng.standard_normal((latent, dy)) + noise * rng.standard_normal((n, dy))
+    return X, Y
+
+
+def random_orthogonal(rng, d):
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    return q * np.sign(np.diag(r))
+
+
+# --- registry -----------------------------------------------------------------------------------
+def test_registry_names_are_the_reference_names() -> None:
+    assert metric_names() == [
+        "cknna",
+        "mutual_knn",
+        "cycle_knn",
+        "lcs_knn",
+        "edit_distance_knn",
+        "cka",
+        "unbiased_cka",
+        "svcca",
+    ]
+    for name in metric_names():
+        entry = metric(name)
+        assert entry.name == name
+        assert entry.neighbour_metric == (entry.from_tables is not None)
+        assert set(entry.invariances).isdisjoint(entry.not_invariant)
+        assert set(entry.invariances) | set(entry.not_invariant) <= set(metrics.TRANSFORMS)
+        with pytest.raises((AttributeError, TypeError)):
+            entry.options["k"] = 3  # read-only
+    assert convergence_core.measure is measure and convergence_core.metric_names is metric_names
+
+
+def test_measure_rejects_unknown_metrics_and_options() -> None:
+    X, Y = paired(np.random.default_rng(0))
+    with pytest.raises(ValueError, match="unknown metric 'ckna'; known metrics: cknna"):
+        measure("ckna", X, Y)
+    with pytest.raises(ValueError, match="does not take 'topk'; it takes k"):
+        measure("mutual_knn", X, Y, topk=5)
+    with pytest.raises(ValueError, match="does not take 'k'"):
+        measure("cka", X, Y, k=5)
+    with pytest.raises(ValueError, match="kernel must be 'linear' or 'rbf'"):
+        measure("cka", X, Y, kernel="poly")
+    with pytest.raises(ValueError, match="sigma"):
+        measure("cka", X, Y, kernel="rbf", sigma=0.0)
+    with pytest.raises(ValueError, match="cca_dim"):
+        measure("svcca", X, Y, cca_dim=8)  # > d_y = 7
+    with pytest.raises(ValueError, match="k=40 is too large"):
+        measure("lcs_knn", X, Y, k=40)
+    with pytest.raises(ValueError, match="same stimuli"):
+        measure("cknna", X, Y[:-1])
+    assert measure("cka", X, Y, kernel="ip") == measure("cka", X, Y)  # the reference's name
+
+
+# --- neighbour tables ---------------------------------------------------------------------------
+def test_nearest_neighbours_order_values_and_ties() -> None:
+    rng = np.random.default_rng(1)
+    F = rng.standard_normal((30, 4))
+    table = nearest_neighbours(F, 6)
+    np.testing.assert_array_equal(table.indices, ref_table(F, 6))
+    G = F @ F.T
+    np.testing.assert_allclose(
+        table.values, np.take_along_axis(G, table.indices, axis=1), rtol=1e-14
+    )
+    # exact ties: integer features; the lower index must win, also across a row-block boundary
+    F = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    np.testing.assert_array_equal(nearest_neighbours(F, 3).indices, ref_table(F, 3))
+
+
+def test_nearest_neighbours_in_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    F = np.round(rng.standard_normal((50, 3)), 1)  # many ties
+    whole = nearest_neighbours(F, 7)
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 3 * 50)  # blocks of 3 rows
+    blocked = nearest_neighbours(F, 7)
+    np.testing.assert_array_equal(whole.indices, blocked.indices)
+    np.testing.assert_array_equal(whole.indices, ref_table(F, 7))
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+@pytest.mark.parametrize(("n", "k"), [(12, 2), (30, 5), (40, 10), (25, 24)])
+def test_neighbour_metrics_match_dense_references(name: str, n: int, k: int) -> None:
+    X, Y = paired(np.random.default_rng(n * 100 + k), n=n)
+    assert measure(name, X, Y, k=k) == pytest.approx(REFERENCES[name](X, Y, k), abs=1e-12)
+
+
+def test_lcs_scale_of_the_reference() -> None:
+    X, Y = paired(np.random.default_rng(3))
+    assert measure("lcs_knn", X, Y, k=6, normalise=False) == pytest.approx(ref_lcs_knn(X, Y, 6))
+    assert measure("lcs_knn", X, Y, k=6) == pytest.approx(ref_lcs_knn(X, Y, 6) / 6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(6, 40), k_fraction=st.floats(0, 1))
+def test_neighbour_metrics_property(seed: int, n: int, k_fraction: float) -> None:
+    X, Y = paired(np.random.default_rng(seed), n=n, dx=4, dy=3)
+    k = 2 + int(k_fraction * (n - 3))
+    for name, reference in REFERENCES.items():
+        assert measure(name, X, Y, k=k) == pytest.approx(reference(X, Y, k), abs=1e-10), name
+
+
+def test_known_sequence_values() -> None:
+    # one stimulus per row; rows are the ordered neighbour lists of 4 stimuli
+    tx = np.array([[1, 2, 3], [2, 3, 0], [3, 0, 1], [0, 1, 2]])
+    ty = np.array([[3, 2, 1], [2, 3, 0], [0, 1, 3], [2, 1, 0]])
+    # LCS lengths: [1,2,3]/[3,2,1] -> 1; identical -> 3; [3,0,1]/[0,1,3] -> 2; [0,1,2]/[2,1,0] -> 1
+    assert measure_tables("lcs_knn", tx, ty, normalise=False) == pytest.approx((1 + 3 + 2 + 1) / 4)
+    # edit distances: 2, 0, 2, 2
+    assert measure_tables("edit_distance_knn", tx, ty) == pytest.approx(1 - (2 + 0 + 2 + 2) / 4 / 3)
+    assert measure_tables("mutual_knn", tx, ty) == 1.0  # same sets, other orders
+    assert measure_tables("cycle_knn", tx[:, :1], ty[:, :1]) == pytest.approx(
+        np.mean([i in tx[ty[i, 0], :1] for i in range(4)])
+    )
+
+
+def test_tables_batched_equal_one_at_a_time() -> None:
+    rng = np.random.default_rng(4)
+    X, Y = paired(rng, n=60)
+    sets = np.stack([np.sort(rng.choice(60, 20, replace=False)) for _ in range(5)])
+    tables = [(nearest_neighbours(X[s], 4), nearest_neighbours(Y[s], 4)) for s in sets]
+    tx = np.stack([t[0].indices for t in tables])
+    ty = np.stack([t[1].indices for t in tables])
+    vx = np.stack([t[0].values for t in tables])
+    vy = np.stack([t[1].values for t in tables])
+    for name in REFERENCES:
+        batched = measure_tables(name, tx, ty, vx, vy)
+        assert batched.shape == (5,)
+        single = [measure(name, X[s], Y[s], k=4) for s in sets]
+        np.testing.assert_allclose(batched, single, rtol=0, atol=1e-13)
+    # kernel values from getters, one set and batched
+    dot = lambda F, s: lambda i, j: np.einsum("ij,ij->i", F[s[i]], F[s[j]])  # noqa: E731
+    one = cknna_from_tables(tx[0], ty[0], dot(X, sets[0]), dot(Y, sets[0]))
+    assert one == pytest.approx(measure("cknna", X[sets[0]], Y[sets[0]], k=4), abs=1e-13)
+    getter = lambda F: lambda b, i, j: np.einsum("ij,ij->i", F[sets[b, i]], F[sets[b, j]])  # noqa: E731
+    np.testing.assert_allclose(
+        cknna_from_tables(tx, ty, getter(X), getter(Y)),
+        measure_tables("cknna", tx, ty, vx, vy),
+        atol=1e-13,
+    )
+
+
+def test_table_checks() -> None:
+    tx = np.array([[1, 2], [2, 0], [0, 1], [0, 1]])
+    with pytest.raises(ValueError, match="own neighbour"):
+        measure_tables("mutual_knn", tx, np.array([[0, 2], [2, 0], [0, 1], [0, 1]]))
+    with pytest.raises(ValueError, match="repeats a neighbour"):
+        measure_tables("mutual_knn", tx, np.array([[1, 1], [2, 0], [0, 1], [0, 1]]))
+    with pytest.raises(ValueError, match="outside 0..3"):
+        measure_tables("mutual_knn", tx, np.array([[1, 4], [2, 0], [0, 1], [0, 1]]))
+    with pytest.raises(ValueError, match="same k"):
+        measure_tables("mutual_knn", tx, tx[:, :1])
+    with pytest.raises(ValueError, match="integer neighbour table"):
+        measure_tables("mutual_knn", tx.astype(float), tx)
+    with pytest.raises(ValueError, match="needs the kernel values"):
+        measure_tables("cknna", tx, tx)
+    with pytest.raises(ValueError, match="feature metric"):
+        measure_tables("cka", tx, tx)
+    with pytest.raises(ValueError, match="k=3 but the tables list 2"):
+        measure_tables("mutual_knn", tx, tx, k=3)
+    with pytest.raises(ValueError, match="shape"):
+        measure_tables("cknna", tx, tx, np.ones((4, 3)), np.ones((4, 2)))
+
+
+def test_permute_table_matches_recomputed_neighbours() -> None:
+    rng = np.random.default_rng(5)
+    Y = rng.standard_normal((25, 6))
+    permutation = rng.permutation(25)
+    table = nearest_neighbours(Y, 5).indices
+    np.testing.assert_array_equal(
+        permute_table(table, permutation), nearest_neighbours(Y[permutation], 5).indices
+    )
+    other = rng.permutation(25)
+    batched = permute_table(np.stack([table, table]), np.stack([permutation, other]))
+    np.testing.assert_array_equal(batched[1], nearest_neighbours(Y[other], 5).indices)
+    with pytest.raises(ValueError, match="exactly once"):
+        permute_table(table, np.zeros(25, dtype=int))
+
+
+# --- CKA and SVCCA ------------------------------------------------------------------------------
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize(("kernel", "sigma"), [("linear", 1.0), ("rbf", 0.8), ("rbf", 3.0)])
+def test_cka_matches_dense_reference(unbiased: bool, kernel: str, sigma: float) -> None:
+    X, Y = paired(np.random.default_rng(6), n=35)
+    X = X + 2.0  # not centered: the linear path centers internally
+    name = "unbiased_cka" if unbiased else "cka"
+    expected = ref_cka(X, Y, kernel, sigma, unbiased)
+    assert measure(name, X, Y, kernel=kernel, sigma=sigma) == pytest.approx(
+        expected, abs=1e-12, rel=1e-10
+    )
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_linear_cka_feature_route_equals_gram_route(unbiased: bool) -> None:
+    rng = np.random.default_rng(7)
+    X, Y = paired(rng, n=300, dx=5, dy=4)  # s(dx+dy) > dx²+dy²+dx·dy: the feature route
+    name = "unbiased_cka" if unbiased else "cka"
+    expected = ref_cka(X, Y, unbiased=unbiased)
+    assert measure(name, X, Y) == pytest.approx(expected, rel=1e-10)
+    X, Y = paired(rng, n=12, dx=40, dy=30)  # the Gram route
+    assert measure(name, X, Y) == pytest.approx(ref_cka(X, Y, unbiased=unbiased), rel=1e-10)
+
+
+def test_rbf_cka_in_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    X, Y = paired(np.random.default_rng(8), n=30)
+    whole = measure("unbiased_cka", X, Y, kernel="rbf", sigma=2.0)
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 4 * 30)
+    assert measure("unbiased_cka", X, Y, kernel="rbf", sigma=2.0) == pytest.approx(whole, rel=1e-13)
+    assert whole == pytest.approx(ref_cka(X, Y, "rbf", 2.0, unbiased=True), rel=1e-10)
+
+
+def test_cka_from_kernels_batched() -> None:
+    rng = np.random.default_rng(9)
+    X, Y = paired(rng, n=50)
+    sets = np.stack([rng.choice(50, 15, replace=False) for _ in range(4)])
+    K = np.stack([X[s] @ X[s].T for s in sets])
+    L = np.stack([Y[s] @ Y[s].T for s in sets])
+    for unbiased, name in ((False, "cka"), (True, "unbiased_cka")):
+        expected = [measure(name, X[s], Y[s]) for s in sets]
+        np.testing.assert_allclose(cka_from_kernels(K, L, unbiased=unbiased), expected, rtol=1e-10)
+        assert cka_from_kernels(K[0], L[0], unbiased=unbiased) == pytest.approx(
+            expected[0], rel=1e-10
+        )
+    with pytest.raises(ValueError, match="square kernels"):
+        cka_from_kernels(K[0], L[0][:, :3])
+
+
+@pytest.mark.parametrize(("n", "q"), [(40, 3), (40, 7), (12, 5)])
+def test_svcca_matches_dense_reference(n: int, q: int) -> None:
+    X, Y = paired(np.random.default_rng(n + q), n=n, dx=9, dy=8)
+    assert measure("svcca", X, Y, cca_dim=q) == pytest.approx(ref_svcca(X, Y, q), abs=1e-10)
+
+
+def test_svcca_gram_route_when_stimuli_outnumber_features() -> None:
+    X, Y = paired(np.random.default_rng(10), n=200, dx=6, dy=5)
+    # s > d takes the eigh route; s <= d the SVD route (on the transposed problem's size)
+    assert measure("svcca", X, Y, cca_dim=4) == pytest.approx(ref_svcca(X, Y, 4), abs=1e-10)
+
+
+def test_svcca_rank_deficient_features_are_explained() -> None:
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((30, 2)) @ rng.standard_normal((2, 8))  # rank 2
+    Y = rng.standard_normal((30, 8))
+    with pytest.raises(ValueError, match="fewer than cca_dim=5 independent directions"):
+        measure("svcca", X, Y, cca_dim=5)
+
+
+# --- invariances ----------------------------------------------------------------------------------
+def transform(name: str, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if name == metrics.ORTHOGONAL:
+        return X @ random_orthogonal(rng, X.shape[1])
+    if name == metrics.ISOTROPIC_SCALING:
+        return 3.7 * X
+    if name == metrics.TRANSLATION:
+        return X + rng.standard_normal(X.shape[1]) * 2.0
+    if name == metrics.FEATURE_SCALING:
+        return X * np.exp(rng.standard_normal(X.shape[1]))
+    raise AssertionError(name)
+
+
+OPTIONS = {
+    "cknna": {"k": 6},
+    "mutual_knn": {"k": 6},
+    "cycle_knn": {"k": 6},
+    "lcs_knn": {"k": 6},
+    "edit_distance_knn": {"k": 6},
+    "svcca": {"cca_dim": 4},
+}
+
+
+@pytest.mark.parametrize("name", metric_names())
+def test_claimed_invariances_hold_and_claimed_variances_show(name: str) -> None:
+    rng = np.random.default_rng(12)
+    X, Y = paired(rng, n=60, dx=8, dy=8, noise=1.0)
+    entry = metric(name)
+    options = OPTIONS.get(name, {})
+    value = measure(name, X, Y, **options)
+    lo, hi = entry.value_range
+    assert lo - 0.05 <= value <= hi + 1e-9
+    for t in entry.invariances:
+        if t == metrics.STIMULUS_PERMUTATION:
+            p = rng.permutation(len(X))
+            moved = measure(name, X[p], Y[p], **options)
+        else:
+            moved = measure(name, transform(t, X, rng), transform(t, Y, rng), **options)
+        # CKA-like scores carry the reference's +1e-6 in the denominator, SVCCA its +1e-8
+        assert moved == pytest.approx(value, abs=1e-5), (name, t)
+    for t in entry.not_invariant:
+        moved = measure(name, transform(t, X, rng), Y, **options)
+        assert abs(moved - value) > 1e-3, (name, t)
+    swapped = measure(name, Y, X, **options)
+    if entry.symmetric:
+        assert swapped == pytest.approx(value, abs=1e-12)
+    else:
+        assert swapped != pytest.approx(value, abs=1e-6)
+
+
+def test_rbf_cka_is_not_scale_invariant_but_is_rotation_invariant() -> None:
+    rng = np.random.default_rng(13)
+    X, Y = paired(rng, n=40)
+    value = measure("cka", X, Y, kernel="rbf", sigma=2.0)
+    assert abs(measure("cka", 3 * X, 3 * Y, kernel="rbf", sigma=2.0) - value) > 1e-2
+    Q, R = random_orthogonal(rng, 9), random_orthogonal(rng, 7)
+    assert measure("cka", X @ Q, Y @ R, kernel="rbf", sigma=2.0) == pytest.approx(value, rel=1e-10)
+
+
+def test_identical_representations_score_one() -> None:
+    X, _ = paired(np.random.default_rng(14), n=50)
+    for name in metric_names():
+        value = measure(name, X, X, **OPTIONS.get(name, {}))
+        if name == "cycle_knn":
+            # k-NN is not a symmetric relation: i need not be a neighbour of its own neighbours
+            assert value == pytest.approx(ref_cycle_knn(X, X, 6)) and value < 1.0
+        else:
+            assert value == pytest.approx(1.0, abs=1e-5), name

@@ -1,0 +1,154 @@
+"""Linear predictivity: a planted linear map is recovered, shuffled pairs score at chance, and each
+piece matches a brute-force reference (closed-form ridge, leave-one-out by refitting, 2AFC
+loops)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convergence_core.predictivity import (
+    cross_validated_predictions,
+    linear_predictivity,
+    mean_correlation,
+    pooled_r2,
+    predictivity_table,
+    two_afc,
+)
+
+
+def planted(rng, n=400, dx=20, dy=10, r2=0.6):
+    """Y = X W + noise with population pooled R² = r2 (X standard normal)."""
+    X = rng.standard_normal((n, dx))
+    W = rng.standard_normal((dx, dy)) / np.sqrt(dx)
+    signal = np.trace(W.T @ W)  # E‖x W‖²
+    sigma = np.sqrt(signal * (1 - r2) / r2 / dy)
+    return X, X @ W + sigma * rng.standard_normal((n, dy))
+
+
+def test_planted_linear_map_is_recovered_both_ways() -> None:
+    rng = np.random.default_rng(0)
+    X, Y = planted(rng, r2=0.6)
+    forward = linear_predictivity(X, Y, source="vision", target="language")
+    # finite-sample shrinkage of a 20-parameter fit on 320 rows costs a few points of R²
+    assert forward.r2 == pytest.approx(0.6, abs=0.05)
+    assert forward.two_afc > 0.9
+    assert forward.correlation > 0.7
+    assert len(forward.alphas) == 5 and forward.n_stimuli == 400
+    X, Y = planted(rng, r2=0.95)
+    assert linear_predictivity(X, Y).two_afc > 0.99
+
+
+def test_shuffled_pairs_score_at_chance() -> None:
+    rng = np.random.default_rng(1)
+    X, Y = planted(rng, r2=0.8)
+    result = linear_predictivity(X, Y[rng.permutation(400)])
+    assert -0.1 < result.r2 < 0.02
+    assert result.two_afc == pytest.approx(0.5, abs=0.04)
+    assert abs(result.correlation) < 0.1
+
+
+def test_rows_select_the_set() -> None:
+    rng = np.random.default_rng(2)
+    X, Y = planted(rng, n=200)
+    rows = np.sort(rng.choice(200, 80, replace=False))
+    assert linear_predictivity(X, Y, rows, seed=3) == linear_predictivity(X[rows], Y[rows], seed=3)
+
+
+def loo_error(X, Y, alpha):
+    """Leave-one-out squared error of ridge with intercept, by refitting n times."""
+    total = 0.0
+    for i in range(len(X)):
+        keep = np.arange(len(X)) != i
+        total += np.sum((ridge_fit_predict(X[keep], Y[keep], X[i : i + 1], alpha) - Y[i]) ** 2)
+    return total
+
+
+def ridge_fit_predict(X, Y, X_new, alpha):
+    mx, my = X.mean(0), Y.mean(0)
+    Xc = X - mx
+    beta = np.linalg.solve(Xc.T @ Xc + alpha * np.eye(X.shape[1]), Xc.T @ (Y - my))
+    return (X_new - mx) @ beta + my
+
+
+def test_ridge_matches_closed_form_with_penalty_chosen_by_refitting_loo() -> None:
+    rng = np.random.default_rng(4)
+    X, Y = planted(rng, n=40, dx=6, dy=3, r2=0.5)
+    alphas = (0.01, 1.0, 10.0, 100.0)
+    P, chosen = cross_validated_predictions(X, Y, n_folds=4, alphas=alphas, seed=5)
+    from sklearn.model_selection import KFold
+
+    for (train, test), alpha in zip(KFold(4, shuffle=True, random_state=5).split(X), chosen):
+        errors = [loo_error(X[train], Y[train], a) for a in alphas]
+        assert alpha == alphas[int(np.argmin(errors))]
+        np.testing.assert_allclose(
+            P[test], ridge_fit_predict(X[train], Y[train], X[test], alpha), rtol=1e-8
+        )
+
+
+def test_scores_match_brute_force() -> None:
+    rng = np.random.default_rng(6)
+    Y = rng.standard_normal((30, 5))
+    P = Y + rng.standard_normal((30, 5))
+    assert pooled_r2(Y, P) == pytest.approx(1 - np.sum((Y - P) ** 2) / np.sum((Y - Y.mean(0)) ** 2))
+    assert mean_correlation(Y, P) == pytest.approx(
+        np.mean([np.corrcoef(Y[:, j], P[:, j])[0, 1] for j in range(5)])
+    )
+    for distance, sim in (
+        ("correlation", lambda a, b: np.corrcoef(a, b)[0, 1]),
+        ("cosine", lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)),
+        ("euclidean", lambda a, b: -np.linalg.norm(a - b)),
+    ):
+        wins = [
+            (sim(P[i], Y[i]) > sim(P[i], Y[j])) + 0.5 * (sim(P[i], Y[i]) == sim(P[i], Y[j]))
+            for i in range(30)
+            for j in range(30)
+            if j != i
+        ]
+        assert two_afc(P, Y, distance=distance) == pytest.approx(np.mean(wins), abs=1e-12)
+        # every other stimulus as a foil: the same pairs, drawn
+        assert two_afc(P, Y, distance=distance, n_foils=29) == pytest.approx(
+            np.mean(wins), abs=1e-12
+        )
+    assert 0.4 < two_afc(P, Y, n_foils=5, seed=1) <= 1.0
+
+
+def test_two_afc_ties_count_half() -> None:
+    Y = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    # rows 0 and 1 are identical: their pair is a tie both ways
+    assert two_afc(Y, Y, distance="cosine") == pytest.approx((1 + 0.5 + 0.5 + 1 + 1 + 1) / 6)
+
+
+def test_predictivity_table_is_long_and_has_both_directions() -> None:
+    rng = np.random.default_rng(7)
+    X, Y = planted(rng, n=60, dx=5, dy=4)
+    table = predictivity_table(X, Y, n_folds=3)
+    assert list(table.columns) == [
+        "source",
+        "target",
+        "metric",
+        "value",
+        "n_stimuli",
+        "n_folds",
+        "median_alpha",
+    ]
+    assert set(zip(table.source, table.target)) == {("vision", "language"), ("language", "vision")}
+    assert sorted(table.metric.unique()) == ["correlation", "r2", "two_afc"]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda X, Y: linear_predictivity(X, Y, n_folds=1), "n_folds must be an integer >= 2"),
+        (lambda X, Y: linear_predictivity(X[:7], Y[:7]), "too few for 5-fold"),
+        (lambda X, Y: linear_predictivity(X, Y, alphas=[1.0, -1.0]), "positive finite"),
+        (lambda X, Y: linear_predictivity(X, Y, distance="manhattan"), "distance must be one of"),
+        (lambda X, Y: linear_predictivity(X, Y, n_foils=40), "n_foils must be"),
+        (lambda X, Y: linear_predictivity(X, Y[:-1]), "same stimuli"),
+        (lambda X, Y: linear_predictivity(X, Y, rows=[0, 0, 1]), "more than once"),
+    ],
+)
+def test_bad_input_is_explained(call, message: str) -> None:
+    X, Y = planted(np.random.default_rng(8), n=40, dx=4, dy=3)
+    with pytest.raises(ValueError, match=message):
+        call(X, Y)
