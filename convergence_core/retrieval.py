@@ -68,6 +68,7 @@ __all__ = [
     "RetrievalFold",
     "RidgeBaseline",
     "chance_metrics",
+    "comparison_table",
     "cross_validated_retrieval",
     "fit_ridge_baseline",
     "retrieval_metrics",
@@ -412,6 +413,19 @@ class CrossValidatedRetrieval:
         """:func:`summarise_retrieval` of :attr:`table`."""
         return summarise_retrieval(self.table)
 
+    def rank_of(self, stimulus: int, *, backward: bool = False) -> tuple[int, int, int]:
+        """(rank of the true match, gallery size, fold) of ``stimulus`` through the universal
+        space, image → text (``backward``: text → image)."""
+        direction = self.backward if backward else self.forward
+        row = self.ranks[
+            (self.ranks["stimulus"] == stimulus)
+            & (self.ranks["method"] == "universal")
+            & (self.ranks["direction"] == direction)
+        ]
+        if row.empty:
+            raise ValueError(f"stimulus {stimulus} is in no fold; pass a row of the run")
+        return int(row["rank"].iloc[0]), int(row["n_gallery"].iloc[0]), int(row["fold"].iloc[0])
+
     def top_matches(
         self,
         stimulus: int,
@@ -440,14 +454,11 @@ class CrossValidatedRetrieval:
         indices, scores = top_matches(queries[position], gallery, k, similarity=similarity)
         rows = list(zip(range(1, k + 1), fold.test[indices[0]], scores[0], strict=True))
         if stimulus not in fold.test[indices[0]]:
-            direction = self.backward if backward else self.forward
-            rank = self.ranks.query(
-                "stimulus == @stimulus and method == 'universal' and direction == @direction"
-            )["rank"]
+            rank, _, _ = self.rank_of(stimulus, backward=backward)
             own = _Scorer(gallery, similarity)(queries[position])[0, position[0]]
             if similarity == "euclidean":
                 own = float(np.sqrt(max(-own, 0.0)))
-            rows.append((int(rank.iloc[0]), int(stimulus), float(own)))
+            rows.append((rank, int(stimulus), float(own)))
         frame = pd.DataFrame(rows, columns=["rank", "stimulus", "score"])
         frame["stimulus"] = frame["stimulus"].astype(np.int64)
         if ids is not None:
@@ -468,6 +479,23 @@ def summarise_retrieval(table: pd.DataFrame) -> pd.DataFrame:
     summary = grouped["value"].agg(mean="mean", std="std", n_folds="count").reset_index()
     summary["n_gallery_mean"] = grouped["n_gallery"].mean().to_numpy()
     return summary
+
+
+def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The methods side by side: one row per direction × subset × metric, columns ``universal``,
+    ``universal_sd``, ``ridge``, ``ridge_sd``, ``chance`` (means and s.d. over folds; a method
+    that was not scored is absent), ``n_gallery_mean``. ``summary``: :func:`summarise_retrieval`."""
+    keys = ["direction", "subset", "metric"]
+    wide = summary.pivot_table(index=keys, columns="method", values="mean", sort=False)
+    spread = summary.pivot_table(index=keys, columns="method", values="std", sort=False)
+    out = pd.DataFrame(index=wide.index)
+    for method in METHODS:
+        if method in wide.columns:
+            out[method] = wide[method]
+            if method != "chance":
+                out[f"{method}_sd"] = spread[method]
+    out["n_gallery_mean"] = summary.groupby(keys, sort=False)["n_gallery_mean"].first()
+    return out.reset_index()
 
 
 def _strata_subsets(test: np.ndarray, strata: np.ndarray) -> dict[str, np.ndarray]:

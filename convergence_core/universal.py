@@ -492,6 +492,12 @@ class CrossModalAnalysis:
     dispersion: pd.DataFrame
     relation: pd.DataFrame
 
+    def model_summary(self) -> pd.DataFrame:
+        """Per member: ``model``, ``layer``, ``modality``, ``mean_residual``,
+        ``median_residual`` over stimuli (residual units)."""
+        grouped = self.residuals.groupby(["model", "layer", "modality"], sort=False)["value"]
+        return grouped.agg(mean_residual="mean", median_residual="median").reset_index()
+
     def per_stimulus(self) -> pd.DataFrame:
         """The dispersion table wide: one row per stimulus, a column per metric (and pair)."""
         frame = self.dispersion.copy()

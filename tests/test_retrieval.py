@@ -299,3 +299,18 @@ def test_run_level_retrieval_on_a_planted_run(tmp_path):
     assert set(result.ranks["id"]) == set(run.stimuli["id"])
     with pytest.raises(ValueError, match="unknown dispersion score"):
         retrieval.run_retrieval(run, score="median")
+
+
+def test_comparison_table_puts_the_methods_side_by_side(planted_result):
+    summary = planted_result.summary()
+    wide = retrieval.comparison_table(summary)
+    assert list(wide.columns) == [
+        "direction", "subset", "metric", "universal", "universal_sd", "ridge", "ridge_sd",
+        "chance", "n_gallery_mean",
+    ]
+    assert len(wide) == 2 * 4  # directions × metrics (no strata)
+    row = wide.query("direction == 'vision_to_language' and metric == 'recall_at_5'").iloc[0]
+    expected = summary.query(
+        "method == 'ridge' and direction == 'vision_to_language' and metric == 'recall_at_5'"
+    )["mean"].iloc[0]
+    assert row["ridge"] == expected and row["chance"] == 5 / 60

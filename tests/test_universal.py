@@ -264,3 +264,13 @@ def test_run_level_analysis_on_a_planted_run(tmp_path):
         universal.run_members(run, ["vision-a"], {"vision-a": "nope"})
     with pytest.raises(ValueError, match="not chosen"):
         universal.run_members(run, ["vision-a"], {"language-a": "layer1"})
+
+
+def test_model_summary_averages_each_members_residuals():
+    features = rotated_copies()
+    rng = np.random.default_rng(12)
+    features = [x + 0.1 * rng.standard_normal(x.shape) for x in features]
+    analysis = cross_modal_analysis(features, THREE_MODALITIES)
+    summary = analysis.model_summary()
+    assert list(summary["model"]) == [m.model for m in THREE_MODALITIES]
+    np.testing.assert_allclose(summary["mean_residual"], analysis.fit.gpa.residuals.mean(axis=0))
