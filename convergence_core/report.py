@@ -252,8 +252,8 @@ def universal_space_section(
 
     Writes ``universal_residuals``, ``universal_cross_modal_dispersion``,
     ``universal_dispersion_relation``, ``universal_retrieval`` (per fold),
-    ``universal_retrieval_summary``, ``universal_retrieval_ranks``, ``universal_ridge_alphas``
-    (CSV + JSON) and ``universal_cross_modal_dispersion.png``, ``universal_retrieval.png``.
+    ``universal_retrieval_summary``, ``universal_retrieval_ranks``, ``universal_ridge_alphas``,
+    ``universal_retrieval_paired_test`` (McNemar, recall@1, universal vs ridge) (CSV + JSON) and ``universal_cross_modal_dispersion.png``, ``universal_retrieval.png``.
     Returns (file names, the ``universal_space`` entry of report.json: members, relation and the
     retrieval headline per direction; ``note`` instead when the run lacks a modality).
     """
@@ -280,6 +280,8 @@ def universal_space_section(
     files += _write_table(summary, out, "universal_retrieval_summary")
     files += _write_table(result.ranks, out, "universal_retrieval_ranks")
     files += _write_table(result.baseline, out, "universal_ridge_alphas")
+    paired = retrieval.paired_recall_test(result.ranks, k=1)
+    files += _write_table(paired, out, "universal_retrieval_paired_test")
     files.append(figures.retrieval_figure(summary, out / "universal_retrieval.png").name)
     relation = analysis.relation.iloc[0].to_dict()
     entry = {
@@ -293,6 +295,7 @@ def universal_space_section(
         "ridge_alpha_relative": result.baseline["alpha_relative"].tolist(),
         "vision_to_language": retrieval_headline(summary, result.forward),
         "language_to_vision": retrieval_headline(summary, result.backward),
+        "paired_test_recall_at_1": paired.to_dict("records"),
     }
     entry["headline"] = format_retrieval_headline(entry)
     return files, entry

@@ -71,6 +71,7 @@ __all__ = [
     "comparison_table",
     "cross_validated_retrieval",
     "fit_ridge_baseline",
+    "paired_recall_test",
     "retrieval_metrics",
     "retrieval_ranks",
     "run_retrieval",
@@ -496,6 +497,44 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
                 out[f"{method}_sd"] = spread[method]
     out["n_gallery_mean"] = summary.groupby(keys, sort=False)["n_gallery_mean"].first()
     return out.reset_index()
+
+
+def paired_recall_test(ranks: pd.DataFrame, k: int = 1) -> pd.DataFrame:
+    """Universal space vs ridge baseline on the same held-out queries: exact McNemar test of
+    recall@k, per direction.
+
+    ``ranks``: :attr:`CrossValidatedRetrieval.ranks` (both methods). Each query counts once;
+    ``universal_only`` / ``ridge_only``: queries whose true item only that method ranks ≤ k; the
+    two-sided p-value is the exact binomial test of ``universal_only`` among the discordant
+    queries at 1/2 (1.0 when there are none). Returns ``direction``, ``k``, ``n_queries``,
+    ``both``, ``universal_only``, ``ridge_only``, ``neither``, ``p_value``.
+    """
+    from scipy.stats import binomtest  # here: scipy.stats is slow to import
+
+    rows = []
+    for direction, group in ranks.groupby("direction", sort=False):
+        hits = group.pivot_table(index="stimulus", columns="method", values="rank") <= k
+        if not {"universal", "ridge"} <= set(hits.columns):
+            continue
+        universal, ridge = hits["universal"].to_numpy(), hits["ridge"].to_numpy()
+        universal_only = int(np.sum(universal & ~ridge))
+        ridge_only = int(np.sum(~universal & ridge))
+        discordant = universal_only + ridge_only
+        rows.append(
+            {
+                "direction": direction,
+                "k": int(k),
+                "n_queries": int(universal.shape[0]),
+                "both": int(np.sum(universal & ridge)),
+                "universal_only": universal_only,
+                "ridge_only": ridge_only,
+                "neither": int(np.sum(~universal & ~ridge)),
+                "p_value": float(binomtest(universal_only, discordant).pvalue)
+                if discordant
+                else 1.0,
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def _strata_subsets(test: np.ndarray, strata: np.ndarray) -> dict[str, np.ndarray]:

@@ -225,6 +225,11 @@ with retrieval_tab:
             "training folds. Chance: recall@k = k / n, median rank (n + 1) / 2. Thirds: the "
             "held-out stimuli of lowest / highest vision dispersion, ranked among themselves."
         )
+        st.text("Universal space vs ridge on the same held-out queries (recall@1, exact McNemar):")
+        st.dataframe(
+            retrieval.paired_recall_test(result.ranks, k=1), hide_index=True, width="stretch"
+        )
+        st.text("Ridge α chosen in each fold (relative to tr(XᵀX)):")
         st.dataframe(result.baseline, hide_index=True)
 
 with captions_tab:

@@ -132,6 +132,7 @@ def test_report_has_the_universal_space_tables_figures_and_headline(written, cap
         "universal_retrieval_summary",
         "universal_retrieval_ranks",
         "universal_ridge_alphas",
+        "universal_retrieval_paired_test",
     ):
         assert {f"{stem}.csv", f"{stem}.json"} <= names
     assert {"universal_cross_modal_dispersion.png", "universal_retrieval.png"} <= names
@@ -155,5 +156,9 @@ def test_report_has_the_universal_space_tables_figures_and_headline(written, cap
     relation = pd.read_csv(out / "universal_dispersion_relation.csv")
     assert relation["permutation_p_value_two_sided"].iloc[0] >= 1 / 41  # FAST: 40 shuffles
     assert entry["headline"].startswith("Universal space, held-out image → text retrieval (5-fold")
+    paired = entry["paired_test_recall_at_1"]
+    assert [row["direction"] for row in paired] == ["vision_to_language", "language_to_vision"]
+    assert all(row["both"] + row["universal_only"] + row["ridge_only"] + row["neither"] == 80
+               for row in paired)
     residuals = pd.read_csv(out / "universal_residuals.csv")
     assert len(residuals) == 80 * 5 and set(residuals.metric) == {"residual"}

@@ -5,6 +5,7 @@ dispersion retrieves better than high), the ridge baseline recovers a planted li
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from convergence_core import retrieval
@@ -314,3 +315,27 @@ def test_comparison_table_puts_the_methods_side_by_side(planted_result):
         "method == 'ridge' and direction == 'vision_to_language' and metric == 'recall_at_5'"
     )["mean"].iloc[0]
     assert row["ridge"] == expected and row["chance"] == 5 / 60
+
+
+def test_paired_recall_test_counts_discordant_queries():
+    ranks = pd.DataFrame(
+        {
+            "stimulus": [0, 1, 2, 3, 0, 1, 2, 3],
+            "method": ["universal"] * 4 + ["ridge"] * 4,
+            "direction": "vision_to_language",
+            "rank": [1, 1, 1, 4, 1, 3, 2, 1],
+        }
+    )
+    table = retrieval.paired_recall_test(ranks, k=1)
+    row = table.iloc[0]
+    assert (row["both"], row["universal_only"], row["ridge_only"], row["neither"]) == (1, 2, 1, 0)
+    assert row["p_value"] == pytest.approx(1.0)  # 2 of 3 discordant: binomial p = 1
+    many = pd.DataFrame(
+        {
+            "stimulus": list(range(20)) * 2,
+            "method": ["universal"] * 20 + ["ridge"] * 20,
+            "direction": "vision_to_language",
+            "rank": [1] * 20 + [2] * 20,
+        }
+    )
+    assert retrieval.paired_recall_test(many)["p_value"].iloc[0] == pytest.approx(2 * 0.5**20)
