@@ -15,6 +15,7 @@ cross-modal dispersion and its relation to vision dispersion, and held-out image
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -242,7 +243,7 @@ def format_retrieval_headline(headline: dict[str, Any]) -> str:
 def _json_value(value: Any) -> Any:
     """A table cell as plain JSON: numpy scalars unwrapped, NaN as null."""
     value = value.item() if hasattr(value, "item") else value
-    return None if isinstance(value, float) and value != value else value
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def universal_space_section(

@@ -169,6 +169,7 @@ def retrieval_ranks(
         scores = scorer(q[start:stop])
         own = scores[np.arange(stop - start), np.arange(start, stop)]
         ranks[start:stop] = np.count_nonzero(scores >= own[:, None], axis=1)
+        del scores  # so that the next block is not allocated while this one is alive
     return ranks
 
 
@@ -188,8 +189,10 @@ def top_matches(
     q = check_features(np.atleast_2d(queries), "queries")
     g = check_features(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
-        raise ValueError(f"queries have {q.shape[1]} columns, the gallery {g.shape[1]}; map both "
-                         "into the same space")
+        raise ValueError(
+            f"queries have {q.shape[1]} columns, the gallery {g.shape[1]}; map both "
+            "into the same space"
+        )
     n = g.shape[0]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise ValueError(f"k must be an integer in 1..{n} (the gallery size), got {k!r}")
@@ -207,6 +210,7 @@ def top_matches(
             order = np.lexsort((candidates, -line[candidates]))[:k]
             indices[row] = candidates[order]
             values[row] = line[candidates[order]]
+        del scores
     if similarity == "euclidean":
         values = np.sqrt(np.clip(-values, 0.0, None))
     return indices, values
@@ -214,8 +218,9 @@ def top_matches(
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     ks = tuple(ks)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1
-                     for k in ks):
+    if not ks or any(
+        isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks
+    ):
         raise ValueError(f"ks must be positive integers (e.g. (1, 5, 10)), got {ks!r}")
     return tuple(int(k) for k in ks)
 
@@ -265,7 +270,10 @@ def _standardise(
 
 
 def _apply(
-    features: Sequence[np.ndarray], rows: np.ndarray, means: Sequence[np.ndarray], scales: np.ndarray
+    features: Sequence[np.ndarray],
+    rows: np.ndarray,
+    means: Sequence[np.ndarray],
+    scales: np.ndarray,
 ) -> np.ndarray:
     return np.hstack(
         [
@@ -465,8 +473,9 @@ class CrossValidatedRetrieval:
         if ids is not None:
             frame.insert(2, "id", [str(ids[s]) for s in frame["stimulus"]])
         if labels is not None:
-            frame.insert(frame.columns.get_loc("score"), "label",
-                         [str(labels[s]) for s in frame["stimulus"]])
+            frame.insert(
+                frame.columns.get_loc("score"), "label", [str(labels[s]) for s in frame["stimulus"]]
+            )
         frame["true_match"] = frame["stimulus"] == stimulus
         return frame
 
@@ -619,22 +628,41 @@ def cross_validated_retrieval(
     baseline_rows: list[dict[str, Any]] = []
     folds: list[RetrievalFold] = []
 
-    def score_fold(fold: int, method: str, query: np.ndarray, gallery: np.ndarray, test: np.ndarray,
-              subsets: dict[str, np.ndarray]) -> None:
+    def score_fold(
+        fold: int,
+        method: str,
+        query: np.ndarray,
+        gallery: np.ndarray,
+        test: np.ndarray,
+        subsets: dict[str, np.ndarray],
+    ) -> None:
         for direction, (q, g) in ((forward, (query, gallery)), (backward, (gallery, query))):
             for subset, positions in subsets.items():
                 ranks = retrieval_ranks(q[positions], g[positions], similarity=similarity)
                 for metric, value in retrieval_metrics(ranks, ks).items():
                     table_rows.append(
-                        {"fold": fold, "method": method, "direction": direction, "subset": subset,
-                         "n_gallery": int(positions.shape[0]), "metric": metric, "value": value}
+                        {
+                            "fold": fold,
+                            "method": method,
+                            "direction": direction,
+                            "subset": subset,
+                            "n_gallery": int(positions.shape[0]),
+                            "metric": metric,
+                            "value": value,
+                        }
                     )
                 if subset == "all":
                     rank_tables.append(
                         pd.DataFrame(
-                            {"stimulus": test, "id": [ids[s] for s in test], "fold": fold,
-                             "method": method, "direction": direction, "rank": ranks,
-                             "n_gallery": int(positions.shape[0])}
+                            {
+                                "stimulus": test,
+                                "id": [ids[s] for s in test],
+                                "fold": fold,
+                                "method": method,
+                                "direction": direction,
+                                "rank": ranks,
+                                "n_gallery": int(positions.shape[0]),
+                            }
                         )
                     )
 
@@ -662,16 +690,26 @@ def cross_validated_retrieval(
             actual = baseline.targets([features[i] for i in gallery_index], test)
             score_fold(fold, "ridge", predicted, actual, test, subsets)
             baseline_rows.append(
-                {"fold": fold, "alpha": baseline.alpha, "alpha_relative": baseline.alpha_relative,
-                 "alpha_at_grid_edge": baseline.at_grid_edge}
+                {
+                    "fold": fold,
+                    "alpha": baseline.alpha,
+                    "alpha_relative": baseline.alpha_relative,
+                    "alpha_at_grid_edge": baseline.at_grid_edge,
+                }
             )
         for direction in (forward, backward):
             for subset, positions in subsets.items():
                 for metric, value in chance_metrics(int(positions.shape[0]), ks).items():
                     table_rows.append(
-                        {"fold": fold, "method": "chance", "direction": direction,
-                         "subset": subset, "n_gallery": int(positions.shape[0]),
-                         "metric": metric, "value": value}
+                        {
+                            "fold": fold,
+                            "method": "chance",
+                            "direction": direction,
+                            "subset": subset,
+                            "n_gallery": int(positions.shape[0]),
+                            "metric": metric,
+                            "value": value,
+                        }
                     )
     parameters = {
         "n_folds": int(n_folds),

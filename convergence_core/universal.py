@@ -207,15 +207,11 @@ def _as_feature_array(x: object, member: Member) -> np.ndarray:
             f"{array.shape}; pass one row per stimulus"
         )
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        raise ValueError(
-            f"features of {member.label} have dtype {array.dtype}; pass real numbers"
-        )
+        raise ValueError(f"features of {member.label} have dtype {array.dtype}; pass real numbers")
     return array
 
 
-def _principal_axes(
-    features: np.ndarray, mean: np.ndarray, n_components: int | None
-) -> np.ndarray:
+def _principal_axes(features: np.ndarray, mean: np.ndarray, n_components: int | None) -> np.ndarray:
     """(d, k) principal axes of the centred rows of ``features`` (n, d), decreasing variance.
 
     Small problems (n ≤ 2d): thin SVD of the centred (n, d) matrix. Tall ones: eigendecomposition
@@ -432,8 +428,10 @@ def dispersion_relation(
             f"the two scores must have one value per stimulus, at least 3, got {x.shape[0]} and "
             f"{y.shape[0]}; pass scores of the same stimuli in the same order"
         )
-    if isinstance(n_permutations, bool) or not isinstance(n_permutations, (int, np.integer)) or (
-        n_permutations < 1
+    if (
+        isinstance(n_permutations, bool)
+        or not isinstance(n_permutations, (int, np.integer))
+        or (n_permutations < 1)
     ):
         raise ValueError(f"n_permutations must be a positive integer, got {n_permutations!r}")
     n = x.shape[0]
@@ -660,4 +658,3 @@ def run_cross_modal_analysis(
         n_permutations=n_permutations,
         seed=seed,
     )
-

@@ -77,9 +77,7 @@ run, view = context.run, context.view
 path = context.info.path
 stamp = data.manifest_stamp(path)
 ids = run.stimuli["id"].astype(str).tolist()
-captions = (
-    list(run.stimuli["captions"]) if "captions" in run.stimuli else [[] for _ in ids]
-)
+captions = list(run.stimuli["captions"]) if "captions" in run.stimuli else [[] for _ in ids]
 first_captions = [c[0] if len(c) else "" for c in captions]
 st.caption(
     "Generalized Procrustes over any group of models — vision, language, or any other modality "
@@ -143,8 +141,10 @@ with dispersion_tab:
         st.error(str(error))
         st.stop()
     row = relation.iloc[0]
-    pairs = " and ".join(modalities) if len(modalities) == 2 else "each pair of " + ", ".join(
-        modalities
+    pairs = (
+        " and ".join(modalities)
+        if len(modalities) == 2
+        else "each pair of " + ", ".join(modalities)
     )
     st.text(
         "Cross-modal dispersion of a stimulus: the distance between its modality means in the "

@@ -33,3 +33,20 @@ def test_numerics_benchmark_runs_and_writes_json() -> None:
         assert -1e-13 <= gpa[f"{name}_loss_above_optimum"] < 1e-10
         assert gpa[f"{name}_max_abs_residual_from_optimum"] < 1e-7
     assert "speed-up" in done.stdout
+
+
+def test_universal_benchmark_runs_and_writes_json() -> None:
+    out = "universal-smoke-test.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_universal.py", "--quick", "--out", out],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = REPO / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    assert payload["quick"] is True
+    assert [row["n_test"] for row in payload["ranks"]] == [500, 2000]
+    for row in payload["ranks"]:
+        assert row["identical_to_dense"]
+    assert payload["fit"]["gpa_iterations"] >= 1

@@ -50,16 +50,19 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
         f"{relation['permutation_p_value_two_sided']:.3g}"
     )
     # the retrieval table puts the baseline beside the universal space, as the core computes it
-    comparison = next(
-        frame.value for frame in at.dataframe if "ridge" in frame.value.columns
-    )
+    comparison = next(frame.value for frame in at.dataframe if "ridge" in frame.value.columns)
     wanted = retrieval.comparison_table(retrieval.run_retrieval(run).summary())
-    assert comparison[["universal", "ridge", "chance"]].round(12).equals(
-        wanted[["universal", "ridge", "chance"]].round(12)
+    assert (
+        comparison[["universal", "ridge", "chance"]]
+        .round(12)
+        .equals(wanted[["universal", "ridge", "chance"]].round(12))
     )
     # top captions of the first image: its true caption is marked exactly once
-    top = next(frame.value for frame in at.dataframe if "caption" in frame.value.columns
-               and "true_match" in frame.value.columns)
+    top = next(
+        frame.value
+        for frame in at.dataframe
+        if "caption" in frame.value.columns and "true_match" in frame.value.columns
+    )
     marked = top[top["true_match"] == "✓ true caption"]
     assert len(marked) == 1 and marked["id"].iloc[0] == run.stimuli["id"].iloc[0]
     assert marked["caption"].iloc[0] == run.stimuli["captions"].iloc[0][0]

@@ -46,7 +46,9 @@ def test_ranks_match_a_slow_reference(similarity, block_rows):
     rng = np.random.default_rng(0)
     queries, gallery = rng.standard_normal((13, 5)), rng.standard_normal((13, 5))
     scores = slow_scores(queries, gallery, similarity)
-    expected = [1 + sum(scores[i, j] >= scores[i, i] for j in range(13) if j != i) for i in range(13)]
+    expected = [
+        1 + sum(scores[i, j] >= scores[i, i] for j in range(13) if j != i) for i in range(13)
+    ]
     ranks = retrieval_ranks(queries, gallery, similarity=similarity, block_rows=block_rows)
     np.testing.assert_array_equal(ranks, expected)
 
@@ -102,10 +104,17 @@ def test_top_matches_match_a_sorted_reference_with_ties_to_the_lower_index(simil
 
 def test_metrics_and_chance():
     metrics = retrieval_metrics(np.array([1, 2, 6, 11, 1]), ks=(1, 5, 10))
-    assert metrics == {"recall_at_1": 0.4, "recall_at_5": 0.6, "recall_at_10": 0.8,
-                       "median_rank": 2.0}
+    assert metrics == {
+        "recall_at_1": 0.4,
+        "recall_at_5": 0.6,
+        "recall_at_10": 0.8,
+        "median_rank": 2.0,
+    }
     assert chance_metrics(8, (1, 5, 10)) == {
-        "recall_at_1": 1 / 8, "recall_at_5": 5 / 8, "recall_at_10": 1.0, "median_rank": 4.5
+        "recall_at_1": 1 / 8,
+        "recall_at_5": 5 / 8,
+        "recall_at_10": 1.0,
+        "median_rank": 4.5,
     }
 
 
@@ -151,8 +160,9 @@ def test_a_planted_latent_is_retrieved_far_above_chance(planted_result):
     assert recall(planted_result, "universal", "median_rank") <= 2
     ranks = planted_result.ranks
     assert len(ranks) == 300 * 2 * 2 and set(ranks.fold) == set(range(5))
-    assert sorted(ranks.query("method == 'universal' and direction == 'vision_to_language'")
-                  .stimulus) == list(range(300))
+    assert sorted(
+        ranks.query("method == 'universal' and direction == 'vision_to_language'").stimulus
+    ) == list(range(300))
 
 
 def test_shuffled_pairs_give_chance():
@@ -173,15 +183,17 @@ def test_low_dispersion_stimuli_are_retrieved_better_and_subsets_are_equal_third
     result = cross_validated_retrieval(
         features, MEMBERS, n_folds=5, seed=0, strata=difficulty, ridge=False
     )
-    assert recall(result, "universal", subset="low_dispersion") > recall(
-        result, "universal", subset="high_dispersion"
-    ) + 0.2
+    assert (
+        recall(result, "universal", subset="low_dispersion")
+        > recall(result, "universal", subset="high_dispersion") + 0.2
+    )
     table = result.table
     sizes = table[table.subset != "all"].groupby(["fold", "subset"])["n_gallery"].first()
     for fold in range(5):
         assert sizes[(fold, "low_dispersion")] == sizes[(fold, "high_dispersion")] == 60 // 3
-    subsets = retrieval._strata_subsets(np.array([10, 11, 12, 13, 14, 15, 16]),
-                                        np.arange(20.0)[::-1])
+    subsets = retrieval._strata_subsets(
+        np.array([10, 11, 12, 13, 14, 15, 16]), np.arange(20.0)[::-1]
+    )
     np.testing.assert_array_equal(subsets["low_dispersion"], [5, 6])  # rows 15, 16: lowest scores
     np.testing.assert_array_equal(subsets["high_dispersion"], [0, 1])
 
@@ -306,8 +318,15 @@ def test_comparison_table_puts_the_methods_side_by_side(planted_result):
     summary = planted_result.summary()
     wide = retrieval.comparison_table(summary)
     assert list(wide.columns) == [
-        "direction", "subset", "metric", "universal", "universal_sd", "ridge", "ridge_sd",
-        "chance", "n_gallery_mean",
+        "direction",
+        "subset",
+        "metric",
+        "universal",
+        "universal_sd",
+        "ridge",
+        "ridge_sd",
+        "chance",
+        "n_gallery_mean",
     ]
     assert len(wide) == 2 * 4  # directions × metrics (no strata)
     row = wide.query("direction == 'vision_to_language' and metric == 'recall_at_5'").iloc[0]

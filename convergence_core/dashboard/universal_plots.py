@@ -81,8 +81,10 @@ def residual_bars(model_summary: pd.DataFrame) -> go.Figure:
         rows = model_summary[model_summary["modality"] == modality]
         figure.add_trace(
             go.Bar(
-                x=[safe_hover_text(f"{m} ({layer})", 60)
-                   for m, layer in zip(rows["model"], rows["layer"], strict=True)],
+                x=[
+                    safe_hover_text(f"{m} ({layer})", 60)
+                    for m, layer in zip(rows["model"], rows["layer"], strict=True)
+                ],
                 y=rows["mean_residual"],
                 name=safe_hover_text(modality, 30),
                 marker_color=MODALITY_COLOURS[index % len(MODALITY_COLOURS)],
@@ -130,8 +132,9 @@ def retrieval_bars(summary: pd.DataFrame, subset: str = "all") -> go.Figure:
                 col=column,
             )
         figure.update_xaxes(title_text="cut-off k", row=1, col=column)
-    figure.update_yaxes(title_text="recall (fraction of held-out queries)", range=[0, 1.05],
-                        row=1, col=1)
+    figure.update_yaxes(
+        title_text="recall (fraction of held-out queries)", range=[0, 1.05], row=1, col=1
+    )
     n_gallery = rows["n_gallery_mean"].mean() if len(rows) else float("nan")
     figure.update_layout(
         title_text=(
