@@ -76,6 +76,13 @@ _PUBLIC: dict[str, str] = {
     "local_density": "calibration",
     "typicality": "calibration",
     "resampled_interval": "calibration",
+    # the universal space across modalities (issue 13)
+    "Member": "universal",
+    "fit_universal_space": "universal",
+    "cross_modal_analysis": "universal",
+    "run_cross_modal_analysis": "universal",
+    "cross_validated_retrieval": "retrieval",
+    "run_retrieval": "retrieval",
     # data, models, cache
     "Dataset": "datasets",
     "load_dataset": "datasets",

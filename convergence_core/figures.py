@@ -214,3 +214,125 @@ def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
     colourbar.set_label(_cknna_label(int(sweep["k"].iloc[0])))
     figure.suptitle("Layer sweep: CKNNA on the full set", fontsize=10)
     return _save(figure, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# universal space (convergence_core.universal, convergence_core.retrieval)
+
+_METHOD_COLOURS = {"universal": "#2b8cbe", "ridge": "#fd8d3c", "chance": "#969696"}
+_METHOD_LABELS = {
+    "universal": "universal space (GPA)",
+    "ridge": "ridge baseline",
+    "chance": "chance",
+}
+_SUBSET_LABELS = {
+    "all": "all held out",
+    "low_dispersion": "low-dispersion third",
+    "high_dispersion": "high-dispersion third",
+}
+
+
+def _direction_label(direction: str) -> str:
+    """``vision_to_language`` -> ``vision → language (image → text)``."""
+    source, _, target = direction.partition("_to_")
+    names = {"vision": "image", "language": "text"}
+    plain = f"{source} → {target}"
+    if source in names and target in names:
+        plain += f" ({names[source]} → {names[target]})"
+    return plain
+
+
+def cross_modal_dispersion_figure(
+    per_stimulus: pd.DataFrame, relation: pd.DataFrame, path: str | os.PathLike[str]
+) -> Path:
+    """Per stimulus: intra-modal (vision) dispersion vs cross-modal dispersion in the universal
+    space, with Spearman ρ and its permutation p in the title. ``per_stimulus`` is
+    ``CrossModalAnalysis.per_stimulus()`` (columns ``intra_modal_dispersion``,
+    ``cross_modal_dispersion``); ``relation`` its one-row ``relation`` table."""
+    figure, (axis,) = _panels(1, width=5.6, height=4.4)
+    axis.scatter(
+        per_stimulus["intra_modal_dispersion"],
+        per_stimulus["cross_modal_dispersion"],
+        s=9,
+        alpha=0.6,
+        color="#636363",
+    )
+    stats = relation.iloc[0]
+    axis.set_title(
+        f"Spearman ρ = {stats['spearman_rho']:.2f}, permutation p = "
+        f"{stats['permutation_p_value_two_sided']:.2g} "
+        f"({int(stats['n_permutations'])} shuffles, n = {int(stats['n_stimuli'])})",
+        fontsize=9,
+    )
+    axis.set_xlabel(f"intra-modal dispersion: {str(stats['y']).replace('_', ' ')} (residual units)")
+    axis.set_ylabel("cross-modal dispersion (residual units)")
+    figure.suptitle("Universal space: cross-modal vs intra-modal (vision) dispersion", fontsize=10)
+    return _save(figure, path)
+
+
+def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Held-out retrieval: per direction, recall@k of the universal space, the ridge baseline and
+    chance (mean ± s.d. over folds; top row, all held-out stimuli) and recall@1 on the low- and
+    high-dispersion thirds (bottom row, when present). ``summary`` is
+    :func:`retrieval.summarise_retrieval` output."""
+    directions = list(dict.fromkeys(summary["direction"]))
+    methods = [m for m in ("universal", "ridge", "chance") if m in set(summary["method"])]
+    subsets = [s for s in ("low_dispersion", "high_dispersion") if s in set(summary["subset"])]
+    recalls = sorted(
+        {m for m in summary["metric"] if m.startswith("recall_at_")},
+        key=lambda m: int(m.rsplit("_", 1)[1]),
+    )
+    n_rows = 2 if subsets else 1
+    figure, grid = plt.subplots(
+        n_rows,
+        len(directions),
+        figsize=(5.0 * len(directions), 3.6 * n_rows),
+        squeeze=False,
+        layout="constrained",
+    )
+    width = 0.8 / len(methods)
+
+    def bars(axis: plt.Axes, rows: pd.DataFrame, groups: list[tuple[str, str]]) -> None:
+        x = np.arange(len(groups))
+        for offset, method in enumerate(methods):
+            picked = [
+                rows[(rows["method"] == method) & (rows["metric"] == metric)
+                     & (rows["subset"] == subset)]
+                for metric, subset in groups
+            ]
+            means = [float(p["mean"].iloc[0]) if len(p) else np.nan for p in picked]
+            errors = [float(p["std"].iloc[0]) if len(p) else 0.0 for p in picked]
+            axis.bar(
+                x + (offset - (len(methods) - 1) / 2) * width,
+                means,
+                width,
+                yerr=None if method == "chance" else np.nan_to_num(errors),
+                capsize=3,
+                color=_METHOD_COLOURS[method],
+                label=_METHOD_LABELS[method],
+            )
+        axis.set_ylim(0.0, 1.05)
+        axis.set_ylabel("recall (fraction of held-out queries)")
+
+    for column, direction in enumerate(directions):
+        rows = summary[summary["direction"] == direction]
+        top = grid[0][column]
+        bars(top, rows, [(metric, "all") for metric in recalls])
+        n_gallery = rows[rows["subset"] == "all"]["n_gallery_mean"].iloc[0]
+        top.set_xticks(np.arange(len(recalls)), [f"recall@{m.rsplit('_', 1)[1]}" for m in recalls])
+        top.set_xlabel(f"cut-off k (gallery: {n_gallery:.0f} held-out stimuli per fold)")
+        top.set_title(_direction_label(direction), fontsize=9)
+        if subsets:
+            bottom = grid[1][column]
+            bars(bottom, rows, [("recall_at_1", subset) for subset in subsets])
+            size = rows[rows["subset"] == subsets[0]]["n_gallery_mean"].iloc[0]
+            bottom.set_xticks(np.arange(len(subsets)), [_SUBSET_LABELS[s] for s in subsets])
+            bottom.set_xlabel(f"held-out stimuli by vision dispersion ({size:.0f} per fold)")
+            bottom.set_title(f"recall@1, {_direction_label(direction)}", fontsize=9)
+    _legend_below(figure, grid[0][0])
+    folds = int(summary["n_folds"].max())
+    figure.suptitle(
+        f"Held-out retrieval through the universal space ({folds}-fold, mean ± s.d. over folds)",
+        fontsize=10,
+    )
+    return _save(figure, path)

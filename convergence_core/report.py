@@ -5,11 +5,17 @@ Writes to ``--out``: every analysis table as CSV and JSON (records; NaN as null)
 ``summary.json`` / ``summary.txt`` (per pair: low, random mean [95% interval], high, low/high
 ratio, permutation p) and ``report.json`` (parameters, verdicts, file list). Prints the summary
 table and one verdict line per dispersion score, computed from the numbers.
+
+The universal-space section (:func:`universal_space_section`; every model of the run at its
+default layer) adds ``universal_*`` tables and figures: residuals per model and stimulus,
+cross-modal dispersion and its relation to vision dispersion, and held-out image-text retrieval
+(k-fold) against chance and the ridge baseline, with one printed headline line.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -18,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import analyses, figures
+from . import analyses, figures, retrieval, universal
 from .cache import write_bytes, write_json
 from .presets import PRESETS, preset_config
 from .run import Run, load_run
@@ -99,11 +105,13 @@ def write_report(
     n_permutations: int = analyses.DEFAULT_N_PERMUTATIONS,
     q: float = 0.25,
     seed: int = 0,
+    universal_folds: int = 5,
 ) -> dict[str, Any]:
     """Run every analysis on ``run`` and write tables, figures and the summary to ``out``.
 
     Returns the content of ``report.json``: ``run``, ``parameters``, ``best_language_layers``,
-    ``verdicts`` (score -> sentence), ``paired_tests``, ``notes`` and ``files``.
+    ``verdicts`` (score -> sentence), ``paired_tests``, ``universal_space`` (see
+    :func:`universal_space_section`), ``notes`` and ``files``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -160,6 +168,13 @@ def write_report(
             f"{len(run.gpa.models)}"
         )
 
+    universal_files, universal_space = universal_space_section(
+        run, out, n_folds=universal_folds, seed=seed, n_permutations=n_permutations
+    )
+    files += universal_files
+    if universal_space.get("note"):
+        notes.append(universal_space["note"])
+
     summary = summary_table(set_tables)
     files += _write_table(summary, out, "summary")
     text = format_summary(summary) + "\n\n" + "\n".join(verdicts.values()) + "\n"
@@ -175,6 +190,7 @@ def write_report(
             "n_permutations": n_permutations,
             "fraction_dropped": q,
             "seed": seed,
+            "universal_folds": universal_folds,
         },
         "best_language_layers": dict(
             zip(best["language_model"], best["language_layer"], strict=True)
@@ -183,11 +199,107 @@ def write_report(
         "paired_tests": paired_tests.astype(object)
         .where(paired_tests.notna(), None)
         .to_dict("records"),
+        "universal_space": universal_space,
         "notes": notes,
         "files": sorted([*files, "report.json"]),
     }
     write_json(out / "report.json", report)
     return report
+
+
+#: Retrieval metrics quoted in the headline (report.json and the printed line).
+HEADLINE_METRICS = ("recall_at_1", "recall_at_5", "median_rank")
+
+
+def retrieval_headline(summary: pd.DataFrame, direction: str) -> dict[str, dict[str, float]]:
+    """``{method: {metric: mean over folds}}`` of one direction on all held-out stimuli."""
+    rows = summary[(summary["direction"] == direction) & (summary["subset"] == "all")]
+    return {
+        method: {
+            metric: float(group.loc[group["metric"] == metric, "mean"].iloc[0])
+            for metric in HEADLINE_METRICS
+        }
+        for method, group in rows.groupby("method", sort=False)
+    }
+
+
+def format_retrieval_headline(headline: dict[str, Any]) -> str:
+    """One line: image → text recall@1 / @5 of the universal space vs ridge vs chance."""
+    numbers = headline["vision_to_language"]
+
+    def part(metric: str) -> str:
+        return (
+            f"{metric.replace('_at_', '@')} {numbers['universal'][metric]:.3f} "
+            f"(ridge {numbers['ridge'][metric]:.3f}, chance {numbers['chance'][metric]:.3f})"
+        )
+
+    return (
+        f"Universal space, held-out image → text retrieval ({headline['n_folds']}-fold, "
+        f"{headline['n_gallery_mean']:.0f} captions per fold): "
+        f"{part('recall_at_1')}; {part('recall_at_5')}"
+    )
+
+
+def _json_value(value: Any) -> Any:
+    """A table cell as plain JSON: numpy scalars unwrapped, NaN as null."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def universal_space_section(
+    run: Run, out: Path, *, n_folds: int = 5, seed: int = 0, n_permutations: int = 1000
+) -> tuple[list[str], dict[str, Any]]:
+    """The universal-space tables and figures of every model of ``run`` (default layers).
+
+    Writes ``universal_residuals``, ``universal_cross_modal_dispersion``,
+    ``universal_dispersion_relation``, ``universal_retrieval`` (per fold),
+    ``universal_retrieval_summary``, ``universal_retrieval_ranks``, ``universal_ridge_alphas``,
+    ``universal_retrieval_paired_test`` (McNemar, recall@1, universal vs ridge) (CSV + JSON) and ``universal_cross_modal_dispersion.png``, ``universal_retrieval.png``.
+    Returns (file names, the ``universal_space`` entry of report.json: members, relation and the
+    retrieval headline per direction; ``note`` instead when the run lacks a modality).
+    """
+    members = universal.run_members(run)
+    modalities = {m.modality for m in members}
+    if not {"vision", "language"} <= modalities:
+        return [], {
+            "note": "universal-space section skipped: it needs vision and language models, the "
+            f"run has {sorted(modalities)}"
+        }
+    files: list[str] = []
+    analysis = universal.run_cross_modal_analysis(run, n_permutations=n_permutations, seed=seed)
+    files += _write_table(analysis.residuals, out, "universal_residuals")
+    files += _write_table(analysis.dispersion, out, "universal_cross_modal_dispersion")
+    files += _write_table(analysis.relation, out, "universal_dispersion_relation")
+    files.append(
+        figures.cross_modal_dispersion_figure(
+            analysis.per_stimulus(), analysis.relation, out / "universal_cross_modal_dispersion.png"
+        ).name
+    )
+    result = retrieval.run_retrieval(run, n_folds=n_folds, seed=seed)
+    summary = result.summary()
+    files += _write_table(result.table, out, "universal_retrieval")
+    files += _write_table(summary, out, "universal_retrieval_summary")
+    files += _write_table(result.ranks, out, "universal_retrieval_ranks")
+    files += _write_table(result.baseline, out, "universal_ridge_alphas")
+    paired = retrieval.paired_recall_test(result.ranks, k=1)
+    files += _write_table(paired, out, "universal_retrieval_paired_test")
+    files.append(figures.retrieval_figure(summary, out / "universal_retrieval.png").name)
+    relation = analysis.relation.iloc[0].to_dict()
+    entry = {
+        "members": [m._asdict() for m in members],
+        "relation": {key: _json_value(value) for key, value in relation.items()},
+        "n_folds": n_folds,
+        "n_gallery_mean": float(
+            summary.loc[summary["subset"] == "all", "n_gallery_mean"].iloc[0]
+        ),
+        "similarity": result.parameters["similarity"],
+        "ridge_alpha_relative": result.baseline["alpha_relative"].tolist(),
+        "vision_to_language": retrieval_headline(summary, result.forward),
+        "language_to_vision": retrieval_headline(summary, result.backward),
+        "paired_test_recall_at_1": paired.to_dict("records"),
+    }
+    entry["headline"] = format_retrieval_headline(entry)
+    return files, entry
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -229,6 +341,12 @@ def _parser() -> argparse.ArgumentParser:
         "--q", type=float, default=0.25, help="fraction dropped in Fig. S1 (default 0.25)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random sets and shuffles")
+    parser.add_argument(
+        "--universal-folds",
+        type=int,
+        default=5,
+        help="folds of the universal-space retrieval (default 5)",
+    )
     return parser
 
 
@@ -260,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             n_permutations=args.n_permutations,
             q=args.q,
             seed=args.seed,
+            universal_folds=args.universal_folds,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -271,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         f"language layers used: {report['best_language_layers']}"
     )
     print((out / "summary.txt").read_text(encoding="utf-8"), end="")
+    if "headline" in report["universal_space"]:
+        print(report["universal_space"]["headline"])
     for note in report["notes"]:
         print(f"note: {note}")
     print(f"wrote {len(report['files'])} files to {out}")

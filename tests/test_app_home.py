@@ -286,13 +286,13 @@ def test_home_links_to_every_page_with_the_view_in_the_url(synthetic_cache: Path
     at = _app()
     at.query_params["score"] = "pc1"
     at.run(timeout=TIMEOUT)
+    from convergence_core.dashboard.page import PAGES
+
     links = at.get("page_link")
-    assert [link.proto.label for link in links] == [
-        "Stimuli gallery",
-        "Residual space",
-        "Alignment lab",
-        "Paper analyses",
-    ]
+    assert [link.proto.label for link in links] == [label for _, label, _ in PAGES]
+    assert {"Stimuli gallery", "Residual space", "Alignment lab", "Paper analyses",
+            "Universal space"} <= {link.proto.label for link in links}
+    assert all((REPO / target).is_file() for target, _, _ in PAGES)
     for link in links:
         assert "run=demo" in link.proto.query_string and "score=pc1" in link.proto.query_string
 

@@ -43,3 +43,20 @@ def test_neighbours_benchmark_runs_and_agrees_with_the_dense_reference() -> None
     path.unlink()
     assert {row["n"] for row in payload["rows"]} == {256, 512}
     assert all(row["abs_difference"] < 1e-9 for row in payload["rows"])
+
+
+def test_universal_benchmark_runs_and_writes_json() -> None:
+    out = "universal-smoke-test.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_universal.py", "--quick", "--out", out],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = REPO / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    assert payload["quick"] is True
+    assert [row["n_test"] for row in payload["ranks"]] == [500, 2000]
+    for row in payload["ranks"]:
+        assert row["identical_to_dense"]
+    assert payload["fit"]["gpa_iterations"] >= 1

@@ -27,7 +27,7 @@ from convergence_core.dashboard.headless import CHROMIUM, SCRIPT_FINISHED, launc
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO / "docs" / "dashboard.png"
 STIMULI_SCREENSHOT = REPO / "docs" / "stimuli.png"
-PAGES = ["", "Stimuli", "Residual_space", "Alignment_lab", "Paper_analyses"]
+PAGES = ["", "Stimuli", "Residual_space", "Alignment_lab", "Paper_analyses", "Universal_space"]
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +94,34 @@ def test_report_on_demo_run_matches_the_readme(demo_run: Path) -> None:
         for shown, key in ((low, "cknna_low_dispersion"), (random_mean, "cknna_random_mean"),
                            (high, "cknna_high_dispersion")):
             assert abs(float(shown) - row[key]) < 0.005, (vision, language, key, shown, row[key])
+    _universal_space_matches_the_readme(json.loads((out / "report.json").read_text()))
+
+
+def _universal_space_matches_the_readme(report: dict) -> None:
+    """The README's held-out retrieval table and paired counts are what the report measured."""
+    entry = report["universal_space"]
+    rows = re.findall(
+        r"^\| (image → text|text → image) recall@(\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
+        _readme(),
+        flags=re.MULTILINE,
+    )
+    assert len(rows) == 4
+    directions = {"image → text": "vision_to_language", "text → image": "language_to_vision"}
+    for direction, k, universal, ridge, chance in rows:
+        measured = entry[directions[direction]]
+        for shown, method in ((universal, "universal"), (ridge, "ridge"), (chance, "chance")):
+            value = measured[method][f"recall_at_{k}"]
+            # one query of 5 × 48 moves a mean recall by 0.004: allow about two
+            assert abs(float(shown) - value) < 0.01, (direction, k, method, shown, value)
+    forward = next(
+        row for row in entry["paired_test_recall_at_1"] if row["direction"] == "vision_to_language"
+    )
+    counts = re.search(r"\((\d+) vs (\d+) held-out images found by only one", _readme())
+    assert counts is not None
+    assert abs(int(counts.group(1)) - forward["universal_only"]) <= 2
+    assert abs(int(counts.group(2)) - forward["ridge_only"]) <= 2
+    rho = re.search(r"dispersion \(Spearman ρ = ([\d.]+),", _readme())
+    assert rho is not None and abs(float(rho.group(1)) - entry["relation"]["spearman_rho"]) < 0.01
 
 
 def test_readme_python_example_runs(demo_run: Path) -> None:

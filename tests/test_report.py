@@ -119,3 +119,46 @@ def test_bad_input_gives_a_clear_error(planted_run_path, tmp_path, monkeypatch, 
     assert "precompute --preset demo" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         report.main([run, "--preset", "demo", "--out", str(tmp_path)])
+
+
+def test_report_has_the_universal_space_tables_figures_and_headline(written, capsys):
+    _, out = written
+    names = {p.name for p in out.iterdir()}
+    for stem in (
+        "universal_residuals",
+        "universal_cross_modal_dispersion",
+        "universal_dispersion_relation",
+        "universal_retrieval",
+        "universal_retrieval_summary",
+        "universal_retrieval_ranks",
+        "universal_ridge_alphas",
+        "universal_retrieval_paired_test",
+    ):
+        assert {f"{stem}.csv", f"{stem}.json"} <= names
+    assert {"universal_cross_modal_dispersion.png", "universal_retrieval.png"} <= names
+    meta = json.loads((out / "report.json").read_text())
+    entry = meta["universal_space"]
+    assert [m["model"] for m in entry["members"]] == [
+        "vision0", "vision1", "vision2", "planted", "independent"
+    ]
+    summary = pd.read_csv(out / "universal_retrieval_summary.csv")
+    assert set(summary.columns) >= {"method", "direction", "subset", "metric", "mean", "std"}
+    row = summary.query(
+        "method == 'universal' and direction == 'vision_to_language' and subset == 'all' "
+        "and metric == 'recall_at_1'"
+    )
+    assert entry["vision_to_language"]["universal"]["recall_at_1"] == row["mean"].iloc[0]
+    chance = entry["vision_to_language"]["chance"]["recall_at_1"]
+    assert chance == 1 / entry["n_gallery_mean"]
+    # (planted answers are tested in test_retrieval.py: here the default language layers carry
+    # little of the planted latent, so only the bookkeeping is checked)
+    assert 0.0 <= entry["vision_to_language"]["ridge"]["recall_at_1"] <= 1.0
+    relation = pd.read_csv(out / "universal_dispersion_relation.csv")
+    assert relation["permutation_p_value_two_sided"].iloc[0] >= 1 / 41  # FAST: 40 shuffles
+    assert entry["headline"].startswith("Universal space, held-out image → text retrieval (5-fold")
+    paired = entry["paired_test_recall_at_1"]
+    assert [row["direction"] for row in paired] == ["vision_to_language", "language_to_vision"]
+    assert all(row["both"] + row["universal_only"] + row["ridge_only"] + row["neither"] == 80
+               for row in paired)
+    residuals = pd.read_csv(out / "universal_residuals.csv")
+    assert len(residuals) == 80 * 5 and set(residuals.metric) == {"residual"}

@@ -89,18 +89,22 @@ def close_page(context: PageContext) -> None:
     state.write_query_params(st.query_params, context.view)
 
 
+#: The dashboard's pages after Home (file, label, Material icon): the one list of pages. Material
+#: Symbols ship with Streamlit, so they render where no emoji font is installed.
+PAGES = [
+    ("pages/1_Stimuli.py", "Stimuli gallery", ":material/photo_library:"),
+    ("pages/2_Residual_space.py", "Residual space", ":material/scatter_plot:"),
+    ("pages/3_Alignment_lab.py", "Alignment lab", ":material/balance:"),
+    ("pages/4_Paper_analyses.py", "Paper analyses", ":material/description:"),
+    ("pages/6_Universal_space.py", "Universal space", ":material/hub:"),
+]
+
+
 def page_links(context: PageContext) -> None:
     """Links to the other pages carrying the current view in their URL."""
     params = context.view.to_query_params()
-    cells = st.columns(4)
-    # Material Symbols: Streamlit ships the font, so they render where no emoji font is installed
-    targets = [
-        ("pages/1_Stimuli.py", "Stimuli gallery", ":material/photo_library:"),
-        ("pages/2_Residual_space.py", "Residual space", ":material/scatter_plot:"),
-        ("pages/3_Alignment_lab.py", "Alignment lab", ":material/balance:"),
-        ("pages/4_Paper_analyses.py", "Paper analyses", ":material/description:"),
-    ]
-    for cell, (target, label, icon) in zip(cells, targets, strict=True):
+    cells = st.columns(len(PAGES))
+    for cell, (target, label, icon) in zip(cells, PAGES, strict=True):
         with cell:
             try:
                 st.page_link(target, label=label, icon=icon, query_params=params)

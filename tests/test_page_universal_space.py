@@ -1,0 +1,112 @@
+"""The Universal-space page renders on a synthetic run, shows the core's numbers, follows the
+model choice, and marks each image's true caption among its retrieved captions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from convergence_core import retrieval, universal
+from tests.fixtures_runs import make_synthetic_run
+
+PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "6_Universal_space.py")
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("universal_page_cache")
+    make_synthetic_run(root / "runs", 60, name="demo")  # the first 60 coco-mini images
+    return root
+
+
+def _page(monkeypatch: pytest.MonkeyPatch, cache_root: Path) -> AppTest:
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(cache_root))
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT)
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    return at
+
+
+def _metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_root):
+    at = _page(monkeypatch, cache_root)
+    assert [tab.label for tab in at.tabs] == [
+        "Cross-modal dispersion",
+        "Retrieval",
+        "Top captions per image",
+    ]
+    assert len(at.get("plotly_chart")) == 3
+    run = make_run_handle(cache_root)
+    expected = universal.run_cross_modal_analysis(run, n_permutations=1000, seed=0)
+    relation = expected.relation.iloc[0]
+    assert _metric(at, "Spearman ρ with vision dispersion") == f"{relation['spearman_rho']:.3f}"
+    assert _metric(at, "Permutation p (two-sided)") == (
+        f"{relation['permutation_p_value_two_sided']:.3g}"
+    )
+    # the retrieval table puts the baseline beside the universal space, as the core computes it
+    comparison = next(frame.value for frame in at.dataframe if "ridge" in frame.value.columns)
+    wanted = retrieval.comparison_table(retrieval.run_retrieval(run).summary())
+    assert (
+        comparison[["universal", "ridge", "chance"]]
+        .round(12)
+        .equals(wanted[["universal", "ridge", "chance"]].round(12))
+    )
+    # top captions of the first image: its true caption is marked exactly once
+    top = next(
+        frame.value
+        for frame in at.dataframe
+        if "caption" in frame.value.columns and "true_match" in frame.value.columns
+    )
+    marked = top[top["true_match"] == "✓ true caption"]
+    assert len(marked) == 1 and marked["id"].iloc[0] == run.stimuli["id"].iloc[0]
+    assert marked["caption"].iloc[0] == run.stimuli["captions"].iloc[0][0]
+    # captions are plain text, never Markdown
+    first_caption = run.stimuli["captions"].iloc[0][0]
+    assert any(first_caption in t.value for t in at.text)
+    assert not any(first_caption in m.value for m in at.markdown)
+
+
+def make_run_handle(cache_root: Path):
+    from convergence_core.run import load_run
+
+    return load_run(cache_root / "runs" / "demo")
+
+
+def test_choosing_models_and_an_image_updates_the_page(monkeypatch, cache_root):
+    at = _page(monkeypatch, cache_root)
+    models = at.multiselect(key="w_universal_models")
+    models.set_value(["vision-a", "vision-b"]).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert "at least two modalities" in at.error[0].value
+
+    at.multiselect(key="w_universal_models").set_value(["vision-a", "language-a"]).run(
+        timeout=TIMEOUT
+    )
+    assert not at.exception, at.exception
+    run = make_run_handle(cache_root)
+    expected = universal.run_cross_modal_analysis(
+        run, ["vision-a", "language-a"], n_permutations=1000
+    )
+    rho = expected.relation.iloc[0]["spearman_rho"]
+    assert _metric(at, "Spearman ρ with vision dispersion") == f"{rho:.3f}"
+
+    chosen = run.stimuli["id"].iloc[7]
+    at.selectbox(key="w_universal_image").set_value(chosen).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    top = next(frame.value for frame in at.dataframe if "true_match" in frame.value.columns)
+    assert top.loc[top["true_match"] == "✓ true caption", "id"].tolist() == [chosen]
+    assert any(t.value.startswith("True caption: rank ") for t in at.text)
+
+
+def test_page_without_runs_says_how_to_make_one(monkeypatch, tmp_path):
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT)
+    at.run(timeout=TIMEOUT)
+    assert not at.exception
+    assert "make demo" in at.error[0].value

@@ -1,0 +1,360 @@
+"""Retrieval through the universal space: ranks and top matches against slow references, blocks,
+planted answers (a shared latent is retrieved far above chance, shuffled pairs give chance, low
+dispersion retrieves better than high), the ridge baseline recovers a planted linear map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from convergence_core import retrieval
+from convergence_core.retrieval import (
+    chance_metrics,
+    cross_validated_retrieval,
+    fit_ridge_baseline,
+    retrieval_metrics,
+    retrieval_ranks,
+    summarise_retrieval,
+    top_matches,
+)
+from convergence_core.universal import Member
+from tests.fixtures_runs import make_synthetic_run
+
+MEMBERS = [
+    Member("cam-a", "final", "vision"),
+    Member("cam-b", "final", "vision"),
+    Member("text-a", "last", "language"),
+    Member("text-b", "last", "language"),
+]
+
+
+def slow_scores(queries, gallery, similarity):
+    out = np.empty((len(queries), len(gallery)))
+    for i, q in enumerate(queries):
+        for j, g in enumerate(gallery):
+            if similarity == "cosine":
+                out[i, j] = q @ g / (np.linalg.norm(q) * np.linalg.norm(g))
+            else:
+                out[i, j] = -np.sum((q - g) ** 2)
+    return out
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "euclidean"])
+@pytest.mark.parametrize("block_rows", [None, 1, 4])
+def test_ranks_match_a_slow_reference(similarity, block_rows):
+    rng = np.random.default_rng(0)
+    queries, gallery = rng.standard_normal((13, 5)), rng.standard_normal((13, 5))
+    scores = slow_scores(queries, gallery, similarity)
+    expected = [
+        1 + sum(scores[i, j] >= scores[i, i] for j in range(13) if j != i) for i in range(13)
+    ]
+    ranks = retrieval_ranks(queries, gallery, similarity=similarity, block_rows=block_rows)
+    np.testing.assert_array_equal(ranks, expected)
+
+
+def test_ties_count_against_the_true_match():
+    queries = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    gallery = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])  # items 0 and 2 tie for query 0
+    np.testing.assert_array_equal(retrieval_ranks(queries, gallery), [2, 1, 3])
+    constant = np.ones((6, 3))
+    np.testing.assert_array_equal(retrieval_ranks(constant, constant), [6] * 6)
+
+
+def test_perfect_pairs_rank_first_and_reversed_pairs_last():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((20, 4))
+    assert np.all(retrieval_ranks(x, 3.0 * x) == 1)
+    assert np.all(retrieval_ranks(x, x, similarity="euclidean") == 1)
+
+
+def test_blocks_never_exceed_the_memory_budget(monkeypatch):
+    rng = np.random.default_rng(2)
+    queries, gallery = rng.standard_normal((50, 3)), rng.standard_normal((50, 3))
+    full = retrieval_ranks(queries, gallery)
+    seen: list[tuple[int, ...]] = []
+    original = retrieval._Scorer.__call__
+
+    def recording(self, block):
+        out = original(self, block)
+        seen.append(out.shape)
+        return out
+
+    monkeypatch.setattr(retrieval._Scorer, "__call__", recording)
+    monkeypatch.setattr(retrieval, "BLOCK_ELEMENTS", 400)
+    np.testing.assert_array_equal(retrieval_ranks(queries, gallery), full)
+    assert len(seen) == 7 and max(rows * cols for rows, cols in seen) <= 400
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "euclidean"])
+def test_top_matches_match_a_sorted_reference_with_ties_to_the_lower_index(similarity):
+    rng = np.random.default_rng(3)
+    gallery = rng.standard_normal((30, 4))
+    gallery[17] = gallery[4]  # an exact tie
+    queries = np.vstack([gallery[4] + 0.01, rng.standard_normal((5, 4))])
+    indices, values = top_matches(queries, gallery, 6, similarity=similarity, block_rows=2)
+    scores = slow_scores(queries, gallery, similarity)
+    for row in range(len(queries)):
+        order = sorted(range(30), key=lambda j: (-scores[row, j], j))[:6]
+        np.testing.assert_array_equal(indices[row], order)
+        expected = scores[row, order] if similarity == "cosine" else np.sqrt(-scores[row, order])
+        np.testing.assert_allclose(values[row], expected, atol=1e-12)
+    assert list(indices[0][:2]) == [4, 17]
+
+
+def test_metrics_and_chance():
+    metrics = retrieval_metrics(np.array([1, 2, 6, 11, 1]), ks=(1, 5, 10))
+    assert metrics == {
+        "recall_at_1": 0.4,
+        "recall_at_5": 0.6,
+        "recall_at_10": 0.8,
+        "median_rank": 2.0,
+    }
+    assert chance_metrics(8, (1, 5, 10)) == {
+        "recall_at_1": 1 / 8,
+        "recall_at_5": 5 / 8,
+        "recall_at_10": 1.0,
+        "median_rank": 4.5,
+    }
+
+
+def planted_pairs(n=300, latent_dim=8, noise=0.3, seed=0, caption_noise=None):
+    """Images (2 vision models) and captions (2 language models) that share a latent."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, latent_dim))
+    caption_noise = np.full(n, noise) if caption_noise is None else caption_noise
+    out = []
+    for d in (20, 24):
+        out.append(z @ rng.standard_normal((latent_dim, d)) + noise * rng.standard_normal((n, d)))
+    for d in (15, 18):
+        out.append(
+            z @ rng.standard_normal((latent_dim, d))
+            + caption_noise[:, None] * rng.standard_normal((n, d))
+        )
+    return out
+
+
+def recall(result, method, metric="recall_at_1", subset="all", direction="vision_to_language"):
+    summary = result.summary()
+    row = summary[
+        (summary.method == method)
+        & (summary.metric == metric)
+        & (summary.subset == subset)
+        & (summary.direction == direction)
+    ]
+    assert len(row) == 1
+    return float(row["mean"].iloc[0])
+
+
+@pytest.fixture(scope="module")
+def planted_result():
+    return cross_validated_retrieval(planted_pairs(), MEMBERS, n_folds=5, seed=0)
+
+
+def test_a_planted_latent_is_retrieved_far_above_chance(planted_result):
+    chance = recall(planted_result, "chance")
+    assert chance == pytest.approx(1 / 60)
+    for direction in ("vision_to_language", "language_to_vision"):
+        assert recall(planted_result, "universal", direction=direction) > 0.5
+        assert recall(planted_result, "ridge", direction=direction) > 0.5
+    assert recall(planted_result, "universal", "median_rank") <= 2
+    ranks = planted_result.ranks
+    assert len(ranks) == 300 * 2 * 2 and set(ranks.fold) == set(range(5))
+    assert sorted(
+        ranks.query("method == 'universal' and direction == 'vision_to_language'").stimulus
+    ) == list(range(300))
+
+
+def test_shuffled_pairs_give_chance():
+    features = planted_pairs()
+    permutation = np.random.default_rng(11).permutation(300)
+    features[2], features[3] = features[2][permutation], features[3][permutation]
+    result = cross_validated_retrieval(features, MEMBERS, n_folds=5, seed=0, ridge=False)
+    pooled = result.ranks.query("method == 'universal'")
+    # under the null a rank is uniform on 1..60: 600 draws give recall@1 1/60 ± 0.005
+    assert np.mean(pooled["rank"] == 1) < 0.045
+    assert 25 <= np.median(pooled["rank"]) <= 36
+
+
+def test_low_dispersion_stimuli_are_retrieved_better_and_subsets_are_equal_thirds():
+    rng = np.random.default_rng(4)
+    difficulty = rng.uniform(0.05, 5.0, size=300)
+    features = planted_pairs(caption_noise=difficulty)
+    result = cross_validated_retrieval(
+        features, MEMBERS, n_folds=5, seed=0, strata=difficulty, ridge=False
+    )
+    assert (
+        recall(result, "universal", subset="low_dispersion")
+        > recall(result, "universal", subset="high_dispersion") + 0.2
+    )
+    table = result.table
+    sizes = table[table.subset != "all"].groupby(["fold", "subset"])["n_gallery"].first()
+    for fold in range(5):
+        assert sizes[(fold, "low_dispersion")] == sizes[(fold, "high_dispersion")] == 60 // 3
+    subsets = retrieval._strata_subsets(
+        np.array([10, 11, 12, 13, 14, 15, 16]), np.arange(20.0)[::-1]
+    )
+    np.testing.assert_array_equal(subsets["low_dispersion"], [5, 6])  # rows 15, 16: lowest scores
+    np.testing.assert_array_equal(subsets["high_dispersion"], [0, 1])
+
+
+def test_other_modalities_shape_the_space_but_are_not_retrieved():
+    features = planted_pairs(n=120)
+    rng = np.random.default_rng(5)
+    brain = features[0] @ rng.standard_normal((20, 30)) + rng.standard_normal((120, 30))
+    members = [*MEMBERS, Member("subject1", "v1", "brain")]
+    result = cross_validated_retrieval([*features, brain], members, n_folds=3, ridge=False)
+    assert set(result.table.direction) == {"vision_to_language", "language_to_vision"}
+    assert recall(result, "universal") > 0.3
+    brain_query = cross_validated_retrieval(
+        [*features, brain], members, query_modality="brain", n_folds=3, ridge=False
+    )
+    assert set(brain_query.table.direction) == {"brain_to_language", "language_to_brain"}
+
+
+def test_results_are_seeded(planted_result):
+    again = cross_validated_retrieval(planted_pairs(), MEMBERS, n_folds=5, seed=0)
+    for first, second in zip(planted_result.folds, again.folds, strict=True):
+        np.testing.assert_array_equal(first.test, second.test)
+    np.testing.assert_array_equal(planted_result.table["value"], again.table["value"])
+    other = cross_validated_retrieval(planted_pairs(), MEMBERS, n_folds=5, seed=1, ridge=False)
+    assert not np.array_equal(other.folds[0].test, planted_result.folds[0].test)
+
+
+def test_top_matches_mark_the_true_item():
+    labels = [f"caption {i}" for i in range(300)]
+    planted_result = cross_validated_retrieval(
+        planted_pairs(noise=1.5), MEMBERS, n_folds=5, seed=0, ridge=False
+    )
+    ranks = planted_result.ranks.query(
+        "method == 'universal' and direction == 'vision_to_language'"
+    ).set_index("stimulus")["rank"]
+    found = int(ranks[ranks == 1].index[0])
+    top = planted_result.top_matches(found, 3, labels=labels, ids=[f"s{i}" for i in range(300)])
+    assert list(top["rank"]) == [1, 2, 3] and top["true_match"].tolist() == [True, False, False]
+    assert top["label"].iloc[0] == f"caption {found}" and top["id"].iloc[0] == f"s{found}"
+    missed = int(ranks[ranks > 3].index[0])
+    top = planted_result.top_matches(missed, 3)
+    assert len(top) == 4 and top["true_match"].tolist() == [False, False, False, True]
+    assert top["rank"].iloc[-1] == ranks[missed]
+    assert top["score"].iloc[-1] <= top["score"].iloc[2]
+    back = planted_result.top_matches(found, 2, backward=True)
+    assert len(back) >= 2
+
+
+def test_summary_is_long_and_has_every_method(planted_result):
+    summary = summarise_retrieval(planted_result.table)
+    assert set(summary.method) == {"universal", "ridge", "chance"}
+    assert set(summary.metric) == {"recall_at_1", "recall_at_5", "recall_at_10", "median_rank"}
+    assert (summary.n_folds == 5).all()
+    assert len(planted_result.baseline) == 5
+
+
+def test_ridge_recovers_a_planted_linear_map():
+    rng = np.random.default_rng(6)
+    n = 200
+    x = rng.standard_normal((n, 10)) * rng.uniform(0.5, 2.0, size=10) + 3.0
+    w = rng.standard_normal((10, 6))
+    y = x @ w + 1e-4 * rng.standard_normal((n, 6))
+    train, test = np.arange(150), np.arange(150, n)
+    baseline = fit_ridge_baseline([x], [y], rows=train)
+    predicted, actual = baseline.predict([x], test), baseline.targets([y], test)
+    residual = np.sum((predicted - actual) ** 2) / np.sum((actual - actual.mean(axis=0)) ** 2)
+    assert residual < 1e-4
+    # the coefficients in raw units are the planted map
+    raw = baseline.model.coef_.T * baseline.target_scales[0] / baseline.source_scales[0]
+    np.testing.assert_allclose(raw, w, atol=1e-3)
+    # and equal the closed-form ridge solution at the chosen alpha (an independent reference)
+    xs = (x[train] - x[train].mean(0)) / baseline.source_scales[0]
+    ys = (y[train] - y[train].mean(0)) / baseline.target_scales[0]
+    beta = np.linalg.solve(xs.T @ xs + baseline.alpha * np.eye(10), xs.T @ ys)
+    np.testing.assert_allclose(baseline.model.coef_.T, beta, atol=1e-8)
+    inner = fit_ridge_baseline([x], [y], rows=train, inner_folds=5, seed=0)
+    assert inner.alpha_relative <= 1e-4
+
+
+def test_ridge_shrinks_when_there_is_nothing_to_predict():
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((120, 30)), rng.standard_normal((120, 5))
+    assert fit_ridge_baseline([x], [y]).alpha_relative >= 1.0
+
+
+def test_bad_input_names_the_problem():
+    features = planted_pairs(n=30)
+    with pytest.raises(ValueError, match="has no model among the members"):
+        cross_validated_retrieval(features, MEMBERS, gallery_modality="brain")
+    with pytest.raises(ValueError, match="both 'vision'"):
+        cross_validated_retrieval(features, MEMBERS, gallery_modality="vision")
+    with pytest.raises(ValueError, match="fewer folds"):
+        cross_validated_retrieval(features, MEMBERS, n_folds=20)
+    with pytest.raises(ValueError, match="fewer folds"):
+        cross_validated_retrieval(features, MEMBERS, n_folds=6, strata=np.arange(30.0))
+    with pytest.raises(ValueError, match="n_folds"):
+        cross_validated_retrieval(features, MEMBERS, n_folds=1)
+    with pytest.raises(ValueError, match="strata"):
+        cross_validated_retrieval(features, MEMBERS, n_folds=3, strata=np.ones(5))
+    with pytest.raises(ValueError, match="unknown similarity"):
+        cross_validated_retrieval(features, MEMBERS, similarity="dot")
+    with pytest.raises(ValueError, match="same shape"):
+        retrieval_ranks(np.ones((3, 2)), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="k must be"):
+        top_matches(np.ones((1, 2)), np.ones((4, 2)), 5)
+    with pytest.raises(ValueError, match="ks must be"):
+        retrieval_metrics(np.array([1, 2]), ks=(0,))
+
+
+def test_run_level_retrieval_on_a_planted_run(tmp_path):
+    run = make_synthetic_run(tmp_path, 60, images=False, thumbnails=False)
+    result = retrieval.run_retrieval(run, n_folds=3, ks=(1, 5))
+    assert result.parameters["strata"] == "vision_dispersion_mean"
+    assert set(result.table.subset) == {"all", "low_dispersion", "high_dispersion"}
+    assert recall(result, "universal") > 3 * recall(result, "chance")
+    assert set(result.ranks["id"]) == set(run.stimuli["id"])
+    with pytest.raises(ValueError, match="unknown dispersion score"):
+        retrieval.run_retrieval(run, score="median")
+
+
+def test_comparison_table_puts_the_methods_side_by_side(planted_result):
+    summary = planted_result.summary()
+    wide = retrieval.comparison_table(summary)
+    assert list(wide.columns) == [
+        "direction",
+        "subset",
+        "metric",
+        "universal",
+        "universal_sd",
+        "ridge",
+        "ridge_sd",
+        "chance",
+        "n_gallery_mean",
+    ]
+    assert len(wide) == 2 * 4  # directions × metrics (no strata)
+    row = wide.query("direction == 'vision_to_language' and metric == 'recall_at_5'").iloc[0]
+    expected = summary.query(
+        "method == 'ridge' and direction == 'vision_to_language' and metric == 'recall_at_5'"
+    )["mean"].iloc[0]
+    assert row["ridge"] == expected and row["chance"] == 5 / 60
+
+
+def test_paired_recall_test_counts_discordant_queries():
+    ranks = pd.DataFrame(
+        {
+            "stimulus": [0, 1, 2, 3, 0, 1, 2, 3],
+            "method": ["universal"] * 4 + ["ridge"] * 4,
+            "direction": "vision_to_language",
+            "rank": [1, 1, 1, 4, 1, 3, 2, 1],
+        }
+    )
+    table = retrieval.paired_recall_test(ranks, k=1)
+    row = table.iloc[0]
+    assert (row["both"], row["universal_only"], row["ridge_only"], row["neither"]) == (1, 2, 1, 0)
+    assert row["p_value"] == pytest.approx(1.0)  # 2 of 3 discordant: binomial p = 1
+    many = pd.DataFrame(
+        {
+            "stimulus": list(range(20)) * 2,
+            "method": ["universal"] * 20 + ["ridge"] * 20,
+            "direction": "vision_to_language",
+            "rank": [1] * 20 + [2] * 20,
+        }
+    )
+    assert retrieval.paired_recall_test(many)["p_value"].iloc[0] == pytest.approx(2 * 0.5**20)
