@@ -108,6 +108,7 @@ class PrecomputeConfig:
     thumbnails: bool = True
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         object.__setattr__(self, "vision_models", _name_tuple(self.vision_models, "vision_models"))
         object.__setattr__(
             self, "language_models", _name_tuple(self.language_models, "language_models")
@@ -116,6 +117,10 @@ class PrecomputeConfig:
             object.__setattr__(self, "dataset", os.fspath(self.dataset))
         if isinstance(self.cache_root, os.PathLike):
             object.__setattr__(self, "cache_root", os.fspath(self.cache_root))
+        if self.weights is not None:
+            object.__setattr__(
+                self, "weights", {str(m): os.fspath(p) for m, p in self.weights.items()}
+            )
         if not self.dataset:
             raise ValueError("no dataset given; pass dataset=<folder, table file or hf:name>")
         from .extract import CAPTION_MODES
@@ -124,11 +129,7 @@ class PrecomputeConfig:
             raise ValueError(
                 f"unknown caption_mode {self.caption_mode!r}; use one of {list(CAPTION_MODES)}"
             )
-        if (
-            isinstance(self.batch_size, bool)
-            or not isinstance(self.batch_size, int)
-            or self.batch_size < 1
-        ):
+        if self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if isinstance(self.layers, str):
             if self.layers not in ("all", "default"):
@@ -136,20 +137,18 @@ class PrecomputeConfig:
                     f"layers={self.layers!r} is not understood; use 'all', 'default' or "
                     "{model: [layer, ...]}"
                 )
-        elif isinstance(self.layers, Mapping):
+        else:
             listed = {*self.vision_models, *self.language_models}
             for model, chosen in self.layers.items():
                 if model not in listed:
                     raise ValueError(
                         f"layers names {model!r}, which is not among the models {sorted(listed)}"
                     )
-                if isinstance(chosen, str) or not chosen:
+                if not chosen:
                     raise ValueError(f"layers[{model!r}] must be a non-empty list of layer names")
             object.__setattr__(
                 self, "layers", {m: [str(x) for x in chosen] for m, chosen in self.layers.items()}
             )
-        else:
-            raise ValueError("layers must be 'all', 'default' or a {model: [layer, ...]} mapping")
         for model in self.gpa_layers or {}:
             if model not in self.vision_models:
                 raise ValueError(
@@ -197,6 +196,88 @@ class PrecomputeConfig:
         if isinstance(self.layers, Mapping):
             return list(self.layers[model]) if model in self.layers else "all"
         return self.layers
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike)) and bool(os.fspath(value))
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value)
+
+
+def _is_str_map(value: Any, check_value: Callable[[Any], bool]) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(k, str) and k and check_value(v) for k, v in value.items()
+    )
+
+
+#: field -> (accepts the value, what it must be: the fix in the error message)
+_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dataset": (
+        lambda v: isinstance(v, (str, os.PathLike))
+        or (isinstance(v, Mapping) and "path" in v and _is_path(v["path"])),
+        'a dataset folder or table path (a string), "hf:<name>", or a mapping '
+        '{"kind": ..., "path": "..."}',
+    ),
+    "vision_models": (
+        lambda v: isinstance(v, str) or _is_str_list(v),
+        'a list of model names, e.g. ["efficientnet-lite0", "efficientnet-lite1"] '
+        '(or one comma-separated string)',
+    ),
+    "language_models": (
+        lambda v: isinstance(v, str) or _is_str_list(v),
+        'a list of model names, e.g. ["minilm"] (or one comma-separated string; [] for none)',
+    ),
+    "layers": (
+        lambda v: isinstance(v, str) or _is_str_map(v, _is_str_list),
+        '"all", "default" or a mapping {model: [layer, ...]}',
+    ),
+    "gpa_layers": (
+        lambda v: v is None or _is_str_map(v, lambda x: isinstance(x, str) and bool(x)),
+        "a mapping {vision model: layer name} (or null / left out for the default layers)",
+    ),
+    "device": (
+        lambda v: isinstance(v, str) and bool(v.strip()),
+        'a device name such as "cpu", "cuda", "cuda:1" or "mps"',
+    ),
+    "batch_size": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "a positive whole number such as 32",
+    ),
+    "caption_mode": (lambda v: isinstance(v, str), '"first" or "mean"'),
+    "drop_bad": (lambda v: isinstance(v, bool), "true or false"),
+    "run_name": (
+        lambda v: v is None or (isinstance(v, str) and bool(v.strip())),
+        "a non-empty folder name such as \"demo\" (or null / left out for an automatic name)",
+    ),
+    "cache_root": (
+        lambda v: v is None or _is_path(v),
+        "a folder path (a string), or null / left out for the default cache",
+    ),
+    "weights": (
+        lambda v: v is None or _is_str_map(v, _is_path),
+        "a mapping {model name: local weights path} (or null / left out)",
+    ),
+    "thumbnails": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check_field_types(config: PrecomputeConfig) -> None:
+    """ValueError naming the first field whose value has the wrong type, and what it must be."""
+    for spec in fields(config):
+        accepts, expected = _FIELD_TYPES[spec.name]
+        value = getattr(config, spec.name)
+        if not accepts(value):
+            raise ValueError(
+                f"config value {spec.name!r} = {_shown(value)} has the wrong type "
+                f"({type(value).__name__}); it must be {expected}"
+            )
 
 
 def _name_tuple(names: Any, what: str) -> tuple[str, ...]:
@@ -472,7 +553,12 @@ class _Pipeline:
         if modality == "vision":
             images = [Path(self.dataset.root) / rel for rel in self.stimuli["image"]]
             raw = extract_embeddings(
-                encoder, images, batch_size=cfg.batch_size, progress=report, layers=layers
+                encoder,
+                images,
+                batch_size=cfg.batch_size,
+                progress=report,
+                layers=layers,
+                root=self.dataset.root,
             )
             items = n
         else:

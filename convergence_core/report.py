@@ -88,6 +88,24 @@ def format_summary(summary: pd.DataFrame) -> str:
     return shown.to_string(index=False)
 
 
+def check_out_folder(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a Path if it is, or can become, a folder; ValueError naming the fix otherwise.
+
+    An existing file (or a file where a parent folder should be) is never overwritten.
+    """
+    out = Path(out)
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            where = "is" if folder == out else f"lies under {folder}, which is"
+            raise ValueError(
+                f"--out {out} {where} an existing file, not a folder; pass a folder for the "
+                "report (a new one, or an existing folder whose report files may be replaced)"
+            )
+        if folder.exists():
+            break
+    return out
+
+
 def write_report(
     run: Run,
     out: str | os.PathLike[str],
@@ -105,7 +123,7 @@ def write_report(
     Returns the content of ``report.json``: ``run``, ``parameters``, ``best_language_layers``,
     ``verdicts`` (score -> sentence), ``paired_tests``, ``notes`` and ``files``.
     """
-    out = Path(out)
+    out = check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     n = int(run.gpa.residuals.shape[0])
     size = default_set_size(n, k) if size is None else size
@@ -239,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.run is None) == (args.preset is None):
         parser.error("give either a run (folder or name) or --preset NAME, not both")
     try:
+        check_out_folder(args.out)  # before any analysis: a bad --out fails in a second
         if args.preset:
             name = preset_config(args.preset)["run_name"]
             try:
@@ -263,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. no permission to write to --out
+        print(
+            f"error: cannot write the report to {args.out} ({error.strerror or error}); pass a "
+            "folder you can write to with --out",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out)
     print(

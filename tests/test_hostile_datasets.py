@@ -1,0 +1,446 @@
+"""Hostile data sets, configs, captions and run files (issue 16, items 3-8).
+
+Beside tests/test_hostile_inputs.py (tampered run folders): data sets whose links leave their root,
+decompression bombs, malformed COCO files and configs, captions that cannot be encoded or are
+100,000 characters long, damaged run files under every page, hub models offline, and CKNNA
+values above 1 on tiny sets. Future code must keep passing this suite.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageFile
+
+from convergence_core import images, settings
+from convergence_core.datasets import (
+    check_dataset,
+    dataset_fingerprint,
+    load_coco,
+    load_dataset,
+    safe_relative_path,
+)
+from convergence_core.images import ImageFileError, image_problem, make_thumbnail, open_rgb
+
+# names added for issue 16 are looked up when a test runs, so each test fails on its own on
+# code that lacks them (rather than the whole module failing to import)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_png_bomb(path: Path, width: int = 12_000, height: int = 12_000) -> Path:
+    """A valid 1-bit greyscale PNG of ``width`` × ``height`` zeros: a few KB on disk, written row
+    block by row block (never holding the image in memory)."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    block = row * 256
+    parts = []
+    for start in range(0, height, 256):
+        rows = min(256, height - start)
+        parts.append(compressor.compress(block if rows == 256 else row * rows))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", b"".join(parts))
+        + _png_chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.fixture
+def no_big_decodes(monkeypatch):
+    """Fail the test if Pillow starts decoding any image above the pixel limit."""
+    original = ImageFile.ImageFile.load
+    decoded: list[tuple[int, int]] = []
+
+    def guarded(self):
+        width, height = self.size
+        if width * height > settings.max_image_pixels():
+            decoded.append((width, height))
+            raise AssertionError(f"decoded a {width} x {height} image above the limit")
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", guarded)
+    return decoded
+
+
+def _coco(root: Path, file_names: list[str], captions: list[list[str]] | None = None) -> Path:
+    """captions.json for ``file_names`` (images must already be there or be links)."""
+    captions = captions or [[f"caption {i}"] for i in range(len(file_names))]
+    data = {
+        "images": [{"id": i + 1, "file_name": name} for i, name in enumerate(file_names)],
+        "annotations": [
+            {"id": 100 * (i + 1) + j, "image_id": i + 1, "caption": caption}
+            for i, caps in enumerate(captions)
+            for j, caption in enumerate(caps)
+        ],
+    }
+    (root / "captions.json").write_text(json.dumps(data), encoding="utf-8")
+    return root
+
+
+# ------------------------------------------------------------------------ item 4: symbolic links
+
+
+@pytest.fixture
+def linked_root(tmp_path, write_image):
+    """A data root with a real image, a link inside pointing inside, and a link pointing outside."""
+    root = tmp_path / "data"
+    write_image(root / "images" / "real.png", seed=1)
+    (root / "images" / "alias.png").symlink_to(root / "images" / "real.png")
+    outside = write_image(tmp_path / "private" / "secret.png", seed=2)
+    (root / "images" / "escape.png").symlink_to(outside)
+    (root / "linked-folder").symlink_to(outside.parent, target_is_directory=True)
+    return root
+
+
+def test_a_link_inside_the_root_pointing_inside_is_fine(linked_root):
+    assert safe_relative_path(linked_root, "images/alias.png") == "images/alias.png"
+    dataset = load_coco(_coco(linked_root, ["real.png", "alias.png"]))
+    kept, dropped = check_dataset(dataset)
+    assert len(kept) == 2 and dropped == []
+
+
+@pytest.mark.parametrize("name", ["images/escape.png", "linked-folder/secret.png"])
+def test_every_loader_refuses_a_link_out_of_the_root(linked_root, name):
+    with pytest.raises(ValueError, match="outside the dataset root .*symbolic link"):
+        safe_relative_path(linked_root, name)
+    # COCO (file names under images/)
+    _coco(linked_root, ["real.png", "escape.png"])
+    with pytest.raises(ValueError, match="symbolic link"):
+        load_coco(linked_root)
+    # table (CSV) and labelled folder
+    pd.DataFrame({"image": ["images/real.png", name], "caption": ["a", "b"]}).to_csv(
+        linked_root / "table.csv", index=False
+    )
+    with pytest.raises(ValueError, match="symbolic link"):
+        load_dataset(linked_root / "table.csv")
+    pd.DataFrame({"image": ["images/real.png", name], "label": ["a", "b"]}).to_csv(
+        linked_root / "labels.csv", index=False
+    )
+    with pytest.raises(ValueError, match="symbolic link"):
+        load_dataset(linked_root, kind="labelled")
+
+
+def test_a_link_swapped_in_after_loading_is_a_bad_item_and_never_read(linked_root, tmp_path):
+    """Image readers check containment themselves, not only the loaders."""
+    dataset = load_coco(_coco(linked_root, ["real.png", "alias.png"]))
+    alias = linked_root / "images" / "alias.png"
+    alias.unlink()
+    alias.symlink_to(tmp_path / "private" / "secret.png")
+    with pytest.raises(ValueError, match="1 of 2 stimuli") as info:
+        check_dataset(dataset)
+    assert "outside the dataset root" in str(info.value)
+    kept, dropped = check_dataset(dataset, drop_bad=True)
+    assert kept.stimuli["image"].tolist() == ["images/real.png"]
+    assert "outside the dataset root" in dropped[0]["reason"]
+    with pytest.raises(ValueError, match="outside the dataset root"):
+        dataset_fingerprint(dataset)
+    with pytest.raises(ImageFileError, match="outside the dataset root"):
+        open_rgb(alias, root=linked_root)
+    with pytest.raises(ImageFileError, match="outside the dataset root"):
+        make_thumbnail(alias, tmp_path / "t.jpg", root=linked_root)
+    assert open_rgb(linked_root / "images" / "real.png", root=linked_root).size == (48, 32)
+
+
+def test_write_thumbnails_refuses_a_link_out_of_the_images_root(linked_root, tmp_path):
+    from convergence_core.cache import RunLayout
+    from convergence_core.run_writer import write_thumbnails
+
+    stimuli = pd.DataFrame({"id": ["a", "b"], "image": ["images/real.png", "images/escape.png"]})
+    with pytest.raises(ValueError, match="outside"):
+        write_thumbnails(RunLayout(tmp_path / "run"), stimuli, linked_root)
+    assert not (tmp_path / "run" / "thumbnails" / "1.jpg").exists()
+
+
+def test_extraction_reads_images_only_inside_the_root(linked_root, tmp_path):
+    from convergence_core.extract import extract_embeddings
+
+    class Probe:
+        """The smallest vision encoder extract_embeddings accepts."""
+
+        modality = "vision"
+        name = "probe"
+        layers = ["size"]
+
+        def encode(self, batch):
+            return {"size": np.array([[im.size[0]] for im in batch], dtype=np.float32)}
+
+    items = [linked_root / "images" / "real.png", linked_root / "images" / "escape.png"]
+    with pytest.raises(ImageFileError, match="outside the dataset root"):
+        extract_embeddings(Probe(), items, root=linked_root)
+    out = extract_embeddings(Probe(), items[:1], root=linked_root)
+    assert out["size"].tolist() == [[48.0]]
+
+
+# ------------------------------------------------------------------ item 5: decompression bombs
+
+
+def test_the_pixel_limit_is_a_setting(monkeypatch):
+    assert settings.max_image_pixels() == settings.DEFAULT_MAX_IMAGE_PIXELS
+    assert settings.DEFAULT_MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS  # Pillow's warning level
+    monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", "5_000")
+    assert settings.max_image_pixels() == 5000
+    for bad in ("lots", "-3", "0", "1.5"):
+        monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", bad)
+        with pytest.raises(ValueError, match="CONVERGENCE_MAX_IMAGE_PIXELS"):
+            settings.max_image_pixels()
+
+
+def test_a_png_bomb_is_a_bad_item_and_is_never_decoded(tmp_path, write_image, no_big_decodes):
+    root = tmp_path / "data"
+    write_image(root / "images" / "fine.png", seed=1)
+    bomb = write_png_bomb(root / "images" / "bomb.png")
+    assert bomb.stat().st_size < 64_000  # a few KB claiming 144 million pixels
+    problem = image_problem(bomb, root=root)
+    assert problem is not None and problem.startswith("too large: 12,000 × 12,000 pixels")
+    with pytest.raises(images.ImageTooLargeError, match="12,000 × 12,000"):
+        open_rgb(bomb)
+    with pytest.raises(images.ImageTooLargeError):
+        make_thumbnail(bomb, tmp_path / "t.jpg")
+    dataset = load_coco(_coco(root, ["fine.png", "bomb.png"]))
+    with pytest.raises(ValueError, match="too large") as info:
+        check_dataset(dataset)
+    assert "--drop-bad" in str(info.value)
+    kept, dropped = check_dataset(dataset, drop_bad=True)
+    assert kept.stimuli["image"].tolist() == ["images/fine.png"]
+    assert dropped[0]["image"] == "images/bomb.png" and "too large" in dropped[0]["reason"]
+    assert no_big_decodes == []
+
+
+def test_a_lower_limit_refuses_ordinary_images_by_their_header(tmp_path, write_image, monkeypatch):
+    path = write_image(tmp_path / "a.png", seed=3, size=(100, 60))
+    monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", "5999")
+    assert "100 × 60 pixels, over the limit of 5,999" in image_problem(path)
+    monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", "6000")
+    assert image_problem(path) is None and open_rgb(path).size == (100, 60)
+
+
+def test_an_image_above_twice_pillows_limit_is_refused_too(tmp_path, no_big_decodes):
+    bomb = write_png_bomb(tmp_path / "huge.png", 20_000, 20_000)  # Pillow itself refuses these
+    assert image_problem(bomb).startswith("too large")
+    with pytest.raises(images.ImageTooLargeError):
+        open_rgb(bomb)
+
+
+# ------------------------------------------------------- item 6: clear errors, not tracebacks
+
+
+def _coco_data(root: Path) -> dict:
+    return json.loads((root / "captions.json").read_text(encoding="utf-8"))
+
+
+MALFORMED_COCO = {
+    "image without file_name": (lambda d: d["images"][0].pop("file_name"), "no file_name"),
+    "file_name a number": (
+        lambda d: d["images"][1].update(file_name=7),
+        "file_name 7 (needs a string)",
+    ),
+    "image id a list": (lambda d: d["images"][0].update(id=[1]), "id [1] (needs an integer)"),
+    "image not an object": (lambda d: d["images"].append("x.png"), "is a str, not an object"),
+    "annotation without caption": (
+        lambda d: d["annotations"][0].pop("caption"),
+        "no caption",
+    ),
+    "caption a number": (
+        lambda d: d["annotations"][1].update(caption=3.5),
+        "caption 3.5 (needs a string)",
+    ),
+    "caption a list": (
+        lambda d: d["annotations"][1].update(caption=["a", "b"]),
+        "caption ['a', 'b'] (needs a string)",
+    ),
+    "image_id missing": (lambda d: d["annotations"][0].pop("image_id"), "image_id None"),
+    "annotations an object": (lambda d: d.update(annotations={}), "must be lists"),
+    "mixed id types": (lambda d: d["images"][0].update(id="one"), "mix integers and strings"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_COCO))
+def test_malformed_coco_entries_give_one_clear_error(make_coco_folder, case):
+    edit, expected = MALFORMED_COCO[case]
+    root = make_coco_folder([["a cat"], ["a dog"], ["a cow"]])
+    data = _coco_data(root)
+    edit(data)
+    (root / "captions.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        load_coco(root)
+    message = str(info.value)
+    assert expected in message, message
+    assert "COCO captions format" in message
+
+
+def test_string_coco_ids_still_load(make_coco_folder):
+    root = make_coco_folder([["a cat"], ["a dog"]])
+    data = _coco_data(root)
+    for image in data["images"]:
+        image["id"] = f"img-{image['id']}"
+    for ann in data["annotations"]:
+        ann["image_id"] = f"img-{ann['image_id']}"
+    (root / "captions.json").write_text(json.dumps(data), encoding="utf-8")
+    assert load_coco(root).stimuli["id"].tolist() == ["img-1", "img-2"]
+
+
+WRONG_TYPES = {
+    "dataset": [["a", "b"], 5, {"kind": "coco"}],
+    "vision_models": [5, [1, 2], {"a": 1}, ["a", ""]],
+    "language_models": [5, [None]],
+    "layers": [5, ["a"], {"m": "block_01"}, {"m": [1]}],
+    "gpa_layers": [["a"], {"m": 5}, "block_01"],
+    "device": [5, "", None],
+    "batch_size": ["32", 2.5, True, None],
+    "caption_mode": [5],
+    "drop_bad": ["yes", 1, None],
+    "run_name": [5, "", ["demo"]],
+    "cache_root": [5, ["cache"]],
+    "weights": [["x"], {"m": 5}, "weights.pth"],
+    "thumbnails": ["no", 0],
+}
+
+
+def test_every_config_field_has_a_type_check():
+    from dataclasses import fields
+
+    from convergence_core.precompute import _FIELD_TYPES, PrecomputeConfig
+
+    assert {f.name for f in fields(PrecomputeConfig)} == set(_FIELD_TYPES) == set(WRONG_TYPES)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [(key, value) for key, values in WRONG_TYPES.items() for value in values]
+)
+def test_config_values_of_the_wrong_type_name_the_key_and_the_fix(tmp_path, key, value):
+    from convergence_core.precompute import PrecomputeConfig
+
+    base = {"dataset": str(tmp_path), "vision_models": ["m1", "m2"]}
+    if key == "layers" and isinstance(value, dict):
+        base["vision_models"] = ["m", "m2"]
+    with pytest.raises(ValueError) as info:
+        PrecomputeConfig.from_mapping({**base, key: value})
+    message = str(info.value)
+    assert repr(key) in message or f"{key}=" in message or f"{key}[" in message, message
+    # the same from a JSON config file
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**base, key: value}))
+    with pytest.raises(ValueError, match=key):
+        PrecomputeConfig.from_file(path)
+
+
+def test_well_typed_configs_still_load(tmp_path):
+    from convergence_core.precompute import PrecomputeConfig
+
+    config = PrecomputeConfig.from_mapping(
+        {
+            "dataset": {"kind": "coco", "path": str(tmp_path)},
+            "vision_models": "a, b",
+            "language_models": ["c"],
+            "layers": {"a": ["x"]},
+            "gpa_layers": {"a": "x"},
+            "device": "cpu",
+            "batch_size": 8,
+            "caption_mode": "mean",
+            "drop_bad": True,
+            "run_name": "r",
+            "cache_root": tmp_path,
+            "weights": {"a": tmp_path / "w.pth"},
+            "thumbnails": False,
+        }
+    )
+    assert config.vision_models == ("a", "b") and config.cache_root == str(tmp_path)
+    assert config.weights == {"a": str(tmp_path / "w.pth")}
+
+
+def test_report_out_onto_an_existing_file_is_a_clear_error(tmp_path, capsys):
+    from convergence_core import report
+    from tests.fixtures_runs import make_synthetic_run
+
+    run = make_synthetic_run(tmp_path / "runs", 24, name="r", images=False, thumbnails=False)
+    existing = tmp_path / "report.txt"
+    existing.write_text("keep me")
+    for out in (existing, existing / "sub"):
+        assert report.main([str(run.path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --out") and "existing file, not a folder" in err
+        assert "Traceback" not in err
+    assert existing.read_text() == "keep me"
+    with pytest.raises(ValueError, match="existing file"):
+        report.write_report(run, existing)
+
+
+LONE_SURROGATE = "a dog \ud800 on a sofa"
+
+
+def test_a_caption_that_cannot_be_encoded_is_a_bad_item(make_coco_folder):
+    root = make_coco_folder([["a cat"], [LONE_SURROGATE, "fine"], ["a cow"]])
+    dataset = load_coco(root)  # json escapes "\ud800" into a lone surrogate
+    assert dataset.stimuli["captions"].iat[1][0] == LONE_SURROGATE
+    with pytest.raises(ValueError, match="caption 1 not valid Unicode text") as info:
+        check_dataset(dataset)
+    assert "drop_bad=True" in str(info.value)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        dataset_fingerprint(dataset)
+    kept, dropped = check_dataset(dataset, drop_bad=True)
+    assert kept.stimuli["id"].tolist() == ["1", "3"]
+    assert json.dumps(dropped, ensure_ascii=False).encode("utf-8")  # storable as it is
+    assert len(dataset_fingerprint(kept)) == 64
+
+
+def test_extraction_refuses_a_caption_that_cannot_be_encoded():
+    from convergence_core.extract import captions_for_language
+
+    stimuli = pd.DataFrame({"id": ["a", "b"], "captions": [["fine"], ["ok", LONE_SURROGATE]]})
+    assert captions_for_language(stimuli, "first")[0] == ["fine", "ok"]
+    with pytest.raises(ValueError, match="'b' is not valid Unicode.*--drop-bad"):
+        captions_for_language(stimuli, "mean")
+
+
+@pytest.fixture
+def fake_models(monkeypatch):
+    """The test doubles of tests/test_precompute.py, registered; returns the names."""
+    pytest.importorskip("torch")
+    from convergence_core.models import registry
+    from tests.test_precompute import FakeEncoder
+
+    names = {"fake-v1": "vision", "fake-v2": "vision", "fake-v3": "vision", "fake-l1": "language"}
+    loads: list[str] = []
+
+    def loader(spec, device, dtype, weights):
+        loads.append(spec.name)
+        return FakeEncoder(spec.name, spec.modality)
+
+    for name, modality in names.items():
+        spec = registry.ModelSpec(name, modality, "fake", "test double", "middle", name, loader)
+        monkeypatch.setitem(registry._REGISTRY, name, spec)
+    return loads
+
+
+def test_precompute_drop_bad_drops_a_caption_that_cannot_be_encoded(
+    make_coco_folder, tmp_path, fake_models
+):
+    from convergence_core.precompute import precompute
+
+    captions = [["a cat"], [LONE_SURROGATE], ["a cow"], ["a hen"], ["a pig"], ["a yak"]]
+    options = {
+        "dataset": str(make_coco_folder(captions)),
+        "vision_models": ["fake-v1", "fake-v2"],
+        "language_models": ["fake-l1"],
+        "cache_root": str(tmp_path / "cache"),
+        "run_name": "surrogate",
+    }
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        precompute(**options)
+    assert fake_models == []
+    run = precompute(**options, drop_bad=True, caption_mode="mean")
+    assert run.n_stimuli == 5 and "2" not in run.stimuli["id"].tolist()
+    assert "not valid Unicode" in run.manifest["dataset"]["dropped"][0]["reason"]
