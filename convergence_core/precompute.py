@@ -362,6 +362,33 @@ def _check_model_names(config: PrecomputeConfig) -> None:
                 )
 
 
+def _check_weights(config: PrecomputeConfig, names: Sequence[str]) -> None:
+    """``models.check_weights_available`` for ``names`` (no model is loaded): a model whose
+    weights are missing stops the run before any work, with the ways to supply them."""
+    if names:
+        from . import models
+
+        models.check_weights_available(names, weights=config.weights)
+
+
+def _recorded_extractions(path: Path) -> set[str]:
+    """Models whose extraction the manifest at ``path`` records (a cheap look before the dataset
+    is checked; the pipeline checks exactly once it has the dataset's fingerprint)."""
+    try:
+        layout = RunLayout(path)
+        manifest = read_json(layout.manifest) if layout.manifest.is_file() else {}
+    except CacheFormatError:
+        return set()
+    steps = manifest.get("steps") if isinstance(manifest, dict) else None
+    if not isinstance(steps, dict):
+        return set()
+    return {
+        step.removeprefix("extract:")
+        for step in steps
+        if isinstance(step, str) and step.startswith("extract:")
+    }
+
+
 def _choose_layers(config: PrecomputeConfig, encoder: Any) -> list[str]:
     """Layers to keep, in network order: the configured ones plus a vision model's GPA layer."""
     wanted = config.layers_for(encoder.name)
@@ -431,21 +458,28 @@ def precompute(
     notify = progress or (lambda event: None)
     started = time.perf_counter()
     _check_model_names(cfg)
+    all_models = [*cfg.vision_models, *cfg.language_models]
     notify(ProgressEvent("dataset", None, 0, 1))
-    dataset, dropped = check_dataset(load_dataset(cfg.dataset), drop_bad=cfg.drop_bad)
+    loaded = load_dataset(cfg.dataset)
+    name = cfg.run_name or default_run_name(cfg, loaded.name)
+    cache = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
+    path = cache / "runs" / model_key(name)
+    # weights first, before the image check: every model the run does not record as extracted
+    recorded = _recorded_extractions(path)
+    _check_weights(cfg, [model for model in all_models if model not in recorded])
+    dataset, dropped = check_dataset(loaded, drop_bad=cfg.drop_bad)
     data_fingerprint = dataset_fingerprint(dataset)
     notify(ProgressEvent("dataset", None, 1, 1))
 
-    name = cfg.run_name or default_run_name(cfg, dataset.name)
-    cache = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
-    path = cache / "runs" / model_key(name)
     with run_lock(
         path,
         wait_seconds=lock_wait_seconds,
         on_wait=lambda pid: notify(ProgressEvent("waiting", None, 0, 1)),
     ):
         pipeline = _Pipeline(cfg, dataset, data_fingerprint, dropped, path, name, notify)
-        for model in [*cfg.vision_models, *cfg.language_models]:
+        # again, exactly: the models this call will load (a changed dataset re-extracts all)
+        _check_weights(cfg, [model for model in all_models if not pipeline.extracted(model)])
+        for model in all_models:
             pipeline.extract(model)
         gpa_inputs = pipeline.gpa()
         pipeline.dispersion(gpa_inputs)
@@ -524,6 +558,17 @@ class _Pipeline:
             os.fspath(weights) if weights else None,
         )
 
+    def extracted(self, model: str) -> bool:
+        """Whether ``model``'s embeddings are in the run, from the same inputs (nothing to do)."""
+        modality = "vision" if model in self.cfg.vision_models else "language"
+        inputs = self._extract_inputs(model, modality)
+        entry = self.data["models"].get(model)
+        return bool(
+            self.manifest.step_done(f"extract:{model}", inputs)
+            and entry
+            and _files_present(self.layout, entry)
+        )
+
     def extract(self, model: str) -> None:
         """Load ``model``, embed every stimulus, write its embeddings and Gram matrices."""
         from . import models
@@ -532,8 +577,7 @@ class _Pipeline:
         cfg, n = self.cfg, self.n
         modality = "vision" if model in cfg.vision_models else "language"
         step, inputs = f"extract:{model}", self._extract_inputs(model, modality)
-        entry = self.data["models"].get(model)
-        if self.manifest.step_done(step, inputs) and entry and _files_present(self.layout, entry):
+        if self.extracted(model):
             self.notify(ProgressEvent("extract", model, n, n, skipped=True))
             return
         self.manifest.forget_step(step)

@@ -444,3 +444,259 @@ def test_precompute_drop_bad_drops_a_caption_that_cannot_be_encoded(
     run = precompute(**options, drop_bad=True, caption_mode="mean")
     assert run.n_stimuli == 5 and "2" not in run.stimuli["id"].tolist()
     assert "not valid Unicode" in run.manifest["dataset"]["dropped"][0]["reason"]
+
+
+# ------------------------------------------------------- item 7: every model's weights up front
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache, and the hub probe forgotten; whatever a test switches (offline
+    mode, the endpoint) is restored afterwards. Returns huggingface_hub.constants."""
+    from huggingface_hub import constants
+
+    from convergence_core.models import availability
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(availability, "_probed", {})
+    return constants
+
+
+@pytest.fixture
+def offline_hub(hub, monkeypatch):
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    return hub
+
+
+def _fake_snapshot(cache: Path, repo_id: str, files: list[str]) -> None:
+    """A hub cache entry as huggingface_hub lays it out (refs/main -> snapshots/<commit>/)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name in files:
+        path = repo / "snapshots" / ("0" * 40) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"{}")
+
+
+def _weights_message(error, model: str) -> str:
+    message = str(error)
+    assert model in message
+    assert "hub access" in message and "local path" in message and "HF_HOME" in message
+    assert "--weights" in message
+    return message
+
+
+def test_a_hub_model_offline_is_refused_at_once_without_loading(offline_hub, monkeypatch):
+    import time
+
+    import timm
+
+    from convergence_core.models import WeightsUnavailableError, check_weights_available
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("a model was built"))
+    started = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError) as info:
+        check_weights_available(["efficientnet-lite0", "vit_huge_patch14_224.mae", "minilm"])
+    assert time.perf_counter() - started < 5
+    message = _weights_message(info.value, "vit_huge_patch14_224.mae")
+    assert "offline mode is on" in message and "efficientnet-lite0" not in message
+    assert info.value.models == ("vit_huge_patch14_224.mae",)
+
+
+def test_every_missing_model_is_named_in_one_error(offline_hub, tmp_path):
+    from convergence_core.models import WeightsUnavailableError, check_weights_available
+
+    with pytest.raises(WeightsUnavailableError) as info:
+        check_weights_available(
+            ["vit_huge_patch14_224.mae", "bigscience/bloom-560m", "efficientnet-lite1"],
+            weights={"efficientnet-lite1": tmp_path / "missing.pth"},
+        )
+    assert info.value.models == (
+        "vit_huge_patch14_224.mae",
+        "bigscience/bloom-560m",
+        "efficientnet-lite1",
+    )
+    assert str(info.value).startswith("weights for 3 models are not available here")
+    assert "missing.pth does not exist" in str(info.value)
+
+
+def test_cached_files_and_local_paths_count_as_available(offline_hub, tmp_path):
+    from convergence_core.models import WeightsUnavailableError, check_weights_available
+
+    cache = Path(offline_hub.HF_HUB_CACHE)
+    _fake_snapshot(cache, "timm/vit_huge_patch14_224.mae", ["model.safetensors"])
+    _fake_snapshot(cache, "bigscience/bloom-560m", ["config.json", "model.safetensors"])
+    check_weights_available(["vit_huge_patch14_224.mae", "bigscience/bloom-560m"])
+    # a hub snapshot with a config but no weight file is not enough
+    _fake_snapshot(cache, "openlm-research/open_llama_3b", ["config.json"])
+    with pytest.raises(WeightsUnavailableError, match="open_llama_3b"):
+        check_weights_available(["openlm-research/open_llama_3b"])
+    # local weights: a file for timm / EfficientNet, a model folder for transformers
+    (tmp_path / "vit.safetensors").write_bytes(b"x")
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(WeightsUnavailableError, match="lacks config.json or weight files"):
+        check_weights_available(["huggyllama/llama-7b"], weights={"huggyllama/llama-7b": folder})
+    (folder / "model.safetensors").write_bytes(b"x")
+    check_weights_available(
+        ["vit_giant_patch14_dinov2.lvd142m", "huggyllama/llama-7b", f"hf:{folder}"],
+        weights={
+            "vit_giant_patch14_dinov2.lvd142m": tmp_path / "vit.safetensors",
+            "huggyllama/llama-7b": folder,
+        },
+    )
+
+
+def test_the_offline_demo_models_need_no_hub(offline_hub):
+    from convergence_core.models import check_weights_available
+
+    check_weights_available(["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+    check_weights_available(["minilm", "gemma-3-270m"])
+
+
+def test_an_unreachable_hub_is_probed_once_and_then_left_alone(hub, monkeypatch):
+    """A hub that refuses connections: one probe, then offline mode for the process."""
+    from convergence_core.models import WeightsUnavailableError, availability
+
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    assert availability.hub_reachable(timeout=2) is False
+    assert hub.HF_HUB_OFFLINE is True  # huggingface_hub and transformers now answer from cache
+    from convergence_core.models import check_weights_available
+
+    with pytest.raises(WeightsUnavailableError, match="cannot be reached from here"):
+        check_weights_available(["vit_huge_patch14_224.mae"])
+
+
+def test_a_hanging_network_costs_at_most_the_probe_timeout(hub, monkeypatch):
+    import threading
+    import time
+    import urllib.request
+
+    from convergence_core.models import availability
+
+    release = threading.Event()
+
+    def hang(*args, **kwargs):
+        release.wait(30)  # a DNS lookup or connection that never answers
+        raise OSError("gave up")
+
+    monkeypatch.setattr(urllib.request, "urlopen", hang)
+    started = time.perf_counter()
+    try:
+        assert availability.hub_reachable(timeout=0.5) is False
+    finally:
+        release.set()
+    assert time.perf_counter() - started < 3
+    assert availability.hub_reachable(timeout=0.5) is False  # asked once per process
+
+
+def test_loading_a_hub_model_does_not_retry_an_unreachable_hub(hub, monkeypatch):
+    """load_encoder itself (used directly, e.g. by another engine) probes once, not 23 s."""
+    import time
+
+    from convergence_core.models import WeightsUnavailableError, load_encoder
+
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")
+    started = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError):
+        load_encoder("vit_huge_patch14_224.mae")
+    with pytest.raises(WeightsUnavailableError):
+        load_encoder("hf:someone/not-a-cached-model")
+    assert time.perf_counter() - started < 10
+
+
+def _unavailable_fake(monkeypatch, name: str, cause: str = "no weights on this machine"):
+    import dataclasses
+
+    from convergence_core.models import registry
+
+    spec = registry._REGISTRY[name]
+    monkeypatch.setitem(
+        registry._REGISTRY,
+        name,
+        dataclasses.replace(spec, weights_problem=lambda spec, weights: cause, weights_kind="hf"),
+    )
+
+
+def test_precompute_checks_every_model_before_the_first_extraction(
+    make_coco_folder, tmp_path, fake_models, monkeypatch
+):
+    from convergence_core.models import WeightsUnavailableError
+    from convergence_core.precompute import precompute
+
+    captions = [[f"a {animal}"] for animal in ("cat", "dog", "cow", "hen", "pig", "yak")]
+    options = {
+        "dataset": str(make_coco_folder(captions)),
+        "vision_models": ["fake-v1", "fake-v2", "fake-v3"],
+        "language_models": ["fake-l1"],
+        "cache_root": str(tmp_path / "cache"),
+        "run_name": "weights",
+    }
+    _unavailable_fake(monkeypatch, "fake-v3")
+    with pytest.raises(WeightsUnavailableError, match="'fake-v3'.*no weights on this machine"):
+        precompute(**options)
+    assert fake_models == []  # nothing was loaded ...
+    assert not (tmp_path / "cache" / "runs" / "weights").exists()  # ... and no run was begun
+    monkeypatch.undo()  # weights back: the run completes
+    fake_models.clear()
+    from convergence_core.models import registry
+    from tests.test_precompute import FakeEncoder
+
+    def loader(spec, device, dtype, weights):
+        fake_models.append(spec.name)
+        return FakeEncoder(spec.name, spec.modality)
+
+    for name, modality in {**dict.fromkeys(options["vision_models"], "vision")}.items():
+        spec = registry.ModelSpec(name, modality, "fake", "test double", "middle", name, loader)
+        monkeypatch.setitem(registry._REGISTRY, name, spec)
+    spec = registry.ModelSpec("fake-l1", "language", "fake", "double", "middle", "fake-l1", loader)
+    monkeypatch.setitem(registry._REGISTRY, "fake-l1", spec)
+    run = precompute(**options)
+    assert sorted(fake_models) == ["fake-l1", "fake-v1", "fake-v2", "fake-v3"]
+    # weights gone again, but the run already holds that model's embeddings: nothing to load
+    _unavailable_fake(monkeypatch, "fake-v3")
+    fake_models.clear()
+    assert precompute(**options).n_stimuli == run.n_stimuli and fake_models == []
+
+
+@pytest.mark.slow
+def test_cli_lite0_with_a_hub_model_offline_stops_before_any_work(
+    offline_hub, tmp_path, make_coco_folder, monkeypatch, capsys
+):
+    """The issue's command: --vision efficientnet-lite0,vit_huge_patch14_224.mae offline."""
+    import dataclasses
+    import time
+
+    from convergence_core.cli import main
+    from convergence_core.models import registry
+
+    lite0 = registry._REGISTRY["efficientnet-lite0"]
+    monkeypatch.setitem(
+        registry._REGISTRY,
+        "efficientnet-lite0",
+        dataclasses.replace(lite0, loader=lambda *a: pytest.fail("lite0 was loaded")),
+    )
+    root = make_coco_folder([["a cat"], ["a dog"], ["a cow"], ["a hen"]])
+    started = time.perf_counter()
+    status = main(
+        [
+            "precompute",
+            "--dataset",
+            str(root),
+            "--vision",
+            "efficientnet-lite0,vit_huge_patch14_224.mae",
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: weights for model 'vit_huge_patch14_224.mae'")
+    assert "Traceback" not in err
+    assert time.perf_counter() - started < 20
+    assert not (tmp_path / "cache" / "runs").exists() or not any(
+        (tmp_path / "cache" / "runs").iterdir()
+    )
