@@ -150,7 +150,9 @@ elif source == "pasted":
     rows, unknown = selection_io.match_ids(wanted, ids)
     if unknown:
         st.warning(f"{len(unknown)} pasted id(s) are not in this run and were left out:")
-        st.text(", ".join(unknown[:20]) + (" …" if len(unknown) > 20 else ""))
+        st.text(
+            ", ".join(map(widgets.excerpt, unknown[:20])) + (" …" if len(unknown) > 20 else "")
+        )
     if len(rows) == 0:
         st.error("Empty selection: paste the ids of at least 4 stimuli of this run.")
     else:

@@ -700,3 +700,211 @@ def test_cli_lite0_with_a_hub_model_offline_stops_before_any_work(
     assert not (tmp_path / "cache" / "runs").exists() or not any(
         (tmp_path / "cache" / "runs").iterdir()
     )
+
+
+# ------------------------------------------- items 3 and 6: hostile captions, damaged run files
+
+REPO = Path(__file__).resolve().parent.parent
+PAGES = {
+    "Home": None,
+    "Stimuli": "pages/1_Stimuli.py",
+    "Residual space": "pages/2_Residual_space.py",
+    "Alignment lab": "pages/3_Alignment_lab.py",
+    "Paper analyses": "pages/4_Paper_analyses.py",
+}
+HUGE = "a dog " * 16_667  # 100,002 characters
+N_PAGE_RUN = 24
+
+
+def _write_page_run(path: Path, captions: list[list[str]] | None = None, ids=None) -> None:
+    """A run of the first N_PAGE_RUN coco-mini images (real thumbnails), synthetic embeddings."""
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import synthetic_embeddings
+
+    dataset = load_coco(settings.demo_data_root())
+    stimuli = dataset.stimuli.iloc[:N_PAGE_RUN].reset_index(drop=True).copy()
+    if captions is not None:
+        stimuli["captions"] = captions
+    if ids is not None:
+        stimuli["id"] = ids
+    embeddings, _ = synthetic_embeddings(N_PAGE_RUN)
+    write_run_from_embeddings(
+        path,
+        stimuli,
+        embeddings,
+        vision_models=["vision-a", "vision-b", "vision-c"],
+        language_models=["language-a", "language-b"],
+        default_layers={"vision-a": "stage2", "vision-b": "stage2", "vision-c": "stage2"},
+        images_root=dataset.root,
+        thumbnails=True,
+        dataset_name="hostile",
+    )
+
+
+def _open(cache: Path, page: str | None, monkeypatch, query: dict | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(cache))
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=90)
+    for name, value in (query or {}).items():
+        at.query_params[name] = value
+    at.run(timeout=90)
+    if page is not None:
+        at.switch_page(page).run(timeout=90)
+    return at
+
+
+def _lowest_dispersion_rows(run, count: int) -> list[int]:
+    return list(np.argsort(run.dispersion["rank_mean"].to_numpy(), kind="stable")[:count])
+
+
+@pytest.fixture(scope="module")
+def huge_caption_cache(tmp_path_factory):
+    """A run whose lowest-dispersion stimulus has a 100,000-character first caption (and id)."""
+    from convergence_core.run import load_run
+
+    cache = tmp_path_factory.mktemp("huge-caption")
+    path = cache / "runs" / "demo"
+    _write_page_run(path)
+    low = _lowest_dispersion_rows(load_run(path), 1)[0]
+    dataset = load_coco(settings.demo_data_root())
+    captions = [list(c) for c in dataset.stimuli["captions"].iloc[:N_PAGE_RUN]]
+    captions[low] = [HUGE, *captions[low][1:]]
+    ids = dataset.stimuli["id"].iloc[:N_PAGE_RUN].tolist()
+    ids[low] = "id-" + "9" * 5000
+    _write_page_run(path, captions, ids)  # same embeddings, so the same ranks
+    assert _lowest_dispersion_rows(load_run(path), 1)[0] == low
+    return cache
+
+
+def _longest_text(at) -> int:
+    texts = [element.value for element in at.text]
+    for frame in at.dataframe:
+        texts += [str(v) for v in frame.value.astype(str).to_numpy().ravel()]
+    for box in at.selectbox:
+        texts += [str(option) for option in box.options]
+    return max(map(len, texts), default=0)
+
+
+def test_the_caption_excerpt_is_a_setting(monkeypatch):
+    from convergence_core.dashboard.widgets import excerpt
+
+    assert settings.caption_excerpt_chars() == settings.DEFAULT_CAPTION_EXCERPT_CHARS == 300
+    assert excerpt("short") == "short"
+    cut = excerpt(HUGE)
+    assert cut.endswith(f"… [{len(HUGE):,} characters]") and len(cut) < 340
+    monkeypatch.setenv("CONVERGENCE_CAPTION_EXCERPT_CHARS", "50")
+    assert len(excerpt(HUGE)) < 80
+    monkeypatch.setenv("CONVERGENCE_CAPTION_EXCERPT_CHARS", "five")
+    with pytest.raises(ValueError, match="CONVERGENCE_CAPTION_EXCERPT_CHARS"):
+        excerpt(HUGE)
+
+
+@pytest.mark.parametrize("page", ["Home", "Stimuli", "Residual space"])
+def test_a_huge_caption_is_shown_as_an_excerpt_with_the_full_text_one_click_away(
+    huge_caption_cache, monkeypatch, page
+):
+    at = _open(huge_caption_cache, PAGES[page], monkeypatch, {"score": "mean"})
+    assert not at.exception, at.exception
+    assert _longest_text(at) < 400  # no element carries the whole caption or id
+    if page == "Residual space":
+        return  # it shows captions only in hover text (80 characters) and selections
+    buttons = [b for b in at.button if b.label == "Full captions"]
+    assert buttons, "no way to see the whole caption"
+    buttons[0].click().run(timeout=90)
+    assert not at.exception, at.exception
+    # the dialog, in plain text: every caption whole
+    assert any(HUGE.strip() in element.value for element in at.text)
+
+
+def _damage_residuals_shape(run_path: Path) -> None:
+    residuals = np.load(run_path / "gpa" / "residuals.npy")
+    np.save(run_path / "gpa" / "residuals.npy", residuals[:, :2])
+
+
+def _damage_residuals_nan(run_path: Path) -> None:
+    residuals = np.load(run_path / "gpa" / "residuals.npy")
+    np.save(run_path / "gpa" / "residuals.npy", np.full_like(residuals, np.nan))
+
+
+def _damage_embedding_pickle(run_path: Path) -> None:
+    import pickle
+
+    target = next((run_path / "embeddings").glob("language-a/*.npy"))
+    target.write_bytes(pickle.dumps({"not": "an array"}))
+
+
+def _damage_embedding_truncated(run_path: Path) -> None:
+    target = next((run_path / "embeddings").glob("vision-b/*.npy"))
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+
+
+def _damage_dispersion(run_path: Path) -> None:
+    frame = pd.read_parquet(run_path / "dispersion.parquet")
+    frame["mean"] = np.nan
+    frame.to_parquet(run_path / "dispersion.parquet", index=False)
+
+
+DAMAGES = {
+    "residuals of the wrong shape": _damage_residuals_shape,
+    "residuals all NaN": _damage_residuals_nan,
+    "a pickled embedding": _damage_embedding_pickle,
+    "a truncated embedding": _damage_embedding_truncated,
+    "dispersion all NaN": _damage_dispersion,
+}
+
+
+@pytest.fixture(scope="module")
+def healthy_run(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("healthy")
+    _write_page_run(cache / "runs" / "demo")
+    return cache / "runs" / "demo"
+
+
+def _damaged_cache(healthy_run: Path, tmp_path: Path, damage) -> Path:
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(healthy_run, cache / "runs" / "demo")
+    damage(cache / "runs" / "demo")
+    return cache
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+@pytest.mark.parametrize("page", list(PAGES))
+def test_every_page_turns_damaged_run_files_into_a_clean_alert(
+    healthy_run, tmp_path, monkeypatch, page, damage
+):
+    cache = _damaged_cache(healthy_run, tmp_path, DAMAGES[damage])
+    at = _open(cache, PAGES[page], monkeypatch)
+    assert not at.exception, f"{page} with {damage}: {at.exception}"
+    errors = " ".join(element.value for element in at.error)
+    assert "cannot be opened" in errors and "rerun" in errors, errors
+
+
+@pytest.mark.parametrize("page", ["Home", "Stimuli", "Residual space"])
+def test_a_thumbnail_that_is_not_a_jpeg_is_a_placeholder_not_a_traceback(
+    healthy_run, tmp_path, monkeypatch, page
+):
+    from convergence_core.run import load_run
+
+    rows = _lowest_dispersion_rows(load_run(healthy_run), 2)
+
+    def damage(run_path: Path) -> None:
+        (run_path / "thumbnails" / f"{rows[0]}.jpg").write_bytes(b"<html>not a jpeg</html>")
+        (run_path / "thumbnails" / f"{rows[1]}.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 20)
+
+    cache = _damaged_cache(healthy_run, tmp_path, damage)
+    query = {"score": "mean"}
+    at = _open(cache, PAGES[page], monkeypatch, query)
+    if page == "Residual space":  # thumbnails appear with a selection: select the damaged ones
+        from convergence_core.dashboard import state
+
+        run = load_run(cache / "runs" / "demo")
+        ids = [str(run.stimuli["id"].iloc[r]) for r in rows]
+        state.set_selection(at.session_state, "demo", ids, origin="test")
+        at.run(timeout=90)
+    assert not at.exception, at.exception
+    texts = [element.value for element in at.text]
+    assert any("thumbnail unreadable" in text for text in texts), texts
