@@ -908,3 +908,142 @@ def test_a_thumbnail_that_is_not_a_jpeg_is_a_placeholder_not_a_traceback(
     assert not at.exception, at.exception
     texts = [element.value for element in at.text]
     assert any("thumbnail unreadable" in text for text in texts), texts
+
+
+# ------------------------------------------------------------- item 8: CKNNA above 1, small sets
+
+
+def test_the_bound_note_says_where_and_why():
+    from convergence_core.alignment import cknna_bound_note
+    from convergence_core.validation import MIN_CKNNA_SET_SIZE
+
+    inside = [("low", 0.99, 5, 3), ("high", -1.0, 5, 3), ("nan", np.nan, 5, 3)]
+    assert cknna_bound_note(inside) is None
+    note = cknna_bound_note([("low", 0.5, 59, 10), ("pasted ids", 1.29, 5, 3), ("x", -1.1, 9, 4)])
+    assert note.startswith("CKNNA outside [-1, 1] (2 values; largest 1.290: pasted ids, 5 stimuli")
+    assert "Cauchy–Schwarz" in note and "unbiased HSIC" in note
+    assert f"at least {MIN_CKNNA_SET_SIZE} stimuli" in note
+
+
+def test_unbiased_cknna_really_exceeds_1_on_tiny_sets_and_not_on_large_ones(healthy_run):
+    """The premise, on the run's own features with the dense reference: tiny sets leave [-1, 1],
+    sets of MIN_CKNNA_SET_SIZE at k <= s/4 do not."""
+    from convergence_core.alignment import cknna, prepare_features
+    from convergence_core.run import load_run
+    from convergence_core.validation import MIN_CKNNA_SET_SIZE
+
+    run = load_run(healthy_run)
+    x = prepare_features(np.asarray(run.embeddings["vision-a"]["stage2"], dtype=np.float64))
+    y = prepare_features(np.asarray(run.embeddings["language-a"]["layer3"], dtype=np.float64))
+    rng = np.random.default_rng(0)
+    subsets = [rng.choice(len(x), 5, replace=False) for _ in range(50)]
+    tiny = [cknna(x[s], y[s], k=3) for s in subsets]
+    assert np.nanmax(np.abs(tiny)) > 1
+    assert MIN_CKNNA_SET_SIZE <= N_PAGE_RUN
+    full = cknna(x[:MIN_CKNNA_SET_SIZE], y[:MIN_CKNNA_SET_SIZE], k=MIN_CKNNA_SET_SIZE // 4)
+    assert abs(full) <= 1
+
+
+def test_the_lab_shows_no_number_for_a_tiny_pasted_set_and_says_why_above_1(
+    healthy_run, tmp_path, monkeypatch
+):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(healthy_run, cache / "runs" / "demo")
+    at = _open(cache, PAGES["Alignment lab"], monkeypatch, {"source": "pasted", "k": "3"})
+    from convergence_core.run import load_run
+
+    run = load_run(cache / "runs" / "demo")
+    all_ids = run.stimuli["id"].astype(str).to_numpy()
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        pasted = rng.choice(all_ids, 5, replace=False)
+        at.text_area(key="w_pasted_ids").set_value("\n".join(pasted)).run(timeout=90)
+        assert not at.exception, at.exception
+        table = at.dataframe[-1].value
+        chosen = table[table["set"] == "pasted"]
+        if (chosen["cknna"].abs() > 1).any():
+            break
+    else:
+        pytest.fail("no 5-stimulus set with CKNNA above 1 in 20 draws")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Focus: pasted ids"] == "—"
+    assert all(value == "—" for value in metrics.values())  # every set here has < 24 stimuli
+    infos = " ".join(element.value for element in at.info)
+    assert "fewer than 24 stimuli" in infos and "pasted ids" in infos
+    warnings = " ".join(element.value for element in at.warning)
+    assert "CKNNA outside [-1, 1]" in warnings and "Cauchy–Schwarz" in warnings
+    assert f"{chosen['cknna'].abs().max():.3f}" in warnings or "largest" in warnings
+
+
+def test_the_lab_shows_numbers_for_sets_of_the_minimum_size(tmp_path, monkeypatch):
+    from convergence_core.validation import MIN_CKNNA_SET_SIZE
+    from tests.fixtures_runs import make_synthetic_run
+
+    cache = tmp_path / "cache"
+    make_synthetic_run(cache / "runs", n=2 * MIN_CKNNA_SET_SIZE, name="demo", thumbnails=False)
+    size = MIN_CKNNA_SET_SIZE
+    at = _open(cache, PAGES["Alignment lab"], monkeypatch, {"size": str(size), "k": "4"})
+    assert not at.exception, at.exception
+    metrics = {m.label: m.value for m in at.metric}
+    table = at.dataframe[-1].value
+    low = table.loc[table["set"] == "low", "cknna"].mean()
+    assert metrics["CKNNA, low dispersion"] == f"{low:.4f}"
+    assert not any("fewer than" in element.value for element in at.info)
+    if (table["cknna"].abs() <= 1).all():
+        assert not any("outside [-1, 1]" in element.value for element in at.warning)
+
+
+def test_the_report_hides_small_set_numbers_and_notes_values_above_1(tmp_path):
+    from convergence_core import report
+    from tests.fixtures_runs import make_synthetic_run
+
+    run = make_synthetic_run(tmp_path / "runs", 40, name="r", images=False, thumbnails=False)
+    out = tmp_path / "out"
+    written = report.write_report(
+        run, out, size=5, k=3, scores=["mean"], n_random=40, n_permutations=50
+    )
+    sets = pd.read_csv(out / "dispersion_sets_mean.csv")
+    values = sets[["cknna_low_dispersion", "cknna_high_dispersion", "cknna_random_upper_95"]]
+    assert (values.abs() > 1).any().any(), "5 stimuli, k = 3 should reach above 1"
+    summary = (out / "summary.txt").read_text(encoding="utf-8")
+    table_lines = summary.split("\n\n")[0].splitlines()[1:]
+    assert table_lines and all("—" in line for line in table_lines)
+    notes = " ".join(written["notes"])
+    assert "fewer than 24" in notes and "CKNNA outside [-1, 1]" in notes
+    assert "Note: CKNNA outside [-1, 1]" in summary
+    # the tables keep every value
+    assert np.isfinite(sets["cknna_low_dispersion"]).all()
+
+
+def test_the_cknna_bound_measurement_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.fixtures_runs import make_synthetic_run
+
+    run = make_synthetic_run(tmp_path / "runs", 40, name="r", images=False, thumbnails=False)
+    out = "cknna-bound-smoke-test.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/measure_cknna_bound.py",
+            "--run",
+            str(run.path),
+            "--quick",
+            "--out",
+            out,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = REPO / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    assert payload["reference_max_difference"] < 1e-9 and payload["reference_checks"] > 0
+    assert {row["set_size"] for row in payload["by_size"]} == {4, 6, 10, 20}
+    assert "|c|>1 worst k" in done.stdout
