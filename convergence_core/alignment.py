@@ -9,17 +9,20 @@ products K = X Xᵀ, L = Y Yᵀ computed in float64. Definitions follow minyoung
 * :func:`cknna` – Centered Kernel Nearest-Neighbour Alignment (see :mod:`.neighbours` for the formula);
 * :func:`mutual_knn` – mean fraction of shared k nearest neighbours;
 * :func:`cka` – CKA with the biased HSIC trace(K H L H);
-* :func:`unbiased_cka` – CKA with the unbiased HSIC estimator (:func:`hsic_unbiased`).
+* :func:`unbiased_cka` – CKA with the unbiased HSIC estimator (:func:`hsic_unbiased`);
+* :func:`cknna_bound_note` – what to tell a reader when CKNNA leaves [-1, 1] (small sets).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 
 from . import metrics as _metrics
 from .neighbours import clip_threshold, prepare_rows
 from .metrics import EPSILON as CKA_EPSILON  # noqa: F401  (kept for callers of the old name)
-from .validation import check_features, check_min_stimuli, check_square
+from .validation import MIN_CKNNA_SET_SIZE, check_features, check_min_stimuli, check_square
 
 
 def hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
@@ -94,3 +97,31 @@ def prepare_features(X: np.ndarray, q: float = 0.95) -> np.ndarray:
     """
     X = check_features(X, "X")
     return prepare_rows(X, clip_threshold(X, q))
+
+
+def cknna_bound_note(values: Iterable[tuple[str, float, int, int]]) -> str | None:
+    """A note for readers when some CKNNA value lies outside [-1, 1], else None.
+
+    Args:
+        values: ``(what, value, set size, k)`` of every CKNNA shown, e.g.
+            ``("pasted ids × minilm", 1.29, 5, 3)``; NaN values are ignored.
+
+    Returns:
+        One paragraph: how many values, the largest (what, set size, k), why it happens (the
+        unbiased HSIC estimates are not bounded by the Cauchy–Schwarz inequality on small sets)
+        and what to do (sets of at least ``validation.MIN_CKNNA_SET_SIZE`` stimuli, k <= s/4).
+    """
+    outside = [row for row in values if np.isfinite(row[1]) and abs(row[1]) > 1]
+    if not outside:
+        return None
+    what, value, size, k = max(outside, key=lambda row: abs(row[1]))
+    count = f"{len(outside)} value{'s' if len(outside) > 1 else ''}"
+    return (
+        f"CKNNA outside [-1, 1] ({count}; largest {value:.3f}: {what}, {size} stimuli, k = {k}). "
+        "CKNNA divides unbiased HSIC estimates, which are not bounded by the Cauchy–Schwarz "
+        "inequality on small sets (their self-terms are not squared norms, and the numerator "
+        "counts only mutual neighbours while each self-term uses its own), so with few stimuli, "
+        "or k large for the set, the ratio can exceed 1. Read such a value as 'close to 1, "
+        f"unreliable'. Use sets of at least {MIN_CKNNA_SET_SIZE} stimuli and k <= s/4: on the "
+        "demo run no value exceeded 1 then (benchmarks/measure_cknna_bound.py)."
+    )

@@ -30,15 +30,16 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from .images import image_problem
+from .images import ImageFileError, image_problem, resolve_inside
 from .settings import cache_root
 
 __all__ = [
@@ -107,14 +108,23 @@ class Dataset:
 # --------------------------------------------------------------------------- validation helpers
 
 
-def safe_relative_path(root: str | os.PathLike[str], path: str | os.PathLike[str]) -> str:
+def safe_relative_path(
+    root: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    _real_dirs: dict[str, str] | None = None,
+) -> str:
     """``path`` (relative to ``root``, or absolute inside it) as a normalised POSIX relative path.
 
-    The check is lexical (``..`` components are resolved without following symlinks), so a
-    dataset may legitimately hold symlinked images.
+    Two checks: lexically (``..`` components resolved as text) the path must stay under ``root``,
+    and once symbolic links are resolved, the file it names must still lie inside the resolved
+    ``root``. So a dataset may hold symlinked images or folders whose targets are inside the
+    root, but a link to anything outside it is refused (it would be read and embedded).
+    ``_real_dirs`` caches resolved folders across the calls of one bulk check.
 
     Raises:
-        ValueError: the path is empty, or escapes ``root`` (``../`` or an absolute path outside).
+        ValueError: the path is empty, escapes ``root`` (``../``, an absolute path outside), or
+        leads outside it through a symbolic link.
     """
     text = os.fspath(path)
     if not isinstance(text, str) or not text.strip():
@@ -128,6 +138,21 @@ def safe_relative_path(root: str | os.PathLike[str], path: str | os.PathLike[str
             f"image path {text!r} points outside the dataset root {root_abs}; image paths must "
             "be relative to the root (no '../', no absolute path elsewhere): move the images "
             "under the root or load the dataset with a root that contains them"
+        )
+    real_dirs = {} if _real_dirs is None else _real_dirs
+    folder, name = os.path.split(joined)
+    if root_abs not in real_dirs:
+        real_dirs[root_abs] = os.path.realpath(root_abs)
+    if folder not in real_dirs:
+        real_dirs[folder] = os.path.realpath(folder)
+    real_root, target = real_dirs[root_abs], os.path.join(real_dirs[folder], name)
+    if os.path.islink(target):
+        target = os.path.realpath(target)
+    if os.path.commonpath([real_root, target]) != real_root or target == real_root:
+        raise ValueError(
+            f"image path {text!r} points outside the dataset root {root_abs} through a symbolic "
+            f"link (it leads to {target}); copy the file into the root instead of linking to it, "
+            "or load the dataset with a root that contains the link's target"
         )
     return Path(os.path.relpath(joined, root_abs)).as_posix()
 
@@ -167,8 +192,9 @@ def _validate_stimuli(stimuli: pd.DataFrame, root: Path) -> None:
             f"stimulus ids must be unique; duplicated: {duplicated[:10]}"
             f"{' ...' if len(duplicated) > 10 else ''}; give each row its own id"
         )
+    real_dirs: dict[str, str] = {}
     for rel in stimuli["image"]:
-        if safe_relative_path(root, rel) != rel:
+        if not isinstance(rel, str) or safe_relative_path(root, rel, _real_dirs=real_dirs) != rel:
             raise ValueError(
                 f"image path {rel!r} is not a normalised path relative to {root}; "
                 "build the table with a loader (load_dataset) or safe_relative_path()"
@@ -206,6 +232,75 @@ def _within(root: Path, name: str | os.PathLike[str], what: str) -> Path:
     return path
 
 
+#: COCO ids are integers; strings are accepted too (integers sort first, numerically)
+_COCO_ID_TYPES = (int, str)
+
+
+def _coco_sort_key(value: Any) -> tuple[int, Any]:
+    return (1, value) if isinstance(value, str) else (0, value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_coco_id(value: Any) -> bool:
+    return isinstance(value, _COCO_ID_TYPES) and not isinstance(value, bool)
+
+
+def _checked_coco_entries(path: Path, images: Any, annotations: Any) -> tuple[list, list]:
+    """``images`` and ``annotations`` of a COCO captions file, each entry checked for the keys and
+    types the loader reads; ValueError listing the first problems and the fix otherwise."""
+    layout = (
+        'COCO captions format: "images": [{"id": int, "file_name": str}, ...], '
+        '"annotations": [{"image_id": int, "caption": str}, ...]'
+    )
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise ValueError(
+            f"{path}: 'images' and 'annotations' must be lists (got "
+            f"{type(images).__name__} and {type(annotations).__name__}); use the {layout}"
+        )
+    problems: list[str] = []
+    for i, image in enumerate(images):
+        if not isinstance(image, Mapping):
+            problems.append(f"images[{i}] is a {type(image).__name__}, not an object")
+            continue
+        if not _is_coco_id(image.get("id")):
+            problems.append(f"images[{i}] has id {_short(image.get('id'))} (needs an integer)")
+        name = image.get("file_name")
+        if not isinstance(name, str) or not name.strip():
+            what = "no file_name" if name is None else f"file_name {_short(name)} (needs a string)"
+            problems.append(f"images[{i}] has {what}")
+    for i, ann in enumerate(annotations):
+        if not isinstance(ann, Mapping):
+            problems.append(f"annotations[{i}] is a {type(ann).__name__}, not an object")
+            continue
+        if not _is_coco_id(ann.get("image_id")):
+            problems.append(
+                f"annotations[{i}] has image_id {_short(ann.get('image_id'))} (needs an integer)"
+            )
+        if "id" in ann and not _is_coco_id(ann["id"]):
+            problems.append(f"annotations[{i}] has id {_short(ann['id'])} (needs an integer)")
+        caption = ann.get("caption")
+        if not isinstance(caption, str):
+            what = (
+                "no caption" if caption is None else f"caption {_short(caption)} (needs a string)"
+            )
+            problems.append(f"annotations[{i}] has {what}")
+    ids = [im["id"] for im in images if isinstance(im, Mapping) and _is_coco_id(im.get("id"))]
+    if len({type(v) for v in ids}) > 1:
+        problems.append("image ids mix integers and strings (use integers throughout)")
+    if problems:
+        listed = "; ".join(problems[:_MAX_LISTED])
+        more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise ValueError(
+            f"{path} has {len(problems)} malformed entr{'y' if len(problems) == 1 else 'ies'}: "
+            f"{listed[:2000]}{more}. Fix them to follow the {layout}"
+        )
+    return images, annotations
+
+
 # --------------------------------------------------------------------------- loaders
 
 
@@ -233,15 +328,21 @@ def load_coco(
             f"{ann_path} is not a COCO captions file ({type(exc).__name__}: {exc}); it must be "
             'JSON with "images" [{id, file_name}] and "annotations" [{image_id, caption}]'
         ) from None
-    by_image: dict[int, list[tuple[int, str]]] = {}
+    images, annotations = _checked_coco_entries(ann_path, images, annotations)
+    by_image: dict[Any, list[tuple[Any, str]]] = {}
     for position, ann in enumerate(annotations):
         by_image.setdefault(ann["image_id"], []).append((ann.get("id", position), ann["caption"]))
-    ordered = sorted(images, key=lambda im: im["id"])
+    ordered = sorted(images, key=lambda im: _coco_sort_key(im["id"]))
     ids, rels, caps = [], [], []
+    real_dirs: dict[str, str] = {}
     for image in ordered:
         ids.append(str(image["id"]))
-        rels.append(safe_relative_path(root_path, Path(images_dir) / image["file_name"]))
-        anns = sorted(by_image.get(image["id"], []), key=lambda pair: pair[0])
+        rels.append(
+            safe_relative_path(
+                root_path, Path(images_dir) / image["file_name"], _real_dirs=real_dirs
+            )
+        )
+        anns = sorted(by_image.get(image["id"], []), key=lambda pair: _coco_sort_key(pair[0]))
         caps.append(_clean_captions([caption for _, caption in anns]))
     return Dataset(
         name=name or root_path.name,
@@ -306,8 +407,9 @@ def load_table(
     has_id, has_label = "id" in columns, "label" in columns
     order: list[str] = []
     rows: dict[str, dict[str, Any]] = {}
+    real_dirs: dict[str, str] = {}
     for record in frame.to_dict("records"):
-        rel = safe_relative_path(root_path, str(record["image"]))
+        rel = safe_relative_path(root_path, str(record["image"]), _real_dirs=real_dirs)
         key = str(record["id"]) if has_id else rel
         caps = _clean_captions(record[caption_col], split=caption_col == "captions")
         if key in rows:
@@ -367,7 +469,8 @@ def load_labelled(
         raise ValueError(
             f"{csv_path} needs columns 'image' and 'label' (has {list(frame.columns)})"
         )
-    rels = [safe_relative_path(root_path, str(p)) for p in frame["image"]]
+    real_dirs: dict[str, str] = {}
+    rels = [safe_relative_path(root_path, str(p), _real_dirs=real_dirs) for p in frame["image"]]
     stems = [Path(r).stem for r in rels]
     ids = stems if len(set(stems)) == len(stems) else rels
     labels = [str(v) for v in frame["label"]]
@@ -602,13 +705,49 @@ def load_dataset(
 # --------------------------------------------------------------------------- checks, fingerprint
 
 
+def _printable(text: Any) -> str:
+    """``text`` as a string that can be written as UTF-8 (lone surrogates as ``\\udXXX``)."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text_problems(sid: Any, rel: Any, captions: Sequence[str], label: Any) -> list[str]:
+    """Why the stimulus's id, image path, captions or label cannot be stored as UTF-8 text
+    (a lone surrogate such as "\\ud800", e.g. from a JSON escape), or []."""
+    problems = []
+    if not _encodes(str(sid)):
+        problems.append("id is not valid Unicode text (a lone surrogate)")
+    if not _encodes(str(rel)):
+        problems.append("image path is not valid Unicode text (a lone surrogate)")
+    broken = [i + 1 for i, caption in enumerate(captions) if not _encodes(caption)]
+    if broken:
+        problems.append(
+            f"caption{'s' if len(broken) > 1 else ''} {', '.join(map(str, broken[:5]))} "
+            "not valid Unicode text (a lone surrogate such as \\ud800)"
+        )
+    if label is not None and not _encodes(str(label)):
+        problems.append("label is not valid Unicode text (a lone surrogate)")
+    return problems
+
+
 def check_dataset(
     dataset: Dataset, *, drop_bad: bool = False, workers: int | None = None
 ) -> tuple[Dataset, list[dict[str, str]]]:
     """Find stimuli with a missing/corrupt image or no caption; raise, or drop them.
 
     Each image is checked with PIL ``verify()`` and a full decode (threads: ``workers``,
-    default min(4, cpu count)).
+    default min(4, cpu count)), unless it leads outside the dataset root through a symbolic
+    link or its header claims more than ``settings.max_image_pixels()`` pixels (then it is bad
+    and never decoded). Ids, image paths, captions and labels must be valid Unicode text (a lone
+    surrogate such as ``"\\ud800"`` cannot be stored). Texts in ``dropped`` are made printable
+    (a lone surrogate becomes ``\\ud800``).
 
     Returns:
         ``(dataset, dropped)`` where ``dropped`` lists ``{"id", "image", "reason"}`` in stimulus
@@ -620,17 +759,26 @@ def check_dataset(
     """
     stimuli = dataset.stimuli
     n_workers = workers or min(4, os.cpu_count() or 1)
+    root = dataset.root
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        image_problems = list(pool.map(image_problem, dataset.image_paths()))
+        image_problems = list(
+            pool.map(lambda path: image_problem(path, root=root), dataset.image_paths())
+        )
+    labels = stimuli["label"] if "label" in stimuli.columns else None
     bad: list[dict[str, str]] = []
-    for (sid, rel, caps), problem in zip(
-        stimuli[["id", "image", "captions"]].itertuples(index=False), image_problems
+    bad_rows: list[int] = []
+    for row, ((sid, rel, caps), problem) in enumerate(
+        zip(stimuli[["id", "image", "captions"]].itertuples(index=False), image_problems)
     ):
         reasons = [f"image {problem}"] if problem else []
         if not caps:
             reasons.append("empty caption")
+        reasons += _text_problems(sid, rel, caps, None if labels is None else labels.iat[row])
         if reasons:
-            bad.append({"id": sid, "image": rel, "reason": "; ".join(reasons)})
+            bad_rows.append(row)
+            bad.append(
+                {"id": _printable(sid), "image": _printable(rel), "reason": "; ".join(reasons)}
+            )
     if not bad:
         return dataset, []
     if not drop_bad:
@@ -646,9 +794,19 @@ def check_dataset(
             f"every stimulus of dataset {dataset.name!r} is unusable (first: {bad[0]['reason']}); "
             "check the dataset root and image paths"
         )
-    bad_ids = {b["id"] for b in bad}
-    kept = stimuli[~stimuli["id"].isin(bad_ids)]
-    return dataset.with_stimuli(kept), bad
+    keep = np.ones(len(stimuli), dtype=bool)
+    keep[bad_rows] = False
+    return dataset.with_stimuli(stimuli[keep]), bad
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"the {what} is not valid Unicode text (a lone surrogate); run check_dataset() first, "
+            "which lists it (drop_bad=True / precompute --drop-bad drops it)"
+        ) from None
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
@@ -667,18 +825,19 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     for row, (sid, rel, caps) in enumerate(
         dataset.stimuli[["id", "image", "captions"]].itertuples(index=False)
     ):
-        put(sid.encode("utf-8"))
+        put(_utf8(sid, f"id of stimulus {row}"))
         file_hash = hashlib.sha256()
         try:
-            with open(dataset.root / rel, "rb") as handle:
+            with open(resolve_inside(dataset.root, dataset.root / rel), "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     file_hash.update(block)
-        except OSError as exc:
+        except (OSError, ImageFileError) as exc:
+            cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise ValueError(
                 f"cannot read image {rel!r} of stimulus {sid!r} to fingerprint the dataset "
-                f"({exc.strerror or exc}); run check_dataset() first"
+                f"({cause}); run check_dataset() first"
             ) from None
         put(file_hash.digest())
-        put(json.dumps(list(caps), ensure_ascii=False).encode("utf-8"))
-        put(b"" if labels is None else str(labels.iat[row]).encode("utf-8"))
+        put(_utf8(json.dumps(list(caps), ensure_ascii=False), f"a caption of stimulus {row}"))
+        put(b"" if labels is None else _utf8(str(labels.iat[row]), f"label of stimulus {row}"))
     return digest.hexdigest()

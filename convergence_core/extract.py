@@ -30,9 +30,12 @@ CAPTION_MODES = ("first", "mean")
 Progress = Callable[[int, int], None]
 
 
-def _load_items(encoder: Encoder, chunk: Sequence[Any]) -> list[Any]:
+def _load_items(encoder: Encoder, chunk: Sequence[Any], root: Any = None) -> list[Any]:
     if encoder.modality == "vision":
-        return [open_rgb(item) if isinstance(item, str | os.PathLike) else item for item in chunk]
+        return [
+            open_rgb(item, root=root) if isinstance(item, str | os.PathLike) else item
+            for item in chunk
+        ]
     for item in chunk:
         if not isinstance(item, str):
             raise ValueError(
@@ -49,6 +52,7 @@ def extract_embeddings(
     batch_size: int = 32,
     progress: Progress | None = None,
     layers: Sequence[str] | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Embed ``items`` in batches: ``{layer: (n, d_layer) float32}`` with rows in input order.
 
@@ -58,6 +62,8 @@ def extract_embeddings(
         batch_size: items per forward pass (>= 1).
         progress: called as ``progress(done, total)`` after every batch (and once with 0 first).
         layers: keep only these layers (default: all of ``encoder.layers``).
+        root: image paths must stay inside this folder once symbolic links are resolved
+            (``images.open_rgb``); None: no containment check.
 
     Raises:
         ValueError: empty ``items``, bad ``batch_size``, unknown layer, or an unusable item.
@@ -77,13 +83,15 @@ def extract_embeddings(
     if isinstance(encoder, VisionEncoder):
         # decode + resize on a helper thread (PIL releases the GIL) while the model runs
         def prepare(chunk: Sequence[Any]) -> Any:
-            return encoder.preprocess([im.convert("RGB") for im in _load_items(encoder, chunk)])
+            return encoder.preprocess(
+                [im.convert("RGB") for im in _load_items(encoder, chunk, root)]
+            )
 
         run: Callable[[Any], dict[str, np.ndarray]] = encoder.encode_tensor
     else:
 
         def prepare(chunk: Sequence[Any]) -> Any:
-            return _load_items(encoder, chunk)
+            return _load_items(encoder, chunk, root)
 
         run = encoder.encode
     starts = list(range(0, total, batch_size))
@@ -140,7 +148,8 @@ def captions_for_language(
         each text, non-decreasing.
 
     Raises:
-        ValueError: unknown mode, or a stimulus without any caption (with its id).
+        ValueError: unknown mode, a stimulus without any caption (with its id), or a caption to
+        embed that is not valid Unicode text (a lone surrogate).
     """
     if mode not in CAPTION_MODES:
         raise ValueError(f"caption mode must be one of {CAPTION_MODES}, got {mode!r}")
@@ -152,6 +161,16 @@ def captions_for_language(
             raise ValueError(
                 f"stimulus {sid!r} has no caption; run check_dataset(..., drop_bad=True) first"
             )
+        for caption in caps if mode == "mean" else caps[:1]:
+            try:
+                caption.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = str(sid).encode("utf-8", "backslashreplace").decode("utf-8")
+                raise ValueError(
+                    f"a caption of stimulus {shown!r} is not valid Unicode text (a lone surrogate "
+                    "such as \\ud800), which no tokenizer can read; run check_dataset(..., "
+                    "drop_bad=True) (precompute --drop-bad) to drop it, or fix the caption"
+                ) from None
         chosen = caps[:1] if mode == "first" else caps
         texts.extend(chosen)
         owner.extend([row] * len(chosen))

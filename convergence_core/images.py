@@ -1,37 +1,143 @@
 """Image files: open as RGB, validate, and write gallery thumbnails.
 
-Every function takes a file path; nothing here knows about datasets or models.
+Every function takes a file path; nothing here knows about datasets or models. Two guards apply
+to every image read here:
+
+* **Containment** (``root=``): the path must stay inside ``root`` once symbolic links are
+  resolved, so a link in a dataset folder can never make us read a file elsewhere.
+* **Size** (``settings.max_image_pixels()``): an image whose header claims more pixels than the
+  limit is refused *before* decoding (a "decompression bomb": a PNG of a few KB can claim
+  12,000 × 12,000 pixels and take gigabytes once decoded). Pillow's own bomb check (a warning
+  above ``Image.MAX_IMAGE_PIXELS``, an error above twice that) is superseded by this one: its
+  warning is silenced while we read a header, since we refuse or accept by our own limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from .cache import atomic_path
+from .settings import max_image_pixels
 
-__all__ = ["ImageFileError", "image_problem", "make_thumbnail", "open_rgb"]
+__all__ = [
+    "ImageFileError",
+    "ImageTooLargeError",
+    "image_problem",
+    "make_thumbnail",
+    "open_rgb",
+    "resolve_inside",
+]
+
+#: ``warnings.catch_warnings`` swaps the process-wide filter list: two threads doing it at once
+#: can leave a filter behind, so header reads that silence Pillow's warning take turns.
+_HEADER_LOCK = threading.Lock()
 
 
 class ImageFileError(ValueError):
-    """An image file is missing, unreadable or not a decodable image."""
+    """An image file is missing, unreadable, outside its root or not a decodable image."""
 
 
-def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
+class ImageTooLargeError(ImageFileError):
+    """An image claims more pixels than ``settings.max_image_pixels()``; it was not decoded.
+
+    ``size``: (width, height) from the header, or None where Pillow refused even the header.
+    """
+
+    def __init__(self, message: str, size: tuple[int, int] | None = None) -> None:
+        super().__init__(message)
+        self.size = size
+
+
+def resolve_inside(root: str | os.PathLike[str] | None, path: str | os.PathLike[str]) -> Path:
+    """``path`` with symbolic links resolved, if it stays inside ``root`` (resolved too).
+
+    With ``root=None`` the path is only resolved. A path that is not there is resolved as far as
+    it exists (opening it then reports it missing).
+
+    Raises:
+        ImageFileError: the resolved path lies outside the resolved ``root``.
+    """
+    resolved = Path(os.path.realpath(path))
+    if root is None:
+        return resolved
+    real_root = Path(os.path.realpath(root))
+    if not resolved.is_relative_to(real_root):
+        raise ImageFileError(
+            f"image file {path} leads outside the dataset root {root} (a symbolic link to "
+            f"{resolved}); copy the image into the root instead of linking to it, or load the "
+            "dataset with a root that contains its target"
+        )
+    return resolved
+
+
+def _too_large_message(path: Path, width: int, height: int, limit: int) -> str:
+    return (
+        f"image file {path} is {width:,} × {height:,} = {width * height:,} pixels, more than the "
+        f"limit of {limit:,} (settings.max_image_pixels()); it was not decoded. Shrink the image, "
+        "drop it (check_dataset(..., drop_bad=True) / precompute --drop-bad), or raise the limit "
+        "with CONVERGENCE_MAX_IMAGE_PIXELS"
+    )
+
+
+@contextlib.contextmanager
+def _open_checked(
+    path: str | os.PathLike[str], root: str | os.PathLike[str] | None
+) -> Iterator[Image.Image]:
+    """The image at ``path`` opened lazily (header only), after the containment and size checks.
+
+    Raises:
+        FileNotFoundError: no file. ImageFileError / ImageTooLargeError: outside ``root``, or
+        more pixels than the limit. Pillow's own errors for files that are not images.
+    """
+    limit = max_image_pixels()
+    resolved = resolve_inside(root, path)
+    with _HEADER_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(resolved)
+        except Image.DecompressionBombError:
+            # above twice Pillow's own limit: Pillow refuses even to hand out the header
+            raise ImageTooLargeError(
+                f"image file {path} claims more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels "
+                f"(the limit is {limit:,}); it was not decoded. Shrink the image or drop it "
+                "(check_dataset(..., drop_bad=True) / precompute --drop-bad)"
+            ) from None
+    with image:
+        width, height = image.size
+        if width * height > limit:
+            raise ImageTooLargeError(
+                _too_large_message(Path(path), width, height, limit), (width, height)
+            )
+        yield image
+
+
+def open_rgb(
+    path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> Image.Image:
     """Open an image file fully decoded and converted to RGB (palette/grey/alpha/CMYK -> RGB).
+
+    ``root``: the folder the file must stay inside once symbolic links are resolved.
 
     Returns a PIL image of size (width, height) in pixels, mode ``"RGB"``, detached from the file.
 
     Raises:
-        ImageFileError: the file is missing or is not a decodable image.
+        ImageFileError: the file is missing, outside ``root``, or is not a decodable image.
+        ImageTooLargeError (an ImageFileError): more pixels than ``settings.max_image_pixels()``.
     """
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _open_checked(path, root) as image:
             image.load()
             return image.convert("RGB")
+    except ImageFileError:
+        raise
     except FileNotFoundError:
         raise ImageFileError(
             f"image file {path} does not exist; check the dataset root and the image column"
@@ -43,38 +149,56 @@ def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
         ) from None
 
 
-def image_problem(path: str | os.PathLike[str]) -> str | None:
-    """Why ``path`` is not a usable image ("missing", "not a file", "corrupt: ..."), or None if it is.
+def image_problem(
+    path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
+) -> str | None:
+    """Why ``path`` is not a usable image, or None if it is.
 
-    Checks both PIL's structural ``verify()`` and a full decode (``verify`` alone misses
-    truncated pixel data).
+    Reasons: "missing", "not a file", "outside the dataset root (...)", "too large (...)" (read
+    from the header; such an image is never decoded), "corrupt: ...". Checks both PIL's
+    structural ``verify()`` and a full decode (``verify`` alone misses truncated pixel data).
     """
     path = Path(path)
+    try:
+        resolve_inside(root, path)
+    except ImageFileError:
+        return f"outside the dataset root (a symbolic link to {os.path.realpath(path)})"
     if not path.exists():
         return "missing"
     if not path.is_file():
         return "not a file"
     try:
-        with Image.open(path) as image:
+        with _open_checked(path, root) as image:
             image.verify()
-        with Image.open(path) as image:
+        with _open_checked(path, root) as image:
             image.load()
+    except ImageTooLargeError as exc:
+        size = exc.size
+        claimed = f"{size[0]:,} × {size[1]:,} pixels" if size else "more pixels than Pillow opens"
+        return f"too large: {claimed}, over the limit of {max_image_pixels():,} (not decoded)"
+    except ImageFileError as exc:
+        return str(exc)
     except Exception as exc:  # PIL raises many unrelated types for broken files
         return f"corrupt: {type(exc).__name__}: {exc}"
     return None
 
 
 def make_thumbnail(
-    path: str | os.PathLike[str], out_path: str | os.PathLike[str], max_side: int = 256
+    path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    max_side: int = 256,
+    *,
+    root: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write a JPEG thumbnail of ``path`` whose longer side is at most ``max_side`` pixels.
 
     The aspect ratio is kept and small images are not enlarged. The file is written to a
     temporary name and renamed, so ``out_path`` is never half-written. Returns ``out_path``.
+    ``root`` and the size limit apply as in :func:`open_rgb`.
     """
     if int(max_side) < 1:
         raise ValueError(f"max_side must be a positive number of pixels, got {max_side!r}")
-    image = open_rgb(path)
+    image = open_rgb(path, root=root)
     image.thumbnail((int(max_side), int(max_side)), Image.Resampling.LANCZOS)
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:

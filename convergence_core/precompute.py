@@ -127,6 +127,7 @@ class PrecomputeConfig:
     neighbour_layers: str = "all"
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         object.__setattr__(self, "vision_models", _name_tuple(self.vision_models, "vision_models"))
         object.__setattr__(
             self, "language_models", _name_tuple(self.language_models, "language_models")
@@ -135,6 +136,10 @@ class PrecomputeConfig:
             object.__setattr__(self, "dataset", os.fspath(self.dataset))
         if isinstance(self.cache_root, os.PathLike):
             object.__setattr__(self, "cache_root", os.fspath(self.cache_root))
+        if self.weights is not None:
+            object.__setattr__(
+                self, "weights", {str(m): os.fspath(p) for m, p in self.weights.items()}
+            )
         if not self.dataset:
             raise ValueError("no dataset given; pass dataset=<folder, table file or hf:name>")
         from .extract import CAPTION_MODES
@@ -313,6 +318,106 @@ class PrecomputeConfig:
         return self.layers
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike)) and bool(os.fspath(value))
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value)
+
+
+def _is_str_map(value: Any, check_value: Callable[[Any], bool]) -> bool:
+    return isinstance(value, Mapping) and all(
+        isinstance(k, str) and k and check_value(v) for k, v in value.items()
+    )
+
+
+#: field -> (accepts the value, what it must be: the fix in the error message)
+_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dataset": (
+        lambda v: isinstance(v, (str, os.PathLike))
+        or (isinstance(v, Mapping) and "path" in v and _is_path(v["path"])),
+        'a dataset folder or table path (a string), "hf:<name>", or a mapping '
+        '{"kind": ..., "path": "..."}',
+    ),
+    "vision_models": (
+        lambda v: isinstance(v, str) or _is_str_list(v) or v == (),
+        'a list of model names, e.g. ["efficientnet-lite0", "efficientnet-lite1"] '
+        '(or one comma-separated string)',
+    ),
+    "language_models": (
+        lambda v: isinstance(v, str) or _is_str_list(v),
+        'a list of model names, e.g. ["minilm"] (or one comma-separated string; [] for none)',
+    ),
+    "layers": (
+        lambda v: isinstance(v, str) or _is_str_map(v, _is_str_list),
+        '"all", "default" or a mapping {model: [layer, ...]}',
+    ),
+    "gpa_layers": (
+        lambda v: v is None or _is_str_map(v, lambda x: isinstance(x, str) and bool(x)),
+        "a mapping {vision model: layer name} (or null / left out for the default layers)",
+    ),
+    "device": (
+        lambda v: isinstance(v, str) and bool(v.strip()),
+        'a device name such as "cpu", "cuda", "cuda:1" or "mps"',
+    ),
+    "batch_size": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "a positive whole number such as 32",
+    ),
+    "caption_mode": (lambda v: isinstance(v, str), '"first" or "mean"'),
+    "drop_bad": (lambda v: isinstance(v, bool), "true or false"),
+    "run_name": (
+        lambda v: v is None or (isinstance(v, str) and bool(v.strip())),
+        "a non-empty folder name such as \"demo\" (or null / left out for an automatic name)",
+    ),
+    "cache_root": (
+        lambda v: v is None or _is_path(v),
+        "a folder path (a string), or null / left out for the default cache",
+    ),
+    "weights": (
+        lambda v: v is None or _is_str_map(v, _is_path),
+        "a mapping {model name: local weights path} (or null / left out)",
+    ),
+    "thumbnails": (lambda v: isinstance(v, bool), "true or false"),
+    "features": (
+        lambda v: v is None
+        or _is_str_map(v, lambda x: _is_path(x) or _is_str_map(x, _is_path)),
+        "a mapping {model: feature file path} or {model: {layer: path}} (or null / left out)",
+    ),
+    "modalities": (
+        lambda v: v is None or _is_str_map(v, lambda x: isinstance(x, str) and bool(x)),
+        'a mapping {file model: "vision" | "language" | "brain" | a name} (or null / left out)',
+    ),
+    "gpa_models": (
+        lambda v: v is None or isinstance(v, str) or _is_str_list(v),
+        "a list of model names entering GPA (or null / left out for the vision models)",
+    ),
+    "list_size": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "a positive whole number such as 128 (neighbours stored per stimulus)",
+    ),
+    "neighbour_layers": (lambda v: isinstance(v, str), '"all" or "default"'),
+}
+
+
+def _check_field_types(config: PrecomputeConfig) -> None:
+    """ValueError naming the first field whose value has the wrong type, and what it must be."""
+    for spec in fields(config):
+        accepts, expected = _FIELD_TYPES[spec.name]
+        value = getattr(config, spec.name)
+        if not accepts(value):
+            raise ValueError(
+                f"config value {spec.name!r} = {_shown(value)} has the wrong type "
+                f"({type(value).__name__}); it must be {expected}"
+            )
+
+
 def _fold_models_table(mapping: dict[str, Any]) -> dict[str, Any]:
     """``models = [{name, modality?, path?/files?, layer?}, ...]`` -> the config's own keys."""
     table = mapping.pop("models")
@@ -450,6 +555,33 @@ def _check_models(config: PrecomputeConfig) -> None:
     config.sources()  # file sources check that their files exist
 
 
+def _check_weights(config: PrecomputeConfig, names: Sequence[str]) -> None:
+    """``models.check_weights_available`` for ``names`` (no model is loaded): a model whose
+    weights are missing stops the run before any work, with the ways to supply them."""
+    if names:
+        from . import models
+
+        models.check_weights_available(names, weights=config.weights)
+
+
+def _recorded_extractions(path: Path) -> set[str]:
+    """Models whose extraction the manifest at ``path`` records (a cheap look before the dataset
+    is checked; the pipeline checks exactly once it has the dataset's fingerprint)."""
+    try:
+        layout = RunLayout(path)
+        manifest = read_json(layout.manifest) if layout.manifest.is_file() else {}
+    except CacheFormatError:
+        return set()
+    steps = manifest.get("steps") if isinstance(manifest, dict) else None
+    if not isinstance(steps, dict):
+        return set()
+    return {
+        step.removeprefix("extract:")
+        for step in steps
+        if isinstance(step, str) and step.startswith("extract:")
+    }
+
+
 def _choose_layers(config: PrecomputeConfig, encoder: Any) -> list[str]:
     """Layers to keep, in network order: the configured ones plus a vision model's GPA layer."""
     wanted = config.layers_for(encoder.name)
@@ -560,12 +692,18 @@ def precompute(
     cfg = _resolve_config(config, options)
     notify = progress or (lambda event: None)
     _check_models(cfg)
+    encoders = [*cfg.vision_models, *cfg.language_models]
     notify(ProgressEvent("dataset", None, 0, 1))
-    dataset, dropped = check_dataset(load_dataset(cfg.dataset), drop_bad=cfg.drop_bad)
+    loaded = load_dataset(cfg.dataset)
+    name = cfg.run_name or default_run_name(cfg, loaded.name)
+    cache = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
+    # weights first, before the image check: every encoder the run does not record as extracted
+    # (the pipeline checks again, exactly, once it knows the data set's fingerprint)
+    recorded = _recorded_extractions(cache / "runs" / model_key(name))
+    _check_weights(cfg, [model for model in encoders if model not in recorded])
+    dataset, dropped = check_dataset(loaded, drop_bad=cfg.drop_bad)
     data_fingerprint = dataset_fingerprint(dataset)
     notify(ProgressEvent("dataset", None, 1, 1))
-    name = cfg.run_name or default_run_name(cfg, dataset.name)
-    cache = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
     info = DatasetInfo(
         name=dataset.name,
         fingerprint=data_fingerprint,
@@ -753,6 +891,12 @@ def _execute(
         pipeline = _Pipeline(
             plan, stimuli, info, data_fingerprint or info.fingerprint or "", path, name, notify
         )
+        if plan.config is not None:
+            # again, exactly: the encoders this call will load (a changed data set re-extracts)
+            _check_weights(
+                plan.config,
+                [s.name for s in plan.sources if s.kind == "encoder" and not pipeline.done(s)],
+            )
         for source in plan.sources:
             pipeline.model(source)
             pipeline.neighbours(source.name)
@@ -824,17 +968,21 @@ class _Pipeline:
         return report
 
     # -- steps ------------------------------------------------------------------------------------
+    def done(self, source: Any) -> bool:
+        """Whether ``source``'s embeddings are in the run, from the same inputs (nothing to do)."""
+        entry = self.data.models.get(source.name)
+        return bool(
+            self.manifest.step_done(f"extract:{source.name}", source.inputs(self))
+            and entry is not None
+            and entry.modality == source.modality
+            and _files_present(self.layout, entry)
+        )
+
     def model(self, source: Any) -> None:
         """One model's representations (encoder, arrays or files): embeddings + clip thresholds."""
         name, n = source.name, self.n
         step, inputs = f"extract:{name}", source.inputs(self)
-        entry = self.data.models.get(name)
-        if (
-            self.manifest.step_done(step, inputs)
-            and entry is not None
-            and entry.modality == source.modality
-            and _files_present(self.layout, entry)
-        ):
+        if self.done(source):
             self.notify(ProgressEvent("extract", name, n, n, skipped=True))
             return
         self.manifest.forget_step(step)

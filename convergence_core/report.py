@@ -25,9 +25,11 @@ from typing import Any
 import pandas as pd
 
 from . import analyses, figures, retrieval, universal
+from .alignment import cknna_bound_note
 from .cache import write_bytes, write_json
 from .presets import PRESETS, preset_config
 from .run import Run, load_run
+from .validation import MIN_CKNNA_SET_SIZE
 
 #: Columns of the summary table, in print order.
 SUMMARY_COLUMNS = [
@@ -62,8 +64,22 @@ def summary_table(set_tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([table[SUMMARY_COLUMNS] for table in set_tables], ignore_index=True)
 
 
-def format_summary(summary: pd.DataFrame) -> str:
-    """Fixed-width text of the summary: low, random mean [95% interval], high, ratio, p."""
+def format_summary(summary: pd.DataFrame, set_size: int | None = None) -> str:
+    """Fixed-width text of the summary: low, random mean [95% interval], high, ratio, p.
+
+    With ``set_size`` below ``validation.MIN_CKNNA_SET_SIZE`` the CKNNA columns show "—" (too
+    few stimuli for a CKNNA worth reading; the CSV/JSON tables keep the values).
+    """
+    if set_size is not None and set_size < MIN_CKNNA_SET_SIZE:
+        summary = summary.copy()
+        for column in SUMMARY_COLUMNS:
+            if column.startswith("cknna_") or column == "low_high_ratio":
+                summary[column] = float("nan")
+    dash = "—"
+
+    def number(value: float, spec: str = "{:.4f}") -> str:
+        return dash if pd.isna(value) else spec.format(value)
+
     shown = pd.DataFrame(
         {
             "score": summary["score"],
@@ -74,9 +90,9 @@ def format_summary(summary: pd.DataFrame) -> str:
                     summary["language_model"], summary["language_layer"], strict=True
                 )
             ],
-            "low": summary["cknna_low_dispersion"].map("{:.4f}".format),
+            "low": summary["cknna_low_dispersion"].map(number),
             "random mean [95% interval]": [
-                f"{m:.4f} [{lo:.4f}, {hi:.4f}]"
+                dash if pd.isna(m) else f"{m:.4f} [{lo:.4f}, {hi:.4f}]"
                 for m, lo, hi in zip(
                     summary["cknna_random_mean"],
                     summary["cknna_random_lower_95"],
@@ -84,7 +100,7 @@ def format_summary(summary: pd.DataFrame) -> str:
                     strict=True,
                 )
             ],
-            "high": summary["cknna_high_dispersion"].map("{:.4f}".format),
+            "high": summary["cknna_high_dispersion"].map(number),
             "low/high": summary["low_high_ratio"].map(
                 lambda v: "n/a" if pd.isna(v) else f"{v:.2f}"
             ),
@@ -92,6 +108,50 @@ def format_summary(summary: pd.DataFrame) -> str:
         }
     )
     return shown.to_string(index=False)
+
+
+def check_out_folder(out: str | os.PathLike[str]) -> Path:
+    """``out`` as a Path if it is, or can become, a folder; ValueError naming the fix otherwise.
+
+    An existing file (or a file where a parent folder should be) is never overwritten.
+    """
+    out = Path(out)
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            where = "is" if folder == out else f"lies under {folder}, which is"
+            raise ValueError(
+                f"--out {out} {where} an existing file, not a folder; pass a folder for the "
+                "report (a new one, or an existing folder whose report files may be replaced)"
+            )
+        if folder.exists():
+            break
+    return out
+
+
+def _cknna_values(
+    set_tables: Sequence[pd.DataFrame], dropped: pd.DataFrame, sweep: pd.DataFrame, n: int
+) -> list[tuple[str, float, int, int]]:
+    """``(what, CKNNA, set size, k)`` of every CKNNA the report writes (for the bound note)."""
+    rows: list[tuple[str, float, int, int]] = []
+    for table in set_tables:
+        for r in table.to_dict("records"):
+            pair = f"{r['vision_model']} × {r['language_model']} ({r['score']})"
+            for column in (
+                "cknna_low_dispersion",
+                "cknna_high_dispersion",
+                "cknna_random_mean",
+                "cknna_random_lower_95",
+                "cknna_random_upper_95",
+            ):
+                what = f"{column.removeprefix('cknna_').replace('_', ' ')}, {pair}"
+                rows.append((what, r[column], int(r["set_size"]), int(r["k"])))
+    for r in dropped.to_dict("records"):
+        what = f"{r['condition']}, {r['vision_model']} × {r['language_model']}"
+        rows.append((what, r["cknna"], int(r["n_stimuli"]), int(r["k"])))
+    for r in sweep.to_dict("records"):
+        what = f"full set, {r['vision_model']} × {r['language_model']} {r['language_layer']}"
+        rows.append((what, r["cknna"], n, int(r["k"])))
+    return rows
 
 
 def write_report(
@@ -113,7 +173,7 @@ def write_report(
     ``verdicts`` (score -> sentence), ``paired_tests``, ``universal_space`` (see
     :func:`universal_space_section`), ``notes`` and ``files``.
     """
-    out = Path(out)
+    out = check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     n = int(run.gpa.residuals.shape[0])
     size = default_set_size(n, k) if size is None else size
@@ -175,9 +235,21 @@ def write_report(
     if universal_space.get("note"):
         notes.append(universal_space["note"])
 
+    if size < MIN_CKNNA_SET_SIZE:
+        notes.append(
+            f"sets of {size} stimuli are fewer than {MIN_CKNNA_SET_SIZE}: summary.txt shows no "
+            "CKNNA numbers for them (too noisy to read; values above 1 are common), the tables "
+            "keep the values; use --size of at least "
+            f"{MIN_CKNNA_SET_SIZE}"
+        )
+    bound = cknna_bound_note(_cknna_values(set_tables, dropped, sweep, n))
+    if bound is not None:
+        notes.append(bound)
     summary = summary_table(set_tables)
     files += _write_table(summary, out, "summary")
-    text = format_summary(summary) + "\n\n" + "\n".join(verdicts.values()) + "\n"
+    text = format_summary(summary, size) + "\n\n" + "\n".join(verdicts.values()) + "\n"
+    if bound is not None:
+        text += f"\nNote: {bound}\n"
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
 
     report = {
@@ -357,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.run is None) == (args.preset is None):
         parser.error("give either a run (folder or name) or --preset NAME, not both")
     try:
+        check_out_folder(args.out)  # before any analysis: a bad --out fails in a second
         if args.preset:
             name = preset_config(args.preset)["run_name"]
             try:
@@ -382,6 +455,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. no permission to write to --out
+        print(
+            f"error: cannot write the report to {args.out} ({error.strerror or error}); pass a "
+            "folder you can write to with --out",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out)
     print(

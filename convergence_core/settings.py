@@ -116,3 +116,60 @@ def imagenet_samples_root() -> Path:
     """The labelled ImageNet sample set: ``$CONVERGENCE_IMAGENET_DATA`` or
     ``<data_root()>/imagenet-samples``."""
     return _from_env("CONVERGENCE_IMAGENET_DATA") or data_root() / "imagenet-samples"
+
+
+#: Default largest image (width × height, in pixels) that is decoded: Pillow's own
+#: decompression-bomb warning level, ``Image.MAX_IMAGE_PIXELS`` = 1024³ // 4 // 3 = 89,478,485
+#: (a 9,500 × 9,400 photo). Camera originals stay under it (a 61 MP full-frame sensor, a 50 MP
+#: phone), while one RGB image at the limit already takes 268 MB once decoded, and the dataset
+#: check decodes up to 4 at a time (~1.1 GB). The models see 224-260 px crops, so nothing larger
+#: is ever useful. A PNG of a few KB can claim 12,000 × 12,000 pixels (432 MB decoded).
+DEFAULT_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
+
+def max_image_pixels() -> int:
+    """Largest image, in pixels (width × height), that is decoded; larger ones are bad items.
+
+    ``$CONVERGENCE_MAX_IMAGE_PIXELS`` (a positive integer) or :data:`DEFAULT_MAX_IMAGE_PIXELS`.
+    """
+    text = os.environ.get("CONVERGENCE_MAX_IMAGE_PIXELS", "").strip().replace("_", "")
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(
+            f"CONVERGENCE_MAX_IMAGE_PIXELS={os.environ['CONVERGENCE_MAX_IMAGE_PIXELS']!r} is not a "
+            f"positive whole number of pixels; unset it (default {DEFAULT_MAX_IMAGE_PIXELS:,}) or "
+            "set e.g. 50000000"
+        )
+    return value
+
+
+#: Default longest caption excerpt on cards and in tables, in characters: every caption of the
+#: demo set is whole (coco-mini: median 51, longest 240 of 1,195), while a 100,000-character
+#: caption is cut to a few lines (rendering it whole froze the browser on Home).
+DEFAULT_CAPTION_EXCERPT_CHARS = 300
+
+
+def caption_excerpt_chars() -> int:
+    """Longest caption shown on dashboard cards and in tables (the full text is one click away).
+
+    ``$CONVERGENCE_CAPTION_EXCERPT_CHARS`` (a whole number >= 20) or
+    :data:`DEFAULT_CAPTION_EXCERPT_CHARS`.
+    """
+    text = os.environ.get("CONVERGENCE_CAPTION_EXCERPT_CHARS", "").strip()
+    if not text:
+        return DEFAULT_CAPTION_EXCERPT_CHARS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 20:
+        raise ValueError(
+            f"CONVERGENCE_CAPTION_EXCERPT_CHARS={text!r} is not a whole number of at least 20 "
+            f"characters; unset it (default {DEFAULT_CAPTION_EXCERPT_CHARS}) or set e.g. 500"
+        )
+    return value

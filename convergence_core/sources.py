@@ -240,7 +240,12 @@ class EncoderSource:
         if self.modality == "vision":
             images = [Path(context.images_root) / rel for rel in context.stimuli["image"]]
             raw = extract_embeddings(
-                encoder, images, batch_size=cfg.batch_size, progress=report, layers=layers
+                encoder,
+                images,
+                batch_size=cfg.batch_size,
+                progress=report,
+                layers=layers,
+                root=context.images_root,
             )
             items = n
         else:

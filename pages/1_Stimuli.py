@@ -110,18 +110,16 @@ detail_id = st.selectbox(
     f"Stimulus (by {plots.SCORE_NAME[score]}, lowest first; or press Inspect under an image)",
     inspect_options,
     key=widgets.INSPECT_KEY,
-    format_func=lambda identifier: identifier,
+    format_func=widgets.excerpt,
 )
 row = int(np.flatnonzero(ids == detail_id)[0])
 captions = list(stimuli["captions"].iloc[row])
 
 picture, facts = st.columns([1, 2])
 with picture:
-    image = run.thumbnail_path(row)
-    if image is not None:
-        st.image(str(image), width="stretch")
-    st.text(f"id {detail_id}")
-    widgets.show_captions(captions)
+    widgets.thumbnail(run, row)
+    st.text(f"id {widgets.excerpt(detail_id)}")
+    widgets.show_captions(captions, key="detail", title=f"Stimulus {detail_id}")
 with facts:
     ranks = st.columns(2)
     ranks[0].metric(
@@ -166,7 +164,8 @@ neighbours = {
 overview = pd.DataFrame({"neighbour": np.arange(1, count + 1)})
 for model, (layer, neighbour_rows, similarity) in neighbours.items():
     overview[f"{model} ({layer})"] = [
-        f"{ids[r]} · {s:.3f}" for r, s in zip(neighbour_rows, similarity, strict=True)
+        f"{widgets.excerpt(ids[r])} · {s:.3f}"
+        for r, s in zip(neighbour_rows, similarity, strict=True)
     ]
 st.text(
     "Neighbour ids and similarities in every model (same id in several columns: the models agree):"
@@ -184,11 +183,9 @@ shown_model = st.radio(
 layer, neighbour_rows, similarity = neighbours[shown_model]
 thumbs = st.columns(NEIGHBOUR_THUMBNAILS)
 for cell, neighbour in zip(thumbs, neighbour_rows[:NEIGHBOUR_THUMBNAILS], strict=False):
-    path = run.thumbnail_path(int(neighbour))
     with cell:
-        if path is not None:
-            st.image(str(path), width="stretch")
-        st.text(str(ids[neighbour]))
+        widgets.thumbnail(run, int(neighbour))
+        st.text(widgets.excerpt(ids[neighbour]))
 detail = widgets.captions_frame(run, neighbour_rows)
 detail.insert(0, "neighbour", np.arange(1, len(neighbour_rows) + 1))
 detail.insert(2, "similarity", similarity)

@@ -114,7 +114,9 @@ if uploaded is not None and uploaded.file_id != st.session_state.get(LAST_IMPORT
         rows, unknown = selection_io.match_ids(wanted, ids)
         if unknown:
             st.warning(f"{len(unknown)} id(s) in the file are not in this run and were skipped:")
-            st.text(", ".join(unknown[:20]) + (" …" if len(unknown) > 20 else ""))
+            st.text(
+                ", ".join(map(widgets.excerpt, unknown[:20])) + (" …" if len(unknown) > 20 else "")
+            )
         if len(rows) == 0:
             st.error(
                 "Empty selection: none of the ids in the file is in this run; "

@@ -150,7 +150,9 @@ elif source == "pasted":
     rows, unknown = selection_io.match_ids(wanted, ids)
     if unknown:
         st.warning(f"{len(unknown)} pasted id(s) are not in this run and were left out:")
-        st.text(", ".join(unknown[:20]) + (" …" if len(unknown) > 20 else ""))
+        st.text(
+            ", ".join(map(widgets.excerpt, unknown[:20])) + (" …" if len(unknown) > 20 else "")
+        )
     if len(rows) == 0:
         st.error("Empty selection: paste the ids of at least 4 stimuli of this run.")
     else:
@@ -228,22 +230,40 @@ elif focus is not None:
     focus_value = float(set_values.loc[set_values["set"] == focus, "cknna"].mean())
 else:
     focus_value = float("nan")
+focus_size = len(sets[focus]) if focus in sets else size
+focus_text = lab.cknna_text(focus_value, focus_size)
 summary = st.columns(4)
 summary[0].metric(
     f"Focus: {SET_LABEL[source]}",
-    "—" if np.isnan(focus_value) else f"{focus_value:.4f}",
+    focus_text,
     delta=None
-    if np.isnan(focus_value) or focus == "random"
+    if focus_text == "—" or focus == "random" or size < lab.MIN_CKNNA_SET_SIZE
     else f"{focus_value - random_mean:+.4f} vs random",
     help="CKNNA of the focus set, mean over the vision × language pairs shown.",
 )
 summary[1].metric(
-    "CKNNA, low dispersion", f"{set_values.loc[set_values['set'] == 'low', 'cknna'].mean():.4f}"
+    "CKNNA, low dispersion",
+    lab.cknna_text(set_values.loc[set_values["set"] == "low", "cknna"].mean(), size),
 )
-summary[2].metric("CKNNA, random (mean)", f"{random_mean:.4f}")
+summary[2].metric("CKNNA, random (mean)", lab.cknna_text(random_mean, size))
 summary[3].metric(
-    "CKNNA, high dispersion", f"{set_values.loc[set_values['set'] == 'high', 'cknna'].mean():.4f}"
+    "CKNNA, high dispersion",
+    lab.cknna_text(set_values.loc[set_values["set"] == "high", "cknna"].mean(), size),
 )
+too_small = [
+    SET_LABEL[name] for name, rows in sets.items() if len(rows) < lab.MIN_CKNNA_SET_SIZE
+]
+too_small += [SET_LABEL["random"]] if size < lab.MIN_CKNNA_SET_SIZE else []
+if too_small:
+    st.info(
+        f"No CKNNA number above for sets of fewer than {lab.MIN_CKNNA_SET_SIZE} stimuli "
+        f"({', '.join(too_small)}): on so few stimuli CKNNA's unbiased estimates are too noisy "
+        "to read and often exceed 1. The bars and the table below still show them; choose a "
+        "larger set size (or select more stimuli) for numbers."
+    )
+bound_note = lab.bound_note(set_values, baselines)
+if bound_note is not None:
+    st.warning(bound_note)
 
 metric = st.radio(
     "Bars show",

@@ -158,7 +158,8 @@ def test_changing_k_changes_the_cknna_table(run) -> None:
 
 
 def test_high_and_low_sets_differ_and_follow_the_score(run) -> None:
-    at = _page()
+    # sets of at least validation.MIN_CKNNA_SET_SIZE (24) stimuli: smaller ones show no number
+    at = _page({"size": "24"})
     table = _results(at)
     low = table[table["set"] == "low"]["cknna"].to_numpy()
     high = table[table["set"] == "high"]["cknna"].to_numpy()

@@ -141,11 +141,16 @@ def test_a_run_from_files_of_several_modalities(tmp_path, coco, ids):
     assert run.alignment("vis-a", "features", "subj01", "V1", k=5) > 0.2
     assert run.thumbnail_path(0) is not None
     # a rerun reads nothing again; a changed file is noticed
-    again = precompute(run.manifest.settings | {"cache_root": str(tmp_path / "cache")})
-    assert again.manifest.steps["extract:subj01"].done == run.manifest.steps["extract:subj01"].done
-    _save_npy(files["subj01"], np.load(files["subj01"])[:, ::-1].copy(), ids)
+    events = []
+    precompute(run.manifest.settings | {"cache_root": str(tmp_path / "cache")},
+               progress=events.append)
+    assert all(e.skipped for e in events if e.step in ("extract", "neighbours", "gpa"))
+    flipped = np.load(files["subj01"])[:, ::-1].copy()
+    _save_npy(files["subj01"], flipped, ids)
     changed = precompute(run.manifest.settings | {"cache_root": str(tmp_path / "cache")})
-    assert changed.manifest.steps["extract:subj01"].done != run.manifest.steps["extract:subj01"].done
+    before = run.manifest.steps["extract:subj01"].inputs
+    assert changed.manifest.steps["extract:subj01"].inputs != before
+    np.testing.assert_allclose(changed.embeddings["subj01"]["V1"], flipped.astype(np.float32))
 
 
 def test_config_needs_a_modality_for_each_file_and_two_gpa_models(tmp_path, coco, ids):

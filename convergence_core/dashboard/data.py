@@ -3,7 +3,8 @@
 Everything heavy is computed at most once per server process and shared across sessions:
 
 * the :class:`~convergence_core.run.Run` (``st.cache_resource``, keyed by run folder and the
-  manifest's modification time, so a re-precomputed run is reloaded);
+  manifest's modification time, so a re-precomputed run is reloaded), its files checked once
+  (``run_checks.check_run_files``) so a damaged run fails on opening, in words;
 * the neighbour indexes of the run's layers (``run.neighbours``: memory-mapped features and exact
   neighbour lists, kept by the shared Run);
 * best language layers, the random baseline and the permutation test of the Alignment lab, and the
@@ -25,6 +26,7 @@ import streamlit as st
 from .. import settings
 from ..cache import RunLayout, read_npy, write_npy
 from ..run import Run, RunInfo, list_runs, load_run
+from ..run_checks import check_run_files
 from . import lab
 
 #: Command that makes the demo run; shown whenever no run is cached.
@@ -57,11 +59,18 @@ def manifest_stamp(path: Path) -> int:
 
 @st.cache_resource(show_spinner="Opening the run…", max_entries=8)
 def _open_run(path: str, stamp: int) -> Run:
-    return load_run(path)
+    run = load_run(path)
+    check_run_files(run)  # a damaged file fails here, once, with the fix (never mid-page)
+    return run
 
 
 def open_run(path: Path) -> Run:
-    """The run at ``path``, loaded once per server and manifest version. Shared: do not mutate."""
+    """The run at ``path``, loaded and checked (``run_checks.check_run_files``) once per server
+    and manifest version. Shared: do not mutate.
+
+    Raises:
+        CacheFormatError (a ValueError) / OSError: a missing or damaged run file, with the fix.
+    """
     return _open_run(str(path), manifest_stamp(path))
 
 

