@@ -76,6 +76,12 @@ _PUBLIC: dict[str, str] = {
     "local_density": "calibration",
     "typicality": "calibration",
     "resampled_interval": "calibration",
+    # per-stimulus alignment (issue 14)
+    "per_stimulus_alignment": "stimulus_alignment",
+    "knn_overlap": "stimulus_alignment",
+    "local_cka": "stimulus_alignment",
+    "alignment_dispersion_relation": "stimulus_alignment",
+    "spearman_permutation_test": "stats",
     # the universal space across modalities (issue 13)
     "Member": "universal",
     "fit_universal_space": "universal",

@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 
 from .procrustes import GPAResult, generalized_procrustes, procrustes_align
-from .stats import permutation_p_values
+from .stats import spearman_permutation_test
 from .validation import check_features
 
 if TYPE_CHECKING:
@@ -394,16 +394,6 @@ def cross_modal_dispersion(
     return np.sqrt(squared), distances
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    from scipy.stats import rankdata  # here: scipy.stats is slow to import
-
-    return rankdata(values).astype(np.float64)
-
-
-#: Permutations per block in :func:`dispersion_relation` (bounds memory to block × n floats).
-_PERMUTATION_BLOCK = 256
-
-
 def dispersion_relation(
     cross_modal: np.ndarray,
     intra_modal: np.ndarray,
@@ -411,61 +401,12 @@ def dispersion_relation(
     n_permutations: int = 1000,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Spearman ρ between two per-stimulus scores, with a two-sided permutation p-value.
-
-    The null shuffles which stimulus each ``intra_modal`` value belongs to (``n_permutations``
-    shuffles from ``numpy.random.default_rng(seed)``, processed in blocks); p = (1 + #{|ρ_perm| ≥
-    |ρ|}) / (n_permutations + 1), also one-sided (ρ_perm ≥ ρ). Ties get average ranks.
-
-    Returns:
-        ``spearman_rho``, ``permutation_p_value_two_sided``, ``permutation_p_value_positive``,
-        ``n_permutations``, ``n_stimuli``, ``seed``.
-    """
-    x = check_features(np.asarray(cross_modal, dtype=np.float64).reshape(-1, 1), "cross_modal")
-    y = check_features(np.asarray(intra_modal, dtype=np.float64).reshape(-1, 1), "intra_modal")
-    if x.shape[0] != y.shape[0] or x.shape[0] < 3:
-        raise ValueError(
-            f"the two scores must have one value per stimulus, at least 3, got {x.shape[0]} and "
-            f"{y.shape[0]}; pass scores of the same stimuli in the same order"
-        )
-    if (
-        isinstance(n_permutations, bool)
-        or not isinstance(n_permutations, (int, np.integer))
-        or (n_permutations < 1)
-    ):
-        raise ValueError(f"n_permutations must be a positive integer, got {n_permutations!r}")
-    n = x.shape[0]
-    rx = _ranks(x[:, 0])
-    ry = _ranks(y[:, 0])
-    rx = rx - rx.mean()
-    ry = ry - ry.mean()
-    denominator = float(np.linalg.norm(rx) * np.linalg.norm(ry))
-    if denominator == 0.0:
-        nan = float("nan")
-        return {
-            "spearman_rho": nan,
-            "permutation_p_value_two_sided": nan,
-            "permutation_p_value_positive": nan,
-            "n_permutations": int(n_permutations),
-            "n_stimuli": n,
-            "seed": int(seed),
-        }
-    rho = float(rx @ ry / denominator)
-    rng = np.random.default_rng(seed)
-    null = np.empty(n_permutations)
-    for start in range(0, n_permutations, _PERMUTATION_BLOCK):
-        size = min(_PERMUTATION_BLOCK, n_permutations - start)
-        shuffled = np.stack([ry[rng.permutation(n)] for _ in range(size)])
-        null[start : start + size] = shuffled @ rx / denominator
-    two_sided, positive = permutation_p_values(rho, null)
-    return {
-        "spearman_rho": rho,
-        "permutation_p_value_two_sided": two_sided,
-        "permutation_p_value_positive": positive,
-        "n_permutations": int(n_permutations),
-        "n_stimuli": n,
-        "seed": int(seed),
-    }
+    """Spearman ρ between cross-modal and intra-modal dispersion, with permutation p-values
+    (``stats.spearman_permutation_test``; the null shuffles the intra-modal values)."""
+    return spearman_permutation_test(
+        cross_modal, intra_modal, n_permutations=n_permutations, seed=seed,
+        names=("cross_modal", "intra_modal"),
+    )
 
 
 @dataclass(frozen=True)
