@@ -1019,11 +1019,13 @@ class _Pipeline:
             wanted = [entry.default_layer] + ([gpa_layer] if gpa_layer else [])
         k = list_size_for(self.n, self.plan.list_size)
         done: list[str] = []
+        total = self.n * len(wanted)  # one progress bar per model: rows of all its layers
         for layer in entry.layers:
             step = f"neighbours:{model}:{layer}"
             if layer not in wanted:
                 self.data.steps.pop(step, None)
                 continue
+            offset = self.n * len(done)
             inputs = fingerprint("neighbours", entry.sha256[layer], k, NEIGHBOURS_ALGORITHM)
             key = entry.layer_keys[layer]
             present = (
@@ -1041,8 +1043,8 @@ class _Pipeline:
                     layer,
                     list_size=k,
                     device=self.plan.device,
-                    progress=lambda rows, total: self.notify(
-                        ProgressEvent("neighbours", model, int(rows), int(total))
+                    progress=lambda rows, _, offset=offset: self.notify(
+                        ProgressEvent("neighbours", model, offset + int(rows), total)
                     ),
                 )
                 self.manifest.finish_step(
