@@ -91,6 +91,18 @@ class PrecomputeConfig:
         cache_root: cache folder; default ``settings.cache_root()``.
         weights: ``{model: local weights path}`` for models whose weights are not installed.
         thumbnails: write gallery thumbnails.
+        precision: ``"auto"`` (float16 autocast for vision models on CUDA, float32 otherwise),
+            ``"float32"``, ``"float16"`` or ``"bfloat16"`` (``extract.precision_plan``).
+        engine: where extraction runs: ``"local"`` (this process) or ``"ray"`` (a Ray Data
+            pipeline per model; ``engines`` / ``ray_engine``). The engine never changes the numbers.
+        ray_address: an existing Ray cluster (``"auto"``, ``"host:6379"``, ``"ray://host:10001"``);
+            None starts a local Ray instance for the run.
+        concurrency: Ray actors per model (None: as many as the cluster's CPUs / GPUs allow).
+        num_cpus / num_gpus: resources per Ray actor (None: 1 CPU; 1 GPU on CUDA).
+        runtime_env: Ray ``runtime_env`` mapping (e.g. to ship this package to the workers).
+
+    ``batch_size`` may also be ``"auto"``: as many items as fill 80 % of the free GPU memory
+    (measured once per model; ``extract.fit_batch_size``), 32 on CPU.
     """
 
     dataset: Any
@@ -106,6 +118,13 @@ class PrecomputeConfig:
     cache_root: str | None = None
     weights: Mapping[str, str] | None = None
     thumbnails: bool = True
+    precision: str = "auto"
+    engine: str = "local"
+    ray_address: str | None = None
+    concurrency: int | None = None
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    runtime_env: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vision_models", _name_tuple(self.vision_models, "vision_models"))
@@ -124,12 +143,17 @@ class PrecomputeConfig:
             raise ValueError(
                 f"unknown caption_mode {self.caption_mode!r}; use one of {list(CAPTION_MODES)}"
             )
-        if (
+        if self.batch_size != "auto" and (
             isinstance(self.batch_size, bool)
             or not isinstance(self.batch_size, int)
             or self.batch_size < 1
         ):
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+            raise ValueError(
+                f"batch_size must be a positive integer or 'auto', got {self.batch_size!r}"
+            )
+        from .engines import check_engine_settings
+
+        check_engine_settings(self)
         if isinstance(self.layers, str):
             if self.layers not in ("all", "default"):
                 raise ValueError(
@@ -230,10 +254,13 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 def default_run_name(config: PrecomputeConfig, dataset_name: str) -> str:
     """``<dataset>-<12 hex>``: a hash of everything in the config that changes the results."""
+    from .engines import ENGINE_SETTINGS
+
     relevant = {
         k: v
         for k, v in config.to_dict().items()
-        if k not in ("run_name", "cache_root", "batch_size", "thumbnails")
+        if k not in ("run_name", "cache_root", "batch_size", "thumbnails", *ENGINE_SETTINGS)
+        and not (k == "precision" and v == "auto")  # names made before precisions stay the same
     }
     safe = model_key(dataset_name.replace(" ", "-"))
     return f"{safe}-{fingerprint(relevant)[:12]}"
@@ -279,26 +306,6 @@ def _check_model_names(config: PrecomputeConfig) -> None:
                     f"{name!r} is a {modality} model but was listed as a {expected} model; move "
                     f"it to the {modality} models"
                 )
-
-
-def _choose_layers(config: PrecomputeConfig, encoder: Any) -> list[str]:
-    """Layers to keep, in network order: the configured ones plus a vision model's GPA layer."""
-    wanted = config.layers_for(encoder.name)
-    if wanted == "all":
-        chosen = set(encoder.layers)
-    elif wanted == "default":
-        chosen = {encoder.default_layer}
-    else:
-        chosen = set(wanted)
-    gpa_layer = (config.gpa_layers or {}).get(encoder.name)
-    if gpa_layer is not None:
-        chosen.add(gpa_layer)
-    unknown = sorted(chosen - set(encoder.layers))
-    if unknown:
-        raise ValueError(
-            f"layer(s) {unknown} are not layers of {encoder.name!r}; choose from {encoder.layers}"
-        )
-    return [layer for layer in encoder.layers if layer in chosen]
 
 
 def _files_present(layout: RunLayout, entry: Mapping[str, Any]) -> bool:
@@ -364,8 +371,11 @@ def precompute(
         on_wait=lambda pid: notify(ProgressEvent("waiting", None, 0, 1)),
     ):
         pipeline = _Pipeline(cfg, dataset, data_fingerprint, dropped, path, name, notify)
-        for model in [*cfg.vision_models, *cfg.language_models]:
-            pipeline.extract(model)
+        try:
+            for model in [*cfg.vision_models, *cfg.language_models]:
+                pipeline.extract(model)
+        finally:
+            pipeline.close_engine()
         gpa_inputs = pipeline.gpa()
         pipeline.dispersion(gpa_inputs)
         pipeline.thumbnails()
@@ -425,6 +435,23 @@ class _Pipeline:
         )
         _forget_dropped_models(self.manifest, [*cfg.vision_models, *cfg.language_models])
         self.manifest.save()
+        self._engine: Any = None
+
+    def engine(self) -> Any:
+        """The extraction engine, opened on first use (the Ray engine checks every model's
+        weights before Ray starts)."""
+        if self._engine is None:
+            from .engines import open_engine
+
+            self._engine = open_engine(
+                self.cfg, [*self.cfg.vision_models, *self.cfg.language_models]
+            )
+        return self._engine
+
+    def close_engine(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     def _extract_inputs(self, model: str, modality: str) -> str:
         from . import models
@@ -441,12 +468,13 @@ class _Pipeline:
             self.cfg.caption_mode if modality == "language" else None,
             str(self.cfg.device).split(":")[0],
             os.fspath(weights) if weights else None,
+            *([self.cfg.precision] if self.cfg.precision != "auto" else []),
         )
 
     def extract(self, model: str) -> None:
-        """Load ``model``, embed every stimulus, write its embeddings and Gram matrices."""
-        from . import models
-        from .extract import extract_caption_embeddings, extract_embeddings
+        """Embed every stimulus with ``model`` (on the configured engine), write its embeddings
+        and Gram matrices."""
+        from .engines import make_job
 
         cfg, n = self.cfg, self.n
         modality = "vision" if model in cfg.vision_models else "language"
@@ -456,39 +484,31 @@ class _Pipeline:
             self.notify(ProgressEvent("extract", model, n, n, skipped=True))
             return
         self.manifest.forget_step(step)
-        load_started = time.perf_counter()
-        encoder = models.load_encoder(
-            model, device=cfg.device, weights=(cfg.weights or {}).get(model)
-        )
-        load_seconds = time.perf_counter() - load_started
-        layers = _choose_layers(cfg, encoder)
-        default = encoder.default_layer if encoder.default_layer in layers else layers[-1]
-        weights_id = encoder.weights_id
 
         def report(done: int, total: int) -> None:
             self.notify(ProgressEvent("extract", model, int(done), int(total)))
 
-        extract_started = time.perf_counter()
-        if modality == "vision":
-            images = [Path(self.dataset.root) / rel for rel in self.stimuli["image"]]
-            raw = extract_embeddings(
-                encoder, images, batch_size=cfg.batch_size, progress=report, layers=layers
-            )
-            items = n
-        else:
-            raw = extract_caption_embeddings(
-                encoder,
-                self.stimuli,
-                mode=cfg.caption_mode,
-                batch_size=cfg.batch_size,
-                progress=report,
-                layers=layers,
-            )
-            items = n if cfg.caption_mode == "first" else sum(map(len, self.stimuli["captions"]))
-        extract_seconds = time.perf_counter() - extract_started
-        del encoder
+        job = make_job(
+            model,
+            modality,
+            self.stimuli,
+            self.dataset.root,
+            layers=cfg.layers_for(model),
+            gpa_layer=(cfg.gpa_layers or {}).get(model),
+            caption_mode=cfg.caption_mode,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            precision=cfg.precision,
+            weights=(cfg.weights or {}).get(model),
+            work_dir=self.layout.root / "shards",
+            inputs=inputs,
+        )
+        result = self.engine().extract(job, report)  # {layer: (n, d)}, the same on every engine
+        layers, default, weights_id = result.layers, result.default_layer, result.weights_id
+        items, load_seconds = result.items, result.load_seconds
+        extract_seconds = result.extract_seconds
         arrays = {
-            layer: check_embedding_array(np.asarray(raw[layer]), model, layer, n)
+            layer: check_embedding_array(np.asarray(result.arrays[layer]), model, layer, n)
             for layer in layers
         }
         hashes = write_model_arrays(
