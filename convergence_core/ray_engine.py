@@ -47,6 +47,7 @@ import os
 import shutil
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,7 @@ class ShardStore:
                 rows = data["rows"]
                 meta = json.loads(str(data["meta"]))
                 columns = {k: data[k] for k in data.files if k.startswith("layer_")}
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None
         start, stop = self.bounds(shard)
         good = np.array_equal(rows, np.arange(start, stop)) and len(columns) == len(
@@ -429,7 +430,7 @@ class RayEngine:
             shard_rows = plan_shard_rows(n_items, batch, workers)
         elif shard_rows < 1 or shard_rows % batch:
             raise ValueError(f"shard_rows must be a positive multiple of the batch size {batch}")
-        store = ShardStore(self._shard_folder(job, shard_rows), n_items, shard_rows)
+        store = ShardStore(self.shard_folder(job, shard_rows), n_items, shard_rows)
         done = store.finished()
         todo = [s for s in range(store.n_shards) if s not in done]
         items_done = sum(store.bounds(s)[1] - store.bounds(s)[0] for s in done)
@@ -507,8 +508,10 @@ class RayEngine:
         shutil.rmtree(store.folder, ignore_errors=True)
         return result
 
-    def _shard_folder(self, job: ExtractionJob, shard_rows: int) -> Path:
-        """``<work_dir>/<model key>/<job key>``; other job keys of the model are stale and go."""
+    def shard_folder(self, job: ExtractionJob, shard_rows: int) -> Path:
+        """Where ``job``'s shards go: ``<work_dir>/<model key>/<job key>``, the key a hash of
+        everything that decides the numbers (and the shard size). Folders of other keys of the
+        same model are stale (inputs changed) and are deleted."""
         digest = hashlib.sha256()
         for part in (
             job.inputs,
