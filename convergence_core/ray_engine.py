@@ -117,9 +117,9 @@ class EncoderActor:
 
     ``spec`` holds the job fields that decide the numbers (model, modality, layers, gpa_layer,
     device, batch_size, precision, weights). A call gets a batch ``{"row", "shard", "item"}``
-    (numpy) and returns ``{"row", "shard", "meta", "layer_0000", ...}``: one (B, d) float32
+    (numpy) and returns ``{"row", "shard", "meta", "seconds", "layer_0000", ...}``: one (B, d) float32
     column per chosen layer, in network order, and ``meta`` (JSON: layers, default layer,
-    weights id, load seconds, pid) on every row.
+    weights id, load seconds, pid, ready_at) on every row.
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
@@ -134,10 +134,12 @@ class EncoderActor:
                 "weights_id": self.encoder.weights_id,
                 "load_seconds": time.perf_counter() - started,
                 "pid": os.getpid(),
+                "ready_at": time.time(),  # wall clock: when this actor could start embedding
             }
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         rows = np.asarray(batch["row"], dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         rows = rows[order]
@@ -162,6 +164,8 @@ class EncoderActor:
         }
         for index, layer in enumerate(self.layers):
             out[_layer_column(index)] = np.concatenate([part[layer] for part in parts])
+        # this call's time, spread over its rows (their sum over a run is the actors' busy time)
+        out["seconds"] = np.full(len(rows), (time.perf_counter() - started) / len(rows))
         return out
 
 
@@ -228,11 +232,14 @@ class _Collector:
         self.on_shard = on_shard
         self.pending: dict[int, dict[int, tuple[dict[str, np.ndarray], str]]] = {}
         self.duplicates = 0
+        self.busy_seconds = 0.0
         self.written: set[int] = set()
         self.metas: list[dict[str, Any]] = []
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         columns = sorted(k for k in batch if k.startswith("layer_"))
+        if "seconds" in batch:
+            self.busy_seconds += float(np.sum(batch["seconds"]))
         for position, (row, shard) in enumerate(zip(batch["row"], batch["shard"], strict=True)):
             shard, row = int(shard), int(row)
             if shard in self.written:
@@ -491,8 +498,10 @@ class RayEngine:
                 if original is not None and original is not exc:
                     raise original from None
                 raise
+        finished_at = time.time()
         result = self._assemble(job, store, collector)
         result.extract_seconds = time.perf_counter() - started
+        ready = [float(m["ready_at"]) for m in collector.metas if "ready_at" in m]
         result.stats.update(
             engine="ray",
             actors=workers,
@@ -504,6 +513,10 @@ class RayEngine:
             shards_written=len(collector.written),
             duplicate_rows=collector.duplicates,
             actor_pids=sorted({int(m["pid"]) for m in collector.metas}),
+            # from the first actor ready to the last shard in: the embedding work as the engine
+            # delivers it (scheduling, transfers and shard writes included; start-up excluded)
+            compute_seconds=finished_at - min(ready) if ready else None,
+            actor_busy_seconds=collector.busy_seconds,  # summed over actors (retries included)
         )
         shutil.rmtree(store.folder, ignore_errors=True)
         return result
