@@ -62,13 +62,14 @@ from .engines import (
     default_layer_of,
     load_for_job,
 )
-from .extract import DEFAULT_BATCH_SIZE, extract_embeddings, fit_batch_size, pool_captions
+from .extract import extract_embeddings, fit_batch_size, pool_captions
 
 __all__ = [
     "SHARDS_PER_ACTOR",
     "EncoderActor",
     "RayEngine",
     "ShardStore",
+    "actor_device",
     "aligned_segments",
     "plan_shard_rows",
 ]
@@ -108,6 +109,12 @@ def aligned_segments(rows: np.ndarray, batch_size: int) -> list[tuple[int, int]]
     return list(itertools.pairwise(bounds))
 
 
+def actor_device(device: str) -> str:
+    """The device an actor uses for the configured ``device``: any ``cuda:N`` becomes ``cuda``,
+    since Ray gives each actor its own GPU(s) through ``CUDA_VISIBLE_DEVICES``."""
+    return "cuda" if str(device).startswith("cuda") else str(device)
+
+
 def _layer_column(index: int) -> str:
     return f"layer_{index:04d}"
 
@@ -117,13 +124,15 @@ class EncoderActor:
 
     ``spec`` holds the job fields that decide the numbers (model, modality, layers, gpa_layer,
     device, batch_size, precision, weights). A call gets a batch ``{"row", "shard", "item"}``
-    (numpy) and returns ``{"row", "shard", "meta", "seconds", "layer_0000", ...}``: one (B, d) float32
-    column per chosen layer, in network order, and ``meta`` (JSON: layers, default layer,
-    weights id, load seconds, pid, ready_at) on every row.
+    (numpy) and returns ``{"row", "shard", "meta", "seconds", "layer_0000", ...}``: one (B, d)
+    float32 column per chosen layer, in network order, ``seconds`` (the call's time per row)
+    and ``meta`` (JSON: layers, default layer, weights id, load seconds, pid, ready_at) on
+    every row.
     """
 
     def __init__(self, spec: dict[str, Any]) -> None:
         started = time.perf_counter()
+        spec = {**spec, "device": actor_device(spec.get("device", "cpu"))}
         job = ExtractionJob(items=(), owner=np.zeros(0, dtype=np.int64), n_stimuli=0, **spec)
         self.encoder, self.layers, self.autocast = load_for_job(job)
         self.batch_size = None if job.batch_size == "auto" else int(job.batch_size)
@@ -429,7 +438,9 @@ class RayEngine:
         started = time.perf_counter()
         num_cpus, num_gpus = self.actor_resources(job.device)
         workers = self.concurrency(job.device)
-        batch = DEFAULT_BATCH_SIZE if job.batch_size == "auto" else int(job.batch_size)
+        # "auto": each actor fits its own batch size to its device, so shards are planned in
+        # items (up to MAX_SHARD_ROWS) rather than in batches
+        batch = 1 if job.batch_size == "auto" else int(job.batch_size)
         n_items = job.items_count
         if n_items == 0:
             raise ValueError("no items to embed; the dataset is empty (check its filters)")

@@ -50,6 +50,7 @@ from convergence_core.ray_engine import (
     RayEngine,
     ShardStore,
     _Collector,
+    actor_device,
     aligned_segments,
     plan_shard_rows,
 )
@@ -365,6 +366,21 @@ def test_autocast_and_pinned_memory_are_guarded_on_cpu() -> None:
     assert pin_for_device(x, torch.device("cpu")) is x
     if not torch.cuda.is_available():
         assert pin_for_device(x, "cuda") is x  # guarded: a CPU-only torch must not fail
+
+
+def test_actor_resources_and_devices() -> None:
+    """Device selection for the actors, checked without a GPU or Ray."""
+    cpu = RayEngine(EngineOptions(engine="ray"))
+    assert cpu.actor_resources("cpu") == (1.0, 0.0)
+    assert cpu.actor_resources("cuda") == (1.0, 1.0)  # one GPU per actor by default on CUDA
+    assert cpu.actor_resources("cuda:3") == (1.0, 1.0)
+    shared = RayEngine(EngineOptions(engine="ray", num_gpus=0.5, num_cpus=4))
+    assert shared.actor_resources("cuda") == (4.0, 0.5)
+    with pytest.raises(ValueError, match="would not see a GPU"):
+        RayEngine(EngineOptions(engine="ray", num_gpus=0)).actor_resources("cuda")
+    with pytest.raises(ValueError, match="while holding a GPU"):
+        shared.actor_resources("cpu")
+    assert actor_device("cuda:3") == "cuda" and actor_device("cpu") == "cpu"
 
 
 def test_fit_batch_size_arithmetic() -> None:
