@@ -249,19 +249,37 @@ class _Collector:
         columns = sorted(k for k in batch if k.startswith("layer_"))
         if "seconds" in batch:
             self.busy_seconds += float(np.sum(batch["seconds"]))
-        for position, (row, shard) in enumerate(zip(batch["row"], batch["shard"], strict=True)):
-            shard, row = int(shard), int(row)
-            if shard in self.written:
-                self.duplicates += 1
-                continue
-            rows = self.pending.setdefault(shard, {})
-            if row in rows:
-                self.duplicates += 1
-                continue
-            rows[row] = ({c: batch[c][position] for c in columns}, str(batch["meta"][position]))
+        rows_in = np.asarray(batch["row"], dtype=np.int64)
+        shards_in = np.asarray(batch["shard"], dtype=np.int64)
+        for shard in np.unique(shards_in).tolist():
+            where = np.flatnonzero(shards_in == shard)
             start, stop = self.store.bounds(shard)
-            if len(rows) == stop - start:
-                self._write(shard, columns)
+            if (
+                shard not in self.written
+                and shard not in self.pending
+                and np.array_equal(rows_in[where], np.arange(start, stop))
+            ):  # the usual case: a whole shard, in order, in one batch
+                meta = str(batch["meta"][where[0]])
+                arrays = {c: np.asarray(batch[c][where], dtype=np.float32) for c in columns}
+                self._finish(shard, rows_in[where], arrays, meta)
+                continue
+            for position in where.tolist():  # pieces of a shard (or repeats): row by row
+                self._add_row(shard, int(rows_in[position]), batch, position, columns)
+
+    def _add_row(
+        self, shard: int, row: int, batch: dict[str, np.ndarray], position: int, columns: list[str]
+    ) -> None:
+        if shard in self.written:
+            self.duplicates += 1
+            return
+        rows = self.pending.setdefault(shard, {})
+        if row in rows:
+            self.duplicates += 1
+            return
+        rows[row] = ({c: batch[c][position] for c in columns}, str(batch["meta"][position]))
+        start, stop = self.store.bounds(shard)
+        if len(rows) == stop - start:
+            self._write(shard, columns)
 
     def _write(self, shard: int, columns: list[str]) -> None:
         rows = self.pending.pop(shard)
@@ -269,8 +287,12 @@ class _Collector:
         stacked = {
             c: np.stack([rows[int(i)][0][c] for i in ids]).astype(np.float32) for c in columns
         }
-        meta = rows[int(ids[0])][1]
-        self.store.write(shard, ids, stacked, meta)
+        self._finish(shard, ids, stacked, rows[int(ids[0])][1])
+
+    def _finish(
+        self, shard: int, ids: np.ndarray, arrays: dict[str, np.ndarray], meta: str
+    ) -> None:
+        self.store.write(shard, ids, arrays, meta)
         self.written.add(shard)
         self.metas.append(json.loads(meta))
         self.on_shard(shard, len(ids))
@@ -383,8 +405,10 @@ class RayEngine:
         """``(num_cpus, num_gpus)`` per actor: the options, else 1 CPU and 1 GPU on CUDA."""
         cuda = str(device).startswith("cuda")
         num_cpus = 1.0 if self.options.num_cpus is None else float(self.options.num_cpus)
-        num_gpus = (1.0 if cuda else 0.0) if self.options.num_gpus is None else float(
-            self.options.num_gpus
+        num_gpus = (
+            (1.0 if cuda else 0.0)
+            if self.options.num_gpus is None
+            else float(self.options.num_gpus)
         )
         if cuda and num_gpus <= 0:
             raise ValueError(

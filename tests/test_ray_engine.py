@@ -74,7 +74,9 @@ def small_coco(tmp_path_factory: pytest.TempPathFactory, coco_mini_root: Path) -
     root = tmp_path_factory.mktemp("coco16")
     (root / "images").mkdir()
     for im in images:
-        shutil.copyfile(coco_mini_root / "images" / im["file_name"], root / "images" / im["file_name"])
+        shutil.copyfile(
+            coco_mini_root / "images" / im["file_name"], root / "images" / im["file_name"]
+        )
     subset = {
         "images": images,
         "annotations": [a for a in data["annotations"] if a["image_id"] in keep],
@@ -204,6 +206,15 @@ def test_collector_writes_complete_shards_once_and_counts_duplicates(tmp_path: P
     assert collector.duplicates == 2 and len(done) == 2
     _, columns, _ = store.read(0)
     assert np.array_equal(columns["layer_0000"][:, 0], [0, 1, 2, 3])
+
+    # whole shards in one batch (the usual case) are written at once; a re-sent one is counted
+    fresh = _Collector(ShardStore(tmp_path / "t", n_items=6, shard_rows=4), lambda s, c: None)
+    fresh.add(batch([0, 1, 2, 3, 4]))
+    assert fresh.written == {0} and set(fresh.pending) == {1}
+    fresh.add(batch([0, 1, 2, 3, 5]))
+    assert fresh.written == {0, 1} and fresh.duplicates == 4 and not fresh.pending
+    _, columns, _ = fresh.store.read(1)
+    assert np.array_equal(columns["layer_0000"][:, 0], [4, 5])
 
 
 # --------------------------------------------------------------------------- settings (no Ray)
@@ -394,13 +405,14 @@ def test_fit_batch_size_arithmetic() -> None:
 
     gib = 1 << 30
     used["bytes"] = 8 * 50 * (1 << 20)  # 50 MiB per item over a probe of 8
-    size = fit_batch_size(
-        FakeEncoder(), ["x"] * 8, memory=lambda: (10 * gib, 16 * gib), peak=peak
-    )
+    size = fit_batch_size(FakeEncoder(), ["x"] * 8, memory=lambda: (10 * gib, 16 * gib), peak=peak)
     assert size == 128  # 0.8 * 10 GiB / 50 MiB = 163.8 -> power of two below
-    assert fit_batch_size(
-        FakeEncoder(), ["x"] * 8, memory=lambda: (10 * gib, 16 * gib), peak=peak, maximum=64
-    ) == 64
+    assert (
+        fit_batch_size(
+            FakeEncoder(), ["x"] * 8, memory=lambda: (10 * gib, 16 * gib), peak=peak, maximum=64
+        )
+        == 64
+    )
     used["bytes"] = 8 * 20 * gib
     assert fit_batch_size(FakeEncoder(), ["x"] * 8, memory=lambda: (gib, gib), peak=peak) == 1
 
@@ -436,8 +448,15 @@ def test_reduced_precision_is_within_the_stated_tolerance_of_float32(
     encoder = load_encoder("efficientnet-lite0")
     paths = [str(root / rel) for rel in frame["image"][:4]]
     plain = extract_embeddings(encoder, paths, batch_size=4, layers=["pre_logits"])
-    job = make_job("efficientnet-lite0", "vision", frame.iloc[:4], root, precision="float32",
-                   layers=["pre_logits"], batch_size=4)
+    job = make_job(
+        "efficientnet-lite0",
+        "vision",
+        frame.iloc[:4],
+        root,
+        precision="float32",
+        layers=["pre_logits"],
+        batch_size=4,
+    )
     assert np.array_equal(LocalEngine().extract(job).arrays["pre_logits"], plain["pre_logits"])
 
 
