@@ -19,8 +19,8 @@ the Ray engine (a local Ray instance, ``--ray-actors`` actors x 1 CPU), same bat
 images/s per model, in steady state (from the first finished batch/shard to the last) and end to
 end (load included; Ray: actor start + load), the engine's overhead (steady-state time per item
 Ray / local - 1; target <= 20 % on 2 CPUs), max |difference| between the engines, Ray's start-up
-time, and a projection of the paper's setting (4 ViTs x the registered paper LLMs over WIT-1024
-and a 100k set) from the measured cost per GFLOP (see ``_projection`` for every assumption).
+time, and a projection of the paper's setting (configs/paper-wit1024.toml: 4 ViTs x 10 LLMs, over
+WIT-1024 and a 100k set) from the measured cost per GFLOP (see ``_projection`` for every assumption).
 """
 
 from __future__ import annotations
@@ -129,7 +129,9 @@ PAPER_VITS = (
     ("vit_huge_patch14_clip_224.laion2b", 632e6, 257),
     ("vit_huge_patch14_clip_224.laion2b_ft_in12k", 632e6, 257),
 )
-PAPER_LLMS = (
+#: parameter counts of the paper's LLMs; the projection takes the models of
+#: configs/paper-wit1024.toml (its 4 ViTs and 10 LLMs)
+LLM_PARAMETERS = (
     ("bigscience/bloom-560m", 0.56e9),
     ("bigscience/bloom-1b1", 1.07e9),
     ("bigscience/bloom-1b7", 1.72e9),
@@ -143,6 +145,20 @@ PAPER_LLMS = (
     ("huggyllama/llama-30b", 32.5e9),
     ("huggyllama/llama-65b", 65.2e9),
 )
+PAPER_CONFIG = ROOT / "configs" / "paper-wit1024.toml"
+
+
+def _paper_models() -> tuple[list[tuple[str, float, int]], list[tuple[str, float]]]:
+    """(ViTs, LLMs) of the paper's config with their parameters (and ViT tokens)."""
+    import tomllib
+
+    config = tomllib.loads(PAPER_CONFIG.read_text(encoding="utf-8"))
+    vits = {name: (name, p, t) for name, p, t in PAPER_VITS}
+    llms = dict(LLM_PARAMETERS)
+    return (
+        [vits[name] for name in config["vision_models"]],
+        [(name, llms[name]) for name in config["language_models"]],
+    )
 #: assumed sustained GPU throughput for the projection (no GPU was measured here): 40 % (large
 #: batches, compute bound) and 10 % (short captions, bandwidth bound) of an A100's dense bfloat16
 #: peak of 312 TFLOP/s; weights read at 2 GB/s per model load
@@ -253,9 +269,10 @@ def _projection(engines: dict, caption_tokens: float) -> dict:
     minilm = next(r for r in engines["rows"] if r["model"] == "minilm")
     cpu_flops = minilm["local_gflops_per_s"] * 1e9
     overhead = max(0.0, float(np.nanmedian([r["steady_overhead"] for r in engines["rows"]])))
-    vit_flops = sum(2 * p * t for _, p, t in PAPER_VITS)
-    llm_flops = sum(2 * p * caption_tokens for _, p in PAPER_LLMS)
-    load_s = sum(2 * p for _, p, *_ in (*PAPER_VITS, *PAPER_LLMS)) / LOAD_BYTES_PER_S
+    paper_vits, paper_llms = _paper_models()
+    vit_flops = sum(2 * p * t for _, p, t in paper_vits)
+    llm_flops = sum(2 * p * caption_tokens for _, p in paper_llms)
+    load_s = sum(2 * p for _, p, *_ in (*paper_vits, *paper_llms)) / LOAD_BYTES_PER_S
     settings_out = []
     for label, n in (("WIT-1024", 1024), ("100k", 100_000)):
         total = n * (vit_flops + llm_flops)
@@ -267,9 +284,10 @@ def _projection(engines: dict, caption_tokens: float) -> dict:
             "vit_share": n * vit_flops / total,
         }
         for share in GPU_UTILISATION:
-            gpu_s = total / (share * GPU_PEAK_FLOPS) * (1 + overhead) + load_s
-            row[f"gpu_hours_at_{round(100 * share)}pct"] = gpu_s / 3600
-            row[f"wall_hours_8_gpus_at_{round(100 * share)}pct"] = gpu_s / 8 / 3600
+            compute_s = total / (share * GPU_PEAK_FLOPS) * (1 + overhead)
+            row[f"gpu_hours_at_{round(100 * share)}pct"] = (compute_s + load_s) / 3600
+            # 8 actors (one GPU each) split the items; each loads every model itself
+            row[f"wall_hours_8_gpus_at_{round(100 * share)}pct"] = (compute_s / 8 + load_s) / 3600
         settings_out.append(row)
     return {
         "assumptions": {
@@ -282,8 +300,9 @@ def _projection(engines: dict, caption_tokens: float) -> dict:
             "load_bytes_per_s": LOAD_BYTES_PER_S,
             "ray_steady_overhead_applied": overhead,
             "cpu_gflops_per_s_measured_minilm": cpu_flops / 1e9,
-            "vits": [name for name, *_ in PAPER_VITS],
-            "llms": [name for name, _ in PAPER_LLMS],
+            "config": str(PAPER_CONFIG.relative_to(ROOT)),
+            "vits": [name for name, *_ in paper_vits],
+            "llms": [name for name, _ in paper_llms],
         },
         "settings": settings_out,
     }
