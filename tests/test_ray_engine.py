@@ -558,7 +558,8 @@ def test_rerun_skips_finished_shards(
     store.path(6).write_bytes(b"PK\x03\x04 torn")
     (store.folder / "shard-000007.npz.tmp-999").write_bytes(b"half")
     seen: list[int] = []
-    result = engine.extract(job, lambda done, total: seen.append(done), shard_rows=2)
+    single = RayEngine(EngineOptions(engine="ray", concurrency=1))  # the same Ray session
+    result = single.extract(job, lambda done, total: seen.append(done), shard_rows=2)
     assert result.stats["shards_skipped"] == 3 and result.stats["shards_written"] == 5
     assert seen[0] == 6  # progress starts with the skipped shards' items
     marked = np.zeros(N_IMAGES, dtype=bool)
@@ -575,8 +576,8 @@ def test_rerun_skips_finished_shards(
 def test_a_killed_actor_loses_and_duplicates_nothing(
     engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], local_lite0: Any, tmp_path: Path
 ) -> None:
-    """SIGKILL one actor process once the first shard is in: Ray restarts it and retries its
-    tasks; every row arrives, none twice, with the local engine's values."""
+    """SIGKILL the (only) actor process once the first shard is in: Ray restarts it and retries
+    its tasks; every row arrives, none twice, with the local engine's values."""
     frame, root = stimuli
     killed: list[int] = []
 
@@ -592,7 +593,8 @@ def test_a_killed_actor_loses_and_duplicates_nothing(
         victim.wait(timeout=10)
         killed.append(victim.pid)
 
-    result = engine.extract(lite0_job(frame, root, tmp_path), kill_one_actor, shard_rows=2)
+    single = RayEngine(EngineOptions(engine="ray", concurrency=1))  # the same Ray session
+    result = single.extract(lite0_job(frame, root, tmp_path), kill_one_actor, shard_rows=2)
     assert killed, "the run ended before an actor could be killed"
     assert result.stats["duplicate_rows"] == 0 and result.stats["shards_written"] == 8
     assert max_difference(result.arrays, local_lite0.arrays) <= TOLERANCE  # every row, once
@@ -614,7 +616,7 @@ def test_precompute_with_the_ray_engine(
         "cache_root": str(tmp_path),
         "thumbnails": False,
     }
-    ray_run = precompute(**common, run_name="on-ray", engine="ray", concurrency=2)
+    ray_run = precompute(**common, run_name="on-ray", engine="ray", concurrency=1)
     assert ray.is_initialized()  # an existing session is used, not shut down
     with one_thread():
         local_run = precompute(**common, run_name="local")
@@ -623,6 +625,9 @@ def test_precompute_with_the_ray_engine(
             a = np.asarray(ray_run.embeddings[model][layer])
             b = np.asarray(local_run.embeddings[model][layer])
             assert np.max(np.abs(a - b)) <= TOLERANCE, (model, layer)
+    # the steps after extraction are shared: GPA and dispersion agree as well
+    assert np.max(np.abs(ray_run.gpa.residuals - local_run.gpa.residuals)) <= 1e-5
+    assert ray_run.manifest["models"]["efficientnet-lite0"]["items"] == N_IMAGES
     assert not (tmp_path / "runs" / "on-ray" / "shards").exists() or not any(
         (tmp_path / "runs" / "on-ray" / "shards").rglob("*.npz")
     )
