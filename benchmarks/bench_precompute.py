@@ -15,7 +15,8 @@ Targets (issue 4): cold <= 180 s, warm <= 10 s on the 2-core CPU machine.
 
 Engines (issue 12; ``--engines-only`` runs just this part, results/precompute_engines.json): each
 model over the demo images (or captions) on the local engine (one process, torch's threads) and on
-the Ray engine (a local Ray instance, ``--ray-actors`` actors x 1 CPU), same batch size. Reported:
+the Ray engine (a local Ray instance, each ``--ray-layouts`` entry: actors x CPUs per actor; 1x2 runs the same
+threads as the local engine, 2x1 two single-thread actors), same batch size. Reported:
 images/s per model, in steady state (from the first finished batch/shard to the last) and end to
 end (load included; Ray: actor start + load), the engine's overhead (steady-state time per item
 Ray / local - 1; target <= 20 % on 2 CPUs), max |difference| between the engines, Ray's start-up
@@ -159,6 +160,8 @@ def _paper_models() -> tuple[list[tuple[str, float, int]], list[tuple[str, float
         [vits[name] for name in config["vision_models"]],
         [(name, llms[name]) for name in config["language_models"]],
     )
+
+
 #: assumed sustained GPU throughput for the projection (no GPU was measured here): 40 % (large
 #: batches, compute bound) and 10 % (short captions, bandwidth bound) of an A100's dense bfloat16
 #: peak of 312 TFLOP/s; weights read at 2 GB/s per model load
@@ -179,8 +182,18 @@ def _flops_per_item(encoder, sample) -> float:
     return float(counter.get_total_flops())
 
 
-def _engine_comparison(n_items: int, actors: int, batch_size: int) -> dict:
-    """Every model of ENGINE_MODELS on both engines; see the module docstring."""
+def _layouts(text: str) -> list[tuple[int, int]]:
+    """``"2x1,1x2"`` -> [(2 actors, 1 CPU each), (1 actor, 2 CPUs)]."""
+    out = []
+    for part in text.split(","):
+        actors, _, cpus = part.strip().partition("x")
+        out.append((int(actors), int(cpus)))
+    return out
+
+
+def _engine_comparison(n_items: int, layouts: list[tuple[int, int]], batch_size: int) -> dict:
+    """Every model of ENGINE_MODELS on the local engine and on Ray in each layout (actors x CPUs
+    per actor; torch in an actor uses that many threads); see the module docstring."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from convergence_core.datasets import load_dataset
     from convergence_core.engines import EngineOptions, LocalEngine, make_job
@@ -190,75 +203,75 @@ def _engine_comparison(n_items: int, actors: int, batch_size: int) -> dict:
     dataset = load_dataset(settings.demo_data_root())
     stimuli = dataset.stimuli.iloc[:n_items].reset_index(drop=True)
     started = time.perf_counter()
-    engine = RayEngine(EngineOptions(engine="ray", concurrency=actors, num_cpus=1))
-    engine.start()
+    engines = [
+        RayEngine(EngineOptions(engine="ray", concurrency=actors, num_cpus=cpus))
+        for actors, cpus in layouts
+    ]
+    engines[0].start()  # the first owns the local Ray instance; the others share it
     ray_start_s = time.perf_counter() - started
     rows = []
     try:
         for model in ENGINE_MODELS:
             modality = "language" if model == "minilm" else "vision"
             job = make_job(model, modality, stimuli, dataset.root, batch_size=batch_size)
-            timings = {}
-            results = {}
-            for name, runner in (("local", LocalEngine()), ("ray", engine)):
+            begun = time.perf_counter()
+            local = LocalEngine().extract(job)
+            local_t = {
+                "end_to_end_s": time.perf_counter() - begun,
+                "load_s": local.load_seconds,
+                "working_s": local.extract_seconds,  # after the model is loaded
+                "steady_items_per_s": job.items_count / local.extract_seconds,
+            }
+            encoder = load_encoder(model)
+            flops = _flops_per_item(encoder, job.items[0])
+            del encoder
+            for (actors, cpus), engine in zip(layouts, engines, strict=True):
                 begun = time.perf_counter()
-                results[name] = runner.extract(job)
-                # steady state: local = after the model is loaded; Ray = from the first actor
-                # ready to the last shard written (ray_engine's compute_seconds)
-                working = (
-                    results[name].extract_seconds
-                    if name == "local"
-                    else results[name].stats["compute_seconds"]
-                )
-                timings[name] = {
+                remote = engine.extract(job)
+                # steady state: from the first actor ready to the last shard written
+                working = remote.stats["compute_seconds"]
+                busy = remote.stats["actor_busy_seconds"] / actors
+                ray_t = {
                     "end_to_end_s": time.perf_counter() - begun,
-                    "load_s": results[name].load_seconds,
+                    "load_s": remote.load_seconds,
                     "working_s": working,
                     "steady_items_per_s": job.items_count / working,
+                    "busy_items_per_s": job.items_count / busy,  # the actors' own time
                 }
-                if name == "ray":  # the actors' own time: items / (busy seconds / actors)
-                    busy = results[name].stats["actor_busy_seconds"] / actors
-                    timings[name]["busy_items_per_s"] = job.items_count / busy
-            difference = max(
-                float(np.max(np.abs(results["local"].arrays[k] - results["ray"].arrays[k])))
-                for k in results["local"].arrays
-            )
-            relative = max(
-                float(
-                    np.max(np.abs(results["local"].arrays[k] - results["ray"].arrays[k]))
-                    / np.max(np.abs(results["local"].arrays[k]))
+                keys = list(local.arrays)
+                difference = max(
+                    float(np.max(np.abs(local.arrays[k] - remote.arrays[k]))) for k in keys
                 )
-                for k in results["local"].arrays
-            )
-            encoder = load_encoder(model)
-            sample = job.items[0]
-            flops = _flops_per_item(encoder, sample)
-            del encoder
-            local_rate = timings["local"]["steady_items_per_s"]
-            ray_rate = timings["ray"]["steady_items_per_s"]
-            rows.append(
-                {
-                    "model": model,
-                    "unit": "images" if modality == "vision" else "captions",
-                    "items": job.items_count,
-                    "layers": len(results["local"].layers),
-                    "local": timings["local"],
-                    "ray": timings["ray"],
-                    "ray_shards": results["ray"].stats["shards"],
-                    "ray_actor_pids": len(results["ray"].stats["actor_pids"]),
-                    "steady_overhead": local_rate / ray_rate - 1,
-                    "end_to_end_overhead": timings["ray"]["end_to_end_s"]
-                    / timings["local"]["end_to_end_s"]
-                    - 1,
-                    "max_abs_difference": difference,
-                    "max_difference_relative_to_max_abs": relative,
-                    "gflops_per_item": flops / 1e9,
-                    "local_gflops_per_s": flops * local_rate / 1e9,
-                }
-            )
+                scale = max(float(np.max(np.abs(local.arrays[k]))) for k in keys)
+                rows.append(
+                    {
+                        "model": model,
+                        "unit": "images" if modality == "vision" else "captions",
+                        "items": job.items_count,
+                        "layers": len(local.layers),
+                        "layout": f"{actors}x{cpus}",
+                        "local": local_t,
+                        "ray": ray_t,
+                        "ray_shards": remote.stats["shards"],
+                        "steady_overhead": local_t["steady_items_per_s"]
+                        / ray_t["steady_items_per_s"]
+                        - 1,
+                        "end_to_end_overhead": ray_t["end_to_end_s"] / local_t["end_to_end_s"] - 1,
+                        "max_abs_difference": difference,
+                        "max_difference_relative_to_max_abs": difference / scale,
+                        "gflops_per_item": flops / 1e9,
+                        "local_gflops_per_s": flops * local_t["steady_items_per_s"] / 1e9,
+                    }
+                )
     finally:
-        engine.close()
-    return {"ray_start_s": ray_start_s, "actors": actors, "batch_size": batch_size, "rows": rows}
+        for engine in engines[::-1]:
+            engine.close()
+    return {
+        "ray_start_s": ray_start_s,
+        "layouts": [f"{a}x{c}" for a, c in layouts],
+        "batch_size": batch_size,
+        "rows": rows,
+    }
 
 
 def _projection(engines: dict, caption_tokens: float) -> dict:
@@ -266,7 +279,7 @@ def _projection(engines: dict, caption_tokens: float) -> dict:
     by the throughput measured here for a transformer (MiniLM, local engine, GFLOP/s on this
     machine) for CPU-hours, and by GPU_SUSTAINED_FLOPS (assumed) for GPU-hours; plus model loads
     (bytes at LOAD_BYTES_PER_S, bfloat16) and the Ray engine's measured steady-state overhead."""
-    minilm = next(r for r in engines["rows"] if r["model"] == "minilm")
+    minilm = next(r for r in engines["rows"] if r["model"] == "minilm")  # any layout: same local
     cpu_flops = minilm["local_gflops_per_s"] * 1e9
     overhead = max(0.0, float(np.nanmedian([r["steady_overhead"] for r in engines["rows"]])))
     paper_vits, paper_llms = _paper_models()
@@ -320,16 +333,18 @@ def _caption_tokens() -> float:
 
 def _print_engines(engines: dict, projection: dict) -> None:
     print(
-        f"engines: local (1 process) vs Ray ({engines['actors']} actors x 1 CPU), batch "
-        f"{engines['batch_size']}; Ray start-up {engines['ray_start_s']:.1f} s (once per run)"
+        f"engines: local (1 process, torch's threads) vs Ray (layouts actors x CPUs per actor: "
+        f"{', '.join(engines['layouts'])}), batch {engines['batch_size']}; Ray start-up "
+        f"{engines['ray_start_s']:.1f} s (once per run)"
     )
     print(
-        f"{'model':<20} {'items':>5} {'local/s':>8} {'ray/s':>8} {'busy/s':>7} {'overhead':>9} "
-        f"{'local e2e s':>11} {'ray e2e s':>9} {'max|diff|':>9}"
+        f"{'model':<20} {'ray':>4} {'items':>5} {'local/s':>8} {'ray/s':>8} {'busy/s':>7} "
+        f"{'overhead':>9} {'local e2e s':>11} {'ray e2e s':>9} {'max|diff|':>9}"
     )
     for r in engines["rows"]:
         print(
-            f"{r['model']:<20} {r['items']:>5} {r['local']['steady_items_per_s']:>8.1f} "
+            f"{r['model']:<20} {r['layout']:>4} {r['items']:>5} "
+            f"{r['local']['steady_items_per_s']:>8.1f} "
             f"{r['ray']['steady_items_per_s']:>8.1f} {r['ray']['busy_items_per_s']:>7.1f} "
             f"{100 * r['steady_overhead']:>8.0f}% "
             f"{r['local']['end_to_end_s']:>11.1f} {r['ray']['end_to_end_s']:>9.1f} "
@@ -340,11 +355,12 @@ def _print_engines(engines: dict, projection: dict) -> None:
         "actor ready -> last shard written); busy/s: items / actors' own time per actor; "
         "overhead: local/s / ray/s - 1; e2e: the whole call (Ray: actor start + load)"
     )
-    worst = max(r["steady_overhead"] for r in engines["rows"])
-    print(
-        f"  steady-state overhead, worst model: {100 * worst:.0f} %   target <= "
-        f"{100 * OVERHEAD_TARGET:.0f} %   {'OK' if worst <= OVERHEAD_TARGET else 'OVER'}"
-    )
+    for layout in engines["layouts"]:
+        worst = max(r["steady_overhead"] for r in engines["rows"] if r["layout"] == layout)
+        print(
+            f"  steady-state overhead {layout}, worst model: {100 * worst:.0f} %   target <= "
+            f"{100 * OVERHEAD_TARGET:.0f} %   {'OK' if worst <= OVERHEAD_TARGET else 'OVER'}"
+        )
     a = projection["assumptions"]
     print()
     print(
@@ -368,7 +384,7 @@ def _print_engines(engines: dict, projection: dict) -> None:
 
 def _run_engines(args: argparse.Namespace) -> None:
     load_before = os.getloadavg()
-    engines = _engine_comparison(args.engine_items, args.ray_actors, args.engine_batch)
+    engines = _engine_comparison(args.engine_items, _layouts(args.ray_layouts), args.engine_batch)
     projection = _projection(engines, _caption_tokens())
     load_after = os.getloadavg()
     print(
@@ -407,7 +423,11 @@ def main() -> None:
     parser.add_argument("--skip-engines", action="store_true", help="no engine comparison")
     parser.add_argument("--engine-items", type=int, default=239, help="demo stimuli per model")
     parser.add_argument("--engine-batch", type=int, default=32, help="batch size, both engines")
-    parser.add_argument("--ray-actors", type=int, default=2, help="Ray actors (1 CPU each)")
+    parser.add_argument(
+        "--ray-layouts",
+        default="2x1,1x2",
+        help="Ray layouts, ACTORSxCPUS comma-separated (default 2x1,1x2: both use the 2 CPUs)",
+    )
     parser.add_argument(
         "--engines-out", default="precompute_engines.json", help="file under benchmarks/results"
     )
