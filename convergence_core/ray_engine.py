@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -69,6 +70,7 @@ __all__ = [
     "EncoderActor",
     "RayEngine",
     "ShardStore",
+    "WorkerError",
     "actor_device",
     "aligned_segments",
     "plan_shard_rows",
@@ -134,7 +136,8 @@ class EncoderActor:
         started = time.perf_counter()
         spec = {**spec, "device": actor_device(spec.get("device", "cpu"))}
         job = ExtractionJob(items=(), owner=np.zeros(0, dtype=np.int64), n_stimuli=0, **spec)
-        self.encoder, self.layers, self.autocast = load_for_job(job)
+        with _tag_errors():
+            self.encoder, self.layers, self.autocast = load_for_job(job)
         self.batch_size = None if job.batch_size == "auto" else int(job.batch_size)
         self.meta = json.dumps(
             {
@@ -148,6 +151,10 @@ class EncoderActor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with _tag_errors():
+            return self._embed(batch)
+
+    def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         rows = np.asarray(batch["row"], dtype=np.int64)
         order = np.argsort(rows, kind="stable")
@@ -316,16 +323,39 @@ def _package_on_worker_path() -> Iterator[None]:
             os.environ["PYTHONPATH"] = before
 
 
-def _original_error(exc: BaseException) -> BaseException | None:
-    """The user-level error (a ValueError or RuntimeError raised by our code in a worker) inside
-    Ray's wrappers, or None."""
+class WorkerError(ValueError):
+    """An error our code raised in a Ray worker (a missing image, unusable weights, ...), with the
+    original message; ``original_type`` names the original exception class."""
+
+    def __init__(self, message: str, original_type: str) -> None:
+        super().__init__(message)
+        self.original_type = original_type
+
+
+_TAG = re.compile(r"\[\[convergence-error:(\w+)\]\](.*?)\[\[/convergence-error\]\]", re.DOTALL)
+
+
+@contextlib.contextmanager
+def _tag_errors() -> Iterator[None]:
+    """In a worker: re-raise our ValueErrors with their class and message tagged, so the driver can
+    give users the original message (Ray Data's wrappers keep only the text of a user error)."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(
+            f"[[convergence-error:{type(exc).__name__}]]{exc}[[/convergence-error]]"
+        ) from exc
+
+
+def _original_error(exc: BaseException) -> WorkerError | None:
+    """The tagged error of a worker (see :func:`_tag_errors`) inside Ray's wrappers, or None."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        module = type(current).__module__ or ""
-        if isinstance(current, ValueError | RuntimeError) and not module.startswith("ray"):
-            return current
+        match = _TAG.search(str(current))
+        if match:
+            return WorkerError(match.group(2), match.group(1))
         cause = getattr(current, "cause", None)
         current = cause if isinstance(cause, BaseException) else current.__cause__
     return None
@@ -373,10 +403,18 @@ class RayEngine:
                     with _package_on_worker_path():
                         ray.init(**kwargs)
             except (ConnectionError, RuntimeError) as exc:
+                chain = f"{exc} {exc.__cause__}"
+                auth = (
+                    " The cluster asks for an authentication token: export RAY_AUTH_MODE=token and "
+                    "make its token available here (~/.ray/auth_token, copied from the head node, "
+                    "or RAY_AUTH_TOKEN)."
+                    if "auth" in chain.lower() and "token" in chain.lower()
+                    else ""
+                )
                 raise ValueError(
                     f"cannot connect to the Ray cluster at {self.options.ray_address!r} ({exc}); "
                     "start it with `ray start --head` (and `ray start --address=HEAD:6379` on the "
-                    "other machines) or drop --ray-address to run Ray locally"
+                    f"other machines) or drop --ray-address to run Ray locally.{auth}"
                 ) from None
             self._owns_ray = True
         self._runtime_env = runtime_env if not self._owns_ray else None
@@ -530,7 +568,7 @@ class RayEngine:
                     collector.add(out)
             except Exception as exc:
                 original = _original_error(exc)
-                if original is not None and original is not exc:
+                if original is not None:
                     raise original from None
                 raise
         finished_at = time.time()

@@ -49,7 +49,10 @@ from convergence_core.ray_engine import (
     SHARDS_PER_ACTOR,
     RayEngine,
     ShardStore,
+    WorkerError,
     _Collector,
+    _original_error,
+    _tag_errors,
     actor_device,
     aligned_segments,
     plan_shard_rows,
@@ -598,6 +601,36 @@ def test_a_killed_actor_loses_and_duplicates_nothing(
     assert killed, "the run ended before an actor could be killed"
     assert result.stats["duplicate_rows"] == 0 and result.stats["shards_written"] == 8
     assert max_difference(result.arrays, local_lite0.arrays) <= TOLERANCE  # every row, once
+
+
+@pytest.mark.slow
+def test_a_worker_error_comes_back_with_the_local_message(
+    engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], tmp_path: Path
+) -> None:
+    """An error in our code inside an actor (here: an image that vanished after the data set was
+    checked) is not retried and reaches the caller as a ValueError with the local engine's text."""
+    frame, root = stimuli
+    moved = tmp_path / "images-moved"
+    job = make_job("efficientnet-lite0", "vision", frame.iloc[:2], moved, layers="default")
+    with pytest.raises(ValueError) as local:
+        LocalEngine().extract(job)
+    single = RayEngine(EngineOptions(engine="ray", concurrency=1))
+    with pytest.raises(WorkerError) as remote:
+        single.extract(job)
+    assert str(remote.value) == str(local.value)
+    assert remote.value.original_type == type(local.value).__name__
+
+
+def test_worker_errors_are_tagged_and_found_in_ray_wrappers() -> None:
+    with pytest.raises(ValueError) as tagged, _tag_errors():
+        raise ValueError("weights for 'x' are missing;\nsupply them")
+    inner = RuntimeError(f"ray::MapWorker traceback ...\n{tagged.value}\n(more frames)")
+    top = RuntimeError("RayTaskError(UserCodeException)")
+    top.cause = inner  # Ray's chain (.cause, then __cause__) is walked until a tag is found
+    found = _original_error(top)
+    assert isinstance(found, WorkerError) and found.original_type == "ValueError"
+    assert str(found) == "weights for 'x' are missing;\nsupply them"
+    assert _original_error(RuntimeError("a Ray system failure")) is None
 
 
 @pytest.mark.slow
