@@ -419,6 +419,8 @@ class RayEngine:
             self._owns_ray = True
         self._runtime_env = runtime_env if not self._owns_ray else None
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        # we draw our own progress; Ray Data's note that its bars are off is noise here
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         self._started = True
