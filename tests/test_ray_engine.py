@@ -609,7 +609,7 @@ def test_a_worker_error_comes_back_with_the_local_message(
 ) -> None:
     """An error in our code inside an actor (here: an image that vanished after the data set was
     checked) is not retried and reaches the caller as a ValueError with the local engine's text."""
-    frame, root = stimuli
+    frame, _ = stimuli
     moved = tmp_path / "images-moved"
     job = make_job("efficientnet-lite0", "vision", frame.iloc[:2], moved, layers="default")
     with pytest.raises(ValueError) as local:
