@@ -44,9 +44,15 @@ examples:
 A config file (.json or .toml) holds the same settings by their long names with underscores
 (dataset, vision_models, language_models, features, modalities, gpa_models, layers, gpa_layers,
 device, batch_size, caption_mode, drop_bad, run_name, cache_root, weights, thumbnails, list_size,
-neighbour_layers), or the models one by one as [[models]] tables (name, modality, and path +
-layer for features from a file); flags given on the command line override it.
+neighbour_layers, precision, engine, ray_address, concurrency, num_cpus, num_gpus, runtime_env),
+or the models one by one as [[models]] tables (name, modality, and path + layer for features from
+a file); flags given on the command line override it.
 Rerunning the same command reuses every finished step; an interrupted run resumes.
+
+on a cluster (README, "Running on a cluster"):
+  ray start --head                                   # on one machine; `ray start --address=...`
+  python -m convergence_core precompute config.toml --engine ray --ray-address auto \
+      --device cuda --precision bfloat16 --batch-size auto --num-gpus 1
 """
 
 
@@ -54,6 +60,18 @@ _CACHE_HELP = (
     "cache folder (default $CONVERGENCE_CACHE, else cache/ in a checkout or "
     "~/.cache/convergence-explorer when installed)"
 )
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'auto', got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
 
 
 def _split_names(text: str) -> list[str]:
@@ -139,7 +157,48 @@ def _precompute_parser(sub: Any) -> None:
         help="layer of a vision model entering GPA (default: its default layer); repeatable",
     )
     parser.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
-    parser.add_argument("--batch-size", type=int, help="stimuli per forward pass (default 32)")
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        help="stimuli per forward pass (default 32), or 'auto': as many as fill 80%% of the "
+        "free GPU memory (32 on CPU)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="auto (default: float16 autocast for vision models on CUDA, else float32), float32, "
+        "or float16/bfloat16 (autocast; language models load their weights in that dtype)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        help="where extraction runs: local (default, this process) or ray (a Ray Data pipeline "
+        "per model over an actor pool; same numbers)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="connect to this Ray cluster (auto, HOST:6379 or ray://HOST:10001); without it a "
+        "local Ray instance starts for the run",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="Ray actors per model (default: as many as the cluster's CPUs/GPUs allow)",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=float,
+        metavar="N",
+        help="CPUs reserved per Ray actor (default 1)",
+    )
+    parser.add_argument(
+        "--num-gpus",
+        type=float,
+        metavar="N",
+        help="GPUs per Ray actor (default 1 with --device cuda; 0.5 puts two actors on a GPU)",
+    )
     parser.add_argument(
         "--caption-mode",
         choices=["first", "mean"],
@@ -226,6 +285,12 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "modalities": _pairs(args.modality, "--modality") or None,
         "gpa_models": _split_names(args.gpa_models) if args.gpa_models else None,
         "list_size": args.list_size,
+        "precision": args.precision,
+        "engine": args.engine,
+        "ray_address": args.ray_address,
+        "concurrency": args.concurrency,
+        "num_cpus": args.num_cpus,
+        "num_gpus": args.num_gpus,
     }
     config.update({key: value for key, value in flags.items() if value is not None})
     if args.preset and args.dataset is None:

@@ -105,6 +105,18 @@ class PrecomputeConfig:
         neighbour_layers: ``"all"`` (lists for every stored layer) or ``"default"`` (only each
             model's default / GPA layer; other layers are still exact, computed from their
             features, which is slower for large subsets).
+        precision: ``"auto"`` (float16 autocast for vision models on CUDA, float32 otherwise),
+            ``"float32"``, ``"float16"`` or ``"bfloat16"`` (``extract.precision_plan``).
+        engine: where extraction runs: ``"local"`` (this process) or ``"ray"`` (a Ray Data
+            pipeline per model; ``engines`` / ``ray_engine``). The engine never changes the numbers.
+        ray_address: an existing Ray cluster (``"auto"``, ``"host:6379"``, ``"ray://host:10001"``);
+            None starts a local Ray instance for the run.
+        concurrency: Ray actors per model (None: as many as the cluster's CPUs / GPUs allow).
+        num_cpus / num_gpus: resources per Ray actor (None: 1 CPU; 1 GPU on CUDA).
+        runtime_env: Ray ``runtime_env`` mapping (e.g. to ship this package to the workers).
+
+    ``batch_size`` may also be ``"auto"``: as many items as fill 80 % of the free GPU memory
+    (measured once per model; ``extract.fit_batch_size``), 32 on CPU.
     """
 
     dataset: Any
@@ -125,6 +137,13 @@ class PrecomputeConfig:
     thumbnails: bool = True
     list_size: int = DEFAULT_LIST_SIZE
     neighbour_layers: str = "all"
+    precision: str = "auto"
+    engine: str = "local"
+    ray_address: str | None = None
+    concurrency: int | None = None
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    runtime_env: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -148,12 +167,17 @@ class PrecomputeConfig:
             raise ValueError(
                 f"unknown caption_mode {self.caption_mode!r}; use one of {list(CAPTION_MODES)}"
             )
-        if (
+        if self.batch_size != "auto" and (
             isinstance(self.batch_size, bool)
             or not isinstance(self.batch_size, int)
             or self.batch_size < 1
         ):
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+            raise ValueError(
+                f"batch_size must be a positive integer or 'auto', got {self.batch_size!r}"
+            )
+        from .engines import check_engine_settings
+
+        check_engine_settings(self)
         if isinstance(self.layers, str):
             if self.layers not in ("all", "default"):
                 raise ValueError(
@@ -367,8 +391,8 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
         'a device name such as "cpu", "cuda", "cuda:1" or "mps"',
     ),
     "batch_size": (
-        lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "a positive whole number such as 32",
+        lambda v: (isinstance(v, int) and not isinstance(v, bool)) or v == "auto",
+        'a positive whole number such as 32, or "auto" (fill the GPU)',
     ),
     "caption_mode": (lambda v: isinstance(v, str), '"first" or "mean"'),
     "drop_bad": (lambda v: isinstance(v, bool), "true or false"),
@@ -403,6 +427,28 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a positive whole number such as 128 (neighbours stored per stimulus)",
     ),
     "neighbour_layers": (lambda v: isinstance(v, str), '"all" or "default"'),
+    "precision": (lambda v: isinstance(v, str), '"auto", "float32", "float16" or "bfloat16"'),
+    "engine": (lambda v: isinstance(v, str), '"local" or "ray"'),
+    "ray_address": (
+        lambda v: v is None or (isinstance(v, str) and bool(v.strip())),
+        'a Ray cluster address such as "auto" or "host:6379" (or null / left out)',
+    ),
+    "concurrency": (
+        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+        "a whole number of Ray actors per model (or null / left out)",
+    ),
+    "num_cpus": (
+        lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+        "a number of CPUs per Ray actor (or null / left out)",
+    ),
+    "num_gpus": (
+        lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+        "a number of GPUs per Ray actor (or null / left out)",
+    ),
+    "runtime_env": (
+        lambda v: v is None or isinstance(v, Mapping),
+        "a Ray runtime_env mapping (or null / left out)",
+    ),
 }
 
 
@@ -493,17 +539,20 @@ def default_run_name(config: PrecomputeConfig, dataset_name: str) -> str:
     """``<dataset>-<12 hex>``: a hash of everything in the config that changes the results."""
     # settings added later count only when changed from their default, so that existing runs
     # keep their folder names
+    from .engines import ENGINE_SETTINGS
+
     added_later = {
         "list_size": DEFAULT_LIST_SIZE,
         "neighbour_layers": "all",
         "features": None,
         "modalities": None,
         "gpa_models": None,
+        "precision": "auto",
     }
     relevant = {
         k: v
         for k, v in config.to_dict().items()
-        if k not in ("run_name", "cache_root", "batch_size", "thumbnails")
+        if k not in ("run_name", "cache_root", "batch_size", "thumbnails", *ENGINE_SETTINGS)
         and not (k in added_later and v == added_later[k])
     }
     safe = model_key(dataset_name.replace(" ", "-"))
@@ -580,26 +629,6 @@ def _recorded_extractions(path: Path) -> set[str]:
         for step in steps
         if isinstance(step, str) and step.startswith("extract:")
     }
-
-
-def _choose_layers(config: PrecomputeConfig, encoder: Any) -> list[str]:
-    """Layers to keep, in network order: the configured ones plus a vision model's GPA layer."""
-    wanted = config.layers_for(encoder.name)
-    if wanted == "all":
-        chosen = set(encoder.layers)
-    elif wanted == "default":
-        chosen = {encoder.default_layer}
-    else:
-        chosen = set(wanted)
-    gpa_layer = (config.gpa_layers or {}).get(encoder.name)
-    if gpa_layer is not None:
-        chosen.add(gpa_layer)
-    unknown = sorted(chosen - set(encoder.layers))
-    if unknown:
-        raise ValueError(
-            f"layer(s) {unknown} are not layers of {encoder.name!r}; choose from {encoder.layers}"
-        )
-    return [layer for layer in encoder.layers if layer in chosen]
 
 
 def _files_present(layout: RunLayout, entry: ModelEntry) -> bool:
@@ -897,9 +926,12 @@ def _execute(
                 plan.config,
                 [s.name for s in plan.sources if s.kind == "encoder" and not pipeline.done(s)],
             )
-        for source in plan.sources:
-            pipeline.model(source)
-            pipeline.neighbours(source.name)
+        try:
+            for source in plan.sources:
+                pipeline.model(source)
+                pipeline.neighbours(source.name)
+        finally:
+            pipeline.close_engine()
         gpa_inputs = pipeline.gpa()
         pipeline.dispersion(gpa_inputs)
         pipeline.thumbnails()
@@ -915,7 +947,7 @@ class _Pipeline:
     folder is reset); each step method skips its work when the manifest records it done with
     the same input fingerprint and its files are present. It is also the context the sources
     read (:mod:`.sources`): ``config``, ``stimuli``, ``images_root``, ``data_fingerprint``,
-    ``fingerprint``, ``choose_layers``, ``progress_for``.
+    ``fingerprint``, ``engine()``, ``layout``, ``progress_for``.
     """
 
     fingerprint = staticmethod(fingerprint)
@@ -956,10 +988,23 @@ class _Pipeline:
         self.data.versions = library_versions()
         _forget_dropped_models(self.manifest, [source.name for source in plan.sources])
         self.manifest.save()
+        self._engine: Any = None
 
     # -- the context sources read ---------------------------------------------------------------
-    def choose_layers(self, encoder: Any) -> list[str]:
-        return _choose_layers(self.config, encoder)
+    def engine(self) -> Any:
+        """The extraction engine of the encoders, opened on first use (the Ray engine checks
+        every encoder's weights before Ray starts)."""
+        if self._engine is None:
+            from .engines import open_engine
+
+            encoders = [s.name for s in self.plan.sources if s.kind == "encoder"]
+            self._engine = open_engine(self.config, encoders)
+        return self._engine
+
+    def close_engine(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     def progress_for(self, model: str) -> Callable[[int, int], None]:
         def report(done: int, total: int) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,13 +213,13 @@ class EncoderSource:
             cfg.caption_mode if self.modality == "language" else None,
             str(cfg.device).split(":")[0],
             os.fspath(weights) if weights else None,
+            *([cfg.precision] if cfg.precision != "auto" else []),
         )
 
     def load(self, context: Any) -> Extracted:
-        import time
-
-        from . import models
-        from .extract import extract_caption_embeddings, extract_embeddings
+        """Run the extraction on the configured engine (``engines``: local or Ray; the same
+        numbers on every engine)."""
+        from .engines import make_job
 
         cfg = context.config
         if self.modality == "vision" and context.images_root is None:
@@ -227,47 +227,33 @@ class EncoderSource:
                 f"vision model {self.name!r} needs images, but the data set has none; use a data "
                 "set with images or give this model's features as a file (--features)"
             )
-        started = time.perf_counter()
-        encoder = models.load_encoder(
-            self.name, device=cfg.device, weights=(cfg.weights or {}).get(self.name)
+        job = make_job(
+            self.name,
+            self.modality,
+            context.stimuli,
+            context.images_root,
+            layers=cfg.layers_for(self.name),
+            gpa_layer=(cfg.gpa_layers or {}).get(self.name),
+            caption_mode=cfg.caption_mode,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            precision=cfg.precision,
+            weights=(cfg.weights or {}).get(self.name),
+            work_dir=context.layout.root / "shards",
+            inputs=self.inputs(context),
         )
-        load_seconds = time.perf_counter() - started
-        layers = context.choose_layers(encoder)
-        default = encoder.default_layer if encoder.default_layer in layers else layers[-1]
-        report: Callable[[int, int], None] = context.progress_for(self.name)
-        started = time.perf_counter()
-        n = len(context.stimuli)
-        if self.modality == "vision":
-            images = [Path(context.images_root) / rel for rel in context.stimuli["image"]]
-            raw = extract_embeddings(
-                encoder,
-                images,
-                batch_size=cfg.batch_size,
-                progress=report,
-                layers=layers,
-                root=context.images_root,
-            )
-            items = n
-        else:
-            raw = extract_caption_embeddings(
-                encoder,
-                context.stimuli,
-                mode=cfg.caption_mode,
-                batch_size=cfg.batch_size,
-                progress=report,
-                layers=layers,
-            )
-            items = n if cfg.caption_mode == "first" else sum(map(len, context.stimuli["captions"]))
-        seconds = time.perf_counter() - started
+        result = context.engine().extract(job, context.progress_for(self.name))
+        items, seconds = result.items, result.extract_seconds
         return Extracted(
-            {layer: np.asarray(raw[layer]) for layer in layers},
-            default,
-            weights_id=encoder.weights_id,
+            {layer: result.arrays[layer] for layer in result.layers},
+            result.default_layer,
+            weights_id=result.weights_id,
             details={
                 "items": int(items),
-                "load_seconds": round(load_seconds, 3),
+                "load_seconds": round(result.load_seconds, 3),
                 "extract_seconds": round(seconds, 3),
                 "items_per_second": round(items / seconds, 2) if seconds > 0 else None,
+                **({"engine": result.stats} if result.stats else {}),
             },
         )
 

@@ -299,7 +299,7 @@ WRONG_TYPES = {
     "layers": [5, ["a"], {"m": "block_01"}, {"m": [1]}],
     "gpa_layers": [["a"], {"m": 5}, "block_01"],
     "device": [5, "", None],
-    "batch_size": ["32", 2.5, True, None],
+    "batch_size": ["32", 2.5, True, None, "big"],
     "caption_mode": [5],
     "drop_bad": ["yes", 1, None],
     "run_name": [5, "", ["demo"]],
@@ -311,6 +311,13 @@ WRONG_TYPES = {
     "gpa_models": [5, [1, 2]],
     "list_size": ["128", 1.5, True],
     "neighbour_layers": [5, None],
+    "precision": [16, None],
+    "engine": [1, None],
+    "ray_address": [5, ""],
+    "concurrency": ["two", 1.5],
+    "num_cpus": ["1", True],
+    "num_gpus": ["1", [1]],
+    "runtime_env": ["py_modules", [1]],
 }
 
 

