@@ -1,6 +1,6 @@
 """The resumable precompute pipeline.
 
-dataset -> embeddings -> Gram matrices -> GPA -> dispersion + PCA -> thumbnails.
+dataset -> embeddings -> Gram matrices -> GPA -> dispersion + PCA -> thumbnails -> properties.
 
 Configure it with :class:`PrecomputeConfig` (or a .json/.toml file, or keyword options) and call
 :func:`precompute`. Each step is recorded in the run's manifest with the fingerprint of its
@@ -30,7 +30,9 @@ from .cache import (
     model_key,
     read_json,
     read_npy,
+    read_parquet,
     run_lock,
+    write_npy,
     write_parquet,
 )
 from .procrustes import GPA_ALGORITHM
@@ -48,6 +50,7 @@ from .run_writer import (
     write_dispersion,
     write_gpa,
     write_model_arrays,
+    write_properties,
     write_run_from_embeddings,
     write_thumbnails,
 )
@@ -213,9 +216,10 @@ class ProgressEvent:
     """What the pipeline is doing, sent to the ``progress`` callback.
 
     ``step``: "dataset", "waiting" (for another process writing the same run), "extract",
-    "gpa", "dispersion", "thumbnails" or "done"; ``model``: the model being extracted (else
-    None); ``done`` of ``total`` items (stimuli or captions); ``skipped``: the step was cached
-    and is not recomputed.
+    "gpa", "dispersion", "thumbnails", "properties" or "done"; ``model``: the model being
+    extracted (else None; "properties": the language model whose captions were embedded);
+    ``done`` of ``total`` items (stimuli or captions; "properties": parts); ``skipped``: the step
+    was cached and is not recomputed.
     """
 
     step: str
@@ -369,6 +373,7 @@ def precompute(
         gpa_inputs = pipeline.gpa()
         pipeline.dispersion(gpa_inputs)
         pipeline.thumbnails()
+        pipeline.properties()
         pipeline.finish(time.perf_counter() - started)
     notify(ProgressEvent("done", None, 1, 1))
     return load_run(path)
@@ -486,6 +491,8 @@ class _Pipeline:
             )
             items = n if cfg.caption_mode == "first" else sum(map(len, self.stimuli["captions"]))
         extract_seconds = time.perf_counter() - extract_started
+        if modality == "language":  # while the model is loaded: saves the properties step a load
+            self._caption_agreement(model, default, encoder)
         del encoder
         arrays = {
             layer: check_embedding_array(np.asarray(raw[layer]), model, layer, n)
@@ -572,6 +579,125 @@ class _Pipeline:
                 progress=lambda done: self.notify(ProgressEvent("thumbnails", None, done, self.n)),
             )
             self.manifest.finish_step("thumbnails", inputs)
+
+    def properties(self) -> None:
+        """properties.parquet + properties.json (see :mod:`convergence_core.properties`).
+
+        Cached in parts under properties/, each a manifest step with its own input fingerprint:
+        the image properties (``properties:image``: every image decoded once more, ~5–20 ms each),
+        each language model's caption agreement (``properties:captions:<model>``: every caption
+        embedded at the model's default layer, about the cost of its extract step with
+        caption_mode "mean"; done by the extract step while the model is loaded, so only a run
+        extracted before this step existed loads the model again; skipped when no stimulus has 2
+        captions), then the table (``properties``) with the vision models' typicality from their
+        GPA-layer embeddings.
+        """
+        from . import properties as props
+
+        layout, n = self.layout, self.n
+        total = 1 + len(self.cfg.language_models) + 1
+        image_inputs = fingerprint(
+            "properties:image", props.PROPERTIES_VERSION, self.data_fingerprint
+        )
+        image_file = layout.properties_part("image", ".parquet")
+        if not (self.manifest.step_done("properties:image", image_inputs) and image_file.is_file()):
+            self.notify(ProgressEvent("properties", None, 0, total))
+            paths = [Path(self.dataset.root) / rel for rel in self.stimuli["image"]]
+            write_parquet(image_file, props.image_properties(paths))
+            self.manifest.finish_step("properties:image", image_inputs)
+        self._forget_dropped_caption_parts()
+        agreement, agreement_inputs, agreement_layers = {}, {}, {}
+        for done, model in enumerate(self.cfg.language_models, start=1):
+            layer = str(self.data["models"][model]["default_layer"])
+            part = self._caption_agreement(model, layer)
+            if part is not None:
+                agreement_inputs[model], file = part
+                agreement[model], agreement_layers[model] = read_npy(file), layer
+            self.notify(ProgressEvent("properties", model, 1 + done, total))
+        gpa = self.data["gpa"]
+        vision = {
+            model: (layer, self.data["models"][model])
+            for model, layer in zip(gpa["models"], gpa["layers"], strict=True)
+        }
+        k = min(props.TYPICALITY_K, n - 1)
+        inputs = fingerprint(
+            "properties",
+            props.PROPERTIES_VERSION,
+            image_inputs,
+            agreement_inputs,
+            {model: entry["sha256"][layer] for model, (layer, entry) in vision.items()},
+            k,
+            self.stimuli.drop(columns=["captions"]).to_dict("list"),
+        )
+        if self.manifest.step_done("properties", inputs) and layout.properties.is_file():
+            self.notify(ProgressEvent("properties", None, total, total, skipped=True))
+            return
+        self.manifest.forget_step("properties")
+        distances = {
+            model: props.neighbour_distance(
+                props.nearest_similarities(
+                    read_npy(layout.embedding(entry["key"], entry["layer_keys"][layer])), k
+                ),
+                k,
+            )
+            for model, (layer, entry) in vision.items()
+        }
+        table = props.assemble_properties(
+            self.stimuli,
+            image=read_parquet(image_file),
+            agreement=agreement,
+            distances=distances,
+            agreement_layers=agreement_layers,
+            distance_layers={model: layer for model, (layer, _) in vision.items()},
+        )
+        write_properties(layout, table.values, table.info)
+        self.manifest.finish_step("properties", inputs)
+        self.notify(ProgressEvent("properties", None, total, total))
+
+    def _forget_dropped_caption_parts(self) -> None:
+        """Remove the caption-agreement steps and files of language models no longer configured."""
+        prefix = "properties:captions:"
+        for step in [s for s in self.data["steps"] if s.startswith(prefix)]:
+            model = step[len(prefix) :]
+            if model not in self.cfg.language_models:
+                self.manifest.forget_step(step)
+                file = self.layout.properties_part(f"caption_agreement-{model_key(model)}", ".npy")
+                file.unlink(missing_ok=True)
+
+    def _caption_agreement(
+        self, model: str, layer: str, encoder: Any = None
+    ) -> tuple[str, Path] | None:
+        """Make sure ``model``'s caption agreement (properties/) is current; return its input
+        fingerprint and file, or None when no stimulus has 2 captions (nothing to measure).
+
+        Uses ``encoder`` when given (the extract step passes its loaded model), else loads it.
+        """
+        from . import properties as props
+
+        if not any(len(captions) >= 2 for captions in self.stimuli["captions"]):
+            return None
+        step = f"properties:captions:{model}"
+        inputs = fingerprint(
+            step, props.PROPERTIES_VERSION, self._extract_inputs(model, "language"), layer
+        )
+        file = self.layout.properties_part(f"caption_agreement-{model_key(model)}", ".npy")
+        if self.manifest.step_done(step, inputs) and file.is_file():
+            return inputs, file
+        from .extract import captions_for_language, extract_embeddings
+
+        if encoder is None:
+            from . import models
+
+            encoder = models.load_encoder(
+                model, device=self.cfg.device, weights=(self.cfg.weights or {}).get(model)
+            )
+        texts, owners = captions_for_language(self.stimuli, "mean")
+        embedded = extract_embeddings(
+            encoder, texts, batch_size=self.cfg.batch_size, layers=[layer]
+        )[layer]
+        write_npy(file, props.caption_agreement(embedded, owners, self.n))
+        self.manifest.finish_step(step, inputs)
+        return inputs, file
 
     def finish(self, seconds: float) -> None:
         """Mark the run complete."""

@@ -153,6 +153,9 @@ def test_full_run_writes_every_part(tiny_coco, tmp_path, loads):
         "dispersion",
         "thumbnails",
         *(f"extract:{m}" for m in (*VISION, *LANGUAGE)),
+        "properties",  # and its cached parts:
+        "properties:image",
+        *(f"properties:captions:{m}" for m in LANGUAGE),
     }
     steps = [e.step for e in events]
     assert steps[0] == "dataset" and steps[-1] == "done"
