@@ -292,6 +292,7 @@ def test_home_links_to_every_page_with_the_view_in_the_url(synthetic_cache: Path
         "Residual space",
         "Alignment lab",
         "Paper analyses",
+        "What predicts dispersion",
     ]
     for link in links:
         assert "run=demo" in link.proto.query_string and "score=pc1" in link.proto.query_string

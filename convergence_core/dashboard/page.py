@@ -92,13 +92,14 @@ def close_page(context: PageContext) -> None:
 def page_links(context: PageContext) -> None:
     """Links to the other pages carrying the current view in their URL."""
     params = context.view.to_query_params()
-    cells = st.columns(4)
+    cells = st.columns(5)
     # Material Symbols: Streamlit ships the font, so they render where no emoji font is installed
     targets = [
         ("pages/1_Stimuli.py", "Stimuli gallery", ":material/photo_library:"),
         ("pages/2_Residual_space.py", "Residual space", ":material/scatter_plot:"),
         ("pages/3_Alignment_lab.py", "Alignment lab", ":material/balance:"),
         ("pages/4_Paper_analyses.py", "Paper analyses", ":material/description:"),
+        ("pages/5_What_predicts_dispersion.py", "What predicts dispersion", ":material/insights:"),
     ]
     for cell, (target, label, icon) in zip(cells, targets, strict=True):
         with cell:
