@@ -589,15 +589,15 @@ class _Pipeline:
         embedded at the model's default layer, about the cost of its extract step with
         caption_mode "mean"; done by the extract step while the model is loaded, so only a run
         extracted before this step existed loads the model again; skipped when no stimulus has 2
-        captions), then the table (``properties``) with the vision models' typicality from their
-        GPA-layer embeddings.
+        captions), then the table (``properties``) with the vision models' typicality and
+        distance from the centroid from their GPA-layer embeddings.
         """
         from . import properties as props
 
         layout, n = self.layout, self.n
         total = 1 + len(self.cfg.language_models) + 1
         image_inputs = fingerprint(
-            "properties:image", props.PROPERTIES_VERSION, self.data_fingerprint
+            "properties:image", props.IMAGE_VERSION, self.data_fingerprint
         )
         image_file = layout.properties_part("image", ".parquet")
         if not (self.manifest.step_done("properties:image", image_inputs) and image_file.is_file()):
@@ -633,20 +633,17 @@ class _Pipeline:
             self.notify(ProgressEvent("properties", None, total, total, skipped=True))
             return
         self.manifest.forget_step("properties")
-        distances = {
-            model: props.neighbour_distance(
-                props.nearest_similarities(
-                    read_npy(layout.embedding(entry["key"], entry["layer_keys"][layer])), k
-                ),
-                k,
-            )
-            for model, (layer, entry) in vision.items()
-        }
+        distances, centroid = {}, {}
+        for model, (layer, entry) in vision.items():
+            features = read_npy(layout.embedding(entry["key"], entry["layer_keys"][layer]))
+            distances[model] = props.neighbour_distance(props.nearest_similarities(features, k), k)
+            centroid[model] = props.centroid_distance(features)
         table = props.assemble_properties(
             self.stimuli,
             image=read_parquet(image_file),
             agreement=agreement,
             distances=distances,
+            centroid_distances=centroid,
             agreement_layers=agreement_layers,
             distance_layers={model: layer for model, (layer, _) in vision.items()},
         )
@@ -678,7 +675,7 @@ class _Pipeline:
             return None
         step = f"properties:captions:{model}"
         inputs = fingerprint(
-            step, props.PROPERTIES_VERSION, self._extract_inputs(model, "language"), layer
+            step, props.CAPTION_VERSION, self._extract_inputs(model, "language"), layer
         )
         file = self.layout.properties_part(f"caption_agreement-{model_key(model)}", ".npy")
         if self.manifest.step_done(step, inputs) and file.is_file():

@@ -30,7 +30,11 @@ Properties and their definitions (every function here is pure: arrays or files i
   (prepared features, i.e. cosine similarity after clipping; the model's GPA layer): low = typical,
   high = unlike anything else in the set. It takes each row's top-K neighbour values, as
   ``run.neighbours(model, layer).values`` gives them; :func:`nearest_similarities` computes them
-  exactly from features, in blocks.
+  exactly from features, in blocks. And ``centroid_distance:<vision model>``
+  (:func:`centroid_distance`): the stimulus's distance from the centroid in the GPA input (the
+  GPA-layer features centred and scaled to unit Frobenius norm, as GPA preprocesses them): a
+  residual is a distance in the same space, so dispersion grows with it mechanically as well as
+  for any deeper reason — a property to read the others against.
 * **data set columns** (:func:`dataset_columns`): every column of the stimulus table other than
   ``id``, ``image`` and ``captions`` (e.g. ``label``): numbers as numeric properties, text and
   booleans as categorical ones.
@@ -50,8 +54,10 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 __all__ = [
+    "CAPTION_VERSION",
     "EDGE_THRESHOLD",
     "IMAGE_PROPERTIES",
+    "IMAGE_VERSION",
     "JPEG_QUALITY",
     "PROPERTIES_VERSION",
     "TYPICALITY_K",
@@ -61,6 +67,7 @@ __all__ = [
     "assemble_properties",
     "caption_agreement",
     "caption_statistics",
+    "centroid_distance",
     "dataset_columns",
     "image_properties",
     "image_statistics",
@@ -68,9 +75,12 @@ __all__ = [
     "neighbour_distance",
 ]
 
-#: Version of the definitions below; part of the precompute's fingerprint of the properties step,
-#: so changing a definition recomputes stored tables.
-PROPERTIES_VERSION = 1
+#: Versions of the definitions below, part of the precompute's fingerprints, so that changing a
+#: definition recomputes what depends on it: the image part, the caption-agreement parts, and the
+#: table (written into properties.json; 2: ``centroid_distance`` added).
+IMAGE_VERSION = 1
+CAPTION_VERSION = 1
+PROPERTIES_VERSION = 2
 #: Longest side (px) of the working copy of each image (never enlarged).
 WORK_SIDE = 512
 #: Sobel step height (luma, 0–1) above which a pixel counts as an edge.
@@ -463,6 +473,28 @@ def nearest_similarities(
     return out
 
 
+def centroid_distance(features: np.ndarray) -> np.ndarray:
+    """Each row's distance from the centroid after GPA's preprocessing: (n,) float64.
+
+    ``features`` (n, d): rows centred, then divided by the Frobenius norm of the centred matrix
+    (``procrustes.preprocess_embeddings``; its zero-padding changes no norm), so the squares sum
+    to 1. Invariant to translation, rotation and scale of the features. O(n d).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features must be (n ≥ 2, d), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("features hold NaN/inf; fix the embeddings")
+    centred = x - x.mean(axis=0)
+    norms = np.linalg.norm(centred, axis=1)
+    total = float(np.sqrt(np.sum(norms**2)))
+    if total == 0.0:
+        raise ValueError(
+            "every stimulus has the same features; distances from the centroid are 0/0"
+        )
+    return norms / total
+
+
 def neighbour_distance(values: np.ndarray, k: int = TYPICALITY_K) -> np.ndarray:
     """Typicality as a distance: ``1 − mean(values[:, :k])``, (n,) float64.
 
@@ -520,6 +552,7 @@ def assemble_properties(
     image: pd.DataFrame | None = None,
     agreement: Mapping[str, np.ndarray] | None = None,
     distances: Mapping[str, np.ndarray] | None = None,
+    centroid_distances: Mapping[str, np.ndarray] | None = None,
     agreement_layers: Mapping[str, str] | None = None,
     distance_layers: Mapping[str, str] | None = None,
 ) -> PropertyTable:
@@ -530,9 +563,12 @@ def assemble_properties(
         image: :func:`image_properties` of the n images (None for a run without images).
         agreement: ``{language model: (n,) caption_agreement}``.
         distances: ``{vision model: (n,) neighbour_distance}``.
-        agreement_layers / distance_layers: the layer each was computed at (for the descriptions).
+        centroid_distances: ``{vision model: (n,) centroid_distance}``.
+        agreement_layers / distance_layers: the layer each was computed at (for the descriptions;
+            distance_layers for both kinds of vision-model distance).
 
-    Order: image, caption, caption agreement, typicality, data set columns. Data set columns
+    Order: image, caption, caption agreement, neighbour distance, centroid distance, data set
+    columns. Data set columns
     whose names clash with a computed property get the prefix ``dataset:``.
     """
     n = len(stimuli)
@@ -577,6 +613,20 @@ def assemble_properties(
                 "1 − cosine similarity",
                 f"1 − mean similarity to the {TYPICALITY_K} nearest other stimuli ({model}, "
                 f"{layer}); low = typical",
+                f"vision:{model}",
+            )
+        )
+    for model, values in (centroid_distances or {}).items():
+        layer = (distance_layers or {}).get(model, "GPA layer")
+        name = f"centroid_distance:{model}"
+        frame[name] = _column(values, n, name)
+        infos.append(
+            PropertyInfo(
+                name,
+                "numeric",
+                "Procrustes distance (unit-Frobenius GPA input)",
+                f"distance from the centroid in the GPA input ({model}, {layer}); residuals grow "
+                "with it",
                 f"vision:{model}",
             )
         )

@@ -288,8 +288,8 @@ def make_rotation_run(path: Path, n: int = 60, *, seed: int = 1) -> tuple[Run, n
 
 def add_properties(run: Run, extra: Mapping[str, Sequence[object]] | None = None) -> Run:
     """Compute and write the run's property table the way the precompute does (image properties
-    when the run has images, caption statistics, typicality of every vision model at its GPA
-    layer, the stimulus table's own columns, plus ``extra`` columns ``{name: n values}``); no
+    when the run has images, caption statistics, typicality and centroid distance of every vision
+    model at its GPA layer, the stimulus table's own columns, plus ``extra`` columns ``{name: n values}``); no
     caption agreement (that needs a language model). Returns the run loaded again."""
     from convergence_core import properties as props
     from convergence_core.run import load_run
@@ -308,6 +308,12 @@ def add_properties(run: Run, extra: Mapping[str, Sequence[object]] | None = None
         )
         for model in run.vision_models
     }
-    table = props.assemble_properties(stimuli, image=image, distances=distances)
+    centroid = {
+        model: props.centroid_distance(run.embeddings[model][run.default_layer(model)])
+        for model in run.vision_models
+    }
+    table = props.assemble_properties(
+        stimuli, image=image, distances=distances, centroid_distances=centroid
+    )
     write_properties(run.layout, table.values, table.info)
     return load_run(run.path)

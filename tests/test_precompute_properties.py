@@ -32,9 +32,7 @@ def test_precompute_writes_the_property_table(tiny_coco, tmp_path, loads):
     image = props.image_properties([run.image_path(r) for r in range(run.n_stimuli)])
     for info in props.IMAGE_PROPERTIES:
         np.testing.assert_allclose(table.values[info.name], image[info.name], err_msg=info.name)
-    assert table.values["n_captions"].tolist() == [
-        float(len(c)) for c in run.stimuli["captions"]
-    ]
+    assert table.values["n_captions"].tolist() == [float(len(c)) for c in run.stimuli["captions"]]
     # caption agreement: every caption through the model at its default layer
     encoder = FakeEncoder(LANGUAGE[0], "language")
     layer = run.default_layer(LANGUAGE[0])
@@ -45,12 +43,15 @@ def test_precompute_writes_the_property_table(tiny_coco, tmp_path, loads):
         table.values[f"caption_agreement:{LANGUAGE[0]}"], expected, rtol=1e-6
     )
     assert layer in table.info_for(f"caption_agreement:{LANGUAGE[0]}").description
-    # typicality of each vision model at its GPA layer (k = n - 1 = 5 for 6 stimuli)
+    # typicality and centroid distance of each vision model at its GPA layer (k = n - 1 = 5)
     for model in VISION:
         features = run.embeddings[model][run.default_layer(model)]
         np.testing.assert_allclose(
             table.values[f"neighbour_distance:{model}"],
             props.neighbour_distance(props.nearest_similarities(features, 5), 5),
+        )
+        np.testing.assert_allclose(
+            table.values[f"centroid_distance:{model}"], props.centroid_distance(features)
         )
     assert not list(run.path.rglob("*.tmp-*"))
 

@@ -284,6 +284,25 @@ def test_neighbour_distance_planted_outlier_and_invariances() -> None:
         props.neighbour_distance(np.full((4, 3), np.nan), 2)
 
 
+def test_centroid_distance_is_the_row_norm_of_the_gpa_input_and_invariant() -> None:
+    from convergence_core.procrustes import preprocess_embeddings
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((25, 7)) * rng.uniform(0.2, 3.0, size=(25, 1))
+    distance = props.centroid_distance(x)
+    padded = preprocess_embeddings([x, rng.standard_normal((25, 11))])[0]  # padded to 11 columns
+    np.testing.assert_allclose(distance, np.linalg.norm(padded, axis=1), rtol=1e-12)
+    assert np.sum(distance**2) == pytest.approx(1.0)
+    q, _ = np.linalg.qr(rng.standard_normal((7, 7)))
+    np.testing.assert_allclose(props.centroid_distance(3.5 * x @ q + 10.0), distance, rtol=1e-10)
+    outlier = np.vstack([np.zeros((9, 3)), [[5.0, 0.0, 0.0]]])
+    assert int(np.argmax(props.centroid_distance(outlier))) == 9
+    with pytest.raises(ValueError, match="same features"):
+        props.centroid_distance(np.ones((4, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        props.centroid_distance(np.full((4, 3), np.nan))
+
+
 # ---------------------------------------------------------------------------------------------
 # assembly and storage
 
