@@ -252,12 +252,12 @@ def predictors_figure(
     ]
     left.set_yticks(y, names, fontsize=8)
     for position, (value, q_value) in enumerate(zip(effect, rows["q_value"], strict=True)):
-        left.annotate(
+        left.annotate(  # right of the bar, or of the axis for a negative bar (never on a label)
             f"q={q_value:.1g}",
-            (value, position),
-            xytext=(3 if value >= 0 else -3, 0),
+            (max(value, 0.0), position),
+            xytext=(3, 0),
             textcoords="offset points",
-            ha="left" if value >= 0 else "right",
+            ha="left",
             va="center",
             fontsize=7,
         )
