@@ -624,9 +624,9 @@ def assemble_properties(
             PropertyInfo(
                 name,
                 "numeric",
-                "Procrustes distance (unit-Frobenius GPA input)",
-                f"distance from the centroid in the GPA input ({model}, {layer}); residuals grow "
-                "with it",
+                "Procrustes distance",
+                f"distance from the centroid in the GPA input (centred, unit Frobenius norm; "
+                f"{model}, {layer}); residuals grow with it",
                 f"vision:{model}",
             )
         )

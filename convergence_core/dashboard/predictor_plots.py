@@ -48,6 +48,7 @@ def ranked_effects(tests: pd.DataFrame, *, score: str, top: int = 25, q: float =
             orientation="h",
             marker_color=[SIGNIFICANT if s else NOT_SIGNIFICANT for s in significant],
             text=hover,
+            textposition="none",  # the text is for the hover label only
             hovertemplate="%{text}<extra></extra>",
         )
     )
@@ -122,7 +123,7 @@ def property_scatter(
                 name="stimuli",
             )
         )
-        x_title = safe_hover_text(info.label, 80)
+        x_title = safe_hover_text(info.label, 120)
     else:
         values = column.to_numpy(dtype=object)
         levels = sorted({v for v in values if v is not None})
@@ -227,11 +228,11 @@ def held_out_fit(predictions: pd.DataFrame, fit: pd.DataFrame, *, score: str) ->
     )
     figure.update_layout(
         title_text=(
-            f"Held-out fit: {SCORE_NAME[score]} predicted from every property "
+            f"Held-out fit: {SCORE_NAME[score]} from every property<br>"
             f"({int(fit['n_splits'].iloc[0])}-fold cross-validation)"
         ),
-        xaxis_title=f"predicted out of fold: {SCORE_AXIS[score]}",
-        yaxis_title=f"observed: {SCORE_AXIS[score]}",
+        xaxis_title=f"predicted out of fold: {SCORE_NAME[score]} (Procrustes distance)",
+        yaxis_title=f"observed: {SCORE_NAME[score]} (Procrustes distance)",
         height=460,
         legend={"orientation": "h", "y": -0.2},
     )
@@ -256,7 +257,7 @@ def importance_bars(importances: pd.DataFrame, *, top: int = 15) -> go.Figure:
             )
         )
     figure.update_layout(
-        title_text="Permutation importance on the held-out folds (drop in R² when shuffled)",
+        title_text="Permutation importance<br>on the held-out folds",
         xaxis_title="drop in held-out R² (unitless)",
         yaxis_title="property",
         barmode="group",
