@@ -32,6 +32,10 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     groups = np.random.default_rng(3).choice(["indoor", "outdoor"], size=N)
     add_properties(run, extra={"scene": groups})
     make_synthetic_run(cache / "runs", n=20, name="old", images=False, thumbnails=False)
+    damaged = add_properties(
+        make_synthetic_run(cache / "runs", n=20, name="damaged", images=False, thumbnails=False)
+    )
+    damaged.layout.properties_info.write_text('{"properties": [{"name": "[x](http://e.com)"}]}')
     return cache
 
 
@@ -118,6 +122,16 @@ def test_a_run_without_properties_says_how_to_add_them(run, monkeypatch) -> None
     assert not at.exception, at.exception
     assert any("no stimulus property table" in info.value for info in at.info)
     assert not at.get("plotly_chart")
+
+
+def test_a_damaged_property_table_is_a_warning_in_plain_text(run, monkeypatch) -> None:
+    for path in (PAGE, RESIDUAL_PAGE):
+        at = AppTest.from_file(path, default_timeout=TIMEOUT)
+        at.query_params["run"] = "damaged"
+        at.run(timeout=TIMEOUT)
+        assert not at.exception, at.exception
+        assert any("cannot be read" in warning.value for warning in at.warning)
+        assert any("properties.json" in text.value for text in at.text)  # st.text, not Markdown
 
 
 def test_residual_space_colours_points_by_any_property(run, monkeypatch) -> None:

@@ -386,3 +386,31 @@ def test_jpeg_bytes_use_the_documented_quality() -> None:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="JPEG", quality=props.JPEG_QUALITY)
     assert props.image_statistics(rgb)["jpeg_bytes_per_pixel"] == buffer.tell() / (40 * 60)
+
+
+def test_run_properties_reads_back_and_refuses_damaged_tables(tmp_path) -> None:
+    import json
+
+    from convergence_core.cache import CacheFormatError
+    from convergence_core.run import load_run
+    from tests.fixtures_runs import add_properties, make_synthetic_run
+
+    run = make_synthetic_run(tmp_path, n=12, images=False, thumbnails=False)
+    assert run.properties is None  # written from arrays: no table yet
+    run = add_properties(run, extra={"tag": ["a", "b"] * 6})
+    table = run.properties
+    assert table.values["id"].tolist() == run.stimuli["id"].tolist()
+    assert table.info_for("tag").kind == "categorical"
+    assert "neighbour_distance:vision-a" in table.names
+    info_path = run.layout.properties_info
+    good = info_path.read_text()
+    for damage in ({"properties": "nope"}, {"no": []}, ["x"]):
+        info_path.write_text(json.dumps(damage))
+        with pytest.raises(CacheFormatError, match="rerun precompute"):
+            load_run(run.path).properties
+    info_path.write_text(good)
+    frame = pd.read_parquet(run.layout.properties)
+    frame["id"] = frame["id"].iloc[::-1].to_numpy()
+    frame.to_parquet(run.layout.properties)
+    with pytest.raises(CacheFormatError, match="other stimuli"):
+        load_run(run.path).properties

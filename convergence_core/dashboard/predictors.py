@@ -24,7 +24,8 @@ def run_properties(run: Run) -> PropertyTable | None:
     try:
         return run.properties
     except (OSError, ValueError) as exc:
-        st.warning(f"The run's property table cannot be read: {exc}")
+        st.warning("The run's property table cannot be read; rerun precompute on this run:")
+        st.text(str(exc))  # may quote the run's files: plain text, never Markdown
         return None
 
 
