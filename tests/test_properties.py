@@ -407,10 +407,10 @@ def test_run_properties_reads_back_and_refuses_damaged_tables(tmp_path) -> None:
     for damage in ({"properties": "nope"}, {"no": []}, ["x"]):
         info_path.write_text(json.dumps(damage))
         with pytest.raises(CacheFormatError, match="rerun precompute"):
-            load_run(run.path).properties
+            load_run(run.path).properties  # noqa: B018
     info_path.write_text(good)
     frame = pd.read_parquet(run.layout.properties)
     frame["id"] = frame["id"].iloc[::-1].to_numpy()
     frame.to_parquet(run.layout.properties)
     with pytest.raises(CacheFormatError, match="other stimuli"):
-        load_run(run.path).properties
+        load_run(run.path).properties  # noqa: B018
