@@ -217,7 +217,8 @@ class ProgressEvent:
 
     ``step``: "dataset", "waiting" (for another process writing the same run), "extract",
     "gpa", "dispersion", "thumbnails", "properties" or "done"; ``model``: the model being
-    extracted (else None; "properties": the language model whose captions were embedded);
+    extracted (else None; "<model> (every caption, for caption agreement)" while the properties'
+    caption pass embeds every caption; "properties": the language model whose part is done);
     ``done`` of ``total`` items (stimuli or captions; "properties": parts); ``skipped``: the step
     was cached and is not recomputed.
     """
@@ -689,8 +690,13 @@ class _Pipeline:
                 model, device=self.cfg.device, weights=(self.cfg.weights or {}).get(model)
             )
         texts, owners = captions_for_language(self.stimuli, "mean")
+        label = f"{model} (every caption, for caption agreement)"
+
+        def report(done: int, total: int) -> None:
+            self.notify(ProgressEvent("extract", label, int(done), int(total)))
+
         embedded = extract_embeddings(
-            encoder, texts, batch_size=self.cfg.batch_size, layers=[layer]
+            encoder, texts, batch_size=self.cfg.batch_size, progress=report, layers=[layer]
         )[layer]
         write_npy(file, props.caption_agreement(embedded, owners, self.n))
         self.manifest.finish_step(step, inputs)
