@@ -82,6 +82,10 @@ _PUBLIC: dict[str, str] = {
     "local_cka": "stimulus_alignment",
     "alignment_dispersion_relation": "stimulus_alignment",
     "spearman_permutation_test": "stats",
+    # stimulus properties that predict dispersion (issue 15)
+    "PropertyTable": "properties",
+    "PropertyInfo": "properties",
+    "analyse_properties": "dispersion_predictors",
     # the universal space across modalities (issue 13)
     "Member": "universal",
     "fit_universal_space": "universal",

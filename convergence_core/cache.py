@@ -435,3 +435,21 @@ class RunLayout:
     @property
     def umap(self) -> Path:
         return self._file("umap.npy")
+
+    @property
+    def properties(self) -> Path:
+        """properties.parquet: one row per stimulus, one column per property."""
+        return self._file("properties.parquet")
+
+    @property
+    def properties_info(self) -> Path:
+        """properties.json: the description of every property column."""
+        return self._file("properties.json")
+
+    @property
+    def properties_parts_dir(self) -> Path:
+        """properties/: the precompute's cached parts (image table, caption agreement)."""
+        return self._file("properties")
+
+    def properties_part(self, name: str, suffix: str) -> Path:
+        return self._file("properties", f"{check_key(name, 'property part')}{suffix}")

@@ -381,7 +381,10 @@ class _ProgressBars:
             self.bar.refresh()
             if event.done >= event.total:
                 self._close()
-        elif event.step in ("gpa", "dispersion", "thumbnails") and event.done >= event.total:
+        elif (
+            event.step in ("gpa", "dispersion", "thumbnails", "properties")
+            and event.done >= event.total
+        ):
             self._close()
             state = "cached" if event.skipped else "done"
             print(f"  {event.step}: {state}", file=self.stream)

@@ -111,6 +111,10 @@ class ExtractionJob:
         inputs: a fingerprint of everything that decides the result (names the shard folder).
         images_root: the data set's image folder: every image path must stay inside it once
             symbolic links are resolved (None: no check; language jobs).
+        agreement_items / agreement_owner: language jobs only, when set: every caption and its
+            stimulus row; the engine also measures each stimulus's caption agreement
+            (``properties.caption_agreement``) at the model's default layer while the model is
+            loaded (engines that cannot leave ``ExtractionResult.caption_agreement`` None).
     """
 
     model: str
@@ -127,6 +131,8 @@ class ExtractionJob:
     work_dir: Path | None = None
     inputs: str = ""
     images_root: str | None = None
+    agreement_items: tuple[str, ...] | None = None
+    agreement_owner: np.ndarray | None = None
 
     @property
     def items_count(self) -> int:
@@ -151,6 +157,7 @@ class ExtractionResult:
     load_seconds: float
     extract_seconds: float
     stats: dict[str, Any] = field(default_factory=dict)
+    caption_agreement: tuple[str, np.ndarray] | None = None  # (layer, (n_stimuli,) float64)
 
 
 class Engine(Protocol):
@@ -252,8 +259,10 @@ def make_job(
     weights: str | os.PathLike[str] | None = None,
     work_dir: Path | None = None,
     inputs: str = "",
+    caption_agreement: bool = False,
 ) -> ExtractionJob:
-    """The job for ``model`` over a stimulus table (columns ``image``, ``captions``)."""
+    """The job for ``model`` over a stimulus table (columns ``image``, ``captions``);
+    ``caption_agreement`` asks a language job to measure caption agreement too."""
     n = len(stimuli)
     if modality == "vision":
         root = Path(images_root)
@@ -279,7 +288,35 @@ def make_job(
         work_dir=work_dir,
         inputs=inputs,
         images_root=os.fspath(images_root) if modality == "vision" else None,
+        **_agreement_fields(stimuli, modality, caption_agreement),
     )
+
+
+def _agreement_fields(stimuli: Any, modality: str, wanted: bool) -> dict[str, Any]:
+    if not wanted or modality != "language":
+        return {}
+    texts, owner = captions_for_language(stimuli, "mean")
+    return {"agreement_items": tuple(texts), "agreement_owner": owner}
+
+
+def measure_caption_agreement(
+    job: ExtractionJob, encoder: Any, per_item: Mapping[str, np.ndarray], layer: str,
+    batch_size: int, autocast: Any,
+) -> tuple[str, np.ndarray] | None:
+    """``job``'s caption agreement at ``layer`` with the loaded ``encoder`` (reusing the job's
+    own per-item embeddings when they already are every caption)."""
+    from .properties import caption_agreement
+
+    if job.agreement_items is None:
+        return None
+    if job.items == job.agreement_items and layer in per_item:
+        embedded = per_item[layer]
+    else:
+        embedded = extract_embeddings(
+            encoder, list(job.agreement_items), batch_size=batch_size, layers=[layer],
+            autocast=autocast,
+        )[layer]
+    return layer, caption_agreement(embedded, job.agreement_owner, job.n_stimuli)
 
 
 def load_for_job(job: ExtractionJob) -> tuple[Any, list[str], Any]:
@@ -327,10 +364,15 @@ class LocalEngine:
         )
         arrays = pool_captions(per_item, job.owner, job.n_stimuli)
         seconds = time.perf_counter() - started
+        default = default_layer_of(encoder.default_layer, layers)
+        agreement = measure_caption_agreement(
+            job, encoder, per_item, default, resolve_batch_size(job, encoder), autocast
+        )
         result = ExtractionResult(
             arrays={layer: arrays[layer] for layer in layers},
             layers=layers,
-            default_layer=default_layer_of(encoder.default_layer, layers),
+            default_layer=default,
+            caption_agreement=agreement,
             weights_id=encoder.weights_id,
             items=job.items_count,
             load_seconds=load_seconds,

@@ -336,3 +336,80 @@ def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
         fontsize=10,
     )
     return _save(figure, path)
+
+
+def predictors_figure(
+    tests: pd.DataFrame,
+    fit: pd.DataFrame,
+    predictions: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    score: str = "mean",
+    top: int = 12,
+    q: float = 0.05,
+) -> Path:
+    """What predicts dispersion, for one score: the ``top`` best-ranked properties (ρ, or √ε²
+    for categories; filled where q < ``q``) and observed against out-of-fold predicted
+    dispersion per model, with the held-out R² and the shuffled-target baseline in the legend.
+
+    ``tests``, ``fit``, ``predictions``: the tables of
+    :func:`~convergence_core.dispersion_predictors.analyse_properties`.
+    """
+    rows = tests[tests["score"] == score].sort_values("rank").head(top).iloc[::-1]
+    figure, (left, right) = plt.subplots(
+        1, 2, figsize=(11.5, max(3.8, 0.32 * len(rows) + 1.6)), layout="constrained"
+    )
+    effect = np.where(rows["test"] == "spearman", rows["effect"], rows["strength"])
+    significant = rows["q_value"].to_numpy() < q
+    y = np.arange(len(rows))
+    left.barh(
+        y,
+        effect,
+        color=["#e34a33" if s else "#ffffff" for s in significant],
+        edgecolor="#e34a33",
+    )
+    names = [
+        name if test == "spearman" else f"{name} (categorical)"
+        for name, test in zip(rows["property"], rows["test"], strict=True)
+    ]
+    left.set_yticks(y, names, fontsize=8)
+    for position, (value, q_value) in enumerate(zip(effect, rows["q_value"], strict=True)):
+        left.annotate(  # right of the bar, or of the axis for a negative bar (never on a label)
+            f"q={q_value:.1g}",
+            (max(value, 0.0), position),
+            xytext=(3, 0),
+            textcoords="offset points",
+            ha="left",
+            va="center",
+            fontsize=7,
+        )
+    left.axvline(0.0, color="#444", linewidth=0.8)
+    left.set_xlabel("Spearman ρ with dispersion (√ε² for categories), unitless")
+    left.set_title(f"Top properties by permutation p ({score}); filled: q < {q}", fontsize=9)
+    metrics = fit[fit["score"] == score].pivot_table(
+        index="model", columns="metric", values="value"
+    )
+    chosen = predictions[predictions["score"] == score]
+    colours = {"ridge": "#2b8cbe", "boosted_trees": "#fd8d3c"}
+    for model, points in chosen.groupby("model", sort=False):
+        row = metrics.loc[model]
+        right.scatter(
+            points["predicted"],
+            points["observed"],
+            s=9,
+            alpha=0.6,
+            color=colours.get(str(model), "#666"),
+            label=(
+                f"{model}: held-out R² = {row['r2_held_out']:.3f} "
+                f"(shuffled {row['r2_shuffled_mean']:.3f})"
+            ),
+        )
+    low = float(min(chosen["observed"].min(), chosen["predicted"].min()))
+    high = float(max(chosen["observed"].max(), chosen["predicted"].max()))
+    right.plot([low, high], [low, high], color="#444", linestyle=":", linewidth=1)
+    unit = "mean residual" if score == "mean" else "PC1 score"
+    right.set_xlabel(f"predicted out of fold ({unit}, Procrustes distance)")
+    right.set_ylabel(f"observed ({unit}, Procrustes distance)")
+    right.set_title("Dispersion predicted from every property (cross-validated)", fontsize=9)
+    right.legend(fontsize=7, loc="upper left")
+    return _save(figure, path)

@@ -1,6 +1,6 @@
 """The resumable precompute pipeline.
 
-dataset -> embeddings -> neighbour lists -> GPA -> dispersion + PCA -> thumbnails.
+dataset -> embeddings -> neighbour lists -> GPA -> dispersion + PCA -> thumbnails -> properties.
 
 Configure it with :class:`PrecomputeConfig` (or a .json/.toml file, or keyword options) and call
 :func:`precompute`. Each step is recorded in the run's manifest with the fingerprint of its
@@ -29,7 +29,9 @@ from .cache import (
     model_key,
     read_json,
     read_npy,
+    read_parquet,
     run_lock,
+    write_npy,
     write_parquet,
 )
 from .manifest import MANIFEST_FORMAT, DatasetInfo, GPARecord, ModelEntry, parse_manifest
@@ -51,6 +53,7 @@ from .run_writer import (
     write_gpa,
     write_model_arrays,
     write_neighbour_lists,
+    write_properties,
     write_thumbnails,
 )
 from .settings import cache_root as default_cache_root
@@ -520,9 +523,12 @@ class ProgressEvent:
     """What the pipeline is doing, sent to the ``progress`` callback.
 
     ``step``: "dataset", "waiting" (for another process writing the same run), "extract",
-    "neighbours", "gpa", "dispersion", "thumbnails" or "done"; ``model``: the model being
-    extracted or indexed (else None); ``done`` of ``total`` items (stimuli, captions or rows);
-    ``skipped``: the step was cached and is not recomputed.
+    "neighbours", "gpa", "dispersion", "thumbnails", "properties" or "done"; ``model``: the model
+    being extracted or indexed (else None; "<model> (every caption, for caption agreement)" while
+    the properties step embeds every caption of a run extracted before that step existed;
+    "properties": the language model whose part is done); ``done`` of ``total`` items (stimuli,
+    captions or rows; "properties": parts); ``skipped``: the step was cached and is not
+    recomputed.
     """
 
     step: str
@@ -935,6 +941,7 @@ def _execute(
         gpa_inputs = pipeline.gpa()
         pipeline.dispersion(gpa_inputs)
         pipeline.thumbnails()
+        pipeline.properties()
         pipeline.finish(time.perf_counter() - started)
     notify(ProgressEvent("done", None, 1, 1))
     return load_run(path)
@@ -1044,6 +1051,9 @@ class _Pipeline:
         hashes, thresholds = write_model_arrays(
             self.layout, model_key(name), {layer: model_key(layer) for layer in arrays}, arrays
         )
+        if extracted.caption_agreement is not None:  # measured while the model was loaded
+            layer, values = extracted.caption_agreement
+            self._store_caption_agreement(source, layer, values)
         details = {"source": source.kind, **extracted.details}
         self.data.models[name] = model_entry(
             name, source.modality, arrays, default, hashes, thresholds,
@@ -1178,6 +1188,153 @@ class _Pipeline:
                 progress=lambda done: self.notify(ProgressEvent("thumbnails", None, done, self.n)),
             )
             self.manifest.finish_step("thumbnails", inputs)
+
+    # -- properties (convergence_core.properties) ------------------------------------------------
+    def wants_caption_agreement(self) -> bool:
+        """Whether caption agreement can be measured: some stimulus has 2 or more captions."""
+        return any(len(captions) >= 2 for captions in self.stimuli["captions"])
+
+    def _agreement_step(self, source: Any, layer: str) -> tuple[str, str, Path]:
+        from . import properties as props
+
+        step = f"properties:captions:{source.name}"
+        inputs = fingerprint(step, props.CAPTION_VERSION, source.inputs(self), layer)
+        file = self.layout.properties_part(f"caption_agreement-{model_key(source.name)}", ".npy")
+        return step, inputs, file
+
+    def _store_caption_agreement(self, source: Any, layer: str, values: np.ndarray) -> None:
+        step, inputs, file = self._agreement_step(source, layer)
+        write_npy(file, np.asarray(values, dtype=np.float64))
+        self.manifest.finish_step(step, inputs)
+
+    def _caption_agreement(self, source: Any) -> tuple[str, str, Path] | None:
+        """``(input fingerprint, layer, file)`` of a language encoder's caption agreement, made
+        current: measured by the extraction when the model was loaded for it, else (a run
+        extracted before this step existed, or the Ray engine) by loading it once more. None for
+        a model from files or arrays (its captions are not ours to embed)."""
+        from . import properties as props
+        from .engines import load_for_job, make_job
+        from .extract import captions_for_language, extract_embeddings
+
+        if source.kind != "encoder":
+            return None
+        layer = self.data.models[source.name].default_layer
+        step, inputs, file = self._agreement_step(source, layer)
+        if self.manifest.step_done(step, inputs) and file.is_file():
+            return inputs, layer, file
+        cfg = self.config
+        job = make_job(
+            source.name, "language", self.stimuli, None, layers=[layer],
+            caption_mode="mean", device=cfg.device, batch_size=cfg.batch_size,
+            precision=cfg.precision, weights=(cfg.weights or {}).get(source.name),
+        )
+        encoder, layers, autocast = load_for_job(job)
+        texts, owners = captions_for_language(self.stimuli, "mean")
+        label = f"{source.name} (every caption, for caption agreement)"
+        embedded = extract_embeddings(
+            encoder, texts,
+            batch_size=32 if cfg.batch_size == "auto" else int(cfg.batch_size),
+            progress=lambda done, total: self.notify(
+                ProgressEvent("extract", label, int(done), int(total))
+            ),
+            layers=[layer], autocast=autocast,
+        )[layer]
+        del encoder
+        self._store_caption_agreement(source, layer, props.caption_agreement(embedded, owners, self.n))
+        return inputs, layer, file
+
+    def _forget_dropped_caption_parts(self) -> None:
+        """Remove the caption-agreement steps and files of models no longer in the run."""
+        prefix = "properties:captions:"
+        wanted = {source.name for source in self.plan.sources}
+        for step in [s for s in self.data.steps if s.startswith(prefix)]:
+            model = step[len(prefix) :]
+            if model not in wanted:
+                self.manifest.forget_step(step)
+                file = self.layout.properties_part(f"caption_agreement-{model_key(model)}", ".npy")
+                file.unlink(missing_ok=True)
+
+    def properties(self) -> None:
+        """properties.parquet + properties.json (see :mod:`convergence_core.properties`).
+
+        Cached in parts under properties/, each a manifest step with its own input fingerprint:
+        the image properties (``properties:image``: every image decoded once more, ~5–20 ms each;
+        none for a run without images), each language encoder's caption agreement
+        (``properties:captions:<model>``: every caption embedded at the model's default layer —
+        measured by the extraction itself while the model is loaded, so only runs extracted
+        before this step existed, or on the Ray engine, load the model again; skipped when no
+        stimulus has 2 captions), then the table (``properties``) with each GPA model's
+        typicality (from its stored neighbour lists) and distance from the centroid.
+        """
+        from . import properties as props
+
+        layout, n = self.layout, self.n
+        language = [s for s in self.plan.sources if s.modality == "language"]
+        total = 1 + len(language) + 1
+        image_inputs = fingerprint("properties:image", props.IMAGE_VERSION, self.data_fingerprint)
+        image_file = layout.properties_part("image", ".parquet")
+        image = None
+        if self.images_root is not None:
+            if not (
+                self.manifest.step_done("properties:image", image_inputs) and image_file.is_file()
+            ):
+                self.notify(ProgressEvent("properties", None, 0, total))
+                paths = [self.images_root / rel for rel in self.stimuli["image"]]
+                write_parquet(image_file, props.image_properties(paths))
+                self.manifest.finish_step("properties:image", image_inputs)
+            image = read_parquet(image_file)
+        self._forget_dropped_caption_parts()
+        agreement, agreement_inputs, agreement_layers = {}, {}, {}
+        for done, source in enumerate(language, start=1):
+            part = self._caption_agreement(source) if self.wants_caption_agreement() else None
+            if part is not None:
+                agreement_inputs[source.name], layer, file = part
+                agreement[source.name], agreement_layers[source.name] = read_npy(file), layer
+            self.notify(ProgressEvent("properties", source.name, 1 + done, total))
+        gpa = self.data.gpa
+        k = min(props.TYPICALITY_K, n - 1)
+        inputs = fingerprint(
+            "properties",
+            props.PROPERTIES_VERSION,
+            image_inputs if image is not None else None,
+            agreement_inputs,
+            {m: self.data.models[m].sha256[layer] for m, layer in zip(gpa.models, gpa.layers)},
+            k,
+            NEIGHBOURS_ALGORITHM,
+            self.stimuli.drop(columns=["captions"]).to_dict("list"),
+        )
+        if self.manifest.step_done("properties", inputs) and layout.properties.is_file():
+            self.notify(ProgressEvent("properties", None, total, total, skipped=True))
+            return
+        self.manifest.forget_step("properties")
+        distances, centroid = {}, {}
+        for model, layer in zip(gpa.models, gpa.layers, strict=True):
+            entry = self.data.models[model]
+            key = entry.layer_keys[layer]
+            if layer in entry.neighbour_layers:  # typicality from the stored exact lists
+                values = read_npy(layout.neighbour_values(entry.key, key), mmap=True)[:, :k]
+            else:
+                from .neighbours import PreparedFeatures, exact_top_k
+
+                raw = read_npy(layout.embedding(entry.key, key), mmap=True)
+                features = PreparedFeatures(raw, entry.clip_thresholds[layer])
+                values = exact_top_k(features, k, device=self.plan.device)[1]
+            distances[model] = props.neighbour_distance(np.asarray(values), k)
+            centroid[model] = props.centroid_distance(
+                read_npy(layout.embedding(entry.key, key), mmap=True)
+            )
+        table = props.assemble_properties(
+            self.stimuli,
+            image=image,
+            agreement=agreement,
+            distances=distances,
+            centroid_distances=centroid,
+            agreement_layers=agreement_layers,
+            distance_layers=dict(zip(gpa.models, gpa.layers, strict=True)),
+        )
+        write_properties(layout, table.values, table.info)
+        self.manifest.finish_step("properties", inputs)
+        self.notify(ProgressEvent("properties", None, total, total))
 
     def finish(self, seconds: float) -> None:
         """Mark the run complete."""

@@ -1,7 +1,8 @@
 """`python -m convergence_core report <run> --out report/`: the paper's analyses on one run.
 
 Writes to ``--out``: every analysis table as CSV and JSON (records; NaN as null), the PNG figures
-(Fig. 2 per dispersion score, Fig. S1, Fig. S2, the layer-sweep heat map), ``summary.csv`` /
+(Fig. 2 per dispersion score, Fig. S1, Fig. S2, the layer-sweep heat map, what predicts
+dispersion per score when the run has a property table), ``summary.csv`` /
 ``summary.json`` / ``summary.txt`` (per pair: low, random mean [95% interval], high, low/high
 ratio, permutation p) and ``report.json`` (parameters, verdicts, file list). Prints the summary
 table and one verdict line per dispersion score, computed from the numbers.
@@ -24,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import analyses, figures, retrieval, universal
+from . import analyses, dispersion_predictors, figures, retrieval, universal
 from .alignment import cknna_bound_note
 from .cache import write_bytes, write_json
 from .presets import PRESETS, preset_config
@@ -152,6 +153,54 @@ def _cknna_values(
         what = f"full set, {r['vision_model']} × {r['language_model']} {r['language_layer']}"
         rows.append((what, r["cknna"], n, int(r["k"])))
     return rows
+def property_summary(analysis: Any, top: int = 5) -> dict[str, Any]:
+    """Per score: the ``top`` ranked properties (property, test, effect_name, effect, q_value,
+    p_value, n_stimuli) and, per model, the held-out R² with its shuffled-target baseline."""
+    summary: dict[str, Any] = {}
+    for score in analysis.parameters["scores"]:
+        tests = analysis.tests[analysis.tests["score"] == score].sort_values("rank").head(top)
+        fit = analysis.fit[analysis.fit["score"] == score]
+        wide = fit.pivot_table(index="model", columns="metric", values="value", sort=False)
+        summary[score] = {
+            "top_properties": [
+                {
+                    key: (value.item() if hasattr(value, "item") else value)
+                    for key, value in row.items()
+                }
+                for row in tests[
+                    ["property", "test", "effect_name", "effect", "q_value", "p_value", "n_stimuli"]
+                ].to_dict("records")
+            ],
+            "models": {
+                str(model): {
+                    "r2_held_out": float(row["r2_held_out"]),
+                    "r2_shuffled_mean": float(row["r2_shuffled_mean"]),
+                    "r2_shuffled_upper_95": float(row["r2_shuffled_upper_95"]),
+                    "p_value_vs_shuffled": float(row["p_value_vs_shuffled"]),
+                }
+                for model, row in wide.iterrows()
+            },
+        }
+    return summary
+
+
+def format_property_summary(summary: dict[str, Any]) -> str:
+    """Text of :func:`property_summary`: per score the top properties and the models' fit."""
+    lines = []
+    for score, part in summary.items():
+        lines.append(f"\nWhat predicts dispersion ({score}):")
+        for row in part["top_properties"]:
+            symbol = "rho" if row["effect_name"] == "spearman_rho" else "eps2"
+            lines.append(
+                f"  {row['property']}: {symbol} = {row['effect']:+.3f}, q = {row['q_value']:.2g}"
+                f" (n = {row['n_stimuli']})"
+            )
+        for model, fit in part["models"].items():
+            lines.append(
+                f"  {model}: held-out R2 = {fit['r2_held_out']:.3f} (shuffled targets: mean "
+                f"{fit['r2_shuffled_mean']:.3f}, 95th percentile {fit['r2_shuffled_upper_95']:.3f})"
+            )
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def write_report(
@@ -166,12 +215,15 @@ def write_report(
     q: float = 0.25,
     seed: int = 0,
     universal_folds: int = 5,
+    property_permutations: int = dispersion_predictors.DEFAULT_N_PERMUTATIONS,
+    property_shuffles: int = dispersion_predictors.DEFAULT_N_SHUFFLES,
 ) -> dict[str, Any]:
     """Run every analysis on ``run`` and write tables, figures and the summary to ``out``.
 
     Returns the content of ``report.json``: ``run``, ``parameters``, ``best_language_layers``,
     ``verdicts`` (score -> sentence), ``paired_tests``, ``universal_space`` (see
-    :func:`universal_space_section`), ``notes`` and ``files``.
+    :func:`universal_space_section`), ``properties`` (what predicts dispersion: top properties
+    and held-out R² per score; None without a property table), ``notes`` and ``files``.
     """
     out = check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,6 +287,43 @@ def write_report(
     if universal_space.get("note"):
         notes.append(universal_space["note"])
 
+    properties, property_text = None, ""
+    if run.properties is None:
+        notes.append(
+            "stimulus properties skipped: the run has no property table; rerun the precompute "
+            "command that made it to add one"
+        )
+    else:
+        analysis = dispersion_predictors.analyse_properties(
+            run.properties,
+            run.dispersion,
+            scores=scores,
+            n_permutations=property_permutations,
+            n_shuffles=property_shuffles,
+            seed=seed,
+        )
+        for stem, table in (
+            ("property_tests", analysis.tests),
+            ("property_groups", analysis.groups),
+            ("property_model_fit", analysis.fit),
+            ("property_importances", analysis.importances),
+            ("property_predictions", analysis.predictions),
+            ("property_skipped", analysis.skipped),
+        ):
+            files += _write_table(table, out, stem)
+        for score in scores:
+            files.append(
+                figures.predictors_figure(
+                    analysis.tests,
+                    analysis.fit,
+                    analysis.predictions,
+                    out / f"what_predicts_dispersion_{score}.png",
+                    score=score,
+                ).name
+            )
+        properties = property_summary(analysis)
+        property_text = format_property_summary(properties)
+
     if size < MIN_CKNNA_SET_SIZE:
         notes.append(
             f"sets of {size} stimuli are fewer than {MIN_CKNNA_SET_SIZE}: summary.txt shows no "
@@ -248,6 +337,7 @@ def write_report(
     summary = summary_table(set_tables)
     files += _write_table(summary, out, "summary")
     text = format_summary(summary, size) + "\n\n" + "\n".join(verdicts.values()) + "\n"
+    text += property_text
     if bound is not None:
         text += f"\nNote: {bound}\n"
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
@@ -263,11 +353,14 @@ def write_report(
             "fraction_dropped": q,
             "seed": seed,
             "universal_folds": universal_folds,
+            "property_permutations": property_permutations,
+            "property_shuffles": property_shuffles,
         },
         "best_language_layers": dict(
             zip(best["language_model"], best["language_layer"], strict=True)
         ),
         "verdicts": verdicts,
+        "properties": properties,
         "paired_tests": paired_tests.astype(object)
         .where(paired_tests.notna(), None)
         .to_dict("records"),
@@ -419,6 +512,20 @@ def _parser() -> argparse.ArgumentParser:
         default=5,
         help="folds of the universal-space retrieval (default 5)",
     )
+    parser.add_argument(
+        "--property-permutations",
+        type=int,
+        default=dispersion_predictors.DEFAULT_N_PERMUTATIONS,
+        help="label shuffles per property test (default "
+        f"{dispersion_predictors.DEFAULT_N_PERMUTATIONS})",
+    )
+    parser.add_argument(
+        "--property-shuffles",
+        type=int,
+        default=dispersion_predictors.DEFAULT_N_SHUFFLES,
+        help="shuffled-target refits per dispersion model (default "
+        f"{dispersion_predictors.DEFAULT_N_SHUFFLES})",
+    )
     return parser
 
 
@@ -452,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
             q=args.q,
             seed=args.seed,
             universal_folds=args.universal_folds,
+            property_permutations=args.property_permutations,
+            property_shuffles=args.property_shuffles,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -321,6 +321,30 @@ class Run:
             **{name: read_npy(self.layout.pca_array(name)) for name in RunLayout.PCA_ARRAYS}
         )
 
+    @cached_property
+    def properties(self) -> Any:
+        """The stimulus property table (``properties.PropertyTable``), or None when the run has
+        none (written before the properties step existed, or by ``write_run_from_embeddings``)."""
+        if not self.layout.properties.is_file():
+            return None
+        from .properties import PropertyTable
+
+        info = read_json(self.layout.properties_info)
+        frame = read_parquet(self.layout.properties)
+        try:
+            table = PropertyTable.from_records(frame, info["properties"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheFormatError(
+                f"{self.layout.properties} does not match {self.layout.properties_info} ({exc}); "
+                f"delete both and rerun precompute"
+            ) from None
+        if table.values["id"].tolist() != self.stimuli["id"].tolist():
+            raise CacheFormatError(
+                f"{self.layout.properties} lists other stimuli than the run; delete it and rerun "
+                "precompute"
+            )
+        return table
+
     # -- images ---------------------------------------------------------------------------------
     @property
     def images_root(self) -> Path | None:

@@ -44,6 +44,7 @@ __all__ = [
     "write_gpa",
     "write_model_arrays",
     "write_neighbour_lists",
+    "write_properties",
     "write_thumbnails",
 ]
 
@@ -349,6 +350,23 @@ def write_thumbnails(
         make_thumbnail(root / image, layout.thumbnail(row), THUMBNAIL_SIZE, root=root)
         if progress is not None:
             progress(row + 1)
+
+
+def write_properties(layout: RunLayout, table: pd.DataFrame, descriptions: Sequence[Any]) -> None:
+    """Write properties.parquet (``id`` + one column per property) and properties.json.
+
+    ``descriptions``: one ``properties.PropertyInfo`` (or its dict) per property column, in
+    column order; checked by building a ``PropertyTable`` (ValueError on a mismatch). The parquet
+    is written before the JSON; a reader checks that the two agree.
+    """
+    from dataclasses import asdict, is_dataclass
+
+    from .properties import PROPERTIES_VERSION, PropertyTable
+
+    records = [asdict(d) if is_dataclass(d) else dict(d) for d in descriptions]
+    checked = PropertyTable.from_records(table, records)
+    write_parquet(layout.properties, checked.values)
+    write_json(layout.properties_info, {"version": PROPERTIES_VERSION, "properties": records})
 
 
 def prepare_run_folder(path: Path) -> None:

@@ -78,6 +78,9 @@ class Extracted:
     default_layer: str
     weights_id: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    #: (layer, (n,) agreement among each stimulus's own captions), measured by an encoder while
+    #: it was loaded (``properties.caption_agreement``), or None
+    caption_agreement: tuple[str, np.ndarray] | None = None
 
 
 def _sha256_file(path: Path) -> str:
@@ -241,6 +244,7 @@ class EncoderSource:
             weights=(cfg.weights or {}).get(self.name),
             work_dir=context.layout.root / "shards",
             inputs=self.inputs(context),
+            caption_agreement=context.wants_caption_agreement(),
         )
         result = context.engine().extract(job, context.progress_for(self.name))
         items, seconds = result.items, result.extract_seconds
@@ -255,6 +259,7 @@ class EncoderSource:
                 "items_per_second": round(items / seconds, 2) if seconds > 0 else None,
                 **({"engine": result.stats} if result.stats else {}),
             },
+            caption_agreement=result.caption_agreement,
         )
 
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from convergence_core.dashboard import data, page, plots, selection_io, state, widgets
+from convergence_core.dashboard import (
+    data,
+    page,
+    plots,
+    predictor_plots,
+    predictors,
+    selection_io,
+    state,
+    widgets,
+)
 
 SELECTION_GALLERY_LIMIT = 24
 LAST_CHART_ROWS = "residual_space_last_chart_rows"
@@ -31,6 +40,15 @@ with controls[0]:
     )
 with controls[1]:
     score = widgets.score_radio(view, "Colour by")
+properties = predictors.run_properties(run)
+colour_choices = ["(the dispersion score)", *(properties.names if properties is not None else [])]
+colour_by = st.selectbox(
+    "Colour by a stimulus property",
+    colour_choices,
+    key="w_colour_property",
+    help="Any column of the run's property table (What predicts dispersion page); the default "
+    "colours by the dispersion score chosen above.",
+)
 
 selection = state.get_selection(st.session_state, run.name)
 selected_rows = (
@@ -46,6 +64,9 @@ common = {
     "colour_title": plots.COLOUR_TITLE[score],
     "selected": selected_rows,
 }
+colour = dispersion[score].to_numpy(dtype=np.float64)
+if properties is not None and colour_by in properties.names:
+    colour, common["colour_title"] = predictor_plots.property_colour(properties, colour_by)
 if projection == "PCA":
     ratio = np.asarray(pca.explained_variance_ratio, dtype=np.float64)
     scores = np.asarray(pca.scores, dtype=np.float64)
@@ -53,7 +74,7 @@ if projection == "PCA":
     figure = plots.residual_scatter(
         scores[:, 0],
         second,
-        dispersion[score].to_numpy(dtype=np.float64),
+        colour,
         x_title=f"PC1 of residuals ({100 * ratio[0]:.1f} % of variance; Procrustes distance)",
         y_title=(
             f"PC2 of residuals ({100 * ratio[1]:.1f} % of variance; Procrustes distance)"
@@ -72,7 +93,7 @@ else:
     figure = plots.residual_scatter(
         coordinates[:, 0],
         coordinates[:, 1],
-        dispersion[score].to_numpy(dtype=np.float64),
+        colour,
         x_title="UMAP 1 (unitless)",
         y_title="UMAP 2 (unitless)",
         title=(

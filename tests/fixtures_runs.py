@@ -11,8 +11,9 @@ loaded. What is planted (the answer a test may rely on):
   with the vision consensus only on the quieter half of the stimuli, best at layer
   ``PLANTED_BEST_LAYER``, and an ``independent`` one; for the paper's analyses.
 
-:func:`make_rotation_run` adds a vision model that is an exact rotation of another. Import from
-any test::
+:func:`make_rotation_run` adds a vision model that is an exact rotation of another;
+:func:`add_properties` writes a run's stimulus property table (as the precompute does, without
+caption agreement). Import from any test::
 
     from tests.fixtures_runs import make_synthetic_run
 """
@@ -33,6 +34,7 @@ from convergence_core.run import Run
 
 __all__ = [
     "COCO_MINI_SIZE",
+    "add_properties",
     "PLANTED_BEST_LAYER",
     "make_rotation_run",
     "make_synthetic_run",
@@ -282,3 +284,36 @@ def make_rotation_run(path: Path, n: int = 60, *, seed: int = 1) -> tuple[Run, n
         seed=seed,
     )
     return run, rotation
+
+
+def add_properties(run: Run, extra: Mapping[str, Sequence[object]] | None = None) -> Run:
+    """Compute and write the run's property table the way the precompute does (image properties
+    when the run has images, caption statistics, typicality and centroid distance of every vision
+    model at its GPA layer, the stimulus table's own columns, plus ``extra`` columns ``{name: n values}``); no
+    caption agreement (that needs a language model). Returns the run loaded again."""
+    from convergence_core import properties as props
+    from convergence_core.run import load_run
+    from convergence_core.run_writer import write_properties
+
+    stimuli = run.stimuli.copy()
+    for name, values in (extra or {}).items():
+        stimuli[name] = list(values)
+    image = None
+    if run.images_root is not None:
+        image = props.image_properties([run.image_path(r) for r in range(run.n_stimuli)])
+    k = min(props.TYPICALITY_K, run.n_stimuli - 1)
+    distances = {
+        model: props.neighbour_distance(
+            props.nearest_similarities(run.embeddings[model][run.default_layer(model)], k), k
+        )
+        for model in run.vision_models
+    }
+    centroid = {
+        model: props.centroid_distance(run.embeddings[model][run.default_layer(model)])
+        for model in run.vision_models
+    }
+    table = props.assemble_properties(
+        stimuli, image=image, distances=distances, centroid_distances=centroid
+    )
+    write_properties(run.layout, table.values, table.info)
+    return load_run(run.path)

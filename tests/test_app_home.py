@@ -291,7 +291,7 @@ def test_home_links_to_every_page_with_the_view_in_the_url(synthetic_cache: Path
     links = at.get("page_link")
     assert [link.proto.label for link in links] == [label for _, label, _ in PAGES]
     assert {"Stimuli gallery", "Residual space", "Alignment lab", "Paper analyses",
-            "Universal space"} <= {link.proto.label for link in links}
+            "What predicts dispersion", "Universal space"} <= {link.proto.label for link in links}
     assert all((REPO / target).is_file() for target, _, _ in PAGES)
     for link in links:
         assert "run=demo" in link.proto.query_string and "score=pc1" in link.proto.query_string

@@ -27,7 +27,10 @@ from convergence_core.dashboard.headless import CHROMIUM, SCRIPT_FINISHED, launc
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO / "docs" / "dashboard.png"
 STIMULI_SCREENSHOT = REPO / "docs" / "stimuli.png"
-PAGES = ["", "Stimuli", "Residual_space", "Alignment_lab", "Paper_analyses", "Universal_space"]
+PAGES = [
+    "", "Stimuli", "Residual_space", "Alignment_lab", "Paper_analyses",
+    "What_predicts_dispersion", "Universal_space",
+]  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +98,7 @@ def test_report_on_demo_run_matches_the_readme(demo_run: Path) -> None:
                            (high, "cknna_high_dispersion")):
             assert abs(float(shown) - row[key]) < 0.005, (vision, language, key, shown, row[key])
     _universal_space_matches_the_readme(json.loads((out / "report.json").read_text()))
+    _readme_properties_match(out)
 
 
 def _universal_space_matches_the_readme(report: dict) -> None:
@@ -122,6 +126,30 @@ def _universal_space_matches_the_readme(report: dict) -> None:
     assert abs(int(counts.group(2)) - forward["ridge_only"]) <= 2
     rho = re.search(r"dispersion \(Spearman ρ = ([\d.]+),", _readme())
     assert rho is not None and abs(float(rho.group(1)) - entry["relation"]["spearman_rho"]) < 0.01
+
+
+def _readme_properties_match(out: Path) -> None:
+    """The README's "What predicts dispersion" demo table and R² are what the report wrote."""
+    import pandas as pd
+
+    text = _readme()
+    table = text[text.index("| property (demo, mean residual) |") :].split("\n\n")[0]
+    rows = re.findall(r"^\| `([^`]+)` \| ([+−-]?[\d.]+) \| ([\d.]+) \|", table, re.MULTILINE)
+    assert len(rows) >= 5
+    tests = pd.read_csv(out / "property_tests.csv")
+    tests = tests[tests["score"] == "mean"].set_index("property")
+    for name, rho, q in rows:
+        assert abs(float(rho.replace("−", "-")) - tests.loc[name, "effect"]) < 0.005, name
+        measured_q = tests.loc[name, "q_value"]
+        assert abs(float(q) - measured_q) <= 0.05 * measured_q + 5e-4, (name, q, measured_q)
+    fit = pd.read_csv(out / "property_model_fit.csv")
+    r2 = fit[(fit["score"] == "mean") & (fit["metric"] == "r2_held_out")].set_index("model")
+    shown = re.search(
+        r"demo: held-out R² ([\d.]+) \(ridge\) and ([\d.]+) \(boosted trees\)", text
+    )
+    assert shown is not None
+    assert abs(float(shown.group(1)) - r2.loc["ridge", "value"]) < 0.005
+    assert abs(float(shown.group(2)) - r2.loc["boosted_trees", "value"]) < 0.005
 
 
 def test_readme_python_example_runs(demo_run: Path) -> None:

@@ -160,6 +160,9 @@ def test_full_run_writes_every_part(tiny_coco, tmp_path, loads):
             for m in (*VISION, *LANGUAGE)
             for layer in run.layers(m)
         ),
+        "properties",  # and its cached parts:
+        "properties:image",
+        *(f"properties:captions:{m}" for m in LANGUAGE),
     }
     # every layer has exact lists (K = n - 1 = 5 here)
     assert all(run.neighbours(m, layer).k_max == 5 for m in run.models for layer in run.layers(m))

@@ -96,6 +96,7 @@ PAGES = [
     ("pages/2_Residual_space.py", "Residual space", ":material/scatter_plot:"),
     ("pages/3_Alignment_lab.py", "Alignment lab", ":material/balance:"),
     ("pages/4_Paper_analyses.py", "Paper analyses", ":material/description:"),
+    ("pages/5_What_predicts_dispersion.py", "What predicts dispersion", ":material/insights:"),
     ("pages/6_Universal_space.py", "Universal space", ":material/hub:"),
 ]
 

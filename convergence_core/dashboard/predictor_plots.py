@@ -1,0 +1,295 @@
+"""Plotly figures and small table helpers of the "What predicts dispersion" page (and the
+property colouring of the Residual-space page). Pure functions: data in, figures/arrays out.
+
+Every figure has a title and axis titles with units; text from the data set is HTML-escaped
+(:func:`plots.safe_hover_text`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from ..properties import PropertyTable
+from .plots import SCORE_AXIS, SCORE_NAME, safe_hover_text
+
+SIGNIFICANT = "#d62728"
+NOT_SIGNIFICANT = "#7f7f7f"
+MODEL_COLOURS = {"ridge": "#1f77b4", "boosted_trees": "#ff7f0e"}
+EFFECT_AXIS = "effect: Spearman ρ (numeric) or √ε² (categorical), unitless"
+
+
+def ranked_effects(tests: pd.DataFrame, *, score: str, top: int = 25, q: float = 0.05) -> go.Figure:
+    """Horizontal bars of the ``top`` best-ranked properties of one score (``property_tests``
+    rows): ρ (signed) for numeric properties, √ε² for categorical ones; red where q < ``q``."""
+    rows = tests[tests["score"] == score].sort_values("rank").head(top).iloc[::-1]
+    effect = np.where(rows["test"] == "spearman", rows["effect"], rows["strength"])
+    significant = rows["q_value"].to_numpy() < q
+    hover = [
+        f"{safe_hover_text(p, 60)}<br>{'ρ' if t == 'spearman' else 'ε²'} = {e:.3f}"
+        f"<br>p = {pv:.2g} · q = {qv:.2g} · n = {n}"
+        for p, t, e, pv, qv, n in zip(
+            rows["property"],
+            rows["test"],
+            rows["effect"],
+            rows["p_value"],
+            rows["q_value"],
+            rows["n_stimuli"],
+            strict=True,
+        )
+    ]
+    figure = go.Figure(
+        go.Bar(
+            x=effect,
+            y=[safe_hover_text(p, 50) for p in rows["property"]],
+            orientation="h",
+            marker_color=[SIGNIFICANT if s else NOT_SIGNIFICANT for s in significant],
+            text=hover,
+            textposition="none",  # the text is for the hover label only
+            hovertemplate="%{text}<extra></extra>",
+        )
+    )
+    figure.update_layout(
+        title_text=(
+            f"Properties ranked by permutation p-value ({SCORE_NAME[score]}); red: q < {q} "
+            "(Benjamini–Hochberg)"
+        ),
+        xaxis_title=EFFECT_AXIS,
+        yaxis_title="property",
+        height=max(320, 24 * len(rows) + 140),
+        margin={"l": 220},
+    )
+    return figure
+
+
+def tests_frame(tests: pd.DataFrame, score: str) -> pd.DataFrame:
+    """The rows of one score in rank order, with the columns a reader needs (plain values)."""
+    rows = tests[tests["score"] == score].sort_values("rank")
+    return rows[
+        [
+            "rank", "property", "test", "effect_name", "effect", "q_value", "p_value",
+            "p_value_asymptotic", "n_stimuli", "source", "unit",
+        ]
+    ].reset_index(drop=True)  # fmt: skip
+
+
+def _hover(ids: Sequence[str], captions: Sequence[str], x_text: Sequence[str], y: np.ndarray):
+    return [
+        f"id {safe_hover_text(i, 40)}<br>{safe_hover_text(c)}<br>{xt} · dispersion {v:.4f}"
+        for i, c, xt, v in zip(ids, captions, x_text, y, strict=True)
+    ]
+
+
+def property_scatter(
+    table: PropertyTable,
+    name: str,
+    dispersion: np.ndarray,
+    *,
+    score: str,
+    ids: Sequence[str],
+    captions: Sequence[str],
+    effect_text: str,
+) -> go.Figure:
+    """One point per stimulus: the property (x) against the dispersion score (y).
+
+    Numeric: a WebGL scatter. Categorical: the levels side by side (x = level, jittered, with a
+    box per level). ``customdata`` is each point's stimulus row (clicks and box/lasso select
+    stimuli). Stimuli without a value are left out.
+    """
+    info = table.info_for(name)
+    column = table.values[name]
+    y = np.asarray(dispersion, dtype=np.float64)
+    figure = go.Figure()
+    if info.kind == "numeric":
+        x = column.to_numpy(dtype=np.float64)
+        rows = np.flatnonzero(np.isfinite(x))
+        figure.add_trace(
+            go.Scattergl(
+                x=x[rows],
+                y=y[rows],
+                mode="markers",
+                customdata=rows,
+                text=_hover(
+                    [ids[r] for r in rows],
+                    [captions[r] for r in rows],
+                    [f"{safe_hover_text(name, 40)} {x[r]:.4g}" for r in rows],
+                    y[rows],
+                ),
+                hovertemplate="%{text}<extra></extra>",
+                marker={"size": 7, "opacity": 0.8, "color": "#1f77b4"},
+                name="stimuli",
+            )
+        )
+        x_title = safe_hover_text(info.label, 120)
+    else:
+        values = column.to_numpy(dtype=object)
+        levels = sorted({v for v in values if v is not None})
+        code = {level: i for i, level in enumerate(levels)}
+        rows = np.array([r for r, v in enumerate(values) if v is not None], dtype=int)
+        codes = np.array([code[values[r]] for r in rows], dtype=np.float64)
+        jitter = np.random.default_rng(0).uniform(-0.25, 0.25, size=rows.size)
+        for level in levels:
+            members = rows[codes == code[level]]
+            figure.add_trace(
+                go.Box(
+                    x=np.full(members.size, code[level], dtype=np.float64),
+                    y=y[members],
+                    boxpoints=False,
+                    name=safe_hover_text(level, 30),
+                    marker_color="#7f7f7f",
+                    showlegend=False,
+                    hoverinfo="skip",
+                )
+            )
+        figure.add_trace(
+            go.Scattergl(
+                x=codes + jitter,
+                y=y[rows],
+                mode="markers",
+                customdata=rows,
+                text=_hover(
+                    [ids[r] for r in rows],
+                    [captions[r] for r in rows],
+                    [
+                        f"{safe_hover_text(name, 40)} = {safe_hover_text(values[r], 40)}"
+                        for r in rows
+                    ],
+                    y[rows],
+                ),
+                hovertemplate="%{text}<extra></extra>",
+                marker={"size": 7, "opacity": 0.8, "color": "#1f77b4"},
+                name="stimuli",
+            )
+        )
+        figure.update_xaxes(
+            tickvals=list(range(len(levels))), ticktext=[safe_hover_text(v, 30) for v in levels]
+        )
+        x_title = f"{safe_hover_text(name, 80)} (level)"
+    figure.update_layout(
+        title_text=(
+            f"{safe_hover_text(name, 60)} against {SCORE_NAME[score]} — {effect_text} "
+            f"({rows.size} stimuli with a value)"
+        ),
+        xaxis_title=x_title,
+        yaxis_title=SCORE_AXIS[score],
+        height=480,
+        dragmode="select",
+        showlegend=False,
+    )
+    return figure
+
+
+def fit_summary(fit: pd.DataFrame) -> pd.DataFrame:
+    """One row per model: held-out R², per-fold mean ± sd, the shuffled-target baseline."""
+    wide = fit.pivot_table(index="model", columns="metric", values="value", sort=False)
+    return pd.DataFrame(
+        {
+            "model": wide.index,
+            "held-out R²": wide["r2_held_out"].to_numpy(),
+            "R² per fold (mean)": wide["r2_fold_mean"].to_numpy(),
+            "R² per fold (s.d.)": wide["r2_fold_sd"].to_numpy(),
+            "shuffled-target R² (mean)": wide["r2_shuffled_mean"].to_numpy(),
+            "shuffled-target R² (95th percentile)": wide["r2_shuffled_upper_95"].to_numpy(),
+            "p vs shuffled": wide["p_value_vs_shuffled"].to_numpy(),
+        }
+    )
+
+
+def held_out_fit(predictions: pd.DataFrame, fit: pd.DataFrame, *, score: str) -> go.Figure:
+    """Observed against out-of-fold predicted dispersion, one trace per model, with y = x."""
+    r2 = fit[fit["metric"] == "r2_held_out"].set_index("model")["value"]
+    figure = go.Figure()
+    low = float(min(predictions["observed"].min(), predictions["predicted"].min()))
+    high = float(max(predictions["observed"].max(), predictions["predicted"].max()))
+    for model, rows in predictions.groupby("model", sort=False):
+        figure.add_trace(
+            go.Scattergl(
+                x=rows["predicted"],
+                y=rows["observed"],
+                mode="markers",
+                name=f"{model} (held-out R² = {r2[model]:.3f})",
+                marker={"size": 6, "opacity": 0.7, "color": MODEL_COLOURS.get(str(model))},
+                text=[f"id {safe_hover_text(i, 40)}" for i in rows["id"]],
+                hovertemplate="%{text}<br>predicted %{x:.4f} · observed %{y:.4f}<extra></extra>",
+            )
+        )
+    figure.add_trace(
+        go.Scatter(
+            x=[low, high],
+            y=[low, high],
+            mode="lines",
+            name="observed = predicted",
+            line={"color": "#222", "dash": "dot"},
+            hoverinfo="skip",
+        )
+    )
+    figure.update_layout(
+        title_text=(
+            f"Held-out fit: {SCORE_NAME[score]} from every property<br>"
+            f"({int(fit['n_splits'].iloc[0])}-fold cross-validation)"
+        ),
+        xaxis_title=f"predicted out of fold: {SCORE_NAME[score]} (Procrustes distance)",
+        yaxis_title=f"observed: {SCORE_NAME[score]} (Procrustes distance)",
+        height=460,
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return figure
+
+
+def importance_bars(importances: pd.DataFrame, *, top: int = 15) -> go.Figure:
+    """Held-out permutation importance per property (mean ± s.d.), one bar group per model."""
+    best = importances.groupby("property")["importance_mean"].max().sort_values(ascending=False)
+    keep = list(best.index[:top])[::-1]
+    figure = go.Figure()
+    for model, rows in importances.groupby("model", sort=False):
+        rows = rows.set_index("property").reindex(keep)
+        figure.add_trace(
+            go.Bar(
+                x=rows["importance_mean"],
+                y=[safe_hover_text(p, 50) for p in keep],
+                error_x={"type": "data", "array": rows["importance_sd"].fillna(0.0)},
+                orientation="h",
+                name=str(model),
+                marker_color=MODEL_COLOURS.get(str(model)),
+            )
+        )
+    figure.update_layout(
+        title_text="Permutation importance<br>on the held-out folds",
+        xaxis_title="drop in held-out R² (unitless)",
+        yaxis_title="property",
+        barmode="group",
+        height=max(320, 30 * len(keep) + 140),
+        margin={"l": 220},
+        legend={"orientation": "h", "y": -0.2},
+    )
+    return figure
+
+
+def value_text(table: PropertyTable, name: str, row: int) -> str:
+    """Property ``name`` of stimulus ``row`` as short plain text ("missing" when absent)."""
+    value = table.values[name].iloc[int(row)]
+    if table.info_for(name).kind == "numeric":
+        return "missing" if not np.isfinite(value) else f"{float(value):.4g}"
+    return "missing" if value is None else str(value)
+
+
+def property_colour(table: PropertyTable, name: str) -> tuple[np.ndarray, str]:
+    """Colour values (n,) float64 and a colour-bar title for property ``name``.
+
+    Numeric: the values (NaN where missing). Categorical: each level's position among the sorted
+    levels (NaN where missing); the title lists the first levels' codes.
+    """
+    info = table.info_for(name)
+    column = table.values[name]
+    if info.kind == "numeric":
+        unit = f"<br>({safe_hover_text(info.unit, 30)})" if info.unit else ""
+        return column.to_numpy(dtype=np.float64), f"{safe_hover_text(name, 30)}{unit}"
+    levels = sorted({v for v in column if v is not None})
+    code = {level: float(i) for i, level in enumerate(levels)}
+    values = np.array([np.nan if v is None else code[v] for v in column], dtype=np.float64)
+    shown = ", ".join(f"{i} {safe_hover_text(v, 12)}" for i, v in enumerate(levels[:4]))
+    more = " …" if len(levels) > 4 else ""
+    return values, f"{safe_hover_text(name, 30)}<br>(level: {shown}{more})"

@@ -1,0 +1,169 @@
+"""What predicts dispersion: stimulus properties ranked by how strongly they go with dispersion,
+any property against dispersion (click points to see the images), and the held-out fit of models
+that predict dispersion from every property.
+
+Every number comes from :mod:`convergence_core.dispersion_predictors` (cached per run and
+settings in :mod:`convergence_core.dashboard.predictors`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from convergence_core.dashboard import (
+    data,
+    page,
+    predictor_plots,
+    predictors,
+    selection_io,
+    widgets,
+)
+
+CARDS = 8
+
+context = page.open_page("What predicts dispersion", icon="🧩")
+run, view = context.run, context.view
+table = predictors.run_properties(run)
+if table is None:
+    st.info(
+        f"Run {run.name!r} has no stimulus property table (it was made before the properties "
+        "step existed, or from arrays). Rerun the precompute command that made it (e.g. "
+        "`python -m convergence_core precompute --preset demo`): finished steps are reused and "
+        "only the properties are computed."
+    )
+    page.close_page(context)
+    st.stop()
+
+st.caption(
+    "Which stimulus properties go with low or high dispersion? Each property is tested against "
+    "the dispersion score (Spearman ρ for numbers, Kruskal–Wallis for categories; permutation "
+    "p-values, Benjamini–Hochberg q-values across properties). Correlation is not cause: a "
+    "property can stand for another one that was not measured."
+)
+stamp = data.manifest_stamp(run.path)
+controls = st.columns([2, 1, 1])
+with controls[0]:
+    score = widgets.score_radio(view, "Dispersion score")
+with controls[1]:
+    n_permutations = int(
+        st.number_input(
+            "Permutations per test",
+            min_value=99,
+            max_value=100_000,
+            value=predictors.PAGE_PERMUTATIONS,
+            step=1000,
+            key="w_predictors_permutations",
+        )
+    )
+with controls[2]:
+    seed = int(st.number_input("Seed", min_value=0, value=0, step=1, key="w_predictors_seed"))
+
+tests = predictors.property_tests(str(run.path), stamp, n_permutations, seed)
+ranked = predictor_plots.tests_frame(tests, score)
+
+st.header("Properties ranked")
+if ranked.empty:
+    st.warning("No property could be tested on this run (see the list of skipped properties).")
+else:
+    st.plotly_chart(predictor_plots.ranked_effects(tests, score=score), key="ranked-effects")
+    st.dataframe(
+        ranked,
+        hide_index=True,
+        column_config={
+            name: st.column_config.NumberColumn(format="%.2e")
+            for name in ("q_value", "p_value", "p_value_asymptotic")
+        },
+        key="ranked-table",
+    )
+skipped = predictors.skipped_properties(str(run.path), stamp)
+if len(skipped):
+    with st.expander(f"{len(skipped)} properties not tested"):
+        st.dataframe(skipped, hide_index=True)
+
+st.header("A property against dispersion")
+names = list(ranked["property"]) or table.names
+chosen = st.selectbox(
+    "Property",
+    names,
+    key="w_predictors_property",
+    help="Ordered by rank (strongest first). Click a point, or drag a box, to see its images.",
+)
+row = ranked[ranked["property"] == chosen]
+effect_text = (
+    f"{'ρ' if row['test'].iloc[0] == 'spearman' else 'ε²'} = {row['effect'].iloc[0]:.3f}, "
+    f"q = {row['q_value'].iloc[0]:.2g}"
+    if len(row)
+    else "not tested"
+)
+ids = run.stimuli["id"].astype(str).tolist()
+first_captions = [c[0] if len(c) else "" for c in run.stimuli["captions"]]
+dispersion = run.dispersion[score].to_numpy(dtype=np.float64)
+event = st.plotly_chart(
+    predictor_plots.property_scatter(
+        table,
+        chosen,
+        dispersion,
+        score=score,
+        ids=ids,
+        captions=first_captions,
+        effect_text=effect_text,
+    ),
+    key="property-scatter",
+    on_select="rerun",
+    selection_mode=("points", "box", "lasso"),
+)
+clicked = selection_io.rows_from_chart_selection(getattr(event, "selection", None), run.n_stimuli)
+if clicked:
+    st.text(f"{len(clicked)} stimuli selected in the chart (first {min(CARDS, len(clicked))}):")
+    shown = clicked[:CARDS]
+else:
+    values = table.values[chosen]
+    if table.info_for(chosen).kind == "numeric":
+        present = np.flatnonzero(np.isfinite(values.to_numpy(dtype=np.float64)))
+        order = present[np.argsort(values.to_numpy(dtype=np.float64)[present], kind="stable")]
+        st.text(f"No point selected: the {CARDS // 2} lowest and {CARDS // 2} highest on {chosen}.")
+        shown = [*order[: CARDS // 2], *order[-(CARDS // 2) :]]
+    else:
+        order = np.argsort(dispersion, kind="stable")
+        st.text(f"No point selected: the {CARDS // 2} lowest and highest dispersion stimuli.")
+        shown = [*order[: CARDS // 2], *order[-(CARDS // 2) :]]
+labels = [
+    f"id {ids[r]} · {chosen} {predictor_plots.value_text(table, chosen, r)} · "
+    f"dispersion {dispersion[r]:.4f}"
+    for r in shown
+]
+widgets.gallery(run, shown, labels, key="predictors", columns=4, all_captions=False, inspect=False)
+
+st.header("Predicting dispersion from every property")
+st.caption(
+    "Ridge regression and gradient-boosted trees, fitted on every tested property at once; R² on "
+    "held-out folds (5-fold cross-validation), against the same models refitted on shuffled "
+    "dispersion scores (chance: R² ≈ 0). Importance: how much held-out R² drops when one "
+    "property's values are shuffled."
+)
+n_shuffles = int(
+    st.number_input(
+        "Shuffled-target refits per model",
+        min_value=0,
+        max_value=200,
+        value=predictors.PAGE_SHUFFLES,
+        key="w_predictors_shuffles",
+    )
+)
+if ranked.empty:
+    st.info("No property to fit.")
+else:
+    fit, importances, predictions = predictors.model_fit(
+        str(run.path), stamp, score, n_shuffles, seed
+    )
+    st.dataframe(predictor_plots.fit_summary(fit), hide_index=True, key="fit-table")
+    columns = st.columns(2)
+    with columns[0]:
+        st.plotly_chart(
+            predictor_plots.held_out_fit(predictions, fit, score=score), key="held-out-fit"
+        )
+    with columns[1]:
+        st.plotly_chart(predictor_plots.importance_bars(importances), key="importances")
+
+page.close_page(context)

@@ -1,0 +1,269 @@
+"""What predicts dispersion (convergence_core/dispersion_predictors.py): the statistics against
+scipy and slow references, a planted run whose dispersion is driven by one property, a null run,
+and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from convergence_core import dispersion_predictors as dp
+from convergence_core import properties as props
+
+
+def _table(columns: dict[str, object], n: int) -> props.PropertyTable:
+    stimuli = pd.DataFrame(
+        {"id": [f"s{i}" for i in range(n)], "image": ["x"] * n, "captions": [["c"]] * n}
+    )
+    for name, values in columns.items():
+        stimuli[name] = values
+    return props.assemble_properties(stimuli)
+
+
+def _dispersion(values: np.ndarray, pc1: np.ndarray | None = None) -> pd.DataFrame:
+    n = len(values)
+    return pd.DataFrame(
+        {
+            "id": [f"s{i}" for i in range(n)],
+            "mean": values,
+            "pc1": values if pc1 is None else pc1,
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics against references
+
+
+def test_benjamini_hochberg_matches_the_step_up_definition() -> None:
+    rng = np.random.default_rng(0)
+    p = np.concatenate([rng.uniform(size=15), [1e-4, 0.003, 0.04, np.nan]])
+    q = dp.benjamini_hochberg(p)
+    present = np.isfinite(p)
+    m = int(present.sum())
+    for i in np.flatnonzero(present):
+        # q_i = min over p_j >= p_i of p_j * m / rank_j (rank among the present p-values)
+        candidates = [
+            p[j] * m / (np.sum(p[present] <= p[j])) for j in np.flatnonzero(present) if p[j] >= p[i]
+        ]
+        assert q[i] == pytest.approx(min(1.0, min(candidates)), rel=1e-12)
+    assert np.isnan(q[-1])
+
+
+def test_spearman_tests_match_scipy_on_the_same_permutations() -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(1)
+    n = 40
+    y = rng.standard_normal(n)
+    x = np.column_stack(
+        [y + rng.standard_normal(n), rng.standard_normal(n), np.round(rng.standard_normal(n))]
+    )  # the last column has ties
+    rho, p_perm, p_t = dp._spearman_tests(x, y, 300, np.random.default_rng(5))
+    for j in range(3):
+        result = spearmanr(x[:, j], y)
+        assert rho[j] == pytest.approx(result.statistic, rel=1e-12)
+        assert p_t[j] == pytest.approx(result.pvalue, rel=1e-9)
+    # the same permutations, one at a time through scipy
+    extreme = np.zeros(3)
+    for block in dp._permutation_blocks(n, 300, np.random.default_rng(5)):
+        for perm in block:
+            for j in range(3):
+                null = spearmanr(x[:, j], y[perm]).statistic
+                extreme[j] += abs(null) >= abs(rho[j]) - 1e-12
+    np.testing.assert_allclose(p_perm, (1 + extreme) / 301)
+    assert p_perm[0] < 0.01 < p_perm[1]
+
+
+def test_kruskal_matches_scipy_and_its_permutations() -> None:
+    from scipy.stats import kruskal, rankdata
+
+    rng = np.random.default_rng(2)
+    labels = np.array(["a"] * 12 + ["b"] * 9 + ["c"] * 15, dtype=object)
+    y = np.round(rng.standard_normal(36) + (labels == "c") * 1.5, 1)  # ties
+    h, epsilon, p_perm, p_chi2 = dp._kruskal_test(labels, y, 200, np.random.default_rng(4))
+    reference = kruskal(*(y[labels == g] for g in "abc"))
+    assert h == pytest.approx(reference.statistic, rel=1e-10)
+    assert p_chi2 == pytest.approx(reference.pvalue, rel=1e-9)
+    assert epsilon == pytest.approx(h / 35)
+    ranks = rankdata(y)
+    extreme = 0
+    for block in dp._permutation_blocks(36, 200, np.random.default_rng(4)):
+        for perm in block:
+            shuffled = ranks[perm]
+            extreme += kruskal(*(shuffled[labels == g] for g in "abc")).statistic >= h - 1e-9
+    assert p_perm == pytest.approx((1 + extreme) / 201)
+
+
+def test_permutation_p_is_invariant_to_monotone_transforms() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(50)
+    y = x + rng.standard_normal(50)
+    table = _table({"x": x, "x_cubed_shifted": x**3 + 10}, 50)
+    tests = dp.property_tests(table, _dispersion(np.exp(y)), scores=["mean"], n_permutations=500)
+    by_name = tests.set_index("property")
+    assert by_name.loc["x", "effect"] == pytest.approx(by_name.loc["x_cubed_shifted", "effect"])
+    assert by_name.loc["x", "p_value"] == by_name.loc["x_cubed_shifted", "p_value"]
+
+
+# ---------------------------------------------------------------------------------------------
+# usable properties
+
+
+def test_usable_properties_skip_constants_rare_levels_and_identifiers() -> None:
+    n = 40
+    rng = np.random.default_rng(0)
+    table = _table(
+        {
+            "good": rng.standard_normal(n),
+            "sparse": [1.0, 2.0] + [np.nan] * (n - 2),
+            "group": ["a"] * 20 + ["b"] * 18 + ["rare"] * 2,
+            "one_level": ["a"] * n,
+            "identifier": [f"x{i}" for i in range(n)],
+        },
+        n,
+    )
+    usable = dp.usable_properties(table)
+    assert "good" in usable.numeric
+    assert usable.categorical == {"group": ("a", "b")}
+    reasons = dict(zip(usable.skipped["property"], usable.skipped["reason"], strict=True))
+    assert "2 stimuli" in reasons["sparse"]
+    assert "same value" in reasons["n_captions"]
+    assert "a comparison needs 2" in reasons["one_level"]
+    assert "a comparison needs 2" in reasons["identifier"]
+
+
+# ---------------------------------------------------------------------------------------------
+# planted and null runs
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory):
+    """A synthetic run (120 coco-mini images) whose dispersion is driven by ``planted_noise``,
+    with its image properties, typicality, a null numeric and a null categorical column, and a
+    categorical that splits the planted noise at its median."""
+    from tests.fixtures_runs import add_properties, make_synthetic_run
+
+    run = make_synthetic_run(tmp_path_factory.mktemp("planted"), n=120, thumbnails=False)
+    rng = np.random.default_rng(11)
+    noise = run.stimuli["planted_noise"].to_numpy()
+    run = add_properties(
+        run,
+        extra={
+            "null_number": rng.standard_normal(run.n_stimuli),
+            "null_group": rng.choice(["p", "q", "r"], size=run.n_stimuli),
+            "noise_half": np.where(noise > np.median(noise), "noisy", "quiet"),
+        },
+    )
+    table = run.properties
+    assert {"luminance_mean", "neighbour_distance:vision-a", "planted_noise"} <= set(table.names)
+    analysis = dp.analyse_properties(table, run.dispersion, n_shuffles=10, seed=0)
+    return run, table, analysis
+
+
+def test_planted_property_is_found_first_and_nulls_are_not(planted) -> None:
+    run, _, analysis = planted
+    for score in ("mean", "pc1"):
+        tests = analysis.tests[analysis.tests["score"] == score].set_index("property")
+        top = tests[tests["rank"] == 1]
+        assert top.index[0] == "planted_noise"
+        assert top["q_value"].iloc[0] < 0.01
+        assert top["effect"].iloc[0] > 0.8
+        assert tests.loc["noise_half", "q_value"] < 0.01
+        assert tests.loc["noise_half", "test"] == "kruskal_wallis"
+        assert tests.loc["null_number", "q_value"] > 0.05
+        assert tests.loc["null_group", "q_value"] > 0.05
+        # q-values are BH of the permutation p-values of that score
+        np.testing.assert_allclose(
+            tests["q_value"], dp.benjamini_hochberg(tests["p_value"].to_numpy())
+        )
+    groups = analysis.groups[
+        (analysis.groups["property"] == "noise_half") & (analysis.groups["score"] == "mean")
+    ]
+    assert groups["level"].tolist() == ["quiet", "noisy"]  # sorted by median dispersion
+    assert groups["n_stimuli"].sum() == run.n_stimuli
+
+
+def test_models_predict_held_out_dispersion_and_the_shuffled_baseline_is_zero(planted) -> None:
+    _, _, analysis = planted
+    fit = analysis.fit.pivot_table(index=["score", "model"], columns="metric", values="value")
+    for (score, model), row in fit.iterrows():
+        assert row["r2_held_out"] > 0.5, (score, model)
+        assert abs(row["r2_shuffled_mean"]) < 0.15, (score, model)
+        assert row["r2_shuffled_upper_95"] < row["r2_held_out"]
+        assert row["p_value_vs_shuffled"] == pytest.approx(1 / 11)
+    importances = analysis.importances
+    top = importances[importances["rank"] == 1]
+    assert set(top["property"]) == {"planted_noise"}
+    predictions = analysis.predictions
+    assert len(predictions) == 2 * 2 * 120  # scores × models × stimuli
+    assert set(predictions["fold"]) == set(range(5))
+
+
+def test_a_null_dispersion_is_predicted_by_nothing(planted) -> None:
+    run, table, _ = planted
+    rng = np.random.default_rng(5)
+    shuffled = run.dispersion.copy()
+    shuffled["mean"] = rng.permutation(shuffled["mean"].to_numpy())
+    tests = dp.property_tests(table, shuffled, scores=["mean"], n_permutations=2000, seed=1)
+    assert tests["q_value"].min() > 0.05
+    fit, _, _ = dp.cross_validated_fit(
+        table, shuffled, score="mean", models=["ridge"], n_shuffles=5, importance_repeats=0
+    )
+    r2 = fit.set_index("metric")["value"]
+    assert r2["r2_held_out"] < 0.1
+
+
+def test_results_are_reproducible_for_a_seed(planted) -> None:
+    run, table, analysis = planted
+    again = dp.property_tests(table, run.dispersion, seed=0)
+    pd.testing.assert_frame_equal(again, analysis.tests)
+
+
+def test_missing_values_are_tested_on_the_stimuli_that_have_them() -> None:
+    rng = np.random.default_rng(8)
+    n = 60
+    y = rng.standard_normal(n)
+    partial = y + 0.3 * rng.standard_normal(n)
+    partial[:20] = np.nan
+    table = _table({"partial": partial, "full": rng.standard_normal(n)}, n)
+    tests = dp.property_tests(table, _dispersion(y), scores=["mean"], n_permutations=999)
+    row = tests.set_index("property").loc["partial"]
+    assert row["n_stimuli"] == 40
+    from scipy.stats import spearmanr
+
+    assert row["effect"] == pytest.approx(spearmanr(partial[20:], y[20:]).statistic)
+    fit, _, _ = dp.cross_validated_fit(
+        table, _dispersion(y), models=["ridge", "boosted_trees"], n_shuffles=0
+    )
+    assert np.isfinite(fit["value"].dropna()).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input_names_the_problem() -> None:
+    n = 30
+    table = _table({"x": np.arange(n, dtype=float)}, n)
+    with pytest.raises(ValueError, match="29 rows"):
+        dp.property_tests(table, _dispersion(np.arange(n - 1.0)))
+    wrong_ids = _dispersion(np.arange(n, dtype=float)).assign(id=[f"t{i}" for i in range(n)])
+    with pytest.raises(ValueError, match="different stimuli"):
+        dp.property_tests(table, wrong_ids)
+    with pytest.raises(ValueError, match="unknown dispersion score"):
+        dp.property_tests(table, _dispersion(np.arange(n, dtype=float)), scores=["median"])
+    with pytest.raises(ValueError, match="n_permutations"):
+        dp.property_tests(table, _dispersion(np.arange(n, dtype=float)), n_permutations=0)
+    with pytest.raises(ValueError, match="unknown model"):
+        dp.cross_validated_fit(table, _dispersion(np.arange(n, dtype=float)), models=["svm"])
+    constant = _table({"c": np.ones(n)}, n)
+    with pytest.raises(ValueError, match="no usable property"):
+        dp.cross_validated_fit(constant, _dispersion(np.arange(n, dtype=float)))
+
+    class NoProperties:
+        name, properties = "old", None
+
+    with pytest.raises(ValueError, match="rerun the same"):
+        dp.analyse_run(NoProperties())

@@ -1,0 +1,157 @@
+"""The "What predicts dispersion" page (pages/5_What_predicts_dispersion.py) and the
+Residual-space page's colouring by a property, on a synthetic run whose dispersion is driven by a
+planted column."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from convergence_core import dispersion_predictors as dp
+from convergence_core.dashboard import predictors
+
+REPO = Path(__file__).resolve().parent.parent
+PAGE = str(REPO / "pages" / "5_What_predicts_dispersion.py")
+RESIDUAL_PAGE = str(REPO / "pages" / "2_Residual_space.py")
+TIMEOUT = 120
+N = 50
+SHUFFLES = 3
+
+
+@pytest.fixture(scope="module")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures_runs import add_properties, make_synthetic_run
+
+    cache = tmp_path_factory.mktemp("cache")
+    run = make_synthetic_run(cache / "runs", n=N, name="demo")
+    groups = np.random.default_rng(3).choice(["indoor", "outdoor"], size=N)
+    add_properties(run, extra={"scene": groups})
+    old = make_synthetic_run(cache / "runs", n=20, name="old", images=False, thumbnails=False)
+    old.layout.properties.unlink()  # as a run made before the properties step existed
+    old.layout.properties_info.unlink()
+    damaged = add_properties(
+        make_synthetic_run(cache / "runs", n=20, name="damaged", images=False, thumbnails=False)
+    )
+    damaged.layout.properties_info.write_text('{"properties": [{"name": "[x](http://e.com)"}]}')
+    return cache
+
+
+def _page(path: str, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    monkeypatch.setattr(predictors, "PAGE_SHUFFLES", SHUFFLES)
+    monkeypatch.setattr(predictors, "PAGE_PERMUTATIONS", 2000)
+    at = AppTest.from_file(path, default_timeout=TIMEOUT)
+    at.query_params["run"] = "demo"
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    return at
+
+
+def _figure(at: AppTest, title_part: str) -> dict:
+    for chart in at.get("plotly_chart"):
+        figure = json.loads(chart.proto.spec)
+        if title_part in json.dumps(figure["layout"].get("title", "")):
+            return figure
+    raise AssertionError(f"no chart titled with {title_part!r}")
+
+
+def _array(value) -> np.ndarray:
+    if isinstance(value, dict) and "bdata" in value:
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        return flat.reshape(value["shape"]) if "shape" in value else flat
+    return np.asarray(value)
+
+
+def test_page_ranks_the_planted_property_first_and_shows_the_fit(run, monkeypatch) -> None:
+    at = _page(PAGE, monkeypatch)
+    ranked = at.dataframe[0].value
+    assert ranked["property"].iloc[0] == "planted_noise"
+    assert ranked["q_value"].iloc[0] < 0.01
+    expected = dp.property_tests(run.properties, run.dispersion, n_permutations=2000, seed=0)
+    expected = expected[expected["score"] == "mean"].reset_index(drop=True)
+    np.testing.assert_allclose(ranked["effect"], expected["effect"])
+    np.testing.assert_allclose(ranked["q_value"], expected["q_value"])
+    bars = _figure(at, "Properties ranked")
+    assert bars["data"][0]["y"][-1] == "planted_noise"  # the top bar is the first rank
+    assert "Spearman" in bars["layout"]["xaxis"]["title"]["text"]
+
+    # the property scatter starts on the top property, one point per stimulus
+    scatter = _figure(at, "planted_noise against")
+    points = scatter["data"][0]
+    np.testing.assert_allclose(_array(points["x"]), run.properties.values["planted_noise"])
+    np.testing.assert_allclose(_array(points["y"]), run.dispersion["mean"])
+    assert list(_array(points["customdata"])) == list(range(N))
+    assert any("lowest and" in t.value for t in at.text)
+
+    # the held-out fit: the same numbers as the core function
+    fit_table = next(d.value for d in at.dataframe if "held-out R²" in d.value.columns)
+    fit, _, _ = dp.cross_validated_fit(
+        run.properties, run.dispersion, score="mean", n_shuffles=SHUFFLES, seed=0
+    )
+    r2 = fit[fit["metric"] == "r2_held_out"].set_index("model")["value"]
+    np.testing.assert_allclose(
+        fit_table.set_index("model")["held-out R²"].loc[list(r2.index)], r2.to_numpy()
+    )
+    assert fit_table["held-out R²"].min() > 0.3
+    _figure(at, "Held-out fit")
+    _figure(at, "Permutation importance")
+
+
+def test_choosing_a_categorical_property_and_the_pc1_score(run, monkeypatch) -> None:
+    at = _page(PAGE, monkeypatch)
+    at.selectbox(key="w_predictors_property").set_value("scene")
+    at.radio(key="w_score").set_value("pc1")
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    scatter = _figure(at, "scene against PC1 score")
+    boxes = [trace for trace in scatter["data"] if trace["type"] == "box"]
+    assert [box["name"] for box in boxes] == ["indoor", "outdoor"]
+    points = scatter["data"][-1]
+    np.testing.assert_allclose(_array(points["y"]), run.dispersion["pc1"])
+    assert scatter["layout"]["xaxis"]["ticktext"] == ["indoor", "outdoor"]
+    assert at.dataframe[0].value["property"].iloc[0] == "planted_noise"
+
+
+def test_a_run_without_properties_says_how_to_add_them(run, monkeypatch) -> None:
+    monkeypatch.setattr(predictors, "PAGE_SHUFFLES", SHUFFLES)
+    at = AppTest.from_file(PAGE, default_timeout=TIMEOUT)
+    at.query_params["run"] = "old"
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert any("no stimulus property table" in info.value for info in at.info)
+    assert not at.get("plotly_chart")
+
+
+def test_a_damaged_property_table_is_a_warning_in_plain_text(run, monkeypatch) -> None:
+    for path in (PAGE, RESIDUAL_PAGE):
+        at = AppTest.from_file(path, default_timeout=TIMEOUT)
+        at.query_params["run"] = "damaged"
+        at.run(timeout=TIMEOUT)
+        assert not at.exception, at.exception
+        assert any("cannot be read" in warning.value for warning in at.warning)
+        assert any("properties.json" in text.value for text in at.text)  # st.text, not Markdown
+
+
+def test_residual_space_colours_points_by_any_property(run, monkeypatch) -> None:
+    at = _page(RESIDUAL_PAGE, monkeypatch)
+    box = at.selectbox(key="w_colour_property")
+    assert box.options[0] == "(the dispersion score)"
+    assert set(run.properties.names) <= set(box.options)
+    box.set_value("luminance_mean")
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    points = _figure(at, "PCA of the GPA residuals")["data"][0]
+    np.testing.assert_allclose(
+        _array(points["marker"]["color"]), run.properties.values["luminance_mean"]
+    )
+    assert "luminance_mean" in points["marker"]["colorbar"]["title"]["text"]
+    at.selectbox(key="w_colour_property").set_value("scene")
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    points = _figure(at, "PCA of the GPA residuals")["data"][0]
+    codes = (run.properties.values["scene"] == "outdoor").astype(float)
+    np.testing.assert_allclose(_array(points["marker"]["color"]), codes)
