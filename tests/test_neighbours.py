@@ -360,3 +360,50 @@ def test_unknown_or_mismatched_indexes_are_explained():
     other = NeighbourIndex.from_features(_features(50))
     with pytest.raises(ValueError, match="different numbers of stimuli"):
         subset_alignment({"x": indexes["x"], "o": other}, [("x", "o")], np.arange(10), 3)
+
+
+@pytest.mark.parametrize("block", [7, 16, 50])
+def test_the_symmetric_screen_of_a_full_build_equals_the_row_by_row_one(monkeypatch, block):
+    """Building lists of all rows screens only the upper triangle of F Fᵀ (blocks serve their
+    rows and their columns); the lists are those of the dense sort, ties and near-ties included."""
+    X = _features(120, 10, seed=block)
+    X[[5, 77]] = X[40]  # exact ties
+    features = PreparedFeatures.from_raw(X)
+    monkeypatch.setattr(neighbours, "_SYMMETRIC_BLOCK", block)
+    calls = []
+    original = neighbours._symmetric_top_k
+    monkeypatch.setattr(
+        neighbours, "_symmetric_top_k", lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    )
+    lists = build_neighbour_lists(features, list_size=20)
+    assert calls  # the symmetric path ran
+    ref_index, ref_values = _dense_top_k(prepare_features(X), 20)
+    np.testing.assert_array_equal(lists.indices, ref_index)
+    np.testing.assert_allclose(lists.values, ref_values, atol=1e-14)
+    # a margin too small for the near-ties falls back row by row: still exact
+    near = X[:1] + 1e-6 * np.random.default_rng(0).standard_normal((120, 10))
+    lists = build_neighbour_lists(PreparedFeatures(near, np.inf), list_size=5)
+    F = near / np.linalg.norm(near, axis=1, keepdims=True)
+    G = F @ F.T
+    ref_index, _ = _dense_top_k(F, 5)
+    rows = np.arange(120)[:, None]
+    np.testing.assert_allclose(G[rows, lists.indices], G[rows, ref_index], atol=1e-15)
+
+
+def test_largest_selects_the_same_entries_as_topk(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(neighbours, "_SAMPLE_COLUMNS", 16)
+    rng = np.random.default_rng(0)
+    values = torch.from_numpy(rng.standard_normal((40, 3000)).astype(np.float32))
+    values[3] = 1.0  # a row of ties: the threshold leaves fewer than keep above it
+    values[7, :2000] = -5.0  # a row whose sample sets a threshold far too low
+    values[9, ::7] = 9.0  # many entries tied at the top
+    for keep in (5, 20, 64):
+        got_values, got_positions = neighbours._largest(values, keep)
+        ref_values, _ = torch.topk(values, keep, dim=1)
+        np.testing.assert_array_equal(
+            np.sort(got_values.numpy(), axis=1), np.sort(ref_values.numpy(), axis=1)
+        )
+        gathered = torch.gather(values, 1, got_positions)
+        np.testing.assert_array_equal(gathered.numpy(), got_values.numpy())
+        assert all(len(set(row)) == keep for row in got_positions.numpy().tolist())
