@@ -17,6 +17,14 @@ from . import plots, state
 
 #: Session key of the stimulus id shown in the Stimuli page's detail view.
 INSPECT_KEY = "w_inspect"
+#: Session key of the Stimuli page's open tab, and the label of its detail tab (Inspect opens it)
+STIMULI_TAB_KEY = "w_stimuli_tab"
+DETAIL_TAB = "Stimulus in detail"
+#: Session key (not a widget's) remembering the inspected stimulus while the detail tab is closed
+INSPECTED = "stimuli_inspected"
+#: Up to this many stimuli the detail view offers every id in a select box (ranked); above it an
+#: id is typed (a select box of 100,000 ids would send them all to the browser on every rerun)
+SELECT_ALL_LIMIT = 5_000
 
 
 def score_radio(
@@ -53,6 +61,8 @@ def show_captions(captions: Sequence[str], *, first_only: bool = False) -> None:
 
 def _inspect(identifier: str) -> None:
     st.session_state[INSPECT_KEY] = identifier
+    st.session_state[INSPECTED] = identifier
+    st.session_state[STIMULI_TAB_KEY] = DETAIL_TAB
 
 
 def stimulus_card(
@@ -115,3 +125,23 @@ def captions_frame(run: Run, rows: Sequence[int]) -> pd.DataFrame:
             "caption": [c[0] if len(c) else "" for c in captions],
         }
     )
+
+
+def text_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
+    """A small table as fixed-width plain text (for ``st.text``): a header line, then one line
+    per row, columns padded to their widest cell (each cell cut to ``max_cell`` characters).
+
+    For tables of a few rows that need no sorting or scrolling: ``st.dataframe`` would make the
+    browser load its data-grid code (about 1.4 MB of JavaScript) for them.
+    """
+
+    def cell(value: object) -> str:
+        text = " ".join(str(value).split())
+        return text if len(text) <= max_cell else text[: max_cell - 1] + "…"
+
+    header = [cell(name) for name in frame.columns]
+    rows = [[cell(value) for value in record] for record in frame.itertuples(index=False)]
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True))
+             for line in [header, *rows]]
+    return "\n".join(line.rstrip() for line in lines)
