@@ -42,8 +42,8 @@ if not gpa.converged:
     )
 
 st.subheader("Models")
-# a fixed-width text table: a handful of rows needs no data grid (and its 1.4 MB of JavaScript)
-st.text(widgets.text_table(catalogue.models_table(run)))
+# a Markdown table, every cell escaped: a handful of rows needs no data grid (1.4 MB of JS)
+st.markdown(widgets.markdown_table(catalogue.models_table(run)))
 
 st.subheader("Dispersion")
 st.text(

@@ -24,8 +24,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import pandas as pd
 
 from .neighbours import NeighbourIndex, subset_alignment
+from .stats import percentile_interval
 
 if TYPE_CHECKING:
     from .analyses import LayerKey, Pair
@@ -160,3 +162,52 @@ def sequential_random_alignment(
     widest = float(np.max(widths)) if widths.size and not np.isnan(widths).any() else float("nan")
     reached = interval_width is not None and bool(np.all(widths <= interval_width))
     return RandomBaseline(cknna, mutual_knn, drawn, widest, interval_width, reached)
+
+
+def baseline_table(
+    indexes: Mapping[LayerKey, NeighbourIndex],
+    pairs: Sequence[Pair],
+    n: int,
+    size: int,
+    k: int,
+    *,
+    max_sets: int = 200,
+    seed: int = 0,
+    interval_width: float | None = DEFAULT_INTERVAL_WIDTH,
+    min_sets: int = DEFAULT_MIN_SETS,
+) -> pd.DataFrame:
+    """The random baseline of every pair as a table (:func:`sequential_random_alignment`).
+
+    One row per pair: ``vision_model``, ``vision_layer``, ``language_model``,
+    ``language_layer``, ``set_size``, ``k``, ``n_random`` (sets drawn), ``cknna_random_mean``,
+    ``cknna_random_lower_95``, ``cknna_random_upper_95`` (the 95% percentile interval of the
+    random sets' values), the same three for ``mutual_knn``, ``cknna_random_mean_interval`` (the
+    width of the 95% confidence interval of the mean) and ``interval_width`` (asked for; NaN for a
+    fixed number of sets). Precompute may store this table for a run's default size and k.
+    """
+    drawn = sequential_random_alignment(
+        indexes,
+        pairs,
+        n,
+        size,
+        k,
+        interval_width=interval_width,
+        max_sets=max_sets,
+        min_sets=min_sets,
+        seed=seed,
+    )
+    widths = mean_interval_widths(drawn.cknna)
+    rows = []
+    for pair, cknna_values, mknn_values, width in zip(
+        pairs, drawn.cknna, drawn.mutual_knn, widths, strict=True
+    ):
+        row = {**pair._asdict(), "set_size": int(size), "k": int(k), "n_random": drawn.n_sets}
+        for name, array in (("cknna", cknna_values), ("mutual_knn", mknn_values)):
+            lower, upper = percentile_interval(array, 0.95)
+            row[f"{name}_random_mean"] = float(array.mean())
+            row[f"{name}_random_lower_95"] = lower
+            row[f"{name}_random_upper_95"] = upper
+        row["cknna_random_mean_interval"] = float(width)
+        row["interval_width"] = np.nan if interval_width is None else float(interval_width)
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -168,7 +168,7 @@ if projection == "PCA":
             st.image(
                 data.residual_components_png(str(run.path), data.manifest_stamp(run.path))
             )
-            st.text(widgets.text_table(catalogue.components_table(run)))
+            st.markdown(widgets.markdown_table(catalogue.components_table(run)))
 
 st.header("Current selection")
 if selection is None:

@@ -287,8 +287,9 @@ def sets_and_results() -> None:
 
     # -----------------------------------------------------------------------------------------
     # the bars (set CKNNA + random baseline); the permutation test and full table on demand
-    indexes = data.indexes_for(run, pairs)
-    set_values = lab.set_table(indexes, pairs, sets, k)
+    set_values = data.set_values(
+        path, stamp, pairs, tuple(sets), tuple(np.asarray(r) for r in sets.values()), k
+    )
     baselines = {
         set_size: data.random_baseline(
             path, stamp, pairs, score, set_size, k, int(n_random), int(seed), interval_width

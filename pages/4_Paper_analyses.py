@@ -154,7 +154,7 @@ with fig2_tab:
                     f"({int(n_permutations)} + 1). Across pairs: Wilcoxon signed-rank and paired "
                     "t tests of low vs high (two-sided):"
                 )
-                st.text(widgets.text_table(analyses.paired_set_tests(sets)))
+                st.markdown(widgets.markdown_table(analyses.paired_set_tests(sets)))
                 _table_on_demand(
                     "Every pair: CKNNA per set, random interval, permutation p-values",
                     "w_paper_sets_table", sets, column_config=_P_VALUE_FORMAT,
@@ -175,7 +175,7 @@ with s1_tab:
                 values="cknna",
                 sort=False,
             )[["drop_high", "full", "drop_low"]].reset_index()
-            st.text(widgets.text_table(wide.round(4)))
+            st.markdown(widgets.markdown_table(wide.round(4)))
 
 with s2_tab:
     if s2_tab.open:
@@ -213,5 +213,5 @@ with sweep_tab:
                 "Layer used for each language model (highest mean CKNNA with the vision models, "
                 "full set):"
             )
-            st.text(widgets.text_table(best))
+            st.markdown(widgets.markdown_table(best))
             _table_on_demand("Every vision model × language layer", "w_paper_sweep_table", sweep)

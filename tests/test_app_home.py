@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -46,6 +47,15 @@ def synthetic_cache(_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _app() -> AppTest:
     return AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+
+
+def _markdown_rows(table: str) -> list[list[str]]:
+    """The cells of a ``widgets.markdown_table``, unescaped (header first, the rule dropped)."""
+    lines = [line for i, line in enumerate(table.splitlines()) if i != 1]
+    return [
+        [re.sub(r"\\(.)", r"\1", cell.strip()) for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        for line in lines
+    ]
 
 
 def _metric(at: AppTest, label: str) -> str:
@@ -148,11 +158,10 @@ def test_home_cards_histogram_and_previews(synthetic_cache: Path) -> None:
     assert _metric(at, "Language models") == "2"
     assert _metric(at, "GPA iterations") == str(run.gpa.n_iter)
     assert _metric(at, "GPA final loss") == f"{float(run.gpa.loss_history[-1]):.6f}"
-    # the models table is fixed-width text (no data grid): a header, then one line per model
-    table = next(t.value for t in at.text if t.value.startswith("model "))
-    lines = table.splitlines()
-    assert [line.split()[0] for line in lines[1:]] == run.models
-    assert "GPA (dispersion)" in lines[1] and "alignment (CKNNA)" in lines[-1]
+    # the models table is an escaped Markdown table (no data grid): a header, then a row per model
+    rows = _markdown_rows(next(m.value for m in at.markdown if m.value.startswith("| model |")))
+    assert [row[0] for row in rows[1:]] == run.models
+    assert rows[1][-1] == "GPA (dispersion)" and rows[-1][-1] == "alignment (CKNNA)"
     assert not at.dataframe and not at.get("plotly_chart")  # nothing that loads heavy scripts
     # the histogram picture and 5 lowest and 5 highest dispersion thumbnails, in rank order
     assert len(at.image) == 11

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -62,13 +63,32 @@ def test_rows_of_keeps_order_and_reports_unknown(run) -> None:
     assert list(rows) == [7, 2] and unknown == ["ghost"]
 
 
-def test_text_tables_align_columns_and_cut_long_cells() -> None:
-    frame = pd.DataFrame({"model": ["a", "much-longer-name"], "layers": [3, 12]})
-    lines = widgets.text_table(frame).splitlines()
-    assert lines[0].split() == ["model", "layers"]
-    assert lines[1].index("3") == lines[2].index("12") == lines[0].index("layers")
-    cut = widgets.text_table(pd.DataFrame({"x": ["y" * 100]}), max_cell=10).splitlines()[1]
-    assert cut == "y" * 9 + "…"
+def test_markdown_tables_escape_every_cell_and_cut_long_ones() -> None:
+    frame = pd.DataFrame({"model": ["a", "**bold** [x](http://e) <b>|</b> :red[y]"], "k": [3, 12]})
+    lines = widgets.markdown_table(frame).splitlines()
+    assert lines[0] == "| model | k |" and lines[1] == "| --- | --- |"
+    assert lines[2] == "| a | 3 |"
+    hostile = lines[3].split(" | ")[0][2:]
+    assert hostile == (
+        r"\*\*bold\*\* \[x\]\(http\:\/\/e\) \<b\>\|\<\/b\> \:red\[y\]"
+    )
+    cut = widgets.markdown_table(pd.DataFrame({"x": ["y" * 100]}), max_cell=10).splitlines()[2]
+    assert cut == "| " + "y" * 9 + "… |"
+
+
+def test_escaped_markdown_renders_as_the_text_itself() -> None:
+    """Every ASCII punctuation character is escaped; CommonMark renders an escaped one as itself,
+    so removing the escapes gives the text back (checked with a CommonMark renderer if present)."""
+    import string
+
+    text = "".join(string.punctuation) + " tail"
+    escaped = widgets.escape_markdown(text)
+    assert re.sub(r"\\(.)", r"\1", escaped) == text
+    markdown_it = pytest.importorskip("markdown_it")
+    html = markdown_it.MarkdownIt("commonmark").renderInline(escaped)
+    import html as html_module
+
+    assert html_module.unescape(html) == text
 
 
 def test_models_and_components_tables(run) -> None:

@@ -94,8 +94,8 @@ def test_each_tab_is_computed_when_opened(monkeypatch, cache_root):
         at.run(timeout=60)
         assert not at.exception, at.exception
         assert calls[:1] == [expected] and len(at.image) == 1, (tab, calls)
-    wide = next(t.value for t in at.text if t.value.startswith("language_model"))
-    assert "language_layer" in wide  # the best layer of each language model, as text
+    best = next(m.value for m in at.markdown if m.value.startswith(r"| language\_model |"))
+    assert r"language\_layer" in best  # the best layer of each language model, a small table
 
 
 def test_large_runs_ask_before_the_long_analyses(monkeypatch, cache_root):

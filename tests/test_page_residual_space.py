@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,16 +121,19 @@ def test_scatter_is_webgl_coloured_by_dispersion_with_hover(run) -> None:
     assert points["x"]["dtype"] == "f4"  # coordinates travel as float32
 
     # the principal components: a picture and their numbers, built when the expander opens
-    assert not any(t.value.startswith("component ") for t in at.text)
+    assert not any(m.value.startswith("| component |") for m in at.markdown)
     at.session_state["w_components_open"] = True
     at.run(timeout=TIMEOUT)
-    table = next(t.value for t in at.text if t.value.startswith("component "))
-    rows = [line.split() for line in table.splitlines()[1:]]
+    table = next(m.value for m in at.markdown if m.value.startswith("| component |"))
+    rows = [
+        [re.sub(r"\\(.)", r"\1", cell.strip()) for cell in line.split(" | ")]
+        for line in table.splitlines()[2:]
+    ]
     np.testing.assert_allclose(
         [float(r[1]) for r in rows], 100 * np.asarray(run.pca.explained_variance_ratio), atol=0.006
     )
     np.testing.assert_allclose(
-        [float(v) for v in rows[0][2:]], np.asarray(run.pca.components)[0], atol=6e-5
+        [float(v.rstrip(" |")) for v in rows[0][2:]], np.asarray(run.pca.components)[0], atol=6e-5
     )
 
     at.radio(key="w_score").set_value("pc1").run(timeout=TIMEOUT)

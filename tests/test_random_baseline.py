@@ -120,3 +120,25 @@ def test_bad_requests_are_errors_in_words(planted) -> None:
         sequential_random_alignment(indexes, pairs, run.n_stimuli, 30, 5, interval_width=0.0)
     with pytest.raises(ValueError, match="out of range"):
         next(random_set_stream(10, 11, 0))
+
+
+def test_the_table_summarises_the_drawn_sets(planted) -> None:
+    from convergence_core.random_baseline import baseline_table
+
+    run, pairs, indexes = planted
+    drawn = sequential_random_alignment(
+        indexes, pairs, run.n_stimuli, 30, 5, interval_width=0.06, max_sets=120, seed=2
+    )
+    table = baseline_table(
+        indexes, pairs, run.n_stimuli, 30, 5, interval_width=0.06, max_sets=120, seed=2
+    )
+    assert len(table) == len(pairs) and set(table["n_random"]) == {drawn.n_sets}
+    np.testing.assert_allclose(table["cknna_random_mean"], drawn.cknna.mean(axis=1))
+    np.testing.assert_allclose(
+        table["mutual_knn_random_upper_95"], np.percentile(drawn.mutual_knn, 97.5, axis=1)
+    )
+    np.testing.assert_allclose(
+        table["cknna_random_mean_interval"], mean_interval_widths(drawn.cknna)
+    )
+    assert (table["cknna_random_lower_95"] <= table["cknna_random_mean"]).all()
+    assert set(table["interval_width"]) == {0.06}

@@ -37,6 +37,9 @@ METRIC_AXIS = {
     "mutual_knn": "mutual k-NN overlap (fraction of k)",
 }
 _PYPLOT_LOCK = threading.Lock()
+#: Height of axes titles (axes fraction). Given explicitly, matplotlib does not measure every
+#: tick label to place each title, which was a fifth of a figure's drawing time.
+TITLE_Y = 1.01
 
 
 def literal(text: object) -> str:
@@ -78,8 +81,8 @@ def dispersion_histograms(mean: np.ndarray, pc1: np.ndarray, title: str) -> byte
         axis.hist(np.asarray(values, dtype=np.float64), bins=40, color=colour)
         axis.set_xlabel(SCORE_AXIS[score])
         axis.set_ylabel("stimuli (count)")
-    axes[0].set_title("Mean residual", fontsize=10)
-    axes[1].set_title("PC1 score", fontsize=10)
+    axes[0].set_title("Mean residual", fontsize=10, y=TITLE_Y)
+    axes[1].set_title("PC1 score", fontsize=10, y=TITLE_Y)
     figure.suptitle(literal(title), fontsize=11)
     return png(figure)
 
@@ -118,7 +121,7 @@ def residual_scatter(
     bar.set_label(literal(colour_title.replace("<br>", " ")), fontsize=8)
     axis.set_xlabel(literal(x_title))
     axis.set_ylabel(literal(y_title), fontsize=8)
-    axis.set_title(literal(title), fontsize=10, pad=16 if chosen.size else 6)
+    axis.set_title(literal(title), fontsize=10, y=1.06 if chosen.size else TITLE_Y)
     return png(figure)
 
 
@@ -132,7 +135,7 @@ def residual_components(ratio: np.ndarray, components: np.ndarray, models: Seque
     left.bar(labels, 100.0 * np.asarray(ratio, dtype=np.float64), color="#1f77b4")
     left.set_xlabel("principal component of the residual matrix R")
     left.set_ylabel("variance explained (%)")
-    left.set_title("Variance of the residuals explained per component", fontsize=10)
+    left.set_title("Variance of the residuals explained per component", fontsize=10, y=TITLE_Y)
     x = np.arange(len(models))
     shown = min(2, np.asarray(components).shape[0])
     for index in range(shown):
@@ -142,7 +145,7 @@ def residual_components(ratio: np.ndarray, components: np.ndarray, models: Seque
     right.set_xticks(x, [literal(m) for m in models], fontsize=8)
     right.set_xlabel("vision model")
     right.set_ylabel("loading (unit-norm weight)")
-    right.set_title("Per-model loadings of the first components", fontsize=10)
+    right.set_title("Per-model loadings of the first components", fontsize=10, y=TITLE_Y)
     right.legend(fontsize=8)
     return png(figure)
 
@@ -162,7 +165,9 @@ def residual_bars(
     axis.set_xticks(x, [literal(m) for m in models], fontsize=8)
     axis.set_xlabel("vision model")
     axis.set_ylabel(RESIDUAL_AXIS.replace(", unit", ",\nunit"), fontsize=8)
-    axis.set_title(literal(f"Residual per vision model — stimulus {stimulus}"), fontsize=10)
+    axis.set_title(
+        literal(f"Residual per vision model — stimulus {stimulus}"), fontsize=10, y=TITLE_Y
+    )
     figure.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
     return png(figure)
 
@@ -221,7 +226,7 @@ def alignment_bars(
             )
         axis.set_xticks(x, [literal(m) for m in languages], fontsize=8)
         axis.set_xlabel("language model")
-        axis.set_title(literal(vision), fontsize=9)
+        axis.set_title(literal(vision), fontsize=9, y=TITLE_Y)
         axis.axhline(0.0, color="black", linewidth=0.5)
     axes[0].set_ylabel(METRIC_AXIS[metric])
     handles, labels = axes[0].get_legend_handles_labels()

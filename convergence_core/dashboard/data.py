@@ -122,6 +122,21 @@ def best_language_layers(path: str, stamp: int, k: int = 10) -> dict[str, str]:
     return dict(zip(table["language_model"], table["language_layer"], strict=True))
 
 
+@st.cache_data(show_spinner="Computing CKNNA of the sets…", max_entries=512)
+def set_values(
+    path: str,
+    stamp: int,
+    pairs: tuple[lab.Pair, ...],
+    names: tuple[str, ...],
+    rows: tuple[np.ndarray, ...],
+    k: int,
+) -> pd.DataFrame:
+    """:func:`lab.set_table` of the sets ``names`` (stimulus rows ``rows``, same order), cached
+    for every session (the arrays are hashed by content)."""
+    run = _open_run(path, stamp)
+    return lab.set_table(indexes_for(run, pairs), pairs, dict(zip(names, rows, strict=True)), k)
+
+
 @st.cache_data(show_spinner="Drawing the random baseline…", max_entries=256)
 def random_baseline(
     path: str,

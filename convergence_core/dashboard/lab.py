@@ -22,8 +22,8 @@ import pandas as pd
 
 from ..analyses import LayerKey, Pair, low_high_permutation_tests
 from ..neighbours import NeighbourIndex, subset_alignment
-from ..random_baseline import DEFAULT_MIN_SETS, mean_interval_widths, sequential_random_alignment
-from ..stats import percentile_interval
+from .. import random_baseline
+from ..random_baseline import DEFAULT_MIN_SETS
 from ..validation import check_k, check_min_stimuli
 
 #: Key of the Alignment lab's container of the bars (CSS class ``st-key-lab-bars``): where the
@@ -60,46 +60,24 @@ def baseline_table(
     interval_width: float | None = None,
     min_sets: int = DEFAULT_MIN_SETS,
 ) -> pd.DataFrame:
-    """Random-subset baseline per pair: CKNNA and mutual k-NN mean and 95% percentile interval.
+    """Random-subset baseline per pair (``random_baseline.baseline_table``; ``scores`` (n,) only
+    sets n): CKNNA and mutual k-NN mean and 95% percentile interval of the random sets.
 
     ``interval_width=None`` draws exactly ``n_random`` sets (the paper analysis's baseline); a
     width draws at most ``n_random`` and stops once every pair's 95% confidence interval of the
-    mean CKNNA is that narrow (``random_baseline.sequential_random_alignment``). ``scores`` (n,)
-    only sets n.
-
-    Returns one row per pair: ``vision_model``, ``vision_layer``, ``language_model``,
-    ``language_layer``, ``set_size``, ``k``, ``n_random`` (sets drawn), ``cknna_random_mean``,
-    ``cknna_random_lower_95``, ``cknna_random_upper_95``, ``mutual_knn_random_mean``,
-    ``mutual_knn_random_lower_95``, ``mutual_knn_random_upper_95``,
-    ``cknna_random_mean_interval`` (the width of the 95% confidence interval of the mean) and
-    ``interval_width`` (the width asked for; NaN for a fixed number of sets).
+    mean CKNNA is that narrow. Columns: see ``random_baseline.baseline_table``.
     """
-    drawn = sequential_random_alignment(
+    return random_baseline.baseline_table(
         indexes,
         pairs,
         int(np.asarray(scores).shape[0]),
         size,
         k,
-        interval_width=interval_width,
         max_sets=n_random,
-        min_sets=min_sets,
         seed=seed,
+        interval_width=interval_width,
+        min_sets=min_sets,
     )
-    widths = mean_interval_widths(drawn.cknna)
-    rows = []
-    for pair, cknna_values, mknn_values, width in zip(
-        pairs, drawn.cknna, drawn.mutual_knn, widths, strict=True
-    ):
-        row = {**pair._asdict(), "set_size": int(size), "k": int(k), "n_random": drawn.n_sets}
-        for name, array in (("cknna", cknna_values), ("mutual_knn", mknn_values)):
-            lower, upper = percentile_interval(array, 0.95)
-            row[f"{name}_random_mean"] = float(array.mean())
-            row[f"{name}_random_lower_95"] = lower
-            row[f"{name}_random_upper_95"] = upper
-        row["cknna_random_mean_interval"] = float(width)
-        row["interval_width"] = np.nan if interval_width is None else float(interval_width)
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def low_high_permutation_table(

@@ -210,11 +210,15 @@ def drop_stale_choice(
 def write_query_params(query_params: MutableMapping[str, Any], view: View) -> None:
     """Write the view to the URL, touching only the keys that changed (avoids needless reruns)."""
     wanted = view.to_query_params()
+    changed = {
+        name: wanted[name]
+        for name in PARAM_NAMES
+        if name in wanted and query_params.get(name) != wanted[name]
+    }
+    if changed:
+        query_params.update(changed)  # st.query_params sends one message for all of them
     for name in PARAM_NAMES:
-        if name in wanted:
-            if query_params.get(name) != wanted[name]:
-                query_params[name] = wanted[name]
-        elif name in query_params:
+        if name not in wanted and name in query_params:
             del query_params[name]
 
 

@@ -7,6 +7,7 @@ dataframe), which renders plain text: never Markdown, never HTML.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import pandas as pd
@@ -127,21 +128,35 @@ def captions_frame(run: Run, rows: Sequence[int]) -> pd.DataFrame:
     )
 
 
-def text_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
-    """A small table as fixed-width plain text (for ``st.text``): a header line, then one line
-    per row, columns padded to their widest cell (each cell cut to ``max_cell`` characters).
+#: Every ASCII punctuation character: CommonMark lets each be backslash-escaped to stand for itself
+_MARKDOWN_PUNCTUATION = re.compile(r"""([!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~])""")
 
-    For tables of a few rows that need no sorting or scrolling: ``st.dataframe`` would make the
-    browser load its data-grid code (about 1.4 MB of JavaScript) for them.
+
+def escape_markdown(value: object) -> str:
+    """``value`` as Markdown that renders exactly as the text: every ASCII punctuation character
+    backslash-escaped (so no emphasis, link, image, HTML tag, table pipe or Streamlit directive
+    such as ``:red[…]`` survives), line breaks and runs of spaces made single spaces."""
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def markdown_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
+    """A small table as a Markdown table for ``st.markdown``, every cell escaped
+    (:func:`escape_markdown`) and cut to ``max_cell`` characters.
+
+    For a few rows of run metadata and numbers (model names, layers, test statistics), never for
+    captions (those go through ``st.text`` only): ``st.dataframe`` would make the browser load its
+    data-grid code (about 1.4 MB of JavaScript) for them, ``st.text`` is not monospaced.
     """
 
     def cell(value: object) -> str:
         text = " ".join(str(value).split())
-        return text if len(text) <= max_cell else text[: max_cell - 1] + "…"
+        text = text if len(text) <= max_cell else text[: max_cell - 1] + "…"
+        return escape_markdown(text) or " "
 
-    header = [cell(name) for name in frame.columns]
-    rows = [[cell(value) for value in record] for record in frame.itertuples(index=False)]
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True))
-             for line in [header, *rows]]
-    return "\n".join(line.rstrip() for line in lines)
+    header = "| " + " | ".join(cell(name) for name in frame.columns) + " |"
+    rule = "|" + "|".join(" --- " for _ in frame.columns) + "|"
+    rows = [
+        "| " + " | ".join(cell(value) for value in record) + " |"
+        for record in frame.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *rows])
