@@ -143,6 +143,7 @@ def browser_benchmark(
                 for label, url in urls:
                     visits[label].append(headless.measure_visit(context, url))
             steps = _k_steps(context, f"{base}/Alignment_lab{run_query}&k=10", repeats)
+            lasso = _lasso(context, f"{base}/Residual_space{run_query}")
             if trace is not None:
                 _traces(browser, context, urls, trace)
             browser.close()
@@ -160,7 +161,9 @@ def browser_benchmark(
                 "ratio_to_bare": round(ratio, 2),
                 "target_ratio": None if label.startswith("bare") else TARGET_PAGE_RATIO,
                 "ok": None if label.startswith("bare") else ratio <= TARGET_PAGE_RATIO,
-                "main_thread_s_median": round(statistics.median(v.main_thread_s for v in measured), 3),
+                "main_thread_s_median": round(
+                    statistics.median(v.main_thread_s for v in measured), 3
+                ),
                 **{
                     name: costs[name]
                     for name in (
@@ -180,7 +183,29 @@ def browser_benchmark(
         "ok": step_median / bare_median <= TARGET_K_RATIO,
         "bare_page_s": round(bare_median, 3),
     }
-    return rows, k_step
+    return rows, {**k_step, "lasso": lasso}
+
+
+def _lasso(context, url: str) -> dict[str, float]:  # noqa: ANN001
+    """Residual space: seconds until the interactive chart is drawn after its toggle, and a
+    lasso over the left half of the map: stimuli selected and seconds until the page lists them."""
+    page = context.new_page()
+    try:
+        page.goto(url)
+        page.wait_for_function(headless.PAGE_DRAWN, timeout=120_000, polling="raf")
+        start = page.evaluate("() => performance.now()")
+        page.get_by_text("Interactive chart", exact=False).first.click()
+        page.wait_for_selector('[data-testid="stPlotlyChart"] .main-svg', timeout=120_000)
+        page.wait_for_function(headless.PAGE_DRAWN, timeout=120_000, polling="raf")
+        drawn = (page.evaluate("() => performance.now()") - start) / 1000.0
+        selected, seconds = headless.lasso_select(page, 0.5)
+        return {
+            "interactive_chart_s": round(drawn, 3),
+            "lasso_selected": selected,
+            "lasso_to_selection_s": round(seconds, 3),
+        }
+    finally:
+        page.close()
 
 
 def _k_steps(context, url: str, repeats: int) -> list[float]:  # noqa: ANN001
@@ -371,6 +396,12 @@ def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> 
         f"{k_step['seconds_median']:.2f} s = {k_step['ratio_to_bare_load']:.2f} × the bare page's "
         f"load ({k_step['bare_page_s']:.2f} s); target ≤ {TARGET_K_RATIO} ×: {k_step['ok']}"
     )
+    lasso = k_step["lasso"]
+    print(
+        f"Residual space: interactive chart drawn {lasso['interactive_chart_s']:.2f} s after its "
+        f"toggle; a lasso over half the map selected {lasso['lasso_selected']:,} stimuli, listed "
+        f"{lasso['lasso_to_selection_s']:.2f} s after the mouse was released"
+    )
 
 
 def main() -> None:
@@ -414,7 +445,8 @@ def main() -> None:
             print(f"{r['measure']:<{width}}  {r['seconds']:7.3f}  {target:>6}  {r['ok']}")
     payload["machine"]["load_average_1min_end"] = os.getloadavg()[0]
     print(
-        f"machine: {os.cpu_count()} CPUs, load average {payload['machine']['load_average_1min_start']:.1f}"
+        f"machine: {os.cpu_count()} CPUs, load average "
+        f"{payload['machine']['load_average_1min_start']:.1f}"
         f" → {os.getloadavg()[0]:.1f} (other jobs slow every number; compare the ratios)"
     )
     out = ROOT / "benchmarks" / "results" / args.out

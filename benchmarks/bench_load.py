@@ -72,9 +72,12 @@ class Session:
     first_load_s: float = 0.0
     bars_s: list[float] = field(default_factory=list)
     done_s: list[float] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
 
 
-async def _receive_run(websocket, session: Session, started: float) -> tuple[float, float]:  # noqa: ANN001
+async def _receive_run(  # noqa: ANN001 - a websockets connection
+    websocket, session: Session, started: float
+) -> tuple[float, float]:
     """Read one script run's messages; returns (seconds to the first image, to the end)."""
     bars = float("nan")
     while True:
@@ -95,6 +98,9 @@ async def _receive_run(websocket, session: Session, started: float) -> tuple[flo
             elif which == "imgs" and bars != bars:  # the first picture of the run: the bars
                 bars = time.perf_counter() - started
         elif kind == "script_finished":
+            session.statuses.append(ForwardMsg.ScriptFinishedStatus.Name(message.script_finished))
+            if message.script_finished == ForwardMsg.FINISHED_EARLY_FOR_RERUN:
+                continue  # the server restarted the run (a newer request): wait for its end
             return bars, time.perf_counter() - started
 
 
@@ -200,8 +206,13 @@ def measure(cache: Path, run_name: str, sessions: int, duration: float, interval
         sampler.join()
         rss_end = _rss(server)
         cpu = server.cpu_times()
-    bars = [s for user in users for s in user.bars_s]
+    every_bars = [s for user in users for s in user.bars_s]
+    bars = [s for s in every_bars if s == s]  # a run without a picture has NaN: counted below
     done = [s for user in users for s in user.done_s]
+    statuses: dict[str, int] = {}
+    for user in users:
+        for status in user.statuses:
+            statuses[status] = statuses.get(status, 0) + 1
     return {
         "sessions": sessions,
         "changes_of_k": len(done),
@@ -209,12 +220,15 @@ def measure(cache: Path, run_name: str, sessions: int, duration: float, interval
         "first_load_s": _percentiles([u.first_load_s for u in users]),
         "bars_s": _percentiles(bars),
         "done_s": _percentiles(done),
+        "runs_without_new_bars": len(every_bars) - len(bars),
+        "script_finished": statuses,
         "rss_mb_before": round(rss_before / 1e6, 1),
         "rss_mb_peak": round(peak[0] / 1e6, 1),
         "rss_mb_end": round(rss_end / 1e6, 1),
         "rss_mb_growth_per_session": round((peak[0] - rss_before) / 1e6 / sessions, 2),
         "server_cpu_s": round(cpu.user + cpu.system, 1),
-        "ok": sessions != TARGET_SESSIONS or bool(bars and _percentiles(bars)["p95"] <= TARGET_P95_S),
+        "ok": sessions != TARGET_SESSIONS
+        or bool(bars and _percentiles(bars)["p95"] <= TARGET_P95_S),
     }
 
 

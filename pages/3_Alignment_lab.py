@@ -331,7 +331,8 @@ def sets_and_results() -> None:
         key="w_metric",
         format_func=lambda m: {"cknna": "CKNNA", "mutual_knn": "mutual k-NN"}[m],
     )
-    with st.container(key=lab.BARS_CONTAINER_KEY):  # a stable name for the browser tests and benchmark
+    # a stable name for the browser test and the benchmark
+    with st.container(key=lab.BARS_CONTAINER_KEY):
         st.image(data.alignment_bars_png(set_values, baseline_main, metric))
     st.caption(lab.baseline_statement(baseline_main))
 

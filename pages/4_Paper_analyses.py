@@ -191,8 +191,8 @@ with s2_tab:
             points, statistics = data.leave_one_out(path_text, stamp)
             st.image(data.paper_figure_png("leave_one_out", points, statistics))
             st.caption(
-                f"Residual units: {paper_plots.RESIDUAL_UNITS}. Partial dispersion: mean residual of GPA "
-                "rerun without the held-out model; deviation: the held-out model's distance from "
+                f"Residual units: {paper_plots.RESIDUAL_UNITS}. Partial dispersion: mean residual "
+                "of GPA rerun without the held-out model; deviation: the held-out model's distance from "
                 "that consensus after orthogonal Procrustes."
             )
             _table_on_demand(

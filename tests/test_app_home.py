@@ -335,7 +335,9 @@ def test_page_switches_and_new_sessions_reuse_what_the_server_has(
     builds: list[str] = []
     histograms: list[int] = []
     real_build, real_histograms = catalogue.build_catalogue, charts.dispersion_histograms
-    monkeypatch.setattr(data, "build_catalogue", lambda run: builds.append(run.name) or real_build(run))
+    monkeypatch.setattr(
+        data, "build_catalogue", lambda run: builds.append(run.name) or real_build(run)
+    )
     monkeypatch.setattr(
         charts,
         "dispersion_histograms",

@@ -211,7 +211,7 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
             _wait_idle(page)
             assert slider.input_value() == "15"
             after = _metric(page, "CKNNA, low dispersion")
-            assert before != after, f"moving the k slider did not change CKNNA ({before} -> {after})"
+            assert before != after, f"moving k did not change CKNNA ({before} -> {after})"
             page.get_by_text("Low vs high permutation test", exact=False).first.click()
             page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)
             _wait_idle(page)

@@ -241,7 +241,8 @@ def test_pasted_ids_unknown_and_too_few(run) -> None:
 
 def test_layer_choice_changes_the_pair_and_is_kept_while_the_layers_are_closed(run) -> None:
     at = _page()
-    assert not [b for b in at.sidebar.selectbox if b.key.startswith("w_layer_")]  # built when opened
+    # the layer choices are built when their expander opens
+    assert not [b for b in at.sidebar.selectbox if b.key.startswith("w_layer_")]
     at.session_state["w_lab_layers"] = True
     at.run(timeout=TIMEOUT)
     at.selectbox(key="w_layer_language-a").set_value("layer0").run(timeout=TIMEOUT)
@@ -284,7 +285,8 @@ def test_statistics_settings_are_kept_while_closed_and_set_the_baseline(run) -> 
     at.run(timeout=TIMEOUT)
     table = _results(at)
     assert set(table["n_random"]) == {40}
-    assert any("40 random sets of 15 stimuli per pair (a fixed number)" in c.value for c in at.caption)
+    said = "40 random sets of 15 stimuli per pair (a fixed number)"
+    assert any(said in c.value for c in at.caption)
 
 
 def test_no_model_chosen_and_run_without_language_models(run) -> None:

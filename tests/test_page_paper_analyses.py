@@ -81,7 +81,9 @@ def test_each_tab_is_computed_when_opened(monkeypatch, cache_root):
     calls: list[str] = []
     for name in ("drop_fraction", "leave_one_out", "layer_sweep"):
         real = getattr(data, name)
-        monkeypatch.setattr(data, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+        monkeypatch.setattr(
+            data, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
+        )
     at.run(timeout=60)
     assert calls == []  # Fig. 2 is open; its best layers come from the cached sweep
     for tab, expected in (
@@ -108,7 +110,8 @@ def test_large_runs_ask_before_the_long_analyses(monkeypatch, cache_root):
 
     data.dispersion_sets.clear()
     data._finished().clear()
-    source = Path(PAGE).read_text().replace("AUTO_COMPUTE_STIMULI = 5_000", "AUTO_COMPUTE_STIMULI = 10")
+    source = Path(PAGE).read_text()
+    source = source.replace("AUTO_COMPUTE_STIMULI = 5_000", "AUTO_COMPUTE_STIMULI = 10")
     at = AppTest.from_string(source, default_timeout=60)
     at.run(timeout=60)
     assert not at.image and any("takes minutes here" in i.value for i in at.info)

@@ -160,7 +160,8 @@ def residual_bars(
     x = np.arange(len(models))
     axis.bar(x, residuals, 0.6, color="#1f77b4", label="this stimulus")
     axis.scatter(
-        x, typical, marker="_", s=900, linewidths=3, color="#222222", label="median over all stimuli"
+        x, typical, marker="_", s=900, linewidths=3, color="#222222",
+        label="median over all stimuli",
     )
     axis.set_xticks(x, [literal(m) for m in models], fontsize=8)
     axis.set_xlabel("vision model")

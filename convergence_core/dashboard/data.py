@@ -369,7 +369,9 @@ def dispersion_sets(
         n_permutations=n_permutations,
         best_layers=best_layers_table(path, stamp, k),
     )
-    _finished().add(("dispersion_sets", path, stamp, size, k, score, n_random, n_permutations, seed))
+    _finished().add(
+        ("dispersion_sets", path, stamp, size, k, score, n_random, n_permutations, seed)
+    )
     return result
 
 

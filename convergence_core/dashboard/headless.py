@@ -91,7 +91,8 @@ _PAGE_COSTS = """() => {
     figures: count('[data-testid="stPlotlyChart"]'),
     tables: count('[data-testid="stDataFrame"]') + count('[data-testid="stTable"]'),
     images: count('[data-testid="stImage"] img'),
-    widgets: count('[data-testid="stElementContainer"] input, [data-testid="stElementContainer"] button, [data-testid="stElementContainer"] textarea'),
+    widgets: ['input', 'button', 'textarea'].reduce(
+      (total, tag) => total + count(`[data-testid="stElementContainer"] ${tag}`), 0),
     http_bytes: http,
     js_bytes: js,
     requests: entries.length,
@@ -191,7 +192,9 @@ def measure_visit(context, url: str, *, timeout_ms: int = 120_000) -> VisitCost:
             requests=int(costs["requests"]),
             main_thread_s=float(metrics.get("TaskDuration", 0.0)),
             script_s=float(metrics.get("ScriptDuration", 0.0)),
-            layout_s=float(metrics.get("LayoutDuration", 0.0) + metrics.get("RecalcStyleDuration", 0.0)),
+            layout_s=float(
+                metrics.get("LayoutDuration", 0.0) + metrics.get("RecalcStyleDuration", 0.0)
+            ),
         )
     finally:
         page.close()
@@ -229,8 +232,47 @@ def time_slider_step(  # noqa: ANN001 - playwright's own types
         timeout=timeout_ms,
         polling="raf",
     )
-    end = page.evaluate("() => { const t = window.__stepAt; window.__stepAt = undefined; return t; }")
+    end = page.evaluate(
+        "() => { const t = window.__stepAt; window.__stepAt = undefined; return t; }"
+    )
     return (end - start) / 1000.0
+
+
+def lasso_select(  # noqa: ANN001 - playwright's own types
+    page, fraction: float = 0.5, *, timeout_ms: int = 120_000
+) -> tuple[int, float]:
+    """Draw a lasso over the left ``fraction`` of the interactive residual-space chart (already
+    shown) and wait until the page lists the selection. Returns ``(stimuli selected, seconds from
+    releasing the mouse until the page says so)``, by the browser's clock."""
+    import re
+
+    plot = page.locator('[data-testid="stPlotlyChart"] .nsewdrag').first
+    box = plot.bounding_box()
+    if box is None:
+        raise AssertionError("no interactive chart to draw a lasso on")
+    left, top = box["x"] + 2, box["y"] + 2
+    right = box["x"] + 2 + (box["width"] - 4) * fraction
+    bottom = box["y"] + box["height"] - 2
+    page.evaluate("() => { window.__lassoText = document.body.innerText; }")
+    page.mouse.move(left, top)
+    page.mouse.down()
+    for x, y in ((right, top), (right, bottom), (left, bottom), (left, top + 4)):
+        page.mouse.move(x, y, steps=10)
+    start = page.evaluate("() => performance.now()")
+    page.mouse.up()
+    page.wait_for_function(
+        """() => {
+          const found = /(\\d[\\d,]*) stimuli selected \\(from /.test(document.body.innerText);
+          if (found && window.__lassoAt === undefined) window.__lassoAt = performance.now();
+          return found;
+        }""",
+        timeout=timeout_ms,
+        polling="raf",
+    )
+    end = page.evaluate("() => window.__lassoAt")
+    text = page.inner_text("body")
+    count = int(re.search(r"(\d[\d,]*) stimuli selected \(from ", text).group(1).replace(",", ""))
+    return count, (end - start) / 1000.0
 
 
 # ----------------------------------------------------------------------------------------------
