@@ -51,6 +51,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from convergence_core import settings  # noqa: E402
 from convergence_core.dashboard import data, headless, lab, state  # noqa: E402
+from convergence_core.random_baseline import DEFAULT_INTERVAL_WIDTH  # noqa: E402
 from convergence_core.run import load_run  # noqa: E402
 from convergence_core.subsets import select_stimuli  # noqa: E402
 
@@ -336,7 +337,8 @@ def server_benchmark(run_path: Path, repeats: int) -> tuple[list[dict[str, objec
     def bars(k: int) -> None:  # what the page computes before it shows the new bars
         values = lab.set_table(indexes, pairs, {"low": low, "high": high}, k)
         baseline = lab.baseline_table(
-            indexes, pairs, scores, size, k, n_random=200, seed=0, interval_width=0.01
+            indexes, pairs, scores, size, k, n_random=200, seed=0,
+            interval_width=DEFAULT_INTERVAL_WIDTH,
         )
         drawn.append(int(baseline["n_random"].iloc[0]))
         charts.alignment_bars(values, baseline, "cknna")
@@ -347,7 +349,8 @@ def server_benchmark(run_path: Path, repeats: int) -> tuple[list[dict[str, objec
         f"new bars for a new k ({len(pairs)} pairs, sets of {size})",
         statistics.median(times),
         TARGET_UPDATE_S,
-        f"set CKNNA + random baseline to a 0.01-wide interval ({drawn[-1]} sets) + PNG, median",
+        f"set CKNNA + random baseline to a {DEFAULT_INTERVAL_WIDTH}-wide interval "
+        f"({drawn[-1]} sets) + PNG, median",
     )
 
     def permutation(k: int) -> None:
