@@ -5,15 +5,14 @@ Start with ``make demo`` or ``streamlit run app.py`` (see README). Pages in ``pa
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
 import streamlit as st
 
-from convergence_core.dashboard import page, plots, widgets
+from convergence_core.dashboard import catalogue, data, page, plots, widgets
 
 context = page.open_page("Convergence Explorer", icon="🔭")
 run = context.run
 view = context.view
+found = data.catalogue(run)
 
 st.text(
     "Where do vision models agree, stimulus by stimulus? Generalized Procrustes residuals across "
@@ -42,33 +41,19 @@ if not gpa.converged:
         "Re-run precompute with a larger max_iter."
     )
 
-gpa_layers = dict(zip(gpa.models, gpa.layers, strict=True))
-models_table = pd.DataFrame(
-    [
-        {
-            "model": model,
-            "modality": run.modality(model),
-            "layers": len(run.layers(model)),
-            "GPA / default layer": gpa_layers.get(model, run.default_layer(model)),
-            "role": "GPA (dispersion)" if model in gpa_layers else "alignment (CKNNA)",
-        }
-        for model in run.models
-    ]
-)
 st.subheader("Models")
-st.dataframe(models_table, hide_index=True, width="stretch")
+# a Markdown table, every cell escaped: a handful of rows needs no data grid (1.4 MB of JS)
+st.markdown(widgets.markdown_table(catalogue.models_table(run)))
 
 st.subheader("Dispersion")
-mean = run.dispersion["mean"].to_numpy(dtype=np.float64)
-pc1 = run.dispersion["pc1"].to_numpy(dtype=np.float64)
-# Spearman's rho is Pearson's r of the ranks (the run stores both scores' ranks; no ties)
-pearson = float(np.corrcoef(mean, pc1)[0, 1])
-spearman = float(np.corrcoef(run.dispersion["rank_mean"], run.dispersion["rank_pc1"])[0, 1])
-st.plotly_chart(plots.dispersion_histograms(mean, pc1, pearson, spearman), key="home-histogram")
+st.text(
+    f"The two scores correlate: Pearson r = {found.pearson:.3f}, "
+    f"Spearman ρ = {found.spearman:.3f} ({run.n_stimuli:,} stimuli)."
+)
+st.image(data.dispersion_histograms_png(str(run.path), data.manifest_stamp(run.path)))
 
 score = view.score
-rank = run.dispersion[f"rank_{score}"].to_numpy()
-order = np.argsort(rank, kind="stable")
+rank, order = found.rank[score], found.order[score]
 preview = 5
 sides = (("Lowest", "home-low", order[:preview]), ("Highest", "home-high", order[::-1][:preview]))
 for column, (extreme, key, rows) in zip(st.columns(2), sides, strict=True):
@@ -77,7 +62,7 @@ for column, (extreme, key, rows) in zip(st.columns(2), sides, strict=True):
         widgets.gallery(
             run,
             rows,
-            [f"rank {int(rank[r]) + 1} · {run.stimuli['id'].iloc[r]}" for r in rows],
+            [f"rank {int(rank[r]) + 1} · {found.ids[r]}" for r in rows],
             key=key,
             columns=preview,
             all_captions=False,

@@ -1,4 +1,11 @@
-"""Residual space: PCA (or UMAP) of the GPA residuals; box/lasso selection; export and import."""
+"""Residual space: PCA (or UMAP) of the GPA residuals; box/lasso selection; export and import.
+
+The map is first a picture drawn on the server (``charts.residual_scatter``); a toggle turns it
+into the interactive chart (hover, box and lasso selection), which costs the browser Plotly's
+4.7 MB of JavaScript. The interactive scatter is WebGL (Plotly ``scattergl``) at any number of
+stimuli; above ``plots.HOVER_TEXT_LIMIT`` points it carries no per-point text (see
+``plots.residual_scatter``). The principal components are shown only when their expander opens.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,10 @@ import numpy as np
 import streamlit as st
 
 from convergence_core.dashboard import (
+    catalogue,
     data,
     page,
     plots,
-    predictor_plots,
     predictors,
     selection_io,
     state,
@@ -19,14 +26,23 @@ from convergence_core.dashboard import (
 SELECTION_GALLERY_LIMIT = 24
 LAST_CHART_ROWS = "residual_space_last_chart_rows"
 LAST_IMPORT = "residual_space_last_import"
+#: Session key of the interactive-chart toggle (kept across page switches, see below)
+INTERACTIVE_KEY = "w_interactive_scatter"
+#: Session key (not a widget's) remembering the toggle while another page is shown
+INTERACTIVE_REMEMBERED = "residual_space_interactive"
 
 context = page.open_page("Residual space", icon="🧭")
 run, view = context.run, context.view
-stimuli, dispersion = run.stimuli, run.dispersion
-ids = stimuli["id"].astype(str).tolist()
-first_captions = [c[0] if len(c) else "" for c in stimuli["captions"]]
+stimuli = run.stimuli
+found = data.catalogue(run)
+ids = found.ids
 n = run.n_stimuli
 pca = run.pca
+
+# Streamlit forgets a widget's value when another page is shown: start the toggle from what this
+# session chose last, so a user who turned the chart interactive keeps it that way
+if INTERACTIVE_KEY not in st.session_state:
+    st.session_state[INTERACTIVE_KEY] = st.session_state.get(INTERACTIVE_REMEMBERED, False)
 
 controls = st.columns(2)
 with controls[0]:
@@ -49,66 +65,70 @@ colour_by = st.selectbox(
     help="Any column of the run's property table (What predicts dispersion page); the default "
     "colours by the dispersion score chosen above.",
 )
+colour_property = colour_by if properties is not None and colour_by in properties.names else ""
 
 selection = state.get_selection(st.session_state, run.name)
-selected_rows = (
-    selection_io.match_ids(selection.ids, ids)[0] if selection else np.array([], dtype=int)
-)
-mean = dispersion["mean"].to_numpy(dtype=np.float64)
-pc1 = dispersion["pc1"].to_numpy(dtype=np.float64)
-common = {
-    "ids": ids,
-    "captions": first_captions,
-    "mean": mean,
-    "pc1": pc1,
-    "colour_title": plots.COLOUR_TITLE[score],
-    "selected": selected_rows,
-}
-colour = dispersion[score].to_numpy(dtype=np.float64)
-if properties is not None and colour_by in properties.names:
-    colour, common["colour_title"] = predictor_plots.property_colour(properties, colour_by)
-if projection == "PCA":
-    ratio = np.asarray(pca.explained_variance_ratio, dtype=np.float64)
-    scores = np.asarray(pca.scores, dtype=np.float64)
-    second = scores[:, 1] if scores.shape[1] > 1 else np.zeros(n)
-    figure = plots.residual_scatter(
-        scores[:, 0],
-        second,
-        colour,
-        x_title=f"PC1 of residuals ({100 * ratio[0]:.1f} % of variance; Procrustes distance)",
-        y_title=(
-            f"PC2 of residuals ({100 * ratio[1]:.1f} % of variance; Procrustes distance)"
-            if len(ratio) > 1
-            else "PC2 (absent: one model)"
-        ),
-        title=f"Residual space: {n} stimuli, PCA of the GPA residuals",
-        **common,
-    )
-else:
-    try:
-        coordinates = data.umap_coordinates(str(run.path), data.manifest_stamp(run.path))
-    except (ValueError, OSError) as exc:
-        st.error(f"UMAP could not be computed for this run: {exc}. Use the PCA projection.")
-        st.stop()
-    figure = plots.residual_scatter(
-        coordinates[:, 0],
-        coordinates[:, 1],
-        colour,
-        x_title="UMAP 1 (unitless)",
-        y_title="UMAP 2 (unitless)",
-        title=(
-            f"Residual space: {n} stimuli, UMAP of the GPA residuals "
-            f"(random_state={data.UMAP_RANDOM_STATE})"
-        ),
-        **common,
+selected_rows = found.rows_of(selection.ids)[0] if selection else np.array([], dtype=int)
+try:
+    shown = data.residual_map(run, projection)
+except (ValueError, OSError) as exc:
+    st.error(f"UMAP could not be computed for this run: {exc}. Use the PCA projection.")
+    st.stop()
+if projection == "UMAP" and n > data.UMAP_MAX_FIT:
+    st.caption(
+        f"UMAP was fitted on a seeded random sample of {data.UMAP_MAX_FIT:,} of the {n:,} "
+        "stimuli; the others were placed on that map by UMAP's transform."
     )
 
-st.caption("Drag a box or a lasso around points to make them the current selection.")
-event = st.plotly_chart(
-    figure, key="residual-scatter", on_select="rerun", selection_mode=("box", "lasso")
+interactive = st.toggle(
+    "Interactive chart: hover, zoom, and box or lasso selection",
+    key=INTERACTIVE_KEY,
+    help="Off: a picture of the same map, drawn on the server (quick to load). On: the Plotly "
+    "chart, whose code takes the browser a few seconds to load the first time in a tab.",
 )
+st.session_state[INTERACTIVE_REMEMBERED] = interactive
+if not interactive:
+    st.image(
+        data.residual_scatter_png(
+            str(run.path), data.manifest_stamp(run.path), projection, score,
+            tuple(int(r) for r in selected_rows), colour_property,
+        )
+    )
+    st.caption(
+        "Turn on the interactive chart to select points with a box or a lasso; the current "
+        "selection is circled in red."
+    )
+    event = None
+else:
+    colour, colour_title = data.residual_colour(run, found, score, colour_property)
+    figure = plots.residual_scatter(
+        shown.x,
+        shown.y,
+        colour,
+        ids=ids,
+        captions=found.first_captions,
+        mean=found.values["mean"],
+        pc1=found.values["pc1"],
+        colour_title=colour_title,
+        selected=selected_rows,
+        x_title=shown.x_title,
+        y_title=shown.y_title,
+        title=shown.title,
+    )
+    st.caption(
+        "Drag a box or a lasso around points to make them the current selection."
+        + (
+            ""
+            if n <= plots.HOVER_TEXT_LIMIT
+            else f" With {n:,} points, hovering shows each point's colour score only; the "
+            "selected stimuli's ids and captions are listed below the chart."
+        )
+    )
+    event = st.plotly_chart(
+        figure, key="residual-scatter", on_select="rerun", selection_mode=("box", "lasso")
+    )
 chart_rows = selection_io.rows_from_chart_selection(getattr(event, "selection", None), n)
-if tuple(chart_rows) != st.session_state.get(LAST_CHART_ROWS, ()):
+if event is not None and tuple(chart_rows) != st.session_state.get(LAST_CHART_ROWS, ()):
     st.session_state[LAST_CHART_ROWS] = tuple(chart_rows)
     if chart_rows:
         selection = state.set_selection(
@@ -132,7 +152,7 @@ if uploaded is not None and uploaded.file_id != st.session_state.get(LAST_IMPORT
     except ValueError as exc:
         st.error(f"Could not read the uploaded file: {exc}")
     else:
-        rows, unknown = selection_io.match_ids(wanted, ids)
+        rows, unknown = found.rows_of(wanted)
         if unknown:
             st.warning(f"{len(unknown)} id(s) in the file are not in this run and were skipped:")
             st.text(
@@ -152,15 +172,17 @@ if uploaded is not None and uploaded.file_id != st.session_state.get(LAST_IMPORT
 
 
 if projection == "PCA":
-    bars = st.columns(2)
-    with bars[0]:
-        st.plotly_chart(
-            plots.explained_variance_bars(pca.explained_variance_ratio), key="explained"
-        )
-    with bars[1]:
-        st.plotly_chart(
-            plots.loadings_bars(np.asarray(pca.components), run.gpa.models), key="loadings"
-        )
+    components = st.expander(
+        "Principal components of the residuals (variance explained, per-model loadings)",
+        key="w_components_open",
+        on_change="rerun",
+    )
+    with components:
+        if components.open:
+            st.image(
+                data.residual_components_png(str(run.path), data.manifest_stamp(run.path))
+            )
+            st.markdown(widgets.markdown_table(catalogue.components_table(run)))
 
 st.header("Current selection")
 if selection is None:
@@ -173,10 +195,12 @@ else:
     st.text(f"{len(selection.ids)} stimuli selected (from {selection.origin}).")
     buttons = st.columns(2)
     with buttons[0]:
+        chosen_ids, chosen_rows = list(selection.ids), selected_rows
         st.download_button(
             "Export selection (CSV of ids and captions)",
-            selection_io.selection_csv(
-                list(selection.ids), [list(stimuli["captions"].iloc[r]) for r in selected_rows]
+            # written when the button is pressed, not on every rerun (a lasso may hold 10,000)
+            lambda: selection_io.selection_csv(
+                chosen_ids, [list(stimuli["captions"].iloc[r]) for r in chosen_rows]
             ),
             file_name=f"selection-{run.name}.csv",
             mime="text/csv",
@@ -189,7 +213,7 @@ else:
     shown = selected_rows[:SELECTION_GALLERY_LIMIT]
     if len(selected_rows) > len(shown):
         st.text(f"Showing the first {len(shown)} of {len(selected_rows)}.")
-    rank = dispersion[f"rank_{score}"].to_numpy()
+    rank = found.rank[score]
     widgets.gallery(
         run,
         shown,

@@ -2,66 +2,29 @@
 (leave one vision model out) and the language-layer sweep, on the chosen run.
 
 Every number comes from :mod:`convergence_core.analyses`; results are cached per run and
-parameters (``st.cache_data``), so moving a control recomputes only what depends on it.
+parameters (``st.cache_data`` in ``dashboard.data``), so moving a control recomputes only what
+depends on it. Only the open tab is computed and drawn; figures are the report's own (PNG) and the
+full tables open on demand. Above ``AUTO_COMPUTE_STIMULI`` stimuli an analysis that takes minutes
+starts only when asked (a button), and once computed it is shown to every session at once.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pandas as pd
 import streamlit as st
 
 from convergence_core import analyses
-from convergence_core.dashboard import data, page, paper_plots, state
+from convergence_core.dashboard import data, page, paper_plots, state, widgets
 
-@st.cache_data(show_spinner="Sweeping language layers…", max_entries=32)
-def _layer_sweep(path: str, stamp: int, k: int) -> pd.DataFrame:
-    return analyses.layer_sweep(data.open_run(Path(path)), k=k)
-
-
-def _best_layers(path: str, stamp: int, k: int) -> pd.DataFrame:
-    run = data.open_run(Path(path))
-    return analyses.best_language_layers(run, k=k, sweep=_layer_sweep(path, stamp, k))
-
-
-@st.cache_data(
-    show_spinner="Computing the low / random / high sets and permutation tests…", max_entries=64
+#: Above this many stimuli Fig. 2 and Fig. S2 wait for a button (they take minutes there)
+AUTO_COMPUTE_STIMULI = 5_000
+#: Session key of the open tab
+TAB_KEY = "w_paper_tab"
+TABS = (
+    "Fig. 2: dispersion sets",
+    "Fig. S1: drop a fraction",
+    "Fig. S2: leave one model out",
+    "Layer sweep",
 )
-def _dispersion_sets(
-    path: str,
-    stamp: int,
-    size: int,
-    k: int,
-    score: str,
-    n_random: int,
-    n_permutations: int,
-    seed: int,
-) -> pd.DataFrame:
-    return analyses.dispersion_set_alignment(
-        data.open_run(Path(path)),
-        size=size,
-        k=k,
-        score=score,
-        n_random=n_random,
-        seed=seed,
-        n_permutations=n_permutations,
-        best_layers=_best_layers(path, stamp, k),
-    )
-
-
-@st.cache_data(show_spinner="Dropping stimuli…", max_entries=64)
-def _drop_fraction(path: str, stamp: int, q: float, k: int, score: str) -> pd.DataFrame:
-    return analyses.drop_fraction_alignment(
-        data.open_run(Path(path)), q=q, k=k, score=score, best_layers=_best_layers(path, stamp, k)
-    )
-
-
-@st.cache_data(show_spinner="Rerunning GPA without each vision model…", max_entries=16)
-def _leave_one_out(path: str, stamp: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    points = analyses.leave_one_model_out(data.open_run(Path(path)))
-    return points, analyses.leave_one_model_out_statistics(points)
-
 
 #: p-values span many decades: show them in scientific notation
 _P_VALUE_FORMAT = {
@@ -141,74 +104,114 @@ with st.sidebar:
         )
         seed = st.number_input("seed", min_value=0, value=0, step=1)
 page.close_page(context)
+path_text = str(path)
+large = n > AUTO_COMPUTE_STIMULI
 
-try:
-    sweep = _layer_sweep(str(path), stamp, int(k))
-    best = _best_layers(str(path), stamp, int(k))
-    sets = _dispersion_sets(
-        str(path), stamp, int(size), int(k), score, int(n_random), int(n_permutations), int(seed)
-    )
-except ValueError as error:
-    st.error(str(error))
-    st.stop()
 
-fig2_tab, s1_tab, s2_tab, sweep_tab = st.tabs(
-    [
-        "Fig. 2: dispersion sets",
-        "Fig. S1: drop a fraction",
-        "Fig. S2: leave one model out",
-        "Layer sweep",
-    ]
-)
+def _asked(what: str, work: str, key: str, *done_key: object) -> bool:
+    """Whether to compute ``what`` now: always for small runs or once computed on this server;
+    for large runs only when the user presses the button (which says what it will do)."""
+    if not large or data.finished(*done_key):
+        return True
+    st.info(f"{what} on {n:,} stimuli takes minutes here ({work}); it is computed once for "
+            "every user of this server.")
+    return st.button(f"Compute {what}", key=key)
+
+
+def _table_on_demand(label: str, key: str, frame, **options) -> None:
+    """A data table inside an expander that is built only when opened."""
+    box = st.expander(label, key=key, on_change="rerun")
+    with box:
+        if box.open:
+            st.dataframe(frame, hide_index=True, width="stretch", **options)
+
+
+fig2_tab, s1_tab, s2_tab, sweep_tab = st.tabs(list(TABS), key=TAB_KEY, on_change="rerun")
 
 with fig2_tab:
-    st.subheader("Low vs random vs high dispersion")
-    st.text(analyses.effect_verdict(sets))
-    st.plotly_chart(paper_plots.dispersion_sets_bars(sets), width="stretch")
-    st.dataframe(sets, hide_index=True, width="stretch", column_config=_P_VALUE_FORMAT)
-    st.caption(
-        f"Permutation test per pair: the low/high labels of the {2 * int(size)} stimuli shuffled "
-        f"{int(n_permutations)} times; p = (1 + #as extreme) / ({int(n_permutations)} + 1). "
-        "Across pairs: Wilcoxon signed-rank and paired t tests of low vs high (two-sided)."
-    )
-    st.dataframe(analyses.paired_set_tests(sets), hide_index=True, column_config=_P_VALUE_FORMAT)
+    if fig2_tab.open:
+        st.subheader("Low vs random vs high dispersion")
+        work = (
+            f"{int(n_random)} random sets and {int(n_permutations)} label shuffles of "
+            f"{int(size):,}-stimulus sets"
+        )
+        done_key = ("dispersion_sets", path_text, stamp, int(size), int(k), score,
+                    int(n_random), int(n_permutations), int(seed))
+        if _asked("Fig. 2", work, "compute-fig2", *done_key):
+            try:
+                sets = data.dispersion_sets(
+                    path_text, stamp, int(size), int(k), score, int(n_random),
+                    int(n_permutations), int(seed),
+                )
+            except ValueError as error:
+                st.error(str(error))
+            else:
+                st.text(analyses.effect_verdict(sets))
+                st.image(data.paper_figure_png("dispersion_sets", sets))
+                st.caption(
+                    f"Permutation test per pair: the low/high labels of the {2 * int(size)} "
+                    f"stimuli shuffled {int(n_permutations)} times; p = (1 + #as extreme) / "
+                    f"({int(n_permutations)} + 1). Across pairs: Wilcoxon signed-rank and paired "
+                    "t tests of low vs high (two-sided):"
+                )
+                st.markdown(widgets.markdown_table(analyses.paired_set_tests(sets)))
+                _table_on_demand(
+                    "Every pair: CKNNA per set, random interval, permutation p-values",
+                    "w_paper_sets_table", sets, column_config=_P_VALUE_FORMAT,
+                )
 
 with s1_tab:
-    q = st.slider("Fraction dropped", min_value=0.05, max_value=0.5, value=0.25, step=0.05)
-    try:
-        dropped = _drop_fraction(str(path), stamp, float(q), int(k), score)
-    except ValueError as error:
-        st.error(str(error))
-    else:
-        st.plotly_chart(paper_plots.drop_fraction_bars(dropped), width="stretch")
-        wide = dropped.pivot_table(
-            index=["vision_model", "language_model"],
-            columns="condition",
-            values="cknna",
-            sort=False,
-        )[["drop_high", "full", "drop_low"]].reset_index()
-        st.dataframe(wide, hide_index=True, width="stretch")
+    if s1_tab.open:
+        q = st.slider("Fraction dropped", min_value=0.05, max_value=0.5, value=0.25, step=0.05)
+        try:
+            dropped = data.drop_fraction(path_text, stamp, float(q), int(k), score)
+        except ValueError as error:
+            st.error(str(error))
+        else:
+            st.image(data.paper_figure_png("drop_fraction", dropped))
+            wide = dropped.pivot_table(
+                index=["vision_model", "language_model"],
+                columns="condition",
+                values="cknna",
+                sort=False,
+            )[["drop_high", "full", "drop_low"]].reset_index()
+            st.markdown(widgets.markdown_table(wide.round(4)))
 
 with s2_tab:
-    if len(run.gpa.models) < 3:
-        st.info(
-            f"Leave-one-model-out needs at least 3 vision models; run {run_name!r} has "
-            f"{len(run.gpa.models)}."
-        )
-    else:
-        points, statistics = _leave_one_out(str(path), stamp)
-        st.plotly_chart(paper_plots.leave_one_out_scatter(points, statistics), width="stretch")
-        st.caption(
-            f"Residual units: {paper_plots.RESIDUAL_UNITS}. Partial dispersion: mean residual "
-            "of GPA rerun without the held-out model; deviation: the held-out model's distance "
-            "from that consensus after orthogonal Procrustes."
-        )
-        st.dataframe(statistics, hide_index=True, width="stretch", column_config=_P_VALUE_FORMAT)
+    if s2_tab.open:
+        if len(run.gpa.models) < 3:
+            st.info(
+                f"Leave-one-model-out needs at least 3 vision models; run {run_name!r} has "
+                f"{len(run.gpa.models)}."
+            )
+        elif _asked(
+            "Fig. S2", f"GPA rerun {len(run.gpa.models)} times", "compute-s2",
+            "leave_one_out", path_text, stamp,
+        ):
+            points, statistics = data.leave_one_out(path_text, stamp)
+            st.image(data.paper_figure_png("leave_one_out", points, statistics))
+            st.caption(
+                f"Residual units: {paper_plots.RESIDUAL_UNITS}. Partial dispersion: mean residual "
+                "of GPA rerun without the held-out model; deviation: the held-out model's distance from "
+                "that consensus after orthogonal Procrustes."
+            )
+            _table_on_demand(
+                "Correlation per held-out model (Pearson, Spearman, fit line)",
+                "w_paper_s2_table", statistics, column_config=_P_VALUE_FORMAT,
+            )
 
 with sweep_tab:
-    st.plotly_chart(paper_plots.layer_sweep_heatmap(sweep), width="stretch")
-    st.caption(
-        "Layer used for each language model (highest mean CKNNA with the vision models, full set):"
-    )
-    st.dataframe(best, hide_index=True)
-    st.dataframe(sweep, hide_index=True, width="stretch")
+    if sweep_tab.open:
+        try:
+            sweep = data.layer_sweep(path_text, stamp, int(k))
+            best = data.best_layers_table(path_text, stamp, int(k))
+        except ValueError as error:
+            st.error(str(error))
+        else:
+            st.image(data.paper_figure_png("layer_sweep", sweep))
+            st.caption(
+                "Layer used for each language model (highest mean CKNNA with the vision models, "
+                "full set):"
+            )
+            st.markdown(widgets.markdown_table(best))
+            _table_on_demand("Every vision model × language layer", "w_paper_sweep_table", sweep)

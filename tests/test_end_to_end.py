@@ -22,11 +22,19 @@ import numpy as np
 import pytest
 
 from convergence_core import settings
-from convergence_core.dashboard.headless import CHROMIUM, SCRIPT_FINISHED, launch_chromium
+from convergence_core.dashboard import lab
+from convergence_core.dashboard.headless import (
+    CHROMIUM,
+    PAGE_DRAWN,
+    SCRIPT_FINISHED,
+    launch_chromium,
+    time_slider_step,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO / "docs" / "dashboard.png"
 STIMULI_SCREENSHOT = REPO / "docs" / "stimuli.png"
+LAB_SCREENSHOT = REPO / "docs" / "alignment_lab.png"
 PAGES = [
     "", "Stimuli", "Residual_space", "Alignment_lab", "Paper_analyses",
     "What_predicts_dispersion", "Universal_space",
@@ -182,10 +190,12 @@ def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 240) -> No
 
 
 def _wait_idle(page, timeout_ms: int = 60_000) -> None:
-    """Wait until Streamlit has finished the page's script run (and has had time to paint)."""
+    """Wait until Streamlit has finished the page's script run and has drawn every visible
+    figure, table and picture (headless.PAGE_DRAWN)."""
     page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
     page.wait_for_timeout(300)  # a rerun triggered by a widget starts asynchronously
     page.wait_for_function(SCRIPT_FINISHED, timeout=timeout_ms)
+    page.wait_for_function(PAGE_DRAWN, timeout=timeout_ms)
     page.wait_for_timeout(300)
 
 
@@ -235,7 +245,8 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
                 assert "No cached run" not in page.inner_text("body")
 
             # The alignment lab: move the k slider with the keyboard, as a user would, and see the
-            # CKNNA of the low-dispersion set change.
+            # CKNNA of the low-dispersion set change and new bars drawn (only the lab's fragment
+            # reruns); the permutation test and every number open on demand.
             page.goto(f"{base}/Alignment_lab?k=10")
             _wait_idle(page)
             before = _metric(page, "CKNNA, low dispersion")
@@ -245,26 +256,71 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
                 .locator('input[type="range"]')
             )
             assert slider.input_value() == "10"
+            assert page.locator('[data-testid="stPlotlyChart"]').count() == 0  # bars: a picture
+            assert page.locator('[data-testid="stDataFrame"]').count() == 0  # tables: on demand
+            seconds = time_slider_step(page, "k (nearest neighbours)", lab.BARS_CONTAINER_KEY)
+            assert 0 < seconds < 60
             slider.focus()
-            for _ in range(5):
+            for _ in range(4):
                 page.keyboard.press("ArrowRight")
             page.wait_for_url("**k=15**", timeout=30_000)  # the view lives in the URL
             _wait_idle(page)
             assert slider.input_value() == "15"
             after = _metric(page, "CKNNA, low dispersion")
-            assert before != after, f"moving the k slider did not change CKNNA ({before} -> {after})"
+            assert before != after, f"moving k did not change CKNNA ({before} -> {after})"
+            page.get_by_text("Low vs high permutation test", exact=False).first.click()
+            page.wait_for_selector('[data-testid="stDataFrame"]', timeout=60_000)
+            _wait_idle(page)
+            assert page.locator('[data-testid="stDataFrame"]').count() == 2
+            assert page.get_by_text("Download results (CSV)").count() == 1
+            page.get_by_text("Low vs high permutation test", exact=False).first.click()  # close
+            _wait_idle(page)
+            page.locator("h1").first.scroll_into_view_if_needed()
+            page.screenshot(path=str(LAB_SCREENSHOT), full_page=False)
 
+            # Residual space: a picture first; the toggle loads the interactive chart, and a
+            # lasso drawn across it becomes the current selection.
+            page.goto(f"{base}/Residual_space")
+            _wait_idle(page)
+            assert page.locator('[data-testid="stPlotlyChart"]').count() == 0
+            page.get_by_text("Interactive chart", exact=False).first.click()
+            page.wait_for_selector('[data-testid="stPlotlyChart"] .main-svg', timeout=60_000)
+            _wait_idle(page)
+            plot = page.locator('[data-testid="stPlotlyChart"] .nsewdrag').first
+            box = plot.bounding_box()
+            assert box is not None
+            left, top = box["x"] + 2, box["y"] + 2
+            right, bottom = box["x"] + box["width"] - 2, box["y"] + box["height"] - 2
+            page.mouse.move(left, top)
+            page.mouse.down()
+            for x, y in ((right, top), (right, bottom), (left, bottom), (left, top + 5)):
+                page.mouse.move(x, y, steps=8)
+            page.mouse.up()
+            page.wait_for_function(
+                "() => document.body.innerText.includes('stimuli selected (from PCA')",
+                timeout=60_000,
+            )
+            _wait_idle(page)
+            selected = re.search(r"(\d+) stimuli selected \(from PCA", page.inner_text("body"))
+            assert selected is not None and int(selected.group(1)) >= 200  # of the 239
+
+            # Stimuli: Inspect under the first picture opens the detail tab on that stimulus
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.goto(f"{base}/Stimuli")
             _wait_idle(page)
             page.wait_for_selector('[data-testid="stImage"] img', timeout=30_000)
             page.screenshot(path=str(STIMULI_SCREENSHOT), full_page=False)
+            page.get_by_role("button", name="Inspect").first.click()
+            page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+            _wait_idle(page)
+            assert "Rank by mean residual" in page.inner_text("body")
+            assert page.locator('[data-testid="stDataFrame"]').count() == 2  # neighbours
             page.goto(f"{base}/")
             _wait_idle(page)
             page.screenshot(path=str(SCREENSHOT), full_page=False)
             browser.close()
-        _screenshot_is_meaningful(STIMULI_SCREENSHOT)
-        _screenshot_is_meaningful(SCREENSHOT)
+        for screenshot in (STIMULI_SCREENSHOT, SCREENSHOT, LAB_SCREENSHOT):
+            _screenshot_is_meaningful(screenshot)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

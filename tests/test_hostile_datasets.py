@@ -761,6 +761,7 @@ def _open(cache: Path, page: str | None, monkeypatch, query: dict | None = None)
     for name, value in (query or {}).items():
         at.query_params[name] = value
     at.run(timeout=90)
+    at.session_state["w_lab_tables"] = True  # the lab's table of every number (an expander)
     if page is not None:
         at.switch_page(page).run(timeout=90)
     return at

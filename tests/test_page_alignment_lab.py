@@ -30,12 +30,15 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-def _page(query: dict[str, str] | None = None) -> AppTest:
-    """The lab in a fresh session opened with the URL query ``query`` (first run on Home)."""
+def _page(query: dict[str, str] | None = None, *, tables: bool = True) -> AppTest:
+    """The lab in a fresh session opened with the URL query ``query`` (first run on Home), with
+    the expander of the permutation test and the full table open (``tables``) or closed."""
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
     for name, value in (query or {}).items():
         at.query_params[name] = value
     at.run(timeout=TIMEOUT)
+    if tables:
+        at.session_state["w_lab_tables"] = True
     at.switch_page(PAGE).run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     return at
@@ -237,11 +240,54 @@ def test_pasted_ids_unknown_and_too_few(run) -> None:
     assert set(_results(at)["set"]) == {"low", "high", "pasted"}
 
 
-def test_layer_choice_changes_the_pair(run) -> None:
+def test_layer_choice_changes_the_pair_and_is_kept_while_the_layers_are_closed(run) -> None:
     at = _page()
+    # the layer choices are built when their expander opens
+    assert not [b for b in at.sidebar.selectbox if b.key.startswith("w_layer_")]
+    at.session_state["w_lab_layers"] = True
+    at.run(timeout=TIMEOUT)
     at.selectbox(key="w_layer_language-a").set_value("layer0").run(timeout=TIMEOUT)
     table = _results(at)
     assert set(table.loc[table["language_model"] == "language-a", "language_layer"]) == {"layer0"}
+    at.session_state["w_lab_layers"] = False
+    at.run(timeout=TIMEOUT)
+    table = _results(at)
+    assert set(table.loc[table["language_model"] == "language-a", "language_layer"]) == {"layer0"}
+
+
+def test_first_screen_is_the_bars_picture_and_the_tables_wait_until_opened(
+    run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convergence_core.dashboard import data
+
+    calls: list[int] = []
+    real = data.low_high_permutation
+    monkeypatch.setattr(data, "low_high_permutation", lambda *a: calls.append(1) or real(*a))
+    at = _page(tables=False)
+    assert not at.get("plotly_chart") and not at.dataframe and not at.download_button
+    assert len(at.image) == 1  # the bars, drawn on the server
+    statement = next(c.value for c in at.caption if c.value.startswith("Random baseline:"))
+    assert "random sets of 15 stimuli per pair" in statement
+    assert calls == []  # no permutation test until its expander is opened
+    at.session_state["w_lab_tables"] = True
+    at.run(timeout=TIMEOUT)
+    assert calls == [1] and len(at.dataframe) == 2 and at.download_button
+
+
+def test_statistics_settings_are_kept_while_closed_and_set_the_baseline(run) -> None:
+    at = _page()
+    assert not [w for w in at.number_input if w.key == "w_n_random"]  # closed: not built
+    at.session_state["w_lab_statistics"] = True
+    at.run(timeout=TIMEOUT)
+    at.number_input(key="w_interval_width").set_value(0.0).run(timeout=TIMEOUT)  # all sets
+    at.number_input(key="w_n_random").set_value(40).run(timeout=TIMEOUT)
+    assert set(_results(at)["n_random"]) == {40}
+    at.session_state["w_lab_statistics"] = False
+    at.run(timeout=TIMEOUT)
+    table = _results(at)
+    assert set(table["n_random"]) == {40}
+    said = "40 random sets of 15 stimuli per pair (a fixed number)"
+    assert any(said in c.value for c in at.caption)
 
 
 def test_no_model_chosen_and_run_without_language_models(run) -> None:

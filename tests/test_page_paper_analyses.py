@@ -22,8 +22,10 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _page(monkeypatch: pytest.MonkeyPatch, cache_root: Path) -> AppTest:
+    """The page with Fig. 2's full table open (it is built only when its expander opens)."""
     monkeypatch.setenv("CONVERGENCE_CACHE", str(cache_root))
     at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["w_paper_sets_table"] = True
     at.run(timeout=60)
     assert not at.exception, at.exception
     return at
@@ -41,7 +43,9 @@ def test_page_shows_every_analysis_and_reacts_to_size_and_k(monkeypatch, cache_r
         "Fig. S2: leave one model out",
         "Layer sweep",
     ]
-    assert len(at.get("plotly_chart")) == 4
+    # only the open tab is computed and drawn: Fig. 2's picture, its verdict and its tables
+    assert len(at.image) == 1 and not at.get("plotly_chart")
+    assert len(at.dataframe) == 1
     first = at.dataframe[0].value
     assert len(first) == 6 and set(first["set_size"]) == {15}  # default: a quarter of 60
     assert any("holds for" in text.value for text in at.text)
@@ -68,3 +72,52 @@ def test_page_without_runs_says_how_to_make_one(monkeypatch, tmp_path):
     at.run(timeout=60)
     assert not at.exception
     assert "make demo" in at.error[0].value
+
+
+def test_each_tab_is_computed_when_opened(monkeypatch, cache_root):
+    from convergence_core.dashboard import data
+
+    at = _page(monkeypatch, cache_root)
+    calls: list[str] = []
+    for name in ("drop_fraction", "leave_one_out", "layer_sweep"):
+        real = getattr(data, name)
+        monkeypatch.setattr(
+            data, name, lambda *a, real=real, name=name: calls.append(name) or real(*a)
+        )
+    at.run(timeout=60)
+    assert calls == []  # Fig. 2 is open; its best layers come from the cached sweep
+    for tab, expected in (
+        ("Fig. S1: drop a fraction", "drop_fraction"),
+        ("Fig. S2: leave one model out", "leave_one_out"),
+        ("Layer sweep", "layer_sweep"),
+    ):
+        calls.clear()
+        at.session_state["w_paper_tab"] = tab
+        at.run(timeout=60)
+        assert not at.exception, at.exception
+        assert calls[:1] == [expected] and len(at.image) == 1, (tab, calls)
+    best = next(m.value for m in at.markdown if m.value.startswith(r"| language\_model |"))
+    assert r"language\_layer" in best  # the best layer of each language model, a small table
+
+
+def test_large_runs_ask_before_the_long_analyses(monkeypatch, cache_root):
+    """Above AUTO_COMPUTE_STIMULI, Fig. 2 waits for its button; once computed it shows at once."""
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(cache_root))
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["w_paper_tab"] = "Fig. 2: dispersion sets"
+    at.run(timeout=60)
+    from convergence_core.dashboard import data
+
+    data.dispersion_sets.clear()
+    data._finished().clear()
+    source = Path(PAGE).read_text()
+    source = source.replace("AUTO_COMPUTE_STIMULI = 5_000", "AUTO_COMPUTE_STIMULI = 10")
+    at = AppTest.from_string(source, default_timeout=60)
+    at.run(timeout=60)
+    assert not at.image and any("takes minutes here" in i.value for i in at.info)
+    at.button(key="compute-fig2").click().run(timeout=60)
+    assert not at.exception, at.exception
+    assert len(at.image) == 1
+    again = AppTest.from_string(source, default_timeout=60)
+    again.run(timeout=60)
+    assert len(again.image) == 1 and not again.info  # computed once for every session

@@ -144,6 +144,10 @@ def test_residual_space_colours_points_by_any_property(run, monkeypatch) -> None
     box.set_value("luminance_mean")
     at.run(timeout=TIMEOUT)
     assert not at.exception, at.exception
+    assert len(at.image) == 1  # the picture, coloured by the property (cached per property)
+    at.toggle(key="w_interactive_scatter").set_value(True)  # the interactive chart
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
     points = _figure(at, "PCA of the GPA residuals")["data"][0]
     np.testing.assert_allclose(
         _array(points["marker"]["color"]), run.properties.values["luminance_mean"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,14 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-def _page() -> AppTest:
+INTERACTIVE = "w_interactive_scatter"
+
+
+def _page(*, interactive: bool = True) -> AppTest:
+    """The page in a new session, its map interactive (Plotly) or a picture."""
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT).run(timeout=TIMEOUT)
+    if interactive:  # off by default
+        at.session_state[INTERACTIVE] = True
     at.switch_page(PAGE).run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     return at
@@ -111,12 +118,23 @@ def test_scatter_is_webgl_coloured_by_dispersion_with_hover(run) -> None:
     assert "mean residual" in points["marker"]["colorbar"]["title"]["text"]
     assert f"id {run.stimuli['id'].iloc[0]}" in points["text"][0]
     assert figure["layout"]["xaxis"]["title"]["text"].startswith("PC1 of residuals")
-    explained = _figure(at, "Variance of the residuals")
+    assert points["x"]["dtype"] == "f4"  # coordinates travel as float32
+
+    # the principal components: a picture and their numbers, built when the expander opens
+    assert not any(m.value.startswith("| component |") for m in at.markdown)
+    at.session_state["w_components_open"] = True
+    at.run(timeout=TIMEOUT)
+    table = next(m.value for m in at.markdown if m.value.startswith("| component |"))
+    rows = [
+        [re.sub(r"\\(.)", r"\1", cell.strip()) for cell in line.split(" | ")]
+        for line in table.splitlines()[2:]
+    ]
     np.testing.assert_allclose(
-        _array(explained["data"][0]["y"]), 100 * np.asarray(run.pca.explained_variance_ratio)
+        [float(r[1]) for r in rows], 100 * np.asarray(run.pca.explained_variance_ratio), atol=0.006
     )
-    loadings = _figure(at, "loadings")
-    np.testing.assert_allclose(_array(loadings["data"][0]["y"]), np.asarray(run.pca.components)[0])
+    np.testing.assert_allclose(
+        [float(v.rstrip(" |")) for v in rows[0][2:]], np.asarray(run.pca.components)[0], atol=6e-5
+    )
 
     at.radio(key="w_score").set_value("pc1").run(timeout=TIMEOUT)
     figure = _figure(at, "PCA of the GPA residuals")
@@ -235,3 +253,38 @@ def test_real_umap_is_deterministic() -> None:
     first = data.compute_umap(residuals)
     assert first.shape == (40, 2) and np.isfinite(first).all()
     np.testing.assert_allclose(data.compute_umap(residuals), first)
+
+
+def test_the_map_is_a_picture_until_the_chart_is_made_interactive(run) -> None:
+    """First visit: a server-drawn picture (no Plotly code for the browser to load); the toggle
+    turns it into the lasso chart, and the session keeps that choice across page switches."""
+    at = _page(interactive=False)
+    assert not at.get("plotly_chart") and len(at.image) == 1
+    assert any("Turn on the interactive chart" in c.value for c in at.caption)
+    at.toggle(key=INTERACTIVE).set_value(True).run(timeout=TIMEOUT)
+    assert len(at.get("plotly_chart")) == 1
+    at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
+    at.switch_page(PAGE).run(timeout=TIMEOUT)
+    assert at.toggle(key=INTERACTIVE).value and len(at.get("plotly_chart")) == 1
+
+
+def test_large_maps_send_no_text_per_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above HOVER_TEXT_LIMIT points the scatter carries coordinates and colours only (float32),
+    and a selection's rows come from the points' indices in the first trace."""
+    from convergence_core.dashboard import plots
+
+    monkeypatch.setattr(plots, "HOVER_TEXT_LIMIT", 50)
+    n = 200
+    rng = np.random.default_rng(0)
+    x, y, colour = rng.random(n), rng.random(n), rng.random(n)
+    figure = plots.residual_scatter(
+        x, y, colour, ids=[f"s{i}" for i in range(n)], captions=["c"] * n, mean=colour,
+        pc1=colour, colour_title="t", x_title="x", y_title="y", title="map", selected=[3, 150],
+    )
+    spec = json.loads(figure.to_json())
+    points, overlay = spec["data"]
+    assert "text" not in points and "customdata" not in points
+    assert points["x"]["dtype"] == "f4" and points["marker"]["color"]["dtype"] == "f4"
+    assert list(_array(overlay["customdata"])) == [3, 150]
+    selection = {"points": [{"point_index": 7}, {"point_index": 120}, {"customdata": 150}]}
+    assert selection_io.rows_from_chart_selection(selection, n) == [7, 120, 150]

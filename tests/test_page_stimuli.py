@@ -10,6 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from convergence_core import settings
+from convergence_core.dashboard import widgets
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -48,12 +49,15 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-def _page(query: dict[str, str] | None = None) -> AppTest:
-    """The Stimuli page in a fresh session opened with the URL query ``query``."""
+def _page(query: dict[str, str] | None = None, *, detail: bool = False) -> AppTest:
+    """The Stimuli page in a fresh session opened with the URL query ``query`` (``detail``: on
+    the "Stimulus in detail" tab; else on the gallery)."""
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
     for name, value in (query or {}).items():
         at.query_params[name] = value
     at.run(timeout=TIMEOUT)  # the session starts on Home (AppTest needs a first run to switch)
+    if detail:
+        at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
     at.switch_page(PAGE).run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     return at
@@ -141,7 +145,7 @@ def test_caption_filter_keeps_only_matching_stimuli(run) -> None:
 
 
 def test_hostile_caption_is_shown_verbatim_as_plain_text(run) -> None:
-    at = _page()
+    at = _page(detail=True)
     target = str(run.stimuli["id"].iloc[3])
     at.selectbox(key="w_inspect").set_value(target).run(timeout=TIMEOUT)
     texts = [t.value for t in at.text]
@@ -170,13 +174,16 @@ def test_inspect_button_shows_ranks_residuals_and_neighbours(run) -> None:
     row = int(np.flatnonzero(run.stimuli["id"].to_numpy() == target)[0])
     buttons = [b for b in at.button if b.label == "Inspect"]
     buttons[PER_SIDE].click().run(timeout=TIMEOUT)
+    # Inspect opens the detail tab (only the open tab is built) on that stimulus
+    assert at.session_state[widgets.STIMULI_TAB_KEY] == widgets.DETAIL_TAB
+    assert not [b for b in at.button if b.label == "Inspect"]
     assert at.selectbox(key="w_inspect").value == target
     metrics = {m.label: m.value for m in at.metric}
     n = run.n_stimuli
     assert metrics["Rank by mean residual"] == f"{n} / {n}"
     assert metrics["Rank by PC1 score"] == f"{int(run.dispersion['rank_pc1'].iloc[row]) + 1} / {n}"
-    bars = next(c for c in at.get("plotly_chart") if "Residual per vision model" in c.proto.spec)
-    assert "Procrustes distance, unit Frobenius-normalised embedding" in bars.proto.spec
+    # the stimulus's thumbnail, its residual bars (a picture) and 5 neighbour thumbnails
+    assert len(at.image) == 7 and not at.get("plotly_chart")
 
     # nearest neighbours: independent brute force over each model's prepared features
     def brute(model: str, layer: str) -> tuple[list[str], np.ndarray]:
@@ -210,7 +217,7 @@ def test_inspect_button_shows_ranks_residuals_and_neighbours(run) -> None:
 
 
 def test_neighbour_count_slider_changes_the_tables(run) -> None:
-    at = _page()
+    at = _page(detail=True)
     at.slider(key="w_neighbour_count").set_value(9).run(timeout=TIMEOUT)
     assert len(at.dataframe[-2].value) == 9 and len(at.dataframe[-1].value) == 9
 
@@ -226,3 +233,34 @@ def test_only_selection_toggle_restricts_the_gallery(run) -> None:
     at.toggle(key="w_only_selection").set_value(True).run(timeout=TIMEOUT)
     shown = _gallery_ids(at)
     assert set(shown) == set(chosen)
+
+
+def test_detail_tab_remembers_the_stimulus_and_the_gallery_is_built_only_when_open(run) -> None:
+    at = _page(detail=True)
+    assert not [b for b in at.button if b.label == "Inspect"]  # the gallery tab is not built
+    target = str(run.stimuli["id"].iloc[7])
+    at.selectbox(key="w_inspect").set_value(target).run(timeout=TIMEOUT)
+    at.session_state[widgets.STIMULI_TAB_KEY] = "Gallery"
+    at.run(timeout=TIMEOUT)
+    assert _gallery_ids(at) and "w_inspect" not in at.session_state  # detail not built
+    at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
+    at.run(timeout=TIMEOUT)
+    assert at.selectbox(key="w_inspect").value == target
+
+
+def test_large_runs_type_the_id_instead_of_listing_every_id(
+    run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above SELECT_ALL_LIMIT stimuli no select box of every id is sent to the browser."""
+    monkeypatch.setattr(widgets, "SELECT_ALL_LIMIT", 10)
+    at = _page(detail=True)
+    assert not at.selectbox
+    box = at.text_input(key="w_inspect")
+    order = np.argsort(run.dispersion["rank_mean"].to_numpy(), kind="stable")
+    assert box.value == str(run.stimuli["id"].iloc[order[0]])  # the lowest-dispersion stimulus
+    target = str(run.stimuli["id"].iloc[5])
+    box.set_value(target).run(timeout=TIMEOUT)
+    assert any(t.value == f"id {target}" for t in at.text)
+    at.text_input(key="w_inspect").set_value("no such id").run(timeout=TIMEOUT)
+    assert any("No stimulus with id 'no such id'" in e.value for e in at.error)
+    assert not at.exception

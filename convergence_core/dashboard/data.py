@@ -1,44 +1,75 @@
 """Cached access to precomputed runs for the dashboard pages.
 
-Everything heavy is computed at most once per server process and shared across sessions:
+Everything heavy is computed at most once per server process and shared across sessions, so a
+page switch or a second user never recomputes what the server already has:
 
+* the list of runs (``st.cache_data``, keyed by each run's manifest time);
 * the :class:`~convergence_core.run.Run` (``st.cache_resource``, keyed by run folder and the
   manifest's modification time, so a re-precomputed run is reloaded), its files checked once
-  (``run_checks.check_run_files``) so a damaged run fails on opening, in words;
+  (``run_checks.check_run_files``) so a damaged run fails on opening, in words, and its
+  :class:`~.catalogue.Catalogue` (ids, id → row, caption search text, rank orders);
 * the neighbour indexes of the run's layers (``run.neighbours``: memory-mapped features and exact
   neighbour lists, kept by the shared Run);
-* best language layers, the random baseline and the permutation test of the Alignment lab, and the
-  UMAP embedding (``st.cache_data``; UMAP is also written to ``<run>/umap.npy`` atomically).
+* best language layers, the random baseline and the permutation test of the Alignment lab, the
+  UMAP map, and every static figure (``st.cache_data``; UMAP is also written to
+  ``<run>/umap.npy`` atomically).
 
-Objects returned by ``st.cache_resource`` are shared by every browser session: callers must not
-modify them (copy first). Arrays handed out here are marked read-only to enforce that.
+``st.cache_data`` returns each caller its own copy (small tables and PNG bytes here); objects
+returned by ``st.cache_resource`` are shared by every browser session: callers must not modify
+them (arrays handed out here are read-only to enforce that).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from .. import settings
+from .. import residual_umap, settings
 from ..cache import RunLayout, read_npy, write_npy
+from ..random_baseline import DEFAULT_INTERVAL_WIDTH
 from ..run import Run, RunInfo, list_runs, load_run
 from ..run_checks import check_run_files
-from . import lab
+from . import charts, lab, plots
+from .catalogue import Catalogue, build_catalogue
 
 #: Command that makes the demo run; shown whenever no run is cached.
 MAKE_RUN_COMMAND = "make demo"
 MAKE_RUN_PYTHON = "python -m convergence_core precompute --preset demo"
-UMAP_RANDOM_STATE = 0
-UMAP_NEIGHBOURS = 15
+UMAP_RANDOM_STATE = residual_umap.RANDOM_STATE
+UMAP_NEIGHBOURS = residual_umap.NEIGHBOURS
+UMAP_MAX_FIT = residual_umap.MAX_FIT_STIMULI
+
+
+def _runs_signature(root: Path) -> tuple[tuple[str, int], ...]:
+    """(folder name, manifest mtime) of every folder under ``root`` that has a manifest."""
+    if not root.is_dir():
+        return ()
+    signature = []
+    for folder in sorted(root.iterdir()):
+        try:
+            signature.append((folder.name, (folder / "manifest.json").stat().st_mtime_ns))
+        except OSError:  # not a run (no manifest), or it vanished meanwhile
+            continue
+    return tuple(signature)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _complete_runs(root: str, signature: tuple[tuple[str, int], ...]) -> list[RunInfo]:
+    return [info for info in list_runs(root) if info.summary.get("complete")]
 
 
 def available_runs() -> list[RunInfo]:
-    """Complete runs under ``settings.runs_root()`` (``$CONVERGENCE_CACHE/runs``), newest first."""
-    return [info for info in list_runs(settings.runs_root()) if info.summary.get("complete")]
+    """Complete runs under ``settings.runs_root()`` (``$CONVERGENCE_CACHE/runs``), newest first.
+
+    Read again only when a manifest changes (a stat per run folder, not a parse, per rerun).
+    """
+    root = settings.runs_root()
+    return _complete_runs(str(root), _runs_signature(root))
 
 
 def default_run_name(runs: Sequence[RunInfo]) -> str | None:
@@ -74,6 +105,16 @@ def open_run(path: Path) -> Run:
     return _open_run(str(path), manifest_stamp(path))
 
 
+@st.cache_resource(show_spinner="Indexing the stimuli…", max_entries=8)
+def _catalogue(path: str, stamp: int) -> Catalogue:
+    return build_catalogue(_open_run(path, stamp))
+
+
+def catalogue(run: Run) -> Catalogue:
+    """The run's :class:`~.catalogue.Catalogue`, built once per server. Shared: do not mutate."""
+    return _catalogue(str(run.path), manifest_stamp(run.path))
+
+
 def indexes_for(run: Run, pairs: Sequence[lab.Pair]) -> dict[tuple[str, str], object]:
     """The run's neighbour index of every model/layer in ``pairs`` (shared, read-only)."""
     from ..analyses import indexes_for as compute
@@ -90,6 +131,21 @@ def best_language_layers(path: str, stamp: int, k: int = 10) -> dict[str, str]:
     return dict(zip(table["language_model"], table["language_layer"], strict=True))
 
 
+@st.cache_data(show_spinner="Computing CKNNA of the sets…", max_entries=512)
+def set_values(
+    path: str,
+    stamp: int,
+    pairs: tuple[lab.Pair, ...],
+    names: tuple[str, ...],
+    rows: tuple[np.ndarray, ...],
+    k: int,
+) -> pd.DataFrame:
+    """:func:`lab.set_table` of the sets ``names`` (stimulus rows ``rows``, same order), cached
+    for every session (the arrays are hashed by content)."""
+    run = _open_run(path, stamp)
+    return lab.set_table(indexes_for(run, pairs), pairs, dict(zip(names, rows, strict=True)), k)
+
+
 @st.cache_data(show_spinner="Drawing the random baseline…", max_entries=256)
 def random_baseline(
     path: str,
@@ -100,12 +156,24 @@ def random_baseline(
     k: int,
     n_random: int,
     seed: int,
+    interval_width: float | None = DEFAULT_INTERVAL_WIDTH,
 ) -> pd.DataFrame:
-    """:func:`lab.baseline_table` for a run, cached per (pairs, size, k, n_random, seed)."""
+    """:func:`lab.baseline_table` for a run, cached per (pairs, size, k, n_random, seed, width).
+
+    ``n_random`` is the most random sets drawn; with ``interval_width`` the drawing stops once
+    every pair's 95% interval of the mean CKNNA is that narrow (None: exactly ``n_random``).
+    """
     run = _open_run(path, stamp)
     scores = run.dispersion[score].to_numpy(dtype=np.float64)
     return lab.baseline_table(
-        indexes_for(run, pairs), pairs, scores, size, k, n_random=n_random, seed=seed
+        indexes_for(run, pairs),
+        pairs,
+        scores,
+        size,
+        k,
+        n_random=n_random,
+        seed=seed,
+        interval_width=interval_width,
     )
 
 
@@ -134,20 +202,9 @@ def low_high_permutation(
 
 
 def compute_umap(residuals: np.ndarray, random_state: int = UMAP_RANDOM_STATE) -> np.ndarray:
-    """(m, 2) float64 UMAP embedding of the (m, M) residual matrix (Euclidean, fixed seed)."""
-    import umap  # imported here: it compiles with numba on first use, which takes seconds
-
-    m = residuals.shape[0]
-    reducer = umap.UMAP(
-        n_components=2,
-        n_neighbors=min(UMAP_NEIGHBOURS, max(2, m - 1)),
-        random_state=random_state,
-        n_jobs=1,  # a fixed random_state forces one thread anyway; saying so silences a warning
-        init="spectral" if m > 10 else "random",
-    )
-    return np.asarray(
-        reducer.fit_transform(np.asarray(residuals, dtype=np.float64)), dtype=np.float64
-    )
+    """(m, 2) float64 UMAP of the (m, M) residual matrix (:func:`residual_umap.residual_map`:
+    fitted on a sample of :data:`UMAP_MAX_FIT` above that many stimuli)."""
+    return residual_umap.residual_map(residuals, random_state=random_state).coordinates
 
 
 @st.cache_data(show_spinner="Computing the UMAP view (once per run)…", max_entries=16)
@@ -163,3 +220,219 @@ def umap_coordinates(path: str, stamp: int) -> np.ndarray:
     coordinates = compute_umap(run.gpa.residuals)
     write_npy(file, coordinates)
     return coordinates
+
+
+# ----------------------------------------------------------------------------------------------
+# static figures (PNG bytes, charts.py), cached across sessions
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def dispersion_histograms_png(path: str, stamp: int) -> bytes:
+    """Home's histograms of the run's two dispersion scores."""
+    found = _catalogue(path, stamp)
+    title = (
+        f"Dispersion of {found.n:,} stimuli — the two scores correlate: "
+        f"Pearson r = {found.pearson:.3f}, Spearman ρ = {found.spearman:.3f}"
+    )
+    return charts.dispersion_histograms(found.values["mean"], found.values["pc1"], title)
+
+
+class ResidualMap(NamedTuple):
+    """The Residual space map of a run: coordinates (n,) each and the chart's titles."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_title: str
+    y_title: str
+    title: str
+
+
+def residual_map(run: Run, projection: str) -> ResidualMap:
+    """PCA (PC1, PC2 of the residuals) or UMAP (:func:`umap_coordinates`) map of the run.
+
+    Raises ValueError or OSError when UMAP cannot be computed for the run.
+    """
+    n = run.n_stimuli
+    if projection == "UMAP":
+        coordinates = umap_coordinates(str(run.path), manifest_stamp(run.path))
+        return ResidualMap(
+            coordinates[:, 0],
+            coordinates[:, 1],
+            "UMAP 1 (unitless)",
+            "UMAP 2 (unitless)",
+            f"Residual space: {n} stimuli, UMAP of the GPA residuals "
+            f"(random_state={UMAP_RANDOM_STATE})",
+        )
+    if projection != "PCA":
+        raise ValueError(f"unknown projection {projection!r}; use 'PCA' or 'UMAP'")
+    ratio = np.asarray(run.pca.explained_variance_ratio, dtype=np.float64)
+    scores = np.asarray(run.pca.scores, dtype=np.float64)
+    return ResidualMap(
+        scores[:, 0],
+        scores[:, 1] if scores.shape[1] > 1 else np.zeros(n),
+        f"PC1 of residuals ({100 * ratio[0]:.1f} % of variance; Procrustes distance)",
+        f"PC2 of residuals ({100 * ratio[1]:.1f} % of variance; Procrustes distance)"
+        if len(ratio) > 1
+        else "PC2 (absent: one model)",
+        f"Residual space: {n} stimuli, PCA of the GPA residuals",
+    )
+
+
+@st.cache_data(show_spinner="Drawing the map…", max_entries=64)
+def residual_scatter_png(
+    path: str,
+    stamp: int,
+    projection: str,
+    score: str,
+    selected: tuple[int, ...],
+    colour_property: str = "",
+) -> bytes:
+    """The Residual space map as a picture (:func:`residual_map`), coloured by ``score`` or, when
+    given, by the run's stimulus property ``colour_property``."""
+    run, found = _open_run(path, stamp), _catalogue(path, stamp)
+    shown = residual_map(run, projection)
+    colour, title = residual_colour(run, found, score, colour_property)
+    return charts.residual_scatter(
+        shown.x,
+        shown.y,
+        colour,
+        colour_title=title.replace("<br>", "\n"),
+        x_title=shown.x_title,
+        y_title=shown.y_title,
+        title=shown.title,
+        selected=selected,
+    )
+
+
+def residual_colour(
+    run: Run, found: Catalogue, score: str, colour_property: str = ""
+) -> tuple[np.ndarray, str]:
+    """Colour values (n,) and their title: the dispersion ``score``, or a stimulus property of the
+    run's property table (``predictor_plots.property_colour``) when one is named."""
+    table = run.properties if colour_property else None
+    if table is not None and colour_property in table.names:
+        from .predictor_plots import property_colour
+
+        return property_colour(table, colour_property)
+    return found.values[score], plots.COLOUR_TITLE[score]
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def residual_components_png(path: str, stamp: int) -> bytes:
+    """Variance explained and per-model loadings of the residuals' principal components."""
+    run = _open_run(path, stamp)
+    return charts.residual_components(
+        run.pca.explained_variance_ratio, np.asarray(run.pca.components), run.gpa.models
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def residual_bars_png(path: str, stamp: int, row: int) -> bytes:
+    """One stimulus's residual per vision model beside each model's median."""
+    run, found = _open_run(path, stamp), _catalogue(path, stamp)
+    residuals = np.asarray(run.gpa.residuals[row], dtype=np.float64)
+    return charts.residual_bars(run.gpa.models, residuals, found.residual_median, found.ids[row])
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def alignment_bars_png(sets: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> bytes:
+    """The Alignment lab's bars (:func:`charts.alignment_bars`), cached per table contents."""
+    return charts.alignment_bars(sets, baseline, metric)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def paper_figure_png(name: str, *tables: pd.DataFrame) -> bytes:
+    """One of the report's figures (``convergence_core.figures.<name>_figure``) as PNG bytes."""
+    from .. import figures
+
+    allowed = ("dispersion_sets", "drop_fraction", "leave_one_out", "layer_sweep")
+    if name not in allowed:
+        raise ValueError(f"unknown paper figure {name!r}; use one of {list(allowed)}")
+    return charts.paper_figure(getattr(figures, f"{name}_figure"), *tables)
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's analyses (Paper analyses page), cached per run and parameters
+
+
+@st.cache_data(show_spinner="Sweeping language layers…", max_entries=32)
+def layer_sweep(path: str, stamp: int, k: int) -> pd.DataFrame:
+    """:func:`analyses.layer_sweep` of the run (a seeded sample above 4,096 stimuli)."""
+    from .. import analyses
+
+    return analyses.layer_sweep(_open_run(path, stamp), k=k)
+
+
+def best_layers_table(path: str, stamp: int, k: int) -> pd.DataFrame:
+    """:func:`analyses.best_language_layers` from the cached :func:`layer_sweep`."""
+    from .. import analyses
+
+    return analyses.best_language_layers(
+        _open_run(path, stamp), k=k, sweep=layer_sweep(path, stamp, k)
+    )
+
+
+@st.cache_data(
+    show_spinner="Computing the low / random / high sets and permutation tests…", max_entries=64
+)
+def dispersion_sets(
+    path: str,
+    stamp: int,
+    size: int,
+    k: int,
+    score: str,
+    n_random: int,
+    n_permutations: int,
+    seed: int,
+) -> pd.DataFrame:
+    """Fig. 2: :func:`analyses.dispersion_set_alignment` with the best language layers."""
+    from .. import analyses
+
+    result = analyses.dispersion_set_alignment(
+        _open_run(path, stamp),
+        size=size,
+        k=k,
+        score=score,
+        n_random=n_random,
+        seed=seed,
+        n_permutations=n_permutations,
+        best_layers=best_layers_table(path, stamp, k),
+    )
+    _finished().add(
+        ("dispersion_sets", path, stamp, size, k, score, n_random, n_permutations, seed)
+    )
+    return result
+
+
+@st.cache_data(show_spinner="Dropping stimuli…", max_entries=64)
+def drop_fraction(path: str, stamp: int, q: float, k: int, score: str) -> pd.DataFrame:
+    """Fig. S1: :func:`analyses.drop_fraction_alignment` with the best language layers."""
+    from .. import analyses
+
+    result = analyses.drop_fraction_alignment(
+        _open_run(path, stamp), q=q, k=k, score=score, best_layers=best_layers_table(path, stamp, k)
+    )
+    _finished().add(("drop_fraction", path, stamp, q, k, score))
+    return result
+
+
+@st.cache_data(show_spinner="Rerunning GPA without each vision model…", max_entries=16)
+def leave_one_out(path: str, stamp: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fig. S2: :func:`analyses.leave_one_model_out` points and their statistics."""
+    from .. import analyses
+
+    points = analyses.leave_one_model_out(_open_run(path, stamp))
+    _finished().add(("leave_one_out", path, stamp))
+    return points, analyses.leave_one_model_out_statistics(points)
+
+
+@st.cache_resource(show_spinner=False)
+def _finished() -> set[tuple]:
+    """Keys of the analyses this server has computed (for every session): a page that asks
+    before starting a long computation shows a finished one at once."""
+    return set()
+
+
+def finished(*key: object) -> bool:
+    """Whether the analysis ``(name, path, stamp, parameters…)`` has been computed here."""
+    return tuple(key) in _finished()

@@ -3,9 +3,11 @@
 The page recomputes, on every change of k or of the subset, CKNNA for every vision × language pair
 on the chosen sets, on ``n_random`` random sets (the baseline distribution) and on the
 ``2 · n_permutations`` relabelled sets of the low-vs-high permutation test. All of it goes through
-``neighbours.subset_alignment`` (every subset and pair in one batched pass), and the random sets
-and label shuffles are ``analyses.random_set_alignment`` / ``analyses.low_high_permutation_tests``,
-the functions the paper's Fig. 2 analysis calls: for the same seed the lab and the report agree.
+``neighbours.subset_alignment`` (every subset and pair in one batched pass). The random sets are
+the draws of ``analyses.random_sets`` (``random_baseline.sequential_random_alignment``: with an
+interval width it stops drawing once the baseline mean is that precise) and the label shuffles are
+``analyses.low_high_permutation_tests``, the functions the paper's Fig. 2 analysis calls: for the
+same seed and number of sets the lab and the report agree.
 
 Shapes: ``n`` stimuli in the run, subsets of ``s`` stimuli; ``indexes`` maps (model, layer) to the
 run's neighbour index (``run.neighbours``: prepared features + exact neighbour lists).
@@ -19,19 +21,26 @@ import numpy as np
 import pandas as pd
 
 from ..alignment import cknna_bound_note
-from ..analyses import LayerKey, Pair, low_high_permutation_tests, random_set_alignment
+from ..analyses import LayerKey, Pair, low_high_permutation_tests
 from ..neighbours import NeighbourIndex, subset_alignment
-from ..stats import percentile_interval
+from .. import random_baseline
+from ..random_baseline import DEFAULT_MIN_SETS
 from ..validation import MIN_CKNNA_SET_SIZE, check_k, check_min_stimuli
+
+#: Key of the Alignment lab's container of the bars (CSS class ``st-key-lab-bars``): where the
+#: browser test and benchmark look for the new bars after a change of k
+BARS_CONTAINER_KEY = "lab-bars"
 
 __all__ = [
     "MIN_CKNNA_SET_SIZE",
     "Pair",
+    "baseline_statement",
     "baseline_table",
     "bound_note",
     "cknna_text",
     "check_subset_for_k",
     "low_high_permutation_table",
+    "results_table",
     "set_table",
 ]
 
@@ -52,27 +61,27 @@ def baseline_table(
     *,
     n_random: int = 200,
     seed: int = 0,
+    interval_width: float | None = None,
+    min_sets: int = DEFAULT_MIN_SETS,
 ) -> pd.DataFrame:
-    """Random-subset baseline per pair: CKNNA and mutual k-NN mean and 95% percentile interval.
+    """Random-subset baseline per pair (``random_baseline.baseline_table``; ``scores`` (n,) only
+    sets n): CKNNA and mutual k-NN mean and 95% percentile interval of the random sets.
 
-    Returns one row per pair: ``vision_model``, ``vision_layer``, ``language_model``,
-    ``language_layer``, ``set_size``, ``k``, ``n_random``, ``cknna_random_mean``,
-    ``cknna_random_lower_95``, ``cknna_random_upper_95``, ``mutual_knn_random_mean``,
-    ``mutual_knn_random_lower_95``, ``mutual_knn_random_upper_95``.
+    ``interval_width=None`` draws exactly ``n_random`` sets (the paper analysis's baseline); a
+    width draws at most ``n_random`` and stops once every pair's 95% confidence interval of the
+    mean CKNNA is that narrow. Columns: see ``random_baseline.baseline_table``.
     """
-    cknna, mutual_knn = random_set_alignment(
-        indexes, pairs, scores, size, k, n_random=n_random, seed=seed
+    return random_baseline.baseline_table(
+        indexes,
+        pairs,
+        int(np.asarray(scores).shape[0]),
+        size,
+        k,
+        max_sets=n_random,
+        seed=seed,
+        interval_width=interval_width,
+        min_sets=min_sets,
     )
-    rows = []
-    for pair, cknna_values, mknn_values in zip(pairs, cknna, mutual_knn, strict=True):
-        row = {**pair._asdict(), "set_size": int(size), "k": int(k), "n_random": int(n_random)}
-        for name, array in (("cknna", cknna_values), ("mutual_knn", mknn_values)):
-            lower, upper = percentile_interval(array, 0.95)
-            row[f"{name}_random_mean"] = float(array.mean())
-            row[f"{name}_random_lower_95"] = lower
-            row[f"{name}_random_upper_95"] = upper
-        rows.append(row)
-    return pd.DataFrame(rows)
 
 
 def low_high_permutation_table(
@@ -161,3 +170,75 @@ def bound_note(set_values: pd.DataFrame, baselines: Mapping[int, pd.DataFrame]) 
                     (f"{what}{r.language_model}", getattr(r, f"cknna_random_{part}"), size, r.k)
                 )
     return cknna_bound_note(rows)
+_PAIR_COLUMNS = ["vision_model", "vision_layer", "language_model", "language_layer"]
+_RANDOM_COLUMNS = [
+    f"{metric}_random_{part}"
+    for metric in ("cknna", "mutual_knn")
+    for part in ("mean", "lower_95", "upper_95")
+]
+
+
+def baseline_statement(baseline: pd.DataFrame) -> str:
+    """One sentence saying how the random baseline of :func:`baseline_table` was drawn."""
+    sets = int(baseline["n_random"].iloc[0])
+    size = int(baseline["set_size"].iloc[0])
+    widest = float(baseline["cknna_random_mean_interval"].max())
+    asked = float(baseline["interval_width"].iloc[0])
+    precision = (
+        f"the widest 95% confidence interval of a pair's mean random CKNNA is {widest:.4f}"
+        if np.isfinite(widest)
+        else "too few sets for a confidence interval of the mean"
+    )
+    if np.isnan(asked):
+        how = f"{sets} random sets of {size} stimuli per pair (a fixed number)"
+    elif np.isfinite(widest) and widest <= asked:
+        how = (
+            f"{sets} random sets of {size} stimuli per pair, drawn until every pair's 95% "
+            f"confidence interval of the mean was narrower than {asked:g}"
+        )
+    else:
+        how = (
+            f"{sets} random sets of {size} stimuli per pair (the most allowed; the requested "
+            f"precision {asked:g} was not reached)"
+        )
+    return f"Random baseline: {how}; {precision}. Error bars: 95% of the random sets' values."
+
+
+def results_table(
+    set_values: pd.DataFrame,
+    baselines: Mapping[int, pd.DataFrame],
+    permutation: pd.DataFrame,
+    score: str,
+    seed: int,
+) -> pd.DataFrame:
+    """Every number of the lab in one table: one row per pair × set.
+
+    ``set_values`` (:func:`set_table`), ``baselines`` ``{set size: baseline_table}`` (each set is
+    compared with random sets of its own size), ``permutation``
+    (:func:`low_high_permutation_table`). Adds ``cknna_vs_random_95`` (``above`` / ``below`` /
+    ``within`` the random sets' 95% interval), ``score`` and ``seed``.
+    """
+    table = pd.concat(
+        [
+            set_values[set_values["set_size"] == set_size].merge(
+                baselines[set_size][[*_PAIR_COLUMNS, *_RANDOM_COLUMNS, "n_random"]],
+                on=_PAIR_COLUMNS,
+                how="left",
+            )
+            for set_size in baselines
+        ]
+    )
+    table = table.merge(permutation, on=_PAIR_COLUMNS, how="left")
+    table["cknna_vs_random_95"] = np.select(
+        [
+            table["cknna"] > table["cknna_random_upper_95"],
+            table["cknna"] < table["cknna_random_lower_95"],
+        ],
+        ["above", "below"],
+        default="within",
+    )
+    table["score"] = score
+    table["seed"] = int(seed)
+    return table.sort_values(["vision_model", "language_model", "set"], kind="stable").reset_index(
+        drop=True
+    )

@@ -53,18 +53,23 @@ def open_page(title: str, icon: str = "🔬") -> PageContext:
     if view.run is None:
         view.run = data.default_run_name(runs)
     with st.sidebar:
-        state.bind_widget(
-            st.session_state,
-            view,
-            "run",
-            lambda key: st.selectbox(
-                "Run",
-                names,
-                key=key,
-                help="Cached runs under $CONVERGENCE_CACHE/runs; default: the newest demo run.",
-            ),
-            coerce=lambda value: value if value in names else data.default_run_name(runs),
-        )
+        if len(names) == 1:
+            # nothing to choose: plain text, which spares the browser the select box's code
+            view.run = names[0]
+            st.text(f"Run: {names[0]}")
+        else:
+            state.bind_widget(
+                st.session_state,
+                view,
+                "run",
+                lambda key: st.selectbox(
+                    "Run",
+                    names,
+                    key=key,
+                    help="Cached runs under $CONVERGENCE_CACHE/runs; default: the newest demo run.",
+                ),
+                coerce=lambda value: value if value in names else data.default_run_name(runs),
+            )
     info = runs[names.index(view.run)]
     try:
         # loads the run and checks every file the pages read (run_checks.check_run_files), so a

@@ -33,6 +33,8 @@ SET_COLOURS = {
     "pasted": "#9467bd",
 }
 HOVER_CAPTION_CHARS = 80
+#: Up to this many points the residual scatter carries hover text (id, caption, scores) per point
+HOVER_TEXT_LIMIT = 20_000
 
 
 def safe_hover_text(text: str, limit: int = HOVER_CAPTION_CHARS) -> str:
@@ -138,8 +140,8 @@ def residual_scatter(
     y: np.ndarray,
     colour: np.ndarray,
     *,
-    ids: Sequence[str],
-    captions: Sequence[str],
+    ids: Sequence[str] | None,
+    captions: Sequence[str] | None,
     mean: np.ndarray,
     pc1: np.ndarray,
     colour_title: str,
@@ -148,50 +150,61 @@ def residual_scatter(
     title: str,
     selected: Sequence[int] = (),
 ) -> go.Figure:
-    """WebGL scatter of all stimuli; ``customdata`` is each point's stimulus row (for selections).
+    """WebGL scatter of all stimuli; a point's stimulus row is its ``customdata`` (or, above
+    :data:`HOVER_TEXT_LIMIT` points, its index in the first trace: the trace is in run order).
 
-    Hover shows id, caption (escaped, truncated) and both dispersion scores; the current selection
-    is drawn as open circles on top.
+    Up to :data:`HOVER_TEXT_LIMIT` points, hover shows id, caption (escaped, truncated; none when
+    ``captions`` is None) and both dispersion scores. Above it no per-point text is sent (100,000
+    captions would be megabytes on every rerun): hover shows the coordinates and the colour score,
+    and a selection shows the chosen stimuli's ids and captions below the chart. Coordinates and
+    colours travel as float32. The current selection is drawn as open circles on top.
     """
-    rows = np.arange(len(x))
-    hover = [
-        f"id {safe_hover_text(i, 40)}<br>{safe_hover_text(c)}"
-        f"<br>mean residual {m:.4f} · PC1 {p:.4f}"
-        for i, c, m, p in zip(ids, captions, mean, pc1, strict=True)
-    ]
-    figure = go.Figure()
-    figure.add_trace(
-        go.Scattergl(
-            x=x,
-            y=y,
-            mode="markers",
-            customdata=rows,
-            text=hover,
-            name="stimuli",
-            hovertemplate="%{text}<extra></extra>",
-            marker={
-                "color": colour,
-                "colorscale": "Viridis",
-                "size": 7,
-                "opacity": 0.85,
-                "colorbar": {"title": {"text": colour_title, "side": "right"}},
-            },
+    n = len(x)
+    x32 = np.asarray(x, dtype=np.float32)
+    y32 = np.asarray(y, dtype=np.float32)
+    points: dict[str, object] = {
+        "x": x32,
+        "y": y32,
+        "mode": "markers",
+        "name": "stimuli",
+        "marker": {
+            "color": np.asarray(colour, dtype=np.float32),
+            "colorscale": "Viridis",
+            "size": 7 if n <= HOVER_TEXT_LIMIT else 3,
+            "opacity": 0.85 if n <= HOVER_TEXT_LIMIT else 0.6,
+            "colorbar": {"title": {"text": colour_title, "side": "right"}},
+        },
+    }
+    if n <= HOVER_TEXT_LIMIT:
+        names = ids if ids is not None else [str(row) for row in range(n)]
+        texts = captions if captions is not None else [""] * n
+        points["customdata"] = np.arange(n, dtype=np.int32)
+        points["text"] = [
+            f"id {safe_hover_text(i, 40)}<br>{safe_hover_text(c)}"
+            f"<br>mean residual {m:.4f} · PC1 {p:.4f}"
+            for i, c, m, p in zip(names, texts, mean, pc1, strict=True)
+        ]
+        points["hovertemplate"] = "%{text}<extra></extra>"
+    else:
+        points["hovertemplate"] = (
+            "x %{x:.4f} · y %{y:.4f}<br>colour %{marker.color:.4f}<extra></extra>"
         )
-    )
+    figure = go.Figure()
+    figure.add_trace(go.Scattergl(**points))
     if len(selected):
         chosen = np.asarray(selected, dtype=int)
         figure.add_trace(
             go.Scattergl(
-                x=np.asarray(x)[chosen],
-                y=np.asarray(y)[chosen],
+                x=x32[chosen],
+                y=y32[chosen],
                 mode="markers",
                 name="current selection",
-                customdata=chosen,  # a box/lasso over these points must select the same stimuli
+                customdata=chosen.astype(np.int32),  # a box/lasso here selects the same stimuli
                 hoverinfo="skip",
                 marker={
-                    "size": 12,
+                    "size": 12 if len(chosen) <= 2_000 else 6,
                     "color": "rgba(0,0,0,0)",
-                    "line": {"color": "#d62728", "width": 2},
+                    "line": {"color": "#d62728", "width": 2 if len(chosen) <= 2_000 else 1},
                 },
             )
         )

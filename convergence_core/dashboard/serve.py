@@ -1,8 +1,9 @@
 """Serve the dashboard (``convergence serve``), heavy imports done before the first visitor.
 
-``streamlit run app.py`` imports pandas, pyarrow, Plotly and the run reader only when the first
-browser session runs a page, which adds about 0.4 s to the first page on 2 cores
-(benchmarks/bench_dashboard.py). This is the same ``streamlit run app.py`` through Streamlit's own
+``streamlit run app.py`` imports pandas, pyarrow, Plotly, matplotlib, scipy and the run reader
+only when the first browser session runs a page, which adds seconds to the first page on 2 cores
+(benchmarks/bench_dashboard.py). Those long-lived objects are then frozen out of the garbage
+collector's full passes (``gc.freeze``). This is the same ``streamlit run app.py`` through Streamlit's own
 command line, after those imports have been done in the server process::
 
     convergence serve --port 8501 --cache ~/my-cache       # an installed package
@@ -122,13 +123,21 @@ def main(argv: list[str] | None = None, *, prog: str = "convergence serve") -> i
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    import gc
+
     import pandas  # noqa: F401
     import plotly.graph_objects  # noqa: F401
     import pyarrow.parquet  # noqa: F401
+    import scipy.stats  # noqa: F401  (the lab's baseline and the paper's tests)
 
-    from convergence_core.dashboard import data, page, plots, widgets  # noqa: F401
+    from convergence_core.dashboard import charts, data, page, plots, widgets  # noqa: F401
 
     from streamlit.web import cli
+
+    # Everything imported so far lives as long as the server: keep it out of the garbage
+    # collector's full passes, whose pause grows with every object it has to look at.
+    gc.collect()
+    gc.freeze()
 
     sys.argv = ["streamlit", "run", str(app), *options]
     cli.main(prog_name="streamlit")

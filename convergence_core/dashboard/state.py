@@ -210,11 +210,15 @@ def drop_stale_choice(
 def write_query_params(query_params: MutableMapping[str, Any], view: View) -> None:
     """Write the view to the URL, touching only the keys that changed (avoids needless reruns)."""
     wanted = view.to_query_params()
+    changed = {
+        name: wanted[name]
+        for name in PARAM_NAMES
+        if name in wanted and query_params.get(name) != wanted[name]
+    }
+    if changed:
+        query_params.update(changed)  # st.query_params sends one message for all of them
     for name in PARAM_NAMES:
-        if name in wanted:
-            if query_params.get(name) != wanted[name]:
-                query_params[name] = wanted[name]
-        elif name in query_params:
+        if name not in wanted and name in query_params:
             del query_params[name]
 
 
@@ -242,3 +246,32 @@ def set_selection(
 def clear_selection(session_state: MutableMapping[str, Any]) -> None:
     """Forget the session's current selection."""
     session_state.pop(SELECTION_KEY, None)
+
+
+#: Prefix of the session keys (not widget keys) that keep a widget's value while it is not shown
+KEPT_PREFIX = "kept_"
+
+
+def kept_widget(
+    session_state: MutableMapping[str, Any], key: str, make_widget: Callable[[str], Any]
+) -> Any:
+    """Create the widget ``make_widget(key)`` so that its value survives reruns where it is not
+    shown (inside a closed lazy expander or tab, or on another page).
+
+    Streamlit forgets a widget's value when a rerun does not draw the widget; a copy under
+    ``KEPT_PREFIX + key`` restores it the next time the widget is drawn. Read the value while the
+    widget is hidden with :func:`kept_value`.
+    """
+    kept = KEPT_PREFIX + key
+    if key not in session_state and kept in session_state:
+        session_state[key] = session_state[kept]
+    value = make_widget(key)
+    session_state[kept] = value
+    return value
+
+
+def kept_value(session_state: Mapping[str, Any], key: str, default: Any) -> Any:
+    """The value of a :func:`kept_widget` (drawn or not on this rerun), else ``default``."""
+    if key in session_state:
+        return session_state[key]
+    return session_state.get(KEPT_PREFIX + key, default)

@@ -10,6 +10,7 @@ captions" button opens a dialog with the whole text (still ``st.text``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import pandas as pd
@@ -22,6 +23,14 @@ from . import plots, state
 
 #: Session key of the stimulus id shown in the Stimuli page's detail view.
 INSPECT_KEY = "w_inspect"
+#: Session key of the Stimuli page's open tab, and the label of its detail tab (Inspect opens it)
+STIMULI_TAB_KEY = "w_stimuli_tab"
+DETAIL_TAB = "Stimulus in detail"
+#: Session key (not a widget's) remembering the inspected stimulus while the detail tab is closed
+INSPECTED = "stimuli_inspected"
+#: Up to this many stimuli the detail view offers every id in a select box (ranked); above it an
+#: id is typed (a select box of 100,000 ids would send them all to the browser on every rerun)
+SELECT_ALL_LIMIT = 5_000
 
 
 def score_radio(
@@ -135,6 +144,8 @@ def thumbnail(run: Run, row: int, *, missing: str | None = None) -> None:
 
 def _inspect(identifier: str) -> None:
     st.session_state[INSPECT_KEY] = identifier
+    st.session_state[INSPECTED] = identifier
+    st.session_state[STIMULI_TAB_KEY] = DETAIL_TAB
 
 
 def stimulus_card(
@@ -195,3 +206,37 @@ def captions_frame(run: Run, rows: Sequence[int]) -> pd.DataFrame:
             "caption": [excerpt(c[0]) if len(c) else "" for c in captions],
         }
     )
+
+
+#: Every ASCII punctuation character: CommonMark lets each be backslash-escaped to stand for itself
+_MARKDOWN_PUNCTUATION = re.compile(r"""([!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~])""")
+
+
+def escape_markdown(value: object) -> str:
+    """``value`` as Markdown that renders exactly as the text: every ASCII punctuation character
+    backslash-escaped (so no emphasis, link, image, HTML tag, table pipe or Streamlit directive
+    such as ``:red[…]`` survives), line breaks and runs of spaces made single spaces."""
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def markdown_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
+    """A small table as a Markdown table for ``st.markdown``, every cell escaped
+    (:func:`escape_markdown`) and cut to ``max_cell`` characters.
+
+    For a few rows of run metadata and numbers (model names, layers, test statistics), never for
+    captions (those go through ``st.text`` only): ``st.dataframe`` would make the browser load its
+    data-grid code (about 1.4 MB of JavaScript) for them, ``st.text`` is not monospaced.
+    """
+
+    def cell(value: object) -> str:
+        text = " ".join(str(value).split())
+        text = text if len(text) <= max_cell else text[: max_cell - 1] + "…"
+        return escape_markdown(text) or " "
+
+    header = "| " + " | ".join(cell(name) for name in frame.columns) + " |"
+    rule = "|" + "|".join(" --- " for _ in frame.columns) + "|"
+    rows = [
+        "| " + " | ".join(cell(value) for value in record) + " |"
+        for record in frame.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *rows])

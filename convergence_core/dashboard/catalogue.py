@@ -1,0 +1,148 @@
+"""Per-run lookups every page needs, computed once per run and shared by all sessions (no
+Streamlit).
+
+A page rerun must not redo O(n) Python work that another rerun (or another session) has already
+done: at 100,000 stimuli, turning the id column into strings, building an id → row dictionary or
+lower-casing every caption takes 0.1–1 s each. :func:`build_catalogue` does all of it once per run
+(``data.catalogue`` caches it with ``st.cache_resource``); its arrays are read-only.
+
+Shapes: ``n`` stimuli, ``M`` vision models in the GPA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..run import Run
+
+#: Dispersion scores (columns of ``run.dispersion``) a stimulus can be ranked by.
+SCORES = ("mean", "pc1")
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Lookups of one run (read-only; shared by every browser session).
+
+    Attributes:
+        ids: (n,) object array of stimulus ids (str), run order.
+        position: ``{id: row}``.
+        first_captions: (n,) object array: each stimulus's first caption ("" if none).
+        search_text: (n,) pandas Series of str: the id and every caption, lower case, one per
+            line (what the caption filter searches).
+        order: ``{score: (n,) rows from the lowest to the highest dispersion}`` (ties by row).
+        rank: ``{score: (n,) 0-based rank of each row}`` (0 = lowest dispersion).
+        values: ``{score: (n,) float64 dispersion}``.
+        residual_median: (M,) median residual of each vision model over all stimuli.
+        pearson, spearman: correlation of the two scores (Spearman: Pearson of the ranks).
+    """
+
+    ids: np.ndarray
+    position: Mapping[str, int]
+    first_captions: np.ndarray
+    search_text: pd.Series
+    order: Mapping[str, np.ndarray]
+    rank: Mapping[str, np.ndarray]
+    values: Mapping[str, np.ndarray]
+    residual_median: np.ndarray
+    pearson: float
+    spearman: float
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.shape[0])
+
+    def rows_of(self, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """Rows of ``ids`` in the run (given order) and the ids the run does not have:
+        ``(rows (found,) int64, unknown)``."""
+        rows = [self.position[i] for i in ids if i in self.position]
+        unknown = [i for i in ids if i not in self.position]
+        return np.asarray(rows, dtype=np.int64), unknown
+
+    def matching(self, query: str) -> np.ndarray:
+        """(n,) bool: stimuli whose id or any caption contains ``query`` (case-insensitive,
+        literal text, not a pattern). An empty query matches everything."""
+        needle = query.strip().lower()
+        if not needle:
+            return np.ones(self.n, dtype=bool)
+        return self.search_text.str.contains(needle, regex=False).to_numpy(dtype=bool)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    array.flags.writeable = False
+    return array
+
+
+def build_catalogue(run: Run) -> Catalogue:
+    """The :class:`Catalogue` of ``run`` (O(n) work, once per run)."""
+    stimuli, dispersion = run.stimuli, run.dispersion
+    ids = stimuli["id"].astype(str).to_numpy(dtype=object)
+    captions = stimuli["captions"] if "captions" in stimuli else pd.Series([[]] * len(stimuli))
+    first = np.array([c[0] if len(c) else "" for c in captions], dtype=object)
+    search = pd.Series(
+        [
+            "\n".join([identifier, *map(str, caps)]).lower()
+            for identifier, caps in zip(ids, captions, strict=True)
+        ],
+        dtype=object,
+    )
+    order, rank, values = {}, {}, {}
+    for score in SCORES:
+        rank[score] = _read_only(dispersion[f"rank_{score}"].to_numpy(dtype=np.int64))
+        order[score] = _read_only(np.argsort(rank[score], kind="stable"))
+        values[score] = _read_only(dispersion[score].to_numpy(dtype=np.float64))
+    residuals = np.asarray(run.gpa.residuals, dtype=np.float64)
+    pearson = float(np.corrcoef(values["mean"], values["pc1"])[0, 1])
+    # Spearman's rho is Pearson's r of the ranks (the run stores both scores' ranks; no ties)
+    spearman = float(np.corrcoef(rank["mean"], rank["pc1"])[0, 1])
+    return Catalogue(
+        ids=_read_only(ids),
+        position={identifier: row for row, identifier in enumerate(ids)},
+        first_captions=_read_only(first),
+        search_text=search,
+        order=order,
+        rank=rank,
+        values=values,
+        residual_median=_read_only(np.median(residuals, axis=0)),
+        pearson=pearson,
+        spearman=spearman,
+    )
+
+
+def models_table(run: Run) -> pd.DataFrame:
+    """One row per model: ``model``, ``modality``, ``layers`` (count), ``GPA / default layer``,
+    ``role`` (GPA for dispersion, or alignment only)."""
+    gpa_layers = dict(zip(run.gpa.models, run.gpa.layers, strict=True))
+    return pd.DataFrame(
+        [
+            {
+                "model": model,
+                "modality": run.modality(model),
+                "layers": len(run.layers(model)),
+                "GPA / default layer": gpa_layers.get(model, run.default_layer(model)),
+                "role": "GPA (dispersion)" if model in gpa_layers else "alignment (CKNNA)",
+            }
+            for model in run.models
+        ]
+    )
+
+
+def components_table(run: Run) -> pd.DataFrame:
+    """One row per principal component of the residuals: ``component``, ``variance_explained_%``
+    and the loading of each vision model (a column per model)."""
+    pca = run.pca
+    ratio = np.asarray(pca.explained_variance_ratio, dtype=np.float64)
+    components = np.asarray(pca.components, dtype=np.float64)
+    table = pd.DataFrame(
+        {
+            "component": [f"PC{i + 1}" for i in range(len(ratio))],
+            "variance_explained_%": np.round(100.0 * ratio, 2),
+        }
+    )
+    for column, model in enumerate(run.gpa.models):
+        table[f"loading {model}"] = np.round(components[: len(ratio), column], 4)
+    return table

@@ -1,0 +1,267 @@
+"""Static figures of the dashboard: PNG bytes drawn on the server with matplotlib (no Streamlit).
+
+Why pictures and not Plotly: Plotly's JavaScript is 4.7 MB that a browser tab parses and runs before
+it draws anything (about as long as a whole bare Streamlit page takes to load), and these figures
+gain nothing from zooming or hovering: every number in them is also in a table on the same page.
+The one figure that needs interaction, the residual-space scatter with its lasso, stays Plotly
+(:mod:`.plots`). A PNG costs the browser one small image request.
+
+The functions are pure (inputs in, PNG bytes out) and thread-safe: they draw on
+``matplotlib.figure.Figure`` objects that pyplot never sees (Streamlit runs each session's script
+in its own thread; pyplot's global state is not thread-safe). The paper's figures are drawn by
+:mod:`convergence_core.figures`, the report's own code, which uses pyplot: :func:`paper_figure`
+serialises those calls with a lock. Text that comes from a run (model and layer names) is drawn
+literally (a ``$`` never starts matplotlib's math mode).
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .plots import RESIDUAL_AXIS, SCORE_AXIS, SET_COLOURS
+
+#: Pixels per inch of every PNG; figure sizes below are in inches (13 in ≈ the wide page's width).
+DPI = 100
+#: CKNNA / mutual k-NN axis titles
+METRIC_AXIS = {
+    "cknna": "CKNNA (unitless)",
+    "mutual_knn": "mutual k-NN overlap (fraction of k)",
+}
+_PYPLOT_LOCK = threading.Lock()
+#: Height of axes titles (axes fraction). Given explicitly, matplotlib does not measure every
+#: tick label to place each title, which was a fifth of a figure's drawing time.
+TITLE_Y = 1.01
+
+
+def literal(text: object) -> str:
+    """``text`` as matplotlib draws it literally: every ``$`` escaped (no math mode)."""
+    return str(text).replace("$", r"\$")
+
+
+def _margins(
+    figure: Figure, *, left: float, right: float, top: float, bottom: float, wspace: float = 0.25
+) -> None:
+    """Fixed margins in inches (matplotlib's constrained layout would double the drawing time)."""
+    width, height = figure.get_size_inches()
+    figure.subplots_adjust(
+        left=left / width,
+        right=1.0 - right / width,
+        top=1.0 - top / height,
+        bottom=bottom / height,
+        wspace=wspace,
+    )
+
+
+def png(figure: Figure) -> bytes:
+    """The figure as PNG bytes (``DPI`` dots per inch)."""
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
+
+
+def dispersion_histograms(mean: np.ndarray, pc1: np.ndarray, title: str) -> bytes:
+    """Side-by-side histograms (40 bins) of the two dispersion scores, (m,) each."""
+    figure = Figure(figsize=(13.0, 3.4))
+    axes = figure.subplots(1, 2)
+    _margins(figure, left=0.75, right=0.2, top=0.65, bottom=0.6, wspace=0.18)
+    for axis, values, score, colour in (
+        (axes[0], mean, "mean", "#1f77b4"),
+        (axes[1], pc1, "pc1", "#ff7f0e"),
+    ):
+        axis.hist(np.asarray(values, dtype=np.float64), bins=40, color=colour)
+        axis.set_xlabel(SCORE_AXIS[score])
+        axis.set_ylabel("stimuli (count)")
+    axes[0].set_title("Mean residual", fontsize=10, y=TITLE_Y)
+    axes[1].set_title("PC1 score", fontsize=10, y=TITLE_Y)
+    figure.suptitle(literal(title), fontsize=11)
+    return png(figure)
+
+
+def residual_scatter(
+    x: np.ndarray,
+    y: np.ndarray,
+    colour: np.ndarray,
+    *,
+    colour_title: str,
+    x_title: str,
+    y_title: str,
+    title: str,
+    selected: Sequence[int] = (),
+) -> bytes:
+    """The residual map as a picture: every stimulus (n,) coloured by ``colour`` (viridis, with a
+    colour bar), the ``selected`` rows circled in red. Points are rasterised, so the PNG costs the
+    same at 100,000 stimuli as at 1,000."""
+    n = len(x)
+    figure = Figure(figsize=(13.0, 5.6))
+    axis = figure.subplots()
+    _margins(figure, left=0.8, right=1.6, top=0.45, bottom=0.6)
+    size = 14.0 if n <= 2_000 else (5.0 if n <= 20_000 else 1.5)
+    points = axis.scatter(
+        x, y, c=colour, s=size, cmap="viridis", alpha=0.85, linewidths=0, rasterized=True
+    )
+    chosen = np.asarray(selected, dtype=np.int64)
+    if chosen.size:
+        axis.scatter(
+            np.asarray(x)[chosen], np.asarray(y)[chosen], s=60 if chosen.size <= 2_000 else 12,
+            facecolors="none", edgecolors="#d62728", linewidths=1.2, rasterized=True,
+            label=f"current selection ({chosen.size:,})",
+        )
+        axis.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, frameon=False)
+    bar = figure.colorbar(points, ax=axis, fraction=0.03, pad=0.01)
+    bar.set_label(literal(colour_title.replace("<br>", " ")), fontsize=8)
+    axis.set_xlabel(literal(x_title))
+    axis.set_ylabel(literal(y_title), fontsize=8)
+    axis.set_title(literal(title), fontsize=10, y=1.06 if chosen.size else TITLE_Y)
+    return png(figure)
+
+
+def residual_components(ratio: np.ndarray, components: np.ndarray, models: Sequence[str]) -> bytes:
+    """Two panels: variance of the residuals explained per principal component (M,), and each
+    vision model's loading on the first two components (rows of ``components`` (M, M))."""
+    figure = Figure(figsize=(13.0, 3.4))
+    left, right = figure.subplots(1, 2)
+    _margins(figure, left=0.75, right=0.2, top=0.45, bottom=0.75, wspace=0.2)
+    labels = [f"PC{i + 1}" for i in range(len(ratio))]
+    left.bar(labels, 100.0 * np.asarray(ratio, dtype=np.float64), color="#1f77b4")
+    left.set_xlabel("principal component of the residual matrix R")
+    left.set_ylabel("variance explained (%)")
+    left.set_title("Variance of the residuals explained per component", fontsize=10, y=TITLE_Y)
+    x = np.arange(len(models))
+    shown = min(2, np.asarray(components).shape[0])
+    for index in range(shown):
+        offset = (index - (shown - 1) / 2) * 0.35
+        right.bar(x + offset, np.asarray(components)[index], 0.35, label=f"PC{index + 1}")
+    right.axhline(0.0, color="black", linewidth=0.5)
+    right.set_xticks(x, [literal(m) for m in models], fontsize=8)
+    right.set_xlabel("vision model")
+    right.set_ylabel("loading (unit-norm weight)")
+    right.set_title("Per-model loadings of the first components", fontsize=10, y=TITLE_Y)
+    right.legend(fontsize=8)
+    return png(figure)
+
+
+def residual_bars(
+    models: Sequence[str], residuals: np.ndarray, typical: np.ndarray, stimulus: str
+) -> bytes:
+    """Bar per vision model of one stimulus's residual (M,), each model's median (M,) marked."""
+    figure = Figure(figsize=(6.5, 3.4))
+    axis = figure.subplots()
+    _margins(figure, left=0.9, right=0.15, top=0.4, bottom=0.95)
+    x = np.arange(len(models))
+    axis.bar(x, residuals, 0.6, color="#1f77b4", label="this stimulus")
+    axis.scatter(
+        x, typical, marker="_", s=900, linewidths=3, color="#222222",
+        label="median over all stimuli",
+    )
+    axis.set_xticks(x, [literal(m) for m in models], fontsize=8)
+    axis.set_xlabel("vision model")
+    axis.set_ylabel(RESIDUAL_AXIS.replace(", unit", ",\nunit"), fontsize=8)
+    axis.set_title(
+        literal(f"Residual per vision model — stimulus {stimulus}"), fontsize=10, y=TITLE_Y
+    )
+    figure.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    return png(figure)
+
+
+def alignment_bars(
+    sets: pd.DataFrame, baseline: pd.DataFrame | None, metric: str = "cknna"
+) -> bytes:
+    """Fig. 2-style bars: a panel per vision model, language models on x, a bar per set.
+
+    ``sets``: one row per pair × set (``lab.set_table``: ``vision_model``, ``language_model``,
+    ``set``, ``set_size``, ``k``, ``cknna``, ``mutual_knn``); ``baseline`` (``lab.baseline_table``)
+    adds the "random" bar of each pair at the random-set mean with the 95% percentile interval of
+    the random sets as its error bar. ``metric``: ``"cknna"`` or ``"mutual_knn"``.
+    """
+    if metric not in METRIC_AXIS:
+        raise ValueError(f"unknown metric {metric!r}; use one of {list(METRIC_AXIS)}")
+    visions = list(dict.fromkeys(sets["vision_model"]))
+    languages = list(dict.fromkeys(sets["language_model"]))
+    names = list(dict.fromkeys(sets["set"]))
+    has_baseline = baseline is not None and not baseline.empty
+    order = [n for n in ("low",) if n in names] + (["random"] if has_baseline else [])
+    order += [n for n in ("high",) if n in names] + [n for n in names if n not in ("low", "high")]
+    width = 0.8 / max(1, len(order))
+    panel_width = max(3.2, 0.9 * len(languages) * max(1, len(order)) * width + 1.6)
+    figure = Figure(figsize=(min(13.0, panel_width * len(visions) + 0.8), 3.9))
+    axes = np.atleast_1d(figure.subplots(1, len(visions), sharey=True, squeeze=False)[0])
+    _margins(figure, left=0.75, right=0.15, top=0.6, bottom=0.9, wspace=0.08)
+    x = np.arange(len(languages))
+    for axis, vision in zip(axes, visions, strict=True):
+        for position, name in enumerate(order):
+            offset = (position - (len(order) - 1) / 2) * width
+            if name == "random":
+                rows = baseline[baseline["vision_model"] == vision]
+                rows = rows.set_index("language_model").reindex(languages)
+                mean = rows[f"{metric}_random_mean"].to_numpy(dtype=np.float64)
+                error = np.vstack(
+                    [
+                        mean - rows[f"{metric}_random_lower_95"].to_numpy(dtype=np.float64),
+                        rows[f"{metric}_random_upper_95"].to_numpy(dtype=np.float64) - mean,
+                    ]
+                )
+                sets_drawn = int(np.nanmax(rows["n_random"])) if "n_random" in rows else 0
+                axis.bar(
+                    x + offset, mean, width, yerr=error, capsize=3,
+                    color=SET_COLOURS["random"],
+                    label=f"random (mean; 95% of {sets_drawn} sets)",
+                )
+                continue
+            rows = sets[(sets["vision_model"] == vision) & (sets["set"] == name)]
+            rows = rows.set_index("language_model").reindex(languages)
+            size = sets.loc[sets["set"] == name, "set_size"].iloc[0]
+            axis.bar(
+                x + offset, rows[metric].to_numpy(dtype=np.float64), width,
+                color=SET_COLOURS.get(name, "#17becf"),
+                label=literal(f"{name} ({int(size)} stimuli)"),
+            )
+        axis.set_xticks(x, [literal(m) for m in languages], fontsize=8)
+        axis.set_xlabel("language model")
+        axis.set_title(literal(vision), fontsize=9, y=TITLE_Y)
+        axis.axhline(0.0, color="black", linewidth=0.5)
+    axes[0].set_ylabel(METRIC_AXIS[metric])
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    k = int(sets["k"].iloc[0]) if not sets.empty else 0
+    figure.suptitle(
+        f"Vision–language alignment per set (k = {k}); error bars: 95% of random sets",
+        fontsize=10,
+    )
+    return png(figure)
+
+
+#: Widest PNG sent to the page: Streamlit shrinks (decodes, resizes, re-encodes) any image wider
+#: than 1,460 px on every rerun; shrinking once here keeps that off every rerun
+MAX_WIDTH_PX = 1400
+
+
+def fit_width(image: bytes, max_width: int = MAX_WIDTH_PX) -> bytes:
+    """PNG ``image`` scaled down to at most ``max_width`` pixels wide (unchanged if narrower)."""
+    from PIL import Image
+
+    picture = Image.open(io.BytesIO(image))
+    if picture.width <= max_width:
+        return image
+    height = round(picture.height * max_width / picture.width)
+    buffer = io.BytesIO()
+    picture.resize((max_width, height), Image.LANCZOS).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def paper_figure(draw: Callable[..., Path], *tables: pd.DataFrame) -> bytes:
+    """PNG bytes of one of the report's figures (``convergence_core.figures.<name>_figure``),
+    drawn from ``tables`` exactly as the report draws it (one pyplot figure at a time), at most
+    :data:`MAX_WIDTH_PX` wide."""
+    with _PYPLOT_LOCK, tempfile.TemporaryDirectory(prefix="convergence-figure-") as folder:
+        path = draw(*tables, Path(folder) / "figure.png")
+        return fit_width(Path(path).read_bytes())

@@ -1,0 +1,219 @@
+"""The random-subset baseline of alignment, drawn until its mean is known to a stated precision.
+
+Fig. 2 compares CKNNA on the low- and high-dispersion sets with CKNNA on random sets of the same
+size (:func:`analyses.random_set_alignment`: a fixed number of sets, 200 by default). How many
+random sets that needs depends on how much CKNNA varies between random sets, which falls with the
+set size: on 59-stimulus sets of the demo the random CKNNA of a pair spreads by ~0.03, on
+5,000-stimulus sets of a 20,000-stimulus run by ~0.002. Drawing 200 sets of 25,000 stimuli takes
+about a minute, where a handful pins the mean to 0.001.
+
+:func:`sequential_random_alignment` therefore draws the random sets in batches and stops as soon as
+the 95% confidence interval of the mean CKNNA (``2·t·sd/√B`` for B sets, Student's t with B − 1
+degrees of freedom) is narrower than ``interval_width`` for every pair, or at ``max_sets``. The
+sets are the same draws as :func:`analyses.random_sets` for the same seed, in the same order, so a
+run that reaches ``max_sets`` equals the paper analysis exactly, and the first B sets of any draw
+are the same sets.
+
+Shapes: ``P`` vision × language pairs, ``B`` random sets of ``size`` stimuli out of ``n``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from .neighbours import NeighbourIndex, subset_alignment
+from .stats import percentile_interval
+
+if TYPE_CHECKING:
+    from .analyses import LayerKey, Pair
+
+#: Default precision of the baseline mean: the full width of its 95% confidence interval (CKNNA),
+#: i.e. the mean known to ±0.01 — small beside the low/high differences it is compared with
+#: (0.1–0.3 on the demo), and reached with ~80 sets of 59 stimuli or 4 sets of 5,000.
+DEFAULT_INTERVAL_WIDTH = 0.02
+#: Fewest random sets before the stopping rule is consulted (the sd of fewer is too rough).
+DEFAULT_MIN_SETS = 4
+#: Confidence level of the interval the stopping rule bounds.
+CONFIDENCE = 0.95
+
+
+class RandomBaseline(NamedTuple):
+    """Alignment of every pair on the random sets that were drawn.
+
+    ``cknna``, ``mutual_knn``: (P, B) float64; ``n_sets``: B; ``widest_interval``: the largest
+    over pairs of the 95% confidence-interval width of the mean CKNNA (NaN for B < 2);
+    ``interval_width``: the width asked for (None: a fixed number of sets was asked for);
+    ``reached``: whether every pair's interval is at most ``interval_width`` wide.
+    """
+
+    cknna: np.ndarray
+    mutual_knn: np.ndarray
+    n_sets: int
+    widest_interval: float
+    interval_width: float | None
+    reached: bool
+
+
+def mean_interval_widths(values: np.ndarray, confidence: float = CONFIDENCE) -> np.ndarray:
+    """(P,) full width ``2·t·sd/√B`` of the confidence interval of each row's mean, for (P, B)
+    values (Student's t, B − 1 degrees of freedom; NaN for B < 2 or a NaN value)."""
+    from scipy.stats import t as student_t  # imported here: scipy.stats costs ~0.5 s to import
+
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    count = values.shape[1]
+    if count < 2:
+        return np.full(values.shape[0], np.nan)
+    quantile = float(student_t.ppf(0.5 + confidence / 2.0, count - 1))
+    return 2.0 * quantile * values.std(axis=1, ddof=1) / math.sqrt(count)
+
+
+def random_set_stream(n: int, size: int, seed: int) -> Iterator[np.ndarray]:
+    """Fig. 2's random sets of ``size`` of ``n`` stimuli, one (size,) sorted int64 array at a
+    time: the draws of :func:`analyses.random_sets` for the same ``seed``, in order."""
+    if not 1 <= size <= n:
+        raise ValueError(f"size={size} is out of range for {n} stimuli; use 1 <= size <= {n}")
+    # analyses.random_sets: the first of two streams spawned from the seed, one
+    # choice(n, size, replace=False) per set (tests/test_random_baseline.py checks they agree)
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0])
+    while True:
+        yield np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
+
+
+def sets_needed(values: np.ndarray, interval_width: float, confidence: float = CONFIDENCE) -> int:
+    """Random sets the widest row of (P, B) ``values`` needs for an interval of
+    ``interval_width``, from its current sd (normal approximation: ``(2·z·sd / width)²``)."""
+    from scipy.stats import norm
+
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    if values.shape[1] < 2:
+        return values.shape[1] + 1
+    sd = float(np.nanmax(values.std(axis=1, ddof=1)))
+    if not np.isfinite(sd):
+        return values.shape[1] + 1
+    z = float(norm.ppf(0.5 + confidence / 2.0))
+    return int(math.ceil((2.0 * z * sd / interval_width) ** 2))
+
+
+def sequential_random_alignment(
+    indexes: Mapping[LayerKey, NeighbourIndex],
+    pairs: Sequence[Pair],
+    n: int,
+    size: int,
+    k: int,
+    *,
+    interval_width: float | None = DEFAULT_INTERVAL_WIDTH,
+    max_sets: int = 200,
+    min_sets: int = DEFAULT_MIN_SETS,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> RandomBaseline:
+    """CKNNA and mutual k-NN of every pair on random sets, drawn until the mean is pinned.
+
+    Args:
+        indexes: ``{(model, layer): NeighbourIndex}`` for both sides of every pair.
+        pairs: the vision × language pairs (``analyses.Pair``).
+        n: stimuli in the run; size: stimuli per random set; k: neighbours (k < size).
+        interval_width: stop once every pair's ``confidence`` interval of the mean CKNNA is at
+            most this wide; None draws exactly ``max_sets`` sets (the paper analysis's baseline).
+        max_sets: most sets drawn; min_sets: fewest before stopping (at least 2).
+        seed: as in :func:`analyses.random_sets`.
+
+    Each batch is sized from the sets the current spread needs (:func:`sets_needed`), at most
+    doubling the sets drawn, so a baseline takes a few batched passes over the neighbour lists and
+    never draws more than twice the sets its stopping rule needed.
+    """
+    if max_sets < 1:
+        raise ValueError(f"max_sets must be at least 1, got {max_sets}; use e.g. 200")
+    if interval_width is not None and not interval_width > 0:
+        raise ValueError(
+            f"interval_width must be a positive CKNNA width, got {interval_width!r}; use e.g. "
+            f"{DEFAULT_INTERVAL_WIDTH}, or None for a fixed number of sets"
+        )
+    min_sets = max(2, min(int(min_sets), max_sets))
+    stream = random_set_stream(n, size, seed)
+    keyed = [pair.sides for pair in pairs]
+    cknna = np.empty((len(pairs), 0))
+    mutual_knn = np.empty((len(pairs), 0))
+    drawn = 0
+    while True:
+        if interval_width is None:
+            batch = max_sets - drawn
+        elif drawn < min_sets:
+            batch = min_sets - drawn
+        else:
+            widths = mean_interval_widths(cknna, confidence)
+            if np.all(widths <= interval_width) or drawn >= max_sets:
+                break
+            wanted = sets_needed(cknna, interval_width, confidence)
+            # at least a quarter more, at most as many again (the sd of a few sets is itself
+            # rough: growing geometrically never overshoots by more than the sets drawn so far)
+            batch = int(
+                min(max_sets - drawn, drawn, max(wanted - drawn, math.ceil(drawn / 4), 1))
+            )
+        if batch <= 0:
+            break
+        sets = np.stack([next(stream) for _ in range(batch)])
+        result = subset_alignment(indexes, keyed, sets, k)
+        cknna = np.concatenate([cknna, result.cknna], axis=1)
+        mutual_knn = np.concatenate([mutual_knn, result.mutual_knn], axis=1)
+        drawn += batch
+        if interval_width is None:
+            break
+    widths = mean_interval_widths(cknna, confidence)
+    widest = float(np.max(widths)) if widths.size and not np.isnan(widths).any() else float("nan")
+    reached = interval_width is not None and bool(np.all(widths <= interval_width))
+    return RandomBaseline(cknna, mutual_knn, drawn, widest, interval_width, reached)
+
+
+def baseline_table(
+    indexes: Mapping[LayerKey, NeighbourIndex],
+    pairs: Sequence[Pair],
+    n: int,
+    size: int,
+    k: int,
+    *,
+    max_sets: int = 200,
+    seed: int = 0,
+    interval_width: float | None = DEFAULT_INTERVAL_WIDTH,
+    min_sets: int = DEFAULT_MIN_SETS,
+) -> pd.DataFrame:
+    """The random baseline of every pair as a table (:func:`sequential_random_alignment`).
+
+    One row per pair: ``vision_model``, ``vision_layer``, ``language_model``,
+    ``language_layer``, ``set_size``, ``k``, ``n_random`` (sets drawn), ``cknna_random_mean``,
+    ``cknna_random_lower_95``, ``cknna_random_upper_95`` (the 95% percentile interval of the
+    random sets' values), the same three for ``mutual_knn``, ``cknna_random_mean_interval`` (the
+    width of the 95% confidence interval of the mean) and ``interval_width`` (asked for; NaN for a
+    fixed number of sets). Precompute may store this table for a run's default size and k.
+    """
+    drawn = sequential_random_alignment(
+        indexes,
+        pairs,
+        n,
+        size,
+        k,
+        interval_width=interval_width,
+        max_sets=max_sets,
+        min_sets=min_sets,
+        seed=seed,
+    )
+    widths = mean_interval_widths(drawn.cknna)
+    rows = []
+    for pair, cknna_values, mknn_values, width in zip(
+        pairs, drawn.cknna, drawn.mutual_knn, widths, strict=True
+    ):
+        row = {**pair._asdict(), "set_size": int(size), "k": int(k), "n_random": drawn.n_sets}
+        for name, array in (("cknna", cknna_values), ("mutual_knn", mknn_values)):
+            lower, upper = percentile_interval(array, 0.95)
+            row[f"{name}_random_mean"] = float(array.mean())
+            row[f"{name}_random_lower_95"] = lower
+            row[f"{name}_random_upper_95"] = upper
+        row["cknna_random_mean_interval"] = float(width)
+        row["interval_width"] = np.nan if interval_width is None else float(interval_width)
+        rows.append(row)
+    return pd.DataFrame(rows)

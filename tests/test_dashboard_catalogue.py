@@ -1,0 +1,168 @@
+"""Per-run lookups (dashboard/catalogue.py), text tables and server-drawn figures (charts.py)."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from convergence_core.dashboard import charts, lab, widgets
+from convergence_core.dashboard.catalogue import build_catalogue, components_table, models_table
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):
+    from tests.fixtures_runs import make_synthetic_run
+
+    return make_synthetic_run(Path(tmp_path_factory.mktemp("runs")), n=40, thumbnails=False)
+
+
+def test_catalogue_matches_the_run(run) -> None:
+    found = build_catalogue(run)
+    ids = run.stimuli["id"].astype(str).tolist()
+    assert list(found.ids) == ids and found.n == run.n_stimuli
+    assert all(found.position[identifier] == row for row, identifier in enumerate(ids))
+    for score in ("mean", "pc1"):
+        values = run.dispersion[score].to_numpy()
+        np.testing.assert_array_equal(found.order[score], np.argsort(values, kind="stable"))
+        np.testing.assert_array_equal(found.values[score], values)
+        assert not found.order[score].flags.writeable  # shared by every session
+    residuals = np.asarray(run.gpa.residuals)
+    np.testing.assert_allclose(found.residual_median, np.median(residuals, axis=0))
+    mean, pc1 = run.dispersion["mean"].to_numpy(), run.dispersion["pc1"].to_numpy()
+    assert found.pearson == pytest.approx(np.corrcoef(mean, pc1)[0, 1])
+    from scipy.stats import spearmanr
+
+    assert found.spearman == pytest.approx(spearmanr(mean, pc1).statistic)
+
+
+def test_caption_search_is_literal_and_case_insensitive(run) -> None:
+    found = build_catalogue(run)
+    captions = run.stimuli["captions"]
+    word = captions.iloc[3][0].split()[1].upper()
+    expected = [
+        word.lower() in " ".join([i, *c]).lower()
+        for i, c in zip(run.stimuli["id"], captions, strict=True)
+    ]
+    np.testing.assert_array_equal(found.matching(f"  {word} "), expected)
+    assert found.matching("").all()
+    assert not found.matching(".*").any()  # a pattern is text, not a regular expression
+    identifier = str(run.stimuli["id"].iloc[5])
+    assert found.matching(identifier)[5]
+
+
+def test_rows_of_keeps_order_and_reports_unknown(run) -> None:
+    found = build_catalogue(run)
+    ids = [str(run.stimuli["id"].iloc[i]) for i in (7, 2)]
+    rows, unknown = found.rows_of([ids[0], "ghost", ids[1]])
+    assert list(rows) == [7, 2] and unknown == ["ghost"]
+
+
+def test_markdown_tables_escape_every_cell_and_cut_long_ones() -> None:
+    frame = pd.DataFrame({"model": ["a", "**bold** [x](http://e) <b>|</b> :red[y]"], "k": [3, 12]})
+    lines = widgets.markdown_table(frame).splitlines()
+    assert lines[0] == "| model | k |" and lines[1] == "| --- | --- |"
+    assert lines[2] == "| a | 3 |"
+    hostile = lines[3].split(" | ")[0][2:]
+    assert hostile == (
+        r"\*\*bold\*\* \[x\]\(http\:\/\/e\) \<b\>\|\<\/b\> \:red\[y\]"
+    )
+    cut = widgets.markdown_table(pd.DataFrame({"x": ["y" * 100]}), max_cell=10).splitlines()[2]
+    assert cut == "| " + "y" * 9 + "… |"
+
+
+def test_escaped_markdown_renders_as_the_text_itself() -> None:
+    """Every ASCII punctuation character is escaped; CommonMark renders an escaped one as itself,
+    so removing the escapes gives the text back (checked with a CommonMark renderer if present)."""
+    import string
+
+    text = "".join(string.punctuation) + " tail"
+    escaped = widgets.escape_markdown(text)
+    assert re.sub(r"\\(.)", r"\1", escaped) == text
+    markdown_it = pytest.importorskip("markdown_it")
+    html = markdown_it.MarkdownIt("commonmark").renderInline(escaped)
+    import html as html_module
+
+    assert html_module.unescape(html) == text
+
+
+def test_models_and_components_tables(run) -> None:
+    table = models_table(run)
+    assert list(table["model"]) == run.models
+    assert set(table.loc[table["model"].isin(run.gpa.models), "role"]) == {"GPA (dispersion)"}
+    components = components_table(run)
+    np.testing.assert_allclose(
+        components["variance_explained_%"],
+        np.round(100 * np.asarray(run.pca.explained_variance_ratio), 2),
+    )
+    assert [c for c in components.columns if c.startswith("loading")] == [
+        f"loading {m}" for m in run.gpa.models
+    ]
+
+
+def _picture(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "PNG"
+    return image
+
+
+def test_charts_are_pngs_no_wider_than_streamlit_keeps(run) -> None:
+    found = build_catalogue(run)
+    pictures = [
+        charts.dispersion_histograms(found.values["mean"], found.values["pc1"], "title $x$"),
+        charts.residual_bars(run.gpa.models, np.asarray(run.gpa.residuals)[0],
+                             found.residual_median, "id$with$dollars"),
+        charts.residual_scatter(np.arange(40.0), np.arange(40.0), found.values["mean"],
+                                colour_title="c<br>d", x_title="x", y_title="y", title="t",
+                                selected=[1, 2]),
+        charts.residual_components(np.asarray(run.pca.explained_variance_ratio),
+                                   np.asarray(run.pca.components), run.gpa.models),
+    ]
+    for data in pictures:
+        image = _picture(data)
+        assert 300 < image.width <= charts.MAX_WIDTH_PX and image.height > 200
+        assert np.asarray(image.convert("L")).std() > 5  # something is drawn
+
+
+def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
+    from convergence_core import analyses
+
+    best = analyses.best_language_layers(run, k=5)
+    layers = dict(zip(best["language_model"], best["language_layer"], strict=True))
+    pairs = [
+        lab.Pair(v, layer, m, layers[m])
+        for v, layer in zip(run.gpa.models, run.gpa.layers, strict=True)
+        for m in run.language_models
+    ]
+    indexes = analyses.indexes_for(run, pairs)
+    scores = run.dispersion["mean"].to_numpy()
+    sets = {"low": np.arange(10), "high": np.arange(10, 20), "selection": np.arange(20, 28)}
+    values = lab.set_table(indexes, pairs, sets, 5)
+    baseline = lab.baseline_table(indexes, pairs, scores, 10, 5, n_random=8)
+    _picture(charts.alignment_bars(values, baseline, "cknna"))
+    _picture(charts.alignment_bars(values, baseline, "mutual_knn"))
+    _picture(charts.alignment_bars(values, None, "cknna"))
+    with pytest.raises(ValueError, match="unknown metric"):
+        charts.alignment_bars(values, baseline, "r2")
+    assert "8 random sets of 10 stimuli per pair (a fixed number)" in lab.baseline_statement(
+        baseline
+    )
+
+
+def test_wide_pictures_are_shrunk_once() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (2000, 500), "white").save(buffer, format="PNG")
+    shrunk = _picture(charts.fit_width(buffer.getvalue()))
+    assert shrunk.size == (charts.MAX_WIDTH_PX, 350)
+    small = io.BytesIO()
+    Image.new("RGB", (300, 100), "white").save(small, format="PNG")
+    assert charts.fit_width(small.getvalue()) == small.getvalue()
+
+
+def test_text_from_a_run_never_starts_math_mode() -> None:
+    assert charts.literal("a $b$ c") == r"a \$b\$ c"
