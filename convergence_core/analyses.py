@@ -337,7 +337,7 @@ def dispersion_set_alignment(
     *,
     size: int,
     k: int = 10,
-    score: DispersionScore = "mean",
+    score: DispersionScore | Sequence[DispersionScore] = "mean",
     n_random: int = 200,
     seed: int = 0,
     n_permutations: int = DEFAULT_N_PERMUTATIONS,
@@ -348,9 +348,10 @@ def dispersion_set_alignment(
 ) -> pd.DataFrame:
     """Fig. 2: alignment of every vision × language pair on the low-, high- and random-dispersion sets.
 
-    The low (high) set holds the ``size`` stimuli with the lowest (highest) dispersion ``score``;
+    The low (high) set holds the ``size`` stimuli with the lowest (highest) dispersion ``score``
+    (one score, or several: their rows one after the other, score by score);
     the ``n_random`` random sets are drawn without replacement (:func:`random_sets`), the same
-    draws for every pair and metric. Each language model is used at its best layer
+    draws for every pair, metric and score (measured once). Each language model is used at its best layer
     (:func:`best_language_layers`, on the full set; ``best_layers`` may pass that table). Per pair
     and metric, a permutation test shuffles the low/high labels of the 2·size stimuli and
     recomputes metric(low) - metric(high) — CKNNA ``n_permutations`` times, every other metric
@@ -395,14 +396,44 @@ def dispersion_set_alignment(
         )
         for name in names
     }
-    scores = _dispersion_scores(run, score)
+    score_names = [score] if isinstance(score, str) else list(dict.fromkeys(score))
+    if not score_names:
+        raise ValueError(f"pass at least one dispersion score; use one of {list(_SCORES)}")
+    by_score = {name: _dispersion_scores(run, name) for name in score_names}
     pairs = _pairs_with_best_layers(run, k, best_layers)
+    indexes = indexes_for(run, pairs)
+    # the random sets depend on n and the seed only: measured once for every score
+    draws = random_sets(by_score[score_names[0]], size, n_random, seed)
+    random_values = set_metric_values(indexes, pairs, draws, k, names, options)
+    rows = []
+    for score_name, scores in by_score.items():
+        rows += _score_rows(
+            indexes, pairs, scores, score_name, random_values, size=size, k=k, names=names,
+            options=options, counts=counts, n_random=n_random, seed=seed,
+        )
+    table = pd.DataFrame(rows)
+    return cknna_table(table) if metrics is None else table
 
+
+def _score_rows(
+    indexes: Mapping[LayerKey, NeighbourIndex],
+    pairs: Sequence[Pair],
+    scores: np.ndarray,
+    score: str,
+    random_values: Mapping[str, np.ndarray],
+    *,
+    size: int,
+    k: int,
+    names: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]],
+    counts: Mapping[str, int],
+    n_random: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The long table's rows of one dispersion score (see :func:`dispersion_set_alignment`)."""
     low = select_stimuli(scores, "low", size)
     high = select_stimuli(scores, "high", size)
-    indexes = indexes_for(run, pairs)
-    sets = np.concatenate([low[None], high[None], random_sets(scores, size, n_random, seed)])
-    values = set_metric_values(indexes, pairs, sets, k, names, options)
+    values = set_metric_values(indexes, pairs, np.stack([low, high]), k, names, options)
     nulls: dict[str, np.ndarray] = {}
     most = max(counts.values())
     if most:
@@ -421,7 +452,7 @@ def dispersion_set_alignment(
     for name in names:
         for p, pair in enumerate(pairs):
             low_value, high_value = float(values[name][p, 0]), float(values[name][p, 1])
-            random_row = values[name][p, 2:]
+            random_row = random_values[name][p]
             lower, upper = percentile_interval(random_row, 0.95)
             if name in nulls:
                 two_sided, greater = permutation_p_values(low_value - high_value, nulls[name][p])
@@ -448,8 +479,7 @@ def dispersion_set_alignment(
                     "seed": int(seed),
                 }
             )
-    table = pd.DataFrame(rows)
-    return cknna_table(table) if metrics is None else table
+    return rows
 
 
 #: The long table's value columns and their names in the classic CKNNA table.
@@ -987,6 +1017,14 @@ def _row_space_coordinates(configuration: np.ndarray) -> np.ndarray:
     """(m, min(m, d)) coordinates Z of the rows of ``configuration`` (m, d) in an orthonormal basis
     V of its row space (configuration = Z Vᵀ), so every distance between rows is kept."""
     return np.linalg.qr(configuration.T, mode="r").T
+
+
+def row_space_coordinates(features: np.ndarray) -> np.ndarray:
+    """Features (m, d) written in m coordinates when d > m (else unchanged): Z Zᵀ = F Fᵀ, so every
+    inner product, norm and distance between rows — and any metric invariant to orthogonal maps
+    that sees the features only through them — is kept, at a fraction of the width."""
+    features = np.asarray(features, dtype=np.float64)
+    return _row_space_coordinates(features) if features.shape[1] > features.shape[0] else features
 
 
 def held_out_deviation(held_out: np.ndarray, consensus: np.ndarray) -> np.ndarray:

@@ -303,6 +303,25 @@ def test_feature_rows_in_row_space_coordinates_change_no_invariant_metric():
         np.testing.assert_allclose(values[name][0], expected, atol=1e-10)
 
 
+def test_several_scores_at_once_are_the_single_score_tables_one_after_the_other(planted, sweep):
+    best = analyses.best_language_layers(planted, k=5, sweep=sweep)
+    kwargs = dict(size=15, k=5, n_random=6, n_permutations=20, seed=2, best_layers=best,
+                  metrics=["cknna", "lcs_knn", "cka"], metric_permutations=7)
+    both = analyses.dispersion_set_alignment(planted, score=["mean", "pc1"], **kwargs)
+    one_by_one = pd.concat(
+        [analyses.dispersion_set_alignment(planted, score=s, **kwargs) for s in ("mean", "pc1")],
+        ignore_index=True,
+    )
+    pd.testing.assert_frame_equal(both, one_by_one)
+    classic = analyses.dispersion_set_alignment(
+        planted, score=["mean", "pc1"], size=15, k=5, n_random=6, n_permutations=20, seed=2,
+        best_layers=best,
+    )
+    assert list(classic.score) == ["mean"] * 6 + ["pc1"] * 6
+    with pytest.raises(ValueError, match="at least one dispersion score"):
+        analyses.dispersion_set_alignment(planted, score=[], size=15, k=5)
+
+
 def test_no_permutations_for_the_other_metrics_gives_nan_p_values(planted):
     table = analyses.dispersion_set_alignment(
         planted, size=15, k=5, n_random=3, n_permutations=5, metrics=["cknna", "cka"],
