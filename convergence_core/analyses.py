@@ -21,13 +21,14 @@
   per stimulus; :func:`leave_one_model_out_statistics` gives Pearson r, Spearman ρ and the fit
   line.
 
-Neighbour metrics (CKNNA among them) are always computed by the neighbour engine (``neighbours.subset_alignment`` over the run's
-``run.neighbours(model, layer)`` indexes: exact, from the stored neighbour lists), many subsets and
-pairs at once, so a subset costs milliseconds at any n; feature metrics (CKA, SVCCA) from each
-set's prepared features (``metrics.measure``), one call per pair and set. Column names are full
-words; metric values are unitless. Above :data:`LAYER_SWEEP_MAX_STIMULI` stimuli the layer sweep (and so the choice of
-each language model's best layer) runs on a seeded random sample of that many stimuli, which its
-table says (``n_stimuli_used``, ``sample_seed``).
+Neighbour metrics (CKNNA among them) are always computed by the neighbour engine
+(``neighbours.subset_alignment`` over the run's ``run.neighbours(model, layer)`` indexes: exact,
+from the stored neighbour lists), many subsets and pairs at once, so a subset costs milliseconds
+at any n; feature metrics (CKA, SVCCA) from each set's prepared features (``metrics.measure``),
+one call per pair and set. Column names are full words; metric values are unitless. Above
+:data:`LAYER_SWEEP_MAX_STIMULI` stimuli the layer sweep (and so the choice of each language
+model's best layer) runs on a seeded random sample of that many stimuli, which its table says
+(``n_stimuli_used``, ``sample_seed``).
 
 Fig. 2's random sets and label shuffles come from :func:`random_set_alignment` and
 :func:`low_high_permutation_tests`, which the dashboard's Alignment lab calls too: for the same
@@ -251,7 +252,7 @@ def pairs_with_best_layers(
     run: Run, *, k: int = 10, best_layers: pd.DataFrame | None = None
 ) -> list[Pair]:
     """Every vision model (at its GPA layer) × language model (at its best layer, from
-    ``best_layers`` or :func:`best_language_layers` with this ``k``), in the order of Fig. 2's rows."""
+    ``best_layers`` or :func:`best_language_layers` with this ``k``), in Fig. 2's row order."""
     return _pairs_with_best_layers(run, k, best_layers)
 
 
@@ -346,17 +347,17 @@ def dispersion_set_alignment(
     metric_options: Mapping[str, Mapping[str, Any]] | None = None,
     metric_permutations: int | None = None,
 ) -> pd.DataFrame:
-    """Fig. 2: alignment of every vision × language pair on the low-, high- and random-dispersion sets.
+    """Fig. 2: alignment of every vision × language pair on the low-, high- and random sets.
 
     The low (high) set holds the ``size`` stimuli with the lowest (highest) dispersion ``score``
-    (one score, or several: their rows one after the other, score by score);
-    the ``n_random`` random sets are drawn without replacement (:func:`random_sets`), the same
-    draws for every pair, metric and score (measured once). Each language model is used at its best layer
+    (one score, or several: their rows one after the other, score by score); the ``n_random``
+    random sets are drawn without replacement (:func:`random_sets`), the same draws for every
+    pair, metric and score (measured once). Each language model is used at its best layer
     (:func:`best_language_layers`, on the full set; ``best_layers`` may pass that table). Per pair
     and metric, a permutation test shuffles the low/high labels of the 2·size stimuli and
     recomputes metric(low) - metric(high) — CKNNA ``n_permutations`` times, every other metric
-    ``metric_permutations`` times (default: as many; 0: no test, p-values NaN), the first of the same
-    shuffles; p-values use the +1 correction, (1 + #{as extreme}) / (shuffles + 1).
+    ``metric_permutations`` times (default: as many; 0: no test, p-values NaN), the first of
+    the same shuffles; p-values use the +1 correction, (1 + #{as extreme}) / (shuffles + 1).
 
     ``metrics=None`` (the default) gives the classic CKNNA table, one row per pair with columns
     ``vision_model``, ``vision_layer``, ``language_model``, ``language_layer``, ``score``,
@@ -509,7 +510,8 @@ def effect_counts(table: pd.DataFrame) -> pd.DataFrame:
 
     Columns: ``score``, ``metric``, ``n_pairs``, ``n_low_random_high`` (low > random mean > high),
     ``n_low_above_high``, ``n_significant`` (low > high with two-sided permutation p < 0.05; NaN
-    p-values never count), ``mean_low_minus_high``, ``n_permutations``.
+    p-values never count), ``mean_low_dispersion``, ``mean_random_mean``,
+    ``mean_high_dispersion``, ``mean_low_minus_high`` (means over the pairs), ``n_permutations``.
     """
     rows = []
     for (score, name), group in table.groupby(["score", "metric"], sort=False):
@@ -522,11 +524,16 @@ def effect_counts(table: pd.DataFrame) -> pd.DataFrame:
                 "score": score,
                 "metric": name,
                 "n_pairs": len(group),
-                "n_low_random_high": int(np.count_nonzero((low > random_mean) & (random_mean > high))),
+                "n_low_random_high": int(
+                    np.count_nonzero((low > random_mean) & (random_mean > high))
+                ),
                 "n_low_above_high": int(np.count_nonzero(above)),
                 "n_significant": int(
                     np.count_nonzero(above & (group["permutation_p_value_two_sided"] < 0.05))
                 ),
+                "mean_low_dispersion": float(np.mean(low)),
+                "mean_random_mean": float(np.mean(random_mean)),
+                "mean_high_dispersion": float(np.mean(high)),
                 "mean_low_minus_high": float(np.mean(low - high)),
                 "n_permutations": int(group["n_permutations"].iloc[0]),
             }
@@ -896,7 +903,9 @@ def matched_baselines(
             n_candidates=n_candidates, exclude_chosen=exclude_chosen, seed=_seed_int(sequence),
         )
     B = matched["low"].shape[0]
-    sets = np.concatenate([np.sort(low)[None], np.sort(high)[None], matched["low"], matched["high"]])
+    sets = np.concatenate(
+        [np.sort(low)[None], np.sort(high)[None], matched["low"], matched["high"]]
+    )
     values = set_metric_values(indexes, pairs, sets, k, names, metric_options)
     matched_on = "typicality" if labels is None else "typicality and category"
     rows = []

@@ -429,7 +429,9 @@ def universal_space_section(
 # the metric suite and the neighbouring papers' analyses (issue 14), one function per section
 
 #: Report sections that ``--skip`` may leave out (each costs seconds to a minute on the demo).
-OPTIONAL_SECTIONS = ("per_stimulus", "predictivity", "many_to_many", "blind_matching", "calibration")
+OPTIONAL_SECTIONS = (
+    "per_stimulus", "predictivity", "many_to_many", "blind_matching", "calibration"
+)
 
 
 @dataclass(frozen=True)
@@ -437,8 +439,8 @@ class AnalysisOptions:
     """Settings of the issue-14 sections of the report (defaults keep the demo's report cheap).
 
     Attributes:
-        metrics: registry metrics of the Fig. 2 sets (None: every metric, ``metrics.metric_names()``;
-            CKNNA is always added: the summary is CKNNA's).
+        metrics: registry metrics of the Fig. 2 sets (None: every metric,
+            ``metrics.metric_names()``; CKNNA is always added: the summary is CKNNA's).
         metric_permutations: low/high label shuffles per metric other than CKNNA (the first of
             CKNNA's shuffles; 0: no test).
         cca_dim: SVCCA's dimension (at most the narrowest layer compared and the set size − 1).
@@ -478,7 +480,9 @@ class AnalysisOptions:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.skip) - set(OPTIONAL_SECTIONS))
         if unknown:
-            raise ValueError(f"cannot skip {unknown}; sections that may be skipped: {OPTIONAL_SECTIONS}")
+            raise ValueError(
+                f"cannot skip {unknown}; sections that may be skipped: {OPTIONAL_SECTIONS}"
+            )
         for name in ("n_shuffles", "n_matched", "predictivity_folds", "many_to_many_resamples",
                      "cca_dim"):
             if int(getattr(self, name)) < 1:
@@ -575,7 +579,10 @@ def metric_suite_section(out: Path, table: pd.DataFrame) -> tuple[list[str], dic
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return [{key: _json_value(value) for key, value in row.items()} for row in frame.to_dict("records")]
+    return [
+        {key: _json_value(value) for key, value in row.items()}
+        for row in frame.to_dict("records")
+    ]
 
 
 def per_stimulus_section(
@@ -641,10 +648,15 @@ def predictivity_section(
             frames.append(table.assign(**pair._asdict(), set=set_name, draw=draw))
     long = pd.concat(frames, ignore_index=True)
     keys = [*analyses.Pair._fields, "source", "target", "metric"]
-    long = long[[*keys[:4], "set", "draw", *keys[4:], "value", "n_stimuli", "n_folds", "median_alpha"]]
+    long = long[
+        [*keys[:4], "set", "draw", *keys[4:], "value", "n_stimuli", "n_folds", "median_alpha"]
+    ]
     rows = []
     for key, group in long.groupby(keys, sort=False):
-        by_set = {name: group[group["set"] == name]["value"].to_numpy() for name in ("low", "high", "random")}
+        by_set = {
+            name: group[group["set"] == name]["value"].to_numpy()
+            for name in ("low", "high", "random")
+        }
         random_values = by_set["random"]
         lower, upper = (
             percentile_interval(random_values, 0.95) if random_values.size else (math.nan, math.nan)
@@ -875,7 +887,9 @@ def blind_matching_section(
     rows = []
     for key, group in table.groupby([*analyses.Pair._fields, "set"], sort=False):
         accuracy = group["accuracy"].to_numpy()
-        lower, upper = percentile_interval(accuracy, 0.95) if len(group) > 1 else (math.nan, math.nan)
+        lower, upper = (
+            percentile_interval(accuracy, 0.95) if len(group) > 1 else (math.nan, math.nan)
+        )
         rows.append(
             {
                 **dict(zip([*analyses.Pair._fields, "set"], key, strict=True)),
@@ -898,8 +912,9 @@ def blind_matching_section(
          > summary[summary["set"] == "high"]["accuracy_mean"].to_numpy()).sum()
     )
     verdict = (
-        f"Blind matching (seeded QAP on CKA, {n_seeds} known pairs, {int(np.size(sets.low))} stimuli "
-        f"per set): accuracy low {means.get('low', math.nan):.3f}, high {means.get('high', math.nan):.3f}"
+        f"Blind matching (seeded QAP on CKA, {n_seeds} known pairs, "
+        f"{int(np.size(sets.low))} stimuli per set): accuracy low "
+        f"{means.get('low', math.nan):.3f}, high {means.get('high', math.nan):.3f}"
         + (f", random {means['random']:.3f}" if "random" in means else "")
         + f" (mean over {len(pairs)} pairs; chance {chance:.3f}); low > high in {low_above} of "
         f"{len(pairs)} pairs."
@@ -961,8 +976,9 @@ def calibration_section(
         shift = balance[balance["matched_on"] == matched_on]["standardised_difference"].abs().max()
         sentences.append(
             f"Against random sets matched on {matched_on} ({n_matched} per set; largest covariate "
-            f"imbalance {shift:.2f} sd), low > high survives for {int(cknna_rows['survives'].sum())} "
-            f"of {len(cknna_rows)} pairs by CKNNA (matched-gap p < 0.05; CKNNA gap "
+            f"imbalance {shift:.2f} sd), low > high survives for "
+            f"{int(cknna_rows['survives'].sum())} of {len(cknna_rows)} pairs by CKNNA "
+            "(matched-gap p < 0.05; CKNNA gap "
             f"{cknna_rows['low_minus_high'].mean():+.3f} observed vs "
             f"{cknna_rows['matched_gap_mean'].mean():+.3f} between the matched sets, mean over "
             f"pairs) and for {int(group['survives'].sum())} of {len(group)} pair × metric "
@@ -1033,7 +1049,9 @@ def paper_sections(
         chosen = options.calibration_metric_names(metrics)
         results["matched_baselines"] = calibration_section(
             run, out, pairs, sets, k=k, metrics=chosen,
-            metric_options={name: value for name, value in metric_options.items() if name in chosen},
+            metric_options={
+                name: value for name, value in metric_options.items() if name in chosen
+            },
             n_shuffles=options.n_shuffles, n_matched=options.n_matched, seed=seed,
         )
     return {name: {**entry, "files": files} for name, (files, entry) in results.items()}

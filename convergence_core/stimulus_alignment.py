@@ -162,8 +162,8 @@ def _local_cka_rows(sums: _BaseSums, X: np.ndarray, Y: np.ndarray) -> np.ndarray
 
 
 def _row_source(features: PreparedFeatures):
-    """``rows(index)`` of the prepared features, or, when they are wider than the stimuli are many
-    (d > n ≤ 4096), of their (n, n) coordinates Z in their row space (Z Zᵀ = F Fᵀ; exact for CKA)."""
+    """``rows(index)`` of the prepared features, or, when they are wider than the stimuli are
+    many (d > n ≤ 4096), of their (n, n) row-space coordinates Z (Z Zᵀ = F Fᵀ; exact for CKA)."""
     n = features.n
     if features.d > n and n <= _ROW_SPACE_MAX_STIMULI:
         coordinates = np.linalg.qr(features.all_rows().T, mode="r").T

@@ -293,7 +293,10 @@ def test_feature_rows_in_row_space_coordinates_change_no_invariant_metric():
     z = rng.standard_normal((30, 4))
     X = z @ rng.standard_normal((4, 70)) + 0.4 * rng.standard_normal((30, 70))
     Y = z @ rng.standard_normal((4, 50)) + 0.6 * rng.standard_normal((30, 50))
-    indexes = {("x", "l"): NeighbourIndex.from_features(X), ("y", "l"): NeighbourIndex.from_features(Y)}
+    indexes = {
+        ("x", "l"): NeighbourIndex.from_features(X),
+        ("y", "l"): NeighbourIndex.from_features(Y),
+    }
     sets = np.stack([np.sort(rng.choice(30, 12, replace=False)) for _ in range(3)])
     names = [m for m in ALL_METRICS if not registry.metric(m).neighbour_metric]
     values = analyses.set_metric_values(indexes, [("x", "l", "y", "l")], sets, 4, names)
@@ -347,6 +350,7 @@ def test_effect_counts_come_from_the_long_table(fig2_long):
         assert counts.loc[name, "n_low_random_high"] == ordered
         assert counts.loc[name, "n_significant"] == significant
         assert counts.loc[name, "n_pairs"] == 6
+        assert counts.loc[name, "mean_high_dispersion"] == pytest.approx(group.high_dispersion.mean())
     # the planted effect shows in every metric for the planted language model
     planted_rows = fig2_long[fig2_long.language_model == "planted"]
     assert (planted_rows.low_dispersion > planted_rows.high_dispersion).all()
@@ -357,7 +361,8 @@ def test_metric_names_and_options_are_checked(planted):
         analyses.dispersion_set_alignment(planted, size=15, k=5, metrics=["cosine"])
     with pytest.raises(ValueError, match="takes no options besides k"):
         analyses.dispersion_set_alignment(
-            planted, size=15, k=5, metrics=["lcs_knn"], metric_options={"lcs_knn": {"normalise": False}}
+            planted, size=15, k=5, metrics=["lcs_knn"],
+            metric_options={"lcs_knn": {"normalise": False}},
         )
     with pytest.raises(ValueError, match="not asked for"):
         analyses.dispersion_set_alignment(
