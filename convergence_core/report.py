@@ -18,7 +18,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -634,6 +634,11 @@ def predictivity_section(
     random sets) and ``predictivity_summary`` (per pair × direction × metric: low, high, random
     mean and 2.5/97.5 percentiles, low − high). Returns (files, report.json entry).
     """
+    if np.size(sets.low) < 2 * n_folds:
+        raise ValueError(
+            f"sets of {np.size(sets.low)} stimuli are too few for {n_folds}-fold cross-validation "
+            f"(at least {2 * n_folds}); use a larger --size"
+        )
     named = [("low", 0, sets.low), ("high", 0, sets.high)] + [
         ("random", i, rows) for i, rows in enumerate(sets.random[:n_random])
     ]
@@ -697,6 +702,11 @@ def _caption_pairs(
     """Per-caption embeddings of every language model × layer in ``pairs`` (cached, or embedded
     when ``embed``), and notes for those missing."""
     found, notes = {}, []
+    if max(map(len, run.stimuli["captions"]), default=0) < 2:
+        return found, [
+            "many-to-many (one caption vs the mean of all captions) skipped: every stimulus has a "
+            "single caption"
+        ]
     for model, layer in dict.fromkeys((p.language_model, p.language_layer) for p in pairs):
         cached = caption_embeddings.cached_caption_embeddings(run, model, layer)
         if cached is None and embed:
@@ -912,7 +922,7 @@ def blind_matching_section(
          > summary[summary["set"] == "high"]["accuracy_mean"].to_numpy()).sum()
     )
     verdict = (
-        f"Blind matching (seeded QAP on CKA, {n_seeds} known pairs, "
+        f"Blind matching (seeded QAP on CKA, {int(table['n_seeds'].max())} known pairs, "
         f"{int(np.size(sets.low))} stimuli per set): accuracy low "
         f"{means.get('low', math.nan):.3f}, high {means.get('high', math.nan):.3f}"
         + (f", random {means['random']:.3f}" if "random" in means else "")
@@ -1021,40 +1031,45 @@ def paper_sections(
     or None), ``notes`` and its numbers (see each ``*_section``). The sections after the metric
     suite use the sets of the first score (``scores[0]``)."""
     sets = dispersion_sets(run, scores[0], size, n_random, seed)
-    results: dict[str, tuple[list[str], dict[str, Any]]] = {
-        "metric_suite": metric_suite_section(out, long_table)
-    }
-    skip = set(options.skip)
-    if "per_stimulus" not in skip:
-        results["per_stimulus"] = per_stimulus_section(
+    chosen = options.calibration_metric_names(metrics)
+    sections: dict[str, Callable[[], tuple[list[str], dict[str, Any]]]] = {
+        "per_stimulus": lambda: per_stimulus_section(
             run, out, pairs, k=k, score=sets.score, n_permutations=n_permutations, seed=seed
-        )
-    if "predictivity" not in skip:
-        results["predictivity"] = predictivity_section(
+        ),
+        "predictivity": lambda: predictivity_section(
             run, out, pairs, sets, n_random=options.predictivity_random,
             n_folds=options.predictivity_folds, seed=seed,
-        )
-    if "many_to_many" not in skip:
-        results["many_to_many"] = many_to_many_section(
+        ),
+        "many_to_many": lambda: many_to_many_section(
             run, out, pairs, k=k, metrics=options.many_to_many_metrics,
             n_resamples=options.many_to_many_resamples, embed=options.embed_captions, seed=seed,
-        )
-    if "blind_matching" not in skip:
-        results["blind_matching"] = blind_matching_section(
+        ),
+        "blind_matching": lambda: blind_matching_section(
             run, out, pairs, sets, repeats=options.blind_matching_repeats,
             n_random=options.blind_matching_random, n_seeds=options.blind_matching_seeds,
             seed=seed,
-        )
-    if "calibration" not in skip:
-        chosen = options.calibration_metric_names(metrics)
-        results["matched_baselines"] = calibration_section(
+        ),
+        "matched_baselines": lambda: calibration_section(
             run, out, pairs, sets, k=k, metrics=chosen,
             metric_options={
                 name: value for name, value in metric_options.items() if name in chosen
             },
             n_shuffles=options.n_shuffles, n_matched=options.n_matched, seed=seed,
-        )
+        ),
+    }
+    results = {"metric_suite": metric_suite_section(out, long_table)}
+    for name, section in sections.items():
+        if _SECTION_OPTION.get(name, name) in options.skip:
+            continue
+        try:
+            results[name] = section()
+        except ValueError as error:  # e.g. sets too small for it: the rest of the report stands
+            results[name] = ([], {"verdict": None, "notes": [f"{name} skipped: {error}"]})
     return {name: {**entry, "files": files} for name, (files, entry) in results.items()}
+
+
+#: report.json section -> its ``--skip`` name, where they differ
+_SECTION_OPTION = {"matched_baselines": "calibration"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -207,9 +207,9 @@ def test_report_has_every_section_table_figure_and_verdict(written):
                     "matched_baselines"):
         assert meta["verdicts"][section] in text
         assert meta[section]["verdict"] == meta["verdicts"][section]
-    # the synthetic run stores one caption per stimulus and its models cannot be loaded
+    # the synthetic run has one caption per stimulus: nothing to average
     assert "many_to_many" not in meta["verdicts"]
-    assert any("many-to-many" in note and "--embed-captions" in note for note in meta["notes"])
+    assert any("many-to-many" in note and "single caption" in note for note in meta["notes"])
     assert meta["parameters"]["metric_permutations"] == 10
     assert meta["parameters"]["metric_options"] == {"svcca": {"cca_dim": 9}}  # narrowest layer
 
@@ -280,6 +280,25 @@ def test_calibration_and_matched_baselines_in_the_report(written):
     meta = json.loads((out / "report.json").read_text())
     survived = int(matched[matched.metric == "cknna"].survives.sum())
     assert f"survives for {survived} of 6 pairs by CKNNA" in meta["verdicts"]["matched_baselines"]
+
+
+def test_a_section_that_cannot_run_on_small_sets_becomes_a_note(planted_run_path, tmp_path):
+    from convergence_core.run import load_run
+
+    meta = report.write_report(
+        load_run(planted_run_path / "runs" / "demo"), tmp_path, size=8, k=3, scores=["mean"],
+        n_random=5, n_permutations=5,
+        options=report.AnalysisOptions(
+            metrics=("cka",), metric_permutations=2, n_shuffles=3, n_matched=3,
+            predictivity_random=0, blind_matching_repeats=1, blind_matching_random=0,
+        ),
+    )
+    assert any(
+        note.startswith("predictivity skipped: sets of 8 stimuli are too few for 5-fold")
+        for note in meta["notes"]
+    )
+    assert "predictivity" not in meta["verdicts"] and "blind_matching" in meta["verdicts"]
+    assert not (tmp_path / "predictivity_sets.csv").exists()
 
 
 def test_fixed_points_p_value_is_exact():
