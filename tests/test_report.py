@@ -471,3 +471,26 @@ def test_category_matched_baselines_where_classes_have_members(captioned_run, tm
     matched = pd.read_csv(tmp_path / "matched_baselines.csv")
     assert list(dict.fromkeys(matched.matched_on)) == ["typicality", "typicality and category"]
     assert "matched on typicality and category" in entry["verdict"]
+
+
+def test_the_report_benchmark_runs_and_writes_json():
+    """benchmarks/bench_report.py --quick (a 60-stimulus run): every case measured, ratios to the
+    report without the issue-14 sections (timings are read, not asserted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = "report-smoke-test.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_report.py", "--quick", "--out", out],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = repo / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    assert payload["quick"] is True
+    rows = {row["what"]: row for row in payload["results"]}
+    assert rows["report without the issue-14 sections"]["cpu_ratio_to_report_without"] == 1.0
+    assert len(rows) == 9 and all(row["cpu_seconds"] >= 0 for row in rows.values())
