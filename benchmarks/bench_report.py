@@ -6,7 +6,7 @@ report without the sections, so a loaded machine still gives comparable numbers.
 and writes benchmarks/results/bench_report.json.
 
     .venv/bin/python benchmarks/bench_report.py            # full size (about 3 minutes, 1 core)
-    .venv/bin/python benchmarks/bench_report.py --quick    # a 60-stimulus run, seconds
+    .venv/bin/python benchmarks/bench_report.py --quick    # smoke test: 48 stimuli, small counts
 
 Run it with one BLAS thread (``OMP_NUM_THREADS=1``) for numbers that do not depend on how many
 cores the machine lends.
@@ -38,33 +38,44 @@ def _time(call: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench(run: Run, label: str, folder: Path) -> list[dict[str, object]]:
-    k = 10 if run.n_stimuli >= 100 else 5
+def bench(run: Run, label: str, folder: Path, *, quick: bool = False) -> list[dict[str, object]]:
+    """Every case once; ``quick``: k = 5 and small counts (a smoke test, not a measurement)."""
+    k = 5 if quick else 10
     size = report.default_set_size(run.n_stimuli, k)
-    options = report.AnalysisOptions()
+    counts = {"n_random": 20, "n_permutations": 50} if quick else {}
+    options = (
+        report.AnalysisOptions(
+            metric_permutations=10, n_shuffles=10, n_matched=10, predictivity_random=1,
+            blind_matching_repeats=1, blind_matching_random=1, many_to_many_resamples=10,
+        )
+        if quick
+        else report.AnalysisOptions()
+    )
     without = report.AnalysisOptions(metrics=("cknna",), skip=report.OPTIONAL_SECTIONS)
     best = analyses.best_language_layers(run, k=k)
     pairs = analyses.pairs_with_best_layers(run, k=k, best_layers=best)
     metrics = options.metric_names()
     metric_options = options.metric_options(run, pairs, size, metrics)
-    sets = report.dispersion_sets(run, "mean", size, 200, 0)
+    sets = report.dispersion_sets(run, "mean", size, counts.get("n_random", 200), 0)
     calibration_metrics = options.calibration_metric_names(metrics)
     cases: dict[str, Callable[[], object]] = {
         "report without the issue-14 sections": lambda: report.write_report(
-            run, folder / "without", k=k, options=without
+            run, folder / "without", k=k, options=without, **counts
         ),
         "report with them (defaults)": lambda: report.write_report(
-            run, folder / "with", k=k, options=options
+            run, folder / "with", k=k, options=options, **counts
         ),
         "Fig. 2 sets, CKNNA only (both scores)": lambda: analyses.dispersion_set_alignment(
-            run, size=size, k=k, score=["mean", "pc1"], best_layers=best
+            run, size=size, k=k, score=["mean", "pc1"], best_layers=best, **counts
         ),
         "Fig. 2 sets, every metric (both scores)": lambda: analyses.dispersion_set_alignment(
             run, size=size, k=k, score=["mean", "pc1"], best_layers=best, metrics=metrics,
             metric_options=metric_options, metric_permutations=options.metric_permutations,
+            on_error="nan", **counts,
         ),
         "per-stimulus alignment": lambda: report.per_stimulus_section(
-            run, folder, pairs, k=k, score="mean", n_permutations=1000, seed=0
+            run, folder, pairs, k=k, score="mean",
+            n_permutations=counts.get("n_permutations", 1000), seed=0,
         ),
         "linear predictivity": lambda: report.predictivity_section(
             run, folder, pairs, sets, n_random=options.predictivity_random,
@@ -105,7 +116,9 @@ def bench(run: Run, label: str, folder: Path) -> list[dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a 60-stimulus synthetic run only")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: a 48-stimulus run, small counts"
+    )
     parser.add_argument("--out", default="bench_report.json", help="file name in results/")
     args = parser.parse_args(argv)
     rows: list[dict[str, object]] = []
@@ -114,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:
             from tests.fixtures_runs import make_synthetic_run
 
-            run = make_synthetic_run(Path(tmp), 60, images=False, thumbnails=False)
-            rows += bench(run, "synthetic-60", Path(tmp) / "out")
+            run = make_synthetic_run(Path(tmp), 48, images=False, thumbnails=False)
+            rows += bench(run, "synthetic-48", Path(tmp) / "out", quick=True)
         else:
             run = demo_shaped_run(Path(tmp) / "demo-shaped")
             rows += bench(run, "demo-shaped", Path(tmp) / "shaped")

@@ -346,6 +346,7 @@ def dispersion_set_alignment(
     metrics: Sequence[str] | None = None,
     metric_options: Mapping[str, Mapping[str, Any]] | None = None,
     metric_permutations: int | None = None,
+    on_error: OnError = "raise",
 ) -> pd.DataFrame:
     """Fig. 2: alignment of every vision × language pair on the low-, high- and random sets.
 
@@ -373,6 +374,8 @@ def dispersion_set_alignment(
     ``cknna_`` prefix (``low_dispersion``, ``random_mean``, ``random_lower_95``,
     ``random_upper_95``, ``high_dispersion``); ``n_permutations`` is each row's count.
     :func:`cknna_table` turns its CKNNA rows into the classic table (the same numbers).
+    ``on_error="nan"``: a feature metric undefined on a set gives NaN there (and NaN p-values and
+    intervals wherever such a set enters) instead of an error (:func:`set_metric_values`).
     """
     vision_layers(run)  # a run with a single vision model fails here, before anything else
     n = _n_stimuli(run)
@@ -405,12 +408,14 @@ def dispersion_set_alignment(
     indexes = indexes_for(run, pairs)
     # the random sets depend on n and the seed only: measured once for every score
     draws = random_sets(by_score[score_names[0]], size, n_random, seed)
-    random_values = set_metric_values(indexes, pairs, draws, k, names, options)
+    random_values = set_metric_values(
+        indexes, pairs, draws, k, names, options, on_error=on_error
+    )
     rows = []
     for score_name, scores in by_score.items():
         rows += _score_rows(
             indexes, pairs, scores, score_name, random_values, size=size, k=k, names=names,
-            options=options, counts=counts, n_random=n_random, seed=seed,
+            options=options, counts=counts, n_random=n_random, seed=seed, on_error=on_error,
         )
     table = pd.DataFrame(rows)
     return cknna_table(table) if metrics is None else table
@@ -430,11 +435,14 @@ def _score_rows(
     counts: Mapping[str, int],
     n_random: int,
     seed: int,
+    on_error: OnError,
 ) -> list[dict[str, Any]]:
     """The long table's rows of one dispersion score (see :func:`dispersion_set_alignment`)."""
     low = select_stimuli(scores, "low", size)
     high = select_stimuli(scores, "high", size)
-    values = set_metric_values(indexes, pairs, np.stack([low, high]), k, names, options)
+    values = set_metric_values(
+        indexes, pairs, np.stack([low, high]), k, names, options, on_error=on_error
+    )
     nulls: dict[str, np.ndarray] = {}
     most = max(counts.values())
     if most:
@@ -445,7 +453,7 @@ def _score_rows(
             group = [name for name in names if counts[name] == count]
             shuffled = set_metric_values(
                 indexes, pairs, np.concatenate([first[:count], second[:count]]), k, group,
-                {name: options[name] for name in group},
+                {name: options[name] for name in group}, on_error=on_error,
             )
             for name in group:
                 nulls[name] = shuffled[name][:, :count] - shuffled[name][:, count:]
@@ -456,7 +464,7 @@ def _score_rows(
             random_row = random_values[name][p]
             lower, upper = percentile_interval(random_row, 0.95)
             if name in nulls:
-                two_sided, greater = permutation_p_values(low_value - high_value, nulls[name][p])
+                two_sided, greater = _p_values_or_nan(low_value - high_value, nulls[name][p])
             else:
                 two_sided = greater = float("nan")
             rows.append(
@@ -635,6 +643,32 @@ def _metric_options(
     return options
 
 
+#: What a feature metric that is undefined on a set gives: an error, or NaN.
+OnError = Literal["raise", "nan"]
+
+
+def _measured(
+    on_error: OnError, name: str, X: np.ndarray, Y: np.ndarray, options: Mapping[str, Any]
+) -> float:
+    if on_error not in ("raise", "nan"):
+        raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
+    try:
+        return registry.measure(name, X, Y, **options)
+    except ValueError:
+        if on_error == "raise":
+            raise
+        return float("nan")
+
+
+def _p_values_or_nan(observed: float, null: np.ndarray) -> tuple[float, float]:
+    """``stats.permutation_p_values``, or NaN when the observed value or any null value is NaN
+    (a NaN in the null would otherwise count as "not as extreme" and shrink p)."""
+    null = np.asarray(null, dtype=np.float64)
+    if not (np.isfinite(observed) and np.isfinite(null).all()):
+        return float("nan"), float("nan")
+    return permutation_p_values(observed, null)
+
+
 def _orthogonally_invariant(name: str) -> bool:
     return registry.ORTHOGONAL in registry.metric(name).invariances
 
@@ -673,6 +707,8 @@ def set_metric_values(
     k: int,
     metrics: Sequence[str],
     metric_options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    on_error: OnError = "raise",
 ) -> dict[str, np.ndarray]:
     """Every metric of every pair on every set: ``{metric: (len(pairs), B) float64}``.
 
@@ -683,6 +719,8 @@ def set_metric_values(
         k: neighbours of the neighbour metrics.
         metrics: registry names (``metrics.metric_names()``).
         metric_options: options per feature metric, e.g. ``{"svcca": {"cca_dim": 10}}``.
+        on_error: ``"raise"``, or ``"nan"``: a feature metric undefined on a set (ValueError,
+            e.g. SVCCA on features of lower rank than ``cca_dim``) gives NaN there.
 
     Neighbour metrics come from the subset engine (:func:`neighbours.subset_alignment`: all sets
     at once, exact from the stored neighbour lists); feature metrics from ``metrics.measure`` on
@@ -717,9 +755,9 @@ def set_metric_values(
             for p, pair in enumerate(pairs):
                 x_key, y_key = pair.sides
                 for name in feature:
-                    values[name][p, b] = registry.measure(
-                        name, read(x_key, invariant[name]), read(y_key, invariant[name]),
-                        **options[name],
+                    values[name][p, b] = _measured(
+                        on_error, name, read(x_key, invariant[name]), read(y_key, invariant[name]),
+                        options[name],
                     )
         out.update(values)
     return {name: out[name] for name in names}
@@ -740,6 +778,7 @@ def shuffled_pairing_calibration(
     n_shuffles: int = 200,
     seed: int = 0,
     level: float = 0.95,
+    on_error: OnError = "raise",
 ) -> pd.DataFrame:
     """Each score on each named set beside the same score with the pairing shuffled in the set.
 
@@ -752,7 +791,8 @@ def shuffled_pairing_calibration(
     Returns one row per set × metric × pair: ``set``, the pair's columns, ``metric``,
     ``set_size``, ``k``, ``observed``, ``null_mean``, ``null_lower`` / ``null_upper`` (central
     ``level`` interval), ``calibrated`` (observed − null mean), ``z`` (calibrated / null sd),
-    ``p_value_shuffled`` (P(null ≥ observed), +1 correction), ``n_shuffles``, ``seed``.
+    ``p_value_shuffled`` (P(null ≥ observed), +1 correction; NaN where a value is NaN,
+    ``on_error="nan"``), ``n_shuffles``, ``seed``.
     """
     pairs = [Pair(*pair) for pair in pairs]
     names = check_metric_names(metrics)
@@ -792,7 +832,7 @@ def shuffled_pairing_calibration(
                     reduced = _orthogonally_invariant(name)
                     X, Y = feature_rows(x_key, reduced), feature_rows(y_key, reduced)
                     return np.array(
-                        [registry.measure(name, X, Y[order], **options[name]) for order in shuffle]
+                        [_measured(on_error, name, X, Y[order], options[name]) for order in shuffle]
                     )
 
                 result = shuffled_pairing_null(
@@ -812,7 +852,11 @@ def shuffled_pairing_calibration(
                         "null_upper": result.null_upper,
                         "calibrated": result.calibrated,
                         "z": result.z,
-                        "p_value_shuffled": result.p_value,
+                        "p_value_shuffled": (
+                            result.p_value
+                            if np.isfinite(result.observed) and np.isfinite(result.null).all()
+                            else float("nan")
+                        ),
                         "n_shuffles": int(result.n_shuffles),
                         "seed": int(seed),
                     }
@@ -872,6 +916,7 @@ def matched_baselines(
     exclude_chosen: bool = True,
     seed: int = 0,
     level: float = 0.95,
+    on_error: OnError = "raise",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The low and high sets against random sets matched to each on ``covariate`` (and labels).
 
@@ -888,7 +933,8 @@ def matched_baselines(
     ``_lower`` / ``_upper``, ``p_value_high_below_matched`` (P(matched ≤ high)),
     ``low_minus_high``, ``matched_gap_mean`` / ``_lower`` / ``_upper``, ``p_value_gap``,
     ``share_of_gap_matched`` (matched gap mean / observed gap), ``survives``, ``n_sets``,
-    ``matched_on``. ``balance``: per set (low, high): ``set``, ``chosen_covariate_mean``,
+    ``matched_on`` (p-values NaN where a value is NaN, ``on_error="nan"``). ``balance``: per set
+    (low, high): ``set``, ``chosen_covariate_mean``,
     ``matched_covariate_mean``, ``standardised_difference`` ((matched − chosen) / covariate sd over
     all stimuli), ``mean_overlap`` (share of a matched set inside the chosen set), ``matched_on``.
     """
@@ -906,7 +952,7 @@ def matched_baselines(
     sets = np.concatenate(
         [np.sort(low)[None], np.sort(high)[None], matched["low"], matched["high"]]
     )
-    values = set_metric_values(indexes, pairs, sets, k, names, metric_options)
+    values = set_metric_values(indexes, pairs, sets, k, names, metric_options, on_error=on_error)
     matched_on = "typicality" if labels is None else "typicality and category"
     rows = []
     for name in names:
@@ -915,7 +961,7 @@ def matched_baselines(
             low_null = values[name][p, 2 : 2 + B]
             high_null = values[name][p, 2 + B :]
             gap, gaps = low_value - high_value, low_null - high_null
-            p_gap = permutation_p_values(gap, gaps)[1]
+            p_gap = _p_values_or_nan(gap, gaps)[1]
             gap_mean = float(gaps.mean())
             rows.append(
                 {
@@ -926,12 +972,12 @@ def matched_baselines(
                     "matched_low_mean": float(low_null.mean()),
                     "matched_low_lower": percentile_interval(low_null, level)[0],
                     "matched_low_upper": percentile_interval(low_null, level)[1],
-                    "p_value_low_above_matched": permutation_p_values(low_value, low_null)[1],
+                    "p_value_low_above_matched": _p_values_or_nan(low_value, low_null)[1],
                     "observed_high": high_value,
                     "matched_high_mean": float(high_null.mean()),
                     "matched_high_lower": percentile_interval(high_null, level)[0],
                     "matched_high_upper": percentile_interval(high_null, level)[1],
-                    "p_value_high_below_matched": permutation_p_values(-high_value, -high_null)[1],
+                    "p_value_high_below_matched": _p_values_or_nan(-high_value, -high_null)[1],
                     "low_minus_high": gap,
                     "matched_gap_mean": gap_mean,
                     "matched_gap_lower": percentile_interval(gaps, level)[0],

@@ -224,6 +224,7 @@ def write_report(
         metrics=metrics,
         metric_options=metric_options,
         metric_permutations=options.metric_permutations,
+        on_error="nan",  # a metric undefined on some sets (SVCCA beyond the rank) is a note
     )
     set_tables, paired, verdicts = [], [], {}
     for score in scores:
@@ -570,10 +571,19 @@ def metric_suite_section(out: Path, table: pd.DataFrame) -> tuple[list[str], dic
             f"low > random > high holds in {ordered} of {n_pairs} pairs; low > high with "
             f"permutation p < 0.05 in {significant}."
         )
+    notes = []
+    values = table[["low_dispersion", "random_mean", "high_dispersion"]]
+    for name, group in table[values.isna().any(axis=1)].groupby("metric", sort=False):
+        pairs = ", ".join(sorted({_pair_label(row) for row in group.to_dict("records")}))
+        notes.append(
+            f"{name} is undefined (NaN) on some sets of {pairs}: its options do not fit those "
+            "features there (e.g. SVCCA's cca_dim above their rank); its rows show NaN"
+        )
     entry = {
         "metrics": list(dict.fromkeys(table["metric"])),
         "effect_counts": _records(counts),
         "verdict": " ".join(lines),
+        "notes": notes,
     }
     return files, entry
 
@@ -948,7 +958,7 @@ def calibration_section(
     indexes = analyses.indexes_for(run, pairs)
     calibrated = analyses.shuffled_pairing_calibration(
         indexes, pairs, {"low": sets.low, "high": sets.high}, k, metrics,
-        metric_options=metric_options, n_shuffles=n_shuffles, seed=seed,
+        metric_options=metric_options, n_shuffles=n_shuffles, seed=seed, on_error="nan",
     )
     covariate = analyses.vision_typicality(run, k=k)
     matchings: list[tuple[str, np.ndarray | None]] = [("typicality", None)]
@@ -961,6 +971,7 @@ def calibration_section(
             table, balance = analyses.matched_baselines(
                 indexes, pairs, sets.low, sets.high, k, metrics, covariate=covariate,
                 labels=labels, metric_options=metric_options, n_sets=n_matched, seed=seed,
+                on_error="nan",
             )
         except ValueError as error:
             notes.append(f"matched baselines on {name} skipped: {error}")

@@ -325,6 +325,25 @@ def test_several_scores_at_once_are_the_single_score_tables_one_after_the_other(
         analyses.dispersion_set_alignment(planted, score=[], size=15, k=5)
 
 
+def test_a_metric_undefined_on_the_sets_raises_or_gives_nan(planted):
+    """SVCCA with cca_dim above the rank of the features: an error by default; with
+    on_error="nan" NaN values, and NaN (not small) p-values and intervals where they enter."""
+    kwargs = dict(size=15, k=5, n_random=4, n_permutations=6, metrics=["cknna", "svcca"],
+                  metric_options={"svcca": {"cca_dim": 10}})  # the independent model has 9 dims
+    with pytest.raises(ValueError, match="cca_dim"):
+        analyses.dispersion_set_alignment(planted, **kwargs)
+    table = analyses.dispersion_set_alignment(planted, on_error="nan", **kwargs)
+    svcca = table[table.metric == "svcca"]
+    broken = svcca[svcca.language_model == "independent"]
+    assert broken.low_dispersion.isna().all() and broken.random_mean.isna().all()
+    assert broken.permutation_p_value_two_sided.isna().all()
+    fine = svcca[svcca.language_model == "planted"]
+    assert fine.low_dispersion.notna().all() and fine.permutation_p_value_two_sided.notna().all()
+    assert table[table.metric == "cknna"].permutation_p_value_two_sided.notna().all()
+    with pytest.raises(ValueError, match="on_error must be"):
+        analyses.dispersion_set_alignment(planted, on_error="ignore", **kwargs)
+
+
 def test_no_permutations_for_the_other_metrics_gives_nan_p_values(planted):
     table = analyses.dispersion_set_alignment(
         planted, size=15, k=5, n_random=3, n_permutations=5, metrics=["cknna", "cka"],
@@ -350,7 +369,8 @@ def test_effect_counts_come_from_the_long_table(fig2_long):
         assert counts.loc[name, "n_low_random_high"] == ordered
         assert counts.loc[name, "n_significant"] == significant
         assert counts.loc[name, "n_pairs"] == 6
-        assert counts.loc[name, "mean_high_dispersion"] == pytest.approx(group.high_dispersion.mean())
+        mean_high = counts.loc[name, "mean_high_dispersion"]
+        assert mean_high == pytest.approx(group.high_dispersion.mean())
     # the planted effect shows in every metric for the planted language model
     planted_rows = fig2_long[fig2_long.language_model == "planted"]
     assert (planted_rows.low_dispersion > planted_rows.high_dispersion).all()

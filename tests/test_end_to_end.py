@@ -138,7 +138,9 @@ def _paper_sections_match_the_readme(report: dict, out: Path) -> None:
         return found.groups()
 
     relation = pd.read_csv(out / "per_stimulus_dispersion_relation.csv")
-    lowest, highest = quoted(r"Spearman ρ from −([\d.]+) to −([\d.]+), permutation p < 0.05 for all")
+    lowest, highest = quoted(
+        r"Spearman ρ from −([\d.]+) to −([\d.]+), permutation p < 0.05 for all"
+    )
     assert abs(-float(lowest) - relation["spearman_rho"].min()) < 0.005
     assert abs(-float(highest) - relation["spearman_rho"].max()) < 0.005
     assert (relation["permutation_p_value_two_sided"] < 0.05).all()

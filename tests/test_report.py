@@ -301,6 +301,46 @@ def test_a_section_that_cannot_run_on_small_sets_becomes_a_note(planted_run_path
     assert not (tmp_path / "predictivity_sets.csv").exists()
 
 
+def test_a_metric_undefined_on_the_run_is_a_note_not_a_failure(tmp_path):
+    """A language model whose features span 3 dimensions (of 12): SVCCA's cca_dim of 10 does not
+    fit them, so its rows for that model are NaN and a note says why; the report runs."""
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import quiet_half_embeddings
+
+    embeddings, _ = quiet_half_embeddings(48)
+    narrow = np.random.default_rng(0).standard_normal((48, 3))
+    embeddings["independent"] = {"final": np.hstack([narrow, np.zeros((48, 9))])}
+    stimuli = pd.DataFrame(
+        {
+            "id": [f"s{i}" for i in range(48)],
+            "image": [f"{i}.jpg" for i in range(48)],
+            "captions": [[f"caption {i}"] for i in range(48)],
+        }
+    )
+    run = write_run_from_embeddings(
+        tmp_path / "run", stimuli, embeddings, vision_models=["vision0", "vision1", "vision2"],
+        language_models=["planted", "independent"], thumbnails=False,
+    )
+    meta = report.write_report(
+        run, tmp_path / "out", k=5, scores=["mean"], n_random=5, n_permutations=5,
+        options=report.AnalysisOptions(
+            metrics=("svcca",), metric_permutations=3, n_shuffles=3, n_matched=3,
+            skip=("per_stimulus", "predictivity", "blind_matching"),
+        ),
+    )
+    assert any(
+        note.startswith("svcca is undefined (NaN) on some sets of vision0 × independent")
+        for note in meta["notes"]
+    )
+    long = pd.read_csv(tmp_path / "out" / "dispersion_sets_metrics.csv")
+    svcca = long[long.metric == "svcca"]
+    assert svcca[svcca.language_model == "independent"].low_dispersion.isna().all()
+    assert svcca[svcca.language_model == "planted"].low_dispersion.notna().all()
+    assert long[long.metric == "cknna"].low_dispersion.notna().all()
+    calibrated = pd.read_csv(tmp_path / "out" / "calibrated_scores.csv")
+    assert set(calibrated.metric) == {"cknna"}  # SVCCA is not a live metric
+
+
 def test_fixed_points_p_value_is_exact():
     """Against enumeration of every permutation of 6 items, and its limits."""
     counts = np.bincount(
@@ -474,8 +514,8 @@ def test_category_matched_baselines_where_classes_have_members(captioned_run, tm
 
 
 def test_the_report_benchmark_runs_and_writes_json():
-    """benchmarks/bench_report.py --quick (a 60-stimulus run): every case measured, ratios to the
-    report without the issue-14 sections (timings are read, not asserted)."""
+    """benchmarks/bench_report.py --quick (48 stimuli, small counts): every case measured, ratios
+    to the report without the issue-14 sections (timings are read, not asserted)."""
     import subprocess
     import sys
     from pathlib import Path
