@@ -10,6 +10,15 @@ The universal-space section (:func:`universal_space_section`; every model of the
 default layer) adds ``universal_*`` tables and figures: residuals per model and stimulus,
 cross-modal dispersion and its relation to vision dispersion, and held-out image-text retrieval
 (k-fold) against chance and the ridge baseline, with one printed headline line.
+
+The issue-14 sections (:func:`paper_sections`, one function each, settings in
+:class:`AnalysisOptions`) measure every metric of the registry on the Fig. 2 sets
+(:func:`metric_suite_section`), per-stimulus alignment against dispersion
+(:func:`per_stimulus_section`), linear predictivity (:func:`predictivity_section`), one caption
+vs the mean of all captions and class means (:func:`many_to_many_section`; captions embedded once
+with ``--embed-captions``), blind matching (:func:`blind_matching_section`), and calibrated scores
+with typicality- (and category-) matched baselines (:func:`calibration_section`); each adds its
+sentence to summary.txt and report.json → ``verdicts``.
 """
 
 from __future__ import annotations
@@ -1087,7 +1096,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m convergence_core report",
         description=(
-            "Reproduce the paper's analyses (Fig. 2, S1, S2, layer sweep) on a precomputed run."
+            "Reproduce the paper's analyses (Fig. 2, S1, S2, layer sweep), every alignment "
+            "metric on its sets and the neighbouring papers' analyses on a precomputed run."
         ),
     )
     parser.add_argument("run", nargs="?", help="run folder, or a run name under the cache's runs/")
