@@ -41,4 +41,4 @@ bench: install-dev
 	$(PY) benchmarks/bench_analyses.py
 
 report: install
-	$(PY) -m convergence_core report --preset demo --out report/
+	$(PY) -m convergence_core report --preset demo --out report/ --embed-captions

@@ -7,18 +7,28 @@
 - :func:`dispersion_set_alignment` (Fig. 2): CKNNA on the low-, high- and random-dispersion sets,
   a permutation test of low vs high per pair; :func:`paired_set_tests` tests across pairs and
   :func:`effect_verdict` states in one line how often low > random > high holds.
+- :func:`set_metric_values`: any metric of the registry (``metrics.metric_names()``) of many pairs
+  on many sets; ``dispersion_set_alignment(..., metrics=[...])`` gives Fig. 2 for every metric as
+  one long table (a ``metric`` column), :func:`cknna_table` its classic CKNNA columns and
+  :func:`effect_counts` how often the effect holds per metric.
+- :func:`shuffled_pairing_calibration`: each score on a set beside the same score with the
+  image–text pairing shuffled within that set; :func:`matched_baselines`: the low and high sets
+  against random sets matched on the vision models' typicality (:func:`vision_typicality`) and,
+  where the run has labels, on category — does low > high survive?
 - :func:`drop_fraction_alignment` (Fig. S1): CKNNA on the full set, without the q highest- and
   without the q lowest-dispersion stimuli.
 - :func:`leave_one_model_out` (Fig. S2): partial dispersion vs the held-out model's deviation,
   per stimulus; :func:`leave_one_model_out_statistics` gives Pearson r, Spearman ρ and the fit
   line.
 
-CKNNA is always computed by the neighbour engine (``neighbours.subset_alignment`` over the run's
-``run.neighbours(model, layer)`` indexes: exact, from the stored neighbour lists), many subsets and
-pairs at once, so a subset costs milliseconds at any n. Column names are full words; CKNNA values
-are unitless. Above :data:`LAYER_SWEEP_MAX_STIMULI` stimuli the layer sweep (and so the choice of
-each language model's best layer) runs on a seeded random sample of that many stimuli, which its
-table says (``n_stimuli_used``, ``sample_seed``).
+Neighbour metrics (CKNNA among them) are always computed by the neighbour engine
+(``neighbours.subset_alignment`` over the run's ``run.neighbours(model, layer)`` indexes: exact,
+from the stored neighbour lists), many subsets and pairs at once, so a subset costs milliseconds
+at any n; feature metrics (CKA, SVCCA) from each set's prepared features (``metrics.measure``),
+one call per pair and set. Column names are full words; metric values are unitless. Above
+:data:`LAYER_SWEEP_MAX_STIMULI` stimuli the layer sweep (and so the choice of each language
+model's best layer) runs on a seeded random sample of that many stimuli, which its table says
+(``n_stimuli_used``, ``sample_seed``).
 
 Fig. 2's random sets and label shuffles come from :func:`random_set_alignment` and
 :func:`low_high_permutation_tests`, which the dashboard's Alignment lab calls too: for the same
@@ -28,18 +38,22 @@ seed the page and the report draw the same sets.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from .neighbours import NeighbourIndex, subset_alignment
+from . import metrics as registry
+from .calibration import local_density, matched_random_sets, shuffled_pairing_null, typicality
+from .neighbours import NeighbourIndex, check_subsets, exact_top_k, subset_alignment
 from .procrustes import generalized_procrustes, preprocess_embeddings, procrustes_align
 from .stats import (
     PermutationResult,
     correlation_with_fit,
+    label_shuffles,
     paired_difference_tests,
     percentile_interval,
+    permutation_p_values,
     permutation_tests_two_sets,
 )
 from .subsets import drop_fraction, select_stimuli
@@ -128,9 +142,13 @@ def indexes_for(run: Run, pairs: Sequence[Pair]) -> dict[LayerKey, NeighbourInde
 
 
 def _alignment(
-    indexes: Mapping[LayerKey, NeighbourIndex], pairs: Sequence[Pair], sets: np.ndarray, k: int
+    indexes: Mapping[LayerKey, NeighbourIndex],
+    pairs: Sequence[Pair],
+    sets: np.ndarray,
+    k: int,
+    metrics: Sequence[str] = ("cknna", "mutual_knn"),
 ):
-    return subset_alignment(indexes, [pair.sides for pair in pairs], sets, k)
+    return subset_alignment(indexes, [pair.sides for pair in pairs], sets, k, metrics=metrics)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,6 +248,14 @@ def best_language_layers(
     return pd.DataFrame(rows)
 
 
+def pairs_with_best_layers(
+    run: Run, *, k: int = 10, best_layers: pd.DataFrame | None = None
+) -> list[Pair]:
+    """Every vision model (at its GPA layer) × language model (at its best layer, from
+    ``best_layers`` or :func:`best_language_layers` with this ``k``), in Fig. 2's row order."""
+    return _pairs_with_best_layers(run, k, best_layers)
+
+
 def _pairs_with_best_layers(run: Run, k: int, best_layers: pd.DataFrame | None) -> list[Pair]:
     """Every vision model (at its GPA layer) × language model (at its best layer)."""
     if best_layers is None:
@@ -312,27 +338,44 @@ def dispersion_set_alignment(
     *,
     size: int,
     k: int = 10,
-    score: DispersionScore = "mean",
+    score: DispersionScore | Sequence[DispersionScore] = "mean",
     n_random: int = 200,
     seed: int = 0,
     n_permutations: int = DEFAULT_N_PERMUTATIONS,
     best_layers: pd.DataFrame | None = None,
+    metrics: Sequence[str] | None = None,
+    metric_options: Mapping[str, Mapping[str, Any]] | None = None,
+    metric_permutations: int | None = None,
+    on_error: OnError = "raise",
 ) -> pd.DataFrame:
-    """Fig. 2: CKNNA of every vision × language pair on the low-, high- and random-dispersion sets.
+    """Fig. 2: alignment of every vision × language pair on the low-, high- and random sets.
 
-    The low (high) set holds the ``size`` stimuli with the lowest (highest) dispersion ``score``;
-    the ``n_random`` random sets are drawn without replacement, the same draws for every pair.
-    Each language model is used at its best layer (:func:`best_language_layers`, on the full set;
-    ``best_layers`` may pass that table). Per pair, a permutation test shuffles the low/high labels
-    of the 2·size stimuli ``n_permutations`` times and recomputes CKNNA(low) - CKNNA(high);
-    p-values use the +1 correction, (1 + #{as extreme}) / (n_permutations + 1).
+    The low (high) set holds the ``size`` stimuli with the lowest (highest) dispersion ``score``
+    (one score, or several: their rows one after the other, score by score); the ``n_random``
+    random sets are drawn without replacement (:func:`random_sets`), the same draws for every
+    pair, metric and score (measured once). Each language model is used at its best layer
+    (:func:`best_language_layers`, on the full set; ``best_layers`` may pass that table). Per pair
+    and metric, a permutation test shuffles the low/high labels of the 2·size stimuli and
+    recomputes metric(low) - metric(high) — CKNNA ``n_permutations`` times, every other metric
+    ``metric_permutations`` times (default: as many; 0: no test, p-values NaN), the first of
+    the same shuffles; p-values use the +1 correction, (1 + #{as extreme}) / (shuffles + 1).
 
-    Returns one row per pair with columns ``vision_model``, ``vision_layer``, ``language_model``,
-    ``language_layer``, ``score``, ``set_size``, ``k``, ``cknna_low_dispersion``,
-    ``cknna_random_mean``, ``cknna_random_lower_95`` / ``cknna_random_upper_95`` (2.5th / 97.5th
-    percentiles), ``cknna_high_dispersion``, ``low_minus_high``, ``low_high_ratio`` (NaN when
-    CKNNA(high) <= 0, where a ratio means nothing), ``permutation_p_value_two_sided``,
+    ``metrics=None`` (the default) gives the classic CKNNA table, one row per pair with columns
+    ``vision_model``, ``vision_layer``, ``language_model``, ``language_layer``, ``score``,
+    ``set_size``, ``k``, ``cknna_low_dispersion``, ``cknna_random_mean``,
+    ``cknna_random_lower_95`` / ``cknna_random_upper_95`` (2.5th / 97.5th percentiles),
+    ``cknna_high_dispersion``, ``low_minus_high``, ``low_high_ratio`` (NaN when the high value is
+    <= 0, where a ratio means nothing), ``permutation_p_value_two_sided``,
     ``permutation_p_value_low_greater``, ``n_random``, ``n_permutations``, ``seed``.
+
+    ``metrics=[names]`` (registry names, ``metrics.metric_names()``; ``metric_options`` per
+    metric, e.g. ``{"svcca": {"cca_dim": 10}}``) gives the long table: one row per metric × pair
+    (metric-major), a ``metric`` column after ``score``, and the value columns without the
+    ``cknna_`` prefix (``low_dispersion``, ``random_mean``, ``random_lower_95``,
+    ``random_upper_95``, ``high_dispersion``); ``n_permutations`` is each row's count.
+    :func:`cknna_table` turns its CKNNA rows into the classic table (the same numbers).
+    ``on_error="nan"``: a feature metric undefined on a set gives NaN there (and NaN p-values and
+    intervals wherever such a set enters) instead of an error (:func:`set_metric_values`).
     """
     vision_layers(run)  # a run with a single vision model fails here, before anything else
     n = _n_stimuli(run)
@@ -346,42 +389,161 @@ def dispersion_set_alignment(
             f"sets would overlap; use size <= {n // 2}"
         )
     check_k(k, size, 2, what="sets")
-    scores = _dispersion_scores(run, score)
+    names = ["cknna"] if metrics is None else check_metric_names(metrics)
+    options = _metric_options(names, metric_options)
+    counts = {
+        name: _check_count(
+            n_permutations if name == "cknna" or metric_permutations is None
+            else metric_permutations,
+            "n_permutations" if name == "cknna" else "metric_permutations",
+            minimum=1 if name == "cknna" else 0,
+        )
+        for name in names
+    }
+    score_names = [score] if isinstance(score, str) else list(dict.fromkeys(score))
+    if not score_names:
+        raise ValueError(f"pass at least one dispersion score; use one of {list(_SCORES)}")
+    by_score = {name: _dispersion_scores(run, name) for name in score_names}
     pairs = _pairs_with_best_layers(run, k, best_layers)
-
-    low = select_stimuli(scores, "low", size)
-    high = select_stimuli(scores, "high", size)
     indexes = indexes_for(run, pairs)
-    low_values, high_values = _alignment(indexes, pairs, np.stack([low, high]), k).cknna.T
-    random_values, _ = random_set_alignment(
-        indexes, pairs, scores, size, k, n_random=n_random, seed=seed
-    )
-    tests = low_high_permutation_tests(
-        indexes, pairs, low, high, k, n_permutations=n_permutations, seed=seed
+    # the random sets depend on n and the seed only: measured once for every score
+    draws = random_sets(by_score[score_names[0]], size, n_random, seed)
+    random_values = set_metric_values(
+        indexes, pairs, draws, k, names, options, on_error=on_error
     )
     rows = []
-    for pair, low_value, high_value, random_row, test in zip(
-        pairs, low_values.tolist(), high_values.tolist(), random_values, tests, strict=True
-    ):
-        lower, upper = percentile_interval(random_row, 0.95)
+    for score_name, scores in by_score.items():
+        rows += _score_rows(
+            indexes, pairs, scores, score_name, random_values, size=size, k=k, names=names,
+            options=options, counts=counts, n_random=n_random, seed=seed, on_error=on_error,
+        )
+    table = pd.DataFrame(rows)
+    return cknna_table(table) if metrics is None else table
+
+
+def _score_rows(
+    indexes: Mapping[LayerKey, NeighbourIndex],
+    pairs: Sequence[Pair],
+    scores: np.ndarray,
+    score: str,
+    random_values: Mapping[str, np.ndarray],
+    *,
+    size: int,
+    k: int,
+    names: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]],
+    counts: Mapping[str, int],
+    n_random: int,
+    seed: int,
+    on_error: OnError,
+) -> list[dict[str, Any]]:
+    """The long table's rows of one dispersion score (see :func:`dispersion_set_alignment`)."""
+    low = select_stimuli(scores, "low", size)
+    high = select_stimuli(scores, "high", size)
+    values = set_metric_values(
+        indexes, pairs, np.stack([low, high]), k, names, options, on_error=on_error
+    )
+    nulls: dict[str, np.ndarray] = {}
+    most = max(counts.values())
+    if most:
+        first, second = label_shuffles(
+            low, high, most, np.random.default_rng(_set_draw_seeds(seed)[1])
+        )
+        for count in sorted(set(counts.values()) - {0}):
+            group = [name for name in names if counts[name] == count]
+            shuffled = set_metric_values(
+                indexes, pairs, np.concatenate([first[:count], second[:count]]), k, group,
+                {name: options[name] for name in group}, on_error=on_error,
+            )
+            for name in group:
+                nulls[name] = shuffled[name][:, :count] - shuffled[name][:, count:]
+    rows = []
+    for name in names:
+        for p, pair in enumerate(pairs):
+            low_value, high_value = float(values[name][p, 0]), float(values[name][p, 1])
+            random_row = random_values[name][p]
+            lower, upper = percentile_interval(random_row, 0.95)
+            if name in nulls:
+                two_sided, greater = _p_values_or_nan(low_value - high_value, nulls[name][p])
+            else:
+                two_sided = greater = float("nan")
+            rows.append(
+                {
+                    **pair._asdict(),
+                    "score": score,
+                    "metric": name,
+                    "set_size": int(size),
+                    "k": int(k),
+                    "low_dispersion": low_value,
+                    "random_mean": float(random_row.mean()),
+                    "random_lower_95": lower,
+                    "random_upper_95": upper,
+                    "high_dispersion": high_value,
+                    "low_minus_high": low_value - high_value,
+                    "low_high_ratio": low_value / high_value if high_value > 0 else float("nan"),
+                    "permutation_p_value_two_sided": two_sided,
+                    "permutation_p_value_low_greater": greater,
+                    "n_random": int(n_random),
+                    "n_permutations": counts[name],
+                    "seed": int(seed),
+                }
+            )
+    return rows
+
+
+#: The long table's value columns and their names in the classic CKNNA table.
+_CKNNA_COLUMNS = {
+    "low_dispersion": "cknna_low_dispersion",
+    "random_mean": "cknna_random_mean",
+    "random_lower_95": "cknna_random_lower_95",
+    "random_upper_95": "cknna_random_upper_95",
+    "high_dispersion": "cknna_high_dispersion",
+}
+
+
+def cknna_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The classic Fig. 2 CKNNA table from the CKNNA rows of a long
+    :func:`dispersion_set_alignment` table (``metric`` column dropped, ``cknna_`` columns)."""
+    rows = table[table["metric"] == "cknna"]
+    if rows.empty:
+        raise ValueError(
+            "the table has no cknna rows; compute it with metrics that include 'cknna'"
+        )
+    return rows.drop(columns="metric").rename(columns=_CKNNA_COLUMNS).reset_index(drop=True)
+
+
+def effect_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """Per score × metric of a long :func:`dispersion_set_alignment` table: how often the effect
+    holds.
+
+    Columns: ``score``, ``metric``, ``n_pairs``, ``n_low_random_high`` (low > random mean > high),
+    ``n_low_above_high``, ``n_significant`` (low > high with two-sided permutation p < 0.05; NaN
+    p-values never count), ``mean_low_dispersion``, ``mean_random_mean``,
+    ``mean_high_dispersion``, ``mean_low_minus_high`` (means over the pairs), ``n_permutations``.
+    """
+    rows = []
+    for (score, name), group in table.groupby(["score", "metric"], sort=False):
+        low = group["low_dispersion"].to_numpy()
+        random_mean = group["random_mean"].to_numpy()
+        high = group["high_dispersion"].to_numpy()
+        above = low > high
         rows.append(
             {
-                **pair._asdict(),
                 "score": score,
-                "set_size": int(size),
-                "k": int(k),
-                "cknna_low_dispersion": low_value,
-                "cknna_random_mean": float(random_row.mean()),
-                "cknna_random_lower_95": lower,
-                "cknna_random_upper_95": upper,
-                "cknna_high_dispersion": high_value,
-                "low_minus_high": low_value - high_value,
-                "low_high_ratio": low_value / high_value if high_value > 0 else float("nan"),
-                "permutation_p_value_two_sided": test.p_value_two_sided,
-                "permutation_p_value_low_greater": test.p_value_first_greater,
-                "n_random": int(n_random),
-                "n_permutations": int(n_permutations),
-                "seed": int(seed),
+                "metric": name,
+                "n_pairs": len(group),
+                "n_low_random_high": int(
+                    np.count_nonzero((low > random_mean) & (random_mean > high))
+                ),
+                "n_low_above_high": int(np.count_nonzero(above)),
+                "n_significant": int(
+                    np.count_nonzero(above & (group["permutation_p_value_two_sided"] < 0.05))
+                ),
+                "mean_low_dispersion": float(np.mean(low)),
+                "mean_random_mean": float(np.mean(random_mean)),
+                "mean_high_dispersion": float(np.mean(high)),
+                "mean_low_minus_high": float(np.mean(low - high)),
+                "n_permutations": int(group["n_permutations"].iloc[0]),
             }
         )
     return pd.DataFrame(rows)
@@ -425,6 +587,426 @@ def effect_verdict(table: pd.DataFrame) -> str:
         f"{int(np.count_nonzero(low_above_high))} of {n_pairs} ({significant} with permutation "
         "p < 0.05)."
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# any registry metric on many sets
+
+#: Above this many prepared values (stimuli × dimensions), a batch's feature rows are read set by
+#: set instead of once for the union of its sets.
+_UNION_ROWS_MAX_VALUES = 32_000_000
+
+
+def _check_count(value: object, name: str, *, minimum: int = 1) -> int:
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_metric_names(metrics: Sequence[str] | str) -> list[str]:
+    """Registry names (order kept, repeats dropped); ValueError naming the known ones otherwise."""
+    names = list(dict.fromkeys([metrics] if isinstance(metrics, str) else metrics))
+    if not names:
+        raise ValueError(f"pass at least one metric; known metrics: {registry.metric_names()}")
+    for name in names:
+        registry.metric(name)
+    return names
+
+
+def _metric_options(
+    names: Sequence[str], metric_options: Mapping[str, Mapping[str, Any]] | None
+) -> dict[str, dict[str, Any]]:
+    """Options per feature metric; neighbour metrics take none here (k is the engine's)."""
+    given = dict(metric_options or {})
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"metric_options names metrics not asked for: {unknown}; ask for them too")
+    options: dict[str, dict[str, Any]] = {}
+    for name in names:
+        entry = registry.metric(name)
+        chosen = dict(given.get(name, {}))
+        if entry.neighbour_metric and chosen:
+            raise ValueError(
+                f"{name} is computed by the subset engine, which takes no options besides k; got "
+                f"{sorted(chosen)}"
+            )
+        unknown = sorted(set(chosen) - set(entry.options))
+        if unknown:
+            raise ValueError(
+                f"{name} does not take {unknown}; it takes {sorted(entry.options) or 'no options'}"
+            )
+        options[name] = chosen
+    return options
+
+
+#: What a feature metric that is undefined on a set gives: an error, or NaN.
+OnError = Literal["raise", "nan"]
+
+
+def _measured(
+    on_error: OnError, name: str, X: np.ndarray, Y: np.ndarray, options: Mapping[str, Any]
+) -> float:
+    if on_error not in ("raise", "nan"):
+        raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
+    try:
+        return registry.measure(name, X, Y, **options)
+    except ValueError:
+        if on_error == "raise":
+            raise
+        return float("nan")
+
+
+def _p_values_or_nan(observed: float, null: np.ndarray) -> tuple[float, float]:
+    """``stats.permutation_p_values``, or NaN when the observed value or any null value is NaN
+    (a NaN in the null would otherwise count as "not as extreme" and shrink p)."""
+    null = np.asarray(null, dtype=np.float64)
+    if not (np.isfinite(observed) and np.isfinite(null).all()):
+        return float("nan"), float("nan")
+    return permutation_p_values(observed, null)
+
+
+def _orthogonally_invariant(name: str) -> bool:
+    return registry.ORTHOGONAL in registry.metric(name).invariances
+
+
+class _SetRows:
+    """Prepared feature rows of one model × layer for the members of a batch of sets.
+
+    The union of the sets' stimuli is read once (while it is small enough); ``reduced`` rows are
+    its coordinates in its own row space (u columns when d > u), on which a metric invariant to
+    orthogonal maps of the features — all of the registry's depend on the features only through
+    inner products — has the same value as on the rows themselves (tested, every metric).
+    """
+
+    def __init__(self, index: NeighbourIndex, sets: np.ndarray, reduce: bool) -> None:
+        self._features = index.features
+        union = np.unique(sets)
+        self._union: np.ndarray | None = None
+        if union.size * self._features.d <= _UNION_ROWS_MAX_VALUES:
+            self._union = union
+            self._full = self._features.rows(union)
+            wide = self._full.shape[1] > self._full.shape[0]
+            self._reduced = _row_space_coordinates(self._full) if reduce and wide else self._full
+
+    def rows(self, members: np.ndarray, reduced: bool) -> np.ndarray:
+        """(s, ·) float64 rows of ``members`` (sorted stimulus rows of one set)."""
+        if self._union is None:
+            return self._features.rows(members)
+        positions = np.searchsorted(self._union, members)
+        return (self._reduced if reduced else self._full)[positions]
+
+
+def set_metric_values(
+    indexes: Mapping[LayerKey, NeighbourIndex],
+    pairs: Sequence[Pair],
+    sets: np.ndarray,
+    k: int,
+    metrics: Sequence[str],
+    metric_options: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    on_error: OnError = "raise",
+) -> dict[str, np.ndarray]:
+    """Every metric of every pair on every set: ``{metric: (len(pairs), B) float64}``.
+
+    Args:
+        indexes: ``{(model, layer): NeighbourIndex}`` (:func:`indexes_for`).
+        pairs: the comparisons (:class:`Pair`, or ``(model, layer, model, layer)`` tuples).
+        sets: (B, s) or (s,) stimulus rows, each row distinct (s >= 4, k < s).
+        k: neighbours of the neighbour metrics.
+        metrics: registry names (``metrics.metric_names()``).
+        metric_options: options per feature metric, e.g. ``{"svcca": {"cca_dim": 10}}``.
+        on_error: ``"raise"``, or ``"nan"``: a feature metric undefined on a set (ValueError,
+            e.g. SVCCA on features of lower rank than ``cca_dim``) gives NaN there.
+
+    Neighbour metrics come from the subset engine (:func:`neighbours.subset_alignment`: all sets
+    at once, exact from the stored neighbour lists); feature metrics from ``metrics.measure`` on
+    each set's prepared features, one call per pair and set (each set's rows in sorted order).
+    """
+    pairs = [Pair(*pair) for pair in pairs]
+    names = check_metric_names(metrics)
+    options = _metric_options(names, metric_options)
+    keys = list(dict.fromkeys(side for pair in pairs for side in pair.sides))
+    n = indexes[keys[0]].n if keys else 0
+    sets = check_subsets(sets, n, k, min_k=2)
+    out: dict[str, np.ndarray] = {}
+    neighbour = [name for name in names if registry.metric(name).neighbour_metric]
+    if neighbour:
+        result = _alignment(indexes, pairs, sets, k, metrics=neighbour)
+        out.update({name: result.values[name] for name in neighbour})
+    feature = [name for name in names if name not in out]
+    if feature:
+        invariant = {name: _orthogonally_invariant(name) for name in feature}
+        readers = {
+            key: _SetRows(indexes[key], sets, reduce=any(invariant.values())) for key in keys
+        }
+        values = {name: np.empty((len(pairs), sets.shape[0])) for name in feature}
+        for b, members in enumerate(sets):
+            rows: dict[tuple[LayerKey, bool], np.ndarray] = {}
+
+            def read(key: LayerKey, reduced: bool, members=members, rows=rows) -> np.ndarray:
+                if (key, reduced) not in rows:
+                    rows[(key, reduced)] = readers[key].rows(members, reduced)
+                return rows[(key, reduced)]
+
+            for p, pair in enumerate(pairs):
+                x_key, y_key = pair.sides
+                for name in feature:
+                    values[name][p, b] = _measured(
+                        on_error, name, read(x_key, invariant[name]), read(y_key, invariant[name]),
+                        options[name],
+                    )
+        out.update(values)
+    return {name: out[name] for name in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# calibrated scores and matched baselines
+
+
+def shuffled_pairing_calibration(
+    indexes: Mapping[LayerKey, NeighbourIndex],
+    pairs: Sequence[Pair],
+    sets: Mapping[str, np.ndarray],
+    k: int,
+    metrics: Sequence[str],
+    *,
+    metric_options: Mapping[str, Mapping[str, Any]] | None = None,
+    n_shuffles: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+    on_error: OnError = "raise",
+) -> pd.DataFrame:
+    """Each score on each named set beside the same score with the pairing shuffled in the set.
+
+    The null keeps both modalities' sets (their size, density and categories) and destroys only
+    which caption goes with which image: ``calibration.shuffled_pairing_null``, the same
+    ``n_shuffles`` shuffles (from ``seed``) for every pair and metric of a set. Neighbour metrics
+    permute the language side's within-set neighbour table (``metrics.permute_table``: exact up
+    to tie order), feature metrics are measured on the shuffled rows.
+
+    Returns one row per set × metric × pair: ``set``, the pair's columns, ``metric``,
+    ``set_size``, ``k``, ``observed``, ``null_mean``, ``null_lower`` / ``null_upper`` (central
+    ``level`` interval), ``calibrated`` (observed − null mean), ``z`` (calibrated / null sd),
+    ``p_value_shuffled`` (P(null ≥ observed), +1 correction; NaN where a value is NaN,
+    ``on_error="nan"``), ``n_shuffles``, ``seed``.
+    """
+    pairs = [Pair(*pair) for pair in pairs]
+    names = check_metric_names(metrics)
+    options = _metric_options(names, metric_options)
+    keys = list(dict.fromkeys(side for pair in pairs for side in pair.sides))
+    n = indexes[keys[0]].n
+    rows = []
+    for set_name, members in sets.items():
+        members = check_subsets(members, n, k, min_k=2)[0]
+        s = members.size
+        tables = {key: indexes[key].tables(members[None], k) for key in keys}
+        features: dict[tuple[LayerKey, bool], np.ndarray] = {}
+
+        def feature_rows(key: LayerKey, reduced: bool, members=members, features=features):
+            if (key, reduced) not in features:
+                prepared = indexes[key].features.rows(members)
+                wide = prepared.shape[1] > prepared.shape[0]
+                features[(key, reduced)] = (
+                    _row_space_coordinates(prepared) if reduced and wide else prepared
+                )
+            return features[(key, reduced)]
+
+        for name in names:
+            entry = registry.metric(name)
+            for pair in pairs:
+                x_key, y_key = pair.sides
+
+                def score(rows_x, rows_y, pair=pair, name=name, entry=entry, x_key=x_key,
+                          y_key=y_key, members=members):
+                    if not np.array_equal(rows_x, np.broadcast_to(members, rows_x.shape)):
+                        raise RuntimeError("the image side of a shuffled pairing must stay put")
+                    shuffle = np.searchsorted(members, rows_y)  # (B, s) positions in the set
+                    if entry.neighbour_metric:
+                        return _shuffled_table_values(
+                            name, tables[x_key], tables[y_key], shuffle
+                        )
+                    reduced = _orthogonally_invariant(name)
+                    X, Y = feature_rows(x_key, reduced), feature_rows(y_key, reduced)
+                    return np.array(
+                        [_measured(on_error, name, X, Y[order], options[name]) for order in shuffle]
+                    )
+
+                result = shuffled_pairing_null(
+                    score, members, n=n, n_shuffles=n_shuffles, seed=seed, level=level,
+                    batched=True,
+                )
+                rows.append(
+                    {
+                        "set": set_name,
+                        **pair._asdict(),
+                        "metric": name,
+                        "set_size": int(s),
+                        "k": int(k),
+                        "observed": result.observed,
+                        "null_mean": result.null_mean,
+                        "null_lower": result.null_lower,
+                        "null_upper": result.null_upper,
+                        "calibrated": result.calibrated,
+                        "z": result.z,
+                        "p_value_shuffled": (
+                            result.p_value
+                            if np.isfinite(result.observed) and np.isfinite(result.null).all()
+                            else float("nan")
+                        ),
+                        "n_shuffles": int(result.n_shuffles),
+                        "seed": int(seed),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _shuffled_table_values(name: str, x, y, shuffle: np.ndarray) -> np.ndarray:
+    """A neighbour metric of one set's tables x, y ((1, s, k) ``neighbours.Tables``) with the y
+    side's rows reordered by each row of ``shuffle`` (B, s): (B,) values, in chunks."""
+    out = np.empty(shuffle.shape[0])
+    s, k = x.positions.shape[1:]
+    chunk = max(1, 2_000_000 // (s * k))
+    for start in range(0, shuffle.shape[0], chunk):
+        order = shuffle[start : start + chunk]
+        count = order.shape[0]
+        tx = np.repeat(x.positions, count, axis=0)
+        vx = np.repeat(x.values, count, axis=0)
+        ty = registry.permute_table(np.repeat(y.positions, count, axis=0), order)
+        vy = np.take_along_axis(np.repeat(y.values, count, axis=0), order[:, :, None], axis=1)
+        out[start : start + count] = registry.measure_tables(name, tx, ty, vx, vy)
+    return out
+
+
+def vision_typicality(run: Run, *, k: int = 10) -> np.ndarray:
+    """(n,) each stimulus's typicality in the vision models: its mean similarity to its k nearest
+    stimuli (``calibration.local_density``, from the stored neighbour lists at the GPA layers),
+    z-scored per model and averaged (``calibration.typicality``). High: a dense, typical region."""
+    densities = []
+    for model, layer in vision_layers(run):
+        index = run.neighbours(model, layer)
+        if index.lists is not None and index.k_max >= k:
+            values = np.asarray(index.lists.values[:, :k], dtype=np.float64)
+        else:
+            values = exact_top_k(index.features, k)[1]
+        densities.append(local_density(values, k))
+    return typicality(densities)
+
+
+def _seed_int(sequence: np.random.SeedSequence) -> int:
+    return int(sequence.generate_state(1)[0])
+
+
+def matched_baselines(
+    indexes: Mapping[LayerKey, NeighbourIndex],
+    pairs: Sequence[Pair],
+    low: np.ndarray,
+    high: np.ndarray,
+    k: int,
+    metrics: Sequence[str],
+    *,
+    covariate: np.ndarray,
+    labels: np.ndarray | None = None,
+    metric_options: Mapping[str, Mapping[str, Any]] | None = None,
+    n_sets: int = 200,
+    n_candidates: int = 5,
+    exclude_chosen: bool = True,
+    seed: int = 0,
+    level: float = 0.95,
+    on_error: OnError = "raise",
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The low and high sets against random sets matched to each on ``covariate`` (and labels).
+
+    For each of the two sets, ``n_sets`` random sets with its covariate profile
+    (``calibration.matched_random_sets``, nearest-covariate matching within label; with
+    ``exclude_chosen`` drawn from the stimuli outside that set). The question: is the observed gap
+    metric(low) − metric(high) larger than the gap between sets that only share their covariate
+    (and category) profile? Its p-value is P(matched gap ≥ observed gap) over the draws (b-th low
+    match against b-th high match, +1 correction); ``survives`` = gap > 0 and p < 0.05.
+
+    Returns ``(table, balance)``. ``table``: one row per metric × pair with the pair's columns,
+    ``metric``, ``set_size``, ``observed_low``, ``matched_low_mean`` / ``_lower`` / ``_upper``,
+    ``p_value_low_above_matched`` (P(matched ≥ low)), ``observed_high``, ``matched_high_mean`` /
+    ``_lower`` / ``_upper``, ``p_value_high_below_matched`` (P(matched ≤ high)),
+    ``low_minus_high``, ``matched_gap_mean`` / ``_lower`` / ``_upper``, ``p_value_gap``,
+    ``share_of_gap_matched`` (matched gap mean / observed gap), ``survives``, ``n_sets``,
+    ``matched_on`` (p-values NaN where a value is NaN, ``on_error="nan"``). ``balance``: per set
+    (low, high): ``set``, ``chosen_covariate_mean``,
+    ``matched_covariate_mean``, ``standardised_difference`` ((matched − chosen) / covariate sd over
+    all stimuli), ``mean_overlap`` (share of a matched set inside the chosen set), ``matched_on``.
+    """
+    pairs = [Pair(*pair) for pair in pairs]
+    names = check_metric_names(metrics)
+    covariate = np.asarray(covariate, dtype=np.float64)
+    low_seed, high_seed = np.random.SeedSequence(seed).spawn(2)
+    matched = {}
+    for set_name, chosen, sequence in (("low", low, low_seed), ("high", high, high_seed)):
+        matched[set_name] = matched_random_sets(
+            chosen, covariate, labels, n_sets=n_sets, method="nearest",
+            n_candidates=n_candidates, exclude_chosen=exclude_chosen, seed=_seed_int(sequence),
+        )
+    B = matched["low"].shape[0]
+    sets = np.concatenate(
+        [np.sort(low)[None], np.sort(high)[None], matched["low"], matched["high"]]
+    )
+    values = set_metric_values(indexes, pairs, sets, k, names, metric_options, on_error=on_error)
+    matched_on = "typicality" if labels is None else "typicality and category"
+    rows = []
+    for name in names:
+        for p, pair in enumerate(pairs):
+            low_value, high_value = float(values[name][p, 0]), float(values[name][p, 1])
+            low_null = values[name][p, 2 : 2 + B]
+            high_null = values[name][p, 2 + B :]
+            gap, gaps = low_value - high_value, low_null - high_null
+            p_gap = _p_values_or_nan(gap, gaps)[1]
+            gap_mean = float(gaps.mean())
+            rows.append(
+                {
+                    **pair._asdict(),
+                    "metric": name,
+                    "set_size": int(np.size(low)),
+                    "observed_low": low_value,
+                    "matched_low_mean": float(low_null.mean()),
+                    "matched_low_lower": percentile_interval(low_null, level)[0],
+                    "matched_low_upper": percentile_interval(low_null, level)[1],
+                    "p_value_low_above_matched": _p_values_or_nan(low_value, low_null)[1],
+                    "observed_high": high_value,
+                    "matched_high_mean": float(high_null.mean()),
+                    "matched_high_lower": percentile_interval(high_null, level)[0],
+                    "matched_high_upper": percentile_interval(high_null, level)[1],
+                    "p_value_high_below_matched": _p_values_or_nan(-high_value, -high_null)[1],
+                    "low_minus_high": gap,
+                    "matched_gap_mean": gap_mean,
+                    "matched_gap_lower": percentile_interval(gaps, level)[0],
+                    "matched_gap_upper": percentile_interval(gaps, level)[1],
+                    "p_value_gap": p_gap,
+                    "share_of_gap_matched": gap_mean / gap if gap != 0 else float("nan"),
+                    "survives": bool(gap > 0 and p_gap < 0.05),
+                    "n_sets": int(B),
+                    "matched_on": matched_on,
+                }
+            )
+    spread = float(covariate.std()) or 1.0
+    balance = []
+    for set_name, chosen in (("low", low), ("high", high)):
+        chosen = np.asarray(chosen)
+        drawn = matched[set_name]
+        balance.append(
+            {
+                "set": set_name,
+                "chosen_covariate_mean": float(covariate[chosen].mean()),
+                "matched_covariate_mean": float(covariate[drawn].mean()),
+                "standardised_difference": float(
+                    (covariate[drawn].mean() - covariate[chosen].mean()) / spread
+                ),
+                "mean_overlap": float(np.isin(drawn, chosen).mean()),
+                "matched_on": matched_on,
+            }
+        )
+    return pd.DataFrame(rows), pd.DataFrame(balance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,6 +1072,14 @@ def _row_space_coordinates(configuration: np.ndarray) -> np.ndarray:
     """(m, min(m, d)) coordinates Z of the rows of ``configuration`` (m, d) in an orthonormal basis
     V of its row space (configuration = Z Vᵀ), so every distance between rows is kept."""
     return np.linalg.qr(configuration.T, mode="r").T
+
+
+def row_space_coordinates(features: np.ndarray) -> np.ndarray:
+    """Features (m, d) written in m coordinates when d > m (else unchanged): Z Zᵀ = F Fᵀ, so every
+    inner product, norm and distance between rows — and any metric invariant to orthogonal maps
+    that sees the features only through them — is kept, at a fraction of the width."""
+    features = np.asarray(features, dtype=np.float64)
+    return _row_space_coordinates(features) if features.shape[1] > features.shape[0] else features
 
 
 def held_out_deviation(held_out: np.ndarray, consensus: np.ndarray) -> np.ndarray:

@@ -398,6 +398,14 @@ class RunLayout:
             "neighbours", check_key(model, "model key"), f"{check_key(layer, 'layer key')}.values.npy"
         )
 
+    def caption_embedding(self, model: str, layer: str) -> tuple[Path, Path]:
+        """``captions/<model>/<layer>.npy`` (every caption's embedding) and its ``.json``."""
+        model, layer = check_key(model, "model key"), check_key(layer, "layer key")
+        return (
+            self._file("captions", model, f"{layer}.npy"),
+            self._file("captions", model, f"{layer}.json"),
+        )
+
     @property
     def legacy_grams_dir(self) -> Path:
         """``grams/`` of format-1 runs (dense Gram matrices), removed when a run is upgraded."""

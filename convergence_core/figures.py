@@ -413,3 +413,78 @@ def predictors_figure(
     right.set_title("Dispersion predicted from every property (cross-validated)", fontsize=9)
     right.legend(fontsize=7, loc="upper left")
     return _save(figure, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-stimulus alignment (convergence_core.stimulus_alignment)
+
+_VISION_COLOURS = ("#2b8cbe", "#e34a33", "#31a354", "#756bb1", "#fd8d3c", "#636363")
+_PER_STIMULUS_LABELS = {
+    "knn_overlap": "k-NN overlap (share of the k = {k} nearest stimuli shared)",
+    "local_cka": "local CKA Δ (change of the base set's CKA, unitless)",
+}
+
+
+def per_stimulus_alignment_figure(
+    table: pd.DataFrame,
+    dispersion: np.ndarray,
+    relation: pd.DataFrame,
+    path: str | os.PathLike[str],
+    *,
+    score: str = "mean",
+) -> Path:
+    """Per stimulus: its alignment (rows: ``knn_overlap``, ``local_cka``) against its dispersion,
+    one panel per metric × language model, each vision model a colour with its Spearman ρ and
+    permutation p in the legend. ``table`` is ``stimulus_alignment.per_stimulus_alignment``
+    output, ``dispersion`` (n,) in run order, ``relation`` its ``alignment_dispersion_relation``."""
+    metrics = list(dict.fromkeys(table["metric"]))
+    languages = list(dict.fromkeys(table["language_model"]))
+    visions = list(dict.fromkeys(table["vision_model"]))
+    figure, grid = plt.subplots(
+        len(metrics),
+        len(languages),
+        figsize=(4.6 * len(languages), 3.6 * len(metrics)),
+        squeeze=False,
+        layout="constrained",
+    )
+    dispersion = np.asarray(dispersion, dtype=np.float64)
+    for row, metric in enumerate(metrics):
+        for column, language in enumerate(languages):
+            axis = grid[row][column]
+            for colour, vision in zip(_VISION_COLOURS * 8, visions, strict=False):
+                group = table[
+                    (table["metric"] == metric)
+                    & (table["language_model"] == language)
+                    & (table["vision_model"] == vision)
+                ].sort_values("stimulus")
+                stats = relation[
+                    (relation["metric"] == metric)
+                    & (relation["language_model"] == language)
+                    & (relation["vision_model"] == vision)
+                ]
+                label = vision
+                if len(stats):
+                    label += (
+                        f": ρ = {stats['spearman_rho'].iloc[0]:.2f} "
+                        f"(p = {stats['permutation_p_value_two_sided'].iloc[0]:.2g})"
+                    )
+                axis.scatter(
+                    dispersion[group["stimulus"].to_numpy()], group["value"], s=6, alpha=0.45,
+                    color=colour, label=label,
+                )
+            layer = table.loc[table["language_model"] == language, "language_layer"].iloc[0]
+            axis.set_title(f"{language} ({layer})", fontsize=9)
+            axis.set_xlabel(f"dispersion: {score} GPA residual (residual units)")
+            k = table.loc[table["metric"] == metric, "k"].dropna()
+            axis.set_ylabel(
+                _PER_STIMULUS_LABELS.get(metric, f"{metric} (unitless)").format(
+                    k=int(k.iloc[0]) if len(k) else "?"
+                ),
+                fontsize=8,
+            )
+            axis.legend(fontsize=6, loc="best")
+    figure.suptitle(
+        "Per-stimulus vision–language alignment against dispersion (Spearman ρ, permutation p)",
+        fontsize=10,
+    )
+    return _save(figure, path)

@@ -11,6 +11,15 @@ The universal-space section (:func:`universal_space_section`; every model of the
 default layer) adds ``universal_*`` tables and figures: residuals per model and stimulus,
 cross-modal dispersion and its relation to vision dispersion, and held-out image-text retrieval
 (k-fold) against chance and the ridge baseline, with one printed headline line.
+
+The issue-14 sections (:func:`paper_sections`, one function each, settings in
+:class:`AnalysisOptions`) measure every metric of the registry on the Fig. 2 sets
+(:func:`metric_suite_section`), per-stimulus alignment against dispersion
+(:func:`per_stimulus_section`), linear predictivity (:func:`predictivity_section`), one caption
+vs the mean of all captions and class means (:func:`many_to_many_section`; captions embedded once
+with ``--embed-captions``), blind matching (:func:`blind_matching_section`), and calibrated scores
+with typicality- (and category-) matched baselines (:func:`calibration_section`); each adds its
+sentence to summary.txt and report.json → ``verdicts``.
 """
 
 from __future__ import annotations
@@ -19,17 +28,35 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import pandas as pd
 
-from . import analyses, dispersion_predictors, figures, retrieval, universal
+from . import (
+    analyses,
+    dispersion_predictors,
+    caption_embeddings,
+    figures,
+    many_to_many,
+    predictivity,
+    retrieval,
+    stimulus_alignment,
+    universal,
+)
+from . import metrics as registry
 from .alignment import cknna_bound_note
+from .blind_matching import blind_matching as match_blind
 from .cache import write_bytes, write_json
+from .metrics import metric_names
+from .neighbours import prepare_rows
 from .presets import PRESETS, preset_config
 from .run import Run, load_run
+from .stats import percentile_interval
+from .subsets import select_stimuli
 from .validation import MIN_CKNNA_SET_SIZE
 
 #: Columns of the summary table, in print order.
@@ -217,14 +244,20 @@ def write_report(
     universal_folds: int = 5,
     property_permutations: int = dispersion_predictors.DEFAULT_N_PERMUTATIONS,
     property_shuffles: int = dispersion_predictors.DEFAULT_N_SHUFFLES,
+    options: AnalysisOptions | None = None,
 ) -> dict[str, Any]:
     """Run every analysis on ``run`` and write tables, figures and the summary to ``out``.
 
     Returns the content of ``report.json``: ``run``, ``parameters``, ``best_language_layers``,
-    ``verdicts`` (score -> sentence), ``paired_tests``, ``universal_space`` (see
-    :func:`universal_space_section`), ``properties`` (what predicts dispersion: top properties
-    and held-out R² per score; None without a property table), ``notes`` and ``files``.
+    ``verdicts`` (each score -> its Fig. 2 sentence, and one sentence per issue-14 section:
+    ``metric_suite``, ``per_stimulus``, ``predictivity``, ``many_to_many``, ``blind_matching``,
+    ``matched_baselines``), ``paired_tests``, ``universal_space`` (see
+    :func:`universal_space_section`), the sections' entries (``metric_suite``, ``per_stimulus``,
+    ...; see each ``*_section``), ``properties`` (what predicts dispersion: top
+    properties and held-out R² per score; None without a property table), ``notes`` and ``files``. ``options`` sets the issue-14 sections
+    (:class:`AnalysisOptions`; its defaults when None).
     """
+    options = AnalysisOptions() if options is None else options
     out = check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     n = int(run.gpa.residuals.shape[0])
@@ -238,18 +271,26 @@ def write_report(
     files += _write_table(best, out, "best_language_layers")
     files.append(figures.layer_sweep_figure(sweep, out / "layer_sweep.png").name)
 
+    pairs = analyses.pairs_with_best_layers(run, k=k, best_layers=best)
+    metrics = options.metric_names()
+    metric_options = options.metric_options(run, pairs, size, metrics)
+    long_table = analyses.dispersion_set_alignment(
+        run,
+        size=size,
+        k=k,
+        score=list(scores),
+        n_random=n_random,
+        seed=seed,
+        n_permutations=n_permutations,
+        best_layers=best,
+        metrics=metrics,
+        metric_options=metric_options,
+        metric_permutations=options.metric_permutations,
+        on_error="nan",  # a metric undefined on some sets (SVCCA beyond the rank) is a note
+    )
     set_tables, paired, verdicts = [], [], {}
     for score in scores:
-        table = analyses.dispersion_set_alignment(
-            run,
-            size=size,
-            k=k,
-            score=score,
-            n_random=n_random,
-            seed=seed,
-            n_permutations=n_permutations,
-            best_layers=best,
-        )
+        table = analyses.cknna_table(long_table[long_table["score"] == score])
         set_tables.append(table)
         files += _write_table(table, out, f"dispersion_sets_{score}")
         files.append(
@@ -286,6 +327,18 @@ def write_report(
     files += universal_files
     if universal_space.get("note"):
         notes.append(universal_space["note"])
+
+    sections = paper_sections(
+        run, out, pairs, long_table, options=options, scores=scores, size=size, k=k,
+        n_random=n_random, n_permutations=n_permutations, seed=seed, metrics=metrics,
+        metric_options=metric_options,
+    )
+    for entry in sections.values():
+        files += entry.pop("files")
+        notes += entry.pop("notes", [])
+    section_verdicts = {
+        name: entry["verdict"] for name, entry in sections.items() if entry.get("verdict")
+    }
 
     properties, property_text = None, ""
     if run.properties is None:
@@ -337,6 +390,9 @@ def write_report(
     summary = summary_table(set_tables)
     files += _write_table(summary, out, "summary")
     text = format_summary(summary, size) + "\n\n" + "\n".join(verdicts.values()) + "\n"
+    if section_verdicts:
+        text += "\n" + "\n".join(section_verdicts.values()) + "\n"
+    verdicts.update(section_verdicts)
     text += property_text
     if bound is not None:
         text += f"\nNote: {bound}\n"
@@ -355,6 +411,11 @@ def write_report(
             "universal_folds": universal_folds,
             "property_permutations": property_permutations,
             "property_shuffles": property_shuffles,
+            "metrics": metrics,
+            "metric_options": metric_options,
+            "sets_of_later_sections": scores[0],
+            **{key: list(value) if isinstance(value, tuple) else value
+               for key, value in asdict(options).items() if key != "metrics"},
         },
         "best_language_layers": dict(
             zip(best["language_model"], best["language_layer"], strict=True)
@@ -365,6 +426,7 @@ def write_report(
         .where(paired_tests.notna(), None)
         .to_dict("records"),
         "universal_space": universal_space,
+        **sections,
         "notes": notes,
         "files": sorted([*files, "report.json"]),
     }
@@ -467,11 +529,669 @@ def universal_space_section(
     return files, entry
 
 
+# ----------------------------------------------------------------------------------------------
+# the metric suite and the neighbouring papers' analyses (issue 14), one function per section
+
+#: Report sections that ``--skip`` may leave out (each costs seconds to a minute on the demo).
+OPTIONAL_SECTIONS = (
+    "per_stimulus", "predictivity", "many_to_many", "blind_matching", "calibration"
+)
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """Settings of the issue-14 sections of the report (defaults keep the demo's report cheap).
+
+    Attributes:
+        metrics: registry metrics of the Fig. 2 sets (None: every metric,
+            ``metrics.metric_names()``; CKNNA is always added: the summary is CKNNA's).
+        metric_permutations: low/high label shuffles per metric other than CKNNA (the first of
+            CKNNA's shuffles; 0: no test).
+        cca_dim: SVCCA's dimension (at most the narrowest layer compared and the set size − 1).
+        calibration_metrics: metrics of the calibration section (None: the Fig. 2 metrics that the
+            registry marks fast enough for the live lab, ``metrics.metric(name).live``).
+        n_shuffles: shuffled-pairing null draws per set, pair and metric (calibration).
+        n_matched: typicality-matched random sets per set (calibration).
+        predictivity_random: random sets (the first of Fig. 2's draws) scored by linear
+            predictivity besides the low and high sets.
+        predictivity_folds: outer cross-validation folds of the ridge map.
+        blind_matching_repeats: blind-matching runs (seeds) on the low and on the high set.
+        blind_matching_random: random sets (the first of Fig. 2's draws) matched blind once each.
+        blind_matching_seeds: known pairs given to the matching solver.
+        many_to_many_metrics: metrics of one caption vs the mean of all captions.
+        many_to_many_resamples: half-samples of the interval of that difference.
+        embed_captions: load each language model to embed every caption (cached in the run
+            folder) when the run has no cached caption embeddings.
+        skip: sections to leave out (names of :data:`OPTIONAL_SECTIONS`).
+    """
+
+    metrics: tuple[str, ...] | None = None
+    metric_permutations: int = 100
+    cca_dim: int = 10
+    calibration_metrics: tuple[str, ...] | None = None
+    n_shuffles: int = 200
+    n_matched: int = 200
+    predictivity_random: int = 5
+    predictivity_folds: int = 5
+    blind_matching_repeats: int = 3
+    blind_matching_random: int = 10
+    blind_matching_seeds: int = 10
+    many_to_many_metrics: tuple[str, ...] = ("cknna", "cka")
+    many_to_many_resamples: int = 200
+    embed_captions: bool = False
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.skip) - set(OPTIONAL_SECTIONS))
+        if unknown:
+            raise ValueError(
+                f"cannot skip {unknown}; sections that may be skipped: {OPTIONAL_SECTIONS}"
+            )
+        for name in ("n_shuffles", "n_matched", "predictivity_folds", "many_to_many_resamples",
+                     "cca_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("metric_permutations", "predictivity_random", "blind_matching_repeats",
+                     "blind_matching_random", "blind_matching_seeds"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+
+    def metric_names(self) -> list[str]:
+        """The Fig. 2 metrics: CKNNA first, then the chosen ones (all by default)."""
+        chosen = metric_names() if self.metrics is None else list(self.metrics)
+        return analyses.check_metric_names(["cknna", *chosen])
+
+    def calibration_metric_names(self, metrics: Sequence[str]) -> list[str]:
+        """The calibration section's metrics (default: the live ones of ``metrics``)."""
+        if self.calibration_metrics is not None:
+            return analyses.check_metric_names(self.calibration_metrics)
+        return [name for name in metrics if registry.metric(name).live]
+
+    def metric_options(self, run: Run, pairs: Sequence[analyses.Pair], size: int,
+                       names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """SVCCA's ``cca_dim``: at most the narrowest layer compared and size − 1."""
+        if "svcca" not in names:
+            return {}
+        widths = [
+            run.manifest.models[model].dims[layer] for pair in pairs for model, layer in pair.sides
+        ]
+        return {"svcca": {"cca_dim": int(min(self.cca_dim, size - 1, *widths))}}
+
+
+class DispersionSets(NamedTuple):
+    """The sets of the issue-14 sections: by the report's first dispersion score."""
+
+    score: str
+    low: np.ndarray
+    high: np.ndarray
+    random: np.ndarray  # (n_random, size): Fig. 2's draws, the same for every section
+
+
+def dispersion_sets(run: Run, score: str, size: int, n_random: int, seed: int) -> DispersionSets:
+    values = run.dispersion[score].to_numpy(dtype=np.float64)
+    return DispersionSets(
+        score,
+        select_stimuli(values, "low", size),
+        select_stimuli(values, "high", size),
+        analyses.random_sets(values, size, n_random, seed),
+    )
+
+
+def _pair_label(row: Any) -> str:
+    return f"{row['vision_model']} × {row['language_model']}"
+
+
+def _range_text(values: Sequence[float], spec: str = "{:+.2f}") -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "n/a"
+    low, high = min(values), max(values)
+    return spec.format(low) if low == high else f"{spec.format(low)} to {spec.format(high)}"
+
+
+def metric_suite_section(out: Path, table: pd.DataFrame) -> tuple[list[str], dict[str, Any]]:
+    """Fig. 2 for every metric (every score, one long table) and how often the effect holds.
+
+    ``table`` is ``analyses.dispersion_set_alignment(..., metrics=[...])``. Writes
+    ``dispersion_sets_metrics`` (long: a ``metric`` column) and ``metric_effect_counts``
+    (``analyses.effect_counts``). Returns (files, the ``metric_suite`` entry of report.json:
+    metrics, counts, verdict).
+    """
+    counts = analyses.effect_counts(table)
+    files = _write_table(table, out, "dispersion_sets_metrics")
+    files += _write_table(counts, out, "metric_effect_counts")
+    lines = []
+    for score, group in counts.groupby("score", sort=False):
+        n_pairs = int(group["n_pairs"].iloc[0])
+        ordered = ", ".join(
+            f"{r['metric']} {r['n_low_random_high']}" for r in group.to_dict("records")
+        )
+        significant = ", ".join(
+            f"{r['metric']} {r['n_significant']}" for r in group.to_dict("records")
+        )
+        lines.append(
+            f"Every metric ({score} dispersion, {int(table['set_size'].iloc[0])} stimuli per set): "
+            f"low > random > high holds in {ordered} of {n_pairs} pairs; low > high with "
+            f"permutation p < 0.05 in {significant}."
+        )
+    notes = []
+    values = table[["low_dispersion", "random_mean", "high_dispersion"]]
+    for name, group in table[values.isna().any(axis=1)].groupby("metric", sort=False):
+        pairs = ", ".join(sorted({_pair_label(row) for row in group.to_dict("records")}))
+        notes.append(
+            f"{name} is undefined (NaN) on some sets of {pairs}: its options do not fit those "
+            "features there (e.g. SVCCA's cca_dim above their rank); its rows show NaN"
+        )
+    entry = {
+        "metrics": list(dict.fromkeys(table["metric"])),
+        "effect_counts": _records(counts),
+        "verdict": " ".join(lines),
+        "notes": notes,
+    }
+    return files, entry
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [
+        {key: _json_value(value) for key, value in row.items()}
+        for row in frame.to_dict("records")
+    ]
+
+
+def per_stimulus_section(
+    run: Run, out: Path, pairs: Sequence[analyses.Pair], *, k: int, score: str,
+    n_permutations: int, seed: int,
+) -> tuple[list[str], dict[str, Any]]:
+    """Per-stimulus alignment (k-NN overlap, local CKA) of every pair against dispersion.
+
+    Writes ``per_stimulus_alignment`` (long: stimulus × pair × metric),
+    ``per_stimulus_dispersion_relation`` (Spearman ρ with permutation p per pair and metric) and
+    ``per_stimulus_alignment.png``. Returns (files, report.json entry with the verdict).
+    """
+    table = stimulus_alignment.per_stimulus_alignment(run, pairs, k=k, seed=seed)
+    dispersion = run.dispersion[score].to_numpy(dtype=np.float64)
+    relation = stimulus_alignment.alignment_dispersion_relation(
+        table, dispersion, score=score, n_permutations=n_permutations, seed=seed
+    )
+    files = _write_table(table, out, "per_stimulus_alignment")
+    files += _write_table(relation, out, "per_stimulus_dispersion_relation")
+    files.append(
+        figures.per_stimulus_alignment_figure(
+            table, dispersion, relation, out / "per_stimulus_alignment.png", score=score
+        ).name
+    )
+    parts = []
+    for metric, group in relation.groupby("metric", sort=False):
+        negative = int(
+            ((group["spearman_rho"] < 0) & (group["permutation_p_value_two_sided"] < 0.05)).sum()
+        )
+        parts.append(
+            f"{metric.replace('_', ' ')} ρ {_range_text(group['spearman_rho'].tolist())} "
+            f"({negative} of {len(group)} pairs negative with permutation p < 0.05)"
+        )
+    verdict = (
+        f"Per-stimulus alignment against {score} dispersion ({run.n_stimuli} stimuli, Spearman): "
+        + "; ".join(parts) + "."
+    )
+    return files, {"relation": _records(relation), "verdict": verdict}
+
+
+def predictivity_section(
+    run: Run, out: Path, pairs: Sequence[analyses.Pair], sets: DispersionSets, *,
+    n_random: int, n_folds: int, seed: int,
+) -> tuple[list[str], dict[str, Any]]:
+    """Linear predictivity (paper 004; cross-validated ridge, both directions) on the low, high
+    and the first ``n_random`` random sets (all of one size).
+
+    Writes ``predictivity_sets`` (long: pair × set × direction × metric, ``draw`` numbering the
+    random sets) and ``predictivity_summary`` (per pair × direction × metric: low, high, random
+    mean and 2.5/97.5 percentiles, low − high). Returns (files, report.json entry).
+    """
+    if np.size(sets.low) < 2 * n_folds:
+        raise ValueError(
+            f"sets of {np.size(sets.low)} stimuli are too few for {n_folds}-fold cross-validation "
+            f"(at least {2 * n_folds}); use a larger --size"
+        )
+    named = [("low", 0, sets.low), ("high", 0, sets.high)] + [
+        ("random", i, rows) for i, rows in enumerate(sets.random[:n_random])
+    ]
+    frames = []
+    for pair in pairs:
+        vision = run.neighbours(pair.vision_model, pair.vision_layer).features
+        language = run.neighbours(pair.language_model, pair.language_layer).features
+        for set_name, draw, rows in named:
+            table = predictivity.predictivity_table(
+                vision.rows(rows), language.rows(rows), n_folds=n_folds, seed=seed
+            )
+            frames.append(table.assign(**pair._asdict(), set=set_name, draw=draw))
+    long = pd.concat(frames, ignore_index=True)
+    keys = [*analyses.Pair._fields, "source", "target", "metric"]
+    long = long[
+        [*keys[:4], "set", "draw", *keys[4:], "value", "n_stimuli", "n_folds", "median_alpha"]
+    ]
+    rows = []
+    for key, group in long.groupby(keys, sort=False):
+        by_set = {
+            name: group[group["set"] == name]["value"].to_numpy()
+            for name in ("low", "high", "random")
+        }
+        random_values = by_set["random"]
+        lower, upper = (
+            percentile_interval(random_values, 0.95) if random_values.size else (math.nan, math.nan)
+        )
+        rows.append(
+            {
+                **dict(zip(keys, key, strict=True)),
+                "low_dispersion": float(by_set["low"][0]),
+                "random_mean": float(random_values.mean()) if random_values.size else math.nan,
+                "random_lower_95": lower,
+                "random_upper_95": upper,
+                "high_dispersion": float(by_set["high"][0]),
+                "low_minus_high": float(by_set["low"][0] - by_set["high"][0]),
+                "n_random": int(random_values.size),
+                "set_size": int(np.size(sets.low)),
+            }
+        )
+    summary = pd.DataFrame(rows)
+    files = _write_table(long, out, "predictivity_sets")
+    files += _write_table(summary, out, "predictivity_summary")
+    parts = []
+    for (source, target), group in summary.groupby(["source", "target"], sort=False):
+        counts = ", ".join(
+            f"{metric.replace('_', ' ')} {int((g['low_minus_high'] > 0).sum())}"
+            for metric, g in group.groupby("metric", sort=False)
+        )
+        parts.append(f"{source} → {target}: low > high in {counts} of {len(pairs)} pairs")
+    verdict = (
+        f"Linear predictivity (ridge, {n_folds}-fold, {int(np.size(sets.low))} stimuli per "
+        f"{sets.score}-dispersion set): " + "; ".join(parts) + "."
+    )
+    return files, {"summary": _records(summary), "verdict": verdict}
+
+
+def _caption_pairs(
+    run: Run, pairs: Sequence[analyses.Pair], embed: bool
+) -> tuple[dict[tuple[str, str], caption_embeddings.CaptionEmbeddings], list[str]]:
+    """Per-caption embeddings of every language model × layer in ``pairs`` (cached, or embedded
+    when ``embed``), and notes for those missing."""
+    found, notes = {}, []
+    if max(map(len, run.stimuli["captions"]), default=0) < 2:
+        return found, [
+            "many-to-many (one caption vs the mean of all captions) skipped: every stimulus has a "
+            "single caption"
+        ]
+    for model, layer in dict.fromkeys((p.language_model, p.language_layer) for p in pairs):
+        cached = caption_embeddings.cached_caption_embeddings(run, model, layer)
+        if cached is None and embed:
+            try:
+                cached = caption_embeddings.embed_captions(run, model, [layer])[layer]
+            except (ValueError, OSError, ImportError) as error:
+                notes.append(f"many-to-many: could not embed the captions with {model}: {error}")
+        elif cached is None:
+            notes.append(
+                f"many-to-many (one caption vs the mean of all captions) skipped for {model}: the "
+                "run stores one embedding per stimulus; pass --embed-captions to embed every "
+                f"caption once with {model} (cached in the run folder)"
+            )
+        if cached is not None:
+            found[(model, layer)] = cached
+    return found, notes
+
+
+def many_to_many_section(
+    run: Run, out: Path, pairs: Sequence[analyses.Pair], *, k: int, metrics: Sequence[str],
+    n_resamples: int, embed: bool, seed: int,
+) -> tuple[list[str], dict[str, Any]]:
+    """One caption per image vs the mean of all its captions (paper 004), and for labelled runs
+    one image–text pair per class vs class means; the difference with its half-sample interval.
+
+    Captions are embedded at each language model's layer in the pairs (:mod:`caption_embeddings`)
+    and prepared as the run prepares that layer (clip at its threshold, unit norm): the
+    one-caption side is then the run's own language features. Writes ``many_to_many``. Returns
+    (files, report.json entry with ``verdict`` and ``notes``).
+    """
+    captions, notes = _caption_pairs(run, pairs, embed)
+    labels = run.stimuli["label"].to_numpy() if "label" in run.stimuli.columns else None
+    records = []
+    for pair in pairs:
+        vision = run.neighbours(pair.vision_model, pair.vision_layer).features
+        language = run.neighbours(pair.language_model, pair.language_layer).features
+        embedded = captions.get((pair.language_model, pair.language_layer))
+        prepared_images = vision.all_rows() if embedded is not None else None
+        for metric in metrics:
+            options = {"k": k} if registry.metric(metric).neighbour_metric else {}
+
+            def prepared(X, Y, metric=metric, options=options, language=language):
+                # images already prepared; captions (one, or the mean of the raw embeddings of
+                # all) prepared as the run prepares this language layer
+                return registry.measure(metric, X, prepare_rows(Y, language.threshold), **options)
+
+            def raw(X, Y, metric=metric, options=options, vision=vision, language=language):
+                # class means of raw embeddings on both sides, prepared as the run prepares them
+                return registry.measure(
+                    metric, prepare_rows(X, vision.threshold), prepare_rows(Y, language.threshold),
+                    **options,
+                )
+
+            effects = []
+            if embedded is not None:
+                images = prepared_images
+                if registry.ORTHOGONAL in registry.metric(metric).invariances:
+                    # exact for these metrics (they see the images only through inner products)
+                    images = analyses.row_space_coordinates(prepared_images)
+                effects.append(
+                    many_to_many.caption_averaging_effect(
+                        prepared, images, np.asarray(embedded.features, dtype=np.float64),
+                        embedded.owners, method="half", n_resamples=n_resamples, seed=seed,
+                    )
+                )
+            if labels is not None:
+                try:
+                    effects.append(
+                        many_to_many.class_averaging_effect(
+                            raw, np.asarray(vision.raw, dtype=np.float64),
+                            np.asarray(language.raw, dtype=np.float64), labels,
+                            method="half", n_resamples=n_resamples, seed=seed,
+                        )
+                    )
+                except ValueError as error:
+                    note = f"many-to-many class averaging skipped: {error}"
+                    if note not in notes:
+                        notes.append(note)
+            for effect in effects:
+                records.append(
+                    {
+                        **pair._asdict(),
+                        "metric": metric,
+                        "comparison": effect.comparison,
+                        "one": effect.one,
+                        "averaged": effect.averaged,
+                        "difference": effect.difference,
+                        "lower": effect.lower,
+                        "upper": effect.upper,
+                        "n_units": effect.n_units,
+                        "method": effect.method,
+                        "n_resamples": effect.n_resamples,
+                        "level": effect.level,
+                        "k": int(k) if options else None,
+                    }
+                )
+    entry: dict[str, Any] = {"notes": notes}
+    if not records:
+        entry["verdict"] = None
+        return [], entry
+    table = pd.DataFrame(records)
+    files = _write_table(table, out, "many_to_many")
+    parts = []
+    for (comparison, metric), group in table.groupby(["comparison", "metric"], sort=False):
+        above = int((group["lower"] > 0).sum())
+        below = int((group["upper"] < 0).sum())
+        parts.append(
+            f"{metric} {_range_text(group['difference'].tolist(), '{:+.3f}')} "
+            f"({above} of {len(group)} pairs with the 95% interval above 0, {below} below)"
+        )
+    what = {
+        "captions": "the mean of all captions instead of the first",
+        "classes": "class means of images and texts instead of one pair per class",
+    }
+    comparisons = list(dict.fromkeys(table["comparison"]))
+    verdict = (
+        "Many-to-many (" + " / ".join(what[c] for c in comparisons) + "), averaged − one: "
+        + "; ".join(parts) + "."
+    )
+    entry.update(
+        {
+            "verdict": verdict,
+            "first_caption_difference": {
+                f"{m} {layer}": caption_embeddings.first_caption_difference(run, m, layer)
+                for m, layer in captions
+            },
+        }
+    )
+    return files, entry
+
+
+def fixed_points_p_value(correct: int, n: int) -> float:
+    """P(a uniformly random matching of n items gets at least ``correct`` right): the exact
+    distribution of the fixed points of a random permutation, P(F = j) = (1/j!)·Σ_{i ≤ n−j}
+    (−1)^i / i! (chance of blind matching; mean 1)."""
+    n, correct = int(n), int(correct)
+    if correct <= 0:
+        return 1.0
+    if correct > n:
+        return 0.0
+    inverse = np.cumprod(np.concatenate([[1.0], 1.0 / np.arange(1, n + 1)]))  # 1/i!, i = 0..n
+    partial = np.cumsum(inverse * (-1.0) ** np.arange(n + 1))  # Σ_{i ≤ m} (−1)^i / i!
+    j = np.arange(correct, n + 1)
+    return float(min(1.0, max(0.0, np.sum(partial[n - j] * inverse[j]))))
+
+
+def blind_matching_section(
+    run: Run, out: Path, pairs: Sequence[analyses.Pair], sets: DispersionSets, *,
+    repeats: int, n_random: int, n_seeds: int, seed: int,
+) -> tuple[list[str], dict[str, Any]]:
+    """Blind matching (paper 003: CKA-maximising seeded QAP) on the low and high sets (``repeats``
+    seeds each) and on the first ``n_random`` random sets; accuracy against chance.
+
+    Writes ``blind_matching`` (one row per run: pair, set, draw, accuracy, chance, n_correct,
+    n_query, p-value of as many correct by chance, CKA of the true and found pairings) and
+    ``blind_matching_summary`` (per pair × set: mean accuracy, chance, ratio, random interval).
+    """
+    named = [("low", r, sets.low) for r in range(repeats)]
+    named += [("high", r, sets.high) for r in range(repeats)]
+    named += [("random", i, rows) for i, rows in enumerate(sets.random[:n_random])]
+    records = []
+    for pair in pairs:
+        vision = run.neighbours(pair.vision_model, pair.vision_layer).features
+        language = run.neighbours(pair.language_model, pair.language_layer).features
+        for set_name, draw, rows in named:
+            result = match_blind(
+                vision.rows(rows), language.rows(rows), n_seeds=min(n_seeds, len(rows) - 3),
+                seed=seed + draw if set_name != "random" else seed,
+            )
+            correct = int(result.correct.sum() - result.correct[result.seeds].sum())
+            records.append(
+                {
+                    **pair._asdict(),
+                    "set": set_name,
+                    "draw": draw,
+                    "set_size": len(rows),
+                    "n_seeds": result.n_seeds,
+                    "n_query": result.n_query,
+                    "n_correct": correct,
+                    "accuracy": result.accuracy,
+                    "chance": result.chance,
+                    "p_value_vs_chance": fixed_points_p_value(correct, result.n_query),
+                    "cka_true": result.cka_true,
+                    "cka_found": result.cka_found,
+                }
+            )
+    table = pd.DataFrame(records)
+    rows = []
+    for key, group in table.groupby([*analyses.Pair._fields, "set"], sort=False):
+        accuracy = group["accuracy"].to_numpy()
+        lower, upper = (
+            percentile_interval(accuracy, 0.95) if len(group) > 1 else (math.nan, math.nan)
+        )
+        rows.append(
+            {
+                **dict(zip([*analyses.Pair._fields, "set"], key, strict=True)),
+                "n_runs": len(group),
+                "accuracy_mean": float(accuracy.mean()),
+                "accuracy_lower_95": lower,
+                "accuracy_upper_95": upper,
+                "chance": float(group["chance"].mean()),
+                "accuracy_over_chance": float(accuracy.mean() / group["chance"].mean()),
+                "n_runs_above_chance": int((group["p_value_vs_chance"] < 0.05).sum()),
+            }
+        )
+    summary = pd.DataFrame(rows)
+    files = _write_table(table, out, "blind_matching")
+    files += _write_table(summary, out, "blind_matching_summary")
+    means = summary.groupby("set", sort=False)["accuracy_mean"].mean()
+    chance = float(summary["chance"].mean())
+    low_above = int(
+        (summary[summary["set"] == "low"]["accuracy_mean"].to_numpy()
+         > summary[summary["set"] == "high"]["accuracy_mean"].to_numpy()).sum()
+    )
+    verdict = (
+        f"Blind matching (seeded QAP on CKA, {int(table['n_seeds'].max())} known pairs, "
+        f"{int(np.size(sets.low))} stimuli per set): accuracy low "
+        f"{means.get('low', math.nan):.3f}, high {means.get('high', math.nan):.3f}"
+        + (f", random {means['random']:.3f}" if "random" in means else "")
+        + f" (mean over {len(pairs)} pairs; chance {chance:.3f}); low > high in {low_above} of "
+        f"{len(pairs)} pairs."
+    )
+    return files, {"summary": _records(summary), "verdict": verdict}
+
+
+def calibration_section(
+    run: Run, out: Path, pairs: Sequence[analyses.Pair], sets: DispersionSets, *, k: int,
+    metrics: Sequence[str], metric_options: dict[str, dict[str, Any]], n_shuffles: int,
+    n_matched: int, seed: int,
+) -> tuple[list[str], dict[str, Any]]:
+    """Calibrated scores (shuffled-pairing null) on the low and high sets, and matched random
+    baselines (typicality in the vision models; and category where the run has labels).
+
+    Writes ``calibrated_scores`` (per set × metric × pair: observed, null mean and interval,
+    calibrated, z, p), ``matched_baselines`` (per matching × metric × pair: low and high against
+    their matched sets, the gap against the matched gap, ``survives``) and ``matched_balance``.
+    Returns (files, report.json entry with the verdict).
+    """
+    indexes = analyses.indexes_for(run, pairs)
+    calibrated = analyses.shuffled_pairing_calibration(
+        indexes, pairs, {"low": sets.low, "high": sets.high}, k, metrics,
+        metric_options=metric_options, n_shuffles=n_shuffles, seed=seed, on_error="nan",
+    )
+    covariate = analyses.vision_typicality(run, k=k)
+    matchings: list[tuple[str, np.ndarray | None]] = [("typicality", None)]
+    notes = []
+    if "label" in run.stimuli.columns:
+        matchings.append(("typicality and category", run.stimuli["label"].astype(str).to_numpy()))
+    tables, balances = [], []
+    for name, labels in matchings:
+        try:
+            table, balance = analyses.matched_baselines(
+                indexes, pairs, sets.low, sets.high, k, metrics, covariate=covariate,
+                labels=labels, metric_options=metric_options, n_sets=n_matched, seed=seed,
+                on_error="nan",
+            )
+        except ValueError as error:
+            notes.append(f"matched baselines on {name} skipped: {error}")
+            continue
+        tables.append(table)
+        balances.append(balance)
+    files = _write_table(calibrated, out, "calibrated_scores")
+    if not tables:
+        return files, {"matched": [], "notes": notes, "verdict": None}
+    matched = pd.concat(tables, ignore_index=True)
+    files += _write_table(matched, out, "matched_baselines")
+    files += _write_table(pd.concat(balances, ignore_index=True), out, "matched_balance")
+    cknna_calibrated = calibrated[calibrated["metric"] == "cknna"]
+    by_set = cknna_calibrated.groupby("set", sort=False)["calibrated"].mean()
+    sentences = [
+        "Calibrated against shuffled pairings within each set, CKNNA (observed − null mean, "
+        f"mean over {len(pairs)} pairs) is {by_set.get('low', math.nan):.3f} on the low set and "
+        f"{by_set.get('high', math.nan):.3f} on the high set."
+    ]
+    for matched_on, group in matched.groupby("matched_on", sort=False):
+        cknna_rows = group[group["metric"] == "cknna"]
+        balance = pd.concat(balances)
+        shift = balance[balance["matched_on"] == matched_on]["standardised_difference"].abs().max()
+        sentences.append(
+            f"Against random sets matched on {matched_on} ({n_matched} per set; largest covariate "
+            f"imbalance {shift:.2f} sd), low > high survives for "
+            f"{int(cknna_rows['survives'].sum())} of {len(cknna_rows)} pairs by CKNNA "
+            "(matched-gap p < 0.05; CKNNA gap "
+            f"{cknna_rows['low_minus_high'].mean():+.3f} observed vs "
+            f"{cknna_rows['matched_gap_mean'].mean():+.3f} between the matched sets, mean over "
+            f"pairs) and for {int(group['survives'].sum())} of {len(group)} pair × metric "
+            f"combinations over {group['metric'].nunique()} metrics."
+        )
+    return files, {
+        "matched": _records(matched),
+        "notes": notes,
+        "verdict": " ".join(sentences),
+    }
+
+
+SECTION_TITLES = {
+    "metric_suite": "every metric of the registry on the Fig. 2 sets",
+    "per_stimulus": "per-stimulus alignment against dispersion",
+    "predictivity": "linear predictivity per dispersion set",
+    "many_to_many": "one caption vs the mean of all captions (and class means)",
+    "blind_matching": "blind matching of low- vs high-dispersion sets",
+    "matched_baselines": "calibrated scores and matched random baselines",
+}
+
+
+def paper_sections(
+    run: Run,
+    out: Path,
+    pairs: Sequence[analyses.Pair],
+    long_table: pd.DataFrame,
+    *,
+    options: AnalysisOptions,
+    scores: Sequence[str],
+    size: int,
+    k: int,
+    n_random: int,
+    n_permutations: int,
+    seed: int,
+    metrics: Sequence[str],
+    metric_options: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """The issue-14 sections, in order; each entry holds its ``files``, ``verdict`` (a sentence
+    or None), ``notes`` and its numbers (see each ``*_section``). The sections after the metric
+    suite use the sets of the first score (``scores[0]``)."""
+    sets = dispersion_sets(run, scores[0], size, n_random, seed)
+    chosen = options.calibration_metric_names(metrics)
+    sections: dict[str, Callable[[], tuple[list[str], dict[str, Any]]]] = {
+        "per_stimulus": lambda: per_stimulus_section(
+            run, out, pairs, k=k, score=sets.score, n_permutations=n_permutations, seed=seed
+        ),
+        "predictivity": lambda: predictivity_section(
+            run, out, pairs, sets, n_random=options.predictivity_random,
+            n_folds=options.predictivity_folds, seed=seed,
+        ),
+        "many_to_many": lambda: many_to_many_section(
+            run, out, pairs, k=k, metrics=options.many_to_many_metrics,
+            n_resamples=options.many_to_many_resamples, embed=options.embed_captions, seed=seed,
+        ),
+        "blind_matching": lambda: blind_matching_section(
+            run, out, pairs, sets, repeats=options.blind_matching_repeats,
+            n_random=options.blind_matching_random, n_seeds=options.blind_matching_seeds,
+            seed=seed,
+        ),
+        "matched_baselines": lambda: calibration_section(
+            run, out, pairs, sets, k=k, metrics=chosen,
+            metric_options={
+                name: value for name, value in metric_options.items() if name in chosen
+            },
+            n_shuffles=options.n_shuffles, n_matched=options.n_matched, seed=seed,
+        ),
+    }
+    results = {"metric_suite": metric_suite_section(out, long_table)}
+    for name, section in sections.items():
+        if _SECTION_OPTION.get(name, name) in options.skip:
+            continue
+        try:
+            results[name] = section()
+        except ValueError as error:  # e.g. sets too small for it: the rest of the report stands
+            results[name] = ([], {"verdict": None, "notes": [f"{name} skipped: {error}"]})
+    return {name: {**entry, "files": files} for name, (files, entry) in results.items()}
+
+
+#: report.json section -> its ``--skip`` name, where they differ
+_SECTION_OPTION = {"matched_baselines": "calibration"}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m convergence_core report",
         description=(
-            "Reproduce the paper's analyses (Fig. 2, S1, S2, layer sweep) on a precomputed run."
+            "Reproduce the paper's analyses (Fig. 2, S1, S2, layer sweep), every alignment "
+            "metric on its sets and the neighbouring papers' analyses on a precomputed run."
         ),
     )
     parser.add_argument("run", nargs="?", help="run folder, or a run name under the cache's runs/")
@@ -526,6 +1246,53 @@ def _parser() -> argparse.ArgumentParser:
         help="shuffled-target refits per dispersion model (default "
         f"{dispersion_predictors.DEFAULT_N_SHUFFLES})",
     )
+    defaults = AnalysisOptions()
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=metric_names(),
+        default=None,
+        help="registry metrics measured on the Fig. 2 sets (default: all; CKNNA always)",
+    )
+    parser.add_argument(
+        "--metric-permutations",
+        type=int,
+        default=defaults.metric_permutations,
+        help="label shuffles of the low-vs-high test of every metric but CKNNA (default "
+        f"{defaults.metric_permutations}; 0: none)",
+    )
+    parser.add_argument(
+        "--n-shuffles",
+        type=int,
+        default=defaults.n_shuffles,
+        help=f"shuffled pairings and matched random sets per set (default {defaults.n_shuffles})",
+    )
+    parser.add_argument(
+        "--predictivity-random",
+        type=int,
+        default=defaults.predictivity_random,
+        help="random sets scored by linear predictivity besides low and high (default "
+        f"{defaults.predictivity_random})",
+    )
+    parser.add_argument(
+        "--blind-matching-random",
+        type=int,
+        default=defaults.blind_matching_random,
+        help=f"random sets matched blind (default {defaults.blind_matching_random})",
+    )
+    parser.add_argument(
+        "--embed-captions",
+        action="store_true",
+        help="load each language model once to embed every caption of every stimulus (cached in "
+        "the run folder) for the many-to-many section",
+    )
+    parser.add_argument(
+        "--skip",
+        nargs="+",
+        choices=OPTIONAL_SECTIONS,
+        default=[],
+        help="sections to leave out",
+    )
     return parser
 
 
@@ -561,6 +1328,16 @@ def main(argv: list[str] | None = None) -> int:
             universal_folds=args.universal_folds,
             property_permutations=args.property_permutations,
             property_shuffles=args.property_shuffles,
+            options=AnalysisOptions(
+                metrics=None if args.metrics is None else tuple(args.metrics),
+                metric_permutations=args.metric_permutations,
+                n_shuffles=args.n_shuffles,
+                n_matched=args.n_shuffles,
+                predictivity_random=args.predictivity_random,
+                blind_matching_random=args.blind_matching_random,
+                embed_captions=args.embed_captions,
+                skip=tuple(args.skip),
+            ),
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -14,6 +14,10 @@ Two scores per stimulus i and vision × language pair, both from the prepared fe
   (‖X̃ᵀX̃‖_F ‖ỸᵀỸ‖_F + 1e-6) on centered features. Adding one row changes the centered cross
   products by a rank-2 term, so every Δ(i) costs O(d_x·d_y + d_x² + d_y²) once the base's sums
   are known — O(n·d²) for all stimuli, never an (n, n) array.
+  Features wider than the number of stimuli (d > n, n ≤ 4096; e.g. 1280-d image features of 239
+  stimuli) are first written in coordinates of their own row space (n columns, from a QR): CKA is
+  invariant to orthogonal maps and every centered row lies in that space, so this is exact and
+  turns the d×d sums into n×n ones.
 
 :func:`alignment_dispersion_relation` relates either score to dispersion stimulus by stimulus
 (Spearman ρ, permutation p).
@@ -47,6 +51,8 @@ __all__ = [
 #: Base pairs of the local CKA (paper 003 uses 320).
 LOCAL_CKA_BASE_SIZE = 320
 _ROWS_PER_BLOCK = 2048
+#: Up to this many stimuli, features wider than n are used in their row-space coordinates.
+_ROW_SPACE_MAX_STIMULI = 4096
 
 
 def _top_k(index: NeighbourIndex, k: int) -> np.ndarray:
@@ -155,6 +161,16 @@ def _local_cka_rows(sums: _BaseSums, X: np.ndarray, Y: np.ndarray) -> np.ndarray
     return xy2 / (np.sqrt(np.maximum(xx2, 0.0) * np.maximum(yy2, 0.0)) + EPSILON)
 
 
+def _row_source(features: PreparedFeatures):
+    """``rows(index)`` of the prepared features, or, when they are wider than the stimuli are
+    many (d > n ≤ 4096), of their (n, n) row-space coordinates Z (Z Zᵀ = F Fᵀ; exact for CKA)."""
+    n = features.n
+    if features.d > n and n <= _ROW_SPACE_MAX_STIMULI:
+        coordinates = np.linalg.qr(features.all_rows().T, mode="r").T
+        return lambda index: coordinates[index]
+    return features.rows
+
+
 def local_cka(
     x: PreparedFeatures, y: PreparedFeatures, *, base_size: int = LOCAL_CKA_BASE_SIZE,
     seed: int = 0,
@@ -174,7 +190,8 @@ def local_cka(
             f"base_size must be in 4..{n - 1} (fewer than the stimuli), got {base_size!r}"
         )
     base = np.sort(np.random.default_rng(seed).choice(n, int(base_size), replace=False))
-    Xb, Yb = x.rows(base), y.rows(base)
+    x_rows, y_rows = _row_source(x), _row_source(y)
+    Xb, Yb = x_rows(base), y_rows(base)
     sums = _sums(Xb, Yb)
     base_cka = _cka_of(sums)
     local = np.empty(n)
@@ -182,7 +199,7 @@ def local_cka(
     outside = np.setdiff1d(np.arange(n), base)
     for start in range(0, outside.size, _ROWS_PER_BLOCK):
         rows = outside[start : start + _ROWS_PER_BLOCK]
-        local[rows] = _local_cka_rows(sums, x.rows(rows), y.rows(rows))
+        local[rows] = _local_cka_rows(sums, x_rows(rows), y_rows(rows))
         delta[rows] = local[rows] - base_cka
     for position, row in enumerate(base):  # leave the member out, then add it back
         without = _minus(sums, Xb[position], Yb[position])

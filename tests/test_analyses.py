@@ -11,7 +11,8 @@ import pytest
 from scipy import stats as sps
 from scipy.linalg import orthogonal_procrustes
 
-from convergence_core import analyses
+from convergence_core import analyses, calibration
+from convergence_core import metrics as registry
 from convergence_core.alignment import cknna, prepare_features
 from convergence_core.procrustes import generalized_procrustes
 from convergence_core.stats import (
@@ -217,6 +218,286 @@ def test_paired_tests_and_verdict_are_computed_from_the_table(fig2):
     )
     assert "holds for 0 of 3 " in analyses.effect_verdict(flipped)
     assert "low > high for 0 of 3 (0 with" in analyses.effect_verdict(flipped)
+
+
+# --- Fig. 2 for every metric of the registry ------------------------------------------------
+
+ALL_METRICS = registry.metric_names()
+#: the synthetic "independent" model has 9 dimensions, fewer than SVCCA's default 10
+OPTIONS = {"svcca": {"cca_dim": 5}}
+
+
+@pytest.fixture(scope="module")
+def fig2_long(planted, sweep):
+    best = analyses.best_language_layers(planted, k=5, sweep=sweep)
+    return analyses.dispersion_set_alignment(
+        planted, size=20, k=5, n_random=12, n_permutations=300, seed=3, best_layers=best,
+        metrics=ALL_METRICS, metric_options=OPTIONS, metric_permutations=15,
+    )
+
+
+def test_the_long_table_holds_the_classic_cknna_table(planted, sweep, fig2_long):
+    best = analyses.best_language_layers(planted, k=5, sweep=sweep)
+    classic = analyses.dispersion_set_alignment(
+        planted, size=20, k=5, n_random=12, n_permutations=300, seed=3, best_layers=best
+    )
+    pd.testing.assert_frame_equal(analyses.cknna_table(fig2_long), classic)
+    assert list(fig2_long.metric.unique()) == ALL_METRICS  # metric-major
+    assert len(fig2_long) == len(ALL_METRICS) * 6
+    counts = fig2_long.drop_duplicates("metric").set_index("metric")["n_permutations"]
+    assert counts["cknna"] == 300 and (counts.drop("cknna") == 15).all()
+    with pytest.raises(ValueError, match="no cknna rows"):
+        analyses.cknna_table(fig2_long[fig2_long.metric == "cka"])
+
+
+@pytest.mark.parametrize("name", ALL_METRICS)
+def test_every_metric_on_the_sets_matches_measure_on_their_features(planted, fig2_long, name):
+    """Slow reference: metrics.measure on each set's prepared features (sorted rows), the same
+    random draws (analyses.random_sets) and the first 15 of the same label shuffles."""
+    scores = planted.dispersion["mean"].to_numpy()
+    low, high = select_stimuli(scores, "low", 20), select_stimuli(scores, "high", 20)
+    draws = analyses.random_sets(scores, 20, 12, 3)
+    _, permutation_seed = np.random.SeedSequence(3).spawn(2)
+    rng = np.random.default_rng(permutation_seed)
+    pool = np.concatenate([low, high])
+    shuffles = [pool[rng.permutation(40)] for _ in range(15)]
+    options = {"k": 5} if registry.metric(name).neighbour_metric else OPTIONS.get(name, {})
+    rows = fig2_long[fig2_long.metric == name]
+    for row in rows[rows.vision_model == "vision1"].itertuples():
+        X = _features(planted, row.vision_model, row.vision_layer)
+        Y = _features(planted, row.language_model, row.language_layer)
+
+        def value(subset, X=X, Y=Y):
+            subset = np.sort(subset)
+            return registry.measure(name, X[subset], Y[subset], **options)
+
+        assert row.low_dispersion == pytest.approx(value(low), abs=1e-9)
+        assert row.high_dispersion == pytest.approx(value(high), abs=1e-9)
+        random_values = np.array([value(subset) for subset in draws])
+        assert row.random_mean == pytest.approx(random_values.mean(), abs=1e-9)
+        assert row.random_lower_95 == pytest.approx(np.percentile(random_values, 2.5), abs=1e-9)
+        null = np.array([value(s[:20]) - value(s[20:]) for s in shuffles])
+        two_sided, greater = permutation_p_values(value(low) - value(high), null)
+        if name != "cknna":  # (CKNNA's 300 shuffles are checked by the test above)
+            assert row.permutation_p_value_two_sided == pytest.approx(two_sided)
+            assert row.permutation_p_value_low_greater == pytest.approx(greater)
+
+
+def test_feature_rows_in_row_space_coordinates_change_no_invariant_metric():
+    """The sets' union is written in its own row-space coordinates for metrics invariant to
+    orthogonal maps: wide features (d > union) give the same values as the raw rows, and a metric
+    that is not invariant (SVCCA) is computed on the rows themselves."""
+    from convergence_core.neighbours import NeighbourIndex
+
+    rng = np.random.default_rng(11)
+    z = rng.standard_normal((30, 4))
+    X = z @ rng.standard_normal((4, 70)) + 0.4 * rng.standard_normal((30, 70))
+    Y = z @ rng.standard_normal((4, 50)) + 0.6 * rng.standard_normal((30, 50))
+    indexes = {
+        ("x", "l"): NeighbourIndex.from_features(X),
+        ("y", "l"): NeighbourIndex.from_features(Y),
+    }
+    sets = np.stack([np.sort(rng.choice(30, 12, replace=False)) for _ in range(3)])
+    names = [m for m in ALL_METRICS if not registry.metric(m).neighbour_metric]
+    values = analyses.set_metric_values(indexes, [("x", "l", "y", "l")], sets, 4, names)
+    F, G = indexes[("x", "l")].features.all_rows(), indexes[("y", "l")].features.all_rows()
+    for name in names:
+        expected = [registry.measure(name, F[s], G[s]) for s in sets]
+        np.testing.assert_allclose(values[name][0], expected, atol=1e-10)
+
+
+def test_several_scores_at_once_are_the_single_score_tables_one_after_the_other(planted, sweep):
+    best = analyses.best_language_layers(planted, k=5, sweep=sweep)
+    kwargs = dict(size=15, k=5, n_random=6, n_permutations=20, seed=2, best_layers=best,
+                  metrics=["cknna", "lcs_knn", "cka"], metric_permutations=7)
+    both = analyses.dispersion_set_alignment(planted, score=["mean", "pc1"], **kwargs)
+    one_by_one = pd.concat(
+        [analyses.dispersion_set_alignment(planted, score=s, **kwargs) for s in ("mean", "pc1")],
+        ignore_index=True,
+    )
+    pd.testing.assert_frame_equal(both, one_by_one)
+    classic = analyses.dispersion_set_alignment(
+        planted, score=["mean", "pc1"], size=15, k=5, n_random=6, n_permutations=20, seed=2,
+        best_layers=best,
+    )
+    assert list(classic.score) == ["mean"] * 6 + ["pc1"] * 6
+    with pytest.raises(ValueError, match="at least one dispersion score"):
+        analyses.dispersion_set_alignment(planted, score=[], size=15, k=5)
+
+
+def test_a_metric_undefined_on_the_sets_raises_or_gives_nan(planted):
+    """SVCCA with cca_dim above the rank of the features: an error by default; with
+    on_error="nan" NaN values, and NaN (not small) p-values and intervals where they enter."""
+    kwargs = dict(size=15, k=5, n_random=4, n_permutations=6, metrics=["cknna", "svcca"],
+                  metric_options={"svcca": {"cca_dim": 10}})  # the independent model has 9 dims
+    with pytest.raises(ValueError, match="cca_dim"):
+        analyses.dispersion_set_alignment(planted, **kwargs)
+    table = analyses.dispersion_set_alignment(planted, on_error="nan", **kwargs)
+    svcca = table[table.metric == "svcca"]
+    broken = svcca[svcca.language_model == "independent"]
+    assert broken.low_dispersion.isna().all() and broken.random_mean.isna().all()
+    assert broken.permutation_p_value_two_sided.isna().all()
+    fine = svcca[svcca.language_model == "planted"]
+    assert fine.low_dispersion.notna().all() and fine.permutation_p_value_two_sided.notna().all()
+    assert table[table.metric == "cknna"].permutation_p_value_two_sided.notna().all()
+    with pytest.raises(ValueError, match="on_error must be"):
+        analyses.dispersion_set_alignment(planted, on_error="ignore", **kwargs)
+
+
+def test_no_permutations_for_the_other_metrics_gives_nan_p_values(planted):
+    table = analyses.dispersion_set_alignment(
+        planted, size=15, k=5, n_random=3, n_permutations=5, metrics=["cknna", "cka"],
+        metric_permutations=0,
+    )
+    cka_rows = table[table.metric == "cka"]
+    assert cka_rows.permutation_p_value_two_sided.isna().all()
+    assert (cka_rows.n_permutations == 0).all()
+    assert table[table.metric == "cknna"].permutation_p_value_two_sided.notna().all()
+
+
+def test_effect_counts_come_from_the_long_table(fig2_long):
+    counts = analyses.effect_counts(fig2_long).set_index("metric")
+    assert list(counts.index) == ALL_METRICS
+    for name, group in fig2_long.groupby("metric"):
+        ordered = (
+            (group.low_dispersion > group.random_mean) & (group.random_mean > group.high_dispersion)
+        ).sum()
+        significant = (
+            (group.low_dispersion > group.high_dispersion)
+            & (group.permutation_p_value_two_sided < 0.05)
+        ).sum()
+        assert counts.loc[name, "n_low_random_high"] == ordered
+        assert counts.loc[name, "n_significant"] == significant
+        assert counts.loc[name, "n_pairs"] == 6
+        mean_high = counts.loc[name, "mean_high_dispersion"]
+        assert mean_high == pytest.approx(group.high_dispersion.mean())
+    # the planted effect shows in every metric for the planted language model
+    planted_rows = fig2_long[fig2_long.language_model == "planted"]
+    assert (planted_rows.low_dispersion > planted_rows.high_dispersion).all()
+
+
+def test_metric_names_and_options_are_checked(planted):
+    with pytest.raises(ValueError, match="unknown metric 'cosine'"):
+        analyses.dispersion_set_alignment(planted, size=15, k=5, metrics=["cosine"])
+    with pytest.raises(ValueError, match="takes no options besides k"):
+        analyses.dispersion_set_alignment(
+            planted, size=15, k=5, metrics=["lcs_knn"],
+            metric_options={"lcs_knn": {"normalise": False}},
+        )
+    with pytest.raises(ValueError, match="not asked for"):
+        analyses.dispersion_set_alignment(
+            planted, size=15, k=5, metrics=["cka"], metric_options={"svcca": {"cca_dim": 3}}
+        )
+    with pytest.raises(ValueError, match="does not take"):
+        analyses.dispersion_set_alignment(
+            planted, size=15, k=5, metrics=["svcca"], metric_options={"svcca": {"k": 3}}
+        )
+    with pytest.raises(ValueError, match="at least one metric"):
+        analyses.dispersion_set_alignment(planted, size=15, k=5, metrics=[])
+    with pytest.raises(ValueError, match="metric_permutations must be an integer >= 0"):
+        analyses.dispersion_set_alignment(
+            planted, size=15, k=5, metrics=["cka"], metric_permutations=-1
+        )
+
+
+# --- calibrated scores and matched baselines -------------------------------------------------
+
+
+def _planted_pairs(planted):
+    best = analyses.best_language_layers(planted, k=5)
+    return [p for p in analyses.pairs_with_best_layers(planted, k=5, best_layers=best)
+            if p.vision_model == "vision0"]
+
+
+def test_shuffled_pairing_null_matches_a_loop_over_shuffled_features(planted):
+    pairs = _planted_pairs(planted)
+    low = select_stimuli(planted.dispersion["mean"].to_numpy(), "low", 20)
+    names = ["cknna", "mutual_knn", "lcs_knn", "cka", "svcca"]
+    table = analyses.shuffled_pairing_calibration(
+        analyses.indexes_for(planted, pairs), pairs, {"low": low}, 5, names,
+        metric_options={"svcca": {"cca_dim": 5}}, n_shuffles=30, seed=4,
+    )
+    assert len(table) == len(names) * len(pairs)
+    shuffled = calibration.shuffled_pairings(low, 30, 4)
+    for row in table.itertuples():
+        X = _features(planted, row.vision_model, row.vision_layer)
+        Y = _features(planted, row.language_model, row.language_layer)
+        options = {"k": 5} if registry.metric(row.metric).neighbour_metric else {}
+        if row.metric == "svcca":
+            options = {"cca_dim": 5}
+        observed = registry.measure(row.metric, X[low], Y[low], **options)
+        null = np.array([registry.measure(row.metric, X[low], Y[s], **options) for s in shuffled])
+        assert row.observed == pytest.approx(observed, abs=1e-9)
+        assert row.null_mean == pytest.approx(null.mean(), abs=1e-9)
+        assert row.calibrated == pytest.approx(observed - null.mean(), abs=1e-9)
+        assert row.p_value_shuffled == pytest.approx((1 + np.sum(null >= observed - 1e-12)) / 31)
+    # planted: the planted model's pairing carries alignment on the quiet stimuli, the
+    # independent model's does not
+    by_model = table[table.metric == "cknna"].set_index("language_model")
+    assert by_model.loc["planted", "z"] > 3
+    assert abs(by_model.loc["independent", "z"]) < 3
+
+
+def test_matched_baselines_explain_a_gap_made_by_the_covariate(planted):
+    """Planted: the gap is made by each stimulus's noise level. Matched on that noise level,
+    random sets reproduce the gap (it does not survive); matched on an unrelated covariate, they
+    do not (it survives)."""
+    pairs = [p for p in _planted_pairs(planted) if p.language_model == "planted"]
+    noise = planted.stimuli["planted_noise"].to_numpy()
+    scores = planted.dispersion["mean"].to_numpy()
+    low, high = select_stimuli(scores, "low", 15), select_stimuli(scores, "high", 15)
+    indexes = analyses.indexes_for(planted, pairs)
+    explained, balance = analyses.matched_baselines(
+        indexes, pairs, low, high, 5, ["cknna", "cka"], covariate=noise, n_sets=40, seed=1,
+        exclude_chosen=False,
+    )
+    assert not explained.survives.any()
+    assert (explained.share_of_gap_matched > 0.5).all()
+    assert (balance.standardised_difference.abs() < 0.1).all()
+    unrelated = np.random.default_rng(0).standard_normal(noise.size)
+    survives, _ = analyses.matched_baselines(
+        indexes, pairs, low, high, 5, ["cknna", "cka"], covariate=unrelated, n_sets=40, seed=1,
+    )
+    assert survives.survives.all()
+    assert (survives.share_of_gap_matched.abs() < 0.5).all()
+    # the p-value by hand from the matched draws
+    row = survives.iloc[0]
+    lows = calibration.matched_random_sets(
+        low, unrelated, n_sets=40, exclude_chosen=True,
+        seed=int(np.random.SeedSequence(1).spawn(2)[0].generate_state(1)[0]),
+    )
+    X = _features(planted, row.vision_model, row.vision_layer)
+    Y = _features(planted, row.language_model, row.language_layer)
+    values = [cknna(X[s], Y[s], k=5) for s in lows]
+    assert row.matched_low_mean == pytest.approx(np.mean(values), abs=1e-6)
+
+
+def test_matched_baselines_match_on_category_too(planted):
+    pairs = _planted_pairs(planted)[:1]
+    scores = planted.dispersion["mean"].to_numpy()
+    low, high = select_stimuli(scores, "low", 12), select_stimuli(scores, "high", 12)
+    labels = np.arange(scores.size) % 4
+    covariate = np.random.default_rng(1).standard_normal(scores.size)
+    table, balance = analyses.matched_baselines(
+        analyses.indexes_for(planted, pairs), pairs, low, high, 5, ["mutual_knn"],
+        covariate=covariate, labels=labels, n_sets=10, seed=2,
+    )
+    assert set(table.matched_on) == {"typicality and category"}
+    assert len(balance) == 2
+
+
+def test_vision_typicality_is_the_mean_z_scored_local_density(planted):
+    densities = []
+    for model, layer in analyses.vision_layers(planted):
+        F = _features(planted, model, layer)
+        G = F @ F.T
+        np.fill_diagonal(G, -np.inf)
+        densities.append(np.sort(G, axis=1)[:, ::-1][:, :5].mean(axis=1))
+    expected = np.mean([(d - d.mean()) / d.std() for d in densities], axis=0)
+    np.testing.assert_allclose(analyses.vision_typicality(planted, k=5), expected, atol=1e-9)
+    # dense regions of the vision models are where they agree: typicality falls with dispersion
+    rho = sps.spearmanr(analyses.vision_typicality(planted, k=5), planted.dispersion["mean"])[0]
+    assert rho < 0
 
 
 # --- Fig. S1 ---------------------------------------------------------------------------------

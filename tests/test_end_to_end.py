@@ -84,7 +84,10 @@ def _readme() -> str:
 def test_report_on_demo_run_matches_the_readme(demo_run: Path) -> None:
     """The README's report command, exactly; the README's table must be what it prints."""
     out = REPO / "report"  # ignored by git; CI's copy of the report
-    done = _cli("report", "--preset", "demo", "--out", "report/", timeout=600)
+    command = re.search(r"`python -m convergence_core (report --preset demo [^`]*)`", _readme())
+    assert command is not None
+    assert command.group(1) == "report --preset demo --out report/ --embed-captions"
+    done = _cli(*command.group(1).split(), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     print(done.stdout)
     assert list(out.glob("*.csv")) and list(out.glob("*.png"))
@@ -105,8 +108,97 @@ def test_report_on_demo_run_matches_the_readme(demo_run: Path) -> None:
         for shown, key in ((low, "cknna_low_dispersion"), (random_mean, "cknna_random_mean"),
                            (high, "cknna_high_dispersion")):
             assert abs(float(shown) - row[key]) < 0.005, (vision, language, key, shown, row[key])
-    _universal_space_matches_the_readme(json.loads((out / "report.json").read_text()))
+    report = json.loads((out / "report.json").read_text())
+    _universal_space_matches_the_readme(report)
+    _metric_suite_matches_the_readme(report)
+    _paper_sections_match_the_readme(report, out)
     _readme_properties_match(out)
+
+
+def _metric_suite_matches_the_readme(report: dict) -> None:
+    """The README's every-metric table is report.json's effect counts (mean dispersion)."""
+    counts = {
+        row["metric"]: row
+        for row in report["metric_suite"]["effect_counts"]
+        if row["score"] == "mean"
+    }
+    rows = re.findall(
+        r"^\| ([a-z_]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| (\d) of 6 \| (\d) of 6 \|$",
+        _readme(),
+        flags=re.MULTILINE,
+    )
+    assert [row[0] for row in rows] == list(counts) == report["parameters"]["metrics"]
+    for metric, low, random_mean, high, ordered, significant in rows:
+        row = counts[metric]
+        for shown, key in ((low, "mean_low_dispersion"), (random_mean, "mean_random_mean"),
+                           (high, "mean_high_dispersion")):
+            assert abs(float(shown) - row[key]) < 0.005, (metric, key, shown, row[key])
+        assert int(ordered) == row["n_low_random_high"], metric
+        assert int(significant) == row["n_significant"], metric
+
+
+def _paper_sections_match_the_readme(report: dict, out: Path) -> None:
+    """The numbers the README quotes from the per-stimulus, predictivity, blind-matching,
+    many-to-many and calibration sections are the report's."""
+    import pandas as pd
+
+    readme = " ".join(_readme().split())  # the README wraps sentences across lines
+
+    def quoted(pattern: str) -> tuple[str, ...]:
+        found = re.search(pattern, readme)
+        assert found is not None, pattern
+        return found.groups()
+
+    relation = pd.read_csv(out / "per_stimulus_dispersion_relation.csv")
+    lowest, highest = quoted(
+        r"Spearman ρ from −([\d.]+) to −([\d.]+), permutation p < 0.05 for all"
+    )
+    assert abs(-float(lowest) - relation["spearman_rho"].min()) < 0.005
+    assert abs(-float(highest) - relation["spearman_rho"].max()) < 0.005
+    assert (relation["permutation_p_value_two_sided"] < 0.05).all()
+
+    predictivity = pd.read_csv(out / "predictivity_summary.csv")
+    assert (predictivity["low_minus_high"] > 0).all()
+    forward = predictivity[(predictivity.source == "vision") & (predictivity.metric == "two_afc")]
+    shown = quoted(r"image → text 2AFC ([\d.]+) on the low sets, ([\d.]+) on random ones, "
+                   r"([\d.]+) on the high ones")
+    for value, column in zip(shown, ("low_dispersion", "random_mean", "high_dispersion")):
+        assert abs(float(value) - forward[column].mean()) < 0.005, column
+
+    matching = pd.read_csv(out / "blind_matching_summary.csv")
+    shown = quoted(r"([\d.]+) % of the low sets' images get their own caption, ([\d.]+) % of the "
+                   r"high sets', ([\d.]+) % of random sets' \(chance ([\d.]+) %\)")
+    means = matching.groupby("set")["accuracy_mean"].mean()
+    for value, name in zip(shown[:3], ("low", "high", "random")):
+        assert abs(float(value) / 100 - means[name]) < 0.0005, name
+    assert abs(float(shown[3]) / 100 - matching["chance"].mean()) < 0.0005
+
+    averaging = pd.read_csv(out / "many_to_many.csv")
+    captions = averaging[averaging.comparison == "captions"]
+    shown = quoted(r"\(CKNNA \+([\d.]+), CKA \+([\d.]+) on average; the 95 % interval above 0 "
+                   r"for all 6 pairs\)")
+    for value, metric in zip(shown, ("cknna", "cka")):
+        rows = captions[captions.metric == metric]
+        assert abs(float(value) - rows["difference"].mean()) < 0.0005, metric
+        assert len(rows) == 6 and (rows["lower"] > 0).all(), metric
+    differences = report["many_to_many"]["first_caption_difference"]
+    assert differences and all(value < 1e-4 for value in differences.values()), differences
+
+    calibrated = pd.read_csv(out / "calibrated_scores.csv")
+    cknna = calibrated[calibrated.metric == "cknna"].groupby("set")["calibrated"].mean()
+    low, high = quoted(r"CKNNA is ([\d.]+) above its null on the low sets and ([\d.]+) on the high")
+    assert abs(float(low) - cknna["low"]) < 0.0005 and abs(float(high) - cknna["high"]) < 0.0005
+    matched = pd.read_csv(out / "matched_baselines.csv")
+    matched = matched[matched.matched_on == "typicality"]
+    gap, observed = quoted(r"gap even goes the other way \(−([\d.]+) against \+([\d.]+) observed\)")
+    rows = matched[matched.metric == "cknna"]
+    assert abs(-float(gap) - rows["matched_gap_mean"].mean()) < 0.0005
+    assert abs(float(observed) - rows["low_minus_high"].mean()) < 0.0005
+    by_cknna, combos, total = quoted(
+        r"survives the matched baselines for (\d) of 6 pairs by CKNNA and for (\d+) of (\d+) pair"
+    )
+    assert int(by_cknna) == int(rows["survives"].sum())
+    assert (int(combos), int(total)) == (int(matched["survives"].sum()), len(matched))
 
 
 def _universal_space_matches_the_readme(report: dict) -> None:

@@ -86,6 +86,26 @@ def test_ridge_matches_closed_form_with_penalty_chosen_by_refitting_loo() -> Non
         )
 
 
+def test_wide_sources_give_the_predictions_of_ridge_on_the_raw_features() -> None:
+    """d_x > s: the source is used in its row-space coordinates; every held-out prediction and
+    chosen penalty equal scikit-learn's RidgeCV on the raw wide features, fold by fold."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold
+
+    rng = np.random.default_rng(3)
+    X, Y = planted(rng, n=40, dx=150, dy=7)
+    X = X + 2.0  # an offset: the intercept must be handled the same way
+    predictions, chosen = cross_validated_predictions(X, Y, n_folds=4, seed=1)
+    expected = np.empty_like(Y)
+    alphas = []
+    for train, test in KFold(4, shuffle=True, random_state=1).split(X):
+        model = RidgeCV(alphas=tuple(10.0**p for p in range(-8, 9))).fit(X[train], Y[train])
+        expected[test] = model.predict(X[test])
+        alphas.append(float(model.alpha_))
+    np.testing.assert_allclose(predictions, expected, atol=1e-8)
+    assert chosen == tuple(alphas)
+
+
 def test_scores_match_brute_force() -> None:
     rng = np.random.default_rng(6)
     Y = rng.standard_normal((30, 5))

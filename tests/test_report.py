@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from convergence_core import report
+from convergence_core import analyses, caption_embeddings, report, settings
+from convergence_core import metrics as registry
+from convergence_core.datasets import load_coco
+from convergence_core.metrics import metric_names
+from convergence_core.models.base import Encoder
 from tests.fixtures_runs import make_synthetic_run
 
-FAST = ["--n-random", "20", "--n-permutations", "40", "--k", "5", "--size", "20"]
+FAST = [
+    "--n-random", "20", "--n-permutations", "40", "--k", "5", "--size", "20",
+    # the issue-14 sections, small
+    "--metric-permutations", "10", "--n-shuffles", "20", "--predictivity-random", "2",
+    "--blind-matching-random", "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +96,8 @@ def test_report_json_verdicts_come_from_the_numbers(written):
     assert meta["parameters"]["set_size"] == 20
     assert meta["best_language_layers"]["planted"] == "block2"
     summary = pd.read_csv(out / "summary.csv")
-    for score, verdict in meta["verdicts"].items():
+    for score in meta["parameters"]["scores"]:
+        verdict = meta["verdicts"][score]
         rows = summary[summary.score == score]
         ordered = int(
             (
@@ -162,3 +176,361 @@ def test_report_has_the_universal_space_tables_figures_and_headline(written, cap
                for row in paired)
     residuals = pd.read_csv(out / "universal_residuals.csv")
     assert len(residuals) == 80 * 5 and set(residuals.metric) == {"residual"}
+
+
+# -- the metric suite and the neighbouring papers' analyses (issue 14) ---------------------------
+
+SECTION_TABLES = (
+    "dispersion_sets_metrics",
+    "metric_effect_counts",
+    "per_stimulus_alignment",
+    "per_stimulus_dispersion_relation",
+    "predictivity_sets",
+    "predictivity_summary",
+    "blind_matching",
+    "blind_matching_summary",
+    "calibrated_scores",
+    "matched_baselines",
+    "matched_balance",
+)
+
+
+def test_report_has_every_section_table_figure_and_verdict(written):
+    _, out = written
+    names = {p.name for p in out.iterdir()}
+    for stem in SECTION_TABLES:
+        assert {f"{stem}.csv", f"{stem}.json"} <= names, stem
+    assert "per_stimulus_alignment.png" in names
+    meta = json.loads((out / "report.json").read_text())
+    text = (out / "summary.txt").read_text()
+    for section in ("metric_suite", "per_stimulus", "predictivity", "blind_matching",
+                    "matched_baselines"):
+        assert meta["verdicts"][section] in text
+        assert meta[section]["verdict"] == meta["verdicts"][section]
+    # the synthetic run has one caption per stimulus: nothing to average
+    assert "many_to_many" not in meta["verdicts"]
+    assert any("many-to-many" in note and "single caption" in note for note in meta["notes"])
+    assert meta["parameters"]["metric_permutations"] == 10
+    assert meta["parameters"]["metric_options"] == {"svcca": {"cca_dim": 9}}  # narrowest layer
+
+
+def test_every_metric_is_in_one_long_table_that_holds_the_cknna_tables(written):
+    _, out = written
+    long = pd.read_csv(out / "dispersion_sets_metrics.csv")
+    assert list(dict.fromkeys(long.metric)) == metric_names()
+    assert set(long.score) == {"mean", "pc1"}
+    for score in ("mean", "pc1"):
+        classic = pd.read_csv(out / f"dispersion_sets_{score}.csv")
+        rows = long[(long.score == score) & (long.metric == "cknna")].reset_index(drop=True)
+        np.testing.assert_allclose(rows.low_dispersion, classic.cknna_low_dispersion)
+        np.testing.assert_allclose(rows.random_mean, classic.cknna_random_mean)
+        np.testing.assert_allclose(
+            rows.permutation_p_value_two_sided, classic.permutation_p_value_two_sided
+        )
+    others = long[long.metric != "cknna"]
+    assert (others.n_permutations == 10).all()
+    counts = pd.read_csv(out / "metric_effect_counts.csv")
+    mean_cka = long[(long.score == "mean") & (long.metric == "cka")]
+    row = counts[(counts.score == "mean") & (counts.metric == "cka")].iloc[0]
+    assert row.n_low_above_high == int((mean_cka.low_dispersion > mean_cka.high_dispersion).sum())
+    meta = json.loads((out / "report.json").read_text())
+    assert f"cka {row.n_low_random_high}," in meta["verdicts"]["metric_suite"]
+    # planted: every metric sees the planted model agree more on the quiet half
+    planted = long[long.language_model == "planted"]
+    assert (planted.low_dispersion > planted.high_dispersion).mean() > 0.9
+
+
+def test_per_stimulus_predictivity_blind_matching_find_the_planted_effect(written):
+    _, out = written
+    relation = pd.read_csv(out / "per_stimulus_dispersion_relation.csv")
+    planted = relation[relation.language_model == "planted"]
+    assert len(relation) == 6 * 2 and (planted.spearman_rho < -0.3).all()
+    per_stimulus = pd.read_csv(out / "per_stimulus_alignment.csv")
+    assert len(per_stimulus) == 80 * 6 * 2
+    summary = pd.read_csv(out / "predictivity_summary.csv")
+    assert set(summary.metric) == {"r2", "correlation", "two_afc"}
+    assert len(summary) == 6 * 2 * 3 and (summary.n_random == 2).all()
+    forward = summary[(summary.language_model == "planted") & (summary.source == "vision")]
+    assert (forward.low_minus_high > 0).all()
+    runs = pd.read_csv(out / "blind_matching.csv")
+    assert set(runs.set) == {"low", "high", "random"}
+    assert len(runs) == 6 * (3 + 3 + 2)
+    assert ((runs.n_correct / runs.n_query - runs.accuracy).abs() < 1e-12).all()
+    matching = pd.read_csv(out / "blind_matching_summary.csv")
+    planted_matching = matching[matching.language_model == "planted"].pivot_table(
+        index="vision_model", columns="set", values="accuracy_mean"
+    )
+    assert (planted_matching["low"] > planted_matching["high"]).all()
+
+
+def test_calibration_and_matched_baselines_in_the_report(written):
+    _, out = written
+    calibrated = pd.read_csv(out / "calibrated_scores.csv")
+    live = [m for m in metric_names() if registry.metric(m).live]
+    assert list(dict.fromkeys(calibrated.metric)) == live  # SVCCA is not live: not calibrated
+    assert set(calibrated.set) == {"low", "high"} and (calibrated.n_shuffles == 20).all()
+    np.testing.assert_allclose(calibrated.calibrated, calibrated.observed - calibrated.null_mean)
+    low = calibrated[(calibrated.set == "low") & (calibrated.metric == "cknna")]
+    assert (low[low.language_model == "planted"].z > 2).all()
+    matched = pd.read_csv(out / "matched_baselines.csv")
+    assert set(matched.matched_on) == {"typicality"} and (matched.n_sets == 20).all()
+    np.testing.assert_allclose(matched.low_minus_high, matched.observed_low - matched.observed_high)
+    expected = (matched.low_minus_high > 0) & (matched.p_value_gap < 0.05)
+    assert (matched.survives == expected).all()
+    meta = json.loads((out / "report.json").read_text())
+    survived = int(matched[matched.metric == "cknna"].survives.sum())
+    assert f"survives for {survived} of 6 pairs by CKNNA" in meta["verdicts"]["matched_baselines"]
+
+
+def test_a_section_that_cannot_run_on_small_sets_becomes_a_note(planted_run_path, tmp_path):
+    from convergence_core.run import load_run
+
+    meta = report.write_report(
+        load_run(planted_run_path / "runs" / "demo"), tmp_path, size=8, k=3, scores=["mean"],
+        n_random=5, n_permutations=5,
+        options=report.AnalysisOptions(
+            metrics=("cka",), metric_permutations=2, n_shuffles=3, n_matched=3,
+            predictivity_random=0, blind_matching_repeats=1, blind_matching_random=0,
+        ),
+    )
+    assert any(
+        note.startswith("predictivity skipped: sets of 8 stimuli are too few for 5-fold")
+        for note in meta["notes"]
+    )
+    assert "predictivity" not in meta["verdicts"] and "blind_matching" in meta["verdicts"]
+    assert not (tmp_path / "predictivity_sets.csv").exists()
+
+
+def test_a_metric_undefined_on_the_run_is_a_note_not_a_failure(tmp_path):
+    """A language model whose features span 3 dimensions (of 12): SVCCA's cca_dim of 10 does not
+    fit them, so its rows for that model are NaN and a note says why; the report runs."""
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import quiet_half_embeddings
+
+    embeddings, _ = quiet_half_embeddings(48)
+    narrow = np.random.default_rng(0).standard_normal((48, 3))
+    embeddings["independent"] = {"final": np.hstack([narrow, np.zeros((48, 9))])}
+    stimuli = pd.DataFrame(
+        {
+            "id": [f"s{i}" for i in range(48)],
+            "image": [f"{i}.jpg" for i in range(48)],
+            "captions": [[f"caption {i}"] for i in range(48)],
+        }
+    )
+    run = write_run_from_embeddings(
+        tmp_path / "run", stimuli, embeddings, vision_models=["vision0", "vision1", "vision2"],
+        language_models=["planted", "independent"], thumbnails=False,
+    )
+    meta = report.write_report(
+        run, tmp_path / "out", k=5, scores=["mean"], n_random=5, n_permutations=5,
+        options=report.AnalysisOptions(
+            metrics=("svcca",), metric_permutations=3, n_shuffles=3, n_matched=3,
+            skip=("per_stimulus", "predictivity", "blind_matching"),
+        ),
+    )
+    assert any(
+        note.startswith("svcca is undefined (NaN) on some sets of vision0 × independent")
+        for note in meta["notes"]
+    )
+    long = pd.read_csv(tmp_path / "out" / "dispersion_sets_metrics.csv")
+    svcca = long[long.metric == "svcca"]
+    assert svcca[svcca.language_model == "independent"].low_dispersion.isna().all()
+    assert svcca[svcca.language_model == "planted"].low_dispersion.notna().all()
+    assert long[long.metric == "cknna"].low_dispersion.notna().all()
+    calibrated = pd.read_csv(tmp_path / "out" / "calibrated_scores.csv")
+    assert set(calibrated.metric) == {"cknna"}  # SVCCA is not a live metric
+
+
+def test_fixed_points_p_value_is_exact():
+    """Against enumeration of every permutation of 6 items, and its limits."""
+    counts = np.bincount(
+        [sum(int(p[i] == i) for i in range(6)) for p in itertools.permutations(range(6))],
+        minlength=7,
+    )
+    for correct in range(8):
+        expected = counts[correct:].sum() / counts.sum()
+        assert report.fixed_points_p_value(correct, 6) == pytest.approx(expected, abs=1e-12)
+    assert report.fixed_points_p_value(0, 50) == 1.0
+    assert report.fixed_points_p_value(1, 50) == pytest.approx(1 - np.exp(-1), abs=1e-9)
+
+
+def test_skipped_sections_are_left_out(planted_run_path, tmp_path):
+    run = str(planted_run_path / "runs" / "demo")
+    status = report.main(
+        [run, "--out", str(tmp_path), *FAST, "--scores", "mean", "--metrics", "cka",
+         "--skip", *report.OPTIONAL_SECTIONS]
+    )
+    assert status == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "dispersion_sets_metrics.csv" in names
+    assert not {"per_stimulus_alignment.csv", "predictivity_sets.csv", "blind_matching.csv",
+                "calibrated_scores.csv"} & names
+    long = pd.read_csv(tmp_path / "dispersion_sets_metrics.csv")
+    assert list(dict.fromkeys(long.metric)) == ["cknna", "cka"]  # CKNNA always
+    with pytest.raises(ValueError, match="cannot skip"):
+        report.AnalysisOptions(skip=("layer_sweep",))
+
+
+# -- many-to-many: captions embedded by a stand-in language model --------------------------------
+
+
+class _PlantedCaptionEncoder(Encoder):
+    """A language 'model' whose caption embedding is the stimulus's own vector plus noise seeded
+    by the caption text: the mean of a stimulus's captions is closer to its vector than one
+    caption is (the planted many-to-many effect)."""
+
+    modality = "language"
+
+    def __init__(self, vectors: dict[str, np.ndarray], layer: str) -> None:
+        super().__init__("planted", [layer], layer, "planted-weights", torch.device("cpu"))
+        self._vectors = vectors
+        self._layer = layer
+
+    def encode(self, batch):
+        rows = []
+        for text in batch:
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+            noise = np.random.default_rng(seed).standard_normal(self._vectors[text].shape)
+            rows.append(self._vectors[text] + 1.5 * noise)
+        return {self._layer: np.asarray(rows, dtype=np.float32)}
+
+
+@pytest.fixture(scope="module")
+def captioned_run(tmp_path_factory):
+    """The first 60 coco-mini stimuli (five real captions each), quiet-half embeddings, a label
+    per stimulus (4 classes), and every caption embedded by the stand-in encoder."""
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import quiet_half_embeddings
+
+    n = 60
+    embeddings, _ = quiet_half_embeddings(n)
+    stimuli = load_coco(settings.demo_data_root()).stimuli.iloc[:n].reset_index(drop=True)
+    stimuli["label"] = [f"class{i % 4}" for i in range(n)]
+    vision = embeddings["vision0"]["final"]
+    rotation = np.linalg.qr(np.random.default_rng(1).standard_normal((vision.shape[1],) * 2))[0]
+    embeddings["planted"] = {"caption": vision @ rotation}
+    run = write_run_from_embeddings(
+        tmp_path_factory.mktemp("captioned") / "run", stimuli,
+        {k: v for k, v in embeddings.items() if k != "independent"},
+        vision_models=["vision0", "vision1", "vision2"], language_models=["planted"],
+        thumbnails=False,
+    )
+    texts, owners = caption_embeddings.caption_texts(run)
+    base = embeddings["planted"]["caption"]
+    encoder = _PlantedCaptionEncoder({t: base[o] for t, o in zip(texts, owners)}, "caption")
+    caption_embeddings.embed_captions(run, "planted", ["caption"], encoder=encoder)
+    return run
+
+
+def test_caption_embeddings_are_cached_atomically_and_checked(captioned_run):
+    cached = caption_embeddings.cached_caption_embeddings(captioned_run, "planted", "caption")
+    texts, owners = caption_embeddings.caption_texts(captioned_run)
+    assert cached is not None and cached.features.shape == (len(texts), 10)  # vision0 rotated
+    assert len(texts) > 4 * captioned_run.n_stimuli  # COCO: about five captions per image
+    np.testing.assert_array_equal(cached.owners, owners)
+    folder = captioned_run.path / "captions" / "planted"
+    assert sorted(p.name for p in folder.iterdir()) == ["caption.json", "caption.npy"]
+    # the first caption's row is noise around the run's own embedding here (planted), so the
+    # recorded difference is large; the real demo's is ~1e-7 (tests/test_end_to_end.py)
+    assert caption_embeddings.first_caption_difference(captioned_run, "planted", "caption") > 0.1
+    with pytest.raises(ValueError, match="not a language model"):
+        caption_embeddings.cached_caption_embeddings(captioned_run, "vision0", "final")
+
+
+def test_stale_caption_embeddings_are_ignored(captioned_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(captioned_run.path, copy)
+    from convergence_core.run import load_run
+
+    run = load_run(copy)
+    meta = copy / "captions" / "planted" / "caption.json"
+    record = json.loads(meta.read_text())
+    record["captions_sha256"] = "0" * 64
+    meta.write_text(json.dumps(record))
+    assert caption_embeddings.cached_caption_embeddings(run, "planted", "caption") is None
+    # and a different model's weights are refused when embedding
+    other = _PlantedCaptionEncoder({}, "caption")
+    run.manifest.models["planted"].weights_id = "f" * 64
+    with pytest.raises(ValueError, match="not those run"):
+        caption_embeddings.embed_captions(run, "planted", ["caption"], encoder=other)
+
+
+def test_many_to_many_recovers_the_planted_caption_averaging_effect(captioned_run, tmp_path):
+    pairs = analyses.pairs_with_best_layers(captioned_run, k=5)
+    files, entry = report.many_to_many_section(
+        captioned_run, tmp_path, pairs, k=5, metrics=("cknna", "cka"), n_resamples=40,
+        embed=False, seed=0,
+    )
+    table = pd.read_csv(tmp_path / "many_to_many.csv")
+    assert files == ["many_to_many.csv", "many_to_many.json"]
+    captions = table[table.comparison == "captions"]
+    assert len(captions) == 3 * 2 and (captions.n_units == 60).all()
+    assert (captions.difference > 0).all()
+    # the captions were planted around vision0's features: there the interval clears 0
+    assert (captions[captions.vision_model == "vision0"].lower > 0).all()
+    np.testing.assert_allclose(captions.difference, captions.averaged - captions.one)
+    classes = table[table.comparison == "classes"]
+    # 4 class means are too few for CKNNA at k = 5: CKA only, and a note says why
+    assert list(classes.metric) == ["cka"] * 3 and (classes.n_units == 4).all()
+    assert any("class averaging skipped" in note and "too large" in note for note in entry["notes"])
+    assert "mean of all captions" in entry["verdict"]
+
+
+def test_labels_with_one_member_per_class_skip_class_averaging_and_category_matching(
+    captioned_run, tmp_path, monkeypatch
+):
+    """ImageNet samples: one image per class, so class means are the instances and no other
+    stimulus shares a category: both are skipped with a note, the rest runs."""
+    unique = captioned_run.stimuli.assign(label=[f"c{i}" for i in range(captioned_run.n_stimuli)])
+    monkeypatch.setattr(captioned_run, "stimuli", unique)
+    pairs = analyses.pairs_with_best_layers(captioned_run, k=5)
+    _, entry = report.many_to_many_section(
+        captioned_run, tmp_path, pairs, k=5, metrics=("cka",), n_resamples=10, embed=False,
+        seed=0,
+    )
+    assert any("single member" in note for note in entry["notes"])
+    assert set(pd.read_csv(tmp_path / "many_to_many.csv").comparison) == {"captions"}
+    sets = report.dispersion_sets(captioned_run, "mean", 15, 3, 0)
+    _, calibration = report.calibration_section(
+        captioned_run, tmp_path, pairs, sets, k=5, metrics=["cknna"], metric_options={},
+        n_shuffles=5, n_matched=5, seed=0,
+    )
+    assert any("typicality and category skipped" in note for note in calibration["notes"])
+    assert set(pd.read_csv(tmp_path / "matched_baselines.csv").matched_on) == {"typicality"}
+
+
+def test_category_matched_baselines_where_classes_have_members(captioned_run, tmp_path):
+    pairs = analyses.pairs_with_best_layers(captioned_run, k=5)
+    sets = report.dispersion_sets(captioned_run, "mean", 12, 3, 0)
+    _, entry = report.calibration_section(
+        captioned_run, tmp_path, pairs, sets, k=5, metrics=["cknna", "cka"], metric_options={},
+        n_shuffles=5, n_matched=5, seed=0,
+    )
+    matched = pd.read_csv(tmp_path / "matched_baselines.csv")
+    assert list(dict.fromkeys(matched.matched_on)) == ["typicality", "typicality and category"]
+    assert "matched on typicality and category" in entry["verdict"]
+
+
+def test_the_report_benchmark_runs_and_writes_json():
+    """benchmarks/bench_report.py --quick (48 stimuli, small counts): every case measured, ratios
+    to the report without the issue-14 sections (timings are read, not asserted)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = "report-smoke-test.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_report.py", "--quick", "--out", out],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = repo / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    assert payload["quick"] is True
+    rows = {row["what"]: row for row in payload["results"]}
+    assert rows["report without the issue-14 sections"]["cpu_ratio_to_report_without"] == 1.0
+    assert len(rows) == 9 and all(row["cpu_seconds"] >= 0 for row in rows.values())

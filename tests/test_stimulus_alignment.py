@@ -58,6 +58,28 @@ def test_local_cka_is_the_cka_of_the_base_plus_the_stimulus():
         local_cka(x, y, base_size=60)
 
 
+def test_local_cka_of_features_wider_than_the_stimuli_matches_the_definition():
+    """d > n: the features are used in their row-space coordinates (exact for CKA); same slow
+    reference as above, on the prepared features themselves."""
+    rng = np.random.default_rng(4)
+    n = 40
+    z = rng.standard_normal((n, 6))
+    X = z @ rng.standard_normal((6, 90)) + 0.3 * rng.standard_normal((n, 90))
+    Y = z @ rng.standard_normal((6, 55)) + 0.5 * rng.standard_normal((n, 55))
+    x, y = PreparedFeatures.from_raw(X), PreparedFeatures.from_raw(Y)
+    result = local_cka(x, y, base_size=25, seed=2)
+    F, G = x.all_rows(), y.all_rows()
+    base = result.base
+    assert result.base_cka == pytest.approx(cka(F[base], G[base]), abs=1e-10)
+    for i in [r for r in range(n) if r not in base][:4]:
+        rows = np.sort(np.append(base, i))
+        assert result.local[i] == pytest.approx(cka(F[rows], G[rows]), abs=1e-10)
+    for i in base[:3]:
+        without = base[base != i]
+        expected = cka(F[base], G[base]) - cka(F[without], G[without])
+        assert result.delta[i] == pytest.approx(expected, abs=1e-10)
+
+
 def test_a_stimulus_whose_caption_is_swapped_loses_local_cka():
     """Planted: swap the language features of 10 stimuli with random others: their pairing is
     broken, so adding them lowers the base's CKA, and their k-NN overlap drops."""

@@ -1,0 +1,176 @@
+"""Every caption of every stimulus, embedded by a run's language model, cached in the run folder.
+
+A run stores one language embedding per stimulus: its first caption's, or the mean of its
+captions' (the precompute's ``caption_mode``). The many-to-many analysis of paper 004 (one caption
+per image vs the mean of all its captions; COCO has five) needs each caption's own embedding, so
+:func:`embed_captions` embeds them once — it loads the language model, which is why the report
+does it only when asked (``report --embed-captions``) — and caches one file per model × layer:
+
+    <run>/captions/<model key>/<layer key>.npy    (m, d) float32 raw embeddings, one row per caption
+    <run>/captions/<model key>/<layer key>.json   model, layer, weights_id, captions_sha256,
+                                                  n_captions, n_stimuli, first_caption_difference
+
+each written atomically (the ``.json`` last: a layer without it is not cached). Captions and
+their order are ``extract.captions_for_language(stimuli, "mean")``: every non-empty caption,
+stimulus by stimulus; ``owners[c]`` is caption c's stimulus row. A cached file whose captions,
+weights or shape no longer match the run is ignored (:func:`cached_caption_embeddings` returns
+None) and rewritten by the next :func:`embed_captions`.
+
+``first_caption_difference``: for a run made with ``caption_mode="first"``, the largest absolute
+difference between each stimulus's first-caption row here and the run's stored embedding,
+relative to the largest absolute stored value — about 1e-6 when both came from the same weights
+(batches pad differently), so the one-caption side of the comparison is the run's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from .cache import CacheFormatError, read_json, read_npy, write_json, write_npy
+from .extract import captions_for_language, extract_embeddings
+
+if TYPE_CHECKING:
+    from .models.base import Encoder
+    from .run import Run
+
+__all__ = [
+    "CaptionEmbeddings",
+    "cached_caption_embeddings",
+    "caption_texts",
+    "embed_captions",
+]
+
+
+class CaptionEmbeddings(NamedTuple):
+    """Raw embeddings of every caption at one layer: ``features`` (m, d) float32 and ``owners``
+    (m,) int64, the stimulus row of each caption (non-decreasing)."""
+
+    model: str
+    layer: str
+    features: np.ndarray
+    owners: np.ndarray
+
+
+def caption_texts(run: Run) -> tuple[list[str], np.ndarray]:
+    """Every caption of the run's stimuli in order, and each caption's stimulus row."""
+    if "captions" not in run.stimuli.columns:
+        raise ValueError(f"run {run.name!r} has no captions; many-to-many needs captioned stimuli")
+    return captions_for_language(run.stimuli, "mean")
+
+
+def _fingerprint(texts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(texts), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _paths(run: Run, model: str, layer: str) -> tuple[Path, Path]:
+    entry = run.manifest.models.get(model)
+    if entry is None or entry.modality != "language":
+        raise ValueError(
+            f"{model!r} is not a language model of run {run.name!r}; choose one of "
+            f"{run.language_models}"
+        )
+    if layer not in entry.layer_keys:
+        raise ValueError(f"{layer!r} is not a layer of {model!r}; choose one of {entry.layers}")
+    return run.layout.caption_embedding(entry.key, entry.layer_keys[layer])
+
+
+def cached_caption_embeddings(run: Run, model: str, layer: str) -> CaptionEmbeddings | None:
+    """The cached caption embeddings of ``model`` × ``layer``, or None when absent or stale."""
+    array_path, meta_path = _paths(run, model, layer)
+    if not (array_path.is_file() and meta_path.is_file()):
+        return None
+    texts, owners = caption_texts(run)
+    try:
+        meta = read_json(meta_path)
+        features = read_npy(array_path, mmap=True)
+    except (CacheFormatError, OSError):
+        return None
+    entry = run.manifest.models[model]
+    if (
+        not isinstance(meta, dict)
+        or meta.get("captions_sha256") != _fingerprint(texts)
+        or meta.get("weights_id") != entry.weights_id
+        or features.ndim != 2
+        or features.shape != (len(texts), entry.dims.get(layer, -1))
+        or not np.issubdtype(features.dtype, np.floating)
+    ):
+        return None
+    return CaptionEmbeddings(model, layer, features, owners)
+
+
+def embed_captions(
+    run: Run,
+    model: str,
+    layers: Sequence[str],
+    *,
+    encoder: Encoder | None = None,
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, CaptionEmbeddings]:
+    """Embed every caption with ``model`` (loaded offline unless ``encoder`` is given) and cache
+    the ``layers`` asked for; layers already cached are read, not recomputed.
+
+    Raises ValueError when the model is not one of the run's language models, when the loaded
+    weights differ from those the run was made with (``weights_id``), or (from the model registry)
+    when the weights are not available offline.
+    """
+    layers = list(dict.fromkeys(layers))
+    found = {layer: cached_caption_embeddings(run, model, layer) for layer in layers}
+    missing = [layer for layer, cached in found.items() if cached is None]
+    if not missing:
+        return found  # type: ignore[return-value]
+    texts, owners = caption_texts(run)
+    entry = run.manifest.models[model]
+    if encoder is None:
+        from .models import load_encoder
+
+        weights = (run.manifest.settings.get("weights") or {}).get(model)
+        encoder = load_encoder(model, device="cpu", weights=weights)
+    if entry.weights_id is not None and encoder.weights_id != entry.weights_id:
+        raise ValueError(
+            f"the weights of {model!r} loaded now ({encoder.weights_id[:12]}…) are not those run "
+            f"{run.name!r} was made with ({entry.weights_id[:12]}…); embed its captions with the "
+            "same weights (the precompute's --weights), or recompute the run"
+        )
+    per_caption = extract_embeddings(
+        encoder, texts, batch_size=batch_size, progress=progress, layers=missing
+    )
+    first_rows = np.searchsorted(owners, np.arange(run.n_stimuli))
+    caption_mode = run.manifest.settings.get("caption_mode", "first")
+    for layer in missing:
+        features = per_caption[layer]
+        difference = None
+        if caption_mode == "first":
+            stored = np.asarray(run.embeddings[model][layer], dtype=np.float64)
+            scale = float(np.max(np.abs(stored))) or 1.0
+            difference = float(np.max(np.abs(features[first_rows] - stored))) / scale
+        array_path, meta_path = _paths(run, model, layer)
+        write_npy(array_path, features)
+        meta: dict[str, Any] = {
+            "model": model,
+            "layer": layer,
+            "weights_id": entry.weights_id,
+            "captions_sha256": _fingerprint(texts),
+            "n_captions": len(texts),
+            "n_stimuli": run.n_stimuli,
+            "first_caption_difference": difference,
+        }
+        write_json(meta_path, meta)
+        found[layer] = CaptionEmbeddings(model, layer, features, owners)
+    return found  # type: ignore[return-value]
+
+
+def first_caption_difference(run: Run, model: str, layer: str) -> float | None:
+    """The ``first_caption_difference`` recorded with a cached layer (None if absent)."""
+    _, meta_path = _paths(run, model, layer)
+    try:
+        value = read_json(meta_path).get("first_caption_difference")
+    except (CacheFormatError, OSError, AttributeError):
+        return None
+    return None if value is None else float(value)
