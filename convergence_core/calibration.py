@@ -180,8 +180,8 @@ def local_density(neighbour_values: object, k: int = 10) -> np.ndarray:
     values = np.asarray(neighbour_values, dtype=np.float64)
     if values.ndim != 2 or not np.isfinite(values).all():
         raise ValueError(
-            f"neighbour_values must be a finite (n, K) array of similarities, got shape {values.shape}; "
-            "pass NeighbourTable.values."
+            f"neighbour_values must be a finite (n, K) array of similarities (no NaN/inf), got "
+            f"shape {values.shape}; pass NeighbourTable.values (or rebuild the neighbour table)."
         )
     k = _check_count(k, "k")
     if k > values.shape[1]:

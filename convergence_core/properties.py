@@ -441,36 +441,24 @@ def caption_agreement(embeddings: np.ndarray, owners: np.ndarray, n: int) -> np.
 # ---------------------------------------------------------------------------------------------
 # Typicality
 # ---------------------------------------------------------------------------------------------
-def nearest_similarities(
-    features: np.ndarray, k: int, *, block_rows: int = 1024, prepare: bool = True
-) -> np.ndarray:
+def nearest_similarities(features: np.ndarray, k: int, *, prepare: bool = True) -> np.ndarray:
     """Each row's k largest inner products with the other rows: (n, k) float64, descending.
 
     ``features`` (n, d); with ``prepare`` they go through ``alignment.prepare_features`` first
-    (clip + L2-normalise rows: the features the run's neighbour tables are built on). Exact,
-    computed in blocks of ``block_rows`` rows: O(block_rows · n) memory, O(n² d) time. Self
-    similarity is excluded. (Runs store these top-K tables; this is the reference path for runs
-    and tests without them.)
+    (clip + L2-normalise rows: the features the run's neighbour lists are built on). Exact
+    (``neighbours.exact_top_k``: blocked, no (n, n) array). Runs store these values
+    (``run.neighbours(model, layer).lists.values``); this is the path for features without them.
     """
+    from .neighbours import PreparedFeatures, exact_top_k
+
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"features must be a 2-D (n, d) array, got shape {x.shape}")
     n = x.shape[0]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n - 1:
         raise ValueError(f"k must be an integer in 1..n−1 = {n - 1}, got {k!r}")
-    if prepare:
-        from .alignment import prepare_features
-
-        x = np.asarray(prepare_features(x), dtype=np.float64)
-    out = np.empty((n, int(k)), dtype=np.float64)
-    for start in range(0, n, block_rows):
-        stop = min(n, start + block_rows)
-        sims = x[start:stop] @ x.T
-        sims[np.arange(stop - start), np.arange(start, stop)] = -np.inf
-        top = np.argpartition(-sims, int(k) - 1, axis=1)[:, : int(k)]
-        values = np.take_along_axis(sims, top, axis=1)
-        out[start:stop] = -np.sort(-values, axis=1)
-    return out
+    prepared = PreparedFeatures.from_raw(x) if prepare else PreparedFeatures(x, np.inf)
+    return exact_top_k(prepared, int(k))[1]
 
 
 def centroid_distance(features: np.ndarray) -> np.ndarray:
@@ -496,13 +484,15 @@ def centroid_distance(features: np.ndarray) -> np.ndarray:
 
 
 def neighbour_distance(values: np.ndarray, k: int = TYPICALITY_K) -> np.ndarray:
-    """Typicality as a distance: ``1 − mean(values[:, :k])``, (n,) float64.
+    """Typicality as a distance: ``1 − calibration.local_density(values, k)``, (n,) float64.
 
     ``values`` (n, K ≥ k) float: each row's K largest similarities to other stimuli, most similar
-    first (``run.neighbours(model, layer).values`` or :func:`nearest_similarities`). With unit
-    feature vectors this is 1 − the mean cosine similarity to the k nearest neighbours: 0 for a
-    stimulus with k exact duplicates, larger the less typical it is.
+    first (``run.neighbours(model, layer).lists.values`` or :func:`nearest_similarities`). With
+    unit feature vectors this is 1 − the mean cosine similarity to the k nearest neighbours: 0 for
+    a stimulus with k exact duplicates, larger the less typical it is.
     """
+    from .calibration import local_density
+
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 2:
         raise ValueError(f"neighbour values must be (n, K), got shape {v.shape}")
@@ -511,9 +501,7 @@ def neighbour_distance(values: np.ndarray, k: int = TYPICALITY_K) -> np.ndarray:
             f"k must be an integer in 1..K = {v.shape[1]} (the neighbours stored per row), got "
             f"{k!r}"
         )
-    if not np.isfinite(v[:, :k]).all():
-        raise ValueError("neighbour values hold NaN/inf; rebuild the neighbour table")
-    return 1.0 - v[:, :k].mean(axis=1)
+    return 1.0 - local_density(v, int(k))
 
 
 # ---------------------------------------------------------------------------------------------
