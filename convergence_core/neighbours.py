@@ -70,9 +70,6 @@ DEFAULT_LIST_SIZE = 128
 #: Rows per block of the float32 screen: bounds the (block, n) similarity block in memory
 #: (~256 MB float32 at n = 100,000 for 640 rows).
 _BLOCK_ELEMENTS = 64_000_000
-#: Block size of the symmetric screen used to build lists of all n rows (n ≥ 2 blocks): each
-#: (B, B) float32 block of F Fᵀ serves its rows and its columns (64 MB at B = 4096).
-_SYMMETRIC_BLOCK = 4096
 #: Entries per row sampled to set the selection threshold of :func:`_largest`.
 _SAMPLE_COLUMNS = 512
 #: Largest float64 copy of the candidates kept in memory by exact_top_k (2 GB: 100,000 × 1536 × 8 B
@@ -281,7 +278,8 @@ def _largest(values, keep: int):
     A threshold per row from a strided sample of its entries (the sample's m-th largest, m chosen
     so that ~3·keep entries of the row exceed it), then only the entries above it are ranked.
     Exact: a row with at least ``keep`` entries above its threshold has its ``keep`` largest among
-    them; the other rows (a threshold that came out too high) are ranked whole.
+    them; the other rows (a threshold that came out too high, or so low that too many entries
+    pass) are ranked whole.
     """
     torch = _torch()
     rows, width = values.shape
@@ -290,31 +288,25 @@ def _largest(values, keep: int):
     sample = values[:, :: width // _SAMPLE_COLUMNS]
     m = min(sample.shape[1], max(1, math.ceil(3 * keep * sample.shape[1] / width)))
     threshold = torch.topk(sample, m, dim=1, sorted=False).values.min(dim=1).values
-    above = values > threshold[:, None]
-    counts = above.sum(dim=1)
-    out_values = torch.empty((rows, keep), dtype=values.dtype, device=values.device)
-    out_positions = torch.empty((rows, keep), dtype=torch.int64, device=values.device)
-    short = counts < keep
-    if bool(short.any()):
-        redo = torch.nonzero(short).squeeze(1)
+    hit_rows, hit_columns = torch.nonzero(values > threshold[:, None], as_tuple=True)
+    counts = torch.bincount(hit_rows, minlength=rows)
+    cap = 16 * keep
+    whole = (counts < keep) | (counts > cap)  # ranked whole instead
+    offsets = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(hit_rows.numel(), device=values.device) - offsets[hit_rows]
+    if bool(whole.any()):
+        fine = ~whole[hit_rows]
+        hit_rows, hit_columns, slot = hit_rows[fine], hit_columns[fine], slot[fine]
+    widest = max(keep, int(counts[~whole].max()) if bool((~whole).any()) else keep)
+    padded = torch.full((rows, widest), -math.inf, dtype=values.dtype, device=values.device)
+    padded_columns = torch.zeros((rows, widest), dtype=torch.int64, device=values.device)
+    padded[hit_rows, slot] = values[hit_rows, hit_columns]
+    padded_columns[hit_rows, slot] = hit_columns
+    out_values, where = torch.topk(padded, keep, dim=1, sorted=False)
+    out_positions = torch.gather(padded_columns, 1, where)
+    if bool(whole.any()):
+        redo = torch.nonzero(whole).squeeze(1)
         out_values[redo], out_positions[redo] = torch.topk(values[redo], keep, dim=1, sorted=False)
-    good = torch.nonzero(~short).squeeze(1)
-    if good.numel():
-        mask = above[good]
-        hit_rows, hit_columns = torch.nonzero(mask, as_tuple=True)
-        good_counts = counts[good]
-        widest = int(good_counts.max())
-        offsets = torch.cumsum(good_counts, 0) - good_counts
-        slot = torch.arange(hit_rows.numel(), device=values.device) - offsets[hit_rows]
-        padded = torch.full((good.numel(), widest), -math.inf, dtype=values.dtype,
-                            device=values.device)
-        padded_columns = torch.zeros((good.numel(), widest), dtype=torch.int64,
-                                     device=values.device)
-        padded[hit_rows, slot] = values[good][hit_rows, hit_columns]
-        padded_columns[hit_rows, slot] = hit_columns
-        best, where = torch.topk(padded, keep, dim=1, sorted=False)
-        out_values[good] = best
-        out_positions[good] = torch.gather(padded_columns, 1, where)
     return out_values, out_positions
 
 
@@ -404,8 +396,6 @@ def exact_top_k(
     k = int(k)
     device_ = _device(device)
     width = 2.0 * float32_error_bound(features.d)
-    if queries is None and candidates is None and n >= 2 * _SYMMETRIC_BLOCK:
-        return _symmetric_top_k(features, k, device_, width, progress)
     candidates32 = _float32_block(features, candidate_index, device_)
     # float64 candidates for the refinement, when they fit (else gathered per block)
     candidates64 = features.rows(candidate_index) if c * features.d * 8 <= _FLOAT64_CACHE_BYTES else None
@@ -431,83 +421,6 @@ def exact_top_k(
         )
         if progress is not None:
             progress(stop, query_rows.size)
-    return out_index, out_values
-
-
-def _symmetric_top_k(features: PreparedFeatures, k: int, device, width: float, progress):
-    """:func:`exact_top_k` of every row among all rows, screening only the upper triangle.
-
-    F Fᵀ is symmetric, so each (row block I, column block J ≥ I) float32 product serves both
-    the rows of I (its rows) and the rows of J (its columns): half the matrix products of the
-    row-by-row screen. Each row keeps a running top ``keep`` = k + margin of its float32 values,
-    merged block by block; at the end, rows whose kept margin does not reach below (k-th value −
-    2δ) are screened again on their own (rare), and every row's window is refined in float64
-    exactly as in the row-by-row path. Same result; memory: the float32 features, one (B, B)
-    block and the (n, keep) running tops.
-    """
-    torch = _torch()
-    n = features.n
-    keep = min(n - 1, k + max(8, k // 2))
-    features32 = _float32_block(features, np.arange(n), device)
-    top_values = torch.full((n, keep), -math.inf, dtype=torch.float32, device=device)
-    top_index = torch.zeros((n, keep), dtype=torch.int64, device=device)
-    size = _SYMMETRIC_BLOCK
-    starts = list(range(0, n, size))
-    pairs_total = len(starts) * (len(starts) + 1) // 2
-    done_pairs = 0
-
-    def merge(rows: slice, values, columns) -> None:
-        # values (r, c) of rows against global column indices ``columns`` (c,)
-        best, where = _largest(values, min(keep, values.shape[1]))
-        both_values = torch.cat([top_values[rows], best], dim=1)
-        both_index = torch.cat([top_index[rows], columns[where]], dim=1)
-        chosen_values, chosen = torch.topk(both_values, keep, dim=1, sorted=False)
-        top_values[rows] = chosen_values
-        top_index[rows] = torch.gather(both_index, 1, chosen)
-
-    with torch.no_grad():
-        for a, i0 in enumerate(starts):
-            i1 = min(n, i0 + size)
-            rows_i = slice(i0, i1)
-            columns_i = torch.arange(i0, i1, device=device)
-            for j0 in starts[a:]:
-                j1 = min(n, j0 + size)
-                block = features32[i0:i1] @ features32[j0:j1].T
-                columns_j = torch.arange(j0, j1, device=device)
-                if j0 == i0:
-                    block.fill_diagonal_(-math.inf)
-                    merge(rows_i, block, columns_j)
-                else:
-                    merge(rows_i, block, columns_j)
-                    merge(slice(j0, j1), block.T.contiguous(), columns_i)
-                del block
-                done_pairs += 1
-            if progress is not None:  # the screen is most of the work: report it by pairs
-                progress(int(n * done_pairs / pairs_total * 0.9), n)
-        ordered, order = torch.sort(top_values, dim=1, descending=True)
-        ordered_index = torch.gather(top_index, 1, order)
-    values32 = ordered.cpu().numpy().astype(np.float64)
-    positions = ordered_index.cpu().numpy()
-    bound = values32[:, k - 1] - width
-    complete = (keep >= n - 1) | (values32[:, -1] < bound)
-    window_ok = values32 >= bound[:, None]
-    out_index = np.empty((n, k), dtype=np.int64)
-    out_values = np.empty((n, k))
-    redo = np.flatnonzero(~complete)
-    if redo.size:  # too many near-ties for the kept margin: these rows on their own
-        out_index[redo], out_values[redo] = exact_top_k(features, k, queries=redo)
-    fine = np.flatnonzero(complete)
-    candidates64 = features.all_rows() if n * features.d * 8 <= _FLOAT64_CACHE_BYTES else None
-    everyone = np.arange(n)
-    block_rows = max(1, _BLOCK_ELEMENTS // max(n, 1))
-    for start in range(0, fine.size, block_rows):
-        rows = fine[start : start + block_rows]
-        out_index[rows], out_values[rows] = _refine(
-            features.rows(rows), everyone, positions[rows], window_ok[rows], features,
-            candidates64, k,
-        )
-    if progress is not None:
-        progress(n, n)
     return out_index, out_values
 
 

@@ -362,25 +362,19 @@ def test_unknown_or_mismatched_indexes_are_explained():
         subset_alignment({"x": indexes["x"], "o": other}, [("x", "o")], np.arange(10), 3)
 
 
-@pytest.mark.parametrize("block", [7, 16, 50])
-def test_the_symmetric_screen_of_a_full_build_equals_the_row_by_row_one(monkeypatch, block):
-    """Building lists of all rows screens only the upper triangle of F Fᵀ (blocks serve their
-    rows and their columns); the lists are those of the dense sort, ties and near-ties included."""
-    X = _features(120, 10, seed=block)
+@pytest.mark.parametrize("block_elements", [7 * 120, 16 * 120, 50 * 120])
+def test_a_full_build_in_row_blocks_equals_the_dense_sort(monkeypatch, block_elements):
+    """Lists of all rows built block by block are those of the dense sort, exact ties and
+    near-ties included."""
+    X = _features(120, 10, seed=block_elements)
     X[[5, 77]] = X[40]  # exact ties
     features = PreparedFeatures.from_raw(X)
-    monkeypatch.setattr(neighbours, "_SYMMETRIC_BLOCK", block)
-    calls = []
-    original = neighbours._symmetric_top_k
-    monkeypatch.setattr(
-        neighbours, "_symmetric_top_k", lambda *a, **kw: calls.append(1) or original(*a, **kw)
-    )
+    monkeypatch.setattr(neighbours, "_BLOCK_ELEMENTS", block_elements)
     lists = build_neighbour_lists(features, list_size=20)
-    assert calls  # the symmetric path ran
     ref_index, ref_values = _dense_top_k(prepare_features(X), 20)
     np.testing.assert_array_equal(lists.indices, ref_index)
     np.testing.assert_allclose(lists.values, ref_values, atol=1e-14)
-    # a margin too small for the near-ties falls back row by row: still exact
+    # near-ties beyond the first margin: the screen widens its window, still exact
     near = X[:1] + 1e-6 * np.random.default_rng(0).standard_normal((120, 10))
     lists = build_neighbour_lists(PreparedFeatures(near, np.inf), list_size=5)
     F = near / np.linalg.norm(near, axis=1, keepdims=True)
