@@ -79,7 +79,7 @@ else:
 skipped = predictors.skipped_properties(str(run.path), stamp)
 if len(skipped):
     with st.expander(f"{len(skipped)} properties not tested"):
-        st.dataframe(skipped, hide_index=True)
+        st.markdown(widgets.markdown_table(skipped))
 
 st.header("A property against dispersion")
 names = list(ranked["property"]) or table.names

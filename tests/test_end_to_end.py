@@ -281,13 +281,38 @@ def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 240) -> No
     raise AssertionError(f"dashboard not healthy on port {port} after {timeout} s")
 
 
+#: JavaScript: what keeps PAGE_DRAWN false (for the failure message of a page that never settles)
+_UNDRAWN = """() => {
+  const visible = (node) => node.offsetParent !== null, left = [];
+  const app = document.querySelector('[data-testid="stApp"]');
+  left.push('script ' + (app && app.getAttribute('data-test-script-state')));
+  if (!document.querySelector('h1')) left.push('no title');
+  for (const [selector, drawn] of [['stPlotlyChart', '.main-svg'], ['stDataFrame', 'canvas']]) {
+    for (const node of document.querySelectorAll(`[data-testid="${selector}"]`)) {
+      if (visible(node) && !node.querySelector(drawn)) left.push(`${selector} without ${drawn}`);
+    }
+  }
+  if (document.querySelector('[data-testid="stSkeleton"], [data-testid="stSpinner"]')) {
+    left.push('a skeleton or spinner');
+  }
+  return left.join('; ');
+}"""
+
+
 def _wait_idle(page, timeout_ms: int = 60_000) -> None:
     """Wait until Streamlit has finished the page's script run and has drawn every visible
-    figure, table and picture (headless.PAGE_DRAWN)."""
-    page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
-    page.wait_for_timeout(300)  # a rerun triggered by a widget starts asynchronously
-    page.wait_for_function(SCRIPT_FINISHED, timeout=timeout_ms)
-    page.wait_for_function(PAGE_DRAWN, timeout=timeout_ms)
+    figure, table and picture (headless.PAGE_DRAWN); on a timeout, say what was left undrawn."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_selector('[data-testid="stApp"]', timeout=timeout_ms)
+        page.wait_for_timeout(300)  # a rerun triggered by a widget starts asynchronously
+        page.wait_for_function(SCRIPT_FINISHED, timeout=timeout_ms)
+        page.wait_for_function(PAGE_DRAWN, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        raise AssertionError(
+            f"{page.url} not drawn after {timeout_ms / 1000:.0f} s: {page.evaluate(_UNDRAWN)}"
+        ) from None
     page.wait_for_timeout(300)
 
 
