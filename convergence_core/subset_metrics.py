@@ -16,7 +16,8 @@ every metric of the registry, by name, without a per-metric code path outside th
   prepared features (``NeighbourIndex.features``, the features every neighbour list was built
   from). CKA-family metrics of a run of at most :data:`DENSE_GRAM_STIMULI` stimuli use the small-n
   fast path: each side's (n, n) kernel once, the (b, s, s) sub-kernels of a chunk of sets gathered
-  from it, and ``metrics.cka_from_kernels`` on all of them at once. Above it (and for SVCCA) every
+  from it, and ``metrics.cka_from_kernels`` on all of them at once (the kernels are kept between
+  calls while their index lives, at most :data:`KERNEL_CACHE_BYTES`). Above it (and for SVCCA) every
   set is one ``metrics.measure`` call on its prepared rows, which picks its own route (O(s·d²) for
   large sets; nothing (n, n)).
 
@@ -28,6 +29,9 @@ Shapes: ``n`` stimuli in the run, ``P`` pairs, ``B`` sets of ``s`` stimuli, ``k`
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -63,8 +67,33 @@ def metric_options(name: str, options: Mapping[str, Any] | None = None) -> dict[
     return {key: value for key, value in {**entry.options, **given}.items() if key != "k"}
 
 
+#: Bytes of (n, n) kernels kept between calls (least recently used dropped first)
+KERNEL_CACHE_BYTES = 256 * 2**20
+_kernels: OrderedDict[tuple[int, str, float], tuple[weakref.ref, np.ndarray]] = OrderedDict()
+_kernels_lock = threading.Lock()
+
+
 def _dense_kernel(index: NeighbourIndex, kernel: str, sigma: float) -> np.ndarray:
-    """(n, n) float64 kernel of the prepared features (the small-n fast path only)."""
+    """(n, n) float64 kernel of the prepared features (the small-n fast path only), kept for
+    the next call while the index lives (a lab changing k or the sets reuses it), read-only."""
+    key = (id(index), kernel, float(sigma))
+    with _kernels_lock:
+        held = _kernels.get(key)
+        if held is not None and held[0]() is index:
+            _kernels.move_to_end(key)
+            return held[1]
+    matrix = _compute_kernel(index, kernel, sigma)
+    matrix.flags.writeable = False
+    with _kernels_lock:
+        _kernels[key] = (weakref.ref(index), matrix)
+        total = sum(m.nbytes for _, m in _kernels.values())
+        while total > KERNEL_CACHE_BYTES and len(_kernels) > 1:
+            _, (_, dropped) = _kernels.popitem(last=False)
+            total -= dropped.nbytes
+    return matrix
+
+
+def _compute_kernel(index: NeighbourIndex, kernel: str, sigma: float) -> np.ndarray:
     features = index.features.rows(slice(None))
     gram = features @ features.T
     if kernel == "linear":

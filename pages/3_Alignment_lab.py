@@ -506,7 +506,7 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
     shown = result.table[
         ["vision_model", "language_model", "set", "set_size", "value", "calibrated",
          "null_mean", "null_lower_95", "null_upper_95", "matched_mean", "matched_lower_95",
-         "matched_upper_95", "matched_p_value_greater"]
+         "matched_upper_95", "matched_p_value_greater", "set_typicality", "matched_typicality"]
     ].rename(columns={"value": label, "matched_p_value_greater": "p(matched ≥ set)"})
     st.markdown(widgets.markdown_table(shown.round(4)))
     st.text("Low − high against the same difference between the low and high sets' matched sets:")

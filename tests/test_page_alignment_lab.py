@@ -441,6 +441,15 @@ def test_calibrated_scores_and_matched_baselines(run) -> None:
     )
     verdict = lab.matched_verdict(low_high, "mutual_knn", covariates.matched_on)
     assert "matched baseline" in verdict and "of 2 pairs" in verdict
+    # typicality alone (no labels): the matched sets are closer to the set's typicality than
+    # random sets (mean 0) are; not equal, since a set at the edge of the distribution can only
+    # be matched from stimuli less extreme than its own (drawn from outside the set, 45 of 60)
+    plain = lab.matching_covariates(vision, None, k=5)
+    typical, _ = lab.calibration_table(
+        indexes, pairs[:1], sets, 5, plain, metric="mutual_knn", n_shuffles=5, n_matched=25
+    )
+    gap = (typical["matched_typicality"] - typical["set_typicality"]).abs()
+    assert (gap < 0.6 * typical["set_typicality"].abs()).all()
     # one image per class: no category matching, said in words
     alone = lab.matching_covariates(vision, np.arange(60).astype(str), k=5)
     assert alone.labels is None and "median label holds 1" in alone.note

@@ -128,3 +128,26 @@ def test_scorer_and_options_are_checked(indexes) -> None:
         metric_on_pairings(indexes["a"], indexes["b"], sets, sets[:, :10], "cka")
     with pytest.raises(ValueError, match="default options"):
         metric_on_sets(indexes, [("a", "b")], sets, "lcs_knn", k=5, options={"normalise": False})
+
+
+def test_the_engine_computes_only_the_metrics_asked_for(indexes) -> None:
+    """A lab showing one metric does not pay for CKNNA (neighbours.subset_alignment)."""
+    from convergence_core.neighbours import subset_alignment
+
+    sets = np.arange(40).reshape(2, 20)
+    result = subset_alignment(indexes, [("a", "b")], sets, 5, metrics=["cycle_knn"])
+    assert list(result.values) == ["cycle_knn"] and result.cknna is None
+    default = subset_alignment(indexes, [("a", "b")], sets, 5)
+    assert set(default.values) == {"cknna", "mutual_knn"} and default.cknna.shape == (1, 2)
+    with pytest.raises(ValueError, match="metrics is empty"):
+        subset_alignment(indexes, [("a", "b")], sets, 5, metrics=[])
+
+
+def test_dense_kernels_are_kept_between_calls_and_read_only(indexes) -> None:
+    from convergence_core import subset_metrics
+
+    first = subset_metrics._dense_kernel(indexes["a"], "linear", 1.0)
+    assert subset_metrics._dense_kernel(indexes["a"], "linear", 1.0) is first
+    assert not first.flags.writeable
+    rbf = subset_metrics._dense_kernel(indexes["a"], "rbf", 0.5)
+    assert rbf is not first and np.allclose(np.diagonal(rbf), 1.0)

@@ -500,23 +500,35 @@ def matching_covariates(
 def _matched_sets(
     chosen: np.ndarray, covariates: MatchingCovariates, n_sets: int, seed: int
 ) -> tuple[np.ndarray, str]:
+    """Matched random sets of ``chosen`` drawn from the other stimuli (as the report's
+    ``analyses.matched_baselines``): nearest-covariate matching within label where that costs
+    little, else (or where a label runs short) typicality strata × label; drawn from every
+    stimulus only when the others cannot match the set. Returns the sets and the method in words.
+    """
     n = covariates.typicality.shape[0]
+    attempts = []
     if chosen.size * n <= _NEAREST_MATCHING_WORK:
-        method = "nearest"
-        try:
-            return calibration.matched_random_sets(
-                chosen, covariates.typicality, covariates.labels, n_sets=n_sets,
-                method=method, seed=seed,
-            ), method
-        except ValueError:  # a label with too few stimuli left: match within strata instead
-            pass
-    method = f"strata ({_STRATA_BINS} typicality bins" + (
-        " × label)" if covariates.labels is not None else ")"
+        attempts.append(("nearest", {}, "nearest typicality"))
+    strata = f"{_STRATA_BINS} typicality strata"
+    attempts += [
+        ("strata", {"n_bins": _STRATA_BINS}, strata),
+        ("strata", {"n_bins": 5}, "5 typicality strata"),
+    ]
+    for exclude in (True, False):
+        for method, extra, words in attempts:
+            try:
+                sets = calibration.matched_random_sets(
+                    chosen, covariates.typicality, covariates.labels, n_sets=n_sets,
+                    method=method, exclude_chosen=exclude, seed=seed, **extra,
+                )
+            except ValueError:  # a label or stratum with too few stimuli left
+                continue
+            words += " within label" if covariates.labels is not None else ""
+            return sets, words + ("" if exclude else ", drawn from every stimulus")
+    raise ValueError(
+        f"no matched random sets of {chosen.size} stimuli can be drawn from {n} with these "
+        "labels; choose a smaller set"
     )
-    return calibration.matched_random_sets(
-        chosen, covariates.typicality, covariates.labels, n_sets=n_sets, method="strata",
-        n_bins=_STRATA_BINS, seed=seed,
-    ), method
 
 
 def calibration_table(
@@ -543,9 +555,11 @@ def calibration_table(
     ``set``, ``set_size``, ``metric``, ``options``, ``k``, ``value`` (raw), ``null_mean``,
     ``null_lower_95``, ``null_upper_95``, ``calibrated`` (raw − null mean), ``null_z``,
     ``null_p_value`` (P(null ≥ raw)), ``matched_mean``, ``matched_lower_95``,
-    ``matched_upper_95``, ``matched_p_value_greater``, ``matched_p_value_less``, ``n_shuffles``,
-    ``n_matched``, ``matched_on``, ``matching``; ``comparisons`` the matched baselines by (pair,
-    set) for :func:`low_high_matched_table`.
+    ``matched_upper_95``, ``matched_p_value_greater``, ``matched_p_value_less``,
+    ``set_typicality`` and ``matched_typicality`` (mean typicality of the set and of its matched
+    sets: the balance the matching reached), ``n_shuffles``, ``n_matched``, ``matched_on``,
+    ``matching``; ``comparisons`` the matched baselines by (pair, set) for
+    :func:`low_high_matched_table`.
     """
     options = metric_options(metric, options)
     keyed = [pair.sides for pair in pairs]
@@ -588,6 +602,8 @@ def calibration_table(
                     "matched_upper_95": baseline.upper,
                     "matched_p_value_greater": baseline.p_value_greater,
                     "matched_p_value_less": baseline.p_value_less,
+                    "set_typicality": float(covariates.typicality[chosen].mean()),
+                    "matched_typicality": float(covariates.typicality[matched].mean()),
                     "n_shuffles": null.n_shuffles,
                     "n_matched": baseline.n_sets,
                     "matched_on": covariates.matched_on,
