@@ -362,8 +362,8 @@ def sets_and_results() -> None:
     rows = tuple(np.asarray(r) for r in sets.values())
     sizes = sorted({len(r) for r in rows})
     if lab.needs_button(metric, n):
-        key = data.lab_numbers_key(path, stamp, pairs, names, *rows, k, int(n_random), int(seed),
-                                   interval_width, metric, options_key)
+        key = data.lab_numbers_key(path, stamp, pairs, names, *rows, data.k_key(metric, k),
+                                   int(n_random), int(seed), interval_width, metric, options_key)
         numbers = data.kept(key)
         if numbers is None:
             why = (
@@ -481,9 +481,28 @@ def sets_and_results() -> None:
     page.close_page(context)  # the URL follows the fragment's own reruns
 
 
+def _when_asked(metric: str, what: str, work: str, key: str, done: tuple) -> bool:
+    """Whether to compute ``what`` of ``metric`` now: at once for live metrics on runs up to
+    ``data.PER_STIMULUS_LIVE_STIMULI`` stimuli or once computed on this server (``done``); else
+    when the user presses the button (which says what it will do)."""
+    live = not lab.needs_button(metric, n) and n <= data.PER_STIMULUS_LIVE_STIMULI
+    if live or data.finished(*done):
+        return True
+    st.info(f"{what} takes a while here ({work}); it is computed when you ask, once for every "
+            "user of this server.")
+    return st.button(f"Compute {what}", key=key)
+
+
 def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  # noqa: ANN001
     """Each set's raw score beside its calibrated score and matched random baseline, and the
     verdict on low > high."""
+    done = ("lab_calibration", metric, path, stamp, pairs, tuple(tuple(map(int, r)) for r in
+            sets.values()), data.k_key(metric, k), options_key, n_draws, seed)
+    if not _when_asked(
+        metric, "the calibrated scores", f"{label} on {n_draws} shuffled pairings and {n_draws} matched "
+        f"sets per set and pair", "w_lab_calibration_compute", done,
+    ):
+        return
     st.text(
         f"Calibrated: the {label} of a set minus the mean of the same score with the image–caption "
         f"pairing shuffled within the set ({n_draws} shuffles; the set's size and density stay, "
@@ -495,6 +514,7 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
         path, stamp, pairs, tuple(sets), tuple(np.asarray(r) for r in sets.values()), k,
         metric, options_key, n_draws, n_draws, seed,
     )
+    data.mark_finished(*done)
     if result.low_high.empty:
         st.text(result.verdict)
     elif result.low_high["survives"].all():
@@ -562,6 +582,14 @@ def _tables(  # noqa: ANN001
     sets, set_values, baselines, score, size, k, n_permutations, seed, metric, options_key, label
 ) -> None:
     """The permutation test per pair and the table of every number (with its CSV download)."""
+    done = ("lab_permutation", metric, path, stamp, pairs, tuple(map(int, sets["low"])),
+            tuple(map(int, sets["high"])), data.k_key(metric, k), options_key,
+            int(n_permutations), int(seed))
+    if not _when_asked(
+        metric, "the permutation test", f"{label} on {2 * int(n_permutations)} relabelled sets per pair",
+        "w_lab_permutation_compute", done,
+    ):
+        return
     st.subheader("Low vs high: permutation test per pair")
     st.caption(
         f"{label}(low) − {label}(high) against {int(n_permutations)} random relabellings of the "
@@ -580,6 +608,7 @@ def _tables(  # noqa: ANN001
         metric,
         options_key,
     )
+    data.mark_finished(*done)
     st.dataframe(permutation, hide_index=True, width="stretch")
     table = lab.results_table(set_values, baselines, permutation, score, int(seed))
     st.subheader("All results")

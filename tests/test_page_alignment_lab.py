@@ -374,7 +374,9 @@ def test_a_slower_metric_waits_for_its_button_and_shows_progress(run) -> None:
     assert not at.exception, at.exception
     assert len(at.image) == 1 and any(m.label == "SVCCA, low dispersion" for m in at.metric)
     at.session_state["w_lab_tables"] = True
-    at.run(timeout=TIMEOUT)  # kept for every session: no second press
+    at.run(timeout=TIMEOUT)  # the numbers are kept for every session: no second press for them
+    assert len(at.image) == 1 and not at.dataframe  # the permutation test waits for its button
+    at.button(key="w_lab_permutation_compute").click().run(timeout=TIMEOUT)
     table = _results(at)
     assert set(table["metric"]) == {"svcca"} and set(table["options"]) == {"cca_dim=10"}
     row = table[table["set"] == "high"].iloc[0]

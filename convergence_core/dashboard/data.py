@@ -148,7 +148,7 @@ def options_key(options: dict[str, object] | None) -> Options:
     return tuple(sorted((options or {}).items()))
 
 
-def _k_key(metric: str, k: int) -> int | None:
+def k_key(metric: str, k: int) -> int | None:
     """k as part of a cache key: None for feature metrics (their values do not depend on k, so
     moving k with CKA chosen recomputes nothing)."""
     from ..metrics import metric as entry
@@ -180,7 +180,7 @@ def set_values(
     """:func:`lab.set_table` of the sets ``names`` (stimulus rows ``rows``, same order) for
     ``metric``, cached for every session (the arrays are hashed by content; k only for neighbour
     metrics)."""
-    return _set_values(path, stamp, pairs, names, rows, _k_key(metric, k), metric, options)
+    return _set_values(path, stamp, pairs, names, rows, k_key(metric, k), metric, options)
 
 
 @st.cache_data(show_spinner="Drawing the random baseline…", max_entries=256)
@@ -213,7 +213,7 @@ def random_baseline(
     every pair's 95% interval of the mean metric is that narrow (None: exactly ``n_random``).
     """
     return _random_baseline(
-        path, stamp, pairs, int(size), _k_key(metric, k), int(n_random), int(seed),
+        path, stamp, pairs, int(size), k_key(metric, k), int(n_random), int(seed),
         interval_width, metric, options,
     )
 
@@ -240,7 +240,7 @@ def lab_numbers(
     """
     run = _open_run(path, stamp)
     indexes = indexes_for(run, pairs)
-    k_used = _k_key(metric, k)
+    k_used = k_key(metric, k)
     sizes = sorted({len(r) for r in rows})
     steps = 1 + len(sizes)
     label = lab.metric_label(metric)
@@ -301,7 +301,7 @@ def low_high_permutation(
     """:func:`lab.low_high_permutation_table` for a run, cached per (pairs, sets, k, seed,
     metric, options)."""
     return _low_high_permutation(
-        path, stamp, pairs, low, high, _k_key(metric, k), int(n_permutations), int(seed), metric,
+        path, stamp, pairs, low, high, k_key(metric, k), int(n_permutations), int(seed), metric,
         options,
     )
 
@@ -353,7 +353,7 @@ def calibration(
     seed: int = 0,
 ) -> Calibration:
     """:class:`Calibration` of the named sets, cached per run and parameters."""
-    return _calibration(path, stamp, pairs, names, rows, _k_key(metric, k), metric, options,
+    return _calibration(path, stamp, pairs, names, rows, k_key(metric, k), metric, options,
                         int(n_shuffles), int(n_matched), int(seed))
 
 
@@ -406,7 +406,7 @@ def per_stimulus_table(
         if progress is not None:
             progress(step / len(steps), f"{metric} of {pair.label}…")
         parts.append(per_stimulus(path, stamp, pair, metric, k))
-        _finished().add(("per_stimulus", path, stamp, pair, metric, int(k)))
+        mark_finished("per_stimulus", path, stamp, pair, metric, int(k))
     if progress is not None:
         progress(1.0, "done")
     return pd.concat(parts, ignore_index=True)
@@ -701,6 +701,12 @@ def _finished() -> set[tuple]:
 def finished(*key: object) -> bool:
     """Whether the analysis ``(name, path, stamp, parameters…)`` has been computed here."""
     return tuple(key) in _finished()
+
+
+def mark_finished(*key: object) -> None:
+    """Record that the analysis ``(name, path, stamp, parameters…)`` has been computed here (a
+    page that asked before computing it shows it at once from now on, to every session)."""
+    _finished().add(tuple(key))
 
 
 @st.cache_resource(show_spinner=False)
