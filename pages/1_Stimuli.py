@@ -337,7 +337,9 @@ with alignment_tab:
                     int(r) for r in found.rows_of(selection.ids)[0]
                 )
                 st.image(
-                    data.alignment_scatter_png(path, stamp, shown_pair, k, score, marked)
+                    data.alignment_scatter_png(
+                        path, stamp, shown_pair, k, score, marked, "current selection"
+                    )
                 )
                 st.text(
                     "Each point is a stimulus: its dispersion (x) against how much its vision and "

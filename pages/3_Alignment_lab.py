@@ -498,9 +498,9 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
     verdict on low > high."""
     done = ("lab_calibration", metric, path, stamp, pairs, tuple(tuple(map(int, r)) for r in
             sets.values()), data.k_key(metric, k), options_key, n_draws, seed)
+    work = f"{label} on {n_draws} shuffled pairings and {n_draws} matched sets per set and pair"
     if not _when_asked(
-        metric, "the calibrated scores", f"{label} on {n_draws} shuffled pairings and {n_draws} matched "
-        f"sets per set and pair", "w_lab_calibration_compute", done,
+        metric, "the calibrated scores", work, "w_lab_calibration_compute", done
     ):
         return
     st.text(
@@ -585,10 +585,8 @@ def _tables(  # noqa: ANN001
     done = ("lab_permutation", metric, path, stamp, pairs, tuple(map(int, sets["low"])),
             tuple(map(int, sets["high"])), data.k_key(metric, k), options_key,
             int(n_permutations), int(seed))
-    if not _when_asked(
-        metric, "the permutation test", f"{label} on {2 * int(n_permutations)} relabelled sets per pair",
-        "w_lab_permutation_compute", done,
-    ):
+    work = f"{label} on {2 * int(n_permutations)} relabelled sets per pair"
+    if not _when_asked(metric, "the permutation test", work, "w_lab_permutation_compute", done):
         return
     st.subheader("Low vs high: permutation test per pair")
     st.caption(

@@ -325,7 +325,8 @@ def test_the_picker_lists_every_registry_metric_with_its_description_and_range()
     assert lab.needs_button("cka", lab.LIVE_FEATURE_STIMULI + 1)
     assert not lab.needs_button("cka", 239)
     # the RBF width is ignored with the linear kernel (a moved σ recomputes nothing)
-    assert lab.chosen_options("cka", kernel="linear", sigma=3.0) == {"kernel": "linear", "sigma": 1.0}
+    linear = lab.chosen_options("cka", kernel="linear", sigma=3.0)
+    assert linear == {"kernel": "linear", "sigma": 1.0}
     assert lab.chosen_options("svcca", cca_dim=4) == {"cca_dim": 4}
     assert lab.chosen_options("mutual_knn") == {}
 

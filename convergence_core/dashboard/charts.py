@@ -264,8 +264,8 @@ def alignment_bars(
 
 #: Axis titles of the per-stimulus scores (stimulus_alignment)
 PER_STIMULUS_AXIS = {
-    "knn_overlap": "k-NN overlap of the stimulus (fraction of its k neighbours shared)",
-    "local_cka": "local CKA: change in CKA when the stimulus joins a base of 320 (unitless)",
+    "knn_overlap": "k-NN overlap\n(fraction of its k neighbours shared)",
+    "local_cka": "local CKA\n(change in CKA when it joins the base)",
 }
 
 
@@ -277,16 +277,19 @@ def alignment_dispersion(
     score: str,
     k: int,
     title: str,
+    base_size: int | None = None,
     marked: Sequence[int] = (),
+    marked_label: str = "focus set",
 ) -> bytes:
     """Per-stimulus alignment against dispersion: a panel per score in ``values`` ({metric: (n,)}),
     x = the dispersion ``score`` (n,), each panel titled with Spearman ρ and its permutation p
-    from ``relation`` (``stimulus_alignment.alignment_dispersion_relation``, one row per metric).
+    from ``relation`` (``stimulus_alignment.alignment_dispersion_relation``, one row per metric);
+    ``base_size``: the local CKA's base; ``marked_label`` names the circled rows.
     Rasterised points (the same size at 100,000 stimuli); ``marked`` rows circled in red."""
     n = len(dispersion)
-    figure = Figure(figsize=(13.0, 4.2))
+    figure = Figure(figsize=(13.0, 4.4))
     axes = np.atleast_1d(figure.subplots(1, len(values), squeeze=False)[0])
-    _margins(figure, left=0.8, right=0.2, top=0.75, bottom=0.65, wspace=0.22)
+    _margins(figure, left=0.9, right=0.2, top=0.95, bottom=0.65, wspace=0.3)
     size = 14.0 if n <= 2_000 else (5.0 if n <= 20_000 else 1.5)
     chosen = np.asarray(marked, dtype=np.int64)
     x = np.asarray(dispersion, dtype=np.float64)
@@ -294,8 +297,11 @@ def alignment_dispersion(
         y = np.asarray(y, dtype=np.float64)
         axis.scatter(x, y, s=size, color="#1f77b4", alpha=0.6, linewidths=0, rasterized=True)
         if chosen.size:
-            axis.scatter(x[chosen], y[chosen], s=50, facecolors="none", edgecolors="#d62728",
-                         linewidths=1.0, rasterized=True, label=f"focus set ({chosen.size:,})")
+            axis.scatter(
+                x[chosen], y[chosen], s=50, facecolors="none", edgecolors="#d62728",
+                linewidths=1.0, rasterized=True,
+                label=literal(f"{marked_label} ({chosen.size:,})"),
+            )
             axis.legend(fontsize=8, loc="best")
         row = relation[relation["metric"] == metric]
         words = ""
@@ -306,10 +312,13 @@ def alignment_dispersion(
                 f"{r['permutation_p_value_two_sided']:.3g} ({int(r['n_permutations']):,} shuffles)"
             )
         axis.set_xlabel(SCORE_AXIS[score])
-        axis.set_ylabel(literal(PER_STIMULUS_AXIS.get(metric, metric).replace(" (", "\n(", 1)),
-                        fontsize=8)
-        name = f"k-NN overlap (k = {k})" if metric == "knn_overlap" else metric.replace("_", " ")
-        axis.set_title(literal(f"{name}: {words}"), fontsize=9, y=TITLE_Y)
+        axis.set_ylabel(literal(PER_STIMULUS_AXIS.get(metric, metric)), fontsize=8)
+        names = {
+            "knn_overlap": f"k-NN overlap (k = {k})",
+            "local_cka": "local CKA" + (f" (base of {base_size})" if base_size else ""),
+        }
+        name = names.get(metric, metric)
+        axis.set_title(literal(f"{name}\n{words}" if words else name), fontsize=9, y=TITLE_Y)
     figure.suptitle(
         literal(f"Per-stimulus alignment against dispersion — {title} ({n:,} stimuli)"),
         fontsize=10,

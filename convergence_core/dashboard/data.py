@@ -429,10 +429,16 @@ def alignment_relation(
 
 @st.cache_data(show_spinner="Drawing per-stimulus alignment…", max_entries=64)
 def alignment_scatter_png(
-    path: str, stamp: int, pair: lab.Pair, k: int, score: str, marked: tuple[int, ...] = ()
+    path: str,
+    stamp: int,
+    pair: lab.Pair,
+    k: int,
+    score: str,
+    marked: tuple[int, ...] = (),
+    marked_label: str = "focus set",
 ) -> bytes:
     """Per-stimulus alignment of ``pair`` against dispersion (a panel per metric, ρ and p in
-    each title), the ``marked`` rows circled."""
+    each title), the ``marked`` rows circled (named ``marked_label`` in the legend)."""
     table = per_stimulus_table(path, stamp, [pair], k)
     relation = alignment_relation(path, stamp, (pair,), k, score)
     found = _catalogue(path, stamp)
@@ -440,9 +446,11 @@ def alignment_scatter_png(
         metric: table.loc[table["metric"] == metric].sort_values("stimulus")["value"].to_numpy()
         for metric in PER_STIMULUS_METRICS
     }
+    base = table.loc[table["metric"] == "local_cka", "base_size"]
     return charts.alignment_dispersion(
         found.values[score], values, relation, score=score, k=int(k), title=pair.label,
-        marked=marked,
+        base_size=int(base.iloc[0]) if len(base) else None, marked=marked,
+        marked_label=marked_label,
     )
 
 
