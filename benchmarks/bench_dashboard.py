@@ -25,6 +25,15 @@ are shared and noisy, so the targets are ratios to the bare page in the same run
 Each page's cost is reported beside its time: elements, Plotly figures, data tables, images,
 bytes the server sent over the websocket, bytes over HTTP, JavaScript the tab loaded, and the
 main thread's busy time (of it: running JavaScript).
+
+The lab's responsiveness per metric (issue 14; ``--lab-only`` runs just this part): for every
+metric of the registry, what the lab computes before it draws new bars — the metric on the low
+and high sets, on ``--lab-sets`` (200) random sets (a fixed number, no stopping rule) and the
+PNG — after a **metric change** (the metric not yet cached; a new seed per repeat, so every
+repeat computes) and after a **k change** (the same metric at a new k: neighbour metrics
+recompute, feature metrics are a cache hit because k does not enter them). Target: ≤ 300 ms
+for the neighbour metrics and CKA (``TARGET_UPDATE_S``); the registry's ``live`` flag is printed
+beside it (metrics that are not live run behind a button).
 """
 
 from __future__ import annotations
@@ -337,7 +346,7 @@ def server_benchmark(run_path: Path, repeats: int) -> tuple[list[dict[str, objec
     def bars(k: int) -> None:  # what the page computes before it shows the new bars
         values = lab.set_table(indexes, pairs, {"low": low, "high": high}, k)
         baseline = lab.baseline_table(
-            indexes, pairs, scores, size, k, n_random=200, seed=0,
+            indexes, pairs, len(scores), size, k, n_random=200, seed=0,
             interval_width=DEFAULT_INTERVAL_WIDTH,
         )
         drawn.append(int(baseline["n_random"].iloc[0]))
@@ -378,6 +387,82 @@ def server_benchmark(run_path: Path, repeats: int) -> tuple[list[dict[str, objec
 
 
 # ----------------------------------------------------------------------------------------------
+# the lab per metric (issue 14)
+
+
+def lab_benchmark(
+    run_path: Path, repeats: int, n_sets: int
+) -> tuple[list[dict[str, object]], dict]:
+    """Per registry metric: seconds from a metric change and from a k change to new bars."""
+    import streamlit as st
+
+    from convergence_core.metrics import metric as registry_entry
+    from convergence_core.metrics import metric_names
+
+    os.environ["CONVERGENCE_CACHE"] = str(_cache_of(run_path))
+    st.cache_data.clear()
+    run = data.open_run(run_path)
+    path, stamp = str(run.path), data.manifest_stamp(run.path)
+    scores = run.dispersion["mean"].to_numpy(dtype=np.float64)
+    best = data.best_language_layers(path, stamp)
+    pairs = tuple(
+        lab.Pair(v, layer, language, best[language])
+        for v, layer in zip(run.gpa.models, run.gpa.layers, strict=True)
+        for language in run.language_models
+    )
+    data.indexes_for(run, pairs)  # memory maps opened once, as on a warm server
+    size = state.default_subset_size(run.n_stimuli)
+    names = ("low", "high")
+    sets = (select_stimuli(scores, "low", size), select_stimuli(scores, "high", size))
+
+    def bars(metric: str, k: int, seed: int) -> None:  # what the page computes (cached calls)
+        values = data.set_values(path, stamp, pairs, names, sets, k, metric)
+        baseline = data.random_baseline(
+            path, stamp, pairs, size, k, n_sets, seed, None, metric
+        )
+        data.alignment_bars_png(values, baseline, metric)
+
+    bars("cknna", 9, 10_000)  # warm numpy, scipy, matplotlib and the memory maps
+    rows = []
+    for metric in metric_names():
+        entry = registry_entry(metric)
+        change = [_timed(lambda m=metric, r=r: bars(m, 10, r)) for r in range(repeats)]
+        k_step = [_timed(lambda m=metric, r=r: bars(m, 11 + r, 0)) for r in range(repeats)]
+        for what, times in (("metric change", change), ("k change", k_step)):
+            seconds = statistics.median(times)
+            budget = entry.neighbour_metric or metric in ("cka", "unbiased_cka")
+            rows.append(
+                {
+                    "metric": metric,
+                    "change": what,
+                    "seconds": round(seconds, 4),
+                    "seconds_min": round(min(times), 4),
+                    "target_s": TARGET_UPDATE_S if budget else None,
+                    "ok": (seconds <= TARGET_UPDATE_S) if budget else None,
+                    "registry_live": entry.live,
+                    "neighbour_metric": entry.neighbour_metric,
+                }
+            )
+    facts = {"pairs": len(pairs), "set_size": size, "random_sets": n_sets, "repeats": repeats,
+             "n_stimuli": run.n_stimuli}
+    return rows, facts
+
+
+def _print_lab(rows: list[dict[str, object]], facts: dict) -> None:
+    print(
+        f"\nAlignment lab per metric: {facts['pairs']} pairs, low/high sets of "
+        f"{facts['set_size']}, {facts['random_sets']} random sets, median of {facts['repeats']}"
+    )
+    print(f"{'metric':<18} {'change':<14} {'s':>7} {'min s':>7} {'target':>6} {'ok':>5} "
+          f"{'live':>5}")
+    for r in rows:
+        target = "" if r["target_s"] is None else f"{r['target_s']:.3f}"
+        ok = "" if r["ok"] is None else str(r["ok"])
+        print(f"{r['metric']:<18} {r['change']:<14} {r['seconds']:7.3f} {r['seconds_min']:7.3f} "
+              f"{target:>6} {ok:>5} {str(r['registry_live']):>5}")
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> None:
@@ -413,6 +498,10 @@ def main() -> None:
     parser.add_argument("--run", help="a run folder to measure (default: the demo run)")
     parser.add_argument("--browser-only", action="store_true", help="skip the server-side part")
     parser.add_argument("--server-only", action="store_true", help="skip the browser part")
+    parser.add_argument("--lab-only", action="store_true",
+                        help="only the lab's per-metric responsiveness (no browser, no AppTest)")
+    parser.add_argument("--lab-sets", type=int, default=200,
+                        help="random sets per baseline in the per-metric lab timings (200)")
     parser.add_argument("--trace", type=Path, help="write a Chromium trace per page here")
     parser.add_argument("--out", default="dashboard.json", help="file name in benchmarks/results")
     args = parser.parse_args()
@@ -430,7 +519,7 @@ def main() -> None:
         },
     }
     print(f"run: {run_kind} ({run.n_stimuli} stimuli) at {run_path}")
-    if not args.server_only:
+    if not args.server_only and not args.lab_only:
         if not headless.CHROMIUM.exists():
             raise SystemExit(f"{headless.CHROMIUM} is missing: install Debian's chromium")
         rows, k_step = browser_benchmark(run_path, args.repeats, args.trace)
@@ -439,6 +528,10 @@ def main() -> None:
                                           "k_step_ratio": TARGET_K_RATIO}}
         _print_browser(rows, k_step)
     if not args.browser_only:
+        rows, facts = lab_benchmark(run_path, args.repeats, args.lab_sets)
+        payload["lab_metrics"] = {"results": rows, **facts, "target_s": TARGET_UPDATE_S}
+        _print_lab(rows, facts)
+    if not args.browser_only and not args.lab_only:
         rows, facts = server_benchmark(run_path, args.repeats)
         payload["server"] = {"results": rows, **facts}
         width = max(len(str(r["measure"])) for r in rows)

@@ -452,3 +452,52 @@ def resampled_interval(
     else:
         raise ValueError(f"method must be 'half' or 'bootstrap', got {method!r}.")
     return Interval(estimate, lower, upper, method, n_resamples, level)
+
+
+# ----------------------------------------------------------------------------------------------
+# a difference between two sets against the same difference between their baselines
+@dataclass(frozen=True)
+class DifferenceComparison:
+    """score(first) − score(second) against the differences of their baseline sets, paired in
+    draw order (baseline set b of the first minus baseline set b of the second).
+
+    ``p_value_greater`` = P(baseline difference ≥ observed) with the +1 correction: small when the
+    observed difference is larger than the baselines reproduce; (``lower``, ``upper``) the central
+    ``level`` interval of the baseline differences.
+    """
+
+    observed: float
+    baseline_mean: float
+    lower: float
+    upper: float
+    p_value_greater: float
+    n_sets: int
+    level: float
+
+
+def compare_difference_with_baselines(
+    first: BaselineComparison, second: BaselineComparison
+) -> DifferenceComparison:
+    """Is first − second larger than the same difference between their matched baselines?
+
+    With matched random sets (:func:`matched_random_sets`) of each set: a difference that the
+    matched covariates (density, category) explain is reproduced by the matched sets, and the
+    p-value is large; one that survives them has a small p-value.
+    """
+    if first.n_sets != second.n_sets or first.level != second.level:
+        raise ValueError(
+            f"the two baselines must have as many sets ({first.n_sets} and {second.n_sets}) and "
+            "the same level; draw them with the same n_sets"
+        )
+    observed = first.observed - second.observed
+    differences = first.baseline - second.baseline
+    lower, upper = _interval(differences, first.level)
+    return DifferenceComparison(
+        observed,
+        float(differences.mean()),
+        lower,
+        upper,
+        _p_values(observed, differences)[0],
+        differences.size,
+        first.level,
+    )

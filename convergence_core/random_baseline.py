@@ -20,7 +20,7 @@ Shapes: ``P`` vision × language pairs, ``B`` random sets of ``size`` stimuli ou
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -99,6 +99,101 @@ def sets_needed(values: np.ndarray, interval_width: float, confidence: float = C
     return int(math.ceil((2.0 * z * sd / interval_width) ** 2))
 
 
+class RandomScores(NamedTuple):
+    """Scores of every pair on the random sets that were drawn (:func:`sequential_random_scores`).
+
+    ``values``: ``{name: (P, B) float64}``; ``n_sets``: B; ``stop_on``: the name whose mean the
+    stopping rule bounds; ``widest_interval``, ``interval_width``, ``reached``: as in
+    :class:`RandomBaseline`, for ``values[stop_on]``.
+    """
+
+    values: dict[str, np.ndarray]
+    n_sets: int
+    stop_on: str
+    widest_interval: float
+    interval_width: float | None
+    reached: bool
+
+
+def sequential_random_scores(
+    score: Callable[[np.ndarray], Mapping[str, np.ndarray]],
+    n: int,
+    size: int,
+    *,
+    stop_on: str,
+    interval_width: float | None = DEFAULT_INTERVAL_WIDTH,
+    max_sets: int = 200,
+    min_sets: int = DEFAULT_MIN_SETS,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+    progress: Callable[[int, int], None] | None = None,
+) -> RandomScores:
+    """Any scores on Fig. 2's random sets, drawn until the mean of one of them is pinned.
+
+    Args:
+        score: ``score(sets (b, size)) -> {name: (P, b)}``, e.g. the subset engine's metrics of P
+            pairs (``subset_metrics.metric_on_sets`` for any registry metric).
+        n: stimuli in the run; size: stimuli per random set.
+        stop_on: the name in ``score``'s result whose mean the stopping rule bounds.
+        interval_width: stop once every pair's ``confidence`` interval of the mean of
+            ``stop_on`` is at most this wide (in its units); None draws exactly ``max_sets``.
+        max_sets, min_sets, seed, confidence: as in :func:`sequential_random_alignment`.
+        progress: ``progress(sets drawn, max_sets)`` after each batch (None: silent).
+
+    The sets are :func:`random_set_stream`'s (= ``analyses.random_sets``' draws, in order), in
+    batches sized from the current spread (:func:`sets_needed`), at most doubling the sets drawn.
+    """
+    if max_sets < 1:
+        raise ValueError(f"max_sets must be at least 1, got {max_sets}; use e.g. 200")
+    if interval_width is not None and not interval_width > 0:
+        raise ValueError(
+            f"interval_width must be a positive width of the mean, got {interval_width!r}; use "
+            f"e.g. {DEFAULT_INTERVAL_WIDTH}, or None for a fixed number of sets"
+        )
+    min_sets = max(2, min(int(min_sets), max_sets))
+    stream = random_set_stream(n, size, seed)
+    parts: dict[str, list[np.ndarray]] = {}
+    drawn = 0
+
+    def bounded() -> np.ndarray:
+        return np.concatenate(parts[stop_on], axis=1)
+
+    while True:
+        if interval_width is None:
+            batch = max_sets - drawn
+        elif drawn < min_sets:
+            batch = min_sets - drawn
+        else:
+            values = bounded()
+            widths = mean_interval_widths(values, confidence)
+            if np.all(widths <= interval_width) or drawn >= max_sets:
+                break
+            wanted = sets_needed(values, interval_width, confidence)
+            # at least a quarter more, at most as many again (the sd of a few sets is itself
+            # rough: growing geometrically never overshoots by more than the sets drawn so far)
+            batch = int(
+                min(max_sets - drawn, drawn, max(wanted - drawn, math.ceil(drawn / 4), 1))
+            )
+        if batch <= 0:
+            break
+        sets = np.stack([next(stream) for _ in range(batch)])
+        result = score(sets)
+        if stop_on not in result:
+            raise ValueError(f"score returned {sorted(result)}, not {stop_on!r} (stop_on)")
+        for name, values in result.items():
+            parts.setdefault(name, []).append(np.atleast_2d(np.asarray(values, dtype=np.float64)))
+        drawn += batch
+        if progress is not None:
+            progress(drawn, max_sets)
+        if interval_width is None:
+            break
+    values = {name: np.concatenate(arrays, axis=1) for name, arrays in parts.items()}
+    widths = mean_interval_widths(values[stop_on], confidence)
+    widest = float(np.max(widths)) if widths.size and not np.isnan(widths).any() else float("nan")
+    reached = interval_width is not None and bool(np.all(widths <= interval_width))
+    return RandomScores(values, drawn, stop_on, widest, interval_width, reached)
+
+
 def sequential_random_alignment(
     indexes: Mapping[LayerKey, NeighbourIndex],
     pairs: Sequence[Pair],
@@ -125,49 +220,34 @@ def sequential_random_alignment(
 
     Each batch is sized from the sets the current spread needs (:func:`sets_needed`), at most
     doubling the sets drawn, so a baseline takes a few batched passes over the neighbour lists and
-    never draws more than twice the sets its stopping rule needed.
+    never draws more than twice the sets its stopping rule needed
+    (:func:`sequential_random_scores` with the subset engine's CKNNA and mutual k-NN).
     """
-    if max_sets < 1:
-        raise ValueError(f"max_sets must be at least 1, got {max_sets}; use e.g. 200")
-    if interval_width is not None and not interval_width > 0:
-        raise ValueError(
-            f"interval_width must be a positive CKNNA width, got {interval_width!r}; use e.g. "
-            f"{DEFAULT_INTERVAL_WIDTH}, or None for a fixed number of sets"
-        )
-    min_sets = max(2, min(int(min_sets), max_sets))
-    stream = random_set_stream(n, size, seed)
     keyed = [pair.sides for pair in pairs]
-    cknna = np.empty((len(pairs), 0))
-    mutual_knn = np.empty((len(pairs), 0))
-    drawn = 0
-    while True:
-        if interval_width is None:
-            batch = max_sets - drawn
-        elif drawn < min_sets:
-            batch = min_sets - drawn
-        else:
-            widths = mean_interval_widths(cknna, confidence)
-            if np.all(widths <= interval_width) or drawn >= max_sets:
-                break
-            wanted = sets_needed(cknna, interval_width, confidence)
-            # at least a quarter more, at most as many again (the sd of a few sets is itself
-            # rough: growing geometrically never overshoots by more than the sets drawn so far)
-            batch = int(
-                min(max_sets - drawn, drawn, max(wanted - drawn, math.ceil(drawn / 4), 1))
-            )
-        if batch <= 0:
-            break
-        sets = np.stack([next(stream) for _ in range(batch)])
+
+    def score(sets: np.ndarray) -> dict[str, np.ndarray]:
         result = subset_alignment(indexes, keyed, sets, k)
-        cknna = np.concatenate([cknna, result.cknna], axis=1)
-        mutual_knn = np.concatenate([mutual_knn, result.mutual_knn], axis=1)
-        drawn += batch
-        if interval_width is None:
-            break
-    widths = mean_interval_widths(cknna, confidence)
-    widest = float(np.max(widths)) if widths.size and not np.isnan(widths).any() else float("nan")
-    reached = interval_width is not None and bool(np.all(widths <= interval_width))
-    return RandomBaseline(cknna, mutual_knn, drawn, widest, interval_width, reached)
+        return {"cknna": result.cknna, "mutual_knn": result.mutual_knn}
+
+    drawn = sequential_random_scores(
+        score,
+        n,
+        size,
+        stop_on="cknna",
+        interval_width=interval_width,
+        max_sets=max_sets,
+        min_sets=min_sets,
+        seed=seed,
+        confidence=confidence,
+    )
+    return RandomBaseline(
+        drawn.values["cknna"],
+        drawn.values["mutual_knn"],
+        drawn.n_sets,
+        drawn.widest_interval,
+        drawn.interval_width,
+        drawn.reached,
+    )
 
 
 def baseline_table(

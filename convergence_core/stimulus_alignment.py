@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOCAL_CKA_BASE_SIZE",
+    "PER_STIMULUS_METRICS",
     "LocalCKA",
     "alignment_dispersion_relation",
     "knn_overlap",
@@ -48,6 +49,8 @@ __all__ = [
     "per_stimulus_alignment",
 ]
 
+#: The per-stimulus scores, in the order tables list them.
+PER_STIMULUS_METRICS = ("knn_overlap", "local_cka")
 #: Base pairs of the local CKA (paper 003 uses 320).
 LOCAL_CKA_BASE_SIZE = 320
 _ROWS_PER_BLOCK = 2048
@@ -215,13 +218,19 @@ def per_stimulus_alignment(
     k: int = 10,
     base_size: int = LOCAL_CKA_BASE_SIZE,
     seed: int = 0,
+    metrics: Sequence[str] = PER_STIMULUS_METRICS,
 ) -> pd.DataFrame:
-    """Both per-stimulus scores for every pair, long format.
+    """Per-stimulus scores (``metrics``, default both) for every pair, long format.
 
     Columns: ``stimulus`` (row), ``id``, ``vision_model``, ``vision_layer``, ``language_model``,
     ``language_layer``, ``metric`` (``knn_overlap`` | ``local_cka``), ``value``, ``k`` (for
     ``knn_overlap``), ``base_size`` and ``seed`` (for ``local_cka``).
     """
+    unknown = [m for m in metrics if m not in PER_STIMULUS_METRICS]
+    if unknown or not metrics:
+        raise ValueError(
+            f"unknown per-stimulus metrics {unknown}; use some of {list(PER_STIMULUS_METRICS)}"
+        )
     ids = run.stimuli["id"].astype(str).to_numpy()
     rows = np.arange(run.n_stimuli)
     tables = []
@@ -229,10 +238,12 @@ def per_stimulus_alignment(
         x = run.neighbours(pair.vision_model, pair.vision_layer)
         y = run.neighbours(pair.language_model, pair.language_layer)
         size = min(int(base_size), run.n_stimuli - 1)
-        scores = {
-            "knn_overlap": knn_overlap(x, y, k),
-            "local_cka": local_cka(x.features, y.features, base_size=size, seed=seed).delta,
+        compute = {
+            "knn_overlap": lambda: knn_overlap(x, y, k),
+            "local_cka": lambda: local_cka(x.features, y.features, base_size=size,
+                                           seed=seed).delta,
         }
+        scores = {m: compute[m]() for m in PER_STIMULUS_METRICS if m in metrics}
         for metric, values in scores.items():
             tables.append(
                 pd.DataFrame(

@@ -1,7 +1,10 @@
-"""Stimuli: ranked gallery (lowest vs highest dispersion), caption filter, a stimulus in detail.
+"""Stimuli: ranked gallery (lowest vs highest dispersion, or highest vs lowest per-stimulus
+alignment), caption filter, a stimulus in detail, and per-stimulus alignment against dispersion.
 
-Two tabs, and only the open one is built: the gallery first; the detail (ranks, residuals,
-nearest neighbours in every model) when the user opens it or presses Inspect under an image.
+Three tabs, and only the open one is built: the gallery first; the detail (ranks, residuals,
+nearest neighbours in every model) when the user opens it or presses Inspect under an image; the
+scatter of per-stimulus alignment (k-NN overlap, local CKA) against dispersion when opened. Above
+``data.PER_STIMULUS_LIVE_STIMULI`` stimuli per-stimulus alignment is computed when asked.
 """
 
 from __future__ import annotations
@@ -12,11 +15,19 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from convergence_core.dashboard import data, page, plots, state, widgets
+from convergence_core.dashboard import data, lab, page, plots, state, widgets
 
 PER_SIDE = 6  # stimuli per side and page
 GALLERY_COLUMNS = 3
 NEIGHBOUR_THUMBNAILS = 5  # per model; the table lists all requested neighbours
+#: Gallery orders: the dispersion score, or a per-stimulus alignment score of one pair
+ORDERS = {
+    "dispersion": "dispersion",
+    "knn_overlap": "k-NN overlap",
+    "local_cka": "local CKA",
+}
+ALIGNMENT_TAB = "Alignment vs dispersion"
+PAIR_KEY = "w_stimulus_pair"
 
 context = page.open_page("Stimuli", icon="🖼️")
 run, view = context.run, context.view
@@ -25,7 +36,7 @@ ids = found.ids
 n = run.n_stimuli
 path, stamp = str(run.path), data.manifest_stamp(run.path)
 
-controls = st.columns([1, 2, 1])
+controls = st.columns([1, 1, 2, 1])
 with controls[0]:
     score = widgets.score_radio(
         view,
@@ -34,6 +45,16 @@ with controls[0]:
         "component of the residuals (the paper's two dispersion measures).",
     )
 with controls[1]:
+    order_by = st.radio(
+        "Gallery order",
+        list(ORDERS),
+        key="w_gallery_order",
+        format_func=ORDERS.get,
+        help="dispersion (the score on the left), or per-stimulus alignment of one vision × "
+        "language pair: k-NN overlap (share of a stimulus's k nearest stimuli both models agree "
+        "on) or local CKA (how much the stimulus raises the CKA of a base of 320 pairs).",
+    )
+with controls[2]:
     query = st.text_input(
         "Filter by caption text",
         key="w_caption_filter",
@@ -41,7 +62,7 @@ with controls[1]:
         help="Case-insensitive; matches any caption or the id.",
     )
 selection = state.get_selection(st.session_state, run.name)
-with controls[2]:
+with controls[3]:
     only_selection = st.toggle(
         "Only the current selection",
         key="w_only_selection",
@@ -49,9 +70,77 @@ with controls[2]:
         help="Make a selection on the Residual space page (box/lasso) or import one there.",
     )
 
+try:
+    best_layers = data.best_language_layers(path, stamp)
+except ValueError as exc:
+    st.warning(
+        f"Best language layers unavailable ({exc}); using each language model's default layer."
+    )
+    best_layers = {}
+pairs = [
+    lab.Pair(vision, layer, language, best_layers.get(language, run.default_layer(language)))
+    for vision, layer in zip(run.gpa.models, run.gpa.layers, strict=True)
+    for language in run.language_models
+]
+k = min(max(state.MIN_K, int(view.k)), n - 1)
+
+
+def _pair_choice() -> lab.Pair:
+    """The vision × language pair of the per-stimulus scores (kept across tabs)."""
+    state.drop_stale_choice(st.session_state, PAIR_KEY, list(range(len(pairs))))
+    state.drop_stale_choice(st.session_state, state.KEPT_PREFIX + PAIR_KEY,
+                            list(range(len(pairs))))
+    chosen = state.kept_widget(
+        st.session_state,
+        PAIR_KEY,
+        lambda key: st.selectbox(
+            "Vision × language pair (vision at its GPA layer, language at its best layer)",
+            list(range(len(pairs))),
+            key=key,
+            format_func=lambda i: f"{pairs[i].label} ({pairs[i].vision_layer} / "
+            f"{pairs[i].language_layer})",
+        ),
+    )
+    return pairs[chosen]
+
+
+def _per_stimulus_ready(pair: lab.Pair, key: str) -> bool:
+    """Whether per-stimulus alignment of ``pair`` is there to show: computed at once on runs up
+    to ``data.PER_STIMULUS_LIVE_STIMULI`` stimuli, else when the user presses the button."""
+    if data.per_stimulus_ready(path, stamp, n, [pair], k):
+        return True
+    st.info(
+        f"Per-stimulus alignment of {n:,} stimuli (local CKA costs O(n·d²) per pair) is "
+        "computed when you ask, once for every user of this server."
+    )
+    if not st.button("Compute per-stimulus alignment", key=key):
+        return False
+    bar = st.progress(0.0, text="Per-stimulus alignment…")
+    data.per_stimulus_table(path, stamp, [pair], k,
+                            progress=lambda done, words: bar.progress(done, text=words))
+    bar.empty()
+    return True
+
+
+aligned = order_by != "dispersion"
+if aligned:
+    if not pairs:
+        st.error(
+            f"Run {context.info.name!r} has no language model: per-stimulus alignment needs one. "
+            "Order the gallery by dispersion."
+        )
+        st.stop()
+    pair = _pair_choice()
+    st.caption(
+        f"Gallery ordered by {ORDERS[order_by]} of {pair.label}, highest alignment on the left"
+        + (f" (k = {k}, the lab's k)" if order_by == "knn_overlap" else "")
+        + "; each card also shows its dispersion."
+    )
+
 rank, values, ascending = found.rank[score], found.values[score], found.order[score]
-gallery_tab, detail_tab = st.tabs(
-    ["Gallery", widgets.DETAIL_TAB], key=widgets.STIMULI_TAB_KEY, on_change="rerun"
+gallery_tab, detail_tab, alignment_tab = st.tabs(
+    ["Gallery", widgets.DETAIL_TAB, ALIGNMENT_TAB], key=widgets.STIMULI_TAB_KEY,
+    on_change="rerun",
 )
 
 
@@ -61,14 +150,32 @@ def _label(row: int) -> str:
     )
 
 
+def _aligned_label(ranking: data.Ranking, row: int) -> str:
+    """The card of a stimulus in the gallery ordered by alignment (rank 1 = highest)."""
+    return (
+        f"#{n - int(ranking.rank[row])} of {n} · id {ids[row]}\n{ORDERS[order_by]} "
+        f"{ranking.values[row]:.4f} · {plots.SCORE_NAME[score]} {values[row]:.4f}"
+    )
+
+
 with gallery_tab:
-    if gallery_tab.open:
+    if gallery_tab.open and (not aligned or _per_stimulus_ready(pair, "w_gallery_compute")):
+        if aligned:
+            ranking = data.alignment_ranking(path, stamp, pair, order_by, k)
+            order, label = ranking.order[::-1], (lambda r: _aligned_label(ranking, r))
+            sides = (
+                f"Highest {ORDERS[order_by]} (vision and language agree)",
+                f"Lowest {ORDERS[order_by]} (they disagree)",
+            )
+        else:
+            order, label = ascending, _label
+            sides = ("Lowest dispersion (models agree)", "Highest dispersion (models disagree)")
         keep = found.matching(query)
         if only_selection and selection is not None:
             chosen = np.zeros(n, dtype=bool)
             chosen[found.rows_of(selection.ids)[0]] = True
             keep &= chosen
-        ranked = ascending[keep[ascending]]
+        ranked = order[keep[order]]
         n_pages = max(1, math.ceil(len(ranked) / PER_SIDE))
         st.text(
             f"{len(ranked)} of {n} stimuli shown, {PER_SIDE} per side and page, {n_pages} pages."
@@ -95,21 +202,21 @@ with gallery_tab:
         else:
             low_side, high_side = st.columns(2, gap="large")
             with low_side:
-                st.subheader("Lowest dispersion (models agree)")
+                st.subheader(sides[0])
                 widgets.gallery(
                     run,
                     low_rows,
-                    [_label(r) for r in low_rows],
+                    [label(r) for r in low_rows],
                     key="low",
                     columns=GALLERY_COLUMNS,
                     all_captions=False,  # all of them: Inspect (fewer elements in the gallery)
                 )
             with high_side:
-                st.subheader("Highest dispersion (models disagree)")
+                st.subheader(sides[1])
                 widgets.gallery(
                     run,
                     high_rows,
-                    [_label(r) for r in high_rows],
+                    [label(r) for r in high_rows],
                     key="high",
                     columns=GALLERY_COLUMNS,
                     all_captions=False,
@@ -175,14 +282,6 @@ with detail_tab:
         count = st.slider(
             "Neighbours per model", 3, min(20, n - 1), min(5, n - 1), key="w_neighbour_count"
         )
-        try:
-            best_layers = data.best_language_layers(path, stamp)
-        except ValueError as exc:
-            st.warning(
-                f"Best language layers unavailable ({exc}); using each language model's default "
-                "layer."
-            )
-            best_layers = {}
         model_layers = [*zip(run.gpa.models, run.gpa.layers, strict=True)] + [
             (model, best_layers.get(model, run.default_layer(model)))
             for model in run.language_models
@@ -223,5 +322,38 @@ with detail_tab:
         detail.insert(2, "similarity", similarity)
         detail[f"rank ({plots.SCORE_NAME[score]})"] = rank[neighbour_rows] + 1
         st.dataframe(detail, hide_index=True, width="stretch")
+
+with alignment_tab:
+    if alignment_tab.open:
+        if not pairs:
+            st.info(
+                f"Run {context.info.name!r} has no language model: per-stimulus alignment "
+                "needs one."
+            )
+        else:
+            shown_pair = pair if aligned else _pair_choice()
+            if _per_stimulus_ready(shown_pair, "w_alignment_compute"):
+                marked = () if selection is None else tuple(
+                    int(r) for r in found.rows_of(selection.ids)[0]
+                )
+                st.image(
+                    data.alignment_scatter_png(
+                        path, stamp, shown_pair, k, score, marked, "current selection"
+                    )
+                )
+                st.text(
+                    "Each point is a stimulus: its dispersion (x) against how much its vision and "
+                    "language neighbourhoods agree (y). k-NN overlap: the share of its k nearest "
+                    f"stimuli (k = {k}) both models agree on; local CKA (paper 003): how much it "
+                    "raises the CKA of a seeded base of 320 pairs. A negative Spearman ρ: stimuli "
+                    "the vision models agree on carry more cross-modal alignment. The current "
+                    "selection is circled."
+                )
+                relation = data.alignment_relation(path, stamp, (shown_pair,), k, score)
+                st.markdown(widgets.markdown_table(
+                    relation[["metric", "dispersion_score", "spearman_rho",
+                              "permutation_p_value_two_sided", "n_permutations", "n_stimuli"]]
+                    .round(4)
+                ))
 
 page.close_page(context)

@@ -1,9 +1,11 @@
-"""Alignment lab: live CKNNA and mutual k-NN of vision × language pairs on chosen stimulus sets.
+"""Alignment lab: any registry metric of vision × language pairs on chosen stimulus sets, live.
 
-The sets, k and everything computed from them live in one ``st.fragment``: moving k (or the set
-size, score or focus set) reruns only that part of the page. The bars are a PNG drawn on the
-server (``charts.alignment_bars``); the permutation test and the full table are computed only when
-their expander is opened.
+The sets, the metric, k and everything computed from them live in one ``st.fragment``: moving k
+(or the metric, set size, score or focus set) reruns only that part of the page. The bars are a
+PNG drawn on the server (``charts.alignment_bars``). Metrics the registry marks as not live (and
+feature metrics on very large runs) are computed when asked, with progress. The calibrated scores
+and matched baselines, per-stimulus alignment, the permutation test and the full table are
+computed only when their expander is opened.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ TABLES_KEY = "w_lab_tables"
 #: Session keys of the sidebar's layer choices and of the statistics settings (open or not)
 LAYERS_KEY = "w_lab_layers"
 STATISTICS_KEY = "w_lab_statistics"
+#: Session keys of the expanders of calibrated scores and of per-stimulus alignment
+CALIBRATION_KEY = "w_lab_calibration"
+PER_STIMULUS_KEY = "w_lab_per_stimulus"
+#: The metric picker and its options
+METRIC_KEY = "w_lab_metric"
+METRICS = {choice.name: choice for choice in lab.metric_choices()}
 SET_LABEL = {
     "low": "low dispersion",
     "high": "high dispersion",
@@ -67,12 +75,17 @@ if not visions or not languages:
     st.stop()
 
 try:
-    best_layers = data.best_language_layers(path, stamp)
+    best_table = data.best_language_layer_table(path, stamp)
 except ValueError as exc:
     st.warning(
         f"Best language layers unavailable ({exc}); 'best layer' means the default layer here."
     )
-    best_layers = {}
+    best_layers, sample_note = {}, None
+else:
+    best_layers = dict(zip(best_table["language_model"], best_table["language_layer"], strict=True))
+    sample_note = lab.best_layer_sample_note(best_table, n)
+if sample_note is not None:
+    st.sidebar.caption(sample_note)
 
 layer_choice: dict[str, str] = {}
 # built only when opened (its select boxes keep their choices while it is closed)
@@ -209,6 +222,59 @@ def sets_and_results() -> None:
     smallest = min(len(rows) for rows in sets.values())
     max_k = smallest - 1
     requested_k = view.k
+
+    # -----------------------------------------------------------------------------------------
+    # the metric (any of the registry) and its options
+    picker = st.columns([3, 1, 1])
+    with picker[0]:
+        state.drop_stale_choice(st.session_state, METRIC_KEY, list(METRICS))
+        metric = st.selectbox(
+            "Metric",
+            list(METRICS),
+            key=METRIC_KEY,
+            format_func=lambda name: f"{METRICS[name].label} — {METRICS[name].description}",
+            help="Every metric of the registry (convergence_core.metrics), with the numbers of "
+            "the Platonic Representation code: neighbour metrics from the run's neighbour lists, "
+            "CKA-family metrics from the sets' prepared features.",
+        )
+    choice = METRICS[metric]
+    kernel, sigma, cca_dim = "linear", 1.0, 10
+    if "kernel" in choice.options:
+        with picker[1]:
+            kernel = state.kept_widget(
+                st.session_state,
+                "w_lab_kernel",
+                lambda key: st.radio("Kernel", ("linear", "rbf"), key=key, horizontal=True),
+            )
+        if kernel == "rbf":
+            with picker[2]:
+                sigma = state.kept_widget(
+                    st.session_state,
+                    "w_lab_sigma",
+                    lambda key: st.number_input(
+                        "RBF width σ", min_value=0.01, max_value=100.0, value=1.0, step=0.1,
+                        key=key, help="exp(−‖x − y‖² / (2σ²)) on prepared (unit-length) rows.",
+                    ),
+                )
+    if "cca_dim" in choice.options:
+        with picker[1]:
+            limit = max(1, smallest - 1)
+            if st.session_state.get("w_lab_cca_dim", 10) > limit:
+                st.session_state["w_lab_cca_dim"] = limit
+            cca_dim = state.kept_widget(
+                st.session_state,
+                "w_lab_cca_dim",
+                lambda key: st.number_input(
+                    "CCA dimension", min_value=1, max_value=limit, value=min(10, limit), step=1,
+                    key=key, help=f"Top SVD directions kept per side (at most {limit}: one fewer "
+                    "than the smallest set).",
+                ),
+            )
+    st.caption(choice.summary)
+    options = lab.chosen_options(metric, kernel=kernel, sigma=sigma, cca_dim=cca_dim)
+    options_key = data.options_key(options)
+    label = choice.label
+
     row2 = st.columns([2, 2])
     with row2[0]:
         k = state.bind_widget(
@@ -220,7 +286,8 @@ def sets_and_results() -> None:
                 min_value=state.MIN_K,
                 max_value=max_k,
                 key=key,
-                help=f"2 … {max_k}: k must be smaller than the smallest set ({smallest} stimuli).",
+                help=f"2 … {max_k}: k must be smaller than the smallest set ({smallest} stimuli). "
+                "Feature metrics (CKA, SVCCA) do not use k.",
             ),
             coerce=lambda value: min(max(state.MIN_K, int(value)), max_k),
         )
@@ -263,7 +330,7 @@ def sets_and_results() -> None:
                 format="%.3f",
                 key=key,
                 help="Random sets are drawn until the 95% confidence interval of every pair's mean "
-                "random CKNNA is narrower than this (at least "
+                "random value of the metric is narrower than this (at least "
                 f"{DEFAULT_MIN_SETS} sets, at most 'Random sets'); 0 draws all of them.",
             ),
         )
@@ -277,7 +344,8 @@ def sets_and_results() -> None:
                 5000,
                 step=20,
                 key=key,
-                help="Label shuffles of low vs high for the permutation p-value.",
+                help="Label shuffles of low vs high for the permutation p-value, and shuffled "
+                "pairings and matched sets for the calibrated scores.",
             ),
         )
         seed = _setting(
@@ -289,71 +357,117 @@ def sets_and_results() -> None:
     interval_width = float(precision) if precision > 0 else None
 
     # -----------------------------------------------------------------------------------------
-    # the bars (set CKNNA + random baseline); the permutation test and full table on demand
-    set_values = data.set_values(
-        path, stamp, pairs, tuple(sets), tuple(np.asarray(r) for r in sets.values()), k
-    )
-    baselines = {
-        set_size: data.random_baseline(
-            path, stamp, pairs, score, set_size, k, int(n_random), int(seed), interval_width
-        )
-        for set_size in sorted({len(rows) for rows in sets.values()})
-    }
+    # the numbers: live, or (slower metrics) when asked, with progress
+    names = tuple(sets)
+    rows = tuple(np.asarray(r) for r in sets.values())
+    sizes = sorted({len(r) for r in rows})
+    if lab.needs_button(metric, n):
+        key = data.lab_numbers_key(path, stamp, pairs, names, *rows, data.k_key(metric, k),
+                                   int(n_random), int(seed), interval_width, metric, options_key)
+        numbers = data.kept(key)
+        if numbers is None:
+            why = (
+                "the registry marks it as slower than the lab's 300 ms"
+                if not choice.live
+                else f"a feature metric on {n:,} stimuli"
+            )
+            st.info(
+                f"{label} is not computed live ({why}): it is computed on the sets and up to "
+                f"{int(n_random)} random sets per set size when you ask, once for every user of "
+                "this server."
+            )
+            if st.button(f"Compute {label}", key="w_lab_compute", icon=":material/play_arrow:"):
+                bar = st.progress(0.0, text=f"{label}…")
+                numbers = data.lab_numbers(
+                    path, stamp, pairs, names, rows, k, int(n_random), int(seed),
+                    interval_width, metric, options_key,
+                    progress=lambda done, words: bar.progress(min(1.0, done), text=words),
+                )
+                data.keep(key, numbers)
+                bar.empty()
+        if numbers is None:
+            page.close_page(context)
+            return
+        set_values, baselines = numbers
+    else:
+        set_values = data.set_values(path, stamp, pairs, names, rows, k, metric, options_key)
+        baselines = {
+            set_size: data.random_baseline(
+                path, stamp, pairs, set_size, k, int(n_random), int(seed), interval_width,
+                metric, options_key,
+            )
+            for set_size in sizes
+        }
+
     baseline_main = baselines[size]
-    random_mean = float(baseline_main["cknna_random_mean"].mean())
+    random_mean = float(baseline_main["random_mean"].mean())
     focus = source if source in sets else ("random" if source == "random" else None)
     if focus == "random":
         focus_value = random_mean
     elif focus is not None:
-        focus_value = float(set_values.loc[set_values["set"] == focus, "cknna"].mean())
+        focus_value = float(set_values.loc[set_values["set"] == focus, "value"].mean())
     else:
         focus_value = float("nan")
     focus_size = len(sets[focus]) if focus in sets else size
-    focus_text = lab.cknna_text(focus_value, focus_size)
+    focus_text = lab.value_text(focus_value, focus_size, metric)
+    hidden = metric == "cknna" and size < lab.MIN_CKNNA_SET_SIZE
     summary = st.columns(4)
     summary[0].metric(
         f"Focus: {SET_LABEL[source]}",
         focus_text,
         delta=None
-        if focus_text == "—" or focus == "random" or size < lab.MIN_CKNNA_SET_SIZE
+        if focus_text == "—" or focus == "random" or hidden
         else f"{focus_value - random_mean:+.4f} vs random",
-        help="CKNNA of the focus set, mean over the vision × language pairs shown.",
+        help=f"{label} of the focus set, mean over the vision × language pairs shown.",
     )
     summary[1].metric(
-        "CKNNA, low dispersion",
-        lab.cknna_text(set_values.loc[set_values["set"] == "low", "cknna"].mean(), size),
+        f"{label}, low dispersion",
+        lab.value_text(set_values.loc[set_values["set"] == "low", "value"].mean(), size, metric),
     )
-    summary[2].metric("CKNNA, random (mean)", lab.cknna_text(random_mean, size))
+    summary[2].metric(f"{label}, random (mean)", lab.value_text(random_mean, size, metric))
     summary[3].metric(
-        "CKNNA, high dispersion",
-        lab.cknna_text(set_values.loc[set_values["set"] == "high", "cknna"].mean(), size),
+        f"{label}, high dispersion",
+        lab.value_text(set_values.loc[set_values["set"] == "high", "value"].mean(), size, metric),
     )
-    too_small = [
-        SET_LABEL[name] for name, rows in sets.items() if len(rows) < lab.MIN_CKNNA_SET_SIZE
-    ]
-    too_small += [SET_LABEL["random"]] if size < lab.MIN_CKNNA_SET_SIZE else []
-    if too_small:
-        st.info(
-            f"No CKNNA number above for sets of fewer than {lab.MIN_CKNNA_SET_SIZE} stimuli "
-            f"({', '.join(too_small)}): on so few stimuli CKNNA's unbiased estimates are too "
-            "noisy to read and often exceed 1. The bars and the table below still show them; "
-            "choose a larger set size (or select more stimuli) for numbers."
-        )
+    if metric == "cknna":
+        too_small = [
+            SET_LABEL[name] for name, r in sets.items() if len(r) < lab.MIN_CKNNA_SET_SIZE
+        ]
+        too_small += [SET_LABEL["random"]] if size < lab.MIN_CKNNA_SET_SIZE else []
+        if too_small:
+            st.info(
+                f"No CKNNA number above for sets of fewer than {lab.MIN_CKNNA_SET_SIZE} stimuli "
+                f"({', '.join(too_small)}): on so few stimuli CKNNA's unbiased estimates are too "
+                "noisy to read and often exceed 1. The bars and the table below still show "
+                "them; choose a larger set size (or select more stimuli) for numbers."
+            )
     bound_note = lab.bound_note(set_values, baselines)
     if bound_note is not None:
         st.warning(bound_note)
 
-    metric = st.radio(
-        "Bars show",
-        ("cknna", "mutual_knn"),
-        horizontal=True,
-        key="w_metric",
-        format_func=lambda m: {"cknna": "CKNNA", "mutual_knn": "mutual k-NN"}[m],
-    )
     # a stable name for the browser test and the benchmark
     with st.container(key=lab.BARS_CONTAINER_KEY):
         st.image(data.alignment_bars_png(set_values, baseline_main, metric))
     st.caption(lab.baseline_statement(baseline_main))
+
+    calibrated = st.expander(
+        "Calibrated scores and matched random baselines: does low > high survive density and "
+        "category?",
+        key=CALIBRATION_KEY,
+        on_change="rerun",
+    )
+    with calibrated:
+        if calibrated.open:
+            _calibration(sets, k, metric, options_key, label, int(n_permutations), int(seed))
+
+    per_stimulus = st.expander(
+        "Per-stimulus alignment against dispersion (k-NN overlap, local CKA)",
+        key=PER_STIMULUS_KEY,
+        on_change="rerun",
+    )
+    with per_stimulus:
+        if per_stimulus.open:
+            _per_stimulus(sets, focus, score, k)
 
     tables = st.expander(
         "Low vs high permutation test, and every number in a table (CSV download)",
@@ -362,15 +476,121 @@ def sets_and_results() -> None:
     )
     with tables:
         if tables.open:
-            _tables(sets, set_values, baselines, score, size, k, n_random, n_permutations, seed)
+            _tables(sets, set_values, baselines, score, size, k, n_permutations, seed, metric,
+                    options_key, label)
     page.close_page(context)  # the URL follows the fragment's own reruns
 
 
-def _tables(sets, set_values, baselines, score, size, k, n_random, n_permutations, seed) -> None:
+def _when_asked(metric: str, what: str, work: str, key: str, done: tuple) -> bool:
+    """Whether to compute ``what`` of ``metric`` now: at once for live metrics on runs up to
+    ``data.PER_STIMULUS_LIVE_STIMULI`` stimuli or once computed on this server (``done``); else
+    when the user presses the button (which says what it will do)."""
+    live = not lab.needs_button(metric, n) and n <= data.PER_STIMULUS_LIVE_STIMULI
+    if live or data.finished(*done):
+        return True
+    st.info(f"{what} takes a while here ({work}); it is computed when you ask, once for every "
+            "user of this server.")
+    return st.button(f"Compute {what}", key=key)
+
+
+def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  # noqa: ANN001
+    """Each set's raw score beside its calibrated score and matched random baseline, and the
+    verdict on low > high."""
+    done = ("lab_calibration", metric, path, stamp, pairs, tuple(tuple(map(int, r)) for r in
+            sets.values()), data.k_key(metric, k), options_key, n_draws, seed)
+    work = f"{label} on {n_draws} shuffled pairings and {n_draws} matched sets per set and pair"
+    if not _when_asked(
+        metric, "the calibrated scores", work, "w_lab_calibration_compute", done
+    ):
+        return
+    st.text(
+        f"Calibrated: the {label} of a set minus the mean of the same score with the image–caption "
+        f"pairing shuffled within the set ({n_draws} shuffles; the set's size and density stay, "
+        f"only the pairing goes). Matched: {n_draws} random sets matched to each set on the "
+        "vision models' local density (typicality) and, where the data set has labels, on "
+        "category."
+    )
+    result = data.calibration(
+        path, stamp, pairs, tuple(sets), tuple(np.asarray(r) for r in sets.values()), k,
+        metric, options_key, n_draws, n_draws, seed,
+    )
+    data.mark_finished(*done)
+    if result.low_high.empty:
+        st.text(result.verdict)
+    elif result.low_high["survives"].all():
+        st.success(result.verdict)
+    else:
+        st.warning(result.verdict)
+    if result.note:
+        st.text(f"Note: {result.note}.")
+    shown = result.table[
+        ["vision_model", "language_model", "set", "set_size", "value", "calibrated",
+         "null_mean", "null_lower_95", "null_upper_95", "matched_mean", "matched_lower_95",
+         "matched_upper_95", "matched_p_value_greater", "set_typicality", "matched_typicality"]
+    ].rename(columns={"value": label, "matched_p_value_greater": "p(matched ≥ set)"})
+    st.markdown(widgets.markdown_table(shown.round(4)))
+    st.text("Low − high against the same difference between the low and high sets' matched sets:")
+    st.markdown(widgets.markdown_table(
+        result.low_high.drop(columns=["vision_layer", "language_layer"]).round(4)
+    ))
+    st.download_button(
+        "Download calibrated scores (CSV)",
+        lambda: result.table.to_csv(index=False).encode("utf-8"),
+        file_name=f"calibration-{context.info.name}-{metric}.csv",
+        mime="text/csv",
+        key="download-calibration",
+    )
+
+
+def _per_stimulus(sets, focus, score, k) -> None:  # noqa: ANN001
+    """Per-stimulus alignment of one pair against dispersion (picture, ρ and permutation p)."""
+    state.drop_stale_choice(st.session_state, "w_lab_pair", list(range(len(pairs))))
+    chosen = st.selectbox(
+        "Pair", list(range(len(pairs))), key="w_lab_pair",
+        format_func=lambda i: f"{pairs[i].label} ({pairs[i].vision_layer} / "
+        f"{pairs[i].language_layer})",
+    )
+    pair = pairs[chosen]
+    if not data.per_stimulus_ready(path, stamp, n, [pair], k):
+        st.info(
+            f"Per-stimulus alignment of {n:,} stimuli (local CKA costs O(n·d²) per pair) is "
+            "computed when you ask, once for every user of this server."
+        )
+        if not st.button("Compute per-stimulus alignment", key="w_lab_per_stimulus_compute"):
+            return
+        bar = st.progress(0.0, text="Per-stimulus alignment…")
+        data.per_stimulus_table(path, stamp, [pair], k,
+                                progress=lambda done, words: bar.progress(done, text=words))
+        bar.empty()
+    marked = tuple(map(int, sets[focus])) if focus in sets else ()
+    st.image(data.alignment_scatter_png(path, stamp, pair, k, score, marked))
+    relation = data.alignment_relation(path, stamp, (pair,), k, score)
+    st.text(
+        "k-NN overlap: the share of a stimulus's k nearest stimuli that the vision and the "
+        "language model agree on (its mean is the full set's mutual k-NN). Local CKA (paper "
+        "003): how much the stimulus raises the CKA of a seeded base of 320 pairs. Spearman ρ "
+        "against dispersion with a two-sided permutation p; a negative ρ means that stimuli the "
+        f"vision models agree on carry more cross-modal alignment. Focus set circled; k = {k}."
+    )
+    st.markdown(widgets.markdown_table(
+        relation[["metric", "dispersion_score", "spearman_rho", "permutation_p_value_two_sided",
+                  "n_permutations", "n_stimuli"]].round(4)
+    ))
+
+
+def _tables(  # noqa: ANN001
+    sets, set_values, baselines, score, size, k, n_permutations, seed, metric, options_key, label
+) -> None:
     """The permutation test per pair and the table of every number (with its CSV download)."""
+    done = ("lab_permutation", metric, path, stamp, pairs, tuple(map(int, sets["low"])),
+            tuple(map(int, sets["high"])), data.k_key(metric, k), options_key,
+            int(n_permutations), int(seed))
+    work = f"{label} on {2 * int(n_permutations)} relabelled sets per pair"
+    if not _when_asked(metric, "the permutation test", work, "w_lab_permutation_compute", done):
+        return
     st.subheader("Low vs high: permutation test per pair")
     st.caption(
-        f"CKNNA(low) − CKNNA(high) against {int(n_permutations)} random relabellings of the "
+        f"{label}(low) − {label}(high) against {int(n_permutations)} random relabellings of the "
         f"{2 * size} low and high stimuli; p-values with the +1 correction (smallest possible: "
         f"{1 / (int(n_permutations) + 1):.4f})."
     )
@@ -383,19 +603,23 @@ def _tables(sets, set_values, baselines, score, size, k, n_random, n_permutation
         k,
         int(n_permutations),
         int(seed),
+        metric,
+        options_key,
     )
+    data.mark_finished(*done)
     st.dataframe(permutation, hide_index=True, width="stretch")
     table = lab.results_table(set_values, baselines, permutation, score, int(seed))
     st.subheader("All results")
     st.caption(
-        "One row per vision × language pair and set; random columns: random sets of the same "
-        "size (n_random: how many were drawn)."
+        "One row per vision × language pair, set and metric (long format: the metric in "
+        "'metric', its number in 'value'); random columns: random sets of the same size "
+        "(n_random: how many were drawn)."
     )
     st.dataframe(table, hide_index=True, width="stretch")
     st.download_button(
         "Download results (CSV)",
         lambda: table.to_csv(index=False).encode("utf-8"),
-        file_name=f"alignment-{context.info.name}-{score}-size{size}-k{k}.csv",
+        file_name=f"alignment-{context.info.name}-{metric}-{score}-size{size}-k{k}.csv",
         mime="text/csv",
         key="download-results",
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import streamlit as st
 
 from convergence_core import analyses
-from convergence_core.dashboard import data, page, paper_plots, state, widgets
+from convergence_core.dashboard import data, lab, page, paper_plots, state, widgets
 
 #: Above this many stimuli Fig. 2 and Fig. S2 wait for a button (they take minutes there)
 AUTO_COMPUTE_STIMULI = 5_000
@@ -147,6 +147,12 @@ with fig2_tab:
                 st.error(str(error))
             else:
                 st.text(analyses.effect_verdict(sets))
+                if n > analyses.LAYER_SWEEP_MAX_STIMULI:  # the layers came from a sample
+                    sample_note = lab.best_layer_sample_note(
+                        data.best_layers_table(path_text, stamp, int(k)), n
+                    )
+                    if sample_note is not None:
+                        st.info(sample_note)
                 st.image(data.paper_figure_png("dispersion_sets", sets))
                 st.caption(
                     f"Permutation test per pair: the low/high labels of the {2 * int(size)} "
@@ -214,4 +220,7 @@ with sweep_tab:
                 "full set):"
             )
             st.markdown(widgets.markdown_table(best))
+            sample_note = lab.best_layer_sample_note(best, n)
+            if sample_note is not None:
+                st.info(sample_note)
             _table_on_demand("Every vision model × language layer", "w_paper_sweep_table", sweep)

@@ -143,15 +143,39 @@ def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
     scores = run.dispersion["mean"].to_numpy()
     sets = {"low": np.arange(10), "high": np.arange(10, 20), "selection": np.arange(20, 28)}
     values = lab.set_table(indexes, pairs, sets, 5)
-    baseline = lab.baseline_table(indexes, pairs, scores, 10, 5, n_random=8)
+    baseline = lab.baseline_table(indexes, pairs, len(scores), 10, 5, n_random=8)
     _picture(charts.alignment_bars(values, baseline, "cknna"))
-    _picture(charts.alignment_bars(values, baseline, "mutual_knn"))
-    _picture(charts.alignment_bars(values, None, "cknna"))
+    _picture(charts.alignment_bars(values, None))
+    cka = lab.set_table(indexes, pairs, sets, None, metric="cka", options={"kernel": "rbf"})
+    assert cka["k"].isna().all() and set(cka["options"]) == {"kernel=rbf, sigma=1"}
+    _picture(charts.alignment_bars(cka, lab.baseline_table(
+        indexes, pairs, len(scores), 10, None, metric="cka", options={"kernel": "rbf"},
+        n_random=8,
+    )))
     with pytest.raises(ValueError, match="unknown metric"):
         charts.alignment_bars(values, baseline, "r2")
+    with pytest.raises(ValueError, match="say which one"):
+        charts.alignment_bars(pd.concat([values, cka]), None)
     assert "8 random sets of 10 stimuli per pair (a fixed number)" in lab.baseline_statement(
         baseline
     )
+    assert "mean random CKNNA" in lab.baseline_statement(baseline)
+
+
+def test_per_stimulus_scatter_draws_a_panel_per_score(run) -> None:
+    found = build_catalogue(run)
+    rng = np.random.default_rng(0)
+    relation = pd.DataFrame(
+        {"metric": ["knn_overlap", "local_cka"], "spearman_rho": [-0.2, 0.1],
+         "permutation_p_value_two_sided": [0.01, 0.4], "n_permutations": [1000, 1000]}
+    )
+    image = _picture(
+        charts.alignment_dispersion(
+            found.values["mean"], {"knn_overlap": rng.random(40), "local_cka": rng.normal(size=40)},
+            relation, score="mean", k=10, title="vision-a × language-$a$", marked=[1, 2, 3],
+        )
+    )
+    assert image.width > 600 and np.asarray(image.convert("L")).std() > 5
 
 
 def test_wide_pictures_are_shrunk_once() -> None:

@@ -93,13 +93,16 @@ def test_baseline_and_permutation_match_the_paper_analysis(run) -> None:
     ]
     scores = run.dispersion["pc1"].to_numpy()
     indexes = {(m, layer): run.neighbours(m, layer) for m in run.models for layer in run.layers(m)}
-    baseline = lab.baseline_table(indexes, pairs, scores, size, k, n_random=40, seed=seed)
+    baseline = lab.baseline_table(indexes, pairs, len(scores), size, k, n_random=40, seed=seed)
     low, high = select_stimuli(scores, "low", size), select_stimuli(scores, "high", size)
     test = lab.low_high_permutation_table(
         indexes, pairs, low, high, k, n_permutations=30, seed=seed
     )
-    for column in ("cknna_random_mean", "cknna_random_lower_95", "cknna_random_upper_95"):
-        np.testing.assert_allclose(baseline[column], reference[column], rtol=1e-9)
+    assert set(baseline["metric"]) == {"cknna"} and set(test["metric"]) == {"cknna"}
+    for part in ("mean", "lower_95", "upper_95"):
+        np.testing.assert_allclose(
+            baseline[f"random_{part}"], reference[f"cknna_random_{part}"], rtol=1e-9
+        )
     np.testing.assert_allclose(
         test["low_minus_high"], reference["low_minus_high"], rtol=1e-9, atol=1e-12
     )
@@ -128,13 +131,14 @@ def test_default_view_shows_low_high_random_per_pair(run) -> None:
     assert set(table["set"]) == {"low", "high"}
     assert len(table) == 2 * 3 * 2  # sets × vision models × language models
     assert set(table["set_size"]) == {15} and set(table["k"]) == {10}
-    assert table["cknna_random_lower_95"].le(table["cknna_random_mean"]).all()
+    assert set(table["metric"]) == {"cknna"} and set(table["options"]) == {"k=10"}
+    assert table["random_lower_95"].le(table["random_mean"]).all()
     assert table["permutation_p_value_two_sided"].between(0, 1).all()
-    above = table["cknna"] > table["cknna_random_upper_95"]
-    below = table["cknna"] < table["cknna_random_lower_95"]
-    assert (table.loc[above, "cknna_vs_random_95"] == "above").all()
-    assert (table.loc[below, "cknna_vs_random_95"] == "below").all()
-    assert (table.loc[~above & ~below, "cknna_vs_random_95"] == "within").all()
+    above = table["value"] > table["random_upper_95"]
+    below = table["value"] < table["random_lower_95"]
+    assert (table.loc[above, "vs_random_95"] == "above").all()
+    assert (table.loc[below, "vs_random_95"] == "below").all()
+    assert (table.loc[~above & ~below, "vs_random_95"] == "within").all()
     # low/high numbers equal the reference on the sets chosen by the numerics module
     scores = run.dispersion["mean"].to_numpy()
     row = table[(table["set"] == "high") & (table["vision_model"] == "vision-b")].iloc[0]
@@ -145,7 +149,7 @@ def test_default_view_shows_low_high_random_per_pair(run) -> None:
         select_stimuli(scores, "high", 15),
         10,
     )
-    assert row["cknna"] == pytest.approx(expected, rel=1e-9)
+    assert row["value"] == pytest.approx(expected, rel=1e-9)
     assert at.query_params["k"] == "10" and at.query_params["size"] == "15"
 
 
@@ -156,7 +160,7 @@ def test_changing_k_changes_the_cknna_table(run) -> None:
     assert not at.exception, at.exception
     after = _results(at)
     assert set(after["k"]) == {4}
-    assert not np.allclose(before["cknna"], after["cknna"])
+    assert not np.allclose(before["value"], after["value"])
     assert at.query_params["k"] == "4"
 
 
@@ -164,8 +168,8 @@ def test_high_and_low_sets_differ_and_follow_the_score(run) -> None:
     # sets of at least validation.MIN_CKNNA_SET_SIZE (24) stimuli: smaller ones show no number
     at = _page({"size": "24"})
     table = _results(at)
-    low = table[table["set"] == "low"]["cknna"].to_numpy()
-    high = table[table["set"] == "high"]["cknna"].to_numpy()
+    low = table[table["set"] == "low"]["value"].to_numpy()
+    high = table[table["set"] == "high"]["value"].to_numpy()
     assert not np.allclose(low, high)
     metrics = {m.label: m.value for m in at.metric}
     assert (
@@ -222,9 +226,9 @@ def test_current_selection_is_used_and_bounds_k(run) -> None:
         np.array(rows),
         6,
     )
-    assert row["cknna"] == pytest.approx(expected, rel=1e-9)
+    assert row["value"] == pytest.approx(expected, rel=1e-9)
     # its random baseline has its own size
-    assert chosen["cknna_random_mean"].notna().all()
+    assert chosen["random_mean"].notna().all()
 
 
 def test_pasted_ids_unknown_and_too_few(run) -> None:
@@ -297,3 +301,212 @@ def test_no_model_chosen_and_run_without_language_models(run) -> None:
 
     at = _page({"run": "vision-only"})
     assert any("has no language model" in e.value for e in at.error)
+
+
+# ---------------------------------------------------------------------------------------------
+# the metric picker, slower metrics, calibrated scores, per-stimulus alignment (issue 14)
+
+
+def _prepared(run, model: str, layer: str) -> np.ndarray:
+    return prepare_features(np.asarray(run.embeddings[model][layer], dtype=np.float64))
+
+
+def test_the_picker_lists_every_registry_metric_with_its_description_and_range() -> None:
+    from convergence_core.metrics import metric, metric_names
+
+    choices = lab.metric_choices()
+    assert [c.name for c in choices] == metric_names()
+    for choice in choices:
+        entry = metric(choice.name)
+        assert choice.description == entry.description and choice.live == entry.live
+        low, high = entry.value_range
+        assert f"[{low:g}, {high:g}]" in choice.summary and choice.label in choice.summary
+    assert lab.needs_button("svcca", 100) and not lab.needs_button("cknna", 100_000)
+    assert lab.needs_button("cka", lab.LIVE_FEATURE_STIMULI + 1)
+    assert not lab.needs_button("cka", 239)
+    # the RBF width is ignored with the linear kernel (a moved σ recomputes nothing)
+    linear = lab.chosen_options("cka", kernel="linear", sigma=3.0)
+    assert linear == {"kernel": "linear", "sigma": 1.0}
+    assert lab.chosen_options("svcca", cca_dim=4) == {"cca_dim": 4}
+    assert lab.chosen_options("mutual_knn") == {}
+
+
+def test_a_metric_change_redraws_every_number_for_that_metric(run) -> None:
+    from convergence_core.metrics import measure
+
+    at = _page({"size": "24"})
+    at.selectbox(key="w_lab_metric").set_value("mutual_knn").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    labels = {m.label for m in at.metric}
+    assert {"mutual k-NN, low dispersion", "mutual k-NN, high dispersion"} <= labels
+    table = _results(at)
+    assert set(table["metric"]) == {"mutual_knn"} and set(table["k"]) == {10}
+    row = table[table["set"] == "low"].iloc[0]
+    low = select_stimuli(run.dispersion["mean"].to_numpy(), "low", 24)
+    X = _prepared(run, row["vision_model"], row["vision_layer"])[low]
+    Y = _prepared(run, row["language_model"], row["language_layer"])[low]
+    assert row["value"] == pytest.approx(measure("mutual_knn", X, Y, k=10), abs=1e-12)
+    assert table["permutation_p_value_two_sided"].between(0, 1).all()
+
+    # CKA with an RBF kernel: from the sets' features; k does not enter it
+    at.selectbox(key="w_lab_metric").set_value("cka").run(timeout=TIMEOUT)
+    at.radio(key="w_lab_kernel").set_value("rbf").run(timeout=TIMEOUT)
+    table = _results(at)
+    assert set(table["metric"]) == {"cka"} and table["k"].isna().all()
+    assert set(table["options"]) == {"kernel=rbf, sigma=1"}
+    row = table[table["set"] == "low"].iloc[0]
+    X = _prepared(run, row["vision_model"], row["vision_layer"])[low]
+    Y = _prepared(run, row["language_model"], row["language_layer"])[low]
+    assert row["value"] == pytest.approx(measure("cka", X, Y, kernel="rbf"), abs=1e-9)
+    at.slider(key="w_k").set_value(4).run(timeout=TIMEOUT)
+    assert np.allclose(_results(at)["value"], table["value"])
+    assert any("CKA, low dispersion" == m.label for m in at.metric)
+
+
+def test_a_slower_metric_waits_for_its_button_and_shows_progress(run) -> None:
+    from convergence_core.metrics import measure
+
+    at = _page({"size": "20"})
+    at.selectbox(key="w_lab_metric").set_value("svcca").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert any("not computed live" in i.value for i in at.info)
+    assert not at.image and not at.metric  # nothing computed yet
+    at.button(key="w_lab_compute").click().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert len(at.image) == 1 and any(m.label == "SVCCA, low dispersion" for m in at.metric)
+    at.session_state["w_lab_tables"] = True
+    at.run(timeout=TIMEOUT)  # the numbers are kept for every session: no second press for them
+    assert len(at.image) == 1 and not at.dataframe  # the permutation test waits for its button
+    at.button(key="w_lab_permutation_compute").click().run(timeout=TIMEOUT)
+    table = _results(at)
+    assert set(table["metric"]) == {"svcca"} and set(table["options"]) == {"cca_dim=10"}
+    row = table[table["set"] == "high"].iloc[0]
+    high = select_stimuli(run.dispersion["mean"].to_numpy(), "high", 20)
+    X = _prepared(run, row["vision_model"], row["vision_layer"])[high]
+    Y = _prepared(run, row["language_model"], row["language_layer"])[high]
+    assert row["value"] == pytest.approx(measure("svcca", X, Y, cca_dim=10), abs=1e-9)
+
+
+def test_lab_numbers_report_progress_and_match_the_live_path(run) -> None:
+    from convergence_core.dashboard import data
+
+    path, stamp = str(run.path), data.manifest_stamp(run.path)
+    pairs = (lab.Pair("vision-a", "stage2", "language-a", "layer3"),)
+    rows = (np.arange(12), np.arange(12, 24))
+    seen: list[float] = []
+    values, baselines = data.lab_numbers(
+        path, stamp, pairs, ("low", "high"), rows, 5, 40, 0, None, "mutual_knn", (),
+        progress=lambda done, words: seen.append(done),
+    )
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    live = data.set_values(path, stamp, pairs, ("low", "high"), rows, 5, "mutual_knn")
+    pd.testing.assert_frame_equal(values, live)
+    assert list(baselines) == [12] and int(baselines[12]["n_random"].iloc[0]) == 40
+
+
+def test_calibrated_scores_and_matched_baselines(run) -> None:
+    from convergence_core import calibration
+    from convergence_core.subset_metrics import metric_on_pairings
+
+    pairs = [lab.Pair("vision-a", "stage2", "language-a", "layer3"),
+             lab.Pair("vision-b", "stage2", "language-b", "layer3")]
+    indexes = {(m, layer): run.neighbours(m, layer) for m in run.models for layer in run.layers(m)}
+    scores = run.dispersion["mean"].to_numpy()
+    sets = {"low": select_stimuli(scores, "low", 15), "high": select_stimuli(scores, "high", 15)}
+    vision = [run.neighbours(m, layer) for m, layer in zip(run.gpa.models, run.gpa.layers)]
+    labels = np.repeat(["cat", "dog", "bird"], 20)
+    covariates = lab.matching_covariates(vision, labels, k=5)
+    assert covariates.labels is not None and "category" in covariates.matched_on
+    table, comparisons = lab.calibration_table(
+        indexes, pairs, sets, 5, covariates, metric="mutual_knn", n_shuffles=30, n_matched=25,
+        seed=2,
+    )
+    assert len(table) == 4 and set(table["n_matched"]) == {25}
+    np.testing.assert_allclose(table["calibrated"], table["value"] - table["null_mean"])
+    assert (table["null_lower_95"] <= table["null_upper_95"]).all()
+    # the shuffled null is calibration.shuffled_pairing_null of the pairing score
+    row = table.iloc[0]
+    x, y = indexes[pairs[0].sides[0]], indexes[pairs[0].sides[1]]
+    null = calibration.shuffled_pairing_null(
+        lambda a, b: metric_on_pairings(x, y, a, b, "mutual_knn", k=5),
+        np.sort(sets[row["set"]]), n=60, n_shuffles=30, seed=2, batched=True,
+    )
+    assert row["null_mean"] == pytest.approx(null.null_mean)
+    # matched sets keep each chosen stimulus's label
+    matched, _ = lab._matched_sets(np.sort(sets["low"]), covariates, 5, 0)
+    for drawn in matched:
+        assert sorted(labels[drawn]) == sorted(labels[sets["low"]])
+    low_high = lab.low_high_matched_table(pairs, comparisons)
+    assert list(low_high["low_minus_high"]) == pytest.approx(
+        [table[(table["set"] == "low") & (table["vision_model"] == p.vision_model)]["value"].iloc[0]
+         - table[(table["set"] == "high") & (table["vision_model"] == p.vision_model)]["value"]
+         .iloc[0] for p in pairs]
+    )
+    verdict = lab.matched_verdict(low_high, "mutual_knn", covariates.matched_on)
+    assert "matched baseline" in verdict and "of 2 pairs" in verdict
+    # typicality alone (no labels): the matched sets are closer to the set's typicality than
+    # random sets (mean 0) are; not equal, since a set at the edge of the distribution can only
+    # be matched from stimuli less extreme than its own (drawn from outside the set, 45 of 60)
+    plain = lab.matching_covariates(vision, None, k=5)
+    typical, _ = lab.calibration_table(
+        indexes, pairs[:1], sets, 5, plain, metric="mutual_knn", n_shuffles=5, n_matched=25
+    )
+    gap = (typical["matched_typicality"] - typical["set_typicality"]).abs()
+    assert (gap < 0.6 * typical["set_typicality"].abs()).all()
+    # one image per class: no category matching, said in words
+    alone = lab.matching_covariates(vision, np.arange(60).astype(str), k=5)
+    assert alone.labels is None and "median label holds 1" in alone.note
+
+
+def test_low_high_survives_only_what_the_matched_sets_do_not_reproduce() -> None:
+    """Planted: sets chosen on a score correlated with a covariate (as dispersion is with
+    density), and an alignment that is the covariate's mean: low − high is large, and matched
+    sets reproduce it, so it does not survive. Adding a bonus to the low set's own stimuli
+    survives. (Per-stimulus noise in the alignment: matching at the tails of a covariate is
+    never exact, and a noiseless score would flag that small bias.)"""
+    from convergence_core import calibration
+
+    rng = np.random.default_rng(0)
+    covariate = rng.normal(size=400)
+    chosen_by = covariate + rng.normal(size=400)
+    noise = rng.normal(size=400)
+    low, high = np.argsort(chosen_by)[-40:], np.argsort(chosen_by)[:40]
+    bonus = np.zeros(400)
+    bonus[low] = 2.0
+    for extra, survives in ((np.zeros(400), False), (bonus, True)):
+        comparisons = []
+        for chosen in (low, high):
+            sets = calibration.matched_random_sets(chosen, covariate, n_sets=100, seed=1)
+            comparisons.append(calibration.compare_with_baseline(
+                lambda rows: float((covariate + noise + extra)[rows].mean()), chosen, sets
+            ))
+        result = calibration.compare_difference_with_baselines(*comparisons)
+        assert (result.p_value_greater < 0.05) == survives
+
+
+def test_calibration_and_per_stimulus_expanders(run) -> None:
+    at = _page({"size": "20"}, tables=False)
+    at.session_state["w_lab_calibration"] = True
+    at.session_state["w_lab_per_stimulus"] = True
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    texts = [e.value for e in (*at.success, *at.warning)]
+    assert any(t.startswith("Low > high") and "matched baseline" in t for t in texts)
+    assert any("Download calibrated scores" in b.proto.label for b in at.download_button)
+    assert len(at.image) == 2  # the bars and the per-stimulus scatter
+    assert any("spearman" in m.value for m in at.markdown)  # the ρ table (escaped Markdown)
+    assert not at.dataframe  # small tables as text, no data grid
+
+
+def test_sampled_best_layers_are_said_in_the_sidebar(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convergence_core import analyses
+    from convergence_core.dashboard import data
+
+    sweep = analyses.layer_sweep(run, max_stimuli=20, seed=3)
+    table = analyses.best_language_layers(run, sweep=sweep)
+    note = lab.best_layer_sample_note(table, run.n_stimuli)
+    assert note is not None and "20 of the 60 stimuli (seed 3)" in note
+    assert lab.best_layer_sample_note(analyses.best_language_layers(run), run.n_stimuli) is None
+    monkeypatch.setattr(data, "best_language_layer_table", lambda path, stamp, k=10: table)
+    at = _page(tables=False)
+    assert any(c.value == note for c in at.sidebar.caption)

@@ -121,3 +121,25 @@ def test_large_runs_ask_before_the_long_analyses(monkeypatch, cache_root):
     again = AppTest.from_string(source, default_timeout=60)
     again.run(timeout=60)
     assert len(again.image) == 1 and not again.info  # computed once for every session
+
+
+def test_a_sampled_layer_choice_is_said_where_the_layers_are_shown(monkeypatch, cache_root):
+    """Above analyses.LAYER_SWEEP_MAX_STIMULI the best layers come from a seeded sample: Fig. 2
+    and the layer sweep say so (issue 11, item 3)."""
+    from convergence_core import analyses
+    from convergence_core.dashboard import data
+
+    monkeypatch.setattr(analyses, "LAYER_SWEEP_MAX_STIMULI", 20)
+    monkeypatch.setattr(
+        data, "layer_sweep",
+        lambda path, stamp, k: analyses.layer_sweep(data.open_run(Path(path)), k=k,
+                                                    max_stimuli=20, seed=0),
+    )
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(cache_root))
+    for tab in ("Fig. 2: dispersion sets", "Layer sweep"):
+        at = AppTest.from_file(PAGE, default_timeout=60)
+        at.session_state["w_paper_tab"] = tab
+        at.run(timeout=60)
+        assert not at.exception, at.exception
+        notes = [i.value for i in at.info if "seeded random sample" in i.value]
+        assert notes and "20 of the 60 stimuli (seed 0)" in notes[0], tab

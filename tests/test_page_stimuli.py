@@ -264,3 +264,111 @@ def test_large_runs_type_the_id_instead_of_listing_every_id(
     at.text_input(key="w_inspect").set_value("no such id").run(timeout=TIMEOUT)
     assert any("No stimulus with id 'no such id'" in e.value for e in at.error)
     assert not at.exception
+
+
+# ---------------------------------------------------------------------------------------------
+# per-stimulus alignment (issue 14, item 2)
+ALIGNED_LABEL = re.compile(
+    r"^#(\d+) of (\d+) · id (\S+)\n(k-NN overlap|local CKA) (-?[0-9.]+) · mean residual"
+)
+
+
+def _dense_overlap(run, vision: str, vision_layer: str, language: str, layer: str, k: int):
+    """Per-stimulus k-NN overlap from dense inner products of the prepared features."""
+    from convergence_core.alignment import prepare_features
+
+    tops = []
+    for model, layer_name in ((vision, vision_layer), (language, layer)):
+        X = prepare_features(np.asarray(run.embeddings[model][layer_name], dtype=np.float64))
+        G = X @ X.T
+        np.fill_diagonal(G, -np.inf)
+        tops.append(np.argsort(-G, axis=1, kind="stable")[:, :k])
+    return np.array([len(set(a) & set(b)) / k for a, b in zip(*tops, strict=True)])
+
+
+def _aligned_cards(at) -> list[tuple[int, str, float]]:
+    return [
+        (int(m.group(1)), m.group(3), float(m.group(5)))
+        for m in (ALIGNED_LABEL.match(t.value) for t in at.text)
+        if m
+    ]
+
+
+def test_gallery_ranked_by_per_stimulus_knn_overlap(run) -> None:
+    from convergence_core.analyses import best_language_layers
+
+    at = _page({"k": "5"})
+    at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    pair_box = at.selectbox(key="w_stimulus_pair")
+    pair_box.set_value(1).run(timeout=TIMEOUT)  # vision-a × language-b
+    best = dict(zip(*best_language_layers(run).iloc[:, :2].T.values, strict=True))
+    expected = _dense_overlap(run, "vision-a", "stage2", "language-b", best["language-b"], 5)
+    cards = _aligned_cards(at)
+    assert len(cards) == 2 * PER_SIDE
+    ids = list(run.stimuli["id"])
+    for rank, identifier, value in cards:
+        assert value == pytest.approx(expected[ids.index(identifier)], abs=1e-4)
+    left, right = cards[:PER_SIDE], cards[PER_SIDE:]
+    assert [r for r, _, _ in left] == list(range(1, PER_SIDE + 1))  # highest first
+    assert min(v for _, _, v in left) >= max(v for _, _, v in right)
+    assert left[0][2] == pytest.approx(expected.max()) and right[0][2] == pytest.approx(
+        expected.min()
+    )
+    headers = [h.value for h in at.subheader]
+    assert "Highest k-NN overlap (vision and language agree)" in headers
+
+
+def test_gallery_ranked_by_local_cka_and_the_alignment_tab(run) -> None:
+    from scipy.stats import spearmanr
+
+    from convergence_core.analyses import Pair, best_language_layers
+    from convergence_core.stimulus_alignment import local_cka
+
+    at = _page()
+    at.radio(key="w_gallery_order").set_value("local_cka").run(timeout=TIMEOUT)
+    best = dict(zip(*best_language_layers(run).iloc[:, :2].T.values, strict=True))
+    pair = Pair("vision-a", "stage2", "language-a", best["language-a"])
+    delta = local_cka(
+        run.neighbours("vision-a", "stage2").features,
+        run.neighbours("language-a", pair.language_layer).features,
+        base_size=39,
+    ).delta
+    ids = list(run.stimuli["id"])
+    cards = _aligned_cards(at)
+    assert cards and all(
+        v == pytest.approx(delta[ids.index(i)], abs=1e-4) for _, i, v in cards
+    )
+    assert cards[0][2] == pytest.approx(delta.max(), abs=1e-4)
+
+    at.session_state[widgets.STIMULI_TAB_KEY] = "Alignment vs dispersion"
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert len(at.image) == 1  # the scatter (the gallery is not built)
+    from convergence_core.dashboard import data
+
+    relation = data.alignment_relation(
+        str(run.path), data.manifest_stamp(run.path), (pair,), 10, "mean"
+    ).set_index("metric")
+    rho = spearmanr(delta, run.dispersion["mean"].to_numpy()).statistic
+    assert relation.loc["local_cka", "spearman_rho"] == pytest.approx(rho, abs=1e-12)
+    assert any("spearman" in m.value for m in at.markdown)
+
+
+def test_large_runs_compute_per_stimulus_alignment_on_a_button(
+    run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from convergence_core.dashboard import data
+
+    monkeypatch.setattr(data, "PER_STIMULUS_LIVE_STIMULI", 10)
+    data.st.cache_data.clear()
+    data._finished().clear()
+    at = _page()
+    at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
+    assert any("computed when you ask" in i.value for i in at.info)
+    assert not _aligned_cards(at)
+    at.button(key="w_gallery_compute").click().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert len(_aligned_cards(at)) == 2 * PER_SIDE
+    at.run(timeout=TIMEOUT)  # computed once on this server: shown without a new press
+    assert len(_aligned_cards(at)) == 2 * PER_SIDE

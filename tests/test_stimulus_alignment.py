@@ -111,3 +111,28 @@ def test_per_stimulus_table_and_dispersion_relation_on_a_planted_run(tmp_path):
     ).set_index("metric")
     assert relation.loc["knn_overlap", "spearman_rho"] < -0.3
     assert relation.loc["knn_overlap", "permutation_p_value_two_sided"] < 0.01
+
+
+def test_per_stimulus_table_of_one_metric_equals_its_part_of_both(tmp_path):
+    """``metrics=`` computes only the scores asked for (the dashboard caches them apart: local CKA
+    does not depend on k), each equal to its rows of the full table."""
+    import pandas as pd
+    import pytest
+
+    from convergence_core.analyses import Pair, vision_layers
+    from tests.fixtures_runs import PLANTED_BEST_LAYER, make_synthetic_run
+
+    run = make_synthetic_run(tmp_path, n=60, plant="quiet_half", images=False, thumbnails=False)
+    vision, layer = vision_layers(run)[0]
+    pairs = [Pair(vision, layer, "planted", PLANTED_BEST_LAYER)]
+    both = per_stimulus_alignment(run, pairs, k=6, base_size=30)
+    for metric in ("knn_overlap", "local_cka"):
+        alone = per_stimulus_alignment(run, pairs, k=6, base_size=30, metrics=[metric])
+        assert set(alone["metric"]) == {metric}
+        pd.testing.assert_frame_equal(
+            alone.reset_index(drop=True),
+            both[both["metric"] == metric].reset_index(drop=True),
+            check_dtype=False,  # k / base_size / seed: object columns once both are stacked
+        )
+    with pytest.raises(ValueError, match="unknown per-stimulus metrics"):
+        per_stimulus_alignment(run, pairs, metrics=["cka"])

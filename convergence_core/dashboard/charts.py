@@ -173,18 +173,34 @@ def residual_bars(
     return png(figure)
 
 
+def metric_axis(metric: str) -> str:
+    """Axis title of a registry metric: its label and its units (all are unitless)."""
+    from .lab import metric_label
+
+    return METRIC_AXIS.get(metric, f"{metric_label(metric)} (unitless)")
+
+
 def alignment_bars(
-    sets: pd.DataFrame, baseline: pd.DataFrame | None, metric: str = "cknna"
+    sets: pd.DataFrame, baseline: pd.DataFrame | None, metric: str | None = None
 ) -> bytes:
     """Fig. 2-style bars: a panel per vision model, language models on x, a bar per set.
 
-    ``sets``: one row per pair × set (``lab.set_table``: ``vision_model``, ``language_model``,
-    ``set``, ``set_size``, ``k``, ``cknna``, ``mutual_knn``); ``baseline`` (``lab.baseline_table``)
-    adds the "random" bar of each pair at the random-set mean with the 95% percentile interval of
-    the random sets as its error bar. ``metric``: ``"cknna"`` or ``"mutual_knn"``.
+    ``sets``: long, one row per pair × set × metric (``lab.set_table``: ``vision_model``,
+    ``language_model``, ``set``, ``set_size``, ``metric``, ``k``, ``value``); ``baseline``
+    (``lab.baseline_table``) adds the "random" bar of each pair at the random-set mean with the 95%
+    percentile interval of the random sets as its error bar. ``metric``: which metric's rows to
+    draw (default: the one metric the table holds).
     """
-    if metric not in METRIC_AXIS:
-        raise ValueError(f"unknown metric {metric!r}; use one of {list(METRIC_AXIS)}")
+    present = list(dict.fromkeys(sets["metric"]))
+    if metric is None:
+        if len(present) != 1:
+            raise ValueError(f"the table holds metrics {present}; say which one to draw")
+        metric = present[0]
+    if metric not in present:
+        raise ValueError(f"unknown metric {metric!r} for these tables; use one of {present}")
+    sets = sets[sets["metric"] == metric]
+    if baseline is not None:
+        baseline = baseline[baseline["metric"] == metric]
     visions = list(dict.fromkeys(sets["vision_model"]))
     languages = list(dict.fromkeys(sets["language_model"]))
     names = list(dict.fromkeys(sets["set"]))
@@ -203,11 +219,11 @@ def alignment_bars(
             if name == "random":
                 rows = baseline[baseline["vision_model"] == vision]
                 rows = rows.set_index("language_model").reindex(languages)
-                mean = rows[f"{metric}_random_mean"].to_numpy(dtype=np.float64)
+                mean = rows["random_mean"].to_numpy(dtype=np.float64)
                 error = np.vstack(
                     [
-                        mean - rows[f"{metric}_random_lower_95"].to_numpy(dtype=np.float64),
-                        rows[f"{metric}_random_upper_95"].to_numpy(dtype=np.float64) - mean,
+                        mean - rows["random_lower_95"].to_numpy(dtype=np.float64),
+                        rows["random_upper_95"].to_numpy(dtype=np.float64) - mean,
                     ]
                 )
                 sets_drawn = int(np.nanmax(rows["n_random"])) if "n_random" in rows else 0
@@ -221,7 +237,7 @@ def alignment_bars(
             rows = rows.set_index("language_model").reindex(languages)
             size = sets.loc[sets["set"] == name, "set_size"].iloc[0]
             axis.bar(
-                x + offset, rows[metric].to_numpy(dtype=np.float64), width,
+                x + offset, rows["value"].to_numpy(dtype=np.float64), width,
                 color=SET_COLOURS.get(name, "#17becf"),
                 label=literal(f"{name} ({int(size)} stimuli)"),
             )
@@ -229,12 +245,82 @@ def alignment_bars(
         axis.set_xlabel("language model")
         axis.set_title(literal(vision), fontsize=9, y=TITLE_Y)
         axis.axhline(0.0, color="black", linewidth=0.5)
-    axes[0].set_ylabel(METRIC_AXIS[metric])
+    axes[0].set_ylabel(literal(metric_axis(metric)))
     handles, labels = axes[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    k = int(sets["k"].iloc[0]) if not sets.empty else 0
+    settings = str(sets["options"].iloc[0]) if "options" in sets and not sets.empty else ""
+    from .lab import metric_label
+
     figure.suptitle(
-        f"Vision–language alignment per set (k = {k}); error bars: 95% of random sets",
+        literal(
+            f"Vision–language alignment per set: {metric_label(metric)}"
+            + (f" ({settings})" if settings else "")
+            + "; error bars: 95% of random sets"
+        ),
+        fontsize=10,
+    )
+    return png(figure)
+
+
+#: Axis titles of the per-stimulus scores (stimulus_alignment)
+PER_STIMULUS_AXIS = {
+    "knn_overlap": "k-NN overlap\n(fraction of its k neighbours shared)",
+    "local_cka": "local CKA\n(change in CKA when it joins the base)",
+}
+
+
+def alignment_dispersion(
+    dispersion: np.ndarray,
+    values: dict[str, np.ndarray],
+    relation: pd.DataFrame,
+    *,
+    score: str,
+    k: int,
+    title: str,
+    base_size: int | None = None,
+    marked: Sequence[int] = (),
+    marked_label: str = "focus set",
+) -> bytes:
+    """Per-stimulus alignment against dispersion: a panel per score in ``values`` ({metric: (n,)}),
+    x = the dispersion ``score`` (n,), each panel titled with Spearman ρ and its permutation p
+    from ``relation`` (``stimulus_alignment.alignment_dispersion_relation``, one row per metric);
+    ``base_size``: the local CKA's base; ``marked_label`` names the circled rows.
+    Rasterised points (the same size at 100,000 stimuli); ``marked`` rows circled in red."""
+    n = len(dispersion)
+    figure = Figure(figsize=(13.0, 4.4))
+    axes = np.atleast_1d(figure.subplots(1, len(values), squeeze=False)[0])
+    _margins(figure, left=0.9, right=0.2, top=0.95, bottom=0.65, wspace=0.3)
+    size = 14.0 if n <= 2_000 else (5.0 if n <= 20_000 else 1.5)
+    chosen = np.asarray(marked, dtype=np.int64)
+    x = np.asarray(dispersion, dtype=np.float64)
+    for axis, (metric, y) in zip(axes, values.items(), strict=True):
+        y = np.asarray(y, dtype=np.float64)
+        axis.scatter(x, y, s=size, color="#1f77b4", alpha=0.6, linewidths=0, rasterized=True)
+        if chosen.size:
+            axis.scatter(
+                x[chosen], y[chosen], s=50, facecolors="none", edgecolors="#d62728",
+                linewidths=1.0, rasterized=True,
+                label=literal(f"{marked_label} ({chosen.size:,})"),
+            )
+            axis.legend(fontsize=8, loc="best")
+        row = relation[relation["metric"] == metric]
+        words = ""
+        if not row.empty:
+            r = row.iloc[0]
+            words = (
+                f"Spearman ρ = {r['spearman_rho']:+.3f}, permutation p = "
+                f"{r['permutation_p_value_two_sided']:.3g} ({int(r['n_permutations']):,} shuffles)"
+            )
+        axis.set_xlabel(SCORE_AXIS[score])
+        axis.set_ylabel(literal(PER_STIMULUS_AXIS.get(metric, metric)), fontsize=8)
+        names = {
+            "knn_overlap": f"k-NN overlap (k = {k})",
+            "local_cka": "local CKA" + (f" (base of {base_size})" if base_size else ""),
+        }
+        name = names.get(metric, metric)
+        axis.set_title(literal(f"{name}\n{words}" if words else name), fontsize=9, y=TITLE_Y)
+    figure.suptitle(
+        literal(f"Per-stimulus alignment against dispersion — {title} ({n:,} stimuli)"),
         fontsize=10,
     )
     return png(figure)

@@ -21,7 +21,9 @@ them (arrays handed out here are read-only to enforce that).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,6 +34,7 @@ import streamlit as st
 from .. import residual_umap, settings
 from ..cache import RunLayout, read_npy, write_npy
 from ..random_baseline import DEFAULT_INTERVAL_WIDTH
+from ..stimulus_alignment import PER_STIMULUS_METRICS
 from ..run import Run, RunInfo, list_runs, load_run
 from ..run_checks import check_run_files
 from . import charts, lab, plots
@@ -123,15 +126,47 @@ def indexes_for(run: Run, pairs: Sequence[lab.Pair]) -> dict[tuple[str, str], ob
 
 
 @st.cache_data(show_spinner="Finding each language model's best layer…", max_entries=32)
-def best_language_layers(path: str, stamp: int, k: int = 10) -> dict[str, str]:
-    """``{language model: layer with the highest mean full-set CKNNA with the vision models}``."""
+def best_language_layer_table(path: str, stamp: int, k: int = 10) -> pd.DataFrame:
+    """:func:`analyses.best_language_layers` of the run (with ``n_stimuli_used`` and
+    ``sample_seed``: above ``analyses.LAYER_SWEEP_MAX_STIMULI`` a seeded sample)."""
     from ..analyses import best_language_layers as compute
 
-    table = compute(_open_run(path, stamp), k=k)
+    return compute(_open_run(path, stamp), k=k)
+
+
+def best_language_layers(path: str, stamp: int, k: int = 10) -> dict[str, str]:
+    """``{language model: layer with the highest mean full-set CKNNA with the vision models}``."""
+    table = best_language_layer_table(path, stamp, k)
     return dict(zip(table["language_model"], table["language_layer"], strict=True))
 
 
-@st.cache_data(show_spinner="Computing CKNNA of the sets…", max_entries=512)
+Options = tuple[tuple[str, object], ...]
+
+
+def options_key(options: dict[str, object] | None) -> Options:
+    """A metric's options as a hashable cache key (sorted items)."""
+    return tuple(sorted((options or {}).items()))
+
+
+def k_key(metric: str, k: int) -> int | None:
+    """k as part of a cache key: None for feature metrics (their values do not depend on k, so
+    moving k with CKA chosen recomputes nothing)."""
+    from ..metrics import metric as entry
+
+    return int(k) if entry(metric).neighbour_metric else None
+
+
+@st.cache_data(show_spinner="Computing the metric on the sets…", max_entries=512)
+def _set_values(  # noqa: ANN001
+    path, stamp, pairs, names, rows, k, metric, options
+) -> pd.DataFrame:
+    run = _open_run(path, stamp)
+    return lab.set_table(
+        indexes_for(run, pairs), pairs, dict(zip(names, rows, strict=True)), k, metric=metric,
+        options=dict(options),
+    )
+
+
 def set_values(
     path: str,
     stamp: int,
@@ -139,45 +174,118 @@ def set_values(
     names: tuple[str, ...],
     rows: tuple[np.ndarray, ...],
     k: int,
+    metric: str = "cknna",
+    options: Options = (),
 ) -> pd.DataFrame:
-    """:func:`lab.set_table` of the sets ``names`` (stimulus rows ``rows``, same order), cached
-    for every session (the arrays are hashed by content)."""
-    run = _open_run(path, stamp)
-    return lab.set_table(indexes_for(run, pairs), pairs, dict(zip(names, rows, strict=True)), k)
+    """:func:`lab.set_table` of the sets ``names`` (stimulus rows ``rows``, same order) for
+    ``metric``, cached for every session (the arrays are hashed by content; k only for neighbour
+    metrics)."""
+    return _set_values(path, stamp, pairs, names, rows, k_key(metric, k), metric, options)
 
 
 @st.cache_data(show_spinner="Drawing the random baseline…", max_entries=256)
+def _random_baseline(
+    path, stamp, pairs, size, k, n_random, seed, interval_width, metric, options  # noqa: ANN001
+) -> pd.DataFrame:
+    run = _open_run(path, stamp)
+    return lab.baseline_table(
+        indexes_for(run, pairs), pairs, run.n_stimuli, size, k, metric=metric,
+        options=dict(options), n_random=n_random, seed=seed, interval_width=interval_width,
+    )
+
+
 def random_baseline(
     path: str,
     stamp: int,
     pairs: tuple[lab.Pair, ...],
-    score: str,
     size: int,
     k: int,
     n_random: int,
     seed: int,
     interval_width: float | None = DEFAULT_INTERVAL_WIDTH,
+    metric: str = "cknna",
+    options: Options = (),
 ) -> pd.DataFrame:
-    """:func:`lab.baseline_table` for a run, cached per (pairs, size, k, n_random, seed, width).
+    """:func:`lab.baseline_table` for a run, cached per (pairs, size, k, n_random, seed, width,
+    metric, options).
 
     ``n_random`` is the most random sets drawn; with ``interval_width`` the drawing stops once
-    every pair's 95% interval of the mean CKNNA is that narrow (None: exactly ``n_random``).
+    every pair's 95% interval of the mean metric is that narrow (None: exactly ``n_random``).
     """
-    run = _open_run(path, stamp)
-    scores = run.dispersion[score].to_numpy(dtype=np.float64)
-    return lab.baseline_table(
-        indexes_for(run, pairs),
-        pairs,
-        scores,
-        size,
-        k,
-        n_random=n_random,
-        seed=seed,
-        interval_width=interval_width,
+    return _random_baseline(
+        path, stamp, pairs, int(size), k_key(metric, k), int(n_random), int(seed),
+        interval_width, metric, options,
     )
 
 
+def lab_numbers(
+    path: str,
+    stamp: int,
+    pairs: tuple[lab.Pair, ...],
+    names: tuple[str, ...],
+    rows: tuple[np.ndarray, ...],
+    k: int,
+    n_random: int,
+    seed: int,
+    interval_width: float | None,
+    metric: str,
+    options: Options,
+    progress: Callable[[float, str], None] | None = None,
+) -> tuple[pd.DataFrame, dict[int, pd.DataFrame]]:
+    """The sets' values and the random baselines (one per set size) of a metric the lab computes
+    only when asked (:func:`lab.needs_button`), reporting ``progress(fraction, words)``.
+
+    Not an ``st.cache_data`` function (progress is drawn while it runs): the result is kept for
+    every session with :func:`keep` under :func:`lab_numbers_key`.
+    """
+    run = _open_run(path, stamp)
+    indexes = indexes_for(run, pairs)
+    k_used = k_key(metric, k)
+    sizes = sorted({len(r) for r in rows})
+    steps = 1 + len(sizes)
+    label = lab.metric_label(metric)
+    if progress is not None:
+        progress(0.0, f"{label} of the sets…")
+    values = lab.set_table(indexes, pairs, dict(zip(names, rows, strict=True)), k_used,
+                           metric=metric, options=dict(options))
+    baselines = {}
+    for step, size in enumerate(sizes, start=1):
+
+        def report(drawn: int, most: int, step: int = step, size: int = size) -> None:
+            if progress is not None:
+                progress((step + drawn / most) / steps,
+                         f"{label} of random sets of {size}: {drawn} of at most {most} drawn…")
+
+        report(0, max(1, int(n_random)))
+        baselines[size] = lab.baseline_table(
+            indexes, pairs, run.n_stimuli, size, k_used, metric=metric, options=dict(options),
+            n_random=int(n_random), seed=int(seed), interval_width=interval_width,
+            progress=report,
+        )
+    if progress is not None:
+        progress(1.0, "done")
+    return values, baselines
+
+
+def lab_numbers_key(*parameters: object) -> tuple:
+    """The :func:`keep` key of :func:`lab_numbers`' result for these parameters (arrays of rows
+    as tuples; k left out for feature metrics)."""
+    return ("lab_numbers", *(
+        tuple(map(int, p)) if isinstance(p, np.ndarray) else p for p in parameters
+    ))
+
+
 @st.cache_data(show_spinner="Running the permutation test…", max_entries=256)
+def _low_high_permutation(
+    path, stamp, pairs, low, high, k, n_permutations, seed, metric, options  # noqa: ANN001
+) -> pd.DataFrame:
+    run = _open_run(path, stamp)
+    return lab.low_high_permutation_table(
+        indexes_for(run, pairs), pairs, np.array(low), np.array(high), k, metric=metric,
+        options=dict(options), n_permutations=n_permutations, seed=seed,
+    )
+
+
 def low_high_permutation(
     path: str,
     stamp: int,
@@ -187,18 +295,183 @@ def low_high_permutation(
     k: int,
     n_permutations: int,
     seed: int,
+    metric: str = "cknna",
+    options: Options = (),
 ) -> pd.DataFrame:
-    """:func:`lab.low_high_permutation_table` for a run, cached per (pairs, sets, k, seed)."""
-    run = _open_run(path, stamp)
-    return lab.low_high_permutation_table(
-        indexes_for(run, pairs),
-        pairs,
-        np.array(low),
-        np.array(high),
-        k,
-        n_permutations=n_permutations,
-        seed=seed,
+    """:func:`lab.low_high_permutation_table` for a run, cached per (pairs, sets, k, seed,
+    metric, options)."""
+    return _low_high_permutation(
+        path, stamp, pairs, low, high, k_key(metric, k), int(n_permutations), int(seed), metric,
+        options,
     )
+
+
+class Calibration(NamedTuple):
+    """The lab's calibrated scores (:func:`lab.calibration_table`), the low-vs-high matched
+    comparison (:func:`lab.low_high_matched_table`) and its one-line verdict."""
+
+    table: pd.DataFrame
+    low_high: pd.DataFrame
+    verdict: str
+    note: str
+
+
+@st.cache_data(
+    show_spinner="Shuffling pairings and drawing matched random sets…", max_entries=64
+)
+def _calibration(
+    path, stamp, pairs, names, rows, k, metric, options, n_shuffles, n_matched, seed  # noqa: ANN001
+) -> Calibration:
+    run = _open_run(path, stamp)
+    indexes = indexes_for(run, pairs)
+    vision = [run.neighbours(m, layer) for m, layer in zip(run.gpa.models, run.gpa.layers,
+                                                           strict=True)]
+    labels = run.stimuli["label"] if "label" in run.stimuli else None
+    covariates = lab.matching_covariates(vision, labels)
+    table, comparisons = lab.calibration_table(
+        indexes, pairs, dict(zip(names, rows, strict=True)), k, covariates, metric=metric,
+        options=dict(options), n_shuffles=n_shuffles, n_matched=n_matched, seed=seed,
+    )
+    low_high = lab.low_high_matched_table(pairs, comparisons)
+    return Calibration(
+        table, low_high, lab.matched_verdict(low_high, metric, covariates.matched_on),
+        covariates.note,
+    )
+
+
+def calibration(
+    path: str,
+    stamp: int,
+    pairs: tuple[lab.Pair, ...],
+    names: tuple[str, ...],
+    rows: tuple[np.ndarray, ...],
+    k: int,
+    metric: str = "cknna",
+    options: Options = (),
+    n_shuffles: int = 200,
+    n_matched: int = 200,
+    seed: int = 0,
+) -> Calibration:
+    """:class:`Calibration` of the named sets, cached per run and parameters."""
+    return _calibration(path, stamp, pairs, names, rows, k_key(metric, k), metric, options,
+                        int(n_shuffles), int(n_matched), int(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# per-stimulus alignment (issue 14, item 2)
+
+#: Above this many stimuli per-stimulus alignment (local CKA: O(n·d²) per pair) is computed when
+#: asked (a button with progress), once for every session of the server
+PER_STIMULUS_LIVE_STIMULI = 20_000
+#: Permutations of the Spearman test of per-stimulus alignment against dispersion
+RELATION_PERMUTATIONS = 1000
+
+
+@st.cache_data(show_spinner="Computing per-stimulus alignment…", max_entries=128)
+def _per_stimulus(path: str, stamp: int, pair: lab.Pair, metric: str, k: int | None,
+                  ) -> pd.DataFrame:
+    from ..stimulus_alignment import per_stimulus_alignment
+
+    return per_stimulus_alignment(_open_run(path, stamp), [pair], k=k or 10, metrics=[metric])
+
+
+def per_stimulus(path: str, stamp: int, pair: lab.Pair, metric: str, k: int) -> pd.DataFrame:
+    """:func:`stimulus_alignment.per_stimulus_alignment` of one pair and metric (``knn_overlap``
+    at k, or ``local_cka``), long format, cached per run, pair and metric."""
+    return _per_stimulus(path, stamp, pair, metric, int(k) if metric == "knn_overlap" else None)
+
+
+def per_stimulus_ready(path: str, stamp: int, n: int, pairs: Sequence[lab.Pair], k: int) -> bool:
+    """Whether per-stimulus alignment of ``pairs`` can be shown at once: a run of at most
+    :data:`PER_STIMULUS_LIVE_STIMULI` stimuli, or computed on this server already."""
+    return n <= PER_STIMULUS_LIVE_STIMULI or all(
+        finished("per_stimulus", path, stamp, pair, metric, k)
+        for pair in pairs
+        for metric in PER_STIMULUS_METRICS
+    )
+
+
+def per_stimulus_table(
+    path: str,
+    stamp: int,
+    pairs: Sequence[lab.Pair],
+    k: int,
+    progress: Callable[[float, str], None] | None = None,
+) -> pd.DataFrame:
+    """Both per-stimulus scores of every pair (each pair × metric cached on its own), with
+    ``progress(fraction, words)`` between them."""
+    parts = []
+    steps = [(pair, metric) for pair in pairs for metric in PER_STIMULUS_METRICS]
+    for step, (pair, metric) in enumerate(steps):
+        if progress is not None:
+            progress(step / len(steps), f"{metric} of {pair.label}…")
+        parts.append(per_stimulus(path, stamp, pair, metric, k))
+        mark_finished("per_stimulus", path, stamp, pair, metric, int(k))
+    if progress is not None:
+        progress(1.0, "done")
+    return pd.concat(parts, ignore_index=True)
+
+
+@st.cache_data(show_spinner="Relating per-stimulus alignment to dispersion…", max_entries=128)
+def alignment_relation(
+    path: str, stamp: int, pairs: tuple[lab.Pair, ...], k: int, score: str
+) -> pd.DataFrame:
+    """:func:`stimulus_alignment.alignment_dispersion_relation` (Spearman ρ, permutation p) of
+    every pair × per-stimulus metric against the dispersion ``score``."""
+    from ..stimulus_alignment import alignment_dispersion_relation
+
+    table = per_stimulus_table(path, stamp, pairs, k)
+    dispersion = _open_run(path, stamp).dispersion[score].to_numpy(dtype=np.float64)
+    return alignment_dispersion_relation(
+        table, dispersion, score=score, n_permutations=RELATION_PERMUTATIONS, seed=0
+    )
+
+
+@st.cache_data(show_spinner="Drawing per-stimulus alignment…", max_entries=64)
+def alignment_scatter_png(
+    path: str,
+    stamp: int,
+    pair: lab.Pair,
+    k: int,
+    score: str,
+    marked: tuple[int, ...] = (),
+    marked_label: str = "focus set",
+) -> bytes:
+    """Per-stimulus alignment of ``pair`` against dispersion (a panel per metric, ρ and p in
+    each title), the ``marked`` rows circled (named ``marked_label`` in the legend)."""
+    table = per_stimulus_table(path, stamp, [pair], k)
+    relation = alignment_relation(path, stamp, (pair,), k, score)
+    found = _catalogue(path, stamp)
+    values = {
+        metric: table.loc[table["metric"] == metric].sort_values("stimulus")["value"].to_numpy()
+        for metric in PER_STIMULUS_METRICS
+    }
+    base = table.loc[table["metric"] == "local_cka", "base_size"]
+    return charts.alignment_dispersion(
+        found.values[score], values, relation, score=score, k=int(k), title=pair.label,
+        base_size=int(base.iloc[0]) if len(base) else None, marked=marked,
+        marked_label=marked_label,
+    )
+
+
+class Ranking(NamedTuple):
+    """Stimuli ordered by one per-stimulus score: ``values`` (n,), ``order`` (n,) rows from the
+    lowest value (ties: lower row), ``rank`` (n,) each row's position in ``order``."""
+
+    values: np.ndarray
+    order: np.ndarray
+    rank: np.ndarray
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def alignment_ranking(path: str, stamp: int, pair: lab.Pair, metric: str, k: int) -> Ranking:
+    """The gallery's order by per-stimulus ``metric`` of ``pair``."""
+    table = per_stimulus(path, stamp, pair, metric, k)
+    values = table.sort_values("stimulus")["value"].to_numpy(dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return Ranking(values, order, rank)
 
 
 def compute_umap(residuals: np.ndarray, random_state: int = UMAP_RANDOM_STATE) -> np.ndarray:
@@ -436,3 +709,41 @@ def _finished() -> set[tuple]:
 def finished(*key: object) -> bool:
     """Whether the analysis ``(name, path, stamp, parameters…)`` has been computed here."""
     return tuple(key) in _finished()
+
+
+def mark_finished(*key: object) -> None:
+    """Record that the analysis ``(name, path, stamp, parameters…)`` has been computed here (a
+    page that asked before computing it shows it at once from now on, to every session)."""
+    _finished().add(tuple(key))
+
+
+@st.cache_resource(show_spinner=False)
+def _kept() -> tuple[OrderedDict, threading.Lock]:
+    """Results computed behind a button (with progress, so outside ``st.cache_data``), kept for
+    every session: the most recent :data:`KEPT_RESULTS`."""
+    return OrderedDict(), threading.Lock()
+
+
+#: How many results computed behind a button the server keeps
+KEPT_RESULTS = 32
+
+
+def keep(key: tuple, value: object) -> None:
+    """Keep ``value`` under ``key`` for every session (the oldest beyond :data:`KEPT_RESULTS`
+    is forgotten). Shared: callers must not modify what they keep or get back."""
+    store, lock = _kept()
+    with lock:
+        store[key] = value
+        store.move_to_end(key)
+        while len(store) > KEPT_RESULTS:
+            store.popitem(last=False)
+
+
+def kept(key: tuple) -> object | None:
+    """The value :func:`keep` stored under ``key``, or None."""
+    store, lock = _kept()
+    with lock:
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
+    return None

@@ -1,13 +1,19 @@
-"""The Alignment lab's live numbers: CKNNA and mutual k-NN of many stimulus subsets at once.
+"""The Alignment lab's live numbers: any registry metric of many stimulus subsets at once.
 
-The page recomputes, on every change of k or of the subset, CKNNA for every vision × language pair
-on the chosen sets, on ``n_random`` random sets (the baseline distribution) and on the
-``2 · n_permutations`` relabelled sets of the low-vs-high permutation test. All of it goes through
-``neighbours.subset_alignment`` (every subset and pair in one batched pass). The random sets are
-the draws of ``analyses.random_sets`` (``random_baseline.sequential_random_alignment``: with an
-interval width it stops drawing once the baseline mean is that precise) and the label shuffles are
-``analyses.low_high_permutation_tests``, the functions the paper's Fig. 2 analysis calls: for the
-same seed and number of sets the lab and the report agree.
+The page recomputes, on every change of the metric, k or the subset, the chosen metric
+(``metrics.metric_names()``) for every vision × language pair on the chosen sets, on up to
+``n_random`` random sets (the baseline distribution) and, on demand, on the ``2 · n_permutations``
+relabelled sets of the low-vs-high permutation test, the shuffled pairings of the calibrated
+scores and the matched random sets. All of it goes through ``subset_metrics.metric_on_sets`` /
+``metric_on_pairings``: neighbour metrics from the subset engine (``neighbours.subset_alignment``,
+every subset and pair in one batched pass), CKA-family metrics from the sets' prepared features.
+The random sets are the draws of ``analyses.random_sets`` (``random_baseline``: with an interval
+width it stops drawing once the baseline mean is that precise) and the label shuffles are those of
+``analyses.low_high_permutation_tests``: for the same seed, number of sets and metric (CKNNA) the
+lab and the report agree.
+
+Every table here is long: one row per pair × set (× metric), the metric in a ``metric`` column and
+its number in ``value`` (the CSV is the same table).
 
 Shapes: ``n`` stimuli in the run, subsets of ``s`` stimuli; ``indexes`` maps (model, layer) to the
 run's neighbour index (``run.neighbours``: prepared features + exact neighbour lists).
@@ -15,36 +21,163 @@ run's neighbour index (``run.neighbours``: prepared features + exact neighbour l
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from .. import calibration, random_baseline
+from .. import metrics as registry
 from ..alignment import cknna_bound_note
-from ..analyses import LayerKey, Pair, low_high_permutation_tests
-from ..neighbours import NeighbourIndex, subset_alignment
-from .. import random_baseline
+from ..analyses import LayerKey, Pair
+from ..neighbours import NeighbourIndex, exact_top_k
 from ..random_baseline import DEFAULT_MIN_SETS
+from ..stats import percentile_interval, permutation_tests_two_sets
+from ..subset_metrics import metric_on_pairings, metric_on_sets, metric_options
 from ..validation import MIN_CKNNA_SET_SIZE, check_k, check_min_stimuli
 
 #: Key of the Alignment lab's container of the bars (CSS class ``st-key-lab-bars``): where the
 #: browser test and benchmark look for the new bars after a change of k
 BARS_CONTAINER_KEY = "lab-bars"
+#: Above this many stimuli the feature metrics (CKA family: O(s·d²) per set without the small-n
+#: kernel route) wait for a button like the metrics the registry marks as not live
+LIVE_FEATURE_STIMULI = 20_000
+#: Short names of the registry's metrics for labels and axes (a new metric without one is shown
+#: by its registry name: adding a metric stays one registry entry)
+METRIC_LABELS = {
+    "cknna": "CKNNA",
+    "mutual_knn": "mutual k-NN",
+    "cycle_knn": "cycle k-NN",
+    "lcs_knn": "LCS k-NN",
+    "edit_distance_knn": "edit-distance k-NN",
+    "cka": "CKA",
+    "unbiased_cka": "unbiased CKA",
+    "svcca": "SVCCA",
+}
+#: Matched random sets: "nearest" matching costs O(s·n log n); above this s·n, 25 strata
+_NEAREST_MATCHING_WORK = 20_000_000
+_STRATA_BINS = 25
+#: Labels are matched on only when the median label holds at least this many stimuli
+MIN_STIMULI_PER_LABEL = 5
+
+PAIR_COLUMNS = ["vision_model", "vision_layer", "language_model", "language_layer"]
 
 __all__ = [
+    "BARS_CONTAINER_KEY",
+    "LIVE_FEATURE_STIMULI",
+    "METRIC_LABELS",
     "MIN_CKNNA_SET_SIZE",
+    "MetricChoice",
     "Pair",
     "baseline_statement",
+    "best_layer_sample_note",
     "baseline_table",
     "bound_note",
-    "cknna_text",
+    "calibration_table",
     "check_subset_for_k",
+    "chosen_options",
+    "cknna_text",
+    "low_high_matched_table",
     "low_high_permutation_table",
+    "matched_verdict",
+    "matching_covariates",
+    "metric_choices",
+    "metric_label",
+    "needs_button",
+    "options_text",
     "results_table",
     "set_table",
+    "value_text",
 ]
 
 
+# ----------------------------------------------------------------------------------------------
+# the metric picker
+class MetricChoice(NamedTuple):
+    """One registry metric as the picker shows it."""
+
+    name: str
+    label: str
+    description: str
+    value_range: tuple[float, float]
+    neighbour_metric: bool
+    live: bool
+    options: tuple[str, ...]
+
+    @property
+    def summary(self) -> str:
+        """One line: what it measures, its range, what it needs, whether it is live."""
+        low, high = self.value_range
+        needs = "k nearest neighbours" if self.neighbour_metric else "the sets' features"
+        if self.options:
+            needs += " and " + ", ".join(self.options)
+        speed = "live" if self.live else "slower: computed when asked (a button)"
+        return (
+            f"{self.label} ({self.name}): {self.description}. Range [{low:g}, {high:g}]; needs "
+            f"{needs}; {speed}."
+        )
+
+
+def metric_label(name: str) -> str:
+    """The short label of a registry metric (its name when it has none)."""
+    return METRIC_LABELS.get(name, name)
+
+
+def metric_choices() -> list[MetricChoice]:
+    """Every metric of the registry, in registry order, as the lab's picker lists them."""
+    choices = []
+    for name in registry.metric_names():
+        entry = registry.metric(name)
+        choices.append(
+            MetricChoice(
+                name,
+                metric_label(name),
+                entry.description,
+                tuple(entry.value_range),
+                entry.neighbour_metric,
+                entry.live,
+                tuple(o for o in entry.options if o not in ("k", "normalise")),
+            )
+        )
+    return choices
+
+
+def needs_button(metric: str, n_stimuli: int) -> bool:
+    """Whether the lab computes ``metric`` only when asked: the registry marks it as not live
+    (e.g. SVCCA), or it is a feature metric on a run above :data:`LIVE_FEATURE_STIMULI`."""
+    entry = registry.metric(metric)
+    return not entry.live or (not entry.neighbour_metric and n_stimuli > LIVE_FEATURE_STIMULI)
+
+
+def chosen_options(
+    metric: str, *, kernel: str = "linear", sigma: float = 1.0, cca_dim: int = 10
+) -> dict[str, Any]:
+    """The options the picker's controls set, restricted to those ``metric`` takes (k aside)."""
+    given = {"kernel": kernel, "sigma": float(sigma), "cca_dim": int(cca_dim)}
+    entry = registry.metric(metric)
+    options = {name: given[name] for name in entry.options if name in given}
+    if options.get("kernel") == "linear":
+        options.pop("sigma", None)  # sigma is the RBF width only
+    return metric_options(metric, options)
+
+
+def options_text(metric: str, k: int | None, options: Mapping[str, Any]) -> str:
+    """The settings a value depends on, e.g. ``"k=10"`` or ``"kernel=rbf, sigma=1"``."""
+    parts = [f"k={int(k)}"] if registry.metric(metric).neighbour_metric and k is not None else []
+    for name, value in options.items():
+        if name == "sigma" and options.get("kernel") == "linear":
+            continue
+        parts.append(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}")
+    return ", ".join(parts)
+
+
+def _k_of(metric: str, k: int | None) -> int | None:
+    return int(k) if registry.metric(metric).neighbour_metric and k is not None else None
+
+
+# ----------------------------------------------------------------------------------------------
+# sets, random baseline, permutation test
 def check_subset_for_k(size: int, k: int, what: str) -> None:
     """ValueError in words when ``k`` neighbours cannot be taken inside a subset of ``size``
     (CKNNA's unbiased HSIC needs at least 4 stimuli; k as ``validation.check_k`` words it)."""
@@ -52,36 +185,126 @@ def check_subset_for_k(size: int, k: int, what: str) -> None:
     check_k(k, size, 1, what=what)
 
 
+def _metric_columns(metric: str, k: int | None, options: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "metric": metric,
+        "options": options_text(metric, k, options),
+        "k": _k_of(metric, k),
+    }
+
+
+def _with_int_k(table: pd.DataFrame) -> pd.DataFrame:
+    if "k" in table:
+        table["k"] = pd.array(table["k"], dtype="Int64")  # empty for feature metrics
+    return table
+
+
+def set_table(
+    indexes: Mapping[LayerKey, NeighbourIndex],
+    pairs: Sequence[Pair],
+    sets: Mapping[str, np.ndarray],
+    k: int | None,
+    *,
+    metric: str = "cknna",
+    options: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """``metric`` of every pair on each named set (sets may differ in size).
+
+    Returns one row per pair × set: the pair's columns, ``set``, ``set_size``, ``metric``,
+    ``options`` (text), ``k`` (empty for feature metrics), ``value``.
+    """
+    options = metric_options(metric, options)
+    neighbour = registry.metric(metric).neighbour_metric
+    rows = []
+    for name, rows_of_set in sets.items():
+        subset = np.asarray(rows_of_set, dtype=np.intp)
+        if neighbour:
+            check_subset_for_k(subset.shape[0], k, f"the {name} set")
+        else:
+            check_min_stimuli(subset.shape[0], 4, f"{metric_label(metric)} on the {name} set")
+        values = metric_on_sets(
+            indexes, [pair.sides for pair in pairs], subset[None, :], metric, k=k or 1,
+            options=options,
+        )
+        for pair, value in zip(pairs, values[:, 0], strict=True):
+            rows.append(
+                {
+                    **pair._asdict(),
+                    "set": name,
+                    "set_size": int(subset.shape[0]),
+                    **_metric_columns(metric, k, options),
+                    "value": float(value),
+                }
+            )
+    return _with_int_k(pd.DataFrame(rows))
+
+
 def baseline_table(
     indexes: Mapping[LayerKey, NeighbourIndex],
     pairs: Sequence[Pair],
-    scores: np.ndarray,
+    n: int,
     size: int,
-    k: int,
+    k: int | None,
     *,
+    metric: str = "cknna",
+    options: Mapping[str, Any] | None = None,
     n_random: int = 200,
     seed: int = 0,
     interval_width: float | None = None,
     min_sets: int = DEFAULT_MIN_SETS,
+    progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
-    """Random-subset baseline per pair (``random_baseline.baseline_table``; ``scores`` (n,) only
-    sets n): CKNNA and mutual k-NN mean and 95% percentile interval of the random sets.
+    """Random-subset baseline of ``metric`` per pair (``random_baseline.sequential_random_scores``
+    over ``analyses.random_sets``' draws of ``size`` of the ``n`` stimuli).
 
     ``interval_width=None`` draws exactly ``n_random`` sets (the paper analysis's baseline); a
     width draws at most ``n_random`` and stops once every pair's 95% confidence interval of the
-    mean CKNNA is that narrow. Columns: see ``random_baseline.baseline_table``.
+    mean ``metric`` is that narrow (in the metric's units).
+
+    Returns one row per pair: the pair's columns, ``set_size``, ``metric``, ``options``, ``k``,
+    ``n_random`` (sets drawn), ``random_mean``, ``random_lower_95``, ``random_upper_95`` (the 95%
+    percentile interval of the random sets' values), ``random_mean_interval`` (width of the 95%
+    confidence interval of the mean) and ``interval_width`` (asked for; NaN for a fixed number).
     """
-    return random_baseline.baseline_table(
-        indexes,
-        pairs,
-        int(np.asarray(scores).shape[0]),
-        size,
-        k,
-        max_sets=n_random,
-        seed=seed,
+    options = metric_options(metric, options)
+    keyed = [pair.sides for pair in pairs]
+    drawn = random_baseline.sequential_random_scores(
+        lambda sets: {metric: metric_on_sets(indexes, keyed, sets, metric, k=k or 1,
+                                             options=options)},
+        int(n),
+        int(size),
+        stop_on=metric,
         interval_width=interval_width,
+        max_sets=int(n_random),
         min_sets=min_sets,
+        seed=int(seed),
+        progress=progress,
     )
+    values = drawn.values[metric]
+    widths = random_baseline.mean_interval_widths(values)
+    rows = []
+    for pair, row, width in zip(pairs, values, widths, strict=True):
+        lower, upper = percentile_interval(row, 0.95)
+        rows.append(
+            {
+                **pair._asdict(),
+                "set_size": int(size),
+                **_metric_columns(metric, k, options),
+                "n_random": drawn.n_sets,
+                "random_mean": float(row.mean()),
+                "random_lower_95": lower,
+                "random_upper_95": upper,
+                "random_mean_interval": float(width),
+                "interval_width": np.nan if interval_width is None else float(interval_width),
+            }
+        )
+    return _with_int_k(pd.DataFrame(rows))
+
+
+def _shuffle_rng(seed: int) -> np.random.Generator:
+    """The label shuffles' stream of ``analyses.low_high_permutation_tests`` (the second of two
+    streams spawned from the seed; tests/test_page_alignment_lab.py checks they agree)."""
+    return np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(2)[1])
 
 
 def low_high_permutation_table(
@@ -89,22 +312,33 @@ def low_high_permutation_table(
     pairs: Sequence[Pair],
     low: np.ndarray,
     high: np.ndarray,
-    k: int,
+    k: int | None,
     *,
+    metric: str = "cknna",
+    options: Mapping[str, Any] | None = None,
     n_permutations: int = 200,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Permutation test of CKNNA(low) - CKNNA(high) per pair, all pairs on the same shuffles.
+    """Permutation test of metric(low) − metric(high) per pair, all pairs on the same shuffles
+    (``analyses.low_high_permutation_tests``' shuffles; equal to it for CKNNA).
 
-    Returns one row per pair: the pair's columns, ``low_minus_high``,
-    ``permutation_p_value_two_sided``, ``permutation_p_value_low_greater``, ``n_permutations``.
+    Returns one row per pair: the pair's columns, ``metric``, ``options``, ``k``,
+    ``low_minus_high``, ``permutation_p_value_two_sided``, ``permutation_p_value_low_greater``,
+    ``n_permutations``.
     """
-    tests = low_high_permutation_tests(
-        indexes, pairs, low, high, k, n_permutations=n_permutations, seed=seed
+    options = metric_options(metric, options)
+    keyed = [pair.sides for pair in pairs]
+    tests = permutation_tests_two_sets(
+        lambda sets: metric_on_sets(indexes, keyed, sets, metric, k=k or 1, options=options),
+        low,
+        high,
+        n_permutations=int(n_permutations),
+        rng=_shuffle_rng(seed),
     )
     rows = [
         {
             **pair._asdict(),
+            **_metric_columns(metric, k, options),
             "low_minus_high": test.observed,
             "permutation_p_value_two_sided": test.p_value_two_sided,
             "permutation_p_value_low_greater": test.p_value_first_greater,
@@ -112,80 +346,52 @@ def low_high_permutation_table(
         }
         for pair, test in zip(pairs, tests, strict=True)
     ]
-    return pd.DataFrame(rows)
+    return _with_int_k(pd.DataFrame(rows))
 
 
-def set_table(
-    indexes: Mapping[LayerKey, NeighbourIndex],
-    pairs: Sequence[Pair],
-    sets: Mapping[str, np.ndarray],
-    k: int,
-) -> pd.DataFrame:
-    """CKNNA and mutual k-NN of every pair on each named set (sets may differ in size).
-
-    Returns one row per pair × set: the pair's columns, ``set``, ``set_size``, ``k``, ``cknna``,
-    ``mutual_knn``.
-    """
-    rows = []
-    for name, rows_of_set in sets.items():
-        subset = np.asarray(rows_of_set, dtype=np.intp)
-        check_subset_for_k(subset.shape[0], k, f"the {name} set")
-        result = subset_alignment(indexes, [pair.sides for pair in pairs], subset[None, :], k)
-        cknna, mutual_knn = result.cknna, result.mutual_knn
-        for pair, cknna_values, mknn_values in zip(pairs, cknna, mutual_knn, strict=True):
-            rows.append(
-                {
-                    **pair._asdict(),
-                    "set": name,
-                    "set_size": int(subset.shape[0]),
-                    "k": int(k),
-                    "cknna": float(cknna_values[0]),
-                    "mutual_knn": float(mknn_values[0]),
-                }
-            )
-    return pd.DataFrame(rows)
+# ----------------------------------------------------------------------------------------------
+# display
+def value_text(value: float, set_size: int, metric: str = "cknna") -> str:
+    """A value for display: ``"0.1234"``; ``"—"`` for NaN, and for CKNNA on a set of fewer than
+    ``validation.MIN_CKNNA_SET_SIZE`` stimuli (too few for a CKNNA worth reading)."""
+    if not np.isfinite(value) or (metric == "cknna" and set_size < MIN_CKNNA_SET_SIZE):
+        return "—"
+    return f"{value:.4f}"
 
 
 def cknna_text(value: float, set_size: int) -> str:
-    """A CKNNA for display: ``"0.1234"``, or ``"—"`` for a set of fewer than
-    ``validation.MIN_CKNNA_SET_SIZE`` stimuli (too few for a CKNNA worth reading) or NaN."""
-    if set_size < MIN_CKNNA_SET_SIZE or not np.isfinite(value):
-        return "—"
-    return f"{value:.4f}"
+    """A CKNNA for display (:func:`value_text` of ``"cknna"``)."""
+    return value_text(value, set_size, "cknna")
 
 
 def bound_note(set_values: pd.DataFrame, baselines: Mapping[int, pd.DataFrame]) -> str | None:
     """``alignment.cknna_bound_note`` over every CKNNA the lab shows: each set × pair (from
     :func:`set_table`) and the random baselines' means and 95 % bounds (:func:`baseline_table`,
-    by set size)."""
+    by set size). None when the tables hold no CKNNA or none is out of bounds."""
     rows = [
-        (f"the {r.set} set, {r.vision_model} × {r.language_model}", r.cknna, r.set_size, r.k)
+        (f"the {r.set} set, {r.vision_model} × {r.language_model}", r.value, r.set_size, r.k)
         for r in set_values.itertuples(index=False)
+        if r.metric == "cknna"
     ]
     for size, table in baselines.items():
         for r in table.itertuples(index=False):
+            if r.metric != "cknna":
+                continue
             for part in ("mean", "lower_95", "upper_95"):
                 what = f"random sets ({part.replace('_', ' ')}), {r.vision_model} × "
-                rows.append(
-                    (f"{what}{r.language_model}", getattr(r, f"cknna_random_{part}"), size, r.k)
-                )
+                rows.append((f"{what}{r.language_model}", getattr(r, f"random_{part}"), size, r.k))
     return cknna_bound_note(rows)
-_PAIR_COLUMNS = ["vision_model", "vision_layer", "language_model", "language_layer"]
-_RANDOM_COLUMNS = [
-    f"{metric}_random_{part}"
-    for metric in ("cknna", "mutual_knn")
-    for part in ("mean", "lower_95", "upper_95")
-]
 
 
 def baseline_statement(baseline: pd.DataFrame) -> str:
     """One sentence saying how the random baseline of :func:`baseline_table` was drawn."""
     sets = int(baseline["n_random"].iloc[0])
     size = int(baseline["set_size"].iloc[0])
-    widest = float(baseline["cknna_random_mean_interval"].max())
+    label = metric_label(str(baseline["metric"].iloc[0]))
+    widest = float(baseline["random_mean_interval"].max())
     asked = float(baseline["interval_width"].iloc[0])
     precision = (
-        f"the widest 95% confidence interval of a pair's mean random CKNNA is {widest:.4f}"
+        f"the widest 95% confidence interval of a pair's mean random {label} is {widest:.4f}"
         if np.isfinite(widest)
         else "too few sets for a confidence interval of the mean"
     )
@@ -204,6 +410,10 @@ def baseline_statement(baseline: pd.DataFrame) -> str:
     return f"Random baseline: {how}; {precision}. Error bars: 95% of the random sets' values."
 
 
+_KEYS = [*PAIR_COLUMNS, "metric", "options", "k"]
+_RANDOM_COLUMNS = ["n_random", "random_mean", "random_lower_95", "random_upper_95"]
+
+
 def results_table(
     set_values: pd.DataFrame,
     baselines: Mapping[int, pd.DataFrame],
@@ -211,34 +421,268 @@ def results_table(
     score: str,
     seed: int,
 ) -> pd.DataFrame:
-    """Every number of the lab in one table: one row per pair × set.
+    """Every number of the lab in one long table: one row per pair × set × metric.
 
     ``set_values`` (:func:`set_table`), ``baselines`` ``{set size: baseline_table}`` (each set is
     compared with random sets of its own size), ``permutation``
-    (:func:`low_high_permutation_table`). Adds ``cknna_vs_random_95`` (``above`` / ``below`` /
+    (:func:`low_high_permutation_table`). Adds ``vs_random_95`` (``above`` / ``below`` /
     ``within`` the random sets' 95% interval), ``score`` and ``seed``.
     """
     table = pd.concat(
         [
             set_values[set_values["set_size"] == set_size].merge(
-                baselines[set_size][[*_PAIR_COLUMNS, *_RANDOM_COLUMNS, "n_random"]],
-                on=_PAIR_COLUMNS,
-                how="left",
+                baselines[set_size][[*_KEYS, *_RANDOM_COLUMNS]], on=_KEYS, how="left"
             )
             for set_size in baselines
         ]
     )
-    table = table.merge(permutation, on=_PAIR_COLUMNS, how="left")
-    table["cknna_vs_random_95"] = np.select(
-        [
-            table["cknna"] > table["cknna_random_upper_95"],
-            table["cknna"] < table["cknna_random_lower_95"],
-        ],
+    table = table.merge(
+        permutation.drop(columns=["options"], errors="ignore"),
+        on=[*PAIR_COLUMNS, "metric", "k"],
+        how="left",
+    )
+    table["vs_random_95"] = np.select(
+        [table["value"] > table["random_upper_95"], table["value"] < table["random_lower_95"]],
         ["above", "below"],
         default="within",
     )
     table["score"] = score
     table["seed"] = int(seed)
-    return table.sort_values(["vision_model", "language_model", "set"], kind="stable").reset_index(
-        drop=True
+    return table.sort_values(
+        ["metric", "vision_model", "language_model", "set"], kind="stable"
+    ).reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# calibrated scores and matched random baselines (issue 14, item 6)
+class MatchingCovariates(NamedTuple):
+    """What matched random sets are matched on: ``typicality`` (n,) (mean over the vision models
+    of each model's z-scored local density), ``labels`` (n,) or None, ``matched_on`` (words) and
+    ``note`` (why labels were left out, or "")."""
+
+    typicality: np.ndarray
+    labels: np.ndarray | None
+    matched_on: str
+    note: str
+
+
+def matching_covariates(
+    vision_indexes: Sequence[NeighbourIndex], labels: object = None, *, k: int = 10
+) -> MatchingCovariates:
+    """Typicality of every stimulus in the vision models (``calibration.local_density`` of each
+    model's stored neighbour values, mean of k; ``calibration.typicality`` over models) and the
+    data set's labels when they can be matched on (the median label holds at least
+    :data:`MIN_STIMULI_PER_LABEL` stimuli; one image per class cannot be matched on class)."""
+    densities = []
+    for index in vision_indexes:
+        if index.lists is not None and index.k_max >= k:
+            values = np.asarray(index.lists.values[:, :k], dtype=np.float64)
+        else:
+            values = exact_top_k(index.features, k)[1]
+        densities.append(calibration.local_density(values, k))
+    typical = calibration.typicality(densities)
+    note = ""
+    if labels is not None:
+        labels = np.asarray(pd.Series(labels).astype(str))
+        _, counts = np.unique(labels, return_counts=True)
+        if np.median(counts) < MIN_STIMULI_PER_LABEL:
+            note = (
+                f"labels not matched on: the median label holds {np.median(counts):g} "
+                f"stimuli (fewer than {MIN_STIMULI_PER_LABEL}), too few to draw matched sets from"
+            )
+            labels = None
+    matched_on = f"vision typicality (local density, k={k})" + (
+        " and category (label)" if labels is not None else ""
+    )
+    return MatchingCovariates(typical, labels, matched_on, note)
+
+
+def _matched_sets(
+    chosen: np.ndarray, covariates: MatchingCovariates, n_sets: int, seed: int
+) -> tuple[np.ndarray, str]:
+    """Matched random sets of ``chosen`` drawn from the other stimuli (as the report's
+    ``analyses.matched_baselines``): nearest-covariate matching within label where that costs
+    little, else (or where a label runs short) typicality strata × label; drawn from every
+    stimulus only when the others cannot match the set. Returns the sets and the method in words.
+    """
+    n = covariates.typicality.shape[0]
+    attempts = []
+    if chosen.size * n <= _NEAREST_MATCHING_WORK:
+        attempts.append(("nearest", {}, "nearest typicality"))
+    strata = f"{_STRATA_BINS} typicality strata"
+    attempts += [
+        ("strata", {"n_bins": _STRATA_BINS}, strata),
+        ("strata", {"n_bins": 5}, "5 typicality strata"),
+    ]
+    for exclude in (True, False):
+        for method, extra, words in attempts:
+            try:
+                sets = calibration.matched_random_sets(
+                    chosen, covariates.typicality, covariates.labels, n_sets=n_sets,
+                    method=method, exclude_chosen=exclude, seed=seed, **extra,
+                )
+            except ValueError:  # a label or stratum with too few stimuli left
+                continue
+            words += " within label" if covariates.labels is not None else ""
+            return sets, words + ("" if exclude else ", drawn from every stimulus")
+    raise ValueError(
+        f"no matched random sets of {chosen.size} stimuli can be drawn from {n} with these "
+        "labels; choose a smaller set"
+    )
+
+
+def calibration_table(
+    indexes: Mapping[LayerKey, NeighbourIndex],
+    pairs: Sequence[Pair],
+    sets: Mapping[str, np.ndarray],
+    k: int | None,
+    covariates: MatchingCovariates,
+    *,
+    metric: str = "cknna",
+    options: Mapping[str, Any] | None = None,
+    n_shuffles: int = 200,
+    n_matched: int = 200,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, dict[tuple[Pair, str], calibration.BaselineComparison]]:
+    """Each raw score beside its calibrated score and its matched random baseline.
+
+    Per pair × named set: the shuffled-pairing null within the set
+    (``calibration.shuffled_pairing_null``: the set's language rows shuffled ``n_shuffles``
+    times) and ``n_matched`` random sets matched to the set on ``covariates``
+    (``calibration.matched_random_sets``; ``calibration.compare_with_baseline``).
+
+    Returns ``(table, comparisons)``: the table has one row per pair × set: the pair's columns,
+    ``set``, ``set_size``, ``metric``, ``options``, ``k``, ``value`` (raw), ``null_mean``,
+    ``null_lower_95``, ``null_upper_95``, ``calibrated`` (raw − null mean), ``null_z``,
+    ``null_p_value`` (P(null ≥ raw)), ``matched_mean``, ``matched_lower_95``,
+    ``matched_upper_95``, ``matched_p_value_greater``, ``matched_p_value_less``,
+    ``set_typicality`` and ``matched_typicality`` (mean typicality of the set and of its matched
+    sets: the balance the matching reached), ``n_shuffles``, ``n_matched``, ``matched_on``,
+    ``matching``; ``comparisons`` the matched baselines by (pair, set) for
+    :func:`low_high_matched_table`.
+    """
+    options = metric_options(metric, options)
+    keyed = [pair.sides for pair in pairs]
+    n = covariates.typicality.shape[0]
+    rows, comparisons = [], {}
+    for name, rows_of_set in sets.items():
+        chosen = np.sort(np.asarray(rows_of_set, dtype=np.int64))
+        matched, method = _matched_sets(chosen, covariates, int(n_matched), int(seed))
+        # every pair's score on the set and its matched sets in one batched pass
+        on_sets = metric_on_sets(indexes, keyed, np.concatenate([chosen[None], matched]), metric,
+                                 k=k or 1, options=options)
+        for p, pair in enumerate(pairs):
+            x, y = indexes[pair.sides[0]], indexes[pair.sides[1]]
+            null = calibration.shuffled_pairing_null(
+                lambda rows_x, rows_y, x=x, y=y: metric_on_pairings(
+                    x, y, rows_x, rows_y, metric, k=k or 1, options=options
+                ),
+                chosen, n=n, n_shuffles=int(n_shuffles), seed=int(seed), batched=True,
+            )
+            # the batched score is already computed: [chosen, *matched] in the order it asks
+            baseline = calibration.compare_with_baseline(
+                lambda stacked, values=on_sets[p]: values, chosen, matched, batched=True
+            )
+            comparisons[(pair, name)] = baseline
+            rows.append(
+                {
+                    **pair._asdict(),
+                    "set": name,
+                    "set_size": int(chosen.size),
+                    **_metric_columns(metric, k, options),
+                    "value": null.observed,
+                    "null_mean": null.null_mean,
+                    "null_lower_95": null.null_lower,
+                    "null_upper_95": null.null_upper,
+                    "calibrated": null.calibrated,
+                    "null_z": null.z,
+                    "null_p_value": null.p_value,
+                    "matched_mean": baseline.baseline_mean,
+                    "matched_lower_95": baseline.lower,
+                    "matched_upper_95": baseline.upper,
+                    "matched_p_value_greater": baseline.p_value_greater,
+                    "matched_p_value_less": baseline.p_value_less,
+                    "set_typicality": float(covariates.typicality[chosen].mean()),
+                    "matched_typicality": float(covariates.typicality[matched].mean()),
+                    "n_shuffles": null.n_shuffles,
+                    "n_matched": baseline.n_sets,
+                    "matched_on": covariates.matched_on,
+                    "matching": method,
+                }
+            )
+    return _with_int_k(pd.DataFrame(rows)), comparisons
+
+
+def low_high_matched_table(
+    pairs: Sequence[Pair],
+    comparisons: Mapping[tuple[Pair, str], calibration.BaselineComparison],
+    *,
+    level: float = 0.05,
+) -> pd.DataFrame:
+    """Does low > high survive the matched baseline? Per pair: metric(low) − metric(high) against
+    the same difference between the low and high sets' matched random sets
+    (``calibration.compare_difference_with_baselines``).
+
+    Returns one row per pair: the pair's columns, ``low_minus_high``, ``matched_difference_mean``,
+    ``matched_difference_lower_95``, ``matched_difference_upper_95``, ``p_value`` (P(matched
+    difference ≥ observed)), ``survives`` (low > high and p < ``level``).
+    """
+    rows = []
+    for pair in pairs:
+        if (pair, "low") not in comparisons or (pair, "high") not in comparisons:
+            continue
+        result = calibration.compare_difference_with_baselines(
+            comparisons[(pair, "low")], comparisons[(pair, "high")]
+        )
+        rows.append(
+            {
+                **pair._asdict(),
+                "low_minus_high": result.observed,
+                "matched_difference_mean": result.baseline_mean,
+                "matched_difference_lower_95": result.lower,
+                "matched_difference_upper_95": result.upper,
+                "p_value": result.p_value_greater,
+                "survives": bool(result.observed > 0 and result.p_value_greater < level),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def matched_verdict(table: pd.DataFrame, metric: str, matched_on: str) -> str:
+    """One line: in how many pairs low > high survives the matched baseline."""
+    if table.empty:
+        return "No low and high sets to compare."
+    label = metric_label(metric)
+    survived = int(table["survives"].sum())
+    greater = int((table["low_minus_high"] > 0).sum())
+    total = len(table)
+    if survived == total:
+        word = "survives"
+    else:
+        word = "partly survives" if survived else "does not survive"
+    return (
+        f"Low > high {word} the matched baseline ({matched_on}): {label}(low) − {label}(high) is "
+        f"positive in {greater} of {total} pairs and larger than 95% of the matched sets' "
+        f"differences (one-sided p < 0.05) in {survived} of {total}."
+    )
+
+
+def best_layer_sample_note(best_layers: pd.DataFrame, n_stimuli: int) -> str | None:
+    """Where the best language layers were chosen on a seeded sample of the stimuli (runs above
+    ``analyses.LAYER_SWEEP_MAX_STIMULI``), the sentence that says so; None when on every stimulus.
+
+    ``best_layers``: ``analyses.best_language_layers``' table (``n_stimuli_used``,
+    ``sample_seed``).
+    """
+    if best_layers is None or best_layers.empty or "n_stimuli_used" not in best_layers:
+        return None
+    used = int(best_layers["n_stimuli_used"].max())
+    if used >= n_stimuli:
+        return None
+    seeds = sorted({int(s) for s in best_layers["sample_seed"].dropna()})
+    seed = f" (seed {', '.join(map(str, seeds))})" if seeds else ""
+    return (
+        f"Best language layers chosen on a seeded random sample of {used:,} of the "
+        f"{n_stimuli:,} stimuli{seed}: the layer sweep samples runs above {used:,} stimuli. "
+        "Every alignment number is then measured on the stimuli you choose."
     )

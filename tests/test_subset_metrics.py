@@ -1,0 +1,153 @@
+"""Any registry metric on many sets and on shuffled pairings (convergence_core/subset_metrics.py),
+against the metric on each set's prepared features (metrics.measure: the dense definitions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convergence_core import metrics
+from convergence_core.neighbours import NeighbourIndex, PreparedFeatures, build_neighbour_lists
+from convergence_core.subset_metrics import (
+    metric_on_pairings,
+    metric_on_sets,
+    metric_options,
+    set_scorer,
+)
+
+#: (metric, options) covering every registry entry and both kernels
+CASES = [
+    ("cknna", {}),
+    ("mutual_knn", {}),
+    ("cycle_knn", {}),
+    ("lcs_knn", {}),
+    ("edit_distance_knn", {}),
+    ("cka", {}),
+    ("cka", {"kernel": "rbf", "sigma": 0.7}),
+    ("unbiased_cka", {}),
+    ("unbiased_cka", {"kernel": "rbf", "sigma": 1.3}),
+    ("svcca", {"cca_dim": 4}),
+]
+
+
+def _index(X: np.ndarray, list_size: int = 12) -> NeighbourIndex:
+    features = PreparedFeatures.from_raw(X, 0.95)
+    return NeighbourIndex(features, build_neighbour_lists(features, list_size))
+
+
+@pytest.fixture(scope="module")
+def indexes() -> dict[str, NeighbourIndex]:
+    """Three 'models' of 90 stimuli sharing a latent structure (no exact ties)."""
+    rng = np.random.default_rng(7)
+    latent = rng.standard_normal((90, 6))
+    out = {}
+    for key, d in (("a", 20), ("b", 14), ("c", 9)):
+        X = latent @ rng.standard_normal((6, d)) + 0.6 * rng.standard_normal((90, d))
+        out[key] = _index(X)
+    return out
+
+
+def _dense(indexes, x, y, rows_x, rows_y, metric, k, options) -> float:
+    X = indexes[x].features.rows(np.asarray(rows_x))
+    Y = indexes[y].features.rows(np.asarray(rows_y))
+    if metrics.metric(metric).neighbour_metric:
+        return metrics.measure(metric, X, Y, k=k, **options)
+    return metrics.measure(metric, X, Y, **options)
+
+
+@pytest.mark.parametrize(("metric", "options"), CASES)
+@pytest.mark.parametrize("dense_limit", [10_000, 0])
+def test_every_metric_on_sets_equals_the_metric_on_the_sets_features(
+    indexes, metric, options, dense_limit
+) -> None:
+    rng = np.random.default_rng(1)
+    sets = np.stack([rng.choice(90, 30, replace=False) for _ in range(5)])
+    pairs = [("a", "b"), ("c", "a")]
+    k = 7
+    values = metric_on_sets(
+        indexes, pairs, sets, metric, k=k, options=options, dense_limit=dense_limit
+    )
+    assert values.shape == (2, 5)
+    for p, (x, y) in enumerate(pairs):
+        for b, rows in enumerate(sets):
+            expected = _dense(indexes, x, y, np.sort(rows), np.sort(rows), metric, k, options)
+            assert values[p, b] == pytest.approx(expected, abs=1e-9), (metric, p, b)
+
+
+@pytest.mark.parametrize(("metric", "options"), CASES)
+def test_shuffled_pairings_equal_the_metric_on_the_paired_rows(indexes, metric, options) -> None:
+    rng = np.random.default_rng(2)
+    rows = np.sort(rng.choice(90, 28, replace=False))
+    shuffles = np.stack([rows[rng.permutation(28)] for _ in range(4)])
+    rows_x = np.broadcast_to(rows, shuffles.shape)
+    k = 6
+    values = metric_on_pairings(
+        indexes["a"], indexes["b"], rows_x, shuffles, metric, k=k, options=options
+    )
+    for b in range(4):
+        expected = _dense(indexes, "a", "b", rows, shuffles[b], metric, k, options)
+        assert values[b] == pytest.approx(expected, abs=1e-9), (metric, b)
+    # both sides in one new order = the set itself (every metric is permutation invariant)
+    order = rng.permutation(28)
+    same = metric_on_pairings(
+        indexes["a"], indexes["b"], rows[order][None], rows[order][None], metric, k=k,
+        options=options,
+    )
+    on_set = metric_on_sets(indexes, [("a", "b")], rows, metric, k=k, options=options)
+    assert same[0] == pytest.approx(on_set[0, 0], abs=1e-9)
+
+
+def test_a_planted_pairing_scores_above_its_shuffles(indexes) -> None:
+    """X paired with a scaled copy of itself with its features reordered (the prepared features
+    are then the same up to column order): every shuffle destroys the alignment."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((60, 8))
+    x, y = _index(X), _index(3.0 * X[:, rng.permutation(8)])
+    rows = np.arange(60)
+    shuffles = np.stack([rng.permutation(60) for _ in range(10)])
+    for metric in ("cknna", "mutual_knn", "cka"):
+        true = metric_on_pairings(x, y, rows[None], rows[None], metric, k=5)[0]
+        null = metric_on_pairings(x, y, np.broadcast_to(rows, (10, 60)), shuffles, metric, k=5)
+        assert true == pytest.approx(1.0, abs=1e-3) and np.all(null < 0.5), metric  # +1e-6
+
+
+def test_scorer_and_options_are_checked(indexes) -> None:
+    score = set_scorer(indexes, [("a", "b")], "mutual_knn", k=5)
+    sets = np.arange(40).reshape(2, 20)
+    np.testing.assert_array_equal(
+        score(sets), metric_on_sets(indexes, [("a", "b")], sets, "mutual_knn", k=5)
+    )
+    assert metric_options("cka", {"kernel": "rbf", "k": 10}) == {"kernel": "rbf", "sigma": 1.0}
+    with pytest.raises(ValueError, match="does not take 'cca_dim'; it takes kernel, sigma"):
+        metric_options("cka", {"cca_dim": 3})
+    with pytest.raises(ValueError, match="unknown metric 'r2'"):
+        metric_on_sets(indexes, [("a", "b")], sets, "r2")
+    with pytest.raises(ValueError, match="no neighbour index"):
+        metric_on_sets(indexes, [("a", "z")], sets, "cka")
+    with pytest.raises(ValueError, match="same shape"):
+        metric_on_pairings(indexes["a"], indexes["b"], sets, sets[:, :10], "cka")
+    with pytest.raises(ValueError, match="default options"):
+        metric_on_sets(indexes, [("a", "b")], sets, "lcs_knn", k=5, options={"normalise": False})
+
+
+def test_the_engine_computes_only_the_metrics_asked_for(indexes) -> None:
+    """A lab showing one metric does not pay for CKNNA (neighbours.subset_alignment)."""
+    from convergence_core.neighbours import subset_alignment
+
+    sets = np.arange(40).reshape(2, 20)
+    result = subset_alignment(indexes, [("a", "b")], sets, 5, metrics=["cycle_knn"])
+    assert list(result.values) == ["cycle_knn"] and result.cknna is None
+    default = subset_alignment(indexes, [("a", "b")], sets, 5)
+    assert set(default.values) == {"cknna", "mutual_knn"} and default.cknna.shape == (1, 2)
+    with pytest.raises(ValueError, match="metrics is empty"):
+        subset_alignment(indexes, [("a", "b")], sets, 5, metrics=[])
+
+
+def test_dense_kernels_are_kept_between_calls_and_read_only(indexes) -> None:
+    from convergence_core import subset_metrics
+
+    first = subset_metrics._dense_kernel(indexes["a"], "linear", 1.0)
+    assert subset_metrics._dense_kernel(indexes["a"], "linear", 1.0) is first
+    assert not first.flags.writeable
+    rbf = subset_metrics._dense_kernel(indexes["a"], "rbf", 0.5)
+    assert rbf is not first and np.allclose(np.diagonal(rbf), 1.0)
