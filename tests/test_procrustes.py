@@ -490,32 +490,40 @@ def test_eigh_polar_matches_svd_on_ill_conditioned_models(n, r, p, condition) ->
         assert used_eigh  # the SVD-free route is accurate enough here and must be taken
     # whichever route was taken, the step equals the SVD Procrustes step, in the aligned
     # coordinates and as a map, and its rows are orthonormal to rounding
-    np.testing.assert_allclose(z @ t, z @ svd_polar(a), atol=1e-9)
+    _, estimate = _eigh_polar(a)
+    tolerance = max(1e-9, estimate) if used_eigh else 1e-9
+    np.testing.assert_allclose(z @ t, z @ svd_polar(a), atol=tolerance)
+    assert np.linalg.norm(t - svd_polar(a)) <= tolerance
     if condition <= 1e2:
         np.testing.assert_allclose(t, svd_polar(a), atol=1e-9)
     np.testing.assert_allclose(t @ t.T, np.eye(r), atol=1e-14)
 
 
-def test_eigh_polar_error_bound_bounds_the_error() -> None:
-    """The guard rests on the bound being an upper bound: check it on random steps with
-    condition numbers up to 1e7 (where the route's error reaches 1e-6)."""
+def test_eigh_polar_error_estimate_bounds_the_error() -> None:
+    """The guard rests on the estimate (the raw route's departure from orthonormal rows) being an
+    upper bound of the error: check it on random steps with condition numbers up to 1e8 (where the
+    route's error reaches ~1)."""
     rng = np.random.default_rng(16)
     ratios = []
     for _ in range(300):
-        n = int(rng.integers(6, 60))
-        r = int(rng.integers(1, min(n - 1, 30) + 1))
-        p = int(rng.integers(r, min(n, 40) + 1))
+        n = int(rng.integers(6, 80))
+        r = int(rng.integers(1, min(n - 1, 40) + 1))
+        p = int(rng.integers(r, min(n, 50) + 1))
         z = with_singular_values(rng, n, r, np.geomspace(1.0, 10 ** -rng.uniform(0, 3), r))
         z /= np.linalg.norm(z)  # a model's coordinates have unit norm
-        c = with_singular_values(rng, n, p, np.geomspace(1.0, 10 ** -rng.uniform(0, 7), p))
+        c = with_singular_values(rng, n, p, np.geomspace(1.0, 10 ** -rng.uniform(0, 8), p))
         a = z.T @ c
-        t, bound = _eigh_polar(a)
+        t, estimate = _eigh_polar(a)
+        if not np.isfinite(estimate):
+            continue
         error = np.linalg.norm(t - svd_polar(a))
         assert np.linalg.norm(z @ (t - svd_polar(a))) <= error + 1e-15  # ||z||_2 ≤ 1
-        if bound > 1e-12:  # below it both routes are at rounding level
-            ratios.append(error / bound)
+        if estimate <= procrustes._EIGH_POLAR_MAX_ERROR:  # accepted: rows orthonormal to rounding
+            np.testing.assert_allclose(t @ t.T, np.eye(r), atol=1e-13)
+        if error > 1e-13:  # below it both routes are at rounding level
+            ratios.append(error / estimate)
     assert len(ratios) > 100
-    assert max(ratios) < 0.5
+    assert max(ratios) < 1.0
 
 
 def test_eigh_polar_falls_back_to_svd_on_rank_deficient_steps() -> None:
@@ -565,7 +573,10 @@ def record_routes(monkeypatch) -> list[bool]:
     ("m", "dims", "rank"), [(20, (10, 12, 6), 3), (8, (15, 20), 5)], ids=["d<m", "d>m"]
 )
 def test_matches_reference_gpa_on_rank_deficient_models(monkeypatch, m, dims, rank) -> None:
-    """Embeddings of rank < min(m - 1, d_i) must go through the SVD fallback and still agree."""
+    """Embeddings of rank < min(m - 1, d_i): some steps are rank deficient, and whichever route
+    each takes (the SVD where the eigh route's rows come out far from orthonormal; the eigh route
+    where its arbitrary completion of the null directions happens to be orthonormal, which is as
+    good: any completion maximises the step), the iterates agree with the reference."""
     routes = record_routes(monkeypatch)
     rng = np.random.default_rng(14)
     base = rng.standard_normal((m, rank))
@@ -573,7 +584,7 @@ def test_matches_reference_gpa_on_rank_deficient_models(monkeypatch, m, dims, ra
         (base + 0.1 * rng.standard_normal((m, rank))) @ rng.standard_normal((rank, d)) for d in dims
     ]
     plain = generalized_procrustes(embeddings, accelerate=False)
-    assert routes and not all(routes)
+    assert routes and (dims[0] > m or not all(routes))
     ref_residuals, ref_losses, _ = reference_gpa(embeddings, tol=-np.inf, max_iter=plain.n_iter)
     np.testing.assert_allclose(plain.loss_history, ref_losses, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(plain.residuals, ref_residuals, atol=1e-8)
