@@ -106,7 +106,7 @@ _BLOCK_BYTES = 1 << 26
 # (the route's error comes from the eigenvectors of small eigenvalues of a aᵀ, computed to
 # ~ε·λ_max/λ, and shows up as non-orthogonal rows): the error against the SVD route stayed below
 # 0.76× it over 300 random ill-conditioned steps (tests/test_procrustes.py checks ≤ 1×). An error
-# δ of a step costs at most ~½·s_max·δ² ≈ 1e-13 in the loss (s_max ≤ 1, the block curvature):
+# δ of a step costs at most ~½·s_max·δ² ≤ 5e-13 in the loss (s_max ≤ 1, the block curvature):
 # far below the stopping tolerances, and it lands in the weakly coupled directions where the
 # block curvature is smallest. On the benchmark problem (width 768, n = 2,000) the estimates are
 # 2-4e-8 while the a-priori first-order bound ε·λ_max·||Λ^{-1/2}||_F/sqrt(λ_min) is 2-9e-7.
