@@ -50,9 +50,9 @@ class GPAStability:
         dispersion: (n,) float64, mean residual of the reference solution (GPA's result).
         residual_spread: (n, M) float64, max − min over the S + 1 solutions of each residual.
         dispersion_spread: (n,) float64, max − min over the solutions of the mean residual.
-        dispersion_spread_at_best: (n,) float64, the same over the solutions that reached the
-            lowest minimum (:attr:`same_optimum`): how well the optimisation pins the dispersion
-            of that minimum, without the other minima.
+        residual_spread_at_best, dispersion_spread_at_best: (n, M) and (n,) float64, the same
+            over the solutions that reached the lowest minimum (:attr:`same_optimum`): how well
+            the optimisation pins the residuals of that minimum, without the other minima.
         rank_low, rank_high: (n,) int64, lowest / highest rank of the stimulus's mean residual
             over the solutions (0 = least dispersed; ties by stimulus order).
         spearman: (S,) float64, Spearman ρ of each start's mean residual with the reference's
@@ -71,6 +71,7 @@ class GPAStability:
     dispersion: np.ndarray
     residual_spread: np.ndarray
     dispersion_spread: np.ndarray
+    residual_spread_at_best: np.ndarray
     dispersion_spread_at_best: np.ndarray
     rank_low: np.ndarray
     rank_high: np.ndarray
@@ -100,7 +101,8 @@ class GPAStability:
         the widest rank interval (in ranks), the loss range, how many solutions (and whether the
         reference) reached the lowest minimum, and ``last_step_over_spread`` (the largest
         residual motion of the reference's last iteration divided by the largest spread; < 1:
-        the iterations stopped when residuals moved less than their uncertainty across starts).
+        the iterations stopped when residuals moved less than their uncertainty across starts;
+        ``..._at_best``: the same against the spread within the lowest minimum).
         """
         positive = self.dispersion > 0
 
@@ -108,7 +110,12 @@ class GPAStability:
             return np.divide(spread, self.dispersion, out=np.zeros_like(spread), where=positive)
 
         spread = float(self.residual_spread.max())
+        spread_at_best = float(self.residual_spread_at_best.max())
         step = float(self.last_step.max())
+
+        def ratio(a: float, b: float) -> float:
+            return a / b if b > 0 else (0.0 if a == 0 else float("inf"))
+
         return {
             "n_starts": float(self.spearman.size),
             "max_relative_dispersion_spread": float(relative(self.dispersion_spread).max()),
@@ -122,7 +129,8 @@ class GPAStability:
             "loss_range": float(self.losses.max() - self.losses.min()),
             "solutions_at_best_optimum": float(self.same_optimum.sum()),
             "reference_at_best_optimum": float(self.same_optimum[0]),
-            "last_step_over_spread": step / spread if spread > 0 else (0.0 if step == 0 else float("inf")),
+            "last_step_over_spread": ratio(step, spread),
+            "last_step_over_spread_at_best": ratio(step, spread_at_best),
         }
 
     def to_frame(self, ids: Sequence[Any] | None = None) -> pd.DataFrame:
@@ -246,6 +254,7 @@ def gpa_stability(
         dispersion=dispersion[0],
         residual_spread=residuals.max(axis=0) - residuals.min(axis=0),
         dispersion_spread=dispersion.max(axis=0) - dispersion.min(axis=0),
+        residual_spread_at_best=residuals[at_best].max(axis=0) - residuals[at_best].min(axis=0),
         dispersion_spread_at_best=dispersion[at_best].max(axis=0) - dispersion[at_best].min(axis=0),
         rank_low=ranks.min(axis=0).astype(np.int64),
         rank_high=ranks.max(axis=0).astype(np.int64),
