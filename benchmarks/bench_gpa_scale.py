@@ -28,7 +28,7 @@ methods within one run (ratios), and prefer CPU seconds.
 Usage:
     .venv/bin/python benchmarks/bench_gpa_scale.py [--sizes 2000,5000,10000] [--dims 768,768,768,768]
         [--rank 64] [--noise 0.2] [--methods old,new,reference,tight,stability] [--old-max-n 10000]
-        [--threads N] [--out gpa_scale.json] [--quick]
+        [--threads N] [--max-iter 3000] [--out gpa_scale.json] [--quick]
 ``--quick`` is a smoke run (n = 400, 800; width 96). Writes benchmarks/results/NAME.
 """
 
@@ -150,7 +150,8 @@ def v1_generalized_procrustes(embeddings: list[np.ndarray], tol: float = 1e-10, 
 
 
 # --- one method in its own process -----------------------------------------------------------------
-def run_worker(method: str, paths: list[Path], out: Path, threads: int | None, starts: int) -> None:
+def run_worker(method: str, paths: list[Path], out: Path, threads: int | None, starts: int,
+               max_iter: int) -> None:
     from threadpoolctl import threadpool_limits
 
     from convergence_core import procrustes
@@ -171,8 +172,11 @@ def run_worker(method: str, paths: list[Path], out: Path, threads: int | None, s
     with threadpool_limits(threads):
         wall, cpu = time.perf_counter(), time.process_time()
         if method == "old":
-            residuals, history = v1_generalized_procrustes([np.asarray(a, dtype=np.float64) for a in arrays])
-            record.update(iterations=len(history) - 1, sweeps=len(history) - 2, loss=float(history[-1]))
+            residuals, history = v1_generalized_procrustes(
+                [np.asarray(a, dtype=np.float64) for a in arrays], max_iter=max_iter
+            )
+            record.update(iterations=len(history) - 1, sweeps=len(history) - 2, loss=float(history[-1]),
+                          converged=bool(history[-2] - history[-1] < 1e-10))
         elif method in ("new", "tight"):
             procrustes._prepare = timed("read_cross_products_s", procrustes._prepare)
             procrustes._iterate = timed("iterations_s", procrustes._iterate)
@@ -198,7 +202,7 @@ def run_worker(method: str, paths: list[Path], out: Path, threads: int | None, s
             it = procrustes._Iterations(problem)
             maps, loss = it.start()
             history = [problem.unaligned_loss, loss]
-            while history[-2] - history[-1] >= 1e-13 and len(history) - 1 < 20000:
+            while history[-2] - history[-1] >= 1e-13 and len(history) - 1 < max_iter:
                 maps, loss = it.sweep(maps)
                 history.append(loss)
             full = procrustes._full_maps(problem, maps)
@@ -237,6 +241,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--old-max-n", type=int, default=10000, help="run `old` only up to this n")
     parser.add_argument("--stability-starts", type=int, default=2)
+    parser.add_argument("--max-iter", type=int, default=3000,
+                        help="iteration cap of `old` and `reference` (reported as converged=False)")
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads (default: as configured)")
     parser.add_argument("--out", default="gpa_scale.json")
     parser.add_argument("--quick", action="store_true", help="smoke run: n = 400, 800, width 96")
@@ -247,7 +253,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         run_worker(args.worker, [Path(p) for p in args.paths.split(",")], Path(args.result),
-                   args.threads, args.stability_starts)
+                   args.threads, args.stability_starts, args.max_iter)
         return
     sizes = [400, 800] if args.quick else [int(x) for x in args.sizes.split(",")]
     dims = [96, 96, 96, 96] if args.quick else [int(x) for x in args.dims.split(",")]
@@ -265,7 +271,8 @@ def main() -> None:
                 result_path = folder / f"{method}_{n}.json"
                 command = [sys.executable, __file__, "--worker", method,
                            "--paths", ",".join(str(p) for p in paths), "--result", str(result_path),
-                           "--stability-starts", str(args.stability_starts)]
+                           "--stability-starts", str(args.stability_starts),
+                           "--max-iter", str(args.max_iter)]
                 if args.threads:
                     command += ["--threads", str(args.threads)]
                 load = os.getloadavg()[0]
@@ -276,7 +283,8 @@ def main() -> None:
                 if residuals_path.exists():
                     record["_residuals"] = np.load(residuals_path)
                 results[method] = record
-                print(f"  n={n} {method}: {record.get('iterations')} iterations, "
+                print(f"  n={n} {method}: {record.get('iterations')} iterations "
+                      f"(converged: {record.get('converged')}), "
                       f"{record['seconds']:.1f} s (cpu {record['cpu_seconds']:.1f} s), "
                       f"peak RSS {record['peak_rss_mb']:.0f} MB", flush=True)
             best = min(r["loss"] for r in results.values() if "loss" in r)

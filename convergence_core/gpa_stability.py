@@ -52,7 +52,8 @@ class GPAStability:
         dispersion_spread: (n,) float64, max − min over the solutions of the mean residual.
         residual_spread_at_best, dispersion_spread_at_best: (n, M) and (n,) float64, the same
             over the solutions that reached the lowest minimum (:attr:`same_optimum`): how well
-            the optimisation pins the residuals of that minimum, without the other minima.
+            the optimisation pins the residuals of that minimum, without the other minima (NaN
+            when only one solution reached it).
         rank_low, rank_high: (n,) int64, lowest / highest rank of the stimulus's mean residual
             over the solutions (0 = least dispersed; ties by stimulus order).
         spearman: (S,) float64, Spearman ρ of each start's mean residual with the reference's
@@ -110,10 +111,12 @@ class GPAStability:
             return np.divide(spread, self.dispersion, out=np.zeros_like(spread), where=positive)
 
         spread = float(self.residual_spread.max())
-        spread_at_best = float(self.residual_spread_at_best.max())
+        spread_at_best = float(np.max(self.residual_spread_at_best))  # NaN: one solution there
         step = float(self.last_step.max())
 
         def ratio(a: float, b: float) -> float:
+            if np.isnan(b):
+                return float("nan")
             return a / b if b > 0 else (0.0 if a == 0 else float("inf"))
 
         return {
@@ -175,6 +178,13 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(values.shape[1])[None, :], axis=1)
     return ranks
+
+
+def _spread(values: np.ndarray) -> np.ndarray:
+    """max − min over the first axis; NaN where fewer than two solutions are given."""
+    if values.shape[0] < 2:
+        return np.full(values.shape[1:], np.nan)
+    return values.max(axis=0) - values.min(axis=0)
 
 
 def _spearman(reference: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -254,8 +264,8 @@ def gpa_stability(
         dispersion=dispersion[0],
         residual_spread=residuals.max(axis=0) - residuals.min(axis=0),
         dispersion_spread=dispersion.max(axis=0) - dispersion.min(axis=0),
-        residual_spread_at_best=residuals[at_best].max(axis=0) - residuals[at_best].min(axis=0),
-        dispersion_spread_at_best=dispersion[at_best].max(axis=0) - dispersion[at_best].min(axis=0),
+        residual_spread_at_best=_spread(residuals[at_best]),
+        dispersion_spread_at_best=_spread(dispersion[at_best]),
         rank_low=ranks.min(axis=0).astype(np.int64),
         rank_high=ranks.max(axis=0).astype(np.int64),
         spearman=_spearman(dispersion[0], dispersion[1:]),

@@ -33,3 +33,23 @@ def test_numerics_benchmark_runs_and_writes_json() -> None:
         assert -1e-13 <= gpa[f"{name}_loss_above_optimum"] < 1e-10
         assert gpa[f"{name}_max_abs_residual_from_optimum"] < 1e-7
     assert "speed-up" in done.stdout
+
+
+def test_gpa_scale_benchmark_runs_and_writes_json() -> None:
+    out = "gpa-scale-smoke-test.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpa_scale.py", "--quick", "--out", out],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = REPO / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    rows = {(row["n"], row["method"]): row for row in payload["rows"]}
+    assert set(rows) == {(n, m) for n in (400, 800) for m in ("old", "new", "reference", "tight", "stability")}
+    for n in (400, 800):
+        # the new scheme ends at the lowest loss found (to 1e-12) and ranks stimuli as the reference
+        assert abs(rows[(n, "new")]["loss_minus_lowest"]) < 1e-12
+        assert rows[(n, "new")]["spearman_vs_reference"] > 0.9999
+        assert rows[(n, "new")]["peak_rss_mb"] > 0
+    assert "final loss" in done.stdout

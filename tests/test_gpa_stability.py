@@ -74,7 +74,10 @@ def test_reference_is_the_gpa_result_and_spreads_are_consistent() -> None:
     ranks = np.argsort(np.argsort(stability.dispersion, kind="stable"), kind="stable")
     assert np.all(stability.rank_low <= ranks) and np.all(ranks <= stability.rank_high)
     assert np.all(stability.residual_spread >= 0) and np.all(stability.last_step >= 0)
-    assert np.all(stability.dispersion_spread_at_best <= stability.dispersion_spread + 1e-16)
+    if stability.same_optimum.sum() >= 2:
+        assert np.all(stability.dispersion_spread_at_best <= stability.dispersion_spread + 1e-16)
+    else:  # one solution at the lowest minimum: no spread there to measure
+        assert np.isnan(stability.dispersion_spread_at_best).all()
     # the reference's last iteration moved its residuals by at most the last step
     assert stability.last_step.max() < 1e-4
     assert np.all((-1 <= stability.spearman) & (stability.spearman <= 1))
