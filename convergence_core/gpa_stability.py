@@ -127,7 +127,11 @@ class GPAStability:
                 relative(self.dispersion_spread_at_best).max()
             ),
             "max_residual_spread": spread,
-            "min_spearman": float(np.nanmin(self.spearman)) if np.any(np.isfinite(self.spearman)) else float("nan"),
+            "min_spearman": (
+                float(np.nanmin(self.spearman))
+                if np.any(np.isfinite(self.spearman))
+                else float("nan")
+            ),
             "max_rank_interval": float((self.rank_high - self.rank_low).max()),
             "loss_range": float(self.losses.max() - self.losses.min()),
             "solutions_at_best_optimum": float(self.same_optimum.sum()),
@@ -149,9 +153,12 @@ class GPAStability:
             values = getattr(self, metric)
             for i, name in enumerate(names):
                 frames.append(pd.DataFrame(
-                    {"stimulus": np.arange(n), "model": name, "metric": metric, "value": values[:, i]}
+                    {"stimulus": np.arange(n), "model": name, "metric": metric,
+                     "value": values[:, i]}
                 ))
-        for metric in ("dispersion", "dispersion_spread", "dispersion_spread_at_best", "rank_low", "rank_high"):
+        per_stimulus = ("dispersion", "dispersion_spread", "dispersion_spread_at_best", "rank_low",
+                        "rank_high")
+        for metric in per_stimulus:
             frames.append(pd.DataFrame({
                 "stimulus": np.arange(n),
                 "model": "mean",
@@ -162,7 +169,10 @@ class GPAStability:
         if ids is not None:
             ids = np.asarray(ids)
             if ids.shape != (n,):
-                raise ValueError(f"got {ids.shape[0] if ids.ndim else 0} ids for {n} stimuli; pass one id per stimulus.")
+                raise ValueError(
+                    f"got {ids.shape[0] if ids.ndim else 0} ids for {n} stimuli; pass one id per "
+                    "stimulus."
+                )
             table.insert(1, "id", ids[table["stimulus"].to_numpy()])
         return table
 
@@ -237,7 +247,9 @@ def gpa_stability(
         :class:`GPAStability`.
     """
     if isinstance(n_starts, bool) or not isinstance(n_starts, (int, np.integer)) or n_starts < 1:
-        raise ValueError(f"n_starts must be an integer >= 1, got {n_starts!r}; 4 is a good default.")
+        raise ValueError(
+            f"n_starts must be an integer >= 1, got {n_starts!r}; 4 is a good default."
+        )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer, got {seed!r}.")
     _gpa._check_options(tol, max_iter)

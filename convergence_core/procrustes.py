@@ -30,7 +30,8 @@ Iterations (:data:`GPA_ALGORITHM`):
 1. Start (Gower 1975): the widest model as it is; every next model, in order of decreasing width,
    rotated onto the sum of those already placed. If that start has a larger loss than the unaligned
    configurations (possible when the models' raw feature axes already agree), iteration 1 is instead
-   the textbook step: every model rotated onto the unaligned mean C_0, which never increases the loss.
+   the textbook step: every model rotated onto the unaligned mean C_0, which never increases the
+   loss.
 2. Block sweeps (ten Berge 1977): each model in turn (same order) rotated onto the sum of the
    *other* models' current configurations, T_i = polar(Σ_{j≠i} C_ij T_j). With the others fixed
    this rotation minimises the loss exactly, so a sweep never increases the loss. At a fixed point
@@ -80,9 +81,9 @@ residuals), peak RSS 3.2 GB of which 1.8 GB are the memory-mapped float32 inputs
 
 Procrustes step without an SVD. With A = Σ_{j≠i} C_ij T_j (r × p, r ≤ p) of full row rank, the
 orthogonal polar factor is polar(A) = (A Aᵀ)^{-1/2} A = W · rownormalise(Wᵀ A) with the symmetric
-eigendecomposition A Aᵀ = W Λ Wᵀ (r × r): the row norms of Wᵀ A are Λ^{1/2}, measured on Wᵀ A instead
-of taken from the computed eigenvalues, whose absolute error ε·λ_max would otherwise mis-scale the
-rows of small eigenvalues. An eigendecomposition is 2-3× cheaper than an SVD of the same size here.
+eigendecomposition A Aᵀ = W Λ Wᵀ (r × r): the row norms of Wᵀ A are Λ^{1/2}, measured on Wᵀ A
+instead of taken from the computed eigenvalues, whose absolute error ε·λ_max would otherwise
+mis-scale the rows of small eigenvalues. An eigendecomposition is 2-3× cheaper than an SVD of the same size here.
 Squaring A squares its condition number: the eigenvectors of small eigenvalues carry errors
 ~ε·λ_max/λ, which show up as rows that are not orthonormal. The measured departure
 ||T Tᵀ − I||_F is the error estimate (it bounded the error against the SVD route in every tested
@@ -108,7 +109,8 @@ import numpy as np
 from .validation import _check_finite, _label, check_embedding_set, check_features
 
 
-# Names the iteration scheme (see the module docstring); part of the cache key of stored GPA results.
+# Names the iteration scheme (see the module docstring); part of the cache key of stored GPA
+# results.
 GPA_ALGORITHM = "gower-start+ten-berge-blocks+anderson/2"
 
 # Default of ``tol``: the estimated remaining decrease of the loss at which the iterations stop.
@@ -295,7 +297,9 @@ class GPAResult:
         return list(self.aligned_rows())
 
 
-def _aligned_block(x: np.ndarray, mean: np.ndarray, scale: float, rotation: np.ndarray) -> np.ndarray:
+def _aligned_block(
+    x: np.ndarray, mean: np.ndarray, scale: float, rotation: np.ndarray
+) -> np.ndarray:
     """((x − mean) / scale) @ rotation in float64, for an (r, d_i) block of one model's rows."""
     centered = np.asarray(x, dtype=np.float64) - mean
     return (centered @ rotation) / scale
@@ -429,14 +433,16 @@ def _project_rows(t: np.ndarray) -> np.ndarray:
     return t if error < 1e-3 else _orthonormalise_rows(t, 1 if error < 1e-2 else 2)
 
 
-# -- input checks without float64 copies ------------------------------------------------------------
+# -- input checks without float64 copies ----------------------------------------------------------
 def _check_options(tol: float, max_iter: int) -> None:
     if not (isinstance(tol, (int, float, np.floating)) and np.isfinite(tol) and tol >= 0):
         raise ValueError(
             f"tol must be a finite number >= 0, got {tol!r}; the default is {DEFAULT_TOL:g}."
         )
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}; the default is 1000.")
+        raise ValueError(
+            f"max_iter must be an integer >= 1, got {max_iter!r}; the default is 1000."
+        )
 
 
 def _check_names(names: Sequence[str], n_models: int, what: str) -> tuple[str, ...]:
@@ -538,7 +544,8 @@ def _column_means(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> list[n
 def _cross_products(
     arrays: Sequence[np.ndarray], means: Sequence[np.ndarray]
 ) -> np.ndarray:
-    """Σ over row blocks of Xcᵀ Xc, Xc = [X_1 − μ_1, ..., X_M − μ_M] in float64: (D, D), D = Σ d_i."""
+    """Σ over row blocks of Xcᵀ Xc, Xc = [X_1 − μ_1, ..., X_M − μ_M] in float64: (D, D),
+    D = Σ d_i."""
     n = arrays[0].shape[0]
     widths = [a.shape[1] for a in arrays]
     offsets = np.concatenate([[0], np.cumsum(widths)])
@@ -647,7 +654,8 @@ def _prepare(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Problem:
         for i in range(n_models)
         for j in range(n_models)
     )
-    unaligned_loss = float(sum(np.trace(full_block(i, i)) for i in range(n_models)) - overlap / n_models)
+    traces_sum = sum(float(np.trace(full_block(i, i))) for i in range(n_models))
+    unaligned_loss = traces_sum - overlap / n_models
     targets = []
     for i in range(n_models):
         t = np.zeros((widths[i], d))
@@ -1032,10 +1040,10 @@ def deviation_from_consensus(
     The held-out (n, d_h) embedding is preprocessed as GPA preprocesses its inputs (centered,
     unit Frobenius norm) and rotated by orthogonal Procrustes (reflections allowed; both zero-padded
     to the wider of d_h and d) onto the consensus of ``result``. The same numbers as
-    ``analyses.held_out_deviation(held_out, result.consensus)``, from cross-products over row blocks:
-    with x the preprocessed held-out rows, c the consensus rows and U S Vᵀ the thin SVD of xᵀc
-    (d_h × d), the distance of row j is sqrt(||x_j U Vᵀ − c_j||² + ||x_j||² − ||x_j U||²) (the second
-    part is what an optimal rotation sends to the padding when d_h > d).
+    ``analyses.held_out_deviation(held_out, result.consensus)``, from cross-products over row
+    blocks: with x the preprocessed held-out rows, c the consensus rows and U S Vᵀ the thin SVD of
+    xᵀc (d_h × d), the distance of row j is sqrt(||x_j U Vᵀ − c_j||² + ||x_j||² − ||x_j U||²) (the
+    second part is what an optimal rotation sends to the padding when d_h > d).
 
     Args:
         held_out: (n, d_h) array of the same n stimuli (any numeric dtype; read in row blocks).
