@@ -287,7 +287,7 @@ def main() -> None:
                       f"(converged: {record.get('converged')}), "
                       f"{record['seconds']:.1f} s (cpu {record['cpu_seconds']:.1f} s), "
                       f"peak RSS {record['peak_rss_mb']:.0f} MB", flush=True)
-            best = min(r["loss"] for r in results.values() if "loss" in r)
+            best = min((r["loss"] for r in results.values() if "loss" in r), default=float("nan"))
             reference = results.get("reference")
             for method, record in results.items():
                 residuals = record.pop("_residuals", None)
