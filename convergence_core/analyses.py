@@ -46,7 +46,12 @@ import pandas as pd
 from . import metrics as registry
 from .calibration import local_density, matched_random_sets, shuffled_pairing_null, typicality
 from .neighbours import NeighbourIndex, check_subsets, exact_top_k, subset_alignment
-from .procrustes import generalized_procrustes, preprocess_embeddings, procrustes_align
+from .procrustes import (
+    deviation_from_consensus,
+    generalized_procrustes,
+    preprocess_embeddings,
+    procrustes_align,
+)
 from .stats import (
     PermutationResult,
     correlation_with_fit,
@@ -1133,9 +1138,8 @@ def leave_one_model_out(run: Run) -> pd.DataFrame:
             "run "
             f"has {len(pairs)}: precompute the run with more vision models"
         )
-    embeddings = {
-        model: np.asarray(run.embeddings[model][layer], dtype=np.float64) for model, layer in pairs
-    }
+    # as stored (memory maps are read in row blocks; no float64 copies of whole models)
+    embeddings = {model: run.embeddings[model][layer] for model, layer in pairs}
     ids = run.stimuli["id"].astype(str).to_numpy()
     tables = []
     for held_model, held_layer in pairs:
@@ -1155,7 +1159,9 @@ def leave_one_model_out(run: Run) -> pd.DataFrame:
                     "partial_dispersion": np.asarray(partial.residuals, dtype=np.float64).mean(
                         axis=1
                     ),
-                    "deviation": held_out_deviation(embeddings[held_model], partial.consensus),
+                    # = held_out_deviation(embeddings[held_model], partial.consensus), computed
+                    # from cross-products over row blocks (no (n, d) consensus)
+                    "deviation": deviation_from_consensus(embeddings[held_model], partial),
                 }
             )
         )

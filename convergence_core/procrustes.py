@@ -1,102 +1,308 @@
 """Generalized Procrustes Analysis (GPA) of several models' embeddings of the same stimuli.
 
-Method (paper 000, §2.1-2.2): each model's (m, d_i) embedding is centered over stimuli, zero-padded to
-d = max d_i and scaled to unit Frobenius norm (:func:`preprocess_embeddings`). GPA then finds the
-orthogonal maps T_i (reflections allowed, no scaling) that minimise the loss
-``Σ_i ||N_i T_i − C||²_F`` with C = mean of the aligned configurations N_i T_i, and stops when one
-iteration decreases the loss by less than ``tol``. The per-stimulus residual
-r_ij = ||(N_i T_i)_j − C_j|| (Euclidean, in units of the unit-norm configurations) is stored as
+Method (paper 000, §2.1-2.2): each model's (n, d_i) embedding X_i is centered over stimuli and
+scaled to unit Frobenius norm, N_i = (X_i − μ_i) / s_i, and zero-padded to d = max d_i
+(:func:`preprocess_embeddings`). GPA finds the maps R_i (d_i × d, orthonormal rows: rotations and
+reflections, no scaling) that minimise the loss ``Σ_i ||N_i R_i − C||²_F`` with C = mean of the
+aligned configurations N_i R_i (the consensus). The per-stimulus residual
+r_ji = ||(N_i R_i)_j − C_j|| (Euclidean, in units of the unit-norm configurations) is stored as
 ``residuals[j, i]``.
+
+Cross-product formulation (what makes large n cheap). Everything the iterations need is a function
+of the cross-products C_ij = N_iᵀ N_j (d_i × d_j): with maps T_i (d_i × p, orthonormal rows),
+S = Σ_i N_i T_i and ||N_i T_i||² = tr C_ii = 1,
+
+    loss = Σ_i tr C_ii − ||S||²_F / M,   ||S||²_F = Σ_ij tr(T_iᵀ C_ij T_j),
+    N_iᵀ (Σ_{j≠i} N_j T_j) = Σ_{j≠i} C_ij T_j.
+
+So the data are read three times in row blocks (float64 sums; inputs may be float32 memory maps and
+are never copied whole): column means (and the finiteness check), the cross-products (one
+symmetric (D, D) matrix, D = Σ d_i), and at the end the residuals. An iteration then costs
+O(M² d³), independent of n. When n − 1 < d_i a model's centered configuration has rank ≤ n − 1:
+it is written as N_i = E Z_i V_iᵀ (E an orthonormal basis of the centered stimulus vectors, one
+Householder reflector; V_i from a QR of (Eᵀ N_i)ᵀ) and the iterations use Z_i, r_i = min(n − 1,
+d_i) columns, with p = min(n − 1, d) ≥ r_i consensus columns: the optimum needs no more (the loss
+is M − ||S||²_F / M with ||S||_F = max over unit-norm Y of Σ_i tr(Yᵀ Z_i T_i) ≤ Σ_i ||Z_iᵀ Y||_*,
+with equality for T_i = polar(Z_iᵀ Y), whose rows lie in the row space of Y, of rank ≤ n − 1).
 
 Iterations (:data:`GPA_ALGORITHM`):
 
 1. Start (Gower 1975): the widest model as it is; every next model, in order of decreasing width,
    rotated onto the sum of those already placed. If that start has a larger loss than the unaligned
    configurations (possible when the models' raw feature axes already agree), iteration 1 is instead
-   the textbook step: every model rotated onto the unaligned mean C_0, which never increases the loss.
-2. Block updates (ten Berge 1977): each model in turn (same order) rotated onto the sum of the
-   *other* models' current configurations. With the others fixed this rotation minimises the loss
-   exactly, so the loss never increases. At convergence each model is also the Procrustes rotation
-   onto the mean of all aligned configurations (if N_iᵀ S_{≠i} = H T_i with H symmetric positive
-   semidefinite, then N_iᵀ (N_i T_i + S_{≠i}) = (N_iᵀ N_i + H) T_i has the same polar factor T_i):
-   the paper's fixed point.
+   the textbook step: every model rotated onto the unaligned mean C_0, which never increases the
+   loss.
+2. Block sweeps (ten Berge 1977): each model in turn (same order) rotated onto the sum of the
+   *other* models' current configurations, T_i = polar(Σ_{j≠i} C_ij T_j). With the others fixed
+   this rotation minimises the loss exactly, so a sweep never increases the loss. At a fixed point
+   each model is also the Procrustes rotation onto the mean of all aligned configurations (if
+   N_iᵀ S_{≠i} = H T_i with H symmetric positive semidefinite, then N_iᵀ (N_i T_i + S_{≠i}) =
+   (N_iᵀ N_i + H) T_i has the same polar factor T_i): the paper's fixed point. After each sweep the
+   frame is fixed by rotating every map so that the widest model's is the identity (the loss and
+   the residuals do not depend on the frame; the next sweep commutes with it).
+3. Acceleration (Anderson 1965, "type II", window ``_AA_WINDOW``): the sweep is a fixed-point map
+   x ↦ g(x) on the maps of the other models; the next sweep starts from the Anderson combination of
+   the last few (x, g(x)) pairs (a secant / GMRES-like extrapolation), projected back onto maps
+   with orthonormal rows (Newton–Schulz). Safeguard: the combination is kept only when the sweep
+   from it ends below the last accepted loss; otherwise the history is dropped and a plain sweep
+   is taken from the last accepted maps, followed by a line search that extrapolates along that
+   sweep's step (x + 2^k step, k = 1, 2, ... while the loss falls). The line search is what leaves
+   the near-saddle plateaus that make plain sweeps slow at large n: near a saddle the plain sweeps
+   grow the unstable direction by a factor close to 1 per sweep, and their step points along it.
+   The loss history records the accepted sweeps only, so it is **non-increasing**, and every
+   accepted iterate is a sweep output: the fixed point and its characterisation above are
+   unchanged. ``accelerate=False`` runs the plain sweeps (the iterates of version 1 of this
+   module, which checks them against an independent transcription).
 
-The plain loop of the paper (every model rotated onto the previous mean, all at once) converges to
-a stationary point of the same loss. Where the optimum is unique both reach it; the block updates
-need fewer iterations, because a model's own copy in the mean no longer drags it back, and they
-cannot stop where rotating a single model would still lower the loss, which the plain loop can
-(a five-model case in the tests stops 1e-4 above the loss reached here). On the benchmark problem
-(4 models × 1024 stimuli) the plain loop needs 14 iterations to Δloss < 1e-10 and stops 1.3e-8 (in
-residual) from the optimum; these iterations need 6 and stop 3.6e-9 from it
-(``benchmarks/bench_numerics.py``).
+Stopping rule. Plain sweeps converge linearly with a per-sweep ratio of decreases ρ close to 1;
+stopping when one iteration lowers the loss by less than ``tol`` leaves the loss up to
+~ρ/(1−ρ)·tol above the optimum (version 1 run to tol = 1e-13 ended 3-5.5e-12 above the lowest loss
+found, at tol = 1e-10 2-4e-9 above it). The rule now estimates the remaining decrease: with Δ_k
+the decrease of accepted iteration k and ρ the largest ratio Δ_j/Δ_{j−1} of the last three
+(capped at ``_MAX_RATE``), it stops when both Δ_k and Δ_k·ρ/(1−ρ) are below ``tol``
+(``GPAResult.gap_estimate`` is the latter), or when a decrease falls below the rounding level of
+the loss (``_LOSS_ROUNDING`` · M; the loss is a difference of O(M) terms). With the default tol
+(1e-13) the final loss was within 1.1e-13 of the lowest loss found (a run to rounding) in every
+benchmark case (``benchmarks/bench_gpa_scale.py``).
 
-Fast path (exact, not an approximation):
+Convergence speed (measured: ``benchmarks/bench_gpa_scale.py``, synthetic rank-k signal plus
+isotropic noise). The number of sweeps depends on the widths and barely on n. Models of *equal*
+width are the hard case: the cross-products of their model-specific ("noise") parts are square,
+random-like matrices whose singular values reach down to ~0 (the hard edge of the Marchenko–Pastur
+law), so the loss has directions of almost no curvature and near-saddles. With 4 models of width
+256 the accelerated iterations need ~90-130 sweeps (plain sweeps: 500-740 to rounding), at width
+768 ~250 (plain: thousands); n from 2,000 to 128,000 (width 256) changed the sweeps by ±20 %
+without a trend. *Distinct* widths make those cross-products rectangular, their smallest singular
+values stay away from 0, and ~10-15 sweeps suffice (widths 128/160/192/256 or 96/128/192/256; 37
+with two models of the largest width). Every sweep costs O(M² d³), so time at large n is the three
+passes over the inputs plus (sweeps × a cost set by the widths): n = 100,000 × widths
+768/1024/1280/1536 took 183 s on one core (46 s cross-products, 15 sweeps in 107 s, 29 s
+residuals), peak RSS 3.2 GB of which 1.8 GB are the memory-mapped float32 inputs.
 
-* Coordinates. Every configuration the iterations produce is centered (its rows sum to zero), so
-  with E an (m, m−1) orthonormal basis of the centered stimulus vectors (one Householder reflector)
-  and a QR of (Eᵀ N_i)ᵀ, each model is N_i = E Z_i V_iᵀ with V_i orthonormal and Z_i of shape
-  (m−1, r_i), r_i = min(m−1, d_i) (full column rank for generic data; centering removes one
-  dimension, so coordinates of width min(m, d_i) would be singular). The aligned configurations are
-  E Z_i T_i with T_i of shape (r_i, p) with orthonormal rows, p = min(m−1, d) ≥ r_i: with M
-  configurations of rank ≤ m−1 the optimum needs no more than p columns (the loss is
-  M − ||S||²_F / M with S = Σ_i Z_i T_i, and ||S||_F = max over unit-norm Y of
-  Σ_i tr(Yᵀ Z_i T_i) ≤ Σ_i ||Z_iᵀ Y||_*, with equality for T_i = polar(Z_iᵀ Y), whose rows lie in
-  the row space of Y, of rank ≤ m−1). Residuals and the loss are invariant to these orthogonal
-  changes of basis.
-* Procrustes step without an SVD. With A_i = Z_iᵀ c (r_i, p) of full row rank (c the target), the
-  orthogonal polar factor is T_i = (A_i A_iᵀ)^{-1/2} A_i = W Λ^{-1/2} Wᵀ A_i with the symmetric
-  eigendecomposition A_i A_iᵀ = W Λ Wᵀ (r_i × r_i); the aligned coordinates are
-  Z_i T_i = (Z_i W) B with B = Wᵀ A_i, each row scaled to unit length (the row norms are Λ^{1/2},
-  measured on A_i itself instead of taken from the computed eigenvalues, whose absolute error ε·λ_max
-  would otherwise mis-scale the rows of small eigenvalues). An eigendecomposition is 2-3× cheaper
-  than an SVD of the same size here (LAPACK's SVD is bound by matrix-vector work). Squaring A_i
-  squares its condition number, so the result is kept only when a first-order estimate of its
-  error in the aligned coordinates, ``ε·λ_max·||Z_i W Λ^{-1/2}||_F / sqrt(λ_min)``, is below
-  ``_EIGH_POLAR_MAX_ERROR``; otherwise (rank deficiency, ill conditioning) the step falls back to
-  the SVD of A_i. Tolerances below ``_EIGH_POLAR_MIN_TOL`` (loss to machine precision) use the SVD
-  for every step.
-The returned aligned configurations and their mean (the consensus) are E Z_i T_i, zero-padded to d
-columns (the frame of a GPA consensus is arbitrary).
+Procrustes step without an SVD. With A = Σ_{j≠i} C_ij T_j (r × p, r ≤ p) of full row rank, the
+orthogonal polar factor is polar(A) = (A Aᵀ)^{-1/2} A = W · rownormalise(Wᵀ A) with the symmetric
+eigendecomposition A Aᵀ = W Λ Wᵀ (r × r): the row norms of Wᵀ A are Λ^{1/2}, measured on Wᵀ A
+instead of taken from the computed eigenvalues, whose absolute error ε·λ_max would otherwise
+mis-scale the rows of small eigenvalues. An eigendecomposition is 2-3× cheaper than an SVD of the same size here.
+Squaring A squares its condition number: the eigenvectors of small eigenvalues carry errors
+~ε·λ_max/λ, which show up as rows that are not orthonormal. The measured departure
+||T Tᵀ − I||_F is the error estimate (it bounded the error against the SVD route in every tested
+step); above ``_EIGH_POLAR_MAX_ERROR`` (rank deficiency, ill conditioning) the step uses the SVD of
+A. Newton–Schulz steps then make the rows orthonormal to rounding, which the loss formula above
+relies on.
+
+Result record. :class:`GPAResult` holds the small arrays that reproduce the aligned configurations:
+the maps R_i (d_i × d), the column means μ_i (d_i,) and the scales s_i, so that
+aligned_i = ((X_i − μ_i) / s_i) R_i for any rows; :meth:`GPAResult.aligned_rows` and
+:meth:`GPAResult.consensus_rows` compute them for given rows. Nothing of size n × d is kept.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 import numpy as np
 
-from .validation import check_embedding_set, check_features
+from .validation import _check_finite, _label, check_embedding_set, check_features
 
 
-# Names the iteration scheme (see the module docstring); part of the cache key of stored GPA results.
-GPA_ALGORITHM = "gower-start+ten-berge-blocks/1"
+# Names the iteration scheme (see the module docstring); part of the cache key of stored GPA
+# results.
+GPA_ALGORITHM = "gower-start+ten-berge-blocks+anderson/2"
+
+# Default of ``tol``: the estimated remaining decrease of the loss at which the iterations stop.
+DEFAULT_TOL = 1e-13
+
+# Rows per block when reading the inputs: a block of all models in float64 is ~this many bytes.
+_BLOCK_BYTES = 1 << 26
+
+# Largest accepted error estimate (Frobenius) of the eigendecomposition route in `_polar`; above
+# it the SVD is used. The estimate is the measured departure from orthonormal rows, ||T Tᵀ − I||_F
+# (the route's error comes from the eigenvectors of small eigenvalues of a aᵀ, computed to
+# ~ε·λ_max/λ, and shows up as non-orthogonal rows): the error against the SVD route stayed below
+# 0.76× it over 300 random ill-conditioned steps (tests/test_procrustes.py checks ≤ 1×). An error
+# δ of a step costs at most ~½·s_max·δ² ≤ 5e-13 in the loss (s_max ≤ 1, the block curvature):
+# far below the stopping tolerances, and it lands in the weakly coupled directions where the
+# block curvature is smallest. On the benchmark problem (width 768, n = 2,000) the estimates are
+# 2-4e-8 while the a-priori first-order bound ε·λ_max·||Λ^{-1/2}||_F/sqrt(λ_min) is 2-9e-7.
+_EIGH_POLAR_MAX_ERROR = 1e-6
+
+# Anderson acceleration: how many past (x, g(x)) differences enter the combination, and the
+# Tikhonov regularisation of its least-squares problem (relative to the trace of the Gram matrix).
+_AA_WINDOW = 6
+_AA_REGULARISATION = 1e-10
+# Largest step multiplier tried by the extrapolating line search (2, 4, ..., 2**_LINE_SEARCH_STEPS).
+_LINE_SEARCH_STEPS = 12
+# Cap of the estimated per-iteration ratio of loss decreases in the stopping rule (so at most
+# 99 × the last decrease is assumed to remain).
+_MAX_RATE = 0.99
+# Decreases below this × M are rounding: the loss is a difference of O(M) float64 terms, each a
+# sum of ~d² products (observed run-to-run noise of the final loss: ~1e-15).
+_LOSS_ROUNDING = 4e-15
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class GPAResult:
-    """Outcome of :func:`generalized_procrustes` for m stimuli and M models.
+    """Outcome of :func:`generalized_procrustes` for n stimuli and M models (d = max d_i).
 
     Attributes:
-        residuals: (m, M) float64; ``residuals[j, i]`` = distance of stimulus j of model i (after
+        residuals: (n, M) float64; ``residuals[j, i]`` = distance of stimulus j of model i (after
             alignment) from consensus row j. Units: the configurations have unit Frobenius norm.
-        consensus: (m, d) float64 consensus configuration (d = the largest input dimension).
-        aligned: M arrays (m, d), each model's aligned configuration; consensus = their mean.
         loss_history: (n_iter + 1,) float64; entry 0 is the loss of the unaligned configurations,
-            entry t the loss Σ_i ||aligned_i − consensus||²_F after iteration t. Non-increasing.
-        n_iter: number of Procrustes iterations run.
-        converged: True when the last decrease of the loss was below ``tol``.
+            entry t the loss Σ_i ||aligned_i − consensus||²_F after accepted iteration t.
+            Non-increasing.
+        n_iter: number of accepted iterations (iteration 1 is the start).
+        converged: True when the stopping rule was met (see the module docstring).
         models, layers: names of the inputs, in order (may be empty).
+        maps: M float64 arrays (d_i, d) with orthonormal rows (when n − 1 < d_i: orthonormal on the
+            row space of the centered data, completed to orthonormal rows): aligned_i =
+            ((X_i − means[i]) / scales[i]) @ maps[i]. Empty for a result read from a run stored
+            before maps were kept.
+        means: M float64 arrays (d_i,), the column means μ_i of the inputs.
+        scales: (M,) float64, the Frobenius norms s_i of the centered inputs.
+        gap_estimate: the stopping rule's estimate of the remaining decrease of the loss (≥ 0;
+            NaN when unknown).
+        inputs: the M input arrays (n, d_i), kept by reference (never copied) so that
+            :attr:`aligned` and :attr:`consensus` can be computed; None when not kept.
+
+    :attr:`aligned` (M arrays (n, d)) and :attr:`consensus` (n, d) are computed on first access
+    from ``inputs`` (O(n·d) memory each: for large n use :meth:`aligned_rows` /
+    :meth:`consensus_rows` on the rows you need). A result built with ``consensus=`` and
+    ``aligned=`` arrays (a run stored before maps were kept) returns those instead.
     """
 
     residuals: np.ndarray
-    consensus: np.ndarray
-    aligned: list[np.ndarray]
     loss_history: np.ndarray
     n_iter: int
     converged: bool
-    models: tuple[str, ...] = field(default=())
-    layers: tuple[str, ...] = field(default=())
+    models: tuple[str, ...]
+    layers: tuple[str, ...]
+    maps: tuple[np.ndarray, ...]
+    means: tuple[np.ndarray, ...]
+    scales: np.ndarray
+    gap_estimate: float
+    inputs: tuple[Any, ...] | None = field(repr=False, compare=False)
+    _stored_consensus: np.ndarray | None = field(repr=False, compare=False)
+    _stored_aligned: tuple[np.ndarray, ...] | None = field(repr=False, compare=False)
+
+    def __init__(
+        self,
+        residuals: np.ndarray,
+        loss_history: np.ndarray,
+        n_iter: int,
+        converged: bool,
+        models: Sequence[str] = (),
+        layers: Sequence[str] = (),
+        *,
+        maps: Sequence[np.ndarray] = (),
+        means: Sequence[np.ndarray] = (),
+        scales: Sequence[float] | np.ndarray = (),
+        gap_estimate: float = float("nan"),
+        inputs: Sequence[Any] | None = None,
+        consensus: np.ndarray | None = None,
+        aligned: Sequence[np.ndarray] | None = None,
+    ) -> None:
+        put = object.__setattr__
+        put(self, "residuals", residuals)
+        put(self, "loss_history", loss_history)
+        put(self, "n_iter", int(n_iter))
+        put(self, "converged", bool(converged))
+        put(self, "models", tuple(models))
+        put(self, "layers", tuple(layers))
+        put(self, "maps", tuple(maps))
+        put(self, "means", tuple(means))
+        put(self, "scales", np.asarray(scales, dtype=np.float64))
+        put(self, "gap_estimate", float(gap_estimate))
+        put(self, "inputs", None if inputs is None else tuple(inputs))
+        put(self, "_stored_consensus", consensus)
+        put(self, "_stored_aligned", None if aligned is None else tuple(aligned))
+
+    # -- reproducing the aligned configurations -------------------------------------------------
+    def _inputs_for(self, embeddings: Sequence[Any] | None) -> Sequence[Any]:
+        if not self.maps:
+            raise ValueError(
+                "this GPA result holds no maps (a run stored before maps were kept), so it cannot "
+                "compute aligned rows; recompute the run's GPA."
+            )
+        arrays = self.inputs if embeddings is None else tuple(embeddings)
+        if arrays is None:
+            raise ValueError(
+                "this GPA result does not keep its inputs; pass the M embeddings it was computed "
+                "from (same order, same stimuli) as `embeddings`."
+            )
+        if len(arrays) != len(self.maps):
+            raise ValueError(
+                f"got {len(arrays)} embedding arrays for a GPA result of {len(self.maps)} models; "
+                "pass the arrays it was computed from, in the same order."
+            )
+        for i, (x, r) in enumerate(zip(arrays, self.maps)):
+            shape = np.shape(x)
+            if len(shape) != 2 or shape[1] != r.shape[0] or shape[0] != self.residuals.shape[0]:
+                raise ValueError(
+                    f"embedding {i} has shape {shape}, but the GPA result expects "
+                    f"({self.residuals.shape[0]}, {r.shape[0]}); pass the arrays it was computed "
+                    "from, in the same order."
+                )
+        return arrays
+
+    def aligned_rows(
+        self, rows: Any = None, embeddings: Sequence[Any] | None = None
+    ) -> np.ndarray:
+        """Aligned configurations of the given stimuli.
+
+        Args:
+            rows: stimulus indices (int array, slice or boolean mask over the n stimuli); None for
+                all (O(M·n·d) memory).
+            embeddings: the M input arrays (n, d_i); default: the inputs kept by reference.
+
+        Returns:
+            (M, r, d) float64: row k of model i is ((X_i[rows][k] − μ_i) / s_i) @ R_i.
+        """
+        arrays = self._inputs_for(embeddings)
+        index = slice(None) if rows is None else rows
+        return np.stack(
+            [
+                _aligned_block(np.asarray(x[index]), mu, s, r)
+                for x, mu, s, r in zip(arrays, self.means, self.scales, self.maps)
+            ]
+        )
+
+    def consensus_rows(
+        self, rows: Any = None, embeddings: Sequence[Any] | None = None
+    ) -> np.ndarray:
+        """Consensus rows (r, d) float64 of the given stimuli: the mean of :meth:`aligned_rows`."""
+        arrays = self._inputs_for(embeddings)
+        index = slice(None) if rows is None else rows
+        total = None
+        for x, mu, s, r in zip(arrays, self.means, self.scales, self.maps):
+            block = _aligned_block(np.asarray(x[index]), mu, s, r)
+            total = block if total is None else total + block
+        return total / len(self.maps)
+
+    @cached_property
+    def consensus(self) -> np.ndarray:
+        """(n, d) float64 consensus configuration (computed from the kept inputs; see the class)."""
+        if self._stored_consensus is not None:
+            return self._stored_consensus
+        return self.consensus_rows()
+
+    @cached_property
+    def aligned(self) -> list[np.ndarray]:
+        """M arrays (n, d), each model's aligned configuration (computed from the kept inputs)."""
+        if self._stored_aligned is not None:
+            return list(self._stored_aligned)
+        return list(self.aligned_rows())
+
+
+def _aligned_block(
+    x: np.ndarray, mean: np.ndarray, scale: float, rotation: np.ndarray
+) -> np.ndarray:
+    """((x − mean) / scale) @ rotation in float64, for an (r, d_i) block of one model's rows."""
+    centered = np.asarray(x, dtype=np.float64) - mean
+    return (centered @ rotation) / scale
 
 
 def _center_and_scale(X: np.ndarray, label: str) -> np.ndarray:
@@ -104,15 +310,19 @@ def _center_and_scale(X: np.ndarray, label: str) -> np.ndarray:
     centered = X - X.mean(axis=0, keepdims=True)
     norm = np.linalg.norm(centered)
     if not norm > 0.0:
-        raise ValueError(
-            f"{label} is identical for every stimulus (zero variance after centering), so it "
-            "cannot be scaled to unit norm; drop this model or check its extraction."
-        )
+        raise ValueError(_zero_variance_message(label))
     return centered / norm
 
 
+def _zero_variance_message(label: str) -> str:
+    return (
+        f"{label} is identical for every stimulus (zero variance after centering), so it "
+        "cannot be scaled to unit norm; drop this model or check its extraction."
+    )
+
+
 def _labels(n: int, models: Sequence[str]) -> list[str]:
-    return [f"model {i} ({models[i]!r})" if i < len(models) else f"model {i}" for i in range(n)]
+    return [_label(i, models or None) for i in range(n)]
 
 
 def preprocess_embeddings(
@@ -159,89 +369,196 @@ def procrustes_align(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray
     return source @ rotation, rotation
 
 
+# -- the Procrustes step --------------------------------------------------------------------------
 def _polar_rows(a: np.ndarray) -> np.ndarray:
     """Orthogonal polar factor P Qᵀ of an (r, p) matrix with r ≤ p (thin SVD a = P S Qᵀ)."""
     p, _, qt = np.linalg.svd(a, full_matrices=False)
     return p @ qt
 
 
-# Largest accepted first-order error estimate (Frobenius, in the unit-norm configurations) of the
-# eigendecomposition route in `_aligned_coordinates`; above it the SVD is used. The estimate takes
-# the backward error of forming and decomposing a aᵀ as ε·λ_max. Observed errors (against the SVD
-# route): at most 0.16× the estimate, median 0.02×, over 3,000 random ill-conditioned steps
-# (tests/test_procrustes.py checks ≤ 0.5× on 300); 0.003× on the benchmark problem, whose
-# estimates are 2-8e-9.
-_EIGH_POLAR_MAX_ERROR = 1e-7
-# Tolerances below this ask for the loss to machine precision, where the eigendecomposition
-# route's rounding (loss differences up to ~1e-12 from the SVD route on the benchmark problem) would
-# decide when to stop; they use the SVD for every step.
-_EIGH_POLAR_MIN_TOL = 1e-12
-
-
-def _aligned_coordinates(
-    z: np.ndarray, c: np.ndarray, *, allow_eigh: bool = True
-) -> tuple[np.ndarray, bool]:
-    """z @ polar(zᵀ c): coordinates (n, p) of the configuration z rotated onto c.
-
-    Args:
-        z: (n, r) coordinates of one model; c: (n, p) coordinates of the target, r ≤ p.
-        allow_eigh: False forces the SVD route.
-
-    Returns:
-        (aligned coordinates (n, p), True when the eigendecomposition route was used, False when
-        it was not accurate enough and the SVD of zᵀ c was used instead).
-    """
-    a = z.T @ c
-    if allow_eigh:
-        aligned, error_estimate = _eigh_polar_aligned(z, a)
-        if error_estimate <= _EIGH_POLAR_MAX_ERROR:
-            return aligned, True
-    return z @ _polar_rows(a), False
-
-
-def _eigh_polar_aligned(z: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, float]:
-    """z @ polar(a) from the eigendecomposition of a aᵀ, and a first-order bound on its error.
-
-    Args:
-        z: (n, r) coordinates of one model; a: (r, p) = zᵀ (target), r ≤ p.
-
-    Returns:
-        (aligned coordinates (n, p), estimated Frobenius error of them; ``inf`` when a aᵀ is not
-        numerically positive definite, so that the caller uses the SVD).
-    """
+def _eigh_polar(a: np.ndarray) -> tuple[np.ndarray, float]:
+    """polar(a) of an (r, p) matrix, r ≤ p, from the eigendecomposition of a aᵀ, one Newton–Schulz
+    step, and an estimate of its Frobenius error: ||T₀ T₀ᵀ − I||_F of the route's raw result T₀
+    (``inf`` when a aᵀ is not numerically positive definite)."""
     # numpy only (it computes x @ x.T with a symmetric rank-k update): interleaving scipy's own
     # BLAS/LAPACK with numpy's makes the two thread pools compete and was 2-3× slower here.
     lam, w = np.linalg.eigh(a @ a.T)
     if not lam[0] > 0.0:
-        return np.empty((z.shape[0], a.shape[1])), np.inf
-    zw = z @ w
-    # (a aᵀ)^{-1/2} is computed from a aᵀ with a backward error δ of size ~ε·λ_max; to first order
-    # it moves the aligned coordinates by at most ||z W Λ^{-1/2}|| · |δ| / sqrt(λ_min).
-    error_estimate = (
-        np.finfo(np.float64).eps * lam[-1] * np.linalg.norm(zw / np.sqrt(lam)) / np.sqrt(lam[0])
-    )
+        return np.empty_like(a), np.inf
     # polar(a) = W Λ^{-1/2} Wᵀ a, with Λ^{1/2} taken as the row norms of Wᵀ a rather than from the
     # computed eigenvalues: their absolute error ε·λ_max would mis-scale the rows of the small
-    # eigenvalues, the dominant error of this route otherwise (5-1000× larger).
+    # eigenvalues (5-1000× larger errors otherwise).
     rows = w.T @ a
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-    return zw @ rows, float(error_estimate)
+    t = w @ rows
+    e = t @ t.T
+    e[np.diag_indices_from(e)] -= 1.0
+    error = float(np.linalg.norm(e))
+    # Newton–Schulz: the departure from orthonormal rows becomes ~¾·error², so that the loss
+    # formula (which assumes orthonormal rows) holds to rounding (≤ 1e-15 after one step from 3e-8)
+    t = t - 0.5 * (e @ t)
+    if error > 3e-8:
+        t = _orthonormalise_rows(t)
+    return t, error
 
 
+def _orthonormalise_rows(t: np.ndarray, steps: int = 1) -> np.ndarray:
+    """Newton–Schulz steps t ← t − ½ (t tᵀ − I) t towards the nearest matrix with orthonormal
+    rows (quadratic convergence; for t whose rows are already orthonormal to ~1e-4 or better)."""
+    for _ in range(steps):
+        e = t @ t.T
+        e[np.diag_indices_from(e)] -= 1.0
+        t = t - 0.5 * (e @ t)
+    return t
+
+
+def _polar(a: np.ndarray) -> tuple[np.ndarray, bool]:
+    """polar(a) (r, p) with orthonormal rows, and True when the eigendecomposition route was used
+    (False: it was not accurate enough, the SVD of a was used)."""
+    t, error = _eigh_polar(a)
+    if error <= _EIGH_POLAR_MAX_ERROR:
+        return t, True
+    return _polar_rows(a), False
+
+
+def _project_rows(t: np.ndarray) -> np.ndarray:
+    """A matrix with orthonormal rows close to an extrapolated map t: one Newton–Schulz step when t
+    is already close (it only proposes where the next sweep starts), the polar factor otherwise."""
+    e = t @ t.T
+    e[np.diag_indices_from(e)] -= 1.0
+    error = float(np.abs(e).max())
+    if not error < 0.05:
+        return _polar(t)[0]
+    t = t - 0.5 * (e @ t)  # error → ~¾·error²
+    return t if error < 1e-3 else _orthonormalise_rows(t, 1 if error < 1e-2 else 2)
+
+
+# -- input checks without float64 copies ----------------------------------------------------------
 def _check_options(tol: float, max_iter: int) -> None:
     if not (isinstance(tol, (int, float, np.floating)) and np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}; the default is 1e-10.")
+        raise ValueError(
+            f"tol must be a finite number >= 0, got {tol!r}; the default is {DEFAULT_TOL:g}."
+        )
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}; the default is 1000.")
+        raise ValueError(
+            f"max_iter must be an integer >= 1, got {max_iter!r}; the default is 1000."
+        )
 
 
 def _check_names(names: Sequence[str], n_models: int, what: str) -> tuple[str, ...]:
     names = tuple(str(x) for x in names)
     if names and len(names) != n_models:
         raise ValueError(
-            f"got {len(names)} {what} for {n_models} embedding arrays; pass one per array, or none."
+            f"got {len(names)} {what} for {n_models} embedding arrays; pass one name per array, "
+            "or none."
         )
     return names
+
+
+def _check_inputs(embeddings: Sequence[Any], names: Sequence[str]) -> list[np.ndarray]:
+    """The structure checks of :func:`validation.check_embedding_set` (same messages), without
+    converting: the arrays come back as given (memory maps stay memory maps). Finiteness and zero
+    variance are checked while reading (:func:`_column_means`, :func:`_cross_products`)."""
+    if isinstance(embeddings, np.ndarray) and embeddings.ndim == 3:
+        embeddings = list(embeddings)
+    if isinstance(embeddings, np.ndarray) or not isinstance(embeddings, Sequence):
+        # the same message as check_embedding_set
+        check_embedding_set(embeddings)
+    if len(embeddings) < 2:
+        check_embedding_set(embeddings)
+    labels = _labels(len(embeddings), names)
+    arrays = []
+    for label, value in zip(labels, embeddings):
+        array = value if isinstance(value, np.ndarray) else None
+        if array is None:
+            try:
+                array = np.asarray(value)
+            except Exception as exc:  # ragged nested lists and the like
+                raise ValueError(
+                    f"{label} could not be read as a numeric array ({exc}); pass a 2-D numpy "
+                    "array of shape (n_stimuli, n_features)."
+                ) from exc
+        if array.dtype == object or not (
+            np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
+        ):
+            raise ValueError(
+                f"{label} has dtype {array.dtype}, not a number type; pass a numeric 2-D array "
+                "of shape (n_stimuli, n_features)."
+            )
+        if np.iscomplexobj(array):
+            raise ValueError(
+                f"{label} is complex; pass real-valued features (e.g. np.real(X) if that is meant)."
+            )
+        if array.ndim != 2:
+            raise ValueError(
+                f"{label} must be 2-D (n_stimuli, n_features) but has shape {array.shape}. "
+                "Reshape a single vector with X.reshape(-1, 1), or flatten extra axes with "
+                "X.reshape(len(X), -1)."
+            )
+        arrays.append(array)
+    n_rows = [a.shape[0] for a in arrays]
+    if len(set(n_rows)) != 1:
+        listing = ", ".join(f"{label}: {n}" for label, n in zip(labels, n_rows))
+        raise ValueError(
+            f"all models must embed the same stimuli, but the numbers of rows differ ({listing}); "
+            "select the same stimuli, in the same order, from every model."
+        )
+    if n_rows[0] < 3:
+        raise ValueError(
+            f"only {n_rows[0]} stimuli; Procrustes residuals need at least 3 stimuli (after "
+            "centering fewer carry no shape); pass more stimuli."
+        )
+    for label, a in zip(labels, arrays):
+        if a.shape[1] < 1:
+            raise ValueError(f"{label} has no feature columns; drop it or re-extract it.")
+    return arrays
+
+
+def _row_blocks(n: int, width: int) -> list[slice]:
+    """Row slices of about ``_BLOCK_BYTES`` of float64 at ``width`` columns (at least 256 rows)."""
+    step = max(256, _BLOCK_BYTES // (8 * max(width, 1)))
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def _column_means(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> list[np.ndarray]:
+    """Column means (float64 sums over row blocks); ValueError naming NaN/Inf like the
+    validation module does."""
+    n = arrays[0].shape[0]
+    sums = [np.zeros(a.shape[1]) for a in arrays]
+    for rows in _row_blocks(n, sum(a.shape[1] for a in arrays)):
+        for i, a in enumerate(arrays):
+            block = np.asarray(a[rows], dtype=np.float64)
+            total = block.sum(axis=0)
+            if not np.all(np.isfinite(total)):
+                # error path: count over the whole model, with the shared message
+                _check_finite(
+                    np.asarray(a, dtype=np.float64),
+                    labels[i],
+                    "stimuli",
+                    "drop those stimuli from every model or re-extract this model's embeddings.",
+                )
+            sums[i] += total
+    return [s / n for s in sums]
+
+
+def _cross_products(
+    arrays: Sequence[np.ndarray], means: Sequence[np.ndarray]
+) -> np.ndarray:
+    """Σ over row blocks of Xcᵀ Xc, Xc = [X_1 − μ_1, ..., X_M − μ_M] in float64: (D, D),
+    D = Σ d_i."""
+    n = arrays[0].shape[0]
+    widths = [a.shape[1] for a in arrays]
+    offsets = np.concatenate([[0], np.cumsum(widths)])
+    total_width = int(offsets[-1])
+    cross = np.zeros((total_width, total_width))
+    product = np.empty_like(cross)
+    for rows in _row_blocks(n, total_width):
+        block = np.empty((rows.stop - rows.start, total_width))
+        for i, a in enumerate(arrays):
+            np.subtract(a[rows], means[i], out=block[:, offsets[i] : offsets[i + 1]])
+        np.matmul(block.T, block, out=product)  # a symmetric rank-k update in numpy
+        cross += product
+    return cross
 
 
 def _centering_reflector(m: int) -> np.ndarray:
@@ -265,107 +582,503 @@ def _from_centered_basis(y: np.ndarray, u: np.ndarray) -> np.ndarray:
     return x - 2.0 * np.outer(u, u @ x)
 
 
-def _reduced_coordinates(configs: Sequence[np.ndarray], u: np.ndarray) -> list[np.ndarray]:
-    """Z_i (m−1, r_i), r_i = min(m−1, d_i), with N_i = E Z_i V_iᵀ (QR of (Eᵀ N_i)ᵀ)."""
-    return [np.linalg.qr(_to_centered_basis(n, u).T, mode="r").T for n in configs]
+# -- the problem in cross-product form ------------------------------------------------------------
+@dataclass(frozen=True)
+class _Problem:
+    """GPA as a function of cross-products (see the module docstring).
+
+    Attributes:
+        cross: (R, R) float64, R = Σ r_i: blocks C_ij = Z_iᵀ Z_j of the models' coordinates.
+        offsets: (M + 1,) block boundaries of ``cross``.
+        p: consensus width of the iterations, min(n − 1, d).
+        d: max d_i (the width of the maps in the result).
+        bases: per model None (coordinates = the centered, scaled features) or the (d_i, d_i)
+            orthogonal matrix [V_i, V_i⊥] of the reduced coordinates (n − 1 < d_i).
+        unaligned_loss: loss of the configurations as given (zero-padded, no rotation).
+        unaligned_targets: per model the (r_i, p) cross-product Z_iᵀ C_0 with the unaligned mean
+            C_0, in a p-column frame of its row space (for the plain first step).
+        means, scales: per model column means (d_i,) and Frobenius norm of the centered input.
+    """
+
+    cross: np.ndarray
+    offsets: np.ndarray
+    p: int
+    d: int
+    bases: tuple[np.ndarray | None, ...]
+    unaligned_loss: float
+    unaligned_targets: tuple[np.ndarray, ...]
+    means: tuple[np.ndarray, ...]
+    scales: np.ndarray
+
+    @property
+    def n_models(self) -> int:
+        return len(self.offsets) - 1
+
+    def block(self, i: int, j: int) -> np.ndarray:
+        o = self.offsets
+        return self.cross[o[i] : o[i + 1], o[j] : o[j + 1]]
+
+    def width(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
 
 
-def _loss(aligned: Sequence[np.ndarray]) -> float:
-    """Σ_i ||aligned_i − mean||²_F."""
-    consensus = np.mean(aligned, axis=0)
-    return float(sum(np.sum((a - consensus) ** 2) for a in aligned))
+def _prepare(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Problem:
+    """Read the inputs (row blocks) into the cross-product form of the problem."""
+    n = arrays[0].shape[0]
+    widths = [a.shape[1] for a in arrays]
+    n_models = len(arrays)
+    d = max(widths)
+    p = min(n - 1, d)
+    means = _column_means(arrays, labels)
+    raw = _cross_products(arrays, means)
+    offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
+    traces = np.array([np.trace(raw[offsets[i] : offsets[i + 1], offsets[i] : offsets[i + 1]])
+                       for i in range(n_models)])
+    for label, trace in zip(labels, traces):
+        if not trace > 0.0:
+            raise ValueError(_zero_variance_message(label))
+    scales = np.sqrt(traces)
+    inverse = np.repeat(1.0 / scales, widths)
+    raw *= inverse[:, None]
+    raw *= inverse[None, :]
+    cross_full = raw
+
+    # the unaligned configurations: loss and (for the plain first step) cross-products with their
+    # mean C_0 = (1/M) Σ_j N_j padded; in the frame of the p leading right singular vectors of C_0
+    # (the identity when p = d)
+    def full_block(i: int, j: int) -> np.ndarray:
+        return cross_full[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]]
+
+    overlap = sum(
+        float(np.trace(full_block(i, j)[: min(widths[i], widths[j]), : min(widths[i], widths[j])]))
+        for i in range(n_models)
+        for j in range(n_models)
+    )
+    traces_sum = sum(float(np.trace(full_block(i, i))) for i in range(n_models))
+    unaligned_loss = traces_sum - overlap / n_models
+    targets = []
+    for i in range(n_models):
+        t = np.zeros((widths[i], d))
+        for j in range(n_models):
+            t[:, : widths[j]] += full_block(i, j)
+        targets.append(t / n_models)  # N_iᵀ C_0, (d_i, d)
+    frame = None
+    if p < d:
+        mean_gram = np.zeros((d, d))  # C_0ᵀ C_0
+        for i in range(n_models):
+            for j in range(n_models):
+                mean_gram[: widths[i], : widths[j]] += full_block(i, j)
+        _, vectors = np.linalg.eigh(mean_gram / n_models**2)
+        frame = vectors[:, ::-1][:, :p]
+
+    # reduced coordinates for the models wider than n − 1
+    bases: list[np.ndarray | None] = []
+    reflector = _centering_reflector(n) if p < d else None
+    for i, a in enumerate(arrays):
+        if widths[i] <= n - 1:
+            bases.append(None)
+            continue
+        centered = (np.asarray(a, dtype=np.float64) - means[i]) / scales[i]  # small n only
+        q, _ = np.linalg.qr(_to_centered_basis(centered, reflector).T, mode="complete")
+        bases.append(q)  # (d_i, d_i): V_i = q[:, :n−1] spans the row space
+    ranks = [widths[i] if bases[i] is None else n - 1 for i in range(n_models)]
+    reduced_offsets = np.concatenate([[0], np.cumsum(ranks)]).astype(np.int64)
+    if any(b is not None for b in bases):
+        cross = np.empty((reduced_offsets[-1], reduced_offsets[-1]))
+        for i in range(n_models):
+            vi = np.eye(widths[i]) if bases[i] is None else bases[i][:, : ranks[i]]
+            for j in range(n_models):
+                vj = np.eye(widths[j]) if bases[j] is None else bases[j][:, : ranks[j]]
+                cross[reduced_offsets[i] : reduced_offsets[i + 1],
+                      reduced_offsets[j] : reduced_offsets[j + 1]] = vi.T @ full_block(i, j) @ vj
+    else:
+        cross = cross_full
+    unaligned_targets = []
+    for i in range(n_models):
+        t = targets[i] if frame is None else targets[i] @ frame
+        if bases[i] is not None:
+            t = bases[i][:, : ranks[i]].T @ t
+        unaligned_targets.append(t)
+    return _Problem(
+        cross=cross,
+        offsets=reduced_offsets,
+        p=p,
+        d=d,
+        bases=tuple(bases),
+        unaligned_loss=unaligned_loss,
+        unaligned_targets=tuple(unaligned_targets),
+        means=tuple(means),
+        scales=scales,
+    )
 
 
-def _sequential_start(
-    coords: Sequence[np.ndarray],
-    order: Sequence[int],
-    width: int,
-    step: Callable[[np.ndarray, np.ndarray], np.ndarray],
-) -> list[np.ndarray]:
-    """Gower's start: order[0] as it is (zero-padded to ``width`` columns), then each next model
-    rotated onto the sum of those already placed. Returns the configurations in input order."""
-    first = coords[order[0]]
-    placed = {order[0]: np.pad(first, ((0, 0), (0, width - first.shape[1])))}
-    total = placed[order[0]].copy()
-    for i in order[1:]:
-        placed[i] = step(coords[i], total)
-        total += placed[i]
-    return [placed[i] for i in range(len(coords))]
+# -- the iterations -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Solution:
+    """Maps T_i (r_i, p) with orthonormal rows, in the frame where the widest model's is I."""
+
+    maps: list[np.ndarray]
+    previous_maps: list[np.ndarray]  # the accepted iterate before the last one
+    loss_history: np.ndarray
+    converged: bool
+    gap_estimate: float
+    sweeps: int
+    loss_evaluations: int
+    restarts: int
+
+
+class _Iterations:
+    """Block sweeps, their loss and the frame fixing on a :class:`_Problem` (shared by
+    :func:`generalized_procrustes` and the stability diagnostic)."""
+
+    def __init__(self, problem: _Problem) -> None:
+        self.problem = problem
+        m = problem.n_models
+        # widest first; ties keep the input order
+        self.order = sorted(range(m), key=lambda i: -problem.width(i))
+        self.reference = self.order[0]
+        self.traces = sum(float(np.trace(problem.block(i, i))) for i in range(m))
+        self.sweeps = 0
+        self.loss_evaluations = 0
+
+    def loss_from_pairs(self, pair_sum: float) -> float:
+        """Loss from Σ_{i<j} tr(T_iᵀ C_ij T_j) (maps with orthonormal rows)."""
+        m = self.problem.n_models
+        return self.traces - (self.traces + 2.0 * pair_sum) / m
+
+    def loss(self, maps: Sequence[np.ndarray]) -> float:
+        self.loss_evaluations += 1
+        m = self.problem.n_models
+        pair_sum = 0.0
+        for i in range(m):
+            for j in range(i + 1, m):
+                pair_sum += float(np.vdot(maps[i], self.problem.block(i, j) @ maps[j]))
+        return self.loss_from_pairs(pair_sum)
+
+    def start(self) -> tuple[list[np.ndarray], float]:
+        """Gower's sequential start (or the plain first step when that raises the loss)."""
+        problem, m = self.problem, self.problem.n_models
+        maps: list[np.ndarray | None] = [None] * m
+        first = self.order[0]
+        maps[first] = np.eye(problem.width(first), problem.p)
+        placed = [first]
+        for i in self.order[1:]:
+            target = sum(problem.block(i, j) @ maps[j] for j in placed)
+            maps[i] = _polar(target)[0]
+            placed.append(i)
+        loss = self.loss(maps)
+        if loss > problem.unaligned_loss:
+            maps = [_polar(t)[0] for t in problem.unaligned_targets]
+            loss = self.loss(maps)
+        return self.fix_frame(maps), loss
+
+    def sweep(self, maps: Sequence[np.ndarray]) -> tuple[list[np.ndarray], float]:
+        """One block sweep (each model onto the sum of the others, in order), frame fixed; returns
+        the new maps and their loss (from the products the sweep forms anyway)."""
+        problem, m = self.problem, self.problem.n_models
+        self.sweeps += 1
+        maps = list(maps)
+        done: list[int] = []
+        pair_sum = 0.0
+        for i in self.order:
+            products = {j: problem.block(i, j) @ maps[j] for j in range(m) if j != i}
+            maps[i] = _polar(sum(products.values()))[0]
+            # pairs with the models already updated in this sweep use final maps on both sides
+            pair_sum += sum(float(np.vdot(maps[i], products[j])) for j in done)
+            done.append(i)
+        return self.fix_frame(maps), self.loss_from_pairs(pair_sum)
+
+    def fix_frame(self, maps: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Right-multiply every map by T_refᵀ so that the widest model's map is I (p × p)."""
+        rotation = maps[self.reference].T
+        out = [t @ rotation for t in maps]
+        out[self.reference] = np.eye(self.problem.p)
+        return out
+
+
+class _Anderson:
+    """Anderson acceleration (type II) of a fixed-point map x ↦ g(x) on flat vectors: keeps the
+    last ``window`` differences of inputs x and residuals f = g(x) − x (in place, float64) and
+    proposes x + f − (ΔX + ΔF) γ with γ the regularised least-squares fit of f by ΔF."""
+
+    def __init__(self, size: int, window: int) -> None:
+        self.dx = np.empty((window, size))
+        self.df = np.empty((window, size))
+        self.window = window
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.slot = 0
+        self.x: np.ndarray | None = None
+        self.f: np.ndarray | None = None
+
+    def update(self, x: np.ndarray, f: np.ndarray) -> None:
+        if self.x is not None:
+            np.subtract(x, self.x, out=self.dx[self.slot])
+            np.subtract(f, self.f, out=self.df[self.slot])
+            self.slot = (self.slot + 1) % self.window
+            self.count = min(self.count + 1, self.window)
+        self.x, self.f = x, f
+
+    def proposal(self) -> np.ndarray | None:
+        if self.count == 0:
+            return None
+        dx, df = self.dx[: self.count], self.df[: self.count]
+        gram = df @ df.T
+        gram[np.diag_indices_from(gram)] += _AA_REGULARISATION * np.trace(gram)
+        gamma = np.linalg.solve(gram, df @ self.f)
+        out = self.x + self.f
+        out -= dx.T @ gamma
+        out -= df.T @ gamma
+        return out
+
+
+def _remaining_decrease(decreases: Sequence[float]) -> float:
+    """Estimated remaining decrease of the loss after the last of ``decreases`` (see the module
+    docstring); inf while fewer than three are known."""
+    if len(decreases) < 3:
+        return np.inf
+    last = decreases[-4:]
+    ratios = [b / a if a > 0 else (0.0 if b == 0 else np.inf) for a, b in zip(last[:-1], last[1:])]
+    rate = min(max(ratios), _MAX_RATE)
+    return decreases[-1] * rate / (1.0 - rate)
+
+
+def _iterate(
+    problem: _Problem,
+    *,
+    tol: float,
+    max_iter: int,
+    accelerate: bool = True,
+    start: Sequence[np.ndarray] | None = None,
+) -> _Solution:
+    """Minimise the loss from Gower's start (or ``start``: maps (r_i, p) with orthonormal rows).
+
+    Every recorded iterate is the output of a block sweep and its loss is ≤ the previous one.
+    """
+    it = _Iterations(problem)
+    m = problem.n_models
+    if start is None:
+        current, loss = it.start()
+    else:
+        current = it.fix_frame([np.asarray(t, dtype=np.float64) for t in start])
+        loss = it.loss(current)
+    history = [problem.unaligned_loss, loss] if start is None else [loss]
+    previous = current
+    decreases: list[float] = []
+    rounding = _LOSS_ROUNDING * m
+    free = [i for i in range(m) if i != it.reference]
+    shapes = [(problem.width(i), problem.p) for i in free]
+    sizes = np.cumsum([0] + [a * b for a, b in shapes])
+
+    def flat(maps: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([maps[i].ravel() for i in free])
+
+    def unflat(vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
+        out = list(like)
+        for k, i in enumerate(free):
+            out[i] = _project_rows(vector[sizes[k] : sizes[k + 1]].reshape(shapes[k]))
+        return out
+
+    anderson = _Anderson(int(sizes[-1]), _AA_WINDOW) if accelerate else None
+    proposal: list[np.ndarray] | None = None  # None: a plain sweep from `current`
+    restarts = 0
+    converged = False
+    gap = np.inf
+    while len(history) - 1 < max_iter:
+        rejected = False
+        if proposal is not None:
+            x = proposal
+            mapped, new_loss = it.sweep(proposal)
+            if not new_loss <= loss:  # the safeguard: back to a plain sweep
+                rejected = True
+                restarts += 1
+                anderson.reset()
+        if proposal is None or rejected:
+            x = current
+            mapped, new_loss = it.sweep(current)
+            if rejected and new_loss < loss:
+                # extrapolate along the plain sweep's step while the loss keeps falling
+                base = flat(mapped)
+                step = base - flat(current)
+                best, best_loss = None, new_loss
+                for k in range(1, _LINE_SEARCH_STEPS + 1):
+                    trial = unflat(base + 2.0**k * step, mapped)
+                    trial_loss = it.loss(trial)
+                    if not trial_loss < best_loss:
+                        break
+                    best, best_loss = trial, trial_loss
+                if best is not None:
+                    # a sweep from the extrapolated maps does not raise their loss
+                    x = best
+                    mapped, new_loss = it.sweep(best)
+        decreases.append(max(loss - new_loss, 0.0))
+        previous, current, loss = current, mapped, new_loss
+        history.append(loss)
+        gap = _remaining_decrease(decreases)
+        if len(decreases) >= 2 and max(decreases[-2:]) <= rounding:
+            converged, gap = True, decreases[-1]
+            break
+        if decreases[-1] <= tol and gap <= tol:
+            converged = True
+            break
+        if anderson is None:
+            continue
+        x_flat = flat(x)
+        anderson.update(x_flat, flat(current) - x_flat)
+        combination = anderson.proposal()
+        proposal = None if combination is None else unflat(combination, current)
+    return _Solution(
+        maps=current,
+        previous_maps=previous,
+        loss_history=np.asarray(history, dtype=np.float64),
+        converged=converged,
+        gap_estimate=float(gap),
+        sweeps=it.sweeps,
+        loss_evaluations=it.loss_evaluations,
+        restarts=restarts,
+    )
+
+
+def _full_maps(problem: _Problem, maps: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The maps R_i (d_i, d) with orthonormal rows of the result from the iterations' T_i (r_i, p):
+    R_i = V_i [T_i, 0] + V_i⊥ [0, J_i] (J_i an identity block) for reduced models, [T_i, 0] else."""
+    out = []
+    for t, basis in zip(maps, problem.bases):
+        r = np.zeros((t.shape[0] if basis is None else basis.shape[0], problem.d))
+        if basis is None:
+            r[:, : problem.p] = t
+        else:
+            rank = t.shape[0]
+            r[:, : problem.p] = basis[:, :rank] @ t
+            extra = basis.shape[0] - rank  # ≤ d − p
+            r[:, problem.p : problem.p + extra] = basis[:, rank:]
+        out.append(r)
+    return out
+
+
+def _residuals(
+    arrays: Sequence[np.ndarray],
+    means: Sequence[np.ndarray],
+    scales: np.ndarray,
+    maps_per_solution: Sequence[Sequence[np.ndarray]],
+) -> np.ndarray:
+    """Residuals (S, n, M) of S solutions (each M maps (d_i, d)), computed over row blocks."""
+    n = arrays[0].shape[0]
+    n_models = len(arrays)
+    d = maps_per_solution[0][0].shape[1]
+    out = np.empty((len(maps_per_solution), n, n_models))
+    for rows in _row_blocks(n, len(maps_per_solution) * n_models * d):
+        centered = [
+            (np.asarray(a[rows], dtype=np.float64) - mu) / s
+            for a, mu, s in zip(arrays, means, scales)
+        ]
+        for k, maps in enumerate(maps_per_solution):
+            aligned = np.stack([x @ r for x, r in zip(centered, maps)])
+            consensus = aligned.mean(axis=0)
+            out[k, rows] = np.linalg.norm(aligned - consensus, axis=2).T
+    return out
 
 
 def generalized_procrustes(
     embeddings: Sequence[np.ndarray],
     *,
-    tol: float = 1e-10,
+    tol: float = DEFAULT_TOL,
     max_iter: int = 1000,
     models: Sequence[str] = (),
     layers: Sequence[str] = (),
+    accelerate: bool = True,
 ) -> GPAResult:
     """Align M models' embeddings of the same stimuli to their consensus (Generalized Procrustes).
 
     Args:
-        embeddings: M ≥ 2 arrays of shape (m, d_i) for the same m ≥ 3 stimuli, same order.
-        tol: stop when the loss decreases by less than this in one iteration. Below 1e-12 every
-            Procrustes step uses the SVD (slower; see the module docstring).
+        embeddings: M ≥ 2 arrays of shape (n, d_i) for the same n ≥ 3 stimuli, same order. Any
+            numeric dtype; read in row blocks (float32 memory maps are fine and are not copied).
+            They are kept by reference on the result (``GPAResult.inputs``).
+        tol: stop when the estimated remaining decrease of the loss (and the last decrease) is
+            below this (see the module docstring).
         max_iter: at most this many iterations (``converged`` is False if it is reached).
         models, layers: names of the inputs, kept on the result (empty or one per array).
+        accelerate: False runs the plain block sweeps (for checking; many more iterations).
 
     Returns:
-        :class:`GPAResult` (residuals (m, M), consensus (m, d), aligned M × (m, d), loss history).
+        :class:`GPAResult`: residuals (n, M), loss history, maps (d_i, d), means, scales.
+
+    Memory: the (D, D) cross-products (D = Σ d_i) plus one block of rows; time: three passes over
+    the inputs plus O(M² d³) per iteration.
     """
     _check_options(tol, max_iter)
-    arrays = check_embedding_set(embeddings, [str(x) for x in models] or None)
+    arrays = _check_inputs(embeddings, tuple(str(x) for x in models))
     model_names = _check_names(models, len(arrays), "model names")
     layer_names = _check_names(layers, len(arrays), "layer names")
-    m = arrays[0].shape[0]
-    d = max(a.shape[1] for a in arrays)
-    n_models = len(arrays)
-
-    configs = [_center_and_scale(a, label) for label, a in zip(_labels(n_models, model_names), arrays)]
-    reflector = _centering_reflector(m)
-    coords = _reduced_coordinates(configs, reflector)
-    unaligned_mean = np.zeros((m, d))
-    for n in configs:
-        unaligned_mean[:, : n.shape[1]] += n
-    unaligned_mean /= n_models
-    loss_history = [float(sum(np.sum((np.pad(n, ((0, 0), (0, d - n.shape[1]))) - unaligned_mean) ** 2)
-                              for n in configs))]
-
-    def step(z: np.ndarray, target: np.ndarray) -> np.ndarray:
-        return _aligned_coordinates(z, target, allow_eigh=tol >= _EIGH_POLAR_MIN_TOL)[0]
-
-    # Widest first, so that each target of the start has at least the rank of the model rotated
-    # onto it (otherwise that rotation would not be unique). Ties keep the input order.
-    order = sorted(range(n_models), key=lambda i: -coords[i].shape[1])
-    aligned = _sequential_start(coords, order, min(m - 1, d), step)
-    loss = _loss(aligned)
-    if loss > loss_history[0]:
-        c0 = np.linalg.qr(_to_centered_basis(unaligned_mean, reflector).T, mode="r").T
-        aligned = [step(z, c0) for z in coords]
-        loss = _loss(aligned)
-    del unaligned_mean
-    loss_history.append(loss)
-    n_iter = 1
-    converged = loss_history[0] - loss < tol
-    while not converged and n_iter < max_iter:
-        n_iter += 1
-        for i in order:
-            others = sum(aligned[j] for j in range(n_models) if j != i)
-            aligned[i] = step(coords[i], others)
-        loss = _loss(aligned)
-        converged = loss_history[-1] - loss < tol
-        loss_history.append(loss)
-    consensus = _from_centered_basis(np.mean(aligned, axis=0), reflector)
-    aligned = [_from_centered_basis(a, reflector) for a in aligned]
-    residuals = np.stack([np.linalg.norm(a - consensus, axis=1) for a in aligned], axis=1)
-    width = consensus.shape[1]
+    labels = _labels(len(arrays), model_names)
+    problem = _prepare(arrays, labels)
+    solution = _iterate(problem, tol=tol, max_iter=max_iter, accelerate=accelerate)
+    maps = _full_maps(problem, solution.maps)
+    residuals = _residuals(arrays, problem.means, problem.scales, [maps])[0]
     return GPAResult(
         residuals=residuals,
-        consensus=np.pad(consensus, ((0, 0), (0, d - width))),
-        aligned=[np.pad(a, ((0, 0), (0, d - width))) for a in aligned],
-        loss_history=np.asarray(loss_history, dtype=np.float64),
-        n_iter=n_iter,
-        converged=converged,
+        loss_history=solution.loss_history,
+        n_iter=len(solution.loss_history) - 1,
+        converged=solution.converged,
         models=model_names,
         layers=layer_names,
+        maps=maps,
+        means=problem.means,
+        scales=problem.scales,
+        gap_estimate=solution.gap_estimate,
+        inputs=arrays,
     )
+
+
+def deviation_from_consensus(
+    held_out: Any, result: GPAResult, *, embeddings: Sequence[Any] | None = None
+) -> np.ndarray:
+    """Per-stimulus distance of a held-out embedding from a GPA consensus it did not enter.
+
+    The held-out (n, d_h) embedding is preprocessed as GPA preprocesses its inputs (centered,
+    unit Frobenius norm) and rotated by orthogonal Procrustes (reflections allowed; both zero-padded
+    to the wider of d_h and d) onto the consensus of ``result``. The same numbers as
+    ``analyses.held_out_deviation(held_out, result.consensus)``, from cross-products over row
+    blocks: with x the preprocessed held-out rows, c the consensus rows and U S Vᵀ the thin SVD of
+    xᵀc (d_h × d), the distance of row j is sqrt(||x_j U Vᵀ − c_j||² + ||x_j||² − ||x_j U||²) (the
+    second part is what an optimal rotation sends to the padding when d_h > d).
+
+    Args:
+        held_out: (n, d_h) array of the same n stimuli (any numeric dtype; read in row blocks).
+        result: the GPA result of the other models (with maps).
+        embeddings: their inputs, when the result does not keep them.
+
+    Returns:
+        (n,) float64 distances, in the units of the GPA residuals.
+    """
+    arrays = result._inputs_for(embeddings)
+    n = result.residuals.shape[0]
+    held = _check_inputs([held_out, held_out], ("held-out model", "held-out model"))[0]
+    if held.shape[0] != n:
+        raise ValueError(
+            f"the held-out embedding has {held.shape[0]} rows but the GPA result has {n} stimuli; "
+            "pass an (n, d) array of the same stimuli in the same order."
+        )
+    (mean,) = _column_means([held], ["held-out model"])
+    width = held.shape[1]
+    cross = np.zeros((width, result.maps[0].shape[1]))
+    square_norm = 0.0
+    blocks = _row_blocks(n, width + sum(r.shape[0] + r.shape[1] for r in result.maps))
+    for rows in blocks:
+        x = np.asarray(held[rows], dtype=np.float64) - mean
+        square_norm += float(np.sum(x * x))
+        cross += x.T @ result.consensus_rows(rows, arrays)
+    if not square_norm > 0.0:
+        raise ValueError(_zero_variance_message("the held-out model"))
+    scale = np.sqrt(square_norm)
+    u, _, vt = np.linalg.svd(cross / scale, full_matrices=False)
+    out = np.empty(n)
+    for rows in blocks:
+        x = (np.asarray(held[rows], dtype=np.float64) - mean) / scale
+        xu = x @ u
+        outside = np.maximum(np.sum(x * x, axis=1) - np.sum(xu * xu, axis=1), 0.0)
+        inside = np.sum((xu @ vt - result.consensus_rows(rows, arrays)) ** 2, axis=1)
+        out[rows] = np.sqrt(inside + outside)
+    return out

@@ -279,21 +279,33 @@ class Run:
     # -- GPA, dispersion, PCA -----------------------------------------------------------------
     @cached_property
     def gpa(self) -> Any:
-        """The ``GPAResult`` of the vision models' default layers (``aligned`` is stored float32)."""
+        """The ``GPAResult`` of the GPA models' layers: residuals, loss history, each model's map,
+        mean and scale. ``aligned`` / ``consensus`` (and ``aligned_rows`` / ``consensus_rows`` for
+        a few rows) are computed on demand from the run's embeddings of those layers."""
         from .procrustes import GPAResult
 
         info = read_json(self.layout.gpa_json)
+        models, layers = tuple(info["models"]), tuple(info["layers"])
+        maps_there = [self.layout.gpa_model_array("map", i).is_file() for i in range(len(models))]
+        if not all(maps_there):
+            raise CacheFormatError(
+                f"{self.layout.gpa_dir} holds no GPA maps (the run was written before GPA kept "
+                "maps instead of the aligned arrays); rerun the precompute command that made it "
+                "(finished steps are reused, GPA is recomputed)"
+            )
         arrays = {name: read_npy(self.layout.gpa_array(name)) for name in RunLayout.GPA_ARRAYS}
-        aligned = arrays["aligned"]
         return GPAResult(
             residuals=arrays["residuals"],
-            consensus=arrays["consensus"],
-            aligned=[aligned[i] for i in range(aligned.shape[0])],
             loss_history=arrays["loss_history"],
             n_iter=int(info["n_iter"]),
             converged=bool(info["converged"]),
-            models=tuple(info["models"]),
-            layers=tuple(info["layers"]),
+            models=models,
+            layers=layers,
+            maps=[read_npy(self.layout.gpa_model_array("map", i)) for i in range(len(models))],
+            means=[read_npy(self.layout.gpa_model_array("mean", i)) for i in range(len(models))],
+            scales=arrays["scales"],
+            gap_estimate=float(info.get("gap_estimate", float("nan"))),
+            inputs=[self.embeddings[m][la] for m, la in zip(models, layers, strict=True)],
         )
 
     @cached_property

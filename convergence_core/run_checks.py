@@ -5,9 +5,9 @@ NaN) or come from someone else. :func:`check_run_files` reads what the dashboard
 report read and checks shapes, dtypes and finiteness, so a damaged run fails in one place, with
 one :class:`~convergence_core.cache.CacheFormatError` naming the file and the fix, instead of a
 traceback somewhere in a page. Costs: values are checked only where they are small (residuals,
-PCA, dispersion, loss history: O(n · M)); the large arrays (the GPA consensus and aligned
-configurations, which ``Run.gpa`` reads anyway, and the per-model arrays, memory-mapped, of which
-only the headers are read) by shape and dtype only, so no check reads O(n · d) values.
+PCA, dispersion, loss history, GPA maps and means: O(n · M + M · d²)); the per-model arrays,
+memory-mapped, of which only the headers are read, by shape and dtype only, so no check reads
+O(n · d) values.
 
 Thumbnails are not checked here (one file per stimulus): the dashboard shows a placeholder for one
 it cannot read (``dashboard.widgets.thumbnail``).
@@ -100,15 +100,11 @@ def check_run_files(run: Run) -> None:
     if unknown:
         raise _damaged(run, layout.gpa_json, f"names models {unknown} the run does not hold")
     _check_array(run, layout.gpa_array("residuals"), np.asarray(gpa.residuals), (n, m))
-    # consensus (n, d) and aligned (M, n, d) are large and no page reads their values: shapes only
-    consensus = np.asarray(gpa.consensus)
-    _check_array(run, layout.gpa_array("consensus"), consensus, (n, None), finite=False)
-    if len(gpa.aligned) != m:
-        problem = f"holds {len(gpa.aligned)} models, not {m}"
-        raise _damaged(run, layout.gpa_array("aligned"), problem)
-    for aligned in gpa.aligned:
-        shape = (n, consensus.shape[1])
-        _check_array(run, layout.gpa_array("aligned"), np.asarray(aligned), shape, finite=False)
+    _check_array(run, layout.gpa_array("scales"), np.asarray(gpa.scales), (m,))
+    for i, (rotation, mean) in enumerate(zip(gpa.maps, gpa.means, strict=True)):
+        width = np.shape(gpa.inputs[i])[1]
+        _check_array(run, layout.gpa_model_array("map", i), np.asarray(rotation), (width, None))
+        _check_array(run, layout.gpa_model_array("mean", i), np.asarray(mean), (width,))
     _check_array(run, layout.gpa_array("loss_history"), np.asarray(gpa.loss_history), (None,))
 
     dispersion = run.dispersion

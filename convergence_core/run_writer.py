@@ -277,20 +277,24 @@ def write_gpa(
     tol: float,
     max_iter: int,
 ) -> Any:
-    """Run GPA on float64 copies of ``arrays`` and write gpa/; return the GPAResult."""
+    """Run GPA on ``arrays`` (read in row blocks; float32 memory maps are not copied) and write
+    gpa/: residuals, loss history, scales and each model's map and mean (O(M·d²); the aligned
+    configurations are reproduced from the run's embeddings on demand). Return the GPAResult."""
     from .procrustes import GPA_ALGORITHM, generalized_procrustes
 
     result = generalized_procrustes(
-        [np.asarray(a, dtype=np.float64) for a in arrays],
+        list(arrays),
         tol=tol,
         max_iter=max_iter,
         models=tuple(models),
         layers=tuple(layers),
     )
     write_npy(layout.gpa_array("residuals"), np.asarray(result.residuals, dtype=np.float64))
-    write_npy(layout.gpa_array("consensus"), np.asarray(result.consensus, dtype=np.float64))
     write_npy(layout.gpa_array("loss_history"), np.asarray(result.loss_history, dtype=np.float64))
-    write_npy(layout.gpa_array("aligned"), np.stack(result.aligned).astype(np.float32))
+    write_npy(layout.gpa_array("scales"), np.asarray(result.scales, dtype=np.float64))
+    for i, (rotation, mean) in enumerate(zip(result.maps, result.means, strict=True)):
+        write_npy(layout.gpa_model_array("map", i), np.asarray(rotation, dtype=np.float64))
+        write_npy(layout.gpa_model_array("mean", i), np.asarray(mean, dtype=np.float64))
     write_json(
         layout.gpa_json,
         {
@@ -301,6 +305,7 @@ def write_gpa(
             "tol": tol,
             "max_iter": max_iter,
             "algorithm": GPA_ALGORITHM,
+            "gap_estimate": float(result.gap_estimate),
         },
     )
     return result

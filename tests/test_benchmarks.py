@@ -60,3 +60,24 @@ def test_universal_benchmark_runs_and_writes_json() -> None:
     for row in payload["ranks"]:
         assert row["identical_to_dense"]
     assert payload["fit"]["gpa_iterations"] >= 1
+
+
+def test_gpa_scale_benchmark_runs_and_writes_json() -> None:
+    out = "gpa-scale-smoke-test.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpa_scale.py", "--quick", "--out", out],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = REPO / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    rows = {(row["n"], row["method"]): row for row in payload["rows"]}
+    methods = ("old", "new", "reference", "tight", "stability")
+    assert set(rows) == {(n, m) for n in (400, 800) for m in methods}
+    for n in (400, 800):
+        # the new scheme ends at the lowest loss found (to 1e-12) and ranks stimuli as the reference
+        assert abs(rows[(n, "new")]["loss_minus_lowest"]) < 1e-12
+        assert rows[(n, "new")]["spearman_vs_reference"] > 0.9999
+        assert rows[(n, "new")]["peak_rss_mb"] > 0
+    assert "final loss" in done.stdout

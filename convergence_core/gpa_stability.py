@@ -1,0 +1,291 @@
+"""How well GPA pins each stimulus's residuals: GPA from several random starts.
+
+The residuals of Generalized Procrustes Analysis are only as determined as the loss is curved.
+Along nearly flat directions of the loss (in high dimensions, the alignment of the models'
+model-specific "noise" subspaces, whose cross-products are small) the maps can move a long way for
+a loss change far below any stopping tolerance, and the loss can have several local minima of
+almost equal value. A stimulus's residuals then depend on where the iterations stopped, and a
+ranking of stimuli by dispersion (mean residual) inherits that uncertainty.
+
+:func:`gpa_stability` measures it directly: it runs the same iterations as
+:func:`procrustes.generalized_procrustes` (same stopping rule and ``tol``) from Gower's start (the
+reference: the result GPA returns) and from ``n_starts`` random starts (independent Haar-random
+orthogonal maps per model), then compares the residuals stimulus by stimulus:
+
+* ``residual_spread[j, i]``: max − min over the solutions of the residual of stimulus j, model i;
+  ``dispersion_spread[j]`` the same for the mean residual (the dispersion score).
+* ``spearman[s]``: Spearman ρ of start s's dispersion with the reference's; ``rank_low[j]`` /
+  ``rank_high[j]``: the lowest and highest rank of stimulus j's dispersion over the solutions
+  (0 = least dispersed).
+* ``losses``: each solution's final loss. Solutions whose loss exceeds the best by more than
+  ``optimum_margin`` ended in a different local minimum (see :attr:`GPAStability.same_optimum`).
+* ``last_step[j, i]``: how much the reference's residuals moved in its last accepted iteration.
+  Comparing it with the spread is the stopping rule's check: the iterations stopped when the
+  residuals moved less than their own uncertainty across starts
+  (``summary()["last_step_over_spread"]`` < 1).
+
+Cost: the cross-products are built once (two passes over the inputs, as for GPA itself); each
+start costs one GPA solve on them (O(M² d³) per iteration, independent of n); one more pass over
+the inputs computes the residuals of every solution. A stimulus bootstrap would answer a different
+question (sampling variability of the stimulus set) and needs new cross-products per replicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import procrustes as _gpa
+
+
+@dataclass(frozen=True)
+class GPAStability:
+    """Outcome of :func:`gpa_stability` for n stimuli, M models and S random starts.
+
+    Attributes:
+        dispersion: (n,) float64, mean residual of the reference solution (GPA's result).
+        residual_spread: (n, M) float64, max − min over the S + 1 solutions of each residual.
+        dispersion_spread: (n,) float64, max − min over the solutions of the mean residual.
+        residual_spread_at_best, dispersion_spread_at_best: (n, M) and (n,) float64, the same
+            over the solutions that reached the lowest minimum (:attr:`same_optimum`): how well
+            the optimisation pins the residuals of that minimum, without the other minima (NaN
+            when only one solution reached it).
+        rank_low, rank_high: (n,) int64, lowest / highest rank of the stimulus's mean residual
+            over the solutions (0 = least dispersed; ties by stimulus order).
+        spearman: (S,) float64, Spearman ρ of each start's mean residual with the reference's
+            (NaN when every dispersion of the reference is ≤ 1e-12, i.e. rounding: identical
+            models up to rotation).
+        losses: (S + 1,) float64, final loss of the reference (index 0) and of each start.
+        n_iter: (S + 1,) int64, iterations of each solution.
+        converged: (S + 1,) bool, whether each met the stopping rule.
+        last_step: (n, M) float64, |change of each residual| over the reference's last accepted
+            iteration.
+        tol: the stopping tolerance used for every solution.
+        seed: seed of the random starts.
+        models: names of the models, in order (may be empty).
+    """
+
+    dispersion: np.ndarray
+    residual_spread: np.ndarray
+    dispersion_spread: np.ndarray
+    residual_spread_at_best: np.ndarray
+    dispersion_spread_at_best: np.ndarray
+    rank_low: np.ndarray
+    rank_high: np.ndarray
+    spearman: np.ndarray
+    losses: np.ndarray
+    n_iter: np.ndarray
+    converged: np.ndarray
+    last_step: np.ndarray
+    tol: float
+    seed: int
+    models: tuple[str, ...] = ()
+
+    @property
+    def optimum_margin(self) -> float:
+        """Loss above the best solution's that still counts as the same minimum: 100 × tol (the
+        solutions stop within ~tol of their minimum), at least 1e-12 (loss rounding)."""
+        return max(100.0 * self.tol, 1e-12)
+
+    @property
+    def same_optimum(self) -> np.ndarray:
+        """(S + 1,) bool: the solution's loss is within :attr:`optimum_margin` of the best."""
+        return self.losses <= self.losses.min() + self.optimum_margin
+
+    def summary(self) -> dict[str, float]:
+        """Scalars for a report: the largest and median relative dispersion spread (spread /
+        dispersion; also over the solutions at the lowest minimum only), the lowest Spearman ρ,
+        the widest rank interval (in ranks), the loss range, how many solutions (and whether the
+        reference) reached the lowest minimum, and ``last_step_over_spread`` (the largest
+        residual motion of the reference's last iteration divided by the largest spread; < 1:
+        the iterations stopped when residuals moved less than their uncertainty across starts;
+        ``..._at_best``: the same against the spread within the lowest minimum).
+        """
+        positive = self.dispersion > 0
+
+        def relative(spread: np.ndarray) -> np.ndarray:
+            return np.divide(spread, self.dispersion, out=np.zeros_like(spread), where=positive)
+
+        spread = float(self.residual_spread.max())
+        spread_at_best = float(np.max(self.residual_spread_at_best))  # NaN: one solution there
+        step = float(self.last_step.max())
+
+        def ratio(a: float, b: float) -> float:
+            if np.isnan(b):
+                return float("nan")
+            return a / b if b > 0 else (0.0 if a == 0 else float("inf"))
+
+        return {
+            "n_starts": float(self.spearman.size),
+            "max_relative_dispersion_spread": float(relative(self.dispersion_spread).max()),
+            "median_relative_dispersion_spread": float(np.median(relative(self.dispersion_spread))),
+            "max_relative_dispersion_spread_at_best": float(
+                relative(self.dispersion_spread_at_best).max()
+            ),
+            "max_residual_spread": spread,
+            "min_spearman": (
+                float(np.nanmin(self.spearman))
+                if np.any(np.isfinite(self.spearman))
+                else float("nan")
+            ),
+            "max_rank_interval": float((self.rank_high - self.rank_low).max()),
+            "loss_range": float(self.losses.max() - self.losses.min()),
+            "solutions_at_best_optimum": float(self.same_optimum.sum()),
+            "reference_at_best_optimum": float(self.same_optimum[0]),
+            "last_step_over_spread": ratio(step, spread),
+            "last_step_over_spread_at_best": ratio(step, spread_at_best),
+        }
+
+    def to_frame(self, ids: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Long-format per-stimulus table: ``stimulus`` (row index), ``id`` (when given),
+        ``model`` (a model name, or ``"mean"`` for the dispersion), ``metric``
+        (``residual_spread``, ``last_step`` per model; ``dispersion``, ``dispersion_spread``,
+        ``dispersion_spread_at_best``, ``rank_low``, ``rank_high`` for ``"mean"``) and ``value``
+        (float64)."""
+        n, n_models = self.residual_spread.shape
+        names = list(self.models) or [f"model {i}" for i in range(n_models)]
+        frames = []
+        for metric in ("residual_spread", "last_step"):
+            values = getattr(self, metric)
+            for i, name in enumerate(names):
+                frames.append(pd.DataFrame(
+                    {"stimulus": np.arange(n), "model": name, "metric": metric,
+                     "value": values[:, i]}
+                ))
+        per_stimulus = ("dispersion", "dispersion_spread", "dispersion_spread_at_best", "rank_low",
+                        "rank_high")
+        for metric in per_stimulus:
+            frames.append(pd.DataFrame({
+                "stimulus": np.arange(n),
+                "model": "mean",
+                "metric": metric,
+                "value": np.asarray(getattr(self, metric), dtype=np.float64),
+            }))
+        table = pd.concat(frames, ignore_index=True)
+        if ids is not None:
+            ids = np.asarray(ids)
+            if ids.shape != (n,):
+                raise ValueError(
+                    f"got {ids.shape[0] if ids.ndim else 0} ids for {n} stimuli; pass one id per "
+                    "stimulus."
+                )
+            table.insert(1, "id", ids[table["stimulus"].to_numpy()])
+        return table
+
+
+# Dispersions at or below this (units of the unit-norm configurations) are rounding: identical
+# models (up to rotation) give residuals of ~1e-16, whose ranking means nothing.
+_ZERO_DISPERSION = 1e-12
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """0-based ranks of (S, n) rows (ascending; ties by position)."""
+    order = np.argsort(values, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(values.shape[1])[None, :], axis=1)
+    return ranks
+
+
+def _spread(values: np.ndarray) -> np.ndarray:
+    """max − min over the first axis; NaN where fewer than two solutions are given."""
+    if values.shape[0] < 2:
+        return np.full(values.shape[1:], np.nan)
+    return values.max(axis=0) - values.min(axis=0)
+
+
+def _spearman(reference: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Spearman ρ (average ranks for ties) of (n,) with each row of (S, n)."""
+    from scipy.stats import rankdata
+
+    out = np.full(others.shape[0], np.nan)
+    if not np.max(reference) > _ZERO_DISPERSION:
+        return out
+    a = rankdata(reference)
+    a = a - a.mean()
+    for s, row in enumerate(others):
+        b = rankdata(row)
+        b = b - b.mean()
+        if np.any(b):
+            out[s] = float(a @ b / np.sqrt((a @ a) * (b @ b)))
+    return out
+
+
+def _random_start(problem: Any, rng: np.random.Generator) -> list[np.ndarray]:
+    """Independent Haar-random maps (r_i, p) with orthonormal rows, one per model."""
+    out = []
+    for i in range(problem.n_models):
+        q, r = np.linalg.qr(rng.standard_normal((problem.p, problem.p)))
+        q *= np.sign(np.diag(r))
+        out.append(q[: problem.width(i)])
+    return out
+
+
+def gpa_stability(
+    embeddings: Sequence[Any],
+    *,
+    n_starts: int = 4,
+    seed: int = 0,
+    tol: float = _gpa.DEFAULT_TOL,
+    max_iter: int = 1000,
+    models: Sequence[str] = (),
+) -> GPAStability:
+    """Per-stimulus residual spread and rank stability of GPA over random starts.
+
+    Args:
+        embeddings: M ≥ 2 arrays (n, d_i) of the same stimuli, as for
+            :func:`procrustes.generalized_procrustes` (read in row blocks; memory maps are fine).
+        n_starts: random starts besides the reference (Gower's start), ≥ 1.
+        seed: seed of the random starts.
+        tol, max_iter: the stopping rule of every solution (as in ``generalized_procrustes``).
+        models: names of the inputs (empty or one per array).
+
+    Returns:
+        :class:`GPAStability`.
+    """
+    if isinstance(n_starts, bool) or not isinstance(n_starts, (int, np.integer)) or n_starts < 1:
+        raise ValueError(
+            f"n_starts must be an integer >= 1, got {n_starts!r}; 4 is a good default."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    _gpa._check_options(tol, max_iter)
+    arrays = _gpa._check_inputs(embeddings, tuple(str(x) for x in models))
+    names = _gpa._check_names(models, len(arrays), "model names")
+    problem = _gpa._prepare(arrays, _gpa._labels(len(arrays), names))
+    reference = _gpa._iterate(problem, tol=tol, max_iter=max_iter)
+    rng = np.random.default_rng(seed)
+    starts = [
+        _gpa._iterate(problem, tol=tol, max_iter=max_iter, start=_random_start(problem, rng))
+        for _ in range(n_starts)
+    ]
+    solutions = [reference, *starts]
+    maps = [_gpa._full_maps(problem, s.maps) for s in solutions]
+    maps.append(_gpa._full_maps(problem, reference.previous_maps))
+    residuals = _gpa._residuals(arrays, problem.means, problem.scales, maps)
+    previous = residuals[-1]
+    residuals = residuals[:-1]  # (S + 1, n, M)
+    dispersion = residuals.mean(axis=2)  # (S + 1, n)
+    ranks = _ranks(dispersion)
+    losses = np.array([s.loss_history[-1] for s in solutions])
+    at_best = losses <= losses.min() + max(100.0 * tol, 1e-12)  # GPAStability.same_optimum
+    return GPAStability(
+        dispersion=dispersion[0],
+        residual_spread=residuals.max(axis=0) - residuals.min(axis=0),
+        dispersion_spread=dispersion.max(axis=0) - dispersion.min(axis=0),
+        residual_spread_at_best=_spread(residuals[at_best]),
+        dispersion_spread_at_best=_spread(dispersion[at_best]),
+        rank_low=ranks.min(axis=0).astype(np.int64),
+        rank_high=ranks.max(axis=0).astype(np.int64),
+        spearman=_spearman(dispersion[0], dispersion[1:]),
+        losses=losses,
+        n_iter=np.array([len(s.loss_history) - 1 for s in solutions], dtype=np.int64),
+        converged=np.array([s.converged for s in solutions]),
+        last_step=np.abs(residuals[0] - previous),
+        tol=float(tol),
+        seed=int(seed),
+        models=names,
+    )

@@ -1,0 +1,121 @@
+"""The GPA stability diagnostic: planted answers (exact rotations: no spread; a shared latent plus
+noise: a measurable spread), its consistency with GPA itself, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from convergence_core.gpa_stability import GPAStability, gpa_stability
+from convergence_core.procrustes import generalized_procrustes
+
+
+def random_orthogonal(rng, d):
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    return q * np.sign(np.diag(r))
+
+
+def planted(seed=0, noise=1.0, m=300, latent=24, dims=(48, 32, 40, 48)):
+    """Issue 11's planted set: 4 models of width 48/32/40/48, 300 stimuli, a 24-d shared latent
+    plus model-specific noise."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((m, latent))
+    return [z @ rng.standard_normal((latent, d)) + noise * rng.standard_normal((m, d)) for d in dims]
+
+
+def test_exact_rotations_of_one_model_have_no_spread() -> None:
+    """Every model is the same configuration rotated (and shifted, scaled): every start reaches
+    loss 0 with residuals 0, so nothing spreads and the ranking is undefined (NaN). "Zero" is to
+    the square root of the loss's rounding (~1e-15): residuals ~sqrt(loss), so ≤ 1e-7."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((60, 8))
+    embeddings = [x @ random_orthogonal(rng, 8) * s + 3.0 for s in (1.0, 2.0, 0.5, 7.0)]
+    stability = gpa_stability(embeddings, n_starts=3, seed=2)
+    assert isinstance(stability, GPAStability)
+    np.testing.assert_allclose(stability.losses, 0.0, atol=1e-14)
+    assert stability.residual_spread.max() < 1e-7
+    assert stability.dispersion_spread.max() < 1e-7
+    assert stability.dispersion.max() < 1e-12  # the reference (Gower's start) is exact
+    assert np.all(np.isnan(stability.spearman))
+    assert stability.same_optimum.all()
+
+
+def test_planted_set_has_a_measurable_spread_and_a_stable_ranking() -> None:
+    """The shared latent fixes the ranking (ρ close to 1), but the residuals are not pinned:
+    random starts end up to several 1e-6 apart in loss (other local minima) with dispersions up to
+    ~1 % apart, while solutions at the same minimum agree to ~3e-7; the reference stopped moving
+    its residuals long before they were that uncertain."""
+    stability = gpa_stability(planted(), n_starts=4, seed=0)
+    summary = stability.summary()
+    assert stability.residual_spread.shape == (300, 4) and stability.spearman.shape == (4,)
+    assert 1e-3 < summary["max_relative_dispersion_spread"] < 0.1  # measurable, and bounded
+    assert summary["min_spearman"] > 0.999
+    assert 0 < summary["loss_range"] < 1e-4
+    assert stability.converged.all()
+    # solutions at the lowest minimum (here the reference and 3 of the 4 starts) agree to ~3e-7
+    assert summary["solutions_at_best_optimum"] >= 2 and summary["reference_at_best_optimum"] == 1
+    assert summary["max_relative_dispersion_spread_at_best"] < 1e-4
+    assert summary["max_relative_dispersion_spread_at_best"] < summary["max_relative_dispersion_spread"] / 100
+    assert summary["last_step_over_spread"] < 1e-2
+    assert summary["max_rank_interval"] >= 1
+
+
+def test_reference_is_the_gpa_result_and_spreads_are_consistent() -> None:
+    """Index 0 is GPA's own result (same start, same stopping rule); the spread is the range over
+    the solutions, so it contains every pairwise difference, and every rank interval contains the
+    reference's rank."""
+    embeddings = planted(seed=3, m=120, dims=(20, 16, 24, 20), latent=8)
+    stability = gpa_stability(embeddings, n_starts=2, seed=5, models=("a", "b", "c", "d"))
+    result = generalized_procrustes(embeddings)
+    np.testing.assert_allclose(stability.dispersion, result.residuals.mean(axis=1), atol=1e-10)
+    assert stability.losses[0] == pytest.approx(result.loss_history[-1], abs=1e-15)
+    assert stability.n_iter[0] == result.n_iter
+    ranks = np.argsort(np.argsort(stability.dispersion, kind="stable"), kind="stable")
+    assert np.all(stability.rank_low <= ranks) and np.all(ranks <= stability.rank_high)
+    assert np.all(stability.residual_spread >= 0) and np.all(stability.last_step >= 0)
+    if stability.same_optimum.sum() >= 2:
+        assert np.all(stability.dispersion_spread_at_best <= stability.dispersion_spread + 1e-16)
+    else:  # one solution at the lowest minimum: no spread there to measure
+        assert np.isnan(stability.dispersion_spread_at_best).all()
+    # the reference's last iteration moved its residuals by at most the last step
+    assert stability.last_step.max() < 1e-4
+    assert np.all((-1 <= stability.spearman) & (stability.spearman <= 1))
+    assert stability.models == ("a", "b", "c", "d")
+
+
+def test_spearman_matches_scipy() -> None:
+    from convergence_core.gpa_stability import _spearman
+
+    rng = np.random.default_rng(7)
+    reference = rng.random(50)
+    others = np.stack([reference + 0.1 * rng.random(50), rng.random(50), np.round(reference, 1)])
+    expected = [spearmanr(reference, row)[0] for row in others]
+    np.testing.assert_allclose(_spearman(reference, others), expected, atol=1e-12)
+    assert np.isnan(_spearman(np.zeros(50), others)).all()
+
+
+def test_to_frame_is_long_format() -> None:
+    embeddings = planted(seed=4, m=60, dims=(10, 8, 12, 10), latent=4)
+    stability = gpa_stability(embeddings, n_starts=1, models=("a", "b", "c", "d"))
+    ids = [f"img{j}" for j in range(60)]
+    table = stability.to_frame(ids)
+    assert list(table.columns) == ["stimulus", "id", "model", "metric", "value"]
+    assert len(table) == 60 * (2 * 4 + 5)
+    spread_b = table[(table.model == "b") & (table.metric == "residual_spread")]
+    np.testing.assert_array_equal(spread_b.value.to_numpy(), stability.residual_spread[:, 1])
+    assert table[table.metric == "rank_high"].model.unique().tolist() == ["mean"]
+    assert table.id.iloc[61] == "img1"
+    with pytest.raises(ValueError, match="one id per stimulus"):
+        stability.to_frame(ids[:5])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"n_starts": 0}, "n_starts"), ({"seed": 1.5}, "seed"), ({"tol": -1.0}, "tol"),
+     ({"models": ("a",)}, "one name per array")],
+)
+def test_bad_options_are_explained(kwargs, message) -> None:
+    rng = np.random.default_rng(8)
+    with pytest.raises(ValueError, match=message):
+        gpa_stability([rng.standard_normal((6, 3)), rng.standard_normal((6, 3))], **kwargs)
