@@ -18,8 +18,9 @@ The issue-14 sections (:func:`paper_sections`, one function each, settings in
 (:func:`per_stimulus_section`), linear predictivity (:func:`predictivity_section`), one caption
 vs the mean of all captions and class means (:func:`many_to_many_section`; captions embedded once
 with ``--embed-captions``), blind matching (:func:`blind_matching_section`), and calibrated scores
-with typicality- (and category-) matched baselines (:func:`calibration_section`); each adds its
-sentence to summary.txt and report.json → ``verdicts``.
+with typicality- (and category-) matched baselines (:func:`calibration_section`), and GPA's
+stability over random starts (:func:`gpa_stability_section`); each adds its sentence to
+summary.txt and report.json → ``verdicts``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from . import (
 from . import metrics as registry
 from .alignment import cknna_bound_note
 from .blind_matching import blind_matching as match_blind
-from .cache import write_bytes, write_json
+from .cache import read_json, write_bytes, write_json
+from .gpa_stability import gpa_stability
 from .metrics import metric_names
 from .neighbours import prepare_rows
 from .presets import PRESETS, preset_config
@@ -534,7 +536,8 @@ def universal_space_section(
 
 #: Report sections that ``--skip`` may leave out (each costs seconds to a minute on the demo).
 OPTIONAL_SECTIONS = (
-    "per_stimulus", "predictivity", "many_to_many", "blind_matching", "calibration"
+    "per_stimulus", "predictivity", "many_to_many", "blind_matching", "calibration",
+    "gpa_stability",
 )
 
 
@@ -562,6 +565,7 @@ class AnalysisOptions:
         many_to_many_resamples: half-samples of the interval of that difference.
         embed_captions: load each language model to embed every caption (cached in the run
             folder) when the run has no cached caption embeddings.
+        gpa_starts: random starts of the GPA stability diagnostic (``gpa_stability``).
         skip: sections to leave out (names of :data:`OPTIONAL_SECTIONS`).
     """
 
@@ -579,6 +583,7 @@ class AnalysisOptions:
     many_to_many_metrics: tuple[str, ...] = ("cknna", "cka")
     many_to_many_resamples: int = 200
     embed_captions: bool = False
+    gpa_starts: int = 4
     skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -588,7 +593,7 @@ class AnalysisOptions:
                 f"cannot skip {unknown}; sections that may be skipped: {OPTIONAL_SECTIONS}"
             )
         for name in ("n_shuffles", "n_matched", "predictivity_folds", "many_to_many_resamples",
-                     "cca_dim"):
+                     "cca_dim", "gpa_starts"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("metric_permutations", "predictivity_random", "blind_matching_repeats",
@@ -734,6 +739,34 @@ def per_stimulus_section(
         + "; ".join(parts) + "."
     )
     return files, {"relation": _records(relation), "verdict": verdict}
+
+
+def gpa_stability_section(
+    run: Run, out: Path, *, n_starts: int, seed: int
+) -> tuple[list[str], dict[str, Any]]:
+    """How well GPA pins each stimulus's residuals and dispersion rank: the run's GPA rerun from
+    ``n_starts`` random starts on its stored inputs, same tolerance (``gpa_stability``).
+
+    Writes ``gpa_stability`` (long: stimulus × model × metric). Returns (files, report.json entry:
+    ``summary`` (``GPAStability.summary``) and the verdict).
+    """
+    settings = read_json(run.layout.gpa_json)
+    gpa = run.gpa
+    result = gpa_stability(
+        gpa.inputs, n_starts=n_starts, seed=seed, tol=float(settings["tol"]),
+        max_iter=int(settings["max_iter"]), models=gpa.models,
+    )
+    files = _write_table(result.to_frame(ids=run.stimuli["id"].astype(str)), out, "gpa_stability")
+    summary = {name: _json_value(value) for name, value in result.summary().items()}
+    rho = summary["min_spearman"]
+    verdict = (
+        f"GPA stability ({n_starts} random starts, tol {float(settings['tol']):.0e}): dispersion "
+        f"ranks agree with GPA's at Spearman ρ ≥ {'n/a' if rho is None else f'{rho:.4f}'}; the "
+        f"widest rank interval of a stimulus is {summary['max_rank_interval']:.0f} of "
+        f"{run.n_stimuli} ranks; the largest dispersion spread is "
+        f"{100 * summary['max_relative_dispersion_spread']:.2g} % of that stimulus's dispersion."
+    )
+    return files, {"summary": summary, "verdict": verdict}
 
 
 def predictivity_section(
@@ -1170,6 +1203,9 @@ def paper_sections(
             },
             n_shuffles=options.n_shuffles, n_matched=options.n_matched, seed=seed,
         ),
+        "gpa_stability": lambda: gpa_stability_section(
+            run, out, n_starts=options.gpa_starts, seed=seed
+        ),
     }
     results = {"metric_suite": metric_suite_section(out, long_table)}
     for name, section in sections.items():
@@ -1287,6 +1323,13 @@ def _parser() -> argparse.ArgumentParser:
         "the run folder) for the many-to-many section",
     )
     parser.add_argument(
+        "--gpa-starts",
+        type=int,
+        default=defaults.gpa_starts,
+        help="random starts of the GPA stability section (how well GPA pins each stimulus's "
+        f"dispersion; default {defaults.gpa_starts})",
+    )
+    parser.add_argument(
         "--skip",
         nargs="+",
         choices=OPTIONAL_SECTIONS,
@@ -1336,6 +1379,7 @@ def main(argv: list[str] | None = None) -> int:
                 predictivity_random=args.predictivity_random,
                 blind_matching_random=args.blind_matching_random,
                 embed_captions=args.embed_captions,
+                gpa_starts=args.gpa_starts,
                 skip=tuple(args.skip),
             ),
         )

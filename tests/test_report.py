@@ -182,6 +182,7 @@ def test_report_has_the_universal_space_tables_figures_and_headline(written, cap
 
 SECTION_TABLES = (
     "dispersion_sets_metrics",
+    "gpa_stability",
     "metric_effect_counts",
     "per_stimulus_alignment",
     "per_stimulus_dispersion_relation",
@@ -204,7 +205,7 @@ def test_report_has_every_section_table_figure_and_verdict(written):
     meta = json.loads((out / "report.json").read_text())
     text = (out / "summary.txt").read_text()
     for section in ("metric_suite", "per_stimulus", "predictivity", "blind_matching",
-                    "matched_baselines"):
+                    "matched_baselines", "gpa_stability"):
         assert meta["verdicts"][section] in text
         assert meta[section]["verdict"] == meta["verdicts"][section]
     # the synthetic run has one caption per stimulus: nothing to average
@@ -352,6 +353,25 @@ def test_fixed_points_p_value_is_exact():
         assert report.fixed_points_p_value(correct, 6) == pytest.approx(expected, abs=1e-12)
     assert report.fixed_points_p_value(0, 50) == 1.0
     assert report.fixed_points_p_value(1, 50) == pytest.approx(1 - np.exp(-1), abs=1e-9)
+
+
+def test_gpa_stability_section_reruns_the_runs_gpa(written, planted_run_path):
+    from convergence_core.gpa_stability import gpa_stability
+    from convergence_core.run import load_run
+
+    _, out = written
+    run = load_run(planted_run_path / "runs" / "demo")
+    table = pd.read_csv(out / "gpa_stability.csv")
+    mean = table[(table.model == "mean") & (table.metric == "dispersion")]
+    # the reference solution is the run's own GPA: its dispersion is the run's mean residual
+    np.testing.assert_allclose(mean["value"], run.dispersion["mean"], rtol=1e-9, atol=1e-12)
+    assert mean["id"].astype(str).tolist() == run.stimuli["id"].astype(str).tolist()
+    direct = gpa_stability(run.gpa.inputs, n_starts=4, seed=0, models=run.gpa.models).summary()
+    summary = json.loads((out / "report.json").read_text())["gpa_stability"]["summary"]
+    assert summary["min_spearman"] == pytest.approx(direct["min_spearman"], abs=1e-9)
+    assert summary["max_rank_interval"] == direct["max_rank_interval"]
+    assert summary["n_starts"] == 4
+    assert "GPA stability (4 random starts" in (out / "summary.txt").read_text()
 
 
 def test_skipped_sections_are_left_out(planted_run_path, tmp_path):
