@@ -40,6 +40,19 @@ if not gpa.converged:
         "GPA did not converge for this run: residuals may not be final. "
         "Re-run precompute with a larger max_iter."
     )
+stability = run.gpa_stability
+if stability is None:
+    st.caption(
+        "No GPA stability diagnostic in this run (precomputed with gpa_starts = 0, or before the "
+        "diagnostic existed): rerun its precompute command to add one."
+    )
+else:
+    st.text(stability.describe(run.n_stimuli))
+    st.caption(
+        "GPA's residuals are only as determined as its loss is curved: the run reran GPA from "
+        "random starts. A stimulus's rank interval over those solutions is on the Stimuli page "
+        "(Inspect)."
+    )
 
 st.subheader("Models")
 # a Markdown table, every cell escaped: a handful of rows needs no data grid (1.4 MB of JS)

@@ -430,6 +430,16 @@ class RunLayout:
         return self._file("gpa", "gpa.json")
 
     @property
+    def gpa_stability_table(self) -> Path:
+        """``gpa/stability.parquet``: ``GPAStability.to_frame`` (long: stimulus × model × metric)."""
+        return self._file("gpa", "stability.parquet")
+
+    @property
+    def gpa_stability_json(self) -> Path:
+        """``gpa/stability.json``: ``n_starts``, ``seed``, ``tol`` and ``GPAStability.summary``."""
+        return self._file("gpa", "stability.json")
+
+    @property
     def dispersion(self) -> Path:
         return self._file("dispersion.parquet")
 

@@ -44,7 +44,8 @@ examples:
 A config file (.json or .toml) holds the same settings by their long names with underscores
 (dataset, vision_models, language_models, features, modalities, gpa_models, layers, gpa_layers,
 device, batch_size, caption_mode, drop_bad, run_name, cache_root, weights, thumbnails, list_size,
-neighbour_layers, precision, engine, ray_address, concurrency, num_cpus, num_gpus, runtime_env),
+neighbour_layers, precision, engine, ray_address, concurrency, num_cpus, num_gpus, runtime_env,
+gpa_starts),
 or the models one by one as [[models]] tables (name, modality, and path + layer for features from
 a file); flags given on the command line override it.
 Rerunning the same command reuses every finished step; an interrupted run resumes.
@@ -149,6 +150,11 @@ def _precompute_parser(sub: Any) -> None:
         "--list-size",
         type=int,
         help="exact nearest neighbours stored per stimulus and layer (default 128)",
+    )
+    parser.add_argument(
+        "--gpa-starts",
+        type=int,
+        help="random starts of the GPA stability diagnostic stored in the run (default 4; 0: none)",
     )
     parser.add_argument(
         "--gpa-layer",
@@ -285,6 +291,7 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "modalities": _pairs(args.modality, "--modality") or None,
         "gpa_models": _split_names(args.gpa_models) if args.gpa_models else None,
         "list_size": args.list_size,
+        "gpa_starts": args.gpa_starts,
         "precision": args.precision,
         "engine": args.engine,
         "ray_address": args.ray_address,
@@ -382,7 +389,7 @@ class _ProgressBars:
             if event.done >= event.total:
                 self._close()
         elif (
-            event.step in ("gpa", "dispersion", "thumbnails", "properties")
+            event.step in ("gpa", "gpa_stability", "dispersion", "thumbnails", "properties")
             and event.done >= event.total
         ):
             self._close()

@@ -177,6 +177,52 @@ class GPAStability:
         return table
 
 
+def describe(summary: dict[str, Any], *, n_stimuli: int, n_starts: int, tol: float) -> str:
+    """One sentence for readers (report summary, Home page) from :meth:`GPAStability.summary`
+    (values may be None where the summary had NaN)."""
+    rho = summary.get("min_spearman")
+    spread = summary.get("max_relative_dispersion_spread")
+    interval = summary.get("max_rank_interval")
+    return (
+        f"GPA stability ({n_starts} random starts, tol {tol:.0e}): dispersion ranks agree with "
+        f"GPA's at Spearman ρ ≥ {'n/a' if rho is None else f'{rho:.4f}'}; the widest rank "
+        f"interval of a stimulus is {'n/a' if interval is None else f'{interval:.0f}'} of "
+        f"{n_stimuli} ranks; the largest dispersion spread is "
+        f"{'n/a' if spread is None else f'{100 * spread:.2g} %'} of that stimulus's dispersion."
+    )
+
+
+@dataclass(frozen=True)
+class StoredStability:
+    """The diagnostic as a run stores it (``Run.gpa_stability``).
+
+    Attributes:
+        n_starts, seed, tol: how it was computed.
+        summary: :meth:`GPAStability.summary` (NaN as None).
+        table: :meth:`GPAStability.to_frame` with ids (long: stimulus × model × metric).
+    """
+
+    n_starts: int
+    seed: int
+    tol: float
+    summary: dict[str, Any]
+    table: pd.DataFrame
+
+    def per_stimulus(self, metric: str) -> np.ndarray:
+        """(n,) float64 values of one per-stimulus metric (``rank_low``, ``rank_high``,
+        ``dispersion``, ``dispersion_spread``, ``dispersion_spread_at_best``), stimulus order."""
+        rows = self.table[(self.table["model"] == "mean") & (self.table["metric"] == metric)]
+        if rows.empty:
+            raise ValueError(
+                f"the stored GPA stability has no per-stimulus metric {metric!r}; use one of "
+                f"{sorted(set(self.table.loc[self.table['model'] == 'mean', 'metric']))}"
+            )
+        return rows.sort_values("stimulus")["value"].to_numpy(dtype=np.float64)
+
+    def describe(self, n_stimuli: int) -> str:
+        return describe(self.summary, n_stimuli=n_stimuli, n_starts=self.n_starts, tol=self.tol)
+
+
 # Dispersions at or below this (units of the unit-norm configurations) are rounding: identical
 # models (up to rotation) give residuals of ~1e-16, whose ranking means nothing.
 _ZERO_DISPERSION = 1e-12

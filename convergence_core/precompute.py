@@ -52,6 +52,7 @@ from .run_writer import (
     prepare_run_folder,
     write_dispersion,
     write_gpa,
+    write_gpa_stability,
     write_model_arrays,
     write_neighbour_lists,
     write_properties,
@@ -73,6 +74,10 @@ __all__ = [
 # GPA's own default: the loss is flat near the optimum, so residuals settle only well below where
 # the loss does (at 1e-10 they were still ~1e-6 from the optimum's); iterations cost O(M² d³), not n
 GPA_TOL = DEFAULT_GPA_TOL
+#: random starts of the GPA stability diagnostic stored in every run (gpa/stability.*; 0: none)
+GPA_STARTS = 4
+#: seed of those starts
+GPA_STABILITY_SEED = 0
 GPA_MAX_ITER = 1000
 
 
@@ -120,6 +125,8 @@ class PrecomputeConfig:
         concurrency: Ray actors per model (None: as many as the cluster's CPUs / GPUs allow).
         num_cpus / num_gpus: resources per Ray actor (None: 1 CPU; 1 GPU on CUDA).
         runtime_env: Ray ``runtime_env`` mapping (e.g. to ship this package to the workers).
+        gpa_starts: random starts of the GPA stability diagnostic stored in the run
+            (``gpa_stability``; shown on Home and Stimuli); 0 leaves it out.
 
     ``batch_size`` may also be ``"auto"``: as many items as fill 80 % of the free GPU memory
     (measured once per model; ``extract.fit_batch_size``), 32 on CPU.
@@ -150,6 +157,7 @@ class PrecomputeConfig:
     num_cpus: float | None = None
     num_gpus: float | None = None
     runtime_env: Mapping[str, Any] | None = None
+    gpa_starts: int = GPA_STARTS
 
     def __post_init__(self) -> None:
         _check_field_types(self)
@@ -415,6 +423,10 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a mapping {model name: local weights path} (or null / left out)",
     ),
     "thumbnails": (lambda v: isinstance(v, bool), "true or false"),
+    "gpa_starts": (
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "a whole number >= 0 such as 4 (random starts of the GPA stability diagnostic; 0: none)",
+    ),
     "features": (
         lambda v: v is None
         or _is_str_map(v, lambda x: _is_path(x) or _is_str_map(x, _is_path)),
@@ -526,7 +538,7 @@ class ProgressEvent:
     """What the pipeline is doing, sent to the ``progress`` callback.
 
     ``step``: "dataset", "waiting" (for another process writing the same run), "extract",
-    "neighbours", "gpa", "dispersion", "thumbnails", "properties" or "done"; ``model``: the model
+    "neighbours", "gpa", "gpa_stability", "dispersion", "thumbnails", "properties" or "done"; ``model``: the model
     being extracted or indexed (else None; "<model> (every caption, for caption agreement)" while
     the properties step embeds every caption of a run extracted before that step existed;
     "properties": the language model whose part is done); ``done`` of ``total`` items (stimuli,
@@ -557,6 +569,7 @@ def default_run_name(config: PrecomputeConfig, dataset_name: str) -> str:
         "modalities": None,
         "gpa_models": None,
         "precision": "auto",
+        "gpa_starts": GPA_STARTS,
     }
     relevant = {
         k: v
@@ -668,6 +681,7 @@ class _Plan:
     device: str | None
     settings: dict[str, Any]
     config: PrecomputeConfig | None = None
+    gpa_starts: int = GPA_STARTS
 
 
 def _plan_from_config(cfg: PrecomputeConfig) -> _Plan:
@@ -686,6 +700,7 @@ def _plan_from_config(cfg: PrecomputeConfig) -> _Plan:
         device=cfg.device,
         settings=cfg.to_dict(),
         config=cfg,
+        gpa_starts=cfg.gpa_starts,
     )
 
 
@@ -778,6 +793,7 @@ def write_run_from_embeddings(
     settings: Mapping[str, Any] | None = None,
     gpa_tol: float = GPA_TOL,
     gpa_max_iter: int = GPA_MAX_ITER,
+    gpa_starts: int = GPA_STARTS,
     list_size: int = DEFAULT_LIST_SIZE,
     neighbour_layers: str = "all",
     progress: ProgressCallback | None = None,
@@ -804,11 +820,12 @@ def write_run_from_embeddings(
         thumbnails: write thumbnails/ (needs ``images_root``).
         dataset_name, dataset_fingerprint, settings: recorded in the manifest.
         gpa_tol, gpa_max_iter: passed to ``generalized_procrustes``.
-        list_size, neighbour_layers: as in :class:`PrecomputeConfig`.
+        gpa_starts, list_size, neighbour_layers: as in :class:`PrecomputeConfig`.
         progress: as in :func:`precompute`.
 
     Neighbour lists are built from ``prepare_features`` of the float32-stored embeddings, and GPA
-    runs on float64 copies of them, so everything is reproducible from the run's own files.
+    reads those stored arrays (in row blocks, float64 sums), so everything is reproducible from the
+    run's own files.
     Raises ValueError (naming the fix) for inconsistent inputs.
     """
     from .sources import ArraySource
@@ -880,6 +897,7 @@ def write_run_from_embeddings(
         gpa_max_iter=gpa_max_iter,
         device=None,
         settings=dict(settings or {}),
+        gpa_starts=gpa_starts,
     )
     data_fingerprint = dataset_fingerprint or fingerprint(
         frame["id"].tolist(), frame["image"].tolist(), frame["captions"].tolist()
@@ -942,6 +960,7 @@ def _execute(
         finally:
             pipeline.close_engine()
         gpa_inputs = pipeline.gpa()
+        pipeline.gpa_stability(gpa_inputs)
         pipeline.dispersion(gpa_inputs)
         pipeline.thumbnails()
         pipeline.properties()
@@ -1135,13 +1154,9 @@ class _Pipeline:
             return inputs
         self.manifest.forget_step("gpa")
         self.notify(ProgressEvent("gpa", None, 0, 1))
-        arrays = [
-            read_npy(self.layout.embedding(entry.key, entry.layer_keys[layer]), mmap=True)
-            for entry, layer in zip(entries, layers_in, strict=True)
-        ]
         result = write_gpa(
             self.layout,
-            arrays,
+            self._gpa_arrays(),
             models_in,
             layers_in,
             tol=self.plan.gpa_tol,
@@ -1152,6 +1167,46 @@ class _Pipeline:
         )
         self.notify(ProgressEvent("gpa", None, 1, 1))
         return inputs
+
+    def _gpa_arrays(self) -> list[np.ndarray]:
+        """The GPA inputs as stored (float32 memory maps; GPA reads them in row blocks)."""
+        gpa = self.data.gpa
+        return [
+            read_npy(self.layout.embedding(entry.key, entry.layer_keys[layer]), mmap=True)
+            for entry, layer in zip(
+                (self.data.models[m] for m in gpa.models), gpa.layers, strict=True
+            )
+        ]
+
+    def gpa_stability(self, gpa_inputs: str) -> None:
+        """gpa/stability.*: GPA from ``gpa_starts`` random starts (none when 0)."""
+        starts = self.plan.gpa_starts
+        inputs = fingerprint("gpa_stability", gpa_inputs, starts, GPA_STABILITY_SEED)
+        if starts == 0:
+            self.manifest.forget_step("gpa_stability")
+            for path in (self.layout.gpa_stability_json, self.layout.gpa_stability_table):
+                path.unlink(missing_ok=True)
+            return
+        if (
+            self.manifest.step_done("gpa_stability", inputs)
+            and self.layout.gpa_stability_json.is_file()
+        ):
+            self.notify(ProgressEvent("gpa_stability", None, 1, 1, skipped=True))
+            return
+        self.manifest.forget_step("gpa_stability")
+        self.notify(ProgressEvent("gpa_stability", None, 0, 1))
+        write_gpa_stability(
+            self.layout,
+            self._gpa_arrays(),
+            self.data.gpa.models,
+            self.stimuli["id"].astype(str).tolist(),
+            n_starts=starts,
+            seed=GPA_STABILITY_SEED,
+            tol=self.plan.gpa_tol,
+            max_iter=self.plan.gpa_max_iter,
+        )
+        self.manifest.finish_step("gpa_stability", inputs)
+        self.notify(ProgressEvent("gpa_stability", None, 1, 1))
 
     def _gpa_layer(self, entry: ModelEntry, model: str) -> str:
         chosen = self.plan.gpa_layers.get(model)

@@ -309,6 +309,40 @@ class Run:
         )
 
     @cached_property
+    def gpa_stability(self) -> Any:
+        """The stored GPA stability diagnostic (``gpa_stability.StoredStability``: how far each
+        stimulus's residuals and dispersion rank move when GPA starts elsewhere), or None when the
+        run has none (precomputed with ``gpa_starts=0`` or before the step existed)."""
+        if not self.layout.gpa_stability_json.is_file():
+            return None
+        from .gpa_stability import StoredStability
+
+        info = read_json(self.layout.gpa_stability_json)
+        table = read_parquet(self.layout.gpa_stability_table)
+        expected = {"stimulus", "id", "model", "metric", "value"}
+        try:
+            record = StoredStability(
+                n_starts=int(info["n_starts"]),
+                seed=int(info["seed"]),
+                tol=float(info["tol"]),
+                summary=dict(info["summary"]),
+                table=table,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheFormatError(
+                f"{self.layout.gpa_stability_json} is malformed ({exc}); delete it and rerun "
+                "precompute"
+            ) from None
+        if not expected <= set(table.columns) or len(table) != self.n_stimuli * (
+            2 * len(self.gpa.models) + 5
+        ):
+            raise CacheFormatError(
+                f"{self.layout.gpa_stability_table} does not match the run ({len(table)} rows, "
+                f"columns {sorted(table.columns)}); delete it and rerun precompute"
+            )
+        return record
+
+    @cached_property
     def dispersion(self) -> pd.DataFrame:
         """Per-stimulus dispersion, run order: ``id``, ``mean``, ``pc1``, ``rank_mean``, ``rank_pc1``.
 

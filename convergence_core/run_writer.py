@@ -311,6 +311,37 @@ def write_gpa(
     return result
 
 
+def write_gpa_stability(
+    layout: RunLayout,
+    arrays: Sequence[np.ndarray],
+    models: Sequence[str],
+    ids: Sequence[str],
+    *,
+    n_starts: int,
+    seed: int,
+    tol: float,
+    max_iter: int,
+) -> Any:
+    """Run the GPA stability diagnostic (``gpa_stability``: GPA from ``n_starts`` random starts on
+    the GPA inputs, same stopping rule) and write gpa/stability.parquet and .json; return the
+    ``GPAStability``. O(n · M) storage; cost: one more pass over the inputs per solution's
+    residuals plus one GPA solve on the cross-products per start (independent of n)."""
+    from .gpa_stability import gpa_stability
+
+    result = gpa_stability(
+        list(arrays), n_starts=n_starts, seed=seed, tol=tol, max_iter=max_iter, models=models
+    )
+    write_parquet(layout.gpa_stability_table, result.to_frame(ids=[str(x) for x in ids]))
+    summary = {
+        name: None if np.isnan(value) else value for name, value in result.summary().items()
+    }
+    write_json(
+        layout.gpa_stability_json,
+        {"n_starts": int(n_starts), "seed": int(seed), "tol": float(tol), "summary": summary},
+    )
+    return result
+
+
 def _ranks(scores: np.ndarray) -> np.ndarray:
     """0-based ranks, 0 = lowest score; ties broken by stimulus order."""
     ranks = np.empty(scores.shape[0], dtype=np.int64)

@@ -271,6 +271,16 @@ with detail_tab:
                 f"{int(found.rank['pc1'][row]) + 1} / {n}",
                 help="1 = lowest dispersion along the first principal component of the residuals",
             )
+            intervals = data.gpa_rank_intervals(path, stamp)
+            if intervals is not None:
+                low, high = int(intervals[0][row]) + 1, int(intervals[1][row]) + 1
+                st.metric(
+                    "Mean-residual rank over GPA's random starts",
+                    f"{low} – {high}" if high > low else f"{low} (every start)",
+                    help="Lowest and highest rank of this stimulus's mean residual over the GPA "
+                    "solutions of the run's stability diagnostic (GPA from random starts): how "
+                    "firmly GPA pins its place in the ranking.",
+                )
             st.image(data.residual_bars_png(path, stamp, row))
 
         st.subheader("Nearest neighbours")

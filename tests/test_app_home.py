@@ -158,6 +158,8 @@ def test_home_cards_histogram_and_previews(synthetic_cache: Path) -> None:
     assert _metric(at, "Language models") == "2"
     assert _metric(at, "GPA iterations") == str(run.gpa.n_iter)
     assert _metric(at, "GPA final loss") == f"{float(run.gpa.loss_history[-1]):.6f}"
+    # the stored GPA stability diagnostic, in one sentence
+    assert run.gpa_stability.describe(run.n_stimuli) in [t.value for t in at.text]
     # the models table is an escaped Markdown table (no data grid): a header, then a row per model
     rows = _markdown_rows(next(m.value for m in at.markdown if m.value.startswith("| model |")))
     assert [row[0] for row in rows[1:]] == run.models

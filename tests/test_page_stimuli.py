@@ -182,6 +182,12 @@ def test_inspect_button_shows_ranks_residuals_and_neighbours(run) -> None:
     n = run.n_stimuli
     assert metrics["Rank by mean residual"] == f"{n} / {n}"
     assert metrics["Rank by PC1 score"] == f"{int(run.dispersion['rank_pc1'].iloc[row]) + 1} / {n}"
+    # the rank interval over GPA's random starts, from the run's stored diagnostic
+    stability = run.gpa_stability
+    low = int(stability.per_stimulus("rank_low")[row]) + 1
+    high = int(stability.per_stimulus("rank_high")[row]) + 1
+    shown = metrics["Mean-residual rank over GPA's random starts"]
+    assert shown == (f"{low} – {high}" if high > low else f"{low} (every start)")
     # the stimulus's thumbnail, its residual bars (a picture) and 5 neighbour thumbnails
     assert len(at.image) == 7 and not at.get("plotly_chart")
 

@@ -152,6 +152,7 @@ def test_full_run_writes_every_part(tiny_coco, tmp_path, loads):
     assert set(manifest.steps) == {
         "stimuli",
         "gpa",
+        "gpa_stability",
         "dispersion",
         "thumbnails",
         *(f"extract:{m}" for m in (*VISION, *LANGUAGE)),
@@ -181,7 +182,9 @@ def test_rerun_recomputes_nothing(tiny_coco, tmp_path, loads):
     assert loads == Counter({name: 1 for name in (*VISION, *LANGUAGE)})  # no second load
     assert {p: p.stat().st_mtime_ns for p in second.path.rglob("*.npy")} == mtimes
     assert all(
-        e.skipped for e in events if e.step in ("extract", "gpa", "dispersion", "thumbnails")
+        e.skipped
+        for e in events
+        if e.step in ("extract", "gpa", "gpa_stability", "dispersion", "thumbnails")
     )
     after = _arrays(second)
     for key, value in before.items():
@@ -232,8 +235,53 @@ def test_new_gpa_algorithm_recomputes_gpa_only(tiny_coco, tmp_path, loads, monke
     events: list[ProgressEvent] = []
     precompute(progress=events.append, **_options(tiny_coco, tmp_path))
     assert loads == Counter({name: 1 for name in (*VISION, *LANGUAGE)})  # nothing re-extracted
-    redone = {e.step for e in events if e.step in ("gpa", "dispersion") and not e.skipped}
-    assert redone == {"gpa", "dispersion"}
+    redone = {
+        e.step
+        for e in events
+        if e.step in ("gpa", "gpa_stability", "dispersion", "thumbnails") and not e.skipped
+    }
+    assert redone == {"gpa", "gpa_stability", "dispersion"}
+
+
+def test_gpa_stability_is_stored_and_follows_gpa_starts(tiny_coco, tmp_path, loads):
+    from convergence_core.gpa_stability import gpa_stability
+
+    run = precompute(**_options(tiny_coco, tmp_path))
+    stored = run.gpa_stability
+    assert (stored.n_starts, stored.seed) == (4, 0)
+    # the reference solution is the run's GPA: its dispersion is the stored mean residual
+    np.testing.assert_allclose(
+        stored.per_stimulus("dispersion"), run.dispersion["mean"], rtol=1e-9, atol=1e-12
+    )
+    rank = run.dispersion["rank_mean"].to_numpy()
+    assert (stored.per_stimulus("rank_low") <= rank).all()
+    assert (rank <= stored.per_stimulus("rank_high")).all()
+    direct = gpa_stability(run.gpa.inputs, n_starts=4, seed=0, models=run.gpa.models)
+    np.testing.assert_allclose(
+        stored.per_stimulus("dispersion_spread"), direct.dispersion_spread, atol=1e-12
+    )
+    assert "GPA stability (4 random starts" in stored.describe(run.n_stimuli)
+    with pytest.raises(ValueError, match="no per-stimulus metric 'nope'"):
+        stored.per_stimulus("nope")
+    # more starts: only the diagnostic is recomputed; 0 starts: the run has none
+    events: list[ProgressEvent] = []
+    again = precompute(progress=events.append, **_options(tiny_coco, tmp_path, gpa_starts=2))
+    redone = {e.step for e in events if not e.skipped}
+    assert "gpa_stability" in redone
+    assert not redone & {"extract", "neighbours", "gpa", "dispersion", "thumbnails"}
+    assert loads == Counter({name: 1 for name in (*VISION, *LANGUAGE)})
+    assert again.gpa_stability.n_starts == 2
+    none = precompute(**_options(tiny_coco, tmp_path, gpa_starts=0))
+    assert none.gpa_stability is None and not (none.path / "gpa" / "stability.json").exists()
+    with pytest.raises(ValueError, match="gpa_starts"):
+        precompute(**_options(tiny_coco, tmp_path, gpa_starts=-1))
+
+
+def test_a_run_without_gpa_maps_says_to_rerun(tiny_coco, tmp_path, loads):
+    run = precompute(**_options(tiny_coco, tmp_path))
+    (run.path / "gpa" / "map_0.npy").unlink()
+    with pytest.raises(ValueError, match="no GPA maps.*rerun the precompute"):
+        load_run(run.path).gpa
 
 
 def test_interrupted_run_resumes_and_equals_a_clean_run(tiny_coco, tmp_path, loads):

@@ -371,7 +371,17 @@ def test_gpa_stability_section_reruns_the_runs_gpa(written, planted_run_path):
     assert summary["min_spearman"] == pytest.approx(direct["min_spearman"], abs=1e-9)
     assert summary["max_rank_interval"] == direct["max_rank_interval"]
     assert summary["n_starts"] == 4
+    assert json.loads((out / "report.json").read_text())["gpa_stability"]["stored"] is True
     assert "GPA stability (4 random starts" in (out / "summary.txt").read_text()
+
+
+def test_gpa_stability_with_other_starts_is_recomputed(planted_run_path, tmp_path):
+    from convergence_core.run import load_run
+
+    run = load_run(planted_run_path / "runs" / "demo")
+    files, entry = report.gpa_stability_section(run, tmp_path, n_starts=2, seed=1)
+    assert entry["stored"] is False and entry["summary"]["n_starts"] == 2
+    assert "gpa_stability.csv" in files and "(2 random starts" in entry["verdict"]
 
 
 def test_skipped_sections_are_left_out(planted_run_path, tmp_path):

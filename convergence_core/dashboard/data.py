@@ -599,6 +599,18 @@ def residual_components_png(path: str, stamp: int) -> bytes:
     )
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def gpa_rank_intervals(path: str, stamp: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rank_low, rank_high), each (n,) int64, of the mean residual over the run's stored GPA
+    stability solutions (0 = least dispersed), or None when the run has no diagnostic."""
+    stability = _open_run(path, stamp).gpa_stability
+    if stability is None:
+        return None
+    return tuple(  # type: ignore[return-value]
+        stability.per_stimulus(name).astype(np.int64) for name in ("rank_low", "rank_high")
+    )
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
 def residual_bars_png(path: str, stamp: int, row: int) -> bytes:
     """One stimulus's residual per vision model beside each model's median."""
