@@ -30,9 +30,11 @@ demo: install
 	@echo "Dashboard: http://$(HOST):$(PORT)"
 	$(PY) -m convergence_core.dashboard.serve --server.port $(PORT) --server.address $(HOST) --server.headless true
 
-## make test: install runtime + test tools, run the whole suite.
+## make test: install runtime + test tools, run the whole suite in TEST_WORKERS processes (a
+## test file stays in one process; TEST_WORKERS=0 runs everything in this process).
+TEST_WORKERS ?= 2
 test: install-dev
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install-dev
 	$(PY) benchmarks/bench_numerics.py
