@@ -106,6 +106,12 @@ def check_run_files(run: Run) -> None:
         _check_array(run, layout.gpa_model_array("map", i), np.asarray(rotation), (width, None))
         _check_array(run, layout.gpa_model_array("mean", i), np.asarray(mean), (width,))
     _check_array(run, layout.gpa_array("loss_history"), np.asarray(gpa.loss_history), (None,))
+    stability = run.gpa_stability  # None, or read and checked against the run (CacheFormatError)
+    if stability is not None:
+        for name in ("rank_low", "rank_high"):
+            ranks = stability.per_stimulus(name)
+            if not (np.isfinite(ranks).all() and ranks.min() >= 0 and ranks.max() < n):
+                raise _damaged(run, layout.gpa_stability_table, f"holds {name} outside 0..{n - 1}")
 
     dispersion = run.dispersion
     for column in ("mean", "pc1"):

@@ -860,8 +860,19 @@ def _damage_dispersion(run_path: Path) -> None:
     frame.to_parquet(run_path / "dispersion.parquet", index=False)
 
 
+def _damage_gpa_map(run_path: Path) -> None:
+    np.save(run_path / "gpa" / "map_1.npy", np.zeros((3, 3)))
+
+
+def _damage_stability_table(run_path: Path) -> None:
+    frame = pd.read_parquet(run_path / "gpa" / "stability.parquet")
+    frame.iloc[: len(frame) // 2].to_parquet(run_path / "gpa" / "stability.parquet", index=False)
+
+
 DAMAGES = {
     "residuals of the wrong shape": _damage_residuals_shape,
+    "a GPA map of the wrong shape": _damage_gpa_map,
+    "a truncated GPA stability table": _damage_stability_table,
     "residuals all NaN": _damage_residuals_nan,
     "a pickled embedding": _damage_embedding_pickle,
     "a truncated embedding": _damage_embedding_truncated,
