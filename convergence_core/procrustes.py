@@ -106,7 +106,13 @@ from typing import Any
 
 import numpy as np
 
-from .validation import _check_finite, _label, check_embedding_set, check_features
+from .validation import (
+    _check_finite,
+    _label,
+    check_embedding_set,
+    check_features,
+    numeric_matrix,
+)
 
 
 # Names the iteration scheme (see the module docstring); part of the cache key of stored GPA
@@ -467,35 +473,7 @@ def _check_inputs(embeddings: Sequence[Any], names: Sequence[str]) -> list[np.nd
     if len(embeddings) < 2:
         check_embedding_set(embeddings)
     labels = _labels(len(embeddings), names)
-    arrays = []
-    for label, value in zip(labels, embeddings):
-        array = value if isinstance(value, np.ndarray) else None
-        if array is None:
-            try:
-                array = np.asarray(value)
-            except Exception as exc:  # ragged nested lists and the like
-                raise ValueError(
-                    f"{label} could not be read as a numeric array ({exc}); pass a 2-D numpy "
-                    "array of shape (n_stimuli, n_features)."
-                ) from exc
-        if array.dtype == object or not (
-            np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
-        ):
-            raise ValueError(
-                f"{label} has dtype {array.dtype}, not a number type; pass a numeric 2-D array "
-                "of shape (n_stimuli, n_features)."
-            )
-        if np.iscomplexobj(array):
-            raise ValueError(
-                f"{label} is complex; pass real-valued features (e.g. np.real(X) if that is meant)."
-            )
-        if array.ndim != 2:
-            raise ValueError(
-                f"{label} must be 2-D (n_stimuli, n_features) but has shape {array.shape}. "
-                "Reshape a single vector with X.reshape(-1, 1), or flatten extra axes with "
-                "X.reshape(len(X), -1)."
-            )
-        arrays.append(array)
+    arrays = [numeric_matrix(value, label) for label, value in zip(labels, embeddings)]
     n_rows = [a.shape[0] for a in arrays]
     if len(set(n_rows)) != 1:
         listing = ", ".join(f"{label}: {n}" for label, n in zip(labels, n_rows))

@@ -31,10 +31,11 @@ def _check_finite(array: np.ndarray, what: str, rows: str, fix: str) -> None:
         )
 
 
-def _as_float_matrix(value: object, what: str) -> np.ndarray:
-    """``value`` as a 2-D float64 array (no copy when it already is one)."""
+def numeric_matrix(value: object, what: str) -> np.ndarray:
+    """``value`` as a real 2-D numeric array, dtype kept (an ndarray, memory maps included, is
+    returned as it is); ValueError naming ``what`` and the fix otherwise."""
     try:
-        array = np.asarray(value)
+        array = value if isinstance(value, np.ndarray) else np.asarray(value)
     except Exception as exc:  # ragged nested lists and the like
         raise ValueError(
             f"{what} could not be read as a numeric array ({exc}); pass a 2-D numpy array "
@@ -57,7 +58,12 @@ def _as_float_matrix(value: object, what: str) -> np.ndarray:
         raise ValueError(
             f"{what} must be 2-D (n_stimuli, n_features) but has shape {array.shape}.{hint}"
         )
-    return np.asarray(array, dtype=np.float64)
+    return array
+
+
+def _as_float_matrix(value: object, what: str) -> np.ndarray:
+    """``value`` as a 2-D float64 array (no copy when it already is one)."""
+    return np.asarray(numeric_matrix(value, what), dtype=np.float64)
 
 
 def check_features(X: object, name: str = "X", *, min_rows: int = 1) -> np.ndarray:
