@@ -512,7 +512,10 @@ def test_same_numbers_as_the_local_engine(
         stats = result.stats
         assert stats["duplicate_rows"] == 0 and stats["shards_written"] == stats["shards"] > 2
         assert stats["actors"] == 2
-    assert len(remote.stats["actor_pids"]) == 2  # both actors did work
+    # Which actor takes which block is Ray's choice: on a loaded machine the first actor that is
+    # ready may take all eight before the second has loaded its encoder. The pool has two (above);
+    # each pid that did work is one of them.
+    assert 1 <= len(remote.stats["actor_pids"]) <= 2
     assert remote_text.items == sum(map(len, frame["captions"]))
     assert not (tmp_path / "efficientnet-lite0").exists() or not any(
         (tmp_path / "efficientnet-lite0").rglob("*.npz")
