@@ -401,3 +401,21 @@ def test_largest_selects_the_same_entries_as_topk(monkeypatch):
         gathered = torch.gather(values, 1, got_positions)
         np.testing.assert_array_equal(gathered.numpy(), got_values.numpy())
         assert all(len(set(row)) == keep for row in got_positions.numpy().tolist())
+
+
+
+@pytest.mark.parametrize("copies", [3, 5, 17, 129])
+def test_identical_candidates_get_identical_values_wherever_they_sit(copies):
+    """The float64 refinement gives exact duplicates bit-identical values at every position of
+    the window (a stacked BLAS matmul did not: tail rows took another kernel, an ulp apart), so
+    the tie rule (lower index first) decides, not the position."""
+    rng = np.random.default_rng(copies)
+    X = np.repeat(rng.standard_normal((1, 33)), copies, axis=0)  # one point, many times
+    features = PreparedFeatures(X, np.inf)
+    queries = rng.standard_normal((7, 33))
+    window = np.tile(np.arange(copies), (7, 1))
+    index, values = neighbours._refine(
+        queries, np.arange(copies), window, np.ones_like(window, bool), features, None, copies
+    )
+    assert all(np.unique(row).size == 1 for row in values)
+    np.testing.assert_array_equal(index, window)  # all tied: ascending index
