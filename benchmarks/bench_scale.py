@@ -76,6 +76,47 @@ def write_features(n: int, folder: Path, dims_v=VISION_DIMS, dims_l=LANGUAGE_DIM
     return files
 
 
+class MemorySampler:
+    """Samples this process's resident memory every 0.2 s from /proc/self/status: anonymous
+    pages (arrays the run allocates) and file-backed pages (memory-mapped inputs and outputs,
+    which the kernel can drop) apart, with the step that was running at each peak."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.step = "start"
+        self.peak = {"anon_gb": 0.0, "file_gb": 0.0, "total_gb": 0.0}
+        self.at = {key: "" for key in self.peak}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _read() -> dict[str, float]:
+        fields = {}
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                    name, value = line.split(":")
+                    fields[name] = int(value.split()[0]) / 1024**2
+        anon, file = fields.get("RssAnon", 0.0), fields.get("RssFile", 0.0)
+        return {"anon_gb": anon, "file_gb": file + fields.get("RssShmem", 0.0),
+                "total_gb": anon + file + fields.get("RssShmem", 0.0)}
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            for key, value in self._read().items():
+                if value > self.peak[key]:
+                    self.peak[key], self.at[key] = value, self.step
+
+    def __enter__(self) -> MemorySampler:
+        if Path("/proc/self/status").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+
 def child(folder: Path, run_path: Path) -> dict:
     """Make the run from the feature files and measure it (runs in its own process)."""
     import pandas as pd
@@ -92,12 +133,16 @@ def child(folder: Path, run_path: Path) -> dict:
     language = [m for m in names if m.startswith("language")]
     marks: list[tuple[float, str]] = []
 
+    sampler = MemorySampler()
+
     def progress(event) -> None:
         marks.append((time.perf_counter(), event.step))
+        sampler.step = event.step
 
     started = time.perf_counter()
-    write_run_from_embeddings(run_path, stimuli, embeddings, vision_models=vision,
-                              language_models=language, thumbnails=False, progress=progress)
+    with sampler:
+        write_run_from_embeddings(run_path, stimuli, embeddings, vision_models=vision,
+                                  language_models=language, thumbnails=False, progress=progress)
     total = time.perf_counter() - started
     steps: dict[str, float] = {}
     previous = started
@@ -137,6 +182,10 @@ def child(folder: Path, run_path: Path) -> dict:
         "gpa_converged": bool(run.gpa.converged),
         "list_size": run.neighbours(vision[0], "features").k_max,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        # sampled during the run: anonymous (allocated) vs file-backed (mapped) pages, and the
+        # step whose progress event came last before each peak
+        "peak_memory_gb": sampler.peak,
+        "peak_memory_step": sampler.at,
         "cache_gb": size / 1e9,
         "subset_size": s,
         "subset_cknna_s": min(times),
@@ -189,13 +238,15 @@ def main() -> None:
     print(f"\nScale, 4 vision (widths {VISION_DIMS}) + 2 language ({LANGUAGE_DIMS}) models, one "
           f"layer each; load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores")
     print(f"{'n':>7} {'total (s)':>9} {'lists (s)':>9} {'GPA (s)':>8} {'GPA it':>6} "
-          f"{'RSS (GB)':>8} {'cache (GB)':>10} {'s':>6} {'CKNNA (ms)':>10} {'dense (s)':>9} "
+          f"{'RSS (GB)':>8} {'anon/file (GB)':>14} {'cache (GB)':>10} {'s':>6} {'CKNNA (ms)':>10} {'dense (s)':>9} "
           f"{'20 sets (s)':>11}")
     for r in rows:
         dense = "-" if r["dense_subset_cknna_s"] is None else f"{r['dense_subset_cknna_s']:.2f}"
+        peak = r.get("peak_memory_gb", {})
+        memory = f"{peak.get('anon_gb', 0):.2f}/{peak.get('file_gb', 0):.2f}"
         print(f"{r['n']:>7} {r['total_s']:>9.1f} {r['step_s'].get('neighbours', 0):>9.1f} "
               f"{r['step_s'].get('gpa', 0):>8.1f} {r['gpa_iterations']:>6} "
-              f"{r['peak_rss_gb']:>8.2f} {r['cache_gb']:>10.2f} {r['subset_size']:>6} "
+              f"{r['peak_rss_gb']:>8.2f} {memory:>14} {r['cache_gb']:>10.2f} {r['subset_size']:>6} "
               f"{1e3 * r['subset_cknna_s']:>10.1f} {dense:>9} {r['random_20_sets_s']:>11.2f}")
     path = RESULTS_DIR / args.out
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,7 @@ from typing import Any
 
 import numpy as np
 
+from .memory_maps import read_rows, release
 from .validation import (
     _check_finite,
     _label,
@@ -505,7 +506,7 @@ def _column_means(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> list[n
     sums = [np.zeros(a.shape[1]) for a in arrays]
     for rows in _row_blocks(n, sum(a.shape[1] for a in arrays)):
         for i, a in enumerate(arrays):
-            block = np.asarray(a[rows], dtype=np.float64)
+            block = read_rows(a, rows)
             total = block.sum(axis=0)
             if not np.all(np.isfinite(total)):
                 # error path: count over the whole model, with the shared message
@@ -534,6 +535,7 @@ def _cross_products(
         block = np.empty((rows.stop - rows.start, total_width))
         for i, a in enumerate(arrays):
             np.subtract(a[rows], means[i], out=block[:, offsets[i] : offsets[i + 1]])
+            release(a, rows)
         np.matmul(block.T, block, out=product)  # a symmetric rank-k update in numpy
         cross += product
     return cross
@@ -949,7 +951,7 @@ def _residuals(
     out = np.empty((len(maps_per_solution), n, n_models))
     for rows in _row_blocks(n, len(maps_per_solution) * n_models * d):
         centered = [
-            (np.asarray(a[rows], dtype=np.float64) - mu) / s
+            (read_rows(a, rows) - mu) / s
             for a, mu, s in zip(arrays, means, scales)
         ]
         for k, maps in enumerate(maps_per_solution):
@@ -1045,7 +1047,7 @@ def deviation_from_consensus(
     square_norm = 0.0
     blocks = _row_blocks(n, width + sum(r.shape[0] + r.shape[1] for r in result.maps))
     for rows in blocks:
-        x = np.asarray(held[rows], dtype=np.float64) - mean
+        x = read_rows(held, rows) - mean
         square_norm += float(np.sum(x * x))
         cross += x.T @ result.consensus_rows(rows, arrays)
     if not square_norm > 0.0:
@@ -1054,7 +1056,7 @@ def deviation_from_consensus(
     u, _, vt = np.linalg.svd(cross / scale, full_matrices=False)
     out = np.empty(n)
     for rows in blocks:
-        x = (np.asarray(held[rows], dtype=np.float64) - mean) / scale
+        x = (read_rows(held, rows) - mean) / scale
         xu = x @ u
         outside = np.maximum(np.sum(x * x, axis=1) - np.sum(xu * xu, axis=1), 0.0)
         inside = np.sum((xu @ vt - result.consensus_rows(rows, arrays)) ** 2, axis=1)

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .cache import RunLayout, model_key, read_npy, write_json, write_npy, write_parquet
+from .memory_maps import release
 from .manifest import MANIFEST_FORMAT, DatasetInfo, GPARecord, Manifest, ModelEntry, StepRecord
 from .neighbours import DEFAULT_LIST_SIZE
 from .run import Run, load_run
@@ -215,6 +216,7 @@ def write_model_arrays(
         write_npy(layout.embedding(key, layer_keys[layer]), array)
         hashes[layer] = array_fingerprint(array)
         thresholds[layer] = clip_threshold(array)
+        release(array)  # a memory-mapped input was read whole: its pages need not stay resident
     return hashes, thresholds
 
 
