@@ -69,6 +69,10 @@ EPSILON = 1e-6
 
 #: elements of one temporary block (rows × stimuli, or feature × feature): ~32 MB float64
 _BLOCK_ELEMENTS = 4_000_000
+#: Batches of B sets of s stimuli with B·s² ≤ this find table entries through a dense (B·s, s)
+#: position array (≤ 64 MB of int32) instead of a binary search: the lab's hundreds of random
+#: sets of a few hundred stimuli. Larger ones (s in the thousands) search, in O(B·s·k) memory.
+_DENSE_LOOKUP = 16_000_000
 
 #: largest s for which linear CKA may form (s, s) Grams (when that is the cheaper route)
 _MAX_GRAM_STIMULI = 4096
@@ -225,6 +229,8 @@ class _SortedEntries(NamedTuple):
     keys: np.ndarray
     columns: np.ndarray  # (B·s, k): each row's columns, ascending
     values: np.ndarray | None
+    #: (B·s·s,) flat position of each key, -1 where none: small sets only (see ``find``)
+    lookup: np.ndarray | None = None
 
     @classmethod
     def of(cls, table: np.ndarray, values: np.ndarray | None = None) -> _SortedEntries:
@@ -234,10 +240,20 @@ class _SortedEntries(NamedTuple):
         rows = np.arange(B * s, dtype=np.int64)[:, None]
         if values is not None:
             values = np.take_along_axis(values, order, axis=-1).ravel()
-        return cls((rows * s + columns).ravel(), columns, values)
+        keys = (rows * s + columns).ravel()
+        lookup = None
+        if B * s * s <= _DENSE_LOOKUP:
+            lookup = np.full(B * s * s, -1, dtype=np.int32 if keys.size < 2**31 else np.int64)
+            lookup[keys] = np.arange(keys.size, dtype=lookup.dtype)
+        return cls(keys, columns, values, lookup)
 
     def find(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(whether each query key is an entry, its flat position where it is): binary search."""
+        """(whether each query key is an entry, its flat position where it is — 0 where it is
+        not): a direct look-up for small sets, else a binary search of the sorted keys."""
+        if self.lookup is not None:
+            at = self.lookup[queries]
+            found = at >= 0
+            return found, np.where(found, at, 0)
         at = np.minimum(np.searchsorted(self.keys, queries), self.keys.size - 1)
         return self.keys[at] == queries, at
 
