@@ -447,7 +447,7 @@ def sets_and_results() -> None:
 
     # a stable name for the browser test and the benchmark
     with st.container(key=lab.BARS_CONTAINER_KEY):
-        st.image(data.alignment_bars_png(set_values, baseline_main, metric))
+        st.image(data.alignment_bars_svg(set_values, baseline_main, metric))
     st.caption(lab.baseline_statement(baseline_main))
 
     calibrated = st.expander(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 from pathlib import Path
+from xml.etree import ElementTree
 
 import numpy as np
 import pandas as pd
@@ -105,6 +106,17 @@ def test_models_and_components_tables(run) -> None:
     ]
 
 
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _svg(text: str) -> ElementTree.Element:
+    """Parse an SVG document (well-formed XML with an svg root of positive size)."""
+    root = ElementTree.fromstring(text)
+    assert root.tag == f"{SVG}svg"
+    assert float(root.get("width")) > 0 and float(root.get("height")) > 0
+    return root
+
+
 def _picture(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     assert image.format == "PNG"
@@ -144,11 +156,21 @@ def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
     sets = {"low": np.arange(10), "high": np.arange(10, 20), "selection": np.arange(20, 28)}
     values = lab.set_table(indexes, pairs, sets, 5)
     baseline = lab.baseline_table(indexes, pairs, len(scores), 10, 5, n_random=8)
-    _picture(charts.alignment_bars(values, baseline, "cknna"))
-    _picture(charts.alignment_bars(values, None))
+    n_pairs = len(pairs)
+    svg = _svg(charts.alignment_bars(values, baseline, "cknna"))
+    bars = [r for r in svg.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]
+    assert len(bars) == 4 * n_pairs  # low, random, high, selection per pair
+    assert len(list(svg.iter(f"{SVG}path"))) == n_pairs  # an error bar per random bar
+    for bar in bars:  # each bar's height is its value on the axis's scale
+        assert float(bar.get("height")) > 0
+    legend = " ".join(t.text or "" for t in svg.iter(f"{SVG}text"))
+    assert "random (mean; 95% of 8 sets)" in legend and "selection (8 stimuli)" in legend
+    assert "CKNNA (unitless)" in legend
+    no_baseline = _svg(charts.alignment_bars(values, None))
+    assert not list(no_baseline.iter(f"{SVG}path"))
     cka = lab.set_table(indexes, pairs, sets, None, metric="cka", options={"kernel": "rbf"})
     assert cka["k"].isna().all() and set(cka["options"]) == {"kernel=rbf, sigma=1"}
-    _picture(charts.alignment_bars(cka, lab.baseline_table(
+    _svg(charts.alignment_bars(cka, lab.baseline_table(
         indexes, pairs, len(scores), 10, None, metric="cka", options={"kernel": "rbf"},
         n_random=8,
     )))
@@ -160,6 +182,30 @@ def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
         baseline
     )
     assert "mean random CKNNA" in lab.baseline_statement(baseline)
+
+
+def test_alignment_bars_escape_names_and_place_bars_on_the_axis() -> None:
+    """Names from a run are text in the SVG, never markup; a bar's top sits at its value on the
+    y axis (ticks read back from the SVG); NaN draws no bar."""
+    values = pd.DataFrame({
+        "vision_model": ['<script>alert("v")</script>', '<script>alert("v")</script>'],
+        "language_model": ["a & b", "a & b"], "set": ["low", "high"], "set_size": [30, 30],
+        "metric": ["cknna", "cknna"], "k": [10, 10], "value": [0.5, np.nan],
+    })
+    text = charts.alignment_bars(values, None)
+    assert "<script>" not in text and "&lt;script&gt;" in text and "a &amp; b" in text
+    svg = _svg(text)
+    bars = [r for r in svg.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]
+    assert len(bars) == 1  # the NaN set draws nothing
+    ticks = {}
+    for t in svg.iter(f"{SVG}text"):
+        if t.get("text-anchor") == "end":
+            ticks[float(t.text)] = float(t.get("y")) - 4  # label baseline sits 4 px below
+    (low, y_low), (high, y_high) = min(ticks.items()), max(ticks.items())
+    top = float(bars[0].get("y"))
+    expected = y_low + (0.5 - low) * (y_high - y_low) / (high - low)
+    assert abs(top - expected) < 0.2
+    assert abs(top + float(bars[0].get("height")) - y_low) < 0.2  # from zero (the lowest tick)
 
 
 def test_per_stimulus_scatter_draws_a_panel_per_score(run) -> None:

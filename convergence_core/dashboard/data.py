@@ -620,8 +620,8 @@ def residual_bars_png(path: str, stamp: int, row: int) -> bytes:
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
-def alignment_bars_png(sets: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> bytes:
-    """The Alignment lab's bars (:func:`charts.alignment_bars`), cached per table contents."""
+def alignment_bars_svg(sets: pd.DataFrame, baseline: pd.DataFrame, metric: str) -> str:
+    """The Alignment lab's bars (:func:`charts.alignment_bars`, SVG), cached per table contents."""
     return charts.alignment_bars(sets, baseline, metric)
 
 
