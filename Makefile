@@ -34,7 +34,7 @@ demo: install
 ## test file stays in one process; TEST_WORKERS=0 runs everything in this process).
 TEST_WORKERS ?= 2
 test: install-dev
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: install-dev
 	$(PY) benchmarks/bench_numerics.py

@@ -13,24 +13,6 @@ from PIL import Image
 from convergence_core.settings import demo_data_root, imagenet_samples_root
 
 
-#: Test files that take minutes here (`--durations`: the demo run, its report and the browser
-#: ~450 s; Ray ~165 s; the report's ~120 s; the wheel ~50 s), slowest first. They are collected
-#: first so that `make test` (pytest-xdist, `--dist loadfile --no-loadscope-reorder`) starts them
-#: at once beside the quick files; ordered by test count, xdist left the demo run's file for last.
-SLOW_FILES = (
-    "test_end_to_end.py",
-    "test_ray_engine.py",
-    "test_report.py",
-    "test_packaging.py",
-    "test_benchmarks.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: position for position, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
-
-
 @pytest.fixture(scope="session")
 def coco_mini_root() -> Path:
     """The embedded COCO-format demo set (239 images, 5 captions each)."""
