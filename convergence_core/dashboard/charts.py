@@ -18,12 +18,12 @@ literally (a ``$`` never starts matplotlib's math mode).
 
 from __future__ import annotations
 
+import html
 import io
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from xml.sax.saxutils import escape
 
 import numpy as np
 import pandas as pd
@@ -186,7 +186,7 @@ def metric_axis(metric: str) -> str:
 
 def _svg_text(text: object) -> str:
     """Text from a run (model names, set names) as SVG character data: escaped, never markup."""
-    return escape(str(text), {'"': "&quot;"})
+    return html.escape(str(text), quote=True)  # as plots.safe_hover_text escapes hover text
 
 
 def alignment_bars(
