@@ -177,45 +177,51 @@ def permute_table(table: object, permutation: object) -> np.ndarray:
     )
 
 
+def _check_table(name: str, table: object, minimum_k: int) -> np.ndarray:
+    """One validated neighbour table as int64 (B, s, k) (a 2-D (s, k) table gets B = 1)."""
+    array = np.asarray(table)
+    if not np.issubdtype(array.dtype, np.integer) or array.ndim not in (2, 3):
+        raise ValueError(
+            f"{name} must be an integer neighbour table (s, k) or (B, s, k), got {array.dtype} "
+            f"{array.shape}; build it with nearest_neighbours(F, k).indices."
+        )
+    table = array.astype(np.int64, copy=False)
+    if table.ndim == 2:
+        table = table[None]
+    _, s, k = table.shape
+    check_k(k, s, minimum_k)
+    if table.min(initial=0) < 0 or table.max(initial=0) >= s:
+        raise ValueError(
+            f"{name} holds positions outside 0..{s - 1}; positions are within the set."
+        )
+    if np.any(table == np.arange(s)[:, None]):
+        raise ValueError(
+            f"{name} lists a stimulus as its own neighbour; exclude self from the table."
+        )
+    ordered = np.sort(table, axis=-1)
+    if np.any(ordered[..., 1:] == ordered[..., :-1]):
+        raise ValueError(
+            f"{name} repeats a neighbour within a row; each row needs k distinct others."
+        )
+    return table
+
+
+def _check_same_shape(shape_x: tuple[int, ...], shape_y: tuple[int, ...]) -> None:
+    if shape_x != shape_y:
+        raise ValueError(
+            f"table_x has shape {shape_x} but table_y {shape_y}; both must list k neighbours of "
+            "the same s stimuli (same k in both)."
+        )
+
+
 def _check_tables(
     table_x: object, table_y: object, minimum_k: int
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Validated tables as int64 (B, s, k) and whether the input was batched (3-D)."""
-    arrays = []
-    for name, table in (("table_x", table_x), ("table_y", table_y)):
-        array = np.asarray(table)
-        if not np.issubdtype(array.dtype, np.integer) or array.ndim not in (2, 3):
-            raise ValueError(
-                f"{name} must be an integer neighbour table (s, k) or (B, s, k), got {array.dtype} "
-                f"{array.shape}; build it with nearest_neighbours(F, k).indices."
-            )
-        arrays.append(array.astype(np.int64, copy=False))
-    tx, ty = arrays
-    if tx.shape != ty.shape:
-        raise ValueError(
-            f"table_x has shape {tx.shape} but table_y {ty.shape}; both must list k neighbours of "
-            "the same s stimuli (same k in both)."
-        )
-    batched = tx.ndim == 3
-    if not batched:
-        tx, ty = tx[None], ty[None]
-    _, s, k = tx.shape
-    check_k(k, s, minimum_k)
-    for name, table in (("table_x", tx), ("table_y", ty)):
-        if table.min(initial=0) < 0 or table.max(initial=0) >= s:
-            raise ValueError(
-                f"{name} holds positions outside 0..{s - 1}; positions are within the set."
-            )
-        if np.any(table == np.arange(s)[:, None]):
-            raise ValueError(
-                f"{name} lists a stimulus as its own neighbour; exclude self from the table."
-            )
-        ordered = np.sort(table, axis=-1)
-        if np.any(ordered[..., 1:] == ordered[..., :-1]):
-            raise ValueError(
-                f"{name} repeats a neighbour within a row; each row needs k distinct others."
-            )
-    return tx, ty, batched
+    _check_same_shape(np.shape(table_x), np.shape(table_y))
+    tx = _check_table("table_x", table_x, minimum_k)
+    ty = _check_table("table_y", table_y, minimum_k)
+    return tx, ty, np.ndim(table_x) == 3
 
 
 def _result(values: np.ndarray, batched: bool) -> float | np.ndarray:
@@ -395,6 +401,102 @@ def _values_at(at: object, table: np.ndarray, batched: bool, name: str) -> np.nd
     return values
 
 
+class CknnaSide(NamedTuple):
+    """One model's half of CKNNA on a batch of sets: what depends on its table alone, computed
+    once however many pairs the table is in (:func:`cknna_side`, :func:`cknna_from_sides`).
+
+    Attributes:
+        entries: the (B, s, k) table's entries sorted within each row, with their kernel values.
+        columns: (B·s·k,) global column b·s + j of each entry (sorted order).
+        back, back_at: whether each entry (i, j) has the reciprocal entry (j, i), and where.
+        self_hsic: (B,) HSIC_u(M∘K, M∘K) of the table's own mask.
+        shape: (B, s, k); batched: whether the table was given as (B, s, k).
+    """
+
+    entries: _SortedEntries
+    columns: np.ndarray
+    back: np.ndarray
+    back_at: np.ndarray
+    self_hsic: np.ndarray
+    shape: tuple[int, int, int]
+    batched: bool
+
+    @property
+    def rows(self) -> np.ndarray:
+        """(B·s·k,) global row b·s + i of each entry."""
+        B, s, k = self.shape
+        return np.repeat(np.arange(B * s, dtype=np.int64), k)
+
+
+def _masked_hsic(
+    shape: tuple[int, int, int],
+    rows: np.ndarray,
+    columns: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    b_transposed: np.ndarray,
+) -> np.ndarray:
+    """(B,) unbiased HSIC of two sparse (s, s) kernels per set, given at the same entries
+    (global rows and columns): values a, b there, and b at the transposed entry (0 if absent)."""
+    B, s, _ = shape
+    size = B * s
+    blocks = rows // s
+    trace = np.bincount(blocks, weights=a * b_transposed, minlength=B)
+    sum_a = np.bincount(blocks, weights=a, minlength=B)
+    sum_b = np.bincount(blocks, weights=b, minlength=B)
+    cross = (
+        (np.bincount(columns, weights=a, minlength=size) * np.bincount(rows, weights=b, minlength=size))
+        .reshape(B, s)
+        .sum(axis=1)
+    )
+    return unbiased_hsic_from_sums(s, trace, sum_a, sum_b, cross)
+
+
+def cknna_side(
+    table: object, at: object, table_name: str = "table", values_name: str = "at"
+) -> CknnaSide:
+    """One model's half of CKNNA: its (s, k) or (B, s, k) neighbour table and the kernel values
+    at its entries (an array shaped like the table, or a getter ``at(i, j)`` / ``at(b, i, j)``)."""
+    batched = np.ndim(table) == 3
+    checked = _check_table(table_name, table, 2)
+    B, s, k = checked.shape
+    check_min_stimuli(s, 4, "CKNNA (unbiased HSIC)")
+    values = _values_at(at, checked, batched, values_name)
+    entries = _SortedEntries.of(checked, values)
+    rows = np.repeat(np.arange(B * s, dtype=np.int64), k)
+    local = rows % s
+    columns = rows - local + entries.columns.ravel()
+    back, back_at = entries.find(columns * s + local)  # is i among j's neighbours, and where
+    a = entries.values
+    self_hsic = _masked_hsic(checked.shape, rows, columns, a, a, np.where(back, a[back_at], 0.0))
+    return CknnaSide(entries, columns, back, back_at, self_hsic, (B, s, k), batched)
+
+
+def cknna_from_sides(x: CknnaSide, y: CknnaSide) -> float | np.ndarray:
+    """CKNNA from the two models' halves (:func:`cknna_side`): the mutual-mask HSIC over the
+    sides' own HSICs (see :func:`cknna_from_tables`)."""
+    _check_same_shape(x.shape, y.shape)
+    if x.batched != y.batched:
+        raise ValueError("one table is batched (B, s, k) and the other is not; pass both alike.")
+    s = x.shape[1]
+    rows = x.rows
+    # the mutual mask M_K ∘ M_L: X entries that are also Y entries (at y_at in Y's order)
+    mutual, y_at = y.entries.find(rows * s + x.entries.columns.ravel())
+    y_at = y_at[mutual]
+    both_back = x.back[mutual] & y.back[y_at]
+    b = y.entries.values
+    cross_term = _masked_hsic(
+        x.shape,
+        rows[mutual],
+        x.columns[mutual],
+        x.entries.values[mutual],
+        b[y_at],
+        np.where(both_back, b[y.back_at[y_at]], 0.0),
+    )
+    values = normalised_alignment(cross_term, x.self_hsic, y.self_hsic)
+    return _result(np.atleast_1d(values), x.batched)
+
+
 def cknna_from_tables(
     table_x: object, table_y: object, x_at: object, y_at: object
 ) -> float | np.ndarray:
@@ -410,55 +512,10 @@ def cknna_from_tables(
         x_at, y_at: getters ``at(i, j)`` (batched: ``at(b, i, j)``) of float64 inner products, or
             arrays of the values at the table entries, shaped like the tables.
     """
-    tx, ty, batched = _check_tables(table_x, table_y, 2)
-    B, s, k = tx.shape
-    check_min_stimuli(s, 4, "CKNNA (unbiased HSIC)")
-    vx = _values_at(x_at, tx, batched, "x_at")
-    vy = _values_at(y_at, ty, batched, "y_at")
-    x_entries, y_entries = _SortedEntries.of(tx, vx), _SortedEntries.of(ty, vy)
-    size = B * s
-    # every entry e of either table, in the sorted order: global row r = b·s + i, column j
-    rows = np.repeat(np.arange(size, dtype=np.int64), k)
-    local = rows % s
-    x_columns = rows - local + x_entries.columns.ravel()  # global column b·s + j
-    y_columns = rows - local + y_entries.columns.ravel()
-
-    def hsic(rows, columns, a, b, b_transposed) -> np.ndarray:
-        blocks = rows // s
-        trace = np.bincount(blocks, weights=a * b_transposed, minlength=B)
-        sum_a = np.bincount(blocks, weights=a, minlength=B)
-        sum_b = np.bincount(blocks, weights=b, minlength=B)
-        cross = (
-            (
-                np.bincount(columns, weights=a, minlength=size)
-                * np.bincount(rows, weights=b, minlength=size)
-            )
-            .reshape(B, s)
-            .sum(axis=1)
-        )
-        return unbiased_hsic_from_sums(s, trace, sum_a, sum_b, cross)
-
-    # reciprocal entries: is i among j's neighbours, and where (three look-ups in all)
-    x_back, x_back_at = x_entries.find(x_columns * s + local)
-    y_back, y_back_at = y_entries.find(y_columns * s + local)
-    a, b = x_entries.values, y_entries.values
-    self_terms = [
-        hsic(rows, x_columns, a, a, np.where(x_back, a[x_back_at], 0.0)),
-        hsic(rows, y_columns, b, b, np.where(y_back, b[y_back_at], 0.0)),
-    ]
-    # the mutual mask M_K ∘ M_L: X entries that are also Y entries (at y_at in Y's order)
-    mutual, y_at = y_entries.find(rows * s + x_entries.columns.ravel())
-    y_at = y_at[mutual]
-    both_back = x_back[mutual] & y_back[y_at]
-    cross_term = hsic(
-        rows[mutual],
-        x_columns[mutual],
-        a[mutual],
-        b[y_at],
-        np.where(both_back, b[y_back_at[y_at]], 0.0),
+    _check_same_shape(np.shape(table_x), np.shape(table_y))
+    return cknna_from_sides(
+        cknna_side(table_x, x_at, "table_x", "x_at"), cknna_side(table_y, y_at, "table_y", "y_at")
     )
-    values = normalised_alignment(cross_term, self_terms[0], self_terms[1])
-    return _result(np.atleast_1d(values), batched)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -802,6 +859,11 @@ class Metric:
             benchmarks/bench_metrics.py); otherwise it runs behind a button.
         reference: how the value relates to minyoungg/platonic-rep's.
         description: one line for tables and tooltips.
+        side, from_sides: table form split in two, where one table meets several others (the
+            lab: each vision model with each language model): ``side(table, values)`` is what
+            depends on one table alone, computed once per table; ``from_sides(side_x, side_y)``
+            equals ``from_tables`` on the two tables (CKNNA: the sorted entries, reciprocal
+            look-ups and own HSIC of each side). None: use ``from_tables``.
     """
 
     name: str
@@ -818,6 +880,8 @@ class Metric:
     reference: str
     description: str
     notes: str = field(default="")
+    side: Callable[..., Any] | None = None
+    from_sides: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -842,6 +906,8 @@ _ENTRIES = (
         reference="equal (|Δ| ≤ 1e-6)",
         description="centered kernel nearest-neighbour alignment (CKA on mutual k-NN entries)",
         notes="not exactly symmetric: the masked kernels are asymmetric (as in the reference)",
+        side=cknna_side,
+        from_sides=cknna_from_sides,
     ),
     Metric(
         name="mutual_knn",

@@ -757,9 +757,15 @@ def subset_alignment(
         block = sets[start : start + chunk]
         stop = start + block.shape[0]
         tables = {key: indexes[key].tables(block, k) for key in keys}
-        for p, (x_key, y_key) in enumerate(pairs):
-            x, y = tables[x_key], tables[y_key]
-            for name in names:
+        for name in names:
+            entry = registry.metric(name)
+            if entry.side is not None:  # each table's half once, however many pairs it is in
+                sides = {key: entry.side(t.positions, t.values) for key, t in tables.items()}
+                for p, (x_key, y_key) in enumerate(pairs):
+                    out[name][p, start:stop] = entry.from_sides(sides[x_key], sides[y_key])
+                continue
+            for p, (x_key, y_key) in enumerate(pairs):
+                x, y = tables[x_key], tables[y_key]
                 out[name][p, start:stop] = registry.measure_tables(
                     name, x.positions, y.positions, x.values, y.values
                 )

@@ -311,6 +311,36 @@ def test_tables_batched_equal_one_at_a_time() -> None:
     )
 
 
+def test_split_table_forms_equal_the_whole() -> None:
+    """Where an entry splits its table form (one side per table, shared by every pair the table
+    is in), from_sides of the sides is from_tables of the tables: each side's table with several
+    others, single and batched, and the argument order kept (CKNNA is not symmetric)."""
+    rng = np.random.default_rng(8)
+    X, Y = paired(rng, n=50)
+    Z = X @ rng.standard_normal((X.shape[1], X.shape[1])) + rng.standard_normal(X.shape)
+    sets = np.stack([np.sort(rng.choice(50, 18, replace=False)) for _ in range(4)])
+    tables = {}
+    for label, F in (("x", X), ("y", Y), ("z", Z)):
+        built = [nearest_neighbours(F[s], 5) for s in sets]
+        tables[label] = (np.stack([t.indices for t in built]), np.stack([t.values for t in built]))
+    split = [metric(name) for name in REFERENCES if metric(name).side is not None]
+    assert [entry.name for entry in split] == ["cknna"]
+    for entry in split:
+        sides = {label: entry.side(*tables[label]) for label in tables}
+        for a, b in (("x", "y"), ("y", "x"), ("z", "y"), ("x", "z")):
+            whole = measure_tables(entry.name, tables[a][0], tables[b][0], tables[a][1], tables[b][1])
+            np.testing.assert_array_equal(entry.from_sides(sides[a], sides[b]), whole)
+            one = entry.from_sides(entry.side(tables[a][0][1], tables[a][1][1]),
+                                   entry.side(tables[b][0][1], tables[b][1][1]))
+            features = {"x": X, "y": Y, "z": Z}
+            assert isinstance(one, float)
+            assert one == pytest.approx(
+                measure(entry.name, features[a][sets[1]], features[b][sets[1]], k=5), abs=1e-13
+            )
+        with pytest.raises(ValueError, match="same s stimuli"):
+            entry.from_sides(sides["x"], entry.side(tables["y"][0][:2], tables["y"][1][:2]))
+
+
 def test_table_checks() -> None:
     tx = np.array([[1, 2], [2, 0], [0, 1], [0, 1]])
     with pytest.raises(ValueError, match="own neighbour"):
