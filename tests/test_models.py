@@ -438,3 +438,35 @@ def test_gemma_real_converted_once() -> None:
     alone = encoder.encode(captions[2:])
     scale = np.abs(out["layer_12"][2]).max()
     np.testing.assert_allclose(out["layer_12"][2], alone["layer_12"][0], atol=1e-4 * scale)
+
+
+def test_gemma_conversion_parses_the_gguf_once(tmp_path: Path) -> None:
+    """transformers opens a GGUFReader per from_pretrained (config, tokenizer, weights); inside
+    the conversion every reader of one file is the same object, and the patch is undone after."""
+    gguf = pytest.importorskip("gguf")
+    from convergence_core.models.gemma_gguf import _one_gguf_reader
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "tiny")
+    writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    writer.add_tensor("x", np.arange(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with _one_gguf_reader():
+        from gguf import GGUFReader  # as transformers imports it, inside load_gguf_checkpoint
+
+        first, second = GGUFReader(str(path)), gguf.GGUFReader(path)
+        assert first is second
+        assert [str(bytes(t), "utf-8") for t in _tokens(first)] == ["a", "b", "c"]
+        np.testing.assert_array_equal(first.tensors[0].data, np.arange(4, dtype=np.float32))
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(path) is not first
+
+
+def _tokens(reader: object) -> list[np.ndarray]:
+    field = reader.fields["tokenizer.ggml.tokens"]
+    return [field.parts[i] for i in field.data]
