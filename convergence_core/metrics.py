@@ -444,11 +444,9 @@ def _masked_hsic(
     trace = np.bincount(blocks, weights=a * b_transposed, minlength=B)
     sum_a = np.bincount(blocks, weights=a, minlength=B)
     sum_b = np.bincount(blocks, weights=b, minlength=B)
-    cross = (
-        (np.bincount(columns, weights=a, minlength=size) * np.bincount(rows, weights=b, minlength=size))
-        .reshape(B, s)
-        .sum(axis=1)
-    )
+    column_sums = np.bincount(columns, weights=a, minlength=size)
+    row_sums = np.bincount(rows, weights=b, minlength=size)
+    cross = (column_sums * row_sums).reshape(B, s).sum(axis=1)
     return unbiased_hsic_from_sums(s, trace, sum_a, sum_b, cross)
 
 
@@ -463,9 +461,7 @@ def cknna_side(
     check_min_stimuli(s, 4, "CKNNA (unbiased HSIC)")
     values = _values_at(at, checked, batched, values_name)
     entries = _SortedEntries.of(checked, values)
-    rows = np.repeat(np.arange(B * s, dtype=np.int64), k)
-    local = rows % s
-    columns = rows - local + entries.columns.ravel()
+    rows, local, columns = _entry_coordinates(entries.columns.reshape(B, s, k))
     back, back_at = entries.find(columns * s + local)  # is i among j's neighbours, and where
     a = entries.values
     self_hsic = _masked_hsic(checked.shape, rows, columns, a, a, np.where(back, a[back_at], 0.0))

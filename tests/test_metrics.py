@@ -328,7 +328,8 @@ def test_split_table_forms_equal_the_whole() -> None:
     for entry in split:
         sides = {label: entry.side(*tables[label]) for label in tables}
         for a, b in (("x", "y"), ("y", "x"), ("z", "y"), ("x", "z")):
-            whole = measure_tables(entry.name, tables[a][0], tables[b][0], tables[a][1], tables[b][1])
+            (ta, va), (tb, vb) = tables[a], tables[b]
+            whole = measure_tables(entry.name, ta, tb, va, vb)
             np.testing.assert_array_equal(entry.from_sides(sides[a], sides[b]), whole)
             one = entry.from_sides(entry.side(tables[a][0][1], tables[a][1][1]),
                                    entry.side(tables[b][0][1], tables[b][1][1]))
