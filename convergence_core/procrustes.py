@@ -79,6 +79,25 @@ passes over the inputs plus (sweeps × a cost set by the widths): n = 100,000 ×
 768/1024/1280/1536 took 183 s on one core (46 s cross-products, 15 sweeps in 107 s, 29 s
 residuals), peak RSS 3.2 GB of which 1.8 GB are the memory-mapped float32 inputs.
 
+Tried for the equal-width case and not kept (4 × 768, n = 2,000, rank 64, noise 0.2: 269
+iterations, 204 s here):
+
+* Riemannian Newton with preconditioned conjugate gradients (the Hessian of the loss pulled back
+  through T_i exp(Ω_i), in each model's eigenbasis of sym(T_iᵀ G_i), preconditioned by the
+  per-model block Hessians, Cayley retraction, backtracking): the smallest block curvatures are
+  ~5e-6 against ~0.3 for the largest, so each step took 50-400 CG iterations and the loss still
+  fell only linearly: from 10 sweeps, 30 Newton steps (~500 s) left it 1.7e-9 above the Gower
+  run's minimum; from 1.4e-8 above it, one step of 414 CG iterations (69 s) was accepted only at
+  1/8 of its length.
+* An eigen start (the top p eigenvectors of the stacked cross-products, the maximiser of
+  Σ_ij tr(T_iᵀ C_ij T_j) with one constraint on the whole stack, projected per model): 109 and
+  130 iterations instead of 269 and 189 on two seeds of this case, ending in a different local
+  minimum 8e-8 lower. But it is not better in general: on 16 random smaller problems (4 equal
+  widths 16-128) the lower minimum came from Gower's start 6 times, from the eigen start 7
+  times (3 ties), and at width 256 either start was faster or lower depending on the seed. The
+  loss of equal-width problems has many local minima within ~1e-7-1e-5 of each other;
+  :mod:`gpa_stability` measures what they do to the residuals.
+
 Procrustes step without an SVD. With A = Σ_{j≠i} C_ij T_j (r × p, r ≤ p) of full row rank, the
 orthogonal polar factor is polar(A) = (A Aᵀ)^{-1/2} A = W · rownormalise(Wᵀ A) with the symmetric
 eigendecomposition A Aᵀ = W Λ Wᵀ (r × r): the row norms of Wᵀ A are Λ^{1/2}, measured on Wᵀ A
