@@ -61,6 +61,7 @@ from .stats import (
     permutation_p_values,
     permutation_tests_two_sets,
 )
+from .subset_metrics import metric_on_sets, uses_dense_kernels
 from .subsets import drop_fraction, select_stimuli
 from .validation import check_k
 
@@ -728,8 +729,11 @@ def set_metric_values(
             e.g. SVCCA on features of lower rank than ``cca_dim``) gives NaN there.
 
     Neighbour metrics come from the subset engine (:func:`neighbours.subset_alignment`: all sets
-    at once, exact from the stored neighbour lists); feature metrics from ``metrics.measure`` on
-    each set's prepared features, one call per pair and set (each set's rows in sorted order).
+    at once, exact from the stored neighbour lists); the CKA family on a run of at most
+    ``subset_metrics.DENSE_GRAM_STIMULI`` stimuli from the lab's batched route
+    (:func:`subset_metrics.metric_on_sets`: each side's kernel once, every set's sub-kernels at
+    once); the other feature metrics from ``metrics.measure`` on each set's prepared features, one
+    call per pair and set (each set's rows in sorted order).
     """
     pairs = [Pair(*pair) for pair in pairs]
     names = check_metric_names(metrics)
@@ -742,6 +746,11 @@ def set_metric_values(
     if neighbour:
         result = _alignment(indexes, pairs, sets, k, metrics=neighbour)
         out.update({name: result.values[name] for name in neighbour})
+    batched = [name for name in names if name not in out and uses_dense_kernels(name, n)]
+    for name in batched:  # defined on every set of >= 4 stimuli: no on_error case
+        out[name] = metric_on_sets(
+            indexes, [pair.sides for pair in pairs], sets, name, k=k, options=options[name]
+        )
     feature = [name for name in names if name not in out]
     if feature:
         invariant = {name: _orthogonally_invariant(name) for name in feature}

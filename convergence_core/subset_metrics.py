@@ -46,6 +46,7 @@ __all__ = [
     "metric_on_sets",
     "metric_options",
     "set_scorer",
+    "uses_dense_kernels",
 ]
 
 #: Largest run whose (n, n) kernels the CKA-family route forms (32 MB float64 per side at 2,048)
@@ -103,7 +104,9 @@ def _compute_kernel(index: NeighbourIndex, kernel: str, sigma: float) -> np.ndar
     return np.exp(-np.maximum(squared, 0.0) / (2.0 * float(sigma) ** 2))
 
 
-def _uses_dense_kernels(name: str, n: int, dense_limit: int) -> bool:
+def uses_dense_kernels(name: str, n: int, dense_limit: int = DENSE_GRAM_STIMULI) -> bool:
+    """Whether ``name`` on sets of a run of n stimuli takes the batched route of (n, n) kernels
+    (the CKA family at small n); else each set is one ``metrics.measure`` call."""
     return name in ("cka", "unbiased_cka") and n <= dense_limit
 
 
@@ -199,7 +202,7 @@ def _feature_metric(
     keys: tuple[Hashable, Hashable] = ("x", "y"),
 ) -> np.ndarray:
     n_sets, s = rows_x.shape
-    if _uses_dense_kernels(metric, x.n, dense_limit):
+    if uses_dense_kernels(metric, x.n, dense_limit):
         kernel, sigma = _kernel_key(options)
         for key, index in zip(keys, (x, y), strict=True):
             if (key, kernel, sigma) not in kernels:
