@@ -24,7 +24,10 @@ are shared and noisy, so the targets are ratios to the bare page in the same run
 
 Each page's cost is reported beside its time: elements, Plotly figures, data tables, images,
 bytes the server sent over the websocket, bytes over HTTP, JavaScript the tab loaded, and the
-main thread's busy time (of it: running JavaScript).
+main thread's busy time (of it: running JavaScript). With ``--trace`` one more visit per page is
+recorded as a Chromium trace, and its main thread's sampled time is split into the browser's own
+work (style, layout, paint), DOM calls, garbage collection and each JavaScript module's self time
+(``headless.trace_profile``): where a page's time goes beyond the bare page's.
 
 The lab's responsiveness per metric (issue 14; ``--lab-only`` runs just this part): for every
 metric of the registry, what the lab computes before it draws new bars — the metric on the low
@@ -155,8 +158,7 @@ def browser_benchmark(
                     visits[label].append(headless.measure_visit(context, url))
             steps = _k_steps(context, f"{base}/Alignment_lab{run_query}&k=10", repeats)
             lasso = _lasso(context, f"{base}/Residual_space{run_query}")
-            if trace is not None:
-                _traces(browser, context, urls, trace)
+            profiles = {} if trace is None else _traces(browser, context, urls, trace)
             browser.close()
     bare_median = statistics.median(v.seconds for v in visits["bare Streamlit page"])
     rows = []
@@ -194,7 +196,7 @@ def browser_benchmark(
         "ok": step_median / bare_median <= TARGET_K_RATIO,
         "bare_page_s": round(bare_median, 3),
     }
-    return rows, {**k_step, "lasso": lasso}
+    return rows, {**k_step, "lasso": lasso, "trace_profiles": profiles}
 
 
 def _lasso(context, url: str) -> dict[str, float]:  # noqa: ANN001
@@ -234,9 +236,11 @@ def _k_steps(context, url: str, repeats: int) -> list[float]:  # noqa: ANN001
         page.close()
 
 
-def _traces(browser, context, urls, folder: Path) -> None:  # noqa: ANN001
-    """One Chromium performance trace per page (open them in chrome://tracing or Perfetto)."""
+def _traces(browser, context, urls, folder: Path) -> dict[str, dict[str, float]]:  # noqa: ANN001
+    """One Chromium performance trace per page (open them in chrome://tracing or Perfetto), and
+    where each one's main-thread time went (``headless.trace_profile``, ms)."""
     folder.mkdir(parents=True, exist_ok=True)
+    profiles = {}
     for label, url in urls:
         page = context.new_page()
         name = label.lower().replace(" ", "-")
@@ -255,6 +259,8 @@ def _traces(browser, context, urls, folder: Path) -> None:  # noqa: ANN001
         page.wait_for_load_state("networkidle")
         browser.stop_tracing()
         page.close()
+        profiles[label] = headless.trace_profile(folder / f"{name}.json")
+    return profiles
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,6 +510,20 @@ def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> 
         f"{k_step['seconds_median']:.2f} s = {k_step['ratio_to_bare_load']:.2f} × the bare page's "
         f"load ({k_step['bare_page_s']:.2f} s); target ≤ {TARGET_K_RATIO} ×: {k_step['ok']}"
     )
+    profiles = k_step["trace_profiles"]
+    if profiles:  # --trace: one traced visit per page
+        print("\nwhere a traced visit's main-thread time went "
+              "(ms; JavaScript: self time per module)")
+        for page, profile in profiles.items():
+            fixed = {"total", "busy", "idle", "native", "gc", "browser API"}
+            modules = [(name, ms) for name, ms in profile.items() if name not in fixed][:5]
+            print(
+                f"{page:<20} busy {profile.get('busy', 0):5.0f}  "
+                f"native {profile.get('native', 0):4.0f}  "
+                f"DOM calls {profile.get('browser API', 0):4.0f}  "
+                f"gc {profile.get('gc', 0):3.0f}  "
+                + ", ".join(f"{name} {ms:.0f}" for name, ms in modules)
+            )
     lasso = k_step["lasso"]
     print(
         f"Residual space: interactive chart drawn {lasso['interactive_chart_s']:.2f} s after its "

@@ -9,18 +9,23 @@ flags it keeps opening connections that the closed network refuses, which slows 
 page was complete (script finished, every visible figure, table and image drawn, no request in
 flight) and what it cost: elements, figures, tables, images, bytes over the websocket and over
 HTTP, and the main thread's busy time (Chromium's ``Performance.getMetrics``).
+:func:`trace_profile` says where a recorded Chromium trace's main-thread time went: the
+browser's own work, garbage collection and each JavaScript module's functions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -277,6 +282,67 @@ def lasso_select(  # noqa: ANN001 - playwright's own types
 
 # ----------------------------------------------------------------------------------------------
 # a server to measure
+
+
+#: a bundled script's file name: ``name.<content hash>.js`` (``react-dom.Dzbslgj4.js``)
+_HASHED_SCRIPT = re.compile(r"^(?P<name>.+?)\.[A-Za-z0-9_-]{6,}\.js$")
+#: the sampler's pseudo-functions (no script): what they stand for
+_SAMPLER_NODES = {"(idle)": "idle", "(program)": "native", "(garbage collector)": "gc"}
+
+
+def _module_of(function: str, url: str) -> str:
+    """The bucket of one sampled function: a pseudo-function's meaning, else its script's name
+    without hash or query (``browser API`` for functions without a script, e.g. appendChild)."""
+    if function in _SAMPLER_NODES:
+        return _SAMPLER_NODES[function]
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    if not name:
+        return "browser API"
+    match = _HASHED_SCRIPT.match(name)
+    return match.group("name") if match else name
+
+
+def trace_profile(path: str | os.PathLike[str]) -> dict[str, float]:
+    """Where the sampled time of a Chromium trace's busiest thread went, in milliseconds.
+
+    Reads the CPU profile a trace with the ``disabled-by-default-v8.cpu_profiler`` category holds
+    (``ProfileChunk`` events: call-tree nodes, the sampled node per tick and the time since the
+    previous tick) and sums each sample's time by its function's bucket: ``idle``, ``native`` (the
+    browser's own work between scripts: style, layout, paint, parsing), ``gc``, ``browser API``
+    (functions without a script, such as DOM calls) and per script its name without the content
+    hash (``react-dom``, ``StreamlitMarkdown``, ...): the functions' self time. Of several
+    profiles (one per thread that ran JavaScript) the one with the most sampled time is kept.
+
+    Returns:
+        ``{bucket: ms}``, largest first, plus ``"total"`` (every sample) and ``"busy"`` (total
+        minus idle); empty when the trace holds no CPU profile.
+    """
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    nodes: dict[str, dict[int, str]] = {}
+    times: dict[str, Counter[int]] = {}
+    for event in events:
+        if event.get("name") != "ProfileChunk":
+            continue
+        profile = f"{event.get('pid')}:{event.get('id')}"
+        chunk = event.get("args", {}).get("data", {})
+        cpu = chunk.get("cpuProfile", {})
+        known = nodes.setdefault(profile, {})
+        for node in cpu.get("nodes", []):
+            frame = node.get("callFrame", {})
+            known[node["id"]] = _module_of(frame.get("functionName") or "", frame.get("url", ""))
+        counter = times.setdefault(profile, Counter())
+        for sample, delta in zip(cpu.get("samples", []), chunk.get("timeDeltas", [])):
+            counter[sample] += max(int(delta), 0)
+    if not times:
+        return {}
+    profile = max(times, key=lambda key: sum(times[key].values()))
+    buckets: Counter[str] = Counter()
+    for node, microseconds in times[profile].items():
+        buckets[nodes[profile].get(node, "unknown")] += microseconds
+    out = {name: value / 1000.0 for name, value in buckets.most_common()}
+    total = sum(out.values())
+    return {**out, "total": total, "busy": total - out.get("idle", 0.0)}
 
 
 def free_port() -> int:
