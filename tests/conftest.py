@@ -13,6 +13,18 @@ from PIL import Image
 from convergence_core.settings import demo_data_root, imagenet_samples_root
 
 
+#: Test files that hold one long chain of work in one process (the end-to-end file builds the real
+#: demo run, then runs the README's report and the browser test on it: ~6 of the suite's ~11
+#: minutes of one worker). ``make test`` hands out whole files in collection order
+#: (``--dist loadfile``), so these go first: started last, the chain ran alone at the end while
+#: the other worker had nothing left to do.
+LONG_FILES = ("test_end_to_end.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: order kept otherwise
+
+
 @pytest.fixture(scope="session")
 def coco_mini_root() -> Path:
     """The embedded COCO-format demo set (239 images, 5 captions each)."""
