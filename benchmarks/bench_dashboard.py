@@ -515,8 +515,10 @@ def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> 
         print("\nwhere a traced visit's main-thread time went "
               "(ms; JavaScript: self time per module)")
         for page, profile in profiles.items():
-            fixed = {"total", "busy", "idle", "native", "gc", "browser API"}
-            modules = [(name, ms) for name, ms in profile.items() if name not in fixed][:5]
+            modules = [
+                (name, ms) for name, ms in profile.items()
+                if name not in headless.TRACE_OTHER_BUCKETS
+            ][:5]
             print(
                 f"{page:<20} busy {profile.get('busy', 0):5.0f}  "
                 f"native {profile.get('native', 0):4.0f}  "

@@ -73,9 +73,10 @@ law), so the loss has directions of almost no curvature and near-saddles. With 4
 256 the accelerated iterations need ~90-130 sweeps (plain sweeps: 500-740 to rounding), at width
 768 ~250 (plain: thousands); n from 2,000 to 128,000 (width 256) changed the sweeps by ±20 %
 without a trend, but at width 768 n = 100,000 took 689 iterations (784 sweeps, 648 s of 670 s;
-13 s cross-products, 9 s residuals, peak RSS 0.64 GB) against 269 at n = 2,000. *Distinct* widths make those cross-products rectangular, their smallest singular
-values stay away from 0, and ~10-15 sweeps suffice (widths 128/160/192/256 or 96/128/192/256; 37
-with two models of the largest width). Every sweep costs O(M² d³), so time at large n is the three
+13 s cross-products, 9 s residuals, peak RSS 0.64 GB) against 269 at n = 2,000. *Distinct*
+widths make those cross-products rectangular, their smallest singular values stay away from 0,
+and ~10-15 sweeps suffice (widths 128/160/192/256 or 96/128/192/256; 37 with two models of the
+largest width). Every sweep costs O(M² d³), so time at large n is the three
 passes over the inputs plus (sweeps × a cost set by the widths): n = 100,000 × widths
 768/1024/1280/1536 took 183 s on one core (46 s cross-products, 15 sweeps in 107 s, 29 s
 residuals), peak RSS 3.2 GB of which 1.8 GB are the memory-mapped float32 inputs.

@@ -288,6 +288,8 @@ def lasso_select(  # noqa: ANN001 - playwright's own types
 _HASHED_SCRIPT = re.compile(r"^(?P<name>.+?)\.[A-Za-z0-9_-]{6,}\.js$")
 #: the sampler's pseudo-functions (no script): what they stand for
 _SAMPLER_NODES = {"(idle)": "idle", "(program)": "native", "(garbage collector)": "gc"}
+#: the buckets of :func:`trace_profile` that are not a JavaScript module, and its two sums
+TRACE_OTHER_BUCKETS = (*_SAMPLER_NODES.values(), "browser API", "total", "busy")
 
 
 def _module_of(function: str, url: str) -> str:
