@@ -22,19 +22,10 @@ st.text(
 dataset = run.manifest.dataset
 gpa = run.gpa
 st.text(f"Dataset: {dataset.name or 'unnamed'} · run {run.name} · {run.path}")
-cards = st.columns(4)
-cards[0].metric("Layers cached", sum(len(run.layers(model)) for model in run.models))
-cards[1].metric("Stimuli", f"{run.n_stimuli:,}")
-cards[2].metric("Vision models", len(run.vision_models))
-cards[3].metric("Language models", len(run.language_models))
-
-gpa_cards = st.columns(4)
-gpa_cards[0].metric("GPA iterations", int(gpa.n_iter))
-gpa_cards[1].metric("GPA converged", "yes" if gpa.converged else "NO")
-gpa_cards[2].metric("GPA final loss", f"{float(gpa.loss_history[-1]):.6f}")
-gpa_cards[3].metric(
-    "Residual PC1 explains", f"{100 * float(run.pca.explained_variance_ratio[0]):.1f} %"
-)
+# plain Markdown tables rather than eight st.metric cards: a first visit then loads no card code
+# (~0.1 s of the page's 0.75 s in the browser, benchmarks/bench_dashboard.py)
+for summary in catalogue.run_summary(run):
+    st.markdown(widgets.markdown_table(summary))
 if not gpa.converged:
     st.warning(
         "GPA did not converge for this run: residuals may not be final. "

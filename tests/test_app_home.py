@@ -59,10 +59,12 @@ def _markdown_rows(table: str) -> list[list[str]]:
 
 
 def _metric(at: AppTest, label: str) -> str:
-    for metric in at.metric:
-        if metric.label == label:
-            return metric.value
-    raise AssertionError(f"no metric {label!r}; metrics: {[m.label for m in at.metric]}")
+    """The value under ``label`` in Home's one-row summary tables (Markdown)."""
+    for markdown in at.markdown:
+        rows = _markdown_rows(markdown.value) if markdown.value.startswith("| ") else []
+        if len(rows) == 2 and label in rows[0]:
+            return rows[1][rows[0].index(label)]
+    raise AssertionError(f"no summary cell {label!r}: {[m.value for m in at.markdown]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +160,8 @@ def test_home_cards_histogram_and_previews(synthetic_cache: Path) -> None:
     assert _metric(at, "Language models") == "2"
     assert _metric(at, "GPA iterations") == str(run.gpa.n_iter)
     assert _metric(at, "GPA final loss") == f"{float(run.gpa.loss_history[-1]):.6f}"
+    assert _metric(at, "GPA converged") == ("yes" if run.gpa.converged else "NO")
+    assert not at.metric  # tables, not cards (no card code for the browser to load)
     # the stored GPA stability diagnostic, in one sentence
     assert run.gpa_stability.describe(run.n_stimuli) in [t.value for t in at.text]
     # the models table is an escaped Markdown table (no data grid): a header, then a row per model

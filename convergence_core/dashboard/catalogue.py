@@ -113,6 +113,26 @@ def build_catalogue(run: Run) -> Catalogue:
     )
 
 
+def run_summary(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The run at a glance as two one-row tables: its size (``Layers cached``, ``Stimuli``,
+    ``Vision models``, ``Language models``) and its GPA (``GPA iterations``, ``GPA converged``,
+    ``GPA final loss``, ``Residual PC1 explains``), values formatted for display."""
+    gpa = run.gpa
+    size = {
+        "Layers cached": sum(len(run.layers(model)) for model in run.models),
+        "Stimuli": f"{run.n_stimuli:,}",
+        "Vision models": len(run.vision_models),
+        "Language models": len(run.language_models),
+    }
+    alignment = {
+        "GPA iterations": int(gpa.n_iter),
+        "GPA converged": "yes" if gpa.converged else "NO",
+        "GPA final loss": f"{float(gpa.loss_history[-1]):.6f}",
+        "Residual PC1 explains": f"{100 * float(run.pca.explained_variance_ratio[0]):.1f} %",
+    }
+    return pd.DataFrame([size]), pd.DataFrame([alignment])
+
+
 def models_table(run: Run) -> pd.DataFrame:
     """One row per model: ``model``, ``modality``, ``layers`` (count), ``GPA / default layer``,
     ``role`` (GPA for dispersion, or alignment only)."""
