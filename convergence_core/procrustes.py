@@ -109,9 +109,9 @@ Procrustes step without an SVD. With A = Σ_{j≠i} C_ij T_j (r × p, r ≤ p) o
 orthogonal polar factor is polar(A) = (A Aᵀ)^{-1/2} A = W · rownormalise(Wᵀ A) with the symmetric
 eigendecomposition A Aᵀ = W Λ Wᵀ (r × r): the row norms of Wᵀ A are Λ^{1/2}, measured on Wᵀ A
 instead of taken from the computed eigenvalues, whose absolute error ε·λ_max would otherwise
-mis-scale the rows of small eigenvalues. An eigendecomposition is 2-3× cheaper than an SVD of the same size here.
-Squaring A squares its condition number: the eigenvectors of small eigenvalues carry errors
-~ε·λ_max/λ, which show up as rows that are not orthonormal. The measured departure
+mis-scale the rows of small eigenvalues. An eigendecomposition is 2-3× cheaper than an SVD of the
+same size here. Squaring A squares its condition number: the eigenvectors of small eigenvalues
+carry errors ~ε·λ_max/λ, which show up as rows that are not orthonormal. The measured departure
 ||T Tᵀ − I||_F is the error estimate (it bounded the error against the SVD route in every tested
 step); above ``_EIGH_POLAR_MAX_ERROR`` (rank deficiency, ill conditioning) the step uses the SVD of
 A. Newton–Schulz steps then make the rows orthonormal to rounding, which the loss formula above
