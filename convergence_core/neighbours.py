@@ -70,8 +70,6 @@ DEFAULT_LIST_SIZE = 128
 #: Rows per block of the float32 screen: bounds the (block, n) similarity block in memory
 #: (~256 MB float32 at n = 100,000 for 640 rows).
 _BLOCK_ELEMENTS = 64_000_000
-#: Entries per row sampled to set the selection threshold of :func:`_largest`.
-_SAMPLE_COLUMNS = 512
 #: Largest float64 copy of the candidates kept in memory by exact_top_k (2 GB: 100,000 × 1536 × 8 B
 #: is 1.2 GB); larger candidate sets are prepared again per block.
 _FLOAT64_CACHE_BYTES = 2_000_000_000
@@ -276,45 +274,6 @@ def _refine(
     return np.take_along_axis(global_index, order, axis=1), np.take_along_axis(values, order, axis=1)
 
 
-def _largest(values, keep: int):
-    """``(values, positions)`` of each row's ``keep`` largest entries (unsorted): the same set as
-    ``torch.topk(values, keep, dim=1)``, faster for wide rows.
-
-    A threshold per row from a strided sample of its entries (the sample's m-th largest, m chosen
-    so that ~3·keep entries of the row exceed it), then only the entries above it are ranked.
-    Exact: a row with at least ``keep`` entries above its threshold has its ``keep`` largest among
-    them; the other rows (a threshold that came out too high, or so low that too many entries
-    pass) are ranked whole.
-    """
-    torch = _torch()
-    rows, width = values.shape
-    if width <= max(8 * keep, 2 * _SAMPLE_COLUMNS):
-        return torch.topk(values, keep, dim=1, sorted=False)
-    sample = values[:, :: width // _SAMPLE_COLUMNS]
-    m = min(sample.shape[1], max(1, math.ceil(3 * keep * sample.shape[1] / width)))
-    threshold = torch.topk(sample, m, dim=1, sorted=False).values.min(dim=1).values
-    hit_rows, hit_columns = torch.nonzero(values > threshold[:, None], as_tuple=True)
-    counts = torch.bincount(hit_rows, minlength=rows)
-    cap = 16 * keep
-    whole = (counts < keep) | (counts > cap)  # ranked whole instead
-    offsets = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(hit_rows.numel(), device=values.device) - offsets[hit_rows]
-    if bool(whole.any()):
-        fine = ~whole[hit_rows]
-        hit_rows, hit_columns, slot = hit_rows[fine], hit_columns[fine], slot[fine]
-    widest = max(keep, int(counts[~whole].max()) if bool((~whole).any()) else keep)
-    padded = torch.full((rows, widest), -math.inf, dtype=values.dtype, device=values.device)
-    padded_columns = torch.zeros((rows, widest), dtype=torch.int64, device=values.device)
-    padded[hit_rows, slot] = values[hit_rows, hit_columns]
-    padded_columns[hit_rows, slot] = hit_columns
-    out_values, where = torch.topk(padded, keep, dim=1, sorted=False)
-    out_positions = torch.gather(padded_columns, 1, where)
-    if bool(whole.any()):
-        redo = torch.nonzero(whole).squeeze(1)
-        out_values[redo], out_positions[redo] = torch.topk(values[redo], keep, dim=1, sorted=False)
-    return out_values, out_positions
-
-
 def _screen(sims, k: int, margin: int, threshold_width: float) -> tuple[np.ndarray, np.ndarray]:
     """Candidate windows of a (b, c) float32 similarity block (torch, own entries at -inf).
 
@@ -330,7 +289,7 @@ def _screen(sims, k: int, margin: int, threshold_width: float) -> tuple[np.ndarr
     while todo.size:
         keep = min(keep, c)
         chosen = sims if todo.size == b else sims[torch.from_numpy(todo).to(sims.device)]
-        values32, positions = _largest(chosen, keep)
+        values32, positions = torch.topk(chosen, keep, dim=1, sorted=False)
         values32, order = torch.sort(values32, dim=1, descending=True)
         positions = torch.gather(positions, 1, order)
         values32 = values32.cpu().numpy().astype(np.float64)

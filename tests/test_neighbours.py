@@ -384,26 +384,6 @@ def test_a_full_build_in_row_blocks_equals_the_dense_sort(monkeypatch, block_ele
     np.testing.assert_allclose(G[rows, lists.indices], G[rows, ref_index], atol=1e-15)
 
 
-def test_largest_selects_the_same_entries_as_topk(monkeypatch):
-    torch = pytest.importorskip("torch")
-    monkeypatch.setattr(neighbours, "_SAMPLE_COLUMNS", 16)
-    rng = np.random.default_rng(0)
-    values = torch.from_numpy(rng.standard_normal((40, 3000)).astype(np.float32))
-    values[3] = 1.0  # a row of ties: the threshold leaves fewer than keep above it
-    values[7, :2000] = -5.0  # a row whose sample sets a threshold far too low
-    values[9, ::7] = 9.0  # many entries tied at the top
-    for keep in (5, 20, 64):
-        got_values, got_positions = neighbours._largest(values, keep)
-        ref_values, _ = torch.topk(values, keep, dim=1)
-        np.testing.assert_array_equal(
-            np.sort(got_values.numpy(), axis=1), np.sort(ref_values.numpy(), axis=1)
-        )
-        gathered = torch.gather(values, 1, got_positions)
-        np.testing.assert_array_equal(gathered.numpy(), got_values.numpy())
-        assert all(len(set(row)) == keep for row in got_positions.numpy().tolist())
-
-
-
 @pytest.mark.parametrize("copies", [3, 5, 17, 129])
 def test_identical_candidates_get_identical_values_wherever_they_sit(copies):
     """The float64 refinement gives exact duplicates bit-identical values at every position of
