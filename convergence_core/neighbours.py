@@ -76,6 +76,8 @@ _FLOAT64_CACHE_BYTES = 2_000_000_000
 #: Subsets up to this size complete their members' tables from the dense (s, s) float64 inner
 #: products of their features (O(s²·d), no float32 screen); larger ones use exact_top_k.
 _DENSE_SUBSET = 2048
+#: Rows per chunk of the norms in :func:`prepare_rows` (bounds its temporary to ~this × d floats).
+_NORM_CHUNK_ROWS = 4096
 #: Entries compared at once in the batched table/HSIC code (bounds temporaries to ~100s of MB).
 _ENTRY_CHUNK = 4_000_000
 
@@ -125,17 +127,23 @@ def prepare_rows(rows: np.ndarray, threshold: float) -> np.ndarray:
     Returns:
         (r, d) float64 with unit-norm rows; ValueError for all-zero rows.
     """
-    out = np.asarray(rows, dtype=np.float64)
+    # one (r, d) float64 array, clipped and divided in place; the norms in row chunks (each row's
+    # sum is the same computation as one call over all rows), so no other full-size temporary
+    out = np.array(rows, dtype=np.float64)
     if math.isfinite(threshold):
-        out = np.clip(out, -threshold, threshold)
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.clip(out, -threshold, threshold, out=out)
+    norms = np.empty((out.shape[0], 1))
+    for start in range(0, out.shape[0], _NORM_CHUNK_ROWS):
+        chunk = slice(start, start + _NORM_CHUNK_ROWS)
+        norms[chunk] = np.linalg.norm(out[chunk], axis=1, keepdims=True)
     zero = np.flatnonzero(norms[:, 0] == 0)
     if zero.size:
         raise ValueError(
             f"{zero.size} rows are all zeros (first: {zero[:5].tolist()} of this block) and cannot "
             "be L2-normalised; drop those stimuli or re-extract their features."
         )
-    return out / norms
+    out /= norms
+    return out
 
 
 class PreparedFeatures:
