@@ -123,6 +123,14 @@ def test_exact_top_k_on_query_and_candidate_subsets():
     ref_index, ref_values = _dense_top_k(F, 7, queries, candidates)
     assert np.array_equal(index, ref_index)
     np.testing.assert_allclose(values, ref_values, atol=1e-14)
+    # queries that are all candidates take their rows from the prepared candidates
+    inside = candidates[::3]
+    index, values = exact_top_k(
+        PreparedFeatures.from_raw(X), 7, queries=inside, candidates=candidates
+    )
+    ref_index, ref_values = _dense_top_k(F, 7, inside, candidates)
+    assert np.array_equal(index, ref_index)
+    np.testing.assert_allclose(values, ref_values, atol=1e-14)
 
 
 def test_float32_screen_cannot_drop_neighbours_it_cannot_resolve():
