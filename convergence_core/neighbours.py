@@ -262,7 +262,8 @@ def _refine(
     # window_ok is a prefix of each row (the screen sorts by float32 value, descending): only the
     # chunk's longest prefix is gathered and multiplied (K + a few instead of K + the margin)
     prefix = window_ok.sum(axis=1)
-    rows_per_chunk = max(1, 2_000_000 // max(1, int(prefix.max(initial=1)) * features.d))
+    # chunks of ~2 MB of gathered float64 rows: they stay in cache for the product that follows
+    rows_per_chunk = max(1, 250_000 // max(1, int(prefix.max(initial=1)) * features.d))
     for start in range(0, b, rows_per_chunk):
         stop = min(b, start + rows_per_chunk)
         used = max(1, int(prefix[start:stop].max()))
