@@ -372,7 +372,8 @@ def exact_top_k(
     # float64 candidates for the refinement, when they fit (else gathered per block); prepared
     # once and reused for the float32 screen and for queries among the candidates (a row's
     # preparation does not depend on the other rows, so these are the same numbers)
-    candidates64 = features.rows(candidate_index) if c * features.d * 8 <= _FLOAT64_CACHE_BYTES else None
+    fits = c * features.d * 8 <= _FLOAT64_CACHE_BYTES
+    candidates64 = features.rows(candidate_index) if fits else None
     if candidates64 is None:
         candidates32 = _float32_block(features, candidate_index, device_)
     else:
