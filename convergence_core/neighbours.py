@@ -298,9 +298,7 @@ def _screen(sims, k: int, margin: int, threshold_width: float) -> tuple[np.ndarr
     while todo.size:
         keep = min(keep, c)
         chosen = sims if todo.size == b else sims[torch.from_numpy(todo).to(sims.device)]
-        values32, positions = torch.topk(chosen, keep, dim=1, sorted=False)
-        values32, order = torch.sort(values32, dim=1, descending=True)
-        positions = torch.gather(positions, 1, order)
+        values32, positions = torch.topk(chosen, keep, dim=1)  # largest first
         values32 = values32.cpu().numpy().astype(np.float64)
         positions = positions.cpu().numpy()
         bound = values32[:, k - 1] - threshold_width
