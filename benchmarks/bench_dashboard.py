@@ -64,6 +64,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from convergence_core import settings  # noqa: E402
 from convergence_core.dashboard import data, headless, lab, state  # noqa: E402
+from convergence_core.dashboard.page import PAGE_URLS  # noqa: E402
 from convergence_core.random_baseline import DEFAULT_INTERVAL_WIDTH  # noqa: E402
 from convergence_core.run import load_run  # noqa: E402
 from convergence_core.subsets import select_stimuli  # noqa: E402
@@ -72,14 +73,8 @@ TARGET_PAGE_RATIO = 1.5
 TARGET_K_RATIO = 1.0
 TARGET_UPDATE_S = 0.300
 TIMEOUT = 300
-#: (label, URL path) of every page
-PAGES = (
-    ("Home", ""),
-    ("Stimuli", "Stimuli"),
-    ("Residual space", "Residual_space"),
-    ("Alignment lab", "Alignment_lab"),
-    ("Paper analyses", "Paper_analyses"),
-)
+#: every page (label, URL path), Home first: the dashboard's one list of pages
+PAGES = PAGE_URLS
 BARE_PAGE = 'import streamlit as st\n\nst.title("A bare page")\nst.text("One line of text.")\n'
 
 

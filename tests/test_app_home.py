@@ -319,6 +319,22 @@ def test_home_links_to_every_page_with_the_view_in_the_url(synthetic_cache: Path
         assert "run=demo" in link.proto.query_string and "score=pc1" in link.proto.query_string
 
 
+def test_page_urls_are_streamlits_and_cover_every_page_file() -> None:
+    """The one list of pages names every file in pages/, and each URL path is the one Streamlit
+    serves it at (its own name for the file), so the browser test and benchmark visit them all."""
+    from streamlit.source_util import page_icon_and_name
+
+    from convergence_core.dashboard.page import PAGE_URLS, PAGES, url_path
+
+    assert sorted(target for target, _, _ in PAGES) == sorted(
+        str(path.relative_to(REPO)) for path in (REPO / "pages").glob("*.py")
+    )
+    for target, _, _ in PAGES:
+        assert url_path(target) == page_icon_and_name(REPO / target)[1]
+    assert PAGE_URLS[0] == ("Home", "") and len(PAGE_URLS) == len(PAGES) + 1
+    assert url_path("pages/12_Two_words.py") == "Two_words"
+
+
 def test_damaged_run_is_an_error_in_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.fixtures_runs import make_synthetic_run
 

@@ -23,6 +23,7 @@ import pytest
 
 from convergence_core import settings
 from convergence_core.dashboard import lab
+from convergence_core.dashboard.page import PAGE_URLS
 from convergence_core.dashboard.headless import (
     CHROMIUM,
     PAGE_DRAWN,
@@ -35,10 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO / "docs" / "dashboard.png"
 STIMULI_SCREENSHOT = REPO / "docs" / "stimuli.png"
 LAB_SCREENSHOT = REPO / "docs" / "alignment_lab.png"
-PAGES = [
-    "", "Stimuli", "Residual_space", "Alignment_lab", "Paper_analyses",
-    "What_predicts_dispersion", "Universal_space",
-]  # fmt: skip
+PAGES = [path for _, path in PAGE_URLS]  # every page, Home first
 
 pytestmark = pytest.mark.slow
 

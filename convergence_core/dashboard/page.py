@@ -9,7 +9,9 @@ A page script is::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
@@ -104,6 +106,16 @@ PAGES = [
     ("pages/5_What_predicts_dispersion.py", "What predicts dispersion", ":material/insights:"),
     ("pages/6_Universal_space.py", "Universal space", ":material/hub:"),
 ]
+
+
+def url_path(target: str) -> str:
+    """The URL path Streamlit serves a page file at: its file name without the ordering number
+    and ``.py`` (``"pages/2_Residual_space.py"`` -> ``"Residual_space"``; Home is ``""``)."""
+    return re.sub(r"^[0-9]+_", "", PurePosixPath(target).stem)
+
+
+#: Every page as (label, URL path), Home first: what the browser test and benchmark visit.
+PAGE_URLS = [("Home", ""), *((label, url_path(target)) for target, label, _ in PAGES)]
 
 
 def page_links(context: PageContext) -> None:
