@@ -2,6 +2,9 @@
 dispersion per stimulus and its relation to vision dispersion; held-out image–text retrieval
 through the space beside a ridge baseline and chance; each image's top captions.
 
+Only the open tab is built (retrieval runs when its tab or the captions tab is opened), and the
+table of every stimulus is sent when its expander is opened.
+
 Every number comes from :mod:`convergence_core.universal` and :mod:`convergence_core.retrieval`,
 cached per run and settings (``st.cache_data``), so moving a control recomputes only what depends
 on it.
@@ -20,6 +23,8 @@ from convergence_core.dashboard import data, page, plots, state, universal_plots
 
 MODELS_KEY = "w_universal_models"
 IMAGE_KEY = "w_universal_image"
+TAB_KEY = "w_universal_tab"
+TABLE_KEY = "w_universal_table_open"
 GALLERY_SIZE = 6
 #: Above this many stimuli the image is typed as an id instead of picked from a list.
 SELECTBOX_LIMIT = 2000
@@ -128,146 +133,172 @@ if len(chosen) < 2 or len(modalities) < 2:
     st.stop()
 members = tuple((model, layers[model]) for model in chosen)
 
+# only the open tab is built: retrieval fits the space once per fold, so it runs when asked
 dispersion_tab, retrieval_tab, captions_tab = st.tabs(
-    ["Cross-modal dispersion", "Retrieval", "Top captions per image"]
+    ["Cross-modal dispersion", "Retrieval", "Top captions per image"],
+    key=TAB_KEY,
+    on_change="rerun",
 )
 
 with dispersion_tab:
-    try:
-        per_stimulus, relation, model_summary = _cross_modal(
-            str(path), stamp, members, score, int(n_permutations), int(seed)
-        )
-    except ValueError as error:
-        st.error(str(error))
-        st.stop()
-    row = relation.iloc[0]
-    pairs = (
-        " and ".join(modalities)
-        if len(modalities) == 2
-        else "each pair of " + ", ".join(modalities)
-    )
-    st.text(
-        "Cross-modal dispersion of a stimulus: the distance between its modality means in the "
-        f"universal space ({pairs}; root-mean-square over pairs when there are more than two), "
-        f"in {universal_plots.UNITS}. 0 = the modalities agree exactly."
-    )
-    cards = st.columns(3)
-    cards[0].metric("Spearman ρ with vision dispersion", f"{row['spearman_rho']:.3f}")
-    cards[1].metric("Permutation p (two-sided)", f"{row['permutation_p_value_two_sided']:.3g}")
-    cards[2].metric(
-        "Median cross-modal dispersion", f"{per_stimulus['cross_modal_dispersion'].median():.4f}"
-    )
-    st.plotly_chart(
-        universal_plots.dispersion_scatter(
-            per_stimulus,
-            row,
-            first_captions,
-            intra_title=f"vision dispersion ({plots.SCORE_NAME[score]})",
-        ),
-        key="universal-scatter",
-    )
-    st.plotly_chart(universal_plots.residual_bars(model_summary), key="universal-residuals")
-    values = per_stimulus["cross_modal_dispersion"].to_numpy()
-    order = per_stimulus["stimulus"].to_numpy()[np.argsort(values, kind="stable")]
-    by_row = dict(zip(per_stimulus["stimulus"], values, strict=True))
-    sides = (("Lowest", order[:GALLERY_SIZE]), ("Highest", order[::-1][:GALLERY_SIZE]))
-    for column, (extreme, rows) in zip(st.columns(2), sides, strict=True):
-        with column:
-            st.subheader(f"{extreme} cross-modal dispersion")
-            widgets.gallery(
-                run,
-                rows,
-                [f"id {ids[r]} · {by_row[r]:.4f}" for r in rows],
-                key=f"universal-{extreme.lower()}",
-                columns=3,
-                all_captions=False,
-                inspect=False,
-            )
-    st.subheader("Every stimulus")
-    st.dataframe(
-        per_stimulus.assign(caption=[first_captions[r] for r in per_stimulus["stimulus"]]),
-        hide_index=True,
-        width="stretch",
-    )
-
-with retrieval_tab:
-    if not {"vision", "language"} <= set(modalities):
-        st.info(
-            "Image–text retrieval needs at least one vision and one language model in the "
-            "barycenter; add them in the sidebar."
-        )
-    else:
+    if dispersion_tab.open:
         try:
-            result = _retrieval(
-                str(path), stamp, members, score, int(n_folds), int(seed), similarity
+            per_stimulus, relation, model_summary = _cross_modal(
+                str(path), stamp, members, score, int(n_permutations), int(seed)
             )
         except ValueError as error:
             st.error(str(error))
             st.stop()
-        summary = result.summary()
-        subset = st.radio(
-            "Held-out stimuli",
-            ("all", "low_dispersion", "high_dispersion"),
-            horizontal=True,
-            format_func=lambda s: {
-                "all": "all",
-                "low_dispersion": "low vision dispersion (third)",
-                "high_dispersion": "high vision dispersion (third)",
-            }[s],
+        row = relation.iloc[0]
+        pairs = (
+            " and ".join(modalities)
+            if len(modalities) == 2
+            else "each pair of " + ", ".join(modalities)
         )
-        st.plotly_chart(universal_plots.retrieval_bars(summary, subset), key="universal-recall")
-        st.dataframe(retrieval.comparison_table(summary), hide_index=True, width="stretch")
-        st.caption(
-            f"{int(n_folds)}-fold (seed {int(seed)}): each fold's space (centring, scale, "
-            "rotation of every model) is fitted on the other folds; held-out images and captions "
-            f"are mapped into it and ranked by {similarity} similarity among the fold's held-out "
-            "stimuli. Ridge: vision features → language features, α by leave-one-out CV on the "
-            "training folds. Chance: recall@k = k / n, median rank (n + 1) / 2. Thirds: the "
-            "held-out stimuli of lowest / highest vision dispersion, ranked among themselves."
+        st.text(
+            "Cross-modal dispersion of a stimulus: the distance between its modality means in the "
+            f"universal space ({pairs}; root-mean-square over pairs when there are more than two), "
+            f"in {universal_plots.UNITS}. 0 = the modalities agree exactly."
         )
-        st.text("Universal space vs ridge on the same held-out queries (recall@1, exact McNemar):")
-        st.dataframe(
-            retrieval.paired_recall_test(result.ranks, k=1), hide_index=True, width="stretch"
+        cards = st.columns(3)
+        cards[0].metric("Spearman ρ with vision dispersion", f"{row['spearman_rho']:.3f}")
+        cards[1].metric(
+            "Permutation p (two-sided)", f"{row['permutation_p_value_two_sided']:.3g}"
         )
-        st.text("Ridge α chosen in each fold (relative to tr(XᵀX)):")
-        st.dataframe(result.baseline, hide_index=True)
+        cards[2].metric(
+            "Median cross-modal dispersion",
+            f"{per_stimulus['cross_modal_dispersion'].median():.4f}",
+        )
+        st.plotly_chart(
+            universal_plots.dispersion_scatter(
+                per_stimulus,
+                row,
+                first_captions,
+                intra_title=f"vision dispersion ({plots.SCORE_NAME[score]})",
+            ),
+            key="universal-scatter",
+        )
+        st.plotly_chart(universal_plots.residual_bars(model_summary), key="universal-residuals")
+        values = per_stimulus["cross_modal_dispersion"].to_numpy()
+        order = per_stimulus["stimulus"].to_numpy()[np.argsort(values, kind="stable")]
+        by_row = dict(zip(per_stimulus["stimulus"], values, strict=True))
+        sides = (("Lowest", order[:GALLERY_SIZE]), ("Highest", order[::-1][:GALLERY_SIZE]))
+        for column, (extreme, rows) in zip(st.columns(2), sides, strict=True):
+            with column:
+                st.subheader(f"{extreme} cross-modal dispersion")
+                widgets.gallery(
+                    run,
+                    rows,
+                    [f"id {ids[r]} · {by_row[r]:.4f}" for r in rows],
+                    key=f"universal-{extreme.lower()}",
+                    columns=3,
+                    all_captions=False,
+                    inspect=False,
+                )
+        # the table of every stimulus is sent when opened (100,000 rows are megabytes)
+        table = st.expander(
+            f"Every stimulus ({len(per_stimulus):,} rows)", key=TABLE_KEY, on_change="rerun"
+        )
+        with table:
+            if table.open:
+                st.dataframe(
+                    per_stimulus.assign(
+                        caption=[first_captions[r] for r in per_stimulus["stimulus"]]
+                    ),
+                    hide_index=True,
+                    width="stretch",
+                )
+
+with retrieval_tab:
+    if retrieval_tab.open:
+        if not {"vision", "language"} <= set(modalities):
+            st.info(
+                "Image–text retrieval needs at least one vision and one language model in the "
+                "barycenter; add them in the sidebar."
+            )
+        else:
+            try:
+                result = _retrieval(
+                    str(path), stamp, members, score, int(n_folds), int(seed), similarity
+                )
+            except ValueError as error:
+                st.error(str(error))
+                st.stop()
+            summary = result.summary()
+            subset = st.radio(
+                "Held-out stimuli",
+                ("all", "low_dispersion", "high_dispersion"),
+                horizontal=True,
+                format_func=lambda s: {
+                    "all": "all",
+                    "low_dispersion": "low vision dispersion (third)",
+                    "high_dispersion": "high vision dispersion (third)",
+                }[s],
+            )
+            st.plotly_chart(
+                universal_plots.retrieval_bars(summary, subset), key="universal-recall"
+            )
+            st.dataframe(retrieval.comparison_table(summary), hide_index=True, width="stretch")
+            st.caption(
+                f"{int(n_folds)}-fold (seed {int(seed)}): each fold's space (centring, scale, "
+                "rotation of every model) is fitted on the other folds; held-out images and "
+                f"captions are mapped into it and ranked by {similarity} similarity among the "
+                "fold's held-out stimuli. Ridge: vision features → language features, α by "
+                "leave-one-out CV on the training folds. Chance: recall@k = k / n, median rank "
+                "(n + 1) / 2. Thirds: the held-out stimuli of lowest / highest vision dispersion, "
+                "ranked among themselves."
+            )
+            st.text(
+                "Universal space vs ridge on the same held-out queries (recall@1, exact McNemar):"
+            )
+            st.dataframe(
+                retrieval.paired_recall_test(result.ranks, k=1), hide_index=True, width="stretch"
+            )
+            st.text("Ridge α chosen in each fold (relative to tr(XᵀX)):")
+            st.dataframe(result.baseline, hide_index=True)
 
 with captions_tab:
-    if not {"vision", "language"} <= set(modalities):
-        st.info("Add a vision and a language model to the barycenter to retrieve captions.")
-    else:
-        result = _retrieval(str(path), stamp, members, score, int(n_folds), int(seed), similarity)
-        if len(ids) <= SELECTBOX_LIMIT:
-            state.drop_stale_choice(st.session_state, IMAGE_KEY, ids)
-            chosen_id = st.selectbox("Image (stimulus id)", ids, key=IMAGE_KEY)
+    if captions_tab.open:
+        if not {"vision", "language"} <= set(modalities):
+            st.info("Add a vision and a language model to the barycenter to retrieve captions.")
         else:
-            chosen_id = st.text_input("Image (stimulus id)", value=ids[0], key=IMAGE_KEY)
-        if chosen_id not in ids:
-            st.error(f"No stimulus with id '{state.shown(chosen_id)}' in this run.")
-            st.stop()
-        stimulus = ids.index(chosen_id)
-        k = st.slider("Captions shown", min_value=1, max_value=10, value=5)
-        rank, n_gallery, fold = result.rank_of(stimulus)
-        left, right = st.columns([1, 2])
-        with left:
-            thumbnail = run.thumbnail_path(stimulus)
-            if thumbnail is not None:
-                st.image(str(thumbnail), width="stretch")
+            result = _retrieval(
+                str(path), stamp, members, score, int(n_folds), int(seed), similarity
+            )
+            if len(ids) <= SELECTBOX_LIMIT:
+                state.drop_stale_choice(st.session_state, IMAGE_KEY, ids)
+                chosen_id = st.selectbox("Image (stimulus id)", ids, key=IMAGE_KEY)
             else:
-                st.text("(no thumbnail in this run)")
-            st.text("Its captions:")
-            widgets.show_captions(captions[stimulus])
-        with right:
-            st.text(
-                f"True caption: rank {rank} of {n_gallery} held-out captions (fold {fold}; the "
-                "space was fitted without them). First caption of each stimulus shown."
-            )
-            top = result.top_matches(stimulus, k, ids=ids, labels=first_captions)
-            st.dataframe(
-                top.rename(columns={"label": "caption", "score": SCORE_COLUMN[similarity]}).assign(
-                    true_match=lambda frame: np.where(frame["true_match"], "✓ true caption", "")
-                ),
-                hide_index=True,
-                width="stretch",
-                column_order=("rank", "id", "caption", SCORE_COLUMN[similarity], "true_match"),
-            )
+                chosen_id = st.text_input("Image (stimulus id)", value=ids[0], key=IMAGE_KEY)
+            if chosen_id not in ids:
+                st.error(f"No stimulus with id '{state.shown(chosen_id)}' in this run.")
+                st.stop()
+            stimulus = ids.index(chosen_id)
+            k = st.slider("Captions shown", min_value=1, max_value=10, value=5)
+            rank, n_gallery, fold = result.rank_of(stimulus)
+            left, right = st.columns([1, 2])
+            with left:
+                thumbnail = run.thumbnail_path(stimulus)
+                if thumbnail is not None:
+                    st.image(str(thumbnail), width="stretch")
+                else:
+                    st.text("(no thumbnail in this run)")
+                st.text("Its captions:")
+                widgets.show_captions(captions[stimulus])
+            with right:
+                st.text(
+                    f"True caption: rank {rank} of {n_gallery} held-out captions (fold {fold}; "
+                    "the space was fitted without them). First caption of each stimulus shown."
+                )
+                top = result.top_matches(stimulus, k, ids=ids, labels=first_captions)
+                column = SCORE_COLUMN[similarity]
+                st.dataframe(
+                    top.rename(columns={"label": "caption", "score": column}).assign(
+                        true_match=lambda frame: np.where(
+                            frame["true_match"], "✓ true caption", ""
+                        )
+                    ),
+                    hide_index=True,
+                    width="stretch",
+                    column_order=("rank", "id", "caption", column, "true_match"),
+                )

@@ -159,3 +159,65 @@ def test_residual_space_colours_points_by_any_property(run, monkeypatch) -> None
     points = _figure(at, "PCA of the GPA residuals")["data"][0]
     codes = (run.properties.values["scene"] == "outdoor").astype(float)
     np.testing.assert_allclose(_array(points["marker"]["color"]), codes)
+
+
+def test_scatters_above_the_hover_limit_send_numbers_not_text(run, monkeypatch) -> None:
+    """Every page's scatter of stimuli (a property against dispersion, numeric or categorical;
+    the held-out fit; cross-modal against vision dispersion) carries each point's text up to
+    plots.HOVER_TEXT_LIMIT points; above it float32 coordinates, each point's row and a
+    numbers-only hover, so 100,000 points are not megabytes of captions on every rerun."""
+    import pandas as pd
+
+    from convergence_core.dashboard import plots, predictor_plots, universal_plots
+
+    ids = run.stimuli["id"].astype(str).tolist()
+    captions = ["a <b>caption</b>"] * N
+    dispersion = run.dispersion["mean"].to_numpy()
+
+    def traces(figure) -> list[dict]:
+        return json.loads(figure.to_json())["data"]
+
+    def numeric() -> dict:
+        return traces(predictor_plots.property_scatter(
+            run.properties, "planted_noise", dispersion, score="mean", ids=ids,
+            captions=captions, effect_text="ρ",
+        ))[0]
+
+    small = numeric()
+    assert len(small["text"]) == N and "&lt;b&gt;caption" in small["text"][0]
+    assert "%{text}" in small["hovertemplate"]
+    monkeypatch.setattr(plots, "HOVER_TEXT_LIMIT", N - 1)
+    large = numeric()
+    assert "text" not in large and "%{x" in large["hovertemplate"]
+    assert large["x"]["dtype"] == "f4" and large["y"]["dtype"] == "f4"
+    assert list(_array(large["customdata"])) == list(range(N))  # a selection still finds rows
+    np.testing.assert_allclose(_array(large["y"]), dispersion, rtol=1e-6)
+    assert large["marker"]["size"] < small["marker"]["size"]
+
+    categorical = traces(predictor_plots.property_scatter(
+        run.properties, "scene", dispersion, score="mean", ids=ids, captions=captions,
+        effect_text="ε²",
+    ))[-1]
+    assert "text" not in categorical and "level %{x" in categorical["hovertemplate"]
+    assert sorted(_array(categorical["customdata"])) == list(range(N))
+
+    predictions = pd.DataFrame(
+        {"model": "ridge", "id": ids, "predicted": dispersion, "observed": dispersion}
+    )
+    fit = pd.DataFrame(
+        {"model": ["ridge"], "metric": ["r2_held_out"], "value": [0.5], "n_splits": [5]}
+    )
+    held_out = traces(predictor_plots.held_out_fit(predictions, fit, score="mean"))[0]
+    assert "text" not in held_out and held_out["x"]["dtype"] == "f4"
+
+    per_stimulus = pd.DataFrame({
+        "stimulus": np.arange(N), "id": ids,
+        "intra_modal_dispersion": dispersion, "cross_modal_dispersion": dispersion,
+    })
+    relation = pd.Series(
+        {"spearman_rho": 0.5, "permutation_p_value_two_sided": 0.01, "n_permutations": 100}
+    )
+    cross = traces(
+        universal_plots.dispersion_scatter(per_stimulus, relation, captions, intra_title="v")
+    )[0]
+    assert "text" not in cross and list(_array(cross["customdata"])) == list(range(N))

@@ -13,6 +13,8 @@ from tests.fixtures_runs import make_synthetic_run
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "6_Universal_space.py")
 TIMEOUT = 120
+TAB_KEY = "w_universal_tab"
+TABLE_KEY = "w_universal_table_open"
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +36,12 @@ def _metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
 
 
+def _open_tab(at: AppTest, label: str) -> None:
+    at.session_state[TAB_KEY] = label
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+
+
 def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_root):
     at = _page(monkeypatch, cache_root)
     assert [tab.label for tab in at.tabs] == [
@@ -41,7 +49,13 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
         "Retrieval",
         "Top captions per image",
     ]
-    assert len(at.get("plotly_chart")) == 3
+    # only the open tab is built: the scatter and the residual bars, no retrieval yet; the table
+    # of every stimulus is sent when its expander opens
+    assert len(at.get("plotly_chart")) == 2 and not at.dataframe
+    at.session_state[TABLE_KEY] = True
+    at.run(timeout=TIMEOUT)
+    every = at.dataframe[0].value
+    assert len(every) == 60 and "caption" in every.columns
     run = make_run_handle(cache_root)
     expected = universal.run_cross_modal_analysis(run, n_permutations=1000, seed=0)
     relation = expected.relation.iloc[0]
@@ -50,6 +64,8 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
         f"{relation['permutation_p_value_two_sided']:.3g}"
     )
     # the retrieval table puts the baseline beside the universal space, as the core computes it
+    _open_tab(at, "Retrieval")
+    assert len(at.get("plotly_chart")) == 1
     comparison = next(frame.value for frame in at.dataframe if "ridge" in frame.value.columns)
     wanted = retrieval.comparison_table(retrieval.run_retrieval(run).summary())
     assert (
@@ -58,6 +74,7 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
         .equals(wanted[["universal", "ridge", "chance"]].round(12))
     )
     # top captions of the first image: its true caption is marked exactly once
+    _open_tab(at, "Top captions per image")
     top = next(
         frame.value
         for frame in at.dataframe
@@ -97,6 +114,7 @@ def test_choosing_models_and_an_image_updates_the_page(monkeypatch, cache_root):
     assert _metric(at, "Spearman ρ with vision dispersion") == f"{rho:.3f}"
 
     chosen = run.stimuli["id"].iloc[7]
+    _open_tab(at, "Top captions per image")
     at.selectbox(key="w_universal_image").set_value(chosen).run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     top = next(frame.value for frame in at.dataframe if "true_match" in frame.value.columns)

@@ -7,7 +7,7 @@ ids) is HTML-escaped before it reaches Plotly, whose hover labels interpret a su
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,8 +33,37 @@ SET_COLOURS = {
     "pasted": "#9467bd",
 }
 HOVER_CAPTION_CHARS = 80
-#: Up to this many points the residual scatter carries hover text (id, caption, scores) per point
+#: Up to this many points a scatter of stimuli carries hover text (id, caption, scores) per
+#: point; above it only numbers (100,000 captions would be megabytes on every rerun)
 HOVER_TEXT_LIMIT = 20_000
+
+
+def point_fields(
+    n: int,
+    texts: Callable[[], Sequence[str]],
+    numbers: str,
+    *,
+    size: int = 7,
+    opacity: float = 0.8,
+) -> dict[str, object]:
+    """Hover and marker fields of a scatter of ``n`` stimuli (one place for every page's scatter).
+
+    Up to :data:`HOVER_TEXT_LIMIT` points each point gets its text (``texts()``, called only
+    then) above ``numbers`` (a Plotly hovertemplate line such as ``"x %{x:.4f}"``) at marker
+    ``size``; above it the hover shows ``numbers`` only and markers are smaller and lighter, so
+    100,000 points stay a few hundred kB (coordinates as binary arrays) instead of megabytes.
+    Returns ``{"hovertemplate", "marker", ["text"]}`` for ``go.Scattergl``.
+    """
+    if n <= HOVER_TEXT_LIMIT:
+        return {
+            "text": list(texts()),
+            "hovertemplate": f"%{{text}}<br>{numbers}<extra></extra>",
+            "marker": {"size": size, "opacity": opacity},
+        }
+    return {
+        "hovertemplate": f"{numbers}<extra></extra>",
+        "marker": {"size": max(2, size // 2), "opacity": min(opacity, 0.6)},
+    }
 
 
 def safe_hover_text(text: str, limit: int = HOVER_CAPTION_CHARS) -> str:

@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..properties import PropertyTable
-from .plots import SCORE_AXIS, SCORE_NAME, safe_hover_text
+from .plots import SCORE_AXIS, SCORE_NAME, point_fields, safe_hover_text
 
 SIGNIFICANT = "#d62728"
 NOT_SIGNIFICANT = "#7f7f7f"
@@ -76,10 +76,11 @@ def tests_frame(tests: pd.DataFrame, score: str) -> pd.DataFrame:
     ].reset_index(drop=True)  # fmt: skip
 
 
-def _hover(ids: Sequence[str], captions: Sequence[str], x_text: Sequence[str], y: np.ndarray):
+def _hover(ids: Sequence[str], captions: Sequence[str]) -> list[str]:
+    """A point's hover lines: its id and first caption (escaped)."""
     return [
-        f"id {safe_hover_text(i, 40)}<br>{safe_hover_text(c)}<br>{xt} · dispersion {v:.4f}"
-        for i, c, xt, v in zip(ids, captions, x_text, y, strict=True)
+        f"id {safe_hover_text(i, 40)}<br>{safe_hover_text(c)}"
+        for i, c in zip(ids, captions, strict=True)
     ]
 
 
@@ -106,21 +107,20 @@ def property_scatter(
     if info.kind == "numeric":
         x = column.to_numpy(dtype=np.float64)
         rows = np.flatnonzero(np.isfinite(x))
+        fields = point_fields(
+            rows.size,
+            lambda: _hover([ids[r] for r in rows], [captions[r] for r in rows]),
+            f"{safe_hover_text(name, 40)} %{{x:.4g}} · dispersion %{{y:.4f}}",
+        )
+        fields["marker"]["color"] = "#1f77b4"
         figure.add_trace(
             go.Scattergl(
-                x=x[rows],
-                y=y[rows],
+                x=x[rows].astype(np.float32),
+                y=y[rows].astype(np.float32),
                 mode="markers",
-                customdata=rows,
-                text=_hover(
-                    [ids[r] for r in rows],
-                    [captions[r] for r in rows],
-                    [f"{safe_hover_text(name, 40)} {x[r]:.4g}" for r in rows],
-                    y[rows],
-                ),
-                hovertemplate="%{text}<extra></extra>",
-                marker={"size": 7, "opacity": 0.8, "color": "#1f77b4"},
+                customdata=rows.astype(np.int32),
                 name="stimuli",
+                **fields,
             )
         )
         x_title = safe_hover_text(info.label, 120)
@@ -144,24 +144,25 @@ def property_scatter(
                     hoverinfo="skip",
                 )
             )
+        fields = point_fields(
+            rows.size,
+            lambda: [
+                f"{line}<br>{safe_hover_text(name, 40)} = {safe_hover_text(values[r], 40)}"
+                for line, r in zip(
+                    _hover([ids[r] for r in rows], [captions[r] for r in rows]), rows, strict=True
+                )
+            ],
+            f"{safe_hover_text(name, 40)} level %{{x:.0f}} · dispersion %{{y:.4f}}",
+        )
+        fields["marker"]["color"] = "#1f77b4"
         figure.add_trace(
             go.Scattergl(
-                x=codes + jitter,
-                y=y[rows],
+                x=(codes + jitter).astype(np.float32),
+                y=y[rows].astype(np.float32),
                 mode="markers",
-                customdata=rows,
-                text=_hover(
-                    [ids[r] for r in rows],
-                    [captions[r] for r in rows],
-                    [
-                        f"{safe_hover_text(name, 40)} = {safe_hover_text(values[r], 40)}"
-                        for r in rows
-                    ],
-                    y[rows],
-                ),
-                hovertemplate="%{text}<extra></extra>",
-                marker={"size": 7, "opacity": 0.8, "color": "#1f77b4"},
+                customdata=rows.astype(np.int32),
                 name="stimuli",
+                **fields,
             )
         )
         figure.update_xaxes(
@@ -205,15 +206,21 @@ def held_out_fit(predictions: pd.DataFrame, fit: pd.DataFrame, *, score: str) ->
     low = float(min(predictions["observed"].min(), predictions["predicted"].min()))
     high = float(max(predictions["observed"].max(), predictions["predicted"].max()))
     for model, rows in predictions.groupby("model", sort=False):
+        fields = point_fields(
+            len(rows),
+            lambda: [f"id {safe_hover_text(i, 40)}" for i in rows["id"]],
+            "predicted %{x:.4f} · observed %{y:.4f}",
+            size=6,
+            opacity=0.7,
+        )
+        fields["marker"]["color"] = MODEL_COLOURS.get(str(model))
         figure.add_trace(
             go.Scattergl(
-                x=rows["predicted"],
-                y=rows["observed"],
+                x=rows["predicted"].to_numpy(dtype=np.float32),
+                y=rows["observed"].to_numpy(dtype=np.float32),
                 mode="markers",
                 name=f"{model} (held-out R² = {r2[model]:.3f})",
-                marker={"size": 6, "opacity": 0.7, "color": MODEL_COLOURS.get(str(model))},
-                text=[f"id {safe_hover_text(i, 40)}" for i in rows["id"]],
-                hovertemplate="%{text}<br>predicted %{x:.4f} · observed %{y:.4f}<extra></extra>",
+                **fields,
             )
         )
     figure.add_trace(

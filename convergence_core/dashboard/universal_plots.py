@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .plots import safe_hover_text
+from .plots import point_fields, safe_hover_text
 
 #: The unit of every distance in the universal space.
 UNITS = "residual units: Euclidean distance between unit-Frobenius-norm configurations"
@@ -44,19 +44,24 @@ def dispersion_scatter(
     ``customdata``.
     """
     rows = per_stimulus["stimulus"].to_numpy()
-    hover = [
-        f"id {safe_hover_text(str(i), 40)}<br>{safe_hover_text(captions[r])}"
-        for i, r in zip(per_stimulus["id"], rows, strict=True)
-    ]
+    fields = point_fields(
+        len(rows),
+        lambda: [
+            f"id {safe_hover_text(str(i), 40)}<br>{safe_hover_text(captions[r])}"
+            for i, r in zip(per_stimulus["id"], rows, strict=True)
+        ],
+        "intra %{x:.4g} · cross %{y:.4g}",
+        size=6,
+        opacity=0.65,
+    )
+    fields["marker"]["color"] = "#444"
     figure = go.Figure(
         go.Scattergl(
-            x=per_stimulus["intra_modal_dispersion"],
-            y=per_stimulus["cross_modal_dispersion"],
+            x=per_stimulus["intra_modal_dispersion"].to_numpy(dtype=np.float32),
+            y=per_stimulus["cross_modal_dispersion"].to_numpy(dtype=np.float32),
             mode="markers",
-            marker={"size": 6, "color": "#444", "opacity": 0.65},
-            customdata=rows,
-            text=hover,
-            hovertemplate="%{text}<br>intra %{x:.4g} · cross %{y:.4g}<extra></extra>",
+            customdata=rows.astype(np.int32),
+            **fields,
         )
     )
     figure.update_layout(
