@@ -214,6 +214,7 @@ def _lasso(context, url: str, fraction: float) -> dict[str, float]:  # noqa: ANN
         drawn = (page.evaluate("() => performance.now()") - start) / 1000.0
         selected, seconds = headless.lasso_select(page, fraction)
         return {
+            "lasso_fraction": fraction,
             "interactive_chart_s": round(drawn, 3),
             "lasso_selected": selected,
             "lasso_to_selection_s": round(seconds, 3),
@@ -531,7 +532,8 @@ def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> 
     lasso = k_step["lasso"]
     print(
         f"Residual space: interactive chart drawn {lasso['interactive_chart_s']:.2f} s after its "
-        f"toggle; a lasso over half the map selected {lasso['lasso_selected']:,} stimuli, listed "
+        f"toggle; a lasso over the left {lasso['lasso_fraction']:.0%} of the map selected "
+        f"{lasso['lasso_selected']:,} stimuli, listed "
         f"{lasso['lasso_to_selection_s']:.2f} s after the mouse was released"
     )
 

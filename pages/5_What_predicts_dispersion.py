@@ -1,6 +1,6 @@
 """What predicts dispersion: stimulus properties ranked by how strongly they go with dispersion,
 any property against dispersion (click points to see the images), and the held-out fit of models
-that predict dispersion from every property.
+that predict dispersion from every property: three tabs, only the open one built.
 
 Every number comes from :mod:`convergence_core.dispersion_predictors` (cached per run and
 settings in :mod:`convergence_core.dashboard.predictors`).
@@ -21,6 +21,10 @@ from convergence_core.dashboard import (
 )
 
 CARDS = 8
+TAB_KEY = "w_predictors_tab"
+RANKED_TAB = "Properties ranked"
+SCATTER_TAB = "A property against dispersion"
+FIT_TAB = "Predicting dispersion from every property"
 
 context = page.open_page("What predicts dispersion", icon="🧩")
 run, view = context.run, context.view
@@ -62,98 +66,113 @@ with controls[2]:
 tests = predictors.property_tests(str(run.path), stamp, n_permutations, seed)
 ranked = predictor_plots.tests_frame(tests, score)
 
-st.header("Properties ranked")
-if ranked.empty:
-    st.warning("No property could be tested on this run (see the list of skipped properties).")
-else:
-    st.plotly_chart(predictor_plots.ranked_effects(tests, score=score), key="ranked-effects")
-    st.dataframe(
-        ranked,
-        hide_index=True,
-        column_config={
-            name: st.column_config.NumberColumn(format="%.2e")
-            for name in ("q_value", "p_value", "p_value_asymptotic")
-        },
-        key="ranked-table",
-    )
-skipped = predictors.skipped_properties(str(run.path), stamp)
-if len(skipped):
-    with st.expander(f"{len(skipped)} properties not tested"):
-        st.markdown(widgets.markdown_table(skipped))
+# only the open tab is built: the first screen is the ranking; the scatter of one property and
+# the held-out fit (cross-validated models, the slow part on a large run) come when opened
+ranked_tab, scatter_tab, fit_tab = st.tabs(
+    [RANKED_TAB, SCATTER_TAB, FIT_TAB], key=TAB_KEY, on_change="rerun"
+)
 
-st.header("A property against dispersion")
-names = list(ranked["property"]) or table.names
-chosen = st.selectbox(
-    "Property",
-    names,
-    key="w_predictors_property",
-    help="Ordered by rank (strongest first). Click a point, or drag a box, to see its images.",
-)
-row = ranked[ranked["property"] == chosen]
-effect_text = (
-    f"{'ρ' if row['test'].iloc[0] == 'spearman' else 'ε²'} = {row['effect'].iloc[0]:.3f}, "
-    f"q = {row['q_value'].iloc[0]:.2g}"
-    if len(row)
-    else "not tested"
-)
-ids = run.stimuli["id"].astype(str).tolist()
-first_captions = [c[0] if len(c) else "" for c in run.stimuli["captions"]]
-dispersion = run.dispersion[score].to_numpy(dtype=np.float64)
-event = st.plotly_chart(
-    predictor_plots.property_scatter(
-        table,
-        chosen,
-        dispersion,
-        score=score,
-        ids=ids,
-        captions=first_captions,
-        effect_text=effect_text,
-    ),
-    key="property-scatter",
-    on_select="rerun",
-    selection_mode=("points", "box", "lasso"),
-)
-clicked = selection_io.rows_from_chart_selection(getattr(event, "selection", None), run.n_stimuli)
-if clicked:
-    st.text(f"{len(clicked)} stimuli selected in the chart (first {min(CARDS, len(clicked))}):")
-    shown = clicked[:CARDS]
-else:
-    values = table.values[chosen]
-    if table.info_for(chosen).kind == "numeric":
-        present = np.flatnonzero(np.isfinite(values.to_numpy(dtype=np.float64)))
-        order = present[np.argsort(values.to_numpy(dtype=np.float64)[present], kind="stable")]
-        st.text(f"No point selected: the {CARDS // 2} lowest and {CARDS // 2} highest on {chosen}.")
-        shown = [*order[: CARDS // 2], *order[-(CARDS // 2) :]]
+
+def _ranked() -> None:
+    if ranked.empty:
+        st.warning("No property could be tested on this run (see the list of skipped properties).")
     else:
-        order = np.argsort(dispersion, kind="stable")
-        st.text(f"No point selected: the {CARDS // 2} lowest and highest dispersion stimuli.")
-        shown = [*order[: CARDS // 2], *order[-(CARDS // 2) :]]
-labels = [
-    f"id {ids[r]} · {chosen} {predictor_plots.value_text(table, chosen, r)} · "
-    f"dispersion {dispersion[r]:.4f}"
-    for r in shown
-]
-widgets.gallery(run, shown, labels, key="predictors", columns=4, all_captions=False, inspect=False)
+        st.plotly_chart(predictor_plots.ranked_effects(tests, score=score), key="ranked-effects")
+        st.dataframe(
+            ranked,
+            hide_index=True,
+            column_config={
+                name: st.column_config.NumberColumn(format="%.2e")
+                for name in ("q_value", "p_value", "p_value_asymptotic")
+            },
+            key="ranked-table",
+        )
+    skipped = predictors.skipped_properties(str(run.path), stamp)
+    if len(skipped):
+        with st.expander(f"{len(skipped)} properties not tested"):
+            st.markdown(widgets.markdown_table(skipped))
 
-st.header("Predicting dispersion from every property")
-st.caption(
-    "Ridge regression and gradient-boosted trees, fitted on every tested property at once; R² on "
-    "held-out folds (5-fold cross-validation), against the same models refitted on shuffled "
-    "dispersion scores (chance: R² ≈ 0). Importance: how much held-out R² drops when one "
-    "property's values are shuffled."
-)
-n_shuffles = int(
-    st.number_input(
-        "Shuffled-target refits per model",
-        min_value=0,
-        max_value=200,
-        value=predictors.PAGE_SHUFFLES,
-        key="w_predictors_shuffles",
+
+def _scatter() -> None:
+    names = list(ranked["property"]) or table.names
+    chosen = st.selectbox(
+        "Property",
+        names,
+        key="w_predictors_property",
+        help="Ordered by rank (strongest first). Click a point, or drag a box, to see its images.",
     )
-)
-if ranked.empty:
-    st.info("No property to fit.")
-else:
+    row = ranked[ranked["property"] == chosen]
+    effect_text = (
+        f"{'ρ' if row['test'].iloc[0] == 'spearman' else 'ε²'} = {row['effect'].iloc[0]:.3f}, "
+        f"q = {row['q_value'].iloc[0]:.2g}"
+        if len(row)
+        else "not tested"
+    )
+    ids = run.stimuli["id"].astype(str).tolist()
+    first_captions = [c[0] if len(c) else "" for c in run.stimuli["captions"]]
+    dispersion = run.dispersion[score].to_numpy(dtype=np.float64)
+    event = st.plotly_chart(
+        predictor_plots.property_scatter(
+            table,
+            chosen,
+            dispersion,
+            score=score,
+            ids=ids,
+            captions=first_captions,
+            effect_text=effect_text,
+        ),
+        key="property-scatter",
+        on_select="rerun",
+        selection_mode=("points", "box", "lasso"),
+    )
+    clicked = selection_io.rows_from_chart_selection(
+        getattr(event, "selection", None), run.n_stimuli
+    )
+    if clicked:
+        st.text(f"{len(clicked)} stimuli selected in the chart (first {min(CARDS, len(clicked))}):")
+        shown = clicked[:CARDS]
+    else:
+        values = table.values[chosen]
+        if table.info_for(chosen).kind == "numeric":
+            numbers = values.to_numpy(dtype=np.float64)
+            present = np.flatnonzero(np.isfinite(numbers))
+            order = present[np.argsort(numbers[present], kind="stable")]
+            st.text(
+                f"No point selected: the {CARDS // 2} lowest and {CARDS // 2} highest on {chosen}."
+            )
+        else:
+            order = np.argsort(dispersion, kind="stable")
+            st.text(f"No point selected: the {CARDS // 2} lowest and highest dispersion stimuli.")
+        shown = [*order[: CARDS // 2], *order[-(CARDS // 2) :]]
+    labels = [
+        f"id {ids[r]} · {chosen} {predictor_plots.value_text(table, chosen, r)} · "
+        f"dispersion {dispersion[r]:.4f}"
+        for r in shown
+    ]
+    widgets.gallery(
+        run, shown, labels, key="predictors", columns=4, all_captions=False, inspect=False
+    )
+
+
+def _fit() -> None:
+    st.caption(
+        "Ridge regression and gradient-boosted trees, fitted on every tested property at once; R² "
+        "on held-out folds (5-fold cross-validation), against the same models refitted on "
+        "shuffled dispersion scores (chance: R² ≈ 0). Importance: how much held-out R² drops "
+        "when one property's values are shuffled."
+    )
+    n_shuffles = int(
+        st.number_input(
+            "Shuffled-target refits per model",
+            min_value=0,
+            max_value=200,
+            value=predictors.PAGE_SHUFFLES,
+            key="w_predictors_shuffles",
+        )
+    )
+    if ranked.empty:
+        st.info("No property to fit.")
+        return
     fit, importances, predictions = predictors.model_fit(
         str(run.path), stamp, score, n_shuffles, seed
     )
@@ -165,5 +184,11 @@ else:
         )
     with columns[1]:
         st.plotly_chart(predictor_plots.importance_bars(importances), key="importances")
+
+
+for tab, build in ((ranked_tab, _ranked), (scatter_tab, _scatter), (fit_tab, _fit)):
+    with tab:
+        if tab.open:
+            build()
 
 page.close_page(context)

@@ -51,6 +51,12 @@ def _page(path: str, monkeypatch: pytest.MonkeyPatch) -> AppTest:
     return at
 
 
+def _open_tab(at: AppTest, label: str) -> None:
+    at.session_state["w_predictors_tab"] = label
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+
+
 def _figure(at: AppTest, title_part: str) -> dict:
     for chart in at.get("plotly_chart"):
         figure = json.loads(chart.proto.spec)
@@ -79,6 +85,9 @@ def test_page_ranks_the_planted_property_first_and_shows_the_fit(run, monkeypatc
     assert bars["data"][0]["y"][-1] == "planted_noise"  # the top bar is the first rank
     assert "Spearman" in bars["layout"]["xaxis"]["title"]["text"]
 
+    # only the ranking is built until another tab is opened
+    assert len(at.get("plotly_chart")) == 1 and len(at.dataframe) == 1
+    _open_tab(at, "A property against dispersion")
     # the property scatter starts on the top property, one point per stimulus
     scatter = _figure(at, "planted_noise against")
     points = scatter["data"][0]
@@ -88,6 +97,7 @@ def test_page_ranks_the_planted_property_first_and_shows_the_fit(run, monkeypatc
     assert any("lowest and" in t.value for t in at.text)
 
     # the held-out fit: the same numbers as the core function
+    _open_tab(at, "Predicting dispersion from every property")
     fit_table = next(d.value for d in at.dataframe if "held-out R²" in d.value.columns)
     fit, _, _ = dp.cross_validated_fit(
         run.properties, run.dispersion, score="mean", n_shuffles=SHUFFLES, seed=0
@@ -103,6 +113,7 @@ def test_page_ranks_the_planted_property_first_and_shows_the_fit(run, monkeypatc
 
 def test_choosing_a_categorical_property_and_the_pc1_score(run, monkeypatch) -> None:
     at = _page(PAGE, monkeypatch)
+    _open_tab(at, "A property against dispersion")
     at.selectbox(key="w_predictors_property").set_value("scene")
     at.radio(key="w_score").set_value("pc1")
     at.run(timeout=TIMEOUT)
@@ -113,6 +124,7 @@ def test_choosing_a_categorical_property_and_the_pc1_score(run, monkeypatch) -> 
     points = scatter["data"][-1]
     np.testing.assert_allclose(_array(points["y"]), run.dispersion["pc1"])
     assert scatter["layout"]["xaxis"]["ticktext"] == ["indoor", "outdoor"]
+    _open_tab(at, "Properties ranked")
     assert at.dataframe[0].value["property"].iloc[0] == "planted_noise"
 
 
