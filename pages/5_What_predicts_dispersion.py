@@ -77,7 +77,7 @@ def _ranked() -> None:
     if ranked.empty:
         st.warning("No property could be tested on this run (see the list of skipped properties).")
     else:
-        st.plotly_chart(predictor_plots.ranked_effects(tests, score=score), key="ranked-effects")
+        st.image(predictors.ranked_effects_png(str(run.path), stamp, n_permutations, seed, score))
         st.dataframe(
             ranked,
             hide_index=True,

@@ -19,7 +19,15 @@ import pandas as pd
 import streamlit as st
 
 from convergence_core import retrieval, universal
-from convergence_core.dashboard import data, page, plots, state, universal_plots, widgets
+from convergence_core.dashboard import (
+    charts,
+    data,
+    page,
+    plots,
+    state,
+    universal_plots,
+    widgets,
+)
 
 MODELS_KEY = "w_universal_models"
 IMAGE_KEY = "w_universal_image"
@@ -75,6 +83,36 @@ def _retrieval(
         seed=seed,
         similarity=similarity,
     )
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _pictures(
+    path: str,
+    stamp: int,
+    members: tuple[tuple[str, str], ...],
+    score: str,
+    n_permutations: int,
+    seed: int,
+    scatter: bool,
+) -> tuple[bytes | None, bytes]:
+    """The model residual bars and (``scatter``: runs above ``plots.HOVER_TEXT_LIMIT`` stimuli,
+    where hover would show only numbers) the cross-modal scatter, as pictures."""
+    per_stimulus, relation, model_summary = _cross_modal(
+        path, stamp, members, score, n_permutations, seed
+    )
+    picture = None
+    if scatter:
+        row = relation.iloc[0]
+        picture = charts.cross_modal_scatter(
+            per_stimulus["intra_modal_dispersion"].to_numpy(),
+            per_stimulus["cross_modal_dispersion"].to_numpy(),
+            title=f"Cross-modal vs intra-modal dispersion, {len(per_stimulus):,} stimuli — "
+            f"Spearman ρ = {row['spearman_rho']:.3f}, permutation p = "
+            f"{row['permutation_p_value_two_sided']:.3g} ({int(row['n_permutations'])} shuffles)",
+            x_title=f"vision dispersion ({plots.SCORE_NAME[score]}) (residual units)",
+            y_title="cross-modal dispersion (residual units)",
+        )
+    return picture, charts.model_residuals(model_summary)
 
 
 context = page.open_page("Universal space", icon="🌐")
@@ -169,16 +207,25 @@ with dispersion_tab:
             "Median cross-modal dispersion",
             f"{per_stimulus['cross_modal_dispersion'].median():.4f}",
         )
-        st.plotly_chart(
-            universal_plots.dispersion_scatter(
-                per_stimulus,
-                row,
-                first_captions,
-                intra_title=f"vision dispersion ({plots.SCORE_NAME[score]})",
-            ),
-            key="universal-scatter",
+        # a picture above the hover-text limit (hover would show only numbers there), else the
+        # interactive scatter with each point's id and caption
+        large = len(per_stimulus) > plots.HOVER_TEXT_LIMIT
+        scatter, bars = _pictures(
+            str(path), stamp, members, score, int(n_permutations), int(seed), large
         )
-        st.plotly_chart(universal_plots.residual_bars(model_summary), key="universal-residuals")
+        if large:
+            st.image(scatter)
+        else:
+            st.plotly_chart(
+                universal_plots.dispersion_scatter(
+                    per_stimulus,
+                    row,
+                    first_captions,
+                    intra_title=f"vision dispersion ({plots.SCORE_NAME[score]})",
+                ),
+                key="universal-scatter",
+            )
+        st.image(bars)
         values = per_stimulus["cross_modal_dispersion"].to_numpy()
         order = per_stimulus["stimulus"].to_numpy()[np.argsort(values, kind="stable")]
         by_row = dict(zip(per_stimulus["stimulus"], values, strict=True))

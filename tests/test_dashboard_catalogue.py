@@ -134,6 +134,17 @@ def test_charts_are_pngs_no_wider_than_streamlit_keeps(run) -> None:
                                 selected=[1, 2]),
         charts.residual_components(np.asarray(run.pca.explained_variance_ratio),
                                    np.asarray(run.pca.components), run.gpa.models),
+        charts.ranked_effects(pd.DataFrame({
+            "score": "mean", "rank": [1, 2, 3], "property": ["a$b", "c" * 80, "d"],
+            "test": ["spearman", "kruskal_wallis", "spearman"], "effect": [0.5, 0.04, -0.1],
+            "strength": [0.5, 0.2, 0.1], "q_value": [0.001, 0.01, 0.5],
+        }), score="mean"),
+        charts.cross_modal_scatter(found.values["mean"], found.values["pc1"], title="t $x$",
+                                   x_title="x", y_title="y"),
+        charts.model_residuals(pd.DataFrame({
+            "model": ["v1", "v2", "l$1"], "layer": ["a", "b", "c"],
+            "modality": ["vision", "vision", "language"], "mean_residual": [0.2, 0.3, 0.5],
+        })),
     ]
     for data in pictures:
         image = _picture(data)

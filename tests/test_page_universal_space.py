@@ -51,7 +51,8 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
     ]
     # only the open tab is built: the scatter and the residual bars, no retrieval yet; the table
     # of every stimulus is sent when its expander opens
-    assert len(at.get("plotly_chart")) == 2 and not at.dataframe
+    # (the residual bars are a picture; the scatter is interactive at this size)
+    assert len(at.get("plotly_chart")) == 1 and len(at.image) >= 1 and not at.dataframe
     at.session_state[TABLE_KEY] = True
     at.run(timeout=TIMEOUT)
     every = at.dataframe[0].value
@@ -128,3 +129,15 @@ def test_page_without_runs_says_how_to_make_one(monkeypatch, tmp_path):
     at.run(timeout=TIMEOUT)
     assert not at.exception
     assert "make demo" in at.error[0].value
+
+
+def test_large_runs_get_the_scatter_as_a_picture(monkeypatch, cache_root):
+    """Above plots.HOVER_TEXT_LIMIT stimuli (hover would show only numbers) the cross-modal
+    scatter is a picture: the tab loads no Plotly; the numbers stay in the metrics."""
+    from convergence_core.dashboard import plots
+
+    monkeypatch.setattr(plots, "HOVER_TEXT_LIMIT", 10)
+    at = _page(monkeypatch, cache_root)
+    assert not at.get("plotly_chart")
+    assert len(at.image) >= 2  # the scatter and the residual bars (before the galleries)
+    assert _metric(at, "Spearman ρ with vision dispersion")

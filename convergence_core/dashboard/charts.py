@@ -31,7 +31,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .plots import RESIDUAL_AXIS, SCORE_AXIS, SET_COLOURS
+from .plots import RESIDUAL_AXIS, SCORE_AXIS, SCORE_NAME, SET_COLOURS
+from .predictor_plots import EFFECT_AXIS, NOT_SIGNIFICANT, SIGNIFICANT
+from .universal_plots import MODALITY_COLOURS
 
 #: Pixels per inch of every PNG; figure sizes below are in inches (13 in ≈ the wide page's width).
 DPI = 100
@@ -109,7 +111,7 @@ def residual_scatter(
     figure = Figure(figsize=(13.0, 5.6))
     axis = figure.subplots()
     _margins(figure, left=0.8, right=1.6, top=0.45, bottom=0.6)
-    size = 14.0 if n <= 2_000 else (5.0 if n <= 20_000 else 1.5)
+    size = _point_size(n)
     points = axis.scatter(
         x, y, c=colour, s=size, cmap="viridis", alpha=0.85, linewidths=0, rasterized=True
     )
@@ -382,7 +384,7 @@ def alignment_dispersion(
     figure = Figure(figsize=(13.0, 4.4))
     axes = np.atleast_1d(figure.subplots(1, len(values), squeeze=False)[0])
     _margins(figure, left=0.9, right=0.2, top=0.95, bottom=0.65, wspace=0.3)
-    size = 14.0 if n <= 2_000 else (5.0 if n <= 20_000 else 1.5)
+    size = _point_size(n)
     chosen = np.asarray(marked, dtype=np.int64)
     x = np.asarray(dispersion, dtype=np.float64)
     for axis, (metric, y) in zip(axes, values.items(), strict=True):
@@ -415,6 +417,89 @@ def alignment_dispersion(
         literal(f"Per-stimulus alignment against dispersion — {title} ({n:,} stimuli)"),
         fontsize=10,
     )
+    return png(figure)
+
+
+def _point_size(n: int) -> float:
+    """Marker area (pt²) of a rasterised scatter of ``n`` points: smaller as they crowd."""
+    return 14.0 if n <= 2_000 else (5.0 if n <= 20_000 else 1.5)
+
+
+def _short(text: object, limit: int) -> str:
+    """``text`` on one line, cut to ``limit`` characters (with …), drawn literally."""
+    text = " ".join(str(text).split())
+    return literal(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
+def ranked_effects(tests: pd.DataFrame, *, score: str, top: int = 25, q: float = 0.05) -> bytes:
+    """Horizontal bars of the ``top`` best-ranked properties of one score (rows of
+    ``dispersion_predictors.property_tests``): ρ (signed) for numeric properties, √ε² for
+    categorical ones; red where q < ``q``. Every number is also in the ranked table beside it."""
+    rows = tests[tests["score"] == score].sort_values("rank").head(top).iloc[::-1]
+    effect = np.where(rows["test"] == "spearman", rows["effect"], rows["strength"])
+    significant = rows["q_value"].to_numpy() < q
+    figure = Figure(figsize=(13.0, max(3.0, 0.25 * len(rows) + 1.2)))
+    axis = figure.subplots()
+    _margins(figure, left=3.3, right=0.3, top=0.45, bottom=0.6)
+    y = np.arange(len(rows))
+    axis.barh(y, np.asarray(effect, dtype=np.float64),
+              color=[SIGNIFICANT if s else NOT_SIGNIFICANT for s in significant])
+    axis.axvline(0.0, color="black", linewidth=0.5)
+    axis.set_yticks(y, [_short(name, 50) for name in rows["property"]], fontsize=8)
+    axis.set_xlabel(EFFECT_AXIS)
+    axis.set_ylabel("property")
+    axis.set_title(
+        f"Properties ranked by permutation p-value ({SCORE_NAME[score]}); red: q < {q} "
+        "(Benjamini–Hochberg)",
+        fontsize=10,
+        y=TITLE_Y,
+    )
+    return png(figure)
+
+
+def cross_modal_scatter(
+    intra: np.ndarray, cross: np.ndarray, *, title: str, x_title: str, y_title: str
+) -> bytes:
+    """Per stimulus (n,): intra-modal (vision) dispersion (x) against cross-modal dispersion (y),
+    rasterised (the same PNG size at 100,000 stimuli as at 1,000)."""
+    n = len(intra)
+    figure = Figure(figsize=(13.0, 4.4))
+    axis = figure.subplots()
+    _margins(figure, left=0.9, right=0.3, top=0.45, bottom=0.6)
+    axis.scatter(
+        np.asarray(intra, dtype=np.float64), np.asarray(cross, dtype=np.float64),
+        s=_point_size(n), color="#444444", alpha=0.6, linewidths=0, rasterized=True,
+    )
+    axis.set_xlabel(literal(x_title))
+    axis.set_ylabel(literal(y_title), fontsize=8)
+    axis.set_title(literal(title), fontsize=10, y=TITLE_Y)
+    return png(figure)
+
+
+def model_residuals(model_summary: pd.DataFrame) -> bytes:
+    """Mean residual of each model (``model``, ``layer``, ``modality``, ``mean_residual`` rows of
+    ``CrossModalAnalysis.model_summary``) from the universal consensus, coloured by modality."""
+    modalities = list(dict.fromkeys(model_summary["modality"]))
+    figure = Figure(figsize=(13.0, 3.0))
+    axis = figure.subplots()
+    _margins(figure, left=0.9, right=0.2, top=0.45, bottom=0.65)
+    x = np.arange(len(model_summary))
+    colour = {m: MODALITY_COLOURS[i % len(MODALITY_COLOURS)] for i, m in enumerate(modalities)}
+    for modality in modalities:
+        chosen = (model_summary["modality"] == modality).to_numpy()
+        axis.bar(x[chosen], model_summary["mean_residual"].to_numpy(dtype=np.float64)[chosen],
+                 0.6, color=colour[modality], label=literal(modality))
+    labels = [
+        _short(f"{m} ({layer})", 40)
+        for m, layer in zip(model_summary["model"], model_summary["layer"], strict=True)
+    ]
+    axis.set_xticks(x, labels, fontsize=8)
+    axis.set_xlabel("model (layer)")
+    axis.set_ylabel("mean residual (residual units)")
+    axis.set_title(
+        "Mean residual of each model from the universal consensus", fontsize=10, y=TITLE_Y
+    )
+    axis.legend(fontsize=8)
     return png(figure)
 
 

@@ -22,49 +22,6 @@ MODEL_COLOURS = {"ridge": "#1f77b4", "boosted_trees": "#ff7f0e"}
 EFFECT_AXIS = "effect: Spearman ρ (numeric) or √ε² (categorical), unitless"
 
 
-def ranked_effects(tests: pd.DataFrame, *, score: str, top: int = 25, q: float = 0.05) -> go.Figure:
-    """Horizontal bars of the ``top`` best-ranked properties of one score (``property_tests``
-    rows): ρ (signed) for numeric properties, √ε² for categorical ones; red where q < ``q``."""
-    rows = tests[tests["score"] == score].sort_values("rank").head(top).iloc[::-1]
-    effect = np.where(rows["test"] == "spearman", rows["effect"], rows["strength"])
-    significant = rows["q_value"].to_numpy() < q
-    hover = [
-        f"{safe_hover_text(p, 60)}<br>{'ρ' if t == 'spearman' else 'ε²'} = {e:.3f}"
-        f"<br>p = {pv:.2g} · q = {qv:.2g} · n = {n}"
-        for p, t, e, pv, qv, n in zip(
-            rows["property"],
-            rows["test"],
-            rows["effect"],
-            rows["p_value"],
-            rows["q_value"],
-            rows["n_stimuli"],
-            strict=True,
-        )
-    ]
-    figure = go.Figure(
-        go.Bar(
-            x=effect,
-            y=[safe_hover_text(p, 50) for p in rows["property"]],
-            orientation="h",
-            marker_color=[SIGNIFICANT if s else NOT_SIGNIFICANT for s in significant],
-            text=hover,
-            textposition="none",  # the text is for the hover label only
-            hovertemplate="%{text}<extra></extra>",
-        )
-    )
-    figure.update_layout(
-        title_text=(
-            f"Properties ranked by permutation p-value ({SCORE_NAME[score]}); red: q < {q} "
-            "(Benjamini–Hochberg)"
-        ),
-        xaxis_title=EFFECT_AXIS,
-        yaxis_title="property",
-        height=max(320, 24 * len(rows) + 140),
-        margin={"l": 220},
-    )
-    return figure
-
-
 def tests_frame(tests: pd.DataFrame, score: str) -> pd.DataFrame:
     """The rows of one score in rank order, with the columns a reader needs (plain values)."""
     rows = tests[tests["score"] == score].sort_values("rank")

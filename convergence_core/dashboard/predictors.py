@@ -10,6 +10,7 @@ import streamlit as st
 from .. import dispersion_predictors as dp
 from ..properties import PropertyTable
 from ..run import Run
+from . import charts
 from .data import _open_run
 
 #: Permutations per rank test on the page (as the report: q-values down to ~1e-3 with ~30
@@ -39,6 +40,13 @@ def property_tests(path: str, stamp: int, n_permutations: int, seed: int) -> pd.
     return dp.property_tests(
         table, _open_run(path, stamp).dispersion, n_permutations=n_permutations, seed=seed
     )
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def ranked_effects_png(path: str, stamp: int, n_permutations: int, seed: int, score: str) -> bytes:
+    """:func:`charts.ranked_effects` of the run's property tests for one score, drawn once per
+    server (a picture: the numbers are in the ranked table under it)."""
+    return charts.ranked_effects(property_tests(path, stamp, n_permutations, seed), score=score)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

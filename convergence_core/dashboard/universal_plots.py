@@ -78,32 +78,6 @@ def dispersion_scatter(
     return figure
 
 
-def residual_bars(model_summary: pd.DataFrame) -> go.Figure:
-    """Mean residual per model in the universal space, coloured by modality."""
-    modalities = list(dict.fromkeys(model_summary["modality"]))
-    figure = go.Figure()
-    for index, modality in enumerate(modalities):
-        rows = model_summary[model_summary["modality"] == modality]
-        figure.add_trace(
-            go.Bar(
-                x=[
-                    safe_hover_text(f"{m} ({layer})", 60)
-                    for m, layer in zip(rows["model"], rows["layer"], strict=True)
-                ],
-                y=rows["mean_residual"],
-                name=safe_hover_text(modality, 30),
-                marker_color=MODALITY_COLOURS[index % len(MODALITY_COLOURS)],
-            )
-        )
-    figure.update_layout(
-        title_text="Mean residual of each model from the universal consensus",
-        xaxis_title="model (layer)",
-        yaxis_title="mean residual (residual units)",
-        height=360,
-    )
-    return figure
-
-
 def retrieval_bars(summary: pd.DataFrame, subset: str = "all") -> go.Figure:
     """Recall@k per direction: the universal space, the ridge baseline and chance side by side
     (mean ± s.d. over folds). ``summary``: :func:`retrieval.summarise_retrieval`."""
