@@ -2,8 +2,9 @@
 dispersion per stimulus and its relation to vision dispersion; held-out image–text retrieval
 through the space beside a ridge baseline and chance; each image's top captions.
 
-Only the open tab is built (retrieval runs when its tab or the captions tab is opened), and the
-table of every stimulus is sent when its expander is opened.
+Only the open tab is built (retrieval runs when its tab or the captions tab is opened), the
+scatter is a picture until its toggle asks for the interactive chart, and the table of every
+stimulus is sent when its expander is opened.
 
 Every number comes from :mod:`convergence_core.universal` and :mod:`convergence_core.retrieval`,
 cached per run and settings (``st.cache_data``), so moving a control recomputes only what depends
@@ -32,6 +33,7 @@ from convergence_core.dashboard import (
 MODELS_KEY = "w_universal_models"
 IMAGE_KEY = "w_universal_image"
 TAB_KEY = "w_universal_tab"
+INTERACTIVE_KEY = "w_universal_interactive"
 TABLE_KEY = "w_universal_table_open"
 GALLERY_SIZE = 6
 #: Above this many stimuli the image is typed as an id instead of picked from a list.
@@ -93,26 +95,22 @@ def _pictures(
     score: str,
     n_permutations: int,
     seed: int,
-    scatter: bool,
-) -> tuple[bytes | None, bytes]:
-    """The model residual bars and (``scatter``: runs above ``plots.HOVER_TEXT_LIMIT`` stimuli,
-    where hover would show only numbers) the cross-modal scatter, as pictures."""
+) -> tuple[bytes, bytes]:
+    """The cross-modal scatter and the model residual bars as pictures, drawn once per server."""
     per_stimulus, relation, model_summary = _cross_modal(
         path, stamp, members, score, n_permutations, seed
     )
-    picture = None
-    if scatter:
-        row = relation.iloc[0]
-        picture = charts.cross_modal_scatter(
-            per_stimulus["intra_modal_dispersion"].to_numpy(),
-            per_stimulus["cross_modal_dispersion"].to_numpy(),
-            title=f"Cross-modal vs intra-modal dispersion, {len(per_stimulus):,} stimuli — "
-            f"Spearman ρ = {row['spearman_rho']:.3f}, permutation p = "
-            f"{row['permutation_p_value_two_sided']:.3g} ({int(row['n_permutations'])} shuffles)",
-            x_title=f"vision dispersion ({plots.SCORE_NAME[score]}) (residual units)",
-            y_title="cross-modal dispersion (residual units)",
-        )
-    return picture, charts.model_residuals(model_summary)
+    row = relation.iloc[0]
+    scatter = charts.cross_modal_scatter(
+        per_stimulus["intra_modal_dispersion"].to_numpy(),
+        per_stimulus["cross_modal_dispersion"].to_numpy(),
+        title=f"Cross-modal vs intra-modal dispersion, {len(per_stimulus):,} stimuli — "
+        f"Spearman ρ = {row['spearman_rho']:.3f}, permutation p = "
+        f"{row['permutation_p_value_two_sided']:.3g} ({int(row['n_permutations'])} shuffles)",
+        x_title=f"vision dispersion ({plots.SCORE_NAME[score]}) (residual units)",
+        y_title="cross-modal dispersion (residual units)",
+    )
+    return scatter, charts.model_residuals(model_summary)
 
 
 context = page.open_page("Universal space", icon="🌐")
@@ -207,15 +205,17 @@ with dispersion_tab:
             "Median cross-modal dispersion",
             f"{per_stimulus['cross_modal_dispersion'].median():.4f}",
         )
-        # a picture above the hover-text limit (hover would show only numbers there), else the
-        # interactive scatter with each point's id and caption
-        large = len(per_stimulus) > plots.HOVER_TEXT_LIMIT
-        scatter, bars = _pictures(
-            str(path), stamp, members, score, int(n_permutations), int(seed), large
+        # a picture first (quick to load); the toggle turns it into the Plotly chart, whose
+        # hover names each stimulus (id and caption up to plots.HOVER_TEXT_LIMIT stimuli)
+        scatter, bars = _pictures(str(path), stamp, members, score, int(n_permutations), int(seed))
+        interactive = st.toggle(
+            "Interactive chart: hover for each stimulus's id and caption, zoom",
+            key=INTERACTIVE_KEY,
+            help="Off: a picture of the same scatter, drawn on the server (quick to load). On: "
+            "the Plotly chart, whose code takes the browser a few seconds to load the first time "
+            "in a tab.",
         )
-        if large:
-            st.image(scatter)
-        else:
+        if interactive:
             st.plotly_chart(
                 universal_plots.dispersion_scatter(
                     per_stimulus,
@@ -225,6 +225,8 @@ with dispersion_tab:
                 ),
                 key="universal-scatter",
             )
+        else:
+            st.image(scatter)
         st.image(bars)
         values = per_stimulus["cross_modal_dispersion"].to_numpy()
         order = per_stimulus["stimulus"].to_numpy()[np.argsort(values, kind="stable")]

@@ -3,6 +3,7 @@ model choice, and marks each image's true caption among its retrieved captions."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "6_Universal_space
 TIMEOUT = 120
 TAB_KEY = "w_universal_tab"
 TABLE_KEY = "w_universal_table_open"
+INTERACTIVE_KEY = "w_universal_interactive"
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +53,13 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
     ]
     # only the open tab is built: the scatter and the residual bars, no retrieval yet; the table
     # of every stimulus is sent when its expander opens
-    # (the residual bars are a picture; the scatter is interactive at this size)
-    assert len(at.get("plotly_chart")) == 1 and len(at.image) >= 1 and not at.dataframe
+    # (the scatter and the residual bars are pictures until the toggle asks for Plotly)
+    assert not at.get("plotly_chart") and len(at.image) >= 2 and not at.dataframe
+    at.toggle(key=INTERACTIVE_KEY).set_value(True)
+    at.run(timeout=TIMEOUT)
+    (chart,) = at.get("plotly_chart")
+    points = json.loads(chart.proto.spec)["data"][0]
+    assert len(points["text"]) == 60 and points["text"][0].startswith("id ")  # id and caption
     at.session_state[TABLE_KEY] = True
     at.run(timeout=TIMEOUT)
     every = at.dataframe[0].value
@@ -131,13 +138,16 @@ def test_page_without_runs_says_how_to_make_one(monkeypatch, tmp_path):
     assert "make demo" in at.error[0].value
 
 
-def test_large_runs_get_the_scatter_as_a_picture(monkeypatch, cache_root):
-    """Above plots.HOVER_TEXT_LIMIT stimuli (hover would show only numbers) the cross-modal
-    scatter is a picture: the tab loads no Plotly; the numbers stay in the metrics."""
+def test_large_runs_send_numbers_not_captions_to_the_interactive_chart(monkeypatch, cache_root):
+    """Above plots.HOVER_TEXT_LIMIT stimuli the interactive scatter carries no text per point."""
     from convergence_core.dashboard import plots
 
     monkeypatch.setattr(plots, "HOVER_TEXT_LIMIT", 10)
     at = _page(monkeypatch, cache_root)
     assert not at.get("plotly_chart")
-    assert len(at.image) >= 2  # the scatter and the residual bars (before the galleries)
+    at.toggle(key=INTERACTIVE_KEY).set_value(True)
+    at.run(timeout=TIMEOUT)
+    (chart,) = at.get("plotly_chart")
+    points = json.loads(chart.proto.spec)["data"][0]
+    assert "text" not in points and "intra %{x" in points["hovertemplate"]
     assert _metric(at, "Spearman ρ with vision dispersion")
