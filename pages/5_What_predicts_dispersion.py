@@ -63,7 +63,11 @@ with controls[1]:
 with controls[2]:
     seed = int(st.number_input("Seed", min_value=0, value=0, step=1, key="w_predictors_seed"))
 
-tests = predictors.property_tests(str(run.path), stamp, n_permutations, seed)
+with st.spinner(
+    f"Testing every property against dispersion: {n_permutations:,} permutations per test over "
+    f"{run.n_stimuli:,} stimuli (a minute or more at 100,000; once for every user of this server)…"
+):
+    tests = predictors.property_tests(str(run.path), stamp, n_permutations, seed)
 ranked = predictor_plots.tests_frame(tests, score)
 
 # only the open tab is built: the first screen is the ranking; the scatter of one property and

@@ -30,7 +30,7 @@ def run_properties(run: Run) -> PropertyTable | None:
         return None
 
 
-@st.cache_data(show_spinner="Testing every property against dispersion…", max_entries=32)
+@st.cache_data(show_spinner=False, max_entries=32)  # the page's spinner says how much work
 def property_tests(path: str, stamp: int, n_permutations: int, seed: int) -> pd.DataFrame:
     """:func:`dispersion_predictors.property_tests` of a run, both scores (empty without a
     property table)."""
