@@ -65,7 +65,8 @@ with controls[2]:
 
 with st.spinner(
     f"Testing every property against dispersion: {n_permutations:,} permutations per test over "
-    f"{run.n_stimuli:,} stimuli (a minute or more at 100,000; once for every user of this server)…"
+    f"{run.n_stimuli:,} stimuli (a minute or more at 100,000; once for every user of this "
+    "server)…"
 ):
     tests = predictors.property_tests(str(run.path), stamp, n_permutations, seed)
 ranked = predictor_plots.tests_frame(tests, score)
