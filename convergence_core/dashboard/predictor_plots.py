@@ -67,7 +67,9 @@ def property_scatter(
         fields = point_fields(
             rows.size,
             lambda: _hover([ids[r] for r in rows], [captions[r] for r in rows]),
-            f"{safe_hover_text(name, 40)} %{{x:.4g}} · dispersion %{{y:.4f}}",
+            # the property's name is the x-axis title; a template must not carry data-set text
+            # (Plotly would read any %{...} in it as a field)
+            "value %{x:.4g} · dispersion %{y:.4f}",
         )
         fields["marker"]["color"] = "#1f77b4"
         figure.add_trace(
@@ -109,7 +111,7 @@ def property_scatter(
                     _hover([ids[r] for r in rows], [captions[r] for r in rows]), rows, strict=True
                 )
             ],
-            f"{safe_hover_text(name, 40)} level %{{x:.0f}} · dispersion %{{y:.4f}}",
+            "level %{x:.0f} · dispersion %{y:.4f}",
         )
         fields["marker"]["color"] = "#1f77b4"
         figure.add_trace(
