@@ -51,15 +51,17 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
         "Retrieval",
         "Top captions per image",
     ]
-    # only the open tab is built: the scatter and the residual bars, no retrieval yet; the table
-    # of every stimulus is sent when its expander opens
-    # (the scatter and the residual bars are pictures until the toggle asks for Plotly)
+    # only the open tab is built (no retrieval yet); its scatter and residual bars are pictures
+    # until the toggle asks for Plotly; the table of every stimulus comes when its expander opens
     assert not at.get("plotly_chart") and len(at.image) >= 2 and not at.dataframe
     at.toggle(key=INTERACTIVE_KEY).set_value(True)
     at.run(timeout=TIMEOUT)
     (chart,) = at.get("plotly_chart")
     points = json.loads(chart.proto.spec)["data"][0]
     assert len(points["text"]) == 60 and points["text"][0].startswith("id ")  # id and caption
+    _open_tab(at, "Retrieval")  # the toggle is not drawn meanwhile; back, it is still on
+    _open_tab(at, "Cross-modal dispersion")
+    assert at.toggle(key=INTERACTIVE_KEY).value and len(at.get("plotly_chart")) == 1
     at.session_state[TABLE_KEY] = True
     at.run(timeout=TIMEOUT)
     every = at.dataframe[0].value
