@@ -34,8 +34,6 @@ MODELS_KEY = "w_universal_models"
 IMAGE_KEY = "w_universal_image"
 TAB_KEY = "w_universal_tab"
 INTERACTIVE_KEY = "w_universal_interactive"
-#: Session key (not a widget's) remembering the toggle while another tab is open
-INTERACTIVE_REMEMBERED = "universal_interactive"
 TABLE_KEY = "w_universal_table_open"
 GALLERY_SIZE = 6
 #: Above this many stimuli the image is typed as an id instead of picked from a list.
@@ -210,18 +208,18 @@ with dispersion_tab:
         # a picture first (quick to load); the toggle turns it into the Plotly chart, whose
         # hover names each stimulus (id and caption up to plots.HOVER_TEXT_LIMIT stimuli)
         scatter, bars = _pictures(str(path), stamp, members, score, int(n_permutations), int(seed))
-        # Streamlit forgets the toggle while another tab is open: start it from this session's
-        # last choice, so the chart a user turned interactive stays so
-        if INTERACTIVE_KEY not in st.session_state:
-            st.session_state[INTERACTIVE_KEY] = st.session_state.get(INTERACTIVE_REMEMBERED, False)
-        interactive = st.toggle(
-            "Interactive chart: hover for each stimulus's id and caption, zoom",
-            key=INTERACTIVE_KEY,
-            help="Off: a picture of the same scatter, drawn on the server (quick to load). On: "
-            "the Plotly chart, whose code takes the browser a few seconds to load the first time "
-            "in a tab.",
+        # kept while another tab is open (Streamlit forgets a widget it does not draw)
+        interactive = state.kept_widget(
+            st.session_state,
+            INTERACTIVE_KEY,
+            lambda key: st.toggle(
+                "Interactive chart: hover for each stimulus's id and caption, zoom",
+                key=key,
+                help="Off: a picture of the same scatter, drawn on the server (quick to load). "
+                "On: the Plotly chart, whose code takes the browser a few seconds to load the "
+                "first time in a tab.",
+            ),
         )
-        st.session_state[INTERACTIVE_REMEMBERED] = interactive
         if interactive:
             st.plotly_chart(
                 universal_plots.dispersion_scatter(

@@ -43,6 +43,7 @@ def point_fields(
     texts: Callable[[], Sequence[str]],
     numbers: str,
     *,
+    color: str | None = None,
     size: int = 7,
     opacity: float = 0.8,
 ) -> dict[str, object]:
@@ -50,19 +51,20 @@ def point_fields(
 
     Up to :data:`HOVER_TEXT_LIMIT` points each point gets its text (``texts()``, called only
     then) above ``numbers`` (a Plotly hovertemplate line such as ``"x %{x:.4f}"``) at marker
-    ``size``; above it the hover shows ``numbers`` only and markers are smaller and lighter, so
-    100,000 points stay a few hundred kB (coordinates as binary arrays) instead of megabytes.
+    ``size`` (in ``color``); above it the hover shows ``numbers`` only and markers are smaller
+    and lighter, so 100,000 points stay a few hundred kB (coordinates as binary arrays) instead
+    of megabytes.
     Returns ``{"hovertemplate", "marker", ["text"]}`` for ``go.Scattergl``.
     """
     if n <= HOVER_TEXT_LIMIT:
         return {
             "text": list(texts()),
             "hovertemplate": f"%{{text}}<br>{numbers}<extra></extra>",
-            "marker": {"size": size, "opacity": opacity},
+            "marker": {"size": size, "opacity": opacity, "color": color},
         }
     return {
         "hovertemplate": f"{numbers}<extra></extra>",
-        "marker": {"size": max(2, size // 2), "opacity": min(opacity, 0.6)},
+        "marker": {"size": max(2, size // 2), "opacity": min(opacity, 0.6), "color": color},
     }
 
 

@@ -70,8 +70,8 @@ def property_scatter(
             # the property's name is the x-axis title; a template must not carry data-set text
             # (Plotly would read any %{...} in it as a field)
             "value %{x:.4g} · dispersion %{y:.4f}",
+            color="#1f77b4",
         )
-        fields["marker"]["color"] = "#1f77b4"
         figure.add_trace(
             go.Scattergl(
                 x=x[rows].astype(np.float32),
@@ -112,8 +112,8 @@ def property_scatter(
                 )
             ],
             "level %{x:.0f} · dispersion %{y:.4f}",
+            color="#1f77b4",
         )
-        fields["marker"]["color"] = "#1f77b4"
         figure.add_trace(
             go.Scattergl(
                 x=(codes + jitter).astype(np.float32),
@@ -171,8 +171,8 @@ def held_out_fit(predictions: pd.DataFrame, fit: pd.DataFrame, *, score: str) ->
             "predicted %{x:.4f} · observed %{y:.4f}",
             size=6,
             opacity=0.7,
+            color=MODEL_COLOURS.get(str(model)),
         )
-        fields["marker"]["color"] = MODEL_COLOURS.get(str(model))
         figure.add_trace(
             go.Scattergl(
                 x=rows["predicted"].to_numpy(dtype=np.float32),

@@ -53,8 +53,8 @@ def dispersion_scatter(
         "intra %{x:.4g} · cross %{y:.4g}",
         size=6,
         opacity=0.65,
+        color="#444",
     )
-    fields["marker"]["color"] = "#444"
     figure = go.Figure(
         go.Scattergl(
             x=per_stimulus["intra_modal_dispersion"].to_numpy(dtype=np.float32),
