@@ -232,3 +232,28 @@ def test_scatters_above_the_hover_limit_send_numbers_not_text(run, monkeypatch) 
         universal_plots.dispersion_scatter(per_stimulus, relation, captions, intra_title="v")
     )[0]
     assert "text" not in cross and list(_array(cross["customdata"])) == list(range(N))
+
+
+def test_a_property_name_never_reaches_a_hover_template(run) -> None:
+    """Hostile column names: a property called '%{customdata}' or '<b>x</b>' is data-set text.
+    Plotly reads %{...} in a hovertemplate as a field and hover labels as HTML, so the name is
+    only in the escaped axis title and title, never in the template."""
+    from convergence_core.dashboard import predictor_plots
+    from convergence_core.properties import PropertyTable
+
+    hostile = "%{customdata} <b>x</b>"
+    values = run.properties.values.rename(columns={"planted_noise": hostile})
+    records = [
+        {**info.__dict__, "name": hostile} if info.name == "planted_noise" else info.__dict__
+        for info in run.properties.info
+    ]
+    table = PropertyTable.from_records(values, records)
+    ids = run.stimuli["id"].astype(str).tolist()
+    figure = json.loads(predictor_plots.property_scatter(
+        table, hostile, run.dispersion["mean"].to_numpy(), score="mean", ids=ids,
+        captions=[""] * N, effect_text="ρ",
+    ).to_json())
+    points = figure["data"][0]
+    assert "customdata}" not in points["hovertemplate"] and "<b>" not in points["hovertemplate"]
+    assert "<b>" not in figure["layout"]["title"]["text"]
+    assert "&lt;b&gt;" in figure["layout"]["title"]["text"]
