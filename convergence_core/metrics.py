@@ -230,38 +230,40 @@ def _result(values: np.ndarray, batched: bool) -> float | np.ndarray:
 
 class _SortedEntries(NamedTuple):
     """A (B, s, k) table's entries sorted within each row, as flat keys (global row)·s + column
-    (globally sorted, since rows come in order), with the columns and values in the same order."""
+    (globally sorted, since rows come in order), with the columns in the same order."""
 
     keys: np.ndarray
     columns: np.ndarray  # (B·s, k): each row's columns, ascending
-    values: np.ndarray | None
     #: (B·s·s,) flat position of each key, -1 where none: small sets only (see ``find``)
     lookup: np.ndarray | None = None
 
     @classmethod
-    def of(cls, table: np.ndarray, values: np.ndarray | None = None) -> _SortedEntries:
+    def of(cls, table: np.ndarray) -> _SortedEntries:
         B, s, k = table.shape
-        order = np.argsort(table, axis=-1)
-        columns = np.take_along_axis(table, order, axis=-1).reshape(B * s, k)
+        columns = np.sort(table, axis=-1).reshape(B * s, k)
         rows = np.arange(B * s, dtype=np.int64)[:, None]
-        if values is not None:
-            values = np.take_along_axis(values, order, axis=-1).ravel()
         keys = (rows * s + columns).ravel()
         lookup = None
         if B * s * s <= _DENSE_LOOKUP:
             lookup = np.full(B * s * s, -1, dtype=np.int32 if keys.size < 2**31 else np.int64)
             lookup[keys] = np.arange(keys.size, dtype=lookup.dtype)
-        return cls(keys, columns, values, lookup)
+        return cls(keys, columns, lookup)
 
     def find(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(whether each query key is an entry, its flat position where it is — 0 where it is
-        not): a direct look-up for small sets, else a binary search of the sorted keys."""
+        not): a direct look-up for small sets, else a binary search of the sorted keys, the
+        queries taken in sorted order (consecutive searches then read nearby keys: ~3× faster
+        than random order at 275,000 keys)."""
         if self.lookup is not None:
             at = self.lookup[queries]
             found = at >= 0
             return found, np.where(found, at, 0)
-        at = np.minimum(np.searchsorted(self.keys, queries), self.keys.size - 1)
-        return self.keys[at] == queries, at
+        order = np.argsort(queries)
+        at = np.empty(queries.shape, dtype=np.intp)
+        at[order] = np.searchsorted(self.keys, queries[order])
+        np.minimum(at, self.keys.size - 1, out=at)
+        found = self.keys[at] == queries
+        return found, np.where(found, at, 0)
 
 
 def _entry_coordinates(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -406,90 +408,61 @@ class CknnaSide(NamedTuple):
     once however many pairs the table is in (:func:`cknna_side`, :func:`cknna_from_sides`).
 
     Attributes:
-        entries: the (B, s, k) table's entries sorted within each row, with their kernel values.
-        columns: (B·s·k,) global column b·s + j of each entry (sorted order).
-        back, back_at: whether each entry (i, j) has the reciprocal entry (j, i), and where.
+        columns: (B·s, k) int32 each row's positions, ascending; values: (B·s, k) float64 the
+            kernel values in the same order.
+        back: (B·s, k) bool — whether entry (i, j) has the reciprocal entry (j, i);
+            back_values: (B·s, k) float64 the kernel value there (0 where there is none).
         self_hsic: (B,) HSIC_u(M∘K, M∘K) of the table's own mask.
         shape: (B, s, k); batched: whether the table was given as (B, s, k).
     """
 
-    entries: _SortedEntries
     columns: np.ndarray
+    values: np.ndarray
     back: np.ndarray
-    back_at: np.ndarray
+    back_values: np.ndarray
     self_hsic: np.ndarray
     shape: tuple[int, int, int]
     batched: bool
-
-    @property
-    def rows(self) -> np.ndarray:
-        """(B·s·k,) global row b·s + i of each entry."""
-        B, s, k = self.shape
-        return np.repeat(np.arange(B * s, dtype=np.int64), k)
-
-
-def _masked_hsic(
-    shape: tuple[int, int, int],
-    rows: np.ndarray,
-    columns: np.ndarray,
-    a: np.ndarray,
-    b: np.ndarray,
-    b_transposed: np.ndarray,
-) -> np.ndarray:
-    """(B,) unbiased HSIC of two sparse (s, s) kernels per set, given at the same entries
-    (global rows and columns): values a, b there, and b at the transposed entry (0 if absent)."""
-    B, s, _ = shape
-    size = B * s
-    blocks = rows // s
-    trace = np.bincount(blocks, weights=a * b_transposed, minlength=B)
-    sum_a = np.bincount(blocks, weights=a, minlength=B)
-    sum_b = np.bincount(blocks, weights=b, minlength=B)
-    column_sums = np.bincount(columns, weights=a, minlength=size)
-    row_sums = np.bincount(rows, weights=b, minlength=size)
-    cross = (column_sums * row_sums).reshape(B, s).sum(axis=1)
-    return unbiased_hsic_from_sums(s, trace, sum_a, sum_b, cross)
 
 
 def cknna_side(
     table: object, at: object, table_name: str = "table", values_name: str = "at"
 ) -> CknnaSide:
     """One model's half of CKNNA: its (s, k) or (B, s, k) neighbour table and the kernel values
-    at its entries (an array shaped like the table, or a getter ``at(i, j)`` / ``at(b, i, j)``)."""
+    at its entries (an array shaped like the table, or a getter ``at(i, j)`` / ``at(b, i, j)``).
+
+    The rows are read by :func:`.neighbour_kernels.cknna_side_sums`, a compiled loop (tested
+    against the dense definition)."""
+    from .neighbour_kernels import cknna_side_sums
+
     batched = np.ndim(table) == 3
     checked = _check_table(table_name, table, 2)
     B, s, k = checked.shape
     check_min_stimuli(s, 4, "CKNNA (unbiased HSIC)")
     values = _values_at(at, checked, batched, values_name)
-    entries = _SortedEntries.of(checked, values)
-    rows, local, columns = _entry_coordinates(entries.columns.reshape(B, s, k))
-    back, back_at = entries.find(columns * s + local)  # is i among j's neighbours, and where
-    a = entries.values
-    self_hsic = _masked_hsic(checked.shape, rows, columns, a, a, np.where(back, a[back_at], 0.0))
-    return CknnaSide(entries, columns, back, back_at, self_hsic, (B, s, k), batched)
+    columns, sorted_values, back, back_values, trace, total, cross = cknna_side_sums(
+        np.ascontiguousarray(checked.reshape(B * s, k), dtype=np.int32),  # half the cache
+        np.ascontiguousarray(values.reshape(B * s, k)),
+        s,
+    )
+    self_hsic = unbiased_hsic_from_sums(s, trace, total, total, cross)
+    return CknnaSide(columns, sorted_values, back, back_values, self_hsic, (B, s, k), batched)
 
 
 def cknna_from_sides(x: CknnaSide, y: CknnaSide) -> float | np.ndarray:
     """CKNNA from the two models' halves (:func:`cknna_side`): the mutual-mask HSIC over the
-    sides' own HSICs (see :func:`cknna_from_tables`)."""
+    sides' own HSICs (see :func:`cknna_from_tables`), summed by the compiled
+    :func:`.neighbour_kernels.cknna_cross_sums`."""
+    from .neighbour_kernels import cknna_cross_sums
+
     _check_same_shape(x.shape, y.shape)
     if x.batched != y.batched:
         raise ValueError("one table is batched (B, s, k) and the other is not; pass both alike.")
     s = x.shape[1]
-    rows = x.rows
-    # the mutual mask M_K ∘ M_L: X entries that are also Y entries (at y_at in Y's order)
-    mutual, y_at = y.entries.find(rows * s + x.entries.columns.ravel())
-    y_at = y_at[mutual]
-    both_back = x.back[mutual] & y.back[y_at]
-    b = y.entries.values
-    cross_term = _masked_hsic(
-        x.shape,
-        rows[mutual],
-        x.columns[mutual],
-        x.entries.values[mutual],
-        b[y_at],
-        np.where(both_back, b[y.back_at[y_at]], 0.0),
+    sums = cknna_cross_sums(
+        s, x.columns, x.values, x.back, y.columns, y.values, y.back, y.back_values
     )
-    values = normalised_alignment(cross_term, x.self_hsic, y.self_hsic)
+    values = normalised_alignment(unbiased_hsic_from_sums(s, *sums), x.self_hsic, y.self_hsic)
     return _result(np.atleast_1d(values), x.batched)
 
 

@@ -34,7 +34,9 @@ O(s·w) to read list prefixes (w ≈ k·n/s), the metric's O(s·k log(s·k)), pl
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -80,6 +82,9 @@ _DENSE_SUBSET = 2048
 _NORM_CHUNK_ROWS = 4096
 #: Entries compared at once in the batched table/HSIC code (bounds temporaries to ~100s of MB).
 _ENTRY_CHUNK = 4_000_000
+#: Sets of at least this many table entries (s·k) are worked on in a thread per core, one model ×
+#: set at a time: the lab's 25,000-stimulus sets at n = 100,000
+_THREADED_ENTRIES = 100_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,9 +547,12 @@ class NeighbourIndex:
         """Within-subset k-NN tables of B subsets, each (s,) sorted, distinct rows.
 
         Each member's neighbours are the first k subset members along its stored list; members
-        whose list holds fewer than k of them are completed exactly from the features.
+        whose list holds fewer than k of them are completed exactly from the features. The lists
+        are read by :func:`.neighbour_kernels.tables_from_lists` (a compiled loop).
         """
-        subsets = np.asarray(subsets, dtype=np.int64)
+        from .neighbour_kernels import tables_from_lists
+
+        subsets = np.ascontiguousarray(subsets, dtype=np.int64)
         n_sets, s = subsets.shape
         positions = np.empty((n_sets, s, k), dtype=np.int64)
         values = np.empty((n_sets, s, k))
@@ -557,13 +565,13 @@ class NeighbourIndex:
                     f"recomputed from the features: use k <= {self.k_max}, or rebuild the run's "
                     "lists with a larger list size (precompute --list-size)"
                 )
-            chunk = max(1, min(_ENTRY_CHUNK // max(1, s * min(self.k_max, 256)),
-                               20_000_000 // max(self.n, 1)))
-            for start in range(0, n_sets, chunk):
-                block = subsets[start : start + chunk]
-                missing = self._tables_from_lists(block, k, positions[start : start + chunk],
-                                                  values[start : start + chunk])
-                incomplete.extend((start + b, rows) for b, rows in missing)
+            complete = np.empty((n_sets, s), dtype=bool)
+            tables_from_lists(
+                np.asarray(self.lists.indices), np.asarray(self.lists.values), subsets, self.n, k,
+                positions, values, complete,
+            )
+            incomplete = [(b, np.flatnonzero(~complete[b]))
+                          for b in np.flatnonzero(~complete.all(axis=1))]
         else:
             incomplete = [(b, np.arange(s)) for b in range(n_sets)]
         for b, rows in incomplete:
@@ -579,52 +587,6 @@ class NeighbourIndex:
                 positions[b, rows] = np.searchsorted(members, index)
                 values[b, rows] = vals
         return Tables(positions, values)
-
-    def _tables_from_lists(
-        self, block: np.ndarray, k: int, positions: np.ndarray, values: np.ndarray
-    ) -> list[tuple[int, np.ndarray]]:
-        """Fill ``positions``/``values`` (B, s, k) from list prefixes; return incomplete rows.
-
-        A member's k-th subset member sits at list position ~ k·n/s on average (a negative
-        binomial with success rate s/n), so the first pass reads that plus two standard
-        deviations; rows that found fewer than k read on (×4), up to the whole list.
-        """
-        lists = self.lists
-        n_sets, s = block.shape
-        n = self.n
-        where = np.full(n_sets * n, -1, dtype=np.int32)  # set·n + stimulus -> position, or -1
-        where[(np.arange(n_sets)[:, None] * n + block).ravel()] = np.tile(
-            np.arange(s, dtype=np.int32), n_sets
-        )
-        rate = (s - 1) / max(n - 1, 1)
-        mean = k / rate
-        width = min(lists.k_max, int(mean + 2.0 * np.sqrt(k * (1.0 - rate)) / rate) + 4)
-        flat_positions = positions.reshape(n_sets * s, k)
-        flat_values = values.reshape(n_sets * s, k)
-        global_rows = block.ravel()
-        offset = (np.arange(n_sets * s) // s) * n  # set·n of each member
-        rows = np.arange(n_sets * s)
-        while rows.size:
-            listed = lists.indices[global_rows[rows], :width]
-            prefix = where[offset[rows][:, None] + listed]  # (r, width), -1 outside the subset
-            hits = prefix >= 0
-            found = np.cumsum(hits, axis=1, dtype=np.int16 if width < 2**15 else np.int32)
-            complete = found[:, -1] >= k
-            take = hits[complete] & (found[complete] <= k)
-            done = rows[complete]
-            line, column = np.nonzero(take)  # row-major: each member's k hits in list order
-            flat_positions[done] = prefix[complete][line, column].reshape(-1, k)
-            flat_values[done] = np.asarray(
-                lists.values[global_rows[done][line], column], dtype=np.float64
-            ).reshape(-1, k)
-            rows = rows[~complete]
-            if width >= lists.k_max:
-                break
-            width = min(lists.k_max, 4 * width)
-        missing: dict[int, list[int]] = {}
-        for row in rows.tolist():
-            missing.setdefault(row // s, []).append(row % s)
-        return [(b, np.asarray(r, dtype=np.int64)) for b, r in missing.items()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -729,20 +691,40 @@ def subset_alignment(
     n_sets, s = sets.shape
     out = {name: np.empty((len(pairs), n_sets)) for name in names}
     chunk = max(1, _ENTRY_CHUNK // max(1, s * k * k))
-    for start in range(0, n_sets, chunk):
-        block = sets[start : start + chunk]
-        stop = start + block.shape[0]
-        tables = {key: indexes[key].tables(block, k) for key in keys}
-        for name in names:
-            entry = registry.metric(name)
-            if entry.side is not None:  # each table's half once, however many pairs it is in
-                sides = {key: entry.side(t.positions, t.values) for key, t in tables.items()}
-                for p, (x_key, y_key) in enumerate(pairs):
-                    out[name][p, start:stop] = entry.from_sides(sides[x_key], sides[y_key])
-                continue
-            for p, (x_key, y_key) in enumerate(pairs):
-                x, y = tables[x_key], tables[y_key]
-                out[name][p, start:stop] = registry.measure_tables(
-                    name, x.positions, y.positions, x.values, y.values
-                )
+    halves = [name for name in names if registry.metric(name).side is not None]
+    # Large sets: one task per model × set and per pair × set, on a thread per core (the compiled
+    # loops release the GIL), so every core is busy however many models there are. Small sets:
+    # one batched call per model for the whole chunk.
+    threads = (os.cpu_count() or 1) if s * k >= _THREADED_ENTRIES else 1
+
+    def tables_and_sides(task):
+        """One model's tables of some sets and, for each metric with halves, its half (once,
+        however many pairs the model is in)."""
+        key, rows = task
+        t = indexes[key].tables(rows, k)
+        return t, {name: registry.metric(name).side(t.positions, t.values) for name in halves}
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, n_sets, chunk):
+            stop = min(n_sets, start + chunk)
+            parts = [(b, b + 1) for b in range(start, stop)] if threads > 1 else [(start, stop)]
+            tasks = [(key, part) for key in keys for part in parts]
+            made = dict(zip(tasks, pool.map(tables_and_sides,
+                                            [(key, sets[slice(*part)]) for key, part in tasks])))
+
+            def pair_values(task, made=made):
+                _, (x_key, y_key), part = task
+                (x, x_sides), (y, y_sides) = made[x_key, part], made[y_key, part]
+                return [
+                    registry.metric(name).from_sides(x_sides[name], y_sides[name])
+                    if name in halves
+                    else registry.measure_tables(name, x.positions, y.positions, x.values,
+                                                 y.values)
+                    for name in names
+                ]
+
+            pair_tasks = [(p, pair, part) for p, pair in enumerate(pairs) for part in parts]
+            for (p, _, part), values in zip(pair_tasks, pool.map(pair_values, pair_tasks)):
+                for name, value in zip(names, values, strict=True):
+                    out[name][p, slice(*part)] = value
     return SubsetAlignment(out.get("cknna"), out.get("mutual_knn"), out)
