@@ -215,27 +215,31 @@ def set_table(
     """
     options = metric_options(metric, options)
     neighbour = registry.metric(metric).neighbour_metric
-    rows = []
-    for name, rows_of_set in sets.items():
-        subset = np.asarray(rows_of_set, dtype=np.intp)
+    subsets = {name: np.asarray(rows_of_set, dtype=np.intp) for name, rows_of_set in sets.items()}
+    for name, subset in subsets.items():
         if neighbour:
             check_subset_for_k(subset.shape[0], k, f"the {name} set")
         else:
             check_min_stimuli(subset.shape[0], 4, f"{metric_label(metric)} on the {name} set")
-        values = metric_on_sets(
-            indexes, [pair.sides for pair in pairs], subset[None, :], metric, k=k or 1,
-            options=options,
+    values = {}
+    for size in dict.fromkeys(subset.shape[0] for subset in subsets.values()):
+        names = [name for name, subset in subsets.items() if subset.shape[0] == size]
+        together = metric_on_sets(  # sets of one size in one batched call
+            indexes, [pair.sides for pair in pairs], np.stack([subsets[n] for n in names]),
+            metric, k=k or 1, options=options,
         )
-        for pair, value in zip(pairs, values[:, 0], strict=True):
-            rows.append(
-                {
-                    **pair._asdict(),
-                    "set": name,
-                    "set_size": int(subset.shape[0]),
-                    **_metric_columns(metric, k, options),
-                    "value": float(value),
-                }
-            )
+        values.update({name: together[:, j] for j, name in enumerate(names)})
+    rows = [
+        {
+            **pair._asdict(),
+            "set": name,
+            "set_size": int(subset.shape[0]),
+            **_metric_columns(metric, k, options),
+            "value": float(value),
+        }
+        for name, subset in subsets.items()
+        for pair, value in zip(pairs, values[name], strict=True)
+    ]
     return _with_int_k(pd.DataFrame(rows))
 
 
