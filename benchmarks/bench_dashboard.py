@@ -400,9 +400,10 @@ def server_benchmark(run_path: Path, repeats: int) -> tuple[list[dict[str, objec
 
 
 def lab_benchmark(
-    run_path: Path, repeats: int, n_sets: int
+    run_path: Path, repeats: int, n_sets: int, metrics: list[str] | None = None
 ) -> tuple[list[dict[str, object]], dict]:
-    """Per registry metric: seconds from a metric change and from a k change to new bars."""
+    """Per registry metric (or those in ``metrics``): seconds from a metric change and from a k
+    change to new bars."""
     import streamlit as st
 
     from convergence_core.metrics import metric as registry_entry
@@ -440,7 +441,7 @@ def lab_benchmark(
     # DEFAULT_INTERVAL_WIDTH wide, at most n_sets) and the worst case (all n_sets, no stopping)
     baselines = ((f"interval {DEFAULT_INTERVAL_WIDTH}", DEFAULT_INTERVAL_WIDTH),
                  (f"{n_sets} fixed", None))
-    for metric in metric_names():
+    for metric in metrics or metric_names():
         entry = registry_entry(metric)
         for label, width in baselines:
             drawn.clear()
@@ -548,6 +549,9 @@ def main() -> None:
                         help="only the lab's per-metric responsiveness (no browser, no AppTest)")
     parser.add_argument("--lab-sets", type=int, default=200,
                         help="random sets per baseline in the per-metric lab timings (200)")
+    parser.add_argument("--lab-metrics",
+                        help="comma-separated registry metrics for the lab timings (default: all; "
+                        "'cknna' keeps a 100,000-stimulus run to minutes)")
     parser.add_argument("--trace", type=Path, help="write a Chromium trace per page here")
     parser.add_argument("--lasso-fraction", type=float, default=0.5,
                         help="the lasso covers this left share of the residual map (0.5; pick "
@@ -579,7 +583,8 @@ def main() -> None:
                                           "k_step_ratio": TARGET_K_RATIO}}
         _print_browser(rows, k_step)
     if not args.browser_only:
-        rows, facts = lab_benchmark(run_path, args.repeats, args.lab_sets)
+        rows, facts = lab_benchmark(run_path, args.repeats, args.lab_sets,
+                                    args.lab_metrics.split(",") if args.lab_metrics else None)
         payload["lab_metrics"] = {"results": rows, **facts, "target_s": TARGET_UPDATE_S}
         _print_lab(rows, facts)
     if not args.browser_only and not args.lab_only:
