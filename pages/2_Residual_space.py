@@ -26,10 +26,8 @@ from convergence_core.dashboard import (
 SELECTION_GALLERY_LIMIT = 24
 LAST_CHART_ROWS = "residual_space_last_chart_rows"
 LAST_IMPORT = "residual_space_last_import"
-#: Session key of the interactive-chart toggle (kept across page switches, see below)
+#: Session key of the interactive-chart toggle (kept across page switches: state.kept_widget)
 INTERACTIVE_KEY = "w_interactive_scatter"
-#: Session key (not a widget's) remembering the toggle while another page is shown
-INTERACTIVE_REMEMBERED = "residual_space_interactive"
 
 context = page.open_page("Residual space", icon="🧭")
 run, view = context.run, context.view
@@ -38,11 +36,6 @@ found = data.catalogue(run)
 ids = found.ids
 n = run.n_stimuli
 pca = run.pca
-
-# Streamlit forgets a widget's value when another page is shown: start the toggle from what this
-# session chose last, so a user who turned the chart interactive keeps it that way
-if INTERACTIVE_KEY not in st.session_state:
-    st.session_state[INTERACTIVE_KEY] = st.session_state.get(INTERACTIVE_REMEMBERED, False)
 
 controls = st.columns(2)
 with controls[0]:
@@ -80,13 +73,18 @@ if projection == "UMAP" and n > data.UMAP_MAX_FIT:
         "stimuli; the others were placed on that map by UMAP's transform."
     )
 
-interactive = st.toggle(
-    "Interactive chart: hover, zoom, and box or lasso selection",
-    key=INTERACTIVE_KEY,
-    help="Off: a picture of the same map, drawn on the server (quick to load). On: the Plotly "
-    "chart, whose code takes the browser a few seconds to load the first time in a tab.",
+# Streamlit forgets a widget's value when another page is shown: a user who turned the chart
+# interactive keeps it that way when they come back
+interactive = state.kept_widget(
+    st.session_state,
+    INTERACTIVE_KEY,
+    lambda key: st.toggle(
+        "Interactive chart: hover, zoom, and box or lasso selection",
+        key=key,
+        help="Off: a picture of the same map, drawn on the server (quick to load). On: the Plotly "
+        "chart, whose code takes the browser a few seconds to load the first time in a tab.",
+    ),
 )
-st.session_state[INTERACTIVE_REMEMBERED] = interactive
 if not interactive:
     st.image(
         data.residual_scatter_png(

@@ -184,42 +184,37 @@ def residual_scatter(
     """WebGL scatter of all stimuli; a point's stimulus row is its ``customdata`` (or, above
     :data:`HOVER_TEXT_LIMIT` points, its index in the first trace: the trace is in run order).
 
-    Up to :data:`HOVER_TEXT_LIMIT` points, hover shows id, caption (escaped, truncated; none when
-    ``captions`` is None) and both dispersion scores. Above it no per-point text is sent (100,000
-    captions would be megabytes on every rerun): hover shows the coordinates and the colour score,
-    and a selection shows the chosen stimuli's ids and captions below the chart. Coordinates and
-    colours travel as float32. The current selection is drawn as open circles on top.
+    Hover and markers follow :func:`point_fields`: up to :data:`HOVER_TEXT_LIMIT` points, hover
+    shows id, caption (escaped, truncated; none when ``captions`` is None), both dispersion scores
+    and the coordinates. Above it no per-point text is sent (100,000 captions would be megabytes
+    on every rerun): hover shows the coordinates and the colour score, and a selection shows the
+    chosen stimuli's ids and captions below the chart. Coordinates and colours travel as float32.
+    The current selection is drawn as open circles on top.
     """
     n = len(x)
     x32 = np.asarray(x, dtype=np.float32)
     y32 = np.asarray(y, dtype=np.float32)
-    points: dict[str, object] = {
-        "x": x32,
-        "y": y32,
-        "mode": "markers",
-        "name": "stimuli",
-        "marker": {
-            "color": np.asarray(colour, dtype=np.float32),
-            "colorscale": "Viridis",
-            "size": 7 if n <= HOVER_TEXT_LIMIT else 3,
-            "opacity": 0.85 if n <= HOVER_TEXT_LIMIT else 0.6,
-            "colorbar": {"title": {"text": colour_title, "side": "right"}},
-        },
-    }
-    if n <= HOVER_TEXT_LIMIT:
+
+    def texts() -> list[str]:
         names = ids if ids is not None else [str(row) for row in range(n)]
-        texts = captions if captions is not None else [""] * n
-        points["customdata"] = np.arange(n, dtype=np.int32)
-        points["text"] = [
+        shown = captions if captions is not None else [""] * n
+        return [
             f"id {safe_hover_text(i, 40)}<br>{safe_hover_text(c)}"
             f"<br>mean residual {m:.4f} · PC1 {p:.4f}"
-            for i, c, m, p in zip(names, texts, mean, pc1, strict=True)
+            for i, c, m, p in zip(names, shown, mean, pc1, strict=True)
         ]
-        points["hovertemplate"] = "%{text}<extra></extra>"
-    else:
-        points["hovertemplate"] = (
-            "x %{x:.4f} · y %{y:.4f}<br>colour %{marker.color:.4f}<extra></extra>"
-        )
+
+    fields = point_fields(
+        n, texts, "x %{x:.4f} · y %{y:.4f}<br>colour %{marker.color:.4f}",
+        color=np.asarray(colour, dtype=np.float32), size=7, opacity=0.85,
+    )
+    fields["marker"].update(
+        colorscale="Viridis", colorbar={"title": {"text": colour_title, "side": "right"}}
+    )
+    points: dict[str, object] = {"x": x32, "y": y32, "mode": "markers", "name": "stimuli",
+                                 **fields}
+    if n <= HOVER_TEXT_LIMIT:
+        points["customdata"] = np.arange(n, dtype=np.int32)
     figure = go.Figure()
     figure.add_trace(go.Scattergl(**points))
     if len(selected):
