@@ -211,7 +211,8 @@ def spearman_permutation_test(
     """Spearman ρ between two per-stimulus scores, with a two-sided permutation p-value.
 
     The null shuffles which stimulus each ``second`` value belongs to (``n_permutations``
-    shuffles from ``numpy.random.default_rng(seed)``, processed in blocks); p = (1 + #{|ρ_perm| ≥
+    shuffles by :func:`.shuffles.permutations` from ``numpy.random.default_rng(seed)``, in
+    blocks); p = (1 + #{|ρ_perm| ≥
     |ρ|}) / (n_permutations + 1), also one-sided (ρ_perm ≥ ρ). Ties get average ranks.
 
     Returns:
@@ -248,12 +249,11 @@ def spearman_permutation_test(
             "seed": int(seed),
         }
     rho = float(rx @ ry / denominator)
+    from .shuffles import permutation_blocks
+
     rng = np.random.default_rng(seed)
-    null = np.empty(n_permutations)
-    for start in range(0, n_permutations, _PERMUTATION_BLOCK):
-        size = min(_PERMUTATION_BLOCK, n_permutations - start)
-        shuffled = np.stack([ry[rng.permutation(n)] for _ in range(size)])
-        null[start : start + size] = shuffled @ rx / denominator
+    blocks = permutation_blocks(n, n_permutations, rng, block_elements=_PERMUTATION_BLOCK * n)
+    null = np.concatenate([ry[rows] @ rx / denominator for rows in blocks])
     two_sided, positive = permutation_p_values(rho, null)
     return {
         "spearman_rho": rho,
