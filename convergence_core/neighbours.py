@@ -449,6 +449,13 @@ class NeighbourLists:
                 f"got {i.dtype} {i.shape} and {v.dtype} {v.shape}; rebuild them with "
                 "build_neighbour_lists"
             )
+        # the compiled table loop indexes by these rows unchecked: a damaged file must stop here
+        if i.size and (int(i.min()) < 0 or int(i.max()) >= i.shape[0]):
+            raise ValueError(
+                f"the neighbour lists name stimuli outside 0..{i.shape[0] - 1} (the file is "
+                "damaged or from another run); rebuild them with build_neighbour_lists, or "
+                "precompute the run again"
+            )
 
     @property
     def n(self) -> int:
@@ -553,6 +560,11 @@ class NeighbourIndex:
         from .neighbour_kernels import tables_from_lists
 
         subsets = np.ascontiguousarray(subsets, dtype=np.int64)
+        if subsets.ndim != 2 or (subsets.size and (subsets.min() < 0 or subsets.max() >= self.n)):
+            raise ValueError(
+                f"subsets must be a (B, s) array of stimulus rows in 0..{self.n - 1}, got shape "
+                f"{subsets.shape}; check them with neighbours.check_subsets"
+            )
         n_sets, s = subsets.shape
         positions = np.empty((n_sets, s, k), dtype=np.int64)
         values = np.empty((n_sets, s, k))

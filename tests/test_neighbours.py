@@ -361,6 +361,24 @@ def test_bad_subsets_are_explained(subsets, k, message):
         subset_alignment(indexes, [("x", "y")], subsets, k)
 
 
+def test_rows_outside_the_run_never_reach_the_compiled_loop():
+    """The table loop indexes by list entries and subset rows unchecked: a damaged list file or
+    an out-of-range subset given to NeighbourIndex.tables directly is refused first."""
+    indexes, _, _ = _indexes()
+    with pytest.raises(ValueError, match=r"rows in 0\.\.89"):
+        indexes["x"].tables(np.array([[0, 1, 2, 90]]), 2)
+    with pytest.raises(ValueError, match=r"rows in 0\.\.89"):
+        indexes["x"].tables(np.array([[-1, 1, 2, 3]]), 2)
+    lists = indexes["x"].lists
+    damaged = lists.indices.copy()
+    damaged[5, 3] = lists.n
+    with pytest.raises(ValueError, match="damaged"):
+        neighbours.NeighbourLists(damaged, lists.values)
+    damaged[5, 3] = -1
+    with pytest.raises(ValueError, match="damaged"):
+        neighbours.NeighbourLists(damaged, lists.values)
+
+
 def test_unknown_or_mismatched_indexes_are_explained():
     indexes, _, _ = _indexes()
     with pytest.raises(ValueError, match="no neighbour index"):
