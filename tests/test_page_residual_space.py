@@ -246,15 +246,6 @@ def test_umap_is_computed_once_and_cached_atomically(run, monkeypatch: pytest.Mo
     data.umap_coordinates.clear()
 
 
-def test_real_umap_is_deterministic() -> None:
-    pytest.importorskip("umap")
-    rng = np.random.default_rng(0)
-    residuals = rng.random((40, 3))
-    first = data.compute_umap(residuals)
-    assert first.shape == (40, 2) and np.isfinite(first).all()
-    np.testing.assert_allclose(data.compute_umap(residuals), first)
-
-
 def test_the_map_is_a_picture_until_the_chart_is_made_interactive(run) -> None:
     """First visit: a server-drawn picture (no Plotly code for the browser to load); the toggle
     turns it into the lasso chart, and the session keeps that choice across page switches."""

@@ -38,6 +38,19 @@ def test_a_map_fitted_on_a_sample_places_the_rest_beside_their_kind() -> None:
         assert (cluster[nearest] == cluster[row]).all(), row
 
 
+def test_the_dashboards_real_umap_is_deterministic() -> None:
+    """The Residual space page's UMAP (``data.compute_umap``) gives the same map twice. Here, not
+    in the page's test file: real UMAP compiles with numba for ~40 s per process, and the suite
+    gives each test file one process, so its UMAP tests share one compilation."""
+    pytest.importorskip("umap")
+    from convergence_core.dashboard import data
+
+    residuals = np.random.default_rng(0).random((40, 3))
+    first = data.compute_umap(residuals)
+    assert first.shape == (40, 2) and np.isfinite(first).all()
+    np.testing.assert_allclose(data.compute_umap(residuals), first)
+
+
 def test_too_few_stimuli_is_an_error_in_words() -> None:
     with pytest.raises(ValueError, match="at least 3 stimuli"):
         residual_map(np.zeros((2, 3)))
