@@ -212,13 +212,15 @@ def spearman_permutation_test(
 
     The null shuffles which stimulus each ``second`` value belongs to (``n_permutations``
     shuffles by :func:`.shuffles.permutations` from ``numpy.random.default_rng(seed)``, in
-    blocks); p = (1 + #{|ρ_perm| ≥
-    |ρ|}) / (n_permutations + 1), also one-sided (ρ_perm ≥ ρ). Ties get average ranks.
+    blocks); p = (1 + #{|ρ_perm| ≥ |ρ|}) / (n_permutations + 1), also one-sided (ρ_perm ≥ ρ).
+    Ties get average ranks.
 
     Returns:
         ``spearman_rho``, ``permutation_p_value_two_sided``, ``permutation_p_value_positive``,
         ``n_permutations``, ``n_stimuli``, ``seed``.
     """
+    from .shuffles import permutation_blocks  # numba: imported when a test runs
+
     x = check_features(np.asarray(first, dtype=np.float64).reshape(-1, 1), names[0])
     y = check_features(np.asarray(second, dtype=np.float64).reshape(-1, 1), names[1])
     if x.shape[0] != y.shape[0] or x.shape[0] < 3:
@@ -249,8 +251,6 @@ def spearman_permutation_test(
             "seed": int(seed),
         }
     rho = float(rx @ ry / denominator)
-    from .shuffles import permutation_blocks
-
     rng = np.random.default_rng(seed)
     blocks = permutation_blocks(n, n_permutations, rng, block_elements=_PERMUTATION_BLOCK * n)
     null = np.concatenate([ry[rows] @ rx / denominator for rows in blocks])

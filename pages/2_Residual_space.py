@@ -26,7 +26,7 @@ from convergence_core.dashboard import (
 SELECTION_GALLERY_LIMIT = 24
 LAST_CHART_ROWS = "residual_space_last_chart_rows"
 LAST_IMPORT = "residual_space_last_import"
-#: Session key of the interactive-chart toggle (kept across page switches: state.kept_widget)
+#: Session key of the interactive-chart toggle (kept across page switches)
 INTERACTIVE_KEY = "w_interactive_scatter"
 
 context = page.open_page("Residual space", icon="🧭")
@@ -73,17 +73,9 @@ if projection == "UMAP" and n > data.UMAP_MAX_FIT:
         "stimuli; the others were placed on that map by UMAP's transform."
     )
 
-# Streamlit forgets a widget's value when another page is shown: a user who turned the chart
-# interactive keeps it that way when they come back
-interactive = state.kept_widget(
-    st.session_state,
-    INTERACTIVE_KEY,
-    lambda key: st.toggle(
-        "Interactive chart: hover, zoom, and box or lasso selection",
-        key=key,
-        help="Off: a picture of the same map, drawn on the server (quick to load). On: the Plotly "
-        "chart, whose code takes the browser a few seconds to load the first time in a tab.",
-    ),
+# kept across page switches: a user who turned the chart interactive keeps it that way
+interactive = widgets.interactive_chart_toggle(
+    INTERACTIVE_KEY, "Interactive chart: hover, zoom, and box or lasso selection", "map"
 )
 if not interactive:
     st.image(

@@ -208,17 +208,10 @@ with dispersion_tab:
         # a picture first (quick to load); the toggle turns it into the Plotly chart, whose
         # hover names each stimulus (id and caption up to plots.HOVER_TEXT_LIMIT stimuli)
         scatter, bars = _pictures(str(path), stamp, members, score, int(n_permutations), int(seed))
-        # kept while another tab is open (Streamlit forgets a widget it does not draw)
-        interactive = state.kept_widget(
-            st.session_state,
-            INTERACTIVE_KEY,
-            lambda key: st.toggle(
-                "Interactive chart: hover for each stimulus's id and caption, zoom",
-                key=key,
-                help="Off: a picture of the same scatter, drawn on the server (quick to load). "
-                "On: the Plotly chart, whose code takes the browser a few seconds to load the "
-                "first time in a tab.",
-            ),
+        # kept while another tab is open
+        interactive = widgets.interactive_chart_toggle(
+            INTERACTIVE_KEY, "Interactive chart: hover for each stimulus's id and caption, zoom",
+            "scatter",
         )
         if interactive:
             st.plotly_chart(

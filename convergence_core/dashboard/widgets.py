@@ -52,6 +52,23 @@ def score_radio(
     )
 
 
+def interactive_chart_toggle(key: str, label: str, picture_of: str) -> bool:
+    """The toggle between a server-drawn picture of a chart and the interactive Plotly chart,
+    kept while the page or tab is not shown (:func:`state.kept_widget`: Streamlit forgets a
+    widget it does not draw). ``picture_of`` names what the picture shows ("map", "scatter")."""
+    return state.kept_widget(
+        st.session_state,
+        key,
+        lambda widget_key: st.toggle(
+            label,
+            key=widget_key,
+            help=f"Off: a picture of the same {picture_of}, drawn on the server (quick to load). "
+            "On: the Plotly chart, whose code takes the browser a few seconds to load the first "
+            "time in a tab.",
+        ),
+    )
+
+
 def excerpt(text: object, limit: int | None = None) -> str:
     """``text`` as a string of at most about ``limit`` characters (default
     ``settings.caption_excerpt_chars()``): a longer one is cut and ends with "…" and its full
