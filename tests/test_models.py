@@ -467,6 +467,46 @@ def test_gemma_conversion_parses_the_gguf_once(tmp_path: Path) -> None:
     assert gguf.GGUFReader(path) is not first
 
 
+def test_gemma_conversion_reads_the_same_fields_through_a_plain_array(tmp_path: Path) -> None:
+    """The conversion's reader parses through a plain ndarray view of the memory map (slices
+    of a memmap are slow to make); every field and tensor equals the stock reader's."""
+    gguf = pytest.importorskip("gguf")
+    from convergence_core.models.gemma_gguf import _plain_array_reader
+
+    path = tmp_path / "small.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.name", "small")
+    writer.add_uint32("llama.block_count", 3)
+    writer.add_float32("llama.rope.freq_base", 10000.5)
+    writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(50)] + ["é", "<b>"])
+    writer.add_array("tokenizer.ggml.scores", [float(-i) for i in range(52)])
+    weights = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+    writer.add_tensor("w", weights)
+    writer.add_tensor("b", np.arange(5, dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    stock, plain = gguf.GGUFReader(path), _plain_array_reader(gguf.GGUFReader)(path)
+    assert isinstance(stock.data, np.memmap)
+    assert type(plain.data) is np.ndarray and isinstance(plain.data.base, np.memmap)
+    assert list(plain.fields) == list(stock.fields)
+    for name, field in stock.fields.items():
+        other = plain.fields[name]
+        assert (other.offset, other.types, other.data) == (field.offset, field.types, field.data)
+        assert len(other.parts) == len(field.parts)
+        for mine, theirs in zip(other.parts, field.parts, strict=True):
+            np.testing.assert_array_equal(mine, theirs)
+            assert mine.dtype == theirs.dtype
+    assert [t.name for t in plain.tensors] == [t.name for t in stock.tensors] == ["w", "b"]
+    for mine, theirs in zip(plain.tensors, stock.tensors, strict=True):
+        assert (mine.tensor_type, mine.data_offset) == (theirs.tensor_type, theirs.data_offset)
+        np.testing.assert_array_equal(mine.data, theirs.data)
+    np.testing.assert_array_equal(plain.tensors[0].data.reshape(6, 8), weights)
+    assert [str(bytes(t), "utf-8") for t in _tokens(plain)][-2:] == ["é", "<b>"]
+
+
 def _tokens(reader: object) -> list[np.ndarray]:
     field = reader.fields["tokenizer.ggml.tokens"]
     return [field.parts[i] for i in field.data]
