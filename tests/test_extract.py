@@ -30,6 +30,7 @@ class HashTextEncoder(Encoder):
     def __init__(self) -> None:
         super().__init__("hash-text", ["a", "b"], "b", "0" * 64, torch.device("cpu"))
         self.batch_sizes: list[int] = []
+        self.batches: list[list[str]] = []
 
     @staticmethod
     def vector(text: str, layer: str, dim: int) -> np.ndarray:
@@ -38,6 +39,7 @@ class HashTextEncoder(Encoder):
 
     def encode(self, batch: Sequence[str]) -> dict[str, np.ndarray]:
         self.batch_sizes.append(len(batch))
+        self.batches.append(list(batch))
         return {
             "a": np.stack([self.vector(t, "a", 3) for t in batch]),
             "b": np.stack([self.vector(t, "b", 5) for t in batch]),
@@ -68,6 +70,27 @@ def test_progress_and_layer_selection() -> None:
     )
     assert list(out) == ["a"]
     assert calls == [(0, 11), (4, 11), (8, 11), (11, 11)]
+
+
+def test_captions_batched_by_length_come_back_in_input_order() -> None:
+    """``by_length`` batches captions of similar length together (fewer pad tokens) and returns
+    every row where ``by_length=False`` puts it."""
+    rng = np.random.default_rng(3)
+    texts = ["w" * int(length) + f" {i}" for i, length in enumerate(rng.integers(1, 60, 23))]
+    encoder = HashTextEncoder()
+    grouped = extract_embeddings(encoder, texts, batch_size=5, by_length=True)
+    plain = extract_embeddings(HashTextEncoder(), texts, batch_size=5)
+    for layer in ("a", "b"):
+        np.testing.assert_array_equal(grouped[layer], plain[layer])
+    lengths = [[len(text) for text in batch] for batch in encoder.batches]
+    assert [len(batch) for batch in lengths] == [5, 5, 5, 5, 3]
+    assert sum(lengths, []) == sorted(len(text) for text in texts)
+    calls: list[tuple[int, int]] = []
+    extract_embeddings(HashTextEncoder(), texts, batch_size=10, by_length=True,
+                       progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(0, 23), (10, 23), (20, 23), (23, 23)]
+    with pytest.raises(ValueError, match="needs strings"):
+        extract_embeddings(HashTextEncoder(), ["ok", 3], by_length=True)
 
 
 def test_bad_arguments() -> None:
@@ -146,3 +169,5 @@ def test_vision_extraction_on_image_paths(coco_mini_root: Path) -> None:
         )
     with pytest.raises(ImageFileError, match="does not exist"):
         extract_embeddings(encoder, [paths[0], coco_mini_root / "images" / "missing.jpg"])
+    with pytest.raises(ValueError, match="by_length orders captions"):
+        extract_embeddings(encoder, paths, by_length=True)
