@@ -408,8 +408,8 @@ class CknnaSide(NamedTuple):
     once however many pairs the table is in (:func:`cknna_side`, :func:`cknna_from_sides`).
 
     Attributes:
-        columns: (B·s, k) int32 each row's positions, ascending; values: (B·s, k) float64 the
-            kernel values in the same order.
+        columns: (B·s, k) int32 each row's positions, in table order; values: (B·s, k)
+            float64 the kernel values at them.
         back: (B·s, k) bool — whether entry (i, j) has the reciprocal entry (j, i);
             back_values: (B·s, k) float64 the kernel value there (0 where there is none).
         self_hsic: (B,) HSIC_u(M∘K, M∘K) of the table's own mask.
@@ -440,14 +440,12 @@ def cknna_side(
     B, s, k = checked.shape
     check_min_stimuli(s, 4, "CKNNA (unbiased HSIC)")
     values = _values_at(at, checked, batched, values_name)
-    columns, sorted_values, back, back_values, trace, total, cross = cknna_side_sums(
-        # int32 positions: half the bytes, so more of the table stays in cache for the look-ups
-        np.ascontiguousarray(checked.reshape(B * s, k), dtype=np.int32),
-        np.ascontiguousarray(values.reshape(B * s, k)),
-        s,
-    )
+    # int32 positions: half the bytes, so more of the table stays in cache for the look-ups
+    columns = np.ascontiguousarray(checked.reshape(B * s, k), dtype=np.int32)
+    values = np.ascontiguousarray(values.reshape(B * s, k), dtype=np.float64)
+    back, back_values, trace, total, cross = cknna_side_sums(columns, values, s)
     self_hsic = unbiased_hsic_from_sums(s, trace, total, total, cross)
-    return CknnaSide(columns, sorted_values, back, back_values, self_hsic, (B, s, k), batched)
+    return CknnaSide(columns, values, back, back_values, self_hsic, (B, s, k), batched)
 
 
 def cknna_from_sides(x: CknnaSide, y: CknnaSide) -> float | np.ndarray:

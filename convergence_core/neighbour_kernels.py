@@ -70,59 +70,28 @@ def tables_from_lists(list_indices, list_values, subsets, n, k, positions, value
 
 
 @njit(cache=True, nogil=True)
-def _sort_rows(table, values):
-    """Each row of a (R, k) table ascending, with its values in the same order (insertion sort:
-    a row holds a few distinct positions, k ≲ 100)."""
-    rows, k = table.shape
-    columns = table.copy()
-    sorted_values = values.copy()
-    for r in range(rows):
-        for c in range(1, k):
-            column = columns[r, c]
-            value = sorted_values[r, c]
-            at = c
-            while at > 0 and columns[r, at - 1] > column:
-                columns[r, at] = columns[r, at - 1]
-                sorted_values[r, at] = sorted_values[r, at - 1]
-                at -= 1
-            columns[r, at] = column
-            sorted_values[r, at] = value
-    return columns, sorted_values
-
-
-@njit(cache=True, nogil=True)
-def _position_in_row(columns, row, column):
-    """Where ``column`` sits in the sorted ``columns[row]``, or −1 (binary search)."""
-    lo = 0
-    hi = columns.shape[1]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if columns[row, mid] < column:
-            lo = mid + 1
-        else:
-            hi = mid
-    if lo < columns.shape[1] and columns[row, lo] == column:
-        return lo
-    return -1
-
-
-@njit(cache=True, nogil=True)
 def cknna_side_sums(table, values, s):
     """One table's half of CKNNA.
 
     Args:
-        table: (R, k) int positions (any order within a row); values: (R, k) float64.
+        table: (R, k) int positions, each row distinct others (any order); values: (R, k)
+            float64 the kernel value at each entry.
         s: stimuli per subset (R = B·s).
 
     Returns:
-        columns, values: (R, k) each row's columns ascending, values in the same order;
         back: (R, k) bool — whether entry (i, j) has the reciprocal entry (j, i);
         back_values: (R, k) float64 — the value at (j, i) where it exists, else 0;
         trace, total, cross: (B,) the sums of the table's own masked HSIC
         (``metrics.unbiased_hsic_from_sums``).
+
+    Per subset, the table is first turned around (who lists member i: a counting sort by
+    column), then each row's own entries are marked in an (s,) stamp array, and every member j
+    that lists i finds its entry (i, j) there in O(1): O(s·k) in all. A binary search of j's row
+    for i instead needed a sorted copy of every row and a look-up into a row anywhere in the
+    table per entry: at s = 25,000, k = 11 on the 100,000-stimulus run 10.5 → 4.8 ms, at k = 40
+    55 → 17 ms, at k = 100 176 → 51 ms.
     """
-    columns, sorted_values = _sort_rows(table, values)
-    rows, k = columns.shape
+    rows, k = table.shape
     n_sets = rows // s
     back = np.zeros((rows, k), np.bool_)
     back_values = np.zeros((rows, k))
@@ -130,32 +99,60 @@ def cknna_side_sums(table, values, s):
     total = np.zeros(n_sets)
     column_sums = np.zeros(rows)
     row_sums = np.zeros(rows)
-    for r in range(rows):
-        b = r // s
-        i = r - b * s
-        for c in range(k):
-            a = sorted_values[r, c]
-            j = b * s + columns[r, c]
-            at = _position_in_row(columns, j, i)
-            if at >= 0:
-                back[r, c] = True
-                back_values[r, c] = sorted_values[j, at]
-                trace[b] += a * sorted_values[j, at]
-            total[b] += a
-            column_sums[j] += a
-            row_sums[r] += a
+    start = np.zeros(s + 1, np.int64)  # member j's listers are listers[start[j]:start[j + 1]]
+    listers = np.empty(s * k, np.int32)
+    lister_values = np.empty(s * k)  # the value of the lister's entry (lister, j)
+    filled = np.empty(s, np.int64)
+    stamp = np.full(s, -1, np.int64)  # stamp[j] == r: row r lists j, at column slot[j]
+    slot = np.zeros(s, np.int32)
+    for b in range(n_sets):
+        base = b * s
+        start[:] = 0
+        for r in range(base, base + s):
+            for c in range(k):
+                start[table[r, c] + 1] += 1
+        for j in range(s):
+            start[j + 1] += start[j]
+        filled[:] = start[:s]
+        for i in range(s):
+            for c in range(k):
+                j = table[base + i, c]
+                listers[filled[j]] = i
+                lister_values[filled[j]] = values[base + i, c]
+                filled[j] += 1
+        for i in range(s):
+            r = base + i
+            for c in range(k):
+                j = table[r, c]
+                stamp[j] = r
+                slot[j] = c
+                a = values[r, c]
+                total[b] += a
+                column_sums[base + j] += a
+                row_sums[r] += a
+            for t in range(start[i], start[i + 1]):
+                j = listers[t]
+                if stamp[j] == r:  # i lists j and j lists i
+                    c = slot[j]
+                    back[r, c] = True
+                    back_values[r, c] = lister_values[t]
+                    trace[b] += values[r, c] * lister_values[t]
     cross = np.zeros(n_sets)
     for r in range(rows):
         cross[r // s] += column_sums[r] * row_sums[r]
-    return columns, sorted_values, back, back_values, trace, total, cross
+    return back, back_values, trace, total, cross
 
 
 @njit(cache=True, nogil=True)
 def cknna_cross_sums(s, x_columns, x_values, x_back, y_columns, y_values, y_back, y_back_values):
     """The masked-HSIC sums of M∘K against M∘L, M the mutual mask (entries in both tables).
 
-    Arguments are two sides of :func:`cknna_side_sums` (same (R, k)). Returns (B,) trace, sum of
-    the X values, sum of the Y values and cross term over the mutual entries.
+    Arguments: the two tables (R, k) with their values, and each side's ``back`` (and Y's
+    ``back_values``) from :func:`cknna_side_sums`. Returns (B,) trace, sum of the X values, sum
+    of the Y values and cross term over the mutual entries. Each row of X is marked in an (s,)
+    stamp array and each entry of Y's row looked up there: O(k) per row, in any column order
+    (a merge of two sorted rows took 3.0 ms instead of 2.2 ms at s = 25,000, k = 11, and needed
+    the rows sorted).
     """
     rows, k = x_columns.shape
     n_sets = rows // s
@@ -164,28 +161,25 @@ def cknna_cross_sums(s, x_columns, x_values, x_back, y_columns, y_values, y_back
     sum_y = np.zeros(n_sets)
     column_sums = np.zeros(rows)
     row_sums = np.zeros(rows)
+    stamp = np.full(s, -1, np.int64)  # stamp[j] == r: X's row r lists j, at column slot[j]
+    slot = np.zeros(s, np.int32)
     for r in range(rows):
         b = r // s
-        p = 0
-        q = 0
-        while p < k and q < k:  # merge the two sorted rows
-            cx = x_columns[r, p]
-            cy = y_columns[r, q]
-            if cx < cy:
-                p += 1
-            elif cy < cx:
-                q += 1
-            else:
+        for p in range(k):
+            stamp[x_columns[r, p]] = r
+            slot[x_columns[r, p]] = p
+        for q in range(k):
+            j = y_columns[r, q]
+            if stamp[j] == r:  # (i, j) is in both tables
+                p = slot[j]
                 a = x_values[r, p]
                 v = y_values[r, q]
                 sum_x[b] += a
                 sum_y[b] += v
-                column_sums[b * s + cx] += a
+                column_sums[b * s + j] += a
                 row_sums[r] += v
                 if x_back[r, p] and y_back[r, q]:  # (j, i) is mutual too
                     trace[b] += a * y_back_values[r, q]
-                p += 1
-                q += 1
     cross = np.zeros(n_sets)
     for r in range(rows):
         cross[r // s] += column_sums[r] * row_sums[r]
