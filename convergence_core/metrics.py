@@ -69,11 +69,6 @@ EPSILON = 1e-6
 
 #: elements of one temporary block (rows × stimuli, or feature × feature): ~32 MB float64
 _BLOCK_ELEMENTS = 4_000_000
-#: Batches of B sets of s stimuli with B·s² ≤ this find table entries through a dense (B·s, s)
-#: position array (≤ 64 MB of int32) instead of a binary search: the lab's hundreds of random
-#: sets of a few hundred stimuli. Larger ones (s in the thousands) search, in O(B·s·k) memory.
-_DENSE_LOOKUP = 16_000_000
-
 #: largest s for which linear CKA may form (s, s) Grams (when that is the cheaper route)
 _MAX_GRAM_STIMULI = 4096
 
@@ -228,59 +223,13 @@ def _result(values: np.ndarray, batched: bool) -> float | np.ndarray:
     return values if batched else float(values[0])
 
 
-class _SortedEntries(NamedTuple):
-    """A (B, s, k) table's entries sorted within each row, as flat keys (global row)·s + column
-    (globally sorted, since rows come in order), with the columns in the same order."""
-
-    keys: np.ndarray
-    columns: np.ndarray  # (B·s, k): each row's columns, ascending
-    #: (B·s·s,) flat position of each key, -1 where none: small sets only (see ``find``)
-    lookup: np.ndarray | None = None
-
-    @classmethod
-    def of(cls, table: np.ndarray) -> _SortedEntries:
-        B, s, k = table.shape
-        columns = np.sort(table, axis=-1).reshape(B * s, k)
-        rows = np.arange(B * s, dtype=np.int64)[:, None]
-        keys = (rows * s + columns).ravel()
-        lookup = None
-        if B * s * s <= _DENSE_LOOKUP:
-            lookup = np.full(B * s * s, -1, dtype=np.int32 if keys.size < 2**31 else np.int64)
-            lookup[keys] = np.arange(keys.size, dtype=lookup.dtype)
-        return cls(keys, columns, lookup)
-
-    def find(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(whether each query key is an entry, its flat position where it is — 0 where it is
-        not): a direct look-up for small sets, else a binary search of the sorted keys, the
-        queries taken in sorted order (consecutive searches then read nearby keys: ~3× faster
-        than random order at 275,000 keys)."""
-        if self.lookup is not None:
-            at = self.lookup[queries]
-            found = at >= 0
-            return found, np.where(found, at, 0)
-        order = np.argsort(queries)
-        at = np.empty(queries.shape, dtype=np.intp)
-        at[order] = np.searchsorted(self.keys, queries[order])
-        np.minimum(at, self.keys.size - 1, out=at)
-        found = self.keys[at] == queries
-        return found, np.where(found, at, 0)
-
-
-def _entry_coordinates(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flat (global row r = b·s + i, local row i, global column c = b·s + j) of every entry."""
-    B, s, k = table.shape
-    rows = np.repeat(np.arange(B * s, dtype=np.int64), k)
-    local = rows % s
-    return rows, local, rows - local + table.ravel()
-
-
 def knn_overlap_per_stimulus(table_x: object, table_y: object) -> np.ndarray:
     """|knn_X(i) ∩ knn_Y(i)| / k for every stimulus: (s,) or (B, s) float64 (order ignored)."""
+    from .neighbour_kernels import overlap_counts
+
     tx, ty, batched = _check_tables(table_x, table_y, 1)
     B, s, k = tx.shape
-    rows, _, _ = _entry_coordinates(tx)
-    found, _ = _SortedEntries.of(ty).find(rows * s + tx.ravel())
-    overlap = found.reshape(B, s, k).sum(axis=-1) / k
+    overlap = overlap_counts(*_flat_int32(tx, ty), s).reshape(B, s) / k
     return overlap if batched else overlap[0]
 
 
@@ -295,12 +244,17 @@ def cycle_knn_from_tables(table_x: object, table_y: object) -> float | np.ndarra
 
     The reference's ``compute_knn_accuracy(knn_A[knn_B])`` with A = X, B = Y; not symmetric.
     """
+    from .neighbour_kernels import cycle_hits
+
     tx, ty, batched = _check_tables(table_x, table_y, 1)
     B, s, k = tx.shape
-    _, local, columns = _entry_coordinates(ty)  # (i, global j) for j among i's Y-neighbours
-    found, _ = _SortedEntries.of(tx).find(columns * s + local)  # is i among j's X-neighbours?
-    hit = found.reshape(B, s, k).any(axis=-1)
+    hit = cycle_hits(*_flat_int32(tx, ty), s).reshape(B, s)
     return _result(hit.mean(axis=-1), batched)
+
+
+def _flat_int32(*tables: np.ndarray) -> list[np.ndarray]:
+    """Validated (B, s, k) tables as contiguous (B·s, k) int32, as the compiled loops read them."""
+    return [np.ascontiguousarray(t.reshape(-1, t.shape[-1]), dtype=np.int32) for t in tables]
 
 
 def _row_chunks(rows: int, k: int) -> range:

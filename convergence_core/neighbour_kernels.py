@@ -31,7 +31,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["cknna_cross_sums", "cknna_side_sums", "tables_from_lists"]
+__all__ = [
+    "cknna_cross_sums", "cknna_side_sums", "cycle_hits", "overlap_counts", "tables_from_lists",
+]
 
 
 @njit(cache=True, nogil=True)
@@ -184,3 +186,63 @@ def cknna_cross_sums(s, x_columns, x_values, x_back, y_columns, y_values, y_back
     for r in range(rows):
         cross[r // s] += column_sums[r] * row_sums[r]
     return trace, sum_x, sum_y, cross
+
+
+@njit(cache=True, nogil=True)
+def overlap_counts(x_table, y_table, s):
+    """|knn_X(i) ∩ knn_Y(i)| of every row: (R,) int64, for two (R, k) tables of distinct
+    positions in any order (X's row marked in an (s,) stamp array, Y's entries looked up there).
+    """
+    rows, k = x_table.shape
+    counts = np.zeros(rows, np.int64)
+    stamp = np.full(s, -1, np.int64)  # stamp[j] == r: X's row r lists j
+    for r in range(rows):
+        for p in range(k):
+            stamp[x_table[r, p]] = r
+        found = 0
+        for q in range(k):
+            if stamp[y_table[r, q]] == r:
+                found += 1
+        counts[r] = found
+    return counts
+
+
+@njit(cache=True, nogil=True)
+def cycle_hits(x_table, y_table, s):
+    """Whether member i is among the X-neighbours of one of its own Y-neighbours: (R,) bool, for
+    two (R, k) tables of distinct positions in any order.
+
+    Per subset X is turned around (who lists member i, a counting sort by column); i's
+    Y-neighbours are marked in an (s,) stamp array and each member that lists i in X is looked
+    up there: O(s·k) per subset.
+    """
+    rows, k = x_table.shape
+    n_sets = rows // s
+    hits = np.zeros(rows, np.bool_)
+    start = np.zeros(s + 1, np.int64)  # X-listers of member j: listers[start[j]:start[j + 1]]
+    listers = np.empty(s * k, np.int32)
+    filled = np.empty(s, np.int64)
+    stamp = np.full(s, -1, np.int64)  # stamp[j] == r: Y's row r lists j
+    for b in range(n_sets):
+        base = b * s
+        start[:] = 0
+        for r in range(base, base + s):
+            for c in range(k):
+                start[x_table[r, c] + 1] += 1
+        for j in range(s):
+            start[j + 1] += start[j]
+        filled[:] = start[:s]
+        for i in range(s):
+            for c in range(k):
+                j = x_table[base + i, c]
+                listers[filled[j]] = i
+                filled[j] += 1
+        for i in range(s):
+            r = base + i
+            for q in range(k):
+                stamp[y_table[r, q]] = r
+            for t in range(start[i], start[i + 1]):
+                if stamp[listers[t]] == r:
+                    hits[r] = True
+                    break
+    return hits

@@ -17,6 +17,8 @@ from convergence_core.metrics import cknna_from_tables, unbiased_hsic_from_sums
 from convergence_core.neighbour_kernels import (
     cknna_cross_sums,
     cknna_side_sums,
+    cycle_hits,
+    overlap_counts,
     tables_from_lists,
 )
 
@@ -143,3 +145,23 @@ def test_tables_from_lists_take_the_first_k_members_along_each_list():
             else:
                 incomplete += 1
     assert 0 < incomplete < subsets.size  # both branches are exercised
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_overlap_counts_and_cycle_hits_against_set_loops(clustered):
+    """Both loops against Python sets, on rows in random order within each row."""
+    B, s, k = 3, 30, 6
+    tx, _ = _random_tables(B, s, k, seed=31, clustered=clustered)
+    ty, _ = _random_tables(B, s, k, seed=32, clustered=clustered)
+    x, y = tx.reshape(B * s, k).astype(np.int32), ty.reshape(B * s, k).astype(np.int32)
+    counts, hits = overlap_counts(x, y, s), cycle_hits(x, y, s)
+    for b in range(B):
+        for i in range(s):
+            r = b * s + i
+            assert counts[r] == len(set(tx[b, i]) & set(ty[b, i]))
+            assert hits[r] == any(i in set(tx[b, j]) for j in ty[b, i])
+    assert 0 < hits.sum() < hits.size and counts.max() > 0  # both outcomes are exercised
+    # X's row order does not matter, and the cycle is not symmetric in (X, Y)
+    shuffled = np.take_along_axis(x, np.argsort(np.random.default_rng(0).random(x.shape)), 1)
+    np.testing.assert_array_equal(cycle_hits(np.ascontiguousarray(shuffled), y, s), hits)
+    np.testing.assert_array_equal(overlap_counts(y, x, s), counts)
