@@ -48,11 +48,11 @@ def _plain_array_reader(base: type) -> type:
 
     The reader parses the metadata with one small slice of ``self.data`` per element (~6 million
     slices for this vocabulary); a slice of an ``np.memmap`` is another memmap, whose creation
-    (``memmap.__getitem__``, ``__array_finalize__``) was a third of the parse. The view reads the same mapped
-    bytes (it keeps the map alive through ``.base``), so fields and tensors are unchanged: the
-    tokenizer's conversion took 9.1 s instead of 16.8 s, the weights' 10.0 s instead of 12.1 s,
-    with equal weights and tokens (``tests/test_models.py`` compares both readers' fields and
-    tensors).
+    (``memmap.__getitem__``, ``__array_finalize__``) was a third of the parse. The view reads the
+    same mapped bytes (it keeps the map alive through ``.base``), so fields and tensors are
+    unchanged: the tokenizer's conversion took 9.1 s instead of 16.8 s, the weights' 10.0 s
+    instead of 12.1 s, and the converted folder is byte-identical (``tests/test_models.py``
+    compares both readers' fields and tensors).
     """
 
     class PlainArrayReader(base):
