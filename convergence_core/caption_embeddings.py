@@ -10,7 +10,10 @@ does it only when asked (``report --embed-captions``) — and caches one file pe
     <run>/captions/<model key>/<layer key>.json   model, layer, weights_id, captions_sha256,
                                                   n_captions, n_stimuli, first_caption_difference
 
-each written atomically (the ``.json`` last: a layer without it is not cached). Captions and
+each written atomically (the ``.json`` last: a layer without it is not cached). The precompute
+writes them too, for every extracted layer, when it embeds every caption anyway (caption
+agreement) and they are small (``engines.CAPTION_CACHE_BYTES``): the demo's report then embeds
+nothing. Captions and
 their order are ``extract.captions_for_language(stimuli, "mean")``: every non-empty caption,
 stimulus by stimulus; ``owners[c]`` is caption c's stimulus row. A cached file whose captions,
 weights or shape no longer match the run is ignored (:func:`cached_caption_embeddings` returns
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -44,6 +47,7 @@ __all__ = [
     "cached_caption_embeddings",
     "caption_texts",
     "embed_captions",
+    "write_caption_embeddings",
 ]
 
 
@@ -78,6 +82,59 @@ def _paths(run: Run, model: str, layer: str) -> tuple[Path, Path]:
     if layer not in entry.layer_keys:
         raise ValueError(f"{layer!r} is not a layer of {model!r}; choose one of {entry.layers}")
     return run.layout.caption_embedding(entry.key, entry.layer_keys[layer])
+
+
+def write_caption_embeddings(
+    layout: Any,
+    model: str,
+    entry: Any,
+    texts: Sequence[str],
+    owners: np.ndarray,
+    features: Mapping[str, np.ndarray],
+    stored: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, CaptionEmbeddings]:
+    """Cache every caption's embedding of a language model at each layer of ``features``.
+
+    Args:
+        layout: the run's ``cache.RunLayout``; model: the language model's name; entry: its
+            ``manifest.ModelEntry``.
+        texts, owners: ``caption_texts`` of the run (every caption, and its stimulus row).
+        features: ``{layer: (len(texts), d) float}`` raw embeddings, rows in caption order.
+        stored: ``{layer: (n_stimuli, d)}`` the run's own embeddings when it was made with
+            ``caption_mode="first"`` (for ``first_caption_difference``); None otherwise.
+    """
+    owners = np.asarray(owners)
+    first_rows = np.searchsorted(owners, np.arange(int(owners.max(initial=-1)) + 1))
+    written = {}
+    for layer, array in features.items():
+        array = np.asarray(array, dtype=np.float32)
+        if array.shape != (len(texts), entry.dims.get(layer, -1)):
+            raise ValueError(
+                f"caption embeddings of {model!r} at {layer!r} have shape {array.shape}, "
+                f"expected ({len(texts)}, {entry.dims.get(layer)}); embed every caption once "
+                "(caption_texts) at that layer"
+            )
+        difference = None
+        if stored is not None:
+            reference = np.asarray(stored[layer], dtype=np.float64)
+            scale = float(np.max(np.abs(reference))) or 1.0
+            difference = float(np.max(np.abs(array[first_rows] - reference))) / scale
+        array_path, meta_path = layout.caption_embedding(entry.key, entry.layer_keys[layer])
+        write_npy(array_path, array)
+        write_json(
+            meta_path,
+            {
+                "model": model,
+                "layer": layer,
+                "weights_id": entry.weights_id,
+                "captions_sha256": _fingerprint(texts),
+                "n_captions": len(texts),
+                "n_stimuli": int(first_rows.size),
+                "first_caption_difference": difference,
+            },
+        )
+        written[layer] = CaptionEmbeddings(model, layer, array, owners)
+    return written
 
 
 def cached_caption_embeddings(run: Run, model: str, layer: str) -> CaptionEmbeddings | None:
@@ -139,30 +196,15 @@ def embed_captions(
             "same weights (the precompute's --weights), or recompute the run"
         )
     per_caption = extract_embeddings(
-        encoder, texts, batch_size=batch_size, progress=progress, layers=missing
+        encoder, texts, batch_size=batch_size, progress=progress, layers=missing, by_length=True
     )
-    first_rows = np.searchsorted(owners, np.arange(run.n_stimuli))
-    caption_mode = run.manifest.settings.get("caption_mode", "first")
-    for layer in missing:
-        features = per_caption[layer]
-        difference = None
-        if caption_mode == "first":
-            stored = np.asarray(run.embeddings[model][layer], dtype=np.float64)
-            scale = float(np.max(np.abs(stored))) or 1.0
-            difference = float(np.max(np.abs(features[first_rows] - stored))) / scale
-        array_path, meta_path = _paths(run, model, layer)
-        write_npy(array_path, features)
-        meta: dict[str, Any] = {
-            "model": model,
-            "layer": layer,
-            "weights_id": entry.weights_id,
-            "captions_sha256": _fingerprint(texts),
-            "n_captions": len(texts),
-            "n_stimuli": run.n_stimuli,
-            "first_caption_difference": difference,
-        }
-        write_json(meta_path, meta)
-        found[layer] = CaptionEmbeddings(model, layer, features, owners)
+    first_mode = run.manifest.settings.get("caption_mode", "first") == "first"
+    found.update(
+        write_caption_embeddings(
+            run.layout, model, entry, texts, owners, per_caption,
+            {layer: run.embeddings[model][layer] for layer in missing} if first_mode else None,
+        )
+    )
     return found  # type: ignore[return-value]
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -158,6 +158,9 @@ class ExtractionResult:
     extract_seconds: float
     stats: dict[str, Any] = field(default_factory=dict)
     caption_agreement: tuple[str, np.ndarray] | None = None  # (layer, (n_stimuli,) float64)
+    #: every caption's embedding at each of ``layers`` ({layer: (captions, d) float32}), kept
+    #: with the caption agreement when small (:data:`CAPTION_CACHE_BYTES`), else None
+    caption_features: dict[str, np.ndarray] | None = None
 
 
 class Engine(Protocol):
@@ -299,24 +302,45 @@ def _agreement_fields(stimuli: Any, modality: str, wanted: bool) -> dict[str, An
     return {"agreement_items": tuple(texts), "agreement_owner": owner}
 
 
+#: Largest float32 size of every caption's embedding at every extracted layer that an extraction
+#: keeps for the run's caption cache (``caption_embeddings``): the same forward passes give every
+#: layer, and a report's many-to-many section then embeds nothing (the demo: 1,195 captions, 68
+#: MB for both language models; the README's report command 162 -> 62 s). Larger runs keep only
+#: the agreement; ``report --embed-captions`` embeds the layers it needs.
+CAPTION_CACHE_BYTES = 128 * 2**20
+
+
+class CaptionMeasure(NamedTuple):
+    """What :func:`measure_caption_agreement` gives: the ``layer`` and (n_stimuli,) ``agreement``,
+    and ``features`` (``ExtractionResult.caption_features``)."""
+
+    layer: str
+    agreement: np.ndarray
+    features: dict[str, np.ndarray] | None
+
+
 def measure_caption_agreement(
     job: ExtractionJob, encoder: Any, per_item: Mapping[str, np.ndarray], layer: str,
     batch_size: int, autocast: Any,
-) -> tuple[str, np.ndarray] | None:
+) -> CaptionMeasure | None:
     """``job``'s caption agreement at ``layer`` with the loaded ``encoder`` (reusing the job's
-    own per-item embeddings when they already are every caption)."""
+    own per-item embeddings when they already are every caption), and every caption's embedding
+    at each layer of ``per_item`` when they fit in :data:`CAPTION_CACHE_BYTES`."""
     from .properties import caption_agreement
 
     if job.agreement_items is None:
         return None
+    width = sum(int(np.shape(values)[1]) for values in per_item.values())
+    keep = len(job.agreement_items) * width * 4 <= CAPTION_CACHE_BYTES
     if job.items == job.agreement_items and layer in per_item:
-        embedded = per_item[layer]
+        embedded = dict(per_item)
     else:
         embedded = extract_embeddings(
-            encoder, list(job.agreement_items), batch_size=batch_size, layers=[layer],
-            autocast=autocast, by_length=True,
-        )[layer]
-    return layer, caption_agreement(embedded, job.agreement_owner, job.n_stimuli)
+            encoder, list(job.agreement_items), batch_size=batch_size,
+            layers=list(per_item) if keep else [layer], autocast=autocast, by_length=True,
+        )
+    agreement = caption_agreement(embedded[layer], job.agreement_owner, job.n_stimuli)
+    return CaptionMeasure(layer, agreement, embedded if keep else None)
 
 
 def load_for_job(job: ExtractionJob) -> tuple[Any, list[str], Any]:
@@ -372,7 +396,8 @@ class LocalEngine:
             arrays={layer: arrays[layer] for layer in layers},
             layers=layers,
             default_layer=default,
-            caption_agreement=agreement,
+            caption_agreement=None if agreement is None else agreement[:2],
+            caption_features=None if agreement is None else agreement.features,
             weights_id=encoder.weights_id,
             items=job.items_count,
             load_seconds=load_seconds,

@@ -1081,6 +1081,16 @@ class _Pipeline:
             name, source.modality, arrays, default, hashes, thresholds,
             weights_id=extracted.weights_id, **details,
         )
+        if extracted.caption_features:  # every caption embedded anyway, and small: cache them
+            from .caption_embeddings import write_caption_embeddings
+            from .extract import captions_for_language
+
+            texts, owners = captions_for_language(self.stimuli, "mean")
+            write_caption_embeddings(
+                self.layout, name, self.data.models[name], texts, owners,
+                {layer: extracted.caption_features[layer] for layer in arrays},
+                arrays if self.config.caption_mode == "first" else None,
+            )
         for layer in arrays:  # new embeddings: their lists are rebuilt
             self.data.steps.pop(f"neighbours:{name}:{layer}", None)
         self.manifest.finish_step(step, inputs)

@@ -81,6 +81,9 @@ class Extracted:
     #: (layer, (n,) agreement among each stimulus's own captions), measured by an encoder while
     #: it was loaded (``properties.caption_agreement``), or None
     caption_agreement: tuple[str, np.ndarray] | None = None
+    #: every caption's embedding per layer, when the encoder kept them
+    #: (``engines.ExtractionResult.caption_features``), or None
+    caption_features: dict[str, np.ndarray] | None = None
 
 
 def _sha256_file(path: Path) -> str:
@@ -260,6 +263,7 @@ class EncoderSource:
                 **({"engine": result.stats} if result.stats else {}),
             },
             caption_agreement=result.caption_agreement,
+            caption_features=result.caption_features,
         )
 
 

@@ -57,6 +57,49 @@ def test_precompute_writes_the_property_table(tiny_coco, tmp_path, loads):
     assert not list(run.path.rglob("*.tmp-*"))
 
 
+def test_the_extraction_caches_every_caption_embedding_it_made(tiny_coco, tmp_path, loads):
+    """Caption agreement embeds every caption; a small run keeps them at every layer in the
+    caption cache, so a report's many-to-many section embeds nothing (no second load)."""
+    from convergence_core import caption_embeddings
+    from convergence_core.report import _caption_pairs
+
+    run = precompute(**_options(tiny_coco, tmp_path))
+    model = LANGUAGE[0]
+    texts, owners = caption_embeddings.caption_texts(run)
+    expected = FakeEncoder(model, "language").encode(texts)
+    assert set(run.manifest.models[model].layers) <= set(expected)
+    for layer in run.manifest.models[model].layers:
+        cached = caption_embeddings.cached_caption_embeddings(run, model, layer)
+        assert cached is not None, layer
+        np.testing.assert_allclose(cached.features, expected[layer], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(cached.owners, owners)
+        # the run embeds each stimulus's first caption: the cache's first-caption rows are it
+        assert caption_embeddings.first_caption_difference(run, model, layer) < 1e-6
+    pairs = [analyses_pair(run, model)]
+    found, notes = _caption_pairs(run, pairs, embed=False)
+    assert (model, pairs[0].language_layer) in found and not notes
+    assert loads == Counter({name: 1 for name in (*VISION, *LANGUAGE)})
+
+
+def test_a_large_caption_set_keeps_only_the_agreement(tiny_coco, tmp_path, loads, monkeypatch):
+    from convergence_core import caption_embeddings, engines
+
+    monkeypatch.setattr(engines, "CAPTION_CACHE_BYTES", 16)
+    run = precompute(**_options(tiny_coco, tmp_path))
+    assert run.properties.values[f"caption_agreement:{LANGUAGE[0]}"].notna().any()
+    for layer in run.manifest.models[LANGUAGE[0]].layers:
+        assert caption_embeddings.cached_caption_embeddings(run, LANGUAGE[0], layer) is None
+    assert not (run.path / "captions").exists()
+
+
+def analyses_pair(run, language_model):  # noqa: ANN001, ANN201
+    from convergence_core.analyses import Pair
+
+    vision = run.gpa.models[0]
+    return Pair(vision, run.default_layer(vision), language_model,
+                run.default_layer(language_model))
+
+
 def test_rerun_reuses_the_properties(tiny_coco, tmp_path, loads):
     first = precompute(**_options(tiny_coco, tmp_path))
     files = [first.layout.properties, first.layout.properties_info]
