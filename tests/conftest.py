@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,6 +25,22 @@ LONG_FILES = ("test_end_to_end.py",)
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: order kept otherwise
+
+
+@pytest.fixture(autouse=True)
+def _cache_setting_restored():
+    """Every test leaves ``$CONVERGENCE_CACHE`` as it found it. Code under test may set it
+    (``serve --cache`` does, for the pages it starts); a test that leaves it changed sends every
+    later test of its worker process to that folder — the end-to-end file's demo run once went to
+    a temporary cache instead of the checkout's, and ``make demo`` after ``make test`` built the
+    demo again. (Runs after ``monkeypatch`` has undone its own changes.)"""
+    before = os.environ.get("CONVERGENCE_CACHE")
+    yield
+    after = os.environ.get("CONVERGENCE_CACHE")
+    assert after == before, (
+        f"the test left CONVERGENCE_CACHE = {after!r} (it was {before!r}); set it through "
+        "monkeypatch.setenv first, so that its teardown restores it"
+    )
 
 
 @pytest.fixture(scope="session")

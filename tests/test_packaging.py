@@ -377,7 +377,9 @@ def test_the_shipped_config_serves_on_localhost_without_a_source_watcher():
 
 
 def test_serve_options_become_streamlits(monkeypatch, tmp_path):
-    monkeypatch.delenv("CONVERGENCE_CACHE", raising=False)
+    # serve --cache sets the variable; setenv first, so that the teardown puts back what was there
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "before"))
+    monkeypatch.delenv("CONVERGENCE_CACHE")
     arguments = serve.streamlit_arguments(
         ["--port", "8600", "--server.headless", "true", "--host", "0.0.0.0",
          "--cache", str(tmp_path)]
@@ -397,7 +399,8 @@ def test_serve_options_become_streamlits(monkeypatch, tmp_path):
     [(["--port", "70000"], "not a TCP port"), (["--cache", __file__], "is a file")],
 )
 def test_serve_rejects_bad_options_with_one_line(argv, message, capsys, monkeypatch):
-    monkeypatch.delenv("CONVERGENCE_CACHE", raising=False)
+    monkeypatch.setenv("CONVERGENCE_CACHE", "unused")  # restored after the test, as above
+    monkeypatch.delenv("CONVERGENCE_CACHE")
     assert main(["serve", *argv]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and message in error and "\n" not in error
