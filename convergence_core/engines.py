@@ -396,7 +396,7 @@ class LocalEngine:
             arrays={layer: arrays[layer] for layer in layers},
             layers=layers,
             default_layer=default,
-            caption_agreement=None if agreement is None else agreement[:2],
+            caption_agreement=None if agreement is None else (agreement.layer, agreement.agreement),
             caption_features=None if agreement is None else agreement.features,
             weights_id=encoder.weights_id,
             items=job.items_count,
