@@ -28,6 +28,7 @@ LAST_CHART_ROWS = "residual_space_last_chart_rows"
 LAST_IMPORT = "residual_space_last_import"
 #: Session key of the interactive-chart toggle (kept across page switches)
 INTERACTIVE_KEY = "w_interactive_scatter"
+COLOUR_KEY = "w_colour_property"
 
 context = page.open_page("Residual space", icon="🧭")
 run, view = context.run, context.view
@@ -51,13 +52,19 @@ with controls[1]:
     score = widgets.score_radio(view, "Colour by")
 properties = predictors.run_properties(run)
 colour_choices = ["(the dispersion score)", *(properties.names if properties is not None else [])]
-colour_by = st.selectbox(
-    "Colour by a stimulus property",
-    colour_choices,
-    key="w_colour_property",
-    help="Any column of the run's property table (What predicts dispersion page); the default "
-    "colours by the dispersion score chosen above.",
-)
+state.drop_stale_choice(st.session_state, COLOUR_KEY, colour_choices)
+# in a popover (its label says the choice): the browser builds the select box only when opened
+colour_now = widgets.excerpt(st.session_state.get(COLOUR_KEY, colour_choices[0]), 40)
+with controls[1].popover(
+    f"Colour by a property: {widgets.escape_markdown(colour_now)}", icon=":material/palette:"
+):
+    colour_by = widgets.choose_one(
+        "Colour by a stimulus property",
+        colour_choices,
+        key=COLOUR_KEY,
+        help="Any column of the run's property table (What predicts dispersion page); the "
+        "default colours by the dispersion score chosen beside it.",
+    )
 colour_property = colour_by if properties is not None and colour_by in properties.names else ""
 
 selection = state.get_selection(st.session_state, run.name)
@@ -129,12 +136,13 @@ if event is not None and tuple(chart_rows) != st.session_state.get(LAST_CHART_RO
         )
         selected_rows = np.asarray(chart_rows, dtype=int)
 
-st.subheader("Import a selection")
-uploaded = st.file_uploader(
-    "CSV with an 'id' column (e.g. an exported selection) or a text file of ids",
-    type=["csv", "txt"],
-    key="w_import",
-)
+# a popover: the browser loads the file uploader's code only when it is opened
+with st.popover("Import a selection", icon=":material/upload_file:"):
+    uploaded = st.file_uploader(
+        "CSV with an 'id' column (e.g. an exported selection) or a text file of ids",
+        type=["csv", "txt"],
+        key="w_import",
+    )
 if uploaded is not None and uploaded.file_id != st.session_state.get(LAST_IMPORT):
     st.session_state[LAST_IMPORT] = uploaded.file_id
     try:

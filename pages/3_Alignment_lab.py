@@ -63,12 +63,9 @@ for key, options in (("w_vision", run.gpa.models), ("w_language", run.language_m
             del st.session_state[key]
 with st.sidebar:
     st.header("Models")
-    visions = st.multiselect(
-        "Vision models", list(run.gpa.models), default=list(run.gpa.models), key="w_vision"
-    )
-    languages = st.multiselect(
-        "Language models", run.language_models, default=run.language_models, key="w_language"
-    )
+    # pills rather than multi-select boxes: a first visit then loads no select-box code
+    visions = widgets.choose_many("Vision models", list(run.gpa.models), key="w_vision")
+    languages = widgets.choose_many("Language models", run.language_models, key="w_language")
 if not visions or not languages:
     missing = "vision" if not visions else "language"
     st.error(f"No {missing} model chosen: pick at least one {missing} model in the sidebar.")
@@ -228,11 +225,11 @@ def sets_and_results() -> None:
     picker = st.columns([3, 1, 1])
     with picker[0]:
         state.drop_stale_choice(st.session_state, METRIC_KEY, list(METRICS))
-        metric = st.selectbox(
+        metric = widgets.choose_one(
             "Metric",
             list(METRICS),
             key=METRIC_KEY,
-            format_func=lambda name: f"{METRICS[name].label} — {METRICS[name].description}",
+            format_func=lambda name: METRICS[name].label,
             help="Every metric of the registry (convergence_core.metrics), with the numbers of "
             "the Platonic Representation code: neighbour metrics from the run's neighbour lists, "
             "CKA-family metrics from the sets' prepared features.",

@@ -93,7 +93,8 @@ with st.sidebar:
         ),
         coerce=lambda value: min(max(state.MIN_K, int(value)), int(size) - 1),
     )
-    with st.expander("Statistics"):
+    # the browser builds a popover's widgets only when it is opened (an expander's at once)
+    with st.popover("Statistics", icon=":material/tune:"):
         n_random = st.number_input("random sets", min_value=10, max_value=2000, value=200, step=10)
         n_permutations = st.number_input(
             "permutations per pair",

@@ -132,7 +132,7 @@ else:
     st.session_state[MODELS_KEY] = list(run.models)
 with st.sidebar:
     st.header("Barycenter")
-    chosen = st.multiselect(
+    chosen = widgets.choose_many(
         "Models in the barycenter",
         run.models,
         key=MODELS_KEY,
@@ -140,7 +140,8 @@ with st.sidebar:
         help="Each chosen model weighs the same in the consensus.",
     )
     layers: dict[str, str] = {}
-    with st.expander("Layers"):
+    # popovers: the browser builds their widgets only when opened (an expander's at once)
+    with st.popover("Layers", icon=":material/layers:"):
         for model in chosen:
             key = f"w_universal_layer_{model}"
             options = run.layers(model)
@@ -151,7 +152,7 @@ with st.sidebar:
     score = widgets.score_radio(
         view, "Vision dispersion", help="intra-modal dispersion of the run's vision models"
     )
-    with st.expander("Retrieval and statistics"):
+    with st.popover("Retrieval and statistics", icon=":material/tune:"):
         n_folds = st.number_input("Folds", min_value=2, max_value=10, value=5, step=1)
         similarity = st.radio("Similarity", retrieval.SIMILARITIES, horizontal=True)
         n_permutations = st.number_input(

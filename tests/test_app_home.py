@@ -294,7 +294,7 @@ def test_switching_runs_keeps_every_page_working(synthetic_cache: Path) -> None:
     at.session_state["w_lab_layers"] = True  # the sidebar's layer choices
     at.session_state["w_lab_tables"] = True  # the table of every number
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
-    at.multiselect(key="w_vision").set_value(["vision-b"]).run(timeout=TIMEOUT)
+    at.button_group(key="w_vision").set_value(["vision-b"]).run(timeout=TIMEOUT)
     at.selectbox(key="w_layer_language-a").set_value("layer0").run(timeout=TIMEOUT)
     at.sidebar.selectbox[0].set_value("other").run(timeout=TIMEOUT)
     assert not at.exception, at.exception

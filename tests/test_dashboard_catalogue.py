@@ -247,3 +247,36 @@ def test_wide_pictures_are_shrunk_once() -> None:
 
 def test_text_from_a_run_never_starts_math_mode() -> None:
     assert charts.literal("a $b$ c") == r"a \$b\$ c"
+
+
+def _choices_app(n_options: int) -> None:  # run by AppTest in its own script context
+    import streamlit as st
+
+    from convergence_core.dashboard import widgets
+
+    options = [f"model_{i}" for i in range(n_options)]
+    one = widgets.choose_one("One", options, key="one")
+    many = widgets.choose_many("Many", options, key="many")
+    st.text(f"{one}|{','.join(many)}")
+
+
+@pytest.mark.parametrize("n_options", [3, widgets.PILL_LIMIT, widgets.PILL_LIMIT + 1])
+def test_choices_are_pills_up_to_the_limit_and_select_boxes_above(n_options: int) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_choices_app, kwargs={"n_options": n_options}).run(timeout=60)
+    assert not at.exception, at.exception
+    options = [f"model_{i}" for i in range(n_options)]
+    # the first option chosen for one, every option for many, until the user changes them
+    assert at.text[0].value == f"model_0|{','.join(options)}"
+    pills = n_options <= widgets.PILL_LIMIT
+    assert len(at.button_group) == (2 if pills else 0)
+    assert (len(at.selectbox), len(at.multiselect)) == ((0, 0) if pills else (1, 1))
+    one = at.button_group(key="one") if pills else at.selectbox(key="one")
+    many = at.button_group(key="many") if pills else at.multiselect(key="many")
+    if pills:  # a pill's label is escaped Markdown: the name shows as written
+        assert one.options[0] == "model\\_0"
+    one.set_value("model_2")
+    many.set_value(["model_1"])
+    at.run(timeout=60)
+    assert at.text[0].value == "model_2|model_1"

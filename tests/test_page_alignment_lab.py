@@ -296,7 +296,7 @@ def test_statistics_settings_are_kept_while_closed_and_set_the_baseline(run) -> 
 
 def test_no_model_chosen_and_run_without_language_models(run) -> None:
     at = _page()
-    at.multiselect(key="w_language").set_value([]).run(timeout=TIMEOUT)
+    at.button_group(key="w_language").set_value([]).run(timeout=TIMEOUT)
     assert any("No language model chosen" in e.value for e in at.error)
 
     at = _page({"run": "vision-only"})
@@ -335,7 +335,7 @@ def test_a_metric_change_redraws_every_number_for_that_metric(run) -> None:
     from convergence_core.metrics import measure
 
     at = _page({"size": "24"})
-    at.selectbox(key="w_lab_metric").set_value("mutual_knn").run(timeout=TIMEOUT)
+    at.button_group(key="w_lab_metric").set_value("mutual_knn").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     labels = {m.label for m in at.metric}
     assert {"mutual k-NN, low dispersion", "mutual k-NN, high dispersion"} <= labels
@@ -349,7 +349,7 @@ def test_a_metric_change_redraws_every_number_for_that_metric(run) -> None:
     assert table["permutation_p_value_two_sided"].between(0, 1).all()
 
     # CKA with an RBF kernel: from the sets' features; k does not enter it
-    at.selectbox(key="w_lab_metric").set_value("cka").run(timeout=TIMEOUT)
+    at.button_group(key="w_lab_metric").set_value("cka").run(timeout=TIMEOUT)
     at.radio(key="w_lab_kernel").set_value("rbf").run(timeout=TIMEOUT)
     table = _results(at)
     assert set(table["metric"]) == {"cka"} and table["k"].isna().all()
@@ -367,7 +367,7 @@ def test_a_slower_metric_waits_for_its_button_and_shows_progress(run) -> None:
     from convergence_core.metrics import measure
 
     at = _page({"size": "20"})
-    at.selectbox(key="w_lab_metric").set_value("svcca").run(timeout=TIMEOUT)
+    at.button_group(key="w_lab_metric").set_value("svcca").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     assert any("not computed live" in i.value for i in at.info)
     assert not at.image and not at.metric  # nothing computed yet

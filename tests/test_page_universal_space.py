@@ -107,12 +107,12 @@ def make_run_handle(cache_root: Path):
 
 def test_choosing_models_and_an_image_updates_the_page(monkeypatch, cache_root):
     at = _page(monkeypatch, cache_root)
-    models = at.multiselect(key="w_universal_models")
+    models = at.button_group(key="w_universal_models")
     models.set_value(["vision-a", "vision-b"]).run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     assert "at least two modalities" in at.error[0].value
 
-    at.multiselect(key="w_universal_models").set_value(["vision-a", "language-a"]).run(
+    at.button_group(key="w_universal_models").set_value(["vision-a", "language-a"]).run(
         timeout=TIMEOUT
     )
     assert not at.exception, at.exception

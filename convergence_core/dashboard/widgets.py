@@ -11,7 +11,8 @@ captions" button opens a dialog with the whole text (still ``st.text``).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -50,6 +51,71 @@ def score_radio(
             help=help,
         ),
     )
+
+
+#: Up to this many options a choice is a row of pills (:func:`choose_one`, :func:`choose_many`);
+#: above it a select box. Select boxes cost a first visit ~0.1-0.15 s more in the browser: their
+#: code loads and runs when the page first shows one (benchmarks/bench_dashboard.py)
+PILL_LIMIT = 12
+
+
+def _pill_text(format_func: Callable[[Any], object]) -> Callable[[Any], str]:
+    # a pill's label is Markdown: escaped, so that a model name shows exactly as written
+    return lambda option: escape_markdown(format_func(option))
+
+
+def choose_one(
+    label: str,
+    options: Sequence[Any],
+    *,
+    key: str,
+    format_func: Callable[[Any], object] = str,
+    help: str | None = None,
+) -> Any:
+    """One of ``options``: a row of pills, one always chosen (the first until the user picks),
+    or a select box above :data:`PILL_LIMIT` options. Its value lives in ``st.session_state[key]``
+    either way."""
+    options = list(options)
+    if len(options) > PILL_LIMIT:
+        return st.selectbox(label, options, key=key, format_func=format_func, help=help)
+    return st.pills(
+        label,
+        options,
+        required=True,
+        default=None if key in st.session_state else options[0],
+        key=key,
+        format_func=_pill_text(format_func),
+        help=help,
+    )
+
+
+def choose_many(
+    label: str,
+    options: Sequence[Any],
+    *,
+    key: str,
+    format_func: Callable[[Any], object] = str,
+    help: str | None = None,
+) -> list[Any]:
+    """Any of ``options`` (all chosen until the user changes it): a row of pills, or a
+    multi-select box above :data:`PILL_LIMIT` options. The value (a list) lives in
+    ``st.session_state[key]`` either way."""
+    options = list(options)
+    default = None if key in st.session_state else options
+    if len(options) > PILL_LIMIT:
+        return st.multiselect(
+            label, options, default=default, key=key, format_func=format_func, help=help
+        )
+    chosen = st.pills(
+        label,
+        options,
+        selection_mode="multi",
+        default=default,
+        key=key,
+        format_func=_pill_text(format_func),
+        help=help,
+    )
+    return list(chosen or [])
 
 
 def interactive_chart_toggle(key: str, label: str, picture_of: str) -> bool:
