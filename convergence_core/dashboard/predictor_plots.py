@@ -33,6 +33,25 @@ def tests_frame(tests: pd.DataFrame, score: str) -> pd.DataFrame:
     ].reset_index(drop=True)  # fmt: skip
 
 
+def ranked_summary(ranked: pd.DataFrame) -> pd.DataFrame:
+    """The ranking as text for a small table (rank, property, test, effect, q, p): what
+    :func:`tests_frame` holds, numbers rounded for reading (3 significant digits)."""
+    return pd.DataFrame(
+        {
+            "rank": ranked["rank"].astype(int),
+            "property": ranked["property"].astype(str),
+            "test": ranked["test"].astype(str),
+            "effect": [
+                f"{name} = {value:.3g}"
+                for name, value in zip(ranked["effect_name"], ranked["effect"], strict=True)
+            ],
+            "q-value": [f"{value:.2e}" for value in ranked["q_value"]],
+            "p-value (permutation)": [f"{value:.2e}" for value in ranked["p_value"]],
+            "stimuli": ranked["n_stimuli"].astype(int),
+        }
+    )
+
+
 def _hover(ids: Sequence[str], captions: Sequence[str]) -> list[str]:
     """A point's hover lines: its id and first caption (escaped)."""
     return [
