@@ -26,7 +26,7 @@ TARGET = Path("convergence_core", "dashboard", "streamlit_app")
 def dashboard_files() -> list[str]:
     """The dashboard's files, relative to the repository root (POSIX separators)."""
     pages = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "pages").glob("*.py"))
-    files = ["app.py", ".streamlit/config.toml", *pages]
+    files = ["app.py", "home.py", ".streamlit/config.toml", *pages]
     missing = [name for name in files if not (ROOT / name).is_file()]
     if missing or not pages:
         raise FileNotFoundError(

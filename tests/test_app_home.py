@@ -335,6 +335,22 @@ def test_page_urls_are_streamlits_and_cover_every_page_file() -> None:
     assert url_path("pages/12_Two_words.py") == "Two_words"
 
 
+def test_the_navigation_is_home_then_the_one_list_of_pages(monkeypatch) -> None:
+    """app.py's sidebar: Home (home.py, so the sidebar says "Home", not "app"), then every entry
+    of page.PAGES with its label and icon, in that order; every file is there."""
+    from convergence_core.dashboard import page
+
+    made = []
+    monkeypatch.setattr(page.st, "Page", lambda target, **options: made.append((target, options)))
+    page.navigation_pages()
+    assert [(target, options["title"]) for target, options in made] == [
+        (page.HOME, "Home"), *((target, label) for target, label, _ in page.PAGES)
+    ]
+    assert made[0][1]["default"] and all(options.get("icon") for _, options in made)
+    assert all((REPO / target).is_file() for target, _ in made)
+    assert "st.navigation(page.navigation_pages())" in (REPO / "app.py").read_text()
+
+
 def test_damaged_run_is_an_error_in_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.fixtures_runs import make_synthetic_run
 

@@ -48,11 +48,13 @@ BUILD_INPUTS = (
     "README.md",
     "convergence_core",
     "app.py",
+    "home.py",
     "pages",
     ".streamlit",
 )
 DASHBOARD_FILES = (
     "app.py",
+    "home.py",
     ".streamlit/config.toml",
     *sorted(f"pages/{path.name}" for path in (REPO / "pages").glob("*.py")),
 )

@@ -128,3 +128,15 @@ def page_links(context: PageContext) -> None:
                 st.page_link(target, label=label, icon=icon, query_params=params)
             except StreamlitAPIException:  # the page file is not there (yet)
                 st.caption(f"{label} (page not installed)")
+
+
+#: The Home page's file (beside app.py, which is the navigation)
+HOME = "home.py"
+
+
+def navigation_pages() -> list[st.Page]:
+    """Home and :data:`PAGES` as ``st.Page`` s for ``st.navigation`` (``app.py``): the sidebar
+    shows their labels and icons; each page's URL path is its file name without the number
+    (:func:`url_path`)."""
+    home = st.Page(HOME, title="Home", icon=":material/home:", default=True)
+    return [home, *(st.Page(target, title=label, icon=icon) for target, label, icon in PAGES)]

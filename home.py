@@ -1,0 +1,79 @@
+"""Convergence Explorer — Home: the run at a glance (dataset, models, GPA, dispersion).
+
+Start with ``make demo`` or ``streamlit run app.py`` (see README): ``app.py`` is the navigation,
+which runs this page first; the other pages are in ``pages/``.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from convergence_core.dashboard import catalogue, data, page, plots, widgets
+
+context = page.open_page("Convergence Explorer", icon="🔭")
+run = context.run
+view = context.view
+found = data.catalogue(run)
+
+st.text(
+    "Where do vision models agree, stimulus by stimulus? Generalized Procrustes residuals across "
+    "vision models (dispersion) and how they modulate vision-language alignment (CKNNA)."
+)
+
+dataset = run.manifest.dataset
+gpa = run.gpa
+st.text(f"Dataset: {dataset.name or 'unnamed'} · run {run.name} · {run.path}")
+# plain Markdown tables rather than eight st.metric cards: a first visit then loads no card code
+# (~0.1 s of the page's 0.75 s in the browser, benchmarks/bench_dashboard.py)
+for summary in catalogue.run_summary(run):
+    st.markdown(widgets.markdown_table(summary))
+if not gpa.converged:
+    st.warning(
+        "GPA did not converge for this run: residuals may not be final. "
+        "Re-run precompute with a larger max_iter."
+    )
+stability = run.gpa_stability
+if stability is None:
+    st.caption(
+        "No GPA stability diagnostic in this run (precomputed with gpa_starts = 0, or before the "
+        "diagnostic existed): rerun its precompute command to add one."
+    )
+else:
+    st.text(stability.describe(run.n_stimuli))
+    st.caption(
+        "GPA's residuals are only as determined as its loss is curved: the run reran GPA from "
+        "random starts. A stimulus's rank interval over those solutions is on the Stimuli page "
+        "(Inspect)."
+    )
+
+st.subheader("Models")
+# a Markdown table, every cell escaped: a handful of rows needs no data grid (1.4 MB of JS)
+st.markdown(widgets.markdown_table(catalogue.models_table(run)))
+
+st.subheader("Dispersion")
+st.text(
+    f"The two scores correlate: Pearson r = {found.pearson:.3f}, "
+    f"Spearman ρ = {found.spearman:.3f} ({run.n_stimuli:,} stimuli)."
+)
+st.image(data.dispersion_histograms_png(str(run.path), data.manifest_stamp(run.path)))
+
+score = view.score
+rank, order = found.rank[score], found.order[score]
+preview = 5
+sides = (("Lowest", "home-low", order[:preview]), ("Highest", "home-high", order[::-1][:preview]))
+for column, (extreme, key, rows) in zip(st.columns(2), sides, strict=True):
+    with column:
+        st.subheader(f"{extreme} dispersion ({plots.SCORE_NAME[score]})")
+        widgets.gallery(
+            run,
+            rows,
+            [f"rank {int(rank[r]) + 1} · {found.ids[r]}" for r in rows],
+            key=key,
+            columns=preview,
+            all_captions=False,
+            inspect=False,
+        )
+
+st.subheader("Explore")
+page.page_links(context)
+page.close_page(context)
