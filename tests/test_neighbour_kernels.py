@@ -15,6 +15,7 @@ import pytest
 from convergence_core.alignment import hsic_unbiased
 from convergence_core.metrics import cknna_from_tables, unbiased_hsic_from_sums
 from convergence_core.neighbour_kernels import (
+    first_invalid_list_row,
     cknna_cross_sums,
     cknna_side_sums,
     cycle_hits,
@@ -165,3 +166,56 @@ def test_overlap_counts_and_cycle_hits_against_set_loops(clustered):
     shuffled = np.take_along_axis(x, np.argsort(np.random.default_rng(0).random(x.shape)), 1)
     np.testing.assert_array_equal(cycle_hits(np.ascontiguousarray(shuffled), y, s), hits)
     np.testing.assert_array_equal(overlap_counts(y, x, s), counts)
+
+
+def _first_invalid_row_slowly(indices, values, first_row, n, tolerance):
+    """The list check written plainly: each row's indices, then its values, in Python."""
+    for r, (row, vals) in enumerate(zip(indices.tolist(), values.tolist(), strict=True)):
+        if any(j < 0 or j >= n or j == first_row + r for j in row):
+            return r, 1
+        if any(not np.isfinite(v) for v in vals) or any(
+            b - a > tolerance for a, b in zip(vals, vals[1:])
+        ):
+            return r, 2
+    return -1, 0
+
+
+def _valid_lists(rows: int, k: int, n: int, first_row: int, seed: int):
+    rng = np.random.default_rng(seed)
+    indices = np.empty((rows, k), dtype=np.int32)
+    for r in range(rows):
+        others = np.delete(np.arange(n), first_row + r)
+        indices[r] = rng.choice(others, size=k, replace=False)
+    values = -np.sort(-rng.standard_normal((rows, k)), axis=1)
+    values[:, 1] = values[:, 0]  # exact ties are valid
+    return indices, values
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["none", "negative", "too_large", "self", "nan", "inf", "increasing", "within_rounding"],
+)
+def test_first_invalid_list_row_finds_the_planted_row(damage: str) -> None:
+    n, k, first_row, rows = 60, 7, 20, 30
+    indices, values = _valid_lists(rows, k, n, first_row, seed=3)
+    planted = {"none": None, "within_rounding": None}.get(damage, 17)
+    edits = {
+        "negative": lambda: indices.__setitem__((17, 4), -1),
+        "too_large": lambda: indices.__setitem__((17, 6), n),
+        "self": lambda: indices.__setitem__((17, 0), first_row + 17),
+        "nan": lambda: values.__setitem__((17, 3), np.nan),
+        "inf": lambda: values.__setitem__((17, 0), np.inf),
+        "increasing": lambda: values.__setitem__((17, 5), values[17, 4] + 1e-9),
+        "within_rounding": lambda: values.__setitem__((17, 5), values[17, 4] + 1e-13),
+    }
+    if damage in edits:
+        edits[damage]()
+    if damage in ("negative", "too_large", "self"):
+        values[25, 2] = np.nan  # a later bad row: the first one is reported
+    found = first_invalid_list_row(indices, values, first_row, n, 1e-12)
+    assert tuple(found) == _first_invalid_row_slowly(indices, values, first_row, n, 1e-12)
+    if planted is None:
+        assert tuple(found) == (-1, 0)
+    else:
+        assert found[0] == planted
+        assert found[1] == (1 if damage in ("negative", "too_large", "self") else 2)

@@ -344,3 +344,34 @@ def test_bad_inputs_raise_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match="images_root"):
         _write(tmp_path, embeddings, thumbnails=True)
     assert not (tmp_path / "bad").exists()  # nothing written before the inputs are checked
+
+
+@pytest.mark.parametrize("damage", ["self", "out_of_range", "unsorted", "nan"])
+def test_damaged_neighbour_lists_fail_the_run_check_naming_the_row(tmp_path, damage):
+    from convergence_core.run_checks import check_run_files
+
+    run = make_synthetic_run(tmp_path, n=30, thumbnails=False)
+    check_run_files(run)  # intact
+    model, layer = "vision-a", "stage2"
+    keys = run._keys(model, layer)
+    lists = run.neighbours(model, layer).lists
+    indices, values = np.array(lists.indices), np.array(lists.values)
+    row = 13
+    if damage == "self":
+        indices[row, 2] = row
+    elif damage == "out_of_range":
+        indices[row, 0] = run.n_stimuli
+    elif damage == "unsorted":
+        values[row, 3] = values[row, 2] + 1e-6
+    else:
+        values[row, 1] = np.nan
+    np.save(run.layout.neighbour_indices(*keys), indices)
+    np.save(run.layout.neighbour_values(*keys), values)
+    if damage == "out_of_range":  # the lists' own reader refuses it first, in words
+        with pytest.raises(ValueError, match="outside 0..29"):
+            check_run_files(load_run(run.path))
+        return
+    file = "values" if damage in ("unsorted", "nan") else "indices"
+    words = "unsorted similarities" if file == "values" else "its own neighbour"
+    with pytest.raises(CacheFormatError, match=rf"{file}.* {words} \(row {row}\)"):
+        check_run_files(load_run(run.path))
