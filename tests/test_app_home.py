@@ -391,3 +391,50 @@ def test_page_switches_and_new_sessions_reuse_what_the_server_has(
         at.switch_page("app.py").run(timeout=TIMEOUT)
     assert builds == ["demo"]
     assert histograms == [1]
+
+
+def test_serve_opens_the_default_run_before_the_first_visit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """serve's background warm-up opens, checks and indexes the default run and finds its best
+    language layers in the server's shared caches: the first pages load none of it again."""
+    from convergence_core import analyses
+    from convergence_core.dashboard import serve
+    from tests.fixtures_runs import make_synthetic_run
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    assert data.warm_default_run() is None  # no run yet: nothing to open
+    make_synthetic_run(tmp_path / "runs", n=40, name="demo")
+    calls = {"load_run": 0, "best_language_layers": 0}
+
+    def counted(name, function):  # noqa: ANN001, ANN202
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(data, "load_run", counted("load_run", data.load_run))
+    monkeypatch.setattr(
+        analyses, "best_language_layers",
+        counted("best_language_layers", analyses.best_language_layers),
+    )
+    try:
+        serve._warm_default_run()  # what the server's thread runs
+        assert "run 'demo' opened and checked" in capsys.readouterr().err
+        assert calls == {"load_run": 1, "best_language_layers": 1}
+        for target in ("app.py", "pages/1_Stimuli.py", "pages/3_Alignment_lab.py"):
+            at = AppTest.from_file(str(REPO / target), default_timeout=TIMEOUT)
+            at.query_params["run"] = "demo"
+            at.run(timeout=TIMEOUT)
+            assert not at.exception, at.exception
+        assert calls == {"load_run": 1, "best_language_layers": 1}  # all found in the caches
+
+        # a damaged default run: the warm-up says so and returns; the page shows it in words
+        (tmp_path / "runs" / "demo" / "dispersion.parquet").write_bytes(b"not a parquet file")
+        os.utime(tmp_path / "runs" / "demo" / "manifest.json")  # a new version of the run
+        serve._warm_default_run()
+        assert "could not be opened" in capsys.readouterr().err
+    finally:
+        for cached in (data._open_run, data._catalogue, data._best_language_layer_table):
+            cached.clear()

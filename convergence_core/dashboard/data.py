@@ -118,6 +118,27 @@ def catalogue(run: Run) -> Catalogue:
     return _catalogue(str(run.path), manifest_stamp(run.path))
 
 
+def warm_default_run() -> str | None:
+    """Open, check and index the run a first visitor sees (:func:`default_run_name`) and find
+    its best language layers, so that the first page after a server start finds them in the
+    server's caches (``st.cache_resource``: the process's, with or without a session). ``serve``
+    calls it in a background thread; a page that asks meanwhile waits for the same result.
+
+    Returns the run's name, or None when there is no complete run. A damaged run raises here as it
+    would on the page (which then shows the error in words).
+    """
+    runs = [info for info in list_runs(settings.runs_root()) if info.summary.get("complete")]
+    name = default_run_name(runs)
+    if name is None:
+        return None
+    info = next(info for info in runs if info.name == name)
+    run = open_run(info.path)
+    catalogue(run)
+    if run.language_models and run.gpa.models:  # what the Stimuli page and the lab ask first
+        best_language_layer_table(str(info.path), manifest_stamp(info.path))
+    return name
+
+
 def indexes_for(run: Run, pairs: Sequence[lab.Pair]) -> dict[tuple[str, str], object]:
     """The run's neighbour index of every model/layer in ``pairs`` (shared, read-only)."""
     from ..analyses import indexes_for as compute
@@ -125,13 +146,22 @@ def indexes_for(run: Run, pairs: Sequence[lab.Pair]) -> dict[tuple[str, str], ob
     return compute(run, pairs)
 
 
-@st.cache_data(show_spinner="Finding each language model's best layer…", max_entries=32)
-def best_language_layer_table(path: str, stamp: int, k: int = 10) -> pd.DataFrame:
-    """:func:`analyses.best_language_layers` of the run (with ``n_stimuli_used`` and
-    ``sample_seed``: above ``analyses.LAYER_SWEEP_MAX_STIMULI`` a seeded sample)."""
+# one cache entry per (run, version, k) whoever asks, however k is passed (st.cache_data keyed
+# (path, stamp) and (path, stamp, 10) apart: the lab and the Stimuli page computed it twice), kept
+# as a resource and handed out as copies; serve fills it for the default run before the first visit
+@st.cache_resource(show_spinner="Finding each language model's best layer…", max_entries=32)
+def _best_language_layer_table(path: str, stamp: int, k: int) -> pd.DataFrame:
     from ..analyses import best_language_layers as compute
 
     return compute(_open_run(path, stamp), k=k)
+
+
+def best_language_layer_table(path: str, stamp: int, k: int = 10) -> pd.DataFrame:
+    """:func:`analyses.best_language_layers` of the run (with ``n_stimuli_used`` and
+    ``sample_seed``: above ``analyses.LAYER_SWEEP_MAX_STIMULI`` a seeded sample), computed once
+    per server and manifest version (at 100,000 stimuli ~5 s: the sample's rows are completed
+    from the features; ``serve`` computes it for the default run before the first visit)."""
+    return _best_language_layer_table(path, stamp, k).copy()
 
 
 def best_language_layers(path: str, stamp: int, k: int = 10) -> dict[str, str]:

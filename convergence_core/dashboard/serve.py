@@ -22,14 +22,19 @@ here or on the command line override that file.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 from convergence_core import settings
 
 __all__ = ["PACKAGED_APP_FOLDER", "app_folder", "app_path", "main"]
 
+#: the thread that opens the default run while the server starts (:func:`_warm_default_run`)
+WARM_THREAD = "warm-default-run"
 #: where a wheel carries the dashboard (app.py, pages/, .streamlit/config.toml)
 PACKAGED_APP_FOLDER = Path(__file__).resolve().parent / "streamlit_app"
 
@@ -111,6 +116,31 @@ def streamlit_arguments(argv: list[str], *, prog: str = "convergence serve") -> 
     return [*options, *passthrough]
 
 
+def _warm_default_run() -> None:
+    """:func:`data.warm_default_run`, its time and outcome on stderr: at 100,000 stimuli the check
+    of every run file and the stimulus index take ~2 s that the first visitor no longer waits for
+    (benchmarks/bench_dashboard.py, cold server)."""
+    from convergence_core.dashboard import data
+
+    # Streamlit warns that this thread runs no page ("missing ScriptRunContext") at every cached
+    # call: true and expected here, so this thread's records of that logger are dropped
+    logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").addFilter(
+        lambda record: record.threadName != WARM_THREAD
+    )
+    start = time.perf_counter()
+    try:
+        name = data.warm_default_run()
+    except Exception as exc:  # noqa: BLE001 - the page shows the same error in words
+        print(f"convergence serve: the default run could not be opened: {exc}", file=sys.stderr)
+        return
+    if name is not None:
+        print(
+            f"convergence serve: run {name!r} opened and checked in "
+            f"{time.perf_counter() - start:.1f} s",
+            file=sys.stderr,
+        )
+
+
 def main(argv: list[str] | None = None, *, prog: str = "convergence serve") -> int:
     """Warm the imports, then run ``streamlit run APP ARGS`` (blocks while the server runs).
 
@@ -138,6 +168,8 @@ def main(argv: list[str] | None = None, *, prog: str = "convergence serve") -> i
     # collector's full passes, whose pause grows with every object it has to look at.
     gc.collect()
     gc.freeze()
+    # open and check the default run while the server starts, not on the first visit
+    threading.Thread(target=_warm_default_run, name=WARM_THREAD, daemon=True).start()
 
     sys.argv = ["streamlit", "run", str(app), *options]
     cli.main(prog_name="streamlit")
