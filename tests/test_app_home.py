@@ -396,16 +396,17 @@ def test_page_switches_and_new_sessions_reuse_what_the_server_has(
 def test_serve_opens_the_default_run_before_the_first_visit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """serve's background warm-up opens, checks and indexes the default run and finds its best
-    language layers in the server's shared caches: the first pages load none of it again."""
+    """serve's background warm-up opens, checks and indexes the default run, finds its best
+    language layers and runs its property tests in the server's caches: the first pages compute
+    none of it again."""
     from convergence_core import analyses
-    from convergence_core.dashboard import serve
+    from convergence_core.dashboard import predictors, serve
     from tests.fixtures_runs import make_synthetic_run
 
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
     assert data.warm_default_run() is None  # no run yet: nothing to open
     make_synthetic_run(tmp_path / "runs", n=40, name="demo")
-    calls = {"load_run": 0, "best_language_layers": 0}
+    calls = {"load_run": 0, "best_language_layers": 0, "property_tests": 0}
 
     def counted(name, function):  # noqa: ANN001, ANN202
         def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -419,16 +420,23 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         analyses, "best_language_layers",
         counted("best_language_layers", analyses.best_language_layers),
     )
+    monkeypatch.setattr(
+        predictors.dp, "property_tests", counted("property_tests", predictors.dp.property_tests)
+    )
+    once = {"load_run": 1, "best_language_layers": 1, "property_tests": 1}
     try:
         serve._warm_default_run()  # what the server's thread runs
-        assert "run 'demo' opened and checked" in capsys.readouterr().err
-        assert calls == {"load_run": 1, "best_language_layers": 1}
-        for target in ("app.py", "pages/1_Stimuli.py", "pages/3_Alignment_lab.py"):
+        err = capsys.readouterr().err
+        assert "run 'demo' opened and checked" in err and "property tests ready" in err
+        assert calls == once
+        pages = ("app.py", "pages/1_Stimuli.py", "pages/3_Alignment_lab.py",
+                 "pages/5_What_predicts_dispersion.py")
+        for target in pages:
             at = AppTest.from_file(str(REPO / target), default_timeout=TIMEOUT)
             at.query_params["run"] = "demo"
             at.run(timeout=TIMEOUT)
             assert not at.exception, at.exception
-        assert calls == {"load_run": 1, "best_language_layers": 1}  # all found in the caches
+        assert calls == once  # all found in the caches
 
         # a damaged default run: the warm-up says so and returns; the page shows it in words
         (tmp_path / "runs" / "demo" / "dispersion.parquet").write_bytes(b"not a parquet file")

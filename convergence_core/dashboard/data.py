@@ -118,14 +118,14 @@ def catalogue(run: Run) -> Catalogue:
     return _catalogue(str(run.path), manifest_stamp(run.path))
 
 
-def warm_default_run() -> str | None:
+def warm_default_run() -> Run | None:
     """Open, check and index the run a first visitor sees (:func:`default_run_name`) and find
     its best language layers, so that the first page after a server start finds them in the
-    server's caches (``st.cache_resource``: the process's, with or without a session). ``serve``
+    server's caches (Streamlit's caches are the process's, with or without a session). ``serve``
     calls it in a background thread; a page that asks meanwhile waits for the same result.
 
-    Returns the run's name, or None when there is no complete run. A damaged run raises here as it
-    would on the page (which then shows the error in words).
+    Returns the run, or None when there is no complete run. A damaged run raises here as it would
+    on the page (which then shows the error in words).
     """
     runs = [info for info in list_runs(settings.runs_root()) if info.summary.get("complete")]
     name = default_run_name(runs)
@@ -136,7 +136,7 @@ def warm_default_run() -> str | None:
     catalogue(run)
     if run.language_models and run.gpa.models:  # what the Stimuli page and the lab ask first
         best_language_layer_table(str(info.path), manifest_stamp(info.path))
-    return name
+    return run
 
 
 def indexes_for(run: Run, pairs: Sequence[lab.Pair]) -> dict[tuple[str, str], object]:
