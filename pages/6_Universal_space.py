@@ -7,21 +7,18 @@ scatter is a picture until its toggle asks for the interactive chart, and the ta
 stimulus is sent when its expander is opened.
 
 Every number comes from :mod:`convergence_core.universal` and :mod:`convergence_core.retrieval`,
-cached per run and settings (``st.cache_data``), so moving a control recomputes only what depends
-on it.
+cached per run and settings in :mod:`convergence_core.dashboard.data` (``cross_modal``,
+``cross_modal_pictures``, ``cross_modal_retrieval``), so moving a control recomputes only what
+depends on it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
 import streamlit as st
 
-from convergence_core import retrieval, universal
+from convergence_core import retrieval
 from convergence_core.dashboard import (
-    charts,
     data,
     page,
     plots,
@@ -42,75 +39,6 @@ SCORE_COLUMN = {
     "cosine": "cosine similarity",
     "euclidean": "Euclidean distance (residual units)",
 }
-
-
-@st.cache_data(show_spinner="Aligning the chosen models (GPA on every stimulus)…", max_entries=32)
-def _cross_modal(
-    path: str,
-    stamp: int,
-    members: tuple[tuple[str, str], ...],
-    score: str,
-    n_permutations: int,
-    seed: int,
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    analysis = universal.run_cross_modal_analysis(
-        data.open_run(Path(path)),
-        [model for model, _ in members],
-        layers=dict(members),
-        score=score,
-        n_permutations=n_permutations,
-        seed=seed,
-    )
-    return analysis.per_stimulus(), analysis.relation, analysis.model_summary()
-
-
-@st.cache_data(
-    show_spinner="Held-out retrieval: fitting the space on each training split…", max_entries=32
-)
-def _retrieval(
-    path: str,
-    stamp: int,
-    members: tuple[tuple[str, str], ...],
-    score: str,
-    n_folds: int,
-    seed: int,
-    similarity: str,
-) -> retrieval.CrossValidatedRetrieval:
-    return retrieval.run_retrieval(
-        data.open_run(Path(path)),
-        [model for model, _ in members],
-        layers=dict(members),
-        score=score,
-        n_folds=n_folds,
-        seed=seed,
-        similarity=similarity,
-    )
-
-
-@st.cache_data(show_spinner=False, max_entries=32)
-def _pictures(
-    path: str,
-    stamp: int,
-    members: tuple[tuple[str, str], ...],
-    score: str,
-    n_permutations: int,
-    seed: int,
-) -> tuple[bytes, bytes]:
-    """The cross-modal scatter and the model residual bars as pictures, drawn once per server."""
-    per_stimulus, relation, model_summary = _cross_modal(
-        path, stamp, members, score, n_permutations, seed
-    )
-    row = relation.iloc[0]
-    scatter = charts.cross_modal_scatter(
-        per_stimulus["intra_modal_dispersion"].to_numpy(),
-        per_stimulus["cross_modal_dispersion"].to_numpy(),
-        title=f"Cross-modal vs intra-modal dispersion, {len(per_stimulus):,} stimuli — "
-        f"Spearman ρ = {row['spearman_rho']:.3f}, permutation p = "
-        f"{row['permutation_p_value_two_sided']:.3g} ({int(row['n_permutations'])} shuffles)",
-        x_title=f"vision dispersion ({plots.SCORE_NAME[score]}) (residual units)",
-        y_title="cross-modal dispersion (residual units)",
-    )
-    return scatter, charts.model_residuals(model_summary)
 
 
 context = page.open_page("Universal space", icon="🌐")
@@ -141,7 +69,7 @@ with st.sidebar:
     )
     layers: dict[str, str] = {}
     # popovers: the browser builds their widgets only when opened (an expander's at once)
-    with st.popover("Layers", icon=":material/layers:"):
+    with st.popover("Layers", icon=":material/layers:"):  # data.default_members: the defaults
         for model in chosen:
             key = f"w_universal_layer_{model}"
             options = run.layers(model)
@@ -156,7 +84,8 @@ with st.sidebar:
         n_folds = st.number_input("Folds", min_value=2, max_value=10, value=5, step=1)
         similarity = st.radio("Similarity", retrieval.SIMILARITIES, horizontal=True)
         n_permutations = st.number_input(
-            "Permutations", min_value=50, max_value=5000, value=1000, step=50
+            "Permutations", min_value=50, max_value=5000, value=data.CROSS_MODAL_PERMUTATIONS,
+            step=50,
         )
         seed = st.number_input("Seed", min_value=0, value=0, step=1)
 page.close_page(context)
@@ -180,7 +109,7 @@ dispersion_tab, retrieval_tab, captions_tab = st.tabs(
 with dispersion_tab:
     if dispersion_tab.open:
         try:
-            per_stimulus, relation, model_summary = _cross_modal(
+            per_stimulus, relation, model_summary = data.cross_modal(
                 str(path), stamp, members, score, int(n_permutations), int(seed)
             )
         except ValueError as error:
@@ -208,7 +137,9 @@ with dispersion_tab:
         )
         # a picture first (quick to load); the toggle turns it into the Plotly chart, whose
         # hover names each stimulus (id and caption up to plots.HOVER_TEXT_LIMIT stimuli)
-        scatter, bars = _pictures(str(path), stamp, members, score, int(n_permutations), int(seed))
+        scatter, bars = data.cross_modal_pictures(
+            str(path), stamp, members, score, int(n_permutations), int(seed)
+        )
         # kept while another tab is open
         interactive = widgets.interactive_chart_toggle(
             INTERACTIVE_KEY, "Interactive chart: hover for each stimulus's id and caption, zoom",
@@ -266,7 +197,7 @@ with retrieval_tab:
             )
         else:
             try:
-                result = _retrieval(
+                result = data.cross_modal_retrieval(
                     str(path), stamp, members, score, int(n_folds), int(seed), similarity
                 )
             except ValueError as error:
@@ -310,7 +241,7 @@ with captions_tab:
         if not {"vision", "language"} <= set(modalities):
             st.info("Add a vision and a language model to the barycenter to retrieve captions.")
         else:
-            result = _retrieval(
+            result = data.cross_modal_retrieval(
                 str(path), stamp, members, score, int(n_folds), int(seed), similarity
             )
             if len(ids) <= SELECTBOX_LIMIT:

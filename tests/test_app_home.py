@@ -399,14 +399,15 @@ def test_serve_opens_the_default_run_before_the_first_visit(
     """serve's background warm-up opens, checks and indexes the default run, finds its best
     language layers and runs its property tests in the server's caches: the first pages compute
     none of it again."""
-    from convergence_core import analyses
+    from convergence_core import analyses, universal
     from convergence_core.dashboard import predictors, serve
     from tests.fixtures_runs import make_synthetic_run
 
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    monkeypatch.setattr(serve, "WARM_DELAY_S", 0.0)
     assert data.warm_default_run() is None  # no run yet: nothing to open
     make_synthetic_run(tmp_path / "runs", n=40, name="demo")
-    calls = {"load_run": 0, "best_language_layers": 0, "property_tests": 0}
+    calls = {"load_run": 0, "best_language_layers": 0, "property_tests": 0, "cross_modal": 0}
 
     def counted(name, function):  # noqa: ANN001, ANN202
         def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -423,14 +424,19 @@ def test_serve_opens_the_default_run_before_the_first_visit(
     monkeypatch.setattr(
         predictors.dp, "property_tests", counted("property_tests", predictors.dp.property_tests)
     )
-    once = {"load_run": 1, "best_language_layers": 1, "property_tests": 1}
+    monkeypatch.setattr(
+        universal, "run_cross_modal_analysis",
+        counted("cross_modal", universal.run_cross_modal_analysis),
+    )
+    once = {"load_run": 1, "best_language_layers": 1, "property_tests": 1, "cross_modal": 1}
     try:
         serve._warm_default_run()  # what the server's thread runs
         err = capsys.readouterr().err
         assert "run 'demo' opened and checked" in err and "property tests ready" in err
+        assert "cross-modal dispersion ready" in err
         assert calls == once
         pages = ("app.py", "pages/1_Stimuli.py", "pages/3_Alignment_lab.py",
-                 "pages/5_What_predicts_dispersion.py")
+                 "pages/5_What_predicts_dispersion.py", "pages/6_Universal_space.py")
         for target in pages:
             at = AppTest.from_file(str(REPO / target), default_timeout=TIMEOUT)
             at.query_params["run"] = "demo"
@@ -444,5 +450,6 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         serve._warm_default_run()
         assert "could not be opened" in capsys.readouterr().err
     finally:
-        for cached in (data._open_run, data._catalogue, data._best_language_layer_table):
+        for cached in (data._open_run, data._catalogue, data._best_language_layer_table,
+                       data.cross_modal, data.cross_modal_pictures):
             cached.clear()

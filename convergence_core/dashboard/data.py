@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from .. import residual_umap, settings
+from .. import residual_umap, retrieval, settings, universal
 from ..cache import RunLayout, read_npy, write_npy
 from ..random_baseline import DEFAULT_INTERVAL_WIDTH
 from ..stimulus_alignment import PER_STIMULUS_METRICS
@@ -119,10 +119,10 @@ def catalogue(run: Run) -> Catalogue:
 
 
 def warm_default_run() -> Run | None:
-    """Open, check and index the run a first visitor sees (:func:`default_run_name`) and find
-    its best language layers, so that the first page after a server start finds them in the
-    server's caches (Streamlit's caches are the process's, with or without a session). ``serve``
-    calls it in a background thread; a page that asks meanwhile waits for the same result.
+    """Open, check and index the run a first visitor sees (:func:`default_run_name`), so that the
+    first page after a server start finds it in the server's caches (Streamlit's caches are the
+    process's, with or without a session). ``serve`` calls it in a background thread; a page
+    that asks meanwhile waits for the same result.
 
     Returns the run, or None when there is no complete run. A damaged run raises here as it would
     on the page (which then shows the error in words).
@@ -134,9 +134,90 @@ def warm_default_run() -> Run | None:
     info = next(info for info in runs if info.name == name)
     run = open_run(info.path)
     catalogue(run)
-    if run.language_models and run.gpa.models:  # what the Stimuli page and the lab ask first
-        best_language_layer_table(str(info.path), manifest_stamp(info.path))
     return run
+
+
+#: The Universal space page's default number of label shuffles for its ρ's permutation test
+CROSS_MODAL_PERMUTATIONS = 1000
+
+
+def default_members(run: Run) -> tuple[tuple[str, str], ...]:
+    """The Universal space page's default barycenter: every model of the run at its default
+    layer, as (model, layer) pairs."""
+    return tuple((model, run.default_layer(model)) for model in run.models)
+
+
+@st.cache_data(show_spinner="Aligning the chosen models (GPA on every stimulus)…", max_entries=32)
+def cross_modal(
+    path: str,
+    stamp: int,
+    members: tuple[tuple[str, str], ...],
+    score: str,
+    n_permutations: int,
+    seed: int,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """:func:`universal.run_cross_modal_analysis` of ``members`` ((model, layer) pairs): per
+    stimulus, the relation to vision dispersion and the per-model summary (the Universal space
+    page; ``serve`` computes the default members' for the default run before the first visit)."""
+    analysis = universal.run_cross_modal_analysis(
+        open_run(Path(path)),
+        [model for model, _ in members],
+        layers=dict(members),
+        score=score,
+        n_permutations=n_permutations,
+        seed=seed,
+    )
+    return analysis.per_stimulus(), analysis.relation, analysis.model_summary()
+
+
+@st.cache_data(
+    show_spinner="Held-out retrieval: fitting the space on each training split…", max_entries=32
+)
+def cross_modal_retrieval(
+    path: str,
+    stamp: int,
+    members: tuple[tuple[str, str], ...],
+    score: str,
+    n_folds: int,
+    seed: int,
+    similarity: str,
+) -> retrieval.CrossValidatedRetrieval:
+    """:func:`retrieval.run_retrieval` of ``members`` (the Universal space page)."""
+    return retrieval.run_retrieval(
+        open_run(Path(path)),
+        [model for model, _ in members],
+        layers=dict(members),
+        score=score,
+        n_folds=n_folds,
+        seed=seed,
+        similarity=similarity,
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def cross_modal_pictures(
+    path: str,
+    stamp: int,
+    members: tuple[tuple[str, str], ...],
+    score: str,
+    n_permutations: int,
+    seed: int,
+) -> tuple[bytes, bytes]:
+    """The cross-modal scatter and the model residual bars as pictures, drawn once per server."""
+    per_stimulus, relation, model_summary = cross_modal(
+        path, stamp, members, score, n_permutations, seed
+    )
+    row = relation.iloc[0]
+    scatter = charts.cross_modal_scatter(
+        per_stimulus["intra_modal_dispersion"].to_numpy(),
+        per_stimulus["cross_modal_dispersion"].to_numpy(),
+        title=f"Cross-modal vs intra-modal dispersion, {len(per_stimulus):,} stimuli — "
+        f"Spearman ρ = {row['spearman_rho']:.3f}, permutation p = "
+        f"{row['permutation_p_value_two_sided']:.3g} ({int(row['n_permutations'])} shuffles)",
+        x_title=f"vision dispersion ({plots.SCORE_NAME[score]}) (residual units)",
+        y_title="cross-modal dispersion (residual units)",
+    )
+    return scatter, charts.model_residuals(model_summary)
 
 
 def indexes_for(run: Run, pairs: Sequence[lab.Pair]) -> dict[tuple[str, str], object]:

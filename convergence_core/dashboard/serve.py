@@ -36,6 +36,8 @@ __all__ = ["PACKAGED_APP_FOLDER", "app_folder", "app_path", "main"]
 
 #: the thread that opens the default run while the server starts (:func:`_warm_default_run`)
 WARM_THREAD = "warm-default-run"
+#: seconds between the default run being open and the warm-up of the slowest first screens
+WARM_DELAY_S = 3.0
 #: where a wheel carries the dashboard (app.py, pages/, .streamlit/config.toml)
 PACKAGED_APP_FOLDER = Path(__file__).resolve().parent / "streamlit_app"
 
@@ -118,9 +120,11 @@ def streamlit_arguments(argv: list[str], *, prog: str = "convergence serve") -> 
 
 
 def _warm_default_run() -> None:
-    """:func:`data.warm_default_run`, its time and outcome on stderr: at 100,000 stimuli the check
-    of every run file and the stimulus index take ~2 s that the first visitor no longer waits for
-    (benchmarks/bench_dashboard.py, cold server)."""
+    """What the first visitor of the default run would wait for, computed while the server
+    starts: :func:`data.warm_default_run` (the run opened, checked and indexed), then the best
+    language layers and the default first screens of What predicts dispersion and Universal space.
+    One stderr line per step: its time, or why it failed (the page then says it too). At 100,000
+    stimuli: ~5 s, then ~5, ~16 and ~3 s (README, "Runs of 10,000-100,000 stimuli")."""
     from convergence_core.dashboard import data
 
     # Streamlit warns that this thread runs no page ("missing ScriptRunContext") at every cached
@@ -141,25 +145,42 @@ def _warm_default_run() -> None:
         f"{time.perf_counter() - start:.1f} s",
         file=sys.stderr,
     )
-    # then the slowest first screen: What predicts dispersion's property tests (10,000
-    # permutations per test: ~16 s at 100,000 stimuli), called exactly as that page calls them,
-    # at the lowest CPU priority (this thread only): pages served meanwhile go first
-    from convergence_core.dashboard import predictors
+    # then the slowest first screens: the best language layers (Stimuli, the lab: ~5 s at
+    # 100,000 stimuli), What predicts dispersion's property tests (10,000 permutations per test,
+    # ~16 s) and Universal space's GPA of every model, called exactly as those pages call them by
+    # default (the call is the cache key). A visitor who came at once is served first: these
+    # start WARM_DELAY_S later, at the lowest CPU priority of this thread (its Python still takes
+    # turns with the pages' for the GIL)
+    from convergence_core.dashboard import predictors, state
 
+    time.sleep(WARM_DELAY_S)
     with contextlib.suppress(AttributeError, OSError):  # Linux threads have their own priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    start = time.perf_counter()
-    try:
-        predictors.property_tests(  # an empty table for a run without properties
-            str(run.path), data.manifest_stamp(run.path), predictors.PAGE_PERMUTATIONS, 0
+    path, stamp = str(run.path), data.manifest_stamp(run.path)
+    members = data.default_members(run)
+    steps = []
+    if run.language_models and run.gpa.models:
+        steps.append(("best language layers", lambda: data.best_language_layer_table(
+            path, stamp
+        )))
+    steps.append(("property tests", lambda: predictors.property_tests(  # empty without properties
+        path, stamp, predictors.PAGE_PERMUTATIONS, 0
+    )))
+    if len({run.modality(model) for model, _ in members}) >= 2:
+        steps.append(("cross-modal dispersion", lambda: data.cross_modal_pictures(
+            path, stamp, members, state.DEFAULT_SCORE, data.CROSS_MODAL_PERMUTATIONS, 0
+        )))
+    for what, step in steps:
+        start = time.perf_counter()
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - the page shows the same error in words
+            print(f"convergence serve: {what} failed: {exc}", file=sys.stderr)
+            continue
+        print(
+            f"convergence serve: {what} ready in {time.perf_counter() - start:.1f} s",
+            file=sys.stderr,
         )
-    except Exception as exc:  # noqa: BLE001 - the page shows the same error in words
-        print(f"convergence serve: property tests failed: {exc}", file=sys.stderr)
-        return
-    print(
-        f"convergence serve: property tests ready in {time.perf_counter() - start:.1f} s",
-        file=sys.stderr,
-    )
 
 
 def main(argv: list[str] | None = None, *, prog: str = "convergence serve") -> int:
