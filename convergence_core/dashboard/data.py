@@ -61,9 +61,14 @@ def _runs_signature(root: Path) -> tuple[tuple[str, int], ...]:
     return tuple(signature)
 
 
+def complete_runs(root: str | Path) -> list[RunInfo]:
+    """The complete runs under ``root`` (a cache's ``runs/``), newest first, read now."""
+    return [info for info in list_runs(root) if info.summary.get("complete")]
+
+
 @st.cache_data(show_spinner=False, max_entries=8)
 def _complete_runs(root: str, signature: tuple[tuple[str, int], ...]) -> list[RunInfo]:
-    return [info for info in list_runs(root) if info.summary.get("complete")]
+    return complete_runs(root)
 
 
 def available_runs() -> list[RunInfo]:
@@ -127,7 +132,7 @@ def warm_default_run() -> Run | None:
     Returns the run, or None when there is no complete run. A damaged run raises here as it would
     on the page (which then shows the error in words).
     """
-    runs = [info for info in list_runs(settings.runs_root()) if info.summary.get("complete")]
+    runs = complete_runs(settings.runs_root())
     name = default_run_name(runs)
     if name is None:
         return None
