@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 from convergence_core.settings import demo_data_root, imagenet_samples_root
 
@@ -21,6 +22,45 @@ from convergence_core.settings import demo_data_root, imagenet_samples_root
 #: alphabetical order the chain started mid-run. Fresh-clone runs the same afternoon: pytest 569 s
 #: with this order, 608 s and 698 s without (a noisy machine).
 LONG_FILES = ("test_end_to_end.py",)
+
+
+#: BLAS / OpenMP thread settings a user gave (they win over :func:`pytest_configure`'s).
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_USER_THREADS = {name for name in _THREAD_VARIABLES if name in os.environ}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One share of the cores per xdist worker for BLAS / OpenMP threads, in this process and in
+    every process it starts (benchmarks, the served app, the installed wheel). OpenBLAS threads
+    spin while they wait, so two workers' 2-thread pools on 2 cores slow each other down by an
+    order of magnitude: the numerics benchmark's plain GPA took 18.2 s beside another 2-thread
+    BLAS process, 1.6 s with one thread each and 1.4 s alone; in the suite its test took 74-90 s.
+    The xdist controller sets the same values before it starts the workers, which inherit them.
+    """
+    workers = _worker_count(config)
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity else (os.cpu_count() or 1)
+    threads = max(1, cores // max(workers, 1))
+    for name in _THREAD_VARIABLES:
+        if name not in _USER_THREADS:
+            os.environ[name] = str(threads)
+    if "OPENBLAS_NUM_THREADS" not in _USER_THREADS:
+        config.stash[_BLAS_LIMITS] = threadpool_limits(limits=threads)
+
+
+_BLAS_LIMITS = pytest.StashKey[object]()
+
+
+def _worker_count(config: pytest.Config) -> int:
+    """How many test processes share the cores: xdist's workers (seen from a worker or from the
+    controller), else 1."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return max(1, int(workerinput["workercount"]))
+    try:
+        return max(1, int(config.getoption("numprocesses", None) or 1))
+    except (TypeError, ValueError):  # "auto" / "logical" before xdist resolves them
+        return 1
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
