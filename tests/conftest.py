@@ -24,9 +24,16 @@ from convergence_core.settings import demo_data_root, imagenet_samples_root
 LONG_FILES = ("test_end_to_end.py",)
 
 
-#: BLAS / OpenMP thread settings a user gave (they win over :func:`pytest_configure`'s).
 _THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-_USER_THREADS = {name for name in _THREAD_VARIABLES if name in os.environ}
+#: Names the thread variables :func:`pytest_configure` set (the xdist controller tells its workers
+#: through this variable, so that they know those values are not the user's).
+_SET_HERE = "CONVERGENCE_TEST_THREAD_VARIABLES"
+#: BLAS / OpenMP thread settings the user gave (they win over :func:`pytest_configure`'s).
+_USER_THREADS = {
+    name
+    for name in _THREAD_VARIABLES
+    if name in os.environ and name not in os.environ.get(_SET_HERE, "").split(",")
+}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,14 +48,27 @@ def pytest_configure(config: pytest.Config) -> None:
     affinity = getattr(os, "sched_getaffinity", None)
     cores = len(affinity(0)) if affinity else (os.cpu_count() or 1)
     threads = max(1, cores // max(workers, 1))
-    for name in _THREAD_VARIABLES:
-        if name not in _USER_THREADS:
-            os.environ[name] = str(threads)
+    ours = [name for name in _THREAD_VARIABLES if name not in _USER_THREADS]
+    for name in ours:
+        os.environ[name] = str(threads)
+    os.environ[_SET_HERE] = ",".join(ours)
     if "OPENBLAS_NUM_THREADS" not in _USER_THREADS:
         config.stash[_BLAS_LIMITS] = threadpool_limits(limits=threads)
 
 
 _BLAS_LIMITS = pytest.StashKey[object]()
+
+
+@pytest.fixture(scope="session")
+def user_environment() -> dict[str, str]:
+    """``os.environ`` without the thread settings of :func:`pytest_configure`: for a process that
+    must compute what the user's own command computes. The vision encoders' convolutions round
+    differently on 1 and 2 threads (features ~1e-6 apart on the demo), and the README's
+    blind-matching accuracies, a local search, moved by up to 0.8 points with them."""
+    environment = dict(os.environ)
+    for name in environment.pop(_SET_HERE, "").split(","):
+        environment.pop(name, None)
+    return environment
 
 
 def _worker_count(config: pytest.Config) -> int:

@@ -41,8 +41,12 @@ PAGES = [path for _, path in PAGE_URLS]  # every page, Home first
 pytestmark = pytest.mark.slow
 
 
-def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def _cli(
+    environment: dict[str, str], *args: str, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """The CLI as the user runs it (``environment``: the ``user_environment`` fixture, so with the
+    user's thread settings, as ``make demo`` has them), offline."""
+    env = {**environment, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "convergence_core", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
@@ -50,16 +54,16 @@ def _cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def demo_run() -> Path:
+def demo_run(user_environment: dict[str, str]) -> Path:
     """The real demo run (coco-mini × EfficientNet-Lite0/1/2 × MiniLM, Gemma-3-270M)."""
-    done = _cli("precompute", "--preset", "demo")
+    done = _cli(user_environment, "precompute", "--preset", "demo")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     path = settings.runs_root() / "demo"
     assert (path / "manifest.json").is_file()
     return path
 
 
-def test_demo_run_is_complete_and_cached(demo_run: Path) -> None:
+def test_demo_run_is_complete_and_cached(demo_run: Path, user_environment: dict[str, str]) -> None:
     from convergence_core import load_run
 
     run = load_run(demo_run)
@@ -70,7 +74,7 @@ def test_demo_run_is_complete_and_cached(demo_run: Path) -> None:
     assert np.isfinite(run.gpa.residuals).all() and run.gpa.converged
 
     started = time.perf_counter()
-    again = _cli("precompute", "--preset", "demo")
+    again = _cli(user_environment, "precompute", "--preset", "demo")
     assert again.returncode == 0, again.stderr[-3000:]
     assert time.perf_counter() - started < 60, "a cached demo precompute must not recompute"
 
@@ -79,13 +83,15 @@ def _readme() -> str:
     return (REPO / "README.md").read_text()
 
 
-def test_report_on_demo_run_matches_the_readme(demo_run: Path) -> None:
+def test_report_on_demo_run_matches_the_readme(
+    demo_run: Path, user_environment: dict[str, str]
+) -> None:
     """The README's report command, exactly; the README's table must be what it prints."""
     out = REPO / "report"  # ignored by git; CI's copy of the report
     command = re.search(r"`python -m convergence_core (report --preset demo [^`]*)`", _readme())
     assert command is not None
     assert command.group(1) == "report --preset demo --out report/ --embed-captions"
-    done = _cli(*command.group(1).split(), timeout=900)
+    done = _cli(user_environment, *command.group(1).split(), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     print(done.stdout)
     assert list(out.glob("*.csv")) and list(out.glob("*.png"))
