@@ -36,6 +36,18 @@ _USER_THREADS = {
 }
 
 
+def _worker_count(config: pytest.Config) -> int:
+    """How many test processes share the cores: xdist's workers (seen from a worker or from the
+    controller), else 1."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        return max(1, int(workerinput["workercount"]))
+    try:
+        return max(1, int(config.getoption("numprocesses", None) or 1))
+    except (TypeError, ValueError):  # "auto" / "logical" before xdist resolves them
+        return 1
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """One share of the cores per xdist worker for BLAS / OpenMP threads, in this process and in
     every process it starts (benchmarks, the served app, the installed wheel). OpenBLAS threads
@@ -47,16 +59,13 @@ def pytest_configure(config: pytest.Config) -> None:
     workers = _worker_count(config)
     affinity = getattr(os, "sched_getaffinity", None)
     cores = len(affinity(0)) if affinity else (os.cpu_count() or 1)
-    threads = max(1, cores // max(workers, 1))
+    threads = max(1, cores // workers)
     ours = [name for name in _THREAD_VARIABLES if name not in _USER_THREADS]
     for name in ours:
         os.environ[name] = str(threads)
     os.environ[_SET_HERE] = ",".join(ours)
     if "OPENBLAS_NUM_THREADS" not in _USER_THREADS:
-        config.stash[_BLAS_LIMITS] = threadpool_limits(limits=threads)
-
-
-_BLAS_LIMITS = pytest.StashKey[object]()
+        threadpool_limits(limits=threads)  # libraries loaded already; stays until changed
 
 
 @pytest.fixture(scope="session")
@@ -69,18 +78,6 @@ def user_environment() -> dict[str, str]:
     for name in environment.pop(_SET_HERE, "").split(","):
         environment.pop(name, None)
     return environment
-
-
-def _worker_count(config: pytest.Config) -> int:
-    """How many test processes share the cores: xdist's workers (seen from a worker or from the
-    controller), else 1."""
-    workerinput = getattr(config, "workerinput", None)
-    if workerinput is not None:
-        return max(1, int(workerinput["workercount"]))
-    try:
-        return max(1, int(config.getoption("numprocesses", None) or 1))
-    except (TypeError, ValueError):  # "auto" / "logical" before xdist resolves them
-        return 1
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
