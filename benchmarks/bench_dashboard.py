@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -64,6 +65,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
+
+# the server-side timings call the pages' cached functions outside a Streamlit server, on purpose;
+# Streamlit would warn once per cached function ("No runtime found") when data is imported
+logging.getLogger("streamlit.runtime.caching.cache_data_api").setLevel(logging.ERROR)
 
 from convergence_core import settings  # noqa: E402
 from convergence_core.dashboard import data, headless, lab, state  # noqa: E402
