@@ -38,6 +38,7 @@ writes the run folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -73,6 +74,7 @@ __all__ = [
     "WorkerError",
     "actor_device",
     "aligned_segments",
+    "model_part",
     "plan_shard_rows",
 ]
 
@@ -117,6 +119,15 @@ def actor_device(device: str) -> str:
     return "cuda" if str(device).startswith("cuda") else str(device)
 
 
+def model_part(job: ExtractionJob) -> ExtractionJob:
+    """``job`` without what only the driver needs (items, owners, work folder, caption-agreement
+    items): what an actor is sent to load its model; the items come in the batches."""
+    return dataclasses.replace(
+        job, items=(), owner=np.zeros(0, dtype=np.int64), n_stimuli=0, work_dir=None,
+        agreement_items=None, agreement_owner=None,
+    )
+
+
 def _layer_column(index: int) -> str:
     return f"layer_{index:04d}"
 
@@ -124,18 +135,17 @@ def _layer_column(index: int) -> str:
 class EncoderActor:
     """A Ray Data map worker: loads one model once, embeds shards of items.
 
-    ``spec`` holds the job fields that decide the numbers (model, modality, layers, gpa_layer,
-    device, batch_size, precision, weights). A call gets a batch ``{"row", "shard", "item"}``
+    ``job`` is the :class:`ExtractionJob` without its items (:func:`model_part`): the fields
+    that load the model and decide the numbers. A call gets a batch ``{"row", "shard", "item"}``
     (numpy) and returns ``{"row", "shard", "meta", "seconds", "layer_0000", ...}``: one (B, d)
     float32 column per chosen layer, in network order, ``seconds`` (the call's time per row)
     and ``meta`` (JSON: layers, default layer, weights id, load seconds, pid, ready_at) on
     every row.
     """
 
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, job: ExtractionJob) -> None:
         started = time.perf_counter()
-        spec = {**spec, "device": actor_device(spec.get("device", "cpu"))}
-        job = ExtractionJob(items=(), owner=np.zeros(0, dtype=np.int64), n_stimuli=0, **spec)
+        job = dataclasses.replace(job, device=actor_device(job.device))
         with _tag_errors():
             self.encoder, self.layers, self.autocast = load_for_job(job)
         self.batch_size = None if job.batch_size == "auto" else int(job.batch_size)
@@ -543,17 +553,6 @@ class RayEngine:
                         }
                     )
                 )
-            spec = {
-                "model": job.model,
-                "modality": job.modality,
-                "layers": job.layers if isinstance(job.layers, str) else list(job.layers),
-                "gpa_layer": job.gpa_layer,
-                "device": job.device,
-                "batch_size": job.batch_size,
-                "precision": job.precision,
-                "weights": job.weights,
-                "images_root": job.images_root,
-            }
             extra: dict[str, Any] = {}
             if self._runtime_env:
                 extra["runtime_env"] = self._runtime_env
@@ -563,7 +562,7 @@ class RayEngine:
                 compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
                 num_cpus=num_cpus,
                 num_gpus=num_gpus or None,
-                fn_constructor_kwargs={"spec": spec},
+                fn_constructor_kwargs={"job": model_part(job)},
                 batch_format="numpy",
                 udf_modifying_row_count=False,
                 **extra,

@@ -58,6 +58,7 @@ from convergence_core.ray_engine import (
     _tag_errors,
     actor_device,
     aligned_segments,
+    model_part,
     plan_shard_rows,
 )
 
@@ -699,3 +700,20 @@ def test_close_leaves_no_ray_process(engine: RayEngine) -> None:
 def test_extraction_job_defaults() -> None:
     job = ExtractionJob("m", "vision", ("a", "b"), np.arange(2), 2)
     assert job.items_count == 2 and job.precision == "auto" and job.work_dir is None
+
+
+def test_actors_get_the_job_without_its_items(tmp_path: Path) -> None:
+    """What an actor is sent: every field that loads the model and decides the numbers, none of
+    the driver's items, owners, work folder or caption-agreement items."""
+    job = ExtractionJob(
+        "minilm", "language", ("a", "b", "c"), np.array([0, 0, 1]), 2, layers=["layer_3"],
+        gpa_layer="layer_6", batch_size=4, precision="bfloat16", weights="w.safetensors",
+        work_dir=tmp_path, inputs="key", agreement_items=("a", "b"),
+        agreement_owner=np.array([0, 1]),
+    )
+    sent = model_part(job)
+    assert sent.items == () and sent.owner.shape == (0,) and sent.n_stimuli == 0
+    assert sent.work_dir is None and sent.agreement_items is None and sent.agreement_owner is None
+    for name in ("model", "modality", "layers", "gpa_layer", "device", "batch_size", "precision",
+                 "weights", "inputs", "images_root"):
+        assert getattr(sent, name) == getattr(job, name), name
