@@ -8,9 +8,6 @@ it is cached. Prints a table and writes benchmarks/results/bench_analyses.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +20,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import machine, write_results  # noqa: E402
 from convergence_core import analyses, report, settings  # noqa: E402
 from convergence_core.precompute import write_run_from_embeddings  # noqa: E402
 from convergence_core.run import Run, load_run  # noqa: E402
@@ -109,19 +107,11 @@ def main() -> int:
             rows += bench(load_run(demo), "demo (real)", args.repeats, Path(tmp) / "report-demo")
     result = {
         "benchmark": "analyses",
-        "cpu_count": os.cpu_count(),
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
+        "machine": machine(),
         "n_stimuli": N_STIMULI,
         "results": rows,
     }
-    out = ROOT / "benchmarks" / "results" / "bench_analyses.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_out, out)
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_results("bench_analyses.json", result)
     return 0
 
 

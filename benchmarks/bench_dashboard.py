@@ -46,10 +46,8 @@ beside it (metrics that are not live run behind a button).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -70,6 +68,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 # Streamlit would warn once per cached function ("No runtime found") when data is imported
 logging.getLogger("streamlit.runtime.caching.cache_data_api").setLevel(logging.ERROR)
 
+from benchmarks.record import machine, write_results  # noqa: E402
 from convergence_core import settings  # noqa: E402
 from convergence_core.dashboard import data, headless, lab, state  # noqa: E402
 from convergence_core.dashboard.page import PAGE_URLS  # noqa: E402
@@ -569,12 +568,7 @@ def main() -> None:
         "run": run_kind,
         "n_stimuli": run.n_stimuli,
         "repeats": args.repeats,
-        "machine": {
-            "python": platform.python_version(),
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_1min_start": os.getloadavg()[0],
-        },
+        "machine": machine(),  # its load average: at the start
     }
     print(f"run: {run_kind} ({run.n_stimuli} stimuli) at {run_path}")
     if not args.server_only and not args.lab_only:
@@ -603,13 +597,10 @@ def main() -> None:
     payload["machine"]["load_average_1min_end"] = os.getloadavg()[0]
     print(
         f"machine: {os.cpu_count()} CPUs, load average "
-        f"{payload['machine']['load_average_1min_start']:.1f}"
+        f"{payload['machine']['load_average_1min']:.1f}"
         f" → {os.getloadavg()[0]:.1f} (other jobs slow every number; compare the ratios)"
     )
-    out = ROOT / "benchmarks" / "results" / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, payload)
 
 
 if __name__ == "__main__":

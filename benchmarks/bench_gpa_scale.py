@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -50,7 +49,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+from benchmarks.record import machine, write_results  # noqa: E402
+
 METHODS = ("old", "new", "reference", "tight", "stability")
 
 
@@ -325,19 +325,14 @@ def main() -> None:
             print(f"n={n}: stability ({args.stability_starts} starts): {by['stability']['summary']}")
 
     payload = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "load_average": os.getloadavg(), "threads": args.threads,
-                    "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
+        "machine": machine(threads=args.threads,
+                           OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS")),
         "case": {"sizes": sizes, "dims": dims, "rank": rank, "noise": args.noise, "seed": args.seed,
                  "quick": args.quick},
         "rows": rows,
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    target = RESULTS_DIR / args.out
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    os.replace(tmp, target)
-    print(f"\nwrote {target}")
+    print()
+    write_results(args.out, payload, default=float)
 
 
 if __name__ == "__main__":

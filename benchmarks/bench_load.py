@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -48,6 +46,7 @@ import websockets  # noqa: E402
 from streamlit.proto.BackMsg_pb2 import BackMsg  # noqa: E402
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg  # noqa: E402
 
+from benchmarks.record import machine, write_results  # noqa: E402
 from convergence_core import settings  # noqa: E402
 from convergence_core.dashboard import headless  # noqa: E402
 
@@ -286,28 +285,18 @@ def main() -> None:
             f"(+{row['rss_mb_growth_per_session']:.1f} MB/session)  ok {row['ok']}",
             flush=True,
         )
-    out = ROOT / "benchmarks" / "results" / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "run": str(run_path),
-                "page": PAGE,
-                "interval_s": args.interval,
-                "duration_s": args.duration,
-                "target": {"sessions": TARGET_SESSIONS, "p95_s": TARGET_P95_S},
-                "machine": {
-                    "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(),
-                    "load_average_1min": os.getloadavg()[0],
-                },
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_results(
+        args.out,
+        {
+            "run": str(run_path),
+            "page": PAGE,
+            "interval_s": args.interval,
+            "duration_s": args.duration,
+            "target": {"sessions": TARGET_SESSIONS, "p95_s": TARGET_P95_S},
+            "machine": machine(),
+            "rows": rows,
+        },
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

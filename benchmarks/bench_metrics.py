@@ -32,9 +32,7 @@ import argparse
 import contextlib
 import importlib
 import io
-import json
 import os
-import platform
 import sys
 import time
 import types
@@ -46,6 +44,7 @@ from threadpoolctl import threadpool_limits
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import machine, write_results  # noqa: E402
 from convergence_core import metrics  # noqa: E402
 from convergence_core.metrics import (  # noqa: E402
     cka_from_kernels,
@@ -55,7 +54,6 @@ from convergence_core.metrics import (  # noqa: E402
     nearest_neighbours,
 )
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 BUDGET_MS = 300.0
 
 #: (label, registry name, options)
@@ -280,19 +278,11 @@ def main() -> None:
         "n_sets": n_sets,
         "budget_ms": BUDGET_MS,
         "reference_notes": reference_note,
-        "load_average": os.getloadavg(),
-        "machine": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
+        "machine": machine(numpy=np.__version__),
         "block_elements": metrics._BLOCK_ELEMENTS,
         "rows": rows,
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / args.out
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-    print(f"wrote {path.relative_to(ROOT)}")
+    write_results(args.out, payload)
 
 
 if __name__ == "__main__":

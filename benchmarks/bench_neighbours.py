@@ -18,7 +18,6 @@ Writes benchmarks/results/NAME (default neighbours.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import machine, write_results  # noqa: E402
 from convergence_core.neighbours import (  # noqa: E402
     NeighbourIndex,
     PreparedFeatures,
@@ -37,7 +37,6 @@ from convergence_core.neighbours import (  # noqa: E402
     subset_alignment,
 )
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
 def dense_reference_cknna(X: np.ndarray, Y: np.ndarray, k: int) -> float:
@@ -140,14 +139,8 @@ def main() -> None:
               f"{r['build_gflop'] / r['build_both_s']:>8.1f}")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak_mb:.0f} MB")
-    payload = {"quick": args.quick, "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
-               "peak_rss_mb": peak_mb, "rows": rows}
-    path = RESULTS_DIR / args.out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    payload = {"quick": args.quick, "machine": machine(), "peak_rss_mb": peak_mb, "rows": rows}
+    write_results(args.out, payload)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,7 @@ multithreaded LAPACK can be much slower than single-threaded.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,10 +33,10 @@ from threadpoolctl import threadpool_info, threadpool_limits
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import machine, write_results  # noqa: E402
 import convergence_core.procrustes as procrustes  # noqa: E402
 from convergence_core.procrustes import generalized_procrustes  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:
@@ -207,19 +205,14 @@ def main() -> None:
     print(f"one SVD ({max(dims)}²) {gpa['svd_d_s']:.2f} s, "
           f"one eigh ({min(gpa['m'] - 1, max(dims))}²) {gpa['eigh_p_s']:.2f} s")
 
-    results = RESULTS_DIR / args.out
-    results.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "blas": blas,
-                    "matmul_peak_gflop_per_s": peak, "load_average": os.getloadavg(),
-                    "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS")},
+        "machine": machine(blas=blas, matmul_peak_gflop_per_s=peak,
+                           OPENBLAS_NUM_THREADS=os.environ.get("OPENBLAS_NUM_THREADS")),
         "quick": args.quick,
         "gpa": gpa,
     }
-    tmp = results.with_name(f"{results.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=_plain))
-    os.replace(tmp, results)
-    print(f"\nwrote {results}")
+    print()
+    write_results(args.out, payload, default=_plain)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import machine, write_results  # noqa: E402
 from convergence_core import settings  # noqa: E402
 
 COLD_TARGET_S = 180.0
@@ -393,21 +393,16 @@ def _run_engines(args: argparse.Namespace) -> None:
     )
     _print_engines(engines, projection)
     results = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "gpu": "none (CPU only; the GPU path was tested on CPU)",
-            "load_average_1min_before_after": [load_before[0], load_after[0]],
-        },
+        "machine": machine(
+            gpu="none (CPU only; the GPU path was tested on CPU)",
+            load_average_1min_before_after=[load_before[0], load_after[0]],
+        ),
         "engines": engines,
         "overhead_target": OVERHEAD_TARGET,
         "projection": projection,
     }
-    out = ROOT / "benchmarks" / "results" / args.engines_out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    print()
+    write_results(args.engines_out, results)
 
 
 def main() -> None:
@@ -497,12 +492,7 @@ def main() -> None:
         )
 
     results = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average_1min_before_after": [load_before[0], load_after[0]],
-        },
+        "machine": machine(load_average_1min_before_after=[load_before[0], load_after[0]]),
         "cold_seconds": cold_s,
         "warm_seconds": warm_s,
         "cold_target_seconds": COLD_TARGET_S,
@@ -512,10 +502,8 @@ def main() -> None:
         "throughput_batched_vs_naive": throughput,
         "throughput_repeats": args.repeats,
     }
-    out = ROOT / "benchmarks" / "results" / "precompute.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    print()
+    write_results("precompute.json", results)
     if not args.skip_engines:
         print()
         _run_engines(args)

@@ -18,9 +18,6 @@ Prints a table and writes benchmarks/results/bench_properties.json (or ``--out``
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import machine, write_results  # noqa: E402
 from convergence_core import dispersion_predictors as dp  # noqa: E402
 from convergence_core import properties as props  # noqa: E402
 from convergence_core import settings  # noqa: E402
@@ -138,19 +136,11 @@ def main() -> int:
     result = {
         "benchmark": "properties",
         "quick": args.quick,
-        "cpu_count": os.cpu_count(),
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
+        "machine": machine(),
         "naive_comparison": ratio,
         "results": rows,
     }
-    out = ROOT / "benchmarks" / "results" / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_out, out)
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_results(args.out, result)
     return 0
 
 

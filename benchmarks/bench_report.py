@@ -15,9 +15,7 @@ cores the machine lends.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -28,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_analyses import demo_shaped_run  # noqa: E402
+from benchmarks.record import machine, write_results  # noqa: E402
 from convergence_core import analyses, report, settings  # noqa: E402
 from convergence_core.run import Run, load_run  # noqa: E402
 
@@ -139,18 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "report",
         "quick": bool(args.quick),
         "blas_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(),
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
+        "machine": machine(),
         "results": rows,
     }
-    out = ROOT / "benchmarks" / "results" / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_out, out)
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_results(args.out, result)
     return 0
 
 

@@ -40,7 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+from benchmarks.record import machine, write_results  # noqa: E402
+
 VISION_DIMS = (768, 1024, 1280, 1536)
 LANGUAGE_DIMS = (768, 1024)
 RANK = 64
@@ -248,14 +249,9 @@ def main() -> None:
               f"{r['step_s'].get('gpa', 0):>8.1f} {r['gpa_iterations']:>6} "
               f"{r['peak_rss_gb']:>8.2f} {memory:>14} {r['cache_gb']:>10.2f} {r['subset_size']:>6} "
               f"{1e3 * r['subset_cknna_s']:>10.1f} {dense:>9} {r['random_20_sets_s']:>11.2f}")
-    path = RESULTS_DIR / args.out
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"quick": args.quick, "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-               "vision_dims": VISION_DIMS, "language_dims": LANGUAGE_DIMS, "rows": rows}
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    payload = {"quick": args.quick, "machine": machine(), "vision_dims": VISION_DIMS,
+               "language_dims": LANGUAGE_DIMS, "rows": rows}
+    write_results(args.out, payload)
 
 
 if __name__ == "__main__":

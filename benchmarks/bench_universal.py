@@ -13,8 +13,6 @@ Full size (n_test up to 20,000) needs a quiet machine for meaningful times; ``--
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 import tracemalloc
@@ -25,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import machine, write_results
 from convergence_core import retrieval
 from convergence_core.universal import Member, fit_universal_space
 
@@ -122,14 +121,11 @@ def main() -> int:
     )
     payload = {
         "quick": args.quick,
-        "machine": platform.platform(),
+        "machine": machine(),
         "ranks": rank_rows,
         "fit": fit_row,
     }
-    out = ROOT / "benchmarks" / "results" / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, payload)
     return 0
 
 

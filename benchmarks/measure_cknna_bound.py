@@ -21,7 +21,6 @@ largest |CKNNA|, the share of NaN) and writes benchmarks/results/<out>.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,12 +30,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.record import write_results  # noqa: E402
 from convergence_core.alignment import cknna, prepare_features  # noqa: E402
 from convergence_core.analyses import random_sets  # noqa: E402
 from convergence_core.run import load_run  # noqa: E402
 from convergence_core.subsets import select_stimuli  # noqa: E402
 
-RESULTS_DIR = ROOT / "benchmarks" / "results"
 DEFAULT_SIZES = (4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 59, 64, 80, 96, 119)
 K_GRID = (2, 3, 5, 10, 20, 39)
 
@@ -154,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference_max_difference": worst_difference,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    write_results(args.out, payload)
     return 0
 
 
