@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -25,9 +24,7 @@ import pandas as pd
 
 from .cache import RunLayout, model_key, read_npy, write_json, write_npy, write_parquet
 from .memory_maps import release
-from .manifest import MANIFEST_FORMAT, DatasetInfo, GPARecord, Manifest, ModelEntry, StepRecord
-from .neighbours import DEFAULT_LIST_SIZE
-from .run import Run, load_run
+from .manifest import MANIFEST_FORMAT, Manifest, ModelEntry, StepRecord
 
 __all__ = [
     "NEIGHBOURS_ALGORITHM",

@@ -56,7 +56,6 @@ import pandas as pd
 
 from .procrustes import GPAResult, generalized_procrustes, procrustes_align
 from .stats import spearman_permutation_test
-from .validation import check_features
 
 if TYPE_CHECKING:
     from .run import Run

@@ -85,7 +85,7 @@ def test_bad_feature_files_name_the_file_and_the_fix(tmp_path, ids, break_it, me
     array = np.random.default_rng(2).standard_normal((N, 4))
     path = break_it(tmp_path / "bad.npy", array, list(ids))
     with pytest.raises(FeatureFileError, match=message) as info:
-        read_feature_file(tmp_path / "bad.npy", ids, model="m", layer="l")
+        read_feature_file(path, ids, model="m", layer="l")
     assert "bad.npy" in str(info.value)
 
 
