@@ -17,6 +17,7 @@ scheduling anything.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ __all__ = [
     "ExtractionResult",
     "LocalEngine",
     "check_engine_settings",
+    "check_job_inputs",
     "choose_layers",
     "load_for_job",
     "make_job",
@@ -343,6 +345,23 @@ def measure_caption_agreement(
     return CaptionMeasure(layer, agreement, embedded if keep else None)
 
 
+def check_job_inputs(job: ExtractionJob) -> None:
+    """Before ``job``'s model loads: its image folder (vision jobs) is on this machine.
+
+    Checked where the model runs: a Ray worker on another node may lack the data set, and the
+    largest models take minutes to load before their first image would fail.
+
+    Raises:
+        ValueError: the image folder is not a folder here (the message names the machine).
+    """
+    if job.images_root is not None and not os.path.isdir(job.images_root):
+        raise ValueError(
+            f"image folder {job.images_root} not found on {socket.gethostname()}: the data set "
+            "must be at this path on every machine that extracts embeddings (with --engine ray, "
+            "on every node of the cluster: copy it there or use a shared file system)"
+        )
+
+
 def load_for_job(job: ExtractionJob) -> tuple[Any, list[str], Any]:
     """Load ``job``'s model at its precision: ``(encoder, chosen layers, autocast dtype)``."""
     from . import models
@@ -373,6 +392,7 @@ class LocalEngine:
     """Every model in this process, one after the other (the default engine)."""
 
     def extract(self, job: ExtractionJob, progress: Progress | None = None) -> ExtractionResult:
+        check_job_inputs(job)
         load_started = time.perf_counter()
         encoder, layers, autocast = load_for_job(job)
         load_seconds = time.perf_counter() - load_started

@@ -24,7 +24,8 @@ For each :class:`~convergence_core.engines.ExtractionJob`:
 ``max_task_retries`` = -1, Ray Data's defaults); shards are keyed by row ids, written only when
 complete, and a row seen twice is counted (``stats["duplicate_rows"]``) and kept once. Exceptions
 in the model code (bad weights, a corrupt image) are not retried and come back as the original
-error.
+error. Each actor first checks that the image folder is on its machine
+(:func:`engines.check_job_inputs`), so a node without the data set fails before its model loads.
 
 **Cluster.** ``EngineOptions.ray_address`` connects to an existing cluster (``ray start --head``
 on one machine, ``ray start --address=HEAD:6379`` on the others; then ``--ray-address auto`` on
@@ -61,6 +62,7 @@ from .engines import (
     EngineOptions,
     ExtractionJob,
     ExtractionResult,
+    check_job_inputs,
     default_layer_of,
     load_for_job,
 )
@@ -147,6 +149,7 @@ class EncoderActor:
         started = time.perf_counter()
         job = dataclasses.replace(job, device=actor_device(job.device))
         with _tag_errors():
+            check_job_inputs(job)  # on this worker's machine, before the model loads
             self.encoder, self.layers, self.autocast = load_for_job(job)
         self.batch_size = None if job.batch_size == "auto" else int(job.batch_size)
         self.images_root = job.images_root

@@ -50,6 +50,7 @@ from convergence_core.models import load_encoder
 from convergence_core.precompute import PrecomputeConfig, default_run_name
 from convergence_core.ray_engine import (
     SHARDS_PER_ACTOR,
+    EncoderActor,
     RayEngine,
     ShardStore,
     WorkerError,
@@ -603,11 +604,16 @@ def test_a_rerun_reuses_finished_shards_and_survives_a_killed_actor(
 def test_a_worker_error_comes_back_with_the_local_message(
     engine: RayEngine, stimuli: tuple[pd.DataFrame, Path], tmp_path: Path
 ) -> None:
-    """An error in our code inside an actor (here: an image that vanished after the data set was
-    checked) is not retried and reaches the caller as a ValueError with the local engine's text."""
-    frame, _ = stimuli
-    moved = tmp_path / "images-moved"
-    job = make_job("efficientnet-lite0", "vision", frame.iloc[:2], moved, layers="default")
+    """An error in our code inside an actor (here: an image that vanished from its folder after
+    the data set was checked) is not retried and reaches the caller as a ValueError with the
+    local engine's text."""
+    frame, root = stimuli
+    copy = tmp_path / "images-copy"
+    for rel in frame["image"][:2]:
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / rel, copy / rel)
+    (copy / frame["image"].iloc[1]).unlink()
+    job = make_job("efficientnet-lite0", "vision", frame.iloc[:2], copy, layers="default")
     with pytest.raises(ValueError) as local:
         LocalEngine().extract(job)
     single = RayEngine(EngineOptions(engine="ray", concurrency=1))
@@ -615,6 +621,34 @@ def test_a_worker_error_comes_back_with_the_local_message(
         single.extract(job)
     assert str(remote.value) == str(local.value)
     assert remote.value.original_type == type(local.value).__name__
+
+
+def test_a_missing_image_folder_fails_before_the_model_loads(
+    stimuli: tuple[pd.DataFrame, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both engines check the image folder on the machine that runs the model before loading it
+    (a Ray worker on a node without the data set), with one message naming the machine."""
+    import socket
+
+    from convergence_core import engines
+    from convergence_core import ray_engine as ray_engine_module
+
+    def no_load(job: ExtractionJob) -> None:
+        raise AssertionError("the model was loaded before the image folder was checked")
+
+    monkeypatch.setattr(engines, "load_for_job", no_load)
+    monkeypatch.setattr(ray_engine_module, "load_for_job", no_load)
+    frame, _ = stimuli
+    job = make_job("efficientnet-lite0", "vision", frame.iloc[:2], tmp_path / "gone")
+    with pytest.raises(ValueError, match="image folder .*gone not found on") as local:
+        LocalEngine().extract(job)
+    assert socket.gethostname() in str(local.value)
+    with pytest.raises(ValueError) as tagged:  # the actor class, run here without Ray
+        EncoderActor(model_part(job))
+    found = _original_error(tagged.value)
+    assert found is not None and str(found) == str(local.value)
+    text = make_job("minilm", "language", frame.iloc[:2], None)
+    engines.check_job_inputs(text)  # language jobs read no folder
 
 
 def test_worker_errors_are_tagged_and_found_in_ray_wrappers() -> None:
