@@ -12,6 +12,7 @@ import numpy as np
 import streamlit as st
 
 from convergence_core.dashboard import (
+    catalogue,
     data,
     page,
     predictor_plots,
@@ -147,18 +148,15 @@ def _scatter() -> None:
         st.text(f"{len(clicked)} stimuli selected in the chart (first {min(CARDS, len(clicked))}):")
         shown = clicked[:CARDS]
     else:
-        values = table.values[chosen]
         if table.info_for(chosen).kind == "numeric":
-            numbers = values.to_numpy(dtype=np.float64)
-            present = np.flatnonzero(np.isfinite(numbers))
-            order = present[np.argsort(numbers[present], kind="stable")]
+            lowest, highest = catalogue.gallery_ends(table.values[chosen], CARDS // 2)
             st.text(
                 f"No point selected: the {CARDS // 2} lowest and {CARDS // 2} highest on {chosen}."
             )
         else:
-            order = np.argsort(dispersion, kind="stable")
+            lowest, highest = catalogue.gallery_ends(dispersion, CARDS // 2)
             st.text(f"No point selected: the {CARDS // 2} lowest and highest dispersion stimuli.")
-        shown = [*order[: CARDS // 2], *order[-(CARDS // 2) :]]
+        shown = [*lowest, *highest[::-1]]  # ascending, as the scatter's axis
     labels = [
         f"id {ids[r]} · {chosen} {predictor_plots.value_text(table, chosen, r)} · "
         f"dispersion {dispersion[r]:.4f}"

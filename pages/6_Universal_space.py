@@ -19,6 +19,7 @@ import streamlit as st
 
 from convergence_core import retrieval
 from convergence_core.dashboard import (
+    catalogue,
     data,
     page,
     plots,
@@ -159,9 +160,10 @@ with dispersion_tab:
             st.image(scatter)
         st.image(bars)
         values = per_stimulus["cross_modal_dispersion"].to_numpy()
-        order = per_stimulus["stimulus"].to_numpy()[np.argsort(values, kind="stable")]
-        by_row = dict(zip(per_stimulus["stimulus"], values, strict=True))
-        sides = (("Lowest", order[:GALLERY_SIZE]), ("Highest", order[::-1][:GALLERY_SIZE]))
+        stimulus_rows = per_stimulus["stimulus"].to_numpy()
+        by_row = dict(zip(stimulus_rows, values, strict=True))
+        lowest, highest = catalogue.gallery_ends(values, GALLERY_SIZE)
+        sides = (("Lowest", stimulus_rows[lowest]), ("Highest", stimulus_rows[highest]))
         for column, (extreme, rows) in zip(st.columns(2), sides, strict=True):
             with column:
                 st.subheader(f"{extreme} cross-modal dispersion")

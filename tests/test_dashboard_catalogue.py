@@ -280,3 +280,21 @@ def test_choices_are_pills_up_to_the_limit_and_select_boxes_above(n_options: int
     many.set_value(["model_1"])
     at.run(timeout=60)
     assert at.text[0].value == "model_2|model_1"
+
+
+def test_gallery_ends_against_a_slow_reference() -> None:
+    """Both ends of one stable ascending order, NaN left out: checked against sorting
+    (value, row) pairs by hand on random values with ties and gaps."""
+    from convergence_core.dashboard.catalogue import gallery_ends
+
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        n = int(rng.integers(1, 30))
+        values = rng.integers(0, 5, n).astype(float)
+        values[rng.random(n) < 0.2] = np.nan
+        count = int(rng.integers(1, 8))
+        ranked = sorted((v, row) for row, v in enumerate(values) if not np.isnan(v))
+        lowest, highest = gallery_ends(values, count)
+        assert lowest.tolist() == [row for _, row in ranked[:count]]
+        assert highest.tolist() == [row for _, row in ranked[::-1][:count]]
+        assert lowest.dtype == np.int64 and highest.dtype == np.int64

@@ -71,6 +71,19 @@ class Catalogue:
         return self.search_text.str.contains(needle, regex=False).to_numpy(dtype=bool)
 
 
+def gallery_ends(values: object, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a gallery shows at each end of a ranking: the ``count`` lowest and the ``count``
+    highest finite ``values`` (n,), each from its end inward (lowest first, highest first).
+
+    Missing (NaN) values are left out. Both ends come from one stable ascending order: among equal
+    values the lower row is nearer the low end. The two overlap when fewer than ``2 * count``
+    values are finite. Returns two int64 arrays of up to ``count`` rows."""
+    numbers = np.asarray(values, dtype=np.float64)
+    present = np.flatnonzero(np.isfinite(numbers))
+    order = present[np.argsort(numbers[present], kind="stable")].astype(np.int64)
+    return order[:count], order[::-1][:count]
+
+
 def _read_only(array: np.ndarray) -> np.ndarray:
     array = np.asarray(array)
     array.flags.writeable = False
