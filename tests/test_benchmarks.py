@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -81,3 +83,19 @@ def test_gpa_scale_benchmark_runs_and_writes_json() -> None:
         assert rows[(n, "new")]["spearman_vs_reference"] > 0.9999
         assert rows[(n, "new")]["peak_rss_mb"] > 0
     assert "final loss" in done.stdout
+
+
+def test_dashboard_round_ratios_and_their_verdict() -> None:
+    """Each round's page time over the same round's bare page; the verdict says whether the
+    target held in every round, in none, or in some."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_dashboard import round_ratios
+
+    summary = round_ratios([1.2, 1.6, 3.0], [1.0, 1.0, 2.0], 1.5)
+    assert summary["per_round"] == [1.2, 1.6, 1.5]
+    assert summary["median"] == 1.5 and summary["lowest"] == 1.2 and summary["highest"] == 1.6
+    assert summary["verdict"] == "within noise"
+    assert round_ratios([1.0, 1.4], [1.0, 1.0], 1.5)["verdict"] == "met"
+    assert round_ratios([2.0, 1.6], [1.0, 1.0], 1.5)["verdict"] == "not met"
+    with pytest.raises(ValueError, match="one bare-page visit per page visit"):
+        round_ratios([1.0], [1.0, 1.0], 1.5)
