@@ -70,7 +70,6 @@ for column, (extreme, key, rows) in zip(st.columns(2), sides, strict=True):
             [f"rank {int(rank[r]) + 1} · {found.ids[r]}" for r in rows],
             key=key,
             columns=preview,
-            all_captions=False,
             inspect=False,
         )
 

@@ -209,7 +209,6 @@ with gallery_tab:
                     [label(r) for r in low_rows],
                     key="low",
                     columns=GALLERY_COLUMNS,
-                    all_captions=False,  # all of them: Inspect (fewer elements in the gallery)
                 )
             with high_side:
                 st.subheader(sides[1])
@@ -219,7 +218,6 @@ with gallery_tab:
                     [label(r) for r in high_rows],
                     key="high",
                     columns=GALLERY_COLUMNS,
-                    all_captions=False,
                 )
 
 with detail_tab:

@@ -218,7 +218,6 @@ else:
         [f"id {ids[r]} · rank {int(rank[r]) + 1} by {plots.SCORE_NAME[score]}" for r in shown],
         key="selection",
         columns=6,
-        all_captions=False,
         inspect=False,
     )
 

@@ -163,7 +163,7 @@ def _scatter() -> None:
         for r in shown
     ]
     widgets.gallery(
-        run, shown, labels, key="predictors", columns=4, all_captions=False, inspect=False
+        run, shown, labels, key="predictors", columns=4, inspect=False
     )
 
 

@@ -173,7 +173,6 @@ with dispersion_tab:
                     [f"id {ids[r]} · {by_row[r]:.4f}" for r in rows],
                     key=f"universal-{extreme.lower()}",
                     columns=3,
-                    all_captions=False,
                     inspect=False,
                 )
         # the table of every stimulus is sent when opened (100,000 rows are megabytes)

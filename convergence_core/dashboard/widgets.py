@@ -231,23 +231,15 @@ def _inspect(identifier: str) -> None:
     st.session_state[STIMULI_TAB_KEY] = DETAIL_TAB
 
 
-def stimulus_card(
-    run: Run, row: int, label: str, *, key: str, all_captions: bool = True, inspect: bool = True
-) -> None:
-    """Thumbnail, label, captions and (``inspect``) an "Inspect" button for one stimulus.
-
-    ``all_captions``: the first caption plus an expander with all of them; else only the first.
-    """
+def stimulus_card(run: Run, row: int, label: str, *, key: str, inspect: bool = True) -> None:
+    """One stimulus: thumbnail, label, its first caption and how many more, a "Full captions"
+    button when a caption is cut, and (``inspect``) an "Inspect" button (the Stimuli page's
+    detail view, which lists every caption)."""
     thumbnail(run, row, missing="(no thumbnail in this run)")
     identifier = str(run.stimuli["id"].iloc[row])
     st.text(excerpt(label))
     captions = list(run.stimuli["captions"].iloc[row]) if "captions" in run.stimuli else []
-    if all_captions and len(captions) > 1:
-        show_captions(captions[:1])
-        with st.expander(f"all {len(captions)} captions"):
-            show_captions(captions)
-    else:
-        show_captions(captions, first_only=True)
+    show_captions(captions, first_only=True)
     full_captions_button(captions, key=f"{key}-{row}", title=f"Stimulus {identifier}")
     if inspect:
         st.button("Inspect", key=f"{key}-inspect-{row}", on_click=_inspect, args=(identifier,))
@@ -260,7 +252,6 @@ def gallery(
     *,
     key: str,
     columns: int = 4,
-    all_captions: bool = True,
     inspect: bool = True,
 ) -> None:
     """A grid of :func:`stimulus_card` s, ``columns`` per line, in the given order."""
@@ -273,9 +264,7 @@ def gallery(
             cells, rows[start : start + columns], labels[start : start + columns], strict=False
         ):  # the last line may have fewer stimuli than columns
             with cell:
-                stimulus_card(
-                    run, int(row), label, key=key, all_captions=all_captions, inspect=inspect
-                )
+                stimulus_card(run, int(row), label, key=key, inspect=inspect)
 
 
 def captions_frame(run: Run, rows: Sequence[int]) -> pd.DataFrame:
