@@ -1149,16 +1149,6 @@ def calibration_section(
     }
 
 
-SECTION_TITLES = {
-    "metric_suite": "every metric of the registry on the Fig. 2 sets",
-    "per_stimulus": "per-stimulus alignment against dispersion",
-    "predictivity": "linear predictivity per dispersion set",
-    "many_to_many": "one caption vs the mean of all captions (and class means)",
-    "blind_matching": "blind matching of low- vs high-dispersion sets",
-    "matched_baselines": "calibrated scores and matched random baselines",
-}
-
-
 def paper_sections(
     run: Run,
     out: Path,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import streamlit as st
 
 from convergence_core import analyses
-from convergence_core.dashboard import data, lab, page, paper_plots, state, widgets
+from convergence_core.dashboard import data, lab, page, plots, state, widgets
 
 #: Above this many stimuli Fig. 2 and Fig. S2 wait for a button (they take minutes there)
 AUTO_COMPUTE_STIMULI = 5_000
@@ -198,7 +198,7 @@ with s2_tab:
             points, statistics = data.leave_one_out(path_text, stamp)
             st.image(data.paper_figure_png("leave_one_out", points, statistics))
             st.caption(
-                f"Residual units: {paper_plots.RESIDUAL_UNITS}. Partial dispersion: mean residual "
+                f"Residual units: {plots.RESIDUAL_UNITS}. Partial dispersion: mean residual "
                 "of GPA rerun without the held-out model; deviation: the held-out model's distance from "
                 "that consensus after orthogonal Procrustes."
             )

@@ -112,11 +112,6 @@ class one_thread:
         torch.set_num_threads(self.before)
 
 
-def max_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    assert list(a) == list(b)
-    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a)
-
-
 def session_processes(session_dir: str) -> list[psutil.Process]:
     """Every live process of the Ray instance whose session folder is ``session_dir``: the ones
     naming it on their command line (gcs, raylet, agents) and all their descendants (workers)."""

@@ -44,7 +44,6 @@ from .catalogue import Catalogue, build_catalogue
 MAKE_RUN_COMMAND = "make demo"
 MAKE_RUN_PYTHON = "python -m convergence_core precompute --preset demo"
 UMAP_RANDOM_STATE = residual_umap.RANDOM_STATE
-UMAP_NEIGHBOURS = residual_umap.NEIGHBOURS
 UMAP_MAX_FIT = residual_umap.MAX_FIT_STIMULI
 
 

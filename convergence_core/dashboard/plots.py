@@ -15,6 +15,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 RESIDUAL_AXIS = "residual (Procrustes distance, unit Frobenius-normalised embedding)"
+#: What "residual units" means on the Fig. S2 axes (the Paper analyses page's caption)
+RESIDUAL_UNITS = "Procrustes distance between unit-Frobenius-norm embeddings"
 SCORE_AXIS = {
     "mean": "mean residual across vision models (Procrustes distance)",
     "pc1": "PC1 score of the residuals (Procrustes distance)",
@@ -241,36 +243,6 @@ def residual_scatter(
         height=560,
         dragmode="lasso",
         legend={"orientation": "h", "y": -0.15},
-    )
-    return figure
-
-
-def explained_variance_bars(ratio: np.ndarray) -> go.Figure:
-    """Bar per principal component of the residuals: share of variance explained (M,)."""
-    labels = [f"PC{i + 1}" for i in range(len(ratio))]
-    figure = go.Figure(go.Bar(x=labels, y=100.0 * np.asarray(ratio), marker_color="#1f77b4"))
-    figure.update_layout(
-        title_text="Variance of the residuals explained per principal component",
-        xaxis_title="principal component of the residual matrix R",
-        yaxis_title="variance explained (%)",
-        height=340,
-    )
-    return figure
-
-
-def loadings_bars(
-    components: np.ndarray, models: Sequence[str], n_components: int = 2
-) -> go.Figure:
-    """Per-model loadings (rows of ``components`` (M, M)) of the first ``n_components`` PCs."""
-    figure = go.Figure()
-    for index in range(min(n_components, components.shape[0])):
-        figure.add_trace(go.Bar(x=list(models), y=components[index], name=f"PC{index + 1}"))
-    figure.update_layout(
-        title_text="Per-model loadings of the residual principal components",
-        xaxis_title="vision model",
-        yaxis_title="loading (unit-norm component weight)",
-        barmode="group",
-        height=340,
     )
     return figure
 
