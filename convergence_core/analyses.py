@@ -30,9 +30,9 @@ one call per pair and set. Column names are full words; metric values are unitle
 model's best layer) runs on a seeded random sample of that many stimuli, which its table says
 (``n_stimuli_used``, ``sample_seed``).
 
-Fig. 2's random sets and label shuffles come from :func:`random_set_alignment` and
-:func:`low_high_permutation_tests`, which the dashboard's Alignment lab calls too: for the same
-seed the page and the report draw the same sets.
+Fig. 2's random sets (:func:`random_sets`) and its label shuffles' random stream
+(:func:`shuffle_rng`) are public, and the dashboard's Alignment lab draws from them too: for the
+same seed the page and the report draw the same sets and the same shuffles.
 """
 
 from __future__ import annotations
@@ -53,13 +53,11 @@ from .procrustes import (
     procrustes_align,
 )
 from .stats import (
-    PermutationResult,
     correlation_with_fit,
     label_shuffles,
     paired_difference_tests,
     percentile_interval,
     permutation_p_values,
-    permutation_tests_two_sets,
 )
 from .subset_metrics import metric_on_sets, uses_dense_kernels
 from .subsets import drop_fraction, select_stimuli
@@ -287,6 +285,13 @@ def _set_draw_seeds(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSe
     return random_seed, permutation_seed
 
 
+def shuffle_rng(seed: int) -> np.random.Generator:
+    """The random stream of Fig. 2's low/high label shuffles for ``seed`` (independent of the
+    random sets' stream, :func:`random_sets`): the report and the Alignment lab shuffle with
+    it."""
+    return np.random.default_rng(_set_draw_seeds(int(seed))[1])
+
+
 def random_sets(scores: np.ndarray, size: int, n_random: int, seed: int) -> np.ndarray:
     """(n_random, size) int64: Fig. 2's random sets, each ``size`` stimuli without replacement."""
     if n_random < 1:
@@ -313,30 +318,6 @@ def random_set_alignment(
     sets = random_sets(scores, size, n_random, seed)
     result = _alignment(indexes, pairs, sets, k)
     return result.cknna, result.mutual_knn
-
-
-def low_high_permutation_tests(
-    indexes: Mapping[LayerKey, NeighbourIndex],
-    pairs: Sequence[Pair],
-    low: np.ndarray,
-    high: np.ndarray,
-    k: int,
-    *,
-    n_permutations: int,
-    seed: int,
-) -> list[PermutationResult]:
-    """Per pair, the permutation test of CKNNA(low) - CKNNA(high), all pairs on the same shuffles.
-
-    The low/high labels of the 2·s stimuli are shuffled ``n_permutations`` times
-    (``stats.label_shuffles``); p-values use the +1 correction. One result per pair, in order.
-    """
-    return permutation_tests_two_sets(
-        lambda sets: _alignment(indexes, pairs, sets, k).cknna,
-        low,
-        high,
-        n_permutations=n_permutations,
-        rng=np.random.default_rng(_set_draw_seeds(seed)[1]),
-    )
 
 
 def dispersion_set_alignment(
@@ -453,7 +434,7 @@ def _score_rows(
     most = max(counts.values())
     if most:
         first, second = label_shuffles(
-            low, high, most, np.random.default_rng(_set_draw_seeds(seed)[1])
+            low, high, most, shuffle_rng(seed)
         )
         for count in sorted(set(counts.values()) - {0}):
             group = [name for name in names if counts[name] == count]

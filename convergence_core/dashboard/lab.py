@@ -8,9 +8,9 @@ scores and the matched random sets. All of it goes through ``subset_metrics.metr
 ``metric_on_pairings``: neighbour metrics from the subset engine (``neighbours.subset_alignment``,
 every subset and pair in one batched pass), CKA-family metrics from the sets' prepared features.
 The random sets are the draws of ``analyses.random_sets`` (``random_baseline``: with an interval
-width it stops drawing once the baseline mean is that precise) and the label shuffles are those of
-``analyses.low_high_permutation_tests``: for the same seed, number of sets and metric (CKNNA) the
-lab and the report agree.
+width it stops drawing once the baseline mean is that precise) and the label shuffles draw from
+``analyses.shuffle_rng``, as the report's: for the same seed, number of sets and metric the lab
+and the report agree.
 
 Every table here is long: one row per pair × set (× metric), the metric in a ``metric`` column and
 its number in ``value`` (the CSV is the same table).
@@ -30,7 +30,7 @@ import pandas as pd
 from .. import calibration, random_baseline
 from .. import metrics as registry
 from ..alignment import cknna_bound_note
-from ..analyses import LayerKey, Pair
+from ..analyses import LayerKey, Pair, shuffle_rng
 from ..neighbours import NeighbourIndex, exact_top_k
 from ..random_baseline import DEFAULT_MIN_SETS
 from ..stats import percentile_interval, permutation_tests_two_sets
@@ -305,12 +305,6 @@ def baseline_table(
     return _with_int_k(pd.DataFrame(rows))
 
 
-def _shuffle_rng(seed: int) -> np.random.Generator:
-    """The label shuffles' stream of ``analyses.low_high_permutation_tests`` (the second of two
-    streams spawned from the seed; tests/test_page_alignment_lab.py checks they agree)."""
-    return np.random.default_rng(np.random.SeedSequence(int(seed)).spawn(2)[1])
-
-
 def low_high_permutation_table(
     indexes: Mapping[LayerKey, NeighbourIndex],
     pairs: Sequence[Pair],
@@ -324,7 +318,8 @@ def low_high_permutation_table(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Permutation test of metric(low) − metric(high) per pair, all pairs on the same shuffles
-    (``analyses.low_high_permutation_tests``' shuffles; equal to it for CKNNA).
+    (the report's shuffles, ``analyses.shuffle_rng``; tests/test_page_alignment_lab.py checks
+    that both give the same p-values).
 
     Returns one row per pair: the pair's columns, ``metric``, ``options``, ``k``,
     ``low_minus_high``, ``permutation_p_value_two_sided``, ``permutation_p_value_low_greater``,
@@ -337,7 +332,7 @@ def low_high_permutation_table(
         low,
         high,
         n_permutations=int(n_permutations),
-        rng=_shuffle_rng(seed),
+        rng=shuffle_rng(seed),
     )
     rows = [
         {
