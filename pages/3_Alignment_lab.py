@@ -397,47 +397,26 @@ def sets_and_results() -> None:
         }
 
     baseline_main = baselines[size]
-    random_mean = float(baseline_main["random_mean"].mean())
-    focus = source if source in sets else ("random" if source == "random" else None)
-    if focus == "random":
-        focus_value = random_mean
-    elif focus is not None:
-        focus_value = float(set_values.loc[set_values["set"] == focus, "value"].mean())
-    else:
-        focus_value = float("nan")
-    focus_size = len(sets[focus]) if focus in sets else size
-    focus_text = lab.value_text(focus_value, focus_size, metric)
-    hidden = metric == "cknna" and size < lab.MIN_CKNNA_SET_SIZE
+    set_sizes = {name: len(r) for name, r in sets.items()}
+    cards = lab.headline(set_values, baseline_main, set_sizes, source, size, metric)
     summary = st.columns(4)
     summary[0].metric(
         f"Focus: {SET_LABEL[source]}",
-        focus_text,
-        delta=None
-        if focus_text == "—" or focus == "random" or hidden
-        else f"{focus_value - random_mean:+.4f} vs random",
+        cards.focus,
+        delta=cards.focus_delta,
         help=f"{label} of the focus set, mean over the vision × language pairs shown.",
     )
-    summary[1].metric(
-        f"{label}, low dispersion",
-        lab.value_text(set_values.loc[set_values["set"] == "low", "value"].mean(), size, metric),
-    )
-    summary[2].metric(f"{label}, random (mean)", lab.value_text(random_mean, size, metric))
-    summary[3].metric(
-        f"{label}, high dispersion",
-        lab.value_text(set_values.loc[set_values["set"] == "high", "value"].mean(), size, metric),
-    )
-    if metric == "cknna":
-        too_small = [
-            SET_LABEL[name] for name, r in sets.items() if len(r) < lab.MIN_CKNNA_SET_SIZE
-        ]
-        too_small += [SET_LABEL["random"]] if size < lab.MIN_CKNNA_SET_SIZE else []
-        if too_small:
-            st.info(
-                f"No CKNNA number above for sets of fewer than {lab.MIN_CKNNA_SET_SIZE} stimuli "
-                f"({', '.join(too_small)}): on so few stimuli CKNNA's unbiased estimates are too "
-                "noisy to read and often exceed 1. The bars and the table below still show "
-                "them; choose a larger set size (or select more stimuli) for numbers."
-            )
+    summary[1].metric(f"{label}, low dispersion", cards.low)
+    summary[2].metric(f"{label}, random (mean)", cards.random)
+    summary[3].metric(f"{label}, high dispersion", cards.high)
+    if cards.too_small:
+        st.info(
+            f"No CKNNA number above for sets of fewer than {lab.MIN_CKNNA_SET_SIZE} stimuli "
+            f"({', '.join(SET_LABEL[name] for name in cards.too_small)}): on so few stimuli "
+            "CKNNA's unbiased estimates are too noisy to read and often exceed 1. The bars and "
+            "the table below still show them; choose a larger set size (or select more "
+            "stimuli) for numbers."
+        )
     bound_note = lab.bound_note(set_values, baselines)
     if bound_note is not None:
         st.warning(bound_note)
@@ -464,7 +443,7 @@ def sets_and_results() -> None:
     )
     with per_stimulus:
         if per_stimulus.open:
-            _per_stimulus(sets, focus, score, k)
+            _per_stimulus(sets, source, score, k)
 
     tables = st.expander(
         "Low vs high permutation test, and every number in a table (CSV download)",

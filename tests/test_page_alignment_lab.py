@@ -121,6 +121,32 @@ def test_k_and_subset_errors_are_in_words(run) -> None:
         lab.check_subset_for_k(3, 2, "the current selection")
 
 
+def test_headline_cards_average_over_pairs_and_hide_cknna_of_small_sets() -> None:
+    """Planted values: two pairs, three sets; the cards are the means over the pairs."""
+    values = pd.DataFrame({
+        "set": ["low", "low", "high", "high", "selection", "selection"],
+        "value": [0.30, 0.50, 0.10, 0.20, 0.60, 0.80],
+    })
+    baseline = pd.DataFrame({"random_mean": [0.20, 0.30]})
+    big = lab.MIN_CKNNA_SET_SIZE
+    sizes = {"low": big, "high": big, "selection": big + 5}
+    cards = lab.headline(values, baseline, sizes, "selection", big, "cknna")
+    assert cards == lab.Headline("0.7000", "+0.4500 vs random", "0.4000", "0.2500", "0.1500", ())
+    # the random focus has no delta; a focus set that is not there (empty selection) no value
+    assert lab.headline(values, baseline, sizes, "random", big, "cknna")[:2] == ("0.2500", None)
+    assert lab.headline(values, baseline, {"low": big, "high": big}, "selection", big,
+                        "cknna")[:2] == ("—", None)
+    # CKNNA of a set under MIN_CKNNA_SET_SIZE is not shown: the set is named instead
+    small = {"low": big - 1, "high": big - 1, "selection": big}
+    cards = lab.headline(values, baseline, small, "selection", big - 1, "cknna")
+    assert cards.focus == "0.7000" and cards.focus_delta is None  # random hidden: no delta
+    assert (cards.low, cards.random, cards.high) == ("—", "—", "—")
+    assert cards.too_small == ("low", "high", "random")
+    # other metrics show every set
+    cards = lab.headline(values, baseline, small, "low", big - 1, "mutual_knn")
+    assert cards == lab.Headline("0.4000", "+0.1500 vs random", "0.4000", "0.2500", "0.1500", ())
+
+
 # ---------------------------------------------------------------------------------------------
 # the page
 

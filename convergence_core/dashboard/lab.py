@@ -68,6 +68,7 @@ __all__ = [
     "LIVE_FEATURE_STIMULI",
     "METRIC_LABELS",
     "MIN_CKNNA_SET_SIZE",
+    "Headline",
     "MetricChoice",
     "Pair",
     "baseline_statement",
@@ -77,7 +78,7 @@ __all__ = [
     "calibration_table",
     "check_subset_for_k",
     "chosen_options",
-    "cknna_text",
+    "headline",
     "low_high_matched_table",
     "low_high_permutation_table",
     "matched_verdict",
@@ -358,9 +359,64 @@ def value_text(value: float, set_size: int, metric: str = "cknna") -> str:
     return f"{value:.4f}"
 
 
-def cknna_text(value: float, set_size: int) -> str:
-    """A CKNNA for display (:func:`value_text` of ``"cknna"``)."""
-    return value_text(value, set_size, "cknna")
+class Headline(NamedTuple):
+    """The four numbers above the lab's bars, as display text (:func:`headline`)."""
+
+    focus: str  #: the focus set's value ("—" when it cannot be shown)
+    focus_delta: str | None  #: "+0.0123 vs random", or None (no focus value, or random itself)
+    low: str
+    random: str  #: the mean of every pair's mean random value (the set size's baseline)
+    high: str
+    too_small: tuple[str, ...]  #: sets without a CKNNA number (fewer than MIN_CKNNA_SET_SIZE)
+
+
+def headline(
+    set_values: pd.DataFrame,
+    baseline: pd.DataFrame,
+    set_sizes: Mapping[str, int],
+    focus: str,
+    size: int,
+    metric: str,
+) -> Headline:
+    """Each set's value averaged over the pairs shown, for the lab's summary cards.
+
+    ``set_values`` is :func:`set_table`'s output, ``baseline`` :func:`baseline_table`'s for sets
+    of ``size`` (the low, high and random sets' size), ``set_sizes`` the size of every set in
+    ``set_values`` by name, ``focus`` the focus set's name ("random" for the random sets; a name
+    missing from ``set_sizes``, such as an empty selection, has no value). CKNNA of sets under
+    ``MIN_CKNNA_SET_SIZE`` stimuli is not shown (:func:`value_text`) and such sets are listed in
+    ``too_small`` ("random" included when ``size`` is that small).
+    """
+
+    def mean_of(name: str) -> float:
+        return float(set_values.loc[set_values["set"] == name, "value"].mean())
+
+    random_mean = float(baseline["random_mean"].mean())
+    if focus == "random":
+        focus_value, focus_size = random_mean, size
+    elif focus in set_sizes:
+        focus_value, focus_size = mean_of(focus), set_sizes[focus]
+    else:
+        focus_value, focus_size = float("nan"), size
+    focus_text = value_text(focus_value, focus_size, metric)
+    hidden = metric == "cknna" and size < MIN_CKNNA_SET_SIZE
+    delta = (
+        None
+        if focus_text == "—" or focus == "random" or hidden
+        else f"{focus_value - random_mean:+.4f} vs random"
+    )
+    too_small: tuple[str, ...] = ()
+    if metric == "cknna":
+        sizes = {**set_sizes, "random": size}
+        too_small = tuple(name for name, s in sizes.items() if s < MIN_CKNNA_SET_SIZE)
+    return Headline(
+        focus_text,
+        delta,
+        value_text(mean_of("low"), size, metric),
+        value_text(random_mean, size, metric),
+        value_text(mean_of("high"), size, metric),
+        too_small,
+    )
 
 
 def bound_note(set_values: pd.DataFrame, baselines: Mapping[int, pd.DataFrame]) -> str | None:
