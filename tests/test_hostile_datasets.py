@@ -19,6 +19,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from convergence_core import images, settings
+from convergence_core.dashboard import page as dashboard_page
 from convergence_core.datasets import (
     check_dataset,
     dataset_fingerprint,
@@ -718,21 +719,18 @@ def test_cli_lite0_with_a_hub_model_offline_stops_before_any_work(
 # ------------------------------------------- items 3 and 6: hostile captions, damaged run files
 
 REPO = Path(__file__).resolve().parent.parent
-PAGES = {
-    "Home": None,
-    "Stimuli": "pages/1_Stimuli.py",
-    "Residual space": "pages/2_Residual_space.py",
-    "Alignment lab": "pages/3_Alignment_lab.py",
-    "Paper analyses": "pages/4_Paper_analyses.py",
-}
+#: Every page of the dashboard by its sidebar label (Home: the app's first page)
+PAGES = {"Home": None, **{label: target for target, label, _ in dashboard_page.PAGES}}
 HUGE = "a dog " * 16_667  # 100,002 characters
 N_PAGE_RUN = 24
 
 
 def _write_page_run(path: Path, captions: list[list[str]] | None = None, ids=None) -> None:
-    """A run of the first N_PAGE_RUN coco-mini images (real thumbnails), synthetic embeddings."""
+    """A run of the first N_PAGE_RUN coco-mini images (real thumbnails), synthetic embeddings,
+    and the property table the precompute writes."""
     from convergence_core.precompute import write_run_from_embeddings
-    from tests.fixtures_runs import synthetic_embeddings
+    from convergence_core.run import load_run
+    from tests.fixtures_runs import add_properties, synthetic_embeddings
 
     dataset = load_coco(settings.demo_data_root())
     stimuli = dataset.stimuli.iloc[:N_PAGE_RUN].reset_index(drop=True).copy()
@@ -752,6 +750,7 @@ def _write_page_run(path: Path, captions: list[list[str]] | None = None, ids=Non
         thumbnails=True,
         dataset_name="hostile",
     )
+    add_properties(load_run(path))  # as the precompute does: What predicts dispersion has cards
 
 
 def _open(cache: Path, page: str | None, monkeypatch, query: dict | None = None):
@@ -763,6 +762,8 @@ def _open(cache: Path, page: str | None, monkeypatch, query: dict | None = None)
         at.query_params[name] = value
     at.run(timeout=90)
     at.session_state["w_lab_tables"] = True  # the lab's table of every number (an expander)
+    # What predicts dispersion builds only its open tab: open the one with the stimulus cards
+    at.session_state["w_predictors_tab"] = "A property against dispersion"
     if page is not None:
         at.switch_page(page).run(timeout=90)
     return at
@@ -772,9 +773,17 @@ def _lowest_dispersion_rows(run, count: int) -> list[int]:
     return list(np.argsort(run.dispersion["rank_mean"].to_numpy(), kind="stable")[:count])
 
 
+#: Pages that show stimulus cards (thumbnail, caption excerpt, "Full captions"): Home, the
+#: gallery, and the galleries of the dispersion predictors and of the universal space. Residual
+#: space shows cards for the stimuli selected; the other pages show no stimulus.
+CARD_PAGES = ("Home", "Stimuli gallery", "What predicts dispersion", "Universal space")
+
+
 @pytest.fixture(scope="module")
 def huge_caption_cache(tmp_path_factory):
-    """A run whose lowest-dispersion stimulus has a 100,000-character first caption (and id)."""
+    """A run whose every stimulus has a 100,000-character first caption (so every gallery shows
+    one, whichever stimuli it picks) and whose lowest-dispersion stimulus has a 5,003-character
+    id."""
     from convergence_core.run import load_run
 
     cache = tmp_path_factory.mktemp("huge-caption")
@@ -782,8 +791,10 @@ def huge_caption_cache(tmp_path_factory):
     _write_page_run(path)
     low = _lowest_dispersion_rows(load_run(path), 1)[0]
     dataset = load_coco(settings.demo_data_root())
-    captions = [list(c) for c in dataset.stimuli["captions"].iloc[:N_PAGE_RUN]]
-    captions[low] = [HUGE, *captions[low][1:]]
+    captions = [
+        [f"{HUGE}{row}", *c[1:]]
+        for row, c in enumerate(dataset.stimuli["captions"].iloc[:N_PAGE_RUN])
+    ]
     ids = dataset.stimuli["id"].iloc[:N_PAGE_RUN].tolist()
     ids[low] = "id-" + "9" * 5000
     _write_page_run(path, captions, ids)  # same embeddings, so the same ranks
@@ -814,15 +825,15 @@ def test_the_caption_excerpt_is_a_setting(monkeypatch):
         excerpt(HUGE)
 
 
-@pytest.mark.parametrize("page", ["Home", "Stimuli", "Residual space"])
+@pytest.mark.parametrize("page", list(PAGES))
 def test_a_huge_caption_is_shown_as_an_excerpt_with_the_full_text_one_click_away(
     huge_caption_cache, monkeypatch, page
 ):
     at = _open(huge_caption_cache, PAGES[page], monkeypatch, {"score": "mean"})
     assert not at.exception, at.exception
     assert _longest_text(at) < 400  # no element carries the whole caption or id
-    if page == "Residual space":
-        return  # it shows captions only in hover text (80 characters) and selections
+    if page not in CARD_PAGES:
+        return  # Residual space shows captions in hover text (80 characters) and selections
     buttons = [b for b in at.button if b.label == "Full captions"]
     assert buttons, "no way to see the whole caption"
     buttons[0].click().run(timeout=90)
@@ -908,22 +919,25 @@ def test_every_page_turns_damaged_run_files_into_a_clean_alert(
     assert "cannot be opened" in errors and "rerun" in errors, errors
 
 
-@pytest.mark.parametrize("page", ["Home", "Stimuli", "Residual space"])
+@pytest.mark.parametrize("page", [*CARD_PAGES, "Residual space"])
 def test_a_thumbnail_that_is_not_a_jpeg_is_a_placeholder_not_a_traceback(
     healthy_run, tmp_path, monkeypatch, page
 ):
+    """Every thumbnail damaged (HTML, or a JPEG header and nothing else, alternately), so that
+    whichever stimuli a page shows, its cards say so instead of failing."""
     from convergence_core.run import load_run
 
     rows = _lowest_dispersion_rows(load_run(healthy_run), 2)
 
     def damage(run_path: Path) -> None:
-        (run_path / "thumbnails" / f"{rows[0]}.jpg").write_bytes(b"<html>not a jpeg</html>")
-        (run_path / "thumbnails" / f"{rows[1]}.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 20)
+        for row in range(N_PAGE_RUN):
+            bad = b"<html>not a jpeg</html>" if row % 2 else b"\xff\xd8\xff" + b"\0" * 20
+            (run_path / "thumbnails" / f"{row}.jpg").write_bytes(bad)
 
     cache = _damaged_cache(healthy_run, tmp_path, damage)
     query = {"score": "mean"}
     at = _open(cache, PAGES[page], monkeypatch, query)
-    if page == "Residual space":  # thumbnails appear with a selection: select the damaged ones
+    if page == "Residual space":  # thumbnails appear with a selection: select two stimuli
         from convergence_core.dashboard import state
 
         run = load_run(cache / "runs" / "demo")
