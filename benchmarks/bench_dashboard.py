@@ -73,6 +73,7 @@ logging.getLogger("streamlit.runtime.caching.cache_data_api").setLevel(logging.E
 from benchmarks.record import machine, write_results  # noqa: E402
 from convergence_core import settings  # noqa: E402
 from convergence_core.dashboard import data, headless, lab, state  # noqa: E402
+from convergence_core.dashboard import page as dashboard_page  # noqa: E402
 from convergence_core.dashboard.page import PAGE_URLS  # noqa: E402
 from convergence_core.random_baseline import DEFAULT_INTERVAL_WIDTH  # noqa: E402
 from convergence_core.run import load_run  # noqa: E402
@@ -365,8 +366,7 @@ def server_benchmark(run_path: Path, repeats: int) -> tuple[list[dict[str, objec
     record("home, first session (cold caches)", _timed(lambda: _check(first.run())), None, "")
     warm = [_timed(lambda: _check(home().run())) for _ in range(repeats)]
     record("home, new session (warm caches)", statistics.median(warm), None, "median")
-    for page in ("pages/1_Stimuli.py", "pages/2_Residual_space.py", "pages/3_Alignment_lab.py",
-                 "pages/4_Paper_analyses.py"):
+    for page, _, _ in dashboard_page.PAGES:
         at = home()
         _check(at.run())
         at.switch_page(page)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from convergence_core.dashboard import data, state, widgets
+from convergence_core.dashboard import data, page, state, widgets
 from convergence_core.run import RunInfo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -228,7 +228,8 @@ def test_cached_run_is_reloaded_when_its_manifest_changes(synthetic_cache: Path)
     assert data.open_run(path) is not first
 
 
-MY_PAGES = ("pages/1_Stimuli.py", "pages/2_Residual_space.py", "pages/3_Alignment_lab.py")
+#: Every page after Home (the one list of pages)
+MY_PAGES = tuple(target for target, _, _ in page.PAGES)
 
 
 def test_pages_never_load_a_model_run_gpa_or_mutate_the_shared_run(
@@ -251,9 +252,9 @@ def test_pages_never_load_a_model_run_gpa_or_mutate_the_shared_run(
 
     at = _app().run(timeout=TIMEOUT)
     assert not at.exception, at.exception
-    for page in MY_PAGES:
-        at.switch_page(page).run(timeout=TIMEOUT)
-        assert not at.exception, (page, at.exception)
+    for target in MY_PAGES:
+        at.switch_page(target).run(timeout=TIMEOUT)
+        assert not at.exception, (target, at.exception)
     assert data.open_run(synthetic_cache / "runs" / "demo") is shared
     assert shared.stimuli.equals(stimuli) and shared.dispersion.equals(dispersion)
     np.testing.assert_array_equal(shared.gpa.residuals, residuals)
@@ -384,9 +385,9 @@ def test_page_switches_and_new_sessions_reuse_what_the_server_has(
     data.dispersion_histograms_png.clear()
     for _ in range(2):  # two sessions
         at = _app().run(timeout=TIMEOUT)
-        for page in MY_PAGES:
-            at.switch_page(page).run(timeout=TIMEOUT)
-            assert not at.exception, (page, at.exception)
+        for target in MY_PAGES:
+            at.switch_page(target).run(timeout=TIMEOUT)
+            assert not at.exception, (target, at.exception)
         at.switch_page("app.py").run(timeout=TIMEOUT)
     assert builds == ["demo"]
     assert histograms == [1]
