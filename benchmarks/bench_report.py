@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_analyses import demo_shaped_run  # noqa: E402
 from benchmarks.record import machine, write_results  # noqa: E402
 from convergence_core import analyses, report, settings  # noqa: E402
+from convergence_core.dispersion import SCORES  # noqa: E402
 from convergence_core.run import Run, load_run  # noqa: E402
 
 
@@ -65,10 +66,10 @@ def bench(run: Run, label: str, folder: Path, *, quick: bool = False) -> list[di
             run, folder / "with", k=k, options=options, **counts
         ),
         "Fig. 2 sets, CKNNA only (both scores)": lambda: analyses.dispersion_set_alignment(
-            run, size=size, k=k, score=["mean", "pc1"], best_layers=best, **counts
+            run, size=size, k=k, score=list(SCORES), best_layers=best, **counts
         ),
         "Fig. 2 sets, every metric (both scores)": lambda: analyses.dispersion_set_alignment(
-            run, size=size, k=k, score=["mean", "pc1"], best_layers=best, metrics=metrics,
+            run, size=size, k=k, score=list(SCORES), best_layers=best, metrics=metrics,
             metric_options=metric_options, metric_permutations=options.metric_permutations,
             on_error="nan", **counts,
         ),

@@ -45,6 +45,7 @@ import pandas as pd
 
 from . import metrics as registry
 from .calibration import local_density, matched_random_sets, shuffled_pairing_null, typicality
+from .dispersion import SCORES, check_score
 from .neighbours import NeighbourIndex, check_subsets, exact_top_k, subset_alignment
 from .procrustes import (
     deviation_from_consensus,
@@ -67,7 +68,6 @@ if TYPE_CHECKING:
     from .run import Run
 
 DispersionScore = Literal["mean", "pc1"]
-_SCORES: tuple[str, ...] = ("mean", "pc1")
 
 #: Default number of label shuffles in the low-vs-high permutation test (p-value floor 1/1001).
 DEFAULT_N_PERMUTATIONS = 1000
@@ -135,9 +135,7 @@ def _n_stimuli(run: Run) -> int:
 
 
 def _dispersion_scores(run: Run, score: str) -> np.ndarray:
-    if score not in _SCORES:
-        raise ValueError(f"unknown dispersion score {score!r}; use one of {list(_SCORES)}")
-    return run.dispersion[score].to_numpy(dtype=np.float64)
+    return run.dispersion[check_score(score)].to_numpy(dtype=np.float64)
 
 
 def indexes_for(run: Run, pairs: Sequence[Pair]) -> dict[LayerKey, NeighbourIndex]:
@@ -389,7 +387,7 @@ def dispersion_set_alignment(
     }
     score_names = [score] if isinstance(score, str) else list(dict.fromkeys(score))
     if not score_names:
-        raise ValueError(f"pass at least one dispersion score; use one of {list(_SCORES)}")
+        raise ValueError(f"pass at least one dispersion score; use one of {list(SCORES)}")
     by_score = {name: _dispersion_scores(run, name) for name in score_names}
     pairs = _pairs_with_best_layers(run, k, best_layers)
     indexes = indexes_for(run, pairs)

@@ -18,7 +18,22 @@ import numpy as np
 
 from .validation import check_features
 
-METHODS = ("mean", "pc1")
+#: The dispersion scores: the one list. A run stores a column per score in dispersion.parquet,
+#: with its rank in ``rank_<score>`` (0 = lowest dispersion); pages, analyses and the report offer
+#: these names.
+SCORES: tuple[str, ...] = ("mean", "pc1")
+
+
+def check_score(score: str) -> str:
+    """``score`` if it is one of :data:`SCORES`, else a ValueError naming the choices."""
+    if score not in SCORES:
+        raise ValueError(f"unknown dispersion score {score!r}; use one of {list(SCORES)}")
+    return score
+
+
+def rank_column(score: str) -> str:
+    """The column of dispersion.parquet holding the ranks of ``score`` (``"rank_mean"``)."""
+    return f"rank_{check_score(score)}"
 
 
 @dataclass(frozen=True)
@@ -98,8 +113,7 @@ def dispersion_scores(residuals: np.ndarray, method: str = "mean") -> np.ndarray
     Returns:
         (m,) float64.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown dispersion method {method!r}; use one of {list(METHODS)}.")
+    check_score(method)
     if method == "mean":
         return _check_residuals(residuals).mean(axis=1)
     return residual_pca(residuals).scores[:, 0].copy()

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
+from .dispersion import SCORES
 from .properties import PropertyTable
 
 __all__ = [
@@ -62,7 +63,6 @@ DEFAULT_N_SHUFFLES = 20
 MIN_STIMULI = 10
 MIN_GROUP_SIZE = 5
 MAX_LEVELS = 50
-SCORES = ("mean", "pc1")
 #: model name -> description (for tables and pages)
 MODELS = {
     "ridge": "ridge regression (standardised properties, one-hot categories, α by LOO)",

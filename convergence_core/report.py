@@ -52,6 +52,7 @@ from . import metrics as registry
 from .alignment import cknna_bound_note
 from .blind_matching import blind_matching as match_blind
 from .cache import read_json, write_bytes, write_json
+from .dispersion import SCORES
 from .gpa_stability import describe as describe_stability
 from .gpa_stability import gpa_stability
 from .metrics import metric_names
@@ -239,7 +240,7 @@ def write_report(
     *,
     size: int | None = None,
     k: int = 10,
-    scores: Sequence[str] = ("mean", "pc1"),
+    scores: Sequence[str] = SCORES,
     n_random: int = 200,
     n_permutations: int = analyses.DEFAULT_N_PERMUTATIONS,
     q: float = 0.25,
@@ -1238,8 +1239,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--scores",
         nargs="+",
-        choices=["mean", "pc1"],
-        default=["mean", "pc1"],
+        choices=list(SCORES),
+        default=list(SCORES),
         help="dispersion scores that select the sets (default: both)",
     )
     parser.add_argument("--n-random", type=int, default=200, help="random sets drawn (default 200)")

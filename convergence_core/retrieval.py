@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .dispersion import check_score
 from .universal import (
     Member,
     _check_members,
@@ -754,8 +755,7 @@ def run_retrieval(
 ) -> CrossValidatedRetrieval:
     """:func:`cross_validated_retrieval` of a run's ``models`` (default all, default layers), with
     low/high thirds by the run's intra-modal (vision) dispersion ``run.dispersion[score]``."""
-    if score not in ("mean", "pc1"):
-        raise ValueError(f"unknown dispersion score {score!r}; use 'mean' or 'pc1'")
+    check_score(score)
     members = run_members(run, models, layers)
     return cross_validated_retrieval(
         run_features(run, members),

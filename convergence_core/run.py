@@ -23,6 +23,7 @@ import pandas as pd
 
 from . import settings
 from .cache import CacheFormatError, RunLayout, read_json, read_npy, read_parquet
+from .dispersion import SCORES, rank_column
 from .manifest import MANIFEST_FORMAT, Manifest, ModelEntry, parse_manifest
 
 __all__ = ["MANIFEST_FORMAT", "Run", "RunInfo", "list_runs", "load_run"]
@@ -349,7 +350,8 @@ class Run:
         Ranks are 0-based, 0 = lowest dispersion (most agreement among the vision models).
         """
         frame = read_parquet(self.layout.dispersion)
-        missing = {"id", "mean", "pc1", "rank_mean", "rank_pc1"} - set(frame.columns)
+        wanted = {"id", *SCORES, *map(rank_column, SCORES)}
+        missing = wanted - set(frame.columns)
         if missing or len(frame) != self.n_stimuli:
             raise CacheFormatError(
                 f"{self.layout.dispersion} is malformed (missing columns {sorted(missing)} or "

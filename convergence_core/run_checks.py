@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import CacheFormatError, RunLayout
+from .dispersion import SCORES, rank_column
 from .neighbour_kernels import first_invalid_list_row
 from .run import Run
 
@@ -122,11 +123,11 @@ def check_run_files(run: Run) -> None:
                 raise _damaged(run, layout.gpa_stability_table, f"holds {name} outside 0..{n - 1}")
 
     dispersion = run.dispersion
-    for column in ("mean", "pc1"):
+    for column in SCORES:
         values = dispersion[column].to_numpy()
         if not np.issubdtype(values.dtype, np.number) or not np.isfinite(values).all():
             raise _damaged(run, layout.dispersion, f"has non-finite or non-numeric {column!r}")
-    for column in ("rank_mean", "rank_pc1"):
+    for column in map(rank_column, SCORES):
         ranks = dispersion[column].to_numpy()
         if not np.issubdtype(ranks.dtype, np.integer) or not np.array_equal(
             np.sort(ranks), np.arange(n)

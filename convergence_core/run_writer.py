@@ -350,19 +350,14 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
 
 def write_dispersion(layout: RunLayout, ids: Sequence[str], residuals: np.ndarray) -> None:
     """Write dispersion.parquet and pca/ from the (m, M) residual matrix."""
-    from .dispersion import dispersion_scores, residual_pca
+    from .dispersion import SCORES, dispersion_scores, rank_column, residual_pca
 
-    mean = np.asarray(dispersion_scores(residuals, method="mean"), dtype=np.float64)
-    pc1 = np.asarray(dispersion_scores(residuals, method="pc1"), dtype=np.float64)
-    frame = pd.DataFrame(
-        {
-            "id": list(ids),
-            "mean": mean,
-            "pc1": pc1,
-            "rank_mean": _ranks(mean),
-            "rank_pc1": _ranks(pc1),
-        }
-    )
+    scores = {
+        score: np.asarray(dispersion_scores(residuals, method=score), dtype=np.float64)
+        for score in SCORES
+    }
+    ranks = {rank_column(score): _ranks(values) for score, values in scores.items()}
+    frame = pd.DataFrame({"id": list(ids), **scores, **ranks})
     write_parquet(layout.dispersion, frame)
     pca = residual_pca(residuals)
     for name in RunLayout.PCA_ARRAYS:

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import pandas as pd
 
+from .dispersion import check_score
 from .procrustes import GPAResult, generalized_procrustes, procrustes_align
 from .stats import spearman_permutation_test
 
@@ -585,8 +586,7 @@ def run_cross_modal_analysis(
 ) -> CrossModalAnalysis:
     """:func:`cross_modal_analysis` of a run's ``models`` (default all), related to the run's
     intra-modal (vision) dispersion ``run.dispersion[score]`` (``"mean"`` or ``"pc1"``)."""
-    if score not in ("mean", "pc1"):
-        raise ValueError(f"unknown dispersion score {score!r}; use 'mean' or 'pc1'")
+    check_score(score)
     members = run_members(run, models, layers)
     return cross_modal_analysis(
         run_features(run, members),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convergence_core.dispersion import dispersion_scores, residual_pca
+from convergence_core.dispersion import SCORES, dispersion_scores, rank_column, residual_pca
 from convergence_core.procrustes import generalized_procrustes
 
 
@@ -72,7 +72,7 @@ def test_fewer_stimuli_than_models_and_constant_residuals() -> None:
 @pytest.mark.parametrize(
     ("residuals", "method", "message"),
     [
-        (np.ones((5, 3)), "median", "unknown dispersion method"),
+        (np.ones((5, 3)), "median", "unknown dispersion score"),
         (np.ones(5), "mean", "must be 2-D"),
         (np.ones((1, 3)), "pc1", "at least 2"),
         (np.array([[1.0, np.nan], [0.0, 1.0]]), "mean", "1 NaN"),
@@ -81,3 +81,21 @@ def test_fewer_stimuli_than_models_and_constant_residuals() -> None:
 def test_bad_input_is_explained(residuals, method, message) -> None:
     with pytest.raises(ValueError, match=message):
         dispersion_scores(residuals, method)
+
+
+def test_one_list_of_scores_names_the_run_columns(tmp_path) -> None:
+    """A run stores a column and a rank column for every score of the one list, and nothing
+    else; the run check and the pages read the same names."""
+    from tests.fixtures_runs import make_synthetic_run
+
+    run = make_synthetic_run(tmp_path / "runs", n=20, name="r", images=False, thumbnails=False)
+    assert list(run.dispersion.columns) == ["id", *SCORES, *map(rank_column, SCORES)]
+    assert rank_column("pc1") == "rank_pc1"
+    for score in SCORES:
+        np.testing.assert_array_equal(
+            run.dispersion[score], dispersion_scores(run.gpa.residuals, score)
+        )
+        ranks = run.dispersion[rank_column(score)].to_numpy()
+        assert np.array_equal(np.argsort(ranks), np.argsort(run.dispersion[score], kind="stable"))
+    with pytest.raises(ValueError, match=r"unknown dispersion score 'median'; use one of"):
+        rank_column("median")

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..dispersion import SCORES
 from ..run import Run
 
-#: Dispersion scores (columns of ``run.dispersion``) a stimulus can be ranked by.
-SCORES = ("mean", "pc1")
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,10 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: Dispersion scores a stimulus can be ranked by (see dispersion.dispersion_scores).
-SCORES: tuple[str, ...] = ("mean", "pc1")
+from ..dispersion import SCORES as _SCORES
+
+#: Dispersion scores a stimulus can be ranked by: dispersion.SCORES, the one list.
+SCORES: tuple[str, ...] = _SCORES
 #: Where the Alignment lab's subset comes from.
 SOURCES: tuple[str, ...] = ("low", "high", "random", "selection", "pasted")
 #: Query-parameter names, in the order they are written to the URL.
