@@ -765,6 +765,8 @@ class Metric:
 
     Attributes:
         name: the registry name (the reference's name).
+        label: the short name tables, pickers and plots show ("mutual k-NN").
+        unit: what a value counts, for axis titles ("fraction of k"; "unitless").
         function: ``function(X, Y, **options) -> float`` on paired features (s, d_x), (s, d_y).
         from_tables: neighbour metrics only: ``from_tables(table_x, table_y, [x_at, y_at,]
             **options)`` on (s, k) or (B, s, k) tables (CKNNA also needs kernel values).
@@ -789,6 +791,8 @@ class Metric:
     """
 
     name: str
+    label: str
+    unit: str
     function: Callable[..., float]
     from_tables: Callable[..., Any] | None
     options: Mapping[str, Any]
@@ -808,6 +812,11 @@ class Metric:
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
 
+    @property
+    def axis_title(self) -> str:
+        """The label with the unit, for a value axis: ``"CKNNA (unitless)"``."""
+        return f"{self.label} ({self.unit})"
+
 
 _NEIGHBOUR_INVARIANCES = (ORTHOGONAL, ISOTROPIC_SCALING, STIMULUS_PERMUTATION)
 _NEIGHBOUR_VARIANCES = (TRANSLATION, FEATURE_SCALING)
@@ -815,6 +824,8 @@ _NEIGHBOUR_VARIANCES = (TRANSLATION, FEATURE_SCALING)
 _ENTRIES = (
     Metric(
         name="cknna",
+        label="CKNNA",
+        unit="unitless",
         function=cknna,
         from_tables=cknna_from_tables,
         options={"k": 10},
@@ -833,6 +844,8 @@ _ENTRIES = (
     ),
     Metric(
         name="mutual_knn",
+        label="mutual k-NN",
+        unit="overlap, fraction of k",
         function=mutual_knn,
         from_tables=mutual_knn_from_tables,
         options={"k": 10},
@@ -848,6 +861,8 @@ _ENTRIES = (
     ),
     Metric(
         name="cycle_knn",
+        label="cycle k-NN",
+        unit="fraction of stimuli",
         function=cycle_knn,
         from_tables=cycle_knn_from_tables,
         options={"k": 10},
@@ -863,6 +878,8 @@ _ENTRIES = (
     ),
     Metric(
         name="lcs_knn",
+        label="LCS k-NN",
+        unit="fraction of k",
         function=lcs_knn,
         from_tables=lcs_knn_from_tables,
         options={"k": 10, "normalise": True},
@@ -878,6 +895,8 @@ _ENTRIES = (
     ),
     Metric(
         name="edit_distance_knn",
+        label="edit-distance k-NN",
+        unit="1 − edits / k",
         function=edit_distance_knn,
         from_tables=edit_distance_knn_from_tables,
         options={"k": 10},
@@ -893,6 +912,8 @@ _ENTRIES = (
     ),
     Metric(
         name="cka",
+        label="CKA",
+        unit="unitless",
         function=cka,
         from_tables=None,
         options={"kernel": "linear", "sigma": 1.0},
@@ -909,6 +930,8 @@ _ENTRIES = (
     ),
     Metric(
         name="unbiased_cka",
+        label="unbiased CKA",
+        unit="unitless",
         function=unbiased_cka,
         from_tables=None,
         options={"kernel": "linear", "sigma": 1.0},
@@ -925,6 +948,8 @@ _ENTRIES = (
     ),
     Metric(
         name="svcca",
+        label="SVCCA",
+        unit="mean correlation",
         function=svcca,
         from_tables=None,
         options={"cca_dim": 10},

@@ -200,6 +200,10 @@ def test_registry_names_are_the_reference_names() -> None:
         assert set(entry.invariances) | set(entry.not_invariant) <= set(metrics.TRANSFORMS)
         with pytest.raises((AttributeError, TypeError)):
             entry.options["k"] = 3  # read-only
+        assert entry.label and entry.unit  # what pickers, tables and axes show
+        assert entry.axis_title == f"{entry.label} ({entry.unit})"
+    labels = [metric(name).label for name in metric_names()]
+    assert len(set(labels)) == len(labels)  # one label per metric
     assert convergence_core.measure is measure and convergence_core.metric_names is metric_names
 
 

@@ -31,17 +31,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .. import metrics as registry
 from .plots import RESIDUAL_AXIS, SCORE_AXIS, SCORE_NAME, SET_COLOURS
 from .predictor_plots import EFFECT_AXIS, NOT_SIGNIFICANT, SIGNIFICANT
 from .universal_plots import MODALITY_COLOURS
 
 #: Pixels per inch of every PNG; figure sizes below are in inches (13 in ≈ the wide page's width).
 DPI = 100
-#: CKNNA / mutual k-NN axis titles
-METRIC_AXIS = {
-    "cknna": "CKNNA (unitless)",
-    "mutual_knn": "mutual k-NN overlap (fraction of k)",
-}
 _PYPLOT_LOCK = threading.Lock()
 #: Height of axes titles (axes fraction). Given explicitly, matplotlib does not measure every
 #: tick label to place each title, which was a fifth of a figure's drawing time.
@@ -180,10 +176,8 @@ def residual_bars(
 
 
 def metric_axis(metric: str) -> str:
-    """Axis title of a registry metric: its label and its units (all are unitless)."""
-    from .lab import metric_label
-
-    return METRIC_AXIS.get(metric, f"{metric_label(metric)} (unitless)")
+    """Axis title of a registry metric: its label and its unit (``metrics.Metric.axis_title``)."""
+    return registry.metric(metric).axis_title
 
 
 def _svg_text(text: object) -> str:
@@ -272,10 +266,8 @@ def alignment_bars(
         return top + plot_height * (top_value - value) / (top_value - bottom_value)
 
     settings = str(sets["options"].iloc[0]) if "options" in sets and not sets.empty else ""
-    from .lab import metric_label
-
     title = (
-        f"Vision–language alignment per set: {metric_label(metric)}"
+        f"Vision–language alignment per set: {registry.metric(metric).label}"
         + (f" ({settings})" if settings else "")
         + "; error bars: 95% of random sets"
     )

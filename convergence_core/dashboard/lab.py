@@ -43,18 +43,6 @@ BARS_CONTAINER_KEY = "lab-bars"
 #: Above this many stimuli the feature metrics (CKA family: O(s·d²) per set without the small-n
 #: kernel route) wait for a button like the metrics the registry marks as not live
 LIVE_FEATURE_STIMULI = 20_000
-#: Short names of the registry's metrics for labels and axes (a new metric without one is shown
-#: by its registry name: adding a metric stays one registry entry)
-METRIC_LABELS = {
-    "cknna": "CKNNA",
-    "mutual_knn": "mutual k-NN",
-    "cycle_knn": "cycle k-NN",
-    "lcs_knn": "LCS k-NN",
-    "edit_distance_knn": "edit-distance k-NN",
-    "cka": "CKA",
-    "unbiased_cka": "unbiased CKA",
-    "svcca": "SVCCA",
-}
 #: Matched random sets: "nearest" matching costs O(s·n log n); above this s·n, 25 strata
 _NEAREST_MATCHING_WORK = 20_000_000
 _STRATA_BINS = 25
@@ -66,7 +54,6 @@ PAIR_COLUMNS = ["vision_model", "vision_layer", "language_model", "language_laye
 __all__ = [
     "BARS_CONTAINER_KEY",
     "LIVE_FEATURE_STIMULI",
-    "METRIC_LABELS",
     "MIN_CKNNA_SET_SIZE",
     "Headline",
     "MetricChoice",
@@ -121,8 +108,8 @@ class MetricChoice(NamedTuple):
 
 
 def metric_label(name: str) -> str:
-    """The short label of a registry metric (its name when it has none)."""
-    return METRIC_LABELS.get(name, name)
+    """The short label of a registry metric (``metrics.Metric.label``)."""
+    return registry.metric(name).label
 
 
 def metric_choices() -> list[MetricChoice]:
