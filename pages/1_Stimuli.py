@@ -36,7 +36,7 @@ ids = found.ids
 n = run.n_stimuli
 path, stamp = str(run.path), data.manifest_stamp(run.path)
 
-controls = st.columns([1, 1, 2, 1])
+controls = st.columns([1, 1, 1.6, 1.4])  # the last one holds the toggle's whole label
 with controls[0]:
     score = widgets.score_radio(
         view,

@@ -222,29 +222,33 @@ def sets_and_results() -> None:
 
     # -----------------------------------------------------------------------------------------
     # the metric (any of the registry) and its options
-    picker = st.columns([3, 1, 1])
-    with picker[0]:
-        state.drop_stale_choice(st.session_state, METRIC_KEY, list(METRICS))
-        metric = widgets.choose_one(
-            "Metric",
-            list(METRICS),
-            key=METRIC_KEY,
-            format_func=lambda name: METRICS[name].label,
-            help="Every metric of the registry (convergence_core.metrics), with the numbers of "
-            "the Platonic Representation code: neighbour metrics from the run's neighbour lists, "
-            "CKA-family metrics from the sets' prepared features.",
-        )
+    # the picker has the row to itself: a row of pills does not wrap, and in a narrower column
+    # the last metrics were hidden behind a horizontal scroll
+    state.drop_stale_choice(st.session_state, METRIC_KEY, list(METRICS))
+    metric = widgets.choose_one(
+        "Metric",
+        list(METRICS),
+        key=METRIC_KEY,
+        format_func=lambda name: METRICS[name].label,
+        help="Every metric of the registry (convergence_core.metrics), with the numbers of "
+        "the Platonic Representation code: neighbour metrics from the run's neighbour lists, "
+        "CKA-family metrics from the sets' prepared features.",
+    )
     choice = METRICS[metric]
+    st.caption(choice.summary)
     kernel, sigma, cca_dim = "linear", 1.0, 10
+    metric_settings = (
+        st.columns([1, 1, 2]) if {"kernel", "cca_dim"} & set(choice.options) else None
+    )
     if "kernel" in choice.options:
-        with picker[1]:
+        with metric_settings[0]:
             kernel = state.kept_widget(
                 st.session_state,
                 "w_lab_kernel",
                 lambda key: st.radio("Kernel", ("linear", "rbf"), key=key, horizontal=True),
             )
         if kernel == "rbf":
-            with picker[2]:
+            with metric_settings[1]:
                 sigma = state.kept_widget(
                     st.session_state,
                     "w_lab_sigma",
@@ -254,7 +258,7 @@ def sets_and_results() -> None:
                     ),
                 )
     if "cca_dim" in choice.options:
-        with picker[1]:
+        with metric_settings[0]:
             limit = max(1, smallest - 1)
             if st.session_state.get("w_lab_cca_dim", 10) > limit:
                 st.session_state["w_lab_cca_dim"] = limit
@@ -267,7 +271,6 @@ def sets_and_results() -> None:
                     "than the smallest set).",
                 ),
             )
-    st.caption(choice.summary)
     options = lab.chosen_options(metric, kernel=kernel, sigma=sigma, cca_dim=cca_dim)
     options_key = data.options_key(options)
     label = choice.label

@@ -26,6 +26,7 @@ from convergence_core.dashboard import lab
 from convergence_core.dashboard.page import PAGE_URLS
 from convergence_core.dashboard.headless import (
     CHROMIUM,
+    CLIPPED_CONTENT,
     PAGE_DRAWN,
     SCRIPT_FINISHED,
     launch_chromium,
@@ -364,6 +365,10 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
                     + page.locator('[data-testid="stException"]').first.inner_text()
                 )
                 assert "No cached run" not in page.inner_text("body")
+                # every label and row of choices whole at 1400 px (a row of pills does not wrap:
+                # the lab's last metrics were once behind a scroll bar)
+                clipped = page.evaluate(CLIPPED_CONTENT)
+                assert not clipped, f"page /{name} cuts off content sideways: {clipped}"
 
             # The alignment lab: move the k slider with the keyboard, as a user would, and see the
             # CKNNA of the low-dispersion set change and new bars drawn (only the lab's fragment

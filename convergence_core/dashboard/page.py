@@ -121,9 +121,9 @@ PAGE_URLS = [("Home", ""), *((label, url_path(target)) for target, label, _ in P
 def page_links(context: PageContext) -> None:
     """Links to the other pages carrying the current view in their URL."""
     params = context.view.to_query_params()
-    cells = st.columns(len(PAGES))
-    for cell, (target, label, icon) in zip(cells, PAGES, strict=True):
-        with cell:
+    # one row that wraps, each link as wide as its label (equal columns cut the longest labels)
+    with st.container(horizontal=True, wrap=True, gap="small"):
+        for target, label, icon in PAGES:
             try:
                 st.page_link(target, label=label, icon=icon, query_params=params)
             except StreamlitAPIException:  # the page file is not there (yet)
