@@ -56,17 +56,12 @@ if max_size < state.MIN_SUBSET_SIZE:
     st.stop()
 
 with st.sidebar:
-    score = state.bind_widget(
-        st.session_state,
+    score = widgets.score_radio(
         view,
-        "score",
-        lambda key: st.radio(
-            "Dispersion score",
-            state.SCORES,
-            key=key,
-            help="mean residual rank, or score on the residuals' first principal component",
-        ),
-        coerce=lambda value: value if value in state.SCORES else state.DEFAULT_SCORE,
+        "Dispersion score",
+        horizontal=False,
+        help="mean residual across vision models, or score on the residuals' first principal "
+        "component",
     )
     size = state.bind_widget(
         st.session_state,

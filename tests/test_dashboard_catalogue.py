@@ -77,6 +77,29 @@ def test_markdown_tables_escape_every_cell_and_cut_long_ones() -> None:
     assert cut == "| " + "y" * 9 + "… |"
 
 
+def test_table_numbers_have_four_significant_digits() -> None:
+    """Floats as a reader wants them (the paired tests once showed 0.33242650528523593 and
+    2.813436507387875e-06); integers, text and NaN as they are."""
+    cases = {
+        0.33242650528523593: "0.3324",
+        2.813436507387875e-06: "2.813e-06",
+        23.124955816333816: "23.12",
+        0.0: "0",
+        np.float32(0.5): "0.5",
+        120000.0: "120,000",
+        12345.6: "1.235e+04",
+        float("nan"): "nan",
+        7: "7",
+        np.int64(239): "239",
+        True: "True",
+        "0.123456789": "0.123456789",
+    }
+    for value, text in cases.items():
+        assert widgets.number_text(value) == text, value
+    frame = pd.DataFrame({"test": ["wilcoxon"], "p_value": [0.03125], "n_pairs": [6]})
+    assert widgets.markdown_table(frame).splitlines()[2] == r"| wilcoxon | 0\.03125 | 6 |"
+
+
 def test_escaped_markdown_renders_as_the_text_itself() -> None:
     """Every ASCII punctuation character is escaped; CommonMark renders an escaped one as itself,
     so removing the escapes gives the text back (checked with a CommonMark renderer if present)."""

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -291,9 +292,22 @@ def escape_markdown(value: object) -> str:
     return _MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(str(value).split()))
 
 
+def number_text(value: object, digits: int = 4) -> str:
+    """A table cell's text: floats to ``digits`` significant digits (``0.3324``, ``2.813e-06``;
+    whole numbers from 10,000 up with thousands separators), anything else as ``str``."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, float | np.floating):
+        return str(value)
+    if not np.isfinite(value):
+        return str(float(value))
+    if abs(value) >= 10_000 and float(value).is_integer():
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
 def markdown_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
     """A small table as a Markdown table for ``st.markdown``, every cell escaped
-    (:func:`escape_markdown`) and cut to ``max_cell`` characters.
+    (:func:`escape_markdown`) and cut to ``max_cell`` characters; floats to 4 significant digits
+    (:func:`number_text`).
 
     For a few rows of run metadata and numbers (model names, layers, test statistics), never for
     captions (those go through ``st.text`` only): ``st.dataframe`` would make the browser load its
@@ -301,7 +315,7 @@ def markdown_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
     """
 
     def cell(value: object) -> str:
-        text = " ".join(str(value).split())
+        text = " ".join(number_text(value).split())
         text = text if len(text) <= max_cell else text[: max_cell - 1] + "…"
         return escape_markdown(text) or " "
 
