@@ -40,6 +40,8 @@ SCORE_COLUMN = {
     "cosine": "cosine similarity",
     "euclidean": "Euclidean distance (residual units)",
 }
+#: Their short headers in the narrow table of top captions (the full name is the column's help)
+SCORE_HEADER = {"cosine": "cosine", "euclidean": "distance"}
 
 
 context = page.open_page("Universal space", icon="🌐")
@@ -274,11 +276,21 @@ with captions_tab:
                 column = SCORE_COLUMN[similarity]
                 st.dataframe(
                     top.rename(columns={"label": "caption", "score": column}).assign(
-                        true_match=lambda frame: np.where(
-                            frame["true_match"], "✓ true caption", ""
-                        )
+                        true_match=lambda frame: np.where(frame["true_match"], "✓", "")
                     ),
                     hide_index=True,
                     width="stretch",
                     column_order=("rank", "id", "caption", column, "true_match"),
+                    # narrow number columns, so that the caption and the true-caption mark fit
+                    # without a horizontal scroll bar
+                    column_config={
+                        "rank": st.column_config.NumberColumn("rank", width=45),
+                        "id": st.column_config.TextColumn("id", width=70),
+                        column: st.column_config.NumberColumn(
+                            SCORE_HEADER[similarity], width=70, format="%.4f", help=column
+                        ),
+                        "true_match": st.column_config.TextColumn(
+                            "true", width=45, help="✓: the image's own (held-out) caption"
+                        ),
+                    },
                 )

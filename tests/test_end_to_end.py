@@ -360,15 +360,23 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
             for name in PAGES:
                 page.goto(f"{base}/{name}")
                 _wait_idle(page)
-                assert page.locator('[data-testid="stException"]').count() == 0, (
-                    f"page /{name} shows an exception: "
-                    + page.locator('[data-testid="stException"]').first.inner_text()
-                )
                 assert "No cached run" not in page.inner_text("body")
-                # every label and row of choices whole at 1400 px (a row of pills does not wrap:
-                # the lab's last metrics were once behind a scroll bar)
-                clipped = page.evaluate(CLIPPED_CONTENT)
-                assert not clipped, f"page /{name} cuts off content sideways: {clipped}"
+                tabs = page.locator('[data-testid="stMain"] [role="tab"]')
+                # the first screen, then every tab (each built when opened): no exception, and
+                # every label, row of choices and table whole at 1400 px (a row of pills does
+                # not wrap: the lab's last metrics were once behind a scroll bar)
+                for index in range(-1, tabs.count()):
+                    where = f"page /{name}"
+                    if index >= 0:
+                        where += f", tab {tabs.nth(index).inner_text()!r}"
+                        tabs.nth(index).click()
+                        _wait_idle(page, timeout_ms=180_000)
+                    assert page.locator('[data-testid="stException"]').count() == 0, (
+                        f"{where} shows an exception: "
+                        + page.locator('[data-testid="stException"]').first.inner_text()
+                    )
+                    clipped = page.evaluate(CLIPPED_CONTENT)
+                    assert not clipped, f"{where} cuts off content sideways: {clipped}"
 
             # The alignment lab: move the k slider with the keyboard, as a user would, and see the
             # CKNNA of the low-dispersion set change and new bars drawn (only the lab's fragment

@@ -78,11 +78,16 @@ PAGE_DRAWN = """() => {
 
 #: JavaScript: the visible elements of the page's main area whose content is cut off sideways
 #: (wider than their box, which clips it or hides it behind a scroll bar): a label that does not
-#: fit its column, a row of pills wider than the page. Returns their texts (80 characters).
+#: fit its column, a row of pills wider than the page, a table with columns out of sight. Returns
+#: each as "<Streamlit element>: <its text, 80 characters>".
 CLIPPED_CONTENT = """() => [...document.querySelectorAll('[data-testid="stMain"] *')]
   .filter((e) => e.clientWidth > 5 && e.scrollWidth > e.clientWidth + 2
     && getComputedStyle(e).overflowX !== 'visible')
-  .map((e) => (e.innerText || e.getAttribute('data-testid') || e.tagName).slice(0, 80))"""
+  .map((e) => {
+    const owner = e.closest('[data-testid^="st"]:not([data-testid="stMain"])');
+    const kind = owner ? owner.getAttribute('data-testid') : e.tagName;
+    return `${kind}: ${(e.innerText || '').replace(/\\s+/g, ' ').slice(0, 80)}`;
+  })"""
 
 #: JavaScript: what the drawn page holds and what its resources cost (bytes from the Resource
 #: Timing entries of this tab, same origin so the sizes are exposed).
