@@ -46,6 +46,7 @@ __all__ = [
     "alignment_dispersion_relation",
     "knn_overlap",
     "local_cka",
+    "local_cka_base_size",
     "per_stimulus_alignment",
 ]
 
@@ -174,6 +175,11 @@ def _row_source(features: PreparedFeatures):
     return features.rows
 
 
+def local_cka_base_size(n_stimuli: int, base_size: int = LOCAL_CKA_BASE_SIZE) -> int:
+    """The base a run of ``n_stimuli`` gets: ``base_size``, at most ``n_stimuli − 1``."""
+    return min(int(base_size), int(n_stimuli) - 1)
+
+
 def local_cka(
     x: PreparedFeatures, y: PreparedFeatures, *, base_size: int = LOCAL_CKA_BASE_SIZE,
     seed: int = 0,
@@ -237,7 +243,7 @@ def per_stimulus_alignment(
     for pair in pairs:
         x = run.neighbours(pair.vision_model, pair.vision_layer)
         y = run.neighbours(pair.language_model, pair.language_layer)
-        size = min(int(base_size), run.n_stimuli - 1)
+        size = local_cka_base_size(run.n_stimuli, base_size)
         compute = {
             "knn_overlap": lambda: knn_overlap(x, y, k),
             "local_cka": lambda: local_cka(x.features, y.features, base_size=size,

@@ -16,6 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from convergence_core.dashboard import data, lab, page, plots, state, widgets
+from convergence_core.stimulus_alignment import local_cka_base_size
 
 PER_SIDE = 6  # stimuli per side and page
 GALLERY_COLUMNS = 3
@@ -52,7 +53,8 @@ with controls[1]:
         format_func=ORDERS.get,
         help="dispersion (the score on the left), or per-stimulus alignment of one vision × "
         "language pair: k-NN overlap (share of a stimulus's k nearest stimuli both models agree "
-        "on) or local CKA (how much the stimulus raises the CKA of a base of 320 pairs).",
+        "on) or local CKA (how much the stimulus raises the CKA of a seeded base of "
+        f"{local_cka_base_size(run.n_stimuli)} pairs).",
     )
 with controls[2]:
     query = st.text_input(
@@ -353,7 +355,8 @@ with alignment_tab:
                     "Each point is a stimulus: its dispersion (x) against how much its vision and "
                     "language neighbourhoods agree (y). k-NN overlap: the share of its k nearest "
                     f"stimuli (k = {k}) both models agree on; local CKA (paper 003): how much it "
-                    "raises the CKA of a seeded base of 320 pairs. A negative Spearman ρ: stimuli "
+                    f"raises the CKA of a seeded base of {local_cka_base_size(n)} pairs. A "
+                    "negative Spearman ρ: stimuli "
                     "the vision models agree on carry more cross-modal alignment. The current "
                     "selection is circled."
                 )

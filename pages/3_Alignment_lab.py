@@ -15,6 +15,7 @@ import streamlit as st
 
 from convergence_core.dashboard import data, lab, page, selection_io, state, widgets
 from convergence_core.random_baseline import DEFAULT_INTERVAL_WIDTH, DEFAULT_MIN_SETS
+from convergence_core.stimulus_alignment import local_cka_base_size
 from convergence_core.subsets import select_stimuli
 
 BEST = "__best__"
@@ -547,7 +548,8 @@ def _per_stimulus(sets, focus, score, k) -> None:  # noqa: ANN001
     st.text(
         "k-NN overlap: the share of a stimulus's k nearest stimuli that the vision and the "
         "language model agree on (its mean is the full set's mutual k-NN). Local CKA (paper "
-        "003): how much the stimulus raises the CKA of a seeded base of 320 pairs. Spearman ρ "
+        f"003): how much the stimulus raises the CKA of a seeded base of "
+        f"{local_cka_base_size(n)} pairs. Spearman ρ "
         "against dispersion with a two-sided permutation p; a negative ρ means that stimuli the "
         f"vision models agree on carry more cross-modal alignment. Focus set circled; k = {k}."
     )

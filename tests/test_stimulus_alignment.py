@@ -12,6 +12,7 @@ from convergence_core.stimulus_alignment import (
     alignment_dispersion_relation,
     knn_overlap,
     local_cka,
+    local_cka_base_size,
     per_stimulus_alignment,
 )
 
@@ -106,6 +107,10 @@ def test_per_stimulus_table_and_dispersion_relation_on_a_planted_run(tmp_path):
     table = per_stimulus_alignment(run, pairs, k=8, base_size=40)
     assert set(table["metric"]) == {"knn_overlap", "local_cka"}
     assert len(table) == 2 * run.n_stimuli
+    # the base the pages name: paper 003's 320, at most n - 1 (here 119)
+    assert local_cka_base_size(10_000) == 320 and local_cka_base_size(run.n_stimuli) == 119
+    whole = per_stimulus_alignment(run, pairs, k=8, metrics=["local_cka"])
+    assert set(whole["base_size"]) == {local_cka_base_size(run.n_stimuli)}
     relation = alignment_dispersion_relation(
         table, run.dispersion["mean"].to_numpy(), n_permutations=200
     ).set_index("metric")
