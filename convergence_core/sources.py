@@ -26,6 +26,7 @@ enter the intra-modal GPA by default); ``brain`` and any other name a user gives
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -50,6 +51,8 @@ __all__ = [
 
 #: Modalities with a meaning in the analyses; any other safe name is accepted too.
 KNOWN_MODALITIES = ("vision", "language", "brain")
+#: The modalities with a role in the analyses (GPA; the two sides of an alignment)
+_ROLE_MODALITIES = ("vision", "language")
 _MODALITY = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,39}")
 #: Suffix of the id list that accompanies an ``.npy`` feature file.
 IDS_SUFFIX = ".ids.txt"
@@ -60,12 +63,25 @@ class FeatureFileError(ValueError):
 
 
 def check_modality(modality: object, model: str) -> str:
-    """``modality`` if it is a usable name (``vision``, ``language``, ``brain`` or another)."""
+    """``modality`` if it is a usable name (``vision``, ``language``, ``brain`` or another).
+
+    A free name that is a near-miss of ``vision`` or ``language`` (``visoin``, ``Language``) is
+    refused: those two decide what enters GPA and which side of an alignment a model is on, so a
+    typo would silently leave the model out of both.
+    """
     if not isinstance(modality, str) or not _MODALITY.fullmatch(modality):
         raise ValueError(
             f"modality {modality!r} of model {model!r} is not a usable name; use one of "
             f"{list(KNOWN_MODALITIES)} or a name of letters, digits, '_' and '-' (e.g. 'ecog')"
         )
+    if modality not in KNOWN_MODALITIES:
+        near = difflib.get_close_matches(modality.lower(), _ROLE_MODALITIES, n=1, cutoff=0.8)
+        if near:
+            raise ValueError(
+                f"modality {modality!r} of model {model!r} looks like a misspelt {near[0]!r}; "
+                f"write {near[0]!r} (vision models enter GPA, language models are the other side "
+                "of every alignment), or a name further from both for another modality"
+            )
     return modality
 
 

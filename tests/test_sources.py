@@ -16,7 +16,12 @@ from scipy import stats
 from convergence_core.cli import main
 from convergence_core.datasets import load_dataset
 from convergence_core.precompute import PrecomputeConfig, precompute
-from convergence_core.sources import FeatureFileError, FileSource, read_feature_file
+from convergence_core.sources import (
+    FeatureFileError,
+    FileSource,
+    check_modality,
+    read_feature_file,
+)
 
 N = 30
 
@@ -104,6 +109,19 @@ def test_bad_parquet_and_suffix(tmp_path, ids):
         FileSource("m", "vision", {"l": tmp_path / "absent.npy"})
     with pytest.raises(ValueError, match="modality"):
         FileSource("m", "not a name!", {"l": tmp_path / "f.csv"})
+
+
+@pytest.mark.parametrize(
+    ("modality", "meant"),
+    [("visoin", "vision"), ("Vision", "vision"), ("visions", "vision"), ("langauge", "language")],
+)
+def test_a_misspelt_vision_or_language_modality_is_refused(modality: str, meant: str) -> None:
+    """A near-miss of vision or language would silently keep a model out of GPA or off the
+    language side of every alignment; other free names stay free."""
+    with pytest.raises(ValueError, match=f"looks like a misspelt '{meant}'; write '{meant}'"):
+        check_modality(modality, "m")
+    for free in ("brain", "ecog", "eeg", "visual", "text", "language_model"):
+        assert check_modality(free, "m") == free
 
 
 # -- runs from files ----------------------------------------------------------------------------
