@@ -32,6 +32,7 @@ __all__ = [
     "image_problem",
     "make_thumbnail",
     "open_rgb",
+    "open_rgb_reduced",
     "resolve_inside",
 ]
 
@@ -131,11 +132,29 @@ def open_rgb(
         ImageFileError: the file is missing, outside ``root``, or is not a decodable image.
         ImageTooLargeError (an ImageFileError): more pixels than ``settings.max_image_pixels()``.
     """
+    return _decode(path, root, None)[1]
+
+
+def open_rgb_reduced(
+    path: str | os.PathLike[str], side: int, *, root: str | os.PathLike[str] | None = None
+) -> tuple[tuple[int, int], Image.Image]:
+    """The file's own (width, height) and its RGB image decoded at a reduced scale where the
+    format allows it (JPEG draft mode: a power-of-two reduction that keeps the longer side at
+    least ``side`` pixels; other formats in full). Guards and errors as :func:`open_rgb`."""
+    return _decode(path, root, int(side))
+
+
+def _decode(
+    path: str | os.PathLike[str], root: str | os.PathLike[str] | None, draft_side: int | None
+) -> tuple[tuple[int, int], Image.Image]:
     path = Path(path)
     try:
         with _open_checked(path, root) as image:
+            size = image.size
+            if draft_side is not None:
+                image.draft("RGB", (draft_side, draft_side))
             image.load()
-            return image.convert("RGB")
+            return size, image.convert("RGB")
     except ImageFileError:
         raise
     except FileNotFoundError:

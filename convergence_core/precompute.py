@@ -1348,7 +1348,7 @@ class _Pipeline:
             ):
                 self.notify(ProgressEvent("properties", None, 0, total))
                 paths = [self.images_root / rel for rel in self.stimuli["image"]]
-                write_parquet(image_file, props.image_properties(paths))
+                write_parquet(image_file, props.image_properties(paths, root=self.images_root))
                 self.manifest.finish_step("properties:image", image_inputs)
             image = read_parquet(image_file)
         self._forget_dropped_caption_parts()

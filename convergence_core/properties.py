@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 __all__ = [
     "CAPTION_VERSION",
@@ -321,25 +321,14 @@ def image_statistics(rgb: np.ndarray) -> dict[str, float]:
     }
 
 
-def _working_copy(path: Path) -> tuple[int, int, np.ndarray]:
-    """(width, height) of the original and the (h', w', 3) uint8 working copy (≤ WORK_SIDE)."""
-    from .images import ImageFileError
+def _working_copy(
+    path: Path, root: str | os.PathLike[str] | None
+) -> tuple[int, int, np.ndarray]:
+    """(width, height) of the original and the (h', w', 3) uint8 working copy (≤ WORK_SIDE),
+    read with the containment and size guards of :mod:`images`."""
+    from .images import open_rgb_reduced
 
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            image.draft("RGB", (WORK_SIDE, WORK_SIDE))  # JPEG: decode at a reduced scale
-            image.load()
-            rgb = image.convert("RGB")
-    except FileNotFoundError:
-        raise ImageFileError(
-            f"image file {path} does not exist; check the dataset root and the image column"
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageFileError(
-            f"image file {path} cannot be decoded ({type(exc).__name__}: {exc}); replace the file "
-            "or drop it (check_dataset(..., drop_bad=True))"
-        ) from None
+    (width, height), rgb = open_rgb_reduced(path, WORK_SIDE, root=root)
     scale = WORK_SIDE / max(rgb.size)
     if scale < 1.0:
         size = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
@@ -350,11 +339,14 @@ def _working_copy(path: Path) -> tuple[int, int, np.ndarray]:
 def image_properties(
     paths: Sequence[str | os.PathLike[str]],
     *,
+    root: str | os.PathLike[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """The image properties of each file: DataFrame (len(paths) rows) with the columns of
     :data:`IMAGE_PROPERTIES`, float64, in that order.
 
+    ``root``: the folder every file must stay inside (``images.resolve_inside``); images above
+    ``settings.max_image_pixels()`` are refused before decoding, as everywhere images are read.
     ``progress(done, total)`` is called after every image. Cost: one decode at reduced scale
     (JPEG draft mode) plus a ≤ 512 px resize and JPEG encode, ~5–20 ms per image on one core.
     Raises ``images.ImageFileError`` (a ValueError) for a missing or undecodable file.
@@ -362,7 +354,7 @@ def image_properties(
     rows: list[dict[str, float]] = []
     total = len(paths)
     for done, path in enumerate(paths, start=1):
-        width, height, rgb = _working_copy(Path(path))
+        width, height, rgb = _working_copy(Path(path), root)
         rows.append(
             {
                 "width_px": float(width),

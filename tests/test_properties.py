@@ -177,6 +177,28 @@ def test_image_properties_read_files_at_working_size(tmp_path) -> None:
         props.image_properties([tmp_path / "broken.jpg"])
 
 
+def test_image_properties_read_images_with_the_guards_of_every_image_read(
+    tmp_path, monkeypatch
+) -> None:
+    """Containment in the data set's root and the pixel limit, checked before decoding, as for
+    thumbnails and extraction (the properties step once opened files directly)."""
+    from convergence_core.images import ImageTooLargeError
+
+    root = tmp_path / "root"
+    root.mkdir()
+    Image.fromarray(_rgb(1, 30, 50)).save(tmp_path / "outside.png")
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    with pytest.raises(ValueError, match="leads outside the dataset root"):
+        props.image_properties([root / "link.png"], root=root)
+    Image.fromarray(_rgb(2, 100, 100)).save(root / "big.png")
+    monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", "5000")
+    with pytest.raises(ImageTooLargeError, match="10,000 pixels, more than the limit of 5,000"):
+        props.image_properties([root / "big.png"], root=root)
+    monkeypatch.delenv("CONVERGENCE_MAX_IMAGE_PIXELS")
+    frame = props.image_properties([root / "big.png"], root=root)
+    assert frame.loc[0, ["width_px", "height_px"]].tolist() == [100.0, 100.0]
+
+
 def test_working_copy_makes_measures_resolution_independent(tmp_path) -> None:
     """An image and its 4x enlargement (nearest neighbour) give the same luminance and colour
     statistics once both are brought to the working size (area averaging undoes the enlargement)."""
