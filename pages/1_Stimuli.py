@@ -66,10 +66,11 @@ with controls[2]:
 selection = state.get_selection(st.session_state, run.name)
 with controls[3]:
     only_selection = st.toggle(
-        "Only the current selection",
+        "Selection only",
         key="w_only_selection",
         disabled=selection is None,
-        help="Make a selection on the Residual space page (box/lasso) or import one there.",
+        help="Only the stimuli of the current selection. Make a selection on the Residual space "
+        "page (box/lasso) or import one there.",
     )
 
 try:

@@ -51,7 +51,7 @@ with controls[0]:
 with controls[1]:
     score = widgets.score_radio(view, "Colour by")
 properties = predictors.run_properties(run)
-colour_choices = ["(the dispersion score)", *(properties.names if properties is not None else [])]
+colour_choices = ["(dispersion score)", *(properties.names if properties is not None else [])]
 state.drop_stale_choice(st.session_state, COLOUR_KEY, colour_choices)
 # in a popover (its label says the choice): the browser builds the select box only when opened
 colour_now = widgets.excerpt(st.session_state.get(COLOUR_KEY, colour_choices[0]), 40)

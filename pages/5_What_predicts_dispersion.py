@@ -49,7 +49,7 @@ st.caption(
     "property can stand for another one that was not measured."
 )
 stamp = data.manifest_stamp(run.path)
-controls = st.columns([3, 1])
+controls = st.columns([2, 1])  # room for the popover's label in a narrow window
 with controls[0]:
     score = widgets.score_radio(view, "Dispersion score")
 # settings one rarely changes sit in a popover: the browser builds its widgets only when opened

@@ -280,9 +280,9 @@ with captions_tab:
                     ),
                     hide_index=True,
                     width="stretch",
-                    column_order=("rank", "id", "caption", column, "true_match"),
-                    # narrow number columns, so that the caption and the true-caption mark fit
-                    # without a horizontal scroll bar
+                    # the true-caption mark up front and narrow number columns; the caption last,
+                    # so that a narrow window hides the end of a caption, never the mark
+                    column_order=("rank", "true_match", "id", column, "caption"),
                     column_config={
                         "rank": st.column_config.NumberColumn("rank", width=45),
                         "id": st.column_config.TextColumn("id", width=70),

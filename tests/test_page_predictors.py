@@ -163,7 +163,7 @@ def test_a_damaged_property_table_is_a_warning_in_plain_text(run, monkeypatch) -
 def test_residual_space_colours_points_by_any_property(run, monkeypatch) -> None:
     at = _page(RESIDUAL_PAGE, monkeypatch)
     box = at.selectbox(key="w_colour_property")
-    assert box.options[0] == "(the dispersion score)"
+    assert box.options[0] == "(dispersion score)"
     assert set(run.properties.names) <= set(box.options)
     box.set_value("luminance_mean")
     at.run(timeout=TIMEOUT)
