@@ -357,10 +357,16 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
         with sync_playwright() as p:
             browser = launch_chromium(p)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            for name in PAGES:
+            # a page's own URL first, as a shared link on a freshly started server opens it:
+            # the sidebar is app.py's navigation, not Streamlit's list of the pages/ folder
+            for name in [*PAGES[1:], PAGES[0]]:
                 page.goto(f"{base}/{name}")
                 _wait_idle(page)
                 assert "No cached run" not in page.inner_text("body")
+                navigation = page.locator('[data-testid="stSidebarNav"]').inner_text()
+                assert "Home" in navigation and "Stimuli gallery" in navigation, (
+                    f"page /{name}: the sidebar is not the app's navigation: {navigation!r}"
+                )
                 tabs = page.locator('[data-testid="stMain"] [role="tab"]')
                 # the first screen, then every tab (each built when opened): no exception, and
                 # every label, row of choices and table whole at 1400 px (a row of pills does

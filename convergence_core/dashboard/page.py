@@ -40,8 +40,26 @@ def no_run_message() -> str:
     )
 
 
+def leave_directory_mode() -> None:
+    """Rerun through ``app.py``'s navigation when Streamlit ran this page on its own.
+
+    Streamlit starts in its old multipage mode when a ``pages/`` folder sits beside the app
+    (``PagesManager.uses_pages_directory``) and leaves it at the first ``st.navigation`` call in
+    the process. Until then a session that opens a page's URL first (a shared link on a freshly
+    started server) runs that page file alone, under a sidebar built from the folder ("app",
+    "Stimuli", no icons). Switching the flag off and rerunning runs ``app.py`` instead, which
+    finds the same page by its URL.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if getattr(PagesManager, "uses_pages_directory", False):
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def open_page(title: str, icon: str = "🔬") -> PageContext:
     """Set up a page: title, run picker (sidebar), view from URL/session; stop if no run exists."""
+    leave_directory_mode()
     st.set_page_config(page_title=f"{title} · Convergence Explorer", page_icon=icon, layout="wide")
     runs = data.available_runs()
     names = [info.name for info in runs]
