@@ -508,11 +508,15 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
          "null_mean", "null_lower_95", "null_upper_95", "matched_mean", "matched_lower_95",
          "matched_upper_95", "matched_p_value_greater", "set_typicality", "matched_typicality"]
     ].rename(columns={"value": label, "matched_p_value_greater": "p(matched ≥ set)"})
-    st.markdown(widgets.markdown_table(shown.round(4)))
+    # data grids, not Markdown: 15 columns are wider than the page and scroll inside the grid
+    st.dataframe(shown.round(4), hide_index=True, width="stretch", key="calibration-table")
     st.text("Low − high against the same difference between the low and high sets' matched sets:")
-    st.markdown(widgets.markdown_table(
-        result.low_high.drop(columns=["vision_layer", "language_layer"]).round(4)
-    ))
+    st.dataframe(
+        result.low_high.drop(columns=["vision_layer", "language_layer"]).round(4),
+        hide_index=True,
+        width="stretch",
+        key="calibration-low-high",
+    )
     st.download_button(
         "Download calibrated scores (CSV)",
         lambda: result.table.to_csv(index=False).encode("utf-8"),

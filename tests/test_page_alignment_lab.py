@@ -521,7 +521,11 @@ def test_calibration_and_per_stimulus_expanders(run) -> None:
     assert any("Download calibrated scores" in b.proto.label for b in at.download_button)
     assert len(at.image) == 2  # the bars and the per-stimulus scatter
     assert any("spearman" in m.value for m in at.markdown)  # the ρ table (escaped Markdown)
-    assert not at.dataframe  # small tables as text, no data grid
+    # the calibration's tables (15 and 12 columns) in data grids, which scroll inside themselves
+    grids = [frame.value for frame in at.dataframe]
+    assert len(grids) == 2
+    wide = max(grids, key=lambda frame: frame.shape[1])
+    assert {"calibrated", "null_mean", "matched_mean"} <= set(wide.columns)
 
 
 def test_sampled_best_layers_are_said_in_the_sidebar(run, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,9 +78,11 @@ PAGE_DRAWN = """() => {
 
 #: JavaScript: the visible elements of the page's main area whose content is cut off sideways
 #: (wider than their box, which clips it or hides it behind a scroll bar): a label that does not
-#: fit its column, a row of pills wider than the page, a table with columns out of sight. Returns
+#: fit its column, a row of pills wider than the page, a table with columns out of sight, the page
+#: itself scrolling sideways because something in it is too wide. Returns
 #: each as "<Streamlit element>: <its text, 80 characters>".
-CLIPPED_CONTENT = """() => [...document.querySelectorAll('[data-testid="stMain"] *')]
+CLIPPED_CONTENT = """() => [
+  ...document.querySelectorAll('[data-testid="stMain"], [data-testid="stMain"] *')]
   .filter((e) => e.clientWidth > 5 && e.scrollWidth > e.clientWidth + 2
     && getComputedStyle(e).overflowX !== 'visible')
   .map((e) => {

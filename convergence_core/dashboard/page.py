@@ -40,6 +40,10 @@ def no_run_message() -> str:
     )
 
 
+#: Whether :func:`leave_directory_mode` has switched Streamlit's pages-folder mode off here
+_LEFT_DIRECTORY_MODE = False
+
+
 def leave_directory_mode() -> None:
     """Rerun through ``app.py``'s navigation when Streamlit ran this page on its own.
 
@@ -48,11 +52,15 @@ def leave_directory_mode() -> None:
     the process. Until then a session that opens a page's URL first (a shared link on a freshly
     started server) runs that page file alone, under a sidebar built from the folder ("app",
     "Stimuli", no icons). Switching the flag off and rerunning runs ``app.py`` instead, which
-    finds the same page by its URL.
+    finds the same page by its URL. Once per process, as on a server the mode never comes back
+    (Streamlit's AppTest sets it again before every script run; its runs of a page alone are
+    left as they are, so that a rerun never swallows a button press there).
     """
+    global _LEFT_DIRECTORY_MODE
     from streamlit.runtime.pages_manager import PagesManager
 
-    if getattr(PagesManager, "uses_pages_directory", False):
+    if getattr(PagesManager, "uses_pages_directory", False) and not _LEFT_DIRECTORY_MODE:
+        _LEFT_DIRECTORY_MODE = True
         PagesManager.uses_pages_directory = False
         st.rerun()
 
