@@ -211,9 +211,8 @@ def sets_and_results() -> None:
     for name in ("selection", "pasted"):
         if name in sets and len(sets[name]) < 4:
             st.error(
-                f"The {SET_LABEL[name]} has {len(sets[name])} stimuli; CKNNA needs at least 4 "
-                "(and more than k). "
-                "Add stimuli or choose another focus set."
+                f"{SET_LABEL[name].capitalize()}: {len(sets[name])} stimuli, too few for a set "
+                "(at least 4, and more than k). Add stimuli or choose another focus set."
             )
             del sets[name]
 

@@ -264,7 +264,7 @@ def test_pasted_ids_unknown_and_too_few(run) -> None:
     at.text_area(key="w_pasted_ids").set_value("\n".join([*ids, "ghost"])).run(timeout=TIMEOUT)
     assert any("1 pasted id(s)" in w.value for w in at.warning)
     assert any(t.value == "ghost" for t in at.text)
-    assert any("has 3 stimuli" in e.value and "at least 4" in e.value for e in at.error)
+    assert any("ids: 3 stimuli, too few" in e.value and "at least 4" in e.value for e in at.error)
     more = list(run.stimuli["id"].iloc[:9])
     at.text_area(key="w_pasted_ids").set_value(", ".join(more)).run(timeout=TIMEOUT)
     assert set(_results(at)["set"]) == {"low", "high", "pasted"}
