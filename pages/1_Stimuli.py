@@ -54,7 +54,7 @@ with controls[1]:
         help="dispersion (the score on the left), or per-stimulus alignment of one vision × "
         "language pair: k-NN overlap (share of a stimulus's k nearest stimuli both models agree "
         "on) or local CKA (how much the stimulus raises the CKA of a seeded base of "
-        f"{local_cka_base_size(run.n_stimuli)} pairs).",
+        f"{local_cka_base_size(n)} pairs).",
     )
 with controls[2]:
     query = st.text_input(
@@ -357,9 +357,8 @@ with alignment_tab:
                     "language neighbourhoods agree (y). k-NN overlap: the share of its k nearest "
                     f"stimuli (k = {k}) both models agree on; local CKA (paper 003): how much it "
                     f"raises the CKA of a seeded base of {local_cka_base_size(n)} pairs. A "
-                    "negative Spearman ρ: stimuli "
-                    "the vision models agree on carry more cross-modal alignment. The current "
-                    "selection is circled."
+                    "negative Spearman ρ: stimuli the vision models agree on carry more "
+                    "cross-modal alignment. The current selection is circled."
                 )
                 relation = data.alignment_relation(path, stamp, (shown_pair,), k, score)
                 st.markdown(widgets.markdown_table(

@@ -21,7 +21,6 @@ from ..dispersion import SCORES
 from ..run import Run
 
 
-
 @dataclass(frozen=True)
 class Catalogue:
     """Lookups of one run (read-only; shared by every browser session).

@@ -21,10 +21,8 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..dispersion import SCORES as _SCORES
+from ..dispersion import SCORES  # the dispersion scores a stimulus can be ranked by
 
-#: Dispersion scores a stimulus can be ranked by: dispersion.SCORES, the one list.
-SCORES: tuple[str, ...] = _SCORES
 #: Where the Alignment lab's subset comes from.
 SOURCES: tuple[str, ...] = ("low", "high", "random", "selection", "pasted")
 #: Query-parameter names, in the order they are written to the URL.
