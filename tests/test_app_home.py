@@ -170,7 +170,7 @@ def test_home_cards_histogram_and_previews(synthetic_cache: Path) -> None:
     assert not at.dataframe and not at.get("plotly_chart")  # nothing that loads heavy scripts
     # the histogram picture and 5 lowest and 5 highest dispersion thumbnails, in rank order
     assert len(at.image) == 11
-    labels = [t.value for t in at.text if t.value.startswith("rank ")]
+    labels = [t.value.split("\n")[0] for t in at.text if t.value.startswith("rank ")]
     order = np.argsort(run.dispersion["rank_mean"].to_numpy())
     expected_low = [f"rank {i + 1} · {run.stimuli['id'].iloc[r]}" for i, r in enumerate(order[:5])]
     assert labels[:5] == expected_low

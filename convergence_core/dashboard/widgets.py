@@ -168,6 +168,15 @@ def full_captions_button(captions: Sequence[str], *, key: str, title: str = "") 
         _full_captions_dialog(title, list(captions))
 
 
+def first_caption_text(captions: Sequence[str]) -> str:
+    """The first caption in quotes, as an :func:`excerpt`, and how many more there are:
+    ``“A dog on a sofa.”  (+4 more)``; ``(no caption)`` when there is none."""
+    if not captions:
+        return "(no caption)"
+    more = f"  (+{len(captions) - 1} more)" if len(captions) > 1 else ""
+    return f"“{excerpt(captions[0], settings.caption_excerpt_chars())}”{more}"
+
+
 def show_captions(
     captions: Sequence[str],
     *,
@@ -182,8 +191,7 @@ def show_captions(
         return
     limit = settings.caption_excerpt_chars()
     if first_only:
-        more = f"  (+{len(captions) - 1} more)" if len(captions) > 1 else ""
-        st.text(f"“{excerpt(captions[0], limit)}”{more}")
+        st.text(first_caption_text(captions))
     else:
         for caption in captions:
             st.text(f"• {excerpt(caption, limit)}")
@@ -238,9 +246,8 @@ def stimulus_card(run: Run, row: int, label: str, *, key: str, inspect: bool = T
     detail view, which lists every caption)."""
     thumbnail(run, row, missing="(no thumbnail in this run)")
     identifier = str(run.stimuli["id"].iloc[row])
-    st.text(excerpt(label))
     captions = list(run.stimuli["captions"].iloc[row]) if "captions" in run.stimuli else []
-    show_captions(captions, first_only=True)
+    st.text(f"{excerpt(label)}\n{first_caption_text(captions)}")  # one element, not two
     full_captions_button(captions, key=f"{key}-{row}", title=f"Stimulus {identifier}")
     if inspect:
         st.button("Inspect", key=f"{key}-inspect-{row}", on_click=_inspect, args=(identifier,))
