@@ -39,6 +39,7 @@ from .cache import CacheFormatError, read_json, read_npy, write_json, write_npy
 from .extract import captions_for_language, extract_embeddings
 
 if TYPE_CHECKING:
+    from .manifest import ModelEntry
     from .models.base import Encoder
     from .run import Run
 
@@ -161,6 +162,14 @@ def cached_caption_embeddings(run: Run, model: str, layer: str) -> CaptionEmbedd
     return CaptionEmbeddings(model, layer, features, owners)
 
 
+def _source_words(entry: ModelEntry) -> str:
+    """Where a model's features came from, in words (``a features file``, ``arrays``)."""
+    source = entry.details.get("source")
+    return {"file": "a features file", "arrays": "arrays given to write_run_from_embeddings"}.get(
+        source, f"source {source!r}"
+    )
+
+
 def embed_captions(
     run: Run,
     model: str,
@@ -182,8 +191,14 @@ def embed_captions(
     missing = [layer for layer, cached in found.items() if cached is None]
     if not missing:
         return found  # type: ignore[return-value]
-    texts, owners = caption_texts(run)
     entry = run.manifest.models[model]
+    if encoder is None and not entry.from_encoder:
+        raise ValueError(
+            f"{model!r} came from {_source_words(entry)}, not from an encoder, so there is "
+            "nothing to embed each caption with; pass the encoder that made those features "
+            "(embed_captions(..., encoder=...)) to embed them"
+        )
+    texts, owners = caption_texts(run)
     if encoder is None:
         from .models import load_encoder
 

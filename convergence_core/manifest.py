@@ -166,6 +166,15 @@ class ModelEntry:
             details={k: v for k, v in data.items() if k not in cls._FIELDS},
         )
 
+    @property
+    def from_encoder(self) -> bool:
+        """Whether the features were extracted by an encoder this package loads (so the model can
+        embed more text or images), not read from a user's file or arrays (``details['source']``
+        is ``encoder``, ``file`` or ``arrays``; runs from before it was recorded: encoders are
+        the models with a weights hash)."""
+        source = self.details.get("source")
+        return source == "encoder" if source is not None else self.weights_id is not None
+
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self._FIELDS}
         out["clip_thresholds"] = {

@@ -857,7 +857,13 @@ def _caption_pairs(
         ]
     for model, layer in dict.fromkeys((p.language_model, p.language_layer) for p in pairs):
         cached = caption_embeddings.cached_caption_embeddings(run, model, layer)
-        if cached is None and embed:
+        if cached is None and not run.manifest.models[model].from_encoder:
+            notes.append(
+                f"many-to-many (one caption vs the mean of all captions) skipped for {model}: its "
+                "features came from a file or arrays, one row per stimulus, and there is no "
+                "encoder to embed each caption with"
+            )
+        elif cached is None and embed:
             try:
                 cached = caption_embeddings.embed_captions(run, model, [layer])[layer]
             except (ValueError, OSError, ImportError) as error:

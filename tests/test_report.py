@@ -487,6 +487,48 @@ def test_stale_caption_embeddings_are_ignored(captioned_run, tmp_path):
         caption_embeddings.embed_captions(run, "planted", ["caption"], encoder=other)
 
 
+def test_captions_are_never_embedded_with_a_model_the_features_did_not_come_from(
+    tmp_path, monkeypatch
+):
+    """A language model read from arrays or a file and named like a registered encoder
+    ('minilm'): embedding its captions would load that encoder, whose captions do not belong with
+    the user's features (no weights hash to tell). Refused before any model loads; the report's
+    note says why instead of suggesting --embed-captions."""
+    from convergence_core import models
+    from convergence_core.manifest import ModelEntry
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import quiet_half_embeddings
+
+    embeddings, _ = quiet_half_embeddings(30)
+    stimuli = load_coco(settings.demo_data_root()).stimuli.iloc[:30].reset_index(drop=True)
+    run = write_run_from_embeddings(
+        tmp_path / "run", stimuli,
+        {"vision0": embeddings["vision0"], "vision1": embeddings["vision1"],
+         "minilm": {"final": embeddings["planted"]["block2"]}},
+        vision_models=["vision0", "vision1"], language_models=["minilm"], thumbnails=False,
+    )
+    entry = run.manifest.models["minilm"]
+    assert entry.details["source"] == "arrays" and not entry.from_encoder
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_encoder", no_loading)
+    with pytest.raises(ValueError, match="came from arrays .* not from an encoder"):
+        caption_embeddings.embed_captions(run, "minilm", ["final"])
+    pairs = [analyses.Pair("vision0", "final", "minilm", "final")]
+    found, notes = report._caption_pairs(run, pairs, embed=True)
+    assert not found and len(notes) == 1
+    assert "no encoder to embed each caption" in notes[0] and "--embed-captions" not in notes[0]
+    # runs from before the source was recorded: encoders are the models with a weights hash
+    legacy = {**entry.to_dict(), "weights_id": "a" * 64}
+    del legacy["source"]
+    assert ModelEntry.from_dict(legacy, "models.minilm").from_encoder
+    del legacy["weights_id"]
+    assert not ModelEntry.from_dict(legacy, "models.minilm").from_encoder
+    assert ModelEntry.from_dict({**legacy, "source": "encoder"}, "models.minilm").from_encoder
+
+
 def test_many_to_many_recovers_the_planted_caption_averaging_effect(captioned_run, tmp_path):
     pairs = analyses.pairs_with_best_layers(captioned_run, k=5)
     files, entry = report.many_to_many_section(
