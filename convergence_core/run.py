@@ -122,6 +122,13 @@ class Run:
     def language_models(self) -> list[str]:
         return list(self.manifest.language_models)
 
+    @property
+    def other_models(self) -> list[str]:
+        """Models that are neither vision nor language models (brain recordings, or any other
+        modality a user gave), in run order."""
+        listed = {*self.vision_models, *self.language_models}
+        return [model for model in self.models if model not in listed]
+
     def _model_entry(self, model: str) -> ModelEntry:
         entry = self.manifest.models.get(model)
         if entry is None:

@@ -1,4 +1,5 @@
 """Alignment lab: any registry metric of vision × language pairs on chosen stimulus sets, live.
+The other side of a pair may also be a model of another modality outside GPA (brain recordings).
 
 The sets, the metric, k and everything computed from them live in one ``st.fragment``: moving k
 (or the metric, set size, score or focus set) reruns only that part of the page. The bars are a
@@ -44,17 +45,22 @@ n = run.n_stimuli
 found = data.catalogue(run)
 path, stamp = str(run.path), data.manifest_stamp(run.path)
 
-if not run.language_models:
+# the other side of every pair: the language models, then models of any other modality outside
+# GPA (brain recordings given as feature files), which the lab aligns with the GPA models alike
+others = [model for model in run.other_models if model not in run.gpa.models]
+partners = [*run.language_models, *others]
+if not partners:
     st.error(
-        f"Run {context.info.name!r} has no language model, so there is nothing to align the vision "
-        "models with: precompute a run with at least one language model (the demo run has two)."
+        f"Run {context.info.name!r} has no language model, nor any other model outside GPA (such "
+        "as brain recordings), so there is nothing to align the vision models with: precompute a "
+        "run with at least one language model (the demo run has two)."
     )
     st.stop()
 
 # ---------------------------------------------------------------------------------------------
 # models and layers
 gpa_layers = dict(zip(run.gpa.models, run.gpa.layers, strict=True))
-for key, options in (("w_vision", run.gpa.models), ("w_language", run.language_models)):
+for key, options in (("w_vision", run.gpa.models), ("w_language", partners)):
     if key in st.session_state and set(st.session_state[key]) - set(options):
         # a choice made on another run: keep the models this run has, else start from all
         kept = [m for m in st.session_state[key] if m in options]
@@ -66,22 +72,37 @@ with st.sidebar:
     st.header("Models")
     # pills rather than multi-select boxes: a first visit then loads no select-box code
     visions = widgets.choose_many("Vision models", list(run.gpa.models), key="w_vision")
-    languages = widgets.choose_many("Language models", run.language_models, key="w_language")
+    languages = widgets.choose_many(
+        "Language and other models" if others else "Language models",
+        partners,
+        key="w_language",
+        format_func=lambda m: m if m in run.language_models else f"{m} ({run.modality(m)})",
+        help="The other side of every pair: language models and the run's models of other "
+        "modalities outside GPA (e.g. brain recordings)." if others else None,
+    )
+    if chosen_others := [m for m in languages if m not in run.language_models]:
+        st.caption(
+            f"{', '.join(f'{m} ({run.modality(m)})' for m in chosen_others)}: on the language "
+            "side of the pairs, at the default layer unless chosen under Layers; the tables' "
+            "language_model column names them."
+        )
 if not visions or not languages:
-    missing = "vision" if not visions else "language"
+    missing = "vision" if not visions else ("language or other" if others else "language")
     st.error(f"No {missing} model chosen: pick at least one {missing} model in the sidebar.")
     st.stop()
 
 try:
-    best_table = data.best_language_layer_table(path, stamp)
+    best_table = data.best_language_layer_table(path, stamp) if run.language_models else None
 except ValueError as exc:
     st.warning(
         f"Best language layers unavailable ({exc}); 'best layer' means the default layer here."
     )
     best_layers, sample_note = {}, None
 else:
-    best_layers = dict(zip(best_table["language_model"], best_table["language_layer"], strict=True))
-    sample_note = lab.best_layer_sample_note(best_table, n)
+    best_layers = {} if best_table is None else dict(
+        zip(best_table["language_model"], best_table["language_layer"], strict=True)
+    )
+    sample_note = None if best_table is None else lab.best_layer_sample_note(best_table, n)
 if sample_note is not None:
     st.sidebar.caption(sample_note)
 
@@ -91,7 +112,10 @@ layers_box = st.sidebar.expander("Layers", key=LAYERS_KEY, on_change="rerun")
 with layers_box:
     for model in [*visions, *languages]:
         automatic = gpa_layers.get(model) or best_layers.get(model) or run.default_layer(model)
-        word = "GPA layer" if model in gpa_layers else "best layer"
+        word = (
+            "GPA layer" if model in gpa_layers
+            else "best layer" if model in run.language_models else "default layer"
+        )
         key, options = f"w_layer_{model}", [BEST, *run.layers(model)]
         state.drop_stale_choice(st.session_state, key, options)
         state.drop_stale_choice(st.session_state, state.KEPT_PREFIX + key, options)

@@ -27,7 +27,33 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_synthetic_run(
         cache / "runs", n=30, name="vision-only", language_models=(), thumbnails=False
     )
+    _write_brain_run(cache / "runs" / "brain")
     return cache
+
+
+def _write_brain_run(path: Path) -> None:
+    """40 stimuli, three vision models in GPA and one 'subject' of modality brain with two
+    regions (V1 a noisy copy of vision-a's features, hV4 noise), no language model."""
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import synthetic_embeddings
+
+    n = 40
+    embeddings, _ = synthetic_embeddings(n, language_models=())
+    rng = np.random.default_rng(5)
+    source = embeddings["vision-a"]["stage2"]
+    embeddings["subj01"] = {
+        "V1": source + 0.3 * rng.standard_normal(source.shape).astype(np.float32),
+        "hV4": rng.standard_normal((n, 24)).astype(np.float32),
+    }
+    stimuli = pd.DataFrame(
+        {"id": [f"s{i}" for i in range(n)], "image": [f"{i}.jpg" for i in range(n)],
+         "captions": [[f"stimulus {i}"] for i in range(n)]}
+    )
+    write_run_from_embeddings(
+        path, stimuli, embeddings, vision_models=list(embeddings)[:3], language_models=[],
+        modalities={"subj01": "brain"}, thumbnails=False,
+        default_layers={"vision-a": "stage2", "vision-b": "stage2", "vision-c": "stage2"},
+    )
 
 
 def _page(query: dict[str, str] | None = None, *, tables: bool = True) -> AppTest:
@@ -283,6 +309,37 @@ def test_layer_choice_changes_the_pair_and_is_kept_while_the_layers_are_closed(r
     at.run(timeout=TIMEOUT)
     table = _results(at)
     assert set(table.loc[table["language_model"] == "language-a", "language_layer"]) == {"layer0"}
+
+
+def test_brain_recordings_sit_on_the_language_side(run) -> None:
+    """A run of vision models and a brain 'subject' (no language model): the lab aligns the GPA
+    models with the subject, at its default layer or the one chosen, with the same numbers as the
+    dense definition."""
+    from convergence_core.run import load_run
+
+    brain = load_run(run.path.parent / "brain")
+    assert brain.other_models == ["subj01"] and brain.modality("subj01") == "brain"
+    at = _page({"run": "brain", "size": "12", "k": "5"})
+    assert not at.error and not at.warning, [e.value for e in [*at.error, *at.warning]]
+    chooser = at.button_group(key="w_language")
+    assert chooser.label == "Language and other models"
+    # pill labels are Markdown with the punctuation escaped (widgets.escape_markdown)
+    assert [o.replace("\\", "") for o in chooser.options] == ["subj01 (brain)"]
+    assert any("subj01 (brain): on the language side" in c.value for c in at.sidebar.caption)
+    table = _results(at)
+    assert set(table["language_model"]) == {"subj01"} and set(table["language_layer"]) == {"V1"}
+    scores = brain.dispersion["mean"].to_numpy()
+    row = table[(table["set"] == "low") & (table["vision_model"] == "vision-a")].iloc[0]
+    expected = _dense_cknna(
+        brain, ("vision-a", "stage2"), ("subj01", "V1"), select_stimuli(scores, "low", 12), 5
+    )
+    assert row["value"] == pytest.approx(expected, rel=1e-9)
+    at.session_state["w_lab_layers"] = True
+    at.run(timeout=TIMEOUT)
+    box = at.selectbox(key="w_layer_subj01")
+    assert box.format_func(box.options[0]) == "default layer (V1)"
+    box.set_value("hV4").run(timeout=TIMEOUT)
+    assert set(_results(at)["language_layer"]) == {"hV4"}
 
 
 def test_first_screen_is_the_bars_picture_and_the_tables_wait_until_opened(
