@@ -74,7 +74,7 @@ with controls[3]:
     )
 
 try:
-    best_layers = data.best_language_layers(path, stamp)
+    best_layers = data.best_language_layers(path, stamp) if run.language_models else {}
 except ValueError as exc:
     st.warning(
         f"Best language layers unavailable ({exc}); using each language model's default layer."

@@ -133,6 +133,7 @@ with layers_box:
         else:
             chosen = state.kept_value(st.session_state, key, BEST)
         layer_choice[model] = automatic if chosen == BEST else chosen
+sides = lab.sides_label([run.modality(m) for m in visions], [run.modality(m) for m in languages])
 pairs = tuple(
     lab.Pair(vision, layer_choice[vision], language, layer_choice[language])
     for vision in visions
@@ -450,7 +451,7 @@ def sets_and_results() -> None:
 
     # a stable name for the browser test and the benchmark
     with st.container(key=lab.BARS_CONTAINER_KEY):
-        st.image(data.alignment_bars_svg(set_values, baseline_main, metric))
+        st.image(data.alignment_bars_svg(set_values, baseline_main, metric, sides))
     st.caption(lab.baseline_statement(baseline_main))
 
     calibrated = st.expander(

@@ -122,10 +122,23 @@ def _table_on_demand(label: str, key: str, frame, **options) -> None:
             st.dataframe(frame, hide_index=True, width="stretch", **options)
 
 
+def _language_missing() -> bool:
+    """Whether the run lacks language models (then say so: Fig. 2, S1 and the sweep need them)."""
+    if run.language_models:
+        return False
+    others = [m for m in run.other_models if m not in run.gpa.models]
+    st.info(
+        f"Run {run_name!r} has no language model: this figure compares the vision models with "
+        "language models. Fig. S2 needs only the vision models"
+        + (f"; the Alignment lab aligns them with {', '.join(others)}." if others else ".")
+    )
+    return True
+
+
 fig2_tab, s1_tab, s2_tab, sweep_tab = st.tabs(list(TABS), key=TAB_KEY, on_change="rerun")
 
 with fig2_tab:
-    if fig2_tab.open:
+    if fig2_tab.open and not _language_missing():
         st.subheader("Low vs random vs high dispersion")
         work = (
             f"{int(n_random)} random sets and {int(n_permutations)} label shuffles of "
@@ -163,7 +176,7 @@ with fig2_tab:
                 )
 
 with s1_tab:
-    if s1_tab.open:
+    if s1_tab.open and not _language_missing():
         q = st.slider("Fraction dropped", min_value=0.05, max_value=0.5, value=0.25, step=0.05)
         try:
             dropped = data.drop_fraction(path_text, stamp, float(q), int(k), score)
@@ -203,7 +216,7 @@ with s2_tab:
             )
 
 with sweep_tab:
-    if sweep_tab.open:
+    if sweep_tab.open and not _language_missing():
         try:
             sweep = data.layer_sweep(path_text, stamp, int(k))
             best = data.best_layers_table(path_text, stamp, int(k))

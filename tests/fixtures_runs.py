@@ -317,3 +317,28 @@ def add_properties(run: Run, extra: Mapping[str, Sequence[object]] | None = None
     )
     write_properties(run.layout, table.values, table.info)
     return load_run(run.path)
+
+
+def make_brain_run(
+    path: str | os.PathLike[str], n: int = 40, *, images: bool = False, seed: int = 5
+) -> Run:
+    """Write and load a run of ``n`` stimuli at ``path`` with no language model: the three
+    vision models of :func:`synthetic_embeddings` (GPA on ``stage2``) and one 'subject' of
+    modality ``brain`` with two regions, ``V1`` (a noisy copy of vision-a's features, so it
+    aligns with vision-a) and ``hV4`` (noise). ``images``: real coco-mini images and
+    thumbnails (n ≤ 239)."""
+    embeddings, noise = synthetic_embeddings(n, language_models=(), seed=seed)
+    rng = np.random.default_rng(seed)
+    source = embeddings["vision-a"]["stage2"]
+    embeddings["subj01"] = {
+        "V1": source + 0.3 * rng.standard_normal(source.shape).astype(np.float32),
+        "hV4": rng.standard_normal((n, 24)).astype(np.float32),
+    }
+    stimuli, images_root = _stimuli(n, images)
+    stimuli["planted_noise"] = noise
+    return write_run_from_embeddings(
+        path, stimuli, embeddings, vision_models=list(VISION_MODELS), language_models=[],
+        modalities={"subj01": "brain"}, default_layers={m: "stage2" for m in VISION_MODELS},
+        images_root=images_root, thumbnails=images_root is not None,
+        dataset_name="synthetic vision + brain",
+    )

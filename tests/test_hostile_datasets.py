@@ -909,6 +909,29 @@ def _damaged_cache(healthy_run: Path, tmp_path: Path, damage) -> Path:
     return cache
 
 
+@pytest.fixture(scope="module")
+def brain_cache(tmp_path_factory) -> Path:
+    """A cache whose run "demo" has vision models and a brain 'subject' but no language model."""
+    from tests.fixtures_runs import make_brain_run
+
+    cache = tmp_path_factory.mktemp("brain_cache")
+    make_brain_run(cache / "runs" / "demo", n=80, images=True)  # sets of 20 > k = 10
+    return cache
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_every_page_works_on_a_run_without_language_models(brain_cache, monkeypatch, page):
+    """Vision models and brain recordings only (the neuroscience case): no page stops with an
+    error or warns about missing language layers; the lab aligns the vision models with the
+    subject, and the pages that need language models say so as information."""
+    at = _open(brain_cache, PAGES[page], monkeypatch)
+    assert not at.exception, at.exception
+    alerts = [e.value for e in [*at.error, *at.warning]]
+    assert not alerts, (page, alerts)
+    if page == "Alignment lab":
+        assert set(at.dataframe[-1].value["language_model"]) == {"subj01"}
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 @pytest.mark.parametrize("page", list(PAGES))
 def test_every_page_turns_damaged_run_files_into_a_clean_alert(

@@ -20,40 +20,15 @@ PAGE = "pages/3_Alignment_lab.py"
 
 @pytest.fixture(scope="module")
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.fixtures_runs import make_synthetic_run
+    from tests.fixtures_runs import make_brain_run, make_synthetic_run
 
     cache = tmp_path_factory.mktemp("cache")
     make_synthetic_run(cache / "runs", n=60, name="demo")
     make_synthetic_run(
         cache / "runs", n=30, name="vision-only", language_models=(), thumbnails=False
     )
-    _write_brain_run(cache / "runs" / "brain")
+    make_brain_run(cache / "runs" / "brain")
     return cache
-
-
-def _write_brain_run(path: Path) -> None:
-    """40 stimuli, three vision models in GPA and one 'subject' of modality brain with two
-    regions (V1 a noisy copy of vision-a's features, hV4 noise), no language model."""
-    from convergence_core.precompute import write_run_from_embeddings
-    from tests.fixtures_runs import synthetic_embeddings
-
-    n = 40
-    embeddings, _ = synthetic_embeddings(n, language_models=())
-    rng = np.random.default_rng(5)
-    source = embeddings["vision-a"]["stage2"]
-    embeddings["subj01"] = {
-        "V1": source + 0.3 * rng.standard_normal(source.shape).astype(np.float32),
-        "hV4": rng.standard_normal((n, 24)).astype(np.float32),
-    }
-    stimuli = pd.DataFrame(
-        {"id": [f"s{i}" for i in range(n)], "image": [f"{i}.jpg" for i in range(n)],
-         "captions": [[f"stimulus {i}"] for i in range(n)]}
-    )
-    write_run_from_embeddings(
-        path, stimuli, embeddings, vision_models=list(embeddings)[:3], language_models=[],
-        modalities={"subj01": "brain"}, thumbnails=False,
-        default_layers={"vision-a": "stage2", "vision-b": "stage2", "vision-c": "stage2"},
-    )
 
 
 def _page(query: dict[str, str] | None = None, *, tables: bool = True) -> AppTest:

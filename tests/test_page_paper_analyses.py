@@ -100,6 +100,25 @@ def test_each_tab_is_computed_when_opened(monkeypatch, cache_root):
     assert r"language\_layer" in best  # the best layer of each language model, a small table
 
 
+def test_a_run_without_language_models_says_what_each_tab_needs(monkeypatch, tmp_path):
+    """Fig. 2, S1 and the layer sweep compare vision with language models: on a run without any
+    they say so (no error); Fig. S2 needs only the vision models and is drawn."""
+    make_synthetic_run(
+        tmp_path / "runs", 30, name="demo", language_models=(), images=False, thumbnails=False
+    )
+    at = _page(monkeypatch, tmp_path)
+    for tab in ("Fig. 2: dispersion sets", "Fig. S1: drop a fraction", "Layer sweep",
+                "Fig. S2: leave one model out"):
+        at.session_state["w_paper_tab"] = tab
+        at.run(timeout=60)
+        assert not at.exception and not at.error, (tab, [e.value for e in at.error])
+        said = [i.value for i in at.info if "has no language model" in i.value]
+        if tab.startswith("Fig. S2"):
+            assert not said and len(at.image) == 1
+        else:
+            assert said and "Fig. S2 needs only the vision models" in said[0], tab
+
+
 def test_large_runs_ask_before_the_long_analyses(monkeypatch, cache_root):
     """Above AUTO_COMPUTE_STIMULI, Fig. 2 waits for its button; once computed it shows at once."""
     monkeypatch.setenv("CONVERGENCE_CACHE", str(cache_root))

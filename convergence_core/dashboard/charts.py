@@ -186,7 +186,10 @@ def _svg_text(text: object) -> str:
 
 
 def alignment_bars(
-    sets: pd.DataFrame, baseline: pd.DataFrame | None, metric: str | None = None
+    sets: pd.DataFrame,
+    baseline: pd.DataFrame | None,
+    metric: str | None = None,
+    sides: str = "Vision–language",
 ) -> str:
     """Fig. 2-style bars as an SVG document: a panel per vision model, language models on x, a bar
     per set.
@@ -195,7 +198,8 @@ def alignment_bars(
     ``language_model``, ``set``, ``set_size``, ``metric``, ``k``, ``value``); ``baseline``
     (``lab.baseline_table``) adds the "random" bar of each pair at the random-set mean with the 95%
     percentile interval of the random sets as its error bar. ``metric``: which metric's rows to
-    draw (default: the one metric the table holds).
+    draw (default: the one metric the table holds). ``sides``: what is aligned, in the title
+    (:func:`lab.sides_label`, e.g. ``Vision–brain``).
 
     Written as SVG text rather than drawn with matplotlib: the lab redraws these bars on every
     change of k, metric or set, and matplotlib took 0.2 s for them (half of a k change) where this
@@ -267,7 +271,7 @@ def alignment_bars(
 
     settings = str(sets["options"].iloc[0]) if "options" in sets and not sets.empty else ""
     title = (
-        f"Vision–language alignment per set: {registry.metric(metric).label}"
+        f"{sides} alignment per set: {registry.metric(metric).label}"
         + (f" ({settings})" if settings else "")
         + "; error bars: 95% of random sets"
     )
