@@ -259,12 +259,18 @@ def write_report(
     :func:`universal_space_section`), the sections' entries (``metric_suite``, ``per_stimulus``,
     ...; see each ``*_section``), ``properties`` (what predicts dispersion: top
     properties and held-out R² per score; None without a property table), ``notes`` and ``files``. ``options`` sets the issue-14 sections
-    (:class:`AnalysisOptions`; its defaults when None).
+    (:class:`AnalysisOptions`; its defaults when None). A run without language models gets the
+    analyses that need none (Fig. S2, GPA stability, what predicts dispersion) and a note.
     """
     options = AnalysisOptions() if options is None else options
     out = check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     n = int(run.gpa.residuals.shape[0])
+    if not run.language_models:
+        return _report_without_language(
+            run, out, scores=scores, seed=seed, options=options,
+            property_permutations=property_permutations, property_shuffles=property_shuffles,
+        )
     size = default_set_size(n, k) if size is None else size
     files: list[str] = []
     notes: list[str] = []
@@ -309,21 +315,9 @@ def write_report(
     files += _write_table(dropped, out, "drop_fraction")
     files.append(figures.drop_fraction_figure(dropped, out / "figS1_drop_fraction.png").name)
 
-    if len(run.gpa.models) >= 3:
-        points = analyses.leave_one_model_out(run)
-        statistics = analyses.leave_one_model_out_statistics(points)
-        files += _write_table(points, out, "leave_one_model_out_points")
-        files += _write_table(statistics, out, "leave_one_model_out_statistics")
-        files.append(
-            figures.leave_one_out_figure(
-                points, statistics, out / "figS2_leave_one_model_out.png"
-            ).name
-        )
-    else:
-        notes.append(
-            f"leave-one-model-out skipped: it needs at least 3 vision models, the run has "
-            f"{len(run.gpa.models)}"
-        )
+    loo_files, loo_notes = leave_one_model_out_section(run, out)
+    files += loo_files
+    notes += loo_notes
 
     universal_files, universal_space = universal_space_section(
         run, out, n_folds=universal_folds, seed=seed, n_permutations=n_permutations
@@ -344,42 +338,12 @@ def write_report(
         name: entry["verdict"] for name, entry in sections.items() if entry.get("verdict")
     }
 
-    properties, property_text = None, ""
-    if run.properties is None:
-        notes.append(
-            "stimulus properties skipped: the run has no property table; rerun the precompute "
-            "command that made it to add one"
-        )
-    else:
-        analysis = dispersion_predictors.analyse_properties(
-            run.properties,
-            run.dispersion,
-            scores=scores,
-            n_permutations=property_permutations,
-            n_shuffles=property_shuffles,
-            seed=seed,
-        )
-        for stem, table in (
-            ("property_tests", analysis.tests),
-            ("property_groups", analysis.groups),
-            ("property_model_fit", analysis.fit),
-            ("property_importances", analysis.importances),
-            ("property_predictions", analysis.predictions),
-            ("property_skipped", analysis.skipped),
-        ):
-            files += _write_table(table, out, stem)
-        for score in scores:
-            files.append(
-                figures.predictors_figure(
-                    analysis.tests,
-                    analysis.fit,
-                    analysis.predictions,
-                    out / f"what_predicts_dispersion_{score}.png",
-                    score=score,
-                ).name
-            )
-        properties = property_summary(analysis)
-        property_text = format_property_summary(properties)
+    property_files, property_notes, properties, property_text = properties_section(
+        run, out, scores=scores, n_permutations=property_permutations,
+        n_shuffles=property_shuffles, seed=seed,
+    )
+    files += property_files
+    notes += property_notes
 
     if size < MIN_CKNNA_SET_SIZE:
         notes.append(
@@ -436,6 +400,122 @@ def write_report(
     }
     write_json(out / "report.json", report)
     return report
+
+
+def _report_without_language(
+    run: Run, out: Path, *, scores: Sequence[str], seed: int, options: AnalysisOptions,
+    property_permutations: int, property_shuffles: int,
+) -> dict[str, Any]:
+    """:func:`write_report` for a run without language models (vision models and brain
+    recordings, say): what needs no language side — leave-one-model-out (Fig. S2), GPA
+    stability and what predicts dispersion — and a note naming what was skipped."""
+    others = [m for m in run.other_models if m not in run.gpa.models]
+    notes = [
+        "the vision–language analyses (Fig. 2, S1, the layer sweep, the metric suite and the "
+        "sections built on them, universal space) skipped: the run has no language model"
+        + (f"; the dashboard's Alignment lab aligns the vision models with {', '.join(others)}"
+           if others else "")
+    ]
+    files, loo_notes = leave_one_model_out_section(run, out)
+    notes += loo_notes
+    sections: dict[str, dict[str, Any]] = {}
+    if "gpa_stability" not in options.skip:
+        stability_files, sections["gpa_stability"] = gpa_stability_section(
+            run, out, n_starts=options.gpa_starts, seed=seed
+        )
+        files += stability_files
+    property_files, property_notes, properties, property_text = properties_section(
+        run, out, scores=scores, n_permutations=property_permutations,
+        n_shuffles=property_shuffles, seed=seed,
+    )
+    files += property_files
+    notes += property_notes
+    verdicts = {name: entry["verdict"] for name, entry in sections.items() if entry["verdict"]}
+    text = (
+        f"Run {run.name!r} has no language model: dispersion analyses only.\n"
+        + "".join(f"{verdict}\n" for verdict in verdicts.values())
+        + property_text
+    )
+    files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
+    report = {
+        "run": {"name": run.name, "path": str(run.path), "n_stimuli": run.n_stimuli},
+        "parameters": {
+            "scores": list(scores), "seed": seed, "gpa_starts": options.gpa_starts,
+            "property_permutations": property_permutations,
+            "property_shuffles": property_shuffles, "skip": list(options.skip),
+        },
+        "best_language_layers": {},
+        "verdicts": verdicts,
+        "properties": properties,
+        "paired_tests": [],
+        "universal_space": {},
+        **sections,
+        "notes": notes,
+        "files": sorted([*files, "report.json"]),
+    }
+    write_json(out / "report.json", report)
+    return report
+
+
+def leave_one_model_out_section(run: Run, out: Path) -> tuple[list[str], list[str]]:
+    """Fig. S2 (:func:`analyses.leave_one_model_out`: each GPA model's deviation against the
+    dispersion of the others) when the run has at least 3 GPA models. Returns (files, notes)."""
+    if len(run.gpa.models) < 3:
+        return [], [
+            f"leave-one-model-out skipped: it needs at least 3 vision models, the run has "
+            f"{len(run.gpa.models)}"
+        ]
+    points = analyses.leave_one_model_out(run)
+    statistics = analyses.leave_one_model_out_statistics(points)
+    files = _write_table(points, out, "leave_one_model_out_points")
+    files += _write_table(statistics, out, "leave_one_model_out_statistics")
+    files.append(
+        figures.leave_one_out_figure(points, statistics, out / "figS2_leave_one_model_out.png").name
+    )
+    return files, []
+
+
+def properties_section(
+    run: Run, out: Path, *, scores: Sequence[str], n_permutations: int, n_shuffles: int, seed: int
+) -> tuple[list[str], list[str], dict[str, Any] | None, str]:
+    """What predicts dispersion (:func:`dispersion_predictors.analyse_properties` on the run's
+    property table): tables and a figure per score. Returns (files, notes, the report.json entry
+    (:func:`property_summary`; None without a property table), its summary text)."""
+    if run.properties is None:
+        return [], [
+            "stimulus properties skipped: the run has no property table; rerun the precompute "
+            "command that made it to add one"
+        ], None, ""
+    files: list[str] = []
+    analysis = dispersion_predictors.analyse_properties(
+        run.properties,
+        run.dispersion,
+        scores=scores,
+        n_permutations=n_permutations,
+        n_shuffles=n_shuffles,
+        seed=seed,
+    )
+    for stem, table in (
+        ("property_tests", analysis.tests),
+        ("property_groups", analysis.groups),
+        ("property_model_fit", analysis.fit),
+        ("property_importances", analysis.importances),
+        ("property_predictions", analysis.predictions),
+        ("property_skipped", analysis.skipped),
+    ):
+        files += _write_table(table, out, stem)
+    for score in scores:
+        files.append(
+            figures.predictors_figure(
+                analysis.tests,
+                analysis.fit,
+                analysis.predictions,
+                out / f"what_predicts_dispersion_{score}.png",
+                score=score,
+            ).name
+        )
+    properties = property_summary(analysis)
+    return files, [], properties, format_property_summary(properties)
 
 
 #: Retrieval metrics quoted in the headline (report.json and the printed line).
@@ -1392,11 +1472,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     out = Path(args.out)
-    print(
-        f"Run {report['run']['name']!r}: {report['run']['n_stimuli']} stimuli; "
-        f"set size {report['parameters']['set_size']}, k = {report['parameters']['k']}; "
-        f"language layers used: {report['best_language_layers']}"
-    )
+    if report["best_language_layers"]:
+        print(
+            f"Run {report['run']['name']!r}: {report['run']['n_stimuli']} stimuli; "
+            f"set size {report['parameters']['set_size']}, k = {report['parameters']['k']}; "
+            f"language layers used: {report['best_language_layers']}"
+        )
     print((out / "summary.txt").read_text(encoding="utf-8"), end="")
     if "headline" in report["universal_space"]:
         print(report["universal_space"]["headline"])

@@ -302,6 +302,35 @@ def test_a_section_that_cannot_run_on_small_sets_becomes_a_note(planted_run_path
     assert not (tmp_path / "predictivity_sets.csv").exists()
 
 
+def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, capsys):
+    """Vision models and a brain 'subject': the report writes what needs no language side
+    (Fig. S2, GPA stability, what predicts dispersion) and says what it skipped; the CLI too."""
+    from tests.fixtures_runs import make_brain_run
+
+    run = make_brain_run(tmp_path / "run", n=40)
+    assert run.properties is not None
+    meta = report.write_report(
+        run, tmp_path / "out", property_permutations=50, property_shuffles=2,
+        options=report.AnalysisOptions(gpa_starts=2),
+    )
+    assert meta["best_language_layers"] == {} and meta["paired_tests"] == []
+    assert "no language model" in meta["notes"][0] and "aligns the vision models with subj01" in (
+        meta["notes"][0]
+    )
+    for name in ("figS2_leave_one_model_out.png", "leave_one_model_out_statistics.csv",
+                 "gpa_stability.csv", "property_tests.csv", "summary.txt", "report.json"):
+        assert name in meta["files"] and (tmp_path / "out" / name).exists(), name
+    assert meta["files"] == sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert set(meta["verdicts"]) == {"gpa_stability"} and meta["properties"] is not None
+    summary = (tmp_path / "out" / "summary.txt").read_text(encoding="utf-8")
+    assert summary.startswith("Run 'run' has no language model: dispersion analyses only.")
+    assert meta["verdicts"]["gpa_stability"] in summary
+    assert report.main([str(run.path), "--out", str(tmp_path / "cli"), "--gpa-starts", "2",
+                        "--property-permutations", "20", "--property-shuffles", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "dispersion analyses only" in printed and "note: the vision–language analyses" in printed
+
+
 def test_a_metric_undefined_on_the_run_is_a_note_not_a_failure(tmp_path):
     """A language model whose features span 3 dimensions (of 12): SVCCA's cca_dim of 10 does not
     fit them, so its rows for that model are NaN and a note says why; the report runs."""
