@@ -409,7 +409,7 @@ def _report_without_language(
     """:func:`write_report` for a run without language models (vision models and brain
     recordings, say): what needs no language side — leave-one-model-out (Fig. S2), GPA
     stability and what predicts dispersion — and a note naming what was skipped."""
-    others = [m for m in run.other_models if m not in run.gpa.models]
+    others = run.partner_models  # no language model here: the models outside GPA
     notes = [
         "the vision–language analyses (Fig. 2, S1, the layer sweep, the metric suite and the "
         "sections built on them, universal space) skipped: the run has no language model"

@@ -129,6 +129,15 @@ class Run:
         listed = {*self.vision_models, *self.language_models}
         return [model for model in self.models if model not in listed]
 
+    @property
+    def partner_models(self) -> list[str]:
+        """The models the dashboard aligns the GPA models with: the language models, then every
+        other model outside GPA (brain recordings given as feature files; with GPA across brain
+        subjects, the vision models), in run order."""
+        first = [m for m in self.language_models if m not in self.manifest.gpa.models]
+        rest = [m for m in self.models if m not in first and m not in self.manifest.gpa.models]
+        return [*first, *rest]
+
     def _model_entry(self, model: str) -> ModelEntry:
         entry = self.manifest.models.get(model)
         if entry is None:

@@ -80,10 +80,13 @@ except ValueError as exc:
         f"Best language layers unavailable ({exc}); using each language model's default layer."
     )
     best_layers = {}
+# the other side: language models at their best layer, then other modalities outside GPA (brain
+# recordings) at their default layer
+others = [model for model in run.partner_models if model not in run.language_models]
 pairs = [
-    lab.Pair(vision, layer, language, best_layers.get(language, run.default_layer(language)))
+    lab.Pair(vision, layer, partner, best_layers.get(partner, run.default_layer(partner)))
     for vision, layer in zip(run.gpa.models, run.gpa.layers, strict=True)
-    for language in run.language_models
+    for partner in run.partner_models
 ]
 k = min(max(state.MIN_K, int(view.k)), n - 1)
 
@@ -97,7 +100,9 @@ def _pair_choice() -> lab.Pair:
         st.session_state,
         PAIR_KEY,
         lambda key: st.selectbox(
-            "Vision × language pair (vision at its GPA layer, language at its best layer)",
+            "Vision × language pair (vision at its GPA layer, language at its best layer)"
+            if not others else "Vision × language or other pair (vision at its GPA layer, "
+            "language at its best layer, other modalities at their default layer)",
             list(range(len(pairs))),
             key=key,
             format_func=lambda i: f"{pairs[i].label} ({pairs[i].vision_layer} / "
@@ -129,7 +134,8 @@ aligned = order_by != "dispersion"
 if aligned:
     if not pairs:
         st.error(
-            f"Run {context.info.name!r} has no language model: per-stimulus alignment needs one. "
+            f"Run {context.info.name!r} has no language model (nor another modality outside "
+            "GPA): per-stimulus alignment needs one. "
             "Order the gallery by dispersion."
         )
         st.stop()
@@ -288,14 +294,15 @@ with detail_tab:
         st.caption(
             "Most similar stimuli under each model: largest inner product of the prepared "
             "features (the run's exact neighbour lists). Vision models at their GPA layer, "
-            "language models at their best layer."
+            "language models at their best layer"
+            + (", other modalities at their default layer." if others else ".")
         )
         count = st.slider(
             "Neighbours per model", 3, min(20, n - 1), min(5, n - 1), key="w_neighbour_count"
         )
         model_layers = [*zip(run.gpa.models, run.gpa.layers, strict=True)] + [
             (model, best_layers.get(model, run.default_layer(model)))
-            for model in run.language_models
+            for model in run.partner_models
         ]
         neighbours = {
             model: (layer, *run.nearest(model, layer, row, count)) for model, layer in model_layers
@@ -338,8 +345,8 @@ with alignment_tab:
     if alignment_tab.open:
         if not pairs:
             st.info(
-                f"Run {context.info.name!r} has no language model: per-stimulus alignment "
-                "needs one."
+                f"Run {context.info.name!r} has no language model (nor another modality "
+                "outside GPA): per-stimulus alignment needs one."
             )
         else:
             shown_pair = pair if aligned else _pair_choice()

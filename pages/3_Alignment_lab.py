@@ -47,8 +47,8 @@ path, stamp = str(run.path), data.manifest_stamp(run.path)
 
 # the other side of every pair: the language models, then models of any other modality outside
 # GPA (brain recordings given as feature files), which the lab aligns with the GPA models alike
-others = [model for model in run.other_models if model not in run.gpa.models]
-partners = [*run.language_models, *others]
+partners = run.partner_models
+others = [model for model in partners if model not in run.language_models]
 if not partners:
     st.error(
         f"Run {context.info.name!r} has no language model, nor any other model outside GPA (such "
@@ -77,8 +77,8 @@ with st.sidebar:
         partners,
         key="w_language",
         format_func=lambda m: m if m in run.language_models else f"{m} ({run.modality(m)})",
-        help="The other side of every pair: language models and the run's models of other "
-        "modalities outside GPA (e.g. brain recordings)." if others else None,
+        help="The other side of every pair: the language models, then the run's other models "
+        "outside GPA (e.g. brain recordings)." if others else None,
     )
     if chosen_others := [m for m in languages if m not in run.language_models]:
         st.caption(

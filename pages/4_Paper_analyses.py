@@ -126,7 +126,7 @@ def _language_missing() -> bool:
     """Whether the run lacks language models (then say so: Fig. 2, S1 and the sweep need them)."""
     if run.language_models:
         return False
-    others = [m for m in run.other_models if m not in run.gpa.models]
+    others = run.partner_models  # no language model here: the models outside GPA
     st.info(
         f"Run {run_name!r} has no language model: this figure compares the vision models with "
         "language models. Fig. S2 needs only the vision models"

@@ -325,6 +325,35 @@ def test_gallery_ranked_by_per_stimulus_knn_overlap(run) -> None:
     assert "Highest k-NN overlap (vision and language agree)" in headers
 
 
+def test_brain_recordings_have_per_stimulus_alignment_and_neighbours(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of vision models and a brain 'subject' (no language model): the gallery ranks by
+    the k-NN overlap of vision × subject, and the detail lists the subject's neighbours."""
+    from tests.fixtures_runs import make_brain_run
+
+    brain = make_brain_run(tmp_path / "runs" / "demo", n=40, images=True)
+    assert brain.partner_models == ["subj01"]
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = _page({"k": "5"})
+    at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    pair_box = at.selectbox(key="w_stimulus_pair")
+    assert pair_box.label.startswith("Vision × language or other pair")
+    assert pair_box.options[0] == "vision-a × subj01 (stage2 / V1)"
+    expected = _dense_overlap(brain, "vision-a", "stage2", "subj01", "V1", 5)
+    cards = _aligned_cards(at)
+    ids = list(brain.stimuli["id"])
+    assert len(cards) == 2 * PER_SIDE and all(
+        value == pytest.approx(expected[ids.index(identifier)], abs=1e-4)
+        for _, identifier, value in cards
+    )
+    at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert "subj01 (V1)" in at.dataframe[0].value.columns
+
+
 def test_gallery_ranked_by_local_cka_and_the_alignment_tab(run) -> None:
     from scipy.stats import spearmanr
 

@@ -255,6 +255,8 @@ def test_brain_subjects_as_models_recover_planted_stimulus_noise(tmp_path, make_
         cache_root=str(tmp_path / "cache"),
     )
     assert run.gpa.models == tuple(subjects) and set(run.gpa.layers) == {"V1"}
+    # the dashboard aligns the subjects with the models outside GPA
+    assert run.other_models == subjects and run.partner_models == ["source", "unrelated"]
     rho = stats.spearmanr(run.dispersion["mean"], noise_level).statistic
     assert rho > 0.8  # 0.90-0.93 over seeds for this planting
     for subject in subjects:
