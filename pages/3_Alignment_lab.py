@@ -71,7 +71,14 @@ for key, options in (("w_vision", run.gpa.models), ("w_language", partners)):
 with st.sidebar:
     st.header("Models")
     # pills rather than multi-select boxes: a first visit then loads no select-box code
-    visions = widgets.choose_many("Vision models", list(run.gpa.models), key="w_vision")
+    # the GPA models: vision models, unless GPA runs across e.g. brain subjects
+    gpa_vision = all(run.modality(m) == "vision" for m in run.gpa.models)
+    visions = widgets.choose_many(
+        "Vision models" if gpa_vision else "GPA models",
+        list(run.gpa.models),
+        key="w_vision",
+        format_func=lambda m: m if gpa_vision else f"{m} ({run.modality(m)})",
+    )
     languages = widgets.choose_many(
         "Language and other models" if others else "Language models",
         partners,
@@ -87,7 +94,10 @@ with st.sidebar:
             "language_model column names them."
         )
 if not visions or not languages:
-    missing = "vision" if not visions else ("language or other" if others else "language")
+    missing = (
+        ("vision" if gpa_vision else "GPA") if not visions
+        else ("language or other" if others else "language")
+    )
     st.error(f"No {missing} model chosen: pick at least one {missing} model in the sidebar.")
     st.stop()
 

@@ -221,7 +221,9 @@ def test_cli_features_and_toml_models_table(tmp_path, coco, ids):
 # -- the brain example: synthetic voxel responses -----------------------------------------------
 
 
-def test_brain_subjects_as_models_recover_planted_stimulus_noise(tmp_path, make_coco_folder):
+def test_brain_subjects_as_models_recover_planted_stimulus_noise(
+    tmp_path, make_coco_folder, monkeypatch
+):
     """fMRI-like responses (stimuli × voxels) per subject and region, made as noisy mixtures of one
     model's features with a per-stimulus noise level: GPA across the subjects' V1 (gpa_models)
     ranks stimuli by that noise, and each subject aligns better with the source model than with an
@@ -265,3 +267,19 @@ def test_brain_subjects_as_models_recover_planted_stimulus_noise(tmp_path, make_
         assert with_source > with_other
     summary = json.loads(json.dumps(run.manifest.to_dict()))
     assert summary["models"]["subj0"]["modality"] == "brain"
+    # the Alignment lab: the subjects (GPA) on one side, the vision models outside GPA on the other
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "cache"))
+    app = Path(__file__).resolve().parent.parent / "app.py"
+    at = AppTest.from_file(str(app), default_timeout=60)
+    at.query_params["run"] = "brain"
+    at.run(timeout=60)
+    at.session_state["w_lab_tables"] = True
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=60)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.button_group(key="w_vision").label == "GPA models"
+    assert at.button_group(key="w_language").label == "Language and other models"
+    table = at.dataframe[-1].value
+    assert set(table["vision_model"]) == set(subjects)
+    assert set(table["language_model"]) == {"source", "unrelated"}
