@@ -131,12 +131,12 @@ class Run:
 
     @property
     def partner_models(self) -> list[str]:
-        """The models the dashboard aligns the GPA models with: the language models, then every
-        other model outside GPA (brain recordings given as feature files; with GPA across brain
-        subjects, the vision models), in run order."""
-        first = [m for m in self.language_models if m not in self.manifest.gpa.models]
-        rest = [m for m in self.models if m not in first and m not in self.manifest.gpa.models]
-        return [*first, *rest]
+        """The models the dashboard aligns the GPA models with: the language models (also one
+        that is in GPA, as before), then every other model outside GPA (brain recordings given as
+        feature files; with GPA across brain subjects, the vision models), in run order."""
+        language = self.language_models
+        gpa = set(self.manifest.gpa.models)
+        return [*language, *(m for m in self.models if m not in language and m not in gpa)]
 
     def _model_entry(self, model: str) -> ModelEntry:
         entry = self.manifest.models.get(model)

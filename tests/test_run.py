@@ -375,3 +375,24 @@ def test_damaged_neighbour_lists_fail_the_run_check_naming_the_row(tmp_path, dam
     words = "unsorted similarities" if file == "values" else "its own neighbour"
     with pytest.raises(CacheFormatError, match=rf"{file}.* {words} \(row {row}\)"):
         check_run_files(load_run(run.path))
+
+
+def test_partner_models_are_the_language_models_then_every_model_outside_gpa(tmp_path):
+    """The dashboard's other side of the pairs: language models first (also one in GPA), then
+    the models outside GPA whatever their modality; GPA models of other modalities are not."""
+    embeddings, _ = synthetic_embeddings(30)
+    rng = np.random.default_rng(0)
+    embeddings["subj01"] = {"V1": rng.standard_normal((30, 8))}
+    embeddings["subj02"] = {"V1": rng.standard_normal((30, 8))}
+    stimuli = pd.DataFrame({"id": [f"s{i}" for i in range(30)],
+                            "image": [f"{i}.jpg" for i in range(30)],
+                            "captions": [[f"c{i}"] for i in range(30)]})
+    run = write_run_from_embeddings(
+        tmp_path / "run", stimuli, embeddings, vision_models=["vision-a", "vision-b", "vision-c"],
+        language_models=["language-a", "language-b"],
+        modalities={"subj01": "brain", "subj02": "brain"},
+        gpa_models=["vision-a", "language-a", "subj02"], thumbnails=False,
+        gpa_layers={"vision-a": "stage2", "language-a": "layer3", "subj02": "V1"},
+    )
+    assert run.other_models == ["subj01", "subj02"]
+    assert run.partner_models == ["language-a", "language-b", "vision-b", "vision-c", "subj01"]
