@@ -181,6 +181,8 @@ def describe(summary: dict[str, Any], *, n_stimuli: int, n_starts: int, tol: flo
     """One sentence for readers (report summary, Home page) from :meth:`GPAStability.summary`
     (values may be None where the summary had NaN)."""
     rho = summary.get("min_spearman")
+    if rho is not None:  # rounded down, so that "≥" stays true (0.99996 is not "≥ 1.0000")
+        rho = np.floor(float(rho) * 1e4 + 1e-9) / 1e4
     spread = summary.get("max_relative_dispersion_spread")
     interval = summary.get("max_rank_interval")
     return (

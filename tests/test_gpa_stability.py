@@ -119,3 +119,15 @@ def test_bad_options_are_explained(kwargs, message) -> None:
     rng = np.random.default_rng(8)
     with pytest.raises(ValueError, match=message):
         gpa_stability([rng.standard_normal((6, 3)), rng.standard_normal((6, 3))], **kwargs)
+
+
+def test_the_sentence_rounds_the_rank_agreement_down() -> None:
+    from convergence_core.gpa_stability import describe
+
+    summary = {"min_spearman": 0.99996, "max_rank_interval": 3.0,
+               "max_relative_dispersion_spread": 2e-4}
+    text = describe(summary, n_stimuli=100, n_starts=4, tol=1e-13)
+    assert "Spearman ρ ≥ 0.9999;" in text and "3 of 100 ranks" in text and "0.02 %" in text
+    assert "ρ ≥ 1.0000" in describe({**summary, "min_spearman": 1.0}, n_stimuli=100,
+                                    n_starts=4, tol=1e-13)
+    assert "ρ ≥ n/a" in describe({}, n_stimuli=100, n_starts=4, tol=1e-13)
