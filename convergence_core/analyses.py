@@ -332,6 +332,7 @@ def dispersion_set_alignment(
     metric_options: Mapping[str, Mapping[str, Any]] | None = None,
     metric_permutations: int | None = None,
     on_error: OnError = "raise",
+    pairs: Sequence[Pair] | None = None,
 ) -> pd.DataFrame:
     """Fig. 2: alignment of every vision × language pair on the low-, high- and random sets.
 
@@ -361,6 +362,8 @@ def dispersion_set_alignment(
     :func:`cknna_table` turns its CKNNA rows into the classic table (the same numbers).
     ``on_error="nan"``: a feature metric undefined on a set gives NaN there (and NaN p-values and
     intervals wherever such a set enters) instead of an error (:func:`set_metric_values`).
+    ``pairs``: other pairs instead of vision × language at the best layers (e.g. the GPA models
+    × brain recordings, :attr:`Run.partner_models`); ``best_layers`` is then not used.
     """
     vision_layers(run)  # a run with a single vision model fails here, before anything else
     n = _n_stimuli(run)
@@ -389,7 +392,9 @@ def dispersion_set_alignment(
     if not score_names:
         raise ValueError(f"pass at least one dispersion score; use one of {list(SCORES)}")
     by_score = {name: _dispersion_scores(run, name) for name in score_names}
-    pairs = _pairs_with_best_layers(run, k, best_layers)
+    pairs = _pairs_with_best_layers(run, k, best_layers) if pairs is None else list(pairs)
+    if not pairs:
+        raise ValueError("no pairs to align; pass at least one Pair")
     indexes = indexes_for(run, pairs)
     # the random sets depend on n and the seed only: measured once for every score
     draws = random_sets(by_score[score_names[0]], size, n_random, seed)
@@ -545,11 +550,11 @@ def paired_set_tests(table: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def effect_verdict(table: pd.DataFrame) -> str:
+def effect_verdict(table: pd.DataFrame, sides: str = "vision × language") -> str:
     """One sentence, computed from a :func:`dispersion_set_alignment` table, on the paper's effect.
 
     Counts the pairs where low > random mean > high, those where low > high, and among those the
-    ones whose two-sided permutation p-value is below 0.05.
+    ones whose two-sided permutation p-value is below 0.05. ``sides`` names the pairs.
     """
     if table.empty:
         raise ValueError(
@@ -568,7 +573,7 @@ def effect_verdict(table: pd.DataFrame) -> str:
     return (
         f"low > random > high ({scores} dispersion, {int(table['set_size'].iloc[0])} stimuli per "
         "set) "
-        f"holds for {ordered} of {n_pairs} vision × language pairs; low > high for "
+        f"holds for {ordered} of {n_pairs} {sides} pairs; low > high for "
         f"{int(np.count_nonzero(low_above_high))} of {n_pairs} ({significant} with permutation "
         "p < 0.05)."
     )

@@ -56,10 +56,12 @@ def _cknna_label(k: int) -> str:
     return f"CKNNA (k = {k}, unitless)"
 
 
-def dispersion_sets_figure(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+def dispersion_sets_figure(
+    table: pd.DataFrame, path: str | os.PathLike[str], partner: str = "language model"
+) -> Path:
     """Fig. 2: per vision model, grouped bars (low, random mean with 95% interval, high) per
     language model. ``table`` is one :func:`~convergence_core.analyses.dispersion_set_alignment`
-    result (a single score)."""
+    result (a single score); ``partner`` names the models on x (e.g. ``model outside GPA``)."""
     visions = list(dict.fromkeys(table["vision_model"]))
     languages = list(dict.fromkeys(table["language_model"]))
     figure, axes = _panels(len(visions), width=max(4.2, 1.6 * len(languages) + 1.5))
@@ -103,7 +105,7 @@ def dispersion_sets_figure(table: pd.DataFrame, path: str | os.PathLike[str]) ->
             fontsize=8,
         )
         axis.set_title(f"{vision} ({rows['vision_layer'].iloc[0]})", fontsize=9)
-        axis.set_xlabel("language model (layer used)")
+        axis.set_xlabel(f"{partner} (layer used)")
         axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
         axis.axhline(0.0, color="black", linewidth=0.5)
     _legend_below(figure, axes[0])

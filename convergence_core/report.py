@@ -268,7 +268,8 @@ def write_report(
     n = int(run.gpa.residuals.shape[0])
     if not run.language_models:
         return _report_without_language(
-            run, out, scores=scores, seed=seed, options=options,
+            run, out, size=size, k=k, scores=scores, n_random=n_random,
+            n_permutations=n_permutations, seed=seed, options=options,
             property_permutations=property_permutations, property_shuffles=property_shuffles,
         )
     size = default_set_size(n, k) if size is None else size
@@ -403,20 +404,47 @@ def write_report(
 
 
 def _report_without_language(
-    run: Run, out: Path, *, scores: Sequence[str], seed: int, options: AnalysisOptions,
-    property_permutations: int, property_shuffles: int,
+    run: Run, out: Path, *, size: int | None, k: int, scores: Sequence[str], n_random: int,
+    n_permutations: int, seed: int, options: AnalysisOptions, property_permutations: int,
+    property_shuffles: int,
 ) -> dict[str, Any]:
     """:func:`write_report` for a run without language models (vision models and brain
-    recordings, say): what needs no language side — leave-one-model-out (Fig. S2), GPA
-    stability and what predicts dispersion — and a note naming what was skipped."""
-    others = run.partner_models  # no language model here: the models outside GPA
+    recordings, say): Fig. 2 for the GPA models × the models outside GPA
+    (:attr:`Run.partner_models`, at their default layers) when there are any, then what needs no
+    other side — leave-one-model-out (Fig. S2), GPA stability and what predicts dispersion — and
+    a note naming what was skipped."""
+    partners = run.partner_models  # no language model here: the models outside GPA
     notes = [
-        "the vision–language analyses (Fig. 2, S1, the layer sweep, the metric suite and the "
-        "sections built on them, universal space) skipped: the run has no language model"
-        + (f"; the dashboard's Alignment lab aligns the vision models with {', '.join(others)}"
-           if others else "")
+        "the vision–language analyses (Fig. 2 and S1 with language models, the layer sweep, the "
+        "metric suite and the sections built on them, universal space) skipped: the run has no "
+        "language model"
     ]
-    files, loo_notes = leave_one_model_out_section(run, out)
+    files: list[str] = []
+    verdicts: dict[str, str] = {}
+    paired: list[pd.DataFrame] = []
+    size = default_set_size(run.n_stimuli, k) if size is None else size
+    if partners:
+        sides = f"vision × {'/'.join(dict.fromkeys(map(run.modality, partners)))}"
+        pairs = [
+            analyses.Pair(model, layer, partner, run.default_layer(partner))
+            for partner in partners for model, layer in analyses.vision_layers(run)
+        ]
+        table = analyses.dispersion_set_alignment(
+            run, size=size, k=k, score=list(scores), n_random=n_random, seed=seed,
+            n_permutations=n_permutations, pairs=pairs,
+        )
+        for score in scores:
+            rows = table[table["score"] == score]
+            files += _write_table(rows, out, f"dispersion_sets_{score}")
+            files.append(figures.dispersion_sets_figure(
+                rows, out / f"fig2_dispersion_sets_{score}.png", partner="model outside GPA"
+            ).name)
+            paired.append(analyses.paired_set_tests(rows).assign(score=score))
+            verdicts[score] = analyses.effect_verdict(rows, sides)
+        paired_tests = pd.concat(paired, ignore_index=True)
+        files += _write_table(paired_tests, out, "paired_tests")
+    loo_files, loo_notes = leave_one_model_out_section(run, out)
+    files += loo_files
     notes += loo_notes
     sections: dict[str, dict[str, Any]] = {}
     if "gpa_stability" not in options.skip:
@@ -430,9 +458,13 @@ def _report_without_language(
     )
     files += property_files
     notes += property_notes
-    verdicts = {name: entry["verdict"] for name, entry in sections.items() if entry["verdict"]}
+    verdicts.update(
+        {name: entry["verdict"] for name, entry in sections.items() if entry["verdict"]}
+    )
     text = (
-        f"Run {run.name!r} has no language model: dispersion analyses only.\n"
+        f"Run {run.name!r} has no language model: "
+        + (f"Fig. 2 for {', '.join(partners)} (models outside GPA, at their default layers) "
+           "and the dispersion analyses.\n" if partners else "dispersion analyses only.\n")
         + "".join(f"{verdict}\n" for verdict in verdicts.values())
         + property_text
     )
@@ -440,14 +472,17 @@ def _report_without_language(
     report = {
         "run": {"name": run.name, "path": str(run.path), "n_stimuli": run.n_stimuli},
         "parameters": {
-            "scores": list(scores), "seed": seed, "gpa_starts": options.gpa_starts,
-            "property_permutations": property_permutations,
+            "set_size": size if partners else None, "k": k, "scores": list(scores),
+            "n_random": n_random, "n_permutations": n_permutations, "seed": seed,
+            "gpa_starts": options.gpa_starts, "property_permutations": property_permutations,
             "property_shuffles": property_shuffles, "skip": list(options.skip),
+            "partner_models": partners,
         },
         "best_language_layers": {},
         "verdicts": verdicts,
         "properties": properties,
-        "paired_tests": [],
+        "paired_tests": [] if not paired else paired_tests.astype(object)
+        .where(paired_tests.notna(), None).to_dict("records"),
         "universal_space": {},
         **sections,
         "notes": notes,

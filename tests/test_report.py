@@ -303,32 +303,57 @@ def test_a_section_that_cannot_run_on_small_sets_becomes_a_note(planted_run_path
 
 
 def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, capsys):
-    """Vision models and a brain 'subject': the report writes what needs no language side
-    (Fig. S2, GPA stability, what predicts dispersion) and says what it skipped; the CLI too."""
+    """Vision models and a brain 'subject': the report writes Fig. 2 for vision × subject (the
+    subject at its default layer, the same numbers as the dense definition) and what needs no
+    other side (Fig. S2, GPA stability, what predicts dispersion), and says what it skipped; a
+    run of vision models alone gets the latter only. The CLI too."""
+    from convergence_core.alignment import cknna, prepare_features
+    from convergence_core.subsets import select_stimuli
     from tests.fixtures_runs import make_brain_run
 
     run = make_brain_run(tmp_path / "run", n=40)
     assert run.properties is not None
     meta = report.write_report(
-        run, tmp_path / "out", property_permutations=50, property_shuffles=2,
-        options=report.AnalysisOptions(gpa_starts=2),
+        run, tmp_path / "out", k=5, n_random=20, n_permutations=50, property_permutations=50,
+        property_shuffles=2, options=report.AnalysisOptions(gpa_starts=2),
     )
-    assert meta["best_language_layers"] == {} and meta["paired_tests"] == []
-    assert "no language model" in meta["notes"][0] and "aligns the vision models with subj01" in (
-        meta["notes"][0]
-    )
-    for name in ("figS2_leave_one_model_out.png", "leave_one_model_out_statistics.csv",
+    assert meta["best_language_layers"] == {} and meta["parameters"]["partner_models"] == [
+        "subj01"
+    ]
+    assert "no language model" in meta["notes"][0]
+    for name in ("fig2_dispersion_sets_mean.png", "dispersion_sets_pc1.csv", "paired_tests.csv",
+                 "figS2_leave_one_model_out.png", "leave_one_model_out_statistics.csv",
                  "gpa_stability.csv", "property_tests.csv", "summary.txt", "report.json"):
         assert name in meta["files"] and (tmp_path / "out" / name).exists(), name
     assert meta["files"] == sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert set(meta["verdicts"]) == {"gpa_stability"} and meta["properties"] is not None
+    assert set(meta["verdicts"]) == {"mean", "pc1", "gpa_stability"}
+    assert "of 3 vision × brain pairs" in meta["verdicts"]["mean"]
+    table = pd.read_csv(tmp_path / "out" / "dispersion_sets_mean.csv")
+    assert set(table["language_model"]) == {"subj01"} and set(table["language_layer"]) == {"V1"}
+    row = table[table["vision_model"] == "vision-b"].iloc[0]
+    size = int(row["set_size"])
+    low = np.sort(select_stimuli(run.dispersion["mean"].to_numpy(), "low", size))
+    X = prepare_features(np.asarray(run.embeddings["vision-b"]["stage2"], dtype=np.float64))
+    Y = prepare_features(np.asarray(run.embeddings["subj01"]["V1"], dtype=np.float64))
+    assert row["cknna_low_dispersion"] == pytest.approx(cknna(X[low], Y[low], k=5), rel=1e-9)
     summary = (tmp_path / "out" / "summary.txt").read_text(encoding="utf-8")
-    assert summary.startswith("Run 'run' has no language model: dispersion analyses only.")
-    assert meta["verdicts"]["gpa_stability"] in summary
+    assert summary.startswith("Run 'run' has no language model: Fig. 2 for subj01")
+    assert meta["verdicts"]["gpa_stability"] in summary and meta["verdicts"]["mean"] in summary
     assert report.main([str(run.path), "--out", str(tmp_path / "cli"), "--gpa-starts", "2",
+                        "--k", "5", "--n-random", "10", "--n-permutations", "20",
                         "--property-permutations", "20", "--property-shuffles", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "dispersion analyses only" in printed and "note: the vision–language analyses" in printed
+    assert "Fig. 2 for subj01" in printed and "note: the vision–language analyses" in printed
+
+    alone = make_synthetic_run(tmp_path / "alone", n=30, language_models=(), images=False)
+    meta = report.write_report(
+        alone, tmp_path / "alone-out", property_permutations=20, property_shuffles=1,
+        options=report.AnalysisOptions(gpa_starts=2),
+    )
+    assert set(meta["verdicts"]) == {"gpa_stability"} and meta["paired_tests"] == []
+    assert (tmp_path / "alone-out" / "summary.txt").read_text(encoding="utf-8").startswith(
+        "Run 'synthetic' has no language model: dispersion analyses only."
+    )
 
 
 def test_a_metric_undefined_on_the_run_is_a_note_not_a_failure(tmp_path):
