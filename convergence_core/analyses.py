@@ -273,6 +273,26 @@ def _pairs_with_best_layers(run: Run, k: int, best_layers: pd.DataFrame | None) 
     ]
 
 
+def partner_pairs(run: Run) -> list[Pair]:
+    """Every GPA model (at its GPA layer) × every model outside GPA that is not a language model
+    (:attr:`Run.partner_models`: brain recordings, ...; at its default layer), partner-major as
+    Fig. 2's rows: the pairs of the paper's analyses on a run without language models."""
+    partners = [m for m in run.partner_models if m not in run.language_models]
+    return [
+        Pair(model, layer, partner, run.default_layer(partner))
+        for partner in partners
+        for model, layer in vision_layers(run)
+    ]
+
+
+def pair_sides(run: Run, pairs: Sequence[Pair]) -> str:
+    """What ``pairs`` align, from the modalities on each side: ``vision × language``,
+    ``vision × brain``, ``brain × vision/brain``."""
+    left = dict.fromkeys(run.modality(p.vision_model) for p in pairs)
+    right = dict.fromkeys(run.modality(p.language_model) for p in pairs)
+    return f"{'/'.join(left)} × {'/'.join(right)}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Fig. 2: low / high / random dispersion sets
 

@@ -424,11 +424,8 @@ def _report_without_language(
     paired: list[pd.DataFrame] = []
     size = default_set_size(run.n_stimuli, k) if size is None else size
     if partners:
-        sides = f"vision × {'/'.join(dict.fromkeys(map(run.modality, partners)))}"
-        pairs = [
-            analyses.Pair(model, layer, partner, run.default_layer(partner))
-            for partner in partners for model, layer in analyses.vision_layers(run)
-        ]
+        pairs = analyses.partner_pairs(run)
+        sides = analyses.pair_sides(run, pairs)
         table = analyses.dispersion_set_alignment(
             run, size=size, k=k, score=list(scores), n_random=n_random, seed=seed,
             n_permutations=n_permutations, pairs=pairs,

@@ -122,15 +122,22 @@ def _table_on_demand(label: str, key: str, frame, **options) -> None:
             st.dataframe(frame, hide_index=True, width="stretch", **options)
 
 
-def _language_missing() -> bool:
-    """Whether the run lacks language models (then say so: Fig. 2, S1 and the sweep need them)."""
-    if run.language_models:
+# without language models, Fig. 2 aligns the GPA models with the models outside GPA (brain
+# recordings, at their default layers), as the report does; S1 and the layer sweep need language
+partner_pairs = [] if run.language_models else analyses.partner_pairs(run)
+
+
+def _language_missing(*, partners_will_do: bool = False) -> bool:
+    """Whether the run lacks language models (then say so: S1 and the sweep need them; Fig. 2
+    (``partners_will_do``) is drawn for the models outside GPA when there are any)."""
+    if run.language_models or (partners_will_do and partner_pairs):
         return False
     others = run.partner_models  # no language model here: the models outside GPA
     st.info(
         f"Run {run_name!r} has no language model: this figure compares the vision models with "
         "language models. Fig. S2 needs only the vision models"
-        + (f"; the Alignment lab aligns them with {', '.join(others)}." if others else ".")
+        + (f"; Fig. 2 and the Alignment lab align them with {', '.join(others)}."
+           if others else ".")
     )
     return True
 
@@ -138,7 +145,7 @@ def _language_missing() -> bool:
 fig2_tab, s1_tab, s2_tab, sweep_tab = st.tabs(list(TABS), key=TAB_KEY, on_change="rerun")
 
 with fig2_tab:
-    if fig2_tab.open and not _language_missing():
+    if fig2_tab.open and not _language_missing(partners_will_do=True):
         st.subheader("Low vs random vs high dispersion")
         work = (
             f"{int(n_random)} random sets and {int(n_permutations)} label shuffles of "
@@ -155,14 +162,27 @@ with fig2_tab:
             except ValueError as error:
                 st.error(str(error))
             else:
-                st.text(analyses.effect_verdict(sets))
-                if n > analyses.LAYER_SWEEP_MAX_STIMULI:  # the layers came from a sample
+                if partner_pairs:
+                    st.caption(
+                        f"No language model in this run: Fig. 2 for the vision models × "
+                        f"{', '.join(dict.fromkeys(p.language_model for p in partner_pairs))} "
+                        "(models outside GPA, at their default layers)."
+                    )
+                    st.text(analyses.effect_verdict(
+                        sets, analyses.pair_sides(run, partner_pairs)
+                    ))
+                else:
+                    st.text(analyses.effect_verdict(sets))
+                if run.language_models and n > analyses.LAYER_SWEEP_MAX_STIMULI:  # sampled layers
                     sample_note = lab.best_layer_sample_note(
                         data.best_layers_table(path_text, stamp, int(k)), n
                     )
                     if sample_note is not None:
                         st.info(sample_note)
-                st.image(data.paper_figure_png("dispersion_sets", sets))
+                st.image(data.paper_figure_png(
+                    "dispersion_sets", sets,
+                    **({"partner": "model outside GPA"} if partner_pairs else {}),
+                ))
                 st.caption(
                     f"Permutation test per pair: the low/high labels of the {2 * int(size)} "
                     f"stimuli shuffled {int(n_permutations)} times; p = (1 + #as extreme) / "

@@ -119,6 +119,32 @@ def test_a_run_without_language_models_says_what_each_tab_needs(monkeypatch, tmp
             assert said and "Fig. S2 needs only the vision models" in said[0], tab
 
 
+def test_without_language_models_fig2_aligns_the_models_outside_gpa(monkeypatch, tmp_path):
+    """Vision models and a brain subject: Fig. 2 is drawn for vision × subject (the report's
+    table, same numbers); S1 says it needs language models."""
+    from convergence_core import analyses
+    from tests.fixtures_runs import make_brain_run
+
+    run = make_brain_run(tmp_path / "runs" / "demo", n=40)
+    at = _page(monkeypatch, tmp_path)
+    assert not at.error and not at.exception, [e.value for e in at.error]
+    assert any("Fig. 2 for the vision models × subj01" in c.value for c in at.caption)
+    assert any("of 3 vision × brain pairs" in t.value for t in at.text)
+    assert len(at.image) == 1
+    shown = at.dataframe[0].value
+    expected = analyses.dispersion_set_alignment(
+        run, size=10, k=9, score="mean", n_random=200, seed=0,
+        n_permutations=analyses.DEFAULT_N_PERMUTATIONS, pairs=analyses.partner_pairs(run),
+    )
+    assert set(shown["language_model"]) == {"subj01"}
+    assert shown["cknna_low_dispersion"].to_numpy() == pytest.approx(
+        expected["cknna_low_dispersion"].to_numpy(), rel=1e-12
+    )
+    at.session_state["w_paper_tab"] = "Fig. S1: drop a fraction"
+    at.run(timeout=60)
+    assert any("has no language model" in i.value for i in at.info)
+
+
 def test_large_runs_ask_before_the_long_analyses(monkeypatch, cache_root):
     """Above AUTO_COMPUTE_STIMULI, Fig. 2 waits for its button; once computed it shows at once."""
     monkeypatch.setenv("CONVERGENCE_CACHE", str(cache_root))

@@ -24,6 +24,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -517,10 +518,10 @@ def fit_width(image: bytes, max_width: int = MAX_WIDTH_PX) -> bytes:
     return buffer.getvalue()
 
 
-def paper_figure(draw: Callable[..., Path], *tables: pd.DataFrame) -> bytes:
+def paper_figure(draw: Callable[..., Path], *tables: pd.DataFrame, **options: Any) -> bytes:
     """PNG bytes of one of the report's figures (``convergence_core.figures.<name>_figure``),
-    drawn from ``tables`` exactly as the report draws it (one pyplot figure at a time), at most
-    :data:`MAX_WIDTH_PX` wide."""
+    drawn from ``tables`` (and keyword ``options``) exactly as the report draws it (one pyplot
+    figure at a time), at most :data:`MAX_WIDTH_PX` wide."""
     with _PYPLOT_LOCK, tempfile.TemporaryDirectory(prefix="convergence-figure-") as folder:
-        path = draw(*tables, Path(folder) / "figure.png")
+        path = draw(*tables, Path(folder) / "figure.png", **options)
         return fit_width(Path(path).read_bytes())

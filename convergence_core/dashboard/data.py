@@ -25,7 +25,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -743,14 +743,15 @@ def alignment_bars_svg(
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def paper_figure_png(name: str, *tables: pd.DataFrame) -> bytes:
-    """One of the report's figures (``convergence_core.figures.<name>_figure``) as PNG bytes."""
+def paper_figure_png(name: str, *tables: pd.DataFrame, **options: Any) -> bytes:
+    """One of the report's figures (``convergence_core.figures.<name>_figure``, keyword
+    ``options`` passed on) as PNG bytes."""
     from .. import figures
 
     allowed = ("dispersion_sets", "drop_fraction", "leave_one_out", "layer_sweep")
     if name not in allowed:
         raise ValueError(f"unknown paper figure {name!r}; use one of {list(allowed)}")
-    return charts.paper_figure(getattr(figures, f"{name}_figure"), *tables)
+    return charts.paper_figure(getattr(figures, f"{name}_figure"), *tables, **options)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -787,18 +788,23 @@ def dispersion_sets(
     n_permutations: int,
     seed: int,
 ) -> pd.DataFrame:
-    """Fig. 2: :func:`analyses.dispersion_set_alignment` with the best language layers."""
+    """Fig. 2: :func:`analyses.dispersion_set_alignment` with the best language layers (on a run
+    without language models: the GPA models × the models outside GPA, ``analyses.partner_pairs``).
+    """
     from .. import analyses
 
+    run = _open_run(path, stamp)
+    language = bool(run.language_models)
     result = analyses.dispersion_set_alignment(
-        _open_run(path, stamp),
+        run,
         size=size,
         k=k,
         score=score,
         n_random=n_random,
         seed=seed,
         n_permutations=n_permutations,
-        best_layers=best_layers_table(path, stamp, k),
+        best_layers=best_layers_table(path, stamp, k) if language else None,
+        pairs=None if language else analyses.partner_pairs(run),
     )
     _finished().add(
         ("dispersion_sets", path, stamp, size, k, score, n_random, n_permutations, seed)
