@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
+from convergence_core.analyses import pair_sides
 from convergence_core.dashboard import data, lab, page, selection_io, state, widgets
 from convergence_core.random_baseline import DEFAULT_INTERVAL_WIDTH, DEFAULT_MIN_SETS
 from convergence_core.stimulus_alignment import local_cka_base_size
@@ -143,12 +144,12 @@ with layers_box:
         else:
             chosen = state.kept_value(st.session_state, key, BEST)
         layer_choice[model] = automatic if chosen == BEST else chosen
-sides = lab.sides_label([run.modality(m) for m in visions], [run.modality(m) for m in languages])
 pairs = tuple(
     lab.Pair(vision, layer_choice[vision], language, layer_choice[language])
     for vision in visions
     for language in languages
 )
+sides = pair_sides(run, pairs)  # e.g. "vision × brain", in the bars' title
 
 # ---------------------------------------------------------------------------------------------
 # sets and k

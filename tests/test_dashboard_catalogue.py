@@ -200,16 +200,13 @@ def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
     legend = " ".join(t.text or "" for t in svg.iter(f"{SVG}text"))
     assert "random (mean; 95% of 8 sets)" in legend and "selection (8 stimuli)" in legend
     assert "CKNNA (unitless)" in legend
-    assert "Vision–language alignment per set: CKNNA" in legend
-    no_baseline = _svg(charts.alignment_bars(values, None, sides="Vision–brain"))
+    assert "Vision × language alignment per set: CKNNA" in legend
+    no_baseline = _svg(charts.alignment_bars(values, None, sides="vision × brain"))
     assert not list(no_baseline.iter(f"{SVG}path"))
-    assert "Vision–brain alignment per set" in " ".join(
+    assert "Vision × brain alignment per set" in " ".join(
         t.text or "" for t in no_baseline.iter(f"{SVG}text")
     )
-    assert lab.sides_label(["vision", "vision"], ["brain"]) == "Vision–brain"
-    assert lab.sides_label(["brain"], ["language", "brain", "language"]) == (
-        "Brain–language/brain"
-    )
+    assert analyses.pair_sides(run, pairs) == "vision × language"
     cka = lab.set_table(indexes, pairs, sets, None, metric="cka", options={"kernel": "rbf"})
     assert cka["k"].isna().all() and set(cka["options"]) == {"kernel=rbf, sigma=1"}
     _svg(charts.alignment_bars(cka, lab.baseline_table(

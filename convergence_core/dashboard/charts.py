@@ -190,7 +190,7 @@ def alignment_bars(
     sets: pd.DataFrame,
     baseline: pd.DataFrame | None,
     metric: str | None = None,
-    sides: str = "Vision–language",
+    sides: str = "vision × language",
 ) -> str:
     """Fig. 2-style bars as an SVG document: a panel per vision model, language models on x, a bar
     per set.
@@ -200,7 +200,7 @@ def alignment_bars(
     (``lab.baseline_table``) adds the "random" bar of each pair at the random-set mean with the 95%
     percentile interval of the random sets as its error bar. ``metric``: which metric's rows to
     draw (default: the one metric the table holds). ``sides``: what is aligned, in the title
-    (:func:`lab.sides_label`, e.g. ``Vision–brain``).
+    (``analyses.pair_sides``, e.g. ``vision × brain``).
 
     Written as SVG text rather than drawn with matplotlib: the lab redraws these bars on every
     change of k, metric or set, and matplotlib took 0.2 s for them (half of a k change) where this
@@ -272,7 +272,7 @@ def alignment_bars(
 
     settings = str(sets["options"].iloc[0]) if "options" in sets and not sets.empty else ""
     title = (
-        f"{sides} alignment per set: {registry.metric(metric).label}"
+        f"{sides[:1].upper()}{sides[1:]} alignment per set: {registry.metric(metric).label}"
         + (f" ({settings})" if settings else "")
         + "; error bars: 95% of random sets"
     )

@@ -736,7 +736,7 @@ def residual_bars_png(path: str, stamp: int, row: int) -> bytes:
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def alignment_bars_svg(
-    sets: pd.DataFrame, baseline: pd.DataFrame, metric: str, sides: str = "Vision–language"
+    sets: pd.DataFrame, baseline: pd.DataFrame, metric: str, sides: str = "vision × language"
 ) -> str:
     """The Alignment lab's bars (:func:`charts.alignment_bars`, SVG), cached per table contents."""
     return charts.alignment_bars(sets, baseline, metric, sides)

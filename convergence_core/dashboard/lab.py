@@ -76,7 +76,6 @@ __all__ = [
     "options_text",
     "results_table",
     "set_table",
-    "sides_label",
     "value_text",
 ]
 
@@ -708,14 +707,6 @@ def matched_verdict(table: pd.DataFrame, metric: str, matched_on: str) -> str:
         f"positive in {greater} of {total} pairs and larger than 95% of the matched sets' "
         f"differences (one-sided p < 0.05) in {survived} of {total}."
     )
-
-
-def sides_label(left: Sequence[str], right: Sequence[str]) -> str:
-    """What the pairs align, from the modalities on each side (repeats dropped, in order):
-    ``Vision–language``, ``Vision–brain``, ``Brain–language/brain``."""
-    words = ["/".join(dict.fromkeys(side)) or "none" for side in (left, right)]
-    text = "–".join(words)
-    return text[:1].upper() + text[1:]
 
 
 def best_layer_sample_note(best_layers: pd.DataFrame, n_stimuli: int) -> str | None:
