@@ -285,12 +285,17 @@ def partner_pairs(run: Run) -> list[Pair]:
     ]
 
 
-def pair_sides(run: Run, pairs: Sequence[Pair]) -> str:
-    """What ``pairs`` align, from the modalities on each side: ``vision × language``,
-    ``vision × brain``, ``brain × vision/brain``."""
+def pair_modalities(run: Run, pairs: Sequence[Pair]) -> tuple[str, str]:
+    """The modalities on each side of ``pairs`` (repeats dropped, ``/``-joined):
+    ``("vision", "language")``, ``("vision", "brain")``, ``("brain", "vision/brain")``."""
     left = dict.fromkeys(run.modality(p.vision_model) for p in pairs)
     right = dict.fromkeys(run.modality(p.language_model) for p in pairs)
-    return f"{'/'.join(left)} × {'/'.join(right)}"
+    return "/".join(left), "/".join(right)
+
+
+def pair_sides(run: Run, pairs: Sequence[Pair]) -> str:
+    """What ``pairs`` align, in words: ``vision × language``, ``vision × brain``."""
+    return " × ".join(pair_modalities(run, pairs))
 
 
 # ----------------------------------------------------------------------------------------------

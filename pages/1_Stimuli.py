@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from convergence_core.analyses import pair_modalities
 from convergence_core.dashboard import data, lab, page, plots, state, widgets
 from convergence_core.stimulus_alignment import local_cka_base_size
 
@@ -173,7 +174,8 @@ with gallery_tab:
             ranking = data.alignment_ranking(path, stamp, pair, order_by, k)
             order, label = ranking.order[::-1], (lambda r: _aligned_label(ranking, r))
             sides = (
-                f"Highest {ORDERS[order_by]} (vision and language agree)",
+                f"Highest {ORDERS[order_by]} ({' and '.join(pair_modalities(run, [pair]))} "
+                "agree)",
                 f"Lowest {ORDERS[order_by]} (they disagree)",
             )
         else:
@@ -360,8 +362,9 @@ with alignment_tab:
                     )
                 )
                 st.text(
-                    "Each point is a stimulus: its dispersion (x) against how much its vision and "
-                    "language neighbourhoods agree (y). k-NN overlap: the share of its k nearest "
+                    "Each point is a stimulus: its dispersion (x) against how much its "
+                    f"{' and '.join(pair_modalities(run, [shown_pair]))} neighbourhoods agree "
+                    "(y). k-NN overlap: the share of its k nearest "
                     f"stimuli (k = {k}) both models agree on; local CKA (paper 003): how much it "
                     f"raises the CKA of a seeded base of {local_cka_base_size(n)} pairs. A "
                     "negative Spearman ρ: stimuli the vision models agree on carry more "

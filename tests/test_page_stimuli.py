@@ -348,6 +348,7 @@ def test_brain_recordings_have_per_stimulus_alignment_and_neighbours(
         value == pytest.approx(expected[ids.index(identifier)], abs=1e-4)
         for _, identifier, value in cards
     )
+    assert "Highest k-NN overlap (vision and brain agree)" in [h.value for h in at.subheader]
     at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
     at.run(timeout=TIMEOUT)
     assert not at.exception, at.exception
