@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from convergence_core.analyses import pair_sides
+from convergence_core.analyses import pair_modalities, pair_sides
 from convergence_core.dashboard import data, lab, page, selection_io, state, widgets
 from convergence_core.random_baseline import DEFAULT_INTERVAL_WIDTH, DEFAULT_MIN_SETS
 from convergence_core.stimulus_alignment import local_cka_base_size
@@ -443,7 +443,7 @@ def sets_and_results() -> None:
         f"Focus: {SET_LABEL[source]}",
         cards.focus,
         delta=cards.focus_delta,
-        help=f"{label} of the focus set, mean over the vision × language pairs shown.",
+        help=f"{label} of the focus set, mean over the {sides} pairs shown.",
     )
     summary[1].metric(f"{label}, low dispersion", cards.low)
     summary[2].metric(f"{label}, random (mean)", cards.random)
@@ -519,7 +519,8 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
     ):
         return
     st.text(
-        f"Calibrated: the {label} of a set minus the mean of the same score with the image–caption "
+        f"Calibrated: the {label} of a set minus the mean of the same score with the "
+        f"{'image–caption' if sides == 'vision × language' else sides.replace(' × ', '–')} "
         f"pairing shuffled within the set ({n_draws} shuffles; the set's size and density stay, "
         f"only the pairing goes). Matched: {n_draws} random sets matched to each set on the "
         "vision models' local density (typicality) and, where the data set has labels, on "
@@ -585,8 +586,9 @@ def _per_stimulus(sets, focus, score, k) -> None:  # noqa: ANN001
     st.image(data.alignment_scatter_png(path, stamp, pair, k, score, marked))
     relation = data.alignment_relation(path, stamp, (pair,), k, score)
     st.text(
-        "k-NN overlap: the share of a stimulus's k nearest stimuli that the vision and the "
-        "language model agree on (its mean is the full set's mutual k-NN). Local CKA (paper "
+        "k-NN overlap: the share of a stimulus's k nearest stimuli that the "
+        f"{' and the '.join(pair_modalities(run, [pair]))} model agree on (its mean is the full "
+        "set's mutual k-NN). Local CKA (paper "
         f"003): how much the stimulus raises the CKA of a seeded base of "
         f"{local_cka_base_size(n)} pairs. Spearman ρ "
         "against dispersion with a two-sided permutation p; a negative ρ means that stimuli the "
@@ -631,7 +633,7 @@ def _tables(  # noqa: ANN001
     table = lab.results_table(set_values, baselines, permutation, score, int(seed))
     st.subheader("All results")
     st.caption(
-        "One row per vision × language pair, set and metric (long format: the metric in "
+        f"One row per {sides} pair, set and metric (long format: the metric in "
         "'metric', its number in 'value'); random columns: random sets of the same size "
         "(n_random: how many were drawn)."
     )
