@@ -259,8 +259,9 @@ def write_report(
     :func:`universal_space_section`), the sections' entries (``metric_suite``, ``per_stimulus``,
     ...; see each ``*_section``), ``properties`` (what predicts dispersion: top
     properties and held-out R² per score; None without a property table), ``notes`` and ``files``. ``options`` sets the issue-14 sections
-    (:class:`AnalysisOptions`; its defaults when None). A run without language models gets the
-    analyses that need none (Fig. S2, GPA stability, what predicts dispersion) and a note.
+    (:class:`AnalysisOptions`; its defaults when None). A run without language models gets
+    Fig. 2 for the GPA models × the models outside GPA (brain recordings), the analyses that need
+    no other side (Fig. S2, GPA stability, what predicts dispersion) and a note.
     """
     options = AnalysisOptions() if options is None else options
     out = check_out_folder(out)
