@@ -46,8 +46,8 @@ n = run.n_stimuli
 found = data.catalogue(run)
 path, stamp = str(run.path), data.manifest_stamp(run.path)
 
-# the other side of every pair: the language models, then models of any other modality outside
-# GPA (brain recordings given as feature files), which the lab aligns with the GPA models alike
+# the other side of every pair: the language models, then every other model outside GPA (brain
+# recordings given as feature files, ...), which the lab aligns with the GPA models alike
 partners = run.partner_models
 others = [model for model in partners if model not in run.language_models]
 if not partners:
@@ -121,7 +121,7 @@ layer_choice: dict[str, str] = {}
 # built only when opened (its select boxes keep their choices while it is closed)
 layers_box = st.sidebar.expander("Layers", key=LAYERS_KEY, on_change="rerun")
 with layers_box:
-    for model in [*visions, *languages]:
+    for model in dict.fromkeys([*visions, *languages]):  # a language model may be in GPA too
         automatic = gpa_layers.get(model) or best_layers.get(model) or run.default_layer(model)
         word = (
             "GPA layer" if model in gpa_layers

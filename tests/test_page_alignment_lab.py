@@ -317,6 +317,39 @@ def test_brain_recordings_sit_on_the_language_side(run) -> None:
     assert set(_results(at)["language_layer"]) == {"hV4"}
 
 
+def test_a_language_model_in_gpa_gets_one_layer_choice(tmp_path, monkeypatch) -> None:
+    """GPA across a vision and a language model: the language model is on both sides of the
+    lab's pairs, and the Layers expander shows its choice once (a second widget with the same
+    key stopped the page)."""
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import synthetic_embeddings
+
+    embeddings, _ = synthetic_embeddings(40)
+    stimuli = pd.DataFrame({"id": [f"s{i}" for i in range(40)],
+                            "image": [f"{i}.jpg" for i in range(40)],
+                            "captions": [[f"c{i}"] for i in range(40)]})
+    write_run_from_embeddings(
+        tmp_path / "runs" / "demo", stimuli, embeddings,
+        vision_models=["vision-a", "vision-b", "vision-c"],
+        language_models=["language-a", "language-b"], thumbnails=False,
+        gpa_models=["vision-a", "language-a"],
+        gpa_layers={"vision-a": "stage2", "language-a": "layer3"},
+    )
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+    at.run(timeout=TIMEOUT)
+    at.session_state["w_lab_layers"] = True
+    at.session_state["w_lab_tables"] = True
+    at.switch_page(PAGE).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    keys = [box.key for box in at.sidebar.selectbox if box.key.startswith("w_layer_")]
+    assert sorted(keys) == sorted(
+        f"w_layer_{m}" for m in ["vision-a", "language-a", "language-b", "vision-b", "vision-c"]
+    )
+    table = _results(at)
+    assert ("language-a", "language-a") in set(zip(table["vision_model"], table["language_model"]))
+
+
 def test_first_screen_is_the_bars_picture_and_the_tables_wait_until_opened(
     run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
