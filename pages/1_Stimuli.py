@@ -305,6 +305,7 @@ with detail_tab:
         model_layers = [*zip(run.gpa.models, run.gpa.layers, strict=True)] + [
             (model, best_layers.get(model, run.default_layer(model)))
             for model in run.partner_models
+            if model not in run.gpa.models  # a language model in GPA: shown at its GPA layer
         ]
         neighbours = {
             model: (layer, *run.nearest(model, layer, row, count)) for model, layer in model_layers

@@ -320,7 +320,9 @@ def test_brain_recordings_sit_on_the_language_side(run) -> None:
 def test_a_language_model_in_gpa_gets_one_layer_choice(tmp_path, monkeypatch) -> None:
     """GPA across a vision and a language model: the language model is on both sides of the
     lab's pairs, and the Layers expander shows its choice once (a second widget with the same
-    key stopped the page)."""
+    key stopped the page); the Stimuli detail lists its neighbours once, at its GPA layer."""
+    from convergence_core.dashboard import widgets
+
     from convergence_core.precompute import write_run_from_embeddings
     from tests.fixtures_runs import synthetic_embeddings
 
@@ -348,6 +350,14 @@ def test_a_language_model_in_gpa_gets_one_layer_choice(tmp_path, monkeypatch) ->
     )
     table = _results(at)
     assert ("language-a", "language-a") in set(zip(table["vision_model"], table["language_model"]))
+    at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
+    at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert at.radio(key="w_neighbour_model").options == [
+        f"{m} ({kind})" for m, kind in [("vision-a", "vision"), ("language-a", "language"),
+                                         ("language-b", "language"), ("vision-b", "vision"),
+                                         ("vision-c", "vision")]
+    ]
 
 
 def test_first_screen_is_the_bars_picture_and_the_tables_wait_until_opened(
