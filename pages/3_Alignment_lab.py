@@ -149,7 +149,7 @@ pairs = tuple(
     for vision in visions
     for language in languages
 )
-sides = pair_sides(run, pairs)  # e.g. "vision × brain", in the bars' title
+sides = pair_sides(run, pairs)  # e.g. "vision × brain", in the texts
 
 # ---------------------------------------------------------------------------------------------
 # sets and k
@@ -462,7 +462,9 @@ def sets_and_results() -> None:
 
     # a stable name for the browser test and the benchmark
     with st.container(key=lab.BARS_CONTAINER_KEY):
-        st.image(data.alignment_bars_svg(set_values, baseline_main, metric, sides))
+        st.image(data.alignment_bars_svg(
+            set_values, baseline_main, metric, pair_modalities(run, pairs)
+        ))
     st.caption(lab.baseline_statement(baseline_main))
 
     calibrated = st.expander(

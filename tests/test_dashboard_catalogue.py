@@ -201,11 +201,11 @@ def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
     assert "random (mean; 95% of 8 sets)" in legend and "selection (8 stimuli)" in legend
     assert "CKNNA (unitless)" in legend
     assert "Vision × language alignment per set: CKNNA" in legend
-    no_baseline = _svg(charts.alignment_bars(values, None, sides="vision × brain"))
+    assert "language model" in legend  # the x axis
+    no_baseline = _svg(charts.alignment_bars(values, None, modalities=("vision", "brain")))
     assert not list(no_baseline.iter(f"{SVG}path"))
-    assert "Vision × brain alignment per set" in " ".join(
-        t.text or "" for t in no_baseline.iter(f"{SVG}text")
-    )
+    words = " ".join(t.text or "" for t in no_baseline.iter(f"{SVG}text"))
+    assert "Vision × brain alignment per set" in words and "brain model" in words
     assert analyses.pair_sides(run, pairs) == "vision × language"
     cka = lab.set_table(indexes, pairs, sets, None, metric="cka", options={"kernel": "rbf"})
     assert cka["k"].isna().all() and set(cka["options"]) == {"kernel=rbf, sigma=1"}

@@ -190,7 +190,7 @@ def alignment_bars(
     sets: pd.DataFrame,
     baseline: pd.DataFrame | None,
     metric: str | None = None,
-    sides: str = "vision × language",
+    modalities: tuple[str, str] = ("vision", "language"),
 ) -> str:
     """Fig. 2-style bars as an SVG document: a panel per vision model, language models on x, a bar
     per set.
@@ -199,8 +199,8 @@ def alignment_bars(
     ``language_model``, ``set``, ``set_size``, ``metric``, ``k``, ``value``); ``baseline``
     (``lab.baseline_table``) adds the "random" bar of each pair at the random-set mean with the 95%
     percentile interval of the random sets as its error bar. ``metric``: which metric's rows to
-    draw (default: the one metric the table holds). ``sides``: what is aligned, in the title
-    (``analyses.pair_sides``, e.g. ``vision × brain``).
+    draw (default: the one metric the table holds). ``modalities``: what is aligned, for the
+    title and the x axis (``analyses.pair_modalities``, e.g. ``("vision", "brain")``).
 
     Written as SVG text rather than drawn with matplotlib: the lab redraws these bars on every
     change of k, metric or set, and matplotlib took 0.2 s for them (half of a k change) where this
@@ -272,7 +272,8 @@ def alignment_bars(
 
     settings = str(sets["options"].iloc[0]) if "options" in sets and not sets.empty else ""
     title = (
-        f"{sides[:1].upper()}{sides[1:]} alignment per set: {registry.metric(metric).label}"
+        f"{modalities[0].capitalize()} × {modalities[1]} alignment per set: "
+        f"{registry.metric(metric).label}"
         + (f" ({settings})" if settings else "")
         + "; error bars: 95% of random sets"
     )
@@ -334,7 +335,7 @@ def alignment_bars(
         out.append(f'<rect x="{x0:.1f}" y="{top:.1f}" width="{panel_width:.1f}" '
                    f'height="{plot_height:.1f}" fill="none" stroke="black" stroke-width="0.8"/>')
         out.append(f'<text x="{x0 + panel_width / 2:.1f}" y="{top + plot_height + 35:.1f}" '
-                   'text-anchor="middle">language model</text>')
+                   f'text-anchor="middle">{_svg_text(modalities[1])} model</text>')
     middle_y = top + plot_height / 2
     out.append(
         f'<text x="16" y="{middle_y:.1f}" text-anchor="middle" '

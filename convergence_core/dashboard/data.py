@@ -736,10 +736,13 @@ def residual_bars_png(path: str, stamp: int, row: int) -> bytes:
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def alignment_bars_svg(
-    sets: pd.DataFrame, baseline: pd.DataFrame, metric: str, sides: str = "vision × language"
+    sets: pd.DataFrame,
+    baseline: pd.DataFrame,
+    metric: str,
+    modalities: tuple[str, str] = ("vision", "language"),
 ) -> str:
     """The Alignment lab's bars (:func:`charts.alignment_bars`, SVG), cached per table contents."""
-    return charts.alignment_bars(sets, baseline, metric, sides)
+    return charts.alignment_bars(sets, baseline, metric, modalities)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
