@@ -1043,12 +1043,14 @@ def drop_fraction_alignment(
     k: int = 10,
     score: DispersionScore = "mean",
     best_layers: pd.DataFrame | None = None,
+    pairs: Sequence[Pair] | None = None,
 ) -> pd.DataFrame:
     """Fig. S1: CKNNA per pair on the full set, without the q highest and without the q lowest.
 
     Returns one row per pair × condition (``full``, ``drop_high``, ``drop_low``) with columns
     ``vision_model``, ``vision_layer``, ``language_model``, ``language_layer``, ``condition``,
-    ``fraction_dropped``, ``score``, ``n_stimuli`` (stimuli kept), ``k``, ``cknna``.
+    ``fraction_dropped``, ``score``, ``n_stimuli`` (stimuli kept), ``k``, ``cknna``. ``pairs``:
+    other pairs than vision × language at the best layers (e.g. :func:`partner_pairs`).
     """
     vision_layers(run)
     if not 0.0 < q < 1.0:
@@ -1057,7 +1059,9 @@ def drop_fraction_alignment(
         )
     n = _n_stimuli(run)
     scores = _dispersion_scores(run, score)
-    pairs = _pairs_with_best_layers(run, k, best_layers)
+    pairs = _pairs_with_best_layers(run, k, best_layers) if pairs is None else list(pairs)
+    if not pairs:
+        raise ValueError("no pairs to align; pass at least one Pair")
     conditions = {
         "full": np.arange(n),
         "drop_high": np.asarray(drop_fraction(scores, q, "high"), dtype=np.intp),

@@ -117,8 +117,11 @@ def dispersion_sets_figure(
     return _save(figure, path)
 
 
-def drop_fraction_figure(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Fig. S1: per vision model, bars (drop high, full, drop low) per language model."""
+def drop_fraction_figure(
+    table: pd.DataFrame, path: str | os.PathLike[str], partner: str = "language model"
+) -> Path:
+    """Fig. S1: per vision model, bars (drop high, full, drop low) per language model
+    (``partner`` names the models on x)."""
     visions = list(dict.fromkeys(table["vision_model"]))
     languages = list(dict.fromkeys(table["language_model"]))
     conditions = ["drop_high", "full", "drop_low"]
@@ -139,7 +142,7 @@ def drop_fraction_figure(table: pd.DataFrame, path: str | os.PathLike[str]) -> P
             )
         axis.set_xticks(x, languages, fontsize=8)
         axis.set_title(f"{vision} ({rows['vision_layer'].iloc[0]})", fontsize=9)
-        axis.set_xlabel("language model")
+        axis.set_xlabel(partner)
         axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
         axis.axhline(0.0, color="black", linewidth=0.5)
     _legend_below(figure, axes[0])

@@ -260,8 +260,8 @@ def write_report(
     ...; see each ``*_section``), ``properties`` (what predicts dispersion: top
     properties and held-out R² per score; None without a property table), ``notes`` and ``files``. ``options`` sets the issue-14 sections
     (:class:`AnalysisOptions`; its defaults when None). A run without language models gets
-    Fig. 2 for the GPA models × the models outside GPA (brain recordings), the analyses that need
-    no other side (Fig. S2, GPA stability, what predicts dispersion) and a note.
+    Fig. 2 and S1 for the GPA models × the models outside GPA (brain recordings), the analyses that
+    need no other side (Fig. S2, GPA stability, what predicts dispersion) and a note.
     """
     options = AnalysisOptions() if options is None else options
     out = check_out_folder(out)
@@ -269,7 +269,7 @@ def write_report(
     n = int(run.gpa.residuals.shape[0])
     if not run.language_models:
         return _report_without_language(
-            run, out, size=size, k=k, scores=scores, n_random=n_random,
+            run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
             n_permutations=n_permutations, seed=seed, options=options,
             property_permutations=property_permutations, property_shuffles=property_shuffles,
         )
@@ -405,19 +405,19 @@ def write_report(
 
 
 def _report_without_language(
-    run: Run, out: Path, *, size: int | None, k: int, scores: Sequence[str], n_random: int,
-    n_permutations: int, seed: int, options: AnalysisOptions, property_permutations: int,
-    property_shuffles: int,
+    run: Run, out: Path, *, size: int | None, k: int, q: float, scores: Sequence[str],
+    n_random: int, n_permutations: int, seed: int, options: AnalysisOptions,
+    property_permutations: int, property_shuffles: int,
 ) -> dict[str, Any]:
     """:func:`write_report` for a run without language models (vision models and brain
-    recordings, say): Fig. 2 for the GPA models × the models outside GPA
-    (:attr:`Run.partner_models`, at their default layers) when there are any, then what needs no
-    other side — leave-one-model-out (Fig. S2), GPA stability and what predicts dispersion — and
-    a note naming what was skipped."""
+    recordings, say): Fig. 2 and S1 for the GPA models × the models outside GPA
+    (:func:`analyses.partner_pairs`, at their default layers) when there are any, then what needs
+    no other side — leave-one-model-out (Fig. S2), GPA stability and what predicts dispersion —
+    and a note naming what was skipped."""
     partners = run.partner_models  # no language model here: the models outside GPA
     notes = [
-        "the vision–language analyses (Fig. 2 and S1 with language models, the layer sweep, the "
-        "metric suite and the sections built on them, universal space) skipped: the run has no "
+        "the vision–language analyses (the layer sweep, the metric suite and the sections built "
+        "on it, universal space; Fig. 2 and S1 with language models) skipped: the run has no "
         "language model"
     ]
     files: list[str] = []
@@ -441,6 +441,11 @@ def _report_without_language(
             verdicts[score] = analyses.effect_verdict(rows, sides)
         paired_tests = pd.concat(paired, ignore_index=True)
         files += _write_table(paired_tests, out, "paired_tests")
+        dropped = analyses.drop_fraction_alignment(run, q=q, k=k, pairs=pairs)
+        files += _write_table(dropped, out, "drop_fraction")
+        files.append(figures.drop_fraction_figure(
+            dropped, out / "figS1_drop_fraction.png", partner="model outside GPA"
+        ).name)
     loo_files, loo_notes = leave_one_model_out_section(run, out)
     files += loo_files
     notes += loo_notes
@@ -461,7 +466,8 @@ def _report_without_language(
     )
     text = (
         f"Run {run.name!r} has no language model: "
-        + (f"Fig. 2 for {', '.join(partners)} (models outside GPA, at their default layers) "
+        + (f"Fig. 2 and S1 for {', '.join(partners)} (models outside GPA, at their default "
+           "layers) "
            "and the dispersion analyses.\n" if partners else "dispersion analyses only.\n")
         + "".join(f"{verdict}\n" for verdict in verdicts.values())
         + property_text
@@ -470,7 +476,8 @@ def _report_without_language(
     report = {
         "run": {"name": run.name, "path": str(run.path), "n_stimuli": run.n_stimuli},
         "parameters": {
-            "set_size": size if partners else None, "k": k, "scores": list(scores),
+            "set_size": size if partners else None, "k": k, "fraction_dropped": q,
+            "scores": list(scores),
             "n_random": n_random, "n_permutations": n_permutations, "seed": seed,
             "gpa_starts": options.gpa_starts, "property_permutations": property_permutations,
             "property_shuffles": property_shuffles, "skip": list(options.skip),

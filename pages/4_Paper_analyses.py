@@ -122,21 +122,21 @@ def _table_on_demand(label: str, key: str, frame, **options) -> None:
             st.dataframe(frame, hide_index=True, width="stretch", **options)
 
 
-# without language models, Fig. 2 aligns the GPA models with the models outside GPA (brain
-# recordings, at their default layers), as the report does; S1 and the layer sweep need language
+# without language models, Fig. 2 and S1 align the GPA models with the models outside GPA (brain
+# recordings, at their default layers), as the report does; the layer sweep needs language
 partner_pairs = [] if run.language_models else analyses.partner_pairs(run)
 
 
 def _language_missing(*, partners_will_do: bool = False) -> bool:
-    """Whether the run lacks language models (then say so: S1 and the sweep need them; Fig. 2
-    (``partners_will_do``) is drawn for the models outside GPA when there are any)."""
+    """Whether the run lacks language models (then say so: the sweep needs them; Fig. 2 and S1
+    (``partners_will_do``) are drawn for the models outside GPA when there are any)."""
     if run.language_models or (partners_will_do and partner_pairs):
         return False
     others = run.partner_models  # no language model here: the models outside GPA
     st.info(
         f"Run {run_name!r} has no language model: this figure compares the vision models with "
         "language models. Fig. S2 needs only the vision models"
-        + (f"; Fig. 2 and the Alignment lab align them with {', '.join(others)}."
+        + (f"; Fig. 2, S1 and the Alignment lab align them with {', '.join(others)}."
            if others else ".")
     )
     return True
@@ -196,14 +196,17 @@ with fig2_tab:
                 )
 
 with s1_tab:
-    if s1_tab.open and not _language_missing():
+    if s1_tab.open and not _language_missing(partners_will_do=True):
         q = st.slider("Fraction dropped", min_value=0.05, max_value=0.5, value=0.25, step=0.05)
         try:
             dropped = data.drop_fraction(path_text, stamp, float(q), int(k), score)
         except ValueError as error:
             st.error(str(error))
         else:
-            st.image(data.paper_figure_png("drop_fraction", dropped))
+            st.image(data.paper_figure_png(
+                "drop_fraction", dropped,
+                **({"partner": "model outside GPA"} if partner_pairs else {}),
+            ))
             wide = dropped.pivot_table(
                 index=["vision_model", "language_model"],
                 columns="condition",

@@ -120,8 +120,8 @@ def test_a_run_without_language_models_says_what_each_tab_needs(monkeypatch, tmp
 
 
 def test_without_language_models_fig2_aligns_the_models_outside_gpa(monkeypatch, tmp_path):
-    """Vision models and a brain subject: Fig. 2 is drawn for vision × subject (the report's
-    table, same numbers); S1 says it needs language models."""
+    """Vision models and a brain subject: Fig. 2 and S1 are drawn for vision × subject (the
+    report's tables, same numbers); the layer sweep says it needs language models."""
     from convergence_core import analyses
     from tests.fixtures_runs import make_brain_run
 
@@ -141,6 +141,10 @@ def test_without_language_models_fig2_aligns_the_models_outside_gpa(monkeypatch,
         expected["cknna_low_dispersion"].to_numpy(), rel=1e-12
     )
     at.session_state["w_paper_tab"] = "Fig. S1: drop a fraction"
+    at.run(timeout=60)
+    assert not at.error and not at.exception and len(at.image) == 1
+    assert "subj01" in at.markdown[-1].value  # the table of CKNNA per condition
+    at.session_state["w_paper_tab"] = "Layer sweep"
     at.run(timeout=60)
     assert any("has no language model" in i.value for i in at.info)
 

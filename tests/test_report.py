@@ -321,7 +321,13 @@ def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, ca
         "subj01"
     ]
     assert "no language model" in meta["notes"][0]
+    dropped = pd.read_csv(tmp_path / "out" / "drop_fraction.csv")
+    full = dropped[(dropped["condition"] == "full") & (dropped["vision_model"] == "vision-a")]
+    X = prepare_features(np.asarray(run.embeddings["vision-a"]["stage2"], dtype=np.float64))
+    Y = prepare_features(np.asarray(run.embeddings["subj01"]["V1"], dtype=np.float64))
+    assert float(full["cknna"].iloc[0]) == pytest.approx(cknna(X, Y, k=5), rel=1e-9)
     for name in ("fig2_dispersion_sets_mean.png", "dispersion_sets_pc1.csv", "paired_tests.csv",
+                 "figS1_drop_fraction.png",
                  "figS2_leave_one_model_out.png", "leave_one_model_out_statistics.csv",
                  "gpa_stability.csv", "property_tests.csv", "summary.txt", "report.json"):
         assert name in meta["files"] and (tmp_path / "out" / name).exists(), name
@@ -337,13 +343,13 @@ def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, ca
     Y = prepare_features(np.asarray(run.embeddings["subj01"]["V1"], dtype=np.float64))
     assert row["cknna_low_dispersion"] == pytest.approx(cknna(X[low], Y[low], k=5), rel=1e-9)
     summary = (tmp_path / "out" / "summary.txt").read_text(encoding="utf-8")
-    assert summary.startswith("Run 'run' has no language model: Fig. 2 for subj01")
+    assert summary.startswith("Run 'run' has no language model: Fig. 2 and S1 for subj01")
     assert meta["verdicts"]["gpa_stability"] in summary and meta["verdicts"]["mean"] in summary
     assert report.main([str(run.path), "--out", str(tmp_path / "cli"), "--gpa-starts", "2",
                         "--k", "5", "--n-random", "10", "--n-permutations", "20",
                         "--property-permutations", "20", "--property-shuffles", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "Fig. 2 for subj01" in printed and "note: the vision–language analyses" in printed
+    assert "Fig. 2 and S1 for subj01" in printed and "note: the vision–language" in printed
 
     alone = make_synthetic_run(tmp_path / "alone", n=30, language_models=(), images=False)
     meta = report.write_report(

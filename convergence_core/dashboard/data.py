@@ -817,11 +817,16 @@ def dispersion_sets(
 
 @st.cache_data(show_spinner="Dropping stimuli…", max_entries=64)
 def drop_fraction(path: str, stamp: int, q: float, k: int, score: str) -> pd.DataFrame:
-    """Fig. S1: :func:`analyses.drop_fraction_alignment` with the best language layers."""
+    """Fig. S1: :func:`analyses.drop_fraction_alignment` with the best language layers (on a run
+    without language models: ``analyses.partner_pairs``, as :func:`dispersion_sets`)."""
     from .. import analyses
 
+    run = _open_run(path, stamp)
+    language = bool(run.language_models)
     result = analyses.drop_fraction_alignment(
-        _open_run(path, stamp), q=q, k=k, score=score, best_layers=best_layers_table(path, stamp, k)
+        run, q=q, k=k, score=score,
+        best_layers=best_layers_table(path, stamp, k) if language else None,
+        pairs=None if language else analyses.partner_pairs(run),
     )
     _finished().add(("drop_fraction", path, stamp, q, k, score))
     return result
