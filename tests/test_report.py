@@ -313,9 +313,9 @@ def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, ca
 
     run = make_brain_run(tmp_path / "run", n=40)
     assert run.properties is not None
-    meta = report.write_report(
-        run, tmp_path / "out", k=5, n_random=20, n_permutations=50, property_permutations=50,
-        property_shuffles=2, options=report.AnalysisOptions(gpa_starts=2),
+    meta = report.write_report(  # 4 GPA starts: the run's stored diagnostic, not a rerun
+        run, tmp_path / "out", k=5, scores=["mean"], n_random=20, n_permutations=50,
+        property_permutations=50, property_shuffles=1, options=report.AnalysisOptions(gpa_starts=4),
     )
     assert meta["best_language_layers"] == {} and meta["parameters"]["partner_models"] == [
         "subj01"
@@ -326,13 +326,13 @@ def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, ca
     X = prepare_features(np.asarray(run.embeddings["vision-a"]["stage2"], dtype=np.float64))
     Y = prepare_features(np.asarray(run.embeddings["subj01"]["V1"], dtype=np.float64))
     assert float(full["cknna"].iloc[0]) == pytest.approx(cknna(X, Y, k=5), rel=1e-9)
-    for name in ("fig2_dispersion_sets_mean.png", "dispersion_sets_pc1.csv", "paired_tests.csv",
+    for name in ("fig2_dispersion_sets_mean.png", "dispersion_sets_mean.csv", "paired_tests.csv",
                  "figS1_drop_fraction.png",
                  "figS2_leave_one_model_out.png", "leave_one_model_out_statistics.csv",
                  "gpa_stability.csv", "property_tests.csv", "summary.txt", "report.json"):
         assert name in meta["files"] and (tmp_path / "out" / name).exists(), name
     assert meta["files"] == sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert set(meta["verdicts"]) == {"mean", "pc1", "gpa_stability"}
+    assert set(meta["verdicts"]) == {"mean", "gpa_stability"}
     assert "of 3 vision × brain pairs" in meta["verdicts"]["mean"]
     table = pd.read_csv(tmp_path / "out" / "dispersion_sets_mean.csv")
     assert set(table["language_model"]) == {"subj01"} and set(table["language_layer"]) == {"V1"}
@@ -345,16 +345,16 @@ def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, ca
     summary = (tmp_path / "out" / "summary.txt").read_text(encoding="utf-8")
     assert summary.startswith("Run 'run' has no language model: Fig. 2 and S1 for subj01")
     assert meta["verdicts"]["gpa_stability"] in summary and meta["verdicts"]["mean"] in summary
-    assert report.main([str(run.path), "--out", str(tmp_path / "cli"), "--gpa-starts", "2",
-                        "--k", "5", "--n-random", "10", "--n-permutations", "20",
+    assert report.main([str(run.path), "--out", str(tmp_path / "cli"), "--k", "5",
+                        "--scores", "mean", "--n-random", "10", "--n-permutations", "20",
                         "--property-permutations", "20", "--property-shuffles", "1"]) == 0
     printed = capsys.readouterr().out
     assert "Fig. 2 and S1 for subj01" in printed and "note: the vision–language" in printed
 
     alone = make_synthetic_run(tmp_path / "alone", n=30, language_models=(), images=False)
     meta = report.write_report(
-        alone, tmp_path / "alone-out", property_permutations=20, property_shuffles=1,
-        options=report.AnalysisOptions(gpa_starts=2),
+        alone, tmp_path / "alone-out", scores=["mean"], property_permutations=20,
+        property_shuffles=1,
     )
     assert set(meta["verdicts"]) == {"gpa_stability"} and meta["paired_tests"] == []
     assert (tmp_path / "alone-out" / "summary.txt").read_text(encoding="utf-8").startswith(
