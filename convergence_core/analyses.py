@@ -277,10 +277,9 @@ def partner_pairs(run: Run) -> list[Pair]:
     """Every GPA model (at its GPA layer) × every model outside GPA that is not a language model
     (:attr:`Run.partner_models`: brain recordings, ...; at its default layer), partner-major as
     Fig. 2's rows: the pairs of the paper's analyses on a run without language models."""
-    partners = [m for m in run.partner_models if m not in run.language_models]
     return [
         Pair(model, layer, partner, run.default_layer(partner))
-        for partner in partners
+        for partner in run.other_partner_models
         for model, layer in vision_layers(run)
     ]
 

@@ -134,9 +134,14 @@ class Run:
         """The models the dashboard aligns the GPA models with: the language models (also one
         that is in GPA, as before), then every other model outside GPA (brain recordings given as
         feature files; with GPA across brain subjects, the vision models), in run order."""
-        language = self.language_models
+        return [*self.language_models, *self.other_partner_models]
+
+    @property
+    def other_partner_models(self) -> list[str]:
+        """The :attr:`partner_models` that are not language models: every model outside GPA of
+        another modality (brain recordings, ...; vision models when GPA runs across subjects)."""
         gpa = set(self.manifest.gpa.models)
-        return [*language, *(m for m in self.models if m not in language and m not in gpa)]
+        return [m for m in self.models if m not in self.language_models and m not in gpa]
 
     def _model_entry(self, model: str) -> ModelEntry:
         entry = self.manifest.models.get(model)

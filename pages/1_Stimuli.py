@@ -83,7 +83,7 @@ except ValueError as exc:
     best_layers = {}
 # the other side: language models at their best layer, then other modalities outside GPA (brain
 # recordings) at their default layer
-others = [model for model in run.partner_models if model not in run.language_models]
+others = run.other_partner_models
 pairs = [
     lab.Pair(vision, layer, partner, best_layers.get(partner, run.default_layer(partner)))
     for vision, layer in zip(run.gpa.models, run.gpa.layers, strict=True)

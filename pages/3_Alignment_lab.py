@@ -49,7 +49,7 @@ path, stamp = str(run.path), data.manifest_stamp(run.path)
 # the other side of every pair: the language models, then every other model outside GPA (brain
 # recordings given as feature files, ...), which the lab aligns with the GPA models alike
 partners = run.partner_models
-others = [model for model in partners if model not in run.language_models]
+others = run.other_partner_models
 if not partners:
     st.error(
         f"Run {context.info.name!r} has no language model, nor any other model outside GPA (such "

@@ -778,6 +778,16 @@ def best_layers_table(path: str, stamp: int, k: int) -> pd.DataFrame:
     )
 
 
+def _paper_pairs(run: Run, path: str, stamp: int, k: int) -> dict[str, Any]:
+    """The pairs of Fig. 2 and S1 as keyword arguments: the best language layers (the cached
+    :func:`best_layers_table`), or on a run without language models ``analyses.partner_pairs``."""
+    from .. import analyses
+
+    if run.language_models:
+        return {"best_layers": best_layers_table(path, stamp, k)}
+    return {"pairs": analyses.partner_pairs(run)}
+
+
 @st.cache_data(
     show_spinner="Computing the low / random / high sets and permutation tests…", max_entries=64
 )
@@ -797,7 +807,6 @@ def dispersion_sets(
     from .. import analyses
 
     run = _open_run(path, stamp)
-    language = bool(run.language_models)
     result = analyses.dispersion_set_alignment(
         run,
         size=size,
@@ -806,8 +815,7 @@ def dispersion_sets(
         n_random=n_random,
         seed=seed,
         n_permutations=n_permutations,
-        best_layers=best_layers_table(path, stamp, k) if language else None,
-        pairs=None if language else analyses.partner_pairs(run),
+        **_paper_pairs(run, path, stamp, k),
     )
     _finished().add(
         ("dispersion_sets", path, stamp, size, k, score, n_random, n_permutations, seed)
@@ -822,11 +830,8 @@ def drop_fraction(path: str, stamp: int, q: float, k: int, score: str) -> pd.Dat
     from .. import analyses
 
     run = _open_run(path, stamp)
-    language = bool(run.language_models)
     result = analyses.drop_fraction_alignment(
-        run, q=q, k=k, score=score,
-        best_layers=best_layers_table(path, stamp, k) if language else None,
-        pairs=None if language else analyses.partner_pairs(run),
+        run, q=q, k=k, score=score, **_paper_pairs(run, path, stamp, k)
     )
     _finished().add(("drop_fraction", path, stamp, q, k, score))
     return result
