@@ -284,6 +284,23 @@ def partner_pairs(run: Run) -> list[Pair]:
     ]
 
 
+def partner_groups(run: Run) -> dict[str, str]:
+    """The groups of partners that Fig. 2 and S1 align the GPA models with, in what the pairs
+    align: ``"language"`` (the language models, at their best layers in the figures) and
+    ``"other"`` (:func:`partner_pairs`: brain recordings, ...), each present only when the run has
+    such models, e.g. ``{"language": "vision × language", "other": "vision × brain"}``."""
+    groups: dict[str, str] = {}
+    if run.language_models:
+        groups["language"] = pair_sides(run, [
+            Pair(model, layer, language, run.default_layer(language))
+            for language in run.language_models
+            for model, layer in vision_layers(run)
+        ])
+    if run.other_partner_models:
+        groups["other"] = pair_sides(run, partner_pairs(run))
+    return groups
+
+
 def pair_modalities(run: Run, pairs: Sequence[Pair]) -> tuple[str, str]:
     """The modalities on each side of ``pairs`` (repeats dropped, ``/``-joined):
     ``("vision", "language")``, ``("vision", "brain")``, ``("brain", "vision/brain")``."""

@@ -253,15 +253,21 @@ def write_report(
     """Run every analysis on ``run`` and write tables, figures and the summary to ``out``.
 
     Returns the content of ``report.json``: ``run``, ``parameters``, ``best_language_layers``,
-    ``verdicts`` (each score -> its Fig. 2 sentence, and one sentence per issue-14 section:
-    ``metric_suite``, ``per_stimulus``, ``predictivity``, ``many_to_many``, ``blind_matching``,
+    ``verdicts`` (each score -> its Fig. 2 sentence, ``partners_<score>`` -> the same for the
+    models outside GPA, and one sentence per issue-14 section: ``metric_suite``,
+    ``per_stimulus``, ``predictivity``, ``many_to_many``, ``blind_matching``,
     ``matched_baselines``), ``paired_tests``, ``universal_space`` (see
-    :func:`universal_space_section`), the sections' entries (``metric_suite``, ``per_stimulus``,
-    ...; see each ``*_section``), ``properties`` (what predicts dispersion: top
-    properties and held-out R² per score; None without a property table), ``notes`` and ``files``. ``options`` sets the issue-14 sections
-    (:class:`AnalysisOptions`; its defaults when None). A run without language models gets
-    Fig. 2 and S1 for the GPA models × the models outside GPA (brain recordings), the analyses that
-    need no other side (Fig. S2, GPA stability, what predicts dispersion) and a note.
+    :func:`universal_space_section`), ``partners`` (empty, or the models outside GPA that are not
+    language models, what their pairs align and their paired tests), the sections' entries
+    (``metric_suite``, ``per_stimulus``, ...; see each ``*_section``), ``properties`` (what
+    predicts dispersion: top properties and held-out R² per score; None without a property
+    table), ``notes`` and ``files``. ``options`` sets the issue-14 sections
+    (:class:`AnalysisOptions`; its defaults when None).
+
+    Models outside GPA that are not language models (brain recordings) get their own Fig. 2 and
+    S1 (:func:`partner_alignment_section`, files ``*_partners*``). A run without language models
+    gets those as its Fig. 2 and S1, the analyses that need no other side (Fig. S2, GPA stability,
+    what predicts dispersion) and a note.
     """
     options = AnalysisOptions() if options is None else options
     out = check_out_folder(out)
@@ -316,6 +322,22 @@ def write_report(
     dropped = analyses.drop_fraction_alignment(run, q=q, k=k, best_layers=best)
     files += _write_table(dropped, out, "drop_fraction")
     files.append(figures.drop_fraction_figure(dropped, out / "figS1_drop_fraction.png").name)
+
+    # the models outside GPA that are not language models (brain recordings): their own Fig. 2
+    # and S1, as on a run without language models
+    partners: dict[str, Any] = {}
+    if run.other_partner_models:
+        partner_files, partner_verdicts, partner_tests = partner_alignment_section(
+            run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
+            n_permutations=n_permutations, seed=seed, suffix="_partners",
+        )
+        files += partner_files
+        verdicts.update({f"partners_{score}": text for score, text in partner_verdicts.items()})
+        partners = {
+            "models": run.other_partner_models,
+            "sides": analyses.pair_sides(run, analyses.partner_pairs(run)),
+            "paired_tests": _records(partner_tests),
+        }
 
     loo_files, loo_notes = leave_one_model_out_section(run, out)
     files += loo_files
@@ -396,6 +418,7 @@ def write_report(
         .where(paired_tests.notna(), None)
         .to_dict("records"),
         "universal_space": universal_space,
+        "partners": partners,
         **sections,
         "notes": notes,
         "files": sorted([*files, "report.json"]),
@@ -422,30 +445,13 @@ def _report_without_language(
     ]
     files: list[str] = []
     verdicts: dict[str, str] = {}
-    paired: list[pd.DataFrame] = []
     size = default_set_size(run.n_stimuli, k) if size is None else size
+    paired_tests = None
     if partners:
-        pairs = analyses.partner_pairs(run)
-        sides = analyses.pair_sides(run, pairs)
-        table = analyses.dispersion_set_alignment(
-            run, size=size, k=k, score=list(scores), n_random=n_random, seed=seed,
-            n_permutations=n_permutations, pairs=pairs,
+        files, verdicts, paired_tests = partner_alignment_section(
+            run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
+            n_permutations=n_permutations, seed=seed,
         )
-        for score in scores:
-            rows = table[table["score"] == score]
-            files += _write_table(rows, out, f"dispersion_sets_{score}")
-            files.append(figures.dispersion_sets_figure(
-                rows, out / f"fig2_dispersion_sets_{score}.png", partner="model outside GPA"
-            ).name)
-            paired.append(analyses.paired_set_tests(rows).assign(score=score))
-            verdicts[score] = analyses.effect_verdict(rows, sides)
-        paired_tests = pd.concat(paired, ignore_index=True)
-        files += _write_table(paired_tests, out, "paired_tests")
-        dropped = analyses.drop_fraction_alignment(run, q=q, k=k, pairs=pairs)
-        files += _write_table(dropped, out, "drop_fraction")
-        files.append(figures.drop_fraction_figure(
-            dropped, out / "figS1_drop_fraction.png", partner="model outside GPA"
-        ).name)
     loo_files, loo_notes = leave_one_model_out_section(run, out)
     files += loo_files
     notes += loo_notes
@@ -486,8 +492,7 @@ def _report_without_language(
         "best_language_layers": {},
         "verdicts": verdicts,
         "properties": properties,
-        "paired_tests": [] if not paired else paired_tests.astype(object)
-        .where(paired_tests.notna(), None).to_dict("records"),
+        "paired_tests": [] if paired_tests is None else _records(paired_tests),
         "universal_space": {},
         **sections,
         "notes": notes,
@@ -495,6 +500,48 @@ def _report_without_language(
     }
     write_json(out / "report.json", report)
     return report
+
+
+def partner_alignment_section(
+    run: Run, out: Path, *, size: int, k: int, q: float, scores: Sequence[str], n_random: int,
+    n_permutations: int, seed: int, suffix: str = "",
+) -> tuple[list[str], dict[str, str], pd.DataFrame]:
+    """Fig. 2 and S1 for the GPA models × the models outside GPA that are not language models
+    (:func:`analyses.partner_pairs`: brain recordings at their default layers).
+
+    Writes ``dispersion_sets{suffix}_{score}`` (table and Fig. 2 per score),
+    ``paired_tests{suffix}`` and ``drop_fraction{suffix}`` (table and Fig. S1): without a suffix on
+    a run without language models, where these are the report's Fig. 2 and S1, and with
+    ``_partners`` beside the vision–language ones. Returns the files, one
+    :func:`analyses.effect_verdict` per score (naming the sides, e.g. ``vision × brain``) and the
+    paired tests (long: a ``score`` column).
+    """
+    pairs = analyses.partner_pairs(run)
+    sides = analyses.pair_sides(run, pairs)
+    table = analyses.dispersion_set_alignment(
+        run, size=size, k=k, score=list(scores), n_random=n_random, seed=seed,
+        n_permutations=n_permutations, pairs=pairs,
+    )
+    files: list[str] = []
+    verdicts: dict[str, str] = {}
+    paired = []
+    for score in scores:
+        rows = table[table["score"] == score]
+        stem = f"dispersion_sets{suffix}_{score}"
+        files += _write_table(rows, out, stem)
+        files.append(figures.dispersion_sets_figure(
+            rows, out / f"fig2_{stem}.png", partner="model outside GPA"
+        ).name)
+        paired.append(analyses.paired_set_tests(rows).assign(score=score))
+        verdicts[score] = analyses.effect_verdict(rows, sides)
+    paired_tests = pd.concat(paired, ignore_index=True)
+    files += _write_table(paired_tests, out, f"paired_tests{suffix}")
+    dropped = analyses.drop_fraction_alignment(run, q=q, k=k, pairs=pairs)
+    files += _write_table(dropped, out, f"drop_fraction{suffix}")
+    files.append(figures.drop_fraction_figure(
+        dropped, out / f"figS1_drop_fraction{suffix}.png", partner="model outside GPA"
+    ).name)
+    return files, verdicts, paired_tests
 
 
 def leave_one_model_out_section(run: Run, out: Path) -> tuple[list[str], list[str]]:

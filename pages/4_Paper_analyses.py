@@ -99,6 +99,16 @@ with st.sidebar:
             step=50,
         )
         seed = st.number_input("seed", min_value=0, value=0, step=1)
+    # Fig. 2 and S1 align the GPA models with the language models or, on a run that has them,
+    # with the models outside GPA (brain recordings), as the report does
+    groups = analyses.partner_groups(run)
+    partners = next(iter(groups), "language")
+    if len(groups) > 1:
+        partners = st.radio(
+            "Fig. 2 and S1 pairs", list(groups), format_func=groups.get, key="w_paper_partners",
+            help="the language models (at their best layers) or the models outside GPA that are "
+            "not language models (at their default layers)",
+        )
 page.close_page(context)
 path_text = str(path)
 large = n > AUTO_COMPUTE_STIMULI
@@ -122,9 +132,11 @@ def _table_on_demand(label: str, key: str, frame, **options) -> None:
             st.dataframe(frame, hide_index=True, width="stretch", **options)
 
 
-# without language models, Fig. 2 and S1 align the GPA models with the models outside GPA (brain
-# recordings, at their default layers), as the report does; the layer sweep needs language
-partner_pairs = [] if run.language_models else analyses.partner_pairs(run)
+# without language models (or when chosen), Fig. 2 and S1 align the GPA models with the models
+# outside GPA (brain recordings, at their default layers); the layer sweep needs language models
+partner_pairs = (
+    [] if run.language_models and partners == "language" else analyses.partner_pairs(run)
+)
 
 
 def _language_missing(*, partners_will_do: bool = False) -> bool:
@@ -152,19 +164,20 @@ with fig2_tab:
             f"{int(size):,}-stimulus sets"
         )
         done_key = ("dispersion_sets", path_text, stamp, int(size), int(k), score,
-                    int(n_random), int(n_permutations), int(seed))
+                    int(n_random), int(n_permutations), int(seed), partners)
         if _asked("Fig. 2", work, "compute-fig2", *done_key):
             try:
                 sets = data.dispersion_sets(
                     path_text, stamp, int(size), int(k), score, int(n_random),
-                    int(n_permutations), int(seed),
+                    int(n_permutations), int(seed), partners,
                 )
             except ValueError as error:
                 st.error(str(error))
             else:
                 if partner_pairs:
                     st.caption(
-                        f"No language model in this run: Fig. 2 for the vision models × "
+                        ("" if run.language_models else "No language model in this run: ")
+                        + "Fig. 2 for the GPA models × "
                         f"{', '.join(dict.fromkeys(p.language_model for p in partner_pairs))} "
                         "(models outside GPA, at their default layers)."
                     )
@@ -173,7 +186,7 @@ with fig2_tab:
                     ))
                 else:
                     st.text(analyses.effect_verdict(sets))
-                if run.language_models and n > analyses.LAYER_SWEEP_MAX_STIMULI:  # sampled layers
+                if not partner_pairs and n > analyses.LAYER_SWEEP_MAX_STIMULI:  # sampled layers
                     sample_note = lab.best_layer_sample_note(
                         data.best_layers_table(path_text, stamp, int(k)), n
                     )
@@ -199,7 +212,7 @@ with s1_tab:
     if s1_tab.open and not _language_missing(partners_will_do=True):
         q = st.slider("Fraction dropped", min_value=0.05, max_value=0.5, value=0.25, step=0.05)
         try:
-            dropped = data.drop_fraction(path_text, stamp, float(q), int(k), score)
+            dropped = data.drop_fraction(path_text, stamp, float(q), int(k), score, partners)
         except ValueError as error:
             st.error(str(error))
         else:

@@ -320,14 +320,19 @@ def add_properties(run: Run, extra: Mapping[str, Sequence[object]] | None = None
 
 
 def make_brain_run(
-    path: str | os.PathLike[str], n: int = 40, *, images: bool = False, seed: int = 5
+    path: str | os.PathLike[str],
+    n: int = 40,
+    *,
+    images: bool = False,
+    seed: int = 5,
+    language_models: Sequence[str] = (),
 ) -> Run:
-    """Write and load a run of ``n`` stimuli at ``path`` with no language model: the three
-    vision models of :func:`synthetic_embeddings` (GPA on ``stage2``) and one 'subject' of
-    modality ``brain`` with two regions, ``V1`` (a noisy copy of vision-a's features, so it
-    aligns with vision-a) and ``hV4`` (noise). ``images``: real coco-mini images and
-    thumbnails (n ≤ 239)."""
-    embeddings, noise = synthetic_embeddings(n, language_models=(), seed=seed)
+    """Write and load a run of ``n`` stimuli at ``path``: the three vision models of
+    :func:`synthetic_embeddings` (GPA on ``stage2``), its ``language_models`` (none by default)
+    and one 'subject' of modality ``brain`` with two regions, ``V1`` (a noisy copy of vision-a's
+    features, so it aligns with vision-a) and ``hV4`` (noise). ``images``: real coco-mini images
+    and thumbnails (n ≤ 239)."""
+    embeddings, noise = synthetic_embeddings(n, language_models=language_models, seed=seed)
     rng = np.random.default_rng(seed)
     source = embeddings["vision-a"]["stage2"]
     embeddings["subj01"] = {
@@ -337,8 +342,9 @@ def make_brain_run(
     stimuli, images_root = _stimuli(n, images)
     stimuli["planted_noise"] = noise
     return write_run_from_embeddings(
-        path, stimuli, embeddings, vision_models=list(VISION_MODELS), language_models=[],
-        modalities={"subj01": "brain"}, default_layers={m: "stage2" for m in VISION_MODELS},
+        path, stimuli, embeddings, vision_models=list(VISION_MODELS),
+        language_models=list(language_models), modalities={"subj01": "brain"},
+        default_layers={m: "stage2" for m in VISION_MODELS},
         images_root=images_root, thumbnails=images_root is not None,
         dataset_name="synthetic vision + brain",
     )

@@ -128,7 +128,7 @@ def test_without_language_models_fig2_aligns_the_models_outside_gpa(monkeypatch,
     run = make_brain_run(tmp_path / "runs" / "demo", n=40)
     at = _page(monkeypatch, tmp_path)
     assert not at.error and not at.exception, [e.value for e in at.error]
-    assert any("Fig. 2 for the vision models × subj01" in c.value for c in at.caption)
+    assert any("Fig. 2 for the GPA models × subj01" in c.value for c in at.caption)
     assert any("of 3 vision × brain pairs" in t.value for t in at.text)
     assert len(at.image) == 1
     shown = at.dataframe[0].value
@@ -147,6 +147,38 @@ def test_without_language_models_fig2_aligns_the_models_outside_gpa(monkeypatch,
     at.session_state["w_paper_tab"] = "Layer sweep"
     at.run(timeout=60)
     assert any("has no language model" in i.value for i in at.info)
+
+
+def test_with_language_and_brain_models_fig2_and_s1_offer_both_pairings(monkeypatch, tmp_path):
+    """Language models and a brain subject: Fig. 2 starts with vision × language (as before); the
+    sidebar's pairing switches Fig. 2 and S1 to vision × subject, with the numbers of the
+    report's partner section."""
+    from convergence_core import analyses
+    from tests.fixtures_runs import LANGUAGE_MODELS, make_brain_run
+
+    run = make_brain_run(tmp_path / "runs" / "demo", n=40, language_models=LANGUAGE_MODELS)
+    at = _page(monkeypatch, tmp_path)
+    assert not at.error and not at.exception, [e.value for e in at.error]
+    pairing = at.sidebar.radio(key="w_paper_partners")
+    assert list(pairing.options) == ["vision × language", "vision × brain"]
+    assert set(at.dataframe[0].value["language_model"]) == set(LANGUAGE_MODELS)
+    pairing.set_value("other").run(timeout=60)
+    assert not at.error and not at.exception, [e.value for e in at.error]
+    assert any("Fig. 2 for the GPA models × subj01" in c.value for c in at.caption)
+    assert any("of 3 vision × brain pairs" in t.value for t in at.text)
+    shown = at.dataframe[0].value
+    expected = analyses.dispersion_set_alignment(
+        run, size=10, k=9, score="mean", n_random=200, seed=0,
+        n_permutations=analyses.DEFAULT_N_PERMUTATIONS, pairs=analyses.partner_pairs(run),
+    )
+    assert set(shown["language_model"]) == {"subj01"}
+    assert shown["cknna_high_dispersion"].to_numpy() == pytest.approx(
+        expected["cknna_high_dispersion"].to_numpy(), rel=1e-12
+    )
+    at.session_state["w_paper_tab"] = "Fig. S1: drop a fraction"
+    at.run(timeout=60)
+    assert not at.error and not at.exception and len(at.image) == 1
+    assert "subj01" in at.markdown[-1].value and "language-a" not in at.markdown[-1].value
 
 
 def test_large_runs_ask_before_the_long_analyses(monkeypatch, cache_root):

@@ -313,6 +313,7 @@ def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, ca
 
     run = make_brain_run(tmp_path / "run", n=40)
     assert run.properties is not None
+    assert analyses.partner_groups(run) == {"other": "vision × brain"}
     meta = report.write_report(  # 4 GPA starts: the run's stored diagnostic, not a rerun
         run, tmp_path / "out", k=5, scores=["mean"], n_random=20, n_permutations=50,
         property_permutations=50, property_shuffles=1, options=report.AnalysisOptions(gpa_starts=4),
@@ -360,6 +361,55 @@ def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, ca
     assert (tmp_path / "alone-out" / "summary.txt").read_text(encoding="utf-8").startswith(
         "Run 'synthetic' has no language model: dispersion analyses only."
     )
+
+
+def test_brain_recordings_beside_language_models_get_their_own_fig2_and_s1(tmp_path):
+    """A run with language models and a brain 'subject': the vision–language figures are as
+    before and the subject gets its own Fig. 2 and S1 (files ``*_partners*``, the same numbers
+    as the dense definition on its default region), verdicts ``partners_<score>`` in the summary
+    and ``partners`` in report.json."""
+    from convergence_core.alignment import cknna, prepare_features
+    from convergence_core.subsets import select_stimuli
+    from tests.fixtures_runs import LANGUAGE_MODELS, make_brain_run
+
+    run = make_brain_run(tmp_path / "run", n=40, language_models=LANGUAGE_MODELS)
+    assert run.language_models == list(LANGUAGE_MODELS) and run.other_partner_models == ["subj01"]
+    assert analyses.partner_groups(run) == {
+        "language": "vision × language", "other": "vision × brain"
+    }
+    meta = report.write_report(
+        run, tmp_path / "out", k=5, scores=["mean"], n_random=10, n_permutations=20,
+        property_permutations=10, property_shuffles=1, universal_folds=2,
+        options=report.AnalysisOptions(
+            metrics=(), skip=report.OPTIONAL_SECTIONS, gpa_starts=4,
+        ),
+    )
+    out = tmp_path / "out"
+    assert set(meta["best_language_layers"]) == set(LANGUAGE_MODELS)
+    language = pd.read_csv(out / "dispersion_sets_mean.csv")
+    assert set(language["language_model"]) == set(LANGUAGE_MODELS)
+    for name in ("dispersion_sets_partners_mean.csv", "fig2_dispersion_sets_partners_mean.png",
+                 "paired_tests_partners.csv", "drop_fraction_partners.csv",
+                 "figS1_drop_fraction_partners.png"):
+        assert name in meta["files"] and (out / name).exists(), name
+    assert meta["files"] == sorted(p.name for p in out.iterdir())
+    table = pd.read_csv(out / "dispersion_sets_partners_mean.csv")
+    assert set(table["language_model"]) == {"subj01"} and set(table["language_layer"]) == {"V1"}
+    row = table[table["vision_model"] == "vision-c"].iloc[0]
+    low = np.sort(select_stimuli(run.dispersion["mean"].to_numpy(), "low", int(row["set_size"])))
+    X = prepare_features(np.asarray(run.embeddings["vision-c"]["stage2"], dtype=np.float64))
+    Y = prepare_features(np.asarray(run.embeddings["subj01"]["V1"], dtype=np.float64))
+    assert row["cknna_low_dispersion"] == pytest.approx(cknna(X[low], Y[low], k=5), rel=1e-9)
+    dropped = pd.read_csv(out / "drop_fraction_partners.csv")
+    full = dropped[(dropped["condition"] == "full") & (dropped["vision_model"] == "vision-c")]
+    assert float(full["cknna"].iloc[0]) == pytest.approx(cknna(X, Y, k=5), rel=1e-9)
+    assert "of 3 vision × brain pairs" in meta["verdicts"]["partners_mean"]
+    assert "of 6 vision × language pairs" in meta["verdicts"]["mean"]
+    summary = (out / "summary.txt").read_text(encoding="utf-8")
+    assert meta["verdicts"]["partners_mean"] in summary and meta["verdicts"]["mean"] in summary
+    assert meta["partners"]["models"] == ["subj01"]
+    assert meta["partners"]["sides"] == "vision × brain"
+    assert {r["score"] for r in meta["partners"]["paired_tests"]} == {"mean"}
 
 
 def test_a_metric_undefined_on_the_run_is_a_note_not_a_failure(tmp_path):

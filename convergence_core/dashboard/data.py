@@ -778,12 +778,15 @@ def best_layers_table(path: str, stamp: int, k: int) -> pd.DataFrame:
     )
 
 
-def _paper_pairs(run: Run, path: str, stamp: int, k: int) -> dict[str, Any]:
-    """The pairs of Fig. 2 and S1 as keyword arguments: the best language layers (the cached
-    :func:`best_layers_table`), or on a run without language models ``analyses.partner_pairs``."""
+def _paper_pairs(run: Run, path: str, stamp: int, k: int, partners: str) -> dict[str, Any]:
+    """The pairs of Fig. 2 and S1 as keyword arguments: for ``partners="language"`` the best
+    language layers (the cached :func:`best_layers_table`), for ``"other"`` (or on a run without
+    language models) ``analyses.partner_pairs`` (see ``analyses.partner_groups``)."""
     from .. import analyses
 
-    if run.language_models:
+    if partners not in ("language", "other"):
+        raise ValueError(f"partners must be 'language' or 'other', got {partners!r}")
+    if partners == "language" and run.language_models:
         return {"best_layers": best_layers_table(path, stamp, k)}
     return {"pairs": analyses.partner_pairs(run)}
 
@@ -800,10 +803,11 @@ def dispersion_sets(
     n_random: int,
     n_permutations: int,
     seed: int,
+    partners: str = "language",
 ) -> pd.DataFrame:
-    """Fig. 2: :func:`analyses.dispersion_set_alignment` with the best language layers (on a run
-    without language models: the GPA models × the models outside GPA, ``analyses.partner_pairs``).
-    """
+    """Fig. 2: :func:`analyses.dispersion_set_alignment` with the best language layers, or with
+    ``partners="other"`` (and on a run without language models) the GPA models × the models
+    outside GPA, ``analyses.partner_pairs``."""
     from .. import analyses
 
     run = _open_run(path, stamp)
@@ -815,25 +819,27 @@ def dispersion_sets(
         n_random=n_random,
         seed=seed,
         n_permutations=n_permutations,
-        **_paper_pairs(run, path, stamp, k),
+        **_paper_pairs(run, path, stamp, k, partners),
     )
     _finished().add(
-        ("dispersion_sets", path, stamp, size, k, score, n_random, n_permutations, seed)
+        ("dispersion_sets", path, stamp, size, k, score, n_random, n_permutations, seed, partners)
     )
     return result
 
 
 @st.cache_data(show_spinner="Dropping stimuli…", max_entries=64)
-def drop_fraction(path: str, stamp: int, q: float, k: int, score: str) -> pd.DataFrame:
-    """Fig. S1: :func:`analyses.drop_fraction_alignment` with the best language layers (on a run
-    without language models: ``analyses.partner_pairs``, as :func:`dispersion_sets`)."""
+def drop_fraction(
+    path: str, stamp: int, q: float, k: int, score: str, partners: str = "language"
+) -> pd.DataFrame:
+    """Fig. S1: :func:`analyses.drop_fraction_alignment` for the pairs of
+    :func:`dispersion_sets` (the best language layers, or ``analyses.partner_pairs``)."""
     from .. import analyses
 
     run = _open_run(path, stamp)
     result = analyses.drop_fraction_alignment(
-        run, q=q, k=k, score=score, **_paper_pairs(run, path, stamp, k)
+        run, q=q, k=k, score=score, **_paper_pairs(run, path, stamp, k, partners)
     )
-    _finished().add(("drop_fraction", path, stamp, q, k, score))
+    _finished().add(("drop_fraction", path, stamp, q, k, score, partners))
     return result
 
 
