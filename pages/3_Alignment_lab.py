@@ -39,6 +39,8 @@ SET_LABEL = {
     "selection": "current selection",
     "pasted": "pasted ids",
 }
+#: the same in the focus card's label
+SHORT_SET_LABEL = {**SET_LABEL, "low": "low", "high": "high", "selection": "selection"}
 
 context = page.open_page("Alignment lab", icon="⚖️")
 run, view = context.run, context.view
@@ -438,16 +440,20 @@ def sets_and_results() -> None:
     baseline_main = baselines[size]
     set_sizes = {name: len(r) for name, r in sets.items()}
     cards = lab.headline(set_values, baseline_main, set_sizes, source, size, metric)
-    summary = st.columns(4)
+    # what the cards hold, once: their labels stay short enough for a 1024-pixel window (a card's
+    # label is one line, cut with an ellipsis)
+    what = f"{label} (k = {k})" if choice.neighbour_metric else label
+    st.caption(f"{what}, mean over the {len(pairs)} {sides} pairs shown:")
+    summary = st.columns([1.15, 1, 1, 1])  # the focus card's delta needs a little more room
     summary[0].metric(
-        f"Focus: {SET_LABEL[source]}",
+        f"Focus: {SHORT_SET_LABEL[source]}",
         cards.focus,
         delta=cards.focus_delta,
-        help=f"{label} of the focus set, mean over the {sides} pairs shown.",
+        help=f"{what} of the focus set ({SET_LABEL[source]}), mean over the {sides} pairs shown.",
     )
-    summary[1].metric(f"{label}, low dispersion", cards.low)
-    summary[2].metric(f"{label}, random (mean)", cards.random)
-    summary[3].metric(f"{label}, high dispersion", cards.high)
+    summary[1].metric("Low dispersion", cards.low)
+    summary[2].metric("Random (mean)", cards.random)
+    summary[3].metric("High dispersion", cards.high)
     if cards.too_small:
         st.info(
             f"No CKNNA number above for sets of fewer than {lab.MIN_CKNNA_SET_SIZE} stimuli "

@@ -130,13 +130,18 @@ with dispersion_tab:
             f"in {universal_plots.UNITS}. 0 = the modalities agree exactly."
         )
         cards = st.columns(3)
-        cards[0].metric("Spearman ρ with vision dispersion", f"{row['spearman_rho']:.3f}")
+        # short labels (one line each in a 1024-pixel window); the help says the rest
+        cards[0].metric(
+            "ρ with vision dispersion", f"{row['spearman_rho']:.3f}",
+            help="Spearman rank correlation, over stimuli, of cross-modal and vision dispersion",
+        )
         cards[1].metric(
             "Permutation p (two-sided)", f"{row['permutation_p_value_two_sided']:.3g}"
         )
         cards[2].metric(
-            "Median cross-modal dispersion",
+            "Median cross-modal",
             f"{per_stimulus['cross_modal_dispersion'].median():.4f}",
+            help=f"median cross-modal dispersion over the stimuli, in {universal_plots.UNITS}",
         )
         # a picture first (quick to load); the toggle turns it into the Plotly chart, whose
         # hover names each stimulus (id and caption up to plots.HOVER_TEXT_LIMIT stimuli)

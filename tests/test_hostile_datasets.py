@@ -1055,7 +1055,7 @@ def test_the_lab_shows_numbers_for_sets_of_the_minimum_size(tmp_path, monkeypatc
     table = at.dataframe[-1].value
     table = table[table["metric"] == "cknna"]
     low = table.loc[table["set"] == "low", "value"].mean()
-    assert metrics["CKNNA, low dispersion"] == f"{low:.4f}"
+    assert metrics["Low dispersion"] == f"{low:.4f}"
     assert not any("fewer than" in element.value for element in at.info)
     if (table["value"].abs() <= 1).all():
         assert not any("outside [-1, 1]" in element.value for element in at.warning)

@@ -200,12 +200,12 @@ def test_high_and_low_sets_differ_and_follow_the_score(run) -> None:
     assert not np.allclose(low, high)
     metrics = {m.label: m.value for m in at.metric}
     assert (
-        metrics["Focus: low dispersion"] == f"{low.mean():.4f}" == metrics["CKNNA, low dispersion"]
+        metrics["Focus: low"] == f"{low.mean():.4f}" == metrics["Low dispersion"]
     )
 
     at.radio(key="w_source").set_value("high").run(timeout=TIMEOUT)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Focus: high dispersion"] == f"{high.mean():.4f}"
+    assert metrics["Focus: high"] == f"{high.mean():.4f}"
 
     at.radio(key="w_score").set_value("pc1").run(timeout=TIMEOUT)
     by_pc1 = _results(at)
@@ -439,7 +439,8 @@ def test_a_metric_change_redraws_every_number_for_that_metric(run) -> None:
     at.button_group(key="w_lab_metric").set_value("mutual_knn").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     labels = {m.label for m in at.metric}
-    assert {"mutual k-NN, low dispersion", "mutual k-NN, high dispersion"} <= labels
+    assert {"Low dispersion", "High dispersion"} <= labels
+    assert any(c.value.startswith("mutual k-NN (k = 10), mean over the") for c in at.caption)
     table = _results(at)
     assert set(table["metric"]) == {"mutual_knn"} and set(table["k"]) == {10}
     row = table[table["set"] == "low"].iloc[0]
@@ -461,7 +462,8 @@ def test_a_metric_change_redraws_every_number_for_that_metric(run) -> None:
     assert row["value"] == pytest.approx(measure("cka", X, Y, kernel="rbf"), abs=1e-9)
     at.slider(key="w_k").set_value(4).run(timeout=TIMEOUT)
     assert np.allclose(_results(at)["value"], table["value"])
-    assert any("CKA, low dispersion" == m.label for m in at.metric)
+    assert any("Low dispersion" == m.label for m in at.metric)
+    assert any(c.value.startswith("CKA, mean over the") for c in at.caption)  # no k
 
 
 def test_a_slower_metric_waits_for_its_button_and_shows_progress(run) -> None:
@@ -474,7 +476,7 @@ def test_a_slower_metric_waits_for_its_button_and_shows_progress(run) -> None:
     assert not at.image and not at.metric  # nothing computed yet
     at.button(key="w_lab_compute").click().run(timeout=TIMEOUT)
     assert not at.exception, at.exception
-    assert len(at.image) == 1 and any(m.label == "SVCCA, low dispersion" for m in at.metric)
+    assert len(at.image) == 1 and any(m.label == "Low dispersion" for m in at.metric)
     at.session_state["w_lab_tables"] = True
     at.run(timeout=TIMEOUT)  # the numbers are kept for every session: no second press for them
     assert len(at.image) == 1 and not at.dataframe  # the permutation test waits for its button

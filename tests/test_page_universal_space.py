@@ -69,7 +69,7 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
     run = make_run_handle(cache_root)
     expected = universal.run_cross_modal_analysis(run, n_permutations=1000, seed=0)
     relation = expected.relation.iloc[0]
-    assert _metric(at, "Spearman ρ with vision dispersion") == f"{relation['spearman_rho']:.3f}"
+    assert _metric(at, "ρ with vision dispersion") == f"{relation['spearman_rho']:.3f}"
     assert _metric(at, "Permutation p (two-sided)") == (
         f"{relation['permutation_p_value_two_sided']:.3g}"
     )
@@ -121,7 +121,7 @@ def test_choosing_models_and_an_image_updates_the_page(monkeypatch, cache_root):
         run, ["vision-a", "language-a"], n_permutations=1000
     )
     rho = expected.relation.iloc[0]["spearman_rho"]
-    assert _metric(at, "Spearman ρ with vision dispersion") == f"{rho:.3f}"
+    assert _metric(at, "ρ with vision dispersion") == f"{rho:.3f}"
 
     chosen = run.stimuli["id"].iloc[7]
     _open_tab(at, "Top captions per image")
@@ -152,4 +152,4 @@ def test_large_runs_send_numbers_not_captions_to_the_interactive_chart(monkeypat
     (chart,) = at.get("plotly_chart")
     points = json.loads(chart.proto.spec)["data"][0]
     assert "text" not in points and "intra %{x" in points["hovertemplate"]
-    assert _metric(at, "Spearman ρ with vision dispersion")
+    assert _metric(at, "ρ with vision dispersion")
