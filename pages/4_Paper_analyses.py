@@ -264,7 +264,8 @@ with sweep_tab:
                 "Layer used for each language model (highest mean CKNNA with the vision models, "
                 "full set):"
             )
-            st.markdown(widgets.markdown_table(best))
+            # k is the sidebar's and a sampled sweep says its seed below: the rest fits the page
+            st.markdown(widgets.markdown_table(best.drop(columns=["k", "sample_seed"])))
             sample_note = lab.best_layer_sample_note(best, n)
             if sample_note is not None:
                 st.info(sample_note)

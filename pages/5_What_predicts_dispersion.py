@@ -44,9 +44,9 @@ if table is None:
 
 st.caption(
     "Which stimulus properties go with low or high dispersion? Each property is tested against "
-    "the dispersion score (Spearman ρ for numbers, Kruskal–Wallis for categories; permutation "
-    "p-values, Benjamini–Hochberg q-values across properties). Correlation is not cause: a "
-    "property can stand for another one that was not measured."
+    "the dispersion score (Spearman ρ for numbers, Kruskal–Wallis ε² for categories; "
+    "permutation p-values, Benjamini–Hochberg q-values across properties). Correlation is not "
+    "cause: a property can stand for another one that was not measured."
 )
 stamp = data.manifest_stamp(run.path)
 controls = st.columns([2, 1])  # room for the popover's label in a narrow window

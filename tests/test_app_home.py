@@ -52,7 +52,8 @@ def _markdown_rows(table: str) -> list[list[str]]:
     """The cells of a ``widgets.markdown_table``, unescaped (header first, the rule dropped)."""
     lines = [line for i, line in enumerate(table.splitlines()) if i != 1]
     return [
-        [re.sub(r"\\(.)", r"\1", cell.strip()) for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        [re.sub(r"\\(.)", r"\1", cell.strip()).replace("\u200b", "")  # headers' break points
+         for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
         for line in lines
     ]
 

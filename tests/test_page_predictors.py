@@ -84,9 +84,10 @@ def test_page_ranks_the_planted_property_first_and_shows_the_fit(run, monkeypatc
     at = _page(PAGE, monkeypatch)
     # the first screen: the ranking as a Markdown table (no data grid), planted property first
     assert not at.dataframe
-    table = next(m.value for m in at.markdown if "q\\-value" in m.value)
+    table = next(m.value for m in at.markdown if m.value.startswith("| rank | property |"))
+    assert table.splitlines()[0] == "| rank | property | effect | q | p | n |"
     first_row = table.splitlines()[2]
-    assert first_row.startswith("| 1 | planted\\_noise |"), first_row
+    assert first_row.startswith(r"| 1 | planted\_noise | ρ \= \+0\."), first_row
     ranked = _ranked_table(at)
     assert ranked["property"].iloc[0] == "planted_noise"
     assert ranked["q_value"].iloc[0] < 0.01

@@ -33,21 +33,28 @@ def tests_frame(tests: pd.DataFrame, score: str) -> pd.DataFrame:
     ].reset_index(drop=True)  # fmt: skip
 
 
+#: how the ranking's small table writes each effect (``dispersion_predictors.property_tests``)
+_EFFECT_SYMBOLS = {"spearman_rho": "ρ", "epsilon_squared": "ε²"}
+
+
 def ranked_summary(ranked: pd.DataFrame) -> pd.DataFrame:
-    """The ranking as text for a small table (rank, property, test, effect, q, p): what
-    :func:`tests_frame` holds, numbers rounded for reading (3 significant digits)."""
+    """The ranking as text for a small table: rank, property, effect, q (Benjamini–Hochberg),
+    p (permutation), n (stimuli tested): what :func:`tests_frame` holds, numbers rounded for
+    reading. The effect's symbol names its test (ρ: Spearman, ε²: Kruskal–Wallis) and the
+    headers are short, so the table fits a 1024-pixel window beside the sidebar; the sortable
+    table has every column."""
     return pd.DataFrame(
         {
             "rank": ranked["rank"].astype(int),
             "property": ranked["property"].astype(str),
-            "test": ranked["test"].astype(str),
             "effect": [
-                f"{name} = {value:.3g}"
+                f"{_EFFECT_SYMBOLS.get(name, name)} = "
+                + (f"{value:+.3g}" if name == "spearman_rho" else f"{value:.3g}")
                 for name, value in zip(ranked["effect_name"], ranked["effect"], strict=True)
             ],
-            "q-value": [f"{value:.2e}" for value in ranked["q_value"]],
-            "p-value (permutation)": [f"{value:.2e}" for value in ranked["p_value"]],
-            "stimuli": ranked["n_stimuli"].astype(int),
+            "q": [f"{value:.1e}" for value in ranked["q_value"]],
+            "p": [f"{value:.1e}" for value in ranked["p_value"]],
+            "n": ranked["n_stimuli"].astype(int),
         }
     )
 

@@ -311,6 +311,10 @@ def number_text(value: object, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+#: zero-width space: where a table header may break
+_BREAK = "\u200b"
+
+
 def markdown_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
     """A small table as a Markdown table for ``st.markdown``, every cell escaped
     (:func:`escape_markdown`) and cut to ``max_cell`` characters; floats to 4 significant digits
@@ -326,7 +330,12 @@ def markdown_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
         text = text if len(text) <= max_cell else text[: max_cell - 1] + "…"
         return escape_markdown(text) or " "
 
-    header = "| " + " | ".join(cell(name) for name in frame.columns) + " |"
+    # a header may break after an underscore (a zero-width space, invisible): snake_case column
+    # names are single words that would otherwise set the table's width and push it past a
+    # 1024-pixel window
+    header = "| " + " | ".join(
+        cell(name).replace("\\_", "\\_" + _BREAK) for name in frame.columns
+    ) + " |"
     rule = "|" + "|".join(" --- " for _ in frame.columns) + "|"
     rows = [
         "| " + " | ".join(cell(value) for value in record) + " |"
