@@ -171,12 +171,16 @@ def _paper_sections_match_the_readme(report: dict, out: Path) -> None:
         assert abs(float(value) - forward[column].mean()) < 0.005, column
 
     matching = pd.read_csv(out / "blind_matching_summary.csv")
-    shown = quoted(r"([\d.]+) % of the low sets' images get their own caption, ([\d.]+) % of the "
-                   r"high sets', ([\d.]+) % of random sets' \(chance ([\d.]+) %\)")
+    # ranges: the solver's optimum moves with the features' last digits, which differ between
+    # machines (benchmarks/measure_blind_matching_spread.py); 0.3 points of slack beyond them
+    span = r"([\d.]+)–([\d.]+) %"
+    shown = quoted(span + r" of the low sets' images get their own caption, " + span + r" of the "
+                   r"high sets', " + span + r" of random sets' \(chance ([\d.]+) %\)")
     means = matching.groupby("set")["accuracy_mean"].mean()
-    for value, name in zip(shown[:3], ("low", "high", "random")):
-        assert abs(float(value) / 100 - means[name]) < 0.0005, name
-    assert abs(float(shown[3]) / 100 - matching["chance"].mean()) < 0.0005
+    for index, name in enumerate(("low", "high", "random")):
+        lowest, highest = float(shown[2 * index]), float(shown[2 * index + 1])
+        assert lowest - 0.3 <= 100 * means[name] <= highest + 0.3, (name, 100 * means[name])
+    assert abs(float(shown[6]) / 100 - matching["chance"].mean()) < 0.0005
 
     averaging = pd.read_csv(out / "many_to_many.csv")
     captions = averaging[averaging.comparison == "captions"]
