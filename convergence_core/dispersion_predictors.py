@@ -540,8 +540,6 @@ def _out_of_fold(
 ) -> tuple[np.ndarray, list[float], np.ndarray | None]:
     """Out-of-fold predictions (n,), per-fold R², and (importance_repeats > 0) the held-out
     permutation importances (P, folds × repeats)."""
-    from sklearn.inspection import permutation_importance
-
     predicted = np.empty_like(y)
     fold_r2: list[float] = []
     importances = []
@@ -551,16 +549,92 @@ def _out_of_fold(
         predicted[test] = model.predict(features.iloc[test])
         fold_r2.append(_r2(y[test], predicted[test]))
         if importance_repeats:
-            result = permutation_importance(
-                model,
-                features.iloc[test],
-                y[test],
-                scoring="r2",
-                n_repeats=importance_repeats,
-                random_state=seed + index,
-            )
-            importances.append(result.importances)
+            importances.append(permutation_importances(
+                model, features.iloc[test], y[test], importance_repeats, seed + index
+            ))
     return predicted, fold_r2, (np.concatenate(importances, axis=1) if importances else None)
+
+
+def _identity(step: Any) -> bool:
+    """Whether ``step`` is the identity a fitted ColumnTransformer puts for "passthrough"."""
+    from sklearn.preprocessing import FunctionTransformer
+
+    return isinstance(step, FunctionTransformer) and step.func is None
+
+
+def _output_columns(transform: Any, frame: pd.DataFrame) -> list[np.ndarray] | None:
+    """Per column of ``frame``, the columns of the fitted ``ColumnTransformer`` of
+    :func:`_make_model` that come from it, or None where the transform is not one of those
+    (then the caller uses scikit-learn's own loop). Numeric columns give one output each (the
+    median imputer drops a column that was all missing when it was fitted), categorical ones one
+    per level of the one-hot encoder, or one (ordinal codes)."""
+    out: dict[str, np.ndarray] = {}
+    for name, part, columns in transform.transformers_:
+        if name == "remainder":
+            if part != "drop" or len(columns):
+                return None
+            continue
+        start = transform.output_indices_[name].start
+        steps = part.steps if hasattr(part, "steps") else [(None, part)]
+        widths = [1] * len(columns)
+        for _, step in steps:
+            if hasattr(step, "categories_"):  # one-hot: a column per level; ordinal: one
+                if hasattr(step, "drop_idx_"):
+                    if step.drop_idx_ is not None:
+                        return None
+                    widths = [len(levels) for levels in step.categories_]
+            elif hasattr(step, "statistics_"):  # an imputer: a column without a statistic goes
+                if getattr(step, "keep_empty_features", False):
+                    return None
+                widths = [0 if pd.isna(value) else 1 for value in step.statistics_]
+            elif not (step == "passthrough" or hasattr(step, "scale_") or _identity(step)):
+                return None
+        for column, width in zip(columns, widths, strict=True):
+            out[column] = np.arange(start, start + width)
+            start += width
+    if set(out) != set(frame.columns):
+        return None
+    return [out[column] for column in frame.columns]
+
+
+def permutation_importances(
+    model: Any, frame: pd.DataFrame, y: np.ndarray, n_repeats: int, random_state: int
+) -> np.ndarray:
+    """(P, n_repeats) drops in R² when each column of ``frame`` is shuffled: the numbers of
+    ``sklearn.inspection.permutation_importance(model, frame, y, scoring="r2", n_repeats,
+    random_state)``, the same shuffles, with the model's column transform run once instead of
+    once per shuffle (most of the time of the report's property fits).
+
+    Every step of the transform of :func:`_make_model` works row by row (imputers, scaling,
+    encoders), so transforming a column whose rows are shuffled gives the transformed block of
+    that column with its rows shuffled the same way, element for element; the final estimator
+    then predicts from the same matrix. Shuffles: as scikit-learn draws them (one seed from
+    ``RandomState(random_state)``, a ``RandomState`` of it per column, ``n_repeats`` successive
+    in-place shuffles of one index, each applied to the column as last shuffled).
+    """
+    from sklearn.metrics import r2_score
+
+    transform, estimator = model[:-1], model[-1]
+    blocks = _output_columns(transform[-1], frame)
+    if blocks is None:
+        from sklearn.inspection import permutation_importance
+
+        return permutation_importance(
+            model, frame, y, scoring="r2", n_repeats=n_repeats, random_state=random_state
+        ).importances
+    base = np.asarray(transform.transform(frame))
+    baseline = r2_score(y, estimator.predict(base))
+    seed = np.random.RandomState(random_state).randint(np.iinfo(np.int32).max + 1)
+    out = np.empty((len(blocks), n_repeats))
+    for column, block in enumerate(blocks):
+        rng = np.random.RandomState(seed)
+        order = np.arange(base.shape[0])
+        shuffled = base.copy()
+        for repeat in range(n_repeats):
+            rng.shuffle(order)
+            shuffled[:, block] = shuffled[order[:, None], block]
+            out[column, repeat] = baseline - r2_score(y, estimator.predict(shuffled))
+    return out
 
 
 def cross_validated_fit(

@@ -30,3 +30,6 @@ def test_properties_benchmark_runs_and_writes_json() -> None:
         "nearest_similarities",
     } <= measured
     assert "speed-up" in done.stdout
+    compared = payload["importance_comparison"]
+    assert {row["model"] for row in compared} == {"ridge", "boosted_trees"}
+    assert all(row["identical"] for row in compared)  # the same numbers as scikit-learn's

@@ -267,3 +267,51 @@ def test_bad_input_names_the_problem() -> None:
 
     with pytest.raises(ValueError, match="rerun the same"):
         dp.analyse_run(NoProperties())
+
+
+@pytest.mark.filterwarnings("ignore:Skipping features without any observed values")
+def test_permutation_importances_are_scikit_learns_numbers() -> None:
+    """The transform-once importances equal sklearn.inspection.permutation_importance on the
+    same fitted model, element for element: both models, missing numbers, a one-hot category,
+    a numeric column the imputer dropped (all missing in the fold); a transform it does not know
+    goes to scikit-learn's own loop."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.inspection import permutation_importance
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import PolynomialFeatures
+
+    rng = np.random.default_rng(4)
+    n = 90
+    frame = pd.DataFrame({
+        "a": rng.standard_normal(n), "b": rng.standard_normal(n),
+        "c": pd.Series(rng.choice(["x", "y", "z", "w"], n), dtype=object),
+    })
+    frame.loc[:9, "a"] = np.nan
+    frame.loc[5:12, "c"] = np.nan
+    y = 2 * frame["b"].to_numpy() + (frame["c"] == "x") + 0.3 * rng.standard_normal(n)
+    train, test = slice(0, 60), slice(60, n)
+    cases = [("ridge", frame), ("boosted_trees", frame),
+             ("ridge", frame.assign(empty=[np.nan] * 60 + list(rng.standard_normal(30))))]
+    for name, data in cases:
+        numeric = [c for c in data.columns if c != "c"]
+        model = dp._make_model(name, numeric, ["c"], 0).fit(data[numeric + ["c"]].iloc[train],
+                                                             y[train])
+        held = data[numeric + ["c"]].iloc[test]
+        assert dp._output_columns(model[-2], held) is not None, name  # the fast path
+        ours = dp.permutation_importances(model, held, y[test], 4, 7)
+        theirs = permutation_importance(
+            model, held, y[test], scoring="r2", n_repeats=4, random_state=7
+        ).importances
+        np.testing.assert_array_equal(ours, theirs)
+        assert ours.shape == (len(numeric) + 1, 4)
+    other = Pipeline([
+        ("features", ColumnTransformer([("poly", PolynomialFeatures(2), ["b"])])),
+        ("ridge", Ridge()),
+    ]).fit(frame[["b"]].iloc[train], y[train])
+    assert dp._output_columns(other[-2], frame.iloc[test][["b"]]) is None
+    np.testing.assert_array_equal(
+        dp.permutation_importances(other, frame.iloc[test][["b"]], y[test], 3, 1),
+        permutation_importance(other, frame.iloc[test][["b"]], y[test], scoring="r2",
+                               n_repeats=3, random_state=1).importances,
+    )
