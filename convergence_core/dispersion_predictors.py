@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -529,28 +529,62 @@ def _r2(observed: np.ndarray, predicted: np.ndarray) -> float:
     return 1.0 - float(((observed - predicted) ** 2).sum()) / total if total > 0 else float("nan")
 
 
-def _out_of_fold(
+class _Fold(NamedTuple):
+    """One cross-validation fold with the model's column transform fitted on its training rows
+    (it does not look at the target, so every target fitted on the fold shares it)."""
+
+    train: np.ndarray
+    test: np.ndarray
+    transform: Any  #: the fitted Pipeline of everything before the model's estimator
+    train_matrix: np.ndarray
+    test_matrix: np.ndarray
+
+
+def _fold_designs(
     model_name: str,
     features: pd.DataFrame,
-    y: np.ndarray,
     folds: Sequence[tuple[np.ndarray, np.ndarray]],
     usable: UsableProperties,
     seed: int,
+) -> list[_Fold]:
+    """Per fold, the transform of :func:`_make_model` fitted on the training rows (as
+    ``Pipeline.fit`` fits it) and the transformed training and held-out rows."""
+    out = []
+    for train, test in folds:
+        transform = _make_model(model_name, usable.numeric, list(usable.categorical), seed)[:-1]
+        train_matrix = transform.fit_transform(features.iloc[train])
+        out.append(_Fold(train, test, transform, train_matrix,
+                         transform.transform(features.iloc[test])))
+    return out
+
+
+def _out_of_fold(
+    model_name: str,
+    designs: Sequence[_Fold],
+    y: np.ndarray,
+    usable: UsableProperties,
+    seed: int,
     importance_repeats: int = 0,
+    features: pd.DataFrame | None = None,
 ) -> tuple[np.ndarray, list[float], np.ndarray | None]:
-    """Out-of-fold predictions (n,), per-fold R², and (importance_repeats > 0) the held-out
-    permutation importances (P, folds × repeats)."""
+    """Out-of-fold predictions (n,), per-fold R², and (importance_repeats > 0, ``features``
+    given) the held-out permutation importances (P, folds × repeats). The numbers of fitting
+    the whole model on each fold: only its estimator is fitted here, on the fold's transformed
+    rows (:func:`_fold_designs`)."""
+    from sklearn.pipeline import Pipeline
+
     predicted = np.empty_like(y)
     fold_r2: list[float] = []
     importances = []
-    for index, (train, test) in enumerate(folds):
-        model = _make_model(model_name, usable.numeric, list(usable.categorical), seed)
-        model.fit(features.iloc[train], y[train])
-        predicted[test] = model.predict(features.iloc[test])
-        fold_r2.append(_r2(y[test], predicted[test]))
-        if importance_repeats:
+    for index, fold in enumerate(designs):
+        estimator = _make_model(model_name, usable.numeric, list(usable.categorical), seed)[-1]
+        estimator.fit(fold.train_matrix, y[fold.train])
+        predicted[fold.test] = estimator.predict(fold.test_matrix)
+        fold_r2.append(_r2(y[fold.test], predicted[fold.test]))
+        if importance_repeats and features is not None:
+            model = Pipeline([*fold.transform.steps, ("estimator", estimator)])
             importances.append(permutation_importances(
-                model, features.iloc[test], y[test], importance_repeats, seed + index
+                model, features.iloc[fold.test], y[fold.test], importance_repeats, seed + index
             ))
     return predicted, fold_r2, (np.concatenate(importances, axis=1) if importances else None)
 
@@ -699,12 +733,13 @@ def cross_validated_fit(
     # threads spin on a shared machine (50x slower at n = 100 on 2 busy cores)
     with threadpool_limits(limits=1):
         for name in models:
+            designs = _fold_designs(name, features, folds, usable, seed)
             predicted, fold_r2, importances = _out_of_fold(
-                name, features, y, folds, usable, seed, importance_repeats
+                name, designs, y, usable, seed, importance_repeats, features
             )
             null = np.array(
                 [
-                    _r2(target, _out_of_fold(name, features, target, folds, usable, seed)[0])
+                    _r2(target, _out_of_fold(name, designs, target, usable, seed)[0])
                     for target in shuffled_targets
                 ]
             )

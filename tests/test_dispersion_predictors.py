@@ -315,3 +315,38 @@ def test_permutation_importances_are_scikit_learns_numbers() -> None:
         permutation_importance(other, frame.iloc[test][["b"]], y[test], scoring="r2",
                                n_repeats=3, random_state=1).importances,
     )
+
+
+def test_out_of_fold_predictions_are_those_of_the_whole_model_fitted_per_fold() -> None:
+    """cross_validated_fit fits each fold's transform once for every target; its out-of-fold
+    predictions (real and shuffled targets) equal those of the whole pipeline fitted on each
+    fold, element for element."""
+    from sklearn.model_selection import KFold
+
+    rng = np.random.default_rng(8)
+    n = 70
+    table = _table({
+        "noise": rng.standard_normal(n),
+        "size": np.where(rng.random(n) < 0.1, np.nan, rng.random(n)),
+        "kind": rng.choice(["cat", "dog", "car"], n),
+    }, n)
+    y = rng.standard_normal(n)
+    usable = dp.usable_properties(table)
+    features = dp._design(table, usable)
+    folds = list(KFold(n_splits=5, shuffle=True, random_state=0).split(features))
+    for name in dp.MODELS:
+        designs = dp._fold_designs(name, features, folds, usable, 0)
+        for target in (y, y[rng.permutation(n)]):
+            reference = np.empty(n)
+            for train, test in folds:
+                model = dp._make_model(name, usable.numeric, list(usable.categorical), 0)
+                model.fit(features.iloc[train], target[train])
+                reference[test] = model.predict(features.iloc[test])
+            predicted = dp._out_of_fold(name, designs, target, usable, 0)[0]
+            np.testing.assert_array_equal(predicted, reference)
+    _, _, predictions = dp.cross_validated_fit(table, _dispersion(y), n_shuffles=1)
+    ridge = predictions[predictions["model"] == "ridge"]
+    designs = dp._fold_designs("ridge", features, folds, usable, 0)
+    np.testing.assert_array_equal(
+        ridge["predicted"].to_numpy(), dp._out_of_fold("ridge", designs, y, usable, 0)[0]
+    )
