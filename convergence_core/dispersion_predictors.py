@@ -602,6 +602,8 @@ def _output_columns(transform: Any, frame: pd.DataFrame) -> list[np.ndarray] | N
     (then the caller uses scikit-learn's own loop). Numeric columns give one output each (the
     median imputer drops a column that was all missing when it was fitted), categorical ones one
     per level of the one-hot encoder, or one (ordinal codes)."""
+    if not hasattr(transform, "transformers_"):
+        return None
     out: dict[str, np.ndarray] = {}
     for name, part, columns in transform.transformers_:
         if name == "remainder":
@@ -617,7 +619,7 @@ def _output_columns(transform: Any, frame: pd.DataFrame) -> list[np.ndarray] | N
                     if step.drop_idx_ is not None:
                         return None
                     widths = [len(levels) for levels in step.categories_]
-            elif hasattr(step, "statistics_"):  # an imputer: a column without a statistic goes
+            elif hasattr(step, "statistics_"):  # an imputer drops a column with no statistic
                 if getattr(step, "keep_empty_features", False):
                     return None
                 widths = [0 if pd.isna(value) else 1 for value in step.statistics_]
@@ -637,7 +639,7 @@ def permutation_importances(
     """(P, n_repeats) drops in R² when each column of ``frame`` is shuffled: the numbers of
     ``sklearn.inspection.permutation_importance(model, frame, y, scoring="r2", n_repeats,
     random_state)``, the same shuffles, with the model's column transform run once instead of
-    once per shuffle (most of the time of the report's property fits).
+    once per shuffle (the transform was most of the time of scikit-learn's loop here).
 
     Every step of the transform of :func:`_make_model` works row by row (imputers, scaling,
     encoders), so transforming a column whose rows are shuffled gives the transformed block of
