@@ -43,6 +43,11 @@ def bench(run: Run, label: str, folder: Path, *, quick: bool = False) -> list[di
     k = 5 if quick else 10
     size = report.default_set_size(run.n_stimuli, k)
     counts = {"n_random": 20, "n_permutations": 50} if quick else {}
+    # the property fits and universal-space folds, small too (the report's slowest parts there)
+    report_counts = (
+        {**counts, "property_permutations": 200, "property_shuffles": 1, "universal_folds": 2}
+        if quick else {}
+    )
     options = (
         report.AnalysisOptions(
             metric_permutations=10, n_shuffles=10, n_matched=10, predictivity_random=1,
@@ -60,10 +65,10 @@ def bench(run: Run, label: str, folder: Path, *, quick: bool = False) -> list[di
     calibration_metrics = options.calibration_metric_names(metrics)
     cases: dict[str, Callable[[], object]] = {
         "report without the issue-14 sections": lambda: report.write_report(
-            run, folder / "without", k=k, options=without, **counts
+            run, folder / "without", k=k, options=without, **report_counts
         ),
         "report with them (defaults)": lambda: report.write_report(
-            run, folder / "with", k=k, options=options, **counts
+            run, folder / "with", k=k, options=options, **report_counts
         ),
         "Fig. 2 sets, CKNNA only (both scores)": lambda: analyses.dispersion_set_alignment(
             run, size=size, k=k, score=list(SCORES), best_layers=best, **counts
