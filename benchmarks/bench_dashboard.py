@@ -8,6 +8,7 @@ synthetic one). Prints tables and writes benchmarks/results/dashboard.json.
     .venv/bin/python benchmarks/bench_dashboard.py                     # everything
     .venv/bin/python benchmarks/bench_dashboard.py --browser-only --repeats 7
     .venv/bin/python benchmarks/bench_dashboard.py --trace /tmp/traces   # Chromium traces too
+    .venv/bin/python benchmarks/bench_dashboard.py --element-costs --repeats 7
     .venv/bin/python benchmarks/bench_dashboard.py --browser-only --run RUN --lasso-fraction 0.3
 
 The browser part (issue 18) serves the dashboard as ``make demo`` does and, beside it, a bare
@@ -33,6 +34,16 @@ main thread's busy time (of it: running JavaScript). With ``--trace`` one more v
 recorded as a Chromium trace, and its main thread's sampled time is split into the browser's own
 work (style, layout, paint), DOM calls, garbage collection and each JavaScript module's self time
 (``headless.trace_profile``): where a page's time goes beyond the bare page's.
+
+What one element costs (``--element-costs``): a small multipage app with the dashboard's config,
+one page per kind of element (a title, one line and that element), each page's first visit
+against the page with only the title and line (the frame), interleaved round by round: the
+median extra milliseconds of each kind, and of the renderer's busy time. Streamlit's frontend
+loads the code of a kind of element on its first use in a tab, so a page pays once per kind it
+shows. Measured on this 2-core machine (9 rounds): a 20-row ``st.dataframe`` ~380 ms, a Plotly
+chart ~2 s, the first widget of a kind 60-160 ms, a row of four ``st.metric`` 126 ms against 83
+ms for four ``widgets.number_cards``; single rounds vary by ±150 ms, so only the large
+differences are firm. This is what decides which elements a page's first screen shows.
 
 The lab's responsiveness per metric (issue 14; ``--lab-only`` runs just this part): for every
 metric of the registry, what the lab computes before it draws new bars — the metric on the low
@@ -132,6 +143,119 @@ def _bare_app(folder: Path) -> Path:
     app = folder / "bare.py"
     app.write_text(BARE_PAGE)
     return app
+
+
+#: --element-costs: the Python that draws each kind of element on its own page (after a title and
+#: one line, the frame every page has); "frame" draws nothing more
+ELEMENT_KINDS: dict[str, str] = {
+    "frame": "",
+    "st.metric ×4": (
+        "for i, c in enumerate(st.columns(4)):\n"
+        "    c.metric('Low dispersion', '0.4123', delta='+0.2207 vs random' if i == 0 else None)"
+    ),
+    "widgets.number_cards ×4": (
+        "widgets.number_cards([widgets.Card('Low dispersion', '0.4123', "
+        "delta='+0.2207 vs random')] + [widgets.Card('Low dispersion', '0.4123')] * 3, key='c')"
+    ),
+    "st.selectbox": "st.selectbox('Model', ['a', 'b', 'c'])",
+    "st.radio": "st.radio('Score', ['mean residual', 'PC1 score'], horizontal=True)",
+    "st.segmented_control": "st.segmented_control('Metric', ['CKNNA', 'CKA'], default='CKNNA')",
+    "st.pills": "st.pills('Models', ['a', 'b', 'c'], default=['a'], selection_mode='multi')",
+    "st.slider": "st.slider('k', 1, 50, 10)",
+    "st.number_input": "st.number_input('Set size', 1, 239, 59)",
+    "st.checkbox": "st.checkbox('Show all')",
+    "st.toggle": "st.toggle('Interactive chart')",
+    "st.expander (closed)": "st.expander('Statistics').write('x')",
+    "st.tabs ×3": "[t.write('x') for t in st.tabs(['One', 'Two', 'Three'])]",
+    "st.popover": "st.popover('Colour').write('x')",
+    "st.image (PNG)": "st.image(str(HERE / 'picture.png'))",
+    "st.dataframe (20 rows)": "st.dataframe(pd.DataFrame({'a': range(20), 'b': [0.5] * 20}))",
+    "st.plotly_chart (200 points)": (
+        "st.plotly_chart(go.Figure(go.Scattergl(x=list(range(200)), y=list(range(200)), "
+        "mode='markers')))"
+    ),
+}
+
+_ELEMENT_APP_HEAD = """import sys
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+HERE = Path(__file__).parent
+sys.path.insert(0, {root!r})
+from convergence_core.dashboard import widgets  # noqa: E402
+"""
+
+
+def _element_app(root: Path, only: int | None = None) -> str:
+    """The --element-costs app's source: one function per kind (title, line, the element), each
+    a page of one st.navigation; with ``only``, that kind's function alone is called (a test runs
+    each page so)."""
+    parts = [_ELEMENT_APP_HEAD.format(root=str(root))]
+    for i, source in enumerate(ELEMENT_KINDS.values()):
+        body = "".join(f"    {line}\n" for line in source.splitlines())
+        parts.append(
+            f"\n\ndef kind{i}():\n    st.title('A page')\n    st.text('One line of text.')\n"
+            + body
+        )
+    pages = ", ".join(
+        f"st.Page(kind{i}, title={name!r}, url_path='kind{i}', default={i == 0})"
+        for i, name in enumerate(ELEMENT_KINDS)
+    )
+    last = f"kind{only}()" if only is not None else f"st.navigation([{pages}]).run()"
+    parts.append(f"\n\n{last}\n")
+    return "".join(parts)
+
+
+def element_costs(repeats: int) -> list[dict[str, object]]:
+    """Per kind of element (:data:`ELEMENT_KINDS`): the median extra time of a page showing it
+    over the frame page, visits interleaved round by round (see the module docstring)."""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="bench-elements-") as folder:
+        here = Path(folder)
+        (here / ".streamlit").mkdir()
+        shutil.copy(ROOT / ".streamlit" / "config.toml", here / ".streamlit" / "config.toml")
+        picture = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+        Image.fromarray(picture).save(here / "picture.png")
+        app = here / "elements.py"
+        app.write_text(_element_app(ROOT))
+        with (
+            headless.streamlit_server(app, cwd=here) as (base, _),
+            sync_playwright() as playwright,
+        ):
+            browser = headless.launch_chromium(playwright)
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            urls = {name: f"{base}/kind{i}" for i, name in enumerate(ELEMENT_KINDS)}
+            for url in urls.values():  # the browser's cache holds every chunk before timing
+                headless.measure_visit(context, url)
+            visits: dict[str, list[headless.VisitCost]] = {name: [] for name in urls}
+            for _ in range(repeats):
+                for name, url in urls.items():
+                    visits[name].append(headless.measure_visit(context, url))
+            browser.close()
+
+    def extra_ms(name: str, field: str) -> list[float]:
+        return [
+            1000 * (getattr(a, field) - getattr(b, field))
+            for a, b in zip(visits[name], visits["frame"], strict=True)
+        ]
+
+    rows = []
+    for name, measured in visits.items():
+        wall, busy = extra_ms(name, "seconds"), extra_ms(name, "main_thread_s")
+        rows.append({
+            "element": name,
+            "seconds_median": round(statistics.median(v.seconds for v in measured), 3),
+            "extra_ms_median": round(statistics.median(wall), 1),
+            "extra_ms_lowest": round(min(wall), 1),
+            "extra_ms_highest": round(max(wall), 1),
+            "extra_main_thread_ms_median": round(statistics.median(busy), 1),
+        })
+    return rows
 
 
 def round_ratios(page_s: list[float], bare_s: list[float], target: float) -> dict[str, object]:
@@ -602,8 +726,23 @@ def main() -> None:
     parser.add_argument("--lasso-fraction", type=float, default=0.5,
                         help="the lasso covers this left share of the residual map (0.5; pick "
                         "one that selects ~10,000 of a 100,000-stimulus run)")
+    parser.add_argument("--element-costs", action="store_true",
+                        help="only what one element of each kind costs a page's first visit")
     parser.add_argument("--out", default="dashboard.json", help="file name in benchmarks/results")
     args = parser.parse_args()
+    if args.element_costs:
+        rows = element_costs(args.repeats)
+        print(f"{'element (one page each)':<30} {'page s':>7} {'extra ms':>9} {'rounds':>14} "
+              f"{'main thread ms':>15}")
+        for r in rows:
+            rounds = f"{r['extra_ms_lowest']:.0f} to {r['extra_ms_highest']:.0f}"
+            print(f"{r['element']:<30} {r['seconds_median']:7.3f} {r['extra_ms_median']:9.1f} "
+                  f"{rounds:>14} {r['extra_main_thread_ms_median']:15.1f}")
+        print("extra ms: a page's first visit minus the frame page's in the same round (median, "
+              "lowest and highest round); main thread: the same for the renderer's busy time")
+        write_results(args.out, {"repeats": args.repeats, "machine": machine(),
+                                 "element_costs": rows})
+        return
     run_path, run_kind = _choose_run(args.run)
     run = load_run(run_path)
     payload: dict[str, object] = {

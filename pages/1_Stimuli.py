@@ -269,26 +269,36 @@ with detail_tab:
             st.text(f"id {widgets.excerpt(detail_id)}")
             widgets.show_captions(captions, key="detail", title=f"Stimulus {detail_id}")
         with facts:
-            ranks = st.columns(2)
-            ranks[0].metric(
-                "Rank by mean residual",
-                f"{int(found.rank['mean'][row]) + 1} / {n}",
-                help="1 = lowest dispersion (most agreement among the vision models)",
-            )
-            ranks[1].metric(
-                "Rank by PC1 score",
-                f"{int(found.rank['pc1'][row]) + 1} / {n}",
-                help="1 = lowest dispersion along the first principal component of the residuals",
+            widgets.number_cards(
+                [
+                    widgets.Card(
+                        "Rank by mean residual",
+                        f"{int(found.rank['mean'][row]) + 1} / {n}",
+                        help="1 = lowest dispersion (most agreement among the vision models)",
+                    ),
+                    widgets.Card(
+                        "Rank by PC1 score",
+                        f"{int(found.rank['pc1'][row]) + 1} / {n}",
+                        help="1 = lowest dispersion along the first principal component of "
+                        "the residuals",
+                    ),
+                ],
+                key="stimulus-ranks",
             )
             intervals = data.gpa_rank_intervals(path, stamp)
             if intervals is not None:
                 low, high = int(intervals[0][row]) + 1, int(intervals[1][row]) + 1
-                st.metric(
-                    "Mean-residual rank over GPA's random starts",
-                    f"{low} – {high}" if high > low else f"{low} (every start)",
-                    help="Lowest and highest rank of this stimulus's mean residual over the GPA "
-                    "solutions of the run's stability diagnostic (GPA from random starts): how "
-                    "firmly GPA pins its place in the ranking.",
+                widgets.number_cards(
+                    [
+                        widgets.Card(
+                            "Mean-residual rank over GPA's random starts",
+                            f"{low} – {high}" if high > low else f"{low} (every start)",
+                            help="Lowest and highest rank of this stimulus's mean residual over "
+                            "the GPA solutions of the run's stability diagnostic (GPA from "
+                            "random starts): how firmly GPA pins its place in the ranking.",
+                        )
+                    ],
+                    key="stimulus-gpa",
                 )
             st.image(data.residual_bars_png(path, stamp, row))
 

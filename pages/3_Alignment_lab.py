@@ -444,16 +444,22 @@ def sets_and_results() -> None:
     # label is one line, cut with an ellipsis)
     what = f"{label} (k = {k})" if choice.neighbour_metric else label
     st.caption(f"{what}, mean over the {len(pairs)} {sides} pairs shown:")
-    summary = st.columns([1.15, 1, 1, 1])  # the focus card's delta needs a little more room
-    summary[0].metric(
-        f"Focus: {SHORT_SET_LABEL[source]}",
-        cards.focus,
-        delta=cards.focus_delta,
-        help=f"{what} of the focus set ({SET_LABEL[source]}), mean over the {sides} pairs shown.",
+    widgets.number_cards(
+        [
+            widgets.Card(
+                f"Focus: {SHORT_SET_LABEL[source]}",
+                cards.focus,
+                delta=cards.focus_delta,
+                help=f"{what} of the focus set ({SET_LABEL[source]}), mean over the {sides} "
+                "pairs shown.",
+            ),
+            widgets.Card("Low dispersion", cards.low),
+            widgets.Card("Random (mean)", cards.random),
+            widgets.Card("High dispersion", cards.high),
+        ],
+        key="lab",
+        widths=[1.15, 1, 1, 1],  # the focus card's delta needs a little more room
     )
-    summary[1].metric("Low dispersion", cards.low)
-    summary[2].metric("Random (mean)", cards.random)
-    summary[3].metric("High dispersion", cards.high)
     if cards.too_small:
         st.info(
             f"No CKNNA number above for sets of fewer than {lab.MIN_CKNNA_SET_SIZE} stimuli "

@@ -129,19 +129,25 @@ with dispersion_tab:
             f"universal space ({pairs}; root-mean-square over pairs when there are more than two), "
             f"in {universal_plots.UNITS}. 0 = the modalities agree exactly."
         )
-        cards = st.columns(3)
         # short labels (one line each in a 1024-pixel window); the help says the rest
-        cards[0].metric(
-            "ρ with vision dispersion", f"{row['spearman_rho']:.3f}",
-            help="Spearman rank correlation, over stimuli, of cross-modal and vision dispersion",
-        )
-        cards[1].metric(
-            "Permutation p (two-sided)", f"{row['permutation_p_value_two_sided']:.3g}"
-        )
-        cards[2].metric(
-            "Median cross-modal",
-            f"{per_stimulus['cross_modal_dispersion'].median():.4f}",
-            help=f"median cross-modal dispersion over the stimuli, in {universal_plots.UNITS}",
+        widgets.number_cards(
+            [
+                widgets.Card(
+                    "ρ with vision dispersion", f"{row['spearman_rho']:.3f}",
+                    help="Spearman rank correlation, over stimuli, of cross-modal and vision "
+                    "dispersion",
+                ),
+                widgets.Card(
+                    "Permutation p (two-sided)", f"{row['permutation_p_value_two_sided']:.3g}"
+                ),
+                widgets.Card(
+                    "Median cross-modal",
+                    f"{per_stimulus['cross_modal_dispersion'].median():.4f}",
+                    help=f"median cross-modal dispersion over the stimuli, in "
+                    f"{universal_plots.UNITS}",
+                ),
+            ],
+            key="universal",
         )
         # a picture first (quick to load); the toggle turns it into the Plotly chart, whose
         # hover names each stimulus (id and caption up to plots.HOVER_TEXT_LIMIT stimuli)

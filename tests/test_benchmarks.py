@@ -101,6 +101,31 @@ def test_dashboard_round_ratios_and_their_verdict() -> None:
         round_ratios([1.0], [1.0, 1.0], 1.5)
 
 
+def test_element_costs_app_has_one_working_page_per_kind(tmp_path) -> None:
+    """--element-costs serves one page per kind of element; each page runs without an exception
+    and shows its element (checked in an AppTest, page by page)."""
+    import shutil
+
+    from streamlit.testing.v1 import AppTest
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_dashboard import ELEMENT_KINDS, _element_app
+
+    source = _element_app(REPO)
+    shutil.copy(REPO / "docs" / "dashboard.png", tmp_path / "picture.png")
+    names = list(ELEMENT_KINDS)
+    assert names[0] == "frame" and source.count("st.Page(") == len(names)
+    for i, name in enumerate(names):
+        script = tmp_path / f"kind{i}.py"
+        script.write_text(_element_app(REPO, only=i))
+        at = AppTest.from_file(str(script)).run(timeout=60)
+        assert not at.exception, (name, at.exception)
+        assert at.title[0].value == "A page", name
+        # the frame is the title and the line; every other kind adds its element after them
+        assert len(at.main.children) == 2 if i == 0 else len(at.main.children) > 2, name
+    assert len(at.get("plotly_chart")) == 1  # the last kind's element is its chart
+
+
 def test_blind_matching_spread_runs_the_reports_section(tmp_path, capsys) -> None:
     """The spread measurement reruns the report's blind-matching section (its pairs, sets and
     settings): on the stored features it gives the report's own accuracies."""

@@ -326,3 +326,41 @@ def test_gallery_ends_against_a_slow_reference() -> None:
         assert lowest.tolist() == [row for _, row in ranked[:count]]
         assert highest.tolist() == [row for _, row in ranked[::-1][:count]]
         assert lowest.dtype == np.int64 and highest.dtype == np.int64
+
+
+def test_number_cards_show_label_value_and_a_signed_change(tmp_path: Path) -> None:
+    """widgets.number_cards: one card per column, the label (escaped, with its help), the value
+    as a heading without an anchor, and the change as a badge coloured by its sign; no
+    st.metric (whose code the browser would load)."""
+    from streamlit.testing.v1 import AppTest
+
+    from tests.page_reading import card_deltas, cards
+
+    script = tmp_path / "cards.py"
+    script.write_text(
+        "from convergence_core.dashboard import widgets\n"
+        "widgets.number_cards([\n"
+        "    widgets.Card('Focus: low', '0.4123', delta='+0.2207 vs random', help='the *focus*'),\n"
+        "    widgets.Card('Drop [%]', '-0.0100', delta='−0.0100 vs random'),\n"
+        "    widgets.Card('Rank', '3 / 40', delta='same'),\n"
+        "    widgets.Card('High', '**0.1**'),\n"
+        "], key='t', widths=[2, 1, 1, 1])\n"
+    )
+    at = AppTest.from_file(str(script)).run()
+    assert not at.exception, at.exception
+    assert cards(at) == {
+        "Focus: low": "0.4123", "Drop [%]": "-0.0100", "Rank": "3 / 40", "High": "**0.1**"
+    }
+    assert card_deltas(at) == {
+        "Focus: low": "+0.2207 vs random", "Drop [%]": "−0.0100 vs random", "Rank": "same",
+        "High": None,
+    }
+    badges = [m.value for m in at.markdown if "-badge[" in m.value]
+    assert [b.split("[")[0] for b in badges] == [":green-badge", ":red-badge", ":gray-badge"]
+    assert "arrow_upward" in badges[0] and "arrow_downward" in badges[1]
+    assert "material" not in badges[2]
+    assert at.markdown[0].proto.help == "the *focus*"
+    assert at.subheader and all(h.proto.hide_anchor for h in at.subheader)
+    assert not at.metric and len(at.columns) == 4
+    with pytest.raises(ValueError):  # one width per card
+        widgets.number_cards([widgets.Card("a", "1")], key="x", widths=[1, 1])

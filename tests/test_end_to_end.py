@@ -24,6 +24,7 @@ import pytest
 from convergence_core import settings
 from convergence_core.dashboard import lab
 from convergence_core.dashboard.page import PAGE_URLS
+from convergence_core.dashboard.widgets import CARD_KEY_PREFIX
 from convergence_core.dashboard.headless import (
     CHROMIUM,
     CLIPPED_CONTENT,
@@ -326,9 +327,9 @@ def _wait_idle(page, timeout_ms: int = 60_000) -> None:
 
 
 def _metric(page, label: str) -> str:
-    """The value shown by the st.metric whose label is `label`."""
-    box = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
-    return box.locator('[data-testid="stMetricValue"]').inner_text()
+    """The value shown by the number card (widgets.number_cards) whose label is `label`."""
+    box = page.locator(f'[class*="st-key-{CARD_KEY_PREFIX}"]').filter(has_text=label).first
+    return box.locator('[data-testid="stHeading"]').inner_text()
 
 
 def _screenshot_is_meaningful(path: Path) -> None:
@@ -469,7 +470,7 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
             page.wait_for_selector('[data-testid="stImage"] img', timeout=30_000)
             page.screenshot(path=str(STIMULI_SCREENSHOT), full_page=False)
             page.get_by_role("button", name="Inspect").first.click()
-            page.wait_for_selector('[data-testid="stMetric"]', timeout=60_000)
+            page.wait_for_selector(f'[class*="st-key-{CARD_KEY_PREFIX}"]', timeout=60_000)
             _wait_idle(page)
             assert "Rank by mean residual" in page.inner_text("body")
             assert page.locator('[data-testid="stDataFrame"]').count() == 2  # neighbours

@@ -28,6 +28,7 @@ from convergence_core.datasets import (
     safe_relative_path,
 )
 from convergence_core.images import ImageFileError, image_problem, make_thumbnail, open_rgb
+from tests.page_reading import cards
 
 # names added for issue 16 are looked up when a test runs, so each test fails on its own on
 # code that lacks them (rather than the whole module failing to import)
@@ -1032,7 +1033,7 @@ def test_the_lab_shows_no_number_for_a_tiny_pasted_set_and_says_why_above_1(
             break
     else:
         pytest.fail("no 5-stimulus set with CKNNA above 1 in 20 draws")
-    metrics = {m.label: m.value for m in at.metric}
+    metrics = cards(at)
     assert metrics["Focus: pasted ids"] == "—"
     assert all(value == "—" for value in metrics.values())  # every set here has < 24 stimuli
     infos = " ".join(element.value for element in at.info)
@@ -1051,7 +1052,7 @@ def test_the_lab_shows_numbers_for_sets_of_the_minimum_size(tmp_path, monkeypatc
     size = MIN_CKNNA_SET_SIZE
     at = _open(cache, PAGES["Alignment lab"], monkeypatch, {"size": str(size), "k": "4"})
     assert not at.exception, at.exception
-    metrics = {m.label: m.value for m in at.metric}
+    metrics = cards(at)
     table = at.dataframe[-1].value
     table = table[table["metric"] == "cknna"]
     low = table.loc[table["set"] == "low", "value"].mean()

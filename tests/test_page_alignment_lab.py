@@ -12,6 +12,7 @@ from streamlit.testing.v1 import AppTest
 from convergence_core.dashboard import lab, state
 from convergence_core.alignment import cknna, prepare_features
 from convergence_core.subsets import select_stimuli
+from tests.page_reading import card_deltas, cards
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -198,13 +199,18 @@ def test_high_and_low_sets_differ_and_follow_the_score(run) -> None:
     low = table[table["set"] == "low"]["value"].to_numpy()
     high = table[table["set"] == "high"]["value"].to_numpy()
     assert not np.allclose(low, high)
-    metrics = {m.label: m.value for m in at.metric}
+    metrics = cards(at)
     assert (
         metrics["Focus: low"] == f"{low.mean():.4f}" == metrics["Low dispersion"]
     )
+    # the focus card's change: the low sets' mean minus the random sets' mean, over the pairs
+    deltas = card_deltas(at)
+    random_mean = table[table["set"] == "low"]["random_mean"].mean()
+    assert deltas["Focus: low"] == f"{low.mean() - random_mean:+.4f} vs random"
+    assert deltas["Low dispersion"] is None and deltas["High dispersion"] is None
 
     at.radio(key="w_source").set_value("high").run(timeout=TIMEOUT)
-    metrics = {m.label: m.value for m in at.metric}
+    metrics = cards(at)
     assert metrics["Focus: high"] == f"{high.mean():.4f}"
 
     at.radio(key="w_score").set_value("pc1").run(timeout=TIMEOUT)
@@ -438,7 +444,7 @@ def test_a_metric_change_redraws_every_number_for_that_metric(run) -> None:
     at = _page({"size": "24"})
     at.button_group(key="w_lab_metric").set_value("mutual_knn").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
-    labels = {m.label for m in at.metric}
+    labels = set(cards(at))
     assert {"Low dispersion", "High dispersion"} <= labels
     assert any(c.value.startswith("mutual k-NN (k = 10), mean over the") for c in at.caption)
     table = _results(at)
@@ -462,7 +468,7 @@ def test_a_metric_change_redraws_every_number_for_that_metric(run) -> None:
     assert row["value"] == pytest.approx(measure("cka", X, Y, kernel="rbf"), abs=1e-9)
     at.slider(key="w_k").set_value(4).run(timeout=TIMEOUT)
     assert np.allclose(_results(at)["value"], table["value"])
-    assert any("Low dispersion" == m.label for m in at.metric)
+    assert "Low dispersion" in cards(at)
     assert any(c.value.startswith("CKA, mean over the") for c in at.caption)  # no k
 
 
@@ -473,10 +479,10 @@ def test_a_slower_metric_waits_for_its_button_and_shows_progress(run) -> None:
     at.button_group(key="w_lab_metric").set_value("svcca").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     assert any("not computed live" in i.value for i in at.info)
-    assert not at.image and not at.metric  # nothing computed yet
+    assert not at.image and not cards(at)  # nothing computed yet
     at.button(key="w_lab_compute").click().run(timeout=TIMEOUT)
     assert not at.exception, at.exception
-    assert len(at.image) == 1 and any(m.label == "Low dispersion" for m in at.metric)
+    assert len(at.image) == 1 and "Low dispersion" in cards(at)
     at.session_state["w_lab_tables"] = True
     at.run(timeout=TIMEOUT)  # the numbers are kept for every session: no second press for them
     assert len(at.image) == 1 and not at.dataframe  # the permutation test waits for its button

@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from convergence_core import settings
 from convergence_core.dashboard import widgets
+from tests.page_reading import cards
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -178,7 +179,7 @@ def test_inspect_button_shows_ranks_residuals_and_neighbours(run) -> None:
     assert at.session_state[widgets.STIMULI_TAB_KEY] == widgets.DETAIL_TAB
     assert not [b for b in at.button if b.label == "Inspect"]
     assert at.selectbox(key="w_inspect").value == target
-    metrics = {m.label: m.value for m in at.metric}
+    metrics = cards(at)
     n = run.n_stimuli
     assert metrics["Rank by mean residual"] == f"{n} / {n}"
     assert metrics["Rank by PC1 score"] == f"{int(run.dispersion['rank_pc1'].iloc[row]) + 1} / {n}"

