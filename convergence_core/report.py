@@ -3,8 +3,9 @@
 Writes to ``--out``: every analysis table as CSV and JSON (records; NaN as null), the PNG figures
 (Fig. 2 per dispersion score, Fig. S1, Fig. S2, the layer-sweep heat map, what predicts
 dispersion per score when the run has a property table), ``summary.csv`` /
-``summary.json`` / ``summary.txt`` (per pair: low, random mean [95% interval], high, low/high
-ratio, permutation p) and ``report.json`` (parameters, verdicts, file list). Prints the summary
+``summary.json`` / ``summary.txt`` (per score and pair, vision × language and then any vision ×
+brain pairs, named in a ``sides`` column: low, random mean [95% interval], high, low/high ratio,
+permutation p) and ``report.json`` (parameters, verdicts, file list). Prints the summary
 table and one verdict line per dispersion score, computed from the numbers.
 
 The universal-space section (:func:`universal_space_section`; every model of the run at its
@@ -66,6 +67,7 @@ from .validation import MIN_CKNNA_SET_SIZE
 #: Columns of the summary table, in print order.
 SUMMARY_COLUMNS = [
     "score",
+    "sides",
     "vision_model",
     "language_model",
     "language_layer",
@@ -91,17 +93,32 @@ def _write_table(frame: pd.DataFrame, out: Path, stem: str) -> list[str]:
     return [csv_path.name, json_path.name]
 
 
-def summary_table(set_tables: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Summary rows (one per score × pair) from :func:`analyses.dispersion_set_alignment` tables."""
-    return pd.concat([table[SUMMARY_COLUMNS] for table in set_tables], ignore_index=True)
+def summary_table(set_tables: Sequence[pd.DataFrame], sides: str) -> pd.DataFrame:
+    """Summary rows (one per score × pair) from :func:`analyses.dispersion_set_alignment` tables
+    of pairs that align ``sides`` (:func:`analyses.pair_sides`: ``vision × language``,
+    ``vision × brain``), which fills the ``sides`` column. The partner model of a pair is in the
+    ``language_model`` / ``language_layer`` columns whatever its modality, as in those tables."""
+    return pd.concat(
+        [table.assign(sides=sides)[SUMMARY_COLUMNS] for table in set_tables], ignore_index=True
+    )
 
 
 def format_summary(summary: pd.DataFrame, set_size: int | None = None) -> str:
-    """Fixed-width text of the summary: low, random mean [95% interval], high, ratio, p.
+    """Fixed-width text of the summary: low, random mean [95% interval], high, ratio, p; one
+    table per value of ``sides`` (vision × language first, as in :func:`summary_table`), each
+    headed by it when there is more than one, its partner column named for the partner side
+    ("language (layer)", "brain (layer)").
 
     With ``set_size`` below ``validation.MIN_CKNNA_SET_SIZE`` the CKNNA columns show "—" (too
     few stimuli for a CKNNA worth reading; the CSV/JSON tables keep the values).
     """
+    groups = list(dict.fromkeys(summary["sides"]))
+    if len(groups) > 1:
+        return "\n\n".join(
+            f"{sides}:\n" + format_summary(summary[summary["sides"] == sides], set_size)
+            for sides in groups
+        )
+    partner = groups[0].split(" × ")[-1] if groups else "language"
     if set_size is not None and set_size < MIN_CKNNA_SET_SIZE:
         summary = summary.copy()
         for column in SUMMARY_COLUMNS:
@@ -116,7 +133,7 @@ def format_summary(summary: pd.DataFrame, set_size: int | None = None) -> str:
         {
             "score": summary["score"],
             "vision": summary["vision_model"],
-            "language (layer)": [
+            f"{partner} (layer)": [
                 f"{m} ({layer})"
                 for m, layer in zip(
                     summary["language_model"], summary["language_layer"], strict=True
@@ -326,18 +343,20 @@ def write_report(
     # the models outside GPA that are not language models (brain recordings): their own Fig. 2
     # and S1, as on a run without language models
     partners: dict[str, Any] = {}
+    partner_summary = None
     if run.other_partner_models:
-        partner_files, partner_verdicts, partner_tests = partner_alignment_section(
+        section = partner_alignment_section(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
             n_permutations=n_permutations, seed=seed, suffix="_partners",
         )
-        files += partner_files
-        verdicts.update({f"partners_{score}": text for score, text in partner_verdicts.items()})
+        files += section.files
+        verdicts.update({f"partners_{score}": text for score, text in section.verdicts.items()})
         partners = {
             "models": run.other_partner_models,
-            "sides": analyses.pair_sides(run, analyses.partner_pairs(run)),
-            "paired_tests": _records(partner_tests),
+            "sides": section.sides,
+            "paired_tests": _records(section.paired_tests),
         }
+        partner_summary = section.summary
 
     loo_files, loo_notes = leave_one_model_out_section(run, out)
     files += loo_files
@@ -379,7 +398,10 @@ def write_report(
     bound = cknna_bound_note(_cknna_values(set_tables, dropped, sweep, n))
     if bound is not None:
         notes.append(bound)
-    summary = summary_table(set_tables)
+    # every pair's row: vision × language, then the models outside GPA (vision × brain)
+    summary = summary_table(set_tables, analyses.pair_sides(run, pairs))
+    if partner_summary is not None:
+        summary = pd.concat([summary, partner_summary], ignore_index=True)
     files += _write_table(summary, out, "summary")
     text = format_summary(summary, size) + "\n\n" + "\n".join(verdicts.values()) + "\n"
     if section_verdicts:
@@ -434,9 +456,9 @@ def _report_without_language(
 ) -> dict[str, Any]:
     """:func:`write_report` for a run without language models (vision models and brain
     recordings, say): Fig. 2 and S1 for the GPA models × the models outside GPA
-    (:func:`analyses.partner_pairs`, at their default layers) when there are any, then what needs
-    no other side — leave-one-model-out (Fig. S2), GPA stability and what predicts dispersion —
-    and a note naming what was skipped."""
+    (:func:`analyses.partner_pairs`, at their default layers) and their ``summary`` table when
+    there are any, then what needs no other side — leave-one-model-out (Fig. S2), GPA stability
+    and what predicts dispersion — and a note naming what was skipped."""
     partners = run.partner_models  # no language model here: the models outside GPA
     notes = [
         "the vision–language analyses (the layer sweep, the metric suite and the sections built "
@@ -447,11 +469,17 @@ def _report_without_language(
     verdicts: dict[str, str] = {}
     size = default_set_size(run.n_stimuli, k) if size is None else size
     paired_tests = None
+    summary_text = ""
     if partners:
-        files, verdicts, paired_tests = partner_alignment_section(
+        section = partner_alignment_section(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
             n_permutations=n_permutations, seed=seed,
         )
+        files, verdicts, paired_tests = list(section.files), dict(section.verdicts), (
+            section.paired_tests
+        )
+        files += _write_table(section.summary, out, "summary")
+        summary_text = format_summary(section.summary, size) + "\n\n"
     loo_files, loo_notes = leave_one_model_out_section(run, out)
     files += loo_files
     notes += loo_notes
@@ -474,7 +502,8 @@ def _report_without_language(
         f"Run {run.name!r} has no language model: "
         + (f"Fig. 2 and S1 for {', '.join(partners)} (models outside GPA, at their default "
            "layers) "
-           "and the dispersion analyses.\n" if partners else "dispersion analyses only.\n")
+           "and the dispersion analyses.\n\n" if partners else "dispersion analyses only.\n")
+        + summary_text
         + "".join(f"{verdict}\n" for verdict in verdicts.values())
         + property_text
     )
@@ -502,19 +531,29 @@ def _report_without_language(
     return report
 
 
+class PartnerSection(NamedTuple):
+    """What :func:`partner_alignment_section` wrote and found."""
+
+    files: list[str]
+    verdicts: dict[str, str]  #: score -> its Fig. 2 sentence
+    paired_tests: pd.DataFrame  #: long: a ``score`` column
+    summary: pd.DataFrame  #: :func:`summary_table` rows of these pairs (``sides`` filled)
+    sides: str  #: what the pairs align, e.g. ``vision × brain``
+
+
 def partner_alignment_section(
     run: Run, out: Path, *, size: int, k: int, q: float, scores: Sequence[str], n_random: int,
     n_permutations: int, seed: int, suffix: str = "",
-) -> tuple[list[str], dict[str, str], pd.DataFrame]:
+) -> PartnerSection:
     """Fig. 2 and S1 for the GPA models × the models outside GPA that are not language models
     (:func:`analyses.partner_pairs`: brain recordings at their default layers).
 
     Writes ``dispersion_sets{suffix}_{score}`` (table and Fig. 2 per score),
     ``paired_tests{suffix}`` and ``drop_fraction{suffix}`` (table and Fig. S1): without a suffix on
     a run without language models, where these are the report's Fig. 2 and S1, and with
-    ``_partners`` beside the vision–language ones. Returns the files, one
-    :func:`analyses.effect_verdict` per score (naming the sides, e.g. ``vision × brain``) and the
-    paired tests (long: a ``score`` column).
+    ``_partners`` beside the vision–language ones. Returns a :class:`PartnerSection`: the files,
+    one :func:`analyses.effect_verdict` per score (naming the sides, e.g. ``vision × brain``), the
+    paired tests and the summary rows.
     """
     pairs = analyses.partner_pairs(run)
     sides = analyses.pair_sides(run, pairs)
@@ -524,9 +563,10 @@ def partner_alignment_section(
     )
     files: list[str] = []
     verdicts: dict[str, str] = {}
-    paired = []
+    paired, set_tables = [], []
     for score in scores:
         rows = table[table["score"] == score]
+        set_tables.append(rows)
         stem = f"dispersion_sets{suffix}_{score}"
         files += _write_table(rows, out, stem)
         files.append(figures.dispersion_sets_figure(
@@ -541,7 +581,9 @@ def partner_alignment_section(
     files.append(figures.drop_fraction_figure(
         dropped, out / f"figS1_drop_fraction{suffix}.png", partner="model outside GPA"
     ).name)
-    return files, verdicts, paired_tests
+    return PartnerSection(
+        files, verdicts, paired_tests, summary_table(set_tables, sides), sides
+    )
 
 
 def leave_one_model_out_section(run: Run, out: Path) -> tuple[list[str], list[str]]:

@@ -345,6 +345,12 @@ def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, ca
     assert row["cknna_low_dispersion"] == pytest.approx(cknna(X[low], Y[low], k=5), rel=1e-9)
     summary = (tmp_path / "out" / "summary.txt").read_text(encoding="utf-8")
     assert summary.startswith("Run 'run' has no language model: Fig. 2 and S1 for subj01")
+    rows = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert set(rows["sides"]) == {"vision × brain"} and len(rows) == 3
+    assert "summary.csv" in meta["files"] and "brain (layer)" in summary
+    # its sets of 10 are below MIN_CKNNA_SET_SIZE: the text shows "—" for CKNNA, p as it is
+    assert "subj01 (V1)   —" in summary
+    assert f"{row['permutation_p_value_two_sided']:.4f}" in summary
     assert meta["verdicts"]["gpa_stability"] in summary and meta["verdicts"]["mean"] in summary
     assert report.main([str(run.path), "--out", str(tmp_path / "cli"), "--k", "5",
                         "--scores", "mean", "--n-random", "10", "--n-permutations", "20",
@@ -407,6 +413,19 @@ def test_brain_recordings_beside_language_models_get_their_own_fig2_and_s1(tmp_p
     assert "of 6 vision × language pairs" in meta["verdicts"]["mean"]
     summary = (out / "summary.txt").read_text(encoding="utf-8")
     assert meta["verdicts"]["partners_mean"] in summary and meta["verdicts"]["mean"] in summary
+    # summary.csv: every pair, named by its sides; the brain rows are the partners' table's
+    rows = pd.read_csv(out / "summary.csv")
+    assert list(dict.fromkeys(rows["sides"])) == ["vision × language", "vision × brain"]
+    assert (rows["sides"] == "vision × language").sum() == 6
+    brain = rows[rows["sides"] == "vision × brain"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        brain.drop(columns="sides"), table[brain.columns.drop("sides")], check_dtype=False
+    )
+    # summary.txt: a table per sides, each headed by it, the partner column named for the side
+    language_part, brain_part = summary.split("\n\nvision × brain:\n", 1)
+    assert language_part.startswith("vision × language:\n")
+    assert "language (layer)" in language_part and "brain (layer)" in brain_part
+    assert "subj01 (V1)" in brain_part and "subj01" not in language_part
     assert meta["partners"]["models"] == ["subj01"]
     assert meta["partners"]["sides"] == "vision × brain"
     assert {r["score"] for r in meta["partners"]["paired_tests"]} == {"mean"}
