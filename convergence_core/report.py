@@ -475,10 +475,8 @@ def _report_without_language(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
             n_permutations=n_permutations, seed=seed,
         )
-        files, verdicts, paired_tests = list(section.files), dict(section.verdicts), (
-            section.paired_tests
-        )
-        files += _write_table(section.summary, out, "summary")
+        files = section.files + _write_table(section.summary, out, "summary")
+        verdicts, paired_tests = dict(section.verdicts), section.paired_tests
         summary_text = format_summary(section.summary, size) + "\n\n"
     loo_files, loo_notes = leave_one_model_out_section(run, out)
     files += loo_files
