@@ -136,10 +136,15 @@ def _check(at: AppTest) -> AppTest:
 # the browser
 
 
-def _bare_app(folder: Path) -> Path:
-    """A bare Streamlit page in ``folder``, served with the dashboard's own config."""
+def _with_dashboard_config(folder: Path) -> None:
+    """Give an app in ``folder`` the dashboard's own ``.streamlit/config.toml``."""
     (folder / ".streamlit").mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / ".streamlit" / "config.toml", folder / ".streamlit" / "config.toml")
+
+
+def _bare_app(folder: Path) -> Path:
+    """A bare Streamlit page in ``folder``, served with the dashboard's own config."""
+    _with_dashboard_config(folder)
     app = folder / "bare.py"
     app.write_text(BARE_PAGE)
     return app
@@ -217,8 +222,7 @@ def element_costs(repeats: int) -> list[dict[str, object]]:
 
     with tempfile.TemporaryDirectory(prefix="bench-elements-") as folder:
         here = Path(folder)
-        (here / ".streamlit").mkdir()
-        shutil.copy(ROOT / ".streamlit" / "config.toml", here / ".streamlit" / "config.toml")
+        _with_dashboard_config(here)
         picture = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
         Image.fromarray(picture).save(here / "picture.png")
         app = here / "elements.py"

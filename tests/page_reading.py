@@ -27,23 +27,25 @@ def _card_blocks(node):
             yield from _card_blocks(child)
 
 
-def cards(at) -> dict[str, str]:
-    """label → value of every number card on the page (main area and sidebar)."""
-    shown: dict[str, str] = {}
+def _card_parts(at):
+    """(label, the card's elements) of every number card on the page (main area and sidebar)."""
     for block in [*_card_blocks(at.main), *_card_blocks(at.sidebar)]:
         parts = list(block.children.values())
-        shown[_text(parts[0].value)] = _text(parts[1].value)
-    return shown
+        yield _text(parts[0].value), parts
+
+
+def cards(at) -> dict[str, str]:
+    """label → value of every number card on the page (main area and sidebar)."""
+    return {label: _text(parts[1].value) for label, parts in _card_parts(at)}
 
 
 def card_deltas(at) -> dict[str, str | None]:
     """label → the change shown under the value (the badge's text), or None."""
     shown: dict[str, str | None] = {}
-    for block in [*_card_blocks(at.main), *_card_blocks(at.sidebar)]:
-        parts = list(block.children.values())
+    for label, parts in _card_parts(at):
         badge = None
         if len(parts) > 2:
             inner = re.match(r"^:\w+-badge\[(?::material/\w+: )?(.*)\]$", parts[2].value, re.S)
             badge = _text(inner.group(1)) if inner else parts[2].value
-        shown[_text(parts[0].value)] = badge
+        shown[label] = badge
     return shown
