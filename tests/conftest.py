@@ -70,13 +70,20 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def user_environment() -> dict[str, str]:
-    """``os.environ`` without the thread settings of :func:`pytest_configure`: for a process that
-    must compute what the user's own command computes. The vision encoders' convolutions round
-    differently on 1 and 2 threads (features ~1e-6 apart on the demo), and the README's
-    blind-matching accuracies, a local search, moved by up to 0.8 points with them."""
+    """``os.environ`` without the thread settings of :func:`pytest_configure` that change numbers:
+    for a process that must compute what the user's own command computes. torch's threads
+    (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS``) are the user's: the vision encoders' convolutions
+    round differently on 1 and 2 threads (features ~1e-6 apart on the demo), and the README's
+    blind-matching accuracies, a local search, moved by up to 0.8 points with them.
+
+    numpy's OpenBLAS keeps this worker's share (``OPENBLAS_NUM_THREADS``; torch does not use it):
+    the demo report wrote the same report.json and printed the same text with 1 and 2 BLAS
+    threads (other tables ≤ 2e-15 apart), and beside another busy test process the report took
+    152 s with the user's 2 spinning OpenBLAS threads against 79 s with one."""
     environment = dict(os.environ)
     for name in environment.pop(_SET_HERE, "").split(","):
-        environment.pop(name, None)
+        if name != "OPENBLAS_NUM_THREADS":
+            environment.pop(name, None)
     return environment
 
 
