@@ -595,7 +595,16 @@ def compute_umap(residuals: np.ndarray, random_state: int = UMAP_RANDOM_STATE) -
     return residual_umap.residual_map(residuals, random_state=random_state).coordinates
 
 
-@st.cache_data(show_spinner="Computing the UMAP view (once per run)…", max_entries=16)
+#: What the page says while UMAP runs: measured on the demo's 239 stimuli here, the first UMAP
+#: of a server process took 18.6 s (umap-learn's numba code compiles) and 48 s after an install
+#: (nothing compiled yet); later ones take well under a second
+UMAP_SPINNER = (
+    "Computing the UMAP view, once per run (then cached). The first UMAP of a server process "
+    "compiles umap-learn's code: about 20 s, up to a minute after an install…"
+)
+
+
+@st.cache_data(show_spinner=UMAP_SPINNER, max_entries=16)
 def umap_coordinates(path: str, stamp: int) -> np.ndarray:
     """(m, 2) UMAP of the run's residuals: from ``<run>/umap.npy``, else computed and written."""
     run = _open_run(path, stamp)
