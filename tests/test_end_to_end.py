@@ -47,7 +47,8 @@ def _cli(
     environment: dict[str, str], *args: str, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
     """The CLI as the user runs it (``environment``: the ``user_environment`` fixture, so with the
-    user's thread settings, as ``make demo`` has them), offline."""
+    user's torch threads, as ``make demo`` has them, and this worker's one OpenBLAS thread, which
+    changes no number the README shows), offline."""
     env = {**environment, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "convergence_core", *args],
