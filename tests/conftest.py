@@ -87,6 +87,22 @@ def user_environment() -> dict[str, str]:
     return environment
 
 
+
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline mode for the Hugging Face clients, even when another test in this process imported
+    them first: they read ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` at import time, so the
+    variables alone came too late and the paper config's offline test retried the hub for 23 s
+    in CI (and would have downloaded on a machine with a network)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: order kept otherwise
 

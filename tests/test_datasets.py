@@ -285,10 +285,9 @@ def test_mapping_spec_and_bad_option(imagenet_root: Path) -> None:
 # --------------------------------------------------------------------------- Hugging Face
 
 
-def test_hf_local_copy_materialises_images(tmp_path: Path, monkeypatch) -> None:
+def test_hf_local_copy_materialises_images(tmp_path: Path, hub_offline) -> None:
     import datasets as hf
 
-    _force_offline(monkeypatch)
     images = [Image.new("RGB", (8 + i, 6), (i * 40, 10, 200)) for i in range(3)]
     local = hf.Dataset.from_dict(
         {"image": images, "text": ["first", "second", "third"]},
@@ -324,20 +323,7 @@ def test_hf_local_copy_materialises_images(tmp_path: Path, monkeypatch) -> None:
         load_hf(str(tmp_path / "pq"), caption_column="text", cache_dir=tmp_path / "cache3")
 
 
-def _force_offline(monkeypatch) -> None:
-    """Offline mode for hub clients already imported (they read the env vars at import time)."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
-
-
-def test_hf_offline_message(tmp_path: Path, monkeypatch) -> None:
-    _force_offline(monkeypatch)
+def test_hf_offline_message(tmp_path: Path, hub_offline) -> None:
     with pytest.raises(DatasetUnavailableError) as info:
         load_dataset("hf:minhuh/prh", revision="wit_1024", cache_dir=tmp_path / "c")
     message = str(info.value)

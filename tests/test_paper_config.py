@@ -28,9 +28,9 @@ def test_paper_config_names_the_papers_models() -> None:
     assert config.dataset["kind"] == "hf" and config.dataset["revision"] == "wit_1024"
 
 
-def test_paper_dataset_offline_says_how_to_use_a_local_copy(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_paper_dataset_offline_says_how_to_use_a_local_copy(
+    monkeypatch, tmp_path, hub_offline
+) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     spec = dict(PrecomputeConfig.from_file(CONFIG).dataset)
     with pytest.raises(DatasetUnavailableError, match="save_to_disk"):
