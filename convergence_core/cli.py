@@ -351,43 +351,31 @@ def _check_preset_data(preset: str, config: dict[str, Any]) -> None:
 
 
 class _ProgressBars:
-    """One tqdm bar per extracted or indexed model (stderr); cached steps print one line."""
+    """Progress of a precompute on ``stream`` (stderr). On a terminal, one tqdm bar per extracted
+    or indexed model. On anything else (a log file, a cluster job's output), plain lines: one when
+    a model starts, at most one per ``LOG_INTERVAL_S``, one when it ends with its time, so that a
+    log reads line by line instead of holding every redraw of a bar. Cached steps print one line;
+    the event that confirms a finished model (sent once its files are written) draws nothing."""
 
-    def __init__(self, stream: TextIO) -> None:
+    #: seconds between two plain progress lines of the same model
+    LOG_INTERVAL_S = 30.0
+
+    def __init__(self, stream: TextIO, clock: Any = time.monotonic) -> None:
         self.stream = stream
+        self.clock = clock
+        isatty = getattr(stream, "isatty", None)
+        self.terminal = bool(isatty()) if callable(isatty) else False
         self.bar: Any = None
         self.key: tuple[str, str | None] | None = None
         self.cached: set[tuple[str, str | None]] = set()
+        self.finished: set[tuple[str, str | None]] = set()
+        self.started = self.last_line = 0.0
 
     def __call__(self, event: Any) -> None:
-        from tqdm import tqdm
-
         if event.step == "waiting":
             print("  waiting for another precompute of this run to finish ...", file=self.stream)
         elif event.step in ("extract", "neighbours"):
-            label = event.model if event.step == "extract" else f"{event.model} neighbours"
-            key = (event.step, event.model)
-            if event.skipped:
-                self._close()
-                if key not in self.cached:
-                    self.cached.add(key)
-                    print(f"  {label}: cached", file=self.stream)
-                return
-            if key != self.key or self.bar is None:
-                self._close()
-                self.key = key
-                self.bar = tqdm(
-                    total=event.total,
-                    desc=f"  {label}",
-                    unit="item" if event.step == "extract" else "row",
-                    file=self.stream,
-                    leave=True,
-                    dynamic_ncols=True,
-                )
-            self.bar.n = event.done
-            self.bar.refresh()
-            if event.done >= event.total:
-                self._close()
+            self._model_event(event)
         elif (
             event.step in ("gpa", "gpa_stability", "dispersion", "thumbnails", "properties")
             and event.done >= event.total
@@ -395,6 +383,46 @@ class _ProgressBars:
             self._close()
             state = "cached" if event.skipped else "done"
             print(f"  {event.step}: {state}", file=self.stream)
+
+    def _model_event(self, event: Any) -> None:
+        label = event.model if event.step == "extract" else f"{event.model} neighbours"
+        unit = "item" if event.step == "extract" else "row"
+        key = (event.step, event.model)
+        complete = event.done >= event.total
+        if event.skipped:
+            self._close()
+            if key not in self.cached:
+                self.cached.add(key)
+                print(f"  {label}: cached", file=self.stream)
+            return
+        first = key != self.key
+        if first:
+            self._close()
+            if complete and key in self.finished:
+                return  # the model's bar has already reached its total
+            self.key, self.started = key, self.clock()
+            self.last_line = self.started
+            if self.terminal:
+                from tqdm import tqdm
+
+                # initial: the rate counts from here (a first event may already report rows)
+                self.bar = tqdm(total=event.total, initial=event.done, desc=f"  {label}",
+                                unit=unit, file=self.stream, leave=True, dynamic_ncols=True)
+        if self.bar is not None:
+            self.bar.n = event.done
+            self.bar.refresh()
+        elif first or complete or self.clock() - self.last_line >= self.LOG_INTERVAL_S:
+            self.last_line = self.clock()
+            seconds = self.last_line - self.started
+            if first:  # nothing reported before: no time to tell
+                timing = ""
+            else:
+                timing = f" in {seconds:.1f} s" if complete else f" ({seconds:.0f} s)"
+            print(f"  {label}: {event.done:,}/{event.total:,} {unit}s{timing}",
+                  file=self.stream, flush=True)
+        if complete:
+            self.finished.add(key)
+            self._close()
 
     def _close(self) -> None:
         if self.bar is not None:

@@ -160,6 +160,76 @@ def test_precompute_real_models_on_six_images(tmp_path, monkeypatch):
     assert code == 0 and err.count("cached") >= 4
 
 
+def _progress_events():
+    """A model extracted in 3 reports, confirmed once written, then indexed in 2 layers of 5 rows
+    (the first report already counts a layer), then GPA: what precompute sends."""
+    from convergence_core.precompute import ProgressEvent as E
+
+    return [
+        (0.0, E("extract", "lite0", 0, 10)),
+        (1.0, E("extract", "lite0", 4, 10)),
+        (31.5, E("extract", "lite0", 8, 10)),
+        (40.0, E("extract", "lite0", 10, 10)),
+        (40.1, E("extract", "lite0", 10, 10)),  # confirmed: its files are written
+        (41.0, E("extract", "minilm", 10, 10, skipped=True)),
+        (42.0, E("neighbours", "lite0", 5, 10)),
+        (44.0, E("neighbours", "lite0", 10, 10)),
+        (45.0, E("gpa", None, 1, 1)),
+    ]
+
+
+class _Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_in_a_log_is_plain_lines():
+    """Not a terminal (a log file, a cluster job): one line as a model starts, one per 30 s, one
+    at the end with its time; the confirming event adds nothing, and there is no carriage
+    return (a bar's redraws would pile up in the log)."""
+    from convergence_core.cli import _ProgressBars
+
+    stream, clock = io.StringIO(), _Clock()
+    bars = _ProgressBars(stream, clock=clock)
+    assert not bars.terminal
+    for clock.now, event in _progress_events():
+        bars(event)
+    assert stream.getvalue().splitlines() == [
+        "  lite0: 0/10 items",
+        "  lite0: 8/10 items (32 s)",
+        "  lite0: 10/10 items in 40.0 s",
+        "  minilm: cached",
+        "  lite0 neighbours: 5/10 rows",
+        "  lite0 neighbours: 10/10 rows in 2.0 s",
+        "  gpa: done",
+    ]
+
+
+def test_progress_on_a_terminal_draws_one_bar_per_model():
+    """On a terminal: one tqdm bar per model that ends at 100 % once (the confirming event used
+    to draw a second, instant bar), and its rate counts from the bar's first report."""
+    from convergence_core.cli import _ProgressBars
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream, clock = Terminal(), _Clock()
+    bars = _ProgressBars(stream, clock=clock)
+    assert bars.terminal
+    for clock.now, event in _progress_events():
+        bars(event)
+    lines = stream.getvalue().split("\n")  # a bar's redraws share its line (carriage returns)
+    bars_of = {label: [line for line in lines if f"{label}:" in line]
+               for label in ("lite0", "lite0 neighbours")}
+    assert {label: len(found) for label, found in bars_of.items()} == {
+        "lite0": 1, "lite0 neighbours": 1}
+    assert all(found[0].endswith("/s]") and "100%" in found[0] for found in bars_of.values())
+    assert "  minilm: cached" in lines and "  gpa: done" in lines
+
+
 def test_flags_override_a_config_file(tmp_path, monkeypatch):
     import convergence_core.precompute as precompute_module
 
