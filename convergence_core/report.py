@@ -30,6 +30,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -266,6 +267,7 @@ def write_report(
     property_permutations: int = dispersion_predictors.DEFAULT_N_PERMUTATIONS,
     property_shuffles: int = dispersion_predictors.DEFAULT_N_SHUFFLES,
     options: AnalysisOptions | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every analysis on ``run`` and write tables, figures and the summary to ``out``.
 
@@ -285,8 +287,12 @@ def write_report(
     S1 (:func:`partner_alignment_section`, files ``*_partners*``). A run without language models
     gets those as its Fig. 2 and S1, the analyses that need no other side (Fig. S2, GPA stability,
     what predicts dispersion) and a note.
+
+    ``progress`` (optional) is called with each section's name as it starts (the CLI prints
+    them with the time so far: a report on a large run takes minutes).
     """
     options = AnalysisOptions() if options is None else options
+    tell = progress or _silent
     out = check_out_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     n = int(run.gpa.residuals.shape[0])
@@ -295,11 +301,13 @@ def write_report(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
             n_permutations=n_permutations, seed=seed, options=options,
             property_permutations=property_permutations, property_shuffles=property_shuffles,
+            tell=tell,
         )
     size = default_set_size(n, k) if size is None else size
     files: list[str] = []
     notes: list[str] = []
 
+    tell("layer sweep and best language layers")
     sweep = analyses.layer_sweep(run, k=k)
     best = analyses.best_language_layers(run, k=k, sweep=sweep)
     files += _write_table(sweep, out, "layer_sweep")
@@ -309,6 +317,7 @@ def write_report(
     pairs = analyses.pairs_with_best_layers(run, k=k, best_layers=best)
     metrics = options.metric_names()
     metric_options = options.metric_options(run, pairs, size, metrics)
+    tell(f"low, high and random sets: {len(metrics)} metrics × {len(scores)} scores (Fig. 2)")
     long_table = analyses.dispersion_set_alignment(
         run,
         size=size,
@@ -336,6 +345,7 @@ def write_report(
     paired_tests = pd.concat(paired, ignore_index=True)
     files += _write_table(paired_tests, out, "paired_tests")
 
+    tell("dropping the most dispersed stimuli (Fig. S1)")
     dropped = analyses.drop_fraction_alignment(run, q=q, k=k, best_layers=best)
     files += _write_table(dropped, out, "drop_fraction")
     files.append(figures.drop_fraction_figure(dropped, out / "figS1_drop_fraction.png").name)
@@ -345,6 +355,7 @@ def write_report(
     partners: dict[str, Any] = {}
     partner_summary = None
     if run.other_partner_models:
+        tell("the models outside GPA (Fig. 2 and S1)")
         section = partner_alignment_section(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
             n_permutations=n_permutations, seed=seed, suffix="_partners",
@@ -358,10 +369,12 @@ def write_report(
         }
         partner_summary = section.summary
 
+    tell("leaving one model out (Fig. S2)")
     loo_files, loo_notes = leave_one_model_out_section(run, out)
     files += loo_files
     notes += loo_notes
 
+    tell("universal space")
     universal_files, universal_space = universal_space_section(
         run, out, n_folds=universal_folds, seed=seed, n_permutations=n_permutations
     )
@@ -372,7 +385,7 @@ def write_report(
     sections = paper_sections(
         run, out, pairs, long_table, options=options, scores=scores, size=size, k=k,
         n_random=n_random, n_permutations=n_permutations, seed=seed, metrics=metrics,
-        metric_options=metric_options,
+        metric_options=metric_options, progress=tell,
     )
     for entry in sections.values():
         files += entry.pop("files")
@@ -381,6 +394,7 @@ def write_report(
         name: entry["verdict"] for name, entry in sections.items() if entry.get("verdict")
     }
 
+    tell("what predicts dispersion")
     property_files, property_notes, properties, property_text = properties_section(
         run, out, scores=scores, n_permutations=property_permutations,
         n_shuffles=property_shuffles, seed=seed,
@@ -452,7 +466,7 @@ def write_report(
 def _report_without_language(
     run: Run, out: Path, *, size: int | None, k: int, q: float, scores: Sequence[str],
     n_random: int, n_permutations: int, seed: int, options: AnalysisOptions,
-    property_permutations: int, property_shuffles: int,
+    property_permutations: int, property_shuffles: int, tell: Callable[[str], None],
 ) -> dict[str, Any]:
     """:func:`write_report` for a run without language models (vision models and brain
     recordings, say): Fig. 2 and S1 for the GPA models × the models outside GPA
@@ -471,6 +485,7 @@ def _report_without_language(
     paired_tests = None
     summary_text = ""
     if partners:
+        tell("the models outside GPA (Fig. 2 and S1)")
         section = partner_alignment_section(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
             n_permutations=n_permutations, seed=seed,
@@ -478,15 +493,18 @@ def _report_without_language(
         files = section.files + _write_table(section.summary, out, "summary")
         verdicts, paired_tests = dict(section.verdicts), section.paired_tests
         summary_text = format_summary(section.summary, size) + "\n\n"
+    tell("leaving one model out (Fig. S2)")
     loo_files, loo_notes = leave_one_model_out_section(run, out)
     files += loo_files
     notes += loo_notes
     sections: dict[str, dict[str, Any]] = {}
     if "gpa_stability" not in options.skip:
+        tell(SECTION_TITLES["gpa_stability"])
         stability_files, sections["gpa_stability"] = gpa_stability_section(
             run, out, n_starts=options.gpa_starts, seed=seed
         )
         files += stability_files
+    tell("what predicts dispersion")
     property_files, property_notes, properties, property_text = properties_section(
         run, out, scores=scores, n_permutations=property_permutations,
         n_shuffles=property_shuffles, seed=seed,
@@ -1378,10 +1396,13 @@ def paper_sections(
     seed: int,
     metrics: Sequence[str],
     metric_options: dict[str, dict[str, Any]],
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The issue-14 sections, in order; each entry holds its ``files``, ``verdict`` (a sentence
     or None), ``notes`` and its numbers (see each ``*_section``). The sections after the metric
-    suite use the sets of the first score (``scores[0]``)."""
+    suite use the sets of the first score (``scores[0]``). ``progress`` is called with each
+    section's title (:data:`SECTION_TITLES`) as it starts."""
+    tell = progress or _silent
     sets = dispersion_sets(run, scores[0], size, n_random, seed)
     chosen = options.calibration_metric_names(metrics)
     sections: dict[str, Callable[[], tuple[list[str], dict[str, Any]]]] = {
@@ -1416,6 +1437,7 @@ def paper_sections(
     for name, section in sections.items():
         if _SECTION_OPTION.get(name, name) in options.skip:
             continue
+        tell(SECTION_TITLES[name])
         try:
             results[name] = section()
         except ValueError as error:  # e.g. sets too small for it: the rest of the report stands
@@ -1425,6 +1447,20 @@ def paper_sections(
 
 #: report.json section -> its ``--skip`` name, where they differ
 _SECTION_OPTION = {"matched_baselines": "calibration"}
+
+#: report.json section -> what the report's progress lines call it
+SECTION_TITLES = {
+    "per_stimulus": "per-stimulus alignment against dispersion",
+    "predictivity": "linear predictivity",
+    "many_to_many": "one caption against the mean of all captions",
+    "blind_matching": "blind matching",
+    "matched_baselines": "calibration: shuffled pairings and matched random sets",
+    "gpa_stability": "GPA stability",
+}
+
+
+def _silent(step: str) -> None:
+    """A progress callback that says nothing."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1541,7 +1577,22 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         help="sections to leave out",
     )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines on stderr (each section as it starts, with the time so far)",
+    )
     return parser
+
+
+def _progress_lines(stream: Any) -> Callable[[str], None]:
+    """A progress callback that prints ``  12.3 s  <section>`` lines (time since it was made)."""
+    started = time.perf_counter()
+
+    def tell(step: str) -> None:
+        print(f"  {time.perf_counter() - started:6.1f} s  {step}", file=stream, flush=True)
+
+    return tell
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1563,6 +1614,7 @@ def main(argv: list[str] | None = None) -> int:
                 ) from missing
         else:
             run = load_run(args.run)
+        tell = None if args.quiet else _progress_lines(sys.stderr)
         report = write_report(
             run,
             args.out,
@@ -1587,7 +1639,10 @@ def main(argv: list[str] | None = None) -> int:
                 gpa_starts=args.gpa_starts,
                 skip=tuple(args.skip),
             ),
+            progress=tell,
         )
+        if tell is not None:
+            tell("done")
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import itertools
 import json
 
@@ -38,8 +40,37 @@ def planted_run_path(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def written(planted_run_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("report_out")
-    status = report.main([str(planted_run_path / "runs" / "demo"), "--out", str(out), *FAST])
+    with contextlib.redirect_stderr(io.StringIO()) as progress:
+        status = report.main([str(planted_run_path / "runs" / "demo"), "--out", str(out), *FAST])
+    (out / "progress.log").write_text(progress.getvalue())  # for the progress test
     return status, out
+
+
+def test_report_tells_each_section_as_it_starts(written, planted_run_path, tmp_path,
+                                               monkeypatch):
+    """The CLI prints each section as it starts, with the seconds so far, on stderr (a report on
+    a large run takes minutes); with --quiet it passes no progress callback."""
+    status, out = written
+    lines = (out / "progress.log").read_text().splitlines()
+    seconds = [float(line.split(" s  ")[0]) for line in lines]
+    steps = [line.split(" s  ", 1)[1] for line in lines]
+    assert status == 0 and seconds == sorted(seconds) and seconds[0] < 1.0
+    assert steps[0] == "layer sweep and best language layers" and steps[-1] == "done"
+    assert steps[1].startswith("low, high and random sets: ") and "(Fig. 2)" in steps[1]
+    sections = [report.SECTION_TITLES[name] for name in report.SECTION_TITLES]
+    assert [step for step in steps if step in sections] == sections  # in the report's order
+    assert "what predicts dispersion" in steps and "universal space" in steps
+    passed = {}
+
+    def stop(run, out, **settings):  # noqa: ANN001, ANN003
+        passed.update(settings)
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(report, "write_report", stop)
+    with contextlib.redirect_stderr(io.StringIO()) as quiet:
+        assert report.main([str(planted_run_path / "runs" / "demo"), "--out", str(tmp_path),
+                            "--quiet"]) == 2
+    assert passed["progress"] is None and quiet.getvalue() == "error: stopped here\n"
 
 
 def test_report_writes_tables_figures_and_summary(written):
