@@ -354,8 +354,10 @@ class _ProgressBars:
     """Progress of a precompute on ``stream`` (stderr). On a terminal, one tqdm bar per extracted
     or indexed model. On anything else (a log file, a cluster job's output), plain lines: one when
     a model starts, at most one per ``LOG_INTERVAL_S``, one when it ends with its time, so that a
-    log reads line by line instead of holding every redraw of a bar. Cached steps print one line;
-    the event that confirms a finished model (sent once its files are written) draws nothing."""
+    log reads line by line instead of holding every redraw of a bar. The steps after extraction
+    (GPA, ...) print a line as they start and one as they end, with their time. Cached steps print
+    one line; the event that confirms a finished model (sent once its files are written) draws
+    nothing."""
 
     #: seconds between two plain progress lines of the same model
     LOG_INTERVAL_S = 30.0
@@ -369,6 +371,7 @@ class _ProgressBars:
         self.key: tuple[str, str | None] | None = None
         self.cached: set[tuple[str, str | None]] = set()
         self.finished: set[tuple[str, str | None]] = set()
+        self.step_started: dict[str, float] = {}
         self.started = self.last_line = 0.0
 
     def __call__(self, event: Any) -> None:
@@ -376,13 +379,26 @@ class _ProgressBars:
             print("  waiting for another precompute of this run to finish ...", file=self.stream)
         elif event.step in ("extract", "neighbours"):
             self._model_event(event)
-        elif (
-            event.step in ("gpa", "gpa_stability", "dispersion", "thumbnails", "properties")
-            and event.done >= event.total
-        ):
+        elif event.step in ("gpa", "gpa_stability", "dispersion", "thumbnails", "properties"):
+            self._step_event(event)
+
+    def _step_event(self, event: Any) -> None:
+        """A step after extraction: a line as it starts (GPA and its stability take minutes at
+        100,000 stimuli), one as it ends, with its time."""
+        if event.done == 0 and not event.skipped:
             self._close()
-            state = "cached" if event.skipped else "done"
-            print(f"  {event.step}: {state}", file=self.stream)
+            self.step_started[event.step] = self.clock()
+            print(f"  {event.step}: started", file=self.stream, flush=True)
+        elif event.done >= event.total:
+            self._close()
+            started = self.step_started.pop(event.step, None)
+            if event.skipped:
+                state = "cached"
+            elif started is None:
+                state = "done"
+            else:
+                state = f"done in {self.clock() - started:.1f} s"
+            print(f"  {event.step}: {state}", file=self.stream, flush=True)
 
     def _model_event(self, event: Any) -> None:
         label = event.model if event.step == "extract" else f"{event.model} neighbours"

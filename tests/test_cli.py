@@ -162,7 +162,8 @@ def test_precompute_real_models_on_six_images(tmp_path, monkeypatch):
 
 def _progress_events():
     """A model extracted in 3 reports, confirmed once written, then indexed in 2 layers of 5 rows
-    (the first report already counts a layer), then GPA: what precompute sends."""
+    (the first report already counts a layer), then the steps after extraction: what precompute
+    sends."""
     from convergence_core.precompute import ProgressEvent as E
 
     return [
@@ -174,7 +175,10 @@ def _progress_events():
         (41.0, E("extract", "minilm", 10, 10, skipped=True)),
         (42.0, E("neighbours", "lite0", 5, 10)),
         (44.0, E("neighbours", "lite0", 10, 10)),
-        (45.0, E("gpa", None, 1, 1)),
+        (45.0, E("gpa", None, 0, 1)),
+        (147.5, E("gpa", None, 1, 1)),
+        (148.0, E("dispersion", None, 1, 1)),
+        (149.0, E("properties", None, 3, 3, skipped=True)),
     ]
 
 
@@ -203,7 +207,10 @@ def test_progress_in_a_log_is_plain_lines():
         "  minilm: cached",
         "  lite0 neighbours: 5/10 rows",
         "  lite0 neighbours: 10/10 rows in 2.0 s",
-        "  gpa: done",
+        "  gpa: started",
+        "  gpa: done in 102.5 s",
+        "  dispersion: done",
+        "  properties: cached",
     ]
 
 
@@ -227,7 +234,7 @@ def test_progress_on_a_terminal_draws_one_bar_per_model():
     assert {label: len(found) for label, found in bars_of.items()} == {
         "lite0": 1, "lite0 neighbours": 1}
     assert all(found[0].endswith("/s]") and "100%" in found[0] for found in bars_of.values())
-    assert "  minilm: cached" in lines and "  gpa: done" in lines
+    assert "  minilm: cached" in lines and "  gpa: done in 102.5 s" in lines
 
 
 def test_flags_override_a_config_file(tmp_path, monkeypatch):
