@@ -372,6 +372,7 @@ class _ProgressBars:
         self.cached: set[tuple[str, str | None]] = set()
         self.finished: set[tuple[str, str | None]] = set()
         self.step_started: dict[str, float] = {}
+        self.step_line: dict[str, float] = {}
         self.started = self.last_line = 0.0
 
     def __call__(self, event: Any) -> None:
@@ -384,12 +385,20 @@ class _ProgressBars:
 
     def _step_event(self, event: Any) -> None:
         """A step after extraction: a line as it starts (GPA and its stability take minutes at
-        100,000 stimuli), one as it ends, with its time."""
-        if event.done == 0 and not event.skipped:
-            self._close()
-            self.step_started[event.step] = self.clock()
-            print(f"  {event.step}: started", file=self.stream, flush=True)
-        elif event.done >= event.total:
+        100,000 stimuli), where it is at most every ``LOG_INTERVAL_S`` (``event.detail``: "GPA
+        solution 2 of 5"), and a line as it ends, with its time."""
+        now = self.clock()
+        if event.done < event.total and not event.skipped:
+            if event.step not in self.step_started:
+                self._close()
+                self.step_started[event.step] = self.step_line[event.step] = now
+                print(f"  {event.step}: started", file=self.stream, flush=True)
+            elif now - self.step_line[event.step] >= self.LOG_INTERVAL_S:
+                self.step_line[event.step] = now
+                where = event.detail or f"{event.done:,}/{event.total:,}"
+                seconds = now - self.step_started[event.step]
+                print(f"  {event.step}: {where} ({seconds:.0f} s)", file=self.stream, flush=True)
+        else:
             self._close()
             started = self.step_started.pop(event.step, None)
             if event.skipped:
@@ -397,7 +406,7 @@ class _ProgressBars:
             elif started is None:
                 state = "done"
             else:
-                state = f"done in {self.clock() - started:.1f} s"
+                state = f"done in {now - started:.1f} s"
             print(f"  {event.step}: {state}", file=self.stream, flush=True)
 
     def _model_event(self, event: Any) -> None:

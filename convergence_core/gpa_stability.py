@@ -32,7 +32,7 @@ question (sampling variability of the stimulus set) and needs new cross-products
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -280,6 +280,7 @@ def gpa_stability(
     tol: float = _gpa.DEFAULT_TOL,
     max_iter: int = 1000,
     models: Sequence[str] = (),
+    progress: Callable[[int, int], None] | None = None,
 ) -> GPAStability:
     """Per-stimulus residual spread and rank stability of GPA over random starts.
 
@@ -290,6 +291,8 @@ def gpa_stability(
         seed: seed of the random starts.
         tol, max_iter: the stopping rule of every solution (as in ``generalized_procrustes``).
         models: names of the inputs (empty or one per array).
+        progress: called with ``(solutions done, n_starts + 1)`` after the reference solution and
+            after each random start.
 
     Returns:
         :class:`GPAStability`.
@@ -304,12 +307,16 @@ def gpa_stability(
     arrays = _gpa._check_inputs(embeddings, tuple(str(x) for x in models))
     names = _gpa._check_names(models, len(arrays), "model names")
     problem = _gpa._prepare(arrays, _gpa._labels(len(arrays), names))
+    tell = progress or (lambda done, total: None)
     reference = _gpa._iterate(problem, tol=tol, max_iter=max_iter)
+    tell(1, n_starts + 1)
     rng = np.random.default_rng(seed)
-    starts = [
-        _gpa._iterate(problem, tol=tol, max_iter=max_iter, start=_random_start(problem, rng))
-        for _ in range(n_starts)
-    ]
+    starts = []
+    for start in range(n_starts):
+        starts.append(
+            _gpa._iterate(problem, tol=tol, max_iter=max_iter, start=_random_start(problem, rng))
+        )
+        tell(start + 2, n_starts + 1)
     solutions = [reference, *starts]
     maps = [_gpa._full_maps(problem, s.maps) for s in solutions]
     maps.append(_gpa._full_maps(problem, reference.previous_maps))

@@ -542,8 +542,10 @@ class ProgressEvent:
     being extracted or indexed (else None; "<model> (every caption, for caption agreement)" while
     the properties step embeds every caption of a run extracted before that step existed;
     "properties": the language model whose part is done); ``done`` of ``total`` items (stimuli,
-    captions or rows; "properties": parts); ``skipped``: the step was cached and is not
-    recomputed.
+    captions or rows; "properties": parts; "gpa": iterations of at most ``max_iter``, then the
+    residual pass; "gpa_stability": solutions, then the residual pass); ``skipped``: the step was
+    cached and is not recomputed; ``detail``: where the step is, in words ("iteration 12"), for a
+    log.
     """
 
     step: str
@@ -551,6 +553,7 @@ class ProgressEvent:
     done: int
     total: int
     skipped: bool = False
+    detail: str = ""
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -1163,7 +1166,8 @@ class _Pipeline:
             self.notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
             return inputs
         self.manifest.forget_step("gpa")
-        self.notify(ProgressEvent("gpa", None, 0, 1))
+        total = self.plan.gpa_max_iter + 1  # the iterations at most, then the residual pass
+        self.notify(ProgressEvent("gpa", None, 0, total))
         result = write_gpa(
             self.layout,
             self._gpa_arrays(),
@@ -1171,11 +1175,14 @@ class _Pipeline:
             layers_in,
             tol=self.plan.gpa_tol,
             max_iter=self.plan.gpa_max_iter,
+            progress=lambda done: self.notify(
+                ProgressEvent("gpa", None, done, total, detail=f"iteration {done}")
+            ),
         )
         self.manifest.finish_step(
             "gpa", inputs, n_iter=int(result.n_iter), converged=bool(result.converged)
         )
-        self.notify(ProgressEvent("gpa", None, 1, 1))
+        self.notify(ProgressEvent("gpa", None, total, total))
         return inputs
 
     def _gpa_arrays(self) -> list[np.ndarray]:
@@ -1204,7 +1211,8 @@ class _Pipeline:
             self.notify(ProgressEvent("gpa_stability", None, 1, 1, skipped=True))
             return
         self.manifest.forget_step("gpa_stability")
-        self.notify(ProgressEvent("gpa_stability", None, 0, 1))
+        total = starts + 2  # GPA from its own start and from each random start, the residual pass
+        self.notify(ProgressEvent("gpa_stability", None, 0, total))
         write_gpa_stability(
             self.layout,
             self._gpa_arrays(),
@@ -1214,9 +1222,13 @@ class _Pipeline:
             seed=GPA_STABILITY_SEED,
             tol=self.plan.gpa_tol,
             max_iter=self.plan.gpa_max_iter,
+            progress=lambda done, solutions: self.notify(
+                ProgressEvent("gpa_stability", None, done, total,
+                              detail=f"GPA solution {done} of {solutions}")
+            ),
         )
         self.manifest.finish_step("gpa_stability", inputs)
-        self.notify(ProgressEvent("gpa_stability", None, 1, 1))
+        self.notify(ProgressEvent("gpa_stability", None, total, total))
 
     def _gpa_layer(self, entry: ModelEntry, model: str) -> str:
         chosen = self.plan.gpa_layers.get(model)

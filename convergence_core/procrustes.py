@@ -125,7 +125,7 @@ aligned_i = ((X_i − μ_i) / s_i) R_i for any rows; :meth:`GPAResult.aligned_ro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -875,10 +875,12 @@ def _iterate(
     max_iter: int,
     accelerate: bool = True,
     start: Sequence[np.ndarray] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> _Solution:
     """Minimise the loss from Gower's start (or ``start``: maps (r_i, p) with orthonormal rows).
 
     Every recorded iterate is the output of a block sweep and its loss is ≤ the previous one.
+    ``progress`` is called with the number of accepted iterations after each.
     """
     it = _Iterations(problem)
     m = problem.n_models
@@ -888,6 +890,8 @@ def _iterate(
         current = it.fix_frame([np.asarray(t, dtype=np.float64) for t in start])
         loss = it.loss(current)
     history = [problem.unaligned_loss, loss] if start is None else [loss]
+    if progress is not None and start is None:
+        progress(1)  # iteration 1 is the start
     previous = current
     decreases: list[float] = []
     rounding = _LOSS_ROUNDING * m
@@ -939,6 +943,8 @@ def _iterate(
         decreases.append(max(loss - new_loss, 0.0))
         previous, current, loss = current, mapped, new_loss
         history.append(loss)
+        if progress is not None:
+            progress(len(history) - 1)
         gap = _remaining_decrease(decreases)
         if len(decreases) >= 2 and max(decreases[-2:]) <= rounding:
             converged, gap = True, decreases[-1]
@@ -1012,6 +1018,7 @@ def generalized_procrustes(
     models: Sequence[str] = (),
     layers: Sequence[str] = (),
     accelerate: bool = True,
+    progress: Callable[[int], None] | None = None,
 ) -> GPAResult:
     """Align M models' embeddings of the same stimuli to their consensus (Generalized Procrustes).
 
@@ -1024,6 +1031,8 @@ def generalized_procrustes(
         max_iter: at most this many iterations (``converged`` is False if it is reached).
         models, layers: names of the inputs, kept on the result (empty or one per array).
         accelerate: False runs the plain block sweeps (for checking; many more iterations).
+        progress: called with the number of accepted iterations after each (a long run's sign
+            of life; the iterations are the same with or without it).
 
     Returns:
         :class:`GPAResult`: residuals (n, M), loss history, maps (d_i, d), means, scales.
@@ -1037,7 +1046,9 @@ def generalized_procrustes(
     layer_names = _check_names(layers, len(arrays), "layer names")
     labels = _labels(len(arrays), model_names)
     problem = _prepare(arrays, labels)
-    solution = _iterate(problem, tol=tol, max_iter=max_iter, accelerate=accelerate)
+    solution = _iterate(
+        problem, tol=tol, max_iter=max_iter, accelerate=accelerate, progress=progress
+    )
     maps = _full_maps(problem, solution.maps)
     residuals = _residuals(arrays, problem.means, problem.scales, [maps])[0]
     return GPAResult(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -275,10 +275,12 @@ def write_gpa(
     *,
     tol: float,
     max_iter: int,
+    progress: Callable[[int], None] | None = None,
 ) -> Any:
     """Run GPA on ``arrays`` (read in row blocks; float32 memory maps are not copied) and write
     gpa/: residuals, loss history, scales and each model's map and mean (O(M·d²); the aligned
-    configurations are reproduced from the run's embeddings on demand). Return the GPAResult."""
+    configurations are reproduced from the run's embeddings on demand). Return the GPAResult.
+    ``progress``: called with the iterations done after each (``generalized_procrustes``)."""
     from .procrustes import GPA_ALGORITHM, generalized_procrustes
 
     result = generalized_procrustes(
@@ -287,6 +289,7 @@ def write_gpa(
         max_iter=max_iter,
         models=tuple(models),
         layers=tuple(layers),
+        progress=progress,
     )
     write_npy(layout.gpa_array("residuals"), np.asarray(result.residuals, dtype=np.float64))
     write_npy(layout.gpa_array("loss_history"), np.asarray(result.loss_history, dtype=np.float64))
@@ -320,15 +323,18 @@ def write_gpa_stability(
     seed: int,
     tol: float,
     max_iter: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Any:
     """Run the GPA stability diagnostic (``gpa_stability``: GPA from ``n_starts`` random starts on
     the GPA inputs, same stopping rule) and write gpa/stability.parquet and .json; return the
     ``GPAStability``. O(n · M) storage; cost: one more pass over the inputs per solution's
-    residuals plus one GPA solve on the cross-products per start (independent of n)."""
+    residuals plus one GPA solve on the cross-products per start (independent of n).
+    ``progress``: called with (solutions done, solutions) after each (``gpa_stability``)."""
     from .gpa_stability import gpa_stability
 
     result = gpa_stability(
-        list(arrays), n_starts=n_starts, seed=seed, tol=tol, max_iter=max_iter, models=models
+        list(arrays), n_starts=n_starts, seed=seed, tol=tol, max_iter=max_iter, models=models,
+        progress=progress,
     )
     write_parquet(layout.gpa_stability_table, result.to_frame(ids=[str(x) for x in ids]))
     summary = {

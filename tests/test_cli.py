@@ -175,8 +175,11 @@ def _progress_events():
         (41.0, E("extract", "minilm", 10, 10, skipped=True)),
         (42.0, E("neighbours", "lite0", 5, 10)),
         (44.0, E("neighbours", "lite0", 10, 10)),
-        (45.0, E("gpa", None, 0, 1)),
-        (147.5, E("gpa", None, 1, 1)),
+        (45.0, E("gpa", None, 0, 1001)),
+        (46.0, E("gpa", None, 1, 1001, detail="iteration 1")),
+        (76.0, E("gpa", None, 2, 1001, detail="iteration 2")),  # 31 s since the last line
+        (77.0, E("gpa", None, 3, 1001, detail="iteration 3")),
+        (147.5, E("gpa", None, 1001, 1001)),
         (148.0, E("dispersion", None, 1, 1)),
         (149.0, E("properties", None, 3, 3, skipped=True)),
     ]
@@ -208,6 +211,7 @@ def test_progress_in_a_log_is_plain_lines():
         "  lite0 neighbours: 5/10 rows",
         "  lite0 neighbours: 10/10 rows in 2.0 s",
         "  gpa: started",
+        "  gpa: iteration 2 (31 s)",
         "  gpa: done in 102.5 s",
         "  dispersion: done",
         "  properties: cached",

@@ -84,6 +84,25 @@ def test_reference_is_the_gpa_result_and_spreads_are_consistent() -> None:
     assert stability.models == ("a", "b", "c", "d")
 
 
+def test_progress_reports_every_solution_and_iteration_without_changing_them() -> None:
+    """The progress callbacks (precompute's sign of life at 100,000 stimuli) see every
+    iteration of GPA and every solution of the diagnostic, and change neither."""
+    embeddings = planted(seed=3, m=120, dims=(20, 16, 24, 20), latent=8)
+    iterations: list[int] = []
+    result = generalized_procrustes(embeddings, progress=iterations.append)
+    assert iterations == list(range(1, result.n_iter + 1))
+    np.testing.assert_array_equal(
+        result.loss_history, generalized_procrustes(embeddings).loss_history
+    )
+    solutions: list[tuple[int, int]] = []
+    stability = gpa_stability(embeddings, n_starts=2, seed=5,
+                              progress=lambda done, total: solutions.append((done, total)))
+    assert solutions == [(1, 3), (2, 3), (3, 3)]
+    np.testing.assert_array_equal(
+        stability.residual_spread, gpa_stability(embeddings, n_starts=2, seed=5).residual_spread
+    )
+
+
 def test_spearman_matches_scipy() -> None:
     from convergence_core.gpa_stability import _spearman
 
