@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from convergence_core import settings
@@ -183,6 +184,24 @@ def _warm_default_run() -> None:
         )
 
 
+@contextlib.contextmanager
+def _runtime_not_started_yet() -> Iterator[None]:
+    """Importing the pages' cached functions before Streamlit's runtime exists makes Streamlit
+    log "No runtime found, using MemoryCacheStorageManager" once per function (24 lines at
+    every start of the server): it checks each function's cache settings at import, against a
+    throwaway in-memory store; the caches themselves are made on first use. Those lines are
+    left out while the warm-up imports the pages' modules; other warnings pass."""
+    from streamlit.runtime.caching import cache_data_api
+
+    logger = logging.getLogger(cache_data_api.__name__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None, *, prog: str = "convergence serve") -> int:
     """Warm the imports, then run ``streamlit run APP ARGS`` (blocks while the server runs).
 
@@ -202,7 +221,8 @@ def main(argv: list[str] | None = None, *, prog: str = "convergence serve") -> i
     import pyarrow.parquet  # noqa: F401
     import scipy.stats  # noqa: F401  (the lab's baseline and the paper's tests)
 
-    from convergence_core.dashboard import charts, data, page, plots, widgets  # noqa: F401
+    with _runtime_not_started_yet():
+        from convergence_core.dashboard import charts, data, page, plots, widgets  # noqa: F401
 
     from streamlit.web import cli
 
