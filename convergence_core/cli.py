@@ -355,9 +355,9 @@ class _ProgressBars:
     or indexed model. On anything else (a log file, a cluster job's output), plain lines: one when
     a model starts, at most one per ``LOG_INTERVAL_S``, one when it ends with its time, so that a
     log reads line by line instead of holding every redraw of a bar. The steps after extraction
-    (GPA, ...) print a line as they start and one as they end, with their time. Cached steps print
-    one line; the event that confirms a finished model (sent once its files are written) draws
-    nothing."""
+    (GPA, ...) print a line as they start, where they are at most every ``LOG_INTERVAL_S``, and
+    one as they end, with their time. Cached steps print one line; the event that confirms a
+    finished model (sent once its files are written) draws nothing."""
 
     #: seconds between two plain progress lines of the same model
     LOG_INTERVAL_S = 30.0
