@@ -389,10 +389,12 @@ class _ProgressBars:
         solution 2 of 5"), and a line as it ends, with its time."""
         now = self.clock()
         if event.done < event.total and not event.skipped:
-            if event.step not in self.step_started:
+            if event.done == 0:  # the step's own start (a cached step reads its parts silently)
                 self._close()
                 self.step_started[event.step] = self.step_line[event.step] = now
                 print(f"  {event.step}: started", file=self.stream, flush=True)
+            elif event.step not in self.step_started:
+                return
             elif now - self.step_line[event.step] >= self.LOG_INTERVAL_S:
                 self.step_line[event.step] = now
                 where = event.detail or f"{event.done:,}/{event.total:,}"

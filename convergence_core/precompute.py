@@ -1261,6 +1261,7 @@ class _Pipeline:
         elif self.manifest.step_done("thumbnails", inputs):
             self.notify(ProgressEvent("thumbnails", None, self.n, self.n, skipped=True))
         else:
+            self.notify(ProgressEvent("thumbnails", None, 0, self.n))
             write_thumbnails(
                 self.layout,
                 self.stimuli,

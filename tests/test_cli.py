@@ -181,6 +181,7 @@ def _progress_events():
         (77.0, E("gpa", None, 3, 1001, detail="iteration 3")),
         (147.5, E("gpa", None, 1001, 1001)),
         (148.0, E("dispersion", None, 1, 1)),
+        (148.5, E("properties", "minilm", 2, 3)),  # a cached part, read back
         (149.0, E("properties", None, 3, 3, skipped=True)),
     ]
 
