@@ -355,7 +355,7 @@ def write_report(
     partners: dict[str, Any] = {}
     partner_summary = None
     if run.other_partner_models:
-        tell("the models outside GPA (Fig. 2 and S1)")
+        tell(STEP_TITLES["partners"])
         section = partner_alignment_section(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
             n_permutations=n_permutations, seed=seed, suffix="_partners",
@@ -369,7 +369,7 @@ def write_report(
         }
         partner_summary = section.summary
 
-    tell("leaving one model out (Fig. S2)")
+    tell(STEP_TITLES["leave_one_model_out"])
     loo_files, loo_notes = leave_one_model_out_section(run, out)
     files += loo_files
     notes += loo_notes
@@ -394,7 +394,7 @@ def write_report(
         name: entry["verdict"] for name, entry in sections.items() if entry.get("verdict")
     }
 
-    tell("what predicts dispersion")
+    tell(STEP_TITLES["properties"])
     property_files, property_notes, properties, property_text = properties_section(
         run, out, scores=scores, n_permutations=property_permutations,
         n_shuffles=property_shuffles, seed=seed,
@@ -485,7 +485,7 @@ def _report_without_language(
     paired_tests = None
     summary_text = ""
     if partners:
-        tell("the models outside GPA (Fig. 2 and S1)")
+        tell(STEP_TITLES["partners"])
         section = partner_alignment_section(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
             n_permutations=n_permutations, seed=seed,
@@ -493,7 +493,7 @@ def _report_without_language(
         files = section.files + _write_table(section.summary, out, "summary")
         verdicts, paired_tests = dict(section.verdicts), section.paired_tests
         summary_text = format_summary(section.summary, size) + "\n\n"
-    tell("leaving one model out (Fig. S2)")
+    tell(STEP_TITLES["leave_one_model_out"])
     loo_files, loo_notes = leave_one_model_out_section(run, out)
     files += loo_files
     notes += loo_notes
@@ -504,7 +504,7 @@ def _report_without_language(
             run, out, n_starts=options.gpa_starts, seed=seed
         )
         files += stability_files
-    tell("what predicts dispersion")
+    tell(STEP_TITLES["properties"])
     property_files, property_notes, properties, property_text = properties_section(
         run, out, scores=scores, n_permutations=property_permutations,
         n_shuffles=property_shuffles, seed=seed,
@@ -1456,6 +1456,14 @@ SECTION_TITLES = {
     "blind_matching": "blind matching",
     "matched_baselines": "calibration: shuffled pairings and matched random sets",
     "gpa_stability": "GPA stability",
+}
+
+
+#: the steps both report paths (with and without language models) announce
+STEP_TITLES = {
+    "partners": "the models outside GPA (Fig. 2 and S1)",
+    "leave_one_model_out": "leaving one model out (Fig. S2)",
+    "properties": "what predicts dispersion",
 }
 
 
