@@ -263,12 +263,14 @@ def _readme_properties_match(out: Path) -> None:
     assert abs(float(shown.group(2)) - r2.loc["boosted_trees", "value"]) < 0.005
 
 
-def test_readme_python_example_runs(demo_run: Path) -> None:
+def test_readme_python_example_runs(demo_run: Path, tmp_path, monkeypatch) -> None:
     block = re.search(r"```python\n(.*?)```", _readme(), flags=re.DOTALL)
     assert block is not None
+    monkeypatch.chdir(tmp_path)  # the example writes fig2.png where it runs: not into the repo
     namespace: dict = {}
     exec(compile(block.group(1), "README.md", "exec"), namespace)  # noqa: S102 - our own README
     assert namespace["run"].path == demo_run
+    assert (tmp_path / "fig2.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _free_port() -> int:
