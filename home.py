@@ -15,10 +15,18 @@ run = context.run
 view = context.view
 found = data.catalogue(run)
 
-st.text(
-    "Where do vision models agree, stimulus by stimulus? Generalized Procrustes residuals across "
-    "vision models (dispersion) and how they modulate vision-language alignment (CKNNA)."
-)
+if run.gpa_modality == "vision":
+    st.text(
+        "Where do vision models agree, stimulus by stimulus? Generalized Procrustes residuals "
+        "across vision models (dispersion) and how they modulate vision-language alignment "
+        "(CKNNA)."
+    )
+else:  # GPA across brain recordings (docs/brain_data.md) or another modality
+    st.text(
+        f"Where do the GPA models ({', '.join(run.gpa.models)}: {run.gpa_modality}) agree, "
+        "stimulus by stimulus? Generalized Procrustes residuals across them (dispersion) and "
+        "how they modulate their alignment with the other models (CKNNA)."
+    )
 
 dataset = run.manifest.dataset
 gpa = run.gpa

@@ -1172,9 +1172,9 @@ def leave_one_model_out(run: Run) -> pd.DataFrame:
     pairs = vision_layers(run)
     if len(pairs) < 3:
         raise ValueError(
-            "leave-one-model-out needs at least 3 vision models (GPA on the others needs 2), the "
-            "run "
-            f"has {len(pairs)}: precompute the run with more vision models"
+            "leave-one-model-out needs at least 3 GPA models (GPA on the others needs 2), the "
+            f"run has {len(pairs)}: precompute the run with more vision models (or more models "
+            "in --gpa-models)"
         )
     # as stored (memory maps are read in row blocks; no float64 copies of whole models)
     embeddings = {model: run.embeddings[model][layer] for model, layer in pairs}

@@ -153,7 +153,7 @@ def drop_fraction_figure(
 def leave_one_out_figure(
     points: pd.DataFrame, statistics: pd.DataFrame, path: str | os.PathLike[str]
 ) -> Path:
-    """Fig. S2: per held-out vision model, deviation vs partial dispersion with the fit line."""
+    """Fig. S2: per held-out GPA model, deviation vs partial dispersion with the fit line."""
     models = list(dict.fromkeys(points["held_out_model"]))
     figure, axes = _panels(len(models), width=4.8, height=4.0)
     for axis, model in zip(axes, models, strict=True):
@@ -180,7 +180,7 @@ def leave_one_out_figure(
         axis.set_xlabel("partial dispersion (residual units)")
     axes[0].set_ylabel("held-out deviation (residual units)")
     figure.suptitle(
-        "Fig. S2: mean residual of the other vision models (partial dispersion) vs the held-out "
+        "Fig. S2: mean residual of the other GPA models (partial dispersion) vs the held-out "
         "model's deviation from their consensus",
         fontsize=10,
     )
@@ -214,7 +214,7 @@ def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
         axis.set_yticks(np.arange(grid.shape[0]), list(grid.index), fontsize=8)
         axis.set_xlabel("layer (block index, 0 = shallowest)")
         axis.set_title(language, fontsize=9)
-    axes[0][0].set_ylabel("vision model (GPA layer)")
+    axes[0][0].set_ylabel("GPA model (its GPA layer)")
     colourbar = figure.colorbar(image, ax=list(axes[0]))
     colourbar.set_label(_cknna_label(int(sweep["k"].iloc[0])))
     figure.suptitle("Layer sweep: CKNNA on the full set", fontsize=10)
@@ -250,7 +250,7 @@ def _direction_label(direction: str) -> str:
 def cross_modal_dispersion_figure(
     per_stimulus: pd.DataFrame, relation: pd.DataFrame, path: str | os.PathLike[str]
 ) -> Path:
-    """Per stimulus: intra-modal (vision) dispersion vs cross-modal dispersion in the universal
+    """Per stimulus: intra-modal (GPA) dispersion vs cross-modal dispersion in the universal
     space, with Spearman ρ and its permutation p in the title. ``per_stimulus`` is
     ``CrossModalAnalysis.per_stimulus()`` (columns ``intra_modal_dispersion``,
     ``cross_modal_dispersion``); ``relation`` its one-row ``relation`` table."""
@@ -271,7 +271,7 @@ def cross_modal_dispersion_figure(
     )
     axis.set_xlabel(f"intra-modal dispersion: {str(stats['y']).replace('_', ' ')} (residual units)")
     axis.set_ylabel("cross-modal dispersion (residual units)")
-    figure.suptitle("Universal space: cross-modal vs intra-modal (vision) dispersion", fontsize=10)
+    figure.suptitle("Universal space: cross-modal vs intra-modal (GPA) dispersion", fontsize=10)
     return _save(figure, path)
 
 
@@ -332,7 +332,7 @@ def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
             bars(bottom, rows, [("recall_at_1", subset) for subset in subsets])
             size = rows[rows["subset"] == subsets[0]]["n_gallery_mean"].iloc[0]
             bottom.set_xticks(np.arange(len(subsets)), [_SUBSET_LABELS[s] for s in subsets])
-            bottom.set_xlabel(f"held-out stimuli by vision dispersion ({size:.0f} per fold)")
+            bottom.set_xlabel(f"held-out stimuli by GPA dispersion ({size:.0f} per fold)")
             bottom.set_title(f"recall@1, {_direction_label(direction)}", fontsize=9)
     _legend_below(figure, grid[0][0])
     folds = int(summary["n_folds"].max())
@@ -489,7 +489,8 @@ def per_stimulus_alignment_figure(
             )
             axis.legend(fontsize=6, loc="best")
     figure.suptitle(
-        "Per-stimulus vision–language alignment against dispersion (Spearman ρ, permutation p)",
+        "Per-stimulus alignment of each GPA model × partner pair against dispersion (Spearman ρ, "
+        "permutation p)",
         fontsize=10,
     )
     return _save(figure, path)

@@ -107,8 +107,8 @@ def summary_table(set_tables: Sequence[pd.DataFrame], sides: str) -> pd.DataFram
 def format_summary(summary: pd.DataFrame, set_size: int | None = None) -> str:
     """Fixed-width text of the summary: low, random mean [95% interval], high, ratio, p; one
     table per value of ``sides`` (vision × language first, as in :func:`summary_table`), each
-    headed by it when there is more than one, its partner column named for the partner side
-    ("language (layer)", "brain (layer)").
+    headed by it when there is more than one, its model columns named for the two sides ("vision",
+    "language (layer)"; "brain", "vision (layer)").
 
     With ``set_size`` below ``validation.MIN_CKNNA_SET_SIZE`` the CKNNA columns show "—" (too
     few stimuli for a CKNNA worth reading; the CSV/JSON tables keep the values).
@@ -119,7 +119,7 @@ def format_summary(summary: pd.DataFrame, set_size: int | None = None) -> str:
             f"{sides}:\n" + format_summary(summary[summary["sides"] == sides], set_size)
             for sides in groups
         )
-    partner = groups[0].split(" × ")[-1] if groups else "language"
+    side, partner = groups[0].split(" × ") if groups else ("vision", "language")
     if set_size is not None and set_size < MIN_CKNNA_SET_SIZE:
         summary = summary.copy()
         for column in SUMMARY_COLUMNS:
@@ -133,7 +133,7 @@ def format_summary(summary: pd.DataFrame, set_size: int | None = None) -> str:
     shown = pd.DataFrame(
         {
             "score": summary["score"],
-            "vision": summary["vision_model"],
+            side: summary["vision_model"],
             f"{partner} (layer)": [
                 f"{m} ({layer})"
                 for m, layer in zip(
@@ -315,6 +315,7 @@ def write_report(
     files.append(figures.layer_sweep_figure(sweep, out / "layer_sweep.png").name)
 
     pairs = analyses.pairs_with_best_layers(run, k=k, best_layers=best)
+    sides = analyses.pair_sides(run, pairs)  # "vision × language"; "brain × language", ...
     metrics = options.metric_names()
     metric_options = options.metric_options(run, pairs, size, metrics)
     tell(f"low, high and random sets: {len(metrics)} metrics × {len(scores)} scores (Fig. 2)")
@@ -341,7 +342,7 @@ def write_report(
             figures.dispersion_sets_figure(table, out / f"fig2_dispersion_sets_{score}.png").name
         )
         paired.append(analyses.paired_set_tests(table).assign(score=score))
-        verdicts[score] = analyses.effect_verdict(table)
+        verdicts[score] = analyses.effect_verdict(table, sides)
     paired_tests = pd.concat(paired, ignore_index=True)
     files += _write_table(paired_tests, out, "paired_tests")
 
@@ -413,7 +414,7 @@ def write_report(
     if bound is not None:
         notes.append(bound)
     # every pair's row: vision × language, then the models outside GPA (vision × brain)
-    summary = summary_table(set_tables, analyses.pair_sides(run, pairs))
+    summary = summary_table(set_tables, sides)
     if partner_summary is not None:
         summary = pd.concat([summary, partner_summary], ignore_index=True)
     files += _write_table(summary, out, "summary")
@@ -607,7 +608,7 @@ def leave_one_model_out_section(run: Run, out: Path) -> tuple[list[str], list[st
     dispersion of the others) when the run has at least 3 GPA models. Returns (files, notes)."""
     if len(run.gpa.models) < 3:
         return [], [
-            f"leave-one-model-out skipped: it needs at least 3 vision models, the run has "
+            f"leave-one-model-out skipped: it needs at least 3 GPA models, the run has "
             f"{len(run.gpa.models)}"
         ]
     points = analyses.leave_one_model_out(run)
@@ -1056,12 +1057,16 @@ def predictivity_section(
     files = _write_table(long, out, "predictivity_sets")
     files += _write_table(summary, out, "predictivity_summary")
     parts = []
+    # the table names the directions by role; the sentence by modality ("brain → language")
+    words = dict(zip(("vision", "language"), analyses.pair_modalities(run, pairs), strict=True))
     for (source, target), group in summary.groupby(["source", "target"], sort=False):
         counts = ", ".join(
             f"{metric.replace('_', ' ')} {int((g['low_minus_high'] > 0).sum())}"
             for metric, g in group.groupby("metric", sort=False)
         )
-        parts.append(f"{source} → {target}: low > high in {counts} of {len(pairs)} pairs")
+        parts.append(
+            f"{words[source]} → {words[target]}: low > high in {counts} of {len(pairs)} pairs"
+        )
     verdict = (
         f"Linear predictivity (ridge, {n_folds}-fold, {int(np.size(sets.low))} stimuli per "
         f"{sets.score}-dispersion set): " + "; ".join(parts) + "."

@@ -48,6 +48,7 @@ from .dispersion import check_score
 from .universal import (
     Member,
     _check_members,
+    dispersion_name,
     fit_universal_space,
     modality_means,
     run_features,
@@ -754,7 +755,7 @@ def run_retrieval(
     ridge: bool = True,
 ) -> CrossValidatedRetrieval:
     """:func:`cross_validated_retrieval` of a run's ``models`` (default all, default layers), with
-    low/high thirds by the run's intra-modal (vision) dispersion ``run.dispersion[score]``."""
+    low/high thirds by the run's intra-modal dispersion ``run.dispersion[score]`` (GPA)."""
     check_score(score)
     members = run_members(run, models, layers)
     return cross_validated_retrieval(
@@ -768,7 +769,7 @@ def run_retrieval(
         similarity=similarity,
         n_components=n_components,
         strata=run.dispersion[score].to_numpy(dtype=np.float64),
-        strata_name=f"vision_dispersion_{score}",
+        strata_name=dispersion_name(run, score),
         ridge=ridge,
         ids=run.stimuli["id"].astype(str).tolist(),
     )

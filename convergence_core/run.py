@@ -143,6 +143,14 @@ class Run:
         gpa = set(self.manifest.gpa.models)
         return [m for m in self.models if m not in self.language_models and m not in gpa]
 
+    @property
+    def gpa_modality(self) -> str:
+        """The modality of the GPA models, whose residuals are the run's dispersion, in words
+        for labels: ``"vision"`` (the usual run), ``"brain"`` (GPA across subjects), or several
+        ``/``-joined in GPA order (``"vision/brain"``); ``"vision"`` before GPA is recorded."""
+        models = self.manifest.gpa.models or self.vision_models
+        return "/".join(dict.fromkeys(self.modality(m) for m in models)) or "vision"
+
     def _model_entry(self, model: str) -> ModelEntry:
         entry = self.manifest.models.get(model)
         if entry is None:

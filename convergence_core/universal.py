@@ -574,6 +574,12 @@ def run_features(run: Run, members: Sequence[Member]) -> list[np.ndarray]:
     return [run.embeddings[m.model][m.layer] for m in members]
 
 
+def dispersion_name(run: Run, score: str) -> str:
+    """The name of the run's dispersion ``score`` in tables: ``vision_dispersion_mean``, or for
+    GPA across brain recordings ``brain_dispersion_mean`` (:attr:`Run.gpa_modality`)."""
+    return f"{run.gpa_modality.replace('/', '_')}_dispersion_{score}"
+
+
 def run_cross_modal_analysis(
     run: Run,
     models: Sequence[str] | None = None,
@@ -585,7 +591,8 @@ def run_cross_modal_analysis(
     seed: int = 0,
 ) -> CrossModalAnalysis:
     """:func:`cross_modal_analysis` of a run's ``models`` (default all), related to the run's
-    intra-modal (vision) dispersion ``run.dispersion[score]`` (``"mean"`` or ``"pc1"``)."""
+    intra-modal dispersion ``run.dispersion[score]`` (``"mean"`` or ``"pc1"``: GPA across the
+    vision models, or the run's GPA models), named by :func:`dispersion_name`."""
     check_score(score)
     members = run_members(run, models, layers)
     return cross_modal_analysis(
@@ -593,7 +600,7 @@ def run_cross_modal_analysis(
         members,
         ids=run.stimuli["id"].astype(str).tolist(),
         intra_modal=run.dispersion[score].to_numpy(dtype=np.float64),
-        intra_modal_name=f"vision_dispersion_{score}",
+        intra_modal_name=dispersion_name(run, score),
         n_components=n_components,
         n_permutations=n_permutations,
         seed=seed,

@@ -43,7 +43,8 @@ with controls[0]:
     score = widgets.score_radio(
         view,
         "Rank by",
-        help="mean: average residual across vision models; PC1: score on the first principal "
+        help=f"mean: average residual across the {run.gpa_modality} models (GPA); PC1: score on "
+        "the first principal "
         "component of the residuals (the paper's two dispersion measures).",
     )
 with controls[1]:
@@ -52,9 +53,10 @@ with controls[1]:
         list(ORDERS),
         key="w_gallery_order",
         format_func=ORDERS.get,
-        help="dispersion (the score on the left), or per-stimulus alignment of one vision × "
-        "language pair: k-NN overlap (share of a stimulus's k nearest stimuli both models agree "
-        "on) or local CKA (how much the stimulus raises the CKA of a seeded base of "
+        help="dispersion (the score on the left), or per-stimulus alignment of one GPA model × "
+        "partner pair (a vision × language pair in most runs): k-NN overlap (share of a "
+        "stimulus's k nearest stimuli both models agree on) or local CKA (how much the "
+        "stimulus raises the CKA of a seeded base of "
         f"{local_cka_base_size(n)} pairs).",
     )
 with controls[2]:
@@ -102,8 +104,9 @@ def _pair_choice() -> lab.Pair:
         PAIR_KEY,
         lambda key: st.selectbox(
             "Vision × language pair (vision at its GPA layer, language at its best layer)"
-            if not others else "Vision × language or other pair (vision at its GPA layer, "
-            "language at its best layer, other modalities at their default layer)",
+            if not others and run.gpa_modality == "vision"
+            else "GPA model × partner pair (GPA models at their GPA layer, language models at "
+            "their best layer, other models at their default layer)",
             list(range(len(pairs))),
             key=key,
             format_func=lambda i: f"{pairs[i].label} ({pairs[i].vision_layer} / "
@@ -274,7 +277,7 @@ with detail_tab:
                     widgets.Card(
                         "Rank by mean residual",
                         f"{int(found.rank['mean'][row]) + 1} / {n}",
-                        help="1 = lowest dispersion (most agreement among the vision models)",
+                        help="1 = lowest dispersion (most agreement among the GPA models)",
                     ),
                     widgets.Card(
                         "Rank by PC1 score",
@@ -378,7 +381,7 @@ with alignment_tab:
                     "(y). k-NN overlap: the share of its k nearest "
                     f"stimuli (k = {k}) both models agree on; local CKA (paper 003): how much it "
                     f"raises the CKA of a seeded base of {local_cka_base_size(n)} pairs. A "
-                    "negative Spearman ρ: stimuli the vision models agree on carry more "
+                    "negative Spearman ρ: stimuli the GPA models agree on carry more "
                     "cross-modal alignment. The current selection is circled."
                 )
                 relation = data.alignment_relation(path, stamp, (shown_pair,), k, score)

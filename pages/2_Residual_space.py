@@ -45,7 +45,7 @@ with controls[0]:
         ("PCA", "UMAP"),
         key="w_projection",
         horizontal=True,
-        help="PCA: PC1 vs PC2 of the residual matrix R (stimuli × vision models). "
+        help="PCA: PC1 vs PC2 of the residual matrix R (stimuli × GPA models). "
         "UMAP (umap-learn, fixed seed) of R: computed once per run and cached.",
     )
 with controls[1]:

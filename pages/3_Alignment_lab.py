@@ -537,7 +537,7 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
         f"{'image–caption' if sides == 'vision × language' else sides.replace(' × ', '–')} "
         f"pairing shuffled within the set ({n_draws} shuffles; the set's size and density stay, "
         f"only the pairing goes). Matched: {n_draws} random sets matched to each set on the "
-        "vision models' local density (typicality) and, where the data set has labels, on "
+        "GPA models' local density (typicality) and, where the data set has labels, on "
         "category."
     )
     result = data.calibration(
@@ -606,7 +606,7 @@ def _per_stimulus(sets, focus, score, k) -> None:  # noqa: ANN001
         f"003): how much the stimulus raises the CKA of a seeded base of "
         f"{local_cka_base_size(n)} pairs. Spearman ρ "
         "against dispersion with a two-sided permutation p; a negative ρ means that stimuli the "
-        f"vision models agree on carry more cross-modal alignment. Focus set circled; k = {k}."
+        f"GPA models agree on carry more cross-modal alignment. Focus set circled; k = {k}."
     )
     st.markdown(widgets.markdown_table(
         relation[["metric", "dispersion_score", "spearman_rho", "permutation_p_value_two_sided",

@@ -60,7 +60,8 @@ with st.sidebar:
         view,
         "Dispersion score",
         horizontal=False,
-        help="mean residual across vision models, or score on the residuals' first principal "
+        help=f"mean residual across the {run.gpa_modality} models (GPA), or score on the "
+        "residuals' first principal "
         "component",
     )
     size = state.bind_widget(
@@ -184,8 +185,8 @@ with fig2_tab:
                     st.text(analyses.effect_verdict(
                         sets, analyses.pair_sides(run, partner_pairs)
                     ))
-                else:
-                    st.text(analyses.effect_verdict(sets))
+                else:  # the GPA models × the language models: "brain × language" with brains
+                    st.text(analyses.effect_verdict(sets, analyses.partner_groups(run)["language"]))
                 if not partner_pairs and n > analyses.LAYER_SWEEP_MAX_STIMULI:  # sampled layers
                     sample_note = lab.best_layer_sample_note(
                         data.best_layers_table(path_text, stamp, int(k)), n
@@ -232,7 +233,7 @@ with s2_tab:
     if s2_tab.open:
         if len(run.gpa.models) < 3:
             st.info(
-                f"Leave-one-model-out needs at least 3 vision models; run {run_name!r} has "
+                f"Leave-one-model-out needs at least 3 GPA models; run {run_name!r} has "
                 f"{len(run.gpa.models)}."
             )
         elif _asked(
@@ -261,7 +262,7 @@ with sweep_tab:
         else:
             st.image(data.paper_figure_png("layer_sweep", sweep))
             st.caption(
-                "Layer used for each language model (highest mean CKNNA with the vision models, "
+                "Layer used for each language model (highest mean CKNNA with the GPA models, "
                 "full set):"
             )
             # k is the sidebar's and a sampled sweep says its seed below: the rest fits the page
@@ -269,4 +270,4 @@ with sweep_tab:
             sample_note = lab.best_layer_sample_note(best, n)
             if sample_note is not None:
                 st.info(sample_note)
-            _table_on_demand("Every vision model × language layer", "w_paper_sweep_table", sweep)
+            _table_on_demand("Every GPA model × language layer", "w_paper_sweep_table", sweep)

@@ -1,6 +1,6 @@
 """Universal space: the barycenter (GPA) of the chosen models across modalities; cross-modal
-dispersion per stimulus and its relation to vision dispersion; held-out image–text retrieval
-through the space beside a ridge baseline and chance; each image's top captions.
+dispersion per stimulus and its relation to the run's (GPA) dispersion; held-out image–text
+retrieval through the space beside a ridge baseline and chance; each image's top captions.
 
 Only the open tab is built (retrieval runs when its tab or the captions tab is opened), the
 scatter is a picture until its toggle asks for the interactive chart, and the table of every
@@ -81,7 +81,9 @@ with st.sidebar:
                 model, options, index=options.index(run.default_layer(model)), key=key
             )
     score = widgets.score_radio(
-        view, "Vision dispersion", help="intra-modal dispersion of the run's vision models"
+        view, f"{run.gpa_modality.capitalize()} dispersion",
+        help=f"intra-modal dispersion: the mean residual (or PC1 score) of GPA across the run's "
+        f"GPA models ({', '.join(run.gpa.models)})"
     )
     with st.popover("Retrieval and statistics", icon=":material/tune:"):
         n_folds = st.number_input("Folds", min_value=2, max_value=10, value=5, step=1)
@@ -133,9 +135,9 @@ with dispersion_tab:
         widgets.number_cards(
             [
                 widgets.Card(
-                    "ρ with vision dispersion", f"{row['spearman_rho']:.3f}",
-                    help="Spearman rank correlation, over stimuli, of cross-modal and vision "
-                    "dispersion",
+                    f"ρ with {run.gpa_modality} dispersion", f"{row['spearman_rho']:.3f}",
+                    help="Spearman rank correlation, over stimuli, of cross-modal dispersion and "
+                    f"dispersion across the GPA models ({', '.join(run.gpa.models)})",
                 ),
                 widgets.Card(
                     "Permutation p (two-sided)", f"{row['permutation_p_value_two_sided']:.3g}"
@@ -165,7 +167,7 @@ with dispersion_tab:
                     per_stimulus,
                     row,
                     first_captions,
-                    intra_title=f"vision dispersion ({plots.SCORE_NAME[score]})",
+                    intra_title=f"{run.gpa_modality} dispersion ({plots.SCORE_NAME[score]})",
                 ),
                 key="universal-scatter",
             )
@@ -224,8 +226,8 @@ with retrieval_tab:
                 horizontal=True,
                 format_func=lambda s: {
                     "all": "all",
-                    "low_dispersion": "low vision dispersion (third)",
-                    "high_dispersion": "high vision dispersion (third)",
+                    "low_dispersion": f"low {run.gpa_modality} dispersion (third)",
+                    "high_dispersion": f"high {run.gpa_modality} dispersion (third)",
                 }[s],
             )
             st.plotly_chart(
@@ -238,8 +240,8 @@ with retrieval_tab:
                 f"captions are mapped into it and ranked by {similarity} similarity among the "
                 "fold's held-out stimuli. Ridge: vision features → language features, α by "
                 "leave-one-out CV on the training folds. Chance: recall@k = k / n, median rank "
-                "(n + 1) / 2. Thirds: the held-out stimuli of lowest / highest vision dispersion, "
-                "ranked among themselves."
+                f"(n + 1) / 2. Thirds: the held-out stimuli of lowest / highest {run.gpa_modality} "
+                "dispersion, ranked among themselves."
             )
             st.text(
                 "Universal space vs ridge on the same held-out queries (recall@1, exact McNemar):"

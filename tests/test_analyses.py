@@ -755,5 +755,5 @@ def test_a_single_vision_model_is_refused(call):
 
 def test_leave_one_out_needs_three_vision_models(tmp_path):
     run = _quiet_half_run(tmp_path, "two", n=30, n_vision=2)
-    with pytest.raises(ValueError, match="at least 3 vision models"):
+    with pytest.raises(ValueError, match="at least 3 GPA models"):
         analyses.leave_one_model_out(run)

@@ -340,7 +340,7 @@ def test_brain_recordings_have_per_stimulus_alignment_and_neighbours(
     at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
     assert not at.exception and not at.error, [e.value for e in at.error]
     pair_box = at.selectbox(key="w_stimulus_pair")
-    assert pair_box.label.startswith("Vision × language or other pair")
+    assert pair_box.label.startswith("GPA model × partner pair")
     assert pair_box.options[0] == "vision-a × subj01 (stage2 / V1)"
     expected = _dense_overlap(brain, "vision-a", "stage2", "subj01", "V1", 5)
     cards = _aligned_cards(at)

@@ -161,8 +161,9 @@ def cross_modal(
     seed: int,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """:func:`universal.run_cross_modal_analysis` of ``members`` ((model, layer) pairs): per
-    stimulus, the relation to vision dispersion and the per-model summary (the Universal space
-    page; ``serve`` computes the default members' for the default run before the first visit)."""
+    stimulus, the relation to the run's (GPA) dispersion and the per-model summary (the
+    Universal space page; ``serve`` computes the default members' for the default run before
+    the first visit)."""
     analysis = universal.run_cross_modal_analysis(
         open_run(Path(path)),
         [model for model, _ in members],
@@ -218,7 +219,8 @@ def cross_modal_pictures(
         title=f"Cross-modal vs intra-modal dispersion, {len(per_stimulus):,} stimuli — "
         f"Spearman ρ = {row['spearman_rho']:.3f}, permutation p = "
         f"{row['permutation_p_value_two_sided']:.3g} ({int(row['n_permutations'])} shuffles)",
-        x_title=f"vision dispersion ({plots.SCORE_NAME[score]}) (residual units)",
+        x_title=f"{open_run(Path(path)).gpa_modality} dispersion ({plots.SCORE_NAME[score]}) "
+        "(residual units)",
         y_title="cross-modal dispersion (residual units)",
     )
     return scatter, charts.model_residuals(model_summary)

@@ -16,7 +16,7 @@ RESIDUAL_AXIS = "residual (Procrustes distance, unit Frobenius-normalised embedd
 #: What "residual units" means on the Fig. S2 axes (the Paper analyses page's caption)
 RESIDUAL_UNITS = "Procrustes distance between unit-Frobenius-norm embeddings"
 SCORE_AXIS = {
-    "mean": "mean residual across vision models (Procrustes distance)",
+    "mean": "mean residual across the GPA models (Procrustes distance)",
     "pc1": "PC1 score of the residuals (Procrustes distance)",
 }
 SCORE_NAME = {"mean": "mean residual", "pc1": "PC1 score"}

@@ -1,0 +1,113 @@
+"""A run whose GPA models are brain recordings (docs/brain_data.md: GPA across subjects) is
+labelled as such: the report and the pages say "brain × language", "brain dispersion", never
+"vision × language" for pairs whose left side is a subject. Found by running the how-to: the
+report's summary called three subject × MiniLM pairs "vision × language pairs"."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from convergence_core import report
+from convergence_core import write_run_from_embeddings
+from tests.fixtures_runs import synthetic_embeddings
+from tests.page_reading import cards
+
+SUBJECTS = ("subj01", "subj02", "subj03")
+N = 60
+APP = Path(__file__).resolve().parent.parent / "app.py"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of one vision model, one language model and three subjects (GPA across them)."""
+    root = tmp_path_factory.mktemp("brain_gpa")
+    embeddings, _ = synthetic_embeddings(N, vision_models=("vision-a",),
+                                         language_models=("language-a",))
+    rng = np.random.default_rng(3)
+    source = np.asarray(embeddings["vision-a"]["stage2"], dtype=np.float64)
+    for subject in SUBJECTS:
+        mixing = rng.standard_normal((source.shape[1], 20))
+        embeddings[subject] = {
+            "V1": (source @ mixing + rng.standard_normal((N, 20))).astype(np.float32),
+        }
+    stimuli = pd.DataFrame({"id": [f"s{i}" for i in range(N)],
+                            "image": [f"{i}.jpg" for i in range(N)],
+                            "captions": [[f"caption {i}", f"another {i}"] for i in range(N)]})
+    write_run_from_embeddings(
+        root / "runs" / "brains", stimuli, embeddings, vision_models=["vision-a"],
+        language_models=["language-a"], modalities=dict.fromkeys(SUBJECTS, "brain"),
+        gpa_models=list(SUBJECTS), gpa_layers=dict.fromkeys(SUBJECTS, "V1"), thumbnails=False,
+    )
+    return root
+
+
+def test_the_run_names_its_gpa_modality(cache: Path) -> None:
+    from convergence_core import load_run
+
+    run = load_run(cache / "runs" / "brains")
+    assert run.gpa_modality == "brain"
+    assert run.partner_models == ["language-a", "vision-a"]
+
+
+@pytest.fixture(scope="module")
+def written(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("brain_report")
+    fast = ["--n-random", "20", "--n-permutations", "40", "--k", "5", "--size", "15",
+            "--metrics", "cknna", "--metric-permutations", "10", "--n-shuffles", "10",
+            "--predictivity-random", "2", "--blind-matching-random", "2", "--scores", "mean",
+            "--skip", "many_to_many"]
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert report.main([str(cache / "runs" / "brains"), "--out", str(out), *fast]) == 0
+    return out
+
+
+def test_the_report_calls_the_pairs_by_their_modalities(written: Path) -> None:
+    text = (written / "summary.txt").read_text(encoding="utf-8")
+    assert "vision × language" not in text and "vision → language" not in text
+    assert "brain × language:" in text and "brain × vision:" in text  # a table for each side
+    assert "of 3 brain × language pairs" in text  # the verdict: 3 subjects × 1 language model
+    assert "brain → language: low > high" in text and "language → brain" in text
+    tables = [block for block in text.split("\n\n") if block.startswith("brain × ")]
+    assert tables[0].splitlines()[1].split()[:3] == ["score", "brain", "language"]
+    assert tables[1].splitlines()[1].split()[:3] == ["score", "brain", "vision"]
+    meta = json.loads((written / "report.json").read_text(encoding="utf-8"))
+    assert meta["universal_space"]["relation"]["y"] == "brain_dispersion_mean"
+
+
+def _app(cache: Path, monkeypatch: pytest.MonkeyPatch, page: str | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(cache))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["run"] = "brains"
+    at.run(timeout=60)
+    if page is not None:
+        at.switch_page(page).run(timeout=120)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    return at
+
+
+def test_home_says_which_models_gpa_aligned(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _app(cache, monkeypatch)
+    texts = [t.value for t in at.text]
+    assert any(t.startswith("Where do the GPA models (subj01, subj02, subj03: brain) agree")
+               for t in texts), texts[:3]
+
+
+def test_paper_page_verdict_names_brain_pairs(cache: Path, monkeypatch) -> None:
+    at = _app(cache, monkeypatch, "pages/4_Paper_analyses.py")
+    verdicts = [t.value for t in at.text if t.value.startswith("low > random > high")]
+    assert verdicts and all("brain × language pairs" in v for v in verdicts), verdicts
+
+
+def test_universal_page_relates_to_brain_dispersion(cache: Path, monkeypatch) -> None:
+    at = _app(cache, monkeypatch, "pages/6_Universal_space.py")
+    assert "ρ with brain dispersion" in cards(at) and "ρ with vision dispersion" not in cards(at)
+    assert at.radio(key="w_score").label == "Brain dispersion"
