@@ -478,14 +478,30 @@ def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     finally:
         if bars is not None:
             bars._close()
-    seconds = time.perf_counter() - started
-    print(
-        f"run {run.path}: {run.n_stimuli} stimuli; vision {', '.join(run.vision_models)}; "
-        f"language {', '.join(run.language_models) or '-'}; GPA {run.gpa.n_iter} iterations "
-        f"({'converged' if run.gpa.converged else 'NOT converged'}); {seconds:.1f} s",
-        file=out,
-    )
+    print(f"{run_line(run)}; {time.perf_counter() - started:.1f} s", file=out)
     return 0
+
+
+def run_line(run: Any) -> str:
+    """What a finished precompute made, in one line: its models by modality and GPA, e.g.
+    ``run PATH: 239 stimuli; vision a, b; language c; GPA 6 iterations (converged)``; models of
+    other modalities (brain recordings) follow by modality, and GPA names its models when they
+    are not the vision models (``GPA across subj01, subj02: 6 iterations``)."""
+    parts = [
+        f"{run.n_stimuli} stimuli", f"vision {', '.join(run.vision_models)}",
+        f"language {', '.join(run.language_models) or '-'}",
+    ]
+    others: dict[str, list[str]] = {}
+    for model in run.other_models:
+        others.setdefault(run.modality(model), []).append(model)
+    parts += [f"{modality} {', '.join(models)}" for modality, models in others.items()]
+    gpa = list(run.gpa.models)
+    across = "" if gpa == run.vision_models else f" across {', '.join(gpa)}:"
+    parts.append(
+        f"GPA{across} {run.gpa.n_iter} iterations "
+        f"({'converged' if run.gpa.converged else 'NOT converged'})"
+    )
+    return f"run {run.path}: " + "; ".join(parts)
 
 
 def _status(info: Any) -> str:

@@ -50,10 +50,17 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_run_names_its_gpa_modality(cache: Path) -> None:
     from convergence_core import load_run
+    from convergence_core.cli import run_line
 
     run = load_run(cache / "runs" / "brains")
     assert run.gpa_modality == "brain"
     assert run.partner_models == ["language-a", "vision-a"]
+    # precompute's last line lists the subjects and says that GPA ran across them
+    assert run_line(run) == (
+        f"run {run.path}: {N} stimuli; vision vision-a; language language-a; "
+        f"brain subj01, subj02, subj03; GPA across subj01, subj02, subj03: {run.gpa.n_iter} "
+        "iterations (converged)"
+    )
 
 
 @pytest.fixture(scope="module")
