@@ -39,11 +39,14 @@ _P_VALUE_FORMAT = {
 }
 
 context = page.open_page("Paper analyses", icon="📄")
+run, view = context.run, context.view
 st.caption(
     "Does low intra-modal dispersion (vision models agree) go with higher vision–language "
     "alignment? Fig. 2, S1 and S2 of the paper, recomputed on this run."
+    if run.gpa_modality == "vision" else
+    f"Does low dispersion (the GPA models, {run.gpa_modality}, agree) go with higher alignment "
+    "with the other models? Fig. 2, S1 and S2 of the paper, recomputed on this run."
 )
-run, view = context.run, context.view
 run_name, path = context.info.name, context.info.path
 stamp = data.manifest_stamp(path)
 n = run.n_stimuli

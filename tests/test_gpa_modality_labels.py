@@ -112,6 +112,7 @@ def test_paper_page_verdict_names_brain_pairs(cache: Path, monkeypatch) -> None:
     at = _app(cache, monkeypatch, "pages/4_Paper_analyses.py")
     verdicts = [t.value for t in at.text if t.value.startswith("low > random > high")]
     assert verdicts and all("brain × language pairs" in v for v in verdicts), verdicts
+    assert at.caption[0].value.startswith("Does low dispersion (the GPA models, brain, agree)")
 
 
 def test_universal_page_relates_to_brain_dispersion(cache: Path, monkeypatch) -> None:
