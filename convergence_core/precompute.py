@@ -956,6 +956,8 @@ def _execute(
                 plan.config,
                 [s.name for s in plan.sources if s.kind == "encoder" and not pipeline.done(s)],
             )
+        for source in plan.sources:  # cheap checks (feature files' ids, ...) before any work
+            source.check(pipeline)
         try:
             for source in plan.sources:
                 pipeline.model(source)

@@ -17,7 +17,10 @@ embeddings, neighbour lists, GPA, dispersion). Three kinds:
   shapes and non-numeric data raise :class:`FeatureFileError` naming the file and the fix.
   Nothing is unpickled (``allow_pickle=False``).
 
-A source's ``inputs()`` is the fingerprint that decides whether its stored embeddings are stale.
+A source's ``inputs()`` is the fingerprint that decides whether its stored embeddings are stale;
+its ``check()`` runs for every source before the first model is extracted (cheap: a feature file's
+ids against the data set, a vision encoder's need for images), so that bad input stops a run
+before hours of extraction rather than after them.
 
 Modalities: ``vision`` and ``language`` are the two sides of the alignment analyses (vision models
 enter the intra-modal GPA by default); ``brain`` and any other name a user gives (letters, digits,
@@ -45,6 +48,7 @@ __all__ = [
     "FeatureFileError",
     "FileSource",
     "KNOWN_MODALITIES",
+    "check_feature_file",
     "check_modality",
     "read_feature_file",
 ]
@@ -149,6 +153,10 @@ class ArraySource:
     def inputs(self, context: Any) -> str:
         return "arrays:" + ",".join(_array_fingerprint(np.asarray(a)) for a in self.arrays.values())
 
+    def check(self, context: Any) -> None:
+        """Nothing to check before the run's work: ``write_run_from_embeddings`` checks every
+        array before it writes anything."""
+
     def load(self, context: Any) -> Extracted:
         return Extracted(
             {str(layer): np.asarray(a) for layer, a in self.arrays.items()},
@@ -195,6 +203,14 @@ class FileSource:
             parts.append(f"{layer}={_sha256_file(path)}:{_sha256_file(ids) if ids.is_file() else ''}")
         return "file:" + ",".join(parts)
 
+    def check(self, context: Any) -> None:
+        """Before any model of the run is extracted: each file's format, shape and ids against
+        the data set (:func:`check_feature_file`; the NaN/Inf scan waits for the read), so that a
+        missing id list does not wait for hours of extraction to be found."""
+        ids = list(context.stimuli["id"])
+        for layer, path in self.files.items():
+            check_feature_file(path, ids, model=self.name, layer=layer)
+
     def load(self, context: Any) -> Extracted:
         ids = list(context.stimuli["id"])
         arrays = {
@@ -238,17 +254,22 @@ class EncoderSource:
             *([cfg.precision] if cfg.precision != "auto" else []),
         )
 
+    def check(self, context: Any) -> None:
+        """Before any model of the run is extracted: a vision model needs the data set's images
+        (its weights are checked earlier, ``models.check_weights_available``)."""
+        if self.modality == "vision" and context.images_root is None:
+            raise ValueError(
+                f"vision model {self.name!r} needs images, but the data set has none; use a data "
+                "set with images or give this model's features as a file (--features)"
+            )
+
     def load(self, context: Any) -> Extracted:
         """Run the extraction on the configured engine (``engines``: local or Ray; the same
         numbers on every engine)."""
         from .engines import make_job
 
         cfg = context.config
-        if self.modality == "vision" and context.images_root is None:
-            raise ValueError(
-                f"vision model {self.name!r} needs images, but the data set has none; use a data "
-                "set with images or give this model's features as a file (--features)"
-            )
+        self.check(context)
         job = make_job(
             self.name,
             self.modality,
@@ -318,48 +339,56 @@ def _read_npy_features(path: Path) -> tuple[np.ndarray, list[str]]:
     return array, _read_ids(path)
 
 
-def _read_parquet_features(path: Path) -> tuple[np.ndarray, list[str]]:
+def _read_parquet_features(
+    path: Path, *, features: bool = True
+) -> tuple[np.ndarray | None, list[str]]:
+    """``(features, ids)`` of a parquet feature file; ``features=False`` reads the ``id`` column
+    only and gives None for the features (the check before any work)."""
     try:
-        frame = pd.read_parquet(path, engine="pyarrow")
+        if features:
+            frame = pd.read_parquet(path, engine="pyarrow")
+        else:
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+            frame = pd.read_parquet(path, engine="pyarrow", columns=["id"] if "id" in names else [])
     except Exception as exc:  # pyarrow raises several types for bad files
         raise FeatureFileError(f"feature file {path} is not a readable parquet file ({exc})") from None
     if "id" not in frame.columns:
+        columns = list(frame.columns) if features else names
         raise FeatureFileError(
-            f"feature file {path} has no 'id' column (columns: {list(frame.columns)[:8]}...); add "
+            f"feature file {path} has no 'id' column (columns: {columns[:8]}...); add "
             "one holding each row's stimulus id"
         )
     ids = [str(i) for i in frame["id"]]
-    features = frame.drop(columns=["id"])
-    bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    if not features:
+        return None, ids
+    values = frame.drop(columns=["id"])
+    bad = [c for c in values.columns if not pd.api.types.is_numeric_dtype(values[c])]
     if bad:
         raise FeatureFileError(
             f"feature file {path} has non-numeric feature column(s) {bad[:5]}; keep only 'id' and "
             "one numeric column per feature"
         )
-    return features.to_numpy(dtype=np.float32), ids
+    return values.to_numpy(dtype=np.float32), ids
 
 
-def read_feature_file(
-    path: str | os.PathLike[str], ids: Sequence[str], *, model: str, layer: str
-) -> np.ndarray:
-    """The (n, d) float32 features of ``path``, rows in the order of ``ids`` (the data set's).
-
-    Raises:
-        FeatureFileError: unknown suffix, unreadable file, not 2-D or not numeric, an id list of
-            another length, duplicated ids, ids of the data set missing from the file or ids in
-            the file that the data set does not have, NaN/Inf rows — each naming the fix.
-    """
-    path = Path(path)
-    where = f"feature file {path} (model {model!r}, layer {layer!r})"
+def _open_feature_file(
+    path: Path, where: str, *, features: bool = True
+) -> tuple[np.ndarray | None, list[str]]:
+    """``(array, ids)`` of a feature file (an .npy is memory-mapped; a parquet file's features
+    are read only with ``features``), after the checks of its suffix, shape and dtype."""
     suffix = path.suffix.lower()
     if suffix == ".npy":
         array, file_ids = _read_npy_features(path)
     elif suffix == ".parquet":
-        array, file_ids = _read_parquet_features(path)
+        array, file_ids = _read_parquet_features(path, features=features)
     else:
         raise FeatureFileError(
             f"{where} has suffix {suffix!r}; use .npy (with {path.name}{IDS_SUFFIX}) or .parquet"
         )
+    if array is None:
+        return None, file_ids
     if array.ndim != 2 or array.shape[1] < 1:
         raise FeatureFileError(
             f"{where} holds an array of shape {array.shape}; it must be 2-D (stimuli, features): "
@@ -372,6 +401,12 @@ def read_feature_file(
             f"{where} has {array.shape[0]} rows but {len(file_ids)} ids; give exactly one id per "
             "row, in row order"
         )
+    return array, file_ids
+
+
+def _row_order(where: str, file_ids: Sequence[str], ids: Sequence[str]) -> np.ndarray:
+    """(n,) int64: the file's row of each of the data set's ``ids``; FeatureFileError for ids
+    listed twice, missing from the file or unknown to the data set."""
     position: dict[str, int] = {}
     duplicated: list[str] = []
     for row, sid in enumerate(file_ids):
@@ -396,7 +431,40 @@ def read_feature_file(
             f"{where} has {len(extra)} row(s) for ids the data set does not have (e.g. "
             f"{extra[:5]}); drop those rows or use the data set they belong to"
         )
-    order = np.fromiter((position[sid] for sid in ids), dtype=np.int64, count=len(ids))
+    return np.fromiter((position[sid] for sid in ids), dtype=np.int64, count=len(ids))
+
+
+def check_feature_file(
+    path: str | os.PathLike[str], ids: Sequence[str], *, model: str, layer: str
+) -> None:
+    """Every check of :func:`read_feature_file` but the NaN/Inf scan, without reading the
+    features (an .npy's header and id list; a parquet file's schema and ``id`` column): a run
+    checks its feature files so before any model is extracted.
+
+    Raises:
+        FeatureFileError: as :func:`read_feature_file`.
+    """
+    path = Path(path)
+    where = f"feature file {path} (model {model!r}, layer {layer!r})"
+    _, file_ids = _open_feature_file(path, where, features=False)
+    _row_order(where, file_ids, ids)
+
+
+def read_feature_file(
+    path: str | os.PathLike[str], ids: Sequence[str], *, model: str, layer: str
+) -> np.ndarray:
+    """The (n, d) float32 features of ``path``, rows in the order of ``ids`` (the data set's).
+
+    Raises:
+        FeatureFileError: unknown suffix, unreadable file, not 2-D or not numeric, an id list of
+            another length, duplicated ids, ids of the data set missing from the file or ids in
+            the file that the data set does not have, NaN/Inf rows — each naming the fix.
+    """
+    path = Path(path)
+    where = f"feature file {path} (model {model!r}, layer {layer!r})"
+    array, file_ids = _open_feature_file(path, where)
+    assert array is not None  # features=True reads them
+    order = _row_order(where, file_ids, ids)
     in_order = bool(np.array_equal(order, np.arange(len(ids))))
     out = np.asarray(array if in_order else array[order], dtype=np.float32)
     finite = np.isfinite(out).all(axis=1)

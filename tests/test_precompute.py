@@ -22,6 +22,7 @@ import pytest
 
 from convergence_core import settings
 from convergence_core.cache import RunLockedError, read_json, run_lock, write_json
+from convergence_core.datasets import load_dataset
 from convergence_core.precompute import (
     PrecomputeConfig,
     ProgressEvent,
@@ -402,6 +403,29 @@ def test_config_errors_name_the_fix(tiny_coco, tmp_path, loads):
         precompute(**_options(tiny_coco, tmp_path, gpa_layers={"fake-vision-b": "nope"}))
     # each layer error surfaced right after loading the model concerned
     assert loads == Counter({"fake-vision-a": 2, "fake-vision-b": 1})
+
+
+def test_a_bad_feature_file_stops_the_run_before_any_model_is_extracted(
+    tiny_coco, tmp_path, loads
+):
+    """A feature file's ids are checked against the data set before the first encoder loads: a
+    missing id list or an id the data set lacks must not wait for the extractions to be found."""
+    from convergence_core.sources import FeatureFileError
+
+    ids = [str(i) for i in load_dataset(tiny_coco).stimuli["id"]]
+    features = np.random.default_rng(0).standard_normal((len(ids), 5)).astype(np.float32)
+    np.save(tmp_path / "subj.npy", features)  # no subj.npy.ids.txt
+    options = _options(tiny_coco, tmp_path, features={"subj": {"V1": str(tmp_path / "subj.npy")}},
+                       modalities={"subj": "brain"})
+    with pytest.raises(FeatureFileError, match="no id list"):
+        precompute(**options)
+    (tmp_path / "subj.npy.ids.txt").write_text("\n".join([*ids[:-1], "ghost"]) + "\n")
+    with pytest.raises(FeatureFileError, match="no row for 1 of the data set's"):
+        precompute(**options)
+    assert loads == Counter()  # no encoder was loaded
+    (tmp_path / "subj.npy.ids.txt").write_text("\n".join(ids) + "\n")
+    run = precompute(**options)
+    np.testing.assert_array_equal(run.embeddings["subj"]["V1"], features)
 
 
 def test_gpa_layer_is_extracted_even_with_default_layers(tiny_coco, tmp_path, loads):

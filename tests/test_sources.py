@@ -19,6 +19,7 @@ from convergence_core.precompute import PrecomputeConfig, precompute
 from convergence_core.sources import (
     FeatureFileError,
     FileSource,
+    check_feature_file,
     check_modality,
     read_feature_file,
 )
@@ -92,6 +93,32 @@ def test_bad_feature_files_name_the_file_and_the_fix(tmp_path, ids, break_it, me
     with pytest.raises(FeatureFileError, match=message) as info:
         read_feature_file(path, ids, model="m", layer="l")
     assert "bad.npy" in str(info.value)
+    if "NaN" in message:  # the one fault that needs the values: found when the file is read
+        check_feature_file(path, ids, model="m", layer="l")
+    else:  # the check before a run's work finds the same fault, with the same message
+        with pytest.raises(FeatureFileError, match=message):
+            check_feature_file(path, ids, model="m", layer="l")
+
+
+def test_the_check_of_a_parquet_file_reads_only_its_ids(tmp_path, ids, monkeypatch):
+    features = np.random.default_rng(3).standard_normal((N, 6))
+    path = _save_parquet(tmp_path / "f.parquet", features, list(ids))
+    read = []
+    original = pd.read_parquet
+    monkeypatch.setattr(pd, "read_parquet", lambda *a, **k: read.append(k.get("columns"))
+                        or original(*a, **k))
+    check_feature_file(path, ids, model="m", layer="l")
+    assert read == [["id"]]
+    _save_parquet(tmp_path / "extra.parquet", np.vstack([features, features[:1]]),
+                  [*ids, "ghost"])
+    with pytest.raises(FeatureFileError, match="does not have"):
+        check_feature_file(tmp_path / "extra.parquet", ids, model="m", layer="l")
+    pd.DataFrame({"x": np.arange(N, dtype=float)}).to_parquet(tmp_path / "noid.parquet")
+    with pytest.raises(FeatureFileError, match="no 'id' column"):
+        check_feature_file(tmp_path / "noid.parquet", ids, model="m", layer="l")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(FeatureFileError, match="not a readable parquet file"):
+        check_feature_file(tmp_path / "junk.parquet", ids, model="m", layer="l")
 
 
 def test_bad_parquet_and_suffix(tmp_path, ids):
