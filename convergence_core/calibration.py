@@ -205,6 +205,28 @@ def typicality(densities: Sequence[object]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # matched random sets
+#: Labels are matched on only when the median label holds at least this many stimuli
+MIN_STIMULI_PER_LABEL = 5
+
+
+def matchable_labels(labels: object) -> tuple[np.ndarray | None, str]:
+    """``labels`` (n,) as strings when matched random sets can be drawn within them, else None
+    with the reason in words: the median label must hold at least
+    :data:`MIN_STIMULI_PER_LABEL` stimuli (one image per class, as in an ImageNet sample, cannot
+    be matched on class). ``labels`` None gives ``(None, "")``."""
+    if labels is None:
+        return None, ""
+    labels = np.asarray(labels, dtype=object).astype(str)
+    _, counts = np.unique(labels, return_counts=True)
+    median = float(np.median(counts))
+    if median < MIN_STIMULI_PER_LABEL:
+        return None, (
+            f"the median label holds {median:g} {'stimulus' if median == 1 else 'stimuli'} "
+            f"(fewer than {MIN_STIMULI_PER_LABEL}), too few to draw matched sets from"
+        )
+    return labels, ""
+
+
 def _check_covariates(
     chosen: object, covariate: object, labels: object
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, int]:

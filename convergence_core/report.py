@@ -41,6 +41,7 @@ import pandas as pd
 
 from . import (
     analyses,
+    calibration,
     dispersion_predictors,
     caption_embeddings,
     figures,
@@ -1337,8 +1338,12 @@ def calibration_section(
     covariate = analyses.vision_typicality(run, k=k)
     matchings: list[tuple[str, np.ndarray | None]] = [("typicality", None)]
     notes = []
-    if "label" in run.stimuli.columns:
-        matchings.append(("typicality and category", run.stimuli["label"].astype(str).to_numpy()))
+    if "label" in run.stimuli.columns:  # as the Alignment lab: only labels that can be matched on
+        labels, why_not = calibration.matchable_labels(run.stimuli["label"])
+        if labels is None:
+            notes.append(f"matched baselines on typicality and category skipped: {why_not}")
+        else:
+            matchings.append(("typicality and category", labels))
     tables, balances = [], []
     for name, labels in matchings:
         try:

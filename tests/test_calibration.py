@@ -265,3 +265,18 @@ def test_half_sampling_never_repeats_a_stimulus() -> None:
     assert {r.size for r in seen[1:]} == {10}
     with pytest.raises(ValueError, match="method must be"):
         resampled_interval(lambda rows: 0.0, 20, method="jackknife")
+
+
+def test_labels_are_matched_on_only_when_classes_have_members() -> None:
+    """One rule for the report and the Alignment lab: the median label needs 5 stimuli."""
+    from convergence_core.calibration import matchable_labels
+
+    labels, why_not = matchable_labels(np.repeat(np.arange(20), 5))
+    assert why_not == "" and labels.dtype.kind == "U" and labels[:6].tolist() == [
+        "0", "0", "0", "0", "0", "1"
+    ]
+    labels, why_not = matchable_labels([*range(998), 0, 1])  # one image per class
+    assert labels is None and why_not.startswith("the median label holds 1 stimulus (fewer than 5)")
+    labels, why_not = matchable_labels(np.repeat(np.arange(30), 4))
+    assert labels is None and "holds 4 stimuli" in why_not
+    assert matchable_labels(None) == (None, "")

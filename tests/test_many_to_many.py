@@ -104,6 +104,10 @@ def test_class_averaging_planted_gain() -> None:
     assert effect.lower > 0 and effect.n_units == 150 and effect.comparison == "classes"
     with pytest.raises(ValueError, match="single member"):
         class_averaging_effect("cka", images, texts, np.arange(600))
+    # an ImageNet sample: 998 names for 1,000 classes of one image each ('crane' the bird and the
+    # machine): two merged classes are not class averaging
+    with pytest.raises(ValueError, match="596 of 598 classes have a single member"):
+        class_averaging_effect("cka", images, texts, np.r_[0, 0, 1, 1, np.arange(2, 598)])
 
 
 def test_caption_count_curve_rises_and_ends_at_the_mean() -> None:

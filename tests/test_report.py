@@ -729,7 +729,10 @@ def test_labels_with_one_member_per_class_skip_class_averaging_and_category_matc
         captioned_run, tmp_path, pairs, sets, k=5, metrics=["cknna"], metric_options={},
         n_shuffles=5, n_matched=5, seed=0,
     )
-    assert any("typicality and category skipped" in note for note in calibration["notes"])
+    assert any(
+        "typicality and category skipped: the median label holds 1 stimulus (fewer than 5)" in note
+        for note in calibration["notes"]
+    ), calibration["notes"]
     assert set(pd.read_csv(tmp_path / "matched_baselines.csv").matched_on) == {"typicality"}
 
 

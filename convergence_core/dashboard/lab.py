@@ -46,8 +46,6 @@ LIVE_FEATURE_STIMULI = 20_000
 #: Matched random sets: "nearest" matching costs O(s·n log n); above this s·n, 25 strata
 _NEAREST_MATCHING_WORK = 20_000_000
 _STRATA_BINS = 25
-#: Labels are matched on only when the median label holds at least this many stimuli
-MIN_STIMULI_PER_LABEL = 5
 
 PAIR_COLUMNS = ["vision_model", "vision_layer", "language_model", "language_layer"]
 
@@ -513,8 +511,8 @@ def matching_covariates(
 ) -> MatchingCovariates:
     """Typicality of every stimulus in the vision models (``calibration.local_density`` of each
     model's stored neighbour values, mean of k; ``calibration.typicality`` over models) and the
-    data set's labels when they can be matched on (the median label holds at least
-    :data:`MIN_STIMULI_PER_LABEL` stimuli; one image per class cannot be matched on class)."""
+    data set's labels when they can be matched on (``calibration.matchable_labels``: the median
+    label holds at least ``calibration.MIN_STIMULI_PER_LABEL`` stimuli)."""
     densities = []
     for index in vision_indexes:
         if index.lists is not None and index.k_max >= k:
@@ -523,16 +521,8 @@ def matching_covariates(
             values = exact_top_k(index.features, k)[1]
         densities.append(calibration.local_density(values, k))
     typical = calibration.typicality(densities)
-    note = ""
-    if labels is not None:
-        labels = np.asarray(pd.Series(labels).astype(str))
-        _, counts = np.unique(labels, return_counts=True)
-        if np.median(counts) < MIN_STIMULI_PER_LABEL:
-            note = (
-                f"labels not matched on: the median label holds {np.median(counts):g} "
-                f"stimuli (fewer than {MIN_STIMULI_PER_LABEL}), too few to draw matched sets from"
-            )
-            labels = None
+    labels, why_not = calibration.matchable_labels(labels)
+    note = f"labels not matched on: {why_not}" if why_not else ""
     matched_on = f"vision typicality (local density, k={k})" + (
         " and category (label)" if labels is not None else ""
     )
