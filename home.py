@@ -62,6 +62,12 @@ st.subheader("Dispersion")
 st.text(
     f"The two scores correlate: Pearson r = {found.pearson:.3f}, "
     f"Spearman ρ = {found.spearman:.3f} ({run.n_stimuli:,} stimuli)."
+    + (
+        " With two GPA models they must: each stimulus's two residuals are equal (each is half "
+        "the distance between the models' aligned points), so the residuals have one principal "
+        "component and PC1 is the mean residual, rescaled. A third model lets them differ."
+        if len(run.gpa.models) == 2 else ""
+    )
 )
 st.image(data.dispersion_histograms_png(str(run.path), data.manifest_stamp(run.path)))
 

@@ -185,6 +185,21 @@ def test_home_cards_histogram_and_previews(synthetic_cache: Path) -> None:
     assert f"Spearman ρ = {spearmanr(mean, pc1).statistic:.3f}" in line
 
 
+def test_two_gpa_models_say_why_the_scores_agree(tmp_path, monkeypatch) -> None:
+    """With two GPA models both residuals of a stimulus are equal, so PC1 is the mean residual
+    (r = 1): Home says so, where it would otherwise read as a finding."""
+    from tests.fixtures_runs import make_synthetic_run
+
+    run = make_synthetic_run(tmp_path / "runs", n=40, name="demo", images=False,
+                             thumbnails=False, vision_models=("vision-a", "vision-b"))
+    residuals = np.asarray(run.gpa.residuals)
+    np.testing.assert_allclose(residuals[:, 0], residuals[:, 1], rtol=1e-9)
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = _app().run(timeout=TIMEOUT)
+    line = next(t.value for t in at.text if t.value.startswith("The two scores correlate"))
+    assert "Pearson r = 1.000" in line and "With two GPA models they must" in line
+
+
 def test_home_defaults_to_the_demo_run_and_can_switch(synthetic_cache: Path) -> None:
     at = _app().run(timeout=TIMEOUT)
     run_box = at.sidebar.selectbox[0]
