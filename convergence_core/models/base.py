@@ -27,9 +27,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
             f"unknown device {device!r} ({exc}); use 'cpu', 'cuda' or 'cuda:N'"
         ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for but CUDA is not available; use device='cpu'")
+        raise ValueError(
+            f"device {device!r} asked for but CUDA is not available here (torch "
+            f"{torch.__version__}); use the CPU: --device cpu (device='cpu' in Python)"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} asked for but MPS is not available; use device='cpu'")
+        raise ValueError(
+            f"device {device!r} asked for but MPS is not available here; use the CPU: --device "
+            "cpu (device='cpu' in Python)"
+        )
     return dev
 
 
