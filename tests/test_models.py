@@ -467,6 +467,31 @@ def test_gemma_conversion_parses_the_gguf_once(tmp_path: Path) -> None:
     assert gguf.GGUFReader(path) is not first
 
 
+def test_gemma_conversion_bar_draws_on_a_terminal_only() -> None:
+    """transformers' GGUF conversion bar wrote carriage-return redraws into a log: inside the
+    conversion it draws on a terminal only (tqdm's disable=None), and the module is restored."""
+    import io
+
+    from transformers import modeling_gguf_pytorch_utils as conversion
+
+    from convergence_core.models.gemma_gguf import _conversion_bar_on_terminals_only
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    original = conversion.tqdm
+    log, terminal = io.StringIO(), Terminal()
+    with _conversion_bar_on_terminals_only():
+        assert list(conversion.tqdm(range(3), desc="Converting", file=log)) == [0, 1, 2]
+        list(conversion.tqdm(range(3), desc="Converting", file=terminal))
+    assert log.getvalue() == "" and "Converting" in terminal.getvalue()
+    assert conversion.tqdm is original
+    untouched = io.StringIO()
+    list(conversion.tqdm(range(3), desc="Converting", file=untouched))
+    assert "\r" in untouched.getvalue()  # what a log got before
+
+
 def test_gemma_conversion_reads_the_same_fields_through_a_plain_array(tmp_path: Path) -> None:
     """The conversion's reader parses through a plain ndarray view of the memory map (slices
     of a memmap are slow to make); every field and tensor equals the stock reader's."""

@@ -14,6 +14,7 @@ weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 from collections.abc import Iterator
@@ -96,6 +97,28 @@ def _one_gguf_reader() -> Iterator[None]:
         readers.clear()
 
 
+@contextlib.contextmanager
+def _conversion_bar_on_terminals_only() -> Iterator[None]:
+    """Within the block, transformers' "Converting and de-quantizing GGUF tensors" bar draws on a
+    terminal only (tqdm's ``disable=None``): in a log (a batch job's ``2> precompute.log``, CI)
+    its redraws were one line of carriage returns. transformers imports tqdm into that module
+    and gives no switch for it (``disable_progress_bar`` does not reach it)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as conversion
+    except ImportError:  # another transformers layout: its bar, as it is
+        yield
+        return
+    original = getattr(conversion, "tqdm", None)
+    if original is None:
+        yield
+        return
+    conversion.tqdm = functools.partial(original, disable=None)
+    try:
+        yield
+    finally:
+        conversion.tqdm = original
+
+
 def ensure_gemma_converted() -> Path:
     """Convert the packaged GGUF into the cache folder unless already done; return the folder."""
     folder = converted_gemma_folder()
@@ -115,7 +138,7 @@ def ensure_gemma_converted() -> Path:
     shutil.rmtree(work, ignore_errors=True)
     try:
         gguf_path = package.assemble(output_path=work / "gguf" / package.MODEL_NAME)
-        with _one_gguf_reader():
+        with _one_gguf_reader(), _conversion_bar_on_terminals_only():
             tokenizer = AutoTokenizer.from_pretrained(
                 str(gguf_path.parent), gguf_file=gguf_path.name
             )
