@@ -165,11 +165,21 @@ class ExtractionResult:
     caption_features: dict[str, np.ndarray] | None = None
 
 
+def agreement_label(model: str) -> str:
+    """What the progress calls the pass that embeds every caption of a language ``model`` for
+    its caption agreement (in the extraction, or in the properties step of an older run)."""
+    return f"{model} (every caption, for caption agreement)"
+
+
 class Engine(Protocol):
     """What ``precompute`` needs from an engine."""
 
-    def extract(self, job: ExtractionJob, progress: Progress | None = None) -> ExtractionResult:
-        """Run ``job``; ``progress(done, total)`` counts items."""
+    def extract(
+        self, job: ExtractionJob, progress: Progress | None = None,
+        agreement_progress: Progress | None = None,
+    ) -> ExtractionResult:
+        """Run ``job``; ``progress(done, total)`` counts items; ``agreement_progress`` counts
+        the captions of the caption-agreement pass, where the engine makes one."""
 
     def close(self) -> None:
         """Release what the engine started (a local Ray instance)."""
@@ -323,11 +333,12 @@ class CaptionMeasure(NamedTuple):
 
 def measure_caption_agreement(
     job: ExtractionJob, encoder: Any, per_item: Mapping[str, np.ndarray], layer: str,
-    batch_size: int, autocast: Any,
+    batch_size: int, autocast: Any, progress: Progress | None = None,
 ) -> CaptionMeasure | None:
     """``job``'s caption agreement at ``layer`` with the loaded ``encoder`` (reusing the job's
     own per-item embeddings when they already are every caption), and every caption's embedding
-    at each layer of ``per_item`` when they fit in :data:`CAPTION_CACHE_BYTES`."""
+    at each layer of ``per_item`` when they fit in :data:`CAPTION_CACHE_BYTES`;
+    ``progress(done, total)`` counts the captions embedded."""
     from .properties import caption_agreement
 
     if job.agreement_items is None:
@@ -340,6 +351,7 @@ def measure_caption_agreement(
         embedded = extract_embeddings(
             encoder, list(job.agreement_items), batch_size=batch_size,
             layers=list(per_item) if keep else [layer], autocast=autocast, by_length=True,
+            progress=progress,
         )
     agreement = caption_agreement(embedded[layer], job.agreement_owner, job.n_stimuli)
     return CaptionMeasure(layer, agreement, embedded if keep else None)
@@ -391,7 +403,10 @@ def default_layer_of(encoder_default: str, layers: Sequence[str]) -> str:
 class LocalEngine:
     """Every model in this process, one after the other (the default engine)."""
 
-    def extract(self, job: ExtractionJob, progress: Progress | None = None) -> ExtractionResult:
+    def extract(
+        self, job: ExtractionJob, progress: Progress | None = None,
+        agreement_progress: Progress | None = None,
+    ) -> ExtractionResult:
         check_job_inputs(job)
         load_started = time.perf_counter()
         encoder, layers, autocast = load_for_job(job)
@@ -410,7 +425,8 @@ class LocalEngine:
         seconds = time.perf_counter() - started
         default = default_layer_of(encoder.default_layer, layers)
         agreement = measure_caption_agreement(
-            job, encoder, per_item, default, resolve_batch_size(job, encoder), autocast
+            job, encoder, per_item, default, resolve_batch_size(job, encoder), autocast,
+            agreement_progress,
         )
         result = ExtractionResult(
             arrays={layer: arrays[layer] for layer in layers},

@@ -1296,7 +1296,7 @@ class _Pipeline:
         extracted before this step existed, or the Ray engine) by loading it once more. None for
         a model from files or arrays (its captions are not ours to embed)."""
         from . import properties as props
-        from .engines import load_for_job, make_job
+        from .engines import agreement_label, load_for_job, make_job
         from .extract import captions_for_language, extract_embeddings
 
         if source.kind != "encoder":
@@ -1313,7 +1313,7 @@ class _Pipeline:
         )
         encoder, layers, autocast = load_for_job(job)
         texts, owners = captions_for_language(self.stimuli, "mean")
-        label = f"{source.name} (every caption, for caption agreement)"
+        label = agreement_label(source.name)
         embedded = extract_embeddings(
             encoder, texts,
             batch_size=32 if cfg.batch_size == "auto" else int(cfg.batch_size),

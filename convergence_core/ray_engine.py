@@ -505,11 +505,14 @@ class RayEngine:
 
     # ----------------------------------------------------------------------- one job
     def extract(
-        self, job: ExtractionJob, progress: Progress | None = None, *, shard_rows: int | None = None
+        self, job: ExtractionJob, progress: Progress | None = None,
+        agreement_progress: Progress | None = None, *, shard_rows: int | None = None,
     ) -> ExtractionResult:
         """Run ``job`` on Ray; ``progress(done, total)`` counts items in finished shards.
 
-        ``shard_rows`` (a multiple of the batch size) overrides :func:`plan_shard_rows`."""
+        ``shard_rows`` (a multiple of the batch size) overrides :func:`plan_shard_rows`. The
+        caption agreement is not measured here (``agreement_progress`` is unused): the properties
+        step measures it after the extraction, with its own progress."""
         import ray
         import ray.data
 

@@ -266,7 +266,7 @@ class EncoderSource:
     def load(self, context: Any) -> Extracted:
         """Run the extraction on the configured engine (``engines``: local or Ray; the same
         numbers on every engine)."""
-        from .engines import make_job
+        from .engines import agreement_label, make_job
 
         cfg = context.config
         self.check(context)
@@ -286,7 +286,10 @@ class EncoderSource:
             inputs=self.inputs(context),
             caption_agreement=context.wants_caption_agreement(),
         )
-        result = context.engine().extract(job, context.progress_for(self.name))
+        result = context.engine().extract(
+            job, context.progress_for(self.name),
+            context.progress_for(agreement_label(self.name)) if job.agreement_items else None,
+        )
         items, seconds = result.items, result.extract_seconds
         return Extracted(
             {layer: result.arrays[layer] for layer in result.layers},

@@ -159,3 +159,19 @@ def test_dropping_a_language_model_drops_its_agreement(tiny_coco, tmp_path, load
     assert not [name for name in run.properties.names if name.startswith("caption_agreement")]
     assert not [s for s in run.manifest.steps if s.startswith("properties:captions:")]
     assert not list(run.layout.properties_parts_dir.glob("caption_agreement-*"))
+
+
+def test_the_caption_agreement_pass_shows_its_progress(tiny_coco, tmp_path, loads):
+    """The extraction embeds every caption for the caption agreement after the first captions
+    (Gemma-3-270M on the demo: ~35 s with no progress line): it reports under its own label."""
+    from convergence_core.engines import agreement_label
+
+    events: list[ProgressEvent] = []
+    run = precompute(**_options(tiny_coco, tmp_path), progress=events.append)
+    n_captions = sum(len(captions) for captions in run.stimuli["captions"])
+    for model in LANGUAGE:
+        mine = [(e.done, e.total) for e in events if e.model == agreement_label(model)]
+        assert mine and mine[0] == (0, n_captions) and mine[-1] == (n_captions, n_captions)
+        first = [i for i, e in enumerate(events) if e.model == model and e.step == "extract"]
+        agreement = [i for i, e in enumerate(events) if e.model == agreement_label(model)]
+        assert first[0] < agreement[0] < agreement[-1] < first[-1]  # inside the model's extraction
