@@ -205,6 +205,7 @@ def typicality(densities: Sequence[object]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------
 # matched random sets
+
 #: Labels are matched on only when the median label holds at least this many stimuli
 MIN_STIMULI_PER_LABEL = 5
 

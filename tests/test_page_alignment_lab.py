@@ -522,9 +522,8 @@ def test_calibrated_scores_and_matched_baselines(run) -> None:
     indexes = {(m, layer): run.neighbours(m, layer) for m in run.models for layer in run.layers(m)}
     scores = run.dispersion["mean"].to_numpy()
     sets = {"low": select_stimuli(scores, "low", 15), "high": select_stimuli(scores, "high", 15)}
-    vision = [run.neighbours(m, layer) for m, layer in zip(run.gpa.models, run.gpa.layers)]
     labels = np.repeat(["cat", "dog", "bird"], 20)
-    covariates = lab.matching_covariates(vision, labels, k=5)
+    covariates = lab.matching_covariates(run, labels, k=5)
     assert covariates.labels is not None and "category" in covariates.matched_on
     table, comparisons = lab.calibration_table(
         indexes, pairs, sets, 5, covariates, metric="mutual_knn", n_shuffles=30, n_matched=25,
@@ -556,14 +555,14 @@ def test_calibrated_scores_and_matched_baselines(run) -> None:
     # typicality alone (no labels): the matched sets are closer to the set's typicality than
     # random sets (mean 0) are; not equal, since a set at the edge of the distribution can only
     # be matched from stimuli less extreme than its own (drawn from outside the set, 45 of 60)
-    plain = lab.matching_covariates(vision, None, k=5)
+    plain = lab.matching_covariates(run, None, k=5)
     typical, _ = lab.calibration_table(
         indexes, pairs[:1], sets, 5, plain, metric="mutual_knn", n_shuffles=5, n_matched=25
     )
     gap = (typical["matched_typicality"] - typical["set_typicality"]).abs()
     assert (gap < 0.6 * typical["set_typicality"].abs()).all()
     # one image per class: no category matching, said in words
-    alone = lab.matching_covariates(vision, np.arange(60).astype(str), k=5)
+    alone = lab.matching_covariates(run, np.arange(60).astype(str), k=5)
     assert alone.labels is None and "median label holds 1" in alone.note
 
 

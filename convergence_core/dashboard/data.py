@@ -441,10 +441,8 @@ def _calibration(
 ) -> Calibration:
     run = _open_run(path, stamp)
     indexes = indexes_for(run, pairs)
-    vision = [run.neighbours(m, layer) for m, layer in zip(run.gpa.models, run.gpa.layers,
-                                                           strict=True)]
     labels = run.stimuli["label"] if "label" in run.stimuli else None
-    covariates = lab.matching_covariates(vision, labels)
+    covariates = lab.matching_covariates(run, labels)
     table, comparisons = lab.calibration_table(
         indexes, pairs, dict(zip(names, rows, strict=True)), k, covariates, metric=metric,
         options=dict(options), n_shuffles=n_shuffles, n_matched=n_matched, seed=seed,

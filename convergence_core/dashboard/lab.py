@@ -30,8 +30,8 @@ import pandas as pd
 from .. import calibration, random_baseline
 from .. import metrics as registry
 from ..alignment import cknna_bound_note
-from ..analyses import LayerKey, Pair, shuffle_rng
-from ..neighbours import NeighbourIndex, exact_top_k
+from ..analyses import LayerKey, Pair, shuffle_rng, vision_typicality
+from ..neighbours import NeighbourIndex
 from ..random_baseline import DEFAULT_MIN_SETS
 from ..stats import percentile_interval, permutation_tests_two_sets
 from ..subset_metrics import metric_on_pairings, metric_on_sets, metric_options
@@ -496,7 +496,7 @@ def results_table(
 # ----------------------------------------------------------------------------------------------
 # calibrated scores and matched random baselines (issue 14, item 6)
 class MatchingCovariates(NamedTuple):
-    """What matched random sets are matched on: ``typicality`` (n,) (mean over the vision models
+    """What matched random sets are matched on: ``typicality`` (n,) (mean over the GPA models
     of each model's z-scored local density), ``labels`` (n,) or None, ``matched_on`` (words) and
     ``note`` (why labels were left out, or "")."""
 
@@ -506,24 +506,15 @@ class MatchingCovariates(NamedTuple):
     note: str
 
 
-def matching_covariates(
-    vision_indexes: Sequence[NeighbourIndex], labels: object = None, *, k: int = 10
-) -> MatchingCovariates:
-    """Typicality of every stimulus in the vision models (``calibration.local_density`` of each
-    model's stored neighbour values, mean of k; ``calibration.typicality`` over models) and the
-    data set's labels when they can be matched on (``calibration.matchable_labels``: the median
-    label holds at least ``calibration.MIN_STIMULI_PER_LABEL`` stimuli)."""
-    densities = []
-    for index in vision_indexes:
-        if index.lists is not None and index.k_max >= k:
-            values = np.asarray(index.lists.values[:, :k], dtype=np.float64)
-        else:
-            values = exact_top_k(index.features, k)[1]
-        densities.append(calibration.local_density(values, k))
-    typical = calibration.typicality(densities)
+def matching_covariates(run: Any, labels: object = None, *, k: int = 10) -> MatchingCovariates:
+    """Typicality of every stimulus in ``run``'s GPA models (``analyses.vision_typicality``, as
+    the report's matched baselines) and the data set's labels when they can be matched on
+    (``calibration.matchable_labels``: the median label holds at least
+    ``calibration.MIN_STIMULI_PER_LABEL`` stimuli)."""
+    typical = vision_typicality(run, k=k)
     labels, why_not = calibration.matchable_labels(labels)
     note = f"labels not matched on: {why_not}" if why_not else ""
-    matched_on = f"vision typicality (local density, k={k})" + (
+    matched_on = f"typicality in the GPA models (local density, k={k})" + (
         " and category (label)" if labels is not None else ""
     )
     return MatchingCovariates(typical, labels, matched_on, note)
