@@ -32,6 +32,11 @@ from .subsets import check_indices
 from .validation import check_features
 
 
+#: Fewest units (images, or classes) of a comparison: each half-sample of the interval holds half
+#: of them, and the registry's metrics need 4 stimuli
+MIN_UNITS = 8
+
+
 @dataclass(frozen=True)
 class AveragingEffect:
     """Alignment of one-to-one pairs vs averaged ones.
@@ -140,6 +145,14 @@ def _effect(
     seed: int,
     level: float,
 ) -> AveragingEffect:
+    n = X_one.shape[0]
+    if n < MIN_UNITS:
+        unit = "images" if comparison == "captions" else comparison
+        raise ValueError(
+            f"averaging over {comparison} compares {n} {unit}; it needs at least {MIN_UNITS} "
+            f"(each half-sample of the interval holds half of them, and the metrics need 4)"
+            + ("; pass finer labels" if comparison == "classes" else "; pass more images")
+        )
     one = float(scorer(X_one, Y_one))
     averaged = float(scorer(X_many, Y_many))
     interval = resampled_interval(

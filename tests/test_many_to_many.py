@@ -108,6 +108,9 @@ def test_class_averaging_planted_gain() -> None:
     # machine): two merged classes are not class averaging
     with pytest.raises(ValueError, match="596 of 598 classes have a single member"):
         class_averaging_effect("cka", images, texts, np.r_[0, 0, 1, 1, np.arange(2, 598)])
+    # two classes: no interval over classes can be drawn (a table's x/y label column)
+    with pytest.raises(ValueError, match="compares 2 classes; it needs at least 8"):
+        class_averaging_effect("cka", images, texts, np.arange(600) % 2)
 
 
 def test_caption_count_curve_rises_and_ends_at_the_mean() -> None:
