@@ -345,8 +345,9 @@ def matched_random_sets(
                 nearest = candidates[free[candidates]][:n_candidates]
                 if nearest.size == 0:
                     raise ValueError(
-                        f"no stimulus of stimulus {i}'s label is left to match it; use "
-                        "exclude_chosen=False or method='strata'."
+                        f"no stimulus with stimulus {i}'s label is left outside the chosen set "
+                        "to match it: too few stimuli share that label (in Python, "
+                        "exclude_chosen=False or method='strata' relax this)."
                     )
                 pick = nearest[rng.integers(nearest.size)]
                 free[pick] = False

@@ -84,8 +84,22 @@ SUMMARY_COLUMNS = [
 
 
 def default_set_size(n_stimuli: int, k: int) -> int:
-    """A quarter of the stimuli (the paper used sets of a few hundred of 1,024), at least k + 1."""
-    return max(n_stimuli // 4, k + 1)
+    """A quarter of the stimuli (the paper used sets of a few hundred of 1,024), at least k + 1.
+
+    Raises:
+        ValueError: the low and high sets (at most half the stimuli each) cannot hold k + 1
+            stimuli; the message gives the largest k that fits, so that one rerun does.
+    """
+    size = max(n_stimuli // 4, k + 1)
+    if 2 * size > n_stimuli:
+        fits = n_stimuli // 2 - 1
+        raise ValueError(
+            f"a run of {n_stimuli} stimuli is too small for k = {k}: the low- and high-dispersion "
+            f"sets hold at most {n_stimuli // 2} stimuli each, and each stimulus needs k others "
+            "in its set; "
+            + (f"use --k {fits} or smaller" if fits >= 2 else "these analyses need at least 6")
+        )
+    return size
 
 
 def _write_table(frame: pd.DataFrame, out: Path, stem: str) -> list[str]:
@@ -712,9 +726,11 @@ def universal_space_section(
     Writes ``universal_residuals``, ``universal_cross_modal_dispersion``,
     ``universal_dispersion_relation``, ``universal_retrieval`` (per fold),
     ``universal_retrieval_summary``, ``universal_retrieval_ranks``, ``universal_ridge_alphas``,
-    ``universal_retrieval_paired_test`` (McNemar, recall@1, universal vs ridge) (CSV + JSON) and ``universal_cross_modal_dispersion.png``, ``universal_retrieval.png``.
-    Returns (file names, the ``universal_space`` entry of report.json: members, relation and the
-    retrieval headline per direction; ``note`` instead when the run lacks a modality).
+    ``universal_retrieval_paired_test`` (McNemar, recall@1, universal vs ridge) (CSV + JSON) and
+    ``universal_cross_modal_dispersion.png``, ``universal_retrieval.png``. Returns (file names,
+    the ``universal_space`` entry of report.json: members, relation and the retrieval headline
+    per direction; ``note`` instead when the run lacks a modality, or beside the cross-modal
+    dispersion when the run is too small for ``n_folds`` held-out folds).
     """
     members = universal.run_members(run)
     modalities = {m.modality for m in members}
@@ -733,7 +749,16 @@ def universal_space_section(
             analysis.per_stimulus(), analysis.relation, out / "universal_cross_modal_dispersion.png"
         ).name
     )
-    result = retrieval.run_retrieval(run, n_folds=n_folds, seed=seed)
+    relation = analysis.relation.iloc[0].to_dict()
+    entry: dict[str, Any] = {
+        "members": [m._asdict() for m in members],
+        "relation": {key: _json_value(value) for key, value in relation.items()},
+    }
+    try:
+        result = retrieval.run_retrieval(run, n_folds=n_folds, seed=seed)
+    except ValueError as error:  # a small run: the cross-modal dispersion above still stands
+        entry["note"] = f"universal-space retrieval skipped: {error} (--universal-folds)"
+        return files, entry
     summary = result.summary()
     files += _write_table(result.table, out, "universal_retrieval")
     files += _write_table(summary, out, "universal_retrieval_summary")
@@ -742,10 +767,7 @@ def universal_space_section(
     paired = retrieval.paired_recall_test(result.ranks, k=1)
     files += _write_table(paired, out, "universal_retrieval_paired_test")
     files.append(figures.retrieval_figure(summary, out / "universal_retrieval.png").name)
-    relation = analysis.relation.iloc[0].to_dict()
-    entry = {
-        "members": [m._asdict() for m in members],
-        "relation": {key: _json_value(value) for key, value in relation.items()},
+    entry.update({
         "n_folds": n_folds,
         "n_gallery_mean": float(
             summary.loc[summary["subset"] == "all", "n_gallery_mean"].iloc[0]
@@ -755,7 +777,7 @@ def universal_space_section(
         "vision_to_language": retrieval_headline(summary, result.forward),
         "language_to_vision": retrieval_headline(summary, result.backward),
         "paired_test_recall_at_1": paired.to_dict("records"),
-    }
+    })
     entry["headline"] = format_retrieval_headline(entry)
     return files, entry
 

@@ -770,3 +770,25 @@ def test_the_report_benchmark_runs_and_writes_json():
     rows = {row["what"]: row for row in payload["results"]}
     assert rows["report without the issue-14 sections"]["cpu_ratio_to_report_without"] == 1.0
     assert len(rows) == 9 and all(row["cpu_seconds"] >= 0 for row in rows.values())
+
+
+def test_a_tiny_run_says_which_k_fits_and_reports_what_it_can(tmp_path):
+    """12 stimuli: the defaults (k = 10) cannot fit, and the error names the k that does, in one
+    go; with it the report runs, the universal space keeps its cross-modal dispersion and the
+    retrieval that needs 5 folds of 6 is a note."""
+    with pytest.raises(ValueError, match="12 stimuli is too small for k = 10.*use --k 5 or smaller"):
+        report.default_set_size(12, 10)
+    with pytest.raises(ValueError, match="need at least 6"):
+        report.default_set_size(5, 10)
+    assert report.default_set_size(12, 5) == 6 and report.default_set_size(400, 10) == 100
+    run = make_synthetic_run(tmp_path / "runs", 12, name="tiny", images=False, thumbnails=False)
+    meta = report.write_report(
+        run, tmp_path / "out", k=3, scores=["mean"], n_random=5, n_permutations=5,
+        property_permutations=20, property_shuffles=1,
+        options=report.AnalysisOptions(metrics=("cknna",), metric_permutations=2, n_shuffles=3,
+                                       n_matched=3, skip=("gpa_stability",)),
+    )
+    assert any(note.startswith("universal-space retrieval skipped: 12 stimuli in 5 folds")
+               for note in meta["notes"]), meta["notes"]
+    assert "relation" in meta["universal_space"] and "headline" not in meta["universal_space"]
+    assert (tmp_path / "out" / "universal_cross_modal_dispersion.csv").is_file()
