@@ -97,7 +97,7 @@ def default_set_size(n_stimuli: int, k: int) -> int:
             f"a run of {n_stimuli} stimuli is too small for k = {k}: the low- and high-dispersion "
             f"sets hold at most {n_stimuli // 2} stimuli each, and each stimulus needs k others "
             "in its set; "
-            + (f"use --k {fits} or smaller" if fits >= 2 else "these analyses need at least 6")
+            + (f"use --k {fits} or less" if fits >= 2 else "these analyses need at least 6")
         )
     return size
 

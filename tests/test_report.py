@@ -776,7 +776,7 @@ def test_a_tiny_run_says_which_k_fits_and_reports_what_it_can(tmp_path):
     """12 stimuli: the defaults (k = 10) cannot fit, and the error names the k that does, in one
     go; with it the report runs, the universal space keeps its cross-modal dispersion and the
     retrieval that needs 5 folds of 6 is a note."""
-    with pytest.raises(ValueError, match="12 stimuli is too small for k = 10.*use --k 5 or smaller"):
+    with pytest.raises(ValueError, match="12 stimuli is too small for k = 10.*use --k 5 or less"):
         report.default_set_size(12, 10)
     with pytest.raises(ValueError, match="need at least 6"):
         report.default_set_size(5, 10)
