@@ -204,6 +204,18 @@ with dispersion_tab:
                     width="stretch",
                 )
 
+def _retrieval() -> retrieval.CrossValidatedRetrieval:
+    """The chosen members' held-out retrieval (both tabs); a run too small for the folds stops
+    the tab with the reason and the fix."""
+    try:
+        return data.cross_modal_retrieval(
+            str(path), stamp, members, score, int(n_folds), int(seed), similarity
+        )
+    except ValueError as error:
+        st.error(str(error))
+        st.stop()
+
+
 with retrieval_tab:
     if retrieval_tab.open:
         if not {"vision", "language"} <= set(modalities):
@@ -212,13 +224,7 @@ with retrieval_tab:
                 "barycenter; add them in the sidebar."
             )
         else:
-            try:
-                result = data.cross_modal_retrieval(
-                    str(path), stamp, members, score, int(n_folds), int(seed), similarity
-                )
-            except ValueError as error:
-                st.error(str(error))
-                st.stop()
+            result = _retrieval()
             summary = result.summary()
             subset = st.radio(
                 "Held-out stimuli",
@@ -257,9 +263,7 @@ with captions_tab:
         if not {"vision", "language"} <= set(modalities):
             st.info("Add a vision and a language model to the barycenter to retrieve captions.")
         else:
-            result = data.cross_modal_retrieval(
-                str(path), stamp, members, score, int(n_folds), int(seed), similarity
-            )
+            result = _retrieval()
             if len(ids) <= SELECTBOX_LIMIT:
                 state.drop_stale_choice(st.session_state, IMAGE_KEY, ids)
                 chosen_id = st.selectbox("Image (stimulus id)", ids, key=IMAGE_KEY)

@@ -154,3 +154,17 @@ def test_large_runs_send_numbers_not_captions_to_the_interactive_chart(monkeypat
     points = json.loads(chart.proto.spec)["data"][0]
     assert "text" not in points and "intra %{x" in points["hovertemplate"]
     assert _metric(at, "ρ with vision dispersion")
+
+
+def test_a_run_too_small_for_the_folds_says_so_in_both_retrieval_tabs(monkeypatch, tmp_path):
+    """12 stimuli in 5 folds: the Top captions tab raised the retrieval's ValueError as an
+    exception; both tabs now show it as an error with the fix, and the dispersion tab works."""
+    make_synthetic_run(tmp_path / "runs", 12, name="demo", images=False, thumbnails=False)
+    at = _page(monkeypatch, tmp_path)
+    assert "ρ with vision dispersion" in cards(at)
+    for tab in ("Retrieval", "Top captions per image"):
+        _open_tab(at, tab)
+        assert [e.value for e in at.error] == [
+            "12 stimuli in 5 folds leave 2 held-out stimuli per fold; at least 6 are needed (a "
+            "third of them per subset): use fewer folds or more stimuli"
+        ], tab
