@@ -234,6 +234,33 @@ def test_invalid_query_params_warn_and_fall_back(synthetic_cache: Path) -> None:
     assert at.query_params["k"] == "10"
 
 
+def test_a_link_to_a_run_still_being_written_says_so(tmp_path, monkeypatch) -> None:
+    """A run whose precompute has not finished is not listed; a link to it said "not a cached
+    run", which reads as a typo. It now says the run is not finished and how to finish it."""
+    import json
+
+    from tests.fixtures_runs import make_synthetic_run
+
+    make_synthetic_run(tmp_path / "runs", n=30, name="demo", images=False, thumbnails=False)
+    half = make_synthetic_run(tmp_path / "runs", n=30, name="half", images=False,
+                              thumbnails=False)
+    manifest = half.path / "manifest.json"
+    record = json.loads(manifest.read_text())
+    record["complete"] = False  # as a precompute leaves it until its last step
+    manifest.write_text(json.dumps(record))
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = _app()
+    at.query_params["run"] = "half"
+    at.run(timeout=TIMEOUT)
+    assert not at.exception
+    assert [w.value for w in at.warning] == [
+        "Run 'half' is not finished: its precompute is still running or stopped before the end "
+        "(run the same precompute command again to finish it; then reload this page); showing "
+        "the default run."
+    ]
+    assert at.sidebar.text[0].value == "Run: demo"  # the only complete run
+
+
 def test_cached_run_is_reloaded_when_its_manifest_changes(synthetic_cache: Path) -> None:
     path = synthetic_cache / "runs" / "demo"
     first = data.open_run(path)

@@ -66,8 +66,8 @@ def complete_runs(root: str | Path) -> list[RunInfo]:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def _complete_runs(root: str, signature: tuple[tuple[str, int], ...]) -> list[RunInfo]:
-    return complete_runs(root)
+def _listed_runs(root: str, signature: tuple[tuple[str, int], ...]) -> list[RunInfo]:
+    return list_runs(root)
 
 
 def available_runs() -> list[RunInfo]:
@@ -76,7 +76,17 @@ def available_runs() -> list[RunInfo]:
     Read again only when a manifest changes (a stat per run folder, not a parse, per rerun).
     """
     root = settings.runs_root()
-    return _complete_runs(str(root), _runs_signature(root))
+    listed = _listed_runs(str(root), _runs_signature(root))
+    return [info for info in listed if info.summary.get("complete")]
+
+
+def unfinished_run_names() -> list[str]:
+    """Runs under ``settings.runs_root()`` whose precompute has not finished (still running, or
+    stopped before the end), newest first: a link to one says so instead of "not a run"."""
+    root = settings.runs_root()
+    listed = _listed_runs(str(root), _runs_signature(root))
+    return [info.name for info in listed
+            if info.damaged is None and not info.summary.get("complete")]
 
 
 def default_run_name(runs: Sequence[RunInfo]) -> str | None:

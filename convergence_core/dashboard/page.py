@@ -71,7 +71,9 @@ def open_page(title: str, icon: str = "🔬") -> PageContext:
     st.set_page_config(page_title=f"{title} · Convergence Explorer", page_icon=icon, layout="wide")
     runs = data.available_runs()
     names = [info.name for info in runs]
-    view, warnings = state.init_view(st.session_state, st.query_params.to_dict(), names)
+    view, warnings = state.init_view(
+        st.session_state, st.query_params.to_dict(), names, data.unfinished_run_names()
+    )
     for warning in warnings:
         st.warning(warning)
     if not runs:

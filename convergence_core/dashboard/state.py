@@ -98,13 +98,15 @@ def _parse_int(name: str, text: str, low: int, warnings: list[str]) -> int | Non
 
 
 def parse_query_params(
-    params: Mapping[str, str | Sequence[str]], run_names: Sequence[str]
+    params: Mapping[str, str | Sequence[str]], run_names: Sequence[str],
+    unfinished: Sequence[str] = (),
 ) -> tuple[View, list[str]]:
     """Read a :class:`View` from URL query parameters.
 
     Args:
         params: query parameters as given by ``st.query_params.to_dict()`` (or a repeated-key list).
         run_names: names of the cached runs; ``run`` must be one of them.
+        unfinished: names of runs whose precompute has not finished (a link to one says so).
 
     Returns:
         ``(view, warnings)``: every invalid or unknown value is replaced by its default and
@@ -118,6 +120,12 @@ def parse_query_params(
     if "run" in values:
         if values["run"] in run_names:
             view.run = values["run"]
+        elif values["run"] in unfinished:
+            warnings.append(
+                f"Run '{shown(values['run'])}' is not finished: its precompute is still running "
+                "or stopped before the end (run the same precompute command again to finish it; "
+                "then reload this page); showing the default run."
+            )
         else:
             known = ", ".join(shown(name) for name in run_names) if run_names else "none yet"
             warnings.append(
@@ -159,8 +167,10 @@ def init_view(
     session_state: MutableMapping[str, Any],
     query_params: Mapping[str, str | Sequence[str]],
     run_names: Sequence[str],
+    unfinished: Sequence[str] = (),
 ) -> tuple[View, list[str]]:
-    """The session's view: parsed from the URL on the session's first rerun, then kept.
+    """The session's view: parsed from the URL on the session's first rerun, then kept
+    (``unfinished``: see :func:`parse_query_params`).
 
     Returns ``(view, warnings)``; warnings are only non-empty on the first rerun of a session.
     The returned ``View`` belongs to this session (mutating it is how widgets update it).
@@ -170,7 +180,7 @@ def init_view(
         if view.run is not None and view.run not in run_names:
             view.run = None
         return view, []
-    view, warnings = parse_query_params(query_params, run_names)
+    view, warnings = parse_query_params(query_params, run_names, unfinished)
     session_state[VIEW_KEY] = view
     return view, warnings
 
