@@ -11,7 +11,7 @@ embeddings, neighbour lists, GPA, dispersion). Three kinds:
   (stimuli × voxels per subject and region). Formats (:func:`read_feature_file`):
 
   - ``.npy`` (n, d) numeric, with its stimulus ids one per line in ``<file>.ids.txt``;
-  - ``.parquet`` with an ``id`` column and one numeric column per feature.
+  - ``.parquet`` with an ``id`` column (or index) and one numeric column per feature.
 
   Rows are matched to the data set by id; missing, extra or duplicated ids, NaN/Inf rows, wrong
   shapes and non-numeric data raise :class:`FeatureFileError` naming the file and the fix.
@@ -357,6 +357,8 @@ def _read_parquet_features(
             frame = pd.read_parquet(path, engine="pyarrow", columns=["id"] if "id" in names else [])
     except Exception as exc:  # pyarrow raises several types for bad files
         raise FeatureFileError(f"feature file {path} is not a readable parquet file ({exc})") from None
+    if "id" not in frame.columns and frame.index.name == "id":  # df.set_index("id").to_parquet()
+        frame = frame.reset_index()
     if "id" not in frame.columns:
         columns = list(frame.columns) if features else names
         raise FeatureFileError(

@@ -66,6 +66,17 @@ def test_rows_are_matched_to_the_data_set_by_id(tmp_path, ids):
         np.testing.assert_allclose(out, features.astype(np.float32))
 
 
+def test_a_parquet_file_may_hold_the_ids_as_its_index(tmp_path, ids):
+    """df.set_index("id").to_parquet(path): pandas stores the ids as the index, which was read
+    as "no 'id' column"."""
+    features = np.random.default_rng(4).standard_normal((N, 3))
+    frame = pd.DataFrame(features, columns=["a", "b", "c"]).assign(id=list(ids))
+    frame.set_index("id").to_parquet(tmp_path / "indexed.parquet")
+    check_feature_file(tmp_path / "indexed.parquet", ids, model="m", layer="l")
+    out = read_feature_file(tmp_path / "indexed.parquet", ids, model="m", layer="l")
+    np.testing.assert_allclose(out, features.astype(np.float32))
+
+
 def test_a_float32_npy_in_order_is_not_copied(tmp_path, ids):
     features = np.random.default_rng(1).standard_normal((N, 5)).astype(np.float32)
     out = read_feature_file(_save_npy(tmp_path / "f.npy", features, ids), ids, model="m", layer="l")
