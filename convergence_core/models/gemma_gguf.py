@@ -106,8 +106,7 @@ def _conversion_bar_on_terminals_only() -> Iterator[None]:
     try:
         from transformers import modeling_gguf_pytorch_utils as conversion
     except ImportError:  # another transformers layout: its bar, as it is
-        yield
-        return
+        conversion = None
     original = getattr(conversion, "tqdm", None)
     if original is None:
         yield
