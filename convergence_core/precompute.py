@@ -942,6 +942,11 @@ def _execute(
 ) -> Run:
     """Every step of a plan on one run folder, under the run's lock; the finished run, loaded."""
     started = time.perf_counter()
+    # cheap checks (feature files' ids, ...) before anything is written: a bad file must neither
+    # wait for the extractions nor reset an existing run folder
+    images_root = Path(info.images_root) if info.images_root else None
+    for source in plan.sources:
+        source.check(stimuli, images_root)
     with run_lock(
         path,
         wait_seconds=lock_wait_seconds,
@@ -956,8 +961,6 @@ def _execute(
                 plan.config,
                 [s.name for s in plan.sources if s.kind == "encoder" and not pipeline.done(s)],
             )
-        for source in plan.sources:  # cheap checks (feature files' ids, ...) before any work
-            source.check(pipeline)
         try:
             for source in plan.sources:
                 pipeline.model(source)

@@ -18,9 +18,10 @@ embeddings, neighbour lists, GPA, dispersion). Three kinds:
   Nothing is unpickled (``allow_pickle=False``).
 
 A source's ``inputs()`` is the fingerprint that decides whether its stored embeddings are stale;
-its ``check()`` runs for every source before the first model is extracted (cheap: a feature file's
-ids against the data set, a vision encoder's need for images), so that bad input stops a run
-before hours of extraction rather than after them.
+its ``check(stimuli, images_root)`` runs for every source before anything of the run is written
+(cheap: a feature file's ids against the data set, a vision encoder's need for images), so that
+bad input stops a run before hours of extraction rather than after them, and never resets an
+existing run folder.
 
 Modalities: ``vision`` and ``language`` are the two sides of the alignment analyses (vision models
 enter the intra-modal GPA by default); ``brain`` and any other name a user gives (letters, digits,
@@ -153,7 +154,7 @@ class ArraySource:
     def inputs(self, context: Any) -> str:
         return "arrays:" + ",".join(_array_fingerprint(np.asarray(a)) for a in self.arrays.values())
 
-    def check(self, context: Any) -> None:
+    def check(self, stimuli: pd.DataFrame, images_root: Path | None) -> None:
         """Nothing to check before the run's work: ``write_run_from_embeddings`` checks every
         array before it writes anything."""
 
@@ -203,11 +204,11 @@ class FileSource:
             parts.append(f"{layer}={_sha256_file(path)}:{_sha256_file(ids) if ids.is_file() else ''}")
         return "file:" + ",".join(parts)
 
-    def check(self, context: Any) -> None:
-        """Before any model of the run is extracted: each file's format, shape and ids against
-        the data set (:func:`check_feature_file`; the NaN/Inf scan waits for the read), so that a
-        missing id list does not wait for hours of extraction to be found."""
-        ids = list(context.stimuli["id"])
+    def check(self, stimuli: pd.DataFrame, images_root: Path | None) -> None:
+        """Before anything of the run is written: each file's format, shape and ids against the
+        data set's ``stimuli`` (:func:`check_feature_file`; the NaN/Inf scan waits for the read),
+        so that a missing id list does not wait for hours of extraction to be found."""
+        ids = list(stimuli["id"])
         for layer, path in self.files.items():
             check_feature_file(path, ids, model=self.name, layer=layer)
 
@@ -254,10 +255,10 @@ class EncoderSource:
             *([cfg.precision] if cfg.precision != "auto" else []),
         )
 
-    def check(self, context: Any) -> None:
-        """Before any model of the run is extracted: a vision model needs the data set's images
-        (its weights are checked earlier, ``models.check_weights_available``)."""
-        if self.modality == "vision" and context.images_root is None:
+    def check(self, stimuli: pd.DataFrame, images_root: Path | None) -> None:
+        """Before anything of the run is written: a vision model needs the data set's images
+        (``images_root``; its weights are checked earlier, ``models.check_weights_available``)."""
+        if self.modality == "vision" and images_root is None:
             raise ValueError(
                 f"vision model {self.name!r} needs images, but the data set has none; use a data "
                 "set with images or give this model's features as a file (--features)"
@@ -269,7 +270,7 @@ class EncoderSource:
         from .engines import agreement_label, make_job
 
         cfg = context.config
-        self.check(context)
+        self.check(context.stimuli, context.images_root)
         job = make_job(
             self.name,
             self.modality,

@@ -423,6 +423,7 @@ def test_a_bad_feature_file_stops_the_run_before_any_model_is_extracted(
     with pytest.raises(FeatureFileError, match="no row for 1 of the data set's"):
         precompute(**options)
     assert loads == Counter()  # no encoder was loaded
+    assert not (tmp_path / "cache" / "runs" / "tiny").exists()  # and nothing was written
     (tmp_path / "subj.npy.ids.txt").write_text("\n".join(ids) + "\n")
     run = precompute(**options)
     np.testing.assert_array_equal(run.embeddings["subj"]["V1"], features)
