@@ -504,6 +504,19 @@ def run_line(run: Any) -> str:
     return f"run {run.path}: " + "; ".join(parts)
 
 
+def _other_models(models: dict[str, str], gpa: list[str]) -> str:
+    """``runs``' other column: models of other modalities by modality, then the GPA models when
+    they are not the vision models (``subj01,subj02 (brain; GPA)``)."""
+    by_modality: dict[str, list[str]] = {}
+    for model, modality in models.items():
+        by_modality.setdefault(modality, []).append(model)
+    parts = []
+    for modality, names in by_modality.items():
+        in_gpa = bool(set(names) & set(gpa))
+        parts.append(f"{','.join(names)} ({modality}{'; GPA' if in_gpa else ''})")
+    return " ".join(parts) or "-"
+
+
 def _status(info: Any) -> str:
     if info.damaged is not None:
         return "damaged"
@@ -542,12 +555,13 @@ def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
             str(r.summary.get("n_stimuli", "-")),
             ",".join(r.summary.get("vision_models", [])) or "-",
             ",".join(r.summary.get("language_models", [])) or "-",
+            _other_models(r.summary.get("other_models", {}), r.summary.get("gpa_models", [])),
             r.summary.get("updated") or "-",
             str(r.path),
         )
         for r in runs
     ]
-    header = ("name", "status", "n", "vision", "language", "updated", "path")
+    header = ("name", "status", "n", "vision", "language", "other", "updated", "path")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print(

@@ -551,6 +551,12 @@ def _summary(manifest: Manifest) -> dict[str, Any]:
         "n_stimuli": manifest.n_stimuli,
         "vision_models": list(manifest.vision_models),
         "language_models": list(manifest.language_models),
+        # brain recordings and any other modality: {model: modality}
+        "other_models": {
+            m: manifest.models[m].modality for m in manifest.model_names
+            if m not in (*manifest.vision_models, *manifest.language_models)
+        },
+        "gpa_models": list(manifest.gpa.models),
         "created": manifest.created,
         "updated": manifest.updated,
         "steps": sorted(manifest.steps),
@@ -562,7 +568,8 @@ def list_runs(root: str | os.PathLike[str] | None = None) -> list[RunInfo]:
 
     Each entry is ``RunInfo(name, path, summary, damaged)``; ``summary`` holds ``complete``,
     ``needs_upgrade``, ``dataset``, ``n_stimuli``, ``vision_models``, ``language_models``,
-    ``created``, ``updated`` (ISO 8601 UTC) and ``steps``. A folder whose manifest cannot be read
+    ``other_models`` ({model: modality}: brain recordings, ...), ``gpa_models``, ``created``,
+    ``updated`` (ISO 8601 UTC) and ``steps``. A folder whose manifest cannot be read
     or does not follow the schema is listed last, with ``damaged`` giving the reason; folders
     without a manifest are not runs and are skipped.
     """

@@ -71,8 +71,8 @@ def test_runs_lists_cached_runs(tmp_path):
     code, out, _ = _main("runs", "--cache", str(tmp_path))
     assert code == 0
     header, row = out.strip().splitlines()
-    assert header.split()[:4] == ["name", "status", "n", "vision"]
-    assert row.split()[:3] == ["alpha", "complete", "8"]
+    assert header.split()[:6] == ["name", "status", "n", "vision", "language", "other"]
+    assert row.split()[:3] == ["alpha", "complete", "8"] and row.split()[5] == "-"
     code, out, _ = _main("runs", "--cache", str(tmp_path), "--json")
     listed = json.loads(out)
     assert [r["name"] for r in listed] == ["alpha"] and listed[0]["n_stimuli"] == 8

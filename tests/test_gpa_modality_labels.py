@@ -55,6 +55,14 @@ def test_the_run_names_its_gpa_modality(cache: Path) -> None:
     run = load_run(cache / "runs" / "brains")
     assert run.gpa_modality == "brain"
     assert run.partner_models == ["language-a", "vision-a"]
+    # `runs` lists the subjects with their modality and that they are the GPA models
+    import io
+
+    from convergence_core.cli import main
+
+    listing = io.StringIO()
+    assert main(["runs", "--cache", str(cache)], out=listing) == 0
+    assert "subj01,subj02,subj03 (brain; GPA)" in listing.getvalue()
     # precompute's last line lists the subjects and says that GPA ran across them
     assert run_line(run) == (
         f"run {run.path}: {N} stimuli; vision vision-a; language language-a; "
