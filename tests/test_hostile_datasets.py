@@ -538,6 +538,21 @@ def test_every_missing_model_is_named_in_one_error(offline_hub, tmp_path):
     assert "missing.pth does not exist" in str(info.value)
 
 
+def test_a_near_miss_of_an_installed_model_names_it(offline_hub):
+    """`efficientnet_lite0` is timm's model (hub weights), `efficientnet-lite0` ours (installed):
+    a user who typed the first, or the hub id of MiniLM, is pointed at the installed one."""
+    from convergence_core.models import WeightsUnavailableError, check_weights_available
+
+    with pytest.raises(WeightsUnavailableError) as info:
+        check_weights_available(
+            ["efficientnet_lite0", "sentence-transformers/all-MiniLM-L6-v2", "bigscience/bloom-560m"]
+        )
+    message = str(info.value)
+    assert "Did you mean 'efficientnet-lite0'? That model's weights are installed here." in message
+    assert "Did you mean 'minilm'?" in message
+    assert message.count("Did you mean") == 2  # BLOOM has no installed counterpart
+
+
 def test_cached_files_and_local_paths_count_as_available(offline_hub, tmp_path):
     from convergence_core.models import WeightsUnavailableError, check_weights_available
 

