@@ -9,6 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from convergence_core.dashboard import catalogue, data, page, plots, widgets
+from convergence_core.dispersion import two_model_note
 
 context = page.open_page("Convergence Explorer", icon="🔭")
 run = context.run
@@ -62,12 +63,7 @@ st.subheader("Dispersion")
 st.text(
     f"The two scores correlate: Pearson r = {found.pearson:.3f}, "
     f"Spearman ρ = {found.spearman:.3f} ({run.n_stimuli:,} stimuli)."
-    + (
-        " With two GPA models they must: each stimulus's two residuals are equal (each is half "
-        "the distance between the models' aligned points), so the residuals have one principal "
-        "component and PC1 is the mean residual, rescaled. A third model lets them differ."
-        if len(run.gpa.models) == 2 else ""
-    )
+    + (f" {note}" if (note := two_model_note(len(run.gpa.models))) else "")
 )
 st.image(data.dispersion_histograms_png(str(run.path), data.manifest_stamp(run.path)))
 

@@ -24,6 +24,22 @@ from .validation import check_features
 SCORES: tuple[str, ...] = ("mean", "pc1")
 
 
+def two_model_note(n_models: int) -> str | None:
+    """Why the dispersion results of a run whose GPA aligns two models look too clean (None for
+    any other count): each stimulus's two residuals are equal, so the scores agree and every GPA
+    start reaches the same optimum by construction, not as a finding."""
+    if n_models != 2:
+        return None
+    return (
+        "With two GPA models each stimulus's two residuals are equal (each is half the distance "
+        "between the models' aligned points): the residuals have one principal component, so "
+        "PC1 is the mean residual rescaled and the two dispersion scores rank stimuli alike "
+        "(the pc1 results repeat the mean ones), and GPA is one Procrustes problem, whose "
+        "optimum every start reaches (the stability diagnostic agrees by construction). A third "
+        "model lets them differ."
+    )
+
+
 def check_score(score: str) -> str:
     """``score`` if it is one of :data:`SCORES`, else a ValueError naming the choices."""
     if score not in SCORES:

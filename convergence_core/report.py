@@ -55,7 +55,7 @@ from . import metrics as registry
 from .alignment import cknna_bound_note
 from .blind_matching import blind_matching as match_blind
 from .cache import read_json, write_bytes, write_json
-from .dispersion import SCORES
+from .dispersion import SCORES, two_model_note
 from .gpa_stability import describe as describe_stability
 from .gpa_stability import gpa_stability
 from .metrics import metric_names
@@ -321,6 +321,9 @@ def write_report(
     size = default_set_size(n, k) if size is None else size
     files: list[str] = []
     notes: list[str] = []
+    two_models = two_model_note(len(run.gpa.models))
+    if two_models is not None:
+        notes.append(two_models)
 
     tell("layer sweep and best language layers")
     sweep = analyses.layer_sweep(run, k=k)
@@ -438,8 +441,7 @@ def write_report(
         text += "\n" + "\n".join(section_verdicts.values()) + "\n"
     verdicts.update(section_verdicts)
     text += property_text
-    if bound is not None:
-        text += f"\nNote: {bound}\n"
+    text += "".join(f"\nNote: {note}\n" for note in (two_models, bound) if note is not None)
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
 
     report = {
@@ -495,6 +497,9 @@ def _report_without_language(
         "on it, universal space; Fig. 2 and S1 with language models) skipped: the run has no "
         "language model"
     ]
+    two_models = two_model_note(len(run.gpa.models))
+    if two_models is not None:
+        notes.append(two_models)
     files: list[str] = []
     verdicts: dict[str, str] = {}
     size = default_set_size(run.n_stimuli, k) if size is None else size
@@ -538,6 +543,7 @@ def _report_without_language(
         + summary_text
         + "".join(f"{verdict}\n" for verdict in verdicts.values())
         + property_text
+        + ("" if two_models is None else f"\nNote: {two_models}\n")
     )
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
     report = {

@@ -197,7 +197,9 @@ def test_two_gpa_models_say_why_the_scores_agree(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
     at = _app().run(timeout=TIMEOUT)
     line = next(t.value for t in at.text if t.value.startswith("The two scores correlate"))
-    assert "Pearson r = 1.000" in line and "With two GPA models they must" in line
+    from convergence_core.dispersion import two_model_note
+
+    assert "Pearson r = 1.000" in line and two_model_note(2) in line
 
 
 def test_home_defaults_to_the_demo_run_and_can_switch(synthetic_cache: Path) -> None:

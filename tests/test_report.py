@@ -98,6 +98,8 @@ def test_report_writes_tables_figures_and_summary(written):
         "report.json",
     }
     assert expected <= {p.name for p in out.iterdir()}
+    notes = json.loads((out / "report.json").read_text())["notes"]
+    assert not any("two GPA models" in note for note in notes)  # three GPA models here
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*.tmp-*"))
@@ -770,6 +772,30 @@ def test_the_report_benchmark_runs_and_writes_json():
     rows = {row["what"]: row for row in payload["results"]}
     assert rows["report without the issue-14 sections"]["cpu_ratio_to_report_without"] == 1.0
     assert len(rows) == 9 and all(row["cpu_seconds"] >= 0 for row in rows.values())
+
+
+def test_two_gpa_models_say_why_their_results_look_clean(tmp_path, capsys):
+    """With two GPA models the pc1 results repeat the mean ones and every GPA start agrees, by
+    construction: the report says so once, in its notes and in summary.txt (the CLI prints it),
+    where it would otherwise read as two findings."""
+    from convergence_core.dispersion import two_model_note
+
+    run = make_synthetic_run(tmp_path / "runs", 40, name="two", images=False, thumbnails=False,
+                             vision_models=("vision-a", "vision-b"))
+    assert report.main([str(run.path), "--out", str(tmp_path / "out"), *FAST, "--metrics",
+                        "cknna"]) == 0
+    out = tmp_path / "out"
+    note = two_model_note(2)
+    assert note is not None and two_model_note(3) is None
+    assert note in json.loads((out / "report.json").read_text())["notes"]
+    assert f"Note: {note}" in (out / "summary.txt").read_text(encoding="utf-8")
+    assert f"note: {note}" in capsys.readouterr().out
+    # what the note claims: the pc1 sets are the mean sets, and the GPA starts agree
+    mean, pc1 = (pd.read_csv(out / f"dispersion_sets_{s}.csv") for s in ("mean", "pc1"))
+    columns = ["cknna_low_dispersion", "cknna_high_dispersion"]
+    pd.testing.assert_frame_equal(mean[columns], pc1[columns])
+    stability = json.loads((out / "report.json").read_text())["gpa_stability"]["summary"]
+    assert stability["max_rank_interval"] == 0
 
 
 def test_a_tiny_run_says_which_k_fits_and_reports_what_it_can(tmp_path):
