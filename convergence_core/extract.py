@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .images import open_rgb
+from .images import open_rgb, to_rgb
 from .models.base import Encoder, VisionEncoder
 
 __all__ = [
@@ -263,7 +263,7 @@ def extract_embeddings(
         # decode + resize on a helper thread (PIL releases the GIL) while the model runs
         def prepare(chunk: Sequence[Any]) -> Any:
             batch = encoder.preprocess(
-                [im.convert("RGB") for im in _load_items(encoder, chunk, root)]
+                [to_rgb(im) for im in _load_items(encoder, chunk, root)]
             )
             return pin_for_device(batch, device)
 

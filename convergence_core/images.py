@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .cache import atomic_path
@@ -34,6 +35,7 @@ __all__ = [
     "open_rgb",
     "open_rgb_reduced",
     "resolve_inside",
+    "to_rgb",
 ]
 
 #: ``warnings.catch_warnings`` swaps the process-wide filter list: two threads doing it at once
@@ -119,6 +121,46 @@ def _open_checked(
         yield image
 
 
+#: Pillow's grey modes of more than 8 bits (16-bit integer, 32-bit integer, 32-bit float)
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB (the image itself when it already is).
+
+    Pillow's own ``convert("RGB")`` clips the high-bit-depth grey modes at 255: a 16-bit PNG (mode
+    ``I;16``, common for scientific and neuroscience stimuli) would come out almost all white.
+    Those are scaled to 0..255 first by the range their values can take: ``I;16*`` and 32-bit
+    integer images holding 16-bit values by 255/65535, 32-bit floats in [0, 1] by 255; integer
+    or float values already in 0..255 are kept. Any other range is ambiguous and raises.
+
+    Raises:
+        ImageFileError: a 32-bit integer or float image whose values are outside those ranges.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _HIGH_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        low = float(values.min()) if values.size else 0.0
+        high = float(values.max()) if values.size else 0.0
+        if image.mode.startswith("I;16"):
+            scale = 255.0 / 65535.0
+        elif low >= 0.0 and high <= 1.0 and image.mode == "F":
+            scale = 255.0
+        elif low >= 0.0 and high <= 255.0:
+            scale = 1.0
+        elif low >= 0.0 and high <= 65535.0 and image.mode == "I":
+            scale = 255.0 / 65535.0
+        else:
+            raise ImageFileError(
+                f"a {image.mode!r} image with values from {low:g} to {high:g} has no agreed 8-bit "
+                "grey scale; save it as 8-bit (or 16-bit) PNG/JPEG with the contrast you want"
+            )
+        grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 def open_rgb(
     path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None
 ) -> Image.Image:
@@ -154,7 +196,7 @@ def _decode(
             if draft_side is not None:
                 image.draft("RGB", (draft_side, draft_side))
             image.load()
-            return size, image.convert("RGB")
+            return size, to_rgb(image)
     except ImageFileError:
         raise
     except FileNotFoundError:
@@ -191,6 +233,8 @@ def image_problem(
             image.verify()
         with _open_checked(path, root) as image:
             image.load()
+            if image.mode in _HIGH_BIT_MODES:
+                to_rgb(image)  # a grey range with no agreed 8-bit scale is refused here
     except ImageTooLargeError as exc:
         size = exc.size
         claimed = f"{size[0]:,} × {size[1]:,} pixels" if size else "more pixels than Pillow opens"

@@ -357,3 +357,43 @@ def test_open_rgb_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_side"):
         make_thumbnail(tmp_path / "bad.jpg", tmp_path / "t.jpg", max_side=0)
     assert not os.path.exists(tmp_path / "t.jpg")
+
+
+def test_high_bit_depth_grey_images_keep_their_contrast(tmp_path: Path) -> None:
+    """Pillow's convert('RGB') clips 16-bit grey at 255: a 16-bit PNG stimulus came out 99.6 %
+    white. open_rgb (extraction, thumbnails, properties, the gallery) scales it to 8 bits."""
+    import numpy as np
+
+    from convergence_core.images import to_rgb
+
+    ramp16 = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp16).save(tmp_path / "ramp16.png")
+    with Image.open(tmp_path / "ramp16.png") as raw:
+        assert raw.mode.startswith("I")  # what Pillow makes of a 16-bit grey PNG
+        assert (np.asarray(raw.convert("RGB")) == 255).mean() > 0.99  # the clipping fixed here
+    image = open_rgb(tmp_path / "ramp16.png")
+    assert image.mode == "RGB"
+    got = np.asarray(image)
+    expected = np.rint(ramp16 * (255 / 65535)).astype(np.uint8)
+    np.testing.assert_array_equal(got[..., 0], expected)
+    assert (got[..., 0] == got[..., 2]).all()
+    out = make_thumbnail(tmp_path / "ramp16.png", tmp_path / "t.jpg", max_side=32)
+    with Image.open(out) as thumb:  # the thumbnail is the ramp too, not a white square
+        assert 100 < np.asarray(thumb).mean() < 155
+    # 32-bit integer and float grey: 8-bit values kept, [0, 1] floats scaled, others refused
+    ramp8 = np.arange(256, dtype=np.int32).reshape(16, 16)
+    np.testing.assert_array_equal(np.asarray(to_rgb(Image.fromarray(ramp8, mode="I")))[..., 1],
+                                  ramp8)
+    unit = Image.fromarray((ramp8 / 255.0).astype(np.float32), mode="F")
+    np.testing.assert_array_equal(np.asarray(to_rgb(unit))[..., 1], ramp8)
+    wide = Image.fromarray(np.full((4, 4), -3.0, dtype=np.float32), mode="F")
+    with pytest.raises(ImageFileError, match="'F' image with values from -3 to -3.*save it as"):
+        to_rgb(wide)
+    rgb = Image.new("RGB", (2, 2))
+    assert to_rgb(rgb) is rgb
+    # the dataset check finds the refused range before any extraction
+    from convergence_core.images import image_problem
+
+    wide.save(tmp_path / "wide.tiff")
+    assert "'F' image with values from -3 to -3" in image_problem(tmp_path / "wide.tiff")
+    assert image_problem(tmp_path / "ramp16.png") is None

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..images import to_rgb
+
 __all__ = ["Encoder", "VisionEncoder", "resolve_device"]
 
 
@@ -122,7 +124,7 @@ class VisionEncoder(Encoder):
 
     def encode(self, batch: Sequence[Any]) -> dict[str, np.ndarray]:
         """Embed PIL images (any mode is converted to RGB): ``{layer: (B, d) float32}``."""
-        images = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in batch]
+        images = [to_rgb(im) if getattr(im, "mode", "RGB") != "RGB" else im for im in batch]
         return self.encode_tensor(self.preprocess(images))
 
     def encode_tensor(self, x: torch.Tensor) -> dict[str, np.ndarray]:
