@@ -400,13 +400,14 @@ class RunLayout:
             "neighbours", check_key(model, "model key"), f"{check_key(layer, 'layer key')}.values.npy"
         )
 
+    def captions_dir(self, model: str) -> Path:
+        """``captions/<model>/``: every caption's embedding per layer (``caption_embedding``)."""
+        return self._file("captions", check_key(model, "model key"))
+
     def caption_embedding(self, model: str, layer: str) -> tuple[Path, Path]:
         """``captions/<model>/<layer>.npy`` (every caption's embedding) and its ``.json``."""
-        model, layer = check_key(model, "model key"), check_key(layer, "layer key")
-        return (
-            self._file("captions", model, f"{layer}.npy"),
-            self._file("captions", model, f"{layer}.json"),
-        )
+        folder, layer = self.captions_dir(model), check_key(layer, "layer key")
+        return folder / f"{layer}.npy", folder / f"{layer}.json"
 
     @property
     def legacy_grams_dir(self) -> Path:

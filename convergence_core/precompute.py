@@ -1477,8 +1477,9 @@ def _forget_dropped_models(manifest: RunManifest, wanted: Sequence[str]) -> None
             data.steps.pop(step)
         # the key was checked when the manifest was read (manifest.ModelEntry); a folder that
         # leads out of the run (a planted symbolic link) is left alone
-        for folder in (manifest.layout.embeddings_dir, manifest.layout.neighbours_dir):
+        layout = manifest.layout
+        for folder in (layout.embeddings_dir, layout.neighbours_dir, layout.captions_dir):
             try:
-                manifest.layout.remove_tree(folder(entry.key))
+                layout.remove_tree(folder(entry.key))
             except CacheFormatError:
                 continue

@@ -334,6 +334,11 @@ def test_changed_inputs_are_not_served_stale(tiny_coco, tmp_path, loads):
     assert run.vision_models == list(VISION[:2]) and "fake-vision-c" not in run.manifest.models
     assert not (run.path / "embeddings" / "fake-vision-c").exists()
     assert run.gpa.models == VISION[:2]
+    # so does a language model, with its every-caption embeddings (captions/<model>/)
+    assert (run.path / "captions" / "fake-language-a").is_dir()
+    run = precompute(**{**base, "vision_models": list(VISION[:2]), "language_models": []})
+    assert not run.language_models and not (run.path / "captions" / "fake-language-a").exists()
+    assert not (run.path / "embeddings" / "fake-language-a").exists()
     # changed dataset bytes: everything is recomputed
     image = sorted((tiny_coco / "images").iterdir())[0]
     from PIL import Image
