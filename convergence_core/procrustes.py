@@ -19,9 +19,11 @@ So the data are read three times in row blocks (float64 sums; inputs may be floa
 are never copied whole): column means (and the finiteness check), the cross-products (one
 symmetric (D, D) matrix, D = Σ d_i), and at the end the residuals. An iteration then costs
 O(M² d³), independent of n. When n − 1 < d_i a model's centered configuration has rank ≤ n − 1:
-it is written as N_i = E Z_i V_iᵀ (E an orthonormal basis of the centered stimulus vectors, one
-Householder reflector; V_i from a QR of (Eᵀ N_i)ᵀ) and the iterations use Z_i, r_i = min(n − 1,
-d_i) columns, with p = min(n − 1, d) ≥ r_i consensus columns: the optimum needs no more (the loss
+it is written as N_i = Z_i V_iᵀ (its thin SVD, n − 1 singular triplets; V_i orthonormal columns)
+and the iterations use Z_i, r_i = min(n − 1, d_i) columns, with p = min(n − 1, d) ≥ r_i consensus
+columns; such a problem is read model by model (n < d_i there) and never forms the (D, D)
+cross-products of the full widths (3 × 20,000 features would need 29 GB), and the model's map is
+R_i = V_i T_i (d_i × p, orthonormal columns). The optimum needs no more columns (the loss
 is M − ||S||²_F / M with ||S||_F = max over unit-norm Y of Σ_i tr(Yᵀ Z_i T_i) ≤ Σ_i ||Z_iᵀ Y||_*,
 with equality for T_i = polar(Z_iᵀ Y), whose rows lie in the row space of Y, of rank ≤ n − 1).
 
@@ -179,7 +181,8 @@ _LOSS_ROUNDING = 4e-15
 
 @dataclass(frozen=True, init=False)
 class GPAResult:
-    """Outcome of :func:`generalized_procrustes` for n stimuli and M models (d = max d_i).
+    """Outcome of :func:`generalized_procrustes` for n stimuli and M models (d = max d_i; the
+    aligned configurations have p = min(n − 1, d) columns).
 
     Attributes:
         residuals: (n, M) float64; ``residuals[j, i]`` = distance of stimulus j of model i (after
@@ -190,10 +193,11 @@ class GPAResult:
         n_iter: number of accepted iterations (iteration 1 is the start).
         converged: True when the stopping rule was met (see the module docstring).
         models, layers: names of the inputs, in order (may be empty).
-        maps: M float64 arrays (d_i, d) with orthonormal rows (when n − 1 < d_i: orthonormal on the
-            row space of the centered data, completed to orthonormal rows): aligned_i =
-            ((X_i − means[i]) / scales[i]) @ maps[i]. Empty for a result read from a run stored
-            before maps were kept.
+        maps: M float64 arrays (d_i, p), p = min(n − 1, d), with orthonormal rows (when
+            n − 1 < d_i: orthonormal columns spanning the row space of the centered data):
+            aligned_i = ((X_i − means[i]) / scales[i]) @ maps[i]. Empty for a result read from a
+            run stored before maps were kept; a run written by an earlier version may hold (d_i, d)
+            maps, whose columns past p are zero on the data.
         means: M float64 arrays (d_i,), the column means μ_i of the inputs.
         scales: (M,) float64, the Frobenius norms s_i of the centered inputs.
         gap_estimate: the stopping rule's estimate of the remaining decrease of the loss (≥ 0;
@@ -201,7 +205,7 @@ class GPAResult:
         inputs: the M input arrays (n, d_i), kept by reference (never copied) so that
             :attr:`aligned` and :attr:`consensus` can be computed; None when not kept.
 
-    :attr:`aligned` (M arrays (n, d)) and :attr:`consensus` (n, d) are computed on first access
+    :attr:`aligned` (M arrays (n, p)) and :attr:`consensus` (n, p) are computed on first access
     from ``inputs`` (O(n·d) memory each: for large n use :meth:`aligned_rows` /
     :meth:`consensus_rows` on the rows you need). A result built with ``consensus=`` and
     ``aligned=`` arrays (a run stored before maps were kept) returns those instead.
@@ -292,7 +296,7 @@ class GPAResult:
             embeddings: the M input arrays (n, d_i); default: the inputs kept by reference.
 
         Returns:
-            (M, r, d) float64: row k of model i is ((X_i[rows][k] − μ_i) / s_i) @ R_i.
+            (M, r, p) float64: row k of model i is ((X_i[rows][k] − μ_i) / s_i) @ R_i.
         """
         arrays = self._inputs_for(embeddings)
         index = slice(None) if rows is None else rows
@@ -306,7 +310,7 @@ class GPAResult:
     def consensus_rows(
         self, rows: Any = None, embeddings: Sequence[Any] | None = None
     ) -> np.ndarray:
-        """Consensus rows (r, d) float64 of the given stimuli: the mean of :meth:`aligned_rows`."""
+        """Consensus rows (r, p) float64 of the given stimuli: the mean of :meth:`aligned_rows`."""
         arrays = self._inputs_for(embeddings)
         index = slice(None) if rows is None else rows
         total = None
@@ -317,14 +321,14 @@ class GPAResult:
 
     @cached_property
     def consensus(self) -> np.ndarray:
-        """(n, d) float64 consensus configuration (computed from the kept inputs; see the class)."""
+        """(n, p) float64 consensus configuration (computed from the kept inputs; see the class)."""
         if self._stored_consensus is not None:
             return self._stored_consensus
         return self.consensus_rows()
 
     @cached_property
     def aligned(self) -> list[np.ndarray]:
-        """M arrays (n, d), each model's aligned configuration (computed from the kept inputs)."""
+        """M arrays (n, p), each model's aligned configuration (computed from the kept inputs)."""
         if self._stored_aligned is not None:
             return list(self._stored_aligned)
         return list(self.aligned_rows())
@@ -567,27 +571,6 @@ def _cross_products(
     return cross
 
 
-def _centering_reflector(m: int) -> np.ndarray:
-    """Unit vector u of the Householder reflector H = I − 2uuᵀ that maps 1/sqrt(m) to e_0.
-
-    The columns 1..m−1 of H are an orthonormal basis E of the centered vectors (sum zero).
-    """
-    u = np.full(m, 1.0 / np.sqrt(m))
-    u[0] -= 1.0
-    return u / np.linalg.norm(u)
-
-
-def _to_centered_basis(x: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Eᵀ x: (m, k) centered columns → (m−1, k) coordinates in the basis E (see above)."""
-    return (x - 2.0 * np.outer(u, u @ x))[1:]
-
-
-def _from_centered_basis(y: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """E y: (m−1, k) coordinates → (m, k) centered columns."""
-    x = np.vstack([np.zeros((1, y.shape[1])), y])
-    return x - 2.0 * np.outer(u, u @ x)
-
-
 # -- the problem in cross-product form ------------------------------------------------------------
 @dataclass(frozen=True)
 class _Problem:
@@ -596,10 +579,10 @@ class _Problem:
     Attributes:
         cross: (R, R) float64, R = Σ r_i: blocks C_ij = Z_iᵀ Z_j of the models' coordinates.
         offsets: (M + 1,) block boundaries of ``cross``.
-        p: consensus width of the iterations, min(n − 1, d).
-        d: max d_i (the width of the maps in the result).
-        bases: per model None (coordinates = the centered, scaled features) or the (d_i, d_i)
-            orthogonal matrix [V_i, V_i⊥] of the reduced coordinates (n − 1 < d_i).
+        p: consensus width of the iterations and of the maps in the result, min(n − 1, max d_i).
+        bases: per model None (coordinates = the centered, scaled features) or the (d_i, n − 1)
+            orthonormal columns V_i of its row space (the model is wider than n − 1; its
+            coordinates are Z_i = N_i V_i).
         unaligned_loss: loss of the configurations as given (zero-padded, no rotation).
         unaligned_targets: per model the (r_i, p) cross-product Z_iᵀ C_0 with the unaligned mean
             C_0, in a p-column frame of its row space (for the plain first step).
@@ -609,7 +592,6 @@ class _Problem:
     cross: np.ndarray
     offsets: np.ndarray
     p: int
-    d: int
     bases: tuple[np.ndarray | None, ...]
     unaligned_loss: float
     unaligned_targets: tuple[np.ndarray, ...]
@@ -632,89 +614,107 @@ def _prepare(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Problem:
     """Read the inputs (row blocks) into the cross-product form of the problem."""
     n = arrays[0].shape[0]
     widths = [a.shape[1] for a in arrays]
+    if max(widths) > n - 1:
+        return _prepare_reduced(arrays, labels)
     n_models = len(arrays)
-    d = max(widths)
-    p = min(n - 1, d)
     means = _column_means(arrays, labels)
-    raw = _cross_products(arrays, means)
+    cross = _cross_products(arrays, means)
     offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
-    traces = np.array([np.trace(raw[offsets[i] : offsets[i + 1], offsets[i] : offsets[i + 1]])
+    traces = np.array([np.trace(cross[offsets[i] : offsets[i + 1], offsets[i] : offsets[i + 1]])
                        for i in range(n_models)])
     for label, trace in zip(labels, traces):
         if not trace > 0.0:
             raise ValueError(_zero_variance_message(label))
     scales = np.sqrt(traces)
     inverse = np.repeat(1.0 / scales, widths)
-    raw *= inverse[:, None]
-    raw *= inverse[None, :]
-    cross_full = raw
+    cross *= inverse[:, None]
+    cross *= inverse[None, :]
 
-    # the unaligned configurations: loss and (for the plain first step) cross-products with their
-    # mean C_0 = (1/M) Σ_j N_j padded; in the frame of the p leading right singular vectors of C_0
-    # (the identity when p = d)
-    def full_block(i: int, j: int) -> np.ndarray:
-        return cross_full[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]]
+    def block(i: int, j: int) -> np.ndarray:
+        return cross[offsets[i] : offsets[i + 1], offsets[j] : offsets[j + 1]]
 
+    # the unaligned configurations (zero-padded to d): their loss, and the cross-products N_iᵀ C_0
+    # with their mean C_0 (for the plain first step)
+    d = max(widths)
     overlap = sum(
-        float(np.trace(full_block(i, j)[: min(widths[i], widths[j]), : min(widths[i], widths[j])]))
+        float(np.trace(block(i, j)[: min(widths[i], widths[j]), : min(widths[i], widths[j])]))
         for i in range(n_models)
         for j in range(n_models)
     )
-    traces_sum = sum(float(np.trace(full_block(i, i))) for i in range(n_models))
+    traces_sum = sum(float(np.trace(block(i, i))) for i in range(n_models))
     unaligned_loss = traces_sum - overlap / n_models
     targets = []
     for i in range(n_models):
         t = np.zeros((widths[i], d))
         for j in range(n_models):
-            t[:, : widths[j]] += full_block(i, j)
+            t[:, : widths[j]] += block(i, j)
         targets.append(t / n_models)  # N_iᵀ C_0, (d_i, d)
-    frame = None
-    if p < d:
-        mean_gram = np.zeros((d, d))  # C_0ᵀ C_0
-        for i in range(n_models):
-            for j in range(n_models):
-                mean_gram[: widths[i], : widths[j]] += full_block(i, j)
-        _, vectors = np.linalg.eigh(mean_gram / n_models**2)
-        frame = vectors[:, ::-1][:, :p]
-
-    # reduced coordinates for the models wider than n − 1
-    bases: list[np.ndarray | None] = []
-    reflector = _centering_reflector(n) if p < d else None
-    for i, a in enumerate(arrays):
-        if widths[i] <= n - 1:
-            bases.append(None)
-            continue
-        centered = (np.asarray(a, dtype=np.float64) - means[i]) / scales[i]  # small n only
-        q, _ = np.linalg.qr(_to_centered_basis(centered, reflector).T, mode="complete")
-        bases.append(q)  # (d_i, d_i): V_i = q[:, :n−1] spans the row space
-    ranks = [widths[i] if bases[i] is None else n - 1 for i in range(n_models)]
-    reduced_offsets = np.concatenate([[0], np.cumsum(ranks)]).astype(np.int64)
-    if any(b is not None for b in bases):
-        cross = np.empty((reduced_offsets[-1], reduced_offsets[-1]))
-        for i in range(n_models):
-            vi = np.eye(widths[i]) if bases[i] is None else bases[i][:, : ranks[i]]
-            for j in range(n_models):
-                vj = np.eye(widths[j]) if bases[j] is None else bases[j][:, : ranks[j]]
-                cross[reduced_offsets[i] : reduced_offsets[i + 1],
-                      reduced_offsets[j] : reduced_offsets[j + 1]] = vi.T @ full_block(i, j) @ vj
-    else:
-        cross = cross_full
-    unaligned_targets = []
-    for i in range(n_models):
-        t = targets[i] if frame is None else targets[i] @ frame
-        if bases[i] is not None:
-            t = bases[i][:, : ranks[i]].T @ t
-        unaligned_targets.append(t)
     return _Problem(
         cross=cross,
-        offsets=reduced_offsets,
-        p=p,
-        d=d,
-        bases=tuple(bases),
+        offsets=offsets,
+        p=d,
+        bases=(None,) * n_models,
         unaligned_loss=unaligned_loss,
-        unaligned_targets=tuple(unaligned_targets),
+        unaligned_targets=tuple(targets),
         means=tuple(means),
         scales=scales,
+    )
+
+
+def _prepare_reduced(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Problem:
+    """:func:`_prepare` when a model is wider than n − 1 (n is then smaller than that width, so
+    each model is read whole, one at a time: n·d_i floats).
+
+    A wide model's centered, scaled configuration N_i has rank ≤ n − 1 (its columns are centered):
+    with its thin SVD N_i = U S Vᵀ, the iterations use Z_i = U S (n × (n − 1), the first n − 1
+    singular triplets; the n-th singular value is 0 up to rounding) and the result's map is
+    R_i = V_i T_i (d_i × p, orthonormal columns), so N_i R_i = Z_i T_i. Nothing of size Σ d_i
+    squared is formed: the cross-products are Z_iᵀ Z_j ((n − 1) × (n − 1) for two wide models).
+    """
+    n = arrays[0].shape[0]
+    n_models = len(arrays)
+    widths = [a.shape[1] for a in arrays]
+    p = n - 1
+    means = _column_means(arrays, labels)  # also the finiteness check, with its message
+    coordinates, bases, scales = [], [], []
+    unaligned_sum = np.zeros((n, max(widths)))  # Σ_i N_i, zero-padded
+    for i, a in enumerate(arrays):
+        centered = np.asarray(a, dtype=np.float64) - means[i]
+        scale = float(np.linalg.norm(centered))
+        if not scale > 0.0:
+            raise ValueError(_zero_variance_message(labels[i]))
+        centered /= scale
+        unaligned_sum[:, : widths[i]] += centered
+        if widths[i] > p:
+            u, singular, vt = np.linalg.svd(centered, full_matrices=False)
+            coordinates.append(u[:, :p] * singular[:p])
+            bases.append(np.ascontiguousarray(vt[:p].T))
+        else:
+            coordinates.append(centered)
+            bases.append(None)
+        scales.append(scale)
+        del centered
+    stacked = np.hstack(coordinates)
+    cross = stacked.T @ stacked
+    ranks = [z.shape[1] for z in coordinates]
+    offsets = np.concatenate([[0], np.cumsum(ranks)]).astype(np.int64)
+    unaligned_mean = unaligned_sum / n_models  # C_0 (n, d)
+    unaligned_loss = float(sum(np.trace(cross[o:e, o:e]) for o, e in zip(offsets, offsets[1:])))
+    unaligned_loss -= n_models * float(np.sum(unaligned_mean * unaligned_mean))
+    # Z_iᵀ C_0 F with F the p leading right singular vectors of C_0 (a p-column frame of its row
+    # space): C_0 F = U_0 S_0, first p columns
+    u0, s0, _ = np.linalg.svd(unaligned_mean, full_matrices=False)
+    mean_in_frame = u0[:, :p] * s0[:p]
+    targets = tuple(z.T @ mean_in_frame for z in coordinates)
+    return _Problem(
+        cross=cross,
+        offsets=offsets,
+        p=p,
+        bases=tuple(bases),
+        unaligned_loss=unaligned_loss,
+        unaligned_targets=targets,
+        means=tuple(means),
+        scales=np.asarray(scales),
     )
 
 
@@ -971,20 +971,9 @@ def _iterate(
 
 
 def _full_maps(problem: _Problem, maps: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The maps R_i (d_i, d) with orthonormal rows of the result from the iterations' T_i (r_i, p):
-    R_i = V_i [T_i, 0] + V_i⊥ [0, J_i] (J_i an identity block) for reduced models, [T_i, 0] else."""
-    out = []
-    for t, basis in zip(maps, problem.bases):
-        r = np.zeros((t.shape[0] if basis is None else basis.shape[0], problem.d))
-        if basis is None:
-            r[:, : problem.p] = t
-        else:
-            rank = t.shape[0]
-            r[:, : problem.p] = basis[:, :rank] @ t
-            extra = basis.shape[0] - rank  # ≤ d − p
-            r[:, problem.p : problem.p + extra] = basis[:, rank:]
-        out.append(r)
-    return out
+    """The maps R_i (d_i, p) of the result from the iterations' T_i (r_i, p): T_i itself, or
+    V_i T_i for a model reduced to its row space (orthonormal columns; N_i R_i = Z_i T_i)."""
+    return [t if basis is None else basis @ t for t, basis in zip(maps, problem.bases)]
 
 
 def _residuals(
@@ -1037,8 +1026,9 @@ def generalized_procrustes(
     Returns:
         :class:`GPAResult`: residuals (n, M), loss history, maps (d_i, d), means, scales.
 
-    Memory: the (D, D) cross-products (D = Σ d_i) plus one block of rows; time: three passes over
-    the inputs plus O(M² d³) per iteration.
+    Memory: the (D, D) cross-products (D = Σ d_i) plus one block of rows; when a model is wider
+    than n − 1, D = Σ min(d_i, n − 1) and each input is read whole once (n·d_i floats); time:
+    three passes over the inputs plus O(M² p³) per iteration.
     """
     _check_options(tol, max_iter)
     arrays = _check_inputs(embeddings, tuple(str(x) for x in models))

@@ -90,7 +90,7 @@ def _check_lists(run: Run, model: str, layer: str) -> None:
 def check_run_files(run: Run) -> None:
     """Check every file of ``run`` that the pages and the report read.
 
-    GPA: residuals (n, M) with M = the GPA's models, consensus (n, d), aligned (M, n, d), loss
+    GPA: residuals (n, M) with M = the GPA's models, consensus (n, p), aligned (M, n, p), loss
     history (iterations,), all finite. Dispersion: finite ``mean`` / ``pc1``, ranks a permutation
     of 0..n-1. PCA: scores (n, M), components (M, M), explained variance (+ ratio) and mean (M,),
     finite. Every embedding: readable without pickle, (n, d) floating point; every neighbour list:
