@@ -523,6 +523,35 @@ def _check_inputs(embeddings: Sequence[Any], names: Sequence[str]) -> list[np.nd
     return arrays
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory available to this process now (Linux: MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(needed: int, columns: int, labels: Sequence[str]) -> None:
+    """Refuse, before allocating, a problem whose cross-products cannot fit: an (R, R) float64
+    matrix grows with the square of the models' total width, and a process that runs out of
+    memory while filling it is killed without a word."""
+    available = _available_memory()
+    if available is None or needed <= 0.9 * available:
+        return
+    raise ValueError(
+        f"GPA across {', '.join(labels)} needs the cross-products of their {columns:,} features "
+        f"together: about {needed / 2**30:.1f} GiB, and {available / 2**30:.1f} GiB is available. "
+        "Reduce the features first (their leading principal components: GPA depends on a "
+        "model's features only up to rotation, so dropping components changes the residuals "
+        "by the variance they carry), or put fewer or narrower models into GPA (--gpa-models, "
+        "--gpa-layer)."
+    )
+
+
 def _row_blocks(n: int, width: int) -> list[slice]:
     """Row slices of about ``_BLOCK_BYTES`` of float64 at ``width`` columns (at least 256 rows)."""
     step = max(256, _BLOCK_BYTES // (8 * max(width, 1)))
@@ -617,6 +646,8 @@ def _prepare(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Problem:
     if max(widths) > n - 1:
         return _prepare_reduced(arrays, labels)
     n_models = len(arrays)
+    total = sum(widths)  # the cross-products, the block product and a block of rows
+    _check_memory(8 * total * (2 * total + _BLOCK_BYTES // (8 * total) + 1), total, labels)
     means = _column_means(arrays, labels)
     cross = _cross_products(arrays, means)
     offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
@@ -675,6 +706,8 @@ def _prepare_reduced(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Pr
     n_models = len(arrays)
     widths = [a.shape[1] for a in arrays]
     p = n - 1
+    total = sum(min(w, p) for w in widths)  # the cross-products, the coordinates, C_0, one input
+    _check_memory(8 * (total * total + n * (total + 2 * max(widths))), total, labels)
     means = _column_means(arrays, labels)  # also the finiteness check, with its message
     coordinates, bases, scales = [], [], []
     unaligned_sum = np.zeros((n, max(widths)))  # Σ_i N_i, zero-padded

@@ -657,3 +657,22 @@ def test_models_much_wider_than_n_stay_in_their_row_space() -> None:
         np.linalg.norm(result.aligned_rows() - result.consensus_rows(), axis=2).T,
         result.residuals, atol=1e-12,
     )
+
+
+def test_cross_products_that_cannot_fit_are_refused_before_allocating(monkeypatch) -> None:
+    """A process that runs out of memory while filling the cross-products is killed without a
+    word: GPA compares what they need with the memory available first, and says what to do."""
+    rng = np.random.default_rng(0)
+    narrow = [rng.standard_normal((50, 20)) for _ in range(3)]
+    wide = [rng.standard_normal((10, 40)) for _ in range(3)]
+    monkeypatch.setattr(procrustes, "_available_memory", lambda: 1000)
+    for embeddings, columns in ((narrow, 60), (wide, 27)):
+        with pytest.raises(ValueError, match=rf"needs the cross-products of their {columns} "
+                                             r"features.*Reduce the features first.*--gpa-models"):
+            generalized_procrustes(embeddings, models=("subj01", "subj02", "subj03"))
+    monkeypatch.setattr(procrustes, "_available_memory", lambda: None)  # unknown: no check
+    assert generalized_procrustes(narrow).converged
+    monkeypatch.setattr(procrustes, "_available_memory", lambda: 2**30)
+    assert generalized_procrustes(wide).converged
+    monkeypatch.undo()  # the real function reads /proc/meminfo here
+    assert procrustes._available_memory() is None or procrustes._available_memory() > 2**20
