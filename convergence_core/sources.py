@@ -473,12 +473,19 @@ def read_feature_file(
     order = _row_order(where, file_ids, ids)
     in_order = bool(np.array_equal(order, np.arange(len(ids))))
     out = np.asarray(array if in_order else array[order], dtype=np.float32)
-    finite = np.isfinite(out).all(axis=1)
+    finite = np.isfinite(out)
     if not finite.all():
-        bad_rows = np.flatnonzero(~finite)
-        raise FeatureFileError(
-            f"{where} has NaN/Inf in {bad_rows.size} row(s), e.g. stimuli "
-            f"{[ids[i] for i in bad_rows[:5]]}; fix those rows or drop those stimuli from the data "
-            "set"
+        bad_rows = np.flatnonzero(~finite.all(axis=1))
+        bad_columns = np.flatnonzero(~finite.all(axis=0))
+        found = (
+            f"{where} has NaN/Inf in {bad_rows.size} of {out.shape[0]} row(s), e.g. stimuli "
+            f"{[ids[i] for i in bad_rows[:5]]}, within {bad_columns.size} of {out.shape[1]} "
+            f"column(s), e.g. columns {bad_columns[:5].tolist()}"
         )
+        if bad_rows.size > out.shape[0] // 2 and bad_columns.size <= out.shape[1] // 2:
+            fix = ("they sit in a few columns (voxels outside a mask, say): remove those columns "
+                   "from the file")
+        else:
+            fix = "fix those rows or drop those stimuli from the data set"
+        raise FeatureFileError(f"{found}; {fix}")
     return out

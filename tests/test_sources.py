@@ -92,7 +92,10 @@ def test_a_float32_npy_in_order_is_not_copied(tmp_path, ids):
         (lambda p, a, ids: _save_npy(p, a, ids[:-2]), "ids; give exactly one id per row"),
         (lambda p, a, ids: _save_npy(p, a.ravel(), ids), "2-D"),
         (lambda p, a, ids: _save_npy(p, np.where(np.arange(N)[:, None] == 4, np.nan, a), ids),
-         "NaN/Inf in 1 row"),
+         "NaN/Inf in 1 of 30 row.*fix those rows or drop those stimuli"),
+        (lambda p, a, ids: _save_npy(p, np.where(np.arange(4) == 2, np.nan, a), ids),
+         r"NaN/Inf in 30 of 30 row.*within 1 of 4 column\(s\), e.g. columns \[2\].*voxels outside "
+         r"a mask, say\): remove those columns"),
         (lambda p, a, ids: (np.save(p, a), p)[1], "no id list"),
         (lambda p, a, ids: _save_npy(p, np.array([{"x": 1}] * N, dtype=object), ids),
          "cannot be read as a numeric"),
