@@ -1067,8 +1067,11 @@ class _Pipeline:
         if self.done(source):
             self.notify(ProgressEvent("extract", name, n, n, skipped=True))
             return
-        self.manifest.forget_step(step)
+        # loaded before the step is forgotten: a load that fails (a layer name that is not the
+        # model's, missing weights) leaves the model's finished work as it was, so the corrected
+        # command finds it done; forgotten before any of its files change
         extracted = source.load(self)
+        self.manifest.forget_step(step)
         arrays = {
             layer: check_embedding_array(array, name, layer, n)
             for layer, array in extracted.arrays.items()

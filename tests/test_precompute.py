@@ -351,6 +351,19 @@ def test_changed_inputs_are_not_served_stale(tiny_coco, tmp_path, loads):
     assert len(run.vision_models) == 3
 
 
+def test_a_rerun_that_fails_on_a_layer_name_keeps_the_finished_work(tiny_coco, tmp_path, loads):
+    """A typo in a layer name is found once the model is loaded: the model's finished extraction
+    must survive it, so that the corrected command (here the original one) extracts nothing."""
+    base = _options(tiny_coco, tmp_path)
+    precompute(**base)
+    with pytest.raises(ValueError, match=r"\['middel'\] are not layers of 'fake-vision-b'"):
+        precompute(**{**base, "layers": {"fake-vision-b": ["middel"]}})
+    counts = dict(loads)
+    run = precompute(**base)
+    assert dict(loads) == counts  # nothing extracted again
+    assert run.layers("fake-vision-b") == ["early", "middle", "late"]
+
+
 def test_default_run_name_hashes_the_config(tiny_coco, tmp_path, loads):
     options = _options(tiny_coco, tmp_path)
     del options["run_name"]
