@@ -119,7 +119,8 @@ def safe_relative_path(
     Two checks: lexically (``..`` components resolved as text) the path must stay under ``root``,
     and once symbolic links are resolved, the file it names must still lie inside the resolved
     ``root``. So a dataset may hold symlinked images or folders whose targets are inside the
-    root, but a link to anything outside it is refused (it would be read and embedded).
+    root, but a link to anything outside it is refused (it would be read and embedded). A
+    backslash is read as a separator (a table written on Windows), before the checks.
     ``_real_dirs`` caches resolved folders across the calls of one bulk check.
 
     Raises:
@@ -131,6 +132,7 @@ def safe_relative_path(
         raise ValueError(
             f"empty image path in dataset under {root}; every stimulus needs an image file"
         )
+    text = text.replace("\\", "/")
     root_abs = os.path.normpath(os.path.abspath(os.fspath(root)))
     joined = os.path.normpath(os.path.join(root_abs, text))
     if os.path.commonpath([root_abs, joined]) != root_abs or joined == root_abs:

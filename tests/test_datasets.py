@@ -174,7 +174,9 @@ def test_duplicate_ids_rejected(tmp_path: Path, make_images) -> None:
 # --------------------------------------------------------------------------- path safety
 
 
-@pytest.mark.parametrize("bad", ["../outside.png", "images/../../outside.png", "/etc/passwd"])
+@pytest.mark.parametrize(
+    "bad", ["../outside.png", "images/../../outside.png", "/etc/passwd", "images\\..\\..\\x.png"]
+)
 def test_paths_escaping_root_rejected(tmp_path: Path, bad: str) -> None:
     root = tmp_path / "data"
     root.mkdir()
@@ -188,8 +190,21 @@ def test_paths_escaping_root_rejected(tmp_path: Path, bad: str) -> None:
 def test_paths_inside_root_normalised(tmp_path: Path) -> None:
     assert safe_relative_path(tmp_path, "a/./b/../c.png") == "a/c.png"
     assert safe_relative_path(tmp_path, tmp_path / "x" / "y.png") == "x/y.png"
+    assert safe_relative_path(tmp_path, "images\\sub\\0001.jpg") == "images/sub/0001.jpg"
     with pytest.raises(ValueError, match="empty image path"):
         safe_relative_path(tmp_path, "  ")
+
+
+def test_a_table_written_on_windows_loads(tmp_path: Path, make_images) -> None:
+    """Image paths with backslash separators (a CSV made on Windows) name the same files."""
+    paths = make_images(2, folder="images/sub")
+    rows = [str(Path(p).relative_to(tmp_path)).replace("/", "\\") for p in paths]
+    assert all("\\" in row for row in rows)
+    pd.DataFrame({"image": rows, "caption": ["one", "two"]}).to_csv(tmp_path / "win.csv",
+                                                                      index=False)
+    ds = load_dataset(tmp_path / "win.csv")
+    assert list(ds.stimuli["image"]) == [str(Path(p).relative_to(tmp_path)) for p in paths]
+    check_dataset(ds)  # the files are found
 
 
 def test_dataset_rejects_unnormalised_table(tmp_path: Path) -> None:
