@@ -475,6 +475,13 @@ def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     bars = None if args.quiet else _ProgressBars(err)
     try:
         run = precompute(config, progress=bars)
+    except KeyboardInterrupt:  # Ctrl-C: a page of torch frames says less than this
+        print(
+            "\ninterrupted: the steps that finished are kept in the run; rerun the same command "
+            "to resume where it stopped",
+            file=err,
+        )
+        return 130
     finally:
         if bars is not None:
             bars._close()

@@ -279,3 +279,20 @@ def test_flags_override_a_config_file(tmp_path, monkeypatch):
     assert seen["gpa_layers"] == {"a": "y"} and seen["weights"] == {"a": "/w/a.pth"}
     assert seen["drop_bad"] is True and seen["thumbnails"] is False
     assert seen["vision_models"] == ["a", "b"] and seen["dataset"] == "data"
+
+
+def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(monkeypatch):
+    """Ctrl-C during an extraction raised KeyboardInterrupt through a page of torch frames; the
+    run keeps what finished (tests/test_precompute.py), and the command now says so."""
+    import convergence_core.precompute as precompute_module
+
+    def interrupted(config, progress=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(precompute_module, "precompute", interrupted)
+    code, out, err = _main("precompute", "--preset", "demo", "--quiet")
+    assert code == 130 and out == ""
+    assert err.strip() == (
+        "interrupted: the steps that finished are kept in the run; rerun the same command to "
+        "resume where it stopped"
+    )
