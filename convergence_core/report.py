@@ -1692,6 +1692,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a page of frames says less than this
+        print(
+            f"\ninterrupted: the files in {args.out} so far are whole (each is written to a "
+            "temporary name, then renamed), but the report is not complete; rerun it to finish",
+            file=sys.stderr,
+        )
+        return 130
     except OSError as error:  # e.g. no permission to write to --out
         print(
             f"error: cannot write the report to {args.out} ({error.strerror or error}); pass a "

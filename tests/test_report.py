@@ -166,6 +166,14 @@ def test_bad_input_gives_a_clear_error(planted_run_path, tmp_path, monkeypatch, 
     assert "precompute --preset demo" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         report.main([run, "--preset", "demo", "--out", str(tmp_path)])
+    # Ctrl-C: what is on disk and what to do, not a page of frames
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", interrupted)
+    assert report.main([run, "--out", str(tmp_path / "stopped")]) == 130
+    assert "interrupted: the files in" in capsys.readouterr().err
 
 
 def test_report_has_the_universal_space_tables_figures_and_headline(written, capsys):
