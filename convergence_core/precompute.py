@@ -929,6 +929,28 @@ def _check_layer_choice(
         )
 
 
+def _check_gpa_fits(plan: _Plan, n: int) -> None:
+    """Before any work: GPA across the plan's GPA models fits in memory, where their widths are
+    known now (feature files, arrays; an encoder's is known once it is loaded, and GPA itself
+    checks again)."""
+    from .procrustes import check_gpa_fits
+
+    sources = {source.name: source for source in plan.sources}
+    widths = []
+    for model in plan.gpa_models:
+        source = sources.get(model)
+        if source is None or source.kind == "encoder":
+            return
+        layer = (plan.gpa_layers.get(model) or plan.default_layers.get(model)
+                 or source.default_layer or source.layers[0])
+        width = source.width(layer) if layer in source.layers else None
+        if width is None:
+            return
+        widths.append(width)
+    if len(widths) >= 2:
+        check_gpa_fits(n, widths, plan.gpa_models)
+
+
 def _execute(
     plan: _Plan,
     path: Path,
@@ -947,6 +969,7 @@ def _execute(
     images_root = Path(info.images_root) if info.images_root else None
     for source in plan.sources:
         source.check(stimuli, images_root)
+    _check_gpa_fits(plan, len(stimuli))
     with run_lock(
         path,
         wait_seconds=lock_wait_seconds,

@@ -535,10 +535,29 @@ def _available_memory() -> int | None:
     return None
 
 
-def _check_memory(needed: int, columns: int, labels: Sequence[str]) -> None:
+def _memory_needed(n: int, widths: Sequence[int]) -> tuple[int, int]:
+    """(bytes, columns): the peak memory of preparing GPA of n stimuli and models of ``widths``,
+    and the columns of its cross-products."""
+    if max(widths) > n - 1:  # _prepare_reduced: cross-products, coordinates, C_0, one input
+        total = sum(min(w, n - 1) for w in widths)
+        return 8 * (total * total + n * (total + 2 * max(widths))), total
+    total = sum(widths)  # the cross-products, the block product and a block of rows
+    return 8 * total * (2 * total + _BLOCK_BYTES // (8 * total) + 1), total
+
+
+def check_gpa_fits(n: int, widths: Sequence[int], models: Sequence[str] = ()) -> None:
+    """ValueError (with the fix) when GPA of n stimuli and models of ``widths`` features would
+    not fit in the memory available now; :func:`generalized_procrustes` checks this itself, and
+    a run checks it before extracting anything when the GPA models' widths are known (feature
+    files, arrays)."""
+    _check_memory(n, widths, _labels(len(widths), tuple(models)))
+
+
+def _check_memory(n: int, widths: Sequence[int], labels: Sequence[str]) -> None:
     """Refuse, before allocating, a problem whose cross-products cannot fit: an (R, R) float64
     matrix grows with the square of the models' total width, and a process that runs out of
     memory while filling it is killed without a word."""
+    needed, columns = _memory_needed(n, widths)
     available = _available_memory()
     if available is None or needed <= 0.9 * available:
         return
@@ -643,11 +662,10 @@ def _prepare(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Problem:
     """Read the inputs (row blocks) into the cross-product form of the problem."""
     n = arrays[0].shape[0]
     widths = [a.shape[1] for a in arrays]
+    _check_memory(n, widths, labels)
     if max(widths) > n - 1:
         return _prepare_reduced(arrays, labels)
     n_models = len(arrays)
-    total = sum(widths)  # the cross-products, the block product and a block of rows
-    _check_memory(8 * total * (2 * total + _BLOCK_BYTES // (8 * total) + 1), total, labels)
     means = _column_means(arrays, labels)
     cross = _cross_products(arrays, means)
     offsets = np.concatenate([[0], np.cumsum(widths)]).astype(np.int64)
@@ -706,8 +724,6 @@ def _prepare_reduced(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Pr
     n_models = len(arrays)
     widths = [a.shape[1] for a in arrays]
     p = n - 1
-    total = sum(min(w, p) for w in widths)  # the cross-products, the coordinates, C_0, one input
-    _check_memory(8 * (total * total + n * (total + 2 * max(widths))), total, labels)
     means = _column_means(arrays, labels)  # also the finiteness check, with its message
     coordinates, bases, scales = [], [], []
     unaligned_sum = np.zeros((n, max(widths)))  # Σ_i N_i, zero-padded

@@ -21,7 +21,9 @@ A source's ``inputs()`` is the fingerprint that decides whether its stored embed
 its ``check(stimuli, images_root)`` runs for every source before anything of the run is written
 (cheap: a feature file's ids against the data set, a vision encoder's need for images), so that
 bad input stops a run before hours of extraction rather than after them, and never resets an
-existing run folder.
+existing run folder. ``width(layer)`` is a layer's feature count when it is known without
+loading anything (arrays, a feature file's header; None for an encoder), so that the run can
+check before any work that GPA across its models fits in memory.
 
 Modalities: ``vision`` and ``language`` are the two sides of the alignment analyses (vision models
 enter the intra-modal GPA by default); ``brain`` and any other name a user gives (letters, digits,
@@ -158,6 +160,10 @@ class ArraySource:
         """Nothing to check before the run's work: ``write_run_from_embeddings`` checks every
         array before it writes anything."""
 
+    def width(self, layer: str) -> int | None:
+        shape = np.shape(self.arrays[layer])
+        return int(shape[1]) if len(shape) == 2 else None
+
     def load(self, context: Any) -> Extracted:
         return Extracted(
             {str(layer): np.asarray(a) for layer, a in self.arrays.items()},
@@ -212,6 +218,23 @@ class FileSource:
         for layer, path in self.files.items():
             check_feature_file(path, ids, model=self.name, layer=layer)
 
+    def width(self, layer: str) -> int | None:
+        """The file's feature count from its header (an .npy's shape; a parquet file's schema,
+        less ``id`` and the index columns pandas stored), or None where it cannot be read."""
+        path = self.files[layer]
+        try:
+            if path.suffix.lower() == ".npy":
+                shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+                return int(shape[1]) if len(shape) == 2 else None
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(path)
+            index = (schema.pandas_metadata or {}).get("index_columns", [])
+            skip = {"id", *(column for column in index if isinstance(column, str))}
+            return sum(name not in skip for name in schema.names)
+        except (OSError, ValueError):
+            return None
+
     def load(self, context: Any) -> Extracted:
         ids = list(context.stimuli["id"])
         arrays = {
@@ -264,6 +287,9 @@ class EncoderSource:
                 "set with images or give this model's features as a file (--features)"
             )
 
+
+    def width(self, layer: str) -> int | None:
+        return None  # known once the model is loaded
     def load(self, context: Any) -> Extracted:
         """Run the extraction on the configured engine (``engines``: local or Ray; the same
         numbers on every engine)."""

@@ -212,6 +212,34 @@ def test_a_run_from_files_of_several_modalities(tmp_path, coco, ids):
     np.testing.assert_allclose(changed.embeddings["subj01"]["V1"], flipped.astype(np.float32))
 
 
+def test_gpa_across_files_that_cannot_fit_stops_before_any_work(tmp_path, coco, ids,
+                                                               monkeypatch):
+    """GPA across brain subjects given as files: their widths are in the files' headers, so a GPA
+    that would not fit in memory is refused before any model is extracted or any folder written
+    (an encoder's width is known only once it is loaded: GPA checks again then)."""
+    import convergence_core.procrustes as procrustes
+    from convergence_core.sources import FileSource
+
+    rng = np.random.default_rng(8)
+    npy = _save_npy(tmp_path / "s1.npy", rng.standard_normal((N, 7)), ids)
+    parquet = _save_parquet(tmp_path / "s2.parquet", rng.standard_normal((N, 5)), ids)
+    frame = pd.read_parquet(parquet).set_index("id")
+    frame.to_parquet(tmp_path / "s3.parquet")  # the ids as pandas' index: not a feature
+    source = FileSource("s", "brain", {"a": npy, "b": parquet, "c": tmp_path / "s3.parquet"})
+    assert [source.width(layer) for layer in "abc"] == [7, 5, 5]
+    monkeypatch.setattr(procrustes, "_available_memory", lambda: 1000)
+    options = dict(
+        dataset=str(coco), vision_models=["efficientnet-lite0"],
+        features={"s1": str(npy), "s2": str(parquet)}, modalities={"s1": "brain", "s2": "brain"},
+        gpa_models=["s1", "s2"], run_name="toobig", cache_root=str(tmp_path / "cache"),
+    )
+    monkeypatch.setattr("convergence_core.models.load_encoder",
+                        lambda *a, **k: pytest.fail("an encoder was loaded"))
+    with pytest.raises(ValueError, match=r"GPA across model 0 \('s1'\), model 1 \('s2'\) needs"):
+        precompute(**options)
+    assert not (tmp_path / "cache" / "runs" / "toobig").exists()
+
+
 def test_config_needs_a_modality_for_each_file_and_two_gpa_models(tmp_path, coco, ids):
     path = _save_npy(tmp_path / "f.npy", np.ones((N, 3)) + np.eye(N, 3), ids)
     with pytest.raises(ValueError, match="say which modality"):
