@@ -287,9 +287,9 @@ class EncoderSource:
                 "set with images or give this model's features as a file (--features)"
             )
 
-
     def width(self, layer: str) -> int | None:
         return None  # known once the model is loaded
+
     def load(self, context: Any) -> Extracted:
         """Run the extraction on the configured engine (``engines``: local or Ray; the same
         numbers on every engine)."""
