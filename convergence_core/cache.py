@@ -341,8 +341,9 @@ class RunLayout:
     so a tampered run folder can never make a reader or writer touch anything outside it.
     """
 
-    #: gpa/: residuals (n, M), loss_history, scales (M,); per model i also ``map_{i}`` (d_i, d) and
-    #: ``mean_{i}`` (d_i,) (:meth:`gpa_model_array`): O(M·d²), never the (n, d) aligned arrays
+    #: gpa/: residuals (n, M), loss_history, scales (M,); per model i also ``map_{i}`` (d_i, p),
+    #: p = min(n − 1, d), and ``mean_{i}`` (d_i,) (:meth:`gpa_model_array`): O(M·d·p), never the
+    #: (n, p) aligned arrays
     GPA_ARRAYS = ("residuals", "loss_history", "scales")
     PCA_ARRAYS = ("scores", "components", "explained_variance", "explained_variance_ratio", "mean")
 
@@ -422,7 +423,7 @@ class RunLayout:
         return self._file("gpa", f"{check_key(name, 'GPA array')}.npy")
 
     def gpa_model_array(self, name: str, model: int) -> Path:
-        """``gpa/<name>_<model>.npy``: ``map`` (d_i, d) or ``mean`` (d_i,) of the model-th GPA
+        """``gpa/<name>_<model>.npy``: ``map`` (d_i, p) or ``mean`` (d_i,) of the model-th GPA
         input."""
         return self.gpa_array(f"{check_key(name, 'GPA array')}_{int(model)}")
 
