@@ -8,6 +8,7 @@ the fix and exit with status 2; they never show a stack trace.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -482,11 +483,27 @@ def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             file=err,
         )
         return 130
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRORS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"error: cannot write the run: {exc.strerror or exc}{where}. The steps that finished "
+            "are kept: free some space (or give a writable folder with --cache), then rerun the "
+            "same command to resume",
+            file=err,
+        )
+        return 1
     finally:
         if bars is not None:
             bars._close()
     print(f"{run_line(run)}; {time.perf_counter() - started:.1f} s", file=out)
     return 0
+
+
+#: Storage faults a user fixes outside the program (a full disk or quota, a read-only or
+#: unwritable cache): one line and the fix, not a traceback
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def run_line(run: Any) -> str:

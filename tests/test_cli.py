@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -296,3 +297,30 @@ def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(monkeypatch):
         "interrupted: the steps that finished are kept in the run; rerun the same command to "
         "resume where it stopped"
     )
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EACCES"])
+def test_a_full_or_unwritable_cache_is_one_line_with_the_fix(monkeypatch, code):
+    """A full disk mid-run raised OSError through the pipeline's frames; it is the user's to fix
+    (space, or another --cache) and the finished steps are kept, which the line says. Other
+    OSErrors keep their traceback (they may be bugs)."""
+    import errno
+
+    import convergence_core.precompute as precompute_module
+
+    def full(config, progress=None):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), "/c/runs/x/a.npy")
+
+    monkeypatch.setattr(precompute_module, "precompute", full)
+    status, out, err = _main("precompute", "--preset", "demo", "--quiet")
+    assert status == 1 and out == ""
+    assert err.startswith(f"error: cannot write the run: {os.strerror(getattr(errno, code))} "
+                          "(/c/runs/x/a.npy)")
+    assert "rerun the same command to resume" in err
+
+    def other(config, progress=None):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(precompute_module, "precompute", other)
+    with pytest.raises(OSError, match="Input/output error"):
+        _main("precompute", "--preset", "demo", "--quiet")
