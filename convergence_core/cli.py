@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -484,13 +485,13 @@ def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         return 130
     except OSError as exc:
-        if exc.errno not in _STORAGE_ERRORS:
+        cause = _storage_fault(exc, Path(args.cache) if args.cache else None)
+        if cause is None:
             raise
-        where = f" ({exc.filename})" if exc.filename else ""
         print(
-            f"error: cannot write the run: {exc.strerror or exc}{where}. The steps that finished "
-            "are kept: free some space (or give a writable folder with --cache), then rerun the "
-            "same command to resume",
+            f"error: cannot write the run: {cause}. The steps that finished are kept: free some "
+            "space (or give a writable folder with --cache), then rerun the same command to "
+            "resume",
             file=err,
         )
         return 1
@@ -504,6 +505,27 @@ def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 #: Storage faults a user fixes outside the program (a full disk or quota, a read-only or
 #: unwritable cache): one line and the fix, not a traceback
 _STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+#: Below this much free space an OSError without an errno is taken for a full disk (numpy's
+#: short write, "288000 requested and 283616 written", carries none)
+_NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def _storage_fault(exc: OSError, cache: Path | None) -> str | None:
+    """What the user must fix about the cache's storage, in words, or None (another fault)."""
+    if exc.errno in _STORAGE_ERRORS:
+        return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    if exc.errno is not None:
+        return None
+    from .settings import cache_root
+
+    folder = cache or cache_root()
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    if free >= _NEARLY_FULL_BYTES:
+        return None
+    return f"the disk holding {folder} is full ({free / 2**20:.1f} MiB free; {exc})"
 
 
 def run_line(run: Any) -> str:

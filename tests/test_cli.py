@@ -324,3 +324,27 @@ def test_a_full_or_unwritable_cache_is_one_line_with_the_fix(monkeypatch, code):
     monkeypatch.setattr(precompute_module, "precompute", other)
     with pytest.raises(OSError, match="Input/output error"):
         _main("precompute", "--preset", "demo", "--quiet")
+
+
+def test_a_short_write_on_a_full_disk_is_named_a_full_disk(monkeypatch, tmp_path):
+    """numpy's short write carries no errno ("288000 requested and 283616 written", seen on a
+    full 12 MB tmpfs): with the cache's disk nearly full it is a full disk; with room, a fault of
+    another kind, whose traceback stays."""
+    import collections
+
+    import convergence_core.cli as cli
+    import convergence_core.precompute as precompute_module
+
+    def short_write(config, progress=None):
+        raise OSError("288000 requested and 283616 written")
+
+    monkeypatch.setattr(precompute_module, "precompute", short_write)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage(12 << 20, 11 << 20, 1 << 20))
+    status, _, err = _main("precompute", "--preset", "demo", "--quiet", "--cache", str(tmp_path))
+    assert status == 1
+    assert err.startswith(f"error: cannot write the run: the disk holding {tmp_path} is full "
+                          "(1.0 MiB free; 288000 requested and 283616 written)")
+    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage(1 << 40, 0, 1 << 39))
+    with pytest.raises(OSError, match="requested"):
+        _main("precompute", "--preset", "demo", "--quiet", "--cache", str(tmp_path))
