@@ -691,6 +691,21 @@ def _measured(
         return float("nan")
 
 
+def _measured_side(
+    on_error: OnError, name: str, X: np.ndarray, options: Mapping[str, Any]
+) -> Any | None:
+    """``feature_side`` of the metric ``name`` on X, or None where it is undefined and
+    ``on_error`` is "nan" (every pair with this side is then NaN)."""
+    if on_error not in ("raise", "nan"):
+        raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
+    try:
+        return registry.metric(name).feature_side(X, **{**registry.metric(name).options, **options})
+    except ValueError:
+        if on_error == "raise":
+            raise
+        return None
+
+
 def _p_values_or_nan(observed: float, null: np.ndarray) -> tuple[float, float]:
     """``stats.permutation_p_values``, or NaN when the observed value or any null value is NaN
     (a NaN in the null would otherwise count as "not as extreme" and shrink p)."""
@@ -791,12 +806,29 @@ def set_metric_values(
                     rows[(key, reduced)] = readers[key].rows(members, reduced)
                 return rows[(key, reduced)]
 
+            sides: dict[tuple[LayerKey, str], Any] = {}
+
+            def side(key: LayerKey, name: str, read=read, sides=sides) -> Any:
+                # a side met by several pairs (one model against many) is computed once per set
+                if (key, name) not in sides:
+                    sides[(key, name)] = _measured_side(
+                        on_error, name, read(key, invariant[name]), options[name]
+                    )
+                return sides[(key, name)]
+
             for p, pair in enumerate(pairs):
                 x_key, y_key = pair.sides
                 for name in feature:
-                    values[name][p, b] = _measured(
-                        on_error, name, read(x_key, invariant[name]), read(y_key, invariant[name]),
-                        options[name],
+                    combine = registry.metric(name).from_feature_sides
+                    if combine is None:
+                        values[name][p, b] = _measured(
+                            on_error, name, read(x_key, invariant[name]),
+                            read(y_key, invariant[name]), options[name],
+                        )
+                        continue
+                    x_side, y_side = side(x_key, name), side(y_key, name)
+                    values[name][p, b] = (
+                        np.nan if x_side is None or y_side is None else combine(x_side, y_side)
                     )
         out.update(values)
     return {name: out[name] for name in names}

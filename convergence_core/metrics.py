@@ -720,17 +720,7 @@ def _top_left_singular_vectors(A: np.ndarray, q: int, name: str) -> np.ndarray:
     return U
 
 
-def svcca(X: object, Y: object, *, cca_dim: int = 10) -> float:
-    """SVCCA: mean canonical correlation of the top-``cca_dim`` SVD subspaces of X and Y.
-
-    Each feature is centered and divided by its standard deviation (+1e-8); the subspaces are
-    spanned by the exact top ``cca_dim`` left singular vectors U_x, U_y (orthonormal, centered), so
-    the canonical correlations are the singular values of U_xᵀU_y.
-    1 ≤ cca_dim ≤ min(s − 1, d_x, d_y).
-    """
-    X, Y = check_pair(X, Y, min_rows=2)
-    s = X.shape[0]
-    limit = min(s - 1, X.shape[1], Y.shape[1])
+def _check_cca_dim(cca_dim: object, limit: int) -> int:
     if (
         isinstance(cca_dim, (bool, np.bool_))
         or not isinstance(cca_dim, (int, np.integer))
@@ -740,11 +730,44 @@ def svcca(X: object, Y: object, *, cca_dim: int = 10) -> float:
             f"cca_dim must be an integer with 1 <= cca_dim <= min(s - 1, d_x, d_y) = {limit}, got "
             f"{cca_dim!r}; the reference uses 10."
         )
-    q = int(cca_dim)
-    U_x = _top_left_singular_vectors(_standardised(X), q, "X")
-    U_y = _top_left_singular_vectors(_standardised(Y), q, "Y")
+    return int(cca_dim)
+
+
+def svcca_side(X: object, *, cca_dim: int = 10, name: str = "X") -> np.ndarray:
+    """The part of SVCCA that depends on one side: the (s, cca_dim) orthonormal top left singular
+    vectors of X (s, d) after standardising each feature. ``svcca_from_sides`` of two sides equals
+    :func:`svcca`; a side met by several others (one model against many) is computed once.
+    1 ≤ cca_dim ≤ min(s − 1, d)."""
+    X = check_features(X, name, min_rows=2)
+    q = _check_cca_dim(cca_dim, min(X.shape[0] - 1, X.shape[1]))
+    return _top_left_singular_vectors(_standardised(X), q, name)
+
+
+def svcca_from_sides(U_x: np.ndarray, U_y: np.ndarray) -> float:
+    """SVCCA from two sides (:func:`svcca_side`) of the same stimuli and cca_dim: the mean of the
+    canonical correlations, the singular values of U_xᵀ U_y."""
+    if U_x.shape != U_y.shape:
+        raise ValueError(
+            f"SVCCA sides of shapes {U_x.shape} and {U_y.shape}; they must be of the same stimuli "
+            "and the same cca_dim."
+        )
     correlations = np.linalg.svd(U_x.T @ U_y, compute_uv=False)
     return float(np.mean(np.clip(correlations, 0.0, 1.0)))
+
+
+def svcca(X: object, Y: object, *, cca_dim: int = 10) -> float:
+    """SVCCA: mean canonical correlation of the top-``cca_dim`` SVD subspaces of X and Y.
+
+    Each feature is centered and divided by its standard deviation (+1e-8); the subspaces are
+    spanned by the exact top ``cca_dim`` left singular vectors U_x, U_y (orthonormal, centered), so
+    the canonical correlations are the singular values of U_xᵀU_y.
+    1 ≤ cca_dim ≤ min(s − 1, d_x, d_y).
+    """
+    X, Y = check_pair(X, Y, min_rows=2)
+    _check_cca_dim(cca_dim, min(X.shape[0] - 1, X.shape[1], Y.shape[1]))
+    return svcca_from_sides(
+        svcca_side(X, cca_dim=cca_dim, name="X"), svcca_side(Y, cca_dim=cca_dim, name="Y")
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -788,6 +811,10 @@ class Metric:
             depends on one table alone, computed once per table; ``from_sides(side_x, side_y)``
             equals ``from_tables`` on the two tables (CKNNA: the sorted entries, reciprocal
             look-ups and own HSIC of each side). None: use ``from_tables``.
+        feature_side, from_feature_sides: ``function`` split in the same way, for a feature metric
+            whose per-side work dominates: ``feature_side(X, **options)`` once per model and set,
+            ``from_feature_sides(side_x, side_y)`` equals ``function(X, Y, **options)`` (SVCCA:
+            each side's standardised top singular vectors). None: use ``function``.
     """
 
     name: str
@@ -808,6 +835,8 @@ class Metric:
     notes: str = field(default="")
     side: Callable[..., Any] | None = None
     from_sides: Callable[..., Any] | None = None
+    feature_side: Callable[..., Any] | None = None
+    from_feature_sides: Callable[..., float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -963,6 +992,8 @@ _ENTRIES = (
         reference="within ~1e-2 (exact SVD; the reference's is randomized)",
         description="mean canonical correlation of the top cca_dim SVD directions",
         notes="standardises each feature first, so a rotation of the features changes it",
+        feature_side=svcca_side,
+        from_feature_sides=svcca_from_sides,
     ),
 )
 

@@ -451,6 +451,25 @@ def test_svcca_rank_deficient_features_are_explained() -> None:
         measure("svcca", X, Y, cca_dim=5)
 
 
+@pytest.mark.parametrize("name", [m for m in metrics.metric_names()
+                                  if metrics.metric(m).feature_side is not None])
+def test_a_split_feature_metric_equals_its_function_from_one_side_per_model(name) -> None:
+    """feature_side once per model, from_feature_sides per pair: the same value as the metric's
+    function on each pair (what set_metric_values relies on when one model meets many)."""
+    entry = metrics.metric(name)
+    rng = np.random.default_rng(12)
+    X, Y = paired(rng, n=50, dx=30, dy=12)  # s > d and s ≤ d routes: a wide third model
+    Z = np.hstack([Y, rng.standard_normal((50, 60))])
+    options = {"cca_dim": 6} if name == "svcca" else {}
+    sides = [entry.feature_side(F, **{**entry.options, **options}) for F in (X, Y, Z)]
+    for (i, A), (j, B) in [((0, X), (1, Y)), ((0, X), (2, Z)), ((2, Z), (1, Y))]:
+        assert entry.from_feature_sides(sides[i], sides[j]) == pytest.approx(
+            measure(name, A, B, **options), abs=1e-12
+        )
+    with pytest.raises(ValueError, match="same stimuli"):
+        entry.from_feature_sides(sides[0], sides[0][:-1])
+
+
 # --- invariances ----------------------------------------------------------------------------------
 def transform(name: str, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if name == metrics.ORTHOGONAL:
