@@ -47,11 +47,11 @@ def test_local_cka_is_the_cka_of_the_base_plus_the_stimulus():
     F, G = x.all_rows(), y.all_rows()
     base = result.base
     assert result.base_cka == pytest.approx(cka(F[base], G[base]), abs=1e-12)
-    for i in [r for r in range(60) if r not in base][:5]:
+    for i in [r for r in range(60) if r not in base]:  # every stimulus: closed forms
         rows = np.sort(np.append(base, i))
         assert result.local[i] == pytest.approx(cka(F[rows], G[rows]), abs=1e-10)
         assert result.delta[i] == pytest.approx(result.local[i] - result.base_cka, abs=1e-12)
-    for i in base[:3]:  # a base member: the base without it, then with it
+    for i in base:  # a base member: the base without it, then with it
         without = base[base != i]
         expected = cka(F[base], G[base]) - cka(F[without], G[without])
         assert result.delta[i] == pytest.approx(expected, abs=1e-10)
