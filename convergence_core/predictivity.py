@@ -5,8 +5,9 @@ For a set of s stimuli with source features X (s, d_x) and target features Y (s,
 
 1. Outer K-fold cross-validation (``n_folds``, shuffled with ``seed``). In each fold a ridge
    regression with intercept is fitted on the training rows; its penalty is chosen by an inner
-   cross-validation on those rows only (scikit-learn ``RidgeCV``: efficient leave-one-out over
-   ``alphas``, by default 10^-8 … 10^8 in decades, the paper's grid; one penalty for all outputs).
+   cross-validation on those rows only (scikit-learn ``RidgeCV``'s efficient leave-one-out, through
+   :func:`ridge.fit_ridge_cv`, over ``alphas``, by default 10^-8 … 10^8 in decades, the paper's
+   grid; one penalty for all outputs).
    Each held-out row is predicted by the model that did not see it.
 2. Scores of the held-out predictions P (s, d_y):
    * ``r2``: pooled R² = 1 − Σ‖y_i − p_i‖² / Σ‖y_i − ȳ‖² (the fraction of the target's total
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .ridge import fit_ridge_cv
 from .subsets import check_indices
 from .validation import check_pair
 
@@ -81,7 +83,6 @@ def cross_validated_predictions(
     Sources wider than the rows are many (d_x > s) are first written in their s row-space
     coordinates (exact: ridge depends on X only through inner products; ~d_x/s times faster).
     """
-    from sklearn.linear_model import RidgeCV
     from sklearn.model_selection import KFold
 
     X, Y = check_pair(X, Y)
@@ -103,9 +104,9 @@ def cross_validated_predictions(
     predictions = np.empty_like(Y)
     chosen = []
     for train, test in KFold(n_folds, shuffle=True, random_state=int(seed)).split(X):
-        model = RidgeCV(alphas=alphas, fit_intercept=True).fit(X[train], Y[train])
+        model = fit_ridge_cv(X[train], Y[train], alphas)
         predictions[test] = model.predict(X[test])
-        chosen.append(float(model.alpha_))
+        chosen.append(model.alpha)
     return predictions, tuple(chosen)
 
 

@@ -20,8 +20,8 @@ Protocol (:func:`cross_validated_retrieval`):
    items: recall@k = min(k, n)/n, median rank = (n + 1)/2.
 5. Baseline (``ridge``): each query-modality model's training features are centred and scaled to
    unit Frobenius norm (as for the universal space) and concatenated (X), likewise the gallery
-   modality (Y); ``sklearn.linear_model.RidgeCV`` predicts Y from X, its α chosen on the training
-   rows only by inner cross-validation (efficient leave-one-out by default, or ``inner_folds``
+   modality (Y); ridge regression (``ridge.fit_ridge_cv``: scikit-learn's ``RidgeCV``) predicts Y
+   from X, its α chosen on the training rows only by inner cross-validation (efficient leave-one-out by default, or ``inner_folds``
    shuffled folds) over ``alphas_relative`` × tr(XᵀX). Held-out queries are the predictions Ŷ for
    the held-out images, compared with the held-out Y (text → image: Y against Ŷ).
 6. Low/high dispersion (``strata``): within each fold's held-out rows, the third with the lowest
@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from .dispersion import check_score
+from .ridge import RidgeFit, fit_ridge_cv
 from .universal import (
     Member,
     _check_members,
@@ -57,8 +58,6 @@ from .universal import (
 from .validation import check_features
 
 if TYPE_CHECKING:
-    from sklearn.linear_model import RidgeCV
-
     from .run import Run
 
 __all__ = [
@@ -290,7 +289,7 @@ class RidgeBaseline:
     """Ridge regression from one modality's features to another's (:func:`fit_ridge_baseline`).
 
     ``source_*`` / ``target_*``: per-model training means and Frobenius scales; ``model``: the
-    fitted ``RidgeCV``; ``alpha``: the chosen α, ``alpha_relative`` = α / tr(XᵀX);
+    fitted map (``ridge.RidgeFit``, coef (Σd_source, Σd_target)); ``alpha``: the chosen α, ``alpha_relative`` = α / tr(XᵀX);
     ``at_grid_edge``: the chosen α is the smallest or largest of the grid (widen the grid).
     """
 
@@ -298,7 +297,7 @@ class RidgeBaseline:
     source_scales: np.ndarray
     target_means: tuple[np.ndarray, ...]
     target_scales: np.ndarray
-    model: RidgeCV
+    model: RidgeFit
     alpha: float
     alpha_relative: float
     at_grid_edge: bool
@@ -333,7 +332,6 @@ def fit_ridge_baseline(
         inner_folds: None: α by efficient leave-one-out CV on the training rows (sklearn's
             ``RidgeCV`` default); an integer: by that many shuffled folds (``seed``).
     """
-    from sklearn.linear_model import RidgeCV
     from sklearn.model_selection import KFold
 
     if not source or not target:
@@ -355,8 +353,8 @@ def fit_ridge_baseline(
                 f"{inner_folds}"
             )
         cv = KFold(n_splits=int(inner_folds), shuffle=True, random_state=seed)
-    model = RidgeCV(alphas=grid * trace, cv=cv).fit(x, y)
-    alpha = float(model.alpha_)
+    model = fit_ridge_cv(x, y, grid * trace, cv=cv)
+    alpha = model.alpha
     relative = alpha / trace
     return RidgeBaseline(
         source_means=source_means,

@@ -262,13 +262,13 @@ def test_ridge_recovers_a_planted_linear_map():
     residual = np.sum((predicted - actual) ** 2) / np.sum((actual - actual.mean(axis=0)) ** 2)
     assert residual < 1e-4
     # the coefficients in raw units are the planted map
-    raw = baseline.model.coef_.T * baseline.target_scales[0] / baseline.source_scales[0]
+    raw = baseline.model.coef * baseline.target_scales[0] / baseline.source_scales[0]
     np.testing.assert_allclose(raw, w, atol=1e-3)
     # and equal the closed-form ridge solution at the chosen alpha (an independent reference)
     xs = (x[train] - x[train].mean(0)) / baseline.source_scales[0]
     ys = (y[train] - y[train].mean(0)) / baseline.target_scales[0]
     beta = np.linalg.solve(xs.T @ xs + baseline.alpha * np.eye(10), xs.T @ ys)
-    np.testing.assert_allclose(baseline.model.coef_.T, beta, atol=1e-8)
+    np.testing.assert_allclose(baseline.model.coef, beta, atol=1e-8)
     inner = fit_ridge_baseline([x], [y], rows=train, inner_folds=5, seed=0)
     assert inner.alpha_relative <= 1e-4
 
