@@ -21,9 +21,10 @@ Protocol (:func:`cross_validated_retrieval`):
 5. Baseline (``ridge``): each query-modality model's training features are centred and scaled to
    unit Frobenius norm (as for the universal space) and concatenated (X), likewise the gallery
    modality (Y); ridge regression (``ridge.fit_ridge_cv``: scikit-learn's ``RidgeCV``) predicts Y
-   from X, its α chosen on the training rows only by inner cross-validation (efficient leave-one-out by default, or ``inner_folds``
-   shuffled folds) over ``alphas_relative`` × tr(XᵀX). Held-out queries are the predictions Ŷ for
-   the held-out images, compared with the held-out Y (text → image: Y against Ŷ).
+   from X, its α chosen on the training rows only by inner cross-validation (efficient
+   leave-one-out by default, or ``inner_folds`` shuffled folds) over ``alphas_relative`` ×
+   tr(XᵀX). Held-out queries are the predictions Ŷ for the held-out images, compared with the
+   held-out Y (text → image: Y against Ŷ).
 6. Low/high dispersion (``strata``): within each fold's held-out rows, the third with the lowest
    ``strata`` score and the third with the highest (floor(n_test / 3) each, ties to the lower
    row), and retrieval is rerun *among that subset only* (queries and gallery both restricted), so
@@ -289,8 +290,9 @@ class RidgeBaseline:
     """Ridge regression from one modality's features to another's (:func:`fit_ridge_baseline`).
 
     ``source_*`` / ``target_*``: per-model training means and Frobenius scales; ``model``: the
-    fitted map (``ridge.RidgeFit``, coef (Σd_source, Σd_target)); ``alpha``: the chosen α, ``alpha_relative`` = α / tr(XᵀX);
-    ``at_grid_edge``: the chosen α is the smallest or largest of the grid (widen the grid).
+    fitted map (``ridge.RidgeFit``, coef (Σd_source, Σd_target)); ``alpha``: the chosen α,
+    ``alpha_relative`` = α / tr(XᵀX); ``at_grid_edge``: the chosen α is the smallest or largest
+    of the grid (widen the grid).
     """
 
     source_means: tuple[np.ndarray, ...]
