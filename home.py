@@ -58,6 +58,8 @@ else:
 st.subheader("Models")
 # a Markdown table, every cell escaped: a handful of rows needs no data grid (1.4 MB of JS)
 st.markdown(widgets.markdown_table(catalogue.models_table(run)))
+if (first_layer := run.first_layer_note()) is not None:
+    st.warning(first_layer)
 
 st.subheader("Dispersion")
 st.text(

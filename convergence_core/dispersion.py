@@ -12,6 +12,7 @@ dashboard's PCA view.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,22 @@ def two_model_note(n_models: int) -> str | None:
         "(the pc1 results repeat the mean ones), and GPA is one Procrustes problem, whose "
         "optimum every start reaches (the stability diagnostic agrees by construction). A third "
         "model lets them differ."
+    )
+
+
+def first_layer_note(models: Sequence[str], layer_counts: Sequence[int]) -> str | None:
+    """Why a run's dispersion may come from the wrong end of its networks (None when ``models`` is
+    empty): ``models`` entered GPA at the first of the ``layer_counts`` layers given for each,
+    the default when features come from files or arrays and no layer is named."""
+    if not models:
+        return None
+    named = ", ".join(f"{model} ({count} layers)" for model, count in zip(models, layer_counts))
+    return (
+        f"GPA aligned {named} at the first layer given for each: the default for features from "
+        "files or arrays when no layer is named. For a network listed from input to output "
+        "that is its input end; the paper aligns each ViT's penultimate block. Name the layer "
+        "with --gpa-layer MODEL=LAYER (gpa_layers in a config or in write_run_from_embeddings) "
+        "and rerun precompute; the stored layers are reused."
     )
 
 

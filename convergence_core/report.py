@@ -324,6 +324,9 @@ def write_report(
     two_models = two_model_note(len(run.gpa.models))
     if two_models is not None:
         notes.append(two_models)
+    first_layer = run.first_layer_note()
+    if first_layer is not None:
+        notes.append(first_layer)
 
     tell("layer sweep and best language layers")
     sweep = analyses.layer_sweep(run, k=k)
@@ -442,6 +445,8 @@ def write_report(
     verdicts.update(section_verdicts)
     text += property_text
     text += "".join(f"\nNote: {note}\n" for note in (two_models, bound) if note is not None)
+    if first_layer is not None:  # at the top: every result rests on that choice
+        text = f"Note: {first_layer}\n\n{text}"
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
 
     report = {
@@ -500,6 +505,9 @@ def _report_without_language(
     two_models = two_model_note(len(run.gpa.models))
     if two_models is not None:
         notes.append(two_models)
+    first_layer = run.first_layer_note()
+    if first_layer is not None:
+        notes.append(first_layer)
     files: list[str] = []
     verdicts: dict[str, str] = {}
     size = default_set_size(run.n_stimuli, k) if size is None else size
@@ -545,6 +553,8 @@ def _report_without_language(
         + property_text
         + ("" if two_models is None else f"\nNote: {two_models}\n")
     )
+    if first_layer is not None:
+        text = f"Note: {first_layer}\n\n{text}"
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
     report = {
         "run": {"name": run.name, "path": str(run.path), "n_stimuli": run.n_stimuli},

@@ -23,7 +23,7 @@ import pandas as pd
 
 from . import settings
 from .cache import CacheFormatError, RunLayout, read_json, read_npy, read_parquet
-from .dispersion import SCORES, rank_column
+from .dispersion import SCORES, first_layer_note, rank_column
 from .manifest import MANIFEST_FORMAT, Manifest, ModelEntry, parse_manifest
 
 __all__ = ["MANIFEST_FORMAT", "Run", "RunInfo", "list_runs", "load_run"]
@@ -166,6 +166,17 @@ class Run:
     def default_layer(self, model: str) -> str:
         """The model's default layer (for a vision model: the layer that went into the GPA)."""
         return str(self._model_entry(model).default_layer)
+
+    def first_layer_note(self) -> str | None:
+        """:func:`dispersion.first_layer_note` of the GPA models from files or arrays with several
+        layers that entered GPA at the first (the default when no layer is named); None if none.
+        Brain recordings are left out: their "layers" are regions, in no network order."""
+        models = [
+            model for model, layer in zip(self.manifest.gpa.models, self.manifest.gpa.layers)
+            if not self._model_entry(model).from_encoder and self.modality(model) != "brain"
+            and len(self.layers(model)) > 1 and layer == self.layers(model)[0]
+        ]
+        return first_layer_note(models, [len(self.layers(model)) for model in models])
 
     def modality(self, model: str) -> str:
         """``"vision"``, ``"language"``, ``"brain"`` or the name a user gave."""

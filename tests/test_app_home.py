@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -498,3 +499,24 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         for cached in (data._open_run, data._catalogue, data._best_language_layer_table,
                        data.cross_modal, data.cross_modal_pictures):
             cached.clear()
+
+
+def test_home_warns_when_gpa_took_the_first_of_several_given_layers(tmp_path, monkeypatch):
+    """Arrays with every layer and no layer named: GPA ran at each model's first layer (its
+    input end), which Home says above everything built on it."""
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import synthetic_embeddings
+
+    embeddings, _ = synthetic_embeddings(30, seed=3)
+    vision = [m for m in embeddings if m.startswith("vision")]
+    stimuli = pd.DataFrame({"id": [f"s{i}" for i in range(30)],
+                            "image": [f"{i}.jpg" for i in range(30)],
+                            "captions": [[f"caption {i}"] for i in range(30)]})
+    run = write_run_from_embeddings(
+        tmp_path / "runs" / "demo", stimuli, embeddings, vision_models=vision,
+        language_models=[m for m in embeddings if m not in vision], thumbnails=False,
+    )
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = _app().run(timeout=TIMEOUT)
+    assert not at.exception
+    assert [w.value for w in at.warning] == [run.first_layer_note()]

@@ -396,3 +396,33 @@ def test_partner_models_are_the_language_models_then_every_model_outside_gpa(tmp
     )
     assert run.other_models == ["subj01", "subj02"]
     assert run.partner_models == ["language-a", "language-b", "vision-b", "vision-c", "subj01"]
+
+
+def test_gpa_at_the_first_of_several_given_layers_is_said(tmp_path):
+    """Models given as arrays with all their layers and no layer named enter GPA at the first
+    (their input end): the run says so, by name and layer count; naming the layer, or models of
+    one layer, give no note."""
+    embeddings, _ = synthetic_embeddings(30, seed=2)
+    stimuli = _stimuli(30)
+    vision = [m for m in embeddings if m.startswith("vision")]
+    language = [m for m in embeddings if m not in vision]
+    run = write_run_from_embeddings(
+        tmp_path / "first", stimuli, embeddings, vision_models=vision,
+        language_models=language, thumbnails=False,
+    )
+    note = run.first_layer_note()
+    counts = {m: len(embeddings[m]) for m in vision}
+    assert note is not None and all(f"{m} ({counts[m]} layers)" in note for m in vision)
+    assert "--gpa-layer MODEL=LAYER" in note
+    named = write_run_from_embeddings(
+        tmp_path / "named", stimuli, embeddings, vision_models=vision,
+        language_models=language, thumbnails=False,
+        gpa_layers={m: list(embeddings[m])[-1] for m in vision},
+    )
+    assert named.first_layer_note() is None
+    single = {m: dict(list(layers.items())[-1:]) for m, layers in embeddings.items()}
+    one = write_run_from_embeddings(
+        tmp_path / "one", stimuli, single, vision_models=vision, language_models=language,
+        thumbnails=False,
+    )
+    assert one.first_layer_note() is None
