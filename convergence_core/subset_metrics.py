@@ -180,7 +180,22 @@ def _feature_metric_pairs(
     options: Mapping[str, Any],
     dense_limit: int,
 ) -> list[np.ndarray]:
-    """(B,) per pair of a feature metric; each side's dense kernel formed once for all pairs."""
+    """(B,) per pair of a feature metric; each side's dense kernel formed once for all pairs, or
+    (a metric split in sides, SVCCA) each model's side once per set for all its pairs."""
+    entry = registry.metric(metric)
+    n = indexes[pairs[0][0]].n if pairs else 0
+    if entry.feature_side is not None and not uses_dense_kernels(metric, n, dense_limit):
+        out = np.empty((len(pairs), rows_x.shape[0]))
+        roles = ("", "") if rows_x is rows_y else ("x", "y")  # same rows: one side per model
+        for b in range(rows_x.shape[0]):
+            sides: dict[tuple[Hashable, str], Any] = {}
+            for p, (x, y) in enumerate(pairs):
+                for key, role, rows in ((x, roles[0], rows_x[b]), (y, roles[1], rows_y[b])):
+                    if (key, role) not in sides:
+                        features = indexes[key].features.rows(rows)
+                        sides[(key, role)] = entry.feature_side(features, **options)
+                out[p, b] = entry.from_feature_sides(sides[(x, roles[0])], sides[(y, roles[1])])
+        return list(out)
     kernels: dict[Hashable, np.ndarray] = {}
     return [
         _feature_metric(indexes[x], indexes[y], rows_x, rows_y, metric, options, dense_limit,
