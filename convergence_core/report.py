@@ -267,6 +267,19 @@ def format_property_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def _gpa_notes(run: Run) -> tuple[str | None, str | None]:
+    """The notes on how the run's GPA was set up: two GPA models (``two_model_note``) and GPA at
+    the first of several given layers (``Run.first_layer_note``); None where they do not apply."""
+    return two_model_note(len(run.gpa.models)), run.first_layer_note()
+
+
+def _with_notes(text: str, first: str | None, last: Sequence[str | None]) -> str:
+    """summary.txt's text with ``first`` as a note at the top (every result rests on it) and the
+    ``last`` notes at the end."""
+    text += "".join(f"\nNote: {note}\n" for note in last if note is not None)
+    return text if first is None else f"Note: {first}\n\n{text}"
+
+
 def write_report(
     run: Run,
     out: str | os.PathLike[str],
@@ -321,12 +334,8 @@ def write_report(
     size = default_set_size(n, k) if size is None else size
     files: list[str] = []
     notes: list[str] = []
-    two_models = two_model_note(len(run.gpa.models))
-    if two_models is not None:
-        notes.append(two_models)
-    first_layer = run.first_layer_note()
-    if first_layer is not None:
-        notes.append(first_layer)
+    two_models, first_layer = _gpa_notes(run)
+    notes += [note for note in (two_models, first_layer) if note is not None]
 
     tell("layer sweep and best language layers")
     sweep = analyses.layer_sweep(run, k=k)
@@ -444,9 +453,7 @@ def write_report(
         text += "\n" + "\n".join(section_verdicts.values()) + "\n"
     verdicts.update(section_verdicts)
     text += property_text
-    text += "".join(f"\nNote: {note}\n" for note in (two_models, bound) if note is not None)
-    if first_layer is not None:  # at the top: every result rests on that choice
-        text = f"Note: {first_layer}\n\n{text}"
+    text = _with_notes(text, first_layer, (two_models, bound))
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
 
     report = {
@@ -502,12 +509,8 @@ def _report_without_language(
         "on it, universal space; Fig. 2 and S1 with language models) skipped: the run has no "
         "language model"
     ]
-    two_models = two_model_note(len(run.gpa.models))
-    if two_models is not None:
-        notes.append(two_models)
-    first_layer = run.first_layer_note()
-    if first_layer is not None:
-        notes.append(first_layer)
+    two_models, first_layer = _gpa_notes(run)
+    notes += [note for note in (two_models, first_layer) if note is not None]
     files: list[str] = []
     verdicts: dict[str, str] = {}
     size = default_set_size(run.n_stimuli, k) if size is None else size
@@ -551,10 +554,8 @@ def _report_without_language(
         + summary_text
         + "".join(f"{verdict}\n" for verdict in verdicts.values())
         + property_text
-        + ("" if two_models is None else f"\nNote: {two_models}\n")
     )
-    if first_layer is not None:
-        text = f"Note: {first_layer}\n\n{text}"
+    text = _with_notes(text, first_layer, (two_models,))
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
     report = {
         "run": {"name": run.name, "path": str(run.path), "n_stimuli": run.n_stimuli},
