@@ -27,6 +27,16 @@ R_i = V_i T_i (d_i × p, orthonormal columns). The optimum needs no more columns
 is M − ||S||²_F / M with ||S||_F = max over unit-norm Y of Σ_i tr(Yᵀ Z_i T_i) ≤ Σ_i ||Z_iᵀ Y||_*,
 with equality for T_i = polar(Z_iᵀ Y), whose rows lie in the row space of Y, of rank ≤ n − 1).
 
+Rows instead of cross-products (few stimuli, many models). A sweep on the cross-products costs
+Σ_{i≠j} r_i r_j p flops, growing with the square of the number of models M. Computed on the
+coordinates themselves, with the sum S = Σ_j Z_j T_j (n × p) kept up to date as each model moves,
+model i's target is Z_iᵀ (S − Z_i T_i) and the loss is Σ_i tr C_ii − ||S||²_F / M: about 4·n·R·p
+flops per sweep (R = Σ r_i), the same iterates with other rounding. :func:`_prepare` keeps the
+rows when that is fewer flops (:func:`_rows_cheaper`, i.e. roughly when 4n < (M − 1)·r), which
+also spares the (R, R) cross-products: a universal space of 14 models (768-2,048 features, ~1,000
+coordinates each after its principal axes) fitted on 1,000 stimuli took 47 s instead of 76 s, on
+800 stimuli 24 s instead of 50 s (7 iterations each; residuals equal to 6e-17).
+
 Iterations (:data:`GPA_ALGORITHM`):
 
 1. Start (Gower 1975): the widest model as it is; every next model, in order of decreasing width,
@@ -538,8 +548,11 @@ def _available_memory() -> int | None:
 def _memory_needed(n: int, widths: Sequence[int]) -> tuple[int, int]:
     """(bytes, columns): the peak memory of preparing GPA of n stimuli and models of ``widths``,
     and the columns of its cross-products."""
-    if max(widths) > n - 1:  # _prepare_reduced: cross-products, coordinates, C_0, one input
-        total = sum(min(w, n - 1) for w in widths)
+    ranks = [min(w, n - 1) for w in widths]
+    total = sum(ranks)
+    if _rows_cheaper(n, ranks):  # coordinates, C_0 and one input, the targets Z_iᵀ C_0
+        return 8 * (n * (total + 2 * max(widths)) + total * min(n - 1, max(widths))), total
+    if max(widths) > n - 1:  # _prepare_from_rows: cross-products, coordinates, C_0, one input
         return 8 * (total * total + n * (total + 2 * max(widths))), total
     total = sum(widths)  # the cross-products, the block product and a block of rows
     return 8 * total * (2 * total + _BLOCK_BYTES // (8 * total) + 1), total
@@ -625,8 +638,9 @@ class _Problem:
     """GPA as a function of cross-products (see the module docstring).
 
     Attributes:
-        cross: (R, R) float64, R = Σ r_i: blocks C_ij = Z_iᵀ Z_j of the models' coordinates.
-        offsets: (M + 1,) block boundaries of ``cross``.
+        cross: (R, R) float64, R = Σ r_i: blocks C_ij = Z_iᵀ Z_j of the models' coordinates;
+            None when the iterations work on the rows (``coordinates``).
+        offsets: (M + 1,) block boundaries of the models' r_i coordinates.
         p: consensus width of the iterations and of the maps in the result, min(n − 1, max d_i).
         bases: per model None (coordinates = the centered, scaled features) or the (d_i, n − 1)
             orthonormal columns V_i of its row space (the model is wider than n − 1; its
@@ -635,9 +649,12 @@ class _Problem:
         unaligned_targets: per model the (r_i, p) cross-product Z_iᵀ C_0 with the unaligned mean
             C_0, in a p-column frame of its row space (for the plain first step).
         means, scales: per model column means (d_i,) and Frobenius norm of the centered input.
+        coordinates: None, or per model its (n, r_i) float64 coordinates Z_i, when a sweep costs
+            fewer flops on them than on the cross-products (:func:`_rows_cheaper`: few stimuli,
+            many models).
     """
 
-    cross: np.ndarray
+    cross: np.ndarray | None
     offsets: np.ndarray
     p: int
     bases: tuple[np.ndarray | None, ...]
@@ -645,6 +662,7 @@ class _Problem:
     unaligned_targets: tuple[np.ndarray, ...]
     means: tuple[np.ndarray, ...]
     scales: np.ndarray
+    coordinates: tuple[np.ndarray, ...] | None = None
 
     @property
     def n_models(self) -> int:
@@ -658,13 +676,25 @@ class _Problem:
         return int(self.offsets[i + 1] - self.offsets[i])
 
 
+def _rows_cheaper(n: int, ranks: Sequence[int]) -> bool:
+    """True when a sweep costs fewer flops on the models' (n, r_i) coordinates than on their
+    cross-products (R = Σ r_i; p consensus columns): on the rows, ~4·n·R·p (the sum
+    S = Σ_j Z_j T_j, each model's target Z_iᵀ (S − Z_i T_i), S's update, and the frame), against
+    Σ_{i≠j} r_i r_j p = (R² − Σ r_i²)·p. That happens with few stimuli and many models: a
+    universal space of 14 models of ~1,000 coordinates fitted on 1,000 stimuli (3.5× fewer)."""
+    total = sum(ranks)
+    return 4 * n * total < total * total - sum(r * r for r in ranks)
+
+
 def _prepare(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Problem:
-    """Read the inputs (row blocks) into the cross-product form of the problem."""
+    """Read the inputs (row blocks) into the cross-product form of the problem, or keep the rows
+    when the iterations are cheaper on them (:func:`_rows_cheaper`)."""
     n = arrays[0].shape[0]
     widths = [a.shape[1] for a in arrays]
     _check_memory(n, widths, labels)
-    if max(widths) > n - 1:
-        return _prepare_reduced(arrays, labels)
+    keep_rows = _rows_cheaper(n, [min(w, n - 1) for w in widths])
+    if max(widths) > n - 1 or keep_rows:
+        return _prepare_from_rows(arrays, labels, keep_rows=keep_rows)
     n_models = len(arrays)
     means = _column_means(arrays, labels)
     cross = _cross_products(arrays, means)
@@ -710,20 +740,23 @@ def _prepare(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Problem:
     )
 
 
-def _prepare_reduced(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Problem:
-    """:func:`_prepare` when a model is wider than n − 1 (n is then smaller than that width, so
-    each model is read whole, one at a time: n·d_i floats).
+def _prepare_from_rows(
+    arrays: Sequence[np.ndarray], labels: Sequence[str], *, keep_rows: bool
+) -> _Problem:
+    """:func:`_prepare` when a model is wider than n − 1, or when the iterations work on the rows
+    (``keep_rows``); n is then small, and each model is read whole, one at a time (n·d_i floats).
 
     A wide model's centered, scaled configuration N_i has rank ≤ n − 1 (its columns are centered):
     with its thin SVD N_i = U S Vᵀ, the iterations use Z_i = U S (n × (n − 1), the first n − 1
     singular triplets; the n-th singular value is 0 up to rounding) and the result's map is
     R_i = V_i T_i (d_i × p, orthonormal columns), so N_i R_i = Z_i T_i. Nothing of size Σ d_i
-    squared is formed: the cross-products are Z_iᵀ Z_j ((n − 1) × (n − 1) for two wide models).
+    squared is formed: the cross-products are Z_iᵀ Z_j ((n − 1) × (n − 1) for two wide models),
+    and with ``keep_rows`` none are formed (the problem keeps the Z_i).
     """
     n = arrays[0].shape[0]
     n_models = len(arrays)
     widths = [a.shape[1] for a in arrays]
-    p = n - 1
+    p = min(n - 1, max(widths))
     means = _column_means(arrays, labels)  # also the finiteness check, with its message
     coordinates, bases, scales = [], [], []
     unaligned_sum = np.zeros((n, max(widths)))  # Σ_i N_i, zero-padded
@@ -743,18 +776,24 @@ def _prepare_reduced(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Pr
             bases.append(None)
         scales.append(scale)
         del centered
-    stacked = np.hstack(coordinates)
-    cross = stacked.T @ stacked
     ranks = [z.shape[1] for z in coordinates]
     offsets = np.concatenate([[0], np.cumsum(ranks)]).astype(np.int64)
     unaligned_mean = unaligned_sum / n_models  # C_0 (n, d)
-    unaligned_loss = float(sum(np.trace(cross[o:e, o:e]) for o, e in zip(offsets, offsets[1:])))
-    unaligned_loss -= n_models * float(np.sum(unaligned_mean * unaligned_mean))
-    # Z_iᵀ C_0 F with F the p leading right singular vectors of C_0 (a p-column frame of its row
-    # space): C_0 F = U_0 S_0, first p columns
-    u0, s0, _ = np.linalg.svd(unaligned_mean, full_matrices=False)
-    mean_in_frame = u0[:, :p] * s0[:p]
+    unaligned_loss = float(sum(np.vdot(z, z) for z in coordinates))
+    unaligned_loss -= n_models * float(np.vdot(unaligned_mean, unaligned_mean))
+    if max(widths) > p:
+        # Z_iᵀ C_0 F with F the p leading right singular vectors of C_0 (a p-column frame of its
+        # row space): C_0 F = U_0 S_0, first p columns
+        u0, s0, _ = np.linalg.svd(unaligned_mean, full_matrices=False)
+        mean_in_frame = u0[:, :p] * s0[:p]
+    else:  # no model is reduced: C_0 has the p = d columns of the zero-padded features
+        mean_in_frame = unaligned_mean
     targets = tuple(z.T @ mean_in_frame for z in coordinates)
+    if keep_rows:
+        cross = None
+    else:
+        stacked = np.hstack(coordinates)
+        cross = stacked.T @ stacked
     return _Problem(
         cross=cross,
         offsets=offsets,
@@ -764,6 +803,7 @@ def _prepare_reduced(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> _Pr
         unaligned_targets=targets,
         means=tuple(means),
         scales=np.asarray(scales),
+        coordinates=tuple(coordinates) if keep_rows else None,
     )
 
 
@@ -784,7 +824,9 @@ class _Solution:
 
 class _Iterations:
     """Block sweeps, their loss and the frame fixing on a :class:`_Problem` (shared by
-    :func:`generalized_procrustes` and the stability diagnostic)."""
+    :func:`generalized_procrustes` and the stability diagnostic). On a problem that keeps its
+    rows the same steps are computed from the coordinates (``_rows_*``): the same iterates, with
+    other rounding."""
 
     def __init__(self, problem: _Problem) -> None:
         self.problem = problem
@@ -792,9 +834,22 @@ class _Iterations:
         # widest first; ties keep the input order
         self.order = sorted(range(m), key=lambda i: -problem.width(i))
         self.reference = self.order[0]
-        self.traces = sum(float(np.trace(problem.block(i, i))) for i in range(m))
+        self.rows = problem.coordinates
+        if self.rows is None:
+            self.traces = sum(float(np.trace(problem.block(i, i))) for i in range(m))
+        else:
+            self.traces = sum(float(np.vdot(z, z)) for z in self.rows)
         self.sweeps = 0
         self.loss_evaluations = 0
+
+    def _rows_sum(self, maps: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """S = Σ_j Z_j T_j (n, p) and the terms Z_j T_j."""
+        terms = [z @ t for z, t in zip(self.rows, maps)]
+        return sum(terms[1:], terms[0].copy()), terms
+
+    def _rows_loss(self, total: np.ndarray) -> float:
+        """The loss Σ_i ||Z_i T_i||² − ||S||²_F / M from S (maps with orthonormal rows)."""
+        return max(self.traces - float(np.vdot(total, total)) / self.problem.n_models, 0.0)
 
     def loss_from_pairs(self, pair_sum: float) -> float:
         """Loss from Σ_{i<j} tr(T_iᵀ C_ij T_j) (maps with orthonormal rows); a sum of squares, so
@@ -804,6 +859,8 @@ class _Iterations:
 
     def loss(self, maps: Sequence[np.ndarray]) -> float:
         self.loss_evaluations += 1
+        if self.rows is not None:
+            return self._rows_loss(self._rows_sum(maps)[0])
         m = self.problem.n_models
         pair_sum = 0.0
         for i in range(m):
@@ -818,9 +875,16 @@ class _Iterations:
         first = self.order[0]
         maps[first] = np.eye(problem.width(first), problem.p)
         placed = [first]
+        if self.rows is not None:
+            placed_sum = self.rows[first] @ maps[first]  # Σ over placed models of Z_j T_j
         for i in self.order[1:]:
-            target = sum(problem.block(i, j) @ maps[j] for j in placed)
+            if self.rows is None:
+                target = sum(problem.block(i, j) @ maps[j] for j in placed)
+            else:
+                target = self.rows[i].T @ placed_sum
             maps[i] = _polar(target)[0]
+            if self.rows is not None:
+                placed_sum += self.rows[i] @ maps[i]
             placed.append(i)
         loss = self.loss(maps)
         if loss > problem.unaligned_loss:
@@ -833,6 +897,8 @@ class _Iterations:
         the new maps and their loss (from the products the sweep forms anyway)."""
         problem, m = self.problem, self.problem.n_models
         self.sweeps += 1
+        if self.rows is not None:
+            return self._rows_sweep(maps)
         reference = self.reference
         if not np.array_equal(maps[reference], np.eye(problem.p)):
             maps = self.fix_frame(maps)
@@ -859,6 +925,19 @@ class _Iterations:
             pair_sum += sum(float(np.vdot(maps[i], product)) for product in updated.values())
             done.append(i)
         return maps, self.loss_from_pairs(pair_sum)
+
+    def _rows_sweep(self, maps: Sequence[np.ndarray]) -> tuple[list[np.ndarray], float]:
+        """:meth:`sweep` on the rows: model i's target Σ_{j≠i} C_ij T_j is Z_iᵀ (S − Z_i T_i),
+        and S takes each model's new term as soon as it moves (the sweep's order); the frame is
+        fixed at the end (the sweep commutes with it)."""
+        maps = list(maps)
+        total, terms = self._rows_sum(maps)
+        for i in self.order:
+            z = self.rows[i]
+            maps[i] = _polar(z.T @ (total - terms[i]))[0]
+            total -= terms[i]
+            total += z @ maps[i]
+        return self.fix_frame(maps), self._rows_loss(total)
 
     def fix_frame(self, maps: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Right-multiply every map by T_refᵀ so that the widest model's map is I (p × p)."""
@@ -1077,7 +1156,8 @@ def generalized_procrustes(
 
     Memory: the (D, D) cross-products (D = Σ d_i) plus one block of rows; when a model is wider
     than n − 1, D = Σ min(d_i, n − 1) and each input is read whole once (n·d_i floats); time:
-    three passes over the inputs plus O(M² p³) per iteration.
+    three passes over the inputs plus O(M² p³) per iteration. With many models and few stimuli
+    the iterations keep the (n, D) coordinates instead, O(n·D·p) per iteration.
     """
     _check_options(tol, max_iter)
     arrays = _check_inputs(embeddings, tuple(str(x) for x in models))

@@ -20,10 +20,9 @@ Fit (:func:`fit_universal_space`), for models i = 1..M with training features X_
 3. Scale: s_i = ||Z_i||_F, so every configuration Z_i / s_i has unit Frobenius norm (paper 000, §2.1).
 4. GPA (:func:`procrustes.generalized_procrustes`) of the Z_i / s_i, zero-padded to p = max k_i
    columns: aligned configurations A_i (n, p) and their mean, the consensus C.
-5. Orthogonal maps: T_i (k_i, p), orthonormal rows, with (Z_i / s_i) T_i = A_i. GPA's aligned
-   configurations are exact orthogonal images of its inputs, so T_i is the orthogonal Procrustes
-   solution of (Z_i / s_i, padded) onto A_i, restricted to its first k_i rows (unique when Z_i has
-   full column rank, which step 2 guarantees).
+5. Orthogonal maps: T_i (k_i, p), orthonormal rows, with (Z_i / s_i) T_i = A_i: GPA's own map of
+   model i (its inputs are already centred and of unit norm, so GPA's centring and scaling change
+   them only by rounding).
 
 A row x of model i maps to ``u = (x − μ_i) V_i T_i / s_i`` (:meth:`UniversalFit.transform`), in the
 units of the unit-Frobenius-norm configurations ("residual units"; a typical training row has norm
@@ -55,7 +54,7 @@ import numpy as np
 import pandas as pd
 
 from .dispersion import check_score
-from .procrustes import GPAResult, generalized_procrustes, procrustes_align
+from .procrustes import GPAResult, generalized_procrustes
 from .stats import spearman_permutation_test
 
 if TYPE_CHECKING:
@@ -249,22 +248,14 @@ def _project(features: np.ndarray, mean: np.ndarray, axes: np.ndarray) -> np.nda
     return out
 
 
-def _orthogonal_maps(
-    configurations: Sequence[np.ndarray], gpa: GPAResult
-) -> tuple[np.ndarray, ...]:
+def _orthogonal_maps(gpa: GPAResult) -> tuple[np.ndarray, ...]:
     """T_i (k_i, p) with configurations[i] @ T_i = gpa.aligned[i] (module docstring, step 5).
 
-    GPA's aligned configurations are orthogonal images of its (padded) inputs, so the orthogonal
-    Procrustes solution of input onto output reproduces them exactly; the rows of the padded
-    (all-zero) input columns are arbitrary and dropped.
+    GPA's own maps R_i (k_i, p; orthonormal rows) give aligned_i = ((Z_i / s_i − μ_i) / σ_i) R_i
+    with its column means μ_i and Frobenius scale σ_i of the configuration, which is centred and
+    of unit norm: μ_i = 0 and σ_i = 1 up to rounding, so T_i = R_i.
     """
-    maps = []
-    for config, aligned in zip(configurations, gpa.aligned, strict=True):
-        aligned = np.asarray(aligned, dtype=np.float64)
-        padded = np.pad(config, ((0, 0), (0, aligned.shape[1] - config.shape[1])))
-        _, rotation = procrustes_align(padded, aligned)
-        maps.append(rotation[: config.shape[1]])
-    return tuple(maps)
+    return tuple(np.asarray(r, dtype=np.float64) for r in gpa.maps)
 
 
 def fit_universal_space(
@@ -351,7 +342,7 @@ def fit_universal_space(
         means=tuple(means),
         scales=np.asarray(scales, dtype=np.float64),
         bases=tuple(bases),
-        rotations=_orthogonal_maps(configurations, gpa),
+        rotations=_orthogonal_maps(gpa),
         gpa=gpa,
         n_train=n,
     )

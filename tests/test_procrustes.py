@@ -3,6 +3,8 @@ monotone convergence and the errors for bad input."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -109,16 +111,33 @@ def random_orthogonal(rng, d):
     return q * np.sign(np.diag(r))
 
 
+@contextlib.contextmanager
+def sweeps_on(form):
+    """Run the iterations on the cross-products (``"cross"``) or on the rows (``"rows"``) whatever
+    :func:`procrustes._rows_cheaper` would choose; both must give the same iterates."""
+    original = procrustes._rows_cheaper
+    procrustes._rows_cheaper = lambda n, ranks: form == "rows"
+    try:
+        yield
+    finally:
+        procrustes._rows_cheaper = original
+
+
+FORMS = ("cross", "rows")
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize(
     ("m", "dims"),
     [(40, (6, 9, 7)), (12, (30, 25, 40, 20)), (25, (25, 3)), (8, (5, 5)), (10, (9, 12, 4))],
     ids=["m>d", "m<d", "m=d mixed", "small", "m-1=d"],
 )
-def test_plain_sweeps_match_reference_gpa(m, dims) -> None:
-    """accelerate=False: the same iterates as the full-space loop (cross-products, reduced
+def test_plain_sweeps_match_reference_gpa(m, dims, form) -> None:
+    """accelerate=False: the same iterates as the full-space loop (cross-products or rows, reduced
     coordinates and the eigh step change no iterate), for as many iterations as it runs."""
     embeddings = shared_structure(np.random.default_rng(m), m=m, dims=dims, latent=min(4, *dims))
-    result = generalized_procrustes(embeddings, accelerate=False)
+    with sweeps_on(form):
+        result = generalized_procrustes(embeddings, accelerate=False)
     ref_residuals, ref_losses, _ = reference_gpa(embeddings, tol=-np.inf, max_iter=result.n_iter)
     np.testing.assert_allclose(result.loss_history, ref_losses, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(result.residuals, ref_residuals, atol=1e-8)
@@ -129,11 +148,13 @@ def test_plain_sweeps_match_reference_gpa(m, dims) -> None:
     [(40, (6, 9, 7)), (12, (30, 25, 40, 20)), (25, (25, 3)), (8, (5, 5)), (10, (9, 12, 4))],
     ids=["m>d", "m<d", "m=d mixed", "small", "m-1=d"],
 )
-def test_reaches_the_reference_optimum(m, dims) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_reaches_the_reference_optimum(m, dims, form) -> None:
     """The default (accelerated) iterations end at the optimum of the reference loop run to
     machine precision: the same loss to 1e-12 and the same residuals."""
     embeddings = shared_structure(np.random.default_rng(m), m=m, dims=dims, latent=min(4, *dims))
-    result = generalized_procrustes(embeddings)
+    with sweeps_on(form):
+        result = generalized_procrustes(embeddings)
     ref_residuals, ref_losses, _ = reference_gpa(embeddings, tol=TIGHT, max_iter=5000)
     assert result.converged
     assert result.loss_history[-1] == pytest.approx(ref_losses[-1], abs=1e-12)
@@ -151,10 +172,14 @@ def test_matches_reference_gpa_property(seed, m, n_models) -> None:
     rng = np.random.default_rng(seed)
     dims = tuple(int(d) for d in rng.integers(1, 12, size=n_models))
     embeddings = [rng.standard_normal((m, d)) for d in dims]
-    plain = generalized_procrustes(embeddings, accelerate=False, max_iter=3000)
-    ref_residuals, ref_losses, _ = reference_gpa(embeddings, tol=-np.inf, max_iter=plain.n_iter)
-    np.testing.assert_allclose(plain.loss_history, ref_losses, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(plain.residuals, ref_residuals, atol=1e-8)
+    for form in FORMS:
+        with sweeps_on(form):
+            plain = generalized_procrustes(embeddings, accelerate=False, max_iter=3000)
+        ref_residuals, ref_losses, _ = reference_gpa(
+            embeddings, tol=-np.inf, max_iter=plain.n_iter
+        )
+        np.testing.assert_allclose(plain.loss_history, ref_losses, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(plain.residuals, ref_residuals, atol=1e-8)
     _, tight_losses, _ = reference_gpa(embeddings, tol=TIGHT, max_iter=20000)
     fast = generalized_procrustes(embeddings, max_iter=3000)
     assert fast.converged
@@ -177,6 +202,27 @@ def test_reaches_the_plain_loops_optimum(m, dims, noise) -> None:
     result = generalized_procrustes(embeddings, tol=TIGHT, max_iter=5000)
     assert result.loss_history[-1] == pytest.approx(plain_losses[-1], rel=1e-12, abs=1e-15)
     np.testing.assert_allclose(result.residuals, plain_residuals, atol=DIFFERENT_START_ATOL)
+
+
+@pytest.mark.parametrize(
+    ("m", "dims"), [(20, (30,) * 8), (60, (40, 45, 50, 42, 48, 44, 46))], ids=["reduced", "full"]
+)
+def test_many_models_on_few_stimuli_iterate_on_the_rows(m, dims) -> None:
+    """Many models, few stimuli (a universal space's shape): the problem keeps the rows and forms
+    no cross-products, and gives the cross-product iterations' result to rounding."""
+    embeddings = shared_structure(np.random.default_rng(m), m=m, dims=dims, latent=4, noise=0.5)
+    arrays = procrustes._check_inputs(embeddings, ())
+    problem = procrustes._prepare(arrays, procrustes._labels(len(arrays), ()))
+    assert problem.cross is None and len(problem.coordinates) == len(dims)
+    rows = generalized_procrustes(embeddings, tol=TIGHT, max_iter=5000)
+    with sweeps_on("cross"):
+        cross = generalized_procrustes(embeddings, tol=TIGHT, max_iter=5000)
+    assert rows.n_iter == cross.n_iter
+    np.testing.assert_allclose(rows.loss_history, cross.loss_history, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(rows.residuals, cross.residuals, atol=1e-10)
+    assert all(np.allclose(a, b, atol=1e-9) for a, b in zip(rows.maps, cross.maps))
+    ranks = [min(d, m - 1) for d in dims]
+    assert procrustes._memory_needed(m, dims)[0] < 8 * sum(ranks) ** 2  # no (R, R) matrix
 
 
 def lowest_block_curvature(aligned):
