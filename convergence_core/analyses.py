@@ -60,7 +60,7 @@ from .stats import (
     percentile_interval,
     permutation_p_values,
 )
-from .subset_metrics import metric_on_sets, uses_dense_kernels
+from .subset_metrics import metric_on_pairings, metric_on_sets, uses_dense_kernels
 from .subsets import drop_fraction, select_stimuli
 from .validation import check_k
 
@@ -857,7 +857,9 @@ def shuffled_pairing_calibration(
     which caption goes with which image: ``calibration.shuffled_pairing_null``, the same
     ``n_shuffles`` shuffles (from ``seed``) for every pair and metric of a set. Neighbour metrics
     permute the language side's within-set neighbour table (``metrics.permute_table``: exact up
-    to tie order), feature metrics are measured on the shuffled rows.
+    to tie order), feature metrics are measured on the shuffled rows (the CKA family of a run
+    small enough for its (n, n) kernels: the set's sub-kernels with the Y side's reordered,
+    ``subset_metrics.metric_on_pairings``).
 
     Returns one row per set × metric × pair: ``set``, the pair's columns, ``metric``,
     ``set_size``, ``k``, ``observed``, ``null_mean``, ``null_lower`` / ``null_upper`` (central
@@ -900,6 +902,17 @@ def shuffled_pairing_calibration(
                         return _shuffled_table_values(
                             name, tables[x_key], tables[y_key], shuffle
                         )
+                    if uses_dense_kernels(name, n):
+                        # the sub-kernels of the set, the Y side's reordered per shuffle
+                        try:
+                            return metric_on_pairings(
+                                indexes[x_key], indexes[y_key], rows_x, rows_y, name, k=k,
+                                options=options[name],
+                            )
+                        except ValueError:
+                            if on_error == "raise":
+                                raise
+                            return np.full(shuffle.shape[0], np.nan)
                     reduced = _orthogonally_invariant(name)
                     X, Y = feature_rows(x_key, reduced), feature_rows(y_key, reduced)
                     return np.array(

@@ -630,44 +630,79 @@ def unbiased_cka(X: object, Y: object, *, kernel: str = "linear", sigma: float =
     return _cka_from_sums(sums, unbiased=True)
 
 
-def cka_from_kernels(K: object, L: object, *, unbiased: bool = False) -> float | np.ndarray:
-    """CKA of precomputed symmetric kernels, (s, s) → float or (B, s, s) → (B,) float64.
+class KernelSide(NamedTuple):
+    """A batch of symmetric kernels of one side with the sums CKA needs from that side alone.
 
-    For many small sets at once (e.g. sub-Grams of a run's features): O(B·s²).
+    ``kernels`` (B, s, s) float64; ``diagonal`` (B, s); ``rows`` (B, s) row sums; ``self_product``
+    (B,) Σ K∘K. Made by :func:`kernel_side`; a batch of one pairs with a batch of any size in
+    :func:`cka_from_kernel_sides`.
     """
+
+    kernels: np.ndarray
+    diagonal: np.ndarray
+    rows: np.ndarray
+    self_product: np.ndarray
+
+
+def kernel_side(K: object) -> KernelSide:
+    """:class:`KernelSide` of symmetric kernels K, (s, s) or (B, s, s)."""
     K = np.asarray(K, dtype=np.float64)
-    L = np.asarray(L, dtype=np.float64)
-    if K.shape != L.shape or K.ndim not in (2, 3) or K.shape[-1] != K.shape[-2]:
+    if K.ndim not in (2, 3) or K.shape[-1] != K.shape[-2]:
+        raise ValueError(f"kernels must be square, (s, s) or (B, s, s); got {K.shape}.")
+    if not np.isfinite(K).all():
         raise ValueError(
-            f"K and L must be square kernels of the same stimuli, (s, s) or (B, s, s); got {K.shape} "
-            f"and {L.shape}."
+            "a kernel contains NaN or Inf; recompute the kernels from finite features."
         )
-    if not (np.isfinite(K).all() and np.isfinite(L).all()):
-        raise ValueError("K or L contains NaN or Inf; recompute the kernels from finite features.")
-    batched = K.ndim == 3
-    if not batched:
-        K, L = K[None], L[None]
-    n = K.shape[-1]
-    check_min_stimuli(n, 4 if unbiased else 2, "unbiased CKA" if unbiased else "CKA")
-    diagonal_k = np.diagonal(K, axis1=1, axis2=2)
-    diagonal_l = np.diagonal(L, axis1=1, axis2=2)
-    rows_k, rows_l = K.sum(axis=2), L.sum(axis=2)
-    hsic = []
-    for A, B, rows_a, rows_b, diagonal_a, diagonal_b in (
-        (K, L, rows_k, rows_l, diagonal_k, diagonal_l),
-        (K, K, rows_k, rows_k, diagonal_k, diagonal_k),
-        (L, L, rows_l, rows_l, diagonal_l, diagonal_l),
+    if K.ndim == 2:
+        K = K[None]
+    return KernelSide(
+        K,
+        np.diagonal(K, axis1=1, axis2=2),
+        K.sum(axis=2),
+        np.einsum("bij,bij->b", K, K),
+    )
+
+
+def _kernel_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(B,) Σ a∘b per batch element; a batch of one is paired with every element of the other."""
+    if a.shape[0] == b.shape[0]:
+        return np.einsum("bij,bij->b", a, b)
+    one, many = (a, b) if a.shape[0] == 1 else (b, a)
+    return many.reshape(many.shape[0], -1) @ one.reshape(-1)
+
+
+def cka_from_kernel_sides(
+    a: KernelSide, b: KernelSide, *, unbiased: bool = False
+) -> np.ndarray:
+    """(B,) CKA of two :class:`KernelSide` s of the same s stimuli (B sets each, or one set on a
+    side: it is paired with every set of the other). Only Σ K∘L and the row sums' inner products
+    are computed per pair; each side's own sums come with it."""
+    batch_a, batch_b = a.kernels.shape[0], b.kernels.shape[0]
+    if a.kernels.shape[1:] != b.kernels.shape[1:] or (
+        batch_a != batch_b and 1 not in (batch_a, batch_b)
     ):
-        product = np.einsum("bij,bij->b", A, B)
+        raise ValueError(
+            f"K and L must be square kernels of the same stimuli, (s, s) or (B, s, s); got "
+            f"{a.kernels.shape} and {b.kernels.shape}."
+        )
+    n = a.kernels.shape[-1]
+    check_min_stimuli(n, 4 if unbiased else 2, "unbiased CKA" if unbiased else "CKA")
+    hsic = []
+    for first, second, product in (
+        (a, b, _kernel_product(a.kernels, b.kernels)),
+        (a, a, a.self_product),
+        (b, b, b.self_product),
+    ):
+        rows_a, rows_b = first.rows, second.rows
         if unbiased:
-            rows_a, rows_b = rows_a - diagonal_a, rows_b - diagonal_b
+            rows_a, rows_b = rows_a - first.diagonal, rows_b - second.diagonal
             hsic.append(
                 unbiased_hsic_from_sums(
                     n,
-                    product - np.einsum("bi,bi->b", diagonal_a, diagonal_b),
+                    product - (first.diagonal * second.diagonal).sum(axis=1),
                     rows_a.sum(axis=1),
                     rows_b.sum(axis=1),
-                    np.einsum("bi,bi->b", rows_a, rows_b),
+                    (rows_a * rows_b).sum(axis=1),
                 )
             )
         else:
@@ -677,10 +712,28 @@ def cka_from_kernels(K: object, L: object, *, unbiased: bool = False) -> float |
                     product,
                     rows_a.sum(axis=1),
                     rows_b.sum(axis=1),
-                    np.einsum("bi,bi->b", rows_a, rows_b),
+                    (rows_a * rows_b).sum(axis=1),
                 )
             )
-    return _result(np.atleast_1d(normalised_alignment(*hsic)), batched)
+    return np.atleast_1d(normalised_alignment(*hsic))
+
+
+def cka_from_kernels(K: object, L: object, *, unbiased: bool = False) -> float | np.ndarray:
+    """CKA of precomputed symmetric kernels, (s, s) → float or (B, s, s) → (B,) float64.
+
+    For many small sets at once (e.g. sub-Grams of a run's features): O(B·s²).
+    """
+    K = np.asarray(K, dtype=np.float64)
+    L = np.asarray(L, dtype=np.float64)
+    if K.shape != L.shape or K.ndim not in (2, 3) or K.shape[-1] != K.shape[-2]:
+        raise ValueError(
+            f"K and L must be square kernels of the same stimuli, (s, s) or (B, s, s); got "
+            f"{K.shape} and {L.shape}."
+        )
+    if not (np.isfinite(K).all() and np.isfinite(L).all()):
+        raise ValueError("K or L contains NaN or Inf; recompute the kernels from finite features.")
+    values = cka_from_kernel_sides(kernel_side(K), kernel_side(L), unbiased=unbiased)
+    return _result(values, K.ndim == 3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ every metric of the registry, by name, without a per-metric code path outside th
   prepared features (``NeighbourIndex.features``, the features every neighbour list was built
   from). CKA-family metrics of a run of at most :data:`DENSE_GRAM_STIMULI` stimuli use the small-n
   fast path: each side's (n, n) kernel once, the (b, s, s) sub-kernels of a chunk of sets gathered
-  from it, and ``metrics.cka_from_kernels`` on all of them at once (the kernels are kept between
-  calls while their index lives, at most :data:`KERNEL_CACHE_BYTES`). Above it (and for SVCCA) every
+  from it once per model for all its pairs (``metrics.kernel_side``), and
+  ``metrics.cka_from_kernel_sides`` on all of them at once (the kernels are kept between calls
+  while their index lives, at most :data:`KERNEL_CACHE_BYTES`). Above it (and for SVCCA) every
   set is one ``metrics.measure`` call on its prepared rows, which picks its own route (O(s·d²) for
   large sets; nothing (n, n)).
 
@@ -180,11 +181,13 @@ def _feature_metric_pairs(
     options: Mapping[str, Any],
     dense_limit: int,
 ) -> list[np.ndarray]:
-    """(B,) per pair of a feature metric; each side's dense kernel formed once for all pairs, or
-    (a metric split in sides, SVCCA) each model's side once per set for all its pairs."""
+    """(B,) per pair of a feature metric; each model's sub-kernels (the CKA family at small n) or
+    side (a metric split in sides, SVCCA) once per set for all its pairs."""
     entry = registry.metric(metric)
     n = indexes[pairs[0][0]].n if pairs else 0
-    if entry.feature_side is not None and not uses_dense_kernels(metric, n, dense_limit):
+    if uses_dense_kernels(metric, n, dense_limit):
+        return list(_dense_cka_pairs(indexes, pairs, rows_x, rows_y, metric, options))
+    if entry.feature_side is not None:
         out = np.empty((len(pairs), rows_x.shape[0]))
         roles = ("", "") if rows_x is rows_y else ("x", "y")  # same rows: one side per model
         for b in range(rows_x.shape[0]):
@@ -196,51 +199,54 @@ def _feature_metric_pairs(
                         sides[(key, role)] = entry.feature_side(features, **options)
                 out[p, b] = entry.from_feature_sides(sides[(x, roles[0])], sides[(y, roles[1])])
         return list(out)
-    kernels: dict[Hashable, np.ndarray] = {}
     return [
-        _feature_metric(indexes[x], indexes[y], rows_x, rows_y, metric, options, dense_limit,
-                        kernels, keys=(x, y))
+        np.array(
+            [
+                registry.measure(metric, indexes[x].features.rows(a), indexes[y].features.rows(b),
+                                 **options)
+                for a, b in zip(rows_x, rows_y, strict=True)
+            ]
+        )
         for x, y in pairs
     ]
 
 
-def _feature_metric(
-    x: NeighbourIndex,
-    y: NeighbourIndex,
+def _dense_cka_pairs(
+    indexes: Mapping[Hashable, NeighbourIndex],
+    pairs: Sequence[tuple[Hashable, Hashable]],
     rows_x: np.ndarray,
     rows_y: np.ndarray,
     metric: str,
     options: Mapping[str, Any],
-    dense_limit: int,
-    kernels: dict[Hashable, np.ndarray],
-    *,
-    keys: tuple[Hashable, Hashable] = ("x", "y"),
 ) -> np.ndarray:
+    """(P, B) CKA or unbiased CKA on the small-n route: each model's (n, n) kernel once, and per
+    chunk of sets each model's (b, s, s) sub-kernels and their own sums once for all its pairs
+    (``metrics.kernel_side``); a pair then costs Σ K∘L. When every set of ``rows_x`` is the same
+    (a shuffled pairing: only the Y side's order changes) the X side is one set."""
+    kernel, sigma = _kernel_key(options)
     n_sets, s = rows_x.shape
-    if uses_dense_kernels(metric, x.n, dense_limit):
-        kernel, sigma = _kernel_key(options)
-        for key, index in zip(keys, (x, y), strict=True):
-            if (key, kernel, sigma) not in kernels:
-                kernels[(key, kernel, sigma)] = _dense_kernel(index, kernel, sigma)
-        K, L = kernels[(keys[0], kernel, sigma)], kernels[(keys[1], kernel, sigma)]
-        out = np.empty(n_sets)
-        chunk = max(1, _CHUNK_ELEMENTS // (s * s))
-        for start in range(0, n_sets, chunk):
-            a, b = rows_x[start : start + chunk], rows_y[start : start + chunk]
-            out[start : start + a.shape[0]] = np.atleast_1d(
-                registry.cka_from_kernels(
-                    K[a[:, :, None], a[:, None, :]],
-                    L[b[:, :, None], b[:, None, :]],
-                    unbiased=metric == "unbiased_cka",
-                )
+    fixed_x = bool((rows_x == rows_x[:1]).all())
+    roles = ("fixed" if fixed_x else "", "") if rows_x is rows_y else ("x", "y")
+    kernels = {
+        key: _dense_kernel(indexes[key], kernel, sigma) for pair in pairs for key in pair
+    }
+    out = np.empty((len(pairs), n_sets))
+    chunk = max(1, _CHUNK_ELEMENTS // (s * s))
+    for start in range(0, n_sets, chunk):
+        a, b = rows_x[start : start + chunk], rows_y[start : start + chunk]
+        if fixed_x:
+            a = a[:1]
+        sides: dict[tuple[Hashable, str], registry.KernelSide] = {}
+        for p, (x, y) in enumerate(pairs):
+            for key, role, rows in ((x, roles[0], a), (y, roles[1], b)):
+                if (key, role) not in sides:
+                    sides[(key, role)] = registry.kernel_side(
+                        kernels[key][rows[:, :, None], rows[:, None, :]]
+                    )
+            out[p, start : start + b.shape[0]] = registry.cka_from_kernel_sides(
+                sides[(x, roles[0])], sides[(y, roles[1])], unbiased=metric == "unbiased_cka"
             )
-        return out
-    return np.array(
-        [
-            registry.measure(metric, x.features.rows(a), y.features.rows(b), **options)
-            for a, b in zip(rows_x, rows_y, strict=True)
-        ]
-    )
+    return out
 
 
 def _relabelled_tables(
@@ -290,7 +296,9 @@ def metric_on_pairings(
         )
     n_sets, s = rows_x.shape
     if not entry.neighbour_metric:
-        return _feature_metric(x, y, rows_x, rows_y, metric, chosen, dense_limit, {})
+        return _feature_metric_pairs(
+            indexes, [("x", "y")], rows_x, rows_y, metric, chosen, dense_limit
+        )[0]
     from .validation import check_k
 
     check_k(k, s, 2 if metric == "cknna" else 1, what="each set")

@@ -18,8 +18,10 @@ from hypothesis import strategies as st
 import convergence_core
 from convergence_core import metrics
 from convergence_core.metrics import (
+    cka_from_kernel_sides,
     cka_from_kernels,
     cknna_from_tables,
+    kernel_side,
     measure,
     measure_tables,
     metric,
@@ -429,6 +431,26 @@ def test_cka_from_kernels_batched() -> None:
         )
     with pytest.raises(ValueError, match="square kernels"):
         cka_from_kernels(K[0], L[0][:, :3])
+
+
+def test_kernel_sides_pair_one_set_with_many() -> None:
+    """A side of one set against a side of B sets (a shuffled pairing keeps the X side): each
+    value is CKA of that set's kernel against the other side's kernel of the same position."""
+    rng = np.random.default_rng(10)
+    X, Y = paired(rng, n=30)
+    orders = np.stack([rng.permutation(30) for _ in range(5)])
+    K = X @ X.T
+    L = np.stack([Y[order] @ Y[order].T for order in orders])
+    for unbiased, name in ((False, "cka"), (True, "unbiased_cka")):
+        expected = [measure(name, X, Y[order]) for order in orders]
+        one_many = cka_from_kernel_sides(kernel_side(K), kernel_side(L), unbiased=unbiased)
+        many_one = cka_from_kernel_sides(kernel_side(L), kernel_side(K), unbiased=unbiased)
+        np.testing.assert_allclose(one_many, expected, rtol=1e-10)
+        np.testing.assert_allclose(many_one, expected, rtol=1e-10)  # CKA is symmetric
+    with pytest.raises(ValueError, match="square kernels"):
+        cka_from_kernel_sides(kernel_side(L[:2]), kernel_side(L[:3]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kernel_side(np.full((4, 4), np.nan))
 
 
 @pytest.mark.parametrize(("n", "q"), [(40, 3), (40, 7), (12, 5)])

@@ -97,6 +97,22 @@ def test_shuffled_pairings_equal_the_metric_on_the_paired_rows(indexes, metric, 
     assert same[0] == pytest.approx(on_set[0, 0], abs=1e-9)
 
 
+@pytest.mark.parametrize("metric", ["cka", "unbiased_cka"])
+@pytest.mark.parametrize("dense_limit", [10_000, 0])
+def test_pairings_of_different_sets_on_both_sides(indexes, metric, dense_limit) -> None:
+    """Every set of X paired with another set of Y (neither side fixed): each value is the metric
+    on those rows, on the (n, n)-kernel route and the per-set route."""
+    rng = np.random.default_rng(3)
+    rows_x = np.stack([rng.choice(90, 24, replace=False) for _ in range(5)])
+    rows_y = np.stack([rng.choice(90, 24, replace=False) for _ in range(5)])
+    values = metric_on_pairings(
+        indexes["a"], indexes["b"], rows_x, rows_y, metric, dense_limit=dense_limit
+    )
+    for b in range(5):
+        expected = _dense(indexes, "a", "b", rows_x[b], rows_y[b], metric, 5, {})
+        assert values[b] == pytest.approx(expected, abs=1e-9), (metric, b)
+
+
 def test_a_planted_pairing_scores_above_its_shuffles(indexes) -> None:
     """X paired with a scaled copy of itself with its features reordered (the prepared features
     are then the same up to column order): every shuffle destroys the alignment."""
