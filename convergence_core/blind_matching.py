@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .metrics import cka
-from .validation import check_pair
+from .validation import check_features, check_pair
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,33 @@ def choose_seeds(X: np.ndarray, n_seeds: int, *, how: str = "kmeans", seed: int 
     return np.sort(np.asarray(chosen, dtype=np.int64))
 
 
+def image_seeds(
+    X: object,
+    n_seeds: int,
+    *,
+    how: str = "kmeans",
+    seed: int = 0,
+    stretch_features: bool = True,
+) -> np.ndarray:
+    """(n_seeds,) the known pairs :func:`blind_matching` chooses for images X (s, d) with these
+    options (:func:`choose_seeds` on the stretched features); passing them as its ``seeds`` gives
+    the same result. For one image set matched against many caption sets: choose them once."""
+    X = check_features(X, "X", min_rows=3)
+    s = X.shape[0]
+    if (
+        isinstance(n_seeds, bool)
+        or not isinstance(n_seeds, (int, np.integer))
+        or not 0 <= n_seeds <= s - 2
+    ):
+        raise ValueError(
+            f"n_seeds must be an integer in 0..{s - 2} (two or more left to match), got "
+            f"{n_seeds!r}."
+        )
+    if not n_seeds:
+        return np.empty(0, dtype=np.int64)
+    return choose_seeds(stretch(X) if stretch_features else X, int(n_seeds), how=how, seed=seed)
+
+
 def blind_matching(
     X: object,
     Y: object,
@@ -130,18 +157,8 @@ def blind_matching(
     Xs = stretch(X) if stretch_features else X
     Ys = stretch(Y) if stretch_features else Y
     if seeds is None:
-        if (
-            isinstance(n_seeds, bool)
-            or not isinstance(n_seeds, (int, np.integer))
-            or not 0 <= n_seeds <= s - 2
-        ):
-            raise ValueError(
-                f"n_seeds must be an integer in 0..{s - 2} (two or more left to match), got {n_seeds!r}."
-            )
-        seeds = (
-            choose_seeds(Xs, int(n_seeds), how=seed_selection, seed=seed)
-            if n_seeds
-            else np.empty(0, dtype=np.int64)
+        seeds = image_seeds(
+            X, n_seeds, how=seed_selection, seed=seed, stretch_features=stretch_features
         )
     else:
         seeds = np.unique(np.asarray(seeds, dtype=np.int64))

@@ -54,6 +54,7 @@ from . import (
 from . import metrics as registry
 from .alignment import cknna_bound_note
 from .blind_matching import blind_matching as match_blind
+from .blind_matching import image_seeds
 from .cache import read_json, write_bytes, write_json
 from .dispersion import SCORES, two_model_note
 from .gpa_stability import describe as describe_stability
@@ -1292,14 +1293,17 @@ def blind_matching_section(
     named += [("high", r, sets.high) for r in range(repeats)]
     named += [("random", i, rows) for i, rows in enumerate(sets.random[:n_random])]
     records = []
+    known: dict[tuple[str, str, str, int], np.ndarray] = {}  # an image set's seeds, for all pairs
     for pair in pairs:
         vision = run.neighbours(pair.vision_model, pair.vision_layer).features
         language = run.neighbours(pair.language_model, pair.language_layer).features
         for set_name, draw, rows in named:
-            result = match_blind(
-                vision.rows(rows), language.rows(rows), n_seeds=min(n_seeds, len(rows) - 3),
-                seed=seed + draw if set_name != "random" else seed,
-            )
+            draw_seed = seed + draw if set_name != "random" else seed
+            images = vision.rows(rows)
+            key = (pair.vision_model, pair.vision_layer, set_name, draw)
+            if key not in known:
+                known[key] = image_seeds(images, min(n_seeds, len(rows) - 3), seed=draw_seed)
+            result = match_blind(images, language.rows(rows), seeds=known[key], seed=draw_seed)
             correct = int(result.correct.sum() - result.correct[result.seeds].sum())
             records.append(
                 {

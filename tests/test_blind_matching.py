@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convergence_core.blind_matching import blind_matching, choose_seeds, normalised_centered_kernel
+from convergence_core.blind_matching import (
+    blind_matching,
+    choose_seeds,
+    image_seeds,
+    normalised_centered_kernel,
+)
 from convergence_core.metrics import measure
 
 
@@ -67,6 +72,28 @@ def test_seed_choices() -> None:
     assert result.seeds.tolist() == [3, 7, 11] and result.n_query == 37
     unseeded = blind_matching(X, Y, n_seeds=0, n_init=2, seed=0)
     assert unseeded.n_seeds == 0 and 0.0 <= unseeded.accuracy <= 1.0
+
+
+def test_seeds_chosen_once_give_the_same_matching() -> None:
+    """An image set matched against several caption sets (the report: one vision model, ten
+    language models) may choose its seeds once: the same seeds and results as choosing them in
+    each call."""
+    rng = np.random.default_rng(7)
+    X, Y = shared(rng, s=50)
+    Y2 = Y + 0.5 * rng.standard_normal(Y.shape)
+    for stretch_features in (True, False):
+        known = image_seeds(X, 8, seed=3, stretch_features=stretch_features)
+        for captions in (Y, Y2):
+            inside = blind_matching(X, captions, n_seeds=8, seed=3,
+                                    stretch_features=stretch_features)
+            given = blind_matching(X, captions, seeds=known, seed=3,
+                                   stretch_features=stretch_features)
+            np.testing.assert_array_equal(inside.seeds, known)
+            np.testing.assert_array_equal(given.matching, inside.matching)
+            assert given.accuracy == inside.accuracy and given.cka_found == inside.cka_found
+    assert image_seeds(X, 0).size == 0
+    with pytest.raises(ValueError, match="n_seeds must be an integer in 0..48"):
+        image_seeds(X, 49)
 
 
 @pytest.mark.parametrize(
