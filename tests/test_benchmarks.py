@@ -62,6 +62,10 @@ def test_universal_benchmark_runs_and_writes_json() -> None:
     for row in payload["ranks"]:
         assert row["identical_to_dense"]
     assert payload["fit"]["gpa_iterations"] >= 1
+    many = payload["many_models"]  # GPA on the rows: chosen, and the cross-product fit's result
+    assert many["rows_chosen"] and many["models"] == 8
+    assert many["gpa_iterations"] == many["cross_gpa_iterations"]
+    assert many["max_residual_difference"] < 1e-10
 
 
 def test_gpa_scale_benchmark_runs_and_writes_json() -> None:
