@@ -231,7 +231,10 @@ def _dense_cka_pairs(
         key: _dense_kernel(indexes[key], kernel, sigma) for pair in pairs for key in pair
     }
     out = np.empty((len(pairs), n_sets))
-    chunk = max(1, _CHUNK_ELEMENTS // (s * s))
+    # the sub-kernels of a chunk of every side together: at most ~2 × _CHUNK_ELEMENTS (as two
+    # sides of a chunk did when each pair gathered its own), however many models there are
+    n_sides = len({(key, roles[0]) for key, _ in pairs} | {(key, roles[1]) for _, key in pairs})
+    chunk = max(1, 2 * _CHUNK_ELEMENTS // (s * s * n_sides))
     for start in range(0, n_sets, chunk):
         a, b = rows_x[start : start + chunk], rows_y[start : start + chunk]
         if fixed_x:
