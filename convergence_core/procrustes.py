@@ -934,8 +934,8 @@ class _Iterations:
         total, terms = self._rows_sum(maps)
         for i in self.order:
             z = self.rows[i]
-            maps[i] = _polar(z.T @ (total - terms[i]))[0]
-            total -= terms[i]
+            total -= terms[i]  # the other models' sum
+            maps[i] = _polar(z.T @ total)[0]
             total += z @ maps[i]
         return self.fix_frame(maps), self._rows_loss(total)
 
