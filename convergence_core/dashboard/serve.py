@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None, *, prog: str = "convergence serve") -> i
 
     with _runtime_not_started_yet():
         from convergence_core.dashboard import charts, data, page, plots, widgets  # noqa: F401
+    from convergence_core.dashboard import deep_links
 
     from streamlit.web import cli
 
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None, *, prog: str = "convergence serve") -> i
     # collector's full passes, whose pause grows with every object it has to look at.
     gc.collect()
     gc.freeze()
+    # a page opened from its own URL finds the server without a failed guess first
+    deep_links.install([path for _, path in page.PAGE_URLS if path])
     # open and check the default run while the server starts, not on the first visit
     threading.Thread(target=_warm_default_run, name=WARM_THREAD, daemon=True).start()
 

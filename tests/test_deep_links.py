@@ -1,0 +1,110 @@
+"""A page opened from its own URL is told where the server is (dashboard/deep_links.py).
+
+The inline script itself runs in Chromium in tests/test_end_to_end.py: every page opened from
+its own URL finds the server with no failed health check, and Home sets nothing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from convergence_core.dashboard import deep_links, page
+from convergence_core.dashboard.deep_links import MODULE_SCRIPT, PageShellMiddleware
+
+SHELL = (
+    b'<html><head><script>window.x = 1</script>\n<script type="module" src="./i.js"></script>'
+    b"</head><body></body></html>"
+)
+PAGES = ["Stimuli", "Residual_space"]
+
+
+def _serve(
+    path: str,
+    *,
+    method: str = "GET",
+    status: int = 200,
+    content_type: bytes = b"text/html; charset=utf-8",
+    body: bytes = SHELL,
+    chunks: int = 1,
+    encoding: bytes | None = None,
+) -> tuple[dict, bytes, dict]:
+    """One request through the middleware around a fake app that answers ``body`` in ``chunks``
+    parts: (response start message, body sent, the scope the app saw)."""
+    seen: dict = {}
+
+    async def app(scope, receive, send):  # noqa: ANN001, ANN202
+        seen.update(scope)
+        headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+        if encoding is not None:
+            headers.append((b"content-encoding", encoding))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        size = max(1, -(-len(body) // chunks))
+        parts = [body[i : i + size] for i in range(0, len(body), size)] or [b""]
+        for i, part in enumerate(parts):
+            await send({"type": "http.response.body", "body": part,
+                        "more_body": i < len(parts) - 1})
+
+    sent: list[dict] = []
+
+    async def send(message):  # noqa: ANN001, ANN202
+        sent.append(message)
+
+    async def receive():  # noqa: ANN202
+        return {"type": "http.request"}
+
+    scope = {"type": "http", "method": method, "path": path,
+             "extensions": {"http.response.pathsend": {}}, "headers": []}
+    asyncio.run(PageShellMiddleware(app, PAGES)(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    content = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start, content, seen
+
+
+@pytest.mark.parametrize("path", ["/Stimuli", "/Stimuli/", "/prefix/Residual_space"])
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_a_page_url_gets_the_server_address_before_streamlits_script(path, chunks):
+    start, body, seen = _serve(path, chunks=chunks)
+    script = deep_links.backend_script(PAGES)
+    assert body == SHELL.replace(MODULE_SCRIPT, script + MODULE_SCRIPT, 1)
+    assert body.index(b"BACKEND_BASE_URL") < body.index(MODULE_SCRIPT)
+    headers = dict(start["headers"])
+    assert headers[b"content-length"] == str(len(body)).encode()
+    assert [k for k, _ in start["headers"]].count(b"content-length") == 1
+    # the file comes through the body messages, where it can be edited
+    assert "http.response.pathsend" not in seen["extensions"]
+
+
+@pytest.mark.parametrize(
+    "path, options",
+    [
+        ("/", {}),  # Home: the frontend never guesses there
+        ("/Other_page", {}),  # not one of the dashboard's pages
+        ("/Stimuli", {"method": "HEAD"}),
+        ("/Stimuli", {"method": "POST"}),
+        ("/Stimuli", {"status": 304, "body": b""}),
+        ("/Stimuli", {"content_type": b"application/json", "body": MODULE_SCRIPT}),
+        ("/Stimuli", {"encoding": b"gzip"}),  # compressed: not ours to edit
+        ("/Stimuli", {"body": b"<html><head></head></html>"}),  # no module script to go before
+    ],
+)
+def test_everything_else_passes_through_untouched(path, options):
+    body = options.get("body", SHELL)
+    start, sent, seen = _serve(path, **options)
+    assert sent == body
+    assert dict(start["headers"])[b"content-length"] == str(len(body)).encode()
+
+
+def test_install_adds_the_middleware_innermost_once(monkeypatch):
+    from streamlit.web.server.starlette import starlette_app
+
+    monkeypatch.setattr(
+        starlette_app, "create_streamlit_middleware", starlette_app.create_streamlit_middleware
+    )
+    paths = [path for _, path in page.PAGE_URLS if path]
+    before = starlette_app.create_streamlit_middleware()
+    assert deep_links.install(paths) and deep_links.install(paths)  # twice: added once
+    after = starlette_app.create_streamlit_middleware()
+    assert [m.cls for m in after[:-1]] == [m.cls for m in before]
+    assert after[-1].cls is PageShellMiddleware and after[-1].kwargs["page_paths"] == paths
+    assert "Stimuli" in paths and "" not in paths
