@@ -3,8 +3,9 @@
 ``streamlit run app.py`` imports pandas, pyarrow, Plotly, matplotlib, scipy and the run reader
 only when the first browser session runs a page, which adds seconds to the first page on 2 cores
 (benchmarks/bench_dashboard.py). Those long-lived objects are then frozen out of the garbage
-collector's full passes (``gc.freeze``). This is the same ``streamlit run app.py`` through Streamlit's own
-command line, after those imports have been done in the server process::
+collector's full passes (``gc.freeze``), and pages opened from their own URL are told where the
+server is (:mod:`.deep_links`). This is the same ``streamlit run app.py`` through Streamlit's
+own command line, after those imports have been done in the server process::
 
     convergence serve --port 8501 --cache ~/my-cache       # an installed package
     python -m convergence_core serve --port 8501           # the same
