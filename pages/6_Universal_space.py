@@ -3,8 +3,8 @@ dispersion per stimulus and its relation to the run's (GPA) dispersion; held-out
 retrieval through the space beside a ridge baseline and chance; each image's top captions.
 
 Only the open tab is built (retrieval runs when its tab or the captions tab is opened), the
-scatter is a picture until its toggle asks for the interactive chart, and the table of every
-stimulus is sent when its expander is opened.
+scatter is a picture until its toggle asks for the interactive chart, and the pictures of the
+stimuli at both ends and the table of every stimulus are sent when their expanders are opened.
 
 Every number comes from :mod:`convergence_core.universal` and :mod:`convergence_core.retrieval`,
 cached per run and settings in :mod:`convergence_core.dashboard.data` (``cross_modal``,
@@ -33,6 +33,7 @@ IMAGE_KEY = "w_universal_image"
 TAB_KEY = "w_universal_tab"
 INTERACTIVE_KEY = "w_universal_interactive"
 TABLE_KEY = "w_universal_table_open"
+ENDS_KEY = "w_universal_ends_open"
 GALLERY_SIZE = 6
 #: Above this many stimuli the image is typed as an id instead of picked from a list.
 SELECTBOX_LIMIT = 2000
@@ -174,22 +175,32 @@ with dispersion_tab:
         else:
             st.image(scatter)
         st.image(bars)
-        values = per_stimulus["cross_modal_dispersion"].to_numpy()
-        stimulus_rows = per_stimulus["stimulus"].to_numpy()
-        by_row = dict(zip(stimulus_rows, values, strict=True))
-        lowest, highest = catalogue.gallery_ends(values, GALLERY_SIZE)
-        sides = (("Lowest", stimulus_rows[lowest]), ("Highest", stimulus_rows[highest]))
-        for column, (extreme, rows) in zip(st.columns(2), sides, strict=True):
-            with column:
-                st.subheader(f"{extreme} cross-modal dispersion")
-                widgets.gallery(
-                    run,
-                    rows,
-                    [f"id {ids[r]} · {by_row[r]:.4f}" for r in rows],
-                    key=f"universal-{extreme.lower()}",
-                    columns=3,
-                    inspect=False,
-                )
+        # the stimuli at both ends are built when their expander is opened: below the first
+        # screen, their 12 pictures were a third of the page's load in the browser
+        ends = st.expander(
+            f"Stimuli at both ends: the {GALLERY_SIZE} of lowest and the {GALLERY_SIZE} of "
+            "highest cross-modal dispersion",
+            key=ENDS_KEY,
+            on_change="rerun",
+        )
+        with ends:
+            if ends.open:
+                values = per_stimulus["cross_modal_dispersion"].to_numpy()
+                stimulus_rows = per_stimulus["stimulus"].to_numpy()
+                by_row = dict(zip(stimulus_rows, values, strict=True))
+                lowest, highest = catalogue.gallery_ends(values, GALLERY_SIZE)
+                sides = (("Lowest", stimulus_rows[lowest]), ("Highest", stimulus_rows[highest]))
+                for column, (extreme, rows) in zip(st.columns(2), sides, strict=True):
+                    with column:
+                        st.subheader(f"{extreme} cross-modal dispersion")
+                        widgets.gallery(
+                            run,
+                            rows,
+                            [f"id {ids[r]} · {by_row[r]:.4f}" for r in rows],
+                            key=f"universal-{extreme.lower()}",
+                            columns=3,
+                            inspect=False,
+                        )
         # the table of every stimulus is sent when opened (100,000 rows are megabytes)
         table = st.expander(
             f"Every stimulus ({len(per_stimulus):,} rows)", key=TABLE_KEY, on_change="rerun"

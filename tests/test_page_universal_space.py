@@ -17,6 +17,7 @@ PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "6_Universal_space
 TIMEOUT = 120
 TAB_KEY = "w_universal_tab"
 TABLE_KEY = "w_universal_table_open"
+ENDS_KEY = "w_universal_ends_open"
 INTERACTIVE_KEY = "w_universal_interactive"
 
 
@@ -69,6 +70,22 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
     assert len(every) == 60 and "caption" in every.columns
     run = make_run_handle(cache_root)
     expected = universal.run_cross_modal_analysis(run, n_permutations=1000, seed=0)
+    # the stimuli at both ends: no pictures until their expander is opened, then the 6 lowest
+    # and 6 highest cross-modal dispersions, each labelled with its id and value
+    assert not any(t.value.startswith("id ") for t in at.text)
+    pictures = len(at.image)
+    at.session_state[ENDS_KEY] = True
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert len(at.image) == pictures + 12
+    frame = expected.per_stimulus().sort_values(["cross_modal_dispersion", "stimulus"])
+    ids = run.stimuli["id"].astype(str)
+    wanted = [
+        f"id {ids.iloc[row]} · {value:.4f}"
+        for row, value in zip(frame["stimulus"], frame["cross_modal_dispersion"], strict=True)
+    ]
+    shown = [t.value.split("\n")[0] for t in at.text if t.value.startswith("id ")]
+    assert shown == wanted[:6] + wanted[::-1][:6]
     relation = expected.relation.iloc[0]
     assert _metric(at, "ρ with vision dispersion") == f"{relation['spearman_rho']:.3f}"
     assert _metric(at, "Permutation p (two-sided)") == (
