@@ -778,6 +778,8 @@ def _open(cache: Path, page: str | None, monkeypatch, query: dict | None = None)
         at.query_params[name] = value
     at.run(timeout=90)
     at.session_state["w_lab_tables"] = True  # the lab's table of every number (an expander)
+    # Universal space's galleries of the stimuli at both ends (an expander)
+    at.session_state["w_universal_ends_open"] = True
     # What predicts dispersion builds only its open tab: open the one with the stimulus cards
     at.session_state["w_predictors_tab"] = "A property against dispersion"
     if page is not None:
