@@ -108,3 +108,14 @@ def test_install_adds_the_middleware_innermost_once(monkeypatch):
     assert [m.cls for m in after[:-1]] == [m.cls for m in before]
     assert after[-1].cls is PageShellMiddleware and after[-1].kwargs["page_paths"] == paths
     assert "Stimuli" in paths and "" not in paths
+
+
+def test_nothing_of_the_request_reaches_the_page():
+    """The lines added are fixed (the page list, known to the server): a hostile address is not
+    reflected into the HTML; the frontend reads the address from window.location itself, always
+    on the page's own origin."""
+    hostile = '/"><script>alert(1)</script>/Stimuli'
+    _, body, _ = _serve(hostile)
+    assert body == SHELL.replace(MODULE_SCRIPT, deep_links.backend_script(PAGES) + MODULE_SCRIPT)
+    assert b"alert" not in body
+    assert b"window.location.origin +" in deep_links.backend_script(PAGES)
