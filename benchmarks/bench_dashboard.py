@@ -10,6 +10,8 @@ synthetic one). Prints tables and writes benchmarks/results/dashboard.json.
     .venv/bin/python benchmarks/bench_dashboard.py --trace /tmp/traces   # Chromium traces too
     .venv/bin/python benchmarks/bench_dashboard.py --element-costs --repeats 7
     .venv/bin/python benchmarks/bench_dashboard.py --browser-only --run RUN --lasso-fraction 0.3
+    git worktree add /tmp/old HEAD~3        # then old and new pages in the same rounds:
+    .venv/bin/python benchmarks/bench_dashboard.py --browser-only --beside /tmp/old --repeats 7
 
 The browser part (issue 18) serves the dashboard as ``make demo`` does and, beside it, a bare
 Streamlit page (a title and one line of text, the same ``.streamlit/config.toml``), and opens
@@ -59,6 +61,7 @@ beside it (metrics that are not live run behind a button).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -285,10 +288,34 @@ def round_ratios(page_s: list[float], bare_s: list[float], target: float) -> dic
     }
 
 
+BESIDE = " (beside)"
+
+
+def visits_of_a_round(
+    bare_base: str, base: str, run_query: str, beside_base: str | None = None
+) -> list[tuple[str, str]]:
+    """(label, URL) of one round's visits: the bare page, then every page (``PAGES``), each
+    followed by the same page of the ``--beside`` checkout when one is served (label + BESIDE)."""
+    urls = [("bare Streamlit page", bare_base + "/")]
+    for label, path in PAGES:
+        urls.append((label, f"{base}/{path}{run_query}"))
+        if beside_base is not None:
+            urls.append((label + BESIDE, f"{beside_base}/{path}{run_query}"))
+    return urls
+
+
 def browser_benchmark(
-    run_path: Path, repeats: int, trace: Path | None, lasso_fraction: float = 0.5
+    run_path: Path,
+    repeats: int,
+    trace: Path | None,
+    lasso_fraction: float = 0.5,
+    beside: Path | None = None,
 ) -> tuple[list[dict[str, object]], dict[str, object]]:
-    """Per page: median seconds, ratio to the bare page, and its costs; and the k step."""
+    """Per page: median seconds, ratio to the bare page, and its costs; and the k step.
+
+    ``beside``: another checkout of this repository (e.g. ``git worktree add /tmp/old REV``),
+    whose dashboard is served too and whose pages are visited right after this one's in every
+    round: old and new code measured in one run, against the same bare page."""
     from playwright.sync_api import sync_playwright
 
     cache = _cache_of(run_path)
@@ -296,16 +323,17 @@ def browser_benchmark(
     run_query = f"?run={run_path.name}"
     with tempfile.TemporaryDirectory(prefix="bench-bare-") as folder:
         bare = _bare_app(Path(folder))
-        with (
-            headless.streamlit_server(bare, cwd=bare.parent) as (bare_base, _),
-            headless.streamlit_server(None, cwd=ROOT, env=env) as (base, _),
-            sync_playwright() as playwright,
-        ):
+        with contextlib.ExitStack() as servers, sync_playwright() as playwright:
+            bare_base, _ = servers.enter_context(headless.streamlit_server(bare, cwd=bare.parent))
+            base, _ = servers.enter_context(headless.streamlit_server(None, cwd=ROOT, env=env))
+            beside_base = None
+            if beside is not None:  # `python -m` there imports that checkout's own package
+                beside_base, _ = servers.enter_context(headless.streamlit_server(
+                    None, cwd=beside, env={**env, "PYTHONPATH": str(beside)}
+                ))
             browser = headless.launch_chromium(playwright)
             context = browser.new_context(viewport={"width": 1400, "height": 1000})
-            urls = [("bare Streamlit page", bare_base + "/")] + [
-                (label, f"{base}/{path}{run_query}") for label, path in PAGES
-            ]
+            urls = visits_of_a_round(bare_base, base, run_query, beside_base)
             # fill the browser's cache and the server's caches alike; these first visits are
             # the cold-server loads (a page's data computed and cached for every later session)
             cold = {label: headless.measure_visit(context, url).seconds for label, url in urls}
@@ -658,14 +686,15 @@ def _print_lab(rows: list[dict[str, object]], facts: dict) -> None:
 
 def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> None:
     header = (
-        f"{'page':<25} {'s':>6} {'×bare':>6} {'ok':>5} {'cold s':>6} {'elements':>8} {'figs':>4} "
-        f"{'tables':>6} {'imgs':>4} {'ws kB':>7} {'http kB':>8} {'JS MB':>6} {'main s':>6} {'JS s':>5}"
+        f"{'page':<34} {'s':>6} {'×bare':>6} {'ok':>5} {'cold s':>6} {'elements':>8} {'figs':>4} "
+        f"{'tables':>6} {'imgs':>4} {'ws kB':>7} {'http kB':>8} {'JS MB':>6} {'main s':>6} "
+        f"{'JS s':>5}"
         f"  {'rounds ×bare':>12} verdict"
     )
     print(header)
     for r in rows:
         print(
-            f"{r['page']:<25} {r['seconds_median']:6.2f} {r['ratio_to_bare']:6.2f} "
+            f"{r['page']:<34} {r['seconds_median']:6.2f} {r['ratio_to_bare']:6.2f} "
             f"{'' if r['ok'] is None else str(r['ok']):>5} {r['cold_server_s']:6.2f} "
             f"{r['elements']:8d} {r['figures']:4d} "
             f"{r['tables']:6d} {r['images']:4d} {r['ws_bytes_received'] / 1e3:7.1f} "
@@ -698,7 +727,7 @@ def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> 
                 if name not in headless.TRACE_OTHER_BUCKETS
             ][:5]
             print(
-                f"{page:<25} busy {profile.get('busy', 0):5.0f}  "
+                f"{page:<34} busy {profile.get('busy', 0):5.0f}  "
                 f"native {profile.get('native', 0):4.0f}  "
                 f"DOM calls {profile.get('browser API', 0):4.0f}  "
                 f"gc {profile.get('gc', 0):3.0f}  "
@@ -732,8 +761,14 @@ def main() -> None:
                         "one that selects ~10,000 of a 100,000-stimulus run)")
     parser.add_argument("--element-costs", action="store_true",
                         help="only what one element of each kind costs a page's first visit")
+    parser.add_argument("--beside", type=Path,
+                        help="another checkout of this repository (e.g. a git worktree of an "
+                        "older commit) whose pages are measured in the same rounds")
     parser.add_argument("--out", default="dashboard.json", help="file name in benchmarks/results")
     args = parser.parse_args()
+    if args.beside is not None and not (args.beside / "convergence_core" / "dashboard").is_dir():
+        raise SystemExit(f"--beside {args.beside}: not a checkout of this repository (no "
+                         "convergence_core/dashboard); make one with `git worktree add PATH REV`")
     if args.element_costs:
         rows = element_costs(args.repeats)
         print(f"{'element (one page each)':<30} {'page s':>7} {'extra ms':>9} {'rounds':>14} "
@@ -760,7 +795,7 @@ def main() -> None:
         if not headless.CHROMIUM.exists():
             raise SystemExit(f"{headless.CHROMIUM} is missing: install Debian's chromium")
         rows, k_step = browser_benchmark(
-            run_path, args.repeats, args.trace, args.lasso_fraction
+            run_path, args.repeats, args.trace, args.lasso_fraction, args.beside
         )
         payload["browser"] = {"pages": rows, "k_step": k_step,
                               "targets": {"page_ratio": TARGET_PAGE_RATIO,

@@ -105,6 +105,23 @@ def test_dashboard_round_ratios_and_their_verdict() -> None:
         round_ratios([1.0], [1.0, 1.0], 1.5)
 
 
+def test_dashboard_rounds_visit_each_page_then_its_twin_beside() -> None:
+    """--beside: every round visits the bare page, then each page of this checkout followed by
+    the same page of the other checkout, with the run in the query; without it, this one's only."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_dashboard import BESIDE, PAGES, visits_of_a_round
+
+    alone = visits_of_a_round("http://b", "http://new", "?run=demo")
+    assert alone[0] == ("bare Streamlit page", "http://b/")
+    assert alone[1:] == [(label, f"http://new/{path}?run=demo") for label, path in PAGES]
+    both = visits_of_a_round("http://b", "http://new", "?run=demo", "http://old")
+    assert both[0] == alone[0] and both[1::2] == alone[1:]
+    assert both[2::2] == [
+        (label + BESIDE, f"http://old/{path}?run=demo") for label, path in PAGES
+    ]
+    assert len({label for label, _ in both}) == len(both)  # every row keeps its own label
+
+
 def test_element_costs_app_has_one_working_page_per_kind(tmp_path) -> None:
     """--element-costs serves one page per kind of element; each page runs without an exception
     and shows its element (checked in an AppTest, page by page)."""
