@@ -367,6 +367,12 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             failed: list[str] = []
             page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+            # nothing leaves this machine: the tab's icon was once a Material icon fetched from
+            # fonts.gstatic.com on every visit (app.py sets an emoji first now)
+            outside: list[str] = []
+            page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(
+                (base, "data:", "blob:")
+            ) else None)
             # a page's own URL first, as a shared link on a freshly started server opens it:
             # the sidebar is app.py's navigation, not Streamlit's list of the pages/ folder
             for name in [*PAGES[1:], PAGES[0]]:
@@ -375,6 +381,7 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
                 # told where the server is (deep_links), the page does not first look for it
                 # under its own URL (a 404 and a 100 ms retry delay: Streamlit issue 7074)
                 assert not failed, f"page /{name}: failed requests {failed}"
+                assert not outside, f"page /{name}: requests off this machine {outside}"
                 told = page.evaluate("() => window.__streamlit?.BACKEND_BASE_URL ?? null")
                 assert told == (f"{base}/" if name else None), (name, told)
                 assert "No cached run" not in page.inner_text("body")

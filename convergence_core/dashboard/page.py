@@ -65,6 +65,10 @@ def leave_directory_mode() -> None:
         st.rerun()
 
 
+#: The browser tab's icon until a page sets its own (an emoji: drawn by the browser, no download)
+APP_ICON = "🔭"
+
+
 def open_page(title: str, icon: str = "🔬") -> PageContext:
     """Set up a page: title, run picker (sidebar), view from URL/session; stop if no run exists."""
     leave_directory_mode()
