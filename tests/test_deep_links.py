@@ -1,7 +1,8 @@
 """A page opened from its own URL is told where the server is (dashboard/deep_links.py).
 
-The inline script itself runs in Chromium in tests/test_end_to_end.py: every page opened from
-its own URL finds the server with no failed health check, and Home sets nothing."""
+The inline script itself runs in Chromium: in tests/test_end_to_end.py every page opened from its
+own URL finds the server with no failed health check and Home sets nothing; here the same behind
+a URL prefix."""
 
 from __future__ import annotations
 
@@ -119,3 +120,46 @@ def test_nothing_of_the_request_reaches_the_page():
     assert body == SHELL.replace(MODULE_SCRIPT, deep_links.backend_script(PAGES) + MODULE_SCRIPT)
     assert b"alert" not in body
     assert b"window.location.origin +" in deep_links.backend_script(PAGES)
+
+
+def test_behind_a_url_prefix_a_page_still_finds_the_server_at_once(tmp_path):
+    """Served under a prefix (``--server.baseUrlPath explorer``, as behind a proxy), a page opened
+    from its URL is told the prefix, not the root, and loads with no failed request; Home there
+    is not touched."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from playwright.sync_api import sync_playwright
+
+    from convergence_core.dashboard import headless
+    from tests.fixtures_runs import make_synthetic_run
+
+    if not headless.CHROMIUM.exists():
+        pytest.fail("/usr/bin/chromium is missing: install Debian's chromium (.ci/run does)")
+    make_synthetic_run(tmp_path / "runs", n=40, name="demo")
+    port = headless.free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "convergence_core.dashboard.serve", "--cache", str(tmp_path),
+         "--port", str(port), "--server.headless", "true", "--server.baseUrlPath", "explorer"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    base = f"http://localhost:{port}/explorer"
+    try:
+        headless.wait_healthy(base, server)
+        with sync_playwright() as playwright:
+            browser = headless.launch_chromium(playwright)
+            tab = browser.new_page()
+            failed: list[str] = []
+            tab.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+            for path, told in (("Residual_space", f"{base}/"), ("", None)):
+                tab.goto(f"{base}/{path}")
+                tab.wait_for_function(headless.PAGE_DRAWN, polling="raf", timeout=120_000)
+                setting = tab.evaluate("() => window.__streamlit?.BACKEND_BASE_URL ?? null")
+                assert setting == told, (path, setting)
+                assert not failed, (path, failed)
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
