@@ -18,6 +18,11 @@ Per stimulus count n, each method runs in its own process (so that its peak RSS 
 * ``tight``: ``generalized_procrustes(tol=0)`` (runs until the decrease is rounding): the lowest
   loss available, to tell how far the reference itself is from the optimum,
 * ``stability``: ``gpa_stability`` with ``--stability-starts`` random starts (its cost at this n).
+* ``steps``: a run's GPA step then its stability step, as a run does them: GPA keeps its fit
+  (``keep_fit=True``) and the stability diagnostic starts from it (``reference=``: no second read
+  of the inputs' cross-products, no second solve of GPA);
+* ``steps_before``: the same two steps as before that (the diagnostic solves GPA again); the
+  summary line gives both times and the largest difference of their dispersion spreads.
 
 Reported per (n, method): iterations, block sweeps, seconds (wall and CPU), final loss, loss minus
 the reference's and minus the lowest loss found, Spearman ρ of the dispersion (mean residual) with
@@ -27,7 +32,8 @@ methods within one run (ratios), and prefer CPU seconds.
 
 Usage:
     .venv/bin/python benchmarks/bench_gpa_scale.py [--sizes 2000,5000,10000] [--dims 768,768,768,768]
-        [--rank 64] [--noise 0.2] [--methods old,new,reference,tight,stability] [--old-max-n 10000]
+        [--rank 64] [--noise 0.2] [--methods old,new,reference,tight,stability,steps,steps_before]
+        [--old-max-n 10000]
         [--threads N] [--max-iter 3000] [--out gpa_scale.json] [--quick]
 ``--quick`` is a smoke run (n = 400, 800; width 96). Writes benchmarks/results/NAME.
 """
@@ -52,6 +58,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.record import machine, write_results  # noqa: E402
 
 METHODS = ("old", "new", "reference", "tight", "stability")
+#: the run's GPA and stability steps, with and without the stability step starting from GPA's fit
+STEPS = ("steps", "steps_before")
 
 
 # --- the data --------------------------------------------------------------------------------------
@@ -214,6 +222,18 @@ def run_worker(method: str, paths: list[Path], out: Path, threads: int | None, s
             residuals = None
             record.update(summary=stability.summary(), losses=stability.losses.tolist(),
                           iterations=int(stability.n_iter.sum()))
+        elif method in STEPS:
+            reuse = method == "steps"
+            start = time.perf_counter()
+            result = procrustes.generalized_procrustes(arrays, keep_fit=reuse)
+            parts["gpa_s"] = time.perf_counter() - start
+            stability = gpa_stability(arrays, n_starts=starts, reference=result if reuse else None)
+            parts["stability_s"] = time.perf_counter() - start - parts["gpa_s"]
+            residuals = result.residuals
+            np.save(out.with_suffix(".spread.npy"), stability.dispersion_spread)
+            record.update(iterations=result.n_iter, loss=float(result.loss_history[-1]),
+                          converged=result.converged,
+                          stability_iterations=int(stability.n_iter.sum()))
         else:
             raise ValueError(f"unknown method {method!r}")
         record["seconds"] = time.perf_counter() - wall
@@ -300,6 +320,9 @@ def main() -> None:
                     record["spearman_vs_reference"] = spearman(residuals.mean(axis=1), ref_res.mean(axis=1))
                     record["max_abs_residual_minus_reference"] = float(np.abs(residuals - ref_res).max())
                 rows.append(record)
+            if all(m in results for m in STEPS):
+                spreads = [np.load(folder / f"{m}_{n}.spread.npy") for m in STEPS]
+                results["steps"]["spread_difference"] = float(np.abs(spreads[0] - spreads[1]).max())
             for p in paths:
                 p.unlink()
 
@@ -323,6 +346,12 @@ def main() -> None:
             print(f"n={n}: new, parts (s): {parts}")
         if "stability" in by:
             print(f"n={n}: stability ({args.stability_starts} starts): {by['stability']['summary']}")
+        if all(m in by for m in STEPS):
+            now, before = by["steps"], by["steps_before"]
+            print(f"n={n}: GPA + stability ({args.stability_starts} starts) {now['seconds']:.1f} s "
+                  f"(stability {now['stability_s']:.1f} s) against {before['seconds']:.1f} s "
+                  f"(stability {before['stability_s']:.1f} s) when the stability step solved GPA "
+                  f"again; dispersion spreads {now['spread_difference']:.1e} apart")
 
     payload = {
         "machine": machine(threads=args.threads,

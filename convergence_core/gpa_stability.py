@@ -26,8 +26,11 @@ orthogonal maps per model), then compares the residuals stimulus by stimulus:
 
 Cost: the cross-products are built once (two passes over the inputs, as for GPA itself); each
 start costs one GPA solve on them (O(M² d³) per iteration, independent of n); one more pass over
-the inputs computes the residuals of every solution. A stimulus bootstrap would answer a different
-question (sampling variability of the stimulus set) and needs new cross-products per replicate.
+the inputs computes the residuals of every solution. Given GPA's own result with its kept fit
+(``reference=``, as a run's stability step right after its GPA step), the cross-products and the
+reference solution are taken from it: one solve and two passes fewer, the same numbers. A
+stimulus bootstrap would answer a different question (sampling variability of the stimulus set)
+and needs new cross-products per replicate.
 """
 
 from __future__ import annotations
@@ -272,6 +275,40 @@ def _random_start(problem: Any, rng: np.random.Generator) -> list[np.ndarray]:
     return out
 
 
+def _reference_fit(
+    reference: _gpa.GPAResult,
+    arrays: Sequence[np.ndarray],
+    names: tuple[str, ...],
+    tol: float,
+    max_iter: int,
+) -> _gpa.GPAFit:
+    """The kept fit of ``reference``, after checking that it is GPA of these inputs with this
+    stopping rule (what can be checked without reading them: shapes, names, settings)."""
+    fit = reference.fit
+    if fit is None:
+        raise ValueError(
+            "the reference GPA result keeps no fit; compute it with "
+            "generalized_procrustes(..., keep_fit=True), or leave reference out."
+        )
+    shapes = [tuple(a.shape) for a in arrays]
+    expected = [(reference.residuals.shape[0], r.shape[0]) for r in reference.maps]
+    if shapes != expected or (names and reference.models and names != reference.models):
+        raise ValueError(
+            f"the reference GPA result is of {len(expected)} inputs shaped {expected} "
+            f"({', '.join(reference.models) or 'unnamed'}), but the embeddings are shaped "
+            f"{shapes} ({', '.join(names) or 'unnamed'}); pass the GPA result of these embeddings "
+            "in the same order, or leave reference out."
+        )
+    if (fit.tol, fit.max_iter, fit.accelerate) != (float(tol), int(max_iter), True):
+        raise ValueError(
+            f"the reference GPA was solved with tol={fit.tol:g}, max_iter={fit.max_iter}"
+            f"{'' if fit.accelerate else ', accelerate=False'}, but the stability diagnostic "
+            f"uses tol={tol:g}, max_iter={max_iter}; pass the same stopping rule (and the "
+            "accelerated iterations), or leave reference out."
+        )
+    return fit
+
+
 def gpa_stability(
     embeddings: Sequence[Any],
     *,
@@ -281,6 +318,7 @@ def gpa_stability(
     max_iter: int = 1000,
     models: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
+    reference: _gpa.GPAResult | None = None,
 ) -> GPAStability:
     """Per-stimulus residual spread and rank stability of GPA over random starts.
 
@@ -293,6 +331,10 @@ def gpa_stability(
         models: names of the inputs (empty or one per array).
         progress: called with ``(solutions done, n_starts + 1)`` after the reference solution and
             after each random start.
+        reference: ``generalized_procrustes(embeddings, tol=tol, max_iter=max_iter,
+            keep_fit=True)`` of these embeddings, when it was just computed: its kept problem and
+            solution are the reference solution, so the inputs are read once fewer and GPA is not
+            solved again (the same numbers; a run's stability step after its GPA step).
 
     Returns:
         :class:`GPAStability`.
@@ -306,9 +348,13 @@ def gpa_stability(
     _gpa._check_options(tol, max_iter)
     arrays = _gpa._check_inputs(embeddings, tuple(str(x) for x in models))
     names = _gpa._check_names(models, len(arrays), "model names")
-    problem = _gpa._prepare(arrays, _gpa._labels(len(arrays), names))
     tell = progress or (lambda done, total: None)
-    reference = _gpa._iterate(problem, tol=tol, max_iter=max_iter)
+    if reference is None:
+        problem = _gpa._prepare(arrays, _gpa._labels(len(arrays), names))
+        solved = _gpa._iterate(problem, tol=tol, max_iter=max_iter)
+    else:
+        fit = _reference_fit(reference, arrays, names, tol, max_iter)
+        problem, solved = fit.problem, fit.solution
     tell(1, n_starts + 1)
     rng = np.random.default_rng(seed)
     starts = []
@@ -317,9 +363,9 @@ def gpa_stability(
             _gpa._iterate(problem, tol=tol, max_iter=max_iter, start=_random_start(problem, rng))
         )
         tell(start + 2, n_starts + 1)
-    solutions = [reference, *starts]
+    solutions = [solved, *starts]
     maps = [_gpa._full_maps(problem, s.maps) for s in solutions]
-    maps.append(_gpa._full_maps(problem, reference.previous_maps))
+    maps.append(_gpa._full_maps(problem, solved.previous_maps))
     residuals = _gpa._residuals(arrays, problem.means, problem.scales, maps)
     previous = residuals[-1]
     residuals = residuals[:-1]  # (S + 1, n, M)

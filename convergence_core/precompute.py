@@ -1042,6 +1042,8 @@ class _Pipeline:
             self.manifest.finish_step("stimuli", stimuli_inputs)
         self.data = self.manifest.data
         self.data.complete = False
+        # GPA's result with its kept fit, from gpa() to gpa_stability() (None: not computed here)
+        self._gpa_result: Any = None
         self.data.vision_models = list(plan.vision_models)
         self.data.language_models = list(plan.language_models)
         self.data.settings = plan.settings
@@ -1209,7 +1211,9 @@ class _Pipeline:
             progress=lambda done: self.notify(
                 ProgressEvent("gpa", None, done, total, detail=f"iteration {done}")
             ),
+            keep_fit=self.plan.gpa_starts > 0,  # the stability step starts from it
         )
+        self._gpa_result = result
         self.manifest.finish_step(
             "gpa", inputs, n_iter=int(result.n_iter), converged=bool(result.converged)
         )
@@ -1230,6 +1234,9 @@ class _Pipeline:
         """gpa/stability.*: GPA from ``gpa_starts`` random starts (none when 0)."""
         starts = self.plan.gpa_starts
         inputs = fingerprint("gpa_stability", gpa_inputs, starts, GPA_STABILITY_SEED)
+        # GPA's result with its fit when this process computed it: the reference solution, not
+        # solved again (released here: its cross-products are the largest array GPA keeps)
+        reference, self._gpa_result = self._gpa_result, None
         if starts == 0:
             self.manifest.forget_step("gpa_stability")
             for path in (self.layout.gpa_stability_json, self.layout.gpa_stability_table):
@@ -1253,6 +1260,7 @@ class _Pipeline:
             seed=GPA_STABILITY_SEED,
             tol=self.plan.gpa_tol,
             max_iter=self.plan.gpa_max_iter,
+            reference=reference,
             progress=lambda done, solutions: self.notify(
                 ProgressEvent("gpa_stability", None, done, total,
                               detail=f"GPA solution {done} of {solutions}")

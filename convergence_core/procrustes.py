@@ -214,6 +214,8 @@ class GPAResult:
             NaN when unknown).
         inputs: the M input arrays (n, d_i), kept by reference (never copied) so that
             :attr:`aligned` and :attr:`consensus` can be computed; None when not kept.
+        fit: the :class:`GPAFit` of the solve (``generalized_procrustes(..., keep_fit=True)``),
+            for :func:`.gpa_stability` on the same inputs; None otherwise.
 
     :attr:`aligned` (M arrays (n, p)) and :attr:`consensus` (n, p) are computed on first access
     from ``inputs`` (O(n·d) memory each: for large n use :meth:`aligned_rows` /
@@ -232,6 +234,7 @@ class GPAResult:
     scales: np.ndarray
     gap_estimate: float
     inputs: tuple[Any, ...] | None = field(repr=False, compare=False)
+    fit: GPAFit | None = field(repr=False, compare=False)
     _stored_consensus: np.ndarray | None = field(repr=False, compare=False)
     _stored_aligned: tuple[np.ndarray, ...] | None = field(repr=False, compare=False)
 
@@ -249,6 +252,7 @@ class GPAResult:
         scales: Sequence[float] | np.ndarray = (),
         gap_estimate: float = float("nan"),
         inputs: Sequence[Any] | None = None,
+        fit: GPAFit | None = None,
         consensus: np.ndarray | None = None,
         aligned: Sequence[np.ndarray] | None = None,
     ) -> None:
@@ -264,6 +268,7 @@ class GPAResult:
         put(self, "scales", np.asarray(scales, dtype=np.float64))
         put(self, "gap_estimate", float(gap_estimate))
         put(self, "inputs", None if inputs is None else tuple(inputs))
+        put(self, "fit", fit)
         put(self, "_stored_consensus", consensus)
         put(self, "_stored_aligned", None if aligned is None else tuple(aligned))
 
@@ -822,6 +827,25 @@ class _Solution:
     restarts: int
 
 
+@dataclass(frozen=True)
+class GPAFit:
+    """What a GPA solve leaves for further solves on the same inputs (:mod:`.gpa_stability`
+    starts its random starts from it instead of reading the inputs and solving GPA again).
+
+    Attributes:
+        problem: the problem in cross-product form (its (D, D) cross-products: D = Σ d_i, e.g.
+            4 × 768 features: 75 MB; kept only while the result holding this is alive).
+        solution: the iterations' final state (maps, the previous accepted maps, loss history).
+        tol, max_iter, accelerate: the stopping rule and the iterations it was solved with.
+    """
+
+    problem: _Problem
+    solution: _Solution
+    tol: float
+    max_iter: int
+    accelerate: bool
+
+
 class _Iterations:
     """Block sweeps, their loss and the frame fixing on a :class:`_Problem` (shared by
     :func:`generalized_procrustes` and the stability diagnostic). On a problem that keeps its
@@ -1136,6 +1160,7 @@ def generalized_procrustes(
     layers: Sequence[str] = (),
     accelerate: bool = True,
     progress: Callable[[int], None] | None = None,
+    keep_fit: bool = False,
 ) -> GPAResult:
     """Align M models' embeddings of the same stimuli to their consensus (Generalized Procrustes).
 
@@ -1150,6 +1175,9 @@ def generalized_procrustes(
         accelerate: False runs the plain block sweeps (for checking; many more iterations).
         progress: called with the number of accepted iterations after each (a long run's sign
             of life; the iterations are the same with or without it).
+        keep_fit: keep the problem and the iterations' state on the result (``GPAResult.fit``),
+            so that :func:`.gpa_stability` of the same inputs neither reads them nor solves this
+            GPA again (a run's stability step, right after its GPA step).
 
     Returns:
         :class:`GPAResult`: residuals (n, M), loss history, maps (d_i, d), means, scales.
@@ -1182,6 +1210,9 @@ def generalized_procrustes(
         scales=problem.scales,
         gap_estimate=solution.gap_estimate,
         inputs=arrays,
+        fit=GPAFit(problem, solution, float(tol), int(max_iter), bool(accelerate))
+        if keep_fit
+        else None,
     )
 
 

@@ -276,11 +276,13 @@ def write_gpa(
     tol: float,
     max_iter: int,
     progress: Callable[[int], None] | None = None,
+    keep_fit: bool = False,
 ) -> Any:
     """Run GPA on ``arrays`` (read in row blocks; float32 memory maps are not copied) and write
     gpa/: residuals, loss history, scales and each model's map and mean (O(M·d²); the aligned
     configurations are reproduced from the run's embeddings on demand). Return the GPAResult.
-    ``progress``: called with the iterations done after each (``generalized_procrustes``)."""
+    ``progress``: called with the iterations done after each (``generalized_procrustes``);
+    ``keep_fit``: the result keeps its fit, for :func:`write_gpa_stability` (``reference``)."""
     from .procrustes import GPA_ALGORITHM, generalized_procrustes
 
     result = generalized_procrustes(
@@ -290,6 +292,7 @@ def write_gpa(
         models=tuple(models),
         layers=tuple(layers),
         progress=progress,
+        keep_fit=keep_fit,
     )
     write_npy(layout.gpa_array("residuals"), np.asarray(result.residuals, dtype=np.float64))
     write_npy(layout.gpa_array("loss_history"), np.asarray(result.loss_history, dtype=np.float64))
@@ -324,17 +327,20 @@ def write_gpa_stability(
     tol: float,
     max_iter: int,
     progress: Callable[[int, int], None] | None = None,
+    reference: Any = None,
 ) -> Any:
     """Run the GPA stability diagnostic (``gpa_stability``: GPA from ``n_starts`` random starts on
     the GPA inputs, same stopping rule) and write gpa/stability.parquet and .json; return the
     ``GPAStability``. O(n · M) storage; cost: one more pass over the inputs per solution's
     residuals plus one GPA solve on the cross-products per start (independent of n).
-    ``progress``: called with (solutions done, solutions) after each (``gpa_stability``)."""
+    ``progress``: called with (solutions done, solutions) after each (``gpa_stability``);
+    ``reference``: GPA's result of these arrays with its kept fit (``write_gpa(keep_fit=True)``),
+    whose solution is then not computed again."""
     from .gpa_stability import gpa_stability
 
     result = gpa_stability(
         list(arrays), n_starts=n_starts, seed=seed, tol=tol, max_iter=max_iter, models=models,
-        progress=progress,
+        progress=progress, reference=reference,
     )
     write_parquet(layout.gpa_stability_table, result.to_frame(ids=[str(x) for x in ids]))
     summary = {

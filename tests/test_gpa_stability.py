@@ -129,6 +129,53 @@ def test_to_frame_is_long_format() -> None:
         stability.to_frame(ids[:5])
 
 
+def test_gpa_result_with_its_fit_is_the_reference_not_solved_again(monkeypatch) -> None:
+    """A run's stability step follows its GPA step: given GPA's result with its kept fit, the
+    diagnostic neither reads the inputs' cross-products nor solves GPA again (one solve per random
+    start only), and every number is the same as when it solves everything itself."""
+    from convergence_core import procrustes
+
+    embeddings = planted(seed=3)
+    models = ("a", "b", "c", "d")
+    alone = gpa_stability(embeddings, n_starts=2, seed=5, models=models)
+    gpa = generalized_procrustes(embeddings, models=models, keep_fit=True)
+    assert gpa.fit is not None and generalized_procrustes(embeddings).fit is None
+    calls = {"_prepare": 0, "_iterate": 0}
+    for name in calls:
+        original = getattr(procrustes, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(procrustes, name, counted)
+    reused = gpa_stability(embeddings, n_starts=2, seed=5, models=models, reference=gpa)
+    assert calls == {"_prepare": 0, "_iterate": 2}
+    for name in ("dispersion", "residual_spread", "dispersion_spread", "rank_low", "rank_high",
+                 "spearman", "losses", "n_iter", "converged", "last_step"):
+        np.testing.assert_array_equal(getattr(reused, name), getattr(alone, name), err_msg=name)
+    np.testing.assert_array_equal(reused.dispersion, gpa.residuals.mean(axis=1))
+
+
+@pytest.mark.parametrize(
+    ("gpa_options", "stability_options", "message"),
+    [({}, {}, "keeps no fit"),
+     ({"keep_fit": True, "tol": 1e-10}, {}, "tol=1e-10"),
+     ({"keep_fit": True, "accelerate": False}, {}, "accelerate=False"),
+     ({"keep_fit": True, "models": ("a", "b", "c", "d")}, {"models": ("a", "b", "d", "c")},
+      "in the same order"),
+     ({"keep_fit": True}, {"embeddings": planted(m=200)}, r"shaped \[\(200, 48\)")],
+)
+def test_a_reference_of_other_inputs_or_settings_is_refused(
+    gpa_options, stability_options, message
+) -> None:
+    embeddings = planted(m=100)
+    gpa = generalized_procrustes(embeddings, max_iter=50, **gpa_options)
+    options = {"embeddings": embeddings, "n_starts": 1, "max_iter": 50, **stability_options}
+    with pytest.raises(ValueError, match=message):
+        gpa_stability(options.pop("embeddings"), reference=gpa, **options)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"n_starts": 0}, "n_starts"), ({"seed": 1.5}, "seed"), ({"tol": -1.0}, "tol"),

@@ -244,10 +244,19 @@ def test_new_gpa_algorithm_recomputes_gpa_only(tiny_coco, tmp_path, loads, monke
     assert redone == {"gpa", "gpa_stability", "dispersion"}
 
 
-def test_gpa_stability_is_stored_and_follows_gpa_starts(tiny_coco, tmp_path, loads):
+def test_gpa_stability_is_stored_and_follows_gpa_starts(tiny_coco, tmp_path, loads, monkeypatch):
+    from convergence_core import procrustes
     from convergence_core.gpa_stability import gpa_stability
 
+    solves = []
+    iterate = procrustes._iterate
+    monkeypatch.setattr(
+        procrustes, "_iterate", lambda *a, **k: solves.append(k.get("start")) or iterate(*a, **k)
+    )
     run = precompute(**_options(tiny_coco, tmp_path))
+    # GPA once from Gower's start (the step after it starts from GPA's result), 4 random starts
+    assert [start is None for start in solves] == [True, False, False, False, False]
+    monkeypatch.setattr(procrustes, "_iterate", iterate)
     stored = run.gpa_stability
     assert (stored.n_starts, stored.seed) == (4, 0)
     # the reference solution is the run's GPA: its dispersion is the stored mean residual
