@@ -442,6 +442,18 @@ class RunLayout:
         return self._file("gpa", "stability.json")
 
     @property
+    def gpa_stability_solutions_dir(self) -> Path:
+        """``gpa/stability_solutions/``: the stability diagnostic's finished GPA solutions while
+        it runs (``run_writer.StabilitySolutions``; removed when the step is done)."""
+        return self._file("gpa", "stability_solutions")
+
+    def gpa_stability_solution(self, index: int, name: str) -> Path:
+        """``gpa/stability_solutions/<index>_<name>``: a file of solution ``index``."""
+        return self._file(
+            "gpa", "stability_solutions", f"{int(index)}_{check_key(name, 'solution file')}"
+        )
+
+    @property
     def dispersion(self) -> Path:
         return self._file("dispersion.parquet")
 

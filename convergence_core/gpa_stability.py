@@ -28,7 +28,9 @@ Cost: the cross-products are built once (two passes over the inputs, as for GPA 
 start costs one GPA solve on them (O(M² d³) per iteration, independent of n); one more pass over
 the inputs computes the residuals of every solution. Given GPA's own result with its kept fit
 (``reference=``, as a run's stability step right after its GPA step), the cross-products and the
-reference solution are taken from it: one solve and two passes fewer, the same numbers. A
+reference solution are taken from it: one solve and two passes fewer, the same numbers. With a
+:class:`SolutionStore` (a run folder's: ``run_writer.StabilitySolutions``) each solution is kept
+as it finishes, and a call interrupted after some of them solves only the others. A
 stimulus bootstrap would answer a different question (sampling variability of the stimulus set)
 and needs new cross-products per replicate.
 """
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -275,6 +277,21 @@ def _random_start(problem: Any, rng: np.random.Generator) -> list[np.ndarray]:
     return out
 
 
+class SolutionStore(Protocol):
+    """Where :func:`gpa_stability` keeps each GPA solution as it finishes, so that an interrupted
+    diagnostic resumes after the last one (a run folder: ``run_writer.StabilitySolutions``).
+    Solution 0 is the reference (Gower's start), solution s the s-th random start."""
+
+    def load(
+        self, index: int, shapes: Sequence[tuple[int, int]]
+    ) -> _gpa.GPASolution | None:
+        """Solution ``index`` if it was kept for these inputs with maps of ``shapes``, else
+        None."""
+
+    def save(self, index: int, solution: _gpa.GPASolution) -> None:
+        """Keep solution ``index`` (written completely or not at all)."""
+
+
 def _reference_fit(
     reference: _gpa.GPAResult,
     arrays: Sequence[np.ndarray],
@@ -319,6 +336,7 @@ def gpa_stability(
     models: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
     reference: _gpa.GPAResult | None = None,
+    store: SolutionStore | None = None,
 ) -> GPAStability:
     """Per-stimulus residual spread and rank stability of GPA over random starts.
 
@@ -335,6 +353,9 @@ def gpa_stability(
             keep_fit=True)`` of these embeddings, when it was just computed: its kept problem and
             solution are the reference solution, so the inputs are read once fewer and GPA is not
             solved again (the same numbers; a run's stability step after its GPA step).
+        store: keeps every solution as it finishes and gives back those already kept, so an
+            interrupted diagnostic solves only the rest (the random starts are drawn in the
+            same order either way: the same numbers).
 
     Returns:
         :class:`GPAStability`.
@@ -351,17 +372,30 @@ def gpa_stability(
     tell = progress or (lambda done, total: None)
     if reference is None:
         problem = _gpa._prepare(arrays, _gpa._labels(len(arrays), names))
-        solved = _gpa._iterate(problem, tol=tol, max_iter=max_iter)
     else:
         fit = _reference_fit(reference, arrays, names, tol, max_iter)
-        problem, solved = fit.problem, fit.solution
+        problem = fit.problem
+    shapes = [(problem.width(i), problem.p) for i in range(problem.n_models)]
+
+    def solve(index: int, start: list[np.ndarray] | None) -> _gpa.GPASolution:
+        kept = None if store is None else store.load(index, shapes)
+        if kept is not None:
+            return kept
+        if index == 0 and reference is not None:
+            solution = fit.solution
+        else:
+            solution = _gpa._iterate(problem, tol=tol, max_iter=max_iter, start=start)
+        if store is not None:
+            store.save(index, solution)
+        return solution
+
+    solved = solve(0, None)
     tell(1, n_starts + 1)
     rng = np.random.default_rng(seed)
     starts = []
     for start in range(n_starts):
-        starts.append(
-            _gpa._iterate(problem, tol=tol, max_iter=max_iter, start=_random_start(problem, rng))
-        )
+        # drawn even when the solution is kept: every later start is the same draw
+        starts.append(solve(start + 1, _random_start(problem, rng)))
         tell(start + 2, n_starts + 1)
     solutions = [solved, *starts]
     maps = [_gpa._full_maps(problem, s.maps) for s in solutions]

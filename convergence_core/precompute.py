@@ -43,6 +43,7 @@ from .run_writer import (
     NEIGHBOURS_ALGORITHM,
     THUMBNAIL_SIZE,
     RunManifest,
+    StabilitySolutions,
     check_embedding_array,
     empty_manifest,
     fingerprint,
@@ -1237,7 +1238,12 @@ class _Pipeline:
         # GPA's result with its fit when this process computed it: the reference solution, not
         # solved again (released here: its cross-products are the largest array GPA keeps)
         reference, self._gpa_result = self._gpa_result, None
+        # each finished solution is kept until the step is done: a rerun solves only the rest
+        solutions = StabilitySolutions(
+            self.layout, fingerprint("gpa_stability_solutions", gpa_inputs, GPA_STABILITY_SEED)
+        )
         if starts == 0:
+            solutions.remove()
             self.manifest.forget_step("gpa_stability")
             for path in (self.layout.gpa_stability_json, self.layout.gpa_stability_table):
                 path.unlink(missing_ok=True)
@@ -1261,12 +1267,14 @@ class _Pipeline:
             tol=self.plan.gpa_tol,
             max_iter=self.plan.gpa_max_iter,
             reference=reference,
-            progress=lambda done, solutions: self.notify(
+            store=solutions,
+            progress=lambda done, count: self.notify(
                 ProgressEvent("gpa_stability", None, done, total,
-                              detail=f"GPA solution {done} of {solutions}")
+                              detail=f"GPA solution {done} of {count}")
             ),
         )
         self.manifest.finish_step("gpa_stability", inputs)
+        solutions.remove()
         self.notify(ProgressEvent("gpa_stability", None, total, total))
 
     def _gpa_layer(self, entry: ModelEntry, model: str) -> str:

@@ -814,8 +814,9 @@ def _prepare_from_rows(
 
 # -- the iterations -------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Solution:
-    """Maps T_i (r_i, p) with orthonormal rows, in the frame where the widest model's is I."""
+class GPASolution:
+    """The iterations' outcome: maps T_i (r_i, p) with orthonormal rows, in the frame where the
+    widest model's is I, and how they got there (what :mod:`.gpa_stability` keeps per solution)."""
 
     maps: list[np.ndarray]
     previous_maps: list[np.ndarray]  # the accepted iterate before the last one
@@ -840,7 +841,7 @@ class GPAFit:
     """
 
     problem: _Problem
-    solution: _Solution
+    solution: GPASolution
     tol: float
     max_iter: int
     accelerate: bool
@@ -1028,7 +1029,7 @@ def _iterate(
     accelerate: bool = True,
     start: Sequence[np.ndarray] | None = None,
     progress: Callable[[int], None] | None = None,
-) -> _Solution:
+) -> GPASolution:
     """Minimise the loss from Gower's start (or ``start``: maps (r_i, p) with orthonormal rows).
 
     Every recorded iterate is the output of a block sweep and its loss is ≤ the previous one.
@@ -1110,7 +1111,7 @@ def _iterate(
         anderson.update(x_flat, flat(current) - x_flat)
         combination = anderson.proposal()
         proposal = None if combination is None else unflat(combination, current)
-    return _Solution(
+    return GPASolution(
         maps=current,
         previous_maps=previous,
         loss_history=np.asarray(history, dtype=np.float64),

@@ -22,7 +22,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .cache import RunLayout, model_key, read_npy, write_json, write_npy, write_parquet
+from .cache import (
+    CacheFormatError,
+    RunLayout,
+    model_key,
+    read_json,
+    read_npy,
+    write_json,
+    write_npy,
+    write_parquet,
+)
 from .memory_maps import release
 from .manifest import MANIFEST_FORMAT, Manifest, ModelEntry, StepRecord
 
@@ -316,6 +325,79 @@ def write_gpa(
     return result
 
 
+class StabilitySolutions:
+    """The stability diagnostic's finished GPA solutions in a run folder
+    (``gpa/stability_solutions/``; ``gpa_stability.SolutionStore``), so that an interrupted
+    precompute resumes after the last finished one instead of solving every start again.
+
+    Per solution ``index``: ``<index>_map_<i>.npy`` (r_i, p) per model, for the reference (0) also
+    ``<index>_previous_<i>.npy`` (its last step is part of the diagnostic), ``<index>_loss_history
+    .npy`` and, written last, ``<index>_solution.json`` with ``key`` (the GPA inputs and seed:
+    solutions of other inputs are never taken). A file that is missing, unreadable or of another
+    shape makes that solution computed again.
+    """
+
+    def __init__(self, layout: RunLayout, key: str) -> None:
+        self.layout = layout
+        self.key = key
+
+    def _file(self, index: int, name: str) -> Path:
+        return self.layout.gpa_stability_solution(index, name)
+
+    def load(self, index: int, shapes: Sequence[tuple[int, int]]) -> Any:
+        from .procrustes import GPASolution
+
+        try:
+            record = read_json(self._file(index, "solution.json"))
+            if not isinstance(record, dict) or record.get("key") != self.key:
+                return None
+            maps = [read_npy(self._file(index, f"map_{i}.npy")) for i in range(len(shapes))]
+            previous = maps if index > 0 else [
+                read_npy(self._file(index, f"previous_{i}.npy")) for i in range(len(shapes))
+            ]
+            history = read_npy(self._file(index, "loss_history.npy"))
+            if [m.shape for m in [*maps, *previous]] != [*shapes, *shapes] or history.ndim != 1:
+                return None
+            return GPASolution(
+                maps=[np.asarray(m, dtype=np.float64) for m in maps],
+                previous_maps=[np.asarray(m, dtype=np.float64) for m in previous],
+                loss_history=np.asarray(history, dtype=np.float64),
+                converged=bool(record["converged"]),
+                gap_estimate=(
+                    np.nan if record["gap_estimate"] is None else float(record["gap_estimate"])
+                ),
+                sweeps=int(record["sweeps"]),
+                loss_evaluations=int(record["loss_evaluations"]),
+                restarts=int(record["restarts"]),
+            )
+        except (CacheFormatError, KeyError, TypeError, ValueError):
+            return None
+
+    def save(self, index: int, solution: Any) -> None:
+        self._file(index, "solution.json").parent.mkdir(parents=True, exist_ok=True)
+        for i, t in enumerate(solution.maps):
+            write_npy(self._file(index, f"map_{i}.npy"), t)
+        if index == 0:
+            for i, t in enumerate(solution.previous_maps):
+                write_npy(self._file(index, f"previous_{i}.npy"), t)
+        write_npy(self._file(index, "loss_history.npy"), solution.loss_history)
+        gap = float(solution.gap_estimate)
+        write_json(
+            self._file(index, "solution.json"),
+            {
+                "key": self.key,
+                "converged": bool(solution.converged),
+                "gap_estimate": gap if np.isfinite(gap) else None,
+                "sweeps": int(solution.sweeps),
+                "loss_evaluations": int(solution.loss_evaluations),
+                "restarts": int(solution.restarts),
+            },
+        )
+
+    def remove(self) -> None:
+        self.layout.remove_tree(self.layout.gpa_stability_solutions_dir)
+
+
 def write_gpa_stability(
     layout: RunLayout,
     arrays: Sequence[np.ndarray],
@@ -328,6 +410,7 @@ def write_gpa_stability(
     max_iter: int,
     progress: Callable[[int, int], None] | None = None,
     reference: Any = None,
+    store: StabilitySolutions | None = None,
 ) -> Any:
     """Run the GPA stability diagnostic (``gpa_stability``: GPA from ``n_starts`` random starts on
     the GPA inputs, same stopping rule) and write gpa/stability.parquet and .json; return the
@@ -335,12 +418,12 @@ def write_gpa_stability(
     residuals plus one GPA solve on the cross-products per start (independent of n).
     ``progress``: called with (solutions done, solutions) after each (``gpa_stability``);
     ``reference``: GPA's result of these arrays with its kept fit (``write_gpa(keep_fit=True)``),
-    whose solution is then not computed again."""
+    whose solution is then not computed again; ``store``: keeps each finished solution (resume)."""
     from .gpa_stability import gpa_stability
 
     result = gpa_stability(
         list(arrays), n_starts=n_starts, seed=seed, tol=tol, max_iter=max_iter, models=models,
-        progress=progress, reference=reference,
+        progress=progress, reference=reference, store=store,
     )
     write_parquet(layout.gpa_stability_table, result.to_frame(ids=[str(x) for x in ids]))
     summary = {

@@ -176,6 +176,83 @@ def test_a_reference_of_other_inputs_or_settings_is_refused(
         gpa_stability(options.pop("embeddings"), reference=gpa, **options)
 
 
+class _MemoryStore:
+    """A SolutionStore in a dict (the run folder's is run_writer.StabilitySolutions)."""
+
+    def __init__(self) -> None:
+        self.kept: dict = {}
+
+    def load(self, index, shapes):
+        return self.kept.get(index)
+
+    def save(self, index, solution) -> None:
+        self.kept[index] = solution
+
+
+def test_an_interrupted_diagnostic_resumes_from_its_store(monkeypatch) -> None:
+    """Stopped after the reference and one random start, the diagnostic solves only the other
+    starts when called again with the same store, draws them as before, and gives the numbers
+    of an uninterrupted call."""
+    from convergence_core import procrustes
+
+    embeddings = planted(seed=4, m=200)
+    alone = gpa_stability(embeddings, n_starts=3, seed=7)
+    store = _MemoryStore()
+
+    def stop_after_two(done, total) -> None:
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        gpa_stability(embeddings, n_starts=3, seed=7, store=store, progress=stop_after_two)
+    assert sorted(store.kept) == [0, 1]
+    solves = []
+    iterate = procrustes._iterate
+    monkeypatch.setattr(
+        procrustes, "_iterate", lambda *a, **k: solves.append(k.get("start")) or iterate(*a, **k)
+    )
+    resumed = gpa_stability(embeddings, n_starts=3, seed=7, store=store)
+    assert len(solves) == 2 and sorted(store.kept) == [0, 1, 2, 3]
+    for name in ("dispersion", "residual_spread", "losses", "n_iter", "last_step", "spearman"):
+        np.testing.assert_array_equal(getattr(resumed, name), getattr(alone, name), err_msg=name)
+
+
+def test_run_folder_store_keeps_solutions_exactly_and_takes_none_it_cannot_trust(tmp_path) -> None:
+    """StabilitySolutions: a kept solution comes back bit for bit; another key, another shape, a
+    damaged or a pickled file give None (that solution is computed again), never an error."""
+    from convergence_core import procrustes
+    from convergence_core.cache import RunLayout
+    from convergence_core.run_writer import StabilitySolutions
+
+    embeddings = planted(seed=5, m=120)
+    problem = procrustes._prepare(
+        procrustes._check_inputs(embeddings, ()), procrustes._labels(4, ())
+    )
+    solution = procrustes._iterate(problem, tol=1e-13, max_iter=1000)
+    shapes = [(problem.width(i), problem.p) for i in range(4)]
+    layout = RunLayout(tmp_path / "run")
+    store = StabilitySolutions(layout, "inputs-1")
+    assert store.load(0, shapes) is None
+    store.save(0, solution)
+    store.save(1, solution)
+    for index, previous in ((0, solution.previous_maps), (1, solution.maps)):
+        back = store.load(index, shapes)
+        for got, want in zip([*back.maps, *back.previous_maps], [*solution.maps, *previous]):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(back.loss_history, solution.loss_history)
+        assert (back.converged, back.sweeps, back.restarts) == (
+            solution.converged, solution.sweeps, solution.restarts
+        )
+    assert StabilitySolutions(layout, "inputs-2").load(0, shapes) is None
+    assert store.load(0, [(w + 1, p) for w, p in shapes]) is None
+    layout.gpa_stability_solution(0, "map_2.npy").write_bytes(b"\x93NUMPY damaged")
+    assert store.load(0, shapes) is None
+    layout.gpa_stability_solution(1, "loss_history.npy").write_bytes(b"\x80\x04pickled")
+    assert store.load(1, shapes) is None
+    store.remove()
+    assert not layout.gpa_stability_solutions_dir.exists()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"n_starts": 0}, "n_starts"), ({"seed": 1.5}, "seed"), ({"tol": -1.0}, "tol"),

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from convergence_core import settings
@@ -323,6 +324,43 @@ def test_interrupted_run_resumes_and_equals_a_clean_run(tiny_coco, tmp_path, loa
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=str(key))
     assert resumed.stimuli.equals(clean.stimuli)
+
+
+def test_interrupted_stability_step_resumes_after_its_last_finished_solution(
+    tiny_coco, tmp_path, loads, monkeypatch
+):
+    """Killed after 3 of its 5 GPA solutions (the reference and 2 random starts), the stability
+    step solves only the 2 others on the rerun; the run equals a clean one and keeps no
+    solution files once done."""
+    from convergence_core import procrustes
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_in_stability(event: ProgressEvent) -> None:
+        if event.step == "gpa_stability" and event.done == 3:
+            raise Crash("power cut")
+
+    with pytest.raises(Crash):
+        precompute(progress=crash_in_stability, **_options(tiny_coco, tmp_path))
+    path = tmp_path / "cache" / "runs" / "tiny"
+    kept = sorted(p.name for p in (path / "gpa" / "stability_solutions").iterdir())
+    assert [name for name in kept if name.endswith("solution.json")] == [
+        "0_solution.json", "1_solution.json", "2_solution.json"
+    ]
+    solves = []
+    iterate = procrustes._iterate
+    monkeypatch.setattr(
+        procrustes, "_iterate", lambda *a, **k: solves.append(k.get("start")) or iterate(*a, **k)
+    )
+    resumed = precompute(**_options(tiny_coco, tmp_path))
+    assert len(solves) == 2 and all(start is not None for start in solves)
+    assert not (path / "gpa" / "stability_solutions").exists()
+    monkeypatch.setattr(procrustes, "_iterate", iterate)
+    clean = precompute(**_options(tiny_coco, tmp_path, run_name="clean"))
+    got, expected = resumed.gpa_stability, clean.gpa_stability
+    assert got.summary == expected.summary
+    pd.testing.assert_frame_equal(got.table, expected.table)
 
 
 def test_changed_inputs_are_not_served_stale(tiny_coco, tmp_path, loads):
