@@ -363,9 +363,7 @@ class StabilitySolutions:
                 previous_maps=[np.asarray(m, dtype=np.float64) for m in previous],
                 loss_history=np.asarray(history, dtype=np.float64),
                 converged=bool(record["converged"]),
-                gap_estimate=(
-                    np.nan if record["gap_estimate"] is None else float(record["gap_estimate"])
-                ),
+                gap_estimate=float.fromhex(record["gap_estimate"]),
                 sweeps=int(record["sweeps"]),
                 loss_evaluations=int(record["loss_evaluations"]),
                 restarts=int(record["restarts"]),
@@ -381,13 +379,12 @@ class StabilitySolutions:
             for i, t in enumerate(solution.previous_maps):
                 write_npy(self._file(index, f"previous_{i}.npy"), t)
         write_npy(self._file(index, "loss_history.npy"), solution.loss_history)
-        gap = float(solution.gap_estimate)
         write_json(
             self._file(index, "solution.json"),
             {
                 "key": self.key,
                 "converged": bool(solution.converged),
-                "gap_estimate": gap if np.isfinite(gap) else None,
+                "gap_estimate": float(solution.gap_estimate).hex(),  # exact, inf and nan too
                 "sweeps": int(solution.sweeps),
                 "loss_evaluations": int(solution.loss_evaluations),
                 "restarts": int(solution.restarts),

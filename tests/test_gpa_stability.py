@@ -240,8 +240,8 @@ def test_run_folder_store_keeps_solutions_exactly_and_takes_none_it_cannot_trust
         for got, want in zip([*back.maps, *back.previous_maps], [*solution.maps, *previous]):
             np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(back.loss_history, solution.loss_history)
-        assert (back.converged, back.sweeps, back.restarts) == (
-            solution.converged, solution.sweeps, solution.restarts
+        assert (back.converged, back.sweeps, back.restarts, back.gap_estimate) == (
+            solution.converged, solution.sweeps, solution.restarts, solution.gap_estimate
         )
     assert StabilitySolutions(layout, "inputs-2").load(0, shapes) is None
     assert store.load(0, [(w + 1, p) for w, p in shapes]) is None
