@@ -392,6 +392,7 @@ class StabilitySolutions:
         )
 
     def remove(self) -> None:
+        """Delete the folder (CacheFormatError, deleting nothing, where it leads out of the run)."""
         self.layout.remove_tree(self.layout.gpa_stability_solutions_dir)
 
 

@@ -251,6 +251,19 @@ def test_run_folder_store_keeps_solutions_exactly_and_takes_none_it_cannot_trust
     assert store.load(1, shapes) is None
     store.remove()
     assert not layout.gpa_stability_solutions_dir.exists()
+    # a tampered run folder: the solutions' folder is a link to a folder outside the run
+    from convergence_core.cache import CacheFormatError
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the run's")
+    layout.gpa_stability_solutions_dir.parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / "gpa" / "stability_solutions").symlink_to(outside)
+    assert store.load(0, shapes) is None
+    for write in (lambda: store.save(0, solution), store.remove):
+        with pytest.raises(CacheFormatError, match="outside the run folder"):
+            write()
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]
 
 
 @pytest.mark.parametrize(
