@@ -371,18 +371,18 @@ def gpa_stability(
     names = _gpa._check_names(models, len(arrays), "model names")
     tell = progress or (lambda done, total: None)
     if reference is None:
-        problem = _gpa._prepare(arrays, _gpa._labels(len(arrays), names))
+        problem, known = _gpa._prepare(arrays, _gpa._labels(len(arrays), names)), None
     else:
         fit = _reference_fit(reference, arrays, names, tol, max_iter)
-        problem = fit.problem
+        problem, known = fit.problem, fit.solution  # the reference solution, already solved
     shapes = [(problem.width(i), problem.p) for i in range(problem.n_models)]
 
     def solve(index: int, start: list[np.ndarray] | None) -> _gpa.GPASolution:
         kept = None if store is None else store.load(index, shapes)
         if kept is not None:
             return kept
-        if index == 0 and reference is not None:
-            solution = fit.solution
+        if index == 0 and known is not None:
+            solution = known
         else:
             solution = _gpa._iterate(problem, tol=tol, max_iter=max_iter, start=start)
         if store is not None:
