@@ -89,6 +89,29 @@ def test_gpa_scale_benchmark_runs_and_writes_json() -> None:
     assert "final loss" in done.stdout
 
 
+def test_gpa_scale_benchmark_compares_the_run_steps_with_and_without_reuse() -> None:
+    """``steps``: GPA keeping its fit, the stability diagnostic starting from it; ``steps_before``:
+    the diagnostic solving GPA again. Same GPA, same dispersion spreads; both timed."""
+    out = "gpa-steps-smoke-test.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpa_scale.py", "--quick", "--methods",
+         "steps,steps_before", "--stability-starts", "2", "--out", out],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = REPO / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    rows = {(row["n"], row["method"]): row for row in payload["rows"]}
+    assert set(rows) == {(n, m) for n in (400, 800) for m in ("steps", "steps_before")}
+    for n in (400, 800):
+        now, before = rows[(n, "steps")], rows[(n, "steps_before")]
+        assert now["loss"] == before["loss"] and now["iterations"] == before["iterations"]
+        assert now["spread_difference"] == 0.0
+        assert now["stability_s"] > 0 and before["stability_s"] > 0
+    assert "when the stability step solved GPA again" in done.stdout
+
+
 def test_dashboard_round_ratios_and_their_verdict() -> None:
     """Each round's page time over the same round's bare page; the verdict says whether the
     target held in every round, in none, or in some."""
