@@ -300,7 +300,9 @@ def _reference_fit(
     max_iter: int,
 ) -> _gpa.GPAFit:
     """The kept fit of ``reference``, after checking that it is GPA of these inputs with this
-    stopping rule (what can be checked without reading them: shapes, names, settings)."""
+    stopping rule: shapes, names, settings, and (where the result keeps its inputs) 64 rows spread
+    over the stimuli equal in every model, so other data of the same shapes is refused without a
+    pass over the inputs."""
     fit = reference.fit
     if fit is None:
         raise ValueError(
@@ -316,6 +318,16 @@ def _reference_fit(
             f"{shapes} ({', '.join(names) or 'unnamed'}); pass the GPA result of these embeddings "
             "in the same order, or leave reference out."
         )
+    if reference.inputs is not None:
+        n = reference.residuals.shape[0]
+        rows = np.unique(np.linspace(0, n - 1, num=min(n, 64)).round().astype(np.intp))
+        for i, (given, kept) in enumerate(zip(arrays, reference.inputs)):
+            if given is not kept and not np.array_equal(given[rows], kept[rows]):
+                raise ValueError(
+                    f"the reference GPA result was computed from other data than embedding {i}"
+                    f"{f' ({names[i]})' if names else ''} (same shape, other values); pass the GPA "
+                    "result of these embeddings, or leave reference out."
+                )
     if (fit.tol, fit.max_iter, fit.accelerate) != (float(tol), int(max_iter), True):
         raise ValueError(
             f"the reference GPA was solved with tol={fit.tol:g}, max_iter={fit.max_iter}"

@@ -164,7 +164,8 @@ def test_gpa_result_with_its_fit_is_the_reference_not_solved_again(monkeypatch) 
      ({"keep_fit": True, "accelerate": False}, {}, "accelerate=False"),
      ({"keep_fit": True, "models": ("a", "b", "c", "d")}, {"models": ("a", "b", "d", "c")},
       "in the same order"),
-     ({"keep_fit": True}, {"embeddings": planted(m=200)}, r"shaped \[\(200, 48\)")],
+     ({"keep_fit": True}, {"embeddings": planted(m=200)}, r"shaped \[\(200, 48\)"),
+     ({"keep_fit": True}, {"embeddings": planted(seed=9, m=100)}, "other data than embedding 0")],
 )
 def test_a_reference_of_other_inputs_or_settings_is_refused(
     gpa_options, stability_options, message
