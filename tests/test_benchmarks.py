@@ -68,17 +68,21 @@ def test_universal_benchmark_runs_and_writes_json() -> None:
     assert many["max_residual_difference"] < 1e-10
 
 
-def test_gpa_scale_benchmark_runs_and_writes_json() -> None:
-    out = "gpa-scale-smoke-test.json"
+def _gpa_scale_quick(out: str, *options: str) -> tuple[dict, str]:
+    """``bench_gpa_scale.py --quick`` with ``options``: its rows by (n, method), and its stdout."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/bench_gpa_scale.py", "--quick", "--out", out],
+        [sys.executable, "benchmarks/bench_gpa_scale.py", "--quick", *options, "--out", out],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     path = REPO / "benchmarks" / "results" / out
     payload = json.loads(path.read_text())
     path.unlink()
-    rows = {(row["n"], row["method"]): row for row in payload["rows"]}
+    return {(row["n"], row["method"]): row for row in payload["rows"]}, done.stdout
+
+
+def test_gpa_scale_benchmark_runs_and_writes_json() -> None:
+    rows, stdout = _gpa_scale_quick("gpa-scale-smoke-test.json")
     methods = ("old", "new", "reference", "tight", "stability")
     assert set(rows) == {(n, m) for n in (400, 800) for m in methods}
     for n in (400, 800):
@@ -86,30 +90,22 @@ def test_gpa_scale_benchmark_runs_and_writes_json() -> None:
         assert abs(rows[(n, "new")]["loss_minus_lowest"]) < 1e-12
         assert rows[(n, "new")]["spearman_vs_reference"] > 0.9999
         assert rows[(n, "new")]["peak_rss_mb"] > 0
-    assert "final loss" in done.stdout
+    assert "final loss" in stdout
 
 
 def test_gpa_scale_benchmark_compares_the_run_steps_with_and_without_reuse() -> None:
     """``steps``: GPA keeping its fit, the stability diagnostic starting from it; ``steps_before``:
     the diagnostic solving GPA again. Same GPA, same dispersion spreads; both timed."""
-    out = "gpa-steps-smoke-test.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_gpa_scale.py", "--quick", "--methods",
-         "steps,steps_before", "--stability-starts", "2", "--out", out],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+    rows, stdout = _gpa_scale_quick(
+        "gpa-steps-smoke-test.json", "--methods", "steps,steps_before", "--stability-starts", "2"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    path = REPO / "benchmarks" / "results" / out
-    payload = json.loads(path.read_text())
-    path.unlink()
-    rows = {(row["n"], row["method"]): row for row in payload["rows"]}
     assert set(rows) == {(n, m) for n in (400, 800) for m in ("steps", "steps_before")}
     for n in (400, 800):
         now, before = rows[(n, "steps")], rows[(n, "steps_before")]
         assert now["loss"] == before["loss"] and now["iterations"] == before["iterations"]
         assert now["spread_difference"] == 0.0
         assert now["stability_s"] > 0 and before["stability_s"] > 0
-    assert "when the stability step solved GPA again" in done.stdout
+    assert "when the stability step solved GPA again" in stdout
 
 
 def test_dashboard_round_ratios_and_their_verdict() -> None:
