@@ -394,7 +394,8 @@ class _ProgressBars:
             if event.done == 0:  # the step's own start (a cached step reads its parts silently)
                 self._close()
                 self.step_started[event.step] = self.step_line[event.step] = now
-                print(f"  {event.step}: started", file=self.stream, flush=True)
+                said = f" ({event.detail})" if event.detail else ""  # e.g. a resumed step
+                print(f"  {event.step}: started{said}", file=self.stream, flush=True)
             elif event.step not in self.step_started:
                 return
             elif now - self.step_line[event.step] >= self.LOG_INTERVAL_S:

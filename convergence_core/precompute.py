@@ -1256,7 +1256,11 @@ class _Pipeline:
             return
         self.manifest.forget_step("gpa_stability")
         total = starts + 2  # GPA from its own start and from each random start, the residual pass
-        self.notify(ProgressEvent("gpa_stability", None, 0, total))
+        kept = min(solutions.kept(), starts + 1)
+        resumed = (
+            f"{kept} of {starts + 1} GPA solutions kept from an interrupted run" if kept else ""
+        )
+        self.notify(ProgressEvent("gpa_stability", None, 0, total, detail=resumed))
         write_gpa_stability(
             self.layout,
             self._gpa_arrays(),

@@ -391,6 +391,20 @@ class StabilitySolutions:
             },
         )
 
+    def kept(self) -> int:
+        """How many solutions of this key are kept (a resumed step says so as it starts)."""
+        folder = self.layout.gpa_stability_solutions_dir
+        if not folder.is_dir():
+            return 0
+        count = 0
+        for path in folder.glob("*_solution.json"):
+            try:
+                record = read_json(self.layout.inside(path))
+            except CacheFormatError:
+                continue
+            count += isinstance(record, dict) and record.get("key") == self.key
+        return count
+
     def remove(self) -> None:
         """Delete the folder (CacheFormatError, deleting nothing, where it leads out of the run)."""
         self.layout.remove_tree(self.layout.gpa_stability_solutions_dir)

@@ -181,6 +181,10 @@ def _progress_events():
         (76.0, E("gpa", None, 2, 1001, detail="iteration 2")),  # 31 s since the last line
         (77.0, E("gpa", None, 3, 1001, detail="iteration 3")),
         (147.5, E("gpa", None, 1001, 1001)),
+        # a resumed stability step says what it kept as it starts
+        (147.6, E("gpa_stability", None, 0, 6,
+                  detail="3 of 5 GPA solutions kept from an interrupted run")),
+        (147.9, E("gpa_stability", None, 6, 6)),
         (148.0, E("dispersion", None, 1, 1)),
         (148.5, E("properties", "minilm", 2, 3)),  # a cached part, read back
         (149.0, E("properties", None, 3, 3, skipped=True)),
@@ -215,6 +219,8 @@ def test_progress_in_a_log_is_plain_lines():
         "  gpa: started",
         "  gpa: iteration 2 (31 s)",
         "  gpa: done in 102.5 s",
+        "  gpa_stability: started (3 of 5 GPA solutions kept from an interrupted run)",
+        "  gpa_stability: done in 0.3 s",
         "  dispersion: done",
         "  properties: cached",
     ]

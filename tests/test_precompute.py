@@ -337,12 +337,16 @@ def test_interrupted_stability_step_resumes_after_its_last_finished_solution(
     class Crash(RuntimeError):
         pass
 
+    first: list[ProgressEvent] = []
+
     def crash_in_stability(event: ProgressEvent) -> None:
+        first.append(event)
         if event.step == "gpa_stability" and event.done == 3:
             raise Crash("power cut")
 
     with pytest.raises(Crash):
         precompute(progress=crash_in_stability, **_options(tiny_coco, tmp_path))
+    assert next(e for e in first if e.step == "gpa_stability" and e.done == 0).detail == ""
     path = tmp_path / "cache" / "runs" / "tiny"
     kept = sorted(p.name for p in (path / "gpa" / "stability_solutions").iterdir())
     assert [name for name in kept if name.endswith("solution.json")] == [
@@ -353,8 +357,11 @@ def test_interrupted_stability_step_resumes_after_its_last_finished_solution(
     monkeypatch.setattr(
         procrustes, "_iterate", lambda *a, **k: solves.append(k.get("start")) or iterate(*a, **k)
     )
-    resumed = precompute(**_options(tiny_coco, tmp_path))
+    events: list[ProgressEvent] = []
+    resumed = precompute(progress=events.append, **_options(tiny_coco, tmp_path))
     assert len(solves) == 2 and all(start is not None for start in solves)
+    start = next(e for e in events if e.step == "gpa_stability" and e.done == 0)
+    assert start.detail == "3 of 5 GPA solutions kept from an interrupted run"
     assert not (path / "gpa" / "stability_solutions").exists()
     monkeypatch.setattr(procrustes, "_iterate", iterate)
     clean = precompute(**_options(tiny_coco, tmp_path, run_name="clean"))
