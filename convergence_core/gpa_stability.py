@@ -33,6 +33,12 @@ reference solution are taken from it: one solve and two passes fewer, the same n
 as it finishes, and a call interrupted after some of them solves only the others. A
 stimulus bootstrap would answer a different question (sampling variability of the stimulus set)
 and needs new cross-products per replicate.
+
+The diagnostic can also decide when GPA stops (:func:`gpa_to_uncertainty`, a run's
+``gpa_stop="uncertainty"``): GPA and the random starts iterated together, stage by stage, until
+the residuals move less than a tenth of their spread over the starts. For models of equal width,
+where the loss rule needs hundreds of iterations, that is ~20 (4 × 768 features, 2,000 stimuli),
+and the residuals end about one spread from the optimum's (README, GPA's stopping rule).
 """
 
 from __future__ import annotations
@@ -409,9 +415,22 @@ def gpa_stability(
         # drawn even when the solution is kept: every later start is the same draw
         starts.append(solve(start + 1, _random_start(problem, rng)))
         tell(start + 2, n_starts + 1)
-    solutions = [solved, *starts]
+    return _measure(problem, arrays, [solved, *starts], tol=tol, seed=seed, names=names)[0]
+
+
+def _measure(
+    problem: Any,
+    arrays: Sequence[np.ndarray],
+    solutions: Sequence[_gpa.GPASolution],
+    *,
+    tol: float,
+    seed: int,
+    names: tuple[str, ...],
+) -> tuple[GPAStability, np.ndarray]:
+    """The diagnostic of ``solutions`` (the reference first), from one pass over the inputs;
+    also the reference's residuals (n, M)."""
     maps = [_gpa._full_maps(problem, s.maps) for s in solutions]
-    maps.append(_gpa._full_maps(problem, solved.previous_maps))
+    maps.append(_gpa._full_maps(problem, solutions[0].previous_maps))
     residuals = _gpa._residuals(arrays, problem.means, problem.scales, maps)
     previous = residuals[-1]
     residuals = residuals[:-1]  # (S + 1, n, M)
@@ -419,7 +438,7 @@ def gpa_stability(
     ranks = _ranks(dispersion)
     losses = np.array([s.loss_history[-1] for s in solutions])
     at_best = losses <= losses.min() + max(100.0 * tol, 1e-12)  # GPAStability.same_optimum
-    return GPAStability(
+    stability = GPAStability(
         dispersion=dispersion[0],
         residual_spread=residuals.max(axis=0) - residuals.min(axis=0),
         dispersion_spread=dispersion.max(axis=0) - dispersion.min(axis=0),
@@ -436,3 +455,172 @@ def gpa_stability(
         seed=int(seed),
         models=names,
     )
+    return stability, residuals[0]
+
+
+def _continued(
+    problem: Any,
+    solution: _gpa.GPASolution | None,
+    start: list[np.ndarray] | None,
+    *,
+    tol: float,
+    max_iter: int,
+) -> _gpa.GPASolution:
+    """``solution`` iterated on until the loss rule at ``tol`` holds (one history: the new
+    iterations appended), or a new solve from ``start`` (None: Gower's start) when there is
+    none yet; at most ``max_iter`` iterations in all."""
+    if solution is None:
+        return _gpa._iterate(problem, tol=tol, max_iter=max_iter, start=start)
+    left = max_iter - (len(solution.loss_history) - 1)
+    if left <= 0:
+        return solution
+    more = _gpa._iterate(problem, tol=tol, max_iter=left, start=solution.maps)
+    return _gpa.GPASolution(
+        maps=more.maps,
+        previous_maps=more.previous_maps,
+        loss_history=np.concatenate([solution.loss_history, more.loss_history[1:]]),
+        converged=more.converged,
+        gap_estimate=more.gap_estimate,
+        sweeps=solution.sweeps + more.sweeps,
+        loss_evaluations=solution.loss_evaluations + more.loss_evaluations,
+        restarts=solution.restarts + more.restarts,
+    )
+
+
+@dataclass(frozen=True)
+class UncertaintyStop:
+    """Where :func:`gpa_to_uncertainty` stopped.
+
+    Attributes:
+        fraction: the rule: the reference's largest residual step ≤ ``fraction`` × the largest
+            residual spread over the solutions.
+        tol: the loss rule's tol of the last stage (every solution met it, or ran out of
+            iterations).
+        stages: how many stages ran (stage k: tol = max(FIRST_TOL · TOL_STEP^k, the floor)).
+        step_over_spread: the ratio the rule compares with ``fraction``, at the stop.
+        met: whether the rule held (False: it stopped at the floor tol or at max_iter, as the
+            default rule does).
+    """
+
+    fraction: float
+    tol: float
+    stages: int
+    step_over_spread: float
+    met: bool
+
+    def describe(self) -> str:
+        """One sentence for readers (Home page, report)."""
+        if not self.met:
+            return (
+                "GPA was asked to stop at its residuals' uncertainty (gpa_stop = "
+                f"\"uncertainty\"), but the rule (a last step ≤ {self.fraction:g} × the largest "
+                "spread over the random starts) did not hold before the loss rule at tol "
+                f"{self.tol:.0e}: it stopped there, as GPA to its optimum does."
+            )
+        return (
+            "GPA stopped at its residuals' uncertainty (gpa_stop = \"uncertainty\"): its last "
+            "iteration moved no residual by more than "
+            f"{self.step_over_spread:.2g} × the largest spread over the random starts (rule: "
+            f"≤ {self.fraction:g}), at loss tol {self.tol:.0e} "
+            f"({self.stages} stage{'s' if self.stages > 1 else ''}). Its loss is above the "
+            "optimum's, and its residuals are about one such spread from the optimum's "
+            "(README, GPA's stopping rule)."
+        )
+
+
+#: How a run's GPA stops (``precompute``'s ``gpa_stop``): ``"optimum"``, the loss rule to the
+#: default tol (the same optimum as a tol = 1e-13 run); ``"uncertainty"``, once the residuals move
+#: less than their spread over random starts (:func:`gpa_to_uncertainty`).
+GPA_STOPS = ("optimum", "uncertainty")
+#: The rule's default fraction of the spread, and the loss tol of its first stage and the factor
+#: from one stage to the next.
+UNCERTAINTY_FRACTION = 0.1
+FIRST_TOL = 1e-6
+TOL_STEP = 0.01
+
+
+def gpa_to_uncertainty(
+    embeddings: Sequence[Any],
+    *,
+    n_starts: int = 4,
+    seed: int = 0,
+    fraction: float = UNCERTAINTY_FRACTION,
+    tol: float = _gpa.DEFAULT_TOL,
+    max_iter: int = 1000,
+    models: Sequence[str] = (),
+    layers: Sequence[str] = (),
+    progress: Callable[[float, int, int], None] | None = None,
+) -> tuple[_gpa.GPAResult, GPAStability, UncertaintyStop]:
+    """GPA that stops when its residuals move less than their own uncertainty.
+
+    Where the loss is nearly flat (models of equal width: see :mod:`.procrustes`), the default
+    rule spends hundreds of iterations on loss changes below 1e-8 while each stimulus's
+    residuals wander within their spread between the loss's near-equal minima. Here GPA from
+    Gower's start (the reference, the result returned) and from ``n_starts`` random starts (as
+    :func:`gpa_stability`, same seed: the same starts) are iterated in stages: in stage k every
+    solution goes on until the loss rule holds at tol_k = max(``FIRST_TOL`` · ``TOL_STEP``^k,
+    ``tol``); then one pass over the inputs gives every solution's residuals. It stops when the
+    reference's largest residual step (its last iteration) is at most ``fraction`` × the
+    largest residual spread over the solutions (``summary()["last_step_over_spread"]``), and
+    otherwise continues every solution from its maps with the next tol. At the floor ``tol``
+    (or ``max_iter`` iterations per solution) it stops as :func:`gpa_stability` does.
+
+    Args:
+        embeddings, n_starts, seed, max_iter, models: as for :func:`gpa_stability`.
+        fraction: the rule's share of the spread, in (0, 1].
+        tol: the floor: the default rule's tol (``procrustes.DEFAULT_TOL``).
+        layers: layer names for the result (empty or one per array).
+        progress: called with ``(stage tol, solutions done, n_starts + 1)`` after each solve.
+
+    Returns:
+        The reference as a :class:`procrustes.GPAResult` (its loss is that of the stage's tol,
+        not the optimum's), the diagnostic of all the solutions where they stopped, and
+        :class:`UncertaintyStop`.
+    """
+    if isinstance(n_starts, bool) or not isinstance(n_starts, (int, np.integer)) or n_starts < 1:
+        raise ValueError(
+            f"n_starts must be an integer >= 1, got {n_starts!r}: the rule compares the "
+            "residuals' steps with their spread over random starts; 4 is a good default."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+        0 < fraction <= 1
+    ):
+        raise ValueError(
+            f"fraction must be a number in (0, 1], got {fraction!r}; {UNCERTAINTY_FRACTION} "
+            "stops when the residuals move less than a tenth of their spread over the starts."
+        )
+    _gpa._check_options(tol, max_iter)
+    arrays = _gpa._check_inputs(embeddings, tuple(str(x) for x in models))
+    names = _gpa._check_names(models, len(arrays), "model names")
+    layer_names = _gpa._check_names(layers, len(arrays), "layer names")
+    problem = _gpa._prepare(arrays, _gpa._labels(len(arrays), names))
+    rng = np.random.default_rng(seed)
+    starts: list[list[np.ndarray] | None] = [None]
+    starts += [_random_start(problem, rng) for _ in range(n_starts)]
+    solutions: list[_gpa.GPASolution | None] = [None] * (n_starts + 1)
+    stage_tol, stages = max(FIRST_TOL, float(tol)), 0
+    while True:
+        stages += 1
+        for index, start in enumerate(starts):
+            solutions[index] = _continued(
+                problem, solutions[index], start, tol=stage_tol, max_iter=max_iter
+            )
+            if progress is not None:
+                progress(stage_tol, index + 1, n_starts + 1)
+        solved = [s for s in solutions if s is not None]
+        stability, residuals = _measure(
+            problem, arrays, solved, tol=stage_tol, seed=seed, names=names
+        )
+        spread = float(stability.residual_spread.max())
+        moved = float(stability.last_step.max())
+        ratio = moved / spread if spread > 0 else np.inf
+        met = ratio <= fraction
+        out_of_iterations = all(len(s.loss_history) - 1 >= max_iter for s in solved)
+        if met or stage_tol <= tol or out_of_iterations:
+            break
+        stage_tol = max(stage_tol * TOL_STEP, float(tol))
+    fit = _gpa.GPAFit(problem, solved[0], stage_tol, int(max_iter), True)
+    result = _gpa._result(fit, arrays, names, layer_names, keep_fit=False, residuals=residuals)
+    return result, stability, UncertaintyStop(float(fraction), stage_tol, stages, ratio, met)

@@ -117,6 +117,11 @@ iterations, 204 s here):
   loss of equal-width problems has many local minima within ~1e-7-1e-5 of each other;
   :mod:`gpa_stability` measures what they do to the residuals.
 
+What is offered instead for that case: stopping where the residuals are as determined as the
+minima allow (``gpa_stability.gpa_to_uncertainty``, a run's ``gpa_stop="uncertainty"``): ~20
+iterations here, residuals about one spread between minima from the optimum's; the default stays
+the optimum.
+
 Procrustes step without an SVD. With A = Σ_{j≠i} C_ij T_j (r × p, r ≤ p) of full row rank, the
 orthogonal polar factor is polar(A) = (A Aᵀ)^{-1/2} A = W · rownormalise(Wᵀ A) with the symmetric
 eigendecomposition A Aᵀ = W Λ Wᵀ (r × r): the row norms of Wᵀ A are Λ^{1/2}, measured on Wᵀ A
@@ -1197,23 +1202,38 @@ def generalized_procrustes(
     solution = _iterate(
         problem, tol=tol, max_iter=max_iter, accelerate=accelerate, progress=progress
     )
+    fit = GPAFit(problem, solution, float(tol), int(max_iter), bool(accelerate))
+    return _result(fit, arrays, model_names, layer_names, keep_fit=keep_fit)
+
+
+def _result(
+    fit: GPAFit,
+    arrays: Sequence[np.ndarray],
+    models: tuple[str, ...],
+    layers: tuple[str, ...],
+    *,
+    keep_fit: bool,
+    residuals: np.ndarray | None = None,
+) -> GPAResult:
+    """The :class:`GPAResult` of a solved problem; ``residuals`` (n, M) when a pass over the
+    inputs already computed them for these maps (else that pass is made here)."""
+    problem, solution = fit.problem, fit.solution
     maps = _full_maps(problem, solution.maps)
-    residuals = _residuals(arrays, problem.means, problem.scales, [maps])[0]
+    if residuals is None:
+        residuals = _residuals(arrays, problem.means, problem.scales, [maps])[0]
     return GPAResult(
         residuals=residuals,
         loss_history=solution.loss_history,
         n_iter=len(solution.loss_history) - 1,
         converged=solution.converged,
-        models=model_names,
-        layers=layer_names,
+        models=models,
+        layers=layers,
         maps=maps,
         means=problem.means,
         scales=problem.scales,
         gap_estimate=solution.gap_estimate,
         inputs=arrays,
-        fit=GPAFit(problem, solution, float(tol), int(max_iter), bool(accelerate))
-        if keep_fit
-        else None,
+        fit=fit if keep_fit else None,
     )
 
 

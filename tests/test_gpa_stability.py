@@ -288,3 +288,91 @@ def test_the_sentence_rounds_the_rank_agreement_down() -> None:
     assert "ρ ≥ 1.0000" in describe({**summary, "min_spearman": 1.0}, n_stimuli=100,
                                     n_starts=4, tol=1e-13)
     assert "ρ ≥ n/a" in describe({}, n_stimuli=100, n_starts=4, tol=1e-13)
+
+
+# -- GPA stopped at its residuals' uncertainty ----------------------------------------------------
+def equal_widths(seed=1, m=400, d=64, latent=8, noise=0.3, models=4):
+    """Models of equal width (the slow case of GPA's loss rule: nearly flat directions)."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((m, latent))
+    return [
+        z @ rng.standard_normal((latent, d)) / np.sqrt(latent)
+        + noise * rng.standard_normal((m, d))
+        for _ in range(models)
+    ]
+
+
+def test_stopping_at_the_uncertainty_is_the_loss_rule_at_a_looser_tol_when_it_holds() -> None:
+    """On equal widths the rule holds after the first stage (tol 1e-6): the reference is GPA at
+    that tol (same iterations), the diagnostic is gpa_stability's at that tol (same starts), in
+    far fewer iterations than the optimum's rule, and the residuals are about one spread from the
+    optimum's, as the docstring says."""
+    from convergence_core.gpa_stability import FIRST_TOL, gpa_to_uncertainty
+
+    embeddings = equal_widths()
+    result, stability, stop = gpa_to_uncertainty(
+        embeddings, n_starts=4, seed=0, models=("a", "b", "c", "d"), layers=("l",) * 4
+    )
+    assert stop.met and stop.stages == 1 and stop.tol == FIRST_TOL
+    assert stop.step_over_spread <= stop.fraction
+    at_tol = generalized_procrustes(embeddings, tol=FIRST_TOL)
+    np.testing.assert_array_equal(result.loss_history, at_tol.loss_history)
+    np.testing.assert_allclose(result.residuals, at_tol.residuals, rtol=0, atol=1e-15)
+    assert result.models == ("a", "b", "c", "d") and result.layers == ("l",) * 4
+    alone = gpa_stability(embeddings, n_starts=4, seed=0, tol=FIRST_TOL)
+    np.testing.assert_allclose(stability.residual_spread, alone.residual_spread, atol=1e-15)
+    np.testing.assert_array_equal(stability.n_iter, alone.n_iter)
+    assert stability.tol == FIRST_TOL
+    assert stability.summary()["last_step_over_spread"] == pytest.approx(stop.step_over_spread)
+    optimum = generalized_procrustes(embeddings)
+    assert result.n_iter * 2 < optimum.n_iter  # 34 against 83 iterations here
+    assert optimum.loss_history[-1] <= result.loss_history[-1] < optimum.loss_history[-1] + 1e-5
+    at_optimum = gpa_stability(embeddings, n_starts=4, seed=0)
+    distance = np.abs(result.residuals - optimum.residuals).max()
+    assert distance < 2 * at_optimum.residual_spread.max()  # 7.5e-4 against 1.1e-3 here
+    assert "stopped at its residuals' uncertainty" in stop.describe()
+
+
+def test_a_rule_that_never_holds_tightens_the_tol_down_to_the_floor() -> None:
+    """Stage by stage (1e-6, 1e-8, 1e-10: the floor), each solution goes on from its maps: one
+    non-increasing loss history per solution, every solution meets the loss rule at the floor."""
+    from convergence_core.gpa_stability import gpa_to_uncertainty
+
+    embeddings = equal_widths(seed=2, m=200, d=24)
+    seen = []
+    result, stability, stop = gpa_to_uncertainty(
+        embeddings, n_starts=2, seed=1, fraction=1e-300, tol=1e-10,
+        progress=lambda tol, done, total: seen.append((tol, done, total)),
+    )
+    assert not stop.met and stop.stages == 3 and stop.tol == 1e-10
+    assert seen == [(tol, done, 3) for tol in (1e-6, 1e-8, 1e-10) for done in (1, 2, 3)]
+    assert stability.converged.all() and result.converged
+    assert np.all(np.diff(result.loss_history) <= 0)
+    assert result.loss_history[-1] <= generalized_procrustes(embeddings, tol=1e-6).loss_history[-1]
+    assert "did not hold" in stop.describe()
+
+
+def test_the_iteration_cap_counts_every_stage() -> None:
+    from convergence_core.gpa_stability import gpa_to_uncertainty
+
+    result, stability, stop = gpa_to_uncertainty(
+        equal_widths(seed=3, m=200, d=24), n_starts=1, fraction=1e-300, max_iter=4
+    )
+    assert stop.stages == 1 and not stop.met
+    assert list(stability.n_iter) == [4, 4] and not stability.converged.any()
+    assert result.n_iter == 4 and not result.converged
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"n_starts": 0}, "n_starts must be an integer >= 1"),
+     ({"fraction": 0.0}, r"fraction.*\(0, 1\]"), ({"fraction": 1.5}, "fraction"),
+     ({"fraction": float("nan")}, "fraction"),
+     ({"fraction": True}, "fraction"), ({"layers": ("x",)}, "one name per array")],
+)
+def test_bad_options_of_the_uncertainty_rule_are_explained(kwargs, message) -> None:
+    from convergence_core.gpa_stability import gpa_to_uncertainty
+
+    rng = np.random.default_rng(8)
+    with pytest.raises(ValueError, match=message):
+        gpa_to_uncertainty([rng.standard_normal((6, 3)), rng.standard_normal((6, 3))], **kwargs)
