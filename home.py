@@ -41,6 +41,8 @@ if not gpa.converged:
         "GPA did not converge for this run: residuals may not be final. "
         "Re-run precompute with a larger max_iter."
     )
+if run.gpa_stop is not None:  # stopped at its residuals' uncertainty, not at the optimum
+    st.info(run.gpa_stop.describe())
 stability = run.gpa_stability
 if stability is None:
     st.caption(

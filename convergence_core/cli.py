@@ -47,7 +47,7 @@ A config file (.json or .toml) holds the same settings by their long names with 
 (dataset, vision_models, language_models, features, modalities, gpa_models, layers, gpa_layers,
 device, batch_size, caption_mode, drop_bad, run_name, cache_root, weights, thumbnails, list_size,
 neighbour_layers, precision, engine, ray_address, concurrency, num_cpus, num_gpus, runtime_env,
-gpa_starts),
+gpa_starts, gpa_stop),
 or the models one by one as [[models]] tables (name, modality, and path + layer for features from
 a file); flags given on the command line override it.
 Rerunning the same command reuses every finished step; an interrupted run resumes.
@@ -157,6 +157,13 @@ def _precompute_parser(sub: Any) -> None:
         "--gpa-starts",
         type=int,
         help="random starts of the GPA stability diagnostic stored in the run (default 4; 0: none)",
+    )
+    parser.add_argument(
+        "--gpa-stop",
+        metavar="RULE",
+        help="optimum (default): GPA to the optimum of its loss; uncertainty: stop once the "
+        "residuals move less than their spread over the random starts (models of equal width: "
+        "far fewer iterations)",
     )
     parser.add_argument(
         "--gpa-layer",
@@ -294,6 +301,7 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "gpa_models": _split_names(args.gpa_models) if args.gpa_models else None,
         "list_size": args.list_size,
         "gpa_starts": args.gpa_starts,
+        "gpa_stop": args.gpa_stop,
         "precision": args.precision,
         "engine": args.engine,
         "ray_address": args.ray_address,

@@ -37,6 +37,7 @@ from .cache import (
 from .manifest import MANIFEST_FORMAT, DatasetInfo, GPARecord, ModelEntry, parse_manifest
 from .neighbours import DEFAULT_LIST_SIZE, clip_threshold, list_size_for
 from .procrustes import DEFAULT_TOL as DEFAULT_GPA_TOL
+from .gpa_stability import GPA_STOPS
 from .procrustes import GPA_ALGORITHM
 from .run import Run, load_run
 from .run_writer import (
@@ -54,6 +55,7 @@ from .run_writer import (
     write_dispersion,
     write_gpa,
     write_gpa_stability,
+    write_gpa_to_uncertainty,
     write_model_arrays,
     write_neighbour_lists,
     write_properties,
@@ -79,6 +81,8 @@ GPA_TOL = DEFAULT_GPA_TOL
 GPA_STARTS = 4
 #: seed of those starts
 GPA_STABILITY_SEED = 0
+#: how GPA stops (``gpa_stability.GPA_STOPS``): at the optimum, or at its residuals' uncertainty
+GPA_STOP = "optimum"
 GPA_MAX_ITER = 1000
 
 
@@ -128,6 +132,11 @@ class PrecomputeConfig:
         runtime_env: Ray ``runtime_env`` mapping (e.g. to ship this package to the workers).
         gpa_starts: random starts of the GPA stability diagnostic stored in the run
             (``gpa_stability``; shown on Home and Stimuli); 0 leaves it out.
+        gpa_stop: ``"optimum"`` (GPA's loss rule to ``GPA_TOL``: the same optimum as a
+            tol = 1e-13 run) or ``"uncertainty"`` (stop once the residuals move less than a
+            tenth of their spread over the diagnostic's random starts,
+            ``gpa_stability.gpa_to_uncertainty``: far fewer iterations for models of equal
+            width, residuals about that spread from the optimum's; needs ``gpa_starts`` ≥ 1).
 
     ``batch_size`` may also be ``"auto"``: as many items as fill 80 % of the free GPU memory
     (measured once per model; ``extract.fit_batch_size``), 32 on CPU.
@@ -159,9 +168,11 @@ class PrecomputeConfig:
     num_gpus: float | None = None
     runtime_env: Mapping[str, Any] | None = None
     gpa_starts: int = GPA_STARTS
+    gpa_stop: str = GPA_STOP
 
     def __post_init__(self) -> None:
         _check_field_types(self)
+        _check_gpa_stop(self.gpa_stop, self.gpa_starts)
         object.__setattr__(self, "vision_models", _name_tuple(self.vision_models, "vision_models"))
         object.__setattr__(
             self, "language_models", _name_tuple(self.language_models, "language_models")
@@ -428,6 +439,11 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
         "a whole number >= 0 such as 4 (random starts of the GPA stability diagnostic; 0: none)",
     ),
+    "gpa_stop": (
+        lambda v: v in GPA_STOPS,
+        '"optimum" (GPA to its optimum, the default) or "uncertainty" (GPA stopped once its '
+        "residuals move less than their spread over the random starts)",
+    ),
     "features": (
         lambda v: v is None
         or _is_str_map(v, lambda x: _is_path(x) or _is_str_map(x, _is_path)),
@@ -469,6 +485,20 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a Ray runtime_env mapping (or null / left out)",
     ),
 }
+
+
+def _check_gpa_stop(stop: str, starts: int) -> None:
+    """``gpa_stop`` is one of ``GPA_STOPS``, and "uncertainty" has random starts to compare."""
+    if stop not in GPA_STOPS:
+        raise ValueError(
+            f"gpa_stop={stop!r} is not understood; use one of {list(GPA_STOPS)}"
+        )
+    if stop == "uncertainty" and starts < 1:
+        raise ValueError(
+            'gpa_stop="uncertainty" compares the residuals\' steps with their spread over the '
+            "stability diagnostic's random starts, and gpa_starts is 0; pass gpa_starts >= 1 "
+            '(e.g. 4) or gpa_stop="optimum"'
+        )
 
 
 def _check_field_types(config: PrecomputeConfig) -> None:
@@ -574,6 +604,7 @@ def default_run_name(config: PrecomputeConfig, dataset_name: str) -> str:
         "gpa_models": None,
         "precision": "auto",
         "gpa_starts": GPA_STARTS,
+        "gpa_stop": GPA_STOP,
     }
     relevant = {
         k: v
@@ -686,6 +717,7 @@ class _Plan:
     settings: dict[str, Any]
     config: PrecomputeConfig | None = None
     gpa_starts: int = GPA_STARTS
+    gpa_stop: str = GPA_STOP
 
 
 def _plan_from_config(cfg: PrecomputeConfig) -> _Plan:
@@ -705,6 +737,7 @@ def _plan_from_config(cfg: PrecomputeConfig) -> _Plan:
         settings=cfg.to_dict(),
         config=cfg,
         gpa_starts=cfg.gpa_starts,
+        gpa_stop=cfg.gpa_stop,
     )
 
 
@@ -798,6 +831,7 @@ def write_run_from_embeddings(
     gpa_tol: float = GPA_TOL,
     gpa_max_iter: int = GPA_MAX_ITER,
     gpa_starts: int = GPA_STARTS,
+    gpa_stop: str = GPA_STOP,
     list_size: int = DEFAULT_LIST_SIZE,
     neighbour_layers: str = "all",
     progress: ProgressCallback | None = None,
@@ -824,7 +858,7 @@ def write_run_from_embeddings(
         thumbnails: write thumbnails/ (needs ``images_root``).
         dataset_name, dataset_fingerprint, settings: recorded in the manifest.
         gpa_tol, gpa_max_iter: passed to ``generalized_procrustes``.
-        gpa_starts, list_size, neighbour_layers: as in :class:`PrecomputeConfig`.
+        gpa_starts, gpa_stop, list_size, neighbour_layers: as in :class:`PrecomputeConfig`.
         progress: as in :func:`precompute`.
 
     Neighbour lists are built from ``prepare_features`` of the float32-stored embeddings, and GPA
@@ -882,6 +916,7 @@ def write_run_from_embeddings(
             raise ValueError(
                 f"gpa_layers names {model!r}, which is not a vision model; use one of {gpa}"
             )
+    _check_gpa_stop(gpa_stop, gpa_starts)
     root = Path(images_root).resolve() if images_root is not None else None
     if thumbnails and root is None:
         raise ValueError("thumbnails=True needs images_root; pass images_root or thumbnails=False")
@@ -902,6 +937,7 @@ def write_run_from_embeddings(
         device=None,
         settings=dict(settings or {}),
         gpa_starts=gpa_starts,
+        gpa_stop=gpa_stop,
     )
     data_fingerprint = dataset_fingerprint or fingerprint(
         frame["id"].tolist(), frame["image"].tolist(), frame["captions"].tolist()
@@ -1194,12 +1230,22 @@ class _Pipeline:
             self.plan.gpa_tol,
             self.plan.gpa_max_iter,
             GPA_ALGORITHM,  # a new iteration scheme recomputes stored results
+            # stopped at the residuals' uncertainty: its starts too (the optimum's runs keep
+            # the inputs they had before the option existed)
+            *(
+                ()
+                if self.plan.gpa_stop == "optimum"
+                else (self.plan.gpa_stop, self.plan.gpa_starts, GPA_STABILITY_SEED)
+            ),
         )
         self.data.gpa = GPARecord(models=models_in, layers=layers_in)
         if self.manifest.step_done("gpa", inputs) and self.layout.gpa_json.is_file():
             self.notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
             return inputs
         self.manifest.forget_step("gpa")
+        if self.plan.gpa_stop == "uncertainty":
+            self._gpa_to_uncertainty(inputs)
+            return inputs
         total = self.plan.gpa_max_iter + 1  # the iterations at most, then the residual pass
         self.notify(ProgressEvent("gpa", None, 0, total))
         result = write_gpa(
@@ -1220,6 +1266,37 @@ class _Pipeline:
         )
         self.notify(ProgressEvent("gpa", None, total, total))
         return inputs
+
+    def _gpa_to_uncertainty(self, inputs: str) -> None:
+        """The GPA step stopped at the residuals' uncertainty: GPA and its stability diagnostic
+        in one (``write_gpa_to_uncertainty``), so this step also finishes gpa_stability."""
+        starts = self.plan.gpa_starts
+        self.manifest.forget_step("gpa_stability")
+        total = starts + 1  # per stage: GPA from its own start and from each random start
+        self.notify(ProgressEvent("gpa", None, 0, total))
+        result, _, stop = write_gpa_to_uncertainty(
+            self.layout,
+            self._gpa_arrays(),
+            self.data.gpa.models,
+            self.data.gpa.layers,
+            self.stimuli["id"].astype(str).tolist(),
+            n_starts=starts,
+            seed=GPA_STABILITY_SEED,
+            tol=self.plan.gpa_tol,
+            max_iter=self.plan.gpa_max_iter,
+            progress=lambda tol, done, count: self.notify(
+                ProgressEvent("gpa", None, done, count,
+                              detail=f"loss tol {tol:.0e}: GPA solution {done} of {count}")
+            ),
+        )
+        self.manifest.finish_step(
+            "gpa_stability", fingerprint("gpa_stability", inputs, starts, GPA_STABILITY_SEED)
+        )
+        self.manifest.finish_step(
+            "gpa", inputs, n_iter=int(result.n_iter), converged=bool(result.converged),
+            stop_tol=stop.tol,
+        )
+        self.notify(ProgressEvent("gpa", None, total, total))
 
     def _gpa_arrays(self) -> list[np.ndarray]:
         """The GPA inputs as stored (float32 memory maps; GPA reads them in row blocks)."""

@@ -1035,7 +1035,11 @@ def gpa_stability_section(
         table, summary, tol, reused = stored.table, stored.summary, stored.tol, True
     files = _write_table(table, out, "gpa_stability")
     verdict = describe_stability(summary, n_stimuli=run.n_stimuli, n_starts=n_starts, tol=tol)
-    return files, {"summary": summary, "stored": reused, "verdict": verdict}
+    entry: dict[str, Any] = {"summary": summary, "stored": reused, "verdict": verdict}
+    if (stop := run.gpa_stop) is not None:  # GPA stopped at its residuals' uncertainty
+        entry["gpa_stop"] = {**asdict(stop), "verdict": stop.describe()}
+        entry["verdict"] = f"{verdict} {stop.describe()}"
+    return files, entry
 
 
 def predictivity_section(

@@ -350,6 +350,30 @@ class Run:
         )
 
     @cached_property
+    def gpa_stop(self) -> Any:
+        """How the run's GPA stopped: None at its optimum (the loss rule to its tol; every run
+        precomputed with the default ``gpa_stop``), else a ``gpa_stability.UncertaintyStop``
+        (stopped once its residuals moved less than their spread over random starts)."""
+        from .gpa_stability import UncertaintyStop
+
+        stop = read_json(self.layout.gpa_json).get("stop")
+        if stop is None:
+            return None
+        try:
+            return UncertaintyStop(
+                fraction=float(stop["fraction"]),
+                tol=float(stop["tol"]),
+                stages=int(stop["stages"]),
+                step_over_spread=float(stop["step_over_spread"]),
+                met=bool(stop["met"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheFormatError(
+                f"{self.layout.gpa_json} has a malformed 'stop' ({exc}); delete the run's gpa "
+                "folder and rerun precompute"
+            ) from None
+
+    @cached_property
     def gpa_stability(self) -> Any:
         """The stored GPA stability diagnostic (``gpa_stability.StoredStability``: how far each
         stimulus's residuals and dispersion rank move when GPA starts elsewhere), or None when the

@@ -10,6 +10,7 @@ dispersion + PCA, thumbnails) are called by the one pipeline in :mod:`convergenc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -292,7 +293,7 @@ def write_gpa(
     configurations are reproduced from the run's embeddings on demand). Return the GPAResult.
     ``progress``: called with the iterations done after each (``generalized_procrustes``);
     ``keep_fit``: the result keeps its fit, for :func:`write_gpa_stability` (``reference``)."""
-    from .procrustes import GPA_ALGORITHM, generalized_procrustes
+    from .procrustes import generalized_procrustes
 
     result = generalized_procrustes(
         list(arrays),
@@ -303,6 +304,24 @@ def write_gpa(
         progress=progress,
         keep_fit=keep_fit,
     )
+    _write_gpa_result(layout, result, models, layers, tol=tol, max_iter=max_iter)
+    return result
+
+
+def _write_gpa_result(
+    layout: RunLayout,
+    result: Any,
+    models: Sequence[str],
+    layers: Sequence[str],
+    *,
+    tol: float,
+    max_iter: int,
+    stop: Any = None,
+) -> None:
+    """gpa/ of a GPAResult; ``stop``: the ``gpa_stability.UncertaintyStop`` of a GPA stopped at
+    its residuals' uncertainty (recorded in gpa.json as ``stop``; absent: the optimum's rule)."""
+    from .procrustes import GPA_ALGORITHM
+
     write_npy(layout.gpa_array("residuals"), np.asarray(result.residuals, dtype=np.float64))
     write_npy(layout.gpa_array("loss_history"), np.asarray(result.loss_history, dtype=np.float64))
     write_npy(layout.gpa_array("scales"), np.asarray(result.scales, dtype=np.float64))
@@ -320,9 +339,9 @@ def write_gpa(
             "max_iter": max_iter,
             "algorithm": GPA_ALGORITHM,
             "gap_estimate": float(result.gap_estimate),
+            **({} if stop is None else {"stop": dataclasses.asdict(stop)}),
         },
     )
-    return result
 
 
 class StabilitySolutions:
@@ -437,6 +456,14 @@ def write_gpa_stability(
         list(arrays), n_starts=n_starts, seed=seed, tol=tol, max_iter=max_iter, models=models,
         progress=progress, reference=reference, store=store,
     )
+    _write_stability_result(layout, result, ids, n_starts=n_starts, seed=seed, tol=tol)
+    return result
+
+
+def _write_stability_result(
+    layout: RunLayout, result: Any, ids: Sequence[str], *, n_starts: int, seed: int, tol: float
+) -> None:
+    """gpa/stability.parquet and .json of a ``GPAStability``."""
     write_parquet(layout.gpa_stability_table, result.to_frame(ids=[str(x) for x in ids]))
     summary = {
         name: None if np.isnan(value) else value for name, value in result.summary().items()
@@ -445,7 +472,35 @@ def write_gpa_stability(
         layout.gpa_stability_json,
         {"n_starts": int(n_starts), "seed": int(seed), "tol": float(tol), "summary": summary},
     )
-    return result
+
+
+def write_gpa_to_uncertainty(
+    layout: RunLayout,
+    arrays: Sequence[np.ndarray],
+    models: Sequence[str],
+    layers: Sequence[str],
+    ids: Sequence[str],
+    *,
+    n_starts: int,
+    seed: int,
+    tol: float,
+    max_iter: int,
+    progress: Callable[[float, int, int], None] | None = None,
+) -> tuple[Any, Any, Any]:
+    """GPA stopped when its residuals move less than their uncertainty, with its stability
+    diagnostic (``gpa_stability.gpa_to_uncertainty``: the reference and ``n_starts`` random
+    starts iterated together in stages of looser to tighter tol, down to ``tol``): writes the
+    diagnostic first (gpa/stability.*), then gpa/ (its gpa.json records the stop); returns
+    (GPAResult, GPAStability, UncertaintyStop)."""
+    from .gpa_stability import gpa_to_uncertainty
+
+    result, stability, stop = gpa_to_uncertainty(
+        list(arrays), n_starts=n_starts, seed=seed, tol=tol, max_iter=max_iter, models=models,
+        layers=layers, progress=progress,
+    )
+    _write_stability_result(layout, stability, ids, n_starts=n_starts, seed=seed, tol=stop.tol)
+    _write_gpa_result(layout, result, models, layers, tol=tol, max_iter=max_iter, stop=stop)
+    return result, stability, stop
 
 
 def _ranks(scores: np.ndarray) -> np.ndarray:

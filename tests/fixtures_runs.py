@@ -190,6 +190,7 @@ def _write(
     images: bool,
     thumbnails: bool,
     seed: int,
+    gpa_stop: str = "optimum",
 ) -> Run:
     stimuli, images_root = _stimuli(noise.shape[0], images)
     stimuli["planted_noise"] = noise
@@ -204,6 +205,7 @@ def _write(
         thumbnails=thumbnails and images_root is not None,
         dataset_name="coco-mini (synthetic embeddings)" if images_root else "synthetic",
         settings={"seed": seed, "synthetic": True},
+        gpa_stop=gpa_stop,
     )
 
 
@@ -220,8 +222,10 @@ def make_synthetic_run(
     images: bool = True,
     thumbnails: bool = True,
     name: str = "synthetic",
+    gpa_stop: str = "optimum",
 ) -> Run:
-    """Write and load a run of ``n`` stimuli under ``tmp_path/name``.
+    """Write and load a run of ``n`` stimuli under ``tmp_path/name`` (``gpa_stop`` as in
+    ``write_run_from_embeddings``).
 
     ``plant`` picks the embeddings (module docstring): ``"layer_peak"`` uses ``vision_models``,
     ``language_models`` and ``n_language_layers`` (defaults: 3 vision models with layers
@@ -258,6 +262,7 @@ def make_synthetic_run(
         images=images,
         thumbnails=thumbnails,
         seed=seed,
+        gpa_stop=gpa_stop,
     )
 
 

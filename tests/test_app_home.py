@@ -165,6 +165,7 @@ def test_home_cards_histogram_and_previews(synthetic_cache: Path) -> None:
     assert not at.metric  # tables, not cards (no card code for the browser to load)
     # the stored GPA stability diagnostic, in one sentence
     assert run.gpa_stability.describe(run.n_stimuli) in [t.value for t in at.text]
+    assert run.gpa_stop is None and not any("gpa_stop" in box.value for box in at.info)
     # the models table is an escaped Markdown table (no data grid): a header, then a row per model
     rows = _markdown_rows(next(m.value for m in at.markdown if m.value.startswith("| model |")))
     assert [row[0] for row in rows[1:]] == run.models
@@ -201,6 +202,23 @@ def test_two_gpa_models_say_why_the_scores_agree(tmp_path, monkeypatch) -> None:
     from convergence_core.dispersion import two_model_note
 
     assert "Pearson r = 1.000" in line and two_model_note(2) in line
+
+
+def test_a_gpa_stopped_at_its_uncertainty_says_so(tmp_path, monkeypatch) -> None:
+    """A run precomputed with gpa_stop="uncertainty": Home says where GPA stopped and that its
+    loss is not the optimum's, beside the stability sentence (a default run's Home says nothing
+    of it: test_home_cards_histogram_and_previews)."""
+    from tests.fixtures_runs import make_synthetic_run
+
+    run = make_synthetic_run(tmp_path / "runs", n=40, name="demo", images=False,
+                             thumbnails=False, gpa_stop="uncertainty")
+    assert run.gpa_stop is not None
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = _app().run(timeout=TIMEOUT)
+    assert not at.exception
+    notes = [box.value for box in at.info]
+    assert notes == [run.gpa_stop.describe()] and "gpa_stop" in notes[0]
+    assert any(t.value.startswith("GPA stability (4 random starts") for t in at.text)
 
 
 def test_home_defaults_to_the_demo_run_and_can_switch(synthetic_cache: Path) -> None:

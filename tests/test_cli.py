@@ -56,6 +56,7 @@ def test_precompute_help_lists_every_flag(capsys):
         "--cache",
         "--preset",
         "demo",
+        "--gpa-stop",
     ):
         assert flag in text
 
@@ -279,8 +280,11 @@ def test_flags_override_a_config_file(tmp_path, monkeypatch):
         "a=/w/a.pth",
         "--drop-bad",
         "--no-thumbnails",
+        "--gpa-stop",
+        "uncertainty",
     )
     assert code == 2 and "stop here" in err
+    assert seen["gpa_stop"] == "uncertainty"
     assert seen["batch_size"] == 2 and seen["caption_mode"] == "mean"
     assert seen["layers"] == {"a": ["x", "y"], "b": ["z"]}
     assert seen["gpa_layers"] == {"a": "y"} and seen["weights"] == {"a": "/w/a.pth"}

@@ -313,6 +313,7 @@ WRONG_TYPES = {
     "gpa_models": [5, [1, 2]],
     "list_size": ["128", 1.5, True],
     "gpa_starts": ["4", 1.5, True, -1],
+    "gpa_stop": [5, None, "fast", ["optimum"]],
     "neighbour_layers": [5, None],
     "precision": [16, None],
     "engine": [1, None],

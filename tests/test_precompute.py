@@ -288,6 +288,61 @@ def test_gpa_stability_is_stored_and_follows_gpa_starts(tiny_coco, tmp_path, loa
         precompute(**_options(tiny_coco, tmp_path, gpa_starts=-1))
 
 
+def test_gpa_stopped_at_its_uncertainty_writes_gpa_and_its_diagnostic_in_one_step(
+    tiny_coco, tmp_path, loads, monkeypatch
+):
+    """gpa_stop="uncertainty": the GPA step solves the reference and the random starts together
+    (stage by stage), writes the diagnostic and GPA, and finishes both steps; a rerun skips both;
+    the default run's folder and GPA are untouched by the option."""
+    from convergence_core import procrustes
+    from convergence_core.gpa_stability import UncertaintyStop, gpa_to_uncertainty
+
+    optimum = precompute(**_options(tiny_coco, tmp_path))
+    assert optimum.gpa_stop is None and "stop" not in read_json(optimum.path / "gpa" / "gpa.json")
+    solves = []
+    iterate = procrustes._iterate
+    monkeypatch.setattr(
+        procrustes, "_iterate", lambda *a, **k: solves.append(k.get("start")) or iterate(*a, **k)
+    )
+    events: list[ProgressEvent] = []
+    options = _options(tiny_coco, tmp_path, gpa_stop="uncertainty", run_name="uncertain")
+    run = precompute(progress=events.append, **options)
+    stop = run.gpa_stop
+    assert isinstance(stop, UncertaintyStop)
+    assert len(solves) == 5 * stop.stages  # the reference and 4 starts per stage, nothing else
+    assert not any(e.step == "gpa_stability" and not e.skipped for e in events)
+    assert any(e.step == "gpa" and "GPA solution 5 of 5" in (e.detail or "") for e in events)
+    monkeypatch.setattr(procrustes, "_iterate", iterate)
+    direct, stability, direct_stop = gpa_to_uncertainty(
+        run.gpa.inputs, n_starts=4, seed=0, models=run.gpa.models
+    )
+    assert direct_stop == stop
+    np.testing.assert_allclose(run.gpa.residuals, direct.residuals, rtol=0, atol=1e-15)
+    stored = run.gpa_stability
+    assert stored.n_starts == 4 and stored.tol == stop.tol
+    np.testing.assert_allclose(
+        stored.per_stimulus("dispersion_spread"), stability.dispersion_spread, atol=1e-15
+    )
+    np.testing.assert_allclose(
+        run.dispersion["mean"], run.gpa.residuals.mean(axis=1), rtol=1e-12
+    )
+    # a rerun does neither step again
+    events.clear()
+    precompute(progress=events.append, **options)
+    assert all(e.skipped for e in events if e.step in ("gpa", "gpa_stability"))
+    # the default run was left as it was
+    assert precompute(**_options(tiny_coco, tmp_path)).gpa_stop is None
+    with pytest.raises(ValueError, match="gpa_starts is 0; pass gpa_starts >= 1"):
+        precompute(**_options(tiny_coco, tmp_path, gpa_stop="uncertainty", gpa_starts=0))
+    with pytest.raises(ValueError, match="gpa_stop"):
+        precompute(**_options(tiny_coco, tmp_path, gpa_stop="fast"))
+    # a damaged record of the stop is an error that says what to do
+    gpa_json = run.path / "gpa" / "gpa.json"
+    write_json(gpa_json, {**read_json(gpa_json), "stop": {"fraction": "a tenth"}})
+    with pytest.raises(ValueError, match="malformed 'stop'.*rerun precompute"):
+        load_run(run.path).gpa_stop
+
+
 def test_a_run_without_gpa_maps_says_to_rerun(tiny_coco, tmp_path, loads):
     run = precompute(**_options(tiny_coco, tmp_path))
     (run.path / "gpa" / "map_0.npy").unlink()
@@ -426,6 +481,11 @@ def test_default_run_name_hashes_the_config(tiny_coco, tmp_path, loads):
     c = PrecomputeConfig.from_mapping({**options, "batch_size": 2})
     assert default_run_name(a, "coco") != default_run_name(b, "coco")
     assert default_run_name(a, "coco") == default_run_name(c, "coco")  # batching changes nothing
+    # a setting added later names a new folder only when it differs from its default
+    stop = PrecomputeConfig.from_mapping({**options, "gpa_stop": "optimum"})
+    assert default_run_name(stop, "coco") == default_run_name(a, "coco")
+    stop = PrecomputeConfig.from_mapping({**options, "gpa_stop": "uncertainty"})
+    assert default_run_name(stop, "coco") != default_run_name(a, "coco")
     run = precompute(a)
     assert run.path.name == default_run_name(a, "tiny-coco")
 

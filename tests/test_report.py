@@ -554,6 +554,18 @@ def test_gpa_stability_with_other_starts_is_recomputed(planted_run_path, tmp_pat
     assert "gpa_stability.csv" in files and "(2 random starts" in entry["verdict"]
 
 
+def test_gpa_stopped_at_its_uncertainty_is_said_in_the_report(tmp_path):
+    from tests.fixtures_runs import make_synthetic_run
+
+    run = make_synthetic_run(tmp_path / "runs", n=40, images=False, thumbnails=False,
+                             gpa_stop="uncertainty")
+    files, entry = report.gpa_stability_section(run, tmp_path / "out", n_starts=4, seed=0)
+    assert entry["stored"] is True
+    assert entry["gpa_stop"]["tol"] == run.gpa_stop.tol == run.gpa_stability.tol
+    assert entry["verdict"].endswith(run.gpa_stop.describe())
+    assert entry["verdict"].startswith("GPA stability (4 random starts")
+
+
 def test_skipped_sections_are_left_out(planted_run_path, tmp_path):
     run = str(planted_run_path / "runs" / "demo")
     status = report.main(
