@@ -23,6 +23,11 @@ Per stimulus count n, each method runs in its own process (so that its peak RSS 
   of the inputs' cross-products, no second solve of GPA);
 * ``steps_before``: the same two steps as before that (the diagnostic solves GPA again); the
   summary line gives both times and the largest difference of their dispersion spreads.
+* ``uncertainty``: a run's GPA step with ``gpa_stop="uncertainty"``
+  (``gpa_stability.gpa_to_uncertainty``: GPA and the diagnostic's random starts together, stopped
+  once the residuals move less than a tenth of their spread over the starts); its summary line
+  compares it with ``steps`` (the same two outputs at the optimum) and ``new`` (the optimum's
+  residuals: how far the early stop leaves them, in units of the spread).
 
 Reported per (n, method): iterations, block sweeps, seconds (wall and CPU), final loss, loss minus
 the reference's and minus the lowest loss found, Spearman ρ of the dispersion (mean residual) with
@@ -32,7 +37,8 @@ methods within one run (ratios), and prefer CPU seconds.
 
 Usage:
     .venv/bin/python benchmarks/bench_gpa_scale.py [--sizes 2000,5000,10000] [--dims 768,768,768,768]
-        [--rank 64] [--noise 0.2] [--methods old,new,reference,tight,stability,steps,steps_before]
+        [--rank 64] [--noise 0.2]
+        [--methods old,new,reference,tight,stability,steps,steps_before,uncertainty]
         [--old-max-n 10000]
         [--threads N] [--max-iter 3000] [--out gpa_scale.json] [--quick]
 ``--quick`` is a smoke run (n = 400, 800; width 96). Writes benchmarks/results/NAME.
@@ -60,6 +66,8 @@ from benchmarks.record import machine, write_results  # noqa: E402
 METHODS = ("old", "new", "reference", "tight", "stability")
 #: the run's GPA and stability steps, with and without the stability step starting from GPA's fit
 STEPS = ("steps", "steps_before")
+#: the GPA step stopped at the residuals' uncertainty (GPA and its stability diagnostic in one)
+UNCERTAINTY = "uncertainty"
 
 
 # --- the data --------------------------------------------------------------------------------------
@@ -163,7 +171,7 @@ def run_worker(method: str, paths: list[Path], out: Path, threads: int | None, s
     from threadpoolctl import threadpool_limits
 
     from convergence_core import procrustes
-    from convergence_core.gpa_stability import gpa_stability
+    from convergence_core.gpa_stability import gpa_stability, gpa_to_uncertainty
 
     arrays = [np.load(p, mmap_mode="r") for p in paths]
     parts: dict[str, float] = {}
@@ -234,6 +242,17 @@ def run_worker(method: str, paths: list[Path], out: Path, threads: int | None, s
             record.update(iterations=result.n_iter, loss=float(result.loss_history[-1]),
                           converged=result.converged,
                           stability_iterations=int(stability.n_iter.sum()))
+        elif method == UNCERTAINTY:
+            result, stability, stop = gpa_to_uncertainty(arrays, n_starts=starts)
+            residuals = result.residuals
+            np.save(out.with_suffix(".spread.npy"), stability.dispersion_spread)
+            record.update(iterations=result.n_iter, loss=float(result.loss_history[-1]),
+                          converged=result.converged,
+                          stability_iterations=int(stability.n_iter.sum()),
+                          max_residual_spread=float(stability.residual_spread.max()),
+                          min_spearman=float(np.nanmin(stability.spearman)),
+                          stop={"tol": stop.tol, "stages": stop.stages, "met": stop.met,
+                                "step_over_spread": stop.step_over_spread})
         else:
             raise ValueError(f"unknown method {method!r}")
         record["seconds"] = time.perf_counter() - wall
@@ -315,6 +334,12 @@ def main() -> None:
                     record["loss_minus_lowest"] = record["loss"] - best
                 if reference is not None and "loss" in record:
                     record["loss_minus_reference"] = record["loss"] - reference["loss"]
+                if method == UNCERTAINTY and residuals is not None and "new" in results:
+                    optimum = np.load(folder / f"new_{n}.npy")  # GPA at its optimum
+                    record["spearman_vs_optimum"] = spearman(residuals.mean(axis=1),
+                                                             optimum.mean(axis=1))
+                    distance = float(np.abs(residuals - optimum).max())
+                    record["max_abs_residual_minus_optimum"] = distance
                 if reference is not None and residuals is not None:
                     ref_res = np.load(folder / f"reference_{n}.npy")
                     record["spearman_vs_reference"] = spearman(residuals.mean(axis=1), ref_res.mean(axis=1))
@@ -352,6 +377,21 @@ def main() -> None:
                   f"(stability {now['stability_s']:.1f} s) against {before['seconds']:.1f} s "
                   f"(stability {before['stability_s']:.1f} s) when the stability step solved GPA "
                   f"again; dispersion spreads {now['spread_difference']:.1e} apart")
+        if UNCERTAINTY in by:
+            early = by[UNCERTAINTY]
+            line = (f"n={n}: GPA + stability ({args.stability_starts} starts) stopped at the "
+                    f"residuals' uncertainty: {early['seconds']:.1f} s, GPA {early['iterations']} "
+                    f"iterations, all solutions {early['stability_iterations']}, {early['stop']}")
+            if "steps" in by:
+                line += (f"; at the optimum {by['steps']['seconds']:.1f} s (GPA "
+                         f"{by['steps']['iterations']}, all {by['steps']['stability_iterations']})")
+            if "max_abs_residual_minus_optimum" in early:
+                distance = early["max_abs_residual_minus_optimum"]
+                line += (f"; residuals {distance:.1e} from the optimum's = "
+                         f"{distance / early['max_residual_spread']:.2f} × the largest spread, "
+                         f"dispersion ρ {early['spearman_vs_optimum']:.5f} with it (starts among "
+                         f"themselves: ≥ {early['min_spearman']:.5f})")
+            print(line)
 
     payload = {
         "machine": machine(threads=args.threads,

@@ -95,17 +95,25 @@ def test_gpa_scale_benchmark_runs_and_writes_json() -> None:
 
 def test_gpa_scale_benchmark_compares_the_run_steps_with_and_without_reuse() -> None:
     """``steps``: GPA keeping its fit, the stability diagnostic starting from it; ``steps_before``:
-    the diagnostic solving GPA again. Same GPA, same dispersion spreads; both timed."""
+    the diagnostic solving GPA again. Same GPA, same dispersion spreads; both timed.
+    ``uncertainty``: the two in one, stopped at the residuals' uncertainty, measured against the
+    optimum (``new``)."""
+    methods = ("new", "steps", "steps_before", "uncertainty")
     rows, stdout = _gpa_scale_quick(
-        "gpa-steps-smoke-test.json", "--methods", "steps,steps_before", "--stability-starts", "2"
+        "gpa-steps-smoke-test.json", "--methods", ",".join(methods), "--stability-starts", "2"
     )
-    assert set(rows) == {(n, m) for n in (400, 800) for m in ("steps", "steps_before")}
+    assert set(rows) == {(n, m) for n in (400, 800) for m in methods}
     for n in (400, 800):
         now, before = rows[(n, "steps")], rows[(n, "steps_before")]
         assert now["loss"] == before["loss"] and now["iterations"] == before["iterations"]
         assert now["spread_difference"] == 0.0
         assert now["stability_s"] > 0 and before["stability_s"] > 0
+        early = rows[(n, "uncertainty")]
+        assert early["loss"] >= rows[(n, "new")]["loss"] - 1e-12  # not below the optimum
+        assert early["stop"]["step_over_spread"] <= 0.1 or not early["stop"]["met"]
+        assert 0 < early["max_abs_residual_minus_optimum"] and early["spearman_vs_optimum"] > 0.9
     assert "when the stability step solved GPA again" in stdout
+    assert "stopped at the residuals' uncertainty" in stdout and "× the largest spread" in stdout
 
 
 def test_dashboard_round_ratios_and_their_verdict() -> None:
