@@ -34,10 +34,10 @@ from .cache import (
     write_npy,
     write_parquet,
 )
+from .gpa_stability import GPA_STOPS
 from .manifest import MANIFEST_FORMAT, DatasetInfo, GPARecord, ModelEntry, parse_manifest
 from .neighbours import DEFAULT_LIST_SIZE, clip_threshold, list_size_for
 from .procrustes import DEFAULT_TOL as DEFAULT_GPA_TOL
-from .gpa_stability import GPA_STOPS
 from .procrustes import GPA_ALGORITHM
 from .run import Run, load_run
 from .run_writer import (
@@ -1267,6 +1267,10 @@ class _Pipeline:
         self.notify(ProgressEvent("gpa", None, total, total))
         return inputs
 
+    def _stability_inputs(self, gpa_inputs: str) -> str:
+        """The gpa_stability step's input fingerprint."""
+        return fingerprint("gpa_stability", gpa_inputs, self.plan.gpa_starts, GPA_STABILITY_SEED)
+
     def _gpa_to_uncertainty(self, inputs: str) -> None:
         """The GPA step stopped at the residuals' uncertainty: GPA and its stability diagnostic
         in one (``write_gpa_to_uncertainty``), so this step also finishes gpa_stability."""
@@ -1289,9 +1293,7 @@ class _Pipeline:
                               detail=f"loss tol {tol:.0e}: GPA solution {done} of {count}")
             ),
         )
-        self.manifest.finish_step(
-            "gpa_stability", fingerprint("gpa_stability", inputs, starts, GPA_STABILITY_SEED)
-        )
+        self.manifest.finish_step("gpa_stability", self._stability_inputs(inputs))
         self.manifest.finish_step(
             "gpa", inputs, n_iter=int(result.n_iter), converged=bool(result.converged),
             stop_tol=stop.tol,
@@ -1311,7 +1313,7 @@ class _Pipeline:
     def gpa_stability(self, gpa_inputs: str) -> None:
         """gpa/stability.*: GPA from ``gpa_starts`` random starts (none when 0)."""
         starts = self.plan.gpa_starts
-        inputs = fingerprint("gpa_stability", gpa_inputs, starts, GPA_STABILITY_SEED)
+        inputs = self._stability_inputs(gpa_inputs)
         # GPA's result with its fit when this process computed it: the reference solution, not
         # solved again (released here: its cross-products are the largest array GPA keeps)
         reference, self._gpa_result = self._gpa_result, None
