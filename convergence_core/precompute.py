@@ -1276,7 +1276,9 @@ class _Pipeline:
         in one (``write_gpa_to_uncertainty``), so this step also finishes gpa_stability."""
         starts = self.plan.gpa_starts
         self.manifest.forget_step("gpa_stability")
-        total = starts + 1  # per stage: GPA from its own start and from each random start
+        # per stage: GPA from its own start and from each random start; then the stop (one
+        # "done", not one per stage)
+        total = starts + 2
         self.notify(ProgressEvent("gpa", None, 0, total))
         result, _, stop = write_gpa_to_uncertainty(
             self.layout,
@@ -1289,7 +1291,7 @@ class _Pipeline:
             tol=self.plan.gpa_tol,
             max_iter=self.plan.gpa_max_iter,
             progress=lambda tol, done, count: self.notify(
-                ProgressEvent("gpa", None, done, count,
+                ProgressEvent("gpa", None, done, total,
                               detail=f"loss tol {tol:.0e}: GPA solution {done} of {count}")
             ),
         )

@@ -312,6 +312,8 @@ def test_gpa_stopped_at_its_uncertainty_writes_gpa_and_its_diagnostic_in_one_ste
     assert len(solves) == 5 * stop.stages  # the reference and 4 starts per stage, nothing else
     assert not any(e.step == "gpa_stability" and not e.skipped for e in events)
     assert any(e.step == "gpa" and "GPA solution 5 of 5" in (e.detail or "") for e in events)
+    # one "done" for the step, not one per stage
+    assert sum(e.step == "gpa" and e.done >= e.total for e in events) == 1
     monkeypatch.setattr(procrustes, "_iterate", iterate)
     direct, stability, direct_stop = gpa_to_uncertainty(
         run.gpa.inputs, n_starts=4, seed=0, models=run.gpa.models
