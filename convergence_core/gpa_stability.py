@@ -344,6 +344,17 @@ def _reference_fit(
     return fit
 
 
+def _check_starts(n_starts: Any, seed: Any) -> None:
+    """``n_starts`` ≥ 1 random starts and an integer ``seed`` (both diagnostics' arguments)."""
+    if isinstance(n_starts, bool) or not isinstance(n_starts, (int, np.integer)) or n_starts < 1:
+        raise ValueError(
+            f"n_starts must be an integer >= 1, got {n_starts!r}: the diagnostic compares GPA's "
+            "residuals with those from random starts; 4 is a good default."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}.")
+
+
 def gpa_stability(
     embeddings: Sequence[Any],
     *,
@@ -378,12 +389,7 @@ def gpa_stability(
     Returns:
         :class:`GPAStability`.
     """
-    if isinstance(n_starts, bool) or not isinstance(n_starts, (int, np.integer)) or n_starts < 1:
-        raise ValueError(
-            f"n_starts must be an integer >= 1, got {n_starts!r}; 4 is a good default."
-        )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    _check_starts(n_starts, seed)
     _gpa._check_options(tol, max_iter)
     arrays = _gpa._check_inputs(embeddings, tuple(str(x) for x in models))
     names = _gpa._check_names(models, len(arrays), "model names")
@@ -577,13 +583,7 @@ def gpa_to_uncertainty(
         not the optimum's), the diagnostic of all the solutions where they stopped, and
         :class:`UncertaintyStop`.
     """
-    if isinstance(n_starts, bool) or not isinstance(n_starts, (int, np.integer)) or n_starts < 1:
-        raise ValueError(
-            f"n_starts must be an integer >= 1, got {n_starts!r}: the rule compares the "
-            "residuals' steps with their spread over random starts; 4 is a good default."
-        )
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer, got {seed!r}.")
+    _check_starts(n_starts, seed)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
         0 < fraction <= 1
     ):
