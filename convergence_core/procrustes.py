@@ -116,6 +116,21 @@ iterations, 204 s here):
   times (3 ties), and at width 256 either start was faster or lower depending on the seed. The
   loss of equal-width problems has many local minima within ~1e-7-1e-5 of each other;
   :mod:`gpa_stability` measures what they do to the residuals.
+* Group moves (after each plain sweep, each pair of the three non-reference models rotated
+  together onto the other two, one polar factor per pair; 4 × 128, n = 2,000): 340 sweeps to
+  rounding instead of 359, each slower. The slow direction (the step of the last plain sweeps)
+  lies wholly in rotations among each model's directions of small block curvature (eigenvalues
+  1.2e-5 to 1e-3 of sym(T_iᵀ G_i), the models' "noise" dimensions, against 0.08 for the
+  signal's) and is spread over all 64 of them (the 8 smallest hold 11-73 % of it): neither a
+  move of whole models nor a Newton step on a few directions catches it.
+* Sweeps that keep the reference at I instead of moving it first (the same stationary points:
+  the reference's condition follows from the others'; at width 768 6 products and 3 polar
+  factors instead of 11 and 4): more iterations than that saves (4 × 128, 3 seeds: 134, 78, 50
+  against 49, 63, 36; 4 × 256, 2 seeds: 106, 153 against 79, 84).
+* Where a sweep's time goes (4 × 768): 0.64 s, of which four polar factors 0.11 s each (its
+  eigendecomposition 0.063 s) and eleven 768 × 768 products 0.011 s each. The polar factor
+  cannot move to float32: the smallest eigenvalue of a aᵀ is ~6e-9 of its largest (after 30
+  sweeps), below float32's resolution.
 
 What is offered instead for that case: stopping where the residuals are as determined as the
 minima allow (``gpa_stability.gpa_to_uncertainty``, a run's ``gpa_stop="uncertainty"``): ~20
