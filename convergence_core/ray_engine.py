@@ -584,7 +584,11 @@ class RayEngine:
         finished_at = time.time()
         result = self._assemble(job, store, collector)
         result.extract_seconds = time.perf_counter() - started
-        ready = [float(m["ready_at"]) for m in collector.metas if "ready_at" in m]
+        # one (pid, ready_at) per actor that delivered a shard (a restarted actor is another one;
+        # the dead one's time counts to the end)
+        actors = sorted({(int(m["pid"]), float(m["ready_at"])) for m in collector.metas
+                         if "ready_at" in m})
+        ready = [at for _, at in actors]
         result.stats.update(
             engine="ray",
             actors=workers,
@@ -595,10 +599,15 @@ class RayEngine:
             shards_skipped=len(done),
             shards_written=len(collector.written),
             duplicate_rows=collector.duplicates,
-            actor_pids=sorted({int(m["pid"]) for m in collector.metas}),
+            actor_pids=sorted({pid for pid, _ in actors}),
             # from the first actor ready to the last shard in: the embedding work as the engine
             # delivers it (scheduling, transfers and shard writes included; start-up excluded)
             compute_seconds=finished_at - min(ready) if ready else None,
+            # each actor's time from its own ready to the last shard in, summed: what the engine
+            # had to work with once the model was loaded (an actor still loading is not idle)
+            actor_ready_seconds=sum(finished_at - at for at in ready) if ready else None,
+            actors_ready=len(ready),
+            ready_spread_seconds=max(ready) - min(ready) if ready else None,
             actor_busy_seconds=collector.busy_seconds,  # summed over actors (retries included)
         )
         shutil.rmtree(store.folder, ignore_errors=True)

@@ -697,6 +697,13 @@ def test_precompute_on_ray_equals_the_local_engine(
         # that is ready may take every block before the second has loaded its encoder. The
         # pool has two (above); each pid that did work is one of them.
         assert 1 <= len(stats["actor_pids"]) <= 2
+        # steady state per actor, from its own ready: between the window from the first actor
+        # ready less the spread of the ready times, and that window
+        assert stats["actors_ready"] == len(stats["actor_pids"])  # no actor restarted here
+        window, spread = stats["compute_seconds"], stats["ready_spread_seconds"]
+        per_actor = stats["actor_ready_seconds"] / stats["actors_ready"]
+        assert 0.0 <= spread <= window
+        assert window - spread - 1e-9 <= per_actor <= window + 1e-9
     for layer in local_lite0.layers:  # batches of 2, every layer
         got = np.asarray(ray_run.embeddings["efficientnet-lite0"][layer])
         assert np.max(np.abs(got - local_lite0.arrays[layer])) <= TOLERANCE
