@@ -127,6 +127,10 @@ iterations, 204 s here):
   the reference's condition follows from the others'; at width 768 6 products and 3 polar
   factors instead of 11 and 4): more iterations than that saves (4 × 128, 3 seeds: 134, 78, 50
   against 49, 63, 36; 4 × 256, 2 seeds: 106, 153 against 79, 84).
+* Symmetric sweeps (each model in order, then back in reverse order: 7 block steps instead of 4)
+  under the same acceleration: fewer iterations (4 × 128, 3 seeds: 44, 48, 31 against 49, 63,
+  36; 4 × 256: 62, 76 against 79, 84) but more block steps (315, 385, 224 against 200, 264,
+  148; 497, 567 against 336, 356), and more time.
 * Where a sweep's time goes (4 × 768): 0.64 s, of which four polar factors 0.11 s each (its
   eigendecomposition 0.063 s) and eleven 768 × 768 products 0.011 s each. The polar factor
   cannot move to float32: the smallest eigenvalue of a aᵀ is ~6e-9 of its largest (after 30
