@@ -132,7 +132,7 @@ iterations, 204 s here):
   36; 4 × 256: 62, 76 against 79, 84) but more block steps (315, 385, 224 against 200, 264,
   148; 497, 567 against 336, 356), and more time.
 * Where a sweep's time goes (4 × 768): 0.64 s, of which four polar factors 0.11 s each (its
-  eigendecomposition 0.063 s) and eleven 768 × 768 products 0.011 s each. The polar factor
+  eigendecomposition 0.063 s) and eleven 768 × 768 products 0.011 s each. The eigendecomposition
   cannot move to float32: the smallest eigenvalue of a aᵀ is ~6e-9 of its largest (after 30
   sweeps), below float32's resolution.
 
