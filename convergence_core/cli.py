@@ -42,6 +42,9 @@ examples:
   python -m convergence_core precompute --dataset my-set/ --vision efficientnet-lite0 \\
       --features dinov2=feats/dinov2.npy --modality dinov2=vision \\
       --features subj01:V1=fmri/subj01_V1.parquet --modality subj01=brain
+  python -m convergence_core precompute --features a=a.npy --features b=b.npy \\
+      --features V1=V1.parquet --modality a=vision --modality b=vision --modality V1=brain
+      (no --dataset: the stimuli are the first file's ids; no images, no captions)
 
 A config file (.json or .toml) holds the same settings by their long names with underscores
 (dataset, vision_models, language_models, features, modalities, gpa_models, layers, gpa_layers,
@@ -118,7 +121,9 @@ def _precompute_parser(sub: Any) -> None:
     )
     parser.add_argument(
         "--dataset",
-        help="dataset folder (COCO captions.json or labels.csv), table file, or hf:NAME",
+        help="dataset folder (COCO captions.json or labels.csv), table file, or hf:NAME; "
+        "may be left out when every model comes from --features (the stimuli are then the ids "
+        "of the first feature file)",
     )
     parser.add_argument("--vision", help="vision models, comma-separated (at least 2)")
     parser.add_argument("--language", help="language models, comma-separated")
@@ -312,10 +317,11 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     config.update({key: value for key, value in flags.items() if value is not None})
     if args.preset and args.dataset is None:
         _check_preset_data(args.preset, config)
-    if "dataset" not in config or not (config.get("vision_models") or config.get("features")):
+    if not (config.get("vision_models") or config.get("features")):
         raise ValueError(
-            "nothing to precompute: give --preset demo, a config file, or at least --dataset and "
-            "--vision or --features (see `python -m convergence_core precompute --help`)"
+            "nothing to precompute: give --preset demo, a config file, --dataset with --vision "
+            "or --features, or --features alone (see `python -m convergence_core precompute "
+            "--help`)"
         )
     return config
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from .cache import (
     CacheFormatError,
@@ -92,7 +93,9 @@ class PrecomputeConfig:
 
     Attributes:
         dataset: a dataset spec for ``load_dataset``: a folder / table path, ``"hf:<name>"``, or a
-            mapping ``{"kind", "path", **options}``.
+            mapping ``{"kind", "path", **options}``. None (only when every model comes from
+            ``features``): the stimuli are the ids of the first feature file, in its order, with
+            no images and no captions (:func:`stimuli_from_feature_files`).
         vision_models / language_models: registry names (``models.get_spec``) whose
             representations are extracted here (encoders).
         features: models whose representations a user brings as files, ``{model: path}`` or
@@ -142,7 +145,7 @@ class PrecomputeConfig:
     (measured once per model; ``extract.fit_batch_size``), 32 on CPU.
     """
 
-    dataset: Any
+    dataset: Any = None
     vision_models: tuple[str, ...] = ()
     language_models: tuple[str, ...] = ()
     features: Mapping[str, Any] | None = None
@@ -186,7 +189,17 @@ class PrecomputeConfig:
                 self, "weights", {str(m): os.fspath(p) for m, p in self.weights.items()}
             )
         if not self.dataset:
-            raise ValueError("no dataset given; pass dataset=<folder, table file or hf:name>")
+            if self.vision_models or self.language_models:
+                encoders = [*self.vision_models, *self.language_models]
+                raise ValueError(
+                    f"no dataset given, but encoder models {encoders} embed its images and "
+                    "captions; give the data set (--dataset, or dataset=<folder, table file or "
+                    "hf:name>); only a run whose every model comes from feature files may leave "
+                    "it out"
+                )
+            if not self.features:
+                raise ValueError("no dataset given; pass dataset=<folder, table file or hf:name>")
+            object.__setattr__(self, "dataset", None)
         from .extract import CAPTION_MODES
 
         if self.caption_mode not in CAPTION_MODES:
@@ -322,8 +335,12 @@ class PrecomputeConfig:
         unknown = sorted(set(mapping) - known)
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        if "dataset" not in mapping:
-            raise ValueError("a precompute config needs at least 'dataset' and some models")
+        models = ("features", "vision_models", "language_models")
+        if "dataset" not in mapping and not any(mapping.get(key) for key in models):
+            raise ValueError(
+                "a precompute config needs at least 'dataset' and some models (or only "
+                "'features', whose first file's ids are then the stimuli)"
+            )
         return cls(**mapping)
 
     @classmethod
@@ -390,10 +407,11 @@ def _is_str_map(value: Any, check_value: Callable[[Any], bool]) -> bool:
 #: field -> (accepts the value, what it must be: the fix in the error message)
 _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dataset": (
-        lambda v: isinstance(v, (str, os.PathLike))
+        lambda v: v is None
+        or isinstance(v, (str, os.PathLike))
         or (isinstance(v, Mapping) and "path" in v and _is_path(v["path"])),
-        'a dataset folder or table path (a string), "hf:<name>", or a mapping '
-        '{"kind": ..., "path": "..."}',
+        'a dataset folder or table path (a string), "hf:<name>", a mapping '
+        '{"kind": ..., "path": "..."}, or None when every model comes from feature files',
     ),
     "vision_models": (
         lambda v: isinstance(v, str) or _is_str_list(v) or v == (),
@@ -759,7 +777,9 @@ def precompute(
     skipped on a rerun whose inputs are unchanged: load + check the dataset -> fingerprint it ->
     per model: its representations (extracted by an encoder, or read from files) -> its exact
     neighbour lists -> GPA on the GPA models' layers -> dispersion + residual PCA -> thumbnails.
-    An interrupted run therefore resumes after its last finished step.
+    An interrupted run therefore resumes after its last finished step. Without a data set
+    (``dataset`` None: every model from feature files) the stimuli are the first feature file's
+    ids, with no images and no captions (:func:`stimuli_from_feature_files`).
 
     Stale files are never reused: an encoder's fingerprint covers the dataset fingerprint, the
     model name, its layers, the caption mode (language), the device type and any weights path;
@@ -777,39 +797,92 @@ def precompute(
     pid), wait up to ``lock_wait_seconds`` (a ``"waiting"`` event is sent), then continue, reusing
     what it finished; after that, raise ``cache.RunLockedError``.
     """
-    from .datasets import check_dataset, dataset_fingerprint, load_dataset
+    from .sources import FeatureFileError
 
     cfg = _resolve_config(config, options)
     notify = progress or (lambda event: None)
     _check_models(cfg)
-    encoders = [*cfg.vision_models, *cfg.language_models]
+    cache = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
     notify(ProgressEvent("dataset", None, 0, 1))
+    if cfg.dataset is None:
+        stimuli, info = stimuli_from_feature_files(cfg)
+        name = cfg.run_name or default_run_name(cfg, FEATURE_IDS_DATASET)
+    else:
+        stimuli, info, name = _checked_dataset(cfg, cache)
+    notify(ProgressEvent("dataset", None, 1, 1))
+    try:
+        return _execute(
+            _plan_from_config(cfg),
+            cache / "runs" / model_key(name),
+            name,
+            stimuli,
+            info,
+            notify,
+            lock_wait_seconds=lock_wait_seconds,
+        )
+    except FeatureFileError as exc:
+        if cfg.dataset is not None:
+            raise
+        raise FeatureFileError(
+            f"{exc} (no dataset was given, so the stimuli are the ids of "
+            f"{info.source['path']}: every feature file must list the same ids)"
+        ) from None
+
+
+def _checked_dataset(
+    cfg: PrecomputeConfig, cache: Path
+) -> tuple[pd.DataFrame, DatasetInfo, str]:
+    """The config's data set, loaded and checked (bad images or captions: raise, or drop them),
+    as the normalised stimulus table, its :class:`DatasetInfo` and the run's name; the encoders'
+    weights are checked first, before the (slower) image check."""
+    from .datasets import check_dataset, dataset_fingerprint, load_dataset
+
     loaded = load_dataset(cfg.dataset)
     name = cfg.run_name or default_run_name(cfg, loaded.name)
-    cache = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
     # weights first, before the image check: every encoder the run does not record as extracted
     # (the pipeline checks again, exactly, once it knows the data set's fingerprint)
     recorded = _recorded_extractions(cache / "runs" / model_key(name))
+    encoders = [*cfg.vision_models, *cfg.language_models]
     _check_weights(cfg, [model for model in encoders if model not in recorded])
     dataset, dropped = check_dataset(loaded, drop_bad=cfg.drop_bad)
-    data_fingerprint = dataset_fingerprint(dataset)
-    notify(ProgressEvent("dataset", None, 1, 1))
     info = DatasetInfo(
         name=dataset.name,
-        fingerprint=data_fingerprint,
+        fingerprint=dataset_fingerprint(dataset),
         images_root=str(Path(dataset.root).resolve()),
         source=dataset.source,
         dropped=dropped,
     )
-    return _execute(
-        _plan_from_config(cfg),
-        cache / "runs" / model_key(name),
-        name,
-        normalise_stimuli(dataset.stimuli),
-        info,
-        notify,
-        lock_wait_seconds=lock_wait_seconds,
+    return normalise_stimuli(dataset.stimuli), info, name
+
+
+#: The data set name of a run whose stimuli are the ids of its feature files (no data set given).
+FEATURE_IDS_DATASET = "feature-ids"
+
+
+def stimuli_from_feature_files(config: PrecomputeConfig) -> tuple[pd.DataFrame, DatasetInfo]:
+    """The stimuli of a run without a data set (every model from files): the ids of the first
+    feature file (its first model, first layer) in that file's order, with no image and no
+    caption; every other file must hold the same ids, in any order (checked before any work, as
+    for a data set). Returns the normalised stimulus table and the run's :class:`DatasetInfo`
+    (no images root; the fingerprint covers the ids, so a changed id list resets the run)."""
+    from .sources import feature_file_ids
+
+    first = next(source for source in config.sources() if source.kind == "file")
+    layer = first.layers[0]
+    ids = feature_file_ids(first.files[layer], model=first.name, layer=layer)
+    frame = normalise_stimuli(
+        pd.DataFrame({"id": ids, "image": [""] * len(ids), "captions": [[] for _ in ids]})
     )
+    info = DatasetInfo(
+        name=FEATURE_IDS_DATASET,
+        fingerprint=fingerprint(
+            frame["id"].tolist(), frame["image"].tolist(), frame["captions"].tolist()
+        ),
+        images_root=None,
+        source={"kind": FEATURE_IDS_DATASET, "path": str(first.files[layer]),
+                "options": {"model": first.name, "layer": layer}},
+    )
+    return frame, info
 
 
 def write_run_from_embeddings(

@@ -21,7 +21,8 @@ Properties and their definitions (every function here is pure: arrays or files i
   :data:`EDGE_THRESHOLD`); ``entropy`` (Shannon entropy of the 256-bin histogram of the 8-bit luma,
   bits); ``jpeg_bytes_per_pixel`` (bytes of the working copy re-encoded as JPEG at quality
   :data:`JPEG_QUALITY`, per pixel: a clutter / visual-complexity proxy).
-* **caption** (:func:`caption_statistics`): ``n_captions``; ``caption_words`` (mean number of
+* **caption** (:func:`caption_statistics`; a run without any caption, made from feature files
+  alone, has none of these): ``n_captions``; ``caption_words`` (mean number of
   whitespace-separated words per caption); ``caption_agreement:<language model>`` (mean pairwise
   cosine similarity of the stimulus's own captions embedded by that model at its default layer,
   :func:`caption_agreement`; missing for stimuli with fewer than 2 captions).
@@ -560,14 +561,15 @@ def assemble_properties(
         for info in IMAGE_PROPERTIES:
             frame[info.name] = image[info.name].to_numpy(dtype=np.float64)
             infos.append(info)
-    captions = stimuli["captions"] if "captions" in stimuli else [[] for _ in range(n)]
-    stats = caption_statistics(list(captions))
-    frame["n_captions"] = stats["n_captions"].to_numpy()
-    frame["caption_words"] = stats["caption_words"].to_numpy()
-    infos += [
-        PropertyInfo("n_captions", "numeric", "captions", "number of captions", "caption"),
-        PropertyInfo("caption_words", "numeric", "words", "mean words per caption", "caption"),
-    ]
+    captions = list(stimuli["captions"]) if "captions" in stimuli else []
+    if any(len(c) for c in captions):  # a run without captions (feature files only) has none
+        stats = caption_statistics(captions)
+        frame["n_captions"] = stats["n_captions"].to_numpy()
+        frame["caption_words"] = stats["caption_words"].to_numpy()
+        infos += [
+            PropertyInfo("n_captions", "numeric", "captions", "number of captions", "caption"),
+            PropertyInfo("caption_words", "numeric", "words", "mean words per caption", "caption"),
+        ]
     for model, values in (agreement or {}).items():
         layer = (agreement_layers or {}).get(model, "default layer")
         name = f"caption_agreement:{model}"

@@ -53,6 +53,7 @@ __all__ = [
     "KNOWN_MODALITIES",
     "check_feature_file",
     "check_modality",
+    "feature_file_ids",
     "read_feature_file",
 ]
 
@@ -464,6 +465,21 @@ def _row_order(where: str, file_ids: Sequence[str], ids: Sequence[str]) -> np.nd
             f"{extra[:5]}); drop those rows or use the data set they belong to"
         )
     return np.fromiter((position[sid] for sid in ids), dtype=np.int64, count=len(ids))
+
+
+def feature_file_ids(path: str | os.PathLike[str], *, model: str, layer: str) -> list[str]:
+    """The stimulus ids of a feature file, in row order, without reading its features (an .npy's
+    id list, a parquet file's ``id`` column), after the checks of its format and shape: what a
+    run without a data set takes as its stimuli.
+
+    Raises:
+        FeatureFileError: as :func:`read_feature_file`, and for ids listed twice.
+    """
+    path = Path(path)
+    where = f"feature file {path} (model {model!r}, layer {layer!r})"
+    _, file_ids = _open_feature_file(path, where, features=False)
+    _row_order(where, file_ids, list(dict.fromkeys(file_ids)))  # the duplicate check
+    return file_ids
 
 
 def check_feature_file(

@@ -287,6 +287,125 @@ def test_cli_features_and_toml_models_table(tmp_path, coco, ids):
     assert "NAME=PATH" in bad.getvalue()
 
 
+# -- a run from feature files alone (no data set) ------------------------------------------------
+
+
+def _files_alone(tmp_path: Path, seed: int = 5) -> tuple[dict[str, Path], dict[str, np.ndarray],
+                                                         list[str]]:
+    """Two vision models and one brain subject as files with ids that no data set lists: the
+    first (va) in id order, the others with their rows in other orders."""
+    ids = [f"img{i:03d}" for i in range(N)]
+    latent, rng = _latent_features(ids, seed=seed)
+    arrays = {name: latent @ rng.standard_normal((6, d)) + 0.3 * rng.standard_normal((N, d))
+              for name, d in (("va", 12), ("vb", 9), ("V1", 20))}
+    order = rng.permutation(N)
+    paths = {
+        "va": _save_npy(tmp_path / "va.npy", arrays["va"], ids),
+        "vb": _save_parquet(tmp_path / "vb.parquet", arrays["vb"][order],
+                            [ids[i] for i in order]),
+        "V1": _save_npy(tmp_path / "V1.npy", arrays["V1"][order[::-1]],
+                        [ids[i] for i in order[::-1]]),
+    }
+    return paths, arrays, ids
+
+
+def test_a_run_from_feature_files_alone_takes_the_first_files_ids(tmp_path):
+    """No data set: the stimuli are the first file's ids in its order (no images, no captions),
+    the other files' rows are matched to them by id, a rerun reads nothing again, and the CLI
+    takes --features without --dataset."""
+    paths, arrays, ids = _files_alone(tmp_path)
+    options = dict(features={"va": str(paths["va"]), "vb": str(paths["vb"]),
+                             "subj01": {"V1": str(paths["V1"])}},
+                   modalities={"va": "vision", "vb": "vision", "subj01": "brain"},
+                   cache_root=str(tmp_path / "cache"))
+    run = precompute(**options)
+    assert run.name.startswith("feature-ids-") and run.n_stimuli == N
+    assert list(run.stimuli["id"]) == ids
+    assert run.images_root is None and run.thumbnail_path(0) is None
+    assert all(len(captions) == 0 for captions in run.stimuli["captions"])
+    assert run.manifest.dataset.source["path"] == str(paths["va"].resolve())
+    np.testing.assert_allclose(run.embeddings["vb"]["features"], arrays["vb"].astype(np.float32))
+    np.testing.assert_allclose(run.embeddings["subj01"]["V1"], arrays["V1"].astype(np.float32))
+    assert run.gpa.models == ("va", "vb")
+    assert run.alignment("va", "features", "subj01", "V1", k=5) > 0.2
+    columns = set(run.properties.values.columns)
+    assert "n_captions" not in columns and "caption_words" not in columns
+    assert "centroid_distance:va" in columns
+    events = []
+    precompute(**options, progress=events.append)
+    assert all(e.skipped for e in events if e.step in ("extract", "neighbours", "gpa"))
+
+    out, err = io.StringIO(), io.StringIO()
+    code = main(
+        ["precompute", "--features", f"va={paths['va']}", "--features", f"vb={paths['vb']}",
+         "--features", f"subj01:V1={paths['V1']}", "--modality", "va=vision",
+         "--modality", "vb=vision", "--modality", "subj01=brain", "--run-name", "cli",
+         "--cache", str(tmp_path / "cache"), "--quiet"],
+        out=out, err=err,
+    )
+    assert code == 0, err.getvalue()
+    assert f"{N} stimuli; vision va, vb; language -; brain subj01" in out.getvalue()
+
+
+def test_feature_files_alone_must_agree_on_the_ids(tmp_path):
+    """Without a data set every file must list the first file's ids (the error says so, and
+    nothing is written); encoders need a data set; duplicated ids in the first file are named."""
+    paths, arrays, ids = _files_alone(tmp_path)
+    short = _save_npy(tmp_path / "short.npy", arrays["vb"][:-1], ids[:-1])
+    cache = tmp_path / "cache"
+    options = dict(modalities={"va": "vision", "vb": "vision"}, cache_root=str(cache))
+    with pytest.raises(FeatureFileError, match=r"has no row for 1 of .*\(no dataset was given, so "
+                       r"the stimuli are the ids of .*va\.npy: every feature file must list"):
+        precompute(features={"va": str(paths["va"]), "vb": str(short)}, **options)
+    with pytest.raises(FeatureFileError, match=r"has 1 row\(s\) for ids the data set does not"):
+        precompute(features={"vb": str(short), "va": str(paths["va"])}, **options)
+    assert not (cache / "runs").exists() or not any((cache / "runs").iterdir())
+    twice = _save_npy(tmp_path / "twice.npy", arrays["va"], ids[:-1] + ids[:1])
+    with pytest.raises(FeatureFileError, match=r"twice\.npy .* lists 1 id\(s\) twice"):
+        precompute(features={"va": str(twice), "vb": str(paths["vb"])}, **options)
+    with pytest.raises(ValueError, match=r"no dataset given, but encoder models "
+                       r"\['efficientnet-lite0'\] embed its images"):
+        PrecomputeConfig(vision_models=["efficientnet-lite0"], features={"va": str(paths["va"])},
+                         modalities={"va": "vision"})
+    with pytest.raises(ValueError, match="no dataset given; pass dataset="):
+        PrecomputeConfig()
+    with pytest.raises(ValueError, match="needs at least 'dataset' and some models"):
+        PrecomputeConfig.from_mapping({"run_name": "x"})
+    err = io.StringIO()
+    assert main(["precompute", "--vision", "efficientnet-lite0,efficientnet-lite1"],
+                out=io.StringIO(), err=err) == 2
+    assert "no dataset given, but encoder models" in err.getvalue()
+    assert "give the data set (--dataset" in err.getvalue()
+    assert main(["precompute"], out=io.StringIO(), err=err) == 2
+    assert "nothing to precompute" in err.getvalue()
+
+
+def test_every_page_draws_a_run_from_feature_files_alone(tmp_path, monkeypatch):
+    """A run without images or captions (feature files alone): every page draws it, and the
+    gallery shows the stimulus ids."""
+    from streamlit.testing.v1 import AppTest
+
+    from convergence_core.dashboard import page
+
+    paths, _, ids = _files_alone(tmp_path)
+    precompute(features={"va": str(paths["va"]), "vb": str(paths["vb"]),
+                         "subj01": {"V1": str(paths["V1"])}},
+               modalities={"va": "vision", "vb": "vision", "subj01": "brain"},
+               run_name="demo", cache_root=str(tmp_path / "cache"))
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "cache"))
+    app = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"),
+                            default_timeout=60)
+    app.run()
+    assert not app.exception and not app.error
+    for target, _, _ in page.PAGES:
+        app.switch_page(target).run()
+        assert not app.exception and not app.error, (target, app.exception, app.error)
+        if target == "pages/1_Stimuli.py":
+            shown = " ".join(t.value for t in app.text)
+            assert "(no thumbnail in this run)" in shown
+            assert sum(f"id {i}" in shown for i in ids) == 12  # 6 low and 6 high
+
+
 # -- the brain example: synthetic voxel responses -----------------------------------------------
 
 
