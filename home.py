@@ -31,7 +31,7 @@ else:  # GPA across brain recordings (docs/brain_data.md) or another modality
 
 dataset = run.manifest.dataset
 gpa = run.gpa
-st.text(f"Dataset: {dataset.name or 'unnamed'} · run {run.name} · {run.path}")
+st.text(f"Dataset: {dataset.describe()} · run {run.name} · {run.path}")
 # plain Markdown tables rather than eight st.metric cards: a first visit then loads no card code
 # (~0.1 s of the page's 0.75 s in the browser, benchmarks/bench_dashboard.py)
 for summary in catalogue.run_summary(run):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePath
 from typing import Any
 
 from .cache import CacheFormatError, check_key
@@ -185,6 +186,11 @@ class ModelEntry:
         return out
 
 
+#: ``DatasetInfo.name`` and ``source["kind"]`` of a run made from feature files alone, whose
+#: stimuli are the first file's ids (``precompute.stimuli_from_feature_files``).
+FEATURE_IDS_DATASET = "feature-ids"
+
+
 @dataclass
 class DatasetInfo:
     """The data set a run was made from (``images_root`` None: a run without images)."""
@@ -194,6 +200,16 @@ class DatasetInfo:
     images_root: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     dropped: list[dict[str, Any]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """The data set in words, for Home: its name, or where a run without one took its
+        stimuli."""
+        if self.source.get("kind") == FEATURE_IDS_DATASET:
+            return (
+                f"none (the stimuli are the ids of {PurePath(str(self.source.get('path'))).name}; "
+                "no images, no captions)"
+            )
+        return self.name or "unnamed"
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> DatasetInfo:

@@ -36,7 +36,14 @@ from .cache import (
     write_parquet,
 )
 from .gpa_stability import GPA_STOPS
-from .manifest import MANIFEST_FORMAT, DatasetInfo, GPARecord, ModelEntry, parse_manifest
+from .manifest import (
+    FEATURE_IDS_DATASET,
+    MANIFEST_FORMAT,
+    DatasetInfo,
+    GPARecord,
+    ModelEntry,
+    parse_manifest,
+)
 from .neighbours import DEFAULT_LIST_SIZE, clip_threshold, list_size_for
 from .procrustes import DEFAULT_TOL as DEFAULT_GPA_TOL
 from .procrustes import GPA_ALGORITHM
@@ -853,10 +860,6 @@ def _checked_dataset(
         dropped=dropped,
     )
     return normalise_stimuli(dataset.stimuli), info, name
-
-
-#: The data set name of a run whose stimuli are the ids of its feature files (no data set given).
-FEATURE_IDS_DATASET = "feature-ids"
 
 
 def stimuli_from_feature_files(config: PrecomputeConfig) -> tuple[pd.DataFrame, DatasetInfo]:

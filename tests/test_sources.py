@@ -397,6 +397,8 @@ def test_every_page_draws_a_run_from_feature_files_alone(tmp_path, monkeypatch):
                             default_timeout=60)
     app.run()
     assert not app.exception and not app.error
+    assert any(t.value.startswith("Dataset: none (the stimuli are the ids of va.npy; no images, "
+                                  "no captions) · run demo") for t in app.text)
     for target, _, _ in page.PAGES:
         app.switch_page(target).run()
         assert not app.exception and not app.error, (target, app.exception, app.error)
