@@ -464,6 +464,17 @@ class Run:
         root = self.manifest.dataset.images_root
         return Path(root) if root else None
 
+    @cached_property
+    def has_thumbnails(self) -> bool:
+        """Whether the run wrote gallery thumbnails (not for a run without images, or one
+        precomputed with ``thumbnails=False``)."""
+        return self.layout.thumbnails_dir.is_dir()
+
+    @cached_property
+    def has_captions(self) -> bool:
+        """Whether any stimulus has a caption (a run made from feature files alone has none)."""
+        return "captions" in self.stimuli and any(len(c) for c in self.stimuli["captions"])
+
     def _check_row(self, row: int) -> int:
         if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
             raise ValueError(f"row must be an integer position in run.stimuli, got {row!r}")

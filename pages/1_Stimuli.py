@@ -61,9 +61,9 @@ with controls[1]:
     )
 with controls[2]:
     query = st.text_input(
-        "Filter by caption text",
+        "Filter by caption text" if run.has_captions else "Filter by id",
         key="w_caption_filter",
-        placeholder="e.g. dog, kitchen, surf…",
+        placeholder="e.g. dog, kitchen, surf…" if run.has_captions else "part of an id",
         help="Case-insensitive; matches any caption or the id.",
     )
 selection = state.get_selection(st.session_state, run.name)

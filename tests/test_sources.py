@@ -404,8 +404,12 @@ def test_every_page_draws_a_run_from_feature_files_alone(tmp_path, monkeypatch):
         assert not app.exception and not app.error, (target, app.exception, app.error)
         if target == "pages/1_Stimuli.py":
             shown = " ".join(t.value for t in app.text)
-            assert "(no thumbnail in this run)" in shown
             assert sum(f"id {i}" in shown for i in ids) == 12  # 6 low and 6 high
+            assert "(no caption)" not in shown and "thumbnail" not in shown
+            notes = [c.value for c in app.caption]
+            assert "This run has no thumbnails and no captions: the cards show ids and scores." \
+                in notes
+            assert app.text_input(key="w_caption_filter").label == "Filter by id"
 
 
 # -- the brain example: synthetic voxel responses -----------------------------------------------

@@ -247,12 +247,17 @@ def _inspect(identifier: str) -> None:
 def stimulus_card(run: Run, row: int, label: str, *, key: str, inspect: bool = True) -> None:
     """One stimulus: thumbnail, label, its first caption and how many more, a "Full captions"
     button when a caption is cut, and (``inspect``) an "Inspect" button (the Stimuli page's
-    detail view, which lists every caption)."""
-    thumbnail(run, row, missing="(no thumbnail in this run)")
+    detail view, which lists every caption). A run without thumbnails or without any caption
+    (:func:`gallery` says so once) shows neither line."""
+    if run.has_thumbnails:
+        thumbnail(run, row, missing="(no thumbnail for this stimulus)")
     identifier = str(run.stimuli["id"].iloc[row])
-    captions = list(run.stimuli["captions"].iloc[row]) if "captions" in run.stimuli else []
-    st.text(f"{excerpt(label)}\n{first_caption_text(captions)}")  # one element, not two
-    full_captions_button(captions, key=f"{key}-{row}", title=f"Stimulus {identifier}")
+    if run.has_captions:
+        captions = list(run.stimuli["captions"].iloc[row])
+        st.text(f"{excerpt(label)}\n{first_caption_text(captions)}")  # one element, not two
+        full_captions_button(captions, key=f"{key}-{row}", title=f"Stimulus {identifier}")
+    else:
+        st.text(excerpt(label))
     if inspect:
         st.button("Inspect", key=f"{key}-inspect-{row}", on_click=_inspect, args=(identifier,))
 
@@ -266,10 +271,15 @@ def gallery(
     columns: int = 4,
     inspect: bool = True,
 ) -> None:
-    """A grid of :func:`stimulus_card` s, ``columns`` per line, in the given order."""
+    """A grid of :func:`stimulus_card` s, ``columns`` per line, in the given order; above it,
+    once, what the cards leave out in a run without thumbnails or captions."""
     if not len(rows):
         st.info("No stimuli to show.")
         return
+    missing = [what for what, present in (("thumbnails", run.has_thumbnails),
+                                          ("captions", run.has_captions)) if not present]
+    if missing:
+        st.caption(f"This run has no {' and no '.join(missing)}: the cards show ids and scores.")
     for start in range(0, len(rows), columns):
         cells = st.columns(columns)
         for cell, row, label in zip(
