@@ -16,17 +16,23 @@ run = context.run
 view = context.view
 found = data.catalogue(run)
 
+partners = [m for m in run.models if m not in run.gpa.models]
+if run.language_models and run.gpa_modality == "vision":
+    modulates = " and how they modulate vision-language alignment (CKNNA)"
+elif partners:
+    modulates = " and how they modulate their alignment with the other models (CKNNA)"
+else:  # no model outside GPA: nothing to align with
+    modulates = ""
 if run.gpa_modality == "vision":
     st.text(
         "Where do vision models agree, stimulus by stimulus? Generalized Procrustes residuals "
-        "across vision models (dispersion) and how they modulate vision-language alignment "
-        "(CKNNA)."
+        f"across vision models (dispersion){modulates}."
     )
 else:  # GPA across brain recordings (docs/brain_data.md) or another modality
     st.text(
         f"Where do the GPA models ({', '.join(run.gpa.models)}: {run.gpa_modality}) agree, "
-        "stimulus by stimulus? Generalized Procrustes residuals across them (dispersion) and "
-        "how they modulate their alignment with the other models (CKNNA)."
+        "stimulus by stimulus? Generalized Procrustes residuals across them (dispersion)"
+        f"{modulates}."
     )
 
 dataset = run.manifest.dataset
