@@ -13,7 +13,10 @@ Loaders
 ``load_table``     a CSV / JSONL / parquet table with an ``image`` column and either
                    ``captions`` (a list; in CSV, or as a string anywhere, ``|``-separated) or
                    ``caption`` (one caption per row; rows sharing an id/image are merged, captions
-                   kept in row order), plus optional ``id`` and ``label`` columns.
+                   kept in row order), plus optional ``id`` and ``label`` columns. Without an
+                   ``image`` column (``id`` and captions only) it is a data set *without images*
+                   (``Dataset.images`` False): captions for language models and the dashboard,
+                   with every vision model's features from files.
 ``load_labelled``  ImageNet-sample style ``labels.csv`` (image, wnid, label); caption from a template.
 ``load_hf``        a Hugging Face ``datasets`` source; images are written as files into the cache.
 ``load_dataset``   dispatches on ``kind`` or detects it from ``spec``.
@@ -74,26 +77,38 @@ class Dataset:
         root: absolute folder; every ``stimuli.image`` is relative to it and stays inside it.
         stimuli: DataFrame with columns ``id``, ``image``, ``captions`` and optionally ``label``.
         source: how the dataset was loaded: ``{"kind", "path", "options"}`` (JSON-able).
+        images: False for a data set without images (a table of ids and captions): every
+            ``image`` is ``""``, and there is nothing for a vision encoder to embed.
     """
 
     name: str
     root: Path
     stimuli: pd.DataFrame
     source: dict[str, Any] = field(default_factory=dict)
+    images: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).resolve())
-        _validate_stimuli(self.stimuli, self.root)
+        _validate_stimuli(self.stimuli, self.root, images=self.images)
 
     def __len__(self) -> int:
         return len(self.stimuli)
 
+    def _check_images(self) -> None:
+        if not self.images:
+            raise ValueError(
+                f"dataset {self.name!r} has no images (a table of ids and captions); give vision "
+                "models as feature files, or use a data set with an 'image' column"
+            )
+
     def image_path(self, row: int) -> Path:
         """Absolute path of the image of stimulus ``row`` (0-based position)."""
+        self._check_images()
         return self.root / self.stimuli["image"].iat[int(row)]
 
     def image_paths(self) -> list[Path]:
         """Absolute image paths of all stimuli, in order."""
+        self._check_images()
         return [self.root / rel for rel in self.stimuli["image"]]
 
     def first_captions(self) -> list[str]:
@@ -102,7 +117,9 @@ class Dataset:
 
     def with_stimuli(self, stimuli: pd.DataFrame) -> Dataset:
         """A copy with another stimulus table (same root, name and source); index is reset."""
-        return Dataset(self.name, self.root, stimuli.reset_index(drop=True), dict(self.source))
+        return Dataset(
+            self.name, self.root, stimuli.reset_index(drop=True), dict(self.source), self.images
+        )
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -177,7 +194,7 @@ def _clean_captions(value: Any, *, split: bool = False) -> list[str]:
     return [p.strip() for p in parts if p is not None and p.strip()]
 
 
-def _validate_stimuli(stimuli: pd.DataFrame, root: Path) -> None:
+def _validate_stimuli(stimuli: pd.DataFrame, root: Path, *, images: bool = True) -> None:
     if not isinstance(stimuli, pd.DataFrame):
         raise ValueError(f"stimuli must be a pandas DataFrame, got {type(stimuli).__name__}")
     missing = [c for c in ("id", "image", "captions") if c not in stimuli.columns]
@@ -196,6 +213,12 @@ def _validate_stimuli(stimuli: pd.DataFrame, root: Path) -> None:
         )
     real_dirs: dict[str, str] = {}
     for rel in stimuli["image"]:
+        if not images:
+            if rel != "":
+                raise ValueError(
+                    f"image path {rel!r} in a data set without images; leave every image empty"
+                )
+            continue
         if not isinstance(rel, str) or safe_relative_path(root, rel, _real_dirs=real_dirs) != rel:
             raise ValueError(
                 f"image path {rel!r} is not a normalised path relative to {root}; "
@@ -382,20 +405,22 @@ def load_table(
 ) -> Dataset:
     """Load a stimulus table (CSV, JSONL or parquet) whose image paths are relative to ``root``.
 
-    Columns: ``image`` (required); ``captions`` (a list, or a ``|``-separated string) or
-    ``caption`` (one caption per row); optional ``id`` (default: the image path) and ``label``.
-    With ``caption``, rows sharing the same id (or image, when there is no id column) are merged
-    into one stimulus whose captions keep row order. Stimuli keep the table's order (first
-    appearance).
+    Columns: ``image``; ``captions`` (a list, or a ``|``-separated string) or ``caption`` (one
+    caption per row); optional ``id`` (default: the image path) and ``label``. With ``caption``,
+    rows sharing the same id (or image, when there is no id column) are merged into one stimulus
+    whose captions keep row order. Stimuli keep the table's order (first appearance). A table
+    with ``id`` but no ``image`` column is a data set without images (``images=False``).
     """
     root_path = _existing_dir(root, "table dataset")
     table_path = _within(root_path, table, "stimulus table")
     frame = _read_table(table_path)
     columns = set(frame.columns)
-    if "image" not in columns:
+    images = "image" in columns
+    if not images and "id" not in columns:
         raise ValueError(
             f"table {table_path} has no 'image' column (columns: {sorted(columns)}); "
-            "add one holding each image's path relative to the dataset root"
+            "add one holding each image's path relative to the dataset root (or, for a data set "
+            "without images whose vision models come from feature files, an 'id' column)"
         )
     if "captions" in columns:
         caption_col = "captions"
@@ -411,7 +436,8 @@ def load_table(
     rows: dict[str, dict[str, Any]] = {}
     real_dirs: dict[str, str] = {}
     for record in frame.to_dict("records"):
-        rel = safe_relative_path(root_path, str(record["image"]), _real_dirs=real_dirs)
+        rel = (safe_relative_path(root_path, str(record["image"]), _real_dirs=real_dirs)
+               if images else "")
         key = str(record["id"]) if has_id else rel
         caps = _clean_captions(record[caption_col], split=caption_col == "captions")
         if key in rows:
@@ -437,6 +463,7 @@ def load_table(
         root=root_path,
         stimuli=stimuli,
         source={"kind": "table", "path": str(root_path), "options": {"table": str(table_path)}},
+        images=images,
     )
 
 
@@ -763,10 +790,13 @@ def check_dataset(
     stimuli = dataset.stimuli
     n_workers = workers or min(4, os.cpu_count() or 1)
     root = dataset.root
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        image_problems = list(
-            pool.map(lambda path: image_problem(path, root=root), dataset.image_paths())
-        )
+    if not dataset.images:
+        image_problems: list[str | None] = [None] * len(stimuli)
+    else:
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            image_problems = list(
+                pool.map(lambda path: image_problem(path, root=root), dataset.image_paths())
+            )
     labels = stimuli["label"] if "label" in stimuli.columns else None
     bad: list[dict[str, str]] = []
     bad_rows: list[int] = []
@@ -785,7 +815,10 @@ def check_dataset(
     if not bad:
         return dataset, []
     if not drop_bad:
-        listed = "\n".join(f"  {b['id']} ({b['image']}): {b['reason']}" for b in bad[:_MAX_LISTED])
+        listed = "\n".join(
+            f"  {b['id']}" + (f" ({b['image']})" if b["image"] else "") + f": {b['reason']}"
+            for b in bad[:_MAX_LISTED]
+        )
         more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
         raise ValueError(
             f"{len(bad)} of {len(stimuli)} stimuli in dataset {dataset.name!r} are unusable:\n"
@@ -812,6 +845,22 @@ def _utf8(text: str, what: str) -> bytes:
         ) from None
 
 
+def _image_hash(dataset: Dataset, sid: str, rel: str) -> bytes:
+    """sha256 of the image file's bytes (read inside the data set root)."""
+    file_hash = hashlib.sha256()
+    try:
+        with open(resolve_inside(dataset.root, dataset.root / rel), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                file_hash.update(block)
+    except (OSError, ImageFileError) as exc:
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ValueError(
+            f"cannot read image {rel!r} of stimulus {sid!r} to fingerprint the dataset "
+            f"({cause}); run check_dataset() first"
+        ) from None
+    return file_hash.digest()
+
+
 def dataset_fingerprint(dataset: Dataset) -> str:
     """sha256 hex over every stimulus in order: id, image file bytes, captions and label.
 
@@ -829,18 +878,8 @@ def dataset_fingerprint(dataset: Dataset) -> str:
         dataset.stimuli[["id", "image", "captions"]].itertuples(index=False)
     ):
         put(_utf8(sid, f"id of stimulus {row}"))
-        file_hash = hashlib.sha256()
-        try:
-            with open(resolve_inside(dataset.root, dataset.root / rel), "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    file_hash.update(block)
-        except (OSError, ImageFileError) as exc:
-            cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise ValueError(
-                f"cannot read image {rel!r} of stimulus {sid!r} to fingerprint the dataset "
-                f"({cause}); run check_dataset() first"
-            ) from None
-        put(file_hash.digest())
+        # no image: b"" (length-prefixed, so never equal to an image's 32-byte hash)
+        put(_image_hash(dataset, sid, rel) if dataset.images else b"")
         put(_utf8(json.dumps(list(caps), ensure_ascii=False), f"a caption of stimulus {row}"))
         put(b"" if labels is None else _utf8(str(labels.iat[row]), f"label of stimulus {row}"))
     return digest.hexdigest()

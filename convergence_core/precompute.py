@@ -855,7 +855,7 @@ def _checked_dataset(
     info = DatasetInfo(
         name=dataset.name,
         fingerprint=dataset_fingerprint(dataset),
-        images_root=str(Path(dataset.root).resolve()),
+        images_root=str(Path(dataset.root).resolve()) if dataset.images else None,
         source=dataset.source,
         dropped=dropped,
     )

@@ -154,11 +154,39 @@ def test_table_caption_rows_merge(tmp_path: Path, make_images) -> None:
 
 def test_table_missing_columns(tmp_path: Path) -> None:
     pd.DataFrame({"img": ["a.png"], "caption": ["x"]}).to_csv(tmp_path / "t.csv", index=False)
-    with pytest.raises(ValueError, match="'image' column"):
+    with pytest.raises(ValueError, match=r"'image' column .* \(or, for a data set without images"):
         load_dataset(tmp_path / "t.csv")
     pd.DataFrame({"image": ["a.png"], "text": ["x"]}).to_csv(tmp_path / "u.csv", index=False)
     with pytest.raises(ValueError, match="'captions' nor a 'caption'"):
         load_dataset(tmp_path / "u.csv")
+
+
+def test_a_table_of_ids_and_captions_is_a_data_set_without_images(tmp_path: Path) -> None:
+    """No 'image' column but an 'id' one: captions (merged by id, in row order) and labels, no
+    images; the check needs no image, an empty caption is still reported, the fingerprint covers
+    the captions, and asking for an image path says there is none."""
+    pd.DataFrame({"id": ["s2", "s1", "s2", "s3"], "caption": ["b one", "a", "b two", ""],
+                  "label": ["x", "y", "x", "z"]}).to_csv(tmp_path / "caps.csv", index=False)
+    ds = load_dataset(tmp_path / "caps.csv")
+    assert not ds.images and ds.stimuli["id"].tolist() == ["s2", "s1", "s3"]
+    assert ds.stimuli["captions"].tolist() == [["b one", "b two"], ["a"], []]
+    assert ds.stimuli["image"].tolist() == ["", "", ""]
+    with pytest.raises(ValueError, match="has no images .* give vision models as feature files"):
+        ds.image_paths()
+    unusable = r"1 of 3 stimuli in dataset 'caps' are unusable:\n  s3: empty caption\n"
+    with pytest.raises(ValueError, match=unusable):
+        check_dataset(ds)
+    kept, dropped = check_dataset(ds, drop_bad=True)
+    assert kept.stimuli["id"].tolist() == ["s2", "s1"] and not kept.images
+    assert [d["reason"] for d in dropped] == ["empty caption"]
+    before = dataset_fingerprint(kept)
+    assert dataset_fingerprint(load_dataset(tmp_path / "caps.csv").with_stimuli(
+        kept.stimuli)) == before
+    changed = kept.stimuli.copy()
+    changed.at[0, "captions"] = ["b one", "b 2"]
+    assert dataset_fingerprint(kept.with_stimuli(changed)) != before
+    with pytest.raises(ValueError, match="leave every image empty"):
+        Dataset("bad", tmp_path, kept.stimuli.assign(image=["a.png", ""]), images=False)
 
 
 def test_duplicate_ids_rejected(tmp_path: Path, make_images) -> None:

@@ -414,6 +414,43 @@ def test_every_page_draws_a_run_from_feature_files_alone(tmp_path, monkeypatch):
             assert app.text_input(key="w_caption_filter").label == "Filter by id"
 
 
+def test_vision_files_with_a_caption_table_and_a_language_model_extracted_here(tmp_path):
+    """A data set without images (ids and captions) with vision models from files and MiniLM
+    (offline) embedding the captions here: the whole vision-language run, no image needed; a
+    vision encoder on that data set is refused before any work."""
+    paths, _, ids = _files_alone(tmp_path)
+    table = tmp_path / "captions.csv"
+    pd.DataFrame({"id": ids, "caption": [f"a photo of thing {i}" for i in range(N)]}).to_csv(
+        table, index=False)
+    run = precompute(
+        dataset=str(table), features={"va": str(paths["va"]), "vb": str(paths["vb"])},
+        modalities={"va": "vision", "vb": "vision"}, language_models=["minilm"],
+        layers="default", cache_root=str(tmp_path / "cache"), run_name="captions",
+    )
+    assert run.images_root is None and run.has_captions and not run.has_thumbnails
+    assert run.stimuli["captions"].tolist()[:2] == [["a photo of thing 0"], ["a photo of thing 1"]]
+    layer = run.default_layer("minilm")
+    assert run.embeddings["minilm"][layer].shape == (N, 384)
+    assert np.isfinite(run.alignment("va", "features", "minilm", layer, k=5))
+    assert "n_captions" in run.properties.values.columns
+    from streamlit.testing.v1 import AppTest
+
+    app = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"),
+                            default_timeout=60)
+    app.query_params["run"] = "captions"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CONVERGENCE_CACHE", str(tmp_path / "cache"))
+        app.run()
+        app.switch_page("pages/1_Stimuli.py").run()
+    assert not app.exception and not app.error
+    assert "This run has no thumbnails." in [c.value for c in app.caption]
+    assert "“a photo of thing" in " ".join(t.value for t in app.text)
+    with pytest.raises(ValueError, match="'efficientnet-lite0' needs images, but the data set has"):
+        precompute(dataset=str(table), vision_models=["efficientnet-lite0", "efficientnet-lite1"],
+                   cache_root=str(tmp_path / "cache"), run_name="refused")
+    assert not (tmp_path / "cache" / "runs" / "refused").exists()
+
+
 # -- the brain example: synthetic voxel responses -----------------------------------------------
 
 

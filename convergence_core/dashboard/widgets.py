@@ -279,7 +279,8 @@ def gallery(
     missing = [what for what, present in (("thumbnails", run.has_thumbnails),
                                           ("captions", run.has_captions)) if not present]
     if missing:
-        st.caption(f"This run has no {' and no '.join(missing)}: the cards show ids and scores.")
+        shown = ": the cards show ids and scores." if len(missing) == 2 else "."
+        st.caption(f"This run has no {' and no '.join(missing)}{shown}")
     for start in range(0, len(rows), columns):
         cells = st.columns(columns)
         for cell, row, label in zip(
