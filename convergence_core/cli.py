@@ -121,9 +121,10 @@ def _precompute_parser(sub: Any) -> None:
     )
     parser.add_argument(
         "--dataset",
-        help="dataset folder (COCO captions.json or labels.csv), table file, or hf:NAME; "
-        "may be left out when every model comes from --features (the stimuli are then the ids "
-        "of the first feature file)",
+        help="dataset folder (COCO captions.json or labels.csv), table file (with an image "
+        "column; or id and caption alone: captions without images), or hf:NAME; may be left out "
+        "when every model comes from --features (the stimuli are then the ids of the first "
+        "feature file)",
     )
     parser.add_argument("--vision", help="vision models, comma-separated (at least 2)")
     parser.add_argument("--language", help="language models, comma-separated")

@@ -1,4 +1,5 @@
-"""Datasets of paired stimuli: one image and one or more captions per stimulus, in a fixed order.
+"""Datasets of paired stimuli: one image and one or more captions per stimulus, in a fixed order
+(or captions alone: a table without an ``image`` column, whose vision models come from files).
 
 A :class:`Dataset` is a root folder plus a stimulus table. Every loader returns the same shape:
 
