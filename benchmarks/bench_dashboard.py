@@ -12,6 +12,8 @@ synthetic one). Prints tables and writes benchmarks/results/dashboard.json.
     .venv/bin/python benchmarks/bench_dashboard.py --browser-only --run RUN --lasso-fraction 0.3
     git worktree add /tmp/old HEAD~3        # then old and new pages in the same rounds:
     .venv/bin/python benchmarks/bench_dashboard.py --browser-only --beside /tmp/old --repeats 7
+    .venv/bin/python benchmarks/bench_dashboard.py --browser-only --beside /tmp/old \
+        --pages "Stimuli gallery,Home" --repeats 13     # only these pages: more rounds, less time
 
 The browser part (issue 18) serves the dashboard as ``make demo`` does and, beside it, a bare
 Streamlit page (a title and one line of text, the same ``.streamlit/config.toml``), and opens
@@ -70,7 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -292,12 +294,19 @@ BESIDE = " (beside)"
 
 
 def visits_of_a_round(
-    bare_base: str, base: str, run_query: str, beside_base: str | None = None
+    bare_base: str,
+    base: str,
+    run_query: str,
+    beside_base: str | None = None,
+    pages: Sequence[str] | None = None,
 ) -> list[tuple[str, str]]:
-    """(label, URL) of one round's visits: the bare page, then every page (``PAGES``), each
-    followed by the same page of the ``--beside`` checkout when one is served (label + BESIDE)."""
+    """(label, URL) of one round's visits: the bare page, then every page (``PAGES``, or those
+    labelled in ``pages``), each followed by the same page of the ``--beside`` checkout when one
+    is served (label + BESIDE)."""
     urls = [("bare Streamlit page", bare_base + "/")]
     for label, path in PAGES:
+        if pages is not None and label not in pages:
+            continue
         urls.append((label, f"{base}/{path}{run_query}"))
         if beside_base is not None:
             urls.append((label + BESIDE, f"{beside_base}/{path}{run_query}"))
@@ -310,12 +319,15 @@ def browser_benchmark(
     trace: Path | None,
     lasso_fraction: float = 0.5,
     beside: Path | None = None,
+    pages: Sequence[str] | None = None,
 ) -> tuple[list[dict[str, object]], dict[str, object]]:
     """Per page: median seconds, ratio to the bare page, and its costs; and the k step.
 
     ``beside``: another checkout of this repository (e.g. ``git worktree add /tmp/old REV``),
     whose dashboard is served too and whose pages are visited right after this one's in every
-    round: old and new code measured in one run, against the same bare page."""
+    round: old and new code measured in one run, against the same bare page. ``pages``: only
+    the pages with these labels (``PAGES``); the k step needs the Alignment lab among them and
+    the lasso the Residual space (each is left out otherwise)."""
     from playwright.sync_api import sync_playwright
 
     cache = _cache_of(run_path)
@@ -333,7 +345,7 @@ def browser_benchmark(
                 ))
             browser = headless.launch_chromium(playwright)
             context = browser.new_context(viewport={"width": 1400, "height": 1000})
-            urls = visits_of_a_round(bare_base, base, run_query, beside_base)
+            urls = visits_of_a_round(bare_base, base, run_query, beside_base, pages)
             # fill the browser's cache and the server's caches alike; these first visits are
             # the cold-server loads (a page's data computed and cached for every later session)
             cold = {label: headless.measure_visit(context, url).seconds for label, url in urls}
@@ -341,8 +353,11 @@ def browser_benchmark(
             for _ in range(repeats):
                 for label, url in urls:
                     visits[label].append(headless.measure_visit(context, url))
-            steps = _k_steps(context, f"{base}/Alignment_lab{run_query}&k=10", repeats)
-            lasso = _lasso(context, f"{base}/Residual_space{run_query}", lasso_fraction)
+            wanted = {label for label, _ in urls}
+            steps = (_k_steps(context, f"{base}/Alignment_lab{run_query}&k=10", repeats)
+                     if "Alignment lab" in wanted else [])
+            lasso = (_lasso(context, f"{base}/Residual_space{run_query}", lasso_fraction)
+                     if "Residual space" in wanted else {})
             profiles = {} if trace is None else _traces(browser, context, urls, trace)
             browser.close()
     bare_median = statistics.median(v.seconds for v in visits["bare Streamlit page"])
@@ -378,6 +393,8 @@ def browser_benchmark(
                 },
             }
         )
+    if not steps:
+        return rows, {"lasso": lasso, "trace_profiles": profiles}
     step_median = statistics.median(steps)
     k_step = {
         "seconds_median": round(step_median, 3),
@@ -712,11 +729,13 @@ def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> 
         f"over the rounds. Verdict against {TARGET_PAGE_RATIO}×: met in every round, in none "
         "(not met), or in some (within noise)."
     )
-    print(
-        f"k change in the Alignment lab until the new bars are drawn: "
-        f"{k_step['seconds_median']:.2f} s = {k_step['ratio_to_bare_load']:.2f} × the bare page's "
-        f"load ({k_step['bare_page_s']:.2f} s); target ≤ {TARGET_K_RATIO} ×: {k_step['ok']}"
-    )
+    if "seconds_median" in k_step:  # the Alignment lab was measured
+        print(
+            f"k change in the Alignment lab until the new bars are drawn: "
+            f"{k_step['seconds_median']:.2f} s = {k_step['ratio_to_bare_load']:.2f} × the bare "
+            f"page's load ({k_step['bare_page_s']:.2f} s); target ≤ {TARGET_K_RATIO} ×: "
+            f"{k_step['ok']}"
+        )
     profiles = k_step["trace_profiles"]
     if profiles:  # --trace: one traced visit per page
         print("\nwhere a traced visit's main-thread time went "
@@ -734,12 +753,13 @@ def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> 
                 + ", ".join(f"{name} {ms:.0f}" for name, ms in modules)
             )
     lasso = k_step["lasso"]
-    print(
-        f"Residual space: interactive chart drawn {lasso['interactive_chart_s']:.2f} s after its "
-        f"toggle; a lasso over the left {lasso['lasso_fraction']:.0%} of the map selected "
-        f"{lasso['lasso_selected']:,} stimuli, listed "
-        f"{lasso['lasso_to_selection_s']:.2f} s after the mouse was released"
-    )
+    if lasso:  # the Residual space was measured
+        print(
+            f"Residual space: interactive chart drawn {lasso['interactive_chart_s']:.2f} s after "
+            f"its toggle; a lasso over the left {lasso['lasso_fraction']:.0%} of the map selected "
+            f"{lasso['lasso_selected']:,} stimuli, listed "
+            f"{lasso['lasso_to_selection_s']:.2f} s after the mouse was released"
+        )
 
 
 def main() -> None:
@@ -764,11 +784,18 @@ def main() -> None:
     parser.add_argument("--beside", type=Path,
                         help="another checkout of this repository (e.g. a git worktree of an "
                         "older commit) whose pages are measured in the same rounds")
+    parser.add_argument("--pages", help="comma-separated page labels to measure (default: all: "
+                        + ", ".join(label for label, _ in PAGES) + ")")
     parser.add_argument("--out", default="dashboard.json", help="file name in benchmarks/results")
     args = parser.parse_args()
     if args.beside is not None and not (args.beside / "convergence_core" / "dashboard").is_dir():
         raise SystemExit(f"--beside {args.beside}: not a checkout of this repository (no "
                          "convergence_core/dashboard); make one with `git worktree add PATH REV`")
+    pages = None if args.pages is None else [p.strip() for p in args.pages.split(",")]
+    unknown = sorted(set(pages or ()) - {label for label, _ in PAGES})
+    if unknown:
+        raise SystemExit(f"--pages: no page labelled {', '.join(map(repr, unknown))}; the pages "
+                         f"are {', '.join(label for label, _ in PAGES)}")
     if args.element_costs:
         rows = element_costs(args.repeats)
         print(f"{'element (one page each)':<30} {'page s':>7} {'extra ms':>9} {'rounds':>14} "
@@ -795,7 +822,7 @@ def main() -> None:
         if not headless.CHROMIUM.exists():
             raise SystemExit(f"{headless.CHROMIUM} is missing: install Debian's chromium")
         rows, k_step = browser_benchmark(
-            run_path, args.repeats, args.trace, args.lasso_fraction, args.beside
+            run_path, args.repeats, args.trace, args.lasso_fraction, args.beside, pages
         )
         payload["browser"] = {"pages": rows, "k_step": k_step,
                               "targets": {"page_ratio": TARGET_PAGE_RATIO,
