@@ -147,6 +147,12 @@ def test_dashboard_rounds_visit_each_page_then_its_twin_beside() -> None:
         (label + BESIDE, f"http://old/{path}?run=demo") for label, path in PAGES
     ]
     assert len({label for label, _ in both}) == len(both)  # every row keeps its own label
+    # --pages: the bare page and only the chosen pages, in the list's order
+    chosen = visits_of_a_round("http://b", "http://new", "?run=demo", "http://old",
+                               [PAGES[2][0], PAGES[0][0]])
+    assert [label for label, _ in chosen] == [
+        "bare Streamlit page", PAGES[0][0], PAGES[0][0] + BESIDE, PAGES[2][0], PAGES[2][0] + BESIDE
+    ]
 
 
 def test_element_costs_app_has_one_working_page_per_kind(tmp_path) -> None:
