@@ -45,12 +45,15 @@ examples:
   python -m convergence_core precompute --features a=a.npy --features b=b.npy \\
       --features V1=V1.parquet --modality a=vision --modality b=vision --modality V1=brain
       (no --dataset: the stimuli are the first file's ids; no images, no captions)
+  python -m convergence_core precompute --dataset data/coco --vision a,b --language minilm \
+      --features V1=V1.npy --modality V1=brain --stimuli common
+      (brain recordings of some of the images: the run holds the stimuli every file covers)
 
 A config file (.json or .toml) holds the same settings by their long names with underscores
 (dataset, vision_models, language_models, features, modalities, gpa_models, layers, gpa_layers,
-device, batch_size, caption_mode, drop_bad, run_name, cache_root, weights, thumbnails, list_size,
-neighbour_layers, precision, engine, ray_address, concurrency, num_cpus, num_gpus, runtime_env,
-gpa_starts, gpa_stop),
+device, batch_size, caption_mode, drop_bad, stimuli, run_name, cache_root, weights, thumbnails,
+list_size, neighbour_layers, precision, engine, ray_address, concurrency, num_cpus, num_gpus,
+runtime_env, gpa_starts, gpa_stop),
 or the models one by one as [[models]] tables (name, modality, and path + layer for features from
 a file); flags given on the command line override it.
 Rerunning the same command reuses every finished step; an interrupted run resumes.
@@ -232,6 +235,13 @@ def _precompute_parser(sub: Any) -> None:
         help="drop stimuli with a missing/corrupt image or no caption (recorded in the manifest) "
         "instead of stopping with their list",
     )
+    parser.add_argument(
+        "--stimuli",
+        metavar="RULE",
+        help="all (default: every feature file covers exactly the data set's stimuli), common "
+        "(only the stimuli every feature file covers; rows for other ids are skipped) or the "
+        "path of a text file listing the ids to keep, one per line",
+    )
     parser.add_argument("--run-name", help="folder name under CACHE/runs (default: a config hash)")
     parser.add_argument("--cache", help=_CACHE_HELP)
     parser.add_argument(
@@ -298,6 +308,7 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "caption_mode": args.caption_mode,
         "drop_bad": args.drop_bad,
+        "stimuli": args.stimuli,
         "run_name": args.run_name,
         "cache_root": args.cache,
         "weights": _pairs(args.weights, "--weights") or None,
@@ -549,8 +560,11 @@ def run_line(run: Any) -> str:
     ``run PATH: 239 stimuli; vision a, b; language c; GPA 6 iterations (converged)``; models of
     other modalities (brain recordings) follow by modality, and GPA names its models when they
     are not the vision models (``GPA across subj01, subj02: 6 iterations``)."""
+    restricted = run.manifest.dataset.source.get("stimuli")
+    of = (f" (of {restricted['of']}: --stimuli {restricted['rule']})"
+          if isinstance(restricted, dict) and {"rule", "of"} <= restricted.keys() else "")
     parts = [
-        f"{run.n_stimuli} stimuli", f"vision {', '.join(run.vision_models)}",
+        f"{run.n_stimuli} stimuli{of}", f"vision {', '.join(run.vision_models)}",
         f"language {', '.join(run.language_models) or '-'}",
     ]
     others: dict[str, list[str]] = {}

@@ -202,14 +202,23 @@ class DatasetInfo:
     dropped: list[dict[str, Any]] = field(default_factory=list)
 
     def describe(self) -> str:
-        """The data set in words, for Home: its name, or where a run without one took its
-        stimuli."""
+        """The data set in words, for Home and the CLI: its name, or where a run without one
+        took its stimuli; and, for a run restricted to some stimuli (``source["stimuli"]``,
+        ``precompute.restrict_stimuli``), how many it kept and which."""
         if self.source.get("kind") == FEATURE_IDS_DATASET:
-            return (
+            words = (
                 f"none (the stimuli are the ids of {PurePath(str(self.source.get('path'))).name}; "
                 "no images, no captions)"
             )
-        return self.name or "unnamed"
+        else:
+            words = self.name or "unnamed"
+        restricted = self.source.get("stimuli")
+        if isinstance(restricted, dict) and {"rule", "kept", "of"} <= restricted.keys():
+            rule = str(restricted["rule"])
+            which = ("those every feature file covers" if rule == "common"
+                     else f"those listed in {PurePath(rule).name}")
+            words += f"; {restricted['kept']:,} of its {restricted['of']:,} stimuli: {which}"
+        return words
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> DatasetInfo:

@@ -15,6 +15,7 @@ import json
 import os
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -122,6 +123,12 @@ class PrecomputeConfig:
             ``extract.captions_for_language``.
         drop_bad: drop stimuli with a missing/corrupt image or no caption (recorded in the
             manifest) instead of stopping with the list of them.
+        stimuli: which of the data set's stimuli (or, without a data set, of the first feature
+            file's ids) the run holds: ``"all"`` (every feature file must cover exactly them),
+            ``"common"`` (those that every feature file covers; rows of files for other ids are
+            skipped: brain recordings of a subset, say) or the path of a text file listing the
+            ids to keep, one per line (every feature file must cover them). The data set's
+            order is kept; :func:`restrict_stimuli`.
         run_name: folder name under ``<cache>/runs/``; default ``<dataset>-<config hash>``.
         cache_root: cache folder; default ``settings.cache_root()``.
         weights: ``{model: local weights path}`` for models whose weights are not installed.
@@ -164,6 +171,7 @@ class PrecomputeConfig:
     batch_size: int = 32
     caption_mode: str = "first"
     drop_bad: bool = False
+    stimuli: str = "all"
     run_name: str | None = None
     cache_root: str | None = None
     weights: Mapping[str, str] | None = None
@@ -189,6 +197,8 @@ class PrecomputeConfig:
         )
         if isinstance(self.dataset, os.PathLike):
             object.__setattr__(self, "dataset", os.fspath(self.dataset))
+        if isinstance(self.stimuli, os.PathLike):
+            object.__setattr__(self, "stimuli", os.fspath(self.stimuli))
         if isinstance(self.cache_root, os.PathLike):
             object.__setattr__(self, "cache_root", os.fspath(self.cache_root))
         if self.weights is not None:
@@ -381,7 +391,8 @@ class PrecomputeConfig:
         out: list[Any] = [EncoderSource(m, "vision") for m in self.vision_models]
         out += [EncoderSource(m, "language") for m in self.language_models]
         out += [
-            FileSource(m, self.modality_of(m), files) for m, files in (self.features or {}).items()
+            FileSource(m, self.modality_of(m), files, extra_rows=self.stimuli != "all")
+            for m, files in (self.features or {}).items()
         ]
         return out
 
@@ -447,6 +458,11 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "caption_mode": (lambda v: isinstance(v, str), '"first" or "mean"'),
     "drop_bad": (lambda v: isinstance(v, bool), "true or false"),
+    "stimuli": (
+        lambda v: isinstance(v, (str, os.PathLike)) and bool(os.fspath(v).strip()),
+        '"all" (the default), "common" (the stimuli every feature file covers) or the path of '
+        "a text file listing the ids to keep, one per line",
+    ),
     "run_name": (
         lambda v: v is None or (isinstance(v, str) and bool(v.strip())),
         "a non-empty folder name such as \"demo\" (or null / left out for an automatic name)",
@@ -630,6 +646,7 @@ def default_run_name(config: PrecomputeConfig, dataset_name: str) -> str:
         "precision": "auto",
         "gpa_starts": GPA_STARTS,
         "gpa_stop": GPA_STOP,
+        "stimuli": "all",
     }
     relevant = {
         k: v
@@ -816,6 +833,7 @@ def precompute(
         name = cfg.run_name or default_run_name(cfg, FEATURE_IDS_DATASET)
     else:
         stimuli, info, name = _checked_dataset(cfg, cache)
+    stimuli, info = restrict_stimuli(cfg, stimuli, info)
     notify(ProgressEvent("dataset", None, 1, 1))
     try:
         return _execute(
@@ -828,7 +846,7 @@ def precompute(
             lock_wait_seconds=lock_wait_seconds,
         )
     except FeatureFileError as exc:
-        if cfg.dataset is not None:
+        if cfg.dataset is not None or cfg.stimuli != "all":
             raise
         raise FeatureFileError(
             f"{exc} (no dataset was given, so the stimuli are the ids of "
@@ -860,6 +878,92 @@ def _checked_dataset(
         dropped=dropped,
     )
     return normalise_stimuli(dataset.stimuli), info, name
+
+
+def restrict_stimuli(
+    config: PrecomputeConfig, stimuli: pd.DataFrame, info: DatasetInfo
+) -> tuple[pd.DataFrame, DatasetInfo]:
+    """The run's stimuli after ``config.stimuli``: unchanged for ``"all"``; for ``"common"`` the
+    rows of ``stimuli`` whose id every feature file (every model, every layer) lists; for the
+    path of an id list (text, one id per line, blank lines ignored) the rows it names. The
+    order of ``stimuli`` is kept. Only id lists are read (an .npy's ``.ids.txt``, a parquet
+    file's ``id`` column), never features.
+
+    The returned :class:`DatasetInfo` has a fingerprint that covers the kept ids (another
+    restriction is another data set: the run starts afresh) and ``source["stimuli"]``: the rule,
+    how many stimuli were kept of how many, and per feature file how many of the data set's
+    stimuli it lacks.
+
+    Raises:
+        FeatureFileError: a feature file that cannot be read (as :func:`.sources.feature_file_ids`).
+        ValueError: an id list that is missing, empty, lists an id twice or names ids the data
+            set does not have; no stimulus left.
+    """
+    from .sources import feature_file_ids
+
+    rule = os.fspath(config.stimuli)
+    if rule == "all":
+        return stimuli, info
+    ids = [str(i) for i in stimuli["id"]]
+    where = (f"the data set {info.name!r}" if config.dataset is not None
+             else f"the first feature file ({info.source.get('path')})")
+    lacking: dict[str, int] = {}
+    if rule == "common":
+        keep = set(ids)
+        for source in config.sources():
+            for layer, path in getattr(source, "files", {}).items():
+                listed = set(feature_file_ids(path, model=source.name, layer=layer))
+                lacking[f"{source.name}:{layer}"] = sum(sid not in listed for sid in ids)
+                keep &= listed
+        if not keep:
+            raise ValueError(
+                f"no stimulus of {where} is listed by every feature file (stimuli = 'common'); "
+                "check that the files use the data set's ids"
+            )
+    else:
+        keep = set(_read_id_list(Path(rule).expanduser(), ids, where))
+    kept = stimuli[[sid in keep for sid in ids]].reset_index(drop=True)
+    restricted = {"rule": rule, "kept": len(kept), "of": len(ids), "lacking": lacking}
+    return kept, DatasetInfo(
+        name=info.name,
+        fingerprint=fingerprint(info.fingerprint, "stimuli", kept["id"].astype(str).tolist()),
+        images_root=info.images_root,
+        source={**info.source, "stimuli": restricted},
+        dropped=info.dropped,
+    )
+
+
+def _read_id_list(path: Path, ids: Sequence[str], where: str) -> list[str]:
+    """The ids of an id list file (one per line, surrounding spaces and blank lines ignored),
+    checked against the data set's ``ids``; ValueError naming the problem and the fix."""
+    if not path.is_file():
+        raise ValueError(
+            f"stimuli: {path} is not a file; give 'all', 'common' or the path of a text file "
+            "listing the ids to keep, one per line"
+        )
+    try:
+        listed = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"stimuli: id list {path} cannot be read as UTF-8 text ({exc}); write one id per line"
+        ) from None
+    listed = [sid for sid in listed if sid]
+    if not listed:
+        raise ValueError(f"stimuli: id list {path} lists no id; write one id per line")
+    twice = [sid for sid, count in Counter(listed).items() if count > 1]
+    if twice:
+        raise ValueError(
+            f"stimuli: id list {path} lists {len(twice)} id(s) twice (e.g. {twice[:5]}); list "
+            "each once"
+        )
+    known = set(ids)
+    unknown = [sid for sid in listed if sid not in known]
+    if unknown:
+        raise ValueError(
+            f"stimuli: id list {path} names {len(unknown)} id(s) that {where} does not have "
+            f"(e.g. {unknown[:5]}); list ids exactly as the data set writes them"
+        )
+    return listed
 
 
 def stimuli_from_feature_files(config: PrecomputeConfig) -> tuple[pd.DataFrame, DatasetInfo]:

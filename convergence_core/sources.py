@@ -14,7 +14,9 @@ embeddings, neighbour lists, GPA, dispersion). Three kinds:
   - ``.parquet`` with an ``id`` column (or index) and one numeric column per feature.
 
   Rows are matched to the data set by id; missing, extra or duplicated ids, NaN/Inf rows, wrong
-  shapes and non-numeric data raise :class:`FeatureFileError` naming the file and the fix.
+  shapes and non-numeric data raise :class:`FeatureFileError` naming the file and the fix. A run
+  restricted to some of the stimuli (``PrecomputeConfig.stimuli``: those every file covers, or
+  an id list) reads only their rows: extra rows are skipped there (``extra_rows``).
   Nothing is unpickled (``allow_pickle=False``).
 
 A source's ``inputs()`` is the fingerprint that decides whether its stored embeddings are stale;
@@ -181,6 +183,8 @@ class FileSource:
     files: Mapping[str, str | os.PathLike[str]]
     default_layer: str | None = None
     kind: str = "file"
+    #: rows for ids outside the run's stimuli are skipped (a run restricted to some stimuli)
+    extra_rows: bool = False
 
     def __post_init__(self) -> None:
         check_modality(self.modality, self.name)
@@ -217,7 +221,8 @@ class FileSource:
         so that a missing id list does not wait for hours of extraction to be found."""
         ids = list(stimuli["id"])
         for layer, path in self.files.items():
-            check_feature_file(path, ids, model=self.name, layer=layer)
+            check_feature_file(path, ids, model=self.name, layer=layer,
+                               extra_rows=self.extra_rows)
 
     def width(self, layer: str) -> int | None:
         """The file's feature count from its header (an .npy's shape; a parquet file's schema,
@@ -239,7 +244,8 @@ class FileSource:
     def load(self, context: Any) -> Extracted:
         ids = list(context.stimuli["id"])
         arrays = {
-            layer: read_feature_file(path, ids, model=self.name, layer=layer)
+            layer: read_feature_file(path, ids, model=self.name, layer=layer,
+                                     extra_rows=self.extra_rows)
             for layer, path in self.files.items()
         }
         return Extracted(
@@ -437,9 +443,11 @@ def _open_feature_file(
     return array, file_ids
 
 
-def _row_order(where: str, file_ids: Sequence[str], ids: Sequence[str]) -> np.ndarray:
+def _row_order(
+    where: str, file_ids: Sequence[str], ids: Sequence[str], *, extra_rows: bool = False
+) -> np.ndarray:
     """(n,) int64: the file's row of each of the data set's ``ids``; FeatureFileError for ids
-    listed twice, missing from the file or unknown to the data set."""
+    listed twice, missing from the file or (unless ``extra_rows``) unknown to the data set."""
     position: dict[str, int] = {}
     duplicated: list[str] = []
     for row, sid in enumerate(file_ids):
@@ -455,14 +463,18 @@ def _row_order(where: str, file_ids: Sequence[str], ids: Sequence[str]) -> np.nd
     if missing:
         raise FeatureFileError(
             f"{where} has no row for {len(missing)} of the data set's {len(ids)} stimuli (e.g. "
-            f"{missing[:5]}); add them, or restrict the data set to the stimuli the file covers"
+            f"{missing[:5]}); add them, or run on the stimuli every feature file covers "
+            "(--stimuli common; or --stimuli IDS.txt, a list of ids)"
         )
+    if extra_rows:
+        return np.fromiter((position[sid] for sid in ids), dtype=np.int64, count=len(ids))
     known = set(ids)
     extra = [sid for sid in file_ids if sid not in known]
     if extra:
         raise FeatureFileError(
             f"{where} has {len(extra)} row(s) for ids the data set does not have (e.g. "
-            f"{extra[:5]}); drop those rows or use the data set they belong to"
+            f"{extra[:5]}); drop those rows, use the data set they belong to, or run on the "
+            "stimuli every feature file covers (--stimuli common)"
         )
     return np.fromiter((position[sid] for sid in ids), dtype=np.int64, count=len(ids))
 
@@ -483,11 +495,17 @@ def feature_file_ids(path: str | os.PathLike[str], *, model: str, layer: str) ->
 
 
 def check_feature_file(
-    path: str | os.PathLike[str], ids: Sequence[str], *, model: str, layer: str
+    path: str | os.PathLike[str],
+    ids: Sequence[str],
+    *,
+    model: str,
+    layer: str,
+    extra_rows: bool = False,
 ) -> None:
     """Every check of :func:`read_feature_file` but the NaN/Inf scan, without reading the
     features (an .npy's header and id list; a parquet file's schema and ``id`` column): a run
-    checks its feature files so before any model is extracted.
+    checks its feature files so before any model is extracted. ``extra_rows``: rows for ids
+    outside ``ids`` are allowed (a run restricted to some stimuli).
 
     Raises:
         FeatureFileError: as :func:`read_feature_file`.
@@ -495,13 +513,19 @@ def check_feature_file(
     path = Path(path)
     where = f"feature file {path} (model {model!r}, layer {layer!r})"
     _, file_ids = _open_feature_file(path, where, features=False)
-    _row_order(where, file_ids, ids)
+    _row_order(where, file_ids, ids, extra_rows=extra_rows)
 
 
 def read_feature_file(
-    path: str | os.PathLike[str], ids: Sequence[str], *, model: str, layer: str
+    path: str | os.PathLike[str],
+    ids: Sequence[str],
+    *,
+    model: str,
+    layer: str,
+    extra_rows: bool = False,
 ) -> np.ndarray:
-    """The (n, d) float32 features of ``path``, rows in the order of ``ids`` (the data set's).
+    """The (n, d) float32 features of ``path``, rows in the order of ``ids`` (the data set's;
+    ``extra_rows``: the file may hold rows for other ids too, which are not read).
 
     Raises:
         FeatureFileError: unknown suffix, unreadable file, not 2-D or not numeric, an id list of
@@ -512,8 +536,8 @@ def read_feature_file(
     where = f"feature file {path} (model {model!r}, layer {layer!r})"
     array, file_ids = _open_feature_file(path, where)
     assert array is not None  # features=True reads them
-    order = _row_order(where, file_ids, ids)
-    in_order = bool(np.array_equal(order, np.arange(len(ids))))
+    order = _row_order(where, file_ids, ids, extra_rows=extra_rows)
+    in_order = len(file_ids) == len(ids) and bool(np.array_equal(order, np.arange(len(ids))))
     out = np.asarray(array if in_order else array[order], dtype=np.float32)
     finite = np.isfinite(out)
     if not finite.all():
@@ -528,6 +552,7 @@ def read_feature_file(
             fix = ("they sit in a few columns (voxels outside a mask, say): remove those columns "
                    "from the file")
         else:
-            fix = "fix those rows or drop those stimuli from the data set"
+            fix = ("fix those rows, or leave those stimuli out of the run (--stimuli IDS.txt, a "
+                   "list of the ids to keep)")
         raise FeatureFileError(f"{found}; {fix}")
     return out

@@ -92,7 +92,8 @@ def test_a_float32_npy_in_order_is_not_copied(tmp_path, ids):
         (lambda p, a, ids: _save_npy(p, a, ids[:-2]), "ids; give exactly one id per row"),
         (lambda p, a, ids: _save_npy(p, a.ravel(), ids), "2-D"),
         (lambda p, a, ids: _save_npy(p, np.where(np.arange(N)[:, None] == 4, np.nan, a), ids),
-         "NaN/Inf in 1 of 30 row.*fix those rows or drop those stimuli"),
+         r"NaN/Inf in 1 of 30 row.*fix those rows, or leave those stimuli out of the run "
+         r"\(--stimuli IDS\.txt"),
         (lambda p, a, ids: _save_npy(p, np.where(np.arange(4) == 2, np.nan, a), ids),
          r"NaN/Inf in 30 of 30 row.*within 1 of 4 column\(s\), e.g. columns \[2\].*voxels outside "
          r"a mask, say\): remove those columns"),
@@ -378,6 +379,114 @@ def test_feature_files_alone_must_agree_on_the_ids(tmp_path):
     assert "give the data set (--dataset" in err.getvalue()
     assert main(["precompute"], out=io.StringIO(), err=err) == 2
     assert "nothing to precompute" in err.getvalue()
+
+
+def test_a_run_restricted_to_the_stimuli_every_file_covers(tmp_path, coco, ids):
+    """stimuli="common": brain recordings of 20 of the data set's 30 images (rows shuffled, and
+    rows for 3 images the data set does not have) and two vision models of all 30: the run
+    holds the 20, in the data set's order, every model's rows matched by id; the manifest and
+    Home say how many of how many; a rerun reuses everything; the default ("all") refuses the
+    files and names the option; the CLI takes --stimuli."""
+    latent, rng = _latent_features(ids)
+    arrays = {name: latent @ rng.standard_normal((6, d)) + 0.3 * rng.standard_normal((N, d))
+              for name, d in (("vis-a", 12), ("vis-b", 9), ("V1", 25))}
+    seen = rng.permutation(N)[:20]
+    brain_ids = [ids[i] for i in seen] + ["elsewhere-1", "elsewhere-2", "elsewhere-3"]
+    brain = np.vstack([arrays["V1"][seen], rng.standard_normal((3, 25))])
+    files = {"vis-a": _save_npy(tmp_path / "vis-a.npy", arrays["vis-a"], ids),
+             "vis-b": _save_parquet(tmp_path / "vis-b.parquet", arrays["vis-b"], ids),
+             "subj01": {"V1": str(_save_npy(tmp_path / "subj01.npy", brain, brain_ids))}}
+    options = dict(dataset=str(coco), features={k: str(v) if isinstance(v, Path) else v
+                                                for k, v in files.items()},
+                   modalities={"vis-a": "vision", "vis-b": "vision", "subj01": "brain"},
+                   cache_root=str(tmp_path / "cache"))
+    with pytest.raises(FeatureFileError, match=r"subj01\.npy .* has no row for 10 of the data "
+                       r"set's 30 stimuli .*--stimuli common"):
+        precompute(**options)
+    run = precompute(**options, stimuli="common", run_name="common")
+    kept = sorted(seen)  # the data set's order
+    assert list(run.stimuli["id"]) == [ids[i] for i in kept]
+    np.testing.assert_allclose(run.embeddings["vis-a"]["features"],
+                               arrays["vis-a"][kept].astype(np.float32))
+    np.testing.assert_allclose(run.embeddings["vis-b"]["features"],
+                               arrays["vis-b"][kept].astype(np.float32))
+    np.testing.assert_allclose(run.embeddings["subj01"]["V1"],
+                               arrays["V1"][kept].astype(np.float32))
+    assert all(run.thumbnail_path(row) is not None for row in range(run.n_stimuli))
+    restricted = run.manifest.dataset.source["stimuli"]
+    assert restricted == {"rule": "common", "kept": 20, "of": N,
+                          "lacking": {"vis-a:features": 0, "vis-b:features": 0,
+                                      "subj01:V1": 10}}
+    assert run.manifest.dataset.describe().endswith(
+        "; 20 of its 30 stimuli: those every feature file covers")
+    events = []
+    precompute(**options, stimuli="common", run_name="common", progress=events.append)
+    assert all(e.skipped for e in events if e.step in ("extract", "neighbours", "gpa"))
+
+    # an id list: those ids (in the data set's order), a new fingerprint (another data set)
+    listed = [ids[i] for i in kept[:12]][::-1]
+    (tmp_path / "keep.txt").write_text("\n".join(["", *listed, "  "]) + "\n", encoding="utf-8")
+    some = precompute(**options, stimuli=str(tmp_path / "keep.txt"), run_name="listed")
+    assert list(some.stimuli["id"]) == [ids[i] for i in kept[:12]]
+    np.testing.assert_allclose(some.embeddings["subj01"]["V1"],
+                               arrays["V1"][kept[:12]].astype(np.float32))
+    assert some.manifest.dataset.fingerprint != run.manifest.dataset.fingerprint
+    assert some.manifest.dataset.describe().endswith("; 12 of its 30 stimuli: those listed in "
+                                                     "keep.txt")
+
+    out, err = io.StringIO(), io.StringIO()
+    code = main(
+        ["precompute", "--dataset", str(coco), "--features", f"vis-a={files['vis-a']}",
+         "--features", f"vis-b={files['vis-b']}", "--features",
+         f"subj01:V1={files['subj01']['V1']}", "--modality", "vis-a=vision", "--modality",
+         "vis-b=vision", "--modality", "subj01=brain", "--stimuli", "common", "--run-name", "cli",
+         "--cache", str(tmp_path / "cache"), "--quiet"],
+        out=out, err=err,
+    )
+    assert code == 0, err.getvalue()
+    assert "20 stimuli (of 30: --stimuli common); vision vis-a, vis-b" in out.getvalue()
+
+
+def test_restricting_the_stimuli_names_what_is_wrong(tmp_path, coco, ids):
+    """Bad id lists and files that share no stimulus: errors that name the problem and the
+    fix, before anything is written; feature files alone restrict as a data set does."""
+    arrays = {name: np.random.default_rng(1).standard_normal((N, 5)) for name in ("a", "b")}
+    paths = {name: _save_npy(tmp_path / f"{name}.npy", array, ids)
+             for name, array in arrays.items()}
+    cache = tmp_path / "cache"
+    options = dict(dataset=str(coco), features={k: str(v) for k, v in paths.items()},
+                   modalities={"a": "vision", "b": "vision"}, cache_root=str(cache))
+    cases = {
+        "missing.txt": (None, r"missing\.txt is not a file; give 'all', 'common' or the path"),
+        "empty.txt": ("\n  \n", r"empty\.txt lists no id"),
+        "twice.txt": (f"{ids[0]}\n{ids[1]}\n{ids[0]}\n", r"lists 1 id\(s\) twice .*list each once"),
+        "unknown.txt": (f"{ids[0]}\nnot-an-id\n", r"names 1 id\(s\) that the data set .* does "
+                        r"not have \(e\.g\. \['not-an-id'\]\)"),
+    }
+    for name, (text, message) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            precompute(**options, stimuli=str(tmp_path / name))
+    strangers = _save_npy(tmp_path / "strangers.npy", arrays["b"], [f"x{i}" for i in range(N)])
+    with pytest.raises(ValueError, match=r"no stimulus of the data set .* is listed by every "
+                       r"feature file"):
+        precompute(**{**options, "features": {"a": str(paths["a"]), "b": str(strangers)}},
+                   stimuli="common")
+    with pytest.raises(ValueError, match=r"config value 'stimuli' = '' has the wrong type"):
+        PrecomputeConfig(dataset=str(coco), features={k: str(v) for k, v in paths.items()},
+                         modalities={"a": "vision", "b": "vision"}, stimuli="")
+    assert not (cache / "runs").exists() or not any((cache / "runs").iterdir())
+
+    # no data set: the first file's ids, restricted to those the second file covers too
+    short = _save_npy(tmp_path / "short.npy", arrays["b"][:20], ids[:20])
+    run = precompute(features={"a": str(paths["a"]), "b": str(short)},
+                     modalities={"a": "vision", "b": "vision"}, cache_root=str(cache),
+                     stimuli="common")
+    assert list(run.stimuli["id"]) == ids[:20]
+    assert run.manifest.dataset.describe() == (
+        "none (the stimuli are the ids of a.npy; no images, no captions); 20 of its 30 stimuli: "
+        "those every feature file covers")
 
 
 def test_every_page_draws_a_run_from_feature_files_alone(tmp_path, monkeypatch):
