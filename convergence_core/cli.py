@@ -560,9 +560,8 @@ def run_line(run: Any) -> str:
     ``run PATH: 239 stimuli; vision a, b; language c; GPA 6 iterations (converged)``; models of
     other modalities (brain recordings) follow by modality, and GPA names its models when they
     are not the vision models (``GPA across subj01, subj02: 6 iterations``)."""
-    restricted = run.manifest.dataset.source.get("stimuli")
-    of = (f" (of {restricted['of']}: --stimuli {restricted['rule']})"
-          if isinstance(restricted, dict) and {"rule", "of"} <= restricted.keys() else "")
+    subset = run.manifest.dataset.subset
+    of = "" if subset is None else f" (of {subset.of}: --stimuli {subset.rule})"
     parts = [
         f"{run.n_stimuli} stimuli{of}", f"vision {', '.join(run.vision_models)}",
         f"language {', '.join(run.language_models) or '-'}",

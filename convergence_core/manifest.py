@@ -32,6 +32,7 @@ __all__ = [
     "ManifestError",
     "ModelEntry",
     "StepRecord",
+    "StimulusSubset",
     "parse_manifest",
 ]
 
@@ -191,20 +192,51 @@ class ModelEntry:
 FEATURE_IDS_DATASET = "feature-ids"
 
 
+@dataclass(frozen=True)
+class StimulusSubset:
+    """A run that holds some of its data set's stimuli (``PrecomputeConfig.stimuli``,
+    ``precompute.restrict_stimuli``): ``rule`` is ``"common"`` (those every feature file covers)
+    or the path of the id list; ``kept`` of ``of`` stimuli; ``lacking``: per feature file
+    (``"model:layer"``), how many of the data set's stimuli it has no row for."""
+
+    rule: str
+    kept: int
+    of: int
+    lacking: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """``12 of its 30 stimuli: those listed in keep.txt``."""
+        which = ("those every feature file covers" if self.rule == "common"
+                 else f"those listed in {PurePath(self.rule).name}")
+        return f"{self.kept:,} of its {self.of:,} stimuli: {which}"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> StimulusSubset:
+        if not isinstance(data, dict):
+            raise _fail(where, f"must be an object, got {str(data)[:60]!r}")
+        return cls(
+            rule=_get(data, "rule", str, where),
+            kept=_get(data, "kept", int, where),
+            of=_get(data, "of", int, where),
+            lacking=_str_map(data, "lacking", where, int, {}),
+        )
+
+
 @dataclass
 class DatasetInfo:
-    """The data set a run was made from (``images_root`` None: a run without images)."""
+    """The data set a run was made from (``images_root`` None: a run without images;
+    ``subset``: the run holds only some of its stimuli)."""
 
     name: str | None = None
     fingerprint: str | None = None
     images_root: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     dropped: list[dict[str, Any]] = field(default_factory=list)
+    subset: StimulusSubset | None = None
 
     def describe(self) -> str:
-        """The data set in words, for Home and the CLI: its name, or where a run without one
-        took its stimuli; and, for a run restricted to some stimuli (``source["stimuli"]``,
-        ``precompute.restrict_stimuli``), how many it kept and which."""
+        """The data set in words, for Home: its name, or where a run without one took its
+        stimuli; and, for a run of some of its stimuli, how many and which."""
         if self.source.get("kind") == FEATURE_IDS_DATASET:
             words = (
                 f"none (the stimuli are the ids of {PurePath(str(self.source.get('path'))).name}; "
@@ -212,13 +244,7 @@ class DatasetInfo:
             )
         else:
             words = self.name or "unnamed"
-        restricted = self.source.get("stimuli")
-        if isinstance(restricted, dict) and {"rule", "kept", "of"} <= restricted.keys():
-            rule = str(restricted["rule"])
-            which = ("those every feature file covers" if rule == "common"
-                     else f"those listed in {PurePath(rule).name}")
-            words += f"; {restricted['kept']:,} of its {restricted['of']:,} stimuli: {which}"
-        return words
+        return words if self.subset is None else f"{words}; {self.subset.describe()}"
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> DatasetInfo:
@@ -233,6 +259,8 @@ class DatasetInfo:
             images_root=_get(data, "images_root", (str, type(None)), where, None),
             source=_get(data, "source", dict, where, {}),
             dropped=list(dropped),
+            subset=None if data.get("subset") is None
+            else StimulusSubset.from_dict(data["subset"], f"{where}: subset"),
         )
 
 

@@ -17,7 +17,7 @@ import time
 import tomllib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from .manifest import (
     DatasetInfo,
     GPARecord,
     ModelEntry,
+    StimulusSubset,
     parse_manifest,
 )
 from .neighbours import DEFAULT_LIST_SIZE, clip_threshold, list_size_for
@@ -890,9 +891,9 @@ def restrict_stimuli(
     file's ``id`` column), never features.
 
     The returned :class:`DatasetInfo` has a fingerprint that covers the kept ids (another
-    restriction is another data set: the run starts afresh) and ``source["stimuli"]``: the rule,
-    how many stimuli were kept of how many, and per feature file how many of the data set's
-    stimuli it lacks.
+    restriction is another data set: the run starts afresh) and its ``subset``
+    (:class:`.manifest.StimulusSubset`): the rule, how many stimuli were kept of how many, and
+    per feature file how many of the data set's stimuli it lacks.
 
     Raises:
         FeatureFileError: a feature file that cannot be read (as :func:`.sources.feature_file_ids`).
@@ -923,13 +924,10 @@ def restrict_stimuli(
     else:
         keep = set(_read_id_list(Path(rule).expanduser(), ids, where))
     kept = stimuli[[sid in keep for sid in ids]].reset_index(drop=True)
-    restricted = {"rule": rule, "kept": len(kept), "of": len(ids), "lacking": lacking}
-    return kept, DatasetInfo(
-        name=info.name,
+    return kept, replace(
+        info,
         fingerprint=fingerprint(info.fingerprint, "stimuli", kept["id"].astype(str).tolist()),
-        images_root=info.images_root,
-        source={**info.source, "stimuli": restricted},
-        dropped=info.dropped,
+        subset=StimulusSubset(rule=rule, kept=len(kept), of=len(ids), lacking=lacking),
     )
 
 

@@ -148,6 +148,8 @@ def test_report_and_pages_open_no_file_outside_a_tampered_run(tmp_path):
         (lambda m: m.update(complete="yes"), "complete"),
         (lambda m: m.update(steps={"gpa": 3}), "gpa"),
         (lambda m: m.update(format=99), "format"),
+        (lambda m: m["dataset"].update(subset={"rule": "common", "kept": "all"}), "kept"),
+        (lambda m: m["dataset"].update(subset="common"), "subset"),
     ],
 )
 def test_a_damaged_manifest_is_listed_with_its_reason_and_the_others_work(tmp_path, edit, field):

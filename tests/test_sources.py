@@ -15,6 +15,7 @@ from scipy import stats
 
 from convergence_core.cli import main
 from convergence_core.datasets import load_dataset
+from convergence_core.manifest import StimulusSubset
 from convergence_core.precompute import PrecomputeConfig, precompute
 from convergence_core.sources import (
     FeatureFileError,
@@ -413,10 +414,13 @@ def test_a_run_restricted_to_the_stimuli_every_file_covers(tmp_path, coco, ids):
     np.testing.assert_allclose(run.embeddings["subj01"]["V1"],
                                arrays["V1"][kept].astype(np.float32))
     assert all(run.thumbnail_path(row) is not None for row in range(run.n_stimuli))
-    restricted = run.manifest.dataset.source["stimuli"]
-    assert restricted == {"rule": "common", "kept": 20, "of": N,
-                          "lacking": {"vis-a:features": 0, "vis-b:features": 0,
-                                      "subj01:V1": 10}}
+    assert run.manifest.dataset.subset == StimulusSubset(
+        rule="common", kept=20, of=N,
+        lacking={"vis-a:features": 0, "vis-b:features": 0, "subj01:V1": 10},
+    )
+    stored = json.loads((run.path / "manifest.json").read_text())["dataset"]["subset"]
+    assert stored == {"rule": "common", "kept": 20, "of": N,
+                      "lacking": {"vis-a:features": 0, "vis-b:features": 0, "subj01:V1": 10}}
     assert run.manifest.dataset.describe().endswith(
         "; 20 of its 30 stimuli: those every feature file covers")
     events = []
