@@ -822,7 +822,7 @@ def precompute(
     pid), wait up to ``lock_wait_seconds`` (a ``"waiting"`` event is sent), then continue, reusing
     what it finished; after that, raise ``cache.RunLockedError``.
     """
-    from .sources import FeatureFileError
+    from .sources import FeatureIdsError
 
     cfg = _resolve_config(config, options)
     notify = progress or (lambda event: None)
@@ -846,10 +846,10 @@ def precompute(
             notify,
             lock_wait_seconds=lock_wait_seconds,
         )
-    except FeatureFileError as exc:
+    except FeatureIdsError as exc:
         if cfg.dataset is not None or cfg.stimuli != "all":
             raise
-        raise FeatureFileError(
+        raise FeatureIdsError(
             f"{exc} (no dataset was given, so the stimuli are the ids of "
             f"{info.source['path']}: every feature file must list the same ids)"
         ) from None

@@ -51,6 +51,7 @@ __all__ = [
     "EncoderSource",
     "Extracted",
     "FeatureFileError",
+    "FeatureIdsError",
     "FileSource",
     "KNOWN_MODALITIES",
     "check_feature_file",
@@ -70,6 +71,11 @@ IDS_SUFFIX = ".ids.txt"
 
 class FeatureFileError(ValueError):
     """A feature file cannot be used as it is (the message names the file and the fix)."""
+
+
+class FeatureIdsError(FeatureFileError):
+    """A feature file's ids do not match the run's stimuli: ids listed twice, missing or
+    unknown to the data set."""
 
 
 def check_modality(modality: object, model: str) -> str:
@@ -455,13 +461,13 @@ def _row_order(
             duplicated.append(sid)
         position[sid] = row
     if duplicated:
-        raise FeatureFileError(
+        raise FeatureIdsError(
             f"{where} lists {len(duplicated)} id(s) twice (e.g. {duplicated[:5]}); keep one row "
             "per stimulus (average repeated presentations first)"
         )
     missing = [sid for sid in ids if sid not in position]
     if missing:
-        raise FeatureFileError(
+        raise FeatureIdsError(
             f"{where} has no row for {len(missing)} of the data set's {len(ids)} stimuli (e.g. "
             f"{missing[:5]}); add them, or run on the stimuli every feature file covers "
             "(--stimuli common; or --stimuli IDS.txt, a list of ids)"
@@ -471,7 +477,7 @@ def _row_order(
     known = set(ids)
     extra = [sid for sid in file_ids if sid not in known]
     if extra:
-        raise FeatureFileError(
+        raise FeatureIdsError(
             f"{where} has {len(extra)} row(s) for ids the data set does not have (e.g. "
             f"{extra[:5]}); drop those rows, use the data set they belong to, or run on the "
             "stimuli every feature file covers (--stimuli common)"

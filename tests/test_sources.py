@@ -492,6 +492,21 @@ def test_restricting_the_stimuli_names_what_is_wrong(tmp_path, coco, ids):
         "none (the stimuli are the ids of a.npy; no images, no captions); 20 of its 30 stimuli: "
         "those every feature file covers")
 
+    # a NaN row: the error offers an id list (and says nothing of ids, which agree); with one
+    # that leaves the row out, the run is made
+    broken = arrays["b"].copy()
+    broken[4] = np.nan
+    nan = _save_npy(tmp_path / "nan.npy", broken, ids)
+    alone = dict(features={"a": str(paths["a"]), "b": str(nan)},
+                 modalities={"a": "vision", "b": "vision"}, cache_root=str(cache))
+    with pytest.raises(FeatureFileError) as caught:
+        precompute(**alone)
+    assert "NaN/Inf in 1 of 30 row(s)" in str(caught.value)
+    assert "--stimuli IDS.txt" in str(caught.value)
+    assert "no dataset was given" not in str(caught.value)
+    (tmp_path / "without-4.txt").write_text("\n".join(ids[:4] + ids[5:]), encoding="utf-8")
+    assert precompute(**alone, stimuli=str(tmp_path / "without-4.txt")).n_stimuli == N - 1
+
 
 def test_every_page_draws_a_run_from_feature_files_alone(tmp_path, monkeypatch):
     """A run without images or captions (feature files alone): every page draws it, and the
