@@ -304,6 +304,7 @@ WRONG_TYPES = {
     "batch_size": ["32", 2.5, True, None, "big"],
     "caption_mode": [5],
     "drop_bad": ["yes", 1, None],
+    "stimuli": [5, None, "", ["common"]],
     "run_name": [5, "", ["demo"]],
     "cache_root": [5, ["cache"]],
     "weights": [["x"], {"m": 5}, "weights.pth"],
