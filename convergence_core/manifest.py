@@ -205,9 +205,14 @@ class StimulusSubset:
     lacking: dict[str, int] = field(default_factory=dict)
 
     def describe(self) -> str:
-        """``12 of its 30 stimuli: those listed in keep.txt``."""
-        which = ("those every feature file covers" if self.rule == "common"
-                 else f"those listed in {PurePath(self.rule).name}")
+        """``20 of its 30 stimuli: those every feature file covers (subj01:V1 lacks 10)``, or
+        ``12 of its 30 stimuli: those listed in keep.txt``."""
+        if self.rule == "common":
+            short = [f"{where} lacks {count:,}" for where, count in self.lacking.items() if count]
+            which = "those every feature file covers" + (
+                f" ({', '.join(short[:3])}{', …' if len(short) > 3 else ''})" if short else "")
+        else:
+            which = f"those listed in {PurePath(self.rule).name}"
         return f"{self.kept:,} of its {self.of:,} stimuli: {which}"
 
     @classmethod

@@ -422,7 +422,7 @@ def test_a_run_restricted_to_the_stimuli_every_file_covers(tmp_path, coco, ids):
     assert stored == {"rule": "common", "kept": 20, "of": N,
                       "lacking": {"vis-a:features": 0, "vis-b:features": 0, "subj01:V1": 10}}
     assert run.manifest.dataset.describe().endswith(
-        "; 20 of its 30 stimuli: those every feature file covers")
+        "; 20 of its 30 stimuli: those every feature file covers (subj01:V1 lacks 10)")
     events = []
     precompute(**options, stimuli="common", run_name="common", progress=events.append)
     assert all(e.skipped for e in events if e.step in ("extract", "neighbours", "gpa"))
@@ -490,7 +490,7 @@ def test_restricting_the_stimuli_names_what_is_wrong(tmp_path, coco, ids):
     assert list(run.stimuli["id"]) == ids[:20]
     assert run.manifest.dataset.describe() == (
         "none (the stimuli are the ids of a.npy; no images, no captions); 20 of its 30 stimuli: "
-        "those every feature file covers")
+        "those every feature file covers (b:features lacks 10)")
 
     # a NaN row: the error offers an id list (and says nothing of ids, which agree); with one
     # that leaves the row out, the run is made
