@@ -1255,6 +1255,9 @@ class _Pipeline:
             self.manifest.data.n_stimuli = self.n
             self.manifest.data.dataset = info
             self.manifest.finish_step("stimuli", stimuli_inputs)
+        # the same stimuli from inputs described anew (a subset's per-file counts, the data
+        # set's folder): the record follows the inputs
+        self.manifest.data.dataset = info
         self.data = self.manifest.data
         self.data.complete = False
         # GPA's result with its kept fit, from gpa() to gpa_stability() (None: not computed here)

@@ -426,6 +426,14 @@ def test_a_run_restricted_to_the_stimuli_every_file_covers(tmp_path, coco, ids):
     events = []
     precompute(**options, stimuli="common", run_name="common", progress=events.append)
     assert all(e.skipped for e in events if e.step in ("extract", "neighbours", "gpa"))
+    # vis-b loses two stimuli the brain file lacks anyway: the same stimuli, counts anew
+    unseen = [i for i in range(N) if i not in seen][:2]
+    rows = [i for i in range(N) if i not in unseen]
+    _save_parquet(files["vis-b"], arrays["vis-b"][rows], [ids[i] for i in rows])
+    again = precompute(**options, stimuli="common", run_name="common")
+    assert again.manifest.steps["stimuli"].inputs == run.manifest.steps["stimuli"].inputs
+    assert again.manifest.dataset.subset.lacking["vis-b:features"] == 2
+    _save_parquet(files["vis-b"], arrays["vis-b"], ids)
 
     # an id list: those ids (in the data set's order), a new fingerprint (another data set)
     listed = [ids[i] for i in kept[:12]][::-1]
