@@ -898,7 +898,7 @@ def restrict_stimuli(
     Raises:
         FeatureFileError: a feature file that cannot be read (as :func:`.sources.feature_file_ids`).
         ValueError: an id list that is missing, empty, lists an id twice or names ids the data
-            set does not have; no stimulus left.
+            set does not have; ``"common"`` without feature files; no stimulus left.
     """
     from .sources import feature_file_ids
 
@@ -910,6 +910,12 @@ def restrict_stimuli(
              else f"the first feature file ({info.source.get('path')})")
     lacking: dict[str, int] = {}
     if rule == "common":
+        if not config.features:
+            raise ValueError(
+                "stimuli = 'common' keeps the stimuli every feature file covers, but the run has "
+                "no feature file (--features); leave it out (every encoder embeds every stimulus) "
+                "or give an id list"
+            )
         keep = set(ids)
         for source in config.sources():
             for layer, path in getattr(source, "files", {}).items():

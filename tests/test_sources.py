@@ -485,6 +485,10 @@ def test_restricting_the_stimuli_names_what_is_wrong(tmp_path, coco, ids):
                        r"feature file"):
         precompute(**{**options, "features": {"a": str(paths["a"]), "b": str(strangers)}},
                    stimuli="common")
+    with pytest.raises(ValueError, match=r"stimuli = 'common' keeps the stimuli every feature "
+                       r"file covers, but the run has no feature file"):
+        precompute(dataset=str(coco), vision_models=["efficientnet-lite0", "efficientnet-lite1"],
+                   language_models=[], stimuli="common", cache_root=str(cache))
     with pytest.raises(ValueError, match=r"config value 'stimuli' = '' has the wrong type"):
         PrecomputeConfig(dataset=str(coco), features={k: str(v) for k, v in paths.items()},
                          modalities={"a": "vision", "b": "vision"}, stimuli="")
