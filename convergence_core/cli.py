@@ -45,7 +45,7 @@ examples:
   python -m convergence_core precompute --features a=a.npy --features b=b.npy \\
       --features V1=V1.parquet --modality a=vision --modality b=vision --modality V1=brain
       (no --dataset: the stimuli are the first file's ids; no images, no captions)
-  python -m convergence_core precompute --dataset data/coco --vision a,b --language minilm \
+  python -m convergence_core precompute --dataset data/coco --vision a,b --language minilm \\
       --features V1=V1.npy --modality V1=brain --stimuli common
       (brain recordings of some of the images: the run holds the stimuli every file covers)
 
