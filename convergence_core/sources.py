@@ -472,10 +472,8 @@ def _row_order(
             f"{missing[:5]}); add them, or run on the stimuli every feature file covers "
             "(--stimuli common; or --stimuli IDS.txt, a list of ids)"
         )
-    if extra_rows:
-        return np.fromiter((position[sid] for sid in ids), dtype=np.int64, count=len(ids))
     known = set(ids)
-    extra = [sid for sid in file_ids if sid not in known]
+    extra = [] if extra_rows else [sid for sid in file_ids if sid not in known]
     if extra:
         raise FeatureIdsError(
             f"{where} has {len(extra)} row(s) for ids the data set does not have (e.g. "
