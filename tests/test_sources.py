@@ -475,6 +475,8 @@ def test_restricting_the_stimuli_names_what_is_wrong(tmp_path, coco, ids):
         "unknown.txt": (f"{ids[0]}\nnot-an-id\n", r"names 1 id\(s\) that the data set .* does "
                         r"not have \(e\.g\. \['not-an-id'\]\)"),
     }
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not text")
+    cases["binary.txt"] = (None, r"binary\.txt cannot be read as UTF-8 text")
     for name, (text, message) in cases.items():
         if text is not None:
             (tmp_path / name).write_text(text, encoding="utf-8")
