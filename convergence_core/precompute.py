@@ -919,14 +919,18 @@ def restrict_stimuli(
         keep = set(ids)
         for source in config.sources():
             for layer, path in getattr(source, "files", {}).items():
-                listed = set(feature_file_ids(path, model=source.name, layer=layer))
+                file_ids = feature_file_ids(path, model=source.name, layer=layer)
+                listed = set(file_ids)
                 lacking[f"{source.name}:{layer}"] = sum(sid not in listed for sid in ids)
+                if keep and not keep & listed:
+                    raise ValueError(
+                        f"no stimulus of {where} is listed by every feature file (stimuli = "
+                        f"'common'): none is left once feature file {path} (model "
+                        f"{source.name!r}, layer {layer!r}) is taken in: its ids look like "
+                        f"{file_ids[:3]}, the stimuli's like {ids[:3]}; write the files with "
+                        "the data set's ids"
+                    )
                 keep &= listed
-        if not keep:
-            raise ValueError(
-                f"no stimulus of {where} is listed by every feature file (stimuli = 'common'); "
-                "check that the files use the data set's ids"
-            )
     else:
         keep = set(_read_id_list(Path(rule).expanduser(), ids, where))
     kept = stimuli[[sid in keep for sid in ids]].reset_index(drop=True)
