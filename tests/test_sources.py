@@ -484,8 +484,9 @@ def test_restricting_the_stimuli_names_what_is_wrong(tmp_path, coco, ids):
             precompute(**options, stimuli=str(tmp_path / name))
     strangers = _save_npy(tmp_path / "strangers.npy", arrays["b"], [f"x{i}" for i in range(N)])
     with pytest.raises(ValueError, match=r"no stimulus of the data set .* is listed by every "
-                       r"feature file .*strangers\.npy .*its ids look like \['x0', 'x1', 'x2'\], the "
-                       r"stimuli's like .*write the files with the data set's ids"):
+                       r"feature file .*strangers\.npy .*its ids look like "
+                       r"\['x0', 'x1', 'x2'\], the stimuli's like .*write the files with the "
+                       r"data set's ids"):
         precompute(**{**options, "features": {"a": str(paths["a"]), "b": str(strangers)}},
                    stimuli="common")
     with pytest.raises(ValueError, match=r"stimuli = 'common' keeps the stimuli every feature "
