@@ -84,6 +84,14 @@ SUMMARY_COLUMNS = [
 ]
 
 
+def _run_record(run: Run) -> dict[str, Any]:
+    """report.json's ``run``: its name, folder, stimuli and data set in words (with the subset a
+    ``--stimuli`` run holds: ``coco-mini; 200 of its 239 stimuli: those every feature file
+    covers``)."""
+    return {"name": run.name, "path": str(run.path), "n_stimuli": run.n_stimuli,
+            "dataset": run.manifest.dataset.describe()}
+
+
 def default_set_size(n_stimuli: int, k: int) -> int:
     """A quarter of the stimuli (the paper used sets of a few hundred of 1,024), at least k + 1.
 
@@ -458,7 +466,7 @@ def write_report(
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
 
     report = {
-        "run": {"name": run.name, "path": str(run.path), "n_stimuli": n},
+        "run": _run_record(run),
         "parameters": {
             "set_size": size,
             "k": k,
@@ -559,7 +567,7 @@ def _report_without_language(
     text = _with_notes(text, first_layer, (two_models,))
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
     report = {
-        "run": {"name": run.name, "path": str(run.path), "n_stimuli": run.n_stimuli},
+        "run": _run_record(run),
         "parameters": {
             "set_size": size if partners else None, "k": k, "fraction_dropped": q,
             "scores": list(scores),

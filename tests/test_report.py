@@ -123,9 +123,14 @@ def test_summary_parses_and_matches_the_tables(written):
     assert (planted.cknna_low_dispersion > planted.cknna_high_dispersion).all()
 
 
-def test_report_json_verdicts_come_from_the_numbers(written):
+def test_report_json_verdicts_come_from_the_numbers(written, planted_run_path):
     _, out = written
     meta = json.loads((out / "report.json").read_text())
+    from convergence_core.run import load_run
+
+    run = load_run(planted_run_path / "runs" / "demo")
+    assert meta["run"] == {"name": run.name, "path": str(run.path), "n_stimuli": run.n_stimuli,
+                           "dataset": run.manifest.dataset.describe()}
     assert meta["parameters"]["set_size"] == 20
     assert meta["best_language_layers"]["planted"] == "block2"
     summary = pd.read_csv(out / "summary.csv")
