@@ -37,6 +37,7 @@ from convergence_core import settings
 from convergence_core.cli import main
 from convergence_core.dashboard import serve
 from convergence_core.packaging import PACKAGE_DIR, SETTINGS_VARIABLES, ray_runtime_env
+from convergence_core.run import load_run
 from tests.fixtures_runs import make_synthetic_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -315,7 +316,8 @@ def test_the_installed_wheel_runs_runs_report_and_serve_outside_the_checkout(bui
     )  # fmt: skip
     summary = json.loads((work / "report" / "report.json").read_text())
     tiny = str(cache_dir / "runs" / "tiny")
-    assert summary["run"] == {"n_stimuli": 40, "name": "tiny", "path": tiny}
+    described = load_run(tiny).manifest.dataset.describe()
+    assert summary["run"] == {"n_stimuli": 40, "name": "tiny", "path": tiny, "dataset": described}
     assert (work / "report" / "fig2_dispersion_sets_mean.png").read_bytes()[:4] == b"\x89PNG"
 
     port = _free_port()
