@@ -64,13 +64,7 @@ if not partners:
 # models and layers
 gpa_layers = dict(zip(run.gpa.models, run.gpa.layers, strict=True))
 for key, options in (("w_vision", run.gpa.models), ("w_language", partners)):
-    if key in st.session_state and set(st.session_state[key]) - set(options):
-        # a choice made on another run: keep the models this run has, else start from all
-        kept = [m for m in st.session_state[key] if m in options]
-        if kept:
-            st.session_state[key] = kept
-        else:
-            del st.session_state[key]
+    state.carry_choices_to_run(st.session_state, key, options)  # a choice made on another run
 with st.sidebar:
     st.header("Models")
     # pills rather than multi-select boxes: a first visit then loads no select-box code

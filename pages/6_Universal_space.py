@@ -58,9 +58,9 @@ st.caption(
     "image and caption land apart, and can captions be found from images through it?"
 )
 
-if MODELS_KEY in st.session_state:  # forget models of a previously chosen run
-    st.session_state[MODELS_KEY] = [m for m in st.session_state[MODELS_KEY] if m in run.models]
-else:
+# a choice made on another run: the models this run has, else (none of them) all of this run's
+state.carry_choices_to_run(st.session_state, MODELS_KEY, run.models)
+if MODELS_KEY not in st.session_state:
     st.session_state[MODELS_KEY] = list(run.models)
 with st.sidebar:
     st.header("Barycenter")

@@ -129,6 +129,19 @@ def test_default_run_prefers_newest_demo_then_newest() -> None:
     assert data.default_run_name([]) is None
 
 
+def test_a_choice_of_models_carries_over_to_another_run() -> None:
+    session = {"models": ["a", "b", "c"]}
+    state.carry_choices_to_run(session, "models", ["b", "c", "d"])
+    assert session["models"] == ["b", "c"]  # the models this run has, in the chosen order
+    state.carry_choices_to_run(session, "models", ["x", "y"])
+    assert "models" not in session  # none of them: the widget starts from its default (all)
+    session = {"models": []}  # emptied on purpose on this run: stays empty
+    state.carry_choices_to_run(session, "models", ["x", "y"])
+    assert session["models"] == []
+    state.carry_choices_to_run(session, "absent", ["x"])
+    assert "absent" not in session
+
+
 def test_default_subset_size() -> None:
     assert state.default_subset_size(239) == 59
     assert state.default_subset_size(60) == 15
@@ -366,6 +379,17 @@ def test_switching_runs_keeps_every_page_working(synthetic_cache: Path) -> None:
     assert set(table["vision_model"]) == {"vision-x", "vision-y", "vision-z"}  # back to all models
     assert set(table["language_model"]) == {"language-z"}
     assert set(table["set_size"]) == {15}  # the size chosen on demo is still valid for 40 stimuli
+
+    # Universal space: its barycenter's models chosen on demo are none of other's; switching
+    # used to leave the choice empty and the page showed only "pick at least two models"
+    at.sidebar.selectbox[0].set_value("demo").run(timeout=TIMEOUT)
+    at.switch_page("pages/6_Universal_space.py").run(timeout=TIMEOUT)
+    assert not at.error, [e.value for e in at.error]
+    at.sidebar.selectbox[0].set_value("other").run(timeout=TIMEOUT)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert set(at.session_state["w_universal_models"]) == {
+        "vision-x", "vision-y", "vision-z", "language-z"
+    }
 
 
 def test_home_links_to_every_page_with_the_view_in_the_url(synthetic_cache: Path) -> None:

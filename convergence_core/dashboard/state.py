@@ -217,6 +217,23 @@ def drop_stale_choice(
         del session_state[key]
 
 
+def carry_choices_to_run(
+    session_state: MutableMapping[str, Any], key: str, options: Sequence[Any]
+) -> None:
+    """Carry a multi-choice widget's session value (a list, e.g. of models) over to a newly chosen
+    run whose ``options`` lack some of it: keep the chosen options this run has; if it has none
+    of them, forget the value so the widget starts from its default (all). A value without stale
+    entries is left alone, an empty one the user made on purpose included."""
+    chosen = session_state.get(key)
+    if chosen is None or not set(chosen) - set(options):
+        return
+    kept = [option for option in chosen if option in options]
+    if kept:
+        session_state[key] = kept
+    else:
+        del session_state[key]
+
+
 def write_query_params(query_params: MutableMapping[str, Any], view: View) -> None:
     """Write the view to the URL, touching only the keys that changed (avoids needless reruns)."""
     wanted = view.to_query_params()
