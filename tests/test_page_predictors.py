@@ -123,6 +123,15 @@ def test_page_ranks_the_planted_property_first_and_shows_the_fit(run, monkeypatc
     _figure(at, "Held-out fit")
     _figure(at, "Permutation importance")
 
+    # no shuffled-target refits (the input's minimum): the fit without its baseline columns
+    at.number_input(key="w_predictors_shuffles").set_value(0).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    fit_table = next(d.value for d in at.dataframe if "held-out R²" in d.value.columns)
+    assert not any("shuffled" in column for column in fit_table.columns)
+    np.testing.assert_allclose(
+        fit_table.set_index("model")["held-out R²"].loc[list(r2.index)], r2.to_numpy()
+    )
+
 
 def test_choosing_a_categorical_property_and_the_pc1_score(run, monkeypatch) -> None:
     at = _page(PAGE, monkeypatch)

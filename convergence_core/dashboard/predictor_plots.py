@@ -168,20 +168,26 @@ def property_scatter(
     return figure
 
 
+#: The columns of :func:`fit_summary`: metric of the long fit table → header
+FIT_COLUMNS = {
+    "r2_held_out": "held-out R²",
+    "r2_fold_mean": "R² per fold (mean)",
+    "r2_fold_sd": "R² per fold (s.d.)",
+    "r2_shuffled_mean": "shuffled-target R² (mean)",
+    "r2_shuffled_upper_95": "shuffled-target R² (95th percentile)",
+    "p_value_vs_shuffled": "p vs shuffled",
+}
+
+
 def fit_summary(fit: pd.DataFrame) -> pd.DataFrame:
-    """One row per model: held-out R², per-fold mean ± sd, the shuffled-target baseline."""
+    """One row per model: held-out R², per-fold mean ± sd, the shuffled-target baseline (its
+    columns left out when the fit had no shuffled-target refits)."""
     wide = fit.pivot_table(index="model", columns="metric", values="value", sort=False)
-    return pd.DataFrame(
-        {
-            "model": wide.index,
-            "held-out R²": wide["r2_held_out"].to_numpy(),
-            "R² per fold (mean)": wide["r2_fold_mean"].to_numpy(),
-            "R² per fold (s.d.)": wide["r2_fold_sd"].to_numpy(),
-            "shuffled-target R² (mean)": wide["r2_shuffled_mean"].to_numpy(),
-            "shuffled-target R² (95th percentile)": wide["r2_shuffled_upper_95"].to_numpy(),
-            "p vs shuffled": wide["p_value_vs_shuffled"].to_numpy(),
-        }
-    )
+    table = pd.DataFrame({"model": wide.index})
+    for metric, header in FIT_COLUMNS.items():
+        if metric in wide:
+            table[header] = wide[metric].to_numpy()
+    return table
 
 
 def held_out_fit(predictions: pd.DataFrame, fit: pd.DataFrame, *, score: str) -> go.Figure:
