@@ -9,14 +9,12 @@ scatter of per-stimulus alignment (k-NN overlap, local CKA) against dispersion w
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from convergence_core.analyses import pair_modalities
-from convergence_core.dashboard import data, lab, page, plots, state, widgets
+from convergence_core.dashboard import catalogue, data, lab, page, plots, state, widgets
 from convergence_core.stimulus_alignment import local_cka_base_size
 
 PER_SIDE = 6  # stimuli per side and page
@@ -190,9 +188,10 @@ with gallery_tab:
             chosen[found.rows_of(selection.ids)[0]] = True
             keep &= chosen
         ranked = order[keep[order]]
-        n_pages = max(1, math.ceil(len(ranked) / PER_SIDE))
+        n_pages = catalogue.gallery_page_count(len(ranked), PER_SIDE)
         st.text(
-            f"{len(ranked)} of {n} stimuli shown, {PER_SIDE} per side and page, {n_pages} pages."
+            f"{len(ranked)} of {n} stimuli shown, {PER_SIDE} per side and page, {n_pages} "
+            f"page{'s' if n_pages > 1 else ''}."
         )
         page_number = state.bind_widget(
             st.session_state,
@@ -208,9 +207,7 @@ with gallery_tab:
             ),
             coerce=lambda value: min(max(1, int(value)), n_pages),
         )
-        start = (page_number - 1) * PER_SIDE
-        low_rows = ranked[start : start + PER_SIDE]
-        high_rows = ranked[::-1][start : start + PER_SIDE]
+        low_rows, high_rows = catalogue.gallery_page(ranked, page_number, PER_SIDE)
         if len(ranked) == 0:
             st.info("No stimulus matches the filter; clear the caption filter to see all.")
         else:

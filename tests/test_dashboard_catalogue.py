@@ -328,6 +328,32 @@ def test_gallery_ends_against_a_slow_reference() -> None:
         assert lowest.dtype == np.int64 and highest.dtype == np.int64
 
 
+def test_gallery_pages_against_a_slow_reference() -> None:
+    """Two-sided pages: every row once, the low side from the low end, the high side from the
+    high end, the sides meeting in the middle (checked by walking the ranking from both ends)."""
+    from convergence_core.dashboard.catalogue import gallery_page, gallery_page_count
+
+    for m in range(0, 30):
+        for per_side in (1, 2, 6):
+            ranked = np.arange(100, 100 + m)
+            low_end, high_end, lo, hi = [], [], 0, m - 1  # the reference: alternate ends
+            while lo <= hi:
+                low_end.append(ranked[lo])
+                lo += 1
+                if lo <= hi:
+                    high_end.append(ranked[hi])
+                    hi -= 1
+            pages = gallery_page_count(m, per_side)
+            assert pages == max(1, int(np.ceil(m / (2 * per_side))))
+            shown_low, shown_high = [], []
+            for page in range(1, pages + 1):
+                low, high = gallery_page(ranked, page, per_side)
+                assert len(low) <= per_side and len(high) <= per_side
+                shown_low += low.tolist()
+                shown_high += high.tolist()
+            assert shown_low == low_end and shown_high == high_end
+
+
 def test_number_cards_show_label_value_and_a_signed_change(tmp_path: Path) -> None:
     """widgets.number_cards: one card per column, the label (escaped, with its help), the value
     as a heading without an anchor, and the change as a badge coloured by its sign; no

@@ -73,12 +73,13 @@ def _widget(widgets, label_start: str):
 
 
 def _expected(run, score: str, rows_per_side: int, page: int) -> tuple[list[str], list[str]]:
+    """Page ``page``'s ids: the low side from the lowest inward over the lower half (the middle
+    stimulus of an odd count included), the high side from the highest inward over the rest."""
     order = np.argsort(run.dispersion[f"rank_{score}"].to_numpy(), kind="stable")
-    ids = run.stimuli["id"].to_numpy()
+    ids = list(run.stimuli["id"].to_numpy()[order])
+    low_half, high_half = ids[: (len(ids) + 1) // 2], ids[(len(ids) + 1) // 2 :][::-1]
     start = (page - 1) * rows_per_side
-    return list(ids[order][start : start + rows_per_side]), list(
-        ids[order[::-1]][start : start + rows_per_side]
-    )
+    return low_half[start : start + rows_per_side], high_half[start : start + rows_per_side]
 
 
 def test_gallery_ranks_lowest_and_highest_side_by_side(run) -> None:
@@ -104,6 +105,25 @@ def test_paging_and_score_change_the_shown_ids(run) -> None:
     assert at.query_params["score"] == "pc1"
 
 
+def test_the_pages_show_every_stimulus_once_under_its_own_end(run) -> None:
+    """The sides meet in the middle: the pages had been counted for one side only, so the second
+    half of them showed the first half's stimuli again, the highest under "Lowest dispersion"."""
+    at = _page()
+    assert "4 pages" in " ".join(t.value for t in at.text)  # 40 stimuli, 12 per page
+    shown_low, shown_high = [], []
+    for number in range(1, 5):
+        _widget(at.number_input, "Page").set_value(number).run(timeout=TIMEOUT)
+        ids = _gallery_ids(at)
+        low, high = _expected(run, "mean", PER_SIDE, number)
+        assert ids == low + high
+        shown_low += low
+        shown_high += high
+    assert len(shown_low) == len(shown_high) == 20  # the last page: 2 per side
+    assert sorted(shown_low + shown_high) == sorted(run.stimuli["id"])
+    rank = dict(zip(run.stimuli["id"], run.dispersion["rank_mean"], strict=True))
+    assert max(rank[i] for i in shown_low) < min(rank[i] for i in shown_high)
+
+
 def test_query_params_start_the_widgets(run) -> None:
     at = _page({"score": "pc1", "page": "3"})
     assert _widget(at.radio, "Rank by").value == "pc1"
@@ -113,7 +133,7 @@ def test_query_params_start_the_widgets(run) -> None:
 
 def test_page_beyond_the_last_is_clamped_and_bad_page_warns(run) -> None:
     at = _page({"page": "99"})
-    assert _widget(at.number_input, "Page").value == 7  # 40 stimuli, 6 per side
+    assert _widget(at.number_input, "Page").value == 4  # 40 stimuli, 6 from each end per page
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
     at.query_params["page"] = "first"
     at.run(timeout=TIMEOUT)  # the session's first page reads the URL and warns

@@ -82,6 +82,27 @@ def gallery_ends(values: object, count: int) -> tuple[np.ndarray, np.ndarray]:
     return order[:count], order[::-1][:count]
 
 
+def gallery_page_count(n_ranked: int, per_side: int) -> int:
+    """Pages of a two-sided gallery of ``n_ranked`` stimuli, ``per_side`` from each end per page
+    (:func:`gallery_page`); at least 1."""
+    return max(1, -(-n_ranked // (2 * per_side)))
+
+
+def gallery_page(
+    ranked: np.ndarray, page: int, per_side: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of page ``page`` (1-based) of a two-sided gallery over ``ranked`` (m,), a ranking
+    from the low end to the high end: the low side walks the first ⌈m/2⌉ rows from the low end
+    inward, the high side the other ⌊m/2⌋ from the high end inward, ``per_side`` per page. The
+    two sides meet in the middle on the last page, so every row is shown once, under its own
+    end's heading, over :func:`gallery_page_count` pages."""
+    ranked = np.asarray(ranked)
+    middle = -(-len(ranked) // 2)
+    start = (page - 1) * per_side
+    low_half, high_half = ranked[:middle], ranked[middle:][::-1]
+    return low_half[start : start + per_side], high_half[start : start + per_side]
+
+
 def _read_only(array: np.ndarray) -> np.ndarray:
     array = np.asarray(array)
     array.flags.writeable = False
