@@ -67,6 +67,55 @@ with controls[1].popover(  # a short label: one line in a 1024-pixel window
     )
 colour_property = colour_by if properties is not None and colour_by in properties.names else ""
 
+# The chart's last box or lasso and an uploaded file are in the session state before their
+# widgets are drawn: applied here, so the map below already circles the selection they make.
+CHART_KEY = "residual-scatter"
+chart_state = st.session_state.get(CHART_KEY)
+chart_rows = selection_io.rows_from_chart_selection(
+    chart_state.get("selection") if chart_state is not None else None, n
+)
+if chart_state is not None and tuple(chart_rows) != st.session_state.get(LAST_CHART_ROWS, ()):
+    st.session_state[LAST_CHART_ROWS] = tuple(chart_rows)
+    if chart_rows:
+        state.set_selection(
+            st.session_state,
+            run.name,
+            [ids[r] for r in chart_rows],
+            origin=f"{projection} {score} chart",
+        )
+import_messages: list[tuple[str, str]] = []  # (kind, text), shown under the import popover
+uploaded = st.session_state.get("w_import")
+if uploaded is not None and uploaded.file_id != st.session_state.get(LAST_IMPORT):
+    st.session_state[LAST_IMPORT] = uploaded.file_id
+    try:
+        wanted = selection_io.parse_id_list(uploaded.getvalue())
+    except ValueError as exc:
+        import_messages.append(("error", f"Could not read the uploaded file: {exc}"))
+    else:
+        rows, unknown = found.rows_of(wanted)
+        if unknown:
+            import_messages.append(
+                ("warning", f"{len(unknown)} id(s) in the file are not in this run and were "
+                 "skipped:")
+            )
+            import_messages.append(
+                ("text", ", ".join(map(widgets.excerpt, unknown[:20]))
+                 + (" …" if len(unknown) > 20 else ""))
+            )
+        if len(rows) == 0:
+            import_messages.append((
+                "error",
+                "Empty selection: none of the ids in the file is in this run; the selection is "
+                "unchanged.",
+            ))
+        else:
+            state.set_selection(
+                st.session_state, run.name, [ids[r] for r in rows], origin="an imported file"
+            )
+            import_messages.append(
+                ("success", f"Imported {len(rows)} stimuli as the current selection.")
+            )
+
 selection = state.get_selection(st.session_state, run.name)
 selected_rows = found.rows_of(selection.ids)[0] if selection else np.array([], dtype=int)
 try:
@@ -95,7 +144,6 @@ if not interactive:
         "Turn on the interactive chart to select points with a box or a lasso; the current "
         "selection is circled in red."
     )
-    event = None
 else:
     colour, colour_title = data.residual_colour(run, found, score, colour_property)
     figure = plots.residual_scatter(
@@ -121,20 +169,7 @@ else:
             "selected stimuli's ids and captions are listed below the chart."
         )
     )
-    event = st.plotly_chart(
-        figure, key="residual-scatter", on_select="rerun", selection_mode=("box", "lasso")
-    )
-chart_rows = selection_io.rows_from_chart_selection(getattr(event, "selection", None), n)
-if event is not None and tuple(chart_rows) != st.session_state.get(LAST_CHART_ROWS, ()):
-    st.session_state[LAST_CHART_ROWS] = tuple(chart_rows)
-    if chart_rows:
-        selection = state.set_selection(
-            st.session_state,
-            run.name,
-            [ids[r] for r in chart_rows],
-            origin=f"{projection} {score} chart",
-        )
-        selected_rows = np.asarray(chart_rows, dtype=int)
+    st.plotly_chart(figure, key=CHART_KEY, on_select="rerun", selection_mode=("box", "lasso"))
 
 # a popover: the browser loads the file uploader's code only when it is opened
 with st.popover("Import a selection", icon=":material/upload_file:"):
@@ -143,30 +178,8 @@ with st.popover("Import a selection", icon=":material/upload_file:"):
         type=["csv", "txt"],
         key="w_import",
     )
-if uploaded is not None and uploaded.file_id != st.session_state.get(LAST_IMPORT):
-    st.session_state[LAST_IMPORT] = uploaded.file_id
-    try:
-        wanted = selection_io.parse_id_list(uploaded.getvalue())
-    except ValueError as exc:
-        st.error(f"Could not read the uploaded file: {exc}")
-    else:
-        rows, unknown = found.rows_of(wanted)
-        if unknown:
-            st.warning(f"{len(unknown)} id(s) in the file are not in this run and were skipped:")
-            st.text(
-                ", ".join(map(widgets.excerpt, unknown[:20])) + (" …" if len(unknown) > 20 else "")
-            )
-        if len(rows) == 0:
-            st.error(
-                "Empty selection: none of the ids in the file is in this run; "
-                "the selection is unchanged."
-            )
-        else:
-            selection = state.set_selection(
-                st.session_state, run.name, [ids[r] for r in rows], origin="an imported file"
-            )
-            selected_rows = rows
-            st.success(f"Imported {len(rows)} stimuli as the current selection.")
+for kind, message in import_messages:
+    getattr(st, kind)(message)
 
 
 if projection == "PCA":

@@ -194,6 +194,10 @@ def test_import_sets_selection_and_reports_unknown_ids(run) -> None:
     assert any(t.value == "no-such-id" for t in at.text)
     selection = state.get_selection(at.session_state, "demo")
     assert selection is not None and list(selection.ids) == known
+    # the map drawn in the same rerun already circles the imported stimuli (it lagged one
+    # action behind: drawn before the file was read)
+    overlay = _figure(at, "PCA of the GPA residuals")["data"][1]
+    assert list(_array(overlay["customdata"])) == [2, 3]
 
 
 def test_import_of_only_unknown_ids_is_an_error(run) -> None:
