@@ -250,7 +250,6 @@ def sets_and_results() -> None:
 
     smallest = min(len(rows) for rows in sets.values())
     max_k = smallest - 1
-    requested_k = view.k
 
     # -----------------------------------------------------------------------------------------
     # the metric (any of the registry) and its options
@@ -309,7 +308,7 @@ def sets_and_results() -> None:
 
     row2 = st.columns([2, 2])
     with row2[0]:
-        k = state.bind_widget(
+        k, requested_k = state.bind_bounded_int(
             st.session_state,
             view,
             "k",
@@ -321,13 +320,14 @@ def sets_and_results() -> None:
                 help=f"2 … {max_k}: k must be smaller than the smallest set ({smallest} stimuli). "
                 "Feature metrics (CKA, SVCCA) do not use k.",
             ),
-            coerce=lambda value: min(max(state.MIN_K, int(value)), max_k),
+            state.MIN_K,
+            max_k,
         )
-    if requested_k > max_k and k == max_k:
+    if requested_k is not None:
         st.warning(
             f"k={requested_k} is too large for sets of {smallest} stimuli (each stimulus needs k "
-            f"other stimuli as neighbours); using k={max_k}. Choose a larger set size for a "
-            "larger k."
+            f"other stimuli as neighbours); using k={max_k} for them. Choose a larger set size "
+            f"for a larger k; k={requested_k} comes back with larger sets."
         )
     with row2[1]:
         statistics = st.expander(

@@ -83,15 +83,18 @@ with st.sidebar:
             max(state.MIN_SUBSET_SIZE, int(value or state.default_subset_size(n))), max_size
         ),
     )
-    k = state.bind_widget(
+    k, requested_k = state.bind_bounded_int(
         st.session_state,
         view,
         "k",
         lambda key: st.number_input(
             "k (CKNNA neighbours)", min_value=state.MIN_K, max_value=int(size) - 1, step=1, key=key
         ),
-        coerce=lambda value: min(max(state.MIN_K, int(value)), int(size) - 1),
+        state.MIN_K,
+        int(size) - 1,
     )
+    if requested_k is not None:
+        st.caption(f"k={requested_k} needs sets of more than {requested_k} stimuli; using k={k}.")
     # the browser builds a popover's widgets only when it is opened (an expander's at once)
     with st.popover("Statistics", icon=":material/tune:"):
         n_random = st.number_input("random sets", min_value=10, max_value=2000, value=200, step=10)

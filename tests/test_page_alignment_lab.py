@@ -235,6 +235,26 @@ def test_k_too_large_for_the_sets_is_clamped_with_a_warning(run) -> None:
     assert any("k=50 is too large for sets of 12 stimuli" in w.value for w in at.warning)
 
 
+def test_k_lowered_for_small_sets_comes_back_with_larger_ones(run) -> None:
+    """A small focus set for a moment lowered k for good (and in the URL), so every number after
+    it silently changed. Now the view keeps the requested k and the slider returns to it."""
+    at = _page({"k": "10", "size": "20"})
+    at.number_input(key="w_size").set_value(6).run(timeout=TIMEOUT)
+    assert at.slider(key="w_k").value == 5 and set(_results(at)["k"]) == {5}
+    assert any("k=10 is too large for sets of 6 stimuli" in w.value for w in at.warning)
+    assert at.query_params["k"] == "10"  # a link keeps the requested k
+    at.number_input(key="w_size").set_value(20).run(timeout=TIMEOUT)
+    assert at.slider(key="w_k").value == 10 and set(_results(at)["k"]) == {10}
+    assert not at.warning
+
+    # moved while lowered: the user's new k stays
+    at.number_input(key="w_size").set_value(6).run(timeout=TIMEOUT)
+    at.slider(key="w_k").set_value(3).run(timeout=TIMEOUT)
+    assert at.query_params["k"] == "3"
+    at.number_input(key="w_size").set_value(20).run(timeout=TIMEOUT)
+    assert at.slider(key="w_k").value == 3 and set(_results(at)["k"]) == {3}
+
+
 def test_empty_selection_is_an_error_in_words(run) -> None:
     at = _page({"source": "selection"})
     assert any("Empty selection" in e.value for e in at.error)

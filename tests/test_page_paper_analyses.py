@@ -65,6 +65,15 @@ def test_page_shows_every_analysis_and_reacts_to_size_and_k(monkeypatch, cache_r
     assert not rekeyed["cknna_low_dispersion"].equals(resized["cknna_low_dispersion"])
     assert at.query_params["k"] == ["5"] or at.query_params["k"] == "5"
 
+    # a set size too small for k lowers k for these sets only: k comes back with larger sets
+    _widget(at, "Set size (stimuli)").set_value(4)
+    at.run(timeout=60)
+    assert set(at.dataframe[0].value["k"]) == {3}
+    assert any("k=5 needs sets of more than 5 stimuli" in c.value for c in at.caption)
+    _widget(at, "Set size (stimuli)").set_value(20)
+    at.run(timeout=60)
+    assert set(at.dataframe[0].value["k"]) == {5}
+
 
 def test_page_without_runs_says_how_to_make_one(monkeypatch, tmp_path):
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))

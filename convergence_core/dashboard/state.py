@@ -208,6 +208,44 @@ def bind_widget(
     return value
 
 
+#: Prefix of the session keys that remember a value :func:`bind_bounded_int` had to lower
+CLAMPED_PREFIX = "clamped_"
+
+
+def bind_bounded_int(
+    session_state: MutableMapping[str, Any],
+    view: View,
+    name: str,
+    make_widget: Callable[[str], Any],
+    low: int,
+    high: int,
+) -> tuple[int, int | None]:
+    """:func:`bind_widget` for a whole number whose allowed range ``[low, high]`` depends on other
+    choices (k must stay below the smallest set). A value above ``high`` is used as ``high`` for
+    now, but not forgotten: the view (and so the URL) keeps it, and the widget returns to it once
+    the range allows, unless the user moved the widget meanwhile. Otherwise a small set chosen
+    for a moment lowered k for good, and every number after it silently changed.
+
+    Returns ``(value, requested)``: the value to use, and the requested value when it was lowered
+    (else None).
+    """
+    key = WIDGET_PREFIX + name
+    remembered = session_state.pop(CLAMPED_PREFIX + key, None)
+    if remembered is not None and session_state.get(key) == remembered[1]:
+        session_state[key] = remembered[0]  # the widget is where it was lowered to: restore
+    requested = int(session_state.get(key, getattr(view, name)))
+    value = int(
+        bind_widget(
+            session_state, view, name, make_widget, coerce=lambda v: min(max(low, int(v)), high)
+        )
+    )
+    if requested > high and value == high:
+        session_state[CLAMPED_PREFIX + key] = (requested, high)
+        setattr(view, name, requested)
+        return value, requested
+    return value, None
+
+
 def drop_stale_choice(
     session_state: MutableMapping[str, Any], key: str, options: Sequence[Any]
 ) -> None:
