@@ -46,33 +46,34 @@ with controls[0]:
         "component of the residuals (the paper's two dispersion measures).",
     )
 with controls[1]:
-    order_by = st.radio(
+    # kept widgets: the choices stay while the user visits other pages
+    order_by = state.kept_widget(st.session_state, "w_gallery_order", lambda key: st.radio(
         "Gallery order",
         list(ORDERS),
-        key="w_gallery_order",
+        key=key,
         format_func=ORDERS.get,
         help="dispersion (the score on the left), or per-stimulus alignment of one GPA model × "
         "partner pair (a vision × language pair in most runs): k-NN overlap (share of a "
         "stimulus's k nearest stimuli both models agree on) or local CKA (how much the "
         "stimulus raises the CKA of a seeded base of "
         f"{local_cka_base_size(n)} pairs).",
-    )
+    ))
 with controls[2]:
-    query = st.text_input(
+    query = state.kept_widget(st.session_state, "w_caption_filter", lambda key: st.text_input(
         "Filter by caption text" if run.has_captions else "Filter by id",
-        key="w_caption_filter",
+        key=key,
         placeholder="e.g. dog, kitchen, surf…" if run.has_captions else "part of an id",
         help="Case-insensitive; matches any caption or the id.",
-    )
+    ))
 selection = state.get_selection(st.session_state, run.name)
 with controls[3]:
-    only_selection = st.toggle(
+    only_selection = state.kept_widget(st.session_state, "w_only_selection", lambda key: st.toggle(
         "Selection only",
-        key="w_only_selection",
+        key=key,
         disabled=selection is None,
         help="Only the stimuli of the current selection. Make a selection on the Residual space "
         "page (box/lasso) or import one there.",
-    )
+    ))
 
 try:
     best_layers = data.best_language_layers(path, stamp) if run.language_models else {}
@@ -335,12 +336,16 @@ with detail_tab:
         state.drop_stale_choice(
             st.session_state, "w_neighbour_model", [model for model, _ in model_layers]
         )
-        shown_model = st.radio(
-            "Neighbours in detail for",
-            [model for model, _ in model_layers],
-            key="w_neighbour_model",
-            horizontal=True,
-            format_func=lambda m: f"{m} ({run.modality(m)})",
+        shown_model = state.kept_widget(
+            st.session_state,
+            "w_neighbour_model",
+            lambda key: st.radio(
+                "Neighbours in detail for",
+                [model for model, _ in model_layers],
+                key=key,
+                horizontal=True,
+                format_func=lambda m: f"{m} ({run.modality(m)})",
+            ),
         )
         layer, neighbour_rows, similarity = neighbours[shown_model]
         thumbs = st.columns(NEIGHBOUR_THUMBNAILS)

@@ -40,14 +40,15 @@ pca = run.pca
 
 controls = st.columns(2)
 with controls[0]:
-    projection = st.radio(
+    # kept: the choice stays while the user visits other pages
+    projection = state.kept_widget(st.session_state, "w_projection", lambda key: st.radio(
         "Projection",
         ("PCA", "UMAP"),
-        key="w_projection",
+        key=key,
         horizontal=True,
         help="PCA: PC1 vs PC2 of the residual matrix R (stimuli × GPA models). "
         "UMAP (umap-learn, fixed seed) of R: computed once per run and cached.",
-    )
+    ))
 with controls[1]:
     score = widgets.score_radio(view, "Colour by")
 properties = predictors.run_properties(run)

@@ -225,9 +225,9 @@ def sets_and_results() -> None:
         else:
             sets["selection"] = found.rows_of(selection.ids)[0]
     elif source == "pasted":
-        pasted = st.text_area(
-            "Stimulus ids (one per line, or separated by commas or spaces)", key="w_pasted_ids"
-        )
+        pasted = state.kept_widget(st.session_state, "w_pasted_ids", lambda key: st.text_area(
+            "Stimulus ids (one per line, or separated by commas or spaces)", key=key
+        ))
         wanted = selection_io.parse_id_list(pasted)
         rows, unknown = found.rows_of(wanted)
         if unknown:

@@ -111,11 +111,12 @@ with st.sidebar:
     groups = analyses.partner_groups(run)
     partners = next(iter(groups), "language")
     if len(groups) > 1:
-        partners = st.radio(
-            "Fig. 2 and S1 pairs", list(groups), format_func=groups.get, key="w_paper_partners",
+        state.drop_stale_choice(st.session_state, "w_paper_partners", list(groups))
+        partners = state.kept_widget(st.session_state, "w_paper_partners", lambda key: st.radio(
+            "Fig. 2 and S1 pairs", list(groups), format_func=groups.get, key=key,
             help="the language models (at their best layers) or the models outside GPA that are "
             "not language models (at their default layers)",
-        )
+        ))
 page.close_page(context)
 path_text = str(path)
 large = n > AUTO_COMPUTE_STIMULI

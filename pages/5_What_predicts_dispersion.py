@@ -18,6 +18,7 @@ from convergence_core.dashboard import (
     predictor_plots,
     predictors,
     selection_io,
+    state,
     widgets,
 )
 
@@ -111,12 +112,13 @@ def _ranked() -> None:
 
 def _scatter() -> None:
     names = list(ranked["property"]) or table.names
-    chosen = st.selectbox(
+    state.drop_stale_choice(st.session_state, "w_predictors_property", names)
+    chosen = state.kept_widget(st.session_state, "w_predictors_property", lambda key: st.selectbox(
         "Property",
         names,
-        key="w_predictors_property",
+        key=key,
         help="Ordered by rank (strongest first). Click a point, or drag a box, to see its images.",
-    )
+    ))
     row = ranked[ranked["property"] == chosen]
     effect_text = (
         f"{'ρ' if row['test'].iloc[0] == 'spearman' else 'ε²'} = {row['effect'].iloc[0]:.3f}, "

@@ -60,8 +60,6 @@ st.caption(
 
 # a choice made on another run: the models this run has, else (none of them) all of this run's
 state.carry_choices_to_run(st.session_state, MODELS_KEY, run.models)
-if MODELS_KEY not in st.session_state:
-    st.session_state[MODELS_KEY] = list(run.models)
 with st.sidebar:
     st.header("Barycenter")
     chosen = widgets.choose_many(

@@ -392,6 +392,39 @@ def test_switching_runs_keeps_every_page_working(synthetic_cache: Path) -> None:
     }
 
 
+def test_each_pages_choices_survive_visits_to_other_pages(synthetic_cache: Path) -> None:
+    """Streamlit forgets a widget that a rerun does not draw: the lab's models and metric, the
+    gallery's order and filter, the map's projection and the barycenter's models were reset by
+    a visit to another page, and the lab's numbers changed with no notice."""
+    at = _app().run(timeout=TIMEOUT)
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    at.button_group(key="w_vision").set_value(["vision-b"]).run(timeout=TIMEOUT)
+    at.button_group(key="w_lab_metric").set_value("mutual_knn").run(timeout=TIMEOUT)
+    at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
+    at.radio(key="w_gallery_order").set_value("knn_overlap")
+    at.text_input(key="w_caption_filter").set_value("a").run(timeout=TIMEOUT)
+    at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
+    at.radio(key="w_projection").set_value("UMAP").run(timeout=TIMEOUT)
+    at.switch_page("pages/6_Universal_space.py").run(timeout=TIMEOUT)
+    at.button_group(key="w_universal_models").set_value(["vision-a", "language-a"])
+    at.run(timeout=TIMEOUT)
+
+    for target in ("app.py", "pages/3_Alignment_lab.py", "pages/1_Stimuli.py",
+                   "pages/2_Residual_space.py", "pages/6_Universal_space.py"):
+        at.switch_page(target).run(timeout=TIMEOUT)
+        assert not at.exception, (target, at.exception)
+    assert at.button_group(key="w_universal_models").value == ["vision-a", "language-a"]
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    assert at.button_group(key="w_vision").value == ["vision-b"]
+    assert at.button_group(key="w_lab_metric").value == "mutual_knn"
+    at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
+    assert at.radio(key="w_gallery_order").value == "knn_overlap"
+    assert at.text_input(key="w_caption_filter").value == "a"
+    at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
+    assert at.radio(key="w_projection").value == "UMAP"
+    assert not at.warning, [w.value for w in at.warning]
+
+
 def test_home_links_to_every_page_with_the_view_in_the_url(synthetic_cache: Path) -> None:
     at = _app()
     at.query_params["score"] = "pc1"

@@ -250,9 +250,11 @@ def drop_stale_choice(
     session_state: MutableMapping[str, Any], key: str, options: Sequence[Any]
 ) -> None:
     """Forget a widget's session value that is not among its current ``options`` (e.g. a stimulus
-    or model of the previously chosen run), so the widget starts from its default, not an error."""
-    if key in session_state and session_state[key] not in options:
-        del session_state[key]
+    or model of the previously chosen run), so the widget starts from its default, not an error.
+    The copy a :func:`kept_widget` keeps is checked the same way."""
+    for name in (key, KEPT_PREFIX + key):
+        if name in session_state and session_state[name] not in options:
+            del session_state[name]
 
 
 def carry_choices_to_run(
@@ -261,15 +263,17 @@ def carry_choices_to_run(
     """Carry a multi-choice widget's session value (a list, e.g. of models) over to a newly chosen
     run whose ``options`` lack some of it: keep the chosen options this run has; if it has none
     of them, forget the value so the widget starts from its default (all). A value without stale
-    entries is left alone, an empty one the user made on purpose included."""
-    chosen = session_state.get(key)
-    if chosen is None or not set(chosen) - set(options):
-        return
-    kept = [option for option in chosen if option in options]
-    if kept:
-        session_state[key] = kept
-    else:
-        del session_state[key]
+    entries is left alone, an empty one the user made on purpose included. The copy a
+    :func:`kept_widget` keeps is carried over the same way."""
+    for name in (key, KEPT_PREFIX + key):
+        chosen = session_state.get(name)
+        if chosen is None or not set(chosen) - set(options):
+            continue
+        kept = [option for option in chosen if option in options]
+        if kept:
+            session_state[name] = kept
+        else:
+            del session_state[name]
 
 
 def write_query_params(query_params: MutableMapping[str, Any], view: View) -> None:

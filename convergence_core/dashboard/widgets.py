@@ -79,19 +79,24 @@ def choose_one(
 ) -> Any:
     """One of ``options``: a row of pills, one always chosen (the first until the user picks),
     or a select box above :data:`PILL_LIMIT` options. Its value lives in ``st.session_state[key]``
-    either way."""
+    either way, and is kept while the user visits other pages (:func:`state.kept_widget`)."""
     options = list(options)
-    if len(options) > PILL_LIMIT:
-        return st.selectbox(label, options, key=key, format_func=format_func, help=help)
-    return st.pills(
-        label,
-        options,
-        required=True,
-        default=None if key in st.session_state else options[0],
-        key=key,
-        format_func=_pill_text(format_func),
-        help=help,
-    )
+
+    def widget(key: str) -> Any:
+        if len(options) > PILL_LIMIT:
+            return st.selectbox(label, options, key=key, format_func=format_func, help=help)
+        if key not in st.session_state:  # the first value through the session state, as below
+            st.session_state[key] = options[0]
+        return st.pills(
+            label,
+            options,
+            required=True,
+            key=key,
+            format_func=_pill_text(format_func),
+            help=help,
+        )
+
+    return state.kept_widget(st.session_state, key, widget)
 
 
 def choose_many(
@@ -104,23 +109,29 @@ def choose_many(
 ) -> list[Any]:
     """Any of ``options`` (all chosen until the user changes it): a row of pills, or a
     multi-select box above :data:`PILL_LIMIT` options. The value (a list) lives in
-    ``st.session_state[key]`` either way."""
+    ``st.session_state[key]`` either way, and is kept while the user visits other pages
+    (:func:`state.kept_widget`; a choice made on another run:
+    :func:`state.carry_choices_to_run`)."""
     options = list(options)
-    default = None if key in st.session_state else options
-    if len(options) > PILL_LIMIT:
-        return st.multiselect(
-            label, options, default=default, key=key, format_func=format_func, help=help
+
+    def widget(key: str) -> list[Any]:
+        # the first value through the session state, not a default argument: Streamlit reports
+        # a default beside a value restored through the session state
+        if key not in st.session_state:
+            st.session_state[key] = options
+        if len(options) > PILL_LIMIT:
+            return st.multiselect(label, options, key=key, format_func=format_func, help=help)
+        chosen = st.pills(
+            label,
+            options,
+            selection_mode="multi",
+            key=key,
+            format_func=_pill_text(format_func),
+            help=help,
         )
-    chosen = st.pills(
-        label,
-        options,
-        selection_mode="multi",
-        default=default,
-        key=key,
-        format_func=_pill_text(format_func),
-        help=help,
-    )
-    return list(chosen or [])
+        return list(chosen or [])
+
+    return state.kept_widget(st.session_state, key, widget)
 
 
 def interactive_chart_toggle(key: str, label: str, picture_of: str) -> bool:
