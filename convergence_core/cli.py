@@ -572,10 +572,16 @@ def run_line(run: Any) -> str:
     parts += [f"{modality} {', '.join(models)}" for modality, models in others.items()]
     gpa = list(run.gpa.models)
     across = "" if gpa == run.vision_models else f" across {', '.join(gpa)}:"
-    parts.append(
-        f"GPA{across} {run.gpa.n_iter} iterations "
-        f"({'converged' if run.gpa.converged else 'NOT converged'})"
-    )
+    stop = run.gpa_stop  # None: GPA ran to its optimum (the default)
+    if not run.gpa.converged:
+        status = "NOT converged"
+    elif stop is None:
+        status = "converged"
+    elif stop.met:
+        status = f"stopped at its residuals' uncertainty, loss tol {stop.tol:.0e}"
+    else:
+        status = f"converged: the uncertainty rule did not hold before loss tol {stop.tol:.0e}"
+    parts.append(f"GPA{across} {run.gpa.n_iter} iterations ({status})")
     return f"run {run.path}: " + "; ".join(parts)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from . import settings
-from .cache import CacheFormatError, RunLayout, read_json, read_npy, read_parquet
+from .cache import CacheFormatError, RunLayout, model_key, read_json, read_npy, read_parquet
 from .dispersion import SCORES, first_layer_note, rank_column
 from .manifest import MANIFEST_FORMAT, Manifest, ModelEntry, parse_manifest
 
@@ -543,9 +543,11 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             is incomplete (an interrupted precompute: rerun it to finish).
     """
     folder = Path(path)
-    if not folder.exists() and not folder.is_absolute() and len(folder.parts) == 1:
-        candidate = settings.runs_root() / folder
-        if candidate.exists():
+    if not folder.exists() and not folder.is_absolute():
+        # a run name: its folder under the cache, named as precompute names it (a name such as
+        # "my run" or "lab/v1" is stored as "my_run-<hash>", cache.model_key)
+        candidate = settings.runs_root() / model_key(os.fspath(path))
+        if candidate.is_dir():
             folder = candidate
     if not folder.is_dir():
         known = [info.name for info in list_runs() if info.damaged is None]

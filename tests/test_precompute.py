@@ -320,6 +320,13 @@ def test_gpa_stopped_at_its_uncertainty_writes_gpa_and_its_diagnostic_in_one_ste
     )
     assert direct_stop == stop
     np.testing.assert_allclose(run.gpa.residuals, direct.residuals, rtol=0, atol=1e-15)
+    # the command's summary says where GPA stopped (it said "converged" either way)
+    from convergence_core.cli import run_line
+
+    said = run_line(run)
+    assert "(converged)" not in said and f"loss tol {stop.tol:.0e}" in said
+    assert ("stopped at its residuals' uncertainty" in said) == stop.met
+    assert "(converged)" in run_line(optimum)
     stored = run.gpa_stability
     assert stored.n_starts == 4 and stored.tol == stop.tol
     np.testing.assert_allclose(

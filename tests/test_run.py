@@ -241,6 +241,14 @@ def test_load_run_by_name_under_cache(tmp_path, monkeypatch):
     assert load_run("named").n_stimuli == 8
     with pytest.raises(FileNotFoundError, match="named"):
         load_run("other")
+    # a name precompute stored under another folder name ("my run" -> my_run-<hash>) is found
+    # by the name the user gave (`report "my run"` said "no run folder at my run")
+    from convergence_core.cache import model_key
+
+    for given in ("my run", "lab/v1"):
+        make_synthetic_run(tmp_path / "runs", n=9, thumbnails=False, name=model_key(given))
+        assert load_run(given).path == tmp_path / "runs" / model_key(given)
+    assert model_key("my run") != "my run"
 
 
 def test_pickled_npy_in_a_run_is_refused(tmp_path):
