@@ -836,9 +836,12 @@ def precompute(
         stimuli, info, name = _checked_dataset(cfg, cache)
     stimuli, info = restrict_stimuli(cfg, stimuli, info)
     notify(ProgressEvent("dataset", None, 1, 1))
+    plan = _plan_from_config(cfg)
+    if info.dropped:  # --drop-bad: feature files keep their rows of the dropped stimuli
+        plan = replace(plan, sources=_skipping_dropped(plan.sources, info.dropped))
     try:
         return _execute(
-            _plan_from_config(cfg),
+            plan,
             cache / "runs" / model_key(name),
             name,
             stimuli,
@@ -853,6 +856,19 @@ def precompute(
             f"{exc} (no dataset was given, so the stimuli are the ids of "
             f"{info.source['path']}: every feature file must list the same ids)"
         ) from None
+
+
+def _skipping_dropped(sources: list[Any], dropped: list[dict[str, Any]]) -> list[Any]:
+    """``sources`` whose feature files may keep rows for the ``dropped`` stimuli (--drop-bad
+    drops a stimulus from every model alike: a file's row for it is skipped, not an error)."""
+    from .sources import FileSource
+
+    ids = frozenset(str(item.get("id")) for item in dropped)
+    return [
+        replace(source, extra_rows=ids)
+        if isinstance(source, FileSource) and source.extra_rows is False else source
+        for source in sources
+    ]
 
 
 def _checked_dataset(

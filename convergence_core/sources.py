@@ -189,8 +189,9 @@ class FileSource:
     files: Mapping[str, str | os.PathLike[str]]
     default_layer: str | None = None
     kind: str = "file"
-    #: rows for ids outside the run's stimuli are skipped (a run restricted to some stimuli)
-    extra_rows: bool = False
+    #: rows for ids outside the run's stimuli that are skipped: True, any (a run restricted to
+    #: some stimuli); a set, those ids (stimuli that --drop-bad dropped); False, none
+    extra_rows: bool | frozenset[str] = False
 
     def __post_init__(self) -> None:
         check_modality(self.modality, self.name)
@@ -450,10 +451,15 @@ def _open_feature_file(
 
 
 def _row_order(
-    where: str, file_ids: Sequence[str], ids: Sequence[str], *, extra_rows: bool = False
+    where: str,
+    file_ids: Sequence[str],
+    ids: Sequence[str],
+    *,
+    extra_rows: bool | frozenset[str] = False,
 ) -> np.ndarray:
     """(n,) int64: the file's row of each of the data set's ``ids``; FeatureFileError for ids
-    listed twice, missing from the file or (unless ``extra_rows``) unknown to the data set."""
+    listed twice, missing from the file or unknown to the data set (unless ``extra_rows`` is
+    True, or a set holding them: ids the run dropped)."""
     position: dict[str, int] = {}
     duplicated: list[str] = []
     for row, sid in enumerate(file_ids):
@@ -473,7 +479,10 @@ def _row_order(
             "(--stimuli common; or --stimuli IDS.txt, a list of ids)"
         )
     known = set(ids)
-    extra = [] if extra_rows else [sid for sid in file_ids if sid not in known]
+    skipped = extra_rows if isinstance(extra_rows, frozenset) else frozenset()
+    extra = [] if extra_rows is True else [
+        sid for sid in file_ids if sid not in known and sid not in skipped
+    ]
     if extra:
         raise FeatureIdsError(
             f"{where} has {len(extra)} row(s) for ids the data set does not have (e.g. "
@@ -504,12 +513,12 @@ def check_feature_file(
     *,
     model: str,
     layer: str,
-    extra_rows: bool = False,
+    extra_rows: bool | frozenset[str] = False,
 ) -> None:
     """Every check of :func:`read_feature_file` but the NaN/Inf scan, without reading the
     features (an .npy's header and id list; a parquet file's schema and ``id`` column): a run
     checks its feature files so before any model is extracted. ``extra_rows``: rows for ids
-    outside ``ids`` are allowed (a run restricted to some stimuli).
+    outside ``ids`` are allowed (True: any, a run restricted to some stimuli; a set: those).
 
     Raises:
         FeatureFileError: as :func:`read_feature_file`.
@@ -526,10 +535,11 @@ def read_feature_file(
     *,
     model: str,
     layer: str,
-    extra_rows: bool = False,
+    extra_rows: bool | frozenset[str] = False,
 ) -> np.ndarray:
     """The (n, d) float32 features of ``path``, rows in the order of ``ids`` (the data set's;
-    ``extra_rows``: the file may hold rows for other ids too, which are not read).
+    ``extra_rows``: the file may hold rows for other ids too (True: any; a set: those), which
+    are not read).
 
     Raises:
         FeatureFileError: unknown suffix, unreadable file, not 2-D or not numeric, an id list of

@@ -214,6 +214,41 @@ def test_a_run_from_files_of_several_modalities(tmp_path, coco, ids):
     np.testing.assert_allclose(changed.embeddings["subj01"]["V1"], flipped.astype(np.float32))
 
 
+def test_drop_bad_drops_a_stimulus_from_the_feature_files_too(tmp_path, make_coco_folder):
+    """--drop-bad drops a bad item from every model alike; a feature file's row for it stopped
+    the run ("rows for ids the data set does not have") although the data set had that id."""
+    captions = [[f"caption number {i}"] for i in range(N)]
+    captions[7] = [""]  # an empty caption: a bad item
+    coco = make_coco_folder(captions)
+    every_id = list(load_dataset(coco).stimuli["id"])
+    latent, rng = _latent_features(every_id)
+    files = {
+        name: _save_npy(tmp_path / f"{name}.npy",
+                        latent @ rng.standard_normal((6, d)) + 0.3 * rng.standard_normal((N, d)),
+                        every_id)
+        for name, d in (("vis-a", 12), ("vis-b", 9))
+    }
+    options = dict(
+        dataset=str(coco), features={name: str(path) for name, path in files.items()},
+        modalities={"vis-a": "vision", "vis-b": "vision"}, gpa_starts=0,
+        cache_root=str(tmp_path / "cache"), thumbnails=False,
+    )
+    with pytest.raises(ValueError, match="caption"):
+        precompute(**options)
+    run = precompute(drop_bad=True, **options)
+    kept = [i for i in every_id if i != every_id[7]]
+    assert list(run.stimuli["id"]) == kept
+    assert [item["id"] for item in run.manifest.dataset.dropped] == [every_id[7]]
+    np.testing.assert_allclose(
+        run.embeddings["vis-b"]["features"], np.delete(np.load(files["vis-b"]), 7, axis=0)
+    )
+    # a row for an id the data set never had is still an error
+    _save_npy(files["vis-a"], np.vstack([np.load(files["vis-a"]), np.ones((1, 12))]),
+              [*every_id, "stranger"])
+    with pytest.raises(FeatureFileError, match="stranger"):
+        precompute(drop_bad=True, **options)
+
+
 def test_gpa_across_files_that_cannot_fit_stops_before_any_work(tmp_path, coco, ids,
                                                                monkeypatch):
     """GPA across brain subjects given as files: their widths are in the files' headers, so a GPA
