@@ -244,9 +244,15 @@ class PrecomputeConfig:
         elif isinstance(self.layers, Mapping):
             listed = {*self.vision_models, *self.language_models}
             for model, chosen in self.layers.items():
+                if model in (self.features or {}):
+                    raise ValueError(
+                        f"layers names {model!r}, a model read from feature files: its layers "
+                        "are the files given for it (NAME:LAYER=PATH); leave it out of layers"
+                    )
                 if model not in listed:
                     raise ValueError(
-                        f"layers names {model!r}, which is not among the models {sorted(listed)}"
+                        f"layers names {model!r}, which is not among the models extracted here "
+                        f"{sorted(listed)}"
                     )
                 if isinstance(chosen, str) or not chosen:
                     raise ValueError(f"layers[{model!r}] must be a non-empty list of layer names")
@@ -544,14 +550,15 @@ def _check_gpa_stop(stop: str, starts: int) -> None:
 
 
 def _check_field_types(config: PrecomputeConfig) -> None:
-    """ValueError naming the first field whose value has the wrong type, and what it must be."""
+    """ValueError naming the first field whose value is not accepted (of the wrong type, or a
+    word, number or path it cannot be), and what it must be."""
     for spec in fields(config):
         accepts, expected = _FIELD_TYPES[spec.name]
         value = getattr(config, spec.name)
         if not accepts(value):
             raise ValueError(
-                f"config value {spec.name!r} = {_shown(value)} has the wrong type "
-                f"({type(value).__name__}); it must be {expected}"
+                f"config value {spec.name!r} = {_shown(value)} is not accepted; it must be "
+                f"{expected}"
             )
 
 

@@ -1672,7 +1672,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if (args.run is None) == (args.preset is None):
+    if args.run is None and args.preset is None:
+        parser.error("give a run (folder or name; `convergence runs` lists them) or --preset NAME")
+    if args.run is not None and args.preset is not None:
         parser.error("give either a run (folder or name) or --preset NAME, not both")
     try:
         check_out_folder(args.out)  # before any analysis: a bad --out fails in a second

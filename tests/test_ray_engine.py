@@ -228,15 +228,15 @@ def test_engine_settings_are_validated_with_the_fix() -> None:
     cases = [
         ({"engine": "spark"}, "unknown engine 'spark'"),
         ({"engine": "ray", "concurrency": 0}, "concurrency must be a positive integer"),
-        ({"engine": "ray", "concurrency": 2.0}, "'concurrency' = 2.0 has the wrong type"),
+        ({"engine": "ray", "concurrency": 2.0}, "'concurrency' = 2.0 is not accepted"),
         ({"engine": "ray", "num_gpus": -1}, "num_gpus must be a number >= 0"),
         ({"engine": "ray", "num_cpus": 1.5}, "fractions only below 1"),
-        ({"engine": "ray", "ray_address": ""}, "'ray_address' = '' has the wrong type"),
-        ({"engine": "ray", "runtime_env": "pip"}, "'runtime_env' = 'pip' has the wrong type"),
+        ({"engine": "ray", "ray_address": ""}, "'ray_address' = '' is not accepted"),
+        ({"engine": "ray", "runtime_env": "pip"}, "'runtime_env' = 'pip' is not accepted"),
         ({"concurrency": 2}, "only apply to engine 'ray'"),
         ({"ray_address": "auto"}, "only apply to engine 'ray'"),
         ({"precision": "fp8"}, "unknown precision 'fp8'"),
-        ({"batch_size": "big"}, "'batch_size' = 'big' has the wrong type.*or \"auto\""),
+        ({"batch_size": "big"}, "'batch_size' = 'big' is not accepted.*or \"auto\""),
     ]
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -166,6 +166,9 @@ def test_bad_input_gives_a_clear_error(planted_run_path, tmp_path, monkeypatch, 
     assert "larger than half" in capsys.readouterr().err
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "no run folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # neither a run nor a preset: said so (not "not both")
+        report.main(["--out", str(tmp_path)])
+    assert "give a run (folder or name" in capsys.readouterr().err
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "empty-cache"))
     assert report.main(["--preset", "demo", "--out", str(tmp_path)]) == 2
     assert "precompute --preset demo" in capsys.readouterr().err

@@ -289,6 +289,10 @@ def test_config_needs_a_modality_for_each_file_and_two_gpa_models(tmp_path, coco
                          modalities={"m": "vision"})
     with pytest.raises(ValueError, match="has no feature file"):
         PrecomputeConfig(dataset=str(coco), vision_models=["a", "b"], modalities={"x": "brain"})
+    # layers of a file's model: its files are its layers (the error listed no model at all)
+    with pytest.raises(ValueError, match="'m', a model read from feature files"):
+        PrecomputeConfig(dataset=str(coco), features={"m": str(path)},
+                         modalities={"m": "vision"}, layers={"m": ["zz"]})
 
 
 def test_cli_features_and_toml_models_table(tmp_path, coco, ids):
@@ -528,7 +532,7 @@ def test_restricting_the_stimuli_names_what_is_wrong(tmp_path, coco, ids):
                        r"file covers, but the run has no feature file"):
         precompute(dataset=str(coco), vision_models=["efficientnet-lite0", "efficientnet-lite1"],
                    language_models=[], stimuli="common", cache_root=str(cache))
-    with pytest.raises(ValueError, match=r"config value 'stimuli' = '' has the wrong type"):
+    with pytest.raises(ValueError, match=r"config value 'stimuli' = '' is not accepted"):
         PrecomputeConfig(dataset=str(coco), features={k: str(v) for k, v in paths.items()},
                          modalities={"a": "vision", "b": "vision"}, stimuli="")
     assert not (cache / "runs").exists() or not any((cache / "runs").iterdir())
