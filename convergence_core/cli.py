@@ -609,8 +609,13 @@ def _status(info: Any) -> str:
 def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
     from .run import list_runs
 
-    root = Path(args.cache) / "runs" if args.cache else None
-    runs = list_runs(root)
+    from .settings import cache_root, check_cache_folder
+
+    cache = check_cache_folder(
+        Path(args.cache) if args.cache else cache_root(),
+        "--cache" if args.cache else "$CONVERGENCE_CACHE or the default",
+    )
+    runs = list_runs(cache / "runs")
     if args.json:
         print(
             json.dumps(
@@ -625,7 +630,8 @@ def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     if not runs:
         print(
-            "no cached runs; make one with `python -m convergence_core precompute --preset demo`",
+            f"no cached runs in {cache / 'runs'}; make one with `python -m convergence_core "
+            "precompute --preset demo`",
             file=out,
         )
         return 0

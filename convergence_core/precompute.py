@@ -72,6 +72,7 @@ from .run_writer import (
     write_thumbnails,
 )
 from .settings import cache_root as default_cache_root
+from .settings import check_cache_folder
 
 __all__ = [
     "GPA_MAX_ITER",
@@ -834,7 +835,10 @@ def precompute(
     cfg = _resolve_config(config, options)
     notify = progress or (lambda event: None)
     _check_models(cfg)
-    cache = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
+    cache = check_cache_folder(
+        Path(cfg.cache_root) if cfg.cache_root else default_cache_root(),
+        "cache_root, --cache" if cfg.cache_root else "$CONVERGENCE_CACHE or the default",
+    )
     notify(ProgressEvent("dataset", None, 0, 1))
     if cfg.dataset is None:
         stimuli, info = stimuli_from_feature_files(cfg)

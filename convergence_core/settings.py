@@ -86,6 +86,17 @@ def cache_root() -> Path:
     return _user_folder("XDG_CACHE_HOME", ".cache")
 
 
+def check_cache_folder(folder: Path, given_as: str = "--cache") -> Path:
+    """``folder`` if it is a folder or does not exist yet (it is made when a run is written);
+    ValueError naming ``given_as`` (the option or variable that set it) when it is a file."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(
+            f"the cache {folder} ({given_as}) is a file, not a folder; give the cache folder "
+            "(runs are kept in its runs/ subfolder), or a new path to make one"
+        )
+    return folder
+
+
 def runs_root() -> Path:
     """Folder holding one sub-folder per precomputed run: ``<cache_root()>/runs``."""
     return cache_root() / "runs"

@@ -66,9 +66,23 @@ def test_no_command_prints_help():
     assert code == 2 and "precompute" in out
 
 
+def test_a_cache_that_is_a_file_is_refused_in_words(tmp_path, monkeypatch):
+    """precompute --cache FILE ended in a NotADirectoryError traceback, and runs --cache FILE
+    said "no cached runs"."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for command in (("runs",), ("precompute", "--features", f"a={afile}", "--modality",
+                                 "a=vision", "--features", f"b={afile}", "--modality", "b=vision")):
+        code, out, err = _main(*command, "--cache", str(afile))
+        assert code == 2 and f"the cache {afile} (" in err and "--cache) is a file" in err, err
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(afile))
+    code, _, err = _main("runs")
+    assert code == 2 and "($CONVERGENCE_CACHE or the default) is a file" in err
+
+
 def test_runs_lists_cached_runs(tmp_path):
     code, out, _ = _main("runs", "--cache", str(tmp_path))
-    assert code == 0 and "no cached runs" in out
+    assert code == 0 and f"no cached runs in {tmp_path / 'runs'}" in out
     make_synthetic_run(tmp_path / "runs", n=8, thumbnails=False, name="alpha")
     code, out, _ = _main("runs", "--cache", str(tmp_path))
     assert code == 0
