@@ -222,7 +222,15 @@ def write_model_arrays(
         array = np.ascontiguousarray(array, dtype=np.float32)
         write_npy(layout.embedding(key, layer_keys[layer]), array)
         hashes[layer] = array_fingerprint(array)
-        thresholds[layer] = clip_threshold(array)
+        try:
+            thresholds[layer] = clip_threshold(array)
+        except ValueError:  # features that are mostly zeros: say whose, and what to do
+            raise ValueError(
+                f"model {key!r}, layer {layer!r}: the features are mostly zeros (in the average "
+                "row at least 95% of the values are 0), so the paper's clipping at the "
+                "0.95-quantile of |x| would erase them; if whole columns are 0 (voxels outside a "
+                "mask, unused units), remove them from the features"
+            ) from None
         release(array)  # a memory-mapped input was read whole: its pages need not stay resident
     return hashes, thresholds
 

@@ -472,6 +472,12 @@ def _row_order(
             "per stimulus (average repeated presentations first)"
         )
     missing = [sid for sid in ids if sid not in position]
+    if missing and len(missing) == len(ids):
+        raise FeatureIdsError(
+            f"{where} lists none of the data set's {len(ids)} stimuli: its ids look like "
+            f"{list(file_ids[:3])}, the stimuli's like {list(ids[:3])}; write the file with the "
+            "data set's ids (zero-padding, a prefix or a file suffix may differ)"
+        )
     if missing:
         raise FeatureIdsError(
             f"{where} has no row for {len(missing)} of the data set's {len(ids)} stimuli (e.g. "
@@ -569,4 +575,12 @@ def read_feature_file(
             fix = ("fix those rows, or leave those stimuli out of the run (--stimuli IDS.txt, a "
                    "list of the ids to keep)")
         raise FeatureFileError(f"{found}; {fix}")
+    zero_rows = np.flatnonzero(~out.any(axis=1))
+    if zero_rows.size:  # no direction: such a row cannot be normalised, nor have neighbours
+        raise FeatureFileError(
+            f"{where} has {zero_rows.size} of {out.shape[0]} row(s) that are all zeros, e.g. "
+            f"stimuli {[ids[i] for i in zero_rows[:5]]}; fix those rows (features that were "
+            "never written?), or leave those stimuli out of the run (--stimuli IDS.txt, a list "
+            "of the ids to keep)"
+        )
     return out

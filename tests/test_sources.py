@@ -89,6 +89,8 @@ def test_a_float32_npy_in_order_is_not_copied(tmp_path, ids):
     [
         (lambda p, a, ids: _save_npy(p, a, ids[:-1] + ids[:1]), "twice"),
         (lambda p, a, ids: _save_npy(p, a[:-1], ids[:-1]), "no row for 1"),
+        (lambda p, a, ids: _save_npy(p, a, [f"{i}.jpg" for i in ids]),
+         r"lists none of the data set's 30 stimuli: its ids look like \['\d+\.jpg'"),
         (lambda p, a, ids: _save_npy(p, np.vstack([a, a[:1]]), ids + ["ghost"]), "does not have"),
         (lambda p, a, ids: _save_npy(p, a, ids[:-2]), "ids; give exactly one id per row"),
         (lambda p, a, ids: _save_npy(p, a.ravel(), ids), "2-D"),
@@ -98,6 +100,8 @@ def test_a_float32_npy_in_order_is_not_copied(tmp_path, ids):
         (lambda p, a, ids: _save_npy(p, np.where(np.arange(4) == 2, np.nan, a), ids),
          r"NaN/Inf in 30 of 30 row.*within 1 of 4 column\(s\), e.g. columns \[2\].*voxels outside "
          r"a mask, say\): remove those columns"),
+        (lambda p, a, ids: _save_npy(p, np.where(np.arange(N)[:, None] == 10, 0.0, a), ids),
+         r"1 of 30 row\(s\) that are all zeros, e.g. stimuli \['\d+'\].*--stimuli IDS\.txt"),
         (lambda p, a, ids: (np.save(p, a), p)[1], "no id list"),
         (lambda p, a, ids: _save_npy(p, np.array([{"x": 1}] * N, dtype=object), ids),
          "cannot be read as a numeric"),
@@ -109,7 +113,7 @@ def test_bad_feature_files_name_the_file_and_the_fix(tmp_path, ids, break_it, me
     with pytest.raises(FeatureFileError, match=message) as info:
         read_feature_file(path, ids, model="m", layer="l")
     assert "bad.npy" in str(info.value)
-    if "NaN" in message:  # the one fault that needs the values: found when the file is read
+    if "NaN" in message or "all zeros" in message:  # faults of the values: found on reading
         check_feature_file(path, ids, model="m", layer="l")
     else:  # the check before a run's work finds the same fault, with the same message
         with pytest.raises(FeatureFileError, match=message):
@@ -247,6 +251,21 @@ def test_drop_bad_drops_a_stimulus_from_the_feature_files_too(tmp_path, make_coc
               [*every_id, "stranger"])
     with pytest.raises(FeatureFileError, match="stranger"):
         precompute(drop_bad=True, **options)
+
+
+def test_features_that_are_mostly_zeros_are_refused_naming_the_model(tmp_path, coco, ids):
+    """The paper's clipping at the 0.95-quantile of |x| erases features whose rows are ≥ 95 %
+    zeros; the error said "pass q=1" (no such option) and named no model."""
+    sparse = np.zeros((N, 40))
+    sparse[np.arange(N), np.arange(N) % 40] = 1.0 + np.arange(N)
+    dense = np.random.default_rng(0).standard_normal((N, 5))
+    files = {"sparse": _save_npy(tmp_path / "sparse.npy", sparse, ids),
+             "dense": _save_npy(tmp_path / "dense.npy", dense, ids)}
+    with pytest.raises(ValueError, match=r"model 'sparse', layer 'features': the features are "
+                                         r"mostly zeros.*remove them"):
+        precompute(dataset=str(coco), features={k: str(v) for k, v in files.items()},
+                   modalities={"sparse": "vision", "dense": "vision"}, gpa_starts=0,
+                   thumbnails=False, cache_root=str(tmp_path / "cache"))
 
 
 def test_gpa_across_files_that_cannot_fit_stops_before_any_work(tmp_path, coco, ids,
