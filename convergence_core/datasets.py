@@ -685,7 +685,9 @@ def _detect_kind(spec: str) -> tuple[str, str]:
             return "labelled", spec
         raise ValueError(
             f"cannot tell the kind of dataset in {path}: it has neither captions.json (COCO) nor "
-            "labels.csv (labelled); pass kind='coco'|'table'|'labelled'|'hf' and its options"
+            "labels.csv (labelled); point at a COCO folder, a labelled folder or a table file "
+            "(CSV, JSONL or parquet; README: Data sets), or, in a config or from Python, give "
+            "{kind = 'coco'|'table'|'labelled'|'hf', path = ...}"
         )
     if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
         return "table", spec
