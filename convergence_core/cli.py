@@ -563,7 +563,7 @@ def run_line(run: Any) -> str:
     subset = run.manifest.dataset.subset
     of = "" if subset is None else f" (of {subset.of}: --stimuli {subset.rule})"
     parts = [
-        f"{run.n_stimuli} stimuli{of}", f"vision {', '.join(run.vision_models)}",
+        f"{run.n_stimuli} stimuli{of}", f"vision {', '.join(run.vision_models) or '-'}",
         f"language {', '.join(run.language_models) or '-'}",
     ]
     others: dict[str, list[str]] = {}

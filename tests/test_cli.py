@@ -107,6 +107,10 @@ def test_user_errors_are_one_line_with_the_fix(tmp_path):
         str(tmp_path),
     )
     assert code == 2 and "unknown model 'nope'" in err and "Traceback" not in err
+    assert "Did you mean" not in err
+    code, _, err = _main("precompute", "--dataset", str(tmp_path / "absent"), "--vision",
+                         "efficientnet-lite0,efficientnet-lite1", "--language", "minlm")
+    assert code == 2 and "unknown model 'minlm'. Did you mean 'minilm'?" in err
     code, _, err = _main(
         "precompute", "--preset", "demo", "--layers", "lite0", "--cache", str(tmp_path)
     )

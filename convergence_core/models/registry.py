@@ -308,8 +308,13 @@ register(
 
 
 def _unknown(name: str) -> UnknownModelError:
+    import difflib
+
+    close = difflib.get_close_matches(name, list_models(), n=1, cutoff=0.75)
+    meant = f" Did you mean {close[0]!r}?" if close else ""
     return UnknownModelError(
-        f"unknown model {name!r}. Registered: {', '.join(list_models())}. Any timm model works as "
+        f"unknown model {name!r}.{meant} Registered: {', '.join(list_models())}. Any timm model "
+        "works as "
         "'timm:<timm name>' (e.g. timm:vit_base_patch16_224.augreg_in21k) and any transformers "
         "language model as 'hf:<hub id or local folder>' (e.g. hf:gpt2)"
     )
