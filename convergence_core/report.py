@@ -1742,11 +1742,13 @@ def main(argv: list[str] | None = None) -> int:
             f"set size {report['parameters']['set_size']}, k = {report['parameters']['k']}; "
             f"language layers used: {report['best_language_layers']}"
         )
-    print((out / "summary.txt").read_text(encoding="utf-8"), end="")
+    summary = (out / "summary.txt").read_text(encoding="utf-8")
+    print(summary, end="")
     if "headline" in report["universal_space"]:
         print(report["universal_space"]["headline"])
     for note in report["notes"]:
-        print(f"note: {note}")
+        if note not in summary:  # a note summary.txt carries (two GPA models) is printed once
+            print(f"note: {note}")
     print(f"wrote {len(report['files'])} files to {out}")
     return 0
 
