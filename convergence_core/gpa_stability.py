@@ -196,9 +196,13 @@ def describe(summary: dict[str, Any], *, n_stimuli: int, n_starts: int, tol: flo
         rho = np.floor(float(rho) * 1e4 + 1e-9) / 1e4
     spread = summary.get("max_relative_dispersion_spread")
     interval = summary.get("max_rank_interval")
+    agree = (
+        "ρ ≥ n/a" if rho is None
+        else "ρ = 1 (every start ranks the stimuli alike)" if rho >= 1.0 else f"ρ ≥ {rho:.4f}"
+    )
     return (
         f"GPA stability ({n_starts} random starts, tol {tol:.0e}): dispersion ranks agree with "
-        f"GPA's at Spearman ρ ≥ {'n/a' if rho is None else f'{rho:.4f}'}; the widest rank "
+        f"GPA's at Spearman {agree}; the widest rank "
         f"interval of a stimulus is {'n/a' if interval is None else f'{interval:.0f}'} of "
         f"{n_stimuli} ranks; the largest dispersion spread is "
         f"{'n/a' if spread is None else f'{100 * spread:.2g} %'} of that stimulus's dispersion."

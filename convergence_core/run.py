@@ -572,8 +572,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     if not manifest.complete:
         done = sorted(manifest.steps)
         raise CacheFormatError(
-            f"run {folder.name!r} is incomplete (steps finished: {done}); it was interrupted: rerun "
-            "the same `python -m convergence_core precompute` command to resume it"
+            f"run {folder.name!r} is incomplete (steps finished: {done}): its precompute was "
+            "interrupted or stopped on an error; rerun the same `python -m convergence_core "
+            "precompute` command to resume it (after fixing what the error named, if it stopped "
+            "on one)"
         )
     return Run(folder, manifest)
 

@@ -313,17 +313,19 @@ def sets_and_results() -> None:
             view,
             "k",
             lambda key: st.slider(
-                "k (nearest neighbours)",
+                "k (nearest neighbours)" if choice.neighbour_metric
+                else f"k (not used by {label})",
                 min_value=state.MIN_K,
                 max_value=max_k,
                 key=key,
+                disabled=not choice.neighbour_metric,  # kept for the neighbour metrics
                 help=f"2 … {max_k}: k must be smaller than the smallest set ({smallest} stimuli). "
                 "Feature metrics (CKA, SVCCA) do not use k.",
             ),
             state.MIN_K,
             max_k,
         )
-    if requested_k is not None:
+    if requested_k is not None and choice.neighbour_metric:
         st.warning(
             f"k={requested_k} is too large for sets of {smallest} stimuli (each stimulus needs k "
             f"other stimuli as neighbours); using k={max_k} for them. Choose a larger set size "

@@ -92,6 +92,12 @@ def test_parse_id_list_accepts_plain_lists_and_refuses_binary() -> None:
     assert selection_io.parse_id_list(b"\xef\xbb\xbfID,caption\n5,cat\n6,dog\n") == ["5", "6"]
     with pytest.raises(ValueError, match="UTF-8"):
         selection_io.parse_id_list(b"\xff\xfe\x00bad")
+    # an uploaded table without an 'id' column: its cells were taken for ids
+    with pytest.raises(ValueError, match=r"table without an 'id' column \(its columns: name, "
+                                         r"value\)"):
+        selection_io.parse_id_list(b"name,value\na,1\nb,2\n")
+    assert selection_io.parse_id_list("a, b\nc, d") == ["a", "b", "c", "d"]  # pasted: a list
+    assert selection_io.parse_id_list(b"a\nb\n") == ["a", "b"]
     with pytest.raises(ValueError, match="accepted"):
         selection_io.parse_id_list(b"1\n" * (selection_io.MAX_IMPORT_BYTES // 2 + 1))
 

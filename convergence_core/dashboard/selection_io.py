@@ -61,7 +61,9 @@ def parse_id_list(data: bytes | str) -> list[str]:
     ids separated by newlines, commas, semicolons, tabs or spaces. Blank entries are skipped.
 
     Raises:
-        ValueError: the data is larger than ``MAX_IMPORT_BYTES`` or not UTF-8 text.
+        ValueError: the data is larger than ``MAX_IMPORT_BYTES``, not UTF-8 text, or an
+            uploaded table (rows of the same number of comma-separated cells; pasted text is
+            always a list) without an ``id`` column.
     """
     if isinstance(data, bytes):
         if len(data) > MAX_IMPORT_BYTES:
@@ -85,6 +87,15 @@ def parse_id_list(data: bytes | str) -> list[str]:
         column = next(name for name in reader.fieldnames or [] if name.strip().lower() == "id")
         ids = [(record.get(column) or "").strip() for record in reader]
     else:
+        rows = [line for line in lines if line.strip()][:6]
+        widths = {len(next(csv.reader([line]), [])) for line in rows}
+        if isinstance(data, bytes) and len(rows) > 1 and len(widths) == 1 and widths.pop() > 1:
+            # a table (every row the same number of cells), not a list: its ids would be guessed
+            raise ValueError(
+                f"the file is a table without an 'id' column (its columns: "
+                f"{', '.join(header[:8])}); name the column of stimulus ids 'id', or upload a "
+                "plain list of ids, one per line"
+            )
         ids = [token.strip() for token in re.split(r"[\s,;]+", text)]
     return list(dict.fromkeys(i for i in ids if i))
 
