@@ -405,12 +405,18 @@ def sets_and_results() -> None:
                 if not choice.live
                 else f"a feature metric on {n:,} stimuli"
             )
-            st.info(
-                f"{label} is not computed live ({why}): it is computed on the sets and up to "
-                f"{int(n_random)} random sets per set size when you ask, once for every user of "
-                "this server."
-            )
-            if st.button(f"Compute {label}", key="w_lab_compute", icon=":material/play_arrow:"):
+            prompt = st.empty()  # the notice and its button go once the numbers are asked for
+            with prompt.container():
+                st.info(
+                    f"{label} is not computed live ({why}): it is computed on the sets and up "
+                    f"to {int(n_random)} random sets per set size when you ask, once for every "
+                    "user of this server."
+                )
+                asked = st.button(
+                    f"Compute {label}", key="w_lab_compute", icon=":material/play_arrow:"
+                )
+            if asked:
+                prompt.empty()
                 bar = st.progress(0.0, text=f"{label}…")
                 numbers = data.lab_numbers(
                     path, stamp, pairs, names, rows, k, int(n_random), int(seed),

@@ -503,6 +503,8 @@ def test_a_slower_metric_waits_for_its_button_and_shows_progress(run) -> None:
     at.button(key="w_lab_compute").click().run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     assert len(at.image) == 1 and "Low dispersion" in cards(at)
+    assert not any("not computed live" in i.value for i in at.info)  # gone with its button
+    assert not [b for b in at.button if b.key == "w_lab_compute"]
     at.session_state["w_lab_tables"] = True
     at.run(timeout=TIMEOUT)  # the numbers are kept for every session: no second press for them
     assert len(at.image) == 1 and not at.dataframe  # the permutation test waits for its button
