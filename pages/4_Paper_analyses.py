@@ -17,6 +17,9 @@ from convergence_core.dashboard import data, lab, page, plots, state, widgets
 
 #: Above this many stimuli Fig. 2 and Fig. S2 wait for a button (they take minutes there)
 AUTO_COMPUTE_STIMULI = 5_000
+#: Above this set size × k Fig. 2 waits for a button too: its time grows with both (on the demo,
+#: 2 cores: 59 × 10 took 0.8 s, 100 × 90 took 22 s and a new k also finds the best layers again)
+AUTO_COMPUTE_SET_WORK = 3_000
 #: Session key of the open tab
 TAB_KEY = "w_paper_tab"
 TABS = (
@@ -122,12 +125,14 @@ path_text = str(path)
 large = n > AUTO_COMPUTE_STIMULI
 
 
-def _asked(what: str, work: str, key: str, *done_key: object) -> bool:
+def _asked(what: str, work: str, key: str, *done_key: object, heavy: bool = False) -> bool:
     """Whether to compute ``what`` now: always for small runs or once computed on this server;
-    for large runs only when the user presses the button (which says what it will do)."""
-    if not large or data.finished(*done_key):
+    for large runs (or ``heavy`` settings) only when the user presses the button (which says
+    what it will do)."""
+    if not (large or heavy) or data.finished(*done_key):
         return True
-    st.info(f"{what} on {n:,} stimuli takes minutes here ({work}); it is computed once for "
+    where = f"on {n:,} stimuli" if large else f"with sets of {int(size):,} and k = {int(k)}"
+    st.info(f"{what} {where} takes up to minutes here ({work}); it is computed once for "
             "every user of this server.")
     return st.button(f"Compute {what}", key=key)
 
@@ -173,7 +178,8 @@ with fig2_tab:
         )
         done_key = ("dispersion_sets", path_text, stamp, int(size), int(k), score,
                     int(n_random), int(n_permutations), int(seed), partners)
-        if _asked("Fig. 2", work, "compute-fig2", *done_key):
+        if _asked("Fig. 2", work, "compute-fig2", *done_key,
+                  heavy=int(size) * int(k) > AUTO_COMPUTE_SET_WORK):
             try:
                 sets = data.dispersion_sets(
                     path_text, stamp, int(size), int(k), score, int(n_random),

@@ -198,13 +198,22 @@ def test_large_runs_ask_before_the_long_analyses(monkeypatch, cache_root):
     source = source.replace("AUTO_COMPUTE_STIMULI = 5_000", "AUTO_COMPUTE_STIMULI = 10")
     at = AppTest.from_string(source, default_timeout=60)
     at.run(timeout=60)
-    assert not at.image and any("takes minutes here" in i.value for i in at.info)
+    assert not at.image and any("takes up to minutes here" in i.value for i in at.info)
     at.button(key="compute-fig2").click().run(timeout=60)
     assert not at.exception, at.exception
     assert len(at.image) == 1
     again = AppTest.from_string(source, default_timeout=60)
     again.run(timeout=60)
     assert len(again.image) == 1 and not again.info  # computed once for every session
+
+    # a small run with a large set size × k waits too (its time grows with both)
+    source = Path(PAGE).read_text().replace("AUTO_COMPUTE_SET_WORK = 3_000",
+                                            "AUTO_COMPUTE_SET_WORK = 100")
+    heavy = AppTest.from_string(source, default_timeout=60)
+    heavy.query_params["k"] = "9"
+    heavy.run(timeout=60)
+    assert not heavy.image
+    assert any("with sets of 15 and k = 9 takes up to minutes" in i.value for i in heavy.info)
 
 
 def test_a_sampled_layer_choice_is_said_where_the_layers_are_shown(monkeypatch, cache_root):
