@@ -110,7 +110,6 @@ def _layers(values: Sequence[str] | None) -> str | dict[str, list[str]] | None:
 def _precompute_parser(sub: Any) -> None:
     parser = sub.add_parser(
         "precompute",
-        help="extract (or read) representations; neighbour lists, GPA and dispersion into the cache",
         description="Run (or resume) the precompute pipeline and print a one-line summary.",
         epilog=PRECOMPUTE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -266,21 +265,20 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         description=DESCRIPTION.format(prog=prog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # the description lists the commands (a help= per command would list them a second time)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _precompute_parser(sub)
     runs = sub.add_parser(
-        "runs", help="list the cached runs", description="List cached runs, newest first."
+        "runs", description="List cached runs, newest first."
     )
     runs.add_argument("--cache", help=_CACHE_HELP)
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser(
         "report",
-        help="the paper's analyses on one run (see `report --help`)",
         add_help=False,
     )
     sub.add_parser(
         "serve",
-        help="serve the dashboard (see `serve --help`)",
         add_help=False,
     )
     return parser

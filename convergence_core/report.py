@@ -1575,7 +1575,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--q", type=float, default=0.25, help="fraction dropped in Fig. S1 (default 0.25)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random sets and shuffles")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random sets and shuffles (default 0)")
     parser.add_argument(
         "--universal-folds",
         type=int,
