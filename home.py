@@ -81,17 +81,17 @@ score = view.score
 rank, order = found.rank[score], found.order[score]
 preview = 5
 sides = (("Lowest", "home-low", order[:preview]), ("Highest", "home-high", order[::-1][:preview]))
-for column, (extreme, key, rows) in zip(st.columns(2), sides, strict=True):
-    with column:
-        st.subheader(f"{extreme} dispersion ({plots.SCORE_NAME[score]})")
-        widgets.gallery(
-            run,
-            rows,
-            [f"rank {int(rank[r]) + 1} · {found.ids[r]}" for r in rows],
-            key=key,
-            columns=preview,
-            inspect=False,
-        )
+# one side per row: side by side, ten cards in the page's width broke captions mid-word
+for extreme, key, rows in sides:
+    st.subheader(f"{extreme} dispersion ({plots.SCORE_NAME[score]})")
+    widgets.gallery(
+        run,
+        rows,
+        [f"rank {int(rank[r]) + 1} · {found.ids[r]}" for r in rows],
+        key=key,
+        columns=preview,
+        inspect=False,
+    )
 
 st.subheader("Explore")
 page.page_links(context)

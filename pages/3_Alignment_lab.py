@@ -338,7 +338,8 @@ def sets_and_results() -> None:
             on_change="rerun",
         )
     with statistics:
-        settings = st.columns(4) if statistics.open else [None] * 4
+        # two rows of two: in half the page, four columns broke the labels mid-word
+        settings = [*st.columns(2), *st.columns(2)] if statistics.open else [None] * 4
         n_random = _setting(
             settings[0],
             "w_n_random",

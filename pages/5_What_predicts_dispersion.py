@@ -192,13 +192,12 @@ def _fit() -> None:
         str(run.path), stamp, score, n_shuffles, seed
     )
     st.dataframe(predictor_plots.fit_summary(fit), hide_index=True, key="fit-table")
-    columns = st.columns(2)
-    with columns[0]:
-        st.plotly_chart(
-            predictor_plots.held_out_fit(predictions, fit, score=score), key="held-out-fit"
-        )
-    with columns[1]:
-        st.plotly_chart(predictor_plots.importance_bars(importances), key="importances")
+    # one above the other: side by side, the importances' long property names squeezed the
+    # bars into a few pixels and the fit's titles were cut
+    st.plotly_chart(
+        predictor_plots.held_out_fit(predictions, fit, score=score), key="held-out-fit"
+    )
+    st.plotly_chart(predictor_plots.importance_bars(importances), key="importances")
 
 
 for tab, build in ((ranked_tab, _ranked), (scatter_tab, _scatter), (fit_tab, _fit)):

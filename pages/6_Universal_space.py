@@ -306,6 +306,9 @@ with captions_tab:
                     ),
                     hide_index=True,
                     width="stretch",
+                    # every row in view: the true caption's row, added below the top k when it
+                    # ranks lower, was hidden under the grid's default height (35 px a row)
+                    height=35 * (len(top) + 1) + 3,
                     # the true-caption mark up front and narrow number columns; the caption last,
                     # so that a narrow window hides the end of a caption, never the mark
                     column_order=("rank", "true_match", "id", column, "caption"),
