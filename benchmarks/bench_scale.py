@@ -137,6 +137,9 @@ def child(folder: Path, run_path: Path) -> dict:
     sampler = MemorySampler()
 
     def progress(event) -> None:
+        if not marks or marks[-1][1] != event.step:  # a line per step: minutes pass in some
+            print(f"  {time.perf_counter() - started:7.1f} s  {event.step} {event.model or ''}",
+                  file=sys.stderr, flush=True)
         marks.append((time.perf_counter(), event.step))
         sampler.step = event.step
 
@@ -221,12 +224,14 @@ def main() -> None:
             generate_s = time.perf_counter() - t
             run_path = work / f"run-{n}"
             shutil.rmtree(run_path, ignore_errors=True)
-            done = subprocess.run(
+            print(f"n = {n:,}: features written in {generate_s:.1f} s; the run's steps:",
+                  file=sys.stderr, flush=True)
+            done = subprocess.run(  # the child's step lines (stderr) show as it goes
                 [sys.executable, __file__, "--child", str(folder), str(run_path)],
-                capture_output=True, text=True, cwd=ROOT,
+                stdout=subprocess.PIPE, text=True, cwd=ROOT,
             )
             if done.returncode != 0:
-                raise SystemExit(done.stderr[-4000:])
+                raise SystemExit(f"n = {n:,}: the run failed (its error is above)")
             row = json.loads(done.stdout.strip().splitlines()[-1])
             row["generate_features_s"] = generate_s
             rows.append(row)
