@@ -28,6 +28,8 @@ from convergence_core.dashboard import (
     widgets,
 )
 
+#: Above this many stimuli the universal space waits for a button (it takes minutes there)
+AUTO_COMPUTE_STIMULI = 5_000
 MODELS_KEY = "w_universal_models"
 IMAGE_KEY = "w_universal_image"
 TAB_KEY = "w_universal_tab"
@@ -110,8 +112,28 @@ dispersion_tab, retrieval_tab, captions_tab = st.tabs(
     on_change="rerun",
 )
 
+
+def _asked(what: str, key: str, *done: object) -> bool:
+    """Whether to compute ``what`` now: always below ``AUTO_COMPUTE_STIMULI`` stimuli or once
+    this server has computed it (``done``: its key in ``data.finished``); above, when the user
+    presses the button (GPA across the chosen models takes minutes there: 10,000 stimuli × 6
+    models of 768-1,536 features took 7 minutes on 2 busy cores)."""
+    if run.n_stimuli <= AUTO_COMPUTE_STIMULI or data.finished(*done):
+        return True
+    st.info(
+        f"{what.capitalize()} of {len(members)} models on {run.n_stimuli:,} stimuli takes "
+        "minutes here; it is computed once for every user of this server."
+        + (" The server started the default models' space when it started: this page shows "
+           "it at once when that is done." if what == "the universal space" else "")
+    )
+    return st.button(f"Compute {what}", key=key, icon=":material/play_arrow:")
+
+
 with dispersion_tab:
-    if dispersion_tab.open:
+    if dispersion_tab.open and _asked(
+        "the universal space", "compute-universal", "cross_modal", str(path), stamp, members,
+        score, int(n_permutations), int(seed),
+    ):
         try:
             per_stimulus, relation, model_summary = data.cross_modal(
                 str(path), stamp, members, score, int(n_permutations), int(seed)
@@ -213,9 +235,14 @@ with dispersion_tab:
                     width="stretch",
                 )
 
-def _retrieval() -> retrieval.CrossValidatedRetrieval:
-    """The chosen members' held-out retrieval (both tabs); a run too small for the folds stops
-    the tab with the reason and the fix."""
+def _retrieval(key: str) -> retrieval.CrossValidatedRetrieval | None:
+    """The chosen members' held-out retrieval (both tabs; None: a large run waits for the
+    button ``key``); a run too small for the folds stops the tab with the reason and the fix."""
+    if not _asked(
+        "held-out retrieval", key, "cross_modal_retrieval", str(path), stamp, members, score,
+        int(n_folds), int(seed), similarity,
+    ):
+        return None
     try:
         return data.cross_modal_retrieval(
             str(path), stamp, members, score, int(n_folds), int(seed), similarity
@@ -232,8 +259,7 @@ with retrieval_tab:
                 "Image–text retrieval needs at least one vision and one language model in the "
                 "barycenter; add them in the sidebar."
             )
-        else:
-            result = _retrieval()
+        elif (result := _retrieval("compute-retrieval")) is not None:
             summary = result.summary()
             subset = st.radio(
                 "Held-out stimuli",
@@ -271,8 +297,7 @@ with captions_tab:
     if captions_tab.open:
         if not {"vision", "language"} <= set(modalities):
             st.info("Add a vision and a language model to the barycenter to retrieve captions.")
-        else:
-            result = _retrieval()
+        elif (result := _retrieval("compute-captions")) is not None:
             if len(ids) <= SELECTBOX_LIMIT:
                 state.drop_stale_choice(st.session_state, IMAGE_KEY, ids)
                 chosen_id = st.selectbox("Image (stimulus id)", ids, key=IMAGE_KEY)

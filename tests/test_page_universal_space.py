@@ -173,6 +173,33 @@ def test_large_runs_send_numbers_not_captions_to_the_interactive_chart(monkeypat
     assert _metric(at, "ρ with vision dispersion")
 
 
+def test_large_runs_ask_before_the_minutes_of_gpa_and_retrieval(monkeypatch, tmp_path):
+    """Above AUTO_COMPUTE_STIMULI the universal space and the retrieval wait for their buttons
+    (a 10,000-stimulus run kept the page blank for 7 minutes); once computed they show at once,
+    in every session."""
+    from convergence_core.dashboard import data
+
+    make_synthetic_run(tmp_path / "runs", 40, name="demo", images=False, thumbnails=False)
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    source = Path(PAGE).read_text().replace("AUTO_COMPUTE_STIMULI = 5_000",
+                                            "AUTO_COMPUTE_STIMULI = 10")
+    data._finished().clear()
+    at = AppTest.from_string(source, default_timeout=TIMEOUT).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert not cards(at) and any("takes minutes here" in i.value for i in at.info)
+    at.button(key="compute-universal").click().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert _metric(at, "ρ with vision dispersion")
+    at.session_state[TAB_KEY] = "Retrieval"
+    at.run(timeout=TIMEOUT)
+    assert not at.dataframe and any("Held-out retrieval of" in i.value for i in at.info)
+    at.button(key="compute-retrieval").click().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert at.dataframe
+    again = AppTest.from_string(source, default_timeout=TIMEOUT).run(timeout=TIMEOUT)
+    assert _metric(again, "ρ with vision dispersion") and not again.info
+
+
 def test_a_run_too_small_for_the_folds_says_so_in_both_retrieval_tabs(monkeypatch, tmp_path):
     """12 stimuli in 5 folds: the Top captions tab raised the retrieval's ValueError as an
     exception; both tabs now show it as an error with the fix, and the dispersion tab works."""

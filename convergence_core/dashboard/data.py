@@ -182,6 +182,7 @@ def cross_modal(
         n_permutations=n_permutations,
         seed=seed,
     )
+    mark_finished("cross_modal", path, stamp, members, score, n_permutations, seed)
     return analysis.per_stimulus(), analysis.relation, analysis.model_summary()
 
 
@@ -198,7 +199,7 @@ def cross_modal_retrieval(
     similarity: str,
 ) -> retrieval.CrossValidatedRetrieval:
     """:func:`retrieval.run_retrieval` of ``members`` (the Universal space page)."""
-    return retrieval.run_retrieval(
+    result = retrieval.run_retrieval(
         open_run(Path(path)),
         [model for model, _ in members],
         layers=dict(members),
@@ -207,6 +208,8 @@ def cross_modal_retrieval(
         seed=seed,
         similarity=similarity,
     )
+    mark_finished("cross_modal_retrieval", path, stamp, members, score, n_folds, seed, similarity)
+    return result
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
