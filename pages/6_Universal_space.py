@@ -122,7 +122,7 @@ def _asked(what: str, key: str, *done: object) -> bool:
         return True
     st.info(
         f"{what.capitalize()} of {len(members)} models on {run.n_stimuli:,} stimuli takes "
-        "minutes here; it is computed once for every user of this server."
+        "can take minutes here; it is computed once for every user of this server."
         + (" The server started the default models' space when it started: this page shows "
            "it at once when that is done." if what == "the universal space" else "")
     )

@@ -186,7 +186,7 @@ def test_large_runs_ask_before_the_minutes_of_gpa_and_retrieval(monkeypatch, tmp
     data._finished().clear()
     at = AppTest.from_string(source, default_timeout=TIMEOUT).run(timeout=TIMEOUT)
     assert not at.exception, at.exception
-    assert not cards(at) and any("takes minutes here" in i.value for i in at.info)
+    assert not cards(at) and any("can take minutes here" in i.value for i in at.info)
     at.button(key="compute-universal").click().run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     assert _metric(at, "ρ with vision dispersion")
