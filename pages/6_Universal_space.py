@@ -121,8 +121,8 @@ def _asked(what: str, key: str, *done: object) -> bool:
     if run.n_stimuli <= AUTO_COMPUTE_STIMULI or data.finished(*done):
         return True
     st.info(
-        f"{what.capitalize()} of {len(members)} models on {run.n_stimuli:,} stimuli takes "
-        "can take minutes here; it is computed once for every user of this server."
+        f"{what.capitalize()} of {len(members)} models on {run.n_stimuli:,} stimuli can take "
+        "minutes here; it is computed once for every user of this server."
         + (" The server started the default models' space when it started: this page shows "
            "it at once when that is done." if what == "the universal space" else "")
     )
