@@ -41,8 +41,10 @@ from ..validation import MIN_CKNNA_SET_SIZE, check_k, check_min_stimuli
 #: browser test and benchmark look for the new bars after a change of k
 BARS_CONTAINER_KEY = "lab-bars"
 #: Above this many stimuli the feature metrics (CKA family: O(s·d²) per set without the small-n
-#: kernel route) wait for a button like the metrics the registry marks as not live
-LIVE_FEATURE_STIMULI = 20_000
+#: kernel route) wait for a button like the metrics the registry marks as not live. At 10,000
+#: stimuli (sets of 2,500, 768-1,536 features, 8 pairs) CKA took 179 s on 2 busy cores, and the
+#: page sat behind a spinner: it was 20,000 before
+LIVE_FEATURE_STIMULI = 5_000
 #: Matched random sets: "nearest" matching costs O(s·n log n); above this s·n, 25 strata
 _NEAREST_MATCHING_WORK = 20_000_000
 _STRATA_BINS = 25
