@@ -357,7 +357,7 @@ def write_report(
     sides = analyses.pair_sides(run, pairs)  # "vision × language"; "brain × language", ...
     metrics = options.metric_names()
     metric_options = options.metric_options(run, pairs, size, metrics)
-    tell(f"low, high and random sets: {len(metrics)} metrics × {len(scores)} scores (Fig. 2)")
+    tell(_fig2_step(metrics, len(scores), size))
     long_table = analyses.dispersion_set_alignment(
         run,
         size=size,
@@ -1575,7 +1575,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--q", type=float, default=0.25, help="fraction dropped in Fig. S1 (default 0.25)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random sets and shuffles (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random sets and shuffles (default 0)"
+    )
     parser.add_argument(
         "--universal-folds",
         type=int,
@@ -1656,6 +1658,24 @@ def _parser() -> argparse.ArgumentParser:
         help="no progress lines on stderr (each section as it starts, with the time so far)",
     )
     return parser
+
+
+#: Above this set size the Fig. 2 progress line says that the feature metrics take long (on a
+#: 10,000-stimulus run, sets of 2,500 and 768-1,536 features, the section ran over 6 minutes)
+FEATURE_METRIC_HINT_SIZE = 1_000
+
+
+def _fig2_step(metrics: Sequence[str], n_scores: int, size: int) -> str:
+    """The progress line of Fig. 2's section; on large sets it says that the feature metrics
+    take long and how to leave them out."""
+    slow = [name for name in metrics if not registry.metric(name).neighbour_metric]
+    line = f"low, high and random sets: {len(metrics)} metrics × {n_scores} scores (Fig. 2)"
+    if slow and size > FEATURE_METRIC_HINT_SIZE:
+        line += (
+            f"; {', '.join(slow)} cost O(set size × features²) per set: on sets of {size:,} "
+            "this can take many minutes (--metrics cknna for CKNNA alone)"
+        )
+    return line
 
 
 def _progress_lines(stream: Any) -> Callable[[str], None]:

@@ -57,6 +57,13 @@ def test_report_tells_each_section_as_it_starts(written, planted_run_path, tmp_p
     assert status == 0 and seconds == sorted(seconds) and seconds[0] < 1.0
     assert steps[0] == "layer sweep and best language layers" and steps[-1] == "done"
     assert steps[1].startswith("low, high and random sets: ") and "(Fig. 2)" in steps[1]
+    assert "--metrics cknna" not in steps[1]  # sets of 20: no warning
+    # sets of thousands: the line says why it takes long and what makes it short (a report on
+    # 10,000 stimuli sat 6 minutes on this line without a word)
+    line = report._fig2_step(["cknna", "mutual_knn", "cka", "svcca"], 2, 2_500)
+    assert line.endswith("; cka, svcca cost O(set size × features²) per set: on sets of 2,500 "
+                         "this can take many minutes (--metrics cknna for CKNNA alone)")
+    assert "minutes" not in report._fig2_step(["cknna", "mutual_knn"], 2, 2_500)
     sections = [report.SECTION_TITLES[name] for name in report.SECTION_TITLES]
     assert [step for step in steps if step in sections] == sections  # in the report's order
     assert "what predicts dispersion" in steps and "universal space" in steps
