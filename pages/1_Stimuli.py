@@ -95,9 +95,7 @@ k = min(max(state.MIN_K, int(view.k)), n - 1)
 
 def _pair_choice() -> lab.Pair:
     """The vision × language pair of the per-stimulus scores (kept across tabs)."""
-    state.drop_stale_choice(st.session_state, PAIR_KEY, list(range(len(pairs))))
-    state.drop_stale_choice(st.session_state, state.KEPT_PREFIX + PAIR_KEY,
-                            list(range(len(pairs))))
+    state.drop_stale_choice(st.session_state, PAIR_KEY, list(range(len(pairs))))  # and its copy
     chosen = state.kept_widget(
         st.session_state,
         PAIR_KEY,

@@ -124,8 +124,7 @@ with layers_box:
             else "best layer" if model in run.language_models else "default layer"
         )
         key, options = f"w_layer_{model}", [BEST, *run.layers(model)]
-        state.drop_stale_choice(st.session_state, key, options)
-        state.drop_stale_choice(st.session_state, state.KEPT_PREFIX + key, options)
+        state.drop_stale_choice(st.session_state, key, options)  # and its kept copy
         if layers_box.open:
             chosen = state.kept_widget(
                 st.session_state,

@@ -129,12 +129,13 @@ def _asked(what: str, work: str, key: str, *done_key: object, heavy: bool = Fals
     """Whether to compute ``what`` now: always for small runs or once computed on this server;
     for large runs (or ``heavy`` settings) only when the user presses the button (which says
     what it will do)."""
-    if not (large or heavy) or data.finished(*done_key):
-        return True
     where = f"on {n:,} stimuli" if large else f"with sets of {int(size):,} and k = {int(k)}"
-    st.info(f"{what} {where} takes up to minutes here ({work}); it is computed once for "
-            "every user of this server.")
-    return st.button(f"Compute {what}", key=key)
+    return widgets.ask_first(
+        large or heavy, done_key,
+        f"{what} {where} takes up to minutes here ({work}); it is computed once for every user "
+        "of this server.",
+        f"Compute {what}", key=key,
+    )
 
 
 def _table_on_demand(label: str, key: str, frame, **options) -> None:

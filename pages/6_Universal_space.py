@@ -118,15 +118,14 @@ def _asked(what: str, key: str, *done: object) -> bool:
     this server has computed it (``done``: its key in ``data.finished``); above, when the user
     presses the button (GPA across the chosen models takes minutes there: 10,000 stimuli × 6
     models of 768-1,536 features took 7 minutes on 2 busy cores)."""
-    if run.n_stimuli <= AUTO_COMPUTE_STIMULI or data.finished(*done):
-        return True
-    st.info(
+    return widgets.ask_first(
+        run.n_stimuli > AUTO_COMPUTE_STIMULI, done,
         f"{what.capitalize()} of {len(members)} models on {run.n_stimuli:,} stimuli can take "
         "minutes here; it is computed once for every user of this server."
         + (" The server started the default models' space when it started: this page shows "
-           "it at once when that is done." if what == "the universal space" else "")
+           "it at once when that is done." if what == "the universal space" else ""),
+        f"Compute {what}", key=key, icon=":material/play_arrow:",
     )
-    return st.button(f"Compute {what}", key=key, icon=":material/play_arrow:")
 
 
 with dispersion_tab:

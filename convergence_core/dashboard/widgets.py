@@ -134,6 +134,27 @@ def choose_many(
     return state.kept_widget(st.session_state, key, widget)
 
 
+def ask_first(
+    long: bool,
+    done: Sequence[object],
+    message: str,
+    button: str,
+    *,
+    key: str,
+    icon: str | None = None,
+) -> bool:
+    """Whether to compute a long analysis now: at once when it is not ``long`` here or this
+    server has computed it already (``done``: its key in ``data.finished``, shown to every
+    session); otherwise only when the user presses ``button``, under ``message`` (what it
+    costs)."""
+    from . import data
+
+    if not long or data.finished(*done):
+        return True
+    st.info(message)
+    return st.button(button, key=key, icon=icon)
+
+
 def interactive_chart_toggle(key: str, label: str, picture_of: str) -> bool:
     """The toggle between a server-drawn picture of a chart and the interactive Plotly chart,
     kept while the page or tab is not shown (:func:`state.kept_widget`: Streamlit forgets a
