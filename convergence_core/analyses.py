@@ -37,7 +37,7 @@ same seed the page and the report draw the same sets and the same shuffles.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
@@ -374,6 +374,7 @@ def dispersion_set_alignment(
     metric_permutations: int | None = None,
     on_error: OnError = "raise",
     pairs: Sequence[Pair] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> pd.DataFrame:
     """Fig. 2: alignment of every vision × language pair on the low-, high- and random sets.
 
@@ -405,6 +406,9 @@ def dispersion_set_alignment(
     intervals wherever such a set enters) instead of an error (:func:`set_metric_values`).
     ``pairs``: other pairs instead of vision × language at the best layers (e.g. the GPA models
     × brain recordings, :attr:`Run.partner_models`); ``best_layers`` is then not used.
+    ``progress(stage, done, total)``: called after each set that feature metrics are measured on
+    (``stage``: "random sets", "low and high sets (<score>)" or "label shuffles (<score>)"; the
+    neighbour metrics take all sets at once and report nothing).
     """
     vision_layers(run)  # a run with a single vision model fails here, before anything else
     n = _n_stimuli(run)
@@ -440,16 +444,27 @@ def dispersion_set_alignment(
     # the random sets depend on n and the seed only: measured once for every score
     draws = random_sets(by_score[score_names[0]], size, n_random, seed)
     random_values = set_metric_values(
-        indexes, pairs, draws, k, names, options, on_error=on_error
+        indexes, pairs, draws, k, names, options, on_error=on_error,
+        progress=_stage(progress, "random sets"),
     )
     rows = []
     for score_name, scores in by_score.items():
         rows += _score_rows(
             indexes, pairs, scores, score_name, random_values, size=size, k=k, names=names,
             options=options, counts=counts, n_random=n_random, seed=seed, on_error=on_error,
+            progress=progress,
         )
     table = pd.DataFrame(rows)
     return cknna_table(table) if metrics is None else table
+
+
+def _stage(
+    progress: Callable[[str, int, int], None] | None, stage: str
+) -> Callable[[int, int], None] | None:
+    """``progress`` with its stage name bound (None stays None)."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(stage, done, total)
 
 
 def _score_rows(
@@ -467,12 +482,14 @@ def _score_rows(
     n_random: int,
     seed: int,
     on_error: OnError,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """The long table's rows of one dispersion score (see :func:`dispersion_set_alignment`)."""
     low = select_stimuli(scores, "low", size)
     high = select_stimuli(scores, "high", size)
     values = set_metric_values(
-        indexes, pairs, np.stack([low, high]), k, names, options, on_error=on_error
+        indexes, pairs, np.stack([low, high]), k, names, options, on_error=on_error,
+        progress=_stage(progress, f"low and high sets ({score})"),
     )
     nulls: dict[str, np.ndarray] = {}
     most = max(counts.values())
@@ -485,6 +502,7 @@ def _score_rows(
             shuffled = set_metric_values(
                 indexes, pairs, np.concatenate([first[:count], second[:count]]), k, group,
                 {name: options[name] for name in group}, on_error=on_error,
+                progress=_stage(progress, f"label shuffles ({score})"),
             )
             for name in group:
                 nulls[name] = shuffled[name][:, :count] - shuffled[name][:, count:]
@@ -706,6 +724,14 @@ def _measured_side(
         return None
 
 
+def _side_key(name: str, options: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a metric's ``feature_side`` depends on: the function and its full options (CKA and
+    unbiased CKA with the same kernel share one side)."""
+    entry = registry.metric(name)
+    merged = {**entry.options, **options}
+    return (entry.feature_side, *sorted(merged.items()))
+
+
 def _p_values_or_nan(observed: float, null: np.ndarray) -> tuple[float, float]:
     """``stats.permutation_p_values``, or NaN when the observed value or any null value is NaN
     (a NaN in the null would otherwise count as "not as extreme" and shrink p)."""
@@ -755,6 +781,7 @@ def set_metric_values(
     metric_options: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     on_error: OnError = "raise",
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every metric of every pair on every set: ``{metric: (len(pairs), B) float64}``.
 
@@ -767,6 +794,8 @@ def set_metric_values(
         metric_options: options per feature metric, e.g. ``{"svcca": {"cca_dim": 10}}``.
         on_error: ``"raise"``, or ``"nan"``: a feature metric undefined on a set (ValueError,
             e.g. SVCCA on features of lower rank than ``cca_dim``) gives NaN there.
+        progress: ``progress(done, B)`` after each set of the feature metrics measured set by
+            set (the slow part on large sets; the other routes take all sets at once).
 
     Neighbour metrics come from the subset engine (:func:`neighbours.subset_alignment`: all sets
     at once, exact from the stored neighbour lists); the CKA family on a run of at most
@@ -809,12 +838,14 @@ def set_metric_values(
             sides: dict[tuple[LayerKey, str], Any] = {}
 
             def side(key: LayerKey, name: str, read=read, sides=sides) -> Any:
-                # a side met by several pairs (one model against many) is computed once per set
-                if (key, name) not in sides:
-                    sides[(key, name)] = _measured_side(
+                # a side met by several pairs (one model against many) is computed once per set,
+                # and once for metrics that share it (CKA and unbiased CKA, same options)
+                shared = _side_key(name, options[name])
+                if (key, shared) not in sides:
+                    sides[(key, shared)] = _measured_side(
                         on_error, name, read(key, invariant[name]), options[name]
                     )
-                return sides[(key, name)]
+                return sides[(key, shared)]
 
             for p, pair in enumerate(pairs):
                 x_key, y_key = pair.sides
@@ -830,6 +861,8 @@ def set_metric_values(
                     values[name][p, b] = (
                         np.nan if x_side is None or y_side is None else combine(x_side, y_side)
                     )
+            if progress is not None:
+                progress(b + 1, sets.shape[0])
         out.update(values)
     return {name: out[name] for name in names}
 

@@ -371,6 +371,10 @@ def write_report(
         metric_options=metric_options,
         metric_permutations=options.metric_permutations,
         on_error="nan",  # a metric undefined on some sets (SVCCA beyond the rank) is a note
+        progress=None if progress is None else _set_progress(
+            tell, "Fig. 2",
+            _fig2_feature_sets(metrics, len(scores), n_random, options.metric_permutations),
+        ),
     )
     set_tables, paired, verdicts = [], [], {}
     for score in scores:
@@ -1676,6 +1680,60 @@ def _fig2_step(metrics: Sequence[str], n_scores: int, size: int) -> str:
             "this can take many minutes (--metrics cknna for CKNNA alone)"
         )
     return line
+
+
+#: Seconds between two progress lines inside a long section (a line per set would flood)
+SET_PROGRESS_EVERY_S = 20.0
+
+
+def _set_progress(
+    tell: Callable[[str], None],
+    section: str,
+    total_sets: int | None = None,
+    every_s: float | None = None,
+) -> Callable[[str, int, int], None]:
+    """A ``progress(stage, done, total)`` callback for :func:`analyses.dispersion_set_alignment`
+    that tells ``<section>: <stage>, <done> of <total> sets`` at most every ``every_s`` seconds
+    (default :data:`SET_PROGRESS_EVERY_S`), so a section that runs for minutes says how far it
+    is and a short one stays quiet. With ``total_sets`` (every stage's sets together) it adds
+    how many are done in all and the time left at the rate since the first set was done (the
+    first carries the section's set-up: reading the features, the neighbour metrics)."""
+    every = SET_PROGRESS_EVERY_S if every_s is None else every_s
+    last = [time.perf_counter()]
+    first: list[float] = []
+    finished = [0]
+
+    def step(stage: str, done: int, total: int) -> None:
+        finished[0] += 1
+        now = time.perf_counter()
+        first[:] = first or [now]
+        if now - last[0] < every:
+            return
+        last[0] = now
+        line = f"{section}: {stage}, {done:,} of {total:,} sets"
+        if total_sets is not None and total_sets >= finished[0]:
+            line += f"; {finished[0]:,} of {total_sets:,} in all"
+            if finished[0] > 1:
+                rate = (now - first[0]) / (finished[0] - 1)
+                line += f", about {_duration(rate * (total_sets - finished[0]))} left"
+        tell(line)
+
+    return step
+
+
+def _duration(seconds: float) -> str:
+    """``40 s`` below 90 seconds, else ``12 min``."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _fig2_feature_sets(
+    metrics: Sequence[str], n_scores: int, n_random: int, metric_permutations: int
+) -> int:
+    """How many sets Fig. 2's section measures feature metrics on: the random sets, then per
+    score the low and high set and both halves of each label shuffle of the metrics other than
+    CKNNA (:func:`analyses.dispersion_set_alignment`)."""
+    shuffled = metric_permutations if any(name != "cknna" for name in metrics) else 0
+    return n_random + n_scores * (2 + 2 * shuffled)
 
 
 def _progress_lines(stream: Any) -> Callable[[str], None]:

@@ -757,3 +757,51 @@ def test_leave_one_out_needs_three_vision_models(tmp_path):
     run = _quiet_half_run(tmp_path, "two", n=30, n_vision=2)
     with pytest.raises(ValueError, match="at least 3 GPA models"):
         analyses.leave_one_model_out(run)
+
+
+def test_fig2_sets_report_how_far_the_feature_metrics_are(planted):
+    """``progress(stage, done, total)`` after every set measured set by set (the slow part on
+    large sets: a 10,000-stimulus report sat minutes in this section without a word), stage by
+    stage; the values are those of a call without it."""
+    calls = []
+    kwargs = dict(size=15, k=5, n_random=4, n_permutations=6, metrics=["cknna", "svcca"],
+                  metric_permutations=3, score=["mean", "pc1"],
+                  metric_options={"svcca": {"cca_dim": 5}})
+    table = analyses.dispersion_set_alignment(
+        planted, progress=lambda *call: calls.append(call), **kwargs
+    )
+    expected = [("random sets", b, 4) for b in range(1, 5)]
+    for score in ("mean", "pc1"):
+        expected += [(f"low and high sets ({score})", b, 2) for b in (1, 2)]
+        expected += [(f"label shuffles ({score})", b, 6) for b in range(1, 7)]  # 3 × 2 sets
+    assert calls == expected
+    pd.testing.assert_frame_equal(table, analyses.dispersion_set_alignment(planted, **kwargs))
+
+
+@pytest.mark.parametrize("options", [{}, {"kernel": "rbf", "sigma": 4.0}])
+def test_cka_family_set_by_set_shares_each_models_side(monkeypatch, options):
+    """The route of large runs (no (n, n) kernels): each model's CKA side once per set, shared by
+    CKA and unbiased CKA and by every pair it is in; the values are the metrics' own on each
+    set's rows (a 10,000-stimulus report spent 1.6 s per set and metric recomputing them)."""
+    from convergence_core.neighbours import NeighbourIndex
+
+    monkeypatch.setattr(analyses, "uses_dense_kernels", lambda *args, **kwargs: False)
+    rng = np.random.default_rng(5)
+    z = rng.standard_normal((40, 3))
+    features = {
+        (name, "l"): z @ rng.standard_normal((3, d)) + 0.5 * rng.standard_normal((40, d))
+        for name, d in (("a", 9), ("b", 60), ("c", 12), ("e", 25))
+    }
+    indexes = {key: NeighbourIndex.from_features(F) for key, F in features.items()}
+    pairs = [(x, "l", y, "l") for x in ("a", "b") for y in ("c", "e")]
+    sets = np.stack([np.sort(rng.choice(40, 20, replace=False)) for _ in range(3)])
+    names = ["cka", "unbiased_cka"]
+    values = analyses.set_metric_values(
+        indexes, pairs, sets, 4, names, {name: options for name in names}
+    )
+    assert analyses._side_key("cka", options) == analyses._side_key("unbiased_cka", options)
+    for name in names:
+        for p, (x, _, y, _) in enumerate(pairs):
+            F, G = (indexes[(m, "l")].features.all_rows() for m in (x, y))
+            expected = [registry.measure(name, F[s], G[s], **options) for s in sets]
+            np.testing.assert_allclose(values[name][p], expected, atol=1e-12)

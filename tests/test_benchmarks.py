@@ -208,3 +208,19 @@ def test_blind_matching_spread_runs_the_reports_section(tmp_path, capsys) -> Non
     for name, (lowest, highest) in payload["range_percent"].items():
         assert 0 <= lowest <= highest <= 100, name
     assert "range over 1 perturbations" in capsys.readouterr().out
+
+
+def test_feature_sets_benchmark_runs_and_both_routes_agree() -> None:
+    out = "feature-sets-smoke-test.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_feature_sets.py", "--n", "300", "--size", "120",
+         "--sets", "1", "--out", out],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = REPO / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    assert payload["ok"] and payload["largest_abs_difference"] <= 1e-10
+    assert [row["route"] for row in payload["routes"]] == ["ours", "per_pair"]
+    assert "speed-up" in done.stdout

@@ -482,14 +482,17 @@ def test_a_split_feature_metric_equals_its_function_from_one_side_per_model(name
     rng = np.random.default_rng(12)
     X, Y = paired(rng, n=50, dx=30, dy=12)  # s > d and s ≤ d routes: a wide third model
     Z = np.hstack([Y, rng.standard_normal((50, 60))])
-    options = {"cca_dim": 6} if name == "svcca" else {}
-    sides = [entry.feature_side(F, **{**entry.options, **options}) for F in (X, Y, Z)]
-    for (i, A), (j, B) in [((0, X), (1, Y)), ((0, X), (2, Z)), ((2, Z), (1, Y))]:
-        assert entry.from_feature_sides(sides[i], sides[j]) == pytest.approx(
-            measure(name, A, B, **options), abs=1e-12
-        )
-    with pytest.raises(ValueError, match="same stimuli"):
-        entry.from_feature_sides(sides[0], sides[0][:-1])
+    choices = [{"cca_dim": 6}] if name == "svcca" else [{}, {"kernel": "rbf", "sigma": 3.0}]
+    for options in choices:
+        merged = {**entry.options, **options}
+        sides = [entry.feature_side(F, **merged) for F in (X, Y, Z)]
+        for (i, A), (j, B) in [((0, X), (1, Y)), ((0, X), (2, Z)), ((2, Z), (1, Y)),
+                               ((2, Z), (2, Z))]:
+            assert entry.from_feature_sides(sides[i], sides[j]) == pytest.approx(
+                measure(name, A, B, **options), abs=1e-12
+            )
+        with pytest.raises(ValueError, match="same stimuli"):
+            entry.from_feature_sides(sides[0], entry.feature_side(X[:-1], **merged))
 
 
 # --- invariances ----------------------------------------------------------------------------------

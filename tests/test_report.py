@@ -854,3 +854,29 @@ def test_a_tiny_run_says_which_k_fits_and_reports_what_it_can(tmp_path):
                for note in meta["notes"]), meta["notes"]
     assert "relation" in meta["universal_space"] and "headline" not in meta["universal_space"]
     assert (tmp_path / "out" / "universal_cross_modal_dispersion.csv").is_file()
+
+
+def test_long_sections_tell_how_far_they_are(monkeypatch):
+    """Inside a long section a line at most every SET_PROGRESS_EVERY_S seconds, none before,
+    with the sets done in all and the time left at the rate so far."""
+    told = []
+    quiet = report._set_progress(told.append, "Fig. 2", every_s=3600.0)
+    for done in range(1, 201):
+        quiet("random sets", done, 200)
+    assert told == []
+    clock = iter([0.0, 25.0, 30.0, 46.0, 50.0, 70.0])
+    monkeypatch.setattr(report.time, "perf_counter", lambda: next(clock))
+    step = report._set_progress(told.append, "Fig. 2", total_sets=203, every_s=20.0)  # at 0 s
+    step("random sets", 1, 1)  # at 25 s: the first set (with the set-up) gives no rate
+    for done in (1, 2, 3, 4):  # at 30, 46, 50 and 70 s: 10.5 s, then 11.25 s per set since 25 s
+        step("label shuffles (mean)", done, 200)
+    assert told == [
+        "Fig. 2: random sets, 1 of 1 sets; 1 of 203 in all",
+        "Fig. 2: label shuffles (mean), 2 of 200 sets; 3 of 203 in all, about 35 min left",
+        "Fig. 2: label shuffles (mean), 4 of 200 sets; 5 of 203 in all, about 37 min left",
+    ]
+    assert report._duration(89.4) == "89 s" and report._duration(95) == "2 min"
+    # the feature sets of Fig. 2 (what the section's calls report): random sets, then per score
+    # low + high and 2 × the shuffles of the metrics other than CKNNA
+    assert report._fig2_feature_sets(["cknna", "svcca"], 2, 200, 100) == 200 + 2 * 202
+    assert report._fig2_feature_sets(["cknna"], 2, 200, 100) == 204
