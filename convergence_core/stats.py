@@ -103,6 +103,20 @@ def permutation_tests_two_sets(
     return results
 
 
+#: Fewest values whose central 95% percentile interval is more than their extremes' neighbours
+#: (each tail holds 2.5% = 1/40 of them); with fewer, the interval is about their range.
+PERCENTILE_INTERVAL_MIN_VALUES = 40
+
+
+def spread_words(n_values: int) -> str:
+    """What a 95% percentile interval of ``n_values`` values is, in words for a legend:
+    ``95% of 200 sets``, or ``the range of 5 sets`` where there are too few values for tails
+    (:data:`PERCENTILE_INTERVAL_MIN_VALUES`)."""
+    if n_values < PERCENTILE_INTERVAL_MIN_VALUES:
+        return f"about the range of {n_values} sets"
+    return f"95% of {n_values} sets"
+
+
 def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Central percentile interval of ``values`` (e.g. 2.5th and 97.5th percentiles for 0.95)."""
     values = np.asarray(values, dtype=np.float64)

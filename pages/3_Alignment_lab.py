@@ -441,7 +441,8 @@ def sets_and_results() -> None:
 
     baseline_main = baselines[size]
     set_sizes = {name: len(r) for name, r in sets.items()}
-    cards = lab.headline(set_values, baseline_main, set_sizes, source, size, metric)
+    cards = lab.headline(set_values, baseline_main, set_sizes, source, size, metric,
+                         focus_baseline=baselines.get(set_sizes.get(source, size)))
     # what the cards hold, once: their labels stay short enough for a 1024-pixel window (a card's
     # label is one line, cut with an ellipsis)
     what = f"{label} (k = {k})" if choice.neighbour_metric else label
@@ -453,7 +454,8 @@ def sets_and_results() -> None:
                 cards.focus,
                 delta=cards.focus_delta,
                 help=f"{what} of the focus set ({SET_LABEL[source]}), mean over the {sides} "
-                "pairs shown.",
+                "pairs shown; the change is against random sets of the focus set's size "
+                f"({set_sizes.get(source, size):,} stimuli: alignment depends on the set size).",
             ),
             widgets.Card("Low dispersion", cards.low),
             widgets.Card("Random (mean)", cards.random),

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from convergence_core import stats
 from convergence_core.dashboard import charts, lab, widgets
 from convergence_core.dashboard.catalogue import build_catalogue, components_table, models_table
 
@@ -198,7 +199,10 @@ def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
     for bar in bars:  # each bar's height is its value on the axis's scale
         assert float(bar.get("height")) > 0
     legend = " ".join(t.text or "" for t in svg.iter(f"{SVG}text"))
-    assert "random (mean; 95% of 8 sets)" in legend and "selection (8 stimuli)" in legend
+    # 8 random sets are too few for 2.5% tails: the bars are about their range, and say so
+    assert "random (mean; about the range of 8 sets)" in legend
+    assert "selection (8 stimuli)" in legend
+    assert stats.spread_words(40) == "95% of 40 sets"
     assert "CKNNA (unitless)" in legend
     assert "Vision × language alignment per set: CKNNA" in legend
     assert "language model" in legend  # the x axis
@@ -221,6 +225,13 @@ def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
         baseline
     )
     assert "mean random CKNNA" in lab.baseline_statement(baseline)
+    assert lab.baseline_statement(baseline).endswith(
+        "Error bars: the 2.5th to 97.5th percentiles of the 8 random sets' values, with so few "
+        "sets about their range."
+    )
+    assert lab.baseline_statement(baseline.assign(n_random=200)).endswith(
+        "Error bars: 95% of the random sets' values."
+    )
 
 
 def test_alignment_bars_escape_names_and_place_bars_on_the_axis() -> None:

@@ -147,6 +147,15 @@ def test_headline_cards_average_over_pairs_and_hide_cknna_of_small_sets() -> Non
     # other metrics show every set
     cards = lab.headline(values, baseline, small, "low", big - 1, "mutual_knn")
     assert cards == lab.Headline("0.4000", "+0.1500 vs random", "0.4000", "0.2500", "0.1500", ())
+    # a focus set of another size is compared with random sets of its own size (alignment
+    # depends on the set size): its own baseline, not the low/high sets' size's
+    own = pd.DataFrame({"random_mean": [0.40, 0.50]})
+    cards = lab.headline(values, baseline, sizes, "selection", big, "cknna", focus_baseline=own)
+    assert cards == lab.Headline("0.7000", "+0.2500 vs random", "0.4000", "0.2500", "0.1500", ())
+    # ... which shows a delta even where the low/high size is too small for CKNNA
+    cards = lab.headline(values, baseline, small, "selection", big - 1, "cknna",
+                         focus_baseline=own)
+    assert (cards.focus, cards.focus_delta, cards.random) == ("0.7000", "+0.2500 vs random", "—")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +291,24 @@ def test_current_selection_is_used_and_bounds_k(run) -> None:
     assert row["value"] == pytest.approx(expected, rel=1e-9)
     # its random baseline has its own size
     assert chosen["random_mean"].notna().all()
+
+
+def test_focus_change_is_against_random_sets_of_the_focus_size(run) -> None:
+    """A selection of 30 beside low/high sets of 24: its "vs random" change is against random
+    sets of 30 (the table's baseline of its rows), not of 24 (alignment depends on the size)."""
+    at = _page({"size": "24"})
+    state.set_selection(at.session_state, "demo", list(run.stimuli["id"].iloc[:30]),
+                        origin="test")
+    at.radio(key="w_source").set_value("selection").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    table = _results(at)
+    chosen, low = table[table["set"] == "selection"], table[table["set"] == "low"]
+    assert set(chosen["set_size"]) == {30} and set(low["set_size"]) == {24}
+    own, other = chosen["random_mean"].mean(), low["random_mean"].mean()
+    assert abs(own - other) > 1e-4  # the two baselines differ, so the test tells them apart
+    assert card_deltas(at)["Focus: selection"] == (
+        f"{chosen['value'].mean() - own:+.4f} vs random"
+    )
 
 
 def test_pasted_ids_unknown_and_too_few(run) -> None:

@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .. import metrics as registry
+from ..stats import spread_words
 from .plots import RESIDUAL_AXIS, SCORE_AXIS, SCORE_NAME, SET_COLOURS
 from .predictor_plots import EFFECT_AXIS, NOT_SIGNIFICANT, SIGNIFICANT
 from .universal_plots import MODALITY_COLOURS
@@ -239,7 +240,7 @@ def alignment_bars(
                     rows["random_upper_95"].to_numpy(dtype=np.float64),
                 )
                 drawn = int(np.nanmax(rows["n_random"])) if "n_random" in rows else 0
-                labels[name] = f"random (mean; 95% of {drawn} sets)"
+                labels[name] = f"random (mean; {spread_words(drawn)})"
                 continue
             rows = sets[(sets["vision_model"] == vision) & (sets["set"] == name)]
             rows = rows.set_index("language_model").reindex(languages)

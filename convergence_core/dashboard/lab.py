@@ -33,7 +33,11 @@ from ..alignment import cknna_bound_note
 from ..analyses import LayerKey, Pair, shuffle_rng, vision_typicality
 from ..neighbours import NeighbourIndex
 from ..random_baseline import DEFAULT_MIN_SETS
-from ..stats import percentile_interval, permutation_tests_two_sets
+from ..stats import (
+    PERCENTILE_INTERVAL_MIN_VALUES,
+    percentile_interval,
+    permutation_tests_two_sets,
+)
 from ..subset_metrics import metric_on_pairings, metric_on_sets, metric_options
 from ..validation import MIN_CKNNA_SET_SIZE, check_k, check_min_stimuli
 
@@ -364,15 +368,19 @@ def headline(
     focus: str,
     size: int,
     metric: str,
+    focus_baseline: pd.DataFrame | None = None,
 ) -> Headline:
     """Each set's value averaged over the pairs shown, for the lab's summary cards.
 
     ``set_values`` is :func:`set_table`'s output, ``baseline`` :func:`baseline_table`'s for sets
     of ``size`` (the low, high and random sets' size), ``set_sizes`` the size of every set in
     ``set_values`` by name, ``focus`` the focus set's name ("random" for the random sets; a name
-    missing from ``set_sizes``, such as an empty selection, has no value). CKNNA of sets under
-    ``MIN_CKNNA_SET_SIZE`` stimuli is not shown (:func:`value_text`) and such sets are listed in
-    ``too_small`` ("random" included when ``size`` is that small).
+    missing from ``set_sizes``, such as an empty selection, has no value). The focus's change
+    "vs random" is against random sets of the focus set's own size (alignment depends on the set
+    size): ``focus_baseline``, :func:`baseline_table`'s for that size (None: ``baseline``, the
+    focus being of ``size``). CKNNA of sets under ``MIN_CKNNA_SET_SIZE`` stimuli is not shown
+    (:func:`value_text`) and such sets are listed in ``too_small`` ("random" included when
+    ``size`` is that small).
     """
 
     def mean_of(name: str) -> float:
@@ -386,11 +394,14 @@ def headline(
     else:
         focus_value, focus_size = float("nan"), size
     focus_text = value_text(focus_value, focus_size, metric)
-    hidden = metric == "cknna" and size < MIN_CKNNA_SET_SIZE
+    compared, compared_size = (random_mean, size) if focus_baseline is None else (
+        float(focus_baseline["random_mean"].mean()), focus_size
+    )
+    hidden = metric == "cknna" and compared_size < MIN_CKNNA_SET_SIZE
     delta = (
         None
-        if focus_text == "—" or focus == "random" or hidden
-        else f"{focus_value - random_mean:+.4f} vs random"
+        if focus_text == "—" or focus == "random" or hidden or not np.isfinite(compared)
+        else f"{focus_value - compared:+.4f} vs random"
     )
     too_small: tuple[str, ...] = ()
     if metric == "cknna":
@@ -449,7 +460,13 @@ def baseline_statement(baseline: pd.DataFrame) -> str:
             f"{sets} random sets of {size} stimuli per pair (the most allowed; the requested "
             f"precision {asked:g} was not reached)"
         )
-    return f"Random baseline: {how}; {precision}. Error bars: 95% of the random sets' values."
+    bars = (
+        "95% of the random sets' values"
+        if sets >= PERCENTILE_INTERVAL_MIN_VALUES
+        else f"the 2.5th to 97.5th percentiles of the {sets} random sets' values, with so few "
+        "sets about their range"
+    )
+    return f"Random baseline: {how}; {precision}. Error bars: {bars}."
 
 
 _KEYS = [*PAIR_COLUMNS, "metric", "options", "k"]
