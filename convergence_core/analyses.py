@@ -359,6 +359,20 @@ def random_set_alignment(
     return result.cknna, result.mutual_knn
 
 
+def check_set_size(size: object, n: int) -> None:
+    """ValueError naming the fix unless ``size`` is a positive integer of at most half the ``n``
+    stimuli (the low- and high-dispersion sets of Fig. 2 must not overlap)."""
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 1:
+        raise ValueError(
+            f"set size must be a positive integer, got {size!r}; use e.g. size={n // 4}"
+        )
+    if 2 * size > n:
+        raise ValueError(
+            f"set size {size} is larger than half the {n} stimuli, so the low- and high-dispersion "
+            f"sets would overlap; use size <= {n // 2}"
+        )
+
+
 def dispersion_set_alignment(
     run: Run,
     *,
@@ -412,15 +426,7 @@ def dispersion_set_alignment(
     """
     vision_layers(run)  # a run with a single vision model fails here, before anything else
     n = _n_stimuli(run)
-    if not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(
-            f"set size must be a positive integer, got {size!r}; use e.g. size={n // 4}"
-        )
-    if 2 * size > n:
-        raise ValueError(
-            f"set size {size} is larger than half the {n} stimuli, so the low- and high-dispersion "
-            f"sets would overlap; use size <= {n // 2}"
-        )
+    check_set_size(size, n)
     check_k(k, size, 2, what="sets")
     names = ["cknna"] if metrics is None else check_metric_names(metrics)
     options = _metric_options(names, metric_options)

@@ -331,8 +331,10 @@ def write_report(
     options = AnalysisOptions() if options is None else options
     tell = progress or _silent
     out = check_out_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
     n = int(run.gpa.residuals.shape[0])
+    if size is not None:
+        analyses.check_set_size(size, n)  # before the first section writes a file
+    out.mkdir(parents=True, exist_ok=True)
     if not run.language_models:
         return _report_without_language(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
@@ -1746,6 +1748,26 @@ def _progress_lines(stream: Any) -> Callable[[str], None]:
     return tell
 
 
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    for folder in (out, *out.parents):
+        if folder.exists() or folder.is_symlink():
+            break
+        missing.append(folder)
+    return missing
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove the folders (deepest first) that the failed report created and left empty, so a
+    report that stopped on bad input leaves no empty ``--out`` behind."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only an empty folder; anything written stays
+        except OSError:
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
     parser = _parser()
@@ -1754,6 +1776,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give a run (folder or name; `convergence runs` lists them) or --preset NAME")
     if args.run is not None and args.preset is not None:
         parser.error("give either a run (folder or name) or --preset NAME, not both")
+    new_folders = _missing_folders(Path(args.out))  # removed again if the report fails empty
     try:
         check_out_folder(args.out)  # before any analysis: a bad --out fails in a second
         if args.preset:
@@ -1797,6 +1820,7 @@ def main(argv: list[str] | None = None) -> int:
         if tell is not None:
             tell("done")
     except (ValueError, FileNotFoundError) as error:
+        _remove_empty(new_folders)
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: a page of frames says less than this
@@ -1807,6 +1831,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except OSError as error:  # e.g. no permission to write to --out
+        _remove_empty(new_folders)
         print(
             f"error: cannot write the report to {args.out} ({error.strerror or error}); pass a "
             "folder you can write to with --out",

@@ -171,6 +171,21 @@ def test_bad_input_gives_a_clear_error(planted_run_path, tmp_path, monkeypatch, 
     run = str(planted_run_path / "runs" / "demo")
     assert report.main([run, "--out", str(tmp_path), "--size", "60", "--n-random", "2"]) == 2
     assert "larger than half" in capsys.readouterr().err
+    # a new --out (and the parents it needed) is not left behind empty by a failed report ...
+    new = tmp_path / "new" / "report"
+    assert report.main([run, "--out", str(new), "--size", "60", "--n-random", "2"]) == 2
+    assert "larger than half" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    # ... while a folder that was there stays, and so does what a report wrote before failing
+    (tmp_path / "kept").mkdir()
+    assert report.main([run, "--out", str(tmp_path / "kept"), "--size", "60"]) == 2
+    assert (tmp_path / "kept").is_dir()
+    (tmp_path / "partial" / "report").mkdir(parents=True)
+    (tmp_path / "partial" / "report" / "layer_sweep.csv").write_text("x\n")
+    assert report._missing_folders(tmp_path / "partial" / "report" / "deeper") == [
+        tmp_path / "partial" / "report" / "deeper"
+    ]
+    report._remove_empty([tmp_path / "partial" / "report", tmp_path / "partial"])
+    assert (tmp_path / "partial" / "report" / "layer_sweep.csv").exists()
     assert report.main([str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "no run folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # neither a run nor a preset: said so (not "not both")
