@@ -15,6 +15,11 @@ plus noise) and times, on the same sets:
 * ``per_pair``: the route before: one ``metrics.measure`` call per pair, metric and set (each
   computes both sides and the cross term again).
 
+The report's calibration section shuffles the pairing within a set (200 times per set, pair and
+metric): ``shuffles`` times ``analyses.shuffled_pairing_calibration`` on the first set, where a
+shuffle reorders the language side's side of the set (``permuted_feature_side``), against one
+``metrics.measure`` call per pair, metric and shuffle on the reordered rows.
+
 Values must agree to 1e-10 (the same formulas, other rounding). ``flops`` counts the matrix
 products of each route (2 per multiply-add; eigendecompositions not counted), ``gflops_per_s``
 that over the time, beside the machine's measured float64 matrix-product rate.
@@ -37,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import machine, write_results  # noqa: E402
-from convergence_core import analyses  # noqa: E402
+from convergence_core import analyses, calibration  # noqa: E402
 from convergence_core import metrics as registry  # noqa: E402
 from convergence_core.neighbours import NeighbourIndex  # noqa: E402
 
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=5000, help="stimuli of the synthetic run")
     parser.add_argument("--size", type=int, default=2500, help="stimuli per set")
     parser.add_argument("--sets", type=int, default=3, help="sets timed")
+    parser.add_argument("--shuffles", type=int, default=4, help="shuffled pairings timed")
     parser.add_argument("--out", default="feature_sets.json")
     args = parser.parse_args()
 
@@ -114,6 +120,31 @@ def main() -> None:
                 per_pair[name][p, b] = registry.measure(name, X, Y, **options.get(name, {}))
     per_pair_s = (time.perf_counter() - start) / args.sets
 
+    # shuffled pairings of the first set (the calibration section)
+    members = sets[0]
+    start = time.perf_counter()
+    calibrated = analyses.shuffled_pairing_calibration(
+        indexes, pairs, {"set": members}, 10, list(METRICS), metric_options=options,
+        n_shuffles=args.shuffles, seed=1,
+    )
+    shuffled_ours_s = (time.perf_counter() - start) / args.shuffles
+    orders = calibration.shuffled_pairings(members, args.shuffles, 1)
+    start = time.perf_counter()
+    null_means = {}
+    for x, _, y, _ in pairs:
+        X, Y = indexes[(x, "l")].features, indexes[(y, "l")].features
+        X_set = X.rows(members)
+        for name in METRICS:
+            null_means[(x, y, name)] = np.mean([
+                registry.measure(name, X_set, Y.rows(order), **options.get(name, {}))
+                for order in orders
+            ])
+    shuffled_naive_s = (time.perf_counter() - start) / args.shuffles
+    shuffle_difference = float(max(
+        abs(row.null_mean - null_means[(row.vision_model, row.language_model, row.metric)])
+        for row in calibrated.itertuples()
+    ))
+
     difference = max(float(np.max(np.abs(ours[m] - per_pair[m]))) for m in METRICS)
     pair_names = [(x, y) for x, _, y, _ in pairs]
     rate = matrix_product_rate()
@@ -130,14 +161,25 @@ def main() -> None:
     for row in rows:
         print(f"{row['route']:10} {row['seconds_per_set']:8.3f} {row['gflop_per_set']:12.1f} "
               f"{row['gflops_per_s']:8.1f}")
-    print(f"speed-up {per_pair_s / ours_s:.2f}×; largest |difference| {difference:.1e}; "
-          f"peak RSS {peak_mb:,.0f} MB")
+    print(f"speed-up {per_pair_s / ours_s:.2f}×; largest |difference| {difference:.1e}")
+    print(f"shuffled pairings of one set: {shuffled_ours_s:.3f} s per shuffle (reordered sides) "
+          f"against {shuffled_naive_s:.3f} s (a call per pair and metric): speed-up "
+          f"{shuffled_naive_s / shuffled_ours_s:.2f}×; largest |difference of null means| "
+          f"{shuffle_difference:.1e}; peak RSS {peak_mb:,.0f} MB")
     write_results(args.out, {
         "n": args.n, "set_size": args.size, "sets_timed": args.sets, "pairs": len(pairs),
         "widths": widths, "metrics": list(METRICS),
         "machine": machine(matrix_product_gflops=round(rate, 1), peak_rss_mb=round(peak_mb)),
         "routes": rows, "speed_up": round(per_pair_s / ours_s, 2),
-        "largest_abs_difference": difference, "ok": difference <= 1e-10,
+        "largest_abs_difference": difference,
+        "shuffled_pairings": {
+            "shuffles_timed": args.shuffles,
+            "seconds_per_shuffle_ours": round(shuffled_ours_s, 3),
+            "seconds_per_shuffle_per_call": round(shuffled_naive_s, 3),
+            "speed_up": round(shuffled_naive_s / shuffled_ours_s, 2),
+            "largest_abs_difference_of_null_means": shuffle_difference,
+        },
+        "ok": bool(difference <= 1e-10 and shuffle_difference <= 1e-10),
     })
 
 

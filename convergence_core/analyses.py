@@ -37,6 +37,7 @@ same seed the page and the report draw the same sets and the same shuffles.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -927,6 +928,38 @@ def shuffled_pairing_calibration(
                 )
             return features[(key, reduced)]
 
+        sides: dict[tuple[LayerKey, tuple[Any, ...]], Any] = {}
+        sided: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+
+        def feature_side(key: LayerKey, name: str, rows: np.ndarray, sides=sides) -> Any:
+            shared = _side_key(name, options[name])
+            if (key, shared) not in sides:
+                sides[(key, shared)] = _measured_side(on_error, name, rows, options[name])
+            return sides[(key, shared)]
+
+        def sided_values(x_key, y_key, name, X, Y, shuffle, sided=sided):  # noqa: ANN001, ANN202
+            """{metric: (B,) values} of every metric sharing ``name``'s side, on the shuffled
+            pairings: each side once per set, a shuffle reordering the Y side's once for all of
+            those metrics (CKA and unbiased CKA share the cross term of each reordering)."""
+            shared = _side_key(name, options[name])
+            key = (x_key, y_key, shared, hashlib.sha1(shuffle.tobytes()).digest())
+            if key not in sided:
+                group = [other for other in names
+                         if registry.metric(other).permuted_feature_side is not None
+                         and not registry.metric(other).neighbour_metric
+                         and _side_key(other, options[other]) == shared]
+                x_side, y_side = feature_side(x_key, name, X), feature_side(y_key, name, Y)
+                values = {other: np.full(shuffle.shape[0], np.nan) for other in group}
+                if x_side is not None and y_side is not None:
+                    for b, order in enumerate(shuffle):
+                        reordered = registry.metric(name).permuted_feature_side(y_side, order)
+                        for other in group:
+                            values[other][b] = registry.metric(other).from_feature_sides(
+                                x_side, reordered
+                            )
+                sided[key] = values
+            return sided[key]
+
         for name in names:
             entry = registry.metric(name)
             for pair in pairs:
@@ -954,6 +987,8 @@ def shuffled_pairing_calibration(
                             return np.full(shuffle.shape[0], np.nan)
                     reduced = _orthogonally_invariant(name)
                     X, Y = feature_rows(x_key, reduced), feature_rows(y_key, reduced)
+                    if entry.permuted_feature_side is not None:
+                        return sided_values(x_key, y_key, name, X, Y, shuffle)[name]
                     return np.array(
                         [_measured(on_error, name, X, Y[order], options[name]) for order in shuffle]
                     )

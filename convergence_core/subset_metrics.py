@@ -190,13 +190,14 @@ def _feature_metric_pairs(
     if entry.feature_side is not None:
         out = np.empty((len(pairs), rows_x.shape[0]))
         roles = ("", "") if rows_x is rows_y else ("x", "y")  # same rows: one side per model
+        last: dict[Hashable, tuple[np.ndarray, Any]] = {}  # each model's last set and its side
         for b in range(rows_x.shape[0]):
             sides: dict[tuple[Hashable, str], Any] = {}
             for p, (x, y) in enumerate(pairs):
                 for key, role, rows in ((x, roles[0], rows_x[b]), (y, roles[1], rows_y[b])):
                     if (key, role) not in sides:
-                        features = indexes[key].features.rows(rows)
-                        sides[(key, role)] = entry.feature_side(features, **options)
+                        sides[(key, role)] = _side_of_rows(entry, indexes[key], rows, options,
+                                                           last, key)
                 out[p, b] = entry.from_feature_sides(sides[(x, roles[0])], sides[(y, roles[1])])
         return list(out)
     return [
@@ -209,6 +210,30 @@ def _feature_metric_pairs(
         )
         for x, y in pairs
     ]
+
+
+def _side_of_rows(
+    entry: registry.Metric,
+    index: NeighbourIndex,
+    rows: np.ndarray,
+    options: Mapping[str, Any],
+    last: dict[Hashable, tuple[np.ndarray, Any]],
+    key: Hashable,
+) -> Any:
+    """``entry.feature_side`` of the model's features at ``rows`` (s stimuli in any order). The
+    side of the sorted set is kept in ``last[key]``; the same set in another order (a shuffled
+    pairing reorders one side of a set again and again) is that side reordered
+    (``entry.permuted_feature_side``) instead of a new one."""
+    if entry.permuted_feature_side is None:
+        return entry.feature_side(index.features.rows(rows), **options)
+    members = np.sort(rows)
+    kept = last.get(key)
+    if kept is None or not np.array_equal(kept[0], members):
+        kept = (members, entry.feature_side(index.features.rows(members), **options))
+        last[key] = kept
+    if np.array_equal(rows, members):
+        return kept[1]
+    return entry.permuted_feature_side(kept[1], np.searchsorted(members, rows))
 
 
 def _dense_cka_pairs(

@@ -409,10 +409,16 @@ def _planted_pairs(planted):
             if p.vision_model == "vision0"]
 
 
-def test_shuffled_pairing_null_matches_a_loop_over_shuffled_features(planted):
+@pytest.mark.parametrize("dense", [True, False])
+def test_shuffled_pairing_null_matches_a_loop_over_shuffled_features(planted, dense,
+                                                                     monkeypatch):
+    """Both routes of the feature metrics: the (n, n) kernels of a small run, and (``dense``
+    False: a large run's) each model's side once per set, a shuffle reordering the Y side's."""
+    if not dense:
+        monkeypatch.setattr(analyses, "uses_dense_kernels", lambda *args, **kwargs: False)
     pairs = _planted_pairs(planted)
     low = select_stimuli(planted.dispersion["mean"].to_numpy(), "low", 20)
-    names = ["cknna", "mutual_knn", "lcs_knn", "cka", "svcca"]
+    names = ["cknna", "mutual_knn", "lcs_knn", "cka", "unbiased_cka", "svcca"]
     table = analyses.shuffled_pairing_calibration(
         analyses.indexes_for(planted, pairs), pairs, {"low": low}, 5, names,
         metric_options={"svcca": {"cca_dim": 5}}, n_shuffles=30, seed=4,

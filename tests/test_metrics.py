@@ -493,6 +493,14 @@ def test_a_split_feature_metric_equals_its_function_from_one_side_per_model(name
             )
         with pytest.raises(ValueError, match="same stimuli"):
             entry.from_feature_sides(sides[0], entry.feature_side(X[:-1], **merged))
+        # a shuffled pairing reorders a side instead of making a new one: the same values
+        order = rng.permutation(X.shape[0])
+        for i, F in enumerate((X, Y, Z)):
+            reordered = entry.permuted_feature_side(sides[i], order)
+            for j in range(3):
+                assert entry.from_feature_sides(sides[j], reordered) == pytest.approx(
+                    measure(name, (X, Y, Z)[j], F[order], **options), abs=1e-12
+                )
 
 
 # --- invariances ----------------------------------------------------------------------------------

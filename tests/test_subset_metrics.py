@@ -75,14 +75,20 @@ def test_every_metric_on_sets_equals_the_metric_on_the_sets_features(
 
 
 @pytest.mark.parametrize(("metric", "options"), CASES)
-def test_shuffled_pairings_equal_the_metric_on_the_paired_rows(indexes, metric, options) -> None:
+@pytest.mark.parametrize("dense_limit", [10_000, 0])
+def test_shuffled_pairings_equal_the_metric_on_the_paired_rows(
+    indexes, metric, options, dense_limit
+) -> None:
+    """On the per-set route (``dense_limit`` 0) a feature metric's side of the set is made once
+    and reordered for each shuffle (``permuted_feature_side``): the same values."""
     rng = np.random.default_rng(2)
     rows = np.sort(rng.choice(90, 28, replace=False))
     shuffles = np.stack([rows[rng.permutation(28)] for _ in range(4)])
     rows_x = np.broadcast_to(rows, shuffles.shape)
     k = 6
     values = metric_on_pairings(
-        indexes["a"], indexes["b"], rows_x, shuffles, metric, k=k, options=options
+        indexes["a"], indexes["b"], rows_x, shuffles, metric, k=k, options=options,
+        dense_limit=dense_limit,
     )
     for b in range(4):
         expected = _dense(indexes, "a", "b", rows, shuffles[b], metric, k, options)
@@ -91,7 +97,7 @@ def test_shuffled_pairings_equal_the_metric_on_the_paired_rows(indexes, metric, 
     order = rng.permutation(28)
     same = metric_on_pairings(
         indexes["a"], indexes["b"], rows[order][None], rows[order][None], metric, k=k,
-        options=options,
+        options=options, dense_limit=dense_limit,
     )
     on_set = metric_on_sets(indexes, [("a", "b")], rows, metric, k=k, options=options)
     assert same[0] == pytest.approx(on_set[0, 0], abs=1e-9)
