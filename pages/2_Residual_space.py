@@ -88,34 +88,13 @@ import_messages: list[tuple[str, str]] = []  # (kind, text), shown under the imp
 uploaded = st.session_state.get("w_import")
 if uploaded is not None and uploaded.file_id != st.session_state.get(LAST_IMPORT):
     st.session_state[LAST_IMPORT] = uploaded.file_id
-    try:
-        wanted = selection_io.parse_id_list(uploaded.getvalue())
-    except ValueError as exc:
-        import_messages.append(("error", f"Could not read the uploaded file: {exc}"))
-    else:
-        rows, unknown = found.rows_of(wanted)
-        if unknown:
-            import_messages.append(
-                ("warning", f"{len(unknown)} id(s) in the file are not in this run and were "
-                 "skipped:")
-            )
-            import_messages.append(
-                ("text", ", ".join(map(widgets.excerpt, unknown[:20]))
-                 + (" …" if len(unknown) > 20 else ""))
-            )
-        if len(rows) == 0:
-            import_messages.append((
-                "error",
-                "Empty selection: none of the ids in the file is in this run; the selection is "
-                "unchanged.",
-            ))
-        else:
-            state.set_selection(
-                st.session_state, run.name, [ids[r] for r in rows], origin="an imported file"
-            )
-            import_messages.append(
-                ("success", f"Imported {len(rows)} stimuli as the current selection.")
-            )
+    imported, import_messages = selection_io.imported_selection(
+        uploaded.getvalue(), found.rows_of, widgets.excerpt
+    )
+    if imported is not None:
+        state.set_selection(
+            st.session_state, run.name, [ids[r] for r in imported], origin="an imported file"
+        )
 
 selection = state.get_selection(st.session_state, run.name)
 selected_rows = found.rows_of(selection.ids)[0] if selection else np.array([], dtype=int)
@@ -179,8 +158,7 @@ with st.popover("Import a selection", icon=":material/upload_file:"):
         type=["csv", "txt"],
         key="w_import",
     )
-for kind, message in import_messages:
-    getattr(st, kind)(message)
+widgets.show_messages(import_messages)
 
 
 if projection == "PCA":

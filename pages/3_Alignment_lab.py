@@ -229,12 +229,7 @@ def sets_and_results() -> None:
         ))
         wanted = selection_io.parse_id_list(pasted)
         rows, unknown = found.rows_of(wanted)
-        if unknown:
-            st.warning(f"{len(unknown)} pasted id(s) are not in this run and were left out:")
-            st.text(
-                ", ".join(map(widgets.excerpt, unknown[:20]))
-                + (" …" if len(unknown) > 20 else "")
-            )
+        widgets.show_messages(selection_io.unknown_id_messages(unknown, "pasted", widgets.excerpt))
         if len(rows) == 0:
             st.error("Empty selection: paste the ids of at least 4 stimuli of this run.")
         else:

@@ -1,4 +1,5 @@
-"""Reading what a page shows in an AppTest: the number cards of ``widgets.number_cards``."""
+"""Reading what a page shows in an AppTest: the number cards of ``widgets.number_cards``, and
+the text of messages written with ``widgets.escape_markdown`` (``shown``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ def _text(markdown: str) -> str:
     """The text of Markdown written with ``widgets.escape_markdown`` (and ``:small[…]``)."""
     inner = _SMALL.match(markdown)
     return _ESCAPED.sub(r"\1", inner.group(1) if inner else markdown)
+
+
+def shown(elements) -> list[str]:  # noqa: ANN001
+    """The text of alerts (``at.warning``, ``at.error``…) as the browser shows it: Markdown
+    escapes (``widgets.show_messages``) removed."""
+    return [_text(element.value) for element in elements]
 
 
 def _card_blocks(node):

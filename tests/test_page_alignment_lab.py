@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 from convergence_core.dashboard import lab, state
 from convergence_core.alignment import cknna, prepare_features
 from convergence_core.subsets import select_stimuli
-from tests.page_reading import card_deltas, cards
+from tests.page_reading import card_deltas, cards, shown
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -316,7 +316,7 @@ def test_pasted_ids_unknown_and_too_few(run) -> None:
     assert any("Empty selection" in e.value for e in at.error)
     ids = list(run.stimuli["id"].iloc[:3])
     at.text_area(key="w_pasted_ids").set_value("\n".join([*ids, "ghost"])).run(timeout=TIMEOUT)
-    assert any("1 pasted id(s)" in w.value for w in at.warning)
+    assert any("1 pasted id(s)" in w for w in shown(at.warning))
     assert any(t.value == "ghost" for t in at.text)
     assert any("ids: 3 stimuli, too few" in e.value and "at least 4" in e.value for e in at.error)
     more = list(run.stimuli["id"].iloc[:9])

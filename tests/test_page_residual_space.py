@@ -12,6 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from convergence_core.dashboard import data, selection_io, state
+from tests.page_reading import shown
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -196,7 +197,7 @@ def test_import_sets_selection_and_reports_unknown_ids(run) -> None:
     at.file_uploader(key="w_import").upload("ids.csv", content, "text/csv")
     at.run(timeout=TIMEOUT)
     assert not at.exception, at.exception
-    assert any("1 id(s)" in w.value for w in at.warning)
+    assert "1 id(s) in the file are not in this run and were left out:" in shown(at.warning)
     assert any(t.value == "no-such-id" for t in at.text)
     selection = state.get_selection(at.session_state, "demo")
     assert selection is not None and list(selection.ids) == known
@@ -289,3 +290,44 @@ def test_large_maps_send_no_text_per_point(monkeypatch: pytest.MonkeyPatch) -> N
     assert list(_array(overlay["customdata"])) == [3, 150]
     selection = {"points": [{"point_index": 7}, {"point_index": 120}, {"customdata": 150}]}
     assert selection_io.rows_from_chart_selection(selection, n) == [7, 120, 150]
+
+
+def test_an_uploaded_selection_is_read_into_rows_and_messages() -> None:
+    """The page's import in one pure function: rows of the known ids in the file's order, the
+    unknown ones named (shortened), and None (selection unchanged) for nothing usable."""
+    known = {"a": 0, "b": 1, "c": 2}
+
+    def rows_of(ids):  # noqa: ANN001, ANN202
+        return (np.array([known[i] for i in ids if i in known], dtype=np.int64),
+                [i for i in ids if i not in known])
+
+    rows, messages = selection_io.imported_selection(b"id\nc\nghost\na\n", rows_of, str.upper)
+    assert rows.tolist() == [2, 0]
+    assert messages == [
+        ("warning", "1 id(s) in the file are not in this run and were left out:"),
+        ("text", "GHOST"),
+        ("success", "Imported 2 stimuli as the current selection."),
+    ]
+    rows, messages = selection_io.imported_selection(b"x\ny\n", rows_of)
+    assert rows is None and messages[-1][0] == "error" and "unchanged" in messages[-1][1]
+    rows, messages = selection_io.imported_selection(b"\xff\xfe", rows_of)
+    assert rows is None and messages == [
+        ("error", "Could not read the uploaded file: the id list is not UTF-8 text; save it as a "
+         "UTF-8 CSV with an 'id' column")
+    ]
+    many = [f"u{i}" for i in range(25)]
+    listed = selection_io.unknown_id_messages(many, "pasted")
+    assert listed[0] == ("warning", "25 pasted id(s) are not in this run and were left out:")
+    assert listed[1][1].endswith("u19 …") and "u20" not in listed[1][1]
+    assert selection_io.unknown_id_messages([], "pasted") == []
+
+
+def test_an_uploaded_files_words_in_a_message_are_text_not_markdown(run) -> None:
+    """An error quotes the file's column names: a Markdown link there is shown as its text."""
+    at = _page()
+    content = b"[click](http://example.invalid),score\n1,2\n3,4\n"
+    at.file_uploader(key="w_import").upload("table.csv", content, "text/csv")
+    at.run(timeout=TIMEOUT)
+    errors = [e.value for e in at.error]
+    assert any(r"\[click\]\(http\:\/\/example\.invalid\)" in e for e in errors), errors
+    assert any("[click](http://example.invalid)" in e for e in shown(at.error))

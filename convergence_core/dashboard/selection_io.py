@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,3 +110,53 @@ def match_ids(ids: Sequence[str], known_ids: Sequence[str]) -> tuple[np.ndarray,
     rows = [position[i] for i in ids if i in position]
     unknown = [i for i in ids if i not in position]
     return np.asarray(rows, dtype=np.int64), unknown
+
+
+#: Unknown ids listed by name in a message (the rest are counted)
+LISTED_UNKNOWN_IDS = 20
+
+
+def unknown_id_messages(
+    unknown: Sequence[str], source: str, shorten: Callable[[str], str] = str
+) -> list[tuple[str, str]]:
+    """``(kind, text)`` messages for ids of ``source`` ("the file", "pasted") that the run does
+    not have: a warning with their count, then the first :data:`LISTED_UNKNOWN_IDS` as text
+    (each through ``shorten``). No message when every id is known."""
+    if not len(unknown):
+        return []
+    listing = ", ".join(map(shorten, unknown[:LISTED_UNKNOWN_IDS]))
+    more = " …" if len(unknown) > LISTED_UNKNOWN_IDS else ""
+    where = f"{source} id(s) are" if source == "pasted" else f"id(s) in {source} are"
+    return [
+        ("warning", f"{len(unknown)} {where} not in this run and were left out:"),
+        ("text", listing + more),
+    ]
+
+
+def imported_selection(
+    data: bytes,
+    rows_of: Callable[[Sequence[str]], tuple[np.ndarray, list[str]]],
+    shorten: Callable[[str], str] = str,
+) -> tuple[np.ndarray | None, list[tuple[str, str]]]:
+    """An uploaded selection file read into the run's rows, and what to tell the user.
+
+    ``rows_of(ids)`` gives ``(rows, unknown)`` for the run (``Catalogue.rows_of``). Returns
+    ``(rows, messages)``: the rows of the file's known ids in its order (None when the file
+    cannot be read or names none of the run's stimuli: the selection stays as it was) and
+    ``(kind, text)`` messages, kind one of "error", "warning", "text", "success".
+    """
+    try:
+        wanted = parse_id_list(data)
+    except ValueError as exc:
+        return None, [("error", f"Could not read the uploaded file: {exc}")]
+    rows, unknown = rows_of(wanted)
+    messages = unknown_id_messages(unknown, "the file", shorten)
+    if len(rows) == 0:
+        messages.append((
+            "error",
+            "Empty selection: none of the ids in the file is in this run; the selection is "
+            "unchanged.",
+        ))
+        return None, messages
+    messages.append(("success", f"Imported {len(rows)} stimuli as the current selection."))
+    return rows, messages

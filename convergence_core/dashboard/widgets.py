@@ -322,6 +322,16 @@ def gallery(
                 stimulus_card(run, int(row), label, key=key, inspect=inspect)
 
 
+def show_messages(messages: Sequence[tuple[str, str]]) -> None:
+    """``(kind, text)`` messages (``selection_io``), each as ``st.<kind>`` (error, warning, text,
+    success, info), as plain text: they may quote a user's file (its ids, its column names), so
+    Markdown in them is escaped (:func:`escape_markdown`)."""
+    for kind, text in messages:
+        if kind not in ("error", "warning", "text", "success", "info"):
+            raise ValueError(f"unknown message kind {kind!r}")
+        getattr(st, kind)(text if kind == "text" else escape_markdown(text))
+
+
 def captions_frame(run: Run, rows: Sequence[int]) -> pd.DataFrame:
     """``id`` and ``caption`` (the first, as an :func:`excerpt`) of ``rows``, for st.dataframe
     (which shows plain text)."""
