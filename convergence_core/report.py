@@ -422,7 +422,7 @@ def write_report(
 
     tell("universal space")
     universal_files, universal_space = universal_space_section(
-        run, out, n_folds=universal_folds, seed=seed, n_permutations=n_permutations
+        run, out, n_folds=universal_folds, seed=seed, n_permutations=n_permutations, tell=tell
     )
     files += universal_files
     if universal_space.get("note"):
@@ -751,7 +751,13 @@ def _json_value(value: Any) -> Any:
 
 
 def universal_space_section(
-    run: Run, out: Path, *, n_folds: int = 5, seed: int = 0, n_permutations: int = 1000
+    run: Run,
+    out: Path,
+    *,
+    n_folds: int = 5,
+    seed: int = 0,
+    n_permutations: int = 1000,
+    tell: Callable[[str], None] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """The universal-space tables and figures of every model of ``run`` (default layers).
 
@@ -762,8 +768,10 @@ def universal_space_section(
     ``universal_cross_modal_dispersion.png``, ``universal_retrieval.png``. Returns (file names,
     the ``universal_space`` entry of report.json: members, relation and the retrieval headline
     per direction; ``note`` instead when the run lacks a modality, or beside the cross-modal
-    dispersion when the run is too small for ``n_folds`` held-out folds).
+    dispersion when the run is too small for ``n_folds`` held-out folds). ``tell`` (optional)
+    hears when the retrieval starts and each fold it finishes (each fits a universal space).
     """
+    tell = tell or _silent
     members = universal.run_members(run)
     modalities = {m.modality for m in members}
     if not {"vision", "language"} <= modalities:
@@ -786,8 +794,13 @@ def universal_space_section(
         "members": [m._asdict() for m in members],
         "relation": {key: _json_value(value) for key, value in relation.items()},
     }
+    tell(f"universal space: {n_folds}-fold retrieval, a space of {len(members)} models fitted "
+         "per fold")
     try:
-        result = retrieval.run_retrieval(run, n_folds=n_folds, seed=seed)
+        result = retrieval.run_retrieval(
+            run, n_folds=n_folds, seed=seed,
+            progress=lambda done, total: tell(f"universal space: fold {done} of {total} done"),
+        )
     except ValueError as error:  # a small run: the cross-modal dispersion above still stands
         entry["note"] = f"universal-space retrieval skipped: {error} (--universal-folds)"
         return files, entry

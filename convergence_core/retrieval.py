@@ -38,7 +38,7 @@ scores (32 MiB of float64) beyond the (n, p) queries and gallery, so n_test = 20
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -572,6 +572,7 @@ def cross_validated_retrieval(
     ridge_alphas: Sequence[float] = DEFAULT_RIDGE_ALPHAS,
     inner_folds: int | None = None,
     ids: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CrossValidatedRetrieval:
     """k-fold retrieval between two modalities through the universal space (module docstring).
 
@@ -586,6 +587,8 @@ def cross_validated_retrieval(
         strata: optional (n,) per-stimulus score (e.g. vision dispersion) for the low/high thirds.
         ridge: also score the ridge baseline (query features → gallery features).
         ids: n stimulus ids for the ``ranks`` table (default the row numbers as text).
+        progress: ``progress(done, n_folds)`` after each fold (a fold fits a universal space:
+            minutes on a run of 10,000 stimuli).
     """
     from sklearn.model_selection import KFold
 
@@ -713,6 +716,8 @@ def cross_validated_retrieval(
                             "value": value,
                         }
                     )
+        if progress is not None:
+            progress(fold + 1, int(n_folds))
     parameters = {
         "n_folds": int(n_folds),
         "seed": int(seed),
@@ -753,9 +758,11 @@ def run_retrieval(
     similarity: str = "cosine",
     n_components: int | None = None,
     ridge: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CrossValidatedRetrieval:
     """:func:`cross_validated_retrieval` of a run's ``models`` (default all, default layers), with
-    low/high thirds by the run's intra-modal dispersion ``run.dispersion[score]`` (GPA)."""
+    low/high thirds by the run's intra-modal dispersion ``run.dispersion[score]`` (GPA);
+    ``progress(done, n_folds)`` after each fold."""
     check_score(score)
     members = run_members(run, models, layers)
     return cross_validated_retrieval(
@@ -772,4 +779,5 @@ def run_retrieval(
         strata_name=dispersion_name(run, score),
         ridge=ridge,
         ids=run.stimuli["id"].astype(str).tolist(),
+        progress=progress,
     )

@@ -67,6 +67,9 @@ def test_report_tells_each_section_as_it_starts(written, planted_run_path, tmp_p
     sections = [report.SECTION_TITLES[name] for name in report.SECTION_TITLES]
     assert [step for step in steps if step in sections] == sections  # in the report's order
     assert "what predicts dispersion" in steps and "universal space" in steps
+    # the universal space's retrieval fits a space per fold (minutes each on 10,000 stimuli)
+    folds = [step for step in steps if step.startswith("universal space: fold")]
+    assert folds == [f"universal space: fold {i} of 5 done" for i in range(1, 6)]
     passed = {}
 
     def stop(run, out, **settings):  # noqa: ANN001, ANN003
