@@ -457,7 +457,7 @@ def sets_and_results() -> None:
             widgets.Card("High dispersion", cards.high),
         ],
         key="lab",
-        widths=[1.15, 1, 1, 1],  # the focus card's delta needs a little more room
+        widths=[1.6, 1, 1, 1],  # the focus card's delta ("+0.0123 vs random of 30") needs room
     )
     if cards.too_small:
         st.info(

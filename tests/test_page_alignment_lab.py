@@ -151,11 +151,18 @@ def test_headline_cards_average_over_pairs_and_hide_cknna_of_small_sets() -> Non
     # depends on the set size): its own baseline, not the low/high sets' size's
     own = pd.DataFrame({"random_mean": [0.40, 0.50]})
     cards = lab.headline(values, baseline, sizes, "selection", big, "cknna", focus_baseline=own)
-    assert cards == lab.Headline("0.7000", "+0.2500 vs random", "0.4000", "0.2500", "0.1500", ())
+    assert cards == lab.Headline("0.7000", f"+0.2500 vs random of {big + 5}", "0.4000",
+                                 "0.2500", "0.1500", ())
     # ... which shows a delta even where the low/high size is too small for CKNNA
     cards = lab.headline(values, baseline, small, "selection", big - 1, "cknna",
                          focus_baseline=own)
-    assert (cards.focus, cards.focus_delta, cards.random) == ("0.7000", "+0.2500 vs random", "—")
+    assert (cards.focus, cards.focus_delta, cards.random) == (
+        "0.7000", f"+0.2500 vs random of {big}", "—"
+    )
+    # a focus of the low/high size: its own baseline is the Random card's, no size named
+    cards = lab.headline(values, baseline, {**sizes, "selection": big}, "selection", big,
+                         "cknna", focus_baseline=baseline)
+    assert cards.focus_delta == "+0.4500 vs random"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +314,7 @@ def test_focus_change_is_against_random_sets_of_the_focus_size(run) -> None:
     own, other = chosen["random_mean"].mean(), low["random_mean"].mean()
     assert abs(own - other) > 1e-4  # the two baselines differ, so the test tells them apart
     assert card_deltas(at)["Focus: selection"] == (
-        f"{chosen['value'].mean() - own:+.4f} vs random"
+        f"{chosen['value'].mean() - own:+.4f} vs random of 30"
     )
 
 

@@ -378,7 +378,8 @@ def headline(
     missing from ``set_sizes``, such as an empty selection, has no value). The focus's change
     "vs random" is against random sets of the focus set's own size (alignment depends on the set
     size): ``focus_baseline``, :func:`baseline_table`'s for that size (None: ``baseline``, the
-    focus being of ``size``). CKNNA of sets under ``MIN_CKNNA_SET_SIZE`` stimuli is not shown
+    focus being of ``size``); the change names that size where it is not ``size``
+    ("+0.0123 vs random of 30"). CKNNA of sets under ``MIN_CKNNA_SET_SIZE`` stimuli is not shown
     (:func:`value_text`) and such sets are listed in ``too_small`` ("random" included when
     ``size`` is that small).
     """
@@ -402,6 +403,7 @@ def headline(
         None
         if focus_text == "—" or focus == "random" or hidden or not np.isfinite(compared)
         else f"{focus_value - compared:+.4f} vs random"
+        + (f" of {focus_size:,}" if compared_size != size else "")  # not the Random card's size
     )
     too_small: tuple[str, ...] = ()
     if metric == "cknna":
