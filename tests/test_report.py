@@ -609,7 +609,11 @@ def test_skipped_sections_are_left_out(planted_run_path, tmp_path):
     names = {p.name for p in tmp_path.iterdir()}
     assert "dispersion_sets_metrics.csv" in names
     assert not {"per_stimulus_alignment.csv", "predictivity_sets.csv", "blind_matching.csv",
-                "calibrated_scores.csv"} & names
+                "calibrated_scores.csv", "universal_residuals.csv", "universal_retrieval.csv",
+                "gpa_stability.csv"} & names
+    meta = json.loads((tmp_path / "report.json").read_text())
+    assert meta["universal_space"] == {"note": "universal-space section skipped (--skip)"}
+    assert "universal-space section skipped (--skip)" in meta["notes"]
     long = pd.read_csv(tmp_path / "dispersion_sets_metrics.csv")
     assert list(dict.fromkeys(long.metric)) == ["cknna", "cka"]  # CKNNA always
     with pytest.raises(ValueError, match="cannot skip"):
