@@ -640,9 +640,10 @@ class CKAFeatureSide(NamedTuple):
     (linear kernel and s < d, where Σ K∘L over the Grams is the cheaper cross term) or None;
     ``norms`` (s,) squared row norms of the centered X (the RBF distances); ``diagonal`` (s,),
     ``rows`` (s,) off-diagonal row sums and ``self_product`` Σ_{i≠j} K_ij² of the kernel;
-    ``kernel``, ``sigma`` as in :func:`cka`; ``crosses``: the cross sums with the sides it has
-    met (CKA and unbiased CKA of a pair share them), a side being made for one set and dropped
-    with it.
+    ``kernel``, ``sigma`` as in :func:`cka`; ``crosses``: the cross sums with the last side it
+    met, so that CKA and unbiased CKA of a pair, computed one after the other, share them (only
+    the last: a set's side meets hundreds of reordered sides in a calibration, and keeping each
+    would keep its features too).
     """
 
     features: np.ndarray
@@ -690,11 +691,12 @@ def cka_feature_side(
 
 def _cross_sums(a: CKAFeatureSide, b: CKAFeatureSide) -> _KernelSums:
     """The sums of two sides' kernels: their own from the sides, Σ_{i≠j} K∘L computed here
-    (once per pair of side objects: kept in ``a.crosses``)."""
+    (kept in ``a.crosses`` until ``a`` meets another side)."""
     met = a.crosses.get(id(b))
     if met is not None and met[0] is b:
         return met[1]
     sums = _new_cross_sums(a, b)
+    a.crosses.clear()
     a.crosses[id(b)] = (b, sums)
     return sums
 

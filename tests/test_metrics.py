@@ -571,3 +571,20 @@ def test_identical_representations_score_one() -> None:
             assert value == pytest.approx(ref_cycle_knn(X, X, 6)) and value < 1.0
         else:
             assert value == pytest.approx(1.0, abs=1e-5), name
+
+
+def test_a_cka_side_keeps_the_cross_sums_of_the_last_side_only() -> None:
+    """CKA then unbiased CKA of one pair share the cross term, and a set's side that meets many
+    reordered sides (a calibration's shuffles) does not keep them all alive."""
+    rng = np.random.default_rng(4)
+    X, Y = rng.standard_normal((30, 6)), rng.standard_normal((30, 5))
+    x = metrics.cka_feature_side(X)
+    y = metrics.cka_feature_side(Y)
+    first = metrics.cka_from_feature_sides(x, y)
+    assert list(x.crosses) == [id(y)]
+    metrics.unbiased_cka_from_feature_sides(x, y)  # the same cross sums, reused
+    assert x.crosses[id(y)][0] is y
+    for _ in range(5):
+        metrics.cka_from_feature_sides(x, metrics.permuted_cka_side(y, rng.permutation(30)))
+    assert len(x.crosses) == 1
+    assert metrics.cka_from_feature_sides(x, y) == first
