@@ -890,6 +890,7 @@ def shuffled_pairing_calibration(
     seed: int = 0,
     level: float = 0.95,
     on_error: OnError = "raise",
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> pd.DataFrame:
     """Each score on each named set beside the same score with the pairing shuffled in the set.
 
@@ -905,7 +906,8 @@ def shuffled_pairing_calibration(
     ``set_size``, ``k``, ``observed``, ``null_mean``, ``null_lower`` / ``null_upper`` (central
     ``level`` interval), ``calibrated`` (observed − null mean), ``z`` (calibrated / null sd),
     ``p_value_shuffled`` (P(null ≥ observed), +1 correction; NaN where a value is NaN,
-    ``on_error="nan"``), ``n_shuffles``, ``seed``.
+    ``on_error="nan"``), ``n_shuffles``, ``seed``. ``progress(set name, done, total)`` after
+    each metric × pair of a set (its ``n_shuffles`` shuffles).
     """
     pairs = [Pair(*pair) for pair in pairs]
     names = check_metric_names(metrics)
@@ -1019,6 +1021,9 @@ def shuffled_pairing_calibration(
                         "seed": int(seed),
                     }
                 )
+                if progress is not None:
+                    done = sum(1 for row in rows if row["set"] == set_name)
+                    progress(set_name, done, len(names) * len(pairs))
     return pd.DataFrame(rows)
 
 
@@ -1075,6 +1080,7 @@ def matched_baselines(
     seed: int = 0,
     level: float = 0.95,
     on_error: OnError = "raise",
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The low and high sets against random sets matched to each on ``covariate`` (and labels).
 
@@ -1110,7 +1116,9 @@ def matched_baselines(
     sets = np.concatenate(
         [np.sort(low)[None], np.sort(high)[None], matched["low"], matched["high"]]
     )
-    values = set_metric_values(indexes, pairs, sets, k, names, metric_options, on_error=on_error)
+    values = set_metric_values(  # progress(done, B) after each set of the feature metrics
+        indexes, pairs, sets, k, names, metric_options, on_error=on_error, progress=progress
+    )
     matched_on = "typicality" if labels is None else "typicality and category"
     rows = []
     for name in names:

@@ -1078,10 +1078,12 @@ def gpa_stability_section(
 
 def predictivity_section(
     run: Run, out: Path, pairs: Sequence[analyses.Pair], sets: DispersionSets, *,
-    n_random: int, n_folds: int, seed: int,
+    n_random: int, n_folds: int, seed: int, tell: Callable[[str], None] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Linear predictivity (paper 004; cross-validated ridge, both directions) on the low, high
-    and the first ``n_random`` random sets (all of one size).
+    and the first ``n_random`` random sets (all of one size). ``tell`` (optional) hears how far
+    it is at most every :data:`SET_PROGRESS_EVERY_S` (sets of 2,500 stimuli and 768-1,536
+    features: about 20 s per pair and set).
 
     Writes ``predictivity_sets`` (long: pair × set × direction × metric, ``draw`` numbering the
     random sets) and ``predictivity_summary`` (per pair × direction × metric: low, high, random
@@ -1096,14 +1098,16 @@ def predictivity_section(
         ("random", i, rows) for i, rows in enumerate(sets.random[:n_random])
     ]
     frames = []
+    step = _set_progress(tell or _silent, "linear predictivity", len(pairs) * len(named))
     for pair in pairs:
         vision = run.neighbours(pair.vision_model, pair.vision_layer).features
         language = run.neighbours(pair.language_model, pair.language_layer).features
-        for set_name, draw, rows in named:
+        for done, (set_name, draw, rows) in enumerate(named, start=1):
             table = predictivity.predictivity_table(
                 vision.rows(rows), language.rows(rows), n_folds=n_folds, seed=seed
             )
             frames.append(table.assign(**pair._asdict(), set=set_name, draw=draw))
+            step(f"{pair.vision_model} × {pair.language_model}", done, len(named))
     long = pd.concat(frames, ignore_index=True)
     keys = [*analyses.Pair._fields, "source", "target", "metric"]
     long = long[
@@ -1401,7 +1405,7 @@ def blind_matching_section(
 def calibration_section(
     run: Run, out: Path, pairs: Sequence[analyses.Pair], sets: DispersionSets, *, k: int,
     metrics: Sequence[str], metric_options: dict[str, dict[str, Any]], n_shuffles: int,
-    n_matched: int, seed: int,
+    n_matched: int, seed: int, tell: Callable[[str], None] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Calibrated scores (shuffled-pairing null) on the low and high sets, and matched random
     baselines (typicality in the vision models; and category where the run has labels).
@@ -1409,12 +1413,17 @@ def calibration_section(
     Writes ``calibrated_scores`` (per set × metric × pair: observed, null mean and interval,
     calibrated, z, p), ``matched_baselines`` (per matching × metric × pair: low and high against
     their matched sets, the gap against the matched gap, ``survives``) and ``matched_balance``.
-    Returns (files, report.json entry with the verdict).
+    Returns (files, report.json entry with the verdict). ``tell`` (optional) hears how far each
+    part is at most every :data:`SET_PROGRESS_EVERY_S` (minutes on sets of thousands).
     """
+    tell = tell or _silent
     indexes = analyses.indexes_for(run, pairs)
     calibrated = analyses.shuffled_pairing_calibration(
         indexes, pairs, {"low": sets.low, "high": sets.high}, k, metrics,
         metric_options=metric_options, n_shuffles=n_shuffles, seed=seed, on_error="nan",
+        progress=lambda stage, done, total, step=_set_progress(
+            tell, "shuffled pairings", 2 * len(metrics) * len(pairs), unit="metrics × pairs"
+        ): step(f"{stage} set", done, total),
     )
     covariate = analyses.vision_typicality(run, k=k)
     matchings: list[tuple[str, np.ndarray | None]] = [("typicality", None)]
@@ -1428,10 +1437,12 @@ def calibration_section(
     tables, balances = [], []
     for name, labels in matchings:
         try:
+            step = _set_progress(tell, f"matched on {name}", 2 * n_matched)
             table, balance = analyses.matched_baselines(
                 indexes, pairs, sets.low, sets.high, k, metrics, covariate=covariate,
                 labels=labels, metric_options=metric_options, n_sets=n_matched, seed=seed,
                 on_error="nan",
+                progress=lambda done, total, step=step: step("random sets", done, total),
             )
         except ValueError as error:
             notes.append(f"matched baselines on {name} skipped: {error}")
@@ -1502,7 +1513,7 @@ def paper_sections(
         ),
         "predictivity": lambda: predictivity_section(
             run, out, pairs, sets, n_random=options.predictivity_random,
-            n_folds=options.predictivity_folds, seed=seed,
+            n_folds=options.predictivity_folds, seed=seed, tell=tell,
         ),
         "many_to_many": lambda: many_to_many_section(
             run, out, pairs, k=k, metrics=options.many_to_many_metrics,
@@ -1518,7 +1529,7 @@ def paper_sections(
             metric_options={
                 name: value for name, value in metric_options.items() if name in chosen
             },
-            n_shuffles=options.n_shuffles, n_matched=options.n_matched, seed=seed,
+            n_shuffles=options.n_shuffles, n_matched=options.n_matched, seed=seed, tell=tell,
         ),
         "gpa_stability": lambda: gpa_stability_section(
             run, out, n_starts=options.gpa_starts, seed=seed
@@ -1713,13 +1724,15 @@ def _set_progress(
     section: str,
     total_sets: int | None = None,
     every_s: float | None = None,
+    unit: str = "sets",
 ) -> Callable[[str, int, int], None]:
-    """A ``progress(stage, done, total)`` callback for :func:`analyses.dispersion_set_alignment`
-    that tells ``<section>: <stage>, <done> of <total> sets`` at most every ``every_s`` seconds
-    (default :data:`SET_PROGRESS_EVERY_S`), so a section that runs for minutes says how far it
-    is and a short one stays quiet. With ``total_sets`` (every stage's sets together) it adds
-    how many are done in all and the time left at the rate since the first set was done (the
-    first carries the section's set-up: reading the features, the neighbour metrics)."""
+    """A ``progress(stage, done, total)`` callback (e.g. for
+    :func:`analyses.dispersion_set_alignment`) that tells ``<section>: <stage>, <done> of <total>
+    <unit>`` at most every ``every_s`` seconds (default :data:`SET_PROGRESS_EVERY_S`), so a
+    section that runs for minutes says how far it is and a short one stays quiet. With
+    ``total_sets`` (every stage's items together) it adds how many are done in all (when there
+    are several stages) and the time left at the rate since the first item was done (the first
+    carries the section's set-up: reading the features, the neighbour metrics)."""
     every = SET_PROGRESS_EVERY_S if every_s is None else every_s
     last = [time.perf_counter()]
     first: list[float] = []
@@ -1732,13 +1745,14 @@ def _set_progress(
         if now - last[0] < every:
             return
         last[0] = now
-        line = f"{section}: {stage}, {done:,} of {total:,} sets"
+        parts = [f"{section}: {stage}, {done:,} of {total:,} {unit}"]
         if total_sets is not None and total_sets >= finished[0]:
-            line += f"; {finished[0]:,} of {total_sets:,} in all"
+            if total_sets != total:
+                parts.append(f"{finished[0]:,} of {total_sets:,} in all")
             if finished[0] > 1:
                 rate = (now - first[0]) / (finished[0] - 1)
-                line += f", about {_duration(rate * (total_sets - finished[0]))} left"
-        tell(line)
+                parts.append(f"about {_duration(rate * (total_sets - finished[0]))} left")
+        tell("; ".join(parts))
 
     return step
 

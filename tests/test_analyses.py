@@ -419,11 +419,15 @@ def test_shuffled_pairing_null_matches_a_loop_over_shuffled_features(planted, de
     pairs = _planted_pairs(planted)
     low = select_stimuli(planted.dispersion["mean"].to_numpy(), "low", 20)
     names = ["cknna", "mutual_knn", "lcs_knn", "cka", "unbiased_cka", "svcca"]
+    told = []
     table = analyses.shuffled_pairing_calibration(
         analyses.indexes_for(planted, pairs), pairs, {"low": low}, 5, names,
         metric_options={"svcca": {"cca_dim": 5}}, n_shuffles=30, seed=4,
+        progress=lambda *call: told.append(call),
     )
     assert len(table) == len(names) * len(pairs)
+    total = len(names) * len(pairs)  # after each metric × pair of the set
+    assert told == [("low", done, total) for done in range(1, total + 1)]
     shuffled = calibration.shuffled_pairings(low, 30, 4)
     for row in table.itertuples():
         X = _features(planted, row.vision_model, row.vision_layer)

@@ -894,9 +894,17 @@ def test_long_sections_tell_how_far_they_are(monkeypatch):
         step("label shuffles (mean)", done, 200)
     assert told == [
         "Fig. 2: random sets, 1 of 1 sets; 1 of 203 in all",
-        "Fig. 2: label shuffles (mean), 2 of 200 sets; 3 of 203 in all, about 35 min left",
-        "Fig. 2: label shuffles (mean), 4 of 200 sets; 5 of 203 in all, about 37 min left",
+        "Fig. 2: label shuffles (mean), 2 of 200 sets; 3 of 203 in all; about 35 min left",
+        "Fig. 2: label shuffles (mean), 4 of 200 sets; 5 of 203 in all; about 37 min left",
     ]
+    # one stage: no "in all"; another unit
+    clock = iter([0.0, 1.0, 30.0])
+    told.clear()
+    step = report._set_progress(told.append, "shuffled pairings", total_sets=16, every_s=20.0,
+                                unit="metrics × pairs")
+    step("low", 1, 16)
+    step("low", 2, 16)
+    assert told == ["shuffled pairings: low, 2 of 16 metrics × pairs; about 7 min left"]
     assert report._duration(89.4) == "89 s" and report._duration(95) == "2 min"
     # the feature sets of Fig. 2 (what the section's calls report): random sets, then per score
     # low + high and 2 × the shuffles of the metrics other than CKNNA
