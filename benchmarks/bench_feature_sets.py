@@ -20,6 +20,11 @@ metric): ``shuffles`` times ``analyses.shuffled_pairing_calibration`` on the fir
 shuffle reorders the language side's side of the set (``permuted_feature_side``), against one
 ``metrics.measure`` call per pair, metric and shuffle on the reordered rows.
 
+Linear predictivity fits ridge maps (5 folds, both directions, 17 penalties chosen by
+leave-one-out) on the same sets: ``ridge`` times one ``ridge.fit_ridge_cv`` from the widest
+vision model to the widest language model on 80% of the first set against scikit-learn's
+``RidgeCV`` on the same rows (the same α and coefficients).
+
 Values must agree to 1e-10 (the same formulas, other rounding). ``flops`` counts the matrix
 products of each route (2 per multiply-add; eigendecompositions not counted), ``gflops_per_s``
 that over the time, beside the machine's measured float64 matrix-product rate.
@@ -145,6 +150,24 @@ def main() -> None:
         for row in calibrated.itertuples()
     ))
 
+    # one ridge fit of linear predictivity: the widest vision model → the widest language model
+    from sklearn.linear_model import RidgeCV
+
+    from convergence_core.predictivity import DEFAULT_ALPHAS
+    from convergence_core.ridge import fit_ridge_cv
+
+    train = sets[0][: int(0.8 * args.size)]
+    X = indexes[("vision-3", "l")].features.rows(train)
+    Y = indexes[("language-1", "l")].features.rows(train)
+    start = time.perf_counter()
+    fit = fit_ridge_cv(X, Y, np.asarray(DEFAULT_ALPHAS))
+    ridge_ours_s = time.perf_counter() - start
+    start = time.perf_counter()
+    reference = RidgeCV(alphas=DEFAULT_ALPHAS, fit_intercept=True).fit(X, Y)
+    ridge_sklearn_s = time.perf_counter() - start
+    ridge_difference = float(np.max(np.abs(fit.coef - reference.coef_.T)))
+    same_alpha = bool(fit.alpha == reference.alpha_)
+
     difference = max(float(np.max(np.abs(ours[m] - per_pair[m]))) for m in METRICS)
     pair_names = [(x, y) for x, _, y, _ in pairs]
     rate = matrix_product_rate()
@@ -165,7 +188,11 @@ def main() -> None:
     print(f"shuffled pairings of one set: {shuffled_ours_s:.3f} s per shuffle (reordered sides) "
           f"against {shuffled_naive_s:.3f} s (a call per pair and metric): speed-up "
           f"{shuffled_naive_s / shuffled_ours_s:.2f}×; largest |difference of null means| "
-          f"{shuffle_difference:.1e}; peak RSS {peak_mb:,.0f} MB")
+          f"{shuffle_difference:.1e}")
+    print(f"ridge ({X.shape[0]:,} rows, {X.shape[1]:,} → {Y.shape[1]:,} features, "
+          f"{len(DEFAULT_ALPHAS)} penalties): {ridge_ours_s:.2f} s against RidgeCV "
+          f"{ridge_sklearn_s:.2f} s ({ridge_sklearn_s / ridge_ours_s:.1f}×); same α {same_alpha}, "
+          f"largest |coefficient difference| {ridge_difference:.1e}; peak RSS {peak_mb:,.0f} MB")
     write_results(args.out, {
         "n": args.n, "set_size": args.size, "sets_timed": args.sets, "pairs": len(pairs),
         "widths": widths, "metrics": list(METRICS),
@@ -179,7 +206,14 @@ def main() -> None:
             "speed_up": round(shuffled_naive_s / shuffled_ours_s, 2),
             "largest_abs_difference_of_null_means": shuffle_difference,
         },
-        "ok": bool(difference <= 1e-10 and shuffle_difference <= 1e-10),
+        "ridge": {
+            "rows": int(X.shape[0]), "source_features": int(X.shape[1]),
+            "target_features": int(Y.shape[1]), "penalties": len(DEFAULT_ALPHAS),
+            "seconds_ours": round(ridge_ours_s, 3), "seconds_ridgecv": round(ridge_sklearn_s, 3),
+            "same_alpha": same_alpha, "largest_abs_coefficient_difference": ridge_difference,
+        },
+        "ok": bool(difference <= 1e-10 and shuffle_difference <= 1e-10 and same_alpha
+                   and ridge_difference <= 1e-8),
     })
 
 

@@ -12,9 +12,15 @@ M = (QᵀỸ)(QᵀỸ)ᵀ (s, s), formed once: s³ per α instead of s²·d_y. W
 200-800 rows (linear predictivity, the universal space's ridge baseline) that is 10-16× less work;
 C itself is formed once, for the chosen α.
 
+Sources no wider than the rows (d_x ≤ s: the sets of thousands of a large run) take the
+covariance form (:func:`_primal_fit`): the eigendecomposition of X̃ᵀX̃ once, then per α one
+product for the fitted values and the leverages from the squared coordinates. ``RidgeCV``'s "cov"
+mode also forms the leverages by an (s, d_x) × (d_x, d_x) product per α; on 2,000 rows of 1,536
+features and 1,024 targets a fit took 7 s there.
+
 The choice and the fitted map equal ``RidgeCV``'s (tests/test_ridge.py: the same α, coefficients
-and predictions to 1e-10 on random problems, many and few targets). Problems with d_x ≤ s or
-d_y ≤ s go to ``RidgeCV`` itself (its "cov" mode; no saving in the second case).
+and predictions to 1e-10 on random problems, many and few targets, both forms). Problems with
+d_x > s and d_y ≤ s go to ``RidgeCV`` itself (no saving there), as does a given ``cv``.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ def fit_ridge_cv(
     Y = np.asarray(Y, dtype=np.float64)
     alphas = np.asarray(alphas, dtype=np.float64).ravel()
     s = X.shape[0]
+    if cv is None and X.shape[1] <= s:
+        return _primal_fit(X, Y, alphas)
     if cv is not None or not (X.shape[1] > s and Y.shape[1] > s):
         return _sklearn_fit(X, Y, alphas, cv)
     x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
@@ -81,4 +89,30 @@ def fit_ridge_cv(
     alpha = float(alphas[best])
     dual = (Q / (eigenvalues + alpha)) @ QtY  # C = Q D Qᵀ Ỹ
     coef = Xc.T @ dual
+    return RidgeFit(coef, y_mean - x_mean @ coef, alpha)
+
+
+def _primal_fit(X: np.ndarray, Y: np.ndarray, alphas: np.ndarray) -> RidgeFit:
+    """``RidgeCV`` for d_x ≤ s from the eigendecomposition of X̃ᵀX̃ = V Λ Vᵀ (d_x, d_x), as its
+    "cov" mode: with Z = X̃ V (s, d_x), B = Zᵀ Ỹ and D = (Λ + α)⁻¹, the fitted values are
+    Z D B and the leave-one-out residuals (Ỹ − Z D B)_ij / (1 − h_i), h_i = 1/s + Σ_k Z_ik² D_k
+    (the intercept's 1/s: X̃ is centred, so 1 is orthogonal to Z). Per α that is one product
+    Z (D B): s·d_x·d_y flops, against ``RidgeCV``'s s·d_x² more for its leverages."""
+    s = X.shape[0]
+    x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
+    Xc, Yc = X - x_mean, Y - y_mean
+    eigenvalues, V = np.linalg.eigh(Xc.T @ Xc)
+    Z = Xc @ V
+    B = Z.T @ Yc
+    Z2 = Z * Z
+    best_score, best = -np.inf, 0
+    for a, alpha in enumerate(alphas):
+        D = 1.0 / (eigenvalues + alpha)
+        leverage = 1.0 / s + Z2 @ D
+        residuals = Yc - Z @ (D[:, None] * B)
+        score = -float(np.sum((residuals / (1.0 - leverage)[:, None]) ** 2)) / (s * Y.shape[1])
+        if score > best_score:  # strictly greater: the first α wins a tie, as in RidgeCV
+            best_score, best = score, a
+    alpha = float(alphas[best])
+    coef = V @ (B / (eigenvalues + alpha)[:, None])
     return RidgeFit(coef, y_mean - x_mean @ coef, alpha)

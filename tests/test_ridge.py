@@ -26,7 +26,10 @@ def _problem(seed: int, s: int, d_x: int, d_y: int, signal: float):
         (1, 50, 60, 400, 0.1),  # weak signal: a large α
         (2, 40, 300, 90, 3.0),  # strong signal: a small α
         (3, 30, 80, 10, 1.0),  # few targets: RidgeCV itself
-        (4, 60, 20, 200, 1.0),  # d_x < s: RidgeCV itself
+        (4, 60, 20, 200, 1.0),  # d_x < s: the covariance form
+        (6, 80, 30, 5, 1.0),  # d_x < s, few targets
+        (7, 100, 40, 300, 0.1),  # d_x < s, weak signal
+        (8, 50, 50, 60, 3.0),  # d_x = s
     ],
 )
 def test_the_choice_and_the_map_equal_ridgecv(seed, s, d_x, d_y, signal):
@@ -39,10 +42,11 @@ def test_the_choice_and_the_map_equal_ridgecv(seed, s, d_x, d_y, signal):
     np.testing.assert_allclose(fit.predict(new), reference.predict(new), rtol=1e-8, atol=1e-10)
 
 
-def test_the_leave_one_out_error_is_the_refit_without_the_row():
-    """Slow reference for the closed form: refit without each row at every α of a short grid;
+@pytest.mark.parametrize(("s", "d_x"), [(25, 40), (40, 12)])  # the Gram and covariance forms
+def test_the_leave_one_out_error_is_the_refit_without_the_row(s, d_x):
+    """Slow reference for the closed forms: refit without each row at every α of a short grid;
     the α of least mean squared held-out error is the one chosen."""
-    X, Y, _ = _problem(5, 25, 40, 60, 0.5)
+    X, Y, _ = _problem(5, s, d_x, 60, 0.5)
     alphas = np.array([1e-2, 1.0, 30.0, 1e3])
     errors = []
     for alpha in alphas:
