@@ -739,6 +739,22 @@ def _side_key(name: str, options: Mapping[str, Any]) -> tuple[Any, ...]:
     return (entry.feature_side, *sorted(merged.items()))
 
 
+def _cached_side(
+    sides: dict[tuple[Any, ...], Any],
+    key: LayerKey,
+    name: str,
+    options: Mapping[str, Any],
+    on_error: OnError,
+    rows: Callable[[], np.ndarray],
+) -> Any:
+    """The ``feature_side`` of metric ``name`` for model ``key`` from ``sides`` (keyed by what
+    the side depends on, :func:`_side_key`), made from ``rows()`` the first time."""
+    shared = (key, _side_key(name, options))
+    if shared not in sides:
+        sides[shared] = _measured_side(on_error, name, rows(), options)
+    return sides[shared]
+
+
 def _p_values_or_nan(observed: float, null: np.ndarray) -> tuple[float, float]:
     """``stats.permutation_p_values``, or NaN when the observed value or any null value is NaN
     (a NaN in the null would otherwise count as "not as extreme" and shrink p)."""
@@ -842,17 +858,13 @@ def set_metric_values(
                     rows[(key, reduced)] = readers[key].rows(members, reduced)
                 return rows[(key, reduced)]
 
-            sides: dict[tuple[LayerKey, str], Any] = {}
+            sides: dict[tuple[Any, ...], Any] = {}
 
             def side(key: LayerKey, name: str, read=read, sides=sides) -> Any:
                 # a side met by several pairs (one model against many) is computed once per set,
                 # and once for metrics that share it (CKA and unbiased CKA, same options)
-                shared = _side_key(name, options[name])
-                if (key, shared) not in sides:
-                    sides[(key, shared)] = _measured_side(
-                        on_error, name, read(key, invariant[name]), options[name]
-                    )
-                return sides[(key, shared)]
+                return _cached_side(sides, key, name, options[name], on_error,
+                                    lambda: read(key, invariant[name]))
 
             for p, pair in enumerate(pairs):
                 x_key, y_key = pair.sides
@@ -930,14 +942,8 @@ def shuffled_pairing_calibration(
                 )
             return features[(key, reduced)]
 
-        sides: dict[tuple[LayerKey, tuple[Any, ...]], Any] = {}
+        sides: dict[tuple[Any, ...], Any] = {}
         sided: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
-
-        def feature_side(key: LayerKey, name: str, rows: np.ndarray, sides=sides) -> Any:
-            shared = _side_key(name, options[name])
-            if (key, shared) not in sides:
-                sides[(key, shared)] = _measured_side(on_error, name, rows, options[name])
-            return sides[(key, shared)]
 
         def sided_values(x_key, y_key, name, X, Y, shuffle, sided=sided):  # noqa: ANN001, ANN202
             """{metric: (B,) values} of every metric sharing ``name``'s side, on the shuffled
@@ -950,7 +956,10 @@ def shuffled_pairing_calibration(
                          if registry.metric(other).permuted_feature_side is not None
                          and not registry.metric(other).neighbour_metric
                          and _side_key(other, options[other]) == shared]
-                x_side, y_side = feature_side(x_key, name, X), feature_side(y_key, name, Y)
+                x_side, y_side = (
+                    _cached_side(sides, model, name, options[name], on_error, lambda F=F: F)
+                    for model, F in ((x_key, X), (y_key, Y))
+                )
                 values = {other: np.full(shuffle.shape[0], np.nan) for other in group}
                 if x_side is not None and y_side is not None:
                     for b, order in enumerate(shuffle):
@@ -962,6 +971,7 @@ def shuffled_pairing_calibration(
                 sided[key] = values
             return sided[key]
 
+        done = 0  # metric × pair combinations of this set
         for name in names:
             entry = registry.metric(name)
             for pair in pairs:
@@ -1021,8 +1031,8 @@ def shuffled_pairing_calibration(
                         "seed": int(seed),
                     }
                 )
+                done += 1
                 if progress is not None:
-                    done = sum(1 for row in rows if row["set"] == set_name)
                     progress(set_name, done, len(names) * len(pairs))
     return pd.DataFrame(rows)
 
