@@ -110,7 +110,7 @@ PERCENTILE_INTERVAL_MIN_VALUES = 40
 
 def spread_words(n_values: int) -> str:
     """What a 95% percentile interval of ``n_values`` values is, in words for a legend:
-    ``95% of 200 sets``, or ``the range of 5 sets`` where there are too few values for tails
+    ``95% of 200 sets``, or ``about the range of 5 sets`` where there are too few for tails
     (:data:`PERCENTILE_INTERVAL_MIN_VALUES`)."""
     if n_values < PERCENTILE_INTERVAL_MIN_VALUES:
         return f"about the range of {n_values} sets"
