@@ -490,13 +490,17 @@ def test_a_preset_without_its_data_names_the_setting(monkeypatch, tmp_path, caps
     assert not (tmp_path / "cache").exists()  # failed before any work
 
 
-# -- the README's notebook example ---------------------------------------------------------------
-def _readme_notebook_block() -> str:
+# -- the README's notebook and metric examples -------------------------------------------------
+def _readme_section_block(heading: str) -> str:
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("\n## In a notebook\n", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
-    assert len(blocks) == 1, "the README's 'In a notebook' section should hold one python block"
+    assert len(blocks) == 1, f"the README's {heading!r} section should hold one python block"
     return blocks[0]
+
+
+def _readme_notebook_block() -> str:
+    return _readme_section_block("In a notebook")
 
 
 @pytest.mark.slow
@@ -537,6 +541,23 @@ def test_the_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
     value = namespace["cknna_by_subset"]["people"]
     assert f"{len(people)} stimuli (people): CKNNA {value:.3f}" in printed
 
+
+
+def test_the_readme_metric_example_runs():
+    """The README's metrics-on-arrays block runs as written and scores every registered metric."""
+    from convergence_core import measure, metric_names
+
+    namespace: dict[str, object] = {"__name__": "__readme__"}
+    block = _readme_section_block("Metrics and analyses on your own arrays")
+    exec(compile(block, "README.md (metrics)", "exec"), namespace)  # noqa: S102 - our own README
+
+    scores = namespace["scores"]
+    assert list(scores) == list(metric_names())
+    assert all(np.isfinite(value) for value in scores.values())
+    X, Y = namespace["X"], namespace["Y"]
+    assert scores["cknna"] == measure("cknna", X, Y)
+    assert namespace["rbf"] == measure("cka", X, Y, kernel="rbf", sigma=0.5)
+    assert namespace["rbf"] != scores["cka"]  # the kernel option reached the metric
 
 # -- Ray ----------------------------------------------------------------------------------------
 def test_ray_runtime_env_ships_the_package_source(monkeypatch):
