@@ -277,11 +277,20 @@ class PrecomputeConfig:
                     f"gpa_models names {unknown}, which are not models of this run; use some of "
                     f"{self.model_names}"
                 )
-        for model in self.gpa_layers or {}:
+        for model, layer in (self.gpa_layers or {}).items():
             if model not in gpa:
                 raise ValueError(
                     f"gpa_layers names {model!r}, which is not a model entering GPA; use one of "
                     f"{gpa}"
+                )
+            files = (self.features or {}).get(model)
+            if files is not None and layer not in files:
+                # known now, before any file is read or list built (an encoder's layers are known
+                # once it is loaded, and checked then)
+                raise ValueError(
+                    f"gpa_layers[{model!r}] = {layer!r} is not a layer of {model!r}, whose layers "
+                    f"are its feature files {list(files)}; name one of them (--gpa-layer "
+                    f"{model}=LAYER) or add the file (--features {model}:{layer}=PATH)"
                 )
 
     def _check_features(self) -> None:

@@ -312,6 +312,15 @@ def test_config_needs_a_modality_for_each_file_and_two_gpa_models(tmp_path, coco
     with pytest.raises(ValueError, match="'m', a model read from feature files"):
         PrecomputeConfig(dataset=str(coco), features={"m": str(path)},
                          modalities={"m": "vision"}, layers={"m": ["zz"]})
+    # a GPA layer a file model does not have is refused before any file is read (it was found
+    # only after every file was read and every neighbour list built)
+    two = {"early": str(path), "late": str(path)}
+    with pytest.raises(ValueError, match=r"gpa_layers\['m'\] = 'middle' is not a layer of 'm'"):
+        PrecomputeConfig(dataset=str(coco), features={"m": two, "m2": str(path)},
+                         modalities={"m": "vision", "m2": "vision"}, gpa_layers={"m": "middle"})
+    chosen = PrecomputeConfig(dataset=str(coco), features={"m": two, "m2": str(path)},
+                              modalities={"m": "vision", "m2": "vision"}, gpa_layers={"m": "late"})
+    assert chosen.gpa_layers == {"m": "late"}
 
 
 def test_cli_features_and_toml_models_table(tmp_path, coco, ids):
