@@ -60,7 +60,7 @@ Rerunning the same command reuses every finished step; an interrupted run resume
 
 on a cluster (README, "Running on a cluster"):
   ray start --head                                   # on one machine; `ray start --address=...`
-  python -m convergence_core precompute config.toml --engine ray --ray-address auto \
+  python -m convergence_core precompute config.toml --engine ray --ray-address auto \\
       --device cuda --precision bfloat16 --batch-size auto --num-gpus 1
 """
 

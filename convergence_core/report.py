@@ -1807,7 +1807,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.run is None and args.preset is None:
-        parser.error("give a run (folder or name; `convergence runs` lists them) or --preset NAME")
+        parser.error(
+            "give a run (folder or name; `python -m convergence_core runs` lists them) or "
+            "--preset NAME"
+        )
     if args.run is not None and args.preset is not None:
         parser.error("give either a run (folder or name) or --preset NAME, not both")
     new_folders = _missing_folders(Path(args.out))  # removed again if the report fails empty

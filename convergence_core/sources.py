@@ -404,7 +404,8 @@ def _read_parquet_features(
         columns = list(frame.columns) if features else names
         raise FeatureFileError(
             f"feature file {path} has no 'id' column (columns: {columns[:8]}...); add "
-            "one holding each row's stimulus id"
+            "one holding each row's stimulus id, or name the index that holds them "
+            "(frame.index.name = 'id') before writing the file"
         )
     ids = [str(i) for i in frame["id"]]
     if not features:

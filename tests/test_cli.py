@@ -59,6 +59,9 @@ def test_precompute_help_lists_every_flag(capsys):
         "--gpa-stop",
     ):
         assert flag in text
+    # the cluster example's continued line keeps its backslash (a plain string ate it, and the
+    # two lines of the command printed as one)
+    assert "--ray-address auto \\\n      --device cuda" in text
 
 
 def test_no_command_prints_help():

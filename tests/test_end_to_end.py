@@ -91,7 +91,9 @@ def test_report_on_demo_run_matches_the_readme(
 ) -> None:
     """The README's report command, exactly; the README's table must be what it prints."""
     out = REPO / "report"  # ignored by git; CI's copy of the report
-    command = re.search(r"`python -m convergence_core (report --preset demo [^`]*)`", _readme())
+    command = re.search(
+        r"`\.venv/bin/python -m convergence_core (report --preset demo [^`]*)`", _readme()
+    )
     assert command is not None
     assert command.group(1) == "report --preset demo --out report/ --embed-captions"
     done = _cli(user_environment, *command.group(1).split(), timeout=900)

@@ -239,8 +239,11 @@ def test_load_run_by_name_under_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
     make_synthetic_run(tmp_path / "runs", n=8, thumbnails=False, name="named")
     assert load_run("named").n_stimuli == 8
-    with pytest.raises(FileNotFoundError, match="named"):
+    with pytest.raises(FileNotFoundError, match="named") as missing:
         load_run("other")
+    # it says where it looked for a run of that name (a user without CONVERGENCE_CACHE set saw
+    # only "no run folder at other" and an empty list)
+    assert f"no run of that name in {tmp_path / 'runs'}" in str(missing.value)
     # a name precompute stored under another folder name ("my run" -> my_run-<hash>) is found
     # by the name the user gave (`report "my run"` said "no run folder at my run")
     from convergence_core.cache import model_key

@@ -47,7 +47,7 @@ _EPILOG = """\
 Every other option is passed to `streamlit run` (e.g. --server.headless true,
 --server.maxUploadSize 5; `streamlit run --help` lists them).
 
-examples:
+examples (in a checkout, `python -m convergence_core serve` is the same command):
   convergence serve                                  # http://localhost:8501
   convergence serve --port 8502 --cache ~/runs-cache
   convergence serve --host 0.0.0.0                   # a live demo: every machine on the network
