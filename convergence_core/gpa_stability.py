@@ -30,7 +30,13 @@ the inputs computes the residuals of every solution. Given GPA's own result with
 (``reference=``, as a run's stability step right after its GPA step), the cross-products and the
 reference solution are taken from it: one solve and two passes fewer, the same numbers. With a
 :class:`SolutionStore` (a run folder's: ``run_writer.StabilitySolutions``) each solution is kept
-as it finishes, and a call interrupted after some of them solves only the others. A
+as it finishes, and a call interrupted after some of them solves only the others. The starts
+are solved one after the other with BLAS's threads: solving them two at a time with one BLAS
+thread each (threads; numpy releases the GIL in LAPACK) was tried and not kept. On 4 × 768
+features of 2,000 stimuli, GPA and 4 starts took 792 s against 838 s (1.06×, one run each,
+956 and 954 iterations): two solves slow each other down (~1.5 CPU-s per iteration each,
+against 1.74 for one solve on two threads), so the 1.35× of bare 768 × 768 eigendecompositions
+and products measured that way does not carry over. A
 stimulus bootstrap would answer a different question (sampling variability of the stimulus set)
 and needs new cross-products per replicate.
 
