@@ -524,7 +524,25 @@ def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if bars is not None:
             bars._close()
     print(f"{run_line(run)}; {time.perf_counter() - started:.1f} s", file=out)
+    if not args.quiet:  # what to do with it (a run named by a hash is otherwise hard to find)
+        print(next_steps(run.path), file=err)
     return 0
+
+
+def next_steps(path: Path) -> str:
+    """The commands that use the run at ``path``, for the user who just made it: by its name
+    when it is in the default cache, else by its folder (``report``) and ``--cache`` (``serve``)."""
+    from . import settings
+
+    name = path.name
+    default = settings.runs_root().resolve() == path.parent.resolve()
+    given = name if default else str(path)
+    cache = "" if default else f" --cache {path.parent.parent}"
+    return (
+        f"next: `python -m convergence_core report {given} --out report-{name}/` (the paper's "
+        f"figures and tables), or `python -m convergence_core serve{cache}` (pick {name} in "
+        "the sidebar)"
+    )
 
 
 #: Storage faults a user fixes outside the program (a full disk or quota, a read-only or

@@ -172,6 +172,11 @@ def test_precompute_real_models_on_six_images(tmp_path, monkeypatch):
     )
     assert "GPA" in out and "iterations" in out and out.count("\n") == 1
     assert "efficientnet-lite0" in err  # the progress bar
+    # what to do next, with the folder and the cache since they are not the default ones
+    assert (
+        f"next: `python -m convergence_core report {run_path} --out report-six/` (the paper's "
+        f"figures and tables), or `python -m convergence_core serve --cache {tmp_path / 'cache'}`"
+    ) in err
     from convergence_core import load_run
 
     run = load_run(run_path)
@@ -379,3 +384,13 @@ def test_a_short_write_on_a_full_disk_is_named_a_full_disk(monkeypatch, tmp_path
     monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage(1 << 40, 0, 1 << 39))
     with pytest.raises(OSError, match="requested"):
         _main("precompute", "--preset", "demo", "--quiet", "--cache", str(tmp_path))
+
+
+def test_next_steps_name_a_run_of_the_default_cache_by_its_name(tmp_path, monkeypatch):
+    from convergence_core.cli import next_steps
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "cache"))
+    line = next_steps(tmp_path / "cache" / "runs" / "feature-ids-0123")
+    name = "feature-ids-0123"
+    assert f"`python -m convergence_core report {name} --out report-{name}/`" in line
+    assert "`python -m convergence_core serve` (pick feature-ids-0123 in the sidebar)" in line
