@@ -552,9 +552,9 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     if not folder.is_dir():
         known = [info.name for info in list_runs() if info.damaged is None]
         raise FileNotFoundError(
-            f"no run folder at {folder} and no run of that name in {settings.runs_root()} (the "
-            "cache: $CONVERGENCE_CACHE); precompute one with `python -m convergence_core "
-            f"precompute` or pick a cached run: {known}"
+            f"no run folder at {folder} and no run of that name in {settings.runs_root()} (a "
+            "cache elsewhere: set $CONVERGENCE_CACHE); precompute one with `python -m "
+            f"convergence_core precompute` or pick a cached run: {known}"
         )
     layout = RunLayout(folder)
     if not layout.manifest.is_file():
