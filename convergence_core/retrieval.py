@@ -34,6 +34,13 @@ Protocol (:func:`cross_validated_retrieval`):
 Memory: similarities are computed one block of queries at a time, at most ``BLOCK_ELEMENTS``
 scores (32 MiB of float64) beyond the (n, p) queries and gallery, so n_test = 20,000 needs no
 (n, n) matrix.
+
+Cost: each fold's space is a GPA solved from Gower's start on the training rows. On a large run
+with models of equal width that is minutes per fold (see :mod:`.procrustes`), and starting a
+fold's GPA from the maps of a space fitted on all stimuli (or on another fold) would be faster,
+but those maps have seen the fold's held-out rows: where the loss has several near-equal minima
+(equal widths), such a start picks the minimum that suits the held-out rows, and the held-out
+retrieval would no longer be held out. So every fold starts afresh.
 """
 
 from __future__ import annotations
