@@ -542,7 +542,6 @@ def test_the_readme_notebook_example_runs(tmp_path, monkeypatch, capsys):
     assert f"{len(people)} stimuli (people): CKNNA {value:.3f}" in printed
 
 
-
 def test_the_readme_metric_example_runs():
     """The README's metrics-on-arrays block runs as written and scores every registered metric."""
     from convergence_core import measure, metric_names
@@ -558,6 +557,7 @@ def test_the_readme_metric_example_runs():
     assert scores["cknna"] == measure("cknna", X, Y)
     assert namespace["rbf"] == measure("cka", X, Y, kernel="rbf", sigma=0.5)
     assert namespace["rbf"] != scores["cka"]  # the kernel option reached the metric
+
 
 # -- Ray ----------------------------------------------------------------------------------------
 def test_ray_runtime_env_ships_the_package_source(monkeypatch):
