@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.record import machine, write_results  # noqa: E402
-from convergence_core import analyses, calibration  # noqa: E402
+from convergence_core import analyses, calibration, subset_metrics  # noqa: E402
 from convergence_core import metrics as registry  # noqa: E402
 from convergence_core.neighbours import NeighbourIndex  # noqa: E402
 
@@ -109,7 +109,7 @@ def main() -> None:
     sets = np.stack([np.sort(rng.choice(args.n, args.size, replace=False))
                      for _ in range(args.sets)])
     options = {"svcca": {"cca_dim": 10}}
-    analyses.uses_dense_kernels = lambda *a, **k: False  # the large-run route at any n
+    subset_metrics.uses_dense_kernels = lambda *a, **k: False  # the large-run route at any n
 
     start = time.perf_counter()
     ours = analyses.set_metric_values(indexes, pairs, sets, 10, list(METRICS), options)

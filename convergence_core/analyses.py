@@ -61,7 +61,7 @@ from .stats import (
     percentile_interval,
     permutation_p_values,
 )
-from .subset_metrics import metric_on_pairings, metric_on_sets, uses_dense_kernels
+from .subset_metrics import OnError, metric_values
 from .subsets import drop_fraction, select_stimuli
 from .validation import check_k
 
@@ -648,10 +648,6 @@ def effect_verdict(table: pd.DataFrame, sides: str = "vision × language") -> st
 # ----------------------------------------------------------------------------------------------
 # any registry metric on many sets
 
-#: Above this many prepared values (stimuli × dimensions), a batch's feature rows are read set by
-#: set instead of once for the union of its sets.
-_UNION_ROWS_MAX_VALUES = 32_000_000
-
 
 def _check_count(value: object, name: str, *, minimum: int = 1) -> int:
     if (
@@ -699,62 +695,6 @@ def _metric_options(
     return options
 
 
-#: What a feature metric that is undefined on a set gives: an error, or NaN.
-OnError = Literal["raise", "nan"]
-
-
-def _measured(
-    on_error: OnError, name: str, X: np.ndarray, Y: np.ndarray, options: Mapping[str, Any]
-) -> float:
-    if on_error not in ("raise", "nan"):
-        raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
-    try:
-        return registry.measure(name, X, Y, **options)
-    except ValueError:
-        if on_error == "raise":
-            raise
-        return float("nan")
-
-
-def _measured_side(
-    on_error: OnError, name: str, X: np.ndarray, options: Mapping[str, Any]
-) -> Any | None:
-    """``feature_side`` of the metric ``name`` on X, or None where it is undefined and
-    ``on_error`` is "nan" (every pair with this side is then NaN)."""
-    if on_error not in ("raise", "nan"):
-        raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
-    try:
-        return registry.metric(name).feature_side(X, **{**registry.metric(name).options, **options})
-    except ValueError:
-        if on_error == "raise":
-            raise
-        return None
-
-
-def _side_key(name: str, options: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What a metric's ``feature_side`` depends on: the function and its full options (CKA and
-    unbiased CKA with the same kernel share one side)."""
-    entry = registry.metric(name)
-    merged = {**entry.options, **options}
-    return (entry.feature_side, *sorted(merged.items()))
-
-
-def _cached_side(
-    sides: dict[tuple[Any, ...], Any],
-    key: LayerKey,
-    name: str,
-    options: Mapping[str, Any],
-    on_error: OnError,
-    rows: Callable[[], np.ndarray],
-) -> Any:
-    """The ``feature_side`` of metric ``name`` for model ``key`` from ``sides`` (keyed by what
-    the side depends on, :func:`_side_key`), made from ``rows()`` the first time."""
-    shared = (key, _side_key(name, options))
-    if shared not in sides:
-        sides[shared] = _measured_side(on_error, name, rows(), options)
-    return sides[shared]
-
-
 def _p_values_or_nan(observed: float, null: np.ndarray) -> tuple[float, float]:
     """``stats.permutation_p_values``, or NaN when the observed value or any null value is NaN
     (a NaN in the null would otherwise count as "not as extreme" and shrink p)."""
@@ -762,37 +702,6 @@ def _p_values_or_nan(observed: float, null: np.ndarray) -> tuple[float, float]:
     if not (np.isfinite(observed) and np.isfinite(null).all()):
         return float("nan"), float("nan")
     return permutation_p_values(observed, null)
-
-
-def _orthogonally_invariant(name: str) -> bool:
-    return registry.ORTHOGONAL in registry.metric(name).invariances
-
-
-class _SetRows:
-    """Prepared feature rows of one model × layer for the members of a batch of sets.
-
-    The union of the sets' stimuli is read once (while it is small enough); ``reduced`` rows are
-    its coordinates in its own row space (u columns when d > u), on which a metric invariant to
-    orthogonal maps of the features — all of the registry's depend on the features only through
-    inner products — has the same value as on the rows themselves (tested, every metric).
-    """
-
-    def __init__(self, index: NeighbourIndex, sets: np.ndarray, reduce: bool) -> None:
-        self._features = index.features
-        union = np.unique(sets)
-        self._union: np.ndarray | None = None
-        if union.size * self._features.d <= _UNION_ROWS_MAX_VALUES:
-            self._union = union
-            self._full = self._features.rows(union)
-            wide = self._full.shape[1] > self._full.shape[0]
-            self._reduced = _row_space_coordinates(self._full) if reduce and wide else self._full
-
-    def rows(self, members: np.ndarray, reduced: bool) -> np.ndarray:
-        """(s, ·) float64 rows of ``members`` (sorted stimulus rows of one set)."""
-        if self._union is None:
-            return self._features.rows(members)
-        positions = np.searchsorted(self._union, members)
-        return (self._reduced if reduced else self._full)[positions]
 
 
 def set_metric_values(
@@ -820,12 +729,11 @@ def set_metric_values(
         progress: ``progress(done, B)`` after each set of the feature metrics measured set by
             set (the slow part on large sets; the other routes take all sets at once).
 
-    Neighbour metrics come from the subset engine (:func:`neighbours.subset_alignment`: all sets
-    at once, exact from the stored neighbour lists); the CKA family on a run of at most
-    ``subset_metrics.DENSE_GRAM_STIMULI`` stimuli from the lab's batched route
-    (:func:`subset_metrics.metric_on_sets`: each side's kernel once, every set's sub-kernels at
-    once); the other feature metrics from ``metrics.measure`` on each set's prepared features, one
-    call per pair and set (each set's rows in sorted order).
+    All of it is ``subset_metrics.metric_values`` (the one engine behind the Alignment lab and the
+    calibration too): neighbour metrics from the stored neighbour lists (all sets at once, exact),
+    the CKA family on a run of at most ``subset_metrics.DENSE_GRAM_STIMULI`` stimuli from each
+    model's (n, n) kernel (every set's sub-kernels at once), the other feature metrics set by set
+    from each set's prepared features, a model's side once per set for all its pairs.
     """
     pairs = [Pair(*pair) for pair in pairs]
     names = check_metric_names(metrics)
@@ -833,57 +741,10 @@ def set_metric_values(
     keys = list(dict.fromkeys(side for pair in pairs for side in pair.sides))
     n = indexes[keys[0]].n if keys else 0
     sets = check_subsets(sets, n, k, min_k=2)
-    out: dict[str, np.ndarray] = {}
-    neighbour = [name for name in names if registry.metric(name).neighbour_metric]
-    if neighbour:
-        result = _alignment(indexes, pairs, sets, k, metrics=neighbour)
-        out.update({name: result.values[name] for name in neighbour})
-    batched = [name for name in names if name not in out and uses_dense_kernels(name, n)]
-    for name in batched:  # defined on every set of >= 4 stimuli: no on_error case
-        out[name] = metric_on_sets(
-            indexes, [pair.sides for pair in pairs], sets, name, k=k, options=options[name]
-        )
-    feature = [name for name in names if name not in out]
-    if feature:
-        invariant = {name: _orthogonally_invariant(name) for name in feature}
-        readers = {
-            key: _SetRows(indexes[key], sets, reduce=any(invariant.values())) for key in keys
-        }
-        values = {name: np.empty((len(pairs), sets.shape[0])) for name in feature}
-        for b, members in enumerate(sets):
-            rows: dict[tuple[LayerKey, bool], np.ndarray] = {}
-
-            def read(key: LayerKey, reduced: bool, members=members, rows=rows) -> np.ndarray:
-                if (key, reduced) not in rows:
-                    rows[(key, reduced)] = readers[key].rows(members, reduced)
-                return rows[(key, reduced)]
-
-            sides: dict[tuple[Any, ...], Any] = {}
-
-            def side(key: LayerKey, name: str, read=read, sides=sides) -> Any:
-                # a side met by several pairs (one model against many) is computed once per set,
-                # and once for metrics that share it (CKA and unbiased CKA, same options)
-                return _cached_side(sides, key, name, options[name], on_error,
-                                    lambda: read(key, invariant[name]))
-
-            for p, pair in enumerate(pairs):
-                x_key, y_key = pair.sides
-                for name in feature:
-                    combine = registry.metric(name).from_feature_sides
-                    if combine is None:
-                        values[name][p, b] = _measured(
-                            on_error, name, read(x_key, invariant[name]),
-                            read(y_key, invariant[name]), options[name],
-                        )
-                        continue
-                    x_side, y_side = side(x_key, name), side(y_key, name)
-                    values[name][p, b] = (
-                        np.nan if x_side is None or y_side is None else combine(x_side, y_side)
-                    )
-            if progress is not None:
-                progress(b + 1, sets.shape[0])
-        out.update(values)
-    return {name: out[name] for name in names}
+    return metric_values(
+        indexes, [pair.sides for pair in pairs], sets, names, k=k, options=options,
+        on_error=on_error, progress=progress,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -910,16 +771,20 @@ def shuffled_pairing_calibration(
     which caption goes with which image: ``calibration.shuffled_pairing_null``, the same
     ``n_shuffles`` shuffles (from ``seed``) for every pair and metric of a set. Neighbour metrics
     permute the language side's within-set neighbour table (``metrics.permute_table``: exact up
-    to tie order), feature metrics are measured on the shuffled rows (the CKA family of a run
-    small enough for its (n, n) kernels: the set's sub-kernels with the Y side's reordered,
-    ``subset_metrics.metric_on_pairings``).
+    to tie order), feature metrics are measured on the shuffled rows: the set's sub-kernels with
+    the Y side's reordered (the CKA family of a run small enough for its (n, n) kernels), else
+    each model's side of the set once, reordered per shuffle once for every metric sharing it
+    (``subset_metrics.metric_values`` with ``paired_with``: every pair and metric of a set in one
+    call).
 
     Returns one row per set × metric × pair: ``set``, the pair's columns, ``metric``,
     ``set_size``, ``k``, ``observed``, ``null_mean``, ``null_lower`` / ``null_upper`` (central
     ``level`` interval), ``calibrated`` (observed − null mean), ``z`` (calibrated / null sd),
     ``p_value_shuffled`` (P(null ≥ observed), +1 correction; NaN where a value is NaN,
-    ``on_error="nan"``), ``n_shuffles``, ``seed``. ``progress(set name, done, total)`` after
-    each metric × pair of a set (its ``n_shuffles`` shuffles).
+    ``on_error="nan"``), ``n_shuffles``, ``seed``. ``progress(set name, done, total)`` counts
+    a set's pairings (its ``n_shuffles`` shuffles and the observed one): after each pairing of
+    the feature metrics measured pairing by pairing (large runs), and once when the set is
+    done.
     """
     pairs = [Pair(*pair) for pair in pairs]
     names = check_metric_names(metrics)
@@ -930,80 +795,33 @@ def shuffled_pairing_calibration(
     for set_name, members in sets.items():
         members = check_subsets(members, n, k, min_k=2)[0]
         s = members.size
-        tables = {key: indexes[key].tables(members[None], k) for key in keys}
-        features: dict[tuple[LayerKey, bool], np.ndarray] = {}
+        computed: dict[bytes, dict[str, np.ndarray]] = {}
+        told = [-1, 0]
 
-        def feature_rows(key: LayerKey, reduced: bool, members=members, features=features):
-            if (key, reduced) not in features:
-                prepared = indexes[key].features.rows(members)
-                wide = prepared.shape[1] > prepared.shape[0]
-                features[(key, reduced)] = (
-                    _row_space_coordinates(prepared) if reduced and wide else prepared
+        def tell(done: int, total: int, set_name=set_name, told=told) -> None:
+            told[:] = [done, total]
+            if progress is not None:
+                progress(set_name, done, total)
+
+        def values(rows_x, rows_y, members=members, computed=computed, tell=tell):  # noqa: ANN001, ANN202
+            """{metric: (P, B)} of every pair and metric on these pairings, computed at the first
+            call (every metric and pair of a set gets the same shuffles) and kept."""
+            if not np.array_equal(rows_x, np.broadcast_to(members, rows_x.shape)):
+                raise RuntimeError("the image side of a shuffled pairing must stay put")
+            key = hashlib.sha1(np.ascontiguousarray(rows_y).tobytes()).digest()
+            if key not in computed:
+                computed.clear()
+                computed[key] = metric_values(
+                    indexes, [pair.sides for pair in pairs], rows_x, names, paired_with=rows_y,
+                    k=k, options=options, on_error=on_error, progress=tell,
                 )
-            return features[(key, reduced)]
+            return computed[key]
 
-        sides: dict[tuple[Any, ...], Any] = {}
-        sided: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
-
-        def sided_values(x_key, y_key, name, X, Y, shuffle, sided=sided):  # noqa: ANN001, ANN202
-            """{metric: (B,) values} of every metric sharing ``name``'s side, on the shuffled
-            pairings: each side once per set, a shuffle reordering the Y side's once for all of
-            those metrics (CKA and unbiased CKA share the cross term of each reordering)."""
-            shared = _side_key(name, options[name])
-            key = (x_key, y_key, shared, hashlib.sha1(shuffle.tobytes()).digest())
-            if key not in sided:
-                group = [other for other in names
-                         if registry.metric(other).permuted_feature_side is not None
-                         and not registry.metric(other).neighbour_metric
-                         and _side_key(other, options[other]) == shared]
-                x_side, y_side = (
-                    _cached_side(sides, model, name, options[name], on_error, lambda F=F: F)
-                    for model, F in ((x_key, X), (y_key, Y))
-                )
-                values = {other: np.full(shuffle.shape[0], np.nan) for other in group}
-                if x_side is not None and y_side is not None:
-                    for b, order in enumerate(shuffle):
-                        reordered = registry.metric(name).permuted_feature_side(y_side, order)
-                        for other in group:
-                            values[other][b] = registry.metric(other).from_feature_sides(
-                                x_side, reordered
-                            )
-                sided[key] = values
-            return sided[key]
-
-        done = 0  # metric × pair combinations of this set
         for name in names:
-            entry = registry.metric(name)
-            for pair in pairs:
-                x_key, y_key = pair.sides
+            for p, pair in enumerate(pairs):
 
-                def score(rows_x, rows_y, pair=pair, name=name, entry=entry, x_key=x_key,
-                          y_key=y_key, members=members):
-                    if not np.array_equal(rows_x, np.broadcast_to(members, rows_x.shape)):
-                        raise RuntimeError("the image side of a shuffled pairing must stay put")
-                    shuffle = np.searchsorted(members, rows_y)  # (B, s) positions in the set
-                    if entry.neighbour_metric:
-                        return _shuffled_table_values(
-                            name, tables[x_key], tables[y_key], shuffle
-                        )
-                    if uses_dense_kernels(name, n):
-                        # the sub-kernels of the set, the Y side's reordered per shuffle
-                        try:
-                            return metric_on_pairings(
-                                indexes[x_key], indexes[y_key], rows_x, rows_y, name, k=k,
-                                options=options[name],
-                            )
-                        except ValueError:
-                            if on_error == "raise":
-                                raise
-                            return np.full(shuffle.shape[0], np.nan)
-                    reduced = _orthogonally_invariant(name)
-                    X, Y = feature_rows(x_key, reduced), feature_rows(y_key, reduced)
-                    if entry.permuted_feature_side is not None:
-                        return sided_values(x_key, y_key, name, X, Y, shuffle)[name]
-                    return np.array(
-                        [_measured(on_error, name, X, Y[order], options[name]) for order in shuffle]
-                    )
+                def score(rows_x, rows_y, name=name, p=p, values=values):  # noqa: ANN001, ANN202
+                    return values(rows_x, rows_y)[name][p]
 
                 result = shuffled_pairing_null(
                     score, members, n=n, n_shuffles=n_shuffles, seed=seed, level=level,
@@ -1031,27 +849,9 @@ def shuffled_pairing_calibration(
                         "seed": int(seed),
                     }
                 )
-                done += 1
-                if progress is not None:
-                    progress(set_name, done, len(names) * len(pairs))
+        if told[0] != told[1]:  # no pairing-by-pairing route: the set is done in one piece
+            tell(n_shuffles + 1, n_shuffles + 1)
     return pd.DataFrame(rows)
-
-
-def _shuffled_table_values(name: str, x, y, shuffle: np.ndarray) -> np.ndarray:
-    """A neighbour metric of one set's tables x, y ((1, s, k) ``neighbours.Tables``) with the y
-    side's rows reordered by each row of ``shuffle`` (B, s): (B,) values, in chunks."""
-    out = np.empty(shuffle.shape[0])
-    s, k = x.positions.shape[1:]
-    chunk = max(1, 2_000_000 // (s * k))
-    for start in range(0, shuffle.shape[0], chunk):
-        order = shuffle[start : start + chunk]
-        count = order.shape[0]
-        tx = np.repeat(x.positions, count, axis=0)
-        vx = np.repeat(x.values, count, axis=0)
-        ty = registry.permute_table(np.repeat(y.positions, count, axis=0), order)
-        vy = np.take_along_axis(np.repeat(y.values, count, axis=0), order[:, :, None], axis=1)
-        out[start : start + count] = registry.measure_tables(name, tx, ty, vx, vy)
-    return out
 
 
 def vision_typicality(run: Run, *, k: int = 10) -> np.ndarray:
@@ -1252,14 +1052,6 @@ def _row_space_coordinates(configuration: np.ndarray) -> np.ndarray:
     """(m, min(m, d)) coordinates Z of the rows of ``configuration`` (m, d) in an orthonormal basis
     V of its row space (configuration = Z Vᵀ), so every distance between rows is kept."""
     return np.linalg.qr(configuration.T, mode="r").T
-
-
-def row_space_coordinates(features: np.ndarray) -> np.ndarray:
-    """Features (m, d) written in m coordinates when d > m (else unchanged): Z Zᵀ = F Fᵀ, so every
-    inner product, norm and distance between rows — and any metric invariant to orthogonal maps
-    that sees the features only through them — is kept, at a fraction of the width."""
-    features = np.asarray(features, dtype=np.float64)
-    return _row_space_coordinates(features) if features.shape[1] > features.shape[0] else features
 
 
 def held_out_deviation(held_out: np.ndarray, consensus: np.ndarray) -> np.ndarray:

@@ -64,6 +64,7 @@ from .neighbours import prepare_rows
 from .presets import PRESETS, preset_config
 from .run import Run, load_run
 from .stats import percentile_interval
+from .subset_metrics import row_space_coordinates
 from .subsets import select_stimuli
 from .validation import MIN_CKNNA_SET_SIZE
 
@@ -1232,7 +1233,7 @@ def many_to_many_section(
                 images = prepared_images
                 if registry.ORTHOGONAL in registry.metric(metric).invariances:
                     # exact for these metrics (they see the images only through inner products)
-                    images = analyses.row_space_coordinates(prepared_images)
+                    images = row_space_coordinates(prepared_images)
                 effects.append(
                     many_to_many.caption_averaging_effect(
                         prepared, images, np.asarray(embedded.features, dtype=np.float64),
@@ -1422,7 +1423,7 @@ def calibration_section(
         indexes, pairs, {"low": sets.low, "high": sets.high}, k, metrics,
         metric_options=metric_options, n_shuffles=n_shuffles, seed=seed, on_error="nan",
         progress=lambda stage, done, total, step=_set_progress(
-            tell, "shuffled pairings", 2 * len(metrics) * len(pairs), unit="metrics × pairs"
+            tell, "shuffled pairings", 2 * (n_shuffles + 1), unit="pairings"
         ): step(f"{stage} set", done, total),
     )
     covariate = analyses.vision_typicality(run, k=k)
@@ -1732,16 +1733,20 @@ def _set_progress(
     section that runs for minutes says how far it is and a short one stays quiet. With
     ``total_sets`` (every stage's items together) it adds how many are done in all (when there
     are several stages) and the time left at the rate since the first item was done (the first
-    carries the section's set-up: reading the features, the neighbour metrics)."""
+    carries the section's set-up: reading the features, the neighbour metrics). Items are
+    counted from ``done``, so a stage that finishes several at once counts them all."""
     every = SET_PROGRESS_EVERY_S if every_s is None else every_s
     last = [time.perf_counter()]
-    first: list[float] = []
+    first: list[float] = []  # the time of the first call and the items done by then
     finished = [0]
+    done_in: dict[str, int] = {}  # items done in each stage so far
 
     def step(stage: str, done: int, total: int) -> None:
-        finished[0] += 1
+        before = done_in.get(stage, 0)
+        finished[0] += done - before if done > before else done  # a stage run again starts at 0
+        done_in[stage] = done
         now = time.perf_counter()
-        first[:] = first or [now]
+        first[:] = first or [now, finished[0]]
         if now - last[0] < every:
             return
         last[0] = now
@@ -1749,8 +1754,8 @@ def _set_progress(
         if total_sets is not None and total_sets >= finished[0]:
             if total_sets != total:
                 parts.append(f"{finished[0]:,} of {total_sets:,} in all")
-            if finished[0] > 1:
-                rate = (now - first[0]) / (finished[0] - 1)
+            if finished[0] > first[1]:
+                rate = (now - first[0]) / (finished[0] - first[1])
                 parts.append(f"about {_duration(rate * (total_sets - finished[0]))} left")
         tell("; ".join(parts))
 

@@ -1,10 +1,13 @@
-"""Any registry metric of vision × language pairs on many stimulus sets at once.
+"""Any registry metric of vision × language pairs on many stimulus sets at once: the one engine.
 
-The Alignment lab and the calibration of a set's score (issue 14, items 1 and 6) ask one question
-many times: the value of a metric (``metrics.metric_names()``) for every pair on each of B sets of
-s stimuli — the chosen sets, 200 random sets, matched random sets, relabelled low/high sets — and
-the same score with the vision–language pairing shuffled within a set. This module answers both for
-every metric of the registry, by name, without a per-metric code path outside the registry:
+The Alignment lab, the report's Fig. 2 sets and the calibration of a set's score (issue 14, items
+1 and 6) ask one question many times: the value of a metric (``metrics.metric_names()``) for every
+pair on each of B sets of s stimuli — the chosen sets, 200 random sets, matched random sets,
+relabelled low/high sets — and the same score with the vision–language pairing shuffled within a
+set. :func:`metric_values` answers both for every metric of the registry, by name, several metrics
+and pairs in one call (sharing what they have in common), without a per-metric code path outside
+the registry; :func:`metric_on_sets` and :func:`metric_on_pairings` are its one-metric forms, and
+``analyses.set_metric_values`` and ``analyses.shuffled_pairing_calibration`` call it:
 
 * **Neighbour metrics** (``metric(name).neighbour_metric``) come from the subset engine,
   ``neighbours.subset_alignment`` (the run's exact neighbour lists; every set of a chunk in one
@@ -18,9 +21,12 @@ every metric of the registry, by name, without a per-metric code path outside th
   fast path: each side's (n, n) kernel once, the (b, s, s) sub-kernels of a chunk of sets gathered
   from it once per model for all its pairs (``metrics.kernel_side``), and
   ``metrics.cka_from_kernel_sides`` on all of them at once (the kernels are kept between calls
-  while their index lives, at most :data:`KERNEL_CACHE_BYTES`). Above it (and for SVCCA) every
-  set is one ``metrics.measure`` call on its prepared rows, which picks its own route (O(s·d²) for
-  large sets; nothing (n, n)).
+  while their index lives, at most :data:`KERNEL_CACHE_BYTES`). Above it (and for SVCCA) a
+  metric split in sides (``feature_side``: CKA, unbiased CKA, SVCCA) takes each model's side of a
+  set once for all its pairs and for the metrics sharing it (CKA and unbiased CKA with one
+  kernel), and a shuffled pairing reorders the set's side (``permuted_feature_side``) instead of
+  making a new one; nothing (n, n). Metrics invariant to orthogonal maps read a set's rows in
+  row-space coordinates (:func:`row_space_coordinates`) when the features are wider than the set.
 
 Every value equals ``metrics.measure(name, X[rows_x], Y[rows_y], **options)`` on the prepared
 features (tested to 1e-9 for each metric and both routes).
@@ -34,7 +40,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -43,9 +49,12 @@ from .neighbours import NeighbourIndex, check_subsets, subset_alignment
 
 __all__ = [
     "DENSE_GRAM_STIMULI",
+    "OnError",
     "metric_on_pairings",
     "metric_on_sets",
     "metric_options",
+    "metric_values",
+    "row_space_coordinates",
     "set_scorer",
     "uses_dense_kernels",
 ]
@@ -116,6 +125,86 @@ def _kernel_key(options: Mapping[str, Any]) -> tuple[str, float]:
     return kernel, float(options.get("sigma", 1.0))
 
 
+#: What a feature metric that is undefined on a set gives: an error, or NaN.
+OnError = Literal["raise", "nan"]
+
+#: Above this many prepared values (stimuli × dimensions), the feature rows of a batch of sets are
+#: read set by set instead of once for the union of its sets.
+_UNION_ROWS_MAX_VALUES = 32_000_000
+
+
+def metric_values(
+    indexes: Mapping[Hashable, NeighbourIndex],
+    pairs: Sequence[tuple[Hashable, Hashable]],
+    sets: object,
+    metrics: Sequence[str] | str,
+    *,
+    paired_with: object = None,
+    k: int = 10,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    on_error: OnError = "raise",
+    dense_limit: int = DENSE_GRAM_STIMULI,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """``{metric: (P, B) float64}``: every metric of every pair on every set — the engine behind
+    :func:`metric_on_sets`, :func:`metric_on_pairings`, ``analyses.set_metric_values`` and the
+    calibration of a set's score against shuffled pairings.
+
+    Args:
+        indexes: ``{key: NeighbourIndex}`` holding both keys of every pair (one run).
+        pairs: ``(key of X, key of Y)`` per comparison (e.g. ``analyses.Pair.sides``).
+        sets: (B, s) or (s,) stimulus rows of X, each row distinct stimuli (any order).
+        metrics: registry names (``metrics.metric_names()``); order kept, repeats dropped.
+        paired_with: None (Y at the same rows), or (B, s) rows of Y, row m of ``sets[b]`` paired
+            with row m of ``paired_with[b]`` (a shuffled pairing: the same set in another order).
+        k: neighbours per stimulus (neighbour metrics only; k < s).
+        options: ``{metric: {option: value}}`` (``kernel``, ``sigma``, ``cca_dim``, ...).
+        on_error: ``"raise"``, or ``"nan"``: a feature metric undefined on a set (ValueError,
+            e.g. SVCCA on features of lower rank than ``cca_dim``) gives NaN there.
+        dense_limit: largest n for the CKA family's (n, n)-kernel route.
+        progress: ``progress(done, B)`` after each set of the feature metrics measured set by set
+            (the slow part on large sets; the other routes take all sets at once).
+
+    Work is shared wherever the values allow it: neighbour tables per model and set for all
+    neighbour metrics and pairs, a model's sub-kernels for CKA and unbiased CKA, a model's
+    feature side once per set for every pair and every metric that shares it (CKA and unbiased
+    CKA with the same kernel), and where the Y rows are the set in another order that side is
+    the set's own reordered (``permuted_feature_side``).
+    """
+    if on_error not in ("raise", "nan"):
+        raise ValueError(f"on_error must be 'raise' or 'nan', got {on_error!r}")
+    names = list(dict.fromkeys([metrics] if isinstance(metrics, str) else metrics))
+    if not names:
+        raise ValueError(f"pass at least one metric; known metrics: {registry.metric_names()}")
+    given = dict(options or {})
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"options name metrics not asked for: {unknown}; ask for them too")
+    chosen = {name: metric_options(name, given.get(name)) for name in names}
+    pairs = [tuple(pair) for pair in pairs]
+    rows_x = _check_sets(indexes, pairs, sets)
+    rows_y = rows_x if paired_with is None else _check_sets(indexes, pairs, paired_with)
+    if rows_x.shape != rows_y.shape:
+        raise ValueError(
+            f"sets {rows_x.shape} and paired_with {rows_y.shape} must pair s stimuli of X with s "
+            "of Y in each of B sets; pass arrays of the same shape"
+        )
+    n = indexes[pairs[0][0]].n if pairs else 0
+    out: dict[str, np.ndarray] = {}
+    neighbour = [name for name in names if registry.metric(name).neighbour_metric]
+    if neighbour:
+        out.update(_neighbour_values(indexes, pairs, rows_x, rows_y, neighbour, chosen, k,
+                                     paired=paired_with is not None))
+    dense = [name for name in names if name not in out and uses_dense_kernels(name, n, dense_limit)]
+    if dense:
+        out.update(_dense_cka_values(indexes, pairs, rows_x, rows_y, dense, chosen, on_error))
+    feature = [name for name in names if name not in out]
+    if feature:
+        out.update(_feature_values(indexes, pairs, rows_x, rows_y, feature, chosen, on_error,
+                                   progress))
+    return {name: out[name] for name in names}
+
+
 def metric_on_sets(
     indexes: Mapping[Hashable, NeighbourIndex],
     pairs: Sequence[tuple[Hashable, Hashable]],
@@ -126,28 +215,32 @@ def metric_on_sets(
     options: Mapping[str, Any] | None = None,
     dense_limit: int = DENSE_GRAM_STIMULI,
 ) -> np.ndarray:
-    """(P, B) float64: ``metric`` of every pair on every set (the same rows on both sides).
+    """(P, B) float64: ``metric`` of every pair on every set (the same rows on both sides);
+    :func:`metric_values` for one metric (its arguments)."""
+    return metric_values(indexes, pairs, sets, [metric], k=k, options={metric: options or {}},
+                         dense_limit=dense_limit)[metric]
 
-    Args:
-        indexes: ``{key: NeighbourIndex}`` holding both keys of every pair (one run).
-        pairs: ``(key of X, key of Y)`` per comparison (e.g. ``analyses.Pair.sides``).
-        sets: (B, s) or (s,) stimulus rows, each row distinct stimuli (any order).
-        metric: a registry name (``metrics.metric_names()``).
-        k: neighbours per stimulus (neighbour metrics only; k < s).
-        options: the metric's options (``kernel``, ``sigma``, ``cca_dim``, ...).
-        dense_limit: largest n for the CKA family's (n, n)-kernel route.
+
+def metric_on_pairings(
+    x: NeighbourIndex,
+    y: NeighbourIndex,
+    rows_x: object,
+    rows_y: object,
+    metric: str,
+    *,
+    k: int = 10,
+    options: Mapping[str, Any] | None = None,
+    dense_limit: int = DENSE_GRAM_STIMULI,
+) -> np.ndarray:
+    """(B,) float64: ``metric`` of X[rows_x[b]] against Y[rows_y[b]], row m paired with row m.
+
+    For shuffled pairings (``calibration.shuffled_pairing_null``): ``rows_y[b]`` may list any s
+    distinct stimuli in any order (typically a permutation of ``rows_x[b]``). Equal to
+    ``metrics.measure(metric, X[rows_x[b]], Y[rows_y[b]], **options)`` on prepared features;
+    :func:`metric_values` of the one pair.
     """
-    entry = registry.metric(metric)
-    chosen = metric_options(metric, options)
-    if entry.neighbour_metric:
-        if any(chosen.get(name) != value for name, value in entry.options.items() if name != "k"):
-            raise ValueError(
-                f"the subset engine computes {metric} at its default options; got {chosen}"
-            )
-        result = subset_alignment(indexes, list(pairs), sets, k, metrics=[metric])
-        return np.asarray(result.values[metric], dtype=np.float64)
-    sets = _check_sets(indexes, pairs, sets)
-    return np.stack(_feature_metric_pairs(indexes, pairs, sets, sets, metric, chosen, dense_limit))
+    return metric_values({"x": x, "y": y}, [("x", "y")], rows_x, [metric], paired_with=rows_y,
+                         k=k, options={metric: options or {}}, dense_limit=dense_limit)[metric][0]
 
 
 def _check_sets(
@@ -172,108 +265,57 @@ def _check_sets(
     return array.astype(np.int64)
 
 
-def _feature_metric_pairs(
+def _roles(rows_x: np.ndarray, rows_y: np.ndarray) -> tuple[str, str]:
+    """How a model's side is named on each side of a pair: once per model when both sides have
+    the same rows, else once per model and side."""
+    return ("", "") if rows_x is rows_y else ("x", "y")
+
+
+def _neighbour_values(
     indexes: Mapping[Hashable, NeighbourIndex],
     pairs: Sequence[tuple[Hashable, Hashable]],
     rows_x: np.ndarray,
     rows_y: np.ndarray,
-    metric: str,
-    options: Mapping[str, Any],
-    dense_limit: int,
-) -> list[np.ndarray]:
-    """(B,) per pair of a feature metric; each model's sub-kernels (the CKA family at small n) or
-    side (a metric split in sides, SVCCA) once per set for all its pairs."""
-    entry = registry.metric(metric)
-    n = indexes[pairs[0][0]].n if pairs else 0
-    if uses_dense_kernels(metric, n, dense_limit):
-        return list(_dense_cka_pairs(indexes, pairs, rows_x, rows_y, metric, options))
-    if entry.feature_side is not None:
-        out = np.empty((len(pairs), rows_x.shape[0]))
-        roles = ("", "") if rows_x is rows_y else ("x", "y")  # same rows: one side per model
-        last: dict[Hashable, tuple[np.ndarray, Any]] = {}  # each model's last set and its side
-        for b in range(rows_x.shape[0]):
-            sides: dict[tuple[Hashable, str], Any] = {}
-            for p, (x, y) in enumerate(pairs):
-                for key, role, rows in ((x, roles[0], rows_x[b]), (y, roles[1], rows_y[b])):
-                    if (key, role) not in sides:
-                        sides[(key, role)] = _side_of_rows(entry, indexes[key], rows, options,
-                                                           last, key)
-                out[p, b] = entry.from_feature_sides(sides[(x, roles[0])], sides[(y, roles[1])])
-        return list(out)
-    return [
-        np.array(
-            [
-                registry.measure(metric, indexes[x].features.rows(a), indexes[y].features.rows(b),
-                                 **options)
-                for a, b in zip(rows_x, rows_y, strict=True)
-            ]
-        )
-        for x, y in pairs
-    ]
+    names: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]],
+    k: int,
+    *,
+    paired: bool,
+) -> dict[str, np.ndarray]:
+    """Neighbour metrics: the same rows on both sides from the subset engine
+    (``neighbours.subset_alignment``, all sets of a chunk at once, registry defaults); pairings
+    from each side's tables of the sorted set (``NeighbourIndex.tables``, each distinct set once)
+    relabelled to the given order, every model's once per chunk for all pairs and metrics."""
+    if not paired:
+        for name in names:
+            defaults = metric_options(name)
+            if options[name] != defaults:
+                raise ValueError(
+                    f"the subset engine computes {name} at its default options {defaults}; got "
+                    f"{options[name]}"
+                )
+        result = subset_alignment(indexes, list(pairs), rows_x, k, metrics=list(names))
+        return {name: np.asarray(result.values[name], dtype=np.float64) for name in names}
+    from .validation import check_k
 
-
-def _side_of_rows(
-    entry: registry.Metric,
-    index: NeighbourIndex,
-    rows: np.ndarray,
-    options: Mapping[str, Any],
-    last: dict[Hashable, tuple[np.ndarray, Any]],
-    key: Hashable,
-) -> Any:
-    """``entry.feature_side`` of the model's features at ``rows`` (s stimuli in any order). The
-    side of the sorted set is kept in ``last[key]``; the same set in another order (a shuffled
-    pairing reorders one side of a set again and again) is that side reordered
-    (``entry.permuted_feature_side``) instead of a new one."""
-    if entry.permuted_feature_side is None:
-        return entry.feature_side(index.features.rows(rows), **options)
-    members = np.sort(rows)
-    kept = last.get(key)
-    if kept is None or not np.array_equal(kept[0], members):
-        kept = (members, entry.feature_side(index.features.rows(members), **options))
-        last[key] = kept
-    if np.array_equal(rows, members):
-        return kept[1]
-    return entry.permuted_feature_side(kept[1], np.searchsorted(members, rows))
-
-
-def _dense_cka_pairs(
-    indexes: Mapping[Hashable, NeighbourIndex],
-    pairs: Sequence[tuple[Hashable, Hashable]],
-    rows_x: np.ndarray,
-    rows_y: np.ndarray,
-    metric: str,
-    options: Mapping[str, Any],
-) -> np.ndarray:
-    """(P, B) CKA or unbiased CKA on the small-n route: each model's (n, n) kernel once, and per
-    chunk of sets each model's (b, s, s) sub-kernels and their own sums once for all its pairs
-    (``metrics.kernel_side``); a pair then costs Σ K∘L. When every set of ``rows_x`` is the same
-    (a shuffled pairing: only the Y side's order changes) the X side is one set."""
-    kernel, sigma = _kernel_key(options)
     n_sets, s = rows_x.shape
-    fixed_x = bool((rows_x == rows_x[:1]).all())
-    roles = ("fixed" if fixed_x else "", "") if rows_x is rows_y else ("x", "y")
-    kernels = {
-        key: _dense_kernel(indexes[key], kernel, sigma) for pair in pairs for key in pair
-    }
-    out = np.empty((len(pairs), n_sets))
-    # the sub-kernels of a chunk of every side together: at most ~2 × _CHUNK_ELEMENTS (as two
-    # sides of a chunk did when each pair gathered its own), however many models there are
+    check_k(k, s, 2 if "cknna" in names else 1, what="each set")
+    out = {name: np.empty((len(pairs), n_sets)) for name in names}
+    roles = _roles(rows_x, rows_y)
     n_sides = len({(key, roles[0]) for key, _ in pairs} | {(key, roles[1]) for _, key in pairs})
-    chunk = max(1, 2 * _CHUNK_ELEMENTS // (s * s * n_sides))
+    chunk = max(1, 2 * _CHUNK_ELEMENTS // max(1, s * k * n_sides))
     for start in range(0, n_sets, chunk):
         a, b = rows_x[start : start + chunk], rows_y[start : start + chunk]
-        if fixed_x:
-            a = a[:1]
-        sides: dict[tuple[Hashable, str], registry.KernelSide] = {}
+        tables: dict[tuple[Hashable, str], tuple[np.ndarray, np.ndarray]] = {}
         for p, (x, y) in enumerate(pairs):
             for key, role, rows in ((x, roles[0], a), (y, roles[1], b)):
-                if (key, role) not in sides:
-                    sides[(key, role)] = registry.kernel_side(
-                        kernels[key][rows[:, :, None], rows[:, None, :]]
-                    )
-            out[p, start : start + b.shape[0]] = registry.cka_from_kernel_sides(
-                sides[(x, roles[0])], sides[(y, roles[1])], unbiased=metric == "unbiased_cka"
-            )
+                if (key, role) not in tables:
+                    tables[(key, role)] = _relabelled_tables(indexes[key], rows, k)
+            (table_x, values_x), (table_y, values_y) = tables[(x, roles[0])], tables[(y, roles[1])]
+            for name in names:
+                out[name][p, start : start + a.shape[0]] = registry.measure_tables(
+                    name, table_x, table_y, values_x, values_y, **options[name]
+                )
     return out
 
 
@@ -294,51 +336,214 @@ def _relabelled_tables(
     return positions, values
 
 
-def metric_on_pairings(
-    x: NeighbourIndex,
-    y: NeighbourIndex,
-    rows_x: object,
-    rows_y: object,
-    metric: str,
-    *,
-    k: int = 10,
-    options: Mapping[str, Any] | None = None,
-    dense_limit: int = DENSE_GRAM_STIMULI,
-) -> np.ndarray:
-    """(B,) float64: ``metric`` of X[rows_x[b]] against Y[rows_y[b]], row m paired with row m.
+def _dense_cka_values(
+    indexes: Mapping[Hashable, NeighbourIndex],
+    pairs: Sequence[tuple[Hashable, Hashable]],
+    rows_x: np.ndarray,
+    rows_y: np.ndarray,
+    names: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]],
+    on_error: OnError,
+) -> dict[str, np.ndarray]:
+    """CKA and unbiased CKA on the small-n route: each model's (n, n) kernel once, and per chunk
+    of sets each model's (b, s, s) sub-kernels and their own sums once for all its pairs and for
+    both metrics where they share the kernel (``metrics.kernel_side``); a pair then costs Σ K∘L.
+    When every set of ``rows_x`` is the same (a shuffled pairing: only the Y side's order
+    changes) the X side is one set."""
+    out: dict[str, np.ndarray] = {}
+    by_kernel: dict[tuple[str, float], list[str]] = {}
+    for name in names:
+        by_kernel.setdefault(_kernel_key(options[name]), []).append(name)
+    for (kernel, sigma), group in by_kernel.items():
+        try:
+            out.update(_dense_cka_group(indexes, pairs, rows_x, rows_y, group, kernel, sigma))
+        except ValueError:
+            if on_error == "raise":
+                raise
+            out.update({name: np.full((len(pairs), rows_x.shape[0]), np.nan) for name in group})
+    return out
 
-    For shuffled pairings (``calibration.shuffled_pairing_null``): ``rows_y[b]`` may list any s
-    distinct stimuli in any order (typically a permutation of ``rows_x[b]``). Equal to
-    ``metrics.measure(metric, X[rows_x[b]], Y[rows_y[b]], **options)`` on prepared features.
-    Neighbour tables of each distinct set are built once and relabelled per pairing.
-    """
-    entry = registry.metric(metric)
-    chosen = metric_options(metric, options)
-    indexes = {"x": x, "y": y}
-    rows_x = _check_sets(indexes, [("x", "y")], rows_x)
-    rows_y = _check_sets(indexes, [("x", "y")], rows_y)
-    if rows_x.shape != rows_y.shape:
-        raise ValueError(
-            f"rows_x {rows_x.shape} and rows_y {rows_y.shape} must pair s stimuli of X with s of "
-            "Y in each of B sets; pass arrays of the same shape"
-        )
+
+def _dense_cka_group(
+    indexes: Mapping[Hashable, NeighbourIndex],
+    pairs: Sequence[tuple[Hashable, Hashable]],
+    rows_x: np.ndarray,
+    rows_y: np.ndarray,
+    names: Sequence[str],
+    kernel: str,
+    sigma: float,
+) -> dict[str, np.ndarray]:
     n_sets, s = rows_x.shape
-    if not entry.neighbour_metric:
-        return _feature_metric_pairs(
-            indexes, [("x", "y")], rows_x, rows_y, metric, chosen, dense_limit
-        )[0]
-    from .validation import check_k
-
-    check_k(k, s, 2 if metric == "cknna" else 1, what="each set")
-    out = np.empty(n_sets)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, s * k * k))
+    fixed_x = bool((rows_x == rows_x[:1]).all())
+    roles = _roles(rows_x, rows_y)
+    if rows_x is rows_y and fixed_x:
+        roles = ("fixed", "")
+    kernels = {
+        key: _dense_kernel(indexes[key], kernel, sigma) for pair in pairs for key in pair
+    }
+    out = {name: np.empty((len(pairs), n_sets)) for name in names}
+    # the sub-kernels of a chunk of every side together: at most ~2 × _CHUNK_ELEMENTS (as two
+    # sides of a chunk did when each pair gathered its own), however many models there are
+    n_sides = len({(key, roles[0]) for key, _ in pairs} | {(key, roles[1]) for _, key in pairs})
+    chunk = max(1, 2 * _CHUNK_ELEMENTS // (s * s * n_sides))
     for start in range(0, n_sets, chunk):
         a, b = rows_x[start : start + chunk], rows_y[start : start + chunk]
-        table_x, values_x = _relabelled_tables(x, a, k)
-        table_y, values_y = _relabelled_tables(y, b, k)
-        out[start : start + a.shape[0]] = registry.measure_tables(
-            metric, table_x, table_y, values_x, values_y, **chosen
-        )
+        if fixed_x:
+            a = a[:1]
+        sides: dict[tuple[Hashable, str], registry.KernelSide] = {}
+        for p, (x, y) in enumerate(pairs):
+            for key, role, rows in ((x, roles[0], a), (y, roles[1], b)):
+                if (key, role) not in sides:
+                    sides[(key, role)] = registry.kernel_side(
+                        kernels[key][rows[:, :, None], rows[:, None, :]]
+                    )
+            for name in names:
+                out[name][p, start : start + b.shape[0]] = registry.cka_from_kernel_sides(
+                    sides[(x, roles[0])], sides[(y, roles[1])], unbiased=name == "unbiased_cka"
+                )
+    return out
+
+
+def row_space_coordinates(features: np.ndarray) -> np.ndarray:
+    """Features (m, d) written in m coordinates when d > m (else unchanged): Z Zᵀ = F Fᵀ (Z the
+    coordinates of the rows in an orthonormal basis of their row space), so every inner product,
+    norm and distance between rows — and any metric invariant to orthogonal maps that sees the
+    features only through them — is kept, at a fraction of the width."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.shape[1] <= features.shape[0]:
+        return features
+    return np.linalg.qr(features.T, mode="r").T
+
+
+class _SetRows:
+    """Prepared feature rows of one model × layer for the members of a batch of sets.
+
+    The union of the sets' stimuli is read once (while it is small enough); ``reduced`` rows are
+    its coordinates in its own row space (:func:`row_space_coordinates`), on which a metric
+    invariant to orthogonal maps of the features — all of the registry's depend on the features
+    only through inner products — has the same value as on the rows themselves (tested, every
+    metric)."""
+
+    def __init__(self, index: NeighbourIndex, sets: Sequence[np.ndarray], reduce: bool) -> None:
+        self._features = index.features
+        self._reduce = reduce
+        union = np.unique(np.concatenate([np.ravel(rows) for rows in sets]))
+        self._union: np.ndarray | None = None
+        if union.size * self._features.d <= _UNION_ROWS_MAX_VALUES:
+            self._union = union
+            self._full = self._features.rows(union)
+            self._reduced = row_space_coordinates(self._full) if reduce else self._full
+
+    def rows(self, members: np.ndarray, reduced: bool) -> np.ndarray:
+        """(s, ·) float64 rows of ``members`` (sorted stimulus rows of one set)."""
+        if self._union is None:
+            full = self._features.rows(members)
+            return row_space_coordinates(full) if reduced and self._reduce else full
+        positions = np.searchsorted(self._union, members)
+        return (self._reduced if reduced else self._full)[positions]
+
+
+def _side_key(name: str, options: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a metric's ``feature_side`` depends on: the function and its options (CKA and
+    unbiased CKA with the same kernel share one side)."""
+    return (registry.metric(name).feature_side, *sorted(options.items()))
+
+
+def _feature_values(
+    indexes: Mapping[Hashable, NeighbourIndex],
+    pairs: Sequence[tuple[Hashable, Hashable]],
+    rows_x: np.ndarray,
+    rows_y: np.ndarray,
+    names: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]],
+    on_error: OnError,
+    progress: Callable[[int, int], None] | None,
+) -> dict[str, np.ndarray]:
+    """Feature metrics set by set. A metric split in sides (``feature_side``) takes each model's
+    side once per set for all its pairs and the metrics sharing it; the side of a set is kept
+    while the next set has the same members, and reordered (``permuted_feature_side``) when they
+    come in another order (a shuffled pairing). Other metrics are one ``metrics.measure`` call per
+    pair and set. Metrics invariant to orthogonal maps read the rows in row-space coordinates."""
+    n_sets = rows_x.shape[0]
+    roles = _roles(rows_x, rows_y)
+    invariant = {name: registry.ORTHOGONAL in registry.metric(name).invariances for name in names}
+    keys = list(dict.fromkeys(key for pair in pairs for key in pair))
+    readers = {
+        key: _SetRows(indexes[key], [rows_x] if rows_x is rows_y else [rows_x, rows_y],
+                      reduce=any(invariant.values()))
+        for key in keys
+    }
+    out = {name: np.empty((len(pairs), n_sets)) for name in names}
+    kept: dict[tuple[Hashable, str, tuple[Any, ...]], tuple[np.ndarray, Any]] = {}
+    for b in range(n_sets):
+        rows_of = {roles[0]: rows_x[b], roles[1]: rows_y[b]}
+        members = {role: np.sort(rows) for role, rows in rows_of.items()}
+        read_rows: dict[tuple[Hashable, str, bool], np.ndarray] = {}
+        sides: dict[tuple[Hashable, str, tuple[Any, ...]], Any] = {}
+
+        def rows(key: Hashable, role: str, reduced: bool, members=members, rows_of=rows_of,
+                 read_rows=read_rows) -> np.ndarray:
+            """The model's rows of this set in the set's given order."""
+            if (key, role, reduced) not in read_rows:
+                sorted_rows = readers[key].rows(members[role], reduced)
+                given = rows_of[role]
+                read_rows[(key, role, reduced)] = (
+                    sorted_rows if np.array_equal(given, members[role])
+                    else sorted_rows[np.searchsorted(members[role], given)]
+                )
+            return read_rows[(key, role, reduced)]
+
+        def side(key: Hashable, role: str, name: str, members=members, rows_of=rows_of,
+                 sides=sides) -> Any:
+            """The model's side of this set for ``name`` (None where undefined and NaN asked)."""
+            shared = (key, role, _side_key(name, options[name]))
+            if shared in sides:
+                return sides[shared]
+            entry = registry.metric(name)
+            try:
+                if entry.permuted_feature_side is None:
+                    value = entry.feature_side(rows(key, role, invariant[name]), **options[name])
+                else:
+                    held = kept.get(shared)
+                    if held is None or not np.array_equal(held[0], members[role]):
+                        held = (members[role], entry.feature_side(
+                            readers[key].rows(members[role], invariant[name]), **options[name]
+                        ))
+                        kept[shared] = held
+                    given = rows_of[role]
+                    value = held[1] if np.array_equal(given, members[role]) else (
+                        entry.permuted_feature_side(
+                            held[1], np.searchsorted(members[role], given)
+                        )
+                    )
+            except ValueError:
+                if on_error == "raise":
+                    raise
+                value = None
+            sides[shared] = value
+            return value
+
+        for p, (x, y) in enumerate(pairs):
+            for name in names:
+                combine = registry.metric(name).from_feature_sides
+                if combine is not None:
+                    x_side, y_side = side(x, roles[0], name), side(y, roles[1], name)
+                    out[name][p, b] = (
+                        np.nan if x_side is None or y_side is None else combine(x_side, y_side)
+                    )
+                    continue
+                try:
+                    out[name][p, b] = registry.measure(
+                        name, rows(x, roles[0], invariant[name]), rows(y, roles[1],
+                                                                       invariant[name]),
+                        **options[name],
+                    )
+                except ValueError:
+                    if on_error == "raise":
+                        raise
+                    out[name][p, b] = np.nan
+        if progress is not None:
+            progress(b + 1, n_sets)
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as sps
 from scipy.linalg import orthogonal_procrustes
 
-from convergence_core import analyses, calibration
+from convergence_core import analyses, calibration, subset_metrics
 from convergence_core import metrics as registry
 from convergence_core.alignment import cknna, prepare_features
 from convergence_core.procrustes import generalized_procrustes
@@ -415,7 +415,7 @@ def test_shuffled_pairing_null_matches_a_loop_over_shuffled_features(planted, de
     """Both routes of the feature metrics: the (n, n) kernels of a small run, and (``dense``
     False: a large run's) each model's side once per set, a shuffle reordering the Y side's."""
     if not dense:
-        monkeypatch.setattr(analyses, "uses_dense_kernels", lambda *args, **kwargs: False)
+        monkeypatch.setattr(subset_metrics, "uses_dense_kernels", lambda *args, **kwargs: False)
     pairs = _planted_pairs(planted)
     low = select_stimuli(planted.dispersion["mean"].to_numpy(), "low", 20)
     names = ["cknna", "mutual_knn", "lcs_knn", "cka", "unbiased_cka", "svcca"]
@@ -426,8 +426,9 @@ def test_shuffled_pairing_null_matches_a_loop_over_shuffled_features(planted, de
         progress=lambda *call: told.append(call),
     )
     assert len(table) == len(names) * len(pairs)
-    total = len(names) * len(pairs)  # after each metric × pair of the set
-    assert told == [("low", done, total) for done in range(1, total + 1)]
+    # the set's 31 pairings (30 shuffles and the observed one), told after each: SVCCA is
+    # measured pairing by pairing on either route
+    assert told == [("low", done, 31) for done in range(1, 32)]
     shuffled = calibration.shuffled_pairings(low, 30, 4)
     for row in table.itertuples():
         X = _features(planted, row.vision_model, row.vision_layer)
@@ -446,6 +447,20 @@ def test_shuffled_pairing_null_matches_a_loop_over_shuffled_features(planted, de
     by_model = table[table.metric == "cknna"].set_index("language_model")
     assert by_model.loc["planted", "z"] > 3
     assert abs(by_model.loc["independent", "z"]) < 3
+
+
+def test_calibration_of_metrics_computed_all_at_once_tells_each_set_once(planted):
+    """Neighbour metrics take every shuffle of a set in one pass: one progress call per set."""
+    pairs = _planted_pairs(planted)[:2]
+    scores = planted.dispersion["mean"].to_numpy()
+    sets = {"low": select_stimuli(scores, "low", 20), "high": select_stimuli(scores, "high", 20)}
+    told = []
+    table = analyses.shuffled_pairing_calibration(
+        analyses.indexes_for(planted, pairs), pairs, sets, 5, ["cknna", "cycle_knn"],
+        n_shuffles=12, seed=1, progress=lambda *call: told.append(call),
+    )
+    assert told == [("low", 13, 13), ("high", 13, 13)]
+    assert len(table) == 2 * 2 * 2 and (table.n_shuffles == 12).all()
 
 
 def test_matched_baselines_explain_a_gap_made_by_the_covariate(planted):
@@ -795,7 +810,7 @@ def test_cka_family_set_by_set_shares_each_models_side(monkeypatch, options):
     set's rows (a 10,000-stimulus report spent 1.6 s per set and metric recomputing them)."""
     from convergence_core.neighbours import NeighbourIndex
 
-    monkeypatch.setattr(analyses, "uses_dense_kernels", lambda *args, **kwargs: False)
+    monkeypatch.setattr(subset_metrics, "uses_dense_kernels", lambda *args, **kwargs: False)
     rng = np.random.default_rng(5)
     z = rng.standard_normal((40, 3))
     features = {
@@ -809,7 +824,10 @@ def test_cka_family_set_by_set_shares_each_models_side(monkeypatch, options):
     values = analyses.set_metric_values(
         indexes, pairs, sets, 4, names, {name: options for name in names}
     )
-    assert analyses._side_key("cka", options) == analyses._side_key("unbiased_cka", options)
+    merged = {name: subset_metrics.metric_options(name, options) for name in names}
+    assert subset_metrics._side_key("cka", merged["cka"]) == subset_metrics._side_key(
+        "unbiased_cka", merged["unbiased_cka"]
+    )
     for name in names:
         for p, (x, _, y, _) in enumerate(pairs):
             F, G = (indexes[(m, "l")].features.all_rows() for m in (x, y))

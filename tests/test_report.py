@@ -901,10 +901,20 @@ def test_long_sections_tell_how_far_they_are(monkeypatch):
     clock = iter([0.0, 1.0, 30.0])
     told.clear()
     step = report._set_progress(told.append, "shuffled pairings", total_sets=16, every_s=20.0,
-                                unit="metrics × pairs")
+                                unit="pairings")
     step("low", 1, 16)
     step("low", 2, 16)
-    assert told == ["shuffled pairings: low, 2 of 16 metrics × pairs; about 7 min left"]
+    assert told == ["shuffled pairings: low, 2 of 16 pairings; about 7 min left"]
+    # a stage done in one piece counts all its items
+    clock = iter([0.0, 30.0, 60.0])
+    told.clear()
+    step = report._set_progress(told.append, "shuffled pairings", total_sets=10, every_s=20.0,
+                                unit="pairings")
+    step("low", 5, 5)
+    step("high", 5, 5)
+    assert told == ["shuffled pairings: low, 5 of 5 pairings; 5 of 10 in all",
+                    "shuffled pairings: high, 5 of 5 pairings; 10 of 10 in all; about 0 s left"]
+    # (no rate until items are done after the first call: its items carry the set-up)
     assert report._duration(89.4) == "89 s" and report._duration(95) == "2 min"
     # the feature sets of Fig. 2 (what the section's calls report): random sets, then per score
     # low + high and 2 × the shuffles of the metrics other than CKNNA

@@ -12,6 +12,7 @@ from convergence_core.subset_metrics import (
     metric_on_pairings,
     metric_on_sets,
     metric_options,
+    metric_values,
     set_scorer,
 )
 
@@ -117,6 +118,59 @@ def test_pairings_of_different_sets_on_both_sides(indexes, metric, dense_limit) 
     for b in range(5):
         expected = _dense(indexes, "a", "b", rows_x[b], rows_y[b], metric, 5, {})
         assert values[b] == pytest.approx(expected, abs=1e-9), (metric, b)
+
+
+@pytest.mark.parametrize("dense_limit", [10_000, 0])
+def test_every_metric_of_every_pair_at_once_equals_one_call_each(indexes, dense_limit) -> None:
+    """``metric_values`` shares tables, kernels and sides between pairs and metrics (CKA and
+    unbiased CKA share a side; "a" is in two pairs): every value is the one-metric, one-pair
+    answer, on shuffled pairings and on plain sets alike."""
+    rng = np.random.default_rng(4)
+    rows = np.sort(rng.choice(90, 30, replace=False))
+    shuffles = np.stack([rows, *(rows[rng.permutation(30)] for _ in range(5))])
+    rows_x = np.broadcast_to(rows, shuffles.shape)
+    names = [name for name, _ in CASES[:6]] + ["unbiased_cka", "svcca"]
+    options = {"svcca": {"cca_dim": 4}}
+    pairs = [("a", "b"), ("a", "c"), ("c", "b")]
+    told = []
+    values = metric_values(
+        indexes, pairs, rows_x, names, paired_with=shuffles, k=5, options=options,
+        dense_limit=dense_limit, progress=lambda *call: told.append(call),
+    )
+    assert list(values) == names and told == [(b, 6) for b in range(1, 7)]  # SVCCA per pairing
+    for name in names:
+        for p, (x, y) in enumerate(pairs):
+            one = metric_on_pairings(
+                indexes[x], indexes[y], rows_x, shuffles, name, k=5,
+                options=options.get(name), dense_limit=dense_limit,
+            )
+            np.testing.assert_allclose(values[name][p], one, rtol=0, atol=1e-12)
+    sets = np.stack([np.sort(rng.choice(90, 25, replace=False)) for _ in range(3)])
+    on_sets = metric_values(indexes, pairs, sets, names, k=5, options=options,
+                            dense_limit=dense_limit)
+    for name in names:
+        np.testing.assert_allclose(
+            on_sets[name],
+            metric_on_sets(indexes, pairs, sets, name, k=5, options=options.get(name),
+                           dense_limit=dense_limit),
+            rtol=0, atol=1e-12,
+        )
+    with pytest.raises(ValueError, match="options name metrics not asked for"):
+        metric_values(indexes, pairs, sets, ["cka"], options={"svcca": {"cca_dim": 2}})
+    with pytest.raises(ValueError, match="on_error must be"):
+        metric_values(indexes, pairs, sets, ["cka"], on_error="ignore")
+
+
+def test_a_metric_undefined_on_a_pairing_gives_nan_when_asked(indexes) -> None:
+    """SVCCA with more CCA directions than a set's rows allow: an error, or NaN for that metric
+    only (``on_error="nan"``); the other metrics keep their values."""
+    rows = np.arange(8)
+    with pytest.raises(ValueError):
+        metric_values(indexes, [("a", "b")], rows, ["svcca"], options={"svcca": {"cca_dim": 12}},
+                      dense_limit=0)
+    values = metric_values(indexes, [("a", "b")], rows, ["svcca", "cka"], dense_limit=0,
+                           options={"svcca": {"cca_dim": 12}}, on_error="nan")
+    assert np.isnan(values["svcca"]).all() and np.isfinite(values["cka"]).all()
 
 
 def test_a_planted_pairing_scores_above_its_shuffles(indexes) -> None:
