@@ -37,7 +37,6 @@ same seed the page and the report draw the same sets and the same shuffles.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -45,7 +44,13 @@ import numpy as np
 import pandas as pd
 
 from . import metrics as registry
-from .calibration import local_density, matched_random_sets, shuffled_pairing_null, typicality
+from .calibration import (
+    calibrated_score,
+    local_density,
+    matched_random_sets,
+    shuffled_pairing_rows,
+    typicality,
+)
 from .dispersion import SCORES, check_score
 from .neighbours import NeighbourIndex, check_subsets, exact_top_k, subset_alignment
 from .procrustes import (
@@ -768,7 +773,7 @@ def shuffled_pairing_calibration(
     """Each score on each named set beside the same score with the pairing shuffled in the set.
 
     The null keeps both modalities' sets (their size, density and categories) and destroys only
-    which caption goes with which image: ``calibration.shuffled_pairing_null``, the same
+    which caption goes with which image: ``calibration.shuffled_pairing_rows``, the same
     ``n_shuffles`` shuffles (from ``seed``) for every pair and metric of a set. Neighbour metrics
     permute the language side's within-set neighbour table (``metrics.permute_table``: exact up
     to tie order), feature metrics are measured on the shuffled rows: the set's sub-kernels with
@@ -794,8 +799,7 @@ def shuffled_pairing_calibration(
     rows = []
     for set_name, members in sets.items():
         members = check_subsets(members, n, k, min_k=2)[0]
-        s = members.size
-        computed: dict[bytes, dict[str, np.ndarray]] = {}
+        rows_x, rows_y = shuffled_pairing_rows(members, n=n, n_shuffles=n_shuffles, seed=seed)
         told = [-1, 0]
 
         def tell(done: int, total: int, set_name=set_name, told=told) -> None:
@@ -803,36 +807,22 @@ def shuffled_pairing_calibration(
             if progress is not None:
                 progress(set_name, done, total)
 
-        def values(rows_x, rows_y, members=members, computed=computed, tell=tell):  # noqa: ANN001, ANN202
-            """{metric: (P, B)} of every pair and metric on these pairings, computed at the first
-            call (every metric and pair of a set gets the same shuffles) and kept."""
-            if not np.array_equal(rows_x, np.broadcast_to(members, rows_x.shape)):
-                raise RuntimeError("the image side of a shuffled pairing must stay put")
-            key = hashlib.sha1(np.ascontiguousarray(rows_y).tobytes()).digest()
-            if key not in computed:
-                computed.clear()
-                computed[key] = metric_values(
-                    indexes, [pair.sides for pair in pairs], rows_x, names, paired_with=rows_y,
-                    k=k, options=options, on_error=on_error, progress=tell,
-                )
-            return computed[key]
-
+        # every pair and metric of the set on the same pairings, in one call
+        values = metric_values(
+            indexes, [pair.sides for pair in pairs], rows_x, names, paired_with=rows_y, k=k,
+            options=options, on_error=on_error, progress=tell,
+        )
+        if told[0] != told[1]:  # no pairing-by-pairing route: the set is done in one piece
+            tell(rows_x.shape[0], rows_x.shape[0])
         for name in names:
             for p, pair in enumerate(pairs):
-
-                def score(rows_x, rows_y, name=name, p=p, values=values):  # noqa: ANN001, ANN202
-                    return values(rows_x, rows_y)[name][p]
-
-                result = shuffled_pairing_null(
-                    score, members, n=n, n_shuffles=n_shuffles, seed=seed, level=level,
-                    batched=True,
-                )
+                result = calibrated_score(values[name][p], level)
                 rows.append(
                     {
                         "set": set_name,
                         **pair._asdict(),
                         "metric": name,
-                        "set_size": int(s),
+                        "set_size": int(members.size),
                         "k": int(k),
                         "observed": result.observed,
                         "null_mean": result.null_mean,
@@ -849,8 +839,6 @@ def shuffled_pairing_calibration(
                         "seed": int(seed),
                     }
                 )
-        if told[0] != told[1]:  # no pairing-by-pairing route: the set is done in one piece
-            tell(n_shuffles + 1, n_shuffles + 1)
     return pd.DataFrame(rows)
 
 

@@ -118,35 +118,31 @@ def shuffled_pairings(rows: object, n_shuffles: int, seed: int = 0) -> np.ndarra
     return np.stack([rows[rng.permutation(rows.size)] for _ in range(n_shuffles)])
 
 
-def shuffled_pairing_null(
-    score: Callable[[np.ndarray, np.ndarray], float],
-    rows: object,
-    *,
-    n: int | None = None,
-    n_shuffles: int = 200,
-    seed: int = 0,
-    level: float = 0.95,
-    batched: bool = False,
-) -> CalibratedScore:
-    """The score of a set against the same score with the pairing shuffled within the set.
-
-    Args:
-        score: ``score(rows_x, rows_y) -> float``: alignment of X[rows_x] with Y[rows_y], row m
-            paired with row m (batched: (B, s) arrays → (B,)).
-        rows: the set, (s,) distinct stimulus indices.
-        n: number of stimuli the rows index (checks the rows), optional.
-        n_shuffles: null draws (each one random permutation of the Y rows).
-        seed: integer seed of the shuffles.
-        level: central mass of the null interval.
-        batched: ``score`` takes stacked (B, s) rows.
-    """
+def shuffled_pairing_rows(
+    rows: object, *, n: int | None = None, n_shuffles: int = 200, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairings a shuffled-pairing null scores: ``(rows_x, rows_y)``, both (1 + n_shuffles, s)
+    int64. Row 0 pairs the set as it is; row b > 0 pairs the same X rows with the set's Y rows in
+    the b-th random order (:func:`shuffled_pairings`, seeded). ``n``: number of stimuli the rows
+    index (checks the rows), optional."""
     rows = np.asarray(rows)
     rows = check_indices(rows, int(n) if n is not None else int(rows.max(initial=0)) + 1)
-    level = _check_level(level)
+    rows = rows.astype(np.int64)
     shuffled = shuffled_pairings(rows, n_shuffles, seed)
-    rows_x = np.broadcast_to(rows, (shuffled.shape[0] + 1, rows.size))
-    rows_y = np.concatenate([rows[None], shuffled])
-    values = _evaluate(score, batched, np.ascontiguousarray(rows_x), rows_y)
+    rows_x = np.ascontiguousarray(np.broadcast_to(rows, (shuffled.shape[0] + 1, rows.size)))
+    return rows_x, np.concatenate([rows[None], shuffled])
+
+
+def calibrated_score(values: object, level: float = 0.95) -> CalibratedScore:
+    """A score on its pairings (:func:`shuffled_pairing_rows`): ``values[0]`` the set as paired,
+    ``values[1:]`` the shuffled-pairing null (at least one value)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size < 2:
+        raise ValueError(
+            f"values must be one score per pairing, the observed one first and then the null, "
+            f"shape (1 + n_shuffles,) with n_shuffles >= 1; got shape {values.shape}"
+        )
+    level = _check_level(level)
     observed, null = float(values[0]), values[1:]
     mean, sd = float(null.mean()), float(null.std(ddof=1)) if null.size > 1 else float("nan")
     lower, upper = _interval(null, level)
@@ -165,6 +161,34 @@ def shuffled_pairing_null(
         level,
         null,
     )
+
+
+def shuffled_pairing_null(
+    score: Callable[[np.ndarray, np.ndarray], float],
+    rows: object,
+    *,
+    n: int | None = None,
+    n_shuffles: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+    batched: bool = False,
+) -> CalibratedScore:
+    """The score of a set against the same score with the pairing shuffled within the set
+    (:func:`calibrated_score` of ``score`` on :func:`shuffled_pairing_rows`).
+
+    Args:
+        score: ``score(rows_x, rows_y) -> float``: alignment of X[rows_x] with Y[rows_y], row m
+            paired with row m (batched: (B, s) arrays → (B,)).
+        rows: the set, (s,) distinct stimulus indices.
+        n: number of stimuli the rows index (checks the rows), optional.
+        n_shuffles: null draws (each one random permutation of the Y rows).
+        seed: integer seed of the shuffles.
+        level: central mass of the null interval.
+        batched: ``score`` takes stacked (B, s) rows.
+    """
+    level = _check_level(level)
+    rows_x, rows_y = shuffled_pairing_rows(rows, n=n, n_shuffles=n_shuffles, seed=seed)
+    return calibrated_score(_evaluate(score, batched, rows_x, rows_y), level)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from convergence_core.calibration import (
+    calibrated_score,
     compare_with_baseline,
     covariate_strata,
     local_density,
@@ -15,6 +16,8 @@ from convergence_core.calibration import (
     random_sets,
     resampled_interval,
     shuffled_pairing_null,
+    shuffled_pairing_rows,
+    shuffled_pairings,
     typicality,
 )
 from convergence_core.metrics import measure, nearest_neighbours
@@ -57,6 +60,35 @@ def test_shuffled_null_of_unpaired_features_is_not_significant() -> None:
     assert shuffled_pairing_null(score, np.arange(120), n_shuffles=99, seed=0).null_lower < measure(
         "cka", X, Y
     )
+
+
+def test_pairings_then_their_scores_are_the_shuffled_null() -> None:
+    """Callers that score many pairs on one set's pairings (the report's calibration, the lab)
+    take the pairings and turn each pair's values into its calibrated score: the same result as
+    the one-score form."""
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal(30)
+    rows = rng.choice(60, 30, replace=False)
+    rows_x, rows_y = shuffled_pairing_rows(rows, n=60, n_shuffles=25, seed=2)
+    assert rows_x.shape == rows_y.shape == (26, 30) and rows_x.flags.c_contiguous
+    assert (rows_x == rows).all() and (rows_y[0] == rows).all()
+    np.testing.assert_array_equal(rows_y[1:], shuffled_pairings(rows, 25, 2))
+    assert all(set(row) == set(rows) for row in rows_y)
+    lookup = np.zeros(60)
+    lookup[rows] = a
+
+    def score(rx, ry):  # products of paired values: high when paired as given
+        return (lookup[rx] * lookup[ry]).sum(axis=1)
+
+    result = calibrated_score(score(rows_x, rows_y))
+    one = shuffled_pairing_null(score, rows, n=60, n_shuffles=25, seed=2, batched=True)
+    assert result.observed == one.observed == pytest.approx((a * a).sum())
+    np.testing.assert_array_equal(result.null, one.null)
+    assert (result.z, result.p_value) == (one.z, one.p_value) and result.z > 3
+    with pytest.raises(ValueError, match="observed one first and then the null"):
+        calibrated_score([0.5])
+    with pytest.raises(ValueError, match="outside 0..39"):
+        shuffled_pairing_rows(rows, n=40, n_shuffles=3)
 
 
 def test_shuffled_null_batched_equals_one_call_per_set() -> None:

@@ -4,9 +4,10 @@ The page recomputes, on every change of the metric, k or the subset, the chosen 
 (``metrics.metric_names()``) for every vision × language pair on the chosen sets, on up to
 ``n_random`` random sets (the baseline distribution) and, on demand, on the ``2 · n_permutations``
 relabelled sets of the low-vs-high permutation test, the shuffled pairings of the calibrated
-scores and the matched random sets. All of it goes through ``subset_metrics.metric_on_sets`` /
-``metric_on_pairings``: neighbour metrics from the subset engine (``neighbours.subset_alignment``,
-every subset and pair in one batched pass), CKA-family metrics from the sets' prepared features.
+scores and the matched random sets. All of it goes through the engine the report uses,
+``subset_metrics.metric_values`` (or its one-metric form ``metric_on_sets``): neighbour metrics
+from the stored neighbour lists (every subset and pair in one batched pass), CKA-family metrics
+from the sets' prepared features.
 The random sets are the draws of ``analyses.random_sets`` (``random_baseline``: with an interval
 width it stops drawing once the baseline mean is that precise) and the label shuffles draw from
 ``analyses.shuffle_rng``, as the report's: for the same seed, number of sets and metric the lab
@@ -38,7 +39,7 @@ from ..stats import (
     percentile_interval,
     permutation_tests_two_sets,
 )
-from ..subset_metrics import metric_on_pairings, metric_on_sets, metric_options
+from ..subset_metrics import metric_on_sets, metric_options, metric_values
 from ..validation import MIN_CKNNA_SET_SIZE, check_k, check_min_stimuli
 
 #: Key of the Alignment lab's container of the bars (CSS class ``st-key-lab-bars``): where the
@@ -615,14 +616,14 @@ def calibration_table(
         # every pair's score on the set and its matched sets in one batched pass
         on_sets = metric_on_sets(indexes, keyed, np.concatenate([chosen[None], matched]), metric,
                                  k=k or 1, options=options)
+        # every pair's score on the set's shuffled pairings (the same shuffles for each) at once
+        rows_x, rows_y = calibration.shuffled_pairing_rows(
+            chosen, n=n, n_shuffles=int(n_shuffles), seed=int(seed)
+        )
+        on_pairings = metric_values(indexes, keyed, rows_x, [metric], paired_with=rows_y,
+                                    k=k or 1, options={metric: options})[metric]
         for p, pair in enumerate(pairs):
-            x, y = indexes[pair.sides[0]], indexes[pair.sides[1]]
-            null = calibration.shuffled_pairing_null(
-                lambda rows_x, rows_y, x=x, y=y: metric_on_pairings(
-                    x, y, rows_x, rows_y, metric, k=k or 1, options=options
-                ),
-                chosen, n=n, n_shuffles=int(n_shuffles), seed=int(seed), batched=True,
-            )
+            null = calibration.calibrated_score(on_pairings[p])
             # the batched score is already computed: [chosen, *matched] in the order it asks
             baseline = calibration.compare_with_baseline(
                 lambda stacked, values=on_sets[p]: values, chosen, matched, batched=True
