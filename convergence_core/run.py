@@ -291,26 +291,18 @@ class Run:
         prepared features at any n: neighbour metrics (``cknna``, ``mutual_knn``, ``cycle_knn``,
         ``lcs_knn``, ``edit_distance_knn``) from the stored neighbour lists, feature metrics
         (``cka``, ``unbiased_cka``, ``svcca``; ``options`` such as ``kernel``, ``cca_dim``) from
-        the subset's prepared features. ``metrics.metric_names()`` lists them.
+        the subset's prepared features. ``metrics.metric_names()`` lists them. The engine is the
+        one the dashboard and the report use (``subset_metrics.metric_on_sets``).
         """
         from . import metrics as registry
+        from .subset_metrics import metric_on_sets
 
-        entry = registry.metric(metric)
+        if registry.metric(metric).neighbour_metric and options:
+            raise ValueError(f"{metric} takes no options here besides k; got {sorted(options)}")
         rows = np.arange(self.n_stimuli) if subset is None else subset
-        pair = (model_x, layer_x, model_y, layer_y)
-        if entry.neighbour_metric:
-            if options:
-                raise ValueError(
-                    f"{metric} takes no options here besides k; got {sorted(options)}"
-                )
-            result = self.subset_alignment([pair], rows, k, metrics=[metric])
-            return float(result.values[metric][0, 0])
-        from .neighbours import check_subsets
-
-        chosen = check_subsets(rows, self.n_stimuli, 1)[0]
-        X = self.neighbours(model_x, layer_x).features.rows(chosen)
-        Y = self.neighbours(model_y, layer_y).features.rows(chosen)
-        return float(registry.measure(metric, X, Y, **options))
+        x, y = (model_x, layer_x), (model_y, layer_y)
+        indexes = {x: self.neighbours(*x), y: self.neighbours(*y)}
+        return float(metric_on_sets(indexes, [(x, y)], rows, metric, k=k, options=options)[0, 0])
 
     def nearest(self, model: str, layer: str, row: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``count`` stimuli most similar to ``row`` under one model × layer (itself excluded),
