@@ -128,8 +128,9 @@ def _kernel_key(options: Mapping[str, Any]) -> tuple[str, float]:
 #: What a feature metric that is undefined on a set gives: an error, or NaN.
 OnError = Literal["raise", "nan"]
 
-#: Above this many prepared values (stimuli × dimensions), the feature rows of a batch of sets are
-#: read set by set instead of once for the union of its sets.
+#: Prepared values (stimuli × dimensions; 256 MB of float64) that the feature rows of a batch's
+#: union of sets may hold for all models together; a model whose share would be larger reads its
+#: rows set by set instead.
 _UNION_ROWS_MAX_VALUES = 32_000_000
 
 
@@ -418,18 +419,20 @@ def row_space_coordinates(features: np.ndarray) -> np.ndarray:
 class _SetRows:
     """Prepared feature rows of one model × layer for the members of a batch of sets.
 
-    The union of the sets' stimuli is read once (while it is small enough); ``reduced`` rows are
-    its coordinates in its own row space (:func:`row_space_coordinates`), on which a metric
-    invariant to orthogonal maps of the features — all of the registry's depend on the features
-    only through inner products — has the same value as on the rows themselves (tested, every
-    metric)."""
+    The union of the sets' stimuli is read once (while it holds at most ``max_values`` values);
+    ``reduced`` rows are its coordinates in its own row space (:func:`row_space_coordinates`), on
+    which a metric invariant to orthogonal maps of the features — all of the registry's depend on
+    the features only through inner products — has the same value as on the rows themselves
+    (tested, every metric)."""
 
-    def __init__(self, index: NeighbourIndex, sets: Sequence[np.ndarray], reduce: bool) -> None:
+    def __init__(
+        self, index: NeighbourIndex, sets: Sequence[np.ndarray], reduce: bool, max_values: int
+    ) -> None:
         self._features = index.features
         self._reduce = reduce
         union = np.unique(np.concatenate([np.ravel(rows) for rows in sets]))
         self._union: np.ndarray | None = None
-        if union.size * self._features.d <= _UNION_ROWS_MAX_VALUES:
+        if union.size * self._features.d <= max_values:
             self._union = union
             self._full = self._features.rows(union)
             self._reduced = row_space_coordinates(self._full) if reduce else self._full
@@ -470,7 +473,8 @@ def _feature_values(
     keys = list(dict.fromkeys(key for pair in pairs for key in pair))
     readers = {
         key: _SetRows(indexes[key], [rows_x] if rows_x is rows_y else [rows_x, rows_y],
-                      reduce=any(invariant.values()))
+                      reduce=any(invariant.values()),
+                      max_values=_UNION_ROWS_MAX_VALUES // len(keys))
         for key in keys
     }
     out = {name: np.empty((len(pairs), n_sets)) for name in names}
