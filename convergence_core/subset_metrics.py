@@ -304,7 +304,9 @@ def _neighbour_values(
     out = {name: np.empty((len(pairs), n_sets)) for name in names}
     roles = _roles(rows_x, rows_y)
     n_sides = len({(key, roles[0]) for key, _ in pairs} | {(key, roles[1]) for _, key in pairs})
-    chunk = max(1, 2 * _CHUNK_ELEMENTS // max(1, s * k * n_sides))
+    # the tables of a chunk of every side together at most ~2 × _CHUNK_ELEMENTS entries, and a
+    # metric's (b, s, k, k) work on one pair's at most _CHUNK_ELEMENTS
+    chunk = max(1, min(2 * _CHUNK_ELEMENTS // (s * k * n_sides), _CHUNK_ELEMENTS // (s * k * k)))
     for start in range(0, n_sets, chunk):
         a, b = rows_x[start : start + chunk], rows_y[start : start + chunk]
         tables: dict[tuple[Hashable, str], tuple[np.ndarray, np.ndarray]] = {}
