@@ -336,6 +336,10 @@ def write_report(
     if size is not None:
         analyses.check_set_size(size, n)  # before the first section writes a file
     out.mkdir(parents=True, exist_ok=True)
+    # without language models only GPA stability of the slow sections runs
+    hint = large_run_hint(n, options, _SLOW_SECTIONS if run.language_models else ("gpa_stability",))
+    if hint is not None:
+        tell(hint)
     if not run.language_models:
         return _report_without_language(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
@@ -843,6 +847,37 @@ OPTIONAL_SECTIONS = (
     "per_stimulus", "predictivity", "many_to_many", "blind_matching", "calibration",
     "gpa_stability", "universal_space",
 )
+
+
+#: Runs of at least this many stimuli get a line, before the first section, on what makes the
+#: report long and how to shorten it (a full report on 10,000 stimuli took over an hour here).
+LARGE_RUN_STIMULI = 10_000
+#: The sections that take longest on large runs (``docs/PERFORMANCE.md``, the report's cost).
+_SLOW_SECTIONS = ("predictivity", "universal_space", "gpa_stability", "calibration")
+
+
+def large_run_hint(
+    n: int, options: AnalysisOptions, sections: Sequence[str] = _SLOW_SECTIONS
+) -> str | None:
+    """The line a report on ``n`` stimuli starts with when it will take long (None when n is
+    below :data:`LARGE_RUN_STIMULI` or the slow parts are already left out): what to pass for a
+    first look. ``sections``: the slow sections this report runs."""
+    if n < LARGE_RUN_STIMULI:
+        return None
+    cheaper = []
+    if any(name != "cknna" for name in options.metric_names()):
+        cheaper.append("--metrics cknna")
+    slow = [name for name in sections if name not in options.skip]
+    if slow:
+        cheaper.append("--skip " + " ".join(slow))
+    if not cheaper:
+        return None
+    return (
+        f"a run of {n:,} stimuli: the full report takes over an hour (on 10,000 stimuli and 2 "
+        "cores, Fig. 2 with every metric took ~27 min, linear predictivity ~20 and the universal "
+        "space over 15: docs/PERFORMANCE.md, \"The report's cost\"); for a first look, add "
+        + " ".join(cheaper)
+    )
 
 
 @dataclass(frozen=True)

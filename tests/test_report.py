@@ -878,6 +878,27 @@ def test_a_tiny_run_says_which_k_fits_and_reports_what_it_can(tmp_path):
     assert (tmp_path / "out" / "universal_cross_modal_dispersion.csv").is_file()
 
 
+def test_a_large_run_starts_with_what_makes_it_long_and_how_to_shorten_it():
+    """From LARGE_RUN_STIMULI stimuli the report's first line names the options that leave out
+    its slow parts, only those still on; a small run, or one with them off, gets no such line."""
+    full = report.large_run_hint(report.LARGE_RUN_STIMULI, report.AnalysisOptions())
+    assert full.startswith("a run of 10,000 stimuli: the full report takes over an hour")
+    assert full.endswith(
+        "add --metrics cknna --skip predictivity universal_space gpa_stability calibration"
+    )
+    assert report.large_run_hint(report.LARGE_RUN_STIMULI - 1, report.AnalysisOptions()) is None
+    some = report.AnalysisOptions(metrics=("cknna",), skip=("universal_space", "calibration"))
+    assert report.large_run_hint(50_000, some).endswith(
+        "add --skip predictivity gpa_stability"
+    )
+    quick = report.AnalysisOptions(metrics=("cknna",), skip=report._SLOW_SECTIONS)
+    assert report.large_run_hint(100_000, quick) is None
+    # a run without language models runs only GPA stability of the slow sections
+    assert report.large_run_hint(
+        20_000, report.AnalysisOptions(metrics=("cknna",)), ("gpa_stability",)
+    ).endswith("add --skip gpa_stability")
+
+
 def test_long_sections_tell_how_far_they_are(monkeypatch):
     """Inside a long section a line at most every SET_PROGRESS_EVERY_S seconds, none before,
     with the sets done in all and the time left at the rate so far."""
