@@ -183,6 +183,8 @@ def metric_values(
         raise ValueError(f"options name metrics not asked for: {unknown}; ask for them too")
     chosen = {name: metric_options(name, given.get(name)) for name in names}
     pairs = [tuple(pair) for pair in pairs]
+    if not pairs:
+        raise ValueError("pairs is empty; pass at least one (key of X, key of Y) pair")
     rows_x = _check_sets(indexes, pairs, sets)
     rows_y = rows_x if paired_with is None else _check_sets(indexes, pairs, paired_with)
     if rows_x.shape != rows_y.shape:
@@ -190,7 +192,7 @@ def metric_values(
             f"sets {rows_x.shape} and paired_with {rows_y.shape} must pair s stimuli of X with s "
             "of Y in each of B sets; pass arrays of the same shape"
         )
-    n = indexes[pairs[0][0]].n if pairs else 0
+    n = indexes[pairs[0][0]].n
     out: dict[str, np.ndarray] = {}
     neighbour = [name for name in names if registry.metric(name).neighbour_metric]
     if neighbour:

@@ -159,6 +159,8 @@ def test_every_metric_of_every_pair_at_once_equals_one_call_each(indexes, dense_
         metric_values(indexes, pairs, sets, ["cka"], options={"svcca": {"cca_dim": 2}})
     with pytest.raises(ValueError, match="on_error must be"):
         metric_values(indexes, pairs, sets, ["cka"], on_error="ignore")
+    with pytest.raises(ValueError, match="pairs is empty"):
+        metric_values(indexes, [], sets, ["cka"])
 
 
 def test_a_metric_undefined_on_a_pairing_gives_nan_when_asked(indexes) -> None:
