@@ -509,16 +509,26 @@ def sets_and_results() -> None:
     page.close_page(context)  # the URL follows the fragment's own reruns
 
 
+def _live(metric: str) -> bool:
+    """Whether the expanders compute ``metric``'s analyses at once: a live metric on a run of
+    at most ``data.PER_STIMULUS_LIVE_STIMULI`` stimuli."""
+    return not lab.needs_button(metric, n) and n <= data.PER_STIMULUS_LIVE_STIMULI
+
+
 def _when_asked(metric: str, what: str, work: str, key: str, done: tuple) -> bool:
     """Whether to compute ``what`` of ``metric`` now: at once for live metrics on runs up to
     ``data.PER_STIMULUS_LIVE_STIMULI`` stimuli or once computed on this server (``done``); else
     when the user presses the button (which says what it will do)."""
-    live = not lab.needs_button(metric, n) and n <= data.PER_STIMULUS_LIVE_STIMULI
-    if live or data.finished(*done):
+    if _live(metric) or data.finished(*done):
         return True
-    st.info(f"{what} takes a while here ({work}); it is computed when you ask, once for every "
-            "user of this server.")
-    return st.button(f"Compute {what}", key=key)
+    prompt = st.empty()  # the notice and its button go once the work is asked for
+    with prompt.container():
+        st.info(f"{what} takes a while here ({work}); it is computed when you ask, once for "
+                "every user of this server.")
+        asked = st.button(f"Compute {what}", key=key)
+    if asked:
+        prompt.empty()
+    return asked
 
 
 def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  # noqa: ANN001
@@ -539,10 +549,18 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
         "GPA models' local density (typicality) and, where the data set has labels, on "
         "category."
     )
-    result = data.calibration(
-        path, stamp, pairs, tuple(sets), tuple(np.asarray(r) for r in sets.values()), k,
-        metric, options_key, n_draws, n_draws, seed,
-    )
+    arguments = (path, stamp, pairs, tuple(sets), tuple(np.asarray(r) for r in sets.values()), k,
+                 metric, options_key, n_draws, n_draws, seed)
+    if _live(metric):
+        result = data.calibration(*arguments)
+    else:  # minutes on a large run: a progress bar, the result kept for every session
+        result = data.kept(data.calibration_key(*arguments))
+        if result is None:
+            bar = st.progress(0.0, text="Shuffling pairings and drawing matched random sets…")
+            result = data.calibration_with_progress(
+                *arguments, progress=lambda done, words: bar.progress(done, text=words)
+            )
+            bar.empty()
     data.mark_finished(*done)
     if result.low_high.empty:
         st.text(result.verdict)

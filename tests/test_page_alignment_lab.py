@@ -569,6 +569,32 @@ def test_lab_numbers_report_progress_and_match_the_live_path(run) -> None:
     assert list(baselines) == [12] and int(baselines[12]["n_random"].iloc[0]) == 40
 
 
+def test_calibration_reports_progress_and_matches_the_cached_path(run) -> None:
+    """A feature metric's calibration behind the button: progress over the sets, matched sets and
+    pairings scored (SVCCA measures each one: every step told), ending at all of them, and the
+    same tables as the cached path; kept for every session."""
+    from convergence_core.dashboard import data
+
+    path, stamp = str(run.path), data.manifest_stamp(run.path)
+    pairs = (lab.Pair("vision-a", "stage2", "language-a", "layer3"),
+             lab.Pair("vision-b", "stage2", "language-a", "layer3"))
+    rows = (np.arange(20), np.arange(20, 40))
+    arguments = (path, stamp, pairs, ("low", "high"), rows, 5, "svcca", (("cca_dim", 4),), 6, 5, 1)
+    seen: list[tuple[float, str]] = []
+    result = data.calibration_with_progress(*arguments, progress=lambda *call: seen.append(call))
+    total = 2 * (2 + 5 + 6)  # per set: the set and its 5 matched sets, the set and 6 shuffles
+    fractions = [fraction for fraction, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert seen[-1][1] == f"{total} of {total} sets, matched sets and shuffled pairings scored…"
+    assert len(set(fractions)) == total  # one step per set and pairing
+    cached = data.calibration(*arguments)
+    pd.testing.assert_frame_equal(result.table, cached.table)
+    pd.testing.assert_frame_equal(result.low_high, cached.low_high)
+    assert data.kept(data.calibration_key(*arguments)) is result
+    again = data.calibration_with_progress(*arguments, progress=lambda *call: seen.append(call))
+    assert again is result and len(seen) == len(fractions)  # kept: nothing recomputed
+
+
 def test_calibrated_scores_and_matched_baselines(run) -> None:
     from convergence_core import calibration
     from convergence_core.subset_metrics import metric_on_pairings
@@ -646,6 +672,25 @@ def test_low_high_survives_only_what_the_matched_sets_do_not_reproduce() -> None
             ))
         result = calibration.compare_difference_with_baselines(*comparisons)
         assert (result.p_value_greater < 0.05) == survives
+
+
+def test_a_slower_metrics_calibration_waits_for_its_button(run) -> None:
+    """SVCCA (not live): the calibration expander asks first, then draws its table (computed
+    with a progress bar, kept for the next run of the page)."""
+    at = _page({"size": "20"}, tables=False)
+    at.button_group(key="w_lab_metric").set_value("svcca").run(timeout=TIMEOUT)
+    if [b for b in at.button if b.key == "w_lab_compute"]:  # not kept yet by an earlier test
+        at.button(key="w_lab_compute").click().run(timeout=TIMEOUT)
+    at.session_state["w_lab_calibration"] = True
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert any("the calibrated scores takes a while" in i.value for i in at.info)
+    at.button(key="w_lab_calibration_compute").click().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert any("Download calibrated scores" in b.proto.label for b in at.download_button)
+    assert not [b for b in at.button if b.key == "w_lab_calibration_compute"]
+    at.run(timeout=TIMEOUT)  # kept: shown again with no button
+    assert any("Download calibrated scores" in b.proto.label for b in at.download_button)
 
 
 def test_calibration_and_per_stimulus_expanders(run) -> None:

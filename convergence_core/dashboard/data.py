@@ -446,11 +446,9 @@ class Calibration(NamedTuple):
     note: str
 
 
-@st.cache_data(
-    show_spinner="Shuffling pairings and drawing matched random sets…", max_entries=64
-)
-def _calibration(
-    path, stamp, pairs, names, rows, k, metric, options, n_shuffles, n_matched, seed  # noqa: ANN001
+def _calibration_of(
+    path, stamp, pairs, names, rows, k, metric, options, n_shuffles, n_matched, seed,  # noqa: ANN001
+    progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
     run = _open_run(path, stamp)
     indexes = indexes_for(run, pairs)
@@ -459,12 +457,23 @@ def _calibration(
     table, comparisons = lab.calibration_table(
         indexes, pairs, dict(zip(names, rows, strict=True)), k, covariates, metric=metric,
         options=dict(options), n_shuffles=n_shuffles, n_matched=n_matched, seed=seed,
+        progress=progress,
     )
     low_high = lab.low_high_matched_table(pairs, comparisons)
     return Calibration(
         table, low_high, lab.matched_verdict(low_high, metric, covariates.matched_on),
         covariates.note,
     )
+
+
+@st.cache_data(
+    show_spinner="Shuffling pairings and drawing matched random sets…", max_entries=64
+)
+def _calibration(
+    path, stamp, pairs, names, rows, k, metric, options, n_shuffles, n_matched, seed  # noqa: ANN001
+) -> Calibration:
+    return _calibration_of(path, stamp, pairs, names, rows, k, metric, options, n_shuffles,
+                           n_matched, seed)
 
 
 def calibration(
@@ -483,6 +492,48 @@ def calibration(
     """:class:`Calibration` of the named sets, cached per run and parameters."""
     return _calibration(path, stamp, pairs, names, rows, k_key(metric, k), metric, options,
                         int(n_shuffles), int(n_matched), int(seed))
+
+
+def calibration_key(*parameters: object) -> tuple:
+    """The :func:`keep` key of :func:`calibration_with_progress`' result for the arguments of
+    :func:`calibration` (arrays of rows as tuples; k left out for feature metrics)."""
+    path, stamp, pairs, names, rows, k, metric, *rest = parameters
+    return ("calibration", path, stamp, pairs, names,
+            tuple(tuple(map(int, r)) for r in rows), k_key(metric, k), metric, *rest)
+
+
+def calibration_with_progress(
+    path: str,
+    stamp: int,
+    pairs: tuple[lab.Pair, ...],
+    names: tuple[str, ...],
+    rows: tuple[np.ndarray, ...],
+    k: int,
+    metric: str,
+    options: Options,
+    n_shuffles: int,
+    n_matched: int,
+    seed: int,
+    progress: Callable[[float, str], None],
+) -> Calibration:
+    """:func:`calibration` for a metric the lab computes only when asked (a feature metric on a
+    large run: minutes), reporting ``progress(fraction, words)``. Not an ``st.cache_data``
+    function (progress is drawn while it runs): kept for every session with :func:`keep` under
+    :func:`calibration_key`."""
+    key = calibration_key(path, stamp, pairs, names, rows, k, metric, options, n_shuffles,
+                          n_matched, seed)
+    found = kept(key)
+    if found is not None:
+        return found
+
+    def tell(done: int, total: int) -> None:
+        progress(min(1.0, done / total),
+                 f"{done:,} of {total:,} sets, matched sets and shuffled pairings scored…")
+
+    result = _calibration_of(path, stamp, pairs, names, rows, k_key(metric, k), metric, options,
+                             int(n_shuffles), int(n_matched), int(seed), progress=tell)
+    keep(key, result)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------

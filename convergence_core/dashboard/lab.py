@@ -588,6 +588,7 @@ def calibration_table(
     n_shuffles: int = 200,
     n_matched: int = 200,
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[pd.DataFrame, dict[tuple[Pair, str], calibration.BaselineComparison]]:
     """Each raw score beside its calibrated score and its matched random baseline.
 
@@ -604,24 +605,41 @@ def calibration_table(
     ``set_typicality`` and ``matched_typicality`` (mean typicality of the set and of its matched
     sets: the balance the matching reached), ``n_shuffles``, ``n_matched``, ``matched_on``,
     ``matching``; ``comparisons`` the matched baselines by (pair, set) for
-    :func:`low_high_matched_table`.
+    :func:`low_high_matched_table`. ``progress(done, total)``: stimulus sets and pairings scored
+    (each set, its matched sets and its shuffled pairings; a feature metric measured set by set
+    reports each, the batched routes each batch).
     """
     options = metric_options(metric, options)
     keyed = [pair.sides for pair in pairs]
     n = covariates.typicality.shape[0]
     rows, comparisons = [], {}
+    total = len(sets) * (2 + int(n_matched) + int(n_shuffles))
+    scored = [0]
+
+    def scores(rows_x: np.ndarray, **paired: Any) -> np.ndarray:
+        """(P, B) every pair's score on B sets (or pairings) at once, telling ``progress``."""
+        start = scored[0]
+
+        def tell(done: int, count: int) -> None:
+            if progress is not None:
+                progress(start + done, total)
+
+        values = metric_values(indexes, keyed, rows_x, [metric], k=k or 1,
+                               options={metric: options}, progress=tell, **paired)[metric]
+        scored[0] = start + rows_x.shape[0]
+        tell(rows_x.shape[0], rows_x.shape[0])
+        return values
+
     for name, rows_of_set in sets.items():
         chosen = np.sort(np.asarray(rows_of_set, dtype=np.int64))
         matched, method = _matched_sets(chosen, covariates, int(n_matched), int(seed))
         # every pair's score on the set and its matched sets in one batched pass
-        on_sets = metric_on_sets(indexes, keyed, np.concatenate([chosen[None], matched]), metric,
-                                 k=k or 1, options=options)
+        on_sets = scores(np.concatenate([chosen[None], matched]))
         # every pair's score on the set's shuffled pairings (the same shuffles for each) at once
         rows_x, rows_y = calibration.shuffled_pairing_rows(
             chosen, n=n, n_shuffles=int(n_shuffles), seed=int(seed)
         )
-        on_pairings = metric_values(indexes, keyed, rows_x, [metric], paired_with=rows_y,
-                                    k=k or 1, options={metric: options})[metric]
+        on_pairings = scores(rows_x, paired_with=rows_y)
         for p, pair in enumerate(pairs):
             null = calibration.calibrated_score(on_pairings[p])
             # the batched score is already computed: [chosen, *matched] in the order it asks
