@@ -11,10 +11,10 @@ the registry; :func:`metric_on_sets` and :func:`metric_on_pairings` are its one-
 
 * **Neighbour metrics** (``metric(name).neighbour_metric``) come from the subset engine,
   ``neighbours.subset_alignment`` (the run's exact neighbour lists; every set of a chunk in one
-  batched pass). With the pairing shuffled (:func:`metric_on_pairings`), each side's within-set
-  tables come from the same index (``NeighbourIndex.tables`` of the sorted set) and are relabelled
-  to the given order (``metrics.permute_table``): a set's tables are built once however many
-  shuffles are scored.
+  batched pass). With the pairing shuffled (``paired_with``), each side's within-set tables come
+  from the same index (``NeighbourIndex.tables`` of the sorted set) and are relabelled to the
+  given order (``metrics.permute_table``): a model's tables of a set are built once per chunk of
+  pairings, for all its pairs and metrics.
 * **Feature metrics** (CKA, unbiased CKA — linear or RBF kernel — and SVCCA) come from the sets'
   prepared features (``NeighbourIndex.features``, the features every neighbour list was built
   from). CKA-family metrics of a run of at most :data:`DENSE_GRAM_STIMULI` stimuli use the small-n
