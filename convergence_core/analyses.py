@@ -46,6 +46,7 @@ import pandas as pd
 from . import metrics as registry
 from .calibration import (
     calibrated_score,
+    check_level,
     local_density,
     matched_random_sets,
     shuffled_pairing_rows,
@@ -794,6 +795,7 @@ def shuffled_pairing_calibration(
     pairs = [Pair(*pair) for pair in pairs]
     names = check_metric_names(metrics)
     options = _metric_options(names, metric_options)
+    level = check_level(level)  # before the first set's work
     keys = list(dict.fromkeys(side for pair in pairs for side in pair.sides))
     n = indexes[keys[0]].n
     rows = []

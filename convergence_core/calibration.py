@@ -49,7 +49,8 @@ def _check_count(value: object, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
-def _check_level(level: object) -> float:
+def check_level(level: object) -> float:
+    """The central mass of an interval, in (0, 1); ValueError naming the fix otherwise."""
     if (
         isinstance(level, bool)
         or not isinstance(level, (int, float, np.floating))
@@ -142,7 +143,7 @@ def calibrated_score(values: object, level: float = 0.95) -> CalibratedScore:
             f"values must be one score per pairing, the observed one first and then the null, "
             f"shape (1 + n_shuffles,) with n_shuffles >= 1; got shape {values.shape}"
         )
-    level = _check_level(level)
+    level = check_level(level)
     observed, null = float(values[0]), values[1:]
     mean, sd = float(null.mean()), float(null.std(ddof=1)) if null.size > 1 else float("nan")
     lower, upper = _interval(null, level)
@@ -186,7 +187,7 @@ def shuffled_pairing_null(
         level: central mass of the null interval.
         batched: ``score`` takes stacked (B, s) rows.
     """
-    level = _check_level(level)
+    level = check_level(level)
     rows_x, rows_y = shuffled_pairing_rows(rows, n=n, n_shuffles=n_shuffles, seed=seed)
     return calibrated_score(_evaluate(score, batched, rows_x, rows_y), level)
 
@@ -429,7 +430,7 @@ def compare_with_baseline(
         raise ValueError(
             f"sets must be (B, s) with s = {chosen.size} (the chosen set's size); got {sets.shape}."
         )
-    level = _check_level(level)
+    level = check_level(level)
     values = _evaluate(score, batched, np.concatenate([chosen[None], sets]))
     observed, baseline = float(values[0]), values[1:]
     greater, less = _p_values(observed, baseline)
@@ -481,7 +482,7 @@ def resampled_interval(
     """
     n = _check_count(n, "n", 4)
     n_resamples = _check_count(n_resamples, "n_resamples")
-    level = _check_level(level)
+    level = check_level(level)
     rng = _rng(seed)
     estimate = float(statistic(np.arange(n)))
     if method == "bootstrap":

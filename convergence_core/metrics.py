@@ -594,7 +594,9 @@ def _cka_from_sums(sums: _KernelSums, unbiased: bool) -> float:
     return normalised_alignment(hsic["kl"], hsic["kk"], hsic["ll"])
 
 
-def _check_kernel(kernel: object, sigma: object) -> tuple[str, float]:
+def check_kernel(kernel: object, sigma: object) -> tuple[str, float]:
+    """A CKA kernel and RBF width as ``("linear" | "rbf", sigma)`` ("ip" is "linear");
+    ValueError naming the fix otherwise."""
     if kernel == "ip":
         kernel = "linear"
     if kernel not in ("linear", "rbf"):
@@ -616,7 +618,7 @@ def cka(X: object, Y: object, *, kernel: str = "linear", sigma: float = 1.0) -> 
     ``kernel="linear"``: K = X Xᵀ (never formed when the feature route is cheaper);
     ``kernel="rbf"``: K = exp(−‖x_i − x_j‖² / (2 sigma²)).
     """
-    kernel, sigma = _check_kernel(kernel, sigma)
+    kernel, sigma = check_kernel(kernel, sigma)
     X, Y = check_pair(X, Y, min_rows=2)
     sums = _linear_sums(X, Y) if kernel == "linear" else _rbf_sums(X, Y, sigma)
     return _cka_from_sums(sums, unbiased=False)
@@ -624,7 +626,7 @@ def cka(X: object, Y: object, *, kernel: str = "linear", sigma: float = 1.0) -> 
 
 def unbiased_cka(X: object, Y: object, *, kernel: str = "linear", sigma: float = 1.0) -> float:
     """CKA with the unbiased HSIC estimator, s ≥ 4 (NaN if a self-HSIC estimate is negative)."""
-    kernel, sigma = _check_kernel(kernel, sigma)
+    kernel, sigma = check_kernel(kernel, sigma)
     X, Y = check_pair(X, Y)
     check_min_stimuli(X.shape[0], 4, "unbiased CKA")
     sums = _linear_sums(X, Y) if kernel == "linear" else _rbf_sums(X, Y, sigma)
@@ -669,7 +671,7 @@ def cka_feature_side(
 ) -> CKAFeatureSide:
     """:class:`CKAFeatureSide` of features X (s, d), s ≥ 2: O(s·d·min(s, d)) for the linear
     kernel (its own sums from XᵀX, or from X Xᵀ when s < d), O(s²·d) in row blocks for RBF."""
-    kernel, sigma = _check_kernel(kernel, sigma)
+    kernel, sigma = check_kernel(kernel, sigma)
     X = check_features(X, name, min_rows=2)
     X = X - X.mean(axis=0)  # HSIC is translation-invariant; smaller norms, less rounding
     s, d = X.shape

@@ -25,8 +25,9 @@ the registry; :func:`metric_on_sets` and :func:`metric_on_pairings` are its one-
   metric split in sides (``feature_side``: CKA, unbiased CKA, SVCCA) takes each model's side of a
   set once for all its pairs and for the metrics sharing it (CKA and unbiased CKA with one
   kernel), and a shuffled pairing reorders the set's side (``permuted_feature_side``) instead of
-  making a new one; nothing (n, n). Metrics invariant to orthogonal maps read a set's rows in
-  row-space coordinates (:func:`row_space_coordinates`) when the features are wider than the set.
+  making a new one; nothing (n, n). Metrics invariant to orthogonal maps read the rows in
+  row-space coordinates (:func:`row_space_coordinates`) when the features are wider than the rows
+  read at once (the union of a batch's sets, or one set).
 
 Every value equals ``metrics.measure(name, X[rows_x], Y[rows_y], **options)`` on the prepared
 features (tested to 1e-9 for each metric and both routes).
@@ -67,7 +68,8 @@ _CHUNK_ELEMENTS = 4_000_000
 
 def metric_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The registry's options of ``name`` with ``options`` applied (``k`` excluded: it is given
-    separately); ValueError naming the options the metric takes for any other key."""
+    separately); ValueError naming the options the metric takes for any other key, or the fix
+    for a kernel or RBF width that is not one."""
     entry = registry.metric(name)
     given = dict(options or {})
     given.pop("k", None)
@@ -75,7 +77,10 @@ def metric_options(name: str, options: Mapping[str, Any] | None = None) -> dict[
     if unknown:
         takes = ", ".join(o for o in entry.options if o != "k") or "no options besides k"
         raise ValueError(f"{name} does not take {', '.join(map(repr, unknown))}; it takes {takes}.")
-    return {key: value for key, value in {**entry.options, **given}.items() if key != "k"}
+    chosen = {key: value for key, value in {**entry.options, **given}.items() if key != "k"}
+    if "kernel" in chosen:  # bad input on every route (the dense one never calls measure)
+        registry.check_kernel(chosen["kernel"], chosen.get("sigma", 1.0))
+    return chosen
 
 
 #: Bytes of (n, n) kernels kept between calls (least recently used dropped first)
@@ -121,16 +126,16 @@ def uses_dense_kernels(name: str, n: int, dense_limit: int = DENSE_GRAM_STIMULI)
 
 
 def _kernel_key(options: Mapping[str, Any]) -> tuple[str, float]:
-    kernel = "linear" if options.get("kernel", "linear") in ("linear", "ip") else "rbf"
-    return kernel, float(options.get("sigma", 1.0))
+    """(kernel, sigma) of a CKA metric's options, checked as ``metrics.measure`` checks them."""
+    return registry.check_kernel(options.get("kernel", "linear"), options.get("sigma", 1.0))
 
 
 #: What a feature metric that is undefined on a set gives: an error, or NaN.
 OnError = Literal["raise", "nan"]
 
-#: Prepared values (stimuli × dimensions; 256 MB of float64) that the feature rows of a batch's
-#: union of sets may hold for all models together; a model whose share would be larger reads its
-#: rows set by set instead.
+#: Prepared values (stimuli × dimensions; 256 MB of float64, and as much again for their
+#: row-space coordinates) that the feature rows of a batch's union of sets may hold for all models
+#: together; a model whose share would be larger reads its rows set by set instead.
 _UNION_ROWS_MAX_VALUES = 32_000_000
 
 
@@ -354,7 +359,8 @@ def _dense_cka_values(
     of sets each model's (b, s, s) sub-kernels and their own sums once for all its pairs and for
     both metrics where they share the kernel (``metrics.kernel_side``); a pair then costs Σ K∘L.
     When every set of ``rows_x`` is the same (a shuffled pairing: only the Y side's order
-    changes) the X side is one set."""
+    changes) the X side is one set. An error there (a model's kernel that is not finite) is one
+    for every set: with ``on_error="nan"`` the metrics of that kernel are NaN throughout."""
     out: dict[str, np.ndarray] = {}
     by_kernel: dict[tuple[str, float], list[str]] = {}
     for name in names:

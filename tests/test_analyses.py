@@ -461,6 +461,11 @@ def test_calibration_of_metrics_computed_all_at_once_tells_each_set_once(planted
     )
     assert told == [("low", 13, 13), ("high", 13, 13)]
     assert len(table) == 2 * 2 * 2 and (table.n_shuffles == 12).all()
+    with pytest.raises(ValueError, match="level must lie in"):  # before any set is scored
+        analyses.shuffled_pairing_calibration(
+            analyses.indexes_for(planted, pairs), pairs, sets, 5, ["cknna"], level=1.5,
+            progress=lambda *call: pytest.fail("scored a set before checking level"),
+        )
 
 
 def test_matched_baselines_explain_a_gap_made_by_the_covariate(planted):

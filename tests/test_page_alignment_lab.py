@@ -586,7 +586,7 @@ def test_calibration_reports_progress_and_matches_the_cached_path(run) -> None:
     fractions = [fraction for fraction, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert seen[-1][1] == f"{total} of {total} sets, matched sets and shuffled pairings scored…"
-    assert len(set(fractions)) == total  # one step per set and pairing
+    assert len(seen) == len(set(fractions)) == total  # one step per set and pairing
     cached = data.calibration(*arguments)
     pd.testing.assert_frame_equal(result.table, cached.table)
     pd.testing.assert_frame_equal(result.low_high, cached.low_high)

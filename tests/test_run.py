@@ -136,6 +136,10 @@ def test_run_alignment_equals_the_dense_definition(small_run):
         ) == pytest.approx(measure(metric, X[rows], Y[rows], **options), abs=1e-12)
     with pytest.raises(ValueError, match="unknown metric"):
         small_run.alignment(*vision, *language, k=4, metric="nope")
+    with pytest.raises(ValueError, match="kernel must be 'linear' or 'rbf'"):
+        small_run.alignment(*vision, *language, subset=rows, metric="cka", kernel="bogus")
+    with pytest.raises(ValueError, match="does not take 'cca'"):
+        small_run.alignment(*vision, *language, subset=rows, metric="svcca", cca=3)
     with pytest.raises(ValueError, match="more than once"):
         small_run.alignment(*vision, *language, subset=[1, 1, 2, 3, 4], k=2)
     nearest_rows, similarities = small_run.nearest("vision-a", "stage2", 7, 5)

@@ -161,6 +161,16 @@ def test_every_metric_of_every_pair_at_once_equals_one_call_each(indexes, dense_
         metric_values(indexes, pairs, sets, ["cka"], on_error="ignore")
     with pytest.raises(ValueError, match="pairs is empty"):
         metric_values(indexes, [], sets, ["cka"])
+    # a kernel or width that is not one is refused on the (n, n)-kernel route too, which never
+    # calls metrics.measure
+    for dense_limit in (10_000, 0):
+        with pytest.raises(ValueError, match="kernel must be 'linear' or 'rbf'"):
+            metric_on_sets(indexes, pairs, sets, "cka", options={"kernel": "bogus"},
+                           dense_limit=dense_limit)
+        with pytest.raises(ValueError, match="sigma .* must be a positive number"):
+            metric_values(indexes, pairs, sets, ["unbiased_cka"], dense_limit=dense_limit,
+                          options={"unbiased_cka": {"kernel": "rbf", "sigma": -1.0}},
+                          on_error="nan")
 
 
 def test_a_metric_undefined_on_a_pairing_gives_nan_when_asked(indexes) -> None:

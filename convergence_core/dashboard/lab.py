@@ -593,8 +593,9 @@ def calibration_table(
     """Each raw score beside its calibrated score and its matched random baseline.
 
     Per pair × named set: the shuffled-pairing null within the set
-    (``calibration.shuffled_pairing_null``: the set's language rows shuffled ``n_shuffles``
-    times) and ``n_matched`` random sets matched to the set on ``covariates``
+    (``calibration.shuffled_pairing_rows``: the set's language rows shuffled ``n_shuffles``
+    times, every pair scored on them in one call; ``calibration.calibrated_score``) and
+    ``n_matched`` random sets matched to the set on ``covariates``
     (``calibration.matched_random_sets``; ``calibration.compare_with_baseline``).
 
     Returns ``(table, comparisons)``: the table has one row per pair × set: the pair's columns,
@@ -618,16 +619,18 @@ def calibration_table(
 
     def scores(rows_x: np.ndarray, **paired: Any) -> np.ndarray:
         """(P, B) every pair's score on B sets (or pairings) at once, telling ``progress``."""
-        start = scored[0]
+        start, told = scored[0], [0]
 
         def tell(done: int, count: int) -> None:
+            told[0] = done
             if progress is not None:
                 progress(start + done, total)
 
         values = metric_values(indexes, keyed, rows_x, [metric], k=k or 1,
                                options={metric: options}, progress=tell, **paired)[metric]
         scored[0] = start + rows_x.shape[0]
-        tell(rows_x.shape[0], rows_x.shape[0])
+        if told[0] != rows_x.shape[0]:  # a batched route: all of them at once
+            tell(rows_x.shape[0], rows_x.shape[0])
         return values
 
     for name, rows_of_set in sets.items():
