@@ -312,7 +312,8 @@ def _neighbour_values(
     roles = _roles(rows_x, rows_y)
     n_sides = len({(key, roles[0]) for key, _ in pairs} | {(key, roles[1]) for _, key in pairs})
     # the tables of a chunk of every side together at most ~2 × _CHUNK_ELEMENTS entries, and a
-    # metric's (b, s, k, k) work on one pair's at most _CHUNK_ELEMENTS
+    # metric's (b, s, k, k) work on one pair's at most _CHUNK_ELEMENTS (or one set's, when a set
+    # alone is more: each side then holds that one set's tables)
     chunk = max(1, min(2 * _CHUNK_ELEMENTS // (s * k * n_sides), _CHUNK_ELEMENTS // (s * k * k)))
     for start in range(0, n_sets, chunk):
         a, b = rows_x[start : start + chunk], rows_y[start : start + chunk]
@@ -394,7 +395,8 @@ def _dense_cka_group(
     }
     out = {name: np.empty((len(pairs), n_sets)) for name in names}
     # the sub-kernels of a chunk of every side together: at most ~2 × _CHUNK_ELEMENTS (as two
-    # sides of a chunk did when each pair gathered its own), however many models there are
+    # sides of a chunk did when each pair gathered its own), however many models there are,
+    # unless one set's are more: then a chunk is one set, (s, s) per side (32 MB at s = 2,048)
     n_sides = len({(key, roles[0]) for key, _ in pairs} | {(key, roles[1]) for _, key in pairs})
     chunk = max(1, 2 * _CHUNK_ELEMENTS // (s * s * n_sides))
     for start in range(0, n_sets, chunk):
