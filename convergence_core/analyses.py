@@ -742,10 +742,12 @@ def set_metric_values(
     from each set's prepared features, a model's side once per set for all its pairs.
     """
     pairs = [Pair(*pair) for pair in pairs]
+    if not pairs:
+        raise ValueError("pairs is empty; pass at least one Pair (vision model, layer, language "
+                         "model, layer)")
     names = check_metric_names(metrics)
     options = _metric_options(names, metric_options)
-    keys = list(dict.fromkeys(side for pair in pairs for side in pair.sides))
-    n = indexes[keys[0]].n if keys else 0
+    n = indexes[pairs[0].sides[0]].n
     sets = check_subsets(sets, n, k, min_k=2)
     return metric_values(
         indexes, [pair.sides for pair in pairs], sets, names, k=k, options=options,

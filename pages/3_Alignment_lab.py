@@ -534,8 +534,8 @@ def _when_asked(metric: str, what: str, work: str, key: str, done: tuple) -> boo
 def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  # noqa: ANN001
     """Each set's raw score beside its calibrated score and matched random baseline, and the
     verdict on low > high."""
-    done = ("lab_calibration", metric, path, stamp, pairs, tuple(tuple(map(int, r)) for r in
-            sets.values()), data.k_key(metric, k), options_key, n_draws, seed)
+    done = ("lab_calibration", metric, path, stamp, pairs, data.rows_key(sets.values()),
+            data.k_key(metric, k), options_key, n_draws, seed)
     work = f"{label} on {n_draws} shuffled pairings and {n_draws} matched sets per set and pair"
     if not _when_asked(
         metric, "the calibrated scores", work, "w_lab_calibration_compute", done

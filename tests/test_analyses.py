@@ -304,6 +304,8 @@ def test_feature_rows_in_row_space_coordinates_change_no_invariant_metric():
     for name in names:
         expected = [registry.measure(name, F[s], G[s]) for s in sets]
         np.testing.assert_allclose(values[name][0], expected, atol=1e-10)
+    with pytest.raises(ValueError, match="pairs is empty"):
+        analyses.set_metric_values(indexes, [], sets, 4, names)
 
 
 def test_several_scores_at_once_are_the_single_score_tables_one_after_the_other(planted, sweep):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -397,11 +397,16 @@ def lab_numbers(
     return values, baselines
 
 
+def rows_key(sets: Iterable[object]) -> tuple[tuple[int, ...], ...]:
+    """Sets of stimulus rows (arrays or sequences of ints) as a hashable key."""
+    return tuple(tuple(map(int, np.asarray(rows).ravel())) for rows in sets)
+
+
 def lab_numbers_key(*parameters: object) -> tuple:
     """The :func:`keep` key of :func:`lab_numbers`' result for these parameters (arrays of rows
-    as tuples; k left out for feature metrics)."""
+    as tuples; the caller passes k as :func:`k_key`)."""
     return ("lab_numbers", *(
-        tuple(map(int, p)) if isinstance(p, np.ndarray) else p for p in parameters
+        rows_key([p])[0] if isinstance(p, np.ndarray) else p for p in parameters
     ))
 
 
@@ -498,8 +503,8 @@ def calibration_key(*parameters: object) -> tuple:
     """The :func:`keep` key of :func:`calibration_with_progress`' result for the arguments of
     :func:`calibration` (arrays of rows as tuples; k left out for feature metrics)."""
     path, stamp, pairs, names, rows, k, metric, *rest = parameters
-    return ("calibration", path, stamp, pairs, names,
-            tuple(tuple(map(int, r)) for r in rows), k_key(metric, k), metric, *rest)
+    return ("calibration", path, stamp, pairs, names, rows_key(rows), k_key(metric, k), metric,
+            *rest)
 
 
 def calibration_with_progress(
