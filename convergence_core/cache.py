@@ -205,8 +205,18 @@ def write_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     return Path(path)
 
 
-def read_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> np.ndarray:
+def read_npy(
+    path: str | os.PathLike[str],
+    *,
+    mmap: bool = False,
+    what: str = "cached array",
+    fix: str = "delete it and rerun `python -m convergence_core precompute` for this run to "
+    "recreate it",
+) -> np.ndarray:
     """Read a ``.npy`` file without ever unpickling; ``mmap=True`` maps it read-only.
+
+    ``what`` names the file in errors and ``fix`` says what to do (a cached file is recreated by
+    precompute; a feature file a user wrote is saved again by its owner).
 
     Raises:
         CacheFormatError: the file is missing or not a valid ``.npy`` file.
@@ -214,21 +224,17 @@ def read_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise CacheFormatError(
-            f"cached array {path} is missing; rerun `python -m convergence_core precompute` "
-            "for this run to recreate it"
-        )
+        raise CacheFormatError(f"{what} {path} is missing; {fix}")
     with open(path, "rb") as handle:
         magic = handle.read(len(_NPY_MAGIC))
     if magic != _NPY_MAGIC:
         if magic[:1] == _PICKLE_PROTOCOL_OPCODE:
             raise PickleRefusedError(
-                f"refusing to load {path}: it is a pickle, not a .npy file, and unpickling can run "
-                "arbitrary code; delete it and rerun `python -m convergence_core precompute`"
+                f"refusing to load {what} {path}: it is a pickle, not a .npy file, and unpickling "
+                f"can run arbitrary code; {fix}"
             )
         raise CacheFormatError(
-            f"{path} is not a .npy file (it does not start with the numpy header); delete it and "
-            "rerun `python -m convergence_core precompute`"
+            f"{what} {path} is not a .npy file (it does not start with the numpy header); {fix}"
         )
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -236,17 +242,12 @@ def read_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> np.ndarray:
         message = str(exc).lower()
         if "pickle" in message or "object" in message:
             raise PickleRefusedError(
-                f"refusing to load {path}: it holds Python objects and could only be read by "
-                "unpickling, which can run arbitrary code; delete the file and rerun "
-                "`python -m convergence_core precompute` to write it as a numeric array"
+                f"refusing to load {what} {path}: it holds Python objects and could only be read "
+                f"by unpickling, which can run arbitrary code; {fix}"
             ) from exc
-        raise CacheFormatError(
-            f"cannot read cached array {path} ({exc}); delete it and rerun precompute"
-        ) from exc
+        raise CacheFormatError(f"cannot read {what} {path} ({exc}); {fix}") from exc
     except (OSError, EOFError) as exc:
-        raise CacheFormatError(
-            f"cannot read cached array {path} ({exc}); delete it and rerun precompute"
-        ) from exc
+        raise CacheFormatError(f"cannot read {what} {path} ({exc}); {fix}") from exc
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -374,12 +374,12 @@ def _read_npy_features(path: Path) -> tuple[np.ndarray, list[str]]:
     from .cache import CacheFormatError, read_npy
 
     try:
-        array = read_npy(path, mmap=True)
+        array = read_npy(
+            path, mmap=True, what="feature file",
+            fix="save the features as a numeric array: np.save(path, features.astype(np.float32))",
+        )
     except CacheFormatError as exc:
-        raise FeatureFileError(
-            f"feature file {path} cannot be read as a numeric .npy array ({exc}); save it with "
-            "np.save(path, features.astype(np.float32))"
-        ) from None
+        raise FeatureFileError(str(exc)) from None
     return array, _read_ids(path)
 
 
@@ -409,15 +409,33 @@ def _read_parquet_features(
         )
     ids = [str(i) for i in frame["id"]]
     if not features:
-        return None, ids
-    values = frame.drop(columns=["id"])
-    bad = [c for c in values.columns if not pd.api.types.is_numeric_dtype(values[c])]
+        bad = _non_numeric_parquet_columns(path)
+    else:
+        values = frame.drop(columns=["id"])
+        bad = [c for c in values.columns if not pd.api.types.is_numeric_dtype(values[c])]
     if bad:
         raise FeatureFileError(
             f"feature file {path} has non-numeric feature column(s) {bad[:5]}; keep only 'id' and "
             "one numeric column per feature"
         )
+    if not features:
+        return None, ids
     return values.to_numpy(dtype=np.float32), ids
+
+
+def _non_numeric_parquet_columns(path: Path) -> list[str]:
+    """Feature columns of a parquet file whose stored type is not a number (from its schema,
+    without reading the values; the index pandas stores is left out)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    numeric = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
+    return [
+        field.name for field in schema
+        if field.name != "id" and not field.name.startswith("__index_level_")
+        and not any(test(field.type) for test in numeric)
+    ]
 
 
 def _open_feature_file(
@@ -431,8 +449,16 @@ def _open_feature_file(
     elif suffix == ".parquet":
         array, file_ids = _read_parquet_features(path, features=features)
     else:
+        npy = path.with_suffix(".npy").name
+        how = (
+            f"an .npz holds several arrays: save the features' one as .npy, "
+            f"np.save('{npy}', np.load('{path.name}')['NAME']), with its ids in "
+            f"'{npy}{IDS_SUFFIX}', or use" if suffix == ".npz" else
+            f"use .npy (its rows' ids one per line in '{npy}{IDS_SUFFIX}') or"
+        )
         raise FeatureFileError(
-            f"{where} has suffix {suffix!r}; use .npy (with {path.name}{IDS_SUFFIX}) or .parquet"
+            f"{where} has suffix {suffix!r}; {how} .parquet (an 'id' column beside one numeric "
+            "column per feature)"
         )
     if array is None:
         return None, file_ids

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,11 @@ def test_a_float32_npy_in_order_is_not_copied(tmp_path, ids):
          r"1 of 30 row\(s\) that are all zeros, e.g. stimuli \['\d+'\].*--stimuli IDS\.txt"),
         (lambda p, a, ids: (np.save(p, a), p)[1], "no id list"),
         (lambda p, a, ids: _save_npy(p, np.array([{"x": 1}] * N, dtype=object), ids),
-         "cannot be read as a numeric"),
+         r"refusing to load feature file .*Python objects.*np\.save\(path, features\.astype"),
+        (lambda p, a, ids: (_save_npy(p, a, ids), p.write_bytes(pickle.dumps(a)), p)[-1],
+         r"feature file .* is a pickle.*np\.save\(path"),
+        (lambda p, a, ids: (_save_npy(p, a, ids), p.write_bytes(p.read_bytes()[:100]), p)[-1],
+         r"cannot read feature file .*np\.save\(path"),
     ],
 )
 def test_bad_feature_files_name_the_file_and_the_fix(tmp_path, ids, break_it, message):
@@ -113,6 +118,7 @@ def test_bad_feature_files_name_the_file_and_the_fix(tmp_path, ids, break_it, me
     with pytest.raises(FeatureFileError, match=message) as info:
         read_feature_file(path, ids, model="m", layer="l")
     assert "bad.npy" in str(info.value)
+    assert "delete" not in str(info.value)  # the user's own file: never "delete it and rerun"
     if "NaN" in message or "all zeros" in message:  # faults of the values: found on reading
         check_feature_file(path, ids, model="m", layer="l")
     else:  # the check before a run's work finds the same fault, with the same message
@@ -144,14 +150,24 @@ def test_the_check_of_a_parquet_file_reads_only_its_ids(tmp_path, ids, monkeypat
 def test_bad_parquet_and_suffix(tmp_path, ids):
     frame = pd.DataFrame({"id": ids, "x": np.arange(N, dtype=float), "word": ["a"] * N})
     frame.to_parquet(tmp_path / "words.parquet")
-    with pytest.raises(FeatureFileError, match="non-numeric feature column"):
-        read_feature_file(tmp_path / "words.parquet", ids, model="m", layer="l")
+    for check in (read_feature_file, check_feature_file):  # the check before any work too
+        with pytest.raises(FeatureFileError, match=r"non-numeric feature column\(s\) \['word'\]"):
+            check(tmp_path / "words.parquet", ids, model="m", layer="l")
+    frame.drop(columns=["word"]).set_index("id").to_parquet(tmp_path / "indexed.parquet")
+    check_feature_file(tmp_path / "indexed.parquet", ids, model="m", layer="l")
+    frame.drop(columns=["word"]).iloc[::-1].to_parquet(tmp_path / "reversed.parquet")
+    check_feature_file(tmp_path / "reversed.parquet", ids, model="m", layer="l")  # a stored index
     frame.drop(columns=["id", "word"]).to_parquet(tmp_path / "noid.parquet")
     with pytest.raises(FeatureFileError, match="no 'id' column"):
         read_feature_file(tmp_path / "noid.parquet", ids, model="m", layer="l")
     (tmp_path / "f.csv").write_text("id,x\n")
-    with pytest.raises(FeatureFileError, match="use .npy"):
+    with pytest.raises(FeatureFileError, match=r"use \.npy \(its rows' ids one per line in "
+                       r"'f\.npy\.ids\.txt'\) or \.parquet"):
         read_feature_file(tmp_path / "f.csv", ids, model="m", layer="l")
+    np.savez(tmp_path / "several.npz", features=np.zeros((N, 3)), labels=np.zeros(N))
+    with pytest.raises(FeatureFileError, match=r"np\.save\('several\.npy', np\.load\("
+                       r"'several\.npz'\)\['NAME'\]\), with its ids in 'several\.npy\.ids\.txt'"):
+        read_feature_file(tmp_path / "several.npz", ids, model="m", layer="l")
     with pytest.raises(FeatureFileError, match="does not exist"):
         FileSource("m", "vision", {"l": tmp_path / "absent.npy"})
     with pytest.raises(ValueError, match="modality"):
