@@ -51,6 +51,7 @@ __all__ = [
     "analyse_run",
     "benjamini_hochberg",
     "cross_validated_fit",
+    "fit_problem",
     "group_summary",
     "property_tests",
     "usable_properties",
@@ -137,6 +138,23 @@ def _check_count(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def fit_problem(
+    table: PropertyTable, n_splits: int = 5, usable: UsableProperties | None = None
+) -> str | None:
+    """Why :func:`cross_validated_fit` cannot run on this table (no usable property, or too few
+    stimuli for ``n_splits`` folds), or None when it can."""
+    usable = usable or usable_properties(table)
+    if not usable.names:
+        return (
+            "no usable property (each is constant, mostly missing or has too few levels); "
+            "nothing to fit"
+        )
+    n = len(table.values)
+    if n < 2 * n_splits:
+        return f"{n} stimuli are too few for {n_splits}-fold cross-validation"
+    return None
 
 
 def usable_properties(
@@ -709,13 +727,9 @@ def cross_validated_fit(
     n_splits = _check_count(n_splits, "n_splits", 2)
     n_shuffles = _check_count(n_shuffles, "n_shuffles", 0)
     importance_repeats = _check_count(importance_repeats, "importance_repeats", 0)
-    if not usable.names:
-        raise ValueError(
-            "no usable property (each is constant, mostly missing or has too few levels); "
-            "nothing to fit"
-        )
-    if n < 2 * n_splits:
-        raise ValueError(f"{n} stimuli are too few for {n_splits}-fold cross-validation")
+    problem = fit_problem(table, n_splits, usable)
+    if problem:
+        raise ValueError(problem)
     for name in models:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; use one of {list(MODELS)}")

@@ -689,6 +689,9 @@ def properties_section(
             "stimulus properties skipped: the run has no property table; rerun the precompute "
             "command that made it to add one"
         ], None, ""
+    problem = dispersion_predictors.fit_problem(run.properties)
+    if problem:  # a run of a handful of stimuli: the rest of the report goes on
+        return [], [f"stimulus properties skipped: {problem}"], None, ""
     files: list[str] = []
     analysis = dispersion_predictors.analyse_properties(
         run.properties,
@@ -1619,6 +1622,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("run", nargs="?", help="run folder, or a run name under the cache's runs/")
     parser.add_argument(
+        "--cache",
+        help="cache folder whose runs/ hold the named run (default $CONVERGENCE_CACHE, else cache/ "
+        "in a checkout or ~/.cache/convergence-explorer when installed), as precompute's --cache",
+    )
+    parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         help="use the run that `precompute --preset NAME` made (e.g. demo: cache/runs/demo)",
@@ -1855,6 +1863,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give either a run (folder or name) or --preset NAME, not both")
     new_folders = _missing_folders(Path(args.out))  # removed again if the report fails empty
     try:
+        if args.cache is not None:  # runs named by name are looked up there (settings.runs_root)
+            from .settings import check_cache_folder
+
+            cache = check_cache_folder(Path(args.cache).expanduser().resolve())
+            os.environ["CONVERGENCE_CACHE"] = str(cache)
         check_out_folder(args.out)  # before any analysis: a bad --out fails in a second
         if args.preset:
             name = preset_config(args.preset)["run_name"]

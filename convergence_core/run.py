@@ -535,9 +535,10 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             is incomplete (an interrupted precompute: rerun it to finish).
     """
     folder = Path(path)
-    if not folder.exists() and not folder.is_absolute():
+    if not (folder / "manifest.json").is_file() and not folder.is_absolute():
         # a run name: its folder under the cache, named as precompute names it (a name such as
-        # "my run" or "lab/v1" is stored as "my_run-<hash>", cache.model_key)
+        # "my run" or "lab/v1" is stored as "my_run-<hash>", cache.model_key); a folder of the
+        # same name here that is not a run (no manifest) does not hide it
         candidate = settings.runs_root() / model_key(os.fspath(path))
         if candidate.is_dir():
             folder = candidate

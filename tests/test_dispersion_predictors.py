@@ -261,6 +261,12 @@ def test_bad_input_names_the_problem() -> None:
     constant = _table({"c": np.ones(n)}, n)
     with pytest.raises(ValueError, match="no usable property"):
         dp.cross_validated_fit(constant, _dispersion(np.arange(n, dtype=float)))
+    assert dp.fit_problem(constant).startswith("no usable property")
+    assert dp.fit_problem(table) is None
+    too_few = "30 stimuli are too few for 20-fold cross-validation"
+    assert dp.fit_problem(table, n_splits=20) == too_few
+    with pytest.raises(ValueError, match="30 stimuli are too few for 20-fold"):
+        dp.cross_validated_fit(table, _dispersion(np.arange(n, dtype=float)), n_splits=20)
 
     class NoProperties:
         name, properties = "old", None

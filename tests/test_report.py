@@ -162,8 +162,11 @@ def test_report_json_verdicts_come_from_the_numbers(written, planted_run_path):
 def test_preset_demo_reads_the_demo_run_and_prints_the_summary(
     planted_run_path, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setenv("CONVERGENCE_CACHE", str(planted_run_path))
-    status = report.main(["--preset", "demo", "--out", str(tmp_path), "--scores", "mean", *FAST])
+    # the cache given by --cache, as precompute, runs and serve take it (the variable names
+    # another; monkeypatch puts it back after the test)
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "elsewhere"))
+    status = report.main(["--preset", "demo", "--cache", str(planted_run_path), "--out",
+                          str(tmp_path), "--scores", "mean", *FAST])
     printed = capsys.readouterr().out
     assert status == 0
     assert "random mean [95% interval]" in printed and "holds for" in printed
@@ -197,6 +200,9 @@ def test_bad_input_gives_a_clear_error(planted_run_path, tmp_path, monkeypatch, 
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "empty-cache"))
     assert report.main(["--preset", "demo", "--out", str(tmp_path)]) == 2
     assert "precompute --preset demo" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert report.main(["demo", "--cache", str(tmp_path / "a-file"), "--out", str(tmp_path)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         report.main([run, "--preset", "demo", "--out", str(tmp_path)])
     # Ctrl-C: what is on disk and what to do, not a page of frames
@@ -374,6 +380,22 @@ def test_a_section_that_cannot_run_on_small_sets_becomes_a_note(planted_run_path
     )
     assert "predictivity" not in meta["verdicts"] and "blind_matching" in meta["verdicts"]
     assert not (tmp_path / "predictivity_sets.csv").exists()
+
+
+def test_properties_that_cannot_be_fitted_become_a_note(tmp_path):
+    """A run of a handful of stimuli: the property section is a note and the report goes on
+    (it stopped the whole report, before its summary, on an 8-stimulus run)."""
+    from convergence_core import dispersion_predictors
+    from tests.fixtures_runs import add_properties
+
+    run = add_properties(make_synthetic_run(tmp_path / "runs", n=8, name="few"))
+    problem = dispersion_predictors.fit_problem(run.properties)
+    assert problem
+    files, notes, entry, text = report.properties_section(
+        run, tmp_path / "out", scores=["mean"], n_permutations=9, n_shuffles=0, seed=0
+    )
+    assert (files, entry, text) == ([], None, "")
+    assert notes == [f"stimulus properties skipped: {problem}"]
 
 
 def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, capsys):

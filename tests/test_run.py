@@ -256,6 +256,14 @@ def test_load_run_by_name_under_cache(tmp_path, monkeypatch):
         make_synthetic_run(tmp_path / "runs", n=9, thumbnails=False, name=model_key(given))
         assert load_run(given).path == tmp_path / "runs" / model_key(given)
     assert model_key("my run") != "my run"
+    # a folder of the run's name in the working directory that is not a run (the user's feature
+    # files, say) does not hide the cached run; a run folder there is still taken first
+    work = tmp_path / "work"
+    (work / "named").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    assert load_run("named").path == tmp_path / "runs" / "named"
+    make_synthetic_run(work, n=10, thumbnails=False, name="named")
+    assert load_run("named").n_stimuli == 10
 
 
 def test_pickled_npy_in_a_run_is_refused(tmp_path):
