@@ -13,7 +13,7 @@ Alignment of any subset goes through one entry point, :meth:`Run.alignment` (one
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -272,6 +272,20 @@ class Run:
         indexes = {side: self.neighbours(*side) for pair in keyed for side in pair}
         return subset_alignment(indexes, keyed, subsets, k, metrics=metrics)
 
+    def rows_of(self, ids: Iterable[str]) -> np.ndarray:
+        """(s,) int64 rows of the stimuli with these ids (``run.stimuli["id"]``), in the given
+        order; ValueError naming the ids the run does not have."""
+        ids = [str(i) for i in ids]
+        position = {stimulus: row for row, stimulus in enumerate(self.stimuli["id"])}
+        unknown = [i for i in ids if i not in position]
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} of {len(ids)} ids are not stimuli of run {self.name!r}, e.g. "
+                f"{unknown[:5]}; its ids look like {self.stimuli['id'].head(3).tolist()} "
+                "(run.stimuli['id'] lists them)"
+            )
+        return np.fromiter((position[i] for i in ids), dtype=np.int64, count=len(ids))
+
     def alignment(
         self,
         model_x: str,
@@ -284,7 +298,8 @@ class Run:
         metric: str = "cknna",
         **options: Any,
     ) -> float:
-        """One alignment score of two model layers on a stimulus subset (None = all stimuli).
+        """One alignment score of two model layers on a stimulus subset: None (all stimuli),
+        stimulus rows (ints), or stimulus ids (strings, as in ``run.stimuli["id"]``).
 
         Usually a vision and a language model (``run.alignment(vision, layer, language, layer,
         subset=rows, k=10)``), but any two models of the run. Exactly the metric on the subset's
@@ -299,7 +314,12 @@ class Run:
 
         if registry.metric(metric).neighbour_metric and options:
             raise ValueError(f"{metric} takes no options here besides k; got {sorted(options)}")
-        rows = np.arange(self.n_stimuli) if subset is None else subset
+        if subset is None:
+            rows = np.arange(self.n_stimuli)
+        elif _holds_ids(subset):
+            rows = self.rows_of(subset)
+        else:
+            rows = subset
         x, y = (model_x, layer_x), (model_y, layer_y)
         indexes = {x: self.neighbours(*x), y: self.neighbours(*y)}
         return float(metric_on_sets(indexes, [(x, y)], rows, metric, k=k, options=options)[0, 0])
@@ -523,6 +543,17 @@ def _read_stimuli(layout: RunLayout) -> pd.DataFrame:
 
 def _read_manifest(layout: RunLayout) -> Manifest:
     return parse_manifest(read_json(layout.manifest), str(layout.manifest))
+
+
+def _holds_ids(subset: object) -> bool:
+    """Whether a subset is given as stimulus ids (strings) rather than rows."""
+    if isinstance(subset, np.ndarray):
+        return subset.dtype.kind in "US" or (
+            subset.dtype.kind == "O" and all(isinstance(v, str) for v in subset.ravel())
+        )
+    if isinstance(subset, (list, tuple, pd.Series, pd.Index)):
+        return len(subset) > 0 and all(isinstance(v, str) for v in subset)
+    return False
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:

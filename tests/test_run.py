@@ -120,6 +120,13 @@ def test_run_alignment_equals_the_dense_definition(small_run):
     )
     value = small_run.alignment(*vision, *language, subset=rows, k=4)
     assert value == pytest.approx(cknna(X[rows], Y[rows], k=4), abs=1e-9)
+    # the same subset by its stimulus ids (a list, an array or a pandas column)
+    ids = small_run.stimuli["id"].iloc[rows]
+    assert small_run.rows_of(ids).tolist() == rows.tolist()
+    for given in (ids.tolist(), ids.to_numpy(), ids.to_numpy().astype(str), ids):
+        assert small_run.alignment(*vision, *language, subset=given, k=4) == value
+    with pytest.raises(ValueError, match=r"2 of 13 ids are not stimuli of .*\['nope', 'gone'\]"):
+        small_run.alignment(*vision, *language, subset=[*ids, "nope", "gone"], k=4)
     assert small_run.alignment(
         *vision, *language, subset=rows, k=4, metric="mutual_knn"
     ) == pytest.approx(mutual_knn(X[rows], Y[rows], k=4))
