@@ -172,6 +172,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .memory_maps import read_rows, release
 from .validation import (
@@ -1050,6 +1051,17 @@ def _remaining_decrease(decreases: Sequence[float]) -> float:
     return decreases[-1] * rate / (1.0 - rate)
 
 
+#: Widest consensus (p) up to which GPA's iterations run on one BLAS thread. Their products and
+#: eigendecompositions are then small, and on the library's threads every call waits for its
+#: slowest thread, so another process holding a core stalls them all. GPA and 2 random starts
+#: (`benchmarks/bench_gpa_threads.py`, 2 cores; the library's threads against this rule): 300
+#: stimuli × widths 64/96/128, 1.35 s against 0.23 s idle and 3.5 s against 1.0 s beside 3 busy
+#: processes; 2,000 × 256/384/512, 7.3 s against 8.3 s idle and 50 s against 17.5 s busy. Wider
+#: problems keep the threads: GPA at 5,000 × 768–1,536 took 93 s on them against 131 s on one
+#: idle, and 518 s against 298 s busy (there OPENBLAS_NUM_THREADS=1 is the remedy).
+ONE_THREAD_WIDTH = 512
+
+
 def _iterate(
     problem: _Problem,
     *,
@@ -1062,8 +1074,27 @@ def _iterate(
     """Minimise the loss from Gower's start (or ``start``: maps (r_i, p) with orthonormal rows).
 
     Every recorded iterate is the output of a block sweep and its loss is ≤ the previous one.
-    ``progress`` is called with the number of accepted iterations after each.
+    ``progress`` is called with the number of accepted iterations after each. One BLAS thread
+    up to a consensus width of :data:`ONE_THREAD_WIDTH`.
     """
+    if problem.p > ONE_THREAD_WIDTH:
+        return _minimise(problem, tol=tol, max_iter=max_iter, accelerate=accelerate, start=start,
+                         progress=progress)
+    with threadpool_limits(limits=1):
+        return _minimise(problem, tol=tol, max_iter=max_iter, accelerate=accelerate, start=start,
+                         progress=progress)
+
+
+def _minimise(
+    problem: _Problem,
+    *,
+    tol: float,
+    max_iter: int,
+    accelerate: bool,
+    start: Sequence[np.ndarray] | None,
+    progress: Callable[[int], None] | None,
+) -> GPASolution:
+    """:func:`_iterate` at the BLAS threads it chose."""
     it = _Iterations(problem)
     m = problem.n_models
     if start is None:

@@ -224,3 +224,20 @@ def test_feature_sets_benchmark_runs_and_both_routes_agree() -> None:
     assert payload["ok"] and payload["largest_abs_difference"] <= 1e-10
     assert [row["route"] for row in payload["routes"]] == ["ours", "per_pair"]
     assert "speed-up" in done.stdout
+
+
+def test_gpa_threads_benchmark_runs_and_every_way_reaches_the_same_loss() -> None:
+    out = "gpa-threads-smoke-test.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_gpa_threads.py", "--quick", "--busy", "1", "--out", out],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = REPO / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    assert [row["machine"] for row in payload["rows"]] == ["idle", "busy"]
+    for row in payload["rows"]:
+        assert row["loss_spread"] <= 1e-12
+        assert row["library_iterations"] == row["one_iterations"] == row["rule_iterations"]
+    assert payload["one_thread_width"] == 512

@@ -225,6 +225,32 @@ def test_many_models_on_few_stimuli_iterate_on_the_rows(m, dims) -> None:
     assert procrustes._memory_needed(m, dims)[0] < 8 * sum(ranks) ** 2  # no (R, R) matrix
 
 
+def test_iterations_run_on_one_blas_thread_up_to_the_width(monkeypatch) -> None:
+    """Narrow problems iterate on one BLAS thread (the library's threads stall on a busy machine:
+    `benchmarks/bench_gpa_threads.py`); wider ones keep the library's threads; the optimum is
+    the same either way."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    seen: list[int] = []
+    minimise = procrustes._minimise
+
+    def counting(*args, **kwargs):
+        seen.append(max(info["num_threads"] for info in threadpool_info()))
+        return minimise(*args, **kwargs)
+
+    monkeypatch.setattr(procrustes, "_minimise", counting)
+    embeddings = shared_structure(np.random.default_rng(3), m=40, dims=(12, 16, 20), latent=4,
+                                  noise=0.5)
+    with threadpool_limits(limits=2):  # the library's threads, as on a 2-core machine
+        narrow = generalized_procrustes(embeddings, tol=TIGHT)
+        outside = max(info["num_threads"] for info in threadpool_info())
+        monkeypatch.setattr(procrustes, "ONE_THREAD_WIDTH", 10)  # this problem is now "wide"
+        wide = generalized_procrustes(embeddings, tol=TIGHT)
+    assert seen == [1, outside]
+    assert abs(narrow.loss_history[-1] - wide.loss_history[-1]) < 1e-12
+    np.testing.assert_allclose(narrow.residuals, wide.residuals, atol=1e-8)
+
+
 def lowest_block_curvature(aligned):
     """min over models i of the smallest eigenvalue of sym(A_iᵀ S_i), S_i = Σ_{j≠i} A_j. At a
     minimum of the loss every A_iᵀ S_i is symmetric positive semidefinite; a negative eigenvalue
