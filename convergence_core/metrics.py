@@ -1205,7 +1205,11 @@ def metric(name: str) -> Metric:
     """The registry entry of ``name``."""
     entry = METRICS.get(name) if isinstance(name, str) else None
     if entry is None:
-        raise ValueError(f"unknown metric {name!r}; known metrics: {', '.join(METRICS)}.")
+        meant = (
+            f" (did you mean {name.strip().lower()!r}?)"
+            if isinstance(name, str) and name.strip().lower() in METRICS else ""
+        )
+        raise ValueError(f"unknown metric {name!r}{meant}; known metrics: {', '.join(METRICS)}.")
     return entry
 
 

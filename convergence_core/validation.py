@@ -31,11 +31,22 @@ def _check_finite(array: np.ndarray, what: str, rows: str, fix: str) -> None:
         )
 
 
+def _from_tensor(value: object) -> object:
+    """A torch tensor as a CPU tensor numpy can read (detached from autograd; bfloat16, which
+    numpy lacks, as float32); anything else as it is. Model outputs can be passed directly."""
+    if type(value).__module__.split(".")[0] != "torch" or not hasattr(value, "detach"):
+        return value
+    tensor = value.detach().cpu()
+    if str(tensor.dtype) == "torch.bfloat16":
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
 def numeric_matrix(value: object, what: str) -> np.ndarray:
     """``value`` as a real 2-D numeric array, dtype kept (an ndarray, memory maps included, is
     returned as it is); ValueError naming ``what`` and the fix otherwise."""
     try:
-        array = value if isinstance(value, np.ndarray) else np.asarray(value)
+        array = value if isinstance(value, np.ndarray) else np.asarray(_from_tensor(value))
     except Exception as exc:  # ragged nested lists and the like
         raise ValueError(
             f"{what} could not be read as a numeric array ({exc}); pass a 2-D numpy array "

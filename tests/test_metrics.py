@@ -213,6 +213,8 @@ def test_measure_rejects_unknown_metrics_and_options() -> None:
     X, Y = paired(np.random.default_rng(0))
     with pytest.raises(ValueError, match="unknown metric 'ckna'; known metrics: cknna"):
         measure("ckna", X, Y)
+    with pytest.raises(ValueError, match=r"unknown metric 'CKNNA' \(did you mean 'cknna'\?\)"):
+        measure("CKNNA", X, Y)
     with pytest.raises(ValueError, match="does not take 'topk'; it takes k"):
         measure("mutual_knn", X, Y, topk=5)
     with pytest.raises(ValueError, match="does not take 'k'"):
@@ -588,3 +590,18 @@ def test_a_cka_side_keeps_the_cross_sums_of_the_last_side_only() -> None:
         metrics.cka_from_feature_sides(x, metrics.permuted_cka_side(y, rng.permutation(30)))
     assert len(x.crosses) == 1
     assert metrics.cka_from_feature_sides(x, y) == first
+
+
+def test_torch_tensors_are_measured_as_their_values() -> None:
+    """Model outputs go in directly: a tensor that requires grad, or in bfloat16 (which numpy
+    lacks), is measured as its detached values (numpy could not read either)."""
+    import torch
+
+    X, Y = paired(np.random.default_rng(4))
+    expected = measure("cknna", X, Y, k=5)
+    graded = torch.tensor(X, requires_grad=True)
+    assert measure("cknna", graded, torch.tensor(Y), k=5) == pytest.approx(expected, abs=1e-12)
+    X16, Y16 = (torch.tensor(a).to(torch.bfloat16) for a in (X, Y))
+    assert measure("cka", X16, Y16) == pytest.approx(
+        measure("cka", X16.float().numpy(), Y16.float().numpy()), abs=1e-12
+    )
