@@ -618,10 +618,14 @@ def cross_validated_retrieval(
         raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     minimum_test = 6 if strata is not None else 2
     if n // n_folds < minimum_test:
+        why = " (a third of them per subset)" if strata is not None else ""
+        fix = (
+            f"use at most {n // minimum_test} folds, or more stimuli" if n // minimum_test >= 2
+            else f"held-out retrieval needs at least {2 * minimum_test} stimuli (2 folds)"
+        )
         raise ValueError(
             f"{n} stimuli in {n_folds} folds leave {n // n_folds} held-out stimuli per fold; "
-            f"at least {minimum_test} are needed{' (a third of them per subset)' if strata is not None else ''}: "
-            "use fewer folds or more stimuli"
+            f"at least {minimum_test} are needed{why}: {fix}"
         )
     if strata is not None:
         strata = np.asarray(strata, dtype=np.float64).reshape(-1)

@@ -54,10 +54,16 @@ stamp = data.manifest_stamp(path)
 ids = run.stimuli["id"].astype(str).tolist()
 captions = list(run.stimuli["captions"]) if "captions" in run.stimuli else [[] for _ in ids]
 first_captions = [c[0] if len(c) else "" for c in captions]
+has_pictures = run.images_root is not None  # a run from feature files alone has none
 st.caption(
     "Generalized Procrustes over any group of models — vision, language, or any other modality "
-    "in the run — gives one space in which every stimulus has a position per model. Where do "
-    "image and caption land apart, and can captions be found from images through it?"
+    "in the run — gives one space in which every stimulus has a position per model. "
+    + (
+        "Where do image and caption land apart, and can captions be found from images through it?"
+        if has_pictures and run.has_captions else
+        "Where do a stimulus's vision and language representations land apart, and can one be "
+        "found from the other through it?"
+    )
 )
 
 # a choice made on another run: the models this run has, else (none of them) all of this run's
@@ -196,9 +202,10 @@ with dispersion_tab:
         st.image(bars)
         # the stimuli at both ends are built when their expander is opened: below the first
         # screen, their 12 pictures were a third of the page's load in the browser
+        end_size = min(GALLERY_SIZE, len(per_stimulus) // 2)  # the two ends never overlap
         ends = st.expander(
-            f"Stimuli at both ends: the {GALLERY_SIZE} of lowest and the {GALLERY_SIZE} of "
-            "highest cross-modal dispersion",
+            f"Stimuli at both ends: the {end_size} lowest and the {end_size} highest by "
+            "cross-modal dispersion",
             key=ENDS_KEY,
             on_change="rerun",
         )
@@ -207,7 +214,7 @@ with dispersion_tab:
                 values = per_stimulus["cross_modal_dispersion"].to_numpy()
                 stimulus_rows = per_stimulus["stimulus"].to_numpy()
                 by_row = dict(zip(stimulus_rows, values, strict=True))
-                lowest, highest = catalogue.gallery_ends(values, GALLERY_SIZE)
+                lowest, highest = catalogue.gallery_ends(values, end_size)
                 sides = (("Lowest", stimulus_rows[lowest]), ("Highest", stimulus_rows[highest]))
                 for column, (extreme, rows) in zip(st.columns(2), sides, strict=True):
                     with column:
@@ -234,6 +241,24 @@ with dispersion_tab:
                     width="stretch",
                 )
 
+def _retrieval_missing() -> str | None:
+    """Why there is no image–text retrieval with these members (None: there is), and the fix
+    when the sidebar can give it."""
+    lacking = [m for m in ("vision", "language") if m not in modalities]
+    if not lacking:
+        return None
+    absent = [m for m in lacking if not getattr(run, f"{m}_models")]
+    if absent:
+        return (
+            f"Image–text retrieval needs a vision and a language model; this run has no "
+            f"{' and no '.join(absent)} model."
+        )
+    return (
+        f"Image–text retrieval needs at least one vision and one language model in the "
+        f"barycenter; add a {' and a '.join(lacking)} model in the sidebar."
+    )
+
+
 def _retrieval(key: str) -> retrieval.CrossValidatedRetrieval | None:
     """The chosen members' held-out retrieval (both tabs; None: a large run waits for the
     button ``key``); a run too small for the folds stops the tab with the reason and the fix."""
@@ -246,18 +271,15 @@ def _retrieval(key: str) -> retrieval.CrossValidatedRetrieval | None:
         return data.cross_modal_retrieval(
             str(path), stamp, members, score, int(n_folds), int(seed), similarity
         )
-    except ValueError as error:
-        st.error(str(error))
+    except ValueError as error:  # a limit of the run (too few stimuli), said with the fix
+        st.warning(str(error))
         st.stop()
 
 
 with retrieval_tab:
     if retrieval_tab.open:
-        if not {"vision", "language"} <= set(modalities):
-            st.info(
-                "Image–text retrieval needs at least one vision and one language model in the "
-                "barycenter; add them in the sidebar."
-            )
+        if (missing := _retrieval_missing()) is not None:
+            st.info(missing)
         elif (result := _retrieval("compute-retrieval")) is not None:
             summary = result.summary()
             subset = st.radio(
@@ -294,14 +316,15 @@ with retrieval_tab:
 
 with captions_tab:
     if captions_tab.open:
-        if not {"vision", "language"} <= set(modalities):
-            st.info("Add a vision and a language model to the barycenter to retrieve captions.")
+        if (missing := _retrieval_missing()) is not None:
+            st.info(missing)
         elif (result := _retrieval("compute-captions")) is not None:
+            which = "Image (stimulus id)" if has_pictures else "Stimulus id"
             if len(ids) <= SELECTBOX_LIMIT:
                 state.drop_stale_choice(st.session_state, IMAGE_KEY, ids)
-                chosen_id = st.selectbox("Image (stimulus id)", ids, key=IMAGE_KEY)
+                chosen_id = st.selectbox(which, ids, key=IMAGE_KEY)
             else:
-                chosen_id = st.text_input("Image (stimulus id)", value=ids[0], key=IMAGE_KEY)
+                chosen_id = st.text_input(which, value=ids[0], key=IMAGE_KEY)
             if chosen_id not in ids:
                 st.error(f"No stimulus with id '{state.shown(chosen_id)}' in this run.")
                 st.stop()
@@ -315,14 +338,20 @@ with captions_tab:
                     st.image(str(thumbnail), width="stretch")
                 else:
                     st.text("(no thumbnail in this run)")
-                st.text("Its captions:")
-                widgets.show_captions(captions[stimulus])
+                if run.has_captions:
+                    st.text("Its captions:")
+                    widgets.show_captions(captions[stimulus])
+                else:
+                    st.text("(no caption text in this run: its language side came from "
+                            "features; matches are named by stimulus id)")
             with right:
                 st.text(
                     f"True caption: rank {rank} of {n_gallery} held-out captions (fold {fold}; "
                     "the space was fitted without them). First caption of each stimulus shown."
                 )
                 top = result.top_matches(stimulus, k, ids=ids, labels=first_captions)
+                if not run.has_captions:
+                    top = top.drop(columns="label")
                 column = SCORE_COLUMN[similarity]
                 st.dataframe(
                     top.rename(columns={"label": "caption", "score": column}).assign(

@@ -202,13 +202,48 @@ def test_large_runs_ask_before_the_minutes_of_gpa_and_retrieval(monkeypatch, tmp
 
 def test_a_run_too_small_for_the_folds_says_so_in_both_retrieval_tabs(monkeypatch, tmp_path):
     """12 stimuli in 5 folds: the Top captions tab raised the retrieval's ValueError as an
-    exception; both tabs now show it as an error with the fix, and the dispersion tab works."""
+    exception; both tabs now show it as a warning with the fix (a limit of the run, not a
+    fault), and the dispersion tab works."""
     make_synthetic_run(tmp_path / "runs", 12, name="demo", images=False, thumbnails=False)
     at = _page(monkeypatch, tmp_path)
     assert "ρ with vision dispersion" in cards(at)
     for tab in ("Retrieval", "Top captions per image"):
         _open_tab(at, tab)
-        assert [e.value for e in at.error] == [
+        assert [e.value for e in at.warning] == [
             "12 stimuli in 5 folds leave 2 held-out stimuli per fold; at least 6 are needed (a "
-            "third of them per subset): use fewer folds or more stimuli"
+            "third of them per subset): use at most 2 folds, or more stimuli"
         ], tab
+        assert not at.error
+
+
+def test_a_run_without_language_models_says_retrieval_is_not_possible(monkeypatch, tmp_path):
+    """Vision models and a brain subject, no language model: the retrieval tabs say the run has
+    none (they used to ask for one in the sidebar, which cannot offer it)."""
+    from tests.fixtures_runs import make_brain_run
+
+    make_brain_run(tmp_path / "runs" / "demo", n=30)
+    at = _page(monkeypatch, tmp_path)
+    for tab in ("Retrieval", "Top captions per image"):
+        _open_tab(at, tab)
+        assert [i.value for i in at.info] == [
+            "Image–text retrieval needs a vision and a language model; this run has no language "
+            "model."
+        ], tab
+
+
+def test_a_run_without_images_or_captions_is_not_described_by_them(monkeypatch, tmp_path):
+    """A run from feature files alone: the page speaks of representations, the Top captions tab
+    asks for a stimulus id and names matches by id (it showed "Image (stimulus id)", "(no
+    caption)" and an empty caption column)."""
+    from convergence_core.run import Run
+
+    make_synthetic_run(tmp_path / "runs", 30, name="demo", images=False, thumbnails=False)
+    monkeypatch.setattr(Run, "has_captions", property(lambda self: False))
+    at = _page(monkeypatch, tmp_path)
+    assert any("vision and language representations land apart" in c.value for c in at.caption)
+    assert not any("image and caption" in c.value for c in at.caption)
+    _open_tab(at, "Top captions per image")
+    assert "Stimulus id" in [box.label for box in at.selectbox]
+    assert "Image (stimulus id)" not in [box.label for box in at.selectbox]
+    assert any("no caption text in this run" in t.value for t in at.text)
+    assert "caption" not in at.dataframe[0].value.columns

@@ -285,10 +285,13 @@ def test_bad_input_names_the_problem():
         cross_validated_retrieval(features, MEMBERS, gallery_modality="brain")
     with pytest.raises(ValueError, match="both 'vision'"):
         cross_validated_retrieval(features, MEMBERS, gallery_modality="vision")
-    with pytest.raises(ValueError, match="fewer folds"):
+    with pytest.raises(ValueError, match="use at most 15 folds, or more stimuli"):
         cross_validated_retrieval(features, MEMBERS, n_folds=20)
-    with pytest.raises(ValueError, match="fewer folds"):
+    with pytest.raises(ValueError, match="use at most 5 folds, or more stimuli"):
         cross_validated_retrieval(features, MEMBERS, n_folds=6, strata=np.arange(30.0))
+    few = [f[:10] for f in features]  # 2 folds of 5 leave too few for thirds: no fold count helps
+    with pytest.raises(ValueError, match=r"retrieval needs at least 12 stimuli \(2 folds\)$"):
+        cross_validated_retrieval(few, MEMBERS, n_folds=2, strata=np.arange(10.0))
     with pytest.raises(ValueError, match="n_folds"):
         cross_validated_retrieval(features, MEMBERS, n_folds=1)
     with pytest.raises(ValueError, match="strata"):
