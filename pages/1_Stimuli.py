@@ -76,7 +76,9 @@ with controls[3]:
     ))
 
 try:
-    best_layers = data.best_language_layers(path, stamp) if run.language_models else {}
+    best_layers = (
+        data.best_language_layers(path, stamp) if data.chooses_language_layers(run) else {}
+    )
 except ValueError as exc:
     st.warning(
         f"Best language layers unavailable ({exc}); using each language model's default layer."
@@ -232,6 +234,7 @@ with gallery_tab:
 
 with detail_tab:
     if detail_tab.open:
+        under = "an image" if run.images_root is not None else "a stimulus"
         remembered = st.session_state.get(widgets.INSPECTED)
         if widgets.INSPECT_KEY not in st.session_state and remembered in found.position:
             st.session_state[widgets.INSPECT_KEY] = remembered
@@ -240,7 +243,7 @@ with detail_tab:
             state.drop_stale_choice(st.session_state, widgets.INSPECT_KEY, inspect_options)
             detail_id = st.selectbox(
                 f"Stimulus (by {plots.SCORE_NAME[score]}, lowest first; or press Inspect under "
-                "an image in the gallery)",
+                f"{under} in the gallery)",
                 inspect_options,
                 key=widgets.INSPECT_KEY,
                 format_func=widgets.excerpt,
@@ -249,7 +252,7 @@ with detail_tab:
             if widgets.INSPECT_KEY not in st.session_state:
                 st.session_state[widgets.INSPECT_KEY] = str(ids[ascending[0]])
             typed = st.text_input(
-                f"Stimulus id (one of {n:,}; or press Inspect under an image in the gallery)",
+                f"Stimulus id (one of {n:,}; or press Inspect under {under} in the gallery)",
                 key=widgets.INSPECT_KEY,
             ).strip()
             detail_id = typed if typed in found.position else str(ids[ascending[0]])
@@ -304,9 +307,10 @@ with detail_tab:
         st.subheader("Nearest neighbours")
         st.caption(
             "Most similar stimuli under each model: largest inner product of the prepared "
-            "features (the run's exact neighbour lists). Vision models at their GPA layer, "
-            "language models at their best layer"
-            + (", other modalities at their default layer." if others else ".")
+            "features (the run's exact neighbour lists). "
+            + f"{run.gpa_modality.capitalize()} models (GPA) at their GPA layer"
+            + (", language models at their best layer" if best_layers else "")
+            + (", other models at their default layer." if others or not best_layers else ".")
         )
         count = st.slider(
             "Neighbours per model", 3, min(20, n - 1), min(5, n - 1), key="w_neighbour_count"

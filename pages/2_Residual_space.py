@@ -22,6 +22,7 @@ from convergence_core.dashboard import (
     state,
     widgets,
 )
+from convergence_core.dispersion import two_model_note
 
 SELECTION_GALLERY_LIMIT = 24
 LAST_CHART_ROWS = "residual_space_last_chart_rows"
@@ -103,6 +104,8 @@ try:
 except (ValueError, OSError) as exc:
     st.error(f"UMAP could not be computed for this run: {exc}. Use the PCA projection.")
     st.stop()
+if projection == "PCA" and (note := two_model_note(len(run.gpa.models))) is not None:
+    st.caption(f"PC2 is rounding noise here. {note}")
 if projection == "UMAP" and n > data.UMAP_MAX_FIT:
     st.caption(
         f"UMAP was fitted on a seeded random sample of {data.UMAP_MAX_FIT:,} of the {n:,} "

@@ -99,7 +99,9 @@ if not visions or not languages:
     st.stop()
 
 try:
-    best_table = data.best_language_layer_table(path, stamp) if run.language_models else None
+    best_table = (
+        data.best_language_layer_table(path, stamp) if data.chooses_language_layers(run) else None
+    )
 except ValueError as exc:
     st.warning(
         f"Best language layers unavailable ({exc}); 'best layer' means the default layer here."
@@ -321,9 +323,10 @@ def sets_and_results() -> None:
         )
     if requested_k is not None and choice.neighbour_metric:
         st.warning(
-            f"k={requested_k} is too large for sets of {smallest} stimuli (each stimulus needs k "
-            f"other stimuli as neighbours); using k={max_k} for them. Choose a larger set size "
-            f"for a larger k; k={requested_k} comes back with larger sets."
+            f"k={requested_k} is too large for the smallest set shown ({smallest} stimuli; each "
+            f"stimulus needs k other stimuli as neighbours); every set is measured at k={max_k} "
+            f"so that they compare. Choose a larger set size (or drop the small set) for a larger "
+            f"k; k={requested_k} comes back with larger sets."
         )
     with row2[1]:
         statistics = st.expander(

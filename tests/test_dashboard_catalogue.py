@@ -205,11 +205,14 @@ def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
     assert stats.spread_words(40) == "95% of 40 sets"
     assert "CKNNA (unitless)" in legend
     assert "Vision × language alignment per set: CKNNA" in legend
+    # the title says what the error bars are as the legend does (it said "95%" of 8 sets)
+    assert "error bars: about the range of 8 sets" in legend and "95%" not in legend
     assert "language model" in legend  # the x axis
     no_baseline = _svg(charts.alignment_bars(values, None, modalities=("vision", "brain")))
     assert not list(no_baseline.iter(f"{SVG}path"))
     words = " ".join(t.text or "" for t in no_baseline.iter(f"{SVG}text"))
     assert "Vision × brain alignment per set" in words and "brain model" in words
+    assert "error bars" not in words  # no random bars, no error bars
     assert analyses.pair_sides(run, pairs) == "vision × language"
     cka = lab.set_table(indexes, pairs, sets, None, metric="cka", options={"kernel": "rbf"})
     assert cka["k"].isna().all() and set(cka["options"]) == {"kernel=rbf, sigma=1"}
@@ -272,6 +275,25 @@ def test_per_stimulus_scatter_draws_a_panel_per_score(run) -> None:
         )
     )
     assert image.width > 600 and np.asarray(image.convert("L")).std() > 5
+
+
+def test_a_constant_per_stimulus_score_says_why_rho_is_undefined(monkeypatch) -> None:
+    """k = n − 1 makes every neighbour list the whole set: every overlap is 1 and Spearman ρ is
+    NaN; the panel says why instead of "ρ = +nan, p = nan"."""
+    monkeypatch.setattr(charts, "png", lambda figure: figure)
+    relation = pd.DataFrame(
+        {"metric": ["knn_overlap", "local_cka"], "spearman_rho": [np.nan, 0.1],
+         "permutation_p_value_two_sided": [np.nan, 0.4], "n_permutations": [999, 999]}
+    )
+    figure = charts.alignment_dispersion(
+        np.arange(8.0), {"knn_overlap": np.ones(8), "local_cka": np.arange(8.0)}, relation,
+        score="mean", k=7, title="t",
+    )
+    titles = [axis.get_title() for axis in figure.axes]
+    assert titles[0] == (
+        "k-NN overlap (k = 7)\nρ undefined: every stimulus scores 1 (k = 7 of 7 others)"
+    )
+    assert "ρ = +0.100" in titles[1]
 
 
 def test_wide_pictures_are_shrunk_once() -> None:
@@ -401,3 +423,48 @@ def test_number_cards_show_label_value_and_a_signed_change(tmp_path: Path) -> No
     assert not at.metric and len(at.columns) == 4
     with pytest.raises(ValueError):  # one width per card
         widgets.number_cards([widgets.Card("a", "1")], key="x", widths=[1, 1])
+
+
+def test_the_run_summary_counts_every_modality(tmp_path):
+    """A brain recording beside the vision models is counted under its own modality (a run whose
+    GPA models were brain subjects read "Vision models 0 | Language models 1")."""
+    from convergence_core.dashboard.catalogue import run_summary
+    from tests.fixtures_runs import make_brain_run
+
+    brains = make_brain_run(tmp_path / "brains", n=30, language_models=("language-a",))
+    size, _ = run_summary(brains)
+    assert size.iloc[0].to_dict() | {"Layers cached": 0} == {
+        "Layers cached": 0, "Stimuli": "30", "Vision models": 3, "Language models": 1,
+        "Brain models": 1,
+    }
+
+
+def test_residual_charts_name_the_gpa_models_modality(run, monkeypatch) -> None:
+    """GPA across brain subjects: the bars and loadings say brain model, not vision model."""
+    monkeypatch.setattr(charts, "png", lambda figure: figure)
+    found = build_catalogue(run)
+    bars = charts.residual_bars(run.gpa.models, np.asarray(run.gpa.residuals)[0],
+                                found.residual_median, "s1", "brain")
+    assert bars.axes[0].get_xlabel() == "brain model (GPA)"
+    assert "Residual per brain model" in bars.axes[0].get_title()
+    parts = charts.residual_components(np.asarray(run.pca.explained_variance_ratio),
+                                       np.asarray(run.pca.components), run.gpa.models, "brain")
+    assert parts.axes[1].get_xlabel() == "brain model (GPA)"
+
+
+def test_the_model_residual_legend_sits_beside_the_bars(monkeypatch) -> None:
+    """The modality legend covered the last bar; it now lies right of the plot, inside the
+    picture."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    monkeypatch.setattr(charts, "png", lambda figure: figure)
+    figure = charts.model_residuals(pd.DataFrame({
+        "model": ["v1", "v2", "l1", "s1"], "layer": ["a", "b", "c", "d"],
+        "modality": ["vision", "vision", "language", "brain"],
+        "mean_residual": [0.2, 0.3, 0.5, 0.9],
+    }))
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    axis = figure.axes[0]
+    legend = axis.get_legend().get_window_extent(renderer)
+    assert legend.x0 >= axis.get_window_extent(renderer).x1
+    assert legend.x1 <= figure.bbox.x1

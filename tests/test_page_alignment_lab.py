@@ -248,7 +248,9 @@ def test_query_params_start_the_widgets(run) -> None:
 def test_k_too_large_for_the_sets_is_clamped_with_a_warning(run) -> None:
     at = _page({"k": "50", "size": "12"})
     assert at.slider(key="w_k").value == 11
-    assert any("k=50 is too large for sets of 12 stimuli" in w.value for w in at.warning)
+    warned = [w.value for w in at.warning]
+    assert any("k=50 is too large for the smallest set shown (12 stimuli" in w for w in warned)
+    assert any("every set is measured at k=11 so that they compare" in w for w in warned)
 
 
 def test_k_lowered_for_small_sets_comes_back_with_larger_ones(run) -> None:
@@ -257,7 +259,9 @@ def test_k_lowered_for_small_sets_comes_back_with_larger_ones(run) -> None:
     at = _page({"k": "10", "size": "20"})
     at.number_input(key="w_size").set_value(6).run(timeout=TIMEOUT)
     assert at.slider(key="w_k").value == 5 and set(_results(at)["k"]) == {5}
-    assert any("k=10 is too large for sets of 6 stimuli" in w.value for w in at.warning)
+    assert any(
+        "k=10 is too large for the smallest set shown (6 stimuli" in w.value for w in at.warning
+    )
     assert at.query_params["k"] == "10"  # a link keeps the requested k
     at.number_input(key="w_size").set_value(20).run(timeout=TIMEOUT)
     assert at.slider(key="w_k").value == 10 and set(_results(at)["k"]) == {10}

@@ -331,3 +331,21 @@ def test_an_uploaded_files_words_in_a_message_are_text_not_markdown(run) -> None
     errors = [e.value for e in at.error]
     assert any(r"\[click\]\(http\:\/\/example\.invalid\)" in e for e in errors), errors
     assert any("[click](http://example.invalid)" in e for e in shown(at.error))
+
+
+def test_a_run_of_two_gpa_models_says_its_pc2_is_rounding(monkeypatch, tmp_path) -> None:
+    """Two GPA models give the residuals one principal component: the PCA map's PC2 axis is
+    rounding noise (0.0 % of variance), and the page says so; with three it says nothing."""
+    from convergence_core.dispersion import two_model_note
+    from tests.fixtures_runs import make_synthetic_run
+
+    make_synthetic_run(tmp_path / "runs", n=30, name="demo", plant="quiet_half", n_vision=2,
+                       images=False, thumbnails=False)
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = _page(interactive=False)
+    assert f"PC2 is rounding noise here. {two_model_note(2)}" in [c.value for c in at.caption]
+
+
+def test_a_run_of_three_gpa_models_has_no_two_model_note(run) -> None:
+    at = _page(interactive=False)
+    assert not any("PC2 is rounding noise" in c.value for c in at.caption)

@@ -199,6 +199,11 @@ def test_inspect_button_shows_ranks_residuals_and_neighbours(run) -> None:
     assert at.session_state[widgets.STIMULI_TAB_KEY] == widgets.DETAIL_TAB
     assert not [b for b in at.button if b.label == "Inspect"]
     assert at.selectbox(key="w_inspect").value == target
+    assert "press Inspect under an image in the gallery" in at.selectbox(key="w_inspect").label
+    assert (
+        "Vision models (GPA) at their GPA layer, language models at their best layer."
+        in " ".join(c.value for c in at.caption)
+    )
     metrics = cards(at)
     n = run.n_stimuli
     assert metrics["Rank by mean residual"] == f"{n} / {n}"
@@ -429,3 +434,16 @@ def test_large_runs_compute_per_stimulus_alignment_on_a_button(
     assert len(_aligned_cards(at)) == 2 * PER_SIDE
     at.run(timeout=TIMEOUT)  # computed once on this server: shown without a new press
     assert len(_aligned_cards(at)) == 2 * PER_SIDE
+
+
+def test_a_run_without_images_is_not_described_by_them(tmp_path, monkeypatch) -> None:
+    """A run from feature files: the detail asks to inspect "a stimulus", not "an image"."""
+    from tests.fixtures_runs import make_synthetic_run
+
+    make_synthetic_run(tmp_path / "runs", 30, name="demo", images=False, thumbnails=False)
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = _page()
+    at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert "press Inspect under a stimulus in the gallery" in at.selectbox(key="w_inspect").label

@@ -147,8 +147,9 @@ def build_catalogue(run: Run) -> Catalogue:
 
 def run_summary(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The run at a glance as two one-row tables: its size (``Layers cached``, ``Stimuli``,
-    ``Vision models``, ``Language models``) and its GPA (``GPA iterations``, ``GPA converged``,
-    ``GPA final loss``, ``Residual PC1 explains``), values formatted for display."""
+    ``Vision models``, ``Language models``, and per other modality e.g. ``Brain models``) and
+    its GPA (``GPA iterations``, ``GPA converged``, ``GPA final loss``, ``Residual PC1
+    explains``), values formatted for display."""
     gpa = run.gpa
     size = {
         "Layers cached": sum(len(run.layers(model)) for model in run.models),
@@ -156,6 +157,10 @@ def run_summary(run: Run) -> tuple[pd.DataFrame, pd.DataFrame]:
         "Vision models": len(run.vision_models),
         "Language models": len(run.language_models),
     }
+    for modality in dict.fromkeys(run.modality(model) for model in run.other_models):
+        size[f"{modality.capitalize()} models"] = sum(
+            run.modality(model) == modality for model in run.other_models
+        )
     alignment = {
         "GPA iterations": int(gpa.n_iter),
         "GPA converged": "yes" if gpa.converged else "NO",

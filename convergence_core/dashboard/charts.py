@@ -129,9 +129,12 @@ def residual_scatter(
     return png(figure)
 
 
-def residual_components(ratio: np.ndarray, components: np.ndarray, models: Sequence[str]) -> bytes:
+def residual_components(
+    ratio: np.ndarray, components: np.ndarray, models: Sequence[str], modality: str = "vision"
+) -> bytes:
     """Two panels: variance of the residuals explained per principal component (M,), and each
-    vision model's loading on the first two components (rows of ``components`` (M, M))."""
+    GPA model's loading on the first two components (rows of ``components`` (M, M));
+    ``modality`` names the GPA models (``Run.gpa_modality``: vision, brain, ...)."""
     figure = Figure(figsize=(13.0, 3.4))
     left, right = figure.subplots(1, 2)
     _margins(figure, left=0.75, right=0.2, top=0.45, bottom=0.75, wspace=0.2)
@@ -147,7 +150,7 @@ def residual_components(ratio: np.ndarray, components: np.ndarray, models: Seque
         right.bar(x + offset, np.asarray(components)[index], 0.35, label=f"PC{index + 1}")
     right.axhline(0.0, color="black", linewidth=0.5)
     right.set_xticks(x, [literal(m) for m in models], fontsize=8)
-    right.set_xlabel("vision model")
+    right.set_xlabel(literal(f"{modality} model (GPA)"))
     right.set_ylabel("loading (unit-norm weight)")
     right.set_title("Per-model loadings of the first components", fontsize=10, y=TITLE_Y)
     right.legend(fontsize=8)
@@ -155,9 +158,11 @@ def residual_components(ratio: np.ndarray, components: np.ndarray, models: Seque
 
 
 def residual_bars(
-    models: Sequence[str], residuals: np.ndarray, typical: np.ndarray, stimulus: str
+    models: Sequence[str], residuals: np.ndarray, typical: np.ndarray, stimulus: str,
+    modality: str = "vision",
 ) -> bytes:
-    """Bar per vision model of one stimulus's residual (M,), each model's median (M,) marked."""
+    """Bar per GPA model (``modality``: vision, brain, ...) of one stimulus's residual (M,), each
+    model's median (M,) marked."""
     figure = Figure(figsize=(6.5, 3.4))
     axis = figure.subplots()
     _margins(figure, left=0.9, right=0.15, top=0.4, bottom=0.95)
@@ -168,10 +173,10 @@ def residual_bars(
         label="median over all stimuli",
     )
     axis.set_xticks(x, [literal(m) for m in models], fontsize=8)
-    axis.set_xlabel("vision model")
+    axis.set_xlabel(literal(f"{modality} model (GPA)"))
     axis.set_ylabel(RESIDUAL_AXIS.replace(", unit", ",\nunit"), fontsize=8)
     axis.set_title(
-        literal(f"Residual per vision model — stimulus {stimulus}"), fontsize=10, y=TITLE_Y
+        literal(f"Residual per {modality} model — stimulus {stimulus}"), fontsize=10, y=TITLE_Y
     )
     figure.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
     return png(figure)
@@ -227,6 +232,7 @@ def alignment_bars(
     # bars[vision][name] = (heights (L,), lower (L,) or None, upper (L,) or None); legend labels
     bars: dict[str, dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]] = {}
     labels: dict[str, str] = {}
+    random_counts: list[int] = []  # random sets behind each pair's error bar
     for vision in visions:
         bars[vision] = {}
         for name in order:
@@ -240,6 +246,7 @@ def alignment_bars(
                     rows["random_upper_95"].to_numpy(dtype=np.float64),
                 )
                 drawn = int(np.nanmax(rows["n_random"])) if "n_random" in rows else 0
+                random_counts.append(drawn)
                 labels[name] = f"random (mean; {spread_words(drawn)})"
                 continue
             rows = sets[(sets["vision_model"] == vision) & (sets["set"] == name)]
@@ -276,7 +283,7 @@ def alignment_bars(
         f"{modalities[0].capitalize()} × {modalities[1]} alignment per set: "
         f"{registry.metric(metric).label}"
         + (f" ({settings})" if settings else "")
-        + "; error bars: 95% of random sets"
+        + (f"; error bars: {spread_words(min(random_counts))}" if random_counts else "")
     )
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -404,6 +411,11 @@ def alignment_dispersion(
                 f"Spearman ρ = {r['spearman_rho']:+.3f}, permutation p = "
                 f"{r['permutation_p_value_two_sided']:.3g} ({int(r['n_permutations']):,} shuffles)"
             )
+            finite = y[np.isfinite(y)]
+            if not np.isfinite(r["spearman_rho"]) and finite.size and np.ptp(finite) == 0:
+                words = f"ρ undefined: every stimulus scores {finite[0]:.3g}" + (
+                    f" (k = {k} of {n - 1} others)" if metric == "knn_overlap" else ""
+                )
         axis.set_xlabel(SCORE_AXIS[score])
         axis.set_ylabel(literal(PER_STIMULUS_AXIS.get(metric, metric)), fontsize=8)
         names = {
@@ -481,7 +493,7 @@ def model_residuals(model_summary: pd.DataFrame) -> bytes:
     modalities = list(dict.fromkeys(model_summary["modality"]))
     figure = Figure(figsize=(13.0, 3.0))
     axis = figure.subplots()
-    _margins(figure, left=0.9, right=0.2, top=0.45, bottom=0.65)
+    _margins(figure, left=0.9, right=1.1, top=0.45, bottom=0.65)
     x = np.arange(len(model_summary))
     colour = {m: MODALITY_COLOURS[i % len(MODALITY_COLOURS)] for i, m in enumerate(modalities)}
     for modality in modalities:
@@ -498,7 +510,8 @@ def model_residuals(model_summary: pd.DataFrame) -> bytes:
     axis.set_title(
         "Mean residual of each model from the universal consensus", fontsize=10, y=TITLE_Y
     )
-    axis.legend(fontsize=8)
+    # beside the plot, not over the bars (it covered the last one)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return png(figure)
 
 

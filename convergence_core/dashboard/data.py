@@ -264,6 +264,12 @@ def best_language_layer_table(path: str, stamp: int, k: int = 10) -> pd.DataFram
     return _best_language_layer_table(path, stamp, k).copy()
 
 
+def chooses_language_layers(run: Run) -> bool:
+    """Whether the run has a language model with several layers to choose from (else each is
+    at its only layer, and no layer sweep runs)."""
+    return any(len(run.layers(model)) > 1 for model in run.language_models)
+
+
 def best_language_layers(path: str, stamp: int, k: int = 10) -> dict[str, str]:
     """``{language model: layer with the highest mean full-set CKNNA with the vision models}``."""
     table = best_language_layer_table(path, stamp, k)
@@ -788,7 +794,8 @@ def residual_components_png(path: str, stamp: int) -> bytes:
     """Variance explained and per-model loadings of the residuals' principal components."""
     run = _open_run(path, stamp)
     return charts.residual_components(
-        run.pca.explained_variance_ratio, np.asarray(run.pca.components), run.gpa.models
+        run.pca.explained_variance_ratio, np.asarray(run.pca.components), run.gpa.models,
+        run.gpa_modality,
     )
 
 
@@ -806,10 +813,11 @@ def gpa_rank_intervals(path: str, stamp: int) -> tuple[np.ndarray, np.ndarray] |
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def residual_bars_png(path: str, stamp: int, row: int) -> bytes:
-    """One stimulus's residual per vision model beside each model's median."""
+    """One stimulus's residual per GPA model beside each model's median."""
     run, found = _open_run(path, stamp), _catalogue(path, stamp)
     residuals = np.asarray(run.gpa.residuals[row], dtype=np.float64)
-    return charts.residual_bars(run.gpa.models, residuals, found.residual_median, found.ids[row])
+    return charts.residual_bars(run.gpa.models, residuals, found.residual_median, found.ids[row],
+                                run.gpa_modality)
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
