@@ -269,7 +269,8 @@ with detail_tab:
         with picture:
             widgets.thumbnail(run, row)
             st.text(f"id {widgets.excerpt(detail_id)}")
-            widgets.show_captions(captions, key="detail", title=f"Stimulus {detail_id}")
+            if run.has_captions:
+                widgets.show_captions(captions, key="detail", title=f"Stimulus {detail_id}")
         with facts:
             widgets.number_cards(
                 [

@@ -437,13 +437,19 @@ def test_large_runs_compute_per_stimulus_alignment_on_a_button(
 
 
 def test_a_run_without_images_is_not_described_by_them(tmp_path, monkeypatch) -> None:
-    """A run from feature files: the detail asks to inspect "a stimulus", not "an image"."""
+    """A run from feature files: the detail asks to inspect "a stimulus", not "an image", and
+    shows no empty caption ("(no caption)", an empty caption column)."""
+    from convergence_core.run import Run
     from tests.fixtures_runs import make_synthetic_run
 
     make_synthetic_run(tmp_path / "runs", 30, name="demo", images=False, thumbnails=False)
+    monkeypatch.setattr(Run, "has_captions", property(lambda self: False))
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
     at = _page()
     at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
     at.run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     assert "press Inspect under a stimulus in the gallery" in at.selectbox(key="w_inspect").label
+    assert list(at.dataframe[-1].value.columns[:2]) == ["neighbour", "id"]
+    assert "caption" not in at.dataframe[-1].value.columns
+    assert not any("no caption" in t.value for t in at.text)

@@ -334,15 +334,12 @@ def show_messages(messages: Sequence[tuple[str, str]]) -> None:
 
 def captions_frame(run: Run, rows: Sequence[int]) -> pd.DataFrame:
     """``id`` and ``caption`` (the first, as an :func:`excerpt`) of ``rows``, for st.dataframe
-    (which shows plain text)."""
+    (which shows plain text); ``id`` alone when the run has no captions."""
     stimuli = run.stimuli.iloc[list(rows)]
-    captions = stimuli["captions"] if "captions" in stimuli else [[] for _ in range(len(stimuli))]
-    return pd.DataFrame(
-        {
-            "id": [excerpt(i) for i in stimuli["id"].astype(str)],
-            "caption": [excerpt(c[0]) if len(c) else "" for c in captions],
-        }
-    )
+    frame = pd.DataFrame({"id": [excerpt(i) for i in stimuli["id"].astype(str)]})
+    if run.has_captions:
+        frame["caption"] = [excerpt(c[0]) if len(c) else "" for c in stimuli["captions"]]
+    return frame
 
 
 #: Every ASCII punctuation character: CommonMark lets each be backslash-escaped to stand for itself
