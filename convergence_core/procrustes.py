@@ -167,6 +167,7 @@ aligned_i = ((X_i − μ_i) / s_i) R_i for any rows; :meth:`GPAResult.aligned_ro
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -1077,10 +1078,8 @@ def _iterate(
     ``progress`` is called with the number of accepted iterations after each. One BLAS thread
     up to a consensus width of :data:`ONE_THREAD_WIDTH`.
     """
-    if problem.p > ONE_THREAD_WIDTH:
-        return _minimise(problem, tol=tol, max_iter=max_iter, accelerate=accelerate, start=start,
-                         progress=progress)
-    with threadpool_limits(limits=1):
+    threads = threadpool_limits(limits=1) if problem.p <= ONE_THREAD_WIDTH else nullcontext()
+    with threads:
         return _minimise(problem, tol=tol, max_iter=max_iter, accelerate=accelerate, start=start,
                          progress=progress)
 
