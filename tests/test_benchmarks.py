@@ -241,3 +241,23 @@ def test_gpa_threads_benchmark_runs_and_every_way_reaches_the_same_loss() -> Non
         assert row["loss_spread"] <= 1e-12
         assert row["library_iterations"] == row["one_iterations"] == row["rule_iterations"]
     assert payload["one_thread_width"] == 512
+
+
+def test_gpa_curvature_measure_checks_its_hessian_against_the_loss() -> None:
+    out = "gpa-curvature-smoke-test.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/measure_gpa_curvature.py", "--quick", "--out", out],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = REPO / "benchmarks" / "results" / out
+    payload = json.loads(path.read_text())
+    path.unlink()
+    assert [row["width"] for row in payload["rows"]] == [8, 12]
+    for row in payload["rows"]:
+        # the Hessian formula agrees with second differences of the loss computed directly
+        assert row["hessian_check_rel_error"] < 1e-5
+        # at GPA's optimum the Hessian is positive definite (a minimum, the frame fixed)
+        assert row["eig_min"] > 0
+        assert row["kappa_block"] <= row["kappa"]
+        assert row["plain_iterations"] >= row["accelerated_iterations"]
