@@ -528,7 +528,8 @@ def test_serve_opens_the_default_run_before_the_first_visit(
     monkeypatch.setattr(serve, "WARM_DELAY_S", 0.0)
     assert data.warm_default_run() is None  # no run yet: nothing to open
     make_synthetic_run(tmp_path / "runs", n=40, name="demo")
-    calls = {"load_run": 0, "best_language_layers": 0, "property_tests": 0, "cross_modal": 0}
+    calls = {"load_run": 0, "best_language_layers": 0, "layer_sweep": 0, "property_tests": 0,
+             "cross_modal": 0}
 
     def counted(name, function):  # noqa: ANN001, ANN202
         def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -542,6 +543,7 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         analyses, "best_language_layers",
         counted("best_language_layers", analyses.best_language_layers),
     )
+    monkeypatch.setattr(analyses, "layer_sweep", counted("layer_sweep", analyses.layer_sweep))
     monkeypatch.setattr(
         predictors.dp, "property_tests", counted("property_tests", predictors.dp.property_tests)
     )
@@ -549,7 +551,9 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         universal, "run_cross_modal_analysis",
         counted("cross_modal", universal.run_cross_modal_analysis),
     )
-    once = {"load_run": 1, "best_language_layers": 1, "property_tests": 1, "cross_modal": 1}
+    # one layer sweep per run and k: the Paper analyses page's Fig. 2 reads the same best layers
+    once = {"load_run": 1, "best_language_layers": 1, "layer_sweep": 1, "property_tests": 1,
+            "cross_modal": 1}
     try:
         serve._warm_default_run()  # what the server's thread runs
         err = capsys.readouterr().err
@@ -563,7 +567,13 @@ def test_serve_opens_the_default_run_before_the_first_visit(
             at.query_params["run"] = "demo"
             at.run(timeout=TIMEOUT)
             assert not at.exception, at.exception
-        assert calls == once  # all found in the caches
+        assert calls == once, calls  # all found in the caches
+        # the Paper analyses page's best layers and layer sweep at the same k: the same entries
+        run = data.load_run("demo")
+        path, stamp = str(run.path), data.manifest_stamp(run.path)
+        data.best_layers_table(path, stamp, 10)
+        data.layer_sweep(path, stamp, 10)
+        assert calls == {**once, "load_run": 2}, calls
 
         # a damaged default run: the warm-up says so and returns; the page shows it in words
         (tmp_path / "runs" / "demo" / "dispersion.parquet").write_bytes(b"not a parquet file")
@@ -572,7 +582,7 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         assert "could not be opened" in capsys.readouterr().err
     finally:
         for cached in (data._open_run, data._catalogue, data._best_language_layer_table,
-                       data.cross_modal, data.cross_modal_pictures):
+                       data.layer_sweep, data.cross_modal, data.cross_modal_pictures):
             cached.clear()
 
 

@@ -248,12 +248,14 @@ def indexes_for(run: Run, pairs: Sequence[lab.Pair]) -> dict[tuple[str, str], ob
 
 # one cache entry per (run, version, k) whoever asks, however k is passed (st.cache_data keyed
 # (path, stamp) and (path, stamp, 10) apart: the lab and the Stimuli page computed it twice), kept
-# as a resource and handed out as copies; serve fills it for the default run before the first visit
+# as a resource and handed out as copies; serve fills it for the default run before the first visit.
+# It is read off the cached layer sweep, which the Paper analyses page draws too: one sweep per
+# run and k for every page (the Paper page used to sweep again)
 @st.cache_resource(show_spinner="Finding each language model's best layer…", max_entries=32)
 def _best_language_layer_table(path: str, stamp: int, k: int) -> pd.DataFrame:
     from ..analyses import best_language_layers as compute
 
-    return compute(_open_run(path, stamp), k=k)
+    return compute(_open_run(path, stamp), k=k, sweep=layer_sweep(path, stamp, k))
 
 
 def best_language_layer_table(path: str, stamp: int, k: int = 10) -> pd.DataFrame:
@@ -856,12 +858,8 @@ def layer_sweep(path: str, stamp: int, k: int) -> pd.DataFrame:
 
 
 def best_layers_table(path: str, stamp: int, k: int) -> pd.DataFrame:
-    """:func:`analyses.best_language_layers` from the cached :func:`layer_sweep`."""
-    from .. import analyses
-
-    return analyses.best_language_layers(
-        _open_run(path, stamp), k=k, sweep=layer_sweep(path, stamp, k)
-    )
+    """:func:`best_language_layer_table` (read off the cached :func:`layer_sweep`)."""
+    return best_language_layer_table(path, stamp, k)
 
 
 def _paper_pairs(run: Run, path: str, stamp: int, k: int, partners: str) -> dict[str, Any]:

@@ -40,8 +40,9 @@ WIDGET_PREFIX = "w_"
 
 
 def default_subset_size(n_stimuli: int) -> int:
-    """Default size of the low/high/random subsets: a quarter of the stimuli, ``n // 4`` as in the
-    report (at least 4, at most n)."""
+    """Default size of the low/high/random subsets: a quarter of the stimuli, ``n // 4`` (at least
+    4, at most n). The report's ``report.default_set_size`` is the same quarter but at least
+    k + 1, and refuses a run too small for its k; the pages instead lower k to fit the sets."""
     return max(min(MIN_SUBSET_SIZE, n_stimuli), n_stimuli // 4)
 
 
