@@ -12,17 +12,60 @@ dashboard's PCA view.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .validation import check_features
 
+#: The unit of every dispersion score: residuals are distances between unit-norm configurations
+SCORE_UNIT = "Procrustes distance"
+
+
+@dataclass(frozen=True)
+class Score:
+    """One dispersion score: how it is computed from the residuals and how it is named.
+
+    Attributes:
+        name: the key (a column of dispersion.parquet, a ``--scores`` choice).
+        label: short name for legends and titles ("mean residual").
+        description: what an axis of it shows, without the unit ("mean residual across the GPA
+            models"); the unit is :data:`SCORE_UNIT`.
+        compute: (m, M) residuals (checked, float64) → (m,) float64, higher = more dispersed.
+    """
+
+    name: str
+    label: str
+    description: str
+    compute: Callable[[np.ndarray], np.ndarray]
+
+    @property
+    def axis_title(self) -> str:
+        """The axis title with its unit."""
+        return f"{self.description} ({SCORE_UNIT})"
+
+
+def _mean_residual(residuals: np.ndarray) -> np.ndarray:
+    return residuals.mean(axis=1)
+
+
+def _pc1_score(residuals: np.ndarray) -> np.ndarray:
+    return residual_pca(residuals).scores[:, 0].copy()
+
+
 #: The dispersion scores: the one list. A run stores a column per score in dispersion.parquet,
 #: with its rank in ``rank_<score>`` (0 = lowest dispersion); pages, analyses and the report offer
-#: these names.
-SCORES: tuple[str, ...] = ("mean", "pc1")
+#: these names, and take their labels from here. A new score is one entry (the precompute's
+#: dispersion step is keyed by these names, so existing runs gain its column on their next run).
+SCORE_ENTRIES: dict[str, Score] = {
+    entry.name: entry
+    for entry in (
+        Score("mean", "mean residual", "mean residual across the GPA models", _mean_residual),
+        Score("pc1", "PC1 score", "PC1 score of the residuals", _pc1_score),
+    )
+}
+SCORES: tuple[str, ...] = tuple(SCORE_ENTRIES)
 
 
 def two_model_note(n_models: int) -> str | None:
@@ -62,6 +105,11 @@ def check_score(score: str) -> str:
     if score not in SCORES:
         raise ValueError(f"unknown dispersion score {score!r}; use one of {list(SCORES)}")
     return score
+
+
+def score_entry(score: str) -> Score:
+    """The :class:`Score` named ``score`` (a ValueError naming the choices otherwise)."""
+    return SCORE_ENTRIES[check_score(score)]
 
 
 def rank_column(score: str) -> str:
@@ -141,12 +189,11 @@ def dispersion_scores(residuals: np.ndarray, method: str = "mean") -> np.ndarray
 
     Args:
         residuals: (m, M) residual matrix (stimuli × models), e.g. ``GPAResult.residuals``.
-        method: ``"mean"`` (mean residual across models) or ``"pc1"`` (PC1 score, see module doc).
+        method: a name of :data:`SCORES`: ``"mean"`` (mean residual across models) or
+            ``"pc1"`` (PC1 score, see module doc).
 
     Returns:
         (m,) float64.
     """
-    check_score(method)
-    if method == "mean":
-        return _check_residuals(residuals).mean(axis=1)
-    return residual_pca(residuals).scores[:, 0].copy()
+    entry = score_entry(method)
+    return np.asarray(entry.compute(_check_residuals(residuals)), dtype=np.float64)

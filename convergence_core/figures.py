@@ -22,6 +22,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .cache import write_bytes  # noqa: E402
+from .dispersion import SCORE_UNIT, score_entry  # noqa: E402
 
 _SET_COLOURS = {"low": "#2b8cbe", "random": "#969696", "high": "#e34a33"}
 _CONDITION_COLOURS = {"drop_high": "#2b8cbe", "full": "#969696", "drop_low": "#fd8d3c"}
@@ -412,9 +413,9 @@ def predictors_figure(
     low = float(min(chosen["observed"].min(), chosen["predicted"].min()))
     high = float(max(chosen["observed"].max(), chosen["predicted"].max()))
     right.plot([low, high], [low, high], color="#444", linestyle=":", linewidth=1)
-    unit = "mean residual" if score == "mean" else "PC1 score"
-    right.set_xlabel(f"predicted out of fold ({unit}, Procrustes distance)")
-    right.set_ylabel(f"observed ({unit}, Procrustes distance)")
+    unit = f"{score_entry(score).label}, {SCORE_UNIT}"
+    right.set_xlabel(f"predicted out of fold ({unit})")
+    right.set_ylabel(f"observed ({unit})")
     right.set_title("Dispersion predicted from every property (cross-validated)", fontsize=9)
     right.legend(fontsize=7, loc="upper left")
     return _save(figure, path)

@@ -36,6 +36,7 @@ from .cache import (
     write_npy,
     write_parquet,
 )
+from .dispersion import SCORES
 from .gpa_stability import GPA_STOPS
 from .manifest import (
     FEATURE_IDS_DATASET,
@@ -1601,14 +1602,16 @@ class _Pipeline:
         return chosen
 
     def dispersion(self, gpa_inputs: str) -> None:
-        """dispersion.parquet and pca/ from the GPA residuals."""
-        if self.manifest.step_done("dispersion", gpa_inputs) and self.layout.dispersion.is_file():
+        """dispersion.parquet and pca/ from the GPA residuals (keyed by the score names too: a run
+        stored before a score was added gains its column on the next precompute)."""
+        inputs = fingerprint("dispersion", gpa_inputs, list(SCORES))
+        if self.manifest.step_done("dispersion", inputs) and self.layout.dispersion.is_file():
             self.notify(ProgressEvent("dispersion", None, 1, 1, skipped=True))
             return
         self.manifest.forget_step("dispersion")
         residuals = read_npy(self.layout.gpa_array("residuals"))
         write_dispersion(self.layout, self.stimuli["id"].tolist(), residuals)
-        self.manifest.finish_step("dispersion", gpa_inputs)
+        self.manifest.finish_step("dispersion", inputs)
         self.notify(ProgressEvent("dispersion", None, 1, 1))
 
     def thumbnails(self) -> None:

@@ -150,7 +150,7 @@ def _picture(data: bytes) -> Image.Image:
 def test_charts_are_pngs_no_wider_than_streamlit_keeps(run) -> None:
     found = build_catalogue(run)
     pictures = [
-        charts.dispersion_histograms(found.values["mean"], found.values["pc1"], "title $x$"),
+        charts.dispersion_histograms(found.values, "title $x$"),
         charts.residual_bars(run.gpa.models, np.asarray(run.gpa.residuals)[0],
                              found.residual_median, "id$with$dollars"),
         charts.residual_scatter(np.arange(40.0), np.arange(40.0), found.values["mean"],

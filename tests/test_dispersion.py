@@ -99,3 +99,26 @@ def test_one_list_of_scores_names_the_run_columns(tmp_path) -> None:
         assert np.array_equal(np.argsort(ranks), np.argsort(run.dispersion[score], kind="stable"))
     with pytest.raises(ValueError, match=r"unknown dispersion score 'median'; use one of"):
         rank_column("median")
+
+
+def test_every_score_is_one_entry_that_computes_and_names_itself() -> None:
+    """The one list of scores: each entry computes its own values (no score falls through to
+    another's) and gives the labels the pages, charts and figures use."""
+    from convergence_core.dashboard import plots
+    from convergence_core.dispersion import SCORE_ENTRIES, SCORES, score_entry
+
+    rng = np.random.default_rng(0)
+    residuals = rng.random((30, 4))
+    assert SCORES == tuple(SCORE_ENTRIES) == ("mean", "pc1")
+    np.testing.assert_allclose(dispersion_scores(residuals, "mean"), residuals.mean(axis=1))
+    pc1 = dispersion_scores(residuals, "pc1")
+    centered = residuals - residuals.mean(axis=0)
+    axis = np.linalg.svd(centered, full_matrices=False)[2][0]
+    np.testing.assert_allclose(np.abs(pc1), np.abs(centered @ axis), atol=1e-12)
+    for name in SCORES:
+        entry = score_entry(name)
+        assert plots.SCORE_NAME[name] == entry.label
+        assert plots.SCORE_AXIS[name] == entry.axis_title
+        assert entry.axis_title.endswith("(Procrustes distance)")
+    with pytest.raises(ValueError, match="unknown dispersion score 'median'"):
+        score_entry("median")

@@ -22,7 +22,7 @@ import html
 import io
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,20 +73,24 @@ def png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def dispersion_histograms(mean: np.ndarray, pc1: np.ndarray, title: str) -> bytes:
-    """Side-by-side histograms (40 bins) of the two dispersion scores, (m,) each."""
-    figure = Figure(figsize=(13.0, 3.4))
-    axes = figure.subplots(1, 2)
+#: Histogram colours of the dispersion scores, in the order of ``dispersion.SCORES``
+_SCORE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd")
+
+
+def dispersion_histograms(scores: Mapping[str, np.ndarray], title: str) -> bytes:
+    """Side-by-side histograms (40 bins) of the dispersion scores, ``{score name: (m,) values}``
+    (names of ``dispersion.SCORES``, drawn in that order)."""
+    names = [name for name in SCORE_NAME if name in scores]
+    figure = Figure(figsize=(6.5 * len(names), 3.4))
+    axes = np.atleast_1d(figure.subplots(1, len(names)))
     _margins(figure, left=0.75, right=0.2, top=0.65, bottom=0.6, wspace=0.18)
-    for axis, values, score, colour in (
-        (axes[0], mean, "mean", "#1f77b4"),
-        (axes[1], pc1, "pc1", "#ff7f0e"),
-    ):
-        axis.hist(np.asarray(values, dtype=np.float64), bins=40, color=colour)
-        axis.set_xlabel(SCORE_AXIS[score])
+    for i, (axis, name) in enumerate(zip(axes, names)):
+        colour = _SCORE_COLOURS[i % len(_SCORE_COLOURS)]
+        axis.hist(np.asarray(scores[name], dtype=np.float64), bins=40, color=colour)
+        axis.set_xlabel(SCORE_AXIS[name])
         axis.set_ylabel("stimuli (count)")
-    axes[0].set_title("Mean residual", fontsize=10, y=TITLE_Y)
-    axes[1].set_title("PC1 score", fontsize=10, y=TITLE_Y)
+        label = SCORE_NAME[name]
+        axis.set_title(label[:1].upper() + label[1:], fontsize=10, y=TITLE_Y)  # "PC1 score" stays
     figure.suptitle(literal(title), fontsize=11)
     return png(figure)
 

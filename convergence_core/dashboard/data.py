@@ -708,7 +708,7 @@ def dispersion_histograms_png(path: str, stamp: int) -> bytes:
         f"Dispersion of {found.n:,} stimuli — the two scores correlate: "
         f"Pearson r = {found.pearson:.3f}, Spearman ρ = {found.spearman:.3f}"
     )
-    return charts.dispersion_histograms(found.values["mean"], found.values["pc1"], title)
+    return charts.dispersion_histograms(found.values, title)
 
 
 class ResidualMap(NamedTuple):

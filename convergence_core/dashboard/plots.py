@@ -12,19 +12,16 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
+from ..dispersion import SCORE_ENTRIES, SCORE_UNIT
+
 RESIDUAL_AXIS = "residual (Procrustes distance, unit Frobenius-normalised embedding)"
 #: What "residual units" means on the Fig. S2 axes (the Paper analyses page's caption)
 RESIDUAL_UNITS = "Procrustes distance between unit-Frobenius-norm embeddings"
-SCORE_AXIS = {
-    "mean": "mean residual across the GPA models (Procrustes distance)",
-    "pc1": "PC1 score of the residuals (Procrustes distance)",
-}
-SCORE_NAME = {"mean": "mean residual", "pc1": "PC1 score"}
+#: Each dispersion score's axis title and short name, from ``dispersion.SCORE_ENTRIES``
+SCORE_AXIS = {name: entry.axis_title for name, entry in SCORE_ENTRIES.items()}
+SCORE_NAME = {name: entry.label for name, entry in SCORE_ENTRIES.items()}
 #: Colour-bar titles: short lines, so the title does not run over the plot
-COLOUR_TITLE = {
-    "mean": "mean residual<br>(Procrustes distance)",
-    "pc1": "PC1 score<br>(Procrustes distance)",
-}
+COLOUR_TITLE = {name: f"{entry.label}<br>({SCORE_UNIT})" for name, entry in SCORE_ENTRIES.items()}
 SET_COLOURS = {
     "low": "#1f77b4",
     "random": "#7f7f7f",
