@@ -37,6 +37,7 @@ same seed the page and the report draw the same sets and the same shuffles.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -861,7 +862,22 @@ def vision_typicality(run: Run, *, k: int = 10) -> np.ndarray:
     return typicality(densities)
 
 
-def _seed_int(sequence: np.random.SeedSequence) -> int:
+#: Named sets in the order their matched random sets take the children of the analysis seed
+#: (:func:`matched_set_seed`): the report's low and high sets and the Alignment lab's sets of the
+#: same name are matched with the same draws
+MATCHED_SET_ORDER = ("low", "high", "random", "selection", "pasted")
+
+
+def matched_set_seed(seed: int, name: str) -> int:
+    """The seed of the matched random sets of the set called ``name`` under the analysis ``seed``:
+    child i of ``SeedSequence(seed)`` for the i-th name of :data:`MATCHED_SET_ORDER` (another
+    name: a child numbered from a checksum of the name), so that the report
+    (:func:`matched_baselines`) and the Alignment lab draw the same matched sets for a set."""
+    if name in MATCHED_SET_ORDER:
+        child = MATCHED_SET_ORDER.index(name)
+    else:
+        child = len(MATCHED_SET_ORDER) + zlib.crc32(name.encode("utf-8"))
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(child,))
     return int(sequence.generate_state(1)[0])
 
 
@@ -907,12 +923,12 @@ def matched_baselines(
     pairs = [Pair(*pair) for pair in pairs]
     names = check_metric_names(metrics)
     covariate = np.asarray(covariate, dtype=np.float64)
-    low_seed, high_seed = np.random.SeedSequence(seed).spawn(2)
     matched = {}
-    for set_name, chosen, sequence in (("low", low, low_seed), ("high", high, high_seed)):
+    for set_name, chosen in (("low", low), ("high", high)):
         matched[set_name] = matched_random_sets(
             chosen, covariate, labels, n_sets=n_sets, method="nearest",
-            n_candidates=n_candidates, exclude_chosen=exclude_chosen, seed=_seed_int(sequence),
+            n_candidates=n_candidates, exclude_chosen=exclude_chosen,
+            seed=matched_set_seed(seed, set_name),
         )
     B = matched["low"].shape[0]
     sets = np.concatenate(

@@ -504,6 +504,45 @@ def test_matched_baselines_explain_a_gap_made_by_the_covariate(planted):
     assert row.matched_low_mean == pytest.approx(np.mean(values), abs=1e-6)
 
 
+def test_the_lab_and_the_report_calibrate_and_match_a_set_with_the_same_draws(planted):
+    """One result whoever asks: the Alignment lab's calibrated scores and matched baselines of
+    the low and high sets equal the report's (same seed and k, no labels): the same shuffled
+    pairings, the same typicality and the same matched random sets per set."""
+    from convergence_core.dashboard import lab
+
+    pairs = _planted_pairs(planted)[:2]
+    scores = planted.dispersion["mean"].to_numpy()
+    low, high = select_stimuli(scores, "low", 15), select_stimuli(scores, "high", 15)
+    indexes = analyses.indexes_for(planted, pairs)
+    k, seed = 4, 5
+    calibrated = analyses.shuffled_pairing_calibration(
+        indexes, pairs, {"low": low, "high": high}, k, ["cknna"], n_shuffles=12, seed=seed
+    )
+    matched, _ = analyses.matched_baselines(
+        indexes, pairs, low, high, k, ["cknna"],
+        covariate=analyses.vision_typicality(planted, k=k), n_sets=15, seed=seed,
+    )
+    table, _ = lab.calibration_table(
+        indexes, pairs, {"low": low, "high": high}, k,
+        lab.matching_covariates(planted, None, k=k), n_shuffles=12, n_matched=15, seed=seed,
+    )
+    for pair in pairs:
+        for name in ("low", "high"):
+            ours = table[(table["set"] == name) & (table["vision_model"] == pair.vision_model)
+                         & (table["language_model"] == pair.language_model)].iloc[0]
+            theirs = calibrated[(calibrated["set"] == name)
+                                & (calibrated["vision_model"] == pair.vision_model)
+                                & (calibrated["language_model"] == pair.language_model)].iloc[0]
+            assert ours["calibrated"] == pytest.approx(theirs["calibrated"], abs=1e-12)
+            assert ours["null_p_value"] == pytest.approx(theirs["p_value_shuffled"], abs=1e-12)
+            report_row = matched[(matched["vision_model"] == pair.vision_model)
+                                 & (matched["language_model"] == pair.language_model)].iloc[0]
+            assert ours["matching"] == "nearest typicality"
+            assert ours["matched_mean"] == pytest.approx(
+                report_row[f"matched_{name}_mean"], abs=1e-12
+            )
+
+
 def test_matched_baselines_match_on_category_too(planted):
     pairs = _planted_pairs(planted)[:1]
     scores = planted.dispersion["mean"].to_numpy()

@@ -466,7 +466,8 @@ def _calibration_of(
     run = _open_run(path, stamp)
     indexes = indexes_for(run, pairs)
     labels = run.stimuli["label"] if "label" in run.stimuli else None
-    covariates = lab.matching_covariates(run, labels)
+    # typicality at the analysis k, as the report (k is None for a feature metric: the default)
+    covariates = lab.matching_covariates(run, labels, k=10 if k is None else int(k))
     table, comparisons = lab.calibration_table(
         indexes, pairs, dict(zip(names, rows, strict=True)), k, covariates, metric=metric,
         options=dict(options), n_shuffles=n_shuffles, n_matched=n_matched, seed=seed,

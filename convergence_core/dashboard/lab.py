@@ -31,7 +31,7 @@ import pandas as pd
 from .. import calibration, random_baseline
 from .. import metrics as registry
 from ..alignment import cknna_bound_note
-from ..analyses import LayerKey, Pair, shuffle_rng, vision_typicality
+from ..analyses import LayerKey, Pair, matched_set_seed, shuffle_rng, vision_typicality
 from ..neighbours import NeighbourIndex
 from ..random_baseline import DEFAULT_MIN_SETS
 from ..stats import (
@@ -529,9 +529,9 @@ class MatchingCovariates(NamedTuple):
 
 
 def matching_covariates(run: Any, labels: object = None, *, k: int = 10) -> MatchingCovariates:
-    """Typicality of every stimulus in ``run``'s GPA models (``analyses.vision_typicality``, as
-    the report's matched baselines) and the data set's labels when they can be matched on
-    (``calibration.matchable_labels``: the median label holds at least
+    """Typicality of every stimulus in ``run``'s GPA models at ``k`` (``analyses.vision_typicality``,
+    as the report's matched baselines at the report's k) and the data set's labels when they can
+    be matched on (``calibration.matchable_labels``: the median label holds at least
     ``calibration.MIN_STIMULI_PER_LABEL`` stimuli)."""
     typical = vision_typicality(run, k=k)
     labels, why_not = calibration.matchable_labels(labels)
@@ -545,10 +545,11 @@ def matching_covariates(run: Any, labels: object = None, *, k: int = 10) -> Matc
 def _matched_sets(
     chosen: np.ndarray, covariates: MatchingCovariates, n_sets: int, seed: int
 ) -> tuple[np.ndarray, str]:
-    """Matched random sets of ``chosen`` drawn from the other stimuli (as the report's
-    ``analyses.matched_baselines``): nearest-covariate matching within label where that costs
-    little, else (or where a label runs short) typicality strata × label; drawn from every
-    stimulus only when the others cannot match the set. Returns the sets and the method in words.
+    """Matched random sets of ``chosen`` drawn from the other stimuli: nearest-covariate matching
+    within label where that costs little (then the same sets as the report's
+    ``analyses.matched_baselines`` draws for the same seed, ``analyses.matched_set_seed``), else
+    (or where a label runs short) typicality strata × label; drawn from every stimulus only when
+    the others cannot match the set. Returns the sets and the method in words.
     """
     n = covariates.typicality.shape[0]
     attempts = []
@@ -635,7 +636,9 @@ def calibration_table(
 
     for name, rows_of_set in sets.items():
         chosen = np.sort(np.asarray(rows_of_set, dtype=np.int64))
-        matched, method = _matched_sets(chosen, covariates, int(n_matched), int(seed))
+        matched, method = _matched_sets(
+            chosen, covariates, int(n_matched), matched_set_seed(int(seed), name)
+        )
         # every pair's score on the set and its matched sets in one batched pass
         on_sets = scores(np.concatenate([chosen[None], matched]))
         # every pair's score on the set's shuffled pairings (the same shuffles for each) at once
