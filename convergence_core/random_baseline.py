@@ -1,18 +1,20 @@
 """The random-subset baseline of alignment, drawn until its mean is known to a stated precision.
 
-Fig. 2 compares CKNNA on the low- and high-dispersion sets with CKNNA on random sets of the same
-size (:func:`analyses.random_set_alignment`: a fixed number of sets, 200 by default). How many
-random sets that needs depends on how much CKNNA varies between random sets, which falls with the
-set size: on 59-stimulus sets of the demo the random CKNNA of a pair spreads by ~0.03, on
-5,000-stimulus sets of a 20,000-stimulus run by ~0.002. Drawing 200 sets of 25,000 stimuli takes
-about a minute, where a handful pins the mean to 0.001.
+Fig. 2 compares a score on the low- and high-dispersion sets with the same score on random sets of
+the same size (:func:`analyses.dispersion_set_alignment`: a fixed number of the sets of
+:func:`analyses.random_sets`, 200 by default). How many random sets that needs depends on how much
+the score varies between random sets, which falls with the set size: on 59-stimulus sets of the
+demo the random CKNNA of a pair spreads by ~0.03, on 5,000-stimulus sets of a 20,000-stimulus run
+by ~0.002. Drawing 200 sets of 25,000 stimuli takes about a minute, where a handful pins the mean
+to 0.001.
 
-:func:`sequential_random_alignment` therefore draws the random sets in batches and stops as soon as
-the 95% confidence interval of the mean CKNNA (``2·t·sd/√B`` for B sets, Student's t with B − 1
-degrees of freedom) is narrower than ``interval_width`` for every pair, or at ``max_sets``. The
-sets are the same draws as :func:`analyses.random_sets` for the same seed, in the same order, so a
-run that reaches ``max_sets`` equals the paper analysis exactly, and the first B sets of any draw
-are the same sets.
+:func:`sequential_random_scores` therefore draws the random sets in batches and stops as soon as
+the 95% confidence interval of the mean score (``2·t·sd/√B`` for B sets, Student's t with B − 1
+degrees of freedom) is narrower than ``interval_width`` for every pair, or at ``max_sets``; the
+Alignment lab's random baseline (``dashboard.lab.baseline_table``, any registry metric) is drawn
+this way. The sets are the same draws as :func:`analyses.random_sets` for the same seed, in the
+same order (:func:`random_set_stream`), so a draw that reaches ``max_sets`` equals the paper
+analysis exactly, and the first B sets of any draw are the same sets.
 
 Shapes: ``P`` vision × language pairs, ``B`` random sets of ``size`` stimuli out of ``n``.
 """
@@ -20,17 +22,10 @@ Shapes: ``P`` vision × language pairs, ``B`` random sets of ``size`` stimuli ou
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
-
-from .neighbours import NeighbourIndex, subset_alignment
-from .stats import percentile_interval
-
-if TYPE_CHECKING:
-    from .analyses import LayerKey, Pair
 
 #: Default precision of the baseline mean: the full width of its 95% confidence interval (CKNNA),
 #: i.e. the mean known to ±0.01 — small beside the low/high differences it is compared with
@@ -40,23 +35,6 @@ DEFAULT_INTERVAL_WIDTH = 0.02
 DEFAULT_MIN_SETS = 4
 #: Confidence level of the interval the stopping rule bounds.
 CONFIDENCE = 0.95
-
-
-class RandomBaseline(NamedTuple):
-    """Alignment of every pair on the random sets that were drawn.
-
-    ``cknna``, ``mutual_knn``: (P, B) float64; ``n_sets``: B; ``widest_interval``: the largest
-    over pairs of the 95% confidence-interval width of the mean CKNNA (NaN for B < 2);
-    ``interval_width``: the width asked for (None: a fixed number of sets was asked for);
-    ``reached``: whether every pair's interval is at most ``interval_width`` wide.
-    """
-
-    cknna: np.ndarray
-    mutual_knn: np.ndarray
-    n_sets: int
-    widest_interval: float
-    interval_width: float | None
-    reached: bool
 
 
 def mean_interval_widths(values: np.ndarray, confidence: float = CONFIDENCE) -> np.ndarray:
@@ -77,9 +55,11 @@ def random_set_stream(n: int, size: int, seed: int) -> Iterator[np.ndarray]:
     time: the draws of :func:`analyses.random_sets` for the same ``seed``, in order."""
     if not 1 <= size <= n:
         raise ValueError(f"size={size} is out of range for {n} stimuli; use 1 <= size <= {n}")
-    # analyses.random_sets: the first of two streams spawned from the seed, one
+    from .analyses import _set_draw_seeds  # here: analyses is slow to import
+
+    # analyses.random_sets' stream (the first of two spawned from the seed), one
     # choice(n, size, replace=False) per set (tests/test_random_baseline.py checks they agree)
-    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0])
+    rng = np.random.default_rng(_set_draw_seeds(seed)[0])
     while True:
         yield np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
 
@@ -103,8 +83,10 @@ class RandomScores(NamedTuple):
     """Scores of every pair on the random sets that were drawn (:func:`sequential_random_scores`).
 
     ``values``: ``{name: (P, B) float64}``; ``n_sets``: B; ``stop_on``: the name whose mean the
-    stopping rule bounds; ``widest_interval``, ``interval_width``, ``reached``: as in
-    :class:`RandomBaseline`, for ``values[stop_on]``.
+    stopping rule bounds; ``widest_interval``: the largest over pairs of the confidence-interval
+    width of the mean of ``values[stop_on]`` (NaN for B < 2); ``interval_width``: the width asked
+    for (None: a fixed number of sets was asked for); ``reached``: whether every pair's interval
+    is at most ``interval_width`` wide.
     """
 
     values: dict[str, np.ndarray]
@@ -137,7 +119,8 @@ def sequential_random_scores(
         stop_on: the name in ``score``'s result whose mean the stopping rule bounds.
         interval_width: stop once every pair's ``confidence`` interval of the mean of
             ``stop_on`` is at most this wide (in its units); None draws exactly ``max_sets``.
-        max_sets, min_sets, seed, confidence: as in :func:`sequential_random_alignment`.
+        max_sets: most sets drawn; min_sets: fewest before stopping (at least 2).
+        seed: as in :func:`analyses.random_sets`; confidence: of the interval (0.95).
         progress: ``progress(sets drawn, max_sets)`` after each batch (None: silent).
 
     The sets are :func:`random_set_stream`'s (= ``analyses.random_sets``' draws, in order), in
@@ -192,108 +175,3 @@ def sequential_random_scores(
     widest = float(np.max(widths)) if widths.size and not np.isnan(widths).any() else float("nan")
     reached = interval_width is not None and bool(np.all(widths <= interval_width))
     return RandomScores(values, drawn, stop_on, widest, interval_width, reached)
-
-
-def sequential_random_alignment(
-    indexes: Mapping[LayerKey, NeighbourIndex],
-    pairs: Sequence[Pair],
-    n: int,
-    size: int,
-    k: int,
-    *,
-    interval_width: float | None = DEFAULT_INTERVAL_WIDTH,
-    max_sets: int = 200,
-    min_sets: int = DEFAULT_MIN_SETS,
-    seed: int = 0,
-    confidence: float = CONFIDENCE,
-) -> RandomBaseline:
-    """CKNNA and mutual k-NN of every pair on random sets, drawn until the mean is pinned.
-
-    Args:
-        indexes: ``{(model, layer): NeighbourIndex}`` for both sides of every pair.
-        pairs: the vision × language pairs (``analyses.Pair``).
-        n: stimuli in the run; size: stimuli per random set; k: neighbours (k < size).
-        interval_width: stop once every pair's ``confidence`` interval of the mean CKNNA is at
-            most this wide; None draws exactly ``max_sets`` sets (the paper analysis's baseline).
-        max_sets: most sets drawn; min_sets: fewest before stopping (at least 2).
-        seed: as in :func:`analyses.random_sets`.
-
-    Each batch is sized from the sets the current spread needs (:func:`sets_needed`), at most
-    doubling the sets drawn, so a baseline takes a few batched passes over the neighbour lists and
-    never draws more than twice the sets its stopping rule needed
-    (:func:`sequential_random_scores` with the subset engine's CKNNA and mutual k-NN).
-    """
-    keyed = [pair.sides for pair in pairs]
-
-    def score(sets: np.ndarray) -> dict[str, np.ndarray]:
-        result = subset_alignment(indexes, keyed, sets, k)
-        return {"cknna": result.cknna, "mutual_knn": result.mutual_knn}
-
-    drawn = sequential_random_scores(
-        score,
-        n,
-        size,
-        stop_on="cknna",
-        interval_width=interval_width,
-        max_sets=max_sets,
-        min_sets=min_sets,
-        seed=seed,
-        confidence=confidence,
-    )
-    return RandomBaseline(
-        drawn.values["cknna"],
-        drawn.values["mutual_knn"],
-        drawn.n_sets,
-        drawn.widest_interval,
-        drawn.interval_width,
-        drawn.reached,
-    )
-
-
-def baseline_table(
-    indexes: Mapping[LayerKey, NeighbourIndex],
-    pairs: Sequence[Pair],
-    n: int,
-    size: int,
-    k: int,
-    *,
-    max_sets: int = 200,
-    seed: int = 0,
-    interval_width: float | None = DEFAULT_INTERVAL_WIDTH,
-    min_sets: int = DEFAULT_MIN_SETS,
-) -> pd.DataFrame:
-    """The random baseline of every pair as a table (:func:`sequential_random_alignment`).
-
-    One row per pair: ``vision_model``, ``vision_layer``, ``language_model``,
-    ``language_layer``, ``set_size``, ``k``, ``n_random`` (sets drawn), ``cknna_random_mean``,
-    ``cknna_random_lower_95``, ``cknna_random_upper_95`` (the 95% percentile interval of the
-    random sets' values), the same three for ``mutual_knn``, ``cknna_random_mean_interval`` (the
-    width of the 95% confidence interval of the mean) and ``interval_width`` (asked for; NaN for a
-    fixed number of sets). Precompute may store this table for a run's default size and k.
-    """
-    drawn = sequential_random_alignment(
-        indexes,
-        pairs,
-        n,
-        size,
-        k,
-        interval_width=interval_width,
-        max_sets=max_sets,
-        min_sets=min_sets,
-        seed=seed,
-    )
-    widths = mean_interval_widths(drawn.cknna)
-    rows = []
-    for pair, cknna_values, mknn_values, width in zip(
-        pairs, drawn.cknna, drawn.mutual_knn, widths, strict=True
-    ):
-        row = {**pair._asdict(), "set_size": int(size), "k": int(k), "n_random": drawn.n_sets}
-        for name, array in (("cknna", cknna_values), ("mutual_knn", mknn_values)):
-            lower, upper = percentile_interval(array, 0.95)
-            row[f"{name}_random_mean"] = float(array.mean())
-            row[f"{name}_random_lower_95"] = lower
-            row[f"{name}_random_upper_95"] = upper
-        row["cknna_random_mean_interval"] = float(width)
-        row["interval_width"] = np.nan if interval_width is None else float(interval_width)
-        rows.append(row)
-    return pd.DataFrame(rows)

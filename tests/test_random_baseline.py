@@ -10,10 +10,11 @@ import pytest
 from scipy import stats
 
 from convergence_core import analyses
+from convergence_core.neighbours import subset_alignment
 from convergence_core.random_baseline import (
     mean_interval_widths,
     random_set_stream,
-    sequential_random_alignment,
+    sequential_random_scores,
     sets_needed,
 )
 
@@ -36,6 +37,18 @@ def planted(tmp_path_factory: pytest.TempPathFactory):
     return run, pairs, analyses.indexes_for(run, pairs)
 
 
+def random_alignment(indexes, pairs, n: int, size: int, k: int, **options):  # noqa: ANN001, ANN201
+    """The stopping rule over CKNNA and mutual k-NN of every pair (the subset engine's), stopping
+    on the mean CKNNA."""
+    keyed = [pair.sides for pair in pairs]
+
+    def score(sets: np.ndarray) -> dict[str, np.ndarray]:
+        result = subset_alignment(indexes, keyed, sets, k)
+        return {"cknna": result.cknna, "mutual_knn": result.mutual_knn}
+
+    return sequential_random_scores(score, n, size, stop_on="cknna", **options)
+
+
 def test_the_stream_draws_the_paper_analysis_sets_in_order() -> None:
     scores = np.random.default_rng(1).random(300)
     reference = analyses.random_sets(scores, 40, 12, seed=7)
@@ -48,38 +61,37 @@ def test_the_stream_draws_the_paper_analysis_sets_in_order() -> None:
 def test_a_fixed_number_of_sets_is_the_paper_analysis_baseline(planted) -> None:
     run, pairs, indexes = planted
     scores = run.dispersion["mean"].to_numpy()
-    cknna, mutual_knn = analyses.random_set_alignment(
-        indexes, pairs, scores, 30, 5, n_random=25, seed=3
-    )
-    drawn = sequential_random_alignment(
+    sets = analyses.random_sets(scores, 30, 25, seed=3)
+    paper = subset_alignment(indexes, [pair.sides for pair in pairs], sets, 5)
+    drawn = random_alignment(
         indexes, pairs, run.n_stimuli, 30, 5, interval_width=None, max_sets=25, seed=3
     )
     assert drawn.n_sets == 25 and drawn.interval_width is None and not drawn.reached
-    np.testing.assert_array_equal(drawn.cknna, cknna)
-    np.testing.assert_array_equal(drawn.mutual_knn, mutual_knn)
+    np.testing.assert_array_equal(drawn.values["cknna"], paper.cknna)
+    np.testing.assert_array_equal(drawn.values["mutual_knn"], paper.mutual_knn)
 
 
 def test_drawing_stops_once_every_pair_is_that_precise(planted) -> None:
     run, pairs, indexes = planted
-    full = sequential_random_alignment(
+    full = random_alignment(
         indexes, pairs, run.n_stimuli, 30, 5, interval_width=None, max_sets=120, seed=0
     )
     width = 0.06  # random CKNNA of 30-stimulus sets spreads by ~0.16: ~30 sets
-    drawn = sequential_random_alignment(
+    drawn = random_alignment(
         indexes, pairs, run.n_stimuli, 30, 5, interval_width=width, max_sets=120, seed=0
     )
     assert drawn.reached and 4 <= drawn.n_sets < 120
     # the sets drawn are the first ones of the full draw
-    np.testing.assert_array_equal(drawn.cknna, full.cknna[:, : drawn.n_sets])
+    np.testing.assert_array_equal(drawn.values["cknna"], full.values["cknna"][:, : drawn.n_sets])
     # every pair's interval is within the width now, and was not at the stopping rule's last check
-    widths = mean_interval_widths(drawn.cknna)
+    widths = mean_interval_widths(drawn.values["cknna"])
     assert (widths <= width).all() and drawn.widest_interval == pytest.approx(widths.max())
     assert drawn.widest_interval <= width
 
 
 def test_an_unreachable_precision_draws_the_most_allowed(planted) -> None:
     run, pairs, indexes = planted
-    drawn = sequential_random_alignment(
+    drawn = random_alignment(
         indexes, pairs, run.n_stimuli, 30, 5, interval_width=1e-9, max_sets=30, seed=0
     )
     assert drawn.n_sets == 30 and not drawn.reached and drawn.widest_interval > 1e-9
@@ -87,7 +99,7 @@ def test_an_unreachable_precision_draws_the_most_allowed(planted) -> None:
 
 def test_a_loose_precision_needs_only_the_fewest_sets(planted) -> None:
     run, pairs, indexes = planted
-    drawn = sequential_random_alignment(
+    drawn = random_alignment(
         indexes, pairs, run.n_stimuli, 30, 5, interval_width=10.0, max_sets=200, min_sets=6,
         seed=0,
     )
@@ -115,30 +127,8 @@ def test_sets_needed_follows_the_spread() -> None:
 def test_bad_requests_are_errors_in_words(planted) -> None:
     run, pairs, indexes = planted
     with pytest.raises(ValueError, match="max_sets must be at least 1"):
-        sequential_random_alignment(indexes, pairs, run.n_stimuli, 30, 5, max_sets=0)
+        random_alignment(indexes, pairs, run.n_stimuli, 30, 5, max_sets=0)
     with pytest.raises(ValueError, match="interval_width must be a positive"):
-        sequential_random_alignment(indexes, pairs, run.n_stimuli, 30, 5, interval_width=0.0)
+        random_alignment(indexes, pairs, run.n_stimuli, 30, 5, interval_width=0.0)
     with pytest.raises(ValueError, match="out of range"):
         next(random_set_stream(10, 11, 0))
-
-
-def test_the_table_summarises_the_drawn_sets(planted) -> None:
-    from convergence_core.random_baseline import baseline_table
-
-    run, pairs, indexes = planted
-    drawn = sequential_random_alignment(
-        indexes, pairs, run.n_stimuli, 30, 5, interval_width=0.06, max_sets=120, seed=2
-    )
-    table = baseline_table(
-        indexes, pairs, run.n_stimuli, 30, 5, interval_width=0.06, max_sets=120, seed=2
-    )
-    assert len(table) == len(pairs) and set(table["n_random"]) == {drawn.n_sets}
-    np.testing.assert_allclose(table["cknna_random_mean"], drawn.cknna.mean(axis=1))
-    np.testing.assert_allclose(
-        table["mutual_knn_random_upper_95"], np.percentile(drawn.mutual_knn, 97.5, axis=1)
-    )
-    np.testing.assert_allclose(
-        table["cknna_random_mean_interval"], mean_interval_widths(drawn.cknna)
-    )
-    assert (table["cknna_random_lower_95"] <= table["cknna_random_mean"]).all()
-    assert set(table["interval_width"]) == {0.06}
