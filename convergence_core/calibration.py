@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .subsets import check_indices
+from .validation import check_count
 
 _TIE_TOLERANCE = 1e-12
 
@@ -37,16 +38,6 @@ def _rng(seed: object) -> np.random.Generator:
     if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer, got {seed!r}; pass e.g. seed=0.")
     return np.random.default_rng(int(seed))
-
-
-def _check_count(value: object, name: str, minimum: int = 1) -> int:
-    if (
-        isinstance(value, (bool, np.bool_))
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
 
 
 def check_level(level: object) -> float:
@@ -115,7 +106,7 @@ def shuffled_pairings(rows: object, n_shuffles: int, seed: int = 0) -> np.ndarra
     """(n_shuffles, s) int64: the set's rows in a fresh random order per shuffle (seeded)."""
     rows = np.asarray(rows, dtype=np.int64)
     rng = _rng(seed)
-    n_shuffles = _check_count(n_shuffles, "n_shuffles")
+    n_shuffles = check_count(n_shuffles, "n_shuffles")
     return np.stack([rows[rng.permutation(rows.size)] for _ in range(n_shuffles)])
 
 
@@ -208,7 +199,7 @@ def local_density(neighbour_values: object, k: int = 10) -> np.ndarray:
             f"neighbour_values must be a finite (n, K) array of similarities (no NaN/inf), got "
             f"shape {values.shape}; pass NeighbourTable.values (or rebuild the neighbour table)."
         )
-    k = _check_count(k, "k")
+    k = check_count(k, "k")
     if k > values.shape[1]:
         raise ValueError(
             f"k={k} but only {values.shape[1]} neighbours per stimulus are given; pass k <= {values.shape[1]}."
@@ -278,7 +269,7 @@ def covariate_strata(
     covariate: object = None, labels: object = None, *, n_bins: int = 5
 ) -> np.ndarray:
     """(n,) int stratum of each stimulus: covariate quantile bin (over all n) × label."""
-    n_bins = _check_count(n_bins, "n_bins")
+    n_bins = check_count(n_bins, "n_bins")
     strata = np.zeros(np.size(covariate if covariate is not None else labels), dtype=np.int64)
     if covariate is not None:
         covariate = np.asarray(covariate, dtype=np.float64)
@@ -326,7 +317,7 @@ def matched_random_sets(
         (n_sets, s) int64, each row sorted.
     """
     chosen, covariate, labels, n = _check_covariates(chosen, covariate, labels)
-    n_sets = _check_count(n_sets, "n_sets")
+    n_sets = check_count(n_sets, "n_sets")
     rng = _rng(seed)
     pool = np.ones(n, dtype=bool)
     if exclude_chosen:
@@ -353,7 +344,7 @@ def matched_random_sets(
             raise ValueError(
                 "method='nearest' matches on a covariate; pass covariate or use method='strata'."
             )
-        n_candidates = _check_count(n_candidates, "n_candidates")
+        n_candidates = check_count(n_candidates, "n_candidates")
         groups = labels if labels is not None else np.zeros(n, dtype=np.int64)
         # each chosen stimulus's candidates, nearest covariate first (stable: lower index on ties);
         # at most s - 1 of them can be taken by the set's other stimuli, so s + n_candidates suffice
@@ -380,20 +371,6 @@ def matched_random_sets(
     else:
         raise ValueError(f"method must be 'strata' or 'nearest', got {method!r}.")
     return np.sort(sets, axis=1)
-
-
-def random_sets(n: int, size: int, n_sets: int = 200, *, seed: int = 0) -> np.ndarray:
-    """(n_sets, size) int64 unmatched random sets (distinct stimuli within a set), rows sorted."""
-    n, size = _check_count(n, "n"), _check_count(size, "size")
-    if size > n:
-        raise ValueError(f"size={size} is larger than the {n} stimuli.")
-    rng = _rng(seed)
-    return np.sort(
-        np.stack(
-            [rng.choice(n, size, replace=False) for _ in range(_check_count(n_sets, "n_sets"))]
-        ),
-        axis=1,
-    )
 
 
 @dataclass(frozen=True)
@@ -480,8 +457,8 @@ def resampled_interval(
     m = n/2), so the interval is the estimate plus the central quantiles of the half-sample values'
     deviations from their own mean (which removes the level shift of a smaller set at fixed k).
     """
-    n = _check_count(n, "n", 4)
-    n_resamples = _check_count(n_resamples, "n_resamples")
+    n = check_count(n, "n", 4)
+    n_resamples = check_count(n_resamples, "n_resamples")
     level = check_level(level)
     rng = _rng(seed)
     estimate = float(statistic(np.arange(n)))

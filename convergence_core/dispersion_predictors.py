@@ -40,6 +40,7 @@ from threadpoolctl import threadpool_limits
 
 from .dispersion import SCORES
 from .properties import PropertyTable
+from .validation import check_count
 
 __all__ = [
     "DEFAULT_N_PERMUTATIONS",
@@ -132,12 +133,6 @@ def _scores(dispersion: pd.DataFrame, table: PropertyTable, scores: Sequence[str
         values = dispersion[score].to_numpy(dtype=np.float64)
         if not np.isfinite(values).all():
             raise ValueError(f"dispersion score {score!r} has NaN/inf; rerun precompute")
-
-
-def _check_count(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def fit_problem(
@@ -329,7 +324,7 @@ def property_tests(
     are present for the same stimuli share their permutations.
     """
     _scores(dispersion, table, scores)
-    n_permutations = _check_count(n_permutations, "n_permutations", 1)
+    n_permutations = check_count(n_permutations, "n_permutations", 1)
     usable = usable or usable_properties(table)
     columns = [
         "score", "rank", "property", "kind", "source", "unit", "test", "n_stimuli", "n_levels",
@@ -724,9 +719,9 @@ def cross_validated_fit(
     _scores(dispersion, table, [score])
     usable = usable or usable_properties(table)
     n = len(table.values)
-    n_splits = _check_count(n_splits, "n_splits", 2)
-    n_shuffles = _check_count(n_shuffles, "n_shuffles", 0)
-    importance_repeats = _check_count(importance_repeats, "importance_repeats", 0)
+    n_splits = check_count(n_splits, "n_splits", 2)
+    n_shuffles = check_count(n_shuffles, "n_shuffles", 0)
+    importance_repeats = check_count(importance_repeats, "importance_repeats", 0)
     problem = fit_problem(table, n_splits, usable)
     if problem:
         raise ValueError(problem)

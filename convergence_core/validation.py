@@ -183,6 +183,18 @@ def check_embedding_set(
     return arrays
 
 
+def check_count(value: object, name: str, minimum: int = 1) -> int:
+    """``value`` as a Python int, if it is an integer (not a bool) of at least ``minimum``: a
+    count such as ``n_sets`` or ``n_permutations``; ValueError naming ``name`` otherwise."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
 def check_k(k: object, n: int, minimum: int = 1, *, what: str = "the set") -> int:
     """Validate a neighbour count k for a set of n stimuli: ``minimum <= k <= n - 1``.
 

@@ -13,7 +13,6 @@ from convergence_core.calibration import (
     covariate_strata,
     local_density,
     matched_random_sets,
-    random_sets,
     resampled_interval,
     shuffled_pairing_null,
     shuffled_pairing_rows,
@@ -21,6 +20,13 @@ from convergence_core.calibration import (
     typicality,
 )
 from convergence_core.metrics import measure, nearest_neighbours
+
+
+def random_sets(n: int, size: int, n_sets: int, *, seed: int) -> np.ndarray:
+    """(n_sets, size) unmatched random sets (distinct stimuli within a set), rows sorted: the
+    baseline that matching is compared with."""
+    rng = np.random.default_rng(seed)
+    return np.sort(np.stack([rng.choice(n, size, replace=False) for _ in range(n_sets)]), axis=1)
 
 
 def paired(rng, n=120, d=10, noise=0.5):
