@@ -36,7 +36,6 @@ __all__ = [
     "autocast_context",
     "captions_for_language",
     "check_precision",
-    "extract_caption_embeddings",
     "extract_embeddings",
     "fit_batch_size",
     "pin_for_device",
@@ -321,7 +320,7 @@ def captions_for_language(
 
     ``mode="first"``: one caption per stimulus (its first). ``mode="mean"``: every caption of every
     stimulus; the per-stimulus embedding is then the mean of its captions' embeddings (see
-    :func:`extract_caption_embeddings`).
+    :func:`pool_captions`).
 
     Returns:
         ``(texts, owner)``: ``texts`` list[str]; ``owner`` (len(texts),) int64, the stimulus row of
@@ -355,28 +354,6 @@ def captions_for_language(
         texts.extend(chosen)
         owner.extend([row] * len(chosen))
     return texts, np.asarray(owner, dtype=np.int64)
-
-
-def extract_caption_embeddings(
-    encoder: Encoder,
-    stimuli: pd.DataFrame,
-    *,
-    mode: str = "first",
-    batch_size: int = 32,
-    progress: Progress | None = None,
-    layers: Sequence[str] | None = None,
-    autocast: torch.dtype | None = None,
-) -> dict[str, np.ndarray]:
-    """Per-stimulus language embeddings: ``{layer: (n_stimuli, d) float32}``.
-
-    With ``mode="mean"`` each stimulus's row is the float64 mean of its captions' embeddings
-    (each caption mean-pooled over its tokens first), cast to float32 (:func:`pool_captions`).
-    """
-    texts, owner = captions_for_language(stimuli, mode)
-    per_text = extract_embeddings(
-        encoder, texts, batch_size=batch_size, progress=progress, layers=layers, autocast=autocast
-    )
-    return pool_captions(per_text, owner, len(stimuli))
 
 
 def pool_captions(

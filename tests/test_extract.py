@@ -14,8 +14,8 @@ import torch
 from convergence_core.datasets import load_dataset
 from convergence_core.extract import (
     captions_for_language,
-    extract_caption_embeddings,
     extract_embeddings,
+    pool_captions,
 )
 from convergence_core.images import ImageFileError, open_rgb
 from convergence_core.models.base import Encoder
@@ -130,15 +130,23 @@ def test_captions_for_language_modes() -> None:
         captions_for_language(empty)
 
 
+def _caption_embeddings(stimuli: pd.DataFrame, mode: str, batch_size: int = 32):  # noqa: ANN202
+    """Per-stimulus language embeddings as the engines make them: the captions of ``mode``,
+    embedded, then pooled per stimulus."""
+    texts, owner = captions_for_language(stimuli, mode)
+    per_text = extract_embeddings(HashTextEncoder(), texts, batch_size=batch_size)
+    return pool_captions(per_text, owner, len(stimuli))
+
+
 def test_caption_mean_is_average_of_caption_embeddings() -> None:
     stimuli = _stimuli()
-    out = extract_caption_embeddings(HashTextEncoder(), stimuli, mode="mean", batch_size=2)
+    out = _caption_embeddings(stimuli, "mean", batch_size=2)
     for row, caps in enumerate(stimuli["captions"]):
         expected = np.mean(
             [HashTextEncoder.vector(c, "b", 5).astype(np.float64) for c in caps], axis=0
         )
         np.testing.assert_allclose(out["b"][row], expected, rtol=1e-6)
-    first = extract_caption_embeddings(HashTextEncoder(), stimuli, mode="first")
+    first = _caption_embeddings(stimuli, "first")
     np.testing.assert_array_equal(first["a"][1], HashTextEncoder.vector("only one", "a", 3))
     assert out["a"].shape == first["a"].shape == (3, 3)
 
