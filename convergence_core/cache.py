@@ -458,10 +458,6 @@ class RunLayout:
     def dispersion(self) -> Path:
         return self._file("dispersion.parquet")
 
-    @property
-    def pca_dir(self) -> Path:
-        return self._file("pca")
-
     def pca_array(self, name: str) -> Path:
         return self._file("pca", f"{check_key(name, 'PCA array')}.npy")
 
@@ -486,10 +482,7 @@ class RunLayout:
         """properties.json: the description of every property column."""
         return self._file("properties.json")
 
-    @property
-    def properties_parts_dir(self) -> Path:
-        """properties/: the precompute's cached parts (image table, caption agreement)."""
-        return self._file("properties")
-
     def properties_part(self, name: str, suffix: str) -> Path:
+        """``properties/<name><suffix>``: a part the precompute caches (image table, caption
+        agreement)."""
         return self._file("properties", f"{check_key(name, 'property part')}{suffix}")

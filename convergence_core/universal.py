@@ -161,11 +161,6 @@ class UniversalFit:
             out[start : start + block.shape[0]] = (block - mean) @ matrix
         return out
 
-    def transform_all(self, features: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """:meth:`transform` of every member: M arrays (n, p)."""
-        _check_member_count(features, self.members)
-        return [self.transform(i, x) for i, x in enumerate(features)]
-
 
 def _check_member_count(features: Sequence[object], members: Sequence[Member]) -> None:
     if len(features) != len(members):

@@ -103,7 +103,7 @@ def analyses_pair(run, language_model):  # noqa: ANN001, ANN201
 def test_rerun_reuses_the_properties(tiny_coco, tmp_path, loads):
     first = precompute(**_options(tiny_coco, tmp_path))
     files = [first.layout.properties, first.layout.properties_info]
-    files += list(first.layout.properties_parts_dir.iterdir())
+    files += list((first.layout.root / "properties").iterdir())
     mtimes = {f: f.stat().st_mtime_ns for f in files}
     events: list[ProgressEvent] = []
     second = precompute(progress=events.append, **_options(tiny_coco, tmp_path))
@@ -125,7 +125,7 @@ def test_a_run_made_before_the_step_gets_its_properties_on_rerun(tiny_coco, tmp_
     write_json(first.layout.manifest, manifest)
     first.layout.properties.unlink()
     first.layout.properties_info.unlink()
-    first.layout.remove_tree(first.layout.properties_parts_dir)
+    first.layout.remove_tree(first.layout.root / "properties")
     again = precompute(**_options(tiny_coco, tmp_path))
     assert loads == Counter({**{v: 1 for v in VISION}, LANGUAGE[0]: 2})
     assert again.properties.values.equals(expected)
@@ -158,7 +158,7 @@ def test_dropping_a_language_model_drops_its_agreement(tiny_coco, tmp_path, load
     run = precompute(**_options(tiny_coco, tmp_path, language_models=[]))
     assert not [name for name in run.properties.names if name.startswith("caption_agreement")]
     assert not [s for s in run.manifest.steps if s.startswith("properties:captions:")]
-    assert not list(run.layout.properties_parts_dir.glob("caption_agreement-*"))
+    assert not list((run.layout.root / "properties").glob("caption_agreement-*"))
 
 
 def test_the_caption_agreement_pass_shows_its_progress(tiny_coco, tmp_path, loads):
