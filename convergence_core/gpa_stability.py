@@ -57,6 +57,7 @@ import numpy as np
 import pandas as pd
 
 from . import procrustes as _gpa
+from .stats import ordinal_ranks
 
 
 @dataclass(frozen=True)
@@ -251,14 +252,6 @@ class StoredStability:
 _ZERO_DISPERSION = 1e-12
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """0-based ranks of (S, n) rows (ascending; ties by position)."""
-    order = np.argsort(values, axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(values.shape[1])[None, :], axis=1)
-    return ranks
-
-
 def _spread(values: np.ndarray) -> np.ndarray:
     """max − min over the first axis; NaN where fewer than two solutions are given."""
     if values.shape[0] < 2:
@@ -451,7 +444,7 @@ def _measure(
     previous = residuals[-1]
     residuals = residuals[:-1]  # (S + 1, n, M)
     dispersion = residuals.mean(axis=2)  # (S + 1, n)
-    ranks = _ranks(dispersion)
+    ranks = ordinal_ranks(dispersion)
     losses = np.array([s.loss_history[-1] for s in solutions])
     at_best = losses <= losses.min() + max(100.0 * tol, 1e-12)  # GPAStability.same_optimum
     stability = GPAStability(

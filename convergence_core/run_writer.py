@@ -511,22 +511,16 @@ def write_gpa_to_uncertainty(
     return result, stability, stop
 
 
-def _ranks(scores: np.ndarray) -> np.ndarray:
-    """0-based ranks, 0 = lowest score; ties broken by stimulus order."""
-    ranks = np.empty(scores.shape[0], dtype=np.int64)
-    ranks[np.argsort(scores, kind="stable")] = np.arange(scores.shape[0])
-    return ranks
-
-
 def write_dispersion(layout: RunLayout, ids: Sequence[str], residuals: np.ndarray) -> None:
     """Write dispersion.parquet and pca/ from the (m, M) residual matrix."""
     from .dispersion import SCORES, dispersion_scores, rank_column, residual_pca
+    from .stats import ordinal_ranks  # 0 = lowest score; ties broken by stimulus order
 
     scores = {
         score: np.asarray(dispersion_scores(residuals, method=score), dtype=np.float64)
         for score in SCORES
     }
-    ranks = {rank_column(score): _ranks(values) for score, values in scores.items()}
+    ranks = {rank_column(score): ordinal_ranks(values) for score, values in scores.items()}
     frame = pd.DataFrame({"id": list(ids), **scores, **ranks})
     write_parquet(layout.dispersion, frame)
     pca = residual_pca(residuals)

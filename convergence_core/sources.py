@@ -126,13 +126,6 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _array_fingerprint(array: np.ndarray) -> str:
-    array = np.ascontiguousarray(array)
-    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()
-
-
 @dataclass
 class ArraySource:
     """Representations given as arrays: ``{layer: (n, d)}`` in stimulus order, layers in order.
@@ -163,7 +156,9 @@ class ArraySource:
         return [str(layer) for layer in self.arrays]
 
     def inputs(self, context: Any) -> str:
-        return "arrays:" + ",".join(_array_fingerprint(np.asarray(a)) for a in self.arrays.values())
+        from .run_writer import array_fingerprint
+
+        return "arrays:" + ",".join(array_fingerprint(np.asarray(a)) for a in self.arrays.values())
 
     def check(self, stimuli: pd.DataFrame, images_root: Path | None) -> None:
         """Nothing to check before the run's work: ``write_run_from_embeddings`` checks every

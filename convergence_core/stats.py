@@ -204,7 +204,18 @@ def correlation_with_fit(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     }
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
+def ordinal_ranks(values: np.ndarray) -> np.ndarray:
+    """0-based int64 ranks along the last axis (0 = lowest; ties broken by position, so every
+    rank is distinct), for (n,) values or each row of (S, n)."""
+    values = np.asarray(values)
+    order = np.argsort(values, axis=-1, kind="stable")
+    ranks = np.empty(order.shape, dtype=np.int64)
+    np.put_along_axis(ranks, order, np.arange(values.shape[-1], dtype=np.int64), axis=-1)
+    return ranks
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based float64 ranks of (n,) values, ties given their average rank (for Spearman ρ)."""
     from scipy.stats import rankdata  # here: scipy.stats is slow to import
 
     return rankdata(values).astype(np.float64)
@@ -249,8 +260,8 @@ def spearman_permutation_test(
     ):
         raise ValueError(f"n_permutations must be a positive integer, got {n_permutations!r}")
     n = x.shape[0]
-    rx = _ranks(x[:, 0])
-    ry = _ranks(y[:, 0])
+    rx = _average_ranks(x[:, 0])
+    ry = _average_ranks(y[:, 0])
     rx = rx - rx.mean()
     ry = ry - ry.mean()
     denominator = float(np.linalg.norm(rx) * np.linalg.norm(ry))
