@@ -7,8 +7,9 @@ other stimulus is placed by ``UMAP.transform`` (its neighbours among the fitted 
 layout steps), which keeps the fitted layout and costs about linearly in n. The result says how it
 was made (:class:`ResidualMap`), so the page can state it.
 
-A run may store the map as ``umap.npy`` (``RunLayout.umap``); the dashboard writes it there on
-first use, and precompute may call :func:`residual_map` to write it in advance.
+A run may store the map as ``umap.npy`` (``RunLayout.umap``): the dashboard
+(``dashboard.data.umap_coordinates``) computes it with :func:`residual_map` on first use and
+writes it there; precompute does not write it.
 """
 
 from __future__ import annotations
