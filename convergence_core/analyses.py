@@ -70,7 +70,7 @@ from .stats import (
 )
 from .subset_metrics import OnError, metric_values
 from .subsets import drop_fraction, select_stimuli
-from .validation import check_k
+from .validation import check_count, check_k
 
 if TYPE_CHECKING:
     from .run import Run
@@ -326,8 +326,9 @@ def pair_sides(run: Run, pairs: Sequence[Pair]) -> str:
 # Fig. 2: low / high / random dispersion sets
 
 
-def _set_draw_seeds(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
-    """Independent streams for Fig. 2's random sets and for its label shuffles, from one seed."""
+def set_draw_seeds(seed: int) -> tuple[np.random.SeedSequence, np.random.SeedSequence]:
+    """Independent streams for Fig. 2's random sets and for its label shuffles, from one seed
+    (``random_baseline.random_set_stream`` draws the same random sets one at a time)."""
     random_seed, permutation_seed = np.random.SeedSequence(seed).spawn(2)
     return random_seed, permutation_seed
 
@@ -336,35 +337,15 @@ def shuffle_rng(seed: int) -> np.random.Generator:
     """The random stream of Fig. 2's low/high label shuffles for ``seed`` (independent of the
     random sets' stream, :func:`random_sets`): the report and the Alignment lab shuffle with
     it."""
-    return np.random.default_rng(_set_draw_seeds(int(seed))[1])
+    return np.random.default_rng(set_draw_seeds(int(seed))[1])
 
 
 def random_sets(scores: np.ndarray, size: int, n_random: int, seed: int) -> np.ndarray:
     """(n_random, size) int64: Fig. 2's random sets, each ``size`` stimuli without replacement."""
     if n_random < 1:
         raise ValueError(f"n_random must be >= 1, got {n_random}; use e.g. n_random=200")
-    rng = np.random.default_rng(_set_draw_seeds(seed)[0])
+    rng = np.random.default_rng(set_draw_seeds(seed)[0])
     return np.stack([select_stimuli(scores, "random", size, rng=rng) for _ in range(n_random)])
-
-
-def random_set_alignment(
-    indexes: Mapping[LayerKey, NeighbourIndex],
-    pairs: Sequence[Pair],
-    scores: np.ndarray,
-    size: int,
-    k: int,
-    *,
-    n_random: int,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """CKNNA and mutual k-NN of every pair on the :func:`random_sets` (the same sets for all).
-
-    ``indexes`` maps (model, layer) to its neighbour index (:func:`indexes_for`); ``scores`` (n,)
-    only sets n. Returns ``(cknna, mutual_knn)``, each (len(pairs), n_random) float64.
-    """
-    sets = random_sets(scores, size, n_random, seed)
-    result = _alignment(indexes, pairs, sets, k)
-    return result.cknna, result.mutual_knn
 
 
 def check_set_size(size: object, n: int) -> None:
@@ -439,7 +420,7 @@ def dispersion_set_alignment(
     names = ["cknna"] if metrics is None else check_metric_names(metrics)
     options = _metric_options(names, metric_options)
     counts = {
-        name: _check_count(
+        name: check_count(
             n_permutations if name == "cknna" or metric_permutations is None
             else metric_permutations,
             "n_permutations" if name == "cknna" else "metric_permutations",
@@ -654,16 +635,6 @@ def effect_verdict(table: pd.DataFrame, sides: str = "vision × language") -> st
 
 # ----------------------------------------------------------------------------------------------
 # any registry metric on many sets
-
-
-def _check_count(value: object, name: str, *, minimum: int = 1) -> int:
-    if (
-        isinstance(value, (bool, np.bool_))
-        or not isinstance(value, (int, np.integer))
-        or value < minimum
-    ):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def check_metric_names(metrics: Sequence[str] | str) -> list[str]:

@@ -55,11 +55,11 @@ def random_set_stream(n: int, size: int, seed: int) -> Iterator[np.ndarray]:
     time: the draws of :func:`analyses.random_sets` for the same ``seed``, in order."""
     if not 1 <= size <= n:
         raise ValueError(f"size={size} is out of range for {n} stimuli; use 1 <= size <= {n}")
-    from .analyses import _set_draw_seeds  # here: analyses is slow to import
+    from .analyses import set_draw_seeds  # here: analyses is slow to import
 
     # analyses.random_sets' stream (the first of two spawned from the seed), one
     # choice(n, size, replace=False) per set (tests/test_random_baseline.py checks they agree)
-    rng = np.random.default_rng(_set_draw_seeds(seed)[0])
+    rng = np.random.default_rng(set_draw_seeds(seed)[0])
     while True:
         yield np.sort(rng.choice(n, size=size, replace=False)).astype(np.int64)
 
