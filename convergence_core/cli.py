@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -601,7 +601,7 @@ def run_line(run: Any) -> str:
     return f"run {run.path}: " + "; ".join(parts)
 
 
-def _other_models(models: dict[str, str], gpa: list[str]) -> str:
+def _other_models(models: Mapping[str, str], gpa: Sequence[str]) -> str:
     """``runs``' other column: models of other modalities by modality, then the GPA models when
     they are not the vision models (``subj01,subj02 (brain; GPA)``)."""
     by_modality: dict[str, list[str]] = {}
@@ -617,9 +617,9 @@ def _other_models(models: dict[str, str], gpa: list[str]) -> str:
 def _status(info: Any) -> str:
     if info.damaged is not None:
         return "damaged"
-    if info.summary["needs_upgrade"]:
+    if info.summary.needs_upgrade:
         return "needs upgrade (rerun its precompute)"
-    return "complete" if info.summary["complete"] else "incomplete"
+    return "complete" if info.summary.complete else "incomplete"
 
 
 def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
@@ -636,7 +636,8 @@ def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
         print(
             json.dumps(
                 [
-                    {"name": r.name, "path": str(r.path), "damaged": r.damaged, **r.summary}
+                    {"name": r.name, "path": str(r.path), "damaged": r.damaged,
+                     **r.summary.as_dict()}
                     for r in runs
                 ],
                 indent=2,
@@ -655,11 +656,11 @@ def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
         (
             r.name,
             _status(r),
-            str(r.summary.get("n_stimuli", "-")),
-            ",".join(r.summary.get("vision_models", [])) or "-",
-            ",".join(r.summary.get("language_models", [])) or "-",
-            _other_models(r.summary.get("other_models", {}), r.summary.get("gpa_models", [])),
-            r.summary.get("updated") or "-",
+            "-" if r.summary.n_stimuli is None else str(r.summary.n_stimuli),
+            ",".join(r.summary.vision_models) or "-",
+            ",".join(r.summary.language_models) or "-",
+            _other_models(r.summary.other_models, r.summary.gpa_models),
+            r.summary.updated or "-",
             str(r.path),
         )
         for r in runs

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -605,46 +606,83 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     return Run(folder, manifest)
 
 
+@dataclass(frozen=True)
+class RunSummary:
+    """What :func:`list_runs` (``runs``, the dashboard's run picker) shows of a cached run, read
+    from its manifest. A damaged run's summary is :meth:`unreadable` (not complete, nothing known).
+
+    Attributes:
+        complete: every step finished and the format is current (the run can be opened).
+        needs_upgrade: written by an older version; rerunning its precompute upgrades it.
+        dataset, n_stimuli: the data set's name and the run's stimuli (None when unknown).
+        vision_models, language_models: model names by modality; other_models:
+            ``{model: modality}`` of the rest (brain recordings, ...); gpa_models: GPA's models.
+        created, updated: ISO 8601 UTC ("" when unknown); steps: the finished steps, sorted.
+    """
+
+    complete: bool
+    needs_upgrade: bool
+    dataset: str | None = None
+    n_stimuli: int | None = None
+    vision_models: tuple[str, ...] = ()
+    language_models: tuple[str, ...] = ()
+    other_models: Mapping[str, str] = field(default_factory=dict)
+    gpa_models: tuple[str, ...] = ()
+    created: str = ""
+    updated: str = ""
+    steps: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> RunSummary:
+        shown = (*manifest.vision_models, *manifest.language_models)
+        return cls(
+            complete=bool(manifest.complete) and not manifest.needs_upgrade,
+            needs_upgrade=manifest.needs_upgrade,
+            dataset=manifest.dataset.name,
+            n_stimuli=manifest.n_stimuli,
+            vision_models=tuple(manifest.vision_models),
+            language_models=tuple(manifest.language_models),
+            other_models={m: manifest.models[m].modality for m in manifest.model_names
+                          if m not in shown},
+            gpa_models=tuple(manifest.gpa.models),
+            created=manifest.created or "",
+            updated=manifest.updated or "",
+            steps=tuple(sorted(manifest.steps)),
+        )
+
+    @classmethod
+    def unreadable(cls) -> RunSummary:
+        """The summary of a run whose manifest cannot be read."""
+        return cls(complete=False, needs_upgrade=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values (lists, a dict), for ``runs --json``."""
+        return {
+            key: list(value) if isinstance(value, tuple) else
+            dict(value) if isinstance(value, Mapping) else value
+            for key, value in asdict(self).items()
+        }
+
+
 class RunInfo(NamedTuple):
     """One cached run as listed by :func:`list_runs`.
 
     ``damaged`` is None for a readable run, else the reason it cannot be opened (its manifest
-    does not follow the schema); ``summary`` is then mostly empty.
+    does not follow the schema); ``summary`` is then :meth:`RunSummary.unreadable`.
     """
 
     name: str
     path: Path
-    summary: dict[str, Any]
+    summary: RunSummary
     damaged: str | None = None
-
-
-def _summary(manifest: Manifest) -> dict[str, Any]:
-    return {
-        "complete": bool(manifest.complete) and not manifest.needs_upgrade,
-        "needs_upgrade": manifest.needs_upgrade,
-        "dataset": manifest.dataset.name,
-        "n_stimuli": manifest.n_stimuli,
-        "vision_models": list(manifest.vision_models),
-        "language_models": list(manifest.language_models),
-        # brain recordings and any other modality: {model: modality}
-        "other_models": {
-            m: manifest.models[m].modality for m in manifest.model_names
-            if m not in (*manifest.vision_models, *manifest.language_models)
-        },
-        "gpa_models": list(manifest.gpa.models),
-        "created": manifest.created,
-        "updated": manifest.updated,
-        "steps": sorted(manifest.steps),
-    }
 
 
 def list_runs(root: str | os.PathLike[str] | None = None) -> list[RunInfo]:
     """Cached runs under ``root`` (default ``settings.runs_root()``), most recently updated first.
 
-    Each entry is ``RunInfo(name, path, summary, damaged)``; ``summary`` holds ``complete``,
-    ``needs_upgrade``, ``dataset``, ``n_stimuli``, ``vision_models``, ``language_models``,
-    ``other_models`` ({model: modality}: brain recordings, ...), ``gpa_models``, ``created``,
-    ``updated`` (ISO 8601 UTC) and ``steps``. A folder whose manifest cannot be read
+    Each entry is ``RunInfo(name, path, summary, damaged)``, ``summary`` a :class:`RunSummary`
+    (complete, models by modality, GPA's models, created / updated, steps). A folder whose
+    manifest cannot be read
     or does not follow the schema is listed last, with ``damaged`` giving the reason; folders
     without a manifest are not runs and are skipped.
     """
@@ -660,9 +698,8 @@ def list_runs(root: str | os.PathLike[str] | None = None) -> list[RunInfo]:
                 continue
             manifest = _read_manifest(layout)
         except (CacheFormatError, OSError) as exc:
-            empty = {"complete": False, "needs_upgrade": False, "updated": "", "steps": []}
-            damaged.append(RunInfo(child.name, child, empty, str(exc)))
+            damaged.append(RunInfo(child.name, child, RunSummary.unreadable(), str(exc)))
             continue
-        runs.append(RunInfo(child.name, child, _summary(manifest)))
-    runs.sort(key=lambda info: (info.summary["updated"] or "", info.name), reverse=True)
+        runs.append(RunInfo(child.name, child, RunSummary.of(manifest)))
+    runs.sort(key=lambda info: (info.summary.updated, info.name), reverse=True)
     return runs + damaged

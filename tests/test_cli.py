@@ -95,6 +95,14 @@ def test_runs_lists_cached_runs(tmp_path):
     code, out, _ = _main("runs", "--cache", str(tmp_path), "--json")
     listed = json.loads(out)
     assert [r["name"] for r in listed] == ["alpha"] and listed[0]["n_stimuli"] == 8
+    # the run's summary record, field by field, as JSON lists and objects
+    assert list(listed[0]) == [
+        "name", "path", "damaged", "complete", "needs_upgrade", "dataset", "n_stimuli",
+        "vision_models", "language_models", "other_models", "gpa_models", "created", "updated",
+        "steps",
+    ]
+    assert isinstance(listed[0]["vision_models"], list) and listed[0]["vision_models"]
+    assert isinstance(listed[0]["steps"], list) and isinstance(listed[0]["other_models"], dict)
 
 
 def test_user_errors_are_one_line_with_the_fix(tmp_path):

@@ -160,9 +160,9 @@ def test_a_damaged_manifest_is_listed_with_its_reason_and_the_others_work(tmp_pa
     bad = make_synthetic_run(cache / "runs", n=12, name="bad")
     _tamper(bad.path, edit)
     infos = {info.name: info for info in list_runs(cache / "runs")}
-    assert infos["healthy"].damaged is None and infos["healthy"].summary["complete"]
+    assert infos["healthy"].damaged is None and infos["healthy"].summary.complete
     assert infos["bad"].damaged is not None and field in infos["bad"].damaged
-    assert not infos["bad"].summary["complete"]
+    assert not infos["bad"].summary.complete
     assert load_run(healthy.path).n_stimuli == 12
     with pytest.raises(CacheFormatError, match=field):
         load_run(bad.path)

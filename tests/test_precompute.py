@@ -215,7 +215,7 @@ def test_a_format_1_run_is_upgraded_in_place_without_re_extraction(tiny_coco, tm
     with pytest.raises(ValueError, match="older version.*rerun the precompute"):
         load_run(path)
     (info,) = list_runs(path.parent)
-    assert info.summary["needs_upgrade"] and not info.summary["complete"]
+    assert info.summary.needs_upgrade and not info.summary.complete
     events: list[ProgressEvent] = []
     upgraded = precompute(progress=events.append, **_options(tiny_coco, tmp_path))
     assert loads == Counter({name: 1 for name in (*VISION, *LANGUAGE)})  # nothing re-extracted

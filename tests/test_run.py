@@ -242,7 +242,7 @@ def test_list_runs_newest_first(tmp_path):
     assert [r.name for r in runs] == ["newer", "older"]
     name, path, summary, damaged = runs[0]
     assert damaged is None
-    assert path == tmp_path / "newer" and summary["n_stimuli"] == 12 and summary["complete"]
+    assert path == tmp_path / "newer" and summary.n_stimuli == 12 and summary.complete
     assert list_runs(tmp_path / "absent") == []
 
 

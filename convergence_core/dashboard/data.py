@@ -62,7 +62,7 @@ def _runs_signature(root: Path) -> tuple[tuple[str, int], ...]:
 
 def complete_runs(root: str | Path) -> list[RunInfo]:
     """The complete runs under ``root`` (a cache's ``runs/``), newest first, read now."""
-    return [info for info in list_runs(root) if info.summary.get("complete")]
+    return [info for info in list_runs(root) if info.summary.complete]
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -77,7 +77,7 @@ def available_runs() -> list[RunInfo]:
     """
     root = settings.runs_root()
     listed = _listed_runs(str(root), _runs_signature(root))
-    return [info for info in listed if info.summary.get("complete")]
+    return [info for info in listed if info.summary.complete]
 
 
 def unfinished_run_names() -> list[str]:
@@ -86,7 +86,7 @@ def unfinished_run_names() -> list[str]:
     root = settings.runs_root()
     listed = _listed_runs(str(root), _runs_signature(root))
     return [info.name for info in listed
-            if info.damaged is None and not info.summary.get("complete")]
+            if info.damaged is None and not info.summary.complete]
 
 
 def default_run_name(runs: Sequence[RunInfo]) -> str | None:
