@@ -164,7 +164,7 @@ def cached_caption_embeddings(run: Run, model: str, layer: str) -> CaptionEmbedd
 
 def _source_words(entry: ModelEntry) -> str:
     """Where a model's features came from, in words (``a features file``, ``arrays``)."""
-    source = entry.details.get("source")
+    source = entry.source
     return {"file": "a features file", "arrays": "arrays given to write_run_from_embeddings"}.get(
         source, f"source {source!r}"
     )

@@ -90,6 +90,17 @@ def _str_map(data: dict[str, Any], name: str, where: str, value_kinds: type | tu
     return dict(mapping)
 
 
+#: Where a model's features can come from (``ModelEntry.source``; ``sources.*Source.kind``)
+FEATURE_SOURCES = ("encoder", "file", "arrays")
+
+
+def _feature_source(data: dict[str, Any], where: str) -> str | None:
+    source = _get(data, "source", (str, type(None)), where, None)
+    if source is not None and source not in FEATURE_SOURCES:
+        raise _fail(where, f"source must be one of {list(FEATURE_SOURCES)}, got {source!r}")
+    return source
+
+
 @dataclass
 class ModelEntry:
     """One model of a run.
@@ -104,7 +115,10 @@ class ModelEntry:
             stored as null).
         neighbour_layers: layers with stored neighbour lists.
         weights_id: sha256 of the weights (encoder models) or None.
-        details: anything else recorded (timings, source), JSON-able.
+        source: where its features came from, one of :data:`FEATURE_SOURCES` (``encoder``: this
+            package extracted them; ``file``: a user's feature file; ``arrays``: arrays given to
+            ``write_run_from_embeddings``), or None for a run stored before it was recorded.
+        details: anything else recorded (timings, pooling), JSON-able.
     """
 
     key: str
@@ -117,10 +131,11 @@ class ModelEntry:
     clip_thresholds: dict[str, float] = field(default_factory=dict)
     neighbour_layers: list[str] = field(default_factory=list)
     weights_id: str | None = None
+    source: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
     _FIELDS = ("key", "modality", "layers", "layer_keys", "default_layer", "dims", "sha256",
-               "clip_thresholds", "neighbour_layers", "weights_id")
+               "clip_thresholds", "neighbour_layers", "weights_id", "source")
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> ModelEntry:
@@ -165,20 +180,23 @@ class ModelEntry:
             clip_thresholds=clip,
             neighbour_layers=neighbour_layers,
             weights_id=_get(data, "weights_id", (str, type(None)), where, None),
+            source=_feature_source(data, where),
             details={k: v for k, v in data.items() if k not in cls._FIELDS},
         )
 
     @property
     def from_encoder(self) -> bool:
         """Whether the features were extracted by an encoder this package loads (so the model can
-        embed more text or images), not read from a user's file or arrays (``details['source']``
-        is ``encoder``, ``file`` or ``arrays``; runs from before it was recorded: encoders are
-        the models with a weights hash)."""
-        source = self.details.get("source")
-        return source == "encoder" if source is not None else self.weights_id is not None
+        embed more text or images), not read from a user's file or arrays (runs from before
+        :attr:`source` was recorded: encoders are the models with a weights hash)."""
+        if self.source is not None:
+            return self.source == "encoder"
+        return self.weights_id is not None
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self._FIELDS}
+        if self.source is None:  # a run stored before it was recorded stays as it was
+            del out["source"]
         out["clip_thresholds"] = {
             layer: (None if math.isinf(value) else value)
             for layer, value in self.clip_thresholds.items()

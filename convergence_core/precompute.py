@@ -1377,10 +1377,9 @@ class _Pipeline:
         if extracted.caption_agreement is not None:  # measured while the model was loaded
             layer, values = extracted.caption_agreement
             self._store_caption_agreement(source, layer, values)
-        details = {"source": source.kind, **extracted.details}
         self.data.models[name] = model_entry(
             name, source.modality, arrays, default, hashes, thresholds,
-            weights_id=extracted.weights_id, **details,
+            weights_id=extracted.weights_id, source=source.kind, **extracted.details,
         )
         if extracted.caption_features:  # every caption embedded anyway, and small: cache them
             from .caption_embeddings import write_caption_embeddings

@@ -271,6 +271,7 @@ def model_entry(
 ) -> ModelEntry:
     layers = list(arrays)
     weights_id = extra.pop("weights_id", None)
+    source = extra.pop("source", None)
     return ModelEntry(
         key=model_key(name),
         modality=modality,
@@ -281,6 +282,7 @@ def model_entry(
         sha256=dict(hashes),
         clip_thresholds=dict(thresholds),
         weights_id=weights_id,
+        source=source,
         details=extra,
     )
 

@@ -150,6 +150,7 @@ def test_report_and_pages_open_no_file_outside_a_tampered_run(tmp_path):
         (lambda m: m.update(format=99), "format"),
         (lambda m: m["dataset"].update(subset={"rule": "common", "kept": "all"}), "kept"),
         (lambda m: m["dataset"].update(subset="common"), "subset"),
+        (lambda m: m["models"]["vision-a"].update(source="elsewhere"), "source"),
     ],
 )
 def test_a_damaged_manifest_is_listed_with_its_reason_and_the_others_work(tmp_path, edit, field):

@@ -749,7 +749,7 @@ def test_captions_are_never_embedded_with_a_model_the_features_did_not_come_from
         vision_models=["vision0", "vision1"], language_models=["minilm"], thumbnails=False,
     )
     entry = run.manifest.models["minilm"]
-    assert entry.details["source"] == "arrays" and not entry.from_encoder
+    assert entry.source == "arrays" and not entry.from_encoder
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -768,6 +768,9 @@ def test_captions_are_never_embedded_with_a_model_the_features_did_not_come_from
     del legacy["weights_id"]
     assert not ModelEntry.from_dict(legacy, "models.minilm").from_encoder
     assert ModelEntry.from_dict({**legacy, "source": "encoder"}, "models.minilm").from_encoder
+    # a legacy entry is written back as it was (no source invented), a recorded one round-trips
+    assert "source" not in ModelEntry.from_dict(legacy, "models.minilm").to_dict()
+    assert ModelEntry.from_dict(entry.to_dict(), "models.minilm") == entry
 
 
 def test_many_to_many_recovers_the_planted_caption_averaging_effect(captioned_run, tmp_path):

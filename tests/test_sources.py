@@ -214,7 +214,7 @@ def test_a_run_from_files_of_several_modalities(tmp_path, coco, ids):
     assert run.models == ["vis-a", "vis-b", "lang", "subj01"]
     assert run.modality("subj01") == "brain" and run.layers("lang") == ["layer_05"]
     assert run.gpa.models == ("vis-a", "vis-b")
-    assert run.manifest.models["subj01"].details["source"] == "file"
+    assert run.manifest.models["subj01"].source == "file"
     np.testing.assert_allclose(
         run.embeddings["subj01"]["V1"], np.load(files["subj01"]).astype(np.float32)
     )
