@@ -165,13 +165,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+#: A temporary file's name exactly as :func:`atomic_path` makes it: ``<final name>.tmp-<pid>``
+_TEMP_NAME = re.compile(rf".+{re.escape(TEMP_MARKER)}[0-9]+")
+
+
 def clean_temp_files(folder: str | os.PathLike[str]) -> int:
-    """Delete leftover ``*.tmp-<pid>`` files (of a killed process) under ``folder``; count them."""
+    """Delete leftover ``<name>.tmp-<pid>`` files (of a killed writer) under the run folder
+    ``folder``; count them. Only names :func:`atomic_path` makes are touched (``notes.tmp-1.txt``
+    or ``draft.tmp-final`` are not), and symbolic links are neither followed nor deleted. Call it
+    on run folders only (a folder holding a manifest), never on a folder a user points at before
+    it is known to be a run."""
     count = 0
-    for tmp in Path(folder).rglob(f"*{TEMP_MARKER}*"):
-        if tmp.is_file():
-            tmp.unlink()
-            count += 1
+    for where, _, names in os.walk(folder):  # os.walk does not enter linked folders
+        for name in names:
+            tmp = Path(where) / name
+            if _TEMP_NAME.fullmatch(name) and tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink()
+                count += 1
     return count
 
 

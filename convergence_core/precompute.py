@@ -1792,9 +1792,10 @@ def _open_manifest(layout: RunLayout, name: str) -> RunManifest:
     model's clip thresholds are computed from the stored embeddings, so its extraction steps are
     kept and only the neighbour lists are built.
     """
-    if layout.root.exists():
-        clean_temp_files(layout.root)
     if layout.manifest.is_file():
+        # a run folder: a killed writer's temporary files go. A folder without a manifest is
+        # left alone here; prepare_run_folder refuses it unless it is empty
+        clean_temp_files(layout.root)
         try:
             existing = parse_manifest(read_json(layout.manifest), str(layout.manifest))
         except CacheFormatError:

@@ -632,9 +632,34 @@ def test_a_foreign_folder_with_the_run_name_is_never_deleted(tiny_coco, tmp_path
     folder = tmp_path / "cache" / "runs" / "tiny"
     folder.mkdir(parents=True)
     (folder / "notes.txt").write_text("mine")
+    # files whose names look like temporary files (from the reliability audit: these were deleted
+    # before the folder was refused), and one named exactly as ours
+    (folder / "notes.tmp-1").write_text("mine")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "draft.tmp-final.docx").write_text("mine")
     with pytest.raises(ValueError, match="not a run"):
         precompute(**_options(tiny_coco, tmp_path))
     assert (folder / "notes.txt").read_text() == "mine"
+    assert (folder / "notes.tmp-1").read_text() == "mine"
+    assert (folder / "sub" / "draft.tmp-final.docx").read_text() == "mine"
+    # the same folder given by path to write_run_from_embeddings, and linked into the cache
+    from convergence_core.precompute import write_run_from_embeddings
+
+    with pytest.raises(ValueError, match="not a run"):
+        stimuli = pd.DataFrame({"id": [f"s{i}" for i in range(6)],
+                                "image": [f"{i}.jpg" for i in range(6)],
+                                "captions": [[f"caption {i}"] for i in range(6)]})
+        rng = np.random.default_rng(0)
+        write_run_from_embeddings(folder, stimuli,
+                                  {"v": {"l": rng.random((6, 4))}, "w": {"l": rng.random((6, 3))}},
+                                  vision_models=["v", "w"], language_models=[], thumbnails=False)
+    linked = tmp_path / "cache" / "runs" / "linked"
+    linked.symlink_to(folder)
+    with pytest.raises(ValueError, match="not a run"):
+        precompute(**_options(tiny_coco, tmp_path, run_name="linked"))
+    assert sorted(p.name for p in folder.rglob("*")) == [
+        "draft.tmp-final.docx", "notes.tmp-1", "notes.txt", "sub"
+    ]
 
 
 def test_temp_files_of_a_killed_process_are_cleaned_on_resume(tiny_coco, tmp_path, loads):
