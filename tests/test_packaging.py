@@ -402,7 +402,15 @@ def test_serve_options_become_streamlits(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["--port", "70000"], "not a TCP port"), (["--cache", __file__], "is a file")],
+    [
+        (["--port", "70000"], "not a TCP port"),
+        (["--cache", __file__], "is a file"),
+        # an empty address listens on every interface (an unset $HOST in a script): refused
+        (["--host", ""], "listening address is empty"),
+        (["--host", " "], "listening address is empty"),
+        (["--server.address="], "listening address is empty"),
+        (["--server.address", "--server.headless", "true"], "listening address is empty"),
+    ],
 )
 def test_serve_rejects_bad_options_with_one_line(argv, message, capsys, monkeypatch):
     monkeypatch.setenv("CONVERGENCE_CACHE", "unused")  # restored after the test, as above

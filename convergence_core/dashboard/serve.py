@@ -29,7 +29,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from convergence_core import settings
@@ -118,7 +118,28 @@ def streamlit_arguments(argv: list[str], *, prog: str = "convergence serve") -> 
         options += ["--server.port", str(ours.port)]
     if ours.host is not None:
         options += ["--server.address", ours.host]
-    return [*options, *passthrough]
+    arguments = [*options, *passthrough]
+    _check_address(arguments)
+    return arguments
+
+
+def _check_address(arguments: Sequence[str]) -> None:
+    """An empty listening address (``--host ""``, ``--server.address=``: an unset variable in a
+    script) makes Streamlit listen on every network interface while its banner shows
+    ``http://:PORT``; refuse it with the two choices (from the reliability audit)."""
+    for i, argument in enumerate(arguments):
+        if argument in ("--server.address", "--host"):
+            value = arguments[i + 1] if i + 1 < len(arguments) else ""
+        elif argument.startswith(("--server.address=", "--host=")):
+            value = argument.split("=", 1)[1]
+        else:
+            continue
+        if not value.strip() or value.startswith("--"):
+            raise ValueError(
+                "the listening address is empty; use --host localhost (this machine only, the "
+                "default when --host is left out) or --host 0.0.0.0 to listen on every network "
+                "interface"
+            )
 
 
 def _warm_default_run() -> None:
