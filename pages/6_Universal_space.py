@@ -84,13 +84,16 @@ with st.sidebar:
             key = f"w_universal_layer_{model}"
             options = run.layers(model)
             state.drop_stale_choice(st.session_state, key, options)
-            layers[model] = st.selectbox(
-                model, options, index=options.index(run.default_layer(model)), key=key
+            layers[model] = st.selectbox(  # a label renders Markdown: the name as text
+                widgets.escape_markdown(model), options,
+                index=options.index(run.default_layer(model)), key=key,
             )
+    # model names come from the user (feature files, a shared run): help texts render Markdown
+    gpa_models_text = ", ".join(widgets.escape_markdown(m) for m in run.gpa.models)
     score = widgets.score_radio(
         view, f"{run.gpa_modality.capitalize()} dispersion",
         help=f"intra-modal dispersion: the mean residual (or PC1 score) of GPA across the run's "
-        f"GPA models ({', '.join(run.gpa.models)})"
+        f"GPA models ({gpa_models_text})"
     )
     with st.popover("Retrieval and statistics", icon=":material/tune:"):
         n_folds = st.number_input("Folds", min_value=2, max_value=10, value=5, step=1)
@@ -163,7 +166,7 @@ with dispersion_tab:
                 widgets.Card(
                     f"ρ with {run.gpa_modality} dispersion", f"{row['spearman_rho']:.3f}",
                     help="Spearman rank correlation, over stimuli, of cross-modal dispersion and "
-                    f"dispersion across the GPA models ({', '.join(run.gpa.models)})",
+                    f"dispersion across the GPA models ({gpa_models_text})",
                 ),
                 widgets.Card(
                     "Permutation p (two-sided)", f"{row['permutation_p_value_two_sided']:.3g}"

@@ -247,3 +247,21 @@ def test_a_run_without_images_or_captions_is_not_described_by_them(monkeypatch, 
     assert "Image (stimulus id)" not in [box.label for box in at.selectbox]
     assert any("no caption text in this run" in t.value for t in at.text)
     assert "caption" not in at.dataframe[0].value.columns
+
+
+def test_model_names_are_shown_as_text_not_markdown(monkeypatch, tmp_path):
+    """Model names come from feature files or a shared run; in widget labels and help texts
+    (both render Markdown) they are escaped, so an image link or emphasis in a name stays text
+    (from the reliability audit: this page showed them raw)."""
+    from convergence_core.dashboard.widgets import escape_markdown
+
+    names = ("![i](//evil.example/p.png)", "**bold** <b>x</b>", "plain-c")
+    make_synthetic_run(tmp_path / "runs", 30, name="demo", images=False, thumbnails=False,
+                       vision_models=names, language_models=("$$x$$", "lang-b"))
+    at = _page(monkeypatch, tmp_path)
+    labels = [box.label for box in at.selectbox]
+    for name in (*names, "$$x$$", "lang-b"):
+        assert escape_markdown(name) in labels
+    assert "![i](//evil.example/p.png)" not in labels and "**bold** <b>x</b>" not in labels
+    helps = " ".join(str(widget.help) for widget in at.radio)
+    assert escape_markdown(names[0]) in helps and "![i](" not in helps
