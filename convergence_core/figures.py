@@ -8,9 +8,12 @@ unit-Frobenius-norm configurations ("residual units").
 
 from __future__ import annotations
 
+import functools
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import matplotlib
 
@@ -24,6 +27,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from .cache import write_bytes  # noqa: E402
 from .dispersion import SCORE_UNIT, score_entry  # noqa: E402
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 _SET_COLOURS = {"low": "#2b8cbe", "random": "#969696", "high": "#e34a33"}
 _CONDITION_COLOURS = {"drop_high": "#2b8cbe", "full": "#969696", "drop_low": "#fd8d3c"}
 _CONDITION_LABELS = {
@@ -31,6 +37,20 @@ _CONDITION_LABELS = {
     "full": "full set",
     "drop_low": "drop low-dispersion",
 }
+
+
+def _plain_text(draw: Callable[P, R]) -> Callable[P, R]:
+    """Draw the figure with every text taken literally: model, layer and property names come from
+    the user, and a ``$`` in one (``$$\\frac{a}{b}$$``) would otherwise start matplotlib's math
+    mode and fail the whole figure (from the reliability audit: the report and the Paper
+    analyses page stopped on such a name). The figures use no math text of their own."""
+
+    @functools.wraps(draw)
+    def drawn(*args: P.args, **kwargs: P.kwargs) -> R:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
 
 
 def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
@@ -57,6 +77,7 @@ def _cknna_label(k: int) -> str:
     return f"CKNNA (k = {k}, unitless)"
 
 
+@_plain_text
 def dispersion_sets_figure(
     table: pd.DataFrame, path: str | os.PathLike[str], partner: str = "language model"
 ) -> Path:
@@ -118,6 +139,7 @@ def dispersion_sets_figure(
     return _save(figure, path)
 
 
+@_plain_text
 def drop_fraction_figure(
     table: pd.DataFrame, path: str | os.PathLike[str], partner: str = "language model"
 ) -> Path:
@@ -151,6 +173,7 @@ def drop_fraction_figure(
     return _save(figure, path)
 
 
+@_plain_text
 def leave_one_out_figure(
     points: pd.DataFrame, statistics: pd.DataFrame, path: str | os.PathLike[str]
 ) -> Path:
@@ -188,6 +211,7 @@ def leave_one_out_figure(
     return _save(figure, path)
 
 
+@_plain_text
 def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Layer sweep heat map: per language model, rows = vision models, columns = language layers."""
     languages = list(dict.fromkeys(sweep["language_model"]))
@@ -248,6 +272,7 @@ def _direction_label(direction: str) -> str:
     return plain
 
 
+@_plain_text
 def cross_modal_dispersion_figure(
     per_stimulus: pd.DataFrame, relation: pd.DataFrame, path: str | os.PathLike[str]
 ) -> Path:
@@ -276,6 +301,7 @@ def cross_modal_dispersion_figure(
     return _save(figure, path)
 
 
+@_plain_text
 def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Held-out retrieval: per direction, recall@k of the universal space, the ridge baseline and
     chance (mean ± s.d. over folds; top row, all held-out stimuli) and recall@1 on the low- and
@@ -344,6 +370,7 @@ def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
     return _save(figure, path)
 
 
+@_plain_text
 def predictors_figure(
     tests: pd.DataFrame,
     fit: pd.DataFrame,
@@ -431,6 +458,7 @@ _PER_STIMULUS_LABELS = {
 }
 
 
+@_plain_text
 def per_stimulus_alignment_figure(
     table: pd.DataFrame,
     dispersion: np.ndarray,
