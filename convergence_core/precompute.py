@@ -749,6 +749,12 @@ def _recorded_extractions(path: Path) -> set[str]:
     }
 
 
+def _all_present(*files: Path) -> bool:
+    """Whether every file a finished step wrote is still there: a step whose file was deleted
+    (by hand, or as an error's advice said) runs again instead of failing on every rerun."""
+    return all(file.is_file() for file in files)
+
+
 def _files_present(layout: RunLayout, entry: ModelEntry) -> bool:
     return set(entry.clip_thresholds) == set(entry.layers) and all(
         layout.embedding(entry.key, key).is_file() for key in entry.layer_keys.values()
@@ -1294,7 +1300,9 @@ class _Pipeline:
         self.notify = notify
         self.manifest = _open_manifest(self.layout, name)
         stimuli_inputs = fingerprint(data_fingerprint, info.dropped)
-        if not self.manifest.step_done("stimuli", stimuli_inputs):
+        if self.manifest.step_done("stimuli", stimuli_inputs) and not self.layout.stimuli.is_file():
+            write_parquet(self.layout.stimuli, stimuli)  # the same stimuli: a lost file comes back
+        elif not self.manifest.step_done("stimuli", stimuli_inputs):
             prepare_run_folder(path)
             self.manifest = RunManifest(self.layout, empty_manifest(name))
             self.manifest.save()  # first, so a crash leaves a recognisable (incomplete) run folder
@@ -1466,7 +1474,8 @@ class _Pipeline:
             ),
         )
         self.data.gpa = GPARecord(models=models_in, layers=layers_in)
-        if self.manifest.step_done("gpa", inputs) and self.layout.gpa_json.is_file():
+        written = (self.layout.gpa_json, *map(self.layout.gpa_array, RunLayout.GPA_ARRAYS))
+        if self.manifest.step_done("gpa", inputs) and _all_present(*written):
             self.notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
             return inputs
         self.manifest.forget_step("gpa")
@@ -1556,9 +1565,8 @@ class _Pipeline:
             for path in (self.layout.gpa_stability_json, self.layout.gpa_stability_table):
                 path.unlink(missing_ok=True)
             return
-        if (
-            self.manifest.step_done("gpa_stability", inputs)
-            and self.layout.gpa_stability_json.is_file()
+        if self.manifest.step_done("gpa_stability", inputs) and _all_present(
+            self.layout.gpa_stability_json, self.layout.gpa_stability_table
         ):
             self.notify(ProgressEvent("gpa_stability", None, 1, 1, skipped=True))
             return
@@ -1604,7 +1612,8 @@ class _Pipeline:
         """dispersion.parquet and pca/ from the GPA residuals (keyed by the score names too: a run
         stored before a score was added gains its column on the next precompute)."""
         inputs = fingerprint("dispersion", gpa_inputs, list(SCORES))
-        if self.manifest.step_done("dispersion", inputs) and self.layout.dispersion.is_file():
+        written = (self.layout.dispersion, *map(self.layout.pca_array, RunLayout.PCA_ARRAYS))
+        if self.manifest.step_done("dispersion", inputs) and _all_present(*written):
             self.notify(ProgressEvent("dispersion", None, 1, 1, skipped=True))
             return
         self.manifest.forget_step("dispersion")

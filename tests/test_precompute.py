@@ -670,6 +670,29 @@ def test_temp_files_of_a_killed_process_are_cleaned_on_resume(tiny_coco, tmp_pat
     assert not stray.exists()
 
 
+@pytest.mark.parametrize(
+    "lost",
+    ["stimuli.parquet", "gpa/residuals.npy", "gpa/scales.npy", "gpa/stability.parquet",
+     "pca/scores.npy"],
+)
+def test_a_deleted_file_of_a_finished_step_is_written_again_on_rerun(
+    tiny_coco, tmp_path, loads, lost
+):
+    """From the reliability audit: a step was 'done' while a file it wrote was gone, so every
+    rerun failed on the missing file (or reported success over it); deleting a damaged file, as
+    the errors advise, could not repair the run. The rerun now writes that step again."""
+    from convergence_core.run_checks import check_run_files
+
+    run = precompute(**_options(tiny_coco, tmp_path))
+    before = {name: np.load(run.path / name) for name in ("gpa/residuals.npy", "pca/scores.npy")}
+    (run.path / lost).unlink()
+    again = precompute(**_options(tiny_coco, tmp_path))
+    assert (again.path / lost).is_file()
+    check_run_files(load_run(again.path))
+    for name, values in before.items():
+        np.testing.assert_allclose(np.load(again.path / name), values, atol=1e-10)
+
+
 def test_presets_are_complete_configs(monkeypatch, tmp_path):
     from convergence_core.presets import PRESETS, preset_config
 
