@@ -98,6 +98,19 @@ def _remove_stale_lock(lock: Path, stale_pid: int) -> None:
         aside.unlink()
 
 
+def lock_path(run_folder: str | os.PathLike[str]) -> Path:
+    """The lock file of a run being written: ``.<run>.lock`` beside its folder."""
+    folder = Path(run_folder)
+    return folder.with_name(f".{folder.name}.lock")
+
+
+def live_writer(run_folder: str | os.PathLike[str]) -> int | None:
+    """The process id of a live precompute writing the run now (it holds the run's lock), else
+    None (no lock, or a dead holder's stale one)."""
+    holder = _lock_holder(lock_path(run_folder))
+    return holder if holder is not None and _pid_alive(holder) else None
+
+
 @contextlib.contextmanager
 def run_lock(
     run_folder: str | os.PathLike[str],
@@ -113,7 +126,7 @@ def run_lock(
     ``on_wait(holder_pid)`` once), then raise :class:`RunLockedError`.
     """
     folder = Path(run_folder)
-    lock = folder.with_name(f".{folder.name}.lock")
+    lock = lock_path(folder)
     lock.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + max(0.0, wait_seconds)
     told = False

@@ -403,7 +403,8 @@ class _ProgressBars:
 
     def __call__(self, event: Any) -> None:
         if event.step == "waiting":
-            print("  waiting for another precompute of this run to finish ...", file=self.stream)
+            print(f"  waiting for another precompute of this run to finish: {event.detail}",
+                  file=self.stream)
         elif event.step in ("extract", "neighbours"):
             self._model_event(event)
         elif event.step in ("gpa", "gpa_stability", "dispersion", "thumbnails", "properties"):
@@ -619,7 +620,12 @@ def _status(info: Any) -> str:
         return "damaged"
     if info.summary.needs_upgrade:
         return "needs upgrade (rerun its precompute)"
-    return "complete" if info.summary.complete else "incomplete"
+    if info.summary.complete:
+        return "complete"
+    from .cache import live_writer
+
+    writer = live_writer(info.path)  # a precompute writing it now, or one that stopped
+    return f"being written (pid {writer})" if writer is not None else "incomplete"
 
 
 def _run_runs(args: argparse.Namespace, out: TextIO) -> int:

@@ -28,6 +28,7 @@ from .cache import (
     CacheFormatError,
     RunLayout,
     clean_temp_files,
+    lock_path,
     model_key,
     read_json,
     read_npy,
@@ -749,6 +750,16 @@ def _recorded_extractions(path: Path) -> set[str]:
     }
 
 
+def _waiting_words(pid: int | None, run_folder: Path, seconds: float) -> str:
+    """Who holds the run's lock and what to do if it is no precompute (a process id reused after
+    a kill): the waiting line said only "waiting", for up to an hour (reliability audit)."""
+    holder = f"process {pid}" if pid is not None else "another process"
+    return (
+        f"{holder} holds {lock_path(run_folder)}; waiting up to {seconds:,.0f} s for it to "
+        "finish (delete that file if the process is not a precompute of this run)"
+    )
+
+
 def _all_present(*files: Path) -> bool:
     """Whether every file a finished step wrote is still there: a step whose file was deleted
     (by hand, or as an error's advice said) runs again instead of failing on every rerun."""
@@ -1241,7 +1252,9 @@ def _execute(
     with run_lock(
         path,
         wait_seconds=lock_wait_seconds,
-        on_wait=lambda pid: notify(ProgressEvent("waiting", None, 0, 1)),
+        on_wait=lambda pid: notify(ProgressEvent(
+            "waiting", None, 0, 1, detail=_waiting_words(pid, path, lock_wait_seconds)
+        )),
     ):
         pipeline = _Pipeline(
             plan, stimuli, info, data_fingerprint or info.fingerprint or "", path, name, notify

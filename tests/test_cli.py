@@ -103,6 +103,15 @@ def test_runs_lists_cached_runs(tmp_path):
     ]
     assert isinstance(listed[0]["vision_models"], list) and listed[0]["vision_models"]
     assert isinstance(listed[0]["steps"], list) and isinstance(listed[0]["other_models"], dict)
+    # an unfinished run: being written while a live precompute holds its lock, else incomplete
+    manifest_path = tmp_path / "runs" / "alpha" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "complete": False}))
+    code, out, _ = _main("runs", "--cache", str(tmp_path))
+    assert out.strip().splitlines()[1].split()[:2] == ["alpha", "incomplete"]
+    (tmp_path / "runs" / ".alpha.lock").write_text(str(os.getpid()))
+    code, out, _ = _main("runs", "--cache", str(tmp_path))
+    assert f"being written (pid {os.getpid()})" in out
 
 
 def test_user_errors_are_one_line_with_the_fix(tmp_path):

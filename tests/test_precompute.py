@@ -616,6 +616,10 @@ def test_a_live_writer_locks_the_run(tiny_coco, tmp_path, loads):
                 progress=events.append, lock_wait_seconds=0.6, **_options(tiny_coco, tmp_path)
             )
         assert [e.step for e in events].count("waiting") == 1
+        # who holds the lock, where it is, for how long, and what to do if it is no precompute
+        (waiting,) = [e.detail for e in events if e.step == "waiting"]
+        assert f"process {sleeper.pid} holds {lock}" in waiting and "up to 1 s" in waiting
+        assert "delete that file if the process is not a precompute" in waiting
         assert sum(loads.values()) == 0
     finally:
         sleeper.kill()
