@@ -55,7 +55,7 @@ from . import metrics as registry
 from .alignment import cknna_bound_note
 from .blind_matching import blind_matching as match_blind
 from .blind_matching import image_seeds
-from .cache import read_json, write_bytes, write_json
+from .cache import RunLayout, live_writer, read_json, write_bytes, write_json
 from .dispersion import SCORES, two_model_note
 from .gpa_stability import describe as describe_stability
 from .gpa_stability import gpa_stability
@@ -332,6 +332,7 @@ def write_report(
     options = AnalysisOptions() if options is None else options
     tell = progress or _silent
     out = check_out_folder(out)
+    version = _run_version(run)  # a precompute rewriting the run meanwhile is found at the end
     n = int(run.gpa.residuals.shape[0])
     if size is not None:
         analyses.check_set_size(size, n)  # before the first section writes a file
@@ -345,7 +346,7 @@ def write_report(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
             n_permutations=n_permutations, seed=seed, options=options,
             property_permutations=property_permutations, property_shuffles=property_shuffles,
-            tell=tell,
+            tell=tell, version=version,
         )
     size = default_set_size(n, k) if size is None else size
     files: list[str] = []
@@ -514,14 +515,46 @@ def write_report(
         "notes": notes,
         "files": sorted([*files, "report.json"]),
     }
+    _check_unchanged(run, version, out)
     write_json(out / "report.json", report)
     return report
+
+
+def _run_version(run: Run) -> int:
+    """The run's version: when its manifest was last written (a precompute rewrites it at every
+    step). Refuses a run that a precompute is writing now."""
+    writer = live_writer(run.path)
+    if writer is not None:
+        raise ValueError(
+            f"a precompute (pid {writer}) is writing run {run.name!r} now; rerun the report "
+            "when it has finished"
+        )
+    try:
+        return RunLayout(run.path).manifest.stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _check_unchanged(run: Run, version: int, out: Path) -> None:
+    """A ValueError if the run was rewritten while the report read it (found by the reliability
+    audit: such a report ended as if complete, with sections missing and a false note)."""
+    try:
+        unchanged = _run_version(run) == version
+    except ValueError:  # a precompute is writing it now
+        unchanged = False
+    if not unchanged:
+        raise ValueError(
+            f"run {run.name!r} changed while the report was running (a precompute rewrote it): "
+            f"the files in {out} mix its two versions, and report.json was not written; rerun "
+            "the report once the precompute has finished"
+        )
 
 
 def _report_without_language(
     run: Run, out: Path, *, size: int | None, k: int, q: float, scores: Sequence[str],
     n_random: int, n_permutations: int, seed: int, options: AnalysisOptions,
     property_permutations: int, property_shuffles: int, tell: Callable[[str], None],
+    version: int,
 ) -> dict[str, Any]:
     """:func:`write_report` for a run without language models (vision models and brain
     recordings, say): Fig. 2 and S1 for the GPA models × the models outside GPA
@@ -601,6 +634,7 @@ def _report_without_language(
         "notes": notes,
         "files": sorted([*files, "report.json"]),
     }
+    _check_unchanged(run, version, out)
     write_json(out / "report.json", report)
     return report
 

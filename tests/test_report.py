@@ -966,3 +966,35 @@ def test_long_sections_tell_how_far_they_are(monkeypatch):
     # low + high and 2 × the shuffles of the metrics other than CKNNA
     assert report._fig2_feature_sets(["cknna", "svcca"], 2, 200, 100) == 200 + 2 * 202
     assert report._fig2_feature_sets(["cknna"], 2, 200, 100) == 204
+
+
+def test_a_report_refuses_a_run_that_a_precompute_rewrites_meanwhile(tmp_path, monkeypatch):
+    """From the reliability audit: a report overlapping a precompute of its run ended as if
+    complete, with sections missing and a false 'no property table' note. A run locked by a live
+    precompute is refused at once; one rewritten while the report ran fails at the end, without
+    report.json."""
+    import os
+
+    run = make_synthetic_run(tmp_path / "runs", 12, name="tiny", images=False, thumbnails=False)
+    fast = {"k": 3, "scores": ["mean"], "n_random": 5, "n_permutations": 5,
+            "property_permutations": 20, "property_shuffles": 1,
+            "options": report.AnalysisOptions(metrics=("cknna",), metric_permutations=2,
+                                              n_shuffles=3, n_matched=3,
+                                              skip=("gpa_stability", "universal_space"))}
+    lock = tmp_path / "runs" / ".tiny.lock"
+    lock.write_text(str(os.getpid()))  # a live process holds the run
+    with pytest.raises(ValueError, match=r"a precompute \(pid \d+\) is writing run 'tiny'"):
+        report.write_report(run, tmp_path / "out", **fast)
+    lock.unlink()
+    original = report.leave_one_model_out_section
+
+    def rewritten_meanwhile(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        manifest = run.path / "manifest.json"
+        manifest.write_text(manifest.read_text())  # a precompute's save, mid-report
+        os.utime(manifest, ns=(0, manifest.stat().st_mtime_ns + 10**9))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(report, "leave_one_model_out_section", rewritten_meanwhile)
+    with pytest.raises(ValueError, match="changed while the report was running"):
+        report.write_report(run, tmp_path / "out2", **fast)
+    assert not (tmp_path / "out2" / "report.json").exists()
