@@ -142,6 +142,20 @@ def test_a_choice_of_models_carries_over_to_another_run() -> None:
     assert "absent" not in session
 
 
+def test_a_session_whose_run_goes_away_is_told_why() -> None:
+    """From the reliability audit: while a precompute rewrote the shown run, the session moved
+    to another run without a word. It now says so, once, and why."""
+    session: dict = {}
+    view, warnings = state.init_view(session, {"run": "live"}, ["live", "demo"])
+    assert view.run == "live" and not warnings
+    view, warnings = state.init_view(session, {}, ["demo"], unfinished=["live"])
+    assert view.run is None  # the page shows the default run
+    assert len(warnings) == 1 and "'live' is being written by a precompute" in warnings[0]
+    assert state.init_view(session, {}, ["demo"], unfinished=["live"])[1] == []  # said once
+    view.run = "gone"
+    assert "no longer in the cache" in state.init_view(session, {}, ["demo"])[1][0]
+
+
 def test_default_subset_size() -> None:
     assert state.default_subset_size(239) == 59
     assert state.default_subset_size(60) == 15

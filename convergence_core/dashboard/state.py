@@ -173,13 +173,21 @@ def init_view(
     """The session's view: parsed from the URL on the session's first rerun, then kept
     (``unfinished``: see :func:`parse_query_params`).
 
-    Returns ``(view, warnings)``; warnings are only non-empty on the first rerun of a session.
+    Returns ``(view, warnings)``; warnings come on the session's first rerun, and on the rerun
+    where the session's run stops being available (a precompute rewriting it, or it was deleted:
+    the session then shows the default run, and says why).
     The returned ``View`` belongs to this session (mutating it is how widgets update it).
     """
     view = session_state.get(VIEW_KEY)
     if isinstance(view, View):
         if view.run is not None and view.run not in run_names:
-            view.run = None
+            gone, view.run = view.run, None
+            if gone in unfinished:
+                why = ("is being written by a precompute (or its precompute stopped before the "
+                       "end); pick it in the sidebar again once its precompute has finished")
+            else:
+                why = "is no longer in the cache"
+            return view, [f"Run '{shown(gone)}' {why}. Showing the default run meanwhile."]
         return view, []
     view, warnings = parse_query_params(query_params, run_names, unfinished)
     session_state[VIEW_KEY] = view
