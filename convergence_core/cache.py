@@ -172,10 +172,29 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(error, OSError) and error.errno is None:
+            # numpy's short write ("38400 requested and 25584 written") names no cause
+            raise ShortWriteError(target, error) from error
         raise
+
+
+class ShortWriteError(OSError):
+    """A file could not be written whole and the system named no cause: a full disk, a quota
+    or a file-size limit (``ulimit -f``) ran out. ``filename`` is the file."""
+
+    def __init__(self, target: Path, error: OSError) -> None:
+        self.message = (
+            f"could not write {target} whole ({error}): the disk, your quota or a file-size "
+            "limit ran out"
+        )
+        super().__init__(self.message)
+        self.filename = str(target)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 #: A temporary file's name exactly as :func:`atomic_path` makes it: ``<final name>.tmp-<pid>``

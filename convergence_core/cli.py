@@ -556,8 +556,12 @@ _NEARLY_FULL_BYTES = 64 * 2**20
 
 def _storage_fault(exc: OSError, cache: Path | None) -> str | None:
     """What the user must fix about the cache's storage, in words, or None (another fault)."""
+    from .cache import ShortWriteError
+
     if exc.errno in _STORAGE_ERRORS:
         return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    if isinstance(exc, ShortWriteError):  # whatever the free space: a quota or a size limit
+        return str(exc)
     if exc.errno is not None:
         return None
     from .settings import cache_root

@@ -403,6 +403,36 @@ def test_a_short_write_on_a_full_disk_is_named_a_full_disk(monkeypatch, tmp_path
         _main("precompute", "--preset", "demo", "--quiet", "--cache", str(tmp_path))
 
 
+def test_a_short_write_under_a_size_limit_or_quota_is_a_storage_fault(monkeypatch, tmp_path):
+    """From the reliability audit: under a file-size limit (or a quota, with the disk itself
+    roomy) numpy's short write left a traceback. The cache's writer names the file and the
+    causes, leaves no temporary file, and the CLI prints one line with the fix."""
+    script = (
+        "import resource, numpy as np\n"
+        "from convergence_core.cache import write_npy, ShortWriteError\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "try:\n"
+        f"    write_npy({str(tmp_path / 'big.npy')!r}, np.zeros(100_000))\n"
+        "except ShortWriteError as error:\n"
+        "    print('short:', error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert f"short: could not write {tmp_path / 'big.npy'} whole" in done.stdout, done.stderr
+    assert "a file-size limit ran out" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no temporary file left
+    import convergence_core.precompute as precompute_module
+    from convergence_core.cache import ShortWriteError
+
+    def short_write(config, progress=None):
+        raise ShortWriteError(tmp_path / "x.npy", OSError("38400 requested and 25584 written"))
+
+    monkeypatch.setattr(precompute_module, "precompute", short_write)
+    status, _, err = _main("precompute", "--preset", "demo", "--quiet", "--cache", str(tmp_path))
+    assert status == 1 and err.startswith("error: cannot write the run: could not write")
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+
+
 def test_next_steps_name_a_run_of_the_default_cache_by_its_name(tmp_path, monkeypatch):
     from convergence_core.cli import next_steps
 
