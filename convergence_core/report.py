@@ -877,20 +877,43 @@ def universal_space_section(
 # ----------------------------------------------------------------------------------------------
 # the metric suite and the neighbouring papers' analyses (issue 14), one function per section
 
-#: Report sections that ``--skip`` may leave out (each costs seconds to a minute on the demo;
-#: the universal space fits a GPA of every model, then one per retrieval fold: over 15 minutes
-#: on a 10,000-stimulus run of six models).
-OPTIONAL_SECTIONS = (
-    "per_stimulus", "predictivity", "many_to_many", "blind_matching", "calibration",
-    "gpa_stability", "universal_space",
+@dataclass(frozen=True)
+class Section:
+    """One optional section of the report: ``name`` its key in report.json, ``skip`` its
+    ``--skip`` name, ``title`` what the progress lines call it, ``slow`` whether it is among the
+    longest on large runs (named in :func:`large_run_hint`; ``docs/PERFORMANCE.md``)."""
+
+    name: str
+    skip: str
+    title: str
+    slow: bool = False
+
+
+#: The report's optional sections, in the order they run: the one list. A new section is an entry
+#: here and its function in :func:`paper_sections` (the universal space runs on its own, before).
+#: Each costs seconds to a minute on the demo; the universal space fits a GPA of every model,
+#: then one per retrieval fold: over 15 minutes on a 10,000-stimulus run of six models.
+SECTIONS = (
+    Section("universal_space", "universal_space", "universal space", slow=True),
+    Section("per_stimulus", "per_stimulus", "per-stimulus alignment against dispersion"),
+    Section("predictivity", "predictivity", "linear predictivity", slow=True),
+    Section("many_to_many", "many_to_many", "one caption against the mean of all captions"),
+    Section("blind_matching", "blind_matching", "blind matching"),
+    Section("matched_baselines", "calibration",
+            "calibration: shuffled pairings and matched random sets", slow=True),
+    Section("gpa_stability", "gpa_stability", "GPA stability", slow=True),
 )
+#: Report sections that ``--skip`` may leave out (their ``--skip`` names)
+OPTIONAL_SECTIONS = tuple(section.skip for section in SECTIONS)
+#: report.json section -> what the report's progress lines call it (those of paper_sections)
+SECTION_TITLES = {s.name: s.title for s in SECTIONS if s.name != "universal_space"}
 
 
 #: Runs of at least this many stimuli get a line, before the first section, on what makes the
 #: report long and how to shorten it (a full report on 10,000 stimuli took over an hour here).
 LARGE_RUN_STIMULI = 10_000
 #: The sections that take longest on large runs (``docs/PERFORMANCE.md``, the report's cost).
-_SLOW_SECTIONS = ("predictivity", "universal_space", "gpa_stability", "calibration")
+_SLOW_SECTIONS = tuple(section.skip for section in SECTIONS if section.slow)
 
 
 def large_run_hint(
@@ -1609,29 +1632,18 @@ def paper_sections(
         ),
     }
     results = {"metric_suite": metric_suite_section(out, long_table)}
-    for name, section in sections.items():
-        if _SECTION_OPTION.get(name, name) in options.skip:
+    listed = [entry for entry in SECTIONS if entry.name in sections]
+    assert [entry.name for entry in listed] == list(sections), "SECTIONS lists every section"
+    for entry in listed:
+        name, section = entry.name, sections[entry.name]
+        if entry.skip in options.skip:
             continue
-        tell(SECTION_TITLES[name])
+        tell(entry.title)
         try:
             results[name] = section()
         except ValueError as error:  # e.g. sets too small for it: the rest of the report stands
             results[name] = ([], {"verdict": None, "notes": [f"{name} skipped: {error}"]})
     return {name: {**entry, "files": files} for name, (files, entry) in results.items()}
-
-
-#: report.json section -> its ``--skip`` name, where they differ
-_SECTION_OPTION = {"matched_baselines": "calibration"}
-
-#: report.json section -> what the report's progress lines call it
-SECTION_TITLES = {
-    "per_stimulus": "per-stimulus alignment against dispersion",
-    "predictivity": "linear predictivity",
-    "many_to_many": "one caption against the mean of all captions",
-    "blind_matching": "blind matching",
-    "matched_baselines": "calibration: shuffled pairings and matched random sets",
-    "gpa_stability": "GPA stability",
-}
 
 
 #: the steps both report paths (with and without language models) announce
