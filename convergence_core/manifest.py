@@ -389,6 +389,10 @@ def parse_manifest(data: Any, where: str = "manifest.json") -> Manifest:
         str(name): ModelEntry.from_dict(entry, f"{where}: models[{name!r}]")
         for name, entry in models_data.items()
     }
+    keys = [entry.key for entry in models.values()]
+    shared = sorted({key for key in keys if keys.count(key) > 1})
+    if shared:  # two models would read (and a rerun overwrite) the same files
+        raise _fail(where, f"several models share the file key(s) {shared}")
     vision = _str_list(data, "vision_models", where, [])
     language = _str_list(data, "language_models", where, [])
     unknown = [m for m in [*vision, *language] if m not in models]

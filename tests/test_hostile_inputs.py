@@ -151,6 +151,9 @@ def test_report_and_pages_open_no_file_outside_a_tampered_run(tmp_path):
         (lambda m: m["dataset"].update(subset={"rule": "common", "kept": "all"}), "kept"),
         (lambda m: m["dataset"].update(subset="common"), "subset"),
         (lambda m: m["models"]["vision-a"].update(source="elsewhere"), "source"),
+        # two models reading the same files (from the reliability audit: misleading advice)
+        (lambda m: m["models"]["vision-b"].update(key=m["models"]["vision-a"]["key"]),
+         "share the file key"),
     ],
 )
 def test_a_damaged_manifest_is_listed_with_its_reason_and_the_others_work(tmp_path, edit, field):
