@@ -476,8 +476,11 @@ def sets_and_results() -> None:
 
     # a stable name for the browser test and the benchmark
     with st.container(key=lab.BARS_CONTAINER_KEY):
+        # a selection or pasted set of another size beside random sets of its own size
+        own_size = set_sizes.get(source, size) if source in ("selection", "pasted") else size
         st.image(data.alignment_bars_svg(
-            set_values, baseline_main, metric, pair_modalities(run, pairs)
+            set_values, baseline_main, metric, pair_modalities(run, pairs),
+            baselines.get(own_size) if own_size != size else None,
         ))
     st.caption(lab.baseline_statement(baseline_main))
 

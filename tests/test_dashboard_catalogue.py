@@ -208,6 +208,21 @@ def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
     # the title says what the error bars are as the legend does (it said "95%" of 8 sets)
     assert "error bars: about the range of 8 sets" in legend and "95%" not in legend
     assert "language model" in legend  # the x axis
+    # the selection (8) beside random sets of its own size, not only of the main size (10)
+    own = lab.baseline_table(indexes, pairs, len(scores), 8, 5, n_random=8)
+    matched = _svg(charts.alignment_bars(values, baseline, "cknna", matched=own))
+    bars = [r for r in matched.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]
+    assert len(bars) == 5 * n_pairs and len(list(matched.iter(f"{SVG}path"))) == 2 * n_pairs
+    words = " ".join(t.text or "" for t in matched.iter(f"{SVG}text"))
+    assert "random of 8 (mean; about the range of 8 sets)" in words
+    assert words.index("selection (8 stimuli)") < words.index("random of 8")
+    first = [b.find(f"{SVG}title").text for b in bars[:5]]
+    assert [t.split(", ")[-1].split(":")[0] for t in first] == [
+        "low", "random", "high", "selection", "random of 8"
+    ]
+    # a selection of the main size needs no second baseline
+    same = lab.set_table(indexes, pairs, {**sets, "selection": np.arange(20, 30)}, 5)
+    assert "random of" not in charts.alignment_bars(same, baseline, "cknna", matched=own)
     no_baseline = _svg(charts.alignment_bars(values, None, modalities=("vision", "brain")))
     assert not list(no_baseline.iter(f"{SVG}path"))
     words = " ".join(t.text or "" for t in no_baseline.iter(f"{SVG}text"))

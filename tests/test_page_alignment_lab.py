@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from convergence_core.dashboard import lab, state
+from convergence_core.dashboard import data, lab, state
 from convergence_core.alignment import cknna, prepare_features
 from convergence_core.subsets import select_stimuli
 from tests.page_reading import card_deltas, cards, shown
@@ -304,9 +304,14 @@ def test_current_selection_is_used_and_bounds_k(run) -> None:
     assert chosen["random_mean"].notna().all()
 
 
-def test_focus_change_is_against_random_sets_of_the_focus_size(run) -> None:
+def test_focus_change_is_against_random_sets_of_the_focus_size(run, monkeypatch) -> None:
     """A selection of 30 beside low/high sets of 24: its "vs random" change is against random
-    sets of 30 (the table's baseline of its rows), not of 24 (alignment depends on the size)."""
+    sets of 30 (the table's baseline of its rows), not of 24 (alignment depends on the size),
+    and its bar stands beside a bar of those random sets."""
+    drawn: list[str] = []
+    original = data.alignment_bars_svg
+    monkeypatch.setattr(data, "alignment_bars_svg",
+                        lambda *args: drawn.append(original(*args)) or drawn[-1])
     at = _page({"size": "24"})
     state.set_selection(at.session_state, "demo", list(run.stimuli["id"].iloc[:30]),
                         origin="test")
@@ -320,6 +325,7 @@ def test_focus_change_is_against_random_sets_of_the_focus_size(run) -> None:
     assert card_deltas(at)["Focus: selection"] == (
         f"{chosen['value'].mean() - own:+.4f} vs random of 30"
     )
+    assert "random of 30 (mean;" in drawn[-1] and "selection (30 stimuli)" in drawn[-1]
 
 
 def test_pasted_ids_unknown_and_too_few(run) -> None:

@@ -201,6 +201,7 @@ def alignment_bars(
     baseline: pd.DataFrame | None,
     metric: str | None = None,
     modalities: tuple[str, str] = ("vision", "language"),
+    matched: pd.DataFrame | None = None,
 ) -> str:
     """Fig. 2-style bars as an SVG document: a panel per vision model, language models on x, a bar
     per set.
@@ -211,6 +212,9 @@ def alignment_bars(
     percentile interval of the random sets as its error bar. ``metric``: which metric's rows to
     draw (default: the one metric the table holds). ``modalities``: what is aligned, for the
     title and the x axis (``analyses.pair_modalities``, e.g. ``("vision", "brain")``).
+    ``matched``: the random baseline at the size of the set that is neither low nor high (a
+    selection or pasted ids), drawn beside it as "random of N" when N is not the main size:
+    alignment depends on the set size, so that set is compared with random sets of its own size.
 
     Written as SVG text rather than drawn with matplotlib: the lab redraws these bars on every
     change of k, metric or set, and matplotlib took 0.2 s for them (half of a k change) where this
@@ -232,6 +236,16 @@ def alignment_bars(
     has_baseline = baseline is not None and not baseline.empty
     order = [n for n in ("low",) if n in names] + (["random"] if has_baseline else [])
     order += [n for n in ("high",) if n in names] + [n for n in names if n not in ("low", "high")]
+    # the other set's own-size random baseline, right after it
+    others = [n for n in names if n not in ("low", "high")]
+    matched_name = None
+    if matched is not None and not matched.empty and others:
+        matched = matched[matched["metric"] == metric]
+        other_size = int(sets.loc[sets["set"] == others[0], "set_size"].iloc[0])
+        main_sizes = set(sets.loc[sets["set"].isin(["low", "high"]), "set_size"].astype(int))
+        if not matched.empty and other_size not in main_sizes:
+            matched_name = f"random of {other_size:,}"
+            order.insert(order.index(others[0]) + 1, matched_name)
 
     # bars[vision][name] = (heights (L,), lower (L,) or None, upper (L,) or None); legend labels
     bars: dict[str, dict[str, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]] = {}
@@ -240,8 +254,9 @@ def alignment_bars(
     for vision in visions:
         bars[vision] = {}
         for name in order:
-            if name == "random":
-                rows = baseline[baseline["vision_model"] == vision]
+            if name in ("random", matched_name):
+                rows = (baseline if name == "random" else matched)
+                rows = rows[rows["vision_model"] == vision]
                 rows = rows.set_index("language_model").reindex(languages)
                 mean = rows["random_mean"].to_numpy(dtype=np.float64)
                 bars[vision][name] = (
@@ -251,7 +266,7 @@ def alignment_bars(
                 )
                 drawn = int(np.nanmax(rows["n_random"])) if "n_random" in rows else 0
                 random_counts.append(drawn)
-                labels[name] = f"random (mean; {spread_words(drawn)})"
+                labels[name] = f"{name} (mean; {spread_words(drawn)})"
                 continue
             rows = sets[(sets["vision_model"] == vision) & (sets["set"] == name)]
             rows = rows.set_index("language_model").reindex(languages)
@@ -326,7 +341,7 @@ def alignment_bars(
                     continue
                 x = centre + (slot - len(order) / 2) * bar_width
                 y_top, y_zero = y_of(max(value, 0.0)), y_of(min(value, 0.0))
-                colour = SET_COLOURS.get(name, "#17becf")
+                colour = _bar_colour(name, matched_name)
                 out.append(
                     f'<rect x="{x:.1f}" y="{y_top:.1f}" width="{bar_width:.1f}" '
                     f'height="{max(y_zero - y_top, 0.5):.1f}" fill="{colour}">'
@@ -354,7 +369,7 @@ def alignment_bars(
         f'transform="rotate(-90 16 {middle_y:.1f})">{_svg_text(metric_axis(metric))}</text>'
     )
     # legend: one swatch and label per set, centred under the panels
-    entries = [(SET_COLOURS.get(n, "#17becf"), labels[n]) for n in order]
+    entries = [(_bar_colour(n, matched_name), labels[n]) for n in order]
     widths = [24 + 6.5 * len(text) for _, text in entries]
     x = (width - sum(widths)) / 2
     y = height - 16
@@ -364,6 +379,11 @@ def alignment_bars(
         x += step
     out.append("</svg>")
     return "\n".join(out)
+
+
+def _bar_colour(name: str, matched_name: str | None) -> str:
+    """A set's bar colour; the own-size random baseline of a selection is a lighter grey."""
+    return "#c7c7c7" if name == matched_name else SET_COLOURS.get(name, "#17becf")
 
 
 #: Axis titles of the per-stimulus scores (stimulus_alignment)

@@ -829,9 +829,10 @@ def alignment_bars_svg(
     baseline: pd.DataFrame,
     metric: str,
     modalities: tuple[str, str] = ("vision", "language"),
+    matched: pd.DataFrame | None = None,
 ) -> str:
     """The Alignment lab's bars (:func:`charts.alignment_bars`, SVG), cached per table contents."""
-    return charts.alignment_bars(sets, baseline, metric, modalities)
+    return charts.alignment_bars(sets, baseline, metric, modalities, matched)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
