@@ -1487,7 +1487,11 @@ class _Pipeline:
             ),
         )
         self.data.gpa = GPARecord(models=models_in, layers=layers_in)
-        written = (self.layout.gpa_json, *map(self.layout.gpa_array, RunLayout.GPA_ARRAYS))
+        written = (
+            self.layout.gpa_json, *map(self.layout.gpa_array, RunLayout.GPA_ARRAYS),
+            *(self.layout.gpa_model_array(name, i)
+              for name in ("map", "mean") for i in range(len(models_in))),
+        )
         if self.manifest.step_done("gpa", inputs) and _all_present(*written):
             self.notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
             return inputs
@@ -1642,7 +1646,10 @@ class _Pipeline:
             self.manifest.forget_step("thumbnails")
             self.layout.remove_tree(self.layout.thumbnails_dir)
         elif self.manifest.step_done("thumbnails", inputs):
-            self.notify(ProgressEvent("thumbnails", None, self.n, self.n, skipped=True))
+            lost = [row for row in range(self.n) if not self.layout.thumbnail(row).is_file()]
+            if lost:  # deleted since: those are drawn again
+                write_thumbnails(self.layout, self.stimuli, self.images_root, rows=lost)
+            self.notify(ProgressEvent("thumbnails", None, self.n, self.n, skipped=not lost))
         else:
             self.notify(ProgressEvent("thumbnails", None, 0, self.n))
             write_thumbnails(
@@ -1767,7 +1774,9 @@ class _Pipeline:
             NEIGHBOURS_ALGORITHM,
             self.stimuli.drop(columns=["captions"]).to_dict("list"),
         )
-        if self.manifest.step_done("properties", inputs) and layout.properties.is_file():
+        if self.manifest.step_done("properties", inputs) and _all_present(
+            layout.properties, layout.properties_info
+        ):
             self.notify(ProgressEvent("properties", None, total, total, skipped=True))
             return
         self.manifest.forget_step("properties")

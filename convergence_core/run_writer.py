@@ -531,9 +531,15 @@ def write_dispersion(layout: RunLayout, ids: Sequence[str], residuals: np.ndarra
 
 
 def write_thumbnails(
-    layout: RunLayout, stimuli: pd.DataFrame, images_root: Path, *, progress: Any = None
+    layout: RunLayout,
+    stimuli: pd.DataFrame,
+    images_root: Path,
+    *,
+    progress: Any = None,
+    rows: Sequence[int] | None = None,
 ) -> None:
-    """One JPEG per stimulus row (longest side :data:`THUMBNAIL_SIZE` px) under thumbnails/.
+    """One JPEG per stimulus row (longest side :data:`THUMBNAIL_SIZE` px) under thumbnails/
+    (``rows``: only those rows, e.g. the thumbnails a finished run lost).
 
     Every image must stay inside ``images_root`` once symbolic links are resolved and be within
     ``settings.max_image_pixels()`` (``images.make_thumbnail``); ValueError otherwise.
@@ -541,11 +547,12 @@ def write_thumbnails(
     from .images import make_thumbnail
 
     root = Path(images_root)
-    for row, image in enumerate(stimuli["image"]):
+    images = stimuli["image"].tolist()
+    for done, row in enumerate(range(len(images)) if rows is None else rows, start=1):
         # make_thumbnail resolves symbolic links and refuses a path outside the root (ValueError)
-        make_thumbnail(root / image, layout.thumbnail(row), THUMBNAIL_SIZE, root=root)
+        make_thumbnail(root / images[row], layout.thumbnail(row), THUMBNAIL_SIZE, root=root)
         if progress is not None:
-            progress(row + 1)
+            progress(done)
 
 
 def write_properties(layout: RunLayout, table: pd.DataFrame, descriptions: Sequence[Any]) -> None:

@@ -676,8 +676,9 @@ def test_temp_files_of_a_killed_process_are_cleaned_on_resume(tiny_coco, tmp_pat
 
 @pytest.mark.parametrize(
     "lost",
-    ["stimuli.parquet", "gpa/residuals.npy", "gpa/scales.npy", "gpa/stability.parquet",
-     "pca/scores.npy"],
+    ["stimuli.parquet", "gpa/residuals.npy", "gpa/scales.npy", "gpa/map_0.npy",
+     "gpa/mean_1.npy", "gpa/stability.parquet", "pca/scores.npy", "properties.json",
+     "thumbnails/3.jpg"],
 )
 def test_a_deleted_file_of_a_finished_step_is_written_again_on_rerun(
     tiny_coco, tmp_path, loads, lost
