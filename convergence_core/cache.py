@@ -175,26 +175,26 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        if isinstance(error, OSError) and error.errno is None:
-            # numpy's short write ("38400 requested and 25584 written") names no cause
-            raise ShortWriteError(target, error) from error
+        if (
+            isinstance(error, OSError)
+            and error.errno is None
+            and _SHORT_WRITE.fullmatch(str(error))
+        ):  # numpy's short write ("38400 requested and 25584 written") names no cause
+            raise ShortWriteError(
+                f"could not write {target} whole ({error}): the disk, your quota or a file-size "
+                "limit ran out"
+            ) from error
         raise
 
 
+#: numpy's message for a write cut short (``ndarray.tofile``), which carries no errno
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
 class ShortWriteError(OSError):
-    """A file could not be written whole and the system named no cause: a full disk, a quota
-    or a file-size limit (``ulimit -f``) ran out. ``filename`` is the file."""
-
-    def __init__(self, target: Path, error: OSError) -> None:
-        self.message = (
-            f"could not write {target} whole ({error}): the disk, your quota or a file-size "
-            "limit ran out"
-        )
-        super().__init__(self.message)
-        self.filename = str(target)
-
-    def __str__(self) -> str:
-        return self.message
+    """A file could not be written whole and the system named no cause (numpy's short write): a
+    full disk, a quota or a file-size limit (``ulimit -f``) ran out. The message names the file.
+    """
 
 
 #: A temporary file's name exactly as :func:`atomic_path` makes it: ``<final name>.tmp-<pid>``
@@ -204,16 +204,21 @@ _TEMP_NAME = re.compile(rf".+{re.escape(TEMP_MARKER)}[0-9]+")
 def clean_temp_files(folder: str | os.PathLike[str]) -> int:
     """Delete leftover ``<name>.tmp-<pid>`` files (of a killed writer) under the run folder
     ``folder``; count them. Only names :func:`atomic_path` makes are touched (``notes.tmp-1.txt``
-    or ``draft.tmp-final`` are not), and symbolic links are neither followed nor deleted. Call it
+    or ``draft.tmp-final`` are not), a file whose writer process is alive is left to it, and
+    symbolic links are neither followed nor deleted. Call it
     on run folders only (a folder holding a manifest), never on a folder a user points at before
     it is known to be a run."""
     count = 0
     for where, _, names in os.walk(folder):  # os.walk does not enter linked folders
         for name in names:
             tmp = Path(where) / name
-            if _TEMP_NAME.fullmatch(name) and tmp.is_file() and not tmp.is_symlink():
-                tmp.unlink()
-                count += 1
+            if not _TEMP_NAME.fullmatch(name) or not tmp.is_file() or tmp.is_symlink():
+                continue
+            writer = int(name.rsplit(TEMP_MARKER, 1)[1])
+            if writer != os.getpid() and _pid_alive(writer):
+                continue  # still being written (the dashboard's UMAP, a report's captions)
+            tmp.unlink()
+            count += 1
     return count
 
 

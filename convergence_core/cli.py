@@ -548,7 +548,10 @@ def next_steps(path: Path) -> str:
 
 #: Storage faults a user fixes outside the program (a full disk or quota, a read-only or
 #: unwritable cache): one line and the fix, not a traceback
-_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+_STORAGE_ERRORS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+    errno.EFBIG,  # "File too large": a file-size limit (ulimit -f)
+}
 #: Below this much free space an OSError without an errno is taken for a full disk (numpy's
 #: short write, "288000 requested and 283616 written", carries none)
 _NEARLY_FULL_BYTES = 64 * 2**20

@@ -135,6 +135,8 @@ def test_clean_temp_files_removes_only_temp_files(tmp_path):
     (tmp_path / "keep.npy").write_bytes(b"x")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / f"x.npy.tmp-{os.getpid()}").write_bytes(b"x")
+    # a file another live process is writing (the dashboard's UMAP, say) is left to it
+    (tmp_path / f"umap.npy.tmp-{os.getppid()}").write_bytes(b"x")
     # names that only contain ".tmp-" are a user's, not ours; a linked folder is not entered
     (tmp_path / "notes.tmp-final.docx").write_bytes(b"x")
     (tmp_path / "notes.tmp-").write_bytes(b"x")
@@ -144,7 +146,8 @@ def test_clean_temp_files_removes_only_temp_files(tmp_path):
     (tmp_path / "linked").symlink_to(outside)
     assert clean_temp_files(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "d", "keep.npy", "linked", "notes.tmp-", "notes.tmp-final.docx"
+        "d", "keep.npy", "linked", "notes.tmp-", "notes.tmp-final.docx",
+        f"umap.npy.tmp-{os.getppid()}",
     ]
     assert not any((tmp_path / "d").iterdir()) and (outside / "y.npy.tmp-7").is_file()
 

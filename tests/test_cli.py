@@ -425,12 +425,31 @@ def test_a_short_write_under_a_size_limit_or_quota_is_a_storage_fault(monkeypatc
     from convergence_core.cache import ShortWriteError
 
     def short_write(config, progress=None):
-        raise ShortWriteError(tmp_path / "x.npy", OSError("38400 requested and 25584 written"))
+        raise ShortWriteError(f"could not write {tmp_path / 'x.npy'} whole (38400 requested "
+                              "and 25584 written): the disk, your quota or a file-size limit ran out")
 
     monkeypatch.setattr(precompute_module, "precompute", short_write)
     status, _, err = _main("precompute", "--preset", "demo", "--quiet", "--cache", str(tmp_path))
     assert status == 1 and err.startswith("error: cannot write the run: could not write")
     assert "rerun the same command to resume" in err and "Traceback" not in err
+    # other writes under a size limit fail with errno EFBIG ("File too large"): the same line
+    import errno
+
+    def too_large(config, progress=None):
+        raise OSError(errno.EFBIG, "File too large", str(tmp_path / "stimuli.parquet"))
+
+    monkeypatch.setattr(precompute_module, "precompute", too_large)
+    status, _, err = _main("precompute", "--preset", "demo", "--quiet", "--cache", str(tmp_path))
+    assert status == 1 and "File too large" in err and "Traceback" not in err
+    # only numpy's short write is relabelled; the error pickles (multiprocessing, Ray)
+    import pickle
+
+    from convergence_core.cache import atomic_path
+
+    error = ShortWriteError("could not write x whole")
+    assert str(pickle.loads(pickle.dumps(error))) == "could not write x whole"
+    with pytest.raises(OSError, match="^unrelated$"), atomic_path(tmp_path / "y.bin"):
+        raise OSError("unrelated")
 
 
 def test_next_steps_name_a_run_of_the_default_cache_by_its_name(tmp_path, monkeypatch):
