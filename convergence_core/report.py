@@ -55,7 +55,7 @@ from . import metrics as registry
 from .alignment import cknna_bound_note
 from .blind_matching import blind_matching as match_blind
 from .blind_matching import image_seeds
-from .cache import RunLayout, live_writer, read_json, write_bytes, write_json
+from .cache import RunLayout, live_writer, lock_path, read_json, write_bytes, write_json
 from .dispersion import SCORES, two_model_note
 from .gpa_stability import describe as describe_stability
 from .gpa_stability import gpa_stability
@@ -526,8 +526,9 @@ def _run_version(run: Run) -> int:
     writer = live_writer(run.path)
     if writer is not None:
         raise ValueError(
-            f"a precompute (pid {writer}) is writing run {run.name!r} now; rerun the report "
-            "when it has finished"
+            f"a precompute (pid {writer}) is writing run {run.name!r} now (it holds "
+            f"{lock_path(run.path)}); rerun the report when it has finished, or delete that file "
+            f"if process {writer} is not a precompute of this run"
         )
     try:
         return RunLayout(run.path).manifest.stat().st_mtime_ns
@@ -1521,7 +1522,7 @@ def calibration_section(
             tell, "shuffled pairings", 2 * (n_shuffles + 1), unit="pairings"
         ): step(f"{stage} set", done, total),
     )
-    covariate = analyses.vision_typicality(run, k=k)
+    covariate = analyses.vision_typicality(run, k=analyses.typicality_k(run, k))
     matchings: list[tuple[str, np.ndarray | None]] = [("typicality", None)]
     notes = []
     if "label" in run.stimuli.columns:  # as the Alignment lab: only labels that can be matched on

@@ -879,3 +879,11 @@ def test_cka_family_set_by_set_shares_each_models_side(monkeypatch, options):
             F, G = (indexes[(m, "l")].features.all_rows() for m in (x, y))
             expected = [registry.measure(name, F[s], G[s], **options) for s in sets]
             np.testing.assert_allclose(values[name][p], expected, atol=1e-12)
+
+
+def test_typicality_is_measured_within_the_stored_lists(planted):
+    """From the review: the lab's typicality at its k searched the whole run for each stimulus's
+    neighbours beyond the stored lists (O(n²)); both the lab and the report stop at the lists."""
+    stored = min(planted.neighbours(m, layer).k_max for m, layer in analyses.vision_layers(planted))
+    assert analyses.typicality_k(planted, 5) == 5
+    assert analyses.typicality_k(planted, stored + 40) == stored

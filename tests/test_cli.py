@@ -426,7 +426,8 @@ def test_a_short_write_under_a_size_limit_or_quota_is_a_storage_fault(monkeypatc
 
     def short_write(config, progress=None):
         raise ShortWriteError(f"could not write {tmp_path / 'x.npy'} whole (38400 requested "
-                              "and 25584 written): the disk, your quota or a file-size limit ran out")
+                              "and 25584 written): the disk, your quota or a file-size limit "
+                              "ran out")
 
     monkeypatch.setattr(precompute_module, "precompute", short_write)
     status, _, err = _main("precompute", "--preset", "demo", "--quiet", "--cache", str(tmp_path))

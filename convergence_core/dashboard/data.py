@@ -467,7 +467,10 @@ def _calibration_of(
     indexes = indexes_for(run, pairs)
     labels = run.stimuli["label"] if "label" in run.stimuli else None
     # typicality at the analysis k, as the report (k is None for a feature metric: the default)
-    covariates = lab.matching_covariates(run, labels, k=10 if k is None else int(k))
+    from ..analyses import typicality_k
+
+    typical_k = typicality_k(run, 10 if k is None else int(k))
+    covariates = lab.matching_covariates(run, labels, k=typical_k)
     table, comparisons = lab.calibration_table(
         indexes, pairs, dict(zip(names, rows, strict=True)), k, covariates, metric=metric,
         options=dict(options), n_shuffles=n_shuffles, n_matched=n_matched, seed=seed,

@@ -529,9 +529,9 @@ class MatchingCovariates(NamedTuple):
 
 
 def matching_covariates(run: Any, labels: object = None, *, k: int = 10) -> MatchingCovariates:
-    """Typicality of every stimulus in ``run``'s GPA models at ``k`` (``analyses.vision_typicality``,
-    as the report's matched baselines at the report's k) and the data set's labels when they can
-    be matched on (``calibration.matchable_labels``: the median label holds at least
+    """Typicality of every stimulus in ``run``'s GPA models at ``k`` (``vision_typicality``, as
+    the report's matched baselines at ``analyses.typicality_k``) and the data set's labels when
+    they can be matched on (``calibration.matchable_labels``: the median label holds at least
     ``calibration.MIN_STIMULI_PER_LABEL`` stimuli)."""
     typical = vision_typicality(run, k=k)
     labels, why_not = calibration.matchable_labels(labels)
