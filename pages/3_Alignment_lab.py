@@ -86,7 +86,8 @@ with st.sidebar:
     )
     if chosen_others := [m for m in languages if m not in run.language_models]:
         st.caption(
-            f"{', '.join(f'{m} ({run.modality(m)})' for m in chosen_others)}: on the language "
+            ", ".join(widgets.escape_markdown(f"{m} ({run.modality(m)})") for m in chosen_others)
+            + ": on the language "
             "side of the pairs, at the default layer unless chosen under Layers; the tables' "
             "language_model column names them."
         )
@@ -132,7 +133,7 @@ with layers_box:
                 st.session_state,
                 key,
                 lambda key, model=model, options=options, w=word, a=automatic: st.selectbox(
-                    model,
+                    widgets.escape_markdown(model),  # a label renders Markdown: the name as text
                     options,
                     key=key,
                     format_func=lambda layer: f"{w} ({a})" if layer == BEST else layer,

@@ -162,7 +162,8 @@ def _language_missing(*, partners_will_do: bool = False) -> bool:
     st.info(
         f"Run {run_name!r} has no language model: this figure compares the vision models with "
         "language models. Fig. S2 needs only the vision models"
-        + (f"; Fig. 2, S1 and the Alignment lab align them with {', '.join(others)}."
+        + ("; Fig. 2, S1 and the Alignment lab align them with "
+           f"{', '.join(map(widgets.escape_markdown, others))}."
            if others else ".")
     )
     return True
@@ -193,7 +194,10 @@ with fig2_tab:
                     st.caption(
                         ("" if run.language_models else "No language model in this run: ")
                         + "Fig. 2 for the GPA models × "
-                        f"{', '.join(dict.fromkeys(p.language_model for p in partner_pairs))} "
+                        + ", ".join(dict.fromkeys(
+                            widgets.escape_markdown(p.language_model) for p in partner_pairs
+                        ))
+                        + " "
                         "(models outside GPA, at their default layers)."
                     )
                     st.text(analyses.effect_verdict(

@@ -370,7 +370,8 @@ def test_brain_recordings_sit_on_the_language_side(run) -> None:
     assert chooser.label == "Language and other models"
     # pill labels are Markdown with the punctuation escaped (widgets.escape_markdown)
     assert [o.replace("\\", "") for o in chooser.options] == ["subj01 (brain)"]
-    assert any("subj01 (brain): on the language side" in c.value for c in at.sidebar.caption)
+    # the caption's names are escaped Markdown too (a name from a feature file stays text)
+    assert any("subj01 \\(brain\\): on the language side" in c.value for c in at.sidebar.caption)
     table = _results(at)
     assert set(table["language_model"]) == {"subj01"} and set(table["language_layer"]) == {"V1"}
     scores = brain.dispersion["mean"].to_numpy()
