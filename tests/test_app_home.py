@@ -154,6 +154,9 @@ def test_a_session_whose_run_goes_away_is_told_why() -> None:
     assert state.init_view(session, {}, ["demo"], unfinished=["live"])[1] == []  # said once
     view.run = "gone"
     assert "no longer in the cache" in state.init_view(session, {}, ["demo"])[1][0]
+    view.run = "live"  # the only run, being rewritten: there is no default to show
+    (alone,) = state.init_view(session, {}, [], unfinished=["live"])[1]
+    assert "No other run is cached" in alone and "default run" not in alone
 
 
 def test_default_subset_size() -> None:

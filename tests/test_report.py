@@ -983,7 +983,8 @@ def test_a_report_refuses_a_run_that_a_precompute_rewrites_meanwhile(tmp_path, m
                                               skip=("gpa_stability", "universal_space"))}
     lock = tmp_path / "runs" / ".tiny.lock"
     lock.write_text(str(os.getpid()))  # a live process holds the run
-    with pytest.raises(ValueError, match=r"a precompute \(pid \d+\) is writing run 'tiny'"):
+    with pytest.raises(ValueError, match=r"a precompute \(pid \d+\) is writing run 'tiny' now "
+                       r"\(it holds .*\.tiny\.lock\).*delete that file if process"):
         report.write_report(run, tmp_path / "out", **fast)
     lock.unlink()
     original = report.leave_one_model_out_section

@@ -187,7 +187,10 @@ def init_view(
                        "end); pick it in the sidebar again once its precompute has finished")
             else:
                 why = "is no longer in the cache"
-            return view, [f"Run '{shown(gone)}' {why}. Showing the default run meanwhile."]
+            meanwhile = (
+                "Showing the default run meanwhile." if run_names else "No other run is cached."
+            )
+            return view, [f"Run '{shown(gone)}' {why}. {meanwhile}"]
         return view, []
     view, warnings = parse_query_params(query_params, run_names, unfinished)
     session_state[VIEW_KEY] = view
