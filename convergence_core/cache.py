@@ -205,9 +205,8 @@ def clean_temp_files(folder: str | os.PathLike[str]) -> int:
     """Delete leftover ``<name>.tmp-<pid>`` files (of a killed writer) under the run folder
     ``folder``; count them. Only names :func:`atomic_path` makes are touched (``notes.tmp-1.txt``
     or ``draft.tmp-final`` are not), a file whose writer process is alive is left to it, and
-    symbolic links are neither followed nor deleted. Call it
-    on run folders only (a folder holding a manifest), never on a folder a user points at before
-    it is known to be a run."""
+    symbolic links are neither followed nor deleted. Call it on run folders only (a folder
+    holding a manifest), never on a folder a user points at before it is known to be a run."""
     count = 0
     for where, _, names in os.walk(folder):  # os.walk does not enter linked folders
         for name in names:

@@ -1313,9 +1313,10 @@ class _Pipeline:
         self.notify = notify
         self.manifest = _open_manifest(self.layout, name)
         stimuli_inputs = fingerprint(data_fingerprint, info.dropped)
-        if self.manifest.step_done("stimuli", stimuli_inputs) and not self.layout.stimuli.is_file():
+        stimuli_done = self.manifest.step_done("stimuli", stimuli_inputs)
+        if stimuli_done and not self.layout.stimuli.is_file():
             write_parquet(self.layout.stimuli, stimuli)  # the same stimuli: a lost file comes back
-        elif not self.manifest.step_done("stimuli", stimuli_inputs):
+        elif not stimuli_done:
             prepare_run_folder(path)
             self.manifest = RunManifest(self.layout, empty_manifest(name))
             self.manifest.save()  # first, so a crash leaves a recognisable (incomplete) run folder
