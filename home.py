@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from convergence_core.dashboard import catalogue, data, page, plots, widgets
+from convergence_core.dashboard import catalogue, data, gallery, page, plots, widgets
 from convergence_core.dispersion import two_model_note
 
 context = page.open_page("Convergence Explorer", icon=page.APP_ICON)
@@ -84,7 +84,7 @@ sides = (("Lowest", "home-low", order[:preview]), ("Highest", "home-high", order
 # one side per row: side by side, ten cards in the page's width broke captions mid-word
 for extreme, key, rows in sides:
     st.subheader(f"{extreme} dispersion ({plots.SCORE_NAME[score]})")
-    widgets.gallery(
+    gallery.show(
         run,
         rows,
         [f"rank {int(rank[r]) + 1} · {found.ids[r]}" for r in rows],

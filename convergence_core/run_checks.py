@@ -10,7 +10,7 @@ memory-mapped, of which only the headers are read, by shape and dtype only, so n
 O(n · d) values.
 
 Thumbnails are not checked here (one file per stimulus): the dashboard shows a placeholder for one
-it cannot read (``dashboard.widgets.thumbnail``).
+it cannot read (``dashboard.widgets.thumbnail_file``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from convergence_core.analyses import pair_modalities
-from convergence_core.dashboard import catalogue, data, lab, page, plots, state, widgets
+from convergence_core.dashboard import catalogue, data, gallery, lab, page, plots, state, widgets
 from convergence_core.stimulus_alignment import local_cka_base_size
 
 PER_SIDE = 6  # stimuli per side and page
@@ -215,7 +215,7 @@ with gallery_tab:
             low_side, high_side = st.columns(2, gap="large")
             with low_side:
                 st.subheader(sides[0])
-                widgets.gallery(
+                gallery.show(
                     run,
                     low_rows,
                     [label(r) for r in low_rows],
@@ -224,7 +224,7 @@ with gallery_tab:
                 )
             with high_side:
                 st.subheader(sides[1])
-                widgets.gallery(
+                gallery.show(
                     run,
                     high_rows,
                     [label(r) for r in high_rows],

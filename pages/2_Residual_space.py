@@ -15,6 +15,7 @@ import streamlit as st
 from convergence_core.dashboard import (
     catalogue,
     data,
+    gallery,
     page,
     plots,
     predictors,
@@ -207,7 +208,7 @@ else:
     if len(selected_rows) > len(shown):
         st.text(f"Showing the first {len(shown)} of {len(selected_rows)}.")
     rank = found.rank[score]
-    widgets.gallery(
+    gallery.show(
         run,
         shown,
         [f"id {ids[r]} · rank {int(rank[r]) + 1} by {plots.SCORE_NAME[score]}" for r in shown],

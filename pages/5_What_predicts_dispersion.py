@@ -14,6 +14,7 @@ import streamlit as st
 from convergence_core.dashboard import (
     catalogue,
     data,
+    gallery,
     page,
     predictor_plots,
     predictors,
@@ -164,7 +165,7 @@ def _scatter() -> None:
         f"dispersion {dispersion[r]:.4f}"
         for r in shown
     ]
-    widgets.gallery(
+    gallery.show(
         run, shown, labels, key="predictors", columns=4, inspect=False
     )
 

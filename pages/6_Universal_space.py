@@ -21,6 +21,7 @@ from convergence_core import retrieval
 from convergence_core.dashboard import (
     catalogue,
     data,
+    gallery,
     page,
     plots,
     state,
@@ -222,7 +223,7 @@ with dispersion_tab:
                 for column, (extreme, rows) in zip(st.columns(2), sides, strict=True):
                     with column:
                         st.subheader(f"{extreme} cross-modal dispersion")
-                        widgets.gallery(
+                        gallery.show(
                             run,
                             rows,
                             [f"id {ids[r]} · {by_row[r]:.4f}" for r in rows],

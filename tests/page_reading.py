@@ -56,3 +56,27 @@ def card_deltas(at) -> dict[str, str | None]:
             badge = _text(inner.group(1)) if inner else parts[2].value
         shown[label] = badge
     return shown
+
+
+def gallery_cards(at, key: str | None = None) -> list[dict]:  # noqa: ANN001
+    """The cards every gallery on the page sent to the browser (``gallery.show``: one component
+    each, whose cards AppTest cannot look inside), in page order; ``key``: only that gallery's.
+    Each card is a dict: ``id``, ``image`` (a data URI or ""), ``note``, ``text``, ``captions``."""
+    import json
+
+    from convergence_core.dashboard import gallery
+
+    found = []
+    for element in at.get("bidi_component"):
+        proto = element.proto
+        if proto.component_name != gallery.COMPONENT:
+            continue
+        if key is not None and not proto.id.endswith(f"-{gallery.KEY_PREFIX}{key}"):
+            continue
+        found.extend(json.loads(proto.json)["cards"])
+    return found
+
+
+def gallery_texts(at, key: str | None = None) -> list[str]:  # noqa: ANN001
+    """The text of every gallery card (label and first caption), in page order."""
+    return [card["text"] for card in gallery_cards(at, key)]

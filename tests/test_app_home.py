@@ -13,6 +13,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from convergence_core.dashboard import data, page, state, widgets
+from tests.page_reading import gallery_cards
 from convergence_core.run import RunInfo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -202,8 +203,10 @@ def test_home_cards_histogram_and_previews(synthetic_cache: Path) -> None:
     assert rows[1][-1] == "GPA (dispersion)" and rows[-1][-1] == "alignment (CKNNA)"
     assert not at.dataframe and not at.get("plotly_chart")  # nothing that loads heavy scripts
     # the histogram picture and 5 lowest and 5 highest dispersion thumbnails, in rank order
-    assert len(at.image) == 11
-    labels = [t.value.split("\n")[0] for t in at.text if t.value.startswith("rank ")]
+    assert len(at.image) == 1
+    shown = gallery_cards(at)
+    assert len(shown) == 10 and all(card["image"].startswith("data:image/jpeg") for card in shown)
+    labels = [card["text"].split("\n")[0] for card in shown]
     order = np.argsort(run.dispersion["rank_mean"].to_numpy())
     expected_low = [f"rank {i + 1} · {run.stimuli['id'].iloc[r]}" for i, r in enumerate(order[:5])]
     assert labels[:5] == expected_low

@@ -482,16 +482,27 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
             selected = re.search(r"(\d+) stimuli selected \(from PCA", page.inner_text("body"))
             assert selected is not None and int(selected.group(1)) >= 200  # of the 239
 
-            # Stimuli: Inspect under the first picture opens the detail tab on that stimulus
+            # Stimuli: Inspect under the highest-dispersion picture (the first card of the right
+            # side) opens the detail tab on that stimulus
             SCREENSHOT.parent.mkdir(exist_ok=True)
             page.goto(f"{base}/Stimuli")
             _wait_idle(page)
-            page.wait_for_selector('[data-testid="stImage"] img', timeout=30_000)
+            page.wait_for_selector(".card img", timeout=30_000)  # inside the gallery component
+            page.wait_for_function(
+                f"() => ({PAGE_DRAWN})() && "
+                "document.querySelectorAll('[data-testid^=\"stBidiComponent\"]').length === 2",
+                timeout=30_000,
+            )
             page.screenshot(path=str(STIMULI_SCREENSHOT), full_page=False)
-            page.get_by_role("button", name="Inspect").first.click()
+            cards = page.locator(".card")
+            assert cards.count() == 12
+            highest = cards.nth(6).get_attribute("data-id")
+            cards.nth(6).get_by_role("button", name="Inspect").click()
             page.wait_for_selector(f'[class*="st-key-{CARD_KEY_PREFIX}"]', timeout=60_000)
             _wait_idle(page)
-            assert "Rank by mean residual" in page.inner_text("body")
+            body = page.inner_text("body")
+            assert "Rank by mean residual" in body and f"id {highest}" in body
+            assert "239 / 239" in body  # its rank by mean residual: the highest of the 239
             assert page.locator('[data-testid="stDataFrame"]').count() == 2  # neighbours
             page.goto(f"{base}/")
             _wait_idle(page)

@@ -20,6 +20,7 @@ from PIL import Image, ImageFile
 
 from convergence_core import images, settings
 from convergence_core.dashboard import page as dashboard_page
+from convergence_core.dashboard import widgets
 from convergence_core.datasets import (
     check_dataset,
     dataset_fingerprint,
@@ -28,7 +29,7 @@ from convergence_core.datasets import (
     safe_relative_path,
 )
 from convergence_core.images import ImageFileError, image_problem, make_thumbnail, open_rgb
-from tests.page_reading import cards
+from tests.page_reading import cards, gallery_cards
 
 # names added for issue 16 are looked up when a test runs, so each test fails on its own on
 # code that lacks them (rather than the whole module failing to import)
@@ -823,7 +824,7 @@ def huge_caption_cache(tmp_path_factory):
 
 
 def _longest_text(at) -> int:
-    texts = [element.value for element in at.text]
+    texts = [element.value for element in at.text] + [c["text"] for c in gallery_cards(at)]
     for frame in at.dataframe:
         texts += [str(v) for v in frame.value.astype(str).to_numpy().ravel()]
     for box in at.selectbox:
@@ -856,11 +857,28 @@ def test_a_huge_caption_is_shown_as_an_excerpt_with_the_full_text_one_click_away
     assert _longest_text(at) < 800
     if page not in CARD_PAGES:
         return  # Residual space shows captions in hover text (80 characters) and selections
+    # each card's "Full captions" (text: tests/test_gallery_browser.py) holds its captions up to
+    # gallery.FULL_CAPTIONS_CHARS, so that a gallery of such captions stays small; past it a
+    # caption says its length and where it is shown whole
+    from convergence_core.dashboard.gallery import FULL_CAPTIONS_CHARS
+
+    shown = gallery_cards(at)
+    assert shown and all(card["captions"] for card in shown), "no way to see the captions"
+    for card in shown:
+        assert sum(map(len, card["captions"])) < FULL_CAPTIONS_CHARS + 1000
+        first = card["captions"][0]
+        assert first.startswith(HUGE[:FULL_CAPTIONS_CHARS].rstrip())
+        assert first.endswith("characters; the Stimuli page's detail view shows it whole under "
+                              "Full captions]")
+    if page != "Stimuli gallery":
+        return
+    # there, one click away: the detail view's "Full captions" dialog, every caption whole
+    at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
+    at.run(timeout=90)
     buttons = [b for b in at.button if b.label == "Full captions"]
     assert buttons, "no way to see the whole caption"
     buttons[0].click().run(timeout=90)
     assert not at.exception, at.exception
-    # the dialog, in plain text: every caption whole
     assert any(HUGE.strip() in element.value for element in at.text)
 
 
@@ -990,7 +1008,7 @@ def test_a_thumbnail_that_is_not_a_jpeg_is_a_placeholder_not_a_traceback(
         state.set_selection(at.session_state, "demo", ids, origin="test")
         at.run(timeout=90)
     assert not at.exception, at.exception
-    texts = [element.value for element in at.text]
+    texts = [element.value for element in at.text] + [c["note"] for c in gallery_cards(at)]
     assert any("thumbnail unreadable" in text for text in texts), texts
 
 

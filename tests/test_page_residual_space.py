@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from convergence_core.dashboard import data, selection_io, state
-from tests.page_reading import shown
+from tests.page_reading import gallery_texts, shown
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -176,9 +176,9 @@ def test_selection_shows_gallery_export_and_overlay(run) -> None:
     at.run(timeout=TIMEOUT)
     assert any(t.value.startswith("3 stimuli selected") for t in at.text)
     gallery_ids = [
-        t.value.split(" · ")[0][3:]
-        for t in at.text
-        if t.value.startswith("id ") and " · rank " in t.value
+        text.split(" · ")[0][3:]
+        for text in gallery_texts(at, "selection")
+        if text.startswith("id ") and " · rank " in text
     ]
     assert gallery_ids == ids
     overlay = _figure(at, "PCA of the GPA residuals")["data"][1]

@@ -10,8 +10,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from convergence_core import settings
-from convergence_core.dashboard import widgets
-from tests.page_reading import cards
+from convergence_core.dashboard import gallery, widgets
+from tests.page_reading import cards, gallery_cards, gallery_texts
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -65,7 +65,32 @@ def _page(query: dict[str, str] | None = None, *, detail: bool = False) -> AppTe
 
 
 def _gallery_ids(at: AppTest) -> list[str]:
-    return [LABEL.match(t.value).group(3) for t in at.text if LABEL.match(t.value)]
+    return [LABEL.match(text).group(3) for text in gallery_texts(at) if LABEL.match(text)]
+
+
+def _press_inspect(at: AppTest, side: str, identifier: str) -> None:
+    """Press Inspect on the card of ``identifier`` in the gallery's ``side`` ("low", "high") and
+    rerun: what the component's callback does (``gallery.inspect_trigger`` reading the pressed id
+    from the component's state). AppTest cannot click inside a component; the browser test
+    (tests/test_end_to_end.py) presses the real button."""
+    import streamlit as st
+
+    key = f"{gallery.KEY_PREFIX}{side}"
+    assert identifier in [card["id"] for card in gallery_cards(at, side)]
+
+    class Pressed:  # the session state as the callback sees it, the component's trigger set
+        def get(self, name, default=None):  # noqa: ANN001, ANN202
+            if name == key:
+                return {"inspect": identifier}
+            return at.session_state[name] if name in at.session_state else default
+
+        def __setitem__(self, name, value) -> None:  # noqa: ANN001
+            at.session_state[name] = value
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(st, "session_state", Pressed())
+        gallery.inspect_trigger(key)
+    at.run(timeout=TIMEOUT)
 
 
 def _widget(widgets, label_start: str):
@@ -86,9 +111,10 @@ def test_gallery_ranks_lowest_and_highest_side_by_side(run) -> None:
     at = _page()
     low, high = _expected(run, "mean", PER_SIDE, 1)
     assert _gallery_ids(at) == low + high
-    assert (
-        len(at.image) >= 2 * PER_SIDE
-    )  # thumbnails of both sides (+ the detail view and neighbours)
+    shown = gallery_cards(at)  # every card carries its thumbnail, sent as a JPEG data URI
+    assert len(shown) == 2 * PER_SIDE
+    assert all(card["image"].startswith("data:image/jpeg;base64,/9j/") for card in shown)
+    assert all(card["captions"] == [] for card in shown)  # no caption is cut: nothing to open
 
 
 def test_paging_and_score_change_the_shown_ids(run) -> None:
@@ -193,11 +219,10 @@ def test_inspect_button_shows_ranks_residuals_and_neighbours(run) -> None:
     high_ids = _gallery_ids(at)[PER_SIDE:]
     target = high_ids[0]  # the highest-dispersion stimulus
     row = int(np.flatnonzero(run.stimuli["id"].to_numpy() == target)[0])
-    buttons = [b for b in at.button if b.label == "Inspect"]
-    buttons[PER_SIDE].click().run(timeout=TIMEOUT)
+    _press_inspect(at, "high", target)
     # Inspect opens the detail tab (only the open tab is built) on that stimulus
     assert at.session_state[widgets.STIMULI_TAB_KEY] == widgets.DETAIL_TAB
-    assert not [b for b in at.button if b.label == "Inspect"]
+    assert not gallery_cards(at)
     assert at.selectbox(key="w_inspect").value == target
     assert "press Inspect under an image in the gallery" in at.selectbox(key="w_inspect").label
     assert (
@@ -269,7 +294,7 @@ def test_only_selection_toggle_restricts_the_gallery(run) -> None:
 
 def test_detail_tab_remembers_the_stimulus_and_the_gallery_is_built_only_when_open(run) -> None:
     at = _page(detail=True)
-    assert not [b for b in at.button if b.label == "Inspect"]  # the gallery tab is not built
+    assert not gallery_cards(at)  # the gallery tab is not built
     target = str(run.stimuli["id"].iloc[7])
     at.selectbox(key="w_inspect").set_value(target).run(timeout=TIMEOUT)
     at.session_state[widgets.STIMULI_TAB_KEY] = "Gallery"
@@ -321,7 +346,7 @@ def _dense_overlap(run, vision: str, vision_layer: str, language: str, layer: st
 def _aligned_cards(at) -> list[tuple[int, str, float]]:
     return [
         (int(m.group(1)), m.group(3), float(m.group(5)))
-        for m in (ALIGNED_LABEL.match(t.value) for t in at.text)
+        for m in (ALIGNED_LABEL.match(text) for text in gallery_texts(at))
         if m
     ]
 

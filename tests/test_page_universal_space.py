@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from convergence_core import retrieval, universal
 from tests.fixtures_runs import make_synthetic_run
-from tests.page_reading import cards
+from tests.page_reading import cards, gallery_cards, gallery_texts
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "6_Universal_space.py")
 TIMEOUT = 120
@@ -72,19 +72,18 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
     expected = universal.run_cross_modal_analysis(run, n_permutations=1000, seed=0)
     # the stimuli at both ends: no pictures until their expander is opened, then the 6 lowest
     # and 6 highest cross-modal dispersions, each labelled with its id and value
-    assert not any(t.value.startswith("id ") for t in at.text)
-    pictures = len(at.image)
+    assert not gallery_cards(at)
     at.session_state[ENDS_KEY] = True
     at.run(timeout=TIMEOUT)
     assert not at.exception, at.exception
-    assert len(at.image) == pictures + 12
+    assert len(gallery_cards(at)) == 12 and all(c["image"] for c in gallery_cards(at))
     frame = expected.per_stimulus().sort_values(["cross_modal_dispersion", "stimulus"])
     ids = run.stimuli["id"].astype(str)
     wanted = [
         f"id {ids.iloc[row]} · {value:.4f}"
         for row, value in zip(frame["stimulus"], frame["cross_modal_dispersion"], strict=True)
     ]
-    shown = [t.value.split("\n")[0] for t in at.text if t.value.startswith("id ")]
+    shown = [text.split("\n")[0] for text in gallery_texts(at)]
     assert shown == wanted[:6] + wanted[::-1][:6]
     relation = expected.relation.iloc[0]
     assert _metric(at, "ρ with vision dispersion") == f"{relation['spearman_rho']:.3f}"

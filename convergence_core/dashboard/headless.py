@@ -53,11 +53,21 @@ SCRIPT_FINISHED = (
     "?.getAttribute('data-test-script-state') === 'notRunning'"
 )
 
+#: JavaScript: every image of the page, ``st.image``'s and those inside components' shadow roots
+#: (``gallery.show``'s cards)
+_PAGE_IMAGES = """() => [
+  ...document.querySelectorAll('[data-testid="stImage"] img'),
+  ...[...document.querySelectorAll('[data-testid^="stBidiComponent"]')].flatMap(
+    (host) => [...(host.shadowRoot ?? host).querySelectorAll('img')]),
+]"""
+
 #: JavaScript predicate: the page is drawn — the script has finished (and has sent its title),
-#: every visible Plotly chart has its SVG, every visible table its canvas, every visible image is
-#: decoded and no skeleton or spinner is left. The first time it holds, ``window.__drawnAt`` is
+#: every visible Plotly chart has its SVG, every visible table its canvas, every visible image
+#: (:data:`_PAGE_IMAGES`) is decoded and no skeleton or spinner is left. The first time it
+#: holds, ``window.__drawnAt`` is
 #: set to ``performance.now()`` (ms since the navigation started).
 PAGE_DRAWN = """() => {
+  const PAGE_IMAGES = """ + "(" + _PAGE_IMAGES + ")" + """;
   const app = document.querySelector('[data-testid="stApp"]');
   if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
   if (!document.querySelector('h1')) return false;
@@ -68,7 +78,7 @@ PAGE_DRAWN = """() => {
   for (const table of document.querySelectorAll('[data-testid="stDataFrame"]')) {
     if (visible(table) && !table.querySelector('canvas')) return false;
   }
-  for (const image of document.querySelectorAll('[data-testid="stImage"] img')) {
+  for (const image of PAGE_IMAGES()) {
     if (visible(image) && !(image.complete && image.naturalWidth > 0)) return false;
   }
   if (document.querySelector('[data-testid="stSkeleton"], [data-testid="stSpinner"]')) return false;
@@ -110,7 +120,7 @@ _PAGE_COSTS = """() => {
     elements: count('[data-testid="stElementContainer"]'),
     figures: count('[data-testid="stPlotlyChart"]'),
     tables: count('[data-testid="stDataFrame"]') + count('[data-testid="stTable"]'),
-    images: count('[data-testid="stImage"] img'),
+    images: (""" + _PAGE_IMAGES + """)().length,
     widgets: ['input', 'button', 'textarea'].reduce(
       (total, tag) => total + count(`[data-testid="stElementContainer"] ${tag}`), 0),
     http_bytes: http,

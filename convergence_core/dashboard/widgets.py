@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -238,88 +239,51 @@ def show_captions(
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def thumbnail(run: Run, row: int, *, missing: str | None = None) -> None:
-    """The stimulus's thumbnail; ``missing`` (if given) as text when the run has none, and a
-    placeholder text when the file is unreadable: not a JPEG, undecodable or leading outside the
-    run (a damaged or altered run; it never stops the page)."""
+def thumbnail_file(run: Run, row: int) -> tuple[Path | None, str | None]:
+    """``(path, problem)`` of a stimulus's thumbnail: ``(None, None)`` when the run has none for
+    it; ``problem`` (with ``path`` None) when the file is unreadable: not a JPEG, undecodable or
+    leading outside the run (a damaged or altered run, which never stops a page)."""
     try:
         path = run.thumbnail_path(row)
     except ValueError:  # CacheFormatError: a thumbnail path that leads outside the run folder
-        path, problem = None, "it leads outside the run folder"
-    else:
-        problem = None
-    if path is None and problem is None:
+        return None, "it leads outside the run folder"
+    if path is None:
+        return None, None
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_JPEG_MAGIC))
+        if head != _JPEG_MAGIC:
+            return None, "it is not a JPEG file"
+        open_rgb(path)  # decodes (a 256 px JPEG: ~1 ms), refusing oversized ones
+    except (OSError, ImageFileError) as exc:
+        return None, f"it cannot be decoded ({type(exc).__name__})"
+    return Path(path), None
+
+
+def unreadable_thumbnail_note(problem: str) -> str:
+    """What is shown instead of an unreadable thumbnail (:func:`thumbnail_file`'s ``problem``)."""
+    return f"(thumbnail unreadable: {problem}; rerun precompute to rewrite the run's thumbnails)"
+
+
+def thumbnail(run: Run, row: int, *, missing: str | None = None) -> None:
+    """The stimulus's thumbnail; ``missing`` (if given) as text when the run has none, and a
+    placeholder text when the file is unreadable (:func:`thumbnail_file`)."""
+    path, problem = thumbnail_file(run, row)
+    if problem is not None:
+        st.text(unreadable_thumbnail_note(problem))
+    elif path is None:
         if missing is not None:
             st.text(missing)
-        return
-    if problem is None:
-        try:
-            with open(path, "rb") as handle:
-                head = handle.read(len(_JPEG_MAGIC))
-            if head != _JPEG_MAGIC:
-                problem = "it is not a JPEG file"
-            else:
-                open_rgb(path)  # decodes (a 256 px JPEG: ~1 ms), refusing oversized ones
-        except (OSError, ImageFileError) as exc:
-            problem = f"it cannot be decoded ({type(exc).__name__})"
-    if problem is not None:
-        st.text(
-            f"(thumbnail unreadable: {problem}; rerun precompute to rewrite the run's thumbnails)"
-        )
-        return
-    st.image(str(path), width="stretch")
+    else:
+        st.image(str(path), width="stretch")
 
 
-def _inspect(identifier: str) -> None:
+def inspect(identifier: str) -> None:
+    """Open the Stimuli page's detail tab on stimulus ``identifier`` (a gallery's Inspect
+    button; call it from a widget callback, before the page's widgets are drawn)."""
     st.session_state[INSPECT_KEY] = identifier
     st.session_state[INSPECTED] = identifier
     st.session_state[STIMULI_TAB_KEY] = DETAIL_TAB
-
-
-def stimulus_card(run: Run, row: int, label: str, *, key: str, inspect: bool = True) -> None:
-    """One stimulus: thumbnail, label, its first caption and how many more, a "Full captions"
-    button when a caption is cut, and (``inspect``) an "Inspect" button (the Stimuli page's
-    detail view, which lists every caption). A run without thumbnails or without any caption
-    (:func:`gallery` says so once) shows neither line."""
-    if run.has_thumbnails:
-        thumbnail(run, row, missing="(no thumbnail for this stimulus)")
-    identifier = str(run.stimuli["id"].iloc[row])
-    if run.has_captions:
-        captions = list(run.stimuli["captions"].iloc[row])
-        st.text(f"{excerpt(label)}\n{first_caption_text(captions)}")  # one element, not two
-        full_captions_button(captions, key=f"{key}-{row}", title=f"Stimulus {identifier}")
-    else:
-        st.text(excerpt(label))
-    if inspect:
-        st.button("Inspect", key=f"{key}-inspect-{row}", on_click=_inspect, args=(identifier,))
-
-
-def gallery(
-    run: Run,
-    rows: Sequence[int],
-    labels: Sequence[str],
-    *,
-    key: str,
-    columns: int = 4,
-    inspect: bool = True,
-) -> None:
-    """A grid of :func:`stimulus_card` s, ``columns`` per line, in the given order; above it,
-    once, what the cards leave out in a run without thumbnails or captions."""
-    if not len(rows):
-        st.info("No stimuli to show.")
-        return
-    missing = [what for what, present in (("thumbnails", run.has_thumbnails),
-                                          ("captions", run.has_captions)) if not present]
-    if missing:
-        shown = ": the cards show ids and scores." if len(missing) == 2 else "."
-        st.caption(f"This run has no {' and no '.join(missing)}{shown}")
-    for start in range(0, len(rows), columns):
-        cells = st.columns(columns)
-        for cell, row, label in zip(
-            cells, rows[start : start + columns], labels[start : start + columns], strict=False
-        ):  # the last line may have fewer stimuli than columns
-            with cell:
-                stimulus_card(run, int(row), label, key=key, inspect=inspect)
 
 
 def show_messages(messages: Sequence[tuple[str, str]]) -> None:

@@ -1,0 +1,208 @@
+"""A grid of stimulus cards (thumbnail, label, first caption, every caption on demand, an Inspect
+button) drawn by the browser as one element.
+
+Every page that shows stimuli shows them here: the Stimuli gallery, Home's previews, a selection
+on Residual space, the stimuli behind a point on What predicts dispersion and Universal space's
+extremes. Drawn as Streamlit elements, a card was a picture, a text and one or two buttons
+inside a column: 12 cards were some 60 elements for the browser to mount and lay out one by one.
+As one ``st.components.v2`` component (:data:`GALLERY_JS`, a few lines of DOM code, no library)
+they are one element, and the Stimuli page's first visit in a browser went from 1.92x to 1.52x
+a bare Streamlit page (7 rounds beside the old code, ``benchmarks/bench_dashboard.py --beside``;
+``docs/PERFORMANCE.md``). The thumbnails travel inside the page's message as data URIs (about
+20 kB each) rather than as separate requests.
+
+Safety: captions, ids and labels come from a user's data set. The component writes them with
+``textContent`` only (never as HTML), and a thumbnail is sent as a ``data:image/jpeg`` URI of a
+file checked to be a decodable JPEG inside the run folder (``widgets.thumbnail_file``).
+
+What the browser receives (the component's ``data``)::
+
+    {"columns": 3, "inspect": true, "cards": [
+        {"id": "42", "image": "data:image/jpeg;base64,...", "note": "", "text": "#1 of 239 ...",
+         "captions": ["a dog ...", ...]},  # every caption whole, or [] when none is cut
+        ...]}
+
+A press of Inspect sets the component's ``inspect`` trigger to the stimulus id; its callback
+(:func:`inspect_trigger`) opens the Stimuli page's detail tab on that stimulus.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import streamlit as st
+
+from .. import settings
+from ..run import Run
+from . import widgets
+
+#: Name of the component (unique in the app) and the prefix of each gallery's key
+COMPONENT = "convergence_gallery"
+KEY_PREFIX = "gallery-"
+
+#: The component's code: builds the cards from ``data`` with DOM calls and ``textContent``
+#: (user text never becomes HTML); Inspect sets the ``inspect`` trigger to the card's id.
+GALLERY_JS = """
+export default function (component) {
+  const { data, parentElement, setTriggerValue } = component;
+  const make = (tag, className, text) => {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  let grid = parentElement.querySelector('.gallery');
+  if (!grid) {
+    grid = make('div', 'gallery');
+    parentElement.appendChild(grid);
+  }
+  grid.style.gridTemplateColumns = `repeat(${data.columns}, minmax(0, 1fr))`;
+  grid.replaceChildren(...data.cards.map((card) => {
+    const cell = make('div', 'card');
+    cell.dataset.id = card.id;
+    if (card.image) {
+      const image = make('img');
+      image.src = card.image;
+      image.alt = `stimulus ${card.id}`;
+      cell.appendChild(image);
+    } else if (card.note) {
+      cell.appendChild(make('div', 'note', card.note));
+    }
+    cell.appendChild(make('div', 'text', card.text));
+    if (card.captions.length) {
+      const more = make('details');
+      more.appendChild(make('summary', '', 'Full captions'));
+      card.captions.forEach((caption, index) => more.appendChild(make(
+        'div', 'text caption', card.captions.length > 1 ? `${index + 1}. ${caption}` : caption)));
+      cell.appendChild(more);
+    }
+    if (data.inspect) {
+      const button = make('button', '', 'Inspect');
+      button.type = 'button';
+      button.onclick = () => setTriggerValue('inspect', card.id);
+      cell.appendChild(button);
+    }
+    return cell;
+  }));
+}
+"""
+
+#: The cards' look, from Streamlit's theme variables (light and dark themes alike)
+GALLERY_CSS = """
+.gallery { display: grid; gap: 1rem; font-family: var(--st-font); color: var(--st-text-color); }
+.card { display: flex; flex-direction: column; align-items: flex-start; gap: 0.25rem;
+  min-width: 0; }
+.card img { width: 100%; height: auto; border-radius: 0.25rem; }
+.text { white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.875rem; line-height: 1.5; }
+.note { font-size: 0.875rem; opacity: 0.7; }
+.caption { margin-top: 0.25rem; }
+summary { cursor: pointer; font-size: 0.875rem; }
+button { font: inherit; font-size: 0.875rem; padding: 0.25rem 0.75rem; cursor: pointer;
+  border-radius: 0.5rem; border: 1px solid var(--st-border-color);
+  background: var(--st-background-color); color: var(--st-text-color); }
+button:hover, button:focus-visible { border-color: var(--st-primary-color);
+  color: var(--st-primary-color); }
+"""
+
+_component = st.components.v2.component(COMPONENT, js=GALLERY_JS, css=GALLERY_CSS)
+
+#: At most this many characters of a card's captions travel with the page (for "Full captions");
+#: a longer caption is cut there with its length, and the Stimuli page's detail view shows it whole
+#: (a hostile data set's 100,000-character captions would otherwise make every gallery megabytes)
+FULL_CAPTIONS_CHARS = 20_000
+
+
+@dataclass(frozen=True)
+class Card:
+    """One stimulus as the component draws it (see the module docstring)."""
+
+    id: str
+    image: str  # a data:image/jpeg URI, or "" (then ``note`` says why, or nothing is shown)
+    note: str
+    text: str  # the label and the first caption, as plain text
+    captions: tuple[str, ...]  # every caption whole when one is cut in ``text``, else ()
+
+
+def card(run: Run, row: int, label: str) -> Card:
+    """Stimulus ``row`` of ``run`` as a :class:`Card` headed ``label`` (cut as an excerpt)."""
+    image, note = "", ""
+    if run.has_thumbnails:
+        path, problem = widgets.thumbnail_file(run, row)
+        if path is not None:
+            image = "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
+        elif problem is not None:
+            note = widgets.unreadable_thumbnail_note(problem)
+        else:
+            note = "(no thumbnail for this stimulus)"
+    identifier = str(run.stimuli["id"].iloc[row])
+    if not run.has_captions:
+        return Card(identifier, image, note, widgets.excerpt(label), ())
+    captions = tuple(str(c) for c in run.stimuli["captions"].iloc[row])
+    limit = settings.caption_excerpt_chars()
+    cut = any(len(caption) > limit for caption in captions)
+    return Card(
+        identifier,
+        image,
+        note,
+        f"{widgets.excerpt(label)}\n{widgets.first_caption_text(captions)}",
+        bounded_captions(captions) if cut else (),
+    )
+
+
+def bounded_captions(captions: Sequence[str], budget: int = FULL_CAPTIONS_CHARS) -> tuple[str, ...]:
+    """``captions`` whole while their lengths add up to at most ``budget`` characters; past it
+    a caption longer than what is left (and than 300 characters) is cut there and says how long
+    it is and where it is shown whole."""
+    kept, left = [], budget
+    for caption in captions:
+        room = max(left, settings.DEFAULT_CAPTION_EXCERPT_CHARS)
+        if len(caption) <= room:
+            kept.append(caption)
+        else:
+            kept.append(
+                f"{caption[:room].rstrip()}… [{len(caption):,} characters; the Stimuli page's "
+                "detail view shows it whole under Full captions]"
+            )
+        left = max(0, left - min(len(caption), room))
+    return tuple(kept)
+
+
+def inspect_trigger(key: str) -> None:
+    """The callback of a press of Inspect in the gallery keyed ``key``: the Stimuli page opens its
+    detail tab on the pressed stimulus (:func:`widgets.inspect`)."""
+    pressed = (st.session_state.get(key) or {}).get("inspect")
+    if pressed:
+        widgets.inspect(str(pressed))
+
+
+def show(
+    run: Run,
+    rows: Sequence[int],
+    labels: Sequence[str],
+    *,
+    key: str,
+    columns: int = 4,
+    inspect: bool = True,
+) -> None:
+    """``rows`` of ``run`` as cards, ``columns`` per line in the given order, headed by
+    ``labels``; with ``inspect`` each has an Inspect button (the Stimuli page's detail view).
+    Above the grid, once, what the cards leave out in a run without thumbnails or captions.
+    The component's key is ``gallery-<key>`` (:data:`KEY_PREFIX`)."""
+    if not len(rows):
+        st.info("No stimuli to show.")
+        return
+    missing = [what for what, present in (("thumbnails", run.has_thumbnails),
+                                          ("captions", run.has_captions)) if not present]
+    if missing:
+        shown = ": the cards show ids and scores." if len(missing) == 2 else "."
+        st.caption(f"This run has no {' and no '.join(missing)}{shown}")
+    cards = [card(run, int(row), label) for row, label in zip(rows, labels, strict=True)]
+    component_key = f"{KEY_PREFIX}{key}"
+    _component(
+        key=component_key,
+        data={"columns": int(columns), "inspect": bool(inspect),
+              "cards": [asdict(c) for c in cards]},
+        on_inspect_change=lambda: inspect_trigger(component_key),
+    )
