@@ -25,6 +25,7 @@ from convergence_core.sources import (
     check_modality,
     read_feature_file,
 )
+from tests.page_reading import gallery_cards, gallery_texts
 
 N = 30
 
@@ -632,9 +633,11 @@ def test_every_page_draws_a_run_from_feature_files_alone(tmp_path, monkeypatch):
         app.switch_page(target).run()
         assert not app.exception and not app.error, (target, app.exception, app.error)
         if target == "pages/1_Stimuli.py":
-            shown = " ".join(t.value for t in app.text)
-            assert sum(f"id {i}" in shown for i in ids) == 12  # 6 low and 6 high
-            assert "(no caption)" not in shown and "thumbnail" not in shown
+            shown = gallery_cards(app)
+            texts = " ".join(card["text"] for card in shown)
+            assert sum(f"id {i}" in texts for i in ids) == 12  # 6 low and 6 high
+            assert "(no caption)" not in texts and "thumbnail" not in texts
+            assert not any(card["image"] or card["note"] or card["captions"] for card in shown)
             notes = [c.value for c in app.caption]
             assert "This run has no thumbnails and no captions: the cards show ids and scores." \
                 in notes
@@ -671,7 +674,7 @@ def test_vision_files_with_a_caption_table_and_a_language_model_extracted_here(t
         app.switch_page("pages/1_Stimuli.py").run()
     assert not app.exception and not app.error
     assert "This run has no thumbnails." in [c.value for c in app.caption]
-    assert "“a photo of thing" in " ".join(t.value for t in app.text)
+    assert "“a photo of thing" in " ".join(gallery_texts(app))
     with pytest.raises(ValueError, match="'efficientnet-lite0' needs images, but the data set has"):
         precompute(dataset=str(table), vision_models=["efficientnet-lite0", "efficientnet-lite1"],
                    cache_root=str(tmp_path / "cache"), run_name="refused")
