@@ -217,8 +217,19 @@ def test_many_models_on_few_stimuli_iterate_on_the_rows(m, dims) -> None:
     rows = generalized_procrustes(embeddings, tol=TIGHT, max_iter=5000)
     with sweeps_on("cross"):
         cross = generalized_procrustes(embeddings, tol=TIGHT, max_iter=5000)
-    assert rows.n_iter == cross.n_iter
-    np.testing.assert_allclose(rows.loss_history, cross.loss_history, rtol=0, atol=1e-12)
+    # at a tolerance of 1e-15 the stopping test reads rounding: one path may take one more sweep
+    # (20 against 21 on one CPU, the same number on another), and a sweep this close to the
+    # optimum still moves the maps by ~3e-7 while the loss stays flat to 1e-16; so the iterates
+    # are compared after the same number of sweeps
+    assert abs(rows.n_iter - cross.n_iter) <= 1
+    common = min(len(rows.loss_history), len(cross.loss_history))
+    np.testing.assert_allclose(
+        rows.loss_history[:common], cross.loss_history[:common], rtol=0, atol=1e-12
+    )
+    sweeps = min(rows.n_iter, cross.n_iter)
+    rows = generalized_procrustes(embeddings, tol=0.0, max_iter=sweeps)
+    with sweeps_on("cross"):
+        cross = generalized_procrustes(embeddings, tol=0.0, max_iter=sweeps)
     np.testing.assert_allclose(rows.residuals, cross.residuals, atol=1e-10)
     assert all(np.allclose(a, b, atol=1e-9) for a, b in zip(rows.maps, cross.maps))
     ranks = [min(d, m - 1) for d in dims]
