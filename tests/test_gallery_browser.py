@@ -68,6 +68,8 @@ def test_cards_show_user_text_as_text_and_inspect_reports_the_id(browser) -> Non
     page = _mount(browser, {"columns": 2, "inspect": True, "cards": cards})
     root = page.locator("#root")
     assert root.locator(".card").count() == 3  # drawn twice, shown once
+    # marked drawn, which the benchmark and browser test wait for (headless.PAGE_DRAWN)
+    assert root.locator(".gallery").get_attribute("data-drawn") == "3"
     texts = root.locator(".card > .text").all_inner_texts()
     assert texts == [card["text"] for card in cards]  # verbatim, line break kept
     # nothing from the hostile text became markup or ran

@@ -62,7 +62,8 @@ _PAGE_IMAGES = """() => [
 ]"""
 
 #: JavaScript predicate: the page is drawn — the script has finished (and has sent its title),
-#: every visible Plotly chart has its SVG, every visible table its canvas, every visible image
+#: every visible Plotly chart has its SVG, every visible table its canvas, every component has
+#: drawn (its code marks an element ``data-drawn``: ``gallery.GALLERY_JS``), every visible image
 #: (:data:`_PAGE_IMAGES`) is decoded and no skeleton or spinner is left. The first time it
 #: holds, ``window.__drawnAt`` is
 #: set to ``performance.now()`` (ms since the navigation started).
@@ -77,6 +78,9 @@ PAGE_DRAWN = """() => {
   }
   for (const table of document.querySelectorAll('[data-testid="stDataFrame"]')) {
     if (visible(table) && !table.querySelector('canvas')) return false;
+  }
+  for (const host of document.querySelectorAll('[data-testid^="stBidiComponent"]')) {
+    if (!(host.shadowRoot ?? host).querySelector('[data-drawn]')) return false;
   }
   for (const image of PAGE_IMAGES()) {
     if (visible(image) && !(image.complete && image.naturalWidth > 0)) return false;
