@@ -61,7 +61,8 @@ def card_deltas(at) -> dict[str, str | None]:
 def gallery_cards(at, key: str | None = None) -> list[dict]:  # noqa: ANN001
     """The cards every gallery on the page sent to the browser (``gallery.show``: one component
     each, whose cards AppTest cannot look inside), in page order; ``key``: only that gallery's.
-    Each card is a dict: ``id``, ``image`` (a data URI or ""), ``note``, ``text``, ``captions``."""
+    Each card is a dict: ``id``, ``image`` (a data URI or ""), ``note``, ``text``, ``captions``,
+    ``left_out`` (``gallery.Card``)."""
     import json
 
     from convergence_core.dashboard import gallery

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from convergence_core.dashboard import gallery
-from convergence_core.dashboard.headless import launch_chromium
+from convergence_core.dashboard.headless import CLIPPED_CONTENT, launch_chromium
 
 HOSTILE = '<img src=x onerror="window.__pwned = 1"><script>window.__pwned = 2</script> **b**'
 # a 1×1 white JPEG
@@ -37,9 +37,12 @@ MOUNT = """async ([code, css, data]) => {
 }"""
 
 
-def _card(identifier: str, text: str, captions=(), image: str = "", note: str = "") -> dict:
+def _card(
+    identifier: str, text: str, captions=(), image: str = "", note: str = "", left_out: int = 0
+) -> dict:
     return {
         "id": identifier, "image": image, "note": note, "text": text, "captions": list(captions),
+        "left_out": left_out,
     }
 
 
@@ -52,9 +55,9 @@ def browser():
         chromium.close()
 
 
-def _mount(browser, data: dict):  # noqa: ANN001, ANN202
-    page = browser.new_page()
-    page.set_content("<div id='root'></div>")
+def _mount(browser, data: dict, width: int = 1024):  # noqa: ANN001, ANN202
+    page = browser.new_page(viewport={"width": width, "height": 800})
+    page.set_content("<div data-testid='stMain'><div id='root'></div></div>")
     page.evaluate(MOUNT, [gallery.GALLERY_JS, gallery.GALLERY_CSS, data])
     return page
 
@@ -62,7 +65,8 @@ def _mount(browser, data: dict):  # noqa: ANN001, ANN202
 def test_cards_show_user_text_as_text_and_inspect_reports_the_id(browser) -> None:
     cards = [
         _card("a-1", "#1 of 3 · id a-1\n“a dog”", image=PIXEL),
-        _card(HOSTILE, f"#2 of 3 · id {HOSTILE}\n“{HOSTILE}”", captions=[HOSTILE, "two"]),
+        _card(HOSTILE, f"#2 of 3 · id {HOSTILE}\n“{HOSTILE}”", captions=[HOSTILE, "two"],
+              left_out=3),
         _card("c-3", "#3 of 3 · id c-3", note="(no thumbnail for this stimulus)"),
     ]
     page = _mount(browser, {"columns": 2, "inspect": True, "cards": cards})
@@ -86,7 +90,11 @@ def test_cards_show_user_text_as_text_and_inspect_reports_the_id(browser) -> Non
     # every caption whole, numbered, once "Full captions" opens; only where one is cut
     assert root.locator("details").count() == 1
     root.locator("summary").click()
-    assert root.locator("details .caption").all_inner_texts() == [f"1. {HOSTILE}", "2. two"]
+    assert root.locator("details .caption").all_inner_texts() == [
+        f"1. {HOSTILE}", "2. two",
+        "… and 3 more: the Stimuli page's detail view shows every caption whole under Full "
+        "captions",
+    ]
     # Inspect reports the pressed card's id (the page's callback opens the detail on it)
     root.get_by_role("button", name="Inspect").nth(1).click()
     assert page.evaluate("() => window.__triggers") == [["inspect", HOSTILE]]
@@ -99,4 +107,21 @@ def test_without_inspect_there_is_no_button(browser) -> None:
     page = _mount(browser, {"columns": 4, "inspect": False, "cards": [_card("x", "id x")]})
     assert page.locator("#root button").count() == 0
     assert page.locator("#root .card").count() == 1
+    page.close()
+
+
+def test_cards_fit_a_narrow_column_and_the_clipping_check_sees_inside_them(browser) -> None:
+    """Long unbroken ids and captions wrap inside a card (the 1024-pixel check of the browser
+    test, ``headless.CLIPPED_CONTENT``, finds nothing cut), and that check does look inside the
+    component's shadow root: a line made too wide there is reported."""
+    word = "x" * 400
+    cards = [_card(f"id-{i}-{word}", f"id {word}\n“{word}”", image=PIXEL) for i in range(6)]
+    page = _mount(browser, {"columns": 3, "inspect": True, "cards": cards}, width=500)
+    assert page.evaluate(CLIPPED_CONTENT) == []
+    page.evaluate(
+        "() => { const line = document.createElement('div'); line.textContent = 'y'.repeat(400);"
+        " line.style.cssText = 'width: 40px; overflow: hidden; white-space: nowrap';"
+        " document.getElementById('root').shadowRoot.querySelector('.card').appendChild(line); }"
+    )
+    assert [found.split(": ")[1][:10] for found in page.evaluate(CLIPPED_CONTENT)] == ["y" * 10]
     page.close()

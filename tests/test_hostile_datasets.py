@@ -866,6 +866,7 @@ def test_a_huge_caption_is_shown_as_an_excerpt_with_the_full_text_one_click_away
     assert shown and all(card["captions"] for card in shown), "no way to see the captions"
     for card in shown:
         assert sum(map(len, card["captions"])) < FULL_CAPTIONS_CHARS + 1000
+        assert len(card["captions"]) + card["left_out"] == 5  # every coco caption accounted for
         first = card["captions"][0]
         assert first.startswith(HUGE[:FULL_CAPTIONS_CHARS].rstrip())
         assert first.endswith("characters; the Stimuli page's detail view shows it whole under "

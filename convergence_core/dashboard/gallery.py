@@ -19,7 +19,8 @@ What the browser receives (the component's ``data``)::
 
     {"columns": 3, "inspect": true, "cards": [
         {"id": "42", "image": "data:image/jpeg;base64,...", "note": "", "text": "#1 of 239 ...",
-         "captions": ["a dog ...", ...]},  # every caption whole, or [] when none is cut
+         "captions": ["a dog ...", ...],  # [] when no caption is cut; at most ~20,000 characters
+         "left_out": 0},  # captions past that budget, not sent
         ...]}
 
 A press of Inspect sets the component's ``inspect`` trigger to the stimulus id; its callback
@@ -74,8 +75,13 @@ export default function (component) {
     if (card.captions.length) {
       const more = make('details');
       more.appendChild(make('summary', '', 'Full captions'));
+      const numbered = card.captions.length + card.left_out > 1;
       card.captions.forEach((caption, index) => more.appendChild(make(
-        'div', 'text caption', card.captions.length > 1 ? `${index + 1}. ${caption}` : caption)));
+        'div', 'text caption', numbered ? `${index + 1}. ${caption}` : caption)));
+      if (card.left_out > 0) {
+        more.appendChild(make('div', 'text caption note', `… and ${card.left_out} more: the ` +
+          "Stimuli page's detail view shows every caption whole under Full captions"));
+      }
       cell.appendChild(more);
     }
     if (data.inspect) {
@@ -109,9 +115,10 @@ button:hover, button:focus-visible { border-color: var(--st-primary-color);
 
 _component = st.components.v2.component(COMPONENT, js=GALLERY_JS, css=GALLERY_CSS)
 
-#: At most this many characters of a card's captions travel with the page (for "Full captions");
-#: a longer caption is cut there with its length, and the Stimuli page's detail view shows it whole
-#: (a hostile data set's 100,000-character captions would otherwise make every gallery megabytes)
+#: About this many characters of a card's captions travel with the page (for "Full captions"):
+#: the caption that passes it is cut with its length, those after it are counted, and the Stimuli
+#: page's detail view shows them whole (a hostile data set's 100,000-character or 10,000 captions
+#: would otherwise make every gallery megabytes; :func:`bounded_captions`)
 FULL_CAPTIONS_CHARS = 20_000
 
 
@@ -123,7 +130,8 @@ class Card:
     image: str  # a data:image/jpeg URI, or "" (then ``note`` says why, or nothing is shown)
     note: str
     text: str  # the label and the first caption, as plain text
-    captions: tuple[str, ...]  # every caption whole when one is cut in ``text``, else ()
+    captions: tuple[str, ...]  # the captions when one is cut in ``text`` (:func:`bounded_captions`)
+    left_out: int = 0  # captions past the budget, not sent
 
 
 def card(run: Run, row: int, label: str) -> Card:
@@ -141,24 +149,25 @@ def card(run: Run, row: int, label: str) -> Card:
     if not run.has_captions:
         return Card(identifier, image, note, widgets.excerpt(label), ())
     captions = tuple(str(c) for c in run.stimuli["captions"].iloc[row])
-    limit = settings.caption_excerpt_chars()
-    cut = any(len(caption) > limit for caption in captions)
-    return Card(
-        identifier,
-        image,
-        note,
-        f"{widgets.excerpt(label)}\n{widgets.first_caption_text(captions)}",
-        bounded_captions(captions) if cut else (),
-    )
+    kept, left_out = bounded_captions(captions) if widgets.captions_cut(captions) else ((), 0)
+    text = f"{widgets.excerpt(label)}\n{widgets.first_caption_text(captions)}"
+    return Card(identifier, image, note, text, kept, left_out)
 
 
-def bounded_captions(captions: Sequence[str], budget: int = FULL_CAPTIONS_CHARS) -> tuple[str, ...]:
-    """``captions`` whole while their lengths add up to at most ``budget`` characters; past it
-    a caption longer than what is left (and than 300 characters) is cut there and says how long
-    it is and where it is shown whole."""
-    kept, left = [], budget
+def bounded_captions(
+    captions: Sequence[str], budget: int = FULL_CAPTIONS_CHARS
+) -> tuple[tuple[str, ...], int]:
+    """``(kept, left_out)``: ``captions`` whole while their lengths add up to at most ``budget``
+    characters; the one that passes the budget is cut there (keeping at least an excerpt's
+    length) and says how long it is; the ``left_out`` after it are not sent, so that a card
+    carries about ``budget`` characters however many captions a stimulus has (the Stimuli
+    page's detail view shows every caption whole)."""
+    kept: list[str] = []
+    left = budget
     for caption in captions:
-        room = max(left, settings.DEFAULT_CAPTION_EXCERPT_CHARS)
+        if left <= 0:
+            break
+        room = max(left, settings.caption_excerpt_chars())
         if len(caption) <= room:
             kept.append(caption)
         else:
@@ -166,8 +175,8 @@ def bounded_captions(captions: Sequence[str], budget: int = FULL_CAPTIONS_CHARS)
                 f"{caption[:room].rstrip()}… [{len(caption):,} characters; the Stimuli page's "
                 "detail view shows it whole under Full captions]"
             )
-        left = max(0, left - min(len(caption), room))
-    return tuple(kept)
+        left -= min(len(caption), room)
+    return tuple(kept), len(captions) - len(kept)
 
 
 def inspect_trigger(key: str) -> None:

@@ -93,17 +93,23 @@ PAGE_DRAWN = """() => {
 #: JavaScript: the visible elements of the page's main area whose content is cut off sideways
 #: (wider than their box, which clips it or hides it behind a scroll bar): a label that does not
 #: fit its column, a row of pills wider than the page, a table with columns out of sight, the page
-#: itself scrolling sideways because something in it is too wide. Returns
-#: each as "<Streamlit element>: <its text, 80 characters>".
-CLIPPED_CONTENT = """() => [
-  ...document.querySelectorAll('[data-testid="stMain"], [data-testid="stMain"] *')]
-  .filter((e) => e.clientWidth > 5 && e.scrollWidth > e.clientWidth + 2
-    && getComputedStyle(e).overflowX !== 'visible')
-  .map((e) => {
-    const owner = e.closest('[data-testid^="st"]:not([data-testid="stMain"])');
-    const kind = owner ? owner.getAttribute('data-testid') : e.tagName;
-    return `${kind}: ${(e.innerText || '').replace(/\\s+/g, ' ').slice(0, 80)}`;
-  })"""
+#: itself scrolling sideways because something in it is too wide, and the same inside
+#: components' shadow roots (the gallery's cards). Returns each as "<Streamlit element>: <its
+#: text, 80 characters>".
+CLIPPED_CONTENT = """() => {
+  const main = [...document.querySelectorAll('[data-testid="stMain"], [data-testid="stMain"] *')];
+  // and what components draw in their shadow roots (the gallery's cards), named by their host
+  const inside = main.filter((e) => e.shadowRoot).flatMap(
+    (host) => [...host.shadowRoot.querySelectorAll('*')].map((e) => [e, host]));
+  return [...main.map((e) => [e, e]), ...inside]
+    .filter(([e]) => e.clientWidth > 5 && e.scrollWidth > e.clientWidth + 2
+      && getComputedStyle(e).overflowX !== 'visible')
+    .map(([e, anchor]) => {
+      const owner = anchor.closest('[data-testid^="st"]:not([data-testid="stMain"])');
+      const kind = owner ? owner.getAttribute('data-testid') : e.tagName;
+      return `${kind}: ${(e.innerText || '').replace(/\\s+/g, ' ').slice(0, 80)}`;
+    });
+}"""
 
 #: JavaScript: what the drawn page holds and what its resources cost (bytes from the Resource
 #: Timing entries of this tab, same origin so the sizes are exposed).
@@ -126,7 +132,9 @@ _PAGE_COSTS = """() => {
     tables: count('[data-testid="stDataFrame"]') + count('[data-testid="stTable"]'),
     images: (""" + _PAGE_IMAGES + """)().length,
     widgets: ['input', 'button', 'textarea'].reduce(
-      (total, tag) => total + count(`[data-testid="stElementContainer"] ${tag}`), 0),
+      (total, tag) => total + count(`[data-testid="stElementContainer"] ${tag}`), 0)
+      + [...document.querySelectorAll('[data-testid^="stBidiComponent"]')].reduce(
+        (total, host) => total + (host.shadowRoot ?? host).querySelectorAll('button').length, 0),
     http_bytes: http,
     js_bytes: js,
     requests: entries.length,

@@ -1,15 +1,17 @@
-"""Streamlit building blocks shared by the pages: caption text, stimulus cards, galleries, number
-cards and the dispersion-score choice.
+"""Streamlit building blocks shared by the pages: caption text, thumbnails, number cards and the
+dispersion-score choice (the grids of stimulus cards are :mod:`.gallery`).
 
 Captions and ids come from the web. They are only ever shown with ``st.text`` (or inside a
-dataframe), which renders plain text: never Markdown, never HTML. Cards, labels and tables show
-them as bounded excerpts (:func:`excerpt`, ``settings.caption_excerpt_chars()`` characters: a
-100,000-character caption rendered whole froze the browser); where a caption was cut, a "Full
+dataframe, or as ``textContent`` in the gallery), which renders plain text: never Markdown, never
+HTML. Cards, labels and tables show them as bounded excerpts (:func:`excerpt`,
+``settings.caption_excerpt_chars()`` characters: a 100,000-character caption rendered whole froze
+the browser); in the detail view, where a caption was cut (:func:`captions_cut`), a "Full
 captions" button opens a dialog with the whole text (still ``st.text``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -191,16 +193,23 @@ def _full_captions_dialog(title: str, captions: Sequence[str]) -> None:
         st.text(f"{number}. {caption}" if len(captions) > 1 else caption)
 
 
+def captions_cut(captions: Sequence[str]) -> bool:
+    """Whether an excerpt (:func:`excerpt`) cuts one of ``captions``: then a "Full captions"
+    shows them whole."""
+    limit = settings.caption_excerpt_chars()
+    return any(len(caption) > limit for caption in captions)
+
+
 def full_captions_button(captions: Sequence[str], *, key: str, title: str = "") -> None:
     """A "Full captions" button (widget key ``<key>-full-captions``), shown only when one of
-    ``captions`` is longer than the excerpts; it opens a dialog headed ``title`` with every
+    ``captions`` is cut (:func:`captions_cut`); it opens a dialog headed ``title`` with every
     caption whole (``st.text``)."""
-    limit = settings.caption_excerpt_chars()
-    if any(len(caption) > limit for caption in captions) and st.button(
+    if captions_cut(captions) and st.button(
         "Full captions",
         key=f"{key}-full-captions",
         icon=":material/notes:",
-        help=f"Captions longer than {limit} characters are cut here; this shows them whole.",
+        help=f"Captions longer than {settings.caption_excerpt_chars()} characters are cut here; "
+        "this shows them whole.",
     ):
         _full_captions_dialog(title, list(captions))
 
@@ -239,10 +248,17 @@ def show_captions(
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+#: Largest thumbnail file shown (the precompute writes ~20 kB JPEGs, 256 px on the longest side):
+#: a gallery sends its thumbnails inside the page's message, so a padded file in an altered run
+#: would make every page that shows it megabytes
+THUMBNAIL_MAX_BYTES = 1_000_000
+
+
 def thumbnail_file(run: Run, row: int) -> tuple[Path | None, str | None]:
     """``(path, problem)`` of a stimulus's thumbnail: ``(None, None)`` when the run has none for
-    it; ``problem`` (with ``path`` None) when the file is unreadable: not a JPEG, undecodable or
-    leading outside the run (a damaged or altered run, which never stops a page)."""
+    it; ``problem`` (with ``path`` None) when the file is unreadable: not a JPEG, undecodable,
+    larger than :data:`THUMBNAIL_MAX_BYTES` or leading outside the run (a damaged or altered run,
+    which never stops a page)."""
     try:
         path = run.thumbnail_path(row)
     except ValueError:  # CacheFormatError: a thumbnail path that leads outside the run folder
@@ -250,6 +266,11 @@ def thumbnail_file(run: Run, row: int) -> tuple[Path | None, str | None]:
     if path is None:
         return None, None
     try:
+        size = os.stat(path).st_size
+        if size > THUMBNAIL_MAX_BYTES:
+            return None, (
+                f"{size:,} bytes, where a thumbnail is ~20 kB (at most {THUMBNAIL_MAX_BYTES:,})"
+            )
         with open(path, "rb") as handle:
             head = handle.read(len(_JPEG_MAGIC))
         if head != _JPEG_MAGIC:
@@ -265,16 +286,13 @@ def unreadable_thumbnail_note(problem: str) -> str:
     return f"(thumbnail unreadable: {problem}; rerun precompute to rewrite the run's thumbnails)"
 
 
-def thumbnail(run: Run, row: int, *, missing: str | None = None) -> None:
-    """The stimulus's thumbnail; ``missing`` (if given) as text when the run has none, and a
-    placeholder text when the file is unreadable (:func:`thumbnail_file`)."""
+def thumbnail(run: Run, row: int) -> None:
+    """The stimulus's thumbnail (nothing when the run has none), or a placeholder text when the
+    file is unreadable (:func:`thumbnail_file`)."""
     path, problem = thumbnail_file(run, row)
     if problem is not None:
         st.text(unreadable_thumbnail_note(problem))
-    elif path is None:
-        if missing is not None:
-            st.text(missing)
-    else:
+    elif path is not None:
         st.image(str(path), width="stretch")
 
 
