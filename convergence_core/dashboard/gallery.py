@@ -6,9 +6,9 @@ on Residual space, the stimuli behind a point on What predicts dispersion and Un
 extremes. Drawn as Streamlit elements, a card was a picture, a text and one or two buttons
 inside a column: 12 cards were some 60 elements for the browser to mount and lay out one by one.
 As one ``st.components.v2`` component (:data:`GALLERY_JS`, a few lines of DOM code, no library)
-they are one element, and the Stimuli page's first visit in a browser went from 1.92x to 1.52x
-a bare Streamlit page (7 rounds beside the old code, ``benchmarks/bench_dashboard.py --beside``;
-``docs/PERFORMANCE.md``). The thumbnails travel inside the page's message as data URIs (about
+they are one element, and the Stimuli page's first visit in a browser went from 1.70-1.94x to
+1.56-1.62x a bare Streamlit page (two runs beside the old code, ``benchmarks/bench_dashboard.py
+--beside``; ``docs/PERFORMANCE.md``). The thumbnails travel inside the page's message as data URIs (about
 20 kB each) rather than as separate requests.
 
 Safety: captions, ids and labels come from a user's data set. The component writes them with
