@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from convergence_core.dashboard import data, selection_io, state
+from convergence_core.dashboard import catalogue, data, selection_io, state
 from tests.page_reading import gallery_texts, shown
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,8 +82,8 @@ def test_selection_csv_round_trips_through_import() -> None:
     captions = [["first", "second"], ["<b>x</b>"], []]
     csv_bytes = selection_io.selection_csv(ids, captions)
     assert selection_io.parse_id_list(csv_bytes) == ids
-    rows, unknown = selection_io.match_ids(
-        selection_io.parse_id_list(csv_bytes), ['q"3', "zz", "a1"]
+    rows, unknown = catalogue.rows_of_ids(
+        selection_io.parse_id_list(csv_bytes), {'q"3': 0, "zz": 1, "a1": 2}
     )
     assert list(rows) == [2, 0] and unknown == ["b,2"]
 
@@ -103,8 +103,8 @@ def test_parse_id_list_accepts_plain_lists_and_refuses_binary() -> None:
         selection_io.parse_id_list(b"1\n" * (selection_io.MAX_IMPORT_BYTES // 2 + 1))
 
 
-def test_match_ids_keeps_order_and_reports_unknown() -> None:
-    rows, unknown = selection_io.match_ids(["c", "x", "a"], ["a", "b", "c"])
+def test_rows_of_ids_keeps_order_and_reports_unknown() -> None:
+    rows, unknown = catalogue.rows_of_ids(["c", "x", "a"], {"a": 0, "b": 1, "c": 2})
     assert list(rows) == [2, 0] and unknown == ["x"]
 
 

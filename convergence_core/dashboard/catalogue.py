@@ -55,10 +55,8 @@ class Catalogue:
 
     def rows_of(self, ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """Rows of ``ids`` in the run (given order) and the ids the run does not have:
-        ``(rows (found,) int64, unknown)``."""
-        rows = [self.position[i] for i in ids if i in self.position]
-        unknown = [i for i in ids if i not in self.position]
-        return np.asarray(rows, dtype=np.int64), unknown
+        ``(rows (found,) int64, unknown)`` (:func:`rows_of_ids`)."""
+        return rows_of_ids(ids, self.position)
 
     def matching(self, query: str) -> np.ndarray:
         """(n,) bool: stimuli whose id or any caption contains ``query`` (case-insensitive,
@@ -67,6 +65,15 @@ class Catalogue:
         if not needle:
             return np.ones(self.n, dtype=bool)
         return self.search_text.str.contains(needle, regex=False).to_numpy(dtype=bool)
+
+
+def rows_of_ids(ids: Sequence[str], position: Mapping[str, int]) -> tuple[np.ndarray, list[str]]:
+    """Rows of ``ids`` (in the given order) under ``position`` (``{id: row}``) and the ids it does
+    not have: ``(rows (found,) int64, unknown)``. The one place a list of ids (a selection, an
+    import, pasted ids) becomes rows."""
+    rows = [position[i] for i in ids if i in position]
+    unknown = [i for i in ids if i not in position]
+    return np.asarray(rows, dtype=np.int64), unknown
 
 
 def gallery_ends(values: object, count: int) -> tuple[np.ndarray, np.ndarray]:

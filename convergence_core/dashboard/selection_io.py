@@ -100,18 +100,6 @@ def parse_id_list(data: bytes | str) -> list[str]:
     return list(dict.fromkeys(i for i in ids if i))
 
 
-def match_ids(ids: Sequence[str], known_ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-    """Rows of ``ids`` in the run (in the given order) and the ids that the run does not have.
-
-    Returns:
-        ``(rows, unknown)``: ``rows`` int64 (n_found,), ``unknown`` the ids not in ``known_ids``.
-    """
-    position = {str(identifier): row for row, identifier in enumerate(known_ids)}
-    rows = [position[i] for i in ids if i in position]
-    unknown = [i for i in ids if i not in position]
-    return np.asarray(rows, dtype=np.int64), unknown
-
-
 #: Unknown ids listed by name in a message (the rest are counted)
 LISTED_UNKNOWN_IDS = 20
 
