@@ -331,16 +331,17 @@ def make_brain_run(
     images: bool = False,
     seed: int = 5,
     language_models: Sequence[str] = (),
+    subject: str = "subj01",
 ) -> Run:
     """Write and load a run of ``n`` stimuli at ``path``: the three vision models of
     :func:`synthetic_embeddings` (GPA on ``stage2``), its ``language_models`` (none by default)
-    and one 'subject' of modality ``brain`` with two regions, ``V1`` (a noisy copy of vision-a's
+    and one 'subject' (named ``subject``) of modality ``brain`` with two regions, ``V1`` (a noisy copy of vision-a's
     features, so it aligns with vision-a) and ``hV4`` (noise). ``images``: real coco-mini images
     and thumbnails (n ≤ 239)."""
     embeddings, noise = synthetic_embeddings(n, language_models=language_models, seed=seed)
     rng = np.random.default_rng(seed)
     source = embeddings["vision-a"]["stage2"]
-    embeddings["subj01"] = {
+    embeddings[subject] = {
         "V1": source + 0.3 * rng.standard_normal(source.shape).astype(np.float32),
         "hV4": rng.standard_normal((n, 24)).astype(np.float32),
     }
@@ -348,7 +349,7 @@ def make_brain_run(
     stimuli["planted_noise"] = noise
     return write_run_from_embeddings(
         path, stimuli, embeddings, vision_models=list(VISION_MODELS),
-        language_models=list(language_models), modalities={"subj01": "brain"},
+        language_models=list(language_models), modalities={subject: "brain"},
         default_layers={m: "stage2" for m in VISION_MODELS},
         images_root=images_root, thumbnails=images_root is not None,
         dataset_name="synthetic vision + brain",

@@ -17,6 +17,11 @@ def _text(markdown: str) -> str:
     return _ESCAPED.sub(r"\1", inner.group(1) if inner else markdown)
 
 
+def plain(markdown: str) -> str:
+    """The text a reader sees of Markdown written with ``widgets.escape_markdown``."""
+    return _text(markdown)
+
+
 def shown(elements) -> list[str]:  # noqa: ANN001
     """The text of alerts (``at.warning``, ``at.error``…) as the browser shows it: Markdown
     escapes (``widgets.show_messages``) removed."""

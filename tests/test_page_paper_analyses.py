@@ -241,3 +241,22 @@ def test_a_sampled_layer_choice_is_said_where_the_layers_are_shown(monkeypatch, 
             assert notes and "20 of the 60 stimuli (seed 0)" in notes[0], tab
     finally:
         data._best_language_layer_table.clear()  # the sampled layers stay in this test
+
+
+def test_a_model_name_is_shown_as_written_not_as_markdown(monkeypatch, tmp_path):
+    """A subject named with Markdown (a name from a feature file or a shared run): the notes of
+    Fig. 2 and of the tabs that need language models show it as written, never as a link or
+    emphasis."""
+    from tests.fixtures_runs import make_brain_run
+    from tests.page_reading import plain
+
+    name = "s_1*[x](http://example.com/a.png)"
+    make_brain_run(tmp_path / "runs" / "demo", n=40, subject=name)
+    at = _page(monkeypatch, tmp_path)
+    assert not at.error and not at.exception, [e.value for e in at.error]
+    fig2 = next(c.value for c in at.caption if "Fig. 2 for the GPA models ×" in c.value)
+    assert name not in fig2 and f"× {name} (models outside GPA" in plain(fig2)
+    at.session_state["w_paper_tab"] = "Layer sweep"
+    at.run(timeout=60)
+    note = next(i.value for i in at.info if "has no language model" in i.value)
+    assert name not in note and f"align them with {name}." in plain(note)
