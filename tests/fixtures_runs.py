@@ -335,9 +335,9 @@ def make_brain_run(
 ) -> Run:
     """Write and load a run of ``n`` stimuli at ``path``: the three vision models of
     :func:`synthetic_embeddings` (GPA on ``stage2``), its ``language_models`` (none by default)
-    and one 'subject' (named ``subject``) of modality ``brain`` with two regions, ``V1`` (a noisy copy of vision-a's
-    features, so it aligns with vision-a) and ``hV4`` (noise). ``images``: real coco-mini images
-    and thumbnails (n ≤ 239)."""
+    and one 'subject' (named ``subject``) of modality ``brain`` with two regions, ``V1`` (a
+    noisy copy of vision-a's features, so it aligns with vision-a) and ``hV4`` (noise).
+    ``images``: real coco-mini images and thumbnails (n ≤ 239)."""
     embeddings, noise = synthetic_embeddings(n, language_models=language_models, seed=seed)
     rng = np.random.default_rng(seed)
     source = embeddings["vision-a"]["stage2"]
