@@ -338,8 +338,7 @@ class Run:
         a few rows) are computed on demand from the run's embeddings of those layers."""
         from .procrustes import GPAResult
 
-        info = read_json(self.layout.gpa_json)
-        models, layers = tuple(info["models"]), tuple(info["layers"])
+        models, layers, n_iter, converged, gap_estimate = self._gpa_settings()
         maps_there = [self.layout.gpa_model_array("map", i).is_file() for i in range(len(models))]
         if not all(maps_there):
             raise CacheFormatError(
@@ -351,15 +350,50 @@ class Run:
         return GPAResult(
             residuals=arrays["residuals"],
             loss_history=arrays["loss_history"],
-            n_iter=int(info["n_iter"]),
-            converged=bool(info["converged"]),
+            n_iter=n_iter,
+            converged=converged,
             models=models,
             layers=layers,
             maps=[read_npy(self.layout.gpa_model_array("map", i)) for i in range(len(models))],
             means=[read_npy(self.layout.gpa_model_array("mean", i)) for i in range(len(models))],
             scales=arrays["scales"],
-            gap_estimate=float(info.get("gap_estimate", float("nan"))),
+            gap_estimate=gap_estimate,
             inputs=[self.embeddings[m][la] for m, la in zip(models, layers, strict=True)],
+        )
+
+    def _gpa_settings(self) -> tuple[tuple[str, ...], tuple[str, ...], int, bool, float]:
+        """``(models, layers, n_iter, converged, gap_estimate)`` from gpa/gpa.json, checked:
+        CacheFormatError naming the field and the fix when the file was altered or damaged."""
+        info = read_json(self.layout.gpa_json)
+
+        def names(field: str) -> tuple[str, ...]:
+            value = info[field]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{field!r} is {value!r}, not a list of names")
+            return tuple(value)
+
+        try:
+            if not isinstance(info, dict):
+                raise ValueError(f"it holds {type(info).__name__}, not an object")
+            models, layers = names("models"), names("layers")
+            if len(models) != len(layers):
+                raise ValueError(f"{len(models)} models but {len(layers)} layers")
+            n_iter, converged = info["n_iter"], info["converged"]
+            if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 0:
+                raise ValueError(f"'n_iter' is {n_iter!r}, not a count")
+            if not isinstance(converged, bool):
+                raise ValueError(f"'converged' is {converged!r}, not true or false")
+            gap_estimate = float(info.get("gap_estimate", float("nan")))
+        except KeyError as exc:
+            problem = f"has no {exc.args[0]!r}"
+        except (TypeError, ValueError) as exc:
+            problem = f"is malformed: {exc}"
+        else:
+            return models, layers, n_iter, converged, gap_estimate
+        raise CacheFormatError(
+            f"{self.layout.gpa_json} {problem}; delete the run's GPA folder {self.layout.gpa_dir} "
+            "and rerun the precompute command that made the run (finished steps are reused, GPA "
+            "is recomputed)"
         )
 
     @cached_property

@@ -921,7 +921,15 @@ def _damage_stability_table(run_path: Path) -> None:
     frame.iloc[: len(frame) // 2].to_parquet(run_path / "gpa" / "stability.parquet", index=False)
 
 
+def _damage_gpa_settings(run_path: Path) -> None:
+    settings_file = run_path / "gpa" / "gpa.json"
+    info = json.loads(settings_file.read_text())
+    del info["models"]
+    settings_file.write_text(json.dumps(info))
+
+
 DAMAGES = {
+    "GPA settings without their models": _damage_gpa_settings,
     "residuals of the wrong shape": _damage_residuals_shape,
     "a GPA map of the wrong shape": _damage_gpa_map,
     "a truncated GPA stability table": _damage_stability_table,

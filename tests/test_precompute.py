@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -696,6 +697,38 @@ def test_a_deleted_file_of_a_finished_step_is_written_again_on_rerun(
     check_run_files(load_run(again.path))
     for name, values in before.items():
         np.testing.assert_allclose(np.load(again.path / name), values, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (lambda info: info.pop("converged"), "has no 'converged'"),
+        (lambda info: info.update(n_iter="many"), "'n_iter' is 'many', not a count"),
+        (lambda info: info.update(models=info["models"][:1]), r"1 models but \d layers"),
+        (lambda info: info.update(layers=None), "'layers' is None, not a list of names"),
+        (lambda info: info.update(converged="no"), "'converged' is 'no', not true or false"),
+    ],
+)
+def test_altered_gpa_settings_say_what_and_the_fix_which_repairs_the_run(
+    tiny_coco, tmp_path, loads, change, said
+):
+    """gpa/gpa.json altered or damaged: every reader of the run's GPA (precompute's summary, the
+    pages, the report) failed with a bare KeyError or a zip() length error. It names the field
+    now, and its fix (delete the GPA folder, rerun) gives back the same residuals."""
+    from convergence_core.cache import CacheFormatError
+
+    run = precompute(**_options(tiny_coco, tmp_path))
+    before = np.load(run.path / "gpa" / "residuals.npy")
+    settings_file = run.path / "gpa" / "gpa.json"
+    info = json.loads(settings_file.read_text())
+    change(info)
+    settings_file.write_text(json.dumps(info))
+    with pytest.raises(CacheFormatError, match="delete the run's GPA folder") as raised:
+        load_run(run.path).gpa  # noqa: B018 - reading it is the test
+    assert re.search(said, str(raised.value)) and str(settings_file) in str(raised.value)
+    shutil.rmtree(run.path / "gpa")
+    again = precompute(**_options(tiny_coco, tmp_path))
+    np.testing.assert_allclose(np.load(again.path / "gpa" / "residuals.npy"), before, atol=1e-10)
 
 
 def test_presets_are_complete_configs(monkeypatch, tmp_path):
