@@ -289,7 +289,10 @@ def test_progress_on_a_terminal_draws_one_bar_per_model():
                for label in ("lite0", "lite0 neighbours")}
     assert {label: len(found) for label, found in bars_of.items()} == {
         "lite0": 1, "lite0 neighbours": 1}
-    assert all(found[0].endswith("/s]") and "100%" in found[0] for found in bars_of.values())
+    # (tqdm pads a redraw with spaces where the previous one was longer: a rate of "50901.75"
+    # after "121222.66", as the real clock decides)
+    assert all(found[0].rstrip().endswith("/s]") and "100%" in found[0]
+               for found in bars_of.values())
     assert "  minilm: cached" in lines and "  gpa: done in 102.5 s" in lines
 
 
