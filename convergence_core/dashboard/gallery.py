@@ -8,8 +8,8 @@ inside a column: 12 cards were some 60 elements for the browser to mount and lay
 As one ``st.components.v2`` component (:data:`GALLERY_JS`, a few lines of DOM code, no library)
 they are one element, and the Stimuli page's first visit in a browser went from 1.70-1.94x to
 1.56-1.62x a bare Streamlit page (two runs beside the old code, ``benchmarks/bench_dashboard.py
---beside``; ``docs/PERFORMANCE.md``). The thumbnails travel inside the page's message as data URIs (about
-20 kB each) rather than as separate requests.
+--beside``; ``docs/PERFORMANCE.md``). The thumbnails travel inside the page's message as data
+URIs (about 20 kB each) rather than as separate requests.
 
 Safety: captions, ids and labels come from a user's data set. The component writes them with
 ``textContent`` only (never as HTML), and a thumbnail is sent as a ``data:image/jpeg`` URI of a
