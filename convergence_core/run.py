@@ -366,10 +366,14 @@ class Run:
         CacheFormatError naming the field and the fix when the file was altered or damaged."""
         info = read_json(self.layout.gpa_json)
 
+        def shown(value: Any) -> str:  # an altered file's value, within a line
+            text = repr(value)
+            return text if len(text) <= 60 else text[:59] + "…"
+
         def names(field: str) -> tuple[str, ...]:
             value = info[field]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{field!r} is {value!r}, not a list of names")
+                raise ValueError(f"{field!r} is {shown(value)}, not a list of names")
             return tuple(value)
 
         try:
@@ -380,9 +384,9 @@ class Run:
                 raise ValueError(f"{len(models)} models but {len(layers)} layers")
             n_iter, converged = info["n_iter"], info["converged"]
             if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 0:
-                raise ValueError(f"'n_iter' is {n_iter!r}, not a count")
+                raise ValueError(f"'n_iter' is {shown(n_iter)}, not a count")
             if not isinstance(converged, bool):
-                raise ValueError(f"'converged' is {converged!r}, not true or false")
+                raise ValueError(f"'converged' is {shown(converged)}, not true or false")
             gap_estimate = float(info.get("gap_estimate", float("nan")))
         except KeyError as exc:
             problem = f"has no {exc.args[0]!r}"

@@ -65,8 +65,7 @@ _PAGE_IMAGES = """() => [
 #: every visible Plotly chart has its SVG, every visible table its canvas, every component has
 #: drawn (its code marks an element ``data-drawn``: ``gallery.GALLERY_JS``), every visible image
 #: (:data:`_PAGE_IMAGES`) is decoded and no skeleton or spinner is left. The first time it
-#: holds, ``window.__drawnAt`` is
-#: set to ``performance.now()`` (ms since the navigation started).
+#: holds, ``window.__drawnAt`` is set to ``performance.now()`` (ms since the navigation started).
 PAGE_DRAWN = """() => {
   const PAGE_IMAGES = """ + "(" + _PAGE_IMAGES + ")" + """;
   const app = document.querySelector('[data-testid="stApp"]');

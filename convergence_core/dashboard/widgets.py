@@ -269,7 +269,8 @@ def thumbnail_file(run: Run, row: int) -> tuple[Path | None, str | None]:
         size = os.stat(path).st_size
         if size > THUMBNAIL_MAX_BYTES:
             return None, (
-                f"{size:,} bytes, where a thumbnail is ~20 kB (at most {THUMBNAIL_MAX_BYTES:,})"
+                f"it is {size:,} bytes, where a thumbnail is ~20 kB (at most "
+                f"{THUMBNAIL_MAX_BYTES:,})"
             )
         with open(path, "rb") as handle:
             head = handle.read(len(_JPEG_MAGIC))
