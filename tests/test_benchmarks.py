@@ -13,16 +13,23 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_numerics_benchmark_runs_and_writes_json() -> None:
-    out = "numerics-smoke-test.json"
+def _run_benchmark(script: str, out: str, *options: str, timeout: int = 300) -> tuple[dict, str]:
+    """Run ``benchmarks/<script>`` with ``options`` and ``--out out``; return the JSON it wrote
+    (then deleted from benchmarks/results) and its stdout."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/bench_numerics.py", "--quick", "--out", out],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [sys.executable, f"benchmarks/{script}", *options, "--out", out],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     path = REPO / "benchmarks" / "results" / out
     payload = json.loads(path.read_text())
     path.unlink()
+    return payload, done.stdout
+
+
+def test_numerics_benchmark_runs_and_writes_json() -> None:
+    out = "numerics-smoke-test.json"
+    payload, stdout = _run_benchmark("bench_numerics.py", out, "--quick")
     assert payload["quick"] is True
     gpa = payload["gpa"]
     # both GPA loops stop near the same optimum (at tol 1e-10 the residuals are pinned to ~1e-8)
@@ -30,33 +37,19 @@ def test_numerics_benchmark_runs_and_writes_json() -> None:
     for name in ("plain", "fast"):
         assert -1e-13 <= gpa[f"{name}_loss_above_optimum"] < 1e-10
         assert gpa[f"{name}_max_abs_residual_from_optimum"] < 1e-7
-    assert "speed-up" in done.stdout
+    assert "speed-up" in stdout
 
 
 def test_neighbours_benchmark_runs_and_agrees_with_the_dense_reference() -> None:
     out = "neighbours-smoke-test.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_neighbours.py", "--quick", "--out", out],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    path = REPO / "benchmarks" / "results" / out
-    payload = json.loads(path.read_text())
-    path.unlink()
+    payload, _ = _run_benchmark("bench_neighbours.py", out, "--quick")
     assert {row["n"] for row in payload["rows"]} == {256, 512}
     assert all(row["abs_difference"] < 1e-9 for row in payload["rows"])
 
 
 def test_universal_benchmark_runs_and_writes_json() -> None:
     out = "universal-smoke-test.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_universal.py", "--quick", "--out", out],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    path = REPO / "benchmarks" / "results" / out
-    payload = json.loads(path.read_text())
-    path.unlink()
+    payload, _ = _run_benchmark("bench_universal.py", out, "--quick", timeout=600)
     assert payload["quick"] is True
     assert [row["n_test"] for row in payload["ranks"]] == [500, 2000]
     for row in payload["ranks"]:
@@ -70,15 +63,8 @@ def test_universal_benchmark_runs_and_writes_json() -> None:
 
 def _gpa_scale_quick(out: str, *options: str) -> tuple[dict, str]:
     """``bench_gpa_scale.py --quick`` with ``options``: its rows by (n, method), and its stdout."""
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_gpa_scale.py", "--quick", *options, "--out", out],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    path = REPO / "benchmarks" / "results" / out
-    payload = json.loads(path.read_text())
-    path.unlink()
-    return {(row["n"], row["method"]): row for row in payload["rows"]}, done.stdout
+    payload, stdout = _run_benchmark("bench_gpa_scale.py", out, "--quick", *options, timeout=600)
+    return {(row["n"], row["method"]): row for row in payload["rows"]}, stdout
 
 
 def test_gpa_scale_benchmark_runs_and_writes_json() -> None:
@@ -212,30 +198,17 @@ def test_blind_matching_spread_runs_the_reports_section(tmp_path, capsys) -> Non
 
 def test_feature_sets_benchmark_runs_and_both_routes_agree() -> None:
     out = "feature-sets-smoke-test.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_feature_sets.py", "--n", "300", "--size", "120",
-         "--sets", "1", "--out", out],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+    payload, stdout = _run_benchmark(
+        "bench_feature_sets.py", out, "--n", "300", "--size", "120", "--sets", "1"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    path = REPO / "benchmarks" / "results" / out
-    payload = json.loads(path.read_text())
-    path.unlink()
     assert payload["ok"] and payload["largest_abs_difference"] <= 1e-10
     assert [row["route"] for row in payload["routes"]] == ["ours", "per_pair"]
-    assert "speed-up" in done.stdout
+    assert "speed-up" in stdout
 
 
 def test_gpa_threads_benchmark_runs_and_every_way_reaches_the_same_loss() -> None:
     out = "gpa-threads-smoke-test.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_gpa_threads.py", "--quick", "--busy", "1", "--out", out],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    path = REPO / "benchmarks" / "results" / out
-    payload = json.loads(path.read_text())
-    path.unlink()
+    payload, _ = _run_benchmark("bench_gpa_threads.py", out, "--quick", "--busy", "1")
     assert [row["machine"] for row in payload["rows"]] == ["idle", "busy"]
     for row in payload["rows"]:
         assert row["loss_spread"] <= 1e-12
@@ -245,14 +218,7 @@ def test_gpa_threads_benchmark_runs_and_every_way_reaches_the_same_loss() -> Non
 
 def test_gpa_curvature_measure_checks_its_hessian_against_the_loss() -> None:
     out = "gpa-curvature-smoke-test.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/measure_gpa_curvature.py", "--quick", "--out", out],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    path = REPO / "benchmarks" / "results" / out
-    payload = json.loads(path.read_text())
-    path.unlink()
+    payload, _ = _run_benchmark("measure_gpa_curvature.py", out, "--quick")
     assert [row["width"] for row in payload["rows"]] == [8, 12]
     for row in payload["rows"]:
         # the Hessian formula agrees with second differences of the loss computed directly
