@@ -22,7 +22,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -74,23 +74,62 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _lock_holder(lock: Path) -> int | None:
-    """The pid written in ``lock``, or None while it is empty (being written) or unreadable."""
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started, as ``<boot id>/<clock ticks since boot>`` (Linux's /proc), or
+    None where that cannot be read (no such process, or a system without /proc). With the pid it
+    names one process: a pid is reused once its process has ended, or after a restart."""
     try:
-        text = lock.read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    fields = stat.rsplit(")", 1)[-1].split()  # the name in parentheses may hold spaces
+    return f"{boot}/{fields[19]}" if len(fields) > 19 else None  # field 22 of proc(5)
 
 
-def _remove_stale_lock(lock: Path, stale_pid: int) -> None:
-    """Remove ``lock`` if it still names ``stale_pid`` (never a lock another process just took)."""
+class _Holder(NamedTuple):
+    """Who a lock file names: a pid and, where it could be read, when that process started."""
+
+    pid: int
+    start: str | None
+
+
+def _holder_alive(holder: _Holder) -> bool:
+    """Whether the process that wrote the lock still runs: its pid is alive and, where the lock
+    names a start and this system tells it, it started then (else the pid has been reused)."""
+    if not _pid_alive(holder.pid):
+        return False
+    if holder.start is None:  # a lock of an older version, or written without /proc
+        return True
+    now = _process_start(holder.pid)
+    return now is None or now == holder.start
+
+
+def _lock_text() -> str:
+    """What this process writes in a lock: its pid, then when it started where that is known."""
+    start = _process_start(os.getpid())
+    return str(os.getpid()) if start is None else f"{os.getpid()} {start}"
+
+
+def _lock_holder(lock: Path) -> _Holder | None:
+    """Who ``lock`` names, or None while it is empty (being written) or unreadable."""
+    try:
+        words = lock.read_text().split()
+    except OSError:
+        return None
+    if not words or not words[0].isdigit() or len(words) > 2:
+        return None
+    return _Holder(int(words[0]), words[1] if len(words) == 2 else None)
+
+
+def _remove_stale_lock(lock: Path, stale: _Holder) -> None:
+    """Remove ``lock`` if it still names ``stale`` (never a lock another process just took)."""
     aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
     try:
         os.replace(lock, aside)
     except FileNotFoundError:
         return
-    if _lock_holder(aside) == stale_pid:
+    if _lock_holder(aside) == stale:
         aside.unlink()
     else:  # someone replaced the stale lock in between: give theirs back
         with contextlib.suppress(FileExistsError):
@@ -108,7 +147,7 @@ def live_writer(run_folder: str | os.PathLike[str]) -> int | None:
     """The process id of a live precompute writing the run now (it holds the run's lock), else
     None (no lock, or a dead holder's stale one)."""
     holder = _lock_holder(lock_path(run_folder))
-    return holder if holder is not None and _pid_alive(holder) else None
+    return holder.pid if holder is not None and _holder_alive(holder) else None
 
 
 @contextlib.contextmanager
@@ -135,21 +174,22 @@ def run_lock(
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(lock)
-            if holder is not None and not _pid_alive(holder):
+            if holder is not None and not _holder_alive(holder):
                 _remove_stale_lock(lock, holder)
                 continue
+            pid = None if holder is None else holder.pid
             if time.monotonic() >= deadline:
                 raise RunLockedError(
-                    f"another precompute (pid {holder}) is writing {folder}; wait for it to "
+                    f"another precompute (pid {pid}) is writing {folder}; wait for it to "
                     f"finish, or delete {lock} if that process is not a precompute"
                 ) from None
             if on_wait is not None and not told:
-                on_wait(holder)
+                on_wait(pid)
                 told = True
             time.sleep(poll_seconds)
             continue
         with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
+            handle.write(_lock_text())
         break
     try:
         yield lock

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -12,15 +14,18 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from convergence_core import cache
 from convergence_core.cache import (
     CacheFormatError,
     PickleRefusedError,
+    RunLockedError,
     atomic_path,
     clean_temp_files,
     model_key,
     read_json,
     read_npy,
     read_parquet,
+    run_lock,
     write_bytes,
     write_json,
     write_npy,
@@ -188,3 +193,31 @@ def test_model_key_is_injective_and_safe_for_any_names(a, b):
     assert not key_a.startswith(".")
     if a != b:
         assert key_a != key_b
+
+
+@pytest.mark.skipif(cache._process_start(os.getpid()) is None, reason="needs Linux's /proc")
+def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
+    """A lock names its writer's pid and start; a live process with that pid which started at
+    another time (the pid reused after the writer died, or after a restart) holds nothing."""
+    run = tmp_path / "runs" / "alpha"
+    lock = cache.lock_path(run)
+    lock.parent.mkdir(parents=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        start = cache._process_start(sleeper.pid)
+        assert start is not None and start != cache._process_start(os.getpid())
+        lock.write_text(f"{sleeper.pid} {start}")  # its own lock: held
+        assert cache.live_writer(run) == sleeper.pid
+        with pytest.raises(RunLockedError, match=f"pid {sleeper.pid}"), run_lock(run):
+            pass
+        lock.write_text(str(sleeper.pid))  # a lock of an older version names the pid alone
+        assert cache.live_writer(run) == sleeper.pid
+        boot, ticks = start.split("/")
+        lock.write_text(f"{sleeper.pid} {boot}/{int(ticks) + 1}")  # another process's start
+        assert cache.live_writer(run) is None
+        with run_lock(run):
+            assert lock.read_text().split()[0] == str(os.getpid())
+        assert not lock.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -112,6 +112,11 @@ def test_runs_lists_cached_runs(tmp_path):
     (tmp_path / "runs" / ".alpha.lock").write_text(str(os.getpid()))
     code, out, _ = _main("runs", "--cache", str(tmp_path))
     assert f"being written (pid {os.getpid()})" in out
+    # a lock whose pid now belongs to another process (reused after its writer died, or after a
+    # restart): the run is incomplete, not being written
+    (tmp_path / "runs" / ".alpha.lock").write_text(f"{os.getpid()} another-boot/12345")
+    code, out, _ = _main("runs", "--cache", str(tmp_path))
+    assert out.strip().splitlines()[1].split()[:2] == ["alpha", "incomplete"]
 
 
 def test_user_errors_are_one_line_with_the_fix(tmp_path):
