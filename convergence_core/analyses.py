@@ -664,11 +664,7 @@ def _metric_options(
                 f"{name} is computed by the subset engine, which takes no options besides k; got "
                 f"{sorted(chosen)}"
             )
-        unknown = sorted(set(chosen) - set(entry.options))
-        if unknown:
-            raise ValueError(
-                f"{name} does not take {unknown}; it takes {sorted(entry.options) or 'no options'}"
-            )
+        registry.check_options(name, chosen)
         options[name] = chosen
     return options
 

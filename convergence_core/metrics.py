@@ -1213,14 +1213,29 @@ def metric(name: str) -> Metric:
     return entry
 
 
-def _options(entry: Metric, options: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(entry.options))
+def check_options(
+    name: str, options: Mapping[str, Any] | None = None, *, k_apart: bool = False
+) -> dict[str, Any]:
+    """The registry's options of metric ``name`` with ``options`` applied: the one check of a
+    metric's options (:func:`measure`, the subset engine, the analyses and the lab use it).
+
+    ``k_apart``: k is given elsewhere (the neighbour lists' engine), so ``options`` may hold it
+    and the result does not. ValueError naming the options the metric takes for any other key,
+    or the fix for a kernel or RBF width that is not one.
+    """
+    entry = metric(name)
+    given = dict(options or {})
+    if k_apart:
+        given.pop("k", None)
+    takes = [option for option in entry.options if not (k_apart and option == "k")]
+    unknown = sorted(set(given) - set(takes))
     if unknown:
-        takes = ", ".join(entry.options) or "no options"
-        raise ValueError(
-            f"{entry.name} does not take {', '.join(map(repr, unknown))}; it takes {takes}."
-        )
-    return {**entry.options, **options}
+        what = ", ".join(takes) or ("no options besides k" if k_apart else "no options")
+        raise ValueError(f"{name} does not take {', '.join(map(repr, unknown))}; it takes {what}.")
+    chosen = {key: value for key, value in {**entry.options, **given}.items() if key in takes}
+    if "kernel" in chosen:  # bad input on every route (the dense one never calls measure)
+        check_kernel(chosen["kernel"], chosen.get("sigma", 1.0))
+    return chosen
 
 
 def measure(name: str, X: object, Y: object, **options: Any) -> float:
@@ -1230,7 +1245,7 @@ def measure(name: str, X: object, Y: object, **options: Any) -> float:
     ``kernel`` / ``sigma`` (cka, unbiased_cka), ``cca_dim`` (svcca), ``normalise`` (lcs_knn).
     """
     entry = metric(name)
-    return float(entry.function(X, Y, **_options(entry, options)))
+    return float(entry.function(X, Y, **check_options(name, options)))
 
 
 def measure_tables(
@@ -1252,7 +1267,7 @@ def measure_tables(
         raise ValueError(
             f"{name} is a feature metric, not a function of neighbour tables; use measure()."
         )
-    options = _options(entry, options)
+    options = check_options(name, options)
     width = np.shape(table_x)[-1]
     if "k" in options and options.pop("k") != width and "k" in given:
         raise ValueError(

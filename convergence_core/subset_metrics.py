@@ -67,20 +67,9 @@ _CHUNK_ELEMENTS = 4_000_000
 
 
 def metric_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The registry's options of ``name`` with ``options`` applied (``k`` excluded: it is given
-    separately); ValueError naming the options the metric takes for any other key, or the fix
-    for a kernel or RBF width that is not one."""
-    entry = registry.metric(name)
-    given = dict(options or {})
-    given.pop("k", None)
-    unknown = sorted(set(given) - set(entry.options))
-    if unknown:
-        takes = ", ".join(o for o in entry.options if o != "k") or "no options besides k"
-        raise ValueError(f"{name} does not take {', '.join(map(repr, unknown))}; it takes {takes}.")
-    chosen = {key: value for key, value in {**entry.options, **given}.items() if key != "k"}
-    if "kernel" in chosen:  # bad input on every route (the dense one never calls measure)
-        registry.check_kernel(chosen["kernel"], chosen.get("sigma", 1.0))
-    return chosen
+    """The registry's options of ``name`` with ``options`` applied, ``k`` excluded (it is given
+    separately): ``metrics.check_options`` with k apart."""
+    return registry.check_options(name, options, k_apart=True)
 
 
 #: Bytes of (n, n) kernels kept between calls (least recently used dropped first)

@@ -209,6 +209,34 @@ def test_registry_names_are_the_reference_names() -> None:
     assert convergence_core.measure is measure and convergence_core.metric_names is metric_names
 
 
+def test_one_check_of_a_metrics_options_for_every_route() -> None:
+    """measure, the subset engine, the analyses and the lab read options through one check."""
+    from convergence_core import analyses, subset_metrics
+
+    assert metrics.check_options("cka") == {"kernel": "linear", "sigma": 1.0}
+    assert metrics.check_options("mutual_knn", {"k": 5}) == {"k": 5}
+    assert metrics.check_options("mutual_knn", {"k": 5}, k_apart=True) == {}
+    assert metrics.check_options("cka", {"kernel": "rbf", "k": 3}, k_apart=True) == {
+        "kernel": "rbf", "sigma": 1.0,
+    }
+    bad = [({"cca": 3}, "svcca does not take 'cca'; it takes cca_dim."),
+           ({"kernel": "poly"}, "kernel must be 'linear' or 'rbf', got 'poly'.")]
+    for options, message in bad:
+        name = "svcca" if "cca" in options else "cka"
+        for check in (
+            lambda: metrics.check_options(name, options),
+            lambda: subset_metrics.metric_options(name, options),
+            lambda: analyses._metric_options([name], {name: options}),
+        ):
+            with pytest.raises(ValueError) as raised:
+                check()
+            assert str(raised.value) == message
+    with pytest.raises(ValueError, match="mutual_knn does not take 'kernel'; it takes k."):
+        metrics.check_options("mutual_knn", {"kernel": "rbf"})
+    with pytest.raises(ValueError, match="it takes no options besides k."):
+        metrics.check_options("mutual_knn", {"kernel": "rbf"}, k_apart=True)
+
+
 def test_measure_rejects_unknown_metrics_and_options() -> None:
     X, Y = paired(np.random.default_rng(0))
     with pytest.raises(ValueError, match="unknown metric 'ckna'; known metrics: cknna"):
