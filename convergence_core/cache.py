@@ -503,6 +503,11 @@ class RunLayout:
         return self._file("grams")
 
     @property
+    def shards_dir(self) -> Path:
+        """Where the Ray engine keeps its shards while a model is extracted (deleted after)."""
+        return self._file("shards")
+
+    @property
     def gpa_dir(self) -> Path:
         return self._file("gpa")
 

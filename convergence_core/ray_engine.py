@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import atomic_path, model_key
+from .cache import CacheFormatError, atomic_path, model_key
 from .engines import (
     EngineOptions,
     ExtractionJob,
@@ -198,6 +198,19 @@ class EncoderActor:
         # this call's time, spread over its rows (their sum over a run is the actors' busy time)
         out["seconds"] = np.full(len(rows), (time.perf_counter() - started) / len(rows))
         return out
+
+
+def _plain_folders(*folders: Path) -> tuple[Path, ...]:
+    """``folders`` (each inside the one before), refused if any is a symbolic link: shards are
+    written there and stale ones deleted, so a link (planted in a run folder, or in a shared
+    temporary folder) would make the engine write and delete files elsewhere."""
+    for folder in folders:
+        if folder.is_symlink():
+            raise CacheFormatError(
+                f"{folder} is a symbolic link, where the Ray engine writes and deletes its shards "
+                "in a plain folder: delete the link (or the run folder) and rerun precompute"
+            )
+    return folders
 
 
 class ShardStore:
@@ -613,7 +626,8 @@ class RayEngine:
         shutil.rmtree(store.folder, ignore_errors=True)
         return result
 
-    def shard_folder(self, job: ExtractionJob, shard_rows: int) -> Path:
+    @staticmethod
+    def shard_folder(job: ExtractionJob, shard_rows: int) -> Path:
         """Where ``job``'s shards go: ``<work_dir>/<model key>/<job key>``, the key a hash of
         everything that decides the numbers (and the shard size). Folders of other keys of the
         same model are stale (inputs changed) and are deleted."""
@@ -637,13 +651,16 @@ class RayEngine:
         if job.work_dir is None:
             import tempfile
 
-            return Path(tempfile.gettempdir()) / "convergence-shards" / key
-        base = Path(job.work_dir) / model_key(job.model)
+            root = Path(tempfile.gettempdir()) / "convergence-shards"
+            return _plain_folders(root, root / key)[-1]
+        root = Path(job.work_dir)
+        base = root / model_key(job.model)
+        _, base, folder = _plain_folders(root, base, base / key)
         if base.is_dir():
             for other in base.iterdir():
                 if other.name != key and other.is_dir() and not other.is_symlink():
                     shutil.rmtree(other, ignore_errors=True)
-        return base / key
+        return folder
 
     def _assemble(
         self, job: ExtractionJob, store: ShardStore, collector: _Collector

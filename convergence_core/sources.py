@@ -318,7 +318,7 @@ class EncoderSource:
             batch_size=cfg.batch_size,
             precision=cfg.precision,
             weights=(cfg.weights or {}).get(self.name),
-            work_dir=context.layout.root / "shards",
+            work_dir=context.layout.shards_dir,
             inputs=self.inputs(context),
             caption_agreement=context.wants_caption_agreement(),
         )

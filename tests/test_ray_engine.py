@@ -27,6 +27,7 @@ import pandas as pd
 import pytest
 import torch
 
+from convergence_core.cache import CacheFormatError, RunLayout
 from convergence_core.datasets import load_dataset
 from convergence_core.engines import (
     EngineOptions,
@@ -528,6 +529,36 @@ def lite0_job(frame: pd.DataFrame, root: Path, work_dir: Path | None) -> Extract
     return make_job(
         "efficientnet-lite0", "vision", frame, root, batch_size=2, work_dir=work_dir, inputs="t"
     )
+
+
+def test_shards_are_never_written_or_deleted_through_a_symbolic_link(
+    stimuli: tuple[pd.DataFrame, Path], tmp_path: Path
+) -> None:
+    """A run folder's shards/ (or its model folder) that is a symbolic link, e.g. to a user's
+    files, is refused before the engine deletes stale shard folders or writes new ones there."""
+    frame, root = stimuli
+    victim = tmp_path / "victim"
+    (victim / "efficientnet-lite0" / "my-thesis").mkdir(parents=True)
+    (victim / "efficientnet-lite0" / "my-thesis" / "chapter1.tex").write_text("mine")
+    run = tmp_path / "runs" / "shared-run"
+    run.mkdir(parents=True)
+    (run / "shards").symlink_to(victim)
+    with pytest.raises(CacheFormatError, match="leads outside the run folder"):
+        RunLayout(run).shards_dir  # noqa: B018 (what precompute hands the engine)
+    with pytest.raises(CacheFormatError, match="is a symbolic link.*delete the link"):
+        RayEngine.shard_folder(lite0_job(frame, root, run / "shards"), 2)
+    (run / "shards").unlink()
+    (run / "shards").mkdir()
+    (run / "shards" / "efficientnet-lite0").symlink_to(victim / "efficientnet-lite0")
+    with pytest.raises(CacheFormatError, match="efficientnet-lite0 is a symbolic link"):
+        RayEngine.shard_folder(lite0_job(frame, root, run / "shards"), 2)
+    assert (victim / "efficientnet-lite0" / "my-thesis" / "chapter1.tex").read_text() == "mine"
+    # plain folders: stale keys of the model are deleted, the job's own folder is handed out
+    (run / "shards" / "efficientnet-lite0").unlink()
+    (run / "shards" / "efficientnet-lite0" / "stale-key").mkdir(parents=True)
+    folder = RayEngine.shard_folder(lite0_job(frame, root, run / "shards"), 2)
+    assert folder.parent == run / "shards" / "efficientnet-lite0"
+    assert not (folder.parent / "stale-key").exists()
 
 
 @pytest.mark.slow
