@@ -67,7 +67,7 @@ st.subheader("Models")
 # a Markdown table, every cell escaped: a handful of rows needs no data grid (1.4 MB of JS)
 st.markdown(widgets.markdown_table(catalogue.models_table(run)))
 if (first_layer := run.first_layer_note()) is not None:
-    st.warning(first_layer)
+    st.warning(widgets.escape_markdown(first_layer))  # it names the models: as text
 
 st.subheader("Dispersion")
 st.text(

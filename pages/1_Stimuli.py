@@ -126,9 +126,8 @@ def _per_stimulus_ready(pair: lab.Pair, key: str) -> bool:
     )
     if not st.button("Compute per-stimulus alignment", key=key):
         return False
-    bar = st.progress(0.0, text="Per-stimulus alignment…")
-    data.per_stimulus_table(path, stamp, [pair], k,
-                            progress=lambda done, words: bar.progress(done, text=words))
+    bar = widgets.ProgressBar("Per-stimulus alignment…")
+    data.per_stimulus_table(path, stamp, [pair], k, progress=bar)
     bar.empty()
     return True
 
@@ -144,7 +143,8 @@ if aligned:
         st.stop()
     pair = _pair_choice()
     st.caption(
-        f"Gallery ordered by {ORDERS[order_by]} of {pair.label}, highest alignment on the left"
+        f"Gallery ordered by {ORDERS[order_by]} of {widgets.escape_markdown(pair.label)}, "
+        "highest alignment on the left"
         + (f" (k = {k}, the lab's k)" if order_by == "knn_overlap" else "")
         + "; each card also shows its dispersion."
     )

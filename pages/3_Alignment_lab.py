@@ -416,11 +416,10 @@ def sets_and_results() -> None:
                 )
             if asked:
                 prompt.empty()
-                bar = st.progress(0.0, text=f"{label}…")
+                bar = widgets.ProgressBar(f"{label}…")
                 numbers = data.lab_numbers(
                     path, stamp, pairs, names, rows, k, int(n_random), int(seed),
-                    interval_width, metric, options_key,
-                    progress=lambda done, words: bar.progress(min(1.0, done), text=words),
+                    interval_width, metric, options_key, progress=bar,
                 )
                 data.keep(key, numbers)
                 bar.empty()
@@ -472,8 +471,8 @@ def sets_and_results() -> None:
             "stimuli) for numbers."
         )
     bound_note = lab.bound_note(set_values, baselines)
-    if bound_note is not None:
-        st.warning(bound_note)
+    if bound_note is not None:  # it names the models: as text
+        st.warning(widgets.escape_markdown(bound_note))
 
     # a stable name for the browser test and the benchmark
     with st.container(key=lab.BARS_CONTAINER_KEY):
@@ -563,10 +562,8 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
     else:  # minutes on a large run: a progress bar, the result kept for every session
         result = data.kept(data.calibration_key(*arguments))
         if result is None:
-            bar = st.progress(0.0, text="Shuffling pairings and drawing matched random sets…")
-            result = data.calibration_with_progress(
-                *arguments, progress=lambda done, words: bar.progress(done, text=words)
-            )
+            bar = widgets.ProgressBar("Shuffling pairings and drawing matched random sets…")
+            result = data.calibration_with_progress(*arguments, progress=bar)
             bar.empty()
     data.mark_finished(*done)
     if result.low_high.empty:
@@ -616,9 +613,8 @@ def _per_stimulus(sets, focus, score, k) -> None:  # noqa: ANN001
         )
         if not st.button("Compute per-stimulus alignment", key="w_lab_per_stimulus_compute"):
             return
-        bar = st.progress(0.0, text="Per-stimulus alignment…")
-        data.per_stimulus_table(path, stamp, [pair], k,
-                                progress=lambda done, words: bar.progress(done, text=words))
+        bar = widgets.ProgressBar("Per-stimulus alignment…")
+        data.per_stimulus_table(path, stamp, [pair], k, progress=bar)
         bar.empty()
     marked = tuple(map(int, sets[focus])) if focus in sets else ()
     st.image(data.alignment_scatter_png(path, stamp, pair, k, score, marked))

@@ -116,6 +116,24 @@ def test_escaped_markdown_renders_as_the_text_itself() -> None:
     assert html_module.unescape(html) == text
 
 
+def _progress_script() -> None:
+    from convergence_core.dashboard import widgets
+
+    bar = widgets.ProgressBar("Per-stimulus alignment of [a](http://example.com/a.png)…")
+    bar(2.0, "cknna of v*1* × l_[b](http://example.com/l.png)…")
+
+
+def test_a_progress_text_shows_model_names_as_text() -> None:
+    """A progress text renders Markdown; the words of a long computation name models."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_progress_script).run(timeout=30)
+    (bar,) = at.get("progress")
+    assert bar.proto.value == 100  # the fraction kept within [0, 1]
+    assert re.sub(r"\\(.)", r"\1", bar.proto.text) == "cknna of v*1* × l_[b](http://example.com/l.png)…"
+    assert "](" not in bar.proto.text
+
+
 def test_models_and_components_tables(run) -> None:
     table = models_table(run)
     assert list(table["model"]) == run.models

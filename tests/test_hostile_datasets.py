@@ -29,7 +29,7 @@ from convergence_core.datasets import (
     safe_relative_path,
 )
 from convergence_core.images import ImageFileError, image_problem, make_thumbnail, open_rgb
-from tests.page_reading import cards, gallery_cards
+from tests.page_reading import cards, gallery_cards, shown
 
 # names added for issue 16 are looked up when a test runs, so each test fails on its own on
 # code that lacks them (rather than the whole module failing to import)
@@ -979,6 +979,60 @@ def test_every_page_works_on_a_run_without_language_models(brain_cache, monkeypa
         assert set(at.dataframe[-1].value["language_model"]) == {"subj01"}
 
 
+#: Model names as a feature file or a shared run may spell them: Markdown links and emphasis
+HOSTILE_VISION = "v*1*[a](http://example.com/v.png)"
+HOSTILE_LANGUAGE = "l_[b](http://example.com/l.png)"
+
+
+@pytest.fixture(scope="module")
+def hostile_names_cache(tmp_path_factory) -> Path:
+    """A run whose models are named with Markdown, every GPA model at its first layer (so Home
+    notes that the dispersion comes from the first layers, naming the models)."""
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import _stimuli, synthetic_embeddings
+
+    cache = tmp_path_factory.mktemp("hostile_names")
+    visions = [HOSTILE_VISION, "vision-b", "vision-c"]
+    languages = [HOSTILE_LANGUAGE, "language-b"]
+    embeddings, _ = synthetic_embeddings(48, vision_models=visions, language_models=languages)
+    stimuli, images_root = _stimuli(48, True)
+    write_run_from_embeddings(
+        cache / "runs" / "demo", stimuli, embeddings, vision_models=visions,
+        language_models=languages, images_root=images_root, thumbnails=True,
+        dataset_name="hostile names",
+    )
+    return cache
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_every_page_shows_model_names_as_text(hostile_names_cache, monkeypatch, page):
+    """No text a page renders as Markdown (alerts, captions, headings, labels, progress texts)
+    holds a model's name unescaped: it would show as a link, emphasis or an outside picture. The
+    Stimuli gallery is ordered by a pair's alignment, and the lab's CKNNA note is planted."""
+    from convergence_core.dashboard import lab
+
+    note = f"CKNNA outside [-1, 1]: {HOSTILE_VISION} × {HOSTILE_LANGUAGE}"
+    monkeypatch.setattr(lab, "bound_note", lambda *_: note)
+    at = _open(hostile_names_cache, None, monkeypatch)
+    at.session_state["w_gallery_order"] = "knn_overlap"
+    if PAGES[page] is not None:
+        at.switch_page(PAGES[page])
+    at.run(timeout=90)
+    assert not at.exception, at.exception
+    rendered = [
+        element.value
+        for kind in ("markdown", "caption", "info", "warning", "error", "success", "title",
+                     "header", "subheader")
+        for element in getattr(at, kind)
+    ]
+    rendered += [widget.label for widget in at.main if getattr(widget, "label", None)]
+    assert rendered
+    raw = [text for text in rendered if "](http" in str(text)]
+    assert not raw, (page, raw)
+    if page == "Home":
+        assert any("v\\*1\\*\\[a\\]" in text for text in map(str, rendered)), rendered
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 @pytest.mark.parametrize("page", list(PAGES))
 def test_every_page_turns_damaged_run_files_into_a_clean_alert(
@@ -1084,7 +1138,7 @@ def test_the_lab_shows_no_number_for_a_tiny_pasted_set_and_says_why_above_1(
     assert all(value == "—" for value in metrics.values())  # every set here has < 24 stimuli
     infos = " ".join(element.value for element in at.info)
     assert "fewer than 24 stimuli" in infos and "pasted ids" in infos
-    warnings = " ".join(element.value for element in at.warning)
+    warnings = " ".join(shown(at.warning))
     assert "CKNNA outside [-1, 1]" in warnings and "Cauchy–Schwarz" in warnings
     assert f"{chosen['value'].abs().max():.3f}" in warnings or "largest" in warnings
 

@@ -336,6 +336,22 @@ def escape_markdown(value: object) -> str:
     return _MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(str(value).split()))
 
 
+class ProgressBar:
+    """An ``st.progress`` bar fed as ``progress(fraction, words)`` (the callbacks of
+    ``convergence_core``'s long computations): the words shown as text, since a progress text
+    renders Markdown and the words name models as written; the fraction kept within [0, 1]."""
+
+    def __init__(self, words: str) -> None:
+        self._bar = st.progress(0.0, text=escape_markdown(words))
+
+    def __call__(self, done: float, words: str) -> None:
+        self._bar.progress(min(1.0, max(0.0, float(done))), text=escape_markdown(words))
+
+    def empty(self) -> None:
+        """Remove the bar (the work is done)."""
+        self._bar.empty()
+
+
 @dataclass(frozen=True)
 class Card:
     """One number card: a short label (one line in a 1024-pixel window), the value as text, an
