@@ -99,6 +99,9 @@ def test_parse_id_list_accepts_plain_lists_and_refuses_binary() -> None:
         selection_io.parse_id_list(b"name,value\na,1\nb,2\n")
     assert selection_io.parse_id_list("a, b\nc, d") == ["a", "b", "c", "d"]  # pasted: a list
     assert selection_io.parse_id_list(b"a\nb\n") == ["a", "b"]
+    # blank lines above the header (an export with a leading empty line; pasted text)
+    assert selection_io.parse_id_list(b"\n \nid,caption\n5,cat\n\n6,dog\n") == ["5", "6"]
+    assert selection_io.parse_id_list("\r\nid\r\na\r\nb\r\n") == ["a", "b"]
     with pytest.raises(ValueError, match="accepted"):
         selection_io.parse_id_list(b"1\n" * (selection_io.MAX_IMPORT_BYTES // 2 + 1))
 
