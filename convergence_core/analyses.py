@@ -661,8 +661,9 @@ def _metric_options(
         chosen = dict(given.get(name, {}))
         if entry.neighbour_metric and chosen:
             raise ValueError(
-                f"{name} is computed by the subset engine, which takes no options besides k; got "
-                f"{sorted(chosen)}"
+                f"{name} is computed from the neighbour lists, which take no metric_options "
+                f"(got {sorted(chosen)}); its k is the analysis's own k argument: pass k there "
+                f"and leave {name} out of metric_options"
             )
         registry.check_options(name, chosen)
         options[name] = chosen

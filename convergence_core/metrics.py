@@ -1233,8 +1233,16 @@ def check_options(
         what = ", ".join(takes) or ("no options besides k" if k_apart else "no options")
         raise ValueError(f"{name} does not take {', '.join(map(repr, unknown))}; it takes {what}.")
     chosen = {key: value for key, value in {**entry.options, **given}.items() if key in takes}
-    if "kernel" in chosen:  # bad input on every route (the dense one never calls measure)
+    # bad values on every route, before any work (the dense CKA route never calls measure, and
+    # an analysis asked to record errors as NaN would otherwise show a typo as a column of NaN)
+    if "kernel" in chosen:
         check_kernel(chosen["kernel"], chosen.get("sigma", 1.0))
+    dim = chosen.get("cca_dim", 1)  # its upper bound, min(s − 1, d_x, d_y), comes with the data
+    if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise ValueError(
+            f"cca_dim must be a positive integer (at most min(s - 1, d_x, d_y)), got {dim!r}; "
+            "the reference uses 10."
+        )
     return chosen
 
 

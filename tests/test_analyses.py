@@ -381,10 +381,21 @@ def test_effect_counts_come_from_the_long_table(fig2_long):
 def test_metric_names_and_options_are_checked(planted):
     with pytest.raises(ValueError, match="unknown metric 'cosine'"):
         analyses.dispersion_set_alignment(planted, size=15, k=5, metrics=["cosine"])
-    with pytest.raises(ValueError, match="takes no options besides k"):
+    with pytest.raises(ValueError, match="take no metric_options"):
         analyses.dispersion_set_alignment(
             planted, size=15, k=5, metrics=["lcs_knn"],
             metric_options={"lcs_knn": {"normalise": False}},
+        )
+    # k for a neighbour metric: the message says where k goes (it said "no options besides k")
+    with pytest.raises(ValueError, match=r"got \['k'\]\); its k is the analysis's own k argument"):
+        analyses.dispersion_set_alignment(
+            planted, size=15, k=5, metrics=["cknna"], metric_options={"cknna": {"k": 10}}
+        )
+    # a bad cca_dim is an error before any work, also where errors become NaN (it was a NaN)
+    with pytest.raises(ValueError, match="cca_dim must be a positive integer"):
+        analyses.dispersion_set_alignment(
+            planted, size=15, k=5, metrics=["svcca"], metric_options={"svcca": {"cca_dim": 0}},
+            on_error="nan",
         )
     with pytest.raises(ValueError, match="not asked for"):
         analyses.dispersion_set_alignment(

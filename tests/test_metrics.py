@@ -231,6 +231,10 @@ def test_one_check_of_a_metrics_options_for_every_route() -> None:
             with pytest.raises(ValueError) as raised:
                 check()
             assert str(raised.value) == message
+    for dim in (0, -3, 2.5, True, "10"):  # the upper bound comes with the data
+        with pytest.raises(ValueError, match="cca_dim must be a positive integer"):
+            metrics.check_options("svcca", {"cca_dim": dim})
+    assert metrics.check_options("svcca", {"cca_dim": np.int64(3)}) == {"cca_dim": 3}
     with pytest.raises(ValueError, match="mutual_knn does not take 'kernel'; it takes k."):
         metrics.check_options("mutual_knn", {"kernel": "rbf"})
     with pytest.raises(ValueError, match="it takes no options besides k."):
