@@ -290,6 +290,20 @@ def _with_notes(text: str, first: str | None, last: Sequence[str | None]) -> str
     return text if first is None else f"Note: {first}\n\n{text}"
 
 
+def _check_counts(**counts: object) -> None:
+    """ValueError naming the fix unless ``seed`` is an integer >= 0 and every other count an
+    integer >= 1: checked before the first section, which on a large run takes minutes (numpy
+    refused a negative seed only when the first random sets were drawn)."""
+    for name, value in counts.items():
+        least = 0 if name == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            flag = name.replace("_", "-")
+            raise ValueError(
+                f"{name} must be an integer >= {least}, got {value!r}; use e.g. --{flag} "
+                f"{0 if name == 'seed' else 200} (or {name}={0 if name == 'seed' else 200})"
+            )
+
+
 def write_report(
     run: Run,
     out: str | os.PathLike[str],
@@ -336,6 +350,7 @@ def write_report(
     n = int(run.gpa.residuals.shape[0])
     if size is not None:
         analyses.check_set_size(size, n)  # before the first section writes a file
+    _check_counts(seed=seed, n_random=n_random, n_permutations=n_permutations)
     out.mkdir(parents=True, exist_ok=True)
     # without language models only GPA stability of the slow sections runs
     hint = large_run_hint(n, options, _SLOW_SECTIONS if run.language_models else ("gpa_stability",))
