@@ -137,6 +137,10 @@ def _remove_stale_lock(lock: Path, stale: _Holder) -> None:
         aside.unlink()
 
 
+#: The run locks this process holds now (resolved paths)
+_HELD_LOCKS: set[Path] = set()
+
+
 def lock_path(run_folder: str | os.PathLike[str]) -> Path:
     """The lock file of a run being written: ``.<run>.lock`` beside its folder."""
     folder = Path(run_folder)
@@ -174,7 +178,11 @@ def run_lock(
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(lock)
-            if holder is not None and not _holder_alive(holder):
+            if holder is not None and (
+                not _holder_alive(holder)
+                # our own pid in a lock we do not hold: a killed run's, whose pid we got again
+                or (holder.pid == os.getpid() and lock.resolve() not in _HELD_LOCKS)
+            ):
                 _remove_stale_lock(lock, holder)
                 continue
             pid = None if holder is None else holder.pid
@@ -191,9 +199,12 @@ def run_lock(
         with os.fdopen(fd, "w") as handle:
             handle.write(_lock_text())
         break
+    held = lock.resolve()
+    _HELD_LOCKS.add(held)
     try:
         yield lock
     finally:
+        _HELD_LOCKS.discard(held)
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()
 

@@ -221,3 +221,18 @@ def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_lock_naming_this_process_that_it_does_not_hold_is_taken_over(tmp_path):
+    """A killed run's lock, whose pid the next run got again (a container restarted): the next
+    run takes it over at once, where it waited an hour for itself; a lock it holds stays held."""
+    run = tmp_path / "runs" / "alpha"
+    lock = cache.lock_path(run)
+    lock.parent.mkdir(parents=True)
+    for text in (str(os.getpid()), f"{os.getpid()} {cache._process_start(os.getpid())}"):
+        lock.write_text(text)
+        with run_lock(run, wait_seconds=0):
+            assert lock.read_text().split()[0] == str(os.getpid())
+            with pytest.raises(RunLockedError), run_lock(run, wait_seconds=0):
+                pass  # held by this process now: not taken over
+        assert not lock.exists()
