@@ -47,6 +47,15 @@ def test_neighbours_benchmark_runs_and_agrees_with_the_dense_reference() -> None
     assert all(row["abs_difference"] < 1e-9 for row in payload["rows"])
 
 
+def test_matching_benchmark_runs_and_draws_the_reference_sets() -> None:
+    payload, stdout = _run_benchmark(
+        "bench_matching.py", "matching-smoke-test.json", "--sizes", "400", "--sets", "4"
+    )
+    (row,) = payload["rows"]
+    assert row["n"] == 400 and row["s"] == 100 and row["identical"] is True
+    assert "same sets" in stdout
+
+
 def test_universal_benchmark_runs_and_writes_json() -> None:
     out = "universal-smoke-test.json"
     payload, _ = _run_benchmark("bench_universal.py", out, "--quick", timeout=600)

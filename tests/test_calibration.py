@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.bench_matching import nearest_sets_by_ranking
 from convergence_core.calibration import (
     calibrated_score,
     compare_with_baseline,
@@ -192,6 +193,30 @@ def test_nearest_sets_match_covariate_and_label() -> None:
     gap = np.abs(np.sort(covariate[sets], axis=1) - np.sort(covariate[chosen])).mean()
     random_gap = np.abs(np.sort(covariate[random], axis=1) - np.sort(covariate[chosen])).mean()
     assert gap < 0.15 < random_gap
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_nearest_sets_equal_ranking_every_candidate(case: int) -> None:
+    """The same sets, draw for draw, as ranking every candidate for every chosen stimulus: with
+    labels or not, the chosen set excluded or not, and covariates full of ties (rounded values)
+    so that the order among equally near stimuli (lower index first) decides picks."""
+    rng = np.random.default_rng(case)
+    n = int(rng.integers(40, 400))
+    covariate = np.round(rng.standard_normal(n), int(rng.integers(0, 3)))
+    labels = rng.choice(["cat", "dog", "car"], n) if case % 2 else None
+    s = int(rng.integers(3, n // 6))
+    chosen = np.sort(rng.choice(n, s, replace=False))
+    exclude, c = bool(case % 4 < 2), int(rng.integers(1, 7))
+    try:
+        expected = nearest_sets_by_ranking(chosen, covariate, labels, 15, c, exclude, case)
+    except ValueError:  # a label left without candidates: both refuse
+        with pytest.raises(ValueError, match="left outside the chosen set"):
+            matched_random_sets(chosen, covariate, labels, n_sets=15, method="nearest",
+                                n_candidates=c, exclude_chosen=exclude, seed=case)
+        return
+    got = matched_random_sets(chosen, covariate, labels, n_sets=15, method="nearest",
+                              n_candidates=c, exclude_chosen=exclude, seed=case)
+    np.testing.assert_array_equal(got, expected)
 
 
 def matched_control(
