@@ -50,8 +50,8 @@ BARS_CONTAINER_KEY = "lab-bars"
 #: stimuli (sets of 2,500, 768-1,536 features, 8 pairs) CKA took 179 s on 2 busy cores, and the
 #: page sat behind a spinner: it was 20,000 before
 LIVE_FEATURE_STIMULI = 5_000
-#: Matched random sets: "nearest" matching costs a sort of n and ~20 µs of Python per chosen
-#: stimulus and set (benchmarks/bench_matching.py); above this s·n, 25 strata (a draw per set)
+#: Matched random sets: "nearest" matching costs a sort of n and 4-6 µs of Python per chosen
+#: stimulus and set (benchmarks/bench_matching.py); above this s·n, 25 strata
 _NEAREST_MATCHING_WORK = 20_000_000
 _STRATA_BINS = 25
 
