@@ -258,6 +258,16 @@ def test_umap_is_computed_once_and_cached_atomically(run, monkeypatch: pytest.Mo
     assert len(calls) == 1
     umap_file.unlink()
     data.umap_coordinates.clear()
+    # a run folder that cannot be written (a shared read-only cache): the map is still shown
+    def read_only(path, array):  # noqa: ANN001, ANN202
+        raise PermissionError(13, "Read-only file system", str(path))
+
+    monkeypatch.setattr(data, "write_npy", read_only)
+    at = _page()
+    at.radio(key="w_projection").set_value("UMAP").run(timeout=TIMEOUT)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert _figure(at, "UMAP of the GPA residuals") and not umap_file.exists()
+    data.umap_coordinates.clear()
 
 
 def test_the_map_is_a_picture_until_the_chart_is_made_interactive(run) -> None:

@@ -21,6 +21,7 @@ them (arrays handed out here are read-only to enforce that).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -687,7 +688,9 @@ UMAP_SPINNER = (
 
 @st.cache_data(show_spinner=UMAP_SPINNER, max_entries=16)
 def umap_coordinates(path: str, stamp: int) -> np.ndarray:
-    """(m, 2) UMAP of the run's residuals: from ``<run>/umap.npy``, else computed and written."""
+    """(m, 2) UMAP of the run's residuals: from ``<run>/umap.npy``, else computed and written
+    (where the run folder cannot be written, e.g. a shared read-only cache, the coordinates are
+    still shown, and kept in this server's memory)."""
     run = _open_run(path, stamp)
     m = run.gpa.residuals.shape[0]
     file = RunLayout(Path(path)).umap
@@ -696,7 +699,8 @@ def umap_coordinates(path: str, stamp: int) -> np.ndarray:
         if cached.shape == (m, 2) and np.isfinite(cached).all():
             return cached.astype(np.float64)
     coordinates = compute_umap(run.gpa.residuals)
-    write_npy(file, coordinates)
+    with contextlib.suppress(OSError):  # the page said "UMAP could not be computed" here
+        write_npy(file, coordinates)
     return coordinates
 
 
