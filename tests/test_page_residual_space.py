@@ -102,6 +102,11 @@ def test_parse_id_list_accepts_plain_lists_and_refuses_binary() -> None:
     # blank lines above the header (an export with a leading empty line; pasted text)
     assert selection_io.parse_id_list(b"\n \nid,caption\n5,cat\n\n6,dog\n") == ["5", "6"]
     assert selection_io.parse_id_list("\r\nid\r\na\r\nb\r\n") == ["a", "b"]
+    # the dashboard's own export, with captions holding characters that end a line for Python
+    # (a line separator, NEL, a form feed) but not for a CSV reader
+    captions = [["a cat\u2028on a mat"], ["dog\x85x\x0c"]]
+    export = selection_io.selection_csv(["img1", "img2"], captions)
+    assert selection_io.parse_id_list(export) == ["img1", "img2"]
     with pytest.raises(ValueError, match="accepted"):
         selection_io.parse_id_list(b"1\n" * (selection_io.MAX_IMPORT_BYTES // 2 + 1))
 

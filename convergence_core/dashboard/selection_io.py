@@ -83,8 +83,9 @@ def parse_id_list(data: bytes | str) -> list[str]:
     first = next((line for line in lines if line.strip()), "")
     header = [cell.strip().lower() for cell in next(csv.reader([first]), [])]
     if "id" in header:
-        # the header is the first line that is not blank (a reader would take a blank one)
-        reader = csv.DictReader(io.StringIO("\n".join(lines[lines.index(first):])))
+        # the header is the first line that is not blank (a reader would take a blank one); the
+        # rest is read as written (a caption may hold characters that splitlines breaks at)
+        reader = csv.DictReader(io.StringIO(text.lstrip()))
         column = next(name for name in reader.fieldnames or [] if name.strip().lower() == "id")
         ids = [(record.get(column) or "").strip() for record in reader]
     else:
