@@ -22,7 +22,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -74,71 +74,74 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started, as ``<boot id>/<clock ticks since boot>`` (Linux's /proc), or
-    None where that cannot be read (no such process, or a system without /proc). With the pid it
-    names one process: a pid is reused once its process has ended, or after a restart."""
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started, in seconds since the epoch (Linux's /proc: the boot time,
+    whole seconds, plus the process's start in clock ticks since boot), or None where that cannot
+    be read (no such process, or a system without /proc)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
+        boot = next(
+            line for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        fields = stat.rsplit(")", 1)[-1].split()  # the name in parentheses may hold spaces
+        return int(boot.split()[1]) + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # proc(5) 22
+    except (OSError, StopIteration, IndexError, ValueError):
         return None
-    fields = stat.rsplit(")", 1)[-1].split()  # the name in parentheses may hold spaces
-    return f"{boot}/{fields[19]}" if len(fields) > 19 else None  # field 22 of proc(5)
 
 
-class _Holder(NamedTuple):
-    """Who a lock file names: a pid and, where it could be read, when that process started."""
+#: A process that started this long after a lock was written did not write it (its pid was
+#: reused); the margin covers the boot time's whole seconds and the clock ticks
+_LOCK_START_MARGIN_SECONDS = 2.0
 
-    pid: int
-    start: str | None
-
-
-def _holder_alive(holder: _Holder) -> bool:
-    """Whether the process that wrote the lock still runs: its pid is alive and, where the lock
-    names a start and this system tells it, it started then (else the pid has been reused)."""
-    if not _pid_alive(holder.pid):
-        return False
-    if holder.start is None:  # a lock of an older version, or written without /proc
-        return True
-    now = _process_start(holder.pid)
-    return now is None or now == holder.start
+#: The run locks this process holds now, by (device, inode) of the lock file
+_HELD_LOCKS: set[tuple[int, int]] = set()
 
 
-def _lock_text() -> str:
-    """What this process writes in a lock: its pid, then when it started where that is known."""
-    start = _process_start(os.getpid())
-    return str(os.getpid()) if start is None else f"{os.getpid()} {start}"
-
-
-def _lock_holder(lock: Path) -> _Holder | None:
-    """Who ``lock`` names, or None while it is empty (being written) or unreadable."""
+def _lock_holder(lock: Path) -> tuple[int, float] | None:
+    """The pid written in ``lock`` and when the lock was written (its mtime), or None while it is
+    empty (being written) or unreadable."""
     try:
-        words = lock.read_text().split()
+        text = lock.read_text().strip()
+        written = lock.stat().st_mtime
     except OSError:
         return None
-    if not words or not words[0].isdigit() or len(words) > 2:
-        return None
-    return _Holder(int(words[0]), words[1] if len(words) == 2 else None)
+    return (int(text), written) if text.isdecimal() and int(text) > 0 else None
 
 
-def _remove_stale_lock(lock: Path, stale: _Holder) -> None:
-    """Remove ``lock`` if it still names ``stale`` (never a lock another process just took)."""
+def _stale(lock: Path, holder: tuple[int, float]) -> bool:
+    """Whether the process a lock names no longer holds it: it has exited; or its pid belongs to
+    a process that started after the lock was written (the pid reused after the writer died,
+    e.g. a restarted container, where the next precompute often gets the same pid); or it is
+    this process, which does not hold that lock. A lock holds only a pid, so that every version
+    of this program reads the locks of every other."""
+    pid, written = holder
+    if not _pid_alive(pid):
+        return True
+    if pid == os.getpid():
+        try:
+            key = (lock.stat().st_dev, lock.stat().st_ino)
+        except OSError:
+            return True
+        return key not in _HELD_LOCKS
+    started = _process_started(pid)
+    return started is not None and started > written + _LOCK_START_MARGIN_SECONDS
+
+
+def _remove_stale_lock(lock: Path, stale_pid: int) -> None:
+    """Remove ``lock`` if it still names ``stale_pid`` (never a lock another process just took)."""
     aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
     try:
         os.replace(lock, aside)
     except FileNotFoundError:
         return
-    if _lock_holder(aside) == stale:
+    holder = _lock_holder(aside)
+    if holder is not None and holder[0] == stale_pid:
         aside.unlink()
     else:  # someone replaced the stale lock in between: give theirs back
         with contextlib.suppress(FileExistsError):
             os.link(aside, lock)
         aside.unlink()
-
-
-#: The run locks this process holds now (resolved paths)
-_HELD_LOCKS: set[Path] = set()
 
 
 def lock_path(run_folder: str | os.PathLike[str]) -> Path:
@@ -149,9 +152,10 @@ def lock_path(run_folder: str | os.PathLike[str]) -> Path:
 
 def live_writer(run_folder: str | os.PathLike[str]) -> int | None:
     """The process id of a live precompute writing the run now (it holds the run's lock), else
-    None (no lock, or a dead holder's stale one)."""
-    holder = _lock_holder(lock_path(run_folder))
-    return holder.pid if holder is not None and _holder_alive(holder) else None
+    None (no lock, or a stale one: see :func:`_stale`)."""
+    lock = lock_path(run_folder)
+    holder = _lock_holder(lock)
+    return holder[0] if holder is not None and not _stale(lock, holder) else None
 
 
 @contextlib.contextmanager
@@ -164,9 +168,9 @@ def run_lock(
 ) -> Iterator[Path]:
     """Hold the lock file ``.<run>.lock`` next to ``run_folder`` while writing the run.
 
-    The file holds our pid. A lock whose process no longer exists (killed mid-run) is taken
-    over. While another live process holds it, wait up to ``wait_seconds`` (calling
-    ``on_wait(holder_pid)`` once), then raise :class:`RunLockedError`.
+    The file holds our pid. A stale lock (its process exited, or its pid now names another
+    process: :func:`_stale`) is taken over. While another live process holds it, wait up to
+    ``wait_seconds`` (calling ``on_wait(holder_pid)`` once), then raise :class:`RunLockedError`.
     """
     folder = Path(run_folder)
     lock = lock_path(folder)
@@ -178,14 +182,10 @@ def run_lock(
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(lock)
-            if holder is not None and (
-                not _holder_alive(holder)
-                # our own pid in a lock we do not hold: a killed run's, whose pid we got again
-                or (holder.pid == os.getpid() and lock.resolve() not in _HELD_LOCKS)
-            ):
-                _remove_stale_lock(lock, holder)
+            if holder is not None and _stale(lock, holder):
+                _remove_stale_lock(lock, holder[0])
                 continue
-            pid = None if holder is None else holder.pid
+            pid = None if holder is None else holder[0]
             if time.monotonic() >= deadline:
                 raise RunLockedError(
                     f"another precompute (pid {pid}) is writing {folder}; wait for it to "
@@ -196,11 +196,17 @@ def run_lock(
                 told = True
             time.sleep(poll_seconds)
             continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(_lock_text())
+        held = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+        _HELD_LOCKS.add(held)  # before the pid is in: another thread of ours must not take it
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(os.getpid()))
+        except BaseException:
+            _HELD_LOCKS.discard(held)
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            raise
         break
-    held = lock.resolve()
-    _HELD_LOCKS.add(held)
     try:
         yield lock
     finally:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -195,28 +196,26 @@ def test_model_key_is_injective_and_safe_for_any_names(a, b):
         assert key_a != key_b
 
 
-@pytest.mark.skipif(cache._process_start(os.getpid()) is None, reason="needs Linux's /proc")
+@pytest.mark.skipif(cache._process_started(os.getpid()) is None, reason="needs Linux's /proc")
 def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
-    """A lock names its writer's pid and start; a live process with that pid which started at
-    another time (the pid reused after the writer died, or after a restart) holds nothing."""
+    """A live process whose pid a lock names, but which started after the lock was written (the
+    pid reused after the writer died, or after a restart), holds nothing."""
     run = tmp_path / "runs" / "alpha"
     lock = cache.lock_path(run)
     lock.parent.mkdir(parents=True)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        start = cache._process_start(sleeper.pid)
-        assert start is not None and start != cache._process_start(os.getpid())
-        lock.write_text(f"{sleeper.pid} {start}")  # its own lock: held
+        started = cache._process_started(sleeper.pid)
+        assert started is not None and abs(started - time.time()) < 5
+        lock.write_text(str(sleeper.pid))  # written after it started: it may hold it
         assert cache.live_writer(run) == sleeper.pid
         with pytest.raises(RunLockedError, match=f"pid {sleeper.pid}"), run_lock(run):
             pass
-        lock.write_text(str(sleeper.pid))  # a lock of an older version names the pid alone
-        assert cache.live_writer(run) == sleeper.pid
-        boot, ticks = start.split("/")
-        lock.write_text(f"{sleeper.pid} {boot}/{int(ticks) + 1}")  # another process's start
+        written = started - cache._LOCK_START_MARGIN_SECONDS - 60  # a minute before it started
+        os.utime(lock, (written, written))
         assert cache.live_writer(run) is None
         with run_lock(run):
-            assert lock.read_text().split()[0] == str(os.getpid())
+            assert lock.read_text() == str(os.getpid())
         assert not lock.exists()
     finally:
         sleeper.kill()
@@ -225,14 +224,28 @@ def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
 
 def test_a_lock_naming_this_process_that_it_does_not_hold_is_taken_over(tmp_path):
     """A killed run's lock, whose pid the next run got again (a container restarted): the next
-    run takes it over at once, where it waited an hour for itself; a lock it holds stays held."""
+    run takes it over at once, where it waited an hour for itself, and it does not show as being
+    written; a lock this process holds stays held."""
     run = tmp_path / "runs" / "alpha"
     lock = cache.lock_path(run)
     lock.parent.mkdir(parents=True)
-    for text in (str(os.getpid()), f"{os.getpid()} {cache._process_start(os.getpid())}"):
-        lock.write_text(text)
-        with run_lock(run, wait_seconds=0):
-            assert lock.read_text().split()[0] == str(os.getpid())
-            with pytest.raises(RunLockedError), run_lock(run, wait_seconds=0):
-                pass  # held by this process now: not taken over
-        assert not lock.exists()
+    lock.write_text(str(os.getpid()))
+    assert cache.live_writer(run) is None
+    with run_lock(run, wait_seconds=0):
+        assert lock.read_text() == str(os.getpid()) and cache.live_writer(run) == os.getpid()
+        with pytest.raises(RunLockedError), run_lock(run, wait_seconds=0):
+            pass  # held by this process now: not taken over
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5", "²", "12 34", "abc"])
+def test_a_lock_without_a_pid_is_being_written(tmp_path, text):
+    """Empty (its writer is writing the pid) or not a positive pid: no live writer is named and
+    nothing fails (a superscript two passed isdigit and then failed int)."""
+    run = tmp_path / "runs" / "alpha"
+    lock = cache.lock_path(run)
+    lock.parent.mkdir(parents=True)
+    lock.write_text(text)
+    assert cache.live_writer(run) is None
+    with pytest.raises(RunLockedError, match="pid None"), run_lock(run, wait_seconds=0):
+        pass

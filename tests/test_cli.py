@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from convergence_core import settings
+from convergence_core.cache import run_lock
 from convergence_core.cli import main
 from tests.fixtures_runs import make_synthetic_run
 
@@ -109,12 +110,12 @@ def test_runs_lists_cached_runs(tmp_path):
     manifest_path.write_text(json.dumps({**manifest, "complete": False}))
     code, out, _ = _main("runs", "--cache", str(tmp_path))
     assert out.strip().splitlines()[1].split()[:2] == ["alpha", "incomplete"]
-    (tmp_path / "runs" / ".alpha.lock").write_text(str(os.getpid()))
-    code, out, _ = _main("runs", "--cache", str(tmp_path))
+    with run_lock(tmp_path / "runs" / "alpha"):  # this process writes the run now
+        code, out, _ = _main("runs", "--cache", str(tmp_path))
     assert f"being written (pid {os.getpid()})" in out
-    # a lock whose pid now belongs to another process (reused after its writer died, or after a
-    # restart): the run is incomplete, not being written
-    (tmp_path / "runs" / ".alpha.lock").write_text(f"{os.getpid()} another-boot/12345")
+    # a lock whose pid no longer writes it (here this process, which does not hold it: a killed
+    # run's lock whose pid the next process got again): the run is incomplete
+    (tmp_path / "runs" / ".alpha.lock").write_text(str(os.getpid()))
     code, out, _ = _main("runs", "--cache", str(tmp_path))
     assert out.strip().splitlines()[1].split()[:2] == ["alpha", "incomplete"]
 

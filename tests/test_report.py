@@ -981,18 +981,19 @@ def test_a_report_refuses_a_run_that_a_precompute_rewrites_meanwhile(tmp_path, m
     report.json."""
     import os
 
+    from convergence_core.cache import run_lock
+
     run = make_synthetic_run(tmp_path / "runs", 12, name="tiny", images=False, thumbnails=False)
     fast = {"k": 3, "scores": ["mean"], "n_random": 5, "n_permutations": 5,
             "property_permutations": 20, "property_shuffles": 1,
             "options": report.AnalysisOptions(metrics=("cknna",), metric_permutations=2,
                                               n_shuffles=3, n_matched=3,
                                               skip=("gpa_stability", "universal_space"))}
-    lock = tmp_path / "runs" / ".tiny.lock"
-    lock.write_text(str(os.getpid()))  # a live process holds the run
-    with pytest.raises(ValueError, match=r"a precompute \(pid \d+\) is writing run 'tiny' now "
-                       r"\(it holds .*\.tiny\.lock\).*delete that file if process"):
+    with run_lock(run.path), pytest.raises(  # a live process (this one) holds the run
+        ValueError, match=r"a precompute \(pid \d+\) is writing run 'tiny' now "
+        r"\(it holds .*\.tiny\.lock\).*delete that file if process"
+    ):
         report.write_report(run, tmp_path / "out", **fast)
-    lock.unlink()
     original = report.leave_one_model_out_section
 
     def rewritten_meanwhile(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
