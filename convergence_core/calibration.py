@@ -23,6 +23,7 @@ returns (B,) values — the form of the subset engine, one call for every set.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -322,24 +323,45 @@ class _FreeRun:
     def nearest(self, value: float, start: int, count: int) -> list[tuple[float, int, int]]:
         """The ``count`` unused stimuli whose covariate is closest to ``value`` as (distance,
         index, position), by distance then index (``start``: where ``value`` sorts, every
-        position left of it holding a smaller covariate)."""
+        position left of it holding a smaller covariate).
+
+        Walks out from ``start`` one block of equal covariates at a time, nearest block first
+        (both sides' when equally near); a block's stimuli are in index order, so its first
+        ``count`` unused ones are all it can give: a run of ties costs no more than one value.
+        """
+        values, end = self.value, len(self.index)
         found: list[tuple[float, int, int]] = []
-        values, index, end = self.value, self.index, len(self.index)
         left, right = self.left_of(start - 1), self.right_of(start)
-        # walking out from ``start`` on both sides meets the stimuli in order of distance
         while left >= 0 or right < end:
+            # distances grow block by block on each side (rounding may make two blocks equally
+            # near: the stable sort then orders them by index, so both are taken)
             d_left = value - values[left] if left >= 0 else math.inf
             d_right = values[right] - value if right < end else math.inf
-            if len(found) >= count and min(d_left, d_right) > found[count - 1][0]:
-                break  # all stimuli as near as the count-th are in (ties decided by index)
-            if d_left <= d_right:
-                found.append((d_left, index[left], left))
-                left = self.left_of(left - 1)
-            else:
-                found.append((d_right, index[right], right))
-                right = self.right_of(right + 1)
+            nearest = min(d_left, d_right)
+            if len(found) >= count and nearest > found[-1][0]:
+                break  # every unused stimulus as near as the count-th is in
+            if right < end and d_right == nearest:
+                block_end = bisect.bisect_right(values, values[right], right)
+                right = self._take(right, block_end, d_right, count, found)
+            if left >= 0 and d_left == nearest:
+                block = bisect.bisect_left(values, values[left], 0, left + 1)
+                self._take(self.right_of(block), left + 1, d_left, count, found)
+                left = self.left_of(block - 1)
         found.sort()  # by distance, then index: the order of a stable sort by distance
         return found[:count]
+
+    def _take(
+        self, first: int, stop: int, distance: float, count: int,
+        found: list[tuple[float, int, int]],
+    ) -> int:
+        """Add the first ``count`` unused positions from ``first`` (unused) up to ``stop`` to
+        ``found``; return the first unused position at or after ``stop``."""
+        position, taken = first, 0
+        while position < stop and taken < count:
+            found.append((distance, self.index[position], position))
+            taken += 1
+            position = self.right_of(position + 1)
+        return position if position >= stop else self.right_of(stop)
 
 
 def _nearest_matched_sets(

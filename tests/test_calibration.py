@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks.bench_matching import nearest_sets_by_ranking
+from convergence_core import calibration
 from convergence_core.calibration import (
     calibrated_score,
     compare_with_baseline,
@@ -217,6 +218,30 @@ def test_nearest_sets_equal_ranking_every_candidate(case: int) -> None:
     got = matched_random_sets(chosen, covariate, labels, n_sets=15, method="nearest",
                               n_candidates=c, exclude_chosen=exclude, seed=case)
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize(
+    "values", [[0.0], [0.0, 1.0, 2.0], [-1e308, -1.0, 0.0, 1.0, 1e308, 5e-324]]
+)
+def test_nearest_sets_equal_ranking_on_constant_and_extreme_covariates(values, monkeypatch) -> None:
+    """One value for every stimulus (typicality is constant where every model's density is), a
+    few values, and values whose distances round to ties across values or overflow to infinity:
+    the same sets, and a run of ties is not walked stimulus by stimulus."""
+    rng = np.random.default_rng(len(values))
+    covariate = rng.choice(np.array(values), 3000)
+    labels = rng.integers(0, 2, 3000)
+    chosen = np.sort(rng.choice(3000, 40, replace=False))
+    steps = []
+    walk = calibration._FreeRun.right_of
+    monkeypatch.setattr(calibration._FreeRun, "right_of", lambda run, j: (
+        steps.append(j), walk(run, j))[1])
+    for exclude in (True, False):
+        expected = nearest_sets_by_ranking(chosen, covariate, labels, 10, 5, exclude, 3)
+        got = matched_random_sets(chosen, covariate, labels, n_sets=10, method="nearest",
+                                  n_candidates=5, exclude_chosen=exclude, seed=3)
+        np.testing.assert_array_equal(got, expected)
+    assert len(steps) <= 20 * 2 * 10 * 40  # steps per pick: of the order of the candidates
 
 
 def matched_control(
