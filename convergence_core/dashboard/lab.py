@@ -50,9 +50,9 @@ BARS_CONTAINER_KEY = "lab-bars"
 #: stimuli (sets of 2,500, 768-1,536 features, 8 pairs) CKA took 179 s on 2 busy cores, and the
 #: page sat behind a spinner: it was 20,000 before
 LIVE_FEATURE_STIMULI = 5_000
-#: Matched random sets: "nearest" matching costs a sort of n and 4-6 µs of Python per chosen
-#: stimulus and set (benchmarks/bench_matching.py); above this s·n, 25 strata
-_NEAREST_MATCHING_WORK = 20_000_000
+#: Matched random sets: "nearest" matching costs 4-6 µs of Python per pick, one pick per chosen
+#: stimulus and set (benchmarks/bench_matching.py): above this many picks (~10 s), 25 strata
+_NEAREST_MATCHING_PICKS = 2_000_000
 _STRATA_BINS = 25
 
 PAIR_COLUMNS = ["vision_model", "vision_layer", "language_model", "language_layer"]
@@ -554,7 +554,7 @@ def _matched_sets(
     """
     n = covariates.typicality.shape[0]
     attempts = []
-    if chosen.size * n <= _NEAREST_MATCHING_WORK:
+    if chosen.size * n_sets <= _NEAREST_MATCHING_PICKS:
         attempts.append(("nearest", {}, "nearest typicality"))
     strata = f"{_STRATA_BINS} typicality strata"
     attempts += [
