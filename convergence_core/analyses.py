@@ -660,10 +660,12 @@ def _metric_options(
         entry = registry.metric(name)
         chosen = dict(given.get(name, {}))
         if entry.neighbour_metric and chosen:
+            where_k = (
+                "; its k is the analysis's own k argument: pass k there" if "k" in chosen else ""
+            )
             raise ValueError(
                 f"{name} is computed from the neighbour lists, which take no metric_options "
-                f"(got {sorted(chosen)}); its k is the analysis's own k argument: pass k there "
-                f"and leave {name} out of metric_options"
+                f"(got {sorted(chosen)}){where_k}; leave {name} out of metric_options"
             )
         registry.check_options(name, chosen)
         options[name] = chosen
