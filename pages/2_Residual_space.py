@@ -103,7 +103,9 @@ selected_rows = found.rows_of(selection.ids)[0] if selection else np.array([], d
 try:
     shown = data.residual_map(run, projection)
 except (ValueError, OSError) as exc:
-    st.error(f"UMAP could not be computed for this run: {exc}. Use the PCA projection.")
+    st.error(widgets.escape_markdown(  # the message may name models or paths: as text
+        f"UMAP could not be computed for this run: {exc}. Use the PCA projection."
+    ))
     st.stop()
 if projection == "PCA" and (note := two_model_note(len(run.gpa.models))) is not None:
     st.caption(f"PC2 is rounding noise here. {note}")

@@ -188,7 +188,7 @@ with fig2_tab:
                     int(n_permutations), int(seed), partners,
                 )
             except ValueError as error:
-                st.error(str(error))
+                st.error(widgets.escape_markdown(error))
             else:
                 if partner_pairs:
                     st.caption(
@@ -233,7 +233,7 @@ with s1_tab:
         try:
             dropped = data.drop_fraction(path_text, stamp, float(q), int(k), score, partners)
         except ValueError as error:
-            st.error(str(error))
+            st.error(widgets.escape_markdown(error))
         else:
             st.image(data.paper_figure_png(
                 "drop_fraction", dropped,
@@ -276,7 +276,7 @@ with sweep_tab:
             sweep = data.layer_sweep(path_text, stamp, int(k))
             best = data.best_layers_table(path_text, stamp, int(k))
         except ValueError as error:
-            st.error(str(error))
+            st.error(widgets.escape_markdown(error))
         else:
             st.image(data.paper_figure_png("layer_sweep", sweep))
             st.caption(

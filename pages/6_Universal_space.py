@@ -148,7 +148,7 @@ with dispersion_tab:
                 str(path), stamp, members, score, int(n_permutations), int(seed)
             )
         except ValueError as error:
-            st.error(str(error))
+            st.error(widgets.escape_markdown(error))
             st.stop()
         row = relation.iloc[0]
         pairs = (
@@ -276,7 +276,7 @@ def _retrieval(key: str) -> retrieval.CrossValidatedRetrieval | None:
             str(path), stamp, members, score, int(n_folds), int(seed), similarity
         )
     except ValueError as error:  # a limit of the run (too few stimuli), said with the fix
-        st.warning(str(error))
+        st.warning(widgets.escape_markdown(error))
         st.stop()
 
 

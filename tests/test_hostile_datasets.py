@@ -1033,6 +1033,26 @@ def test_every_page_shows_model_names_as_text(hostile_names_cache, monkeypatch, 
         assert any("v\\*1\\*\\[a\\]" in text for text in map(str, rendered)), rendered
 
 
+@pytest.mark.parametrize(("page", "computes"), [("Paper analyses", "dispersion_sets"),
+                                              ("Universal space", "cross_modal")])
+def test_an_analysis_error_naming_a_model_is_shown_as_text(
+    hostile_names_cache, monkeypatch, page, computes
+):
+    """An analysis's ValueError names models (e.g. 'a single vision model (…)'); the page shows
+    it as text, never as a link or a picture fetched from elsewhere."""
+    from convergence_core.dashboard import data
+
+    def refuse(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ValueError(f"a single vision model ({HOSTILE_VISION}): add another")
+
+    monkeypatch.setattr(data, computes, refuse)
+    at = _open(hostile_names_cache, PAGES[page], monkeypatch)
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error]
+    assert errors and not [e for e in errors if "](http" in e], errors
+    assert f"a single vision model ({HOSTILE_VISION}): add another" in shown(at.error)
+
+
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 @pytest.mark.parametrize("page", list(PAGES))
 def test_every_page_turns_damaged_run_files_into_a_clean_alert(

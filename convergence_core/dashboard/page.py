@@ -18,7 +18,7 @@ from streamlit.errors import StreamlitAPIException
 
 from .. import settings
 from ..run import Run, RunInfo
-from . import data, state
+from . import data, state, widgets
 
 
 @dataclass
@@ -111,7 +111,7 @@ def open_page(title: str, icon: str = "🔬") -> PageContext:
         run = data.open_run(info.path)
     except (OSError, ValueError) as exc:
         st.title(title)
-        st.error(f"Run {info.name!r} cannot be opened: {exc}")
+        st.error(widgets.escape_markdown(f"Run {info.name!r} cannot be opened: {exc}"))
         st.stop()
     if view.size is not None and view.size > run.n_stimuli // 2:
         st.warning(
