@@ -652,6 +652,11 @@ class RayEngine:
             import tempfile
 
             root = Path(tempfile.gettempdir()) / "convergence-shards"
+            if root.exists() and hasattr(os, "getuid") and root.lstat().st_uid != os.getuid():
+                raise CacheFormatError(
+                    f"{root} belongs to another user, whose shards a rerun would reuse as they "
+                    "are: delete it, or give the job a work_dir of your own"
+                )
             return _plain_folders(root, root / key)[-1]
         root = Path(job.work_dir)
         base = root / model_key(job.model)
