@@ -1004,7 +1004,7 @@ def _read_id_list(path: Path, ids: Sequence[str], where: str) -> list[str]:
             "listing the ids to keep, one per line"
         )
     try:
-        listed = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        listed = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(
             f"stimuli: id list {path} cannot be read as UTF-8 text ({exc}); write one id per line"

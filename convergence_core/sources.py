@@ -234,12 +234,7 @@ class FileSource:
             if path.suffix.lower() == ".npy":
                 shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
                 return int(shape[1]) if len(shape) == 2 else None
-            import pyarrow.parquet as pq
-
-            schema = pq.read_schema(path)
-            index = (schema.pandas_metadata or {}).get("index_columns", [])
-            skip = {"id", *(column for column in index if isinstance(column, str))}
-            return sum(name not in skip for name in schema.names)
+            return len(_parquet_feature_fields(path))
         except (OSError, ValueError):
             return None
 
@@ -359,7 +354,7 @@ def _read_ids(path: Path) -> list[str]:
             f"{ids_file} (or use a .parquet file with an 'id' column)"
         )
     try:
-        text = ids_file.read_text(encoding="utf-8")
+        text = ids_file.read_text(encoding="utf-8-sig")  # a BOM (Notepad, Excel) is no id
     except UnicodeDecodeError as exc:
         raise FeatureFileError(f"{ids_file} is not UTF-8 text ({exc}); write it as UTF-8") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
@@ -404,10 +399,16 @@ def _read_parquet_features(
         )
     ids = [str(i) for i in frame["id"]]
     if not features:
-        bad = _non_numeric_parquet_columns(path)
+        width, bad = len(_parquet_feature_fields(path)), _non_numeric_parquet_columns(path)
     else:
         values = frame.drop(columns=["id"])
+        width = values.shape[1]
         bad = [c for c in values.columns if not pd.api.types.is_numeric_dtype(values[c])]
+    if width == 0:
+        raise FeatureFileError(
+            f"feature file {path} holds ids but no feature column; add one numeric column per "
+            "feature beside 'id'"
+        )
     if bad:
         raise FeatureFileError(
             f"feature file {path} has non-numeric feature column(s) {bad[:5]}; keep only 'id' and "
@@ -418,18 +419,28 @@ def _read_parquet_features(
     return values.to_numpy(dtype=np.float32), ids
 
 
-def _non_numeric_parquet_columns(path: Path) -> list[str]:
-    """Feature columns of a parquet file whose stored type is not a number (from its schema,
-    without reading the values; the index pandas stores is left out)."""
-    import pyarrow as pa
+def _parquet_feature_fields(path: Path) -> list[Any]:
+    """The fields of a parquet file's schema that hold features (without reading the values):
+    all but ``id`` and the index pandas stored (``__index_level_0__``, or a named index)."""
     import pyarrow.parquet as pq
 
     schema = pq.read_schema(path)
+    index = (schema.pandas_metadata or {}).get("index_columns", [])
+    skip = {"id", *(column for column in index if isinstance(column, str))}
+    return [
+        field for field in schema
+        if field.name not in skip and not field.name.startswith("__index_level_")
+    ]
+
+
+def _non_numeric_parquet_columns(path: Path) -> list[str]:
+    """Feature columns of a parquet file whose stored type is not a number (its schema only)."""
+    import pyarrow as pa
+
     numeric = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean)
     return [
-        field.name for field in schema
-        if field.name != "id" and not field.name.startswith("__index_level_")
-        and not any(test(field.type) for test in numeric)
+        field.name for field in _parquet_feature_fields(path)
+        if not any(test(field.type) for test in numeric)
     ]
 
 
@@ -580,9 +591,20 @@ def read_feature_file(
     assert array is not None  # features=True reads them
     order = _row_order(where, file_ids, ids, extra_rows=extra_rows)
     in_order = len(file_ids) == len(ids) and bool(np.array_equal(order, np.arange(len(ids))))
-    out = np.asarray(array if in_order else array[order], dtype=np.float32)
+    source = array if in_order else array[order]
+    with np.errstate(over="ignore"):  # values beyond float32's range: said below
+        out = np.asarray(source, dtype=np.float32)
     finite = np.isfinite(out)
     if not finite.all():
+        bad_rows = np.flatnonzero(~finite.all(axis=1))
+        too_large = np.isfinite(np.asarray(source[bad_rows])) & ~finite[bad_rows]
+        if too_large.any():
+            row = bad_rows[np.flatnonzero(too_large.any(axis=1))[0]]
+            raise FeatureFileError(
+                f"{where} has values beyond float32's range (±3.4e38; e.g. stimulus "
+                f"{ids[row]!r}), which runs store as float32: rescale the features (e.g. divide "
+                "by their standard deviation)"
+            )
         bad_rows = np.flatnonzero(~finite.all(axis=1))
         bad_columns = np.flatnonzero(~finite.all(axis=0))
         found = (

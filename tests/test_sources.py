@@ -23,6 +23,7 @@ from convergence_core.sources import (
     FileSource,
     check_feature_file,
     check_modality,
+    feature_file_ids,
     read_feature_file,
 )
 from tests.page_reading import gallery_cards, gallery_texts
@@ -104,6 +105,8 @@ def test_a_float32_npy_in_order_is_not_copied(tmp_path, ids):
          r"a mask, say\): remove those columns"),
         (lambda p, a, ids: _save_npy(p, np.where(np.arange(N)[:, None] == 10, 0.0, a), ids),
          r"1 of 30 row\(s\) that are all zeros, e.g. stimuli \['\d+'\].*--stimuli IDS\.txt"),
+        (lambda p, a, ids: _save_npy(p, np.where(np.arange(N)[:, None] == 7, 1e39, a), ids),
+         r"values beyond float32's range \(±3\.4e38; e\.g\. stimulus '\d+'\).*rescale"),
         (lambda p, a, ids: (np.save(p, a), p)[1], "no id list"),
         (lambda p, a, ids: _save_npy(p, np.array([{"x": 1}] * N, dtype=object), ids),
          r"refusing to load feature file .*Python objects.*np\.save\(path, features\.astype"),
@@ -120,11 +123,23 @@ def test_bad_feature_files_name_the_file_and_the_fix(tmp_path, ids, break_it, me
         read_feature_file(path, ids, model="m", layer="l")
     assert "bad.npy" in str(info.value)
     assert "delete" not in str(info.value)  # the user's own file: never "delete it and rerun"
-    if "NaN" in message or "all zeros" in message:  # faults of the values: found on reading
+    if "NaN" in message or "zeros" in message or "float32" in message:  # found on reading
         check_feature_file(path, ids, model="m", layer="l")
     else:  # the check before a run's work finds the same fault, with the same message
         with pytest.raises(FeatureFileError, match=message):
             check_feature_file(path, ids, model="m", layer="l")
+
+
+def test_an_id_list_saved_with_a_byte_order_mark_is_read(tmp_path, ids):
+    """Notepad and Excel may start a text file with a BOM: it is not part of the first id (which
+    then went missing: a run on the common stimuli dropped it without a word)."""
+    features = np.random.default_rng(5).standard_normal((N, 3))
+    path = _save_npy(tmp_path / "bom.npy", features, ids)
+    ids_file = Path(str(path) + ".ids.txt")
+    ids_file.write_text("\ufeff" + ids_file.read_text(encoding="utf-8"), encoding="utf-8")
+    assert feature_file_ids(path, model="m", layer="l") == list(ids)
+    np.testing.assert_allclose(read_feature_file(path, ids, model="m", layer="l"),
+                               features.astype(np.float32))
 
 
 def test_the_check_of_a_parquet_file_reads_only_its_ids(tmp_path, ids, monkeypatch):
@@ -158,6 +173,18 @@ def test_bad_parquet_and_suffix(tmp_path, ids):
     check_feature_file(tmp_path / "indexed.parquet", ids, model="m", layer="l")
     frame.drop(columns=["word"]).iloc[::-1].to_parquet(tmp_path / "reversed.parquet")
     check_feature_file(tmp_path / "reversed.parquet", ids, model="m", layer="l")  # a stored index
+    # a named index beside the ids is an index, for the check as for the read
+    named = frame.drop(columns=["word"]).assign(x=np.arange(1.0, N + 1)).set_index(
+        pd.Index([f"t{i}" for i in range(N)], name="trial")
+    )
+    named.to_parquet(tmp_path / "named.parquet")
+    check_feature_file(tmp_path / "named.parquet", ids, model="m", layer="l")
+    assert read_feature_file(tmp_path / "named.parquet", ids, model="m", layer="l").shape == (N, 1)
+    # ids and no feature: said before any work, with the fix (it said "reshape" after some)
+    frame[["id"]].to_parquet(tmp_path / "only_ids.parquet")
+    for check in (read_feature_file, check_feature_file):
+        with pytest.raises(FeatureFileError, match="holds ids but no feature column"):
+            check(tmp_path / "only_ids.parquet", ids, model="m", layer="l")
     frame.drop(columns=["id", "word"]).to_parquet(tmp_path / "noid.parquet")
     with pytest.raises(FeatureFileError, match="no 'id' column"):
         read_feature_file(tmp_path / "noid.parquet", ids, model="m", layer="l")
@@ -521,7 +548,9 @@ def test_a_run_restricted_to_the_stimuli_every_file_covers(tmp_path, coco, ids):
 
     # an id list: those ids (in the data set's order), a new fingerprint (another data set)
     listed = [ids[i] for i in kept[:12]][::-1]
-    (tmp_path / "keep.txt").write_text("\n".join(["", *listed, "  "]) + "\n", encoding="utf-8")
+    # (saved with a byte-order mark, as Notepad and Excel may: not part of the first id)
+    lines = ["\ufeff" + listed[0], "", *listed[1:], "  "]
+    (tmp_path / "keep.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     some = precompute(**options, stimuli=str(tmp_path / "keep.txt"), run_name="listed")
     assert list(some.stimuli["id"]) == [ids[i] for i in kept[:12]]
     np.testing.assert_allclose(some.embeddings["subj01"]["V1"],
