@@ -337,16 +337,24 @@ class _FreeRun:
             # near: the stable sort then orders them by index, so both are taken)
             d_left = value - values[left] if left >= 0 else math.inf
             d_right = values[right] - value if right < end else math.inf
-            nearest = min(d_left, d_right)
+            nearest = d_left if d_left < d_right else d_right
             if len(found) >= count and nearest > found[-1][0]:
                 break  # every unused stimulus as near as the count-th is in
             if right < end and d_right == nearest:
-                block_end = bisect.bisect_right(values, values[right], right)
-                right = self._take(right, block_end, d_right, count, found)
+                if right + 1 == end or values[right + 1] != values[right]:  # a block of one
+                    found.append((d_right, self.index[right], right))
+                    right = self.right_of(right + 1)
+                else:
+                    block_end = bisect.bisect_right(values, values[right], right)
+                    right = self._take(right, block_end, d_right, count, found)
             if left >= 0 and d_left == nearest:
-                block = bisect.bisect_left(values, values[left], 0, left + 1)
-                self._take(self.right_of(block), left + 1, d_left, count, found)
-                left = self.left_of(block - 1)
+                if left == 0 or values[left - 1] != values[left]:  # a block of one
+                    found.append((d_left, self.index[left], left))
+                    left = self.left_of(left - 1)
+                else:
+                    block = bisect.bisect_left(values, values[left], 0, left + 1)
+                    self._take(self.right_of(block), left + 1, d_left, count, found)
+                    left = self.left_of(block - 1)
         found.sort()  # by distance, then index: the order of a stable sort by distance
         return found[:count]
 
