@@ -398,6 +398,14 @@ def _read_table(path: Path) -> pd.DataFrame:
     )
 
 
+def _cell_text(value: Any) -> str | None:
+    """A table cell as text, or None where it is empty: None or NaN (a JSONL row without the
+    key; pandas then also makes the column's other numbers floats, ids '1.0', '2.0', 'nan')."""
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value)
+
+
 def load_table(
     root: str | os.PathLike[str],
     table: str | os.PathLike[str],
@@ -436,10 +444,15 @@ def load_table(
     order: list[str] = []
     rows: dict[str, dict[str, Any]] = {}
     real_dirs: dict[str, str] = {}
-    for record in frame.to_dict("records"):
+    for row, record in enumerate(frame.to_dict("records"), start=1):
         rel = (safe_relative_path(root_path, str(record["image"]), _real_dirs=real_dirs)
                if images else "")
-        key = str(record["id"]) if has_id else rel
+        key = _cell_text(record["id"]) if has_id else rel
+        if key is None:
+            raise ValueError(
+                f"table {table_path}: row {row} has no id; give every row an id (or leave the "
+                "'id' column out, so that each stimulus is named by its image path)"
+            )
         caps = _clean_captions(record[caption_col], split=caption_col == "captions")
         if key in rows:
             if caption_col == "captions" or rows[key]["image"] != rel:
@@ -452,7 +465,7 @@ def load_table(
         order.append(key)
         rows[key] = {"image": rel, "captions": caps}
         if has_label:
-            rows[key]["label"] = "" if record["label"] is None else str(record["label"])
+            rows[key]["label"] = _cell_text(record["label"]) or ""
     stimuli = _make_stimuli(
         order,
         [rows[k]["image"] for k in order],

@@ -161,6 +161,19 @@ def test_table_missing_columns(tmp_path: Path) -> None:
         load_dataset(tmp_path / "u.csv")
 
 
+def test_a_jsonl_row_without_an_id_is_refused_naming_the_row(tmp_path: Path) -> None:
+    """A JSONL row without "id" made pandas read the ids as floats: every id was rewritten
+    ('1.0', '2.0', 'nan') and the check found nothing. A row without a label has none."""
+    rows = [{"id": 1, "caption": "a", "label": "x"}, {"id": 2, "caption": "b"},
+            {"caption": "c", "label": "y"}]
+    (tmp_path / "t.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    with pytest.raises(ValueError, match=r"t\.jsonl: row 3 has no id; give every row an id"):
+        load_dataset(tmp_path / "t.jsonl")
+    (tmp_path / "u.jsonl").write_text("\n".join(map(json.dumps, rows[:2])) + "\n")
+    ds = load_dataset(tmp_path / "u.jsonl")
+    assert ds.stimuli["id"].tolist() == ["1", "2"] and ds.stimuli["label"].tolist() == ["x", ""]
+
+
 def test_a_table_of_ids_and_captions_is_a_data_set_without_images(tmp_path: Path) -> None:
     """No 'image' column but an 'id' one: captions (merged by id, in row order) and labels, no
     images; the check needs no image, an empty caption is still reported, the fingerprint covers
