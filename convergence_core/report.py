@@ -290,18 +290,31 @@ def _with_notes(text: str, first: str | None, last: Sequence[str | None]) -> str
     return text if first is None else f"Note: {first}\n\n{text}"
 
 
-def _check_counts(**counts: object) -> None:
-    """ValueError naming the fix unless ``seed`` is an integer >= 0 and every other count an
-    integer >= 1: checked before the first section, which on a large run takes minutes (numpy
-    refused a negative seed only when the first random sets were drawn)."""
+#: The report's whole-number settings: (least value, the example its message gives)
+_COUNTS = {
+    "seed": (0, 0), "k": (1, 10), "n_random": (1, 200), "n_permutations": (1, 200),
+    "universal_folds": (2, 5), "property_permutations": (1, 1000), "property_shuffles": (0, 20),
+}
+
+
+def _check_settings(q: object, **counts: object) -> None:
+    """ValueError naming the setting, its command-line flag and the fix unless each count is an
+    integer of at least its least value (:data:`_COUNTS`) and ``q`` a fraction in (0, 1):
+    checked before the first section, which on a large run takes minutes (each was checked only
+    when its section ran, after the sections before it had written their files)."""
     for name, value in counts.items():
-        least = 0 if name == "seed" else 1
+        least, example = _COUNTS[name]
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             flag = name.replace("_", "-")
             raise ValueError(
                 f"{name} must be an integer >= {least}, got {value!r}; use e.g. --{flag} "
-                f"{0 if name == 'seed' else 200} (or {name}={0 if name == 'seed' else 200})"
+                f"{example} (or {name}={example})"
             )
+    if isinstance(q, bool) or not isinstance(q, (int, float, np.number)) or not 0 < q < 1:
+        raise ValueError(
+            f"q is the fraction of stimuli Fig. S1 drops and must lie in (0, 1), got {q!r}; use "
+            "e.g. --q 0.25 (or q=0.25)"
+        )
 
 
 def write_report(
@@ -350,7 +363,11 @@ def write_report(
     n = int(run.gpa.residuals.shape[0])
     if size is not None:
         analyses.check_set_size(size, n)  # before the first section writes a file
-    _check_counts(seed=seed, n_random=n_random, n_permutations=n_permutations)
+    _check_settings(
+        q, seed=seed, k=k, n_random=n_random, n_permutations=n_permutations,
+        universal_folds=universal_folds, property_permutations=property_permutations,
+        property_shuffles=property_shuffles,
+    )
     out.mkdir(parents=True, exist_ok=True)
     # without language models only GPA stability of the slow sections runs
     hint = large_run_hint(n, options, _SLOW_SECTIONS if run.language_models else ("gpa_stability",))

@@ -182,11 +182,16 @@ def test_bad_input_gives_a_clear_error(planted_run_path, tmp_path, monkeypatch, 
     assert report.main([run, "--out", str(new), "--size", "60", "--n-random", "2"]) == 2
     assert "larger than half" in capsys.readouterr().err and not (tmp_path / "new").exists()
     # a negative seed or a count of none is refused before the first section writes anything
-    for flag, value in (("--seed", "-1"), ("--n-random", "0"), ("--n-permutations", "0")):
+    for flag, value in (("--seed", "-1"), ("--n-random", "0"), ("--n-permutations", "0"),
+                        ("--k", "0"), ("--universal-folds", "1"),
+                        ("--property-permutations", "0"), ("--property-shuffles", "-1")):
         assert report.main([run, "--out", str(new), "--n-random", "2", flag, value]) == 2
         err = capsys.readouterr().err
         assert f"{flag[2:].replace('-', '_')} must be an integer >=" in err and f"{flag} " in err
         assert not (tmp_path / "new").exists()
+    for value in ("1.5", "nan", "0"):
+        assert report.main([run, "--out", str(new), "--n-random", "2", "--q", value]) == 2
+        assert "must lie in (0, 1)" in capsys.readouterr().err and not (tmp_path / "new").exists()
     # ... while a folder that was there stays, and so does what a report wrote before failing
     (tmp_path / "kept").mkdir()
     assert report.main([run, "--out", str(tmp_path / "kept"), "--size", "60"]) == 2
