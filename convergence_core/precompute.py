@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import tomllib
 from collections import Counter
@@ -467,9 +468,9 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: v is None or _is_str_map(v, lambda x: isinstance(x, str) and bool(x)),
         "a mapping {vision model: layer name} (or null / left out for the default layers)",
     ),
-    "device": (
-        lambda v: isinstance(v, str) and bool(v.strip()),
-        'a device name such as "cpu", "cuda", "cuda:1" or "mps"',
+    "device": (  # torch's names for the devices extraction runs on (a typo failed mid-run)
+        lambda v: isinstance(v, str) and re.fullmatch(r"cpu|mps|cuda(:[0-9]+)?", v) is not None,
+        'a device name: "cpu", "cuda", "cuda:N" (the N-th GPU) or "mps"',
     ),
     "batch_size": (
         lambda v: (isinstance(v, int) and not isinstance(v, bool)) or v == "auto",

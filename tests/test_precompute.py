@@ -603,6 +603,17 @@ def test_config_files_json_and_toml(tiny_coco, tmp_path, loads):
         PrecomputeConfig.from_file(tmp_path / "c.yaml")
 
 
+def test_a_device_name_torch_does_not_know_is_refused_before_any_work() -> None:
+    """'gpu' reached torch only when the neighbour lists were built: a traceback, after the run's
+    embeddings were written."""
+    base = {"dataset": "x", "vision_models": ["a", "b"]}
+    for device in ("gpu", "cuda:", "CUDA", "cuda:x", " cpu"):
+        with pytest.raises(ValueError, match=r"'device' = .* is not accepted.*\"cuda:N\""):
+            PrecomputeConfig.from_mapping({**base, "device": device})
+    for device in ("cpu", "cuda", "cuda:1", "mps"):
+        assert PrecomputeConfig.from_mapping({**base, "device": device}).device == device
+
+
 def test_a_live_writer_locks_the_run(tiny_coco, tmp_path, loads):
 
     run_path = tmp_path / "cache" / "runs" / "tiny"
