@@ -198,6 +198,14 @@ def check_embedding_array(array: np.ndarray, model: str, layer: str, n: int) -> 
             f"{where} has NaN/inf (or values beyond float32 range) in {rows.size} row(s), first "
             f"rows {rows[:5].tolist()}; fix the extraction or drop those stimuli"
         )
+    zero = np.concatenate([~array[i : i + block].any(axis=1) for i in range(0, n, block)])
+    if zero.any():  # no direction: it cannot be normalised, nor have neighbours
+        rows = np.flatnonzero(zero)
+        raise ValueError(
+            f"{where} has {rows.size} row(s) that are all zeros, first rows "
+            f"{rows[:5].tolist()}; such a stimulus has no direction to compare (features that "
+            "were never written?): fix the extraction or drop those stimuli"
+        )
     return array
 
 

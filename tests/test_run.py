@@ -350,6 +350,12 @@ def test_bad_inputs_raise_with_the_fix(tmp_path):
     nan["language-a"]["layer2"][3, 1] = np.nan
     with pytest.raises(ValueError, match=r"NaN.*first rows \[3\]"):
         _write(tmp_path, nan)
+    zero = {m: dict(layers) for m, layers in embeddings.items()}
+    zero["vision-a"]["stage1"] = zero["vision-a"]["stage1"].copy()
+    zero["vision-a"]["stage1"][5] = 0.0  # checked before writing (it failed mid-write)
+    with pytest.raises(ValueError, match=r"\['vision-a'\]\['stage1'\] has 1 row\(s\) that are "
+                       r"all zeros, first rows \[5\]"):
+        _write(tmp_path, zero)
     with pytest.raises(ValueError, match="no embeddings for listed model"):
         _write(tmp_path, embeddings, vision_models=["vision-a", "vision-b", "vision-c", "vision-z"])
     with pytest.raises(ValueError, match="neither vision_models nor language_models"):
