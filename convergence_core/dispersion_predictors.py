@@ -258,7 +258,9 @@ def _spearman_tests(
     for perms in _permutation_blocks(len(y), n_permutations, rng):
         null = ry[perms] @ rx  # (B, P)
         extreme += np.count_nonzero(np.abs(null) >= threshold, axis=0)
-    p_perm = (1.0 + extreme) / (n_permutations + 1.0)
+    # an undefined ρ (a constant score) is no evidence: NaN compares as not extreme, which would
+    # give it the smallest p there is
+    p_perm = np.where(np.isnan(rho), np.nan, (1.0 + extreme) / (n_permutations + 1.0))
     n = len(y)
     with np.errstate(divide="ignore", invalid="ignore"):
         t_value = rho * np.sqrt((n - 2) / np.maximum(1.0 - rho**2, 0.0))
@@ -291,7 +293,7 @@ def _kruskal_test(
     threshold = observed - _TIE_TOLERANCE * max(1.0, abs(observed))
     for perms in _permutation_blocks(n, n_permutations, rng):
         extreme += int(np.count_nonzero(h_of(ranks[perms]) >= threshold))
-    p_perm = (1.0 + extreme) / (n_permutations + 1.0)
+    p_perm = (1.0 + extreme) / (n_permutations + 1.0) if np.isfinite(observed) else np.nan
     p_chi2 = float(chi2.sf(observed, groups - 1))
     return observed, observed / (n - 1), p_perm, p_chi2
 

@@ -356,3 +356,18 @@ def test_out_of_fold_predictions_are_those_of_the_whole_model_fitted_per_fold() 
     np.testing.assert_array_equal(
         ridge["predicted"].to_numpy(), dp._out_of_fold("ridge", designs, y, usable, 0)[0]
     )
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_a_constant_score_gets_no_p_value_rather_than_the_smallest() -> None:
+    """ρ and H are undefined against a constant score; a NaN statistic compared as 'not extreme'
+    in every permutation, which gave it p = 1 / (N + 1), the strongest evidence there is."""
+    rng = np.random.default_rng(0)
+    constant = np.ones(50)
+    rho, p_perm, p_t = dp._spearman_tests(rng.standard_normal((50, 3)), constant, 99, rng)
+    assert np.isnan(rho).all() and np.isnan(p_perm).all() and np.isnan(p_t).all()
+    h, _, p_perm, _ = dp._kruskal_test(np.array(["a", "b"] * 25), constant, 99, rng)
+    assert np.isnan(h) and np.isnan(p_perm)
+    _, p_perm, _ = dp._spearman_tests(rng.standard_normal((50, 1)), rng.standard_normal(50), 99,
+                                      rng)
+    assert 0.01 <= p_perm[0] <= 1.0  # a defined ρ keeps its permutation p
