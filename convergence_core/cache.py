@@ -24,6 +24,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+try:  # Unix: a lock the system releases when its process ends
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: the pid rules alone
+    fcntl = None  # type: ignore[assignment]
+
 import numpy as np
 import pandas as pd
 
@@ -94,10 +99,6 @@ def _process_started(pid: int) -> float | None:
 #: reused); the margin covers the boot time's whole seconds and the clock ticks
 _LOCK_START_MARGIN_SECONDS = 2.0
 
-#: The run locks this process holds now, by (device, inode) of the lock file
-_HELD_LOCKS: set[tuple[int, int]] = set()
-
-
 def _lock_holder(lock: Path) -> tuple[int, float] | None:
     """The pid written in ``lock`` and when the lock was written (its mtime), or None while it is
     empty (being written) or unreadable."""
@@ -109,21 +110,41 @@ def _lock_holder(lock: Path) -> tuple[int, float] | None:
     return (int(text), written) if text.isdecimal() and int(text) > 0 else None
 
 
-def _stale(lock: Path, holder: tuple[int, float]) -> bool:
-    """Whether the process a lock names no longer holds it: it has exited; or its pid belongs to
-    a process that started after the lock was written (the pid reused after the writer died,
-    e.g. a restarted container, where the next precompute often gets the same pid); or it is
-    this process, which does not hold that lock. A lock holds only a pid, so that every version
-    of this program reads the locks of every other."""
-    pid, written = holder
-    if not _pid_alive(pid):
+def _held(lock: Path) -> bool | None:
+    """Whether a live process holds ``lock`` with :func:`run_lock` (an exclusive ``flock`` on the
+    file, which the system releases when that process ends, whatever its pid or clock); None
+    where that cannot be asked (no ``fcntl``, the file gone or unreadable)."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    if pid == os.getpid():
-        try:
-            key = (lock.stat().st_dev, lock.stat().st_ino)
-        except OSError:
-            return True
-        return key not in _HELD_LOCKS
+    except OSError:
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _stale(lock: Path, holder: tuple[int, float]) -> bool:
+    """Whether the process a lock names no longer holds it. A lock this version holds is held
+    (:func:`_held`) and never stale. One nobody holds so is a dead writer's, or an older
+    version's that still runs; it is stale when its pid has exited, names this process, or
+    names a process that started after the lock was written (the pid reused after the writer
+    died, e.g. a restarted container, where the next precompute often gets the same pid). A
+    lock holds only a pid, so that every version of this program reads every other's."""
+    if _held(lock):
+        return False
+    pid, written = holder
+    if not _pid_alive(pid) or pid == os.getpid():
+        return True
     started = _process_started(pid)
     return started is not None and started > written + _LOCK_START_MARGIN_SECONDS
 
@@ -196,23 +217,32 @@ def run_lock(
                 told = True
             time.sleep(poll_seconds)
             continue
-        held = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
-        _HELD_LOCKS.add(held)  # before the pid is in: another thread of ours must not take it
         try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(os.getpid()))
+            if fcntl is not None:  # held until this process ends: what others ask (_held)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # (a reader's brief shared lock may delay it)
+            os.write(fd, str(os.getpid()).encode())
         except BaseException:
-            _HELD_LOCKS.discard(held)
-            with contextlib.suppress(FileNotFoundError):
-                lock.unlink()
+            _release(lock, fd)
             raise
         break
     try:
         yield lock
     finally:
-        _HELD_LOCKS.discard(held)
-        with contextlib.suppress(FileNotFoundError):
+        _release(lock, fd)
+
+
+def _release(lock: Path, fd: int) -> None:
+    """Delete ``lock`` if it is still the file ``fd`` holds (never a lock another process took
+    over meanwhile), then close ``fd``, which releases the ``flock``."""
+    try:
+        mine = os.fstat(fd)
+        now = os.stat(lock)
+        if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
             lock.unlink()
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -220,6 +221,57 @@ def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+_HOLDER = """
+import sys, time
+from convergence_core.cache import run_lock
+with run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(cache.fcntl is None, reason="needs fcntl")
+def test_a_lock_a_live_precompute_holds_is_never_stale(tmp_path):
+    """A writer of this version holds its lock with flock, which the system releases when it
+    ends: it stays held whatever its file's time says (a clock stepped forward after a VM slept
+    made a live writer's lock look older than the writer) and whatever its pid (containers
+    sharing a cache often run their precompute as the same pid)."""
+    run = tmp_path / "runs" / "alpha"
+    run.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock = cache.lock_path(run)
+        started = cache._process_started(holder.pid) or time.time()
+        long_before = started - 3600
+        os.utime(lock, (long_before, long_before))  # as after a forward step of the clock
+        assert cache.live_writer(run) == holder.pid
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"), run_lock(run):
+            pass
+        lock.write_text(str(os.getpid()))  # its pid as ours (one pid in two containers)
+        assert cache.live_writer(run) == os.getpid()  # held all the same
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cache.live_writer(run) is None  # its process ended: the system let go of the lock
+
+
+def test_leaving_a_lock_deletes_it_only_if_it_is_still_this_one(tmp_path):
+    """A lock taken over meanwhile (replaced by another writer's) is that writer's: leaving the
+    first one's context must not delete it."""
+    run = tmp_path / "runs" / "alpha"
+    lock = cache.lock_path(run)
+    with run_lock(run):
+        lock.unlink()
+        lock.write_text("12345")  # another writer's lock now
+    assert lock.read_text() == "12345"
+    lock.unlink()
+    with run_lock(run):
+        pass
+    assert not lock.exists()
 
 
 def test_a_lock_naming_this_process_that_it_does_not_hold_is_taken_over(tmp_path):
