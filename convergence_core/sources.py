@@ -416,7 +416,9 @@ def _read_parquet_features(
         )
     if not features:
         return None, ids
-    return values.to_numpy(dtype=np.float32), ids
+    # as stored (float64 stays float64): read_feature_file casts to float32 and says which values
+    # do not fit
+    return values.to_numpy(dtype=np.result_type(np.float32, *values.dtypes)), ids
 
 
 def _parquet_feature_fields(path: Path) -> list[Any]:

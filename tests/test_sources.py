@@ -119,6 +119,10 @@ def test_a_float32_npy_in_order_is_not_copied(tmp_path, ids):
 def test_bad_feature_files_name_the_file_and_the_fix(tmp_path, ids, break_it, message):
     array = np.random.default_rng(2).standard_normal((N, 4))
     path = break_it(tmp_path / "bad.npy", array, list(ids))
+    if "float32" in message:  # the same values in a parquet file say the same
+        parquet = _save_parquet(tmp_path / "bad.parquet", np.load(path), list(ids))
+        with pytest.raises(FeatureFileError, match=message):
+            read_feature_file(parquet, ids, model="m", layer="l")
     with pytest.raises(FeatureFileError, match=message) as info:
         read_feature_file(path, ids, model="m", layer="l")
     assert "bad.npy" in str(info.value)
