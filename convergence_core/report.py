@@ -237,20 +237,16 @@ def property_summary(analysis: Any, top: int = 5) -> dict[str, Any]:
         wide = fit.pivot_table(index="model", columns="metric", values="value", sort=False)
         summary[score] = {
             "top_properties": [
-                {
-                    key: (value.item() if hasattr(value, "item") else value)
-                    for key, value in row.items()
-                }
+                {key: _json_value(value) for key, value in row.items()}  # NaN p: null
                 for row in tests[
                     ["property", "test", "effect_name", "effect", "q_value", "p_value", "n_stimuli"]
                 ].to_dict("records")
             ],
             "models": {
                 str(model): {
-                    "r2_held_out": float(row["r2_held_out"]),
-                    "r2_shuffled_mean": float(row["r2_shuffled_mean"]),
-                    "r2_shuffled_upper_95": float(row["r2_shuffled_upper_95"]),
-                    "p_value_vs_shuffled": float(row["p_value_vs_shuffled"]),
+                    name: _json_value(float(row[name]))
+                    for name in ("r2_held_out", "r2_shuffled_mean", "r2_shuffled_upper_95",
+                                 "p_value_vs_shuffled")
                 }
                 for model, row in wide.iterrows()
             },
@@ -260,19 +256,23 @@ def property_summary(analysis: Any, top: int = 5) -> dict[str, Any]:
 
 def format_property_summary(summary: dict[str, Any]) -> str:
     """Text of :func:`property_summary`: per score the top properties and the models' fit."""
+    def number(value: float | None, spec: str) -> str:  # None: undefined (a constant score)
+        return "undefined" if value is None else format(value, spec)
+
     lines = []
     for score, part in summary.items():
         lines.append(f"\nWhat predicts dispersion ({score}):")
         for row in part["top_properties"]:
             symbol = "rho" if row["effect_name"] == "spearman_rho" else "eps2"
             lines.append(
-                f"  {row['property']}: {symbol} = {row['effect']:+.3f}, q = {row['q_value']:.2g}"
-                f" (n = {row['n_stimuli']})"
+                f"  {row['property']}: {symbol} = {number(row['effect'], '+.3f')}, "
+                f"q = {number(row['q_value'], '.2g')} (n = {row['n_stimuli']})"
             )
         for model, fit in part["models"].items():
             lines.append(
-                f"  {model}: held-out R2 = {fit['r2_held_out']:.3f} (shuffled targets: mean "
-                f"{fit['r2_shuffled_mean']:.3f}, 95th percentile {fit['r2_shuffled_upper_95']:.3f})"
+                f"  {model}: held-out R2 = {number(fit['r2_held_out'], '.3f')} (shuffled "
+                f"targets: mean {number(fit['r2_shuffled_mean'], '.3f')}, 95th percentile "
+                f"{number(fit['r2_shuffled_upper_95'], '.3f')})"
             )
     return "\n".join(lines) + "\n" if lines else ""
 
@@ -297,11 +297,12 @@ _COUNTS = {
 }
 
 
-def _check_settings(q: object, **counts: object) -> None:
+def _check_settings(q: object, **counts: object) -> tuple[float, dict[str, int]]:
     """ValueError naming the setting, its command-line flag and the fix unless each count is an
     integer of at least its least value (:data:`_COUNTS`) and ``q`` a fraction in (0, 1):
     checked before the first section, which on a large run takes minutes (each was checked only
-    when its section ran, after the sections before it had written their files)."""
+    when its section ran, after the sections before it had written their files). Returns them
+    as Python numbers."""
     for name, value in counts.items():
         least, example = _COUNTS[name]
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
@@ -315,6 +316,8 @@ def _check_settings(q: object, **counts: object) -> None:
             f"q is the fraction of stimuli Fig. S1 drops and must lie in (0, 1), got {q!r}; use "
             "e.g. --q 0.25 (or q=0.25)"
         )
+    # as Python numbers: they go into report.json (numpy's int64 and float32 are no JSON)
+    return float(q), {name: int(value) for name, value in counts.items()}  # type: ignore[arg-type]
 
 
 def write_report(
@@ -363,10 +366,17 @@ def write_report(
     n = int(run.gpa.residuals.shape[0])
     if size is not None:
         analyses.check_set_size(size, n)  # before the first section writes a file
-    _check_settings(
+        size = int(size)
+    q, counts = _check_settings(
         q, seed=seed, k=k, n_random=n_random, n_permutations=n_permutations,
         universal_folds=universal_folds, property_permutations=property_permutations,
         property_shuffles=property_shuffles,
+    )
+    seed, k, n_random, n_permutations = (
+        counts["seed"], counts["k"], counts["n_random"], counts["n_permutations"]
+    )
+    universal_folds, property_permutations, property_shuffles = (
+        counts["universal_folds"], counts["property_permutations"], counts["property_shuffles"]
     )
     out.mkdir(parents=True, exist_ok=True)
     # without language models only GPA stability of the slow sections runs

@@ -1011,3 +1011,27 @@ def test_a_report_refuses_a_run_that_a_precompute_rewrites_meanwhile(tmp_path, m
     with pytest.raises(ValueError, match="changed while the report was running"):
         report.write_report(run, tmp_path / "out2", **fast)
     assert not (tmp_path / "out2" / "report.json").exists()
+
+
+def test_numpy_settings_and_undefined_p_values_still_give_report_json(tmp_path, monkeypatch):
+    """From the review: settings given as numpy numbers (k = np.int64(3), from an array of
+    choices, say) and a property test without a p-value (NaN, against a constant score) reached
+    report.json as they were, which JSON refused after every section had run."""
+    run = make_synthetic_run(tmp_path / "runs", 12, name="tiny", images=False, thumbnails=False)
+    original = report.property_summary
+
+    def with_an_undefined_test(analysis, top=5):  # noqa: ANN001, ANN202
+        analysis.tests.loc[analysis.tests.index[0], ["p_value", "q_value"]] = np.nan
+        return original(analysis, top)
+
+    monkeypatch.setattr(report, "property_summary", with_an_undefined_test)
+    summary = report.write_report(
+        run, tmp_path / "out", k=np.int64(3), q=np.float32(0.25), scores=["mean"],
+        n_random=np.int64(5), n_permutations=5, property_permutations=20, property_shuffles=1,
+        options=report.AnalysisOptions(metrics=("cknna",), metric_permutations=2, n_shuffles=3,
+                                       n_matched=3, skip=("gpa_stability", "universal_space")),
+    )
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["parameters"]["k"] == 3 and written["parameters"]["fraction_dropped"] == 0.25
+    top = written["properties"]["mean"]["top_properties"][0]
+    assert top["p_value"] is None and summary["parameters"]["n_random"] == 5
