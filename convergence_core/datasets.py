@@ -382,13 +382,31 @@ def load_coco(
     )
 
 
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """A JSONL table, each value as JSON wrote it: a column of numbers with one missing stays
+    numbers (pandas' reader made it floats, and ids or labels 1, 2 became '1.0', '2.0'); a
+    byte-order mark is skipped."""
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {number} is not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"line {number} is not a JSON object ({{\"id\": ..., ...}})")
+        records.append(record)
+    return pd.DataFrame(records, dtype=object)
+
+
 def _read_table(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
             return pd.read_csv(path, dtype=str, keep_default_na=False)
         if suffix == ".jsonl":
-            return pd.read_json(path, lines=True, dtype=False)
+            return _read_jsonl(path)
         if suffix == ".parquet":
             return pd.read_parquet(path, engine="pyarrow")
     except Exception as exc:  # pandas/pyarrow raise many types for malformed files
@@ -399,11 +417,12 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def _cell_text(value: Any) -> str | None:
-    """A table cell as text, or None where it is empty: None or NaN (a JSONL row without the
-    key; pandas then also makes the column's other numbers floats, ids '1.0', '2.0', 'nan')."""
+    """A table cell as text, or None where it is empty: None, NaN (a row without the key) or
+    blank."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return None
-    return str(value)
+    text = str(value)
+    return text if text.strip() else None  # an empty CSV cell
 
 
 def load_table(

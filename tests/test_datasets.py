@@ -172,6 +172,23 @@ def test_a_jsonl_row_without_an_id_is_refused_naming_the_row(tmp_path: Path) -> 
     (tmp_path / "u.jsonl").write_text("\n".join(map(json.dumps, rows[:2])) + "\n")
     ds = load_dataset(tmp_path / "u.jsonl")
     assert ds.stimuli["id"].tolist() == ["1", "2"] and ds.stimuli["label"].tolist() == ["x", ""]
+    # numbers as written even where one is missing (labels 1, 2 read as '1.0', '2.0'), with a
+    # byte-order mark (it failed: "Expected object or value")
+    numbered = [{"id": 1, "caption": "a", "label": 1}, {"id": 2, "caption": "b"},
+                {"id": 3, "caption": "c", "label": 2}]
+    text = "\ufeff" + "\n".join(map(json.dumps, numbered)) + "\n"
+    (tmp_path / "v.jsonl").write_text(text, encoding="utf-8")
+    ds = load_dataset(tmp_path / "v.jsonl")
+    assert ds.stimuli["label"].tolist() == ["1", "", "2"]
+    (tmp_path / "w.jsonl").write_text('{"id": 1, "caption": "a"}\n{"id": 2, caption}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        load_dataset(tmp_path / "w.jsonl")
+    # an empty id cell of a CSV table names its row too
+    pd.DataFrame({"id": ["a", " ", "c"], "caption": ["x", "y", "z"]}).to_csv(
+        tmp_path / "blank.csv", index=False
+    )
+    with pytest.raises(ValueError, match=r"blank\.csv: row 2 has no id"):
+        load_dataset(tmp_path / "blank.csv")
 
 
 def test_a_table_of_ids_and_captions_is_a_data_set_without_images(tmp_path: Path) -> None:
