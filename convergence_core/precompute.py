@@ -469,8 +469,8 @@ _FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a mapping {vision model: layer name} (or null / left out for the default layers)",
     ),
     "device": (  # torch's names for the devices extraction runs on (a typo failed mid-run)
-        lambda v: isinstance(v, str) and re.fullmatch(r"cpu|mps|cuda(:[0-9]+)?", v) is not None,
-        'a device name: "cpu", "cuda", "cuda:N" (the N-th GPU) or "mps"',
+        lambda v: isinstance(v, str) and re.fullmatch(r"cpu|(mps|cuda)(:[0-9]+)?", v) is not None,
+        'a device name: "cpu", "cuda", "cuda:N" (the N-th GPU), "mps" or "mps:0"',
     ),
     "batch_size": (
         lambda v: (isinstance(v, int) and not isinstance(v, bool)) or v == "auto",

@@ -610,7 +610,7 @@ def test_a_device_name_torch_does_not_know_is_refused_before_any_work() -> None:
     for device in ("gpu", "cuda:", "CUDA", "cuda:x", " cpu"):
         with pytest.raises(ValueError, match=r"'device' = .* is not accepted.*\"cuda:N\""):
             PrecomputeConfig.from_mapping({**base, "device": device})
-    for device in ("cpu", "cuda", "cuda:1", "mps"):
+    for device in ("cpu", "cuda", "cuda:1", "mps", "mps:0"):
         assert PrecomputeConfig.from_mapping({**base, "device": device}).device == device
 
 
