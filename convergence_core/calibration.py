@@ -383,9 +383,10 @@ def _nearest_matched_sets(
 ) -> np.ndarray:
     """``matched_random_sets(method="nearest")``: (n_sets, s), rows unsorted. Each chosen
     stimulus's ``n_candidates`` nearest unused stimuli of its label are found by walking out from
-    its place in the label's covariate order (O(n) memory; O(s · n_candidates) per set once the
-    order is sorted), never by ranking every candidate for every chosen stimulus (O(s · n)
-    memory and time per set, ~5 GB for sets of 25,000)."""
+    its place in the label's covariate order (O(n) memory; per set O(n) to mark every stimulus
+    unused again, a few ms at 100,000, and about O(s · n_candidates) for the picks), never by
+    ranking every candidate for every chosen stimulus (O(s · n) memory and time, ~5 GB for
+    sets of 25,000)."""
     groups = labels if labels is not None else np.zeros(covariate.shape[0], dtype=np.int64)
     runs: dict[object, _FreeRun] = {}
     where: list[tuple[_FreeRun, float, int]] = []  # per chosen stimulus: its label's run, place
