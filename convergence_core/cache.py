@@ -133,15 +133,54 @@ def _held(lock: Path) -> bool | None:
         os.close(fd)
 
 
-def _stale(lock: Path, holder: tuple[int, float]) -> bool:
+#: The run locks this process holds now: lock fd -> (device, inode) of its file
+_HELD: dict[int, tuple[int, int]] = {}
+
+#: An empty lock nobody holds, older than this, is a writer's that ended before writing its pid
+_EMPTY_LOCK_SECONDS = 10.0
+
+
+def _forget_held_locks_in_a_child() -> None:
+    """After a fork the child shares its parent's lock files (and flocks): it closes its copies,
+    which leaves the parent's locks held, and must not delete them when it unwinds."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held_locks_in_a_child)
+
+
+def _holds(lock: Path) -> bool:
+    """Whether this process holds ``lock`` (by its file, so a replaced lock is not ours)."""
+    try:
+        status = lock.stat()
+    except OSError:
+        return False
+    return (status.st_dev, status.st_ino) in _HELD.values()
+
+
+def _stale(lock: Path, holder: tuple[int, float] | None) -> bool:
     """Whether the process a lock names no longer holds it. A lock this version holds is held
     (:func:`_held`) and never stale. One nobody holds so is a dead writer's, or an older
-    version's that still runs; it is stale when its pid has exited, names this process, or
-    names a process that started after the lock was written (the pid reused after the writer
-    died, e.g. a restarted container, where the next precompute often gets the same pid). A
+    version's that still runs; it is stale when its pid has exited, names this process (which
+    does not hold it), or names a process that started after the lock was written (the pid
+    reused after the writer died, e.g. a restarted container, where the next precompute often
+    gets the same pid); an empty one (``holder`` None) when it is older than a few seconds. A
     lock holds only a pid, so that every version of this program reads every other's."""
-    if _held(lock):
+    if _holds(lock):  # (asked first: on NFS, asking _held from the holder drops its lock)
         return False
+    held = _held(lock)
+    if held:
+        return False
+    if holder is None:  # a writer that ended between creating the file and writing its pid
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            return False
+        return held is False and age > _EMPTY_LOCK_SECONDS
     pid, written = holder
     if not _pid_alive(pid) or pid == os.getpid():
         return True
@@ -149,15 +188,18 @@ def _stale(lock: Path, holder: tuple[int, float]) -> bool:
     return started is not None and started > written + _LOCK_START_MARGIN_SECONDS
 
 
-def _remove_stale_lock(lock: Path, stale_pid: int) -> None:
-    """Remove ``lock`` if it still names ``stale_pid`` (never a lock another process just took)."""
-    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}")
+def _remove_stale_lock(lock: Path, stale: tuple[int, float] | None) -> None:
+    """Remove ``lock`` if it is still the stale one (the same pid, or still empty, and held by
+    no one): never a lock another process took meanwhile, even one naming the same pid (two
+    containers restarted at once, each judging the same old lock stale)."""
+    aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         os.replace(lock, aside)
     except FileNotFoundError:
         return
-    holder = _lock_holder(aside)
-    if holder is not None and holder[0] == stale_pid:
+    now = _lock_holder(aside)
+    same = (now is None) if stale is None else (now is not None and now[0] == stale[0])
+    if same and not _held(aside):
         aside.unlink()
     else:  # someone replaced the stale lock in between: give theirs back
         with contextlib.suppress(FileExistsError):
@@ -203,8 +245,8 @@ def run_lock(
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             holder = _lock_holder(lock)
-            if holder is not None and _stale(lock, holder):
-                _remove_stale_lock(lock, holder[0])
+            if lock.exists() and _stale(lock, holder):
+                _remove_stale_lock(lock, holder)
                 continue
             pid = None if holder is None else holder[0]
             if time.monotonic() >= deadline:
@@ -217,9 +259,10 @@ def run_lock(
                 told = True
             time.sleep(poll_seconds)
             continue
+        status = os.fstat(fd)
+        _HELD[fd] = (status.st_dev, status.st_ino)
         try:
-            if fcntl is not None:  # held until this process ends: what others ask (_held)
-                fcntl.flock(fd, fcntl.LOCK_EX)  # (a reader's brief shared lock may delay it)
+            _flock(fd)
             os.write(fd, str(os.getpid()).encode())
         except BaseException:
             _release(lock, fd)
@@ -231,13 +274,33 @@ def run_lock(
         _release(lock, fd)
 
 
+def _flock(fd: int) -> None:
+    """Hold ``fd``'s file with an exclusive flock until this process ends (what others ask,
+    :func:`_held`). The file is new, so only a reader's brief shared lock can stand in the way:
+    a few tries. Where the file system keeps no locks (an NFS mount without them), the lock's
+    pid alone tells."""
+    if fcntl is None:
+        return
+    for _ in range(50):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(0.02)
+        except OSError:  # ENOLCK and the like: no locks here
+            return
+
+
 def _release(lock: Path, fd: int) -> None:
     """Delete ``lock`` if it is still the file ``fd`` holds (never a lock another process took
-    over meanwhile), then close ``fd``, which releases the ``flock``."""
+    over meanwhile), then close ``fd``, which releases the ``flock``. Nothing in a forked child,
+    whose copies were closed at the fork (the lock is its parent's)."""
+    held = _HELD.pop(fd, None)
+    if held is None:
+        return
     try:
-        mine = os.fstat(fd)
         now = os.stat(lock)
-        if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+        if (now.st_dev, now.st_ino) == held:
             lock.unlink()
     except FileNotFoundError:
         pass

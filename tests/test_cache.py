@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -251,12 +252,62 @@ def test_a_lock_a_live_precompute_holds_is_never_stale(tmp_path):
         assert cache.live_writer(run) == holder.pid
         with pytest.raises(RunLockedError, match=f"pid {holder.pid}"), run_lock(run):
             pass
+        # another process that judged an older lock of the same pid stale (two containers
+        # restarted at once) removes that one only, never this live one
+        cache._remove_stale_lock(lock, (holder.pid, long_before))
+        assert lock.exists() and cache._held(lock) and cache.live_writer(run) == holder.pid
         lock.write_text(str(os.getpid()))  # its pid as ours (one pid in two containers)
         assert cache.live_writer(run) == os.getpid()  # held all the same
     finally:
         holder.kill()
         holder.wait()
     assert cache.live_writer(run) is None  # its process ended: the system let go of the lock
+
+
+_FORKS = """
+import os, sys, time
+from convergence_core.cache import lock_path, run_lock
+run, crash = sys.argv[1], sys.argv[2] == "crash"
+with run_lock(run):
+    child = os.fork()
+    if child and crash:  # the writer dies while its child lives on
+        print(child, flush=True)
+        os._exit(0)
+    if child:
+        os.waitpid(child, 0)
+        print("after the child:", lock_path(run).exists(), flush=True)
+    elif crash:  # (its output elsewhere: the test reads the writer's to its end)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os.dup2(1, 2)
+        time.sleep(30)
+if child == 0:
+    os._exit(0)  # the child has left the lock's context: it must not have deleted it
+print("after the writer:", lock_path(run).exists(), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or cache.fcntl is None, reason="needs fork, fcntl")
+def test_a_forked_child_neither_deletes_nor_keeps_its_parents_lock(tmp_path):
+    """A child forked while the lock is held shares its file: leaving the lock's context there
+    deleted the parent's live lock, and a child that outlived a crashed writer kept the lock
+    held (naming the dead writer) until it ended."""
+    run = tmp_path / "runs" / "alpha"
+    run.parent.mkdir(parents=True)
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _FORKS, str(run), "leave"], cwd=repo,
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.split("\n")[:2] == ["after the child: True", "after the writer: False"]
+    crashed = subprocess.run([sys.executable, "-c", _FORKS, str(run), "crash"], cwd=repo,
+                             capture_output=True, text=True, timeout=60)
+    child = int(crashed.stdout.split()[0])
+    try:
+        assert cache.lock_path(run).exists() and cache._held(cache.lock_path(run)) is False
+        assert cache.live_writer(run) is None  # the writer is gone; its child holds nothing
+        with run_lock(run):
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, 9)
 
 
 def test_leaving_a_lock_deletes_it_only_if_it_is_still_this_one(tmp_path):
@@ -288,6 +339,19 @@ def test_a_lock_naming_this_process_that_it_does_not_hold_is_taken_over(tmp_path
         with pytest.raises(RunLockedError), run_lock(run, wait_seconds=0):
             pass  # held by this process now: not taken over
     assert not lock.exists()
+
+
+def test_an_empty_lock_nobody_holds_is_taken_over_once_it_is_old(tmp_path):
+    """A writer that ended between creating its lock and writing its pid left an empty file,
+    which blocked every later precompute of the run (naming pid None)."""
+    run = tmp_path / "runs" / "alpha"
+    lock = cache.lock_path(run)
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    with run_lock(run, wait_seconds=0):
+        assert lock.read_text() == str(os.getpid())
 
 
 @pytest.mark.parametrize("text", ["", "0", "-5", "²", "12 34", "abc"])
