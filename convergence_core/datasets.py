@@ -387,7 +387,9 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     numbers (pandas' reader made it floats, and ids or labels 1, 2 became '1.0', '2.0'); a
     byte-order mark is skipped."""
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    # lines end at "\n" only (splitlines would also split at U+2028 or NEL, which JSON allows
+    # inside a string); a "\r" before it is JSON whitespace
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -397,6 +399,8 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
         if not isinstance(record, dict):
             raise ValueError(f"line {number} is not a JSON object ({{\"id\": ..., ...}})")
         records.append(record)
+    if not records:
+        raise ValueError("it holds no rows; write one JSON object per stimulus (or caption)")
     return pd.DataFrame(records, dtype=object)
 
 

@@ -540,7 +540,8 @@ def write_report(
             "metrics": metrics,
             "metric_options": metric_options,
             "sets_of_later_sections": scores[0],
-            **{key: list(value) if isinstance(value, tuple) else value
+            **{key: [_json_value(v) for v in value] if isinstance(value, tuple)
+               else _json_value(value)  # numpy numbers as Python's: JSON takes no others
                for key, value in asdict(options).items() if key != "metrics"},
         },
         "best_language_layers": dict(

@@ -418,7 +418,8 @@ def _read_parquet_features(
         return None, ids
     # as stored (float64 stays float64): read_feature_file casts to float32 and says which values
     # do not fit
-    return values.to_numpy(dtype=np.result_type(np.float32, *values.dtypes)), ids
+    stored = [getattr(dtype, "numpy_dtype", dtype) for dtype in values.dtypes]  # Float64, Int64
+    return values.to_numpy(dtype=np.result_type(np.float32, *stored), na_value=np.nan), ids
 
 
 def _parquet_feature_fields(path: Path) -> list[Any]:

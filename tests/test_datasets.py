@@ -183,6 +183,15 @@ def test_a_jsonl_row_without_an_id_is_refused_naming_the_row(tmp_path: Path) -> 
     (tmp_path / "w.jsonl").write_text('{"id": 1, "caption": "a"}\n{"id": 2, caption}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         load_dataset(tmp_path / "w.jsonl")
+    # a caption holding a line separator or NEL, as json.dumps(ensure_ascii=False) writes it
+    rows = [{"id": "a", "caption": "first\u2028line"}, {"id": "b", "caption": "x\x85y"}]
+    text = "\r\n".join(json.dumps(row, ensure_ascii=False) for row in rows)
+    (tmp_path / "sep.jsonl").write_text(text, encoding="utf-8")
+    ds = load_dataset(tmp_path / "sep.jsonl")
+    assert ds.stimuli["captions"].tolist() == [["first\u2028line"], ["x\x85y"]]
+    (tmp_path / "empty.jsonl").write_text("\n \n")
+    with pytest.raises(ValueError, match="empty.jsonl.*holds no rows"):
+        load_dataset(tmp_path / "empty.jsonl")
     # an empty id cell of a CSV table names its row too
     pd.DataFrame({"id": ["a", " ", "c"], "caption": ["x", "y", "z"]}).to_csv(
         tmp_path / "blank.csv", index=False

@@ -1028,10 +1028,12 @@ def test_numpy_settings_and_undefined_p_values_still_give_report_json(tmp_path, 
     summary = report.write_report(
         run, tmp_path / "out", k=np.int64(3), q=np.float32(0.25), scores=["mean"],
         n_random=np.int64(5), n_permutations=5, property_permutations=20, property_shuffles=1,
-        options=report.AnalysisOptions(metrics=("cknna",), metric_permutations=2, n_shuffles=3,
-                                       n_matched=3, skip=("gpa_stability", "universal_space")),
+        options=report.AnalysisOptions(metrics=("cknna",), metric_permutations=np.int64(2),
+                                       n_shuffles=3, n_matched=3,
+                                       skip=("gpa_stability", "universal_space")),
     )
     written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["parameters"]["metric_permutations"] == 2
     assert written["parameters"]["k"] == 3 and written["parameters"]["fraction_dropped"] == 0.25
     top = written["properties"]["mean"]["top_properties"][0]
     assert top["p_value"] is None and summary["parameters"]["n_random"] == 5

@@ -184,6 +184,13 @@ def test_bad_parquet_and_suffix(tmp_path, ids):
     named.to_parquet(tmp_path / "named.parquet")
     check_feature_file(tmp_path / "named.parquet", ids, model="m", layer="l")
     assert read_feature_file(tmp_path / "named.parquet", ids, model="m", layer="l").shape == (N, 1)
+    # pandas' nullable columns (Float64, Int64) read as numbers
+    nullable = frame.drop(columns=["word"]).assign(x=np.arange(1.0, N + 1)).astype(
+        {"x": "Float64"}
+    ).assign(n=pd.array(range(1, N + 1), dtype="Int64"))
+    nullable.to_parquet(tmp_path / "nullable.parquet")
+    out = read_feature_file(tmp_path / "nullable.parquet", ids, model="m", layer="l")
+    assert out.dtype == np.float32 and out[:, 1].tolist() == list(range(1, N + 1))
     # ids and no feature: said before any work, with the fix (it said "reshape" after some)
     frame[["id"]].to_parquet(tmp_path / "only_ids.parquet")
     for check in (read_feature_file, check_feature_file):
