@@ -121,7 +121,7 @@ class PrecomputeConfig:
             layer), or ``{model: [layer, ...]}`` (models not named get all their layers).
         gpa_layers: ``{GPA model: layer}`` entering GPA (always extracted, whatever ``layers``
             says); default: the model's default layer.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` (or ``"mps:0"``).
         batch_size: stimuli per forward pass.
         caption_mode: ``"first"`` (embed each stimulus's first caption) or ``"mean"`` (embed
             every caption and average the embeddings per stimulus, float64); see
