@@ -99,15 +99,22 @@ def _process_started(pid: int) -> float | None:
 #: reused); the margin covers the boot time's whole seconds and the clock ticks
 _LOCK_START_MARGIN_SECONDS = 2.0
 
-def _lock_holder(lock: Path) -> tuple[int, float] | None:
-    """The pid written in ``lock`` and when the lock was written (its mtime), or None while it is
-    empty (being written) or unreadable."""
+def _lock_state(lock: Path) -> tuple[int | None, float] | None:
+    """``(pid, mtime)`` of ``lock``: the pid written in it (None while it is empty, being
+    written, or holds no pid) and when it was written; None when there is no such file."""
     try:
         text = lock.read_text().strip()
         written = lock.stat().st_mtime
     except OSError:
         return None
-    return (int(text), written) if text.isdecimal() and int(text) > 0 else None
+    return (int(text) if text.isdecimal() and int(text) > 0 else None), written
+
+
+def _lock_holder(lock: Path) -> tuple[int, float] | None:
+    """The pid written in ``lock`` and when the lock was written (its mtime), or None while it is
+    empty (being written) or unreadable."""
+    state = _lock_state(lock)
+    return None if state is None or state[0] is None else (state[0], state[1])
 
 
 def _held(lock: Path) -> bool | None:
@@ -188,18 +195,42 @@ def _stale(lock: Path, holder: tuple[int, float] | None) -> bool:
     return started is not None and started > written + _LOCK_START_MARGIN_SECONDS
 
 
-def _remove_stale_lock(lock: Path, stale: tuple[int, float] | None) -> None:
-    """Remove ``lock`` if it is still the stale one (the same pid, or still empty, and held by
-    no one): never a lock another process took meanwhile, even one naming the same pid (two
-    containers restarted at once, each judging the same old lock stale)."""
+def _remove_stale_lock(lock: Path, stale: tuple[int | None, float]) -> None:
+    """Delete ``lock`` if it is still the stale one, ``stale`` = (pid, mtime) as judged: never a
+    lock another process took meanwhile, even one naming the same pid (two containers restarted
+    at once, each judging the same old lock stale). With flock: holding the file exclusively
+    (so no writer holds it) and checking that the path still names it; else by moving it aside,
+    which a third process's new lock can race."""
+    if fcntl is not None:
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return  # held: a writer's, not stale
+        except OSError:
+            os.close(fd)  # no locks on this file system: moved aside below
+        else:
+            try:
+                mine, now = os.fstat(fd), os.stat(lock)
+                if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino) and (
+                    _lock_state(lock) == stale
+                ):
+                    lock.unlink()
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(fd)
+            return
     aside = lock.with_name(f"{lock.name}.stale-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         os.replace(lock, aside)
     except FileNotFoundError:
         return
-    now = _lock_holder(aside)
-    same = (now is None) if stale is None else (now is not None and now[0] == stale[0])
-    if same and not _held(aside):
+    if _lock_state(aside) == stale and not _held(aside):
         aside.unlink()
     else:  # someone replaced the stale lock in between: give theirs back
         with contextlib.suppress(FileExistsError):
@@ -244,11 +275,14 @@ def run_lock(
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = _lock_holder(lock)
-            if lock.exists() and _stale(lock, holder):
-                _remove_stale_lock(lock, holder)
+            state = _lock_state(lock)
+            if state is None and not lock.exists():  # gone meanwhile
                 continue
-            pid = None if holder is None else holder[0]
+            holder = None if state is None or state[0] is None else (state[0], state[1])
+            if state is not None and _stale(lock, holder):
+                _remove_stale_lock(lock, state)
+                continue
+            pid = None if state is None else state[0]
             if time.monotonic() >= deadline:
                 raise RunLockedError(
                     f"another precompute (pid {pid}) is writing {folder}; wait for it to "
@@ -261,9 +295,9 @@ def run_lock(
             continue
         status = os.fstat(fd)
         _HELD[fd] = (status.st_dev, status.st_ino)
-        try:
-            _flock(fd)
+        try:  # the pid first: until the flock is held, the pid rules say this lock is live
             os.write(fd, str(os.getpid()).encode())
+            _flock(fd)
         except BaseException:
             _release(lock, fd)
             raise

@@ -365,3 +365,23 @@ def test_a_lock_without_a_pid_is_being_written(tmp_path, text):
     assert cache.live_writer(run) is None
     with pytest.raises(RunLockedError, match="pid None"), run_lock(run, wait_seconds=0):
         pass
+
+
+def test_a_stale_lock_replaced_meanwhile_is_not_removed(tmp_path):
+    """Two processes judged the same old lock stale; one removed it and wrote its own, naming the
+    same pid (two containers restarted at once), and has not yet taken its flock: the other
+    must leave that new lock alone (it compared the pid only, or only 'still empty')."""
+    run = tmp_path / "runs" / "alpha"
+    lock = cache.lock_path(run)
+    lock.parent.mkdir(parents=True)
+    for old_text in ("7", ""):
+        lock.write_text(old_text)
+        an_hour_ago = time.time() - 3600
+        os.utime(lock, (an_hour_ago, an_hour_ago))
+        judged = cache._lock_state(lock)
+        lock.unlink()
+        lock.write_text(old_text)  # the other's fresh lock: same text, written now
+        cache._remove_stale_lock(lock, judged)
+        assert lock.exists() and lock.read_text() == old_text
+        cache._remove_stale_lock(lock, cache._lock_state(lock))  # judged as it is: removed
+        assert not lock.exists()
