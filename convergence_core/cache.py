@@ -99,6 +99,7 @@ def _process_started(pid: int) -> float | None:
 #: reused); the margin covers the boot time's whole seconds and the clock ticks
 _LOCK_START_MARGIN_SECONDS = 2.0
 
+
 def _lock_state(lock: Path) -> tuple[int | None, float] | None:
     """``(pid, mtime)`` of ``lock``: the pid written in it (None while it is empty, being
     written, or holds no pid) and when it was written; None when there is no such file."""
@@ -262,9 +263,11 @@ def run_lock(
 ) -> Iterator[Path]:
     """Hold the lock file ``.<run>.lock`` next to ``run_folder`` while writing the run.
 
-    The file holds our pid. A stale lock (its process exited, or its pid now names another
-    process: :func:`_stale`) is taken over. While another live process holds it, wait up to
-    ``wait_seconds`` (calling ``on_wait(holder_pid)`` once), then raise :class:`RunLockedError`.
+    The file holds our pid, and we hold it with an exclusive ``flock`` (released by the system
+    if this process dies). A stale lock (:func:`_stale`: nobody holds it, and its process
+    exited or its pid now names another process) is taken over. While another live process
+    holds it, wait up to ``wait_seconds`` (calling ``on_wait(holder_pid)`` once), then raise
+    :class:`RunLockedError`.
     """
     folder = Path(run_folder)
     lock = lock_path(folder)
