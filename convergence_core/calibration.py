@@ -292,7 +292,6 @@ class _FreeRun:
         order = np.lexsort((members, covariate[members]))
         self.index = members[order].tolist()
         self.value = covariate[members][order].tolist()
-        self.sorted_value = covariate[members][order]
 
     def reset(self) -> None:
         m = len(self.index)
@@ -389,15 +388,13 @@ def _nearest_matched_sets(
     sets of 25,000)."""
     groups = labels if labels is not None else np.zeros(covariate.shape[0], dtype=np.int64)
     runs: dict[object, _FreeRun] = {}
-    where: list[tuple[_FreeRun, float, int]] = []  # per chosen stimulus: its label's run, place
+    place: dict[int, tuple[_FreeRun, float, int]] = {}  # chosen stimulus: label's run, place
     for i in chosen.tolist():
         key = groups[i].item() if hasattr(groups[i], "item") else groups[i]
         if key not in runs:
             runs[key] = _FreeRun(np.flatnonzero(pool & (groups == groups[i])), covariate)
-        run = runs[key]
         value = float(covariate[i])
-        where.append((run, value, int(np.searchsorted(run.sorted_value, value, side="left"))))
-    place = {i: where[position] for position, i in enumerate(chosen.tolist())}
+        place[i] = (runs[key], value, bisect.bisect_left(runs[key].value, value))
     sets = np.empty((n_sets, chosen.size), dtype=np.int64)
     for b in range(n_sets):
         for run in runs.values():
