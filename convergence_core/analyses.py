@@ -508,7 +508,7 @@ def _score_rows(
             random_row = random_values[name][p]
             lower, upper = percentile_interval(random_row, 0.95)
             if name in nulls:
-                two_sided, greater = _p_values_or_nan(low_value - high_value, nulls[name][p])
+                two_sided, greater = permutation_p_values(low_value - high_value, nulls[name][p])
             else:
                 two_sided = greater = float("nan")
             rows.append(
@@ -670,15 +670,6 @@ def _metric_options(
         registry.check_options(name, chosen)
         options[name] = chosen
     return options
-
-
-def _p_values_or_nan(observed: float, null: np.ndarray) -> tuple[float, float]:
-    """``stats.permutation_p_values``, or NaN when the observed value or any null value is NaN
-    (a NaN in the null would otherwise count as "not as extreme" and shrink p)."""
-    null = np.asarray(null, dtype=np.float64)
-    if not (np.isfinite(observed) and np.isfinite(null).all()):
-        return float("nan"), float("nan")
-    return permutation_p_values(observed, null)
 
 
 def set_metric_values(
@@ -927,7 +918,7 @@ def matched_baselines(
             low_null = values[name][p, 2 : 2 + B]
             high_null = values[name][p, 2 + B :]
             gap, gaps = low_value - high_value, low_null - high_null
-            p_gap = _p_values_or_nan(gap, gaps)[1]
+            p_gap = permutation_p_values(gap, gaps)[1]
             gap_mean = float(gaps.mean())
             rows.append(
                 {
@@ -938,12 +929,12 @@ def matched_baselines(
                     "matched_low_mean": float(low_null.mean()),
                     "matched_low_lower": percentile_interval(low_null, level)[0],
                     "matched_low_upper": percentile_interval(low_null, level)[1],
-                    "p_value_low_above_matched": _p_values_or_nan(low_value, low_null)[1],
+                    "p_value_low_above_matched": permutation_p_values(low_value, low_null)[1],
                     "observed_high": high_value,
                     "matched_high_mean": float(high_null.mean()),
                     "matched_high_lower": percentile_interval(high_null, level)[0],
                     "matched_high_upper": percentile_interval(high_null, level)[1],
-                    "p_value_high_below_matched": _p_values_or_nan(-high_value, -high_null)[1],
+                    "p_value_high_below_matched": permutation_p_values(-high_value, -high_null)[1],
                     "low_minus_high": gap,
                     "matched_gap_mean": gap_mean,
                     "matched_gap_lower": percentile_interval(gaps, level)[0],

@@ -60,7 +60,11 @@ def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
 
 
 def _p_values(observed: float, null: np.ndarray) -> tuple[float, float]:
-    """(P(null ≥ observed), P(null ≤ observed)) with the +1 correction, ties within 1e-12."""
+    """(P(null ≥ observed), P(null ≤ observed)) with the +1 correction, ties within 1e-12; NaN
+    (both) when the observed value or any null value is not finite (as ``stats``)."""
+    null = np.asarray(null, dtype=np.float64)
+    if not (np.isfinite(observed) and np.isfinite(null).all()):
+        return float("nan"), float("nan")
     tolerance = _TIE_TOLERANCE * max(1.0, abs(observed))
     greater = int(np.count_nonzero(null >= observed - tolerance))
     less = int(np.count_nonzero(null <= observed + tolerance))

@@ -62,9 +62,13 @@ def label_shuffles(
 def permutation_p_values(observed: float, null: np.ndarray) -> tuple[float, float]:
     """(two-sided, observed-greater) permutation p-values with the +1 correction.
 
-    A null value counts as "as extreme" within a relative tolerance of ``_TIE_TOLERANCE``.
+    A null value counts as "as extreme" within a relative tolerance of ``_TIE_TOLERANCE``. NaN
+    (both) when the observed value or any null value is not finite: NaN compares as not extreme,
+    which would give an undefined statistic the smallest p there is, and shrink the others.
     """
     null = np.asarray(null, dtype=np.float64)
+    if not (np.isfinite(observed) and np.isfinite(null).all()):
+        return float("nan"), float("nan")
     tolerance = _TIE_TOLERANCE * max(1.0, abs(observed))
     as_extreme_two_sided = int(np.count_nonzero(np.abs(null) >= abs(observed) - tolerance))
     as_extreme_greater = int(np.count_nonzero(null >= observed - tolerance))

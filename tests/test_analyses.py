@@ -755,6 +755,13 @@ def test_permutation_p_values_by_hand():
     null = np.array([-0.3, -0.1, 0.0, 0.1, 0.2, 0.5])
     assert permutation_p_values(0.2, null) == pytest.approx(((1 + 3) / 7, (1 + 2) / 7))
     assert permutation_p_values(10.0, null) == pytest.approx((1 / 7, 1 / 7))
+    # an undefined statistic (CKNNA of a tiny set whose self-HSIC is negative) or an undefined
+    # null value: no p-value (they got the smallest p there is, 1/7, or a smaller one than due)
+    assert np.isnan(permutation_p_values(float("nan"), null)).all()
+    assert np.isnan(permutation_p_values(0.2, np.append(null, np.nan))).all()
+    from convergence_core.calibration import calibrated_score
+
+    assert np.isnan(calibrated_score(np.array([np.nan, 0.1, 0.2, 0.3])).p_value)
 
 
 def test_percentile_interval_and_correlation_against_numpy():
