@@ -133,6 +133,15 @@ class _Scorer:
         scores -= np.einsum("ij,ij->i", queries, queries)[:, None]
         return scores
 
+    def rounding(self, queries: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """(b,) how far apart rounding may put two scores of a query that are equal in exact
+        arithmetic (identical gallery rows: BLAS takes a block's tail through another kernel):
+        a few ulps of the products' scale."""
+        eps = 64.0 * np.finfo(scores.dtype).eps * np.sqrt(max(1, queries.shape[1]))
+        if self.similarity == "cosine":
+            return np.full(queries.shape[0], eps)  # unit rows: every score within [-1, 1]
+        return eps * (np.einsum("ij,ij->i", queries, queries) + self.squared.max(initial=0.0))
+
     def block_rows(self, block_rows: int | None) -> int:
         if block_rows is not None:
             return max(1, int(block_rows))
@@ -177,7 +186,10 @@ def retrieval_ranks(
         stop = min(n, start + step)
         scores = scorer(q[start:stop])
         own = scores[np.arange(stop - start), np.arange(start, stop)]
-        ranks[start:stop] = np.count_nonzero(scores >= own[:, None], axis=1)
+        # a tie within rounding counts against the true match (a duplicate of the own item
+        # scored an ulp lower gave a lucky rank 1)
+        slack = scorer.rounding(q[start:stop], scores)
+        ranks[start:stop] = np.count_nonzero(scores >= (own - slack)[:, None], axis=1)
         del scores  # so that the next block is not allocated while this one is alive
     return ranks
 
