@@ -125,19 +125,34 @@ def nearest_neighbours(F: object, k: int = 10) -> NeighbourTable:
     indices = np.empty((s, k), dtype=np.int64)
     values = np.empty((s, k), dtype=np.float64)
     block = max(1, _BLOCK_ELEMENTS // s)
+    norms = np.sqrt(np.einsum("ij,ij->i", F, F))
+    # how far apart BLAS may put two products that are equal in exact arithmetic (identical rows:
+    # a block's tail goes through another kernel), a few ulps of their scale
+    rounding = 64.0 * np.finfo(np.float64).eps * np.sqrt(F.shape[1]) * norms * norms.max()
+    chunk = max(1, 2_000_000 // (k * F.shape[1]))  # rows of gathered (k, d) features at once
     for start in range(0, s, block):
         stop = min(s, start + block)
         rows = np.arange(stop - start)
-        G = F[start:stop] @ F.T
+        G = F[start:stop] @ F.T  # screens; the values kept are computed one product at a time
         G[rows, start + rows] = -np.inf
         top = np.argpartition(-G, k - 1, axis=1)[:, :k]
-        top_values = np.take_along_axis(G, top, axis=1)
-        # rows with more entries >= their k-th value than k have a tie at the boundary: redo them
-        # with a stable sort so that the lower position wins
-        at_least = np.count_nonzero(G >= top_values.min(axis=1, keepdims=True), axis=1)
-        for row in np.flatnonzero(at_least > k):
-            top[row] = np.argsort(-G[row], kind="stable")[:k]
-            top_values[row] = G[row, top[row]]
+        kth = np.take_along_axis(G, top, axis=1).min(axis=1)
+        # einsum, not the product above: identical rows get identical values, so an exact tie
+        # is broken by position as the subset engine breaks it (neighbours._refine)
+        top_values = np.empty(top.shape)
+        for first in range(0, stop - start, chunk):
+            last = min(stop - start, first + chunk)
+            top_values[first:last] = np.einsum(
+                "bkd,bd->bk", F[top[first:last]], F[start + first : start + last]
+            )
+        # rows with more entries than k within rounding of their k-th value: an (exact) tie at
+        # the boundary may fall either way, so they are decided again on exact values
+        near = np.count_nonzero(G >= (kth - rounding[start:stop])[:, None], axis=1) > k
+        for row in np.flatnonzero(near):
+            candidates = np.flatnonzero(G[row] >= kth[row] - rounding[start + row])
+            exact = np.einsum("cd,d->c", F[candidates], F[start + row])
+            best = np.lexsort((candidates, -exact))[:k]
+            top[row], top_values[row] = candidates[best], exact[best]
         order = np.lexsort((top, -top_values), axis=1)  # value descending, then position
         indices[start:stop] = np.take_along_axis(top, order, axis=1)
         values[start:stop] = np.take_along_axis(top_values, order, axis=1)

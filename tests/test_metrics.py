@@ -33,8 +33,10 @@ from convergence_core.metrics import (
 
 # --- dense references ---------------------------------------------------------------------------
 def ref_table(F: np.ndarray, k: int) -> np.ndarray:
-    """Each row's k largest inner products with others, descending, ties to the lower index."""
-    G = F @ F.T
+    """Each row's k largest inner products with others, descending, ties to the lower index
+    (each product on its own, as the subset engine computes them: BLAS may give two equal
+    products values an ulp apart, by where they fall in its blocks)."""
+    G = np.array([[np.einsum("d,d->", a, b) for b in F] for a in F])
     table = []
     for i in range(len(F)):
         others = sorted((j for j in range(len(F)) if j != i), key=lambda j: (-G[i, j], j))
@@ -637,3 +639,27 @@ def test_torch_tensors_are_measured_as_their_values() -> None:
     assert measure("cka", X16, Y16) == pytest.approx(
         measure("cka", X16.float().numpy(), Y16.float().numpy()), abs=1e-12
     )
+
+
+def test_duplicated_stimuli_have_the_same_neighbours_in_the_dense_metrics_and_the_engine() -> None:
+    """Stimuli present twice (the same image and caption): their rows are identical, an exact
+    tie that both break by position. The dense table took its values from one BLAS product,
+    which put identical rows an ulp apart (mutual k-NN 0.434 against the engine's 0.447)."""
+    from convergence_core.neighbours import NeighbourIndex, subset_alignment
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        n, d = int(rng.integers(40, 120)), int(rng.choice([5, 17, 33, 130]))
+        X, Y = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+        source, copy = rng.choice(n, n // 4, replace=False), rng.choice(n, n // 4, replace=False)
+        X[copy], Y[copy] = X[source], Y[source]
+        ix = NeighbourIndex.from_features(X, list_size=n - 1)
+        iy = NeighbourIndex.from_features(Y, list_size=n - 1)
+        prepared_x, prepared_y = ix.features.all_rows(), iy.features.all_rows()
+        for k in (1, 3):
+            engine = subset_alignment({"x": ix, "y": iy}, [("x", "y")], np.arange(n), k,
+                                      metrics=("mutual_knn",))
+            for F, index in ((prepared_x, ix), (prepared_y, iy)):
+                np.testing.assert_array_equal(nearest_neighbours(F, k).indices,
+                                              index.lists.indices[:, :k])
+            assert metrics.mutual_knn(prepared_x, prepared_y, k) == engine.mutual_knn[0, 0]
