@@ -133,6 +133,11 @@ def sequential_random_scores(
             f"interval_width must be a positive width of the mean, got {interval_width!r}; use "
             f"e.g. {DEFAULT_INTERVAL_WIDTH}, or None for a fixed number of sets"
         )
+    if interval_width is not None and max_sets < 2:  # (2 were drawn all the same)
+        raise ValueError(
+            f"a baseline drawn to a precision needs at least 2 random sets, got max_sets="
+            f"{max_sets}; use max_sets >= 2, or interval_width=None for a fixed number of sets"
+        )
     min_sets = max(2, min(int(min_sets), max_sets))
     stream = random_set_stream(n, size, seed)
     parts: dict[str, list[np.ndarray]] = {}

@@ -128,6 +128,11 @@ def test_bad_requests_are_errors_in_words(planted) -> None:
     run, pairs, indexes = planted
     with pytest.raises(ValueError, match="max_sets must be at least 1"):
         random_alignment(indexes, pairs, run.n_stimuli, 30, 5, max_sets=0)
+    # one set cannot give an interval: it drew two, beyond max_sets (from the third audit)
+    with pytest.raises(ValueError, match="at least 2 random sets, got max_sets=1"):
+        random_alignment(indexes, pairs, run.n_stimuli, 30, 5, max_sets=1, interval_width=0.01)
+    assert random_alignment(indexes, pairs, run.n_stimuli, 30, 5, max_sets=1,
+                            interval_width=None).n_sets == 1
     with pytest.raises(ValueError, match="interval_width must be a positive"):
         random_alignment(indexes, pairs, run.n_stimuli, 30, 5, interval_width=0.0)
     with pytest.raises(ValueError, match="out of range"):
