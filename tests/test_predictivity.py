@@ -139,6 +139,27 @@ def test_two_afc_ties_count_half() -> None:
     assert two_afc(Y, Y, distance="cosine") == pytest.approx((1 + 0.5 + 0.5 + 1 + 1 + 1) / 6)
 
 
+def test_a_target_and_its_duplicate_tie_whatever_the_rounding() -> None:
+    """Stimuli present twice (same image, same caption): a prediction is as near one copy of its
+    target as the other, half a vote. BLAS put such pairs an ulp apart, a whole vote either way
+    (from the third audit)."""
+    rng = np.random.default_rng(0)
+    for n, d in ((333, 17), (500, 64)):
+        Y = rng.standard_normal((n, d))
+        P = Y + 0.3 * rng.standard_normal((n, d))
+        Y[-8:], P[-8:] = Y[:8], P[:8]  # 8 stimuli twice
+        Pn = P / np.linalg.norm(P, axis=1, keepdims=True)
+        Yn = Y / np.linalg.norm(Y, axis=1, keepdims=True)
+        sims = np.einsum("id,jd->ij", Pn, Yn)  # no BLAS: one product per pair
+        own = np.diag(sims)[:, None]
+        votes = (own > sims).astype(float)
+        twins = np.r_[0:8, n - 8 : n]
+        votes[twins, np.r_[n - 8 : n, 0:8]] = 0.5  # an exact tie with its twin
+        np.fill_diagonal(votes, 0.0)
+        expected = votes.sum() / (n * (n - 1))
+        assert two_afc(P, Y, distance="cosine") == pytest.approx(expected, abs=1e-12), (n, d)
+
+
 def test_predictivity_table_is_long_and_has_both_directions() -> None:
     rng = np.random.default_rng(7)
     X, Y = planted(rng, n=60, dx=5, dy=4)
