@@ -63,7 +63,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.linalg
 
-from .validation import check_features, check_k, check_min_stimuli, check_pair
+from .validation import (
+    check_features,
+    check_k,
+    check_min_stimuli,
+    check_pair,
+    product_rounding,
+)
 
 #: added to every CKA-like denominator, as in the reference implementation
 EPSILON = 1e-6
@@ -126,9 +132,7 @@ def nearest_neighbours(F: object, k: int = 10) -> NeighbourTable:
     values = np.empty((s, k), dtype=np.float64)
     block = max(1, _BLOCK_ELEMENTS // s)
     norms = np.sqrt(np.einsum("ij,ij->i", F, F))
-    # how far apart BLAS may put two products that are equal in exact arithmetic (identical rows:
-    # a block's tail goes through another kernel), a few ulps of their scale
-    rounding = 64.0 * np.finfo(np.float64).eps * np.sqrt(F.shape[1]) * norms * norms.max()
+    rounding = product_rounding(F.shape[1], norms * norms.max())  # BLAS's ulps, per row
     chunk = max(1, 2_000_000 // (k * F.shape[1]))  # rows of gathered (k, d) features at once
     for start in range(0, s, block):
         stop = min(s, start + block)

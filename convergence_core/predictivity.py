@@ -32,7 +32,7 @@ import pandas as pd
 
 from .ridge import fit_ridge_cv
 from .subsets import check_indices
-from .validation import check_pair
+from .validation import check_pair, product_rounding
 
 #: the paper's ridge penalties: 10^-8 … 10^8
 DEFAULT_ALPHAS = tuple(10.0**p for p in range(-8, 9))
@@ -166,12 +166,10 @@ def two_afc(
             )
         return np.einsum("ad,abd->ab", p, y) if y.ndim == 3 else p @ y.T
 
-    # BLAS may score a target and its exact duplicate an ulp apart (by where they fall in its
-    # blocks): within this slack two similarities are a tie, worth half a vote. Distances are
-    # computed pair by pair, so they tie exactly
-    slack = 0.0 if distance == "euclidean" else 64.0 * np.finfo(np.float64).eps * np.sqrt(
-        P.shape[1]
-    )
+    # BLAS may score a target and its exact duplicate an ulp apart (validation.product_rounding):
+    # within this slack two similarities are a tie, worth half a vote. Distances are computed
+    # pair by pair, so they tie exactly
+    slack = 0.0 if distance == "euclidean" else product_rounding(P.shape[1])
 
     def votes(own: np.ndarray, sims: np.ndarray, counted: np.ndarray | bool = True) -> float:
         wins = (own > sims + slack) & counted

@@ -63,7 +63,7 @@ from .universal import (
     run_features,
     run_members,
 )
-from .validation import check_features
+from .validation import check_features, product_rounding
 
 if TYPE_CHECKING:
     from .run import Run
@@ -133,14 +133,15 @@ class _Scorer:
         scores -= np.einsum("ij,ij->i", queries, queries)[:, None]
         return scores
 
-    def rounding(self, queries: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def rounding(self, queries: np.ndarray) -> np.ndarray:
         """(b,) how far apart rounding may put two scores of a query that are equal in exact
         arithmetic (identical gallery rows: BLAS takes a block's tail through another kernel):
         a few ulps of the products' scale."""
-        eps = 64.0 * np.finfo(scores.dtype).eps * np.sqrt(max(1, queries.shape[1]))
-        if self.similarity == "cosine":
-            return np.full(queries.shape[0], eps)  # unit rows: every score within [-1, 1]
-        return eps * (np.einsum("ij,ij->i", queries, queries) + self.squared.max(initial=0.0))
+        width = queries.shape[1]
+        if self.similarity == "cosine":  # unit rows: every score within [-1, 1]
+            return np.full(queries.shape[0], product_rounding(width))
+        scale = np.einsum("ij,ij->i", queries, queries) + self.squared.max(initial=0.0)
+        return product_rounding(width, scale)
 
     def block_rows(self, block_rows: int | None) -> int:
         if block_rows is not None:
@@ -188,7 +189,7 @@ def retrieval_ranks(
         own = scores[np.arange(stop - start), np.arange(start, stop)]
         # a tie within rounding counts against the true match (a duplicate of the own item
         # scored an ulp lower gave a lucky rank 1)
-        slack = scorer.rounding(q[start:stop], scores)
+        slack = scorer.rounding(q[start:stop])
         ranks[start:stop] = np.count_nonzero(scores >= (own - slack)[:, None], axis=1)
         del scores  # so that the next block is not allocated while this one is alive
     return ranks

@@ -263,3 +263,12 @@ def check_square(G: object, name: str) -> np.ndarray:
             "build it as F @ F.T from features F of shape (n, d)."
         )
     return array
+
+
+def product_rounding(width: int, scale: object = 1.0) -> np.ndarray | float:
+    """How far apart rounding may put two float64 inner products of ``width`` terms that are equal
+    in exact arithmetic, for products of size up to ``scale`` (1 for unit rows): a few ulps,
+    growing with √width. BLAS computes a product by blocks, and takes a block's tail through
+    another kernel, so a row and its exact duplicate may score an ulp apart; comparisons that
+    must see them tie (neighbour tables, retrieval ranks, 2AFC) allow this much."""
+    return 64.0 * np.finfo(np.float64).eps * np.sqrt(max(1, int(width))) * np.asarray(scale)
