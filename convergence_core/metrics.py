@@ -132,7 +132,6 @@ def nearest_neighbours(F: object, k: int = 10) -> NeighbourTable:
     values = np.empty((s, k), dtype=np.float64)
     block = max(1, _BLOCK_ELEMENTS // s)
     norms = np.sqrt(np.einsum("ij,ij->i", F, F))
-    rounding = product_rounding(F.shape[1], norms * norms.max())  # BLAS's ulps, per row
     chunk = max(1, 2_000_000 // (k * F.shape[1]))  # rows of gathered (k, d) features at once
     for start in range(0, s, block):
         stop = min(s, start + block)
@@ -151,10 +150,15 @@ def nearest_neighbours(F: object, k: int = 10) -> NeighbourTable:
             )
         # rows with more entries than k within rounding of their k-th value: an (exact) tie at
         # the boundary may fall either way, so they are decided again on exact values
-        near = np.count_nonzero(G >= (kth - rounding[start:stop])[:, None], axis=1) > k
+        # (BLAS's ulps per pair, so that one row of a huge norm widens no other pair's band)
+        band = G >= kth[:, None] - product_rounding(F.shape[1], np.outer(norms[start:stop], norms))
+        near = np.count_nonzero(band, axis=1) > k
         for row in np.flatnonzero(near):
-            candidates = np.flatnonzero(G[row] >= kth[row] - rounding[start + row])
-            exact = np.einsum("cd,d->c", F[candidates], F[start + row])
+            candidates = np.flatnonzero(band[row])
+            if candidates.size > s // 4:  # many ties (constant features): no gathered copy
+                exact = np.einsum("cd,d->c", F, F[start + row])[candidates]
+            else:
+                exact = np.einsum("cd,d->c", F[candidates], F[start + row])
             best = np.lexsort((candidates, -exact))[:k]
             top[row], top_values[row] = candidates[best], exact[best]
         order = np.lexsort((top, -top_values), axis=1)  # value descending, then position

@@ -133,15 +133,19 @@ class _Scorer:
         scores -= np.einsum("ij,ij->i", queries, queries)[:, None]
         return scores
 
-    def rounding(self, queries: np.ndarray) -> np.ndarray:
-        """(b,) how far apart rounding may put two scores of a query that are equal in exact
-        arithmetic (identical gallery rows: BLAS takes a block's tail through another kernel):
-        a few ulps of the products' scale."""
+    def rounding(self, queries: np.ndarray, own: np.ndarray) -> np.ndarray | float:
+        """How far apart rounding may put a query's own score and each other score when they
+        are equal in exact arithmetic (identical gallery rows: BLAS takes a block's tail through
+        another kernel): a few ulps of the products' scale, (b, n_gallery), or one number for
+        cosine (unit rows: every score within [-1, 1]). ``own``: (b,) the own gallery rows."""
         width = queries.shape[1]
-        if self.similarity == "cosine":  # unit rows: every score within [-1, 1]
-            return np.full(queries.shape[0], product_rounding(width))
-        scale = np.einsum("ij,ij->i", queries, queries) + self.squared.max(initial=0.0)
-        return product_rounding(width, scale)
+        if self.similarity == "cosine":
+            return product_rounding(width)
+        # per pair, so that one gallery row of a huge norm widens no other pair's slack
+        squared = np.einsum("ij,ij->i", queries, queries)[:, None]
+        return product_rounding(
+            width, squared + np.maximum(self.squared[own][:, None], self.squared[None, :])
+        )
 
     def block_rows(self, block_rows: int | None) -> int:
         if block_rows is not None:
@@ -189,8 +193,8 @@ def retrieval_ranks(
         own = scores[np.arange(stop - start), np.arange(start, stop)]
         # a tie within rounding counts against the true match (a duplicate of the own item
         # scored an ulp lower gave a lucky rank 1)
-        slack = scorer.rounding(q[start:stop])
-        ranks[start:stop] = np.count_nonzero(scores >= (own - slack)[:, None], axis=1)
+        slack = scorer.rounding(q[start:stop], np.arange(start, stop))
+        ranks[start:stop] = np.count_nonzero(scores >= own[:, None] - slack, axis=1)
         del scores  # so that the next block is not allocated while this one is alive
     return ranks
 

@@ -76,6 +76,21 @@ def test_a_duplicate_of_the_true_match_is_a_tie_whatever_the_rounding(similarity
         assert (ranks[twice] >= 2).all(), (n, p)  # its twin scores as high as the true match
 
 
+def test_the_rounding_allowance_is_per_pair_not_the_galleries_largest():
+    """One stimulus of a huge norm must not make other queries' near-misses count as ties (a
+    slack scaled by the gallery's largest norm changed 78 of 2,000 ranks, from the review)."""
+    rng = np.random.default_rng(2)
+    queries = rng.standard_normal((2000, 64))
+    gallery = queries + 0.3 * rng.standard_normal((2000, 64))
+    expected = retrieval_ranks(queries, gallery, similarity="euclidean")
+    queries[7] *= 1e7
+    gallery[7] *= 1e7
+    ranks = retrieval_ranks(queries, gallery, similarity="euclidean")
+    others = np.arange(2000) != 7
+    # the others' ranks as they were (row 7 is far from every other: it changes none of them)
+    np.testing.assert_array_equal(ranks[others], expected[others])
+
+
 def test_perfect_pairs_rank_first_and_reversed_pairs_last():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((20, 4))
