@@ -1614,7 +1614,9 @@ def calibration_section(
             f"{cknna_rows['low_minus_high'].mean():+.3f} observed vs "
             f"{cknna_rows['matched_gap_mean'].mean():+.3f} between the matched sets, mean over "
             f"pairs) and for {int(group['survives'].sum())} of {len(group)} pair × metric "
-            f"combinations over {group['metric'].nunique()} metrics."
+            f"combinations over {group['metric'].nunique()} metrics"
+            + (f" ({undefined} with no p-value: a value on some set is not a number)."
+               if (undefined := int(group["p_value_gap"].isna().sum())) else ".")
         )
     return files, {
         "matched": _records(matched),

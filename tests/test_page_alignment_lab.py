@@ -734,3 +734,15 @@ def test_sampled_best_layers_are_said_in_the_sidebar(run, monkeypatch: pytest.Mo
     monkeypatch.setattr(data, "best_language_layer_table", lambda path, stamp, k=10: table)
     at = _page(tables=False)
     assert any(c.value == note for c in at.sidebar.caption)
+
+
+def test_the_matched_verdict_says_where_a_p_value_is_undefined() -> None:
+    """A pair whose value on some set is not a number has no p-value (it used to get the
+    smallest): the verdict counts it apart instead of among the pairs that do not survive."""
+    table = pd.DataFrame({"low_minus_high": [0.2, np.nan, 0.1],
+                          "p_value": [0.01, np.nan, 0.5],
+                          "survives": [True, False, False]})
+    verdict = lab.matched_verdict(table, "cknna", "typicality")
+    assert "in 1 of 3 (1 undefined: a value on some set is not a number" in verdict
+    table["p_value"] = [0.01, 0.02, 0.5]
+    assert "undefined" not in lab.matched_verdict(table, "cknna", "typicality")

@@ -730,10 +730,15 @@ def matched_verdict(table: pd.DataFrame, metric: str, matched_on: str) -> str:
         word = "survives"
     else:
         word = "partly survives" if survived else "does not survive"
+    undefined = int(table["p_value"].isna().sum())
+    where = (
+        f" ({undefined} undefined: a value on some set is not a number, e.g. the CKNNA of a "
+        "small set)" if undefined else ""
+    )
     return (
         f"Low > high {word} the matched baseline ({matched_on}): {label}(low) − {label}(high) is "
         f"positive in {greater} of {total} pairs and larger than 95% of the matched sets' "
-        f"differences (one-sided p < 0.05) in {survived} of {total}."
+        f"differences (one-sided p < 0.05) in {survived} of {total}{where}."
     )
 
 
