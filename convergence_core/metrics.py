@@ -150,11 +150,15 @@ def nearest_neighbours(F: object, k: int = 10) -> NeighbourTable:
             )
         # rows with more entries than k within rounding of their k-th value: an (exact) tie at
         # the boundary may fall either way, so they are decided again on exact values
-        # (BLAS's ulps per pair, so that one row of a huge norm widens no other pair's band)
-        band = G >= kth[:, None] - product_rounding(F.shape[1], np.outer(norms[start:stop], norms))
-        near = np.count_nonzero(band, axis=1) > k
-        for row in np.flatnonzero(near):
-            candidates = np.flatnonzero(band[row])
+        # BLAS's ulps per pair, so that one row of a huge norm widens no other pair's band: rows
+        # are screened with their widest allowance, then banded pair by pair
+        widest = product_rounding(F.shape[1], norms[start:stop] * norms.max())
+        screened = np.count_nonzero(G >= (kth - widest)[:, None], axis=1) > k
+        for row in np.flatnonzero(screened):
+            allowance = product_rounding(F.shape[1], norms[start + row] * norms)
+            candidates = np.flatnonzero(G[row] >= kth[row] - allowance)
+            if candidates.size <= k:
+                continue
             if candidates.size > s // 4:  # many ties (constant features): no gathered copy
                 exact = np.einsum("cd,d->c", F, F[start + row])[candidates]
             else:
