@@ -66,7 +66,7 @@ from .run import Run, load_run
 from .stats import percentile_interval
 from .subset_metrics import row_space_coordinates
 from .subsets import select_stimuli
-from .validation import MIN_CKNNA_SET_SIZE
+from .validation import MIN_CKNNA_SET_SIZE, check_count
 
 #: Columns of the summary table, in print order.
 SUMMARY_COLUMNS = [
@@ -303,21 +303,22 @@ def _check_settings(q: object, **counts: object) -> tuple[float, dict[str, int]]
     checked before the first section, which on a large run takes minutes (each was checked only
     when its section ran, after the sections before it had written their files). Returns them
     as Python numbers."""
+    checked = {}
     for name, value in counts.items():
         least, example = _COUNTS[name]
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-            flag = name.replace("_", "-")
+        try:
+            checked[name] = check_count(value, name, least)
+        except ValueError as exc:  # with the flag that sets it
             raise ValueError(
-                f"{name} must be an integer >= {least}, got {value!r}; use e.g. --{flag} "
-                f"{example} (or {name}={example})"
-            )
+                f"{exc} Use e.g. --{name.replace('_', '-')} {example} (or {name}={example})"
+            ) from None
     if isinstance(q, bool) or not isinstance(q, (int, float, np.number)) or not 0 < q < 1:
         raise ValueError(
             f"q is the fraction of stimuli Fig. S1 drops and must lie in (0, 1), got {q!r}; use "
             "e.g. --q 0.25 (or q=0.25)"
         )
     # as Python numbers: they go into report.json (numpy's int64 and float32 are no JSON)
-    return float(q), {name: int(value) for name, value in counts.items()}  # type: ignore[arg-type]
+    return float(q), checked
 
 
 def write_report(
