@@ -133,19 +133,26 @@ class _Scorer:
         scores -= np.einsum("ij,ij->i", queries, queries)[:, None]
         return scores
 
-    def rounding(self, queries: np.ndarray, own: np.ndarray) -> np.ndarray | float:
-        """How far apart rounding may put a query's own score and each other score when they
-        are equal in exact arithmetic (identical gallery rows: BLAS takes a block's tail through
-        another kernel): a few ulps of the products' scale, (b, n_gallery), or one number for
-        cosine (unit rows: every score within [-1, 1]). ``own``: (b,) the own gallery rows."""
+    def item_rounding(self, queries: np.ndarray) -> np.ndarray | float:
+        """How far rounding may move each score of ``queries`` (b, p) from its exact value: a few
+        ulps of the products' scale, (b, n_gallery), or one number for cosine (unit rows: every
+        score within [-1, 1]). Per pair, so that one gallery row of a huge norm widens no other
+        pair's slack."""
         width = queries.shape[1]
         if self.similarity == "cosine":
             return product_rounding(width)
-        # per pair, so that one gallery row of a huge norm widens no other pair's slack
         squared = np.einsum("ij,ij->i", queries, queries)[:, None]
-        return product_rounding(
-            width, squared + np.maximum(self.squared[own][:, None], self.squared[None, :])
-        )
+        return product_rounding(width, squared + self.squared[None, :])
+
+    def rounding(self, queries: np.ndarray, own: np.ndarray) -> np.ndarray | float:
+        """How far apart rounding may put a query's own score and each other score when they
+        are equal in exact arithmetic (identical gallery rows: BLAS takes a block's tail through
+        another kernel): the larger of the two scores' allowances, (b, n_gallery), or one number
+        for cosine. ``own``: (b,) the own gallery rows."""
+        items = self.item_rounding(queries)
+        if np.ndim(items) == 0:
+            return items
+        return np.maximum(items[np.arange(len(own)), own][:, None], items)
 
     def block_rows(self, block_rows: int | None) -> int:
         if block_rows is not None:
@@ -209,8 +216,10 @@ def top_matches(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best gallery items of each query: (indices (b, k) int64, scores (b, k) float64).
 
-    Best first; equal scores go to the lower gallery index. Scores: cosine similarity, or the
-    Euclidean distance (smallest first) for ``similarity="euclidean"``.
+    Best first; equal scores go to the lower gallery index, where equal means equal within
+    rounding (``_Scorer.item_rounding``): a gallery item and its exact duplicate, which BLAS may
+    score an ulp apart, are listed in index order with one score. Scores: cosine similarity, or
+    the Euclidean distance (smallest first) for ``similarity="euclidean"``.
     """
     q = check_features(np.atleast_2d(queries), "queries")
     g = check_features(gallery, "gallery")
@@ -229,17 +238,31 @@ def top_matches(
     for start in range(0, q.shape[0], step):
         scores = scorer(q[start : start + step])
         for row, line in enumerate(scores, start=start):
-            best = np.argpartition(-line, k - 1)[:k] if k < n else np.arange(n)
-            # the k-th best may tie with items outside ``best``: take every item scoring at least
-            # as well, then order by (score desc, index asc) and keep k
-            candidates = np.flatnonzero(line >= line[best].min())
-            order = np.lexsort((candidates, -line[candidates]))[:k]
-            indices[row] = candidates[order]
-            values[row] = line[candidates[order]]
+            slack = np.broadcast_to(np.atleast_2d(scorer.item_rounding(q[row : row + 1]))[0], n)
+            indices[row], values[row] = _best_with_ties(line, slack, k)
         del scores
     if similarity == "euclidean":
         values = np.sqrt(np.clip(-values, 0.0, None))
     return indices, values
+
+
+def _best_with_ties(line: np.ndarray, slack: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of one query's scores ``line`` (n,), each known to within ``slack`` (n,):
+    (indices (k,), scores (k,)), best first. Scores whose gap is within the larger slack of the
+    two tie: a tied run is ordered by index and carries its best score."""
+    n = line.shape[0]
+    best = np.argpartition(-line, k - 1)[:k] if k < n else np.arange(n)
+    # the k-th best may tie with items outside ``best``: take every item that may score as well
+    kth = best[np.argmin(line[best])]
+    candidates = np.flatnonzero(line + slack >= line[kth] - slack[kth])
+    candidates = candidates[np.lexsort((candidates, -line[candidates]))]
+    ordered = line[candidates]
+    gaps = ordered[:-1] - ordered[1:]
+    runs = np.concatenate(([0], np.cumsum(gaps > np.maximum(slack[candidates[:-1]],
+                                                             slack[candidates[1:]]))))
+    order = np.lexsort((candidates, runs))[:k]  # runs ascending already; by index within a run
+    tops = ordered[np.r_[0, np.flatnonzero(np.diff(runs)) + 1]]  # each run's best score
+    return candidates[order], tops[runs[order]]
 
 
 def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
