@@ -1247,6 +1247,7 @@ def _execute(
     # cheap checks (feature files' ids, ...) before anything is written: a bad file must neither
     # wait for the extractions nor reset an existing run folder
     images_root = Path(info.images_root) if info.images_root else None
+    _check_model_folders([source.name for source in plan.sources])
     for source in plan.sources:
         source.check(stimuli, images_root)
     _check_gpa_fits(plan, len(stimuli))
@@ -1280,6 +1281,20 @@ def _execute(
         pipeline.finish(time.perf_counter() - started)
     notify(ProgressEvent("done", None, 1, 1))
     return load_run(path)
+
+
+def _check_model_folders(names: Sequence[str]) -> None:
+    """ValueError if two models would share a folder where file names ignore case (macOS and
+    Windows by default): ``V1`` and ``v1`` are two models on Linux and one folder there."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(model_key(name).casefold(), name)
+        if other != name:
+            raise ValueError(
+                f"models {other!r} and {name!r} differ only in upper and lower case: their "
+                "folders in the run would be one folder on macOS and Windows, whose file "
+                "systems ignore case; rename one of them"
+            )
 
 
 class _Pipeline:

@@ -200,6 +200,25 @@ def test_dispersion_recovers_planted_noise(tmp_path):
         assert rho > 0.8, (score, rho)
 
 
+def test_models_whose_names_differ_only_in_case_are_refused_before_anything_is_written(
+    tmp_path,
+):
+    """On macOS and Windows 'Vision-A' and 'vision-a' would be one folder of the run: the second
+    model's files would overwrite the first's."""
+    embeddings, _ = synthetic_embeddings(12, seed=3)
+    embeddings["Vision-A"] = embeddings["vision-a"]
+    with pytest.raises(ValueError, match=r"'vision-a' and 'Vision-A' differ only in upper and"):
+        write_run_from_embeddings(
+            tmp_path / "r",
+            _stimuli(12),
+            embeddings,
+            vision_models=["vision-a", "vision-b", "vision-c", "Vision-A"],
+            language_models=["language-a", "language-b"],
+            thumbnails=False,
+        )
+    assert not (tmp_path / "r").exists()
+
+
 def test_images_and_thumbnails(small_run):
     from PIL import Image
 
