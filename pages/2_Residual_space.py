@@ -91,7 +91,7 @@ uploaded = st.session_state.get("w_import")
 if uploaded is not None and uploaded.file_id != st.session_state.get(LAST_IMPORT):
     st.session_state[LAST_IMPORT] = uploaded.file_id
     imported, import_messages = selection_io.imported_selection(
-        uploaded.getvalue(), found.rows_of, widgets.excerpt
+        uploaded.getvalue(), found.rows_of, widgets.excerpt, known=found.position
     )
     if imported is not None:
         state.set_selection(

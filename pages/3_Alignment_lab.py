@@ -230,7 +230,7 @@ def sets_and_results() -> None:
         pasted = state.kept_widget(st.session_state, "w_pasted_ids", lambda key: st.text_area(
             "Stimulus ids (one per line, or separated by commas or spaces)", key=key
         ))
-        wanted = selection_io.parse_id_list(pasted)
+        wanted = selection_io.parse_id_list(pasted, found.position)
         rows, unknown = found.rows_of(wanted)
         widgets.show_messages(selection_io.unknown_id_messages(unknown, "pasted", widgets.excerpt))
         if len(rows) == 0:

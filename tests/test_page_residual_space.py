@@ -88,6 +88,17 @@ def test_selection_csv_round_trips_through_import() -> None:
     assert list(rows) == [2, 0] and unknown == ["b,2"]
 
 
+def test_a_known_id_holding_spaces_or_commas_is_read_whole_from_its_line() -> None:
+    """Ids such as file names with spaces could not be pasted or uploaded: every line was split
+    at spaces and commas. A line that is one of the run's ids is that id."""
+    known = {"img 1.jpg", "a,b", "c"}
+    assert selection_io.parse_id_list("img 1.jpg\n a,b \nc d, e\n", known) == [
+        "img 1.jpg", "a,b", "c", "d", "e"
+    ]
+    assert selection_io.parse_id_list(b"img 1.jpg\nc\n", known) == ["img 1.jpg", "c"]
+    assert selection_io.parse_id_list("img 1.jpg") == ["img", "1.jpg"]  # no run: a list
+
+
 def test_parse_id_list_accepts_plain_lists_and_refuses_binary() -> None:
     assert selection_io.parse_id_list("12, 15;\n15\t7  \n\n") == ["12", "15", "7"]
     assert selection_io.parse_id_list(b"\xef\xbb\xbfID,caption\n5,cat\n6,dog\n") == ["5", "6"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -54,11 +54,13 @@ def selection_csv(ids: Sequence[str], captions: Sequence[Sequence[str]]) -> byte
     return frame.to_csv(index=False).encode("utf-8")
 
 
-def parse_id_list(data: bytes | str) -> list[str]:
+def parse_id_list(data: bytes | str, known: Container[str] = ()) -> list[str]:
     """Stimulus ids from an uploaded file or pasted text, in order, without duplicates.
 
     Accepts a CSV with an ``id`` column (e.g. a file written by :func:`selection_csv`), or plain
-    ids separated by newlines, commas, semicolons, tabs or spaces. Blank entries are skipped.
+    ids separated by newlines, commas, semicolons, tabs or spaces. Blank entries are skipped. A
+    line of a plain list that is one of the ``known`` ids (the run's) as a whole is that id, so
+    that ids holding spaces or commas can be pasted one per line.
 
     Raises:
         ValueError: the data is larger than ``MAX_IMPORT_BYTES``, not UTF-8 text, or an
@@ -98,7 +100,11 @@ def parse_id_list(data: bytes | str) -> list[str]:
                 f"{', '.join(header[:8])}); name the column of stimulus ids 'id', or upload a "
                 "plain list of ids, one per line"
             )
-        ids = [token.strip() for token in re.split(r"[\s,;]+", text)]
+        ids = [
+            token.strip()
+            for line in lines
+            for token in ([line.strip()] if line.strip() in known else re.split(r"[\s,;]+", line))
+        ]
     return list(dict.fromkeys(i for i in ids if i))
 
 
@@ -127,16 +133,18 @@ def imported_selection(
     data: bytes,
     rows_of: Callable[[Sequence[str]], tuple[np.ndarray, list[str]]],
     shorten: Callable[[str], str] = str,
+    known: Container[str] = (),
 ) -> tuple[np.ndarray | None, list[tuple[str, str]]]:
     """An uploaded selection file read into the run's rows, and what to tell the user.
 
-    ``rows_of(ids)`` gives ``(rows, unknown)`` for the run (``Catalogue.rows_of``). Returns
+    ``rows_of(ids)`` gives ``(rows, unknown)`` for the run (``Catalogue.rows_of``); ``known``:
+    the run's ids (:func:`parse_id_list`). Returns
     ``(rows, messages)``: the rows of the file's known ids in its order (None when the file
     cannot be read or names none of the run's stimuli: the selection stays as it was) and
     ``(kind, text)`` messages, kind one of "error", "warning", "text", "success".
     """
     try:
-        wanted = parse_id_list(data)
+        wanted = parse_id_list(data, known)
     except ValueError as exc:
         return None, [("error", f"Could not read the uploaded file: {exc}")]
     rows, unknown = rows_of(wanted)
