@@ -132,43 +132,54 @@ def nearest_neighbours(F: object, k: int = 10) -> NeighbourTable:
     values = np.empty((s, k), dtype=np.float64)
     block = max(1, _BLOCK_ELEMENTS // s)
     norms = np.sqrt(np.einsum("ij,ij->i", F, F))
-    chunk = max(1, 2_000_000 // (k * F.shape[1]))  # rows of gathered (k, d) features at once
     for start in range(0, s, block):
         stop = min(s, start + block)
-        rows = np.arange(stop - start)
-        G = F[start:stop] @ F.T  # screens; the values kept are computed one product at a time
-        G[rows, start + rows] = -np.inf
-        top = np.argpartition(-G, k - 1, axis=1)[:, :k]
-        kth = np.take_along_axis(G, top, axis=1).min(axis=1)
-        # einsum, not the product above: identical rows get identical values, so an exact tie
-        # is broken by position as the subset engine breaks it (neighbours._refine)
-        top_values = np.empty(top.shape)
-        for first in range(0, stop - start, chunk):
-            last = min(stop - start, first + chunk)
-            top_values[first:last] = np.einsum(
-                "bkd,bd->bk", F[top[first:last]], F[start + first : start + last]
-            )
-        # rows with more entries than k within rounding of their k-th value: an (exact) tie at
-        # the boundary may fall either way, so they are decided again on exact values
-        # BLAS's ulps per pair, so that one row of a huge norm widens no other pair's band: rows
-        # are screened with their widest allowance, then banded pair by pair
-        widest = product_rounding(F.shape[1], norms[start:stop] * norms.max())
-        screened = np.count_nonzero(G >= (kth - widest)[:, None], axis=1) > k
-        for row in np.flatnonzero(screened):
-            allowance = product_rounding(F.shape[1], norms[start + row] * norms)
-            candidates = np.flatnonzero(G[row] >= kth[row] - allowance)
-            if candidates.size <= k:
-                continue
-            if candidates.size > s // 4:  # many ties (constant features): no gathered copy
-                exact = np.einsum("cd,d->c", F, F[start + row])[candidates]
-            else:
-                exact = np.einsum("cd,d->c", F[candidates], F[start + row])
-            best = np.lexsort((candidates, -exact))[:k]
-            top[row], top_values[row] = candidates[best], exact[best]
-        order = np.lexsort((top, -top_values), axis=1)  # value descending, then position
-        indices[start:stop] = np.take_along_axis(top, order, axis=1)
-        values[start:stop] = np.take_along_axis(top_values, order, axis=1)
+        indices[start:stop], values[start:stop] = neighbours_of_rows(
+            F, np.arange(start, stop), k, norms=norms
+        )
     return NeighbourTable(indices, values)
+
+
+def neighbours_of_rows(
+    F: np.ndarray, rows: np.ndarray, k: int, *, norms: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest of F's rows (s, d) to each of F's rows ``rows`` (r,), by inner product, own
+    row excluded: (positions (r, k) int64, values (r, k) float64), value descending, ties to the
+    lower position. One product of r × s (the caller blocks); F float64, checked by the caller;
+    ``norms``: F's row norms, when at hand.
+
+    An exact tie is a tie. A matrix product may score a row and its exact duplicate an ulp apart
+    and break their tie by noise; so rows where rounding could decide (two of the k within
+    rounding of each other, or more than k within rounding of the k-th) are decided again on
+    values computed one product at a time (einsum: identical rows get identical values), as the
+    subset engine decides them (``neighbours._refine``). The other rows keep the product's order
+    and values.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    norms = np.sqrt(np.einsum("ij,ij->i", F, F)) if norms is None else norms
+    here = np.arange(rows.size)
+    G = F[rows] @ F.T
+    G[here, rows] = -np.inf
+    top = np.argpartition(-G, k - 1, axis=1)[:, :k]
+    top_values = np.take_along_axis(G, top, axis=1)
+    order = np.lexsort((top, -top_values), axis=1)  # value descending, then position
+    top = np.take_along_axis(top, order, axis=1)
+    top_values = np.take_along_axis(top_values, order, axis=1)
+    # BLAS's ulps per pair, so that one row of a huge norm widens no other pair's band: rows are
+    # screened with their widest allowance, then banded pair by pair
+    widest = product_rounding(F.shape[1], norms[rows] * norms.max())
+    close = (np.diff(top_values, axis=1) >= -widest[:, None]).any(axis=1)
+    boundary = np.count_nonzero(G >= (top_values[:, -1] - widest)[:, None], axis=1) > k
+    for row in np.flatnonzero(close | boundary):
+        allowance = product_rounding(F.shape[1], norms[rows[row]] * norms)
+        candidates = np.flatnonzero(G[row] >= top_values[row, -1] - allowance)
+        if candidates.size > F.shape[0] // 4:  # many ties (constant features): no gathered copy
+            exact = np.einsum("cd,d->c", F, F[rows[row]])[candidates]
+        else:
+            exact = np.einsum("cd,d->c", F[candidates], F[rows[row]])
+        best = np.lexsort((candidates, -exact))[:k]
+        top[row], top_values[row] = candidates[best], exact[best]
+    return top, top_values
 
 
 def permute_table(table: object, permutation: object) -> np.ndarray:

@@ -54,7 +54,6 @@ __all__ = [
     "Tables",
     "build_neighbour_lists",
     "check_subsets",
-    "dense_tables",
     "clip_threshold",
     "exact_top_k",
     "float32_error_bound",
@@ -589,9 +588,11 @@ class NeighbourIndex:
         for b, rows in incomplete:
             members = subsets[b]
             if s <= _DENSE_SUBSET:
-                prepared = self.features.rows(members)
-                dense = dense_tables(prepared[rows] @ prepared.T, k, own=rows)
-                positions[b, rows], values[b, rows] = dense.positions[0], dense.values[0]
+                from .metrics import neighbours_of_rows
+
+                positions[b, rows], values[b, rows] = neighbours_of_rows(
+                    self.features.rows(members), rows, k, norms=np.ones(s)  # unit rows
+                )
             else:
                 index, vals = exact_top_k(
                     self.features, k, queries=members[rows], candidates=members
@@ -603,24 +604,6 @@ class NeighbourIndex:
 
 # ----------------------------------------------------------------------------------------------
 # metrics of many subsets from their tables
-
-
-def dense_tables(G: np.ndarray, k: int, *, own: np.ndarray | None = None) -> Tables:
-    """(1, r, k) tables from dense inner products (small sets): the dense definition.
-
-    Args:
-        G: (s, s) inner products of a set with itself, or (r, s) of r of its members (rows
-            ``own`` of the set) with the whole set.
-        own: (r,) position of each row's own stimulus among the s columns (default: the diagonal).
-
-    Row i's neighbours are a stable sort of −G[i] with its own column excluded (ties: lower index).
-    """
-    G = np.asarray(G, dtype=np.float64)
-    keys = np.negative(G)
-    own = np.arange(G.shape[0]) if own is None else np.asarray(own)
-    keys[np.arange(G.shape[0]), own] = np.inf
-    order = np.argsort(keys, axis=1, kind="stable")[:, :k]
-    return Tables(order[None], np.take_along_axis(G, order, axis=1)[None])
 
 
 class SubsetAlignment(NamedTuple):
