@@ -80,11 +80,14 @@ def mutual_knn(X: np.ndarray, Y: np.ndarray, k: int = 10) -> float:
 
 
 def prepare_features(X: np.ndarray, q: float = 0.95) -> np.ndarray:
-    """Clip outlier activations and L2-normalise rows, as the Platonic Representation pipeline does.
+    """Clip outlier activations and L2-normalise rows, as the Platonic Representation code's
+    ``remove_outliers`` does to an (n, d) array.
 
     The clipping threshold is that code's default (``remove_outliers(exact=False)``): the q-quantile
     of |X| in each row (linear interpolation), averaged over rows (``neighbours.clip_threshold``,
     summed exactly); every entry is clamped to [−threshold, threshold]. q = 1 skips the clipping.
+    Runs clip each layer at its own threshold; that code's pipeline takes one threshold over a
+    model's stacked layers (docs/ARCHITECTURE.md, metric registry).
     Then each row is divided by its L2 norm (``neighbours.prepare_rows``: a run stores only the
     threshold and prepares rows on demand, with the same result).
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -236,3 +237,27 @@ def test_gpa_curvature_measure_checks_its_hessian_against_the_loss() -> None:
         assert row["eig_min"] > 0
         assert row["kappa_block"] <= row["kappa"]
         assert row["plain_iterations"] >= row["accelerated_iterations"]
+
+
+def test_clip_pooling_measure_compares_the_two_clippings_on_a_run(tmp_path) -> None:
+    """Per model, the threshold is one clip_threshold over the layers side by side; per layer,
+    each layer's own, as stored in the run; a metric compared with itself changes by nothing."""
+    from tests.fixtures_runs import make_synthetic_run
+
+    from benchmarks import measure_clip_pooling as clip
+    from convergence_core.neighbours import clip_threshold
+
+    run = make_synthetic_run(tmp_path / "runs", 40, name="r", images=False, thumbnails=False)
+    out = tmp_path / "clip-pooling-smoke-test.json"
+    assert clip.main(["--run", str(run.path), "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    model = run.language_models[0]
+    layers = [np.asarray(run.embeddings[model][name], dtype=np.float64)
+              for name in run.layers(model)]
+    assert payload["thresholds"][model]["model"] == clip_threshold(np.hstack(layers))
+    assert payload["thresholds"][model]["per_layer"] == {
+        name: run.manifest.models[model].clip_thresholds[name] for name in run.layers(model)
+    }
+    pairs = len(run.gpa.models) * sum(len(run.layers(m)) for m in run.language_models)
+    assert len(payload["rows"]) == 3 * pairs
+    assert set(payload["summary"]) == {"mutual_knn", "cknna", "cka"}
