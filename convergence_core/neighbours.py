@@ -38,7 +38,7 @@ import os
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -641,6 +641,7 @@ def subset_alignment(
     k: int,
     *,
     metrics: Sequence[str] = ("cknna", "mutual_knn"),
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> SubsetAlignment:
     """Neighbour metrics of every pair of indexes on every subset.
 
@@ -656,6 +657,8 @@ def subset_alignment(
         k: neighbours per stimulus, 1 ≤ k < s (CKNNA needs k ≥ 2).
         metrics: neighbour metrics to compute (only these: a lab that shows one metric does not
             pay for CKNNA's tables-to-HSIC pass).
+        options: ``{metric: options}`` other than the registry's defaults (``lcs_knn``'s
+            ``normalise``), k excluded.
 
     Returns:
         :class:`SubsetAlignment`.
@@ -686,7 +689,9 @@ def subset_alignment(
     n_sets, s = sets.shape
     out = {name: np.empty((len(pairs), n_sets)) for name in names}
     chunk = max(1, _ENTRY_CHUNK // max(1, s * k * k))
-    halves = [name for name in names if registry.metric(name).side is not None]
+    options = {name: dict((options or {}).get(name) or {}) for name in names}
+    # a metric of two halves is summed from each model's half, at its default options
+    halves = [name for name in names if registry.metric(name).side is not None and not options[name]]
     # Large sets: one task per model × set and per pair × set, on a thread per core (the compiled
     # loops release the GIL), so every core is busy however many models there are. Small sets:
     # one batched call per model for the whole chunk.
@@ -714,7 +719,7 @@ def subset_alignment(
                     registry.metric(name).from_sides(x_sides[name], y_sides[name])
                     if name in halves
                     else registry.measure_tables(name, x.positions, y.positions, x.values,
-                                                 y.values)
+                                                 y.values, **options[name])
                     for name in names
                 ]
 

@@ -284,14 +284,8 @@ def _neighbour_values(
     from each side's tables of the sorted set (``NeighbourIndex.tables``, each distinct set once)
     relabelled to the given order, every model's once per chunk for all pairs and metrics."""
     if not paired:
-        for name in names:
-            defaults = metric_options(name)
-            if options[name] != defaults:
-                raise ValueError(
-                    f"the subset engine computes {name} at its default options {defaults}; got "
-                    f"{options[name]}"
-                )
-        result = subset_alignment(indexes, list(pairs), rows_x, k, metrics=list(names))
+        result = subset_alignment(indexes, list(pairs), rows_x, k, metrics=list(names),
+                                  options=options)
         return {name: np.asarray(result.values[name], dtype=np.float64) for name in names}
     from .validation import check_k
 

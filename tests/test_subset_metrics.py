@@ -214,8 +214,22 @@ def test_scorer_and_options_are_checked(indexes) -> None:
         metric_on_sets(indexes, [("a", "z")], sets, "cka")
     with pytest.raises(ValueError, match="same shape"):
         metric_on_pairings(indexes["a"], indexes["b"], sets, sets[:, :10], "cka")
-    with pytest.raises(ValueError, match="default options"):
-        metric_on_sets(indexes, [("a", "b")], sets, "lcs_knn", k=5, options={"normalise": False})
+
+
+def test_neighbour_options_are_honoured_on_sets_as_on_pairings(indexes) -> None:
+    """lcs_knn's normalise=False was refused on sets (the engine took defaults only) and
+    accepted on pairings of the same rows (from the audit)."""
+    sets = np.arange(40).reshape(2, 20)
+    raw = metric_on_sets(indexes, [("a", "b")], sets, "lcs_knn", k=5,
+                         options={"normalise": False})
+    paired = metric_on_pairings(indexes["a"], indexes["b"], sets, sets, "lcs_knn", k=5,
+                                options={"normalise": False})
+    dense = [_dense(indexes, "a", "b", rows, rows, "lcs_knn", 5, {"normalise": False})
+             for rows in sets]
+    np.testing.assert_allclose(raw[0], dense, atol=1e-12)
+    np.testing.assert_allclose(paired, dense, atol=1e-12)
+    normalised = metric_on_sets(indexes, [("a", "b")], sets, "lcs_knn", k=5)
+    np.testing.assert_allclose(raw, 5 * normalised, atol=1e-12)
 
 
 def test_the_engine_computes_only_the_metrics_asked_for(indexes) -> None:
