@@ -691,7 +691,9 @@ def subset_alignment(
     chunk = max(1, _ENTRY_CHUNK // max(1, s * k * k))
     options = {name: dict((options or {}).get(name) or {}) for name in names}
     # a metric of two halves is summed from each model's half, at its default options
-    halves = [name for name in names if registry.metric(name).side is not None and not options[name]]
+    halves = [
+        name for name in names if registry.metric(name).side is not None and not options[name]
+    ]
     # Large sets: one task per model × set and per pair × set, on a thread per core (the compiled
     # loops release the GIL), so every core is busy however many models there are. Small sets:
     # one batched call per model for the whole chunk.
