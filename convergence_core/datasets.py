@@ -468,8 +468,15 @@ def load_table(
     rows: dict[str, dict[str, Any]] = {}
     real_dirs: dict[str, str] = {}
     for row, record in enumerate(frame.to_dict("records"), start=1):
-        rel = (safe_relative_path(root_path, str(record["image"]), _real_dirs=real_dirs)
-               if images else "")
+        rel = ""
+        if images:
+            image = _cell_text(record["image"])  # not 'nan' / 'None' for an empty cell
+            if image is None:
+                raise ValueError(
+                    f"table {table_path}: row {row} has no image; give every row an image path "
+                    f"relative to {root_path}, or leave the row out"
+                )
+            rel = safe_relative_path(root_path, image, _real_dirs=real_dirs)
         key = _cell_text(record["id"]) if has_id else rel
         if key is None:
             raise ValueError(
@@ -758,7 +765,10 @@ def load_dataset(
         raise ValueError(f"unknown dataset kind {kind!r}; use one of {sorted(_LOADERS)}")
     try:
         if kind == "table":
-            table = Path(target).expanduser().resolve()
+            # absolute, symbolic links kept: a table linked into a git-annex / DataLad store has
+            # its images (and its name) beside the link; images are still checked to stay inside
+            # that root once resolved
+            table = Path(os.path.abspath(Path(target).expanduser()))
             root = options.pop("root", None) or table.parent
             return load_table(root, table, **options)
         return _LOADERS[kind](target, **options)

@@ -8,8 +8,9 @@ to every image read here:
 * **Size** (``settings.max_image_pixels()``): an image whose header claims more pixels than the
   limit is refused *before* decoding (a "decompression bomb": a PNG of a few KB can claim
   12,000 × 12,000 pixels and take gigabytes once decoded). Pillow's own bomb check (a warning
-  above ``Image.MAX_IMAGE_PIXELS``, an error above twice that) is superseded by this one: its
-  warning is silenced while we read a header, since we refuse or accept by our own limit.
+  above ``Image.MAX_IMAGE_PIXELS``, an error above twice that) is superseded by this one: while
+  we read an image, Pillow's limit is raised to ours (when ours is higher) and its warning is
+  silenced, since we refuse or accept by our own limit.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ __all__ = [
 ]
 
 #: ``warnings.catch_warnings`` swaps the process-wide filter list: two threads doing it at once
-#: can leave a filter behind, so header reads that silence Pillow's warning take turns.
+#: can leave a filter behind, so header reads that silence Pillow's warning take turns; the lock
+#: also guards Pillow's process-wide limit and the count of reads that raised it.
 _HEADER_LOCK = threading.Lock()
+#: reads in progress (``_pillow_limit``) and Pillow's own ``MAX_IMAGE_PIXELS`` from before them
+_PILLOW = {"reads": 0, "own": Image.MAX_IMAGE_PIXELS}
 
 
 class ImageFileError(ValueError):
@@ -90,6 +94,26 @@ def _too_large_message(path: Path, width: int, height: int, limit: int) -> str:
 
 
 @contextlib.contextmanager
+def _pillow_limit(limit: int) -> Iterator[None]:
+    """Pillow's ``Image.MAX_IMAGE_PIXELS`` at least ``limit`` while an image is opened and
+    decoded here (Pillow refuses above twice its own value, whatever our limit says; this module
+    checks ``limit`` itself); Pillow's value comes back when the last read in progress ends."""
+    with _HEADER_LOCK:
+        if _PILLOW["reads"] == 0:
+            _PILLOW["own"] = Image.MAX_IMAGE_PIXELS
+        _PILLOW["reads"] += 1
+        if Image.MAX_IMAGE_PIXELS is not None:  # None: the user turned Pillow's check off
+            Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, limit)
+    try:
+        yield
+    finally:
+        with _HEADER_LOCK:
+            _PILLOW["reads"] -= 1
+            if _PILLOW["reads"] == 0:
+                Image.MAX_IMAGE_PIXELS = _PILLOW["own"]
+
+
+@contextlib.contextmanager
 def _open_checked(
     path: str | os.PathLike[str], root: str | os.PathLike[str] | None
 ) -> Iterator[Image.Image]:
@@ -101,24 +125,25 @@ def _open_checked(
     """
     limit = max_image_pixels()
     resolved = resolve_inside(root, path)
-    with _HEADER_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(resolved)
-        except Image.DecompressionBombError:
-            # above twice Pillow's own limit: Pillow refuses even to hand out the header
-            raise ImageTooLargeError(
-                f"image file {path} claims more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels "
-                f"(the limit is {limit:,}); it was not decoded. Shrink the image or drop it "
-                "(check_dataset(..., drop_bad=True) / precompute --drop-bad)"
-            ) from None
-    with image:
-        width, height = image.size
-        if width * height > limit:
-            raise ImageTooLargeError(
-                _too_large_message(Path(path), width, height, limit), (width, height)
-            )
-        yield image
+    with _pillow_limit(limit):
+        with _HEADER_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(resolved)
+            except Image.DecompressionBombError:
+                # above twice Pillow's limit (at least twice ours): Pillow refuses the header too
+                raise ImageTooLargeError(
+                    f"image file {path} claims more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} "
+                    f"pixels (the limit is {limit:,}); it was not decoded. Shrink the image or "
+                    "drop it (check_dataset(..., drop_bad=True) / precompute --drop-bad)"
+                ) from None
+        with image:
+            width, height = image.size
+            if width * height > limit:
+                raise ImageTooLargeError(
+                    _too_large_message(Path(path), width, height, limit), (width, height)
+                )
+            yield image
 
 
 #: Pillow's grey modes of more than 8 bits (16-bit integer, 32-bit integer, 32-bit float)

@@ -20,8 +20,9 @@ ways, chosen by ``ship`` (README, "Running on a cluster"):
     nodes, but the first job on a node downloads and installs torch & co.
 
 In every mode the ``CONVERGENCE_*`` settings of this process (:mod:`convergence_core.settings`)
-are passed on as ``env_vars``, so workers see the same cache and data folders; those paths must
-exist on the workers (a shared file system, or the same paths on every node).
+are passed on as ``env_vars``, so workers see the same cache and data folders and the same image
+size limit; those paths must exist on the workers (a shared file system, or the same paths on
+every node).
 
 This module never imports Ray: it builds a plain dict (Ray accepts one wherever it takes a
 ``RuntimeEnv``).
@@ -45,6 +46,7 @@ SETTINGS_VARIABLES = (
     "CONVERGENCE_DATA",
     "CONVERGENCE_DEMO_DATA",
     "CONVERGENCE_IMAGENET_DATA",
+    "CONVERGENCE_MAX_IMAGE_PIXELS",  # workers decode the images: the same size limit there
 )
 
 ShipMode = Literal["source", "installed", "wheel"]

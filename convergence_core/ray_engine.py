@@ -88,7 +88,9 @@ SHARDS_PER_ACTOR = 4
 MAX_SHARD_ROWS = 4096
 
 #: environment variables passed to the workers of an existing cluster when set here
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CONVERGENCE_CACHE")
+FORWARDED_ENV = (
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CONVERGENCE_CACHE", "CONVERGENCE_MAX_IMAGE_PIXELS"
+)
 
 Progress = Callable[[int, int], None]
 

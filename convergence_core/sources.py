@@ -57,6 +57,7 @@ __all__ = [
     "check_feature_file",
     "check_modality",
     "feature_file_ids",
+    "id_lines",
     "read_feature_file",
 ]
 
@@ -192,7 +193,9 @@ class FileSource:
         check_modality(self.modality, self.name)
         if not self.files:
             raise ValueError(f"model {self.name!r} names no feature file; pass NAME=PATH")
-        self.files = {str(layer): Path(path).expanduser().resolve()
+        # absolute, symbolic links kept: an id list sits beside the path given, also where that
+        # is a link into a git-annex / DataLad / DVC store (files are read through the link)
+        self.files = {str(layer): Path(os.path.abspath(Path(path).expanduser()))
                       for layer, path in self.files.items()}
         for layer, path in self.files.items():
             if not path.is_file():
@@ -268,19 +271,31 @@ class EncoderSource:
 
         cfg = context.config
         weights = (cfg.weights or {}).get(self.name)
-        return context.fingerprint(
-            "extract",
-            context.data_fingerprint,
-            self.name,
-            models.get_spec(self.name).source,
-            self.modality,
-            cfg.layers_for(self.name),
-            (cfg.gpa_layers or {}).get(self.name),
-            cfg.caption_mode if self.modality == "language" else None,
-            str(cfg.device).split(":")[0],
-            os.fspath(weights) if weights else None,
-            *([cfg.precision] if cfg.precision != "auto" else []),
-        )
+        layers, gpa_layer = cfg.layers_for(self.name), (cfg.gpa_layers or {}).get(self.name)
+
+        def inputs(gpa: str | None) -> str:
+            return context.fingerprint(
+                "extract",
+                context.data_fingerprint,
+                self.name,
+                models.get_spec(self.name).source,
+                self.modality,
+                layers,
+                gpa,
+                cfg.caption_mode if self.modality == "language" else None,
+                str(cfg.device).split(":")[0],
+                os.fspath(weights) if weights else None,
+                *([cfg.precision] if cfg.precision != "auto" else []),
+            )
+
+        stored_anyway = layers == "all" or (isinstance(layers, list) and gpa_layer in layers)
+        if gpa_layer is None or not stored_anyway:
+            return inputs(gpa_layer)
+        # the GPA layer is among the layers stored anyway: another choice extracts nothing new.
+        # A run extracted before this rule, with this GPA layer, stays as it is
+        legacy = inputs(gpa_layer)
+        done = context.manifest.step_done(f"extract:{self.name}", legacy)
+        return legacy if done else inputs(None)
 
     def check(self, stimuli: pd.DataFrame, images_root: Path | None) -> None:
         """Before anything of the run is written: a vision model needs the data set's images
@@ -357,7 +372,18 @@ def _read_ids(path: Path) -> list[str]:
         text = ids_file.read_text(encoding="utf-8-sig")  # a BOM (Notepad, Excel) is no id
     except UnicodeDecodeError as exc:
         raise FeatureFileError(f"{ids_file} is not UTF-8 text ({exc}); write it as UTF-8") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return id_lines(text)
+
+
+#: a line ends at "\n", "\r\n" or "\r" only
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def id_lines(text: str) -> list[str]:
+    """The ids of an id list (one per line), stripped, blank lines skipped. Lines end at "\\n",
+    "\\r\\n" or "\\r" only: ``str.splitlines`` also splits at U+2028, U+0085 and \\x1c-\\x1e,
+    which an id may hold."""
+    return [line.strip() for line in _LINE_END.split(text) if line.strip()]
 
 
 def _read_npy_features(path: Path) -> tuple[np.ndarray, list[str]]:

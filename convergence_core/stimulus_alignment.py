@@ -56,6 +56,8 @@ PER_STIMULUS_METRICS = ("knn_overlap", "local_cka")
 #: Base pairs of the local CKA (paper 003 uses 320).
 LOCAL_CKA_BASE_SIZE = 320
 _ROWS_PER_BLOCK = 2048
+#: entries of knn_overlap's (rows, k, k) comparison per block (4 MB of booleans, at any k)
+_OVERLAP_ENTRIES = 1 << 22
 
 
 def _top_k(index: NeighbourIndex, k: int) -> np.ndarray:
@@ -76,8 +78,9 @@ def knn_overlap(x: NeighbourIndex, y: NeighbourIndex, k: int = 10) -> np.ndarray
         raise ValueError(f"k must be in 1..{x.n - 1}, got {k!r}")
     top_x, top_y = _top_k(x, int(k)), _top_k(y, int(k))
     out = np.empty(x.n)
-    for start in range(0, x.n, 65536):
-        a, b = top_x[start : start + 65536], top_y[start : start + 65536]
+    rows = max(1, _OVERLAP_ENTRIES // (int(k) * int(k)))
+    for start in range(0, x.n, rows):
+        a, b = top_x[start : start + rows], top_y[start : start + rows]
         out[start : start + a.shape[0]] = (a[:, :, None] == b[:, None, :]).any(axis=2).sum(1) / k
     return out
 

@@ -141,6 +141,57 @@ def test_table_relative_spec_and_explicit_root(tmp_path: Path, make_images, monk
         check_dataset(load_dataset("meta/t.csv"))
 
 
+def test_a_table_that_is_a_symbolic_link_has_its_images_beside_the_link(
+    tmp_path: Path, make_images
+) -> None:
+    """git-annex and DataLad keep a table's bytes in a store and link to them: the store's folder
+    became the image root (every image "missing") and the object's name the data set's name. An
+    image linked out of the root is still refused."""
+    root = tmp_path / "ds"
+    paths = make_images(2, folder="ds/images")
+    store = tmp_path / ".git" / "annex" / "objects" / "SHA256E-s99--t.csv"
+    store.parent.mkdir(parents=True)
+    rels = [p.relative_to(root).as_posix() for p in paths]
+    pd.DataFrame({"image": rels, "caption": ["a", "b"]}).to_csv(store, index=False)
+    (root / "t.csv").symlink_to(store)
+    ds = load_dataset(root / "images" / ".." / "t.csv")
+    assert ds.root == root.resolve() and ds.name == "t"
+    assert ds.source["options"]["table"] == str(root / "t.csv")
+    assert check_dataset(ds)[1] == []
+    (tmp_path / "outside.png").write_bytes(paths[0].read_bytes())
+    (root / "images" / "out.png").symlink_to(tmp_path / "outside.png")
+    pd.DataFrame({"image": ["images/out.png"], "caption": ["a"]}).to_csv(store, index=False)
+    with pytest.raises(ValueError, match="outside the dataset root .* through a symbolic link"):
+        load_dataset(root / "t.csv")
+
+
+def test_an_empty_image_cell_is_refused_naming_the_row(tmp_path: Path, make_images) -> None:
+    """A JSONL row without "image", or a null image in JSONL/parquet, became the image path 'nan'
+    or 'None' (and, without an id column, the stimulus id too): the error blamed a file of that
+    name. Every format names the row, as for a missing id."""
+    rels = [p.relative_to(tmp_path).as_posix() for p in make_images(2)]
+    rows = [{"id": "a", "image": rels[0], "caption": "x"}, {"id": "b", "caption": "y"}]
+    (tmp_path / "key.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    rows[1]["image"] = None
+    (tmp_path / "null.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    pd.DataFrame({"image": [rels[0], None], "caption": ["x", "y"]}).to_parquet(
+        tmp_path / "n.parquet"
+    )
+    pd.DataFrame({"image": [rels[0], float("nan")], "caption": ["x", "y"]}).to_parquet(
+        tmp_path / "nan.parquet"
+    )
+    pd.DataFrame({"image": [rels[0], " "], "caption": ["x", "y"]}).to_csv(tmp_path / "b.csv",
+                                                                         index=False)
+    for name in ("key.jsonl", "null.jsonl", "n.parquet", "nan.parquet", "b.csv"):
+        with pytest.raises(ValueError, match=rf"{name}: row 2 has no image; give every row"):
+            load_dataset(tmp_path / name)
+    pd.DataFrame({"id": ["a", None], "image": rels, "caption": ["x", "y"]}).to_parquet(
+        tmp_path / "id.parquet"
+    )
+    with pytest.raises(ValueError, match=r"id\.parquet: row 2 has no id"):
+        load_dataset(tmp_path / "id.parquet")
+
+
 def test_table_caption_rows_merge(tmp_path: Path, make_images) -> None:
     paths = make_images(2)
     rels = [p.relative_to(tmp_path).as_posix() for p in paths]
@@ -479,3 +530,27 @@ def test_high_bit_depth_grey_images_keep_their_contrast(tmp_path: Path) -> None:
     wide.save(tmp_path / "wide.tiff")
     assert "'F' image with values from -3 to -3" in image_problem(tmp_path / "wide.tiff")
     assert image_problem(tmp_path / "ramp16.png") is None
+
+
+def test_a_pixel_limit_above_twice_pillows_own_is_honoured(tmp_path: Path, monkeypatch) -> None:
+    """CONVERGENCE_MAX_IMAGE_PIXELS above 2 × Image.MAX_IMAGE_PIXELS (178,956,970 by default):
+    Pillow's own DecompressionBombError refused the image anyway, in a message contradicting the
+    limit. Pillow's limit is made small here so that a small image stands for a huge one."""
+    from convergence_core.images import ImageTooLargeError, image_problem
+
+    Image.new("RGB", (50, 40), "red").save(tmp_path / "big.png")  # 2,000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow refuses above 1,000
+    monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", "4000")
+    assert image_problem(tmp_path / "big.png") is None
+    assert open_rgb(tmp_path / "big.png").size == (50, 40)
+    make_thumbnail(tmp_path / "big.png", tmp_path / "t.jpg", max_side=16)
+    assert Image.MAX_IMAGE_PIXELS == 500  # Pillow's own limit is back once the reads are done
+    monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", "1999")  # our limit still refuses
+    with pytest.raises(ImageTooLargeError, match="50 × 40 = 2,000 pixels, more than the limit"):
+        open_rgb(tmp_path / "big.png")
+    assert image_problem(tmp_path / "big.png").startswith("too large: 50 × 40 pixels")
+    monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", "100")  # below Pillow's: Pillow's error
+    refused = r"claims more than 1,000 pixels \(the limit is 100\)"
+    with pytest.raises(ImageTooLargeError, match=refused):
+        open_rgb(tmp_path / "big.png")
+    assert Image.MAX_IMAGE_PIXELS == 500

@@ -573,12 +573,14 @@ def test_ray_runtime_env_ships_the_package_source(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CONVERGENCE_CACHE", "/shared/cache")
     monkeypatch.setenv("CONVERGENCE_DATA", "")  # empty: not passed on
+    monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", "400000000")  # the workers decode images
     env = ray_runtime_env(env_vars={"HF_HOME": "/shared/hf"})
     (module,) = env["py_modules"]
     assert Path(module) == PACKAGE_DIR and Path(module).name == "convergence_core"
     assert (Path(module) / "__init__.py").is_file()
     assert "__pycache__/" in env["excludes"]
-    assert env["env_vars"] == {"CONVERGENCE_CACHE": "/shared/cache", "HF_HOME": "/shared/hf"}
+    assert env["env_vars"] == {"CONVERGENCE_CACHE": "/shared/cache", "HF_HOME": "/shared/hf",
+                               "CONVERGENCE_MAX_IMAGE_PIXELS": "400000000"}
     assert "pip" not in env
     ray_runtime_env_class = pytest.importorskip("ray.runtime_env").RuntimeEnv
     parsed = ray_runtime_env_class(**env)  # Ray's own validation, no cluster started

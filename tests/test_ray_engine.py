@@ -343,6 +343,27 @@ def test_ray_engine_fails_before_ray_starts_on_missing_weights(tmp_path: Path) -
     assert not ray.is_initialized()  # nothing was started, nothing scheduled
 
 
+def test_an_existing_cluster_gets_the_image_size_limit(monkeypatch) -> None:
+    """Workers decode the images: CONVERGENCE_MAX_IMAGE_PIXELS reaches them as the cache does
+    (it was not forwarded, so a raised limit held on the driver's checks only)."""
+    calls: list[dict[str, Any]] = []
+
+    def init(**kwargs: Any) -> None:
+        calls.append(kwargs)
+        raise ConnectionError("no cluster here")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setenv("CONVERGENCE_CACHE", "/shared/cache")
+    monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", "400000000")
+    engine = RayEngine(EngineOptions(engine="ray", ray_address="ray://head:10001"))
+    with pytest.raises(ValueError, match="cannot connect to the Ray cluster"):
+        engine.start()
+    (call,) = calls
+    assert call["runtime_env"]["env_vars"]["CONVERGENCE_MAX_IMAGE_PIXELS"] == "400000000"
+    assert call["runtime_env"]["env_vars"]["CONVERGENCE_CACHE"] == "/shared/cache"
+
+
 # --------------------------------------------------------------------------- GPU path on CPU
 
 

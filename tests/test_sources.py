@@ -146,6 +146,85 @@ def test_an_id_list_saved_with_a_byte_order_mark_is_read(tmp_path, ids):
                                features.astype(np.float32))
 
 
+def test_ids_holding_unicode_line_separators_are_one_id_each(tmp_path):
+    """str.splitlines split an id at U+2028, U+0085 or \\x1c-\\x1e: the list then had more ids
+    than the file rows. Lines end at \\n, \\r\\n or \\r only."""
+    odd = ["a\u2028b", "c\x85d", "e\x1cf", "g\x1dh", "i\x1ej", "k\u2029l"]
+    features = np.random.default_rng(2).standard_normal((len(odd), 3))
+    path = tmp_path / "odd.npy"
+    np.save(path, features)
+    Path(str(path) + ".ids.txt").write_text("\r\n".join(odd[:3]) + "\r" + "\n".join(odd[3:]) +
+                                            "\n\n", encoding="utf-8")
+    assert feature_file_ids(path, model="m", layer="l") == odd
+    np.testing.assert_allclose(read_feature_file(path, odd[::-1], model="m", layer="l"),
+                               features[::-1].astype(np.float32))
+    from convergence_core.sources import id_lines  # the rule, for other id lists
+
+    assert id_lines(" x \r\n\n y") == ["x", "y"]
+
+
+def test_a_feature_file_that_is_a_symbolic_link_has_its_ids_beside_the_link(tmp_path, ids):
+    """git-annex, DataLad and DVC keep a file's bytes in a store and link to them: the id list
+    was looked for beside the store's object, and the error asked to write it into the store."""
+    features = np.random.default_rng(4).standard_normal((N, 5))
+    store = tmp_path / ".git" / "annex" / "objects" / "SHA256E-s1--f.npy"
+    store.parent.mkdir(parents=True)
+    np.save(store, features)
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "data" / "f.npy"
+    link.symlink_to(store)
+    Path(str(link) + ".ids.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
+    source = FileSource("m", "brain", {"l": tmp_path / "data" / ".." / "data" / "f.npy"})
+    source.check(pd.DataFrame({"id": ids}), None)
+    assert source.files["l"] == link  # absolute and normalised, the link kept
+    assert source.width("l") == 5
+    np.testing.assert_allclose(read_feature_file(source.files["l"], ids, model="m", layer="l"),
+                               features.astype(np.float32))
+    Path(str(link) + ".ids.txt").unlink()
+    with pytest.raises(FeatureFileError, match="data/f.npy.ids.txt"):
+        source.check(pd.DataFrame({"id": ids}), None)
+
+
+def test_the_gpa_layer_enters_an_encoders_fingerprint_only_where_it_adds_a_layer():
+    """With every layer stored (--layers all), another --gpa-layer re-extracted the model (hours
+    for a large one) although nothing stored changes. Commands that did not change keep the
+    fingerprint the runs already hold, so those stay cached."""
+    from types import SimpleNamespace
+
+    from convergence_core.models import get_spec
+    from convergence_core.run_writer import fingerprint
+    from convergence_core.sources import EncoderSource
+
+    def before(layers, gpa):  # the fingerprint as runs written so far hold it
+        return fingerprint("extract", "data", "efficientnet-lite0",
+                           get_spec("efficientnet-lite0").source, "vision", layers, gpa, None,
+                           "cpu", None)
+
+    recorded: set[str] = set()
+
+    def inputs(layers, gpa=None):
+        config = PrecomputeConfig(
+            dataset="x", vision_models=("efficientnet-lite0", "efficientnet-lite1"),
+            layers={"efficientnet-lite0": layers} if isinstance(layers, list) else layers,
+            gpa_layers={"efficientnet-lite0": gpa} if gpa else None,
+        )
+        manifest = SimpleNamespace(step_done=lambda step, value: value in recorded)
+        context = SimpleNamespace(config=config, data_fingerprint="data", fingerprint=fingerprint,
+                                  manifest=manifest)
+        return EncoderSource("efficientnet-lite0", "vision").inputs(context)
+
+    chosen = ["stage_6", "pre_logits"]
+    assert inputs("all") == inputs("all", "stage_6") == inputs("all", "stage_5")
+    assert inputs(chosen) == inputs(chosen, "stage_6") == inputs(chosen, "pre_logits")
+    assert inputs("default", "stage_6") != inputs("default")  # stage_6 is stored only for GPA
+    assert inputs(["pre_logits"], "stage_6") != inputs(["pre_logits"])
+    # unchanged commands keep the fingerprints their runs hold
+    for layers, gpa in (("all", None), ("default", "stage_6"), (chosen, None)):
+        assert inputs(layers, gpa) == before(layers, gpa)
+    recorded.add(before("all", "stage_6"))  # a run extracted with --gpa-layer before this rule
+    assert inputs("all", "stage_6") == before("all", "stage_6")
+
+
 def test_the_check_of_a_parquet_file_reads_only_its_ids(tmp_path, ids, monkeypatch):
     features = np.random.default_rng(3).standard_normal((N, 6))
     path = _save_parquet(tmp_path / "f.parquet", features, list(ids))

@@ -40,6 +40,22 @@ def test_knn_overlap_per_stimulus_against_a_loop_and_mutual_knn():
         assert values.mean() == pytest.approx(mutual_knn(F, G, k))
 
 
+def test_knn_overlap_blocks_are_sized_by_k(monkeypatch):
+    """Blocks of 65,536 rows whatever k: a (rows, k, k) comparison of ~1 GB at k = 128. Blocks
+    now hold about _OVERLAP_ENTRIES entries; a small budget (several blocks, a partial last one,
+    one row per block) gives the same values."""
+    import convergence_core.stimulus_alignment as module
+
+    X, Y = _pair()
+    x, y = (NeighbourIndex.from_features(F, list_size=20) for F in (X, Y))
+    for k in (3, 10):
+        whole = knn_overlap(x, y, k)
+        for budget in (8 * k * k, k * k - 1):
+            monkeypatch.setattr(module, "_OVERLAP_ENTRIES", budget)
+            np.testing.assert_array_equal(knn_overlap(x, y, k), whole)
+        monkeypatch.undo()
+
+
 def test_local_cka_is_the_cka_of_the_base_plus_the_stimulus():
     X, Y = _pair(n=60, seed=3)
     x, y = PreparedFeatures.from_raw(X), PreparedFeatures.from_raw(Y)
