@@ -9,8 +9,9 @@ every model's features made them all resident at once (about half of the 8.3 GB 
 a later read faults them in again from the page cache or the disk.
 
 :func:`read_rows` copies a row block and then drops that block's pages; :func:`release` drops a
-whole array's (or a row range's). Arrays that are not memory maps are left alone, and where the
-platform has no ``madvise`` both are plain reads.
+whole array's (or a row range's). Arrays that are not read-only memory maps are left alone (a
+copy-on-write or writable map's pages may hold edits not in the file, which dropping would undo),
+and where the platform has no ``madvise`` both are plain reads.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ _PAGE = mmap.PAGESIZE
 
 
 def _mapping(array: np.ndarray) -> mmap.mmap | None:
-    """The mmap behind ``array``: np.memmap carries it, and a plain view of one (np.asarray,
-    np.ascontiguousarray) reaches it through ``.base``."""
+    """The mmap behind ``array`` if it is read-only: np.memmap carries it, and a plain view of
+    one (np.asarray, np.ascontiguousarray) reaches it through ``.base``."""
     while array is not None:
         mapped = getattr(array, "_mmap", None)
         if isinstance(mapped, mmap.mmap):
-            return None if mapped.closed else mapped
+            return None if mapped.closed or getattr(array, "mode", None) != "r" else mapped
         array = getattr(array, "base", None)
     return None
 
@@ -38,8 +39,8 @@ def _mapping(array: np.ndarray) -> mmap.mmap | None:
 def release(array: np.ndarray, rows: slice | None = None) -> None:
     """Drop the resident pages of ``array[rows]`` (all rows by default) from this process.
 
-    ``array``: any array; only a C-ordered memory map (or a row slice of one) has pages to drop.
-    Never changes what the array reads.
+    ``array``: any array; only a C-ordered read-only memory map (mode ``"r"``, or a row slice
+    of one) has pages to drop. Never changes what the array reads.
     """
     mapped = _mapping(array)
     if mapped is None or not hasattr(mapped, "madvise") or array.ndim == 0 or array.size == 0:

@@ -45,6 +45,8 @@ from .manifest import (
     MANIFEST_FORMAT,
     DatasetInfo,
     GPARecord,
+    Manifest,
+    ManifestError,
     ModelEntry,
     StimulusSubset,
     parse_manifest,
@@ -65,6 +67,7 @@ from .run_writer import (
     model_entry,
     normalise_stimuli,
     prepare_run_folder,
+    remove_reset_leftover,
     write_dispersion,
     write_gpa,
     write_gpa_stability,
@@ -136,7 +139,7 @@ class PrecomputeConfig:
             order is kept; :func:`restrict_stimuli`.
         run_name: folder name under ``<cache>/runs/``; default ``<dataset>-<config hash>``.
         cache_root: cache folder; default ``settings.cache_root()``.
-        weights: ``{model: local weights path}`` for models whose weights are not installed.
+        weights: ``{model: local weights path}`` for encoders whose weights are not installed.
         thumbnails: write gallery thumbnails.
         list_size: K, the exact nearest neighbours stored per stimulus and layer
             (``neighbours.DEFAULT_LIST_SIZE``; n − 1 for small n).
@@ -265,6 +268,13 @@ class PrecomputeConfig:
             )
         else:
             raise ValueError("layers must be 'all', 'default' or a {model: [layer, ...]} mapping")
+        encoders = sorted({*self.vision_models, *self.language_models})
+        for model in self.weights or {}:
+            if model not in encoders:  # a typo would silently run on the installed weights
+                raise ValueError(
+                    f"weights names {model!r}, which is not among the models extracted here "
+                    f"{encoders}; spell it as the model is listed (--weights MODEL=PATH)"
+                )
         list_size_for(10**9, self.list_size)  # raises the explained error for a bad K
         if self.neighbour_layers not in ("all", "default"):
             raise ValueError(
@@ -671,12 +681,33 @@ def default_run_name(config: PrecomputeConfig, dataset_name: str) -> str:
     }
     relevant = {
         k: v
-        for k, v in config.to_dict().items()
+        for k, v in _spelt_alike(config.to_dict()).items()
         if k not in ("run_name", "cache_root", "batch_size", "thumbnails", *ENGINE_SETTINGS)
         and not (k in added_later and v == added_later[k])
     }
     safe = model_key(dataset_name.replace(" ", "-"))
     return f"{safe}-{fingerprint(relevant)[:12]}"
+
+
+def _spelt_alike(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (``PrecomputeConfig.to_dict``) with every path absolute and normal, so that
+    ``./f/a.npy``, ``f//a.npy`` and ``/abs/f/a.npy`` name one run (symbolic links are kept)."""
+
+    def norm(path: str) -> str:
+        return path if path.startswith("hf:") else os.path.abspath(os.path.expanduser(path))
+
+    dataset, weights, features = settings["dataset"], settings["weights"], settings["features"]
+    if isinstance(dataset, str):
+        settings["dataset"] = norm(dataset)
+    elif isinstance(dataset, dict) and dataset.get("kind") != "hf":
+        settings["dataset"] = {**dataset, "path": norm(str(dataset["path"]))}
+    if settings["stimuli"] not in ("all", "common"):
+        settings["stimuli"] = norm(settings["stimuli"])
+    settings["weights"] = weights and {model: norm(p) for model, p in weights.items()}
+    settings["features"] = features and {
+        model: {layer: norm(p) for layer, p in files.items()} for model, files in features.items()
+    }
+    return settings
 
 
 def _resolve_config(config: Any, options: Mapping[str, Any]) -> PrecomputeConfig:
@@ -700,7 +731,7 @@ def _resolve_config(config: Any, options: Mapping[str, Any]) -> PrecomputeConfig
 
 def _check_models(config: PrecomputeConfig) -> None:
     """Fail before any heavy work: unknown names, a model under the wrong modality, too few
-    models for GPA, feature files that do not exist."""
+    models for GPA, feature files that do not exist, a device that is not here."""
     from . import models
 
     gpa = config.gpa_model_names
@@ -722,6 +753,10 @@ def _check_models(config: PrecomputeConfig) -> None:
                     f"it to the {modality} models"
                 )
     config.sources()  # file sources check that their files exist
+    if config.device != "cpu":  # a GPU that is not here: said now, not after the image check
+        from .models.base import resolve_device
+
+        resolve_device(config.device)
 
 
 def _check_weights(config: PrecomputeConfig, names: Sequence[str]) -> None:
@@ -735,20 +770,11 @@ def _check_weights(config: PrecomputeConfig, names: Sequence[str]) -> None:
 
 def _recorded_extractions(path: Path) -> set[str]:
     """Models whose extraction the manifest at ``path`` records (a cheap look before the dataset
-    is checked; the pipeline checks exactly once it has the dataset's fingerprint)."""
-    try:
-        layout = RunLayout(path)
-        manifest = read_json(layout.manifest) if layout.manifest.is_file() else {}
-    except CacheFormatError:
-        return set()
-    steps = manifest.get("steps") if isinstance(manifest, dict) else None
-    if not isinstance(steps, dict):
-        return set()
-    return {
-        step.removeprefix("extract:")
-        for step in steps
-        if isinstance(step, str) and step.startswith("extract:")
-    }
+    is checked; the pipeline checks exactly once it has the dataset's fingerprint); a manifest
+    that cannot be read is refused here already (:func:`_read_manifest`)."""
+    manifest = _read_manifest(RunLayout(path))
+    steps = manifest.steps if manifest is not None else {}
+    return {step.removeprefix("extract:") for step in steps if step.startswith("extract:")}
 
 
 def _waiting_words(pid: int | None, run_folder: Path, seconds: float) -> str:
@@ -918,7 +944,10 @@ def _checked_dataset(
     weights are checked first, before the (slower) image check."""
     from .datasets import check_dataset, dataset_fingerprint, load_dataset
 
-    loaded = load_dataset(cfg.dataset)
+    spec = cfg.dataset if isinstance(cfg.dataset, Mapping) else {"path": cfg.dataset}
+    if spec.get("kind") == "hf" or str(spec["path"]).startswith("hf:"):
+        spec = {"cache_dir": cache, **spec}  # its images are written under the run's cache
+    loaded = load_dataset(spec)
     name = cfg.run_name or default_run_name(cfg, loaded.name)
     # weights first, before the image check: every encoder the run does not record as extracted
     # (the pipeline checks again, exactly, once it knows the data set's fingerprint)
@@ -953,7 +982,8 @@ def restrict_stimuli(
     Raises:
         FeatureFileError: a feature file that cannot be read (as :func:`.sources.feature_file_ids`).
         ValueError: an id list that is missing, empty, lists an id twice or names ids the data
-            set does not have; ``"common"`` without feature files; no stimulus left.
+            set does not have (or that --drop-bad dropped); ``"common"`` without feature files;
+            fewer than 3 stimuli left.
     """
     from .sources import feature_file_ids
 
@@ -987,8 +1017,15 @@ def restrict_stimuli(
                     )
                 keep &= listed
     else:
-        keep = set(_read_id_list(Path(rule).expanduser(), ids, where))
-    kept = stimuli[[sid in keep for sid in ids]].reset_index(drop=True)
+        keep = set(_read_id_list(Path(rule).expanduser(), ids, where, info.dropped))
+    try:  # as few as that makes no run: said now, before the run folder is touched
+        kept = normalise_stimuli(stimuli[[sid in keep for sid in ids]])
+    except ValueError as exc:
+        raise ValueError(
+            f"stimuli = {rule!r} (--stimuli) keeps {len(keep)} of the {len(ids)} stimuli of "
+            f"{where}, too few: {exc}; keep more (a longer id list; for 'common', feature "
+            "files that cover more of them)"
+        ) from None
     return kept, replace(
         info,
         fingerprint=fingerprint(info.fingerprint, "stimuli", kept["id"].astype(str).tolist()),
@@ -996,21 +1033,25 @@ def restrict_stimuli(
     )
 
 
-def _read_id_list(path: Path, ids: Sequence[str], where: str) -> list[str]:
+def _read_id_list(
+    path: Path, ids: Sequence[str], where: str, dropped: Sequence[Mapping[str, Any]] = ()
+) -> list[str]:
     """The ids of an id list file (one per line, surrounding spaces and blank lines ignored),
-    checked against the data set's ``ids``; ValueError naming the problem and the fix."""
+    checked against the data set's ``ids`` (``dropped``: the stimuli --drop-bad dropped, said
+    as such); ValueError naming the problem and the fix."""
     if not path.is_file():
         raise ValueError(
             f"stimuli: {path} is not a file; give 'all', 'common' or the path of a text file "
             "listing the ids to keep, one per line"
         )
+    from .sources import id_lines
+
     try:
-        listed = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        listed = id_lines(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(
             f"stimuli: id list {path} cannot be read as UTF-8 text ({exc}); write one id per line"
         ) from None
-    listed = [sid for sid in listed if sid]
     if not listed:
         raise ValueError(f"stimuli: id list {path} lists no id; write one id per line")
     twice = [sid for sid, count in Counter(listed).items() if count > 1]
@@ -1020,6 +1061,13 @@ def _read_id_list(path: Path, ids: Sequence[str], where: str) -> list[str]:
             "each once"
         )
     known = set(ids)
+    reasons = {str(item.get("id")): item.get("reason") for item in dropped}
+    gone = [sid for sid in listed if sid not in known and sid in reasons]
+    if gone:
+        raise ValueError(
+            f"stimuli: id list {path} names {len(gone)} id(s) that --drop-bad dropped (e.g. "
+            f"{gone[0]!r}: {reasons[gone[0]]}); fix those stimuli or take them off the list"
+        )
     unknown = [sid for sid in listed if sid not in known]
     if unknown:
         raise ValueError(
@@ -1086,7 +1134,7 @@ def write_run_from_embeddings(
     Args:
         path: the run folder; created if needed. An existing run there is reused where its
             steps' inputs match (else those steps are redone); a non-empty folder without
-            manifest.json is refused (ValueError).
+            manifest.json, or with one this version cannot read, is refused (ValueError).
         stimuli: n rows in stimulus order with ``id`` (unique), ``image`` (path relative to
             ``images_root``), ``captions`` (list[str]); other columns (e.g. ``label``) are kept.
         embeddings: ``{model: {layer: (n, d) array}}``, layers in network order; stored float32
@@ -1327,24 +1375,30 @@ class _Pipeline:
         self.data_fingerprint = data_fingerprint
         self.layout = RunLayout(path)
         self.notify = notify
+        remove_reset_leftover(path)
         self.manifest = _open_manifest(self.layout, name)
         stimuli_inputs = fingerprint(data_fingerprint, info.dropped)
-        stimuli_done = self.manifest.step_done("stimuli", stimuli_inputs)
-        if stimuli_done and not self.layout.stimuli.is_file():
-            write_parquet(self.layout.stimuli, stimuli)  # the same stimuli: a lost file comes back
-        elif not stimuli_done:
+        if not self.manifest.step_done("stimuli", stimuli_inputs):
             prepare_run_folder(path)
             self.manifest = RunManifest(self.layout, empty_manifest(name))
-            self.manifest.save()  # first, so a crash leaves a recognisable (incomplete) run folder
-            write_parquet(self.layout.stimuli, stimuli)
-            self.manifest.data.n_stimuli = self.n
-            self.manifest.data.dataset = info
-            self.manifest.finish_step("stimuli", stimuli_inputs)
+        self.data = self.manifest.data
+        # saved with the first change to the run: a rerun that stops before changing anything
+        # (a layer name that is not the model's) leaves a finished run complete
+        self.data.complete = False
+        # every column of the stimulus table (a corrected label too; the embeddings' inputs are
+        # the data fingerprint): the stored table follows it, and so do the properties
+        table = fingerprint(stimuli.to_dict("list"))
+        kept = self.data.steps.get("stimuli")
+        if kept is None or kept.details.get("table") != table or not self.layout.stimuli.is_file():
+            if kept is None:  # first, so a crash leaves a recognisable (incomplete) run folder
+                self.manifest.save()
+            write_parquet(self.layout.stimuli, stimuli)  # a table it cannot store changes nothing
+            self.data.n_stimuli = self.n
+            self.data.dataset = info
+            self.manifest.finish_step("stimuli", stimuli_inputs, table=table)
         # the same stimuli from inputs described anew (a subset's per-file counts, the data
         # set's folder): the record follows the inputs
-        self.manifest.data.dataset = info
-        self.data = self.manifest.data
-        self.data.complete = False
+        self.data.dataset = info
         # GPA's result with its kept fit, from gpa() to gpa_stability() (None: not computed here)
         self._gpa_result: Any = None
         self.data.vision_models = list(plan.vision_models)
@@ -1352,7 +1406,6 @@ class _Pipeline:
         self.data.settings = plan.settings
         self.data.versions = library_versions()
         _forget_dropped_models(self.manifest, [source.name for source in plan.sources])
-        self.manifest.save()
         self._engine: Any = None
 
     # -- the context sources read ---------------------------------------------------------------
@@ -1393,6 +1446,14 @@ class _Pipeline:
         name, n = source.name, self.n
         step, inputs = f"extract:{name}", source.inputs(self)
         if self.done(source):
+            # the stored layers serve another GPA / default layer choice as they are (their
+            # fingerprint leaves it out): the default layer follows this run's choice
+            entry = self.data.models[name]
+            entry.default_layer = (
+                self.plan.default_layers.get(name)
+                or self.plan.gpa_layers.get(name)
+                or entry.details.get("model_default_layer", entry.default_layer)
+            )
             self.notify(ProgressEvent("extract", name, n, n, skipped=True))
             return
         # loaded before the step is forgotten: a load that fails (a layer name that is not the
@@ -1418,6 +1479,7 @@ class _Pipeline:
         self.data.models[name] = model_entry(
             name, source.modality, arrays, default, hashes, thresholds,
             weights_id=extracted.weights_id, source=source.kind, **extracted.details,
+            model_default_layer=extracted.default_layer,
         )
         if extracted.caption_features:  # every caption embedded anyway, and small: cache them
             from .caption_embeddings import write_caption_embeddings
@@ -1476,8 +1538,9 @@ class _Pipeline:
                     step, inputs, list_size=k, seconds=round(time.perf_counter() - started, 3)
                 )
             done.append(layer)
-        entry.neighbour_layers = done
-        self.manifest.save()
+        if entry.neighbour_layers != done:
+            entry.neighbour_layers = done
+            self.manifest.save()
 
     def gpa(self) -> str:
         """GPA on the GPA models' layers; returns the step's input fingerprint."""
@@ -1798,10 +1861,11 @@ class _Pipeline:
             return
         self.manifest.forget_step("properties")
         distances, centroid = {}, {}
+        stored = list_size_for(n, self.plan.list_size) >= k  # lists of k or more (--list-size)
         for model, layer in zip(gpa.models, gpa.layers, strict=True):
             entry = self.data.models[model]
             key = entry.layer_keys[layer]
-            if layer in entry.neighbour_layers:  # typicality from the stored exact lists
+            if stored and layer in entry.neighbour_layers:  # typicality from the stored lists
                 values = read_npy(layout.neighbour_values(entry.key, key), mmap=True)[:, :k]
             else:
                 from .neighbours import PreparedFeatures, exact_top_k
@@ -1834,7 +1898,7 @@ class _Pipeline:
 
 
 def _open_manifest(layout: RunLayout, name: str) -> RunManifest:
-    """The existing manifest (to resume), or a fresh one when there is none or it is unreadable.
+    """The existing manifest (to resume), or a fresh one when there is none.
 
     A format-1 run (dense Gram matrices) is upgraded here: its Gram folder is removed and each
     model's clip thresholds are computed from the stored embeddings, so its extraction steps are
@@ -1844,15 +1908,26 @@ def _open_manifest(layout: RunLayout, name: str) -> RunManifest:
         # a run folder: a killed writer's temporary files go. A folder without a manifest is
         # left alone here; prepare_run_folder refuses it unless it is empty
         clean_temp_files(layout.root)
-        try:
-            existing = parse_manifest(read_json(layout.manifest), str(layout.manifest))
-        except CacheFormatError:
-            existing = None
-        if existing is not None and existing.needs_upgrade:
-            existing = _upgrade_format_1(layout, existing)
-        if existing is not None:
-            return RunManifest(layout, existing)
-    return RunManifest(layout, empty_manifest(name))
+    existing = _read_manifest(layout)
+    if existing is not None and existing.needs_upgrade:
+        existing = _upgrade_format_1(layout, existing)
+    return RunManifest(layout, empty_manifest(name) if existing is None else existing)
+
+
+def _read_manifest(layout: RunLayout) -> Manifest | None:
+    """The run's manifest (None: the folder has none). One that cannot be read is refused
+    (ManifestError naming the fix), never replaced: a reset would delete the whole run folder."""
+    if not layout.manifest.is_file():
+        return None
+    try:
+        return parse_manifest(read_json(layout.manifest), str(layout.manifest))
+    except CacheFormatError as exc:
+        problem = str(exc).split("; ")[0]  # the reader's own advice was to rerun precompute
+        raise ManifestError(
+            f"{problem}; precompute does not overwrite a run it cannot read: if a newer version "
+            "of convergence_core wrote it, use that version; otherwise restore manifest.json, or "
+            f"delete {layout.root} (or choose another run name, --run-name) to compute it afresh"
+        ) from None
 
 
 def _upgrade_format_1(layout: RunLayout, manifest: Any) -> Any:
@@ -1880,6 +1955,7 @@ def _forget_dropped_models(manifest: RunManifest, wanted: Sequence[str]) -> None
         for step in [s for s in data.steps if s == f"extract:{model}" or
                      s.startswith(f"neighbours:{model}:")]:
             data.steps.pop(step)
+        manifest.save()  # forgotten (and the run incomplete) before any of its files go
         # the key was checked when the manifest was read (manifest.ModelEntry); a folder that
         # leads out of the run (a planted symbolic link) is left alone
         layout = manifest.layout

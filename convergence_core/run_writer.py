@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -48,6 +49,7 @@ __all__ = [
     "model_entry",
     "normalise_stimuli",
     "prepare_run_folder",
+    "remove_reset_leftover",
     "write_dispersion",
     "write_gpa",
     "write_model_arrays",
@@ -409,7 +411,11 @@ class StabilitySolutions:
             return None
 
     def save(self, index: int, solution: Any) -> None:
-        self._file(index, "solution.json").parent.mkdir(parents=True, exist_ok=True)
+        record = self._file(index, "solution.json")
+        record.parent.mkdir(parents=True, exist_ok=True)
+        # the record of a solution this one replaces goes first: an interruption before the new
+        # record is written must not pair the old key with the new maps
+        record.unlink(missing_ok=True)
         for i, t in enumerate(solution.maps):
             write_npy(self._file(index, f"map_{i}.npy"), t)
         if index == 0:
@@ -584,8 +590,12 @@ def prepare_run_folder(path: Path) -> None:
     """Make ``path`` an empty run folder; an existing run folder there is replaced.
 
     A non-empty folder that is not a run (no manifest.json) is refused, so user data is never
-    deleted.
+    deleted. The old run is first moved aside in one step (to ``.<run>.reset`` beside it, which
+    is not a run: its manifest goes first) and then deleted, so an interrupted reset leaves
+    either the whole old run or no folder, never a folder that is not a run; a leftover of that
+    move is deleted by the next reset or precompute of the run (:func:`remove_reset_leftover`).
     """
+    remove_reset_leftover(path)
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"run path {path} is a file; choose a folder path for the run")
@@ -595,5 +605,23 @@ def prepare_run_folder(path: Path) -> None:
                     f"{path} is a non-empty folder that is not a run (no manifest.json); choose an "
                     "empty or new folder for the run"
                 )
-            shutil.rmtree(path)
+            if path.is_symlink():  # where it leads is not ours to move or delete
+                raise ValueError(
+                    f"run folder {path} is a symbolic link; delete the link (or the run it leads "
+                    "to) and rerun"
+                )
+            aside = _reset_path(path)
+            os.replace(path, aside)
+            (aside / "manifest.json").unlink()
+            shutil.rmtree(aside)
     path.mkdir(parents=True, exist_ok=True)
+
+
+def _reset_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.reset")
+
+
+def remove_reset_leftover(path: Path) -> None:
+    """Delete what an interrupted reset of the run folder ``path`` left beside it (its old
+    folder, moved aside; a symbolic link there is left alone)."""
+    shutil.rmtree(_reset_path(path), ignore_errors=True)

@@ -377,3 +377,37 @@ def test_bad_options_of_the_uncertainty_rule_are_explained(kwargs, message) -> N
     rng = np.random.default_rng(8)
     with pytest.raises(ValueError, match=message):
         gpa_to_uncertainty([rng.standard_normal((6, 3)), rng.standard_normal((6, 3))], **kwargs)
+
+
+def test_a_solution_interrupted_while_replacing_another_is_not_taken_for_it(
+    tmp_path, monkeypatch
+) -> None:
+    """Solution 0 of inputs A is kept; inputs B's solution 0 is being written over it when the
+    process stops (its maps written, its record not yet): a resume with inputs A must not pair
+    A's record with B's maps."""
+    from convergence_core import procrustes, run_writer
+    from convergence_core.cache import RunLayout
+    from convergence_core.run_writer import StabilitySolutions
+
+    def solve(seed):
+        embeddings = planted(seed=seed, m=60)
+        problem = procrustes._prepare(
+            procrustes._check_inputs(embeddings, ()), procrustes._labels(4, ())
+        )
+        return procrustes._iterate(problem, tol=1e-12, max_iter=500), [
+            (problem.width(i), problem.p) for i in range(4)
+        ]
+
+    first, shapes = solve(5)
+    second, _ = solve(6)
+    layout = RunLayout(tmp_path / "run")
+    StabilitySolutions(layout, "inputs-A").save(0, first)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_writer, "write_json", stop)
+    with pytest.raises(KeyboardInterrupt):
+        StabilitySolutions(layout, "inputs-B").save(0, second)
+    monkeypatch.undo()
+    assert StabilitySolutions(layout, "inputs-A").load(0, shapes) is None  # solved again

@@ -64,7 +64,7 @@ def test_run_layout_never_builds_a_path_from_an_unsafe_key(tmp_path, key):
 
 def test_precompute_never_deletes_outside_the_run_for_a_tampered_key(tmp_path, monkeypatch):
     """Issue 16 item 1: a dropped model whose manifest key points outside is not deleted."""
-    from convergence_core.precompute import _forget_dropped_models, _open_manifest
+    from convergence_core.precompute import _open_manifest
 
     run = make_synthetic_run(tmp_path / "cache", n=12)
     victim = _victim(tmp_path)
@@ -75,8 +75,10 @@ def test_precompute_never_deletes_outside_the_run_for_a_tampered_key(tmp_path, m
             manifest["models"]["vision-a"]["key"] = key
 
         _tamper(run.path, edit)
-        manifest = _open_manifest(RunLayout(run.path), run.name)
-        _forget_dropped_models(manifest, ["vision-b", "vision-c"])
+        # a manifest naming such a key is refused, never replaced by a fresh one (nothing of the
+        # run is deleted, nor anything it points to)
+        with pytest.raises(CacheFormatError, match="not a file name this program writes"):
+            _open_manifest(RunLayout(run.path), run.name)
         assert (victim / "precious.txt").read_text() == "do not delete"
         assert (victim / "stage1.npy").is_file()
     assert (run.path / "embeddings").is_dir()  # the run's own folders are still there

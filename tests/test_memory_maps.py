@@ -44,3 +44,17 @@ def test_in_memory_arrays_and_odd_views_are_left_alone():
     block = read_rows(data, slice(1, 3), np.float32)
     assert block.dtype == np.float32 and np.shares_memory(block, data) is False
     np.testing.assert_array_equal(block, data[1:3])
+
+
+@pytest.mark.parametrize("mode", ["c", "r+"])
+def test_a_writable_or_copy_on_write_map_keeps_its_edits(tmp_path, mode):
+    """MADV_DONTNEED on a copy-on-write map (np.load(mmap_mode="c")) threw away the caller's
+    edits: the array read the file's values again (write_run_from_embeddings released it)."""
+    data = np.arange(4096 * 8, dtype=np.float32).reshape(4096, 8)
+    np.save(tmp_path / "x.npy", data)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode=mode)
+    mapped *= 10.0
+    release(np.ascontiguousarray(mapped))
+    block = read_rows(mapped, slice(0, 4096))
+    np.testing.assert_array_equal(block, data.astype(np.float64) * 10.0)
+    np.testing.assert_array_equal(mapped, data * 10.0)

@@ -477,6 +477,7 @@ def test_a_rerun_that_fails_on_a_layer_name_keeps_the_finished_work(tiny_coco, t
     precompute(**base)
     with pytest.raises(ValueError, match=r"\['middel'\] are not layers of 'fake-vision-b'"):
         precompute(**{**base, "layers": {"fake-vision-b": ["middel"]}})
+    assert load_run(tmp_path / "cache" / "runs" / "tiny").manifest.complete  # still opens
     counts = dict(loads)
     run = precompute(**base)
     assert dict(loads) == counts  # nothing extracted again
@@ -776,3 +777,120 @@ def test_a_second_writer_waits_for_the_first_then_reuses_its_work(tiny_coco, tmp
         holder.kill()
         reaper.join()
     assert "waiting" in [e.step for e in events] and run.n_stimuli == 6 and not lock.exists()
+
+
+def test_an_id_list_keeping_too_few_stimuli_is_refused_before_the_run_is_touched(
+    tiny_coco, tmp_path, loads
+):
+    """--stimuli keeping 1 stimulus reset the existing run, then failed on K = 0."""
+    run = precompute(**_options(tiny_coco, tmp_path, thumbnails=False))
+    before = run.layout.manifest.read_bytes()
+    ids = tmp_path / "ids.txt"
+    ids.write_text(f"{run.stimuli['id'][0]}\n{run.stimuli['id'][1]}\n")
+    with pytest.raises(ValueError, match=r"--stimuli\) keeps 2 of the 6 stimuli.*at least 3"):
+        precompute(**_options(tiny_coco, tmp_path, thumbnails=False, stimuli=str(ids)))
+    assert run.layout.manifest.read_bytes() == before and load_run(run.path).n_stimuli == 6
+
+
+def test_an_id_list_naming_a_stimulus_drop_bad_dropped_says_so(tiny_coco, tmp_path, loads):
+    """The id of a stimulus dropped for its corrupt image was reported as one the data set does
+    not have, with the advice to spell it as the data set does."""
+    broken = sorted((tiny_coco / "images").iterdir())[3]
+    broken.write_bytes(b"not a jpeg")
+    ids = [str(i) for i in load_dataset(tiny_coco).stimuli["id"]]
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+    options = _options(tiny_coco, tmp_path, drop_bad=True, stimuli=str(tmp_path / "ids.txt"))
+    with pytest.raises(ValueError, match=rf"--drop-bad dropped \(e.g. '{ids[3]}': .*take them off"):
+        precompute(**options)
+    assert sum(loads.values()) == 0
+
+
+def test_the_default_run_name_does_not_depend_on_how_paths_are_spelt(tmp_path, monkeypatch):
+    """./f/a.npy, f//a.npy and /abs/f/a.npy named three runs (three extractions)."""
+    monkeypatch.chdir(tmp_path)
+    names = set()
+    for spelling in ("f/a.npy", "./f/a.npy", "f//a.npy", str(tmp_path / "f" / "a.npy")):
+        config = PrecomputeConfig.from_mapping({
+            "dataset": spelling.replace("a.npy", "set/"), "vision_models": ["x"],
+            "features": {"a": spelling, "b": {"L": spelling.replace("a.npy", "b.npy")}},
+            "modalities": {"a": "vision", "b": "vision"}, "stimuli": spelling + ".ids",
+            "weights": {"x": spelling.replace("a.npy", "x.pth")},
+        })
+        names.add(default_run_name(config, "set"))
+    assert len(names) == 1
+    hub = PrecomputeConfig.from_mapping({"dataset": "hf:org/set", "vision_models": ["x", "y"]})
+    assert hub.to_dict()["dataset"] == "hf:org/set" and default_run_name(hub, "set")
+
+
+def test_weights_for_a_model_not_in_the_run_are_refused():
+    """--weights efficientnet_lite0=... for the run's efficientnet-lite0 was silently ignored."""
+    base = {"dataset": "x", "vision_models": ["a-model", "b"]}
+    with pytest.raises(ValueError, match=r"weights names 'a_model', which is not among .*--weigh"):
+        PrecomputeConfig.from_mapping({**base, "weights": {"a_model": "/w.pth"}})
+    assert PrecomputeConfig.from_mapping({**base, "weights": {"a-model": "/w.pth"}}).weights
+
+
+def test_a_device_that_is_not_here_is_refused_before_any_work(
+    tiny_coco, tmp_path, loads, monkeypatch
+):
+    """--device cuda without CUDA was refused only once every image was decoded and the run
+    folder was marked incomplete (or reset)."""
+    import convergence_core.datasets as datasets_module
+
+    run = precompute(**_options(tiny_coco, tmp_path, thumbnails=False))
+    before = run.layout.manifest.read_bytes()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(datasets_module, "check_dataset", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(ValueError, match="CUDA is not available.*--device cpu"):
+        precompute(**_options(tiny_coco, tmp_path, thumbnails=False, device="cuda"))
+    assert run.layout.manifest.read_bytes() == before and sum(loads.values()) == len(loads)
+
+
+def test_a_hugging_face_data_set_keeps_its_images_under_the_given_cache(tmp_path, monkeypatch):
+    """--cache DIR with hf:... wrote the data set's images under the default cache."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)) for _ in range(5)]
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict(
+        {"image": images, "text": [f"caption {i}" for i in range(5)]}, features=features
+    ).save_to_disk(str(tmp_path / "local"))
+    for name, width in (("a", 4), ("b", 5)):
+        np.save(tmp_path / f"{name}.npy", rng.normal(size=(5, width)).astype(np.float32))
+        (tmp_path / f"{name}.npy.ids.txt").write_text("\n".join(map(str, range(5))))
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "default"))
+    run = precompute(
+        dataset=f"hf:{tmp_path / 'local'}", cache_root=str(tmp_path / "mine"), gpa_starts=0,
+        features={m: str(tmp_path / f"{m}.npy") for m in "ab"},
+        modalities={"a": "vision", "b": "vision"},
+    )
+    assert run.image_path(0).is_relative_to(tmp_path / "mine" / "datasets")
+    assert not (tmp_path / "default").exists()
+
+
+def test_a_list_size_below_the_typicality_k_gives_exact_typicality(tiny_coco, tmp_path, loads):
+    """--list-size below properties.TYPICALITY_K crashed the last step of every run: typicality
+    read k columns of lists that hold fewer; it is computed exactly instead."""
+    from convergence_core import properties as props
+
+    run = precompute(**_options(tiny_coco, tmp_path, list_size=3, thumbnails=False))
+    assert run.manifest.complete and run.neighbours(VISION[0], "middle").k_max == 3
+    for model in VISION:  # k = n - 1 = 5 here
+        features = run.embeddings[model][run.default_layer(model)]
+        np.testing.assert_allclose(
+            run.properties.values[f"neighbour_distance:{model}"],
+            props.neighbour_distance(props.nearest_similarities(features, 5), 5),
+        )
+
+
+def test_an_id_list_keeps_ids_holding_unicode_line_separators_whole(tmp_path):
+    """str.splitlines also breaks at U+2028, U+0085 and \\x1c-\\x1e, which an id may hold: such
+    an id was split in two and reported as unknown."""
+    from convergence_core.precompute import _read_id_list
+
+    ids = ["a\u2028b", "c\x85d", "e"]
+    listed = tmp_path / "keep.ids.txt"
+    listed.write_text("a\u2028b\r\nc\x85d\n\ne\n", encoding="utf-8")
+    assert _read_id_list(listed, ids, "stimuli") == ids

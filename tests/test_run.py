@@ -481,3 +481,66 @@ def test_gpa_at_the_first_of_several_given_layers_is_said(tmp_path):
         thumbnails=False,
     )
     assert one.first_layer_note() is None
+
+
+def _small_run(path, n=10, stimuli=None, **kwargs):
+    embeddings, _ = synthetic_embeddings(n)
+    return write_run_from_embeddings(
+        path, _stimuli(n) if stimuli is None else stimuli, embeddings,
+        vision_models=["vision-a", "vision-b", "vision-c"],
+        language_models=["language-a", "language-b"], thumbnails=False, gpa_starts=0, **kwargs,
+    )
+
+
+def test_an_interrupted_reset_resumes_on_rerun(tmp_path, monkeypatch):
+    """A reset killed while the old folder was being deleted left a folder without manifest.json,
+    which every rerun refused as 'not a run'."""
+    import os
+
+    _small_run(tmp_path / "r", n=10)
+    real_unlink, seen = os.unlink, []
+
+    def unlink(name, *args, **kwargs):  # Ctrl-C right after manifest.json went
+        if seen and os.path.basename(seen[-1]) == "manifest.json":
+            raise KeyboardInterrupt
+        seen.append(os.fsdecode(name))
+        return real_unlink(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        _small_run(tmp_path / "r", n=12)  # other stimuli: the folder is reset
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert [info.name for info in list_runs(tmp_path)] == []  # no half run, no leftover listed
+    run = _small_run(tmp_path / "r", n=12)  # the same command resumes
+    assert run.n_stimuli == 12 and sorted(os.listdir(tmp_path)) == ["r"]  # the leftover went
+
+
+def test_a_manifest_this_version_cannot_read_is_refused_not_reset(tmp_path):
+    """A manifest of a newer format (or one hand-edited field) made the next write reset the
+    whole run folder, files a user kept in it included."""
+    run = _small_run(tmp_path / "r")
+    (run.path / "notes.txt").write_text("mine")
+    manifest = read_json(run.layout.manifest)
+    for key, value in (("format", 3), ("n_stimuli", "ten")):
+        write_json(run.layout.manifest, {**manifest, key: value})
+        with pytest.raises(CacheFormatError, match="not overwrite a run it cannot read.*delete"):
+            _small_run(tmp_path / "r")
+        assert (run.path / "notes.txt").read_text() == "mine"
+        assert read_json(run.layout.manifest)[key] == value
+    write_json(run.layout.manifest, manifest)
+    assert _small_run(tmp_path / "r").n_stimuli == 10
+
+
+def test_a_changed_stimulus_column_reaches_the_table_and_properties_without_re_extraction(
+    tmp_path,
+):
+    """A corrected label was kept out of stimuli.parquet (the stimuli step's fingerprint covers
+    id, image and captions only) while properties.parquet took it: the two disagreed."""
+    _small_run(tmp_path / "r")
+    events = []
+    stimuli = _stimuli(10).assign(label="dog")
+    run = _small_run(tmp_path / "r", stimuli=stimuli, progress=events.append)
+    assert run.stimuli["label"].tolist() == ["dog"] * 10
+    assert run.properties.values["label"].tolist() == ["dog"] * 10
+    assert all(e.skipped for e in events if e.step in ("extract", "neighbours", "gpa"))
+    assert load_run(run.path).manifest.complete
