@@ -87,17 +87,19 @@ except ValueError as exc:
 # the other side: language models at their best layer, then other modalities outside GPA (brain
 # recordings) at their default layer
 others = run.other_partner_models
-pairs = [
-    lab.Pair(vision, layer, partner, best_layers.get(partner, run.default_layer(partner)))
-    for vision, layer in zip(run.gpa.models, run.gpa.layers, strict=True)
-    for partner in run.partner_models
-]
-k = min(max(state.MIN_K, int(view.k)), n - 1)
+pairs = lab.cross_pairs(  # a language model in GPA is not paired with itself
+    zip(run.gpa.models, run.gpa.layers, strict=True),
+    [(partner, best_layers.get(partner, run.default_layer(partner)))
+     for partner in run.partner_models],
+)
+k = state.sets_k(view, n)  # the lab's k (lowered below its set size), so the numbers agree
 
 
 def _pair_choice() -> lab.Pair:
-    """The vision × language pair of the per-stimulus scores (kept across tabs)."""
-    state.drop_stale_choice(st.session_state, PAIR_KEY, list(range(len(pairs))))  # and its copy
+    """The vision × language pair of the per-stimulus scores (kept across tabs, by its models:
+    a pair that is gone is forgotten, never replaced by the pair now at its place)."""
+    choices = {pair.label: pair for pair in pairs}
+    state.drop_stale_choice(st.session_state, PAIR_KEY, list(choices))  # and its copy
     chosen = state.kept_widget(
         st.session_state,
         PAIR_KEY,
@@ -106,13 +108,12 @@ def _pair_choice() -> lab.Pair:
             if not others and run.gpa_modality == "vision"
             else "GPA model × partner pair (GPA models at their GPA layer, language models at "
             "their best layer, other models at their default layer)",
-            list(range(len(pairs))),
+            list(choices),
             key=key,
-            format_func=lambda i: f"{pairs[i].label} ({pairs[i].vision_layer} / "
-            f"{pairs[i].language_layer})",
+            format_func=lambda label: lab.pair_text(choices[label]),
         ),
     )
-    return pairs[chosen]
+    return choices[chosen]
 
 
 def _per_stimulus_ready(pair: lab.Pair, key: str) -> bool:
@@ -132,20 +133,31 @@ def _per_stimulus_ready(pair: lab.Pair, key: str) -> bool:
     return True
 
 
+#: Why per-stimulus alignment cannot be computed on this run (None: it can)
+if not pairs:
+    unaligned = (
+        f"Run {context.quoted_name} has no language model (nor another modality outside GPA): "
+        "per-stimulus alignment needs one."
+    )
+elif n < data.PER_STIMULUS_MIN_STIMULI:
+    unaligned = (
+        f"Run {context.quoted_name} has {n} stimuli: per-stimulus alignment needs at least "
+        f"{data.PER_STIMULUS_MIN_STIMULI} (local CKA measures each stimulus against a base of at "
+        "least 4 others)."
+    )
+else:
+    unaligned = None
 aligned = order_by != "dispersion"
 if aligned:
-    if not pairs:
-        st.error(
-            f"Run {context.info.name!r} has no language model (nor another modality outside "
-            "GPA): per-stimulus alignment needs one. "
-            "Order the gallery by dispersion."
-        )
+    if unaligned is not None:
+        st.error(f"{unaligned} Order the gallery by dispersion.")
         st.stop()
     pair = _pair_choice()
     st.caption(
         f"Gallery ordered by {ORDERS[order_by]} of {widgets.escape_markdown(pair.label)}, "
         "highest alignment on the left"
-        + (f" (k = {k}, the lab's k)" if order_by == "knn_overlap" else "")
+        + (f" (k = {k}, the lab's k on its low and high sets)"
+           if order_by == "knn_overlap" else "")
         + "; each card also shows its dispersion."
     )
 
@@ -313,9 +325,14 @@ with detail_tab:
             + (", language models at their best layer" if best_layers else "")
             + (", other models at their default layer." if others or not best_layers else ".")
         )
-        count = st.slider(
-            "Neighbours per model", 3, min(20, n - 1), min(5, n - 1), key="w_neighbour_count"
-        )
+        if n - 1 > 3:
+            count = st.slider(
+                "Neighbours per model", 3, min(20, n - 1), min(5, n - 1), key="w_neighbour_count"
+            )
+        else:  # a slider needs two values to choose from
+            count = n - 1
+            st.text(f"All {count} other stimuli of this run of {n} are listed (choosing how many "
+                    "neighbours to list needs a run of at least 5 stimuli).")
         model_layers = [*zip(run.gpa.models, run.gpa.layers, strict=True)] + [
             (model, best_layers.get(model, run.default_layer(model)))
             for model in run.partner_models
@@ -347,7 +364,7 @@ with detail_tab:
                 [model for model, _ in model_layers],
                 key=key,
                 horizontal=True,
-                format_func=lambda m: f"{m} ({run.modality(m)})",
+                format_func=lambda m: widgets.escape_markdown(f"{m} ({run.modality(m)})"),
             ),
         )
         layer, neighbour_rows, similarity = neighbours[shown_model]
@@ -364,11 +381,8 @@ with detail_tab:
 
 with alignment_tab:
     if alignment_tab.open:
-        if not pairs:
-            st.info(
-                f"Run {context.info.name!r} has no language model (nor another modality "
-                "outside GPA): per-stimulus alignment needs one."
-            )
+        if unaligned is not None:
+            st.info(unaligned)
         else:
             shown_pair = pair if aligned else _pair_choice()
             if _per_stimulus_ready(shown_pair, "w_alignment_compute"):

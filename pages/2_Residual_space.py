@@ -57,7 +57,7 @@ properties = predictors.run_properties(run)
 colour_choices = ["(dispersion score)", *(properties.names if properties is not None else [])]
 state.drop_stale_choice(st.session_state, COLOUR_KEY, colour_choices)
 # in a popover (its label says the choice): the browser builds the select box only when opened
-colour_now = widgets.excerpt(st.session_state.get(COLOUR_KEY, colour_choices[0]), 30)
+colour_now = widgets.excerpt(state.kept_value(st.session_state, COLOUR_KEY, colour_choices[0]), 30)
 with controls[1].popover(  # a short label: one line in a 1024-pixel window
     f"Colour: {widgets.escape_markdown(colour_now)}", icon=":material/palette:"
 ):

@@ -54,7 +54,7 @@ partners = run.partner_models
 others = run.other_partner_models
 if not partners:
     st.error(
-        f"Run {context.info.name!r} has no language model, nor any other model outside GPA (such "
+        f"Run {context.quoted_name} has no language model, nor any other model outside GPA (such "
         "as brain recordings), so there is nothing to align the vision models with: precompute a "
         "run with at least one language model (the demo run has two)."
     )
@@ -142,11 +142,16 @@ with layers_box:
         else:
             chosen = state.kept_value(st.session_state, key, BEST)
         layer_choice[model] = automatic if chosen == BEST else chosen
-pairs = tuple(
-    lab.Pair(vision, layer_choice[vision], language, layer_choice[language])
-    for vision in visions
-    for language in languages
+pairs = lab.cross_pairs(  # a language model in GPA is not paired with itself
+    [(vision, layer_choice[vision]) for vision in visions],
+    [(language, layer_choice[language]) for language in languages],
 )
+if not pairs:
+    st.error(
+        "The models chosen on both sides are the same model, which is not aligned with itself: "
+        "pick another model in the sidebar."
+    )
+    st.stop()
 sides = pair_sides(run, pairs)  # e.g. "vision × brain", in the texts
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +159,7 @@ sides = pair_sides(run, pairs)  # e.g. "vision × brain", in the texts
 max_size = n // 2
 if max_size < 4:
     st.error(
-        f"Run {context.info.name!r} has only {n} stimuli; low and high sets need at least 4 "
+        f"Run {context.quoted_name} has only {n} stimuli; low and high sets need at least 4 "
         "each (8 stimuli)."
     )
     st.stop()
@@ -191,9 +196,7 @@ def sets_and_results() -> None:
                 help=f"Stimuli per set; at most half of the {n} stimuli (low, high must not "
                 "overlap).",
             ),
-            coerce=lambda value: (
-                state.default_subset_size(n) if value is None else min(max(4, int(value)), max_size)
-            ),
+            coerce=lambda value: state.subset_size(value, n),
         )
     with row1[2]:
         source = state.bind_widget(
@@ -521,11 +524,11 @@ def _live(metric: str) -> bool:
     return not lab.needs_button(metric, n) and n <= data.PER_STIMULUS_LIVE_STIMULI
 
 
-def _when_asked(metric: str, what: str, work: str, key: str, done: tuple) -> bool:
+def _when_asked(metric: str, what: str, work: str, key: str, done: bool) -> bool:
     """Whether to compute ``what`` of ``metric`` now: at once for live metrics on runs up to
-    ``data.PER_STIMULUS_LIVE_STIMULI`` stimuli or once computed on this server (``done``); else
-    when the user presses the button (which says what it will do)."""
-    if _live(metric) or data.finished(*done):
+    ``data.PER_STIMULUS_LIVE_STIMULI`` stimuli or when computed on this server and still kept
+    (``done``); else when the user presses the button (which says what it will do)."""
+    if _live(metric) or done:
         return True
     prompt = st.empty()  # the notice and its button go once the work is asked for
     with prompt.container():
@@ -540,8 +543,10 @@ def _when_asked(metric: str, what: str, work: str, key: str, done: tuple) -> boo
 def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  # noqa: ANN001
     """Each set's raw score beside its calibrated score and matched random baseline, and the
     verdict on low > high."""
-    done = ("lab_calibration", metric, path, stamp, pairs, data.rows_key(sets.values()),
-            data.k_key(metric, k), options_key, n_draws, seed)
+    arguments = (path, stamp, pairs, tuple(sets), tuple(np.asarray(r) for r in sets.values()), k,
+                 metric, options_key, n_draws, n_draws, seed)
+    # done while the result is kept (the kept results are bounded: it may have gone)
+    done = not _live(metric) and data.kept(data.calibration_key(*arguments)) is not None
     work = f"{label} on {n_draws} shuffled pairings and {n_draws} matched sets per set and pair"
     if not _when_asked(
         metric, "the calibrated scores", work, "w_lab_calibration_compute", done
@@ -555,8 +560,6 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
         "GPA models' local density (typicality) and, where the data set has labels, on "
         "category."
     )
-    arguments = (path, stamp, pairs, tuple(sets), tuple(np.asarray(r) for r in sets.values()), k,
-                 metric, options_key, n_draws, n_draws, seed)
     if _live(metric):
         result = data.calibration(*arguments)
     else:  # minutes on a large run: a progress bar, the result kept for every session
@@ -565,7 +568,6 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
             bar = widgets.ProgressBar("Shuffling pairings and drawing matched random sets…")
             result = data.calibration_with_progress(*arguments, progress=bar)
             bar.empty()
-    data.mark_finished(*done)
     if result.low_high.empty:
         st.text(result.verdict)
     elif result.low_high["survives"].all():
@@ -599,13 +601,13 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
 
 def _per_stimulus(sets, focus, score, k) -> None:  # noqa: ANN001
     """Per-stimulus alignment of one pair against dispersion (picture, ρ and permutation p)."""
-    state.drop_stale_choice(st.session_state, "w_lab_pair", list(range(len(pairs))))
-    chosen = st.selectbox(
-        "Pair", list(range(len(pairs))), key="w_lab_pair",
-        format_func=lambda i: f"{pairs[i].label} ({pairs[i].vision_layer} / "
-        f"{pairs[i].language_layer})",
-    )
-    pair = pairs[chosen]
+    # by its models: a pair that is gone is forgotten, never replaced by the pair now at its place
+    choices = {pair.label: pair for pair in pairs}
+    state.drop_stale_choice(st.session_state, "w_lab_pair", list(choices))
+    pair = choices[st.selectbox(
+        "Pair", list(choices), key="w_lab_pair",
+        format_func=lambda label: lab.pair_text(choices[label]),
+    )]
     if not data.per_stimulus_ready(path, stamp, n, [pair], k):
         st.info(
             f"Per-stimulus alignment of {n:,} stimuli (local CKA costs O(n·d²) per pair) is "
@@ -642,7 +644,9 @@ def _tables(  # noqa: ANN001
             tuple(map(int, sets["high"])), data.k_key(metric, k), options_key,
             int(n_permutations), int(seed))
     work = f"{label} on {2 * int(n_permutations)} relabelled sets per pair"
-    if not _when_asked(metric, "the permutation test", work, "w_lab_permutation_compute", done):
+    if not _when_asked(
+        metric, "the permutation test", work, "w_lab_permutation_compute", data.finished(*done)
+    ):
         return
     st.subheader("Low vs high: permutation test per pair")
     st.caption(

@@ -56,7 +56,7 @@ n = run.n_stimuli
 max_size = n // 2
 if max_size < state.MIN_SUBSET_SIZE:
     st.error(
-        f"Run {run_name!r} has {n} stimuli; these analyses need at least "
+        f"Run {context.quoted_name} has {n} stimuli; these analyses need at least "
         f"{2 * state.MIN_SUBSET_SIZE}. Pick a larger run."
     )
     st.stop()
@@ -160,8 +160,8 @@ def _language_missing(*, partners_will_do: bool = False) -> bool:
         return False
     others = run.partner_models  # no language model here: the models outside GPA
     st.info(
-        f"Run {run_name!r} has no language model: this figure compares the vision models with "
-        "language models. Fig. S2 needs only the vision models"
+        f"Run {context.quoted_name} has no language model: this figure compares the vision "
+        "models with language models. Fig. S2 needs only the vision models"
         + ("; Fig. 2, S1 and the Alignment lab align them with "
            f"{', '.join(map(widgets.escape_markdown, others))}."
            if others else ".")
@@ -251,7 +251,7 @@ with s2_tab:
     if s2_tab.open:
         if len(run.gpa.models) < 3:
             st.info(
-                f"Leave-one-model-out needs at least 3 GPA models; run {run_name!r} has "
+                f"Leave-one-model-out needs at least 3 GPA models; run {context.quoted_name} has "
                 f"{len(run.gpa.models)}."
             )
         elif _asked(

@@ -36,8 +36,8 @@ run, view = context.run, context.view
 table = predictors.run_properties(run)
 if table is None:
     st.info(
-        f"Run {run.name!r} has no stimulus property table (it was made before the properties "
-        "step existed, or from arrays). Rerun the precompute command that made it (e.g. "
+        f"Run {context.quoted_name} has no stimulus property table (it was made before the "
+        "properties step existed, or from arrays). Rerun the precompute command that made it (e.g. "
         "`python -m convergence_core precompute --preset demo`): finished steps are reused and "
         "only the properties are computed."
     )

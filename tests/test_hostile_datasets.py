@@ -1004,6 +1004,23 @@ def hostile_names_cache(tmp_path_factory) -> Path:
     return cache
 
 
+def _markdown_texts(at) -> list[str]:  # noqa: ANN001
+    """Every text the page renders as Markdown: alerts, captions, headings, widget labels and
+    the options of radios and pills (their labels are Markdown too)."""
+    assert not at.exception, at.exception
+    rendered = [
+        element.value
+        for kind in ("markdown", "caption", "info", "warning", "error", "success", "title",
+                     "header", "subheader")
+        for element in getattr(at, kind)
+    ]
+    rendered += [widget.label for widget in at.main if getattr(widget, "label", None)]
+    rendered += [option for radio in at.radio for option in radio.proto.options]
+    rendered += [option.content for pills in at.get("button_group")
+                 for option in pills.proto.options]
+    return [str(text) for text in rendered]
+
+
 @pytest.mark.parametrize("page", list(PAGES))
 def test_every_page_shows_model_names_as_text(hostile_names_cache, monkeypatch, page):
     """No text a page renders as Markdown (alerts, captions, headings, labels, progress texts)
@@ -1018,19 +1035,61 @@ def test_every_page_shows_model_names_as_text(hostile_names_cache, monkeypatch, 
     if PAGES[page] is not None:
         at.switch_page(PAGES[page])
     at.run(timeout=90)
-    assert not at.exception, at.exception
-    rendered = [
-        element.value
-        for kind in ("markdown", "caption", "info", "warning", "error", "success", "title",
-                     "header", "subheader")
-        for element in getattr(at, kind)
-    ]
-    rendered += [widget.label for widget in at.main if getattr(widget, "label", None)]
+    rendered = _markdown_texts(at)
+    if page == "Stimuli gallery":  # the detail tab (built only when open) names every model
+        at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
+        at.run(timeout=90)
+        rendered += _markdown_texts(at)
+        assert [r for r in at.radio if r.label == "Neighbours in detail for"], "no detail radio"
     assert rendered
     raw = [text for text in rendered if "](http" in str(text)]
     assert not raw, (page, raw)
     if page == "Home":
         assert any("v\\*1\\*\\[a\\]" in text for text in map(str, rendered)), rendered
+
+
+#: A run folder named with Markdown emphasis and a Streamlit emoji shortcode
+HOSTILE_RUN = "nolang*bold*:cat:"
+
+
+@pytest.fixture(scope="module")
+def hostile_run_names_cache(tmp_path_factory) -> Path:
+    """Two runs named with Markdown: one without language models, property table and a third
+    GPA model (40 stimuli), one of 6 stimuli (too few for low and high sets)."""
+    from tests.fixtures_runs import make_synthetic_run
+
+    cache = tmp_path_factory.mktemp("hostile_run_names")
+    run = make_synthetic_run(cache / "runs", n=40, name=HOSTILE_RUN, language_models=(),
+                             vision_models=("vision-a", "vision-b"), images=False)
+    run.layout.properties.unlink()  # as a run made before the properties step existed
+    run.layout.properties_info.unlink()
+    make_synthetic_run(cache / "runs", n=6, name=f"tiny{HOSTILE_RUN}", images=False)
+    return cache
+
+
+@pytest.mark.parametrize(("run_name", "page", "settings"), [
+    (HOSTILE_RUN, "Stimuli gallery", {"w_gallery_order": "knn_overlap"}),
+    (HOSTILE_RUN, "Stimuli gallery", {widgets.STIMULI_TAB_KEY: "Alignment vs dispersion"}),
+    (HOSTILE_RUN, "Alignment lab", {}),
+    (HOSTILE_RUN, "Paper analyses", {}),
+    (HOSTILE_RUN, "Paper analyses", {"w_paper_tab": "Fig. S2: leave one model out"}),
+    (HOSTILE_RUN, "What predicts dispersion", {}),
+    (f"tiny{HOSTILE_RUN}", "Alignment lab", {}),
+    (f"tiny{HOSTILE_RUN}", "Paper analyses", {}),
+])
+def test_a_run_name_in_a_message_is_shown_as_text(
+    hostile_run_names_cache, monkeypatch, run_name, page, settings
+):
+    """A message naming the run (no language model, too few stimuli, too few GPA models, no
+    property table) quotes its folder name as text: no emphasis, no emoji."""
+    at = _open(hostile_run_names_cache, None, monkeypatch, {"run": run_name})
+    for key, value in settings.items():
+        at.session_state[key] = value
+    at.switch_page(PAGES[page]).run(timeout=90)
+    rendered = _markdown_texts(at)
+    assert not [text for text in rendered if "*bold*" in text or ":cat:" in text], rendered
+    quoted = widgets.escape_markdown(repr(run_name))
+    assert any(quoted in text for text in rendered), rendered
 
 
 @pytest.mark.parametrize(("page", "computes"), [("Paper analyses", "dispersion_sets"),

@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 from convergence_core.dashboard import data, lab, state
 from convergence_core.alignment import cknna, prepare_features
 from convergence_core.subsets import select_stimuli
-from tests.page_reading import card_deltas, cards, shown
+from tests.page_reading import card_deltas, cards, plain, shown
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -390,8 +390,9 @@ def test_brain_recordings_sit_on_the_language_side(run) -> None:
 
 def test_a_language_model_in_gpa_gets_one_layer_choice(tmp_path, monkeypatch) -> None:
     """GPA across a vision and a language model: the language model is on both sides of the
-    lab's pairs, and the Layers expander shows its choice once (a second widget with the same
-    key stopped the page); the Stimuli detail lists its neighbours once, at its GPA layer."""
+    lab's pairs but never paired with itself (CKNNA about 1 in every mean), and the Layers
+    expander shows its choice once (a second widget with the same key stopped the page); the
+    Stimuli detail lists its neighbours once, at its GPA layer, and its pairs lack it × itself."""
     from convergence_core.dashboard import widgets
 
     from convergence_core.precompute import write_run_from_embeddings
@@ -420,15 +421,25 @@ def test_a_language_model_in_gpa_gets_one_layer_choice(tmp_path, monkeypatch) ->
         f"w_layer_{m}" for m in ["vision-a", "language-a", "language-b", "vision-b", "vision-c"]
     )
     table = _results(at)
-    assert ("language-a", "language-a") in set(zip(table["vision_model"], table["language_model"]))
+    # GPA's 2 models × 4 partners (language-a, language-b and the vision models outside GPA)
+    pairs = set(zip(table["vision_model"], table["language_model"]))
+    assert len(pairs) == 7 and ("language-a", "language-a") not in pairs
+    assert ("language-a", "language-b") in pairs
+    assert any("mean over the 7 " in caption.value for caption in at.caption)  # the cards' pairs
     at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
     at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
-    assert at.radio(key="w_neighbour_model").options == [
+    assert [plain(o) for o in at.radio(key="w_neighbour_model").options] == [
         f"{m} ({kind})" for m, kind in [("vision-a", "vision"), ("language-a", "language"),
                                          ("language-b", "language"), ("vision-b", "vision"),
                                          ("vision-c", "vision")]
     ]
+    at.session_state[widgets.STIMULI_TAB_KEY] = "Gallery"
+    at.session_state["w_gallery_order"] = "knn_overlap"
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    shown = [option.split(" (")[0] for option in at.selectbox(key="w_stimulus_pair").options]
+    assert len(shown) == 7 and "language-a × language-a" not in shown
 
 
 def test_first_screen_is_the_bars_picture_and_the_tables_wait_until_opened(
@@ -702,6 +713,40 @@ def test_a_slower_metrics_calibration_waits_for_its_button(run) -> None:
     assert not [b for b in at.button if b.key == "w_lab_calibration_compute"]
     at.run(timeout=TIMEOUT)  # kept: shown again with no button
     assert any("Download calibrated scores" in b.proto.label for b in at.download_button)
+    kept = data._kept()[0]  # the kept result gone (more recent ones took its place)
+    for key in [key for key in kept if key[0] == "calibration"]:
+        del kept[key]
+    at.run(timeout=TIMEOUT)  # the button again, not minutes of work nobody asked for
+    assert not at.exception, at.exception
+    assert [b for b in at.button if b.key == "w_lab_calibration_compute"]
+    assert not any("Download calibrated scores" in b.proto.label for b in at.download_button)
+
+
+def test_finished_marks_are_few_hashes_that_go_before_their_results() -> None:
+    """The server's "finished" marks keep a hash per analysis (not the rows of every set), the
+    most recently used :data:`data.FINISHED_MARKS` of each name, at most half the entries of the
+    cache holding its results (a mark that outlived its result started the computation without
+    asking)."""
+    data._finished().clear()
+    sets = data.rows_key([np.arange(5_000), np.arange(5_000, 10_000)])
+    for k in range(2, 302):  # a drag of the k slider with the permutation test open
+        data.mark_finished("lab_permutation", "/runs/big", 1, sets, k)
+    limit = data.FINISHED_MARKS["lab_permutation"]
+    assert len(data._finished()["lab_permutation"]) == limit
+    assert all(isinstance(mark, int) for mark in data._finished()["lab_permutation"])
+    assert data.finished("lab_permutation", "/runs/big", 1, sets, 301)
+    assert not data.finished("lab_permutation", "/runs/big", 1, sets, 2)
+    assert data.finished("lab_permutation", "/runs/big", 1, sets, 302 - limit)  # used: kept
+    data.mark_finished("lab_permutation", "/runs/big", 1, sets, 999)
+    assert data.finished("lab_permutation", "/runs/big", 1, sets, 302 - limit)
+    caches = {"cross_modal": data.cross_modal, "cross_modal_retrieval": data.cross_modal_retrieval,
+              "per_stimulus": data._per_stimulus, "dispersion_sets": data.dispersion_sets,
+              "drop_fraction": data.drop_fraction, "leave_one_out": data.leave_one_out,
+              "lab_permutation": data._low_high_permutation}
+    assert set(caches) == set(data.FINISHED_MARKS)
+    for name, cached in caches.items():
+        assert 2 * data.FINISHED_MARKS[name] <= cached._info.max_entries, name
+    data._finished().clear()
 
 
 def test_calibration_and_per_stimulus_expanders(run) -> None:
@@ -720,6 +765,36 @@ def test_calibration_and_per_stimulus_expanders(run) -> None:
     assert len(grids) == 2
     wide = max(grids, key=lambda frame: frame.shape[1])
     assert {"calibrated", "null_mean", "matched_mean"} <= set(wide.columns)
+
+
+def test_a_set_size_too_large_for_a_new_run_becomes_the_size_the_warning_names(run) -> None:
+    """Set size 30 on a run of 60, then a run of 40 (at most 20): the warning names the default
+    size, and the widget, the URL and the sets use that size, not 30 clamped to 20."""
+    at = _page({"size": "30"}, tables=False)
+    assert at.number_input(key="w_size").value == 30
+    at.selectbox(key="w_run").set_value("brain").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    default = state.default_subset_size(40)
+    assert any(f"using {default}." in w.value for w in at.warning), [w.value for w in at.warning]
+    assert at.number_input(key="w_size").value == default
+    assert at.query_params.get("size") in (None, str(default))
+
+
+def test_the_per_stimulus_pair_stays_when_another_model_is_deselected(run) -> None:
+    """The per-stimulus pair is kept by its models: deselecting a model keeps the chosen pair
+    (it moved to another place in the list), and forgets a pair that is gone."""
+    at = _page(tables=False)
+    at.session_state["w_lab_per_stimulus"] = True
+    at.run(timeout=TIMEOUT)
+    at.selectbox(key="w_lab_pair").set_value("vision-b × language-b").run(timeout=TIMEOUT)
+    at.button_group(key="w_language").set_value(["language-b"]).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    box = at.selectbox(key="w_lab_pair")
+    assert box.value == "vision-b × language-b"
+    assert box.options[box.index].startswith("vision-b × language-b (")
+    at.button_group(key="w_vision").set_value(["vision-a", "vision-c"]).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert at.selectbox(key="w_lab_pair").value == "vision-a × language-b"  # gone: the first
 
 
 def test_sampled_best_layers_are_said_in_the_sidebar(run, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -195,6 +195,58 @@ def test_residual_space_colours_points_by_any_property(run, monkeypatch) -> None
     np.testing.assert_allclose(_array(points["marker"]["color"]), codes)
 
 
+def test_the_residual_picture_colour_bar_shows_property_names_without_html_entities(
+    tmp_path, monkeypatch
+) -> None:
+    """The picture's colour bar (matplotlib) gets the property's name and levels as written,
+    not the HTML-escaped title of the Plotly chart (``R&amp;D``)."""
+    from convergence_core.dashboard import charts, data
+    from tests.fixtures_runs import add_properties, make_synthetic_run
+
+    run = make_synthetic_run(tmp_path, n=20, images=False)
+    add_properties(run, {"R&D <score>": [float(i) for i in range(20)],
+                         "owner": ["Tom's" if i % 2 else "Ann & Bo" for i in range(20)]})
+    titles = []
+    monkeypatch.setattr(charts, "residual_scatter",
+                        lambda *args, colour_title, **kwargs: titles.append(colour_title) or b"")
+    stamp = data.manifest_stamp(run.path)
+    for name in ("R&D <score>", "owner"):
+        data.residual_scatter_png(str(run.path), stamp, "PCA", "mean", (), name)
+    assert titles[0].startswith("R&D <score>") and "&amp;" not in titles[0]
+    assert titles[1] == "owner\n(level: 0 Ann & Bo, 1 Tom's)"
+
+
+def _popover_labels(at: AppTest) -> list[str]:
+    labels = []
+
+    def walk(node) -> None:  # noqa: ANN001
+        proto = getattr(node, "proto", None)
+        if proto is not None and "popover" in proto.DESCRIPTOR.fields_by_name and (
+            proto.HasField("popover")
+        ):
+            labels.append(proto.popover.label)
+        children = getattr(node, "children", None)
+        for child in children.values() if isinstance(children, dict) else ():
+            walk(child)
+
+    walk(at.main)
+    return labels
+
+
+def test_the_colour_label_names_the_kept_property_after_a_page_switch(run, monkeypatch) -> None:
+    """The colour popover's label says the property the map is coloured by, also after a visit
+    to another page (when Streamlit has forgotten the widget and the kept copy restores it)."""
+    at = _page(str(REPO / "app.py"), monkeypatch)
+    at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
+    at.selectbox(key="w_colour_property").set_value("luminance_mean").run(timeout=TIMEOUT)
+    assert "Colour: luminance\\_mean" in _popover_labels(at)
+    at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
+    at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert at.selectbox(key="w_colour_property").value == "luminance_mean"
+    assert "Colour: luminance\\_mean" in _popover_labels(at)
+
+
 def test_scatters_above_the_hover_limit_send_numbers_not_text(run, monkeypatch) -> None:
     """Every page's scatter of stimuli (a property against dispersion, numeric or categorical;
     the held-out fit; cross-modal against vision dispersion) carries each point's text up to

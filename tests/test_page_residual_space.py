@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from convergence_core import settings
 from convergence_core.dashboard import catalogue, data, selection_io, state
 from tests.page_reading import gallery_texts, shown
 
@@ -118,8 +119,28 @@ def test_parse_id_list_accepts_plain_lists_and_refuses_binary() -> None:
     captions = [["a cat\u2028on a mat"], ["dog\x85x\x0c"]]
     export = selection_io.selection_csv(["img1", "img2"], captions)
     assert selection_io.parse_id_list(export) == ["img1", "img2"]
-    with pytest.raises(ValueError, match="accepted"):
-        selection_io.parse_id_list(b"1\n" * (selection_io.MAX_IMPORT_BYTES // 2 + 1))
+
+
+def test_a_large_exported_selection_is_read_back() -> None:
+    """The page's own export of 20,000 stimuli (ids and five captions each: 5.8 MB) is read back,
+    its captions skipped (an import refused more than 5 MB), and the server accepts an upload of
+    its size."""
+    import tomllib
+
+    from convergence_core.datasets import load_coco
+
+    demo = load_coco(settings.demo_data_root()).stimuli
+    n = 20_000
+    ids = [f"{demo['id'].iloc[i % len(demo)]}_{i}" for i in range(n)]
+    captions = [list(demo["captions"].iloc[i % len(demo)]) for i in range(n)]
+    exported = selection_io.selection_csv(ids, captions)
+    assert len(exported) > 5_000_000
+    rows, messages = selection_io.imported_selection(
+        exported, lambda wanted: catalogue.rows_of_ids(wanted, {i: r for r, i in enumerate(ids)})
+    )
+    assert rows is not None and len(rows) == n, messages
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert len(exported) < config["server"]["maxUploadSize"] * 1024 * 1024
 
 
 def test_rows_of_ids_keeps_order_and_reports_unknown() -> None:

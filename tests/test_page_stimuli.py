@@ -358,7 +358,7 @@ def test_gallery_ranked_by_per_stimulus_knn_overlap(run) -> None:
     at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     pair_box = at.selectbox(key="w_stimulus_pair")
-    pair_box.set_value(1).run(timeout=TIMEOUT)  # vision-a × language-b
+    pair_box.set_value("vision-a × language-b").run(timeout=TIMEOUT)
     best = dict(zip(*best_language_layers(run).iloc[:, :2].T.values, strict=True))
     expected = _dense_overlap(run, "vision-a", "stage2", "language-b", best["language-b"], 5)
     cards = _aligned_cards(at)
@@ -374,6 +374,45 @@ def test_gallery_ranked_by_per_stimulus_knn_overlap(run) -> None:
     )
     headers = [h.value for h in at.subheader]
     assert "Highest k-NN overlap (vision and language agree)" in headers
+
+
+def test_the_gallery_uses_the_k_the_lab_uses(run) -> None:
+    """k = 200 in the URL on a run of 40: the lab measures its sets of 10 at k = 9, and the
+    gallery ordered by k-NN overlap says and uses that k, not 200 (clamped to 39)."""
+    from convergence_core.analyses import best_language_layers
+
+    at = _page({"k": "200"})
+    at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert any("(k = 9, the lab's k" in caption.value for caption in at.caption), [
+        caption.value for caption in at.caption
+    ]
+    best = dict(zip(*best_language_layers(run).iloc[:, :2].T.values, strict=True))
+    expected = _dense_overlap(run, "vision-a", "stage2", "language-a", best["language-a"], 9)
+    assert _aligned_cards(at)[0][2] == pytest.approx(expected.max(), abs=1e-4)
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert at.slider(key="w_k").value == 9
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_a_run_of_three_or_four_stimuli_says_what_it_lacks(tmp_path, monkeypatch, n) -> None:
+    """The detail lists every other stimulus (a slider of one value raised), and per-stimulus
+    alignment (local CKA needs a base of 4 others) says it needs 5 stimuli, never a traceback."""
+    from tests.fixtures_runs import make_synthetic_run
+
+    make_synthetic_run(tmp_path / "runs", n=n, name="demo", images=False)
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = _page(detail=True)
+    assert f"All {n - 1} other stimuli" in " ".join(t.value for t in at.text)
+    at.session_state[widgets.STIMULI_TAB_KEY] = "Alignment vs dispersion"
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert "needs at least 5" in " ".join(i.value for i in at.info)
+    at.session_state[widgets.STIMULI_TAB_KEY] = "Gallery"
+    at.radio(key="w_gallery_order").set_value("local_cka").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert "needs at least 5" in " ".join(e.value for e in at.error)
 
 
 def test_brain_recordings_have_per_stimulus_alignment_and_neighbours(

@@ -22,6 +22,7 @@ them (arrays handed out here are read-only to enforce that).
 from __future__ import annotations
 
 import contextlib
+import html
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -560,6 +561,9 @@ def calibration_with_progress(
 #: Above this many stimuli per-stimulus alignment (local CKA: O(n·d²) per pair) is computed when
 #: asked (a button with progress), once for every session of the server
 PER_STIMULUS_LIVE_STIMULI = 20_000
+#: The fewest stimuli per-stimulus alignment needs: local CKA measures each stimulus against
+#: a base of at least 4 others (``stimulus_alignment.local_cka``)
+PER_STIMULUS_MIN_STIMULI = 5
 #: Permutations of the Spearman test of per-stimulus alignment against dispersion
 RELATION_PERMUTATIONS = 1000
 
@@ -778,7 +782,8 @@ def residual_scatter_png(
         shown.x,
         shown.y,
         colour,
-        colour_title=title.replace("<br>", "\n"),
+        # the title is Plotly's (HTML-escaped); matplotlib draws text as is
+        colour_title=html.unescape(title.replace("<br>", "\n")),
         x_title=shown.x_title,
         y_title=shown.y_title,
         title=shown.title,
@@ -914,8 +919,8 @@ def dispersion_sets(
         n_permutations=n_permutations,
         **_paper_pairs(run, path, stamp, k, partners),
     )
-    _finished().add(
-        ("dispersion_sets", path, stamp, size, k, score, n_random, n_permutations, seed, partners)
+    mark_finished(
+        "dispersion_sets", path, stamp, size, k, score, n_random, n_permutations, seed, partners
     )
     return result
 
@@ -932,7 +937,7 @@ def drop_fraction(
     result = analyses.drop_fraction_alignment(
         run, q=q, k=k, score=score, **_paper_pairs(run, path, stamp, k, partners)
     )
-    _finished().add(("drop_fraction", path, stamp, q, k, score, partners))
+    mark_finished("drop_fraction", path, stamp, q, k, score, partners)
     return result
 
 
@@ -942,26 +947,55 @@ def leave_one_out(path: str, stamp: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     from .. import analyses
 
     points = analyses.leave_one_model_out(_open_run(path, stamp))
-    _finished().add(("leave_one_out", path, stamp))
+    mark_finished("leave_one_out", path, stamp)
     return points, analyses.leave_one_model_out_statistics(points)
 
 
+#: How many "finished" marks each analysis keeps (the most recently used): half the entries of
+#: the cache that holds its results, so that a mark goes before its result. A mark that
+#: outlived its result started a minutes-long computation without its button; one that goes
+#: first only brings the button back, whose press then finds the result cached.
+FINISHED_MARKS = {
+    "cross_modal": 16, "cross_modal_retrieval": 16, "per_stimulus": 64, "dispersion_sets": 32,
+    "drop_fraction": 32, "leave_one_out": 8, "lab_permutation": 128,
+}
+#: The same for an analysis not named in :data:`FINISHED_MARKS`
+DEFAULT_FINISHED_MARKS = 8
+
+
+_FINISHED_LOCK = threading.Lock()
+
+
 @st.cache_resource(show_spinner=False)
-def _finished() -> set[tuple]:
-    """Keys of the analyses this server has computed (for every session): a page that asks
-    before starting a long computation shows a finished one at once."""
-    return set()
+def _finished() -> dict[str, OrderedDict]:
+    """The analyses this server has computed (for every session), per analysis name: the hash
+    of each key (not the key, which may hold every row of every set), most recent last."""
+    return {}
 
 
 def finished(*key: object) -> bool:
-    """Whether the analysis ``(name, path, stamp, parameters…)`` has been computed here."""
-    return tuple(key) in _finished()
+    """Whether the analysis ``(name, path, stamp, parameters…)`` has been computed here and is
+    still among the last :data:`FINISHED_MARKS` of its name (a page that asks before starting a
+    long computation shows a finished one at once)."""
+    with _FINISHED_LOCK:
+        kept_marks = _finished().get(str(key[0]), {})
+        if hash(tuple(key)) not in kept_marks:
+            return False
+        kept_marks.move_to_end(hash(tuple(key)))  # used again, like its cached result
+        return True
 
 
 def mark_finished(*key: object) -> None:
     """Record that the analysis ``(name, path, stamp, parameters…)`` has been computed here (a
-    page that asked before computing it shows it at once from now on, to every session)."""
-    _finished().add(tuple(key))
+    page that asked before computing it shows it at once from now on, to every session); the
+    least recently used mark beyond :data:`FINISHED_MARKS` of its name is forgotten."""
+    name, mark = str(key[0]), hash(tuple(key))
+    with _FINISHED_LOCK:
+        kept_marks = _finished().setdefault(name, OrderedDict())
+        kept_marks[mark] = None
+        kept_marks.move_to_end(mark)
+        while len(kept_marks) > FINISHED_MARKS.get(name, DEFAULT_FINISHED_MARKS):
+            kept_marks.popitem(last=False)
 
 
 @st.cache_resource(show_spinner=False)

@@ -22,7 +22,7 @@ run's neighbour index (``run.neighbours``: prepared features + exact neighbour l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -111,6 +111,27 @@ class MetricChoice(NamedTuple):
             f"{self.label} ({self.name}): {self.description}. Range [{low:g}, {high:g}]; needs "
             f"{needs}; {speed}."
         )
+
+
+def cross_pairs(
+    gpa_side: Iterable[tuple[str, str]], partner_side: Iterable[tuple[str, str]]
+) -> tuple[Pair, ...]:
+    """Every GPA model × partner pair of the Stimuli page and the lab, from (model, layer)
+    sides, without a model paired with itself: a language model that is also in GPA would be
+    aligned with itself (CKNNA about 1) and lift every mean over the pairs."""
+    partners = list(partner_side)
+    return tuple(
+        Pair(model, layer, partner, partner_layer)
+        for model, layer in gpa_side
+        for partner, partner_layer in partners
+        if partner != model
+    )
+
+
+def pair_text(pair: Pair) -> str:
+    """A pair as the pages' pair choices show it: ``"a × b (layer / layer)"`` (the choice itself
+    is ``pair.label``, unique among the pairs of :func:`cross_pairs`)."""
+    return f"{pair.label} ({pair.vision_layer} / {pair.language_layer})"
 
 
 def metric_label(name: str) -> str:

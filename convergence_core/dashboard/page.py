@@ -29,6 +29,12 @@ class PageContext:
     info: RunInfo
     view: state.View
 
+    @property
+    def quoted_name(self) -> str:
+        """The run's (folder) name quoted for a message, as text: alerts render Markdown, and a
+        folder may be named ``*bold*:cat:``."""
+        return widgets.escape_markdown(repr(self.info.name))
+
 
 def no_run_message() -> str:
     """What to tell a user who has no cached run yet, with the commands that make one."""
@@ -119,6 +125,8 @@ def open_page(title: str, icon: str = "🔬") -> PageContext:
             f"(low and high sets would overlap); using {state.default_subset_size(run.n_stimuli)}."
         )
         view.size = None
+        # the size widget follows (else it kept the old size, clamped to another number)
+        st.session_state.pop(state.WIDGET_PREFIX + "size", None)
     st.title(title)
     return PageContext(run=run, info=info, view=view)
 

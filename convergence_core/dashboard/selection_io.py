@@ -14,10 +14,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-#: Largest import accepted (bytes); an id list of a few thousand stimuli is far below this.
-MAX_IMPORT_BYTES = 5_000_000
-
-
 def rows_from_chart_selection(selection: Mapping[str, Any] | None, n_stimuli: int) -> list[int]:
     """Stimulus rows of the points in a ``st.plotly_chart(on_select=...)`` selection.
 
@@ -57,22 +53,18 @@ def selection_csv(ids: Sequence[str], captions: Sequence[Sequence[str]]) -> byte
 def parse_id_list(data: bytes | str, known: Container[str] = ()) -> list[str]:
     """Stimulus ids from an uploaded file or pasted text, in order, without duplicates.
 
-    Accepts a CSV with an ``id`` column (e.g. a file written by :func:`selection_csv`), or plain
-    ids separated by newlines, commas, semicolons, tabs or spaces. Blank entries are skipped. A
-    line of a plain list that is one of the ``known`` ids (the run's) as a whole is that id, so
-    that ids holding spaces or commas can be pasted one per line.
+    Accepts a CSV with an ``id`` column (e.g. a file written by :func:`selection_csv`, whose
+    other columns are skipped as they are read), or plain ids separated by newlines, commas,
+    semicolons, tabs or spaces. Blank entries are skipped. A line of a plain list that is one of
+    the ``known`` ids (the run's) as a whole is that id, so that ids holding spaces or commas
+    can be pasted one per line. The uploader's size limit (``server.maxUploadSize``) bounds an
+    upload.
 
     Raises:
-        ValueError: the data is larger than ``MAX_IMPORT_BYTES``, not UTF-8 text, or an
-            uploaded table (rows of the same number of comma-separated cells; pasted text is
+        ValueError: data that is not UTF-8 text, or an uploaded table (rows of the same number of comma-separated cells; pasted text is
             always a list) without an ``id`` column.
     """
     if isinstance(data, bytes):
-        if len(data) > MAX_IMPORT_BYTES:
-            raise ValueError(
-                f"the id list is {len(data):,} bytes, more than the {MAX_IMPORT_BYTES:,} accepted; "
-                "upload a CSV with only an 'id' column"
-            )
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
@@ -87,9 +79,10 @@ def parse_id_list(data: bytes | str, known: Container[str] = ()) -> list[str]:
     if "id" in header:
         # the header is the first line that is not blank (a reader would take a blank one); the
         # rest is read as written (a caption may hold characters that splitlines breaks at)
-        reader = csv.DictReader(io.StringIO(text.lstrip()))
-        column = next(name for name in reader.fieldnames or [] if name.strip().lower() == "id")
-        ids = [(record.get(column) or "").strip() for record in reader]
+        reader = csv.reader(io.StringIO(text.lstrip()))
+        column = [cell.strip().lower() for cell in next(reader)].index("id")
+        # only the id of each row is kept
+        ids = [record[column].strip() if column < len(record) else "" for record in reader]
     else:
         rows = [line for line in lines if line.strip()][:6]
         widths = {len(next(csv.reader([line]), [])) for line in rows}

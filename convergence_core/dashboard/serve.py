@@ -45,7 +45,7 @@ PACKAGED_APP_FOLDER = Path(__file__).resolve().parent / "streamlit_app"
 
 _EPILOG = """\
 Every other option is passed to `streamlit run` (e.g. --server.headless true,
---server.maxUploadSize 5; `streamlit run --help` lists them).
+--server.port 8502; `streamlit run --help` lists them).
 
 examples (in a checkout, `python -m convergence_core serve` is the same command):
   convergence serve                                  # http://localhost:8501

@@ -46,6 +46,14 @@ def default_subset_size(n_stimuli: int) -> int:
     return max(min(MIN_SUBSET_SIZE, n_stimuli), n_stimuli // 4)
 
 
+def subset_size(size: int | None, n_stimuli: int) -> int:
+    """The Alignment lab's set size for a requested ``size``: :func:`default_subset_size` when
+    None, else within [MIN_SUBSET_SIZE, n // 2] (low and high sets must not overlap)."""
+    if size is None:
+        return default_subset_size(n_stimuli)
+    return min(max(MIN_SUBSET_SIZE, int(size)), n_stimuli // 2)
+
+
 @dataclass
 class View:
     """The shareable part of what the user is looking at (one per browser session)."""
@@ -68,6 +76,12 @@ class View:
             "page": str(self.page),
         }
         return {name: value for name, value in params.items() if value is not None}
+
+
+def sets_k(view: View, n_stimuli: int) -> int:
+    """The k the Alignment lab measures its low, high and random sets at: the view's k lowered
+    below the set size (:func:`bind_bounded_int`; the view keeps the k asked for)."""
+    return max(1, min(max(MIN_K, int(view.k)), subset_size(view.size, n_stimuli) - 1))
 
 
 def shown(text: str, limit: int = 40) -> str:
