@@ -61,8 +61,8 @@ def parse_id_list(data: bytes | str, known: Container[str] = ()) -> list[str]:
     upload.
 
     Raises:
-        ValueError: data that is not UTF-8 text, or an uploaded table (rows of the same number of comma-separated cells; pasted text is
-            always a list) without an ``id`` column.
+        ValueError: data that is not UTF-8 text, or an uploaded table (rows of the same number
+            of comma-separated cells; pasted text is always a list) without an ``id`` column.
     """
     if isinstance(data, bytes):
         try:
