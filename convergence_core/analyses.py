@@ -221,9 +221,14 @@ def best_language_layers(
     """Per language model, the layer whose mean CKNNA with the vision models (full set) is highest.
 
     ``sweep`` may pass a :func:`layer_sweep` table already computed with the same ``k``. Ties go to
-    the shallower layer. Returns one row per language model: ``language_model``,
+    the shallower layer; layers whose mean is NaN (CKNNA undefined with every vision model) are
+    passed over. Returns one row per language model: ``language_model``,
     ``language_layer``, ``language_layer_index``, ``mean_cknna``, ``n_vision_models``, ``k``,
     ``n_stimuli_used`` and ``sample_seed`` (of the sweep's sample; None: every stimulus).
+
+    Raises:
+        ValueError: every layer of a language model has a NaN mean CKNNA (naming the model; the
+            dashboard then uses the default layers).
     """
     if sweep is None:
         sweep = layer_sweep(run, k=k)
@@ -242,7 +247,14 @@ def best_language_layers(
     rows = []
     for language in dict.fromkeys(means["language_model"]):
         layers = means[means["language_model"] == language].sort_values("language_layer_index")
-        best = layers.iloc[int(np.argmax(layers["mean_cknna"].to_numpy()))]
+        values = layers["mean_cknna"].to_numpy(dtype=np.float64)
+        if np.isnan(values).all():
+            raise ValueError(
+                f"language model {language!r} has no defined CKNNA with the vision models at any "
+                "of its layers (NaN: its features or theirs do not vary over the stimuli?); check "
+                "its features, or leave it out of the run"
+            )
+        best = layers.iloc[int(np.nanargmax(values))]
         rows.append(
             {
                 "language_model": language,

@@ -29,6 +29,20 @@ import numpy as np
 from .metrics import cka
 from .validation import check_features, check_pair
 
+#: The largest set :func:`blind_matching` matches by default (dense (s, s) kernels, O(s³) solver)
+MAX_STIMULI = 3000
+
+
+def check_set_size(s: int, max_stimuli: int | None = None) -> None:
+    """ValueError naming the fix if a set of ``s`` stimuli is above ``max_stimuli`` (default
+    :data:`MAX_STIMULI`): callers check before choosing seeds (k-means on the whole set)."""
+    limit = MAX_STIMULI if max_stimuli is None else max_stimuli
+    if s > limit:
+        raise ValueError(
+            f"{s} stimuli: blind matching forms dense ({s}, {s}) kernels and an O(s³) solver; match "
+            f"a set of at most {limit} (or raise max_stimuli knowingly)."
+        )
+
 
 @dataclass(frozen=True)
 class MatchingResult:
@@ -124,7 +138,7 @@ def blind_matching(
     n_init: int = 1,
     maxiter: int = 30,
     seed: int = 0,
-    max_stimuli: int = 3000,
+    max_stimuli: int | None = None,
 ) -> MatchingResult:
     """Match images X (s, d_x) to captions Y (s, d_y) by maximising CKA (see the module doc).
 
@@ -138,17 +152,14 @@ def blind_matching(
         n_init: solver starts (barycenter, then randomized); the best objective is kept.
         maxiter: Frank–Wolfe iterations per start.
         seed: integer seed of the hidden shuffle, the seed choice and the randomized starts.
-        max_stimuli: refuse larger sets (dense (s, s) kernels, O(s³) solver).
+        max_stimuli: refuse larger sets (dense (s, s) kernels, O(s³) solver; None:
+            :data:`MAX_STIMULI`).
     """
     from scipy.optimize import quadratic_assignment
 
     X, Y = check_pair(X, Y, min_rows=3)
     s = X.shape[0]
-    if s > max_stimuli:
-        raise ValueError(
-            f"{s} stimuli: blind matching forms dense ({s}, {s}) kernels and an O(s³) solver; match "
-            f"a set of at most {max_stimuli} (or raise max_stimuli knowingly)."
-        )
+    check_set_size(s, max_stimuli)
     truth = np.arange(s) if truth is None else np.asarray(truth)
     if truth.shape != (s,) or not np.array_equal(np.sort(truth), np.arange(s)):
         raise ValueError(

@@ -540,8 +540,13 @@ def _make_model(name: str, numeric: Sequence[str], categorical: Sequence[str], s
 
 
 def _r2(observed: np.ndarray, predicted: np.ndarray) -> float:
+    """R² of ``predicted`` (n,) against ``observed`` (n,); NaN for a constant target, whose total
+    sum of squares is 0 or rounding error (0.3 sixty times gives ~1e-31 and R² = 1)."""
     total = float(((observed - observed.mean()) ** 2).sum())
-    return 1.0 - float(((observed - predicted) ** 2).sum()) / total if total > 0 else float("nan")
+    rounding = observed.size * (16 * np.finfo(np.float64).eps * np.abs(observed).max()) ** 2
+    if np.ptp(observed) == 0 or total <= rounding:
+        return float("nan")
+    return 1.0 - float(((observed - predicted) ** 2).sum()) / total
 
 
 class _Fold(NamedTuple):
@@ -707,7 +712,8 @@ def cross_validated_fit(
     (pooled out-of-fold predictions), ``r2_fold_mean``, ``r2_fold_sd``, ``r2_shuffled_mean``,
     ``r2_shuffled_sd``, ``r2_shuffled_upper_95`` (95th percentile of the shuffled-target
     refits), ``p_value_vs_shuffled`` (``(1 + #{shuffled ≥ observed}) / (n_shuffles + 1)``), plus
-    columns ``n_stimuli``, ``n_properties``, ``n_splits``, ``n_shuffles``.
+    columns ``n_stimuli``, ``n_properties``, ``n_splits``, ``n_shuffles``. R² and its p-value are
+    NaN for a constant score (no variance to explain).
     ``importances``: ``score``, ``model``, ``property``, ``importance_mean``, ``importance_sd``
     (drop in held-out R² when the property is shuffled, over folds × ``importance_repeats``),
     ``rank`` (1 = most important). ``predictions``: ``score``, ``model``, ``id``, ``observed``,
@@ -798,8 +804,9 @@ def _fit_metrics(observed: float, fold_r2: Sequence[float], null: np.ndarray) ->
         "r2_shuffled_mean": float(null.mean()) if null.size else nan,
         "r2_shuffled_sd": float(null.std(ddof=1)) if null.size > 1 else nan,
         "r2_shuffled_upper_95": float(np.percentile(null, 95)) if null.size else nan,
-        "p_value_vs_shuffled": (
-            (1.0 + np.count_nonzero(null >= observed)) / (null.size + 1.0) if null.size else nan
+        "p_value_vs_shuffled": (  # NaN for an undefined R², never the smallest p
+            (1.0 + np.count_nonzero(null >= observed)) / (null.size + 1.0)
+            if null.size and np.isfinite(observed) else nan
         ),
     }
 

@@ -420,7 +420,7 @@ def predictors_figure(
     left.set_xlabel("Spearman ρ with dispersion (√ε² for categories), unitless")
     left.set_title(f"Top properties by permutation p ({score}); filled: q < {q}", fontsize=9)
     metrics = fit[fit["score"] == score].pivot_table(
-        index="model", columns="metric", values="value"
+        index="model", columns="metric", values="value", dropna=False  # an undefined R² is NaN
     )
     chosen = predictions[predictions["score"] == score]
     colours = {"ridge": "#2b8cbe", "boosted_trees": "#fd8d3c"}

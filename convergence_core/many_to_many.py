@@ -230,14 +230,26 @@ def class_averaging_effect(
 
     ``images`` (n, d_x) and ``texts`` (n, d_y) are paired rows, ``labels`` (n,) their classes;
     ``one`` picks each class's first row or a random one (seeded). The interval is over classes.
-    At least half of the classes need two or more members (else ValueError): with one image per
-    class the comparison would be of each image with itself.
+    Stimuli without a label (None, NaN) take no part; labels of mixed types are compared as
+    strings, as ``calibration.matchable_labels`` does. At least half of the classes need two or
+    more members (else ValueError): with one image per class the comparison would be of each
+    image with itself.
     """
     scorer = _scorer(score, options)
     images = check_features(images, "images")
     texts = check_features(texts, "texts")
     if texts.shape[0] != images.shape[0]:
         raise ValueError("images and texts must be paired rows of the same stimuli (same n).")
+    labels = np.asarray(labels)
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must be ({images.shape[0]},), one per row; got {labels.shape}.")
+    labelled = ~pd.isna(labels)
+    if not labelled.any():
+        raise ValueError("no stimulus has a label; pass labels to average over classes.")
+    if not labelled.all():  # (no copy of the features when every stimulus has a label)
+        images, texts = images[labelled], texts[labelled]
+    labels = labels[labelled]
+    labels = labels.astype(str) if labels.dtype == object else labels  # str and None: sortable
     classes, image_means = class_means(images, labels)
     _, text_means = class_means(texts, labels)
     codes = np.searchsorted(classes, np.asarray(labels))

@@ -54,9 +54,10 @@ from . import (
 from . import metrics as registry
 from .alignment import cknna_bound_note
 from .blind_matching import blind_matching as match_blind
+from .blind_matching import check_set_size as check_matching_size
 from .blind_matching import image_seeds
 from .cache import RunLayout, live_writer, lock_path, read_json, write_bytes, write_json
-from .dispersion import SCORES, two_model_note
+from .dispersion import SCORES, check_score, two_model_note
 from .gpa_stability import describe as describe_stability
 from .gpa_stability import gpa_stability
 from .metrics import metric_names
@@ -66,7 +67,7 @@ from .run import Run, load_run
 from .stats import percentile_interval
 from .subset_metrics import row_space_coordinates
 from .subsets import select_stimuli
-from .validation import MIN_CKNNA_SET_SIZE, check_count
+from .validation import MIN_CKNNA_SET_SIZE, check_count, check_k
 
 #: Columns of the summary table, in print order.
 SUMMARY_COLUMNS = [
@@ -229,12 +230,15 @@ def _cknna_values(
     return rows
 def property_summary(analysis: Any, top: int = 5) -> dict[str, Any]:
     """Per score: the ``top`` ranked properties (property, test, effect_name, effect, q_value,
-    p_value, n_stimuli) and, per model, the held-out R² with its shuffled-target baseline."""
+    p_value, n_stimuli) and, per model, the held-out R² with its shuffled-target baseline (None
+    where undefined: no shuffles, a constant score)."""
     summary: dict[str, Any] = {}
     for score in analysis.parameters["scores"]:
         tests = analysis.tests[analysis.tests["score"] == score].sort_values("rank").head(top)
         fit = analysis.fit[analysis.fit["score"] == score]
-        wide = fit.pivot_table(index="model", columns="metric", values="value", sort=False)
+        wide = fit.pivot_table(  # dropna=False: an all-NaN metric keeps its column
+            index="model", columns="metric", values="value", sort=False, dropna=False
+        )
         summary[score] = {
             "top_properties": [
                 {key: _json_value(value) for key, value in row.items()}  # NaN p: null
@@ -297,12 +301,15 @@ _COUNTS = {
 }
 
 
-def _check_settings(q: object, **counts: object) -> tuple[float, dict[str, int]]:
+def _check_settings(
+    q: object, scores: Sequence[str], options: AnalysisOptions, **counts: object
+) -> tuple[float, list[str], dict[str, int]]:
     """ValueError naming the setting, its command-line flag and the fix unless each count is an
-    integer of at least its least value (:data:`_COUNTS`) and ``q`` a fraction in (0, 1):
-    checked before the first section, which on a large run takes minutes (each was checked only
-    when its section ran, after the sections before it had written their files). Returns them
-    as Python numbers."""
+    integer of at least its least value (:data:`_COUNTS`), ``q`` a fraction in (0, 1), ``scores``
+    one or more dispersion scores and the metrics of ``options`` registry names: checked before
+    the first section, which on a large run takes minutes (each was checked only when its
+    section ran, after the sections before it had written their files). Returns q, the scores
+    (repeats dropped) and the counts as Python numbers."""
     checked = {}
     for name, value in counts.items():
         least, example = _COUNTS[name]
@@ -317,8 +324,33 @@ def _check_settings(q: object, **counts: object) -> tuple[float, dict[str, int]]
             f"q is the fraction of stimuli Fig. S1 drops and must lie in (0, 1), got {q!r}; use "
             "e.g. --q 0.25 (or q=0.25)"
         )
+    scores = [scores] if isinstance(scores, str) else list(dict.fromkeys(scores))
+    try:
+        if not scores:
+            raise ValueError(f"pass at least one dispersion score; use one of {list(SCORES)}")
+        for score in scores:
+            check_score(score)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (--scores)") from None
+    for flag, names in (("--metrics", options.metric_names),
+                        ("calibration_metrics", lambda: options.calibration_metric_names([])),
+                        ("many_to_many_metrics",
+                         lambda: analyses.check_metric_names(options.many_to_many_metrics))):
+        try:
+            names()
+        except ValueError as exc:
+            raise ValueError(f"{exc} ({flag})") from None
     # as Python numbers: they go into report.json (numpy's int64 and float32 are no JSON)
-    return float(q), checked
+    return float(q), scores, checked
+
+
+def _check_k_fits(k: int, size: int) -> None:
+    """ValueError naming --k and --size unless each stimulus of a set of ``size`` has k others
+    (CKNNA: k >= 2): before the first section, not after the layer sweep."""
+    try:
+        check_k(k, size, 2, what="sets")
+    except ValueError as exc:
+        raise ValueError(f"{exc} (--k, --size)") from None
 
 
 def write_report(
@@ -359,6 +391,10 @@ def write_report(
 
     ``progress`` (optional) is called with each section's name as it starts (the CLI prints
     them with the time so far: a report on a large run takes minutes).
+
+    Every setting is checked before the first section (ValueError naming the flag); then an
+    earlier report's ``report.json`` and ``summary.txt`` in ``out`` are removed, so a folder with
+    report.json holds one whole report (written last; NaN and ±inf as null).
     """
     options = AnalysisOptions() if options is None else options
     tell = progress or _silent
@@ -368,8 +404,8 @@ def write_report(
     if size is not None:
         analyses.check_set_size(size, n)  # before the first section writes a file
         size = int(size)
-    q, counts = _check_settings(
-        q, seed=seed, k=k, n_random=n_random, n_permutations=n_permutations,
+    q, scores, counts = _check_settings(
+        q, scores, options, seed=seed, k=k, n_random=n_random, n_permutations=n_permutations,
         universal_folds=universal_folds, property_permutations=property_permutations,
         property_shuffles=property_shuffles,
     )
@@ -379,7 +415,12 @@ def write_report(
     universal_folds, property_permutations, property_shuffles = (
         counts["universal_folds"], counts["property_permutations"], counts["property_shuffles"]
     )
+    if run.partner_models:  # the Fig. 2 sets (GPA models × language or other models)
+        size = default_set_size(n, k) if size is None else size
+        _check_k_fits(k, size)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("report.json", "summary.txt"):  # a folder with report.json holds one whole report
+        (out / name).unlink(missing_ok=True)  # (a rerun that fails leaves no earlier one beside)
     # without language models only GPA stability of the slow sections runs
     hint = large_run_hint(n, options, _SLOW_SECTIONS if run.language_models else ("gpa_stability",))
     if hint is not None:
@@ -391,7 +432,6 @@ def write_report(
             property_permutations=property_permutations, property_shuffles=property_shuffles,
             tell=tell, version=version,
         )
-    size = default_set_size(n, k) if size is None else size
     files: list[str] = []
     notes: list[str] = []
     two_models, first_layer = _gpa_notes(run)
@@ -550,9 +590,7 @@ def write_report(
         ),
         "verdicts": verdicts,
         "properties": properties,
-        "paired_tests": paired_tests.astype(object)
-        .where(paired_tests.notna(), None)
-        .to_dict("records"),
+        "paired_tests": _records(paired_tests),
         "universal_space": universal_space,
         "partners": partners,
         **sections,
@@ -560,6 +598,7 @@ def write_report(
         "files": sorted([*files, "report.json"]),
     }
     _check_unchanged(run, version, out)
+    report = _plain_json(report)
     write_json(out / "report.json", report)
     return report
 
@@ -680,6 +719,7 @@ def _report_without_language(
         "files": sorted([*files, "report.json"]),
     }
     _check_unchanged(run, version, out)
+    report = _plain_json(report)
     write_json(out / "report.json", report)
     return report
 
@@ -837,9 +877,19 @@ def format_retrieval_headline(headline: dict[str, Any]) -> str:
 
 
 def _json_value(value: Any) -> Any:
-    """A table cell as plain JSON: numpy scalars unwrapped, NaN as null."""
+    """A table cell as plain JSON: numpy scalars unwrapped, NaN and ±inf as null."""
     value = value.item() if hasattr(value, "item") else value
-    return None if isinstance(value, float) and math.isnan(value) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _plain_json(value: Any) -> Any:
+    """``value`` (dicts, lists and tuples of cells, nested) with every cell :func:`_json_value`:
+    report.json is strict JSON, and one inf (a t statistic, say) refused all of it."""
+    if isinstance(value, dict):
+        return {key: _plain_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain_json(item) for item in value]
+    return _json_value(value)
 
 
 def universal_space_section(
@@ -1036,14 +1086,20 @@ class AnalysisOptions:
             raise ValueError(
                 f"cannot skip {unknown}; sections that may be skipped: {OPTIONAL_SECTIONS}"
             )
-        for name in ("n_shuffles", "n_matched", "predictivity_folds", "many_to_many_resamples",
-                     "cca_dim", "gpa_starts"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("metric_permutations", "predictivity_random", "blind_matching_repeats",
-                     "blind_matching_random", "blind_matching_seeds"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+        least = {"n_shuffles": 1, "n_matched": 1, "predictivity_folds": 2,
+                 "many_to_many_resamples": 1, "cca_dim": 1, "gpa_starts": 1,
+                 "metric_permutations": 0, "predictivity_random": 0, "blind_matching_repeats": 0,
+                 "blind_matching_random": 0, "blind_matching_seeds": 0}
+        for name, minimum in least.items():
+            if int(getattr(self, name)) < minimum:
+                raise ValueError(f"{name} must be at least {minimum}, got {getattr(self, name)}")
+        if (self.blind_matching_repeats + self.blind_matching_random < 1
+                and "blind_matching" not in self.skip):
+            raise ValueError(
+                "blind_matching_repeats and blind_matching_random are both 0, so blind matching "
+                "has no set to match; use e.g. --blind-matching-random 10 (or "
+                "blind_matching_repeats=3), or --skip blind_matching"
+            )
 
     def metric_names(self) -> list[str]:
         """The Fig. 2 metrics: CKNNA first, then the chosen ones (all by default)."""
@@ -1333,6 +1389,13 @@ def _caption_pairs(
     return found, notes
 
 
+#: Above this many stimuli the many-to-many caption comparison runs on a seeded random sample of
+#: this many (``analyses.sweep_sample`` with the report's seed; said in a note): exact k-NN on
+#: every stimulus costs O(n²·d) per score, ~200 scores per pair and metric (~80 s per pair and
+#: metric at 1,000 stimuli on 2 cores, about 3 min at 4,000, hours at 100,000).
+MANY_TO_MANY_MAX_STIMULI = 1_000
+
+
 def many_to_many_section(
     run: Run, out: Path, pairs: Sequence[analyses.Pair], *, k: int, metrics: Sequence[str],
     n_resamples: int, embed: bool, seed: int,
@@ -1342,17 +1405,31 @@ def many_to_many_section(
 
     Captions are embedded at each language model's layer in the pairs (:mod:`caption_embeddings`)
     and prepared as the run prepares that layer (clip at its threshold, unit norm): the
-    one-caption side is then the run's own language features. Writes ``many_to_many``. Returns
-    (files, report.json entry with ``verdict`` and ``notes``).
+    one-caption side is then the run's own language features. Above
+    :data:`MANY_TO_MANY_MAX_STIMULI` stimuli the caption comparison runs on a seeded random
+    sample of that many (a note says so; ``n_units`` is the sample's size); class averaging takes
+    every labelled stimulus. Writes ``many_to_many``. Returns (files, report.json entry with
+    ``verdict`` and ``notes``).
     """
     captions, notes = _caption_pairs(run, pairs, embed)
     labels = run.stimuli["label"].to_numpy() if "label" in run.stimuli.columns else None
+    sample = analyses.sweep_sample(run.n_stimuli, max_stimuli=MANY_TO_MANY_MAX_STIMULI, seed=seed)
+    if captions and sample.size < run.n_stimuli:
+        notes.append(
+            f"many-to-many caption averaging on a seeded random sample of {sample.size:,} of the "
+            f"{run.n_stimuli:,} stimuli (MANY_TO_MANY_MAX_STIMULI; exact k-NN on all of them "
+            "would take hours)"
+        )
     records = []
     for pair in pairs:
         vision = run.neighbours(pair.vision_model, pair.vision_layer).features
         language = run.neighbours(pair.language_model, pair.language_layer).features
         embedded = captions.get((pair.language_model, pair.language_layer))
-        prepared_images = vision.all_rows() if embedded is not None else None
+        prepared_images = vision.rows(sample) if embedded is not None else None
+        if embedded is not None:  # the captions of the sampled images, owners as sample rows
+            kept = np.isin(embedded.owners, sample)
+            caption_rows = np.asarray(embedded.features[kept], dtype=np.float64)
+            owners = np.searchsorted(sample, embedded.owners[kept])
         for metric in metrics:
             options = {"k": k} if registry.metric(metric).neighbour_metric else {}
 
@@ -1376,8 +1453,8 @@ def many_to_many_section(
                     images = row_space_coordinates(prepared_images)
                 effects.append(
                     many_to_many.caption_averaging_effect(
-                        prepared, images, np.asarray(embedded.features, dtype=np.float64),
-                        embedded.owners, method="half", n_resamples=n_resamples, seed=seed,
+                        prepared, images, caption_rows, owners, method="half",
+                        n_resamples=n_resamples, seed=seed,
                     )
                 )
             if labels is not None:
@@ -1471,10 +1548,14 @@ def blind_matching_section(
     Writes ``blind_matching`` (one row per run: pair, set, draw, accuracy, chance, n_correct,
     n_query, p-value of as many correct by chance, CKA of the true and found pairings) and
     ``blind_matching_summary`` (per pair × set: mean accuracy, chance, ratio, random interval).
+    Sets above ``blind_matching.MAX_STIMULI`` are refused (ValueError: a note) before any k-means.
     """
+    check_matching_size(int(np.size(sets.low)))  # before image_seeds' k-means on the whole set
     named = [("low", r, sets.low) for r in range(repeats)]
     named += [("high", r, sets.high) for r in range(repeats)]
     named += [("random", i, rows) for i, rows in enumerate(sets.random[:n_random])]
+    if not named:  # AnalysisOptions refuses this before the report starts
+        raise ValueError("no set to match; pass repeats or n_random of at least 1")
     records = []
     known: dict[tuple[str, str, str, int], np.ndarray] = {}  # an image set's seeds, for all pairs
     for pair in pairs:

@@ -138,7 +138,8 @@ def paired_difference_tests(first: np.ndarray, second: np.ndarray) -> pd.DataFra
 
     Returns one row per test: ``test``, ``statistic``, ``p_value``, ``n_pairs``,
     ``mean_difference`` (mean of first - second). With fewer than 2 pairs, or when every
-    difference is zero, the statistic and p-value are NaN (no test is possible).
+    difference is zero, the statistic and p-value are NaN (no test is possible); so are the t
+    test's when the differences do not vary (up to rounding): t would be ±inf and p 0.
     """
     first = np.asarray(first, dtype=np.float64)
     second = np.asarray(second, dtype=np.float64)
@@ -156,9 +157,13 @@ def paired_difference_tests(first: np.ndarray, second: np.ndarray) -> pd.DataFra
     mean_difference = float(differences.mean()) if n_pairs else float("nan")
     rows = []
     testable = n_pairs >= 2 and np.any(differences != 0)
+    # the rounding of first - second: differences within it of each other have no variance
+    rounding = 4 * np.finfo(np.float64).eps * max(np.abs(first).max(initial=0.0),
+                                                  np.abs(second).max(initial=0.0))
+    varies = n_pairs >= 2 and np.ptp(differences) > rounding
     for name, test in (("wilcoxon_signed_rank", sps.wilcoxon), ("paired_t", sps.ttest_rel)):
         statistic = p_value = float("nan")
-        if testable:
+        if testable and (varies or name != "paired_t"):
             result = test(first, second) if name == "paired_t" else test(differences)
             statistic, p_value = float(result.statistic), float(result.pvalue)
         rows.append(

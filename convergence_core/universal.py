@@ -56,6 +56,7 @@ import pandas as pd
 from .dispersion import check_score
 from .procrustes import GPAResult, generalized_procrustes
 from .stats import spearman_permutation_test
+from .validation import check_count
 
 if TYPE_CHECKING:
     from .run import Run
@@ -458,13 +459,31 @@ def cross_modal_analysis(
         intra_modal: (n,) per-stimulus intra-modal dispersion to relate D to (optional).
         n_components, n_permutations, seed: see :func:`fit_universal_space` and
             :func:`dispersion_relation`.
+
+    The members, ids, ``intra_modal`` and ``n_permutations`` are checked before the fit (minutes
+    on a large run).
     """
     members = _check_members(members)
-    fit = fit_universal_space(features, members, n_components=n_components)
-    n = fit.n_train
+    _check_member_count(features, members)
+    modalities = list(dict.fromkeys(member.modality for member in members))
+    if len(modalities) < 2:
+        raise ValueError(
+            f"cross-modal dispersion needs models of at least 2 modalities, got {modalities}; "
+            "add a model of another modality (e.g. a language model)"
+        )
+    n = len(features[0])  # the fit checks that every member has as many rows
     ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
     if len(ids) != n:
         raise ValueError(f"got {len(ids)} ids for {n} stimuli; pass one id per row")
+    intra = None
+    if intra_modal is not None:
+        intra = np.asarray(intra_modal, dtype=np.float64).reshape(-1)
+        if intra.shape[0] != n:
+            raise ValueError(
+                f"intra_modal has {intra.shape[0]} values for {n} stimuli; pass one per stimulus"
+            )
+        check_count(n_permutations, "n_permutations", 1)
+    fit = fit_universal_space(features, members, n_components=n_components)
     residuals = np.asarray(fit.gpa.residuals, dtype=np.float64)
     stimulus = np.arange(n)
     residual_table = pd.concat(
@@ -503,12 +522,7 @@ def cross_modal_analysis(
     parts += [rows("modality_distance", d, a, b) for (a, b), d in distances.items()]
     parts.append(rows("mean_residual", residuals.mean(axis=1)))
     relation = pd.DataFrame()
-    if intra_modal is not None:
-        intra = np.asarray(intra_modal, dtype=np.float64).reshape(-1)
-        if intra.shape[0] != n:
-            raise ValueError(
-                f"intra_modal has {intra.shape[0]} values for {n} stimuli; pass one per stimulus"
-            )
+    if intra is not None:
         parts.append(rows("intra_modal_dispersion", intra))
         relation = pd.DataFrame(
             [

@@ -905,3 +905,31 @@ def test_typicality_is_measured_within_the_stored_lists(planted):
     stored = min(planted.neighbours(m, layer).k_max for m, layer in analyses.vision_layers(planted))
     assert analyses.typicality_k(planted, 5) == 5
     assert analyses.typicality_k(planted, stored + 40) == stored
+
+
+def test_pairs_that_all_differ_by_the_same_amount_have_no_t_statistic():
+    """Equal nonzero differences have no variance: t was inf and p 0 (report.json refused the
+    inf); the Wilcoxon test (all differences positive) stands."""
+    for first, second in (([0.3, 0.3], [0.2, 0.2]), ([0.3, 0.5, 0.7], [0.2, 0.4, 0.6])):
+        table = paired_difference_tests(np.array(first), np.array(second)).set_index("test")
+        assert table.loc["paired_t", ["statistic", "p_value"]].isna().all()
+        wilcoxon = table.loc["wilcoxon_signed_rank", "p_value"]
+        assert wilcoxon == pytest.approx(0.5 ** (len(first) - 1))  # every difference positive
+        assert table["mean_difference"].iloc[0] == pytest.approx(0.1)
+    varied = paired_difference_tests(np.array([0.3, 0.5, 0.8]), np.array([0.2, 0.4, 0.6]))
+    assert np.isfinite(varied.set_index("test").loc["paired_t", "statistic"])
+
+
+def test_best_layer_passes_over_layers_whose_mean_cknna_is_nan():
+    """np.argmax returned the NaN layer; every layer NaN is a ValueError naming the model."""
+    sweep = pd.DataFrame({
+        "vision_model": ["v"] * 3, "vision_layer": ["l"] * 3, "language_model": ["t"] * 3,
+        "language_layer": ["L0", "L1", "L2"], "language_layer_index": [0, 1, 2], "k": [10] * 3,
+        "cknna": [0.30, np.nan, 0.55], "n_stimuli_used": [20] * 3, "sample_seed": [None] * 3,
+    })
+    best = analyses.best_language_layers(None, k=10, sweep=sweep)
+    assert best["language_layer"].tolist() == ["L2"] and best["mean_cknna"].iloc[0] == 0.55
+    sweep.loc[2, "cknna"] = np.nan
+    sweep.loc[0, "cknna"] = np.nan
+    with pytest.raises(ValueError, match="language model 't' has no defined CKNNA"):
+        analyses.best_language_layers(None, k=10, sweep=sweep)

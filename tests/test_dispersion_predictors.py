@@ -371,3 +371,20 @@ def test_a_constant_score_gets_no_p_value_rather_than_the_smallest() -> None:
     _, p_perm, _ = dp._spearman_tests(rng.standard_normal((50, 1)), rng.standard_normal(50), 99,
                                       rng)
     assert 0.01 <= p_perm[0] <= 1.0  # a defined ρ keeps its permutation p
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("value", [0.3, 0.0])
+def test_a_constant_score_has_an_undefined_held_out_r2_and_no_p_value(value) -> None:
+    """0.3 sixty times leaves a total sum of squares of ~1e-31 (its mean is not exactly 0.3),
+    which gave R² = 1.0; a score of exactly 0 gave R² NaN with p = 1 / (S + 1)."""
+    rng = np.random.default_rng(0)
+    table = _table({"a": rng.random(60), "b": rng.random(60)}, 60)
+    fit, _, _ = dp.cross_validated_fit(
+        table, _dispersion(np.full(60, value)), models=("ridge",), n_shuffles=20,
+        importance_repeats=0,
+    )
+    values = fit.set_index("metric")["value"]
+    assert np.isnan(values["r2_held_out"]) and np.isnan(values["p_value_vs_shuffled"])
+    assert np.isnan(dp._r2(np.full(60, value), np.full(60, value)))
+    assert dp._r2(np.array([0.0, 1.0]), np.array([0.0, 1.0])) == 1.0  # a varying target keeps R²

@@ -113,6 +113,26 @@ def test_class_averaging_planted_gain() -> None:
         class_averaging_effect("cka", images, texts, np.arange(600) % 2)
 
 
+def test_stimuli_without_a_label_take_no_part_in_class_averaging() -> None:
+    """A label column with a missing value (None or NaN beside strings) raised TypeError in
+    np.unique; those stimuli are left out, the rest averaged as before."""
+    rng = np.random.default_rng(6)
+    labels = np.array([f"c{i % 12}" for i in range(96)], dtype=object)
+    images, texts = rng.standard_normal((96, 9)), rng.standard_normal((96, 7))
+    missing = np.array([3, 40, 77])
+    expected = class_averaging_effect(
+        "cka", np.delete(images, missing, 0), np.delete(texts, missing, 0),
+        np.delete(labels, missing), n_resamples=20,
+    )
+    for gap in (None, np.nan):
+        with_gaps = labels.copy()
+        with_gaps[missing] = gap
+        effect = class_averaging_effect("cka", images, texts, with_gaps, n_resamples=20)
+        assert effect == expected and effect.n_units == 12  # no class of the missing ones
+    with pytest.raises(ValueError, match="no stimulus has a label"):
+        class_averaging_effect("cka", images, texts, np.full(96, None))
+
+
 def test_caption_count_curve_rises_and_ends_at_the_mean() -> None:
     rng = np.random.default_rng(6)
     images, captions, owners = coco_like(rng)

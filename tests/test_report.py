@@ -1037,3 +1037,149 @@ def test_numpy_settings_and_undefined_p_values_still_give_report_json(tmp_path, 
     assert written["parameters"]["k"] == 3 and written["parameters"]["fraction_dropped"] == 0.25
     top = written["properties"]["mean"]["top_properties"][0]
     assert top["p_value"] is None and summary["parameters"]["n_random"] == 5
+
+
+# -- from the audit: settings refused before the first section, stale and non-finite report.json -
+
+
+def _tiny_report_settings(**options):  # noqa: ANN003, ANN202
+    return {"k": 3, "scores": ["mean"], "n_random": 5, "n_permutations": 5,
+            "property_permutations": 20, "property_shuffles": 1,
+            "options": report.AnalysisOptions(metrics=("cknna",), metric_permutations=2,
+                                              n_shuffles=3, n_matched=3,
+                                              skip=("gpa_stability", "universal_space"),
+                                              **options)}
+
+
+def test_settings_are_refused_before_the_first_section_writes(planted_run_path, tmp_path):
+    """Unknown scores or metrics and k too large for the sets were refused after the layer sweep
+    had written its files; predictivity_folds = 1 and blind matching of no set got through."""
+    from convergence_core.run import load_run
+
+    run = load_run(planted_run_path / "runs" / "demo")
+    out = tmp_path / "out"
+    for match, settings_ in (
+        (r"unknown dispersion score 'median'.*\(--scores\)", {"scores": ["median"]}),
+        (r"pass at least one dispersion score.*\(--scores\)", {"scores": []}),
+        (r"unknown metric 'cknn'.*\(--metrics\)",
+         {"options": report.AnalysisOptions(metrics=("cknn",))}),
+        (r"k=10 is too large for sets of 8 stimuli.*\(--k, --size\)", {"size": 8, "k": 10}),
+        (r"too small for k = 40.*use --k 39 or less", {"k": 40}),  # the default size
+    ):
+        with pytest.raises(ValueError, match=match):
+            report.write_report(run, out, n_random=2, n_permutations=2, **settings_)
+        assert not out.exists()
+    with pytest.raises(ValueError, match="predictivity_folds must be at least 2"):
+        report.AnalysisOptions(predictivity_folds=1)
+    with pytest.raises(ValueError, match="--blind-matching-random 10.*--skip blind_matching"):
+        report.AnalysisOptions(blind_matching_repeats=0, blind_matching_random=0)
+    report.AnalysisOptions(blind_matching_repeats=0, blind_matching_random=0,
+                           skip=("blind_matching",))  # nothing to match: nothing refused
+
+
+def test_a_rerun_that_fails_leaves_no_earlier_report_json(tmp_path, monkeypatch):
+    """A failed rerun into an --out with a report left the old report.json and summary.txt beside
+    the new tables: a folder with report.json must hold one whole report."""
+    run = make_synthetic_run(tmp_path / "runs", 12, name="tiny", images=False, thumbnails=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("{}\n")
+    (out / "summary.txt").write_text("an earlier report\n")
+    with pytest.raises(ValueError, match="--scores"):  # refused: the earlier report stays whole
+        report.write_report(run, out, **{**_tiny_report_settings(), "scores": ["median"]})
+    assert (out / "report.json").exists() and (out / "summary.txt").exists()
+
+    def stopped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("stopped mid-way")
+
+    monkeypatch.setattr(report, "leave_one_model_out_section", stopped)
+    with pytest.raises(RuntimeError, match="stopped mid-way"):
+        report.write_report(run, out, **_tiny_report_settings())
+    assert (out / "layer_sweep.csv").exists()  # the new tables so far ...
+    assert not (out / "report.json").exists() and not (out / "summary.txt").exists()  # ... alone
+
+
+def test_non_finite_numbers_are_null_in_report_json(tmp_path, monkeypatch):
+    """An inf (a paired t of differences without variance) made write_json refuse the whole
+    report.json after every section had run."""
+    run = make_synthetic_run(tmp_path / "runs", 12, name="tiny", images=False, thumbnails=False)
+    original = analyses.paired_set_tests
+    monkeypatch.setattr(analyses, "paired_set_tests",
+                        lambda table: original(table).assign(statistic=np.inf))
+    returned = report.write_report(run, tmp_path / "out", **_tiny_report_settings())
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["paired_tests"] and all(
+        row["statistic"] is None for row in written["paired_tests"]
+    )
+    assert returned["paired_tests"] == written["paired_tests"]
+    assert report._plain_json({"a": (np.float32(-np.inf), [np.nan, np.int64(2)])}) == {
+        "a": [None, [None, 2]]
+    }
+
+
+def test_blind_matching_refuses_a_large_set_before_any_k_means(
+    planted_run_path, tmp_path, monkeypatch
+):
+    """k-means chose the seeds on the whole set (22.8 s at 25,000 × 768) before blind matching
+    refused sets above its limit."""
+    import convergence_core.blind_matching as blind
+
+    from convergence_core.run import load_run
+
+    run = load_run(planted_run_path / "runs" / "demo")
+    pairs = analyses.pairs_with_best_layers(run, k=5)
+    sets = report.dispersion_sets(run, "mean", 15, 2, 0)
+
+    def no_k_means(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("k-means ran on a set blind matching refuses")
+
+    monkeypatch.setattr(report, "image_seeds", no_k_means)
+    monkeypatch.setattr(blind, "MAX_STIMULI", 10)
+    with pytest.raises(ValueError, match="15 stimuli: blind matching .* at most 10"):
+        report.blind_matching_section(run, tmp_path, pairs, sets, repeats=1, n_random=1,
+                                      n_seeds=3, seed=0)
+    monkeypatch.setattr(blind, "MAX_STIMULI", 3000)
+    with pytest.raises(ValueError, match="no set to match"):  # was a KeyError: not a note
+        report.blind_matching_section(run, tmp_path, pairs, sets, repeats=0, n_random=0,
+                                      n_seeds=3, seed=0)
+
+
+def test_stimuli_without_a_label_take_no_part_in_class_averaging(captioned_run, tmp_path,
+                                                                 monkeypatch):
+    """A label column with a missing value raised TypeError in the many-to-many section (which
+    turns only ValueError into a note), ending the report."""
+    labels = pd.Series([f"class{i % 10}" for i in range(captioned_run.n_stimuli)], dtype=object)
+    labels[[5, 17]] = None
+    labels[33] = np.nan
+    monkeypatch.setattr(captioned_run, "stimuli", captioned_run.stimuli.assign(label=labels))
+    pairs = analyses.pairs_with_best_layers(captioned_run, k=5)
+    _, entry = report.many_to_many_section(
+        captioned_run, tmp_path, pairs, k=5, metrics=("cka",), n_resamples=10, embed=False,
+        seed=0,
+    )
+    classes = pd.read_csv(tmp_path / "many_to_many.csv").query("comparison == 'classes'")
+    assert len(classes) == len(pairs) and (classes.n_units == 10).all()  # no class of None
+    assert not any("class averaging skipped" in note for note in entry["notes"])
+
+
+def test_many_to_many_captions_run_on_a_capped_sample_of_a_large_run(captioned_run, tmp_path,
+                                                                      monkeypatch):
+    """Exact k-NN on every stimulus cost hours at 100,000 stimuli: above the cap a seeded sample
+    of that many is used, and a note says so; below it every stimulus (as before)."""
+    monkeypatch.setattr(report, "MANY_TO_MANY_MAX_STIMULI", 24)
+    pairs = analyses.pairs_with_best_layers(captioned_run, k=5)[:1]
+    _, entry = report.many_to_many_section(
+        captioned_run, tmp_path, pairs, k=5, metrics=("cka",), n_resamples=10, embed=False,
+        seed=0,
+    )
+    captions = pd.read_csv(tmp_path / "many_to_many.csv").query("comparison == 'captions'")
+    assert captions.n_units.tolist() == [24]
+    assert any("random sample of 24 of the 60 stimuli" in note for note in entry["notes"])
+    monkeypatch.setattr(report, "MANY_TO_MANY_MAX_STIMULI", 60)
+    _, entry = report.many_to_many_section(
+        captioned_run, tmp_path, pairs, k=5, metrics=("cka",), n_resamples=10, embed=False,
+        seed=0,
+    )
+    captions = pd.read_csv(tmp_path / "many_to_many.csv").query("comparison == 'captions'")
+    assert captions.n_units.tolist() == [60]
+    assert not any("random sample of" in note for note in entry["notes"])

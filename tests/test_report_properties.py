@@ -80,3 +80,36 @@ def test_a_run_without_properties_gets_a_note(tmp_path, capsys) -> None:
     assert "stimulus properties skipped" in capsys.readouterr().out
     meta = json.loads((tmp_path / "out" / "report.json").read_text())
     assert meta["properties"] is None
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_undefined_fit_numbers_are_summarised_as_undefined(tmp_path) -> None:
+    """--property-shuffles 0 (every shuffled-target metric NaN) and a constant score (every
+    metric NaN): pivot_table dropped the all-NaN columns and the summary raised KeyError."""
+    from convergence_core.properties import PropertyInfo, PropertyTable
+
+    rng = np.random.default_rng(0)
+    n = 60
+    values = pd.DataFrame({"id": [str(i) for i in range(n)], "a": rng.random(n),
+                           "b": rng.random(n)})
+    table = PropertyTable(values, tuple(PropertyInfo(c, "numeric", "", "", "") for c in "ab"))
+    dispersion = pd.DataFrame({"id": values["id"], "mean": np.zeros(n), "pc1": values["a"]})
+    analysis = dp.analyse_properties(
+        table, dispersion, n_permutations=50, n_shuffles=0, importance_repeats=1,
+        models=("ridge",),
+    )
+    summary = report.property_summary(analysis)
+    assert summary["mean"]["models"]["ridge"] == dict.fromkeys(
+        ("r2_held_out", "r2_shuffled_mean", "r2_shuffled_upper_95", "p_value_vs_shuffled")
+    )
+    pc1 = summary["pc1"]["models"]["ridge"]
+    assert pc1["r2_held_out"] > 0.5 and pc1["r2_shuffled_mean"] is None  # no shuffles: None
+    text = report.format_property_summary(summary)
+    assert "ridge: held-out R2 = undefined (shuffled targets: mean undefined" in text
+    assert "(shuffled targets: mean undefined, 95th percentile undefined)" in text.split("pc1")[1]
+    json.dumps(summary, allow_nan=False)  # report.json takes it
+    from convergence_core import figures
+
+    for score in ("mean", "pc1"):  # and the figure, whose legend read the same pivot
+        figures.predictors_figure(analysis.tests, analysis.fit, analysis.predictions,
+                                  tmp_path / f"{score}.png", score=score)

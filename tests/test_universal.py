@@ -278,3 +278,25 @@ def test_model_summary_averages_each_members_residuals():
     summary = analysis.model_summary()
     assert list(summary["model"]) == [m.model for m in THREE_MODALITIES]
     np.testing.assert_allclose(summary["mean_residual"], analysis.fit.gpa.residuals.mean(axis=0))
+
+
+def test_cross_modal_analysis_checks_its_input_before_the_fit(monkeypatch):
+    """One modality, ids or intra_modal of the wrong length and n_permutations = 0 were refused
+    only after fit_universal_space (minutes on a large run)."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((10, 3))
+    a, b = Member("a", "l", "vision"), Member("b", "l", "language")
+
+    def no_fit(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("fit_universal_space ran before the input was checked")
+
+    monkeypatch.setattr(universal, "fit_universal_space", no_fit)
+    for match, members, options in (
+        ("at least 2 modalities", [a, Member("c", "l", "vision")], {}),
+        ("got 4 ids for 10 stimuli", [a, b], {"ids": list("abcd")}),
+        ("intra_modal has 4 values for 10", [a, b], {"intra_modal": np.ones(4)}),
+        ("n_permutations must be an integer >= 1", [a, b],
+         {"intra_modal": np.ones(10), "n_permutations": 0}),
+    ):
+        with pytest.raises(ValueError, match=match):
+            cross_modal_analysis([x, 2 * x], members, **options)
