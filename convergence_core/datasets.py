@@ -622,15 +622,17 @@ def load_hf(
     id_column: str | None = None,
     label_column: str | None = None,
     limit: int | None = None,
+    images_cache: str | os.PathLike[str] | None = None,
 ) -> Dataset:
     """Load a Hugging Face ``datasets`` source and materialise its images as files.
 
     ``name`` is a hub id (``"minhuh/prh"``) or a local folder (written by ``save_to_disk`` or
     holding data files such as parquet). ``subset`` is the config name, ``revision`` a hub
     branch/tag (the paper's WIT-1024 set is ``minhuh/prh`` at ``revision="wit_1024"``).
-    Images are written to ``<cache_dir or cache_root()>/datasets/<name>/images/<row>.<ext>``
-    (atomic writes; a file already holding the same bytes is left alone; the suffix follows the
-    decoded format), which becomes the dataset root. ``caption_column``
+    ``cache_dir`` is the Hugging Face library's own cache (default: its own, HF_DATASETS_CACHE).
+    Images are written to ``<images_cache or cache_dir or cache_root()>/datasets/<name>/images/
+    <row>.<ext>`` (atomic writes; a file already holding the same bytes is left alone; the suffix
+    follows the decoded format), which becomes the dataset root. ``caption_column``
     cells may be a string or a list of strings. ``limit`` keeps the first ``limit`` rows.
 
     Raises:
@@ -675,7 +677,7 @@ def load_hf(
     if isinstance(loaded.features.get(image_column), hf_datasets.Image):
         loaded = loaded.cast_column(image_column, hf_datasets.Image(decode=False))
     safe = _UNSAFE_NAME.sub("_", f"{name}-{subset or ''}-{revision or ''}-{split}").strip("_.")
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    root = Path(images_cache or cache_dir or cache_root())
     root = (root / "datasets" / safe).resolve()
     ids, rels, caps, labels = [], [], [], []
     width = max(5, len(str(len(loaded))))
@@ -740,13 +742,29 @@ def _detect_kind(spec: str) -> tuple[str, str]:
     )
 
 
+def _table_root(table: Path) -> Path:
+    """The image root of the table file ``table``: its folder. Where ``table`` is a symbolic link
+    whose first image is not beside the link but is beside the file the link leads to (a table
+    linked into a project, its images left with the data), that file's folder."""
+    if not table.is_symlink():
+        return table.parent
+    try:  # unreadable, no image column, no row: load_table says so
+        first = (_cell_text(_read_table(table)["image"].iloc[0]) or "").replace("\\", "/")
+    except (ValueError, KeyError, IndexError):
+        return table.parent
+    behind = table.resolve().parent
+    missing = not (table.parent / first).exists() and (behind / first).exists()
+    return behind if missing else table.parent
+
+
 def load_dataset(
     spec: str | os.PathLike[str] | Mapping[str, Any], kind: str | None = None, **options: Any
 ) -> Dataset:
     """Load a dataset from a path, ``"hf:<name>"`` or a config mapping.
 
     Kinds: ``coco`` (folder with captions.json), ``labelled`` (folder with labels.csv), ``table``
-    (a .csv/.jsonl/.parquet file; its folder is the root unless ``root=`` is given), ``hf``
+    (a .csv/.jsonl/.parquet file; its folder is the root unless ``root=`` is given, or for a
+    symbolic link the folder of its target where the images are there: :func:`_table_root`), ``hf``
     (``hf:<hub id or local folder>``). ``kind=None`` detects it. ``options`` go to the loader.
     A mapping spec is ``{"kind": ..., "path": ..., **options}`` (e.g. from a config file).
     """
@@ -766,10 +784,10 @@ def load_dataset(
     try:
         if kind == "table":
             # absolute, symbolic links kept: a table linked into a git-annex / DataLad store has
-            # its images (and its name) beside the link; images are still checked to stay inside
-            # that root once resolved
+            # its images (and its name) beside the link (or beside its target: _table_root);
+            # images are still checked to stay inside that root once resolved
             table = Path(os.path.abspath(Path(target).expanduser()))
-            root = options.pop("root", None) or table.parent
+            root = options.pop("root", None) or _table_root(table)
             return load_table(root, table, **options)
         return _LOADERS[kind](target, **options)
     except TypeError as exc:

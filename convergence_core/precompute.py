@@ -662,8 +662,12 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
-def default_run_name(config: PrecomputeConfig, dataset_name: str) -> str:
-    """``<dataset>-<12 hex>``: a hash of everything in the config that changes the results."""
+def default_run_name(
+    config: PrecomputeConfig, dataset_name: str, *, as_spelt: bool = False
+) -> str:
+    """``<dataset>-<12 hex>``: a hash of everything in the config that changes the results, its
+    paths absolute and normal (``as_spelt``: as given, the name earlier versions gave, which
+    :func:`_run_name` still finds)."""
     # settings added later count only when changed from their default, so that existing runs
     # keep their folder names
     from .engines import ENGINE_SETTINGS
@@ -681,12 +685,24 @@ def default_run_name(config: PrecomputeConfig, dataset_name: str) -> str:
     }
     relevant = {
         k: v
-        for k, v in _spelt_alike(config.to_dict()).items()
+        for k, v in (config.to_dict() if as_spelt else _spelt_alike(config.to_dict())).items()
         if k not in ("run_name", "cache_root", "batch_size", "thumbnails", *ENGINE_SETTINGS)
         and not (k in added_later and v == added_later[k])
     }
     safe = model_key(dataset_name.replace(" ", "-"))
     return f"{safe}-{fingerprint(relevant)[:12]}"
+
+
+def _run_name(cfg: PrecomputeConfig, dataset_name: str, cache: Path) -> str:
+    """``run_name``, else :func:`default_run_name`; where no run has that name yet but one has the
+    name of the paths as spelt (a relative --dataset, --features, --stimuli or --weights named
+    the run so before paths were normalised), that run, so that it is resumed, not recomputed."""
+    if cfg.run_name:
+        return cfg.run_name
+    name, spelt = (default_run_name(cfg, dataset_name, as_spelt=raw) for raw in (False, True))
+    runs = cache / "runs"
+    kept = not (runs / model_key(name)).exists() and (runs / model_key(spelt)).is_dir()
+    return spelt if kept else name
 
 
 def _spelt_alike(settings: dict[str, Any]) -> dict[str, Any]:
@@ -896,7 +912,7 @@ def precompute(
     notify(ProgressEvent("dataset", None, 0, 1))
     if cfg.dataset is None:
         stimuli, info = stimuli_from_feature_files(cfg)
-        name = cfg.run_name or default_run_name(cfg, FEATURE_IDS_DATASET)
+        name = _run_name(cfg, FEATURE_IDS_DATASET, cache)
     else:
         stimuli, info, name = _checked_dataset(cfg, cache)
     stimuli, info = restrict_stimuli(cfg, stimuli, info)
@@ -946,9 +962,10 @@ def _checked_dataset(
 
     spec = cfg.dataset if isinstance(cfg.dataset, Mapping) else {"path": cfg.dataset}
     if spec.get("kind") == "hf" or str(spec["path"]).startswith("hf:"):
-        spec = {"cache_dir": cache, **spec}  # its images are written under the run's cache
+        # its images are written under the run's cache; Hugging Face's own cache stays its own
+        spec = {"images_cache": cache, **spec}
     loaded = load_dataset(spec)
-    name = cfg.run_name or default_run_name(cfg, loaded.name)
+    name = _run_name(cfg, loaded.name, cache)
     # weights first, before the image check: every encoder the run does not record as extracted
     # (the pipeline checks again, exactly, once it knows the data set's fingerprint)
     recorded = _recorded_extractions(cache / "runs" / model_key(name))
@@ -1449,10 +1466,8 @@ class _Pipeline:
             # the stored layers serve another GPA / default layer choice as they are (their
             # fingerprint leaves it out): the default layer follows this run's choice
             entry = self.data.models[name]
-            entry.default_layer = (
-                self.plan.default_layers.get(name)
-                or self.plan.gpa_layers.get(name)
-                or entry.details.get("model_default_layer", entry.default_layer)
+            entry.default_layer = self._default_layer(
+                name, entry.details.get("model_default_layer", entry.default_layer)
             )
             self.notify(ProgressEvent("extract", name, n, n, skipped=True))
             return
@@ -1465,11 +1480,7 @@ class _Pipeline:
             layer: check_embedding_array(array, name, layer, n)
             for layer, array in extracted.arrays.items()
         }
-        default = (
-            self.plan.default_layers.get(name)
-            or self.plan.gpa_layers.get(name)
-            or extracted.default_layer
-        )
+        default = self._default_layer(name, extracted.default_layer)
         hashes, thresholds = write_model_arrays(
             self.layout, model_key(name), {layer: model_key(layer) for layer in arrays}, arrays
         )
@@ -1495,6 +1506,13 @@ class _Pipeline:
             self.data.steps.pop(f"neighbours:{name}:{layer}", None)
         self.manifest.finish_step(step, inputs)
         self.notify(ProgressEvent("extract", name, n, n))
+
+    def _default_layer(self, name: str, model_default: str | None) -> str | None:
+        """The model's default layer in this run: its --default-layer, else its GPA layer, else
+        ``model_default`` (the model's own)."""
+        return (
+            self.plan.default_layers.get(name) or self.plan.gpa_layers.get(name) or model_default
+        )
 
     def neighbours(self, model: str) -> None:
         """Exact top-K neighbour lists of the model's layers (all, or its default/GPA layer)."""

@@ -722,14 +722,15 @@ def list_runs(root: str | os.PathLike[str] | None = None) -> list[RunInfo]:
     (complete, models by modality, GPA's models, created / updated, steps). A folder whose
     manifest cannot be read
     or does not follow the schema is listed last, with ``damaged`` giving the reason; folders
-    without a manifest are not runs and are skipped.
+    without a manifest are not runs and are skipped, and so are hidden ones (``.<run>.reset``,
+    a run being deleted by a reset).
     """
     folder = Path(root) if root is not None else settings.runs_root()
     if not folder.is_dir():
         return []
     runs: list[RunInfo] = []
     damaged: list[RunInfo] = []
-    for child in sorted(folder.iterdir()):
+    for child in sorted(c for c in folder.iterdir() if not c.name.startswith(".")):
         try:
             layout = RunLayout(child)
             if not layout.manifest.is_file():

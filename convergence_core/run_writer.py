@@ -623,5 +623,18 @@ def _reset_path(path: Path) -> Path:
 
 def remove_reset_leftover(path: Path) -> None:
     """Delete what an interrupted reset of the run folder ``path`` left beside it (its old
-    folder, moved aside; a symbolic link there is left alone)."""
-    shutil.rmtree(_reset_path(path), ignore_errors=True)
+    folder, moved aside); a symbolic link or a file of that name is unlinked (never followed).
+
+    Raises:
+        ValueError: a folder there that cannot be deleted (it would block the next reset).
+    """
+    aside = _reset_path(path)
+    if aside.is_symlink() or (aside.exists() and not aside.is_dir()):
+        aside.unlink()
+    elif aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        if aside.exists():
+            raise ValueError(
+                f"{aside}, left by an interrupted reset of the run {path.name}, cannot be "
+                "deleted (permissions?); delete that folder and rerun"
+            )

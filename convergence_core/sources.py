@@ -10,7 +10,8 @@ embeddings, neighbour lists, GPA, dispersion). Three kinds:
 * :class:`FileSource` — one file per layer that a user brings: any model, or brain recordings
   (stimuli × voxels per subject and region). Formats (:func:`read_feature_file`):
 
-  - ``.npy`` (n, d) numeric, with its stimulus ids one per line in ``<file>.ids.txt``;
+  - ``.npy`` (n, d) numeric, with its stimulus ids one per line in ``<file>.ids.txt`` (for a
+    symbolic link: beside the link, else beside the file it leads to);
   - ``.parquet`` with an ``id`` column (or index) and one numeric column per feature.
 
   Rows are matched to the data set by id; missing, extra or duplicated ids, NaN/Inf rows, wrong
@@ -194,7 +195,8 @@ class FileSource:
         if not self.files:
             raise ValueError(f"model {self.name!r} names no feature file; pass NAME=PATH")
         # absolute, symbolic links kept: an id list sits beside the path given, also where that
-        # is a link into a git-annex / DataLad / DVC store (files are read through the link)
+        # is a link into a git-annex / DataLad / DVC store, else beside the link's target
+        # (_ids_path; files are read through the link)
         self.files = {str(layer): Path(os.path.abspath(Path(path).expanduser()))
                       for layer, path in self.files.items()}
         for layer, path in self.files.items():
@@ -358,7 +360,11 @@ class EncoderSource:
 
 
 def _ids_path(path: Path) -> Path:
-    return path.with_name(path.name + IDS_SUFFIX)
+    """The id list of the .npy ``path``: beside it (also where ``path`` is a symbolic link into a
+    git-annex / DataLad / DVC store); where none is there, beside the file a link leads to (a file
+    linked into a project, its id list left with it); where neither has one, beside ``path``."""
+    beside, behind = (file.with_name(file.name + IDS_SUFFIX) for file in (path, path.resolve()))
+    return behind if behind.is_file() and not beside.is_file() else beside
 
 
 def _read_ids(path: Path) -> list[str]:

@@ -165,6 +165,28 @@ def test_a_table_that_is_a_symbolic_link_has_its_images_beside_the_link(
         load_dataset(root / "t.csv")
 
 
+def test_a_table_linked_into_a_project_keeps_its_images_beside_the_target(
+    tmp_path: Path, make_images
+) -> None:
+    """proj/t.csv -> data/ds/t.csv with the images in data/ds worked until images were looked for
+    only beside the link: its first image decides (beside the link first, then the target's
+    folder); an image leading out of that root is still refused."""
+    paths = make_images(2, folder="data/ds/images")
+    rels = [p.relative_to(tmp_path / "data" / "ds").as_posix() for p in paths]
+    table = tmp_path / "data" / "ds" / "t.csv"
+    pd.DataFrame({"image": rels, "caption": ["a", "b"]}).to_csv(table, index=False)
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "t.csv").symlink_to(table)
+    ds = load_dataset(tmp_path / "proj" / "t.csv")
+    assert ds.root == (tmp_path / "data" / "ds").resolve() and ds.name == "t"
+    assert check_dataset(ds)[1] == []
+    (tmp_path / "outside.png").write_bytes(paths[0].read_bytes())
+    (tmp_path / "data" / "ds" / "images" / "out.png").symlink_to(tmp_path / "outside.png")
+    pd.DataFrame({"image": [rels[0], "images/out.png"], "caption": "a"}).to_csv(table, index=False)
+    with pytest.raises(ValueError, match="outside the dataset root .* through a symbolic link"):
+        load_dataset(tmp_path / "proj" / "t.csv")
+
+
 def test_an_empty_image_cell_is_refused_naming_the_row(tmp_path: Path, make_images) -> None:
     """A JSONL row without "image", or a null image in JSONL/parquet, became the image path 'nan'
     or 'None' (and, without an id column, the stimulus id too): the error blamed a file of that

@@ -822,6 +822,30 @@ def test_the_default_run_name_does_not_depend_on_how_paths_are_spelt(tmp_path, m
     assert hub.to_dict()["dataset"] == "hf:org/set" and default_run_name(hub, "set")
 
 
+def test_a_run_named_from_paths_as_spelt_is_resumed_under_that_name(
+    tiny_coco, tmp_path, loads, monkeypatch
+):
+    """Runs of relative paths (--dataset coco-mini) were named from the spelling; once paths were
+    normalised before the hash, a rerun recomputed everything into a new folder."""
+    import convergence_core.precompute as module
+
+    monkeypatch.chdir(tiny_coco.parent)
+    options = _options(tiny_coco, tmp_path, thumbnails=False, dataset=tiny_coco.name,
+                       run_name=None)
+    config, dataset = PrecomputeConfig.from_mapping(options), load_dataset(tiny_coco).name
+    new = default_run_name(config, dataset)
+    with monkeypatch.context() as patch:  # the earlier name: the paths hashed as given
+        patch.setattr(module, "_spelt_alike", lambda spelt: spelt)
+        old = default_run_name(config, dataset)
+    assert old != new
+    first = precompute(**{**options, "run_name": old})
+    loads.clear()
+    assert precompute(**options).path == first.path and sum(loads.values()) == 0
+    assert not (tmp_path / "cache" / "runs" / new).exists()
+    elsewhere = precompute(**{**options, "cache_root": str(tmp_path / "other")})
+    assert elsewhere.path.name == new  # no earlier run: the normalised name
+
+
 def test_weights_for_a_model_not_in_the_run_are_refused():
     """--weights efficientnet_lite0=... for the run's efficientnet-lite0 was silently ignored."""
     base = {"dataset": "x", "vision_models": ["a-model", "b"]}
@@ -868,6 +892,30 @@ def test_a_hugging_face_data_set_keeps_its_images_under_the_given_cache(tmp_path
     )
     assert run.image_path(0).is_relative_to(tmp_path / "mine" / "datasets")
     assert not (tmp_path / "default").exists()
+
+
+def test_a_hugging_face_data_set_keeps_the_librarys_own_cache(tmp_path, monkeypatch):
+    """--cache DIR with hf:... also made DIR the datasets library's own cache (load_dataset's
+    cache_dir): HF_DATASETS_CACHE was ignored and every download fetched again."""
+    datasets = pytest.importorskip("datasets")
+    from convergence_core.datasets import DatasetUnavailableError
+
+    seen: dict = {}
+
+    def load_dataset(*args, **kwargs):
+        seen.update(kwargs)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    for name in "ab":
+        np.save(tmp_path / f"{name}.npy", np.zeros((3, 2), np.float32))
+    with pytest.raises(DatasetUnavailableError):
+        precompute(
+            dataset="hf:org/set", cache_root=str(tmp_path / "mine"),
+            features={m: str(tmp_path / f"{m}.npy") for m in "ab"},
+            modalities={"a": "vision", "b": "vision"},
+        )
+    assert "cache_dir" in seen and seen["cache_dir"] is None
 
 
 def test_a_list_size_below_the_typicality_k_gives_exact_typicality(tiny_coco, tmp_path, loads):

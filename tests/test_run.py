@@ -515,6 +515,31 @@ def test_an_interrupted_reset_resumes_on_rerun(tmp_path, monkeypatch):
     assert run.n_stimuli == 12 and sorted(os.listdir(tmp_path)) == ["r"]  # the leftover went
 
 
+def test_a_reset_leftover_that_is_a_link_or_a_file_is_unlinked_not_followed(
+    tmp_path, monkeypatch
+):
+    """A .<run>.reset that is a symbolic link or a file was left alone, and every later reset then
+    failed moving the run onto it (a raw OS error); a folder there that cannot be deleted is
+    named."""
+    import os
+    import shutil
+
+    runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    _small_run(runs / "r", n=10)
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    aside = runs / ".r.reset"
+    for n, leftover in ((12, elsewhere), (10, None), (12, tmp_path / "gone")):
+        aside.symlink_to(leftover) if leftover else aside.write_text("x")
+        assert _small_run(runs / "r", n=n).n_stimuli == n  # other stimuli: a reset
+        assert not os.path.lexists(aside)
+    assert (elsewhere / "keep.txt").read_text() == "mine"
+    (aside / "sub").mkdir(parents=True)
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # cannot be deleted
+    with pytest.raises(ValueError, match=r"\.r\.reset, left by an interrupted reset .* delete"):
+        _small_run(runs / "r", n=10)
+
+
 def test_a_manifest_this_version_cannot_read_is_refused_not_reset(tmp_path):
     """A manifest of a newer format (or one hand-edited field) made the next write reset the
     whole run folder, files a user kept in it included."""
@@ -544,3 +569,12 @@ def test_a_changed_stimulus_column_reaches_the_table_and_properties_without_re_e
     assert run.properties.values["label"].tolist() == ["dog"] * 10
     assert all(e.skipped for e in events if e.step in ("extract", "neighbours", "gpa"))
     assert load_run(run.path).manifest.complete
+
+
+def test_a_run_being_deleted_by_a_reset_is_not_listed(tmp_path):
+    """A reset moves the old run to .<run>.reset before deleting it; stopped in between, the
+    hidden folder still holds a manifest and was listed (and shown) as a run."""
+    make_synthetic_run(tmp_path, n=10, thumbnails=False, name="kept")
+    make_synthetic_run(tmp_path, n=10, thumbnails=False, name="old")
+    (tmp_path / "old").rename(tmp_path / ".old.reset")
+    assert [info.name for info in list_runs(tmp_path)] == ["kept"]

@@ -185,6 +185,26 @@ def test_a_feature_file_that_is_a_symbolic_link_has_its_ids_beside_the_link(tmp_
         source.check(pd.DataFrame({"id": ids}), None)
 
 
+def test_a_feature_file_linked_into_a_project_finds_its_ids_beside_the_target(tmp_path, ids):
+    """ln -s /data/f.npy proj/, f.npy.ids.txt left in /data, worked until ids were looked for
+    only beside the link. Beside the link first, then beside the file it leads to."""
+    features = np.random.default_rng(5).standard_normal((N, 3))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "proj").mkdir()
+    np.save(tmp_path / "data" / "f.npy", features)
+    (tmp_path / "data" / "f.npy.ids.txt").write_text("\n".join(ids) + "\n", encoding="utf-8")
+    link = tmp_path / "proj" / "f.npy"
+    link.symlink_to(tmp_path / "data" / "f.npy")
+    source = FileSource("m", "brain", {"l": link})
+    source.check(pd.DataFrame({"id": ids}), None)
+    np.testing.assert_allclose(read_feature_file(link, ids, model="m", layer="l"),
+                               features.astype(np.float32))
+    before = source.inputs(None)  # the id list read is the one fingerprinted
+    Path(str(link) + ".ids.txt").write_text("\n".join(ids[::-1]) + "\n", encoding="utf-8")
+    assert feature_file_ids(link, model="m", layer="l") == list(ids[::-1])  # beside the link
+    assert source.inputs(None) != before
+
+
 def test_the_gpa_layer_enters_an_encoders_fingerprint_only_where_it_adds_a_layer():
     """With every layer stored (--layers all), another --gpa-layer re-extracted the model (hours
     for a large one) although nothing stored changes. Commands that did not change keep the
