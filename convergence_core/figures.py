@@ -371,6 +371,11 @@ def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
 
 
 @_plain_text
+def _number(value: float) -> str:
+    """A legend's number: three decimals, or "undefined" for NaN (as summary.txt says)."""
+    return "undefined" if np.isnan(value) else f"{value:.3f}"
+
+
 def predictors_figure(
     tests: pd.DataFrame,
     fit: pd.DataFrame,
@@ -433,8 +438,8 @@ def predictors_figure(
             alpha=0.6,
             color=colours.get(str(model), "#666"),
             label=(
-                f"{model}: held-out R² = {row['r2_held_out']:.3f} "
-                f"(shuffled {row['r2_shuffled_mean']:.3f})"
+                f"{model}: held-out R² = {_number(row['r2_held_out'])} "
+                f"(shuffled {_number(row['r2_shuffled_mean'])})"
             ),
         )
     low = float(min(chosen["observed"].min(), chosen["predicted"].min()))

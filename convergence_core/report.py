@@ -27,6 +27,7 @@ summary.txt and report.json → ``verdicts``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -344,6 +345,20 @@ def _check_settings(
     return float(q), scores, checked
 
 
+def _forget_earlier_report(out: Path) -> None:
+    """Remove an earlier report's ``report.json`` and ``summary.txt`` from ``out`` before the
+    first section writes, so that a folder with a report.json holds one whole report (a rerun
+    that fails leaves no earlier one beside its new tables). Only a report.json this program
+    wrote (its ``parameters`` and ``files``) is taken for one; other files of those names stay."""
+    try:
+        earlier = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(earlier, dict) and {"parameters", "files"} <= set(earlier):
+        for name in ("report.json", "summary.txt"):
+            (out / name).unlink(missing_ok=True)
+
+
 def _check_k_fits(k: int, size: int) -> None:
     """ValueError naming --k and --size unless each stimulus of a set of ``size`` has k others
     (CKNNA: k >= 2): before the first section, not after the layer sweep."""
@@ -419,8 +434,7 @@ def write_report(
         size = default_set_size(n, k) if size is None else size
         _check_k_fits(k, size)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("report.json", "summary.txt"):  # a folder with report.json holds one whole report
-        (out / name).unlink(missing_ok=True)  # (a rerun that fails leaves no earlier one beside)
+    _forget_earlier_report(out)
     # without language models only GPA stability of the slow sections runs
     hint = large_run_hint(n, options, _SLOW_SECTIONS if run.language_models else ("gpa_stability",))
     if hint is not None:
@@ -1091,8 +1105,7 @@ class AnalysisOptions:
                  "metric_permutations": 0, "predictivity_random": 0, "blind_matching_repeats": 0,
                  "blind_matching_random": 0, "blind_matching_seeds": 0}
         for name, minimum in least.items():
-            if int(getattr(self, name)) < minimum:
-                raise ValueError(f"{name} must be at least {minimum}, got {getattr(self, name)}")
+            check_count(getattr(self, name), name, minimum)
         if (self.blind_matching_repeats + self.blind_matching_random < 1
                 and "blind_matching" not in self.skip):
             raise ValueError(

@@ -359,6 +359,15 @@ def _pairs(modalities: Sequence[str]) -> list[tuple[str, str]]:
     return [(a, b) for i, a in enumerate(modalities) for b in modalities[i + 1 :]]
 
 
+def _check_modalities(modalities: list[str]) -> None:
+    """ValueError unless there are at least two modalities to compare."""
+    if len(modalities) < 2:
+        raise ValueError(
+            f"cross-modal dispersion needs models of at least 2 modalities, got {modalities}; "
+            "add a model of another modality (e.g. a language model)"
+        )
+
+
 def cross_modal_dispersion(
     means: dict[str, np.ndarray],
 ) -> tuple[np.ndarray, dict[tuple[str, str], np.ndarray]]:
@@ -370,11 +379,7 @@ def cross_modal_dispersion(
     Returns:
         ``(D, {(a, b): ||m_a − m_b|| per stimulus})``; residual units.
     """
-    if len(means) < 2:
-        raise ValueError(
-            f"cross-modal dispersion needs models of at least 2 modalities, got "
-            f"{list(means)}; add a model of another modality (e.g. a language model)"
-        )
+    _check_modalities(list(means))
     pairs = _pairs(list(means))
     distances = {(a, b): np.linalg.norm(means[a] - means[b], axis=1) for a, b in pairs}
     squared = np.mean([d**2 for d in distances.values()], axis=0)
@@ -465,12 +470,7 @@ def cross_modal_analysis(
     """
     members = _check_members(members)
     _check_member_count(features, members)
-    modalities = list(dict.fromkeys(member.modality for member in members))
-    if len(modalities) < 2:
-        raise ValueError(
-            f"cross-modal dispersion needs models of at least 2 modalities, got {modalities}; "
-            "add a model of another modality (e.g. a language model)"
-        )
+    _check_modalities(list(dict.fromkeys(member.modality for member in members)))
     n = len(features[0])  # the fit checks that every member has as many rows
     ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
     if len(ids) != n:

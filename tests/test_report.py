@@ -1083,7 +1083,7 @@ def test_a_rerun_that_fails_leaves_no_earlier_report_json(tmp_path, monkeypatch)
     run = make_synthetic_run(tmp_path / "runs", 12, name="tiny", images=False, thumbnails=False)
     out = tmp_path / "out"
     out.mkdir()
-    (out / "report.json").write_text("{}\n")
+    (out / "report.json").write_text('{"parameters": {}, "files": []}\n')  # a report's
     (out / "summary.txt").write_text("an earlier report\n")
     with pytest.raises(ValueError, match="--scores"):  # refused: the earlier report stays whole
         report.write_report(run, out, **{**_tiny_report_settings(), "scores": ["median"]})
@@ -1097,6 +1097,32 @@ def test_a_rerun_that_fails_leaves_no_earlier_report_json(tmp_path, monkeypatch)
         report.write_report(run, out, **_tiny_report_settings())
     assert (out / "layer_sweep.csv").exists()  # the new tables so far ...
     assert not (out / "report.json").exists() and not (out / "summary.txt").exists()  # ... alone
+
+
+def test_files_of_those_names_that_no_report_wrote_stay(tmp_path, monkeypatch):
+    """--out pointed at a folder of the user's own: a report.json that is not a report's, and a
+    summary.txt beside it, are not deleted when the report stops mid-way (from the review)."""
+    run = make_synthetic_run(tmp_path / "runs", 12, name="tiny", images=False, thumbnails=False)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.json").write_text('{"mine": 1}\n')
+    (out / "summary.txt").write_text("my notes\n")
+
+    def stopped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("stopped mid-way")
+
+    monkeypatch.setattr(report, "leave_one_model_out_section", stopped)
+    with pytest.raises(RuntimeError, match="stopped mid-way"):
+        report.write_report(run, out, **_tiny_report_settings())
+    assert (out / "report.json").read_text() == '{"mine": 1}\n'
+    assert (out / "summary.txt").read_text() == "my notes\n"
+
+
+def test_analysis_options_are_counts() -> None:
+    """A fraction or a bool was taken for a count (int() of it passed the check)."""
+    for name, value in (("predictivity_folds", 2.9), ("n_shuffles", True)):
+        with pytest.raises(ValueError, match=f"{name} must be an integer"):
+            report.AnalysisOptions(**{name: value})
 
 
 def test_non_finite_numbers_are_null_in_report_json(tmp_path, monkeypatch):
