@@ -1429,9 +1429,10 @@ def many_to_many_section(
     sample = analyses.sweep_sample(run.n_stimuli, max_stimuli=MANY_TO_MANY_MAX_STIMULI, seed=seed)
     if captions and sample.size < run.n_stimuli:
         notes.append(
-            f"many-to-many caption averaging on a seeded random sample of {sample.size:,} of the "
-            f"{run.n_stimuli:,} stimuli (MANY_TO_MANY_MAX_STIMULI; exact k-NN on all of them "
-            "would take hours)"
+            f"many-to-many caption averaging on a random sample of {sample.size:,} of the "
+            f"{run.n_stimuli:,} stimuli (seed {seed}; MANY_TO_MANY_MAX_STIMULI; exact k-NN on "
+            "all of them would take hours): its one-caption and all-caption values compare with "
+            "each other, not with full-set numbers at the same k"
         )
     records = []
     for pair in pairs:
