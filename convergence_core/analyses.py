@@ -106,6 +106,12 @@ class Pair(NamedTuple):
         return (self.vision_model, self.vision_layer), (self.language_model, self.language_layer)
 
 
+def aligns_two_models(pair: Pair) -> bool:
+    """Whether ``pair`` aligns two models: a language model that is also in GPA would be
+    aligned with itself (CKNNA about 1) and lift every mean over the pairs."""
+    return pair.vision_model != pair.language_model
+
+
 # ----------------------------------------------------------------------------------------------
 # inputs shared by every analysis
 
@@ -279,18 +285,20 @@ def pairs_with_best_layers(
 
 
 def _pairs_with_best_layers(run: Run, k: int, best_layers: pd.DataFrame | None) -> list[Pair]:
-    """Every vision model (at its GPA layer) × language model (at its best layer)."""
+    """Every vision model (at its GPA layer) × language model (at its best layer), without a
+    model paired with itself (:func:`aligns_two_models`)."""
     if best_layers is None:
         best_layers = best_language_layers(run, k=k)
     chosen = dict(zip(best_layers["language_model"], best_layers["language_layer"], strict=True))
     missing = [m for m in _language_models(run) if m not in chosen]
     if missing:
         raise ValueError(f"best_layers has no row for language models {missing}; recompute it")
-    return [
+    pairs = (
         Pair(vision, vision_layer, language, chosen[language])
         for language in _language_models(run)
         for vision, vision_layer in vision_layers(run)
-    ]
+    )
+    return list(filter(aligns_two_models, pairs))
 
 
 def partner_pairs(run: Run) -> list[Pair]:

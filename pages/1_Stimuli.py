@@ -92,13 +92,13 @@ pairs = lab.cross_pairs(  # a language model in GPA is not paired with itself
     [(partner, best_layers.get(partner, run.default_layer(partner)))
      for partner in run.partner_models],
 )
-k = state.sets_k(view, n)  # the lab's k (lowered below its set size), so the numbers agree
+k = state.sets_k(view, n)  # the k chosen in the lab, lowered below its set size as there
 
 
 def _pair_choice() -> lab.Pair:
     """The vision × language pair of the per-stimulus scores (kept across tabs, by its models:
     a pair that is gone is forgotten, never replaced by the pair now at its place)."""
-    choices = {pair.label: pair for pair in pairs}
+    choices = {(pair.vision_model, pair.language_model): pair for pair in pairs}
     state.drop_stale_choice(st.session_state, PAIR_KEY, list(choices))  # and its copy
     chosen = state.kept_widget(
         st.session_state,
@@ -110,7 +110,7 @@ def _pair_choice() -> lab.Pair:
             "their best layer, other models at their default layer)",
             list(choices),
             key=key,
-            format_func=lambda label: lab.pair_text(choices[label]),
+            format_func=lambda models: lab.pair_text(choices[models]),
         ),
     )
     return choices[chosen]
@@ -156,7 +156,9 @@ if aligned:
     st.caption(
         f"Gallery ordered by {ORDERS[order_by]} of {widgets.escape_markdown(pair.label)}, "
         "highest alignment on the left"
-        + (f" (k = {k}, the lab's k on its low and high sets)"
+        # the lab lowers k further for a smaller focus set, which this page does not know of
+        + (f" (k = {k}, chosen in the Alignment lab"
+           + (" and lowered below its set size)" if k < view.k else ")")
            if order_by == "knn_overlap" else "")
         + "; each card also shows its dispersion."
     )

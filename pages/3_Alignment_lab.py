@@ -546,10 +546,10 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
     arguments = (path, stamp, pairs, tuple(sets), tuple(np.asarray(r) for r in sets.values()), k,
                  metric, options_key, n_draws, n_draws, seed)
     # done while the result is kept (the kept results are bounded: it may have gone)
-    done = not _live(metric) and data.kept(data.calibration_key(*arguments)) is not None
+    found = None if _live(metric) else data.kept(data.calibration_key(*arguments))
     work = f"{label} on {n_draws} shuffled pairings and {n_draws} matched sets per set and pair"
     if not _when_asked(
-        metric, "the calibrated scores", work, "w_lab_calibration_compute", done
+        metric, "the calibrated scores", work, "w_lab_calibration_compute", found is not None
     ):
         return
     st.text(
@@ -560,14 +560,11 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
         "GPA models' local density (typicality) and, where the data set has labels, on "
         "category."
     )
-    if _live(metric):
-        result = data.calibration(*arguments)
-    else:  # minutes on a large run: a progress bar, the result kept for every session
-        result = data.kept(data.calibration_key(*arguments))
-        if result is None:
-            bar = widgets.ProgressBar("Shuffling pairings and drawing matched random sets…")
-            result = data.calibration_with_progress(*arguments, progress=bar)
-            bar.empty()
+    result = data.calibration(*arguments) if _live(metric) else found
+    if result is None:  # minutes on a large run: a progress bar, the result kept for everyone
+        bar = widgets.ProgressBar("Shuffling pairings and drawing matched random sets…")
+        result = data.calibration_with_progress(*arguments, progress=bar)
+        bar.empty()
     if result.low_high.empty:
         st.text(result.verdict)
     elif result.low_high["survives"].all():
@@ -602,11 +599,11 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
 def _per_stimulus(sets, focus, score, k) -> None:  # noqa: ANN001
     """Per-stimulus alignment of one pair against dispersion (picture, ρ and permutation p)."""
     # by its models: a pair that is gone is forgotten, never replaced by the pair now at its place
-    choices = {pair.label: pair for pair in pairs}
+    choices = {(pair.vision_model, pair.language_model): pair for pair in pairs}
     state.drop_stale_choice(st.session_state, "w_lab_pair", list(choices))
     pair = choices[st.selectbox(
         "Pair", list(choices), key="w_lab_pair",
-        format_func=lambda label: lab.pair_text(choices[label]),
+        format_func=lambda models: lab.pair_text(choices[models]),
     )]
     if not data.per_stimulus_ready(path, stamp, n, [pair], k):
         st.info(

@@ -50,7 +50,7 @@ st.caption(
     f"Does low dispersion (the GPA models, {run.gpa_modality}, agree) go with higher alignment "
     "with the other models? Fig. 2, S1 and S2 of the paper, recomputed on this run."
 )
-run_name, path = context.info.name, context.info.path
+path = context.info.path
 stamp = data.manifest_stamp(path)
 n = run.n_stimuli
 max_size = n // 2
@@ -82,9 +82,7 @@ with st.sidebar:
             key=key,
             help=f"stimuli in each of the low / high / random sets (at most {max_size})",
         ),
-        coerce=lambda value: min(
-            max(state.MIN_SUBSET_SIZE, int(value or state.default_subset_size(n))), max_size
-        ),
+        coerce=lambda value: state.subset_size(value, n),
     )
     k, requested_k = state.bind_bounded_int(
         st.session_state,

@@ -933,3 +933,28 @@ def test_best_layer_passes_over_layers_whose_mean_cknna_is_nan():
     sweep.loc[0, "cknna"] = np.nan
     with pytest.raises(ValueError, match="language model 't' has no defined CKNNA"):
         analyses.best_language_layers(None, k=10, sweep=sweep)
+
+
+def test_a_language_model_in_gpa_is_not_paired_with_itself(tmp_path):
+    """GPA across a vision and a language model: the Paper page's and the report's pairs held
+    language-a × language-a (CKNNA about 1 on every set, lifting every mean over the pairs)."""
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import synthetic_embeddings
+
+    embeddings, _ = synthetic_embeddings(40)
+    stimuli = pd.DataFrame({"id": [f"s{i}" for i in range(40)],
+                            "image": [f"{i}.jpg" for i in range(40)],
+                            "captions": [[f"c{i}"] for i in range(40)]})
+    run = write_run_from_embeddings(
+        tmp_path / "gpalang", stimuli, embeddings,
+        vision_models=["vision-a", "vision-b", "vision-c"],
+        language_models=["language-a", "language-b"], thumbnails=False,
+        gpa_models=["vision-a", "language-a"],
+        gpa_layers={"vision-a": "stage2", "language-a": "layer3"},
+    )
+    pairs = analyses.pairs_with_best_layers(run, k=5)
+    assert [(p.vision_model, p.language_model) for p in pairs] == [
+        ("vision-a", "language-a"), ("vision-a", "language-b"), ("language-a", "language-b")
+    ]
+    table = analyses.dispersion_set_alignment(run, size=10, k=5, n_random=5, n_permutations=10)
+    assert not (table["vision_model"] == table["language_model"]).any()

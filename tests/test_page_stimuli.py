@@ -358,7 +358,7 @@ def test_gallery_ranked_by_per_stimulus_knn_overlap(run) -> None:
     at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     pair_box = at.selectbox(key="w_stimulus_pair")
-    pair_box.set_value("vision-a × language-b").run(timeout=TIMEOUT)
+    pair_box.set_value(("vision-a", "language-b")).run(timeout=TIMEOUT)
     best = dict(zip(*best_language_layers(run).iloc[:, :2].T.values, strict=True))
     expected = _dense_overlap(run, "vision-a", "stage2", "language-b", best["language-b"], 5)
     cards = _aligned_cards(at)
@@ -384,7 +384,8 @@ def test_the_gallery_uses_the_k_the_lab_uses(run) -> None:
     at = _page({"k": "200"})
     at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
-    assert any("(k = 9, the lab's k" in caption.value for caption in at.caption), [
+    assert any("(k = 9, chosen in the Alignment lab and lowered below its set size)"
+               in caption.value for caption in at.caption), [
         caption.value for caption in at.caption
     ]
     best = dict(zip(*best_language_layers(run).iloc[:, :2].T.values, strict=True))
@@ -393,6 +394,54 @@ def test_the_gallery_uses_the_k_the_lab_uses(run) -> None:
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     assert at.slider(key="w_k").value == 9
+
+
+def test_the_gallery_does_not_claim_the_k_of_a_lab_with_a_small_focus_set(run) -> None:
+    """Five pasted ids in the lab: it measures every set at k = 4, and the gallery said it used
+    "k = 10, the lab's k on its low and high sets"; it now says only what is true."""
+    at = _page({"size": "20"})
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    at.radio(key="w_source").set_value("pasted").run(timeout=TIMEOUT)
+    at.text_area(key="w_pasted_ids").input("\n".join(run.stimuli["id"][:5])).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert at.slider(key="w_k").value == 4
+    at.session_state["w_gallery_order"] = "knn_overlap"
+    at.switch_page(PAGE).run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    captions = [caption.value for caption in at.caption if "Gallery ordered by" in caption.value]
+    assert len(captions) == 1 and "(k = 10, chosen in the Alignment lab)" in captions[0]
+    assert "the lab's k" not in captions[0]
+
+
+def test_pairs_whose_labels_coincide_are_two_choices(tmp_path, monkeypatch) -> None:
+    """Models named with " × ": "x × y" with "z" and "x" with "y × z" are both labelled
+    "x × y × z"; choices keyed by the label (and shown by it) kept one of the two pairs (on
+    both pages)."""
+    import pandas as pd
+
+    from convergence_core.precompute import write_run_from_embeddings
+    from tests.fixtures_runs import synthetic_embeddings
+
+    vision, language = ["x", "x × y"], ["z", "y × z"]
+    embeddings, _ = synthetic_embeddings(30, vision_models=vision, language_models=language)
+    stimuli = pd.DataFrame({"id": [f"s{i}" for i in range(30)],
+                            "image": [f"{i}.jpg" for i in range(30)],
+                            "captions": [[f"c{i}"] for i in range(30)]})
+    write_run_from_embeddings(tmp_path / "runs" / "demo", stimuli, embeddings,
+                              vision_models=vision, language_models=language, thumbnails=False)
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    at = _page()
+    at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    box = at.selectbox(key="w_stimulus_pair")
+    assert len(box.options) == 4
+    box.set_value(("x", "y × z")).run(timeout=TIMEOUT)
+    box = at.selectbox(key="w_stimulus_pair")
+    assert box.value == ("x", "y × z") and box.options[box.index].startswith("x × (y × z) (")
+    at.session_state["w_lab_per_stimulus"] = True
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert len(at.selectbox(key="w_lab_pair").options) == 4
 
 
 @pytest.mark.parametrize("n", [3, 4])
@@ -498,6 +547,50 @@ def test_large_runs_compute_per_stimulus_alignment_on_a_button(
     assert len(_aligned_cards(at)) == 2 * PER_SIDE
     at.run(timeout=TIMEOUT)  # computed once on this server: shown without a new press
     assert len(_aligned_cards(at)) == 2 * PER_SIDE
+
+
+def test_a_per_stimulus_result_behind_its_button_and_its_mark_go_together(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reviewer's scenario: per-stimulus alignment of a large run computed on its button,
+    then other users' galleries of a live run filled the cache. The large run was still marked
+    finished (no button) while its result was gone, so its gallery started minutes of work
+    unasked. Now its result is kept with the mark, and when it goes the button comes back."""
+    from convergence_core import stimulus_alignment
+    from convergence_core.dashboard import data, lab
+    from tests.fixtures_runs import make_synthetic_run
+
+    big = make_synthetic_run(tmp_path, 40, name="big", images=False, thumbnails=False)
+    small = make_synthetic_run(tmp_path, 30, name="small", images=False, thumbnails=False)
+    monkeypatch.setattr(data, "PER_STIMULUS_LIVE_STIMULI", 35)  # big asks first; small is live
+    data.st.cache_data.clear()
+    data._kept()[0].clear()
+    data._finished().clear()
+    computed = []
+    real = stimulus_alignment.per_stimulus_alignment
+    monkeypatch.setattr(stimulus_alignment, "per_stimulus_alignment",
+                        lambda run, pairs, **kw: computed.append(kw) or real(run, pairs, **kw))
+
+    def pairs(run):  # noqa: ANN001, ANN202
+        return lab.cross_pairs(zip(run.gpa.models, run.gpa.layers),
+                               [(m, run.default_layer(m)) for m in run.partner_models])
+
+    path, stamp, pair = str(big.path), data.manifest_stamp(big.path), pairs(big)[0]
+    assert not data.per_stimulus_ready(path, stamp, 40, [pair], 10)
+    data.per_stimulus_table(path, stamp, [pair], 10)  # the button pressed
+    live = [(p, k) for k in range(2, 29) for p in pairs(small)]
+    assert len(live) > 128  # more than the per-stimulus cache holds
+    for live_pair, k in live:
+        data.alignment_ranking(str(small.path), data.manifest_stamp(small.path), live_pair,
+                               "knn_overlap", k)
+    computed.clear()
+    assert data.per_stimulus_ready(path, stamp, 40, [pair], 10)  # shown without its button…
+    data.alignment_ranking(path, stamp, pair, "knn_overlap", 10)
+    assert computed == []  # …from the result kept, not computed again unasked
+    for i in range(data.KEPT_RESULTS):  # later results take its place
+        data.keep(("other", i), i)
+    assert not data.per_stimulus_ready(path, stamp, 40, [pair], 10)  # the button again
+    data._kept()[0].clear()
 
 
 def test_a_run_without_images_is_not_described_by_them(tmp_path, monkeypatch) -> None:

@@ -568,25 +568,43 @@ PER_STIMULUS_MIN_STIMULI = 5
 RELATION_PERMUTATIONS = 1000
 
 
-@st.cache_data(show_spinner="Computing per-stimulus alignment…", max_entries=128)
-def _per_stimulus(path: str, stamp: int, pair: lab.Pair, metric: str, k: int | None,
-                  ) -> pd.DataFrame:
+def _per_stimulus_of(path: str, stamp: int, pair: lab.Pair, metric: str, k: int | None,
+                     ) -> pd.DataFrame:
     from ..stimulus_alignment import per_stimulus_alignment
 
     return per_stimulus_alignment(_open_run(path, stamp), [pair], k=k or 10, metrics=[metric])
 
 
+_per_stimulus = st.cache_data(
+    _per_stimulus_of, show_spinner="Computing per-stimulus alignment…", max_entries=128
+)
+
+
+def _per_stimulus_key(path: str, stamp: int, pair: lab.Pair, metric: str, k: int) -> tuple:
+    return ("per_stimulus", path, stamp, pair, metric, int(k) if metric == "knn_overlap" else None)
+
+
 def per_stimulus(path: str, stamp: int, pair: lab.Pair, metric: str, k: int) -> pd.DataFrame:
     """:func:`stimulus_alignment.per_stimulus_alignment` of one pair and metric (``knn_overlap``
-    at k, or ``local_cka``), long format, cached per run, pair and metric."""
-    return _per_stimulus(path, stamp, pair, metric, int(k) if metric == "knn_overlap" else None)
+    at k, or ``local_cka``), long format, cached per run, pair and metric; above
+    :data:`PER_STIMULUS_LIVE_STIMULI` stimuli (computed behind a button) kept with :func:`keep`,
+    whose entry is also what :func:`per_stimulus_ready` looks for: the mark and the result go
+    together (a mark that outlived its result started minutes of work without the button)."""
+    key = _per_stimulus_key(path, stamp, pair, metric, k)
+    if _open_run(path, stamp).n_stimuli <= PER_STIMULUS_LIVE_STIMULI:
+        return _per_stimulus(*key[1:])
+    table = kept(key)
+    if table is None:
+        table = _per_stimulus_of(*key[1:])
+        keep(key, table)
+    return table
 
 
 def per_stimulus_ready(path: str, stamp: int, n: int, pairs: Sequence[lab.Pair], k: int) -> bool:
     """Whether per-stimulus alignment of ``pairs`` can be shown at once: a run of at most
-    :data:`PER_STIMULUS_LIVE_STIMULI` stimuli, or computed on this server already."""
+    :data:`PER_STIMULUS_LIVE_STIMULI` stimuli, or computed on this server and still kept."""
     return n <= PER_STIMULUS_LIVE_STIMULI or all(
-        finished("per_stimulus", path, stamp, pair, metric, k)
+        kept(_per_stimulus_key(path, stamp, pair, metric, k)) is not None
         for pair in pairs
         for metric in PER_STIMULUS_METRICS
     )
@@ -607,7 +625,6 @@ def per_stimulus_table(
         if progress is not None:
             progress(step / len(steps), f"{metric} of {pair.label}…")
         parts.append(per_stimulus(path, stamp, pair, metric, k))
-        mark_finished("per_stimulus", path, stamp, pair, metric, int(k))
     if progress is not None:
         progress(1.0, "done")
     return pd.concat(parts, ignore_index=True)
@@ -956,8 +973,8 @@ def leave_one_out(path: str, stamp: int) -> tuple[pd.DataFrame, pd.DataFrame]:
 #: outlived its result started a minutes-long computation without its button; one that goes
 #: first only brings the button back, whose press then finds the result cached.
 FINISHED_MARKS = {
-    "cross_modal": 16, "cross_modal_retrieval": 16, "per_stimulus": 64, "dispersion_sets": 32,
-    "drop_fraction": 32, "leave_one_out": 8, "lab_permutation": 128,
+    "cross_modal": 16, "cross_modal_retrieval": 16, "dispersion_sets": 32, "drop_fraction": 32,
+    "leave_one_out": 8, "lab_permutation": 128,
 }
 #: The same for an analysis not named in :data:`FINISHED_MARKS`
 DEFAULT_FINISHED_MARKS = 8

@@ -31,7 +31,14 @@ import pandas as pd
 from .. import calibration, random_baseline
 from .. import metrics as registry
 from ..alignment import cknna_bound_note
-from ..analyses import LayerKey, Pair, matched_set_seed, shuffle_rng, vision_typicality
+from ..analyses import (
+    LayerKey,
+    Pair,
+    aligns_two_models,
+    matched_set_seed,
+    shuffle_rng,
+    vision_typicality,
+)
 from ..neighbours import NeighbourIndex
 from ..random_baseline import DEFAULT_MIN_SETS
 from ..stats import (
@@ -117,21 +124,23 @@ def cross_pairs(
     gpa_side: Iterable[tuple[str, str]], partner_side: Iterable[tuple[str, str]]
 ) -> tuple[Pair, ...]:
     """Every GPA model × partner pair of the Stimuli page and the lab, from (model, layer)
-    sides, without a model paired with itself: a language model that is also in GPA would be
-    aligned with itself (CKNNA about 1) and lift every mean over the pairs."""
+    sides, without a model paired with itself (``analyses.aligns_two_models``)."""
     partners = list(partner_side)
-    return tuple(
+    pairs = (
         Pair(model, layer, partner, partner_layer)
         for model, layer in gpa_side
         for partner, partner_layer in partners
-        if partner != model
     )
+    return tuple(filter(aligns_two_models, pairs))
 
 
 def pair_text(pair: Pair) -> str:
     """A pair as the pages' pair choices show it: ``"a × b (layer / layer)"`` (the choice itself
-    is ``pair.label``, unique among the pairs of :func:`cross_pairs`)."""
-    return f"{pair.label} ({pair.vision_layer} / {pair.language_layer})"
+    is its two models; a name holding " × " is put in brackets, so that the texts of two pairs
+    differ as their models do: a selectbox tells its choices apart by their text)."""
+    vision, language = (f"({name})" if " × " in name else name
+                        for name in (pair.vision_model, pair.language_model))
+    return f"{vision} × {language} ({pair.vision_layer} / {pair.language_layer})"
 
 
 def metric_label(name: str) -> str:

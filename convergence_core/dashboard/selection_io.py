@@ -57,36 +57,47 @@ def parse_id_list(data: bytes | str, known: Container[str] = ()) -> list[str]:
     other columns are skipped as they are read), or plain ids separated by newlines, commas,
     semicolons, tabs or spaces. Blank entries are skipped. A line of a plain list that is one of
     the ``known`` ids (the run's) as a whole is that id, so that ids holding spaces or commas
-    can be pasted one per line. The uploader's size limit (``server.maxUploadSize``) bounds an
-    upload.
+    can be pasted or uploaded one per line (a file of such lines is a list, not a table). A
+    table is read as a stream, row by row. The uploader's size limit
+    (``server.maxUploadSize``) bounds an upload.
 
     Raises:
         ValueError: data that is not UTF-8 text, or an uploaded table (rows of the same number
             of comma-separated cells; pasted text is always a list) without an ``id`` column.
     """
-    if isinstance(data, bytes):
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise ValueError(
-                "the id list is not UTF-8 text; save it as a UTF-8 CSV with an 'id' column"
-            ) from exc
-    else:
-        text = data
-    lines = text.splitlines()
-    first = next((line for line in lines if line.strip()), "")
+    try:
+        return _parse_id_list(data, known)
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            "the id list is not UTF-8 text; save it as a UTF-8 CSV with an 'id' column"
+        ) from exc
+
+
+def _parse_id_list(data: bytes | str, known: Container[str]) -> list[str]:
+    # a table is read as a stream (an upload of 64 MB held at once as text and lines took ~6.5
+    # times its size); its header is the first line that is not blank, the rest is read as
+    # written (a caption may hold characters that splitlines breaks at)
+    stream = (
+        io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline="")
+        if isinstance(data, bytes)
+        else io.StringIO(data, newline="")
+    )
+    first = next((line for line in stream if line.strip()), "")
     header = [cell.strip().lower() for cell in next(csv.reader([first]), [])]
     if "id" in header:
-        # the header is the first line that is not blank (a reader would take a blank one); the
-        # rest is read as written (a caption may hold characters that splitlines breaks at)
-        reader = csv.reader(io.StringIO(text.lstrip()))
-        column = [cell.strip().lower() for cell in next(reader)].index("id")
-        # only the id of each row is kept
-        ids = [record[column].strip() if column < len(record) else "" for record in reader]
+        column = header.index("id")  # only the id of each row is kept
+        ids = [
+            record[column].strip() if column < len(record) else ""
+            for record in csv.reader(stream)
+        ]
     else:
+        lines = (data.decode("utf-8-sig") if isinstance(data, bytes) else data).splitlines()
         rows = [line for line in lines if line.strip()][:6]
         widths = {len(next(csv.reader([line]), [])) for line in rows}
-        if isinstance(data, bytes) and len(rows) > 1 and len(widths) == 1 and widths.pop() > 1:
+        if (
+            isinstance(data, bytes) and len(rows) > 1 and len(widths) == 1 and widths.pop() > 1
+            and not all(line.strip() in known for line in rows)  # ids holding commas
+        ):
             # a table (every row the same number of cells), not a list: its ids would be guessed
             raise ValueError(
                 f"the file is a table without an 'id' column (its columns: "

@@ -47,7 +47,7 @@ def default_subset_size(n_stimuli: int) -> int:
 
 
 def subset_size(size: int | None, n_stimuli: int) -> int:
-    """The Alignment lab's set size for a requested ``size``: :func:`default_subset_size` when
+    """The pages' set size for a requested ``size``: :func:`default_subset_size` when
     None, else within [MIN_SUBSET_SIZE, n // 2] (low and high sets must not overlap)."""
     if size is None:
         return default_subset_size(n_stimuli)
@@ -79,8 +79,9 @@ class View:
 
 
 def sets_k(view: View, n_stimuli: int) -> int:
-    """The k the Alignment lab measures its low, high and random sets at: the view's k lowered
-    below the set size (:func:`bind_bounded_int`; the view keeps the k asked for)."""
+    """The view's k lowered below the Alignment lab's set size, as the lab does
+    (:func:`bind_bounded_int`; the view keeps the k asked for); the lab lowers it further for a
+    focus set smaller than its low and high sets."""
     return max(1, min(max(MIN_K, int(view.k)), subset_size(view.size, n_stimuli) - 1))
 
 
