@@ -1069,7 +1069,7 @@ def test_settings_are_refused_before_the_first_section_writes(planted_run_path, 
         with pytest.raises(ValueError, match=match):
             report.write_report(run, out, n_random=2, n_permutations=2, **settings_)
         assert not out.exists()
-    with pytest.raises(ValueError, match="predictivity_folds must be at least 2"):
+    with pytest.raises(ValueError, match="predictivity_folds must be an integer >= 2"):
         report.AnalysisOptions(predictivity_folds=1)
     with pytest.raises(ValueError, match="--blind-matching-random 10.*--skip blind_matching"):
         report.AnalysisOptions(blind_matching_repeats=0, blind_matching_random=0)
