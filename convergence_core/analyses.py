@@ -197,10 +197,11 @@ def layer_sweep(
     check_k(k, rows_used.size, 2, what="the full set")
     sampled = rows_used.size < _n_stimuli(run)
     pairs = [
-        Pair(vision_model, vision_layer, language, language_layer)
+        pair
         for language in languages
         for language_layer in run.layers(language)
         for vision_model, vision_layer in vision
+        if aligns_two_models(pair := Pair(vision_model, vision_layer, language, language_layer))
     ]
     values = _alignment(indexes_for(run, pairs), pairs, rows_used[None, :], k).cknna[:, 0]
     layer_index = {

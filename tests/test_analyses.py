@@ -958,3 +958,8 @@ def test_a_language_model_in_gpa_is_not_paired_with_itself(tmp_path):
     ]
     table = analyses.dispersion_set_alignment(run, size=10, k=5, n_random=5, n_permutations=10)
     assert not (table["vision_model"] == table["language_model"]).any()
+    # nor does it choose language-a's best layer (its GPA layer scored ~1 with itself)
+    sweep = analyses.layer_sweep(run, k=5)
+    assert not (sweep["vision_model"] == sweep["language_model"]).any()
+    best = analyses.best_language_layers(run, k=5, sweep=sweep).set_index("language_model")
+    assert best.loc["language-a", "n_vision_models"] == 1

@@ -448,3 +448,16 @@ def test_tables_completed_from_features_break_exact_ties_by_index():
         expected = np.lexsort((np.broadcast_to(np.arange(len(F)), exact.shape), -exact))[:, :k]
         differing += not np.array_equal(tables, expected)
     assert differing == 0
+
+
+def test_a_row_is_never_its_own_neighbour_even_where_norms_overflow():
+    """A norm above ~1e154 made the rounding allowance infinite, which took the row's own
+    (excluded) column back in among its candidates: the row came out as its own neighbour."""
+    from convergence_core.metrics import nearest_neighbours
+
+    rng = np.random.default_rng(0)
+    F = rng.standard_normal((6, 4))
+    F[5] *= 1e160
+    with np.errstate(over="ignore", invalid="ignore"):
+        table = nearest_neighbours(F, 3).indices
+    assert all(row not in table[row] for row in range(6))

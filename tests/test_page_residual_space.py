@@ -432,3 +432,12 @@ def test_a_run_of_two_gpa_models_says_its_pc2_is_rounding(monkeypatch, tmp_path)
 def test_a_run_of_three_gpa_models_has_no_two_model_note(run) -> None:
     at = _page(interactive=False)
     assert not any("PC2 is rounding noise" in c.value for c in at.caption)
+
+
+def test_ids_beginning_or_ending_with_a_space_are_read_back_as_written() -> None:
+    """Run ids keep their spaces; the page's own export of " a b" and "x " read back as "a b"
+    and "x", ids the run does not have (from the review)."""
+    known = {" a b", "x ", "c"}
+    exported = selection_io.selection_csv([" a b", "x "], [["one"], ["two"]])
+    assert selection_io.parse_id_list(exported, known) == [" a b", "x "]
+    assert selection_io.parse_id_list(" a b\nx \n c \n", known) == [" a b", "x ", "c"]

@@ -578,3 +578,16 @@ def test_a_run_being_deleted_by_a_reset_is_not_listed(tmp_path):
     make_synthetic_run(tmp_path, n=10, thumbnails=False, name="old")
     (tmp_path / "old").rename(tmp_path / ".old.reset")
     assert [info.name for info in list_runs(tmp_path)] == ["kept"]
+
+
+def test_layers_whose_names_differ_only_in_case_are_refused(tmp_path):
+    """Layers 'stage1' and 'STAGE1' of one model were written as stage1.npy and STAGE1.npy: one
+    file on macOS and Windows (from the review)."""
+    embeddings, _ = synthetic_embeddings(12, seed=3)
+    embeddings["vision-c"]["STAGE1"] = embeddings["vision-c"]["stage1"] * 2.0
+    with pytest.raises(ValueError, match=r"layers 'stage1' and 'STAGE1' would be one file"):
+        write_run_from_embeddings(
+            tmp_path / "r", _stimuli(12), embeddings,
+            vision_models=["vision-a", "vision-b", "vision-c"],
+            language_models=["language-a", "language-b"], thumbnails=False,
+        )

@@ -87,7 +87,8 @@ def _parse_id_list(data: bytes | str, known: Container[str]) -> list[str]:
     if "id" in header:
         column = header.index("id")  # only the id of each row is kept
         ids = [
-            record[column].strip() if column < len(record) else ""
+            _whole_id(record[column], known) or record[column].strip() if column < len(record)
+            else ""
             for record in csv.reader(stream)
         ]
     else:
@@ -96,7 +97,7 @@ def _parse_id_list(data: bytes | str, known: Container[str]) -> list[str]:
         widths = {len(next(csv.reader([line]), [])) for line in rows}
         if (
             isinstance(data, bytes) and len(rows) > 1 and len(widths) == 1 and widths.pop() > 1
-            and not all(line.strip() in known for line in rows)  # ids holding commas
+            and not all(_whole_id(line, known) for line in rows)  # ids holding commas
         ):
             # a table (every row the same number of cells), not a list: its ids would be guessed
             raise ValueError(
@@ -105,11 +106,18 @@ def _parse_id_list(data: bytes | str, known: Container[str]) -> list[str]:
                 "plain list of ids, one per line"
             )
         ids = [
-            token.strip()
+            token if whole else token.strip()
             for line in lines
-            for token in ([line.strip()] if line.strip() in known else re.split(r"[\s,;]+", line))
+            for whole in [_whole_id(line, known)]
+            for token in ([whole] if whole else re.split(r"[\s,;]+", line))
         ]
     return list(dict.fromkeys(i for i in ids if i))
+
+
+def _whole_id(text: str, known: Container[str]) -> str | None:
+    """``text`` as one of the ``known`` ids: as written (an id may begin or end with a space),
+    else stripped; None when it is neither."""
+    return text if text in known else stripped if (stripped := text.strip()) in known else None
 
 
 #: Unknown ids listed by name in a message (the rest are counted)
