@@ -1,10 +1,10 @@
 """Safe cache I/O: atomic writes, pickle-free readers and the on-disk layout of one run.
 
-Every writer here first writes ``<name>.tmp-<pid>`` next to the target and then ``os.replace``s it,
-so a reader (or a resumed precompute) never sees half a file: a crash mid-write leaves the previous
-version of the file (or no file) plus, at worst, a stray ``*.tmp-<pid>`` that the next write of the
-same file replaces. Readers never unpickle: ``.npy`` files are read with ``allow_pickle=False`` and a
-file that would need pickle raises :class:`PickleRefusedError`.
+Every writer here first writes a new ``<name>.tmp-<pid>-<random>`` next to the target and then
+``os.replace``s it, so a reader (or a resumed precompute) never sees half a file: a crash mid-write
+leaves the previous version of the file (or no file) plus, at worst, a stray temporary file that
+:func:`clean_temp_files` deletes. Readers never unpickle: ``.npy`` files are read with
+``allow_pickle=False`` and a file that would need pickle raises :class:`PickleRefusedError`.
 
 :class:`RunLayout` is the single place that knows where each file of a run lives (see
 docs/ARCHITECTURE.md, "Cache layout"); ``precompute.py`` writes through it and ``run.py`` reads
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -53,7 +54,7 @@ __all__ = [
 
 _NPY_MAGIC = b"\x93NUMPY"
 _PICKLE_PROTOCOL_OPCODE = b"\x80"
-#: Suffix of temporary files: ``<final name>.tmp-<pid>``.
+#: Marks temporary files: ``<final name>.tmp-<pid>-<random>``.
 TEMP_MARKER = ".tmp-"
 
 
@@ -72,7 +73,7 @@ class RunLockedError(ValueError):
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):  # no such pid (or no pid at all)
         return False
     except PermissionError:
         return True
@@ -345,6 +346,20 @@ def _release(lock: Path, fd: int) -> None:
         os.close(fd)
 
 
+def _new_temp_file(target: Path) -> Path:
+    """Create an empty ``<name>.tmp-<pid>-<random>`` beside ``target``, exclusively and without
+    following a symbolic link (a name planted in a shared run is never written through), and
+    unique to this call (two threads writing one file never share it)."""
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        tmp = target.with_name(f"{target.name}{TEMP_MARKER}{os.getpid()}-{os.urandom(6).hex()}")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it onto ``path``.
@@ -355,7 +370,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}{TEMP_MARKER}{os.getpid()}")
+    tmp = _new_temp_file(target)
     try:
         yield tmp
         os.replace(tmp, target)
@@ -384,23 +399,26 @@ class ShortWriteError(OSError):
     """
 
 
-#: A temporary file's name exactly as :func:`atomic_path` makes it: ``<final name>.tmp-<pid>``
-_TEMP_NAME = re.compile(rf".+{re.escape(TEMP_MARKER)}[0-9]+")
+#: A temporary file's name exactly as :func:`atomic_path` makes it,
+#: ``<final name>.tmp-<pid>-<12 hex digits>``, or as older versions did, ``<final name>.tmp-<pid>``
+_TEMP_NAME = re.compile(rf".+{re.escape(TEMP_MARKER)}([0-9]+)(-[0-9a-f]{{12}})?")
 
 
 def clean_temp_files(folder: str | os.PathLike[str]) -> int:
-    """Delete leftover ``<name>.tmp-<pid>`` files (of a killed writer) under the run folder
-    ``folder``; count them. Only names :func:`atomic_path` makes are touched (``notes.tmp-1.txt``
-    or ``draft.tmp-final`` are not), a file whose writer process is alive is left to it, and
-    symbolic links are neither followed nor deleted. Call it on run folders only (a folder
-    holding a manifest), never on a folder a user points at before it is known to be a run."""
+    """Delete leftover ``<name>.tmp-<pid>-<random>`` files (of a killed writer) under the run
+    folder ``folder``; count them. Only names :func:`atomic_path` makes are touched
+    (``notes.tmp-1.txt`` or ``draft.tmp-final`` are not), a file whose writer process is alive is
+    left to it, and symbolic links are neither followed nor deleted. Call it on run folders only
+    (a folder holding a manifest), never on a folder a user points at before it is known to be a
+    run."""
     count = 0
     for where, _, names in os.walk(folder):  # os.walk does not enter linked folders
         for name in names:
             tmp = Path(where) / name
-            if not _TEMP_NAME.fullmatch(name) or not tmp.is_file() or tmp.is_symlink():
+            match = _TEMP_NAME.fullmatch(name)
+            if match is None or not tmp.is_file() or tmp.is_symlink():
                 continue
-            writer = int(name.rsplit(TEMP_MARKER, 1)[1])
+            writer = int(match[1])
             if writer != os.getpid() and _pid_alive(writer):
                 continue  # still being written (the dashboard's UMAP, a report's captions)
             tmp.unlink()
@@ -438,6 +456,24 @@ def write_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     return Path(path)
 
 
+def _missing_bytes(handle: Any) -> str | None:
+    """What a ``.npy`` file lacks when its header claims more data than the file holds, else None
+    (also for a header numpy cannot parse: ``np.load`` says what is wrong with it)."""
+    handle.seek(0)
+    try:
+        version = np.lib.format.read_magic(handle)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else (
+            np.lib.format.read_array_header_2_0)
+        shape, _, dtype = header(handle)
+    except (ValueError, OSError, EOFError):
+        return None
+    need = handle.tell() + math.prod(shape) * dtype.itemsize
+    size = os.fstat(handle.fileno()).st_size
+    if dtype.hasobject or need <= size:
+        return None
+    return f"its header claims a {shape} {dtype} array of {need:,} bytes, the file holds {size:,}"
+
+
 def read_npy(
     path: str | os.PathLike[str],
     *,
@@ -460,6 +496,9 @@ def read_npy(
         raise CacheFormatError(f"{what} {path} is missing; {fix}")
     with open(path, "rb") as handle:
         magic = handle.read(len(_NPY_MAGIC))
+        short = None if mmap or magic != _NPY_MAGIC else _missing_bytes(handle)
+    if short:  # np.load would first ask for all the bytes its header claims (a MemoryError)
+        raise CacheFormatError(f"cannot read {what} {path} ({short}): it is damaged; {fix}")
     if magic != _NPY_MAGIC:
         if magic[:1] == _PICKLE_PROTOCOL_OPCODE:
             raise PickleRefusedError(
@@ -498,9 +537,10 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise CacheFormatError(
             f"{path} is missing; rerun `python -m convergence_core precompute` for this run"
         ) from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8; brackets nested too deep
         raise CacheFormatError(
-            f"{path} is not valid JSON ({exc}); delete it and rerun precompute"
+            f"{path} is not valid JSON ({str(exc)[:200] or type(exc).__name__}); delete it and "
+            "rerun precompute"
         ) from exc
 
 
@@ -642,7 +682,7 @@ class RunLayout:
     def caption_embedding(self, model: str, layer: str) -> tuple[Path, Path]:
         """``captions/<model>/<layer>.npy`` (every caption's embedding) and its ``.json``."""
         folder, layer = self.captions_dir(model), check_key(layer, "layer key")
-        return folder / f"{layer}.npy", folder / f"{layer}.json"
+        return self.inside(folder / f"{layer}.npy"), self.inside(folder / f"{layer}.json")
 
     @property
     def legacy_grams_dir(self) -> Path:

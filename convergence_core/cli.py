@@ -295,6 +295,11 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     elif args.config:
         from .precompute import PrecomputeConfig
 
+        if Path(args.config).is_dir():
+            raise ValueError(
+                f"{args.config} is a folder, not a config file: pass a .json or .toml config "
+                "file, or give a data set folder with --dataset"
+            )
         config = dict(PrecomputeConfig.from_file(args.config).to_dict())
     flags = {
         "dataset": args.dataset,
@@ -511,7 +516,7 @@ def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         return 130
     except OSError as exc:
-        cause = _storage_fault(exc, Path(args.cache) if args.cache else None)
+        cause = _storage_fault(exc, Path(args.cache).expanduser() if args.cache else None)
         if cause is None:
             raise
         print(
@@ -638,12 +643,9 @@ def _status(info: Any) -> str:
 def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
     from .run import list_runs
 
-    from .settings import cache_root, check_cache_folder
+    from .settings import cache_folder
 
-    cache = check_cache_folder(
-        Path(args.cache) if args.cache else cache_root(),
-        "--cache" if args.cache else "$CONVERGENCE_CACHE or the default",
-    )
+    cache = cache_folder(args.cache)
     runs = list_runs(cache / "runs")
     if args.json:
         print(

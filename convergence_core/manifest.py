@@ -90,6 +90,11 @@ def _str_map(data: dict[str, Any], name: str, where: str, value_kinds: type | tu
     return dict(mapping)
 
 
+def _shared(keys: list[str]) -> list[str]:
+    """The keys that occur more than once in ``keys``, sorted."""
+    return sorted({key for key in keys if keys.count(key) > 1})
+
+
 #: Where a model's features can come from (``ModelEntry.source``; ``sources.*Source.kind``)
 FEATURE_SOURCES = ("encoder", "file", "arrays")
 
@@ -150,6 +155,9 @@ class ModelEntry:
             raise _fail(where, "layer_keys must name exactly the model's layers")
         for value in layer_keys.values():
             check_key(value, "layer key")
+        shared = _shared(list(layer_keys.values()))
+        if shared:  # one layer would read (and a rerun overwrite) another's files
+            raise _fail(where, f"several layers share the file key(s) {shared}")
         default_layer = _get(data, "default_layer", str, where)
         if default_layer not in layers:
             raise _fail(where, f"default_layer {default_layer!r} is not one of its layers")
@@ -379,7 +387,9 @@ def parse_manifest(data: Any, where: str = "manifest.json") -> Manifest:
     if not isinstance(data, dict):
         raise _fail(where, "must hold a JSON object")
     version = data.get("format")
-    if version != MANIFEST_FORMAT and version not in UPGRADABLE_FORMATS:
+    if type(version) is not int or (  # not true (== 1) nor 2.0
+        version != MANIFEST_FORMAT and version not in UPGRADABLE_FORMATS
+    ):
         raise ManifestError(
             f"{where}: format {version!r} is not one this version reads ({MANIFEST_FORMAT}, or "
             f"{list(UPGRADABLE_FORMATS)} to upgrade); rerun precompute to rewrite the run"
@@ -389,8 +399,7 @@ def parse_manifest(data: Any, where: str = "manifest.json") -> Manifest:
         str(name): ModelEntry.from_dict(entry, f"{where}: models[{name!r}]")
         for name, entry in models_data.items()
     }
-    keys = [entry.key for entry in models.values()]
-    shared = sorted({key for key in keys if keys.count(key) > 1})
+    shared = _shared([entry.key for entry in models.values()])
     if shared:  # two models would read (and a rerun overwrite) the same files
         raise _fail(where, f"several models share the file key(s) {shared}")
     vision = _str_list(data, "vision_models", where, [])
@@ -405,6 +414,10 @@ def parse_manifest(data: Any, where: str = "manifest.json") -> Manifest:
     )
     if len(gpa.models) != len(gpa.layers):
         raise _fail(where, "gpa.models and gpa.layers must have the same length")
+    strays = [f"{model}:{layer}" for model, layer in zip(gpa.models, gpa.layers, strict=True)
+              if layer not in getattr(models.get(model), "layers", ())]
+    if strays and data.get("complete"):  # (a rerun drops models before its GPA is redone)
+        raise _fail(where, f"gpa names models or layers without an entry in models: {strays}")
     steps_data = _get(data, "steps", dict, where, {})
     n_stimuli = _get(data, "n_stimuli", int, where, 0)
     if n_stimuli < 0:

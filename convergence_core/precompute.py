@@ -77,8 +77,7 @@ from .run_writer import (
     write_properties,
     write_thumbnails,
 )
-from .settings import cache_root as default_cache_root
-from .settings import check_cache_folder
+from .settings import cache_folder
 
 __all__ = [
     "GPA_MAX_ITER",
@@ -905,10 +904,7 @@ def precompute(
     cfg = _resolve_config(config, options)
     notify = progress or (lambda event: None)
     _check_models(cfg)
-    cache = check_cache_folder(
-        Path(cfg.cache_root) if cfg.cache_root else default_cache_root(),
-        "cache_root, --cache" if cfg.cache_root else "$CONVERGENCE_CACHE or the default",
-    )
+    cache = cache_folder(cfg.cache_root, "cache_root, --cache")
     notify(ProgressEvent("dataset", None, 0, 1))
     if cfg.dataset is None:
         stimuli, info = stimuli_from_feature_files(cfg)
@@ -1349,17 +1345,28 @@ def _execute(
 
 
 def _check_model_folders(names: Sequence[str]) -> None:
-    """ValueError if two models would share a folder where file names ignore case (macOS and
-    Windows by default): ``V1`` and ``v1`` are two models on Linux and one folder there."""
+    """ValueError if two models would share a folder of the run: their :func:`model_key` is the
+    same (``org/model`` is stored as ``org_model-c87c0c64``, another model's name), or the same
+    where file names ignore case (macOS and Windows by default: ``V1`` and ``v1``)."""
     seen: dict[str, str] = {}
     for name in names:
-        other = seen.setdefault(model_key(name).casefold(), name)
-        if other != name:
+        key = model_key(name)
+        other = seen.setdefault(key.casefold(), name)
+        if other == name:
+            continue
+        folder = model_key(other)
+        where = "" if folder == key else " on macOS and Windows, whose file systems ignore case"
+        if other.casefold() == name.casefold():
             raise ValueError(
-                f"models {other!r} and {name!r} differ only in upper and lower case: their "
-                "folders in the run would be one folder on macOS and Windows, whose file "
-                "systems ignore case; rename one of them"
+                f"models {other!r} and {name!r} differ only in upper and lower case: they would "
+                f"share the folder {folder!r} in the run{where}; rename one of them"
             )
+        renamed = ", ".join(f"{n!r} as {model_key(n)!r}" for n in (other, name)
+                            if model_key(n) != n)
+        raise ValueError(
+            f"models {other!r} and {name!r} would share the folder {folder!r} in the run{where} "
+            f"(names are stored in a file-name-safe form: {renamed}); rename one of them"
+        )
 
 
 class _Pipeline:

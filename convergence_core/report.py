@@ -2052,10 +2052,9 @@ def main(argv: list[str] | None = None) -> int:
     new_folders = _missing_folders(Path(args.out))  # removed again if the report fails empty
     try:
         if args.cache is not None:  # runs named by name are looked up there (settings.runs_root)
-            from .settings import check_cache_folder
+            from .settings import cache_folder
 
-            cache = check_cache_folder(Path(args.cache).expanduser().resolve())
-            os.environ["CONVERGENCE_CACHE"] = str(cache)
+            os.environ["CONVERGENCE_CACHE"] = str(cache_folder(args.cache).resolve())
         check_out_folder(args.out)  # before any analysis: a bad --out fails in a second
         if args.preset:
             name = preset_config(args.preset)["run_name"]

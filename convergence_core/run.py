@@ -382,6 +382,10 @@ class Run:
             models, layers = names("models"), names("layers")
             if len(models) != len(layers):
                 raise ValueError(f"{len(models)} models but {len(layers)} layers")
+            strays = [f"{model}:{layer}" for model, layer in zip(models, layers, strict=True)
+                      if layer not in getattr(self.manifest.models.get(model), "layers", ())]
+            if strays:
+                raise ValueError(f"it names models or layers the run does not hold: {strays}")
             n_iter, converged = info["n_iter"], info["converged"]
             if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 0:
                 raise ValueError(f"'n_iter' is {shown(n_iter)}, not a count")
@@ -407,6 +411,7 @@ class Run:
         (stopped once its residuals moved less than their spread over random starts)."""
         from .gpa_stability import UncertaintyStop
 
+        self._gpa_settings()  # CacheFormatError when gpa.json is damaged (not an object, ...)
         stop = read_json(self.layout.gpa_json).get("stop")
         if stop is None:
             return None

@@ -105,9 +105,6 @@ def check_run_files(run: Run) -> None:
     m = len(gpa.models)
     if m < 2 or len(gpa.layers) != m:
         raise _damaged(run, layout.gpa_json, f"names {m} models and {len(gpa.layers)} layers")
-    unknown = sorted(set(gpa.models) - set(run.models))
-    if unknown:
-        raise _damaged(run, layout.gpa_json, f"names models {unknown} the run does not hold")
     _check_array(run, layout.gpa_array("residuals"), np.asarray(gpa.residuals), (n, m))
     _check_array(run, layout.gpa_array("scales"), np.asarray(gpa.scales), (m,))
     for i, (rotation, mean) in enumerate(zip(gpa.maps, gpa.means, strict=True)):

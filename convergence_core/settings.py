@@ -31,7 +31,9 @@ from pathlib import Path
 __all__ = [
     "APP_NAME",
     "PROJECT_ROOT",
+    "cache_folder",
     "cache_root",
+    "check_cache_folder",
     "checkout_root",
     "data_root",
     "demo_data_root",
@@ -87,14 +89,30 @@ def cache_root() -> Path:
 
 
 def check_cache_folder(folder: Path, given_as: str = "--cache") -> Path:
-    """``folder`` if it is a folder or does not exist yet (it is made when a run is written);
-    ValueError naming ``given_as`` (the option or variable that set it) when it is a file."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(
-            f"the cache {folder} ({given_as}) is a file, not a folder; give the cache folder "
-            "(runs are kept in its runs/ subfolder), or a new path to make one"
-        )
-    return folder
+    """``folder`` if it and its ``runs/`` are folders or can be made (when a run is written);
+    ValueError naming ``given_as`` (the option or variable that set it) when the folder is a file,
+    lies under a file, or holds a file ``runs``."""
+    runs = folder / "runs"
+    blocking = next((p for p in (runs, *runs.parents) if p.exists() or p.is_symlink()), None)
+    if blocking is None or blocking.is_dir():
+        return folder
+    problem = (
+        "is a file, not a folder" if blocking == folder
+        else f"holds a file {runs} where its runs/ folder goes" if blocking == runs
+        else f"lies under {blocking}, which is a file, not a folder"
+    )
+    raise ValueError(
+        f"the cache {folder} ({given_as}) {problem}; give the cache folder with --cache (runs are "
+        "kept in its runs/ subfolder), or a new path to make one"
+    )
+
+
+def cache_folder(given: str | os.PathLike[str] | None, given_as: str = "--cache") -> Path:
+    """The cache folder a command was given (``~`` expanded), else :func:`cache_root`; checked
+    by :func:`check_cache_folder` (``given_as``: the option that gave it)."""
+    if not given:
+        return check_cache_folder(cache_root(), "$CONVERGENCE_CACHE or the default")
+    return check_cache_folder(Path(given).expanduser(), given_as)
 
 
 def runs_root() -> Path:

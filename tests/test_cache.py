@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -158,6 +159,101 @@ def test_clean_temp_files_removes_only_temp_files(tmp_path):
         f"umap.npy.tmp-{os.getppid()}",
     ]
     assert not any((tmp_path / "d").iterdir()) and (outside / "y.npy.tmp-7").is_file()
+
+
+def test_a_link_planted_at_a_temp_name_is_never_written_through(tmp_path, monkeypatch):
+    """From the audit: the temp name was ``<file>.tmp-<pid>``, opened following links, so a link
+    planted there in a shared run made a write overwrite a file outside the run."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    noise = iter([b"\0" * 6, b"\1" * 6])  # the first random name is planted too
+    monkeypatch.setattr(os, "urandom", lambda size: next(noise))
+    for name in (f"x.npy.tmp-{os.getpid()}", f"x.npy.tmp-{os.getpid()}-{'00' * 6}"):
+        (run / name).symlink_to(victim)
+    write_npy(run / "x.npy", np.arange(3.0))
+    monkeypatch.undo()
+    assert victim.read_text() == "precious"
+    np.testing.assert_array_equal(read_npy(run / "x.npy"), np.arange(3.0))
+    assert not (run / "x.npy").is_symlink()
+    assert clean_temp_files(run) == 0 and len(list(run.iterdir())) == 3  # links are left alone
+
+
+def test_two_threads_writing_one_file_never_share_a_temp_file(tmp_path):
+    """From the audit: two threads (Streamlit sessions) shared ``<file>.tmp-<pid>``: one renamed
+    the other's half-written file into place, and the other's rename failed."""
+    target = tmp_path / "x.bin"
+    both_writing = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def writer(byte: bytes) -> None:
+        try:
+            with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+                handle.write(byte * 100_000)
+                handle.flush()
+                both_writing.wait(timeout=10)
+                handle.write(byte * 100_000)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(byte,)) for byte in (b"a", b"b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert target.read_bytes() in (b"a" * 200_000, b"b" * 200_000)
+    assert _no_temp_files(tmp_path)
+
+
+def test_a_temp_file_of_a_dead_writer_is_cleaned_whatever_its_name_version(tmp_path):
+    (tmp_path / "old.npy.tmp-99999999").write_bytes(b"x")  # as older versions named them
+    (tmp_path / f"new.npy.tmp-99999999-{'ab' * 6}").write_bytes(b"x")
+    (tmp_path / f"live.npy.tmp-{os.getppid()}-{'ab' * 6}").write_bytes(b"x")
+    assert clean_temp_files(tmp_path) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [f"live.npy.tmp-{os.getppid()}-{'ab' * 6}"]
+
+
+@pytest.mark.parametrize("pid", [2**31, 2**63, 10**20])
+def test_a_pid_too_large_for_the_system_is_not_alive(tmp_path, pid):
+    """From the audit: such a pid in a lock or temp name raised OverflowError out of run_lock,
+    live_writer, clean_temp_files and `runs`."""
+    assert not cache._pid_alive(pid)
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    lock = cache.lock_path(run)
+    lock.write_text(str(pid))
+    assert cache.live_writer(run) is None
+    with run_lock(run):
+        assert lock.read_text() == str(os.getpid())
+    (run / f"x.npy.tmp-{pid}").write_bytes(b"x")
+    assert clean_temp_files(run) == 1
+
+
+def test_deeply_nested_json_is_a_format_error(tmp_path):
+    """From the audit: a manifest of nested brackets raised RecursionError out of list_runs."""
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CacheFormatError, match="not valid JSON.*delete it and rerun"):
+        read_json(path)
+
+
+def test_a_npy_header_claiming_more_than_the_file_holds_is_refused(tmp_path):
+    """From the audit: without mmap, numpy first allocated what the header claims (MemoryError)."""
+    path = tmp_path / "huge.npy"
+    np.save(path, np.zeros((4, 3)))
+    raw = path.read_bytes()
+    end = 10 + int.from_bytes(raw[8:10], "little")  # the header, padded with spaces to a newline
+    header = raw[10:end].replace(b"(4, 3)", b"(10000000000000, 3)").replace(b" " * 13, b"", 1)
+    assert len(header) == end - 10
+    path.write_bytes(raw[:10] + header + raw[end:])
+    for mmap in (False, True):
+        with pytest.raises(CacheFormatError, match="huge.npy.*delete it and rerun"):
+            read_npy(path, mmap=mmap)
+    path.write_bytes(raw[:-8])  # cut short by one number
+    with pytest.raises(CacheFormatError, match="claims a \\(4, 3\\) float64 array of 224 bytes"):
+        read_npy(path)
 
 
 @pytest.mark.parametrize(

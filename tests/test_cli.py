@@ -84,6 +84,62 @@ def test_a_cache_that_is_a_file_is_refused_in_words(tmp_path, monkeypatch):
     assert code == 2 and "($CONVERGENCE_CACHE or the default) is a file" in err
 
 
+def _feature_files(folder: Path, n: int = 12) -> list[str]:
+    """Two small vision feature files with their ids: the ``--features`` flags of a quick run."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    flags = []
+    for name, width in (("a", 5), ("b", 4)):
+        np.save(folder / f"{name}.npy", np.random.default_rng(width).standard_normal((n, width)))
+        (folder / f"{name}.npy.ids.txt").write_text("".join(f"s{i}\n" for i in range(n)))
+        flags += ["--features", f"{name}={folder / name}.npy", "--modality", f"{name}=vision"]
+    return flags
+
+
+def test_a_cache_given_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    """From the audit: ``--cache ~/c`` made folders at ./~/c while pandas wrote to $HOME."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    features = _feature_files(tmp_path / "features")
+    code, _, err = _main("precompute", *features, "--quiet", "--cache", "~/c")
+    assert code == 0, err
+    assert not (tmp_path / "~").exists() and len(list((tmp_path / "home/c/runs").iterdir())) == 1
+    code, out, _ = _main("runs", "--cache", "~/c")
+    assert code == 0 and "feature-ids-" in out and str(tmp_path / "home/c/runs") in out
+
+
+@pytest.mark.parametrize(("afile", "under"), [("runs", ""), ("afile", "afile/sub")])
+def test_a_cache_whose_runs_folder_is_a_file_is_refused_in_words(tmp_path, afile, under):
+    """From the audit: runs/ a file, or a cache under a file, ended in a NotADirectoryError or
+    FileExistsError traceback after the data set was read."""
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / afile).write_text("a file")
+    cache = tmp_path / "c" / under
+    features = _feature_files(tmp_path / "features")
+    for command in (("runs",), ("precompute", *features, "--quiet")):
+        code, _, err = _main(*command, "--cache", str(cache))
+        assert code == 2 and err.startswith(f"error: the cache {cache} ("), err
+        assert "--cache) " in err and "give the cache folder with --cache" in err, err
+        assert err.count("\n") == 1 and f"{tmp_path / 'c' / afile}" in err, err
+
+
+@pytest.mark.parametrize("flag", ["--num-cpus", "--num-gpus"])
+@pytest.mark.parametrize("value", ["inf", "1e999", "-inf", "nan"])
+def test_an_infinite_ray_resource_is_refused_naming_the_flag(tmp_path, flag, value):
+    """From the audit: --num-cpus inf raised OverflowError."""
+    features = _feature_files(tmp_path / "features")
+    code, _, err = _main("precompute", *features, "--engine", "ray", f"{flag}={value}",
+                         "--cache", str(tmp_path / "c"))
+    assert code == 2 and flag in err and "finite" in err and err.count("\n") == 1, err
+
+
+def test_a_config_that_is_a_folder_is_called_a_folder(tmp_path):
+    """From the audit: `precompute FOLDER` said the config file does not exist."""
+    code, _, err = _main("precompute", str(tmp_path))
+    assert code == 2 and f"{tmp_path} is a folder, not a config file" in err, err
+
+
 def test_runs_lists_cached_runs(tmp_path):
     code, out, _ = _main("runs", "--cache", str(tmp_path))
     assert code == 0 and f"no cached runs in {tmp_path / 'runs'}" in out

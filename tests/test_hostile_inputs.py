@@ -156,6 +156,14 @@ def test_report_and_pages_open_no_file_outside_a_tampered_run(tmp_path):
         # two models reading the same files (from the reliability audit: misleading advice)
         (lambda m: m["models"]["vision-b"].update(key=m["models"]["vision-a"]["key"]),
          "share the file key"),
+        # from the audit: one layer read another's file; GPA named a model or layer the run
+        # lacks (user-input advice followed); format true (== 1) or 2.0 was read
+        (lambda m: m["models"]["vision-a"]["layer_keys"].update(stage1="stage2"),
+         "several layers share the file key"),
+        (lambda m: m["gpa"]["models"].__setitem__(-1, "ghost"), "gpa names models or layers"),
+        (lambda m: m["gpa"]["layers"].__setitem__(-1, "nolayer"), "gpa names models or layers"),
+        (lambda m: m.update(format=True), "format True"),
+        (lambda m: m.update(format=2.0), "format 2.0"),
     ],
 )
 def test_a_damaged_manifest_is_listed_with_its_reason_and_the_others_work(tmp_path, edit, field):
@@ -190,3 +198,43 @@ def test_manifest_that_is_not_an_object_or_not_json(tmp_path):
     infos = {info.name: info for info in list_runs(cache / "runs")}
     assert infos["healthy"].damaged is None
     assert all(infos[name].damaged for name in ("list", "garbage", "empty"))
+
+
+def test_an_unfinished_rerun_whose_gpa_names_a_dropped_model_still_reads(tmp_path):
+    """A rerun drops models from the manifest before it redoes GPA: until then (the run
+    incomplete) the GPA record may name them, and the run must stay readable to resume."""
+    run = make_synthetic_run(tmp_path / "runs", n=12)
+
+    def edit(manifest):
+        manifest["models"].pop(manifest["gpa"]["models"][-1])
+        manifest["vision_models"] = [m for m in manifest["vision_models"]
+                                     if m in manifest["models"]]
+        manifest["complete"] = False
+
+    _tamper(run.path, edit)
+    assert [info.damaged for info in list_runs(run.path.parent)] == [None]
+
+
+def test_a_deeply_nested_manifest_is_listed_as_damaged(tmp_path):
+    """From the audit: nested brackets raised RecursionError out of list_runs (and `runs`)."""
+    make_synthetic_run(tmp_path / "runs", n=12, name="healthy")
+    (tmp_path / "runs" / "deep").mkdir()
+    (tmp_path / "runs" / "deep" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    infos = {info.name: info for info in list_runs(tmp_path / "runs")}
+    assert infos["healthy"].damaged is None and "not valid JSON" in infos["deep"].damaged
+
+
+def test_caption_embedding_paths_never_lead_out_of_the_run(tmp_path):
+    """From the audit: captions/<model>/<layer>.npy and .json skipped the containment check."""
+    victim = _victim(tmp_path)
+    layout = RunLayout(tmp_path / "run")
+    folder = layout.root / "captions" / "language-a"
+    folder.mkdir(parents=True)
+    for suffix in (".npy", ".json"):
+        link = folder / f"layer0{suffix}"
+        link.symlink_to(victim / "precious.txt")
+        with pytest.raises(CacheFormatError, match="leads outside the run folder"):
+            layout.caption_embedding("language-a", "layer0")
+        link.unlink()
+    assert [p.name for p in layout.caption_embedding("language-a", "layer0")] == [
+        "layer0.npy", "layer0.json"]

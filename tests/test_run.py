@@ -219,6 +219,27 @@ def test_models_whose_names_differ_only_in_case_are_refused_before_anything_is_w
     assert not (tmp_path / "r").exists()
 
 
+def test_models_whose_folder_names_collide_otherwise_are_refused_naming_the_folder(tmp_path):
+    """From the audit: 'org/model' is stored as 'org_model-c87c0c64', another model's name; the
+    message said the two names differ only in case."""
+    embeddings, _ = synthetic_embeddings(12, seed=3)
+    for clash in ("org_model-c87c0c64", "ORG_MODEL-C87C0C64"):
+        embeddings = {**embeddings, "org/model": embeddings["vision-a"],
+                      clash: embeddings["vision-b"]}
+        with pytest.raises(ValueError, match=(
+            rf"^models 'org/model' and '{clash}' would share the folder 'org_model-c87c0c64' in "
+            r"the run.*'org/model' as 'org_model-c87c0c64'\); rename one")) as info:
+            write_run_from_embeddings(
+                tmp_path / "r", _stimuli(12), {k: v for k, v in embeddings.items()
+                                               if k in ("org/model", clash, "vision-c")},
+                vision_models=["org/model", clash, "vision-c"], language_models=[],
+                thumbnails=False,
+            )
+        assert "differ only" not in str(info.value)
+        assert ("ignore case" in str(info.value)) == (clash != "org_model-c87c0c64")
+    assert not (tmp_path / "r").exists()
+
+
 def test_images_and_thumbnails(small_run):
     from PIL import Image
 
@@ -591,3 +612,26 @@ def test_layers_whose_names_differ_only_in_case_are_refused(tmp_path):
             vision_models=["vision-a", "vision-b", "vision-c"],
             language_models=["language-a", "language-b"], thumbnails=False,
         )
+
+
+def test_gpa_json_naming_models_or_layers_the_run_lacks_is_a_damaged_run(tmp_path):
+    """From the audit: a gpa.json naming a model or layer the run lacks gave user-input advice
+    ("choose one of ...") instead of saying the run is damaged; one that is a list raised
+    AttributeError from ``gpa_stop``."""
+    import json
+
+    from convergence_core.run_checks import check_run_files
+
+    run = make_synthetic_run(tmp_path / "runs", n=12)
+    path = run.layout.gpa_json
+    info = json.loads(path.read_text())
+    for field, value in (("models", "ghost"), ("layers", "nolayer")):
+        path.write_text(json.dumps({**info, field: [*info[field][:-1], value]}))
+        fresh = load_run(run.path)
+        with pytest.raises(CacheFormatError, match="does not hold.*delete the run's GPA folder"):
+            fresh.gpa
+        with pytest.raises(CacheFormatError, match="does not hold"):
+            check_run_files(fresh)
+    path.write_text("[1, 2]")
+    with pytest.raises(CacheFormatError, match="not an object.*delete the run's GPA folder"):
+        load_run(run.path).gpa_stop

@@ -107,10 +107,9 @@ def streamlit_arguments(argv: list[str], *, prog: str = "convergence serve") -> 
     """
     ours, passthrough = _parser(prog).parse_known_args(argv)
     if ours.cache is not None:
-        cache = Path(ours.cache).expanduser().resolve()
-        if cache.exists() and not cache.is_dir():
-            raise ValueError(f"--cache {ours.cache!r} is a file; give the cache folder")
-        os.environ["CONVERGENCE_CACHE"] = str(cache)
+        from ..settings import cache_folder
+
+        os.environ["CONVERGENCE_CACHE"] = str(cache_folder(ours.cache).resolve())
     options: list[str] = []
     if ours.port is not None:
         if not 0 < ours.port < 65536:
