@@ -204,8 +204,14 @@ def check_engine_settings(settings: Any) -> None:
         value = getattr(settings, name, None)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            raise ValueError(f"{name} must be a number >= 0 (per Ray actor), got {value!r}")
+        if (
+            isinstance(value, bool) or not isinstance(value, int | float)
+            or not 0 <= value < float("inf")
+        ):
+            raise ValueError(
+                f"{name} must be a number >= 0 (per Ray actor), and finite; got {value!r} "
+                f"(--{name.replace('_', '-')})"
+            )
         if value != int(value) and value > 1:
             raise ValueError(
                 f"{name}={value!r}: Ray accepts fractions only below 1 (e.g. 0.5) or whole numbers"
@@ -438,7 +444,8 @@ class LocalEngine:
             items=job.items_count,
             load_seconds=load_seconds,
             extract_seconds=seconds,
-            stats={"engine": "local"},
+            stats={"engine": "local",
+                   "truncated_captions": getattr(encoder, "truncated_captions", 0)},
         )
         del encoder
         return result

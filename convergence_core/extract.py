@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "pin_for_device",
     "pool_captions",
     "precision_plan",
+    "warn_truncated",
 ]
 
 #: how a stimulus with several captions becomes one language embedding
@@ -227,6 +229,9 @@ def extract_embeddings(
     ``by_length``). On CUDA, image batches are prepared (decoded, resized, stacked) on a helper
     thread into pinned host memory while the previous batch runs on the device.
 
+    A language encoder cuts captions at its ``max_tokens``; a UserWarning then says, once per
+    call, how many it cut and at what length.
+
     Raises:
         ValueError: empty ``items``, bad ``batch_size``, unknown layer, or an unusable item.
     """
@@ -275,6 +280,7 @@ def extract_embeddings(
         run = encoder.encode
     starts = list(range(0, total, batch_size))
     outputs: dict[str, np.ndarray] = {}
+    truncated_before = getattr(encoder, "truncated_captions", 0)
     if progress is not None:
         progress(0, total)
     with ThreadPoolExecutor(max_workers=1) as loader:
@@ -289,7 +295,20 @@ def extract_embeddings(
             _store(encoder, result, keep, outputs, start, min(batch_size, total - start), total)
             if progress is not None:
                 progress(min(start + batch_size, total), total)
+    cut = getattr(encoder, "truncated_captions", 0) - truncated_before
+    warn_truncated(encoder.name, cut, total, getattr(encoder, "max_tokens", None))
     return outputs
+
+
+def warn_truncated(model: str, cut: int, total: int, max_tokens: Any) -> None:
+    """One warning for the ``cut`` of ``total`` captions that ``model`` truncated."""
+    if cut > 0:
+        warnings.warn(
+            f"{model}: {cut} of {total} captions are longer than {max_tokens} tokens and were cut "
+            "to that length (captions that differ only after it embed alike); shorten them to "
+            "keep every word",
+            stacklevel=3,
+        )
 
 
 def _store(

@@ -155,12 +155,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
     Pillow's own ``convert("RGB")`` clips the high-bit-depth grey modes at 255: a 16-bit PNG (mode
     ``I;16``, common for scientific and neuroscience stimuli) would come out almost all white.
-    Those are scaled to 0..255 first by the range their values can take: ``I;16*`` and 32-bit
-    integer images holding 16-bit values by 255/65535, 32-bit floats in [0, 1] by 255; integer
-    or float values already in 0..255 are kept. Any other range is ambiguous and raises.
+    Those are scaled to 0..255 by a fixed rule per mode, never by the pixel values themselves (so
+    two images one pixel apart decode alike): ``I;16*`` by 255/65535; 32-bit integer ``I`` as
+    16-bit values (by 255/65535; Pillow's own reading of 16-bit PGM/PPM), or as 8-bit values
+    where the file's BitsPerSample says 8; 32-bit floats in [0, 1] by 255, float values already
+    in 0..255 are kept. Values outside the mode's range are ambiguous and raise.
 
     Raises:
-        ImageFileError: a 32-bit integer or float image whose values are outside those ranges.
+        ImageFileError: an ``I`` image with values outside 0..65535 (0..255 for 8-bit files), or
+        an ``F`` image outside the ranges above.
     """
     if image.mode == "RGB":
         return image
@@ -168,18 +171,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         low = float(values.min()) if values.size else 0.0
         high = float(values.max()) if values.size else 0.0
+        bits = getattr(image, "tag_v2", {}).get(258) if image.mode == "I" else None
+        top = 255.0 if bits and max(bits) <= 8 else 65535.0
         if image.mode.startswith("I;16"):
             scale = 255.0 / 65535.0
-        elif low >= 0.0 and high <= 1.0 and image.mode == "F":
+        elif image.mode == "I" and low >= 0.0 and high <= top:
+            scale = 255.0 / top
+        elif image.mode == "F" and low >= 0.0 and high <= 1.0:
             scale = 255.0
-        elif low >= 0.0 and high <= 255.0:
+        elif image.mode == "F" and low >= 0.0 and high <= 255.0:
             scale = 1.0
-        elif low >= 0.0 and high <= 65535.0 and image.mode == "I":
-            scale = 255.0 / 65535.0
         else:
+            expected = f"0..{top:g}" if image.mode == "I" else "0..1 or 0..255"
             raise ImageFileError(
                 f"a {image.mode!r} image with values from {low:g} to {high:g} has no agreed 8-bit "
-                "grey scale; save it as 8-bit (or 16-bit) PNG/JPEG with the contrast you want"
+                f"grey scale (read as {expected}); save it as 8-bit (or 16-bit) PNG/JPEG with the "
+                "contrast you want, e.g. Image.fromarray(np.clip(a, 0, 65535).astype(np.uint16))"
             )
         grey = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")

@@ -14,8 +14,11 @@ For each :class:`~convergence_core.engines.ExtractionJob`:
    local engine, so the numbers are the same.
 3. **Shard files.** The driver collects each shard's rows by row id and writes the shard, complete,
    as ``<run>/shards/<model key>/<job key>/shard-<index>.npz`` (temp file + rename; numeric arrays
-   only, read back with ``allow_pickle=False``). A rerun of an interrupted job finds the same job
-   key and skips every finished shard.
+   only, read back with ``allow_pickle=False``), beside ``plan.json`` (the shard size). A rerun of
+   an interrupted job finds the same job key and skips every finished shard, keeping the stored
+   shard size even where another number of actors would plan another one. Every run computes at
+   least one shard; a finished shard whose weights id differs from this run's actors' (weights
+   replaced at the same path, or a new hub snapshot) is deleted and computed again.
 4. **Assembly.** Shards are read back in index order into ``{layer: (n, d) float32}``; every row id
    must occur exactly once (a duplicated or missing row is an error); captions are then pooled per
    stimulus as the local engine does. The shard folder is removed once the arrays are assembled.
@@ -66,7 +69,7 @@ from .engines import (
     default_layer_of,
     load_for_job,
 )
-from .extract import extract_embeddings, fit_batch_size, pool_captions
+from .extract import extract_embeddings, fit_batch_size, pool_captions, warn_truncated
 
 __all__ = [
     "SHARDS_PER_ACTOR",
@@ -160,6 +163,7 @@ class EncoderActor:
                 "layers": self.layers,
                 "default_layer": default_layer_of(self.encoder.default_layer, self.layers),
                 "weights_id": self.encoder.weights_id,
+                "max_tokens": getattr(self.encoder, "max_tokens", None),
                 "load_seconds": time.perf_counter() - started,
                 "pid": os.getpid(),
                 "ready_at": time.time(),  # wall clock: when this actor could start embedding
@@ -167,7 +171,9 @@ class EncoderActor:
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with _tag_errors():
+        with _tag_errors(), warnings.catch_warnings():
+            # captions cut at max_tokens: counted in the "truncated" column, warned by the driver
+            warnings.filterwarnings("ignore", message=".* captions are longer than")
             return self._embed(batch)
 
     def _embed(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -179,6 +185,7 @@ class EncoderActor:
         if self.batch_size is None:  # "auto": fill this actor's device, once
             self.batch_size = fit_batch_size(self.encoder, items[:8])
         parts: list[dict[str, np.ndarray]] = []
+        cut_before = getattr(self.encoder, "truncated_captions", 0)
         for start, stop in aligned_segments(rows, self.batch_size):
             parts.append(
                 extract_embeddings(
@@ -199,6 +206,8 @@ class EncoderActor:
             out[_layer_column(index)] = np.concatenate([part[layer] for part in parts])
         # this call's time, spread over its rows (their sum over a run is the actors' busy time)
         out["seconds"] = np.full(len(rows), (time.perf_counter() - started) / len(rows))
+        out["truncated"] = np.zeros(len(rows), dtype=np.int64)  # captions cut, on the first row
+        out["truncated"][0] = getattr(self.encoder, "truncated_captions", 0) - cut_before
         return out
 
 
@@ -218,13 +227,32 @@ def _plain_folders(*folders: Path) -> tuple[Path, ...]:
 class ShardStore:
     """The shard files of one job: ``folder/shard-<index:06d>.npz``, each the complete rows
     ``[index*shard_rows, min((index+1)*shard_rows, n_items))``: arrays ``rows`` (int64),
-    ``layer_0000``... (float32) and ``meta`` (a JSON string)."""
+    ``layer_0000``... (float32) and ``meta`` (a JSON string); ``folder/plan.json`` holds
+    ``shard_rows`` (written with the first shard)."""
 
     def __init__(self, folder: Path, n_items: int, shard_rows: int) -> None:
         self.folder = Path(folder)
         self.n_items = n_items
         self.shard_rows = shard_rows
         self.n_shards = math.ceil(n_items / shard_rows)
+        self.plan = self.folder / "plan.json"
+
+    @classmethod
+    def open(
+        cls, folder: Path, n_items: int, shard_rows: int, *, multiple: int = 1, keep: bool = True
+    ) -> ShardStore:
+        """The store of ``folder`` with the shard size in its ``plan.json`` (``keep``: a rerun
+        planning another size for another number of actors keeps the finished shards), else
+        with ``shard_rows`` and no shards (those of another size, or without a plan, deleted)."""
+        try:
+            stored = int(json.loads(Path(folder, "plan.json").read_text())["shard_rows"])
+        except (OSError, ValueError, KeyError, TypeError):
+            stored = None
+        if stored == shard_rows or (keep and stored and stored > 0 and stored % multiple == 0):
+            return cls(folder, n_items, stored)
+        for old in [*Path(folder).glob("shard-*"), Path(folder, "plan.json")]:
+            old.unlink(missing_ok=True)
+        return cls(folder, n_items, shard_rows)
 
     def bounds(self, shard: int) -> tuple[int, int]:
         start = shard * self.shard_rows
@@ -241,6 +269,9 @@ class ShardStore:
         if not np.array_equal(rows, np.arange(start, stop)):
             raise RuntimeError(f"shard {shard} must hold rows {start}..{stop - 1} once each")
         arrays = {name: np.ascontiguousarray(value) for name, value in columns.items()}
+        if not self.plan.is_file():
+            with atomic_path(self.plan) as tmp:
+                tmp.write_text(json.dumps({"shard_rows": self.shard_rows}))
         with atomic_path(self.path(shard)) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, rows=rows.astype(np.int64), meta=np.asarray(meta), **arrays)
             handle.flush()
@@ -268,6 +299,14 @@ class ShardStore:
     def finished(self) -> set[int]:
         return {s for s in range(self.n_shards) if self.read(s) is not None}
 
+    def meta(self, shard: int) -> dict[str, Any] | None:
+        """The meta of a shard file (its arrays unread), or None if unreadable."""
+        try:
+            with np.load(self.path(shard), allow_pickle=False) as data:
+                return dict(json.loads(str(data["meta"])))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+
 
 class _Collector:
     """Rows arriving from the actors, grouped by shard; a shard is written once all its rows are
@@ -281,11 +320,14 @@ class _Collector:
         self.busy_seconds = 0.0
         self.written: set[int] = set()
         self.metas: list[dict[str, Any]] = []
+        self.truncated = 0  # captions the actors cut at max_tokens (a retried task counts again)
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
         columns = sorted(k for k in batch if k.startswith("layer_"))
         if "seconds" in batch:
             self.busy_seconds += float(np.sum(batch["seconds"]))
+        if "truncated" in batch:
+            self.truncated += int(np.sum(batch["truncated"]))
         rows_in = np.asarray(batch["row"], dtype=np.int64)
         shards_in = np.asarray(batch["shard"], dtype=np.int64)
         for shard in np.unique(shards_in).tolist():
@@ -389,6 +431,23 @@ def _original_error(exc: BaseException) -> WorkerError | None:
         cause = getattr(current, "cause", None)
         current = cause if isinstance(cause, BaseException) else current.__cause__
     return None
+
+
+def _same_model(job: ExtractionJob, metas: list[dict[str, Any]], stale_ok: bool = False) -> bool:
+    """Whether every meta has the first one's layers and weights id; else RuntimeError (False
+    with ``stale_ok``)."""
+    for meta in metas[1:]:
+        if (meta.get("layers"), meta.get("weights_id")) != (
+            metas[0].get("layers"), metas[0].get("weights_id")
+        ):
+            if stale_ok:
+                return False
+            raise RuntimeError(
+                f"{job.model}: workers loaded different weights or layers (weights ids "
+                f"{str(metas[0].get('weights_id'))[:12]} vs {str(meta.get('weights_id'))[:12]}); "
+                "every node must have the same model files"
+            )
+    return True
 
 
 class RayEngine:
@@ -528,9 +587,6 @@ class RayEngine:
         ``shard_rows`` (a multiple of the batch size) overrides :func:`plan_shard_rows`. The
         caption agreement is not measured here (``agreement_progress`` is unused): the properties
         step measures it after the extraction, with its own progress."""
-        import ray
-        import ray.data
-
         self.start()
         started = time.perf_counter()
         num_cpus, num_gpus = self.actor_resources(job.device)
@@ -541,61 +597,49 @@ class RayEngine:
         n_items = job.items_count
         if n_items == 0:
             raise ValueError("no items to embed; the dataset is empty (check its filters)")
+        explicit = shard_rows is not None
         if shard_rows is None:
             shard_rows = plan_shard_rows(n_items, batch, workers)
         elif shard_rows < 1 or shard_rows % batch:
             raise ValueError(f"shard_rows must be a positive multiple of the batch size {batch}")
-        store = ShardStore(self.shard_folder(job, shard_rows), n_items, shard_rows)
+        store = ShardStore.open(
+            self.shard_folder(job), n_items, shard_rows, multiple=batch, keep=not explicit
+        )
         done = store.finished()
-        todo = [s for s in range(store.n_shards) if s not in done]
+        # at least one shard runs: its actor's weights id tells which finished shards are stale
+        todo = [s for s in range(store.n_shards) if s not in done] or [store.n_shards - 1]
+        counted = set(done)
         items_done = sum(store.bounds(s)[1] - store.bounds(s)[0] for s in done)
         if progress is not None:
             progress(items_done, n_items)
 
         def on_shard(shard: int, count: int) -> None:
             nonlocal items_done
-            items_done += count
+            if shard not in counted:
+                counted.add(shard)
+                items_done += count
             if progress is not None:
                 progress(items_done, n_items)
 
         collector = _Collector(store, on_shard)
-        if todo:
-            import pandas as pd
-
-            frames = []
-            for shard in todo:
-                start, stop = store.bounds(shard)
-                frames.append(
-                    pd.DataFrame(
-                        {
-                            "row": np.arange(start, stop, dtype=np.int64),
-                            "shard": np.full(stop - start, shard, dtype=np.int64),
-                            "item": list(job.items[start:stop]),
-                        }
-                    )
-                )
-            extra: dict[str, Any] = {}
-            if self._runtime_env:
-                extra["runtime_env"] = self._runtime_env
-            dataset = ray.data.from_pandas(frames).map_batches(
-                EncoderActor,
-                batch_size=shard_rows,
-                compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
-                num_cpus=num_cpus,
-                num_gpus=num_gpus or None,
-                fn_constructor_kwargs={"job": model_part(job)},
-                batch_format="numpy",
-                udf_modifying_row_count=False,
-                **extra,
+        run = (job, store, collector, workers, num_cpus, num_gpus)
+        self._run_shards(todo, *run)
+        _same_model(job, collector.metas)
+        fresh = collector.metas[0] if collector.metas else {}
+        stale = [
+            s for s in sorted(done - collector.written)
+            if fresh and not _same_model(job, [fresh, store.meta(s) or {}], stale_ok=True)
+        ]
+        if stale:
+            warnings.warn(
+                f"{job.model}: {len(stale)} finished shard(s) of an earlier run were computed "
+                f"with other weights (weights id now {str(fresh.get('weights_id'))[:12]}); "
+                "computing them again",
+                stacklevel=2,
             )
-            try:
-                for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                    collector.add(out)
-            except Exception as exc:
-                original = _original_error(exc)
-                if original is not None:
-                    raise original from None
-                raise
+            for shard in stale:
+                store.path(shard).unlink(missing_ok=True)
+            self._run_shards(stale, *run)
         finished_at = time.time()
         result = self._assemble(job, store, collector)
         result.extract_seconds = time.perf_counter() - started
@@ -609,9 +653,9 @@ class RayEngine:
             actors=workers,
             num_cpus=num_cpus,
             num_gpus=num_gpus,
-            shard_rows=shard_rows,
+            shard_rows=store.shard_rows,
             shards=store.n_shards,
-            shards_skipped=len(done),
+            shards_skipped=len(done - collector.written),
             shards_written=len(collector.written),
             duplicate_rows=collector.duplicates,
             actor_pids=sorted({pid for pid, _ in actors}),
@@ -624,15 +668,63 @@ class RayEngine:
             actors_ready=len(ready),
             ready_spread_seconds=max(ready) - min(ready) if ready else None,
             actor_busy_seconds=collector.busy_seconds,  # summed over actors (retries included)
+            **({"truncated_captions": collector.truncated} if job.modality == "language" else {}),
         )
+        computed = sum(store.bounds(s)[1] - store.bounds(s)[0] for s in collector.written)
+        warn_truncated(job.model, collector.truncated, computed, fresh.get("max_tokens"))
         shutil.rmtree(store.folder, ignore_errors=True)
         return result
 
+    def _run_shards(
+        self, shards: list[int], job: ExtractionJob, store: ShardStore, collector: _Collector,
+        workers: int, num_cpus: float, num_gpus: float,
+    ) -> None:
+        """Embed ``shards`` of ``job`` on an actor pool; ``collector`` writes them."""
+        import pandas as pd
+        import ray
+        import ray.data
+
+        frames = []
+        for shard in shards:
+            start, stop = store.bounds(shard)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "row": np.arange(start, stop, dtype=np.int64),
+                        "shard": np.full(stop - start, shard, dtype=np.int64),
+                        "item": list(job.items[start:stop]),
+                    }
+                )
+            )
+        extra: dict[str, Any] = {}
+        if self._runtime_env:
+            extra["runtime_env"] = self._runtime_env
+        dataset = ray.data.from_pandas(frames).map_batches(
+            EncoderActor,
+            batch_size=store.shard_rows,
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(shards))),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus or None,
+            fn_constructor_kwargs={"job": model_part(job)},
+            batch_format="numpy",
+            udf_modifying_row_count=False,
+            **extra,
+        )
+        try:
+            for out in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                collector.add(out)
+        except Exception as exc:
+            original = _original_error(exc)
+            if original is not None:
+                raise original from None
+            raise
+
     @staticmethod
-    def shard_folder(job: ExtractionJob, shard_rows: int) -> Path:
+    def shard_folder(job: ExtractionJob) -> Path:
         """Where ``job``'s shards go: ``<work_dir>/<model key>/<job key>``, the key a hash of
-        everything that decides the numbers (and the shard size). Folders of other keys of the
-        same model are stale (inputs changed) and are deleted."""
+        everything that decides the numbers (not the shard size: ``plan.json`` keeps it, so a
+        rerun on another number of actors reuses the shards). Folders of other keys of the same
+        model are stale (inputs changed) and are deleted."""
         digest = hashlib.sha256()
         for part in (
             job.inputs,
@@ -644,7 +736,6 @@ class RayEngine:
             str(job.batch_size),
             job.precision,
             str(job.weights),
-            str(shard_rows),
         ):
             digest.update(part.encode("utf-8") + b"\0")
         for item in job.items:
@@ -694,14 +785,8 @@ class RayEngine:
         if not (seen == 1).all():
             bad = np.flatnonzero(seen != 1)[:5].tolist()
             raise RuntimeError(f"{job.model}: item rows {bad} were not embedded exactly once")
+        _same_model(job, metas)
         first = metas[0]
-        for meta in metas[1:]:
-            if meta["layers"] != first["layers"] or meta["weights_id"] != first["weights_id"]:
-                raise RuntimeError(
-                    f"{job.model}: workers loaded different weights or layers (weights ids "
-                    f"{first['weights_id'][:12]} vs {meta['weights_id'][:12]}); every node must "
-                    "have the same model files"
-                )
         layers = list(first["layers"])
         pooled = pool_captions(arrays, job.owner, job.n_stimuli)
         return ExtractionResult(

@@ -535,10 +535,10 @@ def test_high_bit_depth_grey_images_keep_their_contrast(tmp_path: Path) -> None:
     out = make_thumbnail(tmp_path / "ramp16.png", tmp_path / "t.jpg", max_side=32)
     with Image.open(out) as thumb:  # the thumbnail is the ramp too, not a white square
         assert 100 < np.asarray(thumb).mean() < 155
-    # 32-bit integer and float grey: 8-bit values kept, [0, 1] floats scaled, others refused
+    # 32-bit integer grey is read as 16-bit values; [0, 1] floats scaled, others refused
     ramp8 = np.arange(256, dtype=np.int32).reshape(16, 16)
-    np.testing.assert_array_equal(np.asarray(to_rgb(Image.fromarray(ramp8, mode="I")))[..., 1],
-                                  ramp8)
+    wide16 = Image.fromarray(ramp8 * 257, mode="I")
+    np.testing.assert_array_equal(np.asarray(to_rgb(wide16))[..., 1], ramp8)
     unit = Image.fromarray((ramp8 / 255.0).astype(np.float32), mode="F")
     np.testing.assert_array_equal(np.asarray(to_rgb(unit))[..., 1], ramp8)
     wide = Image.fromarray(np.full((4, 4), -3.0, dtype=np.float32), mode="F")
@@ -552,6 +552,27 @@ def test_high_bit_depth_grey_images_keep_their_contrast(tmp_path: Path) -> None:
     wide.save(tmp_path / "wide.tiff")
     assert "'F' image with values from -3 to -3" in image_problem(tmp_path / "wide.tiff")
     assert image_problem(tmp_path / "ramp16.png") is None
+
+
+def test_32_bit_grey_is_scaled_by_its_mode_not_by_its_brightest_pixel(tmp_path: Path) -> None:
+    """Two 32-bit integer grey TIFFs one pixel apart (255 vs 256) decoded 200 vs 1 in the rest
+    of the image: the scale came from the pixel maximum. Now mode "I" is read as 16-bit values
+    (8-bit where the file says 8 bits), and values outside that range are refused."""
+    import numpy as np
+
+    from convergence_core.images import to_rgb
+
+    a = np.full((8, 8), 200, dtype=np.int32)
+    a[0, 0] = 255
+    b = a.copy()
+    b[0, 0] = 256
+    for name, arr in (("a", a), ("b", b)):
+        Image.fromarray(arr, mode="I").save(tmp_path / f"{name}.tif")
+    got_a, got_b = (np.asarray(open_rgb(tmp_path / f"{n}.tif")) for n in ("a", "b"))
+    assert got_a[5, 5, 0] == got_b[5, 5, 0] == round(200 * 255 / 65535)  # was 200 vs 1
+    assert abs(int(got_a[0, 0, 0]) - int(got_b[0, 0, 0])) <= 1
+    with pytest.raises(ImageFileError, match="values from -1 to .*read as 0..65535.*save it as"):
+        to_rgb(Image.fromarray(np.full((2, 2), -1, dtype=np.int32), mode="I"))
 
 
 def test_a_pixel_limit_above_twice_pillows_own_is_honoured(tmp_path: Path, monkeypatch) -> None:

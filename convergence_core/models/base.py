@@ -82,6 +82,13 @@ class Encoder(ABC):
         )
 
 
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as float32 on the CPU in storage of its own: a view onto a larger tensor (a
+    feature function's slice of a block output) would keep that whole tensor alive."""
+    out = tensor.detach().float().cpu()
+    return out.clone() if out.untyped_storage().nbytes() > out.nbytes else out
+
+
 class VisionEncoder(Encoder):
     """An image model: a preprocessing transform (PIL -> (3, H, W) tensor) and a feature function.
 
@@ -144,7 +151,7 @@ class VisionEncoder(Encoder):
                     raise RuntimeError(
                         f"{self.name}: feature function did not return layers {sorted(missing)}"
                     )
-                parts.append({layer: feats[layer].detach().float().cpu() for layer in self.layers})
+                parts.append({layer: _owned(feats[layer]) for layer in self.layers})
         return {
             layer: torch.cat([part[layer] for part in parts]).numpy().astype(np.float32, copy=False)
             for layer in self.layers

@@ -25,7 +25,8 @@ from .weights import files_sha256, state_dict_sha256
 
 __all__ = ["LanguageEncoder", "hidden_layer_names", "load_hf_language", "masked_mean"]
 
-#: captions are short; longer inputs are truncated to this many tokens
+#: captions are short; longer inputs are truncated to this many tokens (counted in
+#: ``LanguageEncoder.truncated_captions``; ``extract_embeddings`` warns once per extraction)
 MAX_TOKENS = 512
 
 
@@ -79,11 +80,23 @@ class LanguageEncoder(Encoder):
             raise ValueError(f"cannot tell how many layers {name!r} has (config.num_hidden_layers)")
         layers = hidden_layer_names(n_layers + 1)
         super().__init__(name, layers, layers[-1], weights_id or state_dict_sha256(model), device)
+        vocab = int(getattr(text_config, "vocab_size", 0) or 0)
+        if len(tokenizer) < vocab // 2:  # no tokenizer files: a few special tokens, words [UNK]
+            from .availability import TOKENIZER_FIX
+
+            raise WeightsUnavailableError(
+                name,
+                f"its tokenizer has {len(tokenizer)} tokens for the model's vocabulary of {vocab}: "
+                f"its tokenizer files are missing or are another model's; {TOKENIZER_FIX}",
+                kind="hf",
+            ) from None
         self.model = model.eval().to(device)
         self.tokenizer = prepare_tokenizer(tokenizer)
         limits = [max_tokens, getattr(tokenizer, "model_max_length", None)]
         limits.append(getattr(text_config, "max_position_embeddings", None))
         self.max_tokens = int(min(v for v in limits if isinstance(v, int) and v > 0))
+        #: captions cut to ``max_tokens`` by :meth:`encode` so far (``extract_embeddings`` warns)
+        self.truncated_captions = 0
 
     def encode(self, batch: Sequence[str]) -> dict[str, np.ndarray]:
         """Embed captions: ``{layer: (B, d) float32}``, mean over each caption's real tokens."""
@@ -96,6 +109,8 @@ class LanguageEncoder(Encoder):
                     f"caption {i} of the batch is empty or not a string ({text!r}); "
                     "drop empty captions (check_dataset(..., drop_bad=True))"
                 )
+        longer = self.tokenizer(texts, truncation=True, max_length=self.max_tokens + 1)
+        self.truncated_captions += sum(len(ids) > self.max_tokens for ids in longer["input_ids"])
         tokens = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
         )
@@ -156,14 +171,11 @@ def load_hf_language(
         )
     folder = Path(location).expanduser()
     if folder.is_dir():
-        has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-        if not (folder / "config.json").is_file() or not has_weights:
-            raise WeightsUnavailableError(
-                name,
-                f"folder {folder} lacks config.json or weight files (*.safetensors / *.bin); it "
-                "must be a model folder written by save_pretrained, tokenizer files included",
-                kind="hf",
-            )
+        from .availability import folder_weights_problem
+
+        problem = folder_weights_problem(folder)
+        if problem is not None:
+            raise WeightsUnavailableError(name, problem, kind="hf")
     else:
         from .availability import hub_reachable
 

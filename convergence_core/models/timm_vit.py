@@ -88,8 +88,13 @@ def encoder_from_timm_model(
 
         def make_hook(layer: str) -> Any:
             def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-                tokens = output.float()  # (B, T, d)
-                captured[layer] = tokens[:, 0] if has_cls else tokens[:, n_prefix:].mean(dim=1)
+                # index the (B, T, d) output first, then copy: a view would keep every block's
+                # whole output alive (T times the memory, also in fit_batch_size's peak)
+                captured[layer] = (
+                    output[:, 0].float().clone()
+                    if has_cls
+                    else output[:, n_prefix:].float().mean(dim=1)
+                )
 
             return hook
 
