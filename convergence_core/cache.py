@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 try:  # Unix: a lock the system releases when its process ends
     import fcntl
@@ -38,6 +38,7 @@ __all__ = [
     "PickleRefusedError",
     "RunLayout",
     "RunLockedError",
+    "atomic_file",
     "atomic_path",
     "check_key",
     "clean_temp_files",
@@ -71,6 +72,8 @@ class RunLockedError(ValueError):
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill would signal a process group (0: our own), not a process
+        return False
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError, ValueError):  # no such pid (or no pid at all)
@@ -346,33 +349,30 @@ def _release(lock: Path, fd: int) -> None:
         os.close(fd)
 
 
-def _new_temp_file(target: Path) -> Path:
+def _new_temp_file(target: Path) -> tuple[Path, int]:
     """Create an empty ``<name>.tmp-<pid>-<random>`` beside ``target``, exclusively and without
-    following a symbolic link (a name planted in a shared run is never written through), and
-    unique to this call (two threads writing one file never share it)."""
+    following a symbolic link, unique to this call (two threads writing one file never share it);
+    return it with its open descriptor, which writers write through (:func:`atomic_file`): a
+    file reopened by name could be swapped for a link in a run others can write to."""
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0)
     while True:
         tmp = target.with_name(f"{target.name}{TEMP_MARKER}{os.getpid()}-{os.urandom(6).hex()}")
         try:
-            os.close(os.open(tmp, flags, 0o666))
-            return tmp
+            return tmp, os.open(tmp, flags, 0o666)
         except FileExistsError:
             continue
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
-
-    The caller writes the complete file to the yielded path. If the ``with`` block raises, the
-    temporary file is removed and ``path`` is left exactly as it was (old content or absent).
-    Parent folders are created.
-    """
+def _replaced_on_success(path: str | os.PathLike[str]) -> Iterator[tuple[Path, int]]:
+    """A new temporary file next to ``path`` (its path and open descriptor, which the caller
+    closes); renamed onto ``path`` when the ``with`` block succeeds, else removed, ``path`` left
+    exactly as it was (old content or absent). Parent folders are created."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temp_file(target)
+    tmp, fd = _new_temp_file(target)
     try:
-        yield tmp
+        yield tmp, fd
         os.replace(tmp, target)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
@@ -387,6 +387,31 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
                 "limit ran out"
             ) from error
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Yield a new temporary file next to ``path``, open for binary writing; when the ``with``
+    block succeeds it is flushed, synced and renamed onto ``path``. If the block raises, the
+    temporary file is removed and ``path`` is left exactly as it was (old content or absent).
+    The file is written through the descriptor that created it, never reopened by name."""
+    with _replaced_on_success(path) as (_, fd), os.fdopen(fd, "wb") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    For writers that need a path (benchmarks, tests); the package's writers use
+    :func:`atomic_file`, which is never reopened by name. If the ``with`` block raises, the
+    temporary file is removed and ``path`` is left exactly as it was. Parent folders are created.
+    """
+    with _replaced_on_success(path) as (tmp, fd):
+        os.close(fd)
+        yield tmp
 
 
 #: numpy's message for a write cut short (``ndarray.tofile``), which carries no errno
@@ -426,16 +451,10 @@ def clean_temp_files(folder: str | os.PathLike[str]) -> int:
     return count
 
 
-def _fsync_and_close(handle: Any) -> None:
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically; return the path."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_file(path) as handle:
         handle.write(data)
-        _fsync_and_close(handle)
     return Path(path)
 
 
@@ -450,9 +469,8 @@ def write_npy(path: str | os.PathLike[str], array: np.ndarray) -> Path:
             f"cannot cache an object array at {path}: it would need pickle; "
             "convert it to a numeric dtype (e.g. np.asarray(x, dtype=np.float32)) first"
         )
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+    with atomic_file(path) as handle:
         np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
-        _fsync_and_close(handle)
     return Path(path)
 
 
@@ -546,8 +564,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 def write_parquet(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
     """Write a DataFrame as parquet (pyarrow, no index) atomically; return the path."""
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, engine="pyarrow", index=False)
+    with atomic_file(path) as handle:
+        frame.to_parquet(handle, engine="pyarrow", index=False)
     return Path(path)
 
 

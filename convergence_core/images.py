@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .cache import atomic_path
+from .cache import atomic_file
 from .settings import max_image_pixels
 
 __all__ = [
@@ -296,6 +296,6 @@ def make_thumbnail(
     image = open_rgb(path, root=root)
     image.thumbnail((int(max_side), int(max_side)), Image.Resampling.LANCZOS)
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        image.save(tmp, format="JPEG", quality=85, optimize=True)
+    with atomic_file(out_path) as handle:
+        image.save(handle, format="JPEG", quality=85, optimize=True)
     return out_path

@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import CacheFormatError, atomic_path, model_key
+from .cache import CacheFormatError, atomic_file, model_key
 from .engines import (
     EngineOptions,
     ExtractionJob,
@@ -270,12 +270,10 @@ class ShardStore:
             raise RuntimeError(f"shard {shard} must hold rows {start}..{stop - 1} once each")
         arrays = {name: np.ascontiguousarray(value) for name, value in columns.items()}
         if not self.plan.is_file():
-            with atomic_path(self.plan) as tmp:
-                tmp.write_text(json.dumps({"shard_rows": self.shard_rows}))
-        with atomic_path(self.path(shard)) as tmp, open(tmp, "wb") as handle:
+            with atomic_file(self.plan) as handle:
+                handle.write(json.dumps({"shard_rows": self.shard_rows}).encode("utf-8"))
+        with atomic_file(self.path(shard)) as handle:
             np.savez(handle, rows=rows.astype(np.int64), meta=np.asarray(meta), **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
 
     def read(self, shard: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]] | None:
         """``(rows, layer columns, meta)`` of a finished shard, or None if absent or unreadable."""

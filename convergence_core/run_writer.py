@@ -228,9 +228,12 @@ def write_model_arrays(
     for layer, layer_key in layer_keys.items():  # before anything of the model is touched
         other = seen.setdefault(layer_key.casefold(), layer)
         if other != layer:
+            where = "" if layer_keys[other] == layer_key else (
+                " on macOS and Windows, whose file systems ignore case"
+            )
             raise ValueError(
-                f"model {key!r}: layers {other!r} and {layer!r} would be one file in the run on "
-                "macOS and Windows, whose file systems ignore case; rename one of them"
+                f"model {key!r}: layers {other!r} and {layer!r} would be one file in the run"
+                f"{where}; rename one of them"
             )
     layout.remove_tree(layout.embeddings_dir(key))
     layout.remove_tree(layout.neighbours_dir(key))

@@ -481,3 +481,41 @@ def test_a_stale_lock_replaced_meanwhile_is_not_removed(tmp_path):
         assert lock.exists() and lock.read_text() == old_text
         cache._remove_stale_lock(lock, cache._lock_state(lock))  # judged as it is: removed
         assert not lock.exists()
+
+
+def test_a_temp_file_swapped_for_a_link_mid_write_is_not_written_through(tmp_path, monkeypatch):
+    """A writer that reopened its temp file by name could be made to write through a link that
+    replaced the temp after its creation (a run others can write to; from the review): the
+    package's writers write through the descriptor that created the file."""
+    from convergence_core import cache
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine")
+    made = cache._new_temp_file
+
+    def swapped(target):
+        tmp, fd = made(target)
+        tmp.unlink()
+        tmp.symlink_to(outside)  # the name now leads out of the run
+        return tmp, fd
+
+    monkeypatch.setattr(cache, "_new_temp_file", swapped)
+    run = tmp_path / "run"
+    for write in (lambda: write_bytes(run / "a.bin", b"PWNED"),
+                  lambda: write_npy(run / "a.npy", np.arange(3)),
+                  lambda: cache.write_parquet(run / "a.parquet", pd.DataFrame({"x": [1]}))):
+        try:
+            write()
+        except OSError:
+            pass  # refusing is fine too; writing through the link is not
+        assert outside.read_text() == "mine"
+
+
+def test_a_temp_file_naming_pid_0_is_cleaned(tmp_path):
+    """os.kill(0, 0) signals our own process group and succeeds: pid 0 was taken for a live
+    writer, and a temp file naming it was never cleaned (from the review)."""
+    assert not cache._pid_alive(0) and not cache._pid_alive(-5)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "x.npy.tmp-0").write_bytes(b"x")
+    assert clean_temp_files(run) == 1
