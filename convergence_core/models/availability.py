@@ -41,7 +41,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
-    "HF_TOKENIZER_FILES",
     "HUB_PROBE_SECONDS",
     "folder_weights_problem",
     "hub_reachable",
@@ -60,21 +59,12 @@ HF_WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-#: Tokenizer files (any one of them): without one, transformers silently builds a tokenizer of a
-#: few special tokens that reads every word as [UNK].
-HF_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-    "spm.model",
-    "sentencepiece.bpe.model",
-    "sentencepiece.model",
-)
-#: what to do when a model folder lacks them
+
+#: what to do when a model's tokenizer files are missing (transformers then silently builds a
+#: tokenizer of a few special tokens that reads every word as [UNK]: ``LanguageEncoder`` refuses
+#: a tokenizer far smaller than the model's vocabulary)
 TOKENIZER_FIX = (
-    "save the model's tokenizer into it: AutoTokenizer.from_pretrained(<hub id>)"
+    "save the model's tokenizer into its folder: AutoTokenizer.from_pretrained(<hub id>)"
     ".save_pretrained(folder)"
 )
 
@@ -167,32 +157,26 @@ def _hub_cached(repo_id: str, filenames: Sequence[str], revision: str | None = N
 
 
 def hub_weights_problem(
-    repo_id: str,
-    filenames: Sequence[str],
-    revision: str | None = None,
-    *,
-    also: Sequence[str | Sequence[str]] = (),
+    repo_id: str, filenames: Sequence[str], revision: str | None = None, *, also: Sequence[str] = ()
 ) -> str | None:
-    """Why the hub files are not available: None when one of ``filenames`` (and each entry of
-    ``also``: a file, or a tuple of which any one will do) is cached, or when the hub can be
-    reached (they will be downloaded)."""
+    """Why the hub files are not available: None when one of ``filenames`` (and every file of
+    ``also``) is cached, or when the hub can be reached (they will be downloaded)."""
     from huggingface_hub import constants
 
-    groups = [filenames, *([name] if isinstance(name, str) else name for name in also)]
-    missing = [group for group in groups if not _hub_cached(repo_id, group, revision)]
-    if not missing or hub_reachable():
+    if _hub_cached(repo_id, filenames, revision) and all(
+        _hub_cached(repo_id, [name], revision) for name in also
+    ):
         return None
-    first = missing[0]
-    what = "" if first is filenames else f" (no {first[0]}{' or the like' * (len(first) > 1)})"
+    if hub_reachable():
+        return None
     return (
-        f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}){what} and "
+        f"{repo_id} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
         f"{_hub_unreachable_cause()}"
     )
 
 
 def folder_weights_problem(folder: str | os.PathLike[str]) -> str | None:
-    """Why ``folder`` is not a transformers model folder (config.json, weight files and a
-    tokenizer file), or None."""
+    """Why ``folder`` is not a transformers model folder (config.json + weight files), or None."""
     path = Path(folder).expanduser()
     if not path.is_dir():
         return f"{path} is not a folder (pass a model folder written by save_pretrained)"
@@ -201,11 +185,6 @@ def folder_weights_problem(folder: str | os.PathLike[str]) -> str | None:
         return (
             f"folder {path} lacks config.json or weight files (*.safetensors / *.bin); it must be "
             "a model folder written by save_pretrained, tokenizer files included"
-        )
-    if not any((path / name).is_file() for name in HF_TOKENIZER_FILES):
-        return (
-            f"folder {path} has no tokenizer files (one of {', '.join(HF_TOKENIZER_FILES[:4])}, "
-            f"...); {TOKENIZER_FIX}"
         )
     return None
 

@@ -166,19 +166,12 @@ def _lite_check(spec: ModelSpec, weights: str | None) -> str | None:
 
 
 def _hf_check(spec: ModelSpec, weights: str | None) -> str | None:
-    from .availability import (
-        HF_TOKENIZER_FILES,
-        HF_WEIGHT_FILES,
-        folder_weights_problem,
-        hub_weights_problem,
-    )
+    from .availability import HF_WEIGHT_FILES, folder_weights_problem, hub_weights_problem
 
     location = weights if weights is not None else spec.source
     if weights is not None or Path(location).expanduser().is_dir():
         return folder_weights_problem(location)
-    return hub_weights_problem(
-        location, HF_WEIGHT_FILES, also=("config.json", HF_TOKENIZER_FILES)
-    )
+    return hub_weights_problem(location, HF_WEIGHT_FILES, also=("config.json",))
 
 
 def _minilm_check(spec: ModelSpec, weights: str | None) -> str | None:
