@@ -123,9 +123,14 @@ class GPAStability:
         the iterations stopped when residuals moved less than their uncertainty across starts;
         ``..._at_best``: the same against the spread within the lowest minimum).
         """
-        positive = self.dispersion > 0
+        # dispersion at rounding level (models alike up to a similarity) has no relative spread
+        # or ranks to speak of, as in the rank correlation (_spearman)
+        positive = self.dispersion > _ZERO_DISPERSION
+        undefined = not positive.any()
 
         def relative(spread: np.ndarray) -> np.ndarray:
+            if undefined:
+                return np.full_like(spread, np.nan)
             return np.divide(spread, self.dispersion, out=np.zeros_like(spread), where=positive)
 
         spread = float(self.residual_spread.max())
@@ -150,7 +155,9 @@ class GPAStability:
                 if np.any(np.isfinite(self.spearman))
                 else float("nan")
             ),
-            "max_rank_interval": float((self.rank_high - self.rank_low).max()),
+            "max_rank_interval": (
+                float("nan") if undefined else float((self.rank_high - self.rank_low).max())
+            ),
             "loss_range": float(self.losses.max() - self.losses.min()),
             "solutions_at_best_optimum": float(self.same_optimum.sum()),
             "reference_at_best_optimum": float(self.same_optimum[0]),
@@ -198,11 +205,15 @@ class GPAStability:
 def describe(summary: dict[str, Any], *, n_stimuli: int, n_starts: int, tol: float) -> str:
     """One sentence for readers (report summary, Home page) from :meth:`GPAStability.summary`
     (values may be None where the summary had NaN)."""
-    rho = summary.get("min_spearman")
+    def number(name: str) -> float | None:  # None and NaN alike: not defined
+        value = summary.get(name)
+        return None if value is None or not np.isfinite(value) else float(value)
+
+    rho = number("min_spearman")
     if rho is not None:  # rounded down, so that "≥" stays true (0.99996 is not "≥ 1.0000")
-        rho = np.floor(float(rho) * 1e4 + 1e-9) / 1e4
-    spread = summary.get("max_relative_dispersion_spread")
-    interval = summary.get("max_rank_interval")
+        rho = np.floor(rho * 1e4 + 1e-9) / 1e4
+    spread = number("max_relative_dispersion_spread")
+    interval = number("max_rank_interval")
     agree = (
         "ρ ≥ n/a" if rho is None
         else "ρ = 1 (every start ranks the stimuli alike)" if rho >= 1.0 else f"ρ ≥ {rho:.4f}"

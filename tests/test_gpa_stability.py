@@ -411,3 +411,21 @@ def test_a_solution_interrupted_while_replacing_another_is_not_taken_for_it(
         StabilitySolutions(layout, "inputs-B").save(0, second)
     monkeypatch.undo()
     assert StabilitySolutions(layout, "inputs-A").load(0, shapes) is None  # solved again
+
+
+def test_models_alike_up_to_a_similarity_get_no_spread_or_rank_interval() -> None:
+    """Three models equal up to rotation, scale and translation: dispersion is rounding
+    (~4e-17), and the summary divided by it (a spread of 1.4e9 %, a rank interval of 111 of
+    120) while the rank correlation already said NaN (from the audit)."""
+    from convergence_core.gpa_stability import describe, gpa_stability
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 8))
+    Q1, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    Q2, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    stability = gpa_stability([X, X @ Q1 * 3, X @ Q2 + 1], n_starts=3, seed=0)
+    summary = stability.summary()
+    for name in ("max_relative_dispersion_spread", "max_rank_interval", "min_spearman"):
+        assert np.isnan(summary[name]), name
+    sentence = describe(summary, n_stimuli=120, n_starts=3, tol=stability.tol)
+    assert "nan" not in sentence and "n/a" in sentence
