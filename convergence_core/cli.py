@@ -128,7 +128,11 @@ def _precompute_parser(sub: Any) -> None:
         "when every model comes from --features (the stimuli are then the ids of the first "
         "feature file)",
     )
-    parser.add_argument("--vision", help="vision models, comma-separated (at least 2)")
+    parser.add_argument(
+        "--vision",
+        help="vision models, comma-separated (GPA needs at least 2 vision models in all, those of "
+        "--features included, or --gpa-models)",
+    )
     parser.add_argument("--language", help="language models, comma-separated")
     parser.add_argument(
         "--layers",
