@@ -341,26 +341,24 @@ def test_shards_of_replaced_weights_are_computed_again(
         result = engine.extract(job)
     assert result.stats["shards_skipped"] == 0 and result.weights_id == "new"
     np.testing.assert_array_equal(result.arrays["a"], _expected(job, "new"))
+
+    def finished(weights_id):  # every shard written with these weights, as by a killed run
+        store = ShardStore(RayEngine.shard_folder(job), 40, 6)
+        meta = json.dumps({"layers": ["a"], "default_layer": "a", "weights_id": weights_id})
+        for shard in range(store.n_shards):
+            start, stop = store.bounds(shard)
+            values = {"layer_0000": _expected(job, weights_id)[start:stop]}
+            store.write(shard, np.arange(start, stop), values, meta)
+        fake_ray["seen"].clear()
+
     # every shard finished with the old weights (a run killed before assembling): redone
-    store = ShardStore(RayEngine.shard_folder(job), 40, 6)
-    meta = json.dumps({"layers": ["a"], "default_layer": "a", "weights_id": "old"})
-    for shard in range(store.n_shards):
-        start, stop = store.bounds(shard)
-        values = {"layer_0000": _expected(job, "old")[start:stop]}
-        store.write(shard, np.arange(start, stop), values, meta)
-    fake_ray["seen"].clear()
+    finished("old")
     with pytest.warns(UserWarning, match="6 finished shard"):
         result = engine.extract(job)
     np.testing.assert_array_equal(result.arrays["a"], _expected(job, "new"))
     assert result.stats["shard_rows"] == 6 and result.stats["shards_skipped"] == 0
     # finished with the same weights: only one shard is computed (to learn the weights id)
-    store = ShardStore(RayEngine.shard_folder(job), 40, 6)
-    meta = json.dumps({"layers": ["a"], "default_layer": "a", "weights_id": "new"})
-    for shard in range(store.n_shards):
-        start, stop = store.bounds(shard)
-        values = {"layer_0000": _expected(job, "new")[start:stop]}
-        store.write(shard, np.arange(start, stop), values, meta)
-    fake_ray["seen"].clear()
+    finished("new")
     result = engine.extract(job)
     assert fake_ray["seen"] == list(job.items[36:]) and result.stats["shards_skipped"] == 6
 
