@@ -367,12 +367,21 @@ def _new_temp_file(target: Path) -> tuple[Path, int]:
 def _replaced_on_success(path: str | os.PathLike[str]) -> Iterator[tuple[Path, int]]:
     """A new temporary file next to ``path`` (its path and open descriptor, which the caller
     closes); renamed onto ``path`` when the ``with`` block succeeds, else removed, ``path`` left
-    exactly as it was (old content or absent). Parent folders are created."""
+    exactly as it was (old content or absent). Parent folders are created. A temporary file
+    that is no longer the file it was made as (swapped for a link or another file meanwhile) is
+    never renamed onto ``path``: CacheFormatError."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp, fd = _new_temp_file(target)
+    made = os.fstat(fd)
     try:
         yield tmp, fd
+        now = os.lstat(tmp)
+        if (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
+            raise CacheFormatError(
+                f"{tmp} was replaced while {target} was being written (by another process in "
+                f"this folder?); {target} was left as it was: find what else writes there"
+            )
         os.replace(tmp, target)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):

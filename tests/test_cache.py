@@ -501,14 +501,16 @@ def test_a_temp_file_swapped_for_a_link_mid_write_is_not_written_through(tmp_pat
 
     monkeypatch.setattr(cache, "_new_temp_file", swapped)
     run = tmp_path / "run"
-    for write in (lambda: write_bytes(run / "a.bin", b"PWNED"),
-                  lambda: write_npy(run / "a.npy", np.arange(3)),
-                  lambda: cache.write_parquet(run / "a.parquet", pd.DataFrame({"x": [1]}))):
-        try:
+    for name, write in (("a.bin", lambda: write_bytes(run / "a.bin", b"PWNED")),
+                        ("a.npy", lambda: write_npy(run / "a.npy", np.arange(3))),
+                        ("a.parquet",
+                         lambda: cache.write_parquet(run / "a.parquet", pd.DataFrame({"x": [1]})))):
+        with pytest.raises(CacheFormatError, match="was replaced while"):
             write()
-        except OSError:
-            pass  # refusing is fine too; writing through the link is not
         assert outside.read_text() == "mine"
+        # nor is the link renamed onto the file (its readers would find a path out of the run)
+        assert not (run / name).exists() and not (run / name).is_symlink()
+        assert sorted(p.name for p in run.iterdir()) == []  # no temp file (or link) left
 
 
 def test_a_temp_file_naming_pid_0_is_cleaned(tmp_path):
