@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -42,6 +42,7 @@ __all__ = [
     "atomic_path",
     "check_key",
     "clean_temp_files",
+    "colliding_keys",
     "model_key",
     "read_json",
     "read_npy",
@@ -616,6 +617,21 @@ def model_key(name: str) -> str:
         return name
     digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:8]
     return f"{safe[:_MAX_KEPT_NAME] or 'x'}-{digest}"
+
+
+def colliding_keys(keys: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """The first two names of ``{name: key}`` whose keys would name one file: the same key, or
+    keys equal but for case (one file where file names ignore case: macOS and Windows by
+    default). Returns ``(first name, second name, where)`` (``where``: "" for the same key, else
+    the words saying on which systems), or None."""
+    seen: dict[str, str] = {}
+    for name, key in keys.items():
+        other = seen.setdefault(key.casefold(), name)
+        if other != name:
+            same = keys[other] == key
+            where = "" if same else " on macOS and Windows, whose file systems ignore case"
+            return other, name, where
+    return None
 
 
 def check_key(key: object, what: str = "key") -> str:

@@ -29,6 +29,7 @@ from .cache import (
     CacheFormatError,
     RunLayout,
     clean_temp_files,
+    colliding_keys,
     lock_path,
     model_key,
     read_json,
@@ -1348,25 +1349,21 @@ def _check_model_folders(names: Sequence[str]) -> None:
     """ValueError if two models would share a folder of the run: their :func:`model_key` is the
     same (``org/model`` is stored as ``org_model-c87c0c64``, another model's name), or the same
     where file names ignore case (macOS and Windows by default: ``V1`` and ``v1``)."""
-    seen: dict[str, str] = {}
-    for name in names:
-        key = model_key(name)
-        other = seen.setdefault(key.casefold(), name)
-        if other == name:
-            continue
-        folder = model_key(other)
-        where = "" if folder == key else " on macOS and Windows, whose file systems ignore case"
-        if other.casefold() == name.casefold():
-            raise ValueError(
-                f"models {other!r} and {name!r} differ only in upper and lower case: they would "
-                f"share the folder {folder!r} in the run{where}; rename one of them"
-            )
-        renamed = ", ".join(f"{n!r} as {model_key(n)!r}" for n in (other, name)
-                            if model_key(n) != n)
+    collision = colliding_keys({name: model_key(name) for name in names})
+    if collision is None:
+        return
+    other, name, where = collision
+    folder = model_key(other)
+    if other.casefold() == name.casefold():
         raise ValueError(
-            f"models {other!r} and {name!r} would share the folder {folder!r} in the run{where} "
-            f"(names are stored in a file-name-safe form: {renamed}); rename one of them"
+            f"models {other!r} and {name!r} differ only in upper and lower case: they would "
+            f"share the folder {folder!r} in the run{where}; rename one of them"
         )
+    renamed = ", ".join(f"{n!r} as {model_key(n)!r}" for n in (other, name) if model_key(n) != n)
+    raise ValueError(
+        f"models {other!r} and {name!r} would share the folder {folder!r} in the run{where} "
+        f"(names are stored in a file-name-safe form: {renamed}); rename one of them"
+    )
 
 
 class _Pipeline:

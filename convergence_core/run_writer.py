@@ -27,6 +27,7 @@ import pandas as pd
 from .cache import (
     CacheFormatError,
     RunLayout,
+    colliding_keys,
     model_key,
     read_json,
     read_npy,
@@ -224,17 +225,13 @@ def write_model_arrays(
     """
     from .neighbours import clip_threshold
 
-    seen: dict[str, str] = {}
-    for layer, layer_key in layer_keys.items():  # before anything of the model is touched
-        other = seen.setdefault(layer_key.casefold(), layer)
-        if other != layer:
-            where = "" if layer_keys[other] == layer_key else (
-                " on macOS and Windows, whose file systems ignore case"
-            )
-            raise ValueError(
-                f"model {key!r}: layers {other!r} and {layer!r} would be one file in the run"
-                f"{where}; rename one of them"
-            )
+    collision = colliding_keys(layer_keys)  # before anything of the model is touched
+    if collision is not None:
+        other, layer, where = collision
+        raise ValueError(
+            f"model {key!r}: layers {other!r} and {layer!r} would be one file in the run{where}; "
+            "rename one of them"
+        )
     layout.remove_tree(layout.embeddings_dir(key))
     layout.remove_tree(layout.neighbours_dir(key))
     hashes: dict[str, str] = {}
