@@ -223,7 +223,8 @@ def layer_sweep(
 
 
 def best_language_layers(
-    run: Run, *, k: int = 10, sweep: pd.DataFrame | None = None
+    run: Run, *, k: int = 10, sweep: pd.DataFrame | None = None,
+    undefined: Literal["raise", "default"] = "raise",
 ) -> pd.DataFrame:
     """Per language model, the layer whose mean CKNNA with the vision models (full set) is highest.
 
@@ -233,10 +234,18 @@ def best_language_layers(
     ``language_layer``, ``language_layer_index``, ``mean_cknna``, ``n_vision_models``, ``k``,
     ``n_stimuli_used`` and ``sample_seed`` (of the sweep's sample; None: every stimulus).
 
+    ``undefined`` says what a language model whose every layer has a NaN mean CKNNA gets:
+    ``"raise"`` (the default) a ValueError naming it (the dashboard pages then use the default
+    layers); ``"default"`` its default layer (``run.default_layer``), with ``mean_cknna`` NaN:
+    the only row whose ``mean_cknna`` is NaN (:func:`undefined_layer_note` says it in words; the
+    report's choice).
+
     Raises:
-        ValueError: every layer of a language model has a NaN mean CKNNA (naming the model; the
-            dashboard then uses the default layers).
+        ValueError: ``undefined="raise"`` and every layer of a language model has a NaN mean
+            CKNNA (naming the model).
     """
+    if undefined not in ("raise", "default"):
+        raise ValueError(f"undefined must be 'raise' or 'default', got {undefined!r}")
     if sweep is None:
         sweep = layer_sweep(run, k=k)
     elif not (sweep["k"] == k).all():
@@ -255,13 +264,23 @@ def best_language_layers(
     for language in dict.fromkeys(means["language_model"]):
         layers = means[means["language_model"] == language].sort_values("language_layer_index")
         values = layers["mean_cknna"].to_numpy(dtype=np.float64)
-        if np.isnan(values).all():
+        if not np.isnan(values).all():
+            best = layers.iloc[int(np.nanargmax(values))]
+        elif undefined == "raise":
             raise ValueError(
                 f"language model {language!r} has no defined CKNNA with the vision models at any "
                 "of its layers (NaN: its features or theirs do not vary over the stimuli?); check "
                 "its features, or leave it out of the run"
             )
-        best = layers.iloc[int(np.nanargmax(values))]
+        else:  # as the dashboard pages: the model's default layer (mean_cknna NaN there too)
+            default = run.default_layer(language)
+            at_default = layers[layers["language_layer"] == default]
+            if at_default.empty:
+                raise ValueError(
+                    f"language model {language!r}'s default layer {default!r} is not in the "
+                    "layer sweep; pass a sweep of this run (analyses.layer_sweep)"
+                )
+            best = at_default.iloc[0]
         rows.append(
             {
                 "language_model": language,
@@ -275,6 +294,20 @@ def best_language_layers(
             }
         )
     return pd.DataFrame(rows)
+
+
+def undefined_layer_note(best_layers: pd.DataFrame) -> list[str]:
+    """One sentence per language model that :func:`best_language_layers` (``undefined=
+    "default"``) put at its default layer because its CKNNA is NaN at every layer (its
+    ``mean_cknna`` NaN), naming the model and the layer; [] when there is none."""
+    return [
+        f"language model {row.language_model!r} has no defined CKNNA with the vision models at "
+        f"any of its layers (NaN: its features or theirs do not vary over the stimuli?), so no "
+        f"best layer: its default layer {row.language_layer!r} is used instead, as the dashboard "
+        "pages do; its pairs' CKNNA may be NaN (check its features)"
+        for row in best_layers.itertuples()
+        if pd.isna(row.mean_cknna)
+    ]
 
 
 def pairs_with_best_layers(
@@ -418,7 +451,10 @@ def dispersion_set_alignment(
     ``cknna_random_lower_95`` / ``cknna_random_upper_95`` (2.5th / 97.5th percentiles),
     ``cknna_high_dispersion``, ``low_minus_high``, ``low_high_ratio`` (NaN when the high value is
     <= 0, where a ratio means nothing), ``permutation_p_value_two_sided``,
-    ``permutation_p_value_low_greater``, ``n_random``, ``n_permutations``, ``seed``.
+    ``permutation_p_value_low_greater``, ``mean_over_pairs_p_value_two_sided`` /
+    ``_low_greater`` (the same on every row of a score and metric: the mean over the pairs of
+    low − high against that mean on each label shuffle, the same shuffles for every pair; see
+    :func:`paired_set_tests`), ``n_random``, ``n_permutations``, ``seed``.
 
     ``metrics=[names]`` (registry names, ``metrics.metric_names()``; ``metric_options`` per
     metric, e.g. ``{"svcca": {"cca_dim": 10}}``) gives the long table: one row per metric × pair
@@ -522,6 +558,16 @@ def _score_rows(
             )
             for name in group:
                 nulls[name] = shuffled[name][:, :count] - shuffled[name][:, count:]
+    # across pairs: the mean over pairs of low − high against the same mean on each label
+    # shuffle, every pair on the same shuffles, so the pairs' dependence (shared models, the same
+    # stimuli) is in the null as in the observed mean (paired_set_tests)
+    across: dict[str, tuple[float, float]] = {}
+    for name in names:
+        if name in nulls:
+            observed = float(np.mean(values[name][:, 0] - values[name][:, 1]))
+            across[name] = permutation_p_values(observed, nulls[name].mean(axis=0))
+        else:
+            across[name] = (float("nan"), float("nan"))
     rows = []
     for name in names:
         for p, pair in enumerate(pairs):
@@ -548,6 +594,8 @@ def _score_rows(
                     "low_high_ratio": low_value / high_value if high_value > 0 else float("nan"),
                     "permutation_p_value_two_sided": two_sided,
                     "permutation_p_value_low_greater": greater,
+                    "mean_over_pairs_p_value_two_sided": across[name][0],
+                    "mean_over_pairs_p_value_low_greater": across[name][1],
                     "n_random": int(n_random),
                     "n_permutations": counts[name],
                     "seed": int(seed),
@@ -614,15 +662,60 @@ def effect_counts(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: What each test of :func:`paired_set_tests` takes as its independent unit, in words.
+PAIRED_TEST_NOTES = {
+    "wilcoxon_signed_rank": (
+        "takes the pairs as independent; they are not (pairs share vision or language models and "
+        "all use the same stimuli), so this p-value is too small when their differences go "
+        "together: read it as a description, the permutation test's p as the test"
+    ),
+    "paired_t": (
+        "takes the pairs as independent; they are not (pairs share vision or language models and "
+        "all use the same stimuli), so this p-value is too small when their differences go "
+        "together: read it as a description, the permutation test's p as the test"
+    ),
+    "permutation_mean_over_pairs": (
+        "mean over the pairs of low − high against the same mean with the low/high labels of the "
+        "stimuli shuffled, the same shuffles for every pair: the pairs' dependence is in the "
+        "null; about these models (the unit is the stimulus), not about other models"
+    ),
+}
+
+
 def paired_set_tests(table: pd.DataFrame) -> pd.DataFrame:
-    """Across pairs, Wilcoxon signed-rank and paired t tests of CKNNA(low) vs CKNNA(high).
+    """Across pairs, tests of CKNNA(low) vs CKNNA(high): Wilcoxon signed-rank, paired t and,
+    where the table has it, the label-shuffle test of the mean over pairs.
 
     ``table`` is a :func:`dispersion_set_alignment` result (one score). Returns one row per test:
-    ``test``, ``statistic``, ``p_value`` (two-sided), ``n_pairs``, ``mean_difference`` (low - high).
+    ``test``, ``statistic``, ``p_value`` (two-sided), ``n_pairs``, ``mean_difference`` (low -
+    high), ``note`` (:data:`PAIRED_TEST_NOTES`: what the test takes as independent).
+
+    The Wilcoxon and t tests take the pairs as independent replicates, which they are not: the
+    pairs of a run share vision and language models (3 vision × 2 language models: 6 pairs of 5
+    models) and are measured on the same stimuli, so their differences go together and these
+    p-values come out too small. No test over models fits so few of them (with 2 language
+    models, about one degree of freedom is left for what a language model adds).
+    ``permutation_mean_over_pairs`` (statistic: the mean difference) tests what the data can: its
+    null is the mean over the pairs of low − high on each of the per-pair test's label shuffles,
+    every pair on the same shuffles, so whatever the pairs share is in the null as in the
+    observed mean; its p-value (the table's ``mean_over_pairs_p_value_two_sided``; NaN where a
+    pair's value is) is about these models and generalises over stimuli.
     """
-    return paired_difference_tests(
+    tests = paired_difference_tests(
         table["cknna_low_dispersion"].to_numpy(), table["cknna_high_dispersion"].to_numpy()
     )
+    column = "mean_over_pairs_p_value_two_sided"
+    if column in table.columns and len(table):
+        shared = table[column].to_numpy(dtype=np.float64)
+        same = np.all(shared == shared[0]) or np.isnan(shared).all()
+        tests = pd.concat([tests, pd.DataFrame([{
+            "test": "permutation_mean_over_pairs",
+            "statistic": float(tests["mean_difference"].iloc[0]),
+            "p_value": float(shared[0]) if same else float("nan"),
+            "n_pairs": int(tests["n_pairs"].iloc[0]),
+            "mean_difference": float(tests["mean_difference"].iloc[0]),
+        }])], ignore_index=True)
+    return tests.assign(note=tests["test"].map(PAIRED_TEST_NOTES))
 
 
 def effect_verdict(table: pd.DataFrame, sides: str = "vision × language") -> str:

@@ -9,7 +9,9 @@ than its set size, its density and its categories predict?
   its k nearest neighbours (mean inner product of prepared features), z-scored and averaged over
   models.
 * :func:`matched_random_sets` — random sets with the chosen set's covariate profile: stratified on
-  covariate quantile bins (× category), or nearest-covariate matching within category.
+  covariate quantile bins (× category), or nearest-covariate matching within category. Stimuli
+  without a label (:func:`has_label`: None, NaN or an empty string) are one group of their own:
+  they are matched only among themselves.
 * :func:`compare_with_baseline` — a chosen set's score against the scores of baseline sets
   (interval, one-sided p-values).
 * :func:`resampled_interval` — a resampling interval of any statistic of stimulus rows (bootstrap,
@@ -29,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from .subsets import check_indices
 from .validation import check_count
@@ -232,22 +235,67 @@ def typicality(densities: Sequence[object]) -> np.ndarray:
 MIN_STIMULI_PER_LABEL = 5
 
 
+def has_label(labels: object) -> np.ndarray:
+    """(n,) bool: whether each stimulus has a label. No label: a missing value (None, NaN, pandas'
+    NA) or a string that is empty or blank. A data set's CSV gives an empty cell as ``""``
+    (``datasets``), a parquet column a missing value as None or NaN: each is the same "no label",
+    never a category of its own (``str`` made them the categories "None", "nan" and "")."""
+    values = np.asarray(labels, dtype=object)
+    if values.ndim != 1:
+        raise ValueError(
+            f"labels must be an (n,) array, one label per stimulus; got shape {values.shape}"
+        )
+    missing = np.asarray(pd.isna(values), dtype=bool)
+    blank = np.fromiter(
+        (isinstance(value, str) and not value.strip() for value in values), bool, values.size
+    )
+    return ~(missing | blank)
+
+
+def label_codes(labels: object) -> np.ndarray:
+    """(n,) int64: 0, 1, … for the labels in sorted order (labels of types that do not compare,
+    str and int say, compared as strings) and -1 for a stimulus without one (:func:`has_label`)."""
+    values = np.asarray(labels, dtype=object)
+    labelled = has_label(values)
+    codes = np.full(values.size, -1, dtype=np.int64)
+    if labelled.any():
+        kept = values[labelled]
+        try:
+            _, inverse = np.unique(kept, return_inverse=True)
+        except TypeError:  # mixed types
+            _, inverse = np.unique(kept.astype(str), return_inverse=True)
+        codes[labelled] = inverse.ravel()
+    return codes
+
+
 def matchable_labels(labels: object) -> tuple[np.ndarray | None, str]:
     """``labels`` (n,) as strings when matched random sets can be drawn within them, else None
     with the reason in words: the median label must hold at least
     :data:`MIN_STIMULI_PER_LABEL` stimuli (one image per class, as in an ImageNet sample, cannot
-    be matched on class). ``labels`` None gives ``(None, "")``."""
+    be matched on class). ``labels`` None gives ``(None, "")``.
+
+    A stimulus without a label (:func:`has_label`: None, NaN or an empty string) is None in the
+    result (then an object array; else str), and the median counts the labelled stimuli's labels
+    only: :func:`matched_random_sets`
+    matches such stimuli only among themselves (on the covariate alone), so a matched set has as
+    many of them as the chosen set. Left out instead, the sets would change size (and a neighbour
+    metric's level with it); matched to labelled stimuli, they would bring in categories the
+    chosen set may not have."""
     if labels is None:
         return None, ""
-    labels = np.asarray(labels, dtype=object).astype(str)
-    _, counts = np.unique(labels, return_counts=True)
+    values = np.asarray(labels, dtype=object)
+    labelled = has_label(values)
+    if not labelled.any():
+        return None, "no stimulus has a label (each is None, NaN or an empty string)"
+    text = values.astype(str)
+    _, counts = np.unique(text[labelled], return_counts=True)
     median = float(np.median(counts))
     if median < MIN_STIMULI_PER_LABEL:
         return None, (
             f"the median label holds {median:g} {'stimulus' if median == 1 else 'stimuli'} "
             f"(fewer than {MIN_STIMULI_PER_LABEL}), too few to draw matched sets from"
         )
-    return labels, ""
+    return (text if labelled.all() else np.where(labelled, text, None)), ""
 
 
 def _check_covariates(
@@ -262,11 +310,11 @@ def _check_covariates(
             raise ValueError("covariate must be a finite (n,) array, one value per stimulus.")
         n = covariate.size
     if labels is not None:
-        labels = np.asarray(labels)
+        labels = np.asarray(labels, dtype=object)
         if labels.ndim != 1 or (n is not None and labels.size != n):
             raise ValueError(f"labels must be an (n,) array with n = {n}, one label per stimulus.")
         n = labels.size
-        _, labels = np.unique(labels, return_inverse=True)
+        labels = label_codes(labels)  # -1: no label, a group of its own
     chosen = check_indices(chosen, n)
     return chosen, covariate, labels, n
 
@@ -274,16 +322,16 @@ def _check_covariates(
 def covariate_strata(
     covariate: object = None, labels: object = None, *, n_bins: int = 5
 ) -> np.ndarray:
-    """(n,) int stratum of each stimulus: covariate quantile bin (over all n) × label."""
+    """(n,) int stratum of each stimulus: covariate quantile bin (over all n) × label (stimuli
+    without a label, :func:`has_label`, are one label of their own)."""
     n_bins = check_count(n_bins, "n_bins")
     strata = np.zeros(np.size(covariate if covariate is not None else labels), dtype=np.int64)
     if covariate is not None:
         covariate = np.asarray(covariate, dtype=np.float64)
         edges = np.quantile(covariate, np.linspace(0, 1, n_bins + 1)[1:-1])
         strata = np.searchsorted(edges, covariate, side="right").astype(np.int64)
-    if labels is not None:
-        _, codes = np.unique(np.asarray(labels), return_inverse=True)
-        strata = codes.astype(np.int64) * n_bins + strata
+    if labels is not None:  # label code + 1: stimuli without a label (-1) are stratum 0's
+        strata = (label_codes(labels) + 1) * n_bins + strata
     return strata
 
 
@@ -408,9 +456,12 @@ def _nearest_matched_sets(
             nearest = run.nearest(value, start, n_candidates)
             if not nearest:
                 raise ValueError(
-                    f"no stimulus with stimulus {i}'s label is left outside the chosen set "
-                    "to match it: too few stimuli share that label (in Python, "
-                    "exclude_chosen=False or method='strata' relax this)."
+                    (f"no stimulus with stimulus {i}'s label is left outside the chosen set "
+                     "to match it: too few stimuli share that label" if groups[i] >= 0 else
+                     f"no stimulus without a label is left outside the chosen set to match "
+                     f"stimulus {i}, which has none (stimuli without a label are matched only "
+                     "among themselves): too few stimuli lack a label")
+                    + " (in Python, exclude_chosen=False or method='strata' relax this)."
                 )
             _, pick, at = nearest[int(rng.integers(len(nearest)))]
             run.use(at)
@@ -444,7 +495,8 @@ def matched_random_sets(
     Args:
         chosen: (s,) indices of the chosen set.
         covariate: (n,) per-stimulus covariate (e.g. :func:`typicality`), or None (labels only).
-        labels: (n,) categories, or None.
+        labels: (n,) categories, or None. Stimuli without a label (:func:`has_label`: None, NaN,
+            an empty string) are one group: matched only among themselves.
         n_sets: sets to draw.
         exclude_chosen: draw only from stimuli outside the chosen set (a stratum or label that
             then has too few raises a ValueError).
@@ -467,7 +519,8 @@ def matched_random_sets(
         if short:
             h = short[0]
             raise ValueError(
-                f"stratum {h} (label code {h // n_bins}, covariate bin {h % n_bins}) has "
+                f"stratum {h} (label code {h // n_bins - 1} of label_codes, -1: no label; "
+                f"covariate bin {h % n_bins}) has "
                 f"{members[h].size} stimuli to draw from but the chosen set has {needed[h]} there; "
                 "use fewer n_bins, exclude_chosen=False, or method='nearest'."
             )

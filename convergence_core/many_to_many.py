@@ -20,13 +20,13 @@ metrics); ``method="bootstrap"`` resamples with replacement.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .calibration import resampled_interval
+from .calibration import has_label, resampled_interval
 from .metrics import measure
 from .subsets import check_indices
 from .validation import check_features
@@ -42,7 +42,8 @@ class AveragingEffect:
     """Alignment of one-to-one pairs vs averaged ones.
 
     ``comparison`` is "captions" (units = images) or "classes" (units = classes); ``difference``
-    = ``averaged`` − ``one``; (``lower``, ``upper``) its ``level`` interval from ``method``.
+    = ``averaged`` − ``one``; (``lower``, ``upper``) its ``level`` interval from ``method``;
+    ``sampled_from``: how many units there were when only a seeded sample of them was compared.
     """
 
     comparison: str
@@ -55,6 +56,8 @@ class AveragingEffect:
     method: str
     n_resamples: int
     level: float
+    #: the units a seeded sample of ``n_units`` was drawn from (None: every unit compared)
+    sampled_from: int | None = None
 
 
 def _scorer(
@@ -128,9 +131,7 @@ def class_means(features: object, labels: object) -> tuple[np.ndarray, np.ndarra
     if labels.shape != (features.shape[0],):
         raise ValueError(f"labels must be ({features.shape[0]},), one per row; got {labels.shape}.")
     classes, codes = np.unique(labels, return_inverse=True)
-    sums = np.zeros((classes.size, features.shape[1]))
-    np.add.at(sums, codes, features)
-    return classes, sums / np.bincount(codes)[:, None]
+    return classes, _group_means(features, codes.ravel(), classes.size)
 
 
 def _effect(
@@ -224,44 +225,73 @@ def class_averaging_effect(
     n_resamples: int = 500,
     seed: int = 0,
     level: float = 0.95,
+    max_classes: int | None = None,
     **options: Any,
 ) -> AveragingEffect:
     """One image–text pair per class vs the class-mean image against the class-mean text.
 
-    ``images`` (n, d_x) and ``texts`` (n, d_y) are paired rows, ``labels`` (n,) their classes;
-    ``one`` picks each class's first row or a random one (seeded). The interval is over classes.
-    Stimuli without a label (None, NaN) take no part; labels of mixed types are compared as
-    strings, as ``calibration.matchable_labels`` does. At least half of the classes need two or
-    more members (else ValueError): with one image per class the comparison would be of each
-    image with itself.
+    ``images`` (n, d_x) and ``texts`` (n, d_y) are paired rows (a float32 memory map is fine: only
+    the rows compared are read), ``labels`` (n,) their classes; ``one`` picks each class's first
+    row or a random one (seeded). The interval is over classes. Stimuli without a label
+    (``calibration.has_label``: None, NaN or an empty string) take no part: they share no class,
+    and a mean over them would be no class's mean. Labels of mixed types are compared as strings,
+    as ``calibration.matchable_labels`` does. At least half of the classes need two or more
+    members (else ValueError): with one image per class the comparison would be of each image
+    with itself.
+
+    ``max_classes``: above that many classes a seeded random sample of that many (``seed``; every
+    member of each sampled class) is compared, and ``sampled_from`` says how many there were:
+    every score is exact k-NN over the classes, O(classes² · d), ~2 × ``n_resamples`` of them.
     """
     scorer = _scorer(score, options)
-    images = check_features(images, "images")
-    texts = check_features(texts, "texts")
-    if texts.shape[0] != images.shape[0]:
+    n = _rows_of(images, "images")
+    if _rows_of(texts, "texts") != n:
         raise ValueError("images and texts must be paired rows of the same stimuli (same n).")
     labels = np.asarray(labels)
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"labels must be ({images.shape[0]},), one per row; got {labels.shape}.")
-    labelled = ~pd.isna(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"labels must be ({n},), one per row; got {labels.shape}.")
+    labelled = has_label(labels)
     if not labelled.any():
-        raise ValueError("no stimulus has a label; pass labels to average over classes.")
-    if not labelled.all():  # (no copy of the features when every stimulus has a label)
-        images, texts = images[labelled], texts[labelled]
-    labels = labels[labelled]
-    labels = labels.astype(str) if labels.dtype == object else labels  # str and None: sortable
-    classes, image_means = class_means(images, labels)
-    _, text_means = class_means(texts, labels)
-    codes = np.searchsorted(classes, np.asarray(labels))
-    sizes = np.bincount(codes)
+        raise ValueError(
+            "no stimulus has a label (each is None, NaN or an empty string); pass labels to "
+            "average over classes."
+        )
+    rows = np.flatnonzero(labelled)
+    labels = labels[rows]
+    labels = labels.astype(str) if labels.dtype == object else labels  # str and int: sortable
+    classes, codes = np.unique(labels, return_inverse=True)
+    codes = codes.ravel()
+    sizes = np.bincount(codes, minlength=classes.size)
     if np.median(sizes) < 2:  # an ImageNet sample: two names shared by two classes each
         raise ValueError(
             f"{int(np.sum(sizes == 1))} of {sizes.size} classes have a single member, so their "
             "class means are the instances themselves; pass coarser labels (e.g. superclasses) "
             "to average over."
         )
+    sampled_from = None
+    if max_classes is not None:
+        max_classes = int(max_classes)
+        if max_classes < MIN_UNITS:
+            raise ValueError(
+                f"max_classes must be at least {MIN_UNITS} (the fewest classes compared), got "
+                f"{max_classes}."
+            )
+        if classes.size > max_classes:
+            sampled_from = int(classes.size)
+            kept = np.sort(
+                np.random.default_rng(int(seed)).choice(classes.size, max_classes, replace=False)
+            )
+            members = np.isin(codes, kept)
+            rows, codes = rows[members], np.searchsorted(kept, codes[members])
+            classes = classes[kept]
+    # only the rows compared are read, as float64 (a run's features: a float32 memory map)
+    every = rows.size == n
+    images = check_features(images if every else np.asarray(images)[rows], "images")
+    texts = check_features(texts if every else np.asarray(texts)[rows], "texts")
+    image_means = _group_means(images, codes, classes.size)
+    text_means = _group_means(texts, codes, classes.size)
     pick = _one_per_group(codes, classes.size, one, seed)
-    return _effect(
+    effect = _effect(
         "classes",
         scorer,
         images[pick],
@@ -273,6 +303,22 @@ def class_averaging_effect(
         seed,
         level,
     )
+    return effect if sampled_from is None else replace(effect, sampled_from=sampled_from)
+
+
+def _rows_of(features: object, name: str) -> int:
+    """The number of rows of a 2-D feature array (read without converting it)."""
+    shape = np.shape(features)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D array (n, d), one row per stimulus; got {shape}.")
+    return int(shape[0])
+
+
+def _group_means(features: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n_groups, d) float64: the mean row of each group 0..n_groups−1 (each non-empty)."""
+    sums = np.zeros((n_groups, features.shape[1]))
+    np.add.at(sums, codes, features)
+    return sums / np.bincount(codes, minlength=n_groups)[:, None]
 
 
 def caption_count_curve(

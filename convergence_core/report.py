@@ -404,6 +404,14 @@ def write_report(
     gets those as its Fig. 2 and S1, the analyses that need no other side (Fig. S2, GPA stability,
     what predicts dispersion) and a note.
 
+    Each language model is used at its best layer (:func:`analyses.best_language_layers`); one
+    whose CKNNA is NaN at every layer at its default layer instead, as the dashboard pages do,
+    with a note naming it and the layer (report.json and summary.txt). ``paired_tests`` holds,
+    per score, the Wilcoxon and paired t tests across pairs, each with a note that it takes the
+    pairs as independent (they share models and stimuli: its p-value is too small), and the
+    label-shuffle test of the mean over pairs, which keeps their dependence
+    (:func:`analyses.paired_set_tests`).
+
     ``progress`` (optional) is called with each section's name as it starts (the CLI prints
     them with the time so far: a report on a large run takes minutes).
 
@@ -453,7 +461,11 @@ def write_report(
 
     tell("layer sweep and best language layers")
     sweep = analyses.layer_sweep(run, k=k)
-    best = analyses.best_language_layers(run, k=k, sweep=sweep)
+    # a language model whose CKNNA is NaN at every layer: its default layer, as the dashboard
+    # pages, and a note naming it (it stopped the whole report)
+    best = analyses.best_language_layers(run, k=k, sweep=sweep, undefined="default")
+    default_layers = analyses.undefined_layer_note(best)
+    notes += default_layers
     files += _write_table(sweep, out, "layer_sweep")
     files += _write_table(best, out, "best_language_layers")
     files.append(figures.layer_sweep_figure(sweep, out / "layer_sweep.png").name)
@@ -576,7 +588,7 @@ def write_report(
         text += "\n" + "\n".join(section_verdicts.values()) + "\n"
     verdicts.update(section_verdicts)
     text += property_text
-    text = _with_notes(text, first_layer, (two_models, bound))
+    text = _with_notes(text, first_layer, (two_models, *default_layers, bound))
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
 
     report = {
@@ -1405,7 +1417,9 @@ def _caption_pairs(
 #: Above this many stimuli the many-to-many caption comparison runs on a seeded random sample of
 #: this many (``analyses.sweep_sample`` with the report's seed; said in a note): exact k-NN on
 #: every stimulus costs O(n²·d) per score, ~200 scores per pair and metric (~80 s per pair and
-#: metric at 1,000 stimuli on 2 cores, about 3 min at 4,000, hours at 100,000).
+#: metric at 1,000 stimuli on 2 cores, about 3 min at 4,000, hours at 100,000). The class
+#: comparison likewise above this many classes: a seeded sample of this many classes, every
+#: member of each (``many_to_many.class_averaging_effect(max_classes=...)``, the same seed).
 MANY_TO_MANY_MAX_STIMULI = 1_000
 
 
@@ -1421,11 +1435,22 @@ def many_to_many_section(
     one-caption side is then the run's own language features. Above
     :data:`MANY_TO_MANY_MAX_STIMULI` stimuli the caption comparison runs on a seeded random
     sample of that many (a note says so; ``n_units`` is the sample's size); class averaging takes
-    every labelled stimulus. Writes ``many_to_many``. Returns (files, report.json entry with
-    ``verdict`` and ``notes``).
+    every labelled stimulus, above that many classes those of a seeded sample of that many
+    classes (a note says so). Stimuli without a label (``calibration.has_label``: None, NaN or
+    an empty string) take no part in class averaging (a note says how many). Writes
+    ``many_to_many``. Returns (files, report.json entry with ``verdict`` and ``notes``).
     """
     captions, notes = _caption_pairs(run, pairs, embed)
     labels = run.stimuli["label"].to_numpy() if "label" in run.stimuli.columns else None
+    class_notes: list[str] = []  # said once, after the caption notes, if classes were compared
+    if labels is not None:
+        unlabelled = int(np.count_nonzero(~calibration.has_label(labels)))
+        if unlabelled:
+            class_notes.append(
+                f"many-to-many class averaging leaves out the {unlabelled:,} of "
+                f"{labels.size:,} stimuli without a label (None, NaN or an empty string): they "
+                "share no class, and their mean would be no class's mean"
+            )
     sample = analyses.sweep_sample(run.n_stimuli, max_stimuli=MANY_TO_MANY_MAX_STIMULI, seed=seed)
     if captions and sample.size < run.n_stimuli:
         notes.append(
@@ -1472,18 +1497,28 @@ def many_to_many_section(
                     )
                 )
             if labels is not None:
-                try:
-                    effects.append(
-                        many_to_many.class_averaging_effect(
-                            raw, np.asarray(vision.raw, dtype=np.float64),
-                            np.asarray(language.raw, dtype=np.float64), labels,
-                            method="half", n_resamples=n_resamples, seed=seed,
-                        )
+                try:  # the raw memory maps: only the compared classes' rows are read
+                    effect = many_to_many.class_averaging_effect(
+                        raw, vision.raw, language.raw, labels, method="half",
+                        n_resamples=n_resamples, seed=seed, max_classes=MANY_TO_MANY_MAX_STIMULI,
                     )
                 except ValueError as error:
                     note = f"many-to-many class averaging skipped: {error}"
                     if note not in notes:
                         notes.append(note)
+                else:
+                    effects.append(effect)
+                    if effect.sampled_from is not None and not any(
+                        "class averaging on a random sample" in note for note in class_notes
+                    ):
+                        class_notes.append(
+                            f"many-to-many class averaging on a random sample of "
+                            f"{effect.n_units:,} of the {effect.sampled_from:,} classes (seed "
+                            f"{seed}; MANY_TO_MANY_MAX_STIMULI; every member of each): each "
+                            "score is exact k-NN over the classes, O(classes²), "
+                            f"{2 * n_resamples + 2} scores per pair and metric; its one-pair and "
+                            "class-mean values compare with each other"
+                        )
             for effect in effects:
                 records.append(
                     {
@@ -1502,6 +1537,8 @@ def many_to_many_section(
                         "k": int(k) if options else None,
                     }
                 )
+    if any(record["comparison"] == "classes" for record in records):
+        notes += class_notes
     entry: dict[str, Any] = {"notes": notes}
     if not records:
         entry["verdict"] = None
@@ -1644,7 +1681,9 @@ def calibration_section(
     n_matched: int, seed: int, tell: Callable[[str], None] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """Calibrated scores (shuffled-pairing null) on the low and high sets, and matched random
-    baselines (typicality in the vision models; and category where the run has labels).
+    baselines (typicality in the vision models; and category where the run has labels: stimuli
+    without a label, ``calibration.has_label``, are one group matched only among themselves, and
+    a note says how many).
 
     Writes ``calibrated_scores`` (per set × metric × pair: observed, null mean and interval,
     calibrated, z, p), ``matched_baselines`` (per matching × metric × pair: low and high against
@@ -1670,6 +1709,15 @@ def calibration_section(
             notes.append(f"matched baselines on typicality and category skipped: {why_not}")
         else:
             matchings.append(("typicality and category", labels))
+            unlabelled = int(np.count_nonzero(~calibration.has_label(labels)))
+            if unlabelled:
+                notes.append(
+                    f"matched baselines on typicality and category: the {unlabelled:,} of "
+                    f"{labels.size:,} stimuli without a label (None, NaN or an empty string) "
+                    "are one group, matched only among themselves on typicality, so each "
+                    "matched set has as many of them as its set (many-to-many class averaging "
+                    "leaves them out instead: there they would form a class)"
+                )
     tables, balances = [], []
     for name, labels in matchings:
         try:

@@ -963,3 +963,87 @@ def test_a_language_model_in_gpa_is_not_paired_with_itself(tmp_path):
     assert not (sweep["vision_model"] == sweep["language_model"]).any()
     best = analyses.best_language_layers(run, k=5, sweep=sweep).set_index("language_model")
     assert best.loc["language-a", "n_vision_models"] == 1
+
+
+def test_a_model_undefined_at_every_layer_gets_its_default_layer_when_asked():
+    """The report stopped on a language model whose CKNNA is NaN at every layer; the dashboard
+    pages use its default layer. ``undefined="default"`` does that for that model alone (the
+    others keep their best layer), with ``mean_cknna`` NaN and a note naming model and layer;
+    the default still raises (the pages catch it)."""
+    sweep = pd.DataFrame({
+        "vision_model": ["v"] * 5, "vision_layer": ["l"] * 5,
+        "language_model": ["t", "t", "t", "u", "u"],
+        "language_layer": ["L0", "L1", "L2", "M0", "M1"], "language_layer_index": [0, 1, 2, 0, 1],
+        "k": [10] * 5, "cknna": [np.nan, np.nan, np.nan, 0.2, 0.4], "n_stimuli_used": [20] * 5,
+        "sample_seed": [None] * 5,
+    })
+    run = SimpleNamespace(default_layer={"t": "L1", "u": "M0"}.__getitem__)
+    best = analyses.best_language_layers(run, k=10, sweep=sweep, undefined="default")
+    assert best["language_layer"].tolist() == ["L1", "M1"]
+    assert best["language_layer_index"].tolist() == [1, 1]
+    assert np.isnan(best["mean_cknna"].iloc[0]) and best["mean_cknna"].iloc[1] == 0.4
+    notes = analyses.undefined_layer_note(best)
+    assert len(notes) == 1 and "'t'" in notes[0] and "default layer 'L1'" in notes[0]
+    assert analyses.undefined_layer_note(best.iloc[1:]) == []
+    with pytest.raises(ValueError, match="language model 't' has no defined CKNNA"):
+        analyses.best_language_layers(run, k=10, sweep=sweep)
+    with pytest.raises(ValueError, match="undefined must be 'raise' or 'default'"):
+        analyses.best_language_layers(run, k=10, sweep=sweep, undefined="skip")
+
+
+def test_copies_of_one_pair_are_no_more_evidence_than_the_pair(planted):
+    """Pairs that share models are not independent: in the limit, k copies of one pair. The
+    Wilcoxon test across them reads k identical differences as k replicates (p = 2 / 2^k); the
+    test of the mean over pairs on the shared label shuffles gives the one pair's own p."""
+    pair = analyses.Pair("vision0", "final", "independent", "final")
+    one = analyses.dispersion_set_alignment(
+        planted, size=20, k=5, n_random=5, n_permutations=200, seed=2, pairs=[pair]
+    )
+    copies = analyses.dispersion_set_alignment(
+        planted, size=20, k=5, n_random=5, n_permutations=200, seed=2, pairs=[pair] * 8
+    )
+    own = one["permutation_p_value_two_sided"].iloc[0]
+    assert own > 0.05  # the planted noise model: no effect
+    assert (copies["mean_over_pairs_p_value_two_sided"] == own).all()
+    assert one["mean_over_pairs_p_value_two_sided"].iloc[0] == own
+    tests = analyses.paired_set_tests(copies).set_index("test")
+    assert tests.loc["permutation_mean_over_pairs", "p_value"] == own
+    assert tests.loc["permutation_mean_over_pairs", "n_pairs"] == 8
+    assert tests.loc["wilcoxon_signed_rank", "p_value"] < 0.05 < own  # what it got wrong
+    assert "not" in tests.loc["wilcoxon_signed_rank", "note"]
+    assert "independent" in tests.loc["paired_t", "note"]
+    assert "shuffles for every pair" in tests.loc["permutation_mean_over_pairs", "note"]
+
+
+def test_the_mean_over_pairs_test_matches_a_per_subset_reference(planted):
+    """The mean over pairs of low − high against its mean on each of the label shuffles (the
+    per-pair test's, every pair on the same ones), from alignment.cknna on each set's features."""
+    size, k, n_permutations, seed = 10, 4, 25, 7
+    table = analyses.dispersion_set_alignment(
+        planted, size=size, k=k, n_random=3, n_permutations=n_permutations, seed=seed,
+    )
+    scores = planted.dispersion["mean"].to_numpy()
+    low, high = select_stimuli(scores, "low", size), select_stimuli(scores, "high", size)
+    _, permutation_seed = np.random.SeedSequence(seed).spawn(2)
+    permutation_rng = np.random.default_rng(permutation_seed)
+    pool = np.concatenate([low, high])
+    shuffles = [pool[permutation_rng.permutation(2 * size)] for _ in range(n_permutations)]
+    observed, null = [], []
+    for row in table.itertuples():
+        X = _features(planted, row.vision_model, row.vision_layer)
+        Y = _features(planted, row.language_model, row.language_layer)
+
+        def value(subset, X=X, Y=Y):
+            subset = np.sort(subset)
+            return cknna(X[subset], Y[subset], k=k)
+
+        observed.append(value(low) - value(high))
+        null.append([value(s[:size]) - value(s[size:]) for s in shuffles])
+    mean, mean_null = np.mean(observed), np.mean(null, axis=0)
+    two_sided = (1 + np.sum(np.abs(mean_null) >= abs(mean) - 1e-12)) / (n_permutations + 1)
+    greater = (1 + np.sum(mean_null >= mean - 1e-12)) / (n_permutations + 1)
+    np.testing.assert_allclose(table["mean_over_pairs_p_value_two_sided"], two_sided)
+    np.testing.assert_allclose(table["mean_over_pairs_p_value_low_greater"], greater)
+    tests = analyses.paired_set_tests(table).set_index("test")
+    assert tests.loc["permutation_mean_over_pairs", "p_value"] == pytest.approx(two_sided)
+    assert tests.loc["permutation_mean_over_pairs", "statistic"] == pytest.approx(mean, abs=1e-9)

@@ -368,3 +368,53 @@ def test_labels_are_matched_on_only_when_classes_have_members() -> None:
     labels, why_not = matchable_labels(np.repeat(np.arange(30), 4))
     assert labels is None and "holds 4 stimuli" in why_not
     assert matchable_labels(None) == (None, "")
+
+
+def test_a_stimulus_without_a_label_is_none_nan_or_an_empty_string() -> None:
+    import pandas as pd
+
+    labels = np.array(["a", None, np.nan, "", "  ", pd.NA, "nan", 0, "b"], dtype=object)
+    np.testing.assert_array_equal(
+        calibration.has_label(labels), [True, False, False, False, False, False, True, True, True]
+    )
+    np.testing.assert_array_equal(
+        calibration.label_codes(labels), [1, -1, -1, -1, -1, -1, 3, 0, 2]  # "0" < "a" < "b" < "nan"
+    )
+    np.testing.assert_array_equal(calibration.label_codes(np.array([3, 1, 3])), [1, 0, 1])
+
+
+def test_stimuli_without_a_label_are_matched_only_among_themselves() -> None:
+    """str(None), str(NaN) and "" made three categories "None", "nan" and "", matched only within
+    each (and a mix of None and str in matched_random_sets raised TypeError). They are one group
+    now, matched only among themselves; and the median-label rule counts real labels only."""
+    rng = np.random.default_rng(3)
+    n = 60
+    labels = np.array([f"c{i % 3}" for i in range(n)], dtype=object)  # 3 classes of 20
+    unlabelled = np.array([1, 2, 4, 5, 7, 8, 10, 11, 13])
+    labels[unlabelled] = np.array([None, np.nan, "", None, np.nan, "", None, np.nan, ""],
+                                  dtype=object)
+    covariate = rng.standard_normal(n)
+    matchable, why_not = calibration.matchable_labels(labels)
+    assert why_not == "" and sum(label is None for label in matchable) == 9
+    assert set(matchable) - {None} == {"c0", "c1", "c2"}
+    chosen = np.array([1, 2, 4, 0, 3])  # None, NaN and "" beside two labelled stimuli
+    for method in ("nearest", "strata"):
+        for given in (labels, matchable):
+            sets = matched_random_sets(
+                chosen, covariate, given, n_sets=30, method=method, n_bins=1,
+                exclude_chosen=True, seed=2,
+            )
+            has = calibration.has_label(labels)
+            assert (np.sum(~has[sets], axis=1) == 3).all()  # as many without a label as chosen
+            assert not np.isin(sets, chosen).any()
+            drawn = labels[sets[~has[sets]].ravel()]
+            kinds = {"None" if v is None else "nan" if v != v else repr(v) for v in drawn}
+            assert len(kinds) == 3  # None matched by NaN and "" too: one group
+    # a chosen stimulus without a label and no other left outside: the message says so
+    with pytest.raises(ValueError, match="no stimulus without a label is left"):
+        matched_random_sets(unlabelled, covariate, labels, n_sets=2, exclude_chosen=True)
+    # the median label counts labelled stimuli only: 3 classes of 6 (and three kinds of no
+    # label) is matchable; it was refused (median of 6, 6, 6, 1, 1, 1)
+    few = np.array(["a"] * 6 + ["b"] * 6 + ["c"] * 6 + [None, np.nan, ""], dtype=object)
+    assert calibration.matchable_labels(few)[1] == ""
+    assert calibration.matchable_labels(np.full(8, None))[1].startswith("no stimulus has a label")

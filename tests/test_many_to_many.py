@@ -157,3 +157,57 @@ def test_owner_checks() -> None:
         caption_mean(captions, np.array([0.0, 1, 1, 0]))
     with pytest.raises(ValueError, match="choice must be"):
         single_caption(captions, np.array([0, 1, 1, 0]), choice="last")
+
+
+def test_an_empty_label_is_no_label() -> None:
+    """A data set's CSV gives a missing label as "" (datasets), a parquet column as None or NaN:
+    all three are "no label", and "" formed a class of its own (a mean over unrelated stimuli)."""
+    rng = np.random.default_rng(7)
+    labels = np.array([f"c{i % 12}" for i in range(96)], dtype=object)
+    images, texts = rng.standard_normal((96, 9)), rng.standard_normal((96, 7))
+    missing = np.array([0, 12, 24, 36, 48, 60, 72, 84, 5])  # every c0, and one c5
+    expected = class_averaging_effect(
+        "cka", np.delete(images, missing, 0), np.delete(texts, missing, 0),
+        np.delete(labels, missing), n_resamples=20,
+    )
+    assert expected.n_units == 11
+    for gaps in (["", " ", None, np.nan, "", "", "", "", ""], [""] * 9):
+        with_gaps = labels.copy()
+        with_gaps[missing] = np.array(gaps, dtype=object)
+        effect = class_averaging_effect("cka", images, texts, with_gaps, n_resamples=20)
+        assert effect == expected and effect.sampled_from is None
+
+
+def test_above_max_classes_a_seeded_sample_of_classes_is_compared() -> None:
+    """Thousands of small classes: each score is exact k-NN over every class, ~2 × n_resamples
+    scores per pair and metric. Above ``max_classes`` a sample of that many classes (seeded; every
+    member of each) is compared, the same as comparing those classes' stimuli alone."""
+    rng = np.random.default_rng(8)
+    n_classes, members = 40, 3
+    labels = np.repeat([f"k{i:02d}" for i in range(n_classes)], members).astype(object)
+    centres = rng.standard_normal((n_classes, 6)).repeat(members, axis=0)
+    images = (centres @ rng.standard_normal((6, 9)) + rng.standard_normal((120, 9))).astype(
+        np.float32
+    )
+    texts = centres @ rng.standard_normal((6, 7)) + rng.standard_normal((120, 7))
+    labels[[1, 50]] = None  # still left out
+    effect = class_averaging_effect(
+        "cknna", images, texts, labels, n_resamples=20, seed=4, max_classes=16, k=3
+    )
+    kept = np.sort(np.random.default_rng(4).choice(n_classes, 16, replace=False))
+    classes = np.array([f"k{i:02d}" for i in range(n_classes)])[kept]
+    rows = np.flatnonzero(np.isin(labels.astype(str), classes))
+    expected = class_averaging_effect(
+        "cknna", images[rows], texts[rows], labels[rows], n_resamples=20, seed=4, k=3
+    )
+    assert effect.n_units == 16 and effect.sampled_from == n_classes
+    assert (effect.one, effect.averaged, effect.lower, effect.upper) == (
+        expected.one, expected.averaged, expected.lower, expected.upper
+    )
+    # at or under the cap: every class, as before
+    full = class_averaging_effect("cknna", images, texts, labels, n_resamples=20, seed=4, k=3)
+    assert class_averaging_effect(
+        "cknna", images, texts, labels, n_resamples=20, seed=4, max_classes=40, k=3
+    ) == full and full.n_units == 40 and full.sampled_from is None
+    with pytest.raises(ValueError, match="max_classes must be at least 8"):
+        class_averaging_effect("cka", images, texts, labels, max_classes=4)

@@ -1209,3 +1209,147 @@ def test_many_to_many_captions_run_on_a_capped_sample_of_a_large_run(captioned_r
     captions = pd.read_csv(tmp_path / "many_to_many.csv").query("comparison == 'captions'")
     assert captions.n_units.tolist() == [60]
     assert not any("random sample of" in note for note in entry["notes"])
+
+
+def test_a_language_model_undefined_at_every_layer_is_used_at_its_default_layer(
+    planted_run_path, tmp_path, monkeypatch
+):
+    """CKNNA NaN at every layer of one language model stopped the whole report (best-layer
+    selection); the dashboard pages use the default layer. The report does too, for that model
+    alone, and says so in a note naming the model and the layer (report.json and summary.txt)."""
+    real = analyses.layer_sweep
+
+    def sweep(run, **settings):  # noqa: ANN001, ANN003
+        table = real(run, **settings)
+        table.loc[table["language_model"] == "planted", "cknna"] = np.nan
+        return table
+
+    monkeypatch.setattr(analyses, "layer_sweep", sweep)
+    run = str(planted_run_path / "runs" / "demo")
+    with contextlib.redirect_stdout(io.StringIO()):
+        status = report.main([run, "--out", str(tmp_path), *FAST, "--scores", "mean",
+                              "--metrics", "cknna", "--skip", *report.OPTIONAL_SECTIONS])
+    assert status == 0
+    meta = json.loads((tmp_path / "report.json").read_text())
+    default = "block0"  # the planted model's default layer (its best is block2)
+    assert meta["best_language_layers"]["planted"] == default
+    assert meta["best_language_layers"]["independent"] == "final"
+    said = [note for note in meta["notes"] if "'planted'" in note]
+    assert len(said) == 1 and f"default layer '{default}'" in said[0]
+    assert "dashboard pages" in said[0]
+    assert f"default layer '{default}'" in (tmp_path / "summary.txt").read_text()
+    best = pd.read_csv(tmp_path / "best_language_layers.csv").set_index("language_model")
+    assert best.loc["planted", "language_layer"] == default
+    assert np.isnan(best.loc["planted", "mean_cknna"])
+    assert not np.isnan(best.loc["independent", "mean_cknna"])
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert set(summary[summary.language_model == "planted"].language_layer) == {default}
+
+
+def test_paired_tests_say_what_they_take_as_independent(written):
+    """Pairs that share models are not independent replicates: beside the Wilcoxon and t tests
+    (each with a note saying their p-values are too small) the report tests the mean over pairs
+    on the per-pair test's label shuffles, every pair on the same ones."""
+    _, out = written
+    paired = pd.read_csv(out / "paired_tests.csv")
+    for score, group in paired.groupby("score"):
+        tests = group.set_index("test")
+        assert list(tests.index) == [
+            "wilcoxon_signed_rank", "paired_t", "permutation_mean_over_pairs"
+        ]
+        assert tests["note"].str.contains("too small").tolist() == [True, True, False]
+        sets = pd.read_csv(out / f"dispersion_sets_{score}.csv")
+        assert tests.loc["permutation_mean_over_pairs", "p_value"] == pytest.approx(
+            sets["mean_over_pairs_p_value_two_sided"].iloc[0]
+        )
+        assert tests.loc["permutation_mean_over_pairs", "statistic"] == pytest.approx(
+            (sets.cknna_low_dispersion - sets.cknna_high_dispersion).mean()
+        )
+    meta = json.loads((out / "report.json").read_text())
+    assert {row["test"] for row in meta["paired_tests"]} >= {"permutation_mean_over_pairs"}
+    assert all(row["note"] for row in meta["paired_tests"])
+
+
+def _some_unlabelled(run, every: int = 3) -> pd.Series:
+    """The run's labels (4 classes) with every ``every``-th stimulus's missing: None, NaN or an
+    empty string in turn (a parquet column's missing value, a CSV's empty cell)."""
+    labels = pd.Series([f"class{i % 4}" for i in range(run.n_stimuli)], dtype=object)
+    missing = np.arange(0, run.n_stimuli, every)
+    labels[missing] = np.array([[None, np.nan, ""][j % 3] for j in range(missing.size)],
+                               dtype=object)
+    return labels
+
+
+def test_the_report_says_how_stimuli_without_a_label_are_matched(captioned_run, tmp_path,
+                                                                 monkeypatch):
+    """str(label) made None, NaN and "" three categories of the category-matched baselines; they
+    are one group, matched only among themselves, and the report says so."""
+    labels = _some_unlabelled(captioned_run)
+    monkeypatch.setattr(captioned_run, "stimuli", captioned_run.stimuli.assign(label=labels))
+    pairs = analyses.pairs_with_best_layers(captioned_run, k=5)
+    sets = report.dispersion_sets(captioned_run, "mean", 12, 3, 0)
+    _, entry = report.calibration_section(
+        captioned_run, tmp_path, pairs, sets, k=5, metrics=["cknna"], metric_options={},
+        n_shuffles=5, n_matched=5, seed=0,
+    )
+    matched = pd.read_csv(tmp_path / "matched_baselines.csv")
+    assert "typicality and category" in set(matched.matched_on), entry["notes"]
+    said = [note for note in entry["notes"] if "without a label" in note]
+    assert len(said) == 1 and "the 20 of 60 stimuli without a label" in said[0]
+    assert "matched only among themselves" in said[0]
+
+
+def test_class_averaging_says_it_leaves_out_stimuli_without_a_label(captioned_run, tmp_path,
+                                                                    monkeypatch):
+    """An empty string was a class of its own in class averaging (None and NaN were left out);
+    every kind of missing label is left out, and a note says how many."""
+    labels = pd.Series([f"class{i % 10}" for i in range(captioned_run.n_stimuli)], dtype=object)
+    labels[np.arange(0, 60, 3)] = ["", None, np.nan, " "] * 5
+    monkeypatch.setattr(captioned_run, "stimuli", captioned_run.stimuli.assign(label=labels))
+    monkeypatch.setattr(report, "MANY_TO_MANY_MAX_STIMULI", 8)
+    pairs = analyses.pairs_with_best_layers(captioned_run, k=5)[:1]
+    _, entry = report.many_to_many_section(
+        captioned_run, tmp_path, pairs, k=5, metrics=("cka",), n_resamples=10, embed=False,
+        seed=0,
+    )
+    classes = pd.read_csv(tmp_path / "many_to_many.csv").query("comparison == 'classes'")
+    assert classes.n_units.tolist() == [8]  # 10 classes (no class of ""): a sample of 8
+    said = [note for note in entry["notes"] if "without a label" in note]
+    assert len(said) == 1 and "leaves out the 20 of 60 stimuli without a label" in said[0]
+
+
+def test_class_averaging_of_many_classes_runs_on_a_seeded_sample_of_classes(
+    captioned_run, tmp_path, monkeypatch
+):
+    """Thousands of small classes made the class comparison slow (exact k-NN over every class,
+    ~2 × resamples scores per pair and metric). Above MANY_TO_MANY_MAX_STIMULI classes a seeded
+    sample of that many classes is compared, every member of each, and a note gives the seed."""
+    labels = pd.Series([f"class{i % 15}" for i in range(captioned_run.n_stimuli)], dtype=object)
+    monkeypatch.setattr(captioned_run, "stimuli", captioned_run.stimuli.assign(label=labels))
+    monkeypatch.setattr(report, "MANY_TO_MANY_MAX_STIMULI", 8)
+    pairs = analyses.pairs_with_best_layers(captioned_run, k=5)[:2]
+    _, entry = report.many_to_many_section(
+        captioned_run, tmp_path, pairs, k=5, metrics=("cka",), n_resamples=10, embed=False,
+        seed=3,
+    )
+    classes = pd.read_csv(tmp_path / "many_to_many.csv").query("comparison == 'classes'")
+    assert classes.n_units.tolist() == [8, 8]
+    said = [note for note in entry["notes"] if "class averaging on a random sample" in note]
+    assert len(said) == 1 and "of 8 of the 15 classes (seed 3;" in said[0]
+    from convergence_core import many_to_many
+    from convergence_core.neighbours import prepare_rows
+
+    pair = pairs[0]
+    vision = captioned_run.neighbours(pair.vision_model, pair.vision_layer).features
+    language = captioned_run.neighbours(pair.language_model, pair.language_layer).features
+    classes_sorted = np.unique(labels.to_numpy().astype(str))  # "class0", "class1", "class10"…
+    kept = classes_sorted[np.sort(np.random.default_rng(3).choice(15, 8, replace=False))]
+    rows = np.flatnonzero(labels.isin(kept).to_numpy())
+    expected = many_to_many.class_averaging_effect(
+        lambda X, Y: registry.measure(
+            "cka", prepare_rows(X, vision.threshold), prepare_rows(Y, language.threshold),
+        ),
+        vision.raw[rows], language.raw[rows], labels.to_numpy()[rows], n_resamples=10, seed=3,
+    )
+    assert classes.averaged.iloc[0] == pytest.approx(expected.averaged)
+    assert classes.one.iloc[0] == pytest.approx(expected.one)
