@@ -232,7 +232,8 @@ def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
     image = None
     for axis, language in zip(axes[0], languages, strict=True):
         grid = sweep[sweep["language_model"] == language].pivot_table(
-            index="vision_model", columns="language_layer_index", values="cknna", sort=False
+            index="vision_model", columns="language_layer_index", values="cknna", sort=False,
+            dropna=False,  # a model undefined (NaN) at every layer keeps its panel, blank
         )
         image = axis.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
         axis.set_xticks(np.arange(grid.shape[1]), [str(c) for c in grid.columns], fontsize=7)

@@ -1210,7 +1210,8 @@ def metric_suite_section(out: Path, table: pd.DataFrame) -> tuple[list[str], dic
         pairs = ", ".join(sorted({_pair_label(row) for row in group.to_dict("records")}))
         notes.append(
             f"{name} is undefined (NaN) on some sets of {pairs}: its options do not fit those "
-            "features there (e.g. SVCCA's cca_dim above their rank); its rows show NaN"
+            "features there (e.g. SVCCA's cca_dim above their rank), or a model's features do not "
+            "vary over those stimuli; its rows show NaN"
         )
     entry = {
         "metrics": list(dict.fromkeys(table["metric"])),
