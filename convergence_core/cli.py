@@ -55,7 +55,14 @@ device, batch_size, caption_mode, drop_bad, stimuli, run_name, cache_root, weigh
 list_size, neighbour_layers, precision, engine, ray_address, concurrency, num_cpus, num_gpus,
 runtime_env, gpa_starts, gpa_stop),
 or the models one by one as [[models]] tables (name, modality, and path + layer for features from
-a file); flags given on the command line override it.
+a file). Flags given on the command line override it: a flag of one value (--device, --run-name,
+--layers default) or a list of models (--vision, --language, --gpa-models) replaces the config's
+setting; the per-model flags (--features, --modality, --gpa-layer, --weights, --layers MODEL=...)
+replace the config's entry for the models they name and keep its other models' entries. --features
+NAME replaces all of NAME's files in the config (give every layer NAME needs: NAME:LAYER=PATH); a
+model named by --vision, --language or --features replaces the config's model of that name (an
+encoder given as a file, say); a model the flags take out of the run (--vision replaces the
+config's vision encoders) leaves with its per-model settings.
 Rerunning the same command reuses every finished step; an interrupted run resumes.
 
 on a cluster (README, "Running on a cluster"):
@@ -88,13 +95,20 @@ def _split_names(text: str) -> list[str]:
 
 
 def _pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
-    """``["model=value", ...]`` -> dict (the value may itself contain ``=``)."""
+    """``["model=value", ...]`` -> dict (the value may itself contain ``=``); a model given twice
+    is refused, as ``--features`` refuses a layer given twice (the last one silently won)."""
     out: dict[str, str] = {}
     for value in values or []:
         model, sep, rest = value.partition("=")
+        model, rest = model.strip(), rest.strip()
         if not sep or not model or not rest:
             raise ValueError(f"{flag} expects MODEL=VALUE, got {value!r}")
-        out[model.strip()] = rest.strip()
+        if model in out:
+            raise ValueError(
+                f"{flag} gives {model!r} twice ({model}={out[model]} and {model}={rest}); "
+                "give it once"
+            )
+        out[model] = rest
     return out
 
 
@@ -104,6 +118,12 @@ def _layers(values: Sequence[str] | None) -> str | dict[str, list[str]] | None:
         return None
     if len(values) == 1 and values[0] in ("all", "default"):
         return values[0]
+    whole = [value for value in values if value in ("all", "default")]
+    if whole:
+        raise ValueError(
+            f"--layers {whole[0]} is a choice for every model and cannot be given with another "
+            f"--layers; give --layers {whole[0]} alone, or only --layers MODEL=L1,L2 flags"
+        )
     return {model: _split_names(layers) for model, layers in _pairs(values, "--layers").items()}
 
 
@@ -138,8 +158,9 @@ def _precompute_parser(sub: Any) -> None:
         "--layers",
         action="append",
         metavar="SPEC",
-        help="'all' (default), 'default' (each model's default layer only), or MODEL=L1,L2 "
-        "(repeatable; models not named keep all layers)",
+        help="'all' (default), 'default' (each encoder's default layer only; a model from "
+        "--features keeps every file given for it), or MODEL=L1,L2 (an encoder's layers; "
+        "repeatable; models not named keep all layers)",
     )
     parser.add_argument(
         "--features",
@@ -333,7 +354,8 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "num_cpus": args.num_cpus,
         "num_gpus": args.num_gpus,
     }
-    config.update({key: value for key, value in flags.items() if value is not None})
+    given = {key: value for key, value in flags.items() if value is not None}
+    config = _merge_flags(config, given)
     if args.preset and args.dataset is None:
         _check_preset_data(args.preset, config)
     if not (config.get("vision_models") or config.get("features")):
@@ -345,6 +367,93 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
+#: settings holding one entry per model: a flag's entry for a model replaces the config's entry
+#: for that model only (``layers`` when both are {model: [layer, ...]} mappings)
+_PER_MODEL_SETTINGS = ("features", "modalities", "gpa_layers", "weights", "layers")
+
+
+def _names(value: Any) -> list[str]:
+    """A list of model names as a config spells it (a list, or a comma-separated string)."""
+    if isinstance(value, str):
+        return _split_names(value)
+    return [str(name).strip() for name in value or ()]
+
+
+def _run_models(settings: Mapping[str, Any]) -> list[str]:
+    """Every model of ``settings`` (a config mapping): encoders, then file models."""
+    return [*_names(settings.get("vision_models")), *_names(settings.get("language_models")),
+            *(settings.get("features") or {})]
+
+
+def _gpa_set(settings: Mapping[str, Any]) -> list[str]:
+    """The models of ``settings`` that enter GPA: ``gpa_models``, else every vision model."""
+    if settings.get("gpa_models"):
+        return _names(settings["gpa_models"])
+    modalities = settings.get("modalities") or {}
+    return [*_names(settings.get("vision_models")),
+            *(m for m in settings.get("features") or {} if modalities.get(m) == "vision")]
+
+
+def _merge_flags(config: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a config file's or a preset's settings) with the command line's ``flags`` over
+    it. A flag of one value or a list of models replaces the config's setting; the per-model
+    settings (``_PER_MODEL_SETTINGS``) are merged model by model: a flag's entry for a model
+    replaces the config's entry for it (for ``features``, all of that model's files: the command
+    line says which files the model has, and a model whose layers came half from each would be
+    neither), the config's other models keep theirs. A model named by ``--vision``,
+    ``--language`` or ``--features`` leaves the config's other list (an encoder in the config
+    given as a file on the command line, or the reverse), and the config's per-model settings of a
+    model that the flags take out of the run (``--vision`` replacing the config's vision models)
+    go with it, as do its ``gpa_layers`` entries of models the flags take out of GPA."""
+    if not config:
+        return dict(flags)
+    merged = dict(config)
+    flag_files = set(flags.get("features") or {})
+    flag_encoders = {*_names(flags.get("vision_models")), *_names(flags.get("language_models"))}
+    for key in ("vision_models", "language_models"):  # an encoder now given as a file
+        if key not in flags and flag_files & set(_names(merged.get(key))):
+            merged[key] = [m for m in _names(merged.get(key)) if m not in flag_files]
+    for key in ("features", "modalities"):  # a file model now given as an encoder
+        if flag_encoders & set(merged.get(key) or {}):
+            kept = {m: v for m, v in merged[key].items() if m not in flag_encoders}
+            merged[key] = kept or None
+    layers = flags.get("layers")
+    if isinstance(layers, Mapping) and merged.get("layers") == "default":
+        raise ValueError(
+            "the config's layers = \"default\" keeps each encoder's default layer, and --layers "
+            "MODEL=L1,L2 would give every model it does not name all its layers; give --layers "
+            "default (or all) on the command line, or the layers of each model in the config"
+        )
+    for key, value in flags.items():
+        kept = merged.get(key)
+        if key in _PER_MODEL_SETTINGS and isinstance(value, Mapping) and isinstance(kept, Mapping):
+            value = {**kept, **value}  # the config's order, the flag's entries
+        merged[key] = value
+    removed = set(_run_models(config)) - set(_run_models(merged))
+    if removed and "gpa_models" not in flags and set(_names(config.get("gpa_models"))) & removed:
+        missing = [m for m in _names(config.get("gpa_models")) if m in removed]
+        raise ValueError(
+            f"the config's gpa_models names {missing}, which the command line takes out of the "
+            "run (--vision and --language replace the config's encoders of that modality); "
+            f"give --gpa-models with some of {_run_models(merged)}, or name those models again"
+        )
+    # settings that no longer apply: an encoder's weights and layers once it is a file model or
+    # out of the run, a GPA layer once its model is out of GPA
+    as_files = flag_files & {*_names(config.get("vision_models")),
+                             *_names(config.get("language_models"))}
+    left_gpa = set(_gpa_set(config)) - set(_gpa_set(merged))
+    for key in ("weights", "layers", "gpa_layers"):
+        table = merged.get(key)
+        if not isinstance(table, Mapping):
+            continue
+        gone = removed | (left_gpa if key == "gpa_layers" else as_files)
+        from_flags = flags.get(key) if isinstance(flags.get(key), Mapping) else {}
+        merged[key] = {
+            m: v for m, v in table.items() if m in from_flags or m not in gone
+        } or (None if key != "layers" else "all")
+    return merged
+
+
 def _features(values: Sequence[str] | None) -> dict[str, dict[str, str]] | None:
     """``--features NAME=PATH`` / ``NAME:LAYER=PATH`` (repeatable) -> ``{name: {layer: path}}``."""
     out: dict[str, dict[str, str]] = {}
@@ -353,7 +462,10 @@ def _features(values: Sequence[str] | None) -> dict[str, dict[str, str]] | None:
         layers = out.setdefault(name.strip(), {})
         layer = layer.strip() or "features"
         if layer in layers:
-            raise ValueError(f"--features gives layer {layer!r} of {name!r} twice; give it once")
+            raise ValueError(
+                f"--features gives layer {layer!r} of {name!r} twice ({layers[layer]} and "
+                f"{path}); give it once"
+            )
         layers[layer] = path
     return out or None
 

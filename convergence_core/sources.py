@@ -39,6 +39,7 @@ import difflib
 import hashlib
 import os
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -540,6 +541,8 @@ def _row_order(
             "per stimulus (average repeated presentations first)"
         )
     missing = [sid for sid in ids if sid not in position]
+    if missing:
+        _check_normalisation(where, file_ids, missing)
     if missing and len(missing) == len(ids):
         raise FeatureIdsError(
             f"{where} lists none of the data set's {len(ids)} stimuli: its ids look like "
@@ -564,6 +567,39 @@ def _row_order(
             "stimuli every feature file covers (--stimuli common)"
         )
     return np.fromiter((position[sid] for sid in ids), dtype=np.int64, count=len(ids))
+
+
+def _unicode_forms(ids: Sequence[str]) -> str:
+    """Which Unicode normal form ``ids`` are written in, in words: "NFC", "NFD" or "a mix of NFC
+    and NFD" (ids of ASCII letters only are both: "NFC")."""
+    nfc = all(unicodedata.is_normalized("NFC", sid) for sid in ids)
+    nfd = all(unicodedata.is_normalized("NFD", sid) for sid in ids)
+    return "NFC" if nfc else "NFD" if nfd else "a mix of NFC and NFD"
+
+
+def _check_normalisation(where: str, file_ids: Sequence[str], missing: Sequence[str]) -> None:
+    """FeatureIdsError when ids of the data set that the file lacks are in it written in another
+    Unicode normal form: "café" as one character é (NFC) in one and as e + a combining accent
+    (NFD, as macOS writes file names) in the other. Both print alike, so the ids are shown with
+    ``ascii()``. They are not matched silently: ids are keys into the user's data, and two
+    distinct ids may share a normal form."""
+    by_form: dict[str, str] = {}
+    for sid in file_ids:
+        by_form.setdefault(unicodedata.normalize("NFC", sid), sid)
+    pairs = [(sid, by_form[form]) for sid in missing
+             if (form := unicodedata.normalize("NFC", sid)) in by_form and by_form[form] != sid]
+    if not pairs:
+        return
+    theirs, ours = _unicode_forms([f for _, f in pairs]), _unicode_forms([s for s, _ in pairs])
+    examples = ", ".join(f"{ascii(f)} for {ascii(s)}" for s, f in pairs[:3])
+    raise FeatureIdsError(
+        f"{where} writes {len(pairs)} of the data set's ids in another Unicode normal form, the "
+        f"same text encoded differently (the file's ids in {theirs}, the stimuli's in {ours}; "
+        f"e.g. the file's {examples}, as ascii() shows them); write the ids of both in one "
+        "form (NFC), e.g. ids = [unicodedata.normalize('NFC', i) for i in ids] in Python, then "
+        "rewrite the file's id list (.ids.txt or 'id' column) or the data set's ids (ids from "
+        "macOS file names are often NFD)"
+    )
 
 
 def feature_file_ids(path: str | os.PathLike[str], *, model: str, layer: str) -> list[str]:

@@ -400,6 +400,215 @@ def test_flags_override_a_config_file(tmp_path, monkeypatch):
     assert seen["vision_models"] == ["a", "b"] and seen["dataset"] == "data"
 
 
+_MERGE_CONFIG = """\
+dataset = "data"
+vision_models = ["e1", "e2"]
+weights = { e1 = "/w/e1.pth", e2 = "/w/e2.pth" }
+layers = { e1 = ["x", "y"] }
+gpa_models = ["subj01", "subj03"]
+gpa_layers = { subj01 = "V1", subj03 = "V1" }
+
+[[models]]
+name = "a"
+modality = "vision"
+path = "a.npy"
+
+[[models]]
+name = "subj01"
+modality = "brain"
+files = { V1 = "s1_V1.npy", hV4 = "s1_hV4.npy" }
+
+[[models]]
+name = "subj03"
+modality = "brain"
+files = { hV4 = "s3_hV4.npy", V1 = "s3_V1.npy" }
+"""
+
+
+def _merged(monkeypatch, tmp_path, *flags: str, config: str = _MERGE_CONFIG):
+    """The settings that ``precompute CONFIG FLAGS`` hands to the pipeline, or the error line."""
+    import convergence_core.precompute as precompute_module
+
+    seen: dict = {}
+
+    def fake_precompute(settings, progress=None):
+        seen.update(settings)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(precompute_module, "precompute", fake_precompute)
+    path = tmp_path / "config.toml"
+    path.write_text(config, encoding="utf-8")
+    code, _, err = _main("precompute", str(path), *flags)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return seen if "stop here" in err else err
+
+
+def test_per_model_flags_merge_with_a_config_file_model_by_model(tmp_path, monkeypatch):
+    """From the audit (F1, F2): a --features flag beside a config dropped every [[models]] entry
+    of the config, and one --gpa-layer replaced its whole gpa_layers table (subj03 moved from V1
+    to its first file's layer without a word). A per-model flag now replaces the config's entry
+    for the model it names and keeps the others'."""
+    from convergence_core.precompute import PrecomputeConfig
+
+    seen = _merged(monkeypatch, tmp_path, "--features", "c=c.npy", "--modality", "c=vision",
+                   "--gpa-layer", "subj01=hV4", "--weights", "e2=/w/new.pth",
+                   "--layers", "e2=z")
+    PrecomputeConfig.from_mapping(seen)  # a valid config
+    assert seen["features"] == {
+        "a": {"features": "a.npy"}, "subj01": {"V1": "s1_V1.npy", "hV4": "s1_hV4.npy"},
+        "subj03": {"hV4": "s3_hV4.npy", "V1": "s3_V1.npy"}, "c": {"features": "c.npy"},
+    }
+    assert seen["modalities"] == {"a": "vision", "subj01": "brain", "subj03": "brain",
+                                  "c": "vision"}
+    assert seen["gpa_layers"] == {"subj01": "hV4", "subj03": "V1"}
+    assert seen["weights"] == {"e1": "/w/e1.pth", "e2": "/w/new.pth"}
+    assert seen["layers"] == {"e1": ["x", "y"], "e2": ["z"]}
+    assert seen["vision_models"] == ["e1", "e2"] and seen["gpa_models"] == ["subj01", "subj03"]
+
+    # --features NAME replaces all of NAME's files (the command line says which files it has);
+    # its modality and GPA layer stay the config's
+    seen = _merged(monkeypatch, tmp_path, "--features", "subj01:V1=new_V1.npy")
+    PrecomputeConfig.from_mapping(seen)  # a valid config
+    assert seen["features"]["subj01"] == {"V1": "new_V1.npy"}
+    assert seen["features"]["subj03"] == {"hV4": "s3_hV4.npy", "V1": "s3_V1.npy"}
+    assert seen["modalities"]["subj01"] == "brain" and seen["gpa_layers"]["subj01"] == "V1"
+
+    # GPA moved to other models: the config's GPA layers of the models that left GPA go (they
+    # were an error naming the config, with no flag to undo them)
+    seen = _merged(monkeypatch, tmp_path, "--gpa-models", "a,c", "--features", "c=c.npy",
+                   "--modality", "c=vision")
+    PrecomputeConfig.from_mapping(seen)  # a valid config
+    assert seen["gpa_models"] == ["a", "c"] and seen["gpa_layers"] is None
+
+    # a list flag replaces the config's list; the per-model settings of the models it takes out
+    # of the run leave with them
+    seen = _merged(monkeypatch, tmp_path, "--vision", "e3")
+    PrecomputeConfig.from_mapping(seen)  # a valid config
+    assert seen["vision_models"] == ["e3"] and seen["weights"] is None and seen["layers"] == "all"
+    assert set(seen["features"]) == {"a", "subj01", "subj03"}
+
+    # an encoder of the config given as a file on the command line, and the reverse
+    seen = _merged(monkeypatch, tmp_path, "--features", "e1=e1.npy", "--modality", "e1=vision")
+    PrecomputeConfig.from_mapping(seen)  # a valid config
+    assert seen["vision_models"] == ["e2"] and seen["features"]["e1"] == {"features": "e1.npy"}
+    assert seen["weights"] == {"e2": "/w/e2.pth"} and seen["layers"] == "all"
+    seen = _merged(monkeypatch, tmp_path, "--vision", "a,e1")
+    PrecomputeConfig.from_mapping(seen)  # a valid config
+    assert seen["vision_models"] == ["a", "e1"] and "a" not in seen["features"]
+    assert "a" not in seen["modalities"] and seen["layers"] == {"e1": ["x", "y"]}
+
+    # a flag's own entry for a model not in the run is kept, and so refused, naming the setting
+    seen = _merged(monkeypatch, tmp_path, "--weights", "nope=/w/n.pth")
+    assert seen["weights"]["nope"] == "/w/n.pth"
+    with pytest.raises(ValueError, match="weights names 'nope', which is not among the models"):
+        PrecomputeConfig.from_mapping(seen)
+
+
+def test_a_config_setting_the_flags_make_meaningless_is_named_with_the_fix(tmp_path, monkeypatch):
+    """The config's gpa_models naming encoders that --vision replaced said "gpa_models names
+    [...], which are not models of this run" as if the config were wrong; and the config's
+    layers = "default" cannot take one model's --layers (the others would get every layer)."""
+    config = 'dataset = "data"\nvision_models = ["e1", "e2"]\ngpa_models = ["e1", "e2"]\n'
+    err = _merged(monkeypatch, tmp_path, "--vision", "e3,e4", config=config)
+    assert err.startswith("error: the config's gpa_models names ['e1', 'e2'], which the command "
+                          "line takes out of the run"), err
+    assert "give --gpa-models with some of ['e3', 'e4']" in err
+    seen = _merged(monkeypatch, tmp_path, "--vision", "e3,e4", "--gpa-models", "e3,e4",
+                   config=config)
+    assert seen["gpa_models"] == ["e3", "e4"]
+    err = _merged(monkeypatch, tmp_path, "--layers", "e1=x",
+                  config='dataset = "data"\nvision_models = ["e1", "e2"]\nlayers = "default"\n')
+    assert "the config's layers = \"default\"" in err and "give --layers default" in err
+    seen = _merged(monkeypatch, tmp_path, "--layers", "all",
+                   config='dataset = "data"\nvision_models = ["e1"]\nlayers = { e1 = ["x"] }\n')
+    assert seen["layers"] == "all"
+
+
+def _brain_files(folder: Path, n: int = 12) -> dict[str, Path]:
+    """Two subjects of two regions each, as .npy files with the ids of ``_feature_files``."""
+    import numpy as np
+
+    paths = {}
+    for i, (subject, region) in enumerate(
+        (s, r) for s in ("s1", "s2") for r in ("V1", "hV4")
+    ):
+        paths[f"{subject}_{region}"] = path = folder / f"{subject}_{region}.npy"
+        np.save(path, np.random.default_rng(10 + i).standard_normal((n, 6)))
+        (folder / f"{path.name}.ids.txt").write_text("".join(f"s{j}\n" for j in range(n)))
+    return paths
+
+
+def test_a_real_run_from_a_config_and_flags_keeps_the_configs_models(tmp_path):
+    """F1 and F2 end to end: the config's models stay beside the one a flag adds, and one
+    --gpa-layer changes that subject's GPA layer only."""
+    from convergence_core import load_run
+
+    _feature_files(tmp_path / "f")
+    brain = _brain_files(tmp_path / "f")
+    f = tmp_path / "f"
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'gpa_models = ["s1", "s2"]\ngpa_layers = { s1 = "V1", s2 = "V1" }\ngpa_starts = 0\n'
+        "thumbnails = false\n"
+        f'[[models]]\nname = "a"\nmodality = "vision"\npath = "{f / "a.npy"}"\n'
+        f'[[models]]\nname = "s1"\nmodality = "brain"\n'
+        f'files = {{ V1 = "{brain["s1_V1"]}", hV4 = "{brain["s1_hV4"]}" }}\n'
+        f'[[models]]\nname = "s2"\nmodality = "brain"\n'
+        f'files = {{ V1 = "{brain["s2_V1"]}", hV4 = "{brain["s2_hV4"]}" }}\n',
+        encoding="utf-8",
+    )
+    code, out, err = _main("precompute", str(config), "--features", f"b={f / 'b.npy'}",
+                           "--modality", "b=vision", "--gpa-layer", "s1=hV4", "--quiet",
+                           "--cache", str(tmp_path / "c"), "--run-name", "merged")
+    assert code == 0, err
+    run = load_run(tmp_path / "c" / "runs" / "merged")
+    assert sorted(run.models) == ["a", "b", "s1", "s2"]
+    assert run.gpa.models == ("s1", "s2") and run.gpa.layers == ("hV4", "V1")
+
+
+@pytest.mark.parametrize(
+    ("flag", "first", "second"),
+    [("--modality", "vision", "brain"), ("--modality", "vision", "vision"),
+     ("--gpa-layer", "V1", "hV4"), ("--weights", "/w/a.pth", "/w/b.pth"),
+     ("--layers", "x,y", "z")],
+)
+def test_a_per_model_flag_given_twice_for_a_model_is_refused(flag, first, second):
+    """From the audit (F3): a repeated --modality, --gpa-layer, --weights or --layers MODEL=...
+    kept the last value without a word; refused as a repeated --features layer is (the same
+    value twice too, as --features)."""
+    code, out, err = _main("precompute", "--features", "c=c.npy", flag, f"c={first}", flag,
+                           f"c={second}")
+    assert code == 2 and out == ""
+    assert err == f"error: {flag} gives 'c' twice (c={first} and c={second}); give it once\n"
+
+
+def test_layers_all_or_default_beside_another_layers_flag_is_refused():
+    code, _, err = _main("precompute", "--layers", "default", "--layers", "a=x")
+    assert code == 2 and "--layers default is a choice for every model" in err, err
+
+
+def test_layers_default_keeps_every_file_of_a_file_model_as_the_help_says(tmp_path, capsys):
+    """From the audit (F5): --layers default stored every layer of a model from feature files
+    while the help said "each model's default layer only". A file model's layers are the files
+    given for it (the config refuses layers for it), so they are kept; the help says so."""
+    from convergence_core import load_run
+
+    with pytest.raises(SystemExit):
+        main(["precompute", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert ("'default' (each encoder's default layer only; a model from --features keeps every "
+            "file given for it)") in help_text
+    features = _feature_files(tmp_path / "f")
+    brain = _brain_files(tmp_path / "f")
+    code, _, err = _main("precompute", *features, "--features", f"s1:V1={brain['s1_V1']}",
+                         "--features", f"s1:hV4={brain['s1_hV4']}", "--modality", "s1=brain",
+                         "--layers", "default", "--gpa-starts", "0", "--no-thumbnails",
+                         "--quiet", "--cache", str(tmp_path / "c"), "--run-name", "ld")
+    assert code == 0, err
+    run = load_run(tmp_path / "c" / "runs" / "ld")
+    assert run.layers("s1") == ["V1", "hV4"] and run.default_layer("s1") == "V1"
+
+
 def test_ctrl_c_says_how_to_resume_instead_of_a_traceback(monkeypatch):
     """Ctrl-C during an extraction raised KeyboardInterrupt through a page of torch frames; the
     run keeps what finished (tests/test_precompute.py), and the command now says so."""

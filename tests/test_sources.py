@@ -163,6 +163,35 @@ def test_ids_holding_unicode_line_separators_are_one_id_each(tmp_path):
     assert id_lines(" x \r\n\n y") == ["x", "y"]
 
 
+@pytest.mark.parametrize("some", [False, True])
+def test_ids_that_differ_only_in_unicode_normalisation_are_named(tmp_path, some):
+    """From the audit: ids written as NFD (e + combining accent, as macOS writes file names)
+    against NFC ids (é as one character) printed the same on both sides of "lists none of the
+    data set's stimuli: its ids look like ['café_0', …], the stimuli's like ['café_0', …]". The
+    message now says what differs, shows both with ascii() and names the fix; the ids are not
+    matched silently (they are keys into the user's data)."""
+    import unicodedata
+
+    nfc = [unicodedata.normalize("NFC", f"café_{i}") for i in range(N)]
+    written = [unicodedata.normalize("NFD", sid) if not some or i % 3 == 0 else sid
+               for i, sid in enumerate(nfc)]  # some=True: a third of the ids only
+    assert written != nfc and [unicodedata.normalize("NFC", w) for w in written] == nfc
+    path = _save_npy(tmp_path / "nfd.npy", np.random.default_rng(1).standard_normal((N, 3)),
+                     written)
+    message = (r"nfd\.npy \(model 'm', layer 'l'\) writes %d of the data set's ids in another "
+               r"Unicode normal form.*the file's ids in NFD, the stimuli's in NFC; e\.g\. the "
+               r"file's 'cafe\\u0301_0' for 'caf\\xe9_0'.*unicodedata\.normalize\('NFC', i\)"
+               % (N // 3 if some else N))
+    for read in (read_feature_file, check_feature_file):
+        with pytest.raises(FeatureFileError, match=message):
+            read(path, nfc, model="m", layer="l")
+    # ids that differ in more than their form keep the message about other ids
+    other = [f"cafe_{i}" for i in range(N)]
+    with pytest.raises(FeatureFileError, match="lists none of the data set's") as info:
+        check_feature_file(path, other, model="m", layer="l")
+    assert "Unicode" not in str(info.value)
+
+
 def test_a_feature_file_that_is_a_symbolic_link_has_its_ids_beside_the_link(tmp_path, ids):
     """git-annex, DataLad and DVC keep a file's bytes in a store and link to them: the id list
     was looked for beside the store's object, and the error asked to write it into the store."""
