@@ -61,6 +61,7 @@ from .run_writer import (
     THUMBNAIL_SIZE,
     RunManifest,
     StabilitySolutions,
+    adopted_solution,
     check_embedding_array,
     empty_manifest,
     fingerprint,
@@ -69,8 +70,11 @@ from .run_writer import (
     normalise_stimuli,
     prepare_run_folder,
     remove_reset_leftover,
+    stability_record_state,
+    upgrade_stability_record,
     write_dispersion,
     write_gpa,
+    write_gpa_solution,
     write_gpa_stability,
     write_gpa_to_uncertainty,
     write_model_arrays,
@@ -156,7 +160,10 @@ class PrecomputeConfig:
         num_cpus / num_gpus: resources per Ray actor (None: 1 CPU; 1 GPU on CUDA).
         runtime_env: Ray ``runtime_env`` mapping (e.g. to ship this package to the workers).
         gpa_starts: random starts of the GPA stability diagnostic stored in the run
-            (``gpa_stability``; shown on Home and Stimuli); 0 leaves it out.
+            (``gpa_stability``; shown on Home and Stimuli); 0 leaves it out. They are also
+            candidates for GPA's answer: a start that reaches a minimum clearly lower than
+            Gower's start's (beyond the diagnostic's ``optimum_margin``) is the run's GPA
+            solution (residuals, maps, dispersion), and the diagnostic says so.
         gpa_stop: ``"optimum"`` (GPA's loss rule to ``GPA_TOL``: the same optimum as a
             tol = 1e-13 run) or ``"uncertainty"`` (stop once the residuals move less than a
             tenth of their spread over the diagnostic's random starts,
@@ -879,7 +886,9 @@ def precompute(
     Steps, each recorded in the manifest with the fingerprint of its inputs when it finishes and
     skipped on a rerun whose inputs are unchanged: load + check the dataset -> fingerprint it ->
     per model: its representations (extracted by an encoder, or read from files) -> its exact
-    neighbour lists -> GPA on the GPA models' layers -> dispersion + residual PCA -> thumbnails.
+    neighbour lists -> GPA on the GPA models' layers (from Gower's start) -> its stability
+    diagnostic (random starts; the lowest-loss solution becomes GPA's, gpa/ rewritten when it is
+    not Gower's start's) -> dispersion + residual PCA -> thumbnails.
     An interrupted run therefore resumes after its last finished step. Without a data set
     (``dataset`` None: every model from feature files) the stimuli are the first feature file's
     ids, with no images and no captions (:func:`stimuli_from_feature_files`).
@@ -1589,16 +1598,26 @@ class _Pipeline:
             ),
         )
         self.data.gpa = GPARecord(models=models_in, layers=layers_in)
+        uncertainty = self.plan.gpa_stop == "uncertainty"
         written = (
             self.layout.gpa_json, *map(self.layout.gpa_array, RunLayout.GPA_ARRAYS),
             *(self.layout.gpa_model_array(name, i)
               for name in ("map", "mean") for i in range(len(models_in))),
+            # stopped at the uncertainty, this step writes the diagnostic too
+            *((self.layout.gpa_stability_json, self.layout.gpa_stability_table)
+              if uncertainty else ()),
         )
-        if self.manifest.step_done("gpa", inputs) and _all_present(*written):
+        if (
+            self.manifest.step_done("gpa", inputs)
+            and _all_present(*written)
+            and self._gpa_solution_kept()
+            and (not uncertainty
+                 or self.manifest.step_done("gpa_stability", self._stability_inputs(inputs)))
+        ):
             self.notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
             return inputs
         self.manifest.forget_step("gpa")
-        if self.plan.gpa_stop == "uncertainty":
+        if uncertainty:
             self._gpa_to_uncertainty(inputs)
             return inputs
         total = self.plan.gpa_max_iter + 1  # the iterations at most, then the residual pass
@@ -1626,6 +1645,56 @@ class _Pipeline:
         """The gpa_stability step's input fingerprint."""
         return fingerprint("gpa_stability", gpa_inputs, self.plan.gpa_starts, GPA_STABILITY_SEED)
 
+    def _gpa_solution(self) -> dict[str, Any] | None:
+        """Which solution gpa/ holds, as the finished GPA step records it: None for GPA from
+        Gower's start, ``{"start": s, "seed": seed}`` for random start s of the stability
+        diagnostic, adopted because it reached a clearly lower minimum (part of the dispersion
+        step's inputs)."""
+        record = self.data.steps.get("gpa")
+        solution = None if record is None else record.details.get("solution")
+        return dict(solution) if isinstance(solution, dict) else None
+
+    def _gpa_solution_kept(self) -> bool:
+        """Whether the solution gpa/ holds is one this plan may keep: Gower's start's always;
+        an adopted random start's only where the diagnostic that adopted it runs again when its
+        inputs change (``gpa_starts`` ≥ 1: the stability step writes gpa/ again when the adopted
+        solution changes, Gower's start's included), never with ``gpa_starts`` = 0 (GPA from
+        Gower's start is solved again). Stopped at the uncertainty, the step's own diagnostic
+        must have been written by the rule (an older one with Gower's start above another
+        solution's minimum is solved again; ``stability_record_state``)."""
+        if self.plan.gpa_stop == "uncertainty":
+            return stability_record_state(self.layout) in ("current", "upgradable")
+        return self._gpa_solution() is None or self.plan.gpa_starts > 0
+
+    def _adoption_held(self) -> bool:
+        """Whether gpa/ holds the solution the finished stability step adopted (a run written
+        before adoption: Gower's start's): not after the GPA step was solved again (a deleted
+        file of gpa/), whose Gower's start the diagnostic must weigh again."""
+        record = self.data.steps.get("gpa_stability")
+        adopted = 0 if record is None else record.details.get("adopted", 0)
+        held = self._gpa_solution()
+        return adopted == (0 if held is None else held.get("start"))
+
+    def _adopt(self, gpa_inputs: str, result: Any, stability: Any) -> None:
+        """gpa/ holds the solution the stability diagnostic adopted: rewritten when it holds
+        another (a random start's lower minimum, or Gower's start's again after the starts
+        changed), the GPA step forgotten while its files are replaced (an interruption leaves
+        it to redo, never a mix of two solutions under a finished step) and finished again
+        with ``solution``; nothing is written when gpa/ already holds it."""
+        record = adopted_solution(stability)
+        wanted = None if record is None else {"start": record["start"], "seed": record["seed"]}
+        if self.manifest.step_done("gpa", gpa_inputs) and self._gpa_solution() == wanted:
+            return
+        self.manifest.forget_step("gpa")
+        write_gpa_solution(
+            self.layout, result, self.data.gpa.models, self.data.gpa.layers,
+            tol=self.plan.gpa_tol, max_iter=self.plan.gpa_max_iter, solution=record,
+        )
+        self.manifest.finish_step(
+            "gpa", gpa_inputs, n_iter=int(result.n_iter), converged=bool(result.converged),
+            **({} if wanted is None else {"solution": wanted, "loss_gap": record["loss_gap"]}),
+        )
+
     def _gpa_to_uncertainty(self, inputs: str) -> None:
         """The GPA step stopped at the residuals' uncertainty: GPA and its stability diagnostic
         in one (``write_gpa_to_uncertainty``), so this step also finishes gpa_stability."""
@@ -1635,7 +1704,7 @@ class _Pipeline:
         # "done", not one per stage)
         total = starts + 2
         self.notify(ProgressEvent("gpa", None, 0, total))
-        result, _, stop = write_gpa_to_uncertainty(
+        result, stability, stop = write_gpa_to_uncertainty(
             self.layout,
             self._gpa_arrays(),
             self.data.gpa.models,
@@ -1650,10 +1719,17 @@ class _Pipeline:
                               detail=f"loss tol {tol:.0e}: GPA solution {done} of {count}")
             ),
         )
-        self.manifest.finish_step("gpa_stability", self._stability_inputs(inputs))
+        record = adopted_solution(stability)
+        self.manifest.finish_step(
+            "gpa_stability", self._stability_inputs(inputs), adopted=int(stability.adopted)
+        )
         self.manifest.finish_step(
             "gpa", inputs, n_iter=int(result.n_iter), converged=bool(result.converged),
             stop_tol=stop.tol,
+            **({} if record is None else {
+                "solution": {"start": record["start"], "seed": record["seed"]},
+                "loss_gap": record["loss_gap"],
+            }),
         )
         self.notify(ProgressEvent("gpa", None, total, total))
 
@@ -1668,7 +1744,13 @@ class _Pipeline:
         ]
 
     def gpa_stability(self, gpa_inputs: str) -> None:
-        """gpa/stability.*: GPA from ``gpa_starts`` random starts (none when 0)."""
+        """gpa/stability.*: GPA from ``gpa_starts`` random starts (none when 0); gpa/ then holds
+        the lowest-loss solution (``_adopt``).
+
+        A run written before the adoption rule is taken as it is where its diagnostic found
+        Gower's start at the lowest minimum (its record gains the adoption entries: the rule
+        adopts Gower's start there, the same numbers), and solved again where it found a lower
+        one (``stability_record_state``)."""
         starts = self.plan.gpa_starts
         inputs = self._stability_inputs(gpa_inputs)
         # GPA's result with its fit when this process computed it: the reference solution, not
@@ -1684,9 +1766,16 @@ class _Pipeline:
             for path in (self.layout.gpa_stability_json, self.layout.gpa_stability_table):
                 path.unlink(missing_ok=True)
             return
-        if self.manifest.step_done("gpa_stability", inputs) and _all_present(
-            self.layout.gpa_stability_json, self.layout.gpa_stability_table
+        state = stability_record_state(self.layout)
+        if (
+            self.manifest.step_done("gpa_stability", inputs)
+            and _all_present(self.layout.gpa_stability_json, self.layout.gpa_stability_table)
+            and state in ("current", "upgradable")
+            and self._adoption_held()
         ):
+            if state == "upgradable":  # written before the adoption rule, which keeps Gower's
+                upgrade_stability_record(self.layout)
+                self.manifest.finish_step("gpa_stability", inputs, adopted=0)
             self.notify(ProgressEvent("gpa_stability", None, 1, 1, skipped=True))
             return
         self.manifest.forget_step("gpa_stability")
@@ -1696,10 +1785,11 @@ class _Pipeline:
             f"{kept} of {starts + 1} GPA solutions kept from an interrupted run" if kept else ""
         )
         self.notify(ProgressEvent("gpa_stability", None, 0, total, detail=resumed))
-        write_gpa_stability(
+        result, stability = write_gpa_stability(
             self.layout,
             self._gpa_arrays(),
             self.data.gpa.models,
+            self.data.gpa.layers,
             self.stimuli["id"].astype(str).tolist(),
             n_starts=starts,
             seed=GPA_STABILITY_SEED,
@@ -1712,9 +1802,15 @@ class _Pipeline:
                               detail=f"GPA solution {done} of {count}")
             ),
         )
-        self.manifest.finish_step("gpa_stability", inputs)
-        solutions.remove()
-        self.notify(ProgressEvent("gpa_stability", None, total, total))
+        self._adopt(gpa_inputs, result, stability)
+        self.manifest.finish_step("gpa_stability", inputs, adopted=int(stability.adopted))
+        solutions.remove()  # after the adoption: an interruption before it still has them
+        adopted = (
+            "" if stability.adopted == 0
+            else f"GPA's solution is random start {stability.adopted}'s, its loss "
+            f"{stability.adopted_loss_gap:.2g} below Gower's start's"
+        )
+        self.notify(ProgressEvent("gpa_stability", None, total, total, detail=adopted))
 
     def _gpa_layer(self, entry: ModelEntry, model: str) -> str:
         chosen = self.plan.gpa_layers.get(model)
@@ -1730,7 +1826,12 @@ class _Pipeline:
     def dispersion(self, gpa_inputs: str) -> None:
         """dispersion.parquet and pca/ from the GPA residuals (keyed by the score names too: a run
         stored before a score was added gains its column on the next precompute)."""
-        inputs = fingerprint("dispersion", gpa_inputs, list(SCORES))
+        # the solution gpa/ holds (none: Gower's start, as before adoption, so such runs keep
+        # their dispersion); a change of the adopted solution recomputes the dispersion
+        solution = self._gpa_solution()
+        inputs = fingerprint(
+            "dispersion", gpa_inputs, list(SCORES), *(() if solution is None else (solution,))
+        )
         written = (self.layout.dispersion, *map(self.layout.pca_array, RunLayout.PCA_ARRAYS))
         if self.manifest.step_done("dispersion", inputs) and _all_present(*written):
             self.notify(ProgressEvent("dispersion", None, 1, 1, skipped=True))

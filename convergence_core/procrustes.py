@@ -243,7 +243,9 @@ class GPAResult:
             alignment) from consensus row j. Units: the configurations have unit Frobenius norm.
         loss_history: (n_iter + 1,) float64; entry 0 is the loss of the unaligned configurations,
             entry t the loss Σ_i ||aligned_i − consensus||²_F after accepted iteration t.
-            Non-increasing.
+            Non-increasing. (A solution from a random start, which a run adopts when it reached
+            a lower minimum than Gower's start, ``gpa_stability.gpa_over_starts``: entry 0 is the
+            loss at that start.)
         n_iter: number of accepted iterations (iteration 1 is the start).
         converged: True when the stopping rule was met (see the module docstring).
         models, layers: names of the inputs, in order (may be empty).

@@ -53,6 +53,7 @@ __all__ = [
     "remove_reset_leftover",
     "write_dispersion",
     "write_gpa",
+    "write_gpa_solution",
     "write_model_arrays",
     "write_neighbour_lists",
     "write_properties",
@@ -345,9 +346,13 @@ def _write_gpa_result(
     tol: float,
     max_iter: int,
     stop: Any = None,
+    solution: Mapping[str, Any] | None = None,
 ) -> None:
     """gpa/ of a GPAResult; ``stop``: the ``gpa_stability.UncertaintyStop`` of a GPA stopped at
-    its residuals' uncertainty (recorded in gpa.json as ``stop``; absent: the optimum's rule)."""
+    its residuals' uncertainty (recorded in gpa.json as ``stop``; absent: the optimum's rule);
+    ``solution``: :func:`adopted_solution` of a result adopted from a random start (recorded
+    in gpa.json as ``solution``; absent: GPA from Gower's start). Each file is written whole
+    (temp + rename), gpa.json last; the caller's manifest says whether the set is finished."""
     from .procrustes import GPA_ALGORITHM
 
     write_npy(layout.gpa_array("residuals"), np.asarray(result.residuals, dtype=np.float64))
@@ -368,8 +373,48 @@ def _write_gpa_result(
             "algorithm": GPA_ALGORITHM,
             "gap_estimate": float(result.gap_estimate),
             **({} if stop is None else {"stop": dataclasses.asdict(stop)}),
+            **({} if solution is None else {"solution": dict(solution)}),
         },
     )
+
+
+def adopted_solution(stability: Any) -> dict[str, Any] | None:
+    """The record of the solution a ``GPAStability`` adopted as GPA's answer: None for Gower's
+    start (GPA's own result), else ``start`` (random start s of the diagnostic), ``seed`` (of
+    the random starts: with the GPA inputs they name the solution), ``loss``,
+    ``reference_loss`` (Gower's start's), ``loss_gap`` (their difference, above ``margin``,
+    the diagnostic's ``optimum_margin``) and ``max_relative_dispersion_change``."""
+    if stability.adopted == 0:
+        return None
+    summary = stability.summary()
+    return {
+        "start": int(stability.adopted),
+        "seed": int(stability.seed),
+        "loss": float(stability.losses[stability.adopted]),
+        "reference_loss": float(stability.losses[0]),
+        "loss_gap": float(stability.adopted_loss_gap),
+        "margin": float(stability.optimum_margin),
+        "max_relative_dispersion_change": summary["adopted_max_relative_dispersion_change"],
+    }
+
+
+def write_gpa_solution(
+    layout: RunLayout,
+    result: Any,
+    models: Sequence[str],
+    layers: Sequence[str],
+    *,
+    tol: float,
+    max_iter: int,
+    solution: Mapping[str, Any] | None,
+) -> None:
+    """Replace gpa/ with another solution of the same GPA (the one a stability diagnostic
+    adopted, ``gpa_stability.gpa_over_starts``): residuals, loss history, maps, means, scales
+    and gpa.json, which records ``solution`` (:func:`adopted_solution`; None: Gower's start).
+    O(n·M + M·d·p) written; the files are written one by one, so the caller forgets the GPA
+    step in the manifest first and finishes it after (an interruption leaves it to redo)."""
+    _write_gpa_result(layout, result, models, layers, tol=tol, max_iter=max_iter,
+                      solution=solution)
 
 
 class StabilitySolutions:
@@ -465,6 +510,7 @@ def write_gpa_stability(
     layout: RunLayout,
     arrays: Sequence[np.ndarray],
     models: Sequence[str],
+    layers: Sequence[str],
     ids: Sequence[str],
     *,
     n_starts: int,
@@ -474,22 +520,60 @@ def write_gpa_stability(
     progress: Callable[[int, int], None] | None = None,
     reference: Any = None,
     store: StabilitySolutions | None = None,
-) -> Any:
-    """Run the GPA stability diagnostic (``gpa_stability``: GPA from ``n_starts`` random starts on
-    the GPA inputs, same stopping rule) and write gpa/stability.parquet and .json; return the
-    ``GPAStability``. O(n · M) storage; cost: one more pass over the inputs per solution's
-    residuals plus one GPA solve on the cross-products per start (independent of n).
-    ``progress``: called with (solutions done, solutions) after each (``gpa_stability``);
+) -> tuple[Any, Any]:
+    """Run the GPA stability diagnostic (``gpa_over_starts``: GPA from ``n_starts`` random starts
+    on the GPA inputs, same stopping rule) and write gpa/stability.parquet and .json; return
+    ``(GPAResult of the adopted solution, GPAStability)`` (gpa/ itself is the caller's to
+    replace, :func:`write_gpa_solution`). O(n · M) storage; cost: one more pass over the inputs
+    for every solution's residuals plus one GPA solve on the cross-products per start
+    (independent of n). ``progress``: called with (solutions done, solutions) after each;
     ``reference``: GPA's result of these arrays with its kept fit (``write_gpa(keep_fit=True)``),
     whose solution is then not computed again; ``store``: keeps each finished solution (resume)."""
-    from .gpa_stability import gpa_stability
+    from .gpa_stability import gpa_over_starts
 
-    result = gpa_stability(
+    result, stability = gpa_over_starts(
         list(arrays), n_starts=n_starts, seed=seed, tol=tol, max_iter=max_iter, models=models,
-        progress=progress, reference=reference, store=store,
+        layers=layers, progress=progress, reference=reference, store=store,
     )
-    _write_stability_result(layout, result, ids, n_starts=n_starts, seed=seed, tol=tol)
-    return result
+    _write_stability_result(layout, stability, ids, n_starts=n_starts, seed=seed, tol=tol)
+    return result, stability
+
+
+#: the summary entries the stability diagnostic gained when runs began to adopt its
+#: lowest-loss solution, as they read where Gower's start was adopted
+_ADOPTION_SUMMARY = {
+    "adopted_solution": 0.0,
+    "adopted_loss_gap": 0.0,
+    "adopted_max_relative_dispersion_change": 0.0,
+}
+
+
+def stability_record_state(layout: RunLayout) -> str:
+    """How gpa/stability.json stands against the rule that GPA's answer is its lowest-loss
+    solution: ``"current"`` (it records the adopted solution), ``"upgradable"`` (written before
+    that rule, with Gower's start at the lowest minimum: the rule adopts Gower's start, so only
+    the record's entries are missing, :func:`upgrade_stability_record`), ``"outdated"``
+    (written before it, with Gower's start above another solution's minimum, or unreadable:
+    the diagnostic must be computed again) or ``"absent"``."""
+    if not layout.gpa_stability_json.is_file():
+        return "absent"
+    try:
+        summary = read_json(layout.gpa_stability_json)["summary"]
+        if "adopted_solution" in summary:
+            return "current"
+        return "upgradable" if summary["reference_at_best_optimum"] == 1 else "outdated"
+    except (CacheFormatError, KeyError, TypeError):
+        return "outdated"
+
+
+def upgrade_stability_record(layout: RunLayout) -> None:
+    """Add the adoption entries (Gower's start adopted) to the summary of a stability record
+    whose state is ``"upgradable"`` (:func:`stability_record_state`); one atomic rewrite. What
+    the diagnostic would compute again is the same table and summary, so nothing else
+    changes."""
+    record = read_json(layout.gpa_stability_json)
+    record["summary"] = {**record["summary"], **_ADOPTION_SUMMARY}
+    write_json(layout.gpa_stability_json, record)
 
 
 def _write_stability_result(
@@ -522,7 +606,8 @@ def write_gpa_to_uncertainty(
     """GPA stopped when its residuals move less than their uncertainty, with its stability
     diagnostic (``gpa_stability.gpa_to_uncertainty``: the reference and ``n_starts`` random
     starts iterated together in stages of looser to tighter tol, down to ``tol``): writes the
-    diagnostic first (gpa/stability.*), then gpa/ (its gpa.json records the stop); returns
+    diagnostic first (gpa/stability.*), then gpa/ from the adopted solution (its gpa.json
+    records the stop, and ``solution`` when a random start was adopted); returns
     (GPAResult, GPAStability, UncertaintyStop)."""
     from .gpa_stability import gpa_to_uncertainty
 
@@ -531,7 +616,8 @@ def write_gpa_to_uncertainty(
         layers=layers, progress=progress,
     )
     _write_stability_result(layout, stability, ids, n_starts=n_starts, seed=seed, tol=stop.tol)
-    _write_gpa_result(layout, result, models, layers, tol=tol, max_iter=max_iter, stop=stop)
+    _write_gpa_result(layout, result, models, layers, tol=tol, max_iter=max_iter, stop=stop,
+                      solution=adopted_solution(stability))
     return result, stability, stop
 
 
