@@ -189,7 +189,8 @@ def _precompute_parser(sub: Any) -> None:
     parser.add_argument(
         "--gpa-starts",
         type=int,
-        help="random starts of the GPA stability diagnostic stored in the run (default 4; 0: none)",
+        help="random starts of the GPA stability diagnostic stored in the run (default 4; 0: none); "
+        "a start reaching a clearly lower minimum than Gower's start becomes the run's GPA",
     )
     parser.add_argument(
         "--gpa-stop",
