@@ -124,8 +124,8 @@ class PrecomputeConfig:
         modalities: ``{file model: "vision" | "language" | "brain" | any name}``.
         gpa_models: the models that enter the intra-modal GPA (default: every vision model,
             from encoders and files alike); at least 2.
-        layers: ``"all"`` (every layer of every model), ``"default"`` (only each model's default
-            layer), or ``{model: [layer, ...]}`` (models not named get all their layers).
+        layers: ``"all"`` (every layer of every model), ``"default"`` (only each encoder's default
+            layer; a model from feature files keeps every file given for it), or ``{model: [layer, ...]}`` (models not named get all their layers).
         gpa_layers: ``{GPA model: layer}`` entering GPA (always extracted, whatever ``layers``
             says); default: the model's default layer.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` (or ``"mps:0"``).
@@ -1008,7 +1008,7 @@ def restrict_stimuli(
             set does not have (or that --drop-bad dropped); ``"common"`` without feature files;
             fewer than 3 stimuli left.
     """
-    from .sources import feature_file_ids
+    from .sources import check_id_normalisation, feature_file_ids
 
     rule = os.fspath(config.stimuli)
     if rule == "all":
@@ -1031,6 +1031,11 @@ def restrict_stimuli(
                 listed = set(file_ids)
                 lacking[f"{source.name}:{layer}"] = sum(sid not in listed for sid in ids)
                 if keep and not keep & listed:
+                    # ids alike but for their Unicode form print alike: said with the fix first
+                    check_id_normalisation(
+                        f"feature file {path} (model {source.name!r}, layer {layer!r})",
+                        file_ids, [sid for sid in ids if sid in keep],
+                    )
                     raise ValueError(
                         f"no stimulus of {where} is listed by every feature file (stimuli = "
                         f"'common'): none is left once feature file {path} (model "

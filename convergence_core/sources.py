@@ -542,7 +542,7 @@ def _row_order(
         )
     missing = [sid for sid in ids if sid not in position]
     if missing:
-        _check_normalisation(where, file_ids, missing)
+        check_id_normalisation(where, file_ids, missing)
     if missing and len(missing) == len(ids):
         raise FeatureIdsError(
             f"{where} lists none of the data set's {len(ids)} stimuli: its ids look like "
@@ -577,7 +577,7 @@ def _unicode_forms(ids: Sequence[str]) -> str:
     return "NFC" if nfc else "NFD" if nfd else "a mix of NFC and NFD"
 
 
-def _check_normalisation(where: str, file_ids: Sequence[str], missing: Sequence[str]) -> None:
+def check_id_normalisation(where: str, file_ids: Sequence[str], missing: Sequence[str]) -> None:
     """FeatureIdsError when ids of the data set that the file lacks are in it written in another
     Unicode normal form: "café" as one character é (NFC) in one and as e + a combining accent
     (NFD, as macOS writes file names) in the other. Both print alike, so the ids are shown with

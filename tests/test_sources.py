@@ -741,6 +741,18 @@ def test_restricting_the_stimuli_names_what_is_wrong(tmp_path, coco, ids):
                        r"data set's ids"):
         precompute(**{**options, "features": {"a": str(paths["a"]), "b": str(strangers)}},
                    stimuli="common")
+    # the same ids in another Unicode form (NFD, as macOS file names): said, with the fix
+    import unicodedata
+
+    nfd = _save_npy(tmp_path / "nfd.npy", arrays["b"],
+                    [unicodedata.normalize("NFD", f"é{sid}") for sid in ids])
+    nfc_ids = tmp_path / "nfc_a.npy"
+    _save_npy(nfc_ids, arrays["a"], [unicodedata.normalize("NFC", f"é{sid}") for sid in ids])
+    with pytest.raises(FeatureFileError, match=r"nfd\.npy \(model 'b', layer 'features'\) "
+                       r"writes 30 of the data set's ids in another Unicode normal form"):
+        precompute(features={"a": str(nfc_ids), "b": str(nfd)},
+                   modalities={"a": "vision", "b": "vision"}, cache_root=str(cache),
+                   stimuli="common")
     with pytest.raises(ValueError, match=r"stimuli = 'common' keeps the stimuli every feature "
                        r"file covers, but the run has no feature file"):
         precompute(dataset=str(coco), vision_models=["efficientnet-lite0", "efficientnet-lite1"],
