@@ -125,7 +125,8 @@ class PrecomputeConfig:
         gpa_models: the models that enter the intra-modal GPA (default: every vision model,
             from encoders and files alike); at least 2.
         layers: ``"all"`` (every layer of every model), ``"default"`` (only each encoder's default
-            layer; a model from feature files keeps every file given for it), or ``{model: [layer, ...]}`` (models not named get all their layers).
+            layer; a model from feature files keeps every file given for it), or
+            ``{model: [layer, ...]}`` (models not named get all their layers).
         gpa_layers: ``{GPA model: layer}`` entering GPA (always extracted, whatever ``layers``
             says); default: the model's default layer.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` (or ``"mps:0"``).
