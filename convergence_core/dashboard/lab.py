@@ -292,7 +292,7 @@ def baseline_table(
     Returns one row per pair: the pair's columns, ``set_size``, ``metric``, ``options``, ``k``,
     ``n_random`` (sets drawn), ``random_mean``, ``random_lower_95``, ``random_upper_95`` (the 95%
     percentile interval of the random sets' values), ``random_mean_interval`` (width of the 95%
-    confidence interval of the mean) and ``interval_width`` (asked for; NaN for a fixed number).
+    confidence interval of the mean: Stein's or the usual t interval, whichever is wider) and ``interval_width`` (asked for; NaN for a fixed number).
     """
     options = metric_options(metric, options)
     keyed = [pair.sides for pair in pairs]
@@ -309,7 +309,7 @@ def baseline_table(
         progress=progress,
     )
     values = drawn.values[metric]
-    widths = random_baseline.mean_interval_widths(values)
+    widths = drawn.intervals  # Stein's or the usual t interval, whichever is wider
     rows = []
     for pair, row, width in zip(pairs, values, widths, strict=True):
         lower, upper = percentile_interval(row, 0.95)
