@@ -7,7 +7,7 @@ analyses, CKNNA of each vision × language pair on those stimuli).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,15 +36,17 @@ class PermutationResult:
     n_permutations: int
 
 
-def label_shuffles(
-    first: np.ndarray, second: np.ndarray, n_permutations: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """The relabelled sets of a two-set permutation test, each (n_permutations, s) intp.
+#: Label shuffles drawn and scored at a time (:func:`label_shuffle_blocks`): a block holds
+#: 2 · SHUFFLE_BLOCK · s indices (~25 MB at s = 25,000) however many shuffles a test has (all
+#: 1,000 at once were 0.8 GB at 100,000 stimuli, with their copies).
+SHUFFLE_BLOCK = 64
 
-    ``first`` and ``second`` are disjoint 1-D index arrays of the same length s; each permutation
-    shuffles the 2·s pooled indices (one ``rng.permutation`` per relabelling, in order) and splits
-    them into two sets of s again.
-    """
+
+def _two_sets(
+    first: object, second: object, n_permutations: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two sets of a permutation test as 1-D intp arrays of one length s; ValueError naming
+    the fix otherwise (or when n_permutations < 1)."""
     first = np.asarray(first, dtype=np.intp)
     second = np.asarray(second, dtype=np.intp)
     if first.shape != second.shape or first.ndim != 1:
@@ -54,9 +56,56 @@ def label_shuffles(
         )
     if n_permutations < 1:
         raise ValueError(f"n_permutations must be >= 1, got {n_permutations}; use e.g. 1000")
-    pool = np.concatenate([first, second])
-    shuffled = np.stack([pool[rng.permutation(pool.shape[0])] for _ in range(n_permutations)])
-    return shuffled[:, : first.shape[0]], shuffled[:, first.shape[0] :]
+    return first, second
+
+
+def label_shuffle_blocks(
+    first: np.ndarray,
+    second: np.ndarray,
+    n_permutations: int,
+    rng: np.random.Generator,
+    *,
+    block: int = SHUFFLE_BLOCK,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The relabelled sets of a two-set permutation test, ``block`` relabellings at a time.
+
+    ``first`` and ``second`` are disjoint 1-D index arrays of the same length s; each relabelling
+    shuffles the 2·s pooled indices (one ``rng.permutation`` per relabelling, in order) and splits
+    them into two sets of s again. Yields ``(first', second')``, each (b, s) intp with b = ``block``
+    (the last block: what is left), n_permutations rows in all: the same relabellings, in the same
+    order, from the same draws whatever ``block`` is, so a test scored block by block has the
+    nulls and p-values of one scored all at once, in O(block · s) memory instead of
+    O(n_permutations · s). The arguments are checked when called, before the first block.
+    """
+    first, second = _two_sets(first, second, n_permutations)
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"block must be a positive integer, got {block!r}; use e.g. 64")
+    return _shuffle_blocks(np.concatenate([first, second]), first.shape[0], int(n_permutations),
+                           rng, int(block))
+
+
+def _shuffle_blocks(
+    pool: np.ndarray, s: int, n_permutations: int, rng: np.random.Generator, block: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`label_shuffle_blocks` on the (2·s,) pooled indices, arguments checked: a fresh
+    (b, 2·s) array per block, row r = ``pool[rng.permutation(2·s)]``, split after column s."""
+    for start in range(0, n_permutations, block):
+        shuffled = np.empty((min(block, n_permutations - start), pool.shape[0]), dtype=np.intp)
+        for row in shuffled:
+            np.take(pool, rng.permutation(pool.shape[0]), out=row)
+        yield shuffled[:, :s], shuffled[:, s:]
+
+
+def label_shuffles(
+    first: np.ndarray, second: np.ndarray, n_permutations: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """All relabelled sets of a two-set permutation test at once, each (n_permutations, s) intp:
+    :func:`label_shuffle_blocks` in one block (O(n_permutations · s) memory: score large tests
+    block by block instead, as :func:`permutation_tests_two_sets` does)."""
+    ((shuffled_first, shuffled_second),) = label_shuffle_blocks(
+        first, second, n_permutations, rng, block=max(1, int(n_permutations))
+    )
+    return shuffled_first, shuffled_second
 
 
 def permutation_p_values(observed: float, null: np.ndarray) -> tuple[float, float]:
@@ -78,6 +127,19 @@ def permutation_p_values(observed: float, null: np.ndarray) -> tuple[float, floa
     )
 
 
+def _statistic_values(
+    statistics: Callable[[np.ndarray], np.ndarray], sets: np.ndarray
+) -> np.ndarray:
+    """statistics(sets) as (P, B) float64; ValueError naming the fix when it is not (P, B)."""
+    values = np.asarray(statistics(sets), dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != sets.shape[0]:
+        raise ValueError(
+            f"statistics must map (B, s) sets to (P, B) values (one row per statistic); got "
+            f"{values.shape} for B = {sets.shape[0]}; return e.g. np.stack([stat(sets) ...])"
+        )
+    return values
+
+
 def permutation_tests_two_sets(
     statistics: Callable[[np.ndarray], np.ndarray],
     first: np.ndarray,
@@ -85,25 +147,41 @@ def permutation_tests_two_sets(
     *,
     n_permutations: int,
     rng: np.random.Generator,
+    block: int = SHUFFLE_BLOCK,
 ) -> list[PermutationResult]:
     """Permutation tests of P statistics at once, all on the same label shuffles.
 
     ``statistics`` maps stacked index sets (B, s) to their values (P, B) (e.g. CKNNA of P model
-    pairs on each set, :func:`neighbours.subset_alignment`); it is called once, on the observed
-    sets and every relabelling (:func:`label_shuffles`). Returns one result per statistic.
+    pairs on each set, :func:`neighbours.subset_alignment`); it is called on the observed sets
+    (B = 2), then on each block of ``block`` relabellings (:func:`label_shuffle_blocks`: B = 2·b,
+    the first sets of the block, then the second ones), so memory is O(block · s), not
+    O(n_permutations · s); the relabellings, nulls and p-values do not depend on ``block``
+    (as long as a statistic's value on a set does not depend on the other sets of the call).
+    Returns one result per statistic.
     """
-    shuffled_first, shuffled_second = label_shuffles(first, second, n_permutations, rng)
-    stacked = np.concatenate(
-        [np.asarray(first, dtype=np.intp)[None], np.asarray(second, dtype=np.intp)[None]]
-        + [shuffled_first, shuffled_second]
-    )
-    values = np.asarray(statistics(stacked), dtype=np.float64)
+    first, second = _two_sets(first, second, n_permutations)
+    observed = _statistic_values(statistics, np.stack([first, second]))
+    null = np.empty((observed.shape[0], int(n_permutations)), dtype=np.float64)
+    done = 0
+    for shuffled_first, shuffled_second in label_shuffle_blocks(
+        first, second, n_permutations, rng, block=block
+    ):
+        b = shuffled_first.shape[0]
+        values = _statistic_values(statistics, np.concatenate([shuffled_first, shuffled_second]))
+        if values.shape[0] != observed.shape[0]:
+            raise ValueError(
+                f"statistics gave {values.shape[0]} rows on the label shuffles but "
+                f"{observed.shape[0]} on the observed sets; return one row per statistic always"
+            )
+        null[:, done : done + b] = values[:, :b] - values[:, b:]
+        done += b
     results = []
-    for row in values:
-        observed = float(row[0] - row[1])
-        null = row[2 : 2 + n_permutations] - row[2 + n_permutations :]
-        two_sided, greater = permutation_p_values(observed, null)
-        results.append(PermutationResult(observed, two_sided, greater, null, n_permutations))
+    for row, row_null in zip(observed, null, strict=True):
+        difference = float(row[0] - row[1])
+        two_sided, greater = permutation_p_values(difference, row_null)
+        results.append(
+            PermutationResult(difference, two_sided, greater, row_null, int(n_permutations))
+        )
     return results
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 from types import SimpleNamespace
 
 import numpy as np
@@ -848,10 +849,14 @@ def test_leave_one_out_needs_three_vision_models(tmp_path):
         analyses.leave_one_model_out(run)
 
 
-def test_fig2_sets_report_how_far_the_feature_metrics_are(planted):
+@pytest.mark.parametrize("block", [None, 2])
+def test_fig2_sets_report_how_far_the_feature_metrics_are(planted, block, monkeypatch):
     """``progress(stage, done, total)`` after every set measured set by set (the slow part on
     large sets: a 10,000-stimulus report sat minutes in this section without a word), stage by
-    stage; the values are those of a call without it."""
+    stage; the values are those of a call without it. Label shuffles measured in blocks (2 here)
+    count on across the blocks, as one call on all of them did."""
+    if block is not None:
+        monkeypatch.setattr(analyses, "SHUFFLE_BLOCK", block)
     calls = []
     kwargs = dict(size=15, k=5, n_random=4, n_permutations=6, metrics=["cknna", "svcca"],
                   metric_permutations=3, score=["mean", "pc1"],
@@ -1047,3 +1052,97 @@ def test_the_mean_over_pairs_test_matches_a_per_subset_reference(planted):
     tests = analyses.paired_set_tests(table).set_index("test")
     assert tests.loc["permutation_mean_over_pairs", "p_value"] == pytest.approx(two_sided)
     assert tests.loc["permutation_mean_over_pairs", "statistic"] == pytest.approx(mean, abs=1e-9)
+
+
+def _label_shuffle_nulls_all_at_once(indexes, pairs, low, high, k, names, options, counts, seed):
+    """The reference (Fig. 2's shuffles before 2026-12-07): every label shuffle drawn at once
+    from ``shuffle_rng(seed)`` (a list, then stacked), then each count's metrics measured on the
+    first ``count`` of them in one call. ``{metric: (pairs, count)}``."""
+    rng = analyses.shuffle_rng(seed)
+    pool = np.concatenate([low, high])
+    most = max(counts.values())
+    shuffled = np.stack([pool[rng.permutation(pool.shape[0])] for _ in range(most)])
+    first, second = shuffled[:, : low.size], shuffled[:, low.size :]
+    nulls = {}
+    for count in sorted(set(counts.values()) - {0}):
+        group = [name for name in names if counts[name] == count]
+        values = analyses.set_metric_values(
+            indexes, pairs, np.concatenate([first[:count], second[:count]]), k, group,
+            {name: options.get(name, {}) for name in group},
+        )
+        for name in group:
+            nulls[name] = values[name][:, :count] - values[name][:, count:]
+    return nulls
+
+
+@pytest.mark.parametrize("block", [None, 16])
+def test_label_shuffles_in_blocks_give_the_nulls_of_all_at_once(planted, block, monkeypatch):
+    """Fig. 2's label shuffles drawn and measured a block at a time are the shuffles drawn all at
+    once (the same stream, in order): the same nulls to the last bit, for metrics of different
+    counts (CKNNA 40, the others the first 20 of the same shuffles; blocks of 16 cut both; a
+    count of 0: no test), and so the same p-values, per pair and for the mean over pairs."""
+    if block is not None:
+        monkeypatch.setattr(analyses, "SHUFFLE_BLOCK", block)
+    size, k, seed = 20, 5, 3
+    names = ["cknna", "mutual_knn", "cka", "svcca"]
+    options = {"svcca": {"cca_dim": 5}}
+    counts = {"cknna": 40, "mutual_knn": 20, "cka": 20, "svcca": 0}
+    scores = planted.dispersion["mean"].to_numpy()
+    low, high = select_stimuli(scores, "low", size), select_stimuli(scores, "high", size)
+    pairs = analyses._pairs_with_best_layers(planted, k, None)
+    indexes = analyses.indexes_for(planted, pairs)
+    full_options = analyses._metric_options(names, options)
+    got = analyses._shuffle_nulls(indexes, pairs, low, high, k, names, full_options, counts, seed,
+                                  on_error="raise")
+    want = _label_shuffle_nulls_all_at_once(indexes, pairs, low, high, k, names, full_options,
+                                            counts, seed)
+    assert set(got) == set(want) == {"cknna", "mutual_knn", "cka"}
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    table = analyses.dispersion_set_alignment(
+        planted, size=size, k=k, n_random=3, n_permutations=40, metric_permutations=20,
+        seed=seed, metrics=names, metric_options=options, pairs=pairs,
+    )
+    for name in ("cknna", "mutual_knn", "cka"):
+        rows = table[table["metric"] == name].reset_index(drop=True)
+        for p, row in rows.iterrows():
+            assert (row["permutation_p_value_two_sided"], row["permutation_p_value_low_greater"]) \
+                == permutation_p_values(row["low_minus_high"], want[name][p])
+        mean = float(np.mean(rows["low_minus_high"]))
+        assert (rows["mean_over_pairs_p_value_two_sided"].iloc[0],
+                rows["mean_over_pairs_p_value_low_greater"].iloc[0]) \
+            == permutation_p_values(mean, want[name].mean(axis=0))
+
+
+def test_label_shuffles_are_measured_in_memory_that_does_not_grow_with_them(monkeypatch):
+    """300 label shuffles of two sets of 10,000 (a 40,000-stimulus run): drawn at once they were
+    48 MB, a list of them as much again, and a copy as large for the engine's one call (~90 MiB
+    at the peak); a block of analyses.SHUFFLE_BLOCK (64) at a time is ~10 MB (~20 MiB at the
+    peak), whatever the count. The engine is a stand-in without memory of its own (the sum of a
+    per-stimulus value over each set, set by set)."""
+    n, size, n_permutations = 40_000, 10_000, 300
+    value = np.random.default_rng(0).standard_normal(n)
+    seen = []
+
+    def measured(indexes, pairs, sets, k, names, options=None, *, on_error="raise",
+                 progress=None):
+        seen.append(sets.shape[0])
+        return {name: np.array([[value[row].sum() for row in sets]]) for name in names}
+
+    monkeypatch.setattr(analyses, "set_metric_values", measured)
+    pair = analyses.Pair("vision", "final", "language", "final")
+    scores = np.random.default_rng(1).standard_normal(n)
+    tracemalloc.start()
+    try:
+        (row,) = analyses._score_rows(
+            {}, [pair], scores, "mean", {"cknna": np.zeros((1, 5))}, size=size, k=10,
+            names=["cknna"], options={"cknna": {}}, counts={"cknna": n_permutations},
+            n_random=5, seed=0, on_error="raise",
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # a block of 64 shuffles is 64 × 2 × 10,000 × 8 bytes = 10 MB (then its copy for the call)
+    assert peak < 32 * 2**20, f"{peak / 2**20:.1f} MiB"
+    assert sum(seen) == 2 + 2 * n_permutations
+    assert 0 < row["permutation_p_value_two_sided"] <= 1

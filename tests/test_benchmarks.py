@@ -261,3 +261,12 @@ def test_clip_pooling_measure_compares_the_two_clippings_on_a_run(tmp_path) -> N
     pairs = len(run.gpa.models) * sum(len(run.layers(m)) for m in run.language_models)
     assert len(payload["rows"]) == 3 * pairs
     assert set(payload["summary"]) == {"mutual_knn", "cknna", "cka"}
+
+
+def test_shuffles_and_strata_benchmark_runs_and_draws_what_the_old_code_drew() -> None:
+    payload, _ = _run_benchmark(
+        "bench_shuffles_and_strata.py", "shuffles-smoke-test.json",
+        "--sizes", "2000", "--sets", "2", "--permutations", "100",
+    )
+    assert payload["strata"] and payload["shuffles"]
+    assert all(row["identical"] for row in payload["strata"] + payload["shuffles"])

@@ -177,6 +177,121 @@ def test_strata_sets_reproduce_the_chosen_profile() -> None:
         )
 
 
+def strata_sets_one_choice_per_stratum(
+    chosen, covariate, labels, *, n_sets, n_bins, exclude_chosen=False, seed=0
+) -> np.ndarray:
+    """The slow reference of ``matched_random_sets(method="strata")`` (the implementation before
+    2026-12-07): the pool scanned once per stratum (O(n · strata)), then each set one
+    ``rng.choice(members, needed, replace=False)`` per stratum, in stratum order. (n_sets, s),
+    rows sorted; ValueError where a stratum has too few."""
+    chosen = np.asarray(chosen, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    n = np.size(covariate if covariate is not None else labels)
+    pool = np.ones(n, dtype=bool)
+    if exclude_chosen:
+        pool[chosen] = False
+    strata = covariate_strata(covariate, labels, n_bins=n_bins)
+    needed = np.bincount(strata[chosen], minlength=strata.max() + 1)
+    members = [np.flatnonzero((strata == h) & pool) for h in range(needed.size)]
+    if any(members[h].size < needed[h] for h in np.flatnonzero(needed)):
+        raise ValueError("a stratum has too few stimuli")
+    sets = np.empty((n_sets, chosen.size), dtype=np.int64)
+    for b in range(n_sets):
+        sets[b] = np.concatenate(
+            [rng.choice(members[h], needed[h], replace=False) for h in np.flatnonzero(needed)]
+        )
+    return np.sort(sets, axis=1)
+
+
+def _strata_case(case: str):
+    """(chosen, covariate, labels, n_bins, exclude_chosen) of a named case."""
+    rng = np.random.default_rng(len(case))
+    if case == "a label per 10, 25 bins":  # the lab above 2,000,000 picks: strata of 0-3
+        n = 4000
+        return rng.choice(n, n // 4, replace=False), rng.standard_normal(n), \
+            rng.integers(0, n // 10, n), 25, False
+    if case == "excluding the chosen set":
+        n = 3000
+        return rng.choice(n, 300, replace=False), rng.standard_normal(n), \
+            rng.integers(0, 30, n), 5, True
+    if case == "strata of every size, some without a label":  # 1 to ~150 picks a stratum
+        n = 6000
+        labels = np.minimum(rng.zipf(1.6, n), 400).astype(object)
+        labels[rng.random(n) < 0.05] = None
+        return rng.choice(n, 1500, replace=False), rng.standard_normal(n), labels, 3, False
+    if case == "strata drawn whole":  # the chosen set holds all of some strata (Floyd, j = 0)
+        n = 600
+        labels = rng.integers(0, 60, n)
+        chosen = np.union1d(np.flatnonzero(labels < 12), rng.choice(n, 100, replace=False))
+        return chosen, None, labels, 1, False
+    if case == "large populations (choice's tail shuffle)":  # > 10,000 a stratum, m > pop / 50
+        n = 30_000
+        return rng.choice(n, 6000, replace=False), rng.standard_normal(n), None, 2, False
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", [
+    "a label per 10, 25 bins", "excluding the chosen set",
+    "strata of every size, some without a label", "strata drawn whole",
+    "large populations (choice's tail shuffle)",
+])
+@pytest.mark.parametrize("chunk", [None, 50])
+def test_strata_sets_are_those_of_one_choice_per_stratum(case, chunk, monkeypatch) -> None:
+    """The pool grouped once and the small strata's draws taken in one call per set give, for
+    every seed, the very sets that one ``rng.choice`` per stratum gave (the docs promise
+    reproducible seeds), whatever the strata's sizes; ``chunk``: sets' draws post-processed a
+    few at a time."""
+    if chunk is not None:
+        monkeypatch.setattr(calibration, "_STRATA_DRAW_CHUNK", chunk)
+    chosen, covariate, labels, n_bins, exclude = _strata_case(case)
+    for seed in (0, 11):
+        want = strata_sets_one_choice_per_stratum(
+            chosen, covariate, labels, n_sets=5, n_bins=n_bins, exclude_chosen=exclude,
+            seed=seed,
+        )
+        got = matched_random_sets(
+            chosen, covariate, labels, n_sets=5, method="strata", n_bins=n_bins,
+            exclude_chosen=exclude, seed=seed,
+        )
+        np.testing.assert_array_equal(got, want)
+
+
+class _CountingGenerator:
+    """A Generator that counts the calls made to it, by method name."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng, self.calls = rng, {}
+
+    def __getattr__(self, name: str):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return getattr(self.rng, name)
+
+
+def test_strata_draws_take_one_generator_call_per_set_not_one_per_stratum(monkeypatch) -> None:
+    """Strata of a few stimuli each (a label per 10 stimuli, 25 bins: ~480 strata in a chosen
+    set of 500): each set is one ``rng.integers`` call, not one ``rng.choice`` per stratum (a
+    Python step per stratum was ~0.5 s a set at 40,000 stimuli); a stratum that gives more than
+    _FLOYD_MAX_DRAWS stimuli calls ``rng.choice`` itself."""
+    made: list[_CountingGenerator] = []
+
+    def counting_rng(seed: int) -> _CountingGenerator:
+        made.append(_CountingGenerator(np.random.default_rng(seed)))
+        return made[-1]
+
+    monkeypatch.setattr(calibration, "_rng", counting_rng)
+    rng = np.random.default_rng(4)
+    n = 2000
+    covariate, labels = rng.standard_normal(n), rng.integers(0, n // 10, n)
+    chosen = rng.choice(n, 500, replace=False)
+    matched_random_sets(chosen, covariate, labels, n_sets=4, method="strata", n_bins=25)
+    assert made[-1].calls == {"integers": 4}
+    # one stratum of 2,000 and one of 100: a choice for the large one, then the small one's draws
+    labels = np.repeat([0, 1], [2000, 100])
+    chosen = np.concatenate([np.arange(0, 2000, 10), np.arange(2000, 2010)])
+    matched_random_sets(chosen, None, labels, n_sets=3, method="strata")
+    assert made[-1].calls == {"choice": 3, "integers": 3}
+
+
 def test_nearest_sets_match_covariate_and_label() -> None:
     rng = np.random.default_rng(8)
     covariate = rng.standard_normal(500)
