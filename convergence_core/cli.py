@@ -442,12 +442,14 @@ def _merge_flags(config: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any
     # out of the run, a GPA layer once its model is out of GPA
     as_files = flag_files & {*_names(config.get("vision_models")),
                              *_names(config.get("language_models"))}
+    # a file model now an encoder: its file layer names mean nothing to the encoder
+    as_encoders = flag_encoders & set(config.get("features") or {})
     left_gpa = set(_gpa_set(config)) - set(_gpa_set(merged))
     for key in ("weights", "layers", "gpa_layers"):
         table = merged.get(key)
         if not isinstance(table, Mapping):
             continue
-        gone = removed | (left_gpa if key == "gpa_layers" else as_files)
+        gone = removed | (left_gpa | as_encoders if key == "gpa_layers" else as_files)
         from_flags = flags.get(key) if isinstance(flags.get(key), Mapping) else {}
         merged[key] = {
             m: v for m, v in table.items() if m in from_flags or m not in gone

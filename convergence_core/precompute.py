@@ -1031,12 +1031,14 @@ def restrict_stimuli(
                 file_ids = feature_file_ids(path, model=source.name, layer=layer)
                 listed = set(file_ids)
                 lacking[f"{source.name}:{layer}"] = sum(sid not in listed for sid in ids)
+                # ids alike but for their Unicode form (they print alike) are the same stimuli
+                # written two ways, not stimuli the file lacks: refused with the fix, never
+                # left out in silence
+                check_id_normalisation(
+                    f"feature file {path} (model {source.name!r}, layer {layer!r})",
+                    file_ids, [sid for sid in ids if sid in keep and sid not in listed],
+                )
                 if keep and not keep & listed:
-                    # ids alike but for their Unicode form print alike: said with the fix first
-                    check_id_normalisation(
-                        f"feature file {path} (model {source.name!r}, layer {layer!r})",
-                        file_ids, [sid for sid in ids if sid in keep],
-                    )
                     raise ValueError(
                         f"no stimulus of {where} is listed by every feature file (stimuli = "
                         f"'common'): none is left once feature file {path} (model "

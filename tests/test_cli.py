@@ -496,6 +496,13 @@ def test_per_model_flags_merge_with_a_config_file_model_by_model(tmp_path, monke
     PrecomputeConfig.from_mapping(seen)  # a valid config
     assert seen["vision_models"] == ["a", "e1"] and "a" not in seen["features"]
     assert "a" not in seen["modalities"] and seen["layers"] == {"e1": ["x", "y"]}
+    # a file model of the config now an encoder: its file layer is no GPA layer of the encoder
+    # (the review found gpa_layers = {fv: "L1"} handed on to the encoder)
+    config = ('dataset = "data"\nvision_models = ["e1"]\ngpa_layers = { fv = "L1" }\n\n'
+              '[[models]]\nname = "fv"\nmodality = "vision"\nfiles = { L1 = "fv.npy" }\n')
+    seen = _merged(monkeypatch, tmp_path, "--vision", "fv,e1", config=config)
+    PrecomputeConfig.from_mapping(seen)  # a valid config
+    assert seen["vision_models"] == ["fv", "e1"] and not seen.get("gpa_layers")
 
     # a flag's own entry for a model not in the run is kept, and so refused, naming the setting
     seen = _merged(monkeypatch, tmp_path, "--weights", "nope=/w/n.pth")

@@ -753,6 +753,16 @@ def test_restricting_the_stimuli_names_what_is_wrong(tmp_path, coco, ids):
         precompute(features={"a": str(nfc_ids), "b": str(nfd)},
                    modalities={"a": "vision", "b": "vision"}, cache_root=str(cache),
                    stimuli="common")
+    # a few such ids among ids that match: not left out in silence (the review's case)
+    mixed = _save_npy(tmp_path / "mixed.npy", arrays["b"], [
+        unicodedata.normalize("NFD", f"é{sid}") if i < 3 else f"é{sid}"
+        for i, sid in enumerate(ids)
+    ])
+    with pytest.raises(FeatureFileError, match=r"mixed\.npy .*writes 3 of the data set's ids in "
+                       r"another Unicode normal form"):
+        precompute(features={"a": str(nfc_ids), "b": str(mixed)},
+                   modalities={"a": "vision", "b": "vision"}, cache_root=str(cache),
+                   stimuli="common")
     with pytest.raises(ValueError, match=r"stimuli = 'common' keeps the stimuli every feature "
                        r"file covers, but the run has no feature file"):
         precompute(dataset=str(coco), vision_models=["efficientnet-lite0", "efficientnet-lite1"],
