@@ -210,7 +210,32 @@ def check_embedding_array(array: np.ndarray, model: str, layer: str, n: int) -> 
             f"{rows[:5].tolist()}; such a stimulus has no direction to compare (features that "
             "were never written?): fix the extraction or drop those stimuli"
         )
+    if n > 1 and _one_direction(array, block):
+        raise ValueError(
+            f"{where}: every one of its {n} rows points the same way (the features do not vary "
+            "over the stimuli once each row is scaled to unit length, as the metrics do), so its "
+            "neighbours are ties broken at random and its alignment with any model is noise that "
+            "can look like an effect; fix the extraction, or leave that layer (or model) out"
+        )
     return array
+
+
+#: Largest difference between unit-length rows that still counts as one direction (float32 rows
+#: of one direction differ by ~1e-7 once scaled)
+SAME_DIRECTION_TOLERANCE = 1e-6
+
+
+def _one_direction(array: np.ndarray, block: int) -> bool:
+    """Whether every row of the (n, d) float32 ``array`` (no zero row) has the first row's
+    direction within :data:`SAME_DIRECTION_TOLERANCE`, read in row blocks of ``block``."""
+    first = np.asarray(array[0], dtype=np.float64)
+    first /= np.linalg.norm(first)
+    for start in range(0, array.shape[0], block):
+        rows = np.asarray(array[start : start + block], dtype=np.float64)
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        if np.abs(rows - first).max() > SAME_DIRECTION_TOLERANCE:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

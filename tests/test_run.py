@@ -396,6 +396,18 @@ def test_bad_inputs_raise_with_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"\['vision-a'\]\['stage1'\] has 1 row\(s\) that are "
                        r"all zeros, first rows \[5\]"):
         _write(tmp_path, zero)
+    # one direction for every stimulus (constant features, or rows that differ only in scale):
+    # its CKNNA was a number, with a spurious low/high effect from randomly broken ties (review)
+    for flat in (np.ones((8, 12)), np.arange(1, 9)[:, None] * np.linspace(-1, 1, 12)):
+        same = {m: dict(layers) for m, layers in embeddings.items()}
+        same["language-a"]["layer2"] = flat
+        with pytest.raises(ValueError, match=r"\['language-a'\]\['layer2'\]: every one of its "
+                           r"8 rows points the same way .*leave that layer \(or model\) out"):
+            _write(tmp_path, same)
+    varied = {m: dict(layers) for m, layers in embeddings.items()}
+    varied["language-a"]["layer2"] = np.ones((8, 12))
+    varied["language-a"]["layer2"][7, 0] = 1.001  # one stimulus apart is a direction that varies
+    _write(tmp_path / "varied", varied)
     with pytest.raises(ValueError, match="no embeddings for listed model"):
         _write(tmp_path, embeddings, vision_models=["vision-a", "vision-b", "vision-c", "vision-z"])
     with pytest.raises(ValueError, match="neither vision_models nor language_models"):
