@@ -38,6 +38,8 @@ _P_VALUE_FORMAT = {
         "spearman_p_value",
         "permutation_p_value_two_sided",
         "permutation_p_value_low_greater",
+        "mean_over_pairs_p_value_two_sided",
+        "mean_over_pairs_p_value_low_greater",
     )
 }
 
@@ -219,7 +221,9 @@ with fig2_tab:
                     f"({int(n_permutations)} + 1). Across pairs (two-sided): the mean over pairs "
                     "of low − high against that mean on the same shuffles, which keeps the pairs' "
                     "shared models and stimuli in the null; Wilcoxon signed-rank and paired t "
-                    "tests take the pairs as independent, so their p-values are too small:"
+                    "tests take the pairs as independent, so their p-values may be too small when "
+                    "the pairs' differences go together (and with n pairs Wilcoxon's cannot fall "
+                    "below 2/2ⁿ):"
                 )
                 st.markdown(widgets.markdown_table(
                     analyses.paired_set_tests(sets).drop(columns="note")
