@@ -21,7 +21,10 @@ to 100,000), with no (n, n) array anywhere:
   sorted subset, most similar first) and their inner products: the first k subset members along
   the member's stored list, or — for a member whose list holds fewer than k of them (small or
   clustered subsets) — an exact :func:`exact_top_k` against the subset's own features. So the
-  result equals the dense definition on ``features[subset]`` for every subset.
+  result equals the dense definition on ``features[subset]`` for every subset. Those completed
+  rows cost O(s·d) each, so they are computed once per index and set, with at least
+  :data:`COMPLETION_K` neighbours, and kept (:data:`COMPLETION_CACHE_BYTES`): a k change slices
+  them (the Alignment lab's sets between 2,048 and ~k·n/K stimuli: most of their rows).
 * :func:`subset_alignment` — any neighbour metric of the registry (:mod:`.metrics`: CKNNA, mutual
   k-NN, cycle k-NN, LCS, edit distance) of many pairs × many subsets from those tables, every
   subset of a chunk in one batched call of ``metrics.measure_tables``.
@@ -33,8 +36,13 @@ O(s·w) to read list prefixes (w ≈ k·n/s), the metric's O(s·k log(s·k)), pl
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import os
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,8 +83,26 @@ _BLOCK_ELEMENTS = 64_000_000
 #: is 1.2 GB); larger candidate sets are prepared again per block.
 _FLOAT64_CACHE_BYTES = 2_000_000_000
 #: Subsets up to this size complete their members' tables from the dense (s, s) float64 inner
-#: products of their features (O(s²·d), no float32 screen); larger ones use exact_top_k.
+#: products of their features (O(s²·d), no float32 screen); larger ones use exact_top_k. (The two
+#: cost about the same from 512 to 3,000 stimuli at d = 16 and 768 (bench_set_tables); above, the
+#: dense product would need row blocks, which exact_top_k already has.)
 _DENSE_SUBSET = 2048
+#: Rows completed from the features (``NeighbourIndex.tables``) are computed with at least this
+#: many neighbours (at most the set's other members) and kept (:data:`COMPLETION_CACHE_BYTES`):
+#: the same set at any k up to the kept number slices them. The float64 refinement grows with
+#: the number: a set's first call costs ~1.25-1.8× that at k = 10 at d = 768 (s = 5,000 /
+#: 2,500) and ~2.5× at d = 16; the lab's k steps 15, 5, 20, 10, 32 after it then cost nothing
+#: (bench_set_tables). 128 (the list size) cost ~2× at d = 768 and ~3× at d = 16.
+COMPLETION_K = 32
+#: Bytes of completed rows kept for all neighbour indexes of the process, least recently used
+#: dropped first (0: none kept; each call then completes its rows at its own k, the method
+#: before 2026-12-07). A set of 5,000 stimuli completed whole takes 2 MB per model at
+#: COMPLETION_K (positions int32, values float64): ~130 such sets × models fit.
+COMPLETION_CACHE_BYTES = 256 * 2**20
+#: A set of which at least this share of rows needs completing is completed whole: by one
+#: symmetric product (half the multiplications of the general one), and no later k up to the
+#: kept one completes a row of it again (most rows of a lab set in the gap are short anyway)
+_WHOLE_SET_SHARE = 0.5
 #: Rows per chunk of the norms in :func:`prepare_rows` (bounds its temporary to ~this × d floats).
 _NORM_CHUNK_ROWS = 4096
 #: Entries compared at once in the batched table/HSIC code (bounds temporaries to ~100s of MB).
@@ -384,6 +410,12 @@ def exact_top_k(
     candidates32_cpu = candidates32.numpy() if on_cpu else None
     from_candidates = candidates64 is not None and bool((own >= 0).all())
     block = max(1, min(query_rows.size, _BLOCK_ELEMENTS // max(c, 1)))
+    # every candidate queried, in order, in one block: the screen is C₃₂ C₃₂ᵀ, which BLAS
+    # computes as a symmetric product (syrk: half the multiplications of a general one)
+    symmetric = (
+        on_cpu and from_candidates and block == query_rows.size == c
+        and bool((own == np.arange(c)).all())
+    )
     margin = min(c, k + max(8, k // 2))
     out_index = np.empty((query_rows.size, k), dtype=np.int64)
     out_values = np.empty((query_rows.size, k))
@@ -394,7 +426,9 @@ def exact_top_k(
         else:
             q64 = features.rows(query_rows[start:stop])
         with torch.no_grad():
-            if on_cpu:  # OpenBLAS sgemm: 1.2–1.35× torch's on these 2 cores (bench_neighbours)
+            if symmetric:
+                sims = torch.from_numpy(candidates32_cpu @ candidates32_cpu.T)
+            elif on_cpu:  # OpenBLAS sgemm: 1.2–1.35× torch's on these 2 cores (bench_neighbours)
                 sims = torch.from_numpy(q64.astype(np.float32) @ candidates32_cpu.T)
             else:
                 sims = torch.from_numpy(q64.astype(np.float32)).to(device_) @ candidates32.T
@@ -489,6 +523,74 @@ def build_neighbour_lists(
 # within-subset neighbour tables
 
 
+class _Completed(NamedTuple):
+    """Rows of one set completed from the features: ``rows`` (r,) ascending positions in the
+    sorted set, each row's ``kc`` nearest fellow members (``positions`` (r, kc) int32,
+    ``values`` (r, kc) float64), most similar first, ties to the lower index."""
+
+    rows: np.ndarray
+    positions: np.ndarray
+    values: np.ndarray
+
+    @property
+    def kc(self) -> int:
+        return int(self.positions.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.rows, self.positions, self.values))
+
+
+class _CompletionCache:
+    """The completed rows of recent sets, per neighbour index (:data:`COMPLETION_CACHE_BYTES`
+    for all of them, least recently used dropped first). Thread-safe: the lab's sessions share
+    a run's indexes, and :func:`subset_alignment` asks for tables from a thread per core.
+    Entries are never modified, only replaced. A set is known by its size and a 256-bit BLAKE2b
+    digest of its sorted rows (not a copy of them: a set of 25,000 with one row completed keeps
+    ~0.2 MB less)."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple, _Completed] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> _Completed | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple, entry: _Completed) -> None:
+        with self._lock:
+            self._drop(key)
+            if entry.nbytes > COMPLETION_CACHE_BYTES:
+                return
+            self._entries[key] = entry
+            self._bytes += entry.nbytes
+            while self._bytes > COMPLETION_CACHE_BYTES:
+                self._drop(next(iter(self._entries)))
+
+    def drop_owner(self, owner: int) -> None:
+        """Forget the entries of one index (called when it is garbage-collected)."""
+        with self._lock:
+            for key in [key for key in self._entries if key[0] == owner]:
+                self._drop(key)
+
+    def _drop(self, key: tuple) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+_COMPLETIONS = _CompletionCache()
+_INDEX_TOKENS = itertools.count()
+
+
 class Tables(NamedTuple):
     """Within-subset k-NN of B subsets of s stimuli, most similar first.
 
@@ -514,6 +616,9 @@ class NeighbourIndex:
             )
         self.features = features
         self.lists = lists
+        # this index's completed rows in the process-wide cache; forgotten with the index
+        self._token = next(_INDEX_TOKENS)
+        weakref.finalize(self, _COMPLETIONS.drop_owner, self._token)
 
     @classmethod
     def from_features(
@@ -554,7 +659,10 @@ class NeighbourIndex:
 
         Each member's neighbours are the first k subset members along its stored list; members
         whose list holds fewer than k of them are completed exactly from the features. The lists
-        are read by :func:`.neighbour_kernels.tables_from_lists` (a compiled loop).
+        are read by :func:`.neighbour_kernels.tables_from_lists` (a compiled loop). Completed
+        rows are computed once per set with at least :data:`COMPLETION_K` neighbours and kept
+        (:data:`COMPLETION_CACHE_BYTES`): the same set at another k up to that many (the lab's k
+        slider, the report's passes over one set) slices them instead of recomputing.
         """
         from .neighbour_kernels import tables_from_lists
 
@@ -586,20 +694,73 @@ class NeighbourIndex:
         else:
             incomplete = [(b, np.arange(s)) for b in range(n_sets)]
         for b, rows in incomplete:
-            members = subsets[b]
-            if s <= _DENSE_SUBSET:
-                from .metrics import neighbours_of_rows
-
-                positions[b, rows], values[b, rows] = neighbours_of_rows(
-                    self.features.rows(members), rows, k, norms=np.ones(s)  # unit rows
-                )
-            else:
-                index, vals = exact_top_k(
-                    self.features, k, queries=members[rows], candidates=members
-                )
-                positions[b, rows] = np.searchsorted(members, index)
-                values[b, rows] = vals
+            positions[b, rows], values[b, rows] = self._completed_rows(subsets[b], rows, k)
         return Tables(positions, values)
+
+    def _completed_rows(
+        self, members: np.ndarray, rows: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The within-set k nearest of the set ``members``' rows ``rows`` (ascending positions),
+        from the kept completions of this set where they hold those rows at ≥ k neighbours;
+        the other rows are computed (:meth:`_complete`) at max(k, :data:`COMPLETION_K`)
+        neighbours (every row of the set when they are at least :data:`_WHOLE_SET_SHARE` of
+        it) and kept with them. One order ranks every candidate (value descending, then the
+        lower index), so the k nearest are the first k of the kc nearest: the same positions as
+        computing at k, and from ``exact_top_k`` (sets above :data:`_DENSE_SUBSET`) the same
+        values bit for bit. The dense path's values come from a matrix product whose last bit
+        depends on the rows multiplied together (up to 3e-16 from the code before on sets of
+        1,500; its positions are decided on exact values wherever rounding could decide)."""
+        s = members.size
+        key = (self._token, s, hashlib.blake2b(members.tobytes(), digest_size=32).digest())
+        kept = _COMPLETIONS.get(key) if COMPLETION_CACHE_BYTES > 0 else None
+        if kept is not None and kept.kc < k:
+            kept = None  # a larger k than these rows hold: computed again, at the new k
+        have = np.zeros(rows.size, dtype=bool)
+        if kept is not None and kept.rows.size:
+            at = np.minimum(np.searchsorted(kept.rows, rows), kept.rows.size - 1)
+            have = kept.rows[at] == rows
+        missing = rows[~have]
+        if missing.size:
+            if COMPLETION_CACHE_BYTES <= 0:  # nothing is kept: only what is asked for
+                return self._complete(members, missing, k)
+            kc = kept.kc if kept is not None else max(k, min(COMPLETION_K, s - 1))
+            if kept is None and missing.size >= _WHOLE_SET_SHARE * s:
+                # most of the set: all of it, by one symmetric product (half the work of a
+                # general one), and no later k up to kc completes any row of it again
+                missing = np.arange(s)
+            found_positions, found_values = self._complete(members, missing, kc)
+            if kept is None:
+                order_rows, order_positions, order_values = (
+                    missing, found_positions, found_values
+                )
+            else:  # disjoint rows, merged in ascending order
+                order_rows = np.concatenate([kept.rows, missing])
+                order = np.argsort(order_rows, kind="stable")
+                order_rows = order_rows[order]
+                order_positions = np.concatenate([kept.positions, found_positions])[order]
+                order_values = np.concatenate([kept.values, found_values])[order]
+            kept = _Completed(
+                order_rows.astype(np.int64), order_positions.astype(np.int32), order_values
+            )
+            _COMPLETIONS.put(key, kept)
+        at = np.searchsorted(kept.rows, rows)
+        return kept.positions[at, :k], kept.values[at, :k]
+
+    def _complete(
+        self, members: np.ndarray, rows: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(positions (r, k), values (r, k)) of the set ``members``' rows ``rows`` computed from
+        the features: the dense product for sets up to :data:`_DENSE_SUBSET`, else
+        :func:`exact_top_k` of those rows against the set."""
+        s = members.size
+        if s <= _DENSE_SUBSET:
+            from .metrics import neighbours_of_rows
+
+            return neighbours_of_rows(
+                self.features.rows(members), rows, k, norms=np.ones(s)  # unit rows
+            )
+        index, vals = exact_top_k(self.features, k, queries=members[rows], candidates=members)
+        return np.searchsorted(members, index), vals
 
 
 # ----------------------------------------------------------------------------------------------

@@ -461,3 +461,181 @@ def test_a_row_is_never_its_own_neighbour_even_where_norms_overflow():
     with np.errstate(over="ignore", invalid="ignore"):
         table = nearest_neighbours(F, 3).indices
     assert all(row not in table[row] for row in range(6))
+
+
+# -- completed rows kept per set (a k change slices them) ---------------------------------------
+
+
+def _completion_spy(monkeypatch) -> dict:
+    """Counts the rows completed from the features (the dense product's rows and exact_top_k's
+    queries), in this code and in the code before rows were kept alike."""
+    from convergence_core import metrics
+
+    counted = {"rows": 0}
+    dense, exact = metrics.neighbours_of_rows, neighbours.exact_top_k
+
+    def dense_rows(F, rows, k, **options):  # noqa: ANN001, ANN003, ANN202
+        counted["rows"] += len(rows)
+        return dense(F, rows, k, **options)
+
+    def exact_rows(features, k, *, queries=None, **options):  # noqa: ANN001, ANN003, ANN202
+        counted["rows"] += features.n if queries is None else len(queries)
+        return exact(features, k, queries=queries, **options)
+
+    monkeypatch.setattr(metrics, "neighbours_of_rows", dense_rows)
+    monkeypatch.setattr(neighbours, "exact_top_k", exact_rows)
+    return counted
+
+
+def _exact_tables(F: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The dense definition on exact values (one product per pair: duplicates tie exactly),
+    value descending, then the lower position."""
+    exact = np.einsum("id,jd->ij", F, F)
+    np.fill_diagonal(exact, -np.inf)
+    order = np.lexsort((np.broadcast_to(np.arange(len(F)), exact.shape), -exact))[:, :k]
+    return order, np.take_along_axis(exact, order, axis=1)
+
+
+def _short_rows(index: NeighbourIndex, subset: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the members whose stored list holds fewer than k members (a walk)."""
+    inside = np.isin(index.lists.indices[subset], subset).sum(axis=1)
+    return np.flatnonzero(inside < k)
+
+
+def _duplicated_features(n: int = 150, seed: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n // 3, 6))[rng.integers(0, n // 3, n)]  # each row ~3 times
+
+
+@pytest.mark.parametrize("dense_limit", [2048, 40])  # the dense product; exact_top_k
+def test_a_k_change_slices_the_kept_completions_instead_of_completing_again(
+    monkeypatch, dense_limit
+):
+    """The lab's k slider asks for the same sets at k = 10, 15, 5, ...: each call completed the
+    members whose K stored neighbours hold fewer than k of the set from the features again,
+    O(s²·d) per model and set (at 100,000 stimuli every lab size from 2,049 to ~7,800 at k = 10;
+    a k change took minutes). Now each row once per set, at COMPLETION_K neighbours, sliced at
+    any k up to that; the tables stay the dense definition's, exact ties to the lower index."""
+    monkeypatch.setattr(neighbours, "_DENSE_SUBSET", dense_limit)
+    counted = _completion_spy(monkeypatch)
+    X = _duplicated_features()
+    index = NeighbourIndex.from_features(X, list_size=12)
+    F = index.features.all_rows()
+    rng = np.random.default_rng(0)
+    # most members short at k = 5: the whole set is completed at once
+    most = np.sort(rng.choice(150, 60, replace=False))
+    assert _short_rows(index, most, 5).size >= 30
+    # few members short at k = 5, more at larger k: only those rows, each once
+    few = np.sort(np.random.default_rng(90).choice(150, 90, replace=False))
+    assert 0 < _short_rows(index, few, 5).size < 45 < _short_rows(index, few, 8).size
+    done: dict[str, set] = {}
+    first = {}
+    for k in (5, 8, 3, 12, 5, 2):
+        for name, subset in (("few", few), ("most", most)):
+            counted["rows"] = 0
+            tables = index.tables(subset[None], k)
+            positions, values = _exact_tables(F[subset], k)
+            assert np.array_equal(tables.positions[0], positions), (name, k)
+            np.testing.assert_allclose(tables.values[0], values, atol=1e-14)
+            short = set(_short_rows(index, subset, k).tolist())
+            if name not in done:  # the first call: at least the rows short at its k
+                first[name] = counted["rows"]
+                assert first[name] >= len(short)
+                done[name] = set(range(subset.size)) if first[name] == subset.size else short
+            else:  # a k change: only rows short now and never completed before
+                assert counted["rows"] == len(short - done[name]), (name, k)
+                done[name] |= short
+    assert first == {"few": _short_rows(index, few, 5).size, "most": most.size}  # most: whole
+
+
+def test_a_k_above_the_kept_rows_completes_them_again_at_that_k(monkeypatch):
+    counted = _completion_spy(monkeypatch)
+    monkeypatch.setattr(neighbours, "COMPLETION_K", 4)
+    X = _duplicated_features(seed=4)
+    index = NeighbourIndex.from_features(X, list_size=3)
+    F = index.features.all_rows()
+    subset = np.sort(np.random.default_rng(1).choice(150, 50, replace=False))
+    for k, completes in ((3, True), (4, False), (9, True), (6, False), (2, False)):
+        counted["rows"] = 0
+        tables = index.tables(subset[None], k)
+        assert np.array_equal(tables.positions[0], _exact_tables(F[subset], k)[0]), k
+        assert (counted["rows"] > 0) == completes, k
+
+
+def test_completions_are_kept_within_their_byte_budget(monkeypatch):
+    """0 bytes: every call completes its own rows at its own k (the method before); a small
+    budget keeps the most recently used sets only; either way the same tables (the dense
+    product's values may differ in the last bit with the rows completed together)."""
+    counted = _completion_spy(monkeypatch)
+    X = _duplicated_features(seed=5)
+    index = NeighbourIndex.from_features(X, list_size=4)
+    rng = np.random.default_rng(2)
+    sets = [np.sort(rng.choice(150, 60, replace=False)) for _ in range(3)]
+    kept = [index.tables(subset[None], 6) for subset in sets]
+    owned = [key for key in neighbours._COMPLETIONS._entries if key[0] == index._token]
+    assert len(owned) == 3
+    monkeypatch.setattr(neighbours, "COMPLETION_CACHE_BYTES", 0)
+    other = NeighbourIndex(index.features, index.lists)
+    for k in (6, 6, 3):
+        counted["rows"] = 0
+        for subset, expected in zip(sets, kept):
+            tables = other.tables(subset[None], k)
+            assert np.array_equal(tables.positions, expected.positions[..., :k])
+            np.testing.assert_allclose(tables.values, expected.values[..., :k], atol=1e-15)
+        assert counted["rows"] == sum(_short_rows(index, subset, k).size for subset in sets)
+    assert not [key for key in neighbours._COMPLETIONS._entries if key[0] == other._token]
+    # room for about one set: the least recently used go first
+    one = neighbours._COMPLETIONS._entries[owned[0]].nbytes
+    monkeypatch.setattr(neighbours, "COMPLETION_CACHE_BYTES", one + one // 2)
+    small = NeighbourIndex(index.features, index.lists)
+    for subset in sets:
+        small.tables(subset[None], 6)
+    assert [key[2] for key in neighbours._COMPLETIONS._entries if key[0] == small._token] == [
+        owned[2][2]
+    ]
+    assert neighbours._COMPLETIONS.nbytes <= one + one // 2
+
+
+def test_an_index_that_is_gone_leaves_no_kept_rows():
+    import gc
+
+    index = NeighbourIndex.from_features(_duplicated_features(seed=6), list_size=3)
+    token = index._token
+    index.tables(np.arange(0, 150, 3)[None], 4)
+    assert any(key[0] == token for key in neighbours._COMPLETIONS._entries)
+    del index
+    gc.collect()
+    assert not any(key[0] == token for key in neighbours._COMPLETIONS._entries)
+
+
+def test_tables_from_threads_at_once_equal_one_at_a_time():
+    """The lab's sessions share a run's indexes and subset_alignment uses a thread per core:
+    rows kept by one call while another reads them change no table."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    index = NeighbourIndex.from_features(_duplicated_features(seed=7), list_size=4)
+    F = index.features.all_rows()
+    rng = np.random.default_rng(3)
+    sets = [np.sort(rng.choice(150, 70, replace=False)) for _ in range(3)]
+    calls = [(subset, k) for k in (7, 3, 11, 5) for subset in sets] * 2
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda call: index.tables(call[0][None], call[1]), calls))
+    for (subset, k), tables in zip(calls, results):
+        assert np.array_equal(tables.positions[0], _exact_tables(F[subset], k)[0]), k
+
+
+def test_exact_top_k_of_a_whole_set_against_itself_is_the_general_product():
+    """Every candidate queried in order takes the symmetric product (syrk) for the screen: the
+    same neighbours and values, bit for bit, as the rows queried in another order."""
+    X = _features(300, 24, seed=11)
+    features = PreparedFeatures.from_raw(X)
+    members = np.sort(np.random.default_rng(4).choice(300, 200, replace=False))
+    whole = exact_top_k(features, 9, queries=members, candidates=members)
+    order = np.random.default_rng(5).permutation(200)
+    shuffled = exact_top_k(features, 9, queries=members[order], candidates=members)
+    back = np.argsort(order)
+    assert np.array_equal(whole[0], shuffled[0][back])
+    assert np.array_equal(whole[1], shuffled[1][back])
+    ref_index, ref_values = _dense_top_k(prepare_features(X), 9, members, members)
+    assert np.array_equal(whole[0], ref_index)
+    np.testing.assert_allclose(whole[1], ref_values, atol=1e-14)

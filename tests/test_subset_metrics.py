@@ -253,3 +253,46 @@ def test_dense_kernels_are_kept_between_calls_and_read_only(indexes) -> None:
     assert not first.flags.writeable
     rbf = subset_metrics._dense_kernel(indexes["a"], "rbf", 0.5)
     assert rbf is not first and np.allclose(np.diagonal(rbf), 1.0)
+
+
+def test_shuffled_pairings_in_many_chunks_complete_each_row_once(monkeypatch) -> None:
+    """The calibration's shuffled pairings of a set come in chunks, and each chunk asks for the
+    set's tables again (``NeighbourIndex.tables``): the members whose stored lists hold fewer
+    than k of the set were completed from the features once per chunk, O(s²·d) each time. The
+    index now keeps them: each row is completed once, whatever the number of chunks."""
+    from convergence_core import neighbours, subset_metrics
+
+    counted = {"rows": 0}
+    exact = neighbours.exact_top_k
+    dense = metrics.neighbours_of_rows
+
+    def exact_rows(features, k, *, queries=None, **options):  # noqa: ANN001, ANN003, ANN202
+        counted["rows"] += features.n if queries is None else len(queries)
+        return exact(features, k, queries=queries, **options)
+
+    def dense_rows(F, rows, k, **options):  # noqa: ANN001, ANN003, ANN202
+        counted["rows"] += len(rows)
+        return dense(F, rows, k, **options)
+
+    rng = np.random.default_rng(11)
+    latent = rng.standard_normal((90, 5))
+    x, y = (_index(latent @ rng.standard_normal((5, d)) + 0.5 * rng.standard_normal((90, d)),
+                   list_size=4) for d in (12, 8))
+    monkeypatch.setattr(neighbours, "exact_top_k", exact_rows)
+    monkeypatch.setattr(metrics, "neighbours_of_rows", dense_rows)
+    rows = np.sort(rng.choice(90, 28, replace=False))
+    shuffles = np.stack([rows[rng.permutation(28)] for _ in range(8)])
+    rows_x = np.broadcast_to(rows, shuffles.shape)
+    k = 6
+    monkeypatch.setattr(subset_metrics, "_CHUNK_ELEMENTS", 28 * k * k)  # one pairing a chunk
+    values = metric_on_pairings(x, y, rows_x, shuffles, "cknna", k=k)
+    completed = counted["rows"]
+    indexes = {"a": x, "b": y}
+    for b in range(8):
+        expected = _dense(indexes, "a", "b", rows, shuffles[b], "cknna", k, {})
+        assert values[b] == pytest.approx(expected, abs=1e-9), b
+    short = [int((np.isin(index.lists.indices[rows], rows).sum(axis=1) < k).sum())
+             for index in (x, y)]
+    assert all(short)
+    # each side once: its short rows, or the whole set when they are at least half of it
+    assert completed == sum(28 if r >= 14 else r for r in short)
