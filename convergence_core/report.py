@@ -1299,6 +1299,23 @@ def gpa_stability_section(
     return files, entry
 
 
+#: Sets of more than this many stimuli score linear predictivity's 2AFC against
+#: :data:`PREDICTIVITY_FOILS` random foils per stimulus (``predictivity.two_afc(n_foils=...)``,
+#: seeded with the report's seed; a note says so) instead of all s − 1 others: all pairs cost
+#: O(s²·d) per set and direction (2.3 / 5.9 / 26.2 s at s = 5,000 / 10,000 / 20,000, d = 14; 33 s
+#: at s = 25,000, d = 768; at 100,000 stimuli over an hour for 8 pairs × 7 sets × 2 directions).
+#: At most this many (the default sets of runs up to 20,000 stimuli) keep every pair.
+PREDICTIVITY_ALL_PAIRS_MAX_STIMULI = 5_000
+#: Foils per stimulus above :data:`PREDICTIVITY_ALL_PAIRS_MAX_STIMULI` (s·F comparisons: 0.4 s at
+#: s = 25,000, d = 14; 4.6 s at d = 768). The sampled score is a mean of s·F comparisons, each
+#: row's foils a uniform draw: its standard deviation about the all-pairs score is
+#: √(Σ pᵢ(1 − pᵢ)/F)/s ≤ 0.5/√(s·F) (pᵢ: row i's all-pairs score), 2.2e-4 at most just above
+#: the limit. Measured over 30 seeds at s = 10,000 (the audit's 40,000-stimulus run, 3 sets × 2
+#: directions, and d = 768): 0.4-1.1e-4 (largest error 3.2e-4), as the formula says; the 2AFC of
+#: random sets of that size spreads 9e-4 (sd), 8-20× more.
+PREDICTIVITY_FOILS = 1_000
+
+
 def predictivity_section(
     run: Run, out: Path, pairs: Sequence[analyses.Pair], sets: DispersionSets, *,
     n_random: int, n_folds: int, seed: int, tell: Callable[[str], None] | None = None,
@@ -1306,16 +1323,30 @@ def predictivity_section(
     """Linear predictivity (paper 004; cross-validated ridge, both directions) on the low, high
     and the first ``n_random`` random sets (all of one size). ``tell`` (optional) hears how far
     it is at most every :data:`SET_PROGRESS_EVERY_S` (sets of 2,500 stimuli and 768-1,536
-    features: about 20 s per pair and set).
+    features: about 20 s per pair and set). Sets of more than
+    :data:`PREDICTIVITY_ALL_PAIRS_MAX_STIMULI` stimuli score 2AFC against
+    :data:`PREDICTIVITY_FOILS` seeded random foils per stimulus (a note says so).
 
     Writes ``predictivity_sets`` (long: pair × set × direction × metric, ``draw`` numbering the
     random sets) and ``predictivity_summary`` (per pair × direction × metric: low, high, random
-    mean and 2.5/97.5 percentiles, low − high). Returns (files, report.json entry).
+    mean and 2.5/97.5 percentiles, low − high). Returns (files, report.json entry with
+    ``verdict``, ``two_afc_foils`` (foils per stimulus, None for all pairs) and ``notes``).
     """
-    if np.size(sets.low) < 2 * n_folds:
+    size = int(np.size(sets.low))
+    if size < 2 * n_folds:
         raise ValueError(
-            f"sets of {np.size(sets.low)} stimuli are too few for {n_folds}-fold cross-validation "
+            f"sets of {size} stimuli are too few for {n_folds}-fold cross-validation "
             f"(at least {2 * n_folds}); use a larger --size"
+        )
+    foils = PREDICTIVITY_FOILS if size > PREDICTIVITY_ALL_PAIRS_MAX_STIMULI else None
+    notes = []
+    if foils is not None:
+        notes.append(
+            f"linear predictivity's 2AFC on sets of {size:,} stimuli compares each stimulus with "
+            f"{foils:,} random others (seed {seed}; PREDICTIVITY_ALL_PAIRS_MAX_STIMULI "
+            f"{PREDICTIVITY_ALL_PAIRS_MAX_STIMULI:,}), not all {size - 1:,}: all pairs cost "
+            "O(s²) per set and direction; the sampled score's standard deviation about the "
+            f"all-pairs score is at most {0.5 / math.sqrt(size * foils):.1e}"
         )
     named = [("low", 0, sets.low), ("high", 0, sets.high)] + [
         ("random", i, rows) for i, rows in enumerate(sets.random[:n_random])
@@ -1327,7 +1358,8 @@ def predictivity_section(
         language = run.neighbours(pair.language_model, pair.language_layer).features
         for done, (set_name, draw, rows) in enumerate(named, start=1):
             table = predictivity.predictivity_table(
-                vision.rows(rows), language.rows(rows), n_folds=n_folds, seed=seed
+                vision.rows(rows), language.rows(rows), n_folds=n_folds, seed=seed,
+                n_foils=foils,
             )
             frames.append(table.assign(**pair._asdict(), set=set_name, draw=draw))
             step(f"{pair.vision_model} × {pair.language_model}", done, len(named))
@@ -1356,7 +1388,7 @@ def predictivity_section(
                 "high_dispersion": float(by_set["high"][0]),
                 "low_minus_high": float(by_set["low"][0] - by_set["high"][0]),
                 "n_random": int(random_values.size),
-                "set_size": int(np.size(sets.low)),
+                "set_size": size,
             }
         )
     summary = pd.DataFrame(rows)
@@ -1374,10 +1406,12 @@ def predictivity_section(
             f"{words[source]} → {words[target]}: low > high in {counts} of {len(pairs)} pairs"
         )
     verdict = (
-        f"Linear predictivity (ridge, {n_folds}-fold, {int(np.size(sets.low))} stimuli per "
+        f"Linear predictivity (ridge, {n_folds}-fold, {size} stimuli per "
         f"{sets.score}-dispersion set): " + "; ".join(parts) + "."
     )
-    return files, {"summary": _records(summary), "verdict": verdict}
+    return files, {
+        "summary": _records(summary), "verdict": verdict, "two_afc_foils": foils, "notes": notes,
+    }
 
 
 def _caption_pairs(
@@ -1710,15 +1744,6 @@ def calibration_section(
             notes.append(f"matched baselines on typicality and category skipped: {why_not}")
         else:
             matchings.append(("typicality and category", labels))
-            unlabelled = int(np.count_nonzero(~calibration.has_label(labels)))
-            if unlabelled:
-                notes.append(
-                    f"matched baselines on typicality and category: the {unlabelled:,} of "
-                    f"{labels.size:,} stimuli without a label (None, NaN or an empty string) "
-                    "are one group, matched only among themselves on typicality, so each "
-                    "matched set has as many of them as its set (many-to-many class averaging "
-                    "leaves them out instead: there they would form a class)"
-                )
     tables, balances = [], []
     for name, labels in matchings:
         try:
@@ -1734,6 +1759,15 @@ def calibration_section(
             continue
         tables.append(table)
         balances.append(balance)
+        unlabelled = 0 if labels is None else int(np.count_nonzero(~calibration.has_label(labels)))
+        if unlabelled:  # said once the matching on category was made, never beside its skip
+            notes.append(
+                f"matched baselines on {name}: the {unlabelled:,} of {labels.size:,} stimuli "
+                "without a label (None, NaN or an empty string) are one group, matched only "
+                "among themselves on typicality, so each matched set has as many of them as its "
+                "set (many-to-many class averaging leaves them out instead: there they would "
+                "form a class)"
+            )
     files = _write_table(calibrated, out, "calibrated_scores")
     if not tables:
         return files, {"matched": [], "notes": notes, "verdict": None}

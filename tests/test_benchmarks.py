@@ -270,3 +270,22 @@ def test_shuffles_and_strata_benchmark_runs_and_draws_what_the_old_code_drew() -
     )
     assert payload["strata"] and payload["shuffles"]
     assert all(row["identical"] for row in payload["strata"] + payload["shuffles"])
+
+
+def test_set_tables_benchmark_runs_and_keeps_the_tables() -> None:
+    payload, _ = _run_benchmark(
+        "bench_set_tables.py", "set-tables-smoke-test.json",
+        "--n", "4000", "--width", "16", "--list-size", "32", "--sizes", "2100",
+    )
+    (row,) = payload["rows"]
+    assert row["s"] == 2100 and len(row["steps"]) == len(payload["k_steps"])
+    # a k already seen again computes no row (the kept rows are sliced)
+    assert row["steps"][4]["k"] == 10 and row["steps"][4]["new_rows_completed"] == 0
+
+
+def test_two_afc_benchmark_runs_and_the_sampled_score_is_near_all_pairs() -> None:
+    payload, _ = _run_benchmark(
+        "bench_two_afc.py", "two-afc-smoke-test.json", "--sizes", "1500", "--seeds", "3",
+    )
+    (row,) = payload["rows"]
+    assert row["s"] == 1500 and row["largest_error"] < 4 * row["bound"]

@@ -133,6 +133,52 @@ def test_scores_match_brute_force() -> None:
     assert 0.4 < two_afc(P, Y, n_foils=5, seed=1) <= 1.0
 
 
+def _row_fractions(P: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """Each row's all-pairs 2AFC fraction (correlation), brute force."""
+    sims = np.corrcoef(P, Y)[: len(P), len(P) :]
+    own = np.diag(sims)[:, None]
+    wins = (own > sims) + 0.5 * (own == sims)
+    np.fill_diagonal(wins, 0.0)
+    return wins.sum(axis=1) / (len(P) - 1)
+
+
+def test_sampled_foils_are_exactly_n_foils_others_per_stimulus() -> None:
+    """Each stimulus meets exactly n_foils distinct others, never itself: predictions equal to
+    their (distinct) targets win every comparison, so the score is 1 exactly (a stimulus drawn as
+    its own foil would tie, half a vote; one foil too many or too few moves the mean off 1)."""
+    rng = np.random.default_rng(9)
+    Y = rng.standard_normal((150, 7))
+    for distance in ("correlation", "cosine", "euclidean"):
+        for foils in (1, 13, 64, 148, 149):
+            for seed in range(3):
+                assert two_afc(Y, Y, distance=distance, n_foils=foils, seed=seed) == 1.0
+    # two copies of each target: each copy of a stimulus as its foil is a tie, half a vote
+    twice = np.concatenate([Y, Y])
+    expected = 1 - 0.5 / 299  # all pairs: of 299 others, one is the twin
+    assert two_afc(twice, twice, distance="cosine") == pytest.approx(expected, abs=1e-12)
+    assert two_afc(twice, twice, distance="cosine", n_foils=299) == pytest.approx(
+        expected, abs=1e-12
+    )
+
+
+def test_sampled_2afc_is_unbiased_with_the_binomial_spread() -> None:
+    """The sampled score is the mean of s·F comparisons, each row's foils a uniform draw of F of
+    its s − 1 others: centred on the all-pairs score, with the standard deviation of independent
+    draws, √(Σ pᵢ(1 − pᵢ)/F)/s (foils shared by a block of rows add none that shows here)."""
+    rng = np.random.default_rng(10)
+    s, foils = 240, 12
+    Y = rng.standard_normal((s, 6))
+    P = Y + 1.3 * rng.standard_normal((s, 6))
+    full = two_afc(P, Y)
+    p = _row_fractions(P, Y)
+    assert p.mean() == pytest.approx(full, abs=1e-12)
+    spread = np.sqrt(np.sum(p * (1 - p)) / foils) / s
+    sampled = np.array([two_afc(P, Y, n_foils=foils, seed=seed) for seed in range(200)])
+    assert abs(sampled.mean() - full) < 4 * spread / np.sqrt(sampled.size)
+    assert 0.8 < sampled.std(ddof=1) / spread < 1.2
+    assert two_afc(P, Y, n_foils=foils, seed=3) == two_afc(P, Y, n_foils=foils, seed=3)
+
+
 def test_two_afc_ties_count_half() -> None:
     Y = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     # rows 0 and 1 are identical: their pair is a tie both ways

@@ -1211,6 +1211,47 @@ def test_many_to_many_captions_run_on_a_capped_sample_of_a_large_run(captioned_r
     assert not any("random sample of" in note for note in entry["notes"])
 
 
+def test_predictivity_samples_2afc_foils_above_its_limit_and_says_so(planted_run_path, tmp_path,
+                                                                   monkeypatch):
+    """2AFC over all pairs costs O(s²·d) per set and direction: over an hour for the report at
+    100,000 stimuli (s = 25,000). Above PREDICTIVITY_ALL_PAIRS_MAX_STIMULI each stimulus meets
+    PREDICTIVITY_FOILS others drawn with the report's seed, and a note says so; at or below it,
+    all pairs (as before)."""
+    from convergence_core import predictivity
+    from convergence_core.run import load_run
+
+    run = load_run(planted_run_path / "runs" / "demo")
+    pair = analyses.pairs_with_best_layers(run, k=5)[0]
+    sets = report.dispersion_sets(run, "mean", 30, 1, 0)
+    vision = run.neighbours(pair.vision_model, pair.vision_layer).features
+    language = run.neighbours(pair.language_model, pair.language_layer).features
+    monkeypatch.setattr(report, "PREDICTIVITY_FOILS", 7)
+    for limit, foils in ((29, 7), (30, None)):
+        monkeypatch.setattr(report, "PREDICTIVITY_ALL_PAIRS_MAX_STIMULI", limit)
+        _, entry = report.predictivity_section(run, tmp_path, [pair], sets, n_random=1,
+                                               n_folds=3, seed=4)
+        assert entry["two_afc_foils"] == foils
+        sampled = [note for note in entry["notes"] if "2AFC" in note]
+        if foils is None:
+            assert not sampled
+        else:
+            assert len(sampled) == 1
+            assert "compares each stimulus with 7 random others (seed 4;" in sampled[0]
+            assert "not all 29" in sampled[0]
+        long = pd.read_csv(tmp_path / "predictivity_sets.csv").query("metric == 'two_afc'")
+        for name, rows in (("low", sets.low), ("high", sets.high), ("random", sets.random[0])):
+            expected = predictivity.predictivity_table(
+                vision.rows(rows), language.rows(rows), n_folds=3, seed=4, n_foils=foils
+            ).query("metric == 'two_afc'")
+            got = long[long.set == name]
+            assert got.value.tolist() == pytest.approx(expected.value.tolist(), abs=1e-12)
+    full = long  # the all-pairs values: the sampled ones differ
+    monkeypatch.setattr(report, "PREDICTIVITY_ALL_PAIRS_MAX_STIMULI", 29)
+    report.predictivity_section(run, tmp_path, [pair], sets, n_random=1, n_folds=3, seed=4)
+    sampled = pd.read_csv(tmp_path / "predictivity_sets.csv").query("metric == 'two_afc'")
+    assert not np.allclose(sampled.value, full.value)
+
+
 def test_a_language_model_undefined_at_every_layer_is_used_at_its_default_layer(
     planted_run_path, tmp_path, monkeypatch
 ):
@@ -1297,6 +1338,19 @@ def test_the_report_says_how_stimuli_without_a_label_are_matched(captioned_run, 
     said = [note for note in entry["notes"] if "without a label" in note]
     assert len(said) == 1 and "the 20 of 60 stimuli without a label" in said[0]
     assert "matched only among themselves" in said[0]
+
+    # a matching that could not be made is said skipped, and only that (the review found both
+    # "matched only among themselves" and "skipped" side by side)
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ValueError("no stimulus without a label is left outside the chosen set")
+
+    monkeypatch.setattr(analyses, "matched_baselines", refuse)
+    _, entry = report.calibration_section(
+        captioned_run, tmp_path, pairs, sets, k=5, metrics=["cknna"], metric_options={},
+        n_shuffles=5, n_matched=5, seed=0,
+    )
+    assert not [note for note in entry["notes"] if "matched only among themselves" in note]
+    assert any("typicality and category skipped" in note for note in entry["notes"])
 
 
 def test_class_averaging_says_it_leaves_out_stimuli_without_a_label(captioned_run, tmp_path,
