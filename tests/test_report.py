@@ -618,6 +618,36 @@ def test_gpa_stability_with_other_starts_is_recomputed(planted_run_path, tmp_pat
     files, entry = report.gpa_stability_section(run, tmp_path, n_starts=2, seed=1)
     assert entry["stored"] is False and entry["summary"]["n_starts"] == 2
     assert "gpa_stability.csv" in files and "(2 random starts" in entry["verdict"]
+    assert "other_solution" not in entry and "not the run's GPA" not in entry["verdict"]
+
+
+def test_a_rerun_diagnostic_at_another_minimum_says_it_is_not_the_runs_gpa(
+    planted_run_path, tmp_path, monkeypatch
+):
+    """From the review: rerun with the report's own starts, the diagnostic adopts its own
+    lowest minimum, which may not be the run's GPA (a run of 0 starts keeps Gower's; another seed
+    may miss the run's lower minimum); the report then said the run's residuals "are that
+    solution's". Here the rerun's solution is moved 1 % away from the run's dispersion."""
+    import dataclasses
+
+    from convergence_core.run import load_run
+
+    real = report.gpa_stability
+
+    def elsewhere(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        result = real(*args, **kwargs)
+        losses = result.losses.copy()  # also: Gower's start above another minimum
+        losses[0] = losses.min() + 1.0
+        return dataclasses.replace(result, dispersion=result.dispersion * 1.01, adopted=1,
+                                   losses=losses)
+
+    monkeypatch.setattr(report, "gpa_stability", elsewhere)
+    run = load_run(planted_run_path / "runs" / "demo")
+    _, entry = report.gpa_stability_section(run, tmp_path, n_starts=2, seed=1)
+    assert entry["other_solution"] == pytest.approx(0.01, rel=1e-3)
+    assert "are the report's, not the run's (4 random starts, seed 0)" in entry["verdict"]
+    assert "--gpa-starts 2" in entry["verdict"] and "are that solution's" not in entry["verdict"]
+    assert "written before GPA took" not in entry["verdict"]
 
 
 def test_gpa_stopped_at_its_uncertainty_is_said_in_the_report(tmp_path):
