@@ -42,7 +42,7 @@ import math
 import os
 import threading
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -553,9 +553,25 @@ class _CompletionCache:
         self._entries: OrderedDict[tuple, _Completed] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        # indexes garbage-collected since the last get/put: a finalizer only appends here (a
+        # deque's append takes no lock of ours). Taking the lock in the finalizer deadlocked: a
+        # collection started by an allocation while this thread held the lock ran the finalizer
+        # of another index, which then waited for the lock its own thread held.
+        self._gone: deque[int] = deque()
+
+    def _forget_gone(self) -> None:
+        """Drop the entries of the indexes collected meanwhile (the lock held)."""
+        if not self._gone:
+            return
+        owners = set()
+        while self._gone:
+            owners.add(self._gone.popleft())
+        for key in [key for key in self._entries if key[0] in owners]:
+            self._drop(key)
 
     def get(self, key: tuple) -> _Completed | None:
         with self._lock:
+            self._forget_gone()
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
@@ -563,6 +579,7 @@ class _CompletionCache:
 
     def put(self, key: tuple, entry: _Completed) -> None:
         with self._lock:
+            self._forget_gone()
             self._drop(key)
             if entry.nbytes > COMPLETION_CACHE_BYTES:
                 return
@@ -572,10 +589,9 @@ class _CompletionCache:
                 self._drop(next(iter(self._entries)))
 
     def drop_owner(self, owner: int) -> None:
-        """Forget the entries of one index (called when it is garbage-collected)."""
-        with self._lock:
-            for key in [key for key in self._entries if key[0] == owner]:
-                self._drop(key)
+        """Forget the entries of one index (its finalizer: called when it is garbage-collected,
+        at any allocation of any thread, so it takes no lock; the next get or put drops them)."""
+        self._gone.append(owner)
 
     def _drop(self, key: tuple) -> None:
         entry = self._entries.pop(key, None)
@@ -584,7 +600,9 @@ class _CompletionCache:
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
+        with self._lock:
+            self._forget_gone()
+            return self._bytes
 
 
 _COMPLETIONS = _CompletionCache()

@@ -605,6 +605,35 @@ def test_an_index_that_is_gone_leaves_no_kept_rows():
     assert any(key[0] == token for key in neighbours._COMPLETIONS._entries)
     del index
     gc.collect()
+    assert neighbours._COMPLETIONS.nbytes >= 0  # (its entries go at the next use of the store)
+    assert not any(key[0] == token for key in neighbours._COMPLETIONS._entries)
+
+
+def test_an_index_collected_while_the_store_is_locked_does_not_wait_for_it():
+    """From the review: the finalizer of a collected index took the store's lock; a collection
+    that an allocation started while this thread held it ran that finalizer, which then waited
+    for the lock its own thread held, for ever. Here an index in a reference cycle is collected
+    while the lock is held; the finalizer must return, and its rows go at the next use."""
+    import gc
+    import threading
+
+    features = _duplicated_features(seed=7)
+    index = NeighbourIndex.from_features(features, list_size=3)
+    token = index._token
+    index.tables(np.arange(0, 150, 3)[None], 4)
+    index.cycle = index
+    del index
+    finished = threading.Event()
+
+    def collect_holding_the_lock() -> None:
+        with neighbours._COMPLETIONS._lock:
+            gc.collect()  # runs the finalizer on this thread, the lock held
+        finished.set()
+
+    worker = threading.Thread(target=collect_holding_the_lock, daemon=True)
+    worker.start()
+    assert finished.wait(20), "the finalizer waited for the lock its own thread holds"
+    assert neighbours._COMPLETIONS.nbytes >= 0
     assert not any(key[0] == token for key in neighbours._COMPLETIONS._entries)
 
 
