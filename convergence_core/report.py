@@ -1296,7 +1296,7 @@ def gpa_stability_section(
         tol, reused = float(settings["tol"]), False
         own = run.dispersion["mean"].to_numpy(dtype=np.float64)
         apart = np.abs(result.dispersion - own) / np.maximum(np.abs(own), 1e-12)
-        if apart.size and float(np.max(apart)) > 1e-5:  # (the run's are float32: ~1e-7)
+        if apart.size and float(np.max(apart)) > 1e-5:  # (rounding alone: ~1e-12)
             other = float(np.max(apart))
     else:
         table, summary, tol, reused = stored.table, stored.summary, stored.tol, True
@@ -1305,13 +1305,19 @@ def gpa_stability_section(
     words = summary if other is None else {**summary, "adopted_solution": 0}
     verdict = describe_stability(words, n_stimuli=run.n_stimuli, n_starts=n_starts, tol=tol)
     if other is not None:
-        runs_own = ("none" if stored is None
-                    else f"{stored.n_starts} random starts, seed {stored.seed}")
+        if stored is None:
+            runs_own = "none"
+            fix = (f"rerun its precompute with --gpa-starts {n_starts} (seed 0), then this "
+                   "report with --seed 0")
+        else:
+            runs_own = f"{stored.n_starts} random starts, seed {stored.seed}"
+            fix = (f"run this report with --gpa-starts {stored.n_starts} --seed {stored.seed} "
+                   "to read the run's own")
         verdict += (
             f" These {n_starts} random starts (seed {seed}) are the report's, not the run's "
             f"({runs_own}), and their lowest minimum is not the run's GPA (dispersions up to "
-            f"{100 * other:.2g} % apart): the spread is measured around another solution; rerun "
-            f"the precompute with --gpa-starts {n_starts} to measure it around the run's own."
+            f"{100 * other:.2g} % apart): the spread is measured around another solution; "
+            f"{fix}."
         )
     entry: dict[str, Any] = {"summary": summary, "stored": reused, "verdict": verdict}
     if other is not None:
@@ -1334,9 +1340,9 @@ PREDICTIVITY_ALL_PAIRS_MAX_STIMULI = 5_000
 #: comparisons, each row's foils a uniform draw: with independent draws its standard deviation
 #: about the all-pairs score is √(Σ pᵢ(1 − pᵢ)/F)/s ≤ 0.5/√(s·F) (pᵢ: row i's all-pairs score),
 #: 2.2e-4 at most just above the limit. Rows share a draw in blocks of 8
-#: (``predictivity._FOIL_BLOCK_ROWS``), which adds to it where targets have hubs: 1.7e-4 against
-#: the bound's 2.0e-4 at s = 6,000 on hub-heavy targets (blocks of 64 gave 5.2e-4). The 2AFC of
-#: random sets of 10,000 spreads ~9e-4 (sd).
+#: (``predictivity._FOIL_BLOCK_ROWS``), which adds to it where targets have hubs, at most
+#: √8-fold (6.3e-4 just above the limit); measured 0.8–1.6× the independent bound on hub-heavy
+#: synthetic targets. The 2AFC of random sets of 10,000 spreads ~9e-4 (sd).
 PREDICTIVITY_FOILS = 1_000
 
 
@@ -1370,9 +1376,10 @@ def predictivity_section(
             f"{foils:,} random others (seed {seed}; PREDICTIVITY_ALL_PAIRS_MAX_STIMULI "
             f"{PREDICTIVITY_ALL_PAIRS_MAX_STIMULI:,}), not all {size - 1:,}: all pairs cost "
             "O(s²) per set and direction; the sampled score's standard deviation about the "
-            f"all-pairs score is about {0.5 / math.sqrt(size * foils):.1e} or less (the bound "
-            "for independent draws; rows sharing a draw in blocks of 8 add to it where a few "
-            "targets are easy foils for every row)"
+            f"all-pairs score is at most {0.5 / math.sqrt(size * foils):.1e} for independent "
+            "draws, and rows share a draw in blocks of 8, which can raise it where a few targets "
+            "are easy foils for every row, at most to "
+            f"{math.sqrt(8) * 0.5 / math.sqrt(size * foils):.1e}"
         )
     named = [("low", 0, sets.low), ("high", 0, sets.high)] + [
         ("random", i, rows) for i, rows in enumerate(sets.random[:n_random])

@@ -646,7 +646,8 @@ def test_a_rerun_diagnostic_at_another_minimum_says_it_is_not_the_runs_gpa(
     _, entry = report.gpa_stability_section(run, tmp_path, n_starts=2, seed=1)
     assert entry["other_solution"] == pytest.approx(0.01, rel=1e-3)
     assert "are the report's, not the run's (4 random starts, seed 0)" in entry["verdict"]
-    assert "--gpa-starts 2" in entry["verdict"] and "are that solution's" not in entry["verdict"]
+    assert "with --gpa-starts 4 --seed 0 to read the run's own" in entry["verdict"]
+    assert "are that solution's" not in entry["verdict"]
     assert "written before GPA took" not in entry["verdict"]
 
 
