@@ -189,8 +189,8 @@ def _precompute_parser(sub: Any) -> None:
     parser.add_argument(
         "--gpa-starts",
         type=int,
-        help="random starts of the GPA stability diagnostic stored in the run (default 4; 0: none); "
-        "a start reaching a clearly lower minimum than Gower's start becomes the run's GPA",
+        help="random starts of the GPA stability diagnostic stored in the run (default 4; 0: "
+        "none); a start reaching a clearly lower minimum than Gower's start becomes the run's GPA",
     )
     parser.add_argument(
         "--gpa-stop",
@@ -450,6 +450,9 @@ def _merge_flags(config: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any
         if not isinstance(table, Mapping):
             continue
         gone = removed | (left_gpa | as_encoders if key == "gpa_layers" else as_files)
+        if key == "gpa_layers":  # an encoder now a file model: its layer only if a file has it
+            gone |= {m for m in as_files
+                     if table.get(m) not in ((flags.get("features") or {}).get(m) or {})}
         from_flags = flags.get(key) if isinstance(flags.get(key), Mapping) else {}
         merged[key] = {
             m: v for m, v in table.items() if m in from_flags or m not in gone

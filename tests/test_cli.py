@@ -503,6 +503,16 @@ def test_per_model_flags_merge_with_a_config_file_model_by_model(tmp_path, monke
     seen = _merged(monkeypatch, tmp_path, "--vision", "fv,e1", config=config)
     PrecomputeConfig.from_mapping(seen)  # a valid config
     assert seen["vision_models"] == ["fv", "e1"] and not seen.get("gpa_layers")
+    # and the mirror: an encoder of the config now a file model keeps its GPA layer only if one
+    # of its files has that layer
+    config = 'dataset = "data"\nvision_models = ["e1", "e2"]\ngpa_layers = { e1 = "blocks.3" }\n'
+    seen = _merged(monkeypatch, tmp_path, "--features", "e1:L1=e1.npy", "--modality",
+                   "e1=vision", config=config)
+    PrecomputeConfig.from_mapping(seen)  # a valid config
+    assert not seen.get("gpa_layers")
+    seen = _merged(monkeypatch, tmp_path, "--features", "e1:blocks.3=e1.npy", "--modality",
+                   "e1=vision", config=config)
+    assert seen["gpa_layers"] == {"e1": "blocks.3"}
 
     # a flag's own entry for a model not in the run is kept, and so refused, naming the setting
     seen = _merged(monkeypatch, tmp_path, "--weights", "nope=/w/n.pth")
