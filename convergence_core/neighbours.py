@@ -590,8 +590,16 @@ class _CompletionCache:
 
     def drop_owner(self, owner: int) -> None:
         """Forget the entries of one index (its finalizer: called when it is garbage-collected,
-        at any allocation of any thread, so it takes no lock; the next get or put drops them)."""
+        at any allocation of any thread, so it never waits for the lock: its rows go now if the
+        store is free, else at the next get or put)."""
         self._gone.append(owner)
+        # dropped now when no thread is using the store (a free lock: nobody is changing it);
+        # never waited for
+        if self._lock.acquire(blocking=False):
+            try:
+                self._forget_gone()
+            finally:
+                self._lock.release()
 
     def _drop(self, key: tuple) -> None:
         entry = self._entries.pop(key, None)

@@ -604,8 +604,7 @@ def test_an_index_that_is_gone_leaves_no_kept_rows():
     index.tables(np.arange(0, 150, 3)[None], 4)
     assert any(key[0] == token for key in neighbours._COMPLETIONS._entries)
     del index
-    gc.collect()
-    assert neighbours._COMPLETIONS.nbytes >= 0  # (its entries go at the next use of the store)
+    gc.collect()  # the store is free: its rows go at once (not only at the next use: review)
     assert not any(key[0] == token for key in neighbours._COMPLETIONS._entries)
 
 
