@@ -1026,6 +1026,7 @@ def restrict_stimuli(
                 "or give an id list"
             )
         keep = set(ids)
+        every_id = frozenset(ids)
         for source in config.sources():
             for layer, path in getattr(source, "files", {}).items():
                 file_ids = feature_file_ids(path, model=source.name, layer=layer)
@@ -1037,6 +1038,7 @@ def restrict_stimuli(
                 check_id_normalisation(
                     f"feature file {path} (model {source.name!r}, layer {layer!r})",
                     file_ids, [sid for sid in ids if sid in keep and sid not in listed],
+                    known=every_id,
                 )
                 if keep and not keep & listed:
                     raise ValueError(

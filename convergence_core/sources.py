@@ -40,7 +40,7 @@ import hashlib
 import os
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -542,7 +542,7 @@ def _row_order(
         )
     missing = [sid for sid in ids if sid not in position]
     if missing:
-        check_id_normalisation(where, file_ids, missing)
+        check_id_normalisation(where, file_ids, missing, known=set(ids))
     if missing and len(missing) == len(ids):
         raise FeatureIdsError(
             f"{where} lists none of the data set's {len(ids)} stimuli: its ids look like "
@@ -577,17 +577,23 @@ def _unicode_forms(ids: Sequence[str]) -> str:
     return "NFC" if nfc else "NFD" if nfd else "a mix of NFC and NFD"
 
 
-def check_id_normalisation(where: str, file_ids: Sequence[str], missing: Sequence[str]) -> None:
+def check_id_normalisation(
+    where: str, file_ids: Sequence[str], missing: Sequence[str], known: Collection[str] = ()
+) -> None:
     """FeatureIdsError when ids of the data set that the file lacks are in it written in another
     Unicode normal form: "café" as one character é (NFC) in one and as e + a combining accent
     (NFD, as macOS writes file names) in the other. Both print alike, so the ids are shown with
     ``ascii()``. They are not matched silently: ids are keys into the user's data, and two
-    distinct ids may share a normal form."""
+    distinct ids may share a normal form. A file id that is itself one of ``known`` (the data
+    set's ids) is that stimulus, not another's spelling: a data set holding both forms as two
+    stimuli is not refused for it."""
     by_form: dict[str, str] = {}
     for sid in file_ids:
         by_form.setdefault(unicodedata.normalize("NFC", sid), sid)
+    known = known if isinstance(known, (set, frozenset, dict)) else set(known)
     pairs = [(sid, by_form[form]) for sid in missing
-             if (form := unicodedata.normalize("NFC", sid)) in by_form and by_form[form] != sid]
+             if (form := unicodedata.normalize("NFC", sid)) in by_form and by_form[form] != sid
+             and by_form[form] not in known]
     if not pairs:
         return
     theirs, ours = _unicode_forms([f for _, f in pairs]), _unicode_forms([s for s, _ in pairs])

@@ -185,6 +185,13 @@ def test_ids_that_differ_only_in_unicode_normalisation_are_named(tmp_path, some)
     for read in (read_feature_file, check_feature_file):
         with pytest.raises(FeatureFileError, match=message):
             read(path, nfc, model="m", layer="l")
+    # a data set holding both forms as two stimuli: the file's NFC id is that stimulus, and the
+    # NFD one is a stimulus the file lacks (it was refused as a spelling of it; final review)
+    both = [*nfc, unicodedata.normalize("NFD", nfc[0])]
+    with pytest.raises(FeatureFileError, match="has no row for 1 of the data set's") as info:
+        check_feature_file(_save_npy(tmp_path / "nfc.npy", np.ones((N, 3)) + np.eye(N, 3), nfc),
+                           both, model="m", layer="l")
+    assert "Unicode" not in str(info.value)
     # ids that differ in more than their form keep the message about other ids
     other = [f"cafe_{i}" for i in range(N)]
     with pytest.raises(FeatureFileError, match="lists none of the data set's") as info:
