@@ -167,13 +167,7 @@ def demo_pool(pool_sets: int) -> tuple[np.ndarray, dict]:
     from convergence_core.subset_metrics import metric_on_sets
 
     run = load_run("demo")
-    best = analyses.best_language_layers(run, k=10)
-    layers = dict(zip(best["language_model"], best["language_layer"], strict=True))
-    pairs = [
-        analyses.Pair(vision, layer, language, layers[language])
-        for vision, layer in zip(run.gpa.models, run.gpa.layers, strict=True)
-        for language in run.language_models
-    ]
+    pairs = analyses.pairs_with_best_layers(run, k=10)  # Fig. 2's pairs, as the lab's
     indexes = analyses.indexes_for(run, pairs)
     keyed = [pair.sides for pair in pairs]
     size = run.n_stimuli // 4
