@@ -14,7 +14,17 @@ import pandas as pd
 import streamlit as st
 
 from convergence_core.analyses import pair_modalities
-from convergence_core.dashboard import catalogue, data, gallery, lab, page, plots, state, widgets
+from convergence_core.dashboard import (
+    catalogue,
+    controls,
+    data,
+    gallery,
+    lab,
+    page,
+    plots,
+    state,
+    widgets,
+)
 from convergence_core.stimulus_alignment import local_cka_base_size
 
 PER_SIDE = 6  # stimuli per side and page
@@ -28,6 +38,10 @@ ORDERS = {
 }
 ALIGNMENT_TAB = "Alignment vs dispersion"
 PAIR_KEY = "w_stimulus_pair"
+#: Session keys of the gallery's order, caption filter and selection switch (controls.row)
+ORDER_KEY = "w_gallery_order"
+FILTER_KEY = "w_caption_filter"
+ONLY_SELECTION_KEY = "w_only_selection"
 
 context = page.open_page("Stimuli", icon="🖼️")
 run, view = context.run, context.view
@@ -36,44 +50,45 @@ ids = found.ids
 n = run.n_stimuli
 path, stamp = str(run.path), data.manifest_stamp(run.path)
 
-controls = st.columns([1, 1, 1.6, 1.4])  # the last one holds the toggle's whole label
-with controls[0]:
-    score = widgets.score_radio(
-        view,
-        "Rank by",
-        help=f"mean: average residual across the {run.gpa_modality} models (GPA); PC1: score on "
-        "the first principal "
-        "component of the residuals (the paper's two dispersion measures).",
-    )
-with controls[1]:
-    # kept widgets: the choices stay while the user visits other pages
-    order_by = state.kept_widget(st.session_state, "w_gallery_order", lambda key: st.radio(
-        "Gallery order",
-        list(ORDERS),
-        key=key,
-        format_func=ORDERS.get,
-        help="dispersion (the score on the left), or per-stimulus alignment of one GPA model × "
-        "partner pair (a vision × language pair in most runs): k-NN overlap (share of a "
-        "stimulus's k nearest stimuli both models agree on) or local CKA (how much the "
-        "stimulus raises the CKA of a seeded base of "
-        f"{local_cka_base_size(n)} pairs).",
-    ))
-with controls[2]:
-    query = state.kept_widget(st.session_state, "w_caption_filter", lambda key: st.text_input(
-        "Filter by caption text" if run.has_captions else "Filter by id",
-        key=key,
-        placeholder="e.g. dog, kitchen, surf…" if run.has_captions else "part of an id",
-        help="Case-insensitive; matches any caption or the id.",
-    ))
+# one row drawn by the browser as one element (controls.py: a first visit ~0.18 s faster than
+# Streamlit's radios, text box and toggle); the choices stay while the user visits other pages
 selection = state.get_selection(st.session_state, run.name)
-with controls[3]:
-    only_selection = state.kept_widget(st.session_state, "w_only_selection", lambda key: st.toggle(
-        "Selection only",
-        key=key,
-        disabled=selection is None,
-        help="Only the stimuli of the current selection. Make a selection on the Residual space "
-        "page (box/lasso) or import one there.",
-    ))
+score = controls.bound_value(st.session_state, view, "score")
+order_by = controls.kept_value(st.session_state, ORDER_KEY, "dispersion")
+query = controls.kept_value(st.session_state, FILTER_KEY, "")
+only_selection = controls.kept_value(st.session_state, ONLY_SELECTION_KEY, False)
+controls.row(
+    [
+        controls.choice(
+            "score", "Rank by", state.SCORES, score, key=state.WIDGET_PREFIX + "score",
+            view="score", labels=plots.SCORE_NAME.get,
+            help=f"mean: average residual across the {run.gpa_modality} models (GPA); PC1: score "
+            "on the first principal component of the residuals (the paper's two dispersion "
+            "measures).",
+        ),
+        controls.choice(
+            "order", "Gallery order", list(ORDERS), order_by, key=ORDER_KEY, labels=ORDERS.get,
+            help="dispersion (the score on the left), or per-stimulus alignment of one GPA model "
+            "× partner pair (a vision × language pair in most runs): k-NN overlap (share of a "
+            "stimulus's k nearest stimuli both models agree on) or local CKA (how much the "
+            "stimulus raises the CKA of a seeded base of "
+            f"{local_cka_base_size(n)} pairs).",
+        ),
+        controls.text(
+            "filter", "Filter by caption text" if run.has_captions else "Filter by id", query,
+            key=FILTER_KEY, width=1.6,
+            placeholder="e.g. dog, kitchen, surf…" if run.has_captions else "part of an id",
+            help="Case-insensitive; matches any caption or the id.",
+        ),
+        controls.switch(
+            "only_selection", "Selection only", only_selection, key=ONLY_SELECTION_KEY,
+            disabled=selection is None, width=1.4,
+            help="Only the stimuli of the current selection. Make a selection on the Residual "
+            "space page (box/lasso) or import one there.",
+        ),
+    ],
+    key="stimuli-controls",
+)
 
 try:
     best_layers = (
@@ -208,19 +223,15 @@ with gallery_tab:
             f"{len(ranked)} of {n} stimuli shown, {PER_SIDE} per side and page, {n_pages} "
             f"page{'s' if n_pages > 1 else ''}."
         )
-        page_number = state.bind_widget(
-            st.session_state,
-            view,
-            "page",
-            lambda key: st.number_input(
-                "Page",
-                min_value=1,
-                max_value=n_pages,
-                step=1,
-                key=key,
-                help="Each page shows the next stimuli from both ends of the ranking.",
-            ),
-            coerce=lambda value: min(max(1, int(value)), n_pages),
+        page_number = controls.bound_value(
+            st.session_state, view, "page", lambda value: min(max(1, int(value)), n_pages)
+        )
+        controls.row(
+            [controls.number(
+                "page", "Page", page_number, 1, n_pages, key=state.WIDGET_PREFIX + "page",
+                view="page", help="Each page shows the next stimuli from both ends of the ranking.",
+            )],
+            key="stimuli-page",
         )
         low_rows, high_rows = catalogue.gallery_page(ranked, page_number, PER_SIDE)
         if len(ranked) == 0:

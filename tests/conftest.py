@@ -194,3 +194,16 @@ def run(_cache_dir: Path, monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setenv("CONVERGENCE_CACHE", str(_cache_dir))
     return load_run(_cache_dir / "runs" / "demo")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per test module, for the components' own code
+    (tests/browser_components.py); skipped where Playwright is not installed."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    from convergence_core.dashboard.headless import launch_chromium
+
+    with playwright.sync_playwright() as driver:
+        chromium = launch_chromium(driver)
+        yield chromium
+        chromium.close()

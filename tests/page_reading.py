@@ -86,3 +86,44 @@ def gallery_cards(at, key: str | None = None) -> list[dict]:  # noqa: ANN001
 def gallery_texts(at, key: str | None = None) -> list[str]:  # noqa: ANN001
     """The text of every gallery card (label and first caption), in page order."""
     return [card["text"] for card in gallery_cards(at, key)]
+
+
+def _control_rows(at):  # noqa: ANN001, ANN202
+    import json
+
+    from convergence_core.dashboard import controls
+
+    for element in at.get("bidi_component"):
+        if element.proto.component_name == controls.COMPONENT:
+            yield json.loads(element.proto.json)
+
+
+def controls_shown(at) -> dict[str, dict]:  # noqa: ANN001
+    """name → field (as a dict: ``kind``, ``label``, ``value``, ``options``, ``disabled``...) of
+    every control every ``controls.row`` on the page sent to the browser (AppTest cannot look
+    inside a component)."""
+    return {f["name"]: f for data in _control_rows(at) for f in data["fields"]}
+
+
+def change_control(at, name: str, value, *, timeout: float = 60):  # noqa: ANN001, ANN201
+    """Change the control ``name`` to ``value`` and rerun: what a change in the browser does
+    (the row's ``change`` trigger set, ``controls.store_change`` run on the session before the
+    rerun). The browser test (tests/test_end_to_end.py) changes the real controls."""
+    from convergence_core.dashboard import controls
+
+    rows = [data for data in _control_rows(at) if any(f["name"] == name for f in data["fields"])]
+    assert len(rows) == 1, f"no control (or several) named {name!r} on the page"
+    key = rows[0]["row"]
+    fields = [controls.field_from_data(f) for f in rows[0]["fields"]]
+
+    class Changed:  # the session state as the callback sees it, the trigger set
+        def get(self, item, default=None):  # noqa: ANN001, ANN202
+            if item == key:
+                return {controls.TRIGGER: {"name": name, "value": value}}
+            return at.session_state[item] if item in at.session_state else default
+
+        def __setitem__(self, item, new) -> None:  # noqa: ANN001
+            at.session_state[item] = new
+
+    controls.store_change(Changed(), key, fields)
+    return at.run(timeout=timeout)

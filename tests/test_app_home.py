@@ -13,7 +13,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from convergence_core.dashboard import data, page, state, widgets
-from tests.page_reading import gallery_cards, shown
+from tests.page_reading import change_control, controls_shown, gallery_cards, shown
 from convergence_core.run import RunInfo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -363,12 +363,31 @@ def test_view_survives_page_switches(synthetic_cache: Path) -> None:
     at.query_params["k"] = "6"
     at.run(timeout=TIMEOUT)
     at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
-    assert at.radio(key="w_score").value == "pc1"
+    assert controls_shown(at)["score"]["value"] == "pc1"
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
     assert at.radio(key="w_score").value == "pc1" and at.slider(key="w_k").value == 6
     at.slider(key="w_k").set_value(4).run(timeout=TIMEOUT)
     at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
     assert at.query_params["k"] == "4" and at.query_params["score"] == "pc1"
+
+
+def test_a_score_chosen_on_the_stimuli_page_is_every_pages_score(synthetic_cache: Path) -> None:
+    """The Stimuli page's score is a control drawn by the browser (``controls.row``), the other
+    pages' a Streamlit radio: a change on either shows on the other and in the URL, both ways."""
+    at = _app().run(timeout=TIMEOUT)
+    at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
+    assert controls_shown(at)["score"]["value"] == "mean"
+    change_control(at, "score", "pc1")
+    assert at.query_params["score"] == "pc1"
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    assert at.radio(key="w_score").value == "pc1"
+    at.radio(key="w_score").set_value("mean").run(timeout=TIMEOUT)
+    at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
+    assert controls_shown(at)["score"]["value"] == "mean" and at.query_params["score"] == "mean"
+    change_control(at, "score", "no such score")  # ignored, as the browser cannot send it
+    assert controls_shown(at)["score"]["value"] == "mean"
+    at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
+    assert at.radio(key="w_score").value == "mean"
 
 
 def test_switching_runs_keeps_every_page_working(synthetic_cache: Path) -> None:
@@ -421,8 +440,8 @@ def test_each_pages_choices_survive_visits_to_other_pages(synthetic_cache: Path)
     at.button_group(key="w_vision").set_value(["vision-b"]).run(timeout=TIMEOUT)
     at.button_group(key="w_lab_metric").set_value("mutual_knn").run(timeout=TIMEOUT)
     at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
-    at.radio(key="w_gallery_order").set_value("knn_overlap")
-    at.text_input(key="w_caption_filter").set_value("a").run(timeout=TIMEOUT)
+    change_control(at, "order", "knn_overlap")
+    change_control(at, "filter", "a")
     at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
     at.radio(key="w_projection").set_value("UMAP").run(timeout=TIMEOUT)
     at.switch_page("pages/6_Universal_space.py").run(timeout=TIMEOUT)
@@ -438,8 +457,8 @@ def test_each_pages_choices_survive_visits_to_other_pages(synthetic_cache: Path)
     assert at.button_group(key="w_vision").value == ["vision-b"]
     assert at.button_group(key="w_lab_metric").value == "mutual_knn"
     at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
-    assert at.radio(key="w_gallery_order").value == "knn_overlap"
-    assert at.text_input(key="w_caption_filter").value == "a"
+    assert controls_shown(at)["order"]["value"] == "knn_overlap"
+    assert controls_shown(at)["filter"]["value"] == "a"
     at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
     assert at.radio(key="w_projection").value == "UMAP"
     assert not at.warning, [w.value for w in at.warning]

@@ -490,7 +490,8 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
             page.wait_for_selector(".card img", timeout=30_000)  # inside the gallery component
             page.wait_for_function(
                 f"() => ({PAGE_DRAWN})() && "
-                "document.querySelectorAll('[data-testid^=\"stBidiComponent\"]').length === 2",
+                # the row of controls, the page number and the two galleries
+                "document.querySelectorAll('[data-testid^=\"stBidiComponent\"]').length === 4",
                 timeout=30_000,
             )
             page.screenshot(path=str(STIMULI_SCREENSHOT), full_page=False)
@@ -504,6 +505,28 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
             assert "Rank by mean residual" in body and f"id {highest}" in body
             assert "239 / 239" in body  # its rank by mean residual: the highest of the 239
             assert page.locator('[data-testid="stDataFrame"]').count() == 2  # neighbours
+            # Stimuli's controls (controls.row: native controls in one component) drive the
+            # page: PC1, page 2, then a filter that matches nothing
+            page.goto(f"{base}/Stimuli")
+            _wait_idle(page)
+            first = page.locator(".card").first.get_attribute("data-id")
+            page.get_by_role("radio", name="PC1 score").check()
+            page.wait_for_function("() => location.search.includes('score=pc1')", timeout=30_000)
+            _wait_idle(page)
+            number = page.get_by_role("spinbutton", name="Page")
+            number.fill("2")
+            number.press("Enter")
+            page.wait_for_function("() => location.search.includes('page=2')", timeout=30_000)
+            _wait_idle(page)
+            assert page.locator(".card").first.get_attribute("data-id") != first
+            assert page.get_by_role("radio", name="PC1 score").is_checked()
+            box = page.get_by_role("textbox", name="Filter by caption text")
+            box.fill("zzzz-no-such-caption")
+            box.press("Enter")
+            page.wait_for_function(
+                "() => document.body.innerText.includes('No stimulus matches')", timeout=30_000
+            )
+            assert page.get_by_role("switch", name="Selection only").is_disabled()
             page.goto(f"{base}/")
             _wait_idle(page)
             page.screenshot(path=str(SCREENSHOT), full_page=False)

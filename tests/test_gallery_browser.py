@@ -7,10 +7,9 @@ The pages' AppTests check what is sent (tests/page_reading.py ``gallery_cards``)
 
 from __future__ import annotations
 
-import pytest
-
 from convergence_core.dashboard import gallery
-from convergence_core.dashboard.headless import CLIPPED_CONTENT, launch_chromium
+from convergence_core.dashboard.headless import CLIPPED_CONTENT
+from tests.browser_components import mount
 
 HOSTILE = '<img src=x onerror="window.__pwned = 1"><script>window.__pwned = 2</script> **b**'
 # a 1×1 white JPEG
@@ -19,22 +18,6 @@ PIXEL = (
     "CQgKCgkICQkKDA8MCgsOCwkJDRENDg8QEBEQCgwSExIQEw8QEBD/yQALCAABAAEBAREA/8wABgAQEAX/2gAIAQEAAD8A"
     "0s8g/9k="
 )
-
-#: The component's module loaded as the page loads it, mounted in a shadow root holding its CSS
-#: (as Streamlit mounts it) with the ``component`` object it receives (``data``,
-#: ``parentElement``, ``setTriggerValue``); the triggers it sets are kept in ``window.__triggers``.
-MOUNT = """async ([code, css, data]) => {
-  const url = URL.createObjectURL(new Blob([code], {type: 'text/javascript'}));
-  const module = await import(url);
-  window.__triggers = [];
-  const parentElement = document.getElementById('root').attachShadow({mode: 'open'});
-  const style = document.createElement('style');
-  style.textContent = css;
-  parentElement.appendChild(style);
-  const setTriggerValue = (name, value) => window.__triggers.push([name, value]);
-  module.default({data, parentElement, setTriggerValue});
-  module.default({data, parentElement, setTriggerValue});  // a rerun redraws, never duplicates
-}"""
 
 
 def _card(
@@ -46,20 +29,8 @@ def _card(
     }
 
 
-@pytest.fixture(scope="module")
-def browser():
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as driver:
-        chromium = launch_chromium(driver)
-        yield chromium
-        chromium.close()
-
-
 def _mount(browser, data: dict, width: int = 1024):  # noqa: ANN001, ANN202
-    page = browser.new_page(viewport={"width": width, "height": 800})
-    page.set_content("<div data-testid='stMain'><div id='root'></div></div>")
-    page.evaluate(MOUNT, [gallery.GALLERY_JS, gallery.GALLERY_CSS, data])
-    return page
+    return mount(browser, gallery.GALLERY_JS, gallery.GALLERY_CSS, data, width)
 
 
 def test_cards_show_user_text_as_text_and_inspect_reports_the_id(browser) -> None:

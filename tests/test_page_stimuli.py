@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from convergence_core import settings
 from convergence_core.dashboard import gallery, widgets
-from tests.page_reading import cards, gallery_cards, gallery_texts
+from tests.page_reading import cards, change_control, controls_shown, gallery_cards, gallery_texts
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -93,8 +93,9 @@ def _press_inspect(at: AppTest, side: str, identifier: str) -> None:
     at.run(timeout=TIMEOUT)
 
 
-def _widget(widgets, label_start: str):
-    return next(w for w in widgets if w.label.startswith(label_start))
+def _shown(at: AppTest, name: str):
+    """The value the control ``name`` shows (``controls.row``)."""
+    return controls_shown(at)[name]["value"]
 
 
 def _expected(run, score: str, rows_per_side: int, page: int) -> tuple[list[str], list[str]]:
@@ -120,13 +121,13 @@ def test_gallery_ranks_lowest_and_highest_side_by_side(run) -> None:
 def test_paging_and_score_change_the_shown_ids(run) -> None:
     at = _page()
     first = _gallery_ids(at)
-    _widget(at.number_input, "Page").set_value(2).run(timeout=TIMEOUT)
+    change_control(at, "page", 2)
     second = _gallery_ids(at)
     assert second == sum(_expected(run, "mean", PER_SIDE, 2), [])
     assert not set(second[:PER_SIDE]) & set(first[:PER_SIDE])
     assert at.query_params["page"] == "2"
 
-    _widget(at.radio, "Rank by").set_value("pc1").run(timeout=TIMEOUT)
+    change_control(at, "score", "pc1")
     assert _gallery_ids(at) == sum(_expected(run, "pc1", PER_SIDE, 2), [])
     assert at.query_params["score"] == "pc1"
 
@@ -138,7 +139,7 @@ def test_the_pages_show_every_stimulus_once_under_its_own_end(run) -> None:
     assert "4 pages" in " ".join(t.value for t in at.text)  # 40 stimuli, 12 per page
     shown_low, shown_high = [], []
     for number in range(1, 5):
-        _widget(at.number_input, "Page").set_value(number).run(timeout=TIMEOUT)
+        change_control(at, "page", number)
         ids = _gallery_ids(at)
         low, high = _expected(run, "mean", PER_SIDE, number)
         assert ids == low + high
@@ -152,20 +153,20 @@ def test_the_pages_show_every_stimulus_once_under_its_own_end(run) -> None:
 
 def test_query_params_start_the_widgets(run) -> None:
     at = _page({"score": "pc1", "page": "3"})
-    assert _widget(at.radio, "Rank by").value == "pc1"
-    assert _widget(at.number_input, "Page").value == 3
+    assert _shown(at, "score") == "pc1"
+    assert _shown(at, "page") == 3
     assert _gallery_ids(at) == sum(_expected(run, "pc1", PER_SIDE, 3), [])
 
 
 def test_page_beyond_the_last_is_clamped_and_bad_page_warns(run) -> None:
     at = _page({"page": "99"})
-    assert _widget(at.number_input, "Page").value == 4  # 40 stimuli, 6 from each end per page
+    assert _shown(at, "page") == 4  # 40 stimuli, 6 from each end per page
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
     at.query_params["page"] = "first"
     at.run(timeout=TIMEOUT)  # the session's first page reads the URL and warns
     assert any("page='first' is not a whole number" in w.value for w in at.warning)
     at.switch_page(PAGE).run(timeout=TIMEOUT)
-    assert _widget(at.number_input, "Page").value == 1
+    assert _shown(at, "page") == 1
 
 
 def test_caption_filter_keeps_only_matching_stimuli(run) -> None:
@@ -179,14 +180,12 @@ def test_caption_filter_keeps_only_matching_stimuli(run) -> None:
     assert 0 < len(matching) <= 2 * PER_SIDE, (
         "pick a filter word that matches a handful of the 40 stimuli"
     )
-    _widget(at.text_input, "Filter by caption").set_value("DOG").run(timeout=TIMEOUT)
+    change_control(at, "filter", "DOG")
     shown = _gallery_ids(at)
     assert set(shown) == matching
     assert any(t.value.startswith(f"{len(matching)} of 40 stimuli shown") for t in at.text)
 
-    _widget(at.text_input, "Filter by caption").set_value("zzzz-no-such-caption").run(
-        timeout=TIMEOUT
-    )
+    change_control(at, "filter", "zzzz-no-such-caption")
     assert _gallery_ids(at) == []
     assert any("No stimulus matches" in i.value for i in at.info)
 
@@ -284,10 +283,10 @@ def test_only_selection_toggle_restricts_the_gallery(run) -> None:
 
     at = _page()
     chosen = list(run.stimuli["id"].iloc[[1, 5, 7]])
-    assert at.toggle(key="w_only_selection").disabled  # nothing selected yet
+    assert controls_shown(at)["only_selection"]["disabled"]  # nothing selected yet
     state.set_selection(at.session_state, "demo", chosen, origin="test")
     at.run(timeout=TIMEOUT)
-    at.toggle(key="w_only_selection").set_value(True).run(timeout=TIMEOUT)
+    change_control(at, "only_selection", True)
     shown = _gallery_ids(at)
     assert set(shown) == set(chosen)
 
@@ -355,7 +354,7 @@ def test_gallery_ranked_by_per_stimulus_knn_overlap(run) -> None:
     from convergence_core.analyses import best_language_layers
 
     at = _page({"k": "5"})
-    at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
+    change_control(at, "order", "knn_overlap")
     assert not at.exception, at.exception
     pair_box = at.selectbox(key="w_stimulus_pair")
     pair_box.set_value(("vision-a", "language-b")).run(timeout=TIMEOUT)
@@ -382,7 +381,7 @@ def test_the_gallery_uses_the_k_the_lab_uses(run) -> None:
     from convergence_core.analyses import best_language_layers
 
     at = _page({"k": "200"})
-    at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
+    change_control(at, "order", "knn_overlap")
     assert not at.exception, at.exception
     assert any("(k = 9, chosen in the Alignment lab and lowered below its set size)"
                in caption.value for caption in at.caption), [
@@ -431,7 +430,7 @@ def test_pairs_whose_labels_coincide_are_two_choices(tmp_path, monkeypatch) -> N
                               vision_models=vision, language_models=language, thumbnails=False)
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
     at = _page()
-    at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
+    change_control(at, "order", "knn_overlap")
     assert not at.exception, at.exception
     box = at.selectbox(key="w_stimulus_pair")
     assert len(box.options) == 4
@@ -459,7 +458,7 @@ def test_a_run_of_three_or_four_stimuli_says_what_it_lacks(tmp_path, monkeypatch
     assert not at.exception, at.exception
     assert "needs at least 5" in " ".join(i.value for i in at.info)
     at.session_state[widgets.STIMULI_TAB_KEY] = "Gallery"
-    at.radio(key="w_gallery_order").set_value("local_cka").run(timeout=TIMEOUT)
+    change_control(at, "order", "local_cka")
     assert not at.exception, at.exception
     assert "needs at least 5" in " ".join(e.value for e in at.error)
 
@@ -475,7 +474,7 @@ def test_brain_recordings_have_per_stimulus_alignment_and_neighbours(
     assert brain.partner_models == ["subj01"]
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
     at = _page({"k": "5"})
-    at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
+    change_control(at, "order", "knn_overlap")
     assert not at.exception and not at.error, [e.value for e in at.error]
     pair_box = at.selectbox(key="w_stimulus_pair")
     assert pair_box.label.startswith("GPA model × partner pair")
@@ -501,7 +500,7 @@ def test_gallery_ranked_by_local_cka_and_the_alignment_tab(run) -> None:
     from convergence_core.stimulus_alignment import local_cka
 
     at = _page()
-    at.radio(key="w_gallery_order").set_value("local_cka").run(timeout=TIMEOUT)
+    change_control(at, "order", "local_cka")
     best = dict(zip(*best_language_layers(run).iloc[:, :2].T.values, strict=True))
     pair = Pair("vision-a", "stage2", "language-a", best["language-a"])
     delta = local_cka(
@@ -539,7 +538,7 @@ def test_large_runs_compute_per_stimulus_alignment_on_a_button(
     data.st.cache_data.clear()
     data._finished().clear()
     at = _page()
-    at.radio(key="w_gallery_order").set_value("knn_overlap").run(timeout=TIMEOUT)
+    change_control(at, "order", "knn_overlap")
     assert any("computed when you ask" in i.value for i in at.info)
     assert not _aligned_cards(at)
     at.button(key="w_gallery_compute").click().run(timeout=TIMEOUT)

@@ -1,0 +1,336 @@
+"""A row of a page's controls (one-of choices, a text filter, a switch, a whole number) drawn by
+the browser as one element.
+
+Streamlit draws each kind of widget with its own code, which the browser loads, runs and lays out
+the first time a page shows that kind: the Stimuli page's row of two radios, a text box and a
+toggle, with the page-number box below, made its first visit 0.18 s slower than the same page
+without them (1.78x a bare Streamlit page against 1.39x, 11 rounds in one run,
+``benchmarks/bench_dashboard.py --beside``). Drawn here as native HTML controls inside one
+``st.components.v2`` component (the gallery's cards are one too, so the page loads no new code),
+the same row cost next to nothing: 1.37x against 1.69x (``docs/PERFORMANCE.md``).
+
+The row is *controlled*: Python holds every value in the session (under each field's ``key``,
+and in the URL's view for the fields bound to it), the row shows those values, and a change in
+the browser sets the component's ``change`` trigger to ``{"name": field, "value": new}``. The
+callback (:func:`store_change`) checks the value against its field (one of the options, a whole
+number in range, text, a switch that is not disabled) and stores it; anything else is ignored.
+So a page reads its values from the session, before or after drawing the row, and another page
+(or the URL) may change them.
+
+Safety: labels, options, help and placeholders are written with ``textContent`` and attributes
+(never as HTML); a typed text is only ever compared with captions and ids.
+
+What the browser receives (the component's ``data``)::
+
+    {"row": "stimuli-controls", "fields": [
+        {"kind": "choice", "name": "score", "label": "Rank by", "help": "...",
+         "key": "w_score", "view": "score",  # where the value is kept (not used by the browser)
+         "options": ["mean", "pc1"], "labels": ["mean residual", "PC1 score"], "value": "mean",
+         "disabled": false, "width": 1.0},
+        {"kind": "text", ..., "value": "", "placeholder": "e.g. dog"},
+        {"kind": "switch", ..., "value": false},
+        {"kind": "number", ..., "value": 1, "low": 1, "high": 40}]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import streamlit as st
+
+from . import state
+
+#: Name of the component (unique in the app)
+COMPONENT = "convergence_controls"
+#: The trigger a change in the browser sets: ``{"name": field name, "value": new value}``
+TRIGGER = "change"
+#: Longest text a text field stores (a filter; longer input is cut there)
+TEXT_LIMIT = 1_000
+
+Kind = Literal["choice", "text", "switch", "number"]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One control of a row.
+
+    ``kind``: ``choice`` (one of ``options``, shown as ``labels``: a radio group), ``text`` (a
+    text box, committed on Enter or when it loses focus), ``switch`` (on/off) or ``number`` (a
+    whole number from ``low`` to ``high``). ``key``: the session key holding the value;
+    ``view``: the :class:`state.View` field (so the URL) that holds it too, or "". ``width``:
+    the field's share of the row (as ``st.columns``' widths).
+    """
+
+    kind: Kind
+    name: str
+    label: str
+    value: Any
+    key: str
+    view: str = ""
+    help: str = ""
+    options: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    placeholder: str = ""
+    low: int = 0
+    high: int = 0
+    disabled: bool = False
+    width: float = 1.0
+
+    def checked(self, value: object) -> tuple[bool, Any]:
+        """``(ok, value)``: ``value`` as this field stores it, or ``(False, None)`` when the field
+        cannot take it (not an option, not a whole number, a disabled field...)."""
+        if self.disabled:
+            return False, None
+        if self.kind == "choice":
+            return (True, value) if isinstance(value, str) and value in self.options else (
+                False, None)
+        if self.kind == "text":
+            return (True, value[:TEXT_LIMIT]) if isinstance(value, str) else (False, None)
+        if self.kind == "switch":
+            return (True, value) if isinstance(value, bool) else (False, None)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False, None
+        if value != value or value in (float("inf"), float("-inf")):  # NaN, ±inf
+            return False, None
+        return True, min(max(int(round(value)), self.low), self.high)
+
+
+def field_from_data(data: dict[str, Any]) -> Field:
+    """A :class:`Field` from its form in the component's ``data`` (:func:`row`)."""
+    return Field(**{name: tuple(value) if isinstance(value, list) else value
+                    for name, value in data.items()})
+
+
+def choice(
+    name: str, label: str, options: Sequence[str], value: str, *, key: str,
+    labels: Callable[[str], str] = str, **extra: Any,
+) -> Field:
+    """A one-of choice (a radio group): ``options`` shown as ``labels(option)``."""
+    return Field("choice", name, label, value, key, options=tuple(options),
+                 labels=tuple(labels(o) for o in options), **extra)
+
+
+def text(name: str, label: str, value: str, *, key: str, **extra: Any) -> Field:
+    """A text box (committed on Enter or when it loses focus)."""
+    return Field("text", name, label, value, key, **extra)
+
+
+def switch(name: str, label: str, value: bool, *, key: str, **extra: Any) -> Field:
+    """An on/off switch."""
+    return Field("switch", name, label, bool(value), key, **extra)
+
+
+def number(name: str, label: str, value: int, low: int, high: int, *, key: str,
+           **extra: Any) -> Field:
+    """A whole number from ``low`` to ``high`` (a number box with steps of 1)."""
+    return Field("number", name, label, int(value), key, low=int(low), high=int(high), **extra)
+
+
+def bound_value(
+    session_state: MutableMapping[str, Any], view: state.View, name: str,
+    coerce: Callable[[Any], Any] = lambda value: value,
+) -> Any:
+    """The value of the view's field ``name`` for a row's field bound to it (``coerce``: e.g.
+    clamped into the field's range), stored back in the view and under ``w_<name>``, where the
+    other pages' widgets of the same view field (:func:`state.bind_widget`) read it."""
+    value = coerce(getattr(view, name))
+    setattr(view, name, value)
+    session_state[state.WIDGET_PREFIX + name] = value
+    return value
+
+
+def kept_value(session_state: MutableMapping[str, Any], key: str, default: Any) -> Any:
+    """The value stored under ``key`` (a row's field not bound to the view), else ``default``."""
+    return session_state.get(key, default)
+
+
+def store_change(
+    session_state: MutableMapping[str, Any], component_key: str, fields: Sequence[Field]
+) -> None:
+    """The callback of a change in the row keyed ``component_key``: the field named by the
+    trigger takes the new value if it can (:meth:`Field.checked`), under its ``key`` and in the
+    view for a field bound to it; any other trigger is ignored."""
+    change = (session_state.get(component_key) or {}).get(TRIGGER)
+    if not isinstance(change, dict):
+        return
+    named = {f.name: f for f in fields}
+    target = named.get(change.get("name"))
+    if target is None:
+        return
+    ok, value = target.checked(change.get("value"))
+    if not ok:
+        return
+    session_state[target.key] = value
+    if target.view:
+        view = session_state.get(state.VIEW_KEY)
+        if isinstance(view, state.View):
+            setattr(view, target.view, value)
+
+
+#: The row's code: builds the controls once per set of fields (names, kinds, options, labels),
+#: then on every rerun sets their values from ``data``; a committed change sets the ``change``
+#: trigger. Text only ever goes in through ``textContent`` and attributes.
+CONTROLS_JS = """
+export default function (component) {
+  const { data, parentElement, setTriggerValue } = component;
+  const make = (tag, className, text) => {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  const send = (name, value) => setTriggerValue('change', { name, value });
+  const layout = JSON.stringify(data.fields.map((f) => [
+    f.kind, f.name, f.label, f.help, f.options, f.labels, f.placeholder]));
+  let row = parentElement.querySelector('.controls');
+  if (!row || row.dataset.layout !== layout) {
+    const old = row;
+    row = make('div', 'controls');
+    row.dataset.layout = layout;
+    if (old) old.replaceWith(row);
+    else parentElement.appendChild(row);
+    data.fields.forEach((field, index) => {
+      const id = `control-${index}`;
+      const box = make('div', `field ${field.kind}`);
+      box.dataset.name = field.name;
+      // the label, then its help as a "?" whose tooltip and accessible name are the help text
+      const head = make('div', 'head');
+      const title = make(field.kind === 'choice' ? 'span' : 'label', 'label', field.label);
+      title.id = `${id}-label`;
+      if (field.kind !== 'choice') title.htmlFor = id;
+      head.appendChild(title);
+      if (field.help) {
+        const help = make('span', 'help', '?');
+        help.title = field.help;
+        help.tabIndex = 0;
+        help.setAttribute('role', 'img');
+        help.setAttribute('aria-label', field.help);
+        head.appendChild(help);
+      }
+      if (field.kind === 'switch') {
+        const input = make('input');
+        input.type = 'checkbox';
+        input.id = id;
+        input.setAttribute('role', 'switch');
+        input.onchange = () => send(field.name, input.checked);
+        const line = make('div', 'line');
+        line.appendChild(input);
+        line.appendChild(head);
+        box.appendChild(line);
+      } else if (field.kind === 'choice') {
+        box.appendChild(head);
+        const options = make('div', 'options');
+        options.setAttribute('role', 'radiogroup');
+        options.setAttribute('aria-labelledby', title.id);
+        field.options.forEach((option, i) => {
+          const line = make('label', 'line');
+          const input = make('input');
+          input.type = 'radio';
+          input.name = `${field.name}-${index}`;
+          input.value = option;
+          input.onchange = () => { if (input.checked) send(field.name, option); };
+          line.appendChild(input);
+          line.appendChild(make('span', '', field.labels[i]));
+          options.appendChild(line);
+        });
+        box.appendChild(options);
+      } else {
+        box.appendChild(head);
+        const input = make('input');
+        input.id = id;
+        if (field.kind === 'number') {
+          input.type = 'number';
+          input.step = 1;
+          input.onchange = () => {  // a typed number is rounded and kept in range here too
+            const typed = Number(input.value);
+            if (input.value === '' || !Number.isFinite(typed)) {
+              input.value = input.dataset.value;
+              return;
+            }
+            // the range of the latest rerun (a filter changes the number of pages)
+            const low = Number(input.min);
+            const value = Math.min(Number(input.max), Math.max(low, Math.round(typed)));
+            input.value = String(value);
+            if (String(value) !== input.dataset.value) send(field.name, value);
+          };
+        } else {
+          input.type = 'text';
+          input.placeholder = field.placeholder;
+          input.onchange = () => send(field.name, input.value);
+        }
+        box.appendChild(input);
+      }
+      row.appendChild(box);
+    });
+  }
+  data.fields.forEach((field, index) => {
+    const box = row.children[index];
+    box.style.flexGrow = field.width;
+    box.classList.toggle('disabled', field.disabled);
+    box.querySelectorAll('input').forEach((input) => {
+      input.disabled = field.disabled;
+      if (field.kind === 'choice') input.checked = input.value === field.value;
+      else if (field.kind === 'switch') input.checked = field.value;
+      else {
+        if (field.kind === 'number') { input.min = field.low; input.max = field.high; }
+        input.dataset.value = String(field.value);
+        if (input.value !== String(field.value)) input.value = String(field.value);
+      }
+    });
+  });
+  row.dataset.drawn = '1';  // the browser test and benchmark wait for this
+}
+"""
+
+#: The controls' look, from Streamlit's theme variables (light and dark themes alike)
+CONTROLS_CSS = """
+.controls { display: flex; flex-wrap: wrap; gap: 0.75rem 1rem; font-family: var(--st-font);
+  color: var(--st-text-color); font-size: var(--st-base-font-size, 1rem); }
+.field { flex: 1 1 12rem; min-width: 0; margin: 0; padding: 0; border: none;
+  display: flex; flex-direction: column; gap: 0.25rem; }
+.head { display: flex; align-items: center; gap: 0.3rem; font-size: 0.875rem; }
+.switch .head { gap: 0.3rem; }
+.help { display: inline-flex; width: 1rem; height: 1rem; border-radius: 50%; font-size: 0.7rem;
+  align-items: center; justify-content: center; cursor: help; opacity: 0.6;
+  border: 1px solid currentColor; }
+.options { display: flex; flex-wrap: wrap; gap: 0.25rem 1rem; min-height: 2.5rem;
+  align-items: center; }
+.line { display: inline-flex; align-items: center; gap: 0.4rem; cursor: pointer;
+  font-size: 0.875rem; }
+.switch .line { min-height: 2.5rem; margin-top: 1.3rem; }
+input[type=radio] { accent-color: var(--st-primary-color); margin: 0; width: 1rem;
+  height: 1rem; cursor: pointer; }
+input[role=switch] { appearance: none; position: relative; flex: none; margin: 0;
+  width: 2rem; height: 1.125rem; border-radius: 1rem; cursor: pointer; transition: 0.15s;
+  background: color-mix(in srgb, var(--st-text-color) 25%, transparent); }
+input[role=switch]::before { content: ""; position: absolute; top: 0.125rem; left: 0.125rem;
+  width: 0.875rem; height: 0.875rem; border-radius: 50%; background: #fff; transition: 0.15s; }
+input[role=switch]:checked { background: var(--st-primary-color); }
+input[role=switch]:checked::before { left: 1rem; }
+input[type=text], input[type=number] { font: inherit; font-size: 0.875rem; height: 2.5rem;
+  box-sizing: border-box; width: 100%; padding: 0 0.75rem; color: var(--st-text-color);
+  background: var(--st-secondary-background-color); border: 1px solid transparent;
+  border-radius: var(--st-base-radius, 0.5rem); }
+input[type=text]:focus, input[type=number]:focus { outline: none;
+  border-color: var(--st-primary-color); }
+.number { max-width: 20rem; }
+.disabled { opacity: 0.55; }
+.disabled .line, .disabled input { cursor: not-allowed; }
+"""
+
+_component = st.components.v2.component(COMPONENT, js=CONTROLS_JS, css=CONTROLS_CSS)
+
+
+def row(fields: Sequence[Field], *, key: str) -> None:
+    """Draw ``fields`` as one row (one element) keyed ``key``; a change in the browser is stored
+    by :func:`store_change` before the page reruns."""
+    names = [f.name for f in fields]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a row's fields need distinct names; got {names}")
+    _component(
+        key=key,
+        data={"row": key, "fields": [asdict(f) for f in fields]},
+        on_change_change=lambda: store_change(st.session_state, key, fields),
+    )
