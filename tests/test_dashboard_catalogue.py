@@ -43,6 +43,18 @@ def test_catalogue_matches_the_run(run) -> None:
     assert found.spearman == pytest.approx(spearmanr(mean, pc1).statistic)
 
 
+@pytest.mark.parametrize("query", ["", "0", "no such text"])
+def test_a_match_is_the_callers_own_array(run, query) -> None:
+    """The Stimuli page narrows the filter's rows to a selection in place: pandas had handed out
+    a read-only array, and the page raised "output array is read-only"."""
+    found = build_catalogue(run)
+    expected = found.matching(query).copy()
+    first = found.matching(query)
+    assert first.flags.writeable and first.dtype == bool and first.shape == (run.n_stimuli,)
+    first &= False  # changes nothing the catalogue (shared by every session) holds
+    np.testing.assert_array_equal(found.matching(query), expected)
+
+
 def test_caption_search_is_literal_and_case_insensitive(run) -> None:
     found = build_catalogue(run)
     captions = run.stimuli["captions"]

@@ -60,11 +60,13 @@ class Catalogue:
 
     def matching(self, query: str) -> np.ndarray:
         """(n,) bool: stimuli whose id or any caption contains ``query`` (case-insensitive,
-        literal text, not a pattern). An empty query matches everything."""
+        literal text, not a pattern). An empty query matches everything. The array is the
+        caller's own (pandas may hand out a read-only view, and the Stimuli page narrows it to a
+        selection in place)."""
         needle = query.strip().lower()
         if not needle:
             return np.ones(self.n, dtype=bool)
-        return self.search_text.str.contains(needle, regex=False).to_numpy(dtype=bool)
+        return np.array(self.search_text.str.contains(needle, regex=False), dtype=bool)
 
 
 def rows_of_ids(ids: Sequence[str], position: Mapping[str, int]) -> tuple[np.ndarray, list[str]]:
