@@ -94,6 +94,7 @@ from convergence_core.dashboard.page import PAGE_URLS  # noqa: E402
 from convergence_core.random_baseline import DEFAULT_INTERVAL_WIDTH  # noqa: E402
 from convergence_core.run import load_run  # noqa: E402
 from convergence_core.subsets import select_stimuli  # noqa: E402
+from tests.page_reading import change_control  # noqa: E402
 
 TARGET_PAGE_RATIO = 1.5
 TARGET_K_RATIO = 1.0
@@ -590,11 +591,10 @@ def server_benchmark(run_path: Path, repeats: int) -> tuple[list[dict[str, objec
     at.switch_page("pages/3_Alignment_lab.py")
     _check(at.run())
     k_times, size_times = [], []
-    for step in range(repeats):
-        at.slider(key="w_k").set_value(3 + step)
-        k_times.append(_timed(lambda: _check(at.run())))
-        at.number_input(key="w_size").set_value(size - 1 - step)
-        size_times.append(_timed(lambda: _check(at.run())))
+    for step in range(repeats):  # as the browser's row of controls changes them (controls.row)
+        k_times.append(_timed(lambda step=step: _check(change_control(at, "k", 3 + step))))
+        size_times.append(_timed(
+            lambda step=step: _check(change_control(at, "size", size - 1 - step))))
     record("lab page, rerun after changing k", statistics.median(k_times), None,
            "median, uncached k (the whole script under AppTest; in a browser only the fragment)")
     record("lab page, rerun after changing the set size", statistics.median(size_times), None,

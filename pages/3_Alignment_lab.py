@@ -15,7 +15,16 @@ import numpy as np
 import streamlit as st
 
 from convergence_core.analyses import pair_modalities, pair_sides
-from convergence_core.dashboard import data, lab, page, selection_io, state, widgets
+from convergence_core.dashboard import (
+    controls,
+    data,
+    lab,
+    page,
+    plots,
+    selection_io,
+    state,
+    widgets,
+)
 from convergence_core.random_baseline import DEFAULT_INTERVAL_WIDTH, DEFAULT_MIN_SETS
 from convergence_core.stimulus_alignment import local_cka_base_size
 from convergence_core.subsets import select_stimuli
@@ -67,22 +76,29 @@ for key, options in (("w_vision", run.gpa.models), ("w_language", partners)):
     state.carry_choices_to_run(st.session_state, key, options)  # a choice made on another run
 with st.sidebar:
     st.header("Models")
-    # pills rather than multi-select boxes: a first visit then loads no select-box code
+    # chips in one row drawn by the browser (controls.py), like the page's other controls: a
+    # first visit loads no widget code of Streamlit's for them
     # the GPA models: vision models, unless GPA runs across e.g. brain subjects
     gpa_vision = all(run.modality(m) == "vision" for m in run.gpa.models)
-    visions = widgets.choose_many(
-        "Vision models" if gpa_vision else "GPA models",
-        list(run.gpa.models),
-        key="w_vision",
-        format_func=lambda m: m if gpa_vision else f"{m} ({run.modality(m)})",
-    )
-    languages = widgets.choose_many(
-        "Language and other models" if others else "Language models",
-        partners,
-        key="w_language",
-        format_func=lambda m: m if m in run.language_models else f"{m} ({run.modality(m)})",
-        help="The other side of every pair: the language models, then the run's other models "
-        "outside GPA (e.g. brain recordings)." if others else None,
+    visions = [m for m in state.kept_value(st.session_state, "w_vision", run.gpa.models)
+               if m in run.gpa.models]
+    languages = [m for m in state.kept_value(st.session_state, "w_language", partners)
+                 if m in partners]
+    controls.row(
+        [
+            controls.many(
+                "vision", "Vision models" if gpa_vision else "GPA models", run.gpa.models, visions,
+                key="w_vision", labels=lambda m: m if gpa_vision else f"{m} ({run.modality(m)})",
+            ),
+            controls.many(
+                "language", "Language and other models" if others else "Language models",
+                partners, languages, key="w_language",
+                labels=lambda m: m if m in run.language_models else f"{m} ({run.modality(m)})",
+                help="The other side of every pair: the language models, then the run's other "
+                "models outside GPA (e.g. brain recordings)." if others else "",
+            ),
+        ],
+        key="lab-models",
     )
     if chosen_others := [m for m in languages if m not in run.language_models]:
         st.caption(
@@ -179,41 +195,35 @@ def _setting(cell, key: str, default, make_widget):  # noqa: ANN001, ANN202
 @st.fragment
 def sets_and_results() -> None:
     """Sets, k, the bars and (on demand) the permutation test and the full table."""
-    row1 = st.columns([1, 1, 2])
-    with row1[0]:
-        score = widgets.score_radio(view, "Dispersion score", horizontal=False)
-    with row1[1]:
-        size = state.bind_widget(
-            st.session_state,
-            view,
-            "size",
-            lambda key: st.number_input(
-                "Set size (low / high / random)",
-                min_value=4,
-                max_value=max_size,
-                step=1,
-                key=key,
+    score = controls.bound_value(st.session_state, view, "score")
+    size = controls.bound_value(
+        st.session_state, view, "size", lambda value: state.subset_size(value, n)
+    )
+    source = controls.bound_value(st.session_state, view, "source")
+    controls.row(
+        [
+            controls.choice(
+                "score", "Dispersion score", state.SCORES, score,
+                key=state.WIDGET_PREFIX + "score", view="score", labels=plots.SCORE_NAME.get,
+                help="mean: average residual across the GPA models; PC1: score on the first "
+                "principal component of the residuals (the paper's two dispersion measures).",
+            ),
+            controls.number(
+                "size", "Set size (low / high / random)", size, 4, max_size,
+                key=state.WIDGET_PREFIX + "size", view="size",
                 help=f"Stimuli per set; at most half of the {n} stimuli (low, high must not "
                 "overlap).",
             ),
-            coerce=lambda value: state.subset_size(value, n),
-        )
-    with row1[2]:
-        source = state.bind_widget(
-            st.session_state,
-            view,
-            "source",
-            lambda key: st.radio(
-                "Focus set",
-                state.SOURCES,
-                key=key,
-                horizontal=True,
-                format_func=lambda s: SET_LABEL[s],
+            controls.choice(
+                "source", "Focus set", state.SOURCES, source, key=state.WIDGET_PREFIX + "source",
+                view="source", labels=SET_LABEL.get, width=2,
                 help="Low, high and random sets are always shown; the focus set is summarised on "
                 "top. 'current selection' comes from the Residual space page, 'pasted ids' from a "
                 "box below.",
             ),
-        )
+        ],
+        key="lab-sets",
+    )
 
     dispersion_scores = found.values[score]
     sets: dict[str, np.ndarray] = {
@@ -256,14 +266,16 @@ def sets_and_results() -> None:
     # the picker has the row to itself: a row of pills does not wrap, and in a narrower column
     # the last metrics were hidden behind a horizontal scroll
     state.drop_stale_choice(st.session_state, METRIC_KEY, list(METRICS))
-    metric = widgets.choose_one(
-        "Metric",
-        list(METRICS),
-        key=METRIC_KEY,
-        format_func=lambda name: METRICS[name].label,
-        help="Every metric of the registry (convergence_core.metrics), with the numbers of "
-        "the Platonic Representation code: neighbour metrics from the run's neighbour lists, "
-        "CKA-family metrics from the sets' prepared features.",
+    metric = state.kept_value(st.session_state, METRIC_KEY, next(iter(METRICS)))
+    controls.row(
+        [controls.choice(
+            "metric", "Metric", list(METRICS), metric, key=METRIC_KEY,
+            labels=lambda name: METRICS[name].label,
+            help="Every metric of the registry (convergence_core.metrics), with the numbers of "
+            "the Platonic Representation code: neighbour metrics from the run's neighbour lists, "
+            "CKA-family metrics from the sets' prepared features.",
+        )],
+        key="lab-metric",
     )
     choice = METRICS[metric]
     st.caption(choice.summary)
@@ -308,22 +320,17 @@ def sets_and_results() -> None:
 
     row2 = st.columns([2, 2])
     with row2[0]:
-        k, requested_k = state.bind_bounded_int(
-            st.session_state,
-            view,
-            "k",
-            lambda key: st.slider(
-                "k (nearest neighbours)" if choice.neighbour_metric
-                else f"k (not used by {label})",
-                min_value=state.MIN_K,
-                max_value=max_k,
-                key=key,
+        k, requested_k = controls.bounded_value(st.session_state, view, "k", state.MIN_K, max_k)
+        controls.row(
+            [controls.slider(
+                "k", "k (nearest neighbours)" if choice.neighbour_metric
+                else f"k (not used by {label})", k, state.MIN_K, max_k,
+                key=state.WIDGET_PREFIX + "k", view="k",
                 disabled=not choice.neighbour_metric,  # kept for the neighbour metrics
                 help=f"2 … {max_k}: k must be smaller than the smallest set ({smallest} stimuli). "
                 "Feature metrics (CKA, SVCCA) do not use k.",
-            ),
-            state.MIN_K,
-            max_k,
+            )],
+            key="lab-k",
         )
     if requested_k is not None and choice.neighbour_metric:
         st.warning(

@@ -119,7 +119,7 @@ def change_control(at, name: str, value, *, timeout: float = 60):  # noqa: ANN00
     class Changed:  # the session state as the callback sees it, the trigger set
         def get(self, item, default=None):  # noqa: ANN001, ANN202
             if item == key:
-                return {controls.TRIGGER: {"name": name, "value": value}}
+                return {controls.TRIGGER: {name: value}}
             return at.session_state[item] if item in at.session_state else default
 
         def __setitem__(self, item, new) -> None:  # noqa: ANN001

@@ -365,21 +365,29 @@ def test_view_survives_page_switches(synthetic_cache: Path) -> None:
     at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
     assert controls_shown(at)["score"]["value"] == "pc1"
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
-    assert at.radio(key="w_score").value == "pc1" and at.slider(key="w_k").value == 6
-    at.slider(key="w_k").set_value(4).run(timeout=TIMEOUT)
+    shown = controls_shown(at)
+    assert shown["score"]["value"] == "pc1" and shown["k"]["value"] == 6
+    change_control(at, "k", 4)
     at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
     assert at.query_params["k"] == "4" and at.query_params["score"] == "pc1"
 
 
 def test_a_score_chosen_on_the_stimuli_page_is_every_pages_score(synthetic_cache: Path) -> None:
-    """The Stimuli page's score is a control drawn by the browser (``controls.row``), the other
-    pages' a Streamlit radio: a change on either shows on the other and in the URL, both ways."""
+    """The Stimuli page's and the lab's score are controls drawn by the browser
+    (``controls.row``), the other pages' a Streamlit radio: a change on either shows on the other
+    and in the URL, both ways."""
     at = _app().run(timeout=TIMEOUT)
     at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
     assert controls_shown(at)["score"]["value"] == "mean"
     change_control(at, "score", "pc1")
     assert at.query_params["score"] == "pc1"
+    at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
+    assert at.radio(key="w_score").value == "pc1"
+    at.radio(key="w_score").set_value("mean").run(timeout=TIMEOUT)
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    assert controls_shown(at)["score"]["value"] == "mean"
+    change_control(at, "score", "pc1")
+    at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
     assert at.radio(key="w_score").value == "pc1"
     at.radio(key="w_score").set_value("mean").run(timeout=TIMEOUT)
     at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
@@ -410,7 +418,7 @@ def test_switching_runs_keeps_every_page_working(synthetic_cache: Path) -> None:
     at.session_state["w_lab_layers"] = True  # the sidebar's layer choices
     at.session_state["w_lab_tables"] = True  # the table of every number
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
-    at.button_group(key="w_vision").set_value(["vision-b"]).run(timeout=TIMEOUT)
+    change_control(at, "vision", ["vision-b"])
     at.selectbox(key="w_layer_language-a").set_value("layer0").run(timeout=TIMEOUT)
     at.sidebar.selectbox[0].set_value("other").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
@@ -437,8 +445,8 @@ def test_each_pages_choices_survive_visits_to_other_pages(synthetic_cache: Path)
     a visit to another page, and the lab's numbers changed with no notice."""
     at = _app().run(timeout=TIMEOUT)
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
-    at.button_group(key="w_vision").set_value(["vision-b"]).run(timeout=TIMEOUT)
-    at.button_group(key="w_lab_metric").set_value("mutual_knn").run(timeout=TIMEOUT)
+    change_control(at, "vision", ["vision-b"])
+    change_control(at, "metric", "mutual_knn")
     at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
     change_control(at, "order", "knn_overlap")
     change_control(at, "filter", "a")
@@ -454,8 +462,8 @@ def test_each_pages_choices_survive_visits_to_other_pages(synthetic_cache: Path)
         assert not at.exception, (target, at.exception)
     assert at.button_group(key="w_universal_models").value == ["vision-a", "language-a"]
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
-    assert at.button_group(key="w_vision").value == ["vision-b"]
-    assert at.button_group(key="w_lab_metric").value == "mutual_knn"
+    assert controls_shown(at)["vision"]["value"] == ["vision-b"]
+    assert controls_shown(at)["metric"]["value"] == "mutual_knn"
     at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
     assert controls_shown(at)["order"]["value"] == "knn_overlap"
     assert controls_shown(at)["filter"]["value"] == "a"

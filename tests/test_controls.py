@@ -14,12 +14,15 @@ SCORE = controls.choice("score", "Rank by", state.SCORES, "mean", key="w_score",
 FILTER = controls.text("filter", "Filter", "", key="w_filter")
 ONLY = controls.switch("only", "Selection only", False, key="w_only")
 PAGE = controls.number("page", "Page", 1, 1, 4, key="w_page", view="page")
-FIELDS = [SCORE, FILTER, ONLY, PAGE]
+MODELS = controls.many("models", "Models", ["b", "a", "c"], ["a"], key="w_models")
+K = controls.slider("k", "k", 10, 2, 12, key="w_k", view="k")
+FIELDS = [SCORE, FILTER, ONLY, PAGE, MODELS, K]
+KEYS = {"w_score", "w_filter", "w_only", "w_page", "w_models", "w_k"}
 
 
 def _changed(name: object, value: object, fields=FIELDS, **session) -> dict:  # noqa: ANN001
-    """The session after the row ``row`` reported ``{"name": name, "value": value}``."""
-    session = {"row": {controls.TRIGGER: {"name": name, "value": value}},
+    """The session after the row ``row`` reported ``{name: value}``."""
+    session = {"row": {controls.TRIGGER: {name: value}},
                state.VIEW_KEY: state.View(), **session}
     controls.store_change(session, "row", fields)
     return session
@@ -37,6 +40,11 @@ def _changed(name: object, value: object, fields=FIELDS, **session) -> dict:  # 
         ("page", 2.6, 3),  # rounded
         ("page", 99, 4),  # kept in range
         ("page", -7, 1),
+        ("models", ["c", "b"], ["b", "c"]),  # in the options' order
+        ("models", ["a", "a"], ["a"]),
+        ("models", [], []),  # none chosen: the page says to pick one
+        ("k", 12, 12),
+        ("k", 1, 2),
     ],
 )
 def test_a_change_the_field_can_take_is_stored_under_its_key(field, sent, stored) -> None:
@@ -58,22 +66,37 @@ def test_a_change_the_field_can_take_is_stored_under_its_key(field, sent, stored
         ("page", "2"),
         ("page", math.nan),
         ("page", math.inf),
+        ("models", ["a", "z"]),
+        ("models", "a"),
+        ("models", [1]),
+        ("k", "5"),
         ("no such field", "pc1"),
         (None, None),
     ],
 )
 def test_anything_else_is_ignored(field, sent) -> None:
     session = _changed(field, sent)
-    assert not {"w_score", "w_filter", "w_only", "w_page"} & set(session)
+    assert not KEYS & set(session)
     assert session[state.VIEW_KEY] == state.View()
 
 
-@pytest.mark.parametrize("trigger", [None, "pc1", ["score", "pc1"], {"value": "pc1"}])
+@pytest.mark.parametrize("trigger", [None, "pc1", ["score", "pc1"], {"value": "pc1"}, {}])
 def test_a_malformed_trigger_is_ignored(trigger) -> None:
     session = {"row": {controls.TRIGGER: trigger}, state.VIEW_KEY: state.View()}
     controls.store_change(session, "row", FIELDS)
     assert set(session) == {"row", state.VIEW_KEY} and session[state.VIEW_KEY] == state.View()
     controls.store_change({}, "row", FIELDS)  # no trigger at all
+
+
+def test_every_change_of_one_trigger_is_stored_and_a_bad_one_spoils_none() -> None:
+    """Two controls changed before a rerun arrive in one trigger (Streamlit keeps a trigger's
+    last value only): each is stored; a name or value the row cannot take is skipped alone."""
+    session = {"row": {controls.TRIGGER: {"filter": "dog", "score": "pc1", "page": "x",
+                                          "nope": 1}},
+               state.VIEW_KEY: state.View()}
+    controls.store_change(session, "row", FIELDS)
+    assert session["w_filter"] == "dog" and session["w_score"] == "pc1"
+    assert "w_page" not in session and session[state.VIEW_KEY].score == "pc1"
 
 
 def test_a_field_bound_to_the_view_changes_the_view_too() -> None:
@@ -99,6 +122,24 @@ def test_bound_value_reads_the_view_and_hands_it_to_the_other_pages_widgets() ->
     assert controls.kept_value(session, "w_filter", "") == ""
     session["w_filter"] = "dog"
     assert controls.kept_value(session, "w_filter", "") == "dog"
+
+
+def test_bounded_value_keeps_a_number_the_range_cannot_take_until_it_can() -> None:
+    """k above the smallest set is used lowered, but the view (so the URL) keeps it, and it comes
+    back once the sets are large enough, unless the user moved k meanwhile."""
+    view, session = state.View(k=30), {}
+    assert controls.bounded_value(session, view, "k", 2, 9) == (9, 30)
+    assert view.k == 30 and session["w_k"] == 9
+    assert controls.bounded_value(session, view, "k", 2, 40) == (30, None)
+    assert controls.bounded_value(session, view, "k", 2, 9) == (9, 30)
+    session = _changed("k", 5)  # the user moved it: the lowered number is forgotten
+    view = session[state.VIEW_KEY]
+    assert controls.bounded_value(session, view, "k", 2, 40) == (5, None)
+    assert controls.bounded_value({}, state.View(k=1), "k", 2, 40) == (2, None)
+
+
+def test_a_many_field_shows_only_its_options_in_their_order() -> None:
+    assert controls.many("m", "M", ["b", "a", "c"], ["c", "z", "b"], key="k").value == ("b", "c")
 
 
 def test_fields_travel_to_the_browser_and_back_unchanged() -> None:

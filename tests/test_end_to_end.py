@@ -425,11 +425,8 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
             page.goto(f"{base}/Alignment_lab?k=10")
             _wait_idle(page)
             before = _metric(page, "Low dispersion")
-            slider = (
-                page.locator('[data-testid="stSlider"]')
-                .filter(has_text="k (nearest neighbours)")
-                .locator('input[type="range"]')
-            )
+            # (a native slider in the lab's row of controls, controls.row)
+            slider = page.get_by_role("slider", name="k (nearest neighbours)")
             assert slider.input_value() == "10"
             assert page.locator('[data-testid="stPlotlyChart"]').count() == 0  # bars: a picture
             assert page.locator('[data-testid="stDataFrame"]').count() == 0  # tables: on demand

@@ -12,11 +12,16 @@ from streamlit.testing.v1 import AppTest
 from convergence_core.dashboard import data, lab, state
 from convergence_core.alignment import cknna, prepare_features
 from convergence_core.subsets import select_stimuli
-from tests.page_reading import card_deltas, cards, plain, shown
+from tests.page_reading import card_deltas, cards, change_control, controls_shown, plain, shown
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
 PAGE = "pages/3_Alignment_lab.py"
+
+
+def _shown(at: AppTest, name: str):
+    """The value the control ``name`` shows (``controls.row``)."""
+    return controls_shown(at)[name]["value"]
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +205,7 @@ def test_default_view_shows_low_high_random_per_pair(run) -> None:
 def test_changing_k_changes_the_cknna_table(run) -> None:
     at = _page()
     before = _results(at)
-    at.slider(key="w_k").set_value(4).run(timeout=TIMEOUT)
+    change_control(at, "k", 4)
     assert not at.exception, at.exception
     after = _results(at)
     assert set(after["k"]) == {4}
@@ -225,11 +230,11 @@ def test_high_and_low_sets_differ_and_follow_the_score(run) -> None:
     assert deltas["Focus: low"] == f"{low.mean() - random_mean:+.4f} vs random"
     assert deltas["Low dispersion"] is None and deltas["High dispersion"] is None
 
-    at.radio(key="w_source").set_value("high").run(timeout=TIMEOUT)
+    change_control(at, "source", "high")
     metrics = cards(at)
     assert metrics["Focus: high"] == f"{high.mean():.4f}"
 
-    at.radio(key="w_score").set_value("pc1").run(timeout=TIMEOUT)
+    change_control(at, "score", "pc1")
     by_pc1 = _results(at)
     assert set(by_pc1["score"]) == {"pc1"}
     assert at.query_params["score"] == "pc1" and at.query_params["source"] == "high"
@@ -237,17 +242,17 @@ def test_high_and_low_sets_differ_and_follow_the_score(run) -> None:
 
 def test_query_params_start_the_widgets(run) -> None:
     at = _page({"k": "5", "size": "20", "score": "pc1", "source": "random"})
-    assert at.slider(key="w_k").value == 5
-    assert at.number_input(key="w_size").value == 20
-    assert at.radio(key="w_score").value == "pc1"
-    assert at.radio(key="w_source").value == "random"
+    assert _shown(at, "k") == 5
+    assert _shown(at, "size") == 20
+    assert _shown(at, "score") == "pc1"
+    assert _shown(at, "source") == "random"
     table = _results(at)
     assert set(table["set_size"]) == {20} and set(table["k"]) == {5}
 
 
 def test_k_too_large_for_the_sets_is_clamped_with_a_warning(run) -> None:
     at = _page({"k": "50", "size": "12"})
-    assert at.slider(key="w_k").value == 11
+    assert _shown(at, "k") == 11
     warned = [w.value for w in at.warning]
     assert any("k=50 is too large for the smallest set shown (12 stimuli" in w for w in warned)
     assert any("every set is measured at k=11 so that they compare" in w for w in warned)
@@ -257,22 +262,22 @@ def test_k_lowered_for_small_sets_comes_back_with_larger_ones(run) -> None:
     """A small focus set for a moment lowered k for good (and in the URL), so every number after
     it silently changed. Now the view keeps the requested k and the slider returns to it."""
     at = _page({"k": "10", "size": "20"})
-    at.number_input(key="w_size").set_value(6).run(timeout=TIMEOUT)
-    assert at.slider(key="w_k").value == 5 and set(_results(at)["k"]) == {5}
+    change_control(at, "size", 6)
+    assert _shown(at, "k") == 5 and set(_results(at)["k"]) == {5}
     assert any(
         "k=10 is too large for the smallest set shown (6 stimuli" in w.value for w in at.warning
     )
     assert at.query_params["k"] == "10"  # a link keeps the requested k
-    at.number_input(key="w_size").set_value(20).run(timeout=TIMEOUT)
-    assert at.slider(key="w_k").value == 10 and set(_results(at)["k"]) == {10}
+    change_control(at, "size", 20)
+    assert _shown(at, "k") == 10 and set(_results(at)["k"]) == {10}
     assert not at.warning
 
     # moved while lowered: the user's new k stays
-    at.number_input(key="w_size").set_value(6).run(timeout=TIMEOUT)
-    at.slider(key="w_k").set_value(3).run(timeout=TIMEOUT)
+    change_control(at, "size", 6)
+    change_control(at, "k", 3)
     assert at.query_params["k"] == "3"
-    at.number_input(key="w_size").set_value(20).run(timeout=TIMEOUT)
-    assert at.slider(key="w_k").value == 3 and set(_results(at)["k"]) == {3}
+    change_control(at, "size", 20)
+    assert _shown(at, "k") == 3 and set(_results(at)["k"]) == {3}
 
 
 def test_empty_selection_is_an_error_in_words(run) -> None:
@@ -285,12 +290,12 @@ def test_current_selection_is_used_and_bounds_k(run) -> None:
     at = _page()
     rows = [0, 3, 5, 8, 13, 21, 34]
     state.set_selection(at.session_state, "demo", list(run.stimuli["id"].iloc[rows]), origin="test")
-    at.radio(key="w_source").set_value("selection").run(timeout=TIMEOUT)
+    change_control(at, "source", "selection")
     assert not at.exception, at.exception
     table = _results(at)
     chosen = table[table["set"] == "selection"]
     assert len(chosen) == 6 and set(chosen["set_size"]) == {7}
-    assert at.slider(key="w_k").value == 6  # k < 7
+    assert _shown(at, "k") == 6  # k < 7
     row = chosen.iloc[0]
     expected = _dense_cknna(
         run,
@@ -315,7 +320,7 @@ def test_focus_change_is_against_random_sets_of_the_focus_size(run, monkeypatch)
     at = _page({"size": "24"})
     state.set_selection(at.session_state, "demo", list(run.stimuli["id"].iloc[:30]),
                         origin="test")
-    at.radio(key="w_source").set_value("selection").run(timeout=TIMEOUT)
+    change_control(at, "source", "selection")
     assert not at.exception, at.exception
     table = _results(at)
     chosen, low = table[table["set"] == "selection"], table[table["set"] == "low"]
@@ -366,10 +371,10 @@ def test_brain_recordings_sit_on_the_language_side(run) -> None:
     assert brain.other_models == ["subj01"] and brain.modality("subj01") == "brain"
     at = _page({"run": "brain", "size": "12", "k": "5"})
     assert not at.error and not at.warning, [e.value for e in [*at.error, *at.warning]]
-    chooser = at.button_group(key="w_language")
-    assert chooser.label == "Language and other models"
-    # pill labels are Markdown with the punctuation escaped (widgets.escape_markdown)
-    assert [o.replace("\\", "") for o in chooser.options] == ["subj01 (brain)"]
+    chooser = controls_shown(at)["language"]
+    assert chooser["label"] == "Language and other models"
+    # chips are text (textContent, never Markdown or HTML): the name exactly as written
+    assert chooser["labels"] == ["subj01 (brain)"]
     # the caption's names are escaped Markdown too (a name from a feature file stays text)
     assert any("subj01 \\(brain\\): on the language side" in c.value for c in at.sidebar.caption)
     table = _results(at)
@@ -479,7 +484,7 @@ def test_statistics_settings_are_kept_while_closed_and_set_the_baseline(run) -> 
 
 def test_no_model_chosen_and_run_without_language_models(run) -> None:
     at = _page()
-    at.button_group(key="w_language").set_value([]).run(timeout=TIMEOUT)
+    change_control(at, "language", [])
     assert any("No language model chosen" in e.value for e in at.error)
 
     at = _page({"run": "vision-only"})
@@ -518,7 +523,7 @@ def test_a_metric_change_redraws_every_number_for_that_metric(run) -> None:
     from convergence_core.metrics import measure
 
     at = _page({"size": "24"})
-    at.button_group(key="w_lab_metric").set_value("mutual_knn").run(timeout=TIMEOUT)
+    change_control(at, "metric", "mutual_knn")
     assert not at.exception, at.exception
     labels = set(cards(at))
     assert {"Low dispersion", "High dispersion"} <= labels
@@ -533,7 +538,7 @@ def test_a_metric_change_redraws_every_number_for_that_metric(run) -> None:
     assert table["permutation_p_value_two_sided"].between(0, 1).all()
 
     # CKA with an RBF kernel: from the sets' features; k does not enter it
-    at.button_group(key="w_lab_metric").set_value("cka").run(timeout=TIMEOUT)
+    change_control(at, "metric", "cka")
     at.radio(key="w_lab_kernel").set_value("rbf").run(timeout=TIMEOUT)
     table = _results(at)
     assert set(table["metric"]) == {"cka"} and table["k"].isna().all()
@@ -543,7 +548,8 @@ def test_a_metric_change_redraws_every_number_for_that_metric(run) -> None:
     Y = _prepared(run, row["language_model"], row["language_layer"])[low]
     assert row["value"] == pytest.approx(measure("cka", X, Y, kernel="rbf"), abs=1e-9)
     # k is shown (it comes back for the neighbour metrics) but cannot be moved: it does nothing
-    assert at.slider(key="w_k").disabled and "not used by CKA" in at.slider(key="w_k").label
+    k = controls_shown(at)["k"]
+    assert k["disabled"] and "not used by CKA" in k["label"]
     assert "Low dispersion" in cards(at)
     assert any(c.value.startswith("CKA, mean over the") for c in at.caption)  # no k
 
@@ -552,7 +558,7 @@ def test_a_slower_metric_waits_for_its_button_and_shows_progress(run) -> None:
     from convergence_core.metrics import measure
 
     at = _page({"size": "20"})
-    at.button_group(key="w_lab_metric").set_value("svcca").run(timeout=TIMEOUT)
+    change_control(at, "metric", "svcca")
     assert not at.exception, at.exception
     assert any("not computed live" in i.value for i in at.info)
     assert not at.image and not cards(at)  # nothing computed yet
@@ -700,7 +706,7 @@ def test_a_slower_metrics_calibration_waits_for_its_button(run, monkeypatch) -> 
     """SVCCA (not live): the calibration expander asks first, then draws its table (computed
     with a progress bar, kept for the next run of the page; its key made once a rerun)."""
     at = _page({"size": "20"}, tables=False)
-    at.button_group(key="w_lab_metric").set_value("svcca").run(timeout=TIMEOUT)
+    change_control(at, "metric", "svcca")
     if [b for b in at.button if b.key == "w_lab_compute"]:  # not kept yet by an earlier test
         at.button(key="w_lab_compute").click().run(timeout=TIMEOUT)
     at.session_state["w_lab_calibration"] = True
@@ -775,12 +781,12 @@ def test_a_set_size_too_large_for_a_new_run_becomes_the_size_the_warning_names(r
     """Set size 30 on a run of 60, then a run of 40 (at most 20): the warning names the default
     size, and the widget, the URL and the sets use that size, not 30 clamped to 20."""
     at = _page({"size": "30"}, tables=False)
-    assert at.number_input(key="w_size").value == 30
+    assert _shown(at, "size") == 30
     at.selectbox(key="w_run").set_value("brain").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     default = state.default_subset_size(40)
     assert any(f"using {default}." in w.value for w in at.warning), [w.value for w in at.warning]
-    assert at.number_input(key="w_size").value == default
+    assert _shown(at, "size") == default
     assert at.query_params.get("size") in (None, str(default))
 
 
@@ -791,12 +797,12 @@ def test_the_per_stimulus_pair_stays_when_another_model_is_deselected(run) -> No
     at.session_state["w_lab_per_stimulus"] = True
     at.run(timeout=TIMEOUT)
     at.selectbox(key="w_lab_pair").set_value(("vision-b", "language-b")).run(timeout=TIMEOUT)
-    at.button_group(key="w_language").set_value(["language-b"]).run(timeout=TIMEOUT)
+    change_control(at, "language", ["language-b"])
     assert not at.exception, at.exception
     box = at.selectbox(key="w_lab_pair")
     assert box.value == ("vision-b", "language-b")
     assert box.options[box.index].startswith("vision-b × language-b (")
-    at.button_group(key="w_vision").set_value(["vision-a", "vision-c"]).run(timeout=TIMEOUT)
+    change_control(at, "vision", ["vision-a", "vision-c"])
     assert not at.exception, at.exception
     assert at.selectbox(key="w_lab_pair").value == ("vision-a", "language-b")  # gone: the first
 

@@ -289,6 +289,14 @@ def test_only_selection_toggle_restricts_the_gallery(run) -> None:
     change_control(at, "only_selection", True)
     shown = _gallery_ids(at)
     assert set(shown) == set(chosen)
+    # with a caption filter too: the filter's rows and the selection's (the filter's array was
+    # read-only, and narrowing it to the selection raised on the page)
+    word = next(w for w in run.stimuli["captions"].iloc[1][0].lower().split() if len(w) > 3)
+    change_control(at, "filter", word)
+    assert not at.exception, at.exception
+    matching = {i for i, caps in zip(run.stimuli["id"], run.stimuli["captions"], strict=True)
+                if any(word in c.lower() for c in caps)}
+    assert set(_gallery_ids(at)) == set(chosen) & matching and run.stimuli["id"].iloc[1] in matching
 
 
 def test_detail_tab_remembers_the_stimulus_and_the_gallery_is_built_only_when_open(run) -> None:
@@ -392,7 +400,7 @@ def test_the_gallery_uses_the_k_the_lab_uses(run) -> None:
     assert _aligned_cards(at)[0][2] == pytest.approx(expected.max(), abs=1e-4)
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
     assert not at.exception, at.exception
-    assert at.slider(key="w_k").value == 9
+    assert controls_shown(at)["k"]["value"] == 9
 
 
 def test_the_gallery_does_not_claim_the_k_of_a_lab_with_a_small_focus_set(run) -> None:
@@ -400,10 +408,10 @@ def test_the_gallery_does_not_claim_the_k_of_a_lab_with_a_small_focus_set(run) -
     "k = 10, the lab's k on its low and high sets"; it now says only what is true."""
     at = _page({"size": "20"})
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
-    at.radio(key="w_source").set_value("pasted").run(timeout=TIMEOUT)
+    change_control(at, "source", "pasted")
     at.text_area(key="w_pasted_ids").input("\n".join(run.stimuli["id"][:5])).run(timeout=TIMEOUT)
     assert not at.exception, at.exception
-    assert at.slider(key="w_k").value == 4
+    assert controls_shown(at)["k"]["value"] == 4
     at.session_state["w_gallery_order"] = "knn_overlap"
     at.switch_page(PAGE).run(timeout=TIMEOUT)
     assert not at.exception, at.exception

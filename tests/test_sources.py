@@ -838,7 +838,9 @@ def test_every_page_draws_a_run_from_feature_files_alone(tmp_path, monkeypatch):
             notes = [c.value for c in app.caption]
             assert "This run has no thumbnails and no captions: the cards show ids and scores." \
                 in notes
-            assert app.text_input(key="w_caption_filter").label == "Filter by id"
+            from tests.page_reading import controls_shown
+
+            assert controls_shown(app)["filter"]["label"] == "Filter by id"
 
 
 def test_vision_files_with_a_caption_table_and_a_language_model_extracted_here(tmp_path):
@@ -938,8 +940,10 @@ def test_brain_subjects_as_models_recover_planted_stimulus_noise(
     at.session_state["w_lab_tables"] = True
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=60)
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert at.button_group(key="w_vision").label == "GPA models"
-    assert at.button_group(key="w_language").label == "Language and other models"
+    from tests.page_reading import controls_shown
+
+    assert controls_shown(at)["vision"]["label"] == "GPA models"
+    assert controls_shown(at)["language"]["label"] == "Language and other models"
     table = at.dataframe[-1].value
     assert set(table["vision_model"]) == set(subjects)
     assert set(table["language_model"]) == {"source", "unrelated"}

@@ -1,18 +1,19 @@
-"""A row of a page's controls (one-of choices, a text filter, a switch, a whole number) drawn by
-the browser as one element.
+"""A row of a page's controls (one-of and any-of choices, a text filter, a switch, a whole number
+in a box or on a slider) drawn by the browser as one element.
 
 Streamlit draws each kind of widget with its own code, which the browser loads, runs and lays out
 the first time a page shows that kind: the Stimuli page's row of two radios, a text box and a
 toggle, with the page-number box below, made its first visit 0.18 s slower than the same page
 without them (1.78x a bare Streamlit page against 1.39x, 11 rounds in one run,
 ``benchmarks/bench_dashboard.py --beside``). Drawn here as native HTML controls inside one
-``st.components.v2`` component (the gallery's cards are one too, so the page loads no new code),
-the same row cost next to nothing: 1.37x against 1.69x (``docs/PERFORMANCE.md``).
+``st.components.v2`` component (the gallery's cards are one too), the page took 1.29x against
+1.68x (``docs/PERFORMANCE.md``). The Alignment lab's models, sets, metric and k are rows too.
 
 The row is *controlled*: Python holds every value in the session (under each field's ``key``,
 and in the URL's view for the fields bound to it), the row shows those values, and a change in
-the browser sets the component's ``change`` trigger to ``{"name": field, "value": new}``. The
-callback (:func:`store_change`) checks the value against its field (one of the options, a whole
+the browser sets the component's ``change`` trigger to ``{field: new value}`` (with any earlier
+change no rerun has shown yet: Streamlit keeps one value per trigger). The callback
+(:func:`store_change`) checks each value against its field (one of the options, a whole
 number in range, text, a switch that is not disabled) and stores it; anything else is ignored.
 So a page reads its values from the session, before or after drawing the row, and another page
 (or the URL) may change them.
@@ -29,7 +30,8 @@ What the browser receives (the component's ``data``)::
          "disabled": false, "width": 1.0},
         {"kind": "text", ..., "value": "", "placeholder": "e.g. dog"},
         {"kind": "switch", ..., "value": false},
-        {"kind": "number", ..., "value": 1, "low": 1, "high": 40}]}
+        {"kind": "number", ..., "value": 1, "low": 1, "high": 40},  # also "slider"
+        {"kind": "many", ..., "options": ["a", "b"], "value": ["a"]}]}
 """
 
 from __future__ import annotations
@@ -44,23 +46,25 @@ from . import state
 
 #: Name of the component (unique in the app)
 COMPONENT = "convergence_controls"
-#: The trigger a change in the browser sets: ``{"name": field name, "value": new value}``
+#: The trigger a change in the browser sets: ``{field name: new value}`` for every change whose
+#: rerun the browser has not yet shown (two changes before a rerun would otherwise lose one)
 TRIGGER = "change"
 #: Longest text a text field stores (a filter; longer input is cut there)
 TEXT_LIMIT = 1_000
 
-Kind = Literal["choice", "text", "switch", "number"]
+Kind = Literal["choice", "many", "text", "switch", "number", "slider"]
 
 
 @dataclass(frozen=True)
 class Field:
     """One control of a row.
 
-    ``kind``: ``choice`` (one of ``options``, shown as ``labels``: a radio group), ``text`` (a
-    text box, committed on Enter or when it loses focus), ``switch`` (on/off) or ``number`` (a
-    whole number from ``low`` to ``high``). ``key``: the session key holding the value;
-    ``view``: the :class:`state.View` field (so the URL) that holds it too, or "". ``width``:
-    the field's share of the row (as ``st.columns``' widths).
+    ``kind``: ``choice`` (one of ``options``, shown as ``labels``: a radio group), ``many`` (any
+    of ``options``: a row of chips, the value a list in the options' order), ``text`` (a text
+    box, committed on Enter or when it loses focus), ``switch`` (on/off), ``number`` (a whole
+    number from ``low`` to ``high`` in a box) or ``slider`` (the same on a slider). ``key``: the
+    session key holding the value; ``view``: the :class:`state.View` field (so the URL) that
+    holds it too, or "". ``width``: the field's share of the row (as ``st.columns``' widths).
     """
 
     kind: Kind
@@ -86,6 +90,12 @@ class Field:
         if self.kind == "choice":
             return (True, value) if isinstance(value, str) and value in self.options else (
                 False, None)
+        if self.kind == "many":
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                return False, None
+            if not set(value) <= set(self.options):
+                return False, None
+            return True, [option for option in self.options if option in set(value)]
         if self.kind == "text":
             return (True, value[:TEXT_LIMIT]) if isinstance(value, str) else (False, None)
         if self.kind == "switch":
@@ -112,6 +122,16 @@ def choice(
                  labels=tuple(labels(o) for o in options), **extra)
 
 
+def many(
+    name: str, label: str, options: Sequence[str], value: Sequence[str], *, key: str,
+    labels: Callable[[str], str] = str, **extra: Any,
+) -> Field:
+    """Any of ``options`` (a row of chips): ``value`` those chosen, shown as ``labels(option)``."""
+    chosen = set(value)
+    return Field("many", name, label, tuple(o for o in options if o in chosen), key,
+                 options=tuple(options), labels=tuple(labels(o) for o in options), **extra)
+
+
 def text(name: str, label: str, value: str, *, key: str, **extra: Any) -> Field:
     """A text box (committed on Enter or when it loses focus)."""
     return Field("text", name, label, value, key, **extra)
@@ -128,6 +148,12 @@ def number(name: str, label: str, value: int, low: int, high: int, *, key: str,
     return Field("number", name, label, int(value), key, low=int(low), high=int(high), **extra)
 
 
+def slider(name: str, label: str, value: int, low: int, high: int, *, key: str,
+           **extra: Any) -> Field:
+    """A whole number from ``low`` to ``high`` on a slider (its value shown beside it)."""
+    return Field("slider", name, label, int(value), key, low=int(low), high=int(high), **extra)
+
+
 def bound_value(
     session_state: MutableMapping[str, Any], view: state.View, name: str,
     coerce: Callable[[Any], Any] = lambda value: value,
@@ -141,6 +167,25 @@ def bound_value(
     return value
 
 
+def bounded_value(
+    session_state: MutableMapping[str, Any], view: state.View, name: str, low: int, high: int
+) -> tuple[int, int | None]:
+    """:func:`bound_value` for a whole number whose range ``[low, high]`` depends on other
+    choices (k must stay below the smallest set). A value above ``high`` is used as ``high`` for
+    now but not forgotten: the view (so the URL) keeps it until the user changes the field, and it
+    comes back once the range allows (as :func:`state.bind_bounded_int` does for a widget).
+
+    Returns ``(value, requested)``: the value to use, and the view's value when it was lowered
+    (else None)."""
+    requested = int(getattr(view, name))
+    value = min(max(low, requested), high)
+    session_state[state.WIDGET_PREFIX + name] = value
+    if requested > high:
+        return value, requested
+    setattr(view, name, value)
+    return value, None
+
+
 def kept_value(session_state: MutableMapping[str, Any], key: str, default: Any) -> Any:
     """The value stored under ``key`` (a row's field not bound to the view), else ``default``."""
     return session_state.get(key, default)
@@ -149,29 +194,34 @@ def kept_value(session_state: MutableMapping[str, Any], key: str, default: Any) 
 def store_change(
     session_state: MutableMapping[str, Any], component_key: str, fields: Sequence[Field]
 ) -> None:
-    """The callback of a change in the row keyed ``component_key``: the field named by the
-    trigger takes the new value if it can (:meth:`Field.checked`), under its ``key`` and in the
-    view for a field bound to it; any other trigger is ignored."""
-    change = (session_state.get(component_key) or {}).get(TRIGGER)
-    if not isinstance(change, dict):
+    """The callback of a change in the row keyed ``component_key``: each field the trigger names
+    (``{name: value}``, every change the browser has not yet seen a rerun of) takes its new value
+    if it can (:meth:`Field.checked`), under its ``key`` and in the view for a field bound to
+    it; anything else is ignored."""
+    changes = (session_state.get(component_key) or {}).get(TRIGGER)
+    if not isinstance(changes, dict):
         return
     named = {f.name: f for f in fields}
-    target = named.get(change.get("name"))
-    if target is None:
-        return
-    ok, value = target.checked(change.get("value"))
-    if not ok:
-        return
-    session_state[target.key] = value
-    if target.view:
-        view = session_state.get(state.VIEW_KEY)
-        if isinstance(view, state.View):
-            setattr(view, target.view, value)
+    for name, sent in changes.items():
+        target = named.get(name) if isinstance(name, str) else None
+        if target is None:
+            continue
+        ok, value = target.checked(sent)
+        if not ok:
+            continue
+        session_state[target.key] = value
+        if target.view:
+            view = session_state.get(state.VIEW_KEY)
+            if isinstance(view, state.View):
+                setattr(view, target.view, value)
 
 
 #: The row's code: builds the controls once per set of fields (names, kinds, options, labels),
 #: then on every rerun sets their values from ``data``; a committed change sets the ``change``
-#: trigger. Text only ever goes in through ``textContent`` and attributes.
+#: trigger (with the changes no rerun has shown yet). Text only ever goes in through
+#: ``textContent`` and attributes. While a control the user is still on (focused) waits for the
+#: rerun of its last change, the rerun of an earlier one does not set it back (keys pressed or
+#: − / + clicked faster than the page reruns).
 CONTROLS_JS = """
 export default function (component) {
   const { data, parentElement, setTriggerValue } = component;
@@ -181,7 +231,6 @@ export default function (component) {
     if (text !== undefined) node.textContent = text;
     return node;
   };
-  const send = (name, value) => setTriggerValue('change', { name, value });
   const layout = JSON.stringify(data.fields.map((f) => [
     f.kind, f.name, f.label, f.help, f.options, f.labels, f.placeholder]));
   let row = parentElement.querySelector('.controls');
@@ -189,17 +238,31 @@ export default function (component) {
     const old = row;
     row = make('div', 'controls');
     row.dataset.layout = layout;
+    row.pending = old ? old.pending : new Map();  // field name -> value sent, not yet shown
     if (old) old.replaceWith(row);
     else parentElement.appendChild(row);
     data.fields.forEach((field, index) => {
       const id = `control-${index}`;
       const box = make('div', `field ${field.kind}`);
       box.dataset.name = field.name;
+      // every change no rerun has shown yet goes with each trigger: Streamlit keeps only a
+      // trigger's last value when two are set before the page hears of the first
+      const send = (value) => {
+        row.pending.set(field.name, value);
+        setTriggerValue('change', Object.fromEntries(row.pending));
+      };
+      // a whole number typed or slid: rounded and kept in the latest rerun's range
+      const whole = (input) => {
+        const typed = Number(input.value);
+        if (input.value === '' || !Number.isFinite(typed)) return null;
+        return Math.min(Number(input.max), Math.max(Number(input.min), Math.round(typed)));
+      };
       // the label, then its help as a "?" whose tooltip and accessible name are the help text
       const head = make('div', 'head');
-      const title = make(field.kind === 'choice' ? 'span' : 'label', 'label', field.label);
+      const title = make(['choice', 'many'].includes(field.kind) ? 'span' : 'label', 'label',
+        field.label);
       title.id = `${id}-label`;
-      if (field.kind !== 'choice') title.htmlFor = id;
+      if (title.tagName === 'LABEL') title.htmlFor = id;
       head.appendChild(title);
       if (field.help) {
         const help = make('span', 'help', '?');
@@ -207,6 +270,7 @@ export default function (component) {
         help.tabIndex = 0;
         help.setAttribute('role', 'img');
         help.setAttribute('aria-label', field.help);
+        help.id = `${id}-help`;
         head.appendChild(help);
       }
       if (field.kind === 'switch') {
@@ -214,23 +278,30 @@ export default function (component) {
         input.type = 'checkbox';
         input.id = id;
         input.setAttribute('role', 'switch');
-        input.onchange = () => send(field.name, input.checked);
+        input.onchange = () => send(input.checked);
         const line = make('div', 'line');
         line.appendChild(input);
         line.appendChild(head);
         box.appendChild(line);
-      } else if (field.kind === 'choice') {
+      } else if (field.kind === 'choice' || field.kind === 'many') {
         box.appendChild(head);
         const options = make('div', 'options');
-        options.setAttribute('role', 'radiogroup');
+        options.setAttribute('role', field.kind === 'choice' ? 'radiogroup' : 'group');
         options.setAttribute('aria-labelledby', title.id);
         field.options.forEach((option, i) => {
-          const line = make('label', 'line');
+          const line = make('label', field.kind === 'choice' ? 'line' : 'line chip');
           const input = make('input');
-          input.type = 'radio';
+          input.type = field.kind === 'choice' ? 'radio' : 'checkbox';
           input.name = `${field.name}-${index}`;
           input.value = option;
-          input.onchange = () => { if (input.checked) send(field.name, option); };
+          input.onchange = () => {
+            if (field.kind === 'choice') {
+              if (input.checked) send(option);
+              return;
+            }
+            send([...options.querySelectorAll('input')].filter((o) => o.checked)
+              .map((o) => o.value));
+          };
           line.appendChild(input);
           line.appendChild(make('span', '', field.labels[i]));
           options.appendChild(line);
@@ -238,46 +309,85 @@ export default function (component) {
         box.appendChild(options);
       } else {
         box.appendChild(head);
+        const line = make('div', 'line');
         const input = make('input');
         input.id = id;
-        if (field.kind === 'number') {
-          input.type = 'number';
-          input.step = 1;
-          input.onchange = () => {  // a typed number is rounded and kept in range here too
-            const typed = Number(input.value);
-            if (input.value === '' || !Number.isFinite(typed)) {
-              input.value = input.dataset.value;
-              return;
-            }
-            // the range of the latest rerun (a filter changes the number of pages)
-            const low = Number(input.min);
-            const value = Math.min(Number(input.max), Math.max(low, Math.round(typed)));
-            input.value = String(value);
-            if (String(value) !== input.dataset.value) send(field.name, value);
-          };
-        } else {
+        line.appendChild(input);
+        if (field.kind === 'text') {
           input.type = 'text';
           input.placeholder = field.placeholder;
-          input.onchange = () => send(field.name, input.value);
+          input.onchange = () => send(input.value);
+        } else {
+          input.type = field.kind === 'slider' ? 'range' : 'number';
+          input.step = 1;
+          if (field.kind === 'slider') {
+            const shown = make('output', 'value');
+            shown.htmlFor = id;
+            input.oninput = () => { shown.textContent = input.value; };
+            line.appendChild(shown);
+          }
+          // the value last sent (its rerun not yet shown), else the last rerun's
+          const latest = () => (row.pending.has(field.name)
+            ? String(row.pending.get(field.name)) : input.dataset.value);
+          input.onchange = () => {
+            const value = whole(input);
+            if (value === null) {  // not a number: the latest value comes back
+              input.value = latest();
+              return;
+            }
+            input.value = String(value);
+            if (String(value) !== latest()) send(value);
+          };
+          if (field.kind === 'number') {  // − and + beside the box, as Streamlit's number box
+            [['−', -1, 'Decrease'], ['+', 1, 'Increase']].forEach(([text, step, verb]) => {
+              const button = make('button', 'step', text);
+              button.type = 'button';
+              button.dataset.step = step;
+              button.setAttribute('aria-label', `${verb} ${field.label}`);
+              button.onclick = () => {
+                input.value = String(Number(latest()) + step);
+                input.onchange();
+              };
+              line.appendChild(button);
+            });
+          }
         }
-        box.appendChild(input);
+        box.appendChild(line);
+      }
+      if (field.help) {  // the help describes the control (screen readers read it after it)
+        box.querySelectorAll('input, [role=radiogroup], [role=group]').forEach(
+          (node) => node.setAttribute('aria-describedby', `${id}-help`));
       }
       row.appendChild(box);
     });
   }
   data.fields.forEach((field, index) => {
     const box = row.children[index];
+    if (row.pending.has(field.name)) {
+      const shown = JSON.stringify(row.pending.get(field.name)) === JSON.stringify(field.value);
+      // the rerun of an earlier change while the user is still on the control: leave their
+      // last one shown (it comes with the next rerun); otherwise the server's value is the word
+      if (!shown && box.contains(box.getRootNode().activeElement)) return;
+      row.pending.delete(field.name);
+    }
     box.style.flexGrow = field.width;
     box.classList.toggle('disabled', field.disabled);
     box.querySelectorAll('input').forEach((input) => {
       input.disabled = field.disabled;
       if (field.kind === 'choice') input.checked = input.value === field.value;
+      else if (field.kind === 'many') input.checked = field.value.includes(input.value);
       else if (field.kind === 'switch') input.checked = field.value;
       else {
-        if (field.kind === 'number') { input.min = field.low; input.max = field.high; }
+        if (field.kind !== 'text') { input.min = field.low; input.max = field.high; }
         input.dataset.value = String(field.value);
         if (input.value !== String(field.value)) input.value = String(field.value);
       }
+    });
+    const shown = box.querySelector('output');
+    if (shown) shown.textContent = String(field.value);
+    box.querySelectorAll('button.step').forEach((button) => {  // none past either end
+      const end = Number(button.dataset.step) < 0 ? field.low : field.high;
+      button.disabled = field.disabled || field.value === end;
     });
   });
   row.dataset.drawn = '1';  // the browser test and benchmark wait for this
@@ -295,6 +405,17 @@ CONTROLS_CSS = """
 .help { display: inline-flex; width: 1rem; height: 1rem; border-radius: 50%; font-size: 0.7rem;
   align-items: center; justify-content: center; cursor: help; opacity: 0.6;
   border: 1px solid currentColor; }
+.help { position: relative; }
+.help:focus-visible::after { content: attr(aria-label); position: absolute; top: 1.3rem;
+  left: 0; z-index: 10; width: max-content; max-width: 18rem; white-space: normal;
+  padding: 0.4rem 0.6rem; border-radius: 0.4rem; font-size: 0.8rem; line-height: 1.4;
+  background: var(--st-text-color); color: var(--st-background-color); }
+.step { flex: none; width: 2.5rem; font: inherit; cursor: pointer; color: var(--st-text-color);
+  background: var(--st-secondary-background-color); border: 1px solid transparent;
+  border-radius: var(--st-base-radius, 0.5rem); }
+.step:hover:not(:disabled), .step:focus-visible { border-color: var(--st-primary-color); }
+.step:disabled { opacity: 0.4; cursor: not-allowed; }
+.number .line { gap: 0.25rem; }
 .options { display: flex; flex-wrap: wrap; gap: 0.25rem 1rem; min-height: 2.5rem;
   align-items: center; }
 .line { display: inline-flex; align-items: center; gap: 0.4rem; cursor: pointer;
@@ -316,6 +437,14 @@ input[type=text], input[type=number] { font: inherit; font-size: 0.875rem; heigh
 input[type=text]:focus, input[type=number]:focus { outline: none;
   border-color: var(--st-primary-color); }
 .number { max-width: 20rem; }
+.chip { border: 1px solid var(--st-border-color); border-radius: 1rem; padding: 0.2rem 0.7rem; }
+.chip:has(input:checked) { border-color: var(--st-primary-color);
+  color: var(--st-primary-color); }
+.chip input { position: absolute; opacity: 0; width: 0; height: 0; }
+.chip:has(input:focus-visible) { outline: 2px solid var(--st-primary-color); }
+.text .line, .number .line, .slider .line { display: flex; width: 100%; min-height: 2.5rem; }
+input[type=range] { flex: 1; min-width: 0; accent-color: var(--st-primary-color); }
+.value { min-width: 2.5rem; text-align: right; font-variant-numeric: tabular-nums; }
 .disabled { opacity: 0.55; }
 .disabled .line, .disabled input { cursor: not-allowed; }
 """

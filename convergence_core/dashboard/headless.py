@@ -248,11 +248,13 @@ _IMAGE_SOURCE = "() => document.querySelector('.%s img')?.getAttribute('src') ??
 def time_slider_step(  # noqa: ANN001 - playwright's own types
     page, label: str, image_key: str, *, timeout_ms: int = 60_000
 ) -> float:
-    """Seconds from pressing → on the slider labelled ``label`` until the image in the container
-    keyed ``image_key`` (``st.container(key=...)``) is a new, loaded picture: the time a user waits
-    for new bars, by the browser's clock."""
+    """Seconds from pressing → on the slider labelled ``label`` (a native slider of a row of
+    controls, ``controls.row``, or Streamlit's) until the image in the container keyed
+    ``image_key`` (``st.container(key=...)``) is a new, loaded picture: the time a user waits for
+    new bars, by the browser's clock."""
     before = page.evaluate(_IMAGE_SOURCE % f"st-key-{image_key}")
-    slider = (
+    native = page.get_by_role("slider", name=label, exact=True)
+    slider = native.first if native.count() else (
         page.locator('[data-testid="stSlider"]')
         .filter(has_text=label)
         .locator('input[type="range"]')
