@@ -77,22 +77,20 @@ for key, options in (("w_vision", run.gpa.models), ("w_language", partners)):
 with st.sidebar:
     st.header("Models")
     # chips in one row drawn by the browser (controls.py), like the page's other controls: a
-    # first visit loads no widget code of Streamlit's for them
+    # first visit loads no widget code of Streamlit's for them (a multi-select box above 12)
     # the GPA models: vision models, unless GPA runs across e.g. brain subjects
     gpa_vision = all(run.modality(m) == "vision" for m in run.gpa.models)
-    visions = [m for m in state.kept_value(st.session_state, "w_vision", run.gpa.models)
-               if m in run.gpa.models]
-    languages = [m for m in state.kept_value(st.session_state, "w_language", partners)
-                 if m in partners]
-    controls.row(
+    chosen_models = widgets.choose_many_in_row(
         [
             controls.many(
-                "vision", "Vision models" if gpa_vision else "GPA models", run.gpa.models, visions,
-                key="w_vision", labels=lambda m: m if gpa_vision else f"{m} ({run.modality(m)})",
+                "vision", "Vision models" if gpa_vision else "GPA models", run.gpa.models,
+                state.kept_value(st.session_state, "w_vision", run.gpa.models), key="w_vision",
+                labels=lambda m: m if gpa_vision else f"{m} ({run.modality(m)})",
             ),
             controls.many(
                 "language", "Language and other models" if others else "Language models",
-                partners, languages, key="w_language",
+                partners, state.kept_value(st.session_state, "w_language", partners),
+                key="w_language",
                 labels=lambda m: m if m in run.language_models else f"{m} ({run.modality(m)})",
                 help="The other side of every pair: the language models, then the run's other "
                 "models outside GPA (e.g. brain recordings)." if others else "",
@@ -100,6 +98,7 @@ with st.sidebar:
         ],
         key="lab-models",
     )
+    visions, languages = chosen_models["vision"], chosen_models["language"]
     if chosen_others := [m for m in languages if m not in run.language_models]:
         st.caption(
             ", ".join(widgets.escape_markdown(f"{m} ({run.modality(m)})") for m in chosen_others)

@@ -372,6 +372,47 @@ def test_view_survives_page_switches(synthetic_cache: Path) -> None:
     assert at.query_params["k"] == "4" and at.query_params["score"] == "pc1"
 
 
+def test_the_labs_k_and_the_paper_pages_k_are_one_number(synthetic_cache: Path) -> None:
+    """The lab's k (a native slider: ``controls.bounded_value``) and the Paper page's (a number
+    box: ``state.bind_bounded_int``) are the view's one k. A k one page lowers for its small
+    sets is the other page's k still, and a k the user moved to is never replaced by an older
+    one (the lab had written its lowered k where the Paper page reads it, and left the Paper
+    page's note of an older lowering behind)."""
+    from convergence_core.run import load_run
+
+    ids = list(load_run(synthetic_cache / "runs" / "demo").stimuli["id"])
+    at = _app()
+    at.query_params["run"] = "demo"
+    at.query_params["k"] = "9"
+    at.run(timeout=TIMEOUT)
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    assert controls_shown(at)["k"]["value"] == 9
+    change_control(at, "source", "pasted")
+    at.text_area(key="w_pasted_ids").input(" ".join(ids[:5])).run(timeout=TIMEOUT)
+    assert controls_shown(at)["k"]["value"] == 4 and at.query_params["k"] == "9"
+    at.switch_page("pages/4_Paper_analyses.py").run(timeout=TIMEOUT)
+    assert at.number_input(key="w_k").value == 9  # its sets of 15 allow 9
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    change_control(at, "source", "low")
+    assert controls_shown(at)["k"]["value"] == 9
+
+    at = _app()
+    at.query_params["run"] = "demo"
+    at.query_params["k"] = "40"
+    at.query_params["size"] = "6"
+    at.run(timeout=TIMEOUT)
+    at.switch_page("pages/4_Paper_analyses.py").run(timeout=TIMEOUT)
+    assert at.number_input(key="w_k").value == 5  # lowered for sets of 6
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    change_control(at, "size", 30)
+    assert controls_shown(at)["k"]["value"] == 29  # the 40 asked for, as far as sets of 30 allow
+    change_control(at, "k", 5)  # the user's own k
+    at.switch_page("pages/4_Paper_analyses.py").run(timeout=TIMEOUT)
+    assert at.number_input(key="w_k").value == 5 and at.query_params["k"] == "5"
+    at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
+    assert controls_shown(at)["k"]["value"] == 5
+
+
 def test_a_score_chosen_on_the_stimuli_page_is_every_pages_score(synthetic_cache: Path) -> None:
     """The Stimuli page's and the lab's score are controls drawn by the browser
     (``controls.row``), the other pages' a Streamlit radio: a change on either shows on the other

@@ -831,3 +831,29 @@ def test_the_matched_verdict_says_where_a_p_value_is_undefined() -> None:
     assert "in 1 of 3 (1 undefined: a value on some set is not a number" in verdict
     table["p_value"] = [0.01, 0.02, 0.5]
     assert "undefined" not in lab.matched_verdict(table, "cknna", "typicality")
+
+
+def test_more_models_than_a_row_of_chips_holds_are_a_box_to_search(tmp_path, monkeypatch) -> None:
+    """Above ``widgets.PILL_LIMIT`` models a side is a multi-select box (type to search), as
+    before the chips: 14 GPA models as chips were 7 rows of them, and choosing one 13 clicks.
+    The other side stays a chip row; both keep their choice across a page switch."""
+    from convergence_core.dashboard import widgets
+    from tests.fixtures_runs import make_synthetic_run
+
+    many = tuple(f"subject-{i:02d}" for i in range(widgets.PILL_LIMIT + 2))
+    make_synthetic_run(tmp_path / "cache" / "runs", n=40, name="many", vision_models=many)
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "cache"))
+    at = _page({"run": "many"})
+    box = at.multiselect(key="w_vision")
+    assert box.options == list(many) and box.value == list(many)
+    assert "vision" not in controls_shown(at) and "language" in controls_shown(at)
+    box.set_value(["subject-03"]).run(timeout=TIMEOUT)
+    change_control(at, "language", ["language-b"])
+    assert not at.exception, at.exception
+    table = _results(at)
+    assert set(table["vision_model"]) == {"subject-03"}
+    assert set(table["language_model"]) == {"language-b"}
+    at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
+    at.switch_page(PAGE).run(timeout=TIMEOUT)
+    assert at.multiselect(key="w_vision").value == ["subject-03"]
+    assert controls_shown(at)["language"]["value"] == ["language-b"]

@@ -177,9 +177,14 @@ def bounded_value(
 
     Returns ``(value, requested)``: the value to use, and the view's value when it was lowered
     (else None)."""
+    key = state.WIDGET_PREFIX + name
+    # the view holds the number asked for: another page's widget of it (state.bind_bounded_int,
+    # the Paper page's k) reads it under w_<name> and lowers it for its own range; a note that
+    # widget left of a number it lowered is the view's business now
+    session_state.pop(state.CLAMPED_PREFIX + key, None)
     requested = int(getattr(view, name))
     value = min(max(low, requested), high)
-    session_state[state.WIDGET_PREFIX + name] = value
+    session_state[key] = max(low, requested)
     if requested > high:
         return value, requested
     setattr(view, name, value)
@@ -320,7 +325,9 @@ export default function (component) {
         } else {
           input.type = field.kind === 'slider' ? 'range' : 'number';
           input.step = 1;
-          if (field.kind === 'slider') {
+          if (field.kind === 'slider') {  // its ends either side, its value after them
+            line.prepend(make('span', 'end low'));
+            line.appendChild(make('span', 'end high'));
             const shown = make('output', 'value');
             shown.htmlFor = id;
             input.oninput = () => { shown.textContent = input.value; };
@@ -385,6 +392,9 @@ export default function (component) {
     });
     const shown = box.querySelector('output');
     if (shown) shown.textContent = String(field.value);
+    const [low, high] = [box.querySelector('.end.low'), box.querySelector('.end.high')];
+    if (low) low.textContent = String(field.low);
+    if (high) high.textContent = String(field.high);
     box.querySelectorAll('button.step').forEach((button) => {  // none past either end
       const end = Number(button.dataset.step) < 0 ? field.low : field.high;
       button.disabled = field.disabled || field.value === end;
@@ -403,11 +413,11 @@ CONTROLS_CSS = """
 .head { display: flex; align-items: center; gap: 0.3rem; font-size: 0.875rem; }
 .switch .head { gap: 0.3rem; }
 .help { display: inline-flex; width: 1rem; height: 1rem; border-radius: 50%; font-size: 0.7rem;
-  align-items: center; justify-content: center; cursor: help; opacity: 0.6;
-  border: 1px solid currentColor; }
-.help { position: relative; }
-.help:focus-visible::after { content: attr(aria-label); position: absolute; top: 1.3rem;
-  left: 0; z-index: 10; width: max-content; max-width: 18rem; white-space: normal;
+  align-items: center; justify-content: center; cursor: help; border: 1px solid currentColor;
+  color: color-mix(in srgb, var(--st-text-color) 60%, transparent); }
+.head { position: relative; }
+.help:focus-visible::after { content: attr(aria-label); position: absolute; top: 1.4rem;
+  left: 0; z-index: 10; width: max-content; max-width: 100%; white-space: normal;
   padding: 0.4rem 0.6rem; border-radius: 0.4rem; font-size: 0.8rem; line-height: 1.4;
   background: var(--st-text-color); color: var(--st-background-color); }
 .step { flex: none; width: 2.5rem; font: inherit; cursor: pointer; color: var(--st-text-color);
@@ -439,12 +449,16 @@ input[type=text]:focus, input[type=number]:focus { outline: none;
 .number { max-width: 20rem; }
 .chip { border: 1px solid var(--st-border-color); border-radius: 1rem; padding: 0.2rem 0.7rem; }
 .chip:has(input:checked) { border-color: var(--st-primary-color);
-  color: var(--st-primary-color); }
+  color: var(--st-primary-color);
+  background: color-mix(in srgb, var(--st-primary-color) 12%, transparent); }
+.chip:has(input:checked) span::before { content: "✓ "; }
 .chip input { position: absolute; opacity: 0; width: 0; height: 0; }
-.chip:has(input:focus-visible) { outline: 2px solid var(--st-primary-color); }
+.chip:has(input:focus-visible) { outline: 2px solid var(--st-text-color); outline-offset: 2px; }
 .text .line, .number .line, .slider .line { display: flex; width: 100%; min-height: 2.5rem; }
 input[type=range] { flex: 1; min-width: 0; accent-color: var(--st-primary-color); }
-.value { min-width: 2.5rem; text-align: right; font-variant-numeric: tabular-nums; }
+.value { min-width: 2.5rem; text-align: right; font-variant-numeric: tabular-nums;
+  font-weight: 600; }
+.end { font-size: 0.75rem; opacity: 0.7; font-variant-numeric: tabular-nums; }
 .disabled { opacity: 0.55; }
 .disabled .line, .disabled input { cursor: not-allowed; }
 """

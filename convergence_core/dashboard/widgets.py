@@ -25,7 +25,7 @@ import streamlit as st
 from .. import settings
 from ..images import ImageFileError, open_rgb
 from ..run import Run
-from . import plots, state
+from . import controls, plots, state
 
 #: Session key of the stimulus id shown in the Stimuli page's detail view.
 INSPECT_KEY = "w_inspect"
@@ -135,6 +135,35 @@ def choose_many(
         return list(chosen or [])
 
     return state.kept_widget(st.session_state, key, widget)
+
+
+def choose_many_in_row(fields: Sequence[Any], *, key: str) -> dict[str, list[Any]]:
+    """``fields`` (``controls.many``: any of their options) as one row of chips drawn by the
+    browser (``controls.row``, keyed ``key``), except a field of more than :data:`PILL_LIMIT`
+    options: that one is a multi-select box (type to search; 30 brain subjects as chips were 15
+    rows of them, and choosing one of them 29 clicks), drawn first and kept like
+    :func:`choose_many`'s. Returns each field's name -> its chosen options."""
+    chosen: dict[str, list[Any]] = {}
+    chips = []
+    for field in fields:
+        if len(field.options) <= PILL_LIMIT:
+            chips.append(field)
+            chosen[field.name] = list(field.value)
+            continue
+        labels = dict(zip(field.options, field.labels, strict=True))
+
+        def widget(widget_key: str, field=field, labels=labels) -> list[Any]:  # noqa: ANN001
+            if widget_key not in st.session_state:  # the first value through the session state
+                st.session_state[widget_key] = list(field.value)
+            return list(st.multiselect(
+                field.label, list(field.options), key=widget_key, format_func=labels.get,
+                help=field.help or None,
+            ))
+
+        chosen[field.name] = state.kept_widget(st.session_state, field.key, widget)
+    if chips:
+        controls.row(chips, key=key)
+    return chosen
 
 
 def ask_first(
