@@ -417,7 +417,7 @@ def _lasso(context, url: str, fraction: float) -> dict[str, float]:  # noqa: ANN
         page.goto(url)
         page.wait_for_function(headless.PAGE_DRAWN, timeout=120_000, polling="raf")
         start = page.evaluate("() => performance.now()")
-        page.get_by_role("switch", name="Interactive chart", exact=False).click()
+        page.get_by_text("Interactive chart", exact=False).first.click()
         page.wait_for_selector('[data-testid="stPlotlyChart"] .main-svg', timeout=120_000)
         page.wait_for_function(headless.PAGE_DRAWN, timeout=120_000, polling="raf")
         drawn = (page.evaluate("() => performance.now()") - start) / 1000.0

@@ -80,7 +80,7 @@ with st.sidebar:
     # first visit loads no widget code of Streamlit's for them (a multi-select box above 12)
     # the GPA models: vision models, unless GPA runs across e.g. brain subjects
     gpa_vision = all(run.modality(m) == "vision" for m in run.gpa.models)
-    chosen_models = widgets.controls_row(
+    chosen_models = widgets.choose_many_in_row(
         [
             controls.many(
                 "vision", "Vision models" if gpa_vision else "GPA models", run.gpa.models,

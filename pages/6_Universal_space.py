@@ -20,7 +20,6 @@ import streamlit as st
 from convergence_core import retrieval
 from convergence_core.dashboard import (
     catalogue,
-    controls,
     data,
     gallery,
     page,
@@ -72,29 +71,13 @@ st.caption(
 state.carry_choices_to_run(st.session_state, MODELS_KEY, run.models)
 with st.sidebar:
     st.header("Barycenter")
-    # model names come from the user (feature files, a shared run): help texts render Markdown
-    gpa_models_text = ", ".join(widgets.escape_markdown(m) for m in run.gpa.models)
-    # the models and the score: one row of native controls (controls.row; chips and radio
-    # buttons), so a first visit loads neither Streamlit's pills nor its radio code
-    sidebar_choices = widgets.controls_row(
-        [
-            controls.many(
-                "models", "Models in the barycenter", run.models,
-                state.kept_value(st.session_state, MODELS_KEY, run.models), key=MODELS_KEY,
-                labels=lambda model: f"{model} ({run.modality(model)})",
-                help="Each chosen model weighs the same in the consensus.",
-            ),
-            controls.choice(
-                "score", f"{run.gpa_modality.capitalize()} dispersion", state.SCORES,
-                controls.bound_value(st.session_state, view, "score"),
-                key=state.WIDGET_PREFIX + "score", view="score", labels=plots.SCORE_NAME.get,
-                help="intra-modal dispersion: the mean residual (or PC1 score) of GPA across the "
-                f"run's GPA models ({', '.join(run.gpa.models)})",
-            ),
-        ],
-        key="universal-choices",
+    chosen = widgets.choose_many(
+        "Models in the barycenter",
+        run.models,
+        key=MODELS_KEY,
+        format_func=lambda model: f"{model} ({run.modality(model)})",
+        help="Each chosen model weighs the same in the consensus.",
     )
-    chosen, score = sidebar_choices["models"], sidebar_choices["score"]
     layers: dict[str, str] = {}
     # popovers: the browser builds their widgets only when opened (an expander's at once)
     with st.popover("Layers", icon=":material/layers:"):  # data.default_members: the defaults
@@ -106,6 +89,13 @@ with st.sidebar:
                 widgets.escape_markdown(model), options,
                 index=options.index(run.default_layer(model)), key=key,
             )
+    # model names come from the user (feature files, a shared run): help texts render Markdown
+    gpa_models_text = ", ".join(widgets.escape_markdown(m) for m in run.gpa.models)
+    score = widgets.score_radio(
+        view, f"{run.gpa_modality.capitalize()} dispersion",
+        help=f"intra-modal dispersion: the mean residual (or PC1 score) of GPA across the run's "
+        f"GPA models ({gpa_models_text})"
+    )
     with st.popover("Retrieval and statistics", icon=":material/tune:"):
         n_folds = st.number_input("Folds", min_value=2, max_value=10, value=5, step=1)
         similarity = st.radio("Similarity", retrieval.SIMILARITIES, horizontal=True)

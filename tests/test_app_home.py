@@ -475,7 +475,7 @@ def test_switching_runs_keeps_every_page_working(synthetic_cache: Path) -> None:
     assert not at.error, [e.value for e in at.error]
     at.sidebar.selectbox[0].set_value("other").run(timeout=TIMEOUT)
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert set(controls_shown(at)["models"]["value"]) == {
+    assert set(at.session_state["w_universal_models"]) == {
         "vision-x", "vision-y", "vision-z", "language-z"
     }
 
@@ -494,13 +494,14 @@ def test_each_pages_choices_survive_visits_to_other_pages(synthetic_cache: Path)
     at.switch_page("pages/2_Residual_space.py").run(timeout=TIMEOUT)
     at.radio(key="w_projection").set_value("UMAP").run(timeout=TIMEOUT)
     at.switch_page("pages/6_Universal_space.py").run(timeout=TIMEOUT)
-    change_control(at, "models", ["vision-a", "language-a"])
+    at.button_group(key="w_universal_models").set_value(["vision-a", "language-a"])
+    at.run(timeout=TIMEOUT)
 
     for target in ("app.py", "pages/3_Alignment_lab.py", "pages/1_Stimuli.py",
                    "pages/2_Residual_space.py", "pages/6_Universal_space.py"):
         at.switch_page(target).run(timeout=TIMEOUT)
         assert not at.exception, (target, at.exception)
-    assert controls_shown(at)["models"]["value"] == ["vision-a", "language-a"]
+    assert at.button_group(key="w_universal_models").value == ["vision-a", "language-a"]
     at.switch_page("pages/3_Alignment_lab.py").run(timeout=TIMEOUT)
     assert controls_shown(at)["vision"]["value"] == ["vision-b"]
     assert controls_shown(at)["metric"]["value"] == "mutual_knn"

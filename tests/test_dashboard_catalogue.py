@@ -358,41 +358,33 @@ def test_text_from_a_run_never_starts_math_mode() -> None:
 def _choices_app(n_options: int) -> None:  # run by AppTest in its own script context
     import streamlit as st
 
-    from convergence_core.dashboard import controls, state, widgets
+    from convergence_core.dashboard import widgets
 
     options = [f"model_{i}" for i in range(n_options)]
     one = widgets.choose_one("One", options, key="one")
-    chosen = state.kept_value(st.session_state, "many", options)
-    many = widgets.controls_row(
-        [controls.many("many", "Many", options, chosen, key="many")], key="row"
-    )["many"]
+    many = widgets.choose_many("Many", options, key="many")
     st.text(f"{one}|{','.join(many)}")
 
 
 @pytest.mark.parametrize("n_options", [3, widgets.PILL_LIMIT, widgets.PILL_LIMIT + 1])
-def test_choices_are_pills_or_chips_up_to_the_limit_and_select_boxes_above(n_options) -> None:
+def test_choices_are_pills_up_to_the_limit_and_select_boxes_above(n_options: int) -> None:
     from streamlit.testing.v1 import AppTest
-
-    from tests.page_reading import change_control, controls_shown
 
     at = AppTest.from_function(_choices_app, kwargs={"n_options": n_options}).run(timeout=60)
     assert not at.exception, at.exception
     options = [f"model_{i}" for i in range(n_options)]
     # the first option chosen for one, every option for many, until the user changes them
     assert at.text[0].value == f"model_0|{','.join(options)}"
-    small = n_options <= widgets.PILL_LIMIT
-    assert len(at.button_group) == (1 if small else 0)
-    assert (len(at.selectbox), len(at.multiselect)) == ((0, 0) if small else (1, 1))
-    assert ("many" in controls_shown(at)) == small  # chips in a row of native controls
-    one = at.button_group(key="one") if small else at.selectbox(key="one")
-    if small:  # a pill's label is escaped Markdown: the name shows as written
+    pills = n_options <= widgets.PILL_LIMIT
+    assert len(at.button_group) == (2 if pills else 0)
+    assert (len(at.selectbox), len(at.multiselect)) == ((0, 0) if pills else (1, 1))
+    one = at.button_group(key="one") if pills else at.selectbox(key="one")
+    many = at.button_group(key="many") if pills else at.multiselect(key="many")
+    if pills:  # a pill's label is escaped Markdown: the name shows as written
         assert one.options[0] == "model\\_0"
-        assert controls_shown(at)["many"]["labels"][0] == "model_0"  # a chip's is text
-    one.set_value("model_2").run(timeout=60)
-    if small:
-        change_control(at, "many", ["model_1"])
-    else:
-        at.multiselect(key="many").set_value(["model_1"]).run(timeout=60)
+    one.set_value("model_2")
+    many.set_value(["model_1"])
+    at.run(timeout=60)
     assert at.text[0].value == "model_2|model_1"
 
 

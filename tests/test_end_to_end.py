@@ -458,7 +458,7 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
             page.goto(f"{base}/Residual_space")
             _wait_idle(page)
             assert page.locator('[data-testid="stPlotlyChart"]').count() == 0
-            page.get_by_role("switch", name="Interactive chart", exact=False).click()
+            page.get_by_text("Interactive chart", exact=False).first.click()
             page.wait_for_selector('[data-testid="stPlotlyChart"] .main-svg', timeout=60_000)
             _wait_idle(page)
             plot = page.locator('[data-testid="stPlotlyChart"] .nsewdrag').first

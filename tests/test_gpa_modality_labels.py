@@ -17,7 +17,7 @@ import pytest
 from convergence_core import report
 from convergence_core import write_run_from_embeddings
 from tests.fixtures_runs import synthetic_embeddings
-from tests.page_reading import cards, controls_shown
+from tests.page_reading import cards
 
 SUBJECTS = ("subj01", "subj02", "subj03")
 N = 60
@@ -126,4 +126,4 @@ def test_paper_page_verdict_names_brain_pairs(cache: Path, monkeypatch) -> None:
 def test_universal_page_relates_to_brain_dispersion(cache: Path, monkeypatch) -> None:
     at = _app(cache, monkeypatch, "pages/6_Universal_space.py")
     assert "ρ with brain dispersion" in cards(at) and "ρ with vision dispersion" not in cards(at)
-    assert controls_shown(at)["score"]["label"] == "Brain dispersion"
+    assert at.radio(key="w_score").label == "Brain dispersion"

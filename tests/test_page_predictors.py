@@ -14,7 +14,6 @@ from streamlit.testing.v1 import AppTest
 
 from convergence_core import dispersion_predictors as dp
 from convergence_core.dashboard import predictors
-from tests.page_reading import change_control
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = str(REPO / "pages" / "5_What_predicts_dispersion.py")
@@ -180,7 +179,8 @@ def test_residual_space_colours_points_by_any_property(run, monkeypatch) -> None
     at.run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     assert len(at.image) == 1  # the picture, coloured by the property (cached per property)
-    change_control(at, "interactive", True)  # the interactive chart
+    at.toggle(key="w_interactive_scatter").set_value(True)  # the interactive chart
+    at.run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     points = _figure(at, "PCA of the GPA residuals")["data"][0]
     np.testing.assert_allclose(

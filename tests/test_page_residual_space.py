@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from convergence_core import settings
 from convergence_core.dashboard import catalogue, data, selection_io, state
-from tests.page_reading import change_control, controls_shown, gallery_texts, shown
+from tests.page_reading import gallery_texts, shown
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 60
@@ -346,11 +346,11 @@ def test_the_map_is_a_picture_until_the_chart_is_made_interactive(run) -> None:
     at = _page(interactive=False)
     assert not at.get("plotly_chart") and len(at.image) == 1
     assert any("Turn on the interactive chart" in c.value for c in at.caption)
-    change_control(at, "interactive", True)
+    at.toggle(key=INTERACTIVE).set_value(True).run(timeout=TIMEOUT)
     assert len(at.get("plotly_chart")) == 1
     at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
     at.switch_page(PAGE).run(timeout=TIMEOUT)
-    assert controls_shown(at)["interactive"]["value"] and len(at.get("plotly_chart")) == 1
+    assert at.toggle(key=INTERACTIVE).value and len(at.get("plotly_chart")) == 1
 
 
 def test_large_maps_send_no_text_per_point(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,14 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from convergence_core import retrieval, universal
 from tests.fixtures_runs import make_synthetic_run
-from tests.page_reading import (
-    cards,
-    change_control,
-    controls_shown,
-    gallery_cards,
-    gallery_texts,
-    shown,
-)
+from tests.page_reading import cards, gallery_cards, gallery_texts, shown
 
 PAGE = str(Path(__file__).resolve().parent.parent / "pages" / "6_Universal_space.py")
 TIMEOUT = 120
@@ -63,13 +56,14 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
     # only the open tab is built (no retrieval yet); its scatter and residual bars are pictures
     # until the toggle asks for Plotly; the table of every stimulus comes when its expander opens
     assert not at.get("plotly_chart") and len(at.image) >= 2 and not at.dataframe
-    change_control(at, "interactive", True)
+    at.toggle(key=INTERACTIVE_KEY).set_value(True)
+    at.run(timeout=TIMEOUT)
     (chart,) = at.get("plotly_chart")
     points = json.loads(chart.proto.spec)["data"][0]
     assert len(points["text"]) == 60 and points["text"][0].startswith("id ")  # id and caption
     _open_tab(at, "Retrieval")  # the toggle is not drawn meanwhile; back, it is still on
     _open_tab(at, "Cross-modal dispersion")
-    assert controls_shown(at)["interactive"]["value"] and len(at.get("plotly_chart")) == 1
+    assert at.toggle(key=INTERACTIVE_KEY).value and len(at.get("plotly_chart")) == 1
     at.session_state[TABLE_KEY] = True
     at.run(timeout=TIMEOUT)
     every = at.dataframe[0].value
@@ -130,11 +124,14 @@ def make_run_handle(cache_root: Path):
 
 def test_choosing_models_and_an_image_updates_the_page(monkeypatch, cache_root):
     at = _page(monkeypatch, cache_root)
-    change_control(at, "models", ["vision-a", "vision-b"])
+    models = at.button_group(key="w_universal_models")
+    models.set_value(["vision-a", "vision-b"]).run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     assert "at least two modalities" in at.error[0].value
 
-    change_control(at, "models", ["vision-a", "language-a"])
+    at.button_group(key="w_universal_models").set_value(["vision-a", "language-a"]).run(
+        timeout=TIMEOUT
+    )
     assert not at.exception, at.exception
     run = make_run_handle(cache_root)
     expected = universal.run_cross_modal_analysis(
@@ -167,7 +164,8 @@ def test_large_runs_send_numbers_not_captions_to_the_interactive_chart(monkeypat
     monkeypatch.setattr(plots, "HOVER_TEXT_LIMIT", 10)
     at = _page(monkeypatch, cache_root)
     assert not at.get("plotly_chart")
-    change_control(at, "interactive", True)
+    at.toggle(key=INTERACTIVE_KEY).set_value(True)
+    at.run(timeout=TIMEOUT)
     (chart,) = at.get("plotly_chart")
     points = json.loads(chart.proto.spec)["data"][0]
     assert "text" not in points and "intra %{x" in points["hovertemplate"]
@@ -264,6 +262,5 @@ def test_model_names_are_shown_as_text_not_markdown(monkeypatch, tmp_path):
     for name in (*names, "$$x$$", "lang-b"):
         assert escape_markdown(name) in labels
     assert "![i](//evil.example/p.png)" not in labels and "**bold** <b>x</b>" not in labels
-    # the score's help is a native tooltip (text, never Markdown): the names exactly as written
-    assert names[0] in controls_shown(at)["score"]["help"]
-    assert controls_shown(at)["models"]["labels"][0] == f"{names[0]} (vision)"
+    helps = " ".join(str(widget.help) for widget in at.radio)
+    assert escape_markdown(names[0]) in helps and "![i](" not in helps

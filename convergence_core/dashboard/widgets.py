@@ -61,10 +61,9 @@ def score_radio(
     )
 
 
-#: Up to this many options a choice is a row of pills (:func:`choose_one`) or of chips
-#: (:func:`controls_row`); above it a select box. Select boxes cost a first visit ~0.1-0.15 s
-#: more in the browser: their code loads and runs when the page first shows one
-#: (benchmarks/bench_dashboard.py)
+#: Up to this many options a choice is a row of pills (:func:`choose_one`, :func:`choose_many`);
+#: above it a select box. Select boxes cost a first visit ~0.1-0.15 s more in the browser: their
+#: code loads and runs when the page first shows one (benchmarks/bench_dashboard.py)
 PILL_LIMIT = 12
 
 
@@ -103,19 +102,53 @@ def choose_one(
     return state.kept_widget(st.session_state, key, widget)
 
 
-def controls_row(fields: Sequence[Any], *, key: str) -> dict[str, Any]:
-    """``fields`` (``controls.Field``) as one row of native controls drawn by the browser
-    (``controls.row``, keyed ``key``), except an any-of field (``controls.many``) of more than
-    :data:`PILL_LIMIT` options: that one is a multi-select box (type to search; 30 brain subjects
-    as chips were 15 rows of them, and choosing one of them 29 clicks), drawn first and kept while
-    not shown (:func:`state.kept_widget`). Returns each field's name -> its value (a list for an
-    any-of field)."""
-    shown: dict[str, Any] = {}
-    in_row = []
+def choose_many(
+    label: str,
+    options: Sequence[Any],
+    *,
+    key: str,
+    format_func: Callable[[Any], object] = str,
+    help: str | None = None,
+) -> list[Any]:
+    """Any of ``options`` (all chosen until the user changes it): a row of pills, or a
+    multi-select box above :data:`PILL_LIMIT` options. The value (a list) lives in
+    ``st.session_state[key]`` either way, and is kept while the user visits other pages
+    (:func:`state.kept_widget`; a choice made on another run:
+    :func:`state.carry_choices_to_run`)."""
+    options = list(options)
+
+    def widget(key: str) -> list[Any]:
+        # the first value through the session state, not a default argument: Streamlit reports
+        # a default beside a value restored through the session state
+        if key not in st.session_state:
+            st.session_state[key] = options
+        if len(options) > PILL_LIMIT:
+            return st.multiselect(label, options, key=key, format_func=format_func, help=help)
+        chosen = st.pills(
+            label,
+            options,
+            selection_mode="multi",
+            key=key,
+            format_func=_pill_text(format_func),
+            help=help,
+        )
+        return list(chosen or [])
+
+    return state.kept_widget(st.session_state, key, widget)
+
+
+def choose_many_in_row(fields: Sequence[Any], *, key: str) -> dict[str, list[Any]]:
+    """``fields`` (``controls.many``: any of their options) as one row of chips drawn by the
+    browser (``controls.row``, keyed ``key``), except a field of more than :data:`PILL_LIMIT`
+    options: that one is a multi-select box (type to search; 30 brain subjects as chips were 15
+    rows of them, and choosing one of them 29 clicks), drawn first and kept like
+    :func:`choose_many`'s. Returns each field's name -> its chosen options."""
+    chosen: dict[str, list[Any]] = {}
+    chips = []
     for field in fields:
-        if field.kind != "many" or len(field.options) <= PILL_LIMIT:
-            in_row.append(field)
-            shown[field.name] = list(field.value) if field.kind == "many" else field.value
+        if len(field.options) <= PILL_LIMIT:
+            chips.append(field)
+            chosen[field.name] = list(field.value)
             continue
         labels = dict(zip(field.options, field.labels, strict=True))
 
@@ -127,10 +160,10 @@ def controls_row(fields: Sequence[Any], *, key: str) -> dict[str, Any]:
                 help=field.help or None,
             ))
 
-        shown[field.name] = state.kept_widget(st.session_state, field.key, widget)
-    if in_row:
-        controls.row(in_row, key=key)
-    return shown
+        chosen[field.name] = state.kept_widget(st.session_state, field.key, widget)
+    if chips:
+        controls.row(chips, key=key)
+    return chosen
 
 
 def ask_first(
@@ -155,21 +188,20 @@ def ask_first(
 
 
 def interactive_chart_toggle(key: str, label: str, picture_of: str) -> bool:
-    """The switch between a server-drawn picture of a chart and the interactive Plotly chart (a
-    row of one native switch, ``controls.row``: no toggle code of Streamlit's to load), its value
-    kept under ``key`` while the page or tab is not shown. ``picture_of`` names what the picture
-    shows ("map", "scatter")."""
-    value = bool(state.kept_value(st.session_state, key, False))
-    controls.row(
-        [controls.switch(
-            "interactive", label, value, key=key,
+    """The toggle between a server-drawn picture of a chart and the interactive Plotly chart,
+    kept while the page or tab is not shown (:func:`state.kept_widget`: Streamlit forgets a
+    widget it does not draw). ``picture_of`` names what the picture shows ("map", "scatter")."""
+    return state.kept_widget(
+        st.session_state,
+        key,
+        lambda widget_key: st.toggle(
+            label,
+            key=widget_key,
             help=f"Off: a picture of the same {picture_of}, drawn on the server (quick to load). "
             "On: the Plotly chart, whose code takes the browser a few seconds to load the first "
             "time in a tab.",
-        )],
-        key=f"{key}-row",
+        ),
     )
-    return value
 
 
 def excerpt(text: object, limit: int | None = None) -> str:
