@@ -192,3 +192,28 @@ def test_the_number_box_steps_with_its_buttons_and_stops_at_its_ends(browser) ->
     help_id = group.get_attribute("aria-describedby")
     assert root.locator(f"#{help_id}").get_attribute("aria-label") == HOSTILE
     page.close()
+
+
+def test_a_change_the_server_answered_otherwise_is_not_stuck_in_the_box(browser) -> None:
+    """+ pressed (page 2 sent), then a rerun says page 1 of 1 (a filter left one page) while the
+    box keeps focus: the box keeps the user's 2 meanwhile but takes the new range at once (+ and
+    − disabled, no 3 or 4 sent past it), and shows the server's 1 when the user leaves it;
+    Streamlit does not redraw a row whose data did not change, so nothing else would."""
+    page = mount(browser, controls.CONTROLS_JS, controls.CONTROLS_CSS, _data(page=1, high=20))
+    root = page.locator("#root")
+    plus = root.get_by_role("button", name="Increase Page")
+    box = root.get_by_role("spinbutton", name="Page")
+    plus.click()
+    assert box.input_value() == "2"
+    page.evaluate("(data) => window.__render(data)", _data(page=1, high=1))
+    assert box.get_attribute("max") == "1" and plus.is_disabled()
+    assert _triggers(page) == [["change", {"page": 2}]]
+    root.get_by_role("radiogroup", name="Rank by").click()  # the user moves on
+    assert box.input_value() == "1"
+    # a field disabled by a rerun while the user is on it, its change waiting: disabled at once
+    page.evaluate("(data) => window.__render(data)", _data(page=1, high=1, disabled=False))
+    switch = root.get_by_role("switch")
+    switch.click()  # sends only = True and keeps the focus
+    page.evaluate("(data) => window.__render(data)", _data(page=1, high=1, disabled=True))
+    assert switch.is_disabled()
+    page.close()

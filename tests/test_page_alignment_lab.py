@@ -844,7 +844,7 @@ def test_more_models_than_a_row_of_chips_holds_are_a_box_to_search(tmp_path, mon
     make_synthetic_run(tmp_path / "cache" / "runs", n=40, name="many", vision_models=many)
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "cache"))
     at = _page({"run": "many"})
-    box = at.multiselect(key="w_vision")
+    box = at.multiselect(key="w_vision__box")
     assert box.options == list(many) and box.value == list(many)
     assert "vision" not in controls_shown(at) and "language" in controls_shown(at)
     box.set_value(["subject-03"]).run(timeout=TIMEOUT)
@@ -855,5 +855,31 @@ def test_more_models_than_a_row_of_chips_holds_are_a_box_to_search(tmp_path, mon
     assert set(table["language_model"]) == {"language-b"}
     at.switch_page("pages/1_Stimuli.py").run(timeout=TIMEOUT)
     at.switch_page(PAGE).run(timeout=TIMEOUT)
-    assert at.multiselect(key="w_vision").value == ["subject-03"]
+    assert at.multiselect(key="w_vision__box").value == ["subject-03"]
     assert controls_shown(at)["language"]["value"] == ["language-b"]
+
+
+def test_chips_after_a_run_of_many_models_keep_every_change(tmp_path, monkeypatch) -> None:
+    """A run of more than 12 GPA models (a box), then one of 3 that shares some of them (chips):
+    the chips keep each change; the box had left its widget key on the choice, and Streamlit
+    dropped every change the chips wrote at the next rerun (from the final review)."""
+    from convergence_core.dashboard import widgets
+    from tests.fixtures_runs import make_synthetic_run
+
+    few = ("vision-a", "vision-b", "vision-c")
+    many = few + tuple(f"subject-{i:02d}" for i in range(widgets.PILL_LIMIT))
+    make_synthetic_run(tmp_path / "cache" / "runs", n=40, name="many", vision_models=many)
+    make_synthetic_run(tmp_path / "cache" / "runs", n=40, name="few", vision_models=few)
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "cache"))
+    at = _page({"run": "many"})
+    at.multiselect(key="w_vision__box").set_value(["vision-a", "vision-c", "subject-05"]).run(
+        timeout=TIMEOUT)
+    at.sidebar.selectbox[0].set_value("few").run(timeout=TIMEOUT)
+    assert controls_shown(at)["vision"]["value"] == ["vision-a", "vision-c"]
+    change_control(at, "vision", ["vision-c"])
+    for _ in range(2):
+        at.run(timeout=TIMEOUT)
+        assert controls_shown(at)["vision"]["value"] == ["vision-c"]
+        assert set(_results(at)["vision_model"]) == {"vision-c"}
+    at.sidebar.selectbox[0].set_value("many").run(timeout=TIMEOUT)
+    assert at.multiselect(key="w_vision__box").value == ["vision-c"]

@@ -244,6 +244,8 @@ export default function (component) {
     row = make('div', 'controls');
     row.dataset.layout = layout;
     row.pending = old ? old.pending : new Map();  // field name -> value sent, not yet shown
+    row.sentAt = old ? old.sentAt : new Map();  // field name -> reruns drawn when it was sent
+    row.renders = old ? old.renders : 0;
     if (old) old.replaceWith(row);
     else parentElement.appendChild(row);
     data.fields.forEach((field, index) => {
@@ -254,8 +256,19 @@ export default function (component) {
       // trigger's last value when two are set before the page hears of the first
       const send = (value) => {
         row.pending.set(field.name, value);
+        row.sentAt.set(field.name, row.renders);
         setTriggerValue('change', Object.fromEntries(row.pending));
       };
+      // leaving a control whose change a rerun has answered since (with another value: the
+      // server kept it in range, or the range moved) shows the server's value: Streamlit
+      // does not redraw a row whose data did not change, so nothing else would
+      box.addEventListener('focusout', (event) => {
+        if (box.contains(event.relatedTarget) || !row.pending.has(field.name)) return;
+        if (row.renders > row.sentAt.get(field.name)) {
+          row.pending.delete(field.name);
+          row.show(box, row.last.fields[index]);
+        }
+      });
       // a whole number typed or slid: rounded and kept in the latest rerun's range
       const whole = (input) => {
         const typed = Number(input.value);
@@ -368,38 +381,47 @@ export default function (component) {
       row.appendChild(box);
     });
   }
-  data.fields.forEach((field, index) => {
-    const box = row.children[index];
+  // a box shows its field of the last rerun: range, state and value, except the value of a
+  // control the user is still on while it waits for the rerun of their last change
+  row.show = (box, field) => {
+    let keep = false;
     if (row.pending.has(field.name)) {
-      const shown = JSON.stringify(row.pending.get(field.name)) === JSON.stringify(field.value);
-      // the rerun of an earlier change while the user is still on the control: leave their
-      // last one shown (it comes with the next rerun); otherwise the server's value is the word
-      if (!shown && box.contains(box.getRootNode().activeElement)) return;
-      row.pending.delete(field.name);
+      const same = JSON.stringify(row.pending.get(field.name)) === JSON.stringify(field.value);
+      keep = !same && box.contains(box.getRootNode().activeElement);
+      if (!keep) row.pending.delete(field.name);
     }
     box.style.flexGrow = field.width;
     box.classList.toggle('disabled', field.disabled);
     box.querySelectorAll('input').forEach((input) => {
       input.disabled = field.disabled;
+      if (field.kind === 'number' || field.kind === 'slider') {
+        input.min = field.low;
+        input.max = field.high;
+      }
+      if (['text', 'number', 'slider'].includes(field.kind)) {
+        input.dataset.value = String(field.value);
+      }
+      if (keep) return;
       if (field.kind === 'choice') input.checked = input.value === field.value;
       else if (field.kind === 'many') input.checked = field.value.includes(input.value);
       else if (field.kind === 'switch') input.checked = field.value;
-      else {
-        if (field.kind !== 'text') { input.min = field.low; input.max = field.high; }
-        input.dataset.value = String(field.value);
-        if (input.value !== String(field.value)) input.value = String(field.value);
-      }
+      else if (input.value !== String(field.value)) input.value = String(field.value);
     });
     const shown = box.querySelector('output');
-    if (shown) shown.textContent = String(field.value);
+    const input = box.querySelector('input');
+    if (shown) shown.textContent = input.value;
     const [low, high] = [box.querySelector('.end.low'), box.querySelector('.end.high')];
     if (low) low.textContent = String(field.low);
     if (high) high.textContent = String(field.high);
     box.querySelectorAll('button.step').forEach((button) => {  // none past either end
-      const end = Number(button.dataset.step) < 0 ? field.low : field.high;
-      button.disabled = field.disabled || field.value === end;
+      const value = Number(input.value);
+      const past = Number(button.dataset.step) < 0 ? value <= field.low : value >= field.high;
+      button.disabled = field.disabled || past;
     });
-  });
+  };
+  row.renders = (row.renders || 0) + 1;
+  row.last = data;
+  data.fields.forEach((field, index) => row.show(row.children[index], field));
   row.dataset.drawn = '1';  // the browser test and benchmark wait for this
 }
 """

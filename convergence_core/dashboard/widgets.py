@@ -137,12 +137,23 @@ def choose_many(
     return state.kept_widget(st.session_state, key, widget)
 
 
+#: Suffix of the widget key of a multi-select box that stands in for a row's chips
+#: (:func:`choose_many_in_row`): the field's own key stays a plain session key
+BOX_SUFFIX = "__box"
+
+
 def choose_many_in_row(fields: Sequence[Any], *, key: str) -> dict[str, list[Any]]:
     """``fields`` (``controls.many``: any of their options) as one row of chips drawn by the
     browser (``controls.row``, keyed ``key``), except a field of more than :data:`PILL_LIMIT`
     options: that one is a multi-select box (type to search; 30 brain subjects as chips were 15
-    rows of them, and choosing one of them 29 clicks), drawn first and kept like
-    :func:`choose_many`'s. Returns each field's name -> its chosen options."""
+    rows of them, and choosing one of them 29 clicks), drawn first. Returns each field's name ->
+    its chosen options.
+
+    Either way the choice lives under the field's ``key`` as a plain session value: the box has a
+    key of its own (``key + BOX_SUFFIX``), set from the field's value on every rerun, and its
+    change is copied back to it (the box's callback).
+    (Sharing one key, a run of 12 models or fewer after one of more kept the box's widget
+    mapping, and Streamlit dropped every change the chips wrote.)"""
     chosen: dict[str, list[Any]] = {}
     chips = []
     for field in fields:
@@ -151,16 +162,16 @@ def choose_many_in_row(fields: Sequence[Any], *, key: str) -> dict[str, list[Any
             chosen[field.name] = list(field.value)
             continue
         labels = dict(zip(field.options, field.labels, strict=True))
+        box = field.key + BOX_SUFFIX
 
-        def widget(widget_key: str, field=field, labels=labels) -> list[Any]:  # noqa: ANN001
-            if widget_key not in st.session_state:  # the first value through the session state
-                st.session_state[widget_key] = list(field.value)
-            return list(st.multiselect(
-                field.label, list(field.options), key=widget_key, format_func=labels.get,
-                help=field.help or None,
-            ))
+        def copy(box: str = box, field: Any = field) -> None:  # the box's change, before rerun
+            st.session_state[field.key] = list(st.session_state[box])
 
-        chosen[field.name] = state.kept_widget(st.session_state, field.key, widget)
+        st.session_state[box] = list(field.value)  # the plain value is the choice
+        chosen[field.name] = list(st.multiselect(
+            field.label, list(field.options), key=box, format_func=labels.get, on_change=copy,
+            help=field.help or None,
+        ))
     if chips:
         controls.row(chips, key=key)
     return chosen
