@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import streamlit as st
 
-from . import state
+from . import dom, state
 
 #: Name of the component (unique in the app)
 COMPONENT = "convergence_controls"
@@ -230,12 +230,7 @@ def store_change(
 CONTROLS_JS = """
 export default function (component) {
   const { data, parentElement, setTriggerValue } = component;
-  const make = (tag, className, text) => {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined) node.textContent = text;
-    return node;
-  };
+""" + dom.MAKE_JS + """
   const layout = JSON.stringify(data.fields.map((f) => [
     f.kind, f.name, f.label, f.help, f.options, f.labels, f.placeholder]));
   let row = parentElement.querySelector('.controls');

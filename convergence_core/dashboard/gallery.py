@@ -37,7 +37,7 @@ import streamlit as st
 
 from .. import settings
 from ..run import Run
-from . import widgets
+from . import dom, widgets
 
 #: Name of the component (unique in the app) and the prefix of each gallery's key
 COMPONENT = "convergence_gallery"
@@ -48,12 +48,7 @@ KEY_PREFIX = "gallery-"
 GALLERY_JS = """
 export default function (component) {
   const { data, parentElement, setTriggerValue } = component;
-  const make = (tag, className, text) => {
-    const node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined) node.textContent = text;
-    return node;
-  };
+""" + dom.MAKE_JS + """
   let grid = parentElement.querySelector('.gallery');
   if (!grid) {
     grid = make('div', 'gallery');
