@@ -54,9 +54,9 @@ path, stamp = str(run.path), data.manifest_stamp(run.path)
 # Streamlit's radios, text box and toggle); the choices stay while the user visits other pages
 selection = state.get_selection(st.session_state, run.name)
 score = controls.bound_value(st.session_state, view, "score")
-order_by = controls.kept_value(st.session_state, ORDER_KEY, "dispersion")
-query = controls.kept_value(st.session_state, FILTER_KEY, "")
-only_selection = controls.kept_value(st.session_state, ONLY_SELECTION_KEY, False)
+order_by = state.kept_value(st.session_state, ORDER_KEY, "dispersion")
+query = state.kept_value(st.session_state, FILTER_KEY, "")
+only_selection = state.kept_value(st.session_state, ONLY_SELECTION_KEY, False)
 controls.row(
     [
         controls.choice(

@@ -119,9 +119,6 @@ def test_bound_value_reads_the_view_and_hands_it_to_the_other_pages_widgets() ->
     session: dict = {}
     assert controls.bound_value(session, view, "page", lambda p: min(max(1, int(p)), 4)) == 4
     assert view.page == 4 and session["w_page"] == 4  # state.bind_widget reads w_<name>
-    assert controls.kept_value(session, "w_filter", "") == ""
-    session["w_filter"] = "dog"
-    assert controls.kept_value(session, "w_filter", "") == "dog"
 
 
 def test_bounded_value_keeps_a_number_the_range_cannot_take_until_it_can() -> None:

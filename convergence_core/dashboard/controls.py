@@ -191,11 +191,6 @@ def bounded_value(
     return value, None
 
 
-def kept_value(session_state: MutableMapping[str, Any], key: str, default: Any) -> Any:
-    """The value stored under ``key`` (a row's field not bound to the view), else ``default``."""
-    return session_state.get(key, default)
-
-
 def store_change(
     session_state: MutableMapping[str, Any], component_key: str, fields: Sequence[Field]
 ) -> None:
