@@ -15,6 +15,10 @@ synthetic one). Prints tables and writes benchmarks/results/dashboard.json.
     .venv/bin/python benchmarks/bench_dashboard.py --browser-only --beside /tmp/old \
         --pages "Stimuli gallery,Home" --repeats 13     # only these pages: more rounds, less time
 
+With ``--beside`` each page's two visits of a round are also paired: this checkout's time minus
+the other's, its median with a 95 % interval, the rounds in which each was faster and the exact
+sign test's p-value, so that a change is called faster only when the rounds say so.
+
 The browser part (issue 18) serves the dashboard as ``make demo`` does and, beside it, a bare
 Streamlit page (a title and one line of text, the same ``.streamlit/config.toml``), and opens
 each page in a new tab of one headless Chromium (``dashboard/headless.py``), the bare page and
@@ -25,8 +29,9 @@ then, as for the first user of a new run). A visit ends when the page is
 drawn: the script has finished, every visible figure, table and image is drawn and the last
 response has arrived (``headless.measure_visit``, timed by the browser's own clock). Machines here
 are shared and noisy, so the targets are ratios to the bare page in the same run (each page's
-median, and its lowest and highest round: a verdict says whether the target was met in every
-round, in none, or only in some, i.e. within the noise):
+median, its lowest and highest round, and a 95 % interval of its median ratio from the rounds'
+order statistics: the verdict is "met" when the whole interval is within the target, "not met"
+when it is all above, "within noise" when it straddles):
 
 * every page's first visit within ``TARGET_PAGE_RATIO`` (1.5) × the bare page's;
 * a change of k in the Alignment lab, from the key press until the new bars are drawn, within
@@ -181,6 +186,15 @@ ELEMENT_KINDS: dict[str, str] = {
     "st.popover": "st.popover('Colour').write('x')",
     "st.image (PNG)": "st.image(str(HERE / 'picture.png'))",
     "st.dataframe (20 rows)": "st.dataframe(pd.DataFrame({'a': range(20), 'b': [0.5] * 20}))",
+    "st.text ×10": "for i in range(10):\n    st.text(f'Line {i} of plain text.')",
+    "st.markdown ×10 (with help)": (
+        "for i in range(10):\n    st.markdown(f':small[Label {i}]', help='What it means.')"
+    ),
+    "controls.row (choice, switch)": (
+        "controls.row([controls.choice('score', 'Score', ['mean residual', 'PC1 score'], "
+        "'mean residual', key='w_s'), "
+        "controls.switch('chart', 'Interactive chart', False, key='w_c')], key='r')"
+    ),
     "st.plotly_chart (200 points)": (
         "st.plotly_chart(go.Figure(go.Scattergl(x=list(range(200)), y=list(range(200)), "
         "mode='markers')))"
@@ -196,7 +210,7 @@ import streamlit as st
 
 HERE = Path(__file__).parent
 sys.path.insert(0, {root!r})
-from convergence_core.dashboard import widgets  # noqa: E402
+from convergence_core.dashboard import controls, widgets  # noqa: E402
 """
 
 
@@ -268,26 +282,85 @@ def element_costs(repeats: int) -> list[dict[str, object]]:
     return rows
 
 
+def median_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """A distribution-free interval for the median of independent ``values`` (one per round):
+    the k-th lowest and the k-th highest value, with k the largest whose coverage
+    1 − 2·P(Binomial(n, ½) ≤ k − 1) is still at least ``level``. Below 6 values no pair reaches
+    95 %: the lowest and highest value then, with their (smaller) coverage.
+
+    Returns ``low``, ``high`` and ``coverage``."""
+    from scipy.stats import binom
+
+    ordered = sorted(float(v) for v in values)
+    n = len(ordered)
+    if not n:
+        raise ValueError("need at least one value for an interval of the median")
+
+    def coverage(k: int) -> float:
+        return 1.0 - 2.0 * float(binom.cdf(k - 1, n, 0.5))
+
+    k = 1
+    while 2 * (k + 1) <= n + 1 and coverage(k + 1) >= level:
+        k += 1
+    return {"low": ordered[k - 1], "high": ordered[n - k], "coverage": coverage(k)}
+
+
 def round_ratios(page_s: list[float], bare_s: list[float], target: float) -> dict[str, object]:
     """A page's time over the bare page's, round by round (each round visits the bare page and
     every page once, so a busy moment of the machine slows both): the median, the lowest and
-    highest round, and a verdict that says when the noise decides it.
+    highest round, a 95 % interval of the median (:func:`median_interval`) and a verdict that
+    says when the noise decides it.
 
-    ``verdict``: "met" (every round within ``target``), "not met" (no round within it) or
-    "within noise" (some rounds within it, some not)."""
+    ``verdict``: "met" (the whole interval of the median within ``target``), "not met" (the
+    whole interval above it) or "within noise" (the interval straddles it: more rounds, or a
+    quieter machine, would decide)."""
     if len(page_s) != len(bare_s) or not page_s:
         raise ValueError(
             f"need one bare-page visit per page visit, got {len(page_s)} and {len(bare_s)}"
         )
     ratios = [page / bare for page, bare in zip(page_s, bare_s, strict=True)]
-    within = sum(ratio <= target for ratio in ratios)
-    verdict = "met" if within == len(ratios) else "not met" if within == 0 else "within noise"
+    interval = median_interval(ratios)
+    verdict = (
+        "met" if interval["high"] <= target
+        else "not met" if interval["low"] > target
+        else "within noise"
+    )
     return {
         "per_round": [round(r, 3) for r in ratios],
         "median": round(statistics.median(ratios), 3),
         "lowest": round(min(ratios), 3),
         "highest": round(max(ratios), 3),
+        "median_interval": [round(interval["low"], 3), round(interval["high"], 3)],
+        "interval_coverage": round(interval["coverage"], 3),
         "verdict": verdict,
+    }
+
+
+def paired_difference(page_s: Sequence[float], beside_s: Sequence[float]) -> dict[str, object]:
+    """This checkout's visit minus the ``--beside`` checkout's, round by round (the two visits
+    of a round are back to back, so the machine's busy moments largely cancel): the median
+    difference in seconds with its 95 % interval (:func:`median_interval`), the rounds in which
+    this checkout was faster and slower, and the exact two-sided sign test's p-value (ties
+    left out): how likely so lopsided a split is if neither checkout were faster."""
+    from scipy.stats import binomtest
+
+    if len(page_s) != len(beside_s) or not page_s:
+        raise ValueError(
+            f"need one visit beside per visit, got {len(page_s)} and {len(beside_s)}"
+        )
+    differences = [a - b for a, b in zip(page_s, beside_s, strict=True)]
+    interval = median_interval(differences)
+    faster = sum(d < 0 for d in differences)
+    slower = sum(d > 0 for d in differences)
+    decided = faster + slower
+    return {
+        "median_s": round(statistics.median(differences), 4),
+        "interval_s": [round(interval["low"], 4), round(interval["high"], 4)],
+        "interval_coverage": round(interval["coverage"], 3),
+        "faster_rounds": faster,
+        "slower_rounds": slower,
+        "rounds": len(differences),
+        "sign_test_p": float(binomtest(faster, decided).pvalue) if decided else 1.0,
     }
 
 
@@ -394,6 +467,12 @@ def browser_benchmark(
                 },
             }
         )
+    for row in rows:
+        twin = row["page"] + BESIDE
+        if twin in visits:
+            row["beside_paired"] = paired_difference(
+                [v.seconds for v in visits[row["page"]]], [v.seconds for v in visits[twin]]
+            )
     if not steps:
         return rows, {"lasso": lasso, "trace_profiles": profiles}
     step_median = statistics.median(steps)
@@ -706,7 +785,7 @@ def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> 
         f"{'page':<34} {'s':>6} {'×bare':>6} {'ok':>5} {'cold s':>6} {'elements':>8} {'figs':>4} "
         f"{'tables':>6} {'imgs':>4} {'ws kB':>7} {'http kB':>8} {'JS MB':>6} {'main s':>6} "
         f"{'JS s':>5}"
-        f"  {'rounds ×bare':>12} verdict"
+        f"  {'rounds ×bare':>12} {'median 95%':>11} verdict"
     )
     print(header)
     for r in rows:
@@ -721,14 +800,28 @@ def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> 
                 ""
                 if r["ok"] is None
                 else f"  {r['rounds']['lowest']:5.2f}–{r['rounds']['highest']:<6.2f}"
-                f" {r['rounds']['verdict']}"
+                f" {r['rounds']['median_interval'][0]:5.2f}–"
+                f"{r['rounds']['median_interval'][1]:<5.2f} {r['rounds']['verdict']}"
             )
         )
     print(
         "rounds: each round visits the bare page and every page once; lowest–highest ratio "
-        f"over the rounds. Verdict against {TARGET_PAGE_RATIO}×: met in every round, in none "
-        "(not met), or in some (within noise)."
+        "over the rounds, and an interval that holds the median ratio with 95% confidence "
+        f"(order statistics). Verdict against {TARGET_PAGE_RATIO}×: met (the whole interval "
+        "within it), not met (the whole interval above it) or within noise (it straddles)."
     )
+    paired = [r for r in rows if "beside_paired" in r]
+    if paired:
+        print("\nthis checkout minus the one beside, paired round by round "
+              "(negative: this checkout is faster)")
+        for r in paired:
+            p = r["beside_paired"]
+            print(
+                f"{r['page']:<34} median {p['median_s']:+.3f} s "
+                f"(95%: {p['interval_s'][0]:+.3f} to {p['interval_s'][1]:+.3f}), faster in "
+                f"{p['faster_rounds']} of {p['rounds']} rounds, sign test p = "
+                f"{p['sign_test_p']:.3g}"
+            )
     if "seconds_median" in k_step:  # the Alignment lab was measured
         print(
             f"k change in the Alignment lab until the new bars are drawn: "

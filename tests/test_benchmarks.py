@@ -128,6 +128,69 @@ def test_dashboard_round_ratios_and_their_verdict() -> None:
         round_ratios([1.0], [1.0, 1.0], 1.5)
 
 
+def test_dashboard_verdict_reads_the_interval_of_the_median_not_the_worst_round() -> None:
+    """One slow round among nine does not make a page miss its target: the verdict follows the
+    95 % interval of the median ratio (here every other round is 1.2×); an interval that
+    straddles the target leaves it to the noise."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_dashboard import round_ratios
+
+    one_slow = round_ratios([1.2] * 8 + [1.9], [1.0] * 9, 1.5)
+    assert one_slow["highest"] == 1.9 and one_slow["median_interval"] == [1.2, 1.2]
+    assert one_slow["verdict"] == "met"
+    straddling = round_ratios([1.2, 1.3, 1.4, 1.45, 1.5, 1.55, 1.6, 1.7, 1.8], [1.0] * 9, 1.5)
+    assert straddling["median_interval"] == [1.3, 1.7]
+    assert straddling["verdict"] == "within noise"
+    assert round_ratios([1.6] * 3 + [1.4], [1.0] * 4, 1.5)["verdict"] == "within noise"
+
+
+def test_median_interval_is_the_widest_pair_of_order_statistics_at_95_percent() -> None:
+    """The interval is the k-th lowest and k-th highest value, k the largest whose coverage
+    (counted here from binomial coefficients) is still at least 95 %; unsorted input; below six
+    values the lowest and highest, whose coverage is below 95 %."""
+    import math
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_dashboard import median_interval
+
+    def coverage(k: int, n: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    rng = np.random.default_rng(3)
+    for n in (6, 7, 9, 11, 13, 20, 31):
+        values = rng.permutation(np.arange(1.0, n + 1))
+        interval = median_interval(values)
+        k = int(interval["low"])  # the values are 1..n: the k-th lowest is k
+        assert interval["high"] == n + 1 - k
+        assert interval["coverage"] == pytest.approx(coverage(k, n))
+        assert coverage(k, n) >= 0.95 and (2 * (k + 1) > n + 1 or coverage(k + 1, n) < 0.95)
+    small = median_interval([3.0, 1.0, 2.0, 5.0, 4.0])
+    assert (small["low"], small["high"]) == (1.0, 5.0)
+    assert small["coverage"] == pytest.approx(1 - 2 / 32)
+    with pytest.raises(ValueError, match="at least one value"):
+        median_interval([])
+
+
+def test_paired_difference_counts_rounds_and_tests_their_signs() -> None:
+    """This checkout minus the one beside, round by round: a checkout 0.1 s slower in every one
+    of 9 rounds is slower 9 times with the sign test's p = 2 / 2⁹; tied rounds count for
+    neither side; rounds of unequal count are refused."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.bench_dashboard import paired_difference
+
+    beside = [0.5, 0.6, 0.55, 0.7, 0.52, 0.58, 0.61, 0.49, 0.66]
+    slower = paired_difference([b + 0.1 for b in beside], beside)
+    assert slower["median_s"] == pytest.approx(0.1)
+    assert slower["interval_s"] == pytest.approx([0.1, 0.1])
+    assert (slower["faster_rounds"], slower["slower_rounds"], slower["rounds"]) == (0, 9, 9)
+    assert slower["sign_test_p"] == pytest.approx(2 / 2**9)
+    mixed = paired_difference([0.4, 0.6, 0.5, 0.5], [0.5, 0.5, 0.5, 0.4])
+    assert (mixed["faster_rounds"], mixed["slower_rounds"]) == (1, 2)
+    assert mixed["sign_test_p"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one visit beside per visit"):
+        paired_difference([0.5], [0.5, 0.6])
+
+
 def test_dashboard_rounds_visit_each_page_then_its_twin_beside() -> None:
     """--beside: every round visits the bare page, then each page of this checkout followed by
     the same page of the other checkout, with the run in the query; without it, this one's only."""
