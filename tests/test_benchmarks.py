@@ -113,8 +113,9 @@ def test_gpa_scale_benchmark_compares_the_run_steps_with_and_without_reuse() -> 
 
 
 def test_dashboard_round_ratios_and_their_verdict() -> None:
-    """Each round's page time over the same round's bare page; the verdict says whether the
-    target held in every round, in none, or in some."""
+    """Each round's page time over the same round's bare page; the verdict reads the interval
+    of the median ratio (with 2 or 3 rounds, the lowest to the highest round): within the
+    target, above it, or straddling it."""
     sys.path.insert(0, str(REPO))
     from benchmarks.bench_dashboard import round_ratios
 
@@ -169,6 +170,8 @@ def test_median_interval_is_the_widest_pair_of_order_statistics_at_95_percent() 
     assert small["coverage"] == pytest.approx(1 - 2 / 32)
     with pytest.raises(ValueError, match="at least one value"):
         median_interval([])
+    with pytest.raises(ValueError, match="level must be a fraction"):
+        median_interval([1.0, 2.0], level=95)
 
 
 def test_paired_difference_counts_rounds_and_tests_their_signs() -> None:
