@@ -4,8 +4,10 @@
 Every number comes from :mod:`convergence_core.analyses`; results are cached per run and
 parameters (``st.cache_data`` in ``dashboard.data``), so moving a control recomputes only what
 depends on it. Only the open tab is computed and drawn; figures are the report's own (PNG) and the
-full tables open on demand. Above ``AUTO_COMPUTE_STIMULI`` stimuli an analysis that takes minutes
-starts only when asked (a button), and once computed it is shown to every session at once.
+full tables open on demand. Above ``data.PAPER_AUTO_COMPUTE_STIMULI`` stimuli an analysis that
+takes minutes starts only when asked (a button), and once computed it is shown to every session at
+once; ``serve`` computes the default Fig. 2 of the default run before the first visit
+(``data.default_dispersion_sets``).
 """
 
 from __future__ import annotations
@@ -15,11 +17,6 @@ import streamlit as st
 from convergence_core import analyses
 from convergence_core.dashboard import data, lab, page, plots, state, widgets
 
-#: Above this many stimuli Fig. 2 and Fig. S2 wait for a button (they take minutes there)
-AUTO_COMPUTE_STIMULI = 5_000
-#: Above this set size × k Fig. 2 waits for a button too: its time grows with both (on the demo,
-#: 2 cores: 59 × 10 took 0.8 s, 100 × 90 took 22 s and a new k also finds the best layers again)
-AUTO_COMPUTE_SET_WORK = 3_000
 #: Session key of the open tab
 TAB_KEY = "w_paper_tab"
 TABS = (
@@ -100,7 +97,9 @@ with st.sidebar:
         st.caption(f"k={requested_k} needs sets of more than {requested_k} stimuli; using k={k}.")
     # the browser builds a popover's widgets only when it is opened (an expander's at once)
     with st.popover("Statistics", icon=":material/tune:"):
-        n_random = st.number_input("random sets", min_value=10, max_value=2000, value=200, step=10)
+        n_random = st.number_input(
+            "random sets", min_value=10, max_value=2000, value=data.PAPER_RANDOM_SETS, step=10
+        )
         n_permutations = st.number_input(
             "permutations per pair",
             min_value=50,
@@ -122,7 +121,7 @@ with st.sidebar:
         ))
 page.close_page(context)
 path_text = str(path)
-large = n > AUTO_COMPUTE_STIMULI
+large = n > data.PAPER_AUTO_COMPUTE_STIMULI
 
 
 def _asked(what: str, work: str, key: str, *done_key: object, heavy: bool = False) -> bool:
@@ -181,7 +180,7 @@ with fig2_tab:
         done_key = ("dispersion_sets", path_text, stamp, int(size), int(k), score,
                     int(n_random), int(n_permutations), int(seed), partners)
         if _asked("Fig. 2", work, "compute-fig2", *done_key,
-                  heavy=int(size) * int(k) > AUTO_COMPUTE_SET_WORK):
+                  heavy=int(size) * int(k) > data.PAPER_AUTO_COMPUTE_SET_WORK):
             try:
                 sets = data.dispersion_sets(
                     path_text, stamp, int(size), int(k), score, int(n_random),

@@ -606,8 +606,8 @@ def test_serve_opens_the_default_run_before_the_first_visit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """serve's background warm-up opens, checks and indexes the default run, finds its best
-    language layers and runs its property tests in the server's caches: the first pages compute
-    none of it again."""
+    language layers, computes the Paper page's default Fig. 2 and runs its property tests in the
+    server's caches: the first pages compute none of it again."""
     from convergence_core import analyses, universal
     from convergence_core.dashboard import predictors, serve
     from tests.fixtures_runs import make_synthetic_run
@@ -615,9 +615,10 @@ def test_serve_opens_the_default_run_before_the_first_visit(
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
     monkeypatch.setattr(serve, "WARM_DELAY_S", 0.0)
     assert data.warm_default_run() is None  # no run yet: nothing to open
-    make_synthetic_run(tmp_path / "runs", n=40, name="demo")
+    # sets of 11 stimuli: the Paper page's Fig. 2 keeps k = 10, the best layers' k
+    make_synthetic_run(tmp_path / "runs", n=44, name="demo")
     calls = {"load_run": 0, "best_language_layers": 0, "layer_sweep": 0, "property_tests": 0,
-             "cross_modal": 0}
+             "cross_modal": 0, "fig2": 0}
 
     def counted(name, function):  # noqa: ANN001, ANN202
         def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -639,23 +640,34 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         universal, "run_cross_modal_analysis",
         counted("cross_modal", universal.run_cross_modal_analysis),
     )
+    monkeypatch.setattr(
+        analyses, "dispersion_set_alignment",
+        counted("fig2", analyses.dispersion_set_alignment),
+    )
     # one layer sweep per run and k: the Paper analyses page's Fig. 2 reads the same best layers
     once = {"load_run": 1, "best_language_layers": 1, "layer_sweep": 1, "property_tests": 1,
-            "cross_modal": 1}
+            "cross_modal": 1, "fig2": 1}
     try:
         serve._warm_default_run()  # what the server's thread runs
         err = capsys.readouterr().err
         assert "run 'demo' opened and checked" in err and "property tests ready" in err
-        assert "cross-modal dispersion ready" in err
+        assert "cross-modal dispersion ready" in err and "Fig. 2 sets ready" in err
         assert calls == once
         pages = ("app.py", "pages/1_Stimuli.py", "pages/3_Alignment_lab.py",
-                 "pages/5_What_predicts_dispersion.py", "pages/6_Universal_space.py")
+                 "pages/4_Paper_analyses.py", "pages/5_What_predicts_dispersion.py",
+                 "pages/6_Universal_space.py")
         for target in pages:
             at = AppTest.from_file(str(REPO / target), default_timeout=TIMEOUT)
             at.query_params["run"] = "demo"
             at.run(timeout=TIMEOUT)
             assert not at.exception, at.exception
         assert calls == once, calls  # all found in the caches
+        paper = AppTest.from_file(str(REPO / "pages/4_Paper_analyses.py"),
+                                  default_timeout=TIMEOUT)
+        paper.query_params["run"] = "demo"
+        paper.run(timeout=TIMEOUT)
+        assert len(paper.image) == 1  # its first tab drew Fig. 2, from the warm-up's sets
+        assert calls == once, calls
         # the Paper analyses page's best layers and layer sweep at the same k: the same entries
         run = data.load_run("demo")
         path, stamp = str(run.path), data.manifest_stamp(run.path)
@@ -670,8 +682,32 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         assert "could not be opened" in capsys.readouterr().err
     finally:
         for cached in (data._open_run, data._catalogue, data._best_language_layer_table,
-                       data.layer_sweep, data.cross_modal, data.cross_modal_pictures):
+                       data.layer_sweep, data.cross_modal, data.cross_modal_pictures,
+                       data.dispersion_sets):
             cached.clear()
+
+
+def test_paper_pages_first_screen_is_warmed_only_where_the_page_computes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.default_dispersion_sets is the Paper page's default Fig. 2 (set size a quarter of
+    the run, k = 10 lowered to fit, the first pairing), and None where the page waits for a
+    button instead: more stimuli than PAPER_AUTO_COMPUTE_STIMULI, or set size × k above
+    PAPER_AUTO_COMPUTE_SET_WORK."""
+    from convergence_core import analyses
+    from tests.fixtures_runs import make_synthetic_run
+
+    run = make_synthetic_run(tmp_path / "runs", n=40, name="demo")
+    assert data.default_dispersion_sets(run) == {
+        "size": 10, "k": 9, "score": "mean", "n_random": data.PAPER_RANDOM_SETS,
+        "n_permutations": analyses.DEFAULT_N_PERMUTATIONS, "seed": 0, "partners": "language",
+    }
+    monkeypatch.setattr(data, "PAPER_AUTO_COMPUTE_SET_WORK", 89)  # 10 × 9 = 90 waits
+    assert data.default_dispersion_sets(run) is None
+    monkeypatch.setattr(data, "PAPER_AUTO_COMPUTE_SET_WORK", 90)
+    assert data.default_dispersion_sets(run) is not None
+    monkeypatch.setattr(data, "PAPER_AUTO_COMPUTE_STIMULI", 39)
+    assert data.default_dispersion_sets(run) is None
 
 
 def test_home_warns_when_gpa_took_the_first_of_several_given_layers(tmp_path, monkeypatch):

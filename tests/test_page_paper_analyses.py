@@ -185,7 +185,8 @@ def test_with_language_and_brain_models_fig2_and_s1_offer_both_pairings(monkeypa
 
 
 def test_large_runs_ask_before_the_long_analyses(monkeypatch, cache_root):
-    """Above AUTO_COMPUTE_STIMULI, Fig. 2 waits for its button; once computed it shows at once."""
+    """Above data.PAPER_AUTO_COMPUTE_STIMULI, Fig. 2 waits for its button; once computed it
+    shows at once."""
     monkeypatch.setenv("CONVERGENCE_CACHE", str(cache_root))
     at = AppTest.from_file(PAGE, default_timeout=60)
     at.session_state["w_paper_tab"] = "Fig. 2: dispersion sets"
@@ -194,22 +195,21 @@ def test_large_runs_ask_before_the_long_analyses(monkeypatch, cache_root):
 
     data.dispersion_sets.clear()
     data._finished().clear()
-    source = Path(PAGE).read_text()
-    source = source.replace("AUTO_COMPUTE_STIMULI = 5_000", "AUTO_COMPUTE_STIMULI = 10")
-    at = AppTest.from_string(source, default_timeout=60)
+    monkeypatch.setattr(data, "PAPER_AUTO_COMPUTE_STIMULI", 10)
+    at = AppTest.from_file(PAGE, default_timeout=60)
     at.run(timeout=60)
     assert not at.image and any("takes up to minutes here" in i.value for i in at.info)
     at.button(key="compute-fig2").click().run(timeout=60)
     assert not at.exception, at.exception
     assert len(at.image) == 1
-    again = AppTest.from_string(source, default_timeout=60)
+    again = AppTest.from_file(PAGE, default_timeout=60)
     again.run(timeout=60)
     assert len(again.image) == 1 and not again.info  # computed once for every session
 
     # a small run with a large set size × k waits too (its time grows with both)
-    source = Path(PAGE).read_text().replace("AUTO_COMPUTE_SET_WORK = 3_000",
-                                            "AUTO_COMPUTE_SET_WORK = 100")
-    heavy = AppTest.from_string(source, default_timeout=60)
+    monkeypatch.setattr(data, "PAPER_AUTO_COMPUTE_STIMULI", 5_000)
+    monkeypatch.setattr(data, "PAPER_AUTO_COMPUTE_SET_WORK", 100)
+    heavy = AppTest.from_file(PAGE, default_timeout=60)
     heavy.query_params["k"] = "9"
     heavy.run(timeout=60)
     assert not heavy.image

@@ -39,7 +39,7 @@ from ..random_baseline import DEFAULT_INTERVAL_WIDTH
 from ..stimulus_alignment import PER_STIMULUS_METRICS
 from ..run import Run, RunInfo, list_runs, load_run
 from ..run_checks import check_run_files
-from . import charts, lab, plots
+from . import charts, lab, plots, state
 from .catalogue import Catalogue, build_catalogue
 
 #: Command that makes the demo run; shown whenever no run is cached.
@@ -904,6 +904,45 @@ def _paper_pairs(run: Run, path: str, stamp: int, k: int, partners: str) -> dict
     if partners == "language" and run.language_models:
         return {"best_layers": best_layers_table(path, stamp, k)}
     return {"pairs": analyses.partner_pairs(run)}
+
+
+#: The Paper analyses page's Fig. 2: random sets per pair unless the user asks for more
+PAPER_RANDOM_SETS = 200
+#: Above this many stimuli the Paper analyses page's Fig. 2 and Fig. S2 wait for a button (they
+#: take minutes there)
+PAPER_AUTO_COMPUTE_STIMULI = 5_000
+#: Above this set size × k Fig. 2 waits for a button too: its time grows with both (on the demo,
+#: 2 cores: 59 × 10 took 0.8 s, 100 × 90 took 22 s and a new k also finds the best layers again)
+PAPER_AUTO_COMPUTE_SET_WORK = 3_000
+
+
+def default_dispersion_sets(run: Run) -> dict[str, Any] | None:
+    """What the Paper analyses page computes on a first visit (Fig. 2, every control at its
+    default): the keyword arguments of :func:`dispersion_sets` after ``path`` and ``stamp``.
+    None where that visit computes nothing: a run too small for the sets, one where Fig. 2 waits
+    for a button (more than :data:`PAPER_AUTO_COMPUTE_STIMULI` stimuli, or set size × k above
+    :data:`PAPER_AUTO_COMPUTE_SET_WORK`), or one with neither language models nor models outside
+    GPA. ``serve`` computes it for the default run before the first visit."""
+    from .. import analyses
+
+    n = run.n_stimuli
+    if n // 2 < state.MIN_SUBSET_SIZE or n > PAPER_AUTO_COMPUTE_STIMULI:
+        return None
+    size = state.subset_size(None, n)
+    k = min(max(state.MIN_K, state.DEFAULT_K), size - 1)  # as the page bounds the view's k
+    if size * k > PAPER_AUTO_COMPUTE_SET_WORK:
+        return None
+    if not run.language_models and not analyses.partner_pairs(run):
+        return None
+    return {
+        "size": size,
+        "k": k,
+        "score": state.DEFAULT_SCORE,
+        "n_random": PAPER_RANDOM_SETS,
+        "n_permutations": analyses.DEFAULT_N_PERMUTATIONS,
+        "seed": 0,
+        "partners": next(iter(analyses.partner_groups(run)), "language"),
+    }
 
 
 @st.cache_data(

@@ -144,7 +144,9 @@ def _check_address(arguments: Sequence[str]) -> None:
 def _warm_default_run() -> None:
     """What the first visitor of the default run would wait for, computed while the server
     starts: :func:`data.warm_default_run` (the run opened, checked and indexed), then the best
-    language layers and the default first screens of What predicts dispersion and Universal space.
+    language layers and the default first screens of Paper analyses (Fig. 2 where the page
+    computes it without a button: up to ~1,200 stimuli at its default set size and k), What
+    predicts dispersion and Universal space.
     One stderr line per step: its time, or why it failed (the page then says it too). At 100,000
     stimuli: ~5 s, then ~5, ~16 and ~3 s (README, "Runs of 10,000-100,000 stimuli")."""
     from convergence_core.dashboard import data
@@ -168,11 +170,12 @@ def _warm_default_run() -> None:
         file=sys.stderr,
     )
     # then the slowest first screens: the best language layers (Stimuli, the lab: ~5 s at
-    # 100,000 stimuli), What predicts dispersion's property tests (10,000 permutations per test,
-    # ~16 s) and Universal space's GPA of every model, called exactly as those pages call them by
-    # default (the call is the cache key). A visitor who came at once is served first: these
-    # start WARM_DELAY_S later, at the lowest CPU priority of this thread (its Python still takes
-    # turns with the pages' for the GIL)
+    # 100,000 stimuli), Paper analyses' Fig. 2 (0.8 s on the demo; larger runs wait for its
+    # button, so nothing there), What predicts dispersion's property tests (10,000 permutations
+    # per test, ~16 s) and Universal space's GPA of every model, called exactly as those pages
+    # call them by default (the call is the cache key). A visitor who came at once is served
+    # first: these start WARM_DELAY_S later, at the lowest CPU priority of this thread (its
+    # Python still takes turns with the pages' for the GIL)
     from convergence_core.dashboard import predictors, state
 
     time.sleep(WARM_DELAY_S)
@@ -185,6 +188,8 @@ def _warm_default_run() -> None:
         steps.append(("best language layers", lambda: data.best_language_layer_table(
             path, stamp
         )))
+    if (fig2 := data.default_dispersion_sets(run)) is not None:  # None: the page waits there
+        steps.append(("Fig. 2 sets", lambda: data.dispersion_sets(path, stamp, **fig2)))
     steps.append(("property tests", lambda: predictors.property_tests(  # empty without properties
         path, stamp, predictors.PAGE_PERMUTATIONS, 0
     )))
