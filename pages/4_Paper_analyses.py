@@ -211,8 +211,7 @@ with fig2_tab:
                     if sample_note is not None:
                         st.info(sample_note)
                 st.image(data.paper_figure_png(
-                    "dispersion_sets", sets,
-                    **({"partner": "model outside GPA"} if partner_pairs else {}),
+                    "dispersion_sets", sets, **data.dispersion_sets_figure_options(run, partners)
                 ))
                 st.caption(
                     f"Permutation test per pair: the low/high labels of the {2 * int(size)} "

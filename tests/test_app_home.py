@@ -609,7 +609,7 @@ def test_serve_opens_the_default_run_before_the_first_visit(
     language layers, computes the Paper page's default Fig. 2 and runs its property tests in the
     server's caches: the first pages compute none of it again."""
     from convergence_core import analyses, universal
-    from convergence_core.dashboard import predictors, serve
+    from convergence_core.dashboard import charts, predictors, serve
     from tests.fixtures_runs import make_synthetic_run
 
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
@@ -618,7 +618,7 @@ def test_serve_opens_the_default_run_before_the_first_visit(
     # sets of 11 stimuli: the Paper page's Fig. 2 keeps k = 10, the best layers' k
     make_synthetic_run(tmp_path / "runs", n=44, name="demo")
     calls = {"load_run": 0, "best_language_layers": 0, "layer_sweep": 0, "property_tests": 0,
-             "cross_modal": 0, "fig2": 0}
+             "cross_modal": 0, "fig2": 0, "fig2_png": 0}
 
     def counted(name, function):  # noqa: ANN001, ANN202
         def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -644,14 +644,15 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         analyses, "dispersion_set_alignment",
         counted("fig2", analyses.dispersion_set_alignment),
     )
+    monkeypatch.setattr(charts, "paper_figure", counted("fig2_png", charts.paper_figure))
     # one layer sweep per run and k: the Paper analyses page's Fig. 2 reads the same best layers
     once = {"load_run": 1, "best_language_layers": 1, "layer_sweep": 1, "property_tests": 1,
-            "cross_modal": 1, "fig2": 1}
+            "cross_modal": 1, "fig2": 1, "fig2_png": 1}
     try:
         serve._warm_default_run()  # what the server's thread runs
         err = capsys.readouterr().err
         assert "run 'demo' opened and checked" in err and "property tests ready" in err
-        assert "cross-modal dispersion ready" in err and "Fig. 2 sets ready" in err
+        assert "cross-modal dispersion ready" in err and "Fig. 2 ready" in err
         assert calls == once
         pages = ("app.py", "pages/1_Stimuli.py", "pages/3_Alignment_lab.py",
                  "pages/4_Paper_analyses.py", "pages/5_What_predicts_dispersion.py",
@@ -683,7 +684,7 @@ def test_serve_opens_the_default_run_before_the_first_visit(
     finally:
         for cached in (data._open_run, data._catalogue, data._best_language_layer_table,
                        data.layer_sweep, data.cross_modal, data.cross_modal_pictures,
-                       data.dispersion_sets):
+                       data.dispersion_sets, data.paper_figure_png):
             cached.clear()
 
 

@@ -945,6 +945,15 @@ def default_dispersion_sets(run: Run) -> dict[str, Any] | None:
     }
 
 
+def dispersion_sets_figure_options(run: Run, partners: str) -> dict[str, str]:
+    """The options of Fig. 2's picture (:func:`paper_figure_png`), as the Paper analyses page
+    draws it: the partner side is named for the models outside GPA unless the pairs are the
+    language models."""
+    return {} if partners == "language" and run.language_models else {
+        "partner": "model outside GPA"
+    }
+
+
 @st.cache_data(
     show_spinner="Computing the low / random / high sets and permutation tests…", max_entries=64
 )

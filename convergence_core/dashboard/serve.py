@@ -189,7 +189,10 @@ def _warm_default_run() -> None:
             path, stamp
         )))
     if (fig2 := data.default_dispersion_sets(run)) is not None:  # None: the page waits there
-        steps.append(("Fig. 2 sets", lambda: data.dispersion_sets(path, stamp, **fig2)))
+        steps.append(("Fig. 2", lambda: data.paper_figure_png(  # the sets, then their picture
+            "dispersion_sets", data.dispersion_sets(path, stamp, **fig2),
+            **data.dispersion_sets_figure_options(run, fig2["partners"]),
+        )))
     steps.append(("property tests", lambda: predictors.property_tests(  # empty without properties
         path, stamp, predictors.PAGE_PERMUTATIONS, 0
     )))
