@@ -9,6 +9,7 @@ synthetic one). Prints tables and writes benchmarks/results/dashboard.json.
     .venv/bin/python benchmarks/bench_dashboard.py --browser-only --repeats 9
     .venv/bin/python benchmarks/bench_dashboard.py --trace /tmp/traces   # Chromium traces too
     .venv/bin/python benchmarks/bench_dashboard.py --element-costs --repeats 7
+    .venv/bin/python benchmarks/bench_dashboard.py --first-visits --repeats 3  # a fresh server
     .venv/bin/python benchmarks/bench_dashboard.py --browser-only --run RUN --lasso-fraction 0.3
     git worktree add /tmp/old HEAD~3        # then old and new pages in the same rounds:
     .venv/bin/python benchmarks/bench_dashboard.py --browser-only --beside /tmp/old --repeats 9
@@ -530,6 +531,102 @@ def _k_steps(context, url: str, repeats: int) -> list[float]:  # noqa: ANN001
         page.close()
 
 
+#: serve's source in a checkout (an older one's warm-up may end without serve.WARM_DONE)
+SERVE_SOURCE = Path("convergence_core") / "dashboard" / "serve.py"
+
+
+def first_visits(
+    run_path: Path,
+    repeats: int,
+    beside: Path | None = None,
+    pages: Sequence[str] | None = None,
+    warm_timeout_s: float = 600,
+) -> list[dict[str, object]]:
+    """Each page's first visit on a freshly started server, once ``serve``'s warm-up has said it
+    is done (its ``serve.WARM_DONE`` line), and a later visit of the same page on that server:
+    what the first visitor of a live demo waits for, against everyone after.
+
+    A round starts this checkout's server (and then ``beside``'s, in turn, never both at once),
+    waits for the warm-up, visits every page once, then once more. Each checkout keeps one port
+    for all its rounds, so the browser's cache, kept per origin, holds Streamlit's scripts as a
+    returning presenter's browser does; a first round that only fills that cache is not
+    counted. Returns one row per page and checkout: the median of each, the per-round lists and,
+    with ``beside``, the paired difference of the first visits (:func:`paired_difference`)."""
+    from playwright.sync_api import sync_playwright
+
+    from convergence_core.dashboard import serve
+
+    env = {"CONVERGENCE_CACHE": str(_cache_of(run_path))}
+    run_query = f"?run={run_path.name}"
+    checkouts = [("", ROOT, {})] + (
+        [(BESIDE, beside, {"PYTHONPATH": str(beside)})] if beside is not None else []
+    )
+    ports = {suffix: headless.free_port() for suffix, _, _ in checkouts}
+    chosen = [(label, path) for label, path in PAGES if pages is None or label in pages]
+    times: dict[str, dict[str, list[float]]] = {
+        label + suffix: {"first": [], "again": []}
+        for label, _ in chosen
+        for suffix, _, _ in checkouts
+    }
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="bench-") as folder:
+        browser = headless.launch_chromium(playwright)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        for round_ in range(repeats + 1):
+            for suffix, checkout, extra_env in checkouts:
+                log = Path(folder) / f"serve{round_}{len(suffix)}.err"
+                with headless.streamlit_server(
+                    None, cwd=checkout, env={**env, **extra_env}, port=ports[suffix], stderr=log
+                ) as (base, _):
+                    says_done = "WARM_DONE" in (checkout / SERVE_SOURCE).read_text()
+                    if says_done:
+                        headless.wait_for_line(log, serve.WARM_DONE, warm_timeout_s)
+                    else:  # an older checkout's serve: its warm-up ends without a last line
+                        headless.wait_until_quiet(log, timeout=warm_timeout_s)
+                    for when in ("first", "again"):
+                        for label, path in chosen:
+                            seconds = headless.measure_visit(
+                                context, f"{base}/{path}{run_query}"
+                            ).seconds
+                            if round_:  # round 0 fills the browser's cache for this origin
+                                times[label + suffix][when].append(seconds)
+        browser.close()
+    rows = []
+    for label, measured in times.items():
+        row: dict[str, object] = {
+            "page": label,
+            "first_s_median": round(statistics.median(measured["first"]), 3),
+            "again_s_median": round(statistics.median(measured["again"]), 3),
+            "first_s_all": [round(t, 3) for t in measured["first"]],
+            "again_s_all": [round(t, 3) for t in measured["again"]],
+            "first_minus_again": paired_difference(measured["first"], measured["again"]),
+        }
+        if label + BESIDE in times:
+            row["beside_paired"] = paired_difference(
+                measured["first"], times[label + BESIDE]["first"]
+            )
+        rows.append(row)
+    return rows
+
+
+def _print_first_visits(rows: list[dict[str, object]]) -> None:
+    print(f"{'page':<34} {'first s':>7} {'later s':>7} {'first − later (interval)':>30}")
+    for r in rows:
+        gap = r["first_minus_again"]
+        print(f"{r['page']:<34} {r['first_s_median']:7.2f} {r['again_s_median']:7.2f} "
+              f"{gap['median_s']:+10.3f} ({gap['interval_s'][0]:+.3f} to "
+              f"{gap['interval_s'][1]:+.3f})")
+    print("first: a page's first visit on a fresh server after its warm-up said it was done; "
+          "later: the same page visited again on that server (medians over the rounds)")
+    paired = [r for r in rows if "beside_paired" in r]
+    if paired:
+        print("\nfirst visits, this checkout minus the one beside, paired round by round")
+        for r in paired:
+            p = r["beside_paired"]
+            print(f"{r['page']:<34} median {p['median_s']:+.3f} s; of {p['rounds']} rounds "
+                  f"{p['faster_rounds']} faster, {p['slower_rounds']} slower; sign test p = "
+                  f"{p['sign_test_p']:.3g}")
+
+
 def _traces(browser, context, urls, folder: Path) -> dict[str, dict[str, float]]:  # noqa: ANN001
     """One Chromium performance trace per page (open them in chrome://tracing or Perfetto), and
     where each one's main-thread time went (``headless.trace_profile``, ms)."""
@@ -885,6 +982,9 @@ def main() -> None:
                         "one that selects ~10,000 of a 100,000-stimulus run)")
     parser.add_argument("--element-costs", action="store_true",
                         help="only what one element of each kind costs a page's first visit")
+    parser.add_argument("--first-visits", action="store_true",
+                        help="only each page's first visit on a fresh server after its warm-up, "
+                        "beside a later visit (with --beside: both checkouts' servers in turn)")
     parser.add_argument("--beside", type=Path,
                         help="another checkout of this repository (e.g. a git worktree of an "
                         "older commit) whose pages are measured in the same rounds")
@@ -914,6 +1014,12 @@ def main() -> None:
                                  "element_costs": rows})
         return
     run_path, run_kind = _choose_run(args.run)
+    if args.first_visits:
+        rows = first_visits(run_path, args.repeats, args.beside, pages)
+        _print_first_visits(rows)
+        write_results(args.out, {"run": run_kind, "repeats": args.repeats, "machine": machine(),
+                                 "first_visits": rows})
+        return
     run = load_run(run_path)
     payload: dict[str, object] = {
         "run": run_kind,

@@ -653,6 +653,7 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         err = capsys.readouterr().err
         assert "run 'demo' opened and checked" in err and "property tests ready" in err
         assert "cross-modal dispersion ready" in err and "Fig. 2 ready" in err
+        assert err.strip().splitlines()[-1].startswith(serve.WARM_DONE)  # said last
         assert calls == once
         pages = ("app.py", "pages/1_Stimuli.py", "pages/3_Alignment_lab.py",
                  "pages/4_Paper_analyses.py", "pages/5_What_predicts_dispersion.py",

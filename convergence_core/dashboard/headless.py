@@ -413,14 +413,18 @@ def streamlit_server(
     cwd: str | os.PathLike[str],
     env: Mapping[str, str] | None = None,
     extra: Sequence[str] = (),
+    port: int | None = None,
+    stderr: str | os.PathLike[str] | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A headless Streamlit server on a free local port, stopped on exit; yields (base URL,
-    process).
+    """A headless Streamlit server on a local port (``port``, else a free one), stopped on exit;
+    yields (base URL, process).
 
     ``app=None`` serves the dashboard as ``make demo`` does (``python -m
     convergence_core.dashboard.serve``); a path serves that script with ``streamlit run``.
+    ``stderr``: a file the server's standard error is written to (e.g. to wait for ``serve``'s
+    warm-up), else it is dropped.
     """
-    port = free_port()
+    port = free_port() if port is None else int(port)
     if app is None:
         command = [sys.executable, "-m", "convergence_core.dashboard.serve"]
     else:
@@ -432,12 +436,13 @@ def streamlit_server(
         "--browser.gatherUsageStats", "false",
         *extra,
     ]
+    errors = open(stderr, "wb") if stderr is not None else None  # noqa: SIM115 - closed below
     process = subprocess.Popen(
         command,
         cwd=cwd,
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if errors is None else errors,
         start_new_session=True,
     )
     base = f"http://localhost:{port}"
@@ -451,3 +456,41 @@ def streamlit_server(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=30)
+        if errors is not None:
+            errors.close()
+
+
+def wait_until_quiet(
+    path: str | os.PathLike[str], quiet: float = 8.0, timeout: float = 300
+) -> None:
+    """Wait until the text file ``path`` (a server's stderr) has not grown for ``quiet`` s: for a
+    server that says nothing when it is done (an older ``serve`` without its warm-up's last
+    line); TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    size, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = Path(path).stat().st_size if Path(path).exists() else 0
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{path} still growing after {timeout} s")
+
+
+def wait_for_line(path: str | os.PathLike[str], start: str, timeout: float = 300) -> str:
+    """The first line of the text file ``path`` (a server's stderr, growing) that starts with
+    ``start``, once it is there; TimeoutError after ``timeout`` s naming the file's last line."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = Path(path).read_text(errors="replace") if Path(path).exists() else ""
+        for line in text.splitlines():
+            if line.startswith(start):
+                return line
+        if time.monotonic() > deadline:
+            last = text.strip().splitlines()[-1:] or ["(nothing written)"]
+            raise TimeoutError(
+                f"no line starting {start!r} in {path} after {timeout} s; its last line: "
+                f"{last[0]!r}"
+            )
+        time.sleep(0.2)

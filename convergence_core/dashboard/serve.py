@@ -40,6 +40,8 @@ __all__ = ["PACKAGED_APP_FOLDER", "app_folder", "app_path", "main"]
 WARM_THREAD = "warm-default-run"
 #: seconds between the default run being open and the warm-up of the slowest first screens
 WARM_DELAY_S = 3.0
+#: the warm-up's last stderr line starts so (a presenter, or a benchmark, can wait for it)
+WARM_DONE = "convergence serve: warm-up done"
 #: where a wheel carries the dashboard (app.py, pages/, .streamlit/config.toml)
 PACKAGED_APP_FOLDER = Path(__file__).resolve().parent / "streamlit_app"
 
@@ -211,6 +213,7 @@ def _warm_default_run() -> None:
             f"convergence serve: {what} ready in {time.perf_counter() - start:.1f} s",
             file=sys.stderr,
         )
+    print(f"{WARM_DONE}: every page's first screen of run {run.name!r} is ready", file=sys.stderr)
 
 
 @contextlib.contextmanager
