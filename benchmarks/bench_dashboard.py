@@ -550,18 +550,34 @@ def first_visits(
     waits for the warm-up, visits every page once, then once more. Each checkout keeps one port
     for all its rounds, so the browser's cache, kept per origin, holds Streamlit's scripts as a
     returning presenter's browser does; a first round that only fills that cache is not
-    counted. Returns one row per page and checkout: the median of each, the per-round lists and,
-    with ``beside``, the paired difference of the first visits (:func:`paired_difference`)."""
+    counted. The pages are visited in the dashboard's order and this checkout's server comes
+    first in a round: Home is always the first page of a server's first session. Returns one row
+    per page and checkout: the median of each, the per-round lists and, with ``beside``, the
+    paired difference of the first visits (:func:`paired_difference`). The run must be the one
+    ``serve`` warms up (the cache's default run)."""
     from playwright.sync_api import sync_playwright
 
     from convergence_core.dashboard import serve
 
-    env = {"CONVERGENCE_CACHE": str(_cache_of(run_path))}
+    if repeats < 1:
+        raise ValueError(f"--first-visits needs --repeats 1 or more, got {repeats}")
+    cache = _cache_of(run_path)
+    warmed = data.default_run_name(data.complete_runs(cache / "runs"))
+    if warmed != run_path.name:
+        raise SystemExit(
+            f"--first-visits: serve warms up the default run of {cache} ({warmed!r}), not "
+            f"{run_path.name!r}; measure it in a cache where it is the only run, or named demo"
+        )
+    env = {"CONVERGENCE_CACHE": str(cache)}
     run_query = f"?run={run_path.name}"
     checkouts = [("", ROOT, {})] + (
         [(BESIDE, beside, {"PYTHONPATH": str(beside)})] if beside is not None else []
     )
-    ports = {suffix: headless.free_port() for suffix, _, _ in checkouts}
+    ports: dict[str, int] = {}
+    for suffix, _, _ in checkouts:  # one port per checkout, for all its rounds
+        while (port := headless.free_port()) in ports.values():
+            pass
+        ports[suffix] = port
     chosen = [(label, path) for label, path in PAGES if pages is None or label in pages]
     times: dict[str, dict[str, list[float]]] = {
         label + suffix: {"first": [], "again": []}
@@ -576,12 +592,12 @@ def first_visits(
                 log = Path(folder) / f"serve{round_}{len(suffix)}.err"
                 with headless.streamlit_server(
                     None, cwd=checkout, env={**env, **extra_env}, port=ports[suffix], stderr=log
-                ) as (base, _):
-                    says_done = "WARM_DONE" in (checkout / SERVE_SOURCE).read_text()
-                    if says_done:
-                        headless.wait_for_line(log, serve.WARM_DONE, warm_timeout_s)
+                ) as (base, server):
+                    source = checkout / SERVE_SOURCE
+                    if source.is_file() and "WARM_DONE" in source.read_text():
+                        headless.wait_for_line(log, serve.WARM_DONE, warm_timeout_s, server)
                     else:  # an older checkout's serve: its warm-up ends without a last line
-                        headless.wait_until_quiet(log, timeout=warm_timeout_s)
+                        headless.wait_until_quiet(log, timeout=warm_timeout_s, process=server)
                     for when in ("first", "again"):
                         for label, path in chosen:
                             seconds = headless.measure_visit(

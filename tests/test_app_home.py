@@ -615,6 +615,9 @@ def test_serve_opens_the_default_run_before_the_first_visit(
     monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
     monkeypatch.setattr(serve, "WARM_DELAY_S", 0.0)
     assert data.warm_default_run() is None  # no run yet: nothing to open
+    serve._warm_default_run()  # and the warm-up says so in its last line
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(serve.WARM_DONE) and "no run to warm up" in last
     # sets of 11 stimuli: the Paper page's Fig. 2 keeps k = 10, the best layers' k
     make_synthetic_run(tmp_path / "runs", n=44, name="demo")
     calls = {"load_run": 0, "best_language_layers": 0, "layer_sweep": 0, "property_tests": 0,
@@ -681,12 +684,43 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         (tmp_path / "runs" / "demo" / "dispersion.parquet").write_bytes(b"not a parquet file")
         os.utime(tmp_path / "runs" / "demo" / "manifest.json")  # a new version of the run
         serve._warm_default_run()
-        assert "could not be opened" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "could not be opened" in err
+        assert err.strip().splitlines()[-1].startswith(serve.WARM_DONE)  # said last, still
     finally:
         for cached in (data._open_run, data._catalogue, data._best_language_layer_table,
                        data.layer_sweep, data.cross_modal, data.cross_modal_pictures,
                        data.dispersion_sets, data.paper_figure_png):
             cached.clear()
+
+
+def test_a_failing_warm_up_step_leaves_the_others_and_the_last_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One step that raises is said and skipped; the steps after it still run, and the last
+    line (serve.WARM_DONE, which a presenter or the benchmark waits for) names it."""
+    from convergence_core.dashboard import serve
+    from tests.fixtures_runs import make_synthetic_run
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path))
+    monkeypatch.setattr(serve, "WARM_DELAY_S", 0.0)
+    make_synthetic_run(tmp_path / "runs", n=44, name="demo")
+
+    def broken(run):  # noqa: ANN001, ANN202
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(data, "default_dispersion_sets", broken)
+    try:
+        serve._warm_default_run()
+    finally:
+        for cached in (data._open_run, data._catalogue, data._best_language_layer_table,
+                       data.layer_sweep, data.cross_modal, data.cross_modal_pictures):
+            cached.clear()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "convergence serve: Fig. 2 failed: planted failure" in lines
+    assert any(line.startswith("convergence serve: property tests ready") for line in lines)
+    assert any(line.startswith("convergence serve: cross-modal dispersion ready") for line in lines)
+    assert lines[-1].startswith(serve.WARM_DONE) and "but for Fig. 2" in lines[-1]
 
 
 def test_paper_pages_first_screen_is_warmed_only_where_the_page_computes_it(

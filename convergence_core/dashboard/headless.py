@@ -436,39 +436,52 @@ def streamlit_server(
         "--browser.gatherUsageStats", "false",
         *extra,
     ]
-    errors = open(stderr, "wb") if stderr is not None else None  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        command,
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL if errors is None else errors,
-        start_new_session=True,
-    )
-    base = f"http://localhost:{port}"
-    try:
-        wait_healthy(base, process)
-        yield base, process
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.ExitStack() as closing:
+        errors = None if stderr is None else closing.enter_context(open(stderr, "wb"))
+        process = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL if errors is None else errors,
+            start_new_session=True,
+        )
+        base = f"http://localhost:{port}"
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-        if errors is not None:
-            errors.close()
+            wait_healthy(base, process)
+            yield base, process
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # it may have exited already
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+
+
+def _check_running(process: subprocess.Popen | None, path: str | os.PathLike[str]) -> None:
+    if process is not None and process.poll() is not None:
+        raise AssertionError(
+            f"the server exited with {process.returncode} while it was awaited; its stderr: "
+            f"{path}"
+        )
 
 
 def wait_until_quiet(
-    path: str | os.PathLike[str], quiet: float = 8.0, timeout: float = 300
+    path: str | os.PathLike[str],
+    quiet: float = 30.0,
+    timeout: float = 300,
+    process: subprocess.Popen | None = None,
 ) -> None:
     """Wait until the text file ``path`` (a server's stderr) has not grown for ``quiet`` s: for a
     server that says nothing when it is done (an older ``serve`` without its warm-up's last
-    line); TimeoutError after ``timeout`` s."""
+    line; its steps are silent while they run, up to ~20 s each at 100,000 stimuli, hence the
+    default). TimeoutError after ``timeout`` s; AssertionError if ``process`` exits."""
     deadline = time.monotonic() + timeout
     size, since = -1, time.monotonic()
     while time.monotonic() < deadline:
+        _check_running(process, path)
         now = Path(path).stat().st_size if Path(path).exists() else 0
         if now != size:
             size, since = now, time.monotonic()
@@ -478,11 +491,18 @@ def wait_until_quiet(
     raise TimeoutError(f"{path} still growing after {timeout} s")
 
 
-def wait_for_line(path: str | os.PathLike[str], start: str, timeout: float = 300) -> str:
+def wait_for_line(
+    path: str | os.PathLike[str],
+    start: str,
+    timeout: float = 300,
+    process: subprocess.Popen | None = None,
+) -> str:
     """The first line of the text file ``path`` (a server's stderr, growing) that starts with
-    ``start``, once it is there; TimeoutError after ``timeout`` s naming the file's last line."""
+    ``start``, once it is there; TimeoutError after ``timeout`` s naming the file's last line;
+    AssertionError if ``process`` (the server) exits first."""
     deadline = time.monotonic() + timeout
     while True:
+        _check_running(process, path)
         text = Path(path).read_text(errors="replace") if Path(path).exists() else ""
         for line in text.splitlines():
             if line.startswith(start):

@@ -149,23 +149,33 @@ def _warm_default_run() -> None:
     language layers and the default first screens of Paper analyses (Fig. 2 where the page
     computes it without a button: up to ~1,200 stimuli at its default set size and k), What
     predicts dispersion and Universal space.
-    One stderr line per step: its time, or why it failed (the page then says it too). At 100,000
-    stimuli: ~5 s, then ~5, ~16 and ~3 s (README, "Runs of 10,000-100,000 stimuli")."""
-    from convergence_core.dashboard import data
-
-    # Streamlit warns that this thread runs no page ("missing ScriptRunContext") at every cached
-    # call: true and expected here, so this thread's records of that logger are dropped
+    One stderr line per step: its time, or why it failed (the page then says it too); last, on
+    every path, a line starting :data:`WARM_DONE` that says how it ended. At 100,000 stimuli:
+    ~5 s, then ~5, ~16 and ~3 s (README, "Runs of 10,000-100,000 stimuli"; Fig. 2 waits for its
+    button there, so it is not computed)."""
     logging.getLogger("streamlit.runtime.scriptrunner_utils.script_run_context").addFilter(
         lambda record: record.threadName != WARM_THREAD
-    )
+    )  # Streamlit warns that this thread runs no page at every cached call: true and expected
+    start = time.perf_counter()
+    outcome = "stopped by an unexpected error (the pages compute what they need)"
+    try:
+        outcome = _warm_steps()
+    finally:
+        print(f"{WARM_DONE} in {time.perf_counter() - start:.1f} s: {outcome}", file=sys.stderr)
+
+
+def _warm_steps() -> str:
+    """:func:`_warm_default_run`'s work; returns how it ended, in words."""
+    from convergence_core.dashboard import data, predictors, state
+
     start = time.perf_counter()
     try:
         run = data.warm_default_run()
     except Exception as exc:  # noqa: BLE001 - the page shows the same error in words
         print(f"convergence serve: the default run could not be opened: {exc}", file=sys.stderr)
-        return
+        return "the default run could not be opened"
     if run is None:
-        return
+        return "no run to warm up (precompute one first)"
     print(
         f"convergence serve: run {run.name!r} opened and checked in "
         f"{time.perf_counter() - start:.1f} s",
@@ -178,42 +188,62 @@ def _warm_default_run() -> None:
     # call them by default (the call is the cache key). A visitor who came at once is served
     # first: these start WARM_DELAY_S later, at the lowest CPU priority of this thread (its
     # Python still takes turns with the pages' for the GIL)
-    from convergence_core.dashboard import predictors, state
-
     time.sleep(WARM_DELAY_S)
     with contextlib.suppress(AttributeError, OSError):  # Linux threads have their own priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     path, stamp = str(run.path), data.manifest_stamp(run.path)
-    members = data.default_members(run)
-    steps = []
-    if run.language_models and run.gpa.models:
-        steps.append(("best language layers", lambda: data.best_language_layer_table(
-            path, stamp
-        )))
-    if (fig2 := data.default_dispersion_sets(run)) is not None:  # None: the page waits there
-        steps.append(("Fig. 2", lambda: data.paper_figure_png(  # the sets, then their picture
+
+    # each step returns None when done, or why the page computes nothing there
+    def best_layers() -> str | None:  # Stimuli, the lab and Fig. 2 read them
+        if not (run.language_models and run.gpa.models):
+            return "no language model, or no GPA model"
+        data.best_language_layer_table(path, stamp)
+        return None
+
+    def paper_fig2() -> str | None:  # the sets, then their picture
+        if (fig2 := data.default_dispersion_sets(run)) is None:
+            return "the page shows a button or a note there"
+        data.paper_figure_png(
             "dispersion_sets", data.dispersion_sets(path, stamp, **fig2),
             **data.dispersion_sets_figure_options(run, fig2["partners"]),
-        )))
-    steps.append(("property tests", lambda: predictors.property_tests(  # empty without properties
-        path, stamp, predictors.PAGE_PERMUTATIONS, 0
-    )))
-    if len({run.modality(model) for model, _ in members}) >= 2:
-        steps.append(("cross-modal dispersion", lambda: data.cross_modal_pictures(
+        )
+        return None
+
+    def property_tests() -> None:  # What predicts dispersion (empty without properties)
+        predictors.property_tests(path, stamp, predictors.PAGE_PERMUTATIONS, 0)
+
+    def universal_space() -> str | None:  # the default barycenter: every model
+        members = data.default_members(run)
+        if len({run.modality(model) for model, _ in members}) < 2:
+            return "the run has one modality"
+        data.cross_modal_pictures(
             path, stamp, members, state.DEFAULT_SCORE, data.CROSS_MODAL_PERMUTATIONS, 0
-        )))
+        )
+        return None
+
+    steps = [
+        ("best language layers", best_layers),
+        ("Fig. 2", paper_fig2),
+        ("property tests", property_tests),
+        ("cross-modal dispersion", universal_space),
+    ]
+    failed = []
     for what, step in steps:
         start = time.perf_counter()
         try:
-            step()
+            skipped = step()
         except Exception as exc:  # noqa: BLE001 - the page shows the same error in words
             print(f"convergence serve: {what} failed: {exc}", file=sys.stderr)
+            failed.append(what)
             continue
         print(
+            f"convergence serve: {what} not needed ({skipped})" if skipped else
             f"convergence serve: {what} ready in {time.perf_counter() - start:.1f} s",
             file=sys.stderr,
         )
-    print(f"{WARM_DONE}: every page's first screen of run {run.name!r} is ready", file=sys.stderr)
+    if failed:
+        return f"run {run.name!r} warmed up but for {', '.join(failed)} (above)"
+    return f"the first screens of run {run.name!r} are ready"
 
 
 @contextlib.contextmanager
