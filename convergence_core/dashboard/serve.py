@@ -284,7 +284,9 @@ def main(argv: list[str] | None = None, *, prog: str = "convergence serve") -> i
     import scipy.stats  # noqa: F401  (the lab's baseline and the paper's tests)
 
     with _runtime_not_started_yet():
-        from convergence_core.dashboard import charts, data, page, plots, widgets  # noqa: F401
+        from convergence_core.dashboard import (  # noqa: F401
+            charts, data, page, plots, predictors, widgets,
+        )
     from convergence_core.dashboard import deep_links
 
     from streamlit.web import cli
