@@ -378,17 +378,20 @@ def visits_of_a_round(
     run_query: str,
     beside_base: str | None = None,
     pages: Sequence[str] | None = None,
+    beside_first: bool = False,
 ) -> list[tuple[str, str]]:
     """(label, URL) of one round's visits: the bare page, then every page (``PAGES``, or those
-    labelled in ``pages``), each followed by the same page of the ``--beside`` checkout when one
-    is served (label + BESIDE)."""
+    labelled in ``pages``), each with the same page of the ``--beside`` checkout when one is
+    served (label + BESIDE): after it, or before it with ``beside_first`` (the benchmark
+    alternates, so that neither checkout always has the second visit of a pair)."""
     urls = [("bare Streamlit page", bare_base + "/")]
     for label, path in PAGES:
         if pages is not None and label not in pages:
             continue
-        urls.append((label, f"{base}/{path}{run_query}"))
+        pair = [(label, f"{base}/{path}{run_query}")]
         if beside_base is not None:
-            urls.append((label + BESIDE, f"{beside_base}/{path}{run_query}"))
+            pair.append((label + BESIDE, f"{beside_base}/{path}{run_query}"))
+        urls.extend(reversed(pair) if beside_first else pair)
     return urls
 
 
@@ -403,8 +406,9 @@ def browser_benchmark(
     """Per page: median seconds, ratio to the bare page, and its costs; and the k step.
 
     ``beside``: another checkout of this repository (e.g. ``git worktree add /tmp/old REV``),
-    whose dashboard is served too and whose pages are visited right after this one's in every
-    round: old and new code measured in one run, against the same bare page. ``pages``: only
+    whose dashboard is served too and whose pages are visited next to this one's in every
+    round (after them, and before them every other round): old and new code measured in one
+    run, against the same bare page. ``pages``: only
     the pages with these labels (``PAGES``); the k step needs the Alignment lab among them and
     the lasso the Residual space (each is left out otherwise)."""
     from playwright.sync_api import sync_playwright
@@ -429,8 +433,10 @@ def browser_benchmark(
             # the cold-server loads (a page's data computed and cached for every later session)
             cold = {label: headless.measure_visit(context, url).seconds for label, url in urls}
             visits: dict[str, list[headless.VisitCost]] = {label: [] for label, _ in urls}
-            for _ in range(repeats):
-                for label, url in urls:
+            for round_ in range(repeats):  # with --beside, each checkout goes first in turn
+                ordered = visits_of_a_round(bare_base, base, run_query, beside_base, pages,
+                                            beside_first=round_ % 2 == 1)
+                for label, url in ordered:
                     visits[label].append(headless.measure_visit(context, url))
             wanted = {label for label, _ in urls}
             steps = (_k_steps(context, f"{base}/Alignment_lab{run_query}&k=10", repeats)
@@ -542,17 +548,17 @@ def first_visits(
     pages: Sequence[str] | None = None,
     warm_timeout_s: float = 600,
 ) -> list[dict[str, object]]:
-    """Each page's first visit on a freshly started server, once ``serve``'s warm-up has said it
-    is done (its ``serve.WARM_DONE`` line), and a later visit of the same page on that server:
-    what the first visitor of a live demo waits for, against everyone after.
+    """Each page's first visit on a freshly started server, once ``serve``'s warm-up has said it is
+    done (its ``serve.WARM_DONE`` line), and a later visit of the same page on that server: what
+    the first visitor of a live demo waits for, against everyone after.
 
-    A round starts this checkout's server (and then ``beside``'s, in turn, never both at once),
-    waits for the warm-up, visits every page once, then once more. Each checkout keeps one port
-    for all its rounds, so the browser's cache, kept per origin, holds Streamlit's scripts as a
-    returning presenter's browser does; a first round that only fills that cache is not
-    counted. The pages are visited in the dashboard's order and this checkout's server comes
-    first in a round: Home is always the first page of a server's first session. Returns one row
-    per page and checkout: the median of each, the per-round lists and, with ``beside``, the
+    A round starts each checkout's server in turn (this one's, then ``beside``'s; never both at
+    once), waits for the warm-up, visits every page once, then once more. Each checkout keeps
+    one port for all its rounds, so the browser's cache, kept per origin, holds Streamlit's
+    scripts as a returning presenter's browser does; a first round that only fills that cache is
+    not counted. Every other round the checkout beside goes first; the pages are visited in the
+    dashboard's order, so Home is always the first page of a server's first session. Returns one
+    row per page and checkout: the median of each, the per-round lists and, with ``beside``, the
     paired difference of the first visits (:func:`paired_difference`). The run must be the one
     ``serve`` warms up (the cache's default run)."""
     from playwright.sync_api import sync_playwright
@@ -588,7 +594,8 @@ def first_visits(
         browser = headless.launch_chromium(playwright)
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         for round_ in range(repeats + 1):
-            for suffix, checkout, extra_env in checkouts:
+            in_turn = reversed(checkouts) if round_ % 2 else checkouts  # each goes first in turn
+            for suffix, checkout, extra_env in in_turn:
                 log = Path(folder) / f"serve{round_}{len(suffix)}.err"
                 with headless.streamlit_server(
                     None, cwd=checkout, env={**env, **extra_env}, port=ports[suffix], stderr=log

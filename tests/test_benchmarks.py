@@ -215,6 +215,12 @@ def test_dashboard_rounds_visit_each_page_then_its_twin_beside() -> None:
     assert [label for label, _ in chosen] == [
         "bare Streamlit page", PAGES[0][0], PAGES[0][0] + BESIDE, PAGES[2][0], PAGES[2][0] + BESIDE
     ]
+    # every other round the checkout beside goes first in each pair (no order effect favours
+    # either); without a checkout beside the order is the same
+    swapped = visits_of_a_round("http://b", "http://new", "?run=demo", "http://old",
+                                beside_first=True)
+    assert swapped[0] == both[0] and swapped[1::2] == both[2::2] and swapped[2::2] == both[1::2]
+    assert visits_of_a_round("http://b", "http://new", "?run=demo", beside_first=True) == alone
 
 
 def test_element_costs_app_has_one_working_page_per_kind(tmp_path) -> None:
