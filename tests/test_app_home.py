@@ -605,9 +605,9 @@ def test_page_switches_and_new_sessions_reuse_what_the_server_has(
 def test_serve_opens_the_default_run_before_the_first_visit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """serve's background warm-up opens, checks and indexes the default run, finds its best
-    language layers, computes the Paper page's default Fig. 2 and runs its property tests in the
-    server's caches: the first pages compute none of it again."""
+    """serve's background warm-up opens, checks and indexes the default run, draws Home's
+    histograms, finds its best language layers, computes the Paper page's default Fig. 2 and runs
+    its property tests in the server's caches: the first pages compute none of it again."""
     from convergence_core import analyses, universal
     from convergence_core.dashboard import charts, predictors, serve
     from tests.fixtures_runs import make_synthetic_run
@@ -621,7 +621,7 @@ def test_serve_opens_the_default_run_before_the_first_visit(
     # sets of 11 stimuli: the Paper page's Fig. 2 keeps k = 10, the best layers' k
     make_synthetic_run(tmp_path / "runs", n=44, name="demo")
     calls = {"load_run": 0, "best_language_layers": 0, "layer_sweep": 0, "property_tests": 0,
-             "cross_modal": 0, "fig2": 0, "fig2_png": 0}
+             "cross_modal": 0, "fig2": 0, "fig2_png": 0, "histograms": 0}
 
     def counted(name, function):  # noqa: ANN001, ANN202
         def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -648,9 +648,12 @@ def test_serve_opens_the_default_run_before_the_first_visit(
         counted("fig2", analyses.dispersion_set_alignment),
     )
     monkeypatch.setattr(charts, "paper_figure", counted("fig2_png", charts.paper_figure))
+    monkeypatch.setattr(
+        charts, "dispersion_histograms", counted("histograms", charts.dispersion_histograms)
+    )
     # one layer sweep per run and k: the Paper analyses page's Fig. 2 reads the same best layers
     once = {"load_run": 1, "best_language_layers": 1, "layer_sweep": 1, "property_tests": 1,
-            "cross_modal": 1, "fig2": 1, "fig2_png": 1}
+            "cross_modal": 1, "fig2": 1, "fig2_png": 1, "histograms": 1}
     try:
         serve._warm_default_run()  # what the server's thread runs
         err = capsys.readouterr().err
@@ -690,7 +693,8 @@ def test_serve_opens_the_default_run_before_the_first_visit(
     finally:
         for cached in (data._open_run, data._catalogue, data._best_language_layer_table,
                        data.layer_sweep, data.cross_modal, data.cross_modal_pictures,
-                       data.dispersion_sets, data.paper_figure_png):
+                       data.dispersion_sets, data.paper_figure_png,
+                       data.dispersion_histograms_png):
             cached.clear()
 
 

@@ -145,10 +145,10 @@ def _check_address(arguments: Sequence[str]) -> None:
 
 def _warm_default_run() -> None:
     """What the first visitor of the default run would wait for, computed while the server
-    starts: :func:`data.warm_default_run` (the run opened, checked and indexed), then the best
-    language layers and the default first screens of Paper analyses (Fig. 2 where the page
-    computes it without a button: up to ~1,200 stimuli at its default set size and k), What
-    predicts dispersion and Universal space.
+    starts: :func:`data.warm_default_run` (the run opened, checked and indexed), then Home's
+    histograms, the best language layers and the default first screens of Paper analyses (Fig. 2
+    where the page computes it without a button: up to ~1,200 stimuli at its default set size
+    and k), What predicts dispersion and Universal space.
     One stderr line per step: its time, or why it failed (the page then says it too); last, on
     every path, a line starting :data:`WARM_DONE` that says how it ended. At 100,000 stimuli:
     ~5 s, then ~5, ~16 and ~3 s (README, "Runs of 10,000-100,000 stimuli"; Fig. 2 waits for its
@@ -181,19 +181,23 @@ def _warm_steps() -> str:
         f"{time.perf_counter() - start:.1f} s",
         file=sys.stderr,
     )
-    # then the slowest first screens: the best language layers (Stimuli, the lab: ~5 s at
-    # 100,000 stimuli), Paper analyses' Fig. 2 (0.8 s on the demo; larger runs wait for its
-    # button, so nothing there), What predicts dispersion's property tests (10,000 permutations
-    # per test, ~16 s) and Universal space's GPA of every model, called exactly as those pages
-    # call them by default (the call is the cache key). A visitor who came at once is served
-    # first: these start WARM_DELAY_S later, at the lowest CPU priority of this thread (its
-    # Python still takes turns with the pages' for the GIL)
+    # then the slowest first screens: Home's histograms (a picture: the first visitor's
+    # first page), the best language layers (Stimuli, the lab: ~5 s at 100,000 stimuli),
+    # Paper analyses' Fig. 2 (0.8 s on the demo; larger runs wait for its button, so nothing
+    # there), What predicts dispersion's property tests (10,000 permutations per test, ~16
+    # s) and Universal space's GPA of every model, called exactly as those pages call them
+    # by default (the call is the cache key). A visitor who came at once is served first:
+    # these start WARM_DELAY_S later, at the lowest CPU priority of this thread (its Python
+    # still takes turns with the pages' for the GIL)
     time.sleep(WARM_DELAY_S)
     with contextlib.suppress(AttributeError, OSError):  # Linux threads have their own priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     path, stamp = str(run.path), data.manifest_stamp(run.path)
 
     # each step returns None when done, or why the page computes nothing there
+    def home() -> None:  # Home's histograms of the two dispersion scores (a matplotlib picture)
+        data.dispersion_histograms_png(path, stamp)
+
     def best_layers() -> str | None:  # Stimuli, the lab and Fig. 2 read them
         if not (run.language_models and run.gpa.models):
             return "no language model, or no GPA model"
@@ -222,6 +226,7 @@ def _warm_steps() -> str:
         return None
 
     steps = [
+        ("Home's histograms", home),
         ("best language layers", best_layers),
         ("Fig. 2", paper_fig2),
         ("property tests", property_tests),
