@@ -631,6 +631,18 @@ def first_visits(
     return rows
 
 
+def _paired_line(page: str, p: dict[str, object]) -> str:
+    """One printed line of a :func:`paired_difference`: the page, the median difference with its
+    interval, the rounds each way and the sign test."""
+    tied = p["rounds"] - p["faster_rounds"] - p["slower_rounds"]
+    return (
+        f"{page:<34} median {p['median_s']:+.3f} s ({p['interval_coverage']:.0%} interval: "
+        f"{p['interval_s'][0]:+.3f} to {p['interval_s'][1]:+.3f}); of {p['rounds']} rounds "
+        f"{p['faster_rounds']} faster, {p['slower_rounds']} slower, {tied} tied; sign test "
+        f"p = {p['sign_test_p']:.3g}"
+    )
+
+
 def _print_first_visits(rows: list[dict[str, object]]) -> None:
     print(f"{'page':<34} {'first s':>7} {'later s':>7} {'first − later (interval)':>30}")
     for r in rows:
@@ -644,10 +656,7 @@ def _print_first_visits(rows: list[dict[str, object]]) -> None:
     if paired:
         print("\nfirst visits, this checkout minus the one beside, paired round by round")
         for r in paired:
-            p = r["beside_paired"]
-            print(f"{r['page']:<34} median {p['median_s']:+.3f} s; of {p['rounds']} rounds "
-                  f"{p['faster_rounds']} faster, {p['slower_rounds']} slower; sign test p = "
-                  f"{p['sign_test_p']:.3g}")
+            print(_paired_line(r["page"], r["beside_paired"]))
 
 
 def _traces(browser, context, urls, folder: Path) -> dict[str, dict[str, float]]:  # noqa: ANN001
@@ -944,15 +953,7 @@ def _print_browser(rows: list[dict[str, object]], k_step: dict[str, object]) -> 
         print("\nthis checkout minus the one beside, paired round by round "
               "(negative: this checkout is faster)")
         for r in paired:
-            p = r["beside_paired"]
-            print(
-                f"{r['page']:<34} median {p['median_s']:+.3f} s "
-                f"({p['interval_coverage']:.0%} interval: {p['interval_s'][0]:+.3f} to "
-                f"{p['interval_s'][1]:+.3f}); of {p['rounds']} rounds {p['faster_rounds']} "
-                f"faster, {p['slower_rounds']} slower, "
-                f"{p['rounds'] - p['faster_rounds'] - p['slower_rounds']} tied; sign test p = "
-                f"{p['sign_test_p']:.3g}"
-            )
+            print(_paired_line(r["page"], r["beside_paired"]))
     if "seconds_median" in k_step:  # the Alignment lab was measured
         print(
             f"k change in the Alignment lab until the new bars are drawn: "
