@@ -21,7 +21,9 @@ same float64 inputs (tested to |Δ| ≤ 1e-6), with these documented differences
   unspecified, and differ from each other); continuous features have no ties. With exact ties
   (duplicate stimuli) the neighbour metrics differ from the reference's by the tie order, and a
   permutation of the stimuli can change them: their stimulus-permutation invariance holds for
-  features without ties.
+  features without ties. A point is never its own neighbour here; the reference masks the
+  diagonal with −1e8, so where every other inner product of a row is below that (norms ≳ 1e4,
+  which ``measure`` accepts: it does not normalise) it lists the point itself.
 * The kernel option is ``kernel="linear" | "rbf"`` (the reference's ``kernel_metric="ip"`` is
   accepted as ``"linear"``) and ``sigma`` (the reference's ``rbf_sigma``); k is ``k`` (``topk``).
 
