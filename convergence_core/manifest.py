@@ -23,6 +23,7 @@ from pathlib import PurePath
 from typing import Any
 
 from .cache import CacheFormatError, check_key
+from .sources import KNOWN_MODALITIES, MODALITY_NAME
 
 __all__ = [
     "MANIFEST_FORMAT",
@@ -99,6 +100,23 @@ def _shared(keys: list[str]) -> list[str]:
 FEATURE_SOURCES = ("encoder", "file", "arrays")
 
 
+def _modality(data: dict[str, Any], where: str) -> str:
+    """The model's modality, a name by the rule the run writers apply (``sources.check_modality``:
+    a letter, then letters, digits, '_' or '-'): pages quote it in captions, labels and axis
+    titles, so a name with Markdown (``vis[x](http://…)``) is refused here, never rendered. The
+    writers' refusal of near-misses of ``vision``/``language`` is not applied, so a run written
+    before that check still opens."""
+    modality = _get(data, "modality", str, where)
+    if not MODALITY_NAME.fullmatch(modality):
+        raise _fail(
+            where,
+            f"field 'modality' is {modality[:60]!r}, not a modality name this program writes "
+            f"(one of {list(KNOWN_MODALITIES)}, or a letter followed by up to 39 letters, digits, "
+            "'_' or '-', e.g. 'ecog')",
+        )
+    return modality
+
+
 def _feature_source(data: dict[str, Any], where: str) -> str | None:
     source = _get(data, "source", (str, type(None)), where, None)
     if source is not None and source not in FEATURE_SOURCES:
@@ -112,7 +130,8 @@ class ModelEntry:
 
     Attributes:
         key: folder name of its files (``cache.model_key`` of the name).
-        modality: ``vision``, ``language``, ``brain`` or a user-given name.
+        modality: ``vision``, ``language``, ``brain`` or a user-given name (a letter, then
+            letters, digits, ``_`` or ``-``: ``sources.check_modality``'s rule, checked on reading).
         layers: layer names, shallow to deep; ``layer_keys``: layer -> file name.
         default_layer: the layer used when none is named (a vision model's = its GPA layer).
         dims: layer -> feature width d; ``sha256``: layer -> content hash of the stored embedding.
@@ -179,7 +198,7 @@ class ModelEntry:
             raise _fail(where, f"neighbour_layers names unknown layers {unknown}")
         return cls(
             key=key,
-            modality=_get(data, "modality", str, where),
+            modality=_modality(data, where),
             layers=layers,
             layer_keys=layer_keys,
             default_layer=default_layer,

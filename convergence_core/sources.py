@@ -67,7 +67,9 @@ __all__ = [
 KNOWN_MODALITIES = ("vision", "language", "brain")
 #: The modalities with a role in the analyses (GPA; the two sides of an alignment)
 _ROLE_MODALITIES = ("vision", "language")
-_MODALITY = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,39}")
+#: A modality name: a letter, then up to 39 letters, digits, ``_`` or ``-`` (what the run writers
+#: accept and the manifest reader checks).
+MODALITY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,39}")
 #: Suffix of the id list that accompanies an ``.npy`` feature file.
 IDS_SUFFIX = ".ids.txt"
 
@@ -88,7 +90,7 @@ def check_modality(modality: object, model: str) -> str:
     refused: those two decide what enters GPA and which side of an alignment a model is on, so a
     typo would silently leave the model out of both.
     """
-    if not isinstance(modality, str) or not _MODALITY.fullmatch(modality):
+    if not isinstance(modality, str) or not MODALITY_NAME.fullmatch(modality):
         raise ValueError(
             f"modality {modality!r} of model {model!r} is not a usable name; use one of "
             f"{list(KNOWN_MODALITIES)} or a name of letters, digits, '_' and '-' (e.g. 'ecog')"

@@ -95,9 +95,9 @@ try:
         data.best_language_layers(path, stamp) if data.chooses_language_layers(run) else {}
     )
 except ValueError as exc:
-    st.warning(
+    st.warning(widgets.escape_markdown(  # the error names a language model as written
         f"Best language layers unavailable ({exc}); using each language model's default layer."
-    )
+    ))
     best_layers = {}
 # the other side: language models at their best layer, then other modalities outside GPA (brain
 # recordings) at their default layer

@@ -119,9 +119,9 @@ try:
         data.best_language_layer_table(path, stamp) if data.chooses_language_layers(run) else None
     )
 except ValueError as exc:
-    st.warning(
+    st.warning(widgets.escape_markdown(  # the error names a language model as written
         f"Best language layers unavailable ({exc}); 'best layer' means the default layer here."
-    )
+    ))
     best_layers, sample_note = {}, None
 else:
     best_layers = {} if best_table is None else dict(

@@ -87,9 +87,14 @@ def sets_k(view: View, n_stimuli: int) -> int:
 
 def shown(text: str, limit: int = 40) -> str:
     """A user-supplied value made safe to quote inside a Markdown message (st.warning renders
-    Markdown): only letters, digits, space and ``._-`` are kept (others become ``?``), truncated."""
+    Markdown): only letters, digits, space and ``._-`` are kept (others become ``?``), truncated
+    to ``limit`` characters of the value (the last one ``…`` when cut), then every ``_``
+    backslash-escaped (``\\_``: ``__x__`` would render bold), so the Markdown may be longer than
+    ``limit`` but renders as the value's first characters, never a dangling backslash."""
     kept = re.sub(r"[^A-Za-z0-9 ._-]", "?", str(text))
-    return kept if len(kept) <= limit else kept[: limit - 1] + "…"
+    if len(kept) > limit:
+        kept = kept[: limit - 1] + "…"
+    return kept.replace("_", "\\_")
 
 
 def _last(value: str | Sequence[str]) -> str:
