@@ -580,9 +580,36 @@ def _read_stimuli(layout: RunLayout) -> pd.DataFrame:
     frame["id"] = frame["id"].astype(str)
     if "captions" in frame.columns:
         frame["captions"] = [
-            [] if value is None else [str(c) for c in value] for value in frame["captions"]
+            _caption_cell(value, row, frame, layout)
+            for row, value in enumerate(frame["captions"])
         ]
     return frame
+
+
+def _caption_cell(value: object, row: int, frame: pd.DataFrame, layout: RunLayout) -> list[str]:
+    """A ``captions`` cell of stimuli.parquet as a list of str: a list (an array, as parquet
+    reads it), one string (as ``normalise_stimuli`` takes it) or empty; CacheFormatError naming
+    the file, row and fix for anything else (a table this program did not write)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [str(c) for c in value]
+    if pd.api.types.is_scalar(value) and pd.isna(value):  # a missing cell (NaN, NA)
+        return []
+
+    def shown(cell: object) -> str:  # an altered file's value, within a line
+        text = repr(cell)
+        return text if len(text) <= 60 else text[:59] + "…"
+
+    if isinstance(value, np.generic):  # a NumPy scalar, named as the Python value it holds
+        value = value.item()
+    raise CacheFormatError(
+        f"{layout.stimuli}: column 'captions' holds {type(value).__name__} {shown(value)} at row "
+        f"{row} (id {shown(frame['id'].iloc[row])}), not a list of captions; delete the run and "
+        "rerun precompute"
+    )
 
 
 def _read_manifest(layout: RunLayout) -> Manifest:

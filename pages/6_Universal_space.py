@@ -337,8 +337,11 @@ with captions_tab:
             rank, n_gallery, fold = result.rank_of(stimulus)
             left, right = st.columns([1, 2])
             with left:
-                thumbnail = run.thumbnail_path(stimulus)
-                if thumbnail is not None:
+                # checked (inside the run, a decodable JPEG of a thumbnail's size) as on every page
+                thumbnail, problem = widgets.thumbnail_file(run, stimulus)
+                if problem is not None:
+                    st.text(widgets.unreadable_thumbnail_note(problem))
+                elif thumbnail is not None:
                     st.image(str(thumbnail), width="stretch")
                 else:
                     st.text("(no thumbnail in this run)")

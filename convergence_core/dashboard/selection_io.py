@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Callable, Container, Mapping, Sequence
+import threading
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -61,16 +63,58 @@ def parse_id_list(data: bytes | str, known: Container[str] = ()) -> list[str]:
     table is read as a stream, row by row. The uploader's size limit
     (``server.maxUploadSize``) bounds an upload.
 
+    A cell may be as long as the data (the caption column of an export may hold more than the
+    csv module's default limit of 131,072 characters: :func:`_csv_fields_up_to`).
+
     Raises:
-        ValueError: data that is not UTF-8 text, or an uploaded table (rows of the same number
-            of comma-separated cells; pasted text is always a list) without an ``id`` column.
+        ValueError: data that is not UTF-8 text, an uploaded table (rows of the same number
+            of comma-separated cells; pasted text is always a list) without an ``id`` column,
+            or text the csv module cannot read.
     """
     try:
-        return _parse_id_list(data, known)
+        with _csv_fields_up_to(len(data)):
+            return _parse_id_list(data, known)
     except UnicodeDecodeError as exc:
         raise ValueError(
             "the id list is not UTF-8 text; save it as a UTF-8 CSV with an 'id' column"
         ) from exc
+    except csv.Error as exc:  # never a traceback on a page (the Alignment lab calls this bare)
+        raise ValueError(
+            f"the id list cannot be read as CSV ({exc}); save it as a UTF-8 CSV with an 'id' "
+            "column, or as a plain list of ids, one per line"
+        ) from exc
+
+
+# csv.field_size_limit is one setting for the whole process, and Streamlit runs each session in
+# a thread: parses that need a higher limit raise it together (never lowering it) and the last
+# one to finish puts back the limit found by the first, so that concurrent parses never leave it
+# raised for good (nor lower it under one another). While raised, other csv readers of the
+# process accept fields as long as the data being parsed here, which is already in memory (an
+# upload bounded by server.maxUploadSize, or pasted text).
+_FIELD_LIMIT_LOCK = threading.Lock()
+_field_limit_users = 0
+_field_limit_saved = 0
+
+
+@contextmanager
+def _csv_fields_up_to(length: int) -> Iterator[None]:
+    """The csv module reads fields of up to ``length`` characters (a cell of data of
+    ``length`` characters, or UTF-8 bytes, is no longer) inside this block."""
+    global _field_limit_users, _field_limit_saved
+    with _FIELD_LIMIT_LOCK:
+        current = csv.field_size_limit()
+        if _field_limit_users == 0:
+            _field_limit_saved = current
+        _field_limit_users += 1
+        if length >= current:  # a field raises csv.Error at the limit: one more than its length
+            csv.field_size_limit(length + 1)
+    try:
+        yield
+    finally:
+        with _FIELD_LIMIT_LOCK:
+            _field_limit_users -= 1
+            if _field_limit_users == 0:
+                csv.field_size_limit(_field_limit_saved)
 
 
 def _parse_id_list(data: bytes | str, known: Container[str]) -> list[str]:
