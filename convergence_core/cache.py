@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -69,7 +70,8 @@ class PickleRefusedError(CacheFormatError):
 
 
 class RunLockedError(ValueError):
-    """Another live process is writing the same run folder."""
+    """Another live process is writing the same run folder (or the run's lock path holds
+    something no run lock is: a symbolic link, a folder, a FIFO)."""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -105,14 +107,78 @@ def _process_started(pid: int) -> float | None:
 _LOCK_START_MARGIN_SECONDS = 2.0
 
 
-def _lock_state(lock: Path) -> tuple[int | None, float] | None:
-    """``(pid, mtime)`` of ``lock``: the pid written in it (None while it is empty, being
-    written, or holds no pid) and when it was written; None when there is no such file."""
+#: A lock holds one pid: what is read of a lock file at most (a longer file holds no pid)
+_LOCK_BYTES = 64
+
+#: Opening a lock never follows a symbolic link (a lock planted as a link to /dev/zero, a huge
+#: file or a FIFO outside the cache) nor waits on a FIFO
+_LOCK_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOCTTY", 0)
+)
+
+
+def _not_a_lock(lock: Path) -> str | None:
+    """What sits at ``lock`` if it is something :func:`run_lock` never writes (a symbolic link,
+    even to a lock, a folder, a FIFO, a device), in words; None for a regular file or nothing."""
     try:
-        text = lock.read_text().strip()
-        written = lock.stat().st_mtime
+        mode = os.lstat(lock).st_mode
     except OSError:
         return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        try:
+            target = os.readlink(lock)
+        except OSError:
+            target = "?"
+        return f"a symbolic link (to {target})"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+def _open_lock(lock: Path) -> int | None:
+    """A read-only descriptor of the lock file ``lock``, opened without following a symbolic link
+    or blocking; None where there is none, or what is there is no regular file (never ours)."""
+    try:
+        fd = os.open(lock, _LOCK_OPEN_FLAGS)
+    except OSError:  # gone, unreadable, or a symbolic link (ELOOP)
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _lock_state(lock: Path) -> tuple[int | None, float] | None:
+    """``(pid, mtime)`` of ``lock``: the pid written in it (None while it is empty, being
+    written, or holds no pid) and when it was written; None when there is no such file, or no
+    regular file (a symbolic link is never followed, and at most :data:`_LOCK_BYTES` are read:
+    :func:`_not_a_lock` tells what it is)."""
+    fd = _open_lock(lock)
+    if fd is None:
+        return None
+    try:
+        data = os.read(fd, _LOCK_BYTES + 1)
+        written = os.fstat(fd).st_mtime
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("ascii").strip() if len(data) <= _LOCK_BYTES else ""
+    except UnicodeDecodeError:
+        text = ""
     return (int(text) if text.isdecimal() and int(text) > 0 else None), written
 
 
@@ -129,9 +195,8 @@ def _held(lock: Path) -> bool | None:
     where that cannot be asked (no ``fcntl``, the file gone or unreadable)."""
     if fcntl is None:
         return None
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
+    fd = _open_lock(lock)  # (never through a symbolic link, nor on a FIFO)
+    if fd is None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -169,7 +234,7 @@ if hasattr(os, "register_at_fork"):
 def _holds(lock: Path) -> bool:
     """Whether this process holds ``lock`` (by its file, so a replaced lock is not ours)."""
     try:
-        status = lock.stat()
+        status = os.lstat(lock)
     except OSError:
         return False
     return (status.st_dev, status.st_ino) in _HELD.values()
@@ -190,7 +255,7 @@ def _stale(lock: Path, holder: tuple[int, float] | None) -> bool:
         return False
     if holder is None:  # a writer that ended between creating the file and writing its pid
         try:
-            age = time.time() - lock.stat().st_mtime
+            age = time.time() - os.lstat(lock).st_mtime
         except OSError:
             return False
         return held is False and age > _EMPTY_LOCK_SECONDS
@@ -208,9 +273,8 @@ def _remove_stale_lock(lock: Path, stale: tuple[int | None, float]) -> None:
     (so no writer holds it) and checking that the path still names it; else by moving it aside,
     which a third process's new lock can race."""
     if fcntl is not None:
-        try:
-            fd = os.open(lock, os.O_RDONLY)
-        except OSError:
+        fd = _open_lock(lock)  # (never through a symbolic link, nor on a FIFO)
+        if fd is None:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -221,7 +285,7 @@ def _remove_stale_lock(lock: Path, stale: tuple[int | None, float]) -> None:
             os.close(fd)  # no locks on this file system: moved aside below
         else:
             try:
-                mine, now = os.fstat(fd), os.stat(lock)
+                mine, now = os.fstat(fd), os.lstat(lock)
                 if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino) and (
                     _lock_state(lock) == stale
                 ):
@@ -238,9 +302,13 @@ def _remove_stale_lock(lock: Path, stale: tuple[int | None, float]) -> None:
         return
     if _lock_state(aside) == stale and not _held(aside):
         aside.unlink()
-    else:  # someone replaced the stale lock in between: give theirs back
+    else:  # someone replaced the stale lock in between: give theirs back (a link as a link,
+        # never a hard link to what it leads to, which may lie outside the cache)
         with contextlib.suppress(FileExistsError):
-            os.link(aside, lock)
+            if os.link in os.supports_follow_symlinks:
+                os.link(aside, lock, follow_symlinks=False)
+            elif not os.path.islink(aside):
+                os.link(aside, lock)
         aside.unlink()
 
 
@@ -252,7 +320,8 @@ def lock_path(run_folder: str | os.PathLike[str]) -> Path:
 
 def live_writer(run_folder: str | os.PathLike[str]) -> int | None:
     """The process id of a live precompute writing the run now (it holds the run's lock), else
-    None (no lock, or a stale one: see :func:`_stale`)."""
+    None (no lock, or a stale one: see :func:`_stale`; or something no precompute writes, such
+    as a symbolic link, which is never followed nor read: :func:`run_lock` names it)."""
     lock = lock_path(run_folder)
     holder = _lock_holder(lock)
     return holder[0] if holder is not None and not _stale(lock, holder) else None
@@ -272,7 +341,8 @@ def run_lock(
     if this process dies). A stale lock (:func:`_stale`: nobody holds it, and its process
     exited or its pid now names another process) is taken over. While another live process
     holds it, wait up to ``wait_seconds`` (calling ``on_wait(holder_pid)`` once), then raise
-    :class:`RunLockedError`.
+    :class:`RunLockedError`. So does a lock path that holds what no run lock is (a symbolic link,
+    a folder, a FIFO): it is neither followed, read nor deleted, and the error names it.
     """
     folder = Path(run_folder)
     lock = lock_path(folder)
@@ -283,8 +353,16 @@ def run_lock(
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
+            foreign = _not_a_lock(lock)
+            if foreign is not None:
+                raise RunLockedError(
+                    f"the lock path {lock} of run {folder} is {foreign}, not a lock file a "
+                    "precompute writes (a regular file holding its pid); it was not followed, "
+                    f"read or deleted: delete {lock} yourself (if no precompute of this run is "
+                    "running) and rerun"
+                ) from None
             state = _lock_state(lock)
-            if state is None and not lock.exists():  # gone meanwhile
+            if state is None and not os.path.lexists(lock):  # gone meanwhile
                 continue
             holder = None if state is None or state[0] is None else (state[0], state[1])
             if state is not None and _stale(lock, holder):
@@ -341,7 +419,7 @@ def _release(lock: Path, fd: int) -> None:
     if held is None:
         return
     try:
-        now = os.stat(lock)
+        now = os.lstat(lock)
         if (now.st_dev, now.st_ino) == held:
             lock.unlink()
     except FileNotFoundError:

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -578,8 +579,104 @@ def _hf_offline_message(name: str, subset: str | None, exc: BaseException) -> st
     )
 
 
-def _hf_image_bytes(value: Any) -> tuple[bytes, str]:
-    """(encoded bytes, suffix) of one HF image cell: a PIL image or {"bytes", "path"} dict."""
+def _hf_hub_caches(cache_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """The folders a hub dataset's files are downloaded into (``cache_dir``, the ``datasets``
+    cache and its downloads, the hub's cache): the only places its image cells may name."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    folders = [
+        cache_dir,
+        datasets.config.HF_DATASETS_CACHE,
+        datasets.config.DOWNLOADED_DATASETS_PATH,
+        huggingface_hub.constants.HF_HUB_CACHE,
+    ]
+    return [Path(os.path.abspath(Path(f).expanduser())) for f in folders if f]
+
+
+def _hf_image_file(text: str, row: int, dataset: str, folder: Path | None,
+                   caches: Sequence[Path]) -> Path:
+    """The file an HF image cell names by path alone (no bytes), once it is known to stay inside
+    its place: for a local dataset its ``folder`` (a relative path is relative to that folder,
+    never to the working directory; symbolic links are resolved: :func:`safe_relative_path`);
+    for a hub dataset the Hugging Face caches it was downloaded into (``caches``). A file named
+    elsewhere would be copied into the cache and embedded: ValueError naming the row, the path
+    and the fix."""
+    where = f"row {row} of the Hugging Face dataset {dataset!r}"
+    fix = (
+        "put the image file inside the dataset folder and name it by a path relative to that "
+        "folder, or store the image's bytes in the cell ({'bytes': <encoded image>, 'path': "
+        "<file name>})"
+    )
+    text = text.replace("\\", "/")
+    if folder is None:
+        if os.path.isabs(text):
+            for cache in caches:
+                try:
+                    return cache / safe_relative_path(cache, text)
+                except ValueError:
+                    continue
+        raise ValueError(
+            f"{where}: its image cell names the file {text!r} without the image's bytes, and "
+            "that path is not a file the dataset downloaded into the Hugging Face caches "
+            f"({', '.join(str(c) for c in caches)}); such a file is never read. Point at a local "
+            f"copy of the dataset instead (hf:/path/to/folder) and {fix}"
+        )
+    # the folder as named, or with its symbolic links resolved (an absolute path may use either)
+    inside = []
+    for root in dict.fromkeys((os.path.abspath(folder), os.path.realpath(folder))):
+        joined = os.path.normpath(os.path.join(root, text))
+        if joined != root and os.path.commonpath([root, joined]) == root:
+            inside.append(root)
+    if not inside:
+        kind = "an absolute path" if os.path.isabs(text) else "a relative path with '../'"
+        raise ValueError(
+            f"{where}: its image cell names the file {text!r} ({kind}), which lies outside the "
+            f"dataset folder {folder}; it was not read. Image files named by path must lie "
+            f"inside that folder: {fix}"
+        )
+    try:
+        rel = safe_relative_path(inside[0], text)
+    except ValueError as exc:  # lexically inside: a symbolic link leads out
+        raise ValueError(
+            f"{where}: its image cell names the file {text!r}, which leads outside the dataset "
+            f"folder {folder} through a symbolic link ({exc}); it was not read. Copy the image "
+            f"into the folder instead of linking to it: {fix}"
+        ) from None
+    return Path(inside[0]) / rel
+
+
+def _read_image_file(path: Path, text: str, row: int, dataset: str) -> bytes:
+    """The bytes of the regular file ``path`` (never a FIFO or device, which could block or
+    never end); ValueError naming the row and the path where there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise ValueError(
+            f"row {row} of the Hugging Face dataset {dataset!r}: its image cell names the file "
+            f"{text!r}, which cannot be read ({exc.strerror or exc}); check that the image is "
+            "in the dataset folder"
+        ) from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(
+                f"row {row} of the Hugging Face dataset {dataset!r}: its image cell names "
+                f"{text!r}, which is not a regular file; name an image file"
+            )
+        return file.read()
+
+
+def _hf_image_bytes(
+    value: Any,
+    *,
+    row: int = 0,
+    dataset: str = "",
+    folder: Path | None = None,
+    caches: Sequence[Path] = (),
+) -> tuple[bytes, str]:
+    """(encoded bytes, suffix) of one HF image cell: a PIL image or {"bytes", "path"} dict. A
+    cell with a path and no bytes is read only from inside the dataset's ``folder`` (local) or
+    the Hugging Face ``caches`` (hub): :func:`_hf_image_file`."""
     from PIL import Image
 
     if isinstance(value, Mapping):
@@ -594,9 +691,10 @@ def _hf_image_bytes(value: Any) -> tuple[bytes, str]:
                 detected, f".{detected}"
             )
             return bytes(raw), suffix.lower() or ".img"
-        if value.get("path") and Path(value["path"]).is_file():
-            path = Path(value["path"])
-            return path.read_bytes(), path.suffix.lower() or ".jpg"
+        text = value.get("path")
+        if isinstance(text, str) and text.strip():
+            path = _hf_image_file(text, row, dataset, folder, caches)
+            return _read_image_file(path, text, row, dataset), path.suffix.lower() or ".jpg"
     if isinstance(value, Image.Image):
         buffer = io.BytesIO()
         fmt = (value.format or "PNG").upper()
@@ -681,8 +779,13 @@ def load_hf(
     root = (root / "datasets" / safe).resolve()
     ids, rels, caps, labels = [], [], [], []
     width = max(5, len(str(len(loaded))))
+    # image cells naming files by path: inside the local folder, or the hub's caches
+    folder = Path(os.path.abspath(local)) if local.is_dir() else None
+    caches = [] if folder is not None else _hf_hub_caches(cache_dir)
     for row, record in enumerate(loaded):
-        data, suffix = _hf_image_bytes(record[image_column])
+        data, suffix = _hf_image_bytes(
+            record[image_column], row=row, dataset=name, folder=folder, caches=caches
+        )
         rel = f"images/{row:0{width}d}{suffix}"
         target = root / rel
         if not target.is_file() or target.read_bytes() != data:  # never keep a stale image
