@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_LIST_SIZE",
     "NeighbourIndex",
     "NeighbourLists",
+    "NeighbourRangeError",
     "PreparedFeatures",
     "SubsetAlignment",
     "Tables",
@@ -462,6 +463,11 @@ def list_size_for(n: int, requested: int = DEFAULT_LIST_SIZE) -> int:
     return int(min(requested, n - 1))
 
 
+class NeighbourRangeError(ValueError):
+    """Neighbour lists that name rows outside 0..n-1 (a run reading its own files says which file
+    and how to repair the run: ``Run.neighbours``)."""
+
+
 @dataclass(frozen=True)
 class NeighbourLists:
     """Each stimulus's K most similar other stimuli, most similar first (ties: lower index).
@@ -484,10 +490,10 @@ class NeighbourLists:
             )
         # the compiled table loop indexes by these rows unchecked: a damaged file must stop here
         if i.size and (int(i.min()) < 0 or int(i.max()) >= i.shape[0]):
-            raise ValueError(
-                f"the neighbour lists name stimuli outside 0..{i.shape[0] - 1} (the file is "
-                "damaged or from another run); rebuild them with build_neighbour_lists, or "
-                "precompute the run again"
+            raise NeighbourRangeError(
+                f"the neighbour lists name stimuli outside 0..{i.shape[0] - 1} (damaged, or "
+                "built for other stimuli); build them with build_neighbour_lists from these "
+                "stimuli's features"
             )
 
     @property

@@ -65,6 +65,7 @@ from .metrics import metric_names
 from .neighbours import prepare_rows
 from .presets import PRESETS, preset_config
 from .run import Run, load_run
+from .run_checks import check_run_files
 from .stats import percentile_interval
 from .subset_metrics import row_space_coordinates
 from .subsets import select_stimuli
@@ -415,9 +416,12 @@ def write_report(
     ``progress`` (optional) is called with each section's name as it starts (the CLI prints
     them with the time so far: a report on a large run takes minutes).
 
-    Every setting is checked before the first section (ValueError naming the flag); then an
-    earlier report's ``report.json`` and ``summary.txt`` in ``out`` are removed, so a folder with
-    report.json holds one whole report (written last; NaN and ±inf as null).
+    Every setting is checked before the first section (ValueError naming the flag), and every
+    file of the run the report reads, as the dashboard checks it (``run_checks.check_run_files``:
+    a damaged file is a CacheFormatError naming it and the repair, never a report of wrong
+    numbers); then an earlier report's ``report.json`` and ``summary.txt`` in ``out`` are
+    removed, so a folder with report.json holds one whole report (written last; NaN and ±inf as
+    null).
     """
     options = AnalysisOptions() if options is None else options
     tell = progress or _silent
@@ -438,6 +442,7 @@ def write_report(
     universal_folds, property_permutations, property_shuffles = (
         counts["universal_folds"], counts["property_permutations"], counts["property_shuffles"]
     )
+    check_run_files(run)  # after the settings (a typo fails in a second), before any section
     if run.partner_models:  # the Fig. 2 sets (GPA models × language or other models)
         size = default_set_size(n, k) if size is None else size
         _check_k_fits(k, size)

@@ -213,7 +213,12 @@ class Run:
         similar first) are memory-mapped when the run stores them for this layer (else ``lists``
         is None and every table is computed from the features). Kept after the first call.
         """
-        from .neighbours import NeighbourIndex, NeighbourLists, PreparedFeatures
+        from .neighbours import (
+            NeighbourIndex,
+            NeighbourLists,
+            NeighbourRangeError,
+            PreparedFeatures,
+        )
 
         key = (model, layer)
         if key not in self._indexes:
@@ -243,7 +248,16 @@ class Run:
                         f"shapes {indices.shape} {indices.dtype} / {values.shape} {values.dtype}, "
                         f"expected (n={n}, K) int32 / float64; rerun its precompute"
                     )
-                lists = NeighbourLists(indices, values)
+                try:
+                    lists = NeighbourLists(indices, values)
+                except NeighbourRangeError:  # a rerun skips a step it recorded as done
+                    raise CacheFormatError(
+                        f"{self.layout.neighbour_indices(model_key, layer_key)} lists stimuli "
+                        f"outside 0..{n - 1}: the neighbour lists of {model!r} {layer!r} are "
+                        f"damaged or from another run; delete the run folder {self.path} and "
+                        "rerun `python -m convergence_core precompute` (the same command) to "
+                        "rewrite it"
+                    ) from None
             self._indexes[key] = NeighbourIndex(features, lists)
         return self._indexes[key]
 

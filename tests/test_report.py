@@ -1438,3 +1438,18 @@ def test_class_averaging_of_many_classes_runs_on_a_seeded_sample_of_classes(
     )
     assert classes.averaged.iloc[0] == pytest.approx(expected.averaged)
     assert classes.one.iloc[0] == pytest.approx(expected.one)
+
+
+def test_a_run_with_a_damaged_file_is_refused_before_any_section(tmp_path, capsys):
+    """An embedding of the wrong width (the manifest and GPA say 16 features) made a whole
+    report of wrong numbers with exit 0; the report now checks the run's files as the dashboard
+    does and refuses it, naming a damaged file and the repair, before writing anything."""
+    run = make_synthetic_run(tmp_path / "cache", n=40, thumbnails=False)
+    keys = run._keys("vision-a", "stage2")
+    np.save(run.layout.embedding(*keys), np.random.default_rng(0).standard_normal((40, 3)))
+    out = tmp_path / "out"
+    assert report.main([str(run.path), "--out", str(out), "--n-random", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "the run is damaged: delete the run folder" in error, error
+    assert "Traceback" not in error
+    assert not (out / "report.json").exists() and not (out / "summary.txt").exists()

@@ -455,8 +455,10 @@ def test_damaged_neighbour_lists_fail_the_run_check_naming_the_row(tmp_path, dam
         values[row, 1] = np.nan
     np.save(run.layout.neighbour_indices(*keys), indices)
     np.save(run.layout.neighbour_values(*keys), values)
-    if damage == "out_of_range":  # the lists' own reader refuses it first, in words
-        with pytest.raises(ValueError, match="outside 0..29"):
+    if damage == "out_of_range":  # the run's reader refuses it first: the file and the repair
+        with pytest.raises(CacheFormatError, match=r"indices\.npy lists stimuli outside 0\.\.29"
+                           r".*delete the run folder .* rerun `python -m convergence_core "
+                           "precompute`"):
             check_run_files(load_run(run.path))
         return
     file = "values" if damage in ("unsorted", "nan") else "indices"
