@@ -581,7 +581,8 @@ def _hf_offline_message(name: str, subset: str | None, exc: BaseException) -> st
 
 def _hf_hub_caches(cache_dir: str | os.PathLike[str] | None) -> list[Path]:
     """The folders a hub dataset's files are downloaded into (``cache_dir``, the ``datasets``
-    cache and its downloads, the hub's cache): the only places its image cells may name."""
+    cache, its downloads and extracted archives, the hub's cache): the only places its image
+    cells may name."""
     import datasets.config
     import huggingface_hub.constants
 
@@ -589,6 +590,7 @@ def _hf_hub_caches(cache_dir: str | os.PathLike[str] | None) -> list[Path]:
         cache_dir,
         datasets.config.HF_DATASETS_CACHE,
         datasets.config.DOWNLOADED_DATASETS_PATH,
+        datasets.config.EXTRACTED_DATASETS_PATH,  # may be set apart from the downloads
         huggingface_hub.constants.HF_HUB_CACHE,
     ]
     return [Path(os.path.abspath(Path(f).expanduser())) for f in folders if f]
@@ -654,8 +656,8 @@ def _read_image_file(path: Path, text: str, row: int, dataset: str) -> bytes:
     except OSError as exc:
         raise ValueError(
             f"row {row} of the Hugging Face dataset {dataset!r}: its image cell names the file "
-            f"{text!r}, which cannot be read ({exc.strerror or exc}); check that the image is "
-            "in the dataset folder"
+            f"{text!r}, which cannot be read ({exc.strerror or exc}); check that the image file "
+            "is there (in the dataset folder, or for a hub dataset in its download)"
         ) from None
     with os.fdopen(fd, "rb") as file:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -735,6 +737,8 @@ def load_hf(
 
     Raises:
         DatasetUnavailableError: offline / not found, with how to point at a local copy.
+        ValueError: an image cell that names a file by path outside the dataset's folder (or,
+            for a hub dataset, outside the Hugging Face caches), or a file that cannot be read.
     """
     import datasets as hf_datasets
 
