@@ -202,7 +202,7 @@ def leave_one_out_figure(
             fontsize=9,
         )
         axis.set_xlabel("partial dispersion (residual units)")
-    axes[0].set_ylabel("held-out deviation (residual units)")
+        axis.set_ylabel("held-out deviation (residual units)")  # each panel has its own scale
     figure.suptitle(
         "Fig. S2: mean residual of the other GPA models (partial dispersion) vs the held-out "
         "model's deviation from their consensus",
@@ -229,6 +229,7 @@ def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
         gridspec_kw={"width_ratios": widths},
     )
     vmin, vmax = float(sweep["cknna"].min()), float(sweep["cknna"].max())
+    layer_of = dict(zip(sweep["vision_model"], sweep["vision_layer"], strict=True))
     image = None
     for axis, language in zip(axes[0], languages, strict=True):
         grid = sweep[sweep["language_model"] == language].pivot_table(
@@ -237,7 +238,9 @@ def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
         )
         image = axis.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
         axis.set_xticks(np.arange(grid.shape[1]), [str(c) for c in grid.columns], fontsize=7)
-        axis.set_yticks(np.arange(grid.shape[0]), list(grid.index), fontsize=8)
+        axis.set_yticks(
+            np.arange(grid.shape[0]), [f"{m} ({layer_of[m]})" for m in grid.index], fontsize=8
+        )
         axis.set_xlabel("layer (block index, 0 = shallowest)")
         axis.set_title(language, fontsize=9)
     axes[0][0].set_ylabel("GPA model (its GPA layer)")
@@ -371,12 +374,12 @@ def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
     return _save(figure, path)
 
 
-@_plain_text
 def _number(value: float) -> str:
     """A legend's number: three decimals, or "undefined" for NaN (as summary.txt says)."""
     return "undefined" if np.isnan(value) else f"{value:.3f}"
 
 
+@_plain_text
 def predictors_figure(
     tests: pd.DataFrame,
     fit: pd.DataFrame,
@@ -424,6 +427,7 @@ def predictors_figure(
         )
     left.axvline(0.0, color="#444", linewidth=0.8)
     left.set_xlabel("Spearman ρ with dispersion (√ε² for categories), unitless")
+    left.set_ylabel("property")
     left.set_title(f"Top properties by permutation p ({score}); filled: q < {q}", fontsize=9)
     metrics = fit[fit["score"] == score].pivot_table(
         index="model", columns="metric", values="value", dropna=False  # an undefined R² is NaN
