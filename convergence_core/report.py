@@ -346,18 +346,49 @@ def _check_settings(
     return float(q), scores, checked
 
 
+def _os_error_text(error: OSError, out: Path) -> str:
+    """What failed and the fix: writing the report to ``out``, or reading a file of the run (a
+    file outside ``out``: the error's file name says which)."""
+    reason = error.strerror or str(error)
+    file = error.filename
+    inside = file is None or Path(os.path.abspath(file)).is_relative_to(os.path.abspath(out))
+    if inside:
+        return (
+            f"cannot write the report to {out} ({reason}); pass a folder you can write to with "
+            "--out"
+        )
+    return (
+        f"cannot read {file} ({reason}); check that file of the run (its permissions, or the "
+        "disk), or precompute the run again"
+    )
+
+
+#: What a report writes: tables (.csv and .json), figures (.png), report.json and summary.txt
+_REPORT_SUFFIXES = frozenset({".csv", ".json", ".png", ".txt"})
+
+
 def _forget_earlier_report(out: Path) -> None:
-    """Remove an earlier report's ``report.json`` and ``summary.txt`` from ``out`` before the
-    first section writes, so that a folder with a report.json holds one whole report (a rerun
-    that fails leaves no earlier one beside its new tables). Only a report.json this program
-    wrote (its ``parameters`` and ``files``) is taken for one; other files of those names stay."""
+    """Remove an earlier report from ``out`` before the first section writes: its
+    ``report.json``, ``summary.txt`` and every file its report.json lists (``files``), so that a
+    folder with a report.json holds one whole report. A rerun that fails leaves no earlier one
+    beside its new tables, and a report of another run or with other settings leaves none of the
+    earlier one's tables and figures among its own (a run without language models writes no
+    Fig. 2: the earlier run's stayed, unnoticed). Only a report.json this program wrote (its
+    ``parameters`` and ``files``) is taken for one; other files of those names stay, and only
+    plain file names in ``out`` with the suffixes a report writes are removed."""
     try:
         earlier = json.loads((out / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
-    if isinstance(earlier, dict) and {"parameters", "files"} <= set(earlier):
-        for name in ("report.json", "summary.txt"):
-            (out / name).unlink(missing_ok=True)
+    if not (isinstance(earlier, dict) and {"parameters", "files"} <= set(earlier)):
+        return
+    listed = earlier["files"] if isinstance(earlier["files"], list) else []
+    for name in [*(n for n in listed if isinstance(n, str)), "report.json", "summary.txt"]:
+        path = out / name
+        if Path(name).name == name and name not in ("", ".", "..") and (
+            path.suffix in _REPORT_SUFFIXES and not path.is_dir()
+        ):
+            path.unlink(missing_ok=True)
 
 
 def _check_k_fits(k: int, size: int) -> None:
@@ -2228,13 +2259,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except OSError as error:  # e.g. no permission to write to --out
+    except OSError as error:  # e.g. no permission to write to --out, or to read the run
         _remove_empty(new_folders)
-        print(
-            f"error: cannot write the report to {args.out} ({error.strerror or error}); pass a "
-            "folder you can write to with --out",
-            file=sys.stderr,
-        )
+        print(f"error: {_os_error_text(error, Path(args.out))}", file=sys.stderr)
         return 2
     out = Path(args.out)
     if report["best_language_layers"]:

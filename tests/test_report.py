@@ -1453,3 +1453,46 @@ def test_a_run_with_a_damaged_file_is_refused_before_any_section(tmp_path, capsy
     assert "the run is damaged: delete the run folder" in error, error
     assert "Traceback" not in error
     assert not (out / "report.json").exists() and not (out / "summary.txt").exists()
+
+
+def test_a_new_report_removes_every_file_the_earlier_one_listed(tmp_path):
+    """Reusing --out mixed two reports: only report.json and summary.txt of the earlier one were
+    removed, so its tables and figures that the new report does not write (a run without
+    language models writes no Fig. 2) stayed beside the new ones, unnoticed (from a review of
+    the command line). Every file the earlier report.json lists goes; nothing else does."""
+    out = tmp_path / "out"
+    out.mkdir()
+    listed = ["layer_sweep.csv", "layer_sweep.json", "fig2_dispersion_sets_mean.png", "summary.txt"]
+    for name in [*listed, "notes.md", "mine.csv"]:
+        (out / name).write_text("x")
+    (tmp_path / "outside.csv").write_text("x")
+    (out / "report.json").write_text(json.dumps({
+        "parameters": {}, "files": [*listed, "report.json", "../outside.csv", "notes.md", 7],
+    }))
+    report._forget_earlier_report(out)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.csv", "notes.md"]
+    assert (tmp_path / "outside.csv").exists()  # only plain names inside --out
+
+
+def test_a_run_file_it_cannot_read_is_named_not_blamed_on_out(tmp_path, monkeypatch, capsys):
+    """Any OSError was reported as "cannot write the report to --out": an unreadable file of the
+    run sent the user to fix --out (from a review of the command line). A file outside --out is
+    named as one that cannot be read; one inside it is still a write error."""
+    run = make_synthetic_run(tmp_path / "runs", 12, name="tiny", images=False, thumbnails=False)
+    out = tmp_path / "out"
+    unreadable = run.path / "embeddings" / "features.npy"
+
+    def fails(error):  # noqa: ANN001, ANN202
+        def write_report(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise error
+        return write_report
+
+    monkeypatch.setattr(report, "write_report", fails(PermissionError(
+        13, "Permission denied", str(unreadable))))
+    assert report.main([str(run.path), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert f"cannot read {unreadable} (Permission denied)" in error and "--out" not in error, error
+    monkeypatch.setattr(report, "write_report", fails(PermissionError(
+        13, "Permission denied", str(out / "layer_sweep.csv"))))
+    assert report.main([str(run.path), "--out", str(out)]) == 2
+    assert "cannot write the report to" in capsys.readouterr().err
