@@ -404,7 +404,17 @@ class PrecomputeConfig:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} does not exist; pass a .json or .toml file")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"config file {path} is not UTF-8 text; save it as a UTF-8 .toml or .json file"
+            ) from None
+        except OSError as exc:  # no permission, an I/O error
+            raise ValueError(
+                f"config file {path} cannot be read ({exc.strerror or exc}); check its "
+                "permissions, or copy it somewhere readable"
+            ) from None
         try:
             if path.suffix.lower() == ".toml":
                 data = tomllib.loads(text)

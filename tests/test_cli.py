@@ -140,6 +140,29 @@ def test_a_config_that_is_a_folder_is_called_a_folder(tmp_path):
     assert code == 2 and f"{tmp_path} is a folder, not a config file" in err, err
 
 
+def test_a_config_that_cannot_be_read_is_named_with_the_fix(tmp_path, monkeypatch):
+    """From a review of the command line: a config file that is not UTF-8 gave a codec error
+    naming neither the file nor the fix, and one that cannot be read (no permission, an I/O
+    error) ended in a traceback."""
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[dataset]\n")
+    code, _, err = _main("precompute", str(binary))
+    assert code == 2 and f"config file {binary} is not UTF-8 text" in err, err
+    readable = tmp_path / "locked.toml"
+    readable.write_text("[dataset]\n")
+    original = Path.read_text
+
+    def denied(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if self == readable:
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    code, _, err = _main("precompute", str(readable))
+    assert code == 2 and f"config file {readable} cannot be read (Permission denied)" in err, err
+    assert "Traceback" not in err
+
+
 def test_runs_lists_cached_runs(tmp_path):
     code, out, _ = _main("runs", "--cache", str(tmp_path))
     assert code == 0 and f"no cached runs in {tmp_path / 'runs'}" in out
