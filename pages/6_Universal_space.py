@@ -110,7 +110,8 @@ modalities = list(dict.fromkeys(run.modality(model) for model in chosen))
 if len(chosen) < 2 or len(modalities) < 2:
     st.error(
         "Pick at least two models of at least two modalities (e.g. a vision and a language "
-        f"model) in the sidebar; chosen: {len(chosen)} model(s) of {modalities or 'no'} modality."
+        f"model) in the sidebar; chosen: {len(chosen)} model(s) of "
+        f"{widgets.escape_markdown(', '.join(modalities)) if modalities else 'no'} modality."
     )
     st.stop()
 members = tuple((model, layers[model]) for model in chosen)

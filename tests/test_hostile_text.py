@@ -106,6 +106,19 @@ def test_a_page_shows_a_refused_modality_as_text(tmp_path, monkeypatch, page):
     assert not [text for text in rendered if "](http" in text or "[clickV]" in text], rendered
 
 
+def test_universal_space_names_the_chosen_modalities_as_text(tmp_path, monkeypatch):
+    """Universal space with one modality chosen quotes the chosen modalities in its error: a
+    name by the writers' rule with underscores at a word's edge ('x-_y_') is not emphasis."""
+    run = make_brain_run(tmp_path / "cache" / "runs" / "brain", n=24)
+    _set_modality(run.path, "subj01", "x-_y_")
+    at = _open(tmp_path / "cache", None, monkeypatch)
+    at.session_state["w_universal_models"] = ["subj01"]
+    at.switch_page(PAGES["Universal space"]).run(timeout=90)
+    assert not at.exception, at.exception
+    (error,) = [e.value for e in at.error if "Pick at least two models" in e.value]
+    assert "1 model(s) of x\\-\\_y\\_ modality" in error, error
+
+
 # -- 2: the best language layers' error names a language model ----------------------------------
 
 
