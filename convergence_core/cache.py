@@ -14,6 +14,7 @@ through it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -46,6 +47,7 @@ __all__ = [
     "colliding_keys",
     "model_key",
     "read_json",
+    "read_error_text",
     "read_npy",
     "read_parquet",
     "run_lock",
@@ -67,6 +69,30 @@ class CacheFormatError(ValueError):
 
 class PickleRefusedError(CacheFormatError):
     """A cached ``.npy`` holds Python objects, which could only be read by unpickling it."""
+
+
+def read_error_text(exc: OSError, path: str | os.PathLike[str], what: str) -> str:
+    """The one-line error for ``exc``, met while reading the file ``path`` (``what`` names it:
+    "feature file", "table", "cached array"), with the fix: permission denied (make it
+    readable), a folder where a file is needed, a disk error (EIO: copy the file again, check
+    the disk), else the system's words. A storage fault, not a bug: never a traceback."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{what} {path} is missing; check the path"
+    if isinstance(exc, IsADirectoryError):
+        return f"{what} {path} is a folder, not a file; give the path of the file itself"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"cannot read {what} {path}: permission denied; make it readable by this user "
+            f"(e.g. chmod u+r '{path}'), then rerun"
+        )
+    if exc.errno == errno.EIO:
+        return (
+            f"cannot read {what} {path}: the disk reported an input/output error (EIO), so the "
+            "file or the disk holding it is damaged (on a network drive: the connection); copy "
+            "the file again from a good copy (or recreate it) and check the disk, then rerun"
+        )
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return f"cannot read {what} {path} ({cause}); check the file and its disk, then rerun"
 
 
 class RunLockedError(ValueError):
@@ -600,9 +626,12 @@ def read_npy(
     path = Path(path)
     if not path.is_file():
         raise CacheFormatError(f"{what} {path} is missing; {fix}")
-    with open(path, "rb") as handle:
-        magic = handle.read(len(_NPY_MAGIC))
-        short = None if mmap or magic != _NPY_MAGIC else _missing_bytes(handle)
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(len(_NPY_MAGIC))
+            short = None if mmap or magic != _NPY_MAGIC else _missing_bytes(handle)
+    except OSError as exc:  # no permission, a disk error: the file is there but unreadable
+        raise CacheFormatError(read_error_text(exc, path, what)) from None
     if short:  # np.load would first ask for all the bytes its header claims (a MemoryError)
         raise CacheFormatError(f"cannot read {what} {path} ({short}): it is damaged; {fix}")
     if magic != _NPY_MAGIC:
@@ -625,6 +654,8 @@ def read_npy(
             ) from exc
         raise CacheFormatError(f"cannot read {what} {path} ({exc}); {fix}") from exc
     except (OSError, EOFError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # the disk's fault, not the file's
+            raise CacheFormatError(read_error_text(exc, path, what)) from None
         raise CacheFormatError(f"cannot read {what} {path} ({exc}); {fix}") from exc
 
 
@@ -648,6 +679,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
             f"{path} is not valid JSON ({str(exc)[:200] or type(exc).__name__}); delete it and "
             "rerun precompute"
         ) from exc
+    except OSError as exc:  # no permission, a disk error
+        raise CacheFormatError(read_error_text(exc, path, "file")) from None
 
 
 def write_parquet(path: str | os.PathLike[str], frame: pd.DataFrame) -> Path:
@@ -666,6 +699,12 @@ def read_parquet(path: str | os.PathLike[str]) -> pd.DataFrame:
         )
     try:
         return pd.read_parquet(path, engine="pyarrow")
+    except OSError as exc:
+        if exc.errno is None:  # pyarrow's own OSError: a damaged file (no errno)
+            raise CacheFormatError(
+                f"cannot read {path} ({exc}); delete it and rerun precompute"
+            ) from exc
+        raise CacheFormatError(read_error_text(exc, path, "file")) from None
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
         raise CacheFormatError(
             f"cannot read {path} ({exc}); delete it and rerun precompute"

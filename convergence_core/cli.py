@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import shutil
 import sys
 import time
@@ -313,6 +314,7 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
 def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from .presets import preset_config
 
+    _check_flag_values(args)
     config: dict[str, Any] = {}
     if args.preset and args.config:
         raise ValueError("give either a config file or --preset, not both")
@@ -357,6 +359,7 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     given = {key: value for key, value in flags.items() if value is not None}
     config = _merge_flags(config, given)
+    _check_run_name(config.get("run_name"), "--run-name" if args.run_name else "run_name")
     if args.preset and args.dataset is None:
         _check_preset_data(args.preset, config)
     if not (config.get("vision_models") or config.get("features")):
@@ -366,6 +369,51 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "--help`)"
         )
     return config
+
+
+def _check_flag_values(args: argparse.Namespace) -> None:
+    """ValueError naming the flag (not the config setting it sets) for a value out of range,
+    before the config is checked: the command line's user typed --list-size, not list_size."""
+    import re
+
+    from .gpa_stability import GPA_STOPS
+
+    if args.list_size is not None and args.list_size < 1:
+        raise ValueError(
+            f"--list-size {args.list_size} is not a positive whole number; give the neighbours "
+            "stored per stimulus, e.g. --list-size 128 (the default)"
+        )
+    if args.gpa_starts is not None and args.gpa_starts < 0:
+        raise ValueError(
+            f"--gpa-starts {args.gpa_starts} is negative; give the random starts of the GPA "
+            "stability diagnostic, e.g. --gpa-starts 4 (the default), or 0 for none"
+        )
+    if args.concurrency is not None and args.concurrency < 1:
+        raise ValueError(
+            f"--concurrency {args.concurrency} is not a positive whole number; give the Ray "
+            "actors per model, e.g. --concurrency 2, or leave it out (as many as the cluster "
+            "allows)"
+        )
+    if args.gpa_stop is not None and args.gpa_stop not in GPA_STOPS:
+        raise ValueError(
+            f"--gpa-stop {args.gpa_stop!r} is not a rule; use --gpa-stop optimum (the default) "
+            "or --gpa-stop uncertainty"
+        )
+    if args.device is not None and not re.fullmatch(r"cpu|(mps|cuda)(:[0-9]+)?", args.device):
+        raise ValueError(
+            f"--device {args.device!r} is not a device; use cpu, cuda, cuda:N (the N-th GPU) or "
+            "mps"
+        )
+
+
+def _check_run_name(name: Any, where: str) -> None:
+    """A run name starting with '-' (``--run-name=-dash``) makes a run that ``report NAME``
+    cannot name: the other commands read it as an option."""
+    if isinstance(name, str) and name.strip().startswith("-"):
+        raise ValueError(
+            f"{where} {name!r} starts with '-', which `report` and the other commands would read "
+            "as an option; use a name starting with a letter or a digit"
+        )
 
 
 #: settings holding one entry per model: a flag's entry for a model replaces the config's entry
@@ -465,6 +513,11 @@ def _features(values: Sequence[str] | None) -> dict[str, dict[str, str]] | None:
     out: dict[str, dict[str, str]] = {}
     for key, path in _feature_items(values):
         name, _, layer = key.partition(":")
+        if not name.strip():
+            raise ValueError(
+                f"--features {key}={path} has no model name before the ':'; --features expects "
+                "NAME=PATH or NAME:LAYER=PATH (e.g. --features subj01:V1=V1.npy)"
+            )
         layers = out.setdefault(name.strip(), {})
         layer = layer.strip() or "features"
         if layer in layers:
@@ -638,7 +691,21 @@ def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
         return 130
     except OSError as exc:
-        cause = _storage_fault(exc, Path(args.cache).expanduser() if args.cache else None)
+        cache = config.get("cache_root") or args.cache
+        cache = Path(str(cache)).expanduser() if cache else None
+        unreadable = _input_fault(exc, cache)
+        if unreadable is not None:
+            print(f"error: {unreadable}", file=err)
+            return 2
+        if exc.errno == errno.EIO and exc.filename:  # a disk error on the cache's disk
+            print(
+                f"error: input/output error (EIO) on {exc.filename}: the cache's disk (or its "
+                "network connection) is failing. The steps that finished are kept: check the "
+                "disk, or give a folder on another disk with --cache, then rerun the same command",
+                file=err,
+            )
+            return 1
+        cause = _storage_fault(exc, cache)
         if cause is None:
             raise
         print(
@@ -682,6 +749,31 @@ _STORAGE_ERRORS = {
 #: Below this much free space an OSError without an errno is taken for a full disk (numpy's
 #: short write, "288000 requested and 283616 written", carries none)
 _NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def _input_fault(exc: OSError, cache: Path | None) -> str | None:
+    """The error line for ``exc`` where it is a fault reading one of the run's inputs (a file
+    the user gave: a feature file, an id list, a data set's table), else None. An input is an
+    existing file outside the cache folder (neither in it nor one of the folders holding it),
+    failing with a storage errno (no permission, a disk error); the cache's own faults are
+    :func:`_storage_fault`'s ("cannot write the run")."""
+    from .cache import read_error_text
+    from .settings import cache_root
+
+    if exc.errno not in (*_STORAGE_ERRORS, errno.EIO) or not exc.filename:
+        return None
+    try:
+        path = Path(os.fsdecode(exc.filename))
+        if not path.is_file():
+            return None
+        folder = Path(os.path.abspath(cache or cache_root()))
+        for file in {Path(os.path.abspath(path)), path.resolve()}:
+            for top in {folder, folder.resolve()}:
+                if file.is_relative_to(top) or top.is_relative_to(file):
+                    return None
+    except (OSError, ValueError):
+        return None
+    return read_error_text(exc, path, "input file")
 
 
 def _storage_fault(exc: OSError, cache: Path | None) -> str | None:

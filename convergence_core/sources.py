@@ -123,11 +123,18 @@ class Extracted:
     caption_features: dict[str, np.ndarray] | None = None
 
 
-def _sha256_file(path: Path) -> str:
+def _sha256_file(path: Path, what: str = "feature file") -> str:
+    """sha256 hex of ``path``'s bytes; FeatureFileError naming the file and the fix when it
+    cannot be read (no permission, a disk error)."""
+    from .cache import read_error_text
+
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise FeatureFileError(read_error_text(exc, path, what)) from None
     return digest.hexdigest()
 
 
@@ -203,6 +210,12 @@ class FileSource:
         self.files = {str(layer): Path(os.path.abspath(Path(path).expanduser()))
                       for layer, path in self.files.items()}
         for layer, path in self.files.items():
+            if path.is_dir():
+                raise FeatureFileError(
+                    f"feature file {path} (model {self.name!r}, layer {layer!r}) is a folder, "
+                    "not a file; pass the path of the .npy (with its .ids.txt) or .parquet file "
+                    "inside it"
+                )
             if not path.is_file():
                 raise FeatureFileError(
                     f"feature file {path} (model {self.name!r}, layer {layer!r}) does not exist; "
@@ -222,7 +235,8 @@ class FileSource:
         parts = []
         for layer, path in self.files.items():
             ids = _ids_path(path)
-            parts.append(f"{layer}={_sha256_file(path)}:{_sha256_file(ids) if ids.is_file() else ''}")
+            listed = _sha256_file(ids, "id list") if ids.is_file() else ""
+            parts.append(f"{layer}={_sha256_file(path)}:{listed}")
         return "file:" + ",".join(parts)
 
     def check(self, stimuli: pd.DataFrame, images_root: Path | None) -> None:
@@ -381,6 +395,12 @@ def _read_ids(path: Path) -> list[str]:
         text = ids_file.read_text(encoding="utf-8-sig")  # a BOM (Notepad, Excel) is no id
     except UnicodeDecodeError as exc:
         raise FeatureFileError(f"{ids_file} is not UTF-8 text ({exc}); write it as UTF-8") from None
+    except OSError as exc:  # no permission, a disk error
+        from .cache import read_error_text
+
+        raise FeatureFileError(
+            read_error_text(exc, ids_file, f"the id list of feature file {path.name},")
+        ) from None
     return id_lines(text)
 
 
@@ -422,6 +442,10 @@ def _read_parquet_features(
             names = pq.read_schema(path).names
             frame = pd.read_parquet(path, engine="pyarrow", columns=["id"] if "id" in names else [])
     except Exception as exc:  # pyarrow raises several types for bad files
+        if isinstance(exc, OSError) and exc.errno is not None:  # no permission, a disk error
+            from .cache import read_error_text
+
+            raise FeatureFileError(read_error_text(exc, path, "feature file")) from None
         raise FeatureFileError(f"feature file {path} is not a readable parquet file ({exc})") from None
     if "id" not in frame.columns and frame.index.name == "id":  # df.set_index("id").to_parquet()
         frame = frame.reset_index()
