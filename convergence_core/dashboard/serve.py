@@ -121,7 +121,84 @@ def streamlit_arguments(argv: list[str], *, prog: str = "convergence serve") -> 
         options += ["--server.address", ours.host]
     arguments = [*options, *passthrough]
     _check_address(arguments)
+    for flag, value in _option_values(passthrough, "--server.port"):
+        _port_number(value, flag)
+    hosts = [("--host", ours.host)] if ours.host is not None else []
+    for flag, host in [*hosts, *_option_values(passthrough, "--server.address")]:
+        _check_host(host.strip(), flag)
     return arguments
+
+
+def _option_values(arguments: Sequence[str], option: str) -> list[tuple[str, str]]:
+    """``(option, value)`` of each ``option VALUE`` or ``option=VALUE`` in ``arguments``."""
+    found = []
+    for i, argument in enumerate(arguments):
+        if argument == option and i + 1 < len(arguments):
+            found.append((option, arguments[i + 1]))
+        elif argument.startswith(option + "="):
+            found.append((option, argument.split("=", 1)[1]))
+    return found
+
+
+def _port_number(text: str, flag: str) -> int:
+    """The TCP port ``text`` of ``flag`` (``--server.port`` passed through to Streamlit);
+    ValueError, as for ``--port``, for a number out of 1..65535 or a word."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise ValueError(f"{flag} {text} is not a TCP port; use 1..65535 (e.g. 8501)")
+    return port
+
+
+_HOST_CHOICES = (
+    "use localhost (this machine only, the default), 0.0.0.0 (every network interface) or an "
+    "IP address or host name of this machine"
+)
+
+
+def _check_host(host: str, flag: str) -> None:
+    """ValueError (one line, naming ``flag`` and the fix) unless the server can listen on
+    ``host``: a name that does not resolve, a malformed IPv4 address (999.1.1.1) or an address
+    of another machine. Streamlit found these only after every import, as a socket traceback.
+    The probe binds a socket to a free port of ``host`` and closes it at once (a port in use is
+    Streamlit's to say: it names it)."""
+    import errno
+    import ipaddress
+    import re
+    import socket
+
+    if re.fullmatch(r"[0-9.]+", host):  # dotted numbers: an IPv4 address, never a name to look up
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(
+                f"{flag} {host} is not an IPv4 address (four numbers 0-255, e.g. 127.0.0.1); "
+                f"{_HOST_CHOICES}"
+            ) from None
+    try:
+        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:  # socket.gaierror: the name does not resolve
+        cause = getattr(exc, "strerror", None) or exc
+        raise ValueError(
+            f"{flag} {host!r} is not an address or a host name this machine can resolve "
+            f"({cause}); {_HOST_CHOICES}"
+        ) from None
+    family, kind, proto, _, address = found[0]
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            shown = "" if address[0] == host else f" ({address[0]})"
+            raise ValueError(
+                f"{flag} {host}{shown} is not an address of this machine, so the dashboard "
+                f"cannot listen on it; {_HOST_CHOICES}"
+            ) from None
+        raise ValueError(
+            f"cannot listen on {flag} {host} ({exc.strerror or exc}); {_HOST_CHOICES}"
+        ) from None
 
 
 def _check_address(arguments: Sequence[str]) -> None:
