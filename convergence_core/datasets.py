@@ -28,6 +28,7 @@ with no caption is reported by :func:`check_dataset` as "empty caption".
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -355,6 +356,10 @@ def load_coco(
             f"{ann_path} is not a COCO captions file ({type(exc).__name__}: {exc}); it must be "
             'JSON with "images" [{id, file_name}] and "annotations" [{image_id, caption}]'
         ) from None
+    except OSError as exc:  # no permission, a disk error
+        from .cache import read_error_text
+
+        raise ValueError(read_error_text(exc, ann_path, "COCO captions file")) from None
     images, annotations = _checked_coco_entries(ann_path, images, annotations)
     by_image: dict[Any, list[tuple[Any, str]]] = {}
     for position, ann in enumerate(annotations):
@@ -414,11 +419,70 @@ def _read_table(path: Path) -> pd.DataFrame:
             return _read_jsonl(path)
         if suffix == ".parquet":
             return pd.read_parquet(path, engine="pyarrow")
+    except OSError as exc:
+        if exc.errno is not None:  # no permission, a disk error: not the table's format
+            from .cache import read_error_text
+
+            raise ValueError(read_error_text(exc, path, "table")) from None
+        raise ValueError(f"cannot read table {path} ({type(exc).__name__}: {exc})") from None
     except Exception as exc:  # pandas/pyarrow raise many types for malformed files
         raise ValueError(f"cannot read table {path} ({type(exc).__name__}: {exc})") from None
     raise ValueError(
         f"table {path} has an unsupported suffix {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}"
     )
+
+
+#: file suffixes of images, by which a table column of image paths is recognised
+_IMAGE_SUFFIXES = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".heic", ".heif", ".avif",
+})
+#: names of a table column that mean "image" (lower case, separators removed): image_path,
+#: imagePath, img, img_file, ...
+_IMAGE_COLUMN_NAMES = frozenset(
+    stem + end
+    for stem in ("image", "images", "img", "imgs", "picture", "photo")
+    for end in ("", "path", "paths", "file", "files", "filename", "filepath", "name", "relpath",
+                "uri", "url", "loc", "location")
+)
+#: table columns with a meaning of their own, never taken for a misnamed image column
+_TABLE_COLUMNS = frozenset({"id", "caption", "captions", "label"})
+
+
+def _misnamed_image_column(frame: pd.DataFrame) -> tuple[str, str] | None:
+    """``(column, why)`` for a column of a table without an ``image`` column that looks like its
+    image column under another name, else None. A column looks so when
+
+    * its name, in lower case without separators, is "image" spelt otherwise (``Image``,
+      ``IMAGE``, `` image``), one of ``_IMAGE_COLUMN_NAMES`` (``img``, ``image_path``,
+      ``imagePath``, ``img_file``, ``photo``, ...) or a near miss of "image" (difflib ratio at
+      least 0.8: ``imgae``, ``imag``), unless it ends in "id"/"ids" (``image_id`` holds an
+      image's id, not its file); or
+    * every non-empty cell of it is text ending in an image file suffix (``.jpg``, ``.png``,
+      ...; ``_IMAGE_SUFFIXES``), whatever its name (``file``, ``path``, ``stimulus``).
+
+    ``id``, ``caption(s)`` and ``label`` are never taken (ids may be image file names)."""
+    for column in frame.columns:
+        name = str(column)
+        if name in _TABLE_COLUMNS:
+            continue
+        squeezed = re.sub(r"[^0-9a-z]", "", name.lower())
+        if squeezed in _IMAGE_COLUMN_NAMES:
+            return name, "its name is a variant of 'image'"
+        near = difflib.SequenceMatcher(None, squeezed, "image").ratio() >= 0.8
+        if near and not squeezed.endswith(("id", "ids")):
+            return name, "its name is close to 'image'"
+    for column in frame.columns:
+        name = str(column)
+        if name in _TABLE_COLUMNS:
+            continue
+        cells = [text for value in frame[column] if (text := _cell_text(value)) is not None]
+        if cells and all(
+            isinstance(value, str) and os.path.splitext(value.strip())[1].lower() in _IMAGE_SUFFIXES
+            for value in cells
+        ):
+            return name, f"its cells are image files, e.g. {cells[0]!r}"
+    return None
 
 
 def _cell_text(value: Any) -> str | None:
@@ -442,18 +506,35 @@ def load_table(
     caption per row); optional ``id`` (default: the image path) and ``label``. With ``caption``,
     rows sharing the same id (or image, when there is no id column) are merged into one stimulus
     whose captions keep row order. Stimuli keep the table's order (first appearance). A table
-    with ``id`` but no ``image`` column is a data set without images (``images=False``).
+    with ``id`` but no ``image`` column is a data set without images (``images=False``),
+    unless another column looks like the image column under another name (``img``, ``Image``,
+    ``image_path``, or cells that are image files: :func:`_misnamed_image_column`): that table
+    is refused, naming the column, so that a misspelt image column does not silently make a
+    data set without images. An image-less table leaves such a column out.
     """
     root_path = _existing_dir(root, "table dataset")
     table_path = _within(root_path, table, "stimulus table")
     frame = _read_table(table_path)
     columns = set(frame.columns)
     images = "image" in columns
+    misnamed = None if images else _misnamed_image_column(frame)
     if not images and "id" not in columns:
+        hint = "" if misnamed is None else (
+            f"; its column {misnamed[0]!r} looks like the image column ({misnamed[1]}): "
+            "rename it to 'image'"
+        )
         raise ValueError(
             f"table {table_path} has no 'image' column (columns: {sorted(columns)}); "
             "add one holding each image's path relative to the dataset root (or, for a data set "
-            "without images whose vision models come from feature files, an 'id' column)"
+            f"without images whose vision models come from feature files, an 'id' column){hint}"
+        )
+    if misnamed is not None:
+        column, why = misnamed
+        raise ValueError(
+            f"table {table_path} has no 'image' column, but its column {column!r} looks like one "
+            f"({why}); rename that column to 'image' (each image's path relative to "
+            f"{root_path}), or, for a data set without images whose vision models come from "
+            "feature files, leave that column out of the table"
         )
     if "captions" in columns:
         caption_col = "captions"
