@@ -1,0 +1,306 @@
+"""Bad input to every subcommand: one ``error:`` line naming the problem and the fix, exit status
+2, never a traceback (from the review of bad input: unreadable inputs called cache-write faults,
+disk errors as tracebacks, a bad --host, a misspelt image column, misleading messages)."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from convergence_core.cache import CacheFormatError, read_json, read_npy, read_parquet
+from convergence_core.cli import main
+from convergence_core.datasets import load_dataset
+from convergence_core.sources import FeatureFileError, read_feature_file
+
+
+def _main(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _feature_files(folder: Path, n: int = 12) -> list[str]:
+    """Two small vision feature files with their ids: the ``--features`` flags of a quick run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    flags = []
+    for name, width in (("a", 5), ("b", 4)):
+        np.save(folder / f"{name}.npy", np.random.default_rng(width).standard_normal((n, width)))
+        (folder / f"{name}.npy.ids.txt").write_text("".join(f"s{i}\n" for i in range(n)))
+        flags += ["--features", f"{name}={folder / name}.npy", "--modality", f"{name}=vision"]
+    return flags
+
+
+def _unreadable(monkeypatch, path: Path, code: int) -> None:
+    """Opening ``path`` (by open(), Path.read_text or pandas) fails with ``code``, as a file
+    without read permission (EACCES; tests run as root, which chmod cannot stop) or on a failing
+    disk (EIO) does."""
+    real = builtins.open
+    target = os.path.abspath(path)
+
+    def fake(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == target:
+            raise OSError(code, os.strerror(code), os.fspath(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake)
+    monkeypatch.setattr(io, "open", fake)
+
+
+# -- 1, 2: an input (or a run's file) that cannot be read ---------------------------------------
+
+
+@pytest.mark.parametrize("which", ["b.npy", "b.npy.ids.txt"])
+def test_an_unreadable_feature_file_is_named_not_called_a_cache_write_fault(
+    tmp_path, monkeypatch, which
+):
+    """EACCES reading a feature file said "cannot write the run ... free some space (or give a
+    writable folder with --cache)", exit 1."""
+    features = _feature_files(tmp_path / "f")
+    _unreadable(monkeypatch, tmp_path / "f" / which, errno.EACCES)
+    code, out, err = _main("precompute", *features, "--quiet", "--cache", str(tmp_path / "c"))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "cannot read " in err and str(tmp_path / "f" / which) in err
+    assert "permission denied" in err and "chmod u+r" in err
+    assert "cannot write the run" not in err and "--cache" not in err
+
+
+@pytest.mark.parametrize("which", ["b.npy", "b.npy.ids.txt"])
+def test_a_disk_error_reading_a_feature_file_is_one_line_naming_it(tmp_path, monkeypatch, which):
+    """EIO reading a feature file (or its id list) ended in an OSError traceback."""
+    features = _feature_files(tmp_path / "f")
+    _unreadable(monkeypatch, tmp_path / "f" / which, errno.EIO)
+    code, _, err = _main("precompute", *features, "--quiet", "--cache", str(tmp_path / "c"))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(tmp_path / "f" / which) in err and "input/output error" in err
+
+
+def test_an_id_list_read_error_names_the_id_list(tmp_path, monkeypatch):
+    """sources._read_ids let an OSError other than a decoding error through."""
+    np.save(tmp_path / "x.npy", np.ones((2, 3), np.float32))
+    ids = tmp_path / "x.npy.ids.txt"
+    ids.write_text("a\nb\n")
+    real = Path.read_text
+
+    def failing(self, *args, **kwargs):
+        if self == ids:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", failing)
+    with pytest.raises(FeatureFileError, match=r"cannot read the id list of feature file x\.npy, "
+                       + r".*x\.npy\.ids\.txt: the disk reported an input/output error"):
+        read_feature_file(tmp_path / "x.npy", ["a", "b"], model="m", layer="l")
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.EACCES])
+def test_a_run_file_that_cannot_be_read_is_a_format_error_naming_it(tmp_path, monkeypatch, code):
+    """cache.read_npy opened the file outside any handler: EIO (or EACCES) was a traceback in
+    report, runs and the dashboard; read_json and read_parquet did the same or told to delete a
+    file that is fine."""
+    np.save(tmp_path / "a.npy", np.ones(3))
+    (tmp_path / "m.json").write_text("{}")
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "t.parquet")
+    for name in ("a.npy", "m.json"):
+        _unreadable(monkeypatch, tmp_path / name, code)
+    words = "the disk reported an input/output error" if code == errno.EIO else "permission denied"
+    with pytest.raises(CacheFormatError, match=f"cannot read cached array .*a.npy: {words}"):
+        read_npy(tmp_path / "a.npy")
+    with pytest.raises(CacheFormatError, match=f"cannot read file .*m.json: {words}"):
+        read_json(tmp_path / "m.json")
+    import pyarrow.parquet as pq
+
+    def failing(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / "t.parquet"))
+
+    monkeypatch.setattr(pq, "read_table", failing)
+    with pytest.raises(CacheFormatError, match=f"cannot read file .*t.parquet: {words}") as error:
+        read_parquet(tmp_path / "t.parquet")
+    assert "delete it" not in str(error.value)
+
+
+def test_an_unreadable_coco_captions_file_is_named(make_coco_folder, monkeypatch):
+    """COCO's captions.json was read outside any handler: EACCES became "cannot write the
+    run"."""
+    root = make_coco_folder([["a cat"], ["a dog"]])
+    _unreadable(monkeypatch, root / "captions.json", errno.EACCES)
+    with pytest.raises(ValueError, match=r"cannot read COCO captions file .*captions\.json: "
+                       "permission denied"):
+        load_dataset(root)
+
+
+def test_an_unreadable_table_names_the_table_and_the_fix(tmp_path, monkeypatch):
+    pd.DataFrame({"id": ["s0", "s1"], "caption": ["x", "y"]}).to_csv(tmp_path / "t.csv",
+                                                                     index=False)
+    _unreadable(monkeypatch, tmp_path / "t.csv", errno.EACCES)
+    with pytest.raises(ValueError, match=r"cannot read table .*t\.csv: permission denied; make "
+                       "it readable"):
+        load_dataset(tmp_path / "t.csv")
+
+
+def test_an_input_read_fault_outside_the_cache_is_not_a_cache_write_fault(tmp_path, monkeypatch):
+    """A read the pipeline does itself (the --stimuli id list, say) failing with EACCES or EIO on
+    a file outside the cache: named as an input, exit 2; the same fault inside the cache keeps
+    the storage line (exit 1)."""
+    import convergence_core.precompute as precompute_module
+
+    features = _feature_files(tmp_path / "f")
+    listed = tmp_path / "keep.txt"
+    listed.write_text("s1\n")
+    inside = tmp_path / "c" / "runs" / "r" / "a.npy"
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(b"")
+    raised: list[OSError] = []
+
+    def failing(config, progress=None):
+        raise raised[0]
+
+    monkeypatch.setattr(precompute_module, "precompute", failing)
+    flags = ("precompute", *features, "--quiet", "--cache", str(tmp_path / "c"))
+    raised[:] = [OSError(errno.EACCES, "Permission denied", str(listed))]
+    code, _, err = _main(*flags)
+    assert code == 2 and f"cannot read input file {listed}: permission denied" in err, err
+    raised[:] = [OSError(errno.EIO, "Input/output error", str(listed))]
+    code, _, err = _main(*flags)
+    assert code == 2 and f"cannot read input file {listed}: the disk reported" in err, err
+    raised[:] = [OSError(errno.EACCES, "Permission denied", str(inside))]
+    code, _, err = _main(*flags)
+    assert code == 1 and err.startswith("error: cannot write the run: Permission denied"), err
+    raised[:] = [OSError(errno.EIO, "Input/output error", str(inside))]
+    code, _, err = _main(*flags)
+    assert code == 1 and f"input/output error (EIO) on {inside}" in err, err
+    assert err.count("\n") == 1
+
+
+# -- 3: serve --host / --port ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--host", "999.1.1.1"], "--host 999.1.1.1 is not an IPv4 address"),
+        (["--host", "192.0.2.1"], "--host 192.0.2.1 is not an address of this machine"),
+        (["--server.address", "192.0.2.1"], "--server.address 192.0.2.1 is not an address"),
+        (["--host", "not-a-host"], "--host 'not-a-host' is not an address or a host name"),
+        (["--server.port", "70000"], "--server.port 70000 is not a TCP port"),
+        (["--port", "0"], "--port 0 is not a TCP port"),
+    ],
+)
+def test_serve_refuses_a_bad_host_in_one_line(argv, message, capsys, monkeypatch):
+    """--host not-a-host (or 999.1.1.1, or an address of another machine) was a socket traceback
+    from Streamlit, after every import."""
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):  # no name server needed
+        if host == "not-a-host":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setenv("CONVERGENCE_CACHE", "unused")  # serve --cache would set it
+    assert main(["serve", *argv]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and message in error and "\n" not in error, error
+    assert "localhost" in error or "1..65535" in error
+
+
+def test_serve_accepts_the_usual_hosts():
+    from convergence_core.dashboard import serve
+
+    for host in ("localhost", "127.0.0.1", "0.0.0.0"):
+        assert serve.streamlit_arguments(["--host", host]) == ["--server.address", host]
+
+
+# -- 4: a misspelt image column -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "why"),
+    [
+        ("img", ["a.png", "b.png"], "its name is a variant of 'image'"),
+        ("Image", ["a.png", "b.png"], "its name is a variant of 'image'"),
+        ("image_path", ["x/a", "x/b"], "its name is a variant of 'image'"),
+        ("imagePath", ["x/a", "x/b"], "its name is a variant of 'image'"),
+        ("imgae", ["x/a", "x/b"], "its name is close to 'image'"),
+        ("file", ["a.PNG", "sub/b.jpg"], "its cells are image files, e.g. 'a.PNG'"),
+    ],
+)
+def test_a_misspelt_image_column_is_refused_naming_it(tmp_path, column, values, why):
+    """A table with an id column and a misspelt image column loaded silently as a data set
+    without images (captions only)."""
+    pd.DataFrame({"id": ["s0", "s1"], column: values, "caption": ["x", "y"]}).to_csv(
+        tmp_path / "t.csv", index=False
+    )
+    with pytest.raises(ValueError) as error:
+        load_dataset(tmp_path / "t.csv")
+    text = str(error.value)
+    assert f"has no 'image' column, but its column {column!r} looks like one ({why})" in text
+    assert "rename that column to 'image'" in text and "leave that column out" in text
+
+
+def test_a_table_without_images_still_loads(tmp_path):
+    """The rule spares a genuinely image-less table: ids that are image file names, a COCO-style
+    image_id, a label and other columns."""
+    pd.DataFrame({
+        "id": ["0001.jpg", "0002.jpg"], "image_id": [11, 12], "caption": ["x", "y"],
+        "label": ["cat.png", "dog.png"], "imagenet": ["n01", "n02"], "score": [0.5, 0.7],
+    }).to_csv(tmp_path / "t.csv", index=False)
+    ds = load_dataset(tmp_path / "t.csv")
+    assert not ds.images and ds.stimuli["id"].tolist() == ["0001.jpg", "0002.jpg"]
+
+
+def test_a_misspelt_image_column_without_ids_is_named(tmp_path):
+    pd.DataFrame({"img": ["a.png"], "caption": ["x"]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=r"its column 'img' looks like the image column .*: "
+                       "rename it to 'image'"):
+        load_dataset(tmp_path / "t.csv")
+
+
+# -- 5: messages that misled -----------------------------------------------------------------------
+
+
+def test_a_folder_given_as_a_feature_file_is_called_a_folder(tmp_path):
+    features = _feature_files(tmp_path / "f")
+    features[1] = f"a={tmp_path / 'f'}"
+    code, _, err = _main("precompute", *features, "--quiet", "--cache", str(tmp_path / "c"))
+    assert code == 2 and f"feature file {tmp_path / 'f'} (model 'a'" in err
+    assert "is a folder, not a file" in err and "does not exist" not in err
+
+
+def test_features_without_a_model_name_names_the_format(tmp_path):
+    """--features :L=PATH reached the config check: "config value 'features' = {'': ...}"."""
+    code, _, err = _main("precompute", "--features", f":L={tmp_path / 'a.npy'}", "--modality",
+                         "a=vision")
+    assert code == 2 and "has no model name before the ':'" in err
+    assert "NAME:LAYER=PATH" in err and "config value" not in err
+
+
+def test_a_run_name_starting_with_a_dash_is_refused(tmp_path):
+    """--run-name=-dash made a run that `report -dash` reads as an unknown option."""
+    features = _feature_files(tmp_path / "f")
+    code, _, err = _main("precompute", *features, "--quiet", "--cache", str(tmp_path / "c"),
+                         "--run-name=-dash")
+    assert code == 2 and "--run-name '-dash' starts with '-'" in err
+    assert not (tmp_path / "c" / "runs" / "-dash").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--list-size", "0"), ("--gpa-starts", "-1"), ("--concurrency", "0"),
+     ("--gpa-stop", "fast"), ("--device", "gpu")],
+)
+def test_a_value_out_of_range_names_the_flag_typed(tmp_path, flag, value):
+    """These named the setting (config value 'gpa_starts', the neighbour list size K,
+    concurrency), not the flag."""
+    features = _feature_files(tmp_path / "f")
+    code, _, err = _main("precompute", *features, "--quiet", "--cache", str(tmp_path / "c"),
+                         flag, value)
+    assert code == 2 and err.startswith(f"error: {flag} ") and err.count("\n") == 1, err
+    assert "config value" not in err
