@@ -660,10 +660,13 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             folder = candidate
     if not folder.is_dir():
         known = [info.name for info in list_runs() if info.damaged is None]
+        root = settings.cache_root()
+        absent = "" if root.is_dir() else f"; that cache folder {root} does not exist"
         raise FileNotFoundError(
-            f"no run folder at {folder} and no run of that name in {settings.runs_root()} (a "
-            "cache elsewhere: set $CONVERGENCE_CACHE); precompute one with `python -m "
-            f"convergence_core precompute` or pick a cached run: {known}"
+            f"no run folder at {folder} and no run of that name in {settings.runs_root()}"
+            f"{absent} (a cache elsewhere: give its folder with --cache, or set "
+            "$CONVERGENCE_CACHE); precompute one with `python -m convergence_core precompute` "
+            f"or pick a cached run: {known}"
         )
     layout = RunLayout(folder)
     if not layout.manifest.is_file():

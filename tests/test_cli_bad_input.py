@@ -304,3 +304,20 @@ def test_a_value_out_of_range_names_the_flag_typed(tmp_path, flag, value):
                          flag, value)
     assert code == 2 and err.startswith(f"error: {flag} ") and err.count("\n") == 1, err
     assert "config value" not in err
+
+
+def test_report_with_a_cache_that_does_not_exist_says_so_and_names_the_flag(
+    tmp_path, monkeypatch, capsys
+):
+    """`report NAME --cache FOLDER` where FOLDER does not exist: the error says that folder does
+    not exist and names --cache (it sent the user to $CONVERGENCE_CACHE only)."""
+    from convergence_core import report
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(tmp_path / "cache"))  # restored at teardown
+    missing = tmp_path / "no-such-cache"
+    code = report.main(["demo", "--cache", str(missing), "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2, error
+    assert f"that cache folder {missing} does not exist" in error, error
+    assert "give its folder with --cache" in error, error
+    assert error.count("\n") == 1 and "Traceback" not in error, error
