@@ -69,8 +69,10 @@ from .run_writer import (
     model_entry,
     normalise_stimuli,
     prepare_run_folder,
+    remove_new_run_folder,
     remove_reset_leftover,
     stability_record_state,
+    stored_file_problem,
     upgrade_stability_record,
     write_dispersion,
     write_gpa,
@@ -821,15 +823,35 @@ def _waiting_words(pid: int | None, run_folder: Path, seconds: float) -> str:
     )
 
 
-def _all_present(*files: Path) -> bool:
-    """Whether every file a finished step wrote is still there: a step whose file was deleted
-    (by hand, or as an error's advice said) runs again instead of failing on every rerun."""
-    return all(file.is_file() for file in files)
+def _first_problem(
+    files: Sequence[Path], shapes: Mapping[Path, Sequence[int | None]] | None = None
+) -> str | None:
+    """What is wrong with the first missing or damaged file a finished step wrote (None: every
+    one is there and looks whole), so that a file deleted (by hand, or as an error's advice
+    said), truncated or replaced by hand makes its step run again instead of being skipped on
+    every rerun while the dashboard fails on it. Cheap, headers and footers only
+    (``run_writer.stored_file_problem``; ``shapes``: a file's expected shape where known)."""
+    for file in files:
+        problem = stored_file_problem(file, (shapes or {}).get(file))
+        if problem is not None:
+            return problem
+    return None
 
 
-def _files_present(layout: RunLayout, entry: ModelEntry) -> bool:
-    return set(entry.clip_thresholds) == set(entry.layers) and all(
-        layout.embedding(entry.key, key).is_file() for key in entry.layer_keys.values()
+def _redo_words(problem: str) -> str:
+    """The progress detail of a finished step that runs again because of a damaged file."""
+    return f"redone: {problem}"
+
+
+def _embeddings_problem(layout: RunLayout, entry: ModelEntry, n: int) -> str | None:
+    """What is wrong with a model's stored embeddings (each ``(n, d)`` as recorded; None: they
+    look whole) or its record (a layer without a clip threshold)."""
+    if set(entry.clip_thresholds) != set(entry.layers):
+        return f"model {entry.key} has layers without clip thresholds in the manifest"
+    return _first_problem(
+        [layout.embedding(entry.key, key) for key in entry.layer_keys.values()],
+        {layout.embedding(entry.key, key): (n, entry.dims.get(layer))
+         for layer, key in entry.layer_keys.items()},
     )
 
 
@@ -915,6 +937,16 @@ def precompute(
 
     ``progress(event: ProgressEvent)`` is called as work advances; an exception it raises aborts
     the run, which a later call resumes.
+
+    A finished step is skipped only while the files it wrote are there and look whole (headers
+    and footers: an ``.npy`` of the recorded shape and size, a parquet footer, a JSON file that
+    parses); one truncated or replaced by hand makes the step run again, and its start event's
+    ``detail`` ("redone: <file> ...") names the file. Bad input is checked before the run folder
+    is made where that is cheap (files exist, formats, shapes, ids); what shows only later (NaN
+    in a feature file, a layer name an encoder lacks) stops the run with a ValueError, and a
+    first call that made the run folder and finished no step in it removes that folder again.
+    An interruption (KeyboardInterrupt), a storage fault (OSError) or a failure after some step
+    finished keeps the folder, which the corrected command resumes.
 
     While another process is writing the same run (its lock file ``.<run>.lock`` names a live
     pid), wait up to ``lock_wait_seconds`` (a ``"waiting"`` event is sent), then continue, reusing
@@ -1333,7 +1365,11 @@ def _execute(
     lock_wait_seconds: float = 3600.0,
     data_fingerprint: str | None = None,
 ) -> Run:
-    """Every step of a plan on one run folder, under the run's lock; the finished run, loaded."""
+    """Every step of a plan on one run folder, under the run's lock; the finished run, loaded.
+
+    A run folder this call creates is removed again when the steps stop on bad input (a
+    ValueError) before any step but the stimulus table finished
+    (:func:`_remove_unfinished_new_run`); an existing folder is never removed here."""
     started = time.perf_counter()
     # cheap checks (feature files' ids, ...) before anything is written: a bad file must neither
     # wait for the extractions nor reset an existing run folder
@@ -1349,29 +1385,75 @@ def _execute(
             "waiting", None, 0, 1, detail=_waiting_words(pid, path, lock_wait_seconds)
         )),
     ):
-        pipeline = _Pipeline(
-            plan, stimuli, info, data_fingerprint or info.fingerprint or "", path, name, notify
-        )
-        if plan.config is not None:
-            # again, exactly: the encoders this call will load (a changed data set re-extracts)
-            _check_weights(
-                plan.config,
-                [s.name for s in plan.sources if s.kind == "encoder" and not pipeline.done(s)],
-            )
+        # checked under the lock (no other precompute makes the folder meanwhile): whether this
+        # call creates the run folder, which a failure on bad input may then remove again
+        created = not os.path.lexists(path)
         try:
-            for source in plan.sources:
-                pipeline.model(source)
-                pipeline.neighbours(source.name)
-        finally:
-            pipeline.close_engine()
-        gpa_inputs = pipeline.gpa()
-        pipeline.gpa_stability(gpa_inputs)
-        pipeline.dispersion(gpa_inputs)
-        pipeline.thumbnails()
-        pipeline.properties()
-        pipeline.finish(time.perf_counter() - started)
+            _run_steps(plan, path, name, stimuli, info, notify, data_fingerprint, started)
+        except ValueError:
+            if created:
+                _remove_unfinished_new_run(path)
+            raise
     notify(ProgressEvent("done", None, 1, 1))
     return load_run(path)
+
+
+def _run_steps(
+    plan: _Plan,
+    path: Path,
+    name: str,
+    stimuli: Any,
+    info: DatasetInfo,
+    notify: ProgressCallback,
+    data_fingerprint: str | None,
+    started: float,
+) -> None:
+    """The pipeline's steps in order, on the run folder ``path`` (the caller holds its lock)."""
+    pipeline = _Pipeline(
+        plan, stimuli, info, data_fingerprint or info.fingerprint or "", path, name, notify
+    )
+    if plan.config is not None:
+        # again, exactly: the encoders this call will load (a changed data set re-extracts)
+        _check_weights(
+            plan.config,
+            [s.name for s in plan.sources if s.kind == "encoder" and not pipeline.done(s)],
+        )
+    try:
+        for source in plan.sources:
+            pipeline.model(source)
+            pipeline.neighbours(source.name)
+    finally:
+        pipeline.close_engine()
+    gpa_inputs = pipeline.gpa()
+    pipeline.gpa_stability(gpa_inputs)
+    pipeline.dispersion(gpa_inputs)
+    pipeline.thumbnails()
+    pipeline.properties()
+    pipeline.finish(time.perf_counter() - started)
+
+
+#: Steps a new run folder finishes before any work: the stimulus table (seconds to redo)
+_BOOKKEEPING_STEPS = frozenset({"stimuli"})
+
+
+def _remove_unfinished_new_run(path: Path) -> None:
+    """After a first precompute of a run stopped on bad input (a ValueError: a feature file with
+    NaN, a layer name that is not the model's, ...): delete the run folder it created when no
+    step but the stimulus table finished and no extraction left shards to resume from, so that
+    ``runs`` and the dashboard do not list an incomplete run that holds nothing. A folder where
+    work finished is kept (the corrected command resumes it), and so is everything on a
+    KeyboardInterrupt or a storage fault (OSError), which never come here. The original error
+    is what the caller sees: a failure to read or delete the folder is ignored."""
+    layout = RunLayout(path)
+    try:
+        manifest = _read_manifest(layout)
+        steps = set(manifest.steps) if manifest is not None else set()
+        shards = layout.shards_dir
+        if steps - _BOOKKEEPING_STEPS or (shards.is_dir() and any(shards.iterdir())):
+            return
+        remove_new_run_folder(path)
+    except (OSError, ValueError):
+        return
 
 
 def _check_model_folders(names: Sequence[str]) -> None:
@@ -1400,7 +1482,8 @@ class _Pipeline:
 
     Opening it reuses the folder's manifest when its stimuli step matches the data (else the
     folder is reset); each step method skips its work when the manifest records it done with
-    the same input fingerprint and its files are present. It is also the context the sources
+    the same input fingerprint and its files are present and look whole (:func:`_first_problem`;
+    else the step runs again and says which file it redoes). It is also the context the sources
     read (:mod:`.sources`): ``config``, ``stimuli``, ``images_root``, ``data_fingerprint``,
     ``fingerprint``, ``engine()``, ``layout``, ``progress_for``.
     """
@@ -1480,6 +1563,27 @@ class _Pipeline:
 
         return report
 
+    def _tell_redone(
+        self,
+        step: str,
+        inputs: str,
+        event: str,
+        model: str | None,
+        problem: Callable[[], str | None],
+        *,
+        done: int = 0,
+        total: int | None = None,
+    ) -> None:
+        """Where the manifest records ``step`` finished from these ``inputs`` but it runs again,
+        a ``ProgressEvent(event, model, done, total)`` whose detail names the file that is
+        missing or damaged (``problem()``, asked only then): a rerun says why it redoes work."""
+        if not self.manifest.step_done(step, inputs):
+            return
+        said = problem()
+        if said is not None:
+            self.notify(ProgressEvent(event, model, done, self.n if total is None else total,
+                                      detail=_redo_words(said)))
+
     # -- steps ------------------------------------------------------------------------------------
     def done(self, source: Any) -> bool:
         """Whether ``source``'s embeddings are in the run, from the same inputs (nothing to do)."""
@@ -1488,7 +1592,7 @@ class _Pipeline:
             self.manifest.step_done(f"extract:{source.name}", source.inputs(self))
             and entry is not None
             and entry.modality == source.modality
-            and _files_present(self.layout, entry)
+            and _embeddings_problem(self.layout, entry, self.n) is None
         )
 
     def model(self, source: Any) -> None:
@@ -1504,6 +1608,10 @@ class _Pipeline:
             )
             self.notify(ProgressEvent("extract", name, n, n, skipped=True))
             return
+        stored = self.data.models.get(name)
+        if stored is not None:  # finished, but a file is missing or damaged: said
+            self._tell_redone(step, inputs, "extract", name,
+                              lambda: _embeddings_problem(self.layout, stored, n))
         # loaded before the step is forgotten: a load that fails (a layer name that is not the
         # model's, missing weights) leaves the model's finished work as it was, so the corrected
         # command finds it done; forgotten before any of its files change
@@ -1566,13 +1674,14 @@ class _Pipeline:
             offset = self.n * len(done)
             inputs = fingerprint("neighbours", entry.sha256[layer], k, NEIGHBOURS_ALGORITHM)
             key = entry.layer_keys[layer]
-            present = (
-                self.layout.neighbour_indices(entry.key, key).is_file()
-                and self.layout.neighbour_values(entry.key, key).is_file()
-            )
-            if self.manifest.step_done(step, inputs) and present:
+            lists = (self.layout.neighbour_indices(entry.key, key),
+                     self.layout.neighbour_values(entry.key, key))
+            problem = _first_problem(lists, {file: (self.n, k) for file in lists})
+            if self.manifest.step_done(step, inputs) and problem is None:
                 self.notify(ProgressEvent("neighbours", model, self.n, self.n, skipped=True))
             else:
+                self._tell_redone(step, inputs, "neighbours", model, lambda: problem,
+                                  done=offset, total=total)
                 self.manifest.forget_step(step)
                 started = time.perf_counter()
                 write_neighbour_lists(
@@ -1627,9 +1736,13 @@ class _Pipeline:
             *((self.layout.gpa_stability_json, self.layout.gpa_stability_table)
               if uncertainty else ()),
         )
+        shapes = {self.layout.gpa_array("residuals"): (self.n, len(models_in))}
+        problem = (
+            _first_problem(written, shapes) if self.manifest.step_done("gpa", inputs) else None
+        )
         if (
             self.manifest.step_done("gpa", inputs)
-            and _all_present(*written)
+            and problem is None
             and self._gpa_solution_kept()
             and (not uncertainty
                  or self.manifest.step_done("gpa_stability", self._stability_inputs(inputs)))
@@ -1637,11 +1750,12 @@ class _Pipeline:
             self.notify(ProgressEvent("gpa", None, 1, 1, skipped=True))
             return inputs
         self.manifest.forget_step("gpa")
+        redone = "" if problem is None else _redo_words(problem)
         if uncertainty:
-            self._gpa_to_uncertainty(inputs)
+            self._gpa_to_uncertainty(inputs, redone)
             return inputs
         total = self.plan.gpa_max_iter + 1  # the iterations at most, then the residual pass
-        self.notify(ProgressEvent("gpa", None, 0, total))
+        self.notify(ProgressEvent("gpa", None, 0, total, detail=redone))
         result = write_gpa(
             self.layout,
             self._gpa_arrays(),
@@ -1715,15 +1829,16 @@ class _Pipeline:
             **({} if wanted is None else {"solution": wanted, "loss_gap": record["loss_gap"]}),
         )
 
-    def _gpa_to_uncertainty(self, inputs: str) -> None:
+    def _gpa_to_uncertainty(self, inputs: str, redone: str = "") -> None:
         """The GPA step stopped at the residuals' uncertainty: GPA and its stability diagnostic
-        in one (``write_gpa_to_uncertainty``), so this step also finishes gpa_stability."""
+        in one (``write_gpa_to_uncertainty``), so this step also finishes gpa_stability
+        (``redone``: the start event's detail, why a finished step runs again)."""
         starts = self.plan.gpa_starts
         self.manifest.forget_step("gpa_stability")
         # per stage: GPA from its own start and from each random start; then the stop (one
         # "done", not one per stage)
         total = starts + 2
-        self.notify(ProgressEvent("gpa", None, 0, total))
+        self.notify(ProgressEvent("gpa", None, 0, total, detail=redone))
         result, stability, stop = write_gpa_to_uncertainty(
             self.layout,
             self._gpa_arrays(),
@@ -1787,9 +1902,12 @@ class _Pipeline:
                 path.unlink(missing_ok=True)
             return
         state = stability_record_state(self.layout)
+        problem = _first_problem(  # the table is long: a row per stimulus and statistic
+            [self.layout.gpa_stability_json, self.layout.gpa_stability_table]
+        ) if self.manifest.step_done("gpa_stability", inputs) else None
         if (
             self.manifest.step_done("gpa_stability", inputs)
-            and _all_present(self.layout.gpa_stability_json, self.layout.gpa_stability_table)
+            and problem is None
             and state in ("current", "upgradable")
             and self._adoption_held()
         ):
@@ -1801,8 +1919,9 @@ class _Pipeline:
         self.manifest.forget_step("gpa_stability")
         total = starts + 2  # GPA from its own start and from each random start, the residual pass
         kept = min(solutions.kept(), starts + 1)
-        resumed = (
-            f"{kept} of {starts + 1} GPA solutions kept from an interrupted run" if kept else ""
+        resumed = "; ".join(
+            ([f"{kept} of {starts + 1} GPA solutions kept from an interrupted run"] if kept else [])
+            + ([_redo_words(problem)] if problem is not None else [])
         )
         self.notify(ProgressEvent("gpa_stability", None, 0, total, detail=resumed))
         result, stability = write_gpa_stability(
@@ -1853,9 +1972,13 @@ class _Pipeline:
             "dispersion", gpa_inputs, list(SCORES), *(() if solution is None else (solution,))
         )
         written = (self.layout.dispersion, *map(self.layout.pca_array, RunLayout.PCA_ARRAYS))
-        if self.manifest.step_done("dispersion", inputs) and _all_present(*written):
+        shapes = {self.layout.dispersion: (self.n,),
+                  self.layout.pca_array("scores"): (self.n, None)}
+        problem = _first_problem(written, shapes)
+        if self.manifest.step_done("dispersion", inputs) and problem is None:
             self.notify(ProgressEvent("dispersion", None, 1, 1, skipped=True))
             return
+        self._tell_redone("dispersion", inputs, "dispersion", None, lambda: problem, total=1)
         self.manifest.forget_step("dispersion")
         residuals = read_npy(self.layout.gpa_array("residuals"))
         write_dispersion(self.layout, self.stimuli["id"].tolist(), residuals)
@@ -1914,7 +2037,7 @@ class _Pipeline:
             return None
         layer = self.data.models[source.name].default_layer
         step, inputs, file = self._agreement_step(source, layer)
-        if self.manifest.step_done(step, inputs) and file.is_file():
+        if self.manifest.step_done(step, inputs) and stored_file_problem(file) is None:
             return inputs, layer, file
         cfg = self.config
         job = make_job(
@@ -1970,7 +2093,8 @@ class _Pipeline:
         image = None
         if self.images_root is not None:
             if not (
-                self.manifest.step_done("properties:image", image_inputs) and image_file.is_file()
+                self.manifest.step_done("properties:image", image_inputs)
+                and stored_file_problem(image_file, (n,)) is None
             ):
                 self.notify(ProgressEvent("properties", None, 0, total))
                 paths = [self.images_root / rel for rel in self.stimuli["image"]]
@@ -1997,11 +2121,13 @@ class _Pipeline:
             NEIGHBOURS_ALGORITHM,
             self.stimuli.drop(columns=["captions"]).to_dict("list"),
         )
-        if self.manifest.step_done("properties", inputs) and _all_present(
-            layout.properties, layout.properties_info
-        ):
+        problem = _first_problem(
+            [layout.properties, layout.properties_info], {layout.properties: (n,)}
+        )
+        if self.manifest.step_done("properties", inputs) and problem is None:
             self.notify(ProgressEvent("properties", None, total, total, skipped=True))
             return
+        self._tell_redone("properties", inputs, "properties", None, lambda: problem, total=total)
         self.manifest.forget_step("properties")
         distances, centroid = {}, {}
         stored = list_size_for(n, self.plan.list_size) >= k  # lists of k or more (--list-size)

@@ -50,7 +50,9 @@ __all__ = [
     "model_entry",
     "normalise_stimuli",
     "prepare_run_folder",
+    "remove_new_run_folder",
     "remove_reset_leftover",
+    "stored_file_problem",
     "write_dispersion",
     "write_gpa",
     "write_gpa_solution",
@@ -734,6 +736,90 @@ def prepare_run_folder(path: Path) -> None:
             (aside / "manifest.json").unlink()
             shutil.rmtree(aside)
     path.mkdir(parents=True, exist_ok=True)
+
+
+def remove_new_run_folder(path: Path) -> None:
+    """Delete the run folder ``path`` that the caller's precompute created and that holds no
+    finished work (its first call stopped on bad input before any step finished), so that no
+    incomplete run is left behind for ``runs`` and the dashboard to list.
+
+    The caller decides that the folder is its own and holds nothing worth keeping
+    (``precompute._execute``); here only ``path`` itself goes, moved aside first in one step as
+    :func:`prepare_run_folder` does (an interruption leaves the whole folder or none; a leftover
+    of the move is deleted by the next precompute of the run). A symbolic link or anything but a
+    folder is left alone, and so is a folder without manifest.json that holds anything (not a
+    run: never ours to delete).
+    """
+    if path.is_symlink() or not path.is_dir():
+        return
+    manifest = RunLayout(path).manifest
+    if not manifest.is_file() and any(path.iterdir()):
+        return
+    remove_reset_leftover(path)
+    aside = _reset_path(path)
+    os.replace(path, aside)
+    (aside / "manifest.json").unlink(missing_ok=True)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+#: Largest JSON file of a run that :func:`stored_file_problem` parses whole (they are small)
+_JSON_CHECK_BYTES = 16 * 2**20
+
+
+def stored_file_problem(path: Path, shape: Sequence[int | None] | None = None) -> str | None:
+    """What is wrong with a file a finished step wrote, in words, or None when it looks whole.
+
+    Cheap, never a full read of a large file (runs reach 100,000 stimuli and gigabytes): an
+    ``.npy`` file's header must parse, name no Python objects, match ``shape`` (its lengths;
+    None: any) and account for the file's exact size; a ``.parquet`` file's footer must parse
+    (``shape[0]``, where given, its row count); a ``.json`` file (small) must parse; any other
+    file must be non-empty. Files are written temp-then-rename, so this finds only a file
+    truncated, emptied or replaced by hand (the values are checked where a page reads them,
+    :mod:`.run_checks`).
+    """
+    try:
+        size = path.stat().st_size if path.is_file() else None
+    except OSError:
+        size = None
+    if size is None:
+        return f"{path} is missing"
+    if size == 0:
+        return f"{path} is empty"
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return _npy_problem(path, size, shape)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_metadata(path).num_rows
+            if shape and shape[0] is not None and rows != shape[0]:
+                return f"{path} holds {rows} rows, expected {shape[0]}"
+        elif suffix == ".json" and size <= _JSON_CHECK_BYTES:
+            json.loads(path.read_bytes())
+    except (OSError, ValueError, EOFError) as exc:  # pyarrow's errors are OSError / ValueError
+        return f"{path} cannot be read ({str(exc)[:200]})"
+    return None
+
+
+def _npy_problem(path: Path, size: int, shape: Sequence[int | None] | None) -> str | None:
+    """:func:`stored_file_problem` for an ``.npy`` file (its header only)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        stored, _, dtype = read_header(handle)
+        offset = handle.tell()
+    if dtype.hasobject:
+        return f"{path} holds Python objects, not numbers"
+    if shape is not None and (len(stored) != len(shape) or any(
+        want is not None and have != want for have, want in zip(stored, shape, strict=True)
+    )):
+        return f"{path} holds a {stored} array, expected {tuple(shape)}"
+    need = offset + int(np.prod(stored, dtype=np.int64)) * dtype.itemsize
+    if need != size:
+        return f"{path} holds {size:,} bytes where its header says {need:,} (cut short?)"
+    return None
 
 
 def _reset_path(path: Path) -> Path:

@@ -484,6 +484,23 @@ def test_a_rerun_that_fails_on_a_layer_name_keeps_the_finished_work(tiny_coco, t
     assert run.layers("fake-vision-b") == ["early", "middle", "late"]
 
 
+def test_a_first_run_that_fails_on_a_layer_name_leaves_no_run_folder(tiny_coco, tmp_path, loads):
+    """A misspelt layer of the first encoder is found once it is loaded, after the run folder
+    was made: a first run left that folder, holding nothing but the stimulus table, for `runs`
+    to list as an incomplete run. It is removed; the lock with it; the runs folder stays."""
+    from convergence_core.cache import lock_path
+
+    runs = tmp_path / "cache" / "runs"
+    with pytest.raises(ValueError, match=r"\['midle'\] are not layers of 'fake-vision-a'"):
+        precompute(**_options(tiny_coco, tmp_path, layers={"fake-vision-a": ["midle"]}))
+    assert not (runs / "tiny").exists() and not lock_path(runs / "tiny").exists()
+    assert runs.is_dir() and list_runs(runs) == []
+    # a later one (a misspelt layer of the second model) keeps the first model's extraction
+    with pytest.raises(ValueError, match=r"\['midle'\] are not layers of 'fake-vision-b'"):
+        precompute(**_options(tiny_coco, tmp_path, layers={"fake-vision-b": ["midle"]}))
+    assert [info.name for info in list_runs(runs)] == ["tiny"]
+
+
 def test_default_run_name_hashes_the_config(tiny_coco, tmp_path, loads):
     options = _options(tiny_coco, tmp_path)
     del options["run_name"]
