@@ -635,6 +635,8 @@ class _ProgressBars:
             self._close()
             if complete and key in self.finished:
                 return  # the model's bar has already reached its total
+            if event.detail:  # e.g. "redone: <file> is cut short": why finished work runs again
+                print(f"  {label}: {event.detail}", file=self.stream, flush=True)
             self.key, self.started = key, self.clock()
             self.last_line = self.started
             if self.terminal:

@@ -321,3 +321,19 @@ def test_report_with_a_cache_that_does_not_exist_says_so_and_names_the_flag(
     assert f"that cache folder {missing} does not exist" in error, error
     assert "give its folder with --cache" in error, error
     assert error.count("\n") == 1 and "Traceback" not in error, error
+
+
+def test_a_rerun_says_which_damaged_file_it_redoes(tmp_path):
+    """A feature file's stored embeddings cut short by hand: the rerun extracts that model again
+    and its progress says why, naming the file (the model's lines said nothing of it)."""
+    features = _feature_files(tmp_path / "f")
+    cache = ["--cache", str(tmp_path / "c")]
+    code, _, err = _main("precompute", *features, *cache)
+    assert code == 0, err
+    (stored,) = (tmp_path / "c" / "runs").glob("*/embeddings/b/features.npy")
+    stored.write_bytes(stored.read_bytes()[:-8])
+    code, _, err = _main("precompute", *features, *cache)
+    assert code == 0, err
+    (said,) = [line for line in err.splitlines() if "redone" in line]
+    assert said.startswith("  b: redone: ") and "embeddings/b/features.npy" in said, err
+    assert "  a: cached" in err, err
