@@ -28,6 +28,7 @@ with no caption is reported by :func:`check_dataset` as "empty caption".
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import io
@@ -36,7 +37,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +46,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .images import ImageFileError, image_problem, resolve_inside
+from .images import TOO_LARGE, TOO_LARGE_FIX, ImageFileError, image_problem, resolve_inside
 from .settings import cache_root
 
 __all__ = [
     "Dataset",
     "DatasetUnavailableError",
+    "InputsUnavailableError",
     "check_dataset",
     "dataset_fingerprint",
     "load_coco",
@@ -69,6 +71,29 @@ _MAX_LISTED = 20
 
 class DatasetUnavailableError(ValueError):
     """A remote dataset cannot be reached (offline) and no local copy was given."""
+
+
+class InputsUnavailableError(DatasetUnavailableError):
+    """The data set cannot be loaded and model weights are missing too: one error for both.
+
+    Offline, the first run of a config (the paper's) usually lacks the data set and every hub
+    model's weights; naming them all at once spares a round trip per missing input. Raised by
+    ``precompute``; catch it as :class:`DatasetUnavailableError` (or ``ValueError``).
+
+    Attributes: ``dataset_error`` (the :class:`DatasetUnavailableError`), ``weights_error`` (the
+    ``models.WeightsUnavailableError`` naming every missing model), ``models`` (those models).
+    """
+
+    def __init__(self, dataset_error: DatasetUnavailableError, weights_error: ValueError) -> None:
+        self.dataset_error = dataset_error
+        self.weights_error = weights_error
+        self.models: tuple[str, ...] = tuple(getattr(weights_error, "models", ()))
+        count = f"{len(self.models)} model{'s' if len(self.models) != 1 else ''}"
+        weights = str(weights_error).replace("\n", "\n  ")  # its own list, indented under ours
+        super().__init__(
+            f"the data set and the weights of {count} are not available here; supply them all, "
+            f"then run again:\n- {dataset_error}\n- {weights}"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -645,8 +670,64 @@ def load_labelled(
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def _hf_offline_message(name: str, subset: str | None, exc: BaseException) -> str:
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Offline mode for the Hugging Face ``datasets`` library (and ``huggingface_hub``) during
+    one load, restored afterwards.
+
+    Both read ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` once, at import, into
+    ``datasets.config.HF_HUB_OFFLINE`` (``HF_DATASETS_OFFLINE``, its old name) and
+    ``huggingface_hub.constants.HF_HUB_OFFLINE``, so setting the variables now would come too
+    late: the module values are switched (the variables too, for anything imported meanwhile).
+    Offline, ``datasets.load_dataset`` asks no server (no 5 retries, ~28 s where DNS fails at
+    once) and serves a hub data set from its cache (Hugging Face's documented offline mode), or
+    raises at once when it is not cached.
+    """
+    import datasets.config
+    import huggingface_hub.constants
+
+    flags = [
+        (module, name)
+        for module, name in (
+            (datasets.config, "HF_HUB_OFFLINE"),
+            (datasets.config, "HF_DATASETS_OFFLINE"),
+            (huggingface_hub.constants, "HF_HUB_OFFLINE"),
+        )
+        if hasattr(module, name)
+    ]
+    saved_flags = [getattr(module, name) for module, name in flags]
+    variables = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    saved_variables = {name: os.environ.get(name) for name in variables}
+    try:
+        for module, name in flags:
+            setattr(module, name, True)
+        os.environ.update(dict.fromkeys(variables, "1"))
+        yield
+    finally:
+        for (module, name), value in zip(flags, saved_flags):
+            setattr(module, name, value)
+        for name, value in saved_variables.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _hub_usable() -> bool:
+    """Whether the Hugging Face hub can be asked now: ``models.availability.hub_reachable`` (False
+    at once in offline mode; else one probe of at most 5 s per process, shared with the weights
+    check, which it then switches to offline mode too)."""
+    from .models import availability
+
+    return availability.hub_reachable()
+
+
+def _hf_offline_message(
+    name: str, subset: str | None, exc: BaseException, unreachable: str | None = None
+) -> str:
     cause = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    if unreachable:  # loaded in offline mode: say why first, then what datasets said
+        cause = f"{unreachable} and it is not in the datasets cache ({cause})"
     return (
         f"cannot load the Hugging Face dataset {name!r}"
         f"{f' (subset {subset!r})' if subset else ''}: {cause}. Either run once with network "
@@ -816,6 +897,11 @@ def load_hf(
     follows the decoded format), which becomes the dataset root. ``caption_column``
     cells may be a string or a list of strings. ``limit`` keeps the first ``limit`` rows.
 
+    A hub id is loaded in offline mode (:func:`_hub_offline`, for this call only) when the hub
+    cannot be reached (one probe of at most 5 s per process, or ``HF_HUB_OFFLINE`` set): a data
+    set in the datasets cache is served from it, and one that is not fails at once instead of
+    retrying the hub for half a minute. A local folder never asks the hub.
+
     Raises:
         DatasetUnavailableError: offline / not found, with how to point at a local copy.
         ValueError: an image cell that names a file by path outside the dataset's folder (or,
@@ -826,6 +912,13 @@ def load_hf(
     from .cache import write_bytes
 
     local = Path(name).expanduser()
+    # a hub id: ask the hub only when it answers (one short probe per process); otherwise load
+    # in offline mode, from the datasets cache or failing at once, instead of 5 retries (~28 s)
+    unreachable = None
+    if not local.is_dir() and not _hub_usable():
+        from .models.availability import _hub_unreachable_cause
+
+        unreachable = _hub_unreachable_cause()
     try:
         saved_to_disk = local.is_dir() and any(
             (local / marker).is_file() for marker in ("dataset_dict.json", "state.json")
@@ -835,18 +928,21 @@ def load_hf(
             if isinstance(loaded, hf_datasets.DatasetDict):
                 loaded = loaded[split]
         else:
-            loaded = hf_datasets.load_dataset(
-                str(local) if local.is_dir() else name,
-                subset,
-                split=split,
-                revision=revision,
-                cache_dir=None if cache_dir is None else str(cache_dir),
-            )
+            with _hub_offline() if unreachable else contextlib.nullcontext():
+                loaded = hf_datasets.load_dataset(
+                    str(local) if local.is_dir() else name,
+                    subset,
+                    split=split,
+                    revision=revision,
+                    cache_dir=None if cache_dir is None else str(cache_dir),
+                )
     except (ConnectionError, OSError, FileNotFoundError, ValueError) as exc:
-        raise DatasetUnavailableError(_hf_offline_message(name, subset, exc)) from None
+        message = _hf_offline_message(name, subset, exc, unreachable)
+        raise DatasetUnavailableError(message) from None
     except Exception as exc:  # datasets wraps hub failures in its own exception types
         if type(exc).__module__.startswith(("datasets", "huggingface_hub", "requests", "httpx")):
-            raise DatasetUnavailableError(_hf_offline_message(name, subset, exc)) from None
+            message = _hf_offline_message(name, subset, exc, unreachable)
+            raise DatasetUnavailableError(message) from None
         raise
     columns = set(loaded.column_names)
     for column, what in ((image_column, "image_column"), (caption_column, "caption_column")):
@@ -1040,7 +1136,9 @@ def check_dataset(
 
     Raises:
         ValueError: there are bad stimuli and ``drop_bad`` is False (lists the first 20 and the
-        count), or every stimulus is bad.
+        count; where an image is over the pixel limit, ends with how to raise
+        ``$CONVERGENCE_MAX_IMAGE_PIXELS`` or resize it: ``images.TOO_LARGE_FIX``), or every
+        stimulus is bad.
     """
     stimuli = dataset.stimuli
     n_workers = workers or min(4, os.cpu_count() or 1)
@@ -1069,6 +1167,8 @@ def check_dataset(
             )
     if not bad:
         return dataset, []
+    # an image over the pixel limit: say which variable sets it and what to do
+    fix = f"\n{TOO_LARGE_FIX}" if any(p and p.startswith(TOO_LARGE) for p in image_problems) else ""
     if not drop_bad:
         listed = "\n".join(
             f"  {b['id']}" + (f" ({b['image']})" if b["image"] else "") + f": {b['reason']}"
@@ -1079,11 +1179,12 @@ def check_dataset(
             f"{len(bad)} of {len(stimuli)} stimuli in dataset {dataset.name!r} are unusable:\n"
             f"{listed}{more}\nfix or remove them, or drop them explicitly "
             "(check_dataset(..., drop_bad=True) / precompute --drop-bad)"
+            f"{fix}"
         )
     if len(bad) == len(stimuli):
         raise ValueError(
             f"every stimulus of dataset {dataset.name!r} is unusable (first: {bad[0]['reason']}); "
-            "check the dataset root and image paths"
+            f"check the dataset root and image paths{fix}"
         )
     keep = np.ones(len(stimuli), dtype=bool)
     keep[bad_rows] = False

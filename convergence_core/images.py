@@ -29,6 +29,8 @@ from .cache import atomic_file
 from .settings import max_image_pixels
 
 __all__ = [
+    "TOO_LARGE",
+    "TOO_LARGE_FIX",
     "ImageFileError",
     "ImageTooLargeError",
     "image_problem",
@@ -45,6 +47,17 @@ __all__ = [
 _HEADER_LOCK = threading.Lock()
 #: reads in progress (``_pillow_limit``) and Pillow's own ``MAX_IMAGE_PIXELS`` from before them
 _PILLOW = {"reads": 0, "own": Image.MAX_IMAGE_PIXELS}
+
+
+#: How :func:`image_problem`'s reason for an image over the pixel limit begins.
+TOO_LARGE = "too large"
+#: What to do about an image over the pixel limit (``settings.max_image_pixels()``, read from
+#: ``$CONVERGENCE_MAX_IMAGE_PIXELS``): every message about such an image says it.
+TOO_LARGE_FIX = (
+    "The pixel limit is set by $CONVERGENCE_MAX_IMAGE_PIXELS: raise it above the image's pixel "
+    "count if the image is trusted (e.g. CONVERGENCE_MAX_IMAGE_PIXELS=200000000), or resize the "
+    "image"
+)
 
 
 class ImageFileError(ValueError):
@@ -87,9 +100,8 @@ def resolve_inside(root: str | os.PathLike[str] | None, path: str | os.PathLike[
 def _too_large_message(path: Path, width: int, height: int, limit: int) -> str:
     return (
         f"image file {path} is {width:,} × {height:,} = {width * height:,} pixels, more than the "
-        f"limit of {limit:,} (settings.max_image_pixels()); it was not decoded. Shrink the image, "
-        "drop it (check_dataset(..., drop_bad=True) / precompute --drop-bad), or raise the limit "
-        "with CONVERGENCE_MAX_IMAGE_PIXELS"
+        f"limit of {limit:,}; it was not decoded. {TOO_LARGE_FIX}, "
+        "or drop it (check_dataset(..., drop_bad=True) / precompute --drop-bad)"
     )
 
 
@@ -134,8 +146,9 @@ def _open_checked(
                 # above twice Pillow's limit (at least twice ours): Pillow refuses the header too
                 raise ImageTooLargeError(
                     f"image file {path} claims more than {2 * (Image.MAX_IMAGE_PIXELS or 0):,} "
-                    f"pixels (the limit is {limit:,}); it was not decoded. Shrink the image or "
-                    "drop it (check_dataset(..., drop_bad=True) / precompute --drop-bad)"
+                    f"pixels (the limit is {limit:,}); it was not decoded. "
+                    f"{TOO_LARGE_FIX}, or drop it "
+                    "(check_dataset(..., drop_bad=True) / precompute --drop-bad)"
                 ) from None
         with image:
             width, height = image.size
@@ -247,9 +260,11 @@ def image_problem(
 ) -> str | None:
     """Why ``path`` is not a usable image, or None if it is.
 
-    Reasons: "missing", "not a file", "outside the dataset root (...)", "too large (...)" (read
-    from the header; such an image is never decoded), "corrupt: ...". Checks both PIL's
-    structural ``verify()`` and a full decode (``verify`` alone misses truncated pixel data).
+    Reasons: "missing", "not a file", "outside the dataset root (...)", "too large: ..." (read
+    from the header; such an image is never decoded; the reason names the limit's variable,
+    ``$CONVERGENCE_MAX_IMAGE_PIXELS``; :data:`TOO_LARGE_FIX` says what to do), "corrupt: ...".
+    Checks both PIL's structural ``verify()`` and a full decode (``verify`` alone misses truncated
+    pixel data).
     """
     path = Path(path)
     try:
@@ -270,7 +285,10 @@ def image_problem(
     except ImageTooLargeError as exc:
         size = exc.size
         claimed = f"{size[0]:,} × {size[1]:,} pixels" if size else "more pixels than Pillow opens"
-        return f"too large: {claimed}, over the limit of {max_image_pixels():,} (not decoded)"
+        return (
+            f"{TOO_LARGE}: {claimed}, over the limit of {max_image_pixels():,} "
+            "($CONVERGENCE_MAX_IMAGE_PIXELS; not decoded)"
+        )
     except ImageFileError as exc:
         return str(exc)
     except Exception as exc:  # PIL raises many unrelated types for broken files

@@ -1006,20 +1006,25 @@ def _checked_dataset(
 ) -> tuple[pd.DataFrame, DatasetInfo, str]:
     """The config's data set, loaded and checked (bad images or captions: raise, or drop them),
     as the normalised stimulus table, its :class:`DatasetInfo` and the run's name; the encoders'
-    weights are checked first, before the (slower) image check."""
-    from .datasets import check_dataset, dataset_fingerprint, load_dataset
+    weights are checked first, before the (slower) image check.
+
+    A Hugging Face data set that cannot be loaded (offline, not cached: at once, without retrying
+    the hub, see ``datasets.load_hf``) is reported together with every model whose weights are
+    missing too (:func:`_dataset_unavailable`): one error lists all that is missing."""
+    from .datasets import DatasetUnavailableError, check_dataset, dataset_fingerprint, load_dataset
 
     spec = cfg.dataset if isinstance(cfg.dataset, Mapping) else {"path": cfg.dataset}
     if spec.get("kind") == "hf" or str(spec["path"]).startswith("hf:"):
         # its images are written under the run's cache; Hugging Face's own cache stays its own
         spec = {"images_cache": cache, **spec}
-    loaded = load_dataset(spec)
+    try:
+        loaded = load_dataset(spec)
+    except DatasetUnavailableError as exc:
+        raise _dataset_unavailable(cfg, cache, spec, exc) from None
     name = _run_name(cfg, loaded.name, cache)
     # weights first, before the image check: every encoder the run does not record as extracted
     # (the pipeline checks again, exactly, once it knows the data set's fingerprint)
-    recorded = _recorded_extractions(cache / "runs" / model_key(name))
-    encoders = [*cfg.vision_models, *cfg.language_models]
-    _check_weights(cfg, [model for model in encoders if model not in recorded])
+    _check_weights(cfg, _unrecorded_encoders(cfg, cache, name))
     dataset, dropped = check_dataset(loaded, drop_bad=cfg.drop_bad)
     info = DatasetInfo(
         name=dataset.name,
@@ -1029,6 +1034,36 @@ def _checked_dataset(
         dropped=dropped,
     )
     return normalise_stimuli(dataset.stimuli), info, name
+
+
+def _unrecorded_encoders(cfg: PrecomputeConfig, cache: Path, name: str) -> list[str]:
+    """The config's encoders whose extraction the run ``name`` does not record (their weights
+    are needed)."""
+    recorded = _recorded_extractions(cache / "runs" / model_key(name))
+    return [model for model in (*cfg.vision_models, *cfg.language_models) if model not in recorded]
+
+
+def _dataset_unavailable(
+    cfg: PrecomputeConfig, cache: Path, spec: Mapping[str, Any], error: Exception
+) -> Exception:
+    """``error`` (a Hugging Face data set that cannot be loaded), joined with the weights check
+    of the encoders into one ``datasets.InputsUnavailableError`` when weights are missing too:
+    offline, a first run lacks both, and the user learns everything missing at once (the hub
+    probe already answered, so this costs no wait). ``error`` itself when every weight is there,
+    or when the check cannot be made (it must never hide the data set's message)."""
+    from .datasets import InputsUnavailableError
+    from .models import WeightsUnavailableError
+
+    path = str(spec["path"]).removeprefix("hf:")
+    # the name load_hf gives the data set (a local folder's name, else the hub id): the run's
+    try:
+        shown = Path(path).name if Path(path).expanduser().is_dir() else path
+        _check_weights(cfg, _unrecorded_encoders(cfg, cache, _run_name(cfg, shown, cache)))
+    except WeightsUnavailableError as missing:
+        return InputsUnavailableError(error, missing)
+    except (ValueError, OSError, ImportError):  # an unreadable manifest, ...: said later
+        return error
+    return error
 
 
 def restrict_stimuli(

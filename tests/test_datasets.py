@@ -597,3 +597,38 @@ def test_a_pixel_limit_above_twice_pillows_own_is_honoured(tmp_path: Path, monke
     with pytest.raises(ImageTooLargeError, match=refused):
         open_rgb(tmp_path / "big.png")
     assert Image.MAX_IMAGE_PIXELS == 500
+
+
+def test_an_image_over_the_pixel_limit_names_the_variable_and_the_fix(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """README walkthrough: an image over the pixel limit stopped the run with "image too large:
+    ... over the limit of N (not decoded)", never naming $CONVERGENCE_MAX_IMAGE_PIXELS, the
+    variable that sets the limit (README: Data sets), nor what to do."""
+    from convergence_core.images import ImageTooLargeError, image_problem
+
+    for i, size in enumerate([(20, 10), (33, 20)]):
+        Image.new("RGB", size, (i * 90, 20, 20)).save(tmp_path / f"{i}.png")
+    (tmp_path / "t.csv").write_text("image,caption\n0.png,small\n1.png,large\n", encoding="utf-8")
+    monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", "650")
+    fix = ("$CONVERGENCE_MAX_IMAGE_PIXELS: raise it", "if the image is trusted", "resize the image")
+    with pytest.raises(ValueError) as info:
+        check_dataset(load_dataset(tmp_path / "t.csv"))
+    message = str(info.value)
+    assert "(1.png): image too large: 33 × 20 pixels, over the limit of 650" in message
+    assert all(part in message for part in fix), message
+    assert "0.png" not in message
+    # every image bad: the other message says it too
+    monkeypatch.setenv("CONVERGENCE_MAX_IMAGE_PIXELS", "100")
+    with pytest.raises(ValueError, match="every stimulus") as info:
+        check_dataset(load_dataset(tmp_path / "t.csv"), drop_bad=True)
+    assert all(part in str(info.value) for part in fix)
+    assert "$CONVERGENCE_MAX_IMAGE_PIXELS" in image_problem(tmp_path / "1.png")
+    # reading the image (extraction, thumbnails): the same variable and fix
+    with pytest.raises(ImageTooLargeError) as info:
+        open_rgb(tmp_path / "1.png")
+    assert all(part in str(info.value) for part in fix)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # raised to ours (100) while read: > 200
+    with pytest.raises(ImageTooLargeError, match="claims more than 200 pixels") as info:
+        open_rgb(tmp_path / "1.png")
+    assert all(part in str(info.value) for part in fix)

@@ -911,9 +911,12 @@ def test_a_hugging_face_data_set_keeps_its_images_under_the_given_cache(tmp_path
     assert not (tmp_path / "default").exists()
 
 
-def test_a_hugging_face_data_set_keeps_the_librarys_own_cache(tmp_path, monkeypatch):
+def test_a_hugging_face_data_set_keeps_the_librarys_own_cache(
+    tmp_path, monkeypatch, hub_offline
+):
     """--cache DIR with hf:... also made DIR the datasets library's own cache (load_dataset's
-    cache_dir): HF_DATASETS_CACHE was ignored and every download fetched again."""
+    cache_dir): HF_DATASETS_CACHE was ignored and every download fetched again. (Offline mode:
+    the hub is never asked, not even probed.)"""
     datasets = pytest.importorskip("datasets")
     from convergence_core.datasets import DatasetUnavailableError
 
