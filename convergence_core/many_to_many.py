@@ -14,7 +14,9 @@ registry (:func:`.metrics.measure`, options as keywords, e.g. ``k=10``) or any c
 ``score(X, Y) -> float`` on paired rows. Intervals come from
 :func:`.calibration.resampled_interval`: by default half-samples of the images (or classes),
 which never repeat a row (repeats would be each other's nearest neighbours and inflate neighbour
-metrics); ``method="bootstrap"`` resamples with replacement.
+metrics); ``method="bootstrap"`` resamples with replacement. The two effect functions take an
+optional ``progress(done, total)``, called after each of the interval's ``total`` resamples
+(the report's progress lines); it does not change the numbers.
 """
 
 from __future__ import annotations
@@ -88,8 +90,8 @@ def _check_owners(owners: object, m: int, n: int | None) -> tuple[np.ndarray, in
     if np.any(counts == 0):
         missing = np.flatnonzero(counts == 0)
         raise ValueError(
-            f"{missing.size} images have no caption (first rows: {missing[:5].tolist()}); drop them or "
-            "pass their captions."
+            f"{missing.size} images have no caption (first rows: {missing[:5].tolist()}); "
+            "drop them or pass their captions."
         )
     return owners.astype(np.int64), n
 
@@ -145,6 +147,7 @@ def _effect(
     n_resamples: int,
     seed: int,
     level: float,
+    progress: Callable[[int, int], None] | None = None,
 ) -> AveragingEffect:
     n = X_one.shape[0]
     if n < MIN_UNITS:
@@ -156,8 +159,17 @@ def _effect(
         )
     one = float(scorer(X_one, Y_one))
     averaged = float(scorer(X_many, Y_many))
+    calls = [0]  # resampled_interval scores all rows first, then each resample
+
+    def difference(r: np.ndarray) -> float:
+        value = scorer(X_many[r], Y_many[r]) - scorer(X_one[r], Y_one[r])
+        calls[0] += 1
+        if progress is not None and calls[0] > 1:
+            progress(calls[0] - 1, int(n_resamples))
+        return value
+
     interval = resampled_interval(
-        lambda r: scorer(X_many[r], Y_many[r]) - scorer(X_one[r], Y_one[r]),
+        difference,
         X_one.shape[0],
         method=method,
         n_resamples=n_resamples,
@@ -190,6 +202,7 @@ def caption_averaging_effect(
     n_resamples: int = 500,
     seed: int = 0,
     level: float = 0.95,
+    progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> AveragingEffect:
     """Images vs one caption each, and vs the mean of their captions, on the given image rows.
@@ -201,6 +214,7 @@ def caption_averaging_effect(
         rows: image rows of the set (e.g. a dispersion set), or None for all.
         one: "first" or "random" caption per image (seeded).
         method, n_resamples, seed, level: the interval of the difference (over images).
+        progress: optional ``progress(done, n_resamples)``, called after each resample.
     """
     scorer = _scorer(score, options)
     images = check_features(images, "images")
@@ -210,7 +224,8 @@ def caption_averaging_effect(
     rows = np.arange(n) if rows is None else check_indices(rows, n)
     X = images[rows]
     return _effect(
-        "captions", scorer, X, single[rows], X, mean[rows], method, n_resamples, seed, level
+        "captions", scorer, X, single[rows], X, mean[rows], method, n_resamples, seed, level,
+        progress,
     )
 
 
@@ -226,6 +241,7 @@ def class_averaging_effect(
     seed: int = 0,
     level: float = 0.95,
     max_classes: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
     **options: Any,
 ) -> AveragingEffect:
     """One image–text pair per class vs the class-mean image against the class-mean text.
@@ -242,6 +258,7 @@ def class_averaging_effect(
     ``max_classes``: above that many classes a seeded random sample of that many (``seed``; every
     member of each sampled class) is compared, and ``sampled_from`` says how many there were:
     every score is exact k-NN over the classes, O(classes² · d), ~2 × ``n_resamples`` of them.
+    ``progress`` (optional): ``progress(done, n_resamples)`` after each resample.
     """
     scorer = _scorer(score, options)
     n = _rows_of(images, "images")
@@ -302,6 +319,7 @@ def class_averaging_effect(
         n_resamples,
         seed,
         level,
+        progress,
     )
     return effect if sampled_from is None else replace(effect, sampled_from=sampled_from)
 

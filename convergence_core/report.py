@@ -1529,7 +1529,7 @@ MANY_TO_MANY_MAX_STIMULI = 1_000
 
 def many_to_many_section(
     run: Run, out: Path, pairs: Sequence[analyses.Pair], *, k: int, metrics: Sequence[str],
-    n_resamples: int, embed: bool, seed: int,
+    n_resamples: int, embed: bool, seed: int, tell: Callable[[str], None] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """One caption per image vs the mean of all its captions (paper 004), and for labelled runs
     one image–text pair per class vs class means; the difference with its half-sample interval.
@@ -1543,6 +1543,8 @@ def many_to_many_section(
     classes (a note says so). Stimuli without a label (``calibration.has_label``: None, NaN or
     an empty string) take no part in class averaging (a note says how many). Writes
     ``many_to_many``. Returns (files, report.json entry with ``verdict`` and ``notes``).
+    ``tell`` (optional) hears how far the resamples are at most every
+    :data:`SET_PROGRESS_EVERY_S` (minutes on the demo run).
     """
     captions, notes = _caption_pairs(run, pairs, embed)
     labels = run.stimuli["label"].to_numpy() if "label" in run.stimuli.columns else None
@@ -1563,6 +1565,19 @@ def many_to_many_section(
             "all of them would take hours): its one-caption and all-caption values compare with "
             "each other, not with full-set numbers at the same k"
         )
+    # progress: resamples of every comparison; once class averaging is skipped (its labels do
+    # not allow it: the same for every pair), only the class comparisons that ran count
+    compared = sum((p.language_model, p.language_layer) in captions for p in pairs)
+    class_runs = {"planned": 0 if labels is None else len(pairs) * len(metrics), "ran": 0,
+                  "skipped": False}
+
+    def total_resamples() -> int:
+        ran, planned = class_runs["ran"], class_runs["planned"]
+        return int(n_resamples) * (compared * len(metrics) + (
+            ran if class_runs["skipped"] else planned
+        ))
+
+    step = _set_progress(tell or _silent, "many-to-many", total_resamples, unit="resamples")
     records = []
     for pair in pairs:
         vision = run.neighbours(pair.vision_model, pair.vision_layer).features
@@ -1588,6 +1603,7 @@ def many_to_many_section(
                     **options,
                 )
 
+            names = f"{pair.vision_model} × {pair.language_model}, {metric}"
             effects = []
             if embedded is not None:
                 images = prepared_images
@@ -1598,6 +1614,9 @@ def many_to_many_section(
                     many_to_many.caption_averaging_effect(
                         prepared, images, caption_rows, owners, method="half",
                         n_resamples=n_resamples, seed=seed,
+                        progress=lambda done, total, stage=f"{names}, captions": step(
+                            stage, done, total
+                        ),
                     )
                 )
             if labels is not None:
@@ -1605,12 +1624,17 @@ def many_to_many_section(
                     effect = many_to_many.class_averaging_effect(
                         raw, vision.raw, language.raw, labels, method="half",
                         n_resamples=n_resamples, seed=seed, max_classes=MANY_TO_MANY_MAX_STIMULI,
+                        progress=lambda done, total, stage=f"{names}, classes": step(
+                            stage, done, total
+                        ),
                     )
                 except ValueError as error:
+                    class_runs["skipped"] = True
                     note = f"many-to-many class averaging skipped: {error}"
                     if note not in notes:
                         notes.append(note)
                 else:
+                    class_runs["ran"] += 1
                     effects.append(effect)
                     if effect.sampled_from is not None and not any(
                         "class averaging on a random sample" in note for note in class_notes
@@ -1908,6 +1932,7 @@ def paper_sections(
         "many_to_many": lambda: many_to_many_section(
             run, out, pairs, k=k, metrics=options.many_to_many_metrics,
             n_resamples=options.many_to_many_resamples, embed=options.embed_captions, seed=seed,
+            tell=tell,
         ),
         "blind_matching": lambda: blind_matching_section(
             run, out, pairs, sets, repeats=options.blind_matching_repeats,
@@ -2106,7 +2131,7 @@ SET_PROGRESS_EVERY_S = 20.0
 def _set_progress(
     tell: Callable[[str], None],
     section: str,
-    total_sets: int | None = None,
+    total_sets: int | Callable[[], int] | None = None,
     every_s: float | None = None,
     unit: str = "sets",
 ) -> Callable[[str, int, int], None]:
@@ -2116,8 +2141,10 @@ def _set_progress(
     section that runs for minutes says how far it is and a short one stays quiet. With
     ``total_sets`` (every stage's items together) it adds how many are done in all (when there
     are several stages) and the time left at the rate since the first item was done (the first
-    carries the section's set-up: reading the features, the neighbour metrics). Items are
-    counted from ``done``, so a stage that finishes several at once counts them all."""
+    carries the section's set-up: reading the features, the neighbour metrics); a callable
+    ``total_sets`` is asked at each line (a section that learns on the way that it skips a
+    part). Items are counted from ``done``, so a stage that finishes several at once counts
+    them all."""
     every = SET_PROGRESS_EVERY_S if every_s is None else every_s
     last = [time.perf_counter()]
     first: list[float] = []  # the time of the first call and the items done by then
@@ -2134,12 +2161,13 @@ def _set_progress(
             return
         last[0] = now
         parts = [f"{section}: {stage}, {done:,} of {total:,} {unit}"]
-        if total_sets is not None and total_sets >= finished[0]:
-            if total_sets != total:
-                parts.append(f"{finished[0]:,} of {total_sets:,} in all")
+        in_all = total_sets() if callable(total_sets) else total_sets
+        if in_all is not None and in_all >= finished[0]:
+            if in_all != total:
+                parts.append(f"{finished[0]:,} of {in_all:,} in all")
             if finished[0] > first[1]:
                 rate = (now - first[0]) / (finished[0] - first[1])
-                parts.append(f"about {_duration(rate * (total_sets - finished[0]))} left")
+                parts.append(f"about {_duration(rate * (in_all - finished[0]))} left")
         tell("; ".join(parts))
 
     return step

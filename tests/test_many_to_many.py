@@ -211,3 +211,28 @@ def test_above_max_classes_a_seeded_sample_of_classes_is_compared() -> None:
     ) == full and full.n_units == 40 and full.sampled_from is None
     with pytest.raises(ValueError, match="max_classes must be at least 8"):
         class_averaging_effect("cka", images, texts, labels, max_classes=4)
+
+
+def test_progress_hears_every_resample_and_changes_no_number() -> None:
+    """The report's progress lines: ``progress(done, n_resamples)`` after each resample of the
+    interval, in order; the effect is the same as without it (same seed, same numbers)."""
+    rng = np.random.default_rng(7)
+    images, captions, owners = coco_like(rng, n=40)
+    heard: list[tuple[int, int]] = []
+    quiet = caption_averaging_effect("cka", images, captions, owners, n_resamples=25, seed=3)
+    told = caption_averaging_effect(
+        "cka", images, captions, owners, n_resamples=25, seed=3,
+        progress=lambda done, total: heard.append((done, total)),
+    )
+    assert told == quiet
+    assert heard == [(done, 25) for done in range(1, 26)]
+    labels = np.repeat(np.arange(10), 4)
+    texts = images @ rng.standard_normal((10, 7)) + rng.standard_normal((40, 7))
+    heard.clear()
+    quiet = class_averaging_effect("cka", images, texts, labels, n_resamples=12, seed=1)
+    told = class_averaging_effect(
+        "cka", images, texts, labels, n_resamples=12, seed=1,
+        progress=lambda done, total: heard.append((done, total)),
+    )
+    assert told == quiet
+    assert heard == [(done, 12) for done in range(1, 13)]

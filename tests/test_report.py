@@ -1219,6 +1219,34 @@ def test_stimuli_without_a_label_take_no_part_in_class_averaging(captioned_run, 
     assert not any("class averaging skipped" in note for note in entry["notes"])
 
 
+def test_many_to_many_section_tells_how_far_it_is_and_keeps_its_numbers(captioned_run, tmp_path,
+                                                                       monkeypatch):
+    """From the README walkthrough: the section ran 172 s on the demo run without a progress
+    line. It now tells the resamples done, as the other long sections (a fake clock 30 s apart:
+    a line per resample); its numbers are those of a run without progress (same seed)."""
+    pairs = analyses.pairs_with_best_layers(captioned_run, k=5)
+    settings_ = {"k": 5, "metrics": ("cka",), "n_resamples": 10, "embed": False, "seed": 0}
+    report.many_to_many_section(captioned_run, tmp_path / "quiet", pairs, **settings_)
+    clock = itertools.count(0.0, 30.0)
+    monkeypatch.setattr(report.time, "perf_counter", lambda: next(clock))
+    told: list[str] = []
+    report.many_to_many_section(captioned_run, tmp_path / "told", pairs, tell=told.append,
+                                **settings_)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "quiet" / "many_to_many.csv"),
+                                  pd.read_csv(tmp_path / "told" / "many_to_many.csv"))
+    # 3 pairs × 1 metric × 10 resamples of the caption comparison; the class comparison (4
+    # classes, too few) is skipped at the first pair, and the total drops to what runs
+    first = f"{pairs[0].vision_model} × {pairs[0].language_model}, cka, captions"
+    last = f"{pairs[-1].vision_model} × {pairs[-1].language_model}, cka, captions"
+    assert len(told) == 3 * 10 and all(line.startswith("many-to-many: ") for line in told)
+    assert told[0] == f"many-to-many: {first}, 1 of 10 resamples; 1 of 60 in all"
+    assert told[10].startswith(f"many-to-many: {pairs[1].vision_model} × ")
+    assert ", 1 of 10 resamples; 11 of 30 in all; about " in told[10]
+    assert told[-1] == (
+        f"many-to-many: {last}, 10 of 10 resamples; 30 of 30 in all; about 0 s left"
+    )
+
+
 def test_many_to_many_captions_run_on_a_capped_sample_of_a_large_run(captioned_run, tmp_path,
                                                                       monkeypatch):
     """Exact k-NN on every stimulus cost hours at 100,000 stimuli: above the cap a seeded sample
