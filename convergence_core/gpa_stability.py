@@ -150,7 +150,9 @@ class GPAStability:
         reference) reached the lowest minimum, ``last_step_over_spread`` (the largest
         residual motion of the reference's last iteration divided by the largest spread; < 1:
         the iterations stopped when residuals moved less than their uncertainty across starts;
-        ``..._at_best``: the same against the spread within the lowest minimum), and which
+        0 when nothing moved and the spread is 0; NaN, not defined, when the residuals moved
+        but every solution has the same residuals, so that the summary stays finite for strict
+        JSON; ``..._at_best``: the same against the spread within the lowest minimum), and which
         solution was adopted as GPA's answer: ``adopted_solution`` (0: Gower's start, s: random
         start s), ``adopted_loss_gap`` (how far the reference's loss is above it; 0 when
         adopted) and ``adopted_max_relative_dispersion_change`` (the largest change of a
@@ -173,7 +175,7 @@ class GPAStability:
         def ratio(a: float, b: float) -> float:
             if np.isnan(b):
                 return float("nan")
-            return a / b if b > 0 else (0.0 if a == 0 else float("inf"))
+            return a / b if b > 0 else (0.0 if a == 0 else float("nan"))
 
         return {
             "n_starts": float(self.spearman.size),
@@ -639,7 +641,10 @@ class UncertaintyStop:
         tol: the loss rule's tol of the last stage (every solution met it, or ran out of
             iterations).
         stages: how many stages ran (stage k: tol = max(FIRST_TOL · TOL_STEP^k, the floor)).
-        step_over_spread: the ratio the rule compares with ``fraction``, at the stop.
+        step_over_spread: the ratio the rule compares with ``fraction``, at the stop; None
+            when the largest spread is 0 (every solution ended at the same residuals, as GPA
+            of two models always does: its optimum is unique up to a rotation), where there is
+            no ratio and the rule cannot hold (see :func:`gpa_to_uncertainty`).
         met: whether the rule held (False: it stopped at the floor tol or at max_iter, as the
             default rule does).
     """
@@ -647,11 +652,19 @@ class UncertaintyStop:
     fraction: float
     tol: float
     stages: int
-    step_over_spread: float
+    step_over_spread: float | None
     met: bool
 
     def describe(self) -> str:
         """One sentence for readers (Home page, report)."""
+        if self.step_over_spread is None:  # every start ended at the same residuals
+            return (
+                "GPA was asked to stop at its residuals' uncertainty (gpa_stop = "
+                "\"uncertainty\"), but every random start ended at the same residuals (a spread "
+                "of 0, as GPA of two models always has: its optimum is unique up to a rotation), "
+                "so there was no uncertainty to stop at: it ran to the loss rule at tol "
+                f"{self.tol:.0e}, as GPA to its optimum does."
+            )
         if not self.met:
             return (
                 "GPA was asked to stop at its residuals' uncertainty (gpa_stop = "
@@ -707,6 +720,12 @@ def gpa_to_uncertainty(
     otherwise continues every solution from its maps with the next tol. At the floor ``tol``
     (or ``max_iter`` iterations per solution) it stops as :func:`gpa_stability` does.
 
+    A spread of 0 (every solution ended at the same residuals: always so for two models, whose
+    GPA has one optimum up to a rotation) means the residuals have no uncertainty to stop at:
+    the rule does not hold there (not even for a step of 0, which is the loss rule's business),
+    the stages go on to the floor tol, and the stop records ``step_over_spread`` None (a ratio
+    ``x / 0`` would be infinite, which a run's strict JSON cannot hold).
+
     The result is the adopted solution, by the rule of :func:`gpa_over_starts` at the last
     stage's tol: the reference, unless a start's loss is below it by more than
     ``optimum_margin(tol)`` = 100 × that tol, more than stopping at that tol can account for
@@ -760,8 +779,9 @@ def gpa_to_uncertainty(
         )
         spread = float(stability.residual_spread.max())
         moved = float(stability.last_step.max())
-        ratio = moved / spread if spread > 0 else np.inf
-        met = ratio <= fraction
+        # no spread, no uncertainty to stop at (and no finite ratio): the loss rule decides
+        ratio = moved / spread if spread > 0 else None
+        met = ratio is not None and ratio <= fraction
         out_of_iterations = all(len(s.loss_history) - 1 >= max_iter for s in solved)
         if met or stage_tol <= tol or out_of_iterations:
             break
