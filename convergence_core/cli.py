@@ -677,13 +677,17 @@ def _silence_library_progress_bars() -> None:
 
 
 def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``precompute``: the run, then its summary line. The cache it was given (``--cache``, else
+    the config's ``cache_root``: one setting, ``config["cache_root"]``) holds everything it
+    caches while it runs, converted model weights included (``precompute`` runs under
+    :func:`settings.cache_root_given`)."""
     from .precompute import precompute
 
     config = _config_from_args(args)
     _silence_library_progress_bars()
     started = time.perf_counter()
     bars = None if args.quiet else _ProgressBars(err)
-    try:
+    try:  # precompute makes its cache (--cache) hold all it caches: settings.cache_root_given
         run = precompute(config, progress=bars)
     except KeyboardInterrupt:  # Ctrl-C: a page of torch frames says less than this
         print(
@@ -824,6 +828,9 @@ def run_line(run: Any) -> str:
         status = "converged"
     elif stop.met:
         status = f"stopped at its residuals' uncertainty, loss tol {stop.tol:.0e}"
+    elif stop.step_over_spread is None:  # every random start ended at the same residuals
+        status = (f"converged: the random starts agree exactly, no uncertainty to stop at "
+                  f"before loss tol {stop.tol:.0e}")
     else:
         status = f"converged: the uncertainty rule did not hold before loss tol {stop.tol:.0e}"
     parts.append(f"GPA{across} {run.gpa.n_iter} iterations ({status})")
@@ -919,8 +926,56 @@ def main(
     """Entry point of ``python -m convergence_core``; returns the exit status.
 
     ``prog`` is the command name shown in help and usage lines (``convergence`` for the console
-    script); the commands are the same.
+    script); the commands are the same. Output whose reader went away (``runs --json | head -1``:
+    ``head`` exits after its line) ends the command quietly with :data:`EXIT_BROKEN_PIPE`, as a
+    command killed by SIGPIPE ends, instead of a BrokenPipeError traceback
+    (:func:`_output_closed`).
     """
+    try:
+        return _main(argv, out=out, err=err, prog=prog)
+    except BrokenPipeError:
+        _output_closed()
+        return EXIT_BROKEN_PIPE
+
+
+#: Exit status of a command whose output's reader went away: 128 + SIGPIPE (13), what the shell
+#: reports for a command killed by SIGPIPE (``yes | head -1``: ``yes`` exits 141)
+EXIT_BROKEN_PIPE = 128 + 13
+
+
+def _output_closed() -> None:
+    """After a BrokenPipeError: point standard output (and standard error, if it is the closed
+    pipe too: ``2>&1 | head``) at /dev/null, so that the interpreter's flush of their buffers at
+    exit neither raises again nor prints "Exception ignored ... BrokenPipeError" (the recipe of
+    Python's ``signal`` documentation, "Note on SIGPIPE")."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue
+        if stream is sys.stderr:
+            try:
+                stream.flush()
+                continue  # standard error still has a reader: it stays as it is
+            except (BrokenPipeError, ValueError):
+                pass
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError):  # not a file (a test's StringIO), or closed
+            continue
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+
+
+def _main(
+    argv: Sequence[str] | None,
+    *,
+    out: TextIO | None,
+    err: TextIO | None,
+    prog: str,
+) -> int:
+    """:func:`main`, which turns a closed output into its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     out = out or sys.stdout
     err = err or sys.stderr

@@ -84,7 +84,7 @@ from .run_writer import (
     write_properties,
     write_thumbnails,
 )
-from .settings import cache_folder
+from .settings import cache_folder, cache_root_given
 
 __all__ = [
     "GPA_MAX_ITER",
@@ -145,7 +145,8 @@ class PrecomputeConfig:
             ids to keep, one per line (every feature file must cover them). The data set's
             order is kept; :func:`restrict_stimuli`.
         run_name: folder name under ``<cache>/runs/``; default ``<dataset>-<config hash>``.
-        cache_root: cache folder; default ``settings.cache_root()``.
+        cache_root: cache folder; default ``settings.cache_root()``. It holds the run and all
+            else the run caches (converted model weights): ``settings.cache_root_given``.
         weights: ``{model: local weights path}`` for encoders whose weights are not installed.
         thumbnails: write gallery thumbnails.
         list_size: K, the exact nearest neighbours stored per stimulus and layer
@@ -952,10 +953,18 @@ def precompute(
     pid), wait up to ``lock_wait_seconds`` (a ``"waiting"`` event is sent), then continue, reusing
     what it finished; after that, raise ``cache.RunLockedError``.
     """
-    from .sources import FeatureIdsError
-
     cfg = _resolve_config(config, options)
     notify = progress or (lambda event: None)
+    # the run's cache holds all it caches (converted model weights too), in this process and in
+    # the processes it starts (Ray workers): $CONVERGENCE_CACHE while it runs, then restored
+    with cache_root_given(cfg.cache_root):
+        return _precompute(cfg, notify, lock_wait_seconds)
+
+
+def _precompute(cfg: PrecomputeConfig, notify: ProgressCallback, lock_wait_seconds: float) -> Run:
+    """:func:`precompute` of a checked config, with its cache as ``settings.cache_root()``."""
+    from .sources import FeatureIdsError
+
     _check_models(cfg)
     cache = cache_folder(cfg.cache_root, "cache_root, --cache")
     notify(ProgressEvent("dataset", None, 0, 1))

@@ -27,6 +27,7 @@ summary.txt and report.json → ``verdicts``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -2230,11 +2231,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.run is not None and args.preset is not None:
         parser.error("give either a run (folder or name) or --preset NAME, not both")
     new_folders = _missing_folders(Path(args.out))  # removed again if the report fails empty
+    # --cache: runs named by name are looked up there, and what the report caches (embedded
+    # captions' models) goes there, while it runs (settings.cache_root_given restores it)
+    cache_given = contextlib.ExitStack()
     try:
-        if args.cache is not None:  # runs named by name are looked up there (settings.runs_root)
-            from .settings import cache_folder
+        if args.cache is not None:
+            from .settings import cache_folder, cache_root_given
 
-            os.environ["CONVERGENCE_CACHE"] = str(cache_folder(args.cache).resolve())
+            cache_given.enter_context(cache_root_given(cache_folder(args.cache).resolve()))
         check_out_folder(args.out)  # before any analysis: a bad --out fails in a second
         if args.preset:
             name = preset_config(args.preset)["run_name"]
@@ -2291,6 +2295,8 @@ def main(argv: list[str] | None = None) -> int:
         _remove_empty(new_folders)
         print(f"error: {_os_error_text(error, Path(args.out))}", file=sys.stderr)
         return 2
+    finally:
+        cache_given.close()
     out = Path(args.out)
     if report["best_language_layers"]:
         print(

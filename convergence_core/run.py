@@ -23,7 +23,15 @@ import numpy as np
 import pandas as pd
 
 from . import settings
-from .cache import CacheFormatError, RunLayout, model_key, read_json, read_npy, read_parquet
+from .cache import (
+    CacheFormatError,
+    RunLayout,
+    live_writer,
+    model_key,
+    read_json,
+    read_npy,
+    read_parquet,
+)
 from .dispersion import SCORES, first_layer_note, rank_column
 from .manifest import MANIFEST_FORMAT, Manifest, ModelEntry, parse_manifest
 
@@ -434,7 +442,10 @@ class Run:
                 fraction=float(stop["fraction"]),
                 tol=float(stop["tol"]),
                 stages=int(stop["stages"]),
-                step_over_spread=float(stop["step_over_spread"]),
+                # None: every start ended at the same residuals (no spread to compare with)
+                step_over_spread=(
+                    None if stop["step_over_spread"] is None else float(stop["step_over_spread"])
+                ),
                 met=bool(stop["met"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -648,7 +659,8 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         FileNotFoundError: no run at ``path``.
         CacheFormatError (a ValueError): the manifest is missing, damaged (``ManifestError``
             naming the field), of an older format (rerun its precompute to upgrade it), or the run
-            is incomplete (an interrupted precompute: rerun it to finish).
+            is incomplete: being written by a live precompute (it holds the run's lock,
+            ``cache.live_writer``: wait for it), else an interrupted one (rerun it to finish).
     """
     folder = Path(path)
     if not (folder / "manifest.json").is_file() and not folder.is_absolute():
@@ -684,6 +696,13 @@ def load_run(path: str | os.PathLike[str]) -> Run:
         )
     if not manifest.complete:
         done = sorted(manifest.steps)
+        writer = live_writer(folder)  # as `runs` tells "being written (pid N)" from "incomplete"
+        if writer is not None:
+            raise CacheFormatError(
+                f"run {folder.name!r} is being written by process {writer} (a precompute; steps "
+                f"finished so far: {done}); wait for it to finish (`python -m convergence_core "
+                "runs` then lists it as complete), then try again"
+            )
         raise CacheFormatError(
             f"run {folder.name!r} is incomplete (steps finished: {done}): its precompute was "
             "interrupted or stopped on an error; rerun the same `python -m convergence_core "

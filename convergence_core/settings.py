@@ -1,7 +1,7 @@
 """Where things live: the cache and the data sets, each a setting with a default.
 
-Every location is read at call time (not import time), so tests, the CLI (``--cache``) and
-``convergence serve --cache`` can change it through the environment:
+Every location is read at call time (not import time), so tests, the CLI (``--cache``, through
+:func:`cache_root_given`) and ``convergence serve --cache`` can change it through the environment:
 
 =============================  ==========================================================
 setting                        default
@@ -25,7 +25,9 @@ site-packages: its defaults are the per-user folders above. An empty variable co
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "PROJECT_ROOT",
     "cache_folder",
     "cache_root",
+    "cache_root_given",
     "check_cache_folder",
     "checkout_root",
     "data_root",
@@ -86,6 +89,34 @@ def cache_root() -> Path:
     if root is not None:
         return (root / "cache").resolve()
     return _user_folder("XDG_CACHE_HOME", ".cache")
+
+
+@contextlib.contextmanager
+def cache_root_given(folder: str | os.PathLike[str] | None) -> Iterator[Path]:
+    """While the block runs, :func:`cache_root` is ``folder``: a command's ``--cache`` (or a
+    config's ``cache_root``) then holds everything the command caches (runs, converted model
+    weights under ``models/``, data sets' images), as ``$CONVERGENCE_CACHE`` would.
+
+    Sets ``$CONVERGENCE_CACHE`` to ``folder`` as an absolute path (``~`` expanded, relative to
+    the working folder, as the command read it), so that processes started inside the block (Ray
+    workers, which are handed the variable) see it too, and restores the variable's previous
+    value, or its absence, on leaving, also on an error: a caller of ``cli.main`` in the same
+    process (a test, a notebook) keeps its own setting. ``folder`` None or empty changes nothing
+    (the variable or the default stays). Yields :func:`cache_root` inside the block. Nothing is
+    checked or made here (:func:`cache_folder` does that where the cache is written).
+    """
+    if folder is None or not os.fspath(folder).strip():
+        yield cache_root()
+        return
+    previous = os.environ.get("CONVERGENCE_CACHE")
+    os.environ["CONVERGENCE_CACHE"] = os.path.abspath(Path(os.fspath(folder)).expanduser())
+    try:
+        yield cache_root()
+    finally:
+        if previous is None:
+            os.environ.pop("CONVERGENCE_CACHE", None)
+        else:
+            os.environ["CONVERGENCE_CACHE"] = previous
 
 
 def check_cache_folder(folder: Path, given_as: str = "--cache") -> Path:

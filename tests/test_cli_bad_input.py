@@ -318,6 +318,7 @@ def test_report_with_a_cache_that_does_not_exist_says_so_and_names_the_flag(
     code = report.main(["demo", "--cache", str(missing), "--out", str(tmp_path / "out")])
     error = capsys.readouterr().err
     assert code == 2, error
+    assert os.environ["CONVERGENCE_CACHE"] == str(tmp_path / "cache")  # --cache's, put back
     assert f"that cache folder {missing} does not exist" in error, error
     assert "give its folder with --cache" in error, error
     assert error.count("\n") == 1 and "Traceback" not in error, error
