@@ -40,7 +40,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -51,6 +51,7 @@ from .neighbours import NeighbourIndex, check_subsets, subset_alignment
 __all__ = [
     "DENSE_GRAM_STIMULI",
     "OnError",
+    "cca_dim_limit",
     "metric_on_pairings",
     "metric_on_sets",
     "metric_options",
@@ -70,6 +71,19 @@ def metric_options(name: str, options: Mapping[str, Any] | None = None) -> dict[
     """The registry's options of ``name`` with ``options`` applied, ``k`` excluded (it is given
     separately): ``metrics.check_options`` with k apart."""
     return registry.check_options(name, options, k_apart=True)
+
+
+def cca_dim_limit(set_size: int, widths: Iterable[int]) -> int:
+    """The largest SVCCA ``cca_dim`` sets of ``set_size`` stimuli allow between layers of these
+    feature ``widths`` (every layer compared): min(set_size − 1, every width), as
+    ``metrics.svcca`` bounds it, and at least 1. The report and the Alignment lab clamp their
+    ``cca_dim`` to it (a larger one raises on every set). A set whose standardised features have
+    fewer independent directions than ``cca_dim`` (repeated stimuli, features that do not vary)
+    still has no SVCCA: :func:`metric_values` with ``on_error="nan"`` gives NaN there."""
+    widths = [int(width) for width in widths]
+    if not widths:
+        raise ValueError("pass the feature width of at least one layer compared")
+    return max(1, min(int(set_size) - 1, *widths))
 
 
 #: Bytes of (n, n) kernels kept between calls (least recently used dropped first)
@@ -210,12 +224,14 @@ def metric_on_sets(
     *,
     k: int = 10,
     options: Mapping[str, Any] | None = None,
+    on_error: OnError = "raise",
     dense_limit: int = DENSE_GRAM_STIMULI,
 ) -> np.ndarray:
     """(P, B) float64: ``metric`` of every pair on every set (the same rows on both sides);
-    :func:`metric_values` for one metric (its arguments)."""
+    :func:`metric_values` for one metric (its arguments; ``on_error="nan"``: NaN on a set where
+    a feature metric is undefined)."""
     return metric_values(indexes, pairs, sets, [metric], k=k, options={metric: options or {}},
-                         dense_limit=dense_limit)[metric]
+                         on_error=on_error, dense_limit=dense_limit)[metric]
 
 
 def metric_on_pairings(

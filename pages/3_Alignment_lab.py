@@ -301,16 +301,18 @@ def sets_and_results() -> None:
                 )
     if "cca_dim" in choice.options:
         with metric_settings[0]:
-            limit = max(1, smallest - 1)
-            if st.session_state.get("w_lab_cca_dim", 10) > limit:
+            # the report's rule: at most the smallest set − 1 and the narrowest layer compared
+            limit, why = lab.cca_dim_bound(run, pairs, smallest)
+            if state.kept_value(st.session_state, "w_lab_cca_dim", 10) > limit:
                 st.session_state["w_lab_cca_dim"] = limit
             cca_dim = state.kept_widget(
                 st.session_state,
                 "w_lab_cca_dim",
                 lambda key: st.number_input(
                     "CCA dimension", min_value=1, max_value=limit, value=min(10, limit), step=1,
-                    key=key, help=f"Top SVD directions kept per side (at most {limit}: one fewer "
-                    "than the smallest set).",
+                    key=key, help=widgets.escape_markdown(  # it names a model as written
+                        f"Top SVD directions kept per side (at most {limit}: {why})."
+                    ),
                 ),
             )
     options = lab.chosen_options(metric, kernel=kernel, sigma=sigma, cca_dim=cca_dim)
@@ -479,6 +481,9 @@ def sets_and_results() -> None:
             "the table below still show them; choose a larger set size (or select more "
             "stimuli) for numbers."
         )
+    undefined = lab.undefined_note(set_values, baselines)
+    if undefined is not None:  # it names the models: as text
+        st.warning(widgets.escape_markdown(undefined))
     bound_note = lab.bound_note(set_values, baselines)
     if bound_note is not None:  # it names the models: as text
         st.warning(widgets.escape_markdown(bound_note))
@@ -579,16 +584,20 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
         st.warning(result.verdict)
     if result.note:
         st.text(f"Note: {result.note}.")
+    undefined = lab.undefined_note(result.table)
+    if undefined is not None:  # it names the models: as text
+        st.warning(widgets.escape_markdown(undefined))
     shown = result.table[
         ["vision_model", "language_model", "set", "set_size", "value", "calibrated",
          "null_mean", "null_lower_95", "null_upper_95", "matched_mean", "matched_lower_95",
          "matched_upper_95", "matched_p_value_greater", "set_typicality", "matched_typicality"]
     ].rename(columns={"value": label, "matched_p_value_greater": "p(matched ≥ set)"})
     # data grids, not Markdown: 15 columns are wider than the page and scroll inside the grid
-    st.dataframe(shown.round(4), hide_index=True, width="stretch", key="calibration-table")
+    st.dataframe(lab.shown_table(shown, 4), hide_index=True, width="stretch",
+                 key="calibration-table")
     st.text("Low − high against the same difference between the low and high sets' matched sets:")
     st.dataframe(
-        result.low_high.drop(columns=["vision_layer", "language_layer"]).round(4),
+        lab.shown_table(result.low_high.drop(columns=["vision_layer", "language_layer"]), 4),
         hide_index=True,
         width="stretch",
         key="calibration-low-high",
@@ -670,7 +679,11 @@ def _tables(  # noqa: ANN001
         options_key,
     )
     data.mark_finished(*done)
-    st.dataframe(permutation, hide_index=True, width="stretch")
+    if permutation["permutation_p_value_two_sided"].isna().any():
+        fix = ": a smaller CCA dimension, or sets of distinct stimuli, gives numbers"
+        st.text(f"p-values are n/a where {label} is undefined on the low or high set or on some "
+                f"of their relabellings{fix if metric == 'svcca' else ''}.")
+    st.dataframe(lab.shown_table(permutation), hide_index=True, width="stretch")
     table = lab.results_table(set_values, baselines, permutation, score, int(seed))
     st.subheader("All results")
     st.caption(
@@ -678,7 +691,7 @@ def _tables(  # noqa: ANN001
         "'metric', its number in 'value'); random columns: random sets of the same size "
         "(n_random: how many were drawn)."
     )
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(lab.shown_table(table), hide_index=True, width="stretch")
     st.download_button(
         "Download results (CSV)",
         lambda: table.to_csv(index=False).encode("utf-8"),

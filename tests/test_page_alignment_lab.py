@@ -883,3 +883,128 @@ def test_chips_after_a_run_of_many_models_keep_every_change(tmp_path, monkeypatc
         assert set(_results(at)["vision_model"]) == {"vision-c"}
     at.sidebar.selectbox[0].set_value("many").run(timeout=TIMEOUT)
     assert at.multiselect(key="w_vision__box").value == ["vision-c"]
+
+
+# ---------------------------------------------------------------------------------------------
+# SVCCA where the layers or the stimuli limit it (from the edge-case review)
+
+
+def _shown_cells(element) -> pd.DataFrame:  # noqa: ANN001
+    """The cells of an ``st.dataframe`` as the browser shows them (a Styler's display values)."""
+    from streamlit import dataframe_util
+
+    styler = element.proto.arrow_data.styler
+    return dataframe_util.convert_arrow_bytes_to_pandas_df(styler.display_values)
+
+
+def _edge_run(tmp_path: Path, name: str, embeddings: dict, **options) -> Path:
+    """A run of ``embeddings`` (vision-a, -b, -c and any others) under ``tmp_path/runs``."""
+    from convergence_core.precompute import write_run_from_embeddings
+
+    n = next(iter(next(iter(embeddings.values())).values())).shape[0]
+    stimuli = pd.DataFrame({"id": [f"s{i}" for i in range(n)],
+                            "image": [f"{i}.jpg" for i in range(n)],
+                            "captions": [[f"c{i}"] for i in range(n)]})
+    write_run_from_embeddings(
+        tmp_path / "runs" / name, stimuli, embeddings,
+        vision_models=["vision-a", "vision-b", "vision-c"], thumbnails=False,
+        default_layers={m: "stage2" for m in ("vision-a", "vision-b", "vision-c")}, **options,
+    )
+    return tmp_path
+
+
+def _svcca_computed(at: AppTest) -> AppTest:
+    """SVCCA chosen and computed (its button), the tables' expander open and its test run."""
+    change_control(at, "metric", "svcca")
+    assert not at.exception, at.exception
+    at.button(key="w_lab_compute").click().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    at.session_state["w_lab_tables"] = True
+    at.run(timeout=TIMEOUT)
+    at.button(key="w_lab_permutation_compute").click().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    return at
+
+
+def test_svcca_on_a_brain_region_of_3_features_is_bounded_by_its_width(
+    tmp_path, monkeypatch
+) -> None:
+    """A brain region of 3 features: the CCA dimension control stops at 3 and says why (it used
+    to stop at the smallest set − 1 only, and "Compute SVCCA" raised cca_dim ≤ 3, got 10)."""
+    from convergence_core.metrics import measure
+    from convergence_core.run import load_run
+    from tests.fixtures_runs import synthetic_embeddings
+
+    embeddings, _ = synthetic_embeddings(40, language_models=())
+    rng = np.random.default_rng(2)
+    embeddings["subj01"] = {"roi": rng.standard_normal((40, 3)).astype(np.float32)}
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(
+        _edge_run(tmp_path, "narrow", embeddings, language_models=[],
+                  modalities={"subj01": "brain"})
+    ))
+    at = _svcca_computed(_page({"run": "narrow", "size": "15"}, tables=False))
+    control = at.number_input(key="w_lab_cca_dim")
+    assert control.value == 3 and control.max == 3
+    assert "at most 3: one fewer than the smallest set (15 stimuli) and at most the 3 features " \
+        "of the narrowest layer compared (subj01 / roi)" in plain(control.help)
+    assert not at.warning, shown(at.warning)
+    table = _results(at)
+    assert set(table["options"]) == {"cca_dim=3"} and table["value"].notna().all()
+    narrow = load_run(tmp_path / "runs" / "narrow")
+    row = table[(table["set"] == "low") & (table["vision_model"] == "vision-b")].iloc[0]
+    low = select_stimuli(narrow.dispersion["mean"].to_numpy(), "low", 15)
+    X = _prepared(narrow, "vision-b", "stage2")[low]
+    Y = _prepared(narrow, "subj01", "roi")[low]
+    assert row["value"] == pytest.approx(measure("svcca", X, Y, cca_dim=3), abs=1e-9)
+
+
+def test_svcca_undefined_on_repeated_stimuli_is_na_with_a_note(tmp_path, monkeypatch) -> None:
+    """Every stimulus twice (rows 20..39 repeat 0..19 in every model): the low set of 15 holds
+    about 8 distinct stimuli, fewer than cca_dim=10 directions, so SVCCA is undefined there. The
+    page shows n/a (cards, table) and a note naming the set, why and the fix, not a traceback;
+    a smaller CCA dimension gives numbers; CKA on the same sets is unaffected."""
+    from convergence_core.metrics import measure
+    from convergence_core.run import load_run
+    from tests.fixtures_runs import synthetic_embeddings
+
+    embeddings, _ = synthetic_embeddings(20)
+    embeddings = {model: {layer: np.concatenate([X, X]) for layer, X in layers.items()}
+                  for model, layers in embeddings.items()}
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(_edge_run(
+        tmp_path, "repeated", embeddings, language_models=["language-a", "language-b"],
+    )))
+    at = _page({"run": "repeated", "size": "15"}, tables=False)
+    at.session_state["w_language"] = ["language-a"]
+    at = _svcca_computed(at)
+    assert cards(at)["Low dispersion"] == "n/a"
+    notes = [n for n in shown(at.warning) if "SVCCA is undefined (n/a) on the low set" in n]
+    assert len(notes) == 1, shown(at.warning)
+    assert "fewer independent directions than the CCA dimension (cca_dim=10)" in notes[0]
+    assert "Choose a smaller CCA dimension, or sets of distinct stimuli." in notes[0]
+    assert "vision-a × language-a" in notes[0]
+    table = _results(at)
+    low = table[table["set"] == "low"]
+    assert low["value"].isna().all() and set(low["vs_random_95"]) == {"n/a"}
+    cells = _shown_cells(at.dataframe[-1])
+    assert set(cells.loc[(cells["set"] == "low").to_numpy(), "value"]) == {"n/a"}
+    assert any("p-values are n/a" in t.value for t in at.text)
+
+    at.number_input(key="w_lab_cca_dim").set_value(5).run(timeout=TIMEOUT)  # the fix it names
+    if [b for b in at.button if b.key == "w_lab_compute"]:
+        at.button(key="w_lab_compute").click().run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert cards(at)["Low dispersion"] != "n/a"
+    assert not any("undefined" in note for note in shown(at.warning))
+
+    at.session_state["w_lab_tables"] = True
+    change_control(at, "metric", "cka")  # other metrics: as before, numbers on every set
+    assert not at.exception, at.exception
+    assert not any("undefined" in note for note in shown(at.warning))
+    table = _results(at)
+    assert table["value"].notna().all()
+    repeated = load_run(tmp_path / "runs" / "repeated")
+    row = table[(table["set"] == "low") & (table["vision_model"] == "vision-a")].iloc[0]
+    rows = select_stimuli(repeated.dispersion["mean"].to_numpy(), "low", 15)
+    X = _prepared(repeated, "vision-a", "stage2")[rows]
+    Y = _prepared(repeated, row["language_model"], row["language_layer"])[rows]
+    assert row["value"] == pytest.approx(measure("cka", X, Y), abs=1e-9)

@@ -9,6 +9,7 @@ import pytest
 from convergence_core import metrics
 from convergence_core.neighbours import NeighbourIndex, PreparedFeatures, build_neighbour_lists
 from convergence_core.subset_metrics import (
+    cca_dim_limit,
     metric_on_pairings,
     metric_on_sets,
     metric_options,
@@ -183,6 +184,43 @@ def test_a_metric_undefined_on_a_pairing_gives_nan_when_asked(indexes) -> None:
     values = metric_values(indexes, [("a", "b")], rows, ["svcca", "cka"], dense_limit=0,
                            options={"svcca": {"cca_dim": 12}}, on_error="nan")
     assert np.isnan(values["svcca"]).all() and np.isfinite(values["cka"]).all()
+
+
+def test_cca_dim_limit_is_the_set_size_and_the_narrowest_layer() -> None:
+    """The report's and the lab's bound on SVCCA's cca_dim: min(set size − 1, every width), at
+    least 1; SVCCA at that bound is defined, one more raises (metrics.svcca's own check)."""
+    assert cca_dim_limit(15, [24, 16]) == 14
+    assert cca_dim_limit(15, [24, 3]) == 3  # a brain region of 3 features
+    assert cca_dim_limit(40, [1, 768]) == 1  # a model of one feature
+    assert cca_dim_limit(4, [20]) == 3
+    with pytest.raises(ValueError, match="feature width"):
+        cca_dim_limit(15, [])
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((15, 24)), rng.standard_normal((15, 3))
+    limit = cca_dim_limit(15, [X.shape[1], Y.shape[1]])
+    assert np.isfinite(metrics.measure("svcca", X, Y, cca_dim=limit))
+    with pytest.raises(ValueError, match="cca_dim"):
+        metrics.measure("svcca", X, Y, cca_dim=limit + 1)
+
+
+def test_metric_on_sets_gives_nan_on_a_set_where_svcca_is_undefined() -> None:
+    """Repeated stimuli: a set of 6 distinct stimuli twice over has fewer independent directions
+    than cca_dim=8, so SVCCA is undefined there: an error by default, NaN with on_error="nan",
+    where the other sets keep the value of metrics.measure."""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((40, 20))
+    Y = X @ rng.standard_normal((20, 12)) + 0.5 * rng.standard_normal((40, 12))
+    X[20:26], Y[20:26] = X[:6], Y[:6]  # stimuli 20..25 repeat 0..5
+    x, y = _index(X), _index(Y)
+    sets = np.stack([np.r_[0:6, 20:26], np.arange(6, 18)])
+    with pytest.raises(ValueError, match="independent directions"):
+        metric_on_sets({"x": x, "y": y}, [("x", "y")], sets, "svcca", options={"cca_dim": 8})
+    values = metric_on_sets({"x": x, "y": y}, [("x", "y")], sets, "svcca",
+                            options={"cca_dim": 8}, on_error="nan")
+    assert np.isnan(values[0, 0])
+    expected = metrics.measure("svcca", x.features.rows(sets[1]), y.features.rows(sets[1]),
+                               cca_dim=8)
+    assert values[0, 1] == pytest.approx(expected, abs=1e-9)
 
 
 def test_a_planted_pairing_scores_above_its_shuffles(indexes) -> None:

@@ -46,7 +46,7 @@ from ..stats import (
     percentile_interval,
     permutation_tests_two_sets,
 )
-from ..subset_metrics import metric_on_sets, metric_options, metric_values
+from ..subset_metrics import cca_dim_limit, metric_on_sets, metric_options, metric_values
 from ..validation import MIN_CKNNA_SET_SIZE, check_k, check_min_stimuli
 
 #: Key of the Alignment lab's container of the bars (CSS class ``st-key-lab-bars``): where the
@@ -75,6 +75,7 @@ __all__ = [
     "best_layer_sample_note",
     "baseline_table",
     "bound_note",
+    "cca_dim_bound",
     "calibration_table",
     "check_subset_for_k",
     "chosen_options",
@@ -89,6 +90,8 @@ __all__ = [
     "options_text",
     "results_table",
     "set_table",
+    "shown_table",
+    "undefined_note",
     "value_text",
 ]
 
@@ -186,6 +189,35 @@ def chosen_options(
     return metric_options(metric, options)
 
 
+class CcaDimBound(NamedTuple):
+    """The largest CCA dimension the lab's control allows (:func:`cca_dim_bound`) and why."""
+
+    limit: int
+    #: e.g. "one fewer than the smallest set (15 stimuli) and at most the 3 features of the
+    #: narrowest layer compared (subj01 / V1)"
+    why: str
+
+
+def cca_dim_bound(run: Any, pairs: Sequence[Pair], smallest: int) -> CcaDimBound:
+    """SVCCA's ``cca_dim`` bound for ``pairs`` of ``run`` on sets of at least ``smallest``
+    stimuli: ``subset_metrics.cca_dim_limit`` (the report's rule) of the set size and the feature
+    width of every layer compared (``run.manifest``), with the words for the control's help."""
+    widths = {
+        (model, layer): int(run.manifest.models[model].dims[layer])
+        for pair in pairs
+        for model, layer in pair.sides
+    }
+    limit = cca_dim_limit(smallest, widths.values())
+    (model, layer), narrowest = min(widths.items(), key=lambda item: item[1])
+    why = f"one fewer than the smallest set ({smallest} stimuli)"
+    if narrowest < smallest - 1:
+        why += (
+            f" and at most the {narrowest} feature{'s' if narrowest != 1 else ''} of the "
+            f"narrowest layer compared ({model} / {layer})"
+        )
+    return CcaDimBound(limit, why)
+
+
 def options_text(metric: str, k: int | None, options: Mapping[str, Any]) -> str:
     """The settings a value depends on, e.g. ``"k=10"`` or ``"kernel=rbf, sigma=1"``."""
     parts = [f"k={int(k)}"] if registry.metric(metric).neighbour_metric and k is not None else []
@@ -235,7 +267,8 @@ def set_table(
     """``metric`` of every pair on each named set (sets may differ in size).
 
     Returns one row per pair × set: the pair's columns, ``set``, ``set_size``, ``metric``,
-    ``options`` (text), ``k`` (empty for feature metrics), ``value``.
+    ``options`` (text), ``k`` (empty for feature metrics), ``value`` (NaN where a feature metric
+    is undefined on the set, e.g. SVCCA on repeated stimuli: :func:`undefined_note` says why).
     """
     options = metric_options(metric, options)
     neighbour = registry.metric(metric).neighbour_metric
@@ -250,7 +283,7 @@ def set_table(
         names = [name for name, subset in subsets.items() if subset.shape[0] == size]
         together = metric_on_sets(  # sets of one size in one batched call
             indexes, [pair.sides for pair in pairs], np.stack([subsets[n] for n in names]),
-            metric, k=k or 1, options=options,
+            metric, k=k or 1, options=options, on_error="nan",  # undefined: n/a and a note
         )
         values.update({name: together[:, j] for j, name in enumerate(names)})
     rows = [
@@ -292,13 +325,15 @@ def baseline_table(
     Returns one row per pair: the pair's columns, ``set_size``, ``metric``, ``options``, ``k``,
     ``n_random`` (sets drawn), ``random_mean``, ``random_lower_95``, ``random_upper_95`` (the 95%
     percentile interval of the random sets' values), ``random_mean_interval`` (width of the 95%
-    confidence interval of the mean: Stein's or the usual t interval, whichever is wider) and ``interval_width`` (asked for; NaN for a fixed number).
+    confidence interval of the mean: Stein's or the usual t interval, whichever is wider) and
+    ``interval_width`` (asked for; NaN for a fixed number). A feature metric undefined on some
+    random sets makes that pair's mean and intervals NaN (:func:`undefined_note`).
     """
     options = metric_options(metric, options)
     keyed = [pair.sides for pair in pairs]
     drawn = random_baseline.sequential_random_scores(
         lambda sets: {metric: metric_on_sets(indexes, keyed, sets, metric, k=k or 1,
-                                             options=options)},
+                                             options=options, on_error="nan")},
         int(n),
         int(size),
         stop_on=metric,
@@ -347,12 +382,14 @@ def low_high_permutation_table(
 
     Returns one row per pair: the pair's columns, ``metric``, ``options``, ``k``,
     ``low_minus_high``, ``permutation_p_value_two_sided``, ``permutation_p_value_low_greater``,
-    ``n_permutations``.
+    ``n_permutations`` (NaN where a feature metric is undefined on the low or high set or on a
+    relabelled set).
     """
     options = metric_options(metric, options)
     keyed = [pair.sides for pair in pairs]
     tests = permutation_tests_two_sets(
-        lambda sets: metric_on_sets(indexes, keyed, sets, metric, k=k or 1, options=options),
+        lambda sets: metric_on_sets(indexes, keyed, sets, metric, k=k or 1, options=options,
+                                    on_error="nan"),
         low,
         high,
         n_permutations=int(n_permutations),
@@ -375,10 +412,13 @@ def low_high_permutation_table(
 # ----------------------------------------------------------------------------------------------
 # display
 def value_text(value: float, set_size: int, metric: str = "cknna") -> str:
-    """A value for display: ``"0.1234"``; ``"—"`` for NaN, and for CKNNA on a set of fewer than
-    ``validation.MIN_CKNNA_SET_SIZE`` stimuli (too few for a CKNNA worth reading)."""
-    if not np.isfinite(value) or (metric == "cknna" and set_size < MIN_CKNNA_SET_SIZE):
+    """A value for display: ``"0.1234"``; ``"—"`` for CKNNA on a set of fewer than
+    ``validation.MIN_CKNNA_SET_SIZE`` stimuli (too few for a CKNNA worth reading); ``"n/a"``
+    where the metric is undefined (NaN: :func:`undefined_note` says why)."""
+    if metric == "cknna" and set_size < MIN_CKNNA_SET_SIZE:
         return "—"
+    if not np.isfinite(value):
+        return "n/a"
     return f"{value:.4f}"
 
 
@@ -413,27 +453,31 @@ def headline(
     focus being of ``size``); the change names that size where it is not ``size``
     ("+0.0123 vs random of 30"). CKNNA of sets under ``MIN_CKNNA_SET_SIZE`` stimuli is not shown
     (:func:`value_text`) and such sets are listed in ``too_small`` ("random" included when
-    ``size`` is that small).
+    ``size`` is that small). A mean over pairs of which one is undefined (NaN) is "n/a", not
+    the mean of the others.
     """
 
     def mean_of(name: str) -> float:
-        return float(set_values.loc[set_values["set"] == name, "value"].mean())
+        return float(set_values.loc[set_values["set"] == name, "value"].mean(skipna=False))
 
-    random_mean = float(baseline["random_mean"].mean())
+    random_mean = float(baseline["random_mean"].mean(skipna=False))
     if focus == "random":
         focus_value, focus_size = random_mean, size
     elif focus in set_sizes:
         focus_value, focus_size = mean_of(focus), set_sizes[focus]
     else:
         focus_value, focus_size = float("nan"), size
-    focus_text = value_text(focus_value, focus_size, metric)
+    focus_text = value_text(focus_value, focus_size, metric) if (
+        focus == "random" or focus in set_sizes
+    ) else "—"  # no such set (an empty selection): nothing to show, the page says why
     compared, compared_size = (random_mean, size) if focus_baseline is None else (
-        float(focus_baseline["random_mean"].mean()), focus_size
+        float(focus_baseline["random_mean"].mean(skipna=False)), focus_size
     )
     hidden = metric == "cknna" and compared_size < MIN_CKNNA_SET_SIZE
     delta = (
         None
-        if focus_text == "—" or focus == "random" or hidden or not np.isfinite(compared)
+        if not np.isfinite(focus_value) or focus_text == "—" or focus == "random" or hidden
+        or not np.isfinite(compared)
         else f"{focus_value - compared:+.4f} vs random"
         + (f" of {focus_size:,}" if compared_size != size else "")  # not the Random card's size
     )
@@ -475,11 +519,14 @@ def baseline_statement(baseline: pd.DataFrame) -> str:
     sets = int(baseline["n_random"].iloc[0])
     size = int(baseline["set_size"].iloc[0])
     label = metric_label(str(baseline["metric"].iloc[0]))
-    widest = float(baseline["random_mean_interval"].max())
+    widest = float(baseline["random_mean_interval"].max(skipna=False))
     asked = float(baseline["interval_width"].iloc[0])
     precision = (
         f"the widest 95% confidence interval of a pair's mean random {label} is {widest:.4f}"
         if np.isfinite(widest)
+        else f"{label} is undefined on some random sets, so some pairs' random mean and interval "
+        "are n/a"
+        if baseline["random_mean"].isna().any()
         else "too few sets for a confidence interval of the mean"
     )
     if np.isnan(asked):
@@ -503,6 +550,71 @@ def baseline_statement(baseline: pd.DataFrame) -> str:
     return f"Random baseline: {how}; {precision}. Error bars: {bars}."
 
 
+def _pairs_text(rows: pd.DataFrame) -> str:
+    return ", ".join(f"{r.vision_model} × {r.language_model}" for r in rows.itertuples())
+
+
+def undefined_note(
+    set_values: pd.DataFrame, baselines: Mapping[int, pd.DataFrame] | None = None
+) -> str | None:
+    """Where the lab's metric is undefined (NaN, shown "n/a") on a set or on some random sets,
+    the sentence that names those sets and pairs, why, and what to change; None where every value
+    is defined.
+
+    ``set_values``: :func:`set_table` (or :func:`calibration_table`: its matched sets and
+    shuffled pairings too); ``baselines``: ``{set size: baseline_table}``. SVCCA is
+    undefined where the set's standardised features of a model have fewer independent directions
+    than ``cca_dim`` (repeated stimuli, features that do not vary); another feature metric where a
+    model's features do not vary over the set (its kernel is not defined)."""
+    tables = [set_values, *(baselines or {}).values()]
+    where = [
+        f"the {name} set ({_pairs_text(group)})"
+        for name, group in set_values[set_values["value"].isna()].groupby("set", sort=False)
+    ]
+    defined = set_values[set_values["value"].notna()]
+    for column, what in (("matched_mean", "matched sets"), ("null_mean", "shuffled pairings")):
+        if column in defined:
+            where += [
+                f"some {what} of the {name} set ({_pairs_text(group)})"
+                for name, group in defined[defined[column].isna()].groupby("set", sort=False)
+            ]
+    for size, table in (baselines or {}).items():
+        undefined = table[table["random_mean"].isna()]
+        if not undefined.empty:
+            where.append(f"some random sets of {size} ({_pairs_text(undefined)})")
+    if not where:
+        return None
+    metric = str(next(t["metric"].iloc[0] for t in tables if not t.empty))
+    if metric == "svcca":
+        dim = next((str(t["options"].iloc[0]) for t in tables if not t.empty), "cca_dim")
+        why = (
+            f"there a model's standardised features have fewer independent directions than the "
+            f"CCA dimension ({dim}): repeated stimuli, or features that do not vary over them. "
+            "Choose a smaller CCA dimension, or sets of distinct stimuli"
+        )
+    elif registry.metric(metric).neighbour_metric:
+        why = "its value is not a number there"
+    else:
+        why = (
+            "there a model's features do not vary over the stimuli (repeated stimuli, or a "
+            "constant layer), so its kernel is not defined. Choose sets of distinct stimuli, or "
+            "another layer under Layers"
+        )
+    places = where[0] if len(where) == 1 else f"{'; '.join(where[:-1])}; and {where[-1]}"
+    return f"{metric_label(metric)} is undefined (n/a) on {places}: {why}."
+
+
+def shown_table(frame: pd.DataFrame, digits: int | None = None) -> Any:
+    """A table for ``st.dataframe``, floats rounded to ``digits`` decimals (None: as they are):
+    where a float is undefined (NaN) a Styler that shows it as "n/a" (the data itself, and its
+    CSV, keep NaN), else the frame itself (the data grid's own formatting, as before)."""
+    rounded = frame if digits is None else frame.round(digits)
+    undefined = frame.select_dtypes("floating").isna().to_numpy().any()
+    if not undefined or frame.size > pd.get_option("styler.render.max_elements"):
+        return rounded
+    return rounded.style.format(na_rep="n/a", precision=6 if digits is None else digits)
+
+
 _KEYS = [*PAIR_COLUMNS, "metric", "options", "k"]
 _RANDOM_COLUMNS = ["n_random", "random_mean", "random_lower_95", "random_upper_95"]
 
@@ -519,7 +631,8 @@ def results_table(
     ``set_values`` (:func:`set_table`), ``baselines`` ``{set size: baseline_table}`` (each set is
     compared with random sets of its own size), ``permutation``
     (:func:`low_high_permutation_table`). Adds ``vs_random_95`` (``above`` / ``below`` /
-    ``within`` the random sets' 95% interval), ``score`` and ``seed``.
+    ``within`` the random sets' 95% interval; ``n/a`` where the value or the interval is
+    undefined), ``score`` and ``seed``.
     """
     table = pd.concat(
         [
@@ -534,9 +647,11 @@ def results_table(
         on=[*PAIR_COLUMNS, "metric", "k"],
         how="left",
     )
+    undefined = table[["value", "random_lower_95", "random_upper_95"]].isna().any(axis=1)
     table["vs_random_95"] = np.select(
-        [table["value"] > table["random_upper_95"], table["value"] < table["random_lower_95"]],
-        ["above", "below"],
+        [undefined, table["value"] > table["random_upper_95"],
+         table["value"] < table["random_lower_95"]],
+        ["n/a", "above", "below"],
         default="within",
     )
     table["score"] = score
@@ -640,7 +755,8 @@ def calibration_table(
     ``matching``; ``comparisons`` the matched baselines by (pair, set) for
     :func:`low_high_matched_table`. ``progress(done, total)``: stimulus sets and pairings scored
     (each set, its matched sets and its shuffled pairings; a feature metric measured set by set
-    reports each, the batched routes each batch).
+    reports each, the batched routes each batch). A feature metric undefined on a set, matched
+    set or pairing gives NaN there and in what it enters (:func:`undefined_note`).
     """
     options = metric_options(metric, options)
     keyed = [pair.sides for pair in pairs]
@@ -659,7 +775,8 @@ def calibration_table(
                 progress(start + done, total)
 
         values = metric_values(indexes, keyed, rows_x, [metric], k=k or 1,
-                               options={metric: options}, progress=tell, **paired)[metric]
+                               options={metric: options}, on_error="nan", progress=tell,
+                               **paired)[metric]
         scored[0] = start + rows_x.shape[0]
         if told[0] != rows_x.shape[0]:  # a batched route: all of them at once
             tell(rows_x.shape[0], rows_x.shape[0])
@@ -761,9 +878,13 @@ def matched_verdict(table: pd.DataFrame, metric: str, matched_on: str) -> str:
     else:
         word = "partly survives" if survived else "does not survive"
     undefined = int(table["p_value"].isna().sum())
+    example = (
+        "SVCCA on repeated stimuli, the note above says why" if metric == "svcca"
+        else "the CKNNA of a small set"
+    )
     where = (
-        f" ({undefined} undefined: a value on some set is not a number, e.g. the CKNNA of a "
-        "small set)" if undefined else ""
+        f" ({undefined} undefined: a value on some set is not a number, e.g. {example})"
+        if undefined else ""
     )
     return (
         f"Low > high {word} the matched baseline ({matched_on}): {label}(low) − {label}(high) is "
