@@ -17,6 +17,7 @@ For a set of s stimuli with source features X (s, d_x) and target features Y (s,
    * ``two_afc``: pairwise two-alternative forced choice: over ordered pairs (i, j ≠ i), the
      fraction with sim(p_i, y_i) > sim(p_i, y_j) (ties ½), sim = Pearson correlation across
      dimensions by default ("cosine" or negative "euclidean" distance optional). Chance is ½.
+     A one-feature target has no correlation across dimensions: its correlation 2AFC is NaN.
      Cost O(s²·d_y) in row blocks (O(block·s) memory); ``n_foils`` = F compares each i with F
      distinct random j ≠ i instead (seeded; rows in blocks of 8 share a draw, scored by one
      matrix product): O(s·F·d_y). Independent draws would give a standard deviation about the
@@ -166,10 +167,17 @@ def two_afc(
     each i with that many distinct random j ≠ i (seeded), a uniform draw for each i, drawn once
     for a block of rows (before 2026-12-07 once per row, through a memory-bound gathered copy:
     6 s at s = 10,000, d = 768, F = 250, against 0.7 s now).
+
+    NaN for one-dimensional targets (d = 1) with ``distance="correlation"``: a correlation across
+    one dimension is undefined (until 2026-12-07 every comparison tied and the score read 0.5).
     """
     P, Y = check_pair(P, Y, min_rows=2)
     if distance not in _DISTANCES:
         raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}.")
+    if distance == "correlation" and P.shape[1] < 2:
+        # a Pearson correlation across one dimension is undefined (each centred row is 0): every
+        # comparison tied, and the score read ½ as if measured at chance
+        return float("nan")
     s = P.shape[0]
     Pn, Yn = _prepared(P, distance), _prepared(Y, distance)
 

@@ -33,6 +33,8 @@ import math
 import os
 import sys
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,7 +70,7 @@ from .presets import PRESETS, preset_config
 from .run import Run, load_run
 from .run_checks import check_run_files
 from .stats import percentile_interval
-from .subset_metrics import row_space_coordinates
+from .subset_metrics import cca_dim_limit, row_space_coordinates
 from .subsets import select_stimuli
 from .validation import MIN_CKNNA_SET_SIZE, check_count, check_k
 
@@ -133,6 +135,35 @@ def summary_table(set_tables: Sequence[pd.DataFrame], sides: str) -> pd.DataFram
     )
 
 
+def cknna_shown(set_size: int) -> bool:
+    """Whether summary.txt shows CKNNA numbers for sets of ``set_size`` stimuli: at least
+    ``validation.MIN_CKNNA_SET_SIZE`` (below, too noisy to read; values above 1 are common). The
+    one rule for the summary table, the calibration sentence and the note that explains them."""
+    return set_size >= MIN_CKNNA_SET_SIZE
+
+
+def _cknna_notes(
+    size: int, values: Sequence[tuple[str, float, int, int]]
+) -> tuple[list[str], str | None]:
+    """The notes on the CKNNA numbers of a report whose sets hold ``size`` stimuli, alike on the
+    paths with and without language models: why summary.txt shows none (sets below
+    :func:`cknna_shown`'s size) and ``alignment.cknna_bound_note`` of ``values`` (every CKNNA the
+    report writes: ``(what, value, set size, k)``). Returns (the notes, in that order; the bound
+    note alone, which summary.txt also carries, or None)."""
+    notes = []
+    if not cknna_shown(size):
+        notes.append(
+            f"sets of {size} stimuli are fewer than {MIN_CKNNA_SET_SIZE}: summary.txt shows no "
+            "CKNNA numbers for them (too noisy to read; values above 1 are common), the tables "
+            "keep the values; use --size of at least "
+            f"{MIN_CKNNA_SET_SIZE}"
+        )
+    bound = cknna_bound_note(values)
+    if bound is not None:
+        notes.append(bound)
+    return notes, bound
+
+
 def format_summary(summary: pd.DataFrame, set_size: int | None = None) -> str:
     """Fixed-width text of the summary: low, random mean [95% interval], high, ratio, p; one
     table per value of ``sides`` (vision × language first, as in :func:`summary_table`), each
@@ -149,7 +180,7 @@ def format_summary(summary: pd.DataFrame, set_size: int | None = None) -> str:
             for sides in groups
         )
     side, partner = groups[0].split(" × ") if groups else ("vision", "language")
-    if set_size is not None and set_size < MIN_CKNNA_SET_SIZE:
+    if set_size is not None and not cknna_shown(set_size):
         summary = summary.copy()
         for column in SUMMARY_COLUMNS:
             if column.startswith("cknna_") or column == "low_high_ratio":
@@ -208,9 +239,11 @@ def check_out_folder(out: str | os.PathLike[str]) -> Path:
 
 
 def _cknna_values(
-    set_tables: Sequence[pd.DataFrame], dropped: pd.DataFrame, sweep: pd.DataFrame, n: int
+    set_tables: Sequence[pd.DataFrame], dropped: pd.DataFrame, sweep: pd.DataFrame | None = None,
+    n: int = 0,
 ) -> list[tuple[str, float, int, int]]:
-    """``(what, CKNNA, set size, k)`` of every CKNNA the report writes (for the bound note)."""
+    """``(what, CKNNA, set size, k)`` of every CKNNA the report writes (for the bound note): the
+    sets, Fig. S1's and the layer sweep's (``sweep``, on all ``n`` stimuli; none without)."""
     rows: list[tuple[str, float, int, int]] = []
     for table in set_tables:
         for r in table.to_dict("records"):
@@ -227,7 +260,7 @@ def _cknna_values(
     for r in dropped.to_dict("records"):
         what = f"{r['condition']}, {r['vision_model']} × {r['language_model']}"
         rows.append((what, r["cknna"], int(r["n_stimuli"]), int(r["k"])))
-    for r in sweep.to_dict("records"):
+    for r in [] if sweep is None else sweep.to_dict("records"):
         what = f"full set, {r['vision_model']} × {r['language_model']} {r['language_layer']}"
         rows.append((what, r["cknna"], n, int(r["k"])))
     return rows
@@ -552,6 +585,7 @@ def write_report(
     # and S1, as on a run without language models
     partners: dict[str, Any] = {}
     partner_summary = None
+    partner_values: list[tuple[str, float, int, int]] = []  # their CKNNA, for the bound note
     if run.other_partner_models:
         tell(STEP_TITLES["partners"])
         section = partner_alignment_section(
@@ -566,6 +600,7 @@ def write_report(
             "paired_tests": _records(section.paired_tests),
         }
         partner_summary = section.summary
+        partner_values = section.cknna_values
 
     tell(STEP_TITLES["leave_one_model_out"])
     loo_files, loo_notes = leave_one_model_out_section(run, out)
@@ -605,16 +640,10 @@ def write_report(
     files += property_files
     notes += property_notes
 
-    if size < MIN_CKNNA_SET_SIZE:
-        notes.append(
-            f"sets of {size} stimuli are fewer than {MIN_CKNNA_SET_SIZE}: summary.txt shows no "
-            "CKNNA numbers for them (too noisy to read; values above 1 are common), the tables "
-            "keep the values; use --size of at least "
-            f"{MIN_CKNNA_SET_SIZE}"
-        )
-    bound = cknna_bound_note(_cknna_values(set_tables, dropped, sweep, n))
-    if bound is not None:
-        notes.append(bound)
+    cknna_notes, bound = _cknna_notes(
+        size, _cknna_values(set_tables, dropped, sweep, n) + partner_values
+    )
+    notes += cknna_notes
     # every pair's row: vision × language, then the models outside GPA (vision × brain)
     summary = summary_table(set_tables, sides)
     if partner_summary is not None:
@@ -721,6 +750,7 @@ def _report_without_language(
     size = default_set_size(run.n_stimuli, k) if size is None else size
     paired_tests = None
     summary_text = ""
+    bound = None
     if partners:
         tell(STEP_TITLES["partners"])
         section = partner_alignment_section(
@@ -730,6 +760,7 @@ def _report_without_language(
         files = section.files + _write_table(section.summary, out, "summary")
         verdicts, paired_tests = dict(section.verdicts), section.paired_tests
         summary_text = format_summary(section.summary, size) + "\n\n"
+        cknna_notes, bound = _cknna_notes(size, section.cknna_values)
     tell(STEP_TITLES["leave_one_model_out"])
     loo_files, loo_notes = leave_one_model_out_section(run, out)
     files += loo_files
@@ -748,6 +779,8 @@ def _report_without_language(
     )
     files += property_files
     notes += property_notes
+    if partners:  # after the property notes, as on the path with language models
+        notes += cknna_notes
     verdicts.update(
         {name: entry["verdict"] for name, entry in sections.items() if entry["verdict"]}
     )
@@ -760,7 +793,7 @@ def _report_without_language(
         + "".join(f"{verdict}\n" for verdict in verdicts.values())
         + property_text
     )
-    text = _with_notes(text, first_layer, (two_models,))
+    text = _with_notes(text, first_layer, (two_models, bound))
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
     report = {
         "run": _run_record(run),
@@ -795,6 +828,8 @@ class PartnerSection(NamedTuple):
     paired_tests: pd.DataFrame  #: long: a ``score`` column
     summary: pd.DataFrame  #: :func:`summary_table` rows of these pairs (``sides`` filled)
     sides: str  #: what the pairs align, e.g. ``vision × brain``
+    #: ``(what, CKNNA, set size, k)`` of every CKNNA written (``alignment.cknna_bound_note``)
+    cknna_values: list[tuple[str, float, int, int]]
 
 
 def partner_alignment_section(
@@ -838,7 +873,8 @@ def partner_alignment_section(
         dropped, out / f"figS1_drop_fraction{suffix}.png", partner="model outside GPA"
     ).name)
     return PartnerSection(
-        files, verdicts, paired_tests, summary_table(set_tables, sides), sides
+        files, verdicts, paired_tests, summary_table(set_tables, sides), sides,
+        _cknna_values(set_tables, dropped),
     )
 
 
@@ -1035,6 +1071,35 @@ def universal_space_section(
 # ----------------------------------------------------------------------------------------------
 # the metric suite and the neighbouring papers' analyses (issue 14), one function per section
 
+class SectionSkipped(ValueError):
+    """A section cannot run on this run or with these settings (sets too small for its
+    cross-validation, too large for blind matching): :func:`paper_sections` turns it into a note
+    ("<section> skipped: <why>") and the rest of the report goes on. Any other error of a section
+    is not one it expects (a bug): see :func:`_section_failed`."""
+
+
+def _section_failed(name: str, error: ValueError) -> dict[str, Any]:
+    """The report.json entry of a section that stopped on a ValueError it does not expect (not
+    a :class:`SectionSkipped`): a bug. Before 2026-12-07 every ValueError became "<section>
+    skipped: <error>", as if the run could not have the section, which hid a bug for a run with
+    a one-feature model. The report still goes on (the sections before and after stand, and a
+    run may take an hour), but the note says it is a bug, where it was raised and what to do;
+    the full traceback goes to the entry's ``error`` and to a RuntimeWarning (stderr)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = (
+        f" in {frames[-1].name} ({Path(frames[-1].filename).name}, line {frames[-1].lineno})"
+        if frames else ""
+    )
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    warnings.warn(f"the {name} section failed (a bug):\n{text}", RuntimeWarning, stacklevel=3)
+    note = (
+        f"{name} failed: {type(error).__name__}{where}: {error}. This is a bug in the report, "
+        "not a problem with the run: the other sections stand; please report it with this "
+        f"note and the traceback (report.json: the \"error\" of \"{name}\")"
+    )
+    return {"verdict": None, "notes": [note], "error": text}
+
+
 @dataclass(frozen=True)
 class Section:
     """One optional section of the report: ``name`` its key in report.json, ``skip`` its
@@ -1182,7 +1247,7 @@ class AnalysisOptions:
         widths = [
             run.manifest.models[model].dims[layer] for pair in pairs for model, layer in pair.sides
         ]
-        return {"svcca": {"cca_dim": int(min(self.cca_dim, size - 1, *widths))}}
+        return {"svcca": {"cca_dim": min(int(self.cca_dim), cca_dim_limit(size, widths))}}
 
 
 class DispersionSets(NamedTuple):
@@ -1392,7 +1457,9 @@ def predictivity_section(
     it is at most every :data:`SET_PROGRESS_EVERY_S` (sets of 2,500 stimuli and 768-1,536
     features: about 20 s per pair and set). Sets of more than
     :data:`PREDICTIVITY_ALL_PAIRS_MAX_STIMULI` stimuli score 2AFC against
-    :data:`PREDICTIVITY_FOILS` seeded random foils per stimulus (a note says so).
+    :data:`PREDICTIVITY_FOILS` seeded random foils per stimulus (a note says so). A target
+    model of one feature has no 2AFC (``predictivity.two_afc``: NaN; a note says so). Sets too
+    small for ``n_folds``-fold cross-validation raise :class:`SectionSkipped`.
 
     Writes ``predictivity_sets`` (long: pair × set × direction × metric, ``draw`` numbering the
     random sets) and ``predictivity_summary`` (per pair × direction × metric: low, high, random
@@ -1401,7 +1468,7 @@ def predictivity_section(
     """
     size = int(np.size(sets.low))
     if size < 2 * n_folds:
-        raise ValueError(
+        raise SectionSkipped(
             f"sets of {size} stimuli are too few for {n_folds}-fold cross-validation "
             f"(at least {2 * n_folds}); use a larger --size"
         )
@@ -1438,6 +1505,19 @@ def predictivity_section(
     long = long[
         [*keys[:4], "set", "draw", *keys[4:], "value", "n_stimuli", "n_folds", "median_alpha"]
     ]
+    undefined = long[(long["metric"] == "two_afc") & long["value"].isna()]
+    if not undefined.empty:  # predictivity.two_afc: NaN for a one-feature target
+        names = dict.fromkeys(
+            f"{row[f'{row.target}_model']} ({row[f'{row.target}_layer']})"
+            for _, row in undefined.iterrows()
+        )
+        notes.append(
+            f"linear predictivity's 2AFC is not a number where {', '.join(names)} "
+            f"{'is' if len(names) == 1 else 'are'} the target: it has one feature, and 2AFC "
+            "compares a prediction with the targets by "
+            "their correlation across features, which one feature does not have; its R² and "
+            "correlation stand"
+        )
     rows = []
     for key, group in long.groupby(keys, sort=False):
         by_set = {
@@ -1470,6 +1550,7 @@ def predictivity_section(
     for (source, target), group in summary.groupby(["source", "target"], sort=False):
         counts = ", ".join(
             f"{metric.replace('_', ' ')} {int((g['low_minus_high'] > 0).sum())}"
+            + (f" ({nan} undefined)" if (nan := int(g["low_minus_high"].isna().sum())) else "")
             for metric, g in group.groupby("metric", sort=False)
         )
         parts.append(
@@ -1728,9 +1809,13 @@ def blind_matching_section(
     Writes ``blind_matching`` (one row per run: pair, set, draw, accuracy, chance, n_correct,
     n_query, p-value of as many correct by chance, CKA of the true and found pairings) and
     ``blind_matching_summary`` (per pair × set: mean accuracy, chance, ratio, random interval).
-    Sets above ``blind_matching.MAX_STIMULI`` are refused (ValueError: a note) before any k-means.
+    Sets above ``blind_matching.MAX_STIMULI`` are refused (:class:`SectionSkipped`: a note) before
+    any k-means.
     """
-    check_matching_size(int(np.size(sets.low)))  # before image_seeds' k-means on the whole set
+    try:  # before image_seeds' k-means on the whole set
+        check_matching_size(int(np.size(sets.low)))
+    except ValueError as error:
+        raise SectionSkipped(str(error)) from None
     named = [("low", r, sets.low) for r in range(repeats)]
     named += [("high", r, sets.high) for r in range(repeats)]
     named += [("random", i, rows) for i, rows in enumerate(sets.random[:n_random])]
@@ -1793,8 +1878,9 @@ def blind_matching_section(
         (summary[summary["set"] == "low"]["accuracy_mean"].to_numpy()
          > summary[summary["set"] == "high"]["accuracy_mean"].to_numpy()).sum()
     )
+    seeds = int(table["n_seeds"].max())
     verdict = (
-        f"Blind matching (seeded QAP on CKA, {int(table['n_seeds'].max())} known pairs, "
+        f"Blind matching (seeded QAP on CKA, {seeds} known pair{'' if seeds == 1 else 's'}, "
         f"{int(np.size(sets.low))} stimuli per set): accuracy low "
         f"{means.get('low', math.nan):.3f}, high {means.get('high', math.nan):.3f}"
         + (f", random {means['random']:.3f}" if "random" in means else "")
@@ -1870,26 +1956,36 @@ def calibration_section(
     files += _write_table(pd.concat(balances, ignore_index=True), out, "matched_balance")
     cknna_calibrated = calibrated[calibrated["metric"] == "cknna"]
     by_set = cknna_calibrated.groupby("set", sort=False)["calibrated"].mean()
+    size = int(np.size(sets.low))
+    shown = cknna_shown(size)  # no CKNNA numbers in summary.txt for small sets, as its table
     sentences = [
         "Calibrated against shuffled pairings within each set, CKNNA (observed − null mean, "
         f"mean over {len(pairs)} pairs) is {by_set.get('low', math.nan):.3f} on the low set and "
         f"{by_set.get('high', math.nan):.3f} on the high set."
+        if shown else
+        "Calibrated against shuffled pairings within each set: no CKNNA numbers for sets of "
+        f"{size} stimuli (fewer than {MIN_CKNNA_SET_SIZE}; calibrated_scores keeps them)."
     ]
     for matched_on, group in matched.groupby("matched_on", sort=False):
         cknna_rows = group[group["metric"] == "cknna"]
         balance = pd.concat(balances)
         shift = balance[balance["matched_on"] == matched_on]["standardised_difference"].abs().max()
+        # no balance threshold decides whether the matching worked: the imbalance it left is
+        # said beside the verdict, as what the verdict holds under
         sentences.append(
-            f"Against random sets matched on {matched_on} ({n_matched} per set; largest covariate "
-            f"imbalance {shift:.2f} sd), low > high survives for "
-            f"{int(cknna_rows['survives'].sum())} of {len(cknna_rows)} pairs by CKNNA "
-            "(matched-gap p < 0.05; CKNNA gap "
-            f"{cknna_rows['low_minus_high'].mean():+.3f} observed vs "
-            f"{cknna_rows['matched_gap_mean'].mean():+.3f} between the matched sets, mean over "
-            f"pairs) and for {int(group['survives'].sum())} of {len(group)} pair × metric "
+            f"Against random sets matched on {matched_on} ({n_matched} per set), low > high "
+            f"survives for {int(cknna_rows['survives'].sum())} of {len(cknna_rows)} pairs by "
+            "CKNNA (matched-gap p < 0.05"
+            + (f"; CKNNA gap {cknna_rows['low_minus_high'].mean():+.3f} observed vs "
+               f"{cknna_rows['matched_gap_mean'].mean():+.3f} between the matched sets, mean "
+               "over pairs" if shown else "")
+            + f") and for {int(group['survives'].sum())} of {len(group)} pair × metric "
             f"combinations over {group['metric'].nunique()} metrics"
-            + (f" ({undefined} with no p-value: a value on some set is not a number)."
-               if (undefined := int(group["p_value_gap"].isna().sum())) else ".")
+            + (f" ({undefined} with no p-value: a value on some set is not a number)"
+               if (undefined := int(group["p_value_gap"].isna().sum())) else "")
+            + f", against matched sets whose mean typicality still lies up to {shift:.2f} sd "
+            "from the chosen set's (largest covariate imbalance; 0 is an exact match, and the "
+            "larger it is, the more of the gap typicality may still explain)."
         )
     return files, {
         "matched": _records(matched),
@@ -1961,8 +2057,10 @@ def paper_sections(
         tell(entry.title)
         try:
             results[name] = section()
-        except ValueError as error:  # e.g. sets too small for it: the rest of the report stands
+        except SectionSkipped as error:  # e.g. sets too small for it: the rest of the report stands
             results[name] = ([], {"verdict": None, "notes": [f"{name} skipped: {error}"]})
+        except ValueError as error:  # not a condition it expects: a bug, said as one
+            results[name] = ([], _section_failed(name, error))
     return {name: {**entry, "files": files} for name, (files, entry) in results.items()}
 
 

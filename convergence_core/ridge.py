@@ -52,7 +52,11 @@ def _sklearn_fit(X: np.ndarray, Y: np.ndarray, alphas: np.ndarray, cv: object = 
     from sklearn.linear_model import RidgeCV
 
     model = RidgeCV(alphas=alphas, fit_intercept=True, cv=cv).fit(X, Y)
-    return RidgeFit(np.asarray(model.coef_).T, np.asarray(model.intercept_), float(model.alpha_))
+    # RidgeCV drops the target axis of a one-column Y (coef_ (d_x,), not (1, d_x)): predict()
+    # then gave (r,) for (r, 1) targets, and linear predictivity of a one-feature model failed
+    d_y = Y.shape[1]
+    coef = np.asarray(model.coef_).reshape(d_y, X.shape[1]).T
+    return RidgeFit(coef, np.asarray(model.intercept_).reshape(d_y), float(model.alpha_))
 
 
 def fit_ridge_cv(

@@ -206,6 +206,67 @@ def test_a_target_and_its_duplicate_tie_whatever_the_rounding() -> None:
         assert two_afc(P, Y, distance="cosine") == pytest.approx(expected, abs=1e-12), (n, d)
 
 
+def _reference_predictions(X, Y, n_folds, alphas, seed):
+    """Held-out predictions of closed-form ridge, each fold's penalty chosen by refitting
+    leave-one-out: the slow reference of :func:`cross_validated_predictions`."""
+    from sklearn.model_selection import KFold
+
+    P = np.empty_like(Y)
+    for train, test in KFold(n_folds, shuffle=True, random_state=seed).split(X):
+        errors = [loo_error(X[train], Y[train], a) for a in alphas]
+        alpha = alphas[int(np.argmin(errors))]
+        P[test] = ridge_fit_predict(X[train], Y[train], X[test], alpha)
+    return P
+
+
+def _brute_two_afc(P, Y, sim):
+    s = len(P)
+    wins = [
+        (sim(P[i], Y[i]) > sim(P[i], Y[j])) + 0.5 * (sim(P[i], Y[i]) == sim(P[i], Y[j]))
+        for i in range(s)
+        for j in range(s)
+        if j != i
+    ]
+    return float(np.mean(wins))
+
+
+@pytest.mark.parametrize("dx", [3, 30])  # a source narrower and wider than the training rows
+def test_a_one_feature_model_is_predicted_and_predicts(dx: int) -> None:
+    """A model with one feature, as target (from a narrow or a wide source) and as source: the
+    held-out predictions and scores equal closed-form ridge with refitted leave-one-out, fold by
+    fold. Before, a one-column target from a wide source failed with "value array of shape (3,)
+    could not be broadcast to indexing result of shape (3,1)" (scikit-learn's RidgeCV returns a
+    1-D map for one column), and the report lost linear predictivity for every pair."""
+    rng = np.random.default_rng(11)
+    X, Y = planted(rng, n=15, dx=dx, dy=1, r2=0.7)
+    alphas = (0.01, 1.0, 100.0)
+    for source, target in ((X, Y), (Y, X)):
+        P, _ = cross_validated_predictions(source, target, n_folds=5, alphas=alphas, seed=2)
+        expected = _reference_predictions(source, target, 5, alphas, 2)
+        assert P.shape == target.shape
+        np.testing.assert_allclose(P, expected, rtol=1e-7, atol=1e-9)
+        result = linear_predictivity(source, target, n_folds=5, alphas=alphas, seed=2)
+        assert result.r2 == pytest.approx(
+            1 - np.sum((target - expected) ** 2) / np.sum((target - target.mean(0)) ** 2)
+        )
+        assert result.correlation == pytest.approx(
+            np.mean([np.corrcoef(target[:, j], expected[:, j])[0, 1]
+                     for j in range(target.shape[1])])
+        )
+        if target.shape[1] > 1:
+            assert result.two_afc == pytest.approx(
+                _brute_two_afc(expected, target, lambda a, b: np.corrcoef(a, b)[0, 1]),
+                abs=1e-12,
+            )
+        else:  # no correlation across one dimension: undefined, not ½
+            assert np.isnan(result.two_afc)
+            assert two_afc(expected, target, distance="euclidean") == pytest.approx(
+                _brute_two_afc(expected, target, lambda a, b: -abs(a[0] - b[0])), abs=1e-12
+            )
+    table = predictivity_table(X, Y, n_folds=5, alphas=alphas, seed=2)
+    assert table["value"].notna().sum() == 5  # all but vision → language (one feature) 2AFC
+
+
 def test_predictivity_table_is_long_and_has_both_directions() -> None:
     rng = np.random.default_rng(7)
     X, Y = planted(rng, n=60, dx=5, dy=4)

@@ -393,6 +393,107 @@ def test_a_section_that_cannot_run_on_small_sets_becomes_a_note(planted_run_path
     assert not (tmp_path / "predictivity_sets.csv").exists()
 
 
+def test_an_unexpected_section_error_is_said_as_a_bug_not_as_a_skip(tmp_path, monkeypatch):
+    """Only a section's own "cannot run" conditions (SectionSkipped) become "<section> skipped"
+    notes. Every ValueError did: a run with a one-feature model lost linear predictivity to
+    "predictivity skipped: shape mismatch: value array of shape (3,) could not be broadcast…",
+    a bug that read as a property of the run (review of 2026-12-07). Now such an error is a note
+    that says it is a bug and where it was raised, a RuntimeWarning with the traceback, and the
+    traceback in report.json; the other sections stand."""
+    run = make_synthetic_run(tmp_path / "runs", 12, name="tiny", images=False, thumbnails=False)
+
+    def broken(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise ValueError("operands could not be broadcast together")
+
+    def cannot(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise report.SectionSkipped("sets of 3 stimuli are too few for 5-fold cross-validation")
+
+    monkeypatch.setattr(report, "blind_matching_section", broken)
+    monkeypatch.setattr(report, "predictivity_section", cannot)
+    with pytest.warns(RuntimeWarning, match="the blind_matching section failed"):
+        meta = report.write_report(run, tmp_path / "out", **_tiny_report_settings())
+    assert "predictivity skipped: sets of 3 stimuli are too few for 5-fold cross-validation" in (
+        meta["notes"]
+    )
+    [note] = [note for note in meta["notes"] if note.startswith("blind_matching")]
+    assert note.startswith("blind_matching failed: ValueError in broken (test_report.py, line ")
+    assert "operands could not be broadcast together. This is a bug in the report" in note
+    assert "skipped" not in note
+    assert meta["blind_matching"]["verdict"] is None
+    assert "ValueError: operands could not be broadcast" in meta["blind_matching"]["error"]
+    assert "per_stimulus" in meta["verdicts"] and "matched_baselines" in meta["verdicts"]
+
+
+@pytest.mark.parametrize("size", [20, 24])
+def test_the_calibration_sentence_follows_the_small_set_rule_and_states_its_imbalance(
+    planted_run_path, tmp_path, size
+):
+    """Sets below MIN_CKNNA_SET_SIZE: the note says summary.txt shows no CKNNA numbers, but the
+    calibration sentence printed them (sets of 4: "0.953 on the low set … CKNNA gap +0.976").
+    And sets matched 1.07 sd away in typicality were said to leave low > high standing, the
+    imbalance set apart before the verdict: it now follows the verdict as its caveat (the
+    matching has no balance threshold to judge by)."""
+    from convergence_core.run import load_run
+
+    run = load_run(planted_run_path / "runs" / "demo")
+    pairs = analyses.pairs_with_best_layers(run, k=5)
+    sets = report.dispersion_sets(run, "mean", size, 2, 0)
+    _, entry = report.calibration_section(
+        run, tmp_path, pairs, sets, k=5, metrics=["cknna", "cka"], metric_options={},
+        n_shuffles=5, n_matched=5, seed=0,
+    )
+    verdict = entry["verdict"]
+    calibrated = pd.read_csv(tmp_path / "calibrated_scores.csv")
+    low = calibrated[(calibrated.metric == "cknna") & (calibrated.set == "low")].calibrated.mean()
+    shown = size >= 24
+    assert (f"is {low:.3f} on the low set" in verdict) == shown
+    assert ("CKNNA gap" in verdict) == shown
+    hidden = f"no CKNNA numbers for sets of {size} stimuli (fewer than 24; calibrated_scores keeps"
+    assert (hidden in verdict) != shown
+    shift = pd.read_csv(tmp_path / "matched_balance.csv").standardised_difference.abs().max()
+    caveat = f"against matched sets whose mean typicality still lies up to {shift:.2f} sd"
+    assert verdict.index("survives for") < verdict.index(caveat)
+    assert "largest covariate imbalance" in verdict[verdict.index(caveat):]
+
+
+def test_one_known_pair_and_a_one_feature_target_read_right(planted_run_path, tmp_path,
+                                                             monkeypatch):
+    """"1 known pairs" in the blind-matching sentence; and a 2AFC that is not a number (a
+    one-feature target, predictivity.two_afc) is said in a note and counted as undefined in
+    the verdict, not as "low > high" failing."""
+    from convergence_core import predictivity
+    from convergence_core.run import load_run
+
+    run = load_run(planted_run_path / "runs" / "demo")
+    pairs = analyses.pairs_with_best_layers(run, k=5)
+    sets = report.dispersion_sets(run, "mean", 15, 2, 0)
+    _, entry = report.blind_matching_section(
+        run, tmp_path, pairs, sets, repeats=1, n_random=0, n_seeds=1, seed=0
+    )
+    assert "(seeded QAP on CKA, 1 known pair, 15 stimuli per set)" in entry["verdict"]
+    real = predictivity.predictivity_table
+
+    def one_feature_language(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        table = real(*args, **kwargs)
+        undefined = (table.target == "language") & (table.metric == "two_afc")
+        table.loc[undefined, "value"] = np.nan
+        return table
+
+    monkeypatch.setattr(predictivity, "predictivity_table", one_feature_language)
+    _, entry = report.predictivity_section(
+        run, tmp_path, pairs, sets, n_random=1, n_folds=3, seed=0
+    )
+    names = dict.fromkeys(f"{p.language_model} ({p.language_layer})" for p in pairs)
+    language = ", ".join(names)
+    assert entry["notes"] == [
+        f"linear predictivity's 2AFC is not a number where {language} "
+        f"{'is' if len(names) == 1 else 'are'} the target: it has one feature, and 2AFC compares "
+        "a prediction with the targets by their correlation across features, which one feature "
+        "does not have; its R² and correlation stand"
+    ]
+    assert f"two afc 0 ({len(pairs)} undefined) of {len(pairs)} pairs" in entry["verdict"]
+
+
 def test_properties_that_cannot_be_fitted_become_a_note(tmp_path):
     """A run of a handful of stimuli: the property section is a note and the report goes on
     (it stopped the whole report, before its summary, on an 8-stimulus run)."""
@@ -474,6 +575,45 @@ def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, ca
     assert (tmp_path / "alone-out" / "summary.txt").read_text(encoding="utf-8").startswith(
         "Run 'synthetic' has no language model: dispersion analyses only."
     )
+
+
+@pytest.mark.parametrize("with_language", [False, True])
+def test_both_report_paths_explain_the_cknna_numbers_summary_txt_hides(
+    tmp_path, monkeypatch, with_language
+):
+    """Sets below MIN_CKNNA_SET_SIZE: summary.txt shows "—" for CKNNA, and the note saying why
+    (and the note on CKNNA outside [-1, 1]) came only on the path with language models: a run of
+    vision models and brain recordings showed the dashes unexplained (review of 2026-12-07).
+    Both paths now give both notes, the bound note over every CKNNA written, brain pairs too."""
+    from tests.fixtures_runs import LANGUAGE_MODELS, make_brain_run
+
+    seen = []
+
+    def bound(values):  # noqa: ANN001, ANN202
+        seen.append(list(values))
+        return "CKNNA BOUND NOTE"
+
+    monkeypatch.setattr(report, "cknna_bound_note", bound)
+    run = make_brain_run(
+        tmp_path / "run", n=40, language_models=LANGUAGE_MODELS if with_language else ()
+    )
+    meta = report.write_report(  # sets of 40 // 4 = 10
+        run, tmp_path / "out", k=5, scores=["mean"], n_random=5, n_permutations=5,
+        property_permutations=10, property_shuffles=1, universal_folds=2,
+        options=report.AnalysisOptions(
+            metrics=(), skip=report.OPTIONAL_SECTIONS, gpa_starts=4,
+        ),
+    )
+    assert bool(meta["best_language_layers"]) == with_language
+    size_note = (
+        "sets of 10 stimuli are fewer than 24: summary.txt shows no CKNNA numbers for them"
+    )
+    notes = [note for note in meta["notes"] if note.startswith(size_note)]
+    assert len(notes) == 1, meta["notes"]
+    assert meta["notes"].index(notes[0]) + 1 == meta["notes"].index("CKNNA BOUND NOTE")
+    summary = (tmp_path / "out" / "summary.txt").read_text(encoding="utf-8")
+    assert "subj01 (V1)   —" in summary and "\nNote: CKNNA BOUND NOTE\n" in summary
+    assert len(seen) == 1 and any(what.endswith(" × subj01 (mean)") for what, *_ in seen[0])
 
 
 def test_brain_recordings_beside_language_models_get_their_own_fig2_and_s1(tmp_path):
@@ -1192,7 +1332,7 @@ def test_blind_matching_refuses_a_large_set_before_any_k_means(
 
     monkeypatch.setattr(report, "image_seeds", no_k_means)
     monkeypatch.setattr(blind, "MAX_STIMULI", 10)
-    with pytest.raises(ValueError, match="15 stimuli: blind matching .* at most 10"):
+    with pytest.raises(report.SectionSkipped, match="15 stimuli: blind matching .* at most 10"):
         report.blind_matching_section(run, tmp_path, pairs, sets, repeats=1, n_random=1,
                                       n_seeds=3, seed=0)
     monkeypatch.setattr(blind, "MAX_STIMULI", 3000)
