@@ -664,7 +664,8 @@ def cross_validated_retrieval(
             else f"held-out retrieval needs at least {2 * minimum_test} stimuli (2 folds)"
         )
         raise ValueError(
-            f"{n} stimuli in {n_folds} folds leave {n // n_folds} held-out stimuli per fold; "
+            f"{n} stimuli in {n_folds} folds leave {n // n_folds} held-out "
+            f"{'stimulus' if n // n_folds == 1 else 'stimuli'} per fold; "
             f"at least {minimum_test} are needed{why}: {fix}"
         )
     if strata is not None:
