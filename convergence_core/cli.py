@@ -757,16 +757,22 @@ _STORAGE_ERRORS = {
 _NEARLY_FULL_BYTES = 64 * 2**20
 
 
+#: Errors of reading a file the user gave (no permission, a disk error); a full disk, a quota or
+#: a read-only file system is a fault of writing (:func:`_storage_fault`), wherever the file is
+_READ_ERRORS = frozenset({errno.EACCES, errno.EPERM, errno.EIO})
+
+
 def _input_fault(exc: OSError, cache: Path | None) -> str | None:
     """The error line for ``exc`` where it is a fault reading one of the run's inputs (a file
     the user gave: a feature file, an id list, a data set's table), else None. An input is an
     existing file outside the cache folder (neither in it nor one of the folders holding it),
-    failing with a storage errno (no permission, a disk error); the cache's own faults are
-    :func:`_storage_fault`'s ("cannot write the run")."""
+    failing with a read error (:data:`_READ_ERRORS`: no permission, a disk error); the cache's
+    own faults, and a full disk anywhere, are :func:`_storage_fault`'s ("cannot write the
+    run")."""
     from .cache import read_error_text
     from .settings import cache_root
 
-    if exc.errno not in (*_STORAGE_ERRORS, errno.EIO) or not exc.filename:
+    if exc.errno not in _READ_ERRORS or not exc.filename:
         return None
     try:
         path = Path(os.fsdecode(exc.filename))
@@ -933,8 +939,11 @@ def main(
     """
     try:
         return _main(argv, out=out, err=err, prog=prog)
-    except BrokenPipeError:
-        _output_closed()
+    except BrokenPipeError as exc:
+        # only the reader of our output going away ends quietly; a broken pipe of the work
+        # itself (a worker's, a file's) is an error like any other
+        if exc.filename is not None or not _output_closed():
+            raise
         return EXIT_BROKEN_PIPE
 
 
@@ -943,29 +952,42 @@ def main(
 EXIT_BROKEN_PIPE = 128 + 13
 
 
-def _output_closed() -> None:
-    """After a BrokenPipeError: point standard output (and standard error, if it is the closed
-    pipe too: ``2>&1 | head``) at /dev/null, so that the interpreter's flush of their buffers at
-    exit neither raises again nor prints "Exception ignored ... BrokenPipeError" (the recipe of
-    Python's ``signal`` documentation, "Note on SIGPIPE")."""
+def _output_closed() -> bool:
+    """After a BrokenPipeError: whether it came from standard output or standard error losing
+    its reader (``runs --json | head -1``, ``2>&1 | head``), and if so point that stream at
+    /dev/null, so that the interpreter's flush of its buffer at exit neither raises again nor
+    prints "Exception ignored ... BrokenPipeError" (the recipe of Python's ``signal``
+    documentation, "Note on SIGPIPE"). A stream whose reader is there is left as it is. False
+    (neither stream lost its reader): the broken pipe was another one (a worker's), which is
+    not the reader going away."""
+    closed = False
     for stream in (sys.stdout, sys.stderr):
-        if stream is None:
-            continue
-        if stream is sys.stderr:
-            try:
-                stream.flush()
-                continue  # standard error still has a reader: it stays as it is
-            except (BrokenPipeError, ValueError):
-                pass
         try:
             fd = stream.fileno()
-        except (OSError, ValueError):  # not a file (a test's StringIO), or closed
+        except (AttributeError, OSError, ValueError):  # None, a test's StringIO, or closed
+            continue
+        if not _reader_gone(fd):
             continue
         devnull = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(devnull, fd)
         finally:
             os.close(devnull)
+        closed = True
+    return closed
+
+
+def _reader_gone(fd: int) -> bool:
+    """Whether ``fd`` is the writing end of a pipe (or socket) whose reader has gone: polling it
+    reports an error or a hang-up (POSIX). Where ``select.poll`` is missing (Windows), every
+    stream is taken to have lost its reader, as the recipe does."""
+    import select
+
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def _main(

@@ -218,6 +218,32 @@ def test_serve_accepts_the_usual_hosts():
         assert serve.streamlit_arguments(["--host", host]) == ["--server.address", host]
 
 
+def test_a_host_is_accepted_when_any_of_its_addresses_binds(monkeypatch):
+    """localhost resolving to ::1 first on a machine without IPv6 on lo (common in containers):
+    the server binds 127.0.0.1, so the check must not refuse it on the first address alone."""
+    from convergence_core.dashboard import serve
+
+    real_socket = socket.socket
+
+    def resolve(host, *args, **kwargs):
+        return [
+            (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0)),
+        ]
+
+    class NoIPv6(real_socket):
+        def bind(self, address):  # noqa: ANN001, ANN202
+            if self.family == socket.AF_INET6:
+                raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+            return super().bind(address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(socket, "socket", NoIPv6)
+    assert serve.streamlit_arguments(["--host", "localhost"]) == [
+        "--server.address", "localhost"
+    ]
+
+
 # -- 4: a misspelt image column -------------------------------------------------------------------
 
 
@@ -338,3 +364,32 @@ def test_a_rerun_says_which_damaged_file_it_redoes(tmp_path):
     (said,) = [line for line in err.splitlines() if "redone" in line]
     assert said.startswith("  b: redone: ") and "embeddings/b/features.npy" in said, err
     assert "  a: cached" in err, err
+
+
+def test_a_broken_pipe_of_the_work_is_not_taken_for_a_closed_output(tmp_path, monkeypatch):
+    """A BrokenPipeError from the work (a worker's pipe), not from writing the output, was ended
+    quietly with status 141, and standard output was pointed at /dev/null for the rest of the
+    process: it is an error like any other, and the output stays as it was."""
+    from convergence_core import precompute as module
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(module, "precompute", broken)
+    with pytest.raises(BrokenPipeError):
+        _main("precompute", *_feature_files(tmp_path / "f"), "--quiet",
+              "--cache", str(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_full_disk_outside_the_cache_is_not_called_an_unreadable_input(tmp_path, code):
+    """A write fault on an existing file outside the cache (the Hugging Face caches, say) was
+    'cannot read input file ... (No space left on device)': it is the storage's fault."""
+    from convergence_core.cli import _input_fault, _storage_fault
+
+    existing = tmp_path / "elsewhere" / "file.bin"
+    existing.parent.mkdir()
+    existing.write_bytes(b"x")
+    fault = OSError(code, os.strerror(code), str(existing))
+    assert _input_fault(fault, tmp_path / "cache") is None
+    assert _storage_fault(fault, tmp_path / "cache") is not None

@@ -185,20 +185,27 @@ def _check_host(host: str, flag: str) -> None:
             f"{flag} {host!r} is not an address or a host name this machine can resolve "
             f"({cause}); {_HOST_CHOICES}"
         ) from None
-    family, kind, proto, _, address = found[0]
-    try:
-        with socket.socket(family, kind, proto) as probe:
-            probe.bind(address)
-    except OSError as exc:
-        if exc.errno == errno.EADDRNOTAVAIL:
-            shown = "" if address[0] == host else f" ({address[0]})"
-            raise ValueError(
-                f"{flag} {host}{shown} is not an address of this machine, so the dashboard "
-                f"cannot listen on it; {_HOST_CHOICES}"
-            ) from None
+    # as the server binds: every address the name resolves to (localhost: ::1 first, on a
+    # machine without IPv6 on lo, then 127.0.0.1); one that binds is enough
+    failures: list[tuple[str, OSError]] = []
+    for family, kind, proto, _, address in found:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.bind(address)
+            return
+        except OSError as exc:
+            failures.append((str(address[0]), exc))
+    if all(exc.errno == errno.EADDRNOTAVAIL for _, exc in failures):
+        tried = sorted({a for a, _ in failures} - {host})
+        shown = f" ({', '.join(tried)})" if tried else ""
         raise ValueError(
-            f"cannot listen on {flag} {host} ({exc.strerror or exc}); {_HOST_CHOICES}"
+            f"{flag} {host}{shown} is not an address of this machine, so the dashboard "
+            f"cannot listen on it; {_HOST_CHOICES}"
         ) from None
+    exc = next(exc for _, exc in failures if exc.errno != errno.EADDRNOTAVAIL)
+    raise ValueError(
+        f"cannot listen on {flag} {host} ({exc.strerror or exc}); {_HOST_CHOICES}"
+    ) from None
 
 
 def _check_address(arguments: Sequence[str]) -> None:
