@@ -84,13 +84,14 @@ def test_a_cache_that_is_a_file_is_refused_in_words(tmp_path, monkeypatch):
     assert code == 2 and "($CONVERGENCE_CACHE or the default) is a file" in err
 
 
-def _feature_files(folder: Path, n: int = 12) -> list[str]:
-    """Two small vision feature files with their ids: the ``--features`` flags of a quick run."""
+def _feature_files(folder: Path, n: int = 12, names: tuple[str, str] = ("a", "b")) -> list[str]:
+    """Two small vision feature files with their ids (models ``names``, widths 5 and 4): the
+    ``--features`` flags of a quick run of two GPA models."""
     import numpy as np
 
     folder.mkdir(parents=True, exist_ok=True)
     flags = []
-    for name, width in (("a", 5), ("b", 4)):
+    for name, width in zip(names, (5, 4), strict=True):
         np.save(folder / f"{name}.npy", np.random.default_rng(width).standard_normal((n, width)))
         (folder / f"{name}.npy.ids.txt").write_text("".join(f"s{i}\n" for i in range(n)))
         flags += ["--features", f"{name}={folder / name}.npy", "--modality", f"{name}=vision"]

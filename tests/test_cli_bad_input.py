@@ -19,23 +19,13 @@ from convergence_core.cache import CacheFormatError, read_json, read_npy, read_p
 from convergence_core.cli import main
 from convergence_core.datasets import load_dataset
 from convergence_core.sources import FeatureFileError, read_feature_file
+from tests.test_cli import _feature_files
 
 
 def _main(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = main(list(argv), out=out, err=err)
     return code, out.getvalue(), err.getvalue()
-
-
-def _feature_files(folder: Path, n: int = 12) -> list[str]:
-    """Two small vision feature files with their ids: the ``--features`` flags of a quick run."""
-    folder.mkdir(parents=True, exist_ok=True)
-    flags = []
-    for name, width in (("a", 5), ("b", 4)):
-        np.save(folder / f"{name}.npy", np.random.default_rng(width).standard_normal((n, width)))
-        (folder / f"{name}.npy.ids.txt").write_text("".join(f"s{i}\n" for i in range(n)))
-        flags += ["--features", f"{name}={folder / name}.npy", "--modality", f"{name}=vision"]
-    return flags
 
 
 def _unreadable(monkeypatch, path: Path, code: int) -> None:

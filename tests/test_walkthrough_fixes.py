@@ -25,6 +25,7 @@ from convergence_core.gpa_stability import gpa_stability, gpa_to_uncertainty
 from convergence_core.procrustes import DEFAULT_TOL, generalized_procrustes
 from convergence_core.run import load_run
 from tests.fixtures_runs import make_synthetic_run
+from tests.test_cli import _feature_files as feature_files
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,13 +39,7 @@ def _main(*argv: str) -> tuple[int, str, str]:
 def _feature_files(folder: Path, n: int = 12) -> list[str]:
     """Two small vision feature files with their ids (``vit-a``, ``vit-b``): the ``--features``
     flags of a quick run of two GPA models."""
-    folder.mkdir(parents=True, exist_ok=True)
-    flags = []
-    for name, width in (("vit-a", 5), ("vit-b", 4)):
-        np.save(folder / f"{name}.npy", np.random.default_rng(width).standard_normal((n, width)))
-        (folder / f"{name}.npy.ids.txt").write_text("".join(f"s{i}\n" for i in range(n)))
-        flags += ["--features", f"{name}={folder / name}.npy", "--modality", f"{name}=vision"]
-    return flags
+    return feature_files(folder, n, names=("vit-a", "vit-b"))
 
 
 def _strict(text: str) -> object:
