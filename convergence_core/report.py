@@ -1609,6 +1609,23 @@ def _caption_pairs(
 MANY_TO_MANY_MAX_STIMULI = 1_000
 
 
+def _check_half_samples(n: int, k: int, metrics: Sequence[str]) -> None:
+    """:class:`SectionSkipped` where caption averaging over ``n`` images cannot run: fewer than
+    ``many_to_many.MIN_UNITS`` images, or half-samples (⌊n/2⌋ images, the interval's) too small
+    for k neighbours of a neighbour metric among ``metrics``."""
+    if n < many_to_many.MIN_UNITS:
+        raise SectionSkipped(
+            f"caption averaging compares {n} images; it needs at least {many_to_many.MIN_UNITS}"
+        )
+    half = n // 2
+    neighbour = [m for m in metrics if registry.metric(m).neighbour_metric]
+    if neighbour and k > half - 1:
+        raise SectionSkipped(
+            f"its interval's half-samples of {half} images are too few for k = {k} neighbours "
+            f"({', '.join(neighbour)}); use --k {max(1, half - 1)} or less for it"
+        )
+
+
 def many_to_many_section(
     run: Run, out: Path, pairs: Sequence[analyses.Pair], *, k: int, metrics: Sequence[str],
     n_resamples: int, embed: bool, seed: int, tell: Callable[[str], None] | None = None,
@@ -1640,6 +1657,8 @@ def many_to_many_section(
                 "share no class, and their mean would be no class's mean"
             )
     sample = analyses.sweep_sample(run.n_stimuli, max_stimuli=MANY_TO_MANY_MAX_STIMULI, seed=seed)
+    if captions:  # what the run cannot have, said as a skip (any other error is a bug)
+        _check_half_samples(sample.size, k, metrics)
     if captions and sample.size < run.n_stimuli:
         notes.append(
             f"many-to-many caption averaging on a random sample of {sample.size:,} of the "

@@ -1664,3 +1664,25 @@ def test_a_run_file_it_cannot_read_is_named_not_blamed_on_out(tmp_path, monkeypa
         13, "Permission denied", str(out / "layer_sweep.csv"))))
     assert report.main([str(run.path), "--out", str(out)]) == 2
     assert "cannot write the report to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("cap", "k", "metric", "said"),
+    [
+        (6, 5, "cka", "compares 6 images; it needs at least 8"),
+        (10, 5, "mutual_knn", "half-samples of 5 images are too few for k = 5 neighbours"),
+    ],
+)
+def test_many_to_many_on_too_few_images_is_a_skip_not_a_bug(
+    captioned_run, tmp_path, monkeypatch, cap, k, metric, said
+):
+    """Since unexpected section errors are said as bugs, what a small run cannot have must be a
+    SectionSkipped: fewer images than caption averaging needs, or half-samples too small for k
+    (here a capped sample stands for a small run)."""
+    monkeypatch.setattr(report, "MANY_TO_MANY_MAX_STIMULI", cap)
+    pairs = analyses.pairs_with_best_layers(captioned_run, k=5)[:1]
+    with pytest.raises(report.SectionSkipped, match=said):
+        report.many_to_many_section(
+            captioned_run, tmp_path, pairs, k=k, metrics=(metric,), n_resamples=10, embed=False,
+            seed=0,
+        )
