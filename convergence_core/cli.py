@@ -518,6 +518,12 @@ def _features(values: Sequence[str] | None) -> dict[str, dict[str, str]] | None:
                 f"--features {key}={path} has no model name before the ':'; --features expects "
                 "NAME=PATH or NAME:LAYER=PATH (e.g. --features subj01:V1=V1.npy)"
             )
+        if ":" in key and not layer.strip():  # NAME:=PATH: a layer name was meant, and left out
+            raise ValueError(
+                f"--features {key}={path} has no layer name after the ':'; give NAME:LAYER=PATH "
+                f"(e.g. --features {name.strip()}:V1={path}) or NAME=PATH (one layer, "
+                "'features')"
+            )
         layers = out.setdefault(name.strip(), {})
         layer = layer.strip() or "features"
         if layer in layers:
@@ -577,6 +583,7 @@ class _ProgressBars:
         self.key: tuple[str, str | None] | None = None
         self.cached: set[tuple[str, str | None]] = set()
         self.finished: set[tuple[str, str | None]] = set()
+        self.said: set[tuple[tuple[str, str | None], str]] = set()  # details printed
         self.step_started: dict[str, float] = {}
         self.step_line: dict[str, float] = {}
         self.started = self.last_line = 0.0
@@ -630,13 +637,16 @@ class _ProgressBars:
                 self.cached.add(key)
                 print(f"  {label}: cached", file=self.stream)
             return
+        if event.detail and (key, event.detail) not in self.said:
+            # e.g. "redone: <file> is cut short": why finished work runs again (once per layer)
+            self.said.add((key, event.detail))
+            self._close()
+            print(f"  {label}: {event.detail}", file=self.stream, flush=True)
         first = key != self.key
         if first:
             self._close()
             if complete and key in self.finished:
                 return  # the model's bar has already reached its total
-            if event.detail:  # e.g. "redone: <file> is cut short": why finished work runs again
-                print(f"  {label}: {event.detail}", file=self.stream, flush=True)
             self.key, self.started = key, self.clock()
             self.last_line = self.started
             if self.terminal:

@@ -383,3 +383,28 @@ def test_a_full_disk_outside_the_cache_is_not_called_an_unreadable_input(tmp_pat
     fault = OSError(code, os.strerror(code), str(existing))
     assert _input_fault(fault, tmp_path / "cache") is None
     assert _storage_fault(fault, tmp_path / "cache") is not None
+
+
+def test_features_with_an_empty_layer_name_names_the_format(tmp_path):
+    """`--features a:=path` silently made the layer 'features': a layer name was meant."""
+    code, _, err = _main("precompute", "--features", f"a:={tmp_path / 'a.npy'}",
+                         "--cache", str(tmp_path / "c"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "has no layer name after the ':'" in err and "NAME:LAYER=PATH" in err, err
+
+
+def test_every_redone_layer_of_a_model_is_said():
+    """A model's neighbour lists of two layers, both damaged: each layer's "redone" line is
+    printed (only the model's first event printed its detail, so the second layer's was lost)."""
+    from convergence_core.cli import _ProgressBars
+    from convergence_core.precompute import ProgressEvent
+
+    stream = io.StringIO()
+    bars = _ProgressBars(stream)
+    bars(ProgressEvent("neighbours", "b", 0, 24, detail="redone: first layer's file"))
+    bars(ProgressEvent("neighbours", "b", 6, 24))
+    bars(ProgressEvent("neighbours", "b", 12, 24, detail="redone: second layer's file"))
+    bars(ProgressEvent("neighbours", "b", 24, 24))
+    said = [line for line in stream.getvalue().splitlines() if "redone" in line]
+    assert said == ["  b neighbours: redone: first layer's file",
+                    "  b neighbours: redone: second layer's file"], stream.getvalue()
