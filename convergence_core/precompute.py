@@ -1433,47 +1433,34 @@ def _execute(
         # call creates the run folder, which a failure on bad input may then remove again
         created = not os.path.lexists(path)
         try:
-            _run_steps(plan, path, name, stimuli, info, notify, data_fingerprint, started)
+            pipeline = _Pipeline(
+                plan, stimuli, info, data_fingerprint or info.fingerprint or "", path, name, notify
+            )
+            if plan.config is not None:
+                # again, exactly: the encoders this call will load (a changed data set
+                # re-extracts)
+                _check_weights(
+                    plan.config,
+                    [s.name for s in plan.sources if s.kind == "encoder" and not pipeline.done(s)],
+                )
+            try:
+                for source in plan.sources:
+                    pipeline.model(source)
+                    pipeline.neighbours(source.name)
+            finally:
+                pipeline.close_engine()
+            gpa_inputs = pipeline.gpa()
+            pipeline.gpa_stability(gpa_inputs)
+            pipeline.dispersion(gpa_inputs)
+            pipeline.thumbnails()
+            pipeline.properties()
+            pipeline.finish(time.perf_counter() - started)
         except ValueError:
             if created:
                 _remove_unfinished_new_run(path)
             raise
     notify(ProgressEvent("done", None, 1, 1))
     return load_run(path)
-
-
-def _run_steps(
-    plan: _Plan,
-    path: Path,
-    name: str,
-    stimuli: Any,
-    info: DatasetInfo,
-    notify: ProgressCallback,
-    data_fingerprint: str | None,
-    started: float,
-) -> None:
-    """The pipeline's steps in order, on the run folder ``path`` (the caller holds its lock)."""
-    pipeline = _Pipeline(
-        plan, stimuli, info, data_fingerprint or info.fingerprint or "", path, name, notify
-    )
-    if plan.config is not None:
-        # again, exactly: the encoders this call will load (a changed data set re-extracts)
-        _check_weights(
-            plan.config,
-            [s.name for s in plan.sources if s.kind == "encoder" and not pipeline.done(s)],
-        )
-    try:
-        for source in plan.sources:
-            pipeline.model(source)
-            pipeline.neighbours(source.name)
-    finally:
-        pipeline.close_engine()
-    gpa_inputs = pipeline.gpa()
-    pipeline.gpa_stability(gpa_inputs)
-    pipeline.dispersion(gpa_inputs)
-    pipeline.thumbnails()
-    pipeline.properties()
-    pipeline.finish(time.perf_counter() - started)
 
 
 #: Steps a new run folder finishes before any work: the stimulus table (seconds to redo)
