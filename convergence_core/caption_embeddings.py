@@ -19,6 +19,12 @@ stimulus by stimulus; ``owners[c]`` is caption c's stimulus row. A cached file w
 weights or shape no longer match the run is ignored (:func:`cached_caption_embeddings` returns
 None) and rewritten by the next :func:`embed_captions`.
 
+Weights: the encoder loads with the weights path given to :func:`embed_captions` (``weights=``,
+the report's ``--weights MODEL=PATH``), else the one the run's manifest records
+(``settings.weights``, the precompute's ``--weights``) only where it lies inside the cache or the
+data folder once symbolic links are resolved (:func:`manifest_weights`): a run folder can be
+altered, and nothing outside those is read because of what it says.
+
 ``first_caption_difference``: for a run made with ``caption_mode="first"``, the largest absolute
 difference between each stimulus's first-caption row here and the run's stored embedding,
 relative to the largest absolute stored value — about 1e-6 when both came from the same weights
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -37,6 +44,7 @@ import numpy as np
 
 from .cache import CacheFormatError, read_json, read_npy, write_json, write_npy
 from .extract import captions_for_language, extract_embeddings
+from .images import ImageFileError, resolve_inside
 
 if TYPE_CHECKING:
     from .manifest import ModelEntry
@@ -48,6 +56,7 @@ __all__ = [
     "cached_caption_embeddings",
     "caption_texts",
     "embed_captions",
+    "manifest_weights",
     "write_caption_embeddings",
 ]
 
@@ -176,15 +185,20 @@ def embed_captions(
     layers: Sequence[str],
     *,
     encoder: Encoder | None = None,
+    weights: str | os.PathLike[str] | None = None,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, CaptionEmbeddings]:
     """Embed every caption with ``model`` (loaded offline unless ``encoder`` is given) and cache
     the ``layers`` asked for; layers already cached are read, not recomputed.
 
-    Raises ValueError when the model is not one of the run's language models, when the loaded
-    weights differ from those the run was made with (``weights_id``), or (from the model registry)
-    when the weights are not available offline.
+    ``weights``: a local weights path to load ``model`` from (a file or model folder, as the
+    precompute's ``--weights``); None: the manifest's, if :func:`manifest_weights` accepts it.
+
+    Raises ValueError when the model is not one of the run's language models, when the manifest
+    names weights outside the cache and the data folder (:func:`manifest_weights`), when the
+    loaded weights differ from those the run was made with (``weights_id``), or (from the model
+    registry) when the weights are not available offline.
     """
     layers = list(dict.fromkeys(layers))
     found = {layer: cached_caption_embeddings(run, model, layer) for layer in layers}
@@ -202,7 +216,8 @@ def embed_captions(
     if encoder is None:
         from .models import load_encoder
 
-        weights = (run.manifest.settings.get("weights") or {}).get(model)
+        if weights is None:
+            weights = manifest_weights(run, model)
         encoder = load_encoder(model, device="cpu", weights=weights)
     if entry.weights_id is not None and encoder.weights_id != entry.weights_id:
         raise ValueError(
@@ -221,6 +236,49 @@ def embed_captions(
         )
     )
     return found  # type: ignore[return-value]
+
+
+def manifest_weights(run: Run, model: str) -> str | None:
+    """The weights path the run's manifest records for ``model`` (``settings.weights``), or None.
+
+    The manifest is read, not trusted: its path is accepted only if, with symbolic links
+    resolved, it lies inside the cache (``settings.cache_root()``) or the data folder
+    (``settings.data_root()``), by the rule that keeps a data set's images inside its root
+    (``images.resolve_inside``). Raises ValueError naming the field and the fix otherwise, or
+    when the field is not a {model: path} mapping.
+    """
+    from . import settings
+
+    recorded = run.manifest.settings.get("weights")
+    field = f"settings.weights in {run.layout.manifest}"
+    if recorded is None:
+        return None
+    path = recorded.get(model) if isinstance(recorded, Mapping) else recorded
+    if path is None:
+        return None
+    fix = (
+        f"pass the weights of {model!r} yourself (report --weights {model}=PATH, or "
+        "embed_captions(..., weights=PATH)), or rerun precompute with weights inside the cache "
+        "or the data folder"
+    )
+    if not isinstance(recorded, Mapping) or not isinstance(path, str) or not path.strip():
+        raise ValueError(
+            f"the {field} is {str(recorded)[:80]!r}, not a {{model: weights path}} mapping; the "
+            f"manifest was altered or damaged: {fix}"
+        )
+    roots = (settings.cache_root(), settings.data_root())
+    for root in roots:
+        try:
+            resolve_inside(root, Path(path).expanduser())
+        except ImageFileError:
+            continue
+        return path
+    raise ValueError(
+        f"run {run.name!r} records {path[:200]!r} as the weights of {model!r} ({field}), "
+        f"which lies outside the cache {roots[0]} and the data folder {roots[1]}, so it is not "
+        f"read (a run folder can be altered); if those are the weights the run was made with, "
+        f"{fix}"
+    )
 
 
 def first_caption_difference(run: Run, model: str, layer: str) -> float | None:

@@ -669,6 +669,26 @@ def load_labelled(
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
+#: what a Hugging Face hub id can look like: ``name`` or ``owner/name``, each of letters, digits,
+#: '-', '_' and '.', starting and ending with a letter or digit (``huggingface_hub``'s rule, a
+#: little wider: it also refuses '--', '..' and over 96 characters); anything else is a path
+_HUB_ID = re.compile(r"(?:\w(?:[\w.-]*\w)?/)?\w(?:[\w.-]*\w)?")
+
+
+def _not_a_local_folder(name: str, local: Path) -> str | None:
+    """Why ``name`` (``load_hf``'s, ``~`` expanded as ``local``) names nothing to load, where it
+    cannot be a hub id (a leading '/', '.' or '~', more than one '/', a backslash, ...) and
+    nothing is there: said at once, without asking the hub (up to 5 s) about a mistyped path.
+    None where it is there, or where it may be a hub id (the hub, or its cache, answers that)."""
+    if _HUB_ID.fullmatch(name) or local.exists():
+        return None
+    return (
+        f"the Hugging Face data set {name!r} names no folder here ({os.path.abspath(local)} does "
+        "not exist) and is not a hub id (name or owner/name: letters, digits, '-', '_' and "
+        "'.'); check the path, or point at the folder written by datasets.Dataset.save_to_disk() "
+        "or holding the data set's parquet files (--dataset hf:/path/to/folder)"
+    )
+
 
 @contextlib.contextmanager
 def _hub_offline() -> Iterator[None]:
@@ -900,18 +920,23 @@ def load_hf(
     A hub id is loaded in offline mode (:func:`_hub_offline`, for this call only) when the hub
     cannot be reached (one probe of at most 5 s per process, or ``HF_HUB_OFFLINE`` set): a data
     set in the datasets cache is served from it, and one that is not fails at once instead of
-    retrying the hub for half a minute. A local folder never asks the hub.
+    retrying the hub for half a minute. A local folder never asks the hub, and neither does a
+    ``name`` that cannot be a hub id (``./data/wit``, ``/abs/folder``, ``a/b/c``) and is not there.
 
     Raises:
         DatasetUnavailableError: offline / not found, with how to point at a local copy.
-        ValueError: an image cell that names a file by path outside the dataset's folder (or,
-            for a hub dataset, outside the Hugging Face caches), or a file that cannot be read.
+        ValueError: ``name`` is no hub id and no folder here (a mistyped path: at once); an
+            image cell that names a file by path outside the dataset's folder (or, for a hub
+            dataset, outside the Hugging Face caches), or a file that cannot be read.
     """
+    local = Path(name).expanduser()
+    problem = _not_a_local_folder(name, local)
+    if problem is not None:
+        raise ValueError(problem)
     import datasets as hf_datasets
 
     from .cache import write_bytes
 
-    local = Path(name).expanduser()
     # a hub id: ask the hub only when it answers (one short probe per process); otherwise load
     # in offline mode, from the datasets cache or failing at once, instead of 5 retries (~28 s)
     unreachable = None

@@ -1187,6 +1187,9 @@ class AnalysisOptions:
         many_to_many_resamples: half-samples of the interval of that difference.
         embed_captions: load each language model to embed every caption (cached in the run
             folder) when the run has no cached caption embeddings.
+        caption_weights: ``{language model: local weights path}`` to embed its captions with
+            (``--weights``); a model left out loads the manifest's weights if they lie inside the
+            cache or the data folder (``caption_embeddings.manifest_weights``).
         gpa_starts: random starts of the GPA stability diagnostic (``gpa_stability``).
         skip: sections to leave out (names of :data:`OPTIONAL_SECTIONS`).
     """
@@ -1205,6 +1208,7 @@ class AnalysisOptions:
     many_to_many_metrics: tuple[str, ...] = ("cknna", "cka")
     many_to_many_resamples: int = 200
     embed_captions: bool = False
+    caption_weights: dict[str, str] | None = None
     gpa_starts: int = 4
     skip: tuple[str, ...] = ()
 
@@ -1566,7 +1570,7 @@ def predictivity_section(
 
 
 def _caption_pairs(
-    run: Run, pairs: Sequence[analyses.Pair], embed: bool
+    run: Run, pairs: Sequence[analyses.Pair], embed: bool, weights: dict[str, str] | None = None
 ) -> tuple[dict[tuple[str, str], caption_embeddings.CaptionEmbeddings], list[str]]:
     """Per-caption embeddings of every language model × layer in ``pairs`` (cached, or embedded
     when ``embed``), and notes for those missing."""
@@ -1586,7 +1590,9 @@ def _caption_pairs(
             )
         elif cached is None and embed:
             try:
-                cached = caption_embeddings.embed_captions(run, model, [layer])[layer]
+                cached = caption_embeddings.embed_captions(
+                    run, model, [layer], weights=(weights or {}).get(model)
+                )[layer]
             except (ValueError, OSError, ImportError) as error:
                 notes.append(f"many-to-many: could not embed the captions with {model}: {error}")
         elif cached is None:
@@ -1629,6 +1635,7 @@ def _check_half_samples(n: int, k: int, metrics: Sequence[str]) -> None:
 def many_to_many_section(
     run: Run, out: Path, pairs: Sequence[analyses.Pair], *, k: int, metrics: Sequence[str],
     n_resamples: int, embed: bool, seed: int, tell: Callable[[str], None] | None = None,
+    weights: dict[str, str] | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """One caption per image vs the mean of all its captions (paper 004), and for labelled runs
     one image–text pair per class vs class means; the difference with its half-sample interval.
@@ -1645,7 +1652,7 @@ def many_to_many_section(
     ``tell`` (optional) hears how far the resamples are at most every
     :data:`SET_PROGRESS_EVERY_S` (minutes on the demo run).
     """
-    captions, notes = _caption_pairs(run, pairs, embed)
+    captions, notes = _caption_pairs(run, pairs, embed, weights)
     labels = run.stimuli["label"].to_numpy() if "label" in run.stimuli.columns else None
     class_notes: list[str] = []  # said once, after the caption notes, if classes were compared
     if labels is not None:
@@ -2048,7 +2055,7 @@ def paper_sections(
         "many_to_many": lambda: many_to_many_section(
             run, out, pairs, k=k, metrics=options.many_to_many_metrics,
             n_resamples=options.many_to_many_resamples, embed=options.embed_captions, seed=seed,
-            tell=tell,
+            tell=tell, weights=options.caption_weights,
         ),
         "blind_matching": lambda: blind_matching_section(
             run, out, pairs, sets, repeats=options.blind_matching_repeats,
@@ -2203,6 +2210,14 @@ def _parser() -> argparse.ArgumentParser:
         "the run folder) for the many-to-many section",
     )
     parser.add_argument(
+        "--weights",
+        action="append",
+        metavar="MODEL=PATH",
+        help="with --embed-captions: local weights of a language model (as precompute's "
+        "--weights); without it, weights the run records are read only from inside the cache or "
+        "the data folder; repeatable",
+    )
+    parser.add_argument(
         "--gpa-starts",
         type=int,
         default=defaults.gpa_starts,
@@ -2336,6 +2351,28 @@ def _remove_empty(folders: Sequence[Path]) -> None:
             return
 
 
+def _weights_flag(
+    values: Sequence[str] | None, run: Run, embed: bool
+) -> dict[str, str] | None:
+    """``--weights MODEL=PATH`` (repeatable) as ``{model: path}``, each a language model of
+    ``run``; refused without ``--embed-captions``, the only step that loads a model."""
+    from .cli import _pairs
+
+    weights = _pairs(values, "--weights")
+    if weights and not embed:
+        raise ValueError(
+            "--weights gives the weights to embed captions with, and only --embed-captions "
+            "embeds them; add --embed-captions, or leave --weights out"
+        )
+    unknown = [model for model in weights if model not in run.language_models]
+    if unknown:
+        raise ValueError(
+            f"--weights names {unknown}, not among run {run.name!r}'s language models "
+            f"{run.language_models}; spell it as the model is listed (--weights MODEL=PATH)"
+        )
+    return weights or None
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
     parser = _parser()
@@ -2390,6 +2427,7 @@ def main(argv: list[str] | None = None) -> int:
                 predictivity_random=args.predictivity_random,
                 blind_matching_random=args.blind_matching_random,
                 embed_captions=args.embed_captions,
+                caption_weights=_weights_flag(args.weights, run, args.embed_captions),
                 gpa_starts=args.gpa_starts,
                 skip=tuple(args.skip),
             ),
