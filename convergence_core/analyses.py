@@ -46,6 +46,7 @@ import pandas as pd
 
 from . import metrics as registry
 from .calibration import (
+    baseline_freedom,
     calibrated_score,
     check_level,
     local_density,
@@ -1042,7 +1043,10 @@ def matched_baselines(
     ``exclude_chosen`` drawn from the stimuli outside that set). The question: is the observed gap
     metric(low) − metric(high) larger than the gap between sets that only share their covariate
     (and category) profile? Its p-value is P(matched gap ≥ observed gap) over the draws (b-th low
-    match against b-th high match, +1 correction); ``survives`` = gap > 0 and p < 0.05.
+    match against b-th high match, +1 correction); ``survives`` = gap > 0 and p < 0.05, and each
+    set's matched sets free enough for a verdict (``calibration.baseline_freedom``: at least 20
+    distinct sets; with too few stimuli outside a set its matched sets are the same few sets drawn
+    again and again, and any gap above theirs would "survive").
 
     Returns ``(table, balance)``. ``table``: one row per metric × pair with the pair's columns,
     ``metric``, ``set_size``, ``observed_low``, ``matched_low_mean`` / ``_lower`` / ``_upper``,
@@ -1053,7 +1057,11 @@ def matched_baselines(
     ``matched_on`` (p-values NaN where a value is NaN, ``on_error="nan"``). ``balance``: per set
     (low, high): ``set``, ``chosen_covariate_mean``,
     ``matched_covariate_mean``, ``standardised_difference`` ((matched − chosen) / covariate sd over
-    all stimuli), ``mean_overlap`` (share of a matched set inside the chosen set), ``matched_on``.
+    all stimuli), ``mean_overlap`` (share of a matched set inside the chosen set),
+    ``distinct_matched_sets`` (distinct sets among the ``n_sets`` drawn), ``matched_overlap``
+    (share of a matched set's stimuli another matched set also holds, mean over pairs of draws),
+    ``verdict_possible`` (``distinct_matched_sets`` at least
+    ``calibration.distinct_sets_needed()``), ``matched_on``.
     """
     pairs = [Pair(*pair) for pair in pairs]
     names = check_metric_names(metrics)
@@ -1066,6 +1074,8 @@ def matched_baselines(
             seed=matched_set_seed(seed, set_name),
         )
     B = matched["low"].shape[0]
+    freedom = {name: baseline_freedom(drawn) for name, drawn in matched.items()}
+    free = all(f.enough for f in freedom.values())  # else no verdict: too few distinct sets
     sets = np.concatenate(
         [np.sort(low)[None], np.sort(high)[None], matched["low"], matched["high"]]
     )
@@ -1103,7 +1113,7 @@ def matched_baselines(
                     "matched_gap_upper": percentile_interval(gaps, level)[1],
                     "p_value_gap": p_gap,
                     "share_of_gap_matched": gap_mean / gap if gap != 0 else float("nan"),
-                    "survives": bool(gap > 0 and p_gap < 0.05),
+                    "survives": bool(free and gap > 0 and p_gap < 0.05),
                     "n_sets": int(B),
                     "matched_on": matched_on,
                 }
@@ -1122,6 +1132,9 @@ def matched_baselines(
                     (covariate[drawn].mean() - covariate[chosen].mean()) / spread
                 ),
                 "mean_overlap": float(np.isin(drawn, chosen).mean()),
+                "distinct_matched_sets": freedom[set_name].n_distinct,
+                "matched_overlap": freedom[set_name].mean_overlap,
+                "verdict_possible": freedom[set_name].enough,
                 "matched_on": matched_on,
             }
         )

@@ -14,6 +14,10 @@ than its set size, its density and its categories predict?
   they are matched only among themselves.
 * :func:`compare_with_baseline` — a chosen set's score against the scores of baseline sets
   (interval, one-sided p-values).
+* :func:`baseline_freedom` — whether baseline sets leave a verdict possible: a run with few
+  stimuli outside a set (8 stimuli, sets of 4) leaves its matched sets one set, drawn again and
+  again, against which any gap "survives"; a verdict needs :func:`distinct_sets_needed` distinct
+  sets (20 at p < 0.05).
 * :func:`resampled_interval` — a resampling interval of any statistic of stimulus rows (bootstrap,
   or half-sampling that never repeats a stimulus, for neighbour metrics).
 
@@ -651,12 +655,77 @@ def matched_random_sets(
     return np.sort(sets, axis=1)
 
 
+def distinct_sets_needed(alpha: float = 0.05) -> int:
+    """Fewest distinct baseline sets that let a one-sided p-value fall below ``alpha``: the
+    smallest D with 1 / (D + 1) < alpha (20 at 0.05).
+
+    Why: a baseline asks whether the chosen set is one more draw of the sets it is matched to. If
+    those draws are D distinct sets, the chosen set would be one of D + 1 exchangeable sets, and
+    no exact p-value is smaller than 1 / (D + 1) — however many times the D sets were drawn (the
+    +1-corrected p of B draws, 1 / (B + 1), counts each repeat as new evidence). Fewer distinct
+    sets cannot support a verdict at ``alpha``: matched sets that are all the same set (a run of 8
+    stimuli, sets of 4: every set's other half) make any gap above that one set's "survive".
+    """
+    alpha = float(alpha)
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}; use e.g. 0.05.")
+    needed = max(1, math.ceil(1.0 / alpha - 1.0))
+    while 1.0 / (needed + 1) >= alpha:  # rounding of 1 / alpha
+        needed += 1
+    return needed
+
+
+@dataclass(frozen=True)
+class BaselineFreedom:
+    """How freely baseline sets were drawn (:func:`baseline_freedom`).
+
+    ``n_sets`` drawn, ``n_distinct`` of them distinct (as sets of stimuli), ``needed`` the
+    distinct sets a verdict at ``alpha`` needs (:func:`distinct_sets_needed`), ``enough`` =
+    ``n_distinct >= needed``; ``mean_overlap``: the share of a set's stimuli that another drawn
+    set also holds, mean over all pairs of draws (1: one set drawn every time; descriptive, the
+    rule is the distinct count).
+    """
+
+    n_sets: int
+    n_distinct: int
+    needed: int
+    mean_overlap: float
+    alpha: float
+
+    @property
+    def enough(self) -> bool:
+        return self.n_distinct >= self.needed
+
+
+def baseline_freedom(sets: object, alpha: float = 0.05) -> BaselineFreedom:
+    """Whether baseline sets (B, s) — e.g. :func:`matched_random_sets` — are free enough for a
+    verdict at ``alpha``: at least :func:`distinct_sets_needed` distinct sets among the B (see
+    there why; a count of sets, not of stimuli, so no threshold on the run's size). O(B · s log s)
+    time, O(B · s) memory."""
+    sets = np.asarray(sets, dtype=np.int64)
+    if sets.ndim != 2 or sets.shape[0] < 1:
+        raise ValueError(f"sets must be (B, s) with B >= 1 baseline sets; got {sets.shape}.")
+    needed = distinct_sets_needed(alpha)
+    rows = np.sort(sets, axis=1)
+    n_sets, size = rows.shape
+    distinct = int(np.unique(rows, axis=0).shape[0])
+    if n_sets > 1 and size:
+        counts = np.bincount(rows.ravel()).astype(np.float64)  # sets holding each stimulus
+        shared = float((counts * (counts - 1)).sum())  # ordered pairs of draws × stimulus
+        overlap = shared / (n_sets * (n_sets - 1) * size)
+    else:
+        overlap = 1.0
+    return BaselineFreedom(n_sets, distinct, needed, overlap, float(alpha))
+
+
 @dataclass(frozen=True)
 class BaselineComparison:
     """A chosen set's score against baseline sets' scores.
 
     ``p_value_greater`` = P(baseline ≥ observed), ``p_value_less`` = P(baseline ≤ observed) (+1
-    correction); (``lower``, ``upper``) the central ``level`` interval of the baseline scores.
+    correction); (``lower``, ``upper``) the central ``level`` interval of the baseline scores;
+    ``freedom`` how freely the baseline sets were drawn (:func:`baseline_freedom`; None when not
+    known).
     """
 
     observed: float
@@ -668,6 +737,7 @@ class BaselineComparison:
     n_sets: int
     level: float
     baseline: np.ndarray
+    freedom: BaselineFreedom | None = None
 
 
 def compare_with_baseline(
@@ -678,7 +748,8 @@ def compare_with_baseline(
     level: float = 0.95,
     batched: bool = False,
 ) -> BaselineComparison:
-    """score(chosen) against score on each baseline set (e.g. :func:`matched_random_sets`)."""
+    """score(chosen) against score on each baseline set (e.g. :func:`matched_random_sets`),
+    with the sets' :func:`baseline_freedom`."""
     chosen = np.asarray(chosen, dtype=np.int64)
     sets = np.asarray(sets, dtype=np.int64)
     if sets.ndim != 2 or sets.shape[1] != chosen.size or chosen.ndim != 1:
@@ -700,6 +771,7 @@ def compare_with_baseline(
         baseline.size,
         level,
         baseline,
+        baseline_freedom(sets),
     )
 
 
@@ -767,7 +839,10 @@ class DifferenceComparison:
 
     ``p_value_greater`` = P(baseline difference ≥ observed) with the +1 correction: small when the
     observed difference is larger than the baselines reproduce; (``lower``, ``upper``) the central
-    ``level`` interval of the baseline differences.
+    ``level`` interval of the baseline differences; ``freedom``: the two baselines'
+    :func:`baseline_freedom`, the first's and the second's (None where not known). A verdict
+    needs both free enough: a set whose matched sets are one set, drawn again and again, is
+    compared with that set alone.
     """
 
     observed: float
@@ -777,6 +852,7 @@ class DifferenceComparison:
     p_value_greater: float
     n_sets: int
     level: float
+    freedom: tuple[BaselineFreedom | None, BaselineFreedom | None] = (None, None)
 
 
 def compare_difference_with_baselines(
@@ -804,4 +880,5 @@ def compare_difference_with_baselines(
         _p_values(observed, differences)[0],
         differences.size,
         first.level,
+        (first.freedom, second.freedom),
     )

@@ -42,6 +42,18 @@ The sets are the same draws as :func:`analyses.random_sets` for the same seed, i
 (:func:`random_set_stream`), so a draw that reaches ``max_sets`` equals the paper analysis
 exactly, and the first B sets of any draw are the same sets.
 
+A score undefined (NaN) on a random set — SVCCA where a set's features have fewer directions than
+``cca_dim`` (repeated stimuli), a kernel metric where a model's features do not vary over the set
+— makes that pair's baseline undefined: the baseline is the mean over random sets, and a score
+that random sets leave undefined with some probability has no such mean (the mean over the sets
+where it is defined would be that of another population, sets without the repeats say, unlike the
+sets it is compared with). One undefined draw shows it and no later draw undoes it, so the
+stopping rule bounds the pairs still defined (each step above over them alone) and stops once
+they are precise, or as soon as no pair is defined. Before, an undefined pair's NaN interval never
+became narrow enough and any undefined score drew ``max_sets`` sets (with SVCCA, the slowest
+metric, 200). ``RandomScores.undefined`` counts each pair's undefined draws; where every score is
+defined the draws and numbers are those of the rule above, unchanged.
+
 Shapes: ``P`` vision × language pairs, ``B`` random sets of ``size`` stimuli out of ``n``.
 """
 
@@ -233,7 +245,9 @@ class RandomScores(NamedTuple):
     ``values[stop_on]`` — Stein's (:func:`stein_interval_widths`) or the usual t interval
     (:func:`mean_interval_widths`), whichever is wider; the usual one alone for a fixed number of
     sets; ``pilot``: ``(m, m + n0)``, the sets whose spread gives Stein's sd (None for a fixed
-    number of sets).
+    number of sets, or where no pair was defined after the scout); ``undefined``: (P,) how many of
+    the B values of ``stop_on`` are NaN for each pair (its baseline is undefined where any is: the
+    module docstring says why).
     """
 
     values: dict[str, np.ndarray]
@@ -244,6 +258,7 @@ class RandomScores(NamedTuple):
     reached: bool
     intervals: np.ndarray | None = None
     pilot: tuple[int, int] | None = None
+    undefined: np.ndarray | None = None
 
 
 def sequential_random_scores(
@@ -276,7 +291,9 @@ def sequential_random_scores(
 
     The sets are :func:`random_set_stream`'s (= ``analyses.random_sets``' draws, in order), in
     batches: the scout's, the pilot's, then up to Stein's total at most doubling the sets drawn,
-    then the final check's (sized from the spread, :func:`sets_needed`).
+    then the final check's (sized from the spread, :func:`sets_needed`). Each step looks only at
+    the pairs whose ``stop_on`` is defined on every set drawn so far; once none is, no more sets
+    are drawn (module docstring).
     """
     if max_sets < 1:
         raise ValueError(f"max_sets must be at least 1, got {max_sets}; use e.g. 200")
@@ -307,7 +324,10 @@ def sequential_random_scores(
             progress(drawn, max_sets)
 
     def bounded() -> np.ndarray:
-        return np.concatenate(parts[stop_on], axis=1)
+        """(P', B) ``stop_on`` of the pairs still defined (no NaN on a set drawn so far: a NaN
+        leaves a pair's baseline undefined for good, module docstring)."""
+        values = np.concatenate(parts[stop_on], axis=1)
+        return values[~np.isnan(values).any(axis=1)]
 
     pilot = None
     if interval_width is None:
@@ -318,25 +338,31 @@ def sequential_random_scores(
         pilot_fewest = min_sets - scout_fewest
         # 1. the scout: its spread sizes the pilot, and is then spent (it enters no interval)
         draw(scout_fewest)
-        while drawn + pilot_fewest < max_sets:
+        while drawn + pilot_fewest < max_sets and bounded().size:
             need = known_sd_sets(scout_sd(bounded(), upper=True), interval_width, confidence)
             if not (np.isfinite(need) and drawn < SCOUT_SHARE * need):
                 break
             target = min(2 * drawn, max(drawn + 1, math.ceil(SCOUT_SHARE * need)))
             draw(int(min(target, max_sets - pilot_fewest)) - drawn)
         scouted = drawn
-        # 2. the pilot, sized for the scout's sd (its upper bound where the scout went on: it
-        # stopped on a low sd), gives Stein's sd and from it the total
-        spread = scout_sd(bounded(), upper=scouted > scout_fewest)
-        draw(pilot_size(spread, interval_width, scouted, pilot_fewest, max_sets - scouted,
-                        confidence))
-        pilot = (scouted, drawn)
-        total = stein_total(stein_sd(bounded(), pilot), drawn - scouted, interval_width, confidence)
-        total = min(max_sets, max(drawn, total))
+        if bounded().size:  # else no pair is defined, and nothing is left to pin
+            # 2. the pilot, sized for the scout's sd (its upper bound where the scout went on:
+            # it stopped on a low sd), gives Stein's sd and from it the total
+            spread = scout_sd(bounded(), upper=scouted > scout_fewest)
+            draw(pilot_size(spread, interval_width, scouted, pilot_fewest, max_sets - scouted,
+                            confidence))
+            pilot = (scouted, drawn)
+        total = drawn
+        if bounded().size:
+            total = stein_total(
+                stein_sd(bounded(), pilot), drawn - scouted, interval_width, confidence
+            )
+            total = min(max_sets, max(drawn, total))
         # 3. up to the total (at most doubling the sets drawn, for progress), then the final check
-        while drawn < total:
+        # (a pair undefined on a new set leaves both to the others)
+        while drawn < total and bounded().size:
             draw(int(min(total - drawn, drawn)))
-        while drawn < max_sets:
+        while drawn < max_sets and bounded().size:
             values = bounded()
             if np.all(mean_interval_widths(values, confidence) <= interval_width):
                 break
@@ -350,4 +376,7 @@ def sequential_random_scores(
     finite = intervals.size and not np.isnan(intervals).any()
     widest = float(np.max(intervals)) if finite else float("nan")
     reached = interval_width is not None and bool(np.all(intervals <= interval_width))
-    return RandomScores(values, drawn, stop_on, widest, interval_width, reached, intervals, pilot)
+    undefined = np.isnan(values[stop_on]).sum(axis=1)
+    return RandomScores(
+        values, drawn, stop_on, widest, interval_width, reached, intervals, pilot, undefined
+    )

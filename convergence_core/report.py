@@ -53,6 +53,7 @@ from . import (
     predictivity,
     retrieval,
     stimulus_alignment,
+    subset_metrics,
     universal,
 )
 from . import metrics as registry
@@ -116,6 +117,48 @@ def default_set_size(n_stimuli: int, k: int) -> int:
             + (f"use --k {fits} or less" if fits >= 2 else "these analyses need at least 6")
         )
     return size
+
+
+#: k of a report that is not given one (--k left out), where its sets allow it
+DEFAULT_K = 10
+
+
+def sets_and_k(n_stimuli: int, size: int | None, k: int | None) -> tuple[int, int, str | None]:
+    """The set size and k of a report, and the note that says why k is not the one asked for.
+
+    ``k`` given (``--k``): :func:`default_set_size` where ``size`` is None, and k as given (a k too
+    large for the sets is refused, naming --k and the largest that fits: here, or in
+    ``_check_k_fits`` for a given ``size``). ``k`` None: :data:`DEFAULT_K` and those sets where
+    they fit; else k lowered below the sets by the Alignment lab's rule
+    (``subset_metrics.k_for_sets``), on the given sets or, where ``size`` is None, the lab's
+    default sets (``subset_metrics.default_set_size``: a quarter, at least 4), so that a small
+    run's report measures what the lab shows, and a note names the k and why. A run too small
+    for the lab's sets (fewer than 8 stimuli) is refused as for a given k.
+    """
+    if k is not None:
+        return (default_set_size(n_stimuli, k) if size is None else size), k, None
+    if size is None:
+        try:
+            return default_set_size(n_stimuli, DEFAULT_K), DEFAULT_K, None
+        except ValueError:
+            size = subset_metrics.default_set_size(n_stimuli)
+            if 2 * size > n_stimuli:  # too few stimuli even for the lab's sets
+                raise
+        sets = (
+            f"this run's {n_stimuli} stimuli make low- and high-dispersion sets of {size} (a "
+            f"quarter of the stimuli, at least {subset_metrics.MIN_SET_SIZE}, as the Alignment "
+            "lab's)"
+        )
+    else:
+        sets = f"the sets hold {size} stimuli (--size)"
+    lowered = subset_metrics.k_for_sets(DEFAULT_K, size)
+    if lowered == DEFAULT_K:
+        return size, DEFAULT_K, None
+    return size, lowered, (
+        f"k = {lowered}, not the default {DEFAULT_K}: {sets}, and each stimulus needs k others "
+        f"in its set, so k was lowered to the set size less one, as the Alignment lab lowers it; "
+        f"--k chooses k (at most {lowered} for these sets)"
+    )
 
 
 def _write_table(frame: pd.DataFrame, out: Path, stem: str) -> list[str]:
@@ -439,7 +482,7 @@ def write_report(
     out: str | os.PathLike[str],
     *,
     size: int | None = None,
-    k: int = 10,
+    k: int | None = None,
     scores: Sequence[str] = SCORES,
     n_random: int = 200,
     n_permutations: int = analyses.DEFAULT_N_PERMUTATIONS,
@@ -464,6 +507,10 @@ def write_report(
     predicts dispersion: top properties and held-out R² per score; None without a property
     table), ``notes`` and ``files``. ``options`` sets the issue-14 sections
     (:class:`AnalysisOptions`; its defaults when None).
+
+    ``k`` None (``--k`` left out) is :data:`DEFAULT_K`, lowered below the sets of a small run as
+    the Alignment lab lowers it, with a note (:func:`sets_and_k`); a ``k`` given is used as given
+    or refused.
 
     Models outside GPA that are not language models (brain recordings) get their own Fig. 2 and
     S1 (:func:`partner_alignment_section`, files ``*_partners*``). A run without language models
@@ -497,20 +544,23 @@ def write_report(
         analyses.check_set_size(size, n)  # before the first section writes a file
         size = int(size)
     q, scores, counts = _check_settings(
-        q, scores, options, seed=seed, k=k, n_random=n_random, n_permutations=n_permutations,
+        q, scores, options, seed=seed, k=DEFAULT_K if k is None else k, n_random=n_random,
+        n_permutations=n_permutations,
         universal_folds=universal_folds, property_permutations=property_permutations,
         property_shuffles=property_shuffles,
     )
-    seed, k, n_random, n_permutations = (
-        counts["seed"], counts["k"], counts["n_random"], counts["n_permutations"]
-    )
+    seed, n_random, n_permutations = counts["seed"], counts["n_random"], counts["n_permutations"]
+    k = None if k is None else counts["k"]
     universal_folds, property_permutations, property_shuffles = (
         counts["universal_folds"], counts["property_permutations"], counts["property_shuffles"]
     )
     check_run_files(run)  # after the settings (a typo fails in a second), before any section
+    k_note = None  # why k is not the default, where it was lowered
     if run.partner_models:  # the Fig. 2 sets (GPA models × language or other models)
-        size = default_set_size(n, k) if size is None else size
+        size, k, k_note = sets_and_k(n, size, k)
         _check_k_fits(k, size)
+    elif k is None:
+        k = DEFAULT_K
     out.mkdir(parents=True, exist_ok=True)
     _forget_earlier_report(out)
     # without language models only GPA stability of the slow sections runs
@@ -522,10 +572,10 @@ def write_report(
             run, out, size=size, k=k, q=q, scores=scores, n_random=n_random,
             n_permutations=n_permutations, seed=seed, options=options,
             property_permutations=property_permutations, property_shuffles=property_shuffles,
-            tell=tell, version=version,
+            tell=tell, version=version, k_note=k_note,
         )
     files: list[str] = []
-    notes: list[str] = []
+    notes: list[str] = [] if k_note is None else [k_note]
     two_models, first_layer = _gpa_notes(run)
     notes += [note for note in (two_models, first_layer) if note is not None]
 
@@ -654,7 +704,7 @@ def write_report(
         text += "\n" + "\n".join(section_verdicts.values()) + "\n"
     verdicts.update(section_verdicts)
     text += property_text
-    text = _with_notes(text, first_layer, (two_models, *default_layers, bound))
+    text = _with_notes(text, first_layer, (k_note, two_models, *default_layers, bound))
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
 
     report = {
@@ -730,7 +780,7 @@ def _report_without_language(
     run: Run, out: Path, *, size: int | None, k: int, q: float, scores: Sequence[str],
     n_random: int, n_permutations: int, seed: int, options: AnalysisOptions,
     property_permutations: int, property_shuffles: int, tell: Callable[[str], None],
-    version: int,
+    version: int, k_note: str | None = None,
 ) -> dict[str, Any]:
     """:func:`write_report` for a run without language models (vision models and brain
     recordings, say): Fig. 2 and S1 for the GPA models × the models outside GPA
@@ -743,11 +793,11 @@ def _report_without_language(
         "on it, universal space; Fig. 2 and S1 with language models) skipped: the run has no "
         "language model"
     ]
+    notes += [note for note in (k_note,) if note is not None]
     two_models, first_layer = _gpa_notes(run)
     notes += [note for note in (two_models, first_layer) if note is not None]
     files: list[str] = []
     verdicts: dict[str, str] = {}
-    size = default_set_size(run.n_stimuli, k) if size is None else size
     paired_tests = None
     summary_text = ""
     bound = None
@@ -793,7 +843,7 @@ def _report_without_language(
         + "".join(f"{verdict}\n" for verdict in verdicts.values())
         + property_text
     )
-    text = _with_notes(text, first_layer, (two_models, bound))
+    text = _with_notes(text, first_layer, (k_note, two_models, bound))
     files.append(write_bytes(out / "summary.txt", text.encode("utf-8")).name)
     report = {
         "run": _run_record(run),
@@ -1995,7 +2045,13 @@ def calibration_section(
     for matched_on, group in matched.groupby("matched_on", sort=False):
         cknna_rows = group[group["metric"] == "cknna"]
         balance = pd.concat(balances)
-        shift = balance[balance["matched_on"] == matched_on]["standardised_difference"].abs().max()
+        balance = balance[balance["matched_on"] == matched_on]
+        if not balance["verdict_possible"].all():  # too few distinct matched sets
+            sentences.append(
+                _no_matched_verdict(matched_on, balance, run.n_stimuli, size, n_matched)
+            )
+            continue
+        shift = balance["standardised_difference"].abs().max()
         # no balance threshold decides whether the matching worked: the imbalance it left is
         # said beside the verdict, as what the verdict holds under
         sentences.append(
@@ -2018,6 +2074,40 @@ def calibration_section(
         "notes": notes,
         "verdict": " ".join(sentences),
     }
+
+
+def _no_matched_verdict(
+    matched_on: str, balance: pd.DataFrame, n_stimuli: int, size: int, n_matched: int
+) -> str:
+    """The calibration sentence in place of a verdict where a set's matched random sets are too
+    few distinct sets to be a baseline (``analyses.matched_baselines``' ``verdict_possible``,
+    ``calibration.baseline_freedom``): how many distinct sets, why and the fix: more matched sets
+    (``--n-shuffles``) where fewer were drawn than a verdict needs, else more stimuli or smaller
+    sets (the stimuli outside a set are too few to match it freely)."""
+    needed = calibration.distinct_sets_needed()
+    why = (
+        f"fewer than the {needed} distinct sets a one-sided p < 0.05 needs (with D distinct "
+        "matched sets no p-value is below 1/(D + 1))"
+    )
+    if n_matched < needed:
+        return (
+            f"Against random sets matched on {matched_on}: no verdict on low > high: "
+            f"{n_matched} matched sets per set are {why}; use --n-shuffles {needed} or more "
+            "(matched_baselines keeps the numbers)."
+        )
+    short = balance[~balance["verdict_possible"].astype(bool)]
+    counts = " and ".join(
+        f"{int(row.distinct_matched_sets)} for the {row.set} set" for row in short.itertuples()
+    )
+    overlap = 100 * float(short["matched_overlap"].max())
+    return (
+        f"Against random sets matched on {matched_on}: no verdict on low > high. Each set's "
+        f"matched sets come from the {n_stimuli - size:,} stimuli outside it (a run of "
+        f"{n_stimuli:,}, sets of {size:,}), and the {n_matched} drawn are few distinct sets "
+        f"({counts}; two draws share up to {overlap:.0f}% of their stimuli), {why}: any gap "
+        "above so few sets would \"survive\". Use a run with more stimuli or a smaller --size "
+        "(matched_baselines keeps the numbers)."
+    )
 
 
 def paper_sections(
@@ -2128,7 +2218,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="stimuli per low/high/random set (default: a quarter of the stimuli)",
     )
-    parser.add_argument("--k", type=int, default=10, help="CKNNA neighbours (default 10)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        default=None,
+        help=f"CKNNA neighbours (default {DEFAULT_K}; on a run too small for it, lowered below the "
+        "sets as the Alignment lab lowers it, with a note)",
+    )
     parser.add_argument(
         "--scores",
         nargs="+",

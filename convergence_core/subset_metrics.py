@@ -50,8 +50,13 @@ from .neighbours import NeighbourIndex, check_subsets, subset_alignment
 
 __all__ = [
     "DENSE_GRAM_STIMULI",
+    "MIN_K",
+    "MIN_SET_SIZE",
     "OnError",
     "cca_dim_limit",
+    "default_set_size",
+    "k_for_sets",
+    "largest_k",
     "metric_on_pairings",
     "metric_on_sets",
     "metric_options",
@@ -84,6 +89,37 @@ def cca_dim_limit(set_size: int, widths: Iterable[int]) -> int:
     if not widths:
         raise ValueError("pass the feature width of at least one layer compared")
     return max(1, min(int(set_size) - 1, *widths))
+
+
+#: Fewest stimuli of a low-, high-dispersion or random set of the pages and of the report's sets
+#: when its k is lowered (:func:`default_set_size`)
+MIN_SET_SIZE = 4
+#: Smallest k the pages offer and :func:`k_for_sets` lowers to (CKNNA needs 2)
+MIN_K = 2
+
+
+def default_set_size(n_stimuli: int) -> int:
+    """The default size of the low-, high-dispersion and random sets of the dashboard's pages: a
+    quarter of the stimuli, ``n // 4``, at least :data:`MIN_SET_SIZE` (at most n). The report
+    uses it too where its default k does not fit its own default sets (``report.sets_and_k``), so
+    that there it measures the sets the Alignment lab shows, at the lab's k."""
+    return max(min(MIN_SET_SIZE, int(n_stimuli)), int(n_stimuli) // 4)
+
+
+def largest_k(smallest: int) -> int:
+    """The largest k sets whose smallest holds ``smallest`` stimuli allow: ``smallest − 1`` (a
+    stimulus is never its own neighbour), at least 1."""
+    return max(1, int(smallest) - 1)
+
+
+def k_for_sets(k: int, smallest: int) -> int:
+    """The k a neighbour metric uses on sets whose smallest holds ``smallest`` stimuli: ``k``
+    lowered to ``smallest − 1`` where larger (each stimulus needs k other stimuli of its set as
+    neighbours), and raised to :data:`MIN_K`; at least 1. The one rule of the Alignment lab (its
+    k slider stops at it, and a larger k asked for is used as it) and of the report where its k
+    was not given (``report.sets_and_k``): an explicit k that is too large is refused there
+    instead (``validation.check_k``)."""
+    return min(max(MIN_K, int(k)), largest_k(smallest))
 
 
 #: Bytes of (n, n) kernels kept between calls (least recently used dropped first)

@@ -27,6 +27,7 @@ from convergence_core.dashboard import (
 )
 from convergence_core.random_baseline import DEFAULT_INTERVAL_WIDTH, DEFAULT_MIN_SETS
 from convergence_core.stimulus_alignment import local_cka_base_size
+from convergence_core.subset_metrics import largest_k
 from convergence_core.subsets import select_stimuli
 
 BEST = "__best__"
@@ -258,7 +259,8 @@ def sets_and_results() -> None:
             del sets[name]
 
     smallest = min(len(rows) for rows in sets.values())
-    max_k = smallest - 1
+    # k lowered below the smallest set: the rule the report follows where --k is left out
+    max_k = largest_k(smallest)  # bounded_value below: k_for_sets(k, smallest)
 
     # -----------------------------------------------------------------------------------------
     # the metric (any of the registry) and its options

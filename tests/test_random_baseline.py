@@ -282,12 +282,34 @@ def test_the_pilot_size_balances_a_rough_t_against_overshooting() -> None:
     assert math.isnan(scout_sd(values[:, :1], upper=True))
 
 
-def test_a_nan_score_draws_the_most_allowed() -> None:
+def test_a_nan_score_leaves_the_rule_to_the_defined_pairs() -> None:
+    """A pair undefined on a set has no baseline mean however many more sets are drawn: the rule
+    bounds the other pairs (it drew all 50 sets, as its NaN interval never narrowed)."""
     table = np.full((2, 50), 0.5)
     table[1, 3] = np.nan
     drawn = sequential_random_scores(planted_scores(from_columns(table)), 1, 1, stop_on="s",
                                      max_sets=50)
-    assert drawn.n_sets == 50 and not drawn.reached and math.isnan(drawn.widest_interval)
+    assert drawn.n_sets == DEFAULT_MIN_SETS and list(drawn.undefined) == [0, 1]
+    assert not drawn.reached and math.isnan(drawn.widest_interval)
+    assert drawn.intervals[0] == 0 and math.isnan(drawn.intervals[1])
+
+
+def test_no_set_is_drawn_once_every_pair_is_undefined() -> None:
+    table = np.full((2, 50), 0.5)
+    table[:, 1] = np.nan  # in the scout
+    score = planted_scores(from_columns(table))
+    drawn = sequential_random_scores(score, 1, 1, stop_on="s", max_sets=50)
+    assert drawn.n_sets == 2 and score.batches == [2] and drawn.pilot is None
+    assert list(drawn.undefined) == [1, 1] and not drawn.reached
+    table = np.full((1, 50), 0.5) + np.random.default_rng(0).normal(0, 0.03, (1, 50))
+    table[0, 9] = np.nan  # later: the rule stops after that batch, where it would draw on
+    score = planted_scores(from_columns(table.copy()))
+    stopped = sequential_random_scores(score, 1, 1, stop_on="s", max_sets=50).n_sets
+    assert stopped == sum(score.batches) and sum(score.batches[:-1]) <= 9 < stopped
+    table[0, 9] = 0.5
+    assert sequential_random_scores(
+        planted_scores(from_columns(table)), 1, 1, stop_on="s", max_sets=50
+    ).n_sets > stopped
 
 
 def test_the_fewest_sets_and_progress() -> None:

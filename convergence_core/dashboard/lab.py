@@ -325,9 +325,11 @@ def baseline_table(
     Returns one row per pair: the pair's columns, ``set_size``, ``metric``, ``options``, ``k``,
     ``n_random`` (sets drawn), ``random_mean``, ``random_lower_95``, ``random_upper_95`` (the 95%
     percentile interval of the random sets' values), ``random_mean_interval`` (width of the 95%
-    confidence interval of the mean: Stein's or the usual t interval, whichever is wider) and
-    ``interval_width`` (asked for; NaN for a fixed number). A feature metric undefined on some
-    random sets makes that pair's mean and intervals NaN (:func:`undefined_note`).
+    confidence interval of the mean: Stein's or the usual t interval, whichever is wider),
+    ``interval_width`` (asked for; NaN for a fixed number) and ``n_undefined`` (random sets on which
+    the metric is undefined for the pair). A feature metric undefined on some random sets makes
+    that pair's mean and intervals NaN (:func:`undefined_note`); drawn to a precision, the sets
+    stop once the other pairs' means are that precise (``random_baseline``'s docstring says why).
     """
     options = metric_options(metric, options)
     keyed = [pair.sides for pair in pairs]
@@ -346,7 +348,7 @@ def baseline_table(
     values = drawn.values[metric]
     widths = drawn.intervals  # Stein's or the usual t interval, whichever is wider
     rows = []
-    for pair, row, width in zip(pairs, values, widths, strict=True):
+    for pair, row, width, undefined in zip(pairs, values, widths, drawn.undefined, strict=True):
         lower, upper = percentile_interval(row, 0.95)
         rows.append(
             {
@@ -359,6 +361,7 @@ def baseline_table(
                 "random_upper_95": upper,
                 "random_mean_interval": float(width),
                 "interval_width": np.nan if interval_width is None else float(interval_width),
+                "n_undefined": int(undefined),
             }
         )
     return _with_int_k(pd.DataFrame(rows))
@@ -522,19 +525,38 @@ def baseline_statement(baseline: pd.DataFrame) -> str:
     widest = float(baseline["random_mean_interval"].max(skipna=False))
     asked = float(baseline["interval_width"].iloc[0])
     precision = (
-        f"the widest 95% confidence interval of a pair's mean random {label} is {widest:.4f}"
+        f"the widest 95% confidence interval of a pair's mean random {label} is {widest:.4g} "
+        "wide"
         if np.isfinite(widest)
         else f"{label} is undefined on some random sets, so some pairs' random mean and interval "
         "are n/a"
         if baseline["random_mean"].isna().any()
         else "too few sets for a confidence interval of the mean"
     )
+    defined = baseline["random_mean_interval"].dropna()
     if np.isnan(asked):
         how = f"{sets} random sets of {size} stimuli per pair (a fixed number)"
     elif np.isfinite(widest) and widest <= asked:
         how = (
             f"{sets} random sets of {size} stimuli per pair, drawn until every pair's 95% "
-            f"confidence interval of the mean was narrower than {asked:g}"
+            f"confidence interval of the mean was at most {asked:g} wide"
+        )
+    elif baseline["random_mean"].isna().any() and (defined <= asked).all():
+        # undefined pairs stop no drawing (random_baseline): the others' precision did
+        undefined = baseline[baseline["random_mean"].isna()]
+        counts = undefined["n_undefined"] if "n_undefined" in undefined else None
+        how = (
+            f"{sets} random sets of {size} stimuli per pair, drawn until every pair with a "
+            f"defined {label} had a 95% confidence interval of the mean at most {asked:g} wide"
+            if len(defined) else
+            f"{sets} random sets of {size} stimuli per pair, drawn until {label} was undefined "
+            "for every pair"
+        ) + (
+            f" ({label} undefined on {int(counts.min())}"
+            + (f"–{int(counts.max())}" if counts.max() > counts.min() else "")
+            + f" of them for {len(undefined)} "
+            + ("pair" if len(undefined) == 1 else "pairs") + ")"
+            if counts is not None else ""
         )
     else:
         how = (
@@ -751,8 +773,9 @@ def calibration_table(
     ``null_p_value`` (P(null ≥ raw)), ``matched_mean``, ``matched_lower_95``,
     ``matched_upper_95``, ``matched_p_value_greater``, ``matched_p_value_less``,
     ``set_typicality`` and ``matched_typicality`` (mean typicality of the set and of its matched
-    sets: the balance the matching reached), ``n_shuffles``, ``n_matched``, ``matched_on``,
-    ``matching``; ``comparisons`` the matched baselines by (pair, set) for
+    sets: the balance the matching reached), ``n_shuffles``, ``n_matched``,
+    ``distinct_matched`` (distinct sets among the matched sets, ``calibration.baseline_freedom``),
+    ``matched_on``, ``matching``; ``comparisons`` the matched baselines by (pair, set) for
     :func:`low_high_matched_table`. ``progress(done, total)``: stimulus sets and pairings scored
     (each set, its matched sets and its shuffled pairings; a feature metric measured set by set
     reports each, the batched routes each batch). A feature metric undefined on a set, matched
@@ -823,6 +846,7 @@ def calibration_table(
                     "matched_typicality": float(covariates.typicality[matched].mean()),
                     "n_shuffles": null.n_shuffles,
                     "n_matched": baseline.n_sets,
+                    "distinct_matched": baseline.freedom.n_distinct,
                     "matched_on": covariates.matched_on,
                     "matching": method,
                 }
@@ -842,8 +866,13 @@ def low_high_matched_table(
 
     Returns one row per pair: the pair's columns, ``low_minus_high``, ``matched_difference_mean``,
     ``matched_difference_lower_95``, ``matched_difference_upper_95``, ``p_value`` (P(matched
-    difference ≥ observed)), ``survives`` (low > high and p < ``level``).
+    difference ≥ observed)), ``distinct_matched`` (the fewer distinct matched sets of the two
+    sets'), ``verdict_possible`` (at least ``calibration.distinct_sets_needed(level)`` for each:
+    matched sets that are the same few sets drawn again and again, as on a run with few stimuli
+    outside the sets, leave a gap above theirs "surviving" by construction) and ``survives`` (a
+    verdict is possible, low > high and p < ``level``); :func:`matched_verdict` says which.
     """
+    needed = calibration.distinct_sets_needed(level)
     rows = []
     for pair in pairs:
         if (pair, "low") not in comparisons or (pair, "high") not in comparisons:
@@ -851,6 +880,10 @@ def low_high_matched_table(
         result = calibration.compare_difference_with_baselines(
             comparisons[(pair, "low")], comparisons[(pair, "high")]
         )
+        distinct = min(
+            (f.n_distinct if f is not None else result.n_sets) for f in result.freedom
+        )
+        possible = distinct >= needed
         rows.append(
             {
                 **pair._asdict(),
@@ -859,16 +892,34 @@ def low_high_matched_table(
                 "matched_difference_lower_95": result.lower,
                 "matched_difference_upper_95": result.upper,
                 "p_value": result.p_value_greater,
-                "survives": bool(result.observed > 0 and result.p_value_greater < level),
+                "distinct_matched": int(distinct),
+                "verdict_possible": bool(possible),
+                "survives": bool(
+                    possible and result.observed > 0 and result.p_value_greater < level
+                ),
             }
         )
     return pd.DataFrame(rows)
 
 
 def matched_verdict(table: pd.DataFrame, metric: str, matched_on: str) -> str:
-    """One line: in how many pairs low > high survives the matched baseline."""
+    """One line: in how many pairs low > high survives the matched baseline; no verdict where
+    the matched sets are too few distinct sets (``verdict_possible``,
+    :func:`low_high_matched_table`), with the cause and the fix."""
     if table.empty:
         return "No low and high sets to compare."
+    if "verdict_possible" in table and not table["verdict_possible"].all():
+        needed = calibration.distinct_sets_needed()
+        distinct = int(table["distinct_matched"].min())
+        return (
+            f"No verdict on low > high against the matched baseline ({matched_on}): the matched "
+            f"sets of the low or high set are {distinct} distinct "
+            f"{'set' if distinct == 1 else 'sets'}, fewer than the {needed} a one-sided "
+            f"p < 0.05 needs (with D distinct sets no p-value is below 1/(D + 1)), so any "
+            "difference above theirs would survive. The stimuli outside each set are too few "
+            "to match it freely (or too few matched sets were drawn): choose smaller sets or a "
+            "run with more stimuli."
+        )
     label = metric_label(metric)
     survived = int(table["survives"].sum())
     greater = int((table["low_minus_high"] > 0).sum())

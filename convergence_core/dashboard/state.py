@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..dispersion import SCORES  # the dispersion scores a stimulus can be ranked by
+from ..subset_metrics import MIN_K, MIN_SET_SIZE, k_for_sets
+from ..subset_metrics import default_set_size as _default_set_size
 
 #: Where the Alignment lab's subset comes from.
 SOURCES: tuple[str, ...] = ("low", "high", "random", "selection", "pasted")
@@ -31,8 +33,7 @@ PARAM_NAMES: tuple[str, ...] = ("run", "source", "score", "k", "size", "page")
 DEFAULT_SOURCE = "low"
 DEFAULT_SCORE = "mean"
 DEFAULT_K = 10
-MIN_K = 2
-MIN_SUBSET_SIZE = 4
+MIN_SUBSET_SIZE = MIN_SET_SIZE  # it and MIN_K come from subset_metrics (the report uses them too)
 
 VIEW_KEY = "convergence_view"
 SELECTION_KEY = "convergence_selection"
@@ -41,9 +42,11 @@ WIDGET_PREFIX = "w_"
 
 def default_subset_size(n_stimuli: int) -> int:
     """Default size of the low/high/random subsets: a quarter of the stimuli, ``n // 4`` (at least
-    4, at most n). The report's ``report.default_set_size`` is the same quarter but at least
-    k + 1, and refuses a run too small for its k; the pages instead lower k to fit the sets."""
-    return max(min(MIN_SUBSET_SIZE, n_stimuli), n_stimuli // 4)
+    4, at most n; ``subset_metrics.default_set_size``). The report's ``report.default_set_size``
+    is the same quarter but at least k + 1; where that does not fit and --k was left out, the
+    report takes these sets and lowers k to fit them as the pages do
+    (``subset_metrics.k_for_sets``, ``report.sets_and_k``)."""
+    return _default_set_size(n_stimuli)
 
 
 def subset_size(size: int | None, n_stimuli: int) -> int:
@@ -82,7 +85,7 @@ def sets_k(view: View, n_stimuli: int) -> int:
     """The view's k lowered below the Alignment lab's set size, as the lab does
     (:func:`bind_bounded_int`; the view keeps the k asked for); the lab lowers it further for a
     focus set smaller than its low and high sets."""
-    return max(1, min(max(MIN_K, int(view.k)), subset_size(view.size, n_stimuli) - 1))
+    return k_for_sets(view.k, subset_size(view.size, n_stimuli))
 
 
 def shown(text: str, limit: int = 40) -> str:
