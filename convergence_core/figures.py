@@ -25,6 +25,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .cache import write_bytes  # noqa: E402
+from .figure_style import DPI, FULL_WIDTH, STYLE, styled, wrap  # noqa: E402
 from .dispersion import SCORE_UNIT, score_entry  # noqa: E402
 
 P = ParamSpec("P")
@@ -40,14 +41,16 @@ _CONDITION_LABELS = {
 
 
 def _plain_text(draw: Callable[P, R]) -> Callable[P, R]:
-    """Draw the figure with every text taken literally: model, layer and property names come from
-    the user, and a ``$`` in one (``$$\\frac{a}{b}$$``) would otherwise start matplotlib's math
-    mode and fail the whole figure (from the reliability audit: the report and the Paper
-    analyses page stopped on such a name). The figures use no math text of their own."""
+    """Draw the figure in the shared style (:mod:`convergence_core.figure_style`: font sizes for a
+    figure as wide as the dashboard's column) with every text taken literally: model, layer and
+    property names come from the user, and a ``$`` in one (``$$\\frac{a}{b}$$``) would otherwise
+    start matplotlib's math mode and fail the whole figure (from the reliability audit: the report
+    and the Paper analyses page stopped on such a name). The figures use no math text of their
+    own."""
 
     @functools.wraps(draw)
     def drawn(*args: P.args, **kwargs: P.kwargs) -> R:
-        with matplotlib.rc_context({"text.parse_math": False}):
+        with styled({"text.parse_math": False}):
             return draw(*args, **kwargs)
 
     return drawn
@@ -55,22 +58,67 @@ def _plain_text(draw: Callable[P, R]) -> Callable[P, R]:
 
 def _save(figure: Figure, path: str | os.PathLike[str]) -> Path:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(figure)
     return write_bytes(path, buffer.getvalue())
 
 
-def _panels(n: int, width: float = 4.2, height: float = 3.6) -> tuple[Figure, list[plt.Axes]]:
-    figure, axes = plt.subplots(
-        1, n, figsize=(width * n, height), squeeze=False, layout="constrained"
+def _panels(
+    n: int, height: float = 3.0, min_width: float = 3.0, width: float = FULL_WIDTH
+) -> tuple[Figure, list[plt.Axes], list[plt.Axes], float]:
+    """``n`` panels in rows of at most three, each at least ``min_width`` inches wide when it can
+    be, in a figure ``width`` inches wide (the dashboard's column): the panels, the spare cells
+    of the last row (empty; :func:`_legend_below` may put the legend in one) and a cell's width
+    (inches, for fitting titles)."""
+    columns = max(1, min(n, 3, int(width // min_width)))
+    rows = -(-n // columns)
+    figure, grid = plt.subplots(
+        rows, columns, figsize=(width, height * rows), squeeze=False, layout="constrained"
     )
-    return figure, list(axes[0])
+    axes = list(grid.flat)
+    for spare in axes[n:]:
+        spare.set_axis_off()
+    return figure, axes[:n], axes[n:], width / columns
 
 
-def _legend_below(figure: Figure, axis: plt.Axes) -> None:
-    """One legend for the figure, under the panels, where it cannot hide a bar."""
+def _legend_below(
+    figure: Figure, axis: plt.Axes, spare: list[plt.Axes] | None = None
+) -> None:
+    """One legend for the figure, where it cannot hide a bar: in the first spare cell of the last
+    row when there is one, else under the panels, in as many columns as fit the figure's width."""
     handles, labels = axis.get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
+    for extra in (spare or [])[1:]:
+        extra.remove()
+    if spare:
+        spare[0].legend(handles, labels, loc="center", frameon=False)
+        return
+    size = float(STYLE["legend.fontsize"])  # type: ignore[arg-type]
+    width = figure.get_figwidth() * 72.0
+    needed = [0.56 * size * len(label) + 3.5 * size for label in labels]  # text, handle, gap
+    columns = len(labels)
+    while columns > 1 and max(
+        sum(needed[i:i + columns]) for i in range(0, len(needed), columns)
+    ) > width:
+        columns -= 1
+    figure.legend(handles, labels, loc="outside lower center", ncol=columns)
+
+
+def _suptitle(figure: Figure, text: str) -> None:
+    """The figure's title, broken into lines that fit its width."""
+    figure.suptitle(wrap(text, figure.get_figwidth() - 0.3, float(STYLE["figure.titlesize"])))
+
+
+def _fit_title(axis: plt.Axes, text: str, inches: float) -> None:
+    """An axes title broken into lines that fit ``inches``."""
+    axis.set_title(wrap(text, inches, float(STYLE["axes.titlesize"])))
+
+
+def _bars_width(names: list[str]) -> float:
+    """The narrowest panel (inches) whose x tick labels ``names`` (one group of bars each) do not
+    run into each other at the style's tick size, with room for the y axis."""
+    size = float(STYLE["xtick.labelsize"])  # type: ignore[arg-type]
+    longest = max((len(str(name)) for name in names), default=1)
+    return 1.0 + len(names) * max(0.8, 0.56 * size * (longest + 2) / 72.0)
 
 
 def _cknna_label(k: int) -> str:
@@ -86,7 +134,7 @@ def dispersion_sets_figure(
     result (a single score); ``partner`` names the models on x (e.g. ``model outside GPA``)."""
     visions = list(dict.fromkeys(table["vision_model"]))
     languages = list(dict.fromkeys(table["language_model"]))
-    figure, axes = _panels(len(visions), width=max(4.2, 1.6 * len(languages) + 1.5))
+    figure, axes, spare, panel = _panels(len(visions), min_width=_bars_width(languages))
     bar_width = 0.26
     x = np.arange(len(languages))
     for axis, vision in zip(axes, visions, strict=True):
@@ -124,17 +172,16 @@ def dispersion_sets_figure(
         axis.set_xticks(
             x,
             [f"{m}\n({layer})" for m, layer in zip(languages, rows["language_layer"], strict=True)],
-            fontsize=8,
         )
-        axis.set_title(f"{vision} ({rows['vision_layer'].iloc[0]})", fontsize=9)
+        _fit_title(axis, f"{vision} ({rows['vision_layer'].iloc[0]})", panel)
         axis.set_xlabel(f"{partner} (layer used)")
         axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
         axis.axhline(0.0, color="black", linewidth=0.5)
-    _legend_below(figure, axes[0])
-    figure.suptitle(
+    _legend_below(figure, axes[0], spare)
+    _suptitle(
+        figure,
         f"Fig. 2: CKNNA on {int(table['set_size'].iloc[0])}-stimulus sets selected by "
         f"{table['score'].iloc[0]} dispersion",
-        fontsize=10,
     )
     return _save(figure, path)
 
@@ -148,7 +195,7 @@ def drop_fraction_figure(
     visions = list(dict.fromkeys(table["vision_model"]))
     languages = list(dict.fromkeys(table["language_model"]))
     conditions = ["drop_high", "full", "drop_low"]
-    figure, axes = _panels(len(visions), width=max(4.2, 1.6 * len(languages) + 1.5))
+    figure, axes, spare, panel = _panels(len(visions), min_width=_bars_width(languages))
     bar_width = 0.26
     x = np.arange(len(languages))
     fraction = float(table.loc[table["condition"] != "full", "fraction_dropped"].iloc[0])
@@ -163,13 +210,13 @@ def drop_fraction_figure(
                 color=_CONDITION_COLOURS[condition],
                 label=f"{_CONDITION_LABELS[condition]} (n = {int(values['n_stimuli'].iloc[0])})",
             )
-        axis.set_xticks(x, languages, fontsize=8)
-        axis.set_title(f"{vision} ({rows['vision_layer'].iloc[0]})", fontsize=9)
+        axis.set_xticks(x, languages)
+        _fit_title(axis, f"{vision} ({rows['vision_layer'].iloc[0]})", panel)
         axis.set_xlabel(partner)
         axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
         axis.axhline(0.0, color="black", linewidth=0.5)
-    _legend_below(figure, axes[0])
-    figure.suptitle(f"Fig. S1: dropping {fraction:.0%} of stimuli by dispersion", fontsize=10)
+    _legend_below(figure, axes[0], spare)
+    _suptitle(figure, f"Fig. S1: dropping {fraction:.0%} of stimuli by dispersion")
     return _save(figure, path)
 
 
@@ -179,7 +226,9 @@ def leave_one_out_figure(
 ) -> Path:
     """Fig. S2: per held-out GPA model, deviation vs partial dispersion with the fit line."""
     models = list(dict.fromkeys(points["held_out_model"]))
-    figure, axes = _panels(len(models), width=4.8, height=4.0)
+    figure, axes, spare, panel = _panels(len(models), height=3.3, min_width=3.4)
+    for extra in spare:
+        extra.remove()
     for axis, model in zip(axes, models, strict=True):
         group = points[points["held_out_model"] == model]
         stats = statistics[statistics["held_out_model"] == model].iloc[0]
@@ -194,20 +243,19 @@ def leave_one_out_figure(
                 linewidth=1.5,
                 label="least-squares fit",
             )
-            axis.legend(fontsize=7, loc="upper left")
-        axis.set_title(
+            axis.legend(loc="upper left")
+        _fit_title(
+            axis,
             f"held out: {model}\n"
             f"r = {stats['pearson_r']:.2f} (p = {stats['pearson_p_value']:.2g}), "
             f"ρ = {stats['spearman_rho']:.2f} (p = {stats['spearman_p_value']:.2g})",
-            fontsize=9,
+            panel,
         )
-        axis.set_xlabel("partial dispersion (residual units)")
+        axis.set_xlabel(wrap(
+            "partial dispersion: mean residual of the other GPA models (residual units)", panel
+        ))
         axis.set_ylabel("held-out deviation (residual units)")  # each panel has its own scale
-    figure.suptitle(
-        "Fig. S2: mean residual of the other GPA models (partial dispersion) vs the held-out "
-        "model's deviation from their consensus",
-        fontsize=10,
-    )
+    _suptitle(figure, "Fig. S2: leave one GPA model out, its deviation from the others' consensus")
     return _save(figure, path)
 
 
@@ -215,19 +263,17 @@ def leave_one_out_figure(
 def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Layer sweep heat map: per language model, rows = vision models, columns = language layers."""
     languages = list(dict.fromkeys(sweep["language_model"]))
-    widths = [
-        max(3.0, 0.45 * sweep[sweep["language_model"] == m]["language_layer_index"].nunique())
-        for m in languages
-    ]
+    n_rows = sweep["vision_model"].nunique()
+    # a panel per language model, one under another: each as wide as the figure, whose row
+    # labels (model and layer names) would leave side-by-side panels little room
     figure, axes = plt.subplots(
-        1,
         len(languages),
-        figsize=(sum(widths) + 3.0, 3.6),
+        1,
+        figsize=(FULL_WIDTH, len(languages) * (0.45 * n_rows + 1.5) + 0.4),
         squeeze=False,
-        sharey=True,
         layout="constrained",
-        gridspec_kw={"width_ratios": widths},
     )
+    axes = axes.T
     vmin, vmax = float(sweep["cknna"].min()), float(sweep["cknna"].max())
     layer_of = dict(zip(sweep["vision_model"], sweep["vision_layer"], strict=True))
     image = None
@@ -237,16 +283,15 @@ def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
             dropna=False,  # a model undefined (NaN) at every layer keeps its panel, blank
         )
         image = axis.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
-        axis.set_xticks(np.arange(grid.shape[1]), [str(c) for c in grid.columns], fontsize=7)
-        axis.set_yticks(
-            np.arange(grid.shape[0]), [f"{m} ({layer_of[m]})" for m in grid.index], fontsize=8
-        )
+        axis.set_xticks(np.arange(grid.shape[1]), [str(c) for c in grid.columns])
+        # the layer under the name: the names' width is taken from the layers' columns
+        axis.set_yticks(np.arange(grid.shape[0]), [f"{m}\n({layer_of[m]})" for m in grid.index])
         axis.set_xlabel("layer (block index, 0 = shallowest)")
-        axis.set_title(language, fontsize=9)
-    axes[0][0].set_ylabel("GPA model (its GPA layer)")
+        axis.set_ylabel("GPA model\n(its GPA layer)")
+        axis.set_title(language)
     colourbar = figure.colorbar(image, ax=list(axes[0]))
-    colourbar.set_label(_cknna_label(int(sweep["k"].iloc[0])))
-    figure.suptitle("Layer sweep: CKNNA on the full set", fontsize=10)
+    colourbar.set_label(wrap(_cknna_label(int(sweep["k"].iloc[0])), 0.45 * n_rows + 1.4))
+    _suptitle(figure, "Layer sweep: CKNNA on the full set")
     return _save(figure, path)
 
 
@@ -284,7 +329,7 @@ def cross_modal_dispersion_figure(
     space, with Spearman ρ and its permutation p in the title. ``per_stimulus`` is
     ``CrossModalAnalysis.per_stimulus()`` (columns ``intra_modal_dispersion``,
     ``cross_modal_dispersion``); ``relation`` its one-row ``relation`` table."""
-    figure, (axis,) = _panels(1, width=5.6, height=4.4)
+    figure, (axis,), _, panel = _panels(1, height=4.6)
     axis.scatter(
         per_stimulus["intra_modal_dispersion"],
         per_stimulus["cross_modal_dispersion"],
@@ -293,15 +338,16 @@ def cross_modal_dispersion_figure(
         color="#636363",
     )
     stats = relation.iloc[0]
-    axis.set_title(
+    _fit_title(
+        axis,
         f"Spearman ρ = {stats['spearman_rho']:.2f}, permutation p = "
         f"{stats['permutation_p_value_two_sided']:.2g} "
         f"({int(stats['n_permutations'])} shuffles, n = {int(stats['n_stimuli'])})",
-        fontsize=9,
+        panel,
     )
     axis.set_xlabel(f"intra-modal dispersion: {str(stats['y']).replace('_', ' ')} (residual units)")
     axis.set_ylabel("cross-modal dispersion (residual units)")
-    figure.suptitle("Universal space: cross-modal vs intra-modal (GPA) dispersion", fontsize=10)
+    _suptitle(figure, "Universal space: cross-modal vs intra-modal (GPA) dispersion")
     return _save(figure, path)
 
 
@@ -322,7 +368,7 @@ def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
     figure, grid = plt.subplots(
         n_rows,
         len(directions),
-        figsize=(5.0 * len(directions), 3.6 * n_rows),
+        figsize=(max(FULL_WIDTH, 3.75 * len(directions)), 3.4 * n_rows),
         squeeze=False,
         layout="constrained",
     )
@@ -348,7 +394,7 @@ def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
                 label=_METHOD_LABELS[method],
             )
         axis.set_ylim(0.0, 1.05)
-        axis.set_ylabel("recall (fraction of held-out queries)")
+        axis.set_ylabel(wrap("recall (fraction of held-out queries)", 2.6))
 
     for column, direction in enumerate(directions):
         rows = summary[summary["direction"] == direction]
@@ -356,20 +402,24 @@ def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
         bars(top, rows, [(metric, "all") for metric in recalls])
         n_gallery = rows[rows["subset"] == "all"]["n_gallery_mean"].iloc[0]
         top.set_xticks(np.arange(len(recalls)), [f"recall@{m.rsplit('_', 1)[1]}" for m in recalls])
-        top.set_xlabel(f"cut-off k (gallery: {n_gallery:.0f} held-out stimuli per fold)")
-        top.set_title(_direction_label(direction), fontsize=9)
+        top.set_xlabel(wrap(f"cut-off k (gallery: {n_gallery:.0f} held-out stimuli per fold)", 3.4))
+        top.set_title(_direction_label(direction))
         if subsets:
             bottom = grid[1][column]
             bars(bottom, rows, [("recall_at_1", subset) for subset in subsets])
             size = rows[rows["subset"] == subsets[0]]["n_gallery_mean"].iloc[0]
-            bottom.set_xticks(np.arange(len(subsets)), [_SUBSET_LABELS[s] for s in subsets])
-            bottom.set_xlabel(f"held-out stimuli by GPA dispersion ({size:.0f} per fold)")
-            bottom.set_title(f"recall@1, {_direction_label(direction)}", fontsize=9)
+            bottom.set_xticks(
+                np.arange(len(subsets)), [wrap(_SUBSET_LABELS[s], 1.5) for s in subsets]
+            )
+            bottom.set_xlabel(
+                wrap(f"held-out stimuli by GPA dispersion ({size:.0f} per fold)", 3.4)
+            )
+            bottom.set_title(wrap(f"recall@1, {_direction_label(direction)}", 3.4, 11.0))
     _legend_below(figure, grid[0][0])
     folds = int(summary["n_folds"].max())
-    figure.suptitle(
+    _suptitle(
+        figure,
         f"Held-out retrieval through the universal space ({folds}-fold, mean ± s.d. over folds)",
-        fontsize=10,
     )
     return _save(figure, path)
 
@@ -414,7 +464,7 @@ def predictors_figure(
         name if test == "spearman" else f"{name} (categorical)"
         for name, test in zip(rows["property"], rows["test"], strict=True)
     ]
-    left.set_yticks(y, names, fontsize=8)
+    left.set_yticks(y, names)
     for position, (value, q_value) in enumerate(zip(effect, rows["q_value"], strict=True)):
         left.annotate(  # right of the bar, or of the axis for a negative bar (never on a label)
             f"q={q_value:.1g}",
@@ -423,12 +473,12 @@ def predictors_figure(
             textcoords="offset points",
             ha="left",
             va="center",
-            fontsize=7,
+            fontsize=9,
         )
     left.axvline(0.0, color="#444", linewidth=0.8)
-    left.set_xlabel("Spearman ρ with dispersion (√ε² for categories), unitless")
+    left.set_xlabel(wrap("Spearman ρ with dispersion (√ε² for categories), unitless", 4.0))
     left.set_ylabel("property")
-    left.set_title(f"Top properties by permutation p ({score}); filled: q < {q}", fontsize=9)
+    _fit_title(left, f"Top properties by permutation p ({score}); filled: q < {q}", 5.0)
     metrics = fit[fit["score"] == score].pivot_table(
         index="model", columns="metric", values="value", dropna=False  # an undefined R² is NaN
     )
@@ -451,10 +501,10 @@ def predictors_figure(
     high = float(max(chosen["observed"].max(), chosen["predicted"].max()))
     right.plot([low, high], [low, high], color="#444", linestyle=":", linewidth=1)
     unit = f"{score_entry(score).label}, {SCORE_UNIT}"
-    right.set_xlabel(f"predicted out of fold ({unit})")
-    right.set_ylabel(f"observed ({unit})")
-    right.set_title("Dispersion predicted from every property (cross-validated)", fontsize=9)
-    right.legend(fontsize=7, loc="upper left")
+    right.set_xlabel(wrap(f"predicted out of fold ({unit})", 5.0))
+    right.set_ylabel(wrap(f"observed ({unit})", 4.0))
+    _fit_title(right, "Dispersion predicted from every property (cross-validated)", 5.0)
+    right.legend(loc="upper left", fontsize=9)
     return _save(figure, path)
 
 
@@ -487,7 +537,7 @@ def per_stimulus_alignment_figure(
     figure, grid = plt.subplots(
         len(metrics),
         len(languages),
-        figsize=(4.6 * len(languages), 3.6 * len(metrics)),
+        figsize=(max(FULL_WIDTH, 3.75 * len(languages)), 4.4 * len(metrics)),
         squeeze=False,
         layout="constrained",
     )
@@ -517,19 +567,23 @@ def per_stimulus_alignment_figure(
                     color=colour, label=label,
                 )
             layer = table.loc[table["language_model"] == language, "language_layer"].iloc[0]
-            axis.set_title(f"{language} ({layer})", fontsize=9)
-            axis.set_xlabel(f"dispersion: {score} GPA residual (residual units)")
+            _fit_title(axis, f"{language} ({layer})", 3.6)
+            axis.set_xlabel(wrap(f"dispersion: {score} GPA residual (residual units)", 3.4))
             k = table.loc[table["metric"] == metric, "k"].dropna()
-            axis.set_ylabel(
+            axis.set_ylabel(wrap(
                 _PER_STIMULUS_LABELS.get(metric, f"{metric} (unitless)").format(
                     k=int(k.iloc[0]) if len(k) else "?"
                 ),
-                fontsize=8,
+                2.4,
+            ))
+            # under the panel: inside, its lines covered the points
+            axis.legend(
+                loc="upper center", bbox_to_anchor=(0.5, -0.3), fontsize=9, frameon=False,
+                markerscale=2,
             )
-            axis.legend(fontsize=6, loc="best")
-    figure.suptitle(
+    _suptitle(
+        figure,
         "Per-stimulus alignment of each GPA model × partner pair against dispersion (Spearman ρ, "
         "permutation p)",
-        fontsize=10,
     )
     return _save(figure, path)

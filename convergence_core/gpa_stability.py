@@ -259,12 +259,22 @@ def describe(summary: dict[str, Any], *, n_stimuli: int, n_starts: int, tol: flo
         "ρ ≥ n/a" if rho is None
         else "ρ = 1 (every start ranks the stimuli alike)" if rho >= 1.0 else f"ρ ≥ {rho:.4f}"
     )
+    # in words where the diagnostic found nothing: "0 of 239 ranks" and "4.7e-08 %" read as
+    # defects on the Home page
+    ranks = (
+        f"the widest rank interval of a stimulus is n/a of {n_stimuli} ranks" if interval is None
+        else "no stimulus changes rank between the solutions" if round(interval) == 0
+        else f"the widest rank interval of a stimulus is {interval:.0f} of {n_stimuli} ranks"
+    )
+    spread_text = (
+        "n/a" if spread is None
+        else "below 0.001 %" if 100 * spread < 1e-3
+        else f"{100 * spread:.2g} %"
+    )
     sentence = (
         f"GPA stability ({n_starts} random starts, tol {tol:.0e}): dispersion ranks agree with "
-        f"GPA's at Spearman {agree}; the widest rank "
-        f"interval of a stimulus is {'n/a' if interval is None else f'{interval:.0f}'} of "
-        f"{n_stimuli} ranks; the largest dispersion spread is "
-        f"{'n/a' if spread is None else f'{100 * spread:.2g} %'} of that stimulus's dispersion."
+        f"GPA's at Spearman {agree}; {ranks}; the largest dispersion spread is {spread_text} of "
+        "that stimulus's dispersion."
     )
     return sentence + _adoption_words(summary, number)
 

@@ -1,6 +1,8 @@
 """Stimuli: ranked gallery (lowest vs highest dispersion, or highest vs lowest per-stimulus
 alignment), caption filter, a stimulus in detail, and per-stimulus alignment against dispersion.
 
+Above the tabs only the score (every tab ranks by it); the gallery's order, caption filter,
+selection switch and page number are a row inside the gallery tab, the only tab they act on.
 Three tabs, and only the open one is built: the gallery first; the detail (ranks, residuals,
 nearest neighbours in every model) when the user opens it or presses Inspect under an image; the
 scatter of per-stimulus alignment (k-NN overlap, local CKA) against dispersion when opened. Above
@@ -30,11 +32,19 @@ from convergence_core.stimulus_alignment import local_cka_base_size
 PER_SIDE = 6  # stimuli per side and page
 GALLERY_COLUMNS = 3
 NEIGHBOUR_THUMBNAILS = 5  # per model; the table lists all requested neighbours
+PICKER_CAPTION_CHARS = 60  # of the first caption beside each id in the detail's select box
 #: Gallery orders: the dispersion score, or a per-stimulus alignment score of one pair
 ORDERS = {
     "dispersion": "dispersion",
     "knn_overlap": "k-NN overlap",
     "local_cka": "local CKA",
+}
+#: The headings of the gallery's two sides by order: short enough for one line each at a
+#: 1024-pixel window (~260 px a side), so both sides start level; the text above says more
+SIDES = {
+    "dispersion": ("Lowest dispersion", "Highest dispersion"),
+    "knn_overlap": ("Most k-NN overlap", "Least k-NN overlap"),
+    "local_cka": ("Highest local CKA", "Lowest local CKA"),
 }
 ALIGNMENT_TAB = "Alignment vs dispersion"
 PAIR_KEY = "w_stimulus_pair"
@@ -50,8 +60,10 @@ ids = found.ids
 n = run.n_stimuli
 path, stamp = str(run.path), data.manifest_stamp(run.path)
 
-# one row drawn by the browser as one element (controls.py: a first visit ~0.18 s faster than
-# Streamlit's radios, text box and toggle); the choices stay while the user visits other pages
+# rows drawn by the browser as one element each (controls.py: a first visit ~0.18 s faster than
+# Streamlit's radios, text box and toggle); the choices stay while the user visits other pages.
+# Above the tabs only what every tab uses (the score); the gallery's order, filter, selection
+# switch and page are a row inside the gallery tab, where they act.
 selection = state.get_selection(st.session_state, run.name)
 score = controls.bound_value(st.session_state, view, "score")
 order_by = state.kept_value(st.session_state, ORDER_KEY, "dispersion")
@@ -64,27 +76,8 @@ controls.row(
             view="score", labels=plots.SCORE_NAME.get,
             help=f"mean: average residual across the {run.gpa_modality} models (GPA); PC1: score "
             "on the first principal component of the residuals (the paper's two dispersion "
-            "measures).",
-        ),
-        controls.choice(
-            "order", "Gallery order", list(ORDERS), order_by, key=ORDER_KEY, labels=ORDERS.get,
-            help="dispersion (the score on the left), or per-stimulus alignment of one GPA model "
-            "× partner pair (a vision × language pair in most runs): k-NN overlap (share of a "
-            "stimulus's k nearest stimuli both models agree on) or local CKA (how much the "
-            "stimulus raises the CKA of a seeded base of "
-            f"{local_cka_base_size(n)} pairs).",
-        ),
-        controls.text(
-            "filter", "Filter by caption text" if run.has_captions else "Filter by id", query,
-            key=FILTER_KEY, width=1.6,
-            placeholder="e.g. dog, kitchen, surf…" if run.has_captions else "part of an id",
-            help="Case-insensitive; matches any caption or the id.",
-        ),
-        controls.switch(
-            "only_selection", "Selection only", only_selection, key=ONLY_SELECTION_KEY,
-            disabled=selection is None, width=1.4,
-            help="Only the stimuli of the current selection. Make a selection on the Residual "
-            "space page (box/lasso) or import one there.",
+            "measures). Orders the gallery, the detail's list of stimuli and the alignment "
+            "scatter.",
         ),
     ],
     key="stimuli-controls",
@@ -163,20 +156,6 @@ elif n < data.PER_STIMULUS_MIN_STIMULI:
 else:
     unaligned = None
 aligned = order_by != "dispersion"
-if aligned:
-    if unaligned is not None:
-        st.error(f"{unaligned} Order the gallery by dispersion.")
-        st.stop()
-    pair = _pair_choice()
-    st.caption(
-        f"Gallery ordered by {ORDERS[order_by]} of {widgets.escape_markdown(pair.label)}, "
-        "highest alignment on the left"
-        # the lab lowers k further for a smaller focus set, which this page does not know of
-        + (f" (k = {k}, chosen in the Alignment lab"
-           + (" and lowered below its set size)" if k < view.k else ")")
-           if order_by == "knn_overlap" else "")
-        + "; each card also shows its dispersion."
-    )
 
 rank, values, ascending = found.rank[score], found.values[score], found.order[score]
 gallery_tab, detail_tab, alignment_tab = st.tabs(
@@ -191,71 +170,140 @@ def _label(row: int) -> str:
     )
 
 
-def _aligned_label(ranking: data.Ranking, row: int) -> str:
+def alignment_text(metric: str, value: float, k: int, decimals: int) -> str:
+    """A per-stimulus alignment score as a card shows it: k-NN overlap as the count of shared
+    neighbours ("8 of 10": the score is that share of k), local CKA (a change of CKA, often
+    about 0.001) signed with ``decimals`` decimals (:func:`cka_decimals`)."""
+    if metric == "knn_overlap":
+        return f"{int(round(value * k))} of {k}"
+    return f"{value:+.{decimals}f}"
+
+
+def cka_decimals(values: np.ndarray) -> int:
+    """Decimals that show about three significant digits of the largest local CKA change of a
+    ranking (one precision for all its cards; 0.0025 → 5), from 4 to 8."""
+    finite = np.abs(values[np.isfinite(values)])
+    largest = float(finite.max()) if finite.size else 0.0
+    if largest <= 0:
+        return 4
+    return int(min(8, max(4, 2 - np.floor(np.log10(largest)))))
+
+
+def _aligned_label(ranking: data.Ranking, row: int, decimals: int) -> str:
     """The card of a stimulus in the gallery ordered by alignment (rank 1 = highest)."""
     return (
         f"#{n - int(ranking.rank[row])} of {n} · id {ids[row]}\n{ORDERS[order_by]} "
-        f"{ranking.values[row]:.4f} · {plots.SCORE_NAME[score]} {values[row]:.4f}"
+        f"{alignment_text(order_by, ranking.values[row], k, decimals)} · "
+        f"{plots.SCORE_NAME[score]} {values[row]:.4f}"
     )
 
 
-with gallery_tab:
-    if gallery_tab.open and (not aligned or _per_stimulus_ready(pair, "w_gallery_compute")):
-        if aligned:
-            ranking = data.alignment_ranking(path, stamp, pair, order_by, k)
-            order, label = ranking.order[::-1], (lambda r: _aligned_label(ranking, r))
-            sides = (
-                f"Highest {ORDERS[order_by]} ({' and '.join(pair_modalities(run, [pair]))} "
-                "agree)",
-                f"Lowest {ORDERS[order_by]} (they disagree)",
-            )
-        else:
-            order, label = ascending, _label
-            sides = ("Lowest dispersion (models agree)", "Highest dispersion (models disagree)")
-        keep = found.matching(query)
-        if only_selection and selection is not None:
-            chosen = np.zeros(n, dtype=bool)
-            chosen[found.rows_of(selection.ids)[0]] = True
-            keep &= chosen
-        ranked = order[keep[order]]
-        n_pages = catalogue.gallery_page_count(len(ranked), PER_SIDE)
-        st.text(
-            f"{len(ranked)} of {n} stimuli shown, {PER_SIDE} per side and page, {n_pages} "
-            f"page{'s' if n_pages > 1 else ''}."
-        )
-        page_number = controls.bound_value(
-            st.session_state, view, "page", lambda value: min(max(1, int(value)), n_pages)
-        )
-        controls.row(
-            [controls.number(
+def _gallery() -> None:
+    """The gallery tab: its row of controls (order, caption filter, selection switch, page),
+    then the page's cards from both ends of the ranking, side by side."""
+    keep = found.matching(query)
+    if only_selection and selection is not None:
+        chosen = np.zeros(n, dtype=bool)
+        chosen[found.rows_of(selection.ids)[0]] = True
+        keep &= chosen
+    n_kept = int(keep.sum())
+    n_pages = catalogue.gallery_page_count(n_kept, PER_SIDE)
+    page_number = controls.bound_value(
+        st.session_state, view, "page", lambda value: min(max(1, int(value)), n_pages)
+    )
+    controls.row(
+        [
+            controls.choice(
+                "order", "Gallery order", list(ORDERS), order_by, key=ORDER_KEY,
+                labels=ORDERS.get,
+                help="dispersion (Rank by above), or per-stimulus alignment of one GPA model × "
+                "partner pair (a vision × language pair in most runs): k-NN overlap (share of a "
+                "stimulus's k nearest stimuli both models agree on) or local CKA (how much the "
+                "stimulus raises the CKA of a seeded base of "
+                f"{local_cka_base_size(n)} pairs).",
+            ),
+            controls.text(
+                "filter", "Filter by caption text" if run.has_captions else "Filter by id",
+                query, key=FILTER_KEY, width=1.6,
+                placeholder="e.g. dog, kitchen, surf…" if run.has_captions else "part of an id",
+                help="Case-insensitive; matches any caption or the id.",
+            ),
+            controls.switch(
+                "only_selection", "Selection only", only_selection, key=ONLY_SELECTION_KEY,
+                disabled=selection is None, width=1.4,
+                help="Only the stimuli of the current selection. Make a selection on the "
+                "Residual space page (box/lasso) or import one there.",
+            ),
+            controls.number(
                 "page", "Page", page_number, 1, n_pages, key=state.WIDGET_PREFIX + "page",
-                view="page", help="Each page shows the next stimuli from both ends of the ranking.",
-            )],
-            key="stimuli-page",
+                view="page",
+                help="Each page shows the next stimuli from both ends of the ranking.",
+            ),
+        ],
+        key="stimuli-gallery-controls",
+    )
+    if aligned:
+        if unaligned is not None:
+            st.error(f"{unaligned} Order the gallery by dispersion.")
+            return
+        pair = _pair_choice()
+        st.caption(
+            f"Gallery ordered by {ORDERS[order_by]} of {widgets.escape_markdown(pair.label)}, "
+            "highest alignment on the left"
+            # the lab lowers k further for a smaller focus set, which this page does not know of
+            + (f" (k = {k}, chosen in the Alignment lab"
+               + (" and lowered below its set size)" if k < view.k else ")")
+               if order_by == "knn_overlap" else "")
+            + "; each card also shows its dispersion."
         )
-        low_rows, high_rows = catalogue.gallery_page(ranked, page_number, PER_SIDE)
-        if len(ranked) == 0:
-            st.info("No stimulus matches the filter; clear the caption filter to see all.")
-        else:
-            low_side, high_side = st.columns(2, gap="large")
-            with low_side:
-                st.subheader(sides[0])
-                gallery.show(
-                    run,
-                    low_rows,
-                    [label(r) for r in low_rows],
-                    key="low",
-                    columns=GALLERY_COLUMNS,
-                )
-            with high_side:
-                st.subheader(sides[1])
-                gallery.show(
-                    run,
-                    high_rows,
-                    [label(r) for r in high_rows],
-                    key="high",
-                    columns=GALLERY_COLUMNS,
-                )
+        if not _per_stimulus_ready(pair, "w_gallery_compute"):
+            return
+        ranking = data.alignment_ranking(path, stamp, pair, order_by, k)
+        decimals = cka_decimals(ranking.values)
+        order, label = ranking.order[::-1], (lambda r: _aligned_label(ranking, r, decimals))
+        agree = " and ".join(pair_modalities(run, [pair]))
+        sides = SIDES[order_by]
+        about = f"Left: {agree} agree most on these stimuli; right: least."
+    else:
+        order, label = ascending, _label
+        sides = SIDES["dispersion"]
+        about = (f"Left: the {run.gpa_modality} models (GPA) agree most on these stimuli; "
+                 "right: least.")
+    ranked = order[keep[order]]
+    # the headings stay short (SIDES); what each side means is said here, as plain text (model
+    # and modality names too)
+    st.text(
+        f"{n_kept} of {n} stimuli shown, {PER_SIDE} per side and page, {n_pages} "
+        f"page{'s' if n_pages > 1 else ''}. {about}"
+    )
+    if n_kept == 0:
+        st.info("No stimulus matches the filter; clear the caption filter to see all.")
+        return
+    low_rows, high_rows = catalogue.gallery_page(ranked, page_number, PER_SIDE)
+    for side, heading, rows, key in zip(
+        st.columns(2, gap="medium"), sides, (low_rows, high_rows), ("low", "high"), strict=True
+    ):
+        with side:
+            st.subheader(heading)
+            gallery.show(run, rows, [label(r) for r in rows], key=key, columns=GALLERY_COLUMNS)
+
+
+def _picker_label(identifier: str) -> str:
+    """A stimulus as the detail's select box lists it: its id and the start of its first caption
+    ("281789 — two zebras grazing in a field…"). A select box shows its options as plain text
+    (no Markdown), so a caption needs no escaping; line breaks are folded into spaces."""
+    shown = widgets.excerpt(identifier)
+    caption = " ".join(str(found.first_captions[found.position[identifier]]).split())
+    if not caption:
+        return shown
+    if len(caption) > PICKER_CAPTION_CHARS:
+        caption = caption[: PICKER_CAPTION_CHARS - 1].rstrip() + "…"
+    return f"{shown} — {caption}"
+
+
+with gallery_tab:
+    if gallery_tab.open:
+        _gallery()
 
 with detail_tab:
     if detail_tab.open:
@@ -271,7 +319,7 @@ with detail_tab:
                 f"{under} in the gallery)",
                 inspect_options,
                 key=widgets.INSPECT_KEY,
-                format_func=widgets.excerpt,
+                format_func=_picker_label,
             )
         else:
             if widgets.INSPECT_KEY not in st.session_state:
@@ -334,7 +382,8 @@ with detail_tab:
         st.caption(
             "Most similar stimuli under each model: largest inner product of the prepared "
             "features (the run's exact neighbour lists). "
-            + f"{run.gpa_modality.capitalize()} models (GPA) at their GPA layer"
+            + f"{widgets.escape_markdown(run.gpa_modality.capitalize())} models (GPA) at their "
+            "GPA layer"
             + (", language models at their best layer" if best_layers else "")
             + (", other models at their default layer." if others or not best_layers else ".")
         )
@@ -397,7 +446,7 @@ with alignment_tab:
         if unaligned is not None:
             st.info(unaligned)
         else:
-            shown_pair = pair if aligned else _pair_choice()
+            shown_pair = _pair_choice()
             if _per_stimulus_ready(shown_pair, "w_alignment_compute"):
                 marked = () if selection is None else tuple(
                     int(r) for r in found.rows_of(selection.ids)[0]

@@ -31,6 +31,8 @@ LAST_IMPORT = "residual_space_last_import"
 #: Session key of the interactive-chart toggle (kept across page switches)
 INTERACTIVE_KEY = "w_interactive_scatter"
 COLOUR_KEY = "w_colour_property"
+#: The colour choice that leaves the map coloured by the dispersion score (the radio's)
+SCORE_COLOUR = "(dispersion score)"
 
 context = page.open_page("Residual space", icon="🧭")
 run, view = context.run, context.view
@@ -51,13 +53,27 @@ with controls[0]:
         help="PCA: PC1 vs PC2 of the residual matrix R (stimuli × GPA models). "
         "UMAP (umap-learn, fixed seed) of R: computed once per run and cached.",
     ))
-with controls[1]:
-    score = widgets.score_radio(view, "Colour by")
 properties = predictors.run_properties(run)
-colour_choices = ["(dispersion score)", *(properties.names if properties is not None else [])]
+colour_choices = [SCORE_COLOUR, *(properties.names if properties is not None else [])]
 state.drop_stale_choice(st.session_state, COLOUR_KEY, colour_choices)
+colour_kept = state.kept_value(st.session_state, COLOUR_KEY, SCORE_COLOUR)
+# one control path: the radio picks the score that colours the map until the popover's select
+# picks a property; then the radio is greyed out and says so (it still ranks the selection)
+with controls[1]:
+    score = widgets.score_radio(
+        view,
+        "Colour by",
+        disabled=colour_kept != SCORE_COLOUR,
+        help="The dispersion score that colours the map (and ranks the selection below)."
+        if colour_kept == SCORE_COLOUR
+        else "The map is coloured by the property chosen under Colour; choose "
+        "'dispersion score' there to colour it by this score again (it still ranks the "
+        "selection below).",
+    )
+colour_now = widgets.excerpt(
+    plots.SCORE_NAME[score] if colour_kept == SCORE_COLOUR else colour_kept, 30
+)
 # in a popover (its label says the choice): the browser builds the select box only when opened
-colour_now = widgets.excerpt(state.kept_value(st.session_state, COLOUR_KEY, colour_choices[0]), 30)
 with controls[1].popover(  # a short label: one line in a 1024-pixel window
     f"Colour: {widgets.escape_markdown(colour_now)}", icon=":material/palette:"
 ):
@@ -65,8 +81,11 @@ with controls[1].popover(  # a short label: one line in a 1024-pixel window
         "Colour by a stimulus property",
         colour_choices,
         key=COLOUR_KEY,
-        help="Any column of the run's property table (What predicts dispersion page); the "
-        "default colours by the dispersion score chosen beside it.",
+        format_func=lambda choice: (
+            f"dispersion score ({plots.SCORE_NAME[score]})" if choice == SCORE_COLOUR else choice
+        ),
+        help="Any column of the run's property table (What predicts dispersion page), or the "
+        "dispersion score picked under Colour by.",
     )
 colour_property = colour_by if properties is not None and colour_by in properties.names else ""
 
@@ -178,7 +197,9 @@ if projection == "PCA":
             st.image(
                 data.residual_components_png(str(run.path), data.manifest_stamp(run.path))
             )
-            st.markdown(widgets.markdown_table(catalogue.components_table(run)))
+            st.markdown(widgets.markdown_table(
+                catalogue.shown_table(catalogue.components_table(run))
+            ))
 
 st.header("Current selection")
 if selection is None:

@@ -233,7 +233,7 @@ def sets_and_results() -> None:
     if source == "selection":
         selection = state.get_selection(st.session_state, run.name)
         if selection is None:
-            st.error(
+            st.info(  # nothing chosen yet, as on Residual space: a next step, not a fault
                 "Empty selection: make one on the Residual space page (box or lasso on the "
                 "scatter, or import a CSV of ids), or choose another focus set."
             )
@@ -247,7 +247,7 @@ def sets_and_results() -> None:
         rows, unknown = found.rows_of(wanted)
         widgets.show_messages(selection_io.unknown_id_messages(unknown, "pasted", widgets.excerpt))
         if len(rows) == 0:
-            st.error("Empty selection: paste the ids of at least 4 stimuli of this run.")
+            st.info("Empty selection: paste the ids of at least 4 stimuli of this run.")
         else:
             sets["pasted"] = rows
     for name in ("selection", "pasted"):
@@ -413,7 +413,7 @@ def sets_and_results() -> None:
         numbers = data.kept(key)
         if numbers is None:
             why = (
-                "the registry marks it as slower than the lab's 300 ms"
+                "it takes longer than the 0.3 s a live change may take"
                 if not choice.live
                 else f"a feature metric on {n:,} stimuli"
             )
@@ -457,14 +457,15 @@ def sets_and_results() -> None:
     # what the cards hold, once: their labels stay short enough for a 1024-pixel window (a card's
     # label is one line, cut with an ellipsis)
     what = f"{label} (k = {k})" if choice.neighbour_metric else label
-    st.caption(f"{what}, mean over the {len(pairs)} {sides} pairs shown:")
+    st.caption(f"{what}, mean over the {len(pairs)} {widgets.escape_markdown(sides)} pairs shown:")
     widgets.number_cards(
         [
             widgets.Card(
                 f"Focus: {SHORT_SET_LABEL[source]}",
                 cards.focus,
                 delta=cards.focus_delta,
-                help=f"{what} of the focus set ({SET_LABEL[source]}), mean over the {sides} "
+                help=f"{what} of the focus set ({SET_LABEL[source]}), mean over the "
+                f"{widgets.escape_markdown(sides)} "
                 "pairs shown; the change is against random sets of the focus set's size "
                 f"({set_sizes.get(source, size):,} stimuli: alignment depends on the set size).",
             ),
@@ -689,7 +690,8 @@ def _tables(  # noqa: ANN001
     table = lab.results_table(set_values, baselines, permutation, score, int(seed))
     st.subheader("All results")
     st.caption(
-        f"One row per {sides} pair, set and metric (long format: the metric in "
+        f"One row per {widgets.escape_markdown(sides)} pair, set and metric (long format: the "
+        "metric in "
         "'metric', its number in 'value'); random columns: random sets of the same size "
         "(n_random: how many were drawn)."
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import streamlit as st
 
 from convergence_core import analyses
-from convergence_core.dashboard import data, lab, page, plots, state, widgets
+from convergence_core.dashboard import catalogue, data, lab, page, plots, state, widgets
 
 #: Session key of the open tab
 TAB_KEY = "w_paper_tab"
@@ -26,27 +26,14 @@ TABS = (
     "Layer sweep",
 )
 
-#: p-values span many decades: show them in scientific notation
-_P_VALUE_FORMAT = {
-    name: st.column_config.NumberColumn(format="%.2e")
-    for name in (
-        "p_value",
-        "pearson_p_value",
-        "spearman_p_value",
-        "permutation_p_value_two_sided",
-        "permutation_p_value_low_greater",
-        "mean_over_pairs_p_value_two_sided",
-        "mean_over_pairs_p_value_low_greater",
-    )
-}
-
 context = page.open_page("Paper analyses", icon="📄")
 run, view = context.run, context.view
 st.caption(
     "Does low intra-modal dispersion (vision models agree) go with higher vision–language "
     "alignment? Fig. 2, S1 and S2 of the paper, recomputed on this run."
     if run.gpa_modality == "vision" else
-    f"Does low dispersion (the GPA models, {run.gpa_modality}, agree) go with higher alignment "
+    f"Does low dispersion (the GPA models, {widgets.escape_markdown(run.gpa_modality)}, agree) "
+    "go with higher alignment "
     "with the other models? Fig. 2, S1 and S2 of the paper, recomputed on this run."
 )
 path = context.info.path
@@ -65,7 +52,8 @@ with st.sidebar:
         view,
         "Dispersion score",
         horizontal=False,
-        help=f"mean residual across the {run.gpa_modality} models (GPA), or score on the "
+        help=f"mean residual across the {widgets.escape_markdown(run.gpa_modality)} models "
+        "(GPA), or score on the "
         "residuals' first principal "
         "component",
     )
@@ -115,7 +103,8 @@ with st.sidebar:
     if len(groups) > 1:
         state.drop_stale_choice(st.session_state, "w_paper_partners", list(groups))
         partners = state.kept_widget(st.session_state, "w_paper_partners", lambda key: st.radio(
-            "Fig. 2 and S1 pairs", list(groups), format_func=groups.get, key=key,
+            "Fig. 2 and S1 pairs", list(groups), key=key,
+            format_func=lambda group: widgets.escape_markdown(groups[group]),  # modalities
             help="the language models (at their best layers) or the models outside GPA that are "
             "not language models (at their default layers)",
         ))
@@ -138,11 +127,12 @@ def _asked(what: str, work: str, key: str, *done_key: object, heavy: bool = Fals
 
 
 def _table_on_demand(label: str, key: str, frame, **options) -> None:
-    """A data table inside an expander that is built only when opened."""
+    """A data table inside an expander that is built only when opened: headers in words, p-values
+    to two digits (``widgets.data_table``); its CSV download keeps the machine-readable names."""
     box = st.expander(label, key=key, on_change="rerun")
     with box:
         if box.open:
-            st.dataframe(frame, hide_index=True, width="stretch", **options)
+            widgets.data_table(frame, hide_index=True, width="stretch", **options)
 
 
 # without language models (or when chosen), Fig. 2 and S1 align the GPA models with the models
@@ -223,12 +213,16 @@ with fig2_tab:
                     "the pairs' differences go together (and with n pairs Wilcoxon's cannot fall "
                     "below 2/2ⁿ):"
                 )
-                st.markdown(widgets.markdown_table(
-                    analyses.paired_set_tests(sets).drop(columns="note")
-                ))
+                st.markdown(widgets.markdown_table(catalogue.paired_tests_table(
+                    analyses.paired_set_tests(sets), int(n_permutations)
+                )))
+                st.caption(
+                    "Statistic: W, Wilcoxon's signed-rank sum; t, the paired t; Δ, the mean over "
+                    "pairs of CKNNA low − high (the permutation test's)."
+                )
                 _table_on_demand(
                     "Every pair: CKNNA per set, random interval, permutation p-values",
-                    "w_paper_sets_table", sets, column_config=_P_VALUE_FORMAT,
+                    "w_paper_sets_table", sets,
                 )
 
 with s1_tab:
@@ -249,7 +243,8 @@ with s1_tab:
                 values="cknna",
                 sort=False,
             )[["drop_high", "full", "drop_low"]].reset_index()
-            st.markdown(widgets.markdown_table(wide.round(4)))
+            st.caption(f"CKNNA (k = {int(k)}) of each pair, {q:.0%} of the stimuli dropped:")
+            st.markdown(widgets.markdown_table(catalogue.shown_table(wide, decimals=3)))
 
 with s2_tab:
     if s2_tab.open:
@@ -271,7 +266,7 @@ with s2_tab:
             )
             _table_on_demand(
                 "Correlation per held-out model (Pearson, Spearman, fit line)",
-                "w_paper_s2_table", statistics, column_config=_P_VALUE_FORMAT,
+                "w_paper_s2_table", statistics,
             )
 
 with sweep_tab:
@@ -288,7 +283,9 @@ with sweep_tab:
                 "full set):"
             )
             # k is the sidebar's and a sampled sweep says its seed below: the rest fits the page
-            st.markdown(widgets.markdown_table(best.drop(columns=["k", "sample_seed"])))
+            st.markdown(widgets.markdown_table(catalogue.shown_table(
+                best.drop(columns=["k", "sample_seed"]), decimals=3
+            )))
             sample_note = lab.best_layer_sample_note(best, n)
             if sample_note is not None:
                 st.info(sample_note)

@@ -16,6 +16,7 @@ from convergence_core.dashboard import (
     data,
     gallery,
     page,
+    plots,
     predictor_plots,
     predictors,
     selection_io,
@@ -96,18 +97,13 @@ def _ranked() -> None:
         )
         with every_column:
             if every_column.open:
-                st.dataframe(
-                    ranked,
-                    hide_index=True,
-                    column_config={
-                        name: st.column_config.NumberColumn(format="%.2e")
-                        for name in ("q_value", "p_value", "p_value_asymptotic")
-                    },
-                    key="ranked-table",
-                )
+                # headers in words over the data as computed: the CSV download (the grid's
+                # toolbar) keeps the machine-readable names and unrounded numbers
+                widgets.data_table(ranked, hide_index=True, key="ranked-table")
     skipped = predictors.skipped_properties(str(run.path), stamp)
     if len(skipped):
-        with st.expander(f"{len(skipped)} properties not tested"):
+        count = f"{len(skipped)} {'property' if len(skipped) == 1 else 'properties'}"
+        with st.expander(f"{count} not tested"):
             st.markdown(widgets.markdown_table(skipped))
 
 
@@ -123,7 +119,7 @@ def _scatter() -> None:
     row = ranked[ranked["property"] == chosen]
     effect_text = (
         f"{'ρ' if row['test'].iloc[0] == 'spearman' else 'ε²'} = {row['effect'].iloc[0]:.3f}, "
-        f"q = {row['q_value'].iloc[0]:.2g}"
+        + catalogue.p_phrase(row["q_value"].iloc[0], symbol="q")
         if len(row)
         else "not tested"
     )
@@ -147,27 +143,31 @@ def _scatter() -> None:
     clicked = selection_io.rows_from_chart_selection(
         getattr(event, "selection", None), run.n_stimuli
     )
+    def labels(rows) -> list[str]:  # noqa: ANN001
+        return [
+            f"id {ids[r]} · {chosen} {predictor_plots.value_text(table, chosen, r)} · "
+            f"dispersion {dispersion[r]:.4f}"
+            for r in rows
+        ]
+
     if clicked:
         st.text(f"{len(clicked)} stimuli selected in the chart (first {min(CARDS, len(clicked))}):")
         shown = clicked[:CARDS]
+        gallery.show(run, shown, labels(shown), key="predictors", columns=4, inspect=False)
+        return
+    if table.info_for(chosen).kind == "numeric":
+        lowest, highest = catalogue.gallery_ends(table.values[chosen], CARDS // 2)
+        on = chosen
     else:
-        if table.info_for(chosen).kind == "numeric":
-            lowest, highest = catalogue.gallery_ends(table.values[chosen], CARDS // 2)
-            st.text(
-                f"No point selected: the {CARDS // 2} lowest and {CARDS // 2} highest on {chosen}."
-            )
-        else:
-            lowest, highest = catalogue.gallery_ends(dispersion, CARDS // 2)
-            st.text(f"No point selected: the {CARDS // 2} lowest and highest dispersion stimuli.")
-        shown = [*lowest, *highest[::-1]]  # ascending, as the scatter's axis
-    labels = [
-        f"id {ids[r]} · {chosen} {predictor_plots.value_text(table, chosen, r)} · "
-        f"dispersion {dispersion[r]:.4f}"
-        for r in shown
-    ]
-    gallery.show(
-        run, shown, labels, key="predictors", columns=4, inspect=False
-    )
+        lowest, highest = catalogue.gallery_ends(dispersion, CARDS // 2)
+        on = f"dispersion ({plots.SCORE_NAME[score]})"
+    st.text(f"No point selected: the {CARDS // 2} lowest and {CARDS // 2} highest on {on}.")
+    # one grid per end, each under its heading (ascending, as the scatter's axis)
+    for end, rows, key in (
+        ("Lowest", list(lowest), "predictors"), ("Highest", list(highest[::-1]), "predictors-high")
+    ):
+        st.text(f"{end} {len(rows)} on {on}:")
+        gallery.show(run, rows, labels(rows), key=key, columns=4, inspect=False)
 
 
 def _fit() -> None:
@@ -192,7 +192,7 @@ def _fit() -> None:
     fit, importances, predictions = predictors.model_fit(
         str(run.path), stamp, score, n_shuffles, seed
     )
-    st.dataframe(predictor_plots.fit_summary(fit), hide_index=True, key="fit-table")
+    widgets.data_table(predictor_plots.fit_summary(fit), hide_index=True, key="fit-table")
     # one above the other: side by side, the importances' long property names squeezed the
     # bars into a few pixels and the fit's titles were cut
     st.plotly_chart(

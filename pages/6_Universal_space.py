@@ -65,6 +65,11 @@ st.caption(
         "Where do a stimulus's vision and language representations land apart, and can one be "
         "found from the other through it?"
     )
+    # the layers differ from the pages that pair vision with language (a user saw gemma at
+    # layer_18 here and layer_13 there): said where the choice is made
+    + " Each model enters at its default layer (Layers, in the sidebar, changes it); the Stimuli, "
+    "Alignment lab and Paper analyses pages take each language model at its best layer against "
+    "vision instead."
 )
 
 # a choice made on another run: the models this run has, else (none of them) all of this run's
@@ -91,8 +96,9 @@ with st.sidebar:
             )
     # model names come from the user (feature files, a shared run): help texts render Markdown
     gpa_models_text = ", ".join(widgets.escape_markdown(m) for m in run.gpa.models)
-    score = widgets.score_radio(
-        view, f"{run.gpa_modality.capitalize()} dispersion",
+    modality_text = widgets.escape_markdown(run.gpa_modality)  # as is the modality's name
+    score = widgets.score_radio(  # a label renders Markdown: the modality as text
+        view, widgets.escape_markdown(f"{run.gpa_modality.capitalize()} dispersion"),
         help=f"intra-modal dispersion: the mean residual (or PC1 score) of GPA across the run's "
         f"GPA models ({gpa_models_text})"
     )
@@ -171,7 +177,11 @@ with dispersion_tab:
                     f"dispersion across the GPA models ({gpa_models_text})",
                 ),
                 widgets.Card(
-                    "Permutation p (two-sided)", f"{row['permutation_p_value_two_sided']:.3g}"
+                    "Permutation p",
+                    catalogue.p_text(row["permutation_p_value_two_sided"], row["n_permutations"]),
+                    help=f"two-sided, over {int(row['n_permutations']):,} shuffles of the "
+                    f"stimuli: the smallest p they can give is 1/({int(row['n_permutations']):,} "
+                    "+ 1)",
                 ),
                 widgets.Card(
                     "Median cross-modal",
@@ -216,6 +226,10 @@ with dispersion_tab:
         )
         with ends:
             if ends.open:
+                st.caption(
+                    "Under each image: its id and its cross-modal dispersion (distance between "
+                    f"its modality means, {universal_plots.UNITS})."
+                )
                 values = per_stimulus["cross_modal_dispersion"].to_numpy()
                 stimulus_rows = per_stimulus["stimulus"].to_numpy()
                 by_row = dict(zip(stimulus_rows, values, strict=True))
@@ -227,7 +241,7 @@ with dispersion_tab:
                         gallery.show(
                             run,
                             rows,
-                            [f"id {ids[r]} · {by_row[r]:.4f}" for r in rows],
+                            [f"id {ids[r]} · cross-modal {by_row[r]:.4f}" for r in rows],
                             key=f"universal-{extreme.lower()}",
                             columns=3,
                             inspect=False,
@@ -238,9 +252,16 @@ with dispersion_tab:
         )
         with table:
             if table.open:
-                st.dataframe(
+                # two different residuals: the run's GPA dispersion of the stimulus (x of the
+                # scatter) and its residual from the consensus of the chosen models (all
+                # modalities); headers in words, the CSV download keeps the machine names
+                widgets.data_table(
                     per_stimulus.assign(
                         caption=[first_captions[r] for r in per_stimulus["stimulus"]]
+                    ),
+                    names=catalogue.universal_table_names(
+                        per_stimulus.columns, run.gpa_modality, plots.SCORE_NAME[score],
+                        len(members),
                     ),
                     hide_index=True,
                     width="stretch",
@@ -291,33 +312,35 @@ with retrieval_tab:
                 "Held-out stimuli",
                 ("all", "low_dispersion", "high_dispersion"),
                 horizontal=True,
-                format_func=lambda s: {
+                format_func=lambda s: {  # a radio's options render Markdown
                     "all": "all",
-                    "low_dispersion": f"low {run.gpa_modality} dispersion (third)",
-                    "high_dispersion": f"high {run.gpa_modality} dispersion (third)",
+                    "low_dispersion": f"low {modality_text} dispersion (third)",
+                    "high_dispersion": f"high {modality_text} dispersion (third)",
                 }[s],
             )
             st.plotly_chart(
                 universal_plots.retrieval_bars(summary, subset), key="universal-recall"
             )
-            st.dataframe(retrieval.comparison_table(summary), hide_index=True, width="stretch")
+            widgets.data_table(
+                retrieval.comparison_table(summary), hide_index=True, width="stretch"
+            )
             st.caption(
                 f"{int(n_folds)}-fold (seed {int(seed)}): each fold's space (centring, scale, "
                 "rotation of every model) is fitted on the other folds; held-out images and "
                 f"captions are mapped into it and ranked by {similarity} similarity among the "
                 "fold's held-out stimuli. Ridge: vision features → language features, α by "
                 "leave-one-out CV on the training folds. Chance: recall@k = k / n, median rank "
-                f"(n + 1) / 2. Thirds: the held-out stimuli of lowest / highest {run.gpa_modality} "
+                f"(n + 1) / 2. Thirds: the held-out stimuli of lowest / highest {modality_text} "
                 "dispersion, ranked among themselves."
             )
             st.text(
                 "Universal space vs ridge on the same held-out queries (recall@1, exact McNemar):"
             )
-            st.dataframe(
+            widgets.data_table(
                 retrieval.paired_recall_test(result.ranks, k=1), hide_index=True, width="stretch"
             )
             st.text("Ridge α chosen in each fold (relative to tr(XᵀX)):")
-            st.dataframe(result.baseline, hide_index=True)
+            widgets.data_table(result.baseline, hide_index=True)
 
 with captions_tab:
     if captions_tab.open:

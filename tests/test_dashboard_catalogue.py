@@ -280,6 +280,12 @@ def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
     assert lab.baseline_statement(baseline.assign(n_random=200)).endswith(
         "Error bars: 95% of the random sets' values."
     )
+    # a precision met just below the one asked for reads as met, not as "narrower than 0.02; the
+    # widest is 0.0200" (its digits rounded up to the bound)
+    met = lab.baseline_statement(
+        baseline.assign(interval_width=0.02, random_mean_interval=0.019984)
+    )
+    assert "interval of the mean was at most 0.02 wide" in met and "is 0.01998 wide" in met
 
 
 def test_alignment_bars_escape_names_and_place_bars_on_the_axis() -> None:
@@ -298,7 +304,7 @@ def test_alignment_bars_escape_names_and_place_bars_on_the_axis() -> None:
     ticks = {}
     for t in svg.iter(f"{SVG}text"):
         if t.get("text-anchor") == "end":
-            ticks[float(t.text)] = float(t.get("y")) - 4  # label baseline sits 4 px below
+            ticks[float(t.text)] = float(t.get("y"))  # centred on its tick (dominant-baseline)
     (low, y_low), (high, y_high) = min(ticks.items()), max(ticks.items())
     top = float(bars[0].get("y"))
     expected = y_low + (0.5 - low) * (y_high - y_low) / (high - low)
@@ -513,3 +519,116 @@ def test_the_model_residual_legend_sits_beside_the_bars(monkeypatch) -> None:
     legend = axis.get_legend().get_window_extent(renderer)
     assert legend.x0 >= axis.get_window_extent(renderer).x1
     assert legend.x1 <= figure.bbox.x1
+
+
+# -- what a reader sees: one p-value format, names in words --------------------------------------
+def test_one_p_value_format_for_every_table_card_and_title() -> None:
+    """p- and q-values read alike everywhere (the review found "p = 0.000999" on a card above a
+    table saying "0.001", "9.9e-01", and a q as 3.2e-04, 3.17e-4 and 0.00032 on one page): two
+    significant digits and no exponent; below 0.001 "< 0.001"; at a permutation test's floor
+    1/(B + 1) "≤ floor" (or "< 0.001" where the floor is below it); NaN "n/a"."""
+    from convergence_core.dashboard.catalogue import NBSP, p_phrase, p_text
+
+    def plain(text: str) -> str:
+        assert " " not in text  # no-break spaces only: a number never wraps inside
+        return text.replace(NBSP, " ")
+
+    assert plain(p_text(1 / 1000, 999)) == "≤ 0.001"  # the floor of B = 999
+    assert plain(p_text(1 / 1001, 1000)) == "< 0.001"  # 0.000999: the floor of B = 1,000
+    assert plain(p_text(1 / 100, 99)) == "≤ 0.01"
+    assert plain(p_text(2 / 100, 99)) == "0.02"  # above the floor: the value
+    assert p_text(0.5) == "0.5" and p_text(0.5, 999) == "0.5"
+    assert plain(p_text(1e-4)) == "< 0.001" and plain(p_text(3.17e-4)) == "< 0.001"
+    assert p_text(float("nan")) == "n/a" and p_text(None) == "n/a"
+    assert p_text(np.float64(0.0463)) == "0.046" and p_text(0.0092) == "0.0092"
+    assert p_text(0.99) == "0.99" and p_text(1.0) == "1"
+    for value in (0.987, 2.8e-6, 0.00032, 1e-12, 0.05):
+        assert "e" not in p_text(value), value
+    assert plain(p_phrase(0.0463)) == "p = 0.046"
+    assert plain(p_phrase(1 / 1001, 1000)) == "p < 0.001"
+    assert plain(p_phrase(0.01, 99, symbol="q")) == "q ≤ 0.01"
+    assert plain(p_phrase(float("nan"))) == "p = n/a"
+
+
+def test_numbers_in_markdown_tables_never_wrap_inside() -> None:
+    """At 1024 px a table broke "3.2e-/04" and "ρ = /+0.0663": a number's cell has no-break
+    spaces and a word joiner after its minus sign; text cells keep their spaces."""
+    frame = pd.DataFrame({
+        "property": ["caption words", "width_px"], "effect": ["ρ = +0.0663", "ρ = -0.0554"],
+        "q": ["< 0.001", "0.39"], "x": [-2.5e-6, 0.5],
+    })
+    rows = widgets.markdown_table(frame).splitlines()[2:]
+    assert rows[0].startswith("| caption words | ρ\u00a0\\=\u00a0\\+0\\.0663 | \\<\u00a00\\.001 |")
+    assert "ρ\u00a0\\=\u00a0\\-\u20600\\.0554" in rows[1]
+    assert "\\-\u20602\\.5e\\-\u206006" in rows[0]
+
+
+def test_shown_tables_use_display_names_and_keep_the_frame_machine_readable() -> None:
+    """One map of machine names to words (catalogue.DISPLAY_NAMES): headers and values as a
+    reader reads them, with one precision per table; the frame itself (what the CSV downloads
+    and the report write) keeps its names."""
+    from convergence_core.dashboard.catalogue import display_name, paired_tests_table, shown_table
+
+    frame = pd.DataFrame({
+        "vision_model": ["a", "b"], "drop_high": [0.29, 0.3616], "full": [0.318, 0.2],
+        "variance_explained_%": [70.71, 16.1], "model": ["boosted_trees", "ridge"],
+    })
+    shown = shown_table(frame, decimals=3)
+    assert list(shown.columns) == [
+        "vision model", "high-dispersion dropped", "full set", "variance explained (%)", "model"
+    ]
+    assert list(shown["high-dispersion dropped"]) == ["0.290", "0.362"]  # not 0.29 beside 0.3616
+    assert list(shown["model"]) == ["boosted trees", "ridge"]
+    assert list(frame.columns)[1] == "drop_high" and frame["model"].iloc[0] == "boosted_trees"
+    # the user's names are shown as written, even where one reads like a machine name
+    users = pd.DataFrame({"vision_model": ["full", "ridge"], "language_model": ["all", "lm"],
+                          "p_value": [0.5, 0.2]})
+    assert list(shown_table(users)["vision model"]) == ["full", "ridge"]
+    assert list(shown_table(users)["language model"]) == ["all", "lm"]
+    assert display_name("vision_to_language") == "image → text"
+    assert display_name("recall_at_1") == "recall@1"
+    assert display_name("permutation_p_value_two_sided") == "permutation p (two-sided)"
+    assert display_name("knn_overlap") == "k-NN overlap"
+    assert display_name("efficientnet_b0") == "efficientnet_b0"  # a value: as it is
+    assert display_name("cknna_random_hi", column=True) == "CKNNA random hi"
+
+    tests = pd.DataFrame({
+        "test": ["wilcoxon_signed_rank", "paired_t", "permutation_mean_over_pairs"],
+        "statistic": [0.0, 23.12, 0.3324], "p_value": [0.03125, 2.8e-6, 1 / 1001],
+        "n_pairs": [6, 6, 6], "mean_difference": [0.3324] * 3, "note": ["", "", ""],
+    })
+    table = paired_tests_table(tests, 1000)
+    assert list(table["test"]) == [
+        "Wilcoxon signed-rank", "paired t", "permutation, mean over pairs"
+    ]
+    assert list(table["statistic"]) == ["W = 0", "t = 23.1", "Δ = +0.332"]  # which statistic
+    assert [p.replace("\u00a0", " ") for p in table["p"]] == ["0.031", "< 0.001", "< 0.001"]
+
+
+def test_data_tables_show_words_over_machine_data(monkeypatch) -> None:
+    """widgets.data_table: the grid's headers are display names (column labels), p-values two
+    digits, machine-name values shown in words, and the data (which the grid's CSV download
+    writes, column names included) untouched."""
+    calls = []
+    monkeypatch.setattr(widgets.st, "dataframe", lambda frame, **kw: calls.append((frame, kw)))
+    frame = pd.DataFrame({
+        "model": ["ridge", "boosted_trees"], "q_value": [0.00032, 0.5], "id": ["1", "2"],
+        "direction": ["vision_to_language", "language_to_vision"],
+    })
+    widgets.data_table(frame, hide_index=True, column_config={"id": "stimulus id"})
+    shown, options = calls[0]
+    assert shown is frame and list(shown["model"]) == ["ridge", "boosted_trees"]
+    config = options["column_config"]
+    assert config["q_value"]["label"] == "q (Benjamini–Hochberg)"
+    assert config["q_value"]["type_config"]["format"] == "%.2g"
+    assert config["id"] == "stimulus id" and options["hide_index"] is True
+    labels = {o["value"]: o["label"] for o in config["model"]["type_config"]["options"]}
+    assert labels == {"ridge": "ridge", "boosted_trees": "boosted trees"}
+    directions = {o["value"]: o["label"] for o in config["direction"]["type_config"]["options"]}
+    assert directions["vision_to_language"] == "image → text"
+    # a column of the user's names is never given display names ("full" is a model's name here)
+    calls.clear()
+    widgets.data_table(pd.DataFrame({"vision_model": ["full", "ridge"], "p_value": [0.5, 0.2]}))
+    model_column = calls[0][1]["column_config"]["vision_model"]
+    assert (model_column.get("type_config") or {}).get("options") is None
+    assert model_column["label"] == "vision model"

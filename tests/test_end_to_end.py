@@ -487,7 +487,8 @@ def test_dashboard_in_real_browser(demo_run: Path, tmp_path: Path) -> None:
             page.wait_for_selector(".card img", timeout=30_000)  # inside the gallery component
             page.wait_for_function(
                 f"() => ({PAGE_DRAWN})() && "
-                # the row of controls, the page number and the two galleries
+                # the score's row, the gallery tab's row (order, filter, page) and the two
+                # galleries
                 "document.querySelectorAll('[data-testid^=\"stBidiComponent\"]').length === 4",
                 timeout=30_000,
             )

@@ -93,8 +93,9 @@ def test_the_layer_sweep_shows_each_gpa_models_layer(tmp_path, monkeypatch):
     })
     figures.layer_sweep_figure(sweep, tmp_path / "sweep.png")
     first = kept[0].axes[0]
-    assert first.get_ylabel() == "GPA model (its GPA layer)"
-    assert [t.get_text() for t in first.get_yticklabels()] == ["v1 (b4)", "v2 (s2)"]
+    assert first.get_ylabel().replace("\n", " ") == "GPA model (its GPA layer)"
+    # the layer under the model's name
+    assert [t.get_text() for t in first.get_yticklabels()] == ["v1\n(b4)", "v2\n(s2)"]
 
 
 def test_what_predicts_dispersion_names_its_axes_and_draws_any_property_name(
@@ -121,3 +122,148 @@ def test_what_predicts_dispersion_names_its_axes_and_draws_any_property_name(
     assert left.get_ylabel() == "property" and left.get_xlabel()
     assert right.get_xlabel() and right.get_ylabel()
     assert matplotlib.rcParams["text.parse_math"] is True
+
+
+def test_long_titles_break_where_they_read_best():
+    """Titles and labels are broken to fit their figure: after a comma outside parentheses
+    before anywhere else, then before a parenthesis, then at spaces; text that fits is kept."""
+    from convergence_core.figure_style import wrap
+
+    assert wrap("r = 0.35 (p = 4.1e-08), ρ = 0.36 (p = 7.5e-09)", 3.6, 11) == (
+        "r = 0.35 (p = 4.1e-08),\nρ = 0.36 (p = 7.5e-09)"
+    )
+    assert wrap("cut-off k (gallery: 48 held-out stimuli per fold)", 3.4) == (
+        "cut-off k\n(gallery: 48 held-out stimuli per fold)"
+    )
+    assert wrap("short\ntitle", 3.0) == "short\ntitle"
+    assert wrap("x" * 80, 1.0) == "x" * 80  # a word is never cut
+
+
+def _figure_of(monkeypatch, draw):  # noqa: ANN001, ANN202
+    """The matplotlib figure a dashboard chart draws (instead of its PNG bytes)."""
+    from convergence_core.dashboard import charts
+
+    monkeypatch.setattr(charts, "png", lambda figure: figure)
+    return draw()
+
+
+def test_dashboard_pictures_are_drawn_at_the_size_they_are_shown(monkeypatch):
+    """The pictures were drawn 13 inches wide with 8-point text and shrunk into the page's
+    column, where their text was about 5 px: they are drawn as wide as the column now (two thirds
+    of it for the Stimuli page's detail), every text at least the style's tick size."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from convergence_core.dashboard import charts
+    from convergence_core.figure_style import DPI, FULL_WIDTH, STYLE
+
+    rng = np.random.default_rng(0)
+    models = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
+    drawn = {
+        "histograms": lambda: charts.dispersion_histograms(
+            {"mean": rng.random(50), "pc1": rng.normal(size=50)}, "Dispersion of 50 stimuli"
+        ),
+        "map": lambda: charts.residual_scatter(
+            rng.random(50), rng.random(50), rng.random(50), colour_title="c", x_title="x",
+            y_title="y", title="t", selected=[1, 2],
+        ),
+        "components": lambda: charts.residual_components(
+            np.array([0.7, 0.2, 0.1]), np.eye(3), models
+        ),
+        "bars": lambda: charts.residual_bars(models, rng.random(3), rng.random(3), "s1"),
+        "cross-modal": lambda: charts.cross_modal_scatter(
+            rng.random(50), rng.random(50), title="t", x_title="x (a) (residual units)",
+            y_title="y",
+        ),
+    }
+    smallest = float(STYLE["xtick.labelsize"])
+    for name, draw in drawn.items():
+        figure = _figure_of(monkeypatch, draw)
+        FigureCanvasAgg(figure).draw()
+        width = charts.PART_WIDTH if name == "bars" else FULL_WIDTH
+        assert abs(figure.get_figwidth() - width) < 1e-6, name
+        sizes = [t.get_fontsize() for t in figure.findobj(matplotlib.text.Text) if t.get_text()]
+        assert min(sizes) >= smallest, (name, min(sizes))
+    assert charts.DPI == DPI
+    # "vision dispersion (mean residual) (residual units)" had its parentheses doubled
+    figure = _figure_of(monkeypatch, drawn["cross-modal"])
+    assert figure.axes[0].get_xlabel() == "x (a; residual units)"
+
+
+def test_the_lab_bars_wrap_into_rows_of_at_most_three_panels():
+    """Six vision models were six panels side by side in a picture shrunk to the column: they
+    are rows of at most three now, the picture as wide as the PNGs and its text as large."""
+    import xml.etree.ElementTree as ET
+
+    from convergence_core.dashboard import charts
+    from convergence_core.figure_style import DPI, FULL_WIDTH
+
+    visions = [f"vision-{i}" for i in range(6)]
+    rows = [
+        {"vision_model": v, "language_model": m, "set": s, "set_size": 30, "metric": "cknna",
+         "k": 10, "value": 0.1 * i}
+        for i, v in enumerate(visions) for m in ("minilm", "gemma") for s in ("low", "high")
+    ]
+    svg = ET.fromstring(charts.alignment_bars(pd.DataFrame(rows), None))
+    assert float(svg.get("width")) == FULL_WIDTH * DPI
+    space = "{http://www.w3.org/2000/svg}"
+    titles = [t for t in svg.iter(f"{space}text") if (t.text or "") in visions]
+    assert len(titles) == 6 and len({t.get("y") for t in titles}) >= 2  # more than one row
+    per_row = max(sum(t.get("y") == y for t in titles) for y in {t.get("y") for t in titles})
+    assert per_row <= 3
+    sizes = [float(t.get("font-size") or svg.get("font-size")) for t in svg.iter(f"{space}text")]
+    assert min(sizes) >= 16  # 10 points at the PNGs' 120 dots per inch
+
+
+def test_report_figures_wrap_many_panels_into_rows(tmp_path, monkeypatch):
+    """Fig. S2 had a panel per held-out model in one row (three 4.8-inch panels): at most two or
+    three a row now, in a figure as wide as the dashboard's column."""
+    from convergence_core.figure_style import FULL_WIDTH
+
+    kept = _drawn(monkeypatch)
+    models = ["a", "b", "c"]
+    points = pd.DataFrame({
+        "held_out_model": [m for m in models for _ in range(4)],
+        "partial_dispersion": [0.1, 0.2, 0.3, 0.4] * 3,
+        "deviation": [0.02, 0.05, 0.07, 0.14] * 3,
+    })
+    statistics = pd.DataFrame({
+        "held_out_model": models, "fit_slope": [0.4] * 3, "fit_intercept": [0.0] * 3,
+        "pearson_r": [0.9] * 3, "pearson_p_value": [0.1] * 3,
+        "spearman_rho": [1.0] * 3, "spearman_p_value": [0.04] * 3,
+    })
+    path = figures.leave_one_out_figure(points, statistics, tmp_path / "s2.png")
+    figure = kept[0]
+    assert figure.get_figwidth() == FULL_WIDTH
+    tops = {round(axis.get_position().y1, 3) for axis in figure.axes}
+    assert len(figure.axes) == 3 and len(tops) == 2  # two rows
+    assert Image.open(path).size[0] < 1000
+
+
+def test_plotly_error_bars_and_reference_lines_read_on_the_dark_theme():
+    """Plotly's default error bars (a dark slate) and the "observed = predicted" line (#222)
+    vanished on the dark theme's background: both are a mid grey now."""
+    from convergence_core.dashboard import predictor_plots, universal_plots
+    from convergence_core.dashboard.plots import NEUTRAL_LINE
+
+    importances = pd.DataFrame({
+        "model": ["ridge", "ridge"], "property": ["a", "b"],
+        "importance_mean": [0.2, 0.1], "importance_sd": [0.05, 0.02],
+    })
+    bars = predictor_plots.importance_bars(importances)
+    assert all(trace.error_x.color == NEUTRAL_LINE for trace in bars.data)
+    predictions = pd.DataFrame({
+        "score": ["mean"] * 2, "model": ["ridge"] * 2, "id": ["1", "2"],
+        "predicted": [0.1, 0.2], "observed": [0.12, 0.18],
+    })
+    fit = pd.DataFrame({"model": ["ridge"], "metric": ["r2_held_out"], "value": [0.3],
+                        "n_splits": [5]})
+    line = predictor_plots.held_out_fit(predictions, fit, score="mean").data[-1]
+    assert line.name == "observed = predicted" and line.line.color == NEUTRAL_LINE
+    summary = pd.DataFrame({
+        "direction": ["vision_to_language"] * 2, "method": ["universal", "chance"],
+        "metric": ["recall_at_1"] * 2, "subset": ["all"] * 2, "mean": [0.5, 0.1],
+        "std": [0.05, 0.0], "n_gallery_mean": [40, 40], "n_folds": [5, 5],
+    })
+    retrieval = universal_plots.retrieval_bars(summary)
+    assert retrieval.data[0].error_y.color == NEUTRAL_LINE

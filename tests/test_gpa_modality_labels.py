@@ -127,3 +127,98 @@ def test_universal_page_relates_to_brain_dispersion(cache: Path, monkeypatch) ->
     at = _app(cache, monkeypatch, "pages/6_Universal_space.py")
     assert "ρ with brain dispersion" in cards(at) and "ρ with vision dispersion" not in cards(at)
     assert at.radio(key="w_score").label == "Brain dispersion"
+
+
+# --------------------------------------------------------------------------- names as text
+
+#: a modality name the run writers accept whose '_' can open and close emphasis in Markdown
+#: ("f-_mri_" rendered "f-" and an italic "mri"), and a model name made of underscores
+ODD_MODALITY = "f-_mri_"
+ODD_SUBJECTS = ("__x__", "subj02", "subj03")
+
+
+@pytest.fixture(scope="module")
+def odd_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The brain run of :func:`cache`, its subjects of modality ``f-_mri_``, one named ``__x__``."""
+    root = tmp_path_factory.mktemp("odd_names")
+    embeddings, _ = synthetic_embeddings(N, vision_models=("vision-a",),
+                                         language_models=("language-a",))
+    rng = np.random.default_rng(3)
+    source = np.asarray(embeddings["vision-a"]["stage2"], dtype=np.float64)
+    for subject in ODD_SUBJECTS:
+        mixing = rng.standard_normal((source.shape[1], 20))
+        embeddings[subject] = {
+            "V1": (source @ mixing + rng.standard_normal((N, 20))).astype(np.float32),
+        }
+    stimuli = pd.DataFrame({"id": [f"s{i}" for i in range(N)],
+                            "image": [f"{i}.jpg" for i in range(N)],
+                            "captions": [[f"caption {i}", f"another {i}"] for i in range(N)]})
+    write_run_from_embeddings(
+        root / "runs" / "odd", stimuli, embeddings, vision_models=["vision-a"],
+        language_models=["language-a"], modalities=dict.fromkeys(ODD_SUBJECTS, ODD_MODALITY),
+        gpa_models=list(ODD_SUBJECTS), gpa_layers=dict.fromkeys(ODD_SUBJECTS, "V1"),
+        thumbnails=False,
+    )
+    return root
+
+
+def _odd_app(cache: Path, monkeypatch: pytest.MonkeyPatch, page: str, **state: object):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("CONVERGENCE_CACHE", str(cache))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["run"] = "odd"
+    at.run(timeout=60)
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.switch_page(page).run(timeout=120)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    return at
+
+
+#: the modality as Markdown that shows it as written
+ODD_SHOWN = "f\\-\\_mri\\_"
+
+
+def test_the_odd_names_need_escaping() -> None:
+    """Widget labels, radio options, help texts, captions and subheaders render Markdown: the
+    run's GPA modality (and a model named ``__x__``) in them is escaped, so that it shows as
+    written, never as emphasis (the tests below). Plain-text elements (st.text, tables, the
+    browser-drawn controls of ``dashboard.controls``) quote it as is."""
+    from convergence_core.dashboard import widgets
+
+    assert widgets.escape_markdown(ODD_MODALITY) == ODD_SHOWN
+
+
+def test_paper_page_shows_the_modality_as_written(odd_cache: Path, monkeypatch) -> None:
+    at = _odd_app(odd_cache, monkeypatch, "pages/4_Paper_analyses.py")
+    assert at.caption[0].value.startswith(f"Does low dispersion (the GPA models, {ODD_SHOWN}, ")
+    assert f"across the {ODD_SHOWN} models (GPA)" in at.radio(key="w_score").help
+    assert at.radio(key="w_paper_partners").options == [
+        f"{ODD_SHOWN} × language", f"{ODD_SHOWN} × vision"
+    ]
+
+
+def test_universal_page_shows_the_modality_as_written(odd_cache: Path, monkeypatch) -> None:
+    score = _odd_app(odd_cache, monkeypatch, "pages/6_Universal_space.py").radio(key="w_score")
+    assert score.label == "F\\-\\_mri\\_ dispersion"
+    assert "GPA models (\\_\\_x\\_\\_, subj02, subj03)" in score.help
+
+
+def test_lab_shows_the_modality_as_written(odd_cache: Path, monkeypatch) -> None:
+    at = _odd_app(odd_cache, monkeypatch, "pages/3_Alignment_lab.py")
+    captions = [c.value for c in at.caption]
+    assert any(f" {ODD_SHOWN} × language\\/vision pairs shown:" in c for c in captions), captions
+
+
+def test_stimuli_page_shows_the_modality_as_written(odd_cache: Path, monkeypatch) -> None:
+    from convergence_core.dashboard import widgets
+
+    at = _odd_app(odd_cache, monkeypatch, "pages/1_Stimuli.py", w_gallery_order="knn_overlap")
+    # the gallery's sides are explained in plain text (st.text): the name as written
+    texts = [t.value for t in at.text]
+    assert any(f"Left: {ODD_MODALITY} and " in t for t in texts), texts
+    at = _odd_app(odd_cache, monkeypatch, "pages/1_Stimuli.py",
+                  **{widgets.STIMULI_TAB_KEY: widgets.DETAIL_TAB})
+    captions = [c.value for c in at.caption]
+    assert any("F\\-\\_mri\\_ models (GPA) at their GPA layer" in c for c in captions), captions

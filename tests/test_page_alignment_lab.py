@@ -280,9 +280,11 @@ def test_k_lowered_for_small_sets_comes_back_with_larger_ones(run) -> None:
     assert _shown(at, "k") == 3 and set(_results(at)["k"]) == {3}
 
 
-def test_empty_selection_is_an_error_in_words(run) -> None:
+def test_empty_selection_is_a_next_step_in_words(run) -> None:
     at = _page({"source": "selection"})
-    assert any("Empty selection" in e.value for e in at.error)
+    # nothing chosen yet is said as on Residual space: information with the next step, no error
+    assert any("Empty selection" in i.value for i in at.info)
+    assert not any("Empty selection" in e.value for e in at.error)
     assert set(_results(at)["set"]) == {"low", "high"}  # the rest of the page still works
 
 
@@ -335,7 +337,7 @@ def test_focus_change_is_against_random_sets_of_the_focus_size(run, monkeypatch)
 
 def test_pasted_ids_unknown_and_too_few(run) -> None:
     at = _page({"source": "pasted"})
-    assert any("Empty selection" in e.value for e in at.error)
+    assert any("Empty selection" in i.value for i in at.info)
     ids = list(run.stimuli["id"].iloc[:3])
     at.text_area(key="w_pasted_ids").set_value("\n".join([*ids, "ghost"])).run(timeout=TIMEOUT)
     assert any("1 pasted id(s)" in w for w in shown(at.warning))

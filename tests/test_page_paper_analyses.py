@@ -87,6 +87,10 @@ def test_each_tab_is_computed_when_opened(monkeypatch, cache_root):
     from convergence_core.dashboard import data
 
     at = _page(monkeypatch, cache_root)
+    # Fig. 2's tests across pairs: named in words, each statistic by its symbol, one p format
+    tests = next(m.value for m in at.markdown if m.value.startswith("| test | statistic |"))
+    assert "Wilcoxon signed" in tests and "W\u00a0\\=" in tests and "t\u00a0\\=" in tests
+    assert "wilcoxon\\_signed" not in tests and "e\\-0" not in tests
     calls: list[str] = []
     for name in ("drop_fraction", "leave_one_out", "layer_sweep"):
         real = getattr(data, name)
@@ -105,11 +109,11 @@ def test_each_tab_is_computed_when_opened(monkeypatch, cache_root):
         at.run(timeout=60)
         assert not at.exception, at.exception
         assert calls[:1] == [expected] and len(at.image) == 1, (tab, calls)
-    best = next(  # headers may break after an underscore (a zero-width space)
-        m.value.replace("\u200b", "") for m in at.markdown
-        if m.value.replace("\u200b", "").startswith(r"| language\_model |")
+    best = next(  # headers in words (catalogue.DISPLAY_NAMES), not language_model
+        m.value for m in at.markdown if m.value.startswith("| language model |")
     )
-    assert r"language\_layer" in best  # the best layer of each language model, a small table
+    assert "| language layer |" in best  # the best layer of each language model, a small table
+    assert "mean CKNNA" in best and "\\_" not in best.splitlines()[0]
 
 
 def test_a_run_without_language_models_says_what_each_tab_needs(monkeypatch, tmp_path):

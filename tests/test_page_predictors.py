@@ -87,8 +87,16 @@ def test_page_ranks_the_planted_property_first_and_shows_the_fit(run, monkeypatc
     table = next(m.value for m in at.markdown if m.value.startswith("| rank | property |"))
     assert table.splitlines()[0] == "| rank | property | effect | q | p | n |"
     first_row = table.splitlines()[2]
-    assert first_row.startswith(r"| 1 | planted\_noise | ρ \= \+0\."), first_row
+    # the effect and p-values stay on one line (no-break spaces), p and q in one format
+    assert first_row.startswith("| 1 | planted\\_noise | ρ\u00a0\\=\u00a0\\+0\\."), first_row
+    assert "e\\-0" not in table and "e-0" not in table  # no exponent: "0.0095", "< 0.001"
     ranked = _ranked_table(at)
+    # the sortable table shows words over the data as computed: its CSV download (the grid's
+    # toolbar writes the data's column names) keeps the machine names
+    labels = {c["label"] for c in json.loads(at.dataframe[0].proto.columns).values()
+              if c.get("label")}
+    assert "q (Benjamini–Hochberg)" in labels and "q_value" not in labels
+    assert "q_value" in ranked.columns and "p_value" in ranked.columns
     assert ranked["property"].iloc[0] == "planted_noise"
     assert ranked["q_value"].iloc[0] < 0.01
     expected = dp.property_tests(run.properties, run.dispersion, n_permutations=2000, seed=0)
@@ -173,12 +181,16 @@ def test_a_damaged_property_table_is_a_warning_in_plain_text(run, monkeypatch) -
 def test_residual_space_colours_points_by_any_property(run, monkeypatch) -> None:
     at = _page(RESIDUAL_PAGE, monkeypatch)
     box = at.selectbox(key="w_colour_property")
-    assert box.options[0] == "(dispersion score)"
+    assert box.options[0] == "dispersion score (mean residual)"  # the radio's score, named
     assert set(run.properties.names) <= set(box.options)
+    assert not at.radio(key="w_score").disabled  # the radio colours the map
     box.set_value("luminance_mean")
     at.run(timeout=TIMEOUT)
     assert not at.exception, at.exception
     assert len(at.image) == 1  # the picture, coloured by the property (cached per property)
+    # one control path: the property colours the map, the score radio says so and rests
+    radio = at.radio(key="w_score")
+    assert radio.disabled and "coloured by the property" in radio.help
     at.toggle(key="w_interactive_scatter").set_value(True)  # the interactive chart
     at.run(timeout=TIMEOUT)
     assert not at.exception, at.exception

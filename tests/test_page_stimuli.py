@@ -312,6 +312,78 @@ def test_detail_tab_remembers_the_stimulus_and_the_gallery_is_built_only_when_op
     assert at.selectbox(key="w_inspect").value == target
 
 
+def _rows_of_controls(at: AppTest) -> dict[str, list[str]]:
+    """Row key → the names of its controls, of every ``controls.row`` on the page."""
+    import json
+
+    from convergence_core.dashboard import controls
+
+    rows = {}
+    for element in at.get("bidi_component"):
+        if element.proto.component_name == controls.COMPONENT:
+            data = json.loads(element.proto.json)
+            rows[data["row"]] = [field["name"] for field in data["fields"]]
+    return rows
+
+
+def test_the_gallerys_controls_are_in_the_gallery_tab_and_the_detail_does_not_filter(run) -> None:
+    """The order, caption filter and selection switch act on the gallery only: they are a row in
+    the gallery tab (with its page number), and only the score, which every tab uses, is above
+    the tabs. With the filter "dog" set, the detail tab shows no filter and lists every stimulus
+    (it had shown the filter above it while listing zebras)."""
+    from convergence_core.dashboard import controls
+
+    at = _page()
+    assert _rows_of_controls(at) == {
+        "stimuli-controls": ["score"],
+        "stimuli-gallery-controls": ["order", "filter", "only_selection", "page"],
+    }
+    gallery_tab = at.tabs[0]
+    assert gallery_tab.label == "Gallery"
+    inside = [e.proto.component_name for e in gallery_tab.get("bidi_component")]
+    assert inside.count(controls.COMPONENT) == 1  # the gallery's row, not the score's
+    assert inside.count(gallery.COMPONENT) == 2  # and the two sides' cards
+    assert [h.value for h in at.subheader] == ["Lowest dispersion", "Highest dispersion"]
+    assert any("Left: the vision models (GPA) agree most on these stimuli; right: least."
+               in t.value for t in at.text)
+
+    change_control(at, "filter", "dog")
+    assert 0 < len(_gallery_ids(at)) < run.n_stimuli
+    at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
+    at.run(timeout=TIMEOUT)
+    assert not at.exception, at.exception
+    assert _rows_of_controls(at) == {"stimuli-controls": ["score"]}
+    assert len(at.selectbox(key="w_inspect").options) == run.n_stimuli
+    at.session_state[widgets.STIMULI_TAB_KEY] = "Gallery"
+    at.run(timeout=TIMEOUT)
+    assert controls_shown(at)["filter"]["value"] == "dog"  # kept while the detail was open
+
+
+def test_the_detail_lists_each_stimulus_by_id_and_first_caption(run) -> None:
+    """The detail's select box lists "id — first caption" (cut at 60 characters, as plain text:
+    a select box renders no Markdown), lowest dispersion first; its value stays the id."""
+    from convergence_core.dashboard.catalogue import build_catalogue
+
+    at = _page(detail=True)
+    box = at.selectbox(key="w_inspect")
+    found = build_catalogue(run)
+    order = np.argsort(run.dispersion["rank_mean"].to_numpy(), kind="stable")
+    expected = []
+    for row in order:
+        caption = " ".join(str(run.stimuli["captions"].iloc[row][0]).split())
+        if len(caption) > 60:
+            caption = caption[:59].rstrip() + "…"
+        expected.append(f"{found.ids[row]} — {caption}")
+    assert box.options == expected
+    assert all(len(option.split(" — ", 1)[1]) <= 60 for option in box.options)
+    hostile = next(o for o in box.options if o.startswith(f"{run.stimuli['id'].iloc[3]} — "))
+    assert hostile.split(" — ", 1)[1] == EVIL[:59].rstrip() + "…"  # verbatim, cut
+    target = str(run.stimuli["id"].iloc[3])
+    box.set_value(target).run(timeout=TIMEOUT)
+    assert at.selectbox(key="w_inspect").value == target
+    assert any(t.value == f"id {target}" for t in at.text)
+
+
 def test_large_runs_type_the_id_instead_of_listing_every_id(
     run, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -333,8 +405,17 @@ def test_large_runs_type_the_id_instead_of_listing_every_id(
 # ---------------------------------------------------------------------------------------------
 # per-stimulus alignment (issue 14, item 2)
 ALIGNED_LABEL = re.compile(
-    r"^#(\d+) of (\d+) · id (\S+)\n(k-NN overlap|local CKA) (-?[0-9.]+) · mean residual"
+    r"^#(\d+) of (\d+) · id (\S+)\n(k-NN overlap|local CKA) (\d+ of \d+|[-+]?[0-9.]+) · "
+    r"mean residual"
 )
+
+
+def _score(shown: str) -> float:
+    """A card's alignment score: "8 of 10" (k-NN overlap: neighbours shared of k) or a number."""
+    if " of " in shown:
+        shared, k = shown.split(" of ")
+        return int(shared) / int(k)
+    return float(shown)
 
 
 def _dense_overlap(run, vision: str, vision_layer: str, language: str, layer: str, k: int):
@@ -352,7 +433,7 @@ def _dense_overlap(run, vision: str, vision_layer: str, language: str, layer: st
 
 def _aligned_cards(at) -> list[tuple[int, str, float]]:
     return [
-        (int(m.group(1)), m.group(3), float(m.group(5)))
+        (int(m.group(1)), m.group(3), _score(m.group(5)))
         for m in (ALIGNED_LABEL.match(text) for text in gallery_texts(at))
         if m
     ]
@@ -379,8 +460,15 @@ def test_gallery_ranked_by_per_stimulus_knn_overlap(run) -> None:
     assert left[0][2] == pytest.approx(expected.max()) and right[0][2] == pytest.approx(
         expected.min()
     )
-    headers = [h.value for h in at.subheader]
-    assert "Highest k-NN overlap (vision and language agree)" in headers
+    # short headings (one line a side); what the sides mean in the text above them
+    assert [h.value for h in at.subheader] == ["Most k-NN overlap", "Least k-NN overlap"]
+    assert any("Left: vision and language agree most on these stimuli; right: least." in t.value
+               for t in at.text)
+    # each card says how many of its k = 5 neighbours the two models share ("0.8000" was a
+    # fraction of k printed to four decimals)
+    texts = gallery_texts(at)
+    assert all(re.search(r"\nk-NN overlap [0-5] of 5 · mean residual 0\.\d{4}\n", t)
+               for t in texts), texts
 
 
 def test_the_gallery_uses_the_k_the_lab_uses(run) -> None:
@@ -466,6 +554,7 @@ def test_a_run_of_three_or_four_stimuli_says_what_it_lacks(tmp_path, monkeypatch
     assert not at.exception, at.exception
     assert "needs at least 5" in " ".join(i.value for i in at.info)
     at.session_state[widgets.STIMULI_TAB_KEY] = "Gallery"
+    at.run(timeout=TIMEOUT)  # the gallery's order is a control of the gallery tab
     change_control(at, "order", "local_cka")
     assert not at.exception, at.exception
     assert "needs at least 5" in " ".join(e.value for e in at.error)
@@ -494,7 +583,8 @@ def test_brain_recordings_have_per_stimulus_alignment_and_neighbours(
         value == pytest.approx(expected[ids.index(identifier)], abs=1e-4)
         for _, identifier, value in cards
     )
-    assert "Highest k-NN overlap (vision and brain agree)" in [h.value for h in at.subheader]
+    assert "Most k-NN overlap" in [h.value for h in at.subheader]
+    assert any("Left: vision and brain agree most" in t.value for t in at.text)
     at.session_state[widgets.STIMULI_TAB_KEY] = widgets.DETAIL_TAB
     at.run(timeout=TIMEOUT)
     assert not at.exception, at.exception
@@ -522,6 +612,11 @@ def test_gallery_ranked_by_local_cka_and_the_alignment_tab(run) -> None:
         v == pytest.approx(delta[ids.index(i)], abs=1e-4) for _, i, v in cards
     )
     assert cards[0][2] == pytest.approx(delta.max(), abs=1e-4)
+    # one precision on every card, about three significant digits of the largest change, signed
+    shown = [re.search(r"\nlocal CKA ([-+])\d+\.(\d+) · ", t) for t in gallery_texts(at)]
+    assert all(shown) and len({len(m.group(2)) for m in shown}) == 1
+    decimals = len(shown[0].group(2))
+    assert decimals == min(8, max(4, 2 - int(np.floor(np.log10(np.abs(delta).max())))))
 
     at.session_state[widgets.STIMULI_TAB_KEY] = "Alignment vs dispersion"
     at.run(timeout=TIMEOUT)

@@ -10,6 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from convergence_core import retrieval, universal
+from convergence_core.dashboard.catalogue import p_text
 from tests.fixtures_runs import make_synthetic_run
 from tests.page_reading import cards, gallery_cards, gallery_texts, shown
 
@@ -53,6 +54,9 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
         "Retrieval",
         "Top captions per image",
     ]
+    # the layers taken are said: default layers here, best language layers on the other pages
+    assert any("default layer" in c.value and "best layer against vision" in c.value
+               for c in at.caption)
     # only the open tab is built (no retrieval yet); its scatter and residual bars are pictures
     # until the toggle asks for Plotly; the table of every stimulus comes when its expander opens
     assert not at.get("plotly_chart") and len(at.image) >= 2 and not at.dataframe
@@ -68,6 +72,12 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
     at.run(timeout=TIMEOUT)
     every = at.dataframe[0].value
     assert len(every) == 60 and "caption" in every.columns
+    # two residuals that cannot be taken for each other: the run's GPA dispersion and the
+    # residual from the universal consensus; the data (the CSV download) keeps machine names
+    labels = {name: c.get("label") for name, c in json.loads(at.dataframe[0].proto.columns).items()}
+    assert labels["intra_modal_dispersion"] == "vision dispersion (mean residual of the run's GPA)"
+    assert labels["mean_residual"].startswith("universal-space residual (mean over its")
+    assert {"intra_modal_dispersion", "mean_residual"} <= set(every.columns)
     run = make_run_handle(cache_root)
     expected = universal.run_cross_modal_analysis(run, n_permutations=1000, seed=0)
     # the stimuli at both ends: no pictures until their expander is opened, then the 6 lowest
@@ -80,16 +90,18 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
     frame = expected.per_stimulus().sort_values(["cross_modal_dispersion", "stimulus"])
     ids = run.stimuli["id"].astype(str)
     wanted = [
-        f"id {ids.iloc[row]} · {value:.4f}"
+        f"id {ids.iloc[row]} · cross-modal {value:.4f}"  # the number says what it is
         for row, value in zip(frame["stimulus"], frame["cross_modal_dispersion"], strict=True)
     ]
     shown = [text.split("\n")[0] for text in gallery_texts(at)]
     assert shown == wanted[:6] + wanted[::-1][:6]
     relation = expected.relation.iloc[0]
     assert _metric(at, "ρ with vision dispersion") == f"{relation['spearman_rho']:.3f}"
-    assert _metric(at, "Permutation p (two-sided)") == (
-        f"{relation['permutation_p_value_two_sided']:.3g}"
-    )
+    # one p-value format (catalogue.p_text): at the floor 1/(1000 + 1) "< 0.001", as in the
+    # chart's title, never "0.000999"
+    p_value = p_text(relation["permutation_p_value_two_sided"], relation["n_permutations"])
+    assert _metric(at, "Permutation p") == p_value.replace("\u00a0", " ")
+    assert relation["permutation_p_value_two_sided"] > 1 / 1001 or p_value == "<\u00a00.001"
     # the retrieval table puts the baseline beside the universal space, as the core computes it
     _open_tab(at, "Retrieval")
     assert len(at.get("plotly_chart")) == 1

@@ -11,6 +11,7 @@ Shapes: ``n`` stimuli, ``M`` vision models in the GPA.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -212,3 +213,240 @@ def components_table(run: Run) -> pd.DataFrame:
     for column, model in enumerate(run.gpa.models):
         table[f"loading {model}"] = np.round(components[: len(ratio), column], 4)
     return table
+
+
+# ----------------------------------------------------------------------------------------------
+# what a reader sees: p-values and the names of columns and values
+
+
+#: Below this a p-value (or q-value) reads "< 0.001": more digits claim a precision the tests'
+#: permutations rarely have
+P_TEXT_FLOOR = 1e-3
+#: no-break space: a number's text never wraps inside itself ("ρ = +0.066" on one line)
+NBSP = "\u00a0"
+
+
+def p_text(p: object, n_permutations: int | None = None) -> str:
+    """A p-value (or q-value) as a reader wants it, the one format of every page's tables,
+    cards and chart titles: two significant digits, never an exponent (``0.046``, ``0.0092``,
+    ``0.99``); ``< 0.001`` below :data:`P_TEXT_FLOOR`; ``n/a`` when missing (None or NaN).
+
+    With ``n_permutations`` (B), a permutation p-value at its floor 1/(B + 1), the smallest it
+    can be (no shuffle as extreme as the data), reads ``≤ 1/(B + 1)`` (``≤ 0.01`` for B = 99),
+    or ``< 0.001`` when that floor is below 0.001 (B = 1,000: 0.000999). The words' spaces are
+    no-break spaces (:data:`NBSP`)."""
+    try:
+        value = float(p)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "n/a"
+    if not np.isfinite(value):
+        return "n/a"
+    if n_permutations is not None and int(n_permutations) > 0:
+        floor = 1.0 / (int(n_permutations) + 1)
+        if value <= floor * (1 + 1e-9) and floor >= P_TEXT_FLOOR:
+            return f"≤{NBSP}{floor:.2g}"
+    if value < P_TEXT_FLOOR:
+        return f"<{NBSP}{P_TEXT_FLOOR:g}"
+    return f"{value:.2g}"
+
+
+def p_phrase(p: object, n_permutations: int | None = None, *, symbol: str = "p") -> str:
+    """``p = 0.046``, ``p < 0.001``, ``q ≤ 0.01`` (:func:`p_text` after ``symbol``), with
+    no-break spaces."""
+    text = p_text(p, n_permutations)
+    return f"{symbol}{NBSP}{text}" if text[0] in "<≤" else f"{symbol}{NBSP}={NBSP}{text}"
+
+
+#: Every machine name (a column of a core table, or one of its values) a page shows, with the
+#: words a reader sees instead. Pages show tables through :func:`shown_table` (or with these as
+#: column labels, ``widgets.data_table``); the CSV downloads and the report's files keep the
+#: machine names.
+DISPLAY_NAMES: dict[str, str] = {
+    # tests and their numbers
+    "test": "test",
+    "statistic": "statistic",
+    "p_value": "p",
+    "q_value": "q (Benjamini–Hochberg)",
+    "p_value_asymptotic": "p (asymptotic)",
+    "n_pairs": "pairs",
+    "mean_difference": "mean difference (low − high)",
+    "wilcoxon_signed_rank": "Wilcoxon signed-rank",
+    "paired_t": "paired t",
+    "permutation_mean_over_pairs": "permutation, mean over pairs",
+    "permutation_p_value_two_sided": "permutation p (two-sided)",
+    "permutation_p_value_low_greater": "permutation p (low > high)",
+    "mean_over_pairs_p_value_two_sided": "mean over pairs: permutation p (two-sided)",
+    "mean_over_pairs_p_value_low_greater": "mean over pairs: permutation p (low > high)",
+    "pearson_r": "Pearson r",
+    "pearson_p_value": "Pearson p",
+    "spearman_rho": "Spearman ρ",
+    "spearman_p_value": "Spearman p",
+    "spearman": "Spearman rank correlation",
+    "kruskal_wallis": "Kruskal–Wallis",
+    "epsilon_squared": "Kruskal–Wallis ε²",
+    "effect_name": "effect measure",
+    "n_stimuli": "stimuli",
+    "n_permutations": "permutations",
+    "n_queries": "queries",
+    # models and sets
+    "vision_model": "vision model",
+    "vision_layer": "vision layer",
+    "language_model": "language model",
+    "language_layer": "language layer",
+    "language_layer_index": "layer index",
+    "n_vision_models": "vision models",
+    "n_stimuli_used": "stimuli used",
+    "set_size": "set size",
+    "mean_cknna": "mean CKNNA",
+    "cknna_low_dispersion": "CKNNA, low-dispersion set",
+    "cknna_random_mean": "CKNNA, random sets (mean)",
+    "cknna_high_dispersion": "CKNNA, high-dispersion set",
+    "drop_high": "high-dispersion dropped",
+    "full": "full set",
+    "drop_low": "low-dispersion dropped",
+    "variance_explained_%": "variance explained (%)",
+    # short: the page's caption names them in full, and the fit table must fit a 1400-px page
+    "ridge": "ridge",
+    "boosted_trees": "boosted trees",
+    # per-stimulus metrics
+    "knn_overlap": "k-NN overlap",
+    "local_cka": "local CKA",
+    # the universal space
+    "stimulus": "row",
+    "cross_modal_dispersion": "cross-modal dispersion",
+    "mean_residual": "universal-space residual (mean over its models)",
+    "intra_modal_dispersion": "intra-modal dispersion (the run's GPA)",
+    # retrieval
+    "direction": "direction",
+    "subset": "held-out stimuli",
+    "metric": "measure",
+    "all": "all",
+    "low_dispersion": "low third",  # the thirds of the run's dispersion (the page says so)
+    "high_dispersion": "high third",
+    "median_rank": "median rank",
+    "universal": "universal space",
+    "universal_sd": "universal s.d.",
+    "ridge_sd": "ridge s.d.",
+    "chance": "chance",
+    "n_gallery_mean": "candidates",
+    "universal_only": "universal space only",
+    "ridge_only": "ridge only",
+    "alpha_relative": "alpha (relative)",
+    "alpha_at_grid_edge": "alpha at the grid's edge",
+}
+
+
+#: Columns whose values are the user's names (models, layers, properties, ids, captions): shown
+#: as written, never as a display name (a vision model called "full" stays "full"). ``model``
+#: is not one: the predictors' fit table names its regressions there (``boosted_trees``)
+USER_TEXT_COLUMNS = frozenset({
+    "vision_model", "language_model", "vision_layer", "language_layer", "layer", "best_layer",
+    "gpa_layer", "property", "id", "caption", "label", "modality",
+})
+
+
+def display_name(name: object, *, column: bool = False) -> str:
+    """What a reader sees for machine name ``name`` (:data:`DISPLAY_NAMES`; ``recall_at_5`` →
+    ``recall@5``, ``vision_to_language`` → ``image → text``; anything else as it is, except that
+    a ``column`` name's underscores are spaces: ``cknna_random_hi`` → ``CKNNA random hi``)."""
+    text = str(name)
+    if text in DISPLAY_NAMES:
+        return DISPLAY_NAMES[text]
+    if re.fullmatch(r"recall_at_\d+", text):
+        return text.replace("recall_at_", "recall@")
+    source, to, target = text.partition("_to_")
+    if to and source and target and "_" not in source + target:  # a retrieval direction
+        plain = {"vision": "image", "language": "text"}
+        return f"{plain.get(source, source)} → {plain.get(target, target)}"
+    if column and re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9%]+)+", text):  # snake_case
+        return text.replace("_", " ").replace("cknna", "CKNNA")
+    return text
+
+
+def shown_table(
+    frame: pd.DataFrame,
+    names: Mapping[str, str] | None = None,
+    *,
+    decimals: int | None = None,
+) -> pd.DataFrame:
+    """``frame`` as a page shows it: its columns and its text values that are machine names
+    (:func:`display_name`) in words; ``names`` overrides or adds names for this table; with
+    ``decimals``, every float column as text with that many decimals (one table, one precision:
+    not 0.29 beside 0.3615). A copy: the frame itself (what a download or the report writes)
+    keeps its machine names."""
+    names = dict(names or {})
+
+    def shown(value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return names.get(value, display_name(value))
+
+    table = frame.copy()
+    for column in table.columns:
+        if column in USER_TEXT_COLUMNS:
+            continue  # the user's names, as written
+        if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
+            table[column] = table[column].map(shown)
+        elif decimals is not None and pd.api.types.is_float_dtype(table[column]):
+            table[column] = [
+                f"{value:.{decimals}f}" if np.isfinite(value) else "n/a"
+                for value in table[column]
+            ]
+    return table.rename(
+        columns=lambda column: names.get(column, display_name(column, column=True))
+    )
+
+
+#: How the paired tests across pairs (``analyses.paired_set_tests``) name their statistic
+_STATISTIC_SYMBOLS = {
+    "wilcoxon_signed_rank": "W",
+    "paired_t": "t",
+    "permutation_mean_over_pairs": "Δ",
+}
+
+
+def paired_tests_table(tests: pd.DataFrame, n_permutations: int | None = None) -> pd.DataFrame:
+    """The Paper analyses page's table of the tests across pairs (``analyses.paired_set_tests``,
+    without its ``note``) as text: the test in words, its statistic named by its symbol (W:
+    Wilcoxon's signed-rank sum, t: paired t, Δ: the mean over pairs of CKNNA low − high, the
+    permutation test's statistic), p by :func:`p_text` (the permutation test's at its floor
+    1/(``n_permutations`` + 1)), the mean difference to 3 decimals."""
+    rows = []
+    for record in tests.to_dict("records"):
+        test = str(record["test"])
+        statistic = float(record["statistic"])
+        symbol = _STATISTIC_SYMBOLS.get(test, "")
+        number = (
+            "n/a" if not np.isfinite(statistic)
+            else f"{statistic:.0f}" if symbol == "W"
+            else f"{statistic:+.3f}" if symbol == "Δ" else f"{statistic:.3g}"
+        )
+        permutation = test == "permutation_mean_over_pairs"
+        rows.append({
+            "test": display_name(test),
+            "statistic": f"{symbol} = {number}" if symbol else number,
+            "p": p_text(record["p_value"], n_permutations if permutation else None),
+            "pairs": int(record["n_pairs"]),
+            "mean CKNNA low − high": f"{float(record['mean_difference']):+.3f}",
+        })
+    return pd.DataFrame(rows, columns=["test", "statistic", "p", "pairs", "mean CKNNA low − high"])
+
+
+def universal_table_names(
+    columns: Sequence[str], gpa_modality: str, score_name: str, n_members: int
+) -> dict[str, str]:
+    """Headers of the Universal space page's table of every stimulus
+    (``CrossModalAnalysis.per_stimulus``): which residual each column is, so that the run's GPA
+    dispersion (``intra_modal_dispersion``: e.g. the vision models' mean residual) and the
+    residual from the universal consensus (``mean_residual``: over the barycenter's models, every
+    modality) cannot be taken for each other; ``distance vision|language`` → ``vision–language
+    distance``."""
+    names = {
+        "intra_modal_dispersion": f"{gpa_modality} dispersion ({score_name} of the run's GPA)",
+        "mean_residual": f"universal-space residual (mean over its {n_members} models)",
+    }
+    for column in columns:
+        if str(column).startswith("distance ") and "|" in str(column):
+            a, _, b = str(column)[len("distance "):].partition("|")
+            names[column] = f"{a}–{b} distance"
+    return names

@@ -18,8 +18,10 @@ literally (a ``$`` never starts matplotlib's math mode).
 
 from __future__ import annotations
 
+import functools
 import html
 import io
+import math
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -33,17 +35,70 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .. import metrics as registry
+from ..figure_style import DPI, FULL_WIDTH, STYLE, styled, wrap
 from ..stats import spread_words
+from .catalogue import p_phrase
 from .plots import RESIDUAL_AXIS, SCORE_AXIS, SCORE_NAME, SET_COLOURS
 from .predictor_plots import EFFECT_AXIS, NOT_SIGNIFICANT, SIGNIFICANT
-from .universal_plots import MODALITY_COLOURS
+from .universal_plots import MODALITY_COLOURS, merged_units
 
-#: Pixels per inch of every PNG; figure sizes below are in inches (13 in ≈ the wide page's width).
-DPI = 100
+#: Figure sizes below are in inches at ``DPI`` (:mod:`convergence_core.figure_style`, which sets
+#: every picture's font sizes): ``FULL_WIDTH`` for a picture across the page's main column (shown
+#: at 564 CSS px in a 1024-px window, 900 at 1400), ``PART_WIDTH`` for one in two thirds of it
+#: (the Stimuli page's detail column: 370 px and 600 px).
+PART_WIDTH = 5.0
 _PYPLOT_LOCK = threading.Lock()
 #: Height of axes titles (axes fraction). Given explicitly, matplotlib does not measure every
 #: tick label to place each title, which was a fifth of a figure's drawing time.
 TITLE_Y = 1.01
+#: Height (inches) of a line of text at the style's sizes, with its spacing
+_LINE = {"tick": 0.2, "label": 0.21, "title": 0.22, "suptitle": 0.24}
+
+
+def _styled(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """Draw (and encode) the picture in the shared style (``figure_style.styled``)."""
+
+    @functools.wraps(draw)
+    def drawn(*args: Any, **kwargs: Any) -> Any:
+        with styled():
+            return draw(*args, **kwargs)
+
+    return drawn
+
+
+def _lines(text: str) -> int:
+    return text.count("\n") + 1
+
+
+def _text_inches(text: object, points: float) -> float:
+    """About how wide ``text`` (its longest line) is at ``points`` (DejaVu Sans)."""
+    return max(len(line) for line in str(text).split("\n")) * 0.56 * points / 72.0
+
+
+def _turned(labels: Sequence[str], inches: float) -> tuple[bool, float, float]:
+    """Whether category tick labels under a plot ``inches`` wide are turned 30° (side by side
+    they would run into each other), the height (inches) they then take, and how far (inches)
+    the first reaches left of the plot."""
+    size = float(STYLE["xtick.labelsize"])  # type: ignore[arg-type]
+    widest = max((_text_inches(label, size) for label in labels), default=0.0)
+    lines = max((_lines(label) for label in labels), default=1)
+    slot = inches / max(1, len(labels))
+    if widest + 0.1 <= slot:
+        return False, _LINE["tick"] * lines + 0.1, 0.0
+    angle = math.radians(30)
+    height = widest * math.sin(angle) + _LINE["tick"] * lines * math.cos(angle)
+    return True, height, max(0.0, widest * math.cos(angle) - slot / 2)
+
+
+def _x_ticks(axis: Any, labels: Sequence[str], inches: float) -> None:
+    """Category tick labels under ``axis`` (a plot ``inches`` wide), turned as :func:`_turned`
+    says."""
+    if _turned(labels, inches)[0]:
+        axis.set_xticks(
+            np.arange(len(labels)), labels, rotation=30, ha="right", rotation_mode="anchor"
+        )
+    else:
+        axis.set_xticks(np.arange(len(labels)), labels)
 
 
 def literal(text: object) -> str:
@@ -69,7 +124,7 @@ def png(figure: Figure) -> bytes:
     """The figure as PNG bytes (``DPI`` dots per inch)."""
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)
+    figure.savefig(buffer, format="png", dpi=DPI)  # the style's sizes were set when drawn
     return buffer.getvalue()
 
 
@@ -77,24 +132,31 @@ def png(figure: Figure) -> bytes:
 _SCORE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd")
 
 
+@_styled
 def dispersion_histograms(scores: Mapping[str, np.ndarray], title: str) -> bytes:
     """Side-by-side histograms (40 bins) of the dispersion scores, ``{score name: (m,) values}``
     (names of ``dispersion.SCORES``, drawn in that order)."""
     names = [name for name in SCORE_NAME if name in scores]
-    figure = Figure(figsize=(6.5 * len(names), 3.4))
+    panel = (FULL_WIDTH - 0.4) / max(1, len(names)) - 0.7  # a panel's plot area (inches)
+    heading = wrap(literal(title), FULL_WIDTH - 0.3, float(STYLE["figure.titlesize"]))
+    x_titles = [wrap(SCORE_AXIS[name], panel + 0.4) for name in names]
+    top = 0.15 + _LINE["suptitle"] * _lines(heading) + _LINE["title"] + 0.1
+    bottom = 0.35 + _LINE["label"] * max(map(_lines, x_titles), default=1)
+    figure = Figure(figsize=(FULL_WIDTH, top + bottom + 2.2))
     axes = np.atleast_1d(figure.subplots(1, len(names)))
-    _margins(figure, left=0.75, right=0.2, top=0.65, bottom=0.6, wspace=0.18)
+    _margins(figure, left=0.75, right=0.15, top=top, bottom=bottom, wspace=0.75 / panel)
     for i, (axis, name) in enumerate(zip(axes, names)):
         colour = _SCORE_COLOURS[i % len(_SCORE_COLOURS)]
         axis.hist(np.asarray(scores[name], dtype=np.float64), bins=40, color=colour)
-        axis.set_xlabel(SCORE_AXIS[name])
+        axis.set_xlabel(x_titles[i])
         axis.set_ylabel("stimuli (count)")
         label = SCORE_NAME[name]
-        axis.set_title(label[:1].upper() + label[1:], fontsize=10, y=TITLE_Y)  # "PC1 score" stays
-    figure.suptitle(literal(title), fontsize=11)
+        axis.set_title(label[:1].upper() + label[1:], y=TITLE_Y)  # "PC1 score" stays
+    figure.suptitle(heading, y=1.0 - 0.12 / figure.get_figheight(), va="top")
     return png(figure)
 
 
+@_styled
 def residual_scatter(
     x: np.ndarray,
     y: np.ndarray,
@@ -110,79 +172,114 @@ def residual_scatter(
     colour bar), the ``selected`` rows circled in red. Points are rasterised, so the PNG costs the
     same at 100,000 stimuli as at 1,000."""
     n = len(x)
-    figure = Figure(figsize=(13.0, 5.6))
+    height = 5.2  # the plot area is about 4 in high
+    chosen = np.asarray(selected, dtype=np.int64)
+    legend = 0.3 if chosen.size else 0.0  # the selection's legend, between title and plot
+    heading = wrap(literal(title), FULL_WIDTH - 1.0, float(STYLE["axes.titlesize"]))
+    top = 0.12 + _LINE["title"] * _lines(heading) + legend
+    plot_height = height - top - 0.62
+    y_label = wrap(literal(y_title), plot_height)
+    colour_label = wrap(literal(colour_title.replace("<br>", " ")), plot_height)
+    figure = Figure(figsize=(FULL_WIDTH, height))
     axis = figure.subplots()
-    _margins(figure, left=0.8, right=1.6, top=0.45, bottom=0.6)
+    _margins(
+        figure, left=0.72 + _LINE["label"] * _lines(y_label), top=top, bottom=0.62,
+        right=0.6 + _LINE["label"] * _lines(colour_label),
+    )
     size = _point_size(n)
     points = axis.scatter(
         x, y, c=colour, s=size, cmap="viridis", alpha=0.85, linewidths=0, rasterized=True
     )
-    chosen = np.asarray(selected, dtype=np.int64)
     if chosen.size:
         axis.scatter(
             np.asarray(x)[chosen], np.asarray(y)[chosen], s=60 if chosen.size <= 2_000 else 12,
             facecolors="none", edgecolors="#d62728", linewidths=1.2, rasterized=True,
             label=f"current selection ({chosen.size:,})",
         )
-        axis.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, frameon=False)
-    bar = figure.colorbar(points, ax=axis, fraction=0.03, pad=0.01)
-    bar.set_label(literal(colour_title.replace("<br>", " ")), fontsize=8)
-    axis.set_xlabel(literal(x_title))
-    axis.set_ylabel(literal(y_title), fontsize=8)
-    axis.set_title(literal(title), fontsize=10, y=1.06 if chosen.size else TITLE_Y)
+        axis.legend(
+            loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, borderaxespad=0.1
+        )
+    bar = figure.colorbar(points, ax=axis, fraction=0.04, pad=0.02)
+    bar.set_label(colour_label)
+    axis.set_xlabel(wrap(literal(x_title), FULL_WIDTH - 1.5))
+    axis.set_ylabel(y_label)
+    axis.set_title(heading, y=1.0 + legend / plot_height + 0.01)
     return png(figure)
 
 
+@_styled
 def residual_components(
     ratio: np.ndarray, components: np.ndarray, models: Sequence[str], modality: str = "vision"
 ) -> bytes:
     """Two panels: variance of the residuals explained per principal component (M,), and each
     GPA model's loading on the first two components (rows of ``components`` (M, M));
     ``modality`` names the GPA models (``Run.gpa_modality``: vision, brain, ...)."""
-    figure = Figure(figsize=(13.0, 3.4))
-    left, right = figure.subplots(1, 2)
-    _margins(figure, left=0.75, right=0.2, top=0.45, bottom=0.75, wspace=0.2)
+    # one panel under the other, each as wide as the column: side by side, the model names under
+    # the loadings had no room
+    plot = FULL_WIDTH - 1.2
+    names = [literal(m) for m in models]
+    ticks = _turned(names, plot)[1]
+    gap = 0.5 + 0.12 + _LINE["title"]  # the upper panel's x label, the lower one's title
+    heights = (2.2, 2.2)
+    top, bottom = 0.12 + _LINE["title"], ticks + 0.35
+    figure = Figure(figsize=(FULL_WIDTH, top + sum(heights) + gap + bottom + 0.15))
+    upper, lower = figure.subplots(2, 1)
+    _margins(figure, left=0.95, right=0.2, top=top, bottom=bottom)
+    figure.subplots_adjust(hspace=(gap + 0.15) / (sum(heights) / 2))
     labels = [f"PC{i + 1}" for i in range(len(ratio))]
-    left.bar(labels, 100.0 * np.asarray(ratio, dtype=np.float64), color="#1f77b4")
-    left.set_xlabel("principal component of the residual matrix R")
-    left.set_ylabel("variance explained (%)")
-    left.set_title("Variance of the residuals explained per component", fontsize=10, y=TITLE_Y)
+    upper.bar(labels, 100.0 * np.asarray(ratio, dtype=np.float64), color="#1f77b4")
+    upper.set_xlabel("principal component of the residual matrix R")
+    upper.set_ylabel("variance explained (%)")
+    upper.set_title("Variance of the residuals explained per component", y=TITLE_Y)
     x = np.arange(len(models))
     shown = min(2, np.asarray(components).shape[0])
     for index in range(shown):
         offset = (index - (shown - 1) / 2) * 0.35
-        right.bar(x + offset, np.asarray(components)[index], 0.35, label=f"PC{index + 1}")
-    right.axhline(0.0, color="black", linewidth=0.5)
-    right.set_xticks(x, [literal(m) for m in models], fontsize=8)
-    right.set_xlabel(literal(f"{modality} model (GPA)"))
-    right.set_ylabel("loading (unit-norm weight)")
-    right.set_title("Per-model loadings of the first components", fontsize=10, y=TITLE_Y)
-    right.legend(fontsize=8)
+        lower.bar(x + offset, np.asarray(components)[index], 0.35, label=f"PC{index + 1}")
+    lower.axhline(0.0, color="black", linewidth=0.5)
+    _x_ticks(lower, names, plot)
+    lower.set_xlabel(literal(f"{modality} model (GPA)"))
+    lower.set_ylabel(wrap("loading (unit-norm weight)", heights[1]))
+    lower.set_title("Per-model loadings of the first components", y=TITLE_Y)
+    lower.legend()
     return png(figure)
 
 
+@_styled
 def residual_bars(
     models: Sequence[str], residuals: np.ndarray, typical: np.ndarray, stimulus: str,
     modality: str = "vision",
 ) -> bytes:
     """Bar per GPA model (``modality``: vision, brain, ...) of one stimulus's residual (M,), each
     model's median (M,) marked."""
-    figure = Figure(figsize=(6.5, 3.4))
+    # drawn for two thirds of the page's column (the Stimuli page's detail beside the picture)
+    plot = PART_WIDTH - 1.15
+    names = [literal(m) for m in models]
+    ticks = _turned(names, plot)[1]
+    heading = wrap(
+        literal(f"Residual per {modality} model — stimulus {stimulus}"), PART_WIDTH - 0.4,
+        float(STYLE["axes.titlesize"]),
+    )
+    top = 0.12 + _LINE["title"] * _lines(heading) + 0.3  # the title, the legend under it
+    bottom = ticks + 0.35
+    y_label = wrap(RESIDUAL_AXIS, 2.9)
+    figure = Figure(figsize=(PART_WIDTH, top + bottom + 2.7))
     axis = figure.subplots()
-    _margins(figure, left=0.9, right=0.15, top=0.4, bottom=0.95)
+    _margins(
+        figure, left=0.6 + _LINE["label"] * _lines(y_label), right=0.15, top=top, bottom=bottom
+    )
     x = np.arange(len(models))
     axis.bar(x, residuals, 0.6, color="#1f77b4", label="this stimulus")
     axis.scatter(
         x, typical, marker="_", s=900, linewidths=3, color="#222222",
         label="median over all stimuli",
     )
-    axis.set_xticks(x, [literal(m) for m in models], fontsize=8)
+    _x_ticks(axis, names, plot)
     axis.set_xlabel(literal(f"{modality} model (GPA)"))
-    axis.set_ylabel(RESIDUAL_AXIS.replace(", unit", ",\nunit"), fontsize=8)
-    axis.set_title(
-        literal(f"Residual per {modality} model — stimulus {stimulus}"), fontsize=10, y=TITLE_Y
-    )
-    figure.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    axis.set_ylabel(y_label)
+    axis.set_title(heading, y=1.0 + 0.3 / 2.7 + 0.01)
+    axis.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False,
+                borderaxespad=0.1)
     return png(figure)
 
 
@@ -284,18 +381,31 @@ def alignment_bars(
     if top_value <= bottom_value:
         top_value = bottom_value + 1.0
 
-    # layout in pixels (100 px per inch of the matplotlib version)
+    # layout in pixels: as wide as the PNGs (FULL_WIDTH × DPI), text at the style's sizes
+    # (points × DPI / 72): shrunk into a 1024-px window's column, a tick label is still ~10 px
+    width = int(FULL_WIDTH * DPI)
+    px = DPI / 72.0
+    tick_px, label_px, panel_px, title_px = (
+        round(float(STYLE[name]) * px)  # type: ignore[arg-type]
+        for name in ("xtick.labelsize", "axes.labelsize", "axes.titlesize", "figure.titlesize")
+    )
+    char = 0.56 * tick_px  # a character's average width
     n_panels = max(1, len(visions))
     width_per_bar = 0.8 / max(1, len(order))
-    panel_inches = max(3.2, 0.9 * len(languages) * max(1, len(order)) * width_per_bar + 1.6)
-    width = int(100 * min(13.0, panel_inches * n_panels + 0.8))
-    height = 390
-    left, right, top, bottom, gap = 78.0, 15.0, 58.0, 92.0, 10.0
-    panel_width = (width - left - right - gap * (n_panels - 1)) / n_panels
-    plot_height = height - top - bottom
-
-    def y_of(value: float) -> float:
-        return top + plot_height * (top_value - value) / (top_value - bottom_value)
+    left, right, gap = 50.0 + 0.56 * label_px + 0.56 * tick_px * 5, 12.0, 16.0
+    # at most three panels a row, each wide enough for its language models' names and bars
+    group_needed = max(
+        max((len(str(name)) for name in languages), default=1) * char + 12.0,
+        len(order) * 14.0 / 0.8,
+    )
+    panel_needed = max(180.0, len(languages) * group_needed)
+    columns = max(1, min(n_panels, 3, int((width - left - right + gap) // (panel_needed + gap))))
+    n_rows = -(-n_panels // columns)
+    panel_width = (width - left - right - gap * (columns - 1)) / columns
+    plot_height = 230.0
+    above = panel_px + 14.0  # the panel's title
+    below = tick_px + 10.0 + label_px + 14.0  # the language models' names, the x axis title
+    row_height = above + plot_height + below
 
     settings = str(sets["options"].iloc[0]) if "options" in sets and not sets.empty else ""
     title = (
@@ -304,34 +414,63 @@ def alignment_bars(
         + (f" ({settings})" if settings else "")
         + (f"; error bars: {spread_words(min(random_counts))}" if random_counts else "")
     )
+    heading = wrap(title, (width - 20) / DPI, float(STYLE["figure.titlesize"])).split("\n")
+    top = 10.0 + 1.25 * title_px * len(heading)
+    # legend: one swatch and label per set, in as many lines as the width needs
+    entries = [(_bar_colour(n, matched_name), labels[n]) for n in order]
+    steps = [22.0 + 0.56 * tick_px * len(text) + 18.0 for _, text in entries]
+    legend_rows: list[list[int]] = [[]]
+    for index, step in enumerate(steps):
+        row = legend_rows[-1]
+        if row and sum(steps[i] for i in row) + step > width - 20:
+            legend_rows.append([])
+        legend_rows[-1].append(index)
+    line_height = 1.5 * tick_px
+    # in the last row's empty cells when there are some, one entry a line; else under the panels
+    spare_x = left + (n_panels - (n_rows - 1) * columns) * (panel_width + gap) + 10
+    in_spare = n_rows > 1 and spare_x + 22 + max(steps) - 18 <= width
+    if in_spare:
+        legend_rows = [[i] for i in range(len(entries))]
+    height = int(
+        top + n_rows * row_height + (0 if in_spare else len(legend_rows) * line_height) + 12
+    )
+
+    def y_of(value: float, y0: float) -> float:
+        return y0 + plot_height * (top_value - value) / (top_value - bottom_value)
+
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif" '
-        'font-size="11" role="img">',
+        f'font-size="{tick_px}" role="img">',
         f"<title>{_svg_text(title)}</title>",
         f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2:.1f}" y="20" text-anchor="middle" font-size="13">'
-        f"{_svg_text(title)}</text>",
     ]
+    for line, text in enumerate(heading):
+        out.append(
+            f'<text x="{width / 2:.1f}" y="{8 + title_px * (1 + 1.25 * line):.1f}" '
+            f'text-anchor="middle" font-size="{title_px}">{_svg_text(text)}</text>'
+        )
     for index, vision in enumerate(visions):
-        x0 = left + index * (panel_width + gap)
+        row, column = divmod(index, columns)
+        x0 = left + column * (panel_width + gap)
+        y0 = top + row * row_height + above  # the plot's top
         group = panel_width / max(1, len(languages))
         out.append(
-            f'<text x="{x0 + panel_width / 2:.1f}" y="{top - 8:.1f}" text-anchor="middle" '
-            f'font-size="12">{_svg_text(vision)}</text>'
+            f'<text x="{x0 + panel_width / 2:.1f}" y="{y0 - 8:.1f}" text-anchor="middle" '
+            f'font-size="{panel_px}">{_svg_text(vision)}</text>'
         )
-        for tick in ticks:
-            y = y_of(float(tick))
+        for value in ticks:
+            y = y_of(float(value), y0)
             out.append(f'<line x1="{x0:.1f}" x2="{x0 + panel_width:.1f}" y1="{y:.1f}" '
                        f'y2="{y:.1f}" stroke="#e6e6e6"/>')
-            if index == 0:
+            if column == 0:
                 out.append(f'<line x1="{x0 - 4:.1f}" x2="{x0:.1f}" y1="{y:.1f}" y2="{y:.1f}" '
                            'stroke="black"/>')
-                out.append(f'<text x="{x0 - 7:.1f}" y="{y + 4:.1f}" text-anchor="end">'
-                           f"{float(tick):g}</text>")
+                out.append(f'<text x="{x0 - 7:.1f}" y="{y:.1f}" text-anchor="end" '
+                           f'dominant-baseline="central">{float(value):g}</text>')
         for position, language in enumerate(languages):
             centre = x0 + (position + 0.5) * group
-            out.append(f'<text x="{centre:.1f}" y="{top + plot_height + 17:.1f}" '
+            out.append(f'<text x="{centre:.1f}" y="{y0 + plot_height + tick_px + 6:.1f}" '
                        f'text-anchor="middle">{_svg_text(language)}</text>')
             bar_width = group * width_per_bar
             for slot, name in enumerate(order):
@@ -340,7 +479,7 @@ def alignment_bars(
                 if not np.isfinite(value):
                     continue
                 x = centre + (slot - len(order) / 2) * bar_width
-                y_top, y_zero = y_of(max(value, 0.0)), y_of(min(value, 0.0))
+                y_top, y_zero = y_of(max(value, 0.0), y0), y_of(min(value, 0.0), y0)
                 colour = _bar_colour(name, matched_name)
                 out.append(
                     f'<rect x="{x:.1f}" y="{y_top:.1f}" width="{bar_width:.1f}" '
@@ -350,33 +489,41 @@ def alignment_bars(
                 )
                 if lower is not None and np.isfinite(lower[position]):
                     middle = x + bar_width / 2
-                    y_low, y_high = y_of(float(lower[position])), y_of(float(upper[position]))
+                    y_low = y_of(float(lower[position]), y0)
+                    y_high = y_of(float(upper[position]), y0)
                     out.append(
                         f'<path d="M{middle:.1f},{y_low:.1f}V{y_high:.1f}'
-                        f'M{middle - 3:.1f},{y_low:.1f}h6M{middle - 3:.1f},{y_high:.1f}h6" '
-                        'stroke="black" fill="none"/>'
+                        f'M{middle - 4:.1f},{y_low:.1f}h8M{middle - 4:.1f},{y_high:.1f}h8" '
+                        'stroke="black" stroke-width="1.3" fill="none"/>'
                     )
-        zero = y_of(0.0)
+        zero = y_of(0.0, y0)
         out.append(f'<line x1="{x0:.1f}" x2="{x0 + panel_width:.1f}" y1="{zero:.1f}" '
                    f'y2="{zero:.1f}" stroke="black" stroke-width="0.6"/>')
-        out.append(f'<rect x="{x0:.1f}" y="{top:.1f}" width="{panel_width:.1f}" '
+        out.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{panel_width:.1f}" '
                    f'height="{plot_height:.1f}" fill="none" stroke="black" stroke-width="0.8"/>')
-        out.append(f'<text x="{x0 + panel_width / 2:.1f}" y="{top + plot_height + 35:.1f}" '
-                   f'text-anchor="middle">{_svg_text(modalities[1])} model</text>')
-    middle_y = top + plot_height / 2
-    out.append(
-        f'<text x="16" y="{middle_y:.1f}" text-anchor="middle" '
-        f'transform="rotate(-90 16 {middle_y:.1f})">{_svg_text(metric_axis(metric))}</text>'
-    )
-    # legend: one swatch and label per set, centred under the panels
-    entries = [(_bar_colour(n, matched_name), labels[n]) for n in order]
-    widths = [24 + 6.5 * len(text) for _, text in entries]
-    x = (width - sum(widths)) / 2
-    y = height - 16
-    for (colour, text), step in zip(entries, widths, strict=True):
-        out.append(f'<rect x="{x:.1f}" y="{y - 9:.1f}" width="14" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{x + 19:.1f}" y="{y:.1f}">{_svg_text(text)}</text>')
-        x += step
+        out.append(f'<text x="{x0 + panel_width / 2:.1f}" '
+                   f'y="{y0 + plot_height + tick_px + label_px + 14:.1f}" text-anchor="middle" '
+                   f'font-size="{label_px}">{_svg_text(modalities[1])} model</text>')
+        if column == 0:  # the y axis title, beside each row's first panel
+            middle_y = y0 + plot_height / 2
+            out.append(
+                f'<text x="{6 + label_px:.1f}" y="{middle_y:.1f}" text-anchor="middle" '
+                f'font-size="{label_px}" '
+                f'transform="rotate(-90 {6 + label_px:.1f} {middle_y:.1f})">'
+                f"{_svg_text(metric_axis(metric))}</text>"
+            )
+    y = top + n_rows * row_height + tick_px
+    if in_spare:
+        y = top + (n_rows - 1) * row_height + above + (plot_height - len(entries) * line_height) / 2
+    for row in legend_rows:
+        x = spare_x if in_spare else (width - sum(steps[i] for i in row)) / 2
+        for i in row:
+            colour, text = entries[i]
+            out.append(f'<rect x="{x:.1f}" y="{y - 0.8 * tick_px:.1f}" width="16" '
+                       f'height="{0.8 * tick_px:.1f}" fill="{colour}"/>')
+            out.append(f'<text x="{x + 22:.1f}" y="{y:.1f}">{_svg_text(text)}</text>')
+            x += steps[i]
+        y += line_height
     out.append("</svg>")
     return "\n".join(out)
 
@@ -393,6 +540,7 @@ PER_STIMULUS_AXIS = {
 }
 
 
+@_styled
 def alignment_dispersion(
     dispersion: np.ndarray,
     values: dict[str, np.ndarray],
@@ -411,9 +559,24 @@ def alignment_dispersion(
     ``base_size``: the local CKA's base; ``marked_label`` names the circled rows.
     Rasterised points (the same size at 100,000 stimuli); ``marked`` rows circled in red."""
     n = len(dispersion)
-    figure = Figure(figsize=(13.0, 4.4))
-    axes = np.atleast_1d(figure.subplots(1, len(values), squeeze=False)[0])
-    _margins(figure, left=0.9, right=0.2, top=0.95, bottom=0.65, wspace=0.3)
+    # a panel per score, one under another, each as wide as the column (side by side, their
+    # two-line titles ran into each other)
+    heading = wrap(
+        literal(f"Per-stimulus alignment against dispersion — {title} ({n:,} stimuli)"),
+        FULL_WIDTH - 0.3, float(STYLE["figure.titlesize"]),
+    )
+    y_labels = {
+        metric: wrap(literal(PER_STIMULUS_AXIS.get(metric, metric)), 2.7) for metric in values
+    }
+    left = 0.72 + _LINE["label"] * max(map(_lines, y_labels.values()), default=1)
+    plot, panel_title = FULL_WIDTH - left - 0.2, 0.1 + 2 * _LINE["title"]
+    top = 0.15 + _LINE["suptitle"] * _lines(heading) + panel_title
+    gap = 0.62 + panel_title  # a panel's x label, the next one's title
+    rows = max(1, len(values))
+    figure = Figure(figsize=(FULL_WIDTH, top + rows * 2.7 + (rows - 1) * gap + 0.62))
+    axes = np.atleast_1d(figure.subplots(rows, 1, squeeze=False)[:, 0])
+    _margins(figure, left=left, right=0.2, top=top, bottom=0.62)
+    figure.subplots_adjust(hspace=gap / 2.7)
     size = _point_size(n)
     chosen = np.asarray(marked, dtype=np.int64)
     x = np.asarray(dispersion, dtype=np.float64)
@@ -426,14 +589,15 @@ def alignment_dispersion(
                 linewidths=1.0, rasterized=True,
                 label=literal(f"{marked_label} ({chosen.size:,})"),
             )
-            axis.legend(fontsize=8, loc="best")
+            axis.legend(loc="best")
         row = relation[relation["metric"] == metric]
         words = ""
         if not row.empty:
             r = row.iloc[0]
             words = (
-                f"Spearman ρ = {r['spearman_rho']:+.3f}, permutation p = "
-                f"{r['permutation_p_value_two_sided']:.3g} ({int(r['n_permutations']):,} shuffles)"
+                f"Spearman ρ = {r['spearman_rho']:+.3f}, permutation "
+                f"{p_phrase(r['permutation_p_value_two_sided'], r['n_permutations'])} "
+                f"({int(r['n_permutations']):,} shuffles)"
             )
             finite = y[np.isfinite(y)]
             if not np.isfinite(r["spearman_rho"]) and finite.size and np.ptp(finite) == 0:
@@ -441,17 +605,18 @@ def alignment_dispersion(
                     f" (k = {k} of {n - 1} others)" if metric == "knn_overlap" else ""
                 )
         axis.set_xlabel(SCORE_AXIS[score])
-        axis.set_ylabel(literal(PER_STIMULUS_AXIS.get(metric, metric)), fontsize=8)
+        axis.set_ylabel(y_labels[metric])
         names = {
             "knn_overlap": f"k-NN overlap (k = {k})",
             "local_cka": "local CKA" + (f" (base of {base_size})" if base_size else ""),
         }
         name = names.get(metric, metric)
-        axis.set_title(literal(f"{name}\n{words}" if words else name), fontsize=9, y=TITLE_Y)
-    figure.suptitle(
-        literal(f"Per-stimulus alignment against dispersion — {title} ({n:,} stimuli)"),
-        fontsize=10,
-    )
+        axis.set_title(
+            wrap(literal(f"{name}\n{words}" if words else name), plot,
+                 float(STYLE["axes.titlesize"])),
+            y=TITLE_Y,
+        )
+    figure.suptitle(heading, y=1.0 - 0.12 / figure.get_figheight(), va="top")
     return png(figure)
 
 
@@ -466,6 +631,7 @@ def _short(text: object, limit: int) -> str:
     return literal(text if len(text) <= limit else text[: limit - 1] + "…")
 
 
+@_styled
 def ranked_effects(tests: pd.DataFrame, *, score: str, top: int = 25, q: float = 0.05) -> bytes:
     """Horizontal bars of the ``top`` best-ranked properties of one score (rows of
     ``dispersion_predictors.property_tests``): ρ (signed) for numeric properties, √ε² for
@@ -473,69 +639,87 @@ def ranked_effects(tests: pd.DataFrame, *, score: str, top: int = 25, q: float =
     rows = tests[tests["score"] == score].sort_values("rank").head(top).iloc[::-1]
     effect = np.where(rows["test"] == "spearman", rows["effect"], rows["strength"])
     significant = rows["q_value"].to_numpy() < q
-    figure = Figure(figsize=(13.0, max(3.0, 0.25 * len(rows) + 1.2)))
+    names = [_short(name, 50) for name in rows["property"]]
+    size = float(STYLE["ytick.labelsize"])  # type: ignore[arg-type]
+    # room for the longest name shown, the y axis title beside them
+    left = 0.45 + max((_text_inches(name, size) for name in names), default=1.0)
+    heading = wrap(
+        f"Properties ranked by permutation p-value ({SCORE_NAME[score]}); red: q < {q} "
+        "(Benjamini–Hochberg)",
+        FULL_WIDTH - left - 0.2 + 1.0, float(STYLE["axes.titlesize"]),
+    )
+    x_title = wrap(EFFECT_AXIS, FULL_WIDTH - left)
+    top = 0.12 + _LINE["title"] * _lines(heading)
+    bottom = 0.35 + _LINE["label"] * _lines(x_title)
+    figure = Figure(figsize=(FULL_WIDTH, top + bottom + max(1.8, 0.27 * len(rows))))
     axis = figure.subplots()
-    _margins(figure, left=3.3, right=0.3, top=0.45, bottom=0.6)
+    _margins(figure, left=left, right=0.2, top=top, bottom=bottom)
     y = np.arange(len(rows))
     axis.barh(y, np.asarray(effect, dtype=np.float64),
               color=[SIGNIFICANT if s else NOT_SIGNIFICANT for s in significant])
     axis.axvline(0.0, color="black", linewidth=0.5)
-    axis.set_yticks(y, [_short(name, 50) for name in rows["property"]], fontsize=8)
-    axis.set_xlabel(EFFECT_AXIS)
+    axis.set_yticks(y, names)
+    axis.set_ylim(-0.6, len(rows) - 0.4)
+    axis.set_xlabel(x_title)
     axis.set_ylabel("property")
-    axis.set_title(
-        f"Properties ranked by permutation p-value ({SCORE_NAME[score]}); red: q < {q} "
-        "(Benjamini–Hochberg)",
-        fontsize=10,
-        y=TITLE_Y,
-    )
+    axis.set_title(heading, y=TITLE_Y)
     return png(figure)
 
 
+@_styled
 def cross_modal_scatter(
     intra: np.ndarray, cross: np.ndarray, *, title: str, x_title: str, y_title: str
 ) -> bytes:
     """Per stimulus (n,): intra-modal (vision) dispersion (x) against cross-modal dispersion (y),
     rasterised (the same PNG size at 100,000 stimuli as at 1,000)."""
     n = len(intra)
-    figure = Figure(figsize=(13.0, 4.4))
+    heading = wrap(literal(title), FULL_WIDTH - 0.6, float(STYLE["axes.titlesize"]))
+    y_label = wrap(literal(y_title), 3.2)
+    top = 0.12 + _LINE["title"] * _lines(heading)
+    figure = Figure(figsize=(FULL_WIDTH, top + 3.4 + 0.62))
     axis = figure.subplots()
-    _margins(figure, left=0.9, right=0.3, top=0.45, bottom=0.6)
+    _margins(figure, left=0.72 + _LINE["label"] * _lines(y_label), right=0.2, top=top,
+             bottom=0.62)
     axis.scatter(
         np.asarray(intra, dtype=np.float64), np.asarray(cross, dtype=np.float64),
         s=_point_size(n), color="#444444", alpha=0.6, linewidths=0, rasterized=True,
     )
-    axis.set_xlabel(literal(x_title))
-    axis.set_ylabel(literal(y_title), fontsize=8)
-    axis.set_title(literal(title), fontsize=10, y=TITLE_Y)
+    axis.set_xlabel(wrap(literal(merged_units(x_title)), FULL_WIDTH - 1.2))
+    axis.set_ylabel(y_label)
+    axis.set_title(heading, y=TITLE_Y)
     return png(figure)
 
 
+@_styled
 def model_residuals(model_summary: pd.DataFrame) -> bytes:
     """Mean residual of each model (``model``, ``layer``, ``modality``, ``mean_residual`` rows of
     ``CrossModalAnalysis.model_summary``) from the universal consensus, coloured by modality."""
     modalities = list(dict.fromkeys(model_summary["modality"]))
-    figure = Figure(figsize=(13.0, 3.0))
+    labels = [  # the layer under the model's name: narrower labels
+        f"{_short(m, 40)}\n({_short(layer, 40)})"
+        for m, layer in zip(model_summary["model"], model_summary["layer"], strict=True)
+    ]
+    size = float(STYLE["legend.fontsize"])  # type: ignore[arg-type]
+    # the legend beside the plot, not over the bars (it covered the last one)
+    right = 0.75 + max((_text_inches(literal(m), size) for m in modalities), default=0.5)
+    plot = FULL_WIDTH - 1.0 - right
+    _, ticks, overhang = _turned(labels, plot)
+    top, bottom = 0.12 + _LINE["title"], ticks + 0.35
+    figure = Figure(figsize=(FULL_WIDTH, top + 2.4 + bottom))
     axis = figure.subplots()
-    _margins(figure, left=0.9, right=1.1, top=0.45, bottom=0.65)
+    left = max(1.0, overhang + 0.1)
+    _margins(figure, left=left, right=right, top=top, bottom=bottom)
     x = np.arange(len(model_summary))
     colour = {m: MODALITY_COLOURS[i % len(MODALITY_COLOURS)] for i, m in enumerate(modalities)}
     for modality in modalities:
         chosen = (model_summary["modality"] == modality).to_numpy()
         axis.bar(x[chosen], model_summary["mean_residual"].to_numpy(dtype=np.float64)[chosen],
                  0.6, color=colour[modality], label=literal(modality))
-    labels = [
-        _short(f"{m} ({layer})", 40)
-        for m, layer in zip(model_summary["model"], model_summary["layer"], strict=True)
-    ]
-    axis.set_xticks(x, labels, fontsize=8)
+    _x_ticks(axis, labels, plot)
     axis.set_xlabel("model (layer)")
-    axis.set_ylabel("mean residual (residual units)")
-    axis.set_title(
-        "Mean residual of each model from the universal consensus", fontsize=10, y=TITLE_Y
-    )
-    # beside the plot, not over the bars (it covered the last one)
-    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    axis.set_ylabel(wrap("mean residual (residual units)", 2.4))
+    axis.set_title("Mean residual of each model from the universal consensus", y=TITLE_Y)
+    axis.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     return png(figure)
 
 

@@ -40,7 +40,7 @@ from ..stimulus_alignment import PER_STIMULUS_METRICS
 from ..run import Run, RunInfo, list_runs, load_run
 from ..run_checks import check_run_files
 from . import charts, lab, plots, state
-from .catalogue import Catalogue, build_catalogue
+from .catalogue import Catalogue, build_catalogue, p_phrase
 
 #: Command that makes the demo run; shown whenever no run is cached.
 MAKE_RUN_COMMAND = "make demo"
@@ -232,8 +232,9 @@ def cross_modal_pictures(
         per_stimulus["intra_modal_dispersion"].to_numpy(),
         per_stimulus["cross_modal_dispersion"].to_numpy(),
         title=f"Cross-modal vs intra-modal dispersion, {len(per_stimulus):,} stimuli — "
-        f"Spearman ρ = {row['spearman_rho']:.3f}, permutation p = "
-        f"{row['permutation_p_value_two_sided']:.3g} ({int(row['n_permutations'])} shuffles)",
+        f"Spearman ρ = {row['spearman_rho']:.3f}, permutation "
+        f"{p_phrase(row['permutation_p_value_two_sided'], row['n_permutations'])} "
+        f"({int(row['n_permutations'])} shuffles)",
         x_title=f"{open_run(Path(path)).gpa_modality} dispersion ({plots.SCORE_NAME[score]}) "
         "(residual units)",
         y_title="cross-modal dispersion (residual units)",
@@ -764,7 +765,7 @@ def residual_map(run: Run, projection: str) -> ResidualMap:
             "UMAP 1 (unitless)",
             "UMAP 2 (unitless)",
             f"Residual space: {n} stimuli, UMAP of the GPA residuals "
-            f"(random_state={UMAP_RANDOM_STATE})",
+            f"(fixed random seed {UMAP_RANDOM_STATE})",
         )
     if projection != "PCA":
         raise ValueError(f"unknown projection {projection!r}; use 'PCA' or 'UMAP'")

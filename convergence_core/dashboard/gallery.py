@@ -17,7 +17,8 @@ file checked to be a decodable JPEG inside the run folder (``widgets.thumbnail_f
 
 What the browser receives (the component's ``data``)::
 
-    {"columns": 3, "inspect": true, "cards": [
+    {"columns": 3,  # at most, per line (fewer where narrow: GALLERY_CSS)
+     "inspect": true, "cards": [
         {"id": "42", "image": "data:image/jpeg;base64,...", "note": "", "text": "#1 of 239 ...",
          "captions": ["a dog ...", ...],  # [] when no caption is cut; at most ~20,000 characters
          "left_out": 0},  # captions past that budget, not sent
@@ -54,7 +55,7 @@ export default function (component) {
     grid = make('div', 'gallery');
     parentElement.appendChild(grid);
   }
-  grid.style.gridTemplateColumns = `repeat(${data.columns}, minmax(0, 1fr))`;
+  grid.style.setProperty('--columns', String(data.columns));  // at most; fewer when narrow
   grid.replaceChildren(...data.cards.map((card) => {
     const cell = make('div', 'card');
     cell.dataset.id = card.id;
@@ -91,16 +92,29 @@ export default function (component) {
 }
 """
 
-#: The cards' look, from Streamlit's theme variables (light and dark themes alike)
+#: Narrowest a card (so its thumbnail) gets before the grid drops a column: a side of the Stimuli
+#: gallery at a 1024-pixel window (~250 px) holds two cards of 125 px, not three of 72 px, while
+#: Home's five cards still share one line there (~100 px each, where 110 px left one alone below)
+MIN_CARD = "96px"
+
+#: The cards' look, from Streamlit's theme variables (light and dark themes alike). ``columns``
+#: is the most cards a line holds: the grid fits as many as it can of at least
+#: :data:`MIN_CARD` (auto-fill), never more than ``columns``, each line's cards equally wide and
+#: aligned (every thumbnail in a 4:3 box, the Inspect buttons at the foot of their line).
 GALLERY_CSS = """
-.gallery { display: grid; gap: 1rem; font-family: var(--st-font); color: var(--st-text-color); }
+.gallery { --gap: 1rem; display: grid; gap: var(--gap); font-family: var(--st-font);
+  color: var(--st-text-color);
+  grid-template-columns: repeat(auto-fill, minmax(min(100%, max(""" + MIN_CARD + """,
+    (100% - (var(--columns) - 1) * var(--gap)) / var(--columns) - 0.5px)), 1fr)); }
 .card { display: flex; flex-direction: column; align-items: flex-start; gap: 0.25rem;
   min-width: 0; }
-.card img { width: 100%; height: auto; border-radius: 0.25rem; }
+.card img { display: block; width: 100%; aspect-ratio: 4 / 3; object-fit: contain;
+  border-radius: 0.25rem; background: var(--st-secondary-background-color); }
 .text { white-space: pre-wrap; overflow-wrap: anywhere; font-size: 0.875rem; line-height: 1.5; }
 .note { font-size: 0.875rem; opacity: 0.7; }
 .caption { margin-top: 0.25rem; }
 summary { cursor: pointer; font-size: 0.875rem; }
+.card > button { margin-top: auto; }
 button { font: inherit; font-size: 0.875rem; padding: 0.25rem 0.75rem; cursor: pointer;
   border-radius: 0.5rem; border: 1px solid var(--st-border-color);
   background: var(--st-background-color); color: var(--st-text-color); }
@@ -191,10 +205,11 @@ def show(
     columns: int = 4,
     inspect: bool = True,
 ) -> None:
-    """``rows`` of ``run`` as cards, ``columns`` per line in the given order, headed by
-    ``labels``; with ``inspect`` each has an Inspect button (the Stimuli page's detail view).
-    Above the grid, once, what the cards leave out in a run without thumbnails or captions.
-    The component's key is ``gallery-<key>`` (:data:`KEY_PREFIX`)."""
+    """``rows`` of ``run`` as cards, at most ``columns`` per line (fewer where a card would be
+    narrower than :data:`MIN_CARD`) in the given order, headed by ``labels``; with ``inspect``
+    each has an Inspect button (the Stimuli page's detail view). Above the grid, once, what the
+    cards leave out in a run without thumbnails or captions. The component's key is
+    ``gallery-<key>`` (:data:`KEY_PREFIX`)."""
     if not len(rows):
         st.info("No stimuli to show.")
         return

@@ -29,6 +29,9 @@ SET_COLOURS = {
     "selection": "#2ca02c",
     "pasted": "#9467bd",
 }
+#: Error bars and reference lines of the Plotly charts: a mid grey that reads on the light and on
+#: the dark theme (Plotly's default, a dark slate, vanished on the dark background)
+NEUTRAL_LINE = "rgba(128, 128, 128, 0.9)"
 HOVER_CAPTION_CHARS = 80
 #: Up to this many points a scatter of stimuli carries hover text (id, caption, scores) per
 #: point; above it only numbers (100,000 captions would be megabytes on every rerun)

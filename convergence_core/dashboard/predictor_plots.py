@@ -14,7 +14,8 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ..properties import PropertyTable
-from .plots import SCORE_AXIS, SCORE_NAME, point_fields, safe_hover_text
+from .catalogue import NBSP, display_name, p_text
+from .plots import NEUTRAL_LINE, SCORE_AXIS, SCORE_NAME, point_fields, safe_hover_text
 
 SIGNIFICANT = "#d62728"
 NOT_SIGNIFICANT = "#7f7f7f"
@@ -48,12 +49,12 @@ def ranked_summary(ranked: pd.DataFrame) -> pd.DataFrame:
             "rank": ranked["rank"].astype(int),
             "property": ranked["property"].astype(str),
             "effect": [
-                f"{_EFFECT_SYMBOLS.get(name, name)} = "
-                + (f"{value:+.3g}" if name == "spearman_rho" else f"{value:.3g}")
+                f"{_EFFECT_SYMBOLS.get(name, name)}{NBSP}={NBSP}"
+                + (f"{value:+.3f}" if name == "spearman_rho" else f"{value:.3f}")
                 for name, value in zip(ranked["effect_name"], ranked["effect"], strict=True)
             ],
-            "q": [f"{value:.1e}" for value in ranked["q_value"]],
-            "p": [f"{value:.1e}" for value in ranked["p_value"]],
+            "q": [p_text(value) for value in ranked["q_value"]],
+            "p": [p_text(value) for value in ranked["p_value"]],
             "n": ranked["n_stimuli"].astype(int),
         }
     )
@@ -210,7 +211,7 @@ def held_out_fit(predictions: pd.DataFrame, fit: pd.DataFrame, *, score: str) ->
                 x=rows["predicted"].to_numpy(dtype=np.float32),
                 y=rows["observed"].to_numpy(dtype=np.float32),
                 mode="markers",
-                name=f"{model} (held-out R² = {r2[model]:.3f})",
+                name=f"{display_name(model)} (held-out R² = {r2[model]:.3f})",
                 **fields,
             )
         )
@@ -220,7 +221,7 @@ def held_out_fit(predictions: pd.DataFrame, fit: pd.DataFrame, *, score: str) ->
             y=[low, high],
             mode="lines",
             name="observed = predicted",
-            line={"color": "#222", "dash": "dot"},
+            line={"color": NEUTRAL_LINE, "dash": "dot", "width": 1.5},
             hoverinfo="skip",
         )
     )
@@ -248,9 +249,13 @@ def importance_bars(importances: pd.DataFrame, *, top: int = 15) -> go.Figure:
             go.Bar(
                 x=rows["importance_mean"],
                 y=[safe_hover_text(p, 50) for p in keep],
-                error_x={"type": "data", "array": rows["importance_sd"].fillna(0.0)},
+                error_x={
+                    "type": "data",
+                    "array": rows["importance_sd"].fillna(0.0),
+                    "color": NEUTRAL_LINE,  # read on the light and the dark theme
+                },
                 orientation="h",
-                name=str(model),
+                name=display_name(model),
                 marker_color=MODEL_COLOURS.get(str(model)),
             )
         )

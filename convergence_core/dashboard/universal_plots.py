@@ -6,6 +6,7 @@ captions and model names are escaped with ``plots.safe_hover_text`` before they 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,13 +14,21 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .plots import point_fields, safe_hover_text
+from .catalogue import p_phrase
+from .plots import NEUTRAL_LINE, point_fields, safe_hover_text
 
 #: The unit of every distance in the universal space.
 UNITS = "residual units: Euclidean distance between unit-Frobenius-norm configurations"
 METHOD_COLOURS = {"universal": "#1f77b4", "ridge": "#ff7f0e", "chance": "#7f7f7f"}
 METHOD_NAMES = {"universal": "universal space (GPA)", "ridge": "ridge baseline", "chance": "chance"}
 MODALITY_COLOURS = ("#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def merged_units(title: str) -> str:
+    """An axis title whose name ends in a parenthesis before its unit's, with the two merged:
+    ``vision dispersion (mean residual) (residual units)`` ->
+    ``vision dispersion (mean residual; residual units)``. Others are returned as they are."""
+    return re.sub(r"\(([^()]*)\) \(([^()]*)\)$", r"(\1; \2)", title)
 
 
 def direction_name(direction: str) -> str:
@@ -67,11 +76,11 @@ def dispersion_scatter(
     figure.update_layout(
         title_text=(
             f"Cross-modal vs intra-modal dispersion, {len(rows)} stimuli — Spearman ρ = "
-            f"{relation['spearman_rho']:.3f}, permutation p = "
-            f"{relation['permutation_p_value_two_sided']:.3g} "
+            f"{relation['spearman_rho']:.3f}, permutation "
+            f"{p_phrase(relation['permutation_p_value_two_sided'], relation['n_permutations'])} "
             f"({int(relation['n_permutations'])} shuffles)"
         ),
-        xaxis_title=f"{intra_title} (residual units)",
+        xaxis_title=merged_units(f"{intra_title} (residual units)"),
         yaxis_title="cross-modal dispersion (residual units)",
         height=440,
     )
@@ -101,7 +110,11 @@ def retrieval_bars(summary: pd.DataFrame, subset: str = "all") -> go.Figure:
                     y=bars["mean"],
                     error_y=None
                     if method == "chance"
-                    else {"type": "data", "array": np.nan_to_num(bars["std"].to_numpy())},
+                    else {
+                        "type": "data",
+                        "array": np.nan_to_num(bars["std"].to_numpy()),
+                        "color": NEUTRAL_LINE,  # read on the light and the dark theme
+                    },
                     name=METHOD_NAMES[method],
                     marker_color=METHOD_COLOURS[method],
                     legendgroup=method,

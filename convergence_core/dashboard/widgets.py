@@ -25,7 +25,7 @@ import streamlit as st
 from .. import settings
 from ..images import ImageFileError, open_rgb
 from ..run import Run
-from . import controls, plots, state
+from . import catalogue, controls, plots, state
 
 #: Session key of the stimulus id shown in the Stimuli page's detail view.
 INSPECT_KEY = "w_inspect"
@@ -43,9 +43,15 @@ SELECT_ALL_LIMIT = 5_000
 
 
 def score_radio(
-    view: state.View, label: str, *, horizontal: bool = True, help: str | None = None
+    view: state.View,
+    label: str,
+    *,
+    horizontal: bool = True,
+    help: str | None = None,
+    disabled: bool = False,
 ) -> str:
-    """A radio of the dispersion scores (mean / PC1) bound to ``view.score`` (so to the URL)."""
+    """A radio of the dispersion scores (mean / PC1) bound to ``view.score`` (so to the URL);
+    ``disabled`` (greyed out, its value kept) where another control has taken over its role."""
     return state.bind_widget(
         st.session_state,
         view,
@@ -57,6 +63,7 @@ def score_radio(
             horizontal=horizontal,
             format_func=lambda s: plots.SCORE_NAME[s],
             help=help,
+            disabled=disabled,
         ),
     )
 
@@ -446,6 +453,22 @@ def number_text(value: object, digits: int = 4) -> str:
 
 #: zero-width space: where a table header may break
 _BREAK = "\u200b"
+#: word joiner: no line break on either side (after a minus sign inside a number)
+_JOIN = "\u2060"
+#: A cell that is one number or a short phrase of one ("0.3324", "< 0.001", "ρ = +0.066",
+#: "70.7 %", "3.2e-04", "W = 0"): kept on one line (:func:`unbroken`)
+_NUMBER_CELL = re.compile(
+    r"(?:\S{1,3}[ \u00a0]?[=<>≤≥][ \u00a0]?|[<>≤≥][ \u00a0]?)?[-+−]?\d[\d,]*(?:\.\d+)?"
+    r"(?:e[-+]?\d+)?(?:[ \u00a0]?%)?"
+)
+
+
+def unbroken(text: str) -> str:
+    """``text`` (escaped Markdown or plain) that never wraps inside: its spaces no-break spaces,
+    a word joiner after each minus sign. A 1024-pixel window broke "3.2e-04" and "ρ = +0.0663"
+    over two lines of a table cell."""
+    text = text.replace(" ", "\u00a0")
+    return re.sub(r"([-−])", "\\1" + _JOIN, text)
 
 
 def markdown_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
@@ -461,6 +484,8 @@ def markdown_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
     def cell(value: object) -> str:
         text = " ".join(number_text(value).split())
         text = text if len(text) <= max_cell else text[: max_cell - 1] + "…"
+        if _NUMBER_CELL.fullmatch(text):  # a number stays on one line (:func:`unbroken`)
+            return unbroken(escape_markdown(text))
         return escape_markdown(text) or " "
 
     # a header may break after an underscore (a zero-width space, invisible): snake_case column
@@ -475,3 +500,75 @@ def markdown_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
         for record in frame.itertuples(index=False)
     ]
     return "\n".join([header, rule, *rows])
+
+
+#: Columns of p- or q-values: a sortable table shows them to two significant digits, as
+#: :func:`catalogue.p_text` does everywhere else (their exact values are in the CSV download)
+P_VALUE_COLUMNS = frozenset({
+    "p_value", "q_value", "p_value_asymptotic", "pearson_p_value", "spearman_p_value",
+    "permutation_p_value_two_sided", "permutation_p_value_low_greater",
+    "mean_over_pairs_p_value_two_sided", "mean_over_pairs_p_value_low_greater",
+    "p_value_vs_shuffled", "p vs shuffled",
+})
+
+
+#: Most distinct values of a column whose machine names :func:`data_table` shows in words (a
+#: column of ids or captions is not one)
+MACHINE_NAME_LIMIT = 50
+
+
+def _machine_names(column: pd.Series) -> list[str] | None:
+    """The distinct values of a text column when one of them has a display name (else None)."""
+    if not (column.dtype == object or pd.api.types.is_string_dtype(column)):
+        return None
+    values = list(dict.fromkeys(column.dropna()))
+    if len(values) > MACHINE_NAME_LIMIT:
+        return None
+    if not values or not all(isinstance(v, str) for v in values):
+        return None
+    if all(catalogue.display_name(v) == v for v in values):
+        return None
+    return values
+
+
+def data_table(
+    frame: pd.DataFrame,
+    *,
+    column_config: dict[str, Any] | None = None,
+    names: dict[str, str] | None = None,
+    **options: Any,
+) -> Any:
+    """``st.dataframe`` of ``frame`` as a reader reads it, its data untouched: each header the
+    column's display name (:func:`catalogue.display_name`, or ``names``) as its label, p- and
+    q-value columns (:data:`P_VALUE_COLUMNS`) to two significant digits, and a text column of
+    machine names (``boosted_trees``, ``vision_to_language``) showing their display names (a
+    read-only select-box column, whose cells show a label for each value).
+
+    The grid's CSV download (its toolbar) writes the data, so it keeps the machine-readable
+    column names and values. ``column_config`` entries are kept (given a label when they have
+    none); ``options`` go to ``st.dataframe``."""
+    config: dict[str, Any] = dict(column_config or {})
+    names = names or {}
+    for column in frame.columns:
+        label = names.get(column, catalogue.display_name(column, column=True))
+        given = config.get(column, ...)
+        if given is None or isinstance(given, str):  # hidden, or a label given
+            continue
+        if given is ...:
+            values = (
+                None if column in catalogue.USER_TEXT_COLUMNS else _machine_names(frame[column])
+            )
+            if column in P_VALUE_COLUMNS:
+                given = st.column_config.NumberColumn(format="%.2g")
+            elif values is not None:
+                # sized by its longest word (~8 px a character), not by the data: "medium" made
+                # the predictors' fit table wider than the page at 1400 px
+                words = max(len(catalogue.display_name(value)) for value in values)
+                given = st.column_config.SelectboxColumn(
+                    width=min(300, 8 * words + 24), options=values,
+                    format_func=catalogue.display_name,
+                )
+            else:
+                given = st.column_config.Column()
+        config[column] = {**given, "label": given.get("label") or label}
+    return st.dataframe(frame, column_config=config, **options)

@@ -1,0 +1,105 @@
+"""The one look of every static figure: the report's PNGs (:mod:`convergence_core.figures`) and the
+dashboard's pictures (:mod:`convergence_core.dashboard.charts`).
+
+Figures are drawn about as wide as they are shown, so that their text keeps its size: a figure
+:data:`FULL_WIDTH` inches wide at :data:`DPI` dots per inch is 900 pixels, about the dashboard's
+main column in a 1400-pixel window (940 CSS px), where :data:`STYLE`'s 10-point ticks are about
+16 px. Shrunk into the 564-px column of a 1024-pixel window they are still about 10 px
+(10 pt × DPI / 72 × 564 / 900). A picture in a narrower column (e.g. two thirds of it) is drawn
+narrower in proportion. Figures with many panels wrap them into rows of at most two or three.
+
+Only :mod:`matplotlib` itself is imported here (not pyplot): the dashboard's pages import this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+import threading
+from collections.abc import Iterator, Mapping
+
+import matplotlib
+
+#: Dots per inch of every static figure (report and dashboard)
+DPI = 120
+#: Width (inches) of a figure shown across the dashboard's main column
+FULL_WIDTH = 7.5
+#: Font sizes (points) of every static figure; axes titles sit a little above their axes
+STYLE: dict[str, object] = {
+    "font.size": 10.0,
+    "axes.titlesize": 11.0,
+    "axes.labelsize": 10.5,
+    "xtick.labelsize": 10.0,
+    "ytick.labelsize": 10.0,
+    "legend.fontsize": 10.0,
+    "legend.title_fontsize": 10.0,
+    "figure.titlesize": 12.0,
+    "axes.titlepad": 5.0,
+    "figure.constrained_layout.h_pad": 0.08,  # inches between rows of panels
+    "figure.constrained_layout.w_pad": 0.06,
+    "savefig.dpi": DPI,
+}
+
+#: Serialises drawing under :data:`STYLE` (``rc_context`` changes matplotlib's global settings,
+#: and Streamlit runs each session in its own thread); re-entrant, so a styled figure may draw
+#: another helper's styled parts
+_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def styled(extra: Mapping[str, object] | None = None) -> Iterator[None]:
+    """Draw (and save) a figure under :data:`STYLE` and the ``extra`` rcParams, one thread at a
+    time."""
+    with _LOCK, matplotlib.rc_context({**STYLE, **(extra or {})}):
+        yield
+
+
+def _chunks(line: str, parentheses: bool) -> list[str]:
+    """``line`` cut where it reads best broken, outside parentheses: after ", ", "; " or " — ",
+    and (``parentheses``) before " (" (the cut space dropped)."""
+    chunks, depth, start = [], 0, 0
+    for i, char in enumerate(line):
+        if depth == 0 and i > start:
+            if line.startswith(", ", i) or line.startswith("; ", i):
+                chunks.append(line[start:i + 1])
+                start = i + 2
+            elif line.startswith(" — ", i):
+                chunks.append(line[start:i + 2])
+                start = i + 3
+            elif parentheses and line.startswith(" (", i):
+                chunks.append(line[start:i])
+                start = i + 1
+        depth += (char in "([") - (char in ")]")
+    return [*chunks, line[start:]]
+
+
+def _joined(chunks: list[str], limit: int) -> list[str]:
+    """``chunks`` joined with spaces into as few lines of at most ``limit`` characters as the
+    order allows (a chunk longer than that is a line of its own)."""
+    parts: list[str] = []
+    for chunk in chunks:
+        if parts and len(parts[-1]) + 1 + len(chunk) <= limit:
+            parts[-1] += " " + chunk
+        else:
+            parts.append(chunk)
+    return parts
+
+
+def wrap(text: object, inches: float, points: float | None = None) -> str:
+    """``text`` with each of its lines broken to fit ``inches`` at ``points`` (default: the
+    style's axis-label size; DejaVu Sans averages about 0.56 em a character): after a comma,
+    semicolon or dash outside parentheses where that is enough, else also before a parenthesis,
+    else at spaces. A word longer than a line stays whole; a line that fits is left as it is."""
+    size = float(points if points is not None else STYLE["axes.labelsize"])  # type: ignore[arg-type]
+    limit = max(12, int(inches * 72.0 / (0.56 * size)))
+    lines: list[str] = []
+    for line in str(text).split("\n"):
+        for parts in (
+            _joined(_chunks(line, False), limit),
+            _joined(_chunks(line, True), limit),
+            textwrap.wrap(line, limit, break_long_words=False, break_on_hyphens=False) or [line],
+        ):
+            if max(map(len, parts)) <= limit:
+                break
+        lines += parts
+    return "\n".join(lines)
