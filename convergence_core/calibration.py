@@ -747,9 +747,11 @@ def compare_with_baseline(
     *,
     level: float = 0.95,
     batched: bool = False,
+    freedom: BaselineFreedom | None = None,
 ) -> BaselineComparison:
     """score(chosen) against score on each baseline set (e.g. :func:`matched_random_sets`),
-    with the sets' :func:`baseline_freedom`."""
+    with the sets' :func:`baseline_freedom` (``freedom``: already found for these sets, as when
+    several pairs are compared with the same sets: 0.5 s a call for sets of 25,000)."""
     chosen = np.asarray(chosen, dtype=np.int64)
     sets = np.asarray(sets, dtype=np.int64)
     if sets.ndim != 2 or sets.shape[1] != chosen.size or chosen.ndim != 1:
@@ -771,7 +773,7 @@ def compare_with_baseline(
         baseline.size,
         level,
         baseline,
-        baseline_freedom(sets),
+        baseline_freedom(sets) if freedom is None else freedom,
     )
 
 

@@ -21,9 +21,10 @@ None) and rewritten by the next :func:`embed_captions`.
 
 Weights: the encoder loads with the weights path given to :func:`embed_captions` (``weights=``,
 the report's ``--weights MODEL=PATH``), else the one the run's manifest records
-(``settings.weights``, the precompute's ``--weights``) only where it lies inside the cache or the
-data folder once symbolic links are resolved (:func:`manifest_weights`): a run folder can be
-altered, and nothing outside those is read because of what it says.
+(``settings.weights``, the precompute's ``--weights``) only where it lies inside the cache's model
+folder or the data folder once symbolic links are resolved (:func:`manifest_weights`): a run
+folder can be altered (and lies in the cache itself), and nothing outside those is read because
+of what it says.
 
 ``first_caption_difference``: for a run made with ``caption_mode="first"``, the largest absolute
 difference between each stimulus's first-caption row here and the run's stored embedding,
@@ -242,7 +243,8 @@ def manifest_weights(run: Run, model: str) -> str | None:
     """The weights path the run's manifest records for ``model`` (``settings.weights``), or None.
 
     The manifest is read, not trusted: its path is accepted only if, with symbolic links
-    resolved, it lies inside the cache (``settings.cache_root()``) or the data folder
+    resolved, it lies inside the cache's model folder (``settings.cache_root() / "models"``, not
+    the runs beside it: a run could carry the weights it names) or the data folder
     (``settings.data_root()``), by the rule that keeps a data set's images inside its root
     (``images.resolve_inside``). Raises ValueError naming the field and the fix otherwise, or
     when the field is not a {model: path} mapping.
@@ -266,18 +268,20 @@ def manifest_weights(run: Run, model: str) -> str | None:
             f"the {field} is {str(recorded)[:80]!r}, not a {{model: weights path}} mapping; the "
             f"manifest was altered or damaged: {fix}"
         )
-    roots = (settings.cache_root(), settings.data_root())
+    # the cache's model folder, not the whole cache: a run folder lies in the cache too, and an
+    # altered run could name weights it carries itself
+    roots = (settings.cache_root() / "models", settings.data_root())
     for root in roots:
         try:
-            resolve_inside(root, Path(path).expanduser())
+            resolved = resolve_inside(root, Path(path).expanduser())
         except ImageFileError:
             continue
-        return path
+        return str(resolved)  # the path checked is the path loaded
     raise ValueError(
         f"run {run.name!r} records {path[:200]!r} as the weights of {model!r} ({field}), "
-        f"which lies outside the cache {roots[0]} and the data folder {roots[1]}, so it is not "
-        f"read (a run folder can be altered); if those are the weights the run was made with, "
-        f"{fix}"
+        f"which lies outside the cache's model folder {roots[0]} and the data folder "
+        f"{roots[1]}, so it is not read (a run folder can be altered); if those are the weights "
+        f"the run was made with, {fix}"
     )
 
 

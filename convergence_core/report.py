@@ -2310,8 +2310,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="MODEL=PATH",
         help="with --embed-captions: local weights of a language model (as precompute's "
-        "--weights); without it, weights the run records are read only from inside the cache or "
-        "the data folder; repeatable",
+        "--weights); without it, weights the run records are read only from inside the cache's "
+        "model folder or the data folder; repeatable",
     )
     parser.add_argument(
         "--gpa-starts",

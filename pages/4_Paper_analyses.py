@@ -128,7 +128,8 @@ def _asked(what: str, work: str, key: str, *done_key: object, heavy: bool = Fals
 
 def _table_on_demand(label: str, key: str, frame, **options) -> None:
     """A data table inside an expander that is built only when opened: headers in words, p-values
-    to two digits (``widgets.data_table``); its CSV download keeps the machine-readable names."""
+    to four significant digits (``widgets.data_table``); its CSV download keeps the machine
+    names."""
     box = st.expander(label, key=key, on_change="rerun")
     with box:
         if box.open:

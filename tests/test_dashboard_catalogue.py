@@ -548,6 +548,11 @@ def test_one_p_value_format_for_every_table_card_and_title() -> None:
     assert plain(p_phrase(1 / 1001, 1000)) == "p < 0.001"
     assert plain(p_phrase(0.01, 99, symbol="q")) == "q ≤ 0.01"
     assert plain(p_phrase(float("nan"))) == "p = n/a"
+    # a floor is a bound: rounded up, never below it (1/300 is not "≤ 0.0033")
+    assert plain(p_text(1 / 300, 299)) == "≤ 0.0034" and plain(p_text(1 / 30, 29)) == "≤ 0.034"
+    # never rounded across 0.05 or 0.01: 0.0496 is not "0.05" beside a "q < 0.05"
+    assert p_text(0.0496) == "0.0496" and p_text(0.04999) == "0.04999"
+    assert p_text(0.00996) == "0.00996" and p_text(0.0504) == "0.05" and p_text(0.2349) == "0.23"
 
 
 def test_numbers_in_markdown_tables_never_wrap_inside() -> None:
@@ -582,7 +587,8 @@ def test_shown_tables_use_display_names_and_keep_the_frame_machine_readable() ->
     assert list(frame.columns)[1] == "drop_high" and frame["model"].iloc[0] == "boosted_trees"
     # the user's names are shown as written, even where one reads like a machine name
     users = pd.DataFrame({"vision_model": ["full", "ridge"], "language_model": ["all", "lm"],
-                          "p_value": [0.5, 0.2]})
+                          "held_out_model": ["universal", "recall_at_1"], "p_value": [0.5, 0.2]})
+    assert list(shown_table(users)["held out model"]) == ["universal", "recall_at_1"]
     assert list(shown_table(users)["vision model"]) == ["full", "ridge"]
     assert list(shown_table(users)["language model"]) == ["all", "lm"]
     assert display_name("vision_to_language") == "image → text"
@@ -620,7 +626,7 @@ def test_data_tables_show_words_over_machine_data(monkeypatch) -> None:
     assert shown is frame and list(shown["model"]) == ["ridge", "boosted_trees"]
     config = options["column_config"]
     assert config["q_value"]["label"] == "q (Benjamini–Hochberg)"
-    assert config["q_value"]["type_config"]["format"] == "%.2g"
+    assert config["q_value"]["type_config"]["format"] == "%.4g"  # 0.0496 is not "0.05"
     assert config["id"] == "stimulus id" and options["hide_index"] is True
     labels = {o["value"]: o["label"] for o in config["model"]["type_config"]["options"]}
     assert labels == {"ridge": "ridge", "boosted_trees": "boosted trees"}

@@ -2,8 +2,9 @@
 
 * ``report --embed-captions`` loaded a language model from the weights path the run's manifest
   records (``settings.weights``): a tampered manifest could make it read weights from anywhere.
-  Now only a path inside the cache or the data folder (symbolic links resolved) is taken from the
-  manifest; any other is refused naming the field and the fix (``--weights MODEL=PATH``).
+  Now only a path inside the cache's model folder or the data folder (symbolic links resolved)
+  is taken from the manifest; any other is refused naming the field and the fix
+  (``--weights MODEL=PATH``).
 * ``load_hf`` (``--dataset hf:...``) with a mistyped local path (``./data/wit``) probed the hub
   (up to 5 s) and then said the hub could not be reached; a name that cannot be a hub id and is
   not there now fails at once, naming the path, without asking the hub.
@@ -102,6 +103,18 @@ def test_a_link_inside_the_cache_to_weights_outside_is_refused(roots, loads) -> 
     link.symlink_to(roots["elsewhere"] / "weights")
     run = _run_naming_weights(roots["cache"], {LANGUAGE: str(link)})
     with pytest.raises(ValueError, match="settings.weights"):
+        caption_embeddings.embed_captions(run, LANGUAGE, [LAYER])
+    assert loads == []
+
+
+def test_weights_a_run_carries_in_its_own_folder_are_refused(roots, loads) -> None:
+    """A run lies in the cache too: an altered run could name weights it carries itself, so only
+    the cache's model folder (and the data folder) is taken from a manifest."""
+    run = _run_naming_weights(roots["cache"], None)
+    carried = run.path / "weights"
+    carried.mkdir()
+    run = _run_naming_weights(roots["cache"], {LANGUAGE: str(carried)})
+    with pytest.raises(ValueError, match="outside the cache's model folder"):
         caption_embeddings.embed_captions(run, LANGUAGE, [LAYER])
     assert loads == []
 

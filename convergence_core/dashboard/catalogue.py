@@ -11,6 +11,7 @@ Shapes: ``n`` stimuli, ``M`` vision models in the GPA.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -244,10 +245,34 @@ def p_text(p: object, n_permutations: int | None = None) -> str:
     if n_permutations is not None and int(n_permutations) > 0:
         floor = 1.0 / (int(n_permutations) + 1)
         if value <= floor * (1 + 1e-9) and floor >= P_TEXT_FLOOR:
-            return f"≤{NBSP}{floor:.2g}"
+            return f"≤{NBSP}{_rounded_up(floor)}"
     if value < P_TEXT_FLOOR:
         return f"<{NBSP}{P_TEXT_FLOOR:g}"
-    return f"{value:.2g}"
+    return _on_its_side(value)
+
+
+#: Levels a p-value is read against: its text never rounds it across one (0.0496 is not "0.05")
+P_LEVELS = (0.05, 0.01)
+
+
+def _on_its_side(value: float) -> str:
+    """``value`` to two significant digits, or to as many more as keep it on its side of each of
+    :data:`P_LEVELS` (0.0496 → ``0.0496``, 0.04999 → ``0.04999``; 0.046 → ``0.046``)."""
+    for digits in range(2, 8):
+        text = f"{value:.{digits}g}"
+        if not any(value < level <= float(text) for level in P_LEVELS):
+            return text
+    return repr(value)
+
+
+def _rounded_up(value: float) -> str:
+    """``value`` to two significant digits, rounded up (a bound stays a bound: the floor 1/300
+    reads ``0.0034``, not ``0.0033``)."""
+    text = f"{value:.2g}"
+    if float(text) >= value:
+        return text
+    step = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return f"{math.ceil(value / step) * step:.2g}"
 
 
 def p_phrase(p: object, n_permutations: int | None = None, *, symbol: str = "p") -> str:
@@ -336,12 +361,12 @@ DISPLAY_NAMES: dict[str, str] = {
 }
 
 
-#: Columns whose values are the user's names (models, layers, properties, ids, captions): shown
-#: as written, never as a display name (a vision model called "full" stays "full"). ``model``
-#: is not one: the predictors' fit table names its regressions there (``boosted_trees``)
-USER_TEXT_COLUMNS = frozenset({
-    "vision_model", "language_model", "vision_layer", "language_layer", "layer", "best_layer",
-    "gpa_layer", "property", "id", "caption", "label", "modality",
+#: The only columns whose values are machine names a page shows in words (the tests, retrieval's
+#: direction, held-out subset and measure, the S1 condition, the predictors' regression); every
+#: other column's values are shown as written: model, layer and property names are the user's,
+#: and a model called "full" or "ridge" stays "full", "ridge"
+MACHINE_VALUE_COLUMNS = frozenset({
+    "test", "direction", "subset", "metric", "condition", "model", "effect_name",
 })
 
 
@@ -383,9 +408,8 @@ def shown_table(
 
     table = frame.copy()
     for column in table.columns:
-        if column in USER_TEXT_COLUMNS:
-            continue  # the user's names, as written
-        if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
+        text = table[column].dtype == object or pd.api.types.is_string_dtype(table[column])
+        if text and column in MACHINE_VALUE_COLUMNS:  # other values as written: the user's names
             table[column] = table[column].map(shown)
         elif decimals is not None and pd.api.types.is_float_dtype(table[column]):
             table[column] = [

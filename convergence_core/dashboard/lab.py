@@ -817,11 +817,13 @@ def calibration_table(
             chosen, n=n, n_shuffles=int(n_shuffles), seed=int(seed)
         )
         on_pairings = scores(rows_x, paired_with=rows_y)
+        freedom = calibration.baseline_freedom(matched)  # one set's matched sets: once
         for p, pair in enumerate(pairs):
             null = calibration.calibrated_score(on_pairings[p])
             # the batched score is already computed: [chosen, *matched] in the order it asks
             baseline = calibration.compare_with_baseline(
-                lambda stacked, values=on_sets[p]: values, chosen, matched, batched=True
+                lambda stacked, values=on_sets[p]: values, chosen, matched, batched=True,
+                freedom=freedom,
             )
             comparisons[(pair, name)] = baseline
             rows.append(

@@ -502,8 +502,8 @@ def markdown_table(frame: pd.DataFrame, *, max_cell: int = 60) -> str:
     return "\n".join([header, rule, *rows])
 
 
-#: Columns of p- or q-values: a sortable table shows them to two significant digits, as
-#: :func:`catalogue.p_text` does everywhere else (their exact values are in the CSV download)
+#: Columns of p- or q-values: a sortable table shows them to four significant digits (one format
+#: a column; :func:`catalogue.p_text` chooses per value elsewhere; exact values: the CSV download)
 P_VALUE_COLUMNS = frozenset({
     "p_value", "q_value", "p_value_asymptotic", "pearson_p_value", "spearman_p_value",
     "permutation_p_value_two_sided", "permutation_p_value_low_greater",
@@ -540,7 +540,7 @@ def data_table(
 ) -> Any:
     """``st.dataframe`` of ``frame`` as a reader reads it, its data untouched: each header the
     column's display name (:func:`catalogue.display_name`, or ``names``) as its label, p- and
-    q-value columns (:data:`P_VALUE_COLUMNS`) to two significant digits, and a text column of
+    q-value columns (:data:`P_VALUE_COLUMNS`) to four significant digits, and a text column of
     machine names (``boosted_trees``, ``vision_to_language``) showing their display names (a
     read-only select-box column, whose cells show a label for each value).
 
@@ -556,10 +556,13 @@ def data_table(
             continue
         if given is ...:
             values = (
-                None if column in catalogue.USER_TEXT_COLUMNS else _machine_names(frame[column])
+                _machine_names(frame[column])
+                if column in catalogue.MACHINE_VALUE_COLUMNS else None
             )
             if column in P_VALUE_COLUMNS:
-                given = st.column_config.NumberColumn(format="%.2g")
+                # 4 significant digits: fewer rounded 0.0496 to "0.05" beside a "q < 0.05"
+                # (the grid takes one format a column; catalogue.p_text chooses per value)
+                given = st.column_config.NumberColumn(format="%.4g")
             elif values is not None:
                 # sized by its longest word (~8 px a character), not by the data: "medium" made
                 # the predictors' fit table wider than the page at 1400 px
