@@ -24,15 +24,14 @@ N = 60
 APP = Path(__file__).resolve().parent.parent / "app.py"
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run of one vision model, one language model and three subjects (GPA across them)."""
-    root = tmp_path_factory.mktemp("brain_gpa")
+def _brain_run(root: Path, name: str, subjects: tuple[str, ...], modality: str) -> Path:
+    """A run of one vision model, one language model and three subjects of ``modality`` (GPA
+    across them), in ``root``/runs/``name``."""
     embeddings, _ = synthetic_embeddings(N, vision_models=("vision-a",),
                                          language_models=("language-a",))
     rng = np.random.default_rng(3)
     source = np.asarray(embeddings["vision-a"]["stage2"], dtype=np.float64)
-    for subject in SUBJECTS:
+    for subject in subjects:
         mixing = rng.standard_normal((source.shape[1], 20))
         embeddings[subject] = {
             "V1": (source @ mixing + rng.standard_normal((N, 20))).astype(np.float32),
@@ -41,11 +40,17 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             "image": [f"{i}.jpg" for i in range(N)],
                             "captions": [[f"caption {i}", f"another {i}"] for i in range(N)]})
     write_run_from_embeddings(
-        root / "runs" / "brains", stimuli, embeddings, vision_models=["vision-a"],
-        language_models=["language-a"], modalities=dict.fromkeys(SUBJECTS, "brain"),
-        gpa_models=list(SUBJECTS), gpa_layers=dict.fromkeys(SUBJECTS, "V1"), thumbnails=False,
+        root / "runs" / name, stimuli, embeddings, vision_models=["vision-a"],
+        language_models=["language-a"], modalities=dict.fromkeys(subjects, modality),
+        gpa_models=list(subjects), gpa_layers=dict.fromkeys(subjects, "V1"), thumbnails=False,
     )
     return root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of one vision model, one language model and three subjects (GPA across them)."""
+    return _brain_run(tmp_path_factory.mktemp("brain_gpa"), "brains", SUBJECTS, "brain")
 
 
 def test_the_run_names_its_gpa_modality(cache: Path) -> None:
@@ -140,26 +145,7 @@ ODD_SUBJECTS = ("__x__", "subj02", "subj03")
 @pytest.fixture(scope="module")
 def odd_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The brain run of :func:`cache`, its subjects of modality ``f-_mri_``, one named ``__x__``."""
-    root = tmp_path_factory.mktemp("odd_names")
-    embeddings, _ = synthetic_embeddings(N, vision_models=("vision-a",),
-                                         language_models=("language-a",))
-    rng = np.random.default_rng(3)
-    source = np.asarray(embeddings["vision-a"]["stage2"], dtype=np.float64)
-    for subject in ODD_SUBJECTS:
-        mixing = rng.standard_normal((source.shape[1], 20))
-        embeddings[subject] = {
-            "V1": (source @ mixing + rng.standard_normal((N, 20))).astype(np.float32),
-        }
-    stimuli = pd.DataFrame({"id": [f"s{i}" for i in range(N)],
-                            "image": [f"{i}.jpg" for i in range(N)],
-                            "captions": [[f"caption {i}", f"another {i}"] for i in range(N)]})
-    write_run_from_embeddings(
-        root / "runs" / "odd", stimuli, embeddings, vision_models=["vision-a"],
-        language_models=["language-a"], modalities=dict.fromkeys(ODD_SUBJECTS, ODD_MODALITY),
-        gpa_models=list(ODD_SUBJECTS), gpa_layers=dict.fromkeys(ODD_SUBJECTS, "V1"),
-        thumbnails=False,
-    )
-    return root
+    return _brain_run(tmp_path_factory.mktemp("odd_names"), "odd", ODD_SUBJECTS, ODD_MODALITY)
 
 
 def _odd_app(cache: Path, monkeypatch: pytest.MonkeyPatch, page: str, **state: object):
