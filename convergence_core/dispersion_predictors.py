@@ -449,10 +449,12 @@ def group_summary(
 # Cross-validated models
 # ---------------------------------------------------------------------------------------------
 def _design(table: PropertyTable, usable: UsableProperties) -> pd.DataFrame:
-    """Feature frame: numeric float64 (NaN = missing) and categorical str (rare levels -> NaN)."""
+    """Feature frame: numeric float64 (NaN = missing, as are ±inf: the rank tests count them
+    missing too) and categorical str (rare levels -> NaN)."""
     frame = pd.DataFrame(index=range(len(table.values)))
     for name in usable.numeric:
-        frame[name] = table.values[name].to_numpy(dtype=np.float64)
+        values = table.values[name].to_numpy(dtype=np.float64)
+        frame[name] = np.where(np.isfinite(values), values, np.nan)
     for name, levels in usable.categorical.items():
         column = table.values[name]
         kept = column.where(column.isin(list(levels)))

@@ -183,9 +183,16 @@ def two_afc(
 
     def similarity(p: np.ndarray, y: np.ndarray) -> np.ndarray:
         """sim(p_a, y_b) for rows p (a, d) against y (a, b, d) or (b, d)."""
-        if distance == "euclidean":
-            return -np.linalg.norm(
-                p[:, None, :] - y if y.ndim == 3 else p[:, None, :] - y[None], axis=-1
+        if distance == "euclidean" and y.ndim == 3:
+            return -np.linalg.norm(p[:, None, :] - y, axis=-1)
+        if distance == "euclidean":  # the (a, step, d) differences in column blocks
+            step = max(1, _BLOCK_ELEMENTS // (p.shape[0] * p.shape[1]))
+            return np.concatenate(
+                [
+                    -np.linalg.norm(p[:, None, :] - y[None, j : j + step], axis=-1)
+                    for j in range(0, y.shape[0], step)
+                ],
+                axis=1,
             )
         return np.einsum("ad,abd->ab", p, y) if y.ndim == 3 else p @ y.T
 

@@ -121,13 +121,22 @@ class _Scorer:
         if similarity == "cosine":
             self.gallery = _unit_rows(gallery)
         else:
-            self.gallery = gallery
-            self.squared = np.einsum("ij,ij->i", gallery, gallery)
+            # distances expanded as 2 q·g − |g|² − |q|² lose the differences between them to
+            # rounding when every row sits far from the origin; about the gallery's mean (the
+            # distances do not change) the products are as small as the spread of the rows
+            self.center = gallery.mean(axis=0)
+            self.gallery = gallery - self.center
+            self.squared = np.einsum("ij,ij->i", self.gallery, self.gallery)
+
+    def _centred(self, queries: np.ndarray) -> np.ndarray:
+        """Euclidean queries in the gallery's centred coordinates."""
+        return queries - self.center
 
     def __call__(self, queries: np.ndarray) -> np.ndarray:
         """(b, n_gallery): cosine similarity, or minus the squared Euclidean distance."""
         if self.similarity == "cosine":
             return _unit_rows(queries) @ self.gallery.T
+        queries = self._centred(queries)
         scores = 2.0 * (queries @ self.gallery.T)
         scores -= self.squared
         scores -= np.einsum("ij,ij->i", queries, queries)[:, None]
@@ -141,6 +150,7 @@ class _Scorer:
         width = queries.shape[1]
         if self.similarity == "cosine":
             return product_rounding(width)
+        queries = self._centred(queries)
         squared = np.einsum("ij,ij->i", queries, queries)[:, None]
         return product_rounding(width, squared + self.squared[None, :])
 
@@ -413,7 +423,10 @@ def fit_ridge_baseline(
         model=model,
         alpha=alpha,
         alpha_relative=relative,
-        at_grid_edge=bool(np.isclose(relative, grid.min()) or np.isclose(relative, grid.max())),
+        # the grid point RidgeCV chose (alpha is one of grid * trace, up to rounding)
+        at_grid_edge=int(np.argmin(np.abs(np.log(grid) - np.log(relative)))) in (
+            int(np.argmin(grid)), int(np.argmax(grid))
+        ),
     )
 
 
@@ -498,7 +511,8 @@ class CrossValidatedRetrieval:
         Returns rows ``rank`` (1 = best), ``stimulus``, ``id`` (if ``ids``), ``label`` (if
         ``labels``, e.g. each stimulus's first caption), ``score`` (cosine similarity, or
         Euclidean distance), ``true_match``; plus, if the true match is not among the k, one more
-        row for it with its rank.
+        row for it with its rank. The true match sits at its recorded rank (:meth:`rank_of`),
+        which counts a tie against it: items that score as well as it are listed before it.
         """
         for fold in self.folds:
             position = np.flatnonzero(fold.test == stimulus)
@@ -509,13 +523,21 @@ class CrossValidatedRetrieval:
         queries, gallery = (fold.gallery, fold.query) if backward else (fold.query, fold.gallery)
         similarity = self.parameters["similarity"]
         k = min(int(k), gallery.shape[0])
-        indices, scores = top_matches(queries[position], gallery, k, similarity=similarity)
-        rows = list(zip(range(1, k + 1), fold.test[indices[0]], scores[0], strict=True))
-        if stimulus not in fold.test[indices[0]]:
-            rank, _, _ = self.rank_of(stimulus, backward=backward)
-            own = _Scorer(gallery, similarity)(queries[position])[0, position[0]]
-            if similarity == "euclidean":
-                own = float(np.sqrt(max(-own, 0.0)))
+        # one more than asked, so that k others remain when the true match is taken out
+        fetch = min(k + 1, gallery.shape[0])
+        indices, scores = top_matches(queries[position], gallery, fetch, similarity=similarity)
+        others = [
+            (int(item), float(score))
+            for item, score in zip(fold.test[indices[0]], scores[0], strict=True)
+            if item != stimulus
+        ][:k]
+        rank, _, _ = self.rank_of(stimulus, backward=backward)
+        own = _Scorer(gallery, similarity)(queries[position])[0, position[0]]
+        if similarity == "euclidean":
+            own = float(np.sqrt(max(-own, 0.0)))
+        listed = others[: rank - 1] + [(int(stimulus), float(own))] + others[rank - 1 :]
+        rows = [(place, *item) for place, item in enumerate(listed[:k], start=1)]
+        if rank > k:
             rows.append((rank, int(stimulus), float(own)))
         frame = pd.DataFrame(rows, columns=["rank", "stimulus", "score"])
         frame["stimulus"] = frame["stimulus"].astype(np.int64)
@@ -653,7 +675,13 @@ def cross_validated_retrieval(
             )
     if query_modality == gallery_modality:
         raise ValueError(f"query and gallery modality are both {query_modality!r}; pick two")
-    n = int(features[0].shape[0])
+    rows = [int(np.shape(x)[0]) for x in features]
+    if len(set(rows)) != 1:  # a fold's rows index every member: checked before any fit
+        raise ValueError(
+            f"every member must embed the same stimuli, but the row counts differ ({rows}); "
+            "select the same rows from each"
+        )
+    n = rows[0]
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) or n_folds < 2:
         raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     minimum_test = 6 if strata is not None else 2
@@ -675,6 +703,8 @@ def cross_validated_retrieval(
                 f"strata must be {n} finite per-stimulus scores, got shape {strata.shape}"
             )
     ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
+    if len(ids) != n:
+        raise ValueError(f"got {len(ids)} ids for {n} stimuli; pass one id per row")
     query_index = [i for i, m in enumerate(members) if m.modality == query_modality]
     gallery_index = [i for i, m in enumerate(members) if m.modality == gallery_modality]
     forward = f"{query_modality}_to_{gallery_modality}"

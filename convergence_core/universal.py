@@ -482,6 +482,12 @@ def cross_modal_analysis(
             raise ValueError(
                 f"intra_modal has {intra.shape[0]} values for {n} stimuli; pass one per stimulus"
             )
+        bad = np.flatnonzero(~np.isfinite(intra))
+        if bad.size:
+            raise ValueError(
+                f"intra_modal has {bad.size} NaN or Inf values (first at stimulus {bad[0]}); pass "
+                "a finite score per stimulus, or leave those stimuli out of every input"
+            )
         check_count(n_permutations, "n_permutations", 1)
     fit = fit_universal_space(features, members, n_components=n_components)
     residuals = np.asarray(fit.gpa.residuals, dtype=np.float64)

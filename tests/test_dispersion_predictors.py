@@ -240,6 +240,28 @@ def test_missing_values_are_tested_on_the_stimuli_that_have_them() -> None:
     assert np.isfinite(fit["value"].dropna()).all()
 
 
+def test_an_infinite_property_value_is_missing_in_the_fits_as_in_the_tests() -> None:
+    """log(count) of a count of 0 is -inf: the rank tests counted it missing, the cross-validated
+    models passed it to scikit-learn, which refused the whole analysis."""
+    rng = np.random.default_rng(9)
+    n = 60
+    y = rng.standard_normal(n)
+    with_inf = y + 0.3 * rng.standard_normal(n)
+    with_inf[:7] = -np.inf
+    with_inf[7] = np.inf
+    as_missing = np.where(np.isfinite(with_inf), with_inf, np.nan)
+    options = {"models": ["ridge", "boosted_trees"], "n_shuffles": 2, "seed": 3}
+    fits = [
+        dp.cross_validated_fit(_table({"p": values, "q": y[::-1].copy()}, n), _dispersion(y),
+                               **options)[0]
+        for values in (with_inf, as_missing)
+    ]
+    pd.testing.assert_frame_equal(fits[0], fits[1])
+    tests = dp.property_tests(_table({"p": with_inf}, n), _dispersion(y), scores=["mean"],
+                              n_permutations=99)
+    assert tests.set_index("property").loc["p", "n_stimuli"] == n - 8
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 

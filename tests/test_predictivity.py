@@ -133,6 +133,30 @@ def test_scores_match_brute_force() -> None:
     assert 0.4 < two_afc(P, Y, n_foils=5, seed=1) <= 1.0
 
 
+def test_euclidean_all_pairs_stay_within_the_block_budget(monkeypatch) -> None:
+    """All pairs by Euclidean distance took rows one at a time but each row's (s, d) differences
+    whole: 154 MB at s = 25,000, d = 768, above the block budget (from a review). The budget
+    shrunk below one row's differences: the same score, never an array above the budget."""
+    from convergence_core import predictivity
+
+    rng = np.random.default_rng(13)
+    Y = rng.standard_normal((40, 6))
+    P = Y + rng.standard_normal((40, 6))
+    expected = two_afc(P, Y, distance="euclidean")
+    budget = 60  # elements: 10 targets' differences at a time, of one row's 40
+    monkeypatch.setattr(predictivity, "_BLOCK_ELEMENTS", budget)
+    largest = []
+    norm = np.linalg.norm
+
+    def recording_norm(x, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        largest.append(np.size(x))
+        return norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(predictivity.np.linalg, "norm", recording_norm)
+    assert two_afc(P, Y, distance="euclidean") == pytest.approx(expected, abs=1e-12)
+    assert largest and max(largest) <= budget
+
+
 def _row_fractions(P: np.ndarray, Y: np.ndarray) -> np.ndarray:
     """Each row's all-pairs 2AFC fraction (correlation), brute force."""
     sims = np.corrcoef(P, Y)[: len(P), len(P) :]

@@ -91,6 +91,28 @@ def test_the_rounding_allowance_is_per_pair_not_the_galleries_largest():
     np.testing.assert_array_equal(ranks[others], expected[others])
 
 
+@pytest.mark.parametrize("offset", [1e2, 1e4, 1e6])
+def test_euclidean_ranks_do_not_change_when_every_row_moves_far_from_the_origin(offset):
+    """Distances expanded as 2 q·g − |g|² − |q|² lost their differences to rounding once the rows
+    sat far from the origin (from a review: an offset of 1e6 changed 482 of 500 ranks); a shift
+    of both sides changes no distance."""
+    rng = np.random.default_rng(12)
+    queries = rng.standard_normal((500, 16))
+    gallery = queries + 2.0 * rng.standard_normal((500, 16))
+    expected = retrieval_ranks(queries, gallery, similarity="euclidean")
+    shift = offset * rng.standard_normal(16)
+    shifted = retrieval_ranks(queries + shift, gallery + shift, similarity="euclidean")
+    np.testing.assert_array_equal(shifted, expected)
+    indices, distances = top_matches(
+        queries[:5] + shift, gallery + shift, 3, similarity="euclidean"
+    )
+    reference = np.linalg.norm(queries[:5, None, :] - gallery[None], axis=-1)
+    np.testing.assert_array_equal(indices, np.argsort(reference, axis=1, kind="stable")[:, :3])
+    np.testing.assert_allclose(
+        distances, np.take_along_axis(reference, indices, axis=1), rtol=1e-9 * offset
+    )
+
+
 def test_perfect_pairs_rank_first_and_reversed_pairs_last():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((20, 4))
@@ -293,6 +315,34 @@ def test_top_matches_mark_the_true_item():
     assert len(back) >= 2
 
 
+def test_top_matches_put_a_tied_true_match_at_its_recorded_rank():
+    """A tie counts against the true match (rank 2 here), but the list put it first, ahead of the
+    item that ties it (from a review): the table and the rank disagreed."""
+    queries = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    gallery = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]])  # items 0 and 2 tie for query 0
+    test = np.arange(3)
+    ranks = retrieval_ranks(queries, gallery)
+    result = retrieval.CrossValidatedRetrieval(
+        table=pd.DataFrame(),
+        ranks=pd.DataFrame({
+            "stimulus": test, "id": ["0", "1", "2"], "fold": 0, "method": "universal",
+            "direction": "vision_to_language", "rank": ranks, "n_gallery": 3,
+        }),
+        baseline=pd.DataFrame(),
+        folds=(retrieval.RetrievalFold(0, test, queries, gallery),),
+        parameters={"similarity": "cosine", "query_modality": "vision",
+                    "gallery_modality": "language"},
+    )
+    assert result.rank_of(0)[0] == 2
+    top = result.top_matches(0, 2)
+    assert top["stimulus"].tolist() == [2, 0] and top["rank"].tolist() == [1, 2]
+    assert top["true_match"].tolist() == [False, True]
+    assert top["score"].tolist() == pytest.approx([1.0, 1.0])
+    top = result.top_matches(0, 1)  # beyond the k listed: one more row, at its rank
+    assert top["stimulus"].tolist() == [2, 0] and top["rank"].tolist() == [1, 2]
+    assert result.top_matches(1, 1)["stimulus"].tolist() == [1]  # an untied first place
+
+
 def test_summary_is_long_and_has_every_method(planted_result):
     summary = summarise_retrieval(planted_result.table)
     assert set(summary.method) == {"universal", "ridge", "chance"}
@@ -324,6 +374,21 @@ def test_ridge_recovers_a_planted_linear_map():
     assert inner.alpha_relative <= 1e-4
 
 
+def test_the_grid_edge_is_the_chosen_grid_points_place_whatever_the_grids_scale():
+    """np.isclose's absolute tolerance (1e-8) called every α below 1e-8 an edge of the grid,
+    interior or not (from a review)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((60, 40)) @ np.diag(np.logspace(0, -4, 40))  # ill-conditioned
+    y = x @ rng.standard_normal((40, 5)) + 1e-3 * rng.standard_normal((60, 5))
+    grid = np.logspace(-13, -5, 9)
+    baseline = fit_ridge_baseline([x], [y], alphas_relative=grid)
+    chosen = int(np.argmin(np.abs(np.log(grid / baseline.alpha_relative))))
+    assert 0 < chosen < len(grid) - 1  # the planted noise puts the optimum inside this grid
+    assert baseline.at_grid_edge is False
+    edge = fit_ridge_baseline([x], [y], alphas_relative=grid[chosen:])
+    assert edge.at_grid_edge is True  # now the smallest of the grid
+
+
 def test_ridge_shrinks_when_there_is_nothing_to_predict():
     rng = np.random.default_rng(7)
     x, y = rng.standard_normal((120, 30)), rng.standard_normal((120, 5))
@@ -349,6 +414,12 @@ def test_bad_input_names_the_problem():
         cross_validated_retrieval(features, MEMBERS, n_folds=3, strata=np.ones(5))
     with pytest.raises(ValueError, match="unknown similarity"):
         cross_validated_retrieval(features, MEMBERS, similarity="dot")
+    # a member with other rows (another run's features) was cut to the first member's rows
+    longer = [*features[:3], np.vstack([features[3], features[3][:5]])]
+    with pytest.raises(ValueError, match=r"row counts differ \(\[30, 30, 30, 35\]\)"):
+        cross_validated_retrieval(longer, MEMBERS, n_folds=3)
+    with pytest.raises(ValueError, match="got 29 ids for 30 stimuli"):
+        cross_validated_retrieval(features, MEMBERS, n_folds=3, ids=[str(i) for i in range(29)])
     with pytest.raises(ValueError, match="same shape"):
         retrieval_ranks(np.ones((3, 2)), np.ones((4, 2)))
     with pytest.raises(ValueError, match="k must be"):

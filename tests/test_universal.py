@@ -297,6 +297,8 @@ def test_cross_modal_analysis_checks_its_input_before_the_fit(monkeypatch):
         ("intra_modal has 4 values for 10", [a, b], {"intra_modal": np.ones(4)}),
         ("n_permutations must be an integer >= 1", [a, b],
          {"intra_modal": np.ones(10), "n_permutations": 0}),
+        ("intra_modal has 1 NaN or Inf values .first at stimulus 3", [a, b],
+         {"intra_modal": np.where(np.arange(10) == 3, np.nan, 1.0)}),
     ):
         with pytest.raises(ValueError, match=match):
             cross_modal_analysis([x, 2 * x], members, **options)
