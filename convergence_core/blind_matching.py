@@ -66,9 +66,14 @@ class MatchingResult:
 
 
 def stretch(F: np.ndarray) -> np.ndarray:
-    """Divide each feature by its standard deviation over the rows (constant features: by 1)."""
+    """Divide each feature by its standard deviation over the rows (constant features: by 1).
+
+    A constant column whose value is not representable (0.1) has a standard deviation of a few
+    ulps of its value, not 0: it counts as constant too, rather than blown up ~1e15 times."""
     sd = F.std(axis=0)
-    return F / np.where(sd > 0, sd, 1.0)
+    eps = np.finfo(np.result_type(F.dtype, np.float32)).eps
+    varying = sd > 16 * eps * np.abs(F.mean(axis=0))
+    return F / np.where(varying & (sd > 0), sd, 1.0)
 
 
 def normalised_centered_kernel(F: np.ndarray) -> np.ndarray:

@@ -148,15 +148,26 @@ def _effect(
     seed: int,
     level: float,
     progress: Callable[[int, int], None] | None = None,
+    k: object = None,
 ) -> AveragingEffect:
+    """The scores of both sides and their difference's interval; ``k``: the metric's
+    neighbours, if it has them (checked against a half-sample before any score is computed)."""
     n = X_one.shape[0]
+    unit = "images" if comparison == "captions" else comparison
+    more = "; pass finer labels" if comparison == "classes" else "; pass more images"
     if n < MIN_UNITS:
-        unit = "images" if comparison == "captions" else comparison
         raise ValueError(
             f"averaging over {comparison} compares {n} {unit}; it needs at least {MIN_UNITS} "
             f"(each half-sample of the interval holds half of them, and the metrics need 4)"
-            + ("; pass finer labels" if comparison == "classes" else "; pass more images")
+            + more
         )
+    if method == "half" and isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+        if k >= n // 2:  # a k-NN metric needs more than k rows in each half-sample
+            raise ValueError(
+                f"k={k} neighbours need more than {k} {unit} in each half-sample of the "
+                f"interval, which holds {n // 2} of the {n}: pass k at most {n // 2 - 1}, or at "
+                f"least {2 * k + 2} {unit}{more}"
+            )
     one = float(scorer(X_one, Y_one))
     averaged = float(scorer(X_many, Y_many))
     calls = [0]  # resampled_interval scores all rows first, then each resample
@@ -225,7 +236,7 @@ def caption_averaging_effect(
     X = images[rows]
     return _effect(
         "captions", scorer, X, single[rows], X, mean[rows], method, n_resamples, seed, level,
-        progress,
+        progress, k=options.get("k"),
     )
 
 
@@ -320,6 +331,7 @@ def class_averaging_effect(
         seed,
         level,
         progress,
+        k=options.get("k"),
     )
     return effect if sampled_from is None else replace(effect, sampled_from=sampled_from)
 

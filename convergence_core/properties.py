@@ -257,7 +257,9 @@ def _typed(values: pd.DataFrame, info: Sequence[PropertyInfo]) -> pd.DataFrame:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA
+    """None, NaN of any float type, NaT and pd.NA (as ``pd.isna`` says of one value): missing,
+    not a level named "nan" or "NaT"."""
+    return value is None or (np.ndim(value) == 0 and bool(pd.isna(value)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,9 +440,11 @@ def nearest_similarities(features: np.ndarray, k: int, *, prepare: bool = True) 
     """Each row's k largest inner products with the other rows: (n, k) float64, descending.
 
     ``features`` (n, d); with ``prepare`` they go through ``alignment.prepare_features`` first
-    (clip + L2-normalise rows: the features the run's neighbour lists are built on). Exact
-    (``neighbours.exact_top_k``: blocked, no (n, n) array). Runs store these values
-    (``run.neighbours(model, layer).lists.values``); this is the path for features without them.
+    (clip + L2-normalise rows: the features the run's neighbour lists are built on); without it
+    they are not clipped but still L2-normalised (cosine similarities: the exact search's error
+    bound is for unit rows). Exact (``neighbours.exact_top_k``: blocked, no (n, n) array). Runs
+    store these values (``run.neighbours(model, layer).lists.values``); this is the path for
+    features without them.
     """
     from .neighbours import PreparedFeatures, exact_top_k
 
@@ -450,6 +454,12 @@ def nearest_similarities(features: np.ndarray, k: int, *, prepare: bool = True) 
     n = x.shape[0]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n - 1:
         raise ValueError(f"k must be an integer in 1..n−1 = {n - 1}, got {k!r}")
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"features hold NaN/inf in {bad.size} rows (first: row {bad[0]}); fix the embeddings "
+            "or leave those stimuli out"
+        )
     prepared = PreparedFeatures.from_raw(x) if prepare else PreparedFeatures(x, np.inf)
     return exact_top_k(prepared, int(k))[1]
 

@@ -11,6 +11,7 @@ from convergence_core.blind_matching import (
     choose_seeds,
     image_seeds,
     normalised_centered_kernel,
+    stretch,
 )
 from convergence_core.metrics import measure
 
@@ -71,7 +72,11 @@ def test_seed_choices() -> None:
     result = blind_matching(X, Y, seeds=[3, 7, 11], seed=0)
     assert result.seeds.tolist() == [3, 7, 11] and result.n_query == 37
     unseeded = blind_matching(X, Y, n_seeds=0, n_init=2, seed=0)
-    assert unseeded.n_seeds == 0 and 0.0 <= unseeded.accuracy <= 1.0
+    # no seeds: every image is a query, and the accuracy is the share matched to its own
+    assert unseeded.n_seeds == 0 and unseeded.seeds.size == 0 and unseeded.n_query == 40
+    assert unseeded.chance == pytest.approx(1 / 40)
+    np.testing.assert_array_equal(unseeded.correct, unseeded.matching == np.arange(40))
+    assert unseeded.accuracy == pytest.approx(unseeded.correct.mean())
 
 
 def test_seeds_chosen_once_give_the_same_matching() -> None:
@@ -111,3 +116,14 @@ def test_bad_input_is_explained(kwargs, message: str) -> None:
     X, Y = shared(np.random.default_rng(6), s=20)
     with pytest.raises(ValueError, match=message):
         blind_matching(X, Y, **kwargs)
+
+
+def test_a_constant_column_is_left_as_it_is_whatever_its_value() -> None:
+    """A constant 0.1 has a standard deviation of a few ulps, not 0: stretch divided by it and
+    blew the column up ~1e15 times (from a review)."""
+    rng = np.random.default_rng(6)
+    F = np.hstack([rng.standard_normal((50, 3)), np.full((50, 1), 0.1), np.full((50, 1), 3.3)])
+    stretched = stretch(F)
+    np.testing.assert_array_equal(stretched[:, 3:], F[:, 3:])
+    np.testing.assert_allclose(stretched[:, :3].std(axis=0), 1.0)
+    assert stretch(F.astype(np.float32))[:, 3:].max() < 4

@@ -89,6 +89,29 @@ def test_caption_effect_on_a_subset_and_with_a_callable() -> None:
         caption_averaging_effect(lambda X, Y: 0.0, images, captions, owners, k=5)
 
 
+def test_a_k_too_large_for_a_half_sample_is_refused_before_any_score(monkeypatch) -> None:
+    """16 images and k = 10: the full-set scores were computed first, and the first half-sample
+    then failed with "k=10 is too large for the set of 8 stimuli" (from a review)."""
+    from convergence_core import many_to_many
+
+    rng = np.random.default_rng(5)
+    images, captions, owners = coco_like(rng, n=16)
+
+    def no_score(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("a score was computed before k was checked")
+
+    monkeypatch.setattr(many_to_many, "measure", no_score)
+    for metric in ("mutual_knn", "cknna"):
+        with pytest.raises(ValueError, match=(
+            r"k=10 neighbours need more than 10 images in each half-sample of the interval, "
+            r"which holds 8 of the 16: pass k at most 7, or at least 22 images"
+        )):
+            caption_averaging_effect(metric, images, captions, owners, k=10)
+    monkeypatch.undo()
+    effect = caption_averaging_effect("mutual_knn", images, captions, owners, k=7, n_resamples=5)
+    assert np.isfinite(effect.one)
+
+
 def test_class_averaging_planted_gain() -> None:
     rng = np.random.default_rng(5)
     centres = rng.standard_normal((150, 6))

@@ -278,6 +278,15 @@ def test_nearest_similarities_match_a_dense_reference() -> None:
         props.nearest_similarities(x, 37)
 
 
+def test_nearest_similarities_name_the_rows_that_are_not_finite() -> None:
+    """A NaN row failed with "the clip threshold must be a positive number, got nan"."""
+    x = np.random.default_rng(3).standard_normal((20, 4))
+    x[[4, 9], 1] = np.nan
+    for prepare in (True, False):
+        with pytest.raises(ValueError, match=r"NaN/inf in 2 rows \(first: row 4\)"):
+            props.nearest_similarities(x, 3, prepare=prepare)
+
+
 def test_neighbour_distance_planted_outlier_and_invariances() -> None:
     rng = np.random.default_rng(2)
     cluster = rng.standard_normal((1, 8)) + 0.05 * rng.standard_normal((30, 8))
@@ -437,3 +446,18 @@ def test_run_properties_reads_back_and_refuses_damaged_tables(tmp_path) -> None:
     frame.to_parquet(run.layout.properties)
     with pytest.raises(CacheFormatError, match="other stimuli"):
         load_run(run.path).properties  # noqa: B018
+
+
+def test_missing_values_of_every_kind_are_missing_not_a_level() -> None:
+    """NaT of a date column and a NumPy NaN in a text column became the levels "NaT" and "nan"
+    (from a review): categories of their own in the property tests."""
+    stimuli = pd.DataFrame({
+        "id": list("abcde"), "image": ["x"] * 5, "captions": [["c"]] * 5,
+        "taken": pd.to_datetime(["2020-01-01", None, "2021-05-02", None, "2020-01-01"]),
+        "kind": pd.Series([np.float32("nan"), "x", "y", None, pd.NA], dtype=object),
+    })
+    frame, _ = props.dataset_columns(stimuli)
+    assert frame["taken"].tolist() == [
+        "2020-01-01 00:00:00", None, "2021-05-02 00:00:00", None, "2020-01-01 00:00:00"
+    ]
+    assert frame["kind"].tolist() == [None, "x", "y", None, None]
