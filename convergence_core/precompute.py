@@ -793,7 +793,13 @@ def _check_models(config: PrecomputeConfig) -> None:
     if config.device != "cpu":  # a GPU that is not here: said now, not after the image check
         from .models.base import resolve_device
 
-        resolve_device(config.device)
+        try:
+            resolve_device(config.device)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}. The data set and the models' weights are checked after the device: "
+                "--device cpu also shows whether they are all here"
+            ) from None
 
 
 def _check_weights(config: PrecomputeConfig, names: Sequence[str]) -> None:

@@ -195,6 +195,24 @@ def test_missing_local_weights(tmp_path: Path) -> None:
         load_encoder("timm:vit_tiny_patch16_224", weights=tmp_path / "nope.safetensors")
 
 
+def test_local_weights_of_another_variant_name_the_mismatch(tmp_path: Path) -> None:
+    """A checkpoint with another head (10 classes for a 1,000-class model) said "weights ... are
+    not available here (RuntimeError: Error(s) in loading state_dict for VisionTransformer:)" and
+    listed ways to download them: the file was there, and the line that mattered was cut."""
+    import timm
+    from safetensors.torch import save_file
+
+    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    path = tmp_path / "ten-classes.safetensors"
+    save_file(other.state_dict(), str(path))
+    with pytest.raises(ValueError) as caught:
+        load_encoder("timm:vit_tiny_patch16_224", weights=path)
+    message = str(caught.value)
+    assert not isinstance(caught.value, WeightsUnavailableError)
+    assert f"weights file {path} does not fit model 'timm:vit_tiny_patch16_224'" in message
+    assert "size mismatch for head.weight" in message and "same size, patch" in message
+
+
 # --------------------------------------------------------------------------- timm ViT (tiny, from config)
 
 

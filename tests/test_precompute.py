@@ -882,8 +882,10 @@ def test_a_device_that_is_not_here_is_refused_before_any_work(
     before = run.layout.manifest.read_bytes()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(datasets_module, "check_dataset", lambda *a, **k: pytest.fail("decoded"))
-    with pytest.raises(ValueError, match="CUDA is not available.*--device cpu"):
+    with pytest.raises(ValueError, match="CUDA is not available.*--device cpu") as caught:
         precompute(**_options(tiny_coco, tmp_path, thumbnails=False, device="cuda"))
+    # and says that nothing else was checked yet (the paper's config offline: the device alone)
+    assert "weights are checked after the device: --device cpu also shows" in str(caught.value)
     assert run.layout.manifest.read_bytes() == before and sum(loads.values()) == len(loads)
 
 

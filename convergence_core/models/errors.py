@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["UnknownModelError", "WeightsUnavailableError"]
+__all__ = ["UnknownModelError", "WeightsUnavailableError", "cause_lines"]
 
 
 class UnknownModelError(ValueError):
@@ -73,3 +73,12 @@ def short_cause(exc: BaseException) -> str:
     """The first line of an exception's message (at most 200 characters), with its type."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def cause_lines(exc: BaseException, lines: int = 2) -> str:
+    """The first ``lines`` non-empty lines of an exception's message, joined, with its type: a
+    load error's heading and its first detail (torch's "Error(s) in loading state_dict for
+    VisionTransformer:" says nothing without "size mismatch for head.weight: ...")."""
+    text = [line.strip() for line in str(exc).splitlines() if line.strip()][:lines]
+    joined = " ".join(text)
+    return f"{type(exc).__name__}: {joined[:400]}" if joined else type(exc).__name__

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .base import VisionEncoder
-from .errors import UnknownModelError, WeightsUnavailableError, short_cause
+from .errors import UnknownModelError, WeightsUnavailableError, cause_lines, short_cause
 from .weights import files_sha256, state_dict_sha256
 
 __all__ = ["block_layer_names", "encoder_from_timm_model", "load_timm_encoder", "vit_default_layer"]
@@ -200,6 +200,12 @@ def load_timm_encoder(
     except (TypeError, AttributeError, KeyError, NameError):
         raise
     except Exception as exc:  # hub/offline/file errors come in many types; report one message
+        if weights is not None:  # the file is there: it does not fit the model
+            raise ValueError(
+                f"weights file {os.fspath(weights)} does not fit model {name!r} (timm "
+                f"{timm_name!r}): {cause_lines(exc)}; pass a checkpoint of that very variant "
+                "(same size, patch and number of classes), or name the model the file belongs to"
+            ) from None
         raise WeightsUnavailableError(name, short_cause(exc), kind="timm") from None
     weights_id = files_sha256([weights]) if weights is not None else state_dict_sha256(model)
     return encoder_from_timm_model(name, model, device=device, weights_id=weights_id, half=half)
