@@ -8,6 +8,13 @@ main column in a 1400-pixel window (940 CSS px), where :data:`STYLE`'s 10-point 
 (10 pt × DPI / 72 × 564 / 900). A picture in a narrower column (e.g. two thirds of it) is drawn
 narrower in proportion. Figures with many panels wrap them into rows of at most two or three.
 
+Every figure is drawn for a theme, :data:`THEMES`: "light" (matplotlib's own colours: the
+report's files and the dashboard's light theme) or "dark" (Streamlit's dark theme: a transparent
+background, light text and frames, :data:`THEME_STYLE`). Colours a figure picks itself for what
+the light theme draws black or dark grey (zero lines, error bars, grey points) come from
+:func:`ink`, and the colour map of coloured points from :func:`colour_map`, so that they read on
+the dark background too.
+
 Only :mod:`matplotlib` itself is imported here (not pyplot): the dashboard's pages import this.
 """
 
@@ -19,6 +26,7 @@ import threading
 from collections.abc import Iterator, Mapping
 
 import matplotlib
+from matplotlib.colors import Colormap, ListedColormap, to_hex, to_rgb
 
 #: Dots per inch of every static figure (report and dashboard)
 DPI = 120
@@ -40,6 +48,41 @@ STYLE: dict[str, object] = {
     "savefig.dpi": DPI,
 }
 
+#: The themes a figure is drawn for (Streamlit's theme types)
+THEMES = ("light", "dark")
+#: The dark theme's background: none (transparent), so that the page's own shows through
+#: (Streamlit 1.67's dark page is #171614, older ones' #0e1117, a custom theme's anything)
+DARK_BACKGROUND = "none"
+#: The dark theme's text (Streamlit's dark text colour), frames (spines, ticks) and grid lines:
+#: neutral greys that read on any dark page
+DARK_TEXT = "#fafafa"
+DARK_FRAME = "#a6a6a6"
+DARK_GRID = "#3d3d3d"
+_DARK: dict[str, object] = {
+    "figure.facecolor": DARK_BACKGROUND,
+    "figure.edgecolor": DARK_BACKGROUND,
+    "axes.facecolor": DARK_BACKGROUND,
+    "text.color": DARK_TEXT,
+    "axes.labelcolor": DARK_TEXT,
+    "axes.edgecolor": DARK_FRAME,
+    "xtick.color": DARK_FRAME,
+    "ytick.color": DARK_FRAME,
+    "xtick.labelcolor": DARK_TEXT,
+    "ytick.labelcolor": DARK_TEXT,
+    "grid.color": DARK_GRID,
+    "legend.facecolor": "#2b2b2b",  # a legend over points hides them as on white
+    "legend.edgecolor": "#555555",
+    "patch.edgecolor": DARK_TEXT,
+}
+#: rcParams of each theme (over :data:`STYLE`): the light one sets the same keys to matplotlib's
+#: defaults, so a light figure is the same whatever was drawn before it
+THEME_STYLE: dict[str, dict[str, object]] = {
+    "light": {key: matplotlib.rcParamsDefault[key] for key in _DARK},
+    "dark": _DARK,
+}
+#: The theme :func:`styled` draws in now (read by :func:`ink`; set under :data:`_LOCK`)
+_theme = "light"
+
 #: Serialises drawing under :data:`STYLE` (``rc_context`` changes matplotlib's global settings,
 #: and Streamlit runs each session in its own thread); re-entrant, so a styled figure may draw
 #: another helper's styled parts
@@ -47,11 +90,40 @@ _LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def styled(extra: Mapping[str, object] | None = None) -> Iterator[None]:
-    """Draw (and save) a figure under :data:`STYLE` and the ``extra`` rcParams, one thread at a
-    time."""
-    with _LOCK, matplotlib.rc_context({**STYLE, **(extra or {})}):
-        yield
+def styled(extra: Mapping[str, object] | None = None, theme: str = "light") -> Iterator[None]:
+    """Draw (and save) a figure under :data:`STYLE`, the colours of ``theme`` (one of
+    :data:`THEMES`) and the ``extra`` rcParams, one thread at a time."""
+    global _theme
+    if theme not in THEME_STYLE:
+        raise ValueError(f"unknown theme {theme!r}; use one of {list(THEMES)}")
+    with _LOCK, matplotlib.rc_context({**STYLE, **THEME_STYLE[theme], **(extra or {})}):
+        before, _theme = _theme, theme
+        try:
+            yield
+        finally:
+            _theme = before
+
+
+def colour_map(theme: str | None = None) -> Colormap:
+    """The colour map of values drawn as coloured points on ``theme`` (default: the one
+    :func:`styled` draws in now): viridis, without its darkest fifth on the dark theme (its deep
+    purple points vanished on the dark background)."""
+    viridis = matplotlib.colormaps["viridis"]
+    if (theme or _theme) == "light":
+        return viridis
+    return ListedColormap(viridis.colors[len(viridis.colors) // 5:], name="viridis_on_dark")
+
+
+def ink(light: str = "black", theme: str | None = None) -> str:
+    """The colour of what the light theme draws in the grey ``light`` (black for zero lines and
+    error bars, a dark grey for grey points) on ``theme`` (default: the one :func:`styled` draws
+    in now): ``light`` itself on the light theme; on the dark one, the grey as light as ``light``
+    is dark (black is :data:`DARK_TEXT`, ``#444444`` about ``#b7b7b7``)."""
+    if (theme or _theme) == "light":
+        return light
+    grey = sum(to_rgb(light)) / 3.0
+    level = (1.0 - grey) * sum(to_rgb(DARK_TEXT)) / 3.0
+    return to_hex((level, level, level))
 
 
 def _chunks(line: str, parentheses: bool) -> list[str]:

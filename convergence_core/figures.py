@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .cache import write_bytes  # noqa: E402
-from .figure_style import DPI, FULL_WIDTH, STYLE, styled, wrap  # noqa: E402
+from .figure_style import DPI, FULL_WIDTH, STYLE, ink, styled, wrap  # noqa: E402
 from .dispersion import SCORE_UNIT, score_entry  # noqa: E402
 
 P = ParamSpec("P")
@@ -46,11 +46,13 @@ def _plain_text(draw: Callable[P, R]) -> Callable[P, R]:
     property names come from the user, and a ``$`` in one (``$$\\frac{a}{b}$$``) would otherwise
     start matplotlib's math mode and fail the whole figure (from the reliability audit: the report
     and the Paper analyses page stopped on such a name). The figures use no math text of their
-    own."""
+    own. The keyword ``theme`` ("light", the default: the report's files, or "dark": the
+    dashboard's dark theme) picks the figure's colours (``figure_style.styled``)."""
 
     @functools.wraps(draw)
     def drawn(*args: P.args, **kwargs: P.kwargs) -> R:
-        with styled({"text.parse_math": False}):
+        theme = str(kwargs.pop("theme", "light"))
+        with styled({"text.parse_math": False}, theme=theme):
             return draw(*args, **kwargs)
 
     return drawn
@@ -159,6 +161,7 @@ def dispersion_sets_figure(
             bar_width,
             yerr=interval,
             capsize=3,
+            ecolor=ink(),
             label="random (mean, 95% interval)",
             color=_SET_COLOURS["random"],
         )
@@ -176,7 +179,7 @@ def dispersion_sets_figure(
         _fit_title(axis, f"{vision} ({rows['vision_layer'].iloc[0]})", panel)
         axis.set_xlabel(f"{partner} (layer used)")
         axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
-        axis.axhline(0.0, color="black", linewidth=0.5)
+        axis.axhline(0.0, color=ink(), linewidth=0.5)
     _legend_below(figure, axes[0], spare)
     _suptitle(
         figure,
@@ -214,7 +217,7 @@ def drop_fraction_figure(
         _fit_title(axis, f"{vision} ({rows['vision_layer'].iloc[0]})", panel)
         axis.set_xlabel(partner)
         axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
-        axis.axhline(0.0, color="black", linewidth=0.5)
+        axis.axhline(0.0, color=ink(), linewidth=0.5)
     _legend_below(figure, axes[0], spare)
     _suptitle(figure, f"Fig. S1: dropping {fraction:.0%} of stimuli by dispersion")
     return _save(figure, path)
@@ -233,7 +236,7 @@ def leave_one_out_figure(
         group = points[points["held_out_model"] == model]
         stats = statistics[statistics["held_out_model"] == model].iloc[0]
         x = group["partial_dispersion"].to_numpy()
-        axis.scatter(x, group["deviation"], s=8, alpha=0.6, color="#636363")
+        axis.scatter(x, group["deviation"], s=8, alpha=0.6, color=ink("#636363"))
         if np.isfinite(stats["fit_slope"]):
             line_x = np.array([x.min(), x.max()])
             axis.plot(
@@ -335,7 +338,7 @@ def cross_modal_dispersion_figure(
         per_stimulus["cross_modal_dispersion"],
         s=9,
         alpha=0.6,
-        color="#636363",
+        color=ink("#636363"),
     )
     stats = relation.iloc[0]
     _fit_title(
@@ -390,6 +393,7 @@ def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
                 width,
                 yerr=None if method == "chance" else np.nan_to_num(errors),
                 capsize=3,
+                ecolor=ink(),
                 color=_METHOD_COLOURS[method],
                 label=_METHOD_LABELS[method],
             )
@@ -457,7 +461,7 @@ def predictors_figure(
     left.barh(
         y,
         effect,
-        color=["#e34a33" if s else "#ffffff" for s in significant],
+        color=["#e34a33" if s else matplotlib.rcParams["axes.facecolor"] for s in significant],
         edgecolor="#e34a33",
     )
     names = [
@@ -475,7 +479,7 @@ def predictors_figure(
             va="center",
             fontsize=9,
         )
-    left.axvline(0.0, color="#444", linewidth=0.8)
+    left.axvline(0.0, color=ink("#444444"), linewidth=0.8)
     left.set_xlabel(wrap("Spearman ρ with dispersion (√ε² for categories), unitless", 4.0))
     left.set_ylabel("property")
     _fit_title(left, f"Top properties by permutation p ({score}); filled: q < {q}", 5.0)
@@ -491,7 +495,7 @@ def predictors_figure(
             points["observed"],
             s=9,
             alpha=0.6,
-            color=colours.get(str(model), "#666"),
+            color=colours.get(str(model), ink("#666666")),
             label=(
                 f"{model}: held-out R² = {_number(row['r2_held_out'])} "
                 f"(shuffled {_number(row['r2_shuffled_mean'])})"
@@ -499,7 +503,7 @@ def predictors_figure(
         )
     low = float(min(chosen["observed"].min(), chosen["predicted"].min()))
     high = float(max(chosen["observed"].max(), chosen["predicted"].max()))
-    right.plot([low, high], [low, high], color="#444", linestyle=":", linewidth=1)
+    right.plot([low, high], [low, high], color=ink("#444444"), linestyle=":", linewidth=1)
     unit = f"{score_entry(score).label}, {SCORE_UNIT}"
     right.set_xlabel(wrap(f"predicted out of fold ({unit})", 5.0))
     right.set_ylabel(wrap(f"observed ({unit})", 4.0))

@@ -588,7 +588,7 @@ def test_page_switches_and_new_sessions_reuse_what_the_server_has(
     monkeypatch.setattr(
         charts,
         "dispersion_histograms",
-        lambda *args: histograms.append(1) or real_histograms(*args),
+        lambda *args, **kwargs: histograms.append(1) or real_histograms(*args, **kwargs),
     )
     data._catalogue.clear()
     data.dispersion_histograms_png.clear()

@@ -35,7 +35,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .. import metrics as registry
-from ..figure_style import DPI, FULL_WIDTH, STYLE, styled, wrap
+from ..figure_style import (
+    DARK_BACKGROUND, DARK_FRAME, DARK_GRID, DPI, FULL_WIDTH, STYLE, THEMES, colour_map, ink,
+    styled, wrap,
+)
 from ..stats import spread_words
 from .catalogue import p_phrase
 from .plots import RESIDUAL_AXIS, SCORE_AXIS, SCORE_NAME, SET_COLOURS
@@ -56,11 +59,12 @@ _LINE = {"tick": 0.2, "label": 0.21, "title": 0.22, "suptitle": 0.24}
 
 
 def _styled(draw: Callable[..., Any]) -> Callable[..., Any]:
-    """Draw (and encode) the picture in the shared style (``figure_style.styled``)."""
+    """Draw (and encode) the picture in the shared style (``figure_style.styled``), for the
+    keyword ``theme`` ("light", the default, or "dark": the page's Streamlit theme)."""
 
     @functools.wraps(draw)
-    def drawn(*args: Any, **kwargs: Any) -> Any:
-        with styled():
+    def drawn(*args: Any, theme: str = "light", **kwargs: Any) -> Any:
+        with styled(theme=theme):
             return draw(*args, **kwargs)
 
     return drawn
@@ -168,9 +172,9 @@ def residual_scatter(
     title: str,
     selected: Sequence[int] = (),
 ) -> bytes:
-    """The residual map as a picture: every stimulus (n,) coloured by ``colour`` (viridis, with a
-    colour bar), the ``selected`` rows circled in red. Points are rasterised, so the PNG costs the
-    same at 100,000 stimuli as at 1,000."""
+    """The residual map as a picture: every stimulus (n,) coloured by ``colour`` (viridis,
+    ``figure_style.colour_map``, with a colour bar), the ``selected`` rows circled in red.
+    Points are rasterised, so the PNG costs the same at 100,000 stimuli as at 1,000."""
     n = len(x)
     height = 5.2  # the plot area is about 4 in high
     chosen = np.asarray(selected, dtype=np.int64)
@@ -188,7 +192,7 @@ def residual_scatter(
     )
     size = _point_size(n)
     points = axis.scatter(
-        x, y, c=colour, s=size, cmap="viridis", alpha=0.85, linewidths=0, rasterized=True
+        x, y, c=colour, s=size, cmap=colour_map(), alpha=0.85, linewidths=0, rasterized=True
     )
     if chosen.size:
         axis.scatter(
@@ -236,7 +240,7 @@ def residual_components(
     for index in range(shown):
         offset = (index - (shown - 1) / 2) * 0.35
         lower.bar(x + offset, np.asarray(components)[index], 0.35, label=f"PC{index + 1}")
-    lower.axhline(0.0, color="black", linewidth=0.5)
+    lower.axhline(0.0, color=ink(), linewidth=0.5)
     _x_ticks(lower, names, plot)
     lower.set_xlabel(literal(f"{modality} model (GPA)"))
     lower.set_ylabel(wrap("loading (unit-norm weight)", heights[1]))
@@ -271,7 +275,7 @@ def residual_bars(
     x = np.arange(len(models))
     axis.bar(x, residuals, 0.6, color="#1f77b4", label="this stimulus")
     axis.scatter(
-        x, typical, marker="_", s=900, linewidths=3, color="#222222",
+        x, typical, marker="_", s=900, linewidths=3, color=ink("#222222"),
         label="median over all stimuli",
     )
     _x_ticks(axis, names, plot)
@@ -299,6 +303,7 @@ def alignment_bars(
     metric: str | None = None,
     modalities: tuple[str, str] = ("vision", "language"),
     matched: pd.DataFrame | None = None,
+    theme: str = "light",
 ) -> str:
     """Fig. 2-style bars as an SVG document: a panel per vision model, language models on x, a bar
     per set.
@@ -312,11 +317,15 @@ def alignment_bars(
     ``matched``: the random baseline at the size of the set that is neither low nor high (a
     selection or pasted ids), drawn beside it as "random of N" when N is not the main size:
     alignment depends on the set size, so that set is compared with random sets of its own size.
+    ``theme``: "light" (black on white) or "dark" (light text and lines on a transparent
+    background, the dark page's own, as :func:`figure_style.styled` draws the PNGs).
 
     Written as SVG text rather than drawn with matplotlib: the lab redraws these bars on every
     change of k, metric or set, and matplotlib took 0.2 s for them (half of a k change) where this
     takes about a millisecond. NaN values draw no bar; every text is escaped.
     """
+    if theme not in THEMES:
+        raise ValueError(f"unknown theme {theme!r}; use one of {list(THEMES)}")
     present = list(dict.fromkeys(sets["metric"]))
     if metric is None:
         if len(present) != 1:
@@ -417,7 +426,7 @@ def alignment_bars(
     heading = wrap(title, (width - 20) / DPI, float(STYLE["figure.titlesize"])).split("\n")
     top = 10.0 + 1.25 * title_px * len(heading)
     # legend: one swatch and label per set, in as many lines as the width needs
-    entries = [(_bar_colour(n, matched_name), labels[n]) for n in order]
+    entries = [(_bar_colour(n, matched_name, theme), labels[n]) for n in order]
     steps = [22.0 + 0.56 * tick_px * len(text) + 18.0 for _, text in entries]
     legend_rows: list[list[int]] = [[]]
     for index, step in enumerate(steps):
@@ -438,12 +447,18 @@ def alignment_bars(
     def y_of(value: float, y0: float) -> float:
         return y0 + plot_height * (top_value - value) / (top_value - bottom_value)
 
+    # the theme's colours: background, text (inherited by every text), frames, grid, lines
+    paper, writing, frame, grid = (
+        (DARK_BACKGROUND, ink(theme="dark"), DARK_FRAME, DARK_GRID) if theme == "dark"
+        else ("white", "black", "black", "#e6e6e6")
+    )
+    ink_line = ink(theme=theme)  # error bars and the zero line
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Arial, sans-serif" '
-        f'font-size="{tick_px}" role="img">',
+        f'font-size="{tick_px}" fill="{writing}" role="img">',
         f"<title>{_svg_text(title)}</title>",
-        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<rect width="{width}" height="{height}" fill="{paper}"/>',
     ]
     for line, text in enumerate(heading):
         out.append(
@@ -462,10 +477,10 @@ def alignment_bars(
         for value in ticks:
             y = y_of(float(value), y0)
             out.append(f'<line x1="{x0:.1f}" x2="{x0 + panel_width:.1f}" y1="{y:.1f}" '
-                       f'y2="{y:.1f}" stroke="#e6e6e6"/>')
+                       f'y2="{y:.1f}" stroke="{grid}"/>')
             if column == 0:
                 out.append(f'<line x1="{x0 - 4:.1f}" x2="{x0:.1f}" y1="{y:.1f}" y2="{y:.1f}" '
-                           'stroke="black"/>')
+                           f'stroke="{frame}"/>')
                 out.append(f'<text x="{x0 - 7:.1f}" y="{y:.1f}" text-anchor="end" '
                            f'dominant-baseline="central">{float(value):g}</text>')
         for position, language in enumerate(languages):
@@ -480,7 +495,7 @@ def alignment_bars(
                     continue
                 x = centre + (slot - len(order) / 2) * bar_width
                 y_top, y_zero = y_of(max(value, 0.0), y0), y_of(min(value, 0.0), y0)
-                colour = _bar_colour(name, matched_name)
+                colour = _bar_colour(name, matched_name, theme)
                 out.append(
                     f'<rect x="{x:.1f}" y="{y_top:.1f}" width="{bar_width:.1f}" '
                     f'height="{max(y_zero - y_top, 0.5):.1f}" fill="{colour}">'
@@ -494,13 +509,13 @@ def alignment_bars(
                     out.append(
                         f'<path d="M{middle:.1f},{y_low:.1f}V{y_high:.1f}'
                         f'M{middle - 4:.1f},{y_low:.1f}h8M{middle - 4:.1f},{y_high:.1f}h8" '
-                        'stroke="black" stroke-width="1.3" fill="none"/>'
+                        f'stroke="{ink_line}" stroke-width="1.3" fill="none"/>'
                     )
         zero = y_of(0.0, y0)
         out.append(f'<line x1="{x0:.1f}" x2="{x0 + panel_width:.1f}" y1="{zero:.1f}" '
-                   f'y2="{zero:.1f}" stroke="black" stroke-width="0.6"/>')
+                   f'y2="{zero:.1f}" stroke="{ink_line}" stroke-width="0.6"/>')
         out.append(f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{panel_width:.1f}" '
-                   f'height="{plot_height:.1f}" fill="none" stroke="black" stroke-width="0.8"/>')
+                   f'height="{plot_height:.1f}" fill="none" stroke="{frame}" stroke-width="0.8"/>')
         out.append(f'<text x="{x0 + panel_width / 2:.1f}" '
                    f'y="{y0 + plot_height + tick_px + label_px + 14:.1f}" text-anchor="middle" '
                    f'font-size="{label_px}">{_svg_text(modalities[1])} model</text>')
@@ -528,9 +543,12 @@ def alignment_bars(
     return "\n".join(out)
 
 
-def _bar_colour(name: str, matched_name: str | None) -> str:
-    """A set's bar colour; the own-size random baseline of a selection is a lighter grey."""
-    return "#c7c7c7" if name == matched_name else SET_COLOURS.get(name, "#17becf")
+def _bar_colour(name: str, matched_name: str | None, theme: str = "light") -> str:
+    """A set's bar colour; the own-size random baseline of a selection is a lighter grey than
+    the random bars (a darker one on the dark theme, where its light error bar is drawn over it)."""
+    if name == matched_name:
+        return "#c7c7c7" if theme == "light" else "#555555"
+    return SET_COLOURS.get(name, "#17becf")
 
 
 #: Axis titles of the per-stimulus scores (stimulus_alignment)
@@ -657,7 +675,7 @@ def ranked_effects(tests: pd.DataFrame, *, score: str, top: int = 25, q: float =
     y = np.arange(len(rows))
     axis.barh(y, np.asarray(effect, dtype=np.float64),
               color=[SIGNIFICANT if s else NOT_SIGNIFICANT for s in significant])
-    axis.axvline(0.0, color="black", linewidth=0.5)
+    axis.axvline(0.0, color=ink(), linewidth=0.5)
     axis.set_yticks(y, names)
     axis.set_ylim(-0.6, len(rows) - 0.4)
     axis.set_xlabel(x_title)
@@ -682,7 +700,7 @@ def cross_modal_scatter(
              bottom=0.62)
     axis.scatter(
         np.asarray(intra, dtype=np.float64), np.asarray(cross, dtype=np.float64),
-        s=_point_size(n), color="#444444", alpha=0.6, linewidths=0, rasterized=True,
+        s=_point_size(n), color=ink("#444444"), alpha=0.6, linewidths=0, rasterized=True,
     )
     axis.set_xlabel(wrap(literal(merged_units(x_title)), FULL_WIDTH - 1.2))
     axis.set_ylabel(y_label)
@@ -741,10 +759,12 @@ def fit_width(image: bytes, max_width: int = MAX_WIDTH_PX) -> bytes:
     return buffer.getvalue()
 
 
-def paper_figure(draw: Callable[..., Path], *tables: pd.DataFrame, **options: Any) -> bytes:
+def paper_figure(
+    draw: Callable[..., Path], *tables: pd.DataFrame, theme: str = "light", **options: Any
+) -> bytes:
     """PNG bytes of one of the report's figures (``convergence_core.figures.<name>_figure``),
     drawn from ``tables`` (and keyword ``options``) exactly as the report draws it (one pyplot
-    figure at a time), at most :data:`MAX_WIDTH_PX` wide."""
+    figure at a time) but for ``theme`` ("light" or "dark"), at most :data:`MAX_WIDTH_PX` wide."""
     with _PYPLOT_LOCK, tempfile.TemporaryDirectory(prefix="convergence-figure-") as folder:
-        path = draw(*tables, Path(folder) / "figure.png", **options)
+        path = draw(*tables, Path(folder) / "figure.png", theme=theme, **options)
         return fit_width(Path(path).read_bytes())

@@ -12,7 +12,8 @@ page switch or a second user never recomputes what the server already has:
   neighbour lists, kept by the shared Run);
 * best language layers, the random baseline and the permutation test of the Alignment lab, the
   UMAP map, and every static figure (``st.cache_data``; UMAP is also written to
-  ``<run>/umap.npy`` atomically).
+  ``<run>/umap.npy`` atomically). The figures are drawn for the page's theme (:func:`themed`:
+  light or dark, each cached apart).
 
 ``st.cache_data`` returns each caller its own copy (small tables and PNG bytes here); objects
 returned by ``st.cache_resource`` are shared by every browser session: callers must not modify
@@ -22,6 +23,7 @@ them (arrays handed out here are read-only to enforce that).
 from __future__ import annotations
 
 import contextlib
+import functools
 import html
 import threading
 from collections import OrderedDict
@@ -35,6 +37,7 @@ import streamlit as st
 
 from .. import residual_umap, retrieval, settings, universal
 from ..cache import RunLayout, read_npy, write_npy
+from ..figure_style import THEMES
 from ..random_baseline import DEFAULT_INTERVAL_WIDTH
 from ..stimulus_alignment import PER_STIMULUS_METRICS
 from ..run import Run, RunInfo, list_runs, load_run
@@ -47,6 +50,28 @@ MAKE_RUN_COMMAND = "make demo"
 MAKE_RUN_PYTHON = "python -m convergence_core precompute --preset demo"
 UMAP_RANDOM_STATE = residual_umap.RANDOM_STATE
 UMAP_MAX_FIT = residual_umap.MAX_FIT_STIMULI
+
+
+def page_theme() -> str:
+    """The theme the visitor's browser shows the page in: "light" or "dark" (Streamlit's
+    ``st.context.theme.type``), "light" when unknown (outside a session's script, e.g. the
+    server's warm-up). Right on a session's first run; a theme switched in the settings menu
+    reruns nothing, so the pictures follow it at the session's next rerun (any widget)."""
+    kind = st.context.theme.type
+    return kind if kind in THEMES else "light"
+
+
+def themed(cached: Callable[..., Any]) -> Callable[..., Any]:
+    """The figure function ``cached`` (``st.cache_data``, with a keyword ``theme``) drawn for
+    the page's theme (:func:`page_theme`) unless the caller names one (``theme=``): each theme
+    is drawn and cached apart. The pages call it as before; ``clear()`` clears ``cached``."""
+
+    @functools.wraps(cached)
+    def drawn(*args: Any, theme: str | None = None, **kwargs: Any) -> Any:
+        return cached(*args, theme=theme or page_theme(), **kwargs)
+
+    drawn.clear = cached.clear  # type: ignore[attr-defined]
+    return drawn
 
 
 def _runs_signature(root: Path) -> tuple[tuple[str, int], ...]:
@@ -214,6 +239,7 @@ def cross_modal_retrieval(
     return result
 
 
+@themed
 @st.cache_data(show_spinner=False, max_entries=32)
 def cross_modal_pictures(
     path: str,
@@ -222,8 +248,10 @@ def cross_modal_pictures(
     score: str,
     n_permutations: int,
     seed: int,
+    theme: str = "light",
 ) -> tuple[bytes, bytes]:
-    """The cross-modal scatter and the model residual bars as pictures, drawn once per server."""
+    """The cross-modal scatter and the model residual bars as pictures, drawn once per server
+    and theme."""
     per_stimulus, relation, model_summary = cross_modal(
         path, stamp, members, score, n_permutations, seed
     )
@@ -238,8 +266,9 @@ def cross_modal_pictures(
         x_title=f"{open_run(Path(path)).gpa_modality} dispersion ({plots.SCORE_NAME[score]}) "
         "(residual units)",
         y_title="cross-modal dispersion (residual units)",
+        theme=theme,
     )
-    return scatter, charts.model_residuals(model_summary)
+    return scatter, charts.model_residuals(model_summary, theme=theme)
 
 
 def indexes_for(run: Run, pairs: Sequence[lab.Pair]) -> dict[tuple[str, str], object]:
@@ -646,6 +675,7 @@ def alignment_relation(
     )
 
 
+@themed
 @st.cache_data(show_spinner="Drawing per-stimulus alignment…", max_entries=64)
 def alignment_scatter_png(
     path: str,
@@ -655,6 +685,7 @@ def alignment_scatter_png(
     score: str,
     marked: tuple[int, ...] = (),
     marked_label: str = "focus set",
+    theme: str = "light",
 ) -> bytes:
     """Per-stimulus alignment of ``pair`` against dispersion (a panel per metric, ρ and p in
     each title), the ``marked`` rows circled (named ``marked_label`` in the legend)."""
@@ -669,7 +700,7 @@ def alignment_scatter_png(
     return charts.alignment_dispersion(
         found.values[score], values, relation, score=score, k=int(k), title=pair.label,
         base_size=int(base.iloc[0]) if len(base) else None, marked=marked,
-        marked_label=marked_label,
+        marked_label=marked_label, theme=theme,
     )
 
 
@@ -730,15 +761,16 @@ def umap_coordinates(path: str, stamp: int) -> np.ndarray:
 # static figures (PNG bytes, charts.py), cached across sessions
 
 
+@themed
 @st.cache_data(show_spinner=False, max_entries=32)
-def dispersion_histograms_png(path: str, stamp: int) -> bytes:
+def dispersion_histograms_png(path: str, stamp: int, theme: str = "light") -> bytes:
     """Home's histograms of the run's two dispersion scores."""
     found = _catalogue(path, stamp)
     title = (
         f"Dispersion of {found.n:,} stimuli — the two scores correlate: "
         f"Pearson r = {found.pearson:.3f}, Spearman ρ = {found.spearman:.3f}"
     )
-    return charts.dispersion_histograms(found.values, title)
+    return charts.dispersion_histograms(found.values, title, theme=theme)
 
 
 class ResidualMap(NamedTuple):
@@ -782,6 +814,7 @@ def residual_map(run: Run, projection: str) -> ResidualMap:
     )
 
 
+@themed
 @st.cache_data(show_spinner="Drawing the map…", max_entries=64)
 def residual_scatter_png(
     path: str,
@@ -790,6 +823,7 @@ def residual_scatter_png(
     score: str,
     selected: tuple[int, ...],
     colour_property: str = "",
+    theme: str = "light",
 ) -> bytes:
     """The Residual space map as a picture (:func:`residual_map`), coloured by ``score`` or, when
     given, by the run's stimulus property ``colour_property``."""
@@ -806,6 +840,7 @@ def residual_scatter_png(
         y_title=shown.y_title,
         title=shown.title,
         selected=selected,
+        theme=theme,
     )
 
 
@@ -822,13 +857,14 @@ def residual_colour(
     return found.values[score], plots.COLOUR_TITLE[score]
 
 
+@themed
 @st.cache_data(show_spinner=False, max_entries=16)
-def residual_components_png(path: str, stamp: int) -> bytes:
+def residual_components_png(path: str, stamp: int, theme: str = "light") -> bytes:
     """Variance explained and per-model loadings of the residuals' principal components."""
     run = _open_run(path, stamp)
     return charts.residual_components(
         run.pca.explained_variance_ratio, np.asarray(run.pca.components), run.gpa.models,
-        run.gpa_modality,
+        run.gpa_modality, theme=theme,
     )
 
 
@@ -844,15 +880,17 @@ def gpa_rank_intervals(path: str, stamp: int) -> tuple[np.ndarray, np.ndarray] |
     )
 
 
+@themed
 @st.cache_data(show_spinner=False, max_entries=256)
-def residual_bars_png(path: str, stamp: int, row: int) -> bytes:
+def residual_bars_png(path: str, stamp: int, row: int, theme: str = "light") -> bytes:
     """One stimulus's residual per GPA model beside each model's median."""
     run, found = _open_run(path, stamp), _catalogue(path, stamp)
     residuals = np.asarray(run.gpa.residuals[row], dtype=np.float64)
     return charts.residual_bars(run.gpa.models, residuals, found.residual_median, found.ids[row],
-                                run.gpa_modality)
+                                run.gpa_modality, theme=theme)
 
 
+@themed
 @st.cache_data(show_spinner=False, max_entries=512)
 def alignment_bars_svg(
     sets: pd.DataFrame,
@@ -860,21 +898,28 @@ def alignment_bars_svg(
     metric: str,
     modalities: tuple[str, str] = ("vision", "language"),
     matched: pd.DataFrame | None = None,
+    theme: str = "light",
 ) -> str:
-    """The Alignment lab's bars (:func:`charts.alignment_bars`, SVG), cached per table contents."""
-    return charts.alignment_bars(sets, baseline, metric, modalities, matched)
+    """The Alignment lab's bars (:func:`charts.alignment_bars`, SVG), cached per table contents
+    and theme."""
+    return charts.alignment_bars(sets, baseline, metric, modalities, matched, theme)
 
 
+@themed
 @st.cache_data(show_spinner=False, max_entries=128)
-def paper_figure_png(name: str, *tables: pd.DataFrame, **options: Any) -> bytes:
+def paper_figure_png(
+    name: str, *tables: pd.DataFrame, theme: str = "light", **options: Any
+) -> bytes:
     """One of the report's figures (``convergence_core.figures.<name>_figure``, keyword
-    ``options`` passed on) as PNG bytes."""
+    ``options`` passed on) as PNG bytes, drawn for ``theme``."""
     from .. import figures
 
     allowed = ("dispersion_sets", "drop_fraction", "leave_one_out", "layer_sweep")
     if name not in allowed:
         raise ValueError(f"unknown paper figure {name!r}; use one of {list(allowed)}")
-    return charts.paper_figure(getattr(figures, f"{name}_figure"), *tables, **options)
+    return charts.paper_figure(
+        getattr(figures, f"{name}_figure"), *tables, theme=theme, **options
+    )
 
 
 # ----------------------------------------------------------------------------------------------

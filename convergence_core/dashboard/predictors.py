@@ -11,7 +11,7 @@ from .. import dispersion_predictors as dp
 from ..properties import PropertyTable
 from ..run import Run
 from . import charts
-from .data import _open_run
+from .data import _open_run, themed
 
 #: Permutations per rank test on the page (as the report: q-values down to ~1e-3 with ~30
 #: properties).
@@ -42,11 +42,16 @@ def property_tests(path: str, stamp: int, n_permutations: int, seed: int) -> pd.
     )
 
 
+@themed
 @st.cache_data(show_spinner=False, max_entries=64)
-def ranked_effects_png(path: str, stamp: int, n_permutations: int, seed: int, score: str) -> bytes:
+def ranked_effects_png(
+    path: str, stamp: int, n_permutations: int, seed: int, score: str, theme: str = "light"
+) -> bytes:
     """:func:`charts.ranked_effects` of the run's property tests for one score, drawn once per
-    server (a picture: the numbers are in the ranked table under it)."""
-    return charts.ranked_effects(property_tests(path, stamp, n_permutations, seed), score=score)
+    server and theme (a picture: the numbers are in the ranked table under it)."""
+    return charts.ranked_effects(
+        property_tests(path, stamp, n_permutations, seed), score=score, theme=theme
+    )
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

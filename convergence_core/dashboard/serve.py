@@ -272,7 +272,8 @@ def _warm_steps() -> str:
     # s) and Universal space's GPA of every model, called exactly as those pages call them
     # by default (the call is the cache key). A visitor who came at once is served first:
     # these start WARM_DELAY_S later, at the lowest CPU priority of this thread (its Python
-    # still takes turns with the pages' for the GIL)
+    # still takes turns with the pages' for the GIL). The pictures are drawn for the light
+    # theme only (data.themed: no browser here to ask; a dark page draws its own on first visit)
     time.sleep(WARM_DELAY_S)
     with contextlib.suppress(AttributeError, OSError):  # Linux threads have their own priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
@@ -280,7 +281,7 @@ def _warm_steps() -> str:
 
     # each step returns None when done, or why the page computes nothing there
     def home() -> None:  # Home's histograms of the two dispersion scores (a matplotlib picture)
-        data.dispersion_histograms_png(path, stamp)
+        data.dispersion_histograms_png(path, stamp, theme="light")
 
     def best_layers() -> str | None:  # Stimuli, the lab and Fig. 2 read them
         if not (run.language_models and run.gpa.models):
@@ -293,7 +294,7 @@ def _warm_steps() -> str:
             return "the page shows a button or a note there"
         data.paper_figure_png(
             "dispersion_sets", data.dispersion_sets(path, stamp, **fig2),
-            **data.dispersion_sets_figure_options(run, fig2["partners"]),
+            theme="light", **data.dispersion_sets_figure_options(run, fig2["partners"]),
         )
         return None
 
@@ -305,7 +306,8 @@ def _warm_steps() -> str:
         if len({run.modality(model) for model, _ in members}) < 2:
             return "the run has one modality"
         data.cross_modal_pictures(
-            path, stamp, members, state.DEFAULT_SCORE, data.CROSS_MODAL_PERMUTATIONS, 0
+            path, stamp, members, state.DEFAULT_SCORE, data.CROSS_MODAL_PERMUTATIONS, 0,
+            theme="light",
         )
         return None
 
