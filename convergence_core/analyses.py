@@ -50,7 +50,7 @@ from .calibration import (
     calibrated_score,
     check_level,
     local_density,
-    matched_random_sets,
+    matched_set_pairs,
     shuffled_pairing_rows,
     typicality,
 )
@@ -1030,7 +1030,6 @@ def matched_baselines(
     metric_options: Mapping[str, Mapping[str, Any]] | None = None,
     n_sets: int = 200,
     n_candidates: int = 5,
-    exclude_chosen: bool = True,
     seed: int = 0,
     level: float = 0.95,
     on_error: OnError = "raise",
@@ -1038,12 +1037,12 @@ def matched_baselines(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The low and high sets against random sets matched to each on ``covariate`` (and labels).
 
-    For each of the two sets, ``n_sets`` random sets with its covariate profile
-    (``calibration.matched_random_sets``, nearest-covariate matching within label; with
-    ``exclude_chosen`` drawn from the stimuli outside that set). The question: is the observed gap
-    metric(low) − metric(high) larger than the gap between sets that only share their covariate
-    (and category) profile? Its p-value is P(matched gap ≥ observed gap) over the draws (b-th low
-    match against b-th high match, +1 correction); ``survives`` = gap > 0 and p < 0.05, and each
+    ``n_sets`` pairs of random sets with the two sets' covariate profiles
+    (``calibration.matched_set_pairs``: nearest-covariate matching within label, from every
+    stimulus, the b-th high match disjoint from the b-th low match as the two sets are). The
+    question: is the observed gap metric(low) − metric(high) larger than the gap between sets
+    that only share their covariate (and category) profile? Its p-value is P(matched gap ≥
+    observed gap) over the pairs (+1 correction); ``survives`` = gap > 0 and p < 0.05, and each
     set's matched sets free enough for a verdict (``calibration.baseline_freedom``: at least 20
     distinct sets; with too few stimuli outside a set its matched sets are the same few sets drawn
     again and again, and any gap above theirs would "survive").
@@ -1066,13 +1065,11 @@ def matched_baselines(
     pairs = [Pair(*pair) for pair in pairs]
     names = check_metric_names(metrics)
     covariate = np.asarray(covariate, dtype=np.float64)
-    matched = {}
-    for set_name, chosen in (("low", low), ("high", high)):
-        matched[set_name] = matched_random_sets(
-            chosen, covariate, labels, n_sets=n_sets, method="nearest",
-            n_candidates=n_candidates, exclude_chosen=exclude_chosen,
-            seed=matched_set_seed(seed, set_name),
-        )
+    matched = dict(zip(("low", "high"), matched_set_pairs(
+        low, high, covariate, labels, n_sets=n_sets, method="nearest",
+        n_candidates=n_candidates,
+        seeds=(matched_set_seed(seed, "low"), matched_set_seed(seed, "high")),
+    ), strict=True))
     B = matched["low"].shape[0]
     freedom = {name: baseline_freedom(drawn) for name, drawn in matched.items()}
     free = all(f.enough for f in freedom.values())  # else no verdict: too few distinct sets

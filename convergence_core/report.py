@@ -2083,7 +2083,7 @@ def _no_matched_verdict(
     few distinct sets to be a baseline (``analyses.matched_baselines``' ``verdict_possible``,
     ``calibration.baseline_freedom``): how many distinct sets, why and the fix: more matched sets
     (``--n-shuffles``) where fewer were drawn than a verdict needs, else more stimuli or smaller
-    sets (the stimuli outside a set are too few to match it freely)."""
+    sets (the run's stimuli are too few to match the sets freely)."""
     needed = calibration.distinct_sets_needed()
     why = (
         f"fewer than the {needed} distinct sets a one-sided p < 0.05 needs (with D distinct "
@@ -2101,9 +2101,9 @@ def _no_matched_verdict(
     )
     overlap = 100 * float(short["matched_overlap"].max())
     return (
-        f"Against random sets matched on {matched_on}: no verdict on low > high. Each set's "
-        f"matched sets come from the {n_stimuli - size:,} stimuli outside it (a run of "
-        f"{n_stimuli:,}, sets of {size:,}), and the {n_matched} drawn are few distinct sets "
+        f"Against random sets matched on {matched_on}: no verdict on low > high. Matched "
+        f"sets of {size:,} stimuli drawn from a run of {n_stimuli:,} (each high match apart "
+        f"from its low match): the {n_matched} drawn are few distinct sets "
         f"({counts}; two draws share up to {overlap:.0f}% of their stimuli), {why}: any gap "
         "above so few sets would \"survive\". Use a run with more stimuli or a smaller --size "
         "(matched_baselines keeps the numbers)."

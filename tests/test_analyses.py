@@ -493,7 +493,6 @@ def test_matched_baselines_explain_a_gap_made_by_the_covariate(planted):
     indexes = analyses.indexes_for(planted, pairs)
     explained, balance = analyses.matched_baselines(
         indexes, pairs, low, high, 5, ["cknna", "cka"], covariate=noise, n_sets=40, seed=1,
-        exclude_chosen=False,
     )
     assert not explained.survives.any()
     assert (explained.share_of_gap_matched > 0.5).all()
@@ -507,7 +506,7 @@ def test_matched_baselines_explain_a_gap_made_by_the_covariate(planted):
     # the p-value by hand from the matched draws
     row = survives.iloc[0]
     lows = calibration.matched_random_sets(
-        low, unrelated, n_sets=40, exclude_chosen=True,
+        low, unrelated, n_sets=40,
         seed=int(np.random.SeedSequence(1).spawn(2)[0].generate_state(1)[0]),
     )
     X = _features(planted, row.vision_model, row.vision_layer)

@@ -711,13 +711,20 @@ def matching_covariates(run: Any, labels: object = None, *, k: int = 10) -> Matc
 
 
 def _matched_sets(
-    chosen: np.ndarray, covariates: MatchingCovariates, n_sets: int, seed: int
+    chosen: np.ndarray,
+    covariates: MatchingCovariates,
+    n_sets: int,
+    seed: int,
+    avoid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, str]:
-    """Matched random sets of ``chosen`` drawn from the other stimuli: nearest-covariate matching
-    within label where that costs little (then the same sets as the report's
-    ``analyses.matched_baselines`` draws for the same seed, ``analyses.matched_set_seed``), else
-    (or where a label runs short) typicality strata × label; drawn from every stimulus only when
-    the others cannot match the set. Returns the sets and the method in words.
+    """Matched random sets of ``chosen`` drawn from every stimulus (``calibration.
+    matched_random_sets``: a set kept out of its own baseline meets one without its chance luck):
+    nearest-covariate matching within label where that costs little (then the same sets as the
+    report's ``analyses.matched_baselines`` draws for the same seed,
+    ``analyses.matched_set_seed``), else (or where a label runs short) typicality strata × label.
+    ``avoid`` (n_sets, t): the low set's matched sets, which the high set's avoid draw by draw
+    (``calibration.matched_set_pairs``), dropped only where a label cannot spare them. Returns
+    the sets and the method in words.
     """
     n = covariates.typicality.shape[0]
     attempts = []
@@ -728,17 +735,18 @@ def _matched_sets(
         ("strata", {"n_bins": _STRATA_BINS}, strata),
         ("strata", {"n_bins": 5}, "5 typicality strata"),
     ]
-    for exclude in (True, False):
+    for kept_apart in ((avoid, None) if avoid is not None else (None,)):
         for method, extra, words in attempts:
             try:
                 sets = calibration.matched_random_sets(
                     chosen, covariates.typicality, covariates.labels, n_sets=n_sets,
-                    method=method, exclude_chosen=exclude, seed=seed, **extra,
+                    method=method, avoid=kept_apart, seed=seed, **extra,
                 )
             except ValueError:  # a label or stratum with too few stimuli left
                 continue
             words += " within label" if covariates.labels is not None else ""
-            return sets, words + ("" if exclude else ", drawn from every stimulus")
+            apart = avoid is None or kept_apart is not None
+            return sets, words + ("" if apart else ", not kept apart from the low set's")
     raise ValueError(
         f"no matched random sets of {chosen.size} stimuli can be drawn from {n} with these "
         "labels; choose a smaller set"
@@ -805,11 +813,19 @@ def calibration_table(
             tell(rows_x.shape[0], rows_x.shape[0])
         return values
 
-    for name, rows_of_set in sets.items():
+    drawn: dict[str, np.ndarray] = {}
+    for name in sorted(sets, key=lambda name: name != "low"):  # low first (high avoids it)
+        rows_of_set = sets[name]
         chosen = np.sort(np.asarray(rows_of_set, dtype=np.int64))
+        # the high set's matched sets avoid the low set's, draw by draw, as the report's do: the
+        # low - high gap is then tested against disjoint pairs, as low and high are
+        low = drawn.get("low") if name == "high" and "low" in sets else None
+        if low is not None and np.intersect1d(chosen, sets["low"]).size:
+            low = None  # sets that overlap (a set size above half the run): no pairs
         matched, method = _matched_sets(
-            chosen, covariates, int(n_matched), matched_set_seed(int(seed), name)
+            chosen, covariates, int(n_matched), matched_set_seed(int(seed), name), avoid=low
         )
+        drawn[name] = matched
         # every pair's score on the set and its matched sets in one batched pass
         on_sets = scores(np.concatenate([chosen[None], matched]))
         # every pair's score on the set's shuffled pairings (the same shuffles for each) at once
@@ -871,7 +887,7 @@ def low_high_matched_table(
     difference ≥ observed)), ``distinct_matched`` (the fewer distinct matched sets of the two
     sets'), ``verdict_possible`` (at least ``calibration.distinct_sets_needed(level)`` for each:
     matched sets that are the same few sets drawn again and again, as on a run with few stimuli
-    outside the sets, leave a gap above theirs "surviving" by construction) and ``survives`` (a
+    in all, leave a gap above theirs "surviving" by construction) and ``survives`` (a
     verdict is possible, low > high and p < ``level``); :func:`matched_verdict` says which.
     """
     needed = calibration.distinct_sets_needed(level)
@@ -918,8 +934,8 @@ def matched_verdict(table: pd.DataFrame, metric: str, matched_on: str) -> str:
             f"sets of the low or high set are {distinct} distinct "
             f"{'set' if distinct == 1 else 'sets'}, fewer than the {needed} a one-sided "
             f"p < 0.05 needs (with D distinct sets no p-value is below 1/(D + 1)), so any "
-            "difference above theirs would survive. The stimuli outside each set are too few "
-            "to match it freely (or too few matched sets were drawn): choose smaller sets or a "
+            "difference above theirs would survive. The run's stimuli are too few to match "
+            "the sets freely (or too few matched sets were drawn): choose smaller sets or a "
             "run with more stimuli."
         )
     label = metric_label(metric)
