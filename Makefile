@@ -25,9 +25,15 @@ install: $(VENV)/.runtime-installed
 install-dev: $(VENV)/.dev-installed
 
 ## make demo: install, precompute the embedded demo (cached after the first run), open the dashboard.
+## HOST=0.0.0.0 (or ::) listens on every interface: the address to open is this machine's name.
+## An empty HOST is refused here, as `serve --host ""` is: Streamlit takes it for every interface.
 demo: install
+	@if [ -z "$(strip $(HOST))" ]; then echo "make demo: HOST is empty, which Streamlit takes for \
+	every network interface; give HOST=localhost (this machine only, the default) or \
+	HOST=0.0.0.0 (every interface: a live demo)" >&2; exit 2; fi
 	$(PY) -m convergence_core precompute --preset demo
-	@echo "Dashboard: http://$(HOST):$(PORT)"
+	@case "$(HOST)" in 0.0.0.0|::) echo "Dashboard: http://$$(hostname):$(PORT) (listening on \
+	every interface, port $(PORT))";; *) echo "Dashboard: http://$(HOST):$(PORT)";; esac
 	$(PY) -m convergence_core.dashboard.serve --server.port $(PORT) --server.address $(HOST) --server.headless true
 
 ## make test: install runtime + test tools, run the whole suite in TEST_WORKERS processes (a

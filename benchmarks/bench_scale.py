@@ -18,6 +18,9 @@ subset CKNNA (s = 25,000, k = 10) ≤ 300 ms.
 
 Usage: .venv/bin/python benchmarks/bench_scale.py [--sizes 10000,50000,100000] [--quick]
            [--work DIR] [--out NAME]
+``--quick`` is a smoke run of every step in under a minute (25 s on 2 busy cores): n = 1,000 and
+2,000 at an eighth of the widths (``QUICK_*``; at the real widths GPA alone took 333 s at
+n = 2,000).
 Writes benchmarks/results/NAME (default scale.json); the feature files and runs go to --work
 (default a temporary folder, removed afterwards).
 """
@@ -46,6 +49,10 @@ VISION_DIMS = (768, 1024, 1280, 1536)
 LANGUAGE_DIMS = (768, 1024)
 RANK = 64
 DENSE_MAX_SUBSET = 6000
+#: --quick: the same six models at an eighth of the widths, on smaller n
+QUICK_SIZES = (1000, 2000)
+QUICK_VISION_DIMS = tuple(d // 8 for d in VISION_DIMS)
+QUICK_LANGUAGE_DIMS = tuple(d // 8 for d in LANGUAGE_DIMS)
 
 
 def write_features(n: int, folder: Path, dims_v=VISION_DIMS, dims_l=LANGUAGE_DIMS) -> dict:
@@ -178,6 +185,7 @@ def child(folder: Path, run_path: Path) -> dict:
         dense_value = dense_reference_cknna(X, Y, 10)
         dense_s = time.perf_counter() - t
     size = sum(p.stat().st_size for p in run_path.rglob("*") if p.is_file())
+    widths = sum(array.shape[1] for layers in embeddings.values() for array in layers.values())
     return {
         "n": n,
         "total_s": total,
@@ -197,7 +205,7 @@ def child(folder: Path, run_path: Path) -> dict:
         "random_20_sets_s": batch,
         "dense_subset_cknna_s": dense_s,
         "dense_abs_difference": None if dense_value is None else abs(dense_value - value),
-        "build_gflop": 2.0 * n * n * (sum(VISION_DIMS) + sum(LANGUAGE_DIMS)) / 1e9,
+        "build_gflop": 2.0 * n * n * widths / 1e9,
     }
 
 
@@ -205,7 +213,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,50000,100000")
-    parser.add_argument("--quick", action="store_true", help="n = 2000 and 4000 (a smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="n = 1000 and 2000 at widths 96-192: every step in under a minute")
     parser.add_argument("--work", default=None, help="folder for feature files and runs")
     parser.add_argument("--out", default="scale.json")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -213,14 +222,16 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(Path(args.child[0]), Path(args.child[1]))))
         return
-    sizes = [2000, 4000] if args.quick else [int(x) for x in args.sizes.split(",")]
+    sizes = list(QUICK_SIZES) if args.quick else [int(x) for x in args.sizes.split(",")]
+    dims_v, dims_l = ((QUICK_VISION_DIMS, QUICK_LANGUAGE_DIMS) if args.quick
+                      else (VISION_DIMS, LANGUAGE_DIMS))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
     rows = []
     try:
         for n in sizes:
             folder = work / f"features-{n}"
             t = time.perf_counter()
-            write_features(n, folder)
+            write_features(n, folder, dims_v, dims_l)
             generate_s = time.perf_counter() - t
             run_path = work / f"run-{n}"
             shutil.rmtree(run_path, ignore_errors=True)
@@ -241,7 +252,7 @@ def main() -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nScale, 4 vision (widths {VISION_DIMS}) + 2 language ({LANGUAGE_DIMS}) models, one "
+    print(f"\nScale, 4 vision (widths {dims_v}) + 2 language ({dims_l}) models, one "
           f"layer each; load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores")
     print(f"{'n':>7} {'total (s)':>9} {'lists (s)':>9} {'GPA (s)':>8} {'GPA it':>6} "
           f"{'RSS (GB)':>8} {'anon/file (GB)':>14} {'cache (GB)':>10} {'s':>6} {'CKNNA (ms)':>10} {'dense (s)':>9} "
@@ -254,8 +265,8 @@ def main() -> None:
               f"{r['step_s'].get('gpa', 0):>8.1f} {r['gpa_iterations']:>6} "
               f"{r['peak_rss_gb']:>8.2f} {memory:>14} {r['cache_gb']:>10.2f} {r['subset_size']:>6} "
               f"{1e3 * r['subset_cknna_s']:>10.1f} {dense:>9} {r['random_20_sets_s']:>11.2f}")
-    payload = {"quick": args.quick, "machine": machine(), "vision_dims": VISION_DIMS,
-               "language_dims": LANGUAGE_DIMS, "rows": rows}
+    payload = {"quick": args.quick, "machine": machine(), "vision_dims": dims_v,
+               "language_dims": dims_l, "rows": rows}
     write_results(args.out, payload)
 
 

@@ -611,8 +611,8 @@ def read_npy(
     *,
     mmap: bool = False,
     what: str = "cached array",
-    fix: str = "delete it and rerun `python -m convergence_core precompute` for this run to "
-    "recreate it",
+    fix: str = "rerun `python -m convergence_core precompute` for this run (the same command): it "
+    "writes the file again",
 ) -> np.ndarray:
     """Read a ``.npy`` file without ever unpickling; ``mmap=True`` maps it read-only.
 

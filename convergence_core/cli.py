@@ -36,17 +36,17 @@ Run `{prog} COMMAND --help` for the options of a command.
 
 PRECOMPUTE_EPILOG = """\
 examples:
-  python -m convergence_core precompute --preset demo
-  python -m convergence_core precompute config.toml
-  python -m convergence_core precompute --dataset ../shared/data/coco-mini \\
+  {prog} precompute --preset demo
+  {prog} precompute config.toml
+  {prog} precompute --dataset ../shared/data/coco-mini \\
       --vision efficientnet-lite0,efficientnet-lite1 --language minilm --layers default
-  python -m convergence_core precompute --dataset my-set/ --vision efficientnet-lite0 \\
+  {prog} precompute --dataset my-set/ --vision efficientnet-lite0 \\
       --features dinov2=feats/dinov2.npy --modality dinov2=vision \\
       --features subj01:V1=fmri/subj01_V1.parquet --modality subj01=brain
-  python -m convergence_core precompute --features a=a.npy --features b=b.npy \\
+  {prog} precompute --features a=a.npy --features b=b.npy \\
       --features V1=V1.parquet --modality a=vision --modality b=vision --modality V1=brain
       (no --dataset: the stimuli are the first file's ids; no images, no captions)
-  python -m convergence_core precompute --dataset data/coco --vision a,b --language minilm \\
+  {prog} precompute --dataset data/coco --vision a,b --language minilm \\
       --features V1=V1.npy --modality V1=brain --stimuli common
       (brain recordings of some of the images: the run holds the stimuli every file covers)
 
@@ -68,7 +68,7 @@ Rerunning the same command reuses every finished step; an interrupted run resume
 
 on a cluster (README, "Running on a cluster"):
   ray start --head                                   # on one machine; `ray start --address=...`
-  python -m convergence_core precompute config.toml --engine ray --ray-address auto \\
+  {prog} precompute config.toml --engine ray --ray-address auto \\
       --device cuda --precision bfloat16 --batch-size auto --num-gpus 1
 """
 
@@ -77,6 +77,23 @@ _CACHE_HELP = (
     "cache folder (default $CONVERGENCE_CACHE, else cache/ in a checkout or "
     "~/.cache/convergence-explorer when installed)"
 )
+
+
+def command(prog: str, words: str) -> str:
+    """A command to run, as the user runs this program: ``prog`` is how they called it
+    (``python -m convergence_core``, or ``convergence`` for the installed console script)."""
+    return f"`{prog} {words}`"
+
+
+def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to a mistyped ``name`` (difflib, as
+    ``--modality visoin`` and unknown model names are answered), else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _batch_size(text: str) -> int | str:
     if text == "auto":
         return text
@@ -128,11 +145,11 @@ def _layers(values: Sequence[str] | None) -> str | dict[str, list[str]] | None:
     return {model: _split_names(layers) for model, layers in _pairs(values, "--layers").items()}
 
 
-def _precompute_parser(sub: Any) -> None:
+def _precompute_parser(sub: Any, prog: str) -> None:
     parser = sub.add_parser(
         "precompute",
         description="Run (or resume) the precompute pipeline and print a one-line summary.",
-        epilog=PRECOMPUTE_EPILOG,
+        epilog=PRECOMPUTE_EPILOG.format(prog=prog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", nargs="?", help="a .json or .toml config file")
@@ -204,7 +221,7 @@ def _precompute_parser(sub: Any) -> None:
         "--gpa-layer",
         action="append",
         metavar="MODEL=LAYER",
-        help="layer of a vision model entering GPA (default: its default layer); repeatable",
+        help="layer of a model entering GPA (default: its default layer); repeatable",
     )
     parser.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
     parser.add_argument(
@@ -292,9 +309,10 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
         description=DESCRIPTION.format(prog=prog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.set_defaults(prog=prog)  # for the commands our messages recommend (:func:`command`)
     # the description lists the commands (a help= per command would list them a second time)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _precompute_parser(sub)
+    _precompute_parser(sub, prog)
     runs = sub.add_parser(
         "runs", description="List cached runs, newest first."
     )
@@ -365,10 +383,31 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if not (config.get("vision_models") or config.get("features")):
         raise ValueError(
             "nothing to precompute: give --preset demo, a config file, --dataset with --vision "
-            "or --features, or --features alone (see `python -m convergence_core precompute "
-            "--help`)"
+            f"or --features, or --features alone (see {command(args.prog, 'precompute --help')})"
         )
+    _check_names(config)
     return config
+
+
+def _check_names(config: Mapping[str, Any]) -> None:
+    """A mistyped name that the run would refuse without a hint: ``stimuli`` (``--stimuli
+    comon``) or a ``modalities`` model (``--modality vitb=vision``) near one it takes."""
+    rule = config.get("stimuli")
+    if isinstance(rule, str) and rule not in ("all", "common") and not Path(rule).exists():
+        hint = _did_you_mean(rule, ["all", "common"])
+        if hint:
+            raise ValueError(
+                f"stimuli: {rule} is not a file{hint}; give 'all', 'common' or the path of a "
+                "text file listing the ids to keep, one per line"
+            )
+    files = list(config.get("features") or {})
+    for model in config.get("modalities") or {}:
+        hint = "" if model in _run_models(config) else _did_you_mean(model, files)
+        if hint:
+            raise ValueError(
+                f"modalities names {model!r}, which has no feature file{hint}; a modality is "
+                f"given for a --features model (here: {', '.join(files)})"
+            )
 
 
 def _check_flag_values(args: argparse.Namespace) -> None:
@@ -736,13 +775,14 @@ def _run_precompute(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             bars._close()
     print(f"{run_line(run)}; {time.perf_counter() - started:.1f} s", file=out)
     if not args.quiet:  # what to do with it (a run named by a hash is otherwise hard to find)
-        print(next_steps(run.path), file=err)
+        print(next_steps(run.path, args.prog), file=err)
     return 0
 
 
-def next_steps(path: Path) -> str:
+def next_steps(path: Path, prog: str = "python -m convergence_core") -> str:
     """The commands that use the run at ``path``, for the user who just made it: by its name
-    when it is in the default cache, else by its folder (``report``) and ``--cache`` (``serve``)."""
+    when it is in the default cache, else by its folder (``report``) and ``--cache`` (``serve``);
+    ``prog``: how the user runs this program (:func:`command`)."""
     from . import settings
 
     name = path.name
@@ -750,9 +790,8 @@ def next_steps(path: Path) -> str:
     given = name if default else str(path)
     cache = "" if default else f" --cache {path.parent.parent}"
     return (
-        f"next: `python -m convergence_core report {given} --out report-{name}/` (the paper's "
-        f"figures and tables), or `python -m convergence_core serve{cache}` (pick {name} in "
-        "the sidebar)"
+        f"next: {command(prog, f'report {given} --out report-{name}/')} (the paper's figures "
+        f"and tables), or {command(prog, f'serve{cache}')} (pick {name} in the sidebar)"
     )
 
 
@@ -901,8 +940,8 @@ def _run_runs(args: argparse.Namespace, out: TextIO) -> int:
         return 0
     if not runs:
         print(
-            f"no cached runs in {cache / 'runs'}; make one with `python -m convergence_core "
-            "precompute --preset demo`",
+            f"no cached runs in {cache / 'runs'}; make one with "
+            f"{command(args.prog, 'precompute --preset demo')}",
             file=out,
         )
         return 0

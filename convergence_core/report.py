@@ -659,7 +659,7 @@ def write_report(
 
     if "universal_space" in options.skip:
         universal_files: list[str] = []
-        universal_space: dict[str, Any] = {"note": "universal-space section skipped (--skip)"}
+        universal_space: dict[str, Any] = {"note": skipped_note("universal_space")}
     else:
         tell("universal space")
         universal_files, universal_space = universal_space_section(
@@ -816,7 +816,9 @@ def _report_without_language(
     files += loo_files
     notes += loo_notes
     sections: dict[str, dict[str, Any]] = {}
-    if "gpa_stability" not in options.skip:
+    if "gpa_stability" in options.skip:
+        notes.append(skipped_note("gpa_stability"))
+    else:
         tell(SECTION_TITLES["gpa_stability"])
         stability_files, sections["gpa_stability"] = gpa_stability_section(
             run, out, n_starts=options.gpa_starts, seed=seed
@@ -1180,6 +1182,12 @@ SECTIONS = (
 OPTIONAL_SECTIONS = tuple(section.skip for section in SECTIONS)
 #: report.json section -> what the report's progress lines call it (those of paper_sections)
 SECTION_TITLES = {s.name: s.title for s in SECTIONS if s.name != "universal_space"}
+
+
+def skipped_note(skip: str) -> str:
+    """The note (report.json's ``notes``, printed as ``note: ...``) of a section that ``--skip``
+    left out, ``skip`` its ``--skip`` name: one per skipped section, on both report paths."""
+    return f"{skip.replace('_', '-')} section skipped (--skip)"
 
 
 #: Runs of at least this many stimuli get a line, before the first section, on what makes the
@@ -2168,7 +2176,8 @@ def paper_sections(
     assert [entry.name for entry in listed] == list(sections), "SECTIONS lists every section"
     for entry in listed:
         name, section = entry.name, sections[entry.name]
-        if entry.skip in options.skip:
+        if entry.skip in options.skip:  # said in the notes, as the universal space's skip
+            results[name] = ([], {"verdict": None, "notes": [skipped_note(entry.skip)]})
             continue
         tell(entry.title)
         try:

@@ -776,3 +776,27 @@ def test_next_steps_name_a_run_of_the_default_cache_by_its_name(tmp_path, monkey
     name = "feature-ids-0123"
     assert f"`python -m convergence_core report {name} --out report-{name}/`" in line
     assert "`python -m convergence_core serve` (pick feature-ids-0123 in the sidebar)" in line
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_names_an_address_one_can_open_and_words_the_empty_host_for_make():
+    """`make demo HOST=0.0.0.0` echoed `Dashboard: http://0.0.0.0:8501`, which no browser opens,
+    and `make demo HOST=` was refused by the server with "use --host …", a flag make users do not
+    give. (The commands are echoed, not run: PY=echo; `-o install`: no install.)"""
+    root = Path(__file__).resolve().parents[1]
+
+    def demo(host: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-s", "-o", "install", "demo", f"HOST={host}", "PY=echo"],
+                              cwd=root, capture_output=True, text=True, timeout=60)
+
+    every = demo("0.0.0.0")
+    assert every.returncode == 0, every.stderr
+    assert "http://0.0.0.0" not in every.stdout, every.stdout
+    import socket
+
+    assert f"Dashboard: http://{socket.gethostname()}:8501 (listening on every interface" \
+        in every.stdout
+    assert "Dashboard: http://localhost:8501" in demo("localhost").stdout
+    empty = demo("")
+    assert empty.returncode != 0 and "precompute" not in empty.stdout, empty.stdout
+    assert "HOST is empty" in empty.stderr and "HOST=localhost" in empty.stderr, empty.stderr

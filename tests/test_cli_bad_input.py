@@ -9,6 +9,7 @@ import errno
 import io
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -408,3 +409,56 @@ def test_every_redone_layer_of_a_model_is_said():
     said = [line for line in stream.getvalue().splitlines() if "redone" in line]
     assert said == ["  b neighbours: redone: first layer's file",
                     "  b neighbours: redone: second layer's file"], stream.getvalue()
+
+
+def test_a_damaged_cached_array_says_rerun_precompute_which_repairs_it(tmp_path):
+    """The message said "delete it and rerun precompute", but the rerun alone writes the file
+    again (headers and sizes are checked): following the message as written repairs the run."""
+    from convergence_core.run import load_run
+    from convergence_core.run_checks import check_run_files
+
+    features = [*_feature_files(tmp_path / "f"), "--quiet", "--cache", str(tmp_path / "c")]
+    assert _main("precompute", *features)[0] == 0
+    (stored,) = (tmp_path / "c" / "runs").glob("*/embeddings/b/features.npy")
+    stored.write_bytes(b"not numpy at all")
+    with pytest.raises(CacheFormatError) as error:
+        read_npy(stored)
+    assert "delete" not in str(error.value) and "rerun `python -m" in str(error.value)
+    assert _main("precompute", *features)[0] == 0  # the rerun, nothing deleted
+    check_run_files(load_run(stored.parents[2]))
+    assert read_npy(stored).shape == (12, 4)
+
+
+@pytest.mark.parametrize(
+    ("flags", "meant"),
+    [(["--stimuli", "comon"], "'common'"), (["--modality", "vitb=vision"], "'vit-b'")],
+)
+def test_a_near_miss_of_stimuli_or_a_model_name_is_answered_with_the_name(tmp_path, flags, meant):
+    """`--stimuli comon` said only "comon is not a file", `--modality vitb=vision` only "which
+    has no feature file": each now suggests the close name, as `--modality a=visoin` does."""
+    features = _feature_files(tmp_path / "f", names=("vit-a", "vit-b"))
+    code, _, err = _main("precompute", *features, *flags, "--quiet", "--cache", str(tmp_path / "c"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"(did you mean {meant}?)" in err, err
+    assert not (tmp_path / "c" / "runs").exists() or not any((tmp_path / "c" / "runs").iterdir())
+
+
+def test_the_console_script_names_itself_in_what_it_recommends(tmp_path, monkeypatch, capsys):
+    """`convergence runs` on an empty cache recommended `python -m convergence_core precompute
+    --preset demo`: the installed command names itself, in that line, the help's examples and
+    the next steps after a precompute."""
+    from convergence_core import cli
+
+    monkeypatch.setattr(sys, "argv", ["convergence", "runs", "--cache", str(tmp_path / "c")])
+    assert cli.console_main() == 0
+    said = capsys.readouterr().out
+    assert "make one with `convergence precompute --preset demo`" in said, said
+    monkeypatch.setattr(sys, "argv", ["convergence", "precompute", "--help"])
+    with pytest.raises(SystemExit):
+        cli.console_main()
+    help_text = capsys.readouterr().out
+    assert "\n  convergence precompute --preset demo\n" in help_text
+    assert "python -m" not in help_text
+    assert "layer of a model entering GPA" in help_text  # brain subjects too, not only vision
+    line = cli.next_steps(tmp_path / "c" / "runs" / "r", "convergence")
+    assert "`convergence report " in line and "`convergence serve --cache " in line, line

@@ -826,6 +826,25 @@ def test_skipped_sections_are_left_out(planted_run_path, tmp_path):
         report.AnalysisOptions(skip=("layer_sweep",))
 
 
+def test_every_skipped_section_says_so_once(planted_run_path, tmp_path, capsys):
+    """`--skip X`: only the universal space printed a "skipped" note; the other sections were
+    left out silently. Each skipped section now has one note, on both report paths."""
+    run = str(planted_run_path / "runs" / "demo")
+    assert report.main([run, "--out", str(tmp_path / "out"), *FAST, "--scores", "mean",
+                        "--metrics", "cka", "--skip", *report.OPTIONAL_SECTIONS]) == 0
+    printed = capsys.readouterr().out
+    notes = json.loads((tmp_path / "out" / "report.json").read_text())["notes"]
+    for skip in report.OPTIONAL_SECTIONS:
+        said = f"{skip.replace('_', '-')} section skipped (--skip)"
+        assert notes.count(said) == 1 and printed.count(f"note: {said}\n") == 1, (skip, notes)
+    alone = make_synthetic_run(tmp_path / "alone", n=30, language_models=(), images=False)
+    meta = report.write_report(
+        alone, tmp_path / "alone-out", scores=["mean"], property_permutations=20,
+        property_shuffles=1, options=report.AnalysisOptions(skip=("gpa_stability",)),
+    )
+    assert meta["notes"].count("gpa-stability section skipped (--skip)") == 1, meta["notes"]
+
+
 # -- many-to-many: captions embedded by a stand-in language model --------------------------------
 
 
