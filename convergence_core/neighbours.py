@@ -384,6 +384,13 @@ def exact_top_k(
     query_rows = np.arange(n) if queries is None else np.asarray(queries, dtype=np.int64)
     candidate_index = np.arange(n) if candidates is None else np.asarray(candidates, np.int64)
     c = candidate_index.size
+    for name, rows in (("queries", query_rows), ("candidates", candidate_index)):
+        if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= n)):
+            raise ValueError(f"{name} must be a 1-D array of rows in 0..{n - 1}")
+    if c > 1 and not np.all(np.diff(candidate_index) > 0):
+        # each query's own row is found by binary search: unsorted or repeated candidates would
+        # let a query be its own neighbour
+        raise ValueError("candidates must be distinct rows in ascending order; pass np.unique(...)")
     if query_rows.size == 0:
         return np.empty((0, k), np.int64), np.empty((0, k))
     # each query's own position among the candidates (excluded), -1 when it is not a candidate
@@ -822,7 +829,8 @@ def check_subsets(subsets: object, n: int, k: int, *, min_k: int = 1) -> np.ndar
         )
     rows = [np.sort(check_indices(row, n)) for row in array]
     out = np.stack(rows)
-    check_min_stimuli(out.shape[1], 4, "CKNNA (unbiased HSIC)")
+    # every metric of the subset engine takes sets of 4 or more (CKNNA's unbiased HSIC needs 4)
+    check_min_stimuli(out.shape[1], 4, "a set of the subset engine (any metric, as CKNNA)")
     check_k(k, out.shape[1], min_k)
     return out
 

@@ -30,7 +30,10 @@ the registry; :func:`metric_on_sets` and :func:`metric_on_pairings` are its one-
   read at once (the union of a batch's sets, or one set).
 
 Every value equals ``metrics.measure(name, X[rows_x], Y[rows_y], **options)`` on the prepared
-features (tested to 1e-9 for each metric and both routes).
+features (tested to 1e-9 for each metric and both routes) where no two stimuli tie exactly
+(duplicate stimuli): neighbour ties go here to the lower stimulus index, in ``measure`` to the
+earlier row as given, so with duplicates the neighbour metrics may differ for rows given out of
+index order (a shuffled pairing, an unsorted set).
 
 Shapes: ``n`` stimuli in the run, ``P`` pairs, ``B`` sets of ``s`` stimuli, ``k`` neighbours.
 """
@@ -285,8 +288,9 @@ def metric_on_pairings(
 
     For shuffled pairings (``calibration.shuffled_pairing_null``): ``rows_y[b]`` may list any s
     distinct stimuli in any order (typically a permutation of ``rows_x[b]``). Equal to
-    ``metrics.measure(metric, X[rows_x[b]], Y[rows_y[b]], **options)`` on prepared features;
-    :func:`metric_values` of the one pair.
+    ``metrics.measure(metric, X[rows_x[b]], Y[rows_y[b]], **options)`` on prepared features
+    without exact ties (see the module's docstring for duplicates); :func:`metric_values` of the
+    one pair.
     """
     return metric_values({"x": x, "y": y}, [("x", "y")], rows_x, [metric], paired_with=rows_y,
                          k=k, options={metric: options or {}}, dense_limit=dense_limit)[metric][0]

@@ -173,6 +173,25 @@ def test_exact_top_k_bad_k_is_explained():
         exact_top_k(features, 0)
 
 
+def test_exact_top_k_refuses_candidates_and_queries_it_cannot_search():
+    """Unsorted or repeated candidates, or a negative query, let a query list itself among its
+    neighbours (its own row is found by binary search), from a review."""
+    features = PreparedFeatures.from_raw(_features(10))
+    queries = np.array([3, 5])
+    for candidates in ([5, 3, 7, 1, 9], [1, 3, 3, 5, 7]):
+        with pytest.raises(ValueError, match="distinct rows in ascending order"):
+            exact_top_k(features, 2, queries=queries, candidates=np.array(candidates))
+    for rows in ([-1], [10]):
+        with pytest.raises(ValueError, match=r"queries must be a 1-D array of rows in 0..9"):
+            exact_top_k(features, 2, queries=np.array(rows))
+    with pytest.raises(ValueError, match=r"candidates must be a 1-D array of rows in 0..9"):
+        exact_top_k(features, 2, candidates=np.array([-1, 2, 4]))
+    with pytest.raises(ValueError, match="a set of the subset engine .* needs at least 4"):
+        neighbours.check_subsets(np.array([[0, 1, 2]]), 10, 1)
+    index, _ = exact_top_k(features, 2, queries=queries, candidates=np.array([1, 3, 5, 7, 9]))
+    assert 3 not in index[0] and 5 not in index[1]
+
+
 def test_lists_equal_the_dense_sort_and_are_capped_at_n_minus_1():
     X = _features(50, 8, seed=4)
     lists = build_neighbour_lists(PreparedFeatures.from_raw(X), list_size=128)
