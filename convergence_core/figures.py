@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .cache import write_bytes  # noqa: E402
-from .figure_style import DPI, FULL_WIDTH, STYLE, ink, styled, wrap  # noqa: E402
+from .figure_style import DPI, FULL_WIDTH, STYLE, colour_map, ink, styled, wrap  # noqa: E402
 from .dispersion import SCORE_UNIT, score_entry  # noqa: E402
 
 P = ParamSpec("P")
@@ -285,7 +285,9 @@ def layer_sweep_figure(sweep: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
             index="vision_model", columns="language_layer_index", values="cknna", sort=False,
             dropna=False,  # a model undefined (NaN) at every layer keeps its panel, blank
         )
-        image = axis.imshow(grid.to_numpy(), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax)
+        image = axis.imshow(
+            grid.to_numpy(), aspect="auto", cmap=colour_map(), vmin=vmin, vmax=vmax
+        )
         axis.set_xticks(np.arange(grid.shape[1]), [str(c) for c in grid.columns])
         # the layer under the name: the names' width is taken from the layers' columns
         axis.set_yticks(np.arange(grid.shape[0]), [f"{m}\n({layer_of[m]})" for m in grid.index])

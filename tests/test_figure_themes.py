@@ -336,3 +336,25 @@ def test_a_dark_browser_gets_dark_pictures(_cache_dir) -> None:
             scheme, corners, pages)
     assert max(corners["dark"]) < 60 and min(corners["light"]) >= 250, corners
     assert time.monotonic() - start < 60
+
+
+def test_dark_theme_points_and_the_layer_sweep_read_on_the_dark_page() -> None:
+    """From the visual review of the dark pages: the per-stimulus scatter's blue points (alpha
+    0.6) read at 2.1:1, and the layer sweep's heat map kept viridis's deep purple (#440154)."""
+    from convergence_core import figures
+    from convergence_core.figure_style import tint
+
+    assert tint("#1f77b4", "light") == "#1f77b4"
+    assert _luminance(to_rgb(tint("#1f77b4", "dark"))) > _luminance(to_rgb("#1f77b4")) + 0.15
+    sweep = pd.DataFrame({
+        "vision_model": ["v"] * 4, "vision_layer": ["b"] * 4, "language_model": ["t"] * 4,
+        "language_layer": list("abcd"), "language_layer_index": [0, 1, 2, 3], "k": [10] * 4,
+        "cknna": [0.1, 0.2, 0.3, 0.4], "n_stimuli_used": [10] * 4, "sample_seed": [None] * 4,
+    })
+    purple = np.array([68, 1, 84])
+    for theme, expected in (("light", True), ("dark", False)):
+        picture = np.asarray(Image.open(io.BytesIO(
+            charts.paper_figure(figures.layer_sweep_figure, sweep, theme=theme)
+        )).convert("RGB"), dtype=int)
+        found = bool((np.abs(picture - purple).max(axis=2) <= 6).mean() > 0.01)  # a cell of 4
+        assert found is expected, theme

@@ -37,7 +37,7 @@ from matplotlib.ticker import MaxNLocator
 from .. import metrics as registry
 from ..figure_style import (
     DARK_BACKGROUND, DARK_FRAME, DARK_GRID, DPI, FULL_WIDTH, STYLE, THEMES, colour_map, ink,
-    styled, wrap,
+    styled, tint, wrap,
 )
 from ..stats import spread_words
 from .catalogue import p_phrase
@@ -600,7 +600,8 @@ def alignment_dispersion(
     x = np.asarray(dispersion, dtype=np.float64)
     for axis, (metric, y) in zip(axes, values.items(), strict=True):
         y = np.asarray(y, dtype=np.float64)
-        axis.scatter(x, y, s=size, color="#1f77b4", alpha=0.6, linewidths=0, rasterized=True)
+        axis.scatter(x, y, s=size, color=tint("#1f77b4"), alpha=0.6, linewidths=0,
+                     rasterized=True)
         if chosen.size:
             axis.scatter(
                 x[chosen], y[chosen], s=50, facecolors="none", edgecolors="#d62728",
