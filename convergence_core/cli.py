@@ -86,12 +86,13 @@ def command(prog: str, words: str) -> str:
 
 
 def _did_you_mean(name: str, choices: Sequence[str]) -> str:
-    """`` (did you mean 'x'?)`` for the choice closest to a mistyped ``name`` (difflib, as
-    ``--modality visoin`` and unknown model names are answered), else ``""``."""
-    import difflib
+    """`` (did you mean 'x'?)`` for the choice closest to a mistyped ``name``
+    (``validation.closest_name``, as ``--modality visoin`` and unknown model names are
+    answered), else ``""``."""
+    from .validation import closest_name
 
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.75)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest_name(name, choices)
+    return f" (did you mean {close!r}?)" if close else ""
 
 
 def _batch_size(text: str) -> int | str:

@@ -35,7 +35,6 @@ enter the intra-modal GPA by default); ``brain`` and any other name a user gives
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import os
 import re
@@ -47,6 +46,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .validation import closest_name
 
 __all__ = [
     "ArraySource",
@@ -96,11 +97,11 @@ def check_modality(modality: object, model: str) -> str:
             f"{list(KNOWN_MODALITIES)} or a name of letters, digits, '_' and '-' (e.g. 'ecog')"
         )
     if modality not in KNOWN_MODALITIES:
-        near = difflib.get_close_matches(modality.lower(), _ROLE_MODALITIES, n=1, cutoff=0.8)
+        near = closest_name(modality.lower(), _ROLE_MODALITIES, cutoff=0.8)
         if near:
             raise ValueError(
-                f"modality {modality!r} of model {model!r} looks like a misspelt {near[0]!r}; "
-                f"write {near[0]!r} (vision models enter GPA, language models are the other side "
+                f"modality {modality!r} of model {model!r} looks like a misspelt {near!r}; "
+                f"write {near!r} (vision models enter GPA, language models are the other side "
                 "of every alignment), or a name further from both for another modality"
             )
     return modality

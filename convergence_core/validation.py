@@ -243,6 +243,16 @@ def check_k(k: object, n: int, minimum: int = 1, *, what: str = "the set") -> in
 MIN_CKNNA_SET_SIZE = 24
 
 
+def closest_name(name: str, choices: Sequence[str], *, cutoff: float = 0.75) -> str | None:
+    """The one of ``choices`` a mistyped ``name`` most likely meant (difflib's ratio at least
+    ``cutoff``), or None: the "did you mean" of every message about an unknown name (a model,
+    a modality, a flag's value)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 def check_min_stimuli(n: int, minimum: int, what: str) -> None:
     """Raise if ``n < minimum`` stimuli, explaining that ``what`` needs ``minimum``."""
     if n < minimum:

@@ -308,10 +308,10 @@ register(
 
 
 def _unknown(name: str) -> UnknownModelError:
-    import difflib
+    from ..validation import closest_name
 
-    close = difflib.get_close_matches(name, list_models(), n=1, cutoff=0.75)
-    meant = f" Did you mean {close[0]!r}?" if close else ""
+    close = closest_name(name, list_models())
+    meant = f" Did you mean {close!r}?" if close else ""
     return UnknownModelError(
         f"unknown model {name!r}.{meant} Registered: {', '.join(list_models())}. Any timm model "
         "works as "
