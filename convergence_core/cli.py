@@ -1054,7 +1054,7 @@ def _main(
     if argv and argv[0] == "report":
         from . import report
 
-        return int(report.main(argv[1:]) or 0)
+        return int(report.main(argv[1:], prog=prog) or 0)
     if argv and argv[0] == "serve":
         from .dashboard import serve
 

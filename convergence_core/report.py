@@ -2201,9 +2201,9 @@ def _silent(step: str) -> None:
     """A progress callback that says nothing."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m convergence_core") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m convergence_core report",
+        prog=f"{prog} report",
         description=(
             "Reproduce the paper's analyses (Fig. 2, S1, S2, layer sweep), every alignment "
             "metric on its sets and the neighbouring papers' analyses on a precomputed run."
@@ -2478,15 +2478,14 @@ def _weights_flag(
     return weights or None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (0 ok, 2 bad input)."""
-    parser = _parser()
+def main(argv: list[str] | None = None, prog: str = "python -m convergence_core") -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input). ``prog``: how the user
+    called the program (``convergence`` for the installed console script), which the help and
+    the messages name."""
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.run is None and args.preset is None:
-        parser.error(
-            "give a run (folder or name; `python -m convergence_core runs` lists them) or "
-            "--preset NAME"
-        )
+        parser.error(f"give a run (folder or name; `{prog} runs` lists them) or --preset NAME")
     if args.run is not None and args.preset is not None:
         parser.error("give either a run (folder or name) or --preset NAME, not both")
     new_folders = _missing_folders(Path(args.out))  # removed again if the report fails empty
@@ -2506,7 +2505,7 @@ def main(argv: list[str] | None = None) -> int:
             except FileNotFoundError as missing:
                 raise FileNotFoundError(
                     f"the {args.preset} run {name!r} is not cached yet; make it with "
-                    f"`python -m convergence_core precompute --preset {args.preset}` ({missing})"
+                    f"`{prog} precompute --preset {args.preset}` ({missing})"
                 ) from missing
         else:
             run = load_run(args.run)

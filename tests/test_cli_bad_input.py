@@ -462,3 +462,13 @@ def test_the_console_script_names_itself_in_what_it_recommends(tmp_path, monkeyp
     assert "layer of a model entering GPA" in help_text  # brain subjects too, not only vision
     line = cli.next_steps(tmp_path / "c" / "runs" / "r", "convergence")
     assert "`convergence report " in line and "`convergence serve --cache " in line, line
+    # and the report's own help and messages (they said python -m convergence_core report)
+    monkeypatch.setattr(sys, "argv", ["convergence", "report", "--help"])
+    with pytest.raises(SystemExit):
+        cli.console_main()
+    report_help = capsys.readouterr().out
+    assert report_help.startswith("usage: convergence report") and "python -m" not in report_help
+    monkeypatch.setattr(sys, "argv", ["convergence", "report", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        cli.console_main()
+    assert "`convergence runs` lists them" in capsys.readouterr().err
