@@ -63,6 +63,7 @@ from .run_writer import (
     StabilitySolutions,
     adopted_solution,
     check_embedding_array,
+    clip_thresholds,
     empty_manifest,
     fingerprint,
     library_versions,
@@ -1653,14 +1654,18 @@ class _Pipeline:
         # model's, missing weights) leaves the model's finished work as it was, so the corrected
         # command finds it done; forgotten before any of its files change
         extracted = source.load(self)
-        self.manifest.forget_step(step)
+        # checked before the step is forgotten too: features that cannot be used (rows that all
+        # point one way, mostly zeros) leave a finished run as it was, as a failed load does
         arrays = {
             layer: check_embedding_array(array, name, layer, n)
             for layer, array in extracted.arrays.items()
         }
+        thresholds = clip_thresholds(model_key(name), arrays)
+        self.manifest.forget_step(step)
         default = self._default_layer(name, extracted.default_layer)
         hashes, thresholds = write_model_arrays(
-            self.layout, model_key(name), {layer: model_key(layer) for layer in arrays}, arrays
+            self.layout, model_key(name), {layer: model_key(layer) for layer in arrays}, arrays,
+            thresholds,
         )
         if extracted.caption_agreement is not None:  # measured while the model was loaded
             layer, values = extracted.caption_agreement

@@ -243,33 +243,16 @@ def _one_direction(array: np.ndarray, block: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Steps shared by write_run_from_embeddings and the pipeline (precompute.py)
 # ---------------------------------------------------------------------------------------------
-def write_model_arrays(
-    layout: RunLayout, key: str, layer_keys: Mapping[str, str], arrays: Mapping[str, np.ndarray]
-) -> tuple[dict[str, str], dict[str, float]]:
-    """Write one model's embeddings (float32); return ``({layer: sha256}, {layer: clip threshold})``.
-
-    The clip threshold (``neighbours.clip_threshold``) is all that ``prepare_features`` needs
-    besides the embedding itself, so the prepared features are never stored twice.
-    """
+def clip_thresholds(key: str, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """``{layer: clip threshold}`` of one model's embeddings (as stored: float32), or a
+    ValueError naming the layer whose features are mostly zeros (the clipping would erase them).
+    Computed before anything of the model is written or forgotten."""
     from .neighbours import clip_threshold
 
-    collision = colliding_keys(layer_keys)  # before anything of the model is touched
-    if collision is not None:
-        other, layer, where = collision
-        raise ValueError(
-            f"model {key!r}: layers {other!r} and {layer!r} would be one file in the run{where}; "
-            "rename one of them"
-        )
-    layout.remove_tree(layout.embeddings_dir(key))
-    layout.remove_tree(layout.neighbours_dir(key))
-    hashes: dict[str, str] = {}
     thresholds: dict[str, float] = {}
     for layer, array in arrays.items():
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        write_npy(layout.embedding(key, layer_keys[layer]), array)
-        hashes[layer] = array_fingerprint(array)
         try:
-            thresholds[layer] = clip_threshold(array)
+            thresholds[layer] = clip_threshold(np.ascontiguousarray(array, dtype=np.float32))
         except ValueError:  # features that are mostly zeros: say whose, and what to do
             raise ValueError(
                 f"model {key!r}, layer {layer!r}: the features are mostly zeros (in the average "
@@ -277,6 +260,38 @@ def write_model_arrays(
                 "0.95-quantile of |x| would erase them; if whole columns are 0 (voxels outside a "
                 "mask, unused units), remove them from the features"
             ) from None
+    return thresholds
+
+
+def write_model_arrays(
+    layout: RunLayout,
+    key: str,
+    layer_keys: Mapping[str, str],
+    arrays: Mapping[str, np.ndarray],
+    thresholds: Mapping[str, float] | None = None,
+) -> tuple[dict[str, str], dict[str, float]]:
+    """Write one model's embeddings (float32); return ``({layer: sha256}, {layer: clip threshold})``.
+
+    The clip threshold (``neighbours.clip_threshold``) is all that ``prepare_features`` needs
+    besides the embedding itself, so the prepared features are never stored twice. ``thresholds``:
+    :func:`clip_thresholds` of ``arrays`` when the caller checked them already.
+    """
+    collision = colliding_keys(layer_keys)  # before anything of the model is touched
+    if collision is not None:
+        other, layer, where = collision
+        raise ValueError(
+            f"model {key!r}: layers {other!r} and {layer!r} would be one file in the run{where}; "
+            "rename one of them"
+        )
+    # every layer usable before the model's files change
+    thresholds = dict(thresholds) if thresholds is not None else clip_thresholds(key, arrays)
+    layout.remove_tree(layout.embeddings_dir(key))
+    layout.remove_tree(layout.neighbours_dir(key))
+    hashes: dict[str, str] = {}
+    for layer, array in arrays.items():
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        write_npy(layout.embedding(key, layer_keys[layer]), array)
+        hashes[layer] = array_fingerprint(array)
         release(array)  # a memory-mapped input was read whole: its pages need not stay resident
     return hashes, thresholds
 
@@ -388,6 +403,14 @@ def _write_gpa_result(
     for i, (rotation, mean) in enumerate(zip(result.maps, result.means, strict=True)):
         write_npy(layout.gpa_model_array("map", i), np.asarray(rotation, dtype=np.float64))
         write_npy(layout.gpa_model_array("mean", i), np.asarray(mean, dtype=np.float64))
+    # a model dropped since the last GPA: its map and mean go (gpa.json never names them again)
+    extra = len(result.maps)
+    while layout.gpa_model_array("map", extra).is_file() or layout.gpa_model_array(
+        "mean", extra
+    ).is_file():
+        for name in ("map", "mean"):
+            layout.gpa_model_array(name, extra).unlink(missing_ok=True)
+        extra += 1
     write_json(
         layout.gpa_json,
         {

@@ -434,13 +434,18 @@ def _read_parquet_features(
 ) -> tuple[np.ndarray | None, list[str]]:
     """``(features, ids)`` of a parquet feature file; ``features=False`` reads the ``id`` column
     only and gives None for the features (the check before any work)."""
+    repeated: list[str] = []
     try:
-        if features:
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+        # a name used twice (pyarrow's error is a dump of its internal schema)
+        repeated = sorted({str(name) for name in names if names.count(name) > 1})
+        if repeated:
+            frame = pd.DataFrame()
+        elif features:
             frame = pd.read_parquet(path, engine="pyarrow")
         else:
-            import pyarrow.parquet as pq
-
-            names = pq.read_schema(path).names
             frame = pd.read_parquet(path, engine="pyarrow", columns=["id"] if "id" in names else [])
     except Exception as exc:  # pyarrow raises several types for bad files
         if isinstance(exc, OSError) and exc.errno is not None:  # no permission, a disk error
@@ -448,6 +453,11 @@ def _read_parquet_features(
 
             raise FeatureFileError(read_error_text(exc, path, "feature file")) from None
         raise FeatureFileError(f"feature file {path} is not a readable parquet file ({exc})") from None
+    if repeated:
+        raise FeatureFileError(
+            f"feature file {path} has column(s) named twice: {repeated[:5]}; give each column "
+            "its own name"
+        )
     if "id" not in frame.columns and frame.index.name == "id":  # df.set_index("id").to_parquet()
         frame = frame.reset_index()
     if "id" not in frame.columns:
@@ -456,6 +466,13 @@ def _read_parquet_features(
             f"feature file {path} has no 'id' column (columns: {columns[:8]}...); add "
             "one holding each row's stimulus id, or name the index that holds them "
             "(frame.index.name = 'id') before writing the file"
+        )
+    blank = [row for row, value in enumerate(frame["id"])
+             if value is None or (np.ndim(value) == 0 and pd.isna(value)) or not str(value).strip()]
+    if blank:  # would be the stimuli "<NA>", "nan" or "", which no id list can name
+        raise FeatureFileError(
+            f"feature file {path} has {len(blank)} rows without an id (missing or blank; first at "
+            f"row {blank[0]}); give every row its stimulus id"
         )
     ids = [str(i) for i in frame["id"]]
     if not features:

@@ -203,3 +203,48 @@ def test_stored_file_problem_reads_only_headers(tmp_path):
     assert "cannot be read" in stored_file_problem(table)
     (tmp_path / "p.npy").write_bytes(b"\x80\x04not numpy")
     assert "cannot be read" in stored_file_problem(tmp_path / "p.npy")
+
+
+@pytest.mark.parametrize("kind", ["one_direction", "mostly_zeros"])
+def test_a_rerun_with_features_it_cannot_use_keeps_the_finished_run(tmp_path, kind):
+    """A finished run, rerun after a feature file was replaced by one the checks refuse: NaN was
+    refused before anything changed, but rows that all point one way were refused after the run
+    was marked incomplete, and mostly-zero features after the model's embeddings and lists were
+    deleted and the bad array written (from a review). The finished run now stays as it was."""
+    files = _files(tmp_path / "f")
+    precompute(**_options(tmp_path, files))
+    layout = load_run(_runs(tmp_path) / "r").layout
+    stored = {p: p.read_bytes() for p in sorted(layout.root.rglob("*.npy"))}
+    manifest = layout.manifest.read_bytes()
+    bad = np.zeros((N, 4), dtype=np.float32)
+    if kind == "one_direction":
+        bad[:] = np.arange(1, 5, dtype=np.float32)
+        match = "points the same way"
+    else:
+        bad = np.zeros((N, 100), dtype=np.float32)
+        bad[:, 0] = np.random.default_rng(0).standard_normal(N)
+        bad[:, 1] = 1.0
+        match = "mostly zeros"
+    np.save(files["b"], bad)
+    with pytest.raises(ValueError, match=match):
+        precompute(**_options(tmp_path, files))
+    assert layout.manifest.read_bytes() == manifest
+    assert {p: p.read_bytes() for p in sorted(layout.root.rglob("*.npy"))} == stored
+    assert load_run(_runs(tmp_path) / "r").manifest.complete  # the dashboard still opens it
+
+
+def test_a_dropped_model_leaves_no_gpa_map_behind(tmp_path):
+    """After a rerun without one of three models, gpa/ still held the dropped model's map_2 and
+    mean_2 (never read again, gpa.json names two models; from a review)."""
+    files = _files(tmp_path / "f")
+    third = np.random.default_rng(9).standard_normal((N, 6)).astype(np.float32)
+    np.save(tmp_path / "f" / "c.npy", third)
+    (tmp_path / "f" / "c.npy.ids.txt").write_text("".join(f"s{i}\n" for i in range(N)))
+    precompute(**_options(tmp_path, {**files, "c": str(tmp_path / "f" / "c.npy")}))
+    gpa = _runs(tmp_path) / "r" / "gpa"
+    assert (gpa / "map_2.npy").is_file() and (gpa / "mean_2.npy").is_file()
+    run = precompute(**_options(tmp_path, files))
+    assert list(run.gpa.models) == ["a", "b"]
+    assert sorted(p.name for p in gpa.glob("m*_*.npy")) == [
+        "map_0.npy", "map_1.npy", "mean_0.npy", "mean_1.npy"
+    ]

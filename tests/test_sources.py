@@ -302,6 +302,33 @@ def test_the_check_of_a_parquet_file_reads_only_its_ids(tmp_path, ids, monkeypat
         check_feature_file(tmp_path / "junk.parquet", ids, model="m", layer="l")
 
 
+def test_a_parquet_file_with_rows_without_an_id_or_a_column_named_twice_is_refused(
+    tmp_path, ids
+):
+    """A null id became the stimulus "<NA>" (NaN "nan") and a blank one "", which no id list can
+    name; a column named twice gave pyarrow's schema dump (from a review)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for label, missing in (("null", None), ("nan", np.nan), ("blank", "  ")):
+        frame = pd.DataFrame(
+            {"id": pd.Series(list(ids), dtype=object), "x": np.arange(N, dtype=float)}
+        )
+        frame.loc[2, "id"] = missing
+        path = tmp_path / f"{label}.parquet"
+        frame.to_parquet(path)
+        for check in (read_feature_file, check_feature_file):
+            with pytest.raises(FeatureFileError, match=r"has 1 rows without an id \(missing or "
+                               r"blank; first at row 2\); give every row its stimulus id"):
+                check(path, ids, model="m", layer="l")
+    columns = [pa.array(list(ids)), pa.array(list(ids)), pa.array(np.arange(N, dtype=float))]
+    table = pa.table(columns, names=["id", "id", "x"])
+    pq.write_table(table, tmp_path / "twice.parquet")
+    for check in (read_feature_file, check_feature_file):
+        with pytest.raises(FeatureFileError, match=r"column\(s\) named twice: \['id'\]; give each"):
+            check(tmp_path / "twice.parquet", ids, model="m", layer="l")
+
+
 def test_bad_parquet_and_suffix(tmp_path, ids):
     frame = pd.DataFrame({"id": ids, "x": np.arange(N, dtype=float), "word": ["a"] * N})
     frame.to_parquet(tmp_path / "words.parquet")
