@@ -227,9 +227,9 @@ def test_report_is_delegated(monkeypatch):
     import convergence_core.report as report
 
     seen = []
-    monkeypatch.setattr(report, "main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr(report, "main", lambda argv, prog: seen.append((argv, prog)) or 0)
     assert main(["report", "demo", "--out", "x"]) == 0
-    assert seen == [["demo", "--out", "x"]]
+    assert seen == [(["demo", "--out", "x"], "python -m convergence_core")]
 
 
 @pytest.mark.slow
