@@ -218,8 +218,12 @@ class FileSource:
                     "inside it"
                 )
             if not path.is_file():
+                what = (  # a pipe, device or socket (a link to /dev/zero) is there, but no file
+                    "is not a regular file (a pipe, device or socket)" if path.exists()
+                    else "does not exist"
+                )
                 raise FeatureFileError(
-                    f"feature file {path} (model {self.name!r}, layer {layer!r}) does not exist; "
+                    f"feature file {path} (model {self.name!r}, layer {layer!r}) {what}; "
                     "pass the path of an .npy (with its .ids.txt) or a .parquet file"
                 )
         if self.default_layer is not None and self.default_layer not in self.files:

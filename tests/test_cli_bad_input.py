@@ -291,6 +291,21 @@ def test_a_folder_given_as_a_feature_file_is_called_a_folder(tmp_path):
     assert "is a folder, not a file" in err and "does not exist" not in err
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_pipe_or_device_given_as_a_feature_file_is_not_said_to_be_missing(tmp_path):
+    """A named pipe, or a link to /dev/zero, was called a file that "does not exist" (from a
+    review): it is there, but not a regular file."""
+    features = _feature_files(tmp_path / "f")
+    os.mkfifo(tmp_path / "pipe.npy")
+    (tmp_path / "zero.npy").symlink_to("/dev/zero")
+    for name in ("pipe.npy", "zero.npy"):
+        features[1] = f"a={tmp_path / name}"
+        code, _, err = _main("precompute", *features, "--quiet", "--cache", str(tmp_path / "c"))
+        assert code == 2 and f"feature file {tmp_path / name} (model 'a'" in err
+        assert "is not a regular file (a pipe, device or socket)" in err, err
+        assert "does not exist" not in err
+
+
 def test_features_without_a_model_name_names_the_format(tmp_path):
     """--features :L=PATH reached the config check: "config value 'features' = {'': ...}"."""
     code, _, err = _main("precompute", "--features", f":L={tmp_path / 'a.npy'}", "--modality",
