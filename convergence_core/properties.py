@@ -54,6 +54,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .validation import is_missing_value
+
 __all__ = [
     "CAPTION_VERSION",
     "EDGE_THRESHOLD",
@@ -251,15 +253,10 @@ def _typed(values: pd.DataFrame, info: Sequence[PropertyInfo]) -> pd.DataFrame:
             frame[item.name] = pd.to_numeric(column, errors="coerce").astype(np.float64).to_numpy()
         else:
             frame[item.name] = pd.Series(
-                [None if _missing(v) else str(v) for v in column], dtype=object
+                [None if is_missing_value(v) else str(v) for v in column], dtype=object
             )
     return frame
 
-
-def _missing(value: Any) -> bool:
-    """None, NaN of any float type, NaT and pd.NA (as ``pd.isna`` says of one value): missing,
-    not a level named "nan" or "NaT"."""
-    return value is None or (np.ndim(value) == 0 and bool(pd.isna(value)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -532,7 +529,9 @@ def dataset_columns(stimuli: pd.DataFrame) -> tuple[pd.DataFrame, list[PropertyI
             continue
         if any(isinstance(v, (list, tuple, dict, set, np.ndarray)) for v in series):
             continue
-        frame[name] = pd.Series([None if _missing(v) else str(v) for v in series], dtype=object)
+        frame[name] = pd.Series(
+            [None if is_missing_value(v) else str(v) for v in series], dtype=object
+        )
         infos.append(PropertyInfo(name, "categorical", "", "data set column", "dataset"))
     return frame, infos
 

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .validation import closest_name
+from .validation import closest_name, is_missing_value
 
 __all__ = [
     "ArraySource",
@@ -472,7 +472,7 @@ def _read_parquet_features(
             "(frame.index.name = 'id') before writing the file"
         )
     blank = [row for row, value in enumerate(frame["id"])
-             if value is None or (np.ndim(value) == 0 and pd.isna(value)) or not str(value).strip()]
+             if is_missing_value(value) or not str(value).strip()]
     if blank:  # would be the stimuli "<NA>", "nan" or "", which no id list can name
         raise FeatureFileError(
             f"feature file {path} has {len(blank)} rows without an id (missing or blank; first at "

@@ -243,6 +243,15 @@ def check_k(k: object, n: int, minimum: int = 1, *, what: str = "the set") -> in
 MIN_CKNNA_SET_SIZE = 24
 
 
+def is_missing_value(value: object) -> bool:
+    """Whether one table cell holds no value: None, NaN of any float type, NaT or pd.NA (as
+    ``pd.isna`` says of a scalar; a list or array is a value), never turned into a level or id
+    named "nan", "NaT" or "<NA>"."""
+    import pandas as pd
+
+    return value is None or (np.ndim(value) == 0 and bool(pd.isna(value)))
+
+
 def closest_name(name: str, choices: Sequence[str], *, cutoff: float = 0.75) -> str | None:
     """The one of ``choices`` a mistyped ``name`` most likely meant (difflib's ratio at least
     ``cutoff``), or None: the "did you mean" of every message about an unknown name (a model,
