@@ -761,6 +761,19 @@ def _hf_offline_message(
     )
 
 
+def _hf_local_folder_message(name: str, folder: Path, exc: BaseException) -> str:
+    """What to say when ``datasets`` cannot read the local folder ``folder`` (``name`` as given):
+    the hub and its cache are beside the point there, so the message is about the folder."""
+    cause = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot load the folder {os.path.abspath(folder)} as a Hugging Face data set "
+        f"(--dataset hf:{name}): {cause}. Point at a folder written by "
+        "datasets.Dataset.save_to_disk() (it holds state.json or dataset_dict.json) or one "
+        "holding the data set's data files (parquet, arrow, csv or json), or give an image "
+        "folder without 'hf:' (--dataset PATH: images plus captions.json)"
+    )
+
+
 def _hf_hub_caches(cache_dir: str | os.PathLike[str] | None) -> list[Path]:
     """The folders a hub dataset's files are downloaded into (``cache_dir``, the ``datasets``
     cache, its downloads and extracted archives, the hub's cache): the only places its image
@@ -924,7 +937,8 @@ def load_hf(
     ``name`` that cannot be a hub id (``./data/wit``, ``/abs/folder``, ``a/b/c``) and is not there.
 
     Raises:
-        DatasetUnavailableError: offline / not found, with how to point at a local copy.
+        DatasetUnavailableError: offline / not found, with how to point at a local copy; a
+            local folder ``datasets`` cannot read as a data set, with what it must hold.
         ValueError: ``name`` is no hub id and no folder here (a mistyped path: at once); an
             image cell that names a file by path outside the dataset's folder (or, for a hub
             dataset, outside the Hugging Face caches), or a file that cannot be read.
@@ -961,20 +975,24 @@ def load_hf(
                     revision=revision,
                     cache_dir=None if cache_dir is None else str(cache_dir),
                 )
-    except (ConnectionError, OSError, FileNotFoundError, ValueError) as exc:
+    except Exception as exc:  # datasets wraps hub failures in its own exception types
+        expected = isinstance(exc, (ConnectionError, OSError, ValueError)) or type(
+            exc
+        ).__module__.startswith(("datasets", "huggingface_hub", "requests", "httpx"))
+        if not expected:
+            raise
+        if local.is_dir():  # a folder here that datasets cannot read: no hub, no network
+            raise DatasetUnavailableError(_hf_local_folder_message(name, local, exc)) from None
         message = _hf_offline_message(name, subset, exc, unreachable)
         raise DatasetUnavailableError(message) from None
-    except Exception as exc:  # datasets wraps hub failures in its own exception types
-        if type(exc).__module__.startswith(("datasets", "huggingface_hub", "requests", "httpx")):
-            message = _hf_offline_message(name, subset, exc, unreachable)
-            raise DatasetUnavailableError(message) from None
-        raise
     columns = set(loaded.column_names)
     for column, what in ((image_column, "image_column"), (caption_column, "caption_column")):
         if column not in columns:
             raise ValueError(
                 f"dataset {name!r} has no column {column!r} (columns: {sorted(columns)}); "
-                f"pass {what}=<one of them>"
+                f"pass {what}=<one of them> (on the command line: a config file whose "
+                f"[dataset] table has kind = \"hf\", path = ... and {what} = ..., as in "
+                "configs/paper-wit1024.toml)"
             )
     if limit is not None:
         loaded = loaded.select(range(min(int(limit), len(loaded))))

@@ -487,6 +487,31 @@ def test_hf_offline_message(tmp_path: Path, hub_offline) -> None:
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
+def test_hf_local_folder_that_holds_no_data_set_is_named_as_such(tmp_path: Path, hub_offline):
+    """A folder here that ``datasets`` cannot read is about the folder: the hub, its cache and
+    network access are beside the point (the message used to send the user to them)."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("")
+    with pytest.raises(DatasetUnavailableError) as info:
+        load_dataset(f"hf:{tmp_path / 'notes'}", cache_dir=tmp_path / "c")
+    message = str(info.value)
+    assert f"cannot load the folder {tmp_path / 'notes'} as a Hugging Face data set" in message
+    assert "save_to_disk" in message and "without 'hf:'" in message
+    assert "network" not in message and "datasets cache" not in message
+
+
+def test_hf_missing_column_says_how_to_name_it_on_the_command_line(tmp_path: Path, hub_offline):
+    import datasets as hf
+
+    (tmp_path / "pq").mkdir()
+    hf.Dataset.from_dict(
+        {"image": [Image.new("RGB", (4, 4))], "caption": ["a"]},
+        features=hf.Features({"image": hf.Image(), "caption": hf.Value("string")}),
+    ).to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    with pytest.raises(ValueError, match=r"no column 'text'.*caption_column=.*\[dataset\] table"):
+        load_dataset(f"hf:{tmp_path / 'pq'}", cache_dir=tmp_path / "c")
+
+
 # --------------------------------------------------------------------------- images
 
 
