@@ -37,6 +37,17 @@ shuts it down. A Ray session that is already running in this process (a notebook
 running. Workers must be able to import ``convergence_core`` (installed on every node, or shipped
 with ``runtime_env``), read the images and the model weights at the same paths, and the driver
 writes the run folder.
+
+**A local instance listens on loopback only.** Without ``ray_address`` (``RAY_ADDRESS`` in the
+environment is not consulted either) the instance is one node whose address is ``127.0.0.1``
+(:func:`_loopback_node`); Ray binds its servers to ``127.0.0.1`` when that is the node's address,
+and to every interface (``0.0.0.0`` / ``::``, or the machine's network address) otherwise. So
+the GCS, the raylet (node manager and object manager), the runtime-env agent and the gRPC
+server of the driver and of every worker listen on ``127.0.0.1`` at random ports; with
+``ray[default]`` installed, so do the dashboard agent (gRPC, HTTP on 52365, the metrics export
+port) and the metrics ports of the dashboard head and the autoscaler monitor (44227, 44217; the
+dashboard's web UI is not started). The object store and the raylet's socket for its workers are
+Unix sockets in the session folder. A cluster (``ray_address``) keeps Ray's own network setup.
 """
 
 from __future__ import annotations
@@ -393,6 +404,38 @@ def _package_on_worker_path() -> Iterator[None]:
             os.environ["PYTHONPATH"] = before
 
 
+#: Ray's switch (``ray_constants.ENABLE_RAY_CLUSTER``, on by default on Linux, off on macOS and
+#: Windows) that lets a node take its network-reachable address: off, a node started on
+#: ``127.0.0.1`` keeps that address (on, ``ray.init`` swaps it for the machine's network address)
+_RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+#: the address of a local Ray instance's node; Ray's C++ servers bind to 127.0.0.1 (rather than
+#: 0.0.0.0) exactly when the node's address is this string
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[dict[str, Any]]:
+    """While a local Ray instance starts: the ``ray.init`` arguments (``_node_ip_address``) and
+    the switch (:data:`_RAY_CLUSTER_SWITCH`, off in this process and in the environment the Ray
+    processes inherit) that make its node ``127.0.0.1``, so that every Ray server of the instance
+    binds to loopback. Both are restored afterwards (the processes keep their copy)."""
+    from ray._private import ray_constants
+
+    before_env = os.environ.get(_RAY_CLUSTER_SWITCH)
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_RAY_CLUSTER_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield {"address": "local", "_node_ip_address": LOOPBACK}
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if before_env is None:
+            os.environ.pop(_RAY_CLUSTER_SWITCH, None)
+        else:
+            os.environ[_RAY_CLUSTER_SWITCH] = before_env
+
+
 class WorkerError(ValueError):
     """An error our code raised in a Ray worker (a missing image, unusable weights, ...), with the
     original message; ``original_type`` names the original exception class."""
@@ -459,7 +502,9 @@ class RayEngine:
 
     # ----------------------------------------------------------------------- Ray session
     def start(self) -> None:
-        """Connect to ``ray_address``, use the session already running here, or start one."""
+        """Connect to ``ray_address``, use the session already running here, or start one: a
+        local instance on ``127.0.0.1`` only (module docstring), refused if Ray gives its node
+        another address."""
         if self._started:
             return
         try:
@@ -487,8 +532,9 @@ class RayEngine:
                 if self.options.ray_address:
                     ray.init(address=self.options.ray_address, **kwargs)
                 else:
-                    with _package_on_worker_path():
-                        ray.init(**kwargs)
+                    with _package_on_worker_path(), _loopback_node() as local:
+                        ray.init(**local, **kwargs)
+                    self._check_loopback(ray)
             except (ConnectionError, RuntimeError) as exc:
                 chain = f"{exc} {exc.__cause__}"
                 auth = (
@@ -511,6 +557,22 @@ class RayEngine:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         self._started = True
+
+    @staticmethod
+    def _check_loopback(ray: Any) -> None:
+        """Refuse (after shutting it down) a local instance whose node did not get the loopback
+        address: its servers would listen on every network interface (a Ray version that
+        resolves the address otherwise)."""
+        node = ray._private.worker._global_node
+        address = getattr(node, "node_ip_address", None)
+        if address != LOOPBACK:
+            ray.shutdown()
+            raise ValueError(
+                f"the local Ray instance took the address {address!r} instead of {LOOPBACK}, so "
+                "its servers would listen on the network; it was shut down. This Ray version "
+                "does not keep a local node on loopback: run a Ray cluster you have secured and "
+                "pass its address with --ray-address"
+            )
 
     def close(self) -> None:
         """Shut down the Ray instance this engine started (a cluster or an existing session is
