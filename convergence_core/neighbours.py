@@ -397,7 +397,9 @@ def exact_top_k(
     at = np.minimum(np.searchsorted(candidate_index, query_rows), c - 1)
     own = np.where(candidate_index[at] == query_rows, at, -1)
     available = c - int((own >= 0).any())
-    if isinstance(k, bool) or not 1 <= int(k) <= available:
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or not (
+        1 <= k <= available
+    ):
         raise ValueError(
             f"k = {k} neighbours were asked for among {c} candidates (the query itself excluded); "
             f"use 1 <= k <= {available}"

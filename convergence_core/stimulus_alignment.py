@@ -35,6 +35,7 @@ import pandas as pd
 from .metrics import EPSILON
 from .neighbours import NeighbourIndex, PreparedFeatures, exact_top_k
 from .stats import spearman_permutation_test
+from .validation import check_k
 
 if TYPE_CHECKING:
     from .analyses import Pair
@@ -74,11 +75,10 @@ def knn_overlap(x: NeighbourIndex, y: NeighbourIndex, k: int = 10) -> np.ndarray
     """
     if x.n != y.n:
         raise ValueError(f"the indexes cover {x.n} and {y.n} stimuli; use two layers of one run")
-    if isinstance(k, bool) or not 1 <= int(k) < x.n:
-        raise ValueError(f"k must be in 1..{x.n - 1}, got {k!r}")
-    top_x, top_y = _top_k(x, int(k)), _top_k(y, int(k))
+    k = check_k(k, x.n)
+    top_x, top_y = _top_k(x, k), _top_k(y, k)
     out = np.empty(x.n)
-    rows = max(1, _OVERLAP_ENTRIES // (int(k) * int(k)))
+    rows = max(1, _OVERLAP_ENTRIES // (k * k))
     for start in range(0, x.n, rows):
         a, b = top_x[start : start + rows], top_y[start : start + rows]
         out[start : start + a.shape[0]] = (a[:, :, None] == b[:, None, :]).any(axis=2).sum(1) / k

@@ -69,6 +69,23 @@ def test_layer_sweep_matches_cknna_on_features(planted, sweep):
         assert row.cknna == pytest.approx(expected, abs=1e-5)
 
 
+def test_layer_sweep_and_fig_s1_ask_the_subset_engine_for_cknna_alone(planted, monkeypatch):
+    """Both read only CKNNA; mutual k-NN was computed beside it and dropped (3x the layer
+    sweep's time on the demo run)."""
+    asked = []
+    engine = analyses.subset_alignment
+
+    def recording(*args, metrics, **kwargs):
+        asked.append(tuple(metrics))
+        return engine(*args, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(analyses, "subset_alignment", recording)
+    analyses.layer_sweep(planted, k=5)
+    pair = analyses.Pair(*analyses.vision_layers(planted)[0], "planted", PLANTED_BEST_LAYER)
+    analyses.drop_fraction_alignment(planted, pairs=[pair], k=5)
+    assert asked and set(asked) == {("cknna",)}
+
+
 def test_best_layer_is_the_planted_one(planted, sweep):
     best = analyses.best_language_layers(planted, k=5, sweep=sweep).set_index("language_model")
     assert best.loc["planted", "language_layer"] == PLANTED_BEST_LAYER

@@ -171,6 +171,8 @@ def test_exact_top_k_bad_k_is_explained():
         exact_top_k(features, 10)
     with pytest.raises(ValueError, match="use 1 <= k"):
         exact_top_k(features, 0)
+    with pytest.raises(ValueError, match="use 1 <= k"):  # int(2.5) = 2 neighbours, silently
+        exact_top_k(features, 2.5)
 
 
 def test_exact_top_k_refuses_candidates_and_queries_it_cannot_search():

@@ -40,6 +40,17 @@ def test_knn_overlap_per_stimulus_against_a_loop_and_mutual_knn():
         assert values.mean() == pytest.approx(mutual_knn(F, G, k))
 
 
+def test_knn_overlap_refuses_a_k_that_is_not_a_whole_number():
+    """k = 2.5 took 2 neighbours and divided by 2.5 (every overlap 0.8 of its value); the one k
+    check of the package refuses it, as every other k."""
+    X, Y = _pair()
+    x, y = NeighbourIndex.from_features(X, list_size=20), NeighbourIndex.from_features(Y, list_size=4)
+    for bad in (2.5, 2.0, True):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            knn_overlap(x, y, bad)
+    assert knn_overlap(x, y, np.int64(2)).max() <= 1.0
+
+
 def test_knn_overlap_blocks_are_sized_by_k(monkeypatch):
     """Blocks of 65,536 rows whatever k: a (rows, k, k) comparison of ~1 GB at k = 128. Blocks
     now hold about _OVERLAP_ENTRIES entries; a small budget (several blocks, a partial last one,
