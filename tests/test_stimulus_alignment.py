@@ -44,7 +44,7 @@ def test_knn_overlap_refuses_a_k_that_is_not_a_whole_number():
     """k = 2.5 took 2 neighbours and divided by 2.5 (every overlap 0.8 of its value); the one k
     check of the package refuses it, as every other k."""
     X, Y = _pair()
-    x, y = NeighbourIndex.from_features(X, list_size=20), NeighbourIndex.from_features(Y, list_size=4)
+    x, y = (NeighbourIndex.from_features(F, list_size=20) for F in (X, Y))
     for bad in (2.5, 2.0, True):
         with pytest.raises(ValueError, match="k must be an integer"):
             knn_overlap(x, y, bad)
