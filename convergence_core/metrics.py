@@ -1049,6 +1049,9 @@ class Metric:
             whose per-side work dominates: ``feature_side(X, **options)`` once per model and set,
             ``from_feature_sides(side_x, side_y)`` equals ``function(X, Y, **options)`` (SVCCA:
             each side's standardised top singular vectors). None: use ``function``.
+        min_k: the smallest k it is defined at (CKNNA: 2, its mutual-neighbour kernel is
+            empty at k = 1; the other neighbour metrics: 1); every check of a set's k for a
+            metric asks this.
         permuted_feature_side: ``permuted_feature_side(feature_side(X), order)`` equals
             ``feature_side(X[order])`` at a fraction of its cost (a shuffled pairing reorders one
             side of a set many times). None: compute the side of the reordered rows.
@@ -1070,6 +1073,7 @@ class Metric:
     reference: str
     description: str
     notes: str = field(default="")
+    min_k: int = 1
     side: Callable[..., Any] | None = None
     from_sides: Callable[..., Any] | None = None
     feature_side: Callable[..., Any] | None = None
@@ -1106,6 +1110,7 @@ _ENTRIES = (
         reference="equal (|Δ| ≤ 1e-6)",
         description="centered kernel nearest-neighbour alignment (CKA on mutual k-NN entries)",
         notes="not exactly symmetric: the masked kernels are asymmetric (as in the reference)",
+        min_k=2,
         side=cknna_side,
         from_sides=cknna_from_sides,
     ),

@@ -888,7 +888,7 @@ def subset_alignment(
             "the same run"
         )
     n = sizes.pop() if sizes else 0
-    sets = check_subsets(subsets, n, k, min_k=2 if "cknna" in names else 1)
+    sets = check_subsets(subsets, n, k, min_k=max(registry.metric(name).min_k for name in names))
     n_sets, s = sets.shape
     out = {name: np.empty((len(pairs), n_sets)) for name in names}
     chunk = max(1, _ENTRY_CHUNK // max(1, s * k * k))

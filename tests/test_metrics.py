@@ -243,6 +243,30 @@ def test_one_check_of_a_metrics_options_for_every_route() -> None:
         metrics.check_options("mutual_knn", {"kernel": "rbf"}, k_apart=True)
 
 
+def test_a_neighbour_metrics_smallest_k_is_its_registry_entry_everywhere() -> None:
+    """``Metric.min_k`` is the one place a metric's smallest k is written: the dense function
+    and the subset engine both start at it (the engine had CKNNA's 2 written in by name)."""
+    from convergence_core.neighbours import NeighbourIndex, subset_alignment
+
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(12, 5)), rng.normal(size=(12, 4))
+    indexes = {"x": NeighbourIndex.from_features(X), "y": NeighbourIndex.from_features(Y)}
+    for name in metric_names():
+        entry = metrics.metric(name)
+        if not entry.neighbour_metric:
+            continue
+        assert np.isfinite(measure(name, X, Y, k=entry.min_k))
+        subset_alignment(indexes, [("x", "y")], np.arange(12), entry.min_k, metrics=[name])
+        with pytest.raises(ValueError, match=f"{entry.min_k} <= k"):
+            measure(name, X, Y, k=entry.min_k - 1)
+        if entry.min_k > 1:
+            with pytest.raises(ValueError, match=f"{entry.min_k} <= k"):
+                subset_alignment(
+                    indexes, [("x", "y")], np.arange(12), entry.min_k - 1, metrics=[name]
+                )
+    assert metrics.metric("cknna").min_k == 2
+
+
 def test_measure_rejects_unknown_metrics_and_options() -> None:
     X, Y = paired(np.random.default_rng(0))
     with pytest.raises(ValueError, match="unknown metric 'ckna'; known metrics: cknna"):
