@@ -39,6 +39,7 @@ import hashlib
 import os
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -552,10 +553,18 @@ def _open_feature_file(
         )
     if array is None:
         return None, file_ids
+    if array.ndim > 2:
+        raise FeatureFileError(
+            f"{where} holds an array of shape {array.shape}; it must be 2-D (stimuli, features). "
+            "Repeated presentations or time points on an axis are averaged first (e.g. "
+            "features.mean(axis=2)); axes that are all features (a voxel grid, channels × "
+            "positions) are flattened with features.reshape(len(features), -1)"
+        )
     if array.ndim != 2 or array.shape[1] < 1:
         raise FeatureFileError(
             f"{where} holds an array of shape {array.shape}; it must be 2-D (stimuli, features): "
-            "reshape with features.reshape(len(features), -1)"
+            "one row per stimulus, one column per feature (a 1-D array of one feature: "
+            "features.reshape(-1, 1))"
         )
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise FeatureFileError(f"{where} has dtype {array.dtype}; store real numbers (float32)")
@@ -584,9 +593,12 @@ def _row_order(
             duplicated.append(sid)
         position[sid] = row
     if duplicated:
+        repeated = list(dict.fromkeys(duplicated))
+        most = max(Counter(file_ids).values())
+        times = "twice" if most == 2 else f"up to {most} times"
         raise FeatureIdsError(
-            f"{where} lists {len(duplicated)} id(s) twice (e.g. {duplicated[:5]}); keep one row "
-            "per stimulus (average repeated presentations first)"
+            f"{where} lists {len(repeated)} id(s) more than once ({times}; e.g. {repeated[:5]}); "
+            "keep one row per stimulus (average repeated presentations first)"
         )
     missing = [sid for sid in ids if sid not in position]
     if missing:

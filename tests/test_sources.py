@@ -647,7 +647,7 @@ def test_feature_files_alone_must_agree_on_the_ids(tmp_path):
         precompute(features={"vb": str(short), "va": str(paths["va"])}, **options)
     assert not (cache / "runs").exists() or not any((cache / "runs").iterdir())
     twice = _save_npy(tmp_path / "twice.npy", arrays["va"], ids[:-1] + ids[:1])
-    with pytest.raises(FeatureFileError, match=r"twice\.npy .* lists 1 id\(s\) twice"):
+    with pytest.raises(FeatureFileError, match=r"twice\.npy .* lists 1 id\(s\) more than once \(twice;"):
         precompute(features={"va": str(twice), "vb": str(paths["vb"])}, **options)
     with pytest.raises(ValueError, match=r"no dataset given, but encoder models "
                        r"\['efficientnet-lite0'\] embed its images"):
@@ -974,3 +974,19 @@ def test_brain_subjects_as_models_recover_planted_stimulus_noise(
     table = at.dataframe[-1].value
     assert set(table["vision_model"]) == set(subjects)
     assert set(table["language_model"]) == {"source", "unrelated"}
+
+
+def test_a_neuroscientists_unaveraged_recordings_get_the_averaging_fix(tmp_path: Path) -> None:
+    """Stimuli × voxels × repeats was told to reshape (each repeat would become voxels of its
+    own); every id listed 3 times was counted as '2n ids twice'. Both now say what they are."""
+    ids = [f"s{i}" for i in range(6)]
+    rng = np.random.default_rng(0)
+    three_d = tmp_path / "threed.npy"
+    _save_npy(three_d, rng.normal(size=(6, 4, 3)), ids)
+    with pytest.raises(FeatureFileError, match=r"shape \(6, 4, 3\).*averaged first \(e\.g\. "
+                       r"features\.mean\(axis=2\)\)"):
+        read_feature_file(three_d, ids, model="m", layer="l")
+    repeats = _save_npy(tmp_path / "repeats.npy", rng.normal(size=(18, 4)), ids * 3)
+    with pytest.raises(FeatureFileError, match=r"lists 6 id\(s\) more than once \(up to 3 "
+                       r"times; e\.g\. \['s0', 's1'"):
+        read_feature_file(repeats, ids, model="m", layer="l")
