@@ -11,7 +11,7 @@ import streamlit as st
 from convergence_core.dashboard import catalogue, data, gallery, page, plots, widgets
 from convergence_core.dispersion import two_model_note
 
-context = page.open_page("Convergence Explorer", icon=page.APP_ICON)
+context = page.open_page(page.HOME)
 run = context.run
 view = context.view
 found = data.catalogue(run)

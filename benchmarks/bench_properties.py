@@ -117,7 +117,7 @@ def main() -> int:
     parser.add_argument("--out", default="bench_properties.json")
     args = parser.parse_args()
     sizes = [200] if args.quick else args.sizes
-    permutations = 200 if args.quick else dp.DEFAULT_N_PERMUTATIONS
+    permutations = 200 if args.quick else dp.PROPERTY_TEST_PERMUTATIONS
     shuffles = 1 if args.quick else dp.DEFAULT_N_SHUFFLES
     rows: list[dict[str, object]] = []
 

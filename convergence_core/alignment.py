@@ -21,7 +21,6 @@ import numpy as np
 
 from . import metrics as _metrics
 from .neighbours import clip_threshold, prepare_rows
-from .metrics import EPSILON as CKA_EPSILON  # noqa: F401  (kept for callers of the old name)
 from .validation import MIN_CKNNA_SET_SIZE, check_features, check_min_stimuli, check_square
 
 

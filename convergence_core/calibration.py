@@ -38,10 +38,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .stats import percentile_interval, permutation_p_values
 from .subsets import check_indices
-from .validation import check_count
-
-_TIE_TOLERANCE = 1e-12
+from .validation import check_count, check_level
 
 
 def _rng(seed: object) -> np.random.Generator:
@@ -50,33 +49,11 @@ def _rng(seed: object) -> np.random.Generator:
     return np.random.default_rng(int(seed))
 
 
-def check_level(level: object) -> float:
-    """The central mass of an interval, in (0, 1); ValueError naming the fix otherwise."""
-    if (
-        isinstance(level, bool)
-        or not isinstance(level, (int, float, np.floating))
-        or not 0 < level < 1
-    ):
-        raise ValueError(f"level must lie in (0, 1), got {level!r}; use e.g. 0.95.")
-    return float(level)
-
-
-def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
-    tail = 100.0 * (1.0 - level) / 2.0
-    lower, upper = np.percentile(values, [tail, 100.0 - tail])
-    return float(lower), float(upper)
-
-
 def _p_values(observed: float, null: np.ndarray) -> tuple[float, float]:
-    """(P(null ≥ observed), P(null ≤ observed)) with the +1 correction, ties within 1e-12; NaN
-    (both) when the observed value or any null value is not finite (as ``stats``)."""
+    """(P(null ≥ observed), P(null ≤ observed)): :func:`.stats.permutation_p_values`' one-sided
+    p of the observed value, and of its negation against the negated null."""
     null = np.asarray(null, dtype=np.float64)
-    if not (np.isfinite(observed) and np.isfinite(null).all()):
-        return float("nan"), float("nan")
-    tolerance = _TIE_TOLERANCE * max(1.0, abs(observed))
-    greater = int(np.count_nonzero(null >= observed - tolerance))
-    less = int(np.count_nonzero(null <= observed + tolerance))
-    return (1 + greater) / (null.size + 1), (1 + less) / (null.size + 1)
+    return permutation_p_values(observed, null)[1], permutation_p_values(-observed, -null)[1]
 
 
 def _evaluate(score: Callable, batched: bool, *arrays: np.ndarray) -> np.ndarray:
@@ -151,7 +128,7 @@ def calibrated_score(values: object, level: float = 0.95) -> CalibratedScore:
     level = check_level(level)
     observed, null = float(values[0]), values[1:]
     mean, sd = float(null.mean()), float(null.std(ddof=1)) if null.size > 1 else float("nan")
-    lower, upper = _interval(null, level)
+    lower, upper = percentile_interval(null, level)
     calibrated = observed - mean
     z = calibrated / sd if sd > 0 else float("nan")
     return CalibratedScore(
@@ -832,7 +809,7 @@ def compare_with_baseline(
     values = _evaluate(score, batched, np.concatenate([chosen[None], sets]))
     observed, baseline = float(values[0]), values[1:]
     greater, less = _p_values(observed, baseline)
-    lower, upper = _interval(baseline, level)
+    lower, upper = percentile_interval(baseline, level)
     return BaselineComparison(
         observed,
         float(baseline.mean()),
@@ -888,14 +865,14 @@ def resampled_interval(
         values = np.array(
             [float(statistic(np.sort(rng.integers(0, n, n)))) for _ in range(n_resamples)]
         )
-        lower, upper = _interval(values, level)
+        lower, upper = percentile_interval(values, level)
     elif method == "half":
         m = n // 2
         values = np.array(
             [float(statistic(np.sort(rng.choice(n, m, replace=False)))) for _ in range(n_resamples)]
         )
         deviations = values - values.mean()
-        low, high = _interval(deviations, level)
+        low, high = percentile_interval(deviations, level)
         lower, upper = estimate + low, estimate + high
     else:
         raise ValueError(f"method must be 'half' or 'bootstrap', got {method!r}.")
@@ -943,7 +920,7 @@ def compare_difference_with_baselines(
         )
     observed = first.observed - second.observed
     differences = first.baseline - second.baseline
-    lower, upper = _interval(differences, first.level)
+    lower, upper = percentile_interval(differences, first.level)
     return DifferenceComparison(
         observed,
         float(differences.mean()),

@@ -113,24 +113,6 @@ def _split_names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def _pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
-    """``["model=value", ...]`` -> dict (the value may itself contain ``=``); a model given twice
-    is refused, as ``--features`` refuses a layer given twice (the last one silently won)."""
-    out: dict[str, str] = {}
-    for value in values or []:
-        model, sep, rest = value.partition("=")
-        model, rest = model.strip(), rest.strip()
-        if not sep or not model or not rest:
-            raise ValueError(f"{flag} expects MODEL=VALUE, got {value!r}")
-        if model in out:
-            raise ValueError(
-                f"{flag} gives {model!r} twice ({model}={out[model]} and {model}={rest}); "
-                "give it once"
-            )
-        out[model] = rest
-    return out
-
-
 def _layers(values: Sequence[str] | None) -> str | dict[str, list[str]] | None:
     """``--layers all|default`` or one or more ``--layers MODEL=L1,L2``."""
     if not values:
@@ -143,7 +125,10 @@ def _layers(values: Sequence[str] | None) -> str | dict[str, list[str]] | None:
             f"--layers {whole[0]} is a choice for every model and cannot be given with another "
             f"--layers; give --layers {whole[0]} alone, or only --layers MODEL=L1,L2 flags"
         )
-    return {model: _split_names(layers) for model, layers in _pairs(values, "--layers").items()}
+    from .validation import model_value_pairs  # numpy: imported when a flag is read
+
+    pairs = model_value_pairs(values, "--layers")
+    return {model: _split_names(layers) for model, layers in pairs.items()}
 
 
 def _precompute_parser(sub: Any, prog: str) -> None:
@@ -332,6 +317,7 @@ def _build_parser(prog: str) -> argparse.ArgumentParser:
 
 def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     from .presets import preset_config
+    from .validation import model_value_pairs
 
     _check_flag_values(args)
     config: dict[str, Any] = {}
@@ -353,7 +339,7 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "vision_models": _split_names(args.vision) if args.vision else None,
         "language_models": _split_names(args.language) if args.language is not None else None,
         "layers": _layers(args.layers),
-        "gpa_layers": _pairs(args.gpa_layer, "--gpa-layer") or None,
+        "gpa_layers": model_value_pairs(args.gpa_layer, "--gpa-layer") or None,
         "device": args.device,
         "batch_size": args.batch_size,
         "caption_mode": args.caption_mode,
@@ -361,10 +347,10 @@ def _config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "stimuli": args.stimuli,
         "run_name": args.run_name,
         "cache_root": args.cache,
-        "weights": _pairs(args.weights, "--weights") or None,
+        "weights": model_value_pairs(args.weights, "--weights") or None,
         "thumbnails": args.thumbnails,
         "features": _features(args.features),
-        "modalities": _pairs(args.modality, "--modality") or None,
+        "modalities": model_value_pairs(args.modality, "--modality") or None,
         "gpa_models": _split_names(args.gpa_models) if args.gpa_models else None,
         "list_size": args.list_size,
         "gpa_starts": args.gpa_starts,

@@ -40,12 +40,13 @@ from threadpoolctl import threadpool_limits
 
 from .dispersion import SCORES
 from .properties import PropertyTable
+from .stats import TIE_TOLERANCE, permutation_p_value, spearman_permutation_tests
 from .validation import check_count
 
 __all__ = [
-    "DEFAULT_N_PERMUTATIONS",
     "DEFAULT_N_SHUFFLES",
     "MODELS",
+    "PROPERTY_TEST_PERMUTATIONS",
     "PredictorAnalysis",
     "UsableProperties",
     "analyse_properties",
@@ -59,7 +60,7 @@ __all__ = [
 ]
 
 #: Label shuffles per rank test: with ~30 properties, BH needs p ≈ 1e-4 for q < 0.01.
-DEFAULT_N_PERMUTATIONS = 10_000
+PROPERTY_TEST_PERMUTATIONS = 10_000
 #: Shuffled-target refits of each cross-validated model.
 DEFAULT_N_SHUFFLES = 20
 MIN_STIMULI = 10
@@ -70,7 +71,6 @@ MODELS = {
     "ridge": "ridge regression (standardised properties, one-hot categories, α by LOO)",
     "boosted_trees": "histogram gradient-boosted trees (seeded)",
 }
-_TIE_TOLERANCE = 1e-12
 _BLOCK_ELEMENTS = 1 << 22  # permutation block: at most ~32 MB of float64
 
 
@@ -226,16 +226,6 @@ def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
     return q
 
 
-def _centred_ranks(values: np.ndarray) -> np.ndarray:
-    """Average ranks of each column of (n, P), centred and scaled to unit norm (n, P)."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(values, axis=0)
-    ranks -= ranks.mean(axis=0)
-    norms = np.linalg.norm(ranks, axis=0)
-    return ranks / norms
-
-
 def _permutation_blocks(n_rows: int, n_permutations: int, rng: np.random.Generator):
     """Yield (B, n_rows) blocks of independent permutations, n_permutations rows in all
     (:func:`.shuffles.permutation_blocks`: a compiled shuffle, ~3× NumPy's at n = 100,000)."""
@@ -247,20 +237,13 @@ def _permutation_blocks(n_rows: int, n_permutations: int, rng: np.random.Generat
 def _spearman_tests(
     x: np.ndarray, y: np.ndarray, n_permutations: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ρ, permutation p (two-sided) and t-approximation p of each column of x (n, P) with y (n,)."""
+    """ρ, permutation p (two-sided; :func:`.stats.spearman_permutation_tests`) and
+    t-approximation p of each column of x (n, P) with y (n,)."""
     from scipy.stats import t as student_t
 
-    rx = _centred_ranks(x)
-    ry = _centred_ranks(y[:, None])[:, 0]
-    rho = np.clip(rx.T @ ry, -1.0, 1.0)
-    extreme = np.zeros(rho.shape[0], dtype=np.int64)
-    threshold = np.abs(rho) - _TIE_TOLERANCE
-    for perms in _permutation_blocks(len(y), n_permutations, rng):
-        null = ry[perms] @ rx  # (B, P)
-        extreme += np.count_nonzero(np.abs(null) >= threshold, axis=0)
-    # an undefined ρ (a constant score) is no evidence: NaN compares as not extreme, which would
-    # give it the smallest p there is
-    p_perm = np.where(np.isnan(rho), np.nan, (1.0 + extreme) / (n_permutations + 1.0))
+    rho, p_perm, _ = spearman_permutation_tests(
+        x, y, n_permutations, rng, block_elements=_BLOCK_ELEMENTS
+    )
     n = len(y)
     with np.errstate(divide="ignore", invalid="ignore"):
         t_value = rho * np.sqrt((n - 2) / np.maximum(1.0 - rho**2, 0.0))
@@ -290,10 +273,10 @@ def _kruskal_test(
 
     observed = float(h_of(ranks[None])[0])
     extreme = 0
-    threshold = observed - _TIE_TOLERANCE * max(1.0, abs(observed))
+    threshold = observed - TIE_TOLERANCE * max(1.0, abs(observed))
     for perms in _permutation_blocks(n, n_permutations, rng):
         extreme += int(np.count_nonzero(h_of(ranks[perms]) >= threshold))
-    p_perm = (1.0 + extreme) / (n_permutations + 1.0) if np.isfinite(observed) else np.nan
+    p_perm = permutation_p_value(extreme, n_permutations) if np.isfinite(observed) else np.nan
     p_chi2 = float(chi2.sf(observed, groups - 1))
     return observed, observed / (n - 1), p_perm, p_chi2
 
@@ -309,7 +292,7 @@ def property_tests(
     dispersion: pd.DataFrame,
     *,
     scores: Sequence[str] = SCORES,
-    n_permutations: int = DEFAULT_N_PERMUTATIONS,
+    n_permutations: int = PROPERTY_TEST_PERMUTATIONS,
     seed: int = 0,
     usable: UsableProperties | None = None,
 ) -> pd.DataFrame:
@@ -807,7 +790,7 @@ def _fit_metrics(observed: float, fold_r2: Sequence[float], null: np.ndarray) ->
         "r2_shuffled_sd": float(null.std(ddof=1)) if null.size > 1 else nan,
         "r2_shuffled_upper_95": float(np.percentile(null, 95)) if null.size else nan,
         "p_value_vs_shuffled": (  # NaN for an undefined R², never the smallest p
-            (1.0 + np.count_nonzero(null >= observed)) / (null.size + 1.0)
+            permutation_p_value(int(np.count_nonzero(null >= observed)), null.size)
             if null.size and np.isfinite(observed) else nan
         ),
     }
@@ -840,7 +823,7 @@ def analyse_properties(
     dispersion: pd.DataFrame,
     *,
     scores: Sequence[str] = SCORES,
-    n_permutations: int = DEFAULT_N_PERMUTATIONS,
+    n_permutations: int = PROPERTY_TEST_PERMUTATIONS,
     models: Sequence[str] = tuple(MODELS),
     n_splits: int = 5,
     n_shuffles: int = DEFAULT_N_SHUFFLES,

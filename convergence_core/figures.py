@@ -27,6 +27,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from .cache import write_bytes  # noqa: E402
 from .figure_style import DPI, FULL_WIDTH, STYLE, colour_map, ink, styled, wrap  # noqa: E402
 from .dispersion import SCORE_UNIT, score_entry  # noqa: E402
+from .retrieval import direction_label  # noqa: E402
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -316,16 +317,6 @@ _SUBSET_LABELS = {
 }
 
 
-def _direction_label(direction: str) -> str:
-    """``vision_to_language`` -> ``vision → language (image → text)``."""
-    source, _, target = direction.partition("_to_")
-    names = {"vision": "image", "language": "text"}
-    plain = f"{source} → {target}"
-    if source in names and target in names:
-        plain += f" ({names[source]} → {names[target]})"
-    return plain
-
-
 @_plain_text
 def cross_modal_dispersion_figure(
     per_stimulus: pd.DataFrame, relation: pd.DataFrame, path: str | os.PathLike[str]
@@ -409,7 +400,7 @@ def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
         n_gallery = rows[rows["subset"] == "all"]["n_gallery_mean"].iloc[0]
         top.set_xticks(np.arange(len(recalls)), [f"recall@{m.rsplit('_', 1)[1]}" for m in recalls])
         top.set_xlabel(wrap(f"cut-off k (gallery: {n_gallery:.0f} held-out stimuli per fold)", 3.4))
-        top.set_title(_direction_label(direction))
+        top.set_title(direction_label(direction))
         if subsets:
             bottom = grid[1][column]
             bars(bottom, rows, [("recall_at_1", subset) for subset in subsets])
@@ -420,7 +411,7 @@ def retrieval_figure(summary: pd.DataFrame, path: str | os.PathLike[str]) -> Pat
             bottom.set_xlabel(
                 wrap(f"held-out stimuli by GPA dispersion ({size:.0f} per fold)", 3.4)
             )
-            bottom.set_title(wrap(f"recall@1, {_direction_label(direction)}", 3.4, 11.0))
+            bottom.set_title(wrap(f"recall@1, {direction_label(direction)}", 3.4, 11.0))
     _legend_below(figure, grid[0][0])
     folds = int(summary["n_folds"].max())
     _suptitle(

@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 
 from . import procrustes as _gpa
-from .stats import ordinal_ranks
+from .stats import ordinal_ranks, spearman_rhos
 
 
 @dataclass(frozen=True)
@@ -276,12 +276,10 @@ def describe(summary: dict[str, Any], *, n_stimuli: int, n_starts: int, tol: flo
         f"GPA's at Spearman {agree}; {ranks}; the largest dispersion spread is {spread_text} of "
         "that stimulus's dispersion."
     )
-    return sentence + _adoption_words(summary, number)
+    return sentence + _adoption_words(number)
 
 
-def _adoption_words(
-    summary: dict[str, Any], number: Callable[[str], float | None]
-) -> str:
+def _adoption_words(number: Callable[[str], float | None]) -> str:
     """What :func:`describe` adds about the solution adopted as GPA's answer: nothing when it
     is Gower's start; the start and the loss gap when a random start's lower minimum was
     adopted; the fix when a run written before adoption keeps Gower's worse minimum."""
@@ -366,20 +364,11 @@ def _spread(values: np.ndarray) -> np.ndarray:
 
 
 def _spearman(reference: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """Spearman ρ (average ranks for ties) of (n,) with each row of (S, n)."""
-    from scipy.stats import rankdata
-
-    out = np.full(others.shape[0], np.nan)
+    """Spearman ρ (average ranks for ties; :func:`.stats.spearman_rhos`) of (n,) with each row of
+    (S, n); NaN for a constant row, and all NaN when the reference is zero throughout."""
     if not np.max(reference) > _ZERO_DISPERSION:
-        return out
-    a = rankdata(reference)
-    a = a - a.mean()
-    for s, row in enumerate(others):
-        b = rankdata(row)
-        b = b - b.mean()
-        if np.any(b):
-            out[s] = float(a @ b / np.sqrt((a @ a) * (b @ b)))
-    return out
+        return np.full(others.shape[0], np.nan)
+    return spearman_rhos(np.asarray(others, dtype=np.float64).T, reference)
 
 
 def _random_start(problem: Any, rng: np.random.Generator) -> list[np.ndarray]:

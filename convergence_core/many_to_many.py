@@ -126,16 +126,6 @@ def single_caption(
     return captions[_one_per_group(owners, n, choice, seed)]
 
 
-def class_means(features: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
-    """(classes (C,), means (C, d)): the mean feature vector of each class, classes sorted."""
-    features = check_features(features, "features")
-    labels = np.asarray(labels)
-    if labels.shape != (features.shape[0],):
-        raise ValueError(f"labels must be ({features.shape[0]},), one per row; got {labels.shape}.")
-    classes, codes = np.unique(labels, return_inverse=True)
-    return classes, _group_means(features, codes.ravel(), classes.size)
-
-
 def _effect(
     comparison: str,
     scorer: Callable[[np.ndarray, np.ndarray], float],

@@ -41,6 +41,7 @@ import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from .ridge import fit_ridge_cv
+from .subset_metrics import row_space_coordinates
 from .subsets import check_indices
 from .validation import check_pair, product_rounding
 
@@ -110,11 +111,10 @@ def cross_validated_predictions(
             "fewer folds."
         )
     alphas = _check_alphas(alphas)
-    if X.shape[1] > s:
-        # the ridge map sees X only through inner products of its (centered) rows: written in
-        # coordinates of their own row space (s columns) every prediction and leave-one-out error
-        # is the same, and the per-penalty coefficients cost s instead of d_x columns
-        X = np.linalg.qr(X.T, mode="r").T
+    # the ridge map sees X only through inner products of its (centered) rows: written in
+    # coordinates of their own row space (s columns) every prediction and leave-one-out error
+    # is the same, and the per-penalty coefficients cost s instead of d_x columns
+    X = row_space_coordinates(X)
     predictions = np.empty_like(Y)
     chosen = []
     for train, test in KFold(n_folds, shuffle=True, random_state=int(seed)).split(X):

@@ -73,7 +73,7 @@ from .run_checks import check_run_files
 from .stats import percentile_interval
 from .subset_metrics import cca_dim_limit, row_space_coordinates
 from .subsets import select_stimuli
-from .validation import MIN_CKNNA_SET_SIZE, check_count, check_k
+from .validation import MIN_CKNNA_SET_SIZE, check_count, check_k, model_value_pairs
 
 #: Columns of the summary table, in print order.
 SUMMARY_COLUMNS = [
@@ -489,7 +489,7 @@ def write_report(
     q: float = 0.25,
     seed: int = 0,
     universal_folds: int = 5,
-    property_permutations: int = dispersion_predictors.DEFAULT_N_PERMUTATIONS,
+    property_permutations: int = dispersion_predictors.PROPERTY_TEST_PERMUTATIONS,
     property_shuffles: int = dispersion_predictors.DEFAULT_N_SHUFFLES,
     options: AnalysisOptions | None = None,
     progress: Callable[[str], None] | None = None,
@@ -2263,9 +2263,9 @@ def _parser(prog: str = "python -m convergence_core") -> argparse.ArgumentParser
     parser.add_argument(
         "--property-permutations",
         type=int,
-        default=dispersion_predictors.DEFAULT_N_PERMUTATIONS,
+        default=dispersion_predictors.PROPERTY_TEST_PERMUTATIONS,
         help="label shuffles per property test (default "
-        f"{dispersion_predictors.DEFAULT_N_PERMUTATIONS})",
+        f"{dispersion_predictors.PROPERTY_TEST_PERMUTATIONS})",
     )
     parser.add_argument(
         "--property-shuffles",
@@ -2461,9 +2461,7 @@ def _weights_flag(
 ) -> dict[str, str] | None:
     """``--weights MODEL=PATH`` (repeatable) as ``{model: path}``, each a language model of
     ``run``; refused without ``--embed-captions``, the only step that loads a model."""
-    from .cli import _pairs
-
-    weights = _pairs(values, "--weights")
+    weights = model_value_pairs(values, "--weights")
     if weights and not embed:
         raise ValueError(
             "--weights gives the weights to embed captions with, and only --embed-captions "

@@ -79,6 +79,7 @@ __all__ = [
     "chance_metrics",
     "comparison_table",
     "cross_validated_retrieval",
+    "direction_label",
     "fit_ridge_baseline",
     "paired_recall_test",
     "retrieval_metrics",
@@ -95,6 +96,16 @@ DEFAULT_RIDGE_ALPHAS: tuple[float, ...] = tuple(float(a) for a in np.logspace(-6
 #: Largest block of similarities held at once (2**22 float64 = 32 MiB).
 BLOCK_ELEMENTS = 1 << 22
 METHODS: tuple[str, ...] = ("universal", "ridge", "chance")
+#: What a reader calls a modality's stimuli in a retrieval direction (others by their name).
+_STIMULUS_WORDS = {"vision": "image", "language": "text"}
+
+
+def direction_label(direction: str) -> str:
+    """A retrieval direction's name (``<query>_to_<gallery>``, as the tables write it) in words,
+    the one wording of the report's figures and the dashboard: ``vision_to_language`` ->
+    ``image → text``; other modalities by name (``brain_to_language`` -> ``brain → text``)."""
+    source, _, target = direction.partition("_to_")
+    return f"{_STIMULUS_WORDS.get(source, source)} → {_STIMULUS_WORDS.get(target, target)}"
 
 
 # ----------------------------------------------------------------------------------------------

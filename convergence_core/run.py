@@ -49,7 +49,7 @@ class _LayerArrays(Mapping[str, np.ndarray]):
 
     def __getitem__(self, layer: str) -> np.ndarray:
         if layer not in self._loaded:
-            self._loaded[layer] = self._run._read_model_array("embedding", self._model, layer)
+            self._loaded[layer] = self._run._read_model_array(self._model, layer)
         return self._loaded[layer]
 
     def __iter__(self) -> Iterator[str]:
@@ -200,7 +200,7 @@ class Run:
             )
         return entry.key, entry.layer_keys[layer]
 
-    def _read_model_array(self, kind: str, model: str, layer: str) -> np.ndarray:
+    def _read_model_array(self, model: str, layer: str) -> np.ndarray:
         model_key, layer_key = self._keys(model, layer)
         file = self.layout.embedding(model_key, layer_key)
         array = read_npy(file, mmap=True)

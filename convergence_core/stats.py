@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .validation import check_features
+from .validation import check_features, check_level
 
-#: Relative tolerance under which a permuted difference counts as "as extreme as" the observed one;
-#: it keeps the identity permutation (an exact tie) counted despite floating-point rounding.
-_TIE_TOLERANCE = 1e-12
+#: Relative tolerance under which a permuted value counts as "as extreme as" the observed one
+#: (every permutation test of the package uses it): it keeps the identity permutation (an exact
+#: tie) counted despite floating-point rounding.
+TIE_TOLERANCE = 1e-12
 
 
 @dataclass(frozen=True)
@@ -96,34 +97,29 @@ def _shuffle_blocks(
         yield shuffled[:, :s], shuffled[:, s:]
 
 
-def label_shuffles(
-    first: np.ndarray, second: np.ndarray, n_permutations: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """All relabelled sets of a two-set permutation test at once, each (n_permutations, s) intp:
-    :func:`label_shuffle_blocks` in one block (O(n_permutations · s) memory: score large tests
-    block by block instead, as :func:`permutation_tests_two_sets` does)."""
-    ((shuffled_first, shuffled_second),) = label_shuffle_blocks(
-        first, second, n_permutations, rng, block=max(1, int(n_permutations))
-    )
-    return shuffled_first, shuffled_second
+def permutation_p_value(as_extreme: int | np.ndarray, n_permutations: int) -> float | np.ndarray:
+    """The permutation p-value of ``as_extreme`` null values as extreme as the observed one out of
+    ``n_permutations``, with the +1 correction (the observed labelling counts as one of the null's,
+    so p is never 0): ``(1 + as_extreme) / (n_permutations + 1)``; element-wise for an array."""
+    return (1 + as_extreme) / (n_permutations + 1)
 
 
 def permutation_p_values(observed: float, null: np.ndarray) -> tuple[float, float]:
     """(two-sided, observed-greater) permutation p-values with the +1 correction.
 
-    A null value counts as "as extreme" within a relative tolerance of ``_TIE_TOLERANCE``. NaN
+    A null value counts as "as extreme" within a relative tolerance of :data:`TIE_TOLERANCE`. NaN
     (both) when the observed value or any null value is not finite: NaN compares as not extreme,
     which would give an undefined statistic the smallest p there is, and shrink the others.
     """
     null = np.asarray(null, dtype=np.float64)
     if not (np.isfinite(observed) and np.isfinite(null).all()):
         return float("nan"), float("nan")
-    tolerance = _TIE_TOLERANCE * max(1.0, abs(observed))
+    tolerance = TIE_TOLERANCE * max(1.0, abs(observed))
     as_extreme_two_sided = int(np.count_nonzero(np.abs(null) >= abs(observed) - tolerance))
     as_extreme_greater = int(np.count_nonzero(null >= observed - tolerance))
     return (
-        (1 + as_extreme_two_sided) / (null.shape[0] + 1),
-        (1 + as_extreme_greater) / (null.shape[0] + 1),
+        permutation_p_value(as_extreme_two_sided, null.shape[0]),
+        permutation_p_value(as_extreme_greater, null.shape[0]),
     )
 
 
@@ -204,8 +200,7 @@ def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float,
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         raise ValueError("cannot take a percentile interval of no values; draw at least one set")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must lie in (0, 1), got {level}; use e.g. 0.95")
+    level = check_level(level)
     tail = 100.0 * (1.0 - level) / 2.0
     lower, upper = np.percentile(values, [tail, 100.0 - tail])
     return float(lower), float(upper)
@@ -301,15 +296,98 @@ def ordinal_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based float64 ranks of (n,) values, ties given their average rank (for Spearman ρ)."""
-    from scipy.stats import rankdata  # here: scipy.stats is slow to import
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based float64 ranks along the first axis of (n,) values or each column of (n, P), ties
+    given the average of the ranks they span (``scipy.stats.rankdata``'s "average", to the bit:
+    every rank is a half-integer; a column holding a NaN is all NaN, as there). NumPy only:
+    ``scipy.stats`` takes ~0.5 s to import, and the dashboard ranks without needing it."""
+    values = np.asarray(values, dtype=np.float64)
+    columns = values.reshape(values.shape[0], values.shape[1] if values.ndim == 2 else 1)
+    n = columns.shape[0]
+    order = np.argsort(columns, axis=0, kind="stable")
+    ordered = np.take_along_axis(columns, order, axis=0)
+    position = np.broadcast_to(np.arange(n, dtype=np.float64)[:, None], columns.shape)
+    # a run of equal values spans sorted positions first..last; each gets (first + last) / 2 + 1
+    starts = np.ones(columns.shape, dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    ends = np.ones(columns.shape, dtype=bool)
+    ends[:-1] = starts[1:]
+    first = np.maximum.accumulate(np.where(starts, position, 0.0), axis=0)
+    last = np.minimum.accumulate(np.where(ends, position, n - 1.0)[::-1], axis=0)[::-1]
+    ranks = np.empty(columns.shape, dtype=np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2.0 + 1.0, axis=0)
+    ranks[:, np.isnan(columns).any(axis=0)] = np.nan
+    return ranks.reshape(values.shape)
 
-    return rankdata(values).astype(np.float64)
+
+def centred_ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (:func:`average_ranks`) of each column of (n, P), centred and scaled to unit
+    norm, (n, P): Spearman ρ of two columns is their inner product. A constant column (no ranks
+    to speak of) is NaN. Column-major, as each column is read whole (and as ``rankdata(axis=0)``
+    returns them: the products below are then the earlier implementation's to the bit)."""
+    ranks = np.asfortranarray(average_ranks(values))
+    ranks -= ranks.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ranks / np.linalg.norm(ranks, axis=0)
 
 
-#: Permutations per block in :func:`spearman_permutation_test` (bounds memory to block × n floats).
-_PERMUTATION_BLOCK = 256
+def spearman_rhos(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman ρ (average ranks for ties) of each column of x (n, P) with y (n,), (P,); NaN where
+    either is constant."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    return np.clip(centred_ranks(x).T @ centred_ranks(y[:, None])[:, 0], -1.0, 1.0)
+
+
+def spearman_rho(first: np.ndarray, second: np.ndarray) -> float:
+    """Spearman ρ of two (n,) scores (average ranks for ties); NaN when either is constant."""
+    return float(spearman_rhos(np.asarray(first, dtype=np.float64)[:, None], second)[0])
+
+
+#: Numbers per block of permutations in :func:`spearman_permutation_tests` (at most ~32 MB of
+#: float64); the permutations drawn do not depend on it.
+_PERMUTATION_BLOCK_ELEMENTS = 1 << 22
+
+
+def spearman_permutation_tests(
+    x: np.ndarray,
+    y: np.ndarray,
+    n_permutations: int,
+    rng: np.random.Generator,
+    *,
+    block_elements: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spearman ρ of each column of x (n, P) with y (n,), each with permutation p-values, all on
+    the same permutations: ``(rho, p_two_sided, p_positive)``, each (P,).
+
+    The null shuffles which stimulus each y value belongs to (``n_permutations`` shuffles by
+    :func:`.shuffles.permutation_blocks` from ``rng``, at most ``block_elements`` numbers at a
+    time, default :data:`_PERMUTATION_BLOCK_ELEMENTS`); p = :func:`permutation_p_value` of
+    #{|ρ_perm| ≥ |ρ|} (two-sided) or #{ρ_perm ≥ ρ} (positive), ties within
+    :data:`TIE_TOLERANCE`. A column whose ρ is undefined (either score
+    constant) gets NaN p-values: NaN compares as not extreme, which would give it the smallest p
+    there is. Arguments are the caller's to check (:func:`spearman_permutation_test` checks them).
+    """
+    from .shuffles import permutation_blocks  # numba: imported when a test runs
+
+    rx = centred_ranks(np.asarray(x, dtype=np.float64))
+    ry = centred_ranks(np.asarray(y, dtype=np.float64)[:, None])[:, 0]
+    rho = np.clip(rx.T @ ry, -1.0, 1.0)
+    if block_elements is None:
+        block_elements = _PERMUTATION_BLOCK_ELEMENTS
+    # |ρ| ≤ 1, so the tolerance relative to max(1, |ρ|) is TIE_TOLERANCE itself
+    two_sided = np.zeros(rho.shape[0], dtype=np.int64)
+    positive = np.zeros(rho.shape[0], dtype=np.int64)
+    for perms in permutation_blocks(len(ry), n_permutations, rng, block_elements=block_elements):
+        null = ry[perms] @ rx  # (B, P)
+        two_sided += np.count_nonzero(np.abs(null) >= np.abs(rho) - TIE_TOLERANCE, axis=0)
+        positive += np.count_nonzero(null >= rho - TIE_TOLERANCE, axis=0)
+    undefined = np.isnan(rho)
+    return (
+        rho,
+        np.where(undefined, np.nan, permutation_p_value(two_sided, n_permutations)),
+        np.where(undefined, np.nan, permutation_p_value(positive, n_permutations)),
+    )
 
 
 def spearman_permutation_test(
@@ -322,17 +400,14 @@ def spearman_permutation_test(
 ) -> dict[str, float]:
     """Spearman ρ between two per-stimulus scores, with a two-sided permutation p-value.
 
-    The null shuffles which stimulus each ``second`` value belongs to (``n_permutations``
-    shuffles by :func:`.shuffles.permutations` from ``numpy.random.default_rng(seed)``, in
-    blocks); p = (1 + #{|ρ_perm| ≥ |ρ|}) / (n_permutations + 1), also one-sided (ρ_perm ≥ ρ).
-    Ties get average ranks.
+    :func:`spearman_permutation_tests` of the two with ``numpy.random.default_rng(seed)``: the
+    null shuffles which stimulus each ``second`` value belongs to; p = (1 + #{|ρ_perm| ≥ |ρ|}) /
+    (n_permutations + 1), also one-sided (ρ_perm ≥ ρ). Ties get average ranks.
 
     Returns:
         ``spearman_rho``, ``permutation_p_value_two_sided``, ``permutation_p_value_positive``,
         ``n_permutations``, ``n_stimuli``, ``seed``.
     """
-    from .shuffles import permutation_blocks  # numba: imported when a test runs
-
     x = check_features(np.asarray(first, dtype=np.float64).reshape(-1, 1), names[0])
     y = check_features(np.asarray(second, dtype=np.float64).reshape(-1, 1), names[1])
     if x.shape[0] != y.shape[0] or x.shape[0] < 3:
@@ -347,26 +422,12 @@ def spearman_permutation_test(
     ):
         raise ValueError(f"n_permutations must be a positive integer, got {n_permutations!r}")
     n = x.shape[0]
-    rx = _average_ranks(x[:, 0])
-    ry = _average_ranks(y[:, 0])
-    rx = rx - rx.mean()
-    ry = ry - ry.mean()
-    denominator = float(np.linalg.norm(rx) * np.linalg.norm(ry))
-    if denominator == 0.0:
-        nan = float("nan")
-        return {
-            "spearman_rho": nan,
-            "permutation_p_value_two_sided": nan,
-            "permutation_p_value_positive": nan,
-            "n_permutations": int(n_permutations),
-            "n_stimuli": n,
-            "seed": int(seed),
-        }
-    rho = float(rx @ ry / denominator)
-    rng = np.random.default_rng(seed)
-    blocks = permutation_blocks(n, n_permutations, rng, block_elements=_PERMUTATION_BLOCK * n)
-    null = np.concatenate([ry[rows] @ rx / denominator for rows in blocks])
-    two_sided, positive = permutation_p_values(rho, null)
+    rho = two_sided = positive = float("nan")
+    if np.ptp(x) > 0 and np.ptp(y) > 0:  # else ρ is undefined: no permutations drawn
+        rhos, two_sideds, positives = spearman_permutation_tests(
+            x, y[:, 0], int(n_permutations), np.random.default_rng(seed)
+        )
+        rho, two_sided, positive = float(rhos[0]), float(two_sideds[0]), float(positives[0])
     return {
         "spearman_rho": rho,
         "permutation_p_value_two_sided": two_sided,

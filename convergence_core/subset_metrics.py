@@ -6,7 +6,8 @@ pair on each of B sets of s stimuli — the chosen sets, 200 random sets, matche
 relabelled low/high sets — and the same score with the vision–language pairing shuffled within a
 set. :func:`metric_values` answers both for every metric of the registry, by name, several metrics
 and pairs in one call (sharing what they have in common), without a per-metric code path outside
-the registry; :func:`metric_on_sets` and :func:`metric_on_pairings` are its one-metric forms, and
+the registry; :func:`metric_on_sets` is its one-metric form (and ``paired_with`` its shuffled
+pairings), and
 ``analyses.set_metric_values`` and ``analyses.shuffled_pairing_calibration`` call it:
 
 * **Neighbour metrics** (``metric(name).neighbour_metric``) come from the subset engine,
@@ -60,7 +61,6 @@ __all__ = [
     "default_set_size",
     "k_for_sets",
     "largest_k",
-    "metric_on_pairings",
     "metric_on_sets",
     "metric_options",
     "metric_values",
@@ -195,7 +195,7 @@ def metric_values(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """``{metric: (P, B) float64}``: every metric of every pair on every set — the engine behind
-    :func:`metric_on_sets`, :func:`metric_on_pairings`, ``analyses.set_metric_values`` and the
+    :func:`metric_on_sets`, ``analyses.set_metric_values`` and the
     calibration of a set's score against shuffled pairings.
 
     Args:
@@ -271,29 +271,6 @@ def metric_on_sets(
     a feature metric is undefined)."""
     return metric_values(indexes, pairs, sets, [metric], k=k, options={metric: options or {}},
                          on_error=on_error, dense_limit=dense_limit)[metric]
-
-
-def metric_on_pairings(
-    x: NeighbourIndex,
-    y: NeighbourIndex,
-    rows_x: object,
-    rows_y: object,
-    metric: str,
-    *,
-    k: int = 10,
-    options: Mapping[str, Any] | None = None,
-    dense_limit: int = DENSE_GRAM_STIMULI,
-) -> np.ndarray:
-    """(B,) float64: ``metric`` of X[rows_x[b]] against Y[rows_y[b]], row m paired with row m.
-
-    For shuffled pairings (``calibration.shuffled_pairing_null``): ``rows_y[b]`` may list any s
-    distinct stimuli in any order (typically a permutation of ``rows_x[b]``). Equal to
-    ``metrics.measure(metric, X[rows_x[b]], Y[rows_y[b]], **options)`` on prepared features
-    without exact ties (see the module's docstring for duplicates); :func:`metric_values` of the
-    one pair.
-    """
-    return metric_values({"x": x, "y": y}, [("x", "y")], rows_x, [metric], paired_with=rows_y,
-                         k=k, options={metric: options or {}}, dense_limit=dense_limit)[metric][0]
 
 
 def _check_sets(

@@ -195,6 +195,37 @@ def check_count(value: object, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def model_value_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
+    """A repeatable command-line flag's ``["MODEL=VALUE", ...]`` as ``{model: value}`` (the value
+    may itself contain ``=``; both stripped); ValueError naming ``flag`` for an entry without a
+    model or value, and for a model given twice (the last one silently won)."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        model, sep, rest = value.partition("=")
+        model, rest = model.strip(), rest.strip()
+        if not sep or not model or not rest:
+            raise ValueError(f"{flag} expects MODEL=VALUE, got {value!r}")
+        if model in out:
+            raise ValueError(
+                f"{flag} gives {model!r} twice ({model}={out[model]} and {model}={rest}); "
+                "give it once"
+            )
+        out[model] = rest
+    return out
+
+
+def check_level(level: object) -> float:
+    """The central mass of an interval, in (0, 1), as a float; ValueError naming the fix otherwise
+    (a bool or a non-number included)."""
+    if (
+        isinstance(level, bool)
+        or not isinstance(level, (int, float, np.floating))
+        or not 0 < level < 1
+    ):
+        raise ValueError(f"level must lie in (0, 1), got {level!r}; use e.g. 0.95.")
+    return float(level)
+
+
 def check_k(k: object, n: int, minimum: int = 1, *, what: str = "the set") -> int:
     """Validate a neighbour count k for a set of n stimuli: ``minimum <= k <= n - 1``.
 

@@ -53,7 +53,7 @@ ORDER_KEY = "w_gallery_order"
 FILTER_KEY = "w_caption_filter"
 ONLY_SELECTION_KEY = "w_only_selection"
 
-context = page.open_page("Stimuli", icon="🖼️")
+context = page.open_page("pages/1_Stimuli.py")
 run, view = context.run, context.view
 found = data.catalogue(run)
 ids = found.ids

@@ -34,7 +34,7 @@ COLOUR_KEY = "w_colour_property"
 #: The colour choice that leaves the map coloured by the dispersion score (the radio's)
 SCORE_COLOUR = "(dispersion score)"
 
-context = page.open_page("Residual space", icon="🧭")
+context = page.open_page("pages/2_Residual_space.py")
 run, view = context.run, context.view
 stimuli = run.stimuli
 found = data.catalogue(run)

@@ -52,7 +52,7 @@ SET_LABEL = {
 #: the same in the focus card's label
 SHORT_SET_LABEL = {**SET_LABEL, "low": "low", "high": "high", "selection": "selection"}
 
-context = page.open_page("Alignment lab", icon="⚖️")
+context = page.open_page("pages/3_Alignment_lab.py")
 run, view = context.run, context.view
 n = run.n_stimuli
 found = data.catalogue(run)

@@ -26,7 +26,7 @@ TABS = (
     "Layer sweep",
 )
 
-context = page.open_page("Paper analyses", icon="📄")
+context = page.open_page("pages/4_Paper_analyses.py")
 run, view = context.run, context.view
 st.caption(
     "Does low intra-modal dispersion (vision models agree) go with higher vision–language "

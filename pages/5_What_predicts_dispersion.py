@@ -32,7 +32,7 @@ RANKED_TAB = "Properties ranked"
 SCATTER_TAB = "A property against dispersion"
 FIT_TAB = "Predicting dispersion from every property"
 
-context = page.open_page("What predicts dispersion", icon="🧩")
+context = page.open_page("pages/5_What_predicts_dispersion.py")
 run, view = context.run, context.view
 table = predictors.run_properties(run)
 if table is None:
@@ -124,7 +124,7 @@ def _scatter() -> None:
         else "not tested"
     )
     ids = run.stimuli["id"].astype(str).tolist()
-    first_captions = [c[0] if len(c) else "" for c in run.stimuli["captions"]]
+    first_captions = data.catalogue(run).first_captions
     dispersion = run.dispersion[score].to_numpy(dtype=np.float64)
     event = st.plotly_chart(
         predictor_plots.property_scatter(

@@ -48,13 +48,13 @@ SCORE_COLUMN = {
 SCORE_HEADER = {"cosine": "cosine", "euclidean": "distance"}
 
 
-context = page.open_page("Universal space", icon="🌐")
+context = page.open_page("pages/6_Universal_space.py")
 run, view = context.run, context.view
 path = context.info.path
 stamp = data.manifest_stamp(path)
 ids = run.stimuli["id"].astype(str).tolist()
 captions = list(run.stimuli["captions"]) if "captions" in run.stimuli else [[] for _ in ids]
-first_captions = [c[0] if len(c) else "" for c in captions]
+first_captions = data.catalogue(run).first_captions
 has_pictures = run.images_root is not None  # a run from feature files alone has none
 st.caption(
     "Generalized Procrustes over any group of models — vision, language, or any other modality "

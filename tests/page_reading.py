@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import re
 
+from convergence_core.dashboard.controls import Field
 from convergence_core.dashboard.widgets import CARD_KEY_PREFIX
+
+
+def field_from_data(data: dict) -> Field:
+    """A ``controls.Field`` from its form in the component's ``data`` (``controls.row``): what
+    the browser got, as the page built it."""
+    return Field(**{name: tuple(value) if isinstance(value, list) else value
+                    for name, value in data.items()})
 
 _ESCAPED = re.compile(r"\\(.)")
 _SMALL = re.compile(r"^:small\[(.*)\]$", re.S)
@@ -114,7 +122,7 @@ def change_control(at, name: str, value, *, timeout: float = 60):  # noqa: ANN00
     rows = [data for data in _control_rows(at) if any(f["name"] == name for f in data["fields"])]
     assert len(rows) == 1, f"no control (or several) named {name!r} on the page"
     key = rows[0]["row"]
-    fields = [controls.field_from_data(f) for f in rows[0]["fields"]]
+    fields = [field_from_data(f) for f in rows[0]["fields"]]
 
     class Changed:  # the session state as the callback sees it, the trigger set
         def get(self, item, default=None):  # noqa: ANN001, ANN202

@@ -560,6 +560,29 @@ def test_the_navigation_is_home_then_the_one_list_of_pages(monkeypatch) -> None:
     assert "st.navigation(page.navigation_pages())" in (REPO / "app.py").read_text()
 
 
+def test_each_page_is_titled_by_its_entry_in_the_one_list_of_pages(
+    synthetic_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page's title and browser tab say what the sidebar calls it (page.PAGES): the Stimuli
+    page was "Stimuli" in the tab and on the page but "Stimuli gallery" in the sidebar."""
+    configs: list[dict] = []
+    real = page.st.set_page_config
+    monkeypatch.setattr(page.st, "set_page_config",
+                        lambda **options: configs.append(options) or real(**options))
+    at = _app().run(timeout=TIMEOUT)
+    assert at.title[0].value == page.APP_TITLE
+    assert (configs[-1]["page_title"], configs[-1]["page_icon"]) == (page.APP_TITLE, page.APP_ICON)
+    assert sorted(page.TAB_ICONS) == sorted(target for target, _, _ in page.PAGES)
+    for target, label, _ in page.PAGES:
+        at.switch_page(target).run(timeout=TIMEOUT)
+        assert not at.exception, (target, at.exception)
+        assert at.title[0].value == label, target
+        assert configs[-1]["page_title"] == f"{label} · {page.APP_TITLE}", target
+        assert configs[-1]["page_icon"] == page.TAB_ICONS[target], target
+    with pytest.raises(ValueError, match="unknown page file 'pages/9_Nope.py'"):
+        page.page_heading("pages/9_Nope.py")
+
+
 def test_damaged_run_is_an_error_in_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.fixtures_runs import make_synthetic_run
 

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from convergence_core.dashboard import controls, state
+from tests.page_reading import field_from_data
 
 SCORE = controls.choice("score", "Rank by", state.SCORES, "mean", key="w_score", view="score")
 FILTER = controls.text("filter", "Filter", "", key="w_filter")
@@ -145,7 +146,7 @@ def test_fields_travel_to_the_browser_and_back_unchanged() -> None:
     from dataclasses import asdict
 
     for field in FIELDS:
-        assert controls.field_from_data(asdict(field)) == field
+        assert field_from_data(asdict(field)) == field
     labelled = controls.choice("order", "Order", ["a", "b"], "a", key="k", labels=str.upper)
     assert labelled.labels == ("A", "B")
 

@@ -43,6 +43,24 @@ def test_catalogue_matches_the_run(run) -> None:
     assert found.spearman == pytest.approx(spearmanr(mean, pc1).statistic)
 
 
+def test_the_scores_correlation_gives_tied_scores_their_average_rank() -> None:
+    """Spearman ρ of the two scores as scipy's, ties sharing their average rank: it was the
+    correlation of the run's stored ranks, which break ties by stimulus order."""
+    from types import SimpleNamespace
+
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(3)
+    mean = rng.integers(0, 4, 30).astype(np.float64)
+    pc1 = mean + rng.integers(0, 3, 30)
+    dispersion = pd.DataFrame({"mean": mean, "pc1": pc1, "rank_mean": stats.ordinal_ranks(mean),
+                               "rank_pc1": stats.ordinal_ranks(pc1)})
+    tied = SimpleNamespace(stimuli=pd.DataFrame({"id": [f"s{i}" for i in range(30)]}),
+                           dispersion=dispersion, gpa=SimpleNamespace(residuals=np.ones((30, 2))))
+    found = build_catalogue(tied)
+    assert found.spearman == pytest.approx(spearmanr(mean, pc1).statistic, abs=1e-12)
+
+
 @pytest.mark.parametrize("query", ["", "0", "no such text"])
 def test_a_match_is_the_callers_own_array(run, query) -> None:
     """The Stimuli page narrows the filter's rows to a selection in place: pandas had handed out

@@ -627,7 +627,7 @@ def test_calibration_reports_progress_and_matches_the_cached_path(run) -> None:
 
 def test_calibrated_scores_and_matched_baselines(run) -> None:
     from convergence_core import calibration
-    from convergence_core.subset_metrics import metric_on_pairings
+    from convergence_core.subset_metrics import metric_values
 
     pairs = [lab.Pair("vision-a", "stage2", "language-a", "layer3"),
              lab.Pair("vision-b", "stage2", "language-b", "layer3")]
@@ -648,7 +648,8 @@ def test_calibrated_scores_and_matched_baselines(run) -> None:
     row = table.iloc[0]
     x, y = indexes[pairs[0].sides[0]], indexes[pairs[0].sides[1]]
     null = calibration.shuffled_pairing_null(
-        lambda a, b: metric_on_pairings(x, y, a, b, "mutual_knn", k=5),
+        lambda a, b: metric_values({"x": x, "y": y}, [("x", "y")], a, ["mutual_knn"],
+                                   paired_with=b, k=5)["mutual_knn"][0],
         np.sort(sets[row["set"]]), n=60, n_shuffles=30, seed=2, batched=True,
     )
     assert row["null_mean"] == pytest.approx(null.null_mean)

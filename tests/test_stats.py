@@ -11,10 +11,16 @@ import pytest
 
 from convergence_core.stats import (
     SHUFFLE_BLOCK,
+    average_ranks,
     label_shuffle_blocks,
-    label_shuffles,
+    percentile_interval,
+    permutation_p_value,
     permutation_p_values,
     permutation_tests_two_sets,
+    spearman_permutation_test,
+    spearman_permutation_tests,
+    spearman_rho,
+    spearman_rhos,
 )
 
 
@@ -61,10 +67,6 @@ def test_blocks_are_the_shuffles_drawn_at_once(block: int) -> None:
     reference = np.random.default_rng(3)
     _label_shuffles_all_at_once(first, second, 100, reference)
     assert rng.integers(2**62) == reference.integers(2**62)
-    # all at once is one block
-    got = label_shuffles(first, second, 100, np.random.default_rng(3))
-    np.testing.assert_array_equal(got[0], want_first)
-    np.testing.assert_array_equal(got[1], want_second)
 
 
 def _sums(values: np.ndarray, calls: list[int] | None = None):
@@ -143,3 +145,71 @@ def test_checks_name_the_fix() -> None:
         permutation_tests_two_sets(lambda sets: next(answers), first, second,
                                    n_permutations=10, rng=np.random.default_rng(0))
 
+
+
+def test_average_ranks_are_scipys_to_the_bit() -> None:
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(4)
+    values = rng.integers(0, 6, (50, 4)).astype(np.float64)  # many ties
+    values[:, 1] = rng.standard_normal(50)  # none
+    values[:, 2] = 3.0  # one run of 50
+    values[7, 3] = np.nan  # a column with a NaN is all NaN, as in scipy
+    np.testing.assert_array_equal(average_ranks(values), rankdata(values, axis=0))
+    np.testing.assert_array_equal(average_ranks(values[:, 0]), rankdata(values[:, 0]))
+    assert average_ranks(np.zeros(0)).shape == (0,)
+
+
+def test_spearman_rho_is_scipys_with_ties_and_nan_when_constant() -> None:
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 4, (40, 3)).astype(np.float64)
+    y = x[:, 0] + rng.integers(0, 3, 40)
+    want = [spearmanr(x[:, j], y).statistic for j in range(3)]
+    np.testing.assert_allclose(spearman_rhos(x, y), want, rtol=0, atol=1e-14)
+    assert spearman_rho(x[:, 1], y) == pytest.approx(want[1], abs=1e-14)
+    assert np.isnan(spearman_rho(np.ones(40), y)) and np.isnan(spearman_rho(y, np.ones(40)))
+
+
+def _spearman_reference(x, y, n_permutations, rng):
+    """ρ and the two permutation p-values by scipy, one permutation at a time."""
+    from scipy.stats import spearmanr
+
+    from convergence_core.shuffles import permutations
+
+    rho = spearmanr(x, y).statistic
+    null = np.array([spearmanr(x, y[rows]).statistic
+                     for rows in permutations(len(y), n_permutations, rng)])
+    return (rho, (1 + np.sum(np.abs(null) >= abs(rho) - 1e-12)) / (n_permutations + 1),
+            (1 + np.sum(null >= rho - 1e-12)) / (n_permutations + 1))
+
+
+def test_batched_spearman_tests_are_each_columns_own_test() -> None:
+    """Every column of x against y on the same permutations: each column's ρ and p-values are
+    those of scipy's ρ on each permutation, and of spearman_permutation_test of that column with
+    the same seed; a constant column has NaN throughout and leaves the others alone."""
+    rng = np.random.default_rng(6)
+    y = rng.standard_normal(30)
+    x = np.column_stack([y + rng.standard_normal(30), rng.standard_normal(30),
+                         np.round(y), np.full(30, 2.0)])
+    rho, two_sided, positive = spearman_permutation_tests(
+        x, y, 200, np.random.default_rng(11), block_elements=7 * 30  # several blocks
+    )
+    for j in range(3):
+        want = _spearman_reference(x[:, j], y, 200, np.random.default_rng(11))
+        np.testing.assert_allclose([rho[j], two_sided[j], positive[j]], want, rtol=0, atol=1e-12)
+        single = spearman_permutation_test(x[:, j], y, n_permutations=200, seed=11)
+        assert single["spearman_rho"] == pytest.approx(rho[j], abs=1e-15)  # BLAS rounding
+        assert (single["permutation_p_value_two_sided"],
+                single["permutation_p_value_positive"]) == (two_sided[j], positive[j])
+    assert np.isnan([rho[3], two_sided[3], positive[3]]).all()
+
+
+def test_one_permutation_p_value_rule_and_one_interval() -> None:
+    assert permutation_p_value(0, 999) == 1 / 1000
+    np.testing.assert_array_equal(permutation_p_value(np.array([0, 9]), 9), [0.1, 1.0])
+    assert percentile_interval(np.arange(101.0), 0.9) == pytest.approx((5.0, 95.0))
+    for level in (0, 1, 1.5, True, "0.95"):
+        with pytest.raises(ValueError, match=r"level must lie in \(0, 1\)"):
+            percentile_interval(np.arange(5.0), level)

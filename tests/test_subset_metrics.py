@@ -9,13 +9,23 @@ import pytest
 from convergence_core import metrics
 from convergence_core.neighbours import NeighbourIndex, PreparedFeatures, build_neighbour_lists
 from convergence_core.subset_metrics import (
+    DENSE_GRAM_STIMULI,
     cca_dim_limit,
-    metric_on_pairings,
     metric_on_sets,
     metric_options,
     metric_values,
     set_scorer,
 )
+
+
+def metric_on_pairings(x, y, rows_x, rows_y, metric, *, k=10, options=None,  # noqa: ANN001, ANN201
+                       dense_limit=DENSE_GRAM_STIMULI):
+    """(B,): ``metric`` of X[rows_x[b]] against Y[rows_y[b]], row m paired with row m —
+    :func:`metric_values` of the one pair with ``paired_with`` (once the package's own function,
+    used by nothing but tests)."""
+    return metric_values({"x": x, "y": y}, [("x", "y")], rows_x, [metric], paired_with=rows_y,
+                         k=k, options={metric: options or {}}, dense_limit=dense_limit)[metric][0]
+
 
 #: (metric, options) covering every registry entry and both kernels
 CASES = [

@@ -193,7 +193,7 @@ def test_dispersion_relation_matches_a_slow_reference(monkeypatch):
     x = rng.standard_normal(40)
     y = 0.3 * x + rng.standard_normal(40)
     y[:4] = y[0]  # ties get average ranks, as in scipy
-    monkeypatch.setattr(stats, "_PERMUTATION_BLOCK", 7)  # several blocks
+    monkeypatch.setattr(stats, "_PERMUTATION_BLOCK_ELEMENTS", 7 * 40)  # several blocks
     result = dispersion_relation(x, y, n_permutations=50, seed=3)
     rho, p = reference_permutation_p(x, y, 50, 3)
     assert result["spearman_rho"] == pytest.approx(rho, abs=1e-12)

@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 
 from ..dispersion import SCORES
+from ..retrieval import direction_label
 from ..run import Run
+from ..stats import spearman_rho
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class Catalogue:
         rank: ``{score: (n,) 0-based rank of each row}`` (0 = lowest dispersion).
         values: ``{score: (n,) float64 dispersion}``.
         residual_median: (M,) median residual of each vision model over all stimuli.
-        pearson, spearman: correlation of the two scores (Spearman: Pearson of the ranks).
+        pearson, spearman: correlation of the two scores (Spearman: Pearson of the average
+            ranks, ties sharing theirs).
     """
 
     ids: np.ndarray
@@ -140,8 +143,9 @@ def build_catalogue(run: Run) -> Catalogue:
         values[score] = _read_only(dispersion[score].to_numpy(dtype=np.float64))
     residuals = np.asarray(run.gpa.residuals, dtype=np.float64)
     pearson = float(np.corrcoef(values["mean"], values["pc1"])[0, 1])
-    # Spearman's rho is Pearson's r of the ranks (the run stores both scores' ranks; no ties)
-    spearman = float(np.corrcoef(rank["mean"], rank["pc1"])[0, 1])
+    # from average ranks: the run's stored ranks break ties by position, which would make the
+    # correlation depend on the stimuli's order where scores tie
+    spearman = spearman_rho(values["mean"], values["pc1"])
     return Catalogue(
         ids=_read_only(ids),
         position={identifier: row for row, identifier in enumerate(ids)},
@@ -381,8 +385,7 @@ def display_name(name: object, *, column: bool = False) -> str:
         return text.replace("recall_at_", "recall@")
     source, to, target = text.partition("_to_")
     if to and source and target and "_" not in source + target:  # a retrieval direction
-        plain = {"vision": "image", "language": "text"}
-        return f"{plain.get(source, source)} → {plain.get(target, target)}"
+        return direction_label(text)
     if column and re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9%]+)+", text):  # snake_case
         return text.replace("_", " ").replace("cknna", "CKNNA")
     return text

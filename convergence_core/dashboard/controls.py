@@ -107,12 +107,6 @@ class Field:
         return True, min(max(int(round(value)), self.low), self.high)
 
 
-def field_from_data(data: dict[str, Any]) -> Field:
-    """A :class:`Field` from its form in the component's ``data`` (:func:`row`)."""
-    return Field(**{name: tuple(value) if isinstance(value, list) else value
-                    for name, value in data.items()})
-
-
 def choice(
     name: str, label: str, options: Sequence[str], value: str, *, key: str,
     labels: Callable[[str], str] = str, **extra: Any,

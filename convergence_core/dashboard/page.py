@@ -2,7 +2,7 @@
 
 A page script is::
 
-    context = page.open_page("Stimuli")      # stops the page with a message if there is no run
+    context = page.open_page("pages/1_Stimuli.py")  # title from PAGES; stops if there is no run
     ...                                       # widgets bound to context.view via state.bind_widget
     page.close_page(context)                  # writes the view to the URL (shareable link)
 """
@@ -75,10 +75,12 @@ def leave_directory_mode() -> None:
 APP_ICON = "🔭"
 
 
-def open_page(title: str, icon: str = "🔬") -> PageContext:
-    """Set up a page: title, run picker (sidebar), view from URL/session; stop if no run exists."""
+def open_page(target: str) -> PageContext:
+    """Set up the page of file ``target`` (:data:`HOME` or one of :data:`PAGES`): title and tab
+    (:func:`page_heading`), run picker (sidebar), view from URL/session; stop if no run exists."""
     leave_directory_mode()
-    st.set_page_config(page_title=f"{title} · Convergence Explorer", page_icon=icon, layout="wide")
+    title, tab_title, icon = page_heading(target)
+    st.set_page_config(page_title=tab_title, page_icon=icon, layout="wide")
     runs = data.available_runs()
     names = [info.name for info in runs]
     view, warnings = state.init_view(
@@ -146,6 +148,32 @@ PAGES = [
     ("pages/5_What_predicts_dispersion.py", "What predicts dispersion", ":material/insights:"),
     ("pages/6_Universal_space.py", "Universal space", ":material/hub:"),
 ]
+#: Each page's icon in the browser tab, by file (an emoji, drawn by the browser: a Material icon
+#: there is fetched from fonts.gstatic.com, a third-party request that fails offline)
+TAB_ICONS = {
+    "pages/1_Stimuli.py": "🖼️",
+    "pages/2_Residual_space.py": "🧭",
+    "pages/3_Alignment_lab.py": "⚖️",
+    "pages/4_Paper_analyses.py": "📄",
+    "pages/5_What_predicts_dispersion.py": "🧩",
+    "pages/6_Universal_space.py": "🌐",
+}
+#: The app's name: Home's title, and the end of every other page's tab title
+APP_TITLE = "Convergence Explorer"
+
+
+def page_heading(target: str) -> tuple[str, str, str]:
+    """(title, browser-tab title, tab icon) of the page of file ``target``: a page of
+    :data:`PAGES` is titled by its label there (the sidebar's name for it), ``<label> ·
+    Convergence Explorer`` in the tab with its :data:`TAB_ICONS` emoji; Home (:data:`HOME`) by
+    the app's name, with :data:`APP_ICON`. ValueError naming the files for any other."""
+    if target == HOME:
+        return APP_TITLE, APP_TITLE, APP_ICON
+    for file, label, _ in PAGES:
+        if file == target:
+            return label, f"{label} · {APP_TITLE}", TAB_ICONS[file]
+    known = [HOME, *(file for file, _, _ in PAGES)]
+    raise ValueError(f"unknown page file {target!r}; pass one of {known} (page.PAGES)")
 
 
 def url_path(target: str) -> str:

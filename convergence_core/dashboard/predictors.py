@@ -15,7 +15,7 @@ from .data import _open_run, themed
 
 #: Permutations per rank test on the page (as the report: q-values down to ~1e-3 with ~30
 #: properties).
-PAGE_PERMUTATIONS = dp.DEFAULT_N_PERMUTATIONS
+PAGE_PERMUTATIONS = dp.PROPERTY_TEST_PERMUTATIONS
 #: Shuffled-target refits per model on the page.
 PAGE_SHUFFLES = dp.DEFAULT_N_SHUFFLES
 

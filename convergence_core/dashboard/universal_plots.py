@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..retrieval import direction_label
 from .catalogue import p_phrase
 from .plots import NEUTRAL_LINE, point_fields, safe_hover_text
 
@@ -29,13 +30,6 @@ def merged_units(title: str) -> str:
     ``vision dispersion (mean residual) (residual units)`` ->
     ``vision dispersion (mean residual; residual units)``. Others are returned as they are."""
     return re.sub(r"\(([^()]*)\) \(([^()]*)\)$", r"(\1; \2)", title)
-
-
-def direction_name(direction: str) -> str:
-    """``vision_to_language`` -> ``image → text``; other modalities by name (``brain → text``)."""
-    plain = {"vision": "image", "language": "text"}
-    source, _, target = direction.partition("_to_")
-    return f"{plain.get(source, source)} → {plain.get(target, target)}"
 
 
 def dispersion_scatter(
@@ -96,7 +90,7 @@ def retrieval_bars(summary: pd.DataFrame, subset: str = "all") -> go.Figure:
         rows=1,
         cols=len(directions),
         shared_yaxes=True,
-        subplot_titles=[direction_name(d) for d in directions],
+        subplot_titles=[direction_label(d) for d in directions],
     )
     for column, direction in enumerate(directions, start=1):
         part = rows[rows["direction"] == direction]
