@@ -220,7 +220,8 @@ def _precompute_parser(sub: Any, prog: str) -> None:
         "--precision",
         choices=["auto", "float32", "float16", "bfloat16"],
         help="auto (default: float16 autocast for vision models on CUDA, else float32), float32, "
-        "or float16/bfloat16 (autocast; language models load their weights in that dtype)",
+        "or float16/bfloat16 (autocast; language models load their weights in that dtype; prefer "
+        "bfloat16 for decoder LLMs, whose activations can pass float16's 65,504)",
     )
     parser.add_argument(
         "--engine",

@@ -39,6 +39,7 @@ __all__ = [
     "check_precision",
     "extract_embeddings",
     "fit_batch_size",
+    "forward_dtype",
     "pin_for_device",
     "pool_captions",
     "precision_plan",
@@ -95,6 +96,11 @@ def precision_plan(precision: str, modality: str) -> PrecisionPlan:
       that dtype; language models load their weights in that dtype (half the memory: what lets a
       13-65 B model fit on a GPU) and also run under autocast. Pooling stays float64 and outputs
       float32 (``LanguageEncoder``, ``VisionEncoder``).
+
+    For language models prefer ``"bfloat16"``: float16 stops at 65,504, and decoder LLMs' hidden
+    states (the un-normalised residual stream of every block) can exceed it; Gemma-3-270M does
+    (inf/NaN from layer 08 on at float16). ``extract_embeddings`` stops at the first batch with a
+    non-finite value, naming the model, layers and precision; bfloat16 has float32's range.
     """
     check_precision(precision)
     if modality not in ("vision", "language"):
@@ -232,8 +238,14 @@ def extract_embeddings(
     A language encoder cuts captions at its ``max_tokens``; a UserWarning then says, once per
     call, how many it cut and at what length.
 
+    Every batch's kept layers are checked as soon as it is embedded: a value that is not finite
+    (inf or NaN) stops the extraction with a ValueError naming the model, the layers, the first
+    such item, the precision the model ran at and the cure (float16 overflows past 65,504: run at
+    bfloat16 or float32; in float32 the model or its weights give the non-finite values).
+
     Raises:
-        ValueError: empty ``items``, bad ``batch_size``, unknown layer, or an unusable item.
+        ValueError: empty ``items``, bad ``batch_size``, unknown layer, an unusable item, or a
+        non-finite embedding.
     """
     items = list(items)
     total = len(items)
@@ -292,7 +304,9 @@ def extract_embeddings(
                 pending = loader.submit(prepare, items[nxt : nxt + batch_size])
             with autocast_context(device, autocast):
                 result = run(prepared)
-            _store(encoder, result, keep, outputs, start, min(batch_size, total - start), total)
+            count = min(batch_size, total - start)
+            _store(encoder, result, keep, outputs, start, count, total)
+            _check_finite(encoder, outputs, keep, items[start : start + count], start, autocast)
             if progress is not None:
                 progress(min(start + batch_size, total), total)
     cut = getattr(encoder, "truncated_captions", 0) - truncated_before
@@ -330,6 +344,76 @@ def _store(
         if layer not in outputs:
             outputs[layer] = np.empty((total, values.shape[1]), dtype=np.float32)
         outputs[layer][start : start + count] = values
+
+
+def forward_dtype(encoder: Encoder, autocast: torch.dtype | None = None) -> torch.dtype:
+    """The dtype ``encoder``'s forward pass computes in: ``autocast`` when given, float16 for a
+    vision encoder's own CUDA autocast (``half``), else its weights' floating dtype (float32 when
+    it has none to inspect)."""
+    if autocast is not None:
+        return autocast
+    if getattr(encoder, "half", False):
+        return torch.float16
+    for attribute in ("model", "module"):
+        module = getattr(encoder, attribute, None)
+        if isinstance(module, torch.nn.Module):
+            for parameter in module.parameters():
+                if parameter.is_floating_point():
+                    return parameter.dtype
+    return torch.float32
+
+
+def _check_finite(
+    encoder: Encoder,
+    outputs: dict[str, np.ndarray],
+    keep: Sequence[str],
+    batch: Sequence[Any],
+    start: int,
+    autocast: torch.dtype | None,
+) -> None:
+    """Raise a ValueError when rows ``start:start+len(batch)`` of ``outputs`` are not finite."""
+    stop = start + len(batch)
+    bad_layers: list[str] = []
+    bad_rows = np.zeros(len(batch), dtype=bool)
+    for layer in keep:
+        finite = np.isfinite(outputs[layer][start:stop]).all(axis=1)
+        if not finite.all():
+            bad_layers.append(layer)
+            bad_rows |= ~finite
+    if not bad_layers:
+        return
+    first = batch[int(np.flatnonzero(bad_rows)[0])]
+    if isinstance(first, str) and encoder.modality == "language":  # a caption: its start
+        shown = repr(first) if len(first) <= 80 else repr(first[:77] + "...")
+    elif isinstance(first, str | os.PathLike):  # an image path: its end (the file name)
+        path = os.fspath(first)
+        shown = repr(path) if len(path) <= 80 else repr("..." + path[-77:])
+    else:
+        shown = f"a {type(first).__name__}"
+    dtype = forward_dtype(encoder, autocast)
+    precision = str(dtype).removeprefix("torch.")
+    what = (
+        f"model {encoder.name!r} gave non-finite values (inf/NaN) at precision {precision} in "
+        f"layer(s) {', '.join(bad_layers)} for {int(bad_rows.sum())} of the {len(batch)} items of "
+        f"a batch (first: {shown})"
+    )
+    if dtype == torch.float16:
+        cure = (
+            "its activations exceed float16's range (largest finite value 65,504) and overflow; "
+            "run it at --precision bfloat16 (float32's range at half the memory) or float32 "
+            "(precision='bfloat16' or 'float32' in Python)"
+        )
+    elif dtype == torch.bfloat16:
+        cure = (
+            "bfloat16 has float32's range, so this is rarely overflow; try --precision float32 "
+            "(precision='float32' in Python), and if that fails too, check the model's weights"
+        )
+    else:
+        cure = (
+            "not a reduced-precision overflow: the model itself gives undefined values for this "
+            "input (check its weights file, e.g. a damaged or wrongly converted checkpoint)"
+        )
+    raise ValueError(f"{what}; the extraction stopped there: {cure}")
 
 
 def captions_for_language(

@@ -1,12 +1,19 @@
 """Hugging Face transformers language models: every hidden state, mean-pooled over real tokens.
 
-Layers: ``layer_00`` (the embedding output) .. ``layer_NN`` (the last block's output), i.e. the
-``hidden_states`` tuple of ``output_hidden_states=True``. Each is averaged over the tokens the
-attention mask marks as real (special tokens such as BOS/CLS/SEP included, padding excluded),
-summed in float64. Batches are padded on the right: with a causal model a real token never sees
-the padding after it, and positions are not shifted, so a caption's embedding does not depend on
-what it is batched with. Decoder models without a pad token reuse their EOS (or UNK) token as
-padding; it is masked out anyway. Default layer: the last one.
+Layers: ``layer_00`` .. ``layer_NN``, the ``hidden_states`` tuple of ``output_hidden_states=True``
+as transformers defines it: ``layer_00`` is the embedding output, ``layer_01`` .. ``layer_{NN-1}``
+are the outputs of blocks 0 .. NN-2, and ``layer_NN`` is the model's ``last_hidden_state``. For an
+encoder without a final norm (BERT, MiniLM: each block ends in its own LayerNorm) that is the last
+block's output; for decoder LLMs with a final norm (Llama, Gemma, BLOOM's ``ln_f``, GPT-2's
+``ln_f``, ...) it is the last block's output *after* that norm, so it is on another scale than
+the layers before it, which are the un-normalised residual stream (Gemma-3-270M: values up to
+~1e5 in the middle layers; its last block's raw output differs from ``layer_18`` by up to ~4e4).
+Each layer is averaged over the tokens the attention mask marks as real (special tokens such as
+BOS/CLS/SEP included, padding excluded), summed in float64. Batches are padded on the right:
+with a causal model a real token never sees the padding after it, and positions are not shifted,
+so a caption's embedding does not depend on what it is batched with. Decoder models without a pad
+token reuse their EOS (or UNK) token as padding; it is masked out anyway. Default layer: the last
+one.
 """
 
 from __future__ import annotations

@@ -313,8 +313,8 @@ def _unknown(name: str) -> UnknownModelError:
     close = closest_name(name, list_models())
     meant = f" Did you mean {close!r}?" if close else ""
     return UnknownModelError(
-        f"unknown model {name!r}.{meant} Registered: {', '.join(list_models())}. Any timm model "
-        "works as "
+        f"unknown model {name!r}.{meant} Registered: {', '.join(list_models())}. A ViT-style "
+        "timm model (vit_*, deit*, beit*, eva*: the class token in every block) works as "
         "'timm:<timm name>' (e.g. timm:vit_base_patch16_224.augreg_in21k) and any transformers "
         "language model as 'hf:<hub id or local folder>' (e.g. hf:gpt2)"
     )

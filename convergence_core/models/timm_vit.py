@@ -1,8 +1,18 @@
-"""timm vision models: the paper's ViTs (MAE, DINOv2, CLIP, CLIP+IN12k) and any other timm name.
+"""timm vision models: the paper's ViTs (MAE, DINOv2, CLIP, CLIP+IN12k), other plain ViT-style timm
+models, and any timm model without transformer blocks (one pooled layer).
 
-Layers of a ViT (a timm model with ``.blocks``): ``block_00`` .. ``block_NN``, the CLS token (token
-0) of each transformer block's output, before the final norm. A ViT without a class token gives
-the mean of its patch tokens instead. Default layer: the penultimate block, as in the paper.
+Layers of a ViT (a timm model with ``.blocks`` and ``num_prefix_tokens``): ``block_00`` ..
+``block_NN``, the CLS token (token 0) of each transformer block's output, before the final norm. A
+ViT without a class token gives the mean of its patch tokens instead. Default layer: the
+penultimate block, as in the paper. This needs blocks that each return one ``(B, prefix tokens +
+patches, d)`` tensor with the class token at 0: timm's ``vision_transformer`` (``vit_*``, MAE,
+DINOv2, CLIP, SigLIP), ``deit*``, ``beit*``, ``eva*`` / ``eva02_*``, the hybrid and relpos ViTs,
+``vitamin_*`` and ``naflexvit_*`` do. Families whose ``.blocks`` carry only patch tokens (the class
+token joins later: CaiT's ``blocks_token_only``, XCiT's ``cls_attn_blocks``, ConViT after its
+``local_up_to_layer`` GPSA blocks) or return something else (TNT: (pixel, patch) tuples) are
+refused when the encoder is made, rather than storing a patch token as "CLS": by their attributes
+(:func:`check_vit_blocks`), then by one blank image through the model whose every block output
+must be a tensor of the prefix tokens + the patch embedding's patches (checked on every forward).
 Any other timm model (a CNN, ...) has one layer, ``pre_logits`` (``forward_head(...,
 pre_logits=True)``). Preprocessing is timm's own eval transform for the model's data config.
 """
@@ -18,7 +28,13 @@ from .base import VisionEncoder
 from .errors import UnknownModelError, WeightsUnavailableError, cause_lines, short_cause
 from .weights import files_sha256, state_dict_sha256
 
-__all__ = ["block_layer_names", "encoder_from_timm_model", "load_timm_encoder", "vit_default_layer"]
+__all__ = [
+    "block_layer_names",
+    "check_vit_blocks",
+    "encoder_from_timm_model",
+    "load_timm_encoder",
+    "vit_default_layer",
+]
 
 
 def block_layer_names(depth: int) -> list[str]:
@@ -38,6 +54,89 @@ def _is_vit(model: torch.nn.Module) -> bool:
         and len(blocks) > 0
         and (hasattr(model, "num_prefix_tokens"))
     )
+
+
+#: plain ViT-style timm families whose blocks carry the class token (see the module docstring)
+VIT_FAMILIES = "vit_*, deit*, beit*, eva* / eva02_*, vitamin_*, naflexvit_*"
+
+#: (attribute, where the class token joins) of timm families whose ``.blocks`` are patch-only
+_LATE_CLASS_TOKEN = (
+    ("blocks_token_only", "the class-attention blocks `blocks_token_only` after `.blocks` (CaiT)"),
+    ("cls_attn_blocks", "the class-attention blocks `cls_attn_blocks` after `.blocks` (XCiT)"),
+)
+
+
+def _refusal(name: str, why: str) -> ValueError:
+    return ValueError(
+        f"timm model {name!r} cannot give a class token per block: {why}. Use a plain ViT-style "
+        "timm model, whose every block outputs (batch, prefix tokens + patches, width) with the "
+        f"class token first ({VIT_FAMILIES})"
+    )
+
+
+def check_vit_blocks(name: str, model: torch.nn.Module) -> None:
+    """Refuse a timm model with ``.blocks`` whose blocks do not carry the class token.
+
+    Structural, before any forward pass: class-attention blocks (``blocks_token_only``,
+    ``cls_attn_blocks``) that the class token joins only after ``.blocks``, or a class token
+    concatenated part-way through the blocks (``local_up_to_layer``). The block outputs
+    themselves are checked on every forward pass of the encoder (:func:`_check_block_output`).
+
+    Raises:
+        ValueError: naming the model, where its class token lives, and what works instead.
+    """
+    for attribute, where in _LATE_CLASS_TOKEN:
+        if getattr(model, attribute, None) is not None:
+            raise _refusal(
+                name,
+                f"its `.blocks` carry only the patch tokens (token 0 is a patch, not the class "
+                f"token); the class token joins in {where}",
+            )
+    joins = getattr(model, "local_up_to_layer", None)
+    if isinstance(joins, int) and 0 < joins < len(model.blocks):
+        raise _refusal(
+            name,
+            f"its first {joins} blocks carry only the patch tokens (token 0 is a patch, not the "
+            f"class token); the class token joins at block {joins:02d} (`local_up_to_layer`, "
+            "ConViT)",
+        )
+
+
+def _tokens_of(shape: tuple[int, ...] | None, width: int) -> int | None:
+    """The patch count of a patch embedding's output ``shape`` for blocks of ``width``: (B, N, d)
+    -> N, (B, H, W, d) or (B, d, H, W) -> H*W; None when it cannot tell."""
+    if shape is None:
+        return None
+    if len(shape) == 3:
+        return int(shape[1])
+    if len(shape) == 4 and shape[-1] == width:
+        return int(shape[1] * shape[2])
+    if len(shape) == 4 and shape[1] == width:
+        return int(shape[2] * shape[3])
+    return None
+
+
+def _check_block_output(
+    name: str, layer: str, output: Any, n_prefix: int, patch_shape: tuple[int, ...] | None
+) -> None:
+    """A block's output must be one (B, T, d) tensor with T = n_prefix + the patch embedding's
+    patch count (when its output ``patch_shape`` tells it)."""
+    if not isinstance(output, torch.Tensor):
+        raise _refusal(
+            name,
+            f"its {layer} returns a {type(output).__name__}, not one (batch, tokens, width) tensor "
+            "(TNT's blocks return (pixel, patch) embeddings)",
+        )
+    if output.ndim != 3:
+        raise _refusal(name, f"its {layer} outputs shape {tuple(output.shape)}, not 3-D tokens")
+    n_patches = _tokens_of(patch_shape, int(output.shape[-1]))
+    if n_patches is not None and output.shape[1] != n_prefix + n_patches:
+        raise _refusal(
+            name,
+            f"its {layer} outputs {output.shape[1]} tokens where its {n_prefix} prefix token(s) "
+            f"and {n_patches} patches make {n_prefix + n_patches}: its blocks do not carry the "
+            "class token alongside the patches (token 0 would be a patch)",
+        )
 
 
 def encoder_from_timm_model(
@@ -78,16 +177,23 @@ def encoder_from_timm_model(
             half=half,
         )
 
+    check_vit_blocks(name, model)
     blocks = model.blocks
     layers = block_layer_names(len(blocks))
     has_cls = getattr(model, "cls_token", None) is not None
     n_prefix = int(getattr(model, "num_prefix_tokens", 1 if has_cls else 0))
+    patch_embed = getattr(model, "patch_embed", None)
 
     def block_features(x: torch.Tensor) -> dict[str, torch.Tensor]:
         captured: dict[str, torch.Tensor] = {}
+        patches: list[tuple[int, ...] | None] = [None]
+
+        def patch_hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+            patches[0] = tuple(output.shape) if isinstance(output, torch.Tensor) else None
 
         def make_hook(layer: str) -> Any:
-            def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+                _check_block_output(name, layer, output, n_prefix, patches[0])
                 # index the (B, T, d) output first, then copy: a view would keep every block's
                 # whole output alive (T times the memory, also in fit_batch_size's peak)
                 captured[layer] = (
@@ -99,6 +205,8 @@ def encoder_from_timm_model(
             return hook
 
         handles = [blk.register_forward_hook(make_hook(lay)) for blk, lay in zip(blocks, layers)]
+        if isinstance(patch_embed, torch.nn.Module):
+            handles.append(patch_embed.register_forward_hook(patch_hook))
         try:
             model.forward_features(x)
         finally:
@@ -106,7 +214,7 @@ def encoder_from_timm_model(
                 handle.remove()
         return captured
 
-    return VisionEncoder(
+    encoder = VisionEncoder(
         name,
         model,
         transform,
@@ -117,6 +225,11 @@ def encoder_from_timm_model(
         device,
         half=half,
     )
+    # one blank image through the blocks: refuses (ValueError) blocks that do not carry the class
+    # token before any stimulus is embedded
+    with torch.inference_mode():
+        block_features(torch.zeros((1, *data_config["input_size"]), device=device))
+    return encoder
 
 
 def _hub_filenames(filename: str | None) -> list[str]:
