@@ -56,11 +56,17 @@ PRECISIONS = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_BATCH_SIZE = 32
 
 #: stated tolerance of each reduced precision against float32, per row of every layer:
-#: (minimum cosine similarity, maximum relative L2 error). Measured with CPU autocast on 32
-#: coco-mini stimuli (EfficientNet-Lite0, all layers: bfloat16 0.998 / 6.4 %, float16 0.99998 /
-#: 0.7 %; MiniLM: bfloat16 0.99994 / 1.1 %, float16 1.0 / 0.14 %); tested in
-#: tests/test_ray_engine.py. bfloat16 keeps 8 mantissa bits, so early conv layers move most.
-PRECISION_TOLERANCE = {"float16": (0.9999, 0.01), "bfloat16": (0.995, 0.10)}
+#: (minimum cosine similarity, maximum relative L2 error). Measured with CPU autocast on 40
+#: coco-mini stimuli (EfficientNet-Lite0 / Lite2 at their trained input scale, all layers:
+#: float16 0.99946 / 3.3 % and 0.99937 / 3.6 %, bfloat16 0.974 / 26 % and 0.962 / 34 %, worst
+#: at stage_0, the pooled output of the first stage; MiniLM: float16 0.999999 / 0.14 %,
+#: bfloat16 0.99994 / 1.1 %); tested in tests/test_ray_engine.py. bfloat16 keeps 8 mantissa
+#: bits, so early conv layers move most: for EfficientNet's first stages use float32 or float16.
+#: These hold for models whose activations stay inside float16's range (largest finite value
+#: 65,504); they are no promise for every model: Gemma-3-270M's residual stream reaches ~1e5, so
+#: at float16 its layers 08-18 overflow to inf/NaN, which ``extract_embeddings`` refuses (use
+#: bfloat16, which has float32's range, or float32).
+PRECISION_TOLERANCE = {"float16": (0.999, 0.05), "bfloat16": (0.95, 0.40)}
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

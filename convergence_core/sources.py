@@ -298,12 +298,14 @@ class EncoderSource:
         weights = (cfg.weights or {}).get(self.name)
         layers, gpa_layer = cfg.layers_for(self.name), (cfg.gpa_layers or {}).get(self.name)
 
+        spec = models.get_spec(self.name)
+
         def inputs(gpa: str | None) -> str:
             return context.fingerprint(
                 "extract",
                 context.data_fingerprint,
                 self.name,
-                models.get_spec(self.name).source,
+                spec.source,
                 self.modality,
                 layers,
                 gpa,
@@ -311,6 +313,9 @@ class EncoderSource:
                 str(cfg.device).split(":")[0],
                 os.fspath(weights) if weights else None,
                 *([cfg.precision] if cfg.precision != "auto" else []),
+                # a loader's corrected output (registry.ModelSpec.extraction_version); absent
+                # where never set, so the runs of unchanged loaders keep their fingerprints
+                *([f"extraction:{spec.extraction_version}"] if spec.extraction_version else []),
             )
 
         stored_anyway = layers == "all" or (isinstance(layers, list) and gpa_layer in layers)

@@ -266,11 +266,11 @@ def check_k(k: object, n: int, minimum: int = 1, *, what: str = "the set") -> in
 #: unbiased HSIC estimates can leave [-1, 1] on small sets (see ``alignment.cknna_bound_note``).
 #: Measured on the demo run (239 COCO stimuli; 3 vision models × 26 language layers; 200 random
 #: sets + the low and high sets per size and k; benchmarks/measure_cknna_bound.py): at the
-#: lab's default k = 10, |CKNNA| > 1 in 60-77 % of the values for sets of 12-16 stimuli, 2.3 % at
-#: 20, 0.03 % (4 of 15,756, largest 1.07) at 24 and none from 28 on; with k <= s/4 none from 20
-#: on, while even k = 2 exceeds 1 below that (67 % at 4 stimuli, 2.5 % at 8, 0.7 % at 10). With
+#: lab's default k = 10, |CKNNA| > 1 in 53-75 % of the values for sets of 12-16 stimuli, 2.3 % at
+#: 20, 0.02 % (3 of 15,756, largest 1.016) at 24 and none from 28 on; with k <= s/4 none from 20
+#: on, while even k = 2 exceeds 1 below that (67 % at 4 stimuli, 2.3 % at 8, 0.5 % at 10). With
 #: k close to s (s/2 < k < s - 1) values above 1 occur up to 64 stimuli: those are flagged by the
-#: note, not hidden.
+#: note, not hidden. (Re-measured 2026-12-07 with EfficientNet-Lite at its trained input scale.)
 MIN_CKNNA_SET_SIZE = 24
 
 

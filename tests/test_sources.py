@@ -251,10 +251,10 @@ def test_the_gpa_layer_enters_an_encoders_fingerprint_only_where_it_adds_a_layer
     from convergence_core.run_writer import fingerprint
     from convergence_core.sources import EncoderSource
 
-    def before(layers, gpa):  # the fingerprint as runs written so far hold it
+    def before(layers, gpa):  # the fingerprint as runs of this loader's version hold it
         return fingerprint("extract", "data", "efficientnet-lite0",
                            get_spec("efficientnet-lite0").source, "vision", layers, gpa, None,
-                           "cpu", None)
+                           "cpu", None, "extraction:2")
 
     recorded: set[str] = set()
 

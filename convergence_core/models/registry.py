@@ -53,6 +53,10 @@ class ModelSpec:
             loading the model, of why its weights are not available here (None: available, or
             no check known); see :mod:`.availability`.
         weights_kind: how a local copy is passed ("timm", "hf" or "file"), for the error message.
+        extraction_version: set (and changed) when the loader's output for the same weights
+            changes (a corrected preprocessing): it enters the run's fingerprint of the model's
+            extraction, so a run extracted before is extracted again, never mixed. None for
+            loaders unchanged since the field was introduced (their runs stay valid).
     """
 
     name: str
@@ -65,6 +69,7 @@ class ModelSpec:
     offline: bool = False
     weights_problem: WeightsCheck | None = field(default=None, repr=False, compare=False)
     weights_kind: str = "file"
+    extraction_version: str | None = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -241,6 +246,9 @@ for _i, _px in ((0, 224), (1, 240), (2, 260)):
             _lite_loader,
             offline=True,
             weights_problem=_lite_check,
+            # 2: the input scaling the weights were trained with, (x·255 − 127) / 128, where
+            # version 1 used ImageNet's mean/std (efficientnet_lite.INPUT_MEAN's comment)
+            extraction_version="2",
         )
     )
 
