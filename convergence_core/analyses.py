@@ -48,7 +48,6 @@ from . import metrics as registry
 from .calibration import (
     baseline_freedom,
     calibrated_score,
-    check_level,
     local_density,
     matched_set_pairs,
     shuffled_pairing_rows,
@@ -70,9 +69,9 @@ from .stats import (
     percentile_interval,
     permutation_p_values,
 )
-from .subset_metrics import OnError, metric_values
+from .subset_metrics import OnError, metric_values, row_space_coordinates
 from .subsets import drop_fraction, select_stimuli
-from .validation import check_count, check_k
+from .validation import check_count, check_k, check_level
 
 if TYPE_CHECKING:
     from .run import Run
@@ -1203,12 +1202,6 @@ def drop_fraction_alignment(
 # Fig. S2: leave one vision model out
 
 
-def _row_space_coordinates(configuration: np.ndarray) -> np.ndarray:
-    """(m, min(m, d)) coordinates Z of the rows of ``configuration`` (m, d) in an orthonormal basis
-    V of its row space (configuration = Z Vᵀ), so every distance between rows is kept."""
-    return np.linalg.qr(configuration.T, mode="r").T
-
-
 def held_out_deviation(held_out: np.ndarray, consensus: np.ndarray) -> np.ndarray:
     """Per-stimulus distance of a held-out embedding from a GPA consensus it did not enter.
 
@@ -1234,7 +1227,7 @@ def held_out_deviation(held_out: np.ndarray, consensus: np.ndarray) -> np.ndarra
     prepared = preprocess_embeddings([held_out, consensus], models=("held-out model", "consensus"))[
         0
     ]
-    source, target = _row_space_coordinates(prepared), _row_space_coordinates(consensus)
+    source, target = row_space_coordinates(prepared), row_space_coordinates(consensus)
     width = max(source.shape[1], target.shape[1])
     source = np.pad(source, ((0, 0), (0, width - source.shape[1])))
     target = np.pad(target, ((0, 0), (0, width - target.shape[1])))

@@ -323,7 +323,7 @@ def _neighbour_values(
     from .validation import check_k
 
     n_sets, s = rows_x.shape
-    check_k(k, s, 2 if "cknna" in names else 1, what="each set")
+    check_k(k, s, max(registry.metric(name).min_k for name in names), what="each set")
     out = {name: np.empty((len(pairs), n_sets)) for name in names}
     roles = _roles(rows_x, rows_y)
     n_sides = len({(key, roles[0]) for key, _ in pairs} | {(key, roles[1]) for _, key in pairs})
@@ -586,7 +586,11 @@ def set_scorer(
     *,
     k: int = 10,
     options: Mapping[str, Any] | None = None,
+    on_error: OnError = "raise",
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``score(sets (B, s)) -> (P, B)``: :func:`metric_on_sets` with everything else fixed (the
-    form ``stats.permutation_tests_two_sets`` and ``random_baseline`` take)."""
-    return lambda sets: metric_on_sets(indexes, pairs, sets, metric, k=k, options=options)
+    form ``stats.permutation_tests_two_sets`` and ``random_baseline`` take; the lab's
+    permutation test uses it with ``on_error="nan"``)."""
+    return lambda sets: metric_on_sets(
+        indexes, pairs, sets, metric, k=k, options=options, on_error=on_error
+    )

@@ -46,7 +46,13 @@ from ..stats import (
     percentile_interval,
     permutation_tests_two_sets,
 )
-from ..subset_metrics import cca_dim_limit, metric_on_sets, metric_options, metric_values
+from ..subset_metrics import (
+    cca_dim_limit,
+    metric_on_sets,
+    metric_options,
+    metric_values,
+    set_scorer,
+)
 from ..validation import MIN_CKNNA_SET_SIZE, check_k, check_min_stimuli
 
 #: Key of the Alignment lab's container of the bars (CSS class ``st-key-lab-bars``): where the
@@ -391,8 +397,7 @@ def low_high_permutation_table(
     options = metric_options(metric, options)
     keyed = [pair.sides for pair in pairs]
     tests = permutation_tests_two_sets(
-        lambda sets: metric_on_sets(indexes, keyed, sets, metric, k=k or 1, options=options,
-                                    on_error="nan"),
+        set_scorer(indexes, keyed, metric, k=k or 1, options=options, on_error="nan"),
         low,
         high,
         n_permutations=int(n_permutations),
