@@ -775,8 +775,10 @@ def _check_models(config: PrecomputeConfig) -> None:
     gpa = config.gpa_model_names
     if len(gpa) < 2:
         raise ValueError(
-            f"GPA needs at least 2 vision models (or gpa_models), got {gpa}; add vision models "
-            "(encoders, or --features with --modality NAME=vision) or name gpa_models"
+            f"GPA needs at least 2 vision models (or GPA models named otherwise), got {gpa}; add "
+            "vision models (encoders, or --features with --modality NAME=vision) or name the "
+            "models GPA aligns with --gpa-models A,B (gpa_models in a config or in Python; e.g. "
+            "brain subjects)"
         )
     both = sorted(set(config.vision_models) & set(config.language_models))
     if both:

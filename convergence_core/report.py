@@ -702,6 +702,8 @@ def write_report(
     text = format_summary(summary, size) + "\n\n" + "\n".join(verdicts.values()) + "\n"
     if section_verdicts:
         text += "\n" + "\n".join(section_verdicts.values()) + "\n"
+    if universal_space.get("headline"):  # the file says what the command prints
+        text += "\n" + universal_space["headline"] + "\n"
     verdicts.update(section_verdicts)
     text += property_text
     text = _with_notes(text, first_layer, (k_note, two_models, *default_layers, bound))
@@ -2563,8 +2565,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m convergence_core"
         )
     summary = (out / "summary.txt").read_text(encoding="utf-8")
     print(summary, end="")
-    if "headline" in report["universal_space"]:
-        print(report["universal_space"]["headline"])
+    headline = report["universal_space"].get("headline")
+    if headline and headline not in summary:  # summary.txt carries it (reports since 2026-12)
+        print(headline)
     for note in report["notes"]:
         if note not in summary:  # a note summary.txt carries (two GPA models) is printed once
             print(f"note: {note}")

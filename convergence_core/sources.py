@@ -577,6 +577,12 @@ def _open_feature_file(
         raise FeatureFileError(
             f"{where} has {array.shape[0]} rows but {len(file_ids)} ids; give exactly one id per "
             "row, in row order"
+            + (
+                f" (one id more than rows: is the first line, {file_ids[0]!r}, a header? the ids "
+                "file has none)"
+                if len(file_ids) == array.shape[0] + 1
+                else ""
+            )
         )
     return array, file_ids
 

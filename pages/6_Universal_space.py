@@ -69,7 +69,7 @@ st.caption(
     # layer_18 here and layer_13 there): said where the choice is made
     + " Each model enters at its default layer (Layers, in the sidebar, changes it); the Stimuli, "
     "Alignment lab and Paper analyses pages take each language model at its best layer against "
-    "vision instead."
+    "the GPA models (the vision models, or whatever the run aligns with GPA) instead."
 )
 
 # a choice made on another run: the models this run has, else (none of them) all of this run's

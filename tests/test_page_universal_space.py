@@ -55,7 +55,7 @@ def test_page_shows_dispersion_retrieval_and_top_captions(monkeypatch, cache_roo
         "Top captions per image",
     ]
     # the layers taken are said: default layers here, best language layers on the other pages
-    assert any("default layer" in c.value and "best layer against vision" in c.value
+    assert any("default layer" in c.value and "best layer against the GPA models" in c.value
                for c in at.caption)
     # only the open tab is built (no retrieval yet); its scatter and residual bars are pictures
     # until the toggle asks for Plotly; the table of every stimulus comes when its expander opens

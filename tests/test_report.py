@@ -40,9 +40,12 @@ def planted_run_path(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def written(planted_run_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("report_out")
-    with contextlib.redirect_stderr(io.StringIO()) as progress:
+    with contextlib.redirect_stderr(io.StringIO()) as progress, contextlib.redirect_stdout(
+        io.StringIO()
+    ) as printed:
         status = report.main([str(planted_run_path / "runs" / "demo"), "--out", str(out), *FAST])
     (out / "progress.log").write_text(progress.getvalue())  # for the progress test
+    (out / "stdout.log").write_text(printed.getvalue())  # what the command printed
     return status, out
 
 
@@ -263,6 +266,9 @@ def test_report_has_the_universal_space_tables_figures_and_headline(written, cap
     relation = pd.read_csv(out / "universal_dispersion_relation.csv")
     assert relation["permutation_p_value_two_sided"].iloc[0] >= 1 / 41  # FAST: 40 shuffles
     assert entry["headline"].startswith("Universal space, held-out image → text retrieval (5-fold")
+    # summary.txt says what the command prints (it left the headline out), and it is printed once
+    assert entry["headline"] in (out / "summary.txt").read_text()
+    assert (out / "stdout.log").read_text().count(entry["headline"]) == 1
     paired = entry["paired_test_recall_at_1"]
     assert [row["direction"] for row in paired] == ["vision_to_language", "language_to_vision"]
     assert all(row["both"] + row["universal_only"] + row["ridge_only"] + row["neither"] == 80

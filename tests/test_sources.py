@@ -520,6 +520,9 @@ def test_config_needs_a_modality_for_each_file_and_two_gpa_models(tmp_path, coco
     with pytest.raises(ValueError, match="at least 2 vision models"):
         precompute(dataset=str(coco), features={"m": str(path)}, modalities={"m": "vision"},
                    cache_root=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"name the models GPA aligns with --gpa-models A,B"):
+        precompute(dataset=str(coco), features={"m": str(path)}, modalities={"m": "brain"},
+                   cache_root=str(tmp_path / "c"))
     with pytest.raises(ValueError, match="both as an encoder and with a feature file"):
         PrecomputeConfig(dataset=str(coco), vision_models=["m"], features={"m": str(path)},
                          modalities={"m": "vision"})
@@ -990,3 +993,14 @@ def test_a_neuroscientists_unaveraged_recordings_get_the_averaging_fix(tmp_path:
     with pytest.raises(FeatureFileError, match=r"lists 6 id\(s\) more than once \(up to 3 "
                        r"times; e\.g\. \['s0', 's1'"):
         read_feature_file(repeats, ids, model="m", layer="l")
+
+
+def test_an_ids_file_with_a_header_line_is_asked_about_it(tmp_path: Path) -> None:
+    """One id more than rows is most often a header line (a neuroscientist's 'stimulus_id'):
+    the message says so, besides the count (from the brain-data review)."""
+    ids = [f"s{i}" for i in range(5)]
+    path = _save_npy(tmp_path / "h.npy", np.random.default_rng(0).normal(size=(5, 3)), ids)
+    Path(str(path) + ".ids.txt").write_text("stimulus_id\n" + "\n".join(ids) + "\n")
+    with pytest.raises(FeatureFileError, match=r"5 rows but 6 ids.*is the first line, "
+                       r"'stimulus_id', a header\?"):
+        read_feature_file(path, ids, model="m", layer="l")
