@@ -1089,6 +1089,10 @@ class Metric:
         return f"{self.label} ({self.unit})"
 
 
+#: The k a neighbour metric takes when none is given: the registry's default, the report's (--k
+#: left out) and the dashboard's
+DEFAULT_K = 10
+
 _NEIGHBOUR_INVARIANCES = (ORTHOGONAL, ISOTROPIC_SCALING, STIMULUS_PERMUTATION)
 _NEIGHBOUR_VARIANCES = (TRANSLATION, FEATURE_SCALING)
 
@@ -1099,7 +1103,7 @@ _ENTRIES = (
         unit="unitless",
         function=cknna,
         from_tables=cknna_from_tables,
-        options={"k": 10},
+        options={"k": DEFAULT_K},
         value_range=(-1.0, 1.0),
         invariances=_NEIGHBOUR_INVARIANCES,
         not_invariant=_NEIGHBOUR_VARIANCES,
@@ -1120,7 +1124,7 @@ _ENTRIES = (
         unit="overlap, fraction of k",
         function=mutual_knn,
         from_tables=mutual_knn_from_tables,
-        options={"k": 10},
+        options={"k": DEFAULT_K},
         value_range=(0.0, 1.0),
         invariances=_NEIGHBOUR_INVARIANCES,
         not_invariant=_NEIGHBOUR_VARIANCES,
@@ -1137,7 +1141,7 @@ _ENTRIES = (
         unit="fraction of stimuli",
         function=cycle_knn,
         from_tables=cycle_knn_from_tables,
-        options={"k": 10},
+        options={"k": DEFAULT_K},
         value_range=(0.0, 1.0),
         invariances=_NEIGHBOUR_INVARIANCES,
         not_invariant=_NEIGHBOUR_VARIANCES,
@@ -1154,7 +1158,7 @@ _ENTRIES = (
         unit="fraction of k",
         function=lcs_knn,
         from_tables=lcs_knn_from_tables,
-        options={"k": 10, "normalise": True},
+        options={"k": DEFAULT_K, "normalise": True},
         value_range=(0.0, 1.0),
         invariances=_NEIGHBOUR_INVARIANCES,
         not_invariant=_NEIGHBOUR_VARIANCES,
@@ -1171,7 +1175,7 @@ _ENTRIES = (
         unit="1 − edits / k",
         function=edit_distance_knn,
         from_tables=edit_distance_knn_from_tables,
-        options={"k": 10},
+        options={"k": DEFAULT_K},
         value_range=(0.0, 1.0),
         invariances=_NEIGHBOUR_INVARIANCES,
         not_invariant=_NEIGHBOUR_VARIANCES,

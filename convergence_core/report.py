@@ -119,8 +119,8 @@ def default_set_size(n_stimuli: int, k: int) -> int:
     return size
 
 
-#: k of a report that is not given one (--k left out), where its sets allow it
-DEFAULT_K = 10
+#: k of a report that is not given one (--k left out), where its sets allow it: the registry's
+DEFAULT_K = registry.DEFAULT_K
 
 
 def sets_and_k(n_stimuli: int, size: int | None, k: int | None) -> tuple[int, int, str | None]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..dispersion import SCORES  # the dispersion scores a stimulus can be ranked by
+from ..metrics import DEFAULT_K as DEFAULT_METRIC_K
 from ..subset_metrics import MIN_K, MIN_SET_SIZE, k_for_sets
 from ..subset_metrics import default_set_size as _default_set_size
 
@@ -32,7 +33,7 @@ PARAM_NAMES: tuple[str, ...] = ("run", "source", "score", "k", "size", "page")
 
 DEFAULT_SOURCE = "low"
 DEFAULT_SCORE = "mean"
-DEFAULT_K = 10
+DEFAULT_K = DEFAULT_METRIC_K  # the registry's (the report's too)
 MIN_SUBSET_SIZE = MIN_SET_SIZE  # it and MIN_K come from subset_metrics (the report uses them too)
 
 VIEW_KEY = "convergence_view"
