@@ -40,7 +40,6 @@ STATISTICS_KEY = "w_lab_statistics"
 CALIBRATION_KEY = "w_lab_calibration"
 PER_STIMULUS_KEY = "w_lab_per_stimulus"
 #: The metric picker and its options
-METRIC_KEY = "w_lab_metric"
 METRICS = {choice.name: choice for choice in lab.metric_choices()}
 SET_LABEL = {
     "low": "low dispersion",
@@ -266,11 +265,15 @@ def sets_and_results() -> None:
     # the metric (any of the registry) and its options
     # the picker has the row to itself: a row of pills does not wrap, and in a narrower column
     # the last metrics were hidden behind a horizontal scroll
-    state.drop_stale_choice(st.session_state, METRIC_KEY, list(METRICS))
-    metric = state.kept_value(st.session_state, METRIC_KEY, next(iter(METRICS)))
+    # bound to the view, so the link carries it (state.View.metric)
+    metric = controls.bound_value(
+        st.session_state, view, "metric",
+        lambda name: name if name in METRICS else state.DEFAULT_METRIC,
+    )
     controls.row(
         [controls.choice(
-            "metric", "Metric", list(METRICS), metric, key=METRIC_KEY,
+            "metric", "Metric", list(METRICS), metric, key=state.WIDGET_PREFIX + "metric",
+            view="metric",
             labels=lambda name: METRICS[name].label,
             help="Every metric of the registry (convergence_core.metrics), with the numbers of "
             "the Platonic Representation code: neighbour metrics from the run's neighbour lists, "

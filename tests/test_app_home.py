@@ -88,6 +88,11 @@ def test_parse_query_params_reads_valid_values() -> None:
         3,
     )
     assert state.parse_query_params(view.to_query_params(), ["demo"])[0] == view
+    # the lab's metric travels too, and is left out of a link where it is the default
+    assert "metric" not in view.to_query_params()
+    with_metric, warnings = state.parse_query_params({"metric": "svcca"}, ["demo"])
+    assert warnings == [] and with_metric.metric == "svcca"
+    assert with_metric.to_query_params()["metric"] == "svcca"
 
 
 @pytest.mark.parametrize(
@@ -100,6 +105,7 @@ def test_parse_query_params_reads_valid_values() -> None:
         ({"size": "-4"}, "size", None, "at least 4"),
         ({"page": "0"}, "page", 1, "at least 1"),
         ({"run": "nope"}, "run", None, "not a cached run"),
+        ({"metric": "unknown"}, "metric", "cknna", "not one of cknna, mutual_knn"),
     ],
 )
 def test_parse_query_params_falls_back_with_a_warning(params, field, default, word) -> None:

@@ -250,6 +250,18 @@ def test_query_params_start_the_widgets(run) -> None:
     assert set(table["set_size"]) == {20} and set(table["k"]) == {5}
 
 
+def test_a_link_carries_the_labs_metric(run) -> None:
+    """The metric lived in the session only: a copied link (or a reload) came back at CKNNA,
+    with other numbers and no word of it (from the selection-flow review)."""
+    at = _page({"size": "24", "metric": "mutual_knn"})
+    assert _shown(at, "metric") == "mutual_knn"
+    assert set(_results(at)["metric"]) == {"mutual_knn"}
+    change_control(at, "metric", "cka")
+    assert at.query_params["metric"] == "cka"  # what a copied link now holds
+    change_control(at, "metric", "cknna")
+    assert "metric" not in at.query_params  # the default is left out
+
+
 def test_k_too_large_for_the_sets_is_clamped_with_a_warning(run) -> None:
     at = _page({"k": "50", "size": "12"})
     assert _shown(at, "k") == 11

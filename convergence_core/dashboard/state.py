@@ -23,17 +23,19 @@ from typing import Any
 
 from ..dispersion import SCORES  # the dispersion scores a stimulus can be ranked by
 from ..metrics import DEFAULT_K as DEFAULT_METRIC_K
+from ..metrics import metric_names
 from ..subset_metrics import MIN_K, MIN_SET_SIZE, k_for_sets
 from ..subset_metrics import default_set_size as _default_set_size
 
 #: Where the Alignment lab's subset comes from.
 SOURCES: tuple[str, ...] = ("low", "high", "random", "selection", "pasted")
 #: Query-parameter names, in the order they are written to the URL.
-PARAM_NAMES: tuple[str, ...] = ("run", "source", "score", "k", "size", "page")
+PARAM_NAMES: tuple[str, ...] = ("run", "source", "score", "k", "size", "page", "metric")
 
 DEFAULT_SOURCE = "low"
 DEFAULT_SCORE = "mean"
 DEFAULT_K = DEFAULT_METRIC_K  # the registry's (the report's too)
+DEFAULT_METRIC = "cknna"  # the Alignment lab's metric: the paper's
 MIN_SUBSET_SIZE = MIN_SET_SIZE  # it and MIN_K come from subset_metrics (the report uses them too)
 
 VIEW_KEY = "convergence_view"
@@ -68,9 +70,11 @@ class View:
     k: int = DEFAULT_K
     size: int | None = None  # None: default_subset_size(n) of the chosen run
     page: int = 1
+    metric: str = DEFAULT_METRIC  # the Alignment lab's metric (a registry name)
 
     def to_query_params(self) -> dict[str, str]:
-        """The view as URL query parameters (values that are unset are left out)."""
+        """The view as URL query parameters (values that are unset are left out, and the metric
+        where it is the default, so that the pages without one keep their links short)."""
         params = {
             "run": self.run,
             "source": self.source,
@@ -78,6 +82,7 @@ class View:
             "k": str(self.k),
             "size": None if self.size is None else str(self.size),
             "page": str(self.page),
+            "metric": None if self.metric == DEFAULT_METRIC else self.metric,
         }
         return {name: value for name, value in params.items() if value is not None}
 
@@ -161,6 +166,7 @@ def parse_query_params(
     for name, choices, default in (
         ("source", SOURCES, DEFAULT_SOURCE),
         ("score", SCORES, DEFAULT_SCORE),
+        ("metric", tuple(metric_names()), DEFAULT_METRIC),
     ):
         if name not in values:
             continue
