@@ -268,6 +268,13 @@ def test_alignment_bars_draw_every_set_and_the_baseline(run) -> None:
     assert [t.split(", ")[-1].split(":")[0] for t in first] == [
         "low", "random", "high", "selection", "random of 8"
     ]
+    # random sets of two counts: the title names neither one (it said "95% of 47 sets" beside
+    # bars of 114), the legend gives each
+    more = lab.baseline_table(indexes, pairs, len(scores), 8, 5, n_random=40)
+    mixed = _svg(charts.alignment_bars(values, baseline, "cknna", matched=more))
+    words = " ".join(" ".join(t.text or "" for t in mixed.iter(f"{SVG}text")).split())
+    assert "error bars: the spread of each bar's random sets (their number in the legend)" in words
+    assert "about the range of 8 sets" in words and "95% of 40 sets" in words
     # a selection of the main size needs no second baseline
     same = lab.set_table(indexes, pairs, {**sets, "selection": np.arange(20, 30)}, 5)
     assert "random of" not in charts.alignment_bars(same, baseline, "cknna", matched=own)
