@@ -719,8 +719,9 @@ def gpa_to_uncertainty(
     otherwise continues every solution from its maps with the next tol. At the floor ``tol``
     (or ``max_iter`` iterations per solution) it stops as :func:`gpa_stability` does.
 
-    A spread of 0 (every solution ended at the same residuals: always so for two models, whose
-    GPA has one optimum up to a rotation) means the residuals have no uncertainty to stop at:
+    A spread of 0 (every solution ended at the same residuals: so for two models, whose GPA has
+    one optimum up to a rotation unless N₁ᵀN₂ is rank-deficient, an exactly degenerate input)
+    means the residuals have no uncertainty to stop at:
     the rule does not hold there (not even for a step of 0, which is the loss rule's business),
     the stages go on to the floor tol, and the stop records ``step_over_spread`` None (a ratio
     ``x / 0`` would be infinite, which a run's strict JSON cannot hold).

@@ -139,8 +139,11 @@ iterations, 204 s here):
   minimum 8e-8 lower. But it is not better in general: on 16 random smaller problems (4 equal
   widths 16-128) the lower minimum came from Gower's start 6 times, from the eigen start 7
   times (3 ties), and at width 256 either start was faster or lower depending on the seed. The
-  loss of equal-width problems has many local minima within ~1e-7-1e-5 of each other;
-  :mod:`gpa_stability` measures what they do to the residuals.
+  loss of equal-width problems has many local minima: within ~1e-7-1e-5 of each other on those
+  cases, but on small ones far more apart (4 models of width 12, 40 stimuli: Gower's start
+  ended 3.7e-4 to 2.4e-3 above the lowest of many starts in 5 of 8 seeds, and the lowest of
+  the run's 4 random starts still 7e-4 to 1e-3 above it in 2, dispersion up to 15 % off);
+  :mod:`gpa_stability` measures what they do to the residuals, and flags such runs.
 * Group moves (after each plain sweep, each pair of the three non-reference models rotated
   together onto the other two, one polar factor per pair; 4 × 128, n = 2,000): 340 sweeps to
   rounding instead of 359, each slower. The slow direction (the step of the last plain sweeps)
@@ -430,8 +433,31 @@ def _aligned_block(
     return (centered @ rotation) / scale
 
 
+#: The range of a model's largest |value| that GPA takes (:func:`_check_magnitude`): its
+#: cross-products square the values, and beyond it they overflow to inf or underflow to zero
+#: (a model × 1e155 gave a singular matrix, or silently a model of zeros; × 1e-170 "identical
+#: for every stimulus"); GPA scales each model to unit norm, so rescaling one changes nothing.
+MAGNITUDE_RANGE = (1e-100, 1e100)
+
+
+def _check_magnitude(largest: float, label: str) -> None:
+    """ValueError, with the fix, for a model whose largest |value| lies outside
+    :data:`MAGNITUDE_RANGE` (0, a constant model of zeros, is left to the zero-variance check)."""
+    low, high = MAGNITUDE_RANGE
+    if largest == 0.0 or not np.isfinite(largest) or low <= largest <= high:
+        return  # zeros, NaN and inf have checks (and messages) of their own
+    raise ValueError(
+        f"{label}'s largest |value| is {largest:.1e}, outside the range {low:.0e} to {high:.0e} "
+        "that GPA handles in float64 (its cross-products square the values); rescale the model "
+        "first, "
+        "e.g. X / np.abs(X).max(): GPA scales every model to unit norm, so this changes nothing "
+        "else."
+    )
+
+
 def _center_and_scale(X: np.ndarray, label: str) -> np.ndarray:
     """Center (m, d) over stimuli and scale to unit Frobenius norm (float64)."""
+    _check_magnitude(float(np.max(np.abs(X))) if X.size else 0.0, label)
     centered = X - X.mean(axis=0, keepdims=True)
     norm = np.linalg.norm(centered)
     if not norm > 0.0:
@@ -670,12 +696,16 @@ def _row_blocks(n: int, width: int) -> list[slice]:
 
 def _column_means(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> list[np.ndarray]:
     """Column means (float64 sums over row blocks); ValueError naming NaN/Inf like the
-    validation module does."""
+    validation module does, or a model whose values lie beyond what its cross-products keep
+    (:func:`_check_magnitude`)."""
     n = arrays[0].shape[0]
     sums = [np.zeros(a.shape[1]) for a in arrays]
+    largest = [0.0] * len(arrays)
     for rows in _row_blocks(n, sum(a.shape[1] for a in arrays)):
         for i, a in enumerate(arrays):
             block = read_rows(a, rows)
+            if block.size:
+                largest[i] = max(largest[i], float(np.max(np.abs(block))))
             total = block.sum(axis=0)
             if not np.all(np.isfinite(total)):
                 # error path: count over the whole model, with the shared message
@@ -686,6 +716,8 @@ def _column_means(arrays: Sequence[np.ndarray], labels: Sequence[str]) -> list[n
                     "drop those stimuli from every model or re-extract this model's embeddings.",
                 )
             sums[i] += total
+    for i, label in enumerate(labels):
+        _check_magnitude(largest[i], label)
     return [s / n for s in sums]
 
 
@@ -1290,7 +1322,8 @@ def _residuals(
     scales: np.ndarray,
     maps_per_solution: Sequence[Sequence[np.ndarray]],
 ) -> np.ndarray:
-    """Residuals (S, n, M) of S solutions (each M maps (d_i, d)), computed over row blocks."""
+    """Residuals (S, n, M) of S solutions (each M maps (d_i, p), p = min(n - 1, d)), computed
+    over row blocks."""
     n = arrays[0].shape[0]
     n_models = len(arrays)
     d = maps_per_solution[0][0].shape[1]
@@ -1336,7 +1369,8 @@ def generalized_procrustes(
             GPA again (a run's stability step, right after its GPA step).
 
     Returns:
-        :class:`GPAResult`: residuals (n, M), loss history, maps (d_i, d), means, scales.
+        :class:`GPAResult`: residuals (n, M), loss history, maps (d_i, p) with p = min(n - 1,
+        d) (orthonormal columns where d_i > p), means, scales.
 
     Memory: the (D, D) cross-products (D = Σ d_i) plus one block of rows; when a model is wider
     than n − 1, D = Σ min(d_i, n − 1) and each input is read whole once (n·d_i floats); time:

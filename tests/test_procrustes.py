@@ -813,3 +813,23 @@ def test_cross_products_that_cannot_fit_are_refused_before_allocating(monkeypatc
     assert generalized_procrustes(wide).converged
     monkeypatch.undo()  # the real function reads /proc/meminfo here
     assert procrustes._available_memory() is None or procrustes._available_memory() > 2**20
+
+
+def test_models_beyond_float64s_squares_are_refused_and_large_ones_kept() -> None:
+    """A model x 1e155 gave a singular matrix (or, wider than n - 1, silently a model of zeros
+    and converged=True); x 1e-170 was called 'identical for every stimulus'. Both are refused
+    naming the fix; x 1e90 and 1e-90 give the unscaled residuals (from the GPA review)."""
+    rng = np.random.default_rng(0)
+    X = [rng.normal(size=(50, d)) for d in (3, 80, 20)]
+    base = generalized_procrustes(X).residuals
+    for scale in (1e90, 1e-90):
+        scaled = generalized_procrustes([X[0] * scale, X[1], X[2]]).residuals
+        np.testing.assert_allclose(scaled, base, atol=1e-12)
+    for scale in (1e155, 1e-170):
+        for which in (0, 1):  # narrow, and wider than n - 1
+            Y = [x * scale if i == which else x for i, x in enumerate(X)]
+            with pytest.raises(ValueError, match=rf"model {which}'s largest \|value\| is .*"
+                               r"rescale the model first, e\.g\. X / np\.abs\(X\)\.max\(\)"):
+                generalized_procrustes(Y)
+    with pytest.raises(ValueError, match="rescale the model first"):
+        preprocess_embeddings([X[0] * 1e155, X[1]])
