@@ -512,7 +512,9 @@ def sets_and_results() -> None:
     )
     with calibrated:
         if calibrated.open:
-            _calibration(sets, k, metric, options_key, label, int(n_permutations), int(seed))
+            _calibration(sets, k, metric, options_key, label, int(n_permutations), int(seed),
+                         lab.download_name("calibration", context.info.name, metric, score,
+                                           size, k))
 
     per_stimulus = st.expander(
         "Per-stimulus alignment against dispersion (k-NN overlap, local CKA)",
@@ -557,7 +559,9 @@ def _when_asked(metric: str, what: str, work: str, key: str, done: bool) -> bool
     return asked
 
 
-def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  # noqa: ANN001
+def _calibration(  # noqa: ANN001
+    sets, k, metric, options_key, label, n_draws, seed, file_name
+) -> None:
     """Each set's raw score beside its calibrated score and matched random baseline, and the
     verdict on low > high."""
     arguments = (path, stamp, pairs, tuple(sets), tuple(np.asarray(r) for r in sets.values()), k,
@@ -611,7 +615,7 @@ def _calibration(sets, k, metric, options_key, label, n_draws, seed) -> None:  #
     st.download_button(
         "Download calibrated scores (CSV)",
         lambda: result.table.to_csv(index=False).encode("utf-8"),
-        file_name=f"calibration-{context.info.name}-{metric}.csv",
+        file_name=file_name,
         mime="text/csv",
         key="download-calibration",
     )
@@ -702,7 +706,7 @@ def _tables(  # noqa: ANN001
     st.download_button(
         "Download results (CSV)",
         lambda: table.to_csv(index=False).encode("utf-8"),
-        file_name=f"alignment-{context.info.name}-{metric}-{score}-size{size}-k{k}.csv",
+        file_name=lab.download_name("alignment", context.info.name, metric, score, size, k),
         mime="text/csv",
         key="download-results",
     )

@@ -250,6 +250,17 @@ def test_query_params_start_the_widgets(run) -> None:
     assert set(table["set_size"]) == {20} and set(table["k"]) == {5}
 
 
+def test_downloads_are_named_by_every_setting_they_depend_on() -> None:
+    """The calibration CSV was named by run and metric alone (two downloads of other sets
+    overwrote each other); a CKA file named a k that CKA does not use (selection-flow review)."""
+    assert lab.download_name("alignment", "demo", "cknna", "mean", 59, 10) == (
+        "alignment-demo-cknna-mean-size59-k10.csv"
+    )
+    assert lab.download_name("calibration", "demo", "cka", "pc1", 30, 10) == (
+        "calibration-demo-cka-pc1-size30.csv"
+    )
+
+
 def test_a_link_carries_the_labs_metric(run) -> None:
     """The metric lived in the session only: a copied link (or a reload) came back at CKNNA,
     with other numbers and no word of it (from the selection-flow review)."""

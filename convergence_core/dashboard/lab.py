@@ -247,6 +247,14 @@ def check_subset_for_k(size: int, k: int, what: str) -> None:
     check_k(k, size, 1, what=what)
 
 
+def download_name(kind: str, run: str, metric: str, score: str, size: int, k: int | None) -> str:
+    """A downloaded table's file name: ``<kind>-<run>-<metric>-<score>-size<size>[-k<k>].csv``,
+    k only for a neighbour metric (a CKA file named a k that CKA does not use), so that two
+    downloads of other settings never share a name."""
+    k_part = "" if _k_of(metric, k) is None else f"-k{int(k)}"
+    return f"{kind}-{run}-{metric}-{score}-size{int(size)}{k_part}.csv"
+
+
 def _metric_columns(metric: str, k: int | None, options: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "metric": metric,
