@@ -752,7 +752,7 @@ def server_benchmark(run_path: Path, repeats: int) -> tuple[list[dict[str, objec
     record("home, first session (cold caches)", _timed(lambda: _check(first.run())), None, "")
     warm = [_timed(lambda: _check(home().run())) for _ in range(repeats)]
     record("home, new session (warm caches)", statistics.median(warm), None, "median")
-    for page, _, _ in dashboard_page.PAGES:
+    for page in (entry.file for entry in dashboard_page.PAGES):
         at = home()
         _check(at.run())
         at.switch_page(page)

@@ -332,7 +332,7 @@ def test_cached_run_is_reloaded_when_its_manifest_changes(synthetic_cache: Path)
 
 
 #: Every page after Home (the one list of pages)
-MY_PAGES = tuple(target for target, _, _ in page.PAGES)
+MY_PAGES = tuple(entry.file for entry in page.PAGES)
 
 
 def test_pages_never_load_a_model_run_gpa_or_mutate_the_shared_run(
@@ -526,10 +526,10 @@ def test_home_links_to_every_page_with_the_view_in_the_url(synthetic_cache: Path
     from convergence_core.dashboard.page import PAGES
 
     links = at.get("page_link")
-    assert [link.proto.label for link in links] == [label for _, label, _ in PAGES]
+    assert [link.proto.label for link in links] == [entry.label for entry in PAGES]
     assert {"Stimuli gallery", "Residual space", "Alignment lab", "Paper analyses",
             "What predicts dispersion", "Universal space"} <= {link.proto.label for link in links}
-    assert all((REPO / target).is_file() for target, _, _ in PAGES)
+    assert all((REPO / entry.file).is_file() for entry in PAGES)
     for link in links:
         assert "run=demo" in link.proto.query_string and "score=pc1" in link.proto.query_string
 
@@ -541,10 +541,10 @@ def test_page_urls_are_streamlits_and_cover_every_page_file() -> None:
 
     from convergence_core.dashboard.page import PAGE_URLS, PAGES, url_path
 
-    assert sorted(target for target, _, _ in PAGES) == sorted(
+    assert sorted(entry.file for entry in PAGES) == sorted(
         str(path.relative_to(REPO)) for path in (REPO / "pages").glob("*.py")
     )
-    for target, _, _ in PAGES:
+    for target in (entry.file for entry in PAGES):
         assert url_path(target) == page_icon_and_name(REPO / target)[1]
     assert PAGE_URLS[0] == ("Home", "") and len(PAGE_URLS) == len(PAGES) + 1
     assert url_path("pages/12_Two_words.py") == "Two_words"
@@ -559,7 +559,7 @@ def test_the_navigation_is_home_then_the_one_list_of_pages(monkeypatch) -> None:
     monkeypatch.setattr(page.st, "Page", lambda target, **options: made.append((target, options)))
     page.navigation_pages()
     assert [(target, options["title"]) for target, options in made] == [
-        (page.HOME, "Home"), *((target, label) for target, label, _ in page.PAGES)
+        (page.HOME, "Home"), *((entry.file, entry.label) for entry in page.PAGES)
     ]
     assert made[0][1]["default"] and all(options.get("icon") for _, options in made)
     assert all((REPO / target).is_file() for target, _ in made)
@@ -578,13 +578,13 @@ def test_each_page_is_titled_by_its_entry_in_the_one_list_of_pages(
     at = _app().run(timeout=TIMEOUT)
     assert at.title[0].value == page.APP_TITLE
     assert (configs[-1]["page_title"], configs[-1]["page_icon"]) == (page.APP_TITLE, page.APP_ICON)
-    assert sorted(page.TAB_ICONS) == sorted(target for target, _, _ in page.PAGES)
-    for target, label, _ in page.PAGES:
-        at.switch_page(target).run(timeout=TIMEOUT)
-        assert not at.exception, (target, at.exception)
-        assert at.title[0].value == label, target
-        assert configs[-1]["page_title"] == f"{label} · {page.APP_TITLE}", target
-        assert configs[-1]["page_icon"] == page.TAB_ICONS[target], target
+    assert len({entry.tab_icon for entry in page.PAGES} | {page.APP_ICON}) == len(page.PAGES) + 1
+    for entry in page.PAGES:
+        at.switch_page(entry.file).run(timeout=TIMEOUT)
+        assert not at.exception, (entry.file, at.exception)
+        assert at.title[0].value == entry.label, entry.file
+        assert configs[-1]["page_title"] == f"{entry.label} · {page.APP_TITLE}", entry.file
+        assert configs[-1]["page_icon"] == entry.tab_icon, entry.file
     with pytest.raises(ValueError, match="unknown page file 'pages/9_Nope.py'"):
         page.page_heading("pages/9_Nope.py")
 

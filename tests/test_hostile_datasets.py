@@ -739,7 +739,7 @@ def test_cli_lite0_with_a_hub_model_offline_stops_before_any_work(
 
 REPO = Path(__file__).resolve().parent.parent
 #: Every page of the dashboard by its sidebar label (Home: the app's first page)
-PAGES = {"Home": None, **{label: target for target, label, _ in dashboard_page.PAGES}}
+PAGES = {"Home": None, **{entry.label: entry.file for entry in dashboard_page.PAGES}}
 HUGE = "a dog " * 16_667  # 100,002 characters
 N_PAGE_RUN = 24
 

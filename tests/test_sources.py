@@ -856,7 +856,7 @@ def test_every_page_draws_a_run_from_feature_files_alone(tmp_path, monkeypatch):
                                   "no captions) · run demo") for t in app.text)
     assert app.text[0].value.endswith("across vision models (dispersion) and how they modulate "
                                       "their alignment with the other models (CKNNA).")
-    for target, _, _ in page.PAGES:
+    for target in (entry.file for entry in page.PAGES):
         app.switch_page(target).run()
         assert not app.exception and not app.error, (target, app.exception, app.error)
         if target == "pages/1_Stimuli.py":

@@ -138,26 +138,34 @@ def close_page(context: PageContext) -> None:
     state.write_query_params(st.query_params, context.view)
 
 
-#: The dashboard's pages after Home (file, label, Material icon): the one list of pages. Material
-#: Symbols ship with Streamlit, so they render where no emoji font is installed.
+@dataclass(frozen=True)
+class PageEntry:
+    """One page after Home: its ``file`` (what ``st.Page`` and ``st.switch_page`` take), its
+    ``label`` (the sidebar's name for it, and its title), its ``icon`` in the sidebar (a Material
+    Symbol: they ship with Streamlit, so they render where no emoji font is installed) and its
+    ``tab_icon`` in the browser tab (an emoji, drawn by the browser: a Material icon there is
+    fetched from fonts.gstatic.com, a third-party request that fails offline)."""
+
+    file: str
+    label: str
+    icon: str
+    tab_icon: str
+
+
+#: The dashboard's pages after Home: the one list of pages. A new page is one entry here (and its
+#: file under ``pages/``); the sidebar, the links between pages, the titles, the browser test and
+#: the benchmark read this list.
 PAGES = [
-    ("pages/1_Stimuli.py", "Stimuli gallery", ":material/photo_library:"),
-    ("pages/2_Residual_space.py", "Residual space", ":material/scatter_plot:"),
-    ("pages/3_Alignment_lab.py", "Alignment lab", ":material/balance:"),
-    ("pages/4_Paper_analyses.py", "Paper analyses", ":material/description:"),
-    ("pages/5_What_predicts_dispersion.py", "What predicts dispersion", ":material/insights:"),
-    ("pages/6_Universal_space.py", "Universal space", ":material/hub:"),
+    PageEntry("pages/1_Stimuli.py", "Stimuli gallery", ":material/photo_library:", "🖼️"),
+    PageEntry("pages/2_Residual_space.py", "Residual space", ":material/scatter_plot:", "🧭"),
+    PageEntry("pages/3_Alignment_lab.py", "Alignment lab", ":material/balance:", "⚖️"),
+    PageEntry("pages/4_Paper_analyses.py", "Paper analyses", ":material/description:", "📄"),
+    PageEntry(
+        "pages/5_What_predicts_dispersion.py", "What predicts dispersion", ":material/insights:",
+        "🧩",
+    ),
+    PageEntry("pages/6_Universal_space.py", "Universal space", ":material/hub:", "🌐"),
 ]
-#: Each page's icon in the browser tab, by file (an emoji, drawn by the browser: a Material icon
-#: there is fetched from fonts.gstatic.com, a third-party request that fails offline)
-TAB_ICONS = {
-    "pages/1_Stimuli.py": "🖼️",
-    "pages/2_Residual_space.py": "🧭",
-    "pages/3_Alignment_lab.py": "⚖️",
-    "pages/4_Paper_analyses.py": "📄",
-    "pages/5_What_predicts_dispersion.py": "🧩",
-    "pages/6_Universal_space.py": "🌐",
-}
 #: The app's name: Home's title, and the end of every other page's tab title
 APP_TITLE = "Convergence Explorer"
 
@@ -165,14 +173,14 @@ APP_TITLE = "Convergence Explorer"
 def page_heading(target: str) -> tuple[str, str, str]:
     """(title, browser-tab title, tab icon) of the page of file ``target``: a page of
     :data:`PAGES` is titled by its label there (the sidebar's name for it), ``<label> ·
-    Convergence Explorer`` in the tab with its :data:`TAB_ICONS` emoji; Home (:data:`HOME`) by
+    Convergence Explorer`` in the tab with its ``tab_icon`` emoji; Home (:data:`HOME`) by
     the app's name, with :data:`APP_ICON`. ValueError naming the files for any other."""
     if target == HOME:
         return APP_TITLE, APP_TITLE, APP_ICON
-    for file, label, _ in PAGES:
-        if file == target:
-            return label, f"{label} · {APP_TITLE}", TAB_ICONS[file]
-    known = [HOME, *(file for file, _, _ in PAGES)]
+    for entry in PAGES:
+        if entry.file == target:
+            return entry.label, f"{entry.label} · {APP_TITLE}", entry.tab_icon
+    known = [HOME, *(entry.file for entry in PAGES)]
     raise ValueError(f"unknown page file {target!r}; pass one of {known} (page.PAGES)")
 
 
@@ -183,7 +191,7 @@ def url_path(target: str) -> str:
 
 
 #: Every page as (label, URL path), Home first: what the browser test and benchmark visit.
-PAGE_URLS = [("Home", ""), *((label, url_path(target)) for target, label, _ in PAGES)]
+PAGE_URLS = [("Home", ""), *((entry.label, url_path(entry.file)) for entry in PAGES)]
 
 
 def page_links(context: PageContext) -> None:
@@ -191,11 +199,11 @@ def page_links(context: PageContext) -> None:
     params = context.view.to_query_params()
     # one row that wraps, each link as wide as its label (equal columns cut the longest labels)
     with st.container(horizontal=True, wrap=True, gap="small"):
-        for target, label, icon in PAGES:
+        for entry in PAGES:
             try:
-                st.page_link(target, label=label, icon=icon, query_params=params)
+                st.page_link(entry.file, label=entry.label, icon=entry.icon, query_params=params)
             except StreamlitAPIException:  # the page file is not there (yet)
-                st.caption(f"{label} (page not installed)")
+                st.caption(f"{entry.label} (page not installed)")
 
 
 #: The Home page's file (beside app.py, which is the navigation)
@@ -207,4 +215,4 @@ def navigation_pages() -> list[st.Page]:
     shows their labels and icons; each page's URL path is its file name without the number
     (:func:`url_path`)."""
     home = st.Page(HOME, title="Home", icon=":material/home:", default=True)
-    return [home, *(st.Page(target, title=label, icon=icon) for target, label, icon in PAGES)]
+    return [home, *(st.Page(entry.file, title=entry.label, icon=entry.icon) for entry in PAGES)]
