@@ -27,6 +27,7 @@ from convergence_core.dashboard import (
     state,
     widgets,
 )
+from convergence_core.dispersion import SCORE_ENTRIES
 from convergence_core.stimulus_alignment import local_cka_base_size
 
 PER_SIDE = 6  # stimuli per side and page
@@ -74,10 +75,10 @@ controls.row(
         controls.choice(
             "score", "Rank by", state.SCORES, score, key=state.WIDGET_PREFIX + "score",
             view="score", labels=plots.SCORE_NAME.get,
-            help=f"mean: average residual across the {run.gpa_modality} models (GPA); PC1: score "
-            "on the first principal component of the residuals (the paper's two dispersion "
-            "measures). Orders the gallery, the detail's list of stimuli and the alignment "
-            "scatter.",
+            help="The dispersion scores: "
+            + "; ".join(f"{e.label}, the {e.description}" for e in SCORE_ENTRIES.values())
+            + f" (the GPA models: {run.gpa_modality}). Orders the gallery, the detail's list of "
+            "stimuli and the alignment scatter.",
         ),
     ],
     key="stimuli-controls",
@@ -348,16 +349,12 @@ with detail_tab:
             widgets.number_cards(
                 [
                     widgets.Card(
-                        "Rank by mean residual",
-                        f"{int(found.rank['mean'][row]) + 1} / {n}",
-                        help="1 = lowest dispersion (most agreement among the GPA models)",
-                    ),
-                    widgets.Card(
-                        "Rank by PC1 score",
-                        f"{int(found.rank['pc1'][row]) + 1} / {n}",
-                        help="1 = lowest dispersion along the first principal component of "
-                        "the residuals",
-                    ),
+                        f"Rank by {entry.label}",
+                        f"{int(found.rank[entry.name][row]) + 1} / {n}",
+                        help=f"1 = lowest dispersion (the lowest {entry.description}: most "
+                        "agreement among the GPA models)",
+                    )
+                    for entry in SCORE_ENTRIES.values()
                 ],
                 key="stimulus-ranks",
             )

@@ -223,6 +223,24 @@ def test_scatter_is_webgl_coloured_by_dispersion_with_hover(run) -> None:
     )
 
 
+def test_the_hover_names_every_score_of_the_one_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each point's hover gives every dispersion score of dispersion.SCORE_ENTRIES by its label,
+    in that order: a new score is one entry there (the hover named "mean" and "PC1" itself)."""
+    from convergence_core.dashboard import plots
+
+    monkeypatch.setattr(plots, "SCORE_NAME", {**plots.SCORE_NAME, "max": "largest residual"})
+    scores = {"pc1": np.array([0.5, -1.25]), "max": np.array([3.0, 4.0]),
+              "mean": np.array([0.125, 2.0])}
+    figure = plots.residual_scatter(
+        np.zeros(2), np.ones(2), scores["mean"], ids=["a", "b"], captions=None, scores=scores,
+        colour_title="t", x_title="x", y_title="y", title="map",
+    )
+    assert figure.data[0].text == (
+        "id a<br><br>mean residual 0.1250 · PC1 score 0.5000 · largest residual 3.0000",
+        "id b<br><br>mean residual 2.0000 · PC1 score -1.2500 · largest residual 4.0000",
+    )
+
+
 def test_hover_text_is_escaped(run) -> None:
     from convergence_core.dashboard import plots
 
@@ -363,8 +381,9 @@ def test_large_maps_send_no_text_per_point(monkeypatch: pytest.MonkeyPatch) -> N
     rng = np.random.default_rng(0)
     x, y, colour = rng.random(n), rng.random(n), rng.random(n)
     figure = plots.residual_scatter(
-        x, y, colour, ids=[f"s{i}" for i in range(n)], captions=["c"] * n, mean=colour,
-        pc1=colour, colour_title="t", x_title="x", y_title="y", title="map", selected=[3, 150],
+        x, y, colour, ids=[f"s{i}" for i in range(n)], captions=["c"] * n,
+        scores={"mean": colour, "pc1": colour}, colour_title="t", x_title="x", y_title="y",
+        title="map", selected=[3, 150],
     )
     spec = json.loads(figure.to_json())
     points, overlay = spec["data"]

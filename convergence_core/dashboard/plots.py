@@ -7,7 +7,7 @@ ids) is HTML-escaped before it reaches Plotly, whose hover labels interpret a su
 from __future__ import annotations
 
 import html
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -83,8 +83,7 @@ def residual_scatter(
     *,
     ids: Sequence[str] | None,
     captions: Sequence[str] | None,
-    mean: np.ndarray,
-    pc1: np.ndarray,
+    scores: Mapping[str, np.ndarray],
     colour_title: str,
     x_title: str,
     y_title: str,
@@ -95,9 +94,10 @@ def residual_scatter(
     :data:`HOVER_TEXT_LIMIT` points, its index in the first trace: the trace is in run order).
 
     Hover and markers follow :func:`point_fields`: up to :data:`HOVER_TEXT_LIMIT` points, hover
-    shows id, caption (escaped, truncated; none when ``captions`` is None), both dispersion scores
-    and the coordinates. Above it no per-point text is sent (100,000 captions would be megabytes
-    on every rerun): hover shows the coordinates and the colour score, and a selection shows the
+    shows id, caption (escaped, truncated; none when ``captions`` is None), each dispersion score
+    of ``scores`` ({name: (n,) values}, named by ``dispersion.SCORE_ENTRIES``' labels, in
+    :data:`SCORE_NAME`'s order) and the coordinates. Above it no per-point text is sent (100,000
+    captions would be megabytes on every rerun): hover shows the coordinates and the colour score, and a selection shows the
     chosen stimuli's ids and captions below the chart. Coordinates and colours travel as float32.
     The current selection is drawn as open circles on top.
     """
@@ -108,10 +108,12 @@ def residual_scatter(
     def texts() -> list[str]:
         names = ids if ids is not None else [str(row) for row in range(n)]
         shown = captions if captions is not None else [""] * n
+        named = [(SCORE_NAME[name], scores[name]) for name in SCORE_NAME if name in scores]
+        rows = list(zip(*(column for _, column in named), strict=True)) if named else [()] * n
         return [
-            f"id {safe_hover_text(i, 40)}<br>{safe_hover_text(c)}"
-            f"<br>mean residual {m:.4f} · PC1 {p:.4f}"
-            for i, c, m, p in zip(names, shown, mean, pc1, strict=True)
+            f"id {safe_hover_text(i, 40)}<br>{safe_hover_text(c)}<br>"
+            + " · ".join(f"{label} {v:.4f}" for (label, _), v in zip(named, row, strict=True))
+            for i, c, row in zip(names, shown, rows, strict=True)
         ]
 
     fields = point_fields(
