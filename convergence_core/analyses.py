@@ -76,7 +76,7 @@ from .validation import check_count, check_k, check_level
 if TYPE_CHECKING:
     from .run import Run
 
-#: A dispersion score's name: one of ``dispersion.SCORES`` (the one list; checked by ``check_score``)
+#: A dispersion score's name: one of ``dispersion.SCORES`` (the one list; see ``check_score``)
 DispersionScore = str
 
 #: Default number of label shuffles in the low-vs-high permutation test (p-value floor 1/1001).
