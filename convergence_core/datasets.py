@@ -23,7 +23,11 @@ Loaders
 ``load_dataset``   dispatches on ``kind`` or detects it from ``spec``.
 
 Captions are stripped of surrounding whitespace and blank entries are removed; a stimulus left
-with no caption is reported by :func:`check_dataset` as "empty caption".
+with no caption is reported by :func:`check_dataset` as "empty caption". Ids given as such (a
+table's ``id`` column, COCO image ids, a Hugging Face ``id_column``) are read as every id is
+(:func:`.sources.stimulus_id`: text without surrounding whitespace; a blank one is refused
+naming the row), so that they match the ids of feature files; ids made of image paths or row
+numbers are those as they are.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import pandas as pd
 
 from .images import TOO_LARGE, TOO_LARGE_FIX, ImageFileError, image_problem, resolve_inside
 from .settings import cache_root
+from .sources import stimulus_id
 
 __all__ = [
     "Dataset",
@@ -321,6 +326,8 @@ def _checked_coco_entries(path: Path, images: Any, annotations: Any) -> tuple[li
             continue
         if not _is_coco_id(image.get("id")):
             problems.append(f"images[{i}] has id {_short(image.get('id'))} (needs an integer)")
+        elif stimulus_id(image["id"]) is None:
+            problems.append(f"images[{i}] has a blank id {_short(image['id'])} (needs an integer)")
         name = image.get("file_name")
         if not isinstance(name, str) or not name.strip():
             what = "no file_name" if name is None else f"file_name {_short(name)} (needs a string)"
@@ -344,6 +351,15 @@ def _checked_coco_entries(path: Path, images: Any, annotations: Any) -> tuple[li
     ids = [im["id"] for im in images if isinstance(im, Mapping) and _is_coco_id(im.get("id"))]
     if len({type(v) for v in ids}) > 1:
         problems.append("image ids mix integers and strings (use integers throughout)")
+    # string ids read as every id does (sources.stimulus_id): "7" and "7 " are one stimulus
+    read = [stimulus_id(v) for v in ids]
+    first: dict[str, Any] = {}
+    for value, sid in zip(ids, read):
+        if sid is not None and first.setdefault(sid, value) != value:
+            problems.append(
+                f"image ids {first[sid]!r} and {value!r} are one id once surrounding whitespace "
+                "is removed (as ids are read; give each image its own id)"
+            )
     if problems:
         listed = "; ".join(problems[:_MAX_LISTED])
         more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -393,7 +409,7 @@ def load_coco(
     ids, rels, caps = [], [], []
     real_dirs: dict[str, str] = {}
     for image in ordered:
-        ids.append(str(image["id"]))
+        ids.append(stimulus_id(image["id"]))  # an integer's digits; a string id, stripped
         rels.append(
             safe_relative_path(
                 root_path, Path(images_dir) / image["file_name"], _real_dirs=real_dirs
@@ -573,6 +589,7 @@ def load_table(
     has_id, has_label = "id" in columns, "label" in columns
     order: list[str] = []
     rows: dict[str, dict[str, Any]] = {}
+    written: dict[str, str] = {}  # each id as its first row writes it (the id cell's text)
     real_dirs: dict[str, str] = {}
     for row, record in enumerate(frame.to_dict("records"), start=1):
         rel = ""
@@ -584,22 +601,32 @@ def load_table(
                     f"relative to {root_path}, or leave the row out"
                 )
             rel = safe_relative_path(root_path, image, _real_dirs=real_dirs)
-        key = _cell_text(record["id"]) if has_id else rel
+        # an id cell reads as every id does (sources.stimulus_id): "img1 " or "img1\r" is the
+        # stimulus "img1", which an .npy's id list or a parquet feature file names as "img1".
+        # An id made of the image path is the path as the data set stores it, not stripped
+        key = stimulus_id(record["id"]) if has_id else rel
         if key is None:
             raise ValueError(
                 f"table {table_path}: row {row} has no id; give every row an id (or leave the "
                 "'id' column out, so that each stimulus is named by its image path)"
             )
         caps = _clean_captions(record[caption_col], split=caption_col == "captions")
+        cell = str(record["id"]) if has_id else rel
         if key in rows:
             if caption_col == "captions" or rows[key]["image"] != rel:
+                spaced = (
+                    f" (written {written[key]!r} and {cell!r}: ids are read without surrounding "
+                    "whitespace, so these are one id)" if written[key] != cell else ""
+                )
                 raise ValueError(
-                    f"table {table_path} has id {key!r} on more than one row; ids must be unique "
-                    "(with a 'caption' column, rows of one stimulus must share id and image)"
+                    f"table {table_path} has id {key!r} on more than one row{spaced}; ids must be "
+                    "unique (with a 'caption' column, rows of one stimulus must share id and "
+                    "image)"
                 )
             rows[key]["captions"].extend(caps)
             continue
         order.append(key)
+        written[key] = cell
         rows[key] = {"image": rel, "captions": caps}
         if has_label:
             rows[key]["label"] = _cell_text(record["label"]) or ""
@@ -1014,7 +1041,17 @@ def load_hf(
         target = root / rel
         if not target.is_file() or target.read_bytes() != data:  # never keep a stale image
             write_bytes(target, data)
-        ids.append(str(record[id_column]) if id_column else str(row))
+        if id_column:  # read as every id is (sources.stimulus_id); row numbers need not be
+            sid = stimulus_id(record[id_column])
+            if sid is None:
+                raise ValueError(
+                    f"dataset {name!r}: row {row} has no id in column {id_column!r} (missing or "
+                    "blank); give every row an id, or leave id_column out (rows are then named "
+                    "by their position)"
+                )
+            ids.append(sid)
+        else:
+            ids.append(str(row))
         rels.append(rel)
         caps.append(_clean_captions(record[caption_column]))
         if label_column:

@@ -14,8 +14,10 @@ embeddings, neighbour lists, GPA, dispersion). Three kinds:
     symbolic link: beside the link, else beside the file it leads to);
   - ``.parquet`` with an ``id`` column (or index) and one numeric column per feature.
 
-  Rows are matched to the data set by id; missing, extra or duplicated ids, NaN/Inf rows, wrong
-  shapes and non-numeric data raise :class:`FeatureFileError` naming the file and the fix. A run
+  Rows are matched to the data set by id (each id read by :func:`stimulus_id`, the rule of every
+  reader of ids: text without surrounding whitespace); missing, extra or duplicated ids, NaN/Inf
+  rows, wrong shapes and non-numeric data raise :class:`FeatureFileError` naming the file and
+  the fix. A run
   restricted to some of the stimuli (``PrecomputeConfig.stimuli``: those every file covers, or
   an id list) reads only their rows: extra rows are skipped there (``extra_rows``).
   Nothing is unpickled (``allow_pickle=False``).
@@ -63,6 +65,7 @@ __all__ = [
     "feature_file_ids",
     "id_lines",
     "read_feature_file",
+    "stimulus_id",
 ]
 
 #: Modalities with a meaning in the analyses; any other safe name is accepted too.
@@ -395,6 +398,58 @@ def _ids_path(path: Path) -> Path:
     return behind if behind.is_file() and not beside.is_file() else beside
 
 
+def stimulus_id(value: object) -> str | None:
+    """What a stimulus id is once read, wherever it is read from: the one rule of every reader
+    (an ``.ids.txt`` line, a parquet feature file's ``id`` column, a data set table's ``id``
+    cell, a COCO or Hugging Face id, a ``--stimuli`` id list).
+
+    An id is text: a number as ``str`` writes it (7 reads "7", which is not "007"; a float
+    column's 7.0 reads "7.0"), without surrounding whitespace as ``str.strip`` removes it (a
+    space, a tab, the "\\r" a spreadsheet's export leaves, a no-break space): "img1 " and
+    "img1" are one id, as an id list always read them. Inner spaces stay ("img 1"). None where
+    there is no id (None, NaN, pd.NA; blank text): each reader refuses that naming its file and
+    row, or, in a list of one id per line, skips the blank line. Ids of another Unicode normal
+    form are not made equal here (:func:`check_id_normalisation` names them instead).
+
+    Text without surrounding whitespace reads as before (``str(value)``), so the runs of such
+    inputs keep their ids and fingerprints."""
+    if type(value) is str:  # the common case, first
+        return value.strip() or None
+    if is_missing_value(value):
+        return None
+    return str(value).strip() or None
+
+
+def _whitespace_twins(raw: Sequence[object], ids: Sequence[str | None]) -> list[tuple[str, str]]:
+    """Pairs of entries of ``raw`` written differently that are one id once read
+    (:func:`stimulus_id`: "img1" and "img1 "), as ``(first, other)`` texts; [] when none."""
+    first: dict[str, str] = {}
+    twins: list[tuple[str, str]] = []
+    for value, sid in zip(raw, ids):
+        if sid is None:
+            continue
+        text = value if isinstance(value, str) else str(value)
+        seen = first.setdefault(sid, text)
+        if seen != text:
+            twins.append((seen, text))
+    return twins
+
+
+def _refuse_whitespace_twins(where: str, raw: Sequence[object], ids: Sequence[str | None]) -> None:
+    """FeatureIdsError when two of a file's ids differ only in surrounding whitespace: they are
+    one stimulus's id, listed twice (the message shows them with repr, so that the spaces and
+    line ends can be seen)."""
+    twins = _whitespace_twins(raw, ids)
+    if twins:
+        examples = ", ".join(f"{a!r} and {b!r}" for a, b in twins[:3])
+        raise FeatureIdsError(
+            f"{where} lists {len(twins)} id(s) twice, written with and without surrounding "
+            f"whitespace (e.g. {examples}): ids are read without surrounding spaces, tabs or "
+            "line ends, so these rows name one stimulus; keep one row per stimulus, or correct "
+            "the id that was meant to be another"
+        )
+
+
 def _read_ids(path: Path) -> list[str]:
     ids_file = _ids_path(path)
     if not ids_file.is_file():
@@ -412,7 +467,12 @@ def _read_ids(path: Path) -> list[str]:
         raise FeatureFileError(
             read_error_text(exc, ids_file, f"the id list of feature file {path.name},")
         ) from None
-    return id_lines(text)
+    read = [(line, sid) for line in _LINE_END.split(text) if (sid := stimulus_id(line)) is not None]
+    ids = [sid for _, sid in read]
+    _refuse_whitespace_twins(
+        f"the id list {ids_file} of feature file {path}", [line for line, _ in read], ids
+    )
+    return ids
 
 
 #: a line ends at "\n", "\r\n" or "\r" only
@@ -420,10 +480,24 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def id_lines(text: str) -> list[str]:
-    """The ids of an id list (one per line), stripped, blank lines skipped. Lines end at "\\n",
-    "\\r\\n" or "\\r" only: ``str.splitlines`` also splits at U+2028, U+0085 and \\x1c-\\x1e,
-    which an id may hold."""
-    return [line.strip() for line in _LINE_END.split(text) if line.strip()]
+    """The ids of an id list (one per line), each as :func:`stimulus_id` reads it (stripped),
+    blank lines skipped. Lines end at "\\n", "\\r\\n" or "\\r" only: ``str.splitlines`` also
+    splits at U+2028, U+0085 and \\x1c-\\x1e, which an id may hold."""
+    return [sid for line in _LINE_END.split(text) if (sid := stimulus_id(line)) is not None]
+
+
+def _blank_id_lines(path: Path) -> list[int]:
+    """The 1-based numbers of the blank lines of an .npy's id list that lie between ids (a
+    trailing blank line is none; [] where the list cannot be read): said when the list's count
+    of ids is not the rows', since a blank line there may be a row whose id was lost."""
+    try:
+        text = _ids_path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return []
+    lines = _LINE_END.split(text)
+    while lines and stimulus_id(lines[-1]) is None:
+        lines.pop()
+    return [number for number, line in enumerate(lines, start=1) if stimulus_id(line) is None]
 
 
 def _read_npy_features(path: Path) -> tuple[np.ndarray, list[str]]:
@@ -477,14 +551,18 @@ def _read_parquet_features(
             "one holding each row's stimulus id, or name the index that holds them "
             "(frame.index.name = 'id') before writing the file"
         )
-    blank = [row for row, value in enumerate(frame["id"])
-             if is_missing_value(value) or not str(value).strip()]
+    # each id as every reader reads one (stimulus_id): "img1 " or "img1\r" (a spreadsheet's
+    # export) is the stimulus "img1", as in an .npy's id list
+    raw = list(frame["id"])  # iterated as before: the same scalars, so the same text
+    read = [stimulus_id(value) for value in raw]
+    blank = [row for row, sid in enumerate(read) if sid is None]
     if blank:  # would be the stimuli "<NA>", "nan" or "", which no id list can name
         raise FeatureFileError(
             f"feature file {path} has {len(blank)} rows without an id (missing or blank; first at "
             f"row {blank[0]}); give every row its stimulus id"
         )
-    ids = [str(i) for i in frame["id"]]
+    ids = [sid for sid in read if sid is not None]
+    _refuse_whitespace_twins(f"feature file {path}", raw, ids)
     if not features:
         width, bad = len(_parquet_feature_fields(path)), _non_numeric_parquet_columns(path)
     else:
@@ -574,6 +652,7 @@ def _open_feature_file(
     if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
         raise FeatureFileError(f"{where} has dtype {array.dtype}; store real numbers (float32)")
     if len(file_ids) != array.shape[0]:
+        blank = _blank_id_lines(path) if suffix == ".npy" else []
         raise FeatureFileError(
             f"{where} has {array.shape[0]} rows but {len(file_ids)} ids; give exactly one id per "
             "row, in row order"
@@ -581,6 +660,12 @@ def _open_feature_file(
                 f" (one id more than rows: is the first line, {file_ids[0]!r}, a header? the ids "
                 "file has none)"
                 if len(file_ids) == array.shape[0] + 1
+                else ""
+            )
+            + (
+                f" (its id list has {len(blank)} blank line(s) between ids, e.g. line "
+                f"{blank[0]}, which are skipped: write the id of that row there)"
+                if blank and len(file_ids) < array.shape[0]
                 else ""
             )
         )
