@@ -1,7 +1,7 @@
 """Time and trace two scale fixes against the code before them (kept here), in the same run:
 
 * **Matched random sets by strata** (``calibration.matched_random_sets(method="strata")``, the
-  Alignment lab's calibrated scores above 2,000,000 picks): the pool was scanned once per stratum
+  report's and the Alignment lab's matched sets above ``calibration.NEAREST_MATCHING_PICKS``): the pool was scanned once per stratum
   (O(n · strata) with strata = bins × (labels + 1): quadratic when the labels grow with n) and
   each set called ``rng.choice`` once per stratum; now the pool is grouped once (a stable sort)
   and the small strata's draws are one ``rng.integers`` call per set — the same sets.

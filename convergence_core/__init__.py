@@ -74,6 +74,8 @@ _PUBLIC: dict[str, str] = {
     "shuffled_pairing_null": "calibration",
     "CalibratedScore": "calibration",
     "matched_random_sets": "calibration",
+    "matched_sets_by_cost": "calibration",
+    "MatchedSets": "calibration",
     "compare_with_baseline": "calibration",
     "BaselineComparison": "calibration",
     "local_density": "calibration",

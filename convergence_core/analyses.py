@@ -46,10 +46,11 @@ import pandas as pd
 
 from . import metrics as registry
 from .calibration import (
+    MatchedSets,
     baseline_freedom,
     calibrated_score,
     local_density,
-    matched_set_pairs,
+    matched_sets_by_cost,
     shuffled_pairing_rows,
     typicality,
 )
@@ -1019,6 +1020,22 @@ def matched_set_seed(seed: int, name: str) -> int:
     return int(sequence.generate_state(1)[0])
 
 
+def matched_method_words(matched_on: str, drawn: Mapping[str, MatchedSets]) -> str:
+    """``matched_on`` (what the sets are matched on, in words) as it is when every named set's
+    matched sets (``drawn``: set name to ``calibration.matched_sets_by_cost``' result) were
+    drawn by nearest matching and kept apart, else with the method after a comma:
+    ``"typicality, by 25 typicality strata (...)"`` when one method drew them all, else each
+    set's (``"typicality, the low set's by ...; the high set's by ..."``)."""
+    if all(result.nearest and result.kept_apart for result in drawn.values()):
+        return matched_on
+    methods = [result.method for result in drawn.values()]
+    if len(set(methods)) == 1:
+        return f"{matched_on}, by {methods[0]}"
+    return matched_on + ", " + "; ".join(
+        f"the {name} set's by {result.method}" for name, result in drawn.items()
+    )
+
+
 def matched_baselines(
     indexes: Mapping[LayerKey, NeighbourIndex],
     pairs: Sequence[Pair],
@@ -1039,11 +1056,16 @@ def matched_baselines(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The low and high sets against random sets matched to each on ``covariate`` (and labels).
 
-    ``n_sets`` pairs of random sets with the two sets' covariate profiles
-    (``calibration.matched_set_pairs``: nearest-covariate matching within label, from every
-    stimulus, the b-th high match disjoint from the b-th low match as the two sets are). The
-    question: is the observed gap metric(low) − metric(high) larger than the gap between sets
-    that only share their covariate (and category) profile? Its p-value is P(matched gap ≥
+    ``n_sets`` pairs of random sets with the two sets' covariate profiles, drawn from every
+    stimulus, the b-th high match disjoint from the b-th low match as the two sets are (the
+    pairs of ``calibration.matched_set_pairs``), by ``calibration.matched_sets_by_cost`` with
+    the seeds of :func:`matched_set_seed`, as the Alignment lab draws them: nearest-covariate
+    matching within label while its picks (set size × ``n_sets``) fit
+    ``calibration.NEAREST_MATCHING_PICKS``, else covariate strata × label (25 bins, else 5),
+    the high matches let into the low matches only where a label cannot spare them;
+    ``matched_on`` says which method where it is not nearest matching. The question: is the
+    observed gap metric(low) − metric(high) larger than the gap between sets that only share
+    their covariate (and category) profile? Its p-value is P(matched gap ≥
     observed gap) over the pairs (+1 correction); ``survives`` = gap > 0 and p < 0.05, and each
     set's matched sets free enough for a verdict (``calibration.baseline_freedom``: at least 20
     distinct sets; with too few stimuli outside a set its matched sets are the same few sets drawn
@@ -1055,8 +1077,12 @@ def matched_baselines(
     ``_lower`` / ``_upper``, ``p_value_high_below_matched`` (P(matched ≤ high)),
     ``low_minus_high``, ``matched_gap_mean`` / ``_lower`` / ``_upper``, ``p_value_gap``,
     ``share_of_gap_matched`` (matched gap mean / observed gap), ``survives``, ``n_sets``,
-    ``matched_on`` (p-values NaN where a value is NaN, ``on_error="nan"``). ``balance``: per set
-    (low, high): ``set``, ``chosen_covariate_mean``,
+    ``matched_on`` (p-values NaN where a value is NaN, ``on_error="nan"``): ``"typicality"``, or
+    ``"typicality and category"`` with labels, and where the sets were not drawn by nearest
+    matching kept apart, the method after a comma (``"typicality, by 25 typicality strata
+    (nearest matching: ... picks, above its budget of ...)"``, or each set's: ``"typicality, the
+    low set's by ...; the high set's by ..."``; :func:`matched_method_words`). ``balance``: per
+    set (low, high): ``set``, ``chosen_covariate_mean``,
     ``matched_covariate_mean``, ``standardised_difference`` ((matched − chosen) / covariate sd over
     all stimuli), ``mean_overlap`` (share of a matched set inside the chosen set),
     ``distinct_matched_sets`` (distinct sets among the ``n_sets`` drawn), ``matched_overlap``
@@ -1067,11 +1093,21 @@ def matched_baselines(
     pairs = [Pair(*pair) for pair in pairs]
     names = check_metric_names(metrics)
     covariate = np.asarray(covariate, dtype=np.float64)
-    matched = dict(zip(("low", "high"), matched_set_pairs(
-        low, high, covariate, labels, n_sets=n_sets, method="nearest",
-        n_candidates=n_candidates,
-        seeds=(matched_set_seed(seed, "low"), matched_set_seed(seed, "high")),
-    ), strict=True))
+    if np.intersect1d(low, high).size:
+        raise ValueError(
+            "the low and high sets share stimuli; matched pairs are for disjoint sets: choose a "
+            "set size of at most half the run"
+        )
+    drawn_low = matched_sets_by_cost(
+        low, covariate, labels, n_sets=n_sets, seed=matched_set_seed(seed, "low"),
+        n_candidates=n_candidates, covariate_name="typicality",
+    )
+    drawn_high = matched_sets_by_cost(  # the b-th high match avoids the b-th low match
+        high, covariate, labels, n_sets=n_sets, seed=matched_set_seed(seed, "high"),
+        avoid=drawn_low.sets, n_candidates=n_candidates, covariate_name="typicality",
+        avoided="the low set's",
+    )
+    matched = {"low": drawn_low.sets, "high": drawn_high.sets}
     B = matched["low"].shape[0]
     freedom = {name: baseline_freedom(drawn) for name, drawn in matched.items()}
     free = all(f.enough for f in freedom.values())  # else no verdict: too few distinct sets
@@ -1081,7 +1117,10 @@ def matched_baselines(
     values = set_metric_values(  # progress(done, B) after each set of the feature metrics
         indexes, pairs, sets, k, names, metric_options, on_error=on_error, progress=progress
     )
-    matched_on = "typicality" if labels is None else "typicality and category"
+    matched_on = matched_method_words(
+        "typicality" if labels is None else "typicality and category",
+        {"low": drawn_low, "high": drawn_high},
+    )
     rows = []
     for name in names:
         for p, pair in enumerate(pairs):

@@ -11,7 +11,9 @@ than its set size, its density and its categories predict?
 * :func:`matched_random_sets` — random sets with the chosen set's covariate profile: stratified on
   covariate quantile bins (× category), or nearest-covariate matching within category. Stimuli
   without a label (:func:`has_label`: None, NaN or an empty string) are one group of their own:
-  they are matched only among themselves.
+  they are matched only among themselves. :func:`matched_sets_by_cost` chooses the method by its
+  cost (nearest within :data:`NEAREST_MATCHING_PICKS` picks, else strata): the one engine of the
+  report's matched baselines and the Alignment lab's.
 * :func:`compare_with_baseline` — a chosen set's score against the scores of baseline sets
   (interval, one-sided p-values).
 * :func:`baseline_freedom` — whether baseline sets leave a verdict possible: a run with few
@@ -691,6 +693,10 @@ def matched_set_pairs(
     other's could hold it, and the gaps' spread was about half the observed gap's under the null
     (21 % false "survives" at the 5 % level, n = 1,024, sets of 256). ``seeds``: the seeds of the
     two sets' draws (:func:`matched_random_sets`, whose other keywords ``options`` takes).
+    The report and the Alignment lab draw their pairs the same way through
+    :func:`matched_sets_by_cost` (the second set's call with ``avoid`` = the first's sets), which
+    chooses the method by its cost: for sorted sets, the same sets as here with
+    ``method="nearest"`` while nearest matching fits :data:`NEAREST_MATCHING_PICKS`.
     """
     first, second = np.asarray(first), np.asarray(second)
     if np.intersect1d(first, second).size:
@@ -700,6 +706,143 @@ def matched_set_pairs(
     drawn = matched_random_sets(first, covariate, labels, seed=seeds[0], **options)
     other = matched_random_sets(second, covariate, labels, avoid=drawn, seed=seeds[1], **options)
     return drawn, other
+
+
+#: The most picks (chosen stimuli × sets drawn) for which :func:`matched_sets_by_cost` matches
+#: by nearest covariate: a pick costs 4-6 µs of Python (``benchmarks/bench_matching.py``), so this
+#: many take ~10 s a set's baseline; beyond it (sets above 10,000 stimuli at 200 draws) strata,
+#: O(s) a set. The one budget of the report's matched baselines and the Alignment lab's.
+NEAREST_MATCHING_PICKS = 2_000_000
+#: The strata :func:`matched_sets_by_cost` tries in turn where nearest matching costs more than
+#: :data:`NEAREST_MATCHING_PICKS` or runs short: covariate quantile bins (× label)
+MATCHING_STRATA_BINS = (25, 5)
+
+
+@dataclass(frozen=True)
+class MatchedSets:
+    """Matched random sets and how they were drawn (:func:`matched_sets_by_cost`).
+
+    ``sets`` (n_sets, s) int64, each row sorted; ``method`` the matching in words:
+    ``"nearest typicality"`` (``"... within label"`` with labels) when nearest matching was used,
+    else why not, e.g. ``"25 typicality strata within label (nearest matching: 4,000,000 picks,
+    above its budget of 2,000,000)"`` or ``"5 typicality strata (nearest matching ran short of
+    stimuli)"``; ``", not kept apart from the low set's"`` is appended where the sets to avoid
+    had to be let in. ``nearest``: drawn by nearest matching; ``kept_apart``: no draw took a
+    stimulus of its row of ``avoid`` (True where nothing was to be avoided).
+    """
+
+    sets: np.ndarray
+    method: str
+    nearest: bool
+    kept_apart: bool
+
+
+def matched_sets_by_cost(
+    chosen: object,
+    covariate: object,
+    labels: object = None,
+    *,
+    n_sets: int = 200,
+    seed: int = 0,
+    avoid: object = None,
+    n_candidates: int = 5,
+    covariate_name: str = "covariate",
+    avoided: str = "the sets to avoid",
+) -> MatchedSets:
+    """Matched random sets of ``chosen`` drawn from every stimulus, by the method its cost
+    allows: the one engine of the report's matched baselines (``analyses.matched_baselines``)
+    and the Alignment lab's (``dashboard.lab.calibration_table``), so that for the same sets and
+    seeds both draw the same sets and reach the same verdict.
+
+    Tried in turn, the first that can draw every set is used (:func:`matched_random_sets`,
+    ``exclude_chosen`` off):
+
+    1. nearest-covariate matching within label (``n_candidates``), while ``s · n_sets`` picks
+       are at most :data:`NEAREST_MATCHING_PICKS` (4-6 µs of Python a pick);
+    2. covariate strata (× label) of each of :data:`MATCHING_STRATA_BINS` bins (25, then 5);
+       strata leave the covariate gradient within a bin unmatched (none measurable with 25
+       bins in the tests, ~9 % of a set's covariate excess with 5).
+
+    ``avoid`` (n_sets, t): stimuli that draw b may not take (the low set's matched sets when
+    drawing the high set's: disjoint pairs, as the two sets are; :func:`matched_set_pairs`).
+    Where no method can keep them apart (a label with too few stimuli to spare) the methods are
+    tried again without ``avoid``, and ``method`` says so. A method runs short only where a
+    label (or stratum) has too few stimuli left; every other error is raised as it is.
+
+    Args:
+        chosen: (s,) indices of the chosen set, in any order (drawn as sorted: the order of the
+            picks does not depend on the order given).
+        covariate: (n,) per-stimulus covariate (e.g. ``analyses.vision_typicality``).
+        labels: (n,) categories (e.g. :func:`matchable_labels`' strings), or None. Stimuli
+            without a label are one group, matched only among themselves.
+        n_sets: sets to draw (B).
+        seed: integer seed (the same seed and method give the same sets as
+            :func:`matched_random_sets`).
+        avoid: (n_sets, t) stimulus indices, or None.
+        n_candidates: nearest matching's candidates per pick.
+        covariate_name: the covariate in ``method``'s words (``"typicality"``).
+        avoided: what ``avoid`` holds, in ``method``'s words (``"the low set's"``).
+
+    Returns:
+        :class:`MatchedSets`: ``sets`` (n_sets, s) int64, each row sorted, and ``method``.
+    """
+    # checked before any attempt: only a shortage may make the next method's turn come
+    if covariate is None:
+        raise ValueError(
+            "matched_sets_by_cost matches on a covariate; pass covariate (n,), or call "
+            "matched_random_sets(method='strata') to match on labels alone."
+        )
+    chosen, _, _, n = _check_covariates(chosen, covariate, labels)
+    chosen = np.sort(chosen)
+    n_sets = check_count(n_sets, "n_sets")
+    n_candidates = check_count(n_candidates, "n_candidates")
+    _rng(seed)
+    if avoid is not None:
+        avoid = np.asarray(avoid, dtype=np.int64)
+        if avoid.ndim != 2 or avoid.shape[0] != n_sets or (
+            avoid.size and (avoid.min() < 0 or avoid.max() >= n)
+        ):
+            raise ValueError(
+                f"avoid must be ({n_sets}, t) stimulus indices in 0..{n - 1}, one row per set "
+                f"drawn; got shape {avoid.shape}"
+            )
+    within = " within label" if labels is not None else ""
+    picks, budget = chosen.size * n_sets, NEAREST_MATCHING_PICKS  # read at each call
+    nearest = picks <= budget
+    shortage = None
+    for kept_apart in ((avoid, None) if avoid is not None else (None,)):
+        attempts: list[tuple[str, dict[str, int]]] = [("nearest", {})] if nearest else []
+        attempts += [("strata", {"n_bins": bins}) for bins in MATCHING_STRATA_BINS]
+        short_of = ""  # why the strata's turn came, in words
+        for method, extra in attempts:
+            try:
+                sets = matched_random_sets(
+                    chosen, covariate, labels, n_sets=n_sets, method=method,
+                    n_candidates=n_candidates, avoid=kept_apart, seed=seed, **extra,
+                )
+            except ValueError as error:  # a label or stratum with too few stimuli left
+                shortage = error
+                if method == "nearest":
+                    short_of = "nearest matching ran short of stimuli" + (
+                        " in a label" if labels is not None else ""
+                    )
+                continue
+            if method == "nearest":
+                words = f"nearest {covariate_name}{within}"
+            else:
+                why = short_of or (
+                    f"nearest matching: {picks:,} picks, above its budget of {budget:,}"
+                )
+                words = f"{extra['n_bins']} {covariate_name} strata{within} ({why})"
+            apart = avoid is None or kept_apart is not None
+            if not apart:
+                words += f", not kept apart from {avoided}"
+            return MatchedSets(sets, words, method == "nearest", apart)
+    raise ValueError(
+        f"no matched random sets of {chosen.size} stimuli can be drawn from {n}"
+        + (" with these labels" if labels is not None else "")
+        + f" ({shortage}); choose a smaller set"
+    )
 
 
 def distinct_sets_needed(alpha: float = 0.05) -> int:

@@ -1989,6 +1989,10 @@ def calibration_section(
     Writes ``calibrated_scores`` (per set × metric × pair: observed, null mean and interval,
     calibrated, z, p), ``matched_baselines`` (per matching × metric × pair: low and high against
     their matched sets, the gap against the matched gap, ``survives``) and ``matched_balance``.
+    The matched sets are the Alignment lab's (``calibration.matched_sets_by_cost``: nearest
+    matching within ``calibration.NEAREST_MATCHING_PICKS`` picks, else typicality strata):
+    where they were not drawn by nearest matching, kept apart, ``matched_on`` and the verdict
+    say how (``analyses.matched_method_words``).
     Returns (files, report.json entry with the verdict). ``tell`` (optional) hears how far each
     part is at most every :data:`SET_PROGRESS_EVERY_S` (minutes on sets of thousands).
     """
@@ -2106,14 +2110,18 @@ def _no_matched_verdict(
             "(matched_baselines keeps the numbers)."
         )
     short = balance[~balance["verdict_possible"].astype(bool)]
+    # matched_on names the method where it is not nearest matching, kept apart
+    # (analyses.matched_method_words: "..., not kept apart from the low set's")
+    apart = "not kept apart" not in matched_on
     counts = " and ".join(
         f"{int(row.distinct_matched_sets)} for the {row.set} set" for row in short.itertuples()
     )
     overlap = 100 * float(short["matched_overlap"].max())
     return (
         f"Against random sets matched on {matched_on}: no verdict on low > high. Matched "
-        f"sets of {size:,} stimuli drawn from a run of {n_stimuli:,} (each high match apart "
-        f"from its low match): the {n_matched} drawn are few distinct sets "
+        f"sets of {size:,} stimuli drawn from a run of {n_stimuli:,}"
+        + (" (each high match apart from its low match)" if apart else "")
+        + f": the {n_matched} drawn are few distinct sets "
         f"({counts}; two draws share up to {overlap:.0f}% of their stimuli), {why}: any gap "
         "above so few sets would \"survive\". Use a run with more stimuli or a smaller --size "
         "(matched_baselines keeps the numbers)."

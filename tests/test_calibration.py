@@ -208,7 +208,7 @@ def strata_sets_one_choice_per_stratum(
 def _strata_case(case: str):
     """(chosen, covariate, labels, n_bins, exclude_chosen) of a named case."""
     rng = np.random.default_rng(len(case))
-    if case == "a label per 10, 25 bins":  # the lab above 2,000,000 picks: strata of 0-3
+    if case == "a label per 10, 25 bins":  # report and lab above 2,000,000 picks: strata of 0-3
         n = 4000
         return rng.choice(n, n // 4, replace=False), rng.standard_normal(n), \
             rng.integers(0, n // 10, n), 25, False

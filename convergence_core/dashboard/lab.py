@@ -63,10 +63,6 @@ BARS_CONTAINER_KEY = "lab-bars"
 #: stimuli (sets of 2,500, 768-1,536 features, 8 pairs) CKA took 179 s on 2 busy cores, and the
 #: page sat behind a spinner: it was 20,000 before
 LIVE_FEATURE_STIMULI = 5_000
-#: Matched random sets: "nearest" matching costs 4-6 µs of Python per pick, one pick per chosen
-#: stimulus and set (benchmarks/bench_matching.py): above this many picks (~10 s), 25 strata
-_NEAREST_MATCHING_PICKS = 2_000_000
-_STRATA_BINS = 25
 
 PAIR_COLUMNS = ["vision_model", "vision_layer", "language_model", "language_layer"]
 
@@ -730,40 +726,21 @@ def _matched_sets(
     seed: int,
     avoid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, str]:
-    """Matched random sets of ``chosen`` drawn from every stimulus (``calibration.
-    matched_random_sets``: a set kept out of its own baseline meets one without its chance luck):
-    nearest-covariate matching within label where that costs little (then the same sets as the
-    report's ``analyses.matched_baselines`` draws for the same seed,
-    ``analyses.matched_set_seed``), else (or where a label runs short) typicality strata × label.
-    ``avoid`` (n_sets, t): the low set's matched sets, which the high set's avoid draw by draw
-    (``calibration.matched_set_pairs``), dropped only where a label cannot spare them. Returns
-    the sets and the method in words.
+    """Matched random sets of ``chosen`` (s,) drawn from every stimulus by the report's engine,
+    ``calibration.matched_sets_by_cost`` (a set kept out of its own baseline meets one without
+    its chance luck): nearest-covariate matching within label while s · ``n_sets`` picks fit
+    ``calibration.NEAREST_MATCHING_PICKS``, else typicality strata × label (25 bins, else 5),
+    so that for the same seed (``analyses.matched_set_seed``) the lab draws the sets the
+    report's ``analyses.matched_baselines`` draws. ``avoid`` (n_sets, t): the low set's matched
+    sets, which the high set's avoid draw by draw (``calibration.matched_set_pairs``), dropped
+    only where a label cannot spare them. Returns the sets (n_sets, s) int64, rows sorted, and
+    the method in words.
     """
-    n = covariates.typicality.shape[0]
-    attempts = []
-    if chosen.size * n_sets <= _NEAREST_MATCHING_PICKS:
-        attempts.append(("nearest", {}, "nearest typicality"))
-    strata = f"{_STRATA_BINS} typicality strata"
-    attempts += [
-        ("strata", {"n_bins": _STRATA_BINS}, strata),
-        ("strata", {"n_bins": 5}, "5 typicality strata"),
-    ]
-    for kept_apart in ((avoid, None) if avoid is not None else (None,)):
-        for method, extra, words in attempts:
-            try:
-                sets = calibration.matched_random_sets(
-                    chosen, covariates.typicality, covariates.labels, n_sets=n_sets,
-                    method=method, avoid=kept_apart, seed=seed, **extra,
-                )
-            except ValueError:  # a label or stratum with too few stimuli left
-                continue
-            words += " within label" if covariates.labels is not None else ""
-            apart = avoid is None or kept_apart is not None
-            return sets, words + ("" if apart else ", not kept apart from the low set's")
-    raise ValueError(
-        f"no matched random sets of {chosen.size} stimuli can be drawn from {n} with these "
-        "labels; choose a smaller set"
+    drawn = calibration.matched_sets_by_cost(
+        chosen, covariates.typicality, covariates.labels, n_sets=n_sets, seed=seed, avoid=avoid,
+        covariate_name="typicality", avoided="the low set's",
     )
+    return drawn.sets, drawn.method
 
 
 def calibration_table(
@@ -785,8 +762,9 @@ def calibration_table(
     Per pair × named set: the shuffled-pairing null within the set
     (``calibration.shuffled_pairing_rows``: the set's language rows shuffled ``n_shuffles``
     times, every pair scored on them in one call; ``calibration.calibrated_score``) and
-    ``n_matched`` random sets matched to the set on ``covariates``
-    (``calibration.matched_random_sets``; ``calibration.compare_with_baseline``).
+    ``n_matched`` random sets matched to the set on ``covariates`` (:func:`_matched_sets`:
+    ``calibration.matched_sets_by_cost``, the report's engine and seeds;
+    ``calibration.compare_with_baseline``).
 
     Returns ``(table, comparisons)``: the table has one row per pair × set: the pair's columns,
     ``set``, ``set_size``, ``metric``, ``options``, ``k``, ``value`` (raw), ``null_mean``,
@@ -796,7 +774,8 @@ def calibration_table(
     ``set_typicality`` and ``matched_typicality`` (mean typicality of the set and of its matched
     sets: the balance the matching reached), ``n_shuffles``, ``n_matched``,
     ``distinct_matched`` (distinct sets among the matched sets, ``calibration.baseline_freedom``),
-    ``matched_on``, ``matching``; ``comparisons`` the matched baselines by (pair, set) for
+    ``matched_on``, ``matching`` (the method in words: ``calibration.MatchedSets.method``);
+    ``comparisons`` the matched baselines by (pair, set) for
     :func:`low_high_matched_table`. ``progress(done, total)``: stimulus sets and pairings scored
     (each set, its matched sets and its shuffled pairings; a feature metric measured set by set
     reports each, the batched routes each batch). A feature metric undefined on a set, matched
