@@ -84,19 +84,27 @@ def two_model_note(n_models: int) -> str | None:
     )
 
 
-def first_layer_note(models: Sequence[str], layer_counts: Sequence[int]) -> str | None:
+def first_layer_note(
+    models: Sequence[str], layer_counts: Sequence[int], run_name: str | None = None
+) -> str | None:
     """Why a run's dispersion may come from the wrong end of its networks (None when ``models`` is
     empty): ``models`` entered GPA at the first of the ``layer_counts`` layers given for each,
-    the default when features come from files or arrays and no layer is named."""
+    the default when features come from files or arrays and no layer is named. ``run_name``: the
+    run's name, which the rerun it advises must give (a run given no name is named by a hash of
+    its settings, the GPA layer among them: without its name the rerun makes a new run)."""
     if not models:
         return None
     named = ", ".join(f"{model} ({count} layers)" for model, count in zip(models, layer_counts))
+    rename = f"--run-name {run_name}" if run_name else "--run-name and the run's name"
     return (
         f"GPA aligned {named} at the first layer given for each: the default for features from "
         "files or arrays when no layer is named. For a network listed from input to output "
         "that is its input end; the paper aligns each ViT's penultimate block. Name the layer "
         "with --gpa-layer MODEL=LAYER (gpa_layers in a config or in write_run_from_embeddings) "
-        "and rerun precompute; the stored layers are reused."
+        f"and rerun precompute with {rename}: the stored layers are reused and GPA and the "
+        "steps after it are redone (without the name, a run that was given none is named by its "
+        "settings, so the new layer makes a new run that reads every file and extracts every "
+        "encoder again)."
     )
 
 

@@ -185,7 +185,7 @@ class Run:
             if not self._model_entry(model).from_encoder and self.modality(model) != "brain"
             and len(self.layers(model)) > 1 and layer == self.layers(model)[0]
         ]
-        return first_layer_note(models, [len(self.layers(model)) for model in models])
+        return first_layer_note(models, [len(self.layers(model)) for model in models], self.name)
 
     def modality(self, model: str) -> str:
         """``"vision"``, ``"language"``, ``"brain"`` or the name a user gave."""

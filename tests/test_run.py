@@ -504,6 +504,9 @@ def test_gpa_at_the_first_of_several_given_layers_is_said(tmp_path):
     counts = {m: len(embeddings[m]) for m in vision}
     assert note is not None and all(f"{m} ({counts[m]} layers)" in note for m in vision)
     assert "--gpa-layer MODEL=LAYER" in note
+    # the rerun it advises names the run: a run given no name is named by its settings (the
+    # GPA layer among them), so a rerun without the name made a new run and extracted again
+    assert f"rerun precompute with --run-name {run.name}: the stored layers are reused" in note
     named = write_run_from_embeddings(
         tmp_path / "named", stimuli, embeddings, vision_models=vision,
         language_models=language, thumbnails=False,

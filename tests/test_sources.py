@@ -1004,3 +1004,35 @@ def test_an_ids_file_with_a_header_line_is_asked_about_it(tmp_path: Path) -> Non
     with pytest.raises(FeatureFileError, match=r"5 rows but 6 ids.*is the first line, "
                        r"'stimulus_id', a header\?"):
         read_feature_file(path, ids, model="m", layer="l")
+
+
+def test_the_first_layer_notes_rerun_reuses_the_run_that_was_given_no_name(tmp_path, coco, ids):
+    """The note of a run whose GPA took each file model's first layer advises a rerun with
+    --gpa-layer and the run's own name, and that rerun reuses the run: same folder, every layer
+    read once. (It said "rerun precompute; the stored layers are reused", but a run given no
+    name is named by its settings, the GPA layer among them: a rerun without the name made a
+    second run and read every file again.)"""
+    latent, rng = _latent_features(ids, seed=5)
+    features = {
+        model: {
+            layer: str(_save_npy(tmp_path / f"{model}_{layer}.npy",
+                                 latent @ rng.standard_normal((6, 8)), ids))
+            for layer in ("early", "late")
+        }
+        for model in ("va", "vb", "vc")
+    }
+    settings = dict(dataset=str(coco), features=features,
+                    modalities={m: "vision" for m in features}, cache_root=str(tmp_path / "c"),
+                    thumbnails=False)
+    first = precompute(**settings)
+    note = first.first_layer_note()
+    assert note is not None and f"--run-name {first.name}:" in note
+    folder = tmp_path / "c" / "runs" / first.name
+    stored = [*(folder / "embeddings").rglob("*.npy"), *(folder / "neighbours").rglob("*.npy")]
+    stamps = {path: path.stat().st_mtime_ns for path in stored}
+    assert len(stamps) >= 6
+    again = precompute(**settings, run_name=first.name, gpa_layers={m: "late" for m in features})
+    assert again.name == first.name and list(again.gpa.layers) == ["late"] * 3
+    assert [path.name for path in (tmp_path / "c" / "runs").iterdir()] == [first.name]
+    assert {path: path.stat().st_mtime_ns for path in stamps} == stamps  # not written again
+    assert again.first_layer_note() is None
