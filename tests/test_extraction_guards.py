@@ -6,6 +6,8 @@ states transformers defines (``layer_NN`` after a decoder's final norm)."""
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -217,6 +219,45 @@ def test_timm_blocks_without_the_class_token_are_refused_at_load(name, kwargs, w
     message = str(caught.value)
     assert f"timm model {name!r} cannot give a class token per block" in message
     assert where in message and "vit_*" in message and "deit*" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("timm:cait_s24_224", "CaiT"),
+        ("xcit_tiny_12_p16_224.fb_in1k", "XCiT"),
+        ("timm:convit_tiny", "ConViT"),
+        ("tnt_s_patch16_224", "TNT"),
+    ],
+)
+def test_these_families_are_refused_by_name_before_any_work(
+    name, family, tmp_path, make_coco_folder, hub_offline
+) -> None:
+    """CaiT, XCiT, ConViT and TNT are refused when named (models.get_spec), so a run stops before
+    it looks for their weights or extracts any other model: offline, a CaiT was told to supply
+    weights it could never use, and with weights it was refused only after the models before it
+    were extracted (from the docs review)."""
+    from convergence_core import models
+    from convergence_core.precompute import PrecomputeConfig, precompute
+
+    with pytest.raises(ValueError, match=rf"{re.escape(repr(name))} cannot give a class token per "
+                       rf"block: .*\({family}\)\. Use a plain ViT-style timm model"):
+        models.get_spec(name)
+    with pytest.raises(ValueError, match=f"cannot give a class token per block.*{family}"):
+        precompute(PrecomputeConfig(
+            dataset=str(make_coco_folder([["a cat"], ["a dog"], ["a cup"]])),
+            vision_models=("efficientnet-lite0", name),
+            language_models=(), cache_root=str(tmp_path / "cache"),
+        ))
+    assert not (tmp_path / "cache" / "runs").exists() or not any(
+        (tmp_path / "cache" / "runs").iterdir()
+    )
+    for fine in ("timm:vit_base_patch16_224.augreg_in21k", "deit_tiny_patch16_224", "resnet18",
+                 "timm:no_such_family_at_all"):  # an unknown name is refused where it is looked up
+        try:
+            models.get_spec(fine)
+        except ValueError as exc:
+            assert "class token" not in str(exc), fine
 
 
 def test_block_outputs_are_checked_structurally(monkeypatch) -> None:

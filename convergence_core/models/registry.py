@@ -334,6 +334,9 @@ def get_spec(name: str) -> ModelSpec:
     Raises:
         UnknownModelError (a ValueError): the name matches nothing; the message lists the known
         names and how to use any timm or Hugging Face model.
+        ValueError: a timm model of a family whose blocks cannot give a class token per block
+        (CaiT, XCiT, ConViT, TNT: ``timm_vit.check_timm_family``), said before any weights are
+        looked for.
     """
     if not isinstance(name, str) or not name.strip():
         raise UnknownModelError(f"model name must be a non-empty string, got {name!r}")
@@ -342,6 +345,9 @@ def get_spec(name: str) -> ModelSpec:
         return _REGISTRY[name]
     if name.startswith("timm:"):
         timm_name = name[len("timm:") :]
+        from .timm_vit import check_timm_family
+
+        check_timm_family(name, timm_name)
         return ModelSpec(
             name,
             "vision",
@@ -383,6 +389,9 @@ def get_spec(name: str) -> ModelSpec:
     import timm
 
     if timm.is_model(name):
+        from .timm_vit import check_timm_family
+
+        check_timm_family(name, name)
         return ModelSpec(
             name,
             "vision",

@@ -10,8 +10,9 @@ DINOv2, CLIP, SigLIP), ``deit*``, ``beit*``, ``eva*`` / ``eva02_*``, the hybrid 
 ``vitamin_*`` and ``naflexvit_*`` do. Families whose ``.blocks`` carry only patch tokens (the class
 token joins later: CaiT's ``blocks_token_only``, XCiT's ``cls_attn_blocks``, ConViT after its
 ``local_up_to_layer`` GPSA blocks) or return something else (TNT: (pixel, patch) tuples) are
-refused when the encoder is made, rather than storing a patch token as "CLS": by their attributes
-(:func:`check_vit_blocks`), then by one blank image through the model whose every block output
+refused rather than storing a patch token as "CLS": by name when the model is named
+(:func:`check_timm_family`, before any weights are looked for or any model extracted), by their
+attributes when the encoder is made (:func:`check_vit_blocks`), then by one blank image through the model whose every block output
 must be a tensor of the prefix tokens + the patch embedding's patches (checked on every forward).
 Any other timm model (a CNN, ...) has one layer, ``pre_logits`` (``forward_head(...,
 pre_logits=True)``). Preprocessing is timm's own eval transform for the model's data config.
@@ -30,6 +31,7 @@ from .weights import files_sha256, state_dict_sha256
 
 __all__ = [
     "block_layer_names",
+    "check_timm_family",
     "check_vit_blocks",
     "encoder_from_timm_model",
     "load_timm_encoder",
@@ -72,6 +74,41 @@ def _refusal(name: str, why: str) -> ValueError:
         "timm model, whose every block outputs (batch, prefix tokens + patches, width) with the "
         f"class token first ({VIT_FAMILIES})"
     )
+
+
+#: timm modules whose models' ``.blocks`` do not carry the class token, and why: refused by name
+#: when the model is named (:func:`check_timm_family`), before any weights are looked for or any
+#: other model is extracted
+_UNSUPPORTED_MODULES = {
+    "cait": "its `.blocks` carry only the patch tokens; the class token joins in the "
+    "class-attention blocks `blocks_token_only` after them (CaiT)",
+    "xcit": "its `.blocks` carry only the patch tokens; the class token joins in the "
+    "class-attention blocks `cls_attn_blocks` after them (XCiT)",
+    "convit": "its first blocks carry only the patch tokens; the class token joins part-way "
+    "through them, after the `local_up_to_layer` GPSA blocks (ConViT)",
+    "tnt": "its blocks return (pixel, patch) token pairs, not one sequence with the class token "
+    "first (TNT)",
+}
+
+
+def check_timm_family(name: str, timm_name: str) -> None:
+    """Refuse, by name alone (nothing is built or downloaded), a timm model of a family whose
+    blocks cannot give a class token per block: the family of ``timm_name`` (a timm model name,
+    with or without a pretrained tag) is the timm module that defines it. Names timm does not
+    know pass (they are refused where they are looked up). :func:`check_vit_blocks` and the
+    block-output check still guard a model built from such a family under another name.
+
+    Raises:
+        ValueError: naming the model, where its class token lives, and what works instead.
+    """
+    import timm.models
+
+    architecture, _ = timm.models.split_model_name_tag(timm_name)
+    if not timm.models.is_model(architecture):
+        return
+    module = timm.models.model_entrypoint(architecture).__module__.rsplit(".", 1)[-1]
+    if module in _UNSUPPORTED_MODULES:
+        raise _refusal(name, _UNSUPPORTED_MODULES[module])
 
 
 def check_vit_blocks(name: str, model: torch.nn.Module) -> None:
