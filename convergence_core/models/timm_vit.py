@@ -12,8 +12,9 @@ token joins later: CaiT's ``blocks_token_only``, XCiT's ``cls_attn_blocks``, Con
 ``local_up_to_layer`` GPSA blocks) or return something else (TNT: (pixel, patch) tuples) are
 refused rather than storing a patch token as "CLS": by name when the model is named
 (:func:`check_timm_family`, before any weights are looked for or any model extracted), by their
-attributes when the encoder is made (:func:`check_vit_blocks`), then by one blank image through the model whose every block output
-must be a tensor of the prefix tokens + the patch embedding's patches (checked on every forward).
+attributes when the encoder is made (:func:`check_vit_blocks`), then by one blank image through
+the model whose every block output must be a tensor of the prefix tokens + the patch embedding's
+patches (checked on every forward).
 Any other timm model (a CNN, ...) has one layer, ``pre_logits`` (``forward_head(...,
 pre_logits=True)``). Preprocessing is timm's own eval transform for the model's data config.
 """
