@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8501
 HOST ?= localhost
 
-.PHONY: demo test install install-dev bench report
+.PHONY: demo check-host test install install-dev bench report
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,15 +26,18 @@ install-dev: $(VENV)/.dev-installed
 
 ## make demo: install, precompute the embedded demo (cached after the first run), open the dashboard.
 ## HOST=0.0.0.0 (or ::) listens on every interface: the address to open is this machine's name.
-## An empty HOST is refused here, as `serve --host ""` is: Streamlit takes it for every interface.
-demo: install
-	@if [ -z "$(strip $(HOST))" ]; then echo "make demo: HOST is empty, which Streamlit takes for \
-	every network interface; give HOST=localhost (this machine only, the default) or \
-	HOST=0.0.0.0 (every interface: a live demo)" >&2; exit 2; fi
+## An empty HOST is refused here, before any install, as `serve --host ""` is: Streamlit takes it
+## for every interface.
+demo: check-host install
 	$(PY) -m convergence_core precompute --preset demo
 	@case "$(HOST)" in 0.0.0.0|::) echo "Dashboard: http://$$(hostname):$(PORT) (listening on \
 	every interface, port $(PORT))";; *) echo "Dashboard: http://$(HOST):$(PORT)";; esac
 	$(PY) -m convergence_core.dashboard.serve --server.port $(PORT) --server.address $(HOST) --server.headless true
+
+check-host:
+	@if [ -z "$(strip $(HOST))" ]; then echo "make demo: HOST is empty, which Streamlit takes for \
+	every network interface; give HOST=localhost (this machine only, the default) or \
+	HOST=0.0.0.0 (every interface: a live demo)" >&2; exit 2; fi
 
 ## make test: install runtime + test tools, run the whole suite in TEST_WORKERS processes (a
 ## test file stays in one process; TEST_WORKERS=0 runs everything in this process).

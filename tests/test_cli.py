@@ -800,3 +800,9 @@ def test_make_demo_names_an_address_one_can_open_and_words_the_empty_host_for_ma
     empty = demo("")
     assert empty.returncode != 0 and "precompute" not in empty.stdout, empty.stdout
     assert "HOST is empty" in empty.stderr and "HOST=localhost" in empty.stderr, empty.stderr
+    # refused before the install (it installed first, then refused): -n lists the recipes in
+    # the order make would run them, -W makes the install's stamp out of date
+    planned = subprocess.run(["make", "-n", "-W", "requirements.txt", "demo", "HOST="], cwd=root,
+                             capture_output=True, text=True, timeout=60).stdout
+    assert "pip install" in planned and planned.index("HOST is empty") < planned.index(
+        "pip install"), planned
