@@ -1100,10 +1100,34 @@ def _detect_kind(spec: str) -> tuple[str, str]:
         )
     if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
         return "table", spec
+    if not path.exists():
+        raise ValueError(f"dataset {spec!r} does not exist{_missing_path_hint(path)}")
     raise ValueError(
         f"dataset {spec!r} is neither a folder, a table file ({', '.join(TABLE_SUFFIXES)}) "
         "nor 'hf:<name>'; check the path"
     )
+
+
+def _missing_path_hint(path: Path) -> str:
+    """Where a data set path that does not exist was looked for, and where a folder of its name
+    is (the data folder of ``settings.data_root``: $CONVERGENCE_DATA, or ../shared/data beside
+    the checkout), as the rest of a sentence: the README's commands name ``../shared/data/...``,
+    read from the working folder."""
+    from .settings import data_root
+
+    hint = ""
+    if not path.is_absolute():
+        hint = (
+            f" (a relative path is read from the working folder {Path.cwd()}: "
+            f"{os.path.abspath(path)})"
+        )
+    try:
+        there = data_root() / path.name
+    except (OSError, ValueError):
+        return hint + "; check the path"
+    if path.name and there.exists():  # path itself does not exist, so it is not this one
+        return hint + f"; the data folder has {there}: give that path"
+    return hint + "; check the path"
 
 
 def _table_root(table: Path) -> Path:

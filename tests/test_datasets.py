@@ -422,8 +422,34 @@ def test_check_many_bad_lists_twenty(tmp_path: Path) -> None:
 def test_detect_kind_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot tell the kind"):
         load_dataset(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a data set")
     with pytest.raises(ValueError, match="neither a folder"):
-        load_dataset(tmp_path / "nothing.txt")
+        load_dataset(tmp_path / "notes.txt")
+
+
+def test_a_data_set_path_that_does_not_exist_says_where_it_was_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's commands name ../shared/data/coco-mini, read from the working folder: run
+    elsewhere they were told "neither a folder, a table file ... nor 'hf:<name>'; check the path"
+    (from the docs review). The message says it does not exist, where a relative path was read
+    from, and a folder of that name in the data folder ($CONVERGENCE_DATA) where there is one."""
+    data = tmp_path / "data"
+    (data / "coco-mini").mkdir(parents=True)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("CONVERGENCE_DATA", str(data))
+    monkeypatch.chdir(work)
+    with pytest.raises(ValueError) as caught:
+        load_dataset("../shared/data/coco-mini")
+    assert str(caught.value) == (
+        f"dataset '../shared/data/coco-mini' does not exist (a relative path is read from the "
+        f"working folder {work}: {tmp_path / 'shared' / 'data' / 'coco-mini'}); the data folder "
+        f"has {data / 'coco-mini'}: give that path"
+    )
+    with pytest.raises(ValueError, match=r"^dataset '/nowhere/t\.csv' does not exist; check the "
+                       r"path$"):
+        load_dataset("/nowhere/t.csv")
     with pytest.raises(ValueError, match="unknown dataset kind"):
         load_dataset(tmp_path, kind="zip")
 
