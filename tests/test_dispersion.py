@@ -122,3 +122,15 @@ def test_every_score_is_one_entry_that_computes_and_names_itself() -> None:
         assert entry.axis_title.endswith("(Procrustes distance)")
     with pytest.raises(ValueError, match="unknown dispersion score 'median'"):
         score_entry("median")
+
+
+
+def test_every_component_has_its_largest_loading_positive() -> None:
+    """The documented sign rule holds for every component, not only PC1 (which is oriented by
+    the mean residual): the components table would otherwise show PC2+ with arbitrary signs."""
+    rng = np.random.default_rng(0)
+    for shape in ((30, 4), (50, 6), (3, 5)):
+        pca = residual_pca(np.abs(rng.standard_normal(shape)))
+        components = np.asarray(pca.components)
+        for c in range(1, components.shape[0]):
+            assert components[c, np.argmax(np.abs(components[c]))] > 0, (shape, c)

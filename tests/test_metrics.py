@@ -687,3 +687,21 @@ def test_duplicated_stimuli_have_the_same_neighbours_in_the_dense_metrics_and_th
                 np.testing.assert_array_equal(nearest_neighbours(F, k).indices,
                                               index.lists.indices[:, :k])
             assert metrics.mutual_knn(prepared_x, prepared_y, k) == engine.mutual_knn[0, 0]
+
+
+
+def test_a_negative_self_alignment_is_nan_not_a_number_outside_the_range() -> None:
+    """The unbiased self-HSIC of a small set can be negative; the normalised alignment is then
+    undefined (NaN, as the square root of a negative product), never a finite value: with the
+    absolute value taken instead, CKNNA of this planted 4-stimulus set read -1.93, outside
+    [-1, 1], and would have entered means and p-values."""
+    assert np.isnan(metrics.normalised_alignment(0.3, -0.5, 2.0))
+    assert np.isnan(metrics.normalised_alignment(0.3, 2.0, -0.5))
+    assert metrics.normalised_alignment(0.3, 0.5, 2.0) == pytest.approx(0.3 / (1.0 + 1e-6))
+    rng = np.random.default_rng(1226)
+    s = int(rng.integers(4, 12))
+    k = int(rng.integers(2, s))
+    x = rng.standard_normal((s, 2)) + rng.uniform(0, 3)
+    y = rng.standard_normal((s, 2)) + rng.uniform(0, 3)
+    assert (s, k) == (4, 2)
+    assert np.isnan(metrics.cknna(x, y, k=k))

@@ -88,6 +88,21 @@ def test_prepared_rows_are_prepare_features_bit_for_bit():
     assert clip_threshold(X, block_rows=7) == clip_threshold(X, block_rows=1000)
 
 
+def test_prepared_rows_against_a_plain_reference():
+    """Independent of prepare_features (which calls the same clip_threshold and prepare_rows, so
+    the test above cannot see a wrong threshold or clip): the threshold is the mean over rows of
+    each row's 0.95-quantile of |x|, every entry clamps to [-t, t] on both sides, rows end at unit
+    norm. (A one-sided clip and a threshold from x instead of |x| passed here before.)"""
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((50, 40)) * rng.uniform(0.5, 3.0, size=(50, 1))
+    X[3, 7], X[9, 2] = -40.0, 35.0  # outliers on both sides
+    threshold = float(np.mean([np.quantile(np.abs(row), 0.95) for row in X]))
+    assert clip_threshold(X) == pytest.approx(threshold, rel=1e-13)
+    clipped = np.minimum(np.maximum(X, -threshold), threshold)
+    expected = clipped / np.sqrt((clipped**2).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(PreparedFeatures.from_raw(X).all_rows(), expected, rtol=1e-12)
+
+
 def test_float32_error_bound_holds_on_unit_vectors():
     rng = np.random.default_rng(3)
     for d in (8, 384, 1536):
