@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -128,13 +128,72 @@ def _cknna_label(k: int) -> str:
     return f"CKNNA (k = {k}, unitless)"
 
 
+def _no_bars(axis: plt.Axes, x: np.ndarray, note: str, inches: float) -> None:
+    """A panel of bars without its bars: ``note`` (why there are none) in its middle, its x range
+    that of the groups and its y range CKNNA's [-1, 1] with the zero line, so that its ticks and
+    axis labels read as those of a panel with bars."""
+    axis.set_xlim(float(x[0]) - 0.5, float(x[-1]) + 0.5)
+    axis.set_ylim(-1.0, 1.0)
+    axis.axhline(0.0, color=ink(), linewidth=0.5)
+    axis.text(
+        0.5, 0.5, wrap(note, 0.62 * inches, float(STYLE["axes.labelsize"])),
+        transform=axis.transAxes, ha="center", va="center", color=ink(),
+        fontsize=STYLE["axes.labelsize"],
+        bbox={"facecolor": axis.get_facecolor(), "edgecolor": "none"},  # over the zero line
+    )
+
+
+def _set_bars(axis: plt.Axes, rows: pd.DataFrame, x: np.ndarray, bar_width: float) -> None:
+    """Fig. 2's bars in one panel: low, random mean with its 95% interval, high, per language
+    model (``rows``, one per x position), and the zero line."""
+    random_mean = rows["cknna_random_mean"].to_numpy()
+    interval = np.vstack(
+        [
+            random_mean - rows["cknna_random_lower_95"],
+            rows["cknna_random_upper_95"] - random_mean,
+        ]
+    )
+    axis.bar(
+        x - bar_width,
+        rows["cknna_low_dispersion"],
+        bar_width,
+        label="low dispersion",
+        color=_SET_COLOURS["low"],
+    )
+    axis.bar(
+        x,
+        random_mean,
+        bar_width,
+        yerr=interval,
+        capsize=3,
+        ecolor=ink(),
+        label="random (mean, 95% interval)",
+        color=_SET_COLOURS["random"],
+    )
+    axis.bar(
+        x + bar_width,
+        rows["cknna_high_dispersion"],
+        bar_width,
+        label="high dispersion",
+        color=_SET_COLOURS["high"],
+    )
+    axis.axhline(0.0, color=ink(), linewidth=0.5)
+
+
 @_plain_text
 def dispersion_sets_figure(
-    table: pd.DataFrame, path: str | os.PathLike[str], partner: str = "language model"
+    table: pd.DataFrame,
+    path: str | os.PathLike[str],
+    partner: str = "language model",
+    hidden: str | None = None,
 ) -> Path:
     """Fig. 2: per vision model, grouped bars (low, random mean with 95% interval, high) per
     language model. ``table`` is one :func:`~convergence_core.analyses.dispersion_set_alignment`
-    result (a single score); ``partner`` names the models on x (e.g. ``model outside GPA``)."""
+    result (a single score); ``partner`` names the models on x (e.g. ``model outside GPA``).
+
+    ``hidden``: a sentence saying why the sets' CKNNA is not drawn (the report's sets too small
+    for a CKNNA worth reading, ``report.cknna_shown``): no bars then, that sentence in each panel
+    instead, the panels' titles, ticks and axis labels as with bars. None: the bars."""
     visions = list(dict.fromkeys(table["vision_model"]))
     languages = list(dict.fromkeys(table["language_model"]))
     figure, axes, spare, panel = _panels(len(visions), min_width=_bars_width(languages))
@@ -142,37 +201,10 @@ def dispersion_sets_figure(
     x = np.arange(len(languages))
     for axis, vision in zip(axes, visions, strict=True):
         rows = table[table["vision_model"] == vision].set_index("language_model").loc[languages]
-        random_mean = rows["cknna_random_mean"].to_numpy()
-        interval = np.vstack(
-            [
-                random_mean - rows["cknna_random_lower_95"],
-                rows["cknna_random_upper_95"] - random_mean,
-            ]
-        )
-        axis.bar(
-            x - bar_width,
-            rows["cknna_low_dispersion"],
-            bar_width,
-            label="low dispersion",
-            color=_SET_COLOURS["low"],
-        )
-        axis.bar(
-            x,
-            random_mean,
-            bar_width,
-            yerr=interval,
-            capsize=3,
-            ecolor=ink(),
-            label="random (mean, 95% interval)",
-            color=_SET_COLOURS["random"],
-        )
-        axis.bar(
-            x + bar_width,
-            rows["cknna_high_dispersion"],
-            bar_width,
-            label="high dispersion",
-            color=_SET_COLOURS["high"],
-        )
+        if hidden is None:
+            _set_bars(axis, rows, x, bar_width)
+        else:
+            _no_bars(axis, x, hidden, panel)
         axis.set_xticks(
             x,
             [f"{m}\n({layer})" for m, layer in zip(languages, rows["language_layer"], strict=True)],
@@ -180,8 +212,11 @@ def dispersion_sets_figure(
         _fit_title(axis, f"{vision} ({rows['vision_layer'].iloc[0]})", panel)
         axis.set_xlabel(f"{partner} (layer used)")
         axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
-        axis.axhline(0.0, color=ink(), linewidth=0.5)
-    _legend_below(figure, axes[0], spare)
+    if hidden is None:
+        _legend_below(figure, axes[0], spare)
+    else:  # no bars, no legend: the spare cells stay empty
+        for extra in spare:
+            extra.remove()
     _suptitle(
         figure,
         f"Fig. 2: CKNNA on {int(table['set_size'].iloc[0])}-stimulus sets selected by "
@@ -192,20 +227,34 @@ def dispersion_sets_figure(
 
 @_plain_text
 def drop_fraction_figure(
-    table: pd.DataFrame, path: str | os.PathLike[str], partner: str = "language model"
+    table: pd.DataFrame,
+    path: str | os.PathLike[str],
+    partner: str = "language model",
+    hidden: Sequence[str] = (),
+    note: str | None = None,
 ) -> Path:
     """Fig. S1: per vision model, bars (drop high, full, drop low) per language model
-    (``partner`` names the models on x)."""
+    (``partner`` names the models on x).
+
+    ``hidden``: conditions whose CKNNA is not drawn (their sets too small for a CKNNA worth
+    reading, ``report.cknna_shown``): no bars and no legend entry for them (the others keep
+    their places), and ``note`` (the sentence saying why) under the title, or in each panel, as
+    in Fig. 2, when every condition is hidden."""
     visions = list(dict.fromkeys(table["vision_model"]))
     languages = list(dict.fromkeys(table["language_model"]))
     conditions = ["drop_high", "full", "drop_low"]
+    shown = [c for c in conditions if c not in hidden]
     figure, axes, spare, panel = _panels(len(visions), min_width=_bars_width(languages))
     bar_width = 0.26
     x = np.arange(len(languages))
     fraction = float(table.loc[table["condition"] != "full", "fraction_dropped"].iloc[0])
     for axis, vision in zip(axes, visions, strict=True):
         rows = table[table["vision_model"] == vision]
+        if not shown:
+            _no_bars(axis, x, note or "", panel)
         for offset, condition in zip((-bar_width, 0.0, bar_width), conditions, strict=True):
+            if condition not in shown:
+                continue
             values = rows[rows["condition"] == condition].set_index("language_model").loc[languages]
             axis.bar(
                 x + offset,
@@ -218,9 +267,15 @@ def drop_fraction_figure(
         _fit_title(axis, f"{vision} ({rows['vision_layer'].iloc[0]})", panel)
         axis.set_xlabel(partner)
         axis.set_ylabel(_cknna_label(int(table["k"].iloc[0])))
-        axis.axhline(0.0, color=ink(), linewidth=0.5)
-    _legend_below(figure, axes[0], spare)
-    _suptitle(figure, f"Fig. S1: dropping {fraction:.0%} of stimuli by dispersion")
+        if shown:
+            axis.axhline(0.0, color=ink(), linewidth=0.5)
+    if shown:
+        _legend_below(figure, axes[0], spare)
+    else:  # no bars, no legend: the spare cells stay empty
+        for extra in spare:
+            extra.remove()
+    title = f"Fig. S1: dropping {fraction:.0%} of stimuli by dispersion"
+    _suptitle(figure, title if not (hidden and shown and note) else f"{title}\n{note}")
     return _save(figure, path)
 
 

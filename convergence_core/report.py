@@ -8,6 +8,11 @@ brain pairs, named in a ``sides`` column: low, random mean [95% interval], high,
 permutation p) and ``report.json`` (parameters, verdicts, file list). Prints the summary
 table and one verdict line per dispersion score, computed from the numbers.
 
+On sets too small for a CKNNA worth reading (fewer than ``validation.MIN_CKNNA_SET_SIZE``
+stimuli, :func:`cknna_shown`, the Alignment lab's rule) the text shows no CKNNA number and says
+why under its table (:func:`cknna_hidden_note`), Fig. 2 (and Fig. S1's sets that small) draws
+no bar, and no verdict counts CKNNA orderings; the CSV and JSON tables keep every value.
+
 The universal-space section (:func:`universal_space_section`; every model of the run at its
 default layer) adds ``universal_*`` tables and figures: residuals per model and stimulus,
 cross-modal dispersion and its relation to vision dispersion, and held-out image-text retrieval
@@ -179,28 +184,116 @@ def summary_table(set_tables: Sequence[pd.DataFrame], sides: str) -> pd.DataFram
 
 
 def cknna_shown(set_size: int) -> bool:
-    """Whether summary.txt shows CKNNA numbers for sets of ``set_size`` stimuli: at least
-    ``validation.MIN_CKNNA_SET_SIZE`` (below, too noisy to read; values above 1 are common). The
-    one rule for the summary table, the calibration sentence and the note that explains them."""
+    """Whether the report shows CKNNA numbers for sets of ``set_size`` stimuli: at least
+    ``validation.MIN_CKNNA_SET_SIZE``, the Alignment lab's rule for its numbers (below, too noisy
+    to read; values above 1 are common). The one rule for the summary table, the Fig. 2 and S1
+    bars, every verdict that counts CKNNA (Fig. 2, the metric suite, the matched baselines), the
+    calibration sentence and the sentence that explains them (:func:`cknna_hidden_note`). The
+    CSV and JSON tables keep every value."""
     return set_size >= MIN_CKNNA_SET_SIZE
+
+
+def cknna_hidden_note(size: int) -> str | None:
+    """The one sentence saying why a report on sets of ``size`` stimuli shows no CKNNA number for
+    them, naming the rule and the fix (summary.txt under its table, and report.json's notes);
+    None where :func:`cknna_shown`."""
+    if cknna_shown(size):
+        return None
+    return (
+        f"No CKNNA numbers for sets of {size} stimuli (— and n/a in the table, no Fig. 2 bars, "
+        "no CKNNA verdict or count): the report shows none for sets of fewer than "
+        f"{MIN_CKNNA_SET_SIZE} stimuli, on which CKNNA's unbiased estimates are too "
+        f"noisy to read and often exceed 1; use --size {MIN_CKNNA_SET_SIZE} or more for numbers "
+        "(the CSV and JSON tables keep the values)."
+    )
+
+
+def _no_cknna_verdict(size: int) -> str:
+    """What a verdict says in place of counts of CKNNA on sets of ``size`` stimuli that
+    :func:`cknna_shown` hides."""
+    return (
+        f"no verdict: sets of {size} < {MIN_CKNNA_SET_SIZE} stimuli have no CKNNA numbers (use "
+        f"--size {MIN_CKNNA_SET_SIZE} or more)"
+    )
+
+
+def _without_cknna(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy of a Fig. 2 / summary table with its CKNNA numbers (the ``cknna_`` columns and the
+    low/high ratio) as NaN: what text and figures are given where :func:`cknna_shown` hides
+    them."""
+    table = table.copy()
+    for column in table.columns:
+        if str(column).startswith("cknna_") or column == "low_high_ratio":
+            table[column] = float("nan")
+    return table
+
+
+def fig2_verdict(table: pd.DataFrame, sides: str, size: int) -> str:
+    """:func:`analyses.effect_verdict` of a Fig. 2 table on sets of ``size`` stimuli, or where
+    :func:`cknna_shown` hides their CKNNA, the sentence with no count in its place."""
+    if cknna_shown(size):
+        return analyses.effect_verdict(table, sides)
+    scores = ", ".join(sorted(set(map(str, table["score"]))))
+    return (
+        f"low > random > high ({scores} dispersion, {size} stimuli per set) for the {len(table)} "
+        f"{sides} pairs: {_no_cknna_verdict(size)}."
+    )
+
+
+def dispersion_sets_figure(
+    table: pd.DataFrame, path: Path, size: int, **options: str
+) -> Path:
+    """Fig. 2 of ``table`` (sets of ``size`` stimuli) at ``path``: its bars, or where
+    :func:`cknna_shown` hides their CKNNA, no CKNNA numbers given to the figure and a sentence
+    saying why in place of the bars."""
+    if cknna_shown(size):
+        return figures.dispersion_sets_figure(table, path, **options)
+    return figures.dispersion_sets_figure(
+        _without_cknna(table), path, hidden=(
+            f"No CKNNA bars: sets of {size} stimuli are fewer than {MIN_CKNNA_SET_SIZE}, too few "
+            f"for a CKNNA worth reading. Use --size {MIN_CKNNA_SET_SIZE} or more."
+        ), **options,
+    )
+
+
+def drop_fraction_figure(
+    dropped: pd.DataFrame, path: Path, **options: str
+) -> tuple[Path, str | None]:
+    """Fig. S1 of ``dropped`` at ``path``, without the bars of the conditions whose sets
+    :func:`cknna_shown` hides (on a run of few stimuli), and the note saying which and why (None
+    where every bar is drawn). Returns (the figure, that note)."""
+    sizes = dropped.groupby("condition", sort=False)["n_stimuli"].first()
+    hidden = [str(c) for c, n in sizes.items() if not cknna_shown(int(n))]
+    if not hidden:
+        return figures.drop_fraction_figure(dropped, path, **options), None
+    which = ", ".join(f"{c.replace('_', ' ')}: {int(sizes[c])}" for c in hidden)
+    fix = "a run with more stimuli" + (
+        "" if "full" in hidden else " or a smaller --q"
+    )
+    note = (
+        f"Fig. S1 draws no CKNNA bars for its sets of fewer than {MIN_CKNNA_SET_SIZE} stimuli "
+        f"({which}; too few for a CKNNA worth reading); use {fix} (drop_fraction keeps the "
+        "values)"
+    )
+    masked = dropped.copy()
+    masked.loc[masked["condition"].isin(hidden), "cknna"] = float("nan")
+    path = figures.drop_fraction_figure(masked, path, hidden=hidden, note=note, **options)
+    return path, note
 
 
 def _cknna_notes(
     size: int, values: Sequence[tuple[str, float, int, int]]
 ) -> tuple[list[str], str | None]:
     """The notes on the CKNNA numbers of a report whose sets hold ``size`` stimuli, alike on the
-    paths with and without language models: why summary.txt shows none (sets below
-    :func:`cknna_shown`'s size) and ``alignment.cknna_bound_note`` of ``values`` (every CKNNA the
-    report writes: ``(what, value, set size, k)``). Returns (the notes, in that order; the bound
-    note alone, which summary.txt also carries, or None)."""
+    paths with and without language models: why the report shows none (sets below
+    :func:`cknna_shown`'s size: :func:`cknna_hidden_note`, which summary.txt carries under its
+    table) and ``alignment.cknna_bound_note`` of ``values`` (every CKNNA the report writes:
+    ``(what, value, set size, k)``). Returns (the notes, in that order; the bound note alone,
+    which summary.txt also carries, or None)."""
     notes = []
-    if not cknna_shown(size):
-        notes.append(
-            f"sets of {size} stimuli are fewer than {MIN_CKNNA_SET_SIZE}: summary.txt shows no "
-            "CKNNA numbers for them (too noisy to read; values above 1 are common), the tables "
-            "keep the values; use --size of at least "
-            f"{MIN_CKNNA_SET_SIZE}"
-        )
+    hidden = cknna_hidden_note(size)
+    if hidden is not None:
+        notes.append(hidden)
     bound = cknna_bound_note(values)
     if bound is not None:
         notes.append(bound)
@@ -224,10 +317,7 @@ def format_summary(summary: pd.DataFrame, set_size: int | None = None) -> str:
         )
     side, partner = groups[0].split(" × ") if groups else ("vision", "language")
     if set_size is not None and not cknna_shown(set_size):
-        summary = summary.copy()
-        for column in SUMMARY_COLUMNS:
-            if column.startswith("cknna_") or column == "low_high_ratio":
-                summary[column] = float("nan")
+        summary = _without_cknna(summary)
     dash = "—"
 
     def number(value: float, spec: str = "{:.4f}") -> str:
@@ -261,6 +351,14 @@ def format_summary(summary: pd.DataFrame, set_size: int | None = None) -> str:
         }
     )
     return shown.to_string(index=False)
+
+
+def _table_text(summary: pd.DataFrame, size: int) -> str:
+    """summary.txt's table (:func:`format_summary`) and, where its sets are too small for CKNNA
+    numbers (:func:`cknna_shown`), the sentence under it that says why it shows none
+    (:func:`cknna_hidden_note`), then the blank line before the verdicts."""
+    hidden = cknna_hidden_note(size)
+    return format_summary(summary, size) + "\n" + ("" if hidden is None else f"{hidden}\n") + "\n"
 
 
 def check_out_folder(out: str | os.PathLike[str]) -> Path:
@@ -619,17 +717,19 @@ def write_report(
         set_tables.append(table)
         files += _write_table(table, out, f"dispersion_sets_{score}")
         files.append(
-            figures.dispersion_sets_figure(table, out / f"fig2_dispersion_sets_{score}.png").name
+            dispersion_sets_figure(table, out / f"fig2_dispersion_sets_{score}.png", size).name
         )
         paired.append(analyses.paired_set_tests(table).assign(score=score))
-        verdicts[score] = analyses.effect_verdict(table, sides)
+        verdicts[score] = fig2_verdict(table, sides, size)
     paired_tests = pd.concat(paired, ignore_index=True)
     files += _write_table(paired_tests, out, "paired_tests")
 
     tell("dropping the most dispersed stimuli (Fig. S1)")
     dropped = analyses.drop_fraction_alignment(run, q=q, k=k, best_layers=best)
     files += _write_table(dropped, out, "drop_fraction")
-    files.append(figures.drop_fraction_figure(dropped, out / "figS1_drop_fraction.png").name)
+    s1_figure, s1_note = drop_fraction_figure(dropped, out / "figS1_drop_fraction.png")
+    files.append(s1_figure.name)
+    notes += [s1_note] if s1_note is not None else []
 
     # the models outside GPA that are not language models (brain recordings): their own Fig. 2
     # and S1, as on a run without language models
@@ -651,6 +751,7 @@ def write_report(
         }
         partner_summary = section.summary
         partner_values = section.cknna_values
+        notes += section.notes
 
     tell(STEP_TITLES["leave_one_model_out"])
     loo_files, loo_notes = leave_one_model_out_section(run, out)
@@ -699,7 +800,7 @@ def write_report(
     if partner_summary is not None:
         summary = pd.concat([summary, partner_summary], ignore_index=True)
     files += _write_table(summary, out, "summary")
-    text = format_summary(summary, size) + "\n\n" + "\n".join(verdicts.values()) + "\n"
+    text = _table_text(summary, size) + "\n".join(verdicts.values()) + "\n"
     if section_verdicts:
         text += "\n" + "\n".join(section_verdicts.values()) + "\n"
     if universal_space.get("headline"):  # the file says what the command prints
@@ -811,7 +912,8 @@ def _report_without_language(
         )
         files = section.files + _write_table(section.summary, out, "summary")
         verdicts, paired_tests = dict(section.verdicts), section.paired_tests
-        summary_text = format_summary(section.summary, size) + "\n\n"
+        summary_text = _table_text(section.summary, size)
+        notes += section.notes
         cknna_notes, bound = _cknna_notes(size, section.cknna_values)
     tell(STEP_TITLES["leave_one_model_out"])
     loo_files, loo_notes = leave_one_model_out_section(run, out)
@@ -884,6 +986,8 @@ class PartnerSection(NamedTuple):
     sides: str  #: what the pairs align, e.g. ``vision × brain``
     #: ``(what, CKNNA, set size, k)`` of every CKNNA written (``alignment.cknna_bound_note``)
     cknna_values: list[tuple[str, float, int, int]]
+    #: Fig. S1's note on the bars it does not draw (:func:`drop_fraction_figure`), if any
+    notes: list[str]
 
 
 def partner_alignment_section(
@@ -914,21 +1018,22 @@ def partner_alignment_section(
         set_tables.append(rows)
         stem = f"dispersion_sets{suffix}_{score}"
         files += _write_table(rows, out, stem)
-        files.append(figures.dispersion_sets_figure(
-            rows, out / f"fig2_{stem}.png", partner="model outside GPA"
+        files.append(dispersion_sets_figure(
+            rows, out / f"fig2_{stem}.png", size, partner="model outside GPA"
         ).name)
         paired.append(analyses.paired_set_tests(rows).assign(score=score))
-        verdicts[score] = analyses.effect_verdict(rows, sides)
+        verdicts[score] = fig2_verdict(rows, sides, size)
     paired_tests = pd.concat(paired, ignore_index=True)
     files += _write_table(paired_tests, out, f"paired_tests{suffix}")
     dropped = analyses.drop_fraction_alignment(run, q=q, k=k, pairs=pairs)
     files += _write_table(dropped, out, f"drop_fraction{suffix}")
-    files.append(figures.drop_fraction_figure(
+    s1_figure, s1_note = drop_fraction_figure(
         dropped, out / f"figS1_drop_fraction{suffix}.png", partner="model outside GPA"
-    ).name)
+    )
+    files.append(s1_figure.name)
     return PartnerSection(
         files, verdicts, paired_tests, summary_table(set_tables, sides), sides,
-        _cknna_values(set_tables, dropped),
+        _cknna_values(set_tables, dropped), [] if s1_note is None else [s1_note],
     )
 
 
@@ -1351,25 +1456,30 @@ def metric_suite_section(out: Path, table: pd.DataFrame) -> tuple[list[str], dic
     ``table`` is ``analyses.dispersion_set_alignment(..., metrics=[...])``. Writes
     ``dispersion_sets_metrics`` (long: a ``metric`` column) and ``metric_effect_counts``
     (``analyses.effect_counts``). Returns (files, the ``metric_suite`` entry of report.json:
-    metrics, counts, verdict).
+    metrics, counts, verdict). On sets whose CKNNA :func:`cknna_shown` hides, the verdict counts
+    the other metrics and says why CKNNA has no count (the tables keep its numbers).
     """
     counts = analyses.effect_counts(table)
     files = _write_table(table, out, "dispersion_sets_metrics")
     files += _write_table(counts, out, "metric_effect_counts")
+    size = int(table["set_size"].iloc[0])
     lines = []
     for score, group in counts.groupby("score", sort=False):
         n_pairs = int(group["n_pairs"].iloc[0])
-        ordered = ", ".join(
-            f"{r['metric']} {r['n_low_random_high']}" for r in group.to_dict("records")
-        )
-        significant = ", ".join(
-            f"{r['metric']} {r['n_significant']}" for r in group.to_dict("records")
-        )
-        lines.append(
-            f"Every metric ({score} dispersion, {int(table['set_size'].iloc[0])} stimuli per set): "
-            f"low > random > high holds in {ordered} of {n_pairs} pairs; low > high with "
-            f"permutation p < 0.05 in {significant}."
-        )
+        records = [
+            r for r in group.to_dict("records") if cknna_shown(size) or r["metric"] != "cknna"
+        ]
+        ordered = ", ".join(f"{r['metric']} {r['n_low_random_high']}" for r in records)
+        significant = ", ".join(f"{r['metric']} {r['n_significant']}" for r in records)
+        line = f"Every metric ({score} dispersion, {size} stimuli per set): "
+        if records:
+            line += (
+                f"low > random > high holds in {ordered} of {n_pairs} pairs; low > high with "
+                f"permutation p < 0.05 in {significant}"
+            )
+        if len(records) < len(group):  # CKNNA's counts hidden
+            line += ("; " if records else "") + f"cknna: {_no_cknna_verdict(size)}"
+        lines.append(line + ".")
     notes = []
     values = table[["low_dispersion", "random_mean", "high_dispersion"]]
     for name, group in table[values.isna().any(axis=1)].groupby("metric", sort=False):
@@ -2058,6 +2168,8 @@ def calibration_section(
     ]
     for matched_on, group in matched.groupby("matched_on", sort=False):
         cknna_rows = group[group["metric"] == "cknna"]
+        if not shown:  # no count from the CKNNA numbers this report hides
+            group = group[group["metric"] != "cknna"]
         balance = pd.concat(balances)
         balance = balance[balance["matched_on"] == matched_on]
         if not balance["verdict_possible"].all():  # too few distinct matched sets
@@ -2068,18 +2180,28 @@ def calibration_section(
         shift = balance["standardised_difference"].abs().max()
         # no balance threshold decides whether the matching worked: the imbalance it left is
         # said beside the verdict, as what the verdict holds under
-        sentences.append(
-            f"Against random sets matched on {matched_on} ({n_matched} per set), low > high "
-            f"survives for {int(cknna_rows['survives'].sum())} of {len(cknna_rows)} pairs by "
-            "CKNNA (matched-gap p < 0.05"
-            + (f"; CKNNA gap {cknna_rows['low_minus_high'].mean():+.3f} observed vs "
-               f"{cknna_rows['matched_gap_mean'].mean():+.3f} between the matched sets, mean "
-               "over pairs" if shown else "")
-            + f") and for {int(group['survives'].sum())} of {len(group)} pair × metric "
+        others = (
+            f"for {int(group['survives'].sum())} of {len(group)} pair × metric "
             f"combinations over {group['metric'].nunique()} metrics"
             + (f" ({undefined} with no p-value: a value on some set is not a number)"
                if (undefined := int(group["p_value_gap"].isna().sum())) else "")
-            + f", against matched sets whose mean typicality still lies up to {shift:.2f} sd "
+        )
+        if shown:
+            verdict = (
+                f"low > high survives for {int(cknna_rows['survives'].sum())} of "
+                f"{len(cknna_rows)} pairs by CKNNA (matched-gap p < 0.05; CKNNA gap "
+                f"{cknna_rows['low_minus_high'].mean():+.3f} observed vs "
+                f"{cknna_rows['matched_gap_mean'].mean():+.3f} between the matched sets, mean "
+                f"over pairs) and {others}"
+            )
+        else:
+            verdict = f"CKNNA: {_no_cknna_verdict(size)}" + (
+                "" if group.empty else
+                f"; besides CKNNA, low > high survives {others} (matched-gap p < 0.05)"
+            )
+        sentences.append(
+            f"Against random sets matched on {matched_on} ({n_matched} per set), {verdict}, "
+            f"against matched sets whose mean typicality still lies up to {shift:.2f} sd "
             "from the chosen set's (largest covariate imbalance; 0 is an exact match, and the "
             "larger it is, the more of the gap typicality may still explain)."
         )

@@ -21,7 +21,9 @@ from convergence_core.models.base import Encoder
 from tests.fixtures_runs import make_synthetic_run
 
 FAST = [
-    "--n-random", "20", "--n-permutations", "40", "--k", "5", "--size", "20",
+    # sets of MIN_CKNNA_SET_SIZE: the smallest whose CKNNA the report counts in its verdicts
+    # (tests/test_report_small_sets.py: below it)
+    "--n-random", "20", "--n-permutations", "40", "--k", "5", "--size", "24",
     # the issue-14 sections, small
     "--metric-permutations", "10", "--n-shuffles", "20", "--predictivity-random", "2",
     "--blind-matching-random", "2",
@@ -146,7 +148,7 @@ def test_report_json_verdicts_come_from_the_numbers(written, planted_run_path):
     run = load_run(planted_run_path / "runs" / "demo")
     assert meta["run"] == {"name": run.name, "path": str(run.path), "n_stimuli": run.n_stimuli,
                            "dataset": run.manifest.dataset.describe()}
-    assert meta["parameters"]["set_size"] == 20
+    assert meta["parameters"]["set_size"] == 24
     assert meta["best_language_layers"]["planted"] == "block2"
     summary = pd.read_csv(out / "summary.csv")
     for score in meta["parameters"]["scores"]:
@@ -550,7 +552,8 @@ def test_a_run_without_language_models_gets_the_dispersion_analyses(tmp_path, ca
         assert name in meta["files"] and (tmp_path / "out" / name).exists(), name
     assert meta["files"] == sorted(p.name for p in (tmp_path / "out").iterdir())
     assert set(meta["verdicts"]) == {"mean", "gpa_stability"}
-    assert "of 3 vision × brain pairs" in meta["verdicts"]["mean"]
+    # sets of 10, below MIN_CKNNA_SET_SIZE: no count from their CKNNA
+    assert "for the 3 vision × brain pairs: no verdict: sets of 10 < 24" in meta["verdicts"]["mean"]
     table = pd.read_csv(tmp_path / "out" / "dispersion_sets_mean.csv")
     assert set(table["language_model"]) == {"subj01"} and set(table["language_layer"]) == {"V1"}
     row = table[table["vision_model"] == "vision-b"].iloc[0]
@@ -613,14 +616,13 @@ def test_both_report_paths_explain_the_cknna_numbers_summary_txt_hides(
         ),
     )
     assert bool(meta["best_language_layers"]) == with_language
-    size_note = (
-        "sets of 10 stimuli are fewer than 24: summary.txt shows no CKNNA numbers for them"
-    )
+    size_note = "No CKNNA numbers for sets of 10 stimuli (— and n/a in the table"
     notes = [note for note in meta["notes"] if note.startswith(size_note)]
     assert len(notes) == 1, meta["notes"]
     assert meta["notes"].index(notes[0]) + 1 == meta["notes"].index("CKNNA BOUND NOTE")
     summary = (tmp_path / "out" / "summary.txt").read_text(encoding="utf-8")
     assert "subj01 (V1)   —" in summary and "\nNote: CKNNA BOUND NOTE\n" in summary
+    assert f"\n{notes[0]}\n\n" in summary  # under the table, before the verdicts
     assert len(seen) == 1 and any(what.endswith(" × subj01 (mean)") for what, *_ in seen[0])
 
 
@@ -664,8 +666,9 @@ def test_brain_recordings_beside_language_models_get_their_own_fig2_and_s1(tmp_p
     dropped = pd.read_csv(out / "drop_fraction_partners.csv")
     full = dropped[(dropped["condition"] == "full") & (dropped["vision_model"] == "vision-c")]
     assert float(full["cknna"].iloc[0]) == pytest.approx(cknna(X, Y, k=5), rel=1e-9)
-    assert "of 3 vision × brain pairs" in meta["verdicts"]["partners_mean"]
-    assert "of 6 vision × language pairs" in meta["verdicts"]["mean"]
+    assert "for the 3 vision × brain pairs: no verdict: sets of 10 < 24" in meta["verdicts"][
+        "partners_mean"]
+    assert "for the 6 vision × language pairs: no verdict" in meta["verdicts"]["mean"]
     summary = (out / "summary.txt").read_text(encoding="utf-8")
     assert meta["verdicts"]["partners_mean"] in summary and meta["verdicts"]["mean"] in summary
     # summary.csv: every pair, named by its sides; the brain rows are the partners' table's
@@ -1074,7 +1077,7 @@ def test_two_gpa_models_say_why_their_results_look_clean(tmp_path, capsys):
     run = make_synthetic_run(tmp_path / "runs", 40, name="two", images=False, thumbnails=False,
                              vision_models=("vision-a", "vision-b"))
     assert report.main([str(run.path), "--out", str(tmp_path / "out"), *FAST, "--metrics",
-                        "cknna"]) == 0
+                        "cknna", "--size", "20"]) == 0  # at most half the 40 stimuli
     out = tmp_path / "out"
     note = two_model_note(2)
     assert note is not None and two_model_note(3) is None
