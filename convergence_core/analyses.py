@@ -72,7 +72,7 @@ from .stats import (
 )
 from .subset_metrics import OnError, metric_values, row_space_coordinates
 from .subsets import drop_fraction, select_stimuli
-from .validation import check_count, check_k, check_level
+from .validation import MIN_CKNNA_SET_SIZE, check_count, check_k, check_level
 
 if TYPE_CHECKING:
     from .run import Run
@@ -772,6 +772,59 @@ def paired_set_tests(table: pd.DataFrame) -> pd.DataFrame:
             "mean_difference": float(tests["mean_difference"].iloc[0]),
         }])], ignore_index=True)
     return tests.assign(note=tests["test"].map(PAIRED_TEST_NOTES))
+
+
+def cknna_shown(set_size: int) -> bool:
+    """Whether CKNNA numbers of sets of ``set_size`` stimuli are shown: at least
+    ``validation.MIN_CKNNA_SET_SIZE`` (below, too noisy to read; values above 1 are common). The
+    one rule of the report (its table, Fig. 2 and S1 bars, every verdict that counts CKNNA) and
+    the dashboard (the Alignment lab's numbers, Paper analyses' Fig. 2); the CSV and JSON tables
+    keep every value."""
+    return set_size >= MIN_CKNNA_SET_SIZE
+
+
+def without_cknna(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy of a Fig. 2 / summary table with its CKNNA numbers (the ``cknna_`` columns and the
+    low/high ratio) as NaN: what text and figures are given where :func:`cknna_shown` hides
+    them."""
+    table = table.copy()
+    for column in table.columns:
+        if str(column).startswith("cknna_") or column == "low_high_ratio":
+            table[column] = float("nan")
+    return table
+
+
+def withheld_cknna_verdict(size: int, fix: str) -> str:
+    """What a verdict says in place of counts of CKNNA on sets of ``size`` stimuli that
+    :func:`cknna_shown` hides; ``fix`` the cure in the caller's words ("use --size 24 or
+    more")."""
+    return (
+        f"no verdict: sets of {size} < {MIN_CKNNA_SET_SIZE} stimuli have no CKNNA numbers "
+        f"({fix})"
+    )
+
+
+def set_effect_verdict(table: pd.DataFrame, sides: str, size: int, fix: str) -> str:
+    """:func:`effect_verdict` of a Fig. 2 table on sets of ``size`` stimuli, or where
+    :func:`cknna_shown` hides their CKNNA, the sentence with no count in its place
+    (:func:`withheld_cknna_verdict`, ``fix`` its cure)."""
+    if cknna_shown(size):
+        return effect_verdict(table, sides)
+    scores = ", ".join(sorted(set(map(str, table["score"]))))
+    return (
+        f"low > random > high ({scores} dispersion, {size} stimuli per set) for the {len(table)} "
+        f"{sides} pairs: {withheld_cknna_verdict(size, fix)}."
+    )
+
+
+def cknna_bars_note(size: int, fix: str) -> str:
+    """Fig. 2's sentence in place of its bars on sets of ``size`` stimuli that
+    :func:`cknna_shown` hides (``figures.dispersion_sets_figure(hidden=...)``); ``fix`` names the
+    set size to use ("--size 24")."""
+    return (
+        f"No CKNNA bars: sets of {size} stimuli are fewer than {MIN_CKNNA_SET_SIZE}, too few "
+        f"for a CKNNA worth reading. Use {fix} or more."
+    )
 
 
 def effect_verdict(table: pd.DataFrame, sides: str = "vision × language") -> str:

@@ -192,7 +192,7 @@ def dispersion_sets_figure(
     result (a single score); ``partner`` names the models on x (e.g. ``model outside GPA``).
 
     ``hidden``: a sentence saying why the sets' CKNNA is not drawn (the report's sets too small
-    for a CKNNA worth reading, ``report.cknna_shown``): no bars then, that sentence in each panel
+    for a CKNNA worth reading, ``analyses.cknna_shown``): no bars then, that sentence in each panel
     instead, the panels' titles, ticks and axis labels as with bars. None: the bars."""
     visions = list(dict.fromkeys(table["vision_model"]))
     languages = list(dict.fromkeys(table["language_model"]))
@@ -237,7 +237,7 @@ def drop_fraction_figure(
     (``partner`` names the models on x).
 
     ``hidden``: conditions whose CKNNA is not drawn (their sets too small for a CKNNA worth
-    reading, ``report.cknna_shown``): no bars and no legend entry for them (the others keep
+    reading, ``analyses.cknna_shown``): no bars and no legend entry for them (the others keep
     their places), and ``note`` (the sentence saying why) under the title, or in each panel, as
     in Fig. 2, when every condition is hidden."""
     visions = list(dict.fromkeys(table["vision_model"]))

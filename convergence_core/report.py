@@ -78,6 +78,7 @@ from .run_checks import check_run_files
 from .stats import percentile_interval
 from .subset_metrics import cca_dim_limit, row_space_coordinates
 from .subsets import select_stimuli
+from .analyses import cknna_shown, without_cknna
 from .validation import MIN_CKNNA_SET_SIZE, check_count, check_k, model_value_pairs
 
 #: Columns of the summary table, in print order.
@@ -183,16 +184,6 @@ def summary_table(set_tables: Sequence[pd.DataFrame], sides: str) -> pd.DataFram
     )
 
 
-def cknna_shown(set_size: int) -> bool:
-    """Whether the report shows CKNNA numbers for sets of ``set_size`` stimuli: at least
-    ``validation.MIN_CKNNA_SET_SIZE``, the Alignment lab's rule for its numbers (below, too noisy
-    to read; values above 1 are common). The one rule for the summary table, the Fig. 2 and S1
-    bars, every verdict that counts CKNNA (Fig. 2, the metric suite, the matched baselines), the
-    calibration sentence and the sentence that explains them (:func:`cknna_hidden_note`). The
-    CSV and JSON tables keep every value."""
-    return set_size >= MIN_CKNNA_SET_SIZE
-
-
 def cknna_hidden_note(size: int) -> str | None:
     """The one sentence saying why a report on sets of ``size`` stimuli shows no CKNNA number for
     them, naming the rule and the fix (summary.txt under its table, and report.json's notes);
@@ -208,36 +199,20 @@ def cknna_hidden_note(size: int) -> str | None:
     )
 
 
+#: How the report's text says a CKNNA verdict's cure: the command line's set size
+_SIZE_FIX = f"use --size {MIN_CKNNA_SET_SIZE} or more"
+
+
 def _no_cknna_verdict(size: int) -> str:
     """What a verdict says in place of counts of CKNNA on sets of ``size`` stimuli that
-    :func:`cknna_shown` hides."""
-    return (
-        f"no verdict: sets of {size} < {MIN_CKNNA_SET_SIZE} stimuli have no CKNNA numbers (use "
-        f"--size {MIN_CKNNA_SET_SIZE} or more)"
-    )
-
-
-def _without_cknna(table: pd.DataFrame) -> pd.DataFrame:
-    """A copy of a Fig. 2 / summary table with its CKNNA numbers (the ``cknna_`` columns and the
-    low/high ratio) as NaN: what text and figures are given where :func:`cknna_shown` hides
-    them."""
-    table = table.copy()
-    for column in table.columns:
-        if str(column).startswith("cknna_") or column == "low_high_ratio":
-            table[column] = float("nan")
-    return table
+    :func:`cknna_shown` hides (``analyses.withheld_cknna_verdict``)."""
+    return analyses.withheld_cknna_verdict(size, _SIZE_FIX)
 
 
 def fig2_verdict(table: pd.DataFrame, sides: str, size: int) -> str:
-    """:func:`analyses.effect_verdict` of a Fig. 2 table on sets of ``size`` stimuli, or where
-    :func:`cknna_shown` hides their CKNNA, the sentence with no count in its place."""
-    if cknna_shown(size):
-        return analyses.effect_verdict(table, sides)
-    scores = ", ".join(sorted(set(map(str, table["score"]))))
-    return (
-        f"low > random > high ({scores} dispersion, {size} stimuli per set) for the {len(table)} "
-        f"{sides} pairs: {_no_cknna_verdict(size)}."
-    )
+    """``analyses.set_effect_verdict`` of a Fig. 2 table on sets of ``size`` stimuli, its cure
+    said as the command line's ``--size``."""
+    return analyses.set_effect_verdict(table, sides, size, _SIZE_FIX)
 
 
 def dispersion_sets_figure(
@@ -249,10 +224,8 @@ def dispersion_sets_figure(
     if cknna_shown(size):
         return figures.dispersion_sets_figure(table, path, **options)
     return figures.dispersion_sets_figure(
-        _without_cknna(table), path, hidden=(
-            f"No CKNNA bars: sets of {size} stimuli are fewer than {MIN_CKNNA_SET_SIZE}, too few "
-            f"for a CKNNA worth reading. Use --size {MIN_CKNNA_SET_SIZE} or more."
-        ), **options,
+        without_cknna(table), path,
+        hidden=analyses.cknna_bars_note(size, f"--size {MIN_CKNNA_SET_SIZE}"), **options,
     )
 
 
@@ -317,7 +290,7 @@ def format_summary(summary: pd.DataFrame, set_size: int | None = None) -> str:
         )
     side, partner = groups[0].split(" × ") if groups else ("vision", "language")
     if set_size is not None and not cknna_shown(set_size):
-        summary = _without_cknna(summary)
+        summary = without_cknna(summary)
     dash = "—"
 
     def number(value: float, spec: str = "{:.4f}") -> str:

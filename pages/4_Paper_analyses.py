@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from convergence_core import analyses
+from convergence_core import analyses, validation
 from convergence_core.dashboard import catalogue, data, lab, page, plots, state, widgets
 
 #: Session key of the open tab
@@ -190,11 +190,18 @@ with fig2_tab:
                         + " "
                         "(models outside GPA, at their default layers)."
                     )
-                    st.text(analyses.effect_verdict(
-                        sets, analyses.pair_sides(run, partner_pairs)
-                    ))
+                    sides = analyses.pair_sides(run, partner_pairs)
                 else:  # the GPA models × the language models: "brain × language" with brains
-                    st.text(analyses.effect_verdict(sets, analyses.partner_groups(run)["language"]))
+                    sides = analyses.partner_groups(run)["language"]
+                # the report's rule: no CKNNA number, bar or count for sets under 24 stimuli
+                size_fix = f"a set size of {validation.MIN_CKNNA_SET_SIZE}"
+                st.text(analyses.set_effect_verdict(
+                    sets, sides, int(size), f"use {size_fix} or more"
+                ))
+                shown_sets, hidden = sets, None
+                if not analyses.cknna_shown(int(size)):
+                    shown_sets = analyses.without_cknna(sets)
+                    hidden = analyses.cknna_bars_note(int(size), size_fix)
                 if not partner_pairs and n > analyses.LAYER_SWEEP_MAX_STIMULI:  # sampled layers
                     sample_note = lab.best_layer_sample_note(
                         data.best_layers_table(path_text, stamp, int(k)), n
@@ -202,7 +209,8 @@ with fig2_tab:
                     if sample_note is not None:
                         st.info(sample_note)
                 st.image(data.paper_figure_png(
-                    "dispersion_sets", sets, **data.dispersion_sets_figure_options(run, partners)
+                    "dispersion_sets", shown_sets, hidden=hidden,
+                    **data.dispersion_sets_figure_options(run, partners),
                 ))
                 st.caption(
                     f"Permutation test per pair: the low/high labels of the {2 * int(size)} "
