@@ -198,20 +198,15 @@ with fig2_tab:
                 st.text(analyses.set_effect_verdict(
                     sets, sides, int(size), f"use {size_fix} or more"
                 ))
-                shown_sets, hidden = sets, None
-                if not analyses.cknna_shown(int(size)):
-                    shown_sets = analyses.without_cknna(sets)
-                    hidden = analyses.cknna_bars_note(int(size), size_fix)
+
                 if not partner_pairs and n > analyses.LAYER_SWEEP_MAX_STIMULI:  # sampled layers
                     sample_note = lab.best_layer_sample_note(
                         data.best_layers_table(path_text, stamp, int(k)), n
                     )
                     if sample_note is not None:
                         st.info(sample_note)
-                st.image(data.paper_figure_png(
-                    "dispersion_sets", shown_sets, hidden=hidden,
-                    **data.dispersion_sets_figure_options(run, partners),
-                ))
+                shown, options = data.dispersion_sets_picture(run, sets, int(size), partners)
+                st.image(data.paper_figure_png("dispersion_sets", shown, **options))
                 st.caption(
                     f"Permutation test per pair: the low/high labels of the {2 * int(size)} "
                     f"stimuli shuffled {int(n_permutations)} times; p = (1 + #as extreme) / "

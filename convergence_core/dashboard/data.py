@@ -991,13 +991,25 @@ def default_dispersion_sets(run: Run) -> dict[str, Any] | None:
     }
 
 
-def dispersion_sets_figure_options(run: Run, partners: str) -> dict[str, str]:
-    """The options of Fig. 2's picture (:func:`paper_figure_png`), as the Paper analyses page
-    draws it: the partner side is named for the models outside GPA unless the pairs are the
-    language models."""
-    return {} if partners == "language" and run.language_models else {
+def dispersion_sets_picture(
+    run: Run, sets: pd.DataFrame, size: int, partners: str
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The table and keyword options of Fig. 2's picture (:func:`paper_figure_png`) of ``sets``
+    (:func:`dispersion_sets` of sets of ``size`` stimuli), as the Paper analyses page draws it
+    and the server's warm-up draws it first (the call is the cache key): the partner side named
+    for the models outside GPA unless the pairs are the language models, and where
+    ``analyses.cknna_shown`` hides the sets' CKNNA (sets under 24 stimuli), the table without it
+    and the sentence said in place of the bars (``analyses.cknna_bars_note``)."""
+    from .. import analyses
+    from ..validation import MIN_CKNNA_SET_SIZE
+
+    options = {} if partners == "language" and run.language_models else {
         "partner": "model outside GPA"
     }
+    if analyses.cknna_shown(size):
+        return sets, options
+    hidden = analyses.cknna_bars_note(size, f"a set size of {MIN_CKNNA_SET_SIZE}")
+    return analyses.without_cknna(sets), {**options, "hidden": hidden}
 
 
 @st.cache_data(

@@ -292,10 +292,10 @@ def _warm_steps() -> str:
     def paper_fig2() -> str | None:  # the sets, then their picture
         if (fig2 := data.default_dispersion_sets(run)) is None:
             return "the page shows a button or a note there"
-        data.paper_figure_png(
-            "dispersion_sets", data.dispersion_sets(path, stamp, **fig2),
-            theme="light", **data.dispersion_sets_figure_options(run, fig2["partners"]),
+        table, options = data.dispersion_sets_picture(
+            run, data.dispersion_sets(path, stamp, **fig2), fig2["size"], fig2["partners"]
         )
+        data.paper_figure_png("dispersion_sets", table, theme="light", **options)
         return None
 
     def property_tests() -> None:  # What predicts dispersion (empty without properties)
