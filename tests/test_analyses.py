@@ -1162,3 +1162,53 @@ def test_label_shuffles_are_measured_in_memory_that_does_not_grow_with_them(monk
     assert peak < 32 * 2**20, f"{peak / 2**20:.1f} MiB"
     assert sum(seen) == 2 + 2 * n_permutations
     assert 0 < row["permutation_p_value_two_sided"] <= 1
+
+
+# --- mutation-review guards -----------------------------------------------------------------
+
+
+def test_matched_high_p_value_is_the_share_of_matched_sets_at_or_below_high(planted):
+    """p_value_high_below_matched = P(matched ≤ high) with the +1 correction, by hand from the
+    high set's matched draws (drawn as matched_baselines draws them: the high matches avoid the
+    low matches). On an unrelated covariate the high set sits below its matched sets: small p."""
+    pairs = _planted_pairs(planted)[:1]
+    scores = planted.dispersion["mean"].to_numpy()
+    low, high = select_stimuli(scores, "low", 15), select_stimuli(scores, "high", 15)
+    covariate = np.random.default_rng(0).standard_normal(scores.size)
+    table, _ = analyses.matched_baselines(
+        analyses.indexes_for(planted, pairs), pairs, low, high, 5, ["cknna"],
+        covariate=covariate, n_sets=40, seed=1,
+    )
+    row = table.iloc[0]
+    lows = calibration.matched_sets_by_cost(
+        low, covariate, n_sets=40, seed=analyses.matched_set_seed(1, "low")
+    ).sets
+    highs = calibration.matched_sets_by_cost(
+        high, covariate, n_sets=40, seed=analyses.matched_set_seed(1, "high"), avoid=lows
+    ).sets
+    X = _features(planted, row.vision_model, row.vision_layer)
+    Y = _features(planted, row.language_model, row.language_layer)
+    values = np.array([cknna(X[s], Y[s], k=5) for s in highs])
+    assert row.matched_high_mean == pytest.approx(values.mean(), abs=1e-6)  # the same draws
+    observed = cknna(X[np.sort(high)], Y[np.sort(high)], k=5)
+    assert row.observed_high == pytest.approx(observed, abs=1e-9)
+    assert np.min(np.abs(values - observed)) > 1e-6  # no tie within rounding
+    expected = (1 + np.count_nonzero(values <= observed)) / (values.size + 1)
+    assert row.p_value_high_below_matched == pytest.approx(expected)
+    assert row.p_value_high_below_matched < 0.5
+
+
+def test_effect_counts_significance_is_the_two_sided_p():
+    """n_significant counts low > high with the TWO-sided permutation p < 0.05 (docstring): a row
+    with two-sided p 0.08 and one-sided 0.04 is not significant; one with 0.03 / 0.015 is."""
+    def row(two_sided, one_sided, pair):
+        return dict(score="mean", metric="cknna", pair=pair, low_dispersion=0.5,
+                    random_mean=0.4, high_dispersion=0.3,
+                    permutation_p_value_two_sided=two_sided,
+                    permutation_p_value_low_greater=one_sided, n_permutations=1000)
+
+    counts = analyses.effect_counts(pd.DataFrame([row(0.08, 0.04, 0)]))
+    assert int(counts["n_significant"].iloc[0]) == 0
+    assert int(counts["n_low_above_high"].iloc[0]) == 1
+    counts = analyses.effect_counts(pd.DataFrame([row(0.08, 0.04, 0), row(0.03, 0.015, 1)]))
+    assert int(counts["n_significant"].iloc[0]) == 1

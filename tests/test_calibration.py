@@ -601,3 +601,82 @@ def test_matched_pairs_are_disjoint_and_the_first_sets_are_the_sets_alone(method
         matched_set_pairs(first, first[:5], covariate, seeds=(1, 2), **options)
     with pytest.raises(ValueError, match=r"avoid must be \(25, t\) stimulus indices"):
         matched_random_sets(first, covariate, avoid=np.zeros((3, 2), dtype=int), **options)
+
+
+# --- mutation-review guards -----------------------------------------------------------------------
+def test_baseline_freedom_is_enough_at_exactly_the_needed_distinct_sets() -> None:
+    """``enough`` = n_distinct >= needed (the docstring): 20 distinct sets (the threshold at
+    alpha 0.05) are enough, 19 are not; repeats of one set do not add distinct sets."""
+    needed = calibration.distinct_sets_needed()
+    assert needed == 20
+    at = calibration.baseline_freedom(np.array([[i, i + 100] for i in range(needed)]))
+    assert at.n_distinct == needed and at.needed == needed
+    assert at.enough is True
+    below = calibration.baseline_freedom(np.array([[i, i + 100] for i in range(needed - 1)]))
+    assert below.n_distinct == needed - 1 and below.enough is False
+    repeated = calibration.baseline_freedom(
+        np.array([[i, i + 100] for i in range(needed - 1)] + [[0, 100]] * 5)
+    )
+    assert repeated.n_distinct == needed - 1 and repeated.enough is False
+
+
+@pytest.mark.parametrize("level, tails", [(0.95, [2.5, 97.5]), (0.9, [5.0, 95.0]),
+                                          (0.5, [25.0, 75.0])])
+def test_compare_with_baseline_interval_honours_the_level(level, tails) -> None:
+    """The baseline interval is the central ``level`` interval of the baseline scores: on scores
+    0..99 it is np.percentile at the level's tails, and ``level`` is reported as given."""
+    values = np.arange(100, dtype=float)
+    sets = np.arange(100)[:, None] + 1  # baseline set b = [b + 1], its score b
+    result = compare_with_baseline(
+        lambda rows: float(values[rows[0] - 1]), np.array([0]), sets, level=level
+    )
+    lower, upper = np.percentile(values, tails)
+    assert (result.lower, result.upper) == pytest.approx((lower, upper), abs=1e-12)
+    assert result.level == level
+    np.testing.assert_array_equal(result.baseline, values)
+
+
+def test_half_sample_interval_centres_deviations_on_the_half_sample_mean() -> None:
+    """method="half": interval = estimate + central quantiles of the half-sample values'
+    deviations from their own MEAN (docstring). Planted: the statistic is 1 when row 0 is in the
+    rows, else 0; every full-sample estimate is 1 and about half the half-samples hold row 0, so
+    the deviations are {-p, 1 - p} (p ≈ 0.5 the share holding it) and the interval is
+    [1 - p, 2 - p] (a median centre gives [0, 1] or [1, 2]). Then a skewed continuous statistic
+    against a slow reference drawing the same half-samples from default_rng(seed)."""
+    planted = resampled_interval(lambda rows: float(0 in rows), 40, method="half",
+                                 n_resamples=400, seed=3)
+    assert planted.estimate == 1.0
+    assert planted.upper - planted.lower == pytest.approx(1.0)
+    assert 0.35 < planted.lower < 0.65
+
+    x = np.random.default_rng(0).lognormal(0.0, 1.5, 60)
+
+    def statistic(rows: np.ndarray) -> float:
+        return float(x[rows].max())  # heavy-tailed: half-samples hold the maximum or not
+
+    n, n_resamples, seed = x.size, 300, 7
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(np.sort(rng.choice(n, n // 2, replace=False)))
+                       for _ in range(n_resamples)])
+    low, high = np.percentile(values - values.mean(), [2.5, 97.5])
+    interval = resampled_interval(statistic, n, method="half", n_resamples=n_resamples, seed=seed)
+    assert interval.estimate == statistic(np.arange(n))
+    assert interval.lower == pytest.approx(interval.estimate + low, abs=1e-12)
+    assert interval.upper == pytest.approx(interval.estimate + high, abs=1e-12)
+
+
+def test_matched_sets_by_cost_do_not_depend_on_the_order_of_chosen() -> None:
+    """``chosen`` is drawn as sorted (docstring: "in any order"): the same seed gives the same
+    sets for the chosen set given sorted, reversed or shuffled, by nearest matching and with
+    labels."""
+    rng = np.random.default_rng(0)
+    covariate = rng.standard_normal(200)
+    labels = rng.integers(0, 3, 200)
+    chosen = np.array([5, 50, 17, 120, 3, 99, 160, 71])
+    for lab in (None, labels):
+        reference = calibration.matched_sets_by_cost(
+            np.sort(chosen), covariate, lab, n_sets=8, seed=1
+        ).sets
+        for order in (chosen, chosen[::-1], rng.permutation(chosen)):
+            drawn = calibration.matched_sets_by_cost(order, covariate, lab, n_sets=8, seed=1)
+            np.testing.assert_array_equal(drawn.sets, reference)

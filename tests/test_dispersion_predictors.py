@@ -410,3 +410,91 @@ def test_a_constant_score_has_an_undefined_held_out_r2_and_no_p_value(value) -> 
     assert np.isnan(values["r2_held_out"]) and np.isnan(values["p_value_vs_shuffled"])
     assert np.isnan(dp._r2(np.full(60, value), np.full(60, value)))
     assert dp._r2(np.array([0.0, 1.0]), np.array([0.0, 1.0])) == 1.0  # a varying target keeps R²
+
+
+# ---------------------------------------------------------------------------------------------
+# fit metrics against a slow reference
+
+
+def _slow_ridge_null(table, y, folds, n_shuffles, seed):
+    """Per shuffled target (permutations drawn as cross_validated_fit draws them, one generator
+    of SeedSequence([seed, 1])), the pooled held-out R² of the whole ridge pipeline fitted on
+    each fold's training rows."""
+    from sklearn.metrics import r2_score
+
+    usable = dp.usable_properties(table)
+    features = dp._design(table, usable)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    null = []
+    for _ in range(n_shuffles):
+        target = y[rng.permutation(y.size)]
+        predicted = np.empty(y.size)
+        for train, test in folds:
+            model = dp._make_model("ridge", usable.numeric, list(usable.categorical), seed)
+            model.fit(features.iloc[train], target[train])
+            predicted[test] = model.predict(features.iloc[test])
+        null.append(r2_score(target, predicted))
+    return np.array(null)
+
+
+def test_fit_metrics_match_a_slow_fit_on_train_score_on_held_out_reference() -> None:
+    """Planted: dispersion = 0.6·p0 + noise. Against a slow reference (the whole ridge pipeline
+    fitted on each fold's training rows): per-fold R² is scored on the HELD-OUT rows
+    (r2_fold_mean / r2_fold_sd), r2_held_out is the pooled 1 − SS_res/SS_tot over the returned
+    out-of-fold predictions (not the mean of fold R²), and the shuffled-target null is S
+    independent permutations (sd > 0) with r2_shuffled_upper_95 its 95th percentile."""
+    from sklearn.metrics import r2_score
+    from sklearn.model_selection import KFold
+
+    rng = np.random.default_rng(3)
+    n, seed, n_shuffles = 60, 0, 19
+    columns = {f"p{j}": rng.standard_normal(n) for j in range(3)}
+    table = _table(columns, n)
+    y = 0.6 * columns["p0"] + rng.standard_normal(n)
+    fit, _, predictions = dp.cross_validated_fit(
+        table, _dispersion(y), models=("ridge",), n_shuffles=n_shuffles, importance_repeats=0,
+        seed=seed,
+    )
+    metrics = fit.set_index("metric")["value"]
+    # pooled held-out R² over the returned out-of-fold predictions
+    np.testing.assert_array_equal(predictions["observed"].to_numpy(), y)
+    pooled = r2_score(y, predictions["predicted"].to_numpy())
+    assert metrics["r2_held_out"] == pytest.approx(pooled, abs=1e-10)
+    # per-fold R², fit on train, score on test
+    usable = dp.usable_properties(table)
+    features = dp._design(table, usable)
+    folds = list(KFold(n_splits=5, shuffle=True, random_state=seed).split(features))
+    fold_r2 = []
+    for index, (train, test) in enumerate(folds):
+        assert (predictions["fold"].to_numpy()[test] == index).all()
+        model = dp._make_model("ridge", usable.numeric, list(usable.categorical), seed)
+        model.fit(features.iloc[train], y[train])
+        fold_r2.append(r2_score(y[test], model.predict(features.iloc[test])))
+    assert metrics["r2_fold_mean"] == pytest.approx(np.mean(fold_r2), abs=1e-10)
+    assert metrics["r2_fold_sd"] == pytest.approx(np.std(fold_r2, ddof=1), abs=1e-10)
+    assert metrics["r2_held_out"] != pytest.approx(metrics["r2_fold_mean"], abs=1e-6)
+    # the shuffled-target null
+    null = _slow_ridge_null(table, y, folds, n_shuffles, seed)
+    assert metrics["r2_shuffled_sd"] > 0.01
+    assert metrics["r2_shuffled_mean"] == pytest.approx(null.mean(), abs=1e-10)
+    assert metrics["r2_shuffled_sd"] == pytest.approx(null.std(ddof=1), abs=1e-10)
+    assert metrics["r2_shuffled_upper_95"] == pytest.approx(np.percentile(null, 95), abs=1e-10)
+    assert np.percentile(null, 95) != pytest.approx(np.percentile(null, 97.5), abs=1e-6)
+    assert metrics["p_value_vs_shuffled"] == pytest.approx(
+        (1 + np.count_nonzero(null >= pooled)) / (n_shuffles + 1)
+    )
+
+
+def test_per_fold_r2_on_a_null_problem_is_not_above_zero() -> None:
+    """Properties unrelated to dispersion: R² scored on held-out rows is ≤ ~0 per fold on
+    average (scored on the training rows it would be positive: the fit's own optimism)."""
+    rng = np.random.default_rng(0)
+    n = 80
+    table = _table({f"p{j}": rng.standard_normal(n) for j in range(25)}, n)
+    fit, _, _ = dp.cross_validated_fit(
+        table, _dispersion(rng.standard_normal(n)), models=("ridge",), n_shuffles=2,
+        importance_repeats=0,
+    )
+    metrics = fit.set_index("metric")["value"]
+    assert metrics["r2_fold_mean"] < 0.02
+    assert metrics["r2_held_out"] < 0.02
