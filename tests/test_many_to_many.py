@@ -255,3 +255,11 @@ def test_progress_hears_every_resample_and_changes_no_number() -> None:
     )
     assert told == quiet
     assert heard == [(done, 12) for done in range(1, 13)]
+
+
+def test_caption_mean_divides_each_image_by_its_own_caption_count() -> None:
+    """Unequal caption counts: each image's mean is over its own captions (catches dividing every
+    image by the largest count)."""
+    captions = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 5.0]])
+    owners = np.array([0, 0, 1])  # image 0: two captions, image 1: one
+    np.testing.assert_array_equal(caption_mean(captions, owners), [[2.0, 0.0], [0.0, 5.0]])

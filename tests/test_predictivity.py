@@ -308,6 +308,37 @@ def test_predictivity_table_is_long_and_has_both_directions() -> None:
     assert sorted(table.metric.unique()) == ["correlation", "r2", "two_afc"]
 
 
+def test_median_alpha_is_the_median_of_the_fold_alphas(monkeypatch) -> None:
+    """``median_alpha`` is np.median of the per-fold α (catches the mean, which one outlying fold
+    drags up by orders of magnitude)."""
+    import dataclasses
+
+    from convergence_core import predictivity
+
+    # real folds whose α differ by orders of magnitude (median 1e3, mean 4e7)
+    rng = np.random.default_rng(21)
+    V = rng.standard_normal((30, 10))
+    L = V @ rng.standard_normal((10, 12)) + 6 * rng.standard_normal((30, 12))
+    alphas = linear_predictivity(V, L).alphas
+    assert np.median(alphas) != pytest.approx(np.mean(alphas))
+    table = predictivity_table(V, L).set_index(["source", "metric"])
+    assert table.loc[("vision", "r2"), "median_alpha"] == np.median(alphas)
+    # planted fold α (odd and even fold counts)
+    planted_alphas = {"vision": (0.1, 1.0, 1.0, 10.0, 1e6), "language": (1e3, 1e-2, 1e3, 1e8)}
+    real = predictivity.linear_predictivity
+
+    def with_planted_alphas(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return dataclasses.replace(result, alphas=planted_alphas[result.source])
+
+    monkeypatch.setattr(predictivity, "linear_predictivity", with_planted_alphas)
+    X, Y = planted(np.random.default_rng(7), n=40, dx=5, dy=4)
+    table = predictivity_table(X, Y, n_folds=3).set_index(["source", "metric"])
+    for metric in ("r2", "correlation", "two_afc"):
+        assert table.loc[("vision", metric), "median_alpha"] == 1.0
+        assert table.loc[("language", metric), "median_alpha"] == 1e3
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -4,6 +4,8 @@ dispersion retrieves better than high), the ridge baseline recovers a planted li
 
 from __future__ import annotations
 
+from math import comb
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -483,3 +485,76 @@ def test_paired_recall_test_counts_discordant_queries():
         }
     )
     assert retrieval.paired_recall_test(many)["p_value"].iloc[0] == pytest.approx(2 * 0.5**20)
+
+
+def test_paired_recall_test_p_value_counts_only_the_discordant_queries():
+    """Exact McNemar: binomial test of universal_only among the discordant queries only (catches a
+    binomial n of all queries, which treats concordant queries as losses)."""
+    from scipy.stats import binomtest
+
+    # planted (universal rank, ridge rank): both 40, universal only 8, ridge only 2, neither 50
+    cells = [(1, 1)] * 40 + [(1, 5)] * 8 + [(5, 1)] * 2 + [(5, 5)] * 50
+    ranks = pd.DataFrame(
+        {
+            "stimulus": list(range(len(cells))) * 2,
+            "method": ["universal"] * len(cells) + ["ridge"] * len(cells),
+            "direction": "vision_to_language",
+            "rank": [u for u, _ in cells] + [r for _, r in cells],
+        }
+    )
+    row = retrieval.paired_recall_test(ranks, k=1).iloc[0]
+    assert (row["both"], row["universal_only"], row["ridge_only"], row["neither"]) == (40, 8, 2, 50)
+    assert row["n_queries"] == 100
+    assert row["p_value"] == pytest.approx(binomtest(8, 10, 0.5).pvalue)  # 0.109375
+    assert row["p_value"] == pytest.approx(2 * sum(comb(10, j) for j in range(8, 11)) / 2**10)
+
+
+def test_held_out_ridge_retrieval_of_unrelated_features_stays_near_chance():
+    """The ridge baseline is fitted on the training fold only: with independent vision and language
+    features its held-out recall@1 is near chance (a fit on all rows memorises the test pairs)."""
+    rng = np.random.default_rng(0)
+    features = [rng.standard_normal((60, 80)) for _ in range(2)]
+    members = [Member("v1", "l", "vision"), Member("t1", "l", "language")]
+    result = cross_validated_retrieval(features, members, n_folds=3, seed=0, ks=(1,))
+    summary = result.summary()
+    chosen = summary[(summary.subset == "all") & (summary.metric == "recall_at_1")]
+    chance = chosen[chosen.method == "chance"]["mean"].iloc[0]
+    assert chance == pytest.approx(1 / 20)
+    for direction in ("vision_to_language", "language_to_vision"):
+        ridge = chosen[(chosen.method == "ridge") & (chosen.direction == direction)]["mean"]
+        assert ridge.iloc[0] < 3 * chance
+
+
+def test_ridge_alpha_is_relative_to_the_number_of_source_models():
+    """α = alpha_relative × tr(XᵀX) = alpha_relative × the number of SOURCE models (each block has
+    unit Frobenius norm), on the grid; catches a scale by the number of target models."""
+    rng = np.random.default_rng(2)
+    n = 80
+    source = [rng.standard_normal((n, 20))]
+
+    def noisy_map():  # noise 8: leave-one-out picks an α inside the grid
+        return source[0] @ rng.standard_normal((20, 6)) + 8.0 * rng.standard_normal((n, 6))
+
+    target = [noisy_map() for _ in range(3)]  # 1 source model, 3 target models
+    grid = [1e-3, 1e-2, 1e-1, 1.0, 10.0]
+    baseline = fit_ridge_baseline(source, target, alphas_relative=grid)
+    assert any(baseline.alpha_relative == pytest.approx(g, rel=1e-9) for g in grid)
+    assert baseline.alpha == pytest.approx(baseline.alpha_relative * len(source), rel=1e-9)
+    # independent reference: leave-one-out by refitting over the absolute grid α = grid × tr(XᵀX),
+    # where the standardised source block has tr(XᵀX) = 1
+    x = (source[0] - source[0].mean(0)) / baseline.source_scales[0]
+    scales = baseline.target_scales
+    y = np.hstack([(t - t.mean(0)) / scale for t, scale in zip(target, scales, strict=True)])
+    assert np.trace(x.T @ x) == pytest.approx(1.0)
+    errors = []
+    for alpha in grid:
+        error = 0.0
+        for i in range(n):
+            keep = np.arange(n) != i
+            xm, ym = x[keep].mean(0), y[keep].mean(0)
+            xc, yc = x[keep] - xm, y[keep] - ym
+            beta = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ yc)
+            error += np.sum((y[i] - ym - (x[i] - xm) @ beta) ** 2)
+        errors.append(error)
+    assert 0 < int(np.argmin(errors)) < len(grid) - 1  # the planted noise puts it inside the grid
+    assert baseline.alpha == pytest.approx(grid[int(np.argmin(errors))], rel=1e-9)

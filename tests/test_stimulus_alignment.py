@@ -4,6 +4,7 @@ reference, and their relation to dispersion on a planted run."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from convergence_core.metrics import cka, mutual_knn
@@ -168,3 +169,32 @@ def test_per_stimulus_table_of_one_metric_equals_its_part_of_both(tmp_path):
         )
     with pytest.raises(ValueError, match="unknown per-stimulus metrics"):
         per_stimulus_alignment(run, pairs, metrics=["cka"])
+
+
+def test_dispersion_relation_does_not_depend_on_the_order_of_the_tables_rows():
+    """The per-stimulus values are matched to dispersion by stimulus, not by row order: shuffling
+    the table's rows changes nothing (catches taking the values in row order)."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    n = 50
+    dispersion = rng.standard_normal(n)
+    value = -dispersion + 0.3 * rng.standard_normal(n)  # planted ρ near −0.94
+    table = pd.DataFrame(
+        {
+            "stimulus": np.arange(n),
+            "vision_model": "v",
+            "vision_layer": "l",
+            "language_model": "t",
+            "language_layer": "l",
+            "metric": "knn_overlap",
+            "value": value,
+        }
+    )
+    expected = spearmanr(value, dispersion).statistic
+    assert expected < -0.9
+    reference = alignment_dispersion_relation(table, dispersion, n_permutations=200)
+    assert reference["spearman_rho"].iloc[0] == pytest.approx(expected)
+    for shuffled in (table.sort_values("value"), table.sample(frac=1.0, random_state=1)):
+        relation = alignment_dispersion_relation(shuffled, dispersion, n_permutations=200)
+        pd.testing.assert_frame_equal(relation, reference)
