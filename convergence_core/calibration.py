@@ -641,15 +641,7 @@ def matched_random_sets(
     pool = np.ones(n, dtype=bool)
     if exclude_chosen:
         pool[chosen] = False
-    if avoid is not None:
-        avoid = np.asarray(avoid, dtype=np.int64)
-        if avoid.ndim != 2 or avoid.shape[0] != n_sets or (
-            avoid.size and (avoid.min() < 0 or avoid.max() >= n)
-        ):
-            raise ValueError(
-                f"avoid must be ({n_sets}, t) stimulus indices in 0..{n - 1}, one row per set "
-                f"drawn; got shape {avoid.shape}"
-            )
+    avoid = _check_avoid(avoid, n_sets, n)
     if method == "strata":
         strata = covariate_strata(covariate, labels, n_bins=n_bins)
         if avoid is None:
@@ -706,6 +698,22 @@ def matched_set_pairs(
     drawn = matched_random_sets(first, covariate, labels, seed=seeds[0], **options)
     other = matched_random_sets(second, covariate, labels, avoid=drawn, seed=seeds[1], **options)
     return drawn, other
+
+
+def _check_avoid(avoid: object, n_sets: int, n: int) -> np.ndarray | None:
+    """``avoid`` as (n_sets, t) int64 stimulus indices in 0..n-1 (None stays None), else a
+    ValueError naming the shape it must have."""
+    if avoid is None:
+        return None
+    avoid = np.asarray(avoid, dtype=np.int64)
+    if avoid.ndim != 2 or avoid.shape[0] != n_sets or (
+        avoid.size and (avoid.min() < 0 or avoid.max() >= n)
+    ):
+        raise ValueError(
+            f"avoid must be ({n_sets}, t) stimulus indices in 0..{n - 1}, one row per set "
+            f"drawn; got shape {avoid.shape}"
+        )
+    return avoid
 
 
 #: The most picks (chosen stimuli × sets drawn) for which :func:`matched_sets_by_cost` matches
@@ -797,15 +805,7 @@ def matched_sets_by_cost(
     n_sets = check_count(n_sets, "n_sets")
     n_candidates = check_count(n_candidates, "n_candidates")
     _rng(seed)
-    if avoid is not None:
-        avoid = np.asarray(avoid, dtype=np.int64)
-        if avoid.ndim != 2 or avoid.shape[0] != n_sets or (
-            avoid.size and (avoid.min() < 0 or avoid.max() >= n)
-        ):
-            raise ValueError(
-                f"avoid must be ({n_sets}, t) stimulus indices in 0..{n - 1}, one row per set "
-                f"drawn; got shape {avoid.shape}"
-            )
+    avoid = _check_avoid(avoid, n_sets, n)
     within = " within label" if labels is not None else ""
     picks, budget = chosen.size * n_sets, NEAREST_MATCHING_PICKS  # read at each call
     nearest = picks <= budget
