@@ -700,10 +700,20 @@ def _row_order(
     if missing:
         check_id_normalisation(where, file_ids, missing, known=set(ids))
     if missing and len(missing) == len(ids):
+        known = set(ids)
+        floats = all(re.fullmatch(r"-?[0-9]+\.0", sid) for sid in file_ids) and any(
+            sid[:-2] in known for sid in file_ids
+        )
         raise FeatureIdsError(
             f"{where} lists none of the data set's {len(ids)} stimuli: its ids look like "
-            f"{list(file_ids[:3])}, the stimuli's like {list(ids[:3])}; write the file with the "
-            "data set's ids (zero-padding, a prefix or a file suffix may differ)"
+            f"{list(file_ids[:3])}, the stimuli's like {list(ids[:3])}; "
+            + (
+                "its ids are whole numbers written as floats (an id column of floats: 7.0 reads "
+                "'7.0', not '7'); store the ids as integers or text"
+                if floats else
+                "write the file with the data set's ids (zero-padding, a prefix or a file "
+                "suffix may differ)"
+            )
         )
     if missing:
         raise FeatureIdsError(

@@ -279,3 +279,19 @@ def test_hugging_face_id_column_is_read_as_every_id(tmp_path, hub_offline):
     with pytest.raises(ValueError, match=r"row 1 has no id in column 'key' \(missing or blank\); "
                        r"give every row an id, or leave id_column out"):
         load_hf(str(tmp_path / "holes"), id_column="key", cache_dir=tmp_path / "cache")
+
+
+def test_a_float_id_column_is_told_to_store_its_ids_as_integers(tmp_path):
+    """Integer ids written as floats (pandas turns an id column with a missing value into floats):
+    7.0 reads "7.0", which names no stimulus "7". The message says so and how to store them, where
+    it spoke of zero-padding, prefixes and file suffixes."""
+    table = _table(tmp_path / "t.csv", [str(i) for i in range(N)])
+    floats = _parquet(tmp_path / "f.parquet", _features(), [float(i) for i in range(N)])
+    with pytest.raises(FeatureFileError, match=r"its ids look like \['0\.0', '1\.0', '2\.0'\], the "
+                       r"stimuli's like \['0', '1', '2'\]; its ids are whole numbers written as "
+                       r"floats .* store the ids as integers or text"):
+        precompute(dataset=str(table),
+                   features={"v": str(floats), "w": str(_npy(tmp_path / "w.npy", _features(5),
+                                                               [str(i) for i in range(N)]))},
+                   modalities={"v": "vision", "w": "vision"},
+                   cache_root=str(tmp_path / "cache"), run_name="t")
