@@ -827,6 +827,18 @@ def cknna_bars_note(size: int, fix: str) -> str:
     )
 
 
+def shown_set_table(
+    table: pd.DataFrame, size: int, fix: str
+) -> tuple[pd.DataFrame, str | None]:
+    """What Fig. 2's picture of ``table`` (sets of ``size`` stimuli) is given: the table and
+    None, or where :func:`cknna_shown` hides their CKNNA, the table without it
+    (:func:`without_cknna`) and the sentence said in place of the bars (:func:`cknna_bars_note`,
+    ``fix`` the set size to use in the caller's words). The report and Paper analyses alike."""
+    if cknna_shown(size):
+        return table, None
+    return without_cknna(table), cknna_bars_note(size, fix)
+
+
 def effect_verdict(table: pd.DataFrame, sides: str = "vision × language") -> str:
     """One sentence, computed from a :func:`dispersion_set_alignment` table, on the paper's effect.
 

@@ -221,12 +221,8 @@ def dispersion_sets_figure(
     """Fig. 2 of ``table`` (sets of ``size`` stimuli) at ``path``: its bars, or where
     :func:`cknna_shown` hides their CKNNA, no CKNNA numbers given to the figure and a sentence
     saying why in place of the bars."""
-    if cknna_shown(size):
-        return figures.dispersion_sets_figure(table, path, **options)
-    return figures.dispersion_sets_figure(
-        without_cknna(table), path,
-        hidden=analyses.cknna_bars_note(size, f"--size {MIN_CKNNA_SET_SIZE}"), **options,
-    )
+    shown, hidden = analyses.shown_set_table(table, size, f"--size {MIN_CKNNA_SET_SIZE}")
+    return figures.dispersion_sets_figure(shown, path, hidden=hidden, **options)
 
 
 def drop_fraction_figure(

@@ -1006,10 +1006,9 @@ def dispersion_sets_picture(
     options = {} if partners == "language" and run.language_models else {
         "partner": "model outside GPA"
     }
-    if analyses.cknna_shown(size):
-        return sets, options
-    hidden = analyses.cknna_bars_note(size, f"a set size of {MIN_CKNNA_SET_SIZE}")
-    return analyses.without_cknna(sets), {**options, "hidden": hidden}
+    shown, hidden = analyses.shown_set_table(sets, size, f"a set size of {MIN_CKNNA_SET_SIZE}")
+    # no "hidden" key where bars are drawn: the call (the cache key) stays the warm-up's
+    return shown, options if hidden is None else {**options, "hidden": hidden}
 
 
 @st.cache_data(
